@@ -1,0 +1,121 @@
+"""Link bandwidths into the compute device, measured once per machine and cached.
+
+The planner needs three kinds of figure, in bytes per second: ``"host"`` (pinned
+host memory to the GPU), one per peer GPU (its HBM to ours, over NVLink when the
+two can address each other), and ``"hbm"`` (a device-to-device copy, read plus
+write, which bounds a decode step that reads every weight once). Under tensor
+parallelism every rank probes the host link at the same moment, so the figure
+is each rank's share of a host link that all of them pull from at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..models.parallel import TensorParallel
+from .host import PinnedMemory
+
+PROBE_BYTES = 256 * 2**20
+
+
+def cache_path() -> Path:
+    root = os.environ.get("OFFLOAD_CACHE_DIR") or Path.home() / ".cache" / "offload"
+    return Path(root) / "links.json"
+
+
+def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_probe_bytes: int) -> dict[str, float]:
+    """Bytes/s of each link into ``compute_device``: "host", "hbm" and every peer, from the cache or measured."""
+    device = torch.device(compute_device)
+    names = ["host", "hbm", *peers]
+    if device.type != "cuda":  # every "link" is a memcpy in RAM: quick to measure, not worth caching
+        bandwidth = _measure_cpu_copy()
+        return {name: bandwidth for name in names}
+    gpu = torch.cuda.get_device_name(device).replace(" ", "_")
+    key = {name: f"{gpu}/{device}<-{name}/ranks={tp.size}" for name in names}
+    cached = _read_cache()
+    found = {name: cached[key[name]] for name in names if key[name] in cached}
+    if all(tp.gather_objects(len(found) == len(names))):
+        return found
+    size = max(min(PROBE_BYTES, max_probe_bytes) // 2**20, 1) * 2**20
+    tp.barrier()  # every rank pulls from the host at once, as it will when decoding
+    measured = {"host": _measure_host(device, size)}
+    tp.barrier()
+    measured["hbm"] = _measure_device_copy(device, size)
+    for peer in peers:
+        measured[peer] = _measure_peer(device, torch.device(peer), size)
+    _write_cache({**cached, **{key[n]: v for n, v in measured.items()}})
+    return measured
+
+
+def peer_is_direct(compute_device, peer: str) -> bool:
+    """Whether the two GPUs can copy to each other directly (NVLink or PCIe peer-to-peer)."""
+    a, b = torch.device(compute_device), torch.device(peer)
+    if a.type != "cuda" or b.type != "cuda":
+        return True
+    return torch.cuda.can_device_access_peer(a, b)
+
+
+def _time_copies(device, dst: torch.Tensor, src: torch.Tensor, repeats: int = 5) -> float:
+    """Seconds per ``dst.copy_(src)``, timed with CUDA events after one warm-up copy."""
+    dst.copy_(src, non_blocking=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.device(device):
+        start.record()
+        for _ in range(repeats):
+            dst.copy_(src, non_blocking=True)
+        end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000 / repeats
+
+
+def _measure_host(device, size: int) -> float:
+    host = PinnedMemory(size, torch.uint8)
+    dst = torch.empty(size, dtype=torch.uint8, device=device)
+    try:
+        return size / _time_copies(device, dst, host.tensor)
+    finally:
+        del dst
+        host.close()
+
+
+def _measure_device_copy(device, size: int) -> float:
+    src = torch.ones(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * size / _time_copies(device, dst, src)
+
+
+def _measure_peer(device, peer, size: int) -> float:
+    src = torch.ones(size, dtype=torch.uint8, device=peer)
+    dst = torch.empty(size, dtype=torch.uint8, device=device)
+    return size / _time_copies(device, dst, src)
+
+
+def _measure_cpu_copy(size: int = 64 * 2**20) -> float:
+    src, dst = torch.ones(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
+    dst.copy_(src)
+    t = time.perf_counter()
+    dst.copy_(src)
+    return size / max(time.perf_counter() - t, 1e-6)
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(entries: dict) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs a probe next time

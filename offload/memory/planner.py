@@ -1,0 +1,230 @@
+"""The placement planner: which tier holds each decoder layer, decided once before loading.
+
+Inputs: the bytes the model needs on this rank (layer blocks, non-layer tensors,
+KV cache, activations), the budgets per tier and the bandwidth of each link.
+Output: a :class:`Plan` whose ``placement`` names the tier of every layer, with
+the bytes per tier and the predicted time of a decode step,
+
+    t_step = max(weights / HBM bandwidth, bytes streamed over each link / its bandwidth)
+
+The compute device keeps everything that must live there (non-layer tensors, KV
+cache, activations, the slots that streamed blocks are copied into) and then as
+many layers as fit. The rest are spread over the peers and the host so that the
+links finish together, and are interleaved with the resident layers in layer
+order, so every link keeps copying while resident layers compute.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from ..errors import OffloadWarning, PlanError
+from .budget import Budget, format_size
+
+RESIDENT, HOST = "resident", "host"
+DEFAULT_SLOTS = 2  # double buffering: one slot computes while the next is filled
+LINK_BOUND_RATIO = 10.0  # warn when streaming makes a decode step this many times slower than compute
+
+
+@dataclass(frozen=True)
+class MemoryNeeds:
+    """Bytes the model needs on one rank."""
+
+    n_layers: int
+    block_bytes: int  # one decoder layer's block
+    global_bytes: int  # embedding, final norm, LM head
+    kv_bytes: int  # KV cache for max_batch x max_seq_len
+    activation_bytes: int  # the largest step's temporaries
+    workspace_bytes: int  # math-library workspaces, allocator slack
+    max_batch: int = 1
+    max_seq_len: int = 0
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.global_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes
+
+
+@dataclass
+class Plan:
+    placement: list[str]  # one tier per decoder layer: "resident", "host" or a peer's device name
+    slots: int  # blocks-sized buffers on the compute device for streamed layers
+    needs: MemoryNeeds
+    budget: Budget
+    bandwidth: dict[str, float]  # bytes/s per link, and "hbm"
+    compute_device: str
+    title: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    # ---------------------------------------------------------------- derived figures
+
+    def layers_on(self, tier: str) -> list[int]:
+        return [i for i, t in enumerate(self.placement) if t == tier]
+
+    def bytes_on(self, tier: str) -> int:
+        return len(self.layers_on(tier)) * self.needs.block_bytes
+
+    @property
+    def tiers(self) -> list[str]:
+        return [RESIDENT, HOST, *self.budget.peer_memory]
+
+    @property
+    def streamed_tiers(self) -> list[str]:
+        return [t for t in self.tiers[1:] if self.layers_on(t)]
+
+    @property
+    def gpu_bytes(self) -> int:
+        """Everything the plan puts on the compute device."""
+        return self.needs.fixed_bytes + (len(self.layers_on(RESIDENT)) + self.slots) * self.needs.block_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.bytes_on(HOST)
+
+    def link_seconds(self) -> dict[str, float]:
+        """Seconds per decode step that each link spends copying, and the HBM floor under "hbm"."""
+        out = {t: self.bytes_on(t) / self.bandwidth[t] for t in self.streamed_tiers}
+        out["hbm"] = self.needs.n_layers * self.needs.block_bytes / self.bandwidth["hbm"]
+        return out
+
+    @property
+    def predicted_step_seconds(self) -> float:
+        return max(self.link_seconds().values())
+
+    @property
+    def bottleneck(self) -> str:
+        seconds = self.link_seconds()
+        return max(seconds, key=seconds.get)
+
+    # ---------------------------------------------------------------- printing
+
+    def layer_map(self) -> str:
+        letter = {RESIDENT: "R", HOST: "H"}
+        return "".join(letter.get(t) or t.rsplit(":", 1)[-1][-1] for t in self.placement)
+
+    def __str__(self) -> str:
+        n = self.needs
+        gb_s = lambda bw: f"{bw / 1e9:,.1f} GB/s"  # noqa: E731
+        lines = [
+            f"placement plan{self.title}: {n.n_layers} layers x {format_size(n.block_bytes)} on {self.compute_device}",
+            f"  {'tier':<10}{'layers':>7}{'bytes':>13}{'budget':>13}   link",
+        ]
+        budgets = {RESIDENT: self.budget.gpu_memory, HOST: self.budget.cpu_memory, **self.budget.peer_memory}
+        for tier in self.tiers:
+            link = f"HBM {gb_s(self.bandwidth['hbm'])}" if tier == RESIDENT else gb_s(self.bandwidth[tier])
+            used = self.gpu_bytes if tier == RESIDENT else self.bytes_on(tier)
+            lines.append(
+                f"  {tier:<10}{len(self.layers_on(tier)):>7}{format_size(used):>13}"
+                f"{format_size(budgets[tier]):>13}   {link}"
+            )
+        lines.append(
+            f"  on {self.compute_device} besides resident layers: non-layer {format_size(n.global_bytes)}, "
+            f"KV cache {format_size(n.kv_bytes)} ({n.max_batch} x {n.max_seq_len} tokens), "
+            f"{self.slots} slot(s) {format_size(self.slots * n.block_bytes)}, "
+            f"activations {format_size(n.activation_bytes)}, workspace {format_size(n.workspace_bytes)}"
+        )
+        lines.append(f"  layers: {self.layer_map()}  (R resident, H host, digit: peer GPU)")
+        seconds = self.link_seconds()
+        bound = "compute (the HBM floor)" if self.bottleneck == "hbm" else f"the {self.bottleneck} link"
+        lines.append(
+            f"  predicted decode step: {self.predicted_step_seconds * 1e3:.1f} ms, bound by {bound}; "
+            f"HBM floor {seconds['hbm'] * 1e3:.1f} ms"
+        )
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def make_plan(
+    needs: MemoryNeeds,
+    budget: Budget,
+    bandwidth: dict[str, float],
+    compute_device: str,
+    slots: int | None = None,
+    offload_requested: bool = False,
+    indirect_peers: tuple[str, ...] = (),
+    title: str = "",
+) -> Plan:
+    """Place every layer, or raise :class:`PlanError` naming the bytes needed and available."""
+    n, block = needs.n_layers, needs.block_bytes
+    gpu = budget.gpu_memory
+    if needs.fixed_bytes > gpu:
+        raise PlanError(
+            f"the budget of {compute_device} ({format_size(gpu)}) cannot hold what must stay there: "
+            f"{_fixed_parts(needs)} = {format_size(needs.fixed_bytes)}; raise --gpu-memory, "
+            "or lower --max-batch / --max-seq-len"
+        )
+    plan = lambda placement, k: Plan(placement, k, needs, budget, bandwidth, compute_device, title)  # noqa: E731
+    if needs.fixed_bytes + n * block <= gpu:
+        result = plan([RESIDENT] * n, 0)
+        if offload_requested:
+            result.warnings.append(f"the whole model fits in the budget of {compute_device}: nothing is offloaded")
+        return _emit(result)
+
+    k = min(slots or DEFAULT_SLOTS, n)
+    while True:
+        resident = (gpu - needs.fixed_bytes - k * block) // block
+        if resident < 0:
+            raise PlanError(
+                f"the budget of {compute_device} ({format_size(gpu)}) cannot hold {_fixed_parts(needs)} "
+                f"plus {k} slot(s) of {format_size(block)} for streamed layers "
+                f"(= {format_size(needs.fixed_bytes + k * block)}); raise --gpu-memory"
+            )
+        if n - resident >= k:
+            break
+        k = n - resident  # more slots than streamed layers would hold nothing
+    streamed = _share_links(n - resident, block, budget, bandwidth)
+    if sum(streamed.values()) < n - resident:
+        missing = n - resident - sum(streamed.values())
+        held = ", ".join(f"{t} {c}" for t, c in {RESIDENT: resident, **streamed}.items())
+        raise PlanError(
+            f"the model does not fit: {n} layers x {format_size(block)} = {format_size(n * block)}; "
+            f"the budgets hold {held} layers, leaving {missing} layer(s) ({format_size(missing * block)}) "
+            "with nowhere to go; raise --cpu-memory or add --peer-memory"
+        )
+    result = plan(_interleave({RESIDENT: resident, **streamed}), k)
+    for peer in indirect_peers:
+        if result.layers_on(peer):
+            result.warnings.append(
+                f"{peer} cannot reach {compute_device} directly (no peer-to-peer access): its copies pass "
+                f"through host memory at the measured {bandwidth[peer] / 1e9:.1f} GB/s"
+            )
+    seconds = result.link_seconds()
+    if result.predicted_step_seconds > LINK_BOUND_RATIO * seconds["hbm"]:
+        result.warnings.append(
+            f"decode will be bound by the {result.bottleneck} link: {result.predicted_step_seconds * 1e3:.0f} ms "
+            f"per step, {result.predicted_step_seconds / seconds['hbm']:.0f}x the {seconds['hbm'] * 1e3:.1f} ms "
+            "that compute needs; a larger GPU budget or a peer GPU would help"
+        )
+    return _emit(result)
+
+
+def _share_links(count: int, block: int, budget: Budget, bandwidth: dict[str, float]) -> dict[str, int]:
+    """Spread ``count`` streamed layers over the host and the peers so the links finish together."""
+    capacity = {HOST: budget.cpu_memory // block, **{p: b // block for p, b in budget.peer_memory.items()}}
+    taken = {tier: 0 for tier in capacity}
+    for _ in range(count):
+        open_tiers = [t for t in capacity if taken[t] < capacity[t]]
+        if not open_tiers:
+            break
+        best = min(open_tiers, key=lambda t: ((taken[t] + 1) * block / bandwidth[t], t != HOST))
+        taken[best] += 1
+    return {t: c for t, c in taken.items() if c}
+
+
+def _interleave(counts: dict[str, int]) -> list[str]:
+    """A sequence with ``counts[k]`` of each kind ``k``, every kind spread evenly over it."""
+    keyed = [((j + 0.5) / c, rank, kind) for rank, (kind, c) in enumerate(counts.items()) for j in range(c)]
+    return [kind for _, _, kind in sorted(keyed)]
+
+
+def _fixed_parts(needs: MemoryNeeds) -> str:
+    return (
+        f"non-layer tensors {format_size(needs.global_bytes)} + KV cache {format_size(needs.kv_bytes)} "
+        f"+ activations {format_size(needs.activation_bytes)} + workspace {format_size(needs.workspace_bytes)}"
+    )
+
+
+def _emit(plan: Plan) -> Plan:
+    for message in plan.warnings:
+        warnings.warn(message, OffloadWarning, stacklevel=3)
+    return plan

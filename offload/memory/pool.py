@@ -1,0 +1,51 @@
+"""The peer-memory pool: one buffer per tier, holding the blocks the plan put there.
+
+Each tier is one allocation (a ``torch.empty`` on the compute device or a peer
+GPU, one :class:`PinnedMemory` on the host), cut into block-sized views, so the
+bytes held per tier are exactly what the plan says. The slots that streamed
+blocks are copied into are one more buffer on the compute device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .host import PinnedMemory
+from .planner import HOST, RESIDENT, Plan
+
+
+class WeightPool:
+    def __init__(self, plan: Plan, block_numel: int, global_numel: int, dtype: torch.dtype, compute_device):
+        compute = torch.device(compute_device)
+        on_gpu = compute.type == "cuda"
+        self.globals = torch.empty(global_numel, dtype=dtype, device=compute)
+        self.host: PinnedMemory | None = None
+        self.buffers: dict[str, torch.Tensor] = {}
+        for tier in plan.tiers:
+            count = len(plan.layers_on(tier))
+            if count == 0:
+                continue
+            if tier == HOST:
+                self.host = PinnedMemory(count * block_numel, dtype, pin=on_gpu)
+                self.buffers[tier] = self.host.tensor
+            else:
+                device = compute if tier == RESIDENT or not on_gpu else torch.device(tier)
+                self.buffers[tier] = torch.empty(count * block_numel, dtype=dtype, device=device)
+        self.slots = torch.empty(plan.slots * block_numel, dtype=dtype, device=compute).view(plan.slots, block_numel)
+        # Block i is the next unused block-sized piece of its tier's buffer.
+        used = {tier: 0 for tier in self.buffers}
+        self.blocks: list[torch.Tensor] = []
+        for tier in plan.placement:
+            j = used[tier]
+            self.blocks.append(self.buffers[tier][j * block_numel : (j + 1) * block_numel])
+            used[tier] = j + 1
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.host.pinned_bytes if self.host is not None else 0
+
+    def close(self) -> None:
+        if self.host is not None:
+            self.host.close()
+        self.buffers.clear()
+        self.blocks.clear()

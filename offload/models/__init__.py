@@ -1,0 +1,1 @@
+"""What computes: configs, flat block layouts, the decoder, tensor-parallel pieces, weight sources."""

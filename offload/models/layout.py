@@ -1,0 +1,152 @@
+"""Flat blocks: the named shapes of one rank's tensors, packed into one buffer.
+
+A decoder layer's weights (one rank's shard of them) live in one contiguous
+buffer, a *block*, so that moving a layer between tiers is one copy. The layout
+is a table of named shapes with their offsets; ``views(buffer)`` gives the
+tensors a layer computes with. The non-layer tensors (embedding, final norm, LM
+head) get a layout of their own and always stay on the compute device.
+
+q, k and v are adjacent in the block, and so are gate and up. Offsets are
+aligned to 256 bytes so that a tensor's alignment, and with it the kernels the
+math libraries pick, is the same in every block and every slot: an offloaded
+layer computes bit for bit what a resident one does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .parallel import REPLICATED, Shard, TensorParallel, kv_shard, q_shard, vocab_rows
+
+ALIGN_BYTES = 256
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str  # field name in LayerWeights / GlobalWeights
+    shape: tuple[int, ...]  # this rank's shape
+    full_shape: tuple[int, ...]  # the shape of the whole tensor in the checkpoint
+    source: str  # checkpoint tensor name ("{i}" stands for the layer index)
+    shard: Shard  # which piece of the checkpoint tensor this rank holds
+    offset: int  # in elements, from the start of the block
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    """One decoder layer's tensors: views into its block (resident or in a slot)."""
+
+    input_norm: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    post_norm: torch.Tensor
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class GlobalWeights:
+    """The tensors outside the decoder layers, always on the compute device."""
+
+    embed: torch.Tensor  # this rank's vocabulary rows
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor  # the same tensor as ``embed`` when the checkpoint ties them
+
+
+class BlockLayout:
+    """Where each named tensor sits inside a flat block of ``numel`` elements of ``dtype``."""
+
+    def __init__(self, entries: list[tuple], dtype: torch.dtype, cls):
+        """``entries``: (name, full shape, checkpoint name, shard[, local shape]) in block order."""
+        align = max(ALIGN_BYTES // torch.empty((), dtype=dtype).element_size(), 1)
+        self.dtype, self.cls, self.specs, offset = dtype, cls, [], 0
+        for name, full, source, shard, *local in entries:
+            shape = tuple(local[0]) if local else _local_shape(full, shard)
+            spec = TensorSpec(name, shape, tuple(full), source, shard, offset)
+            self.specs.append(spec)
+            offset += -(-spec.numel // align) * align
+        self.numel = offset
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def views(self, buffer: torch.Tensor):
+        """The block's tensors as views into ``buffer`` (1-D, ``numel`` elements)."""
+        assert buffer.numel() == self.numel and buffer.dtype == self.dtype, "buffer does not match the layout"
+        tensors = {s.name: buffer[s.offset : s.offset + s.numel].view(s.shape) for s in self.specs}
+        if self.cls is GlobalWeights and "lm_head" not in tensors:
+            tensors["lm_head"] = tensors["embed"]
+        return self.cls(**tensors)
+
+    def sources(self, layer: int | None = None) -> list[tuple[TensorSpec, str]]:
+        """Each spec with its checkpoint tensor name (``layer`` filled in)."""
+        return [(s, s.source.format(i=layer)) for s in self.specs]
+
+
+def _local_shape(full: tuple[int, ...], shard: Shard) -> tuple[int, ...]:
+    if shard.dim is None:
+        return tuple(full)
+    return tuple(shard.stop - shard.start if d == shard.dim else n for d, n in enumerate(full))
+
+
+def layer_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) -> BlockLayout:
+    """The layout of one decoder layer's block on this rank."""
+    d = config.hidden_size
+    inter = config.intermediate_size // tp.size
+    p = "model.layers.{i}."
+    q, kv = q_shard(config, tp), kv_shard(config, tp)
+    mlp_rows = Shard(0, tp.rank * inter, (tp.rank + 1) * inter) if tp.size > 1 else REPLICATED
+    qd, kvd, i = config.q_dim, config.kv_dim, config.intermediate_size
+    entries = [
+        ("input_norm", (d,), p + "input_layernorm.weight", REPLICATED),
+        ("wq", (qd, d), p + "self_attn.q_proj.weight", q),
+        ("wk", (kvd, d), p + "self_attn.k_proj.weight", kv),
+        ("wv", (kvd, d), p + "self_attn.v_proj.weight", kv),
+    ]
+    if config.qkv_bias:
+        entries += [
+            ("bq", (qd,), p + "self_attn.q_proj.bias", q),
+            ("bk", (kvd,), p + "self_attn.k_proj.bias", kv),
+            ("bv", (kvd,), p + "self_attn.v_proj.bias", kv),
+        ]
+    entries += [
+        ("wo", (d, qd), p + "self_attn.o_proj.weight", q_shard(config, tp, dim=1)),
+        ("post_norm", (d,), p + "post_attention_layernorm.weight", REPLICATED),
+        ("w_gate", (i, d), p + "mlp.gate_proj.weight", mlp_rows),
+        ("w_up", (i, d), p + "mlp.up_proj.weight", mlp_rows),
+        ("w_down", (d, i), p + "mlp.down_proj.weight", Shard(1, mlp_rows.start, mlp_rows.stop)
+         if tp.size > 1 else REPLICATED),
+    ]
+    return BlockLayout(entries, dtype, LayerWeights)
+
+
+def global_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) -> BlockLayout:
+    """The layout of the non-layer tensors on this rank (vocabulary rows split across ranks)."""
+    d = config.hidden_size
+    start, rows = vocab_rows(config, tp)
+    vocab = Shard(0, start, min(start + rows, config.vocab_size)) if tp.size > 1 else REPLICATED
+    v = config.vocab_size
+    entries = [
+        ("embed", (v, d), "model.embed_tokens.weight", vocab, (rows, d)),
+        ("final_norm", (d,), "model.norm.weight", REPLICATED),
+    ]
+    if not config.tie_word_embeddings:
+        entries.append(("lm_head", (v, d), "lm_head.weight", vocab, (rows, d)))
+    return BlockLayout(entries, dtype, GlobalWeights)
+

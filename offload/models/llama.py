@@ -1,0 +1,141 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2), with weights passed in.
+
+Nothing here owns a weight. ``Transformer.forward`` asks a *weight stream* for
+layer ``i``'s tensors just before computing it and hands them back just after;
+the stream (``offload/scheduler``) decides whether they are resident views or
+views into a slot that a copy engine is filling. This file is the hot loop of a
+decode step: read ``Transformer.forward`` from top to bottom.
+
+The arithmetic mirrors the reference implementation op for op (the same norms
+in float32, the same rotary tables, the same SDPA calls), so on the same device
+and dtype the logits agree to the bit where the kernels are the same.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .layout import GlobalWeights, LayerWeights
+from .parallel import (
+    TensorParallel,
+    column_parallel_linear,
+    local_heads,
+    row_parallel_linear,
+    vocab_parallel_embedding,
+    vocab_parallel_logits,
+)
+from .step import Step, apply_rope
+
+
+class WeightStream(Protocol):
+    def acquire(self, layer: int) -> LayerWeights: ...
+    def release(self, layer: int) -> None: ...
+
+
+class KVCache:
+    """Preallocated keys and values: ``[layers, max_batch, kv_heads, max_seq_len, head_dim]`` each.
+
+    Zero-filled, so positions no row has written yet hold finite numbers (masked
+    attention multiplies them by zero, and zero times NaN would be NaN).
+    """
+
+    def __init__(self, n_layers, max_batch, kv_heads, max_seq_len, head_dim, dtype, device):
+        shape = (n_layers, max_batch, kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+
+    @staticmethod
+    def nbytes(n_layers, max_batch, kv_heads, max_seq_len, head_dim, dtype) -> int:
+        return 2 * n_layers * max_batch * kv_heads * max_seq_len * head_dim * dtype.itemsize
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i], self.v[i]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def repeat_kv(x: torch.Tensor, times: int) -> torch.Tensor:
+    """``[B, H_kv, L, hd]`` to ``[B, H_kv * times, L, hd]``, each kv head serving ``times`` query heads."""
+    if times == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, times, n, d).reshape(b, h * times, n, d)
+
+
+class Transformer:
+    def __init__(self, config: ModelConfig, weights: GlobalWeights, rope, tp: TensorParallel, vocab_start: int = 0):
+        self.config, self.weights, self.rope, self.tp = config, weights, rope, tp
+        self.vocab_start = vocab_start
+        self.heads, self.kv_heads = local_heads(config, tp)
+
+    def forward(self, step: Step, layers: WeightStream, cache: KVCache | None, all_logits: bool = False):
+        """Logits of each row's last new token ``[B, V]`` (or of every position, ``[B, T, V]``)."""
+        h = vocab_parallel_embedding(step.tokens, self.weights.embed, self.vocab_start, self.tp)
+        for i in range(self.config.n_layers):
+            w = layers.acquire(i)  # on a GPU: the compute stream waits for the block's copy, the host does not
+            kv = cache.layer(i) if cache is not None else (None, None)
+            h = self.decoder_layer(h, w, step, kv, self.config.sliding_windows[i])
+            layers.release(i)  # the block's slot may now be refilled with a later layer
+        h = step.all_tokens(h) if all_logits else step.last_tokens(h)
+        h = rms_norm(h, self.weights.final_norm, self.config.rms_norm_eps)
+        return vocab_parallel_logits(h, self.weights.lm_head, self.config.vocab_size, self.tp)
+
+    def decoder_layer(self, x, w: LayerWeights, step: Step, kv, window: int | None) -> torch.Tensor:
+        eps = self.config.rms_norm_eps
+        x = x + self.attention(rms_norm(x, w.input_norm, eps), w, step, kv, window)
+        return x + self.mlp(rms_norm(x, w.post_norm, eps), w)
+
+    def attention(self, x, w: LayerWeights, step: Step, kv, window: int | None) -> torch.Tensor:
+        hd = self.config.head_dim
+        q = column_parallel_linear(x, w.wq, w.bq).unflatten(-1, (self.heads, hd))
+        k = column_parallel_linear(x, w.wk, w.bk).unflatten(-1, (self.kv_heads, hd))
+        v = column_parallel_linear(x, w.wv, w.bv).unflatten(-1, (self.kv_heads, hd))
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        cache_k, cache_v = kv
+        if cache_k is not None:
+            step.store(cache_k, cache_v, k, v)
+        keys, values = step.keys(cache_k, cache_v, k, v)
+        mask, group = step.mask(window), self.heads // self.kv_heads
+        if mask is not None:  # SDPA's memory-efficient kernel takes a mask but not grouped heads
+            keys, values = repeat_kv(keys, group), repeat_kv(values, group)
+        o = F.scaled_dot_product_attention(
+            step.heads(q), keys, values, attn_mask=mask, is_causal=step.causal and mask is None,
+            scale=hd**-0.5, enable_gqa=mask is None and group > 1,
+        )
+        return row_parallel_linear(step.from_heads(o), w.wo, self.tp)
+
+    def mlp(self, x, w: LayerWeights) -> torch.Tensor:
+        gate = F.silu(column_parallel_linear(x, w.w_gate))
+        return row_parallel_linear(gate * column_parallel_linear(x, w.w_up), w.w_down, self.tp)
+
+
+def step_activation_bytes(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
+                          max_batch: int, max_seq_len: int, max_step_tokens: int) -> int:
+    """Peak bytes of the temporaries of one step of at most ``max_step_tokens`` (padded) tokens.
+
+    Counts what ``Transformer.forward`` allocates: the residual stream, the largest
+    of one layer's attention or MLP temporaries and the logits of every position
+    (what ``model(input_ids)`` returns), and the float32 work of sampling.
+    """
+    e, t, d = dtype.itemsize, max_step_tokens, config.hidden_size
+    hq, hkv = local_heads(config, tp)
+    hd, inter, vocab = config.head_dim, config.intermediate_size // tp.size, config.vocab_size
+    qkv = (hq + 2 * hkv) * hd
+    residual = 2 * t * d * e
+    norm = t * d * (2 * 4 + e)  # float32 copies inside rms_norm
+    grouped = 2 * max_batch * hq * max_seq_len * hd * e if hq != hkv else 0  # repeat_kv when masked
+    attention = t * (3 * qkv + 4 * hq * hd) * e + grouped + t * max_seq_len  # + the boolean mask
+    mlp = t * 3 * inter * e
+    all_logits = t * vocab * e * (2 if tp.size > 1 else 1) + norm
+    sampling = max_batch * vocab * (e + 3 * 4)
+    return residual + max(norm, attention, mlp, all_logits, sampling)

@@ -1,0 +1,168 @@
+"""Tensor parallelism: the Megatron split, as weight shards plus two collectives.
+
+A column-parallel linear (q, k, v, gate, up) holds a slice of the output rows of
+the full weight; its output is this rank's slice of the features and needs no
+communication. A row-parallel linear (o, down) holds the matching slice of the
+input columns; each rank's product is a partial sum, added up by an all-reduce.
+At world size 1 both are a plain ``F.linear``.
+
+The embedding and the LM head are split by vocabulary rows rather than
+replicated: on a memory-starved GPU they are the largest non-layer tensors
+(2 x 1 GiB for a 128k vocabulary at 4096 wide), and the price of splitting is one
+all-reduce of the embeddings and one all-gather of the logits per step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..errors import ConfigError, OffloadError
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The piece of a full checkpoint tensor that one rank holds: ``[start:stop]`` along ``dim``."""
+
+    dim: int | None = None  # None: the whole tensor (replicated)
+    start: int = 0
+    stop: int = 0
+
+
+REPLICATED = Shard()
+
+
+@dataclass
+class TensorParallel:
+    """This rank's place in the tensor-parallel group (rank 0 of 1 when not parallel)."""
+
+    rank: int = 0
+    size: int = 1
+    group: object = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj``, in rank order (``[obj]`` when not parallel)."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier(group=self.group)
+
+
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T`` where ``weight`` holds this rank's output rows: the result is this rank's features."""
+    return F.linear(x, weight, bias)
+
+
+def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """``x @ weight.T`` where ``weight`` holds this rank's input columns, summed over ranks."""
+    return tp.all_reduce(F.linear(x, weight))
+
+
+def vocab_parallel_embedding(ids: torch.Tensor, table: torch.Tensor, vocab_start: int, tp: TensorParallel):
+    """Look up ``ids`` in this rank's rows ``[vocab_start, vocab_start + len(table))`` of the embedding."""
+    if tp.size == 1:
+        return F.embedding(ids, table)
+    local = ids - vocab_start
+    outside = (local < 0) | (local >= table.shape[0])
+    out = F.embedding(local.masked_fill(outside, 0), table)
+    out.masked_fill_(outside.unsqueeze(-1), 0)
+    return tp.all_reduce(out)
+
+
+def vocab_parallel_logits(h: torch.Tensor, head: torch.Tensor, vocab_size: int, tp: TensorParallel):
+    """Logits over the whole vocabulary from this rank's rows of the LM head."""
+    return tp.all_gather_last_dim(F.linear(h, head))[..., :vocab_size]
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def _even(n: int, tp: TensorParallel) -> Shard:
+    per = n // tp.size
+    return Shard(0, tp.rank * per, (tp.rank + 1) * per)
+
+
+def check_divisible(config: ModelConfig, tp_size: int) -> None:
+    """Refuse a model that cannot be split ``tp_size`` ways, saying which dimension fails."""
+    if tp_size == 1:
+        return
+    if config.n_heads % tp_size:
+        raise ConfigError(f"num_attention_heads={config.n_heads} is not divisible by tp={tp_size}")
+    if config.n_kv_heads % tp_size and tp_size % config.n_kv_heads:
+        raise ConfigError(
+            f"num_key_value_heads={config.n_kv_heads} and tp={tp_size}: neither divides the other, "
+            "so the key/value heads can be neither split nor replicated evenly"
+        )
+    if config.intermediate_size % tp_size:
+        raise ConfigError(f"intermediate_size={config.intermediate_size} is not divisible by tp={tp_size}")
+
+
+def local_heads(config: ModelConfig, tp: TensorParallel) -> tuple[int, int]:
+    """(query heads, key/value heads) on this rank. With fewer kv heads than ranks, kv heads are replicated."""
+    return config.n_heads // tp.size, max(config.n_kv_heads // tp.size, 1)
+
+
+def q_shard(config: ModelConfig, tp: TensorParallel, dim: int = 0) -> Shard:
+    rows = _even(config.q_dim, tp)
+    return Shard(dim, rows.start, rows.stop) if tp.size > 1 else REPLICATED
+
+
+def kv_shard(config: ModelConfig, tp: TensorParallel) -> Shard:
+    if tp.size == 1:
+        return REPLICATED
+    if config.n_kv_heads >= tp.size:
+        return _even(config.kv_dim, tp)
+    head = tp.rank // (tp.size // config.n_kv_heads)  # the kv head that this rank's query heads use
+    return Shard(0, head * config.head_dim, (head + 1) * config.head_dim)
+
+
+def vocab_rows(config: ModelConfig, tp: TensorParallel) -> tuple[int, int]:
+    """(first row, rows) of the vocabulary on this rank; the last rank may hold fewer than the others."""
+    per = -(-config.vocab_size // tp.size)
+    start = min(tp.rank * per, config.vocab_size)
+    return start, per
+
+
+def init_tensor_parallel(tp: int) -> TensorParallel:
+    """Join (or start) the process group of a ``torchrun`` launch and return this rank's place in it.
+
+    NCCL on GPUs, gloo on CPU. ``tp`` must equal the world size.
+    """
+    if tp == 1 and not dist.is_initialized():
+        return TensorParallel()
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise OffloadError(
+                f"tp={tp} needs one process per rank: launch with "
+                f"'torchrun --nproc-per-node {tp} ...' (WORLD_SIZE is not set)"
+            )
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    world = dist.get_world_size()
+    if world != tp:
+        raise OffloadError(f"tp={tp} but the process group has {world} processes; they must be equal")
+    return TensorParallel(rank=dist.get_rank(), size=world, group=dist.group.WORLD)

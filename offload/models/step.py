@@ -1,0 +1,164 @@
+"""What one forward pass computes, and how its tokens are laid out.
+
+Every row of the batch has its own KV cache row. A step adds ``counts[b]`` new
+tokens to row ``b`` after its ``starts[b]`` cached ones, so prefill, decode, a
+ragged batch and a batch in which new prompts join running sequences are all
+the same thing.
+
+Two layouts:
+
+* **uniform**: every row adds the same number of tokens at the same position
+  (a plain prefill or a plain decode step). Tokens are ``[B, T]``, positions are
+  one range, the cache is written with one slice and attention needs no mask;
+  these are exactly the operations of the reference implementation.
+* **packed**: anything else. The linear layers see only the ``N`` real tokens
+  ``[N, d]`` (no padding), attention sees them scattered into ``[B, H, T, hd]``
+  with a mask built once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class Rope:
+    """cos/sin tables of the rotary embedding for positions ``[0, max_positions)``."""
+
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype, device: torch.device):
+        positions = torch.arange(max_positions, device=device, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq.to(device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor  # [B, T] (uniform) or [N] (packed)
+    batch: int
+    width: int  # T: the most tokens any row adds
+    cos: torch.Tensor  # broadcasts against [..., heads, head_dim] of the token layout
+    sin: torch.Tensor
+    kv_len: int  # attention reads cache positions [0, kv_len)
+    fresh: bool  # no row has cached tokens: attend to this step's keys directly
+    start: int | None  # uniform: the common start position; packed: None
+    pack: torch.Tensor | None = None  # packed: flat index into B*T of each real token
+    write_rows: torch.Tensor | None = None  # packed: cache row of each token
+    write_pos: torch.Tensor | None = None  # packed: cache position of each token
+    last: torch.Tensor | None = None  # packed: index of each row's last token
+    query_pos: torch.Tensor | None = None  # [B, T] position of each query (pads: the row's last)
+    _masks: dict = field(default_factory=dict)
+
+    # -------------------------------------------------------------- building
+
+    @staticmethod
+    def build(new_tokens: list[list[int]], starts: list[int], rope: Rope, device) -> "Step":
+        """The step that appends ``new_tokens[b]`` to row ``b``, which holds ``starts[b]`` tokens."""
+        counts = [len(t) for t in new_tokens]
+        batch, width = len(new_tokens), max(counts)
+        kv_len = max(s + c for s, c in zip(starts, counts))
+        fresh = not any(starts)
+        if len(set(counts)) == 1 and len(set(starts)) == 1:
+            s = starts[0]
+            return Step(
+                tokens=torch.tensor(new_tokens, dtype=torch.long, device=device),
+                batch=batch, width=width, kv_len=kv_len, fresh=fresh, start=s,
+                cos=rope.cos[s : s + width].unsqueeze(1), sin=rope.sin[s : s + width].unsqueeze(1),
+            )
+        rows = [b for b, c in enumerate(counts) for _ in range(c)]
+        offsets = [i for c in counts for i in range(c)]
+        positions = [starts[b] + i for b, i in zip(rows, offsets)]
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        pos = as_long(positions)
+        query_pos = [[max(s + min(t, c - 1), 0) for t in range(width)] for s, c in zip(starts, counts)]
+        ends = torch.tensor(counts, dtype=torch.long).cumsum(0) - 1
+        return Step(
+            tokens=as_long([t for row in new_tokens for t in row]),
+            batch=batch, width=width, kv_len=kv_len, fresh=fresh, start=None,
+            cos=rope.cos[pos].unsqueeze(1), sin=rope.sin[pos].unsqueeze(1),
+            pack=as_long([b * width + i for b, i in zip(rows, offsets)]),
+            write_rows=as_long(rows), write_pos=pos, last=ends.clamp(min=0).to(device),
+            query_pos=as_long(query_pos),
+        )
+
+    @property
+    def uniform(self) -> bool:
+        return self.pack is None
+
+    # -------------------------------------------------------------- layouts
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Token layout ``[..., H, hd]`` to attention layout ``[B, H, T, hd]``."""
+        if self.uniform:
+            return x.transpose(1, 2)
+        padded = x.new_zeros(self.batch * self.width, *x.shape[1:])
+        padded.index_copy_(0, self.pack, x)
+        return padded.view(self.batch, self.width, *x.shape[1:]).transpose(1, 2)
+
+    def from_heads(self, o: torch.Tensor) -> torch.Tensor:
+        """Attention layout ``[B, H, T, hd]`` back to token layout ``[..., H * hd]``."""
+        o = o.transpose(1, 2).reshape(self.batch, self.width, -1)
+        return o if self.uniform else o.view(self.batch * self.width, -1)[self.pack]
+
+    def last_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """Each row's last new token, ``[B, d]``."""
+        return h[:, -1] if self.uniform else h[self.last]
+
+    def all_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """Every position, ``[B, T, d]`` (zeros where a row has fewer than T new tokens)."""
+        if self.uniform:
+            return h
+        padded = h.new_zeros(self.batch * self.width, h.shape[-1])
+        padded.index_copy_(0, self.pack, h)
+        return padded.view(self.batch, self.width, -1)
+
+    # -------------------------------------------------------------- cache and attention
+
+    def store(self, cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this step's keys and values (token layout) into the cache rows ``[0, B)``."""
+        if self.uniform:
+            end = self.start + self.width
+            cache_k[: self.batch, :, self.start : end] = k.transpose(1, 2)
+            cache_v[: self.batch, :, self.start : end] = v.transpose(1, 2)
+        else:
+            cache_k[self.write_rows, :, self.write_pos] = k
+            cache_v[self.write_rows, :, self.write_pos] = v
+
+    def keys(self, cache_k, cache_v, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values to attend to, ``[B, H_kv, L, hd]``."""
+        if self.fresh or cache_k is None:
+            return self.heads(k), self.heads(v)
+        return cache_k[: self.batch, :, : self.kv_len], cache_v[: self.batch, :, : self.kv_len]
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """Boolean attention mask ``[B, 1, T, L]`` (True: attend), or None when SDPA needs none."""
+        if window not in self._masks:
+            self._masks[window] = self._build_mask(window)
+        return self._masks[window]
+
+    @property
+    def causal(self) -> bool:
+        """Whether SDPA's own causal mask is right (only when no explicit mask is used)."""
+        return self.uniform and self.fresh and self.width > 1
+
+    def _build_mask(self, window: int | None) -> torch.Tensor | None:
+        windowed = window is not None and self.kv_len > window
+        if self.uniform and not windowed and (self.fresh or self.width == 1):
+            return None
+        device = self.cos.device
+        if self.uniform:
+            query = torch.arange(self.start, self.start + self.width, device=device).expand(self.batch, -1)
+        else:
+            query = self.query_pos
+        key = torch.arange(self.kv_len, device=device)
+        allowed = key[None, None, :] <= query[:, :, None]
+        if windowed:
+            allowed &= key[None, None, :] > query[:, :, None] - window
+        return allowed.unsqueeze(1)

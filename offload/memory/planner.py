@@ -134,6 +134,16 @@ class Plan:
         return "\n".join(lines)
 
 
+def format_plans(plans: list[Plan]) -> str:
+    """Every rank's plan, for rank 0 to print (a single plan as is)."""
+    if len(plans) == 1:
+        return str(plans[0])
+    host = sum(p.host_bytes for p in plans)
+    head = (f"tensor parallel over {len(plans)} ranks: {format_size(host)} pinned on the host in all, "
+            f"predicted decode step {max(p.predicted_step_seconds for p in plans) * 1e3:.1f} ms")
+    return "\n".join([head, *map(str, plans)])
+
+
 def make_plan(
     needs: MemoryNeeds,
     budget: Budget,

@@ -14,6 +14,7 @@ whatever the tensor-parallel split, so benchmarks and tests need no files.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -153,10 +154,70 @@ class RandomSource:
         return values.add_(1.0) if norm else values
 
     def full_tensor(self, spec: TensorSpec, name: str, dtype: torch.dtype, device="cpu") -> torch.Tensor:
-        """The whole checkpoint tensor (what ``make_checkpoint`` writes)."""
+        """The whole checkpoint tensor (what ``write_checkpoint`` writes)."""
         out = torch.empty(spec.full_shape, dtype=dtype, device=device)
         self.read(replace(spec, shard=REPLICATED, shape=spec.full_shape), name, out)
         return out
 
     def close(self) -> None:
+        pass
+
+
+def write_checkpoint(config: dict, out_dir: str | Path, dtype: torch.dtype, seed: int = 0,
+                     shard_bytes: int = 2 * 2**30, device=None, progress: bool = True) -> Path:
+    """Write an HF-format checkpoint of seeded random weights: ``config.json``, safetensors shards
+    with ``model.safetensors.index.json`` (one ``model.safetensors`` when small), and a demo
+    ``tokenizer.json`` when ``tokenizers`` is installed. The tensors are those ``RandomSource``
+    gives on ``device``, so ``load_model(out_dir)`` equals ``load_model(config, random_weights=seed)``
+    with the weights made on the same device type.
+    """
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from .config import config_from_dict
+    from .layout import global_layout, layer_layout
+    from .parallel import TensorParallel
+
+    cfg = config_from_dict(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    source = RandomSource(seed=seed, device=device)
+    tp = TensorParallel()
+    specs = global_layout(cfg, tp, dtype).sources()
+    specs += [x for i in range(cfg.n_layers) for x in layer_layout(cfg, tp, dtype).sources(i)]
+
+    shards, size = [[]], 0  # consecutive tensors, each shard at most shard_bytes (or one tensor)
+    for spec, name in specs:
+        nbytes = math.prod(spec.full_shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((spec, name))
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    total = sum(math.prod(s.full_shape) for s, _ in specs) * dtype.itemsize
+    weight_map = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing checkpoint", disable=not progress) as bar:
+        for file, shard in zip(names, shards):
+            tensors = {name: source.full_tensor(spec, name, dtype) for spec, name in shard}
+            save_file(tensors, str(out / file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in tensors})
+            bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    dtype_name = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype_name}, indent=2))
+    _write_demo_tokenizer(out, cfg.vocab_size)
+    return out
+
+
+def _write_demo_tokenizer(out: Path, vocab_size: int) -> None:
+    try:
+        from ..text import train_demo_tokenizer
+
+        train_demo_tokenizer(vocab_size).save(str(out / "tokenizer.json"))
+    except ImportError:  # tokenizers is optional: ids in and out still work
         pass

@@ -1,0 +1,300 @@
+"""Batch jobs: thousands of prompts from a JSONL file through one model, nothing lost.
+
+Input lines are ``{"id": ..., "prompt": "text"}`` (needs a tokenizer) or
+``{"id": ..., "prompt_ids": [...]}``, with an optional ``max_new_tokens``. The whole
+file is checked before the model is loaded.
+
+Each finished record is appended to the output file as one JSON line, flushed
+and fsynced. A rerun with the same output file skips the ids already there (a
+line torn by a crash is cut off first), so a job killed at any moment and rerun
+ends with every id exactly once.
+
+Scheduling (``dynamic``): the KV cache has ``batch_size`` rows. Records are taken
+longest first, so rows that start together have similar lengths (little
+padding), and a row is refilled as soon as its sequence finishes. Every step
+streams the weights once and serves every row: rows still reading their prompt
+add a chunk of it, the others add one generated token. ``fifo`` is the plain
+alternative for comparison: fixed batches in input order, each run until its
+longest member finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .errors import InputError
+from .generation import Sampling, generate, sample
+
+
+@dataclass
+class Record:
+    id: object
+    prompt_ids: list[int]
+    max_new_tokens: int
+    line: int  # 1-based line number in the input file
+
+
+def read_records(path, tokenizer, default_max_new_tokens: int, vocab_size: int) -> list[Record]:
+    """Parse and check every line of a JSONL prompt file; the first problem raises, naming its line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InputError(f"cannot read prompt file {str(path)!r} ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    records, seen = [], {}
+    for n, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: bad JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        if "id" not in obj:
+            raise InputError(f"{where}: missing field 'id'")
+        rid = obj["id"]
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise InputError(f"{where}: 'id' must be a string or an integer")
+        if rid in seen:
+            raise InputError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]})")
+        seen[rid] = n
+        records.append(Record(rid, _prompt_ids(obj, where, tokenizer, vocab_size),
+                              _max_new(obj, where, default_max_new_tokens), n))
+    if not records:
+        raise InputError(f"{path}: no records")
+    return records
+
+
+def _prompt_ids(obj: dict, where: str, tokenizer, vocab_size: int) -> list[int]:
+    if ("prompt" in obj) == ("prompt_ids" in obj):
+        raise InputError(f"{where}: give exactly one of 'prompt' and 'prompt_ids'")
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str):
+            raise InputError(f"{where}: 'prompt' must be a string")
+        if tokenizer is None:
+            raise InputError(f"{where}: 'prompt' is text but the model has no tokenizer.json "
+                             "(or the tokenizers package is missing); give 'prompt_ids'")
+        ids = tokenizer.encode(obj["prompt"])
+    else:
+        ids = obj["prompt_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InputError(f"{where}: 'prompt_ids' must be a list of integers")
+    if not ids:
+        raise InputError(f"{where}: the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InputError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def _max_new(obj: dict, where: str, default: int) -> int:
+    value = obj.get("max_new_tokens", default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{where}: 'max_new_tokens' must be a positive integer")
+    return value
+
+
+def check_context(records: list[Record], max_seq_len: int) -> None:
+    for r in records:
+        if len(r.prompt_ids) + r.max_new_tokens > max_seq_len:
+            raise InputError(
+                f"line {r.line} (id {r.id!r}): {len(r.prompt_ids)} prompt tokens + {r.max_new_tokens} new tokens "
+                f"exceed the context of {max_seq_len} tokens"
+            )
+
+
+# ---------------------------------------------------------------------- durable output
+
+
+class ResultFile:
+    """An append-only JSONL output: finished ids on open, one fsynced line per record."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.done: set = set()
+        if self.path.exists():
+            self._recover()
+        self.file = None
+
+    def _recover(self) -> None:
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]  # a crash can leave one torn line at the end
+        for n, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), start=1):
+            try:
+                self.done.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(f"{self.path}:{n}: not a result record; refusing to append to this file") from None
+        if len(complete) < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(len(complete))
+
+    def write(self, obj: dict) -> None:
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", encoding="utf-8")
+        self.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.done.add(obj["id"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+# ---------------------------------------------------------------------- running
+
+
+@dataclass
+class JobSummary:
+    records: int = 0
+    skipped: int = 0  # already in the output file
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    token_slots: int = 0  # rows x width of every step: what the padded attention layout held
+    useful_slots: int = 0  # of those, the tokens a record needed
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1 - self.useful_slots / self.token_slots if self.token_slots else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.records} records ({self.skipped} already done), {self.prompt_tokens} prompt tokens, "
+            f"{self.generated_tokens} generated tokens in {self.seconds:.1f} s: "
+            f"{self.tokens_per_s:.1f} tokens/s, {self.records / max(self.seconds, 1e-9):.2f} records/s, "
+            f"{self.steps} steps, padding {100 * self.padding_fraction:.1f}%"
+        )
+
+
+@dataclass
+class _Row:
+    record: Record
+    fed: int = 0  # prompt tokens in the cache
+    cached: int = 0  # all tokens in the cache
+    out: list[int] = field(default_factory=list)
+
+
+def run_batch(model, records: list[Record], results: ResultFile | None, batch_size: int,
+              sampling: Sampling = Sampling(), eos_ids: tuple[int, ...] = (), tokenizer=None,
+              schedule: str = "dynamic", progress: bool = True) -> JobSummary:
+    """Run every record not yet in ``results``; ``results`` is None on ranks that do not write."""
+    done = results.done if results is not None else set()
+    todo = [r for r in records if r.id not in done]
+    summary = JobSummary(records=len(todo), skipped=len(records) - len(todo))
+    summary.prompt_tokens = sum(len(r.prompt_ids) for r in todo)
+    bar = tqdm(total=len(todo), unit="prompt", desc="batch", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+
+    def finish(record: Record, tokens: list[int], reason: str) -> None:
+        summary.generated_tokens += len(tokens)
+        if results is not None:
+            out = {"id": record.id, "output_ids": tokens, "prompt_tokens": len(record.prompt_ids),
+                   "output_tokens": len(tokens), "finish_reason": reason}
+            if tokenizer is not None:
+                out["text"] = tokenizer.decode(tokens)
+            results.write(out)
+        bar.update(1)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"{summary.generated_tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
+
+    try:
+        if todo:
+            run = _run_dynamic if schedule == "dynamic" else _run_fifo
+            run(model, todo, batch_size, sampling, eos_ids, finish, summary)
+    finally:
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _finish_reason(row: _Row, eos_ids, max_seq_len: int) -> str | None:
+    if row.out[-1] in eos_ids:
+        return "eos"
+    if len(row.out) >= row.record.max_new_tokens or row.cached + 1 > max_seq_len:
+        return "length"
+    return None
+
+
+def _run_dynamic(model, todo, batch_size, sampling, eos_ids, finish, summary) -> None:
+    queue = sorted(todo, key=lambda r: len(r.prompt_ids) + r.max_new_tokens)  # pop() takes the longest
+    rows: list[_Row | None] = [None] * min(batch_size, model.max_batch)
+    generator = sampling.generator(model.device)
+    while queue or any(rows):
+        for i, row in enumerate(rows):
+            if row is None and queue:
+                rows[i] = _Row(queue.pop())
+        active = max(i for i, r in enumerate(rows) if r is not None) + 1
+        width = max(model.max_step_tokens // active, 1)
+        new_tokens = [_next_tokens(r, width) for r in rows[:active]]
+        logits = model.step(new_tokens, [r.cached if r else 0 for r in rows[:active]])
+        summary.steps += 1
+        summary.token_slots += active * max(map(len, new_tokens))
+        summary.useful_slots += sum(map(len, new_tokens))
+        for r, tokens in zip(rows, new_tokens):
+            if r is not None:
+                r.cached += len(tokens)
+                r.fed += len(tokens) if r.fed < len(r.record.prompt_ids) else 0
+        ready = [i for i, r in enumerate(rows[:active]) if r is not None and r.fed == len(r.record.prompt_ids)]
+        if not ready:
+            continue
+        ids = _sample_rows(model, logits, ready, sampling, generator)
+        for i, token in zip(ready, ids):
+            row = rows[i]
+            row.out.append(token)
+            reason = _finish_reason(row, eos_ids, model.max_seq_len)
+            if reason is not None:
+                finish(row.record, row.out, reason)
+                rows[i] = None
+
+
+def _next_tokens(row: _Row | None, width: int) -> list[int]:
+    if row is None:
+        return []
+    prompt = row.record.prompt_ids
+    if row.fed < len(prompt):
+        return prompt[row.fed : row.fed + width]
+    return [row.out[-1]]
+
+
+def _sample_rows(model, logits, rows: list[int], sampling: Sampling, generator) -> list[int]:
+    picked = logits[torch.tensor(rows, device=logits.device)]
+    ids = sample(picked, sampling, generator)
+    if sampling.do_sample and model.tp.size > 1:  # all ranks continue with rank 0's tokens
+        dist.broadcast(ids, src=dist.get_global_rank(model.tp.group, 0), group=model.tp.group)
+    return ids.tolist()
+
+
+def _run_fifo(model, todo, batch_size, sampling, eos_ids, finish, summary) -> None:
+    size = min(batch_size, model.max_batch)
+    for k in range(0, len(todo), size):
+        batch = todo[k : k + size]
+        result = generate(model, [r.prompt_ids for r in batch], max(r.max_new_tokens for r in batch),
+                          sampling, eos_ids)
+        longest = max(len(r.prompt_ids) for r in batch)
+        summary.steps += -(-longest // max(model.max_step_tokens // len(batch), 1)) + result.decode_steps
+        summary.token_slots += len(batch) * (longest + result.decode_steps)
+        for record, tokens, reason in zip(batch, result.tokens, result.finish_reasons):
+            if len(tokens) > record.max_new_tokens:
+                tokens, reason = tokens[: record.max_new_tokens], "length"
+            summary.useful_slots += len(record.prompt_ids) + len(tokens) - 1
+            finish(record, tokens, reason)

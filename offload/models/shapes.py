@@ -1,0 +1,55 @@
+"""Named model shapes: the ``config.json`` of real models, for checkpoints of random weights.
+
+``make_checkpoint.py --shape llama-2-13b`` and ``bench_offload.py --shape llama-2-13b``
+use these, so tests and benchmarks run real shapes without downloads.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+
+def _llama(vocab, hidden, inter, layers, heads, kv_heads, max_pos, theta=10000.0, eps=1e-5, **extra):
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "max_position_embeddings": max_pos, "rope_theta": theta, "rms_norm_eps": eps,
+        "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        **extra,
+    }
+
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+
+SHAPES: dict[str, dict] = {
+    # A few MB: the demo and CI. Grouped-query attention, and every size divisible by 2 and 4.
+    "tiny": _llama(1024, 128, 352, 8, 4, 2, 512),
+    "llama-2-7b": _llama(32000, 4096, 11008, 32, 32, 32, 4096),
+    "llama-2-13b": _llama(32000, 5120, 13824, 40, 40, 40, 4096),
+    "llama-2-70b": _llama(32000, 8192, 28672, 80, 64, 8, 4096),
+    "llama-3-8b": _llama(128256, 4096, 14336, 32, 32, 8, 8192, theta=500000.0,
+                         bos_token_id=128000, eos_token_id=128001),
+    "llama-3-70b": _llama(128256, 8192, 28672, 80, 64, 8, 8192, theta=500000.0,
+                          bos_token_id=128000, eos_token_id=128001),
+    "llama-3.1-8b": _llama(128256, 4096, 14336, 32, 32, 8, 131072, theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+                           bos_token_id=128000, eos_token_id=128001),
+    "mistral-7b": {
+        **_llama(32000, 4096, 14336, 32, 32, 8, 32768, eps=1e-5),
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096,
+    },
+    "qwen2-7b": {
+        **_llama(152064, 3584, 18944, 28, 28, 4, 32768, theta=1000000.0, eps=1e-6),
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attention_bias": True,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28,
+        "bos_token_id": 151643, "eos_token_id": 151643,
+    },
+}
+
+
+def shape_config(name: str) -> dict:
+    """The HF ``config.json`` contents of a named shape."""
+    if name not in SHAPES:
+        raise ConfigError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
+    return dict(SHAPES[name])

@@ -1,0 +1,16 @@
+#!/usr/bin/env python3
+"""Run a model larger than the GPU: one prompt, or a JSONL batch file. See ``--help``.
+
+With no arguments it runs a small built-in model (random weights) under a
+memory budget that forces half of its layers to stream from host memory.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from offload.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

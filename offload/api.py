@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .errors import BudgetError, InputError
+from .errors import BudgetError, InputError, PlanError
 from .generation import GenerationResult, Sampling, generate
 from .memory.budget import Budget
 from .memory.links import link_bandwidths, peer_is_direct
@@ -284,8 +284,14 @@ def _setup(model, device, dtype, gpu_memory, cpu_memory, peer_memory, max_batch,
         bandwidth = {**link_bandwidths(device, peers, tp, budget.gpu_memory // 8), **bandwidth}
     title = f" (rank {tp.rank} of {tp.size})" if tp.size > 1 else ""
     indirect = tuple(p for p in peers if not peer_is_direct(device, p))
-    plan = make_plan(needs, budget, bandwidth, str(device), slots, offload_requested, indirect, title)
-    plans = tp.gather_objects(plan)
+    try:
+        plan = make_plan(needs, budget, bandwidth, str(device), slots, offload_requested, indirect, title)
+    except PlanError as e:
+        plan = e
+    plans = tp.gather_objects(plan)  # every rank learns of a rank whose budget does not fit, none waits
+    failed = [str(p) for p in plans if isinstance(p, PlanError)]
+    if failed:
+        raise PlanError("; ".join(failed))
     return _Setup(config, tp, device, dtype, layout, globals_, plan, plans, max_batch, max_seq_len, max_step_tokens)
 
 

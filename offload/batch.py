@@ -288,13 +288,10 @@ def _run_fifo(model, todo, batch_size, sampling, eos_ids, finish, summary) -> No
     size = min(batch_size, model.max_batch)
     for k in range(0, len(todo), size):
         batch = todo[k : k + size]
-        result = generate(model, [r.prompt_ids for r in batch], max(r.max_new_tokens for r in batch),
-                          sampling, eos_ids)
+        result = generate(model, [r.prompt_ids for r in batch], [r.max_new_tokens for r in batch], sampling, eos_ids)
         longest = max(len(r.prompt_ids) for r in batch)
         summary.steps += -(-longest // max(model.max_step_tokens // len(batch), 1)) + result.decode_steps
         summary.token_slots += len(batch) * (longest + result.decode_steps)
         for record, tokens, reason in zip(batch, result.tokens, result.finish_reasons):
-            if len(tokens) > record.max_new_tokens:
-                tokens, reason = tokens[: record.max_new_tokens], "length"
             summary.useful_slots += len(record.prompt_ids) + len(tokens) - 1
             finish(record, tokens, reason)

@@ -85,7 +85,7 @@ class GenerationResult:
         return 1e3 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
 
 
-def check_prompts(prompts: list[list[int]], max_new_tokens: int, vocab_size: int, max_seq_len: int,
+def check_prompts(prompts: list[list[int]], max_new_tokens: list[int], vocab_size: int, max_seq_len: int,
                   max_batch: int) -> None:
     if not prompts:
         raise InputError("no prompts given")
@@ -94,24 +94,26 @@ def check_prompts(prompts: list[list[int]], max_new_tokens: int, vocab_size: int
             f"{len(prompts)} prompts but the KV cache holds max_batch={max_batch} rows; "
             f"load the model with max_batch={len(prompts)} or more"
         )
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    for b, prompt in enumerate(prompts):
+    for b, (prompt, new) in enumerate(zip(prompts, max_new_tokens)):
+        if new < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {new}")
         if not prompt:
             raise InputError(f"prompt {b} is empty")
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
             raise InputError(f"prompt {b}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-        if len(prompt) + max_new_tokens > max_seq_len:
+        if len(prompt) + new > max_seq_len:
             raise InputError(
-                f"prompt {b}: {len(prompt)} tokens + {max_new_tokens} new tokens exceed the context of "
+                f"prompt {b}: {len(prompt)} tokens + {new} new tokens exceed the context of "
                 f"{max_seq_len} tokens (max_seq_len)"
             )
 
 
-def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int], sampling: Sampling = Sampling(),
              eos_ids: tuple[int, ...] = ()) -> GenerationResult:
-    """Generate up to ``max_new_tokens`` for each prompt with ``model`` (an ``OffloadedModel``)."""
+    """Generate up to ``max_new_tokens`` (one limit, or one per prompt) with ``model`` (an ``OffloadedModel``)."""
+    if isinstance(max_new_tokens, int):
+        max_new_tokens = [max_new_tokens] * len(prompts)
     check_prompts(prompts, max_new_tokens, model.config.vocab_size, model.max_seq_len, model.max_batch)
     batch, generator = len(prompts), sampling.generator(model.device)
     result = GenerationResult([[] for _ in prompts], ["length"] * batch, sum(map(len, prompts)))
@@ -133,7 +135,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
                 result.tokens[b].append(ids[b])
                 if ids[b] in eos_ids:
                     running[b], result.finish_reasons[b] = False, "eos"
-                elif len(result.tokens[b]) == max_new_tokens:
+                elif len(result.tokens[b]) == max_new_tokens[b]:
                     running[b] = False
         if not any(running):
             break

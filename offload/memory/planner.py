@@ -139,7 +139,7 @@ def format_plans(plans: list[Plan]) -> str:
     if len(plans) == 1:
         return str(plans[0])
     host = sum(p.host_bytes for p in plans)
-    head = (f"tensor parallel over {len(plans)} ranks: {format_size(host)} pinned on the host in all, "
+    head = (f"tensor parallel over {len(plans)} ranks: {format_size(host)} on the host tier in all, "
             f"predicted decode step {max(p.predicted_step_seconds for p in plans) * 1e3:.1f} ms")
     return "\n".join([head, *map(str, plans)])
 
@@ -156,10 +156,10 @@ def make_plan(
 ) -> Plan:
     """Place every layer, or raise :class:`PlanError` naming the bytes needed and available."""
     n, block = needs.n_layers, needs.block_bytes
-    gpu = budget.gpu_memory
+    gpu, where = budget.gpu_memory, f"{compute_device}{title}"
     if needs.fixed_bytes > gpu:
         raise PlanError(
-            f"the budget of {compute_device} ({format_size(gpu)}) cannot hold what must stay there: "
+            f"the budget of {where} ({format_size(gpu)}) cannot hold what must stay there: "
             f"{_fixed_parts(needs)} = {format_size(needs.fixed_bytes)}; raise --gpu-memory, "
             "or lower --max-batch / --max-seq-len"
         )
@@ -171,23 +171,19 @@ def make_plan(
         return _emit(result)
 
     k = min(slots or DEFAULT_SLOTS, n)
-    while True:
-        resident = (gpu - needs.fixed_bytes - k * block) // block
-        if resident < 0:
-            raise PlanError(
-                f"the budget of {compute_device} ({format_size(gpu)}) cannot hold {_fixed_parts(needs)} "
-                f"plus {k} slot(s) of {format_size(block)} for streamed layers "
-                f"(= {format_size(needs.fixed_bytes + k * block)}); raise --gpu-memory"
-            )
-        if n - resident >= k:
-            break
-        k = n - resident  # more slots than streamed layers would hold nothing
+    resident = (gpu - needs.fixed_bytes - k * block) // block  # at most n - k - 1: the model does not fit
+    if resident < 0:
+        raise PlanError(
+            f"the budget of {where} ({format_size(gpu)}) cannot hold {_fixed_parts(needs)} "
+            f"plus {k} slot(s) of {format_size(block)} for streamed layers "
+            f"(= {format_size(needs.fixed_bytes + k * block)}); raise --gpu-memory"
+        )
     streamed = _share_links(n - resident, block, budget, bandwidth)
     if sum(streamed.values()) < n - resident:
         missing = n - resident - sum(streamed.values())
         held = ", ".join(f"{t} {c}" for t, c in {RESIDENT: resident, **streamed}.items())
         raise PlanError(
-            f"the model does not fit: {n} layers x {format_size(block)} = {format_size(n * block)}; "
+            f"the model does not fit{title}: {n} layers x {format_size(block)} = {format_size(n * block)}; "
             f"the budgets hold {held} layers, leaving {missing} layer(s) ({format_size(missing * block)}) "
             "with nowhere to go; raise --cpu-memory or add --peer-memory"
         )

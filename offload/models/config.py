@@ -37,6 +37,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False  # Llama's attention_bias also biases o_proj; Qwen2's qkv bias does not
     # One entry per layer: the sliding attention window, or None for full attention.
     sliding_windows: tuple[int | None, ...] = ()
     bos_token_id: int | None = None
@@ -58,6 +59,8 @@ class ModelConfig:
         per_layer = d * (self.q_dim + 2 * self.kv_dim) + self.q_dim * d + 3 * d * i + 2 * d
         if self.qkv_bias:
             per_layer += self.q_dim + 2 * self.kv_dim
+        if self.o_bias:
+            per_layer += d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.n_layers * per_layer + self.vocab_size * d + head + d
 
@@ -124,7 +127,8 @@ def config_from_dict(raw: dict, source: str = "config") -> ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=bool(raw.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
+            o_bias=arch != "Qwen2ForCausalLM" and bool(raw.get("attention_bias", False)),
         )
     except KeyError as e:
         raise ConfigError(f"{source}: missing field {e.args[0]!r}") from None

@@ -55,6 +55,7 @@ class LayerWeights:
     bq: torch.Tensor | None = None
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -123,6 +124,8 @@ def layer_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) ->
             ("bk", (kvd,), p + "self_attn.k_proj.bias", kv),
             ("bv", (kvd,), p + "self_attn.v_proj.bias", kv),
         ]
+    if config.o_bias:
+        entries.append(("bo", (d,), p + "self_attn.o_proj.bias", REPLICATED))
     entries += [
         ("wo", (d, qd), p + "self_attn.o_proj.weight", q_shard(config, tp, dim=1)),
         ("post_norm", (d,), p + "post_attention_layernorm.weight", REPLICATED),

@@ -112,7 +112,7 @@ class Transformer:
             step.heads(q), keys, values, attn_mask=mask, is_causal=step.causal and mask is None,
             scale=hd**-0.5, enable_gqa=mask is None and group > 1,
         )
-        return row_parallel_linear(step.from_heads(o), w.wo, self.tp)
+        return row_parallel_linear(step.from_heads(o), w.wo, self.tp, w.bo)
 
     def mlp(self, x, w: LayerWeights) -> torch.Tensor:
         gate = F.silu(column_parallel_linear(x, w.w_gate))

@@ -75,9 +75,13 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return F.linear(x, weight, bias)
 
 
-def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    """``x @ weight.T`` where ``weight`` holds this rank's input columns, summed over ranks."""
-    return tp.all_reduce(F.linear(x, weight))
+def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, tp: TensorParallel,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` where ``weight`` holds this rank's input columns, summed over ranks."""
+    if tp.size == 1:
+        return F.linear(x, weight, bias)
+    out = tp.all_reduce(F.linear(x, weight))
+    return out if bias is None else out + bias  # added once, after the sum
 
 
 def vocab_parallel_embedding(ids: torch.Tensor, table: torch.Tensor, vocab_start: int, tp: TensorParallel):

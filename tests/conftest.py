@@ -1,0 +1,88 @@
+"""Shared helpers: tiny transformers models with random weights, saved as checkpoint directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+CONVENTIONS = ("4.x", "5.x")
+
+_ARCH = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Re-initialise every parameter: matrices N(0, 0.05), 1-D norm weights N(1, 0.1), biases N(0, 0.05)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied parameters are listed once
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.05)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.05)
+            else:
+                p.normal_(1.0, 0.1)
+
+
+def rewrite_config(directory: Path, convention: str) -> dict:
+    """Rewrite ``config.json`` in the transformers 4.x (``rope_theta`` + ``rope_scaling``) or 5.x
+    (``rope_parameters``) convention; returns the written dict."""
+    path = directory / "config.json"
+    raw = json.loads(path.read_text())
+    params = raw.pop("rope_parameters", None)
+    raw.pop("rope_theta", None)
+    raw.pop("rope_scaling", None)
+    assert params is not None, "transformers 5.x is expected to write rope_parameters"
+    params = dict(params)
+    if convention == "5.x":
+        raw["rope_parameters"] = params
+    elif convention == "4.x":
+        raw["rope_theta"] = params.pop("rope_theta")
+        rope_type = params.pop("rope_type", "default")
+        if rope_type != "default":
+            raw["rope_scaling"] = {"rope_type": rope_type, **params}
+    else:
+        raise ValueError(convention)
+    path.write_text(json.dumps(raw, indent=2))
+    return raw
+
+
+def write_hf_checkpoint(directory, arch: str, convention: str = "5.x", seed: int = 0, **config_kwargs):
+    """Build a ``transformers`` model of ``arch`` from ``config_kwargs``, give it random weights,
+    ``save_pretrained`` it (safetensors) into ``directory`` and rewrite its config.json in ``convention``.
+
+    Returns ``(hf_model in eval mode, directory)``.
+    """
+    config_cls, model_cls = _ARCH[arch]
+    config = config_cls(**config_kwargs)
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32)
+    randomize_(model, seed)
+    model.eval()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    assert (directory / "model.safetensors").is_file()
+    rewrite_config(directory, convention)
+    return model, directory
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """``make(key, arch, convention, seed=0, **config_kwargs)``: write (once per session) and return (hf, dir)."""
+    cache: dict = {}
+
+    def make(key: str, arch: str, convention: str = "5.x", seed: int = 0, **config_kwargs):
+        if (key, convention) not in cache:
+            directory = tmp_path_factory.mktemp(f"{key}-{convention}")
+            cache[key, convention] = write_hf_checkpoint(directory, arch, convention, seed, **config_kwargs)
+        return cache[key, convention]
+
+    return make

@@ -1,0 +1,208 @@
+"""Bad checkpoints make ``load_model`` raise an ``OffloadError`` that names the file or tensor at fault."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import offload
+from offload.errors import CheckpointError, ConfigError
+
+CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def good(checkpoint_factory):
+    return checkpoint_factory("errors-llama", "llama", "5.x", seed=3, **CONFIG)
+
+
+@pytest.fixture
+def broken(good, tmp_path):
+    """A fresh copy of the good checkpoint to break."""
+    hf, directory = good
+    dst = tmp_path / "ckpt"
+    shutil.copytree(directory, dst)
+    return dst
+
+
+def _load(path):
+    return offload.load_model(path, dtype=torch.float32, progress=False, max_batch=1, max_seq_len=32)
+
+
+def _raises(path, error, *fragments):
+    with pytest.raises(error) as info:
+        _load(path)
+    assert isinstance(info.value, offload.OffloadError)
+    message = str(info.value)
+    for fragment in fragments:
+        assert str(fragment) in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def test_offload_error_is_exported():
+    from offload.errors import OffloadError
+
+    assert offload.OffloadError is OffloadError
+    assert issubclass(CheckpointError, OffloadError) and issubclass(ConfigError, OffloadError)
+
+
+def test_good_checkpoint_loads(good):
+    hf, directory = good
+    ids = torch.arange(3, 19)[None]
+    with _load(directory) as model:
+        with torch.no_grad():
+            assert (model(ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
+def test_missing_directory(tmp_path):
+    _raises(tmp_path / "nowhere", ConfigError, "nowhere", "does not exist")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _raises(tmp_path / "empty", ConfigError, "config.json", "empty")
+
+
+def test_config_not_json(broken):
+    (broken / "config.json").write_text("{ this is not json")
+    _raises(broken, ConfigError, "config.json", "JSON")
+
+
+def test_unknown_architecture(broken):
+    raw = json.loads((broken / "config.json").read_text())
+    raw["architectures"], raw["model_type"] = ["GPT2LMHeadModel"], "gpt2"
+    (broken / "config.json").write_text(json.dumps(raw))
+    _raises(broken, ConfigError, "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def test_truncated_safetensors(broken):
+    file = broken / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    _raises(broken, CheckpointError, "model.safetensors")
+
+
+def test_garbage_safetensors(broken):
+    file = broken / "model.safetensors"
+    size = file.stat().st_size
+    file.write_bytes(os.urandom(size))
+    _raises(broken, CheckpointError, "model.safetensors")
+
+
+def test_garbage_header_safetensors(broken):
+    """A plausible header length followed by bytes that are not JSON."""
+    file = broken / "model.safetensors"
+    file.write_bytes((64).to_bytes(8, "little") + b"\xff" * 64 + b"\0" * 1024)
+    _raises(broken, CheckpointError, "model.safetensors")
+
+
+def test_no_safetensors_files(broken):
+    (broken / "model.safetensors").unlink()
+    _raises(broken, CheckpointError, "safetensors", str(broken))
+
+
+def test_missing_tensor(broken):
+    file = broken / "model.safetensors"
+    tensors = load_file(file)
+    name = "model.layers.1.self_attn.v_proj.weight"
+    del tensors[name]
+    save_file(tensors, file, metadata={"format": "pt"})
+    _raises(broken, CheckpointError, name)
+
+
+def test_missing_global_tensor(broken):
+    file = broken / "model.safetensors"
+    tensors = load_file(file)
+    del tensors["lm_head.weight"]
+    save_file(tensors, file, metadata={"format": "pt"})
+    _raises(broken, CheckpointError, "lm_head.weight")
+
+
+def test_wrong_shape(broken):
+    file = broken / "model.safetensors"
+    tensors = load_file(file)
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = tensors[name][:100].contiguous()
+    save_file(tensors, file, metadata={"format": "pt"})
+    message = _raises(broken, CheckpointError, name, "model.safetensors")
+    assert "100" in message and "128" in message
+
+
+def _shard(directory, split_at="model.layers.1."):
+    """Rewrite the checkpoint as two shards plus an index; returns the weight map."""
+    single = directory / "model.safetensors"
+    tensors = load_file(single)
+    single.unlink()
+    first = {k: v for k, v in tensors.items() if not k.startswith(split_at) and k != "lm_head.weight"}
+    second = {k: v for k, v in tensors.items() if k not in first}
+    assert first and second
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_file(first, directory / names[0], metadata={"format": "pt"})
+    save_file(second, directory / names[1], metadata={"format": "pt"})
+    weight_map = {**{k: names[0] for k in first}, **{k: names[1] for k in second}}
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return weight_map
+
+
+def test_sharded_checkpoint_matches_single_file(good, broken):
+    _, directory = good
+    _shard(broken)
+    assert not (broken / "model.safetensors").exists()
+    ids = torch.arange(5, 30)[None]
+    with _load(directory) as single, _load(broken) as sharded:
+        assert torch.equal(sharded(ids), single(ids))
+        assert torch.equal(sharded.generate(ids, max_new_tokens=5, ignore_eos=True),
+                           single.generate(ids, max_new_tokens=5, ignore_eos=True))
+
+
+def test_sharded_checkpoint_offloaded_matches_single_file(good, broken):
+    """Shards read straight into host blocks give the same logits as well."""
+    _, directory = good
+    _shard(broken)
+    ids = torch.arange(5, 30)[None]
+    with _load(directory) as single:
+        expected = single(ids)
+        needs = single.plan.needs
+    model = offload.load_model(broken, dtype=torch.float32, progress=False, max_batch=1, max_seq_len=32,
+                               gpu_memory=needs.fixed_bytes + needs.block_bytes, cpu_memory="1GiB", slots=1)
+    with model:
+        assert model.plan.placement == ["host", "host"] and model.plan.slots == 1
+        assert torch.equal(model(ids), expected)
+
+
+def test_index_lists_missing_shard(broken):
+    _shard(broken)
+    (broken / "model-00002-of-00002.safetensors").unlink()
+    _raises(broken, CheckpointError, "model-00002-of-00002.safetensors", "model.safetensors.index.json")
+
+
+def test_index_misses_a_tensor(broken):
+    weight_map = _shard(broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.norm.weight"]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "model.norm.weight" in weight_map
+    _raises(broken, CheckpointError, "model.norm.weight")
+
+
+def test_index_points_to_wrong_shard(broken):
+    _shard(broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    index["weight_map"][name] = "model-00002-of-00002.safetensors"  # it is in the first shard
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    _raises(broken, CheckpointError, name, "model-00002-of-00002.safetensors")
+
+
+def test_index_not_json(broken):
+    _shard(broken)
+    (broken / "model.safetensors.index.json").write_text("not json")
+    _raises(broken, CheckpointError, "model.safetensors.index.json")

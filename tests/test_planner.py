@@ -1,0 +1,110 @@
+import warnings
+
+import pytest
+
+import offload
+from offload import Budget, OffloadWarning, PlanError
+from offload.memory.planner import MemoryNeeds, make_plan
+from offload.models.shapes import shape_config
+
+GB = 10**9
+BW = {"host": 50 * GB, "hbm": 4000 * GB, "cuda:1": 400 * GB}
+
+
+def needs(n_layers=40, block=GB, kv=GB // 2, **kw):
+    return MemoryNeeds(n_layers=n_layers, block_bytes=block, global_bytes=GB // 2, kv_bytes=kv,
+                       activation_bytes=GB // 4, workspace_bytes=GB // 4, **kw)
+
+
+def plan(need, gpu, cpu=100 * GB, peers=None, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make_plan(need, Budget(gpu, cpu, peers or {}), BW, "cuda:0", **kw)
+
+
+def test_everything_fits_resident_and_warns_when_offload_was_asked_for():
+    need = needs()
+    p = plan(need, gpu=need.fixed_bytes + 40 * GB)
+    assert p.placement == ["resident"] * 40 and p.slots == 0
+    with pytest.warns(OffloadWarning, match="nothing is offloaded"):
+        make_plan(need, Budget(need.fixed_bytes + 40 * GB, 100 * GB, {}), BW, "cuda:0", offload_requested=True)
+
+
+def test_layers_that_do_not_fit_go_to_the_host_spread_between_resident_ones():
+    need = needs()
+    p = plan(need, gpu=need.fixed_bytes + 12 * GB)  # 10 resident + 2 slots
+    assert p.placement.count("resident") == 10 and p.placement.count("host") == 30 and p.slots == 2
+    assert p.gpu_bytes == need.fixed_bytes + 12 * GB
+    assert p.host_bytes == 30 * GB
+    resident = p.layers_on("resident")
+    assert max(b - a for a, b in zip(resident, resident[1:])) <= 5  # interleaved, not bunched up
+    assert p.bottleneck == "host"
+    assert p.predicted_step_seconds == pytest.approx(30 * GB / BW["host"])
+
+
+def test_kv_reservation_takes_the_place_of_layers():
+    small, large = needs(kv=GB), needs(kv=5 * GB)
+    budget = small.fixed_bytes + 20 * GB
+    assert plan(large, budget).placement.count("resident") == plan(small, budget).placement.count("resident") - 4
+
+
+def test_peers_and_host_share_the_streamed_layers_by_bandwidth():
+    need = needs()
+    p = plan(need, gpu=need.fixed_bytes + 2 * GB, peers={"cuda:1": 100 * GB})
+    peer, host = p.placement.count("cuda:1"), p.placement.count("host")
+    assert peer + host == 40 and peer > host > 0
+    seconds = p.link_seconds()
+    assert abs(seconds["host"] - seconds["cuda:1"]) <= GB / BW["host"]  # the links finish together
+    assert "1" in p.layer_map() and "H" in p.layer_map()
+
+
+def test_refuses_when_fixed_parts_do_not_fit_and_says_how_much():
+    need = needs(kv=30 * GB)
+    with pytest.raises(PlanError) as e:
+        plan(need, gpu=8 * 2**30)
+    assert "KV cache 27.94 GiB" in str(e.value) and "8.00 GiB" in str(e.value)
+
+
+def test_refuses_when_layers_fit_nowhere_naming_bytes():
+    need = needs()
+    with pytest.raises(PlanError) as e:
+        plan(need, gpu=need.fixed_bytes + 12 * GB, cpu=5 * GB)
+    message = str(e.value)
+    assert "40 layers" in message and "25 layer(s)" in message and "--cpu-memory" in message
+
+
+def test_refuses_when_slots_do_not_fit():
+    need = needs()
+    with pytest.raises(PlanError, match="slot"):
+        plan(need, gpu=need.fixed_bytes + GB)
+
+
+def test_warns_when_link_bound_by_far():
+    need = needs()
+    with pytest.warns(OffloadWarning, match="bound by the host link"):
+        make_plan(need, Budget(need.fixed_bytes + 12 * GB, 100 * GB, {}), BW, "cuda:0")
+
+
+def test_more_slots_take_the_place_of_resident_layers():
+    need = needs()
+    budget = need.fixed_bytes + 12 * GB
+    assert plan(need, budget, slots=4).placement.count("resident") == 8
+    assert plan(need, budget, slots=4).slots == 4
+
+
+def test_plan_is_printable_with_every_number():
+    need = needs(max_batch=2, max_seq_len=512)
+    text = str(plan(need, gpu=need.fixed_bytes + 12 * GB, peers={"cuda:1": 5 * GB}))
+    for piece in ["resident", "host", "cuda:1", "KV cache", "2 x 512 tokens", "predicted decode step", "slot"]:
+        assert piece in text
+
+
+def test_plan_model_reads_only_the_config(tmp_path):
+    """--plan must work without reading weights: a directory with only config.json plans fine."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(shape_config("llama-2-13b")))
+    p = offload.plan_model(tmp_path, dtype="bf16", gpu_memory="8GiB", cpu_memory="64GiB", max_seq_len=256,
+                           link_bandwidth={"host": 55e9, "hbm": 4e12})
+    assert p.placement.count("host") > 20 and p.placement.count("resident") > 0
+    assert p.needs.block_bytes == 2 * (5120 * (4 * 5120) + 3 * 5120 * 13824 + 2 * 5120)

@@ -1,0 +1,96 @@
+"""Tensor parallelism on CPU: gloo processes, offloading active on every rank."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import offload
+from offload.models.checkpoint import write_checkpoint
+from offload.models.shapes import shape_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return write_checkpoint(shape_config("tiny"), tmp_path_factory.mktemp("tiny"), torch.float32, seed=3,
+                            device="cpu", progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, path, ids, kwargs, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        model = offload.load_model(path, tp=world, progress=False, **kwargs)
+        logits = model(ids)
+        tokens = model.generate(ids, max_new_tokens=8, ignore_eos=True)
+        out[rank] = (logits, tokens, model.plan.placement, model.plan.host_bytes)
+    except offload.OffloadError as e:
+        out[rank] = str(e)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_tp(world, path, ids, **kwargs):
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank_main, args=(world, _free_port(), str(path), ids, kwargs, out), nprocs=world)
+        return [out[r] for r in range(world)]
+
+
+def _budget_streaming_everything(path, tp):
+    """A budget per rank with room for the fixed parts and 2 slots only: every layer streams from the host."""
+    needs = offload.plan_model(path, max_batch=2, max_seq_len=48).needs
+    per_rank_block = needs.block_bytes // tp
+    return needs.fixed_bytes + 2 * needs.block_bytes // tp + per_rank_block // 2
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp_matches_tp1_with_offloading_on_every_rank(tiny_checkpoint, world):
+    ids = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_batch=2, max_seq_len=48, cpu_memory="1GiB")
+    single = offload.load_model(tiny_checkpoint, progress=False, gpu_memory=_budget_streaming_everything(
+        tiny_checkpoint, 1), **kwargs)
+    want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)
+    assert set(single.plan.placement) == {"host"}
+    results = run_tp(world, tiny_checkpoint, ids, gpu_memory=_budget_streaming_everything(tiny_checkpoint, world),
+                     **kwargs)
+    for rank, result in enumerate(results):
+        assert not isinstance(result, str), result
+        logits, tokens, placement, host_bytes = result
+        assert "host" in placement, f"rank {rank} streams nothing"
+        assert (logits - want_logits).abs().max().item() <= 1e-4
+        assert torch.equal(tokens, want_tokens)
+        # A rank's host tier holds 1/world of each streamed layer, plus what is replicated: the norms, and at
+        # world=4 the key/value heads (the tiny shape has 2, so pairs of ranks hold the same one): +9%.
+        per_layer, single_per_layer = host_bytes / placement.count("host"), single.plan.needs.block_bytes
+        assert single_per_layer / world <= per_layer <= (1.01 if world == 2 else 1.10) * single_per_layer / world
+
+
+def test_budget_too_small_names_the_rank(tiny_checkpoint):
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    results = run_tp(2, tiny_checkpoint, ids, gpu_memory="100KiB", cpu_memory="1GiB")
+    for message in results:
+        assert isinstance(message, str)
+        assert "rank 0 of 2" in message and "rank 1 of 2" in message
+
+
+def test_heads_not_divisible_by_tp(tiny_checkpoint):
+    with pytest.raises(offload.ConfigError, match="not divisible by tp=3"):
+        offload.load_model(tiny_checkpoint, tp=3, progress=False)
+
+
+def test_tp_without_torchrun_is_refused(tiny_checkpoint, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(offload.OffloadError, match="torchrun"):
+        offload.load_model(tiny_checkpoint, tp=2, progress=False)

@@ -26,7 +26,7 @@ from . import plan_model
 from .api import load_model
 from .batch import ResultFile, check_context, read_records, run_batch
 from .errors import InputError, OffloadError, OffloadWarning, PlanError
-from .generation import Sampling
+from .generation import Sampling, check_prompts
 from .memory.budget import parse_peer_flag
 from .memory.links import cache_path
 from .memory.planner import format_plans
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spare memory of another GPU, e.g. cuda:1=40GiB (repeatable)")
     p.add_argument("--max-batch", type=int, help="KV cache rows (default 1; batch jobs: --batch-size)")
     p.add_argument("--max-seq-len", type=int, help="KV cache length per row (default: what the prompts need)")
-    p.add_argument("--max-step-tokens", type=int, help="most tokens per forward pass (default: max(2048, max-seq-len))")
+    p.add_argument("--max-step-tokens", type=int,
+                   help="most tokens per forward pass (default: --max-seq-len; batch jobs: at least 2048)")
     p.add_argument("--slots", type=int, help="streaming slots on the GPU (default 2)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--batch-size", default="auto", help="batch job rows: a number, or auto (default)")
@@ -116,12 +117,13 @@ def _main(args) -> int:
         args.max_seq_len = args.max_seq_len or max(len(r.prompt_ids) + r.max_new_tokens for r in records)
         check_context(records, args.max_seq_len)
         args.max_batch = _batch_size(args, max(len([r for r in records if r.id not in done]), 1))
-    else:
+    elif not (args.plan and args.prompt is None and args.prompt_ids is None):  # --plan needs no prompt
         prompt = _single_prompt(args, tokenizer, demo)
         args.max_seq_len = args.max_seq_len or len(prompt) + args.max_new_tokens
         if len(prompt) + args.max_new_tokens > args.max_seq_len:
             raise InputError(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} "
                              f"exceeds --max-seq-len {args.max_seq_len}")
+        check_prompts([prompt], [args.max_new_tokens], config.vocab_size, args.max_seq_len, 1)
     if demo and args.gpu_memory is None:
         _demo_budget(args, say)
 
@@ -204,8 +206,16 @@ def _model_kwargs(args) -> dict:
     peers = dict(parse_peer_flag(p) for p in args.peer_memory or [])
     return dict(device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
                 peer_memory=peers, max_batch=args.max_batch or 1, max_seq_len=args.max_seq_len,
-                max_step_tokens=args.max_step_tokens or max(2048, args.max_seq_len or 0),
+                max_step_tokens=args.max_step_tokens or _default_step_tokens(args),
                 tp=args.tp, slots=args.slots)
+
+
+def _default_step_tokens(args) -> int | None:
+    """One step holds a whole prompt; a batch job's steps hold at least 2048 tokens, so that rows joining
+    the batch read their prompts in few steps (each step streams every weight once)."""
+    if args.prompts:
+        return max(2048, args.max_seq_len or 0)
+    return args.max_seq_len
 
 
 def _batch_size(args, records: int) -> int:

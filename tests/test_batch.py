@@ -1,0 +1,140 @@
+"""Batch jobs: input checked up front, output durable across SIGKILL, results equal single-prompt runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import offload
+from offload.batch import ResultFile, read_records, run_batch
+from offload.cli import main
+from offload.models.checkpoint import write_checkpoint
+from offload.models.shapes import shape_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_checkpoint(shape_config("tiny"), tmp_path_factory.mktemp("tiny"), torch.float32, seed=7,
+                            device="cpu", progress=False)
+
+
+def write_prompts(path: Path, n: int, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    records = []
+    for i in range(n):
+        length = int(torch.randint(1, 40, (1,), generator=gen))
+        record = {"id": f"p{i}", "prompt_ids": torch.randint(0, 1024, (length,), generator=gen).tolist()}
+        if i % 4 == 0:
+            record["max_new_tokens"] = int(torch.randint(1, 12, (1,), generator=gen))
+        records.append(record)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def read_output(path: Path) -> dict:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    ids = [r["id"] for r in lines]
+    assert len(ids) == len(set(ids)), "an id was written twice"
+    return {r["id"]: r for r in lines}
+
+
+@pytest.mark.parametrize("line, words", [
+    ("{not json", "bad JSON"),
+    ('["a list"]', "expected a JSON object"),
+    ('{"prompt_ids": [1]}', "missing field 'id'"),
+    ('{"id": 1}', "exactly one of 'prompt' and 'prompt_ids'"),
+    ('{"id": 1, "prompt_ids": [1], "prompt": "x"}', "exactly one of"),
+    ('{"id": 1, "prompt_ids": ["a"]}', "list of integers"),
+    ('{"id": 1, "prompt_ids": []}', "empty"),
+    ('{"id": 1, "prompt_ids": [5000]}', "outside the vocabulary"),
+    ('{"id": 1, "prompt_ids": [1], "max_new_tokens": 0}', "positive integer"),
+    ('{"id": "a", "prompt_ids": [1]}', "duplicate id 'a'"),
+    ('{"id": 1, "prompt_ids": ' + json.dumps(list(range(600))) + "}", "exceed the context"),
+])
+def test_bad_input_is_refused_before_loading_naming_the_line(tiny, tmp_path, capsys, line, words):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text('{"id": "a", "prompt_ids": [1, 2]}\n' + line + "\n")
+    code = main(["--model", str(tiny), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl"),
+                 "--max-seq-len", "512"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"{prompts}:2:" in err or "line 2" in err, err
+    assert words in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_text_prompts_need_a_tokenizer(tiny, tmp_path):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "hello"}\n')
+    with pytest.raises(offload.InputError, match="no tokenizer"):
+        read_records(prompts, None, 8, 1024)
+
+
+def test_batch_greedy_outputs_equal_single_prompt_runs(tiny, tmp_path):
+    write_prompts(tmp_path / "in.jsonl", 12)
+    records = read_records(tmp_path / "in.jsonl", None, 6, 1024)
+    kw = dict(max_batch=5, max_seq_len=64, max_step_tokens=64)
+    needs = offload.plan_model(tiny, **kw).needs
+    model = offload.load_model(tiny, **kw, progress=False, cpu_memory="1GiB",
+                               gpu_memory=needs.fixed_bytes + 5 * needs.block_bytes)  # 3 layers + 2 slots
+    assert "host" in model.plan.placement
+    results = ResultFile(tmp_path / "out.jsonl")
+    summary = run_batch(model, records, results, batch_size=5, eos_ids=(2,), progress=False)
+    results.close()
+    assert summary.records == 12 and summary.generated_tokens > 0
+    got = read_output(tmp_path / "out.jsonl")
+    for r in records:
+        single = model.generate([r.prompt_ids], max_new_tokens=r.max_new_tokens, eos_token_id=2, return_result=True)
+        assert got[r.id]["output_ids"] == single.tokens[0], r.id
+        assert got[r.id]["finish_reason"] == single.finish_reasons[0]
+
+
+def test_fifo_and_dynamic_schedules_agree(tiny, tmp_path):
+    write_prompts(tmp_path / "in.jsonl", 10, seed=1)
+    outs = {}
+    for schedule in ("dynamic", "fifo"):
+        out = tmp_path / f"{schedule}.jsonl"
+        assert main(["--model", str(tiny), "--prompts", str(tmp_path / "in.jsonl"), "--output", str(out),
+                     "--batch-size", "3", "--schedule", schedule, "--max-new-tokens", "5", "--quiet"]) == 0
+        outs[schedule] = read_output(out)
+    assert outs["dynamic"] == outs["fifo"]
+
+
+def test_torn_last_line_is_cut_and_redone(tiny, tmp_path):
+    write_prompts(tmp_path / "in.jsonl", 6, seed=2)
+    args = ["--model", str(tiny), "--prompts", str(tmp_path / "in.jsonl"), "--max-new-tokens", "4", "--quiet"]
+    assert main([*args, "--output", str(tmp_path / "full.jsonl")]) == 0
+    full = (tmp_path / "full.jsonl").read_text()
+    cut = full.index("\n", full.index("\n") + 1) + 10  # two whole records and a torn third
+    (tmp_path / "part.jsonl").write_text(full[:cut])
+    assert main([*args, "--output", str(tmp_path / "part.jsonl")]) == 0
+    assert read_output(tmp_path / "part.jsonl") == read_output(tmp_path / "full.jsonl")
+
+
+def test_sigkill_then_rerun_leaves_every_id_once_with_uninterrupted_outputs(tiny, tmp_path):
+    write_prompts(tmp_path / "in.jsonl", 400, seed=3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "run_offloaded.py"), "--model", str(tiny), "--prompts",
+           str(tmp_path / "in.jsonl"), "--max-new-tokens", "12", "--batch-size", "4", "--quiet",
+           "--gpu-memory", "20MiB", "--cpu-memory", "1GiB"]
+    assert subprocess.run([*cmd, "--output", str(tmp_path / "full.jsonl")], env=env).returncode == 0
+
+    out = tmp_path / "killed.jsonl"
+    job = subprocess.Popen([*cmd, "--output", str(out)], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 40):
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    written = out.read_text().count("\n")
+    assert 0 < written < 400, "the kill did not land mid-run"
+    assert subprocess.run([*cmd, "--output", str(out)], env=env).returncode == 0
+    assert read_output(out) == read_output(tmp_path / "full.jsonl")

@@ -166,8 +166,8 @@ class JobSummary:
     generated_tokens: int = 0
     seconds: float = 0.0
     steps: int = 0
-    token_slots: int = 0  # rows x width of every step: what the padded attention layout held
-    useful_slots: int = 0  # of those, the tokens a record needed
+    computed_tokens: int = 0  # tokens run through the layers (linear layers never see padding)
+    useful_tokens: int = 0  # of those, the ones a record needed (not those of rows already finished)
 
     @property
     def tokens_per_s(self) -> float:
@@ -175,14 +175,15 @@ class JobSummary:
 
     @property
     def padding_fraction(self) -> float:
-        return 1 - self.useful_slots / self.token_slots if self.token_slots else 0.0
+        """The share of computed tokens that no record needed."""
+        return 1 - self.useful_tokens / self.computed_tokens if self.computed_tokens else 0.0
 
     def __str__(self) -> str:
         return (
             f"{self.records} records ({self.skipped} already done), {self.prompt_tokens} prompt tokens, "
             f"{self.generated_tokens} generated tokens in {self.seconds:.1f} s: "
             f"{self.tokens_per_s:.1f} tokens/s, {self.records / max(self.seconds, 1e-9):.2f} records/s, "
-            f"{self.steps} steps, padding {100 * self.padding_fraction:.1f}%"
+            f"{self.steps} steps, {100 * self.padding_fraction:.1f}% of computed tokens wasted on padding"
         )
 
 
@@ -248,8 +249,8 @@ def _run_dynamic(model, todo, batch_size, sampling, eos_ids, finish, summary) ->
         new_tokens = [_next_tokens(r, width) for r in rows[:active]]
         logits = model.step(new_tokens, [r.cached if r else 0 for r in rows[:active]])
         summary.steps += 1
-        summary.token_slots += active * max(map(len, new_tokens))
-        summary.useful_slots += sum(map(len, new_tokens))
+        summary.computed_tokens += sum(map(len, new_tokens))
+        summary.useful_tokens += sum(map(len, new_tokens))
         for r, tokens in zip(rows, new_tokens):
             if r is not None:
                 r.cached += len(tokens)
@@ -291,7 +292,7 @@ def _run_fifo(model, todo, batch_size, sampling, eos_ids, finish, summary) -> No
         result = generate(model, [r.prompt_ids for r in batch], [r.max_new_tokens for r in batch], sampling, eos_ids)
         longest = max(len(r.prompt_ids) for r in batch)
         summary.steps += -(-longest // max(model.max_step_tokens // len(batch), 1)) + result.decode_steps
-        summary.token_slots += len(batch) * (longest + result.decode_steps)
+        summary.computed_tokens += result.prompt_tokens + len(batch) * result.decode_steps  # finished rows too
         for record, tokens, reason in zip(batch, result.tokens, result.finish_reasons):
-            summary.useful_slots += len(record.prompt_ids) + len(tokens) - 1
+            summary.useful_tokens += len(record.prompt_ids) + len(tokens) - 1
             finish(record, tokens, reason)

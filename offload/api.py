@@ -28,7 +28,7 @@ from .memory.planner import HOST, RESIDENT, MemoryNeeds, Plan, make_plan
 from .memory.pool import WeightPool
 from .models.checkpoint import CheckpointSource, RandomSource
 from .models.config import ModelConfig, config_from_dict, load_config
-from .models.layout import BlockLayout, global_layout, layer_layout
+from .models.layout import BlockLayout, GlobalWeights, checkpoint_sources, embedding_layout, global_layout, layer_layout
 from .models.llama import KVCache, Transformer, step_activation_bytes
 from .models.parallel import TensorParallel, check_divisible, init_tensor_parallel, local_heads, vocab_rows
 from .models.step import Rope, Step
@@ -48,6 +48,7 @@ class _Setup:
     dtype: torch.dtype
     layout: BlockLayout
     globals_layout: BlockLayout
+    embedding_layout: BlockLayout | None
     plan: Plan
     plans: list[Plan]
     max_batch: int
@@ -105,9 +106,9 @@ def load_model(model, *, device=None, dtype=None, gpu_memory=None, cpu_memory=No
         source = RandomSource(seed=random_weights, device=s.device)
     else:
         source = CheckpointSource(model)
-    specs = s.globals_layout.sources() + [x for i in range(s.config.n_layers) for x in s.layout.sources(i)]
-    source.validate(specs)
-    pool = WeightPool(s.plan, s.layout.numel, s.globals_layout.numel, s.dtype, s.device)
+    source.validate(checkpoint_sources(s.config, s.tp, s.dtype))
+    embedding_numel = s.embedding_layout.numel if s.embedding_layout else 0
+    pool = WeightPool(s.plan, s.layout.numel, s.globals_layout.numel, embedding_numel, s.dtype, s.device)
     try:
         _fill(pool, source, s, progress and s.tp.rank == 0)
     except BaseException:
@@ -134,7 +135,7 @@ class OffloadedModel:
                  for tier in s.plan.streamed_tiers}
         self.layers = LayerStream(s.layout, pool.blocks, s.plan.placement, pool.slots, links)
         self.rope = Rope(s.config.rope_inv_freq(), s.max_seq_len, s.dtype, s.device)
-        self.transformer = Transformer(s.config, s.globals_layout.views(pool.globals), self.rope, s.tp,
+        self.transformer = Transformer(s.config, _global_weights(s, pool), self.rope, s.tp,
                                        vocab_start=vocab_rows(s.config, s.tp)[0])
         _, kv_heads = local_heads(s.config, s.tp)
         self.cache = KVCache(s.config.n_layers, s.max_batch, kv_heads, s.max_seq_len, s.config.head_dim,
@@ -266,11 +267,13 @@ def _setup(model, device, dtype, gpu_memory, cpu_memory, peer_memory, max_batch,
     offload_requested = budget.cpu_memory is not None or bool(budget.peer_memory)
     budget = _own_peers(budget, tp, device).resolved(device)
     layout, globals_ = layer_layout(config, tp, dtype), global_layout(config, tp, dtype)
+    embedding = embedding_layout(config, tp, dtype)
     _, kv_heads = local_heads(config, tp)
     needs = MemoryNeeds(
         n_layers=config.n_layers,
         block_bytes=layout.nbytes,
         global_bytes=globals_.nbytes,
+        embedding_bytes=embedding.nbytes if embedding else 0,
         kv_bytes=KVCache.nbytes(config.n_layers, max_batch, kv_heads, max_seq_len, config.head_dim, dtype),
         activation_bytes=step_activation_bytes(config, tp, dtype, max_batch, max_seq_len, max_step_tokens),
         workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0,
@@ -292,7 +295,8 @@ def _setup(model, device, dtype, gpu_memory, cpu_memory, peer_memory, max_batch,
     failed = [str(p) for p in plans if isinstance(p, PlanError)]
     if failed:
         raise PlanError("; ".join(failed))
-    return _Setup(config, tp, device, dtype, layout, globals_, plan, plans, max_batch, max_seq_len, max_step_tokens)
+    return _Setup(config, tp, device, dtype, layout, globals_, embedding, plan, plans, max_batch, max_seq_len,
+                  max_step_tokens)
 
 
 def _config(model) -> ModelConfig:
@@ -347,10 +351,19 @@ def _own_peers(budget: Budget, tp: TensorParallel, device: torch.device) -> Budg
     return Budget(budget.gpu_memory, budget.cpu_memory, mine)
 
 
+def _global_weights(s: _Setup, pool: WeightPool) -> GlobalWeights:
+    views = s.globals_layout.views(pool.globals)
+    if s.embedding_layout is not None:
+        views.update(s.embedding_layout.views(pool.embedding))
+    return GlobalWeights(views["embed"], views["final_norm"], views.get("lm_head", views["embed"]))
+
+
 def _fill(pool: WeightPool, source, s: _Setup, progress: bool) -> None:
     """Read every tensor straight into its place in the pool (one tensor's piece at a time)."""
     jobs = [(pool.globals, s.globals_layout, None)] + [(b, s.layout, i) for i, b in enumerate(pool.blocks)]
-    total = s.globals_layout.nbytes + len(pool.blocks) * s.layout.nbytes
+    if s.embedding_layout is not None:
+        jobs.append((pool.embedding, s.embedding_layout, None))
+    total = sum(layout.nbytes for _, layout, _ in jobs)
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
               file=sys.stderr) as bar:
         for buffer, layout, layer in jobs:

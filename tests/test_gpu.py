@@ -12,7 +12,7 @@ import torch
 
 import offload
 from offload.models.checkpoint import RandomSource
-from offload.models.layout import global_layout, layer_layout
+from offload.models.layout import checkpoint_sources
 from offload.models.parallel import TensorParallel
 from offload.models.shapes import shape_config
 
@@ -38,8 +38,7 @@ def hf_model_with_random_weights(shape: str, dtype, device="cuda"):
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
     source, tp = RandomSource(seed=SEED, device=device), TensorParallel()
-    specs = global_layout(config, tp, dtype).sources()
-    specs += [x for i in range(config.n_layers) for x in layer_layout(config, tp, dtype).sources(i)]
+    specs = checkpoint_sources(config, tp, dtype)
     state = {name: source.full_tensor(spec, name, dtype, device=device) for spec, name in specs}
     hf.load_state_dict(state, strict=True, assign=True)
     hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config).to(device)  # its buffers were made on meta
@@ -61,7 +60,8 @@ def test_llama_2_7b_bf16_greedy_matches_transformers():
     got = model.generate(ids, max_new_tokens=16, ignore_eos=True)
     assert got.tolist() == expected.tolist()
     result = model.generate(ids, max_new_tokens=64 - ids.shape[1], ignore_eos=True, return_result=True)
-    weight_bytes = model.plan.needs.n_layers * model.plan.needs.block_bytes + model.plan.needs.global_bytes
+    needs = model.plan.needs
+    weight_bytes = needs.n_layers * needs.block_bytes + needs.global_bytes + needs.embedding_bytes
     hbm_ms = 1e3 * weight_bytes / model.plan.bandwidth["hbm"]
     print(f"\nllama-2-7b bf16 resident decode at batch 1: {result.ms_per_step:.2f} ms/token; "
           f"HBM limit {hbm_ms:.2f} ms ({weight_bytes / 1e9:.2f} GB / {model.plan.bandwidth['hbm'] / 1e9:.0f} GB/s); "

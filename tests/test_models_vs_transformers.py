@@ -344,7 +344,7 @@ def test_host_offload_is_bitwise_equal(offload_case, resident_layers, slots_and_
 
 def test_all_resident_under_budgets_is_bitwise_equal(offload_case):
     directory, kw, needs, ids, logits, tokens = offload_case
-    budget = dict(gpu_memory=_budget(needs, OFFLOAD_LAYERS), cpu_memory="1GiB")
+    budget = dict(gpu_memory=_budget(needs, OFFLOAD_LAYERS) + needs.embedding_bytes, cpu_memory="1GiB")
     with pytest.warns(OffloadWarning, match="nothing is offloaded"):
         model = offload.load_model(directory, progress=False, **kw, **budget)
     with model:

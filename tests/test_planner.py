@@ -108,3 +108,16 @@ def test_plan_model_reads_only_the_config(tmp_path):
                            link_bandwidth={"host": 55e9, "hbm": 4e12})
     assert p.placement.count("host") > 20 and p.placement.count("resident") > 0
     assert p.needs.block_bytes == 2 * (5120 * (4 * 5120) + 3 * 5120 * 13824 + 2 * 5120)
+
+
+def test_embedding_table_moves_to_host_ram_only_when_offloading():
+    need = needs(embedding_bytes=GB // 2)
+    whole = need.fixed_bytes + need.embedding_bytes + 40 * GB
+    fits = plan(need, gpu=whole)
+    assert not fits.embedding_on_host and fits.gpu_bytes == whole
+    tight = plan(need, gpu=need.fixed_bytes + 12 * GB + GB // 2)
+    assert tight.embedding_on_host and tight.placement.count("resident") == 10  # the half GB went to layers
+    assert tight.host_ram_bytes == tight.host_bytes + GB // 2
+    assert "embedding table" in str(tight)
+    no_host_room = plan(need, gpu=need.fixed_bytes + 12 * GB + GB // 2, cpu=GB // 4, peers={"cuda:1": 100 * GB})
+    assert not no_host_room.embedding_on_host  # the embedding stays on the GPU when the host cannot take it

@@ -33,15 +33,17 @@ class MemoryNeeds:
 
     n_layers: int
     block_bytes: int  # one decoder layer's block
-    global_bytes: int  # embedding, final norm, LM head
+    global_bytes: int  # final norm and LM head (and the embedding, when tied to the LM head)
     kv_bytes: int  # KV cache for max_batch x max_seq_len
     activation_bytes: int  # the largest step's temporaries
     workspace_bytes: int  # math-library workspaces, allocator slack
     max_batch: int = 1
     max_seq_len: int = 0
+    embedding_bytes: int = 0  # an untied embedding table: on the GPU, or in host RAM when offloading
 
     @property
     def fixed_bytes(self) -> int:
+        """What must be on the compute device besides the layers, the slots and the embedding."""
         return self.global_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes
 
 
@@ -54,6 +56,7 @@ class Plan:
     bandwidth: dict[str, float]  # bytes/s per link, and "hbm"
     compute_device: str
     title: str = ""
+    embedding_on_host: bool = False  # a step's lookups copy only its tokens' rows to the GPU
     warnings: list[str] = field(default_factory=list)
 
     # ---------------------------------------------------------------- derived figures
@@ -75,11 +78,18 @@ class Plan:
     @property
     def gpu_bytes(self) -> int:
         """Everything the plan puts on the compute device."""
-        return self.needs.fixed_bytes + (len(self.layers_on(RESIDENT)) + self.slots) * self.needs.block_bytes
+        embedding = 0 if self.embedding_on_host else self.needs.embedding_bytes
+        return self.needs.fixed_bytes + embedding + (len(self.layers_on(RESIDENT)) + self.slots) * self.needs.block_bytes
 
     @property
     def host_bytes(self) -> int:
+        """Pinned host memory: the layers streamed from the host."""
         return self.bytes_on(HOST)
+
+    @property
+    def host_ram_bytes(self) -> int:
+        """All host memory the plan uses: the pinned layers and, when there, the embedding table."""
+        return self.host_bytes + (self.needs.embedding_bytes if self.embedding_on_host else 0)
 
     def link_seconds(self) -> dict[str, float]:
         """Seconds per decode step that each link spends copying, and the HBM floor under "hbm"."""
@@ -112,7 +122,7 @@ class Plan:
         budgets = {RESIDENT: self.budget.gpu_memory, HOST: self.budget.cpu_memory, **self.budget.peer_memory}
         for tier in self.tiers:
             link = f"HBM {gb_s(self.bandwidth['hbm'])}" if tier == RESIDENT else gb_s(self.bandwidth[tier])
-            used = self.gpu_bytes if tier == RESIDENT else self.bytes_on(tier)
+            used = {RESIDENT: self.gpu_bytes, HOST: self.host_ram_bytes}.get(tier) or self.bytes_on(tier)
             lines.append(
                 f"  {tier:<10}{len(self.layers_on(tier)):>7}{format_size(used):>13}"
                 f"{format_size(budgets[tier]):>13}   {link}"
@@ -123,6 +133,9 @@ class Plan:
             f"{self.slots} slot(s) {format_size(self.slots * n.block_bytes)}, "
             f"activations {format_size(n.activation_bytes)}, workspace {format_size(n.workspace_bytes)}"
         )
+        if self.embedding_on_host:
+            lines.append(f"  embedding table ({format_size(n.embedding_bytes)}) in host RAM: a step copies only "
+                         "its tokens' rows")
         lines.append(f"  layers: {self.layer_map()}  (R resident, H host, digit: peer GPU)")
         seconds = self.link_seconds()
         bound = "compute (the HBM floor)" if self.bottleneck == "hbm" else f"the {self.bottleneck} link"
@@ -155,30 +168,36 @@ def make_plan(
     title: str = "",
 ) -> Plan:
     """Place every layer, or raise :class:`PlanError` naming the bytes needed and available."""
-    n, block = needs.n_layers, needs.block_bytes
+    n, block, embedding = needs.n_layers, needs.block_bytes, needs.embedding_bytes
     gpu, where = budget.gpu_memory, f"{compute_device}{title}"
-    if needs.fixed_bytes > gpu:
-        raise PlanError(
-            f"the budget of {where} ({format_size(gpu)}) cannot hold what must stay there: "
-            f"{_fixed_parts(needs)} = {format_size(needs.fixed_bytes)}; raise --gpu-memory, "
-            "or lower --max-batch / --max-seq-len"
-        )
-    plan = lambda placement, k: Plan(placement, k, needs, budget, bandwidth, compute_device, title)  # noqa: E731
-    if needs.fixed_bytes + n * block <= gpu:
+    plan = lambda placement, k, on_host=False: Plan(  # noqa: E731
+        placement, k, needs, budget, bandwidth, compute_device, title, embedding_on_host=on_host)
+    if needs.fixed_bytes + embedding + n * block <= gpu:
         result = plan([RESIDENT] * n, 0)
         if offload_requested:
             result.warnings.append(f"the whole model fits in the budget of {compute_device}: nothing is offloaded")
         return _emit(result)
 
+    # Offloading: the embedding table goes to host RAM if it fits there (a step needs only a few rows).
+    on_host = 0 < embedding <= budget.cpu_memory
+    on_gpu = 0 if on_host else embedding
+    gpu -= on_gpu
+    host = budget.cpu_memory - (embedding if on_host else 0)
+    if needs.fixed_bytes > gpu:
+        raise PlanError(
+            f"the budget of {where} ({format_size(budget.gpu_memory)}) cannot hold what must stay there: "
+            f"{_fixed_parts(needs, on_gpu)} = {format_size(needs.fixed_bytes + on_gpu)}; raise --gpu-memory, "
+            "or lower --max-batch / --max-seq-len"
+        )
     k = min(slots or DEFAULT_SLOTS, n)
     resident = (gpu - needs.fixed_bytes - k * block) // block  # at most n - k - 1: the model does not fit
     if resident < 0:
         raise PlanError(
-            f"the budget of {where} ({format_size(gpu)}) cannot hold {_fixed_parts(needs)} "
+            f"the budget of {where} ({format_size(budget.gpu_memory)}) cannot hold {_fixed_parts(needs, on_gpu)} "
             f"plus {k} slot(s) of {format_size(block)} for streamed layers "
-            f"(= {format_size(needs.fixed_bytes + k * block)}); raise --gpu-memory"
+            f"(= {format_size(needs.fixed_bytes + on_gpu + k * block)}); raise --gpu-memory"
         )
-    streamed = _share_links(n - resident, block, budget, bandwidth)
+    streamed = _share_links(n - resident, block, Budget(gpu, host, budget.peer_memory), bandwidth)
     if sum(streamed.values()) < n - resident:
         missing = n - resident - sum(streamed.values())
         held = ", ".join(f"{t} {c}" for t, c in {RESIDENT: resident, **streamed}.items())
@@ -187,7 +206,7 @@ def make_plan(
             f"the budgets hold {held} layers, leaving {missing} layer(s) ({format_size(missing * block)}) "
             "with nowhere to go; raise --cpu-memory or add --peer-memory"
         )
-    result = plan(_interleave({RESIDENT: resident, **streamed}), k)
+    result = plan(_interleave({RESIDENT: resident, **streamed}), k, on_host)
     for peer in indirect_peers:
         if result.layers_on(peer):
             result.warnings.append(
@@ -223,11 +242,12 @@ def _interleave(counts: dict[str, int]) -> list[str]:
     return [kind for _, _, kind in sorted(keyed)]
 
 
-def _fixed_parts(needs: MemoryNeeds) -> str:
-    return (
+def _fixed_parts(needs: MemoryNeeds, embedding: int = 0) -> str:
+    parts = (
         f"non-layer tensors {format_size(needs.global_bytes)} + KV cache {format_size(needs.kv_bytes)} "
         f"+ activations {format_size(needs.activation_bytes)} + workspace {format_size(needs.workspace_bytes)}"
     )
+    return parts + (f" + embedding {format_size(embedding)}" if embedding else "")
 
 
 def _emit(plan: Plan) -> Plan:

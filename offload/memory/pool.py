@@ -15,10 +15,13 @@ from .planner import HOST, RESIDENT, Plan
 
 
 class WeightPool:
-    def __init__(self, plan: Plan, block_numel: int, global_numel: int, dtype: torch.dtype, compute_device):
+    def __init__(self, plan: Plan, block_numel: int, global_numel: int, embedding_numel: int, dtype: torch.dtype,
+                 compute_device):
         compute = torch.device(compute_device)
         on_gpu = compute.type == "cuda"
         self.globals = torch.empty(global_numel, dtype=dtype, device=compute)
+        # Lookups read a few rows: pageable host memory serves them as well as pinned would.
+        self.embedding = torch.empty(embedding_numel, dtype=dtype, device="cpu" if plan.embedding_on_host else compute)
         self.host: PinnedMemory | None = None
         self.buffers: dict[str, torch.Tensor] = {}
         for tier in plan.tiers:

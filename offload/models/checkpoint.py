@@ -175,7 +175,7 @@ def write_checkpoint(config: dict, out_dir: str | Path, dtype: torch.dtype, seed
     from tqdm import tqdm
 
     from .config import config_from_dict
-    from .layout import global_layout, layer_layout
+    from .layout import checkpoint_sources
     from .parallel import TensorParallel
 
     cfg = config_from_dict(config)
@@ -184,8 +184,7 @@ def write_checkpoint(config: dict, out_dir: str | Path, dtype: torch.dtype, seed
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = RandomSource(seed=seed, device=device)
     tp = TensorParallel()
-    specs = global_layout(cfg, tp, dtype).sources()
-    specs += [x for i in range(cfg.n_layers) for x in layer_layout(cfg, tp, dtype).sources(i)]
+    specs = checkpoint_sources(cfg, tp, dtype)
 
     shards, size = [[]], 0  # consecutive tensors, each shard at most shard_bytes (or one tensor)
     for spec, name in specs:

@@ -60,9 +60,9 @@ class LayerWeights:
 
 @dataclass(slots=True)
 class GlobalWeights:
-    """The tensors outside the decoder layers, always on the compute device."""
+    """The tensors outside the decoder layers."""
 
-    embed: torch.Tensor  # this rank's vocabulary rows
+    embed: torch.Tensor  # this rank's vocabulary rows; in host memory when the plan offloads anything
     final_norm: torch.Tensor
     lm_head: torch.Tensor  # the same tensor as ``embed`` when the checkpoint ties them
 
@@ -70,7 +70,7 @@ class GlobalWeights:
 class BlockLayout:
     """Where each named tensor sits inside a flat block of ``numel`` elements of ``dtype``."""
 
-    def __init__(self, entries: list[tuple], dtype: torch.dtype, cls):
+    def __init__(self, entries: list[tuple], dtype: torch.dtype, cls=None):
         """``entries``: (name, full shape, checkpoint name, shard[, local shape]) in block order."""
         align = max(ALIGN_BYTES // torch.empty((), dtype=dtype).element_size(), 1)
         self.dtype, self.cls, self.specs, offset = dtype, cls, [], 0
@@ -86,12 +86,10 @@ class BlockLayout:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
     def views(self, buffer: torch.Tensor):
-        """The block's tensors as views into ``buffer`` (1-D, ``numel`` elements)."""
+        """The block's tensors as views into ``buffer`` (1-D, ``numel`` elements): a ``cls``, or a dict."""
         assert buffer.numel() == self.numel and buffer.dtype == self.dtype, "buffer does not match the layout"
         tensors = {s.name: buffer[s.offset : s.offset + s.numel].view(s.shape) for s in self.specs}
-        if self.cls is GlobalWeights and "lm_head" not in tensors:
-            tensors["lm_head"] = tensors["embed"]
-        return self.cls(**tensors)
+        return self.cls(**tensors) if self.cls else tensors
 
     def sources(self, layer: int | None = None) -> list[tuple[TensorSpec, str]]:
         """Each spec with its checkpoint tensor name (``layer`` filled in)."""
@@ -137,17 +135,34 @@ def layer_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) ->
     return BlockLayout(entries, dtype, LayerWeights)
 
 
-def global_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) -> BlockLayout:
-    """The layout of the non-layer tensors on this rank (vocabulary rows split across ranks)."""
-    d = config.hidden_size
+def _vocab_entry(name: str, source: str, config: ModelConfig, tp: TensorParallel):
     start, rows = vocab_rows(config, tp)
     vocab = Shard(0, start, min(start + rows, config.vocab_size)) if tp.size > 1 else REPLICATED
-    v = config.vocab_size
-    entries = [
-        ("embed", (v, d), "model.embed_tokens.weight", vocab, (rows, d)),
-        ("final_norm", (d,), "model.norm.weight", REPLICATED),
-    ]
-    if not config.tie_word_embeddings:
-        entries.append(("lm_head", (v, d), "lm_head.weight", vocab, (rows, d)))
-    return BlockLayout(entries, dtype, GlobalWeights)
+    return (name, (config.vocab_size, config.hidden_size), source, vocab, (rows, config.hidden_size))
 
+
+def global_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) -> BlockLayout:
+    """The non-layer tensors that stay on the compute device: the final norm and the LM head
+    (which is the embedding itself when the checkpoint ties them)."""
+    entries = [("final_norm", (config.hidden_size,), "model.norm.weight", REPLICATED)]
+    if config.tie_word_embeddings:
+        entries.append(_vocab_entry("embed", "model.embed_tokens.weight", config, tp))
+    else:
+        entries.append(_vocab_entry("lm_head", "lm_head.weight", config, tp))
+    return BlockLayout(entries, dtype, None)
+
+
+def embedding_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) -> BlockLayout | None:
+    """The embedding table when it is a tensor of its own (untied): a lookup needs only a step's rows
+    of it, so the plan may keep it in host memory. None when tied to the LM head."""
+    if config.tie_word_embeddings:
+        return None
+    return BlockLayout([_vocab_entry("embed", "model.embed_tokens.weight", config, tp)], dtype, None)
+
+
+def checkpoint_sources(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) -> list[tuple[TensorSpec, str]]:
+    """Every tensor this rank reads, with its checkpoint name."""
+    embedding = embedding_layout(config, tp, dtype)
+    specs = global_layout(config, tp, dtype).sources() + (embedding.sources() if embedding else [])
+    layer = layer_layout(config, tp, dtype)
+    return specs + [x for i in range(config.n_layers) for x in layer.sources(i)]

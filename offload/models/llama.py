@@ -80,7 +80,9 @@ class Transformer:
 
     def forward(self, step: Step, layers: WeightStream, cache: KVCache | None, all_logits: bool = False):
         """Logits of each row's last new token ``[B, V]`` (or of every position, ``[B, T, V]``)."""
-        h = vocab_parallel_embedding(step.tokens, self.weights.embed, self.vocab_start, self.tp)
+        table = self.weights.embed  # in host memory when the plan offloads: look up there
+        ids = step.tokens if table.device == step.tokens.device else step.host_tokens
+        h = vocab_parallel_embedding(ids, table, self.vocab_start, self.tp, step.tokens.device)
         for i in range(self.config.n_layers):
             w = layers.acquire(i)  # on a GPU: the compute stream waits for the block's copy, the host does not
             kv = cache.layer(i) if cache is not None else (None, None)

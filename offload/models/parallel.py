@@ -84,15 +84,20 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, tp: TensorParalle
     return out if bias is None else out + bias  # added once, after the sum
 
 
-def vocab_parallel_embedding(ids: torch.Tensor, table: torch.Tensor, vocab_start: int, tp: TensorParallel):
-    """Look up ``ids`` in this rank's rows ``[vocab_start, vocab_start + len(table))`` of the embedding."""
+def vocab_parallel_embedding(ids: torch.Tensor, table: torch.Tensor, vocab_start: int, tp: TensorParallel,
+                             device: torch.device) -> torch.Tensor:
+    """Rows ``ids`` of the embedding, on ``device``, from this rank's rows ``[vocab_start, +len(table))``.
+
+    ``ids`` and ``table`` are on the same device, which may be the host: then only the
+    looked-up rows cross to the compute device.
+    """
     if tp.size == 1:
-        return F.embedding(ids, table)
+        return F.embedding(ids, table).to(device)
     local = ids - vocab_start
     outside = (local < 0) | (local >= table.shape[0])
     out = F.embedding(local.masked_fill(outside, 0), table)
     out.masked_fill_(outside.unsqueeze(-1), 0)
-    return tp.all_reduce(out)
+    return tp.all_reduce(out.to(device))
 
 
 def vocab_parallel_logits(h: torch.Tensor, head: torch.Tensor, vocab_size: int, tp: TensorParallel):

@@ -42,6 +42,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 @dataclass
 class Step:
     tokens: torch.Tensor  # [B, T] (uniform) or [N] (packed)
+    host_tokens: torch.Tensor  # the same, in host memory (for an embedding table kept there)
     batch: int
     width: int  # T: the most tokens any row adds
     cos: torch.Tensor  # broadcasts against [..., heads, head_dim] of the token layout
@@ -66,9 +67,9 @@ class Step:
         kv_len = max(s + c for s, c in zip(starts, counts))
         fresh = not any(starts)
         if len(set(counts)) == 1 and len(set(starts)) == 1:
-            s = starts[0]
+            s, host_tokens = starts[0], torch.tensor(new_tokens, dtype=torch.long)
             return Step(
-                tokens=torch.tensor(new_tokens, dtype=torch.long, device=device),
+                tokens=host_tokens.to(device), host_tokens=host_tokens,
                 batch=batch, width=width, kv_len=kv_len, fresh=fresh, start=s,
                 cos=rope.cos[s : s + width].unsqueeze(1), sin=rope.sin[s : s + width].unsqueeze(1),
             )
@@ -79,8 +80,9 @@ class Step:
         pos = as_long(positions)
         query_pos = [[max(s + min(t, c - 1), 0) for t in range(width)] for s, c in zip(starts, counts)]
         ends = torch.tensor(counts, dtype=torch.long).cumsum(0) - 1
+        host_tokens = torch.tensor([t for row in new_tokens for t in row], dtype=torch.long)
         return Step(
-            tokens=as_long([t for row in new_tokens for t in row]),
+            tokens=host_tokens.to(device), host_tokens=host_tokens,
             batch=batch, width=width, kv_len=kv_len, fresh=fresh, start=None,
             cos=rope.cos[pos].unsqueeze(1), sin=rope.sin[pos].unsqueeze(1),
             pack=as_long([b * width + i for b, i in zip(rows, offsets)]),

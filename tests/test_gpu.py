@@ -9,10 +9,12 @@ import warnings
 
 import pytest
 import torch
+from torch.nn.attention import sdpa_kernel
 
 import offload
 from offload.models.checkpoint import RandomSource
 from offload.models.layout import checkpoint_sources
+from offload.models.llama import ATTENTION_BACKENDS
 from offload.models.parallel import TensorParallel
 from offload.models.shapes import shape_config
 
@@ -51,7 +53,7 @@ def test_llama_2_7b_bf16_greedy_matches_transformers():
     ids = torch.tensor([[1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203, 29889]], device="cuda")
     hf = hf_model_with_random_weights("llama-2-7b", torch.bfloat16)
     gen = transformers.GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
+    with torch.no_grad(), sdpa_kernel(ATTENTION_BACKENDS):  # the attention kernels offload uses
         expected = hf.generate(ids, generation_config=gen)
     del hf
     free_gpu()

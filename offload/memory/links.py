@@ -33,7 +33,7 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     device = torch.device(compute_device)
     names = ["host", "hbm", *peers]
     if device.type != "cuda":  # every "link" is a memcpy in RAM: quick to measure, not worth caching
-        bandwidth = _measure_cpu_copy()
+        bandwidth = measure_cpu_copy()
         return {name: bandwidth for name in names}
     gpu = torch.cuda.get_device_name(device).replace(" ", "_")
     key = {name: f"{gpu}/{device}<-{name}/ranks={tp.size}" for name in names}
@@ -43,11 +43,11 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
         return found
     size = max(min(PROBE_BYTES, max_probe_bytes) // 2**20, 1) * 2**20
     tp.barrier()  # every rank pulls from the host at once, as it will when decoding
-    measured = {"host": _measure_host(device, size)}
+    measured = {"host": measure_host(device, size)}
     tp.barrier()
-    measured["hbm"] = _measure_device_copy(device, size)
+    measured["hbm"] = measure_device_copy(device, size)
     for peer in peers:
-        measured[peer] = _measure_peer(device, torch.device(peer), size)
+        measured[peer] = measure_peer(device, torch.device(peer), size)
     _write_cache({**cached, **{key[n]: v for n, v in measured.items()}})
     return measured
 
@@ -73,7 +73,7 @@ def _time_copies(device, dst: torch.Tensor, src: torch.Tensor, repeats: int = 5)
     return start.elapsed_time(end) / 1000 / repeats
 
 
-def _measure_host(device, size: int) -> float:
+def measure_host(device, size: int) -> float:
     host = PinnedMemory(size, torch.uint8)
     dst = torch.empty(size, dtype=torch.uint8, device=device)
     try:
@@ -83,19 +83,19 @@ def _measure_host(device, size: int) -> float:
         host.close()
 
 
-def _measure_device_copy(device, size: int) -> float:
+def measure_device_copy(device, size: int) -> float:
     src = torch.ones(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return 2 * size / _time_copies(device, dst, src)
 
 
-def _measure_peer(device, peer, size: int) -> float:
+def measure_peer(device, peer, size: int) -> float:
     src = torch.ones(size, dtype=torch.uint8, device=peer)
     dst = torch.empty(size, dtype=torch.uint8, device=device)
     return size / _time_copies(device, dst, src)
 
 
-def _measure_cpu_copy(size: int = 64 * 2**20) -> float:
+def measure_cpu_copy(size: int = 64 * 2**20) -> float:
     src, dst = torch.ones(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
     dst.copy_(src)
     t = time.perf_counter()

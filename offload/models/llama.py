@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .layout import GlobalWeights, LayerWeights
@@ -29,6 +30,11 @@ from .parallel import (
     vocab_parallel_logits,
 )
 from .step import Step, apply_rope
+
+
+# cuDNN's attention builds a plan the first time it sees each key length, so a first pass of decode
+# steps (a new length every step) stalls the host for milliseconds per step, and with it the copy ring.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class WeightStream(Protocol):
@@ -83,11 +89,12 @@ class Transformer:
         table = self.weights.embed  # in host memory when the plan offloads: look up there
         ids = step.tokens if table.device == step.tokens.device else step.host_tokens
         h = vocab_parallel_embedding(ids, table, self.vocab_start, self.tp, step.tokens.device)
-        for i in range(self.config.n_layers):
-            w = layers.acquire(i)  # on a GPU: the compute stream waits for the block's copy, the host does not
-            kv = cache.layer(i) if cache is not None else (None, None)
-            h = self.decoder_layer(h, w, step, kv, self.config.sliding_windows[i])
-            layers.release(i)  # the block's slot may now be refilled with a later layer
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            for i in range(self.config.n_layers):
+                w = layers.acquire(i)  # on a GPU: the compute stream waits for the block's copy, the host does not
+                kv = cache.layer(i) if cache is not None else (None, None)
+                h = self.decoder_layer(h, w, step, kv, self.config.sliding_windows[i])
+                layers.release(i)  # the block's slot may now be refilled with a later layer
         h = step.all_tokens(h) if all_logits else step.last_tokens(h)
         h = rms_norm(h, self.weights.final_norm, self.config.rms_norm_eps)
         return vocab_parallel_logits(h, self.weights.lm_head, self.config.vocab_size, self.tp)

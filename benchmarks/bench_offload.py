@@ -1,0 +1,754 @@
+"""How fast each placement decodes, against the limit of the links and against accelerate.
+
+    python benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB
+    python benchmarks/bench_offload.py --model path/to/checkpoint --gpu-memory 20GiB --json out.json
+    python benchmarks/bench_offload.py --quick      # the tiny shape on the CPU, in seconds (CI runs this)
+
+The same model (seeded random weights, or a checkpoint) is loaded once per run,
+each time with the same budget on the compute GPU:
+
+    resident     the whole model on the GPU (only when it fits in the GPU's free memory)
+    host         the layers that do not fit stream from pinned host RAM
+    peer         ... from a second GPU's memory (two or more GPUs)
+    host+peer    ... from both: the peer holds about half of them
+    accelerate   transformers + accelerate (``infer_auto_device_map`` / ``dispatch_model``),
+                 the same weights as ordinary pageable CPU tensors, the same budget
+
+Limits, every figure measured in this run on this machine:
+
+    decode step   t >= max(bytes streamed over each link / that link's bandwidth,
+                           all layer bytes / HBM bandwidth)
+        A decode step reads every weight once. Streamed weights must first cross their
+        link; the links copy at the same time, so the slowest one bounds the step, and
+        nothing is faster than reading every weight from HBM. ``plan.link_seconds()``
+        gives each term, for a plan made with the bandwidths measured here. For
+        accelerate the streamed bytes are those of the modules it put on "cpu", over the
+        pinned bandwidth: what the link allows (it copies from pageable memory, whose
+        bandwidth is printed beside it, so it cannot reach that).
+    prefill       t >= max(bytes streamed / bandwidth, the resident run's prefill time)
+        (the HBM floor stands in for compute when there is no resident run).
+
+    achieved/limit = limit / achieved time: 1.0 is at the limit.
+
+Timing: our runs load the model once per batch size (the KV cache and the
+activations are reserved for that batch, as a user would), generate PASSES times
+and keep each phase's fastest pass (the first warms up); accelerate, at seconds
+per step, gets one short warm-up and one pass of --accelerate-tokens. Prefill is
+one forward pass (max_step_tokens = batch x prompt length); a decode step makes
+one token per row.
+
+With --quick there is no GPU: every tier is RAM and every link a memcpy, so the
+figures check that the benchmark works, not how fast anything is; accelerate
+offloads to disk there (its only offload target on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+import offload  # noqa: E402
+from offload.memory.links import PROBE_BYTES, measure_cpu_copy, measure_device_copy, measure_host, measure_peer
+from offload.memory.links import peer_is_direct
+from offload.memory.planner import DEFAULT_SLOTS, HOST, RESIDENT
+from offload.models.checkpoint import CheckpointSource, RandomSource
+from offload.models.config import config_from_dict
+from offload.models.layout import checkpoint_sources, layer_layout
+from offload.models.parallel import TensorParallel
+from offload.models.shapes import SHAPES, shape_config
+
+SEED = 0
+COPY_REPEATS = 5
+PASSES = 3  # generations per batch in our runs: the first warms up, the fastest counts
+GPU_HEADROOM = 2 * 2**30  # left free on a peer for its CUDA context and allocator slack
+WARMUP_PROMPT = 8  # tokens of accelerate's warm-up prompt
+QUICK = dict(shape="tiny", prompt_len=16, decode_tokens=8, batch="1,4", accelerate_tokens=4)
+DEFAULTS = dict(prompt_len=128, decode_tokens=16, batch="1,16", accelerate_tokens=4, gpu_memory="8GiB")
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+TIER_LETTER = {RESIDENT: "R", HOST: "H", "peer": "P", "disk": "D"}
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+@dataclass
+class Bench:
+    """What every run shares: the model, the device, the budget, the workload and the links."""
+
+    model: object  # what load_model takes: a config dict (random weights) or a checkpoint path
+    config: offload.ModelConfig
+    label: str
+    device: torch.device
+    dtype: torch.dtype
+    gpu_memory: int
+    prompt_len: int
+    decode_tokens: int
+    batches: list[int]
+    accelerate_tokens: int
+    quick: bool
+    links: dict[str, float] = field(default_factory=dict)  # bytes/s: host, pageable, hbm, and each peer
+
+    @property
+    def random(self) -> bool:
+        return isinstance(self.model, dict)
+
+    @property
+    def peers(self) -> list[str]:
+        return [name for name in self.links if name.startswith("cuda:")]
+
+    @property
+    def layer_bytes(self) -> int:
+        return layer_layout(self.config, TensorParallel(), self.dtype).nbytes
+
+    def load_args(self, batch: int) -> dict:
+        """The arguments of every ``plan_model`` / ``load_model`` call but the budgets.
+
+        Each batch size gets its own load: a user decoding one sequence reserves a KV cache
+        for one, not for the largest batch of the benchmark.
+        """
+        return dict(
+            device=self.device, dtype=self.dtype, max_batch=batch,
+            max_seq_len=self.prompt_len + self.decode_tokens,  # small, so the KV cache is small
+            max_step_tokens=batch * self.prompt_len,  # the prefill is one step
+            link_bandwidth={k: v for k, v in self.links.items() if k != "pageable"},  # plan and table agree
+        )
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_steps: int
+    decode_tokens: int
+    decode_seconds: float
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.decode_seconds / self.decode_steps
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds
+
+
+@dataclass
+class Run:
+    name: str
+    layers: dict[int, dict[str, int]] = field(default_factory=dict)  # by batch: layers per place (TIER_LETTER keys)
+    link_seconds: dict[int, dict[str, float]] = field(default_factory=dict)  # by batch: each link's copy time
+    timings: dict[int, Timing] = field(default_factory=dict)  # by batch size
+    logits: torch.Tensor | None = None  # row 0's next-token logits: the weights must be the same everywhere
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", help=f"a named model shape with random weights: {', '.join(SHAPES)}")
+    p.add_argument("--model", help="a checkpoint directory (HF config.json + safetensors)")
+    p.add_argument("--gpu-memory", help=f"budget of the compute GPU for every run (default {DEFAULTS['gpu_memory']})")
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--prompt-len", type=int, help=f"prompt tokens per row (default {DEFAULTS['prompt_len']})")
+    p.add_argument("--decode-tokens", type=int, help=f"new tokens per row (default {DEFAULTS['decode_tokens']})")
+    p.add_argument("--batch", help=f"comma-separated batch sizes (default {DEFAULTS['batch']})")
+    p.add_argument("--accelerate-tokens", type=int,
+                   help=f"new tokens per row for accelerate, which is slow (default {DEFAULTS['accelerate_tokens']})")
+    p.add_argument("--json", help="write the results here as JSON")
+    p.add_argument("--quick", action="store_true", help="the tiny shape on the CPU, a few tokens (for CI)")
+    p.add_argument("--skip-accelerate", action="store_true", help="leave out the accelerate run")
+    return p.parse_args(argv)
+
+
+def bench_from_args(args) -> Bench:
+    """Check the command line and settle every choice; raises UsageError or OffloadError on bad input."""
+    if args.quick:
+        given = [flag for flag, value in [("--shape", args.shape), ("--model", args.model),
+                                          ("--gpu-memory", args.gpu_memory), ("--dtype", args.dtype)] if value]
+        if given:
+            raise UsageError(f"--quick chooses the model, device, dtype and budget itself; drop {', '.join(given)}")
+        defaults = QUICK
+    else:
+        if bool(args.shape) == bool(args.model):
+            raise UsageError("give exactly one of --shape NAME or --model PATH (or --quick)")
+        defaults = DEFAULTS
+    setting = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
+    prompt_len, decode_tokens = setting("prompt_len"), setting("decode_tokens")
+    accelerate_tokens, batches = setting("accelerate_tokens"), parse_batches(setting("batch"))
+    if prompt_len < 1:
+        raise UsageError(f"--prompt-len must be >= 1, got {prompt_len}")
+    if decode_tokens < 2 or accelerate_tokens < 2:
+        raise UsageError("--decode-tokens and --accelerate-tokens must be >= 2 (the first token comes from prefill)")
+
+    if args.model:
+        model, label, config = str(Path(args.model)), args.model, offload.load_config(args.model)
+    else:
+        shape = QUICK["shape"] if args.quick else args.shape
+        model = shape_config(shape)
+        config, label = config_from_dict(model), f"{shape} (random weights, seed {SEED})"
+    device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.quick else torch.device("cpu")
+    dtype = parse_dtype(args.dtype, device)
+    # --quick sizes its budget from the plan once the links are known (quick_budget, in main).
+    gpu_memory = 0 if args.quick else offload.parse_size(setting("gpu_memory"), "--gpu-memory")
+    return Bench(model, config, label, device, dtype, gpu_memory, prompt_len, decode_tokens, batches,
+                 accelerate_tokens, args.quick)
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        batches = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise UsageError(f"--batch expects comma-separated positive integers such as 1,16, got {text!r}") from None
+    if not batches or batches[0] < 1:
+        raise UsageError(f"--batch expects comma-separated positive integers such as 1,16, got {text!r}")
+    return batches
+
+
+def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name.lower() not in DTYPES:
+        raise UsageError(f"--dtype must be one of bf16, fp16, fp32, got {name!r}")
+    return DTYPES[name.lower()]
+
+
+# ---------------------------------------------------------------------- links
+
+
+def measure_links(device: torch.device) -> dict[str, float]:
+    """Bytes/s of every link into ``device``, measured now (the planner's cache is not consulted)."""
+    if device.type != "cuda":
+        memcpy = measure_cpu_copy()  # on a CPU every tier is RAM and every link a memcpy
+        return {"host": memcpy, "pageable": memcpy, "hbm": memcpy}
+    links = {"host": measure_host(device, PROBE_BYTES), "pageable": measure_pageable(device, PROBE_BYTES),
+             "hbm": measure_device_copy(device, PROBE_BYTES)}
+    for index in range(torch.cuda.device_count()):
+        if index != device.index:
+            links[f"cuda:{index}"] = measure_peer(device, torch.device("cuda", index), PROBE_BYTES)
+    return links
+
+
+def measure_pageable(device: torch.device, size: int) -> float:
+    """Bytes/s of a plain CPU tensor copied to the GPU: how a model loaded the usual way streams."""
+    src = torch.empty(size, dtype=torch.uint8).fill_(1)  # touched, so the pages are real and not the zero page
+    dst = torch.empty(size, dtype=torch.uint8, device=device)
+    dst.copy_(src)  # warm-up
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(COPY_REPEATS):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    return COPY_REPEATS * size / (time.perf_counter() - start)
+
+
+def print_links(bench: Bench) -> None:
+    links, gb_s = bench.links, lambda bw: f"{bw / 1e9:8.1f} GB/s"  # noqa: E731
+    if bench.device.type != "cuda":
+        print(f"links: none (no GPU); a RAM copy moves {gb_s(links['host']).strip()}")
+        return
+    print(f"links into {bench.device}, measured now with {PROBE_BYTES // 2**20} MiB copies:")
+    print(f"  host, pinned       {gb_s(links['host'])}")
+    print(f"  host, pageable     {gb_s(links['pageable'])}   (what accelerate streams from)")
+    for peer in bench.peers:
+        how = "peer-to-peer" if peer_is_direct(bench.device, peer) else "no peer access: through host memory"
+        print(f"  {peer:<18} {gb_s(links[peer])}   ({how})")
+    print(f"  HBM copy (r + w)   {gb_s(links['hbm'])}")
+
+
+# ---------------------------------------------------------------------- our runs
+
+
+def our_runs(bench: Bench) -> list[tuple[str, dict]]:
+    """(name, budget) of every placement this machine can show, all with the same GPU budget."""
+    everything = bench.config.n_layers * bench.layer_bytes  # room for every layer: this budget never binds
+    host = dict(gpu_memory=bench.gpu_memory, cpu_memory=everything)
+    runs = [("resident", {}), ("host", host)]
+    if bench.peers:
+        peer = bench.peers[0]
+        room = min(everything, max(torch.cuda.mem_get_info(torch.device(peer))[0] - GPU_HEADROOM, 0))
+        streamed = offload.plan_model(bench.model, **bench.load_args(bench.batches[0]), **host).layers_on(HOST)
+        half = len(streamed) // 2 * bench.layer_bytes  # the peer takes half, so both links carry bytes
+        runs.append(("peer", dict(gpu_memory=bench.gpu_memory, cpu_memory=0, peer_memory={peer: room})))
+        runs.append(("host+peer", dict(host, peer_memory={peer: half})))
+    return runs
+
+
+def quick_budget(bench: Bench) -> int:
+    """With --quick: room for half the layers besides what must stay (and the slots), so the other half streams."""
+    needs = offload.plan_model(bench.model, **bench.load_args(max(bench.batches))).needs
+    return needs.fixed_bytes + (DEFAULT_SLOTS + needs.n_layers // 2) * needs.block_bytes
+
+
+def why_not(bench: Bench, name: str, budget: dict) -> str | None:
+    """Why run ``name`` cannot be made here, or None."""
+    if name == "host+peer" and not budget["peer_memory"][bench.peers[0]]:
+        return "fewer than 2 layers stream, nothing to share between host and peer"
+    try:  # the largest batch reserves the most
+        plan = offload.plan_model(bench.model, **bench.load_args(max(bench.batches)), **budget)
+    except offload.OffloadError as e:
+        return str(e)
+    if name == "resident" and plan.layers_on(RESIDENT) != list(range(bench.config.n_layers)):
+        return f"the model does not fit in the free memory of {bench.device}"
+    return None
+
+
+def run_ours(bench: Bench, name: str, budget: dict, ids: torch.Tensor) -> Run:
+    run = Run(name)
+    for batch in bench.batches:
+        print(f"\n{name}, batch {batch}: loading", flush=True)
+        with offload.load_model(bench.model, **bench.load_args(batch), **budget, progress=False,
+                                random_weights=SEED if bench.random else None) as model:
+            plan = model.plan
+            print("\n".join("  " + line for line in str(plan).splitlines()), flush=True)
+            run.layers[batch] = {RESIDENT: len(plan.layers_on(RESIDENT)), HOST: len(plan.layers_on(HOST)),
+                                 "peer": sum(len(plan.layers_on(p)) for p in plan.budget.peer_memory)}
+            run.link_seconds[batch] = plan.link_seconds()
+            if run.logits is None:
+                run.logits = model(ids[:1])[0, -1].float().cpu()
+            run.timings[batch] = fastest_pass(model, ids[:batch], bench.decode_tokens)
+            print(f"  batch {batch}: {describe(run.timings[batch])}", flush=True)
+        release_memory(bench.device)
+    return run
+
+
+def fastest_pass(model, ids: torch.Tensor, new_tokens: int) -> Timing:
+    """Prefill and decode timed over PASSES identical generations, each phase's fastest kept.
+
+    The first pass warms up: besides kernels and the allocator, cuDNN's attention builds a
+    plan for every new KV length on first use (tens of ms each on an H200). Noise only
+    ever adds time, so the fastest of the rest is the steadiest figure.
+    """
+    passes = []
+    for _ in range(PASSES):
+        model.synchronize()  # copies still in flight from the pass before must not count
+        passes.append(model.generate(ids, max_new_tokens=new_tokens, ignore_eos=True, return_result=True))
+    prefill = min(passes, key=lambda r: r.prefill_seconds)
+    decode = min(passes, key=lambda r: r.decode_seconds)
+    return Timing(prefill.prompt_tokens, prefill.prefill_seconds, decode.decode_steps, decode.decode_tokens,
+                  decode.decode_seconds)
+
+
+def describe(t: Timing) -> str:
+    return (f"prefill {t.prompt_tokens} tokens in {t.prefill_seconds * 1e3:.1f} ms, "
+            f"{t.decode_steps} decode steps of {t.ms_per_step:.1f} ms")
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # every GPU's cache, so the next run finds the same free memory
+
+
+# ---------------------------------------------------------------------- accelerate
+
+
+def accelerate_missing() -> str | None:
+    try:
+        import accelerate  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return f"{e.name} is not installed (pip install transformers accelerate)"
+    return None
+
+
+def run_accelerate(bench: Bench, ids: torch.Tensor) -> Run:
+    """transformers + accelerate as users run it: pageable CPU weights, infer_auto_device_map, dispatch_model."""
+    import accelerate
+    from accelerate.utils import compute_module_sizes
+
+    print("\naccelerate: loading", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_offload_") as offload_dir:
+        model = hf_model_with_our_weights(bench)
+        layer_class = type(model.model.layers[0]).__name__
+        device_map = accelerate.infer_auto_device_map(
+            model, max_memory=accelerate_memory(bench, model), no_split_module_classes=[layer_class], dtype=bench.dtype)
+        sizes = compute_module_sizes(model, dtype=bench.dtype)
+        if bench.device.type == "cuda":
+            accelerate.dispatch_model(model, device_map)
+        else:  # a CPU has no faster memory to offload from: accelerate's only offload target is the disk
+            accelerate.dispatch_model(model, device_map, main_device="cpu", offload_dir=offload_dir)
+        run = Run("accelerate")
+        for batch in bench.batches:  # one device map serves every batch
+            run.layers[batch] = accelerate_layers(bench, device_map)
+            run.link_seconds[batch] = accelerate_link_seconds(bench, device_map, sizes)
+        print(f"  device map: {compact_map(device_map)}", flush=True)
+        # A short warm-up: its steps take seconds, beside which first-use costs of milliseconds vanish.
+        time_hf(model, ids[:1, :WARMUP_PROMPT], 2, bench.device)
+        for batch in bench.batches:
+            run.timings[batch], logits = time_hf(model, ids[:batch], bench.accelerate_tokens, bench.device)
+            if run.logits is None:
+                run.logits = logits
+            print(f"  batch {batch}: {describe(run.timings[batch])}", flush=True)
+        del model
+    link_seconds = run.link_seconds[bench.batches[0]]
+    if "host" in link_seconds:
+        pageable_ms = 1e3 * link_seconds["host"] * bench.links["host"] / bench.links["pageable"]
+        run.notes.append(f"accelerate copies from pageable memory: at {bench.links['pageable'] / 1e9:.1f} GB/s "
+                         f"its streamed bytes need {pageable_ms:.1f} ms per step")
+    if bench.device.type != "cuda":
+        run.notes.append("accelerate on a CPU offloads to disk (read back through the page cache)")
+    return run
+
+
+def hf_model_with_our_weights(bench: Bench):
+    """The transformers model of the same config, holding the same weights as plain CPU tensors."""
+    import accelerate
+    import transformers
+
+    with accelerate.init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(bench), dtype=bench.dtype)
+    result = model.load_state_dict(pageable_weights(bench), strict=False, assign=True)
+    model.tie_weights()  # a tied LM head has no tensor of its own in the checkpoint
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if result.unexpected_keys or meta:
+        raise RuntimeError(f"transformers names differ from the checkpoint's: unexpected {result.unexpected_keys}, "
+                           f"not filled {meta}")
+    return model.eval()
+
+
+def hf_config(bench: Bench):
+    import transformers
+
+    if not bench.random:
+        return transformers.AutoConfig.from_pretrained(bench.model)
+    raw = dict(bench.model)
+    return transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+def pageable_weights(bench: Bench) -> dict[str, torch.Tensor]:
+    """Every checkpoint tensor in ordinary (pageable) CPU memory, as ``from_pretrained`` leaves them.
+
+    Random weights come from the generator ``load_model`` uses (on the compute device: the
+    values depend on the generating device type), so both sides compute with the same numbers.
+    """
+    tp = TensorParallel()
+    if bench.random:
+        source = RandomSource(seed=SEED, device=bench.device)
+        read = lambda spec, name: source.full_tensor(spec, name, bench.dtype, device="cpu")  # noqa: E731
+    else:
+        source = CheckpointSource(bench.model)
+        read = lambda spec, name: read_whole(source, spec, name, bench.dtype)  # noqa: E731
+    specs = checkpoint_sources(bench.config, tp, bench.dtype)
+    try:
+        return {name: read(spec, name) for spec, name in specs}
+    finally:
+        source.close()
+
+
+def read_whole(source: CheckpointSource, spec, name: str, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(spec.full_shape, dtype=dtype)
+    source.read(spec, name, out)  # with one rank every spec is the whole tensor
+    return out
+
+
+def accelerate_memory(bench: Bench, model) -> dict:
+    """accelerate's max_memory: the same budget for the compute device, room for everything else."""
+    everything = sum(p.numel() for p in model.parameters()) * bench.dtype.itemsize
+    if bench.device.type == "cuda":
+        return {bench.device.index: bench.gpu_memory, "cpu": 2 * everything}
+    return {"cpu": bench.gpu_memory}  # the rest goes to "disk"
+
+
+def accelerate_tier(where, device: torch.device) -> str:
+    """Our name for a place in accelerate's device map ("cpu" is the compute device itself on a CPU)."""
+    if where == "disk":
+        return "disk"
+    return HOST if where == "cpu" and device.type == "cuda" else RESIDENT
+
+
+def accelerate_layers(bench: Bench, device_map: dict) -> dict[str, int]:
+    layers = {RESIDENT: 0, HOST: 0, "disk": 0}
+    for i in range(bench.config.n_layers):
+        layers[accelerate_tier(module_device(device_map, f"model.layers.{i}"), bench.device)] += 1
+    return layers
+
+
+def accelerate_link_seconds(bench: Bench, device_map: dict, sizes: dict) -> dict[str, float]:
+    """Seconds per decode step that the bytes accelerate offloads need at the pinned host bandwidth, and the HBM floor."""
+    offloaded = {HOST: 0, "disk": 0}
+    for module, where in device_map.items():
+        tier = accelerate_tier(where, bench.device)
+        if tier != RESIDENT:
+            offloaded[tier] += sizes[module]
+    seconds = {"hbm": bench.config.n_layers * bench.layer_bytes / bench.links["hbm"]}
+    # Disk reads come back through the page cache: at best a RAM copy, which is what "host" holds on a CPU.
+    seconds.update({tier: n / bench.links["host"] for tier, n in offloaded.items() if n})
+    return seconds
+
+
+def module_device(device_map: dict, module: str):
+    """Where ``device_map`` puts ``module``: the entry of its longest prefix ("" is the whole model)."""
+    owners = [k for k in device_map if k == "" or module == k or module.startswith(k + ".")]
+    return device_map[max(owners, key=len)] if owners else None
+
+
+def compact_map(device_map: dict) -> str:
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    return ", ".join(f"{n} module(s) on {where}" for where, n in counts.items())
+
+
+@torch.inference_mode()
+def time_hf(model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[Timing, torch.Tensor]:
+    """Prefill, then ``new_tokens - 1`` greedy decode steps with the KV cache, each timed apart."""
+    ids = ids.to(device)
+    synchronize(device)
+    start = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+    synchronize(device)
+    prefill = time.perf_counter() - start
+    logits = out.logits[0, -1].float().cpu()
+    cache = out.past_key_values
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+        cache, next_ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    synchronize(device)
+    steps = new_tokens - 1
+    return Timing(ids.numel(), prefill, steps, steps * ids.shape[0], time.perf_counter() - start), logits
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------- limits and the table
+
+
+def table_rows(runs: list[Run]) -> list[dict]:
+    """One row per run and batch: the measured speeds, the limit of the same run, and the speed-up."""
+    resident = next((r for r in runs if r.name == "resident"), None)
+    accelerate = next((r for r in runs if r.name == "accelerate"), None)
+    rows = []
+    for run in runs:
+        for batch, t in run.timings.items():
+            link_seconds = run.link_seconds[batch]
+            bound = max(link_seconds, key=link_seconds.get)
+            limit = link_seconds[bound]
+            rows.append(dict(
+                run=run.name, placement=placement(run.layers[batch]), layers=run.layers[batch], batch=batch,
+                prefill_seconds=t.prefill_seconds, prefill_tokens_per_s=t.prefill_tokens_per_s,
+                prefill_limit_seconds=prefill_limit(run, batch, resident),
+                decode_steps=t.decode_steps, decode_ms_per_step=t.ms_per_step,
+                decode_tokens_per_s=t.decode_tokens_per_s,
+                limit_ms=1e3 * limit, bound=bound, achieved_over_limit=1e3 * limit / t.ms_per_step,
+                link_ms={k: 1e3 * v for k, v in link_seconds.items()},
+                speedup_vs_accelerate=(accelerate.timings[batch].ms_per_step / t.ms_per_step
+                                       if accelerate and batch in accelerate.timings and run is not accelerate
+                                       else None),
+            ))
+    return rows
+
+
+def prefill_limit(run: Run, batch: int, resident: Run | None) -> float:
+    """max(bytes streamed / bandwidth over every link, compute): the resident prefill time, else the HBM floor."""
+    link_seconds = run.link_seconds[batch]
+    streaming = max([s for link, s in link_seconds.items() if link != "hbm"], default=0.0)
+    if resident is not None and run is not resident and batch in resident.timings:
+        return max(streaming, resident.timings[batch].prefill_seconds)
+    return max(streaming, link_seconds["hbm"])
+
+
+def placement(layers: dict[str, int]) -> str:
+    return " ".join(f"{TIER_LETTER[tier]}{n}" for tier, n in layers.items() if n)
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'run':<11}{'layers':<12}{'batch':>5}{'prefill tok/s':>15}{'decode ms/step':>16}"
+              f"{'decode tok/s':>14}{'limit ms':>10}  {'bound':<7}{'achieved/limit':>15}{'vs accelerate':>15}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        speedup = f"{r['speedup_vs_accelerate']:.1f}x" if r["speedup_vs_accelerate"] else "-"
+        print(f"{r['run']:<11}{r['placement']:<12}{r['batch']:>5}{r['prefill_tokens_per_s']:>15,.1f}"
+              f"{figure(r['decode_ms_per_step']):>16}{r['decode_tokens_per_s']:>14,.1f}{figure(r['limit_ms']):>10}  "
+              f"{r['bound']:<7}{figure(r['achieved_over_limit']):>15}{speedup:>15}")
+    print("layers: R resident, H pinned host, P peer GPU, D disk. A decode step makes one token per row.\n"
+          "limit: the slowest link's copy time per decode step, or the HBM floor (bound 'hbm'); "
+          "achieved/limit = limit / decode ms/step, 1.0 is at the limit")
+
+
+def figure(x: float) -> str:
+    """Two decimals, or two significant digits for the small figures of tiny models."""
+    return f"{x:.2f}" if abs(x) >= 0.1 else f"{x:.2g}"
+
+
+def weights_check(runs: list[Run]) -> dict | None:
+    """How far the runs' first next-token logits are from each other: the comparison is of the same model."""
+    reference = next((r for r in runs if r.logits is not None and r.name != "accelerate"), None)
+    others = [r for r in runs if r.logits is not None and r is not reference]
+    if reference is None or not others:
+        return None
+    scale = reference.logits.abs().max().item()
+    diffs = {r.name: (r.logits - reference.logits).abs().max().item() for r in others}
+    same_token = {r.name: bool(r.logits.argmax() == reference.logits.argmax()) for r in others}
+    return dict(reference=reference.name, max_abs_logit=scale, max_abs_diff=diffs, same_next_token=same_token)
+
+
+def summary_line(bench: Bench, rows: list[dict], hardware: str) -> str:
+    batch = bench.batches[0]
+    parts = []
+    for r in (r for r in rows if r["batch"] == batch):
+        extra = [f"{r['achieved_over_limit']:.2f} of limit"]
+        if r["speedup_vs_accelerate"]:
+            extra.append(f"{r['speedup_vs_accelerate']:.1f}x accelerate")
+        parts.append(f"{r['run']} {r['decode_ms_per_step']:.1f} ({', '.join(extra)})")
+    dtype = str(bench.dtype).removeprefix("torch.")
+    return (f"bench_offload: {bench.label}, {dtype}, on {hardware}: decode ms/step at batch {batch}: "
+            + ("; ".join(parts) or "no run finished"))
+
+
+# ---------------------------------------------------------------------- main
+
+
+def hardware() -> dict:
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return dict(gpu=props.name, gpu_count=torch.cuda.device_count(), gpu_memory_bytes=props.total_memory,
+                    cpu=platform.processor() or platform.machine())
+    return dict(gpu=None, gpu_count=0, cpu=platform.processor() or platform.machine())
+
+
+def versions() -> dict:
+    out = dict(python=platform.python_version(), torch=torch.__version__, offload=offload.__version__)
+    for name in ("transformers", "accelerate"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def hardware_words(hw: dict) -> str:
+    return f"{hw['gpu_count']} x {hw['gpu']}" if hw["gpu"] else f"CPU ({hw['cpu']}, no GPU)"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        bench = bench_from_args(args)
+    except (UsageError, offload.OffloadError) as e:
+        print(f"bench_offload: {e}", file=sys.stderr)
+        return 2
+    quiet_libraries()
+    if bench.quick:
+        torch.set_num_threads(1)  # the tiny model gains nothing from threads; one keeps a shared CI machine's timings steady
+    hw, date = hardware(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print(f"bench_offload {date}  " + "  ".join(f"{k} {v}" for k, v in versions().items() if v))
+    print(f"hardware: {hardware_words(hw)}" + (f", {hw['gpu_memory_bytes'] / 2**30:.1f} GiB each" if hw["gpu"] else ""))
+    bench.links = measure_links(bench.device)
+    print_links(bench)
+    try:
+        if bench.quick:
+            bench.gpu_memory = quick_budget(bench)
+        runs_wanted = our_runs(bench)
+    except offload.OffloadError as e:
+        print(f"bench_offload: {e}", file=sys.stderr)
+        return 2
+    print(f"model: {bench.label}, {str(bench.dtype).removeprefix('torch.')}, {bench.config.n_layers} layers x "
+          f"{offload.format_size(bench.layer_bytes)}; prompt {bench.prompt_len} tokens, {bench.decode_tokens} new "
+          f"({bench.accelerate_tokens} for accelerate), batches {','.join(map(str, bench.batches))}; "
+          f"budget of {bench.device}: {offload.format_size(bench.gpu_memory)}")
+
+    ids = torch.randint(0, bench.config.vocab_size, (max(bench.batches), bench.prompt_len),
+                        generator=torch.Generator().manual_seed(SEED))
+    skipped = {name: why for name, budget in runs_wanted if (why := why_not(bench, name, budget))}
+    if "host" in skipped:  # the run every comparison is about: a budget that cannot work is bad input
+        print(f"bench_offload: {skipped['host']}", file=sys.stderr)
+        return 2
+    runs = []
+    for name, budget in runs_wanted:
+        if name not in skipped:
+            run, reason = attempt(run_ours, bench, name, budget, ids)
+            runs += [run] if run else []
+            skipped.update({name: reason} if reason else {})
+            release_memory(bench.device)
+    reason = "--skip-accelerate" if args.skip_accelerate else accelerate_missing()
+    if reason is None:
+        run, reason = attempt(run_accelerate, bench, ids, any_error=True)
+        runs += [run] if run else []
+        release_memory(bench.device)
+    if reason:
+        skipped["accelerate"] = reason
+
+    rows = table_rows(runs)
+    print_table(rows)
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    for run in runs:
+        for note in run.notes:
+            print(f"note ({run.name}): {note}")
+    check = weights_check(runs)
+    if check:
+        print(f"same weights: next-token logits differ from the {check['reference']} run's by at most "
+              + ", ".join(f"{name} {d:.2g}" for name, d in check["max_abs_diff"].items())
+              + f" (largest logit {check['max_abs_logit']:.2g})")
+    summary = summary_line(bench, rows, hardware_words(hw))
+    if args.json:
+        write_json(args.json, dict(
+            date=date, hardware=hw, versions=versions(), model=bench.label,
+            dtype=str(bench.dtype).removeprefix("torch."), quick=bench.quick, device=str(bench.device),
+            gpu_budget_bytes=bench.gpu_memory, prompt_len=bench.prompt_len, decode_tokens=bench.decode_tokens,
+            accelerate_tokens=bench.accelerate_tokens, batches=bench.batches, links=bench.links, runs=rows,
+            skipped=skipped, notes={r.name: r.notes for r in runs if r.notes}, weights_check=check, summary=summary))
+    print(summary)
+    return 0
+
+
+def attempt(run, *args, any_error: bool = False) -> tuple[Run | None, str | None]:
+    """``(run(*args), None)``, or ``(None, why)`` when it failed in a way that skips the run.
+
+    An OffloadError or running out of GPU memory skips a run; with ``any_error`` (the
+    accelerate run, whose libraries change under us) so does any exception, traceback printed.
+    """
+    try:
+        return run(*args), None
+    except offload.OffloadError as e:
+        return None, str(e)
+    except torch.cuda.OutOfMemoryError as e:
+        return None, f"out of GPU memory ({str(e).splitlines()[0]})"
+    except Exception as e:
+        if not any_error:
+            raise
+        traceback.print_exc()
+        return None, f"failed: {type(e).__name__}: {e}"
+
+
+def quiet_libraries() -> None:
+    """The table says what the plan warnings and accelerate's notices would."""
+    warnings.filterwarnings("ignore", category=offload.OffloadWarning)
+    for name in ("transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def write_json(path: str, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

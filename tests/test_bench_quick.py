@@ -1,0 +1,44 @@
+"""The benchmark's --quick mode (what CI runs): the tiny shape on the CPU, every run with positive numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HAVE_ACCELERATE = all(importlib.util.find_spec(m) for m in ("accelerate", "transformers"))
+
+
+def test_bench_quick_writes_runs_with_positive_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "benchmarks/bench_offload.py", "--quick", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("bench_offload: ")  # the one-line summary
+
+    data = json.loads(out.read_text())
+    names = {row["run"] for row in data["runs"]}
+    assert {"resident", "host"} <= names
+    if HAVE_ACCELERATE:
+        assert "accelerate" in names, data["skipped"]
+        assert all(data["weights_check"]["same_next_token"].values())  # the same weights on every side
+    for row in data["runs"]:
+        for key in ("prefill_tokens_per_s", "decode_ms_per_step", "decode_tokens_per_s", "limit_ms",
+                    "achieved_over_limit"):
+            assert row[key] > 0, (row["run"], key, row[key])
+    host = [row for row in data["runs"] if row["run"] == "host"]
+    assert host[0]["layers"]["host"] > 0 and host[0]["layers"]["resident"] > 0  # the quick budget streams some layers
+    assert sorted(row["batch"] for row in host) == data["batches"]
+
+
+def test_bench_bad_input_is_one_line_and_exit_2():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "benchmarks/bench_offload.py", "--shape", "no-such-shape"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "no-such-shape" in proc.stderr

@@ -36,12 +36,12 @@ case ${1:-single} in
       --batch-size 32 --json "$OUT/batch_7b.json"
     ;;
   multi)
-    stage gpu_tests python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py -k peer
+    stage gpu_tests python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py -k "peer or budget or bitwise"
     stage peer_13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB --batch 1 \
       --skip-accelerate --json "$OUT/peer_13b.json"
-    stage tp_13b python3 benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB --tp 1,2 --json "$OUT/tp_13b.json"
+    stage tp_13b python3 benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB --cpu-memory 60GiB --tp 1,2 --json "$OUT/tp_13b.json"
     if [ "$GPUS" -ge 4 ]; then
-      stage tp_70b python3 benchmarks/bench_tp.py --shape llama-2-70b --gpu-memory 20GiB --tp 4 --json "$OUT/tp_70b.json"
+      stage tp_70b python3 benchmarks/bench_tp.py --shape llama-2-70b --gpu-memory 20GiB --cpu-memory 40GiB --tp 4 --json "$OUT/tp_70b.json"
     fi
     ;;
   *) echo "usage: $0 single|multi" >&2; exit 2 ;;

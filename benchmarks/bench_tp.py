@@ -2,6 +2,8 @@
 """Tensor parallelism composed with offloading: decode speed at TP=1, 2, ... with the same per-GPU budget.
 
     python benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB --tp 1,2
+    python benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB --tp 2 \
+        --peer-memory cuda:2=60GiB --peer-memory cuda:3=60GiB       # GPUs 2 and 3 lend memory to ranks 0 and 1
 
 For each TP size the script starts ``torchrun --nproc-per-node N`` on itself; every
 rank loads its shard of a random-weight model under the same per-GPU budget and
@@ -35,7 +37,8 @@ def worker(args) -> None:
     warnings.simplefilter("ignore", offload.OffloadWarning)
     model = offload.load_model(shape_config(args.shape), random_weights=0, tp=int(os.environ["WORLD_SIZE"]),
                                dtype=args.dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
-                               max_seq_len=args.prompt_len + args.tokens, progress=False)
+                               peer_memory=args.peer_memory, max_seq_len=args.prompt_len + args.tokens,
+                               progress=False)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     model.generate(ids, max_new_tokens=4, ignore_eos=True)  # warm-up
     result = model.generate(ids, max_new_tokens=args.tokens, ignore_eos=True, return_result=True)
@@ -44,7 +47,8 @@ def worker(args) -> None:
         row = {"tp": model.tp.size, "ms_per_token": result.ms_per_step, "limit_ms": 1e3 * limit,
                "host_gib_per_rank": [p.host_bytes / 2**30 for p in model.plans],
                "layers": [p.layer_map() for p in model.plans],
-               "host_gb_s_per_rank": model.plan.bandwidth["host"] / 1e9}
+               "host_gb_s_per_rank": model.plan.bandwidth["host"] / 1e9,
+               "peers": [list(p.budget.peer_memory) for p in model.plans]}
         Path(args.result).write_text(json.dumps(row))
     model.close()
 
@@ -54,6 +58,8 @@ def main() -> int:
     p.add_argument("--shape", default="llama-2-13b")
     p.add_argument("--gpu-memory", default="8GiB", help="budget of each GPU")
     p.add_argument("--cpu-memory", default=None, help="pinned host memory of each rank")
+    p.add_argument("--peer-memory", action="append", metavar="DEVICE=SIZE",
+                   help="a GPU outside the TP group lending memory (repeatable; dealt out to the ranks in turn)")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--tp", default="1,2", help="TP sizes to compare, e.g. 1,2,4")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -74,6 +80,8 @@ def main() -> int:
                    args.dtype, "--prompt-len", str(args.prompt_len), "--tokens", str(args.tokens)]
             if args.cpu_memory:
                 cmd += ["--cpu-memory", args.cpu_memory]
+            for peer in args.peer_memory or []:
+                cmd += ["--peer-memory", peer]
             if subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode != 0:
                 print(f"TP={size} failed", file=sys.stderr)
                 return 1
@@ -81,11 +89,12 @@ def main() -> int:
     base = rows[0]["ms_per_token"]
     print(f"\n{args.shape}, {args.dtype}, per-GPU budget {args.gpu_memory}, batch 1")
     print(f"{'tp':>3} {'ms/token':>10} {'limit ms':>10} {'achieved/limit':>15} {'speed-up':>9}  "
-          "host GiB per rank  host GB/s per rank")
+          "host GiB per rank  host GB/s per rank  layers of rank 0 (R resident, H host, digit: peer)")
     for r in rows:
         print(f"{r['tp']:>3} {r['ms_per_token']:>10.1f} {r['limit_ms']:>10.1f} "
               f"{r['limit_ms'] / r['ms_per_token']:>15.2f} {base / r['ms_per_token']:>8.2f}x  "
-              f"{', '.join(f'{g:.1f}' for g in r['host_gib_per_rank'])}  {r['host_gb_s_per_rank']:.1f}")
+              f"{', '.join(f'{g:.1f}' for g in r['host_gib_per_rank'])}  {r['host_gb_s_per_rank']:.1f}  "
+              f"{r['layers'][0]}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

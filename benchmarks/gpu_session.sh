@@ -40,7 +40,9 @@ case ${1:-single} in
     stage peer_13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB --batch 1 \
       --skip-accelerate --json "$OUT/peer_13b.json"
     stage tp_13b python3 benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB --cpu-memory 60GiB --tp 1,2 --json "$OUT/tp_13b.json"
-    if [ "$GPUS" -ge 4 ]; then
+    if [ "$GPUS" -ge 4 ]; then  # TP=2 on GPUs 0 and 1, GPUs 2 and 3 lending them memory
+      stage tp_13b_peers python3 benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB --cpu-memory 60GiB \
+        --tp 2 --peer-memory cuda:2=60GiB --peer-memory cuda:3=60GiB --json "$OUT/tp_13b_peers.json"
       stage tp_70b python3 benchmarks/bench_tp.py --shape llama-2-70b --gpu-memory 20GiB --cpu-memory 40GiB --tp 4 --json "$OUT/tp_70b.json"
     fi
     ;;

@@ -155,8 +155,8 @@ def test_peer_tier_equals_resident_bitwise():
     budget = needs.fixed_bytes + 3 * needs.block_bytes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = offload.load_model(shape, gpu_memory=budget, cpu_memory=needs.block_bytes,
-                                   peer_memory={"cuda:1": "8GiB"}, **kw)
+        model = offload.load_model(shape, gpu_memory=budget, cpu_memory=needs.block_bytes + needs.embedding_bytes,
+                                   peer_memory={"cuda:1": "8GiB"}, **kw)  # host RAM: the embedding and one layer
     assert "cuda:1" in model.plan.placement and "host" in model.plan.placement
     logits, tokens = _logits_and_tokens(model, ids)
     assert torch.equal(logits, want_logits)

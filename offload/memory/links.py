@@ -42,8 +42,8 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     if all(tp.gather_objects(len(found) == len(names))):
         return found
     size = max(min(PROBE_BYTES, max_probe_bytes) // 2**20, 1) * 2**20
-    tp.barrier()  # every rank pulls from the host at once, as it will when decoding
-    measured = {"host": measure_host(device, size)}
+    tp.barrier()  # every rank pulls from the host at once, as it will when decoding: long enough to overlap
+    measured = {"host": measure_host(device, size, repeats=5 if tp.size == 1 else 40)}
     tp.barrier()
     measured["hbm"] = measure_device_copy(device, size)
     for peer in peers:
@@ -73,11 +73,11 @@ def _time_copies(device, dst: torch.Tensor, src: torch.Tensor, repeats: int = 5)
     return start.elapsed_time(end) / 1000 / repeats
 
 
-def measure_host(device, size: int) -> float:
+def measure_host(device, size: int, repeats: int = 5) -> float:
     host = PinnedMemory(size, torch.uint8)
     dst = torch.empty(size, dtype=torch.uint8, device=device)
     try:
-        return size / _time_copies(device, dst, host.tensor)
+        return size / _time_copies(device, dst, host.tensor, repeats)
     finally:
         del dst
         host.close()

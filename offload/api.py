@@ -90,7 +90,7 @@ def load_model(model, *, device=None, dtype=None, gpu_memory=None, cpu_memory=No
         max_step_tokens: the most (padded) tokens one forward pass handles; longer prompts are
             prefilled in several steps. Default: ``max_seq_len``.
         tp: tensor-parallel ranks; needs one process per rank (``torchrun --nproc-per-node tp``).
-        slots: block-sized buffers that streamed layers are copied into (default 2).
+        slots: block-sized buffers per streaming link that its layers are copied into (default 2).
         link_bandwidth: bytes/s per link (``{"host": 55e9, "hbm": 4e12, "cuda:1": 390e9}``) instead
             of measuring them.
         random_weights: a seed: fill the weights with seeded random numbers instead of reading files.

@@ -335,7 +335,7 @@ def test_host_offload_is_bitwise_equal(offload_case, resident_layers, slots_and_
         assert model.plan.placement == plan.placement
         assert plan.placement.count("resident") == resident_layers
         assert plan.placement.count("host") == OFFLOAD_LAYERS - resident_layers
-        assert model.plan.slots == 2
+        assert model.plan.slots == {"host": 2}
         out = model(ids)
         assert torch.equal(out, logits)
         assert torch.equal(model(ids), logits)  # the ring starts the next pass in the right place
@@ -348,7 +348,7 @@ def test_all_resident_under_budgets_is_bitwise_equal(offload_case):
     with pytest.warns(OffloadWarning, match="nothing is offloaded"):
         model = offload.load_model(directory, progress=False, **kw, **budget)
     with model:
-        assert model.plan.placement == ["resident"] * OFFLOAD_LAYERS and model.plan.slots == 0
+        assert model.plan.placement == ["resident"] * OFFLOAD_LAYERS and model.plan.slots == {}
         assert torch.equal(model(ids), logits)
     # one byte less and one layer must leave the device
     with warnings.catch_warnings():
@@ -359,7 +359,7 @@ def test_all_resident_under_budgets_is_bitwise_equal(offload_case):
 
 def test_host_and_peer_offload_is_bitwise_equal(offload_case):
     directory, kw, needs, ids, logits, tokens = offload_case
-    budget = dict(gpu_memory=_budget(needs, 3), cpu_memory="1GiB", peer_memory={"cpu:1": "1GiB"},
+    budget = dict(gpu_memory=_budget(needs, 5), cpu_memory="1GiB", peer_memory={"cpu:1": "1GiB"},  # 1 + 2 rings of 2
                   link_bandwidth={"host": 10e9, "cpu:1": 10e9, "hbm": 100e9})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OffloadWarning)
@@ -371,6 +371,7 @@ def test_host_and_peer_offload_is_bitwise_equal(offload_case):
         assert placement.count("resident") == 1
         assert placement.count("cpu:1") >= 1 and placement.count("host") >= 1
         assert placement.count("cpu:1") + placement.count("host") == OFFLOAD_LAYERS - 1
+        assert model.plan.slots == {"host": 2, "cpu:1": 2}
         assert torch.equal(model(ids), logits)
         assert torch.equal(model.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True), tokens)
 

@@ -25,7 +25,7 @@ def plan(need, gpu, cpu=100 * GB, peers=None, **kw):
 def test_everything_fits_resident_and_warns_when_offload_was_asked_for():
     need = needs()
     p = plan(need, gpu=need.fixed_bytes + 40 * GB)
-    assert p.placement == ["resident"] * 40 and p.slots == 0
+    assert p.placement == ["resident"] * 40 and p.slots == {}
     with pytest.warns(OffloadWarning, match="nothing is offloaded"):
         make_plan(need, Budget(need.fixed_bytes + 40 * GB, 100 * GB, {}), BW, "cuda:0", offload_requested=True)
 
@@ -33,7 +33,7 @@ def test_everything_fits_resident_and_warns_when_offload_was_asked_for():
 def test_layers_that_do_not_fit_go_to_the_host_spread_between_resident_ones():
     need = needs()
     p = plan(need, gpu=need.fixed_bytes + 12 * GB)  # 10 resident + 2 slots
-    assert p.placement.count("resident") == 10 and p.placement.count("host") == 30 and p.slots == 2
+    assert p.placement.count("resident") == 10 and p.placement.count("host") == 30 and p.slots == {"host": 2}
     assert p.gpu_bytes == need.fixed_bytes + 12 * GB
     assert p.host_bytes == 30 * GB
     resident = p.layers_on("resident")
@@ -50,7 +50,8 @@ def test_kv_reservation_takes_the_place_of_layers():
 
 def test_peers_and_host_share_the_streamed_layers_by_bandwidth():
     need = needs()
-    p = plan(need, gpu=need.fixed_bytes + 2 * GB, peers={"cuda:1": 100 * GB})
+    p = plan(need, gpu=need.fixed_bytes + 4 * GB, peers={"cuda:1": 100 * GB})  # a ring of 2 slots per link
+    assert p.slots == {"host": 2, "cuda:1": 2} and p.placement.count("resident") == 0
     peer, host = p.placement.count("cuda:1"), p.placement.count("host")
     assert peer + host == 40 and peer > host > 0
     seconds = p.link_seconds()
@@ -85,11 +86,21 @@ def test_warns_when_link_bound_by_far():
         make_plan(need, Budget(need.fixed_bytes + 12 * GB, 100 * GB, {}), BW, "cuda:0")
 
 
+def test_slots_are_reserved_only_for_links_that_stream():
+    need = needs()
+    budget = need.fixed_bytes + 40 * GB - 1  # one layer short: the fast peer takes the few streamed layers
+    p = plan(need, gpu=budget, peers={"cuda:1": 100 * GB})
+    assert p.slots == {"cuda:1": 2} and p.placement.count("resident") == 37  # not 35: no ring for the host
+    assert p.gpu_bytes <= budget
+    single = plan(need, gpu=budget, slots=1, peers={"cuda:1": 100 * GB})
+    assert single.slots == {"cuda:1": 1} and single.placement.count("resident") == 38
+
+
 def test_more_slots_take_the_place_of_resident_layers():
     need = needs()
     budget = need.fixed_bytes + 12 * GB
     assert plan(need, budget, slots=4).placement.count("resident") == 8
-    assert plan(need, budget, slots=4).slots == 4
+    assert plan(need, budget, slots=4).slots == {"host": 4}
 
 
 def test_plan_is_printable_with_every_number():

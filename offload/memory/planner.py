@@ -8,8 +8,8 @@ the bytes per tier and the predicted time of a decode step,
     t_step = max(weights / HBM bandwidth, bytes streamed over each link / its bandwidth)
 
 The compute device keeps everything that must live there (non-layer tensors, KV
-cache, activations, the slots that streamed blocks are copied into) and then as
-many layers as fit. The rest are spread over the peers and the host so that the
+cache, activations, and for each streaming link the ring of slots its blocks are
+copied into) and then as many layers as fit. The rest are spread over the peers and the host so that the
 links finish together, and are interleaved with the resident layers in layer
 order, so every link keeps copying while resident layers compute.
 """
@@ -23,7 +23,7 @@ from ..errors import OffloadWarning, PlanError
 from .budget import Budget, format_size
 
 RESIDENT, HOST = "resident", "host"
-DEFAULT_SLOTS = 2  # double buffering: one slot computes while the next is filled
+DEFAULT_SLOTS = 2  # per link, double buffering: one slot computes while the next is filled
 LINK_BOUND_RATIO = 10.0  # warn when streaming makes a decode step this many times slower than compute
 
 
@@ -50,7 +50,7 @@ class MemoryNeeds:
 @dataclass
 class Plan:
     placement: list[str]  # one tier per decoder layer: "resident", "host" or a peer's device name
-    slots: int  # blocks-sized buffers on the compute device for streamed layers
+    slots: dict[str, int]  # per streaming link: block-sized buffers on the compute device (its ring)
     needs: MemoryNeeds
     budget: Budget
     bandwidth: dict[str, float]  # bytes/s per link, and "hbm"
@@ -79,7 +79,12 @@ class Plan:
     def gpu_bytes(self) -> int:
         """Everything the plan puts on the compute device."""
         embedding = 0 if self.embedding_on_host else self.needs.embedding_bytes
-        return self.needs.fixed_bytes + embedding + (len(self.layers_on(RESIDENT)) + self.slots) * self.needs.block_bytes
+        blocks = len(self.layers_on(RESIDENT)) + self.slot_count
+        return self.needs.fixed_bytes + embedding + blocks * self.needs.block_bytes
+
+    @property
+    def slot_count(self) -> int:
+        return sum(self.slots.values())
 
     @property
     def host_bytes(self) -> int:
@@ -130,7 +135,8 @@ class Plan:
         lines.append(
             f"  on {self.compute_device} besides resident layers: non-layer {format_size(n.global_bytes)}, "
             f"KV cache {format_size(n.kv_bytes)} ({n.max_batch} x {n.max_seq_len} tokens), "
-            f"{self.slots} slot(s) {format_size(self.slots * n.block_bytes)}, "
+            f"{self.slot_count} slot(s) {format_size(self.slot_count * n.block_bytes)}"
+            f"{' (' + ', '.join(f'{t} {c}' for t, c in self.slots.items()) + ')' if len(self.slots) > 1 else ''}, "
             f"activations {format_size(n.activation_bytes)}, workspace {format_size(n.workspace_bytes)}"
         )
         if self.embedding_on_host:
@@ -173,7 +179,7 @@ def make_plan(
     plan = lambda placement, k, on_host=False: Plan(  # noqa: E731
         placement, k, needs, budget, bandwidth, compute_device, title, embedding_on_host=on_host)
     if needs.fixed_bytes + embedding + n * block <= gpu:
-        result = plan([RESIDENT] * n, 0)
+        result = plan([RESIDENT] * n, {})
         if offload_requested:
             result.warnings.append(f"the whole model fits in the budget of {compute_device}: nothing is offloaded")
         return _emit(result)
@@ -190,23 +196,30 @@ def make_plan(
             "or lower --max-batch / --max-seq-len"
         )
     k = min(slots or DEFAULT_SLOTS, n)
-    resident = (gpu - needs.fixed_bytes - k * block) // block  # at most n - k - 1: the model does not fit
-    if resident < 0:
-        raise PlanError(
-            f"the budget of {where} ({format_size(budget.gpu_memory)}) cannot hold {_fixed_parts(needs, on_gpu)} "
-            f"plus {k} slot(s) of {format_size(block)} for streamed layers "
-            f"(= {format_size(needs.fixed_bytes + on_gpu + k * block)}); raise --gpu-memory"
-        )
-    streamed = _share_links(n - resident, block, Budget(gpu, host, budget.peer_memory), bandwidth)
-    if sum(streamed.values()) < n - resident:
-        missing = n - resident - sum(streamed.values())
-        held = ", ".join(f"{t} {c}" for t, c in {RESIDENT: resident, **streamed}.items())
-        raise PlanError(
-            f"the model does not fit{title}: {n} layers x {format_size(block)} = {format_size(n * block)}; "
-            f"the budgets hold {held} layers, leaving {missing} layer(s) ({format_size(missing * block)}) "
-            "with nowhere to go; raise --cpu-memory or add --peer-memory"
-        )
-    result = plan(_interleave({RESIDENT: resident, **streamed}), k, on_host)
+    link_budget = Budget(gpu, host, budget.peer_memory)
+    reserved = k * max(sum(1 for c in _capacity(block, link_budget).values() if c), 1)
+    for _ in range(4):  # each link's ring needs min(k, its layers) slots: refine the reservation
+        resident = (gpu - needs.fixed_bytes - reserved * block) // block  # < n: the model does not fit
+        if resident < 0:
+            raise PlanError(
+                f"the budget of {where} ({format_size(budget.gpu_memory)}) cannot hold "
+                f"{_fixed_parts(needs, on_gpu)} plus {reserved} slot(s) of {format_size(block)} for streamed "
+                f"layers (= {format_size(needs.fixed_bytes + on_gpu + reserved * block)}); raise --gpu-memory"
+            )
+        streamed = _share_links(n - resident, block, link_budget, bandwidth)
+        if sum(streamed.values()) < n - resident:
+            missing = n - resident - sum(streamed.values())
+            held = ", ".join(f"{t} {c}" for t, c in {RESIDENT: resident, **streamed}.items())
+            raise PlanError(
+                f"the model does not fit{title}: {n} layers x {format_size(block)} = {format_size(n * block)}; "
+                f"the budgets hold {held} layers, leaving {missing} layer(s) ({format_size(missing * block)}) "
+                "with nowhere to go; raise --cpu-memory or add --peer-memory"
+            )
+        ring_slots = {tier: min(k, count) for tier, count in streamed.items()}
+        if sum(ring_slots.values()) == reserved:
+            break
+        reserved = sum(ring_slots.values())
+    result = plan(_interleave({RESIDENT: resident, **streamed}), ring_slots, on_host)
     for peer in indirect_peers:
         if result.layers_on(peer):
             result.warnings.append(
@@ -223,9 +236,14 @@ def make_plan(
     return _emit(result)
 
 
+def _capacity(block: int, budget: Budget) -> dict[str, int]:
+    """Layers each streaming tier can hold."""
+    return {HOST: budget.cpu_memory // block, **{p: b // block for p, b in budget.peer_memory.items()}}
+
+
 def _share_links(count: int, block: int, budget: Budget, bandwidth: dict[str, float]) -> dict[str, int]:
     """Spread ``count`` streamed layers over the host and the peers so the links finish together."""
-    capacity = {HOST: budget.cpu_memory // block, **{p: b // block for p, b in budget.peer_memory.items()}}
+    capacity = _capacity(block, budget)
     taken = {tier: 0 for tier in capacity}
     for _ in range(count):
         open_tiers = [t for t in capacity if taken[t] < capacity[t]]

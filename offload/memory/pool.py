@@ -34,7 +34,9 @@ class WeightPool:
             else:
                 device = compute if tier == RESIDENT or not on_gpu else torch.device(tier)
                 self.buffers[tier] = torch.empty(count * block_numel, dtype=dtype, device=device)
-        self.slots = torch.empty(plan.slots * block_numel, dtype=dtype, device=compute).view(plan.slots, block_numel)
+        # Each streaming link fills its own ring of slots on the compute device.
+        self.slots = {tier: torch.empty(count, block_numel, dtype=dtype, device=compute)
+                      for tier, count in plan.slots.items()}
         # Block i is the next unused block-sized piece of its tier's buffer.
         used = {tier: 0 for tier in self.buffers}
         self.blocks: list[torch.Tensor] = []

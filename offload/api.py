@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import BudgetError, InputError, PlanError
-from .generation import GenerationResult, Sampling, generate
+from .generation import GenerationResult, Sampling, check_token_ids, generate
 from .memory.budget import Budget
 from .memory.links import link_bandwidths, peer_is_direct
 from .memory.planner import HOST, RESIDENT, MemoryNeeds, Plan, make_plan
@@ -135,8 +135,7 @@ class OffloadedModel:
                  for tier in s.plan.streamed_tiers}
         self.layers = LayerStream(s.layout, pool.blocks, s.plan.placement, pool.slots, links)
         self.rope = Rope(s.config.rope_inv_freq(), s.max_seq_len, s.dtype, s.device)
-        self.transformer = Transformer(s.config, _global_weights(s, pool), self.rope, s.tp,
-                                       vocab_start=vocab_rows(s.config, s.tp)[0])
+        self.transformer = Transformer(s.config, _global_weights(s, pool), s.tp, vocab_start=vocab_rows(s.config, s.tp)[0])
         _, kv_heads = local_heads(s.config, s.tp)
         self.cache = KVCache(s.config.n_layers, s.max_batch, kv_heads, s.max_seq_len, s.config.head_dim,
                              s.dtype, s.device)
@@ -155,7 +154,8 @@ class OffloadedModel:
         if mask.shape != ids.shape:
             raise InputError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}")
         rows = [row[keep].tolist() for row, keep in zip(ids, mask)]
-        self._check_tokens(rows)
+        for b, row in enumerate(rows):
+            check_token_ids(row, self.config.vocab_size, f"row {b}")
         if ids.numel() > self.max_step_tokens or ids.shape[1] > self.max_seq_len:
             raise InputError(
                 f"a forward pass over {ids.shape[0]} x {ids.shape[1]} tokens exceeds max_step_tokens="
@@ -236,14 +236,6 @@ class OffloadedModel:
 
     def __exit__(self, *exc):
         self.close()
-
-    def _check_tokens(self, rows: list[list[int]]) -> None:
-        for b, row in enumerate(rows):
-            if not row:
-                raise InputError(f"row {b} has no tokens")
-            bad = [t for t in row if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise InputError(f"row {b}: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
 
 
 # ---------------------------------------------------------------------- setup

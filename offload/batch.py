@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .errors import InputError
-from .generation import Sampling, generate, sample
+from .generation import Sampling, check_token_ids, generate, sample
 
 
 @dataclass
@@ -91,11 +91,7 @@ def _prompt_ids(obj: dict, where: str, tokenizer, vocab_size: int) -> list[int]:
         ids = obj["prompt_ids"]
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise InputError(f"{where}: 'prompt_ids' must be a list of integers")
-    if not ids:
-        raise InputError(f"{where}: the prompt is empty")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise InputError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    check_token_ids(ids, vocab_size, where)
     return ids
 
 

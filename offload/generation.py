@@ -85,6 +85,15 @@ class GenerationResult:
         return 1e3 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
 
 
+def check_token_ids(ids: list[int], vocab_size: int, where: str) -> None:
+    """A prompt must be non-empty and made of ids the vocabulary has."""
+    if not ids:
+        raise InputError(f"{where}: the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InputError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+
+
 def check_prompts(prompts: list[list[int]], max_new_tokens: list[int], vocab_size: int, max_seq_len: int,
                   max_batch: int) -> None:
     if not prompts:
@@ -97,11 +106,7 @@ def check_prompts(prompts: list[list[int]], max_new_tokens: list[int], vocab_siz
     for b, (prompt, new) in enumerate(zip(prompts, max_new_tokens)):
         if new < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {new}")
-        if not prompt:
-            raise InputError(f"prompt {b} is empty")
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
-            raise InputError(f"prompt {b}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        check_token_ids(prompt, vocab_size, f"prompt {b}")
         if len(prompt) + new > max_seq_len:
             raise InputError(
                 f"prompt {b}: {len(prompt)} tokens + {new} new tokens exceed the context of "

@@ -53,17 +53,6 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
-    def n_params(self) -> int:
-        """Parameter count (the LM head counted once when tied)."""
-        d, i = self.hidden_size, self.intermediate_size
-        per_layer = d * (self.q_dim + 2 * self.kv_dim) + self.q_dim * d + 3 * d * i + 2 * d
-        if self.qkv_bias:
-            per_layer += self.q_dim + 2 * self.kv_dim
-        if self.o_bias:
-            per_layer += d
-        head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.n_layers * per_layer + self.vocab_size * d + head + d
-
     def rope_inv_freq(self) -> torch.Tensor:
         """Inverse frequencies of the rotary embedding, scaled as the config asks (float32)."""
         dim = self.head_dim

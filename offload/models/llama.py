@@ -79,8 +79,10 @@ def repeat_kv(x: torch.Tensor, times: int) -> torch.Tensor:
 
 
 class Transformer:
-    def __init__(self, config: ModelConfig, weights: GlobalWeights, rope, tp: TensorParallel, vocab_start: int = 0):
-        self.config, self.weights, self.rope, self.tp = config, weights, rope, tp
+    """Embedding, decoder layers, final norm, LM head: the non-layer weights are held, layers are passed in."""
+
+    def __init__(self, config: ModelConfig, weights: GlobalWeights, tp: TensorParallel, vocab_start: int = 0):
+        self.config, self.weights, self.tp = config, weights, tp
         self.vocab_start = vocab_start
         self.heads, self.kv_heads = local_heads(config, tp)
 

@@ -104,6 +104,8 @@ def load_model(model, *, device=None, dtype=None, gpu_memory=None, cpu_memory=No
                max_step_tokens, tp, slots, link_bandwidth)
     if random_weights is not None:
         source = RandomSource(seed=random_weights, device=s.device)
+    elif isinstance(model, (dict, ModelConfig)):
+        raise InputError("a config has no weights: give a checkpoint directory, or random_weights=SEED")
     else:
         source = CheckpointSource(model)
     source.validate(checkpoint_sources(s.config, s.tp, s.dtype))

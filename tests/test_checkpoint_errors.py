@@ -206,3 +206,10 @@ def test_index_not_json(broken):
     _shard(broken)
     (broken / "model.safetensors.index.json").write_text("not json")
     _raises(broken, CheckpointError, "model.safetensors.index.json")
+
+
+def test_a_config_without_weights_needs_random_weights():
+    from offload.models.shapes import shape_config
+
+    with pytest.raises(offload.InputError, match="random_weights"):
+        offload.load_model(shape_config("tiny"), progress=False)

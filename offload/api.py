@@ -133,7 +133,7 @@ class OffloadedModel:
         self.plan, self.plans = s.plan, s.plans
         self.max_batch, self.max_seq_len, self.max_step_tokens = s.max_batch, s.max_seq_len, s.max_step_tokens
         self.pool = pool
-        links = {tier: Link(tier, s.device, "cpu" if tier == HOST or s.device.type == "cpu" else tier)
+        links = {tier: Link(s.device, "cpu" if tier == HOST or s.device.type == "cpu" else tier)
                  for tier in s.plan.streamed_tiers}
         self.layers = LayerStream(s.layout, pool.blocks, s.plan.placement, pool.slots, links)
         self.rope = Rope(s.config.rope_inv_freq(), s.max_seq_len, s.dtype, s.device)

@@ -25,9 +25,8 @@ from ..models.layout import BlockLayout, LayerWeights
 class Link:
     """The copy engine of one source of bytes: the host, or one peer GPU."""
 
-    def __init__(self, name: str, compute_device, source_device):
+    def __init__(self, compute_device, source_device):
         compute, source = torch.device(compute_device), torch.device(source_device)
-        self.name = name
         self.stream = torch.cuda.Stream(compute) if compute.type == "cuda" else None
         # A copy between two GPUs runs on the source GPU's current stream (and is fenced
         # against the destination's), so a peer link needs a stream on each side.

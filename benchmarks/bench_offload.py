@@ -63,14 +63,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 import offload  # noqa: E402
-from offload.memory.links import PROBE_BYTES, measure_cpu_copy, measure_device_copy, measure_host, measure_peer
-from offload.memory.links import peer_is_direct
+from offload.distributed import TensorParallel
+from offload.memory.bandwidth import PROBE_BYTES, measure_cpu_copy, measure_device_copy, measure_host, measure_peer
+from offload.memory.bandwidth import peer_is_direct
 from offload.memory.planner import DEFAULT_SLOTS, HOST, RESIDENT
-from offload.models.checkpoint import CheckpointSource, RandomSource
+from offload.models.checkpoint import CheckpointSource
 from offload.models.config import config_from_dict
 from offload.models.layout import checkpoint_sources, layer_layout
-from offload.models.parallel import TensorParallel
 from offload.models.shapes import SHAPES, shape_config
+from offload.synthetic import RandomSource
 
 SEED = 0
 COPY_REPEATS = 5
@@ -79,8 +80,6 @@ GPU_HEADROOM = 2 * 2**30  # left free on a peer for its CUDA context and allocat
 WARMUP_PROMPT = 8  # tokens of accelerate's warm-up prompt
 QUICK = dict(shape="tiny", prompt_len=16, decode_tokens=8, batch="1,4", accelerate_tokens=4)
 DEFAULTS = dict(prompt_len=128, decode_tokens=16, batch="1,16", accelerate_tokens=4, gpu_memory="8GiB")
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
 TIER_LETTER = {RESIDENT: "R", HOST: "H", "peer": "P", "disk": "D"}
 
 
@@ -209,7 +208,7 @@ def bench_from_args(args) -> Bench:
         model = shape_config(shape)
         config, label = config_from_dict(model), f"{shape} (random weights, seed {SEED})"
     device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.quick else torch.device("cpu")
-    dtype = parse_dtype(args.dtype, device)
+    dtype = offload.parse_dtype(args.dtype, device)
     # --quick sizes its budget from the plan once the links are known (quick_budget, in main).
     gpu_memory = 0 if args.quick else offload.parse_size(setting("gpu_memory"), "--gpu-memory")
     return Bench(model, config, label, device, dtype, gpu_memory, prompt_len, decode_tokens, batches,
@@ -224,14 +223,6 @@ def parse_batches(text: str) -> list[int]:
     if not batches or batches[0] < 1:
         raise UsageError(f"--batch expects comma-separated positive integers such as 1,16, got {text!r}")
     return batches
-
-
-def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name.lower() not in DTYPES:
-        raise UsageError(f"--dtype must be one of bf16, fp16, fp32, got {name!r}")
-    return DTYPES[name.lower()]
 
 
 # ---------------------------------------------------------------------- links

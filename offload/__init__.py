@@ -10,7 +10,7 @@ side CUDA streams while earlier layers compute.
     ids = model.generate([[1, 306, 4966]], max_new_tokens=32)
 """
 
-from .api import OffloadedModel, load_model, plan_model
+from .api import load_model, plan_model
 from .errors import (
     BudgetError,
     CheckpointError,
@@ -20,15 +20,18 @@ from .errors import (
     OffloadWarning,
     PlanError,
 )
-from .generation import GenerationResult, Sampling
 from .memory.budget import Budget, format_size, parse_size
 from .memory.planner import Plan
+from .model import GenerationResult, OffloadedModel
 from .models.config import ModelConfig, load_config
+from .options import LoadOptions, parse_dtype
+from .sampling import Sampling
+from .scheduler.engine import Engine, Request
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load_model", "plan_model", "OffloadedModel", "GenerationResult", "Sampling", "Plan", "Budget",
-    "ModelConfig", "load_config", "parse_size", "format_size", "OffloadError", "ConfigError",
-    "CheckpointError", "BudgetError", "PlanError", "InputError", "OffloadWarning",
+    "load_model", "plan_model", "LoadOptions", "OffloadedModel", "GenerationResult", "Engine", "Request",
+    "Sampling", "Plan", "Budget", "ModelConfig", "load_config", "parse_size", "format_size", "parse_dtype",
+    "OffloadError", "ConfigError", "CheckpointError", "BudgetError", "PlanError", "InputError", "OffloadWarning",
 ]

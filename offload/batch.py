@@ -9,13 +9,13 @@ and fsynced. A rerun with the same output file skips the ids already there (a
 line torn by a crash is cut off first), so a job killed at any moment and rerun
 ends with every id exactly once.
 
-Scheduling (``dynamic``): the KV cache has ``batch_size`` rows. Records are taken
-longest first, so rows that start together have similar lengths (little
-padding), and a row is refilled as soon as its sequence finishes. Every step
-streams the weights once and serves every row: rows still reading their prompt
-add a chunk of it, the others add one generated token. ``fifo`` is the plain
-alternative for comparison: fixed batches in input order, each run until its
-longest member finishes.
+Scheduling (``dynamic``): the row engine has ``batch_size`` rows. Records are
+taken longest first, so rows that start together end at similar times, and a
+row is refilled as soon as its sequence finishes. Every step streams the weights
+once and serves every row: rows still reading their prompt add (a chunk of) it,
+the others add one generated token. ``fifo`` is the plain alternative for
+comparison: fixed batches in input order, each run until its longest member
+finishes.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from .errors import InputError
-from .generation import Sampling, check_token_ids, generate, sample
+from .inputs import check_token_ids
+from .sampling import GREEDY, Sampling
+from .scheduler.engine import Engine, Request
 
 
 @dataclass
@@ -162,133 +162,66 @@ class JobSummary:
     generated_tokens: int = 0
     seconds: float = 0.0
     steps: int = 0
-    computed_tokens: int = 0  # tokens run through the layers (linear layers never see padding)
-    useful_tokens: int = 0  # of those, the ones a record needed (not those of rows already finished)
+    occupancy: float = 0.0  # the share of row-steps in which a row held a record
 
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def padding_fraction(self) -> float:
-        """The share of computed tokens that no record needed."""
-        return 1 - self.useful_tokens / self.computed_tokens if self.computed_tokens else 0.0
 
     def __str__(self) -> str:
         return (
             f"{self.records} records ({self.skipped} already done), {self.prompt_tokens} prompt tokens, "
             f"{self.generated_tokens} generated tokens in {self.seconds:.1f} s: "
             f"{self.tokens_per_s:.1f} tokens/s, {self.records / max(self.seconds, 1e-9):.2f} records/s, "
-            f"{self.steps} steps, {100 * self.padding_fraction:.1f}% of computed tokens wasted on padding"
+            f"{self.steps} steps, rows busy {100 * self.occupancy:.0f}% of the time"
         )
 
 
-@dataclass
-class _Row:
-    record: Record
-    fed: int = 0  # prompt tokens in the cache
-    cached: int = 0  # all tokens in the cache
-    out: list[int] = field(default_factory=list)
-
-
 def run_batch(model, records: list[Record], results: ResultFile | None, batch_size: int,
-              sampling: Sampling = Sampling(), eos_ids: tuple[int, ...] = (), tokenizer=None,
+              sampling: Sampling = GREEDY, eos_ids: tuple[int, ...] = (), tokenizer=None,
               schedule: str = "dynamic", progress: bool = True) -> JobSummary:
-    """Run every record not yet in ``results``; ``results`` is None on ranks that do not write."""
+    """Run every record not yet in ``results``; ``results`` is None on ranks that do not write.
+
+    Record ``r`` samples with the seed ``seed + r.line``, so its output does not depend on
+    which records share its steps, nor on a rerun.
+    """
     done = results.done if results is not None else set()
     todo = [r for r in records if r.id not in done]
-    summary = JobSummary(records=len(todo), skipped=len(records) - len(todo))
-    summary.prompt_tokens = sum(len(r.prompt_ids) for r in todo)
+    summary = JobSummary(records=len(todo), skipped=len(records) - len(todo),
+                         prompt_tokens=sum(len(r.prompt_ids) for r in todo))
+    engine = Engine(model, rows=batch_size)
+    if schedule == "dynamic":  # longest first: rows that start together end at similar times
+        waves = [sorted(todo, key=lambda r: len(r.prompt_ids) + r.max_new_tokens, reverse=True)]
+    else:  # fifo: fixed batches in input order, each until its longest member ends
+        waves = [todo[k : k + len(engine.rows)] for k in range(0, len(todo), len(engine.rows))]
     bar = tqdm(total=len(todo), unit="prompt", desc="batch", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
-
-    def finish(record: Record, tokens: list[int], reason: str) -> None:
-        summary.generated_tokens += len(tokens)
-        if results is not None:
-            out = {"id": record.id, "output_ids": tokens, "prompt_tokens": len(record.prompt_ids),
-                   "output_tokens": len(tokens), "finish_reason": reason}
-            if tokenizer is not None:
-                out["text"] = tokenizer.decode(tokens)
-            results.write(out)
-        bar.update(1)
-        elapsed = time.perf_counter() - start
-        bar.set_postfix_str(f"{summary.generated_tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
-
     try:
-        if todo:
-            run = _run_dynamic if schedule == "dynamic" else _run_fifo
-            run(model, todo, batch_size, sampling, eos_ids, finish, summary)
+        for wave in waves:
+            for r in wave:
+                engine.submit(Request(tuple(r.prompt_ids), r.max_new_tokens, sampling.with_seed_offset(r.line),
+                                      eos_ids, key=r))
+            while engine.busy:
+                for row, _ in engine.step():
+                    if row.finish_reason is not None:
+                        _write(results, row.request.key, row.tokens, row.finish_reason, tokenizer)
+                        summary.generated_tokens += len(row.tokens)
+                        bar.update(1)
+                        rate = summary.generated_tokens / max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
     finally:
         bar.close()
     summary.seconds = time.perf_counter() - start
+    summary.steps = engine.stats.steps
+    summary.occupancy = engine.stats.busy_row_steps / max(engine.stats.steps * len(engine.rows), 1)
     return summary
 
 
-def _finish_reason(row: _Row, eos_ids, max_seq_len: int) -> str | None:
-    if row.out[-1] in eos_ids:
-        return "eos"
-    if len(row.out) >= row.record.max_new_tokens or row.cached + 1 > max_seq_len:
-        return "length"
-    return None
-
-
-def _run_dynamic(model, todo, batch_size, sampling, eos_ids, finish, summary) -> None:
-    queue = sorted(todo, key=lambda r: len(r.prompt_ids) + r.max_new_tokens)  # pop() takes the longest
-    rows: list[_Row | None] = [None] * min(batch_size, model.max_batch)
-    generator = sampling.generator(model.device)
-    while queue or any(rows):
-        for i, row in enumerate(rows):
-            if row is None and queue:
-                rows[i] = _Row(queue.pop())
-        active = max(i for i, r in enumerate(rows) if r is not None) + 1
-        width = max(model.max_step_tokens // active, 1)
-        new_tokens = [_next_tokens(r, width) for r in rows[:active]]
-        logits = model.step(new_tokens, [r.cached if r else 0 for r in rows[:active]])
-        summary.steps += 1
-        summary.computed_tokens += sum(map(len, new_tokens))
-        summary.useful_tokens += sum(map(len, new_tokens))
-        for r, tokens in zip(rows, new_tokens):
-            if r is not None:
-                r.cached += len(tokens)
-                r.fed += len(tokens) if r.fed < len(r.record.prompt_ids) else 0
-        ready = [i for i, r in enumerate(rows[:active]) if r is not None and r.fed == len(r.record.prompt_ids)]
-        if not ready:
-            continue
-        ids = _sample_rows(model, logits, ready, sampling, generator)
-        for i, token in zip(ready, ids):
-            row = rows[i]
-            row.out.append(token)
-            reason = _finish_reason(row, eos_ids, model.max_seq_len)
-            if reason is not None:
-                finish(row.record, row.out, reason)
-                rows[i] = None
-
-
-def _next_tokens(row: _Row | None, width: int) -> list[int]:
-    if row is None:
-        return []
-    prompt = row.record.prompt_ids
-    if row.fed < len(prompt):
-        return prompt[row.fed : row.fed + width]
-    return [row.out[-1]]
-
-
-def _sample_rows(model, logits, rows: list[int], sampling: Sampling, generator) -> list[int]:
-    picked = logits[torch.tensor(rows, device=logits.device)]
-    ids = sample(picked, sampling, generator)
-    if sampling.do_sample and model.tp.size > 1:  # all ranks continue with rank 0's tokens
-        dist.broadcast(ids, src=dist.get_global_rank(model.tp.group, 0), group=model.tp.group)
-    return ids.tolist()
-
-
-def _run_fifo(model, todo, batch_size, sampling, eos_ids, finish, summary) -> None:
-    size = min(batch_size, model.max_batch)
-    for k in range(0, len(todo), size):
-        batch = todo[k : k + size]
-        result = generate(model, [r.prompt_ids for r in batch], [r.max_new_tokens for r in batch], sampling, eos_ids)
-        longest = max(len(r.prompt_ids) for r in batch)
-        summary.steps += -(-longest // max(model.max_step_tokens // len(batch), 1)) + result.decode_steps
-        summary.computed_tokens += result.prompt_tokens + len(batch) * result.decode_steps  # finished rows too
-        for record, tokens, reason in zip(batch, result.tokens, result.finish_reasons):
-            summary.useful_tokens += len(record.prompt_ids) + len(tokens) - 1
-            finish(record, tokens, reason)
+def _write(results: ResultFile | None, record: Record, tokens: list[int], reason: str, tokenizer) -> None:
+    if results is None:
+        return
+    out = {"id": record.id, "output_ids": tokens, "prompt_tokens": len(record.prompt_ids),
+           "output_tokens": len(tokens), "finish_reason": reason}
+    if tokenizer is not None:
+        out["text"] = tokenizer.decode(tokens)
+    results.write(out)

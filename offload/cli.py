@@ -12,31 +12,27 @@ Any bad input prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from . import plan_model
 from .api import load_model
 from .batch import ResultFile, check_context, read_records, run_batch
+from .distributed import TensorParallel, init_tensor_parallel
 from .errors import InputError, OffloadError, OffloadWarning, PlanError
-from .generation import Sampling, check_prompts
+from .inputs import check_token_ids
+from .loading import prepare
 from .memory.budget import parse_peer_flag
-from .memory.links import cache_path
 from .memory.planner import format_plans
-from .models.checkpoint import write_checkpoint
 from .models.config import load_config
-from .models.parallel import init_tensor_parallel
-from .models.shapes import shape_config
+from .options import LoadOptions
+from .sampling import Sampling
+from .synthetic import DEMO_SHAPE, demo_checkpoint
 from .text import Tokenizer
 
-DEMO_SHAPE = "tiny"
 DEMO_PROMPT = "offload runs transformer models that are larger than"
 MAX_AUTO_BATCH = 64
 
@@ -102,49 +98,32 @@ def _main(args) -> int:
     tp = init_tensor_parallel(args.tp)  # under torchrun, before anything that ranks must agree on
     say = print if tp.rank == 0 else (lambda *a, **k: None)
     demo = args.model is None
-    if demo:
-        args.model = str(_demo_checkpoint(quiet=args.quiet or tp.rank != 0))
-    config = load_config(args.model)
-    tokenizer = Tokenizer.from_dir(args.model)
-    sampling = _sampling(args)
-    eos = () if args.ignore_eos else config.eos_token_ids
-
-    records = results = None
+    model_path = demo_checkpoint(quiet=args.quiet or tp.rank != 0) if demo else Path(args.model)
+    config = load_config(model_path)
+    tokenizer = Tokenizer.from_dir(model_path)
+    options = _options(args)
     if args.prompts:
-        if not args.output:
-            raise InputError("--prompts needs --output")
-        records, done, results = _read_job(args, tokenizer, config.vocab_size, tp)
-        args.max_seq_len = args.max_seq_len or max(len(r.prompt_ids) + r.max_new_tokens for r in records)
-        check_context(records, args.max_seq_len)
-        args.max_batch = _batch_size(args, max(len([r for r in records if r.id not in done]), 1))
-    elif not (args.plan and args.prompt is None and args.prompt_ids is None):  # --plan needs no prompt
-        prompt = _single_prompt(args, tokenizer, demo)
-        args.max_seq_len = args.max_seq_len or len(prompt) + args.max_new_tokens
-        if len(prompt) + args.max_new_tokens > args.max_seq_len:
+        return _run_job(args, model_path, config, tokenizer, options, tp, say)
+    if args.output:
+        raise InputError("--output goes with --prompts (a batch job)")
+
+    prompt = None
+    if not (args.plan and args.prompt is None and args.prompt_ids is None):  # --plan needs no prompt
+        prompt = check_token_ids(_single_prompt(args, tokenizer, demo), config.vocab_size, "the prompt")
+        needed = len(prompt) + args.max_new_tokens
+        options = options.replace(max_seq_len=options.max_seq_len or needed)
+        if needed > options.max_seq_len:
             raise InputError(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} "
-                             f"exceeds --max-seq-len {args.max_seq_len}")
-        check_prompts([prompt], [args.max_new_tokens], config.vocab_size, args.max_seq_len, 1)
+                             f"exceeds --max-seq-len {options.max_seq_len}")
     if demo and args.gpu_memory is None:
-        _demo_budget(args, say)
-
-    kwargs = _model_kwargs(args)
+        options = _demo_budget(model_path, options, say)
     if args.plan:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            plan = plan_model(args.model, **kwargs)
-        say(format_plans(tp.gather_objects(plan)))
+        say(format_plans(prepare(model_path, options).plans))
         return 0
-    model = load_model(args.model, **kwargs, progress=not args.quiet)
+
+    model = load_model(model_path, options, progress=not args.quiet)
     say(format_plans(model.plans))
-
-    if records is not None:
-        summary = run_batch(model, records, results, args.max_batch, sampling, eos, tokenizer,
-                            schedule=args.schedule, progress=tp.rank == 0 and not args.quiet)
-        if results is not None:
-            results.close()
-        say(f"done: {summary}")
-        return 0
-
+    sampling = _sampling(args)
     result = model.generate([prompt], max_new_tokens=args.max_new_tokens, do_sample=sampling.do_sample,
                             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                             seed=sampling.seed, ignore_eos=args.ignore_eos, return_result=True)
@@ -160,7 +139,36 @@ def _main(args) -> int:
     return 0
 
 
-def _read_job(args, tokenizer, vocab_size: int, tp):
+def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, tp: TensorParallel, say) -> int:
+    """A batch job: check the whole prompt file, size the KV cache for it, run what is not done yet."""
+    if not args.output:
+        raise InputError("--prompts needs --output")
+    records, done, results = _read_job(args, tokenizer, config.vocab_size, tp)
+    seq = options.max_seq_len or max(len(r.prompt_ids) + r.max_new_tokens for r in records)
+    check_context(records, seq)
+    # A job's steps hold at least 2048 tokens, so that rows joining the batch read their prompts in few
+    # steps (each step streams every weight once).
+    options = options.replace(max_seq_len=seq, max_step_tokens=options.max_step_tokens or max(2048, seq))
+    todo = max(sum(r.id not in done for r in records), 1)
+    options = options.replace(max_batch=_batch_size(args, model_path, options, todo))
+    if args.model is None and args.gpu_memory is None:
+        options = _demo_budget(model_path, options, say)
+    if args.plan:
+        say(format_plans(prepare(model_path, options).plans))
+        return 0
+    model = load_model(model_path, options, progress=not args.quiet)
+    say(format_plans(model.plans))
+    eos = () if args.ignore_eos else config.eos_token_ids
+    summary = run_batch(model, records, results, options.max_batch, _sampling(args), eos, tokenizer,
+                        schedule=args.schedule, progress=tp.rank == 0 and not args.quiet)
+    if results is not None:
+        results.close()
+    say(f"done: {summary}")
+    model.close()
+    return 0
+
+
+def _read_job(args, tokenizer, vocab_size: int, tp: TensorParallel):
     """Rank 0 reads and checks the prompt file and the finished ids; every rank gets the same (or the error)."""
     outcome, results = None, None
     if tp.rank == 0:
@@ -170,19 +178,27 @@ def _read_job(args, tokenizer, vocab_size: int, tp):
             outcome = ("ok", records, results.done)
         except OffloadError as e:
             outcome = ("error", str(e))
-    if tp.size > 1:
-        box = [outcome]
-        dist.broadcast_object_list(box, src=0, group=tp.group)
-        outcome = box[0]
+    outcome = tp.broadcast_object(outcome)
     if outcome[0] == "error":
         raise InputError(outcome[1])
     _, records, done = outcome
     return records, set(done), results
 
 
+def _options(args) -> LoadOptions:
+    """The load options the flags give (values a job derives are added with ``replace``)."""
+    return LoadOptions(
+        device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
+        peer_memory=dict(parse_peer_flag(p) for p in args.peer_memory or []),
+        max_batch=1 if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
+        max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots,
+    )
+
+
 def _sampling(args) -> Sampling:
     do_sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
-    return Sampling(do_sample, args.temperature or 1.0, args.top_k or 0, args.top_p or 1.0, args.seed)
+    return Sampling(do_sample, 1.0 if args.temperature is None else args.temperature,
+                    0 if args.top_k is None else args.top_k, 1.0 if args.top_p is None else args.top_p, args.seed)
 
 
 def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
@@ -202,23 +218,7 @@ def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
     return tokenizer.encode(text)
 
 
-def _model_kwargs(args) -> dict:
-    peers = dict(parse_peer_flag(p) for p in args.peer_memory or [])
-    return dict(device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
-                peer_memory=peers, max_batch=args.max_batch or 1, max_seq_len=args.max_seq_len,
-                max_step_tokens=args.max_step_tokens or _default_step_tokens(args),
-                tp=args.tp, slots=args.slots)
-
-
-def _default_step_tokens(args) -> int | None:
-    """One step holds a whole prompt; a batch job's steps hold at least 2048 tokens, so that rows joining
-    the batch read their prompts in few steps (each step streams every weight once)."""
-    if args.prompts:
-        return max(2048, args.max_seq_len or 0)
-    return args.max_seq_len
-
-
-def _batch_size(args, records: int) -> int:
+def _batch_size(args, model_path: Path, options: LoadOptions, records: int) -> int:
     """``--batch-size N``, or for ``auto`` the most rows whose KV cache the budgets can hold (a plan per try).
 
     A step streams every weight once whatever the batch, so more rows are more tokens per
@@ -232,49 +232,29 @@ def _batch_size(args, records: int) -> int:
         if size < 1:
             raise InputError("--batch-size must be >= 1")
         return size
-    if args.max_batch:
-        return args.max_batch
+    if args.max_batch is not None:
+        return options.max_batch
 
     def fits(rows: int) -> bool:
-        args.max_batch = rows
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                plan_model(args.model, **_model_kwargs(args))
+            prepare(model_path, options.replace(max_batch=rows))
             return True
         except PlanError:
             return False
 
     lo, hi = 1, min(records, MAX_AUTO_BATCH)
     if not fits(lo):
-        args.max_batch = None
-        plan_model(args.model, **_model_kwargs(args))  # raises the planner's own explanation
+        prepare(model_path, options.replace(max_batch=1))  # raises the planner's own explanation
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     return lo
 
 
-def _demo_checkpoint(quiet: bool) -> Path:
-    """The built-in demo model: the ``tiny`` shape with seeded random weights, written once and cached."""
-    path = cache_path().parent / f"demo-{DEMO_SHAPE}-v1"
-    if not (path / "config.json").is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".demo-"))
-        write_checkpoint(shape_config(DEMO_SHAPE), tmp, torch.float32, seed=0, device="cpu", progress=not quiet)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process made it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _demo_budget(args, say) -> None:
+def _demo_budget(model_path: Path, options: LoadOptions, say) -> LoadOptions:
     """A GPU budget that holds about half the demo's layers, so the rest stream from the host."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        needs = plan_model(args.model, **_model_kwargs(args)).needs
-    args.gpu_memory = needs.fixed_bytes + (needs.n_layers // 2 + (args.slots or 2)) * needs.block_bytes
-    args.cpu_memory = args.cpu_memory or needs.n_layers * needs.block_bytes
-    say(f"demo: the built-in '{DEMO_SHAPE}' model (random weights) with --gpu-memory {args.gpu_memory} "
+    needs = prepare(model_path, options).plan.needs
+    gpu = needs.fixed_bytes + (needs.n_layers // 2 + (options.slots or 2)) * needs.block_bytes
+    say(f"demo: the built-in '{DEMO_SHAPE}' model (random weights) with --gpu-memory {gpu} "
         "bytes, so that half of its layers stream from host memory")
+    return options.replace(gpu_memory=gpu, cpu_memory=options.cpu_memory or needs.n_layers * needs.block_bytes)

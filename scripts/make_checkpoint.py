@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offload import OffloadError, parse_size  # noqa: E402
-from offload.api import _dtype  # noqa: E402
-from offload.models.checkpoint import write_checkpoint  # noqa: E402
+from offload.options import parse_dtype  # noqa: E402
+from offload.synthetic import write_checkpoint  # noqa: E402
 from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="where random numbers are made (default: cuda if present)")
     args = parser.parse_args(argv)
     try:
-        out = write_checkpoint(shape_config(args.shape), args.out, _dtype(args.dtype, None), seed=args.seed,
+        out = write_checkpoint(shape_config(args.shape), args.out, parse_dtype(args.dtype), seed=args.seed,
                                shard_bytes=parse_size(args.shard_size, "--shard-size"), device=args.device)
     except OffloadError as e:
         print(f"make_checkpoint: {e}", file=sys.stderr)

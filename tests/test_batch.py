@@ -14,7 +14,7 @@ import torch
 import offload
 from offload.batch import ResultFile, read_records, run_batch
 from offload.cli import main
-from offload.models.checkpoint import write_checkpoint
+from offload.synthetic import write_checkpoint
 from offload.models.shapes import shape_config
 
 ROOT = Path(__file__).resolve().parents[1]

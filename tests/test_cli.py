@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from offload.cli import main
-from offload.models.checkpoint import write_checkpoint
+from offload.synthetic import write_checkpoint
 from offload.models.shapes import shape_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,10 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 import offload
-from offload.models.checkpoint import RandomSource
+from offload.synthetic import RandomSource
 from offload.models.layout import checkpoint_sources
 from offload.models.llama import ATTENTION_BACKENDS
-from offload.models.parallel import TensorParallel
+from offload.distributed import TensorParallel
 from offload.models.shapes import shape_config
 
 pytestmark = pytest.mark.gpu

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 import offload
-from offload.models.checkpoint import write_checkpoint
+from offload.synthetic import write_checkpoint
 from offload.models.shapes import shape_config
 
 pytestmark = pytest.mark.slow

@@ -18,11 +18,11 @@ from ..errors import OffloadError
 
 
 class PinnedMemory:
-    """``numel`` elements of ``dtype`` in host RAM, page-locked when CUDA is present."""
+    """``nbytes`` bytes of host RAM (a uint8 tensor), page-locked when CUDA is present."""
 
-    def __init__(self, numel: int, dtype: torch.dtype, pin: bool | None = None):
-        self.tensor = torch.empty(numel, dtype=dtype)
-        self.nbytes = self.tensor.numel() * self.tensor.element_size()
+    def __init__(self, nbytes: int, pin: bool | None = None):
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+        self.nbytes = nbytes
         pin = torch.cuda.is_available() if pin is None else pin
         self.pinned_bytes = 0
         if pin and self.nbytes:

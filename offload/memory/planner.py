@@ -16,10 +16,9 @@ order, so every link keeps copying while resident layers compute.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
-from ..errors import OffloadWarning, PlanError
+from ..errors import PlanError
 from .budget import Budget, format_size
 
 RESIDENT, HOST = "resident", "host"
@@ -40,11 +39,12 @@ class MemoryNeeds:
     max_batch: int = 1
     max_seq_len: int = 0
     embedding_bytes: int = 0  # an untied embedding table: on the GPU, or in host RAM when offloading
+    rope_bytes: int = 0  # the rotary embedding's cos/sin tables for max_seq_len positions
 
     @property
     def fixed_bytes(self) -> int:
         """What must be on the compute device besides the layers, the slots and the embedding."""
-        return self.global_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes
+        return self.global_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes + self.rope_bytes
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Plan:
     compute_device: str
     title: str = ""
     embedding_on_host: bool = False  # a step's lookups copy only its tokens' rows to the GPU
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # printed with the plan; the caller decides whether to warn
 
     # ---------------------------------------------------------------- derived figures
 
@@ -137,7 +137,8 @@ class Plan:
             f"KV cache {format_size(n.kv_bytes)} ({n.max_batch} x {n.max_seq_len} tokens), "
             f"{self.slot_count} slot(s) {format_size(self.slot_count * n.block_bytes)}"
             f"{' (' + ', '.join(f'{t} {c}' for t, c in self.slots.items()) + ')' if len(self.slots) > 1 else ''}, "
-            f"activations {format_size(n.activation_bytes)}, workspace {format_size(n.workspace_bytes)}"
+            f"activations {format_size(n.activation_bytes)}, rotary tables {format_size(n.rope_bytes)}, "
+            f"workspace {format_size(n.workspace_bytes)}"
         )
         if self.embedding_on_host:
             lines.append(f"  embedding table ({format_size(n.embedding_bytes)}) in host RAM: a step copies only "
@@ -182,7 +183,7 @@ def make_plan(
         result = plan([RESIDENT] * n, {})
         if offload_requested:
             result.warnings.append(f"the whole model fits in the budget of {compute_device}: nothing is offloaded")
-        return _emit(result)
+        return result
 
     # Offloading: the embedding table goes to host RAM if it fits there (a step needs only a few rows).
     on_host = 0 < embedding <= budget.cpu_memory
@@ -233,7 +234,7 @@ def make_plan(
             f"per step, {result.predicted_step_seconds / seconds['hbm']:.0f}x the {seconds['hbm'] * 1e3:.1f} ms "
             "that compute needs; a larger GPU budget or a peer GPU would help"
         )
-    return _emit(result)
+    return result
 
 
 def _capacity(block: int, budget: Budget) -> dict[str, int]:
@@ -263,12 +264,8 @@ def _interleave(counts: dict[str, int]) -> list[str]:
 def _fixed_parts(needs: MemoryNeeds, embedding: int = 0) -> str:
     parts = (
         f"non-layer tensors {format_size(needs.global_bytes)} + KV cache {format_size(needs.kv_bytes)} "
-        f"+ activations {format_size(needs.activation_bytes)} + workspace {format_size(needs.workspace_bytes)}"
+        f"+ activations {format_size(needs.activation_bytes)} + rotary tables {format_size(needs.rope_bytes)} "
+        f"+ workspace {format_size(needs.workspace_bytes)}"
     )
     return parts + (f" + embedding {format_size(embedding)}" if embedding else "")
 
-
-def _emit(plan: Plan) -> Plan:
-    for message in plan.warnings:
-        warnings.warn(message, OffloadWarning, stacklevel=3)
-    return plan

@@ -1,9 +1,10 @@
-"""The peer-memory pool: one buffer per tier, holding the blocks the plan put there.
+"""The peer-memory pool: one buffer of bytes per tier, holding the blocks the plan put there.
 
 Each tier is one allocation (a ``torch.empty`` on the compute device or a peer
 GPU, one :class:`PinnedMemory` on the host), cut into block-sized views, so the
 bytes held per tier are exactly what the plan says. The slots that streamed
-blocks are copied into are one more buffer on the compute device.
+blocks are copied into are one more buffer on the compute device. Buffers are
+raw bytes: a block's layout says which tensors (of which dtypes) it holds.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from .planner import HOST, RESIDENT, Plan
 
 
 class WeightPool:
-    def __init__(self, plan: Plan, block_numel: int, global_numel: int, embedding_numel: int, dtype: torch.dtype,
-                 compute_device):
+    def __init__(self, plan: Plan, block_bytes: int, global_bytes: int, embedding_bytes: int, compute_device):
         compute = torch.device(compute_device)
         on_gpu = compute.type == "cuda"
-        self.globals = torch.empty(global_numel, dtype=dtype, device=compute)
+        bytes_on = lambda n, device: torch.empty(n, dtype=torch.uint8, device=device)  # noqa: E731
+        self.globals = bytes_on(global_bytes, compute)
         # Lookups read a few rows: pageable host memory serves them as well as pinned would.
-        self.embedding = torch.empty(embedding_numel, dtype=dtype, device="cpu" if plan.embedding_on_host else compute)
+        self.embedding = bytes_on(embedding_bytes, "cpu" if plan.embedding_on_host else compute)
         self.host: PinnedMemory | None = None
         self.buffers: dict[str, torch.Tensor] = {}
         for tier in plan.tiers:
@@ -29,20 +30,20 @@ class WeightPool:
             if count == 0:
                 continue
             if tier == HOST:
-                self.host = PinnedMemory(count * block_numel, dtype, pin=on_gpu)
+                self.host = PinnedMemory(count * block_bytes, pin=on_gpu)
                 self.buffers[tier] = self.host.tensor
             else:
                 device = compute if tier == RESIDENT or not on_gpu else torch.device(tier)
-                self.buffers[tier] = torch.empty(count * block_numel, dtype=dtype, device=device)
+                self.buffers[tier] = bytes_on(count * block_bytes, device)
         # Each streaming link fills its own ring of slots on the compute device.
-        self.slots = {tier: torch.empty(count, block_numel, dtype=dtype, device=compute)
+        self.slots = {tier: bytes_on(count * block_bytes, compute).view(count, block_bytes)
                       for tier, count in plan.slots.items()}
         # Block i is the next unused block-sized piece of its tier's buffer.
         used = {tier: 0 for tier in self.buffers}
         self.blocks: list[torch.Tensor] = []
         for tier in plan.placement:
             j = used[tier]
-            self.blocks.append(self.buffers[tier][j * block_numel : (j + 1) * block_numel])
+            self.blocks.append(self.buffers[tier][j * block_bytes : (j + 1) * block_bytes])
             used[tier] = j + 1
 
     @property

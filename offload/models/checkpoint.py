@@ -1,4 +1,4 @@
-"""Where weights come from: safetensors checkpoints, or seeded random numbers.
+"""Where weights come from: safetensors checkpoints.
 
 A *weight source* fills a destination tensor (a view into a block, wherever the
 block lives) with this rank's piece of one named checkpoint tensor:
@@ -7,16 +7,13 @@ block lives) with this rank's piece of one named checkpoint tensor:
 
 so loading never holds more than one tensor's piece outside its final place.
 ``CheckpointSource`` reads single-file and sharded (``model.safetensors.index.json``)
-checkpoints; ``RandomSource`` makes seeded random weights, the same values
-whatever the tensor-parallel split, so benchmarks and tests need no files.
+checkpoints; ``offload.synthetic.RandomSource`` is the same interface over seeded
+random numbers.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import zlib
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,7 +21,6 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 from .layout import TensorSpec
-from .parallel import REPLICATED
 
 
 class CheckpointSource:
@@ -108,115 +104,3 @@ def _copy_piece(out: torch.Tensor, piece: torch.Tensor) -> None:
         out[rows:].zero_()
         out = out[:rows]
     out.copy_(piece)
-
-
-class RandomSource:
-    """Seeded random weights: norm weights near 1, everything else normal with std ``std``.
-
-    Each tensor is generated in row chunks, each from its own seed, so any rank's
-    piece is made without making the whole tensor, and the values do not depend
-    on the tensor-parallel split. Values depend on the generating device type
-    (CPU and CUDA generators differ).
-    """
-
-    CHUNK_ELEMENTS = 1 << 22
-
-    def __init__(self, seed: int = 0, std: float = 0.02, device: str | torch.device = "cpu"):
-        self.seed, self.std, self.device = seed, std, torch.device(device)
-
-    def validate(self, specs) -> None:
-        pass
-
-    def read(self, spec: TensorSpec, name: str, out: torch.Tensor) -> None:
-        full = spec.full_shape
-        cols = full[1] if len(full) == 2 else 1
-        rows_per_chunk = max(1, self.CHUNK_ELEMENTS // cols)
-        shard = spec.shard
-        row_lo, row_hi = (shard.start, shard.stop) if shard.dim == 0 else (0, full[0])
-        col = slice(shard.start, shard.stop) if shard.dim == 1 else slice(None)
-        written = 0
-        for chunk in range(row_lo // rows_per_chunk, -(-row_hi // rows_per_chunk)):
-            lo, hi = chunk * rows_per_chunk, min((chunk + 1) * rows_per_chunk, full[0])
-            values = self._chunk(name, chunk, (hi - lo, *full[1:]), out.dtype, norm="norm" in name)
-            take = values[max(row_lo - lo, 0) : min(row_hi, hi) - lo]
-            if len(full) == 2:
-                take = take[:, col]
-            out[written : written + take.shape[0]].copy_(take)
-            written += take.shape[0]
-        if out.dim() and written < out.shape[0]:
-            out[written:].zero_()
-
-    def _chunk(self, name: str, chunk: int, shape, dtype, norm: bool) -> torch.Tensor:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + chunk) % (2**63))
-        values = torch.randn(shape, generator=gen, device=self.device, dtype=dtype)
-        values.mul_(self.std)
-        return values.add_(1.0) if norm else values
-
-    def full_tensor(self, spec: TensorSpec, name: str, dtype: torch.dtype, device="cpu") -> torch.Tensor:
-        """The whole checkpoint tensor (what ``write_checkpoint`` writes)."""
-        out = torch.empty(spec.full_shape, dtype=dtype, device=device)
-        self.read(replace(spec, shard=REPLICATED, shape=spec.full_shape), name, out)
-        return out
-
-    def close(self) -> None:
-        pass
-
-
-def write_checkpoint(config: dict, out_dir: str | Path, dtype: torch.dtype, seed: int = 0,
-                     shard_bytes: int = 2 * 2**30, device=None, progress: bool = True) -> Path:
-    """Write an HF-format checkpoint of seeded random weights: ``config.json``, safetensors shards
-    with ``model.safetensors.index.json`` (one ``model.safetensors`` when small), and a demo
-    ``tokenizer.json`` when ``tokenizers`` is installed. The tensors are those ``RandomSource``
-    gives on ``device``, so ``load_model(out_dir)`` equals ``load_model(config, random_weights=seed)``
-    with the weights made on the same device type.
-    """
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    from .config import config_from_dict
-    from .layout import checkpoint_sources
-    from .parallel import TensorParallel
-
-    cfg = config_from_dict(config)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    source = RandomSource(seed=seed, device=device)
-    tp = TensorParallel()
-    specs = checkpoint_sources(cfg, tp, dtype)
-
-    shards, size = [[]], 0  # consecutive tensors, each shard at most shard_bytes (or one tensor)
-    for spec, name in specs:
-        nbytes = math.prod(spec.full_shape) * dtype.itemsize
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((spec, name))
-        size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    total = sum(math.prod(s.full_shape) for s, _ in specs) * dtype.itemsize
-    weight_map = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="writing checkpoint", disable=not progress) as bar:
-        for file, shard in zip(names, shards):
-            tensors = {name: source.full_tensor(spec, name, dtype) for spec, name in shard}
-            save_file(tensors, str(out / file), metadata={"format": "pt"})
-            weight_map.update({name: file for name in tensors})
-            bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    dtype_name = str(dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype_name}, indent=2))
-    _write_demo_tokenizer(out, cfg.vocab_size)
-    return out
-
-
-def _write_demo_tokenizer(out: Path, vocab_size: int) -> None:
-    try:
-        from ..text import train_demo_tokenizer
-
-        train_demo_tokenizer(vocab_size).save(str(out / "tokenizer.json"))
-    except ImportError:  # tokenizers is optional: ids in and out still work
-        pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,10 +40,7 @@ class ModelConfig:
     o_bias: bool = False  # Llama's attention_bias also biases o_proj; Qwen2's qkv bias does not
     # One entry per layer: the sliding attention window, or None for full attention.
     sliding_windows: tuple[int | None, ...] = ()
-    bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = None
-    name: str = field(default="", compare=False)
 
     @property
     def q_dim(self) -> int:
@@ -136,10 +133,7 @@ def config_from_dict(raw: dict, source: str = "config") -> ModelConfig:
         rope_theta=theta,
         rope_scaling=scaling,
         sliding_windows=_sliding_windows(raw, arch, n_layers),
-        bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
-        pad_token_id=raw.get("pad_token_id"),
-        name=raw.get("_name_or_path", ""),
     )
 
 

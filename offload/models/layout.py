@@ -1,15 +1,14 @@
-"""Flat blocks: the named shapes of one rank's tensors, packed into one buffer.
+"""Flat blocks: the named shapes of one rank's tensors, packed into one buffer of bytes.
 
 A decoder layer's weights (one rank's shard of them) live in one contiguous
-buffer, a *block*, so that moving a layer between tiers is one copy. The layout
-is a table of named shapes with their offsets; ``views(buffer)`` gives the
-tensors a layer computes with. The non-layer tensors (embedding, final norm, LM
-head) get a layout of their own and always stay on the compute device.
+byte buffer, a *block*, so that moving a layer between tiers is one copy. The
+layout is a table of named shapes, each with its dtype and byte offset;
+``views(buffer)`` gives the tensors a layer computes with. The non-layer tensors
+(embedding, final norm, LM head) get layouts of their own.
 
-q, k and v are adjacent in the block, and so are gate and up. Offsets are
-aligned to 256 bytes so that a tensor's alignment, and with it the kernels the
-math libraries pick, is the same in every block and every slot: an offloaded
-layer computes bit for bit what a resident one does.
+Offsets are aligned to 256 bytes so that a tensor's alignment, and with it the
+kernels the math libraries pick, is the same in every block and every slot: an
+offloaded layer computes bit for bit what a resident one does.
 """
 
 from __future__ import annotations
@@ -19,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import TensorParallel
 from .config import ModelConfig
-from .parallel import REPLICATED, Shard, TensorParallel, kv_shard, q_shard, vocab_rows
+from .parallel import REPLICATED, Shard, kv_shard, q_shard, vocab_rows
 
 ALIGN_BYTES = 256
 
@@ -32,11 +32,16 @@ class TensorSpec:
     full_shape: tuple[int, ...]  # the shape of the whole tensor in the checkpoint
     source: str  # checkpoint tensor name ("{i}" stands for the layer index)
     shard: Shard  # which piece of the checkpoint tensor this rank holds
-    offset: int  # in elements, from the start of the block
+    dtype: torch.dtype
+    offset: int  # in bytes, from the start of the block
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
 @dataclass(slots=True)
@@ -68,27 +73,22 @@ class GlobalWeights:
 
 
 class BlockLayout:
-    """Where each named tensor sits inside a flat block of ``numel`` elements of ``dtype``."""
+    """Where each named tensor sits inside a flat block of ``nbytes`` bytes."""
 
     def __init__(self, entries: list[tuple], dtype: torch.dtype, cls=None):
-        """``entries``: (name, full shape, checkpoint name, shard[, local shape]) in block order."""
-        align = max(ALIGN_BYTES // torch.empty((), dtype=dtype).element_size(), 1)
-        self.dtype, self.cls, self.specs, offset = dtype, cls, [], 0
+        """``entries``: (name, full shape, checkpoint name, shard[, local shape]) in block order, all of ``dtype``."""
+        self.cls, self.specs, offset = cls, [], 0
         for name, full, source, shard, *local in entries:
             shape = tuple(local[0]) if local else _local_shape(full, shard)
-            spec = TensorSpec(name, shape, tuple(full), source, shard, offset)
+            spec = TensorSpec(name, shape, tuple(full), source, shard, dtype, offset)
             self.specs.append(spec)
-            offset += -(-spec.numel // align) * align
-        self.numel = offset
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+            offset += -(-spec.nbytes // ALIGN_BYTES) * ALIGN_BYTES
+        self.nbytes = offset
 
     def views(self, buffer: torch.Tensor):
-        """The block's tensors as views into ``buffer`` (1-D, ``numel`` elements): a ``cls``, or a dict."""
-        assert buffer.numel() == self.numel and buffer.dtype == self.dtype, "buffer does not match the layout"
-        tensors = {s.name: buffer[s.offset : s.offset + s.numel].view(s.shape) for s in self.specs}
+        """The block's tensors as views into ``buffer`` (1-D uint8, ``nbytes`` long): a ``cls``, or a dict."""
+        assert buffer.dtype == torch.uint8 and buffer.numel() == self.nbytes, "buffer does not match the layout"
+        tensors = {s.name: buffer[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.specs}
         return self.cls(**tensors) if self.cls else tensors
 
     def sources(self, layer: int | None = None) -> list[tuple[TensorSpec, str]]:

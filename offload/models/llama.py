@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..distributed import TensorParallel
 from .config import ModelConfig
 from .layout import GlobalWeights, LayerWeights
 from .parallel import (
-    TensorParallel,
     column_parallel_linear,
     local_heads,
     row_parallel_linear,
@@ -53,7 +53,6 @@ class KVCache:
         shape = (n_layers, max_batch, kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
     @staticmethod
     def nbytes(n_layers, max_batch, kv_heads, max_seq_len, head_dim, dtype) -> int:

@@ -14,14 +14,13 @@ all-reduce of the embeddings and one all-gather of the logits per step.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..errors import ConfigError, OffloadError
+from ..distributed import TensorParallel
+from ..errors import ConfigError
 from .config import ModelConfig
 
 
@@ -35,39 +34,6 @@ class Shard:
 
 
 REPLICATED = Shard()
-
-
-@dataclass
-class TensorParallel:
-    """This rank's place in the tensor-parallel group (rank 0 of 1 when not parallel)."""
-
-    rank: int = 0
-    size: int = 1
-    group: object = None
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            dist.all_reduce(x, group=self.group)
-        return x
-
-    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
-
-    def gather_objects(self, obj) -> list:
-        """Every rank's ``obj``, in rank order (``[obj]`` when not parallel)."""
-        if self.size == 1:
-            return [obj]
-        out = [None] * self.size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier(group=self.group)
 
 
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,26 +118,3 @@ def vocab_rows(config: ModelConfig, tp: TensorParallel) -> tuple[int, int]:
     per = -(-config.vocab_size // tp.size)
     start = min(tp.rank * per, config.vocab_size)
     return start, per
-
-
-def init_tensor_parallel(tp: int) -> TensorParallel:
-    """Join (or start) the process group of a ``torchrun`` launch and return this rank's place in it.
-
-    NCCL on GPUs, gloo on CPU. ``tp`` must equal the world size.
-    """
-    if tp == 1 and not dist.is_initialized():
-        return TensorParallel()
-    if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            raise OffloadError(
-                f"tp={tp} needs one process per rank: launch with "
-                f"'torchrun --nproc-per-node {tp} ...' (WORLD_SIZE is not set)"
-            )
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-    world = dist.get_world_size()
-    if world != tp:
-        raise OffloadError(f"tp={tp} but the process group has {world} processes; they must be equal")
-    return TensorParallel(rank=dist.get_rank(), size=world, group=dist.group.WORLD)

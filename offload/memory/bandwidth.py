@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from ..models.parallel import TensorParallel
+from ..distributed import TensorParallel
+from ..options import cache_dir
 from .host import PinnedMemory
 
 PROBE_BYTES = 256 * 2**20
 
 
 def cache_path() -> Path:
-    root = os.environ.get("OFFLOAD_CACHE_DIR") or Path.home() / ".cache" / "offload"
-    return Path(root) / "links.json"
+    return cache_dir() / "links.json"
 
 
 def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_probe_bytes: int) -> dict[str, float]:
@@ -74,7 +74,7 @@ def _time_copies(device, dst: torch.Tensor, src: torch.Tensor, repeats: int = 5)
 
 
 def measure_host(device, size: int, repeats: int = 5) -> float:
-    host = PinnedMemory(size, torch.uint8)
+    host = PinnedMemory(size)
     dst = torch.empty(size, dtype=torch.uint8, device=device)
     try:
         return size / _time_copies(device, dst, host.tensor, repeats)

@@ -1,0 +1,77 @@
+"""Token ids in and out: the checks every entry point shares, and Hugging Face-style adapters.
+
+``model(input_ids)`` and ``model.generate(input_ids)`` take what ``transformers``
+users pass (a ``[batch, seq]`` tensor with an optional attention mask, or lists of
+ids of any length) and give back what ``transformers`` returns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+
+
+def check_token_ids(ids, vocab_size: int, where: str) -> list[int]:
+    """A prompt: a non-empty list of integer ids that the vocabulary has (returned as plain ints)."""
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise InputError(f"{where}: token ids must be a list of integers")
+    if not ids:
+        raise InputError(f"{where}: the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InputError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return [int(t) for t in ids]
+
+
+def as_batch(x, what: str = "input_ids") -> torch.Tensor:
+    """``x`` as a ``[batch, seq]`` int64 CPU tensor. Token ids must be integers (a float would be
+    truncated silently); a mask may be of any type but must hold only 0 and 1."""
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{what} must be numbers of shape [batch, seq]") from None
+    if what == "attention_mask":
+        if not ((t == 0) | (t == 1)).all():
+            raise InputError("attention_mask must hold only 0 and 1")
+    elif t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise InputError(f"{what} must hold integers, got {t.dtype}")
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2:
+        raise InputError(f"expected {what} of shape [batch, seq], got {list(t.shape)}")
+    return t.long().cpu()
+
+
+def prompts_from(input_ids, attention_mask=None) -> list[list[int]]:
+    """Each row's ids as a list, padding (mask 0, on either side) dropped."""
+    if is_ragged(input_ids):
+        return [[_as_int(t) for t in row] for row in input_ids]
+    ids = as_batch(input_ids)
+    if attention_mask is None:
+        return ids.tolist()
+    mask = as_batch(attention_mask, "attention_mask").bool()
+    if mask.shape != ids.shape:
+        raise InputError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}")
+    return [row[keep].tolist() for row, keep in zip(ids, mask)]
+
+
+def as_sequences(input_ids, prompts: list[list[int]], new_tokens: list[list[int]], pad: int):
+    """HF-style output: a tensor ``[batch, seq + new]``, or lists of prompt + new ids for ragged list input."""
+    if is_ragged(input_ids):
+        return [p + t for p, t in zip(prompts, new_tokens)]
+    ids = as_batch(input_ids)
+    width = max(map(len, new_tokens))
+    new = torch.tensor([t + [pad] * (width - len(t)) for t in new_tokens], dtype=ids.dtype)
+    device = input_ids.device if isinstance(input_ids, torch.Tensor) else "cpu"
+    return torch.cat([ids, new], dim=1).to(device)
+
+
+def is_ragged(input_ids) -> bool:
+    return isinstance(input_ids, (list, tuple)) and bool(input_ids) and isinstance(input_ids[0], (list, tuple))
+
+
+def _as_int(t) -> int:
+    if isinstance(t, int) and not isinstance(t, bool):
+        return t
+    raise InputError(f"token ids must be integers, got {t!r}")

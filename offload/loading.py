@@ -1,0 +1,190 @@
+"""Loading, step by step: config -> budget -> plan -> pool -> weights.
+
+``prepare`` decides everything before a byte of weights is read (the plan is
+made here, so ``plan_model`` stops after it); ``load_weights`` allocates each tier
+once and reads every tensor straight into its final place.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .distributed import TensorParallel, init_tensor_parallel
+from .errors import BudgetError, InputError, PlanError
+from .memory.bandwidth import link_bandwidths, peer_is_direct
+from .memory.budget import Budget
+from .memory.planner import MemoryNeeds, Plan, make_plan
+from .memory.pool import WeightPool
+from .models.checkpoint import CheckpointSource
+from .models.config import ModelConfig, config_from_dict, load_config
+from .models.layout import BlockLayout, checkpoint_sources, embedding_layout, global_layout, layer_layout
+from .models.llama import KVCache, step_activation_bytes
+from .models.parallel import check_divisible, local_heads
+from .options import LoadOptions, parse_dtype
+from .synthetic import RandomSource
+
+DEFAULT_MAX_SEQ_LEN = 2048
+WORKSPACE_BYTES = 64 * 2**20  # cuBLAS / SDPA workspaces and allocator rounding (peaks measured on an H200)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything decided before a byte of weights is read."""
+
+    config: ModelConfig
+    options: LoadOptions  # with max_seq_len and max_step_tokens filled in
+    tp: TensorParallel
+    device: torch.device
+    dtype: torch.dtype
+    layout: BlockLayout  # one decoder layer's block
+    globals_layout: BlockLayout  # final norm and LM head (and a tied embedding)
+    embedding_layout: BlockLayout | None  # an untied embedding table
+    plan: Plan  # this rank's
+    plans: list[Plan]  # every rank's
+
+
+def prepare(model, options: LoadOptions) -> Setup:
+    """Read the config, resolve the budgets, measure (or recall) the links and make every rank's plan."""
+    config = _config(model)
+    check_divisible(config, options.tp)
+    tp = init_tensor_parallel(options.tp)
+    device = _device(options.device, tp)
+    dtype = parse_dtype(options.dtype, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    max_seq_len = options.max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    options = options.replace(max_seq_len=max_seq_len, max_step_tokens=options.max_step_tokens or max_seq_len)
+
+    budget = Budget.parse(options.gpu_memory, options.cpu_memory, options.peer_memory, compute_device=device)
+    offload_requested = budget.cpu_memory is not None or bool(budget.peer_memory)
+    budget = _own_peers(budget, tp, device).resolved(device)
+    layout, globals_ = layer_layout(config, tp, dtype), global_layout(config, tp, dtype)
+    embedding = embedding_layout(config, tp, dtype)
+    needs = memory_needs(config, tp, dtype, device, options, layout, globals_, embedding)
+    peers = list(budget.peer_memory)
+    bandwidth = dict(options.link_bandwidth or {})
+    if any(n not in bandwidth for n in ["host", "hbm", *peers]):
+        bandwidth = {**link_bandwidths(device, peers, tp, budget.gpu_memory // 8), **bandwidth}
+    title = f" (rank {tp.rank} of {tp.size})" if tp.size > 1 else ""
+    indirect = tuple(p for p in peers if not peer_is_direct(device, p))
+    try:
+        plan = make_plan(needs, budget, bandwidth, str(device), options.slots, offload_requested, indirect, title)
+    except PlanError as e:
+        plan = e
+    plans = tp.gather_objects(plan)  # every rank learns of a rank whose budget does not fit, none waits
+    failed = [str(p) for p in plans if isinstance(p, PlanError)]
+    if failed:
+        raise PlanError("; ".join(failed))
+    return Setup(config, options, tp, device, dtype, layout, globals_, embedding, plan, plans)
+
+
+def memory_needs(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, device: torch.device,
+                 options: LoadOptions, layout: BlockLayout, globals_: BlockLayout,
+                 embedding: BlockLayout | None) -> MemoryNeeds:
+    """The bytes this rank needs for ``options``' KV cache and steps."""
+    _, kv_heads = local_heads(config, tp)
+    batch, seq = options.max_batch, options.max_seq_len
+    return MemoryNeeds(
+        n_layers=config.n_layers,
+        block_bytes=layout.nbytes,
+        global_bytes=globals_.nbytes,
+        embedding_bytes=embedding.nbytes if embedding else 0,
+        kv_bytes=KVCache.nbytes(config.n_layers, batch, kv_heads, seq, config.head_dim, dtype),
+        activation_bytes=step_activation_bytes(config, tp, dtype, batch, seq, options.max_step_tokens),
+        workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0,
+        rope_bytes=2 * seq * config.head_dim * dtype.itemsize,
+        max_batch=batch,
+        max_seq_len=seq,
+    )
+
+
+def weight_source(model, random_weights: int | None, device: torch.device):
+    """Where the weights come from: the checkpoint directory, or seeded random numbers."""
+    if random_weights is not None:
+        return RandomSource(seed=random_weights, device=device)
+    if isinstance(model, (dict, ModelConfig)):
+        raise InputError("a config has no weights: give a checkpoint directory, or random_weights=SEED")
+    return CheckpointSource(model)
+
+
+def load_weights(setup: Setup, source, progress: bool) -> WeightPool:
+    """Allocate every tier once and read each tensor straight into its place (one tensor's piece at a time)."""
+    source.validate(checkpoint_sources(setup.config, setup.tp, setup.dtype))
+    embedding_bytes = setup.embedding_layout.nbytes if setup.embedding_layout else 0
+    pool = WeightPool(setup.plan, setup.layout.nbytes, setup.globals_layout.nbytes, embedding_bytes, setup.device)
+    jobs = [(pool.globals, setup.globals_layout, None)]
+    jobs += [(block, setup.layout, i) for i, block in enumerate(pool.blocks)]
+    if setup.embedding_layout is not None:
+        jobs.append((pool.embedding, setup.embedding_layout, None))
+    total = sum(layout.nbytes for _, layout, _ in jobs)
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
+                  file=sys.stderr) as bar:
+            for buffer, layout, layer in jobs:
+                for spec, name in layout.sources(layer):
+                    view = buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+                    source.read(spec, name, view)
+                bar.update(layout.nbytes)
+    except BaseException:
+        pool.close()
+        raise
+    finally:
+        source.close()
+    return pool
+
+
+# ---------------------------------------------------------------------- the pieces
+
+
+def _config(model) -> ModelConfig:
+    if isinstance(model, ModelConfig):
+        return model
+    if isinstance(model, dict):
+        return config_from_dict(model)
+    if not isinstance(model, (str, os.PathLike)):
+        raise InputError(f"model must be a checkpoint directory, a config dict or a ModelConfig, got {model!r}")
+    return load_config(Path(model))
+
+
+def _device(device, tp: TensorParallel) -> torch.device:
+    if device is None:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if tp.size > 1:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", tp.rank)) % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device} is not supported; use cpu or cuda[:N]")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device} was asked for, but CUDA is not available")
+        if device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise InputError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA devices visible)")
+    return device
+
+
+def _own_peers(budget: Budget, tp: TensorParallel, device: torch.device) -> Budget:
+    """Check the peer GPUs and keep this rank's share: the peers are dealt out to the ranks in turn."""
+    computing = set(str(d) for d in tp.gather_objects(str(device)))
+    for name in budget.peer_memory:
+        peer = torch.device(name)
+        if name in computing:
+            raise BudgetError(f"{name} computes for this job; a peer must be a GPU outside the tensor-parallel group")
+        if peer.type == "cuda" and (not torch.cuda.is_available() or peer.index >= torch.cuda.device_count()):
+            raise BudgetError(f"peer {name} does not exist ({torch.cuda.device_count()} CUDA devices visible)")
+        if peer.type == "cuda" and device.type != "cuda":
+            raise BudgetError(f"peer {name} is a GPU but the compute device is {device}")
+    mine = {n: b for i, (n, b) in enumerate(budget.peer_memory.items()) if i % tp.size == tp.rank}
+    return Budget(budget.gpu_memory, budget.cpu_memory, mine)

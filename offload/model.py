@@ -1,0 +1,206 @@
+"""The loaded model: forward passes, and generation through the row engine.
+
+``model(input_ids)`` returns logits, ``model.step(new_tokens, cached)`` appends
+tokens to KV cache rows (the primitive every generator is built on), and
+``model.generate(input_ids)`` runs a batch of prompts through the row engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+from .inputs import as_batch, as_sequences, check_token_ids, prompts_from
+from .loading import Setup
+from .memory.planner import HOST
+from .memory.pool import WeightPool
+from .models.layout import GlobalWeights
+from .models.llama import KVCache, Transformer
+from .models.parallel import local_heads, vocab_rows
+from .models.step import Rope, Step
+from .sampling import Sampling
+from .scheduler.engine import Engine, Request
+from .scheduler.prefetch import CopyEngine, LayerStream
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # the new tokens of each row (a final eos included)
+    finish_reasons: list[str]  # "eos" or "length" per row
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0  # tokens made by decode steps (the first token of a row comes from prefill)
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
+
+
+class OffloadedModel:
+    """A decoder-only language model whose layers live where its plan put them.
+
+    ``model(input_ids)`` returns logits; ``model.generate(input_ids)`` returns token ids.
+    ``model.plan`` is this rank's placement plan and ``model.plans`` every rank's.
+    """
+
+    def __init__(self, setup: Setup, pool: WeightPool):
+        s = setup
+        self.config, self.options, self.tp, self.device, self.dtype = s.config, s.options, s.tp, s.device, s.dtype
+        self.plan, self.plans = s.plan, s.plans
+        self.pool = pool
+        engines = {tier: CopyEngine(s.device, "cpu" if tier == HOST or s.device.type == "cpu" else tier)
+                   for tier in s.plan.streamed_tiers}
+        self.layers = LayerStream(s.layout, pool.blocks, s.plan.placement, pool.slots, engines)
+        self.rope = Rope(s.config.rope_inv_freq(), self.max_seq_len, s.dtype, s.device)
+        views = s.globals_layout.views(pool.globals)
+        if s.embedding_layout is not None:
+            views.update(s.embedding_layout.views(pool.embedding))
+        weights = GlobalWeights(views["embed"], views["final_norm"], views.get("lm_head", views["embed"]))
+        self.transformer = Transformer(s.config, weights, s.tp, vocab_start=vocab_rows(s.config, s.tp)[0])
+        _, kv_heads = local_heads(s.config, s.tp)
+        self.cache = KVCache(s.config.n_layers, self.max_batch, kv_heads, self.max_seq_len, s.config.head_dim,
+                             s.dtype, s.device)
+
+    @property
+    def max_batch(self) -> int:
+        return self.options.max_batch
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.options.max_seq_len
+
+    @property
+    def max_step_tokens(self) -> int:
+        return self.options.max_step_tokens
+
+    # ------------------------------------------------------------------ forward passes
+
+    @torch.inference_mode()
+    def __call__(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]`` of every position, with no KV cache.
+
+        ``attention_mask`` (1 for tokens, 0 for padding, either side) marks padding; its
+        positions get zero logits.
+        """
+        ids = as_batch(input_ids)
+        rows = prompts_from(ids, attention_mask)
+        for b, row in enumerate(rows):
+            check_token_ids(row, self.config.vocab_size, f"row {b}")
+        if ids.numel() > self.max_step_tokens or ids.shape[1] > self.max_seq_len:
+            raise InputError(
+                f"a forward pass over {ids.shape[0]} x {ids.shape[1]} tokens exceeds max_step_tokens="
+                f"{self.max_step_tokens} / max_seq_len={self.max_seq_len}; load the model with larger ones"
+            )
+        step = Step.build(rows, [0] * len(rows), self.rope, self.device)
+        logits = self._run(step, cache=None, all_logits=True)
+        if attention_mask is None:
+            return logits
+        mask = as_batch(attention_mask, "attention_mask").bool()
+        out = logits.new_zeros(*ids.shape, logits.shape[-1])
+        valid = torch.arange(logits.shape[1])[None, :] < mask.sum(1, keepdim=True)
+        out[mask.to(out.device)] = logits[valid.to(out.device)]
+        return out
+
+    @torch.inference_mode()
+    def step(self, new_tokens: list[list[int]], cached: list[int]) -> torch.Tensor:
+        """Append ``new_tokens[b]`` to KV cache row ``b``, which holds ``cached[b]`` tokens already.
+
+        Returns the logits of each row's last new token, ``[B, vocab]``. Rows with no new
+        tokens are allowed (their logits are meaningless). Generation and batch jobs are
+        built on this, through the row engine.
+        """
+        if len(new_tokens) != len(cached):
+            raise InputError(f"{len(new_tokens)} rows of new tokens but {len(cached)} cached lengths")
+        if len(new_tokens) > self.max_batch:
+            raise InputError(f"{len(new_tokens)} rows but the KV cache has max_batch={self.max_batch}")
+        for b, (tokens, start) in enumerate(zip(new_tokens, cached)):
+            if tokens:
+                check_token_ids(tokens, self.config.vocab_size, f"row {b}")
+            if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+                raise InputError(f"row {b}: cached must be a count of tokens >= 0, got {start!r}")
+            if start + len(tokens) > self.max_seq_len:
+                raise InputError(f"row {b} would grow past max_seq_len={self.max_seq_len}")
+        if not any(new_tokens):
+            raise InputError("a step needs at least one new token")
+        return self._run(Step.build(new_tokens, cached, self.rope, self.device), self.cache, all_logits=False)
+
+    def _run(self, step: Step, cache, all_logits: bool) -> torch.Tensor:
+        try:
+            return self.transformer.forward(step, self.layers, cache, all_logits)
+        except BaseException:
+            self.layers.reset()  # the ring expects the next layer of an unfinished step
+            raise
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, input_ids, max_new_tokens: int | list[int] = 32, attention_mask=None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, eos_token_id: int | list[int] | None = None, ignore_eos: bool = False,
+                 return_result: bool = False):
+        """Generate up to ``max_new_tokens`` per row (one limit, or one per row).
+
+        ``input_ids`` is ``[batch, seq]`` (a list of lists of ids also works, rows of any
+        length); with ``attention_mask``, padding (on either side) is dropped. Stops a row at
+        ``eos_token_id`` (default: the config's) unless ``ignore_eos``. With ``do_sample``,
+        row ``b`` samples with its own generator seeded ``seed + b``.
+
+        Returns ``[batch, seq + new]`` token ids like ``transformers``' ``generate``: the
+        input followed by the new tokens, rows that stopped early padded with their eos id
+        (for ragged list input: a list of prompt + new ids per row).
+        With ``return_result=True``, a :class:`GenerationResult` instead (new tokens per row,
+        finish reasons, prefill and decode tokens/s).
+        """
+        prompts = prompts_from(input_ids, attention_mask)
+        if not prompts:
+            raise InputError("no prompts given")
+        if len(prompts) > self.max_batch:
+            raise InputError(f"{len(prompts)} prompts but the KV cache holds max_batch={self.max_batch} rows; "
+                             f"load the model with max_batch={len(prompts)} or more")
+        limits = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+        if len(limits) != len(prompts):
+            raise InputError(f"{len(limits)} max_new_tokens values for {len(prompts)} prompts")
+        if eos_token_id is None:
+            eos = self.config.eos_token_ids
+        else:
+            eos = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,)
+        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        requests = [Request(tuple(p), n, sampling.with_seed_offset(b), () if ignore_eos else eos, key=b)
+                    for b, (p, n) in enumerate(zip(prompts, limits))]
+        engine = Engine(self, rows=len(requests))
+        rows = engine.run(requests)
+        s = engine.stats
+        result = GenerationResult([r.tokens for r in rows], [r.finish_reason for r in rows], s.prompt_tokens,
+                                  s.prefill_seconds, s.decode_tokens, s.decode_steps, s.decode_seconds)
+        if return_result:
+            return result
+        return as_sequences(input_ids, prompts, result.tokens, pad=eos[0] if eos else 0)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Release the pinned host memory now rather than when the model is garbage-collected."""
+        self.synchronize()
+        self.pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+

@@ -1,0 +1,101 @@
+"""How a model is loaded, as one value: :class:`LoadOptions`.
+
+Budgets, the KV cache's shape, the dtype, the device, tensor parallelism and the
+streaming slots travel together from the API or the command line through
+planning and loading, and nothing along the way changes them (FlexGen's
+``Policy`` plays the same part). A caller that wants another value makes a new
+one with :meth:`LoadOptions.replace`.
+
+Also here: the one place that reads dtype names, and the cache folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(value, device: torch.device | str | None = None) -> torch.dtype:
+    """``torch.bfloat16`` from ``"bf16"``, ``"bfloat16"``, ``torch.bfloat16``...; None: bfloat16 on a GPU, else float32."""
+    if value is None:
+        return torch.bfloat16 if device is not None and torch.device(device).type == "cuda" else torch.float32
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    if isinstance(value, str) and value.lower() in DTYPES:
+        return DTYPES[value.lower()]
+    raise InputError(f"unsupported dtype {value!r}; use one of float32, bfloat16, float16")
+
+
+def cache_dir() -> Path:
+    """Where measured link bandwidths and the demo checkpoint are kept: ``$OFFLOAD_CACHE_DIR`` or ``~/.cache/offload``."""
+    return Path(os.environ.get("OFFLOAD_CACHE_DIR") or Path.home() / ".cache" / "offload")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Everything :func:`offload.load_model` and :func:`offload.plan_model` take besides the model.
+
+    Attributes:
+        device: the compute device; default ``cuda:LOCAL_RANK`` when CUDA is present, else ``cpu``.
+        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"`` (or a ``torch.dtype``);
+            default bfloat16 on a GPU, float32 on a CPU.
+        gpu_memory: budget of the compute device, e.g. ``"20GiB"``; or a whole
+            accelerate-style ``max_memory`` dict ``{0: "20GiB", "cuda:1": "40GiB", "cpu": "100GiB"}``.
+            Default: its free memory less 2 GiB.
+        cpu_memory: pinned host memory for streamed layers. Default: 80% of available RAM.
+        peer_memory: other GPUs' memory, ``{"cuda:1": "40GiB"}`` or ``["cuda:1=40GiB"]``. Under
+            tensor parallelism the peers are dealt out to the ranks in turn.
+        max_batch, max_seq_len: the KV cache is reserved for this many rows of this many tokens
+            (default max_seq_len: the model's context, at most 2048).
+        max_step_tokens: the most (padded) tokens one forward pass handles; longer prompts are
+            prefilled in several steps. Default: ``max_seq_len``.
+        tp: tensor-parallel ranks; needs one process per rank (``torchrun --nproc-per-node tp``).
+        slots: block-sized buffers per streaming link that its layers are copied into (default 2).
+        link_bandwidth: bytes/s per link (``{"host": 55e9, "hbm": 4e12, "cuda:1": 390e9}``) instead
+            of measuring them.
+    """
+
+    device: str | torch.device | None = None
+    dtype: str | torch.dtype | None = None
+    gpu_memory: object = None
+    cpu_memory: object = None
+    peer_memory: object = None
+    max_batch: int = 1
+    max_seq_len: int | None = None
+    max_step_tokens: int | None = None
+    tp: int = 1
+    slots: int | None = None
+    link_bandwidth: Mapping[str, float] | None = None
+
+    def __post_init__(self):
+        _count("max_batch", self.max_batch)
+        _count("tp", self.tp)
+        for name in ("max_seq_len", "max_step_tokens", "slots"):
+            if getattr(self, name) is not None:
+                _count(name, getattr(self, name))
+        if self.link_bandwidth is not None:
+            if not isinstance(self.link_bandwidth, Mapping):
+                raise InputError(f"link_bandwidth must be a dict of bytes/s per link, got {self.link_bandwidth!r}")
+            for link, bw in self.link_bandwidth.items():
+                if not isinstance(bw, (int, float)) or isinstance(bw, bool) or not math.isfinite(bw) or bw <= 0:
+                    raise InputError(f"link_bandwidth[{link!r}] must be a positive number of bytes/s, got {bw!r}")
+
+    def replace(self, **changes) -> "LoadOptions":
+        """A copy with ``changes`` (this one is left as it is)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _count(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,89 @@
+"""Choosing next tokens from logits: greedy, or sampled with temperature, top-k and top-p.
+
+Each row samples with its own seeded generator, so a row's tokens depend on its
+own seed and logits only, not on the rows it shares a step with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy unless ``do_sample``; then temperature, top-k and top-p (nucleus) filtering, seeded.
+
+    A temperature of 0 is greedy decoding, as in other runtimes' APIs.
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    top_p: float = 1.0  # 1.0: no nucleus filtering
+    seed: int | None = None
+
+    def __post_init__(self):
+        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        if not isinstance(self.do_sample, bool):
+            raise InputError(f"do_sample must be True or False, got {self.do_sample!r}")
+        if not real(self.temperature) or self.temperature < 0:
+            raise InputError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not real(self.top_p) or not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**64):
+            raise InputError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    def with_seed_offset(self, offset: int) -> "Sampling":
+        """The same settings with the seed shifted by ``offset`` (rows of one request draw differently)."""
+        if self.seed is None or self.greedy:
+            return self
+        return dataclasses.replace(self, seed=(self.seed + offset) % 2**64)
+
+    def generator(self, device) -> torch.Generator | None:
+        """A generator seeded with ``seed`` (a fresh random seed without one); None when greedy."""
+        if self.greedy:
+            return None
+        gen = torch.Generator(device=device)
+        gen.manual_seed(torch.seed() if self.seed is None else self.seed)
+        return gen
+
+
+GREEDY = Sampling()
+
+
+def sample(logits: torch.Tensor, samplings: list[Sampling], generators: list) -> torch.Tensor:
+    """One token id per row of ``logits [B, V]``, row ``b`` chosen as ``samplings[b]`` says."""
+    ids = logits.argmax(dim=-1)
+    rows = [b for b, s in enumerate(samplings) if not s.greedy]
+    if not rows:
+        return ids
+    x = logits[rows].float()
+    params = [samplings[b] for b in rows]
+    as_column = lambda values: torch.tensor(values, device=x.device, dtype=x.dtype)[:, None]  # noqa: E731
+    # Shift before dividing: a tiny temperature sends every other logit to -inf, never to NaN.
+    x = (x - x.max(dim=-1, keepdim=True).values) / as_column([s.temperature for s in params])
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)
+    vocab = x.shape[-1]
+    kth = sorted_x.gather(-1, as_column([min(s.top_k or vocab, vocab) - 1 for s in params]).long())
+    drop = sorted_x < kth
+    probs = sorted_x.masked_fill(drop, float("-inf")).softmax(-1)
+    drop |= probs.cumsum(-1) - probs > as_column([s.top_p for s in params])  # keep the token that crosses p
+    x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    # Exponential race (the Gumbel-max trick): argmax p / E with E ~ Exp(1) draws from p.
+    probs = x.softmax(-1)
+    race = torch.stack([torch.empty_like(p).exponential_(1, generator=generators[b]) for b, p in zip(rows, probs)])
+    ids[rows] = (probs / race).argmax(dim=-1)
+    return ids

@@ -1,0 +1,168 @@
+"""Models without downloads: seeded random weights, checkpoints of them, and the built-in demo.
+
+``RandomSource`` is a weight source like a checkpoint (``source.read(spec, name, out)``)
+that makes seeded random numbers instead, the same values whatever the
+tensor-parallel split, so benchmarks and tests run real shapes without files.
+``write_checkpoint`` writes those weights as a Hugging Face checkpoint (config,
+safetensors, and a small demo tokenizer), and ``demo_checkpoint`` is the model that
+``run_offloaded.py`` runs when given none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .distributed import TensorParallel
+from .models.config import config_from_dict
+from .models.layout import TensorSpec, checkpoint_sources
+from .models.parallel import REPLICATED
+from .models.shapes import shape_config
+from .options import cache_dir
+
+DEMO_SHAPE = "tiny"
+
+# A few sentences to train the demo tokenizer on: enough merges for readable ids.
+_CORPUS = [
+    "offload runs transformer models that are larger than the memory of one GPU.",
+    "The weights of each decoder layer live in GPU memory, in pinned host memory, or on a peer GPU.",
+    "While one layer computes, the next layer's weights are copied over the link on a side stream.",
+    "A plan places every layer before loading and predicts the time of a decode step.",
+    "The quick brown fox jumps over the lazy dog. Hello world! 0 1 2 3 4 5 6 7 8 9",
+]
+
+
+class RandomSource:
+    """Seeded random weights: norm weights near 1, everything else normal with std ``std``.
+
+    Each tensor is generated in row chunks, each from its own seed, so any rank's
+    piece is made without making the whole tensor, and the values do not depend
+    on the tensor-parallel split. Values depend on the generating device type
+    (CPU and CUDA generators differ).
+    """
+
+    CHUNK_ELEMENTS = 1 << 22
+
+    def __init__(self, seed: int = 0, std: float = 0.02, device: str | torch.device = "cpu"):
+        self.seed, self.std, self.device = seed, std, torch.device(device)
+
+    def validate(self, specs) -> None:
+        pass
+
+    def read(self, spec: TensorSpec, name: str, out: torch.Tensor) -> None:
+        full = spec.full_shape
+        cols = full[1] if len(full) == 2 else 1
+        rows_per_chunk = max(1, self.CHUNK_ELEMENTS // cols)
+        shard = spec.shard
+        row_lo, row_hi = (shard.start, shard.stop) if shard.dim == 0 else (0, full[0])
+        col = slice(shard.start, shard.stop) if shard.dim == 1 else slice(None)
+        written = 0
+        for chunk in range(row_lo // rows_per_chunk, -(-row_hi // rows_per_chunk)):
+            lo, hi = chunk * rows_per_chunk, min((chunk + 1) * rows_per_chunk, full[0])
+            values = self._chunk(name, chunk, (hi - lo, *full[1:]), out.dtype, norm="norm" in name)
+            take = values[max(row_lo - lo, 0) : min(row_hi, hi) - lo]
+            if len(full) == 2:
+                take = take[:, col]
+            out[written : written + take.shape[0]].copy_(take)
+            written += take.shape[0]
+        if out.dim() and written < out.shape[0]:
+            out[written:].zero_()
+
+    def _chunk(self, name: str, chunk: int, shape, dtype, norm: bool) -> torch.Tensor:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + chunk) % (2**63))
+        values = torch.randn(shape, generator=gen, device=self.device, dtype=dtype)
+        values.mul_(self.std)
+        return values.add_(1.0) if norm else values
+
+    def full_tensor(self, spec: TensorSpec, name: str, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+        """The whole checkpoint tensor (what ``write_checkpoint`` writes)."""
+        out = torch.empty(spec.full_shape, dtype=dtype, device=device)
+        self.read(replace(spec, shard=REPLICATED, shape=spec.full_shape), name, out)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def write_checkpoint(config: dict, out_dir: str | Path, dtype: torch.dtype, seed: int = 0,
+                     shard_bytes: int = 2 * 2**30, device=None, progress: bool = True) -> Path:
+    """Write an HF-format checkpoint of seeded random weights: ``config.json``, safetensors shards
+    with ``model.safetensors.index.json`` (one ``model.safetensors`` when small), and a demo
+    ``tokenizer.json`` when ``tokenizers`` is installed. The tensors are those ``RandomSource``
+    gives on ``device``, so ``load_model(out_dir)`` equals ``load_model(config, random_weights=seed)``
+    with the weights made on the same device type.
+    """
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    cfg = config_from_dict(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    source = RandomSource(seed=seed, device=device)
+    specs = checkpoint_sources(cfg, TensorParallel(), dtype)
+
+    shards, size = [[]], 0  # consecutive tensors, each shard at most shard_bytes (or one tensor)
+    for spec, name in specs:
+        nbytes = math.prod(spec.full_shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((spec, name))
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    total = sum(math.prod(s.full_shape) for s, _ in specs) * dtype.itemsize
+    weight_map = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing checkpoint", disable=not progress) as bar:
+        for file, shard in zip(names, shards):
+            tensors = {name: source.full_tensor(spec, name, dtype) for spec, name in shard}
+            save_file(tensors, str(out / file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in tensors})
+            bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    dtype_name = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype_name}, indent=2))
+    try:
+        train_demo_tokenizer(cfg.vocab_size).save(str(out / "tokenizer.json"))
+    except ImportError:  # tokenizers is optional: ids in and out still work
+        pass
+    return out
+
+
+def train_demo_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer of at most ``vocab_size`` ids trained on a built-in text (needs ``tokenizers``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 512), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    return tok
+
+
+def demo_checkpoint(quiet: bool = False) -> Path:
+    """The built-in demo model: the ``tiny`` shape with seeded random weights, written once and cached."""
+    path = cache_dir() / f"demo-{DEMO_SHAPE}-v1"
+    if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".demo-"))
+        write_checkpoint(shape_config(DEMO_SHAPE), tmp, torch.float32, seed=0, device="cpu", progress=not quiet)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -7,7 +7,7 @@ Both schedules run the same records through the same loaded model and budget, in
 one run: ``dynamic`` takes records longest first and refills a row as soon as its
 sequence ends (every step, which streams every weight once, serves every row);
 ``fifo`` runs fixed batches in input order, each until its longest member ends.
-The table gives records/s, tokens/s, steps and padding, and the throughput ratio,
+The table gives records/s, tokens/s, steps and row occupancy, and the throughput ratio,
 and the script counts the records whose greedy outputs agree: all of them in
 float32; in bfloat16 a row's matrix products depend on how many rows share the
 step (the GPU picks kernels by shape), so a near tie can go the other way.
@@ -75,7 +75,7 @@ def main() -> int:
                                  for line in (Path(tmp) / "out.jsonl").read_text().splitlines()}
         rows[schedule] = dict(seconds=seconds, records_per_s=len(records) / seconds,
                               tokens_per_s=summary.generated_tokens / seconds, steps=summary.steps,
-                              padding=summary.padding_fraction, generated=summary.generated_tokens)
+                              occupancy=summary.occupancy, generated=summary.generated_tokens)
         print(f"{schedule}: {summary}")
 
     same = sum(outputs["dynamic"][k] == outputs["fifo"][k] for k in outputs["fifo"])
@@ -83,10 +83,10 @@ def main() -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{args.records} records, prompts {prompt_range[0]}-{prompt_range[1]} tokens, "
           f"{new_range[0]}-{new_range[1]} new tokens, batch {args.batch_size}, {args.shape} on {device}")
-    print(f"{'schedule':<9}{'seconds':>9}{'records/s':>11}{'tokens/s':>10}{'steps':>7}{'padding':>9}")
+    print(f"{'schedule':<9}{'seconds':>9}{'records/s':>11}{'tokens/s':>10}{'steps':>7}{'rows busy':>11}")
     for name, r in rows.items():
         print(f"{name:<9}{r['seconds']:>9.1f}{r['records_per_s']:>11.2f}{r['tokens_per_s']:>10.1f}"
-              f"{r['steps']:>7}{100 * r['padding']:>8.1f}%")
+              f"{r['steps']:>7}{100 * r['occupancy']:>10.1f}%")
     print(f"dynamic / fifo throughput: {ratio:.2f}x; greedy outputs identical for {same} of {len(records)} records")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "ratio": ratio, "identical_records": same}, indent=1))

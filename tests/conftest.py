@@ -1,4 +1,8 @@
-"""Shared helpers: tiny transformers models with random weights, saved as checkpoint directories."""
+"""Shared helpers: tiny transformers models with random weights, saved as checkpoint directories,
+the ``tiny`` named shape as a checkpoint, and the ``--slow`` switch.
+
+``python -m pytest`` runs the fast tests; ``python -m pytest --slow`` runs every test (CI does).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,29 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+
+from offload.models.shapes import shape_config
+from offload.synthetic import write_checkpoint
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (CI runs them all)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """The ``tiny`` named shape (8 layers, GQA) as a float32 checkpoint of seeded random weights."""
+    return write_checkpoint(shape_config("tiny"), tmp_path_factory.mktemp("tiny"), torch.float32, seed=7,
+                            device="cpu", progress=False)
 
 CONVENTIONS = ("4.x", "5.x")
 

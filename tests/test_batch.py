@@ -14,16 +14,8 @@ import torch
 import offload
 from offload.batch import ResultFile, read_records, run_batch
 from offload.cli import main
-from offload.synthetic import write_checkpoint
-from offload.models.shapes import shape_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_checkpoint(shape_config("tiny"), tmp_path_factory.mktemp("tiny"), torch.float32, seed=7,
-                            device="cpu", progress=False)
 
 
 def write_prompts(path: Path, n: int, seed: int = 0) -> list[dict]:
@@ -119,6 +111,7 @@ def test_torn_last_line_is_cut_and_redone(tiny, tmp_path):
     assert read_output(tmp_path / "part.jsonl") == read_output(tmp_path / "full.jsonl")
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_leaves_every_id_once_with_uninterrupted_outputs(tiny, tmp_path):
     write_prompts(tmp_path / "in.jsonl", 400, seed=3)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_ACCELERATE = all(importlib.util.find_spec(m) for m in ("accelerate", "transformers"))
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_runs_with_positive_numbers(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -36,6 +39,7 @@ def test_bench_quick_writes_runs_with_positive_numbers(tmp_path):
     assert sorted(row["batch"] for row in host) == data["batches"]
 
 
+@pytest.mark.slow
 def test_bench_bad_input_is_one_line_and_exit_2():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "benchmarks/bench_offload.py", "--shape", "no-such-shape"],

@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from offload.cli import main
-from offload.synthetic import write_checkpoint
 from offload.models.shapes import shape_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,12 +21,7 @@ def run_script(*args, cache_dir, timeout=300):
                           timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_checkpoint(shape_config("tiny"), tmp_path_factory.mktemp("tiny"), torch.float32, seed=5,
-                            device="cpu", progress=False)
-
-
+@pytest.mark.slow
 def test_no_arguments_runs_the_offloaded_demo(tmp_path):
     done = run_script(cache_dir=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -8,16 +8,8 @@ import torch
 import torch.multiprocessing as mp
 
 import offload
-from offload.synthetic import write_checkpoint
-from offload.models.shapes import shape_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    return write_checkpoint(shape_config("tiny"), tmp_path_factory.mktemp("tiny"), torch.float32, seed=3,
-                            device="cpu", progress=False)
 
 
 def _free_port() -> int:
@@ -56,14 +48,14 @@ def _budget_streaming_everything(path, tp):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_tp_matches_tp1_with_offloading_on_every_rank(tiny_checkpoint, world):
+def test_tp_matches_tp1_with_offloading_on_every_rank(tiny, world):
     ids = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(0))
     kwargs = dict(max_batch=2, max_seq_len=48, cpu_memory="1GiB")
-    single = offload.load_model(tiny_checkpoint, progress=False, gpu_memory=_budget_streaming_everything(
-        tiny_checkpoint, 1), **kwargs)
+    single = offload.load_model(tiny, progress=False, gpu_memory=_budget_streaming_everything(
+        tiny, 1), **kwargs)
     want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)
     assert set(single.plan.placement) == {"host"}
-    results = run_tp(world, tiny_checkpoint, ids, gpu_memory=_budget_streaming_everything(tiny_checkpoint, world),
+    results = run_tp(world, tiny, ids, gpu_memory=_budget_streaming_everything(tiny, world),
                      **kwargs)
     for rank, result in enumerate(results):
         assert not isinstance(result, str), result
@@ -77,20 +69,20 @@ def test_tp_matches_tp1_with_offloading_on_every_rank(tiny_checkpoint, world):
         assert single_per_layer / world <= per_layer <= (1.01 if world == 2 else 1.10) * single_per_layer / world
 
 
-def test_budget_too_small_names_the_rank(tiny_checkpoint):
+def test_budget_too_small_names_the_rank(tiny):
     ids = torch.zeros(1, 4, dtype=torch.long)
-    results = run_tp(2, tiny_checkpoint, ids, gpu_memory="100KiB", cpu_memory="1GiB")
+    results = run_tp(2, tiny, ids, gpu_memory="100KiB", cpu_memory="1GiB")
     for message in results:
         assert isinstance(message, str)
         assert "rank 0 of 2" in message and "rank 1 of 2" in message
 
 
-def test_heads_not_divisible_by_tp(tiny_checkpoint):
+def test_heads_not_divisible_by_tp(tiny):
     with pytest.raises(offload.ConfigError, match="not divisible by tp=3"):
-        offload.load_model(tiny_checkpoint, tp=3, progress=False)
+        offload.load_model(tiny, tp=3, progress=False)
 
 
-def test_tp_without_torchrun_is_refused(tiny_checkpoint, monkeypatch):
+def test_tp_without_torchrun_is_refused(tiny, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(offload.OffloadError, match="torchrun"):
-        offload.load_model(tiny_checkpoint, tp=2, progress=False)
+        offload.load_model(tiny, tp=2, progress=False)

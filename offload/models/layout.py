@@ -6,9 +6,12 @@ layout is a table of named shapes, each with its dtype and byte offset;
 ``views(buffer)`` gives the tensors a layer computes with. The non-layer tensors
 (embedding, final norm, LM head) get layouts of their own.
 
-Offsets are aligned to 256 bytes so that a tensor's alignment, and with it the
-kernels the math libraries pick, is the same in every block and every slot: an
-offloaded layer computes bit for bit what a resident one does.
+Checkpoint tensors that one matrix product can serve are stored back to back
+and seen as one: q, k and v as ``wqkv`` (one projection instead of three), gate
+and up as ``w_gate_up``. Offsets are aligned to 256 bytes so that a tensor's
+alignment, and with it the kernels the math libraries pick, is the same in every
+block and every slot: an offloaded layer computes bit for bit what a resident
+one does.
 """
 
 from __future__ import annotations
@@ -49,18 +52,17 @@ class LayerWeights:
     """One decoder layer's tensors: views into its block (resident or in a slot)."""
 
     input_norm: torch.Tensor
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
+    wqkv: torch.Tensor  # this rank's rows of q, k and v, stacked: [q + 2 kv, hidden]
     wo: torch.Tensor
     post_norm: torch.Tensor
-    w_gate: torch.Tensor
-    w_up: torch.Tensor
+    w_gate_up: torch.Tensor  # this rank's rows of gate and up, stacked: [2 intermediate, hidden]
     w_down: torch.Tensor
-    bq: torch.Tensor | None = None
-    bk: torch.Tensor | None = None
-    bv: torch.Tensor | None = None
+    bqkv: torch.Tensor | None = None
     bo: torch.Tensor | None = None
+
+
+# Fused views: consecutive checkpoint tensors stacked along their first dimension.
+LAYER_GROUPS = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
 
 
 @dataclass(slots=True)
@@ -73,22 +75,44 @@ class GlobalWeights:
 
 
 class BlockLayout:
-    """Where each named tensor sits inside a flat block of ``nbytes`` bytes."""
+    """Where each named tensor sits inside a flat block of ``nbytes`` bytes.
 
-    def __init__(self, entries: list[tuple], dtype: torch.dtype, cls=None):
+    ``groups`` names fused views: ``{"wqkv": ("wq", "wk", "wv")}`` stores those tensors
+    back to back (no padding between them) and ``views`` gives them as one tensor.
+    """
+
+    def __init__(self, entries: list[tuple], dtype: torch.dtype, cls=None, groups: dict | None = None):
         """``entries``: (name, full shape, checkpoint name, shard[, local shape]) in block order, all of ``dtype``."""
+        names = [e[0] for e in entries]
+        self.groups = {g: m for g, m in (groups or {}).items() if m[0] in names}
+        follows = {m: m_prev for members in self.groups.values() for m_prev, m in zip(members, members[1:])}
         self.cls, self.specs, offset = cls, [], 0
         for name, full, source, shard, *local in entries:
             shape = tuple(local[0]) if local else _local_shape(full, shard)
-            spec = TensorSpec(name, shape, tuple(full), source, shard, dtype, offset)
-            self.specs.append(spec)
-            offset += -(-spec.nbytes // ALIGN_BYTES) * ALIGN_BYTES
-        self.nbytes = offset
+            if name in follows:  # right after the previous member of its group
+                assert self.specs[-1].name == follows[name], f"{name} must follow {follows[name]}"
+                offset = self.specs[-1].offset + self.specs[-1].nbytes
+            else:
+                offset = -(-offset // ALIGN_BYTES) * ALIGN_BYTES
+            self.specs.append(TensorSpec(name, shape, tuple(full), source, shard, dtype, offset))
+            offset += self.specs[-1].nbytes
+        self.nbytes = -(-offset // ALIGN_BYTES) * ALIGN_BYTES
 
     def views(self, buffer: torch.Tensor):
-        """The block's tensors as views into ``buffer`` (1-D uint8, ``nbytes`` long): a ``cls``, or a dict."""
+        """The block's tensors as views into ``buffer`` (1-D uint8, ``nbytes`` long): a ``cls``, or a dict.
+
+        A group's members appear as the one fused view.
+        """
         assert buffer.dtype == torch.uint8 and buffer.numel() == self.nbytes, "buffer does not match the layout"
-        tensors = {s.name: buffer[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.specs}
+        spec = {s.name: s for s in self.specs}
+        view = lambda offset, nbytes, dtype, shape: buffer[offset : offset + nbytes].view(dtype).view(shape)  # noqa: E731
+        members = {m for ms in self.groups.values() for m in ms}
+        tensors = {s.name: view(s.offset, s.nbytes, s.dtype, s.shape) for s in self.specs if s.name not in members}
+        for group, names in self.groups.items():
+            first, last = spec[names[0]], spec[names[-1]]
+            rows = sum(spec[n].shape[0] for n in names)
+            tensors[group] = view(first.offset, last.offset + last.nbytes - first.offset, first.dtype,
+                                  (rows, *first.shape[1:]))
         return self.cls(**tensors) if self.cls else tensors
 
     def sources(self, layer: int | None = None) -> list[tuple[TensorSpec, str]]:
@@ -132,7 +156,7 @@ def layer_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) ->
         ("w_down", (d, i), p + "mlp.down_proj.weight", Shard(1, mlp_rows.start, mlp_rows.stop)
          if tp.size > 1 else REPLICATED),
     ]
-    return BlockLayout(entries, dtype, LayerWeights)
+    return BlockLayout(entries, dtype, LayerWeights, LAYER_GROUPS)
 
 
 def _vocab_entry(name: str, source: str, config: ModelConfig, tp: TensorParallel):

@@ -107,9 +107,10 @@ class Transformer:
 
     def attention(self, x, w: LayerWeights, step: Step, kv, window: int | None) -> torch.Tensor:
         hd = self.config.head_dim
-        q = column_parallel_linear(x, w.wq, w.bq).unflatten(-1, (self.heads, hd))
-        k = column_parallel_linear(x, w.wk, w.bk).unflatten(-1, (self.kv_heads, hd))
-        v = column_parallel_linear(x, w.wv, w.bv).unflatten(-1, (self.kv_heads, hd))
+        qkv = column_parallel_linear(x, w.wqkv, w.bqkv)
+        q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
+        q = q.unflatten(-1, (self.heads, hd))
+        k, v = k.unflatten(-1, (self.kv_heads, hd)), v.unflatten(-1, (self.kv_heads, hd))
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         cache_k, cache_v = kv
         if cache_k is not None:
@@ -125,8 +126,8 @@ class Transformer:
         return row_parallel_linear(step.from_heads(o), w.wo, self.tp, w.bo)
 
     def mlp(self, x, w: LayerWeights) -> torch.Tensor:
-        gate = F.silu(column_parallel_linear(x, w.w_gate))
-        return row_parallel_linear(gate * column_parallel_linear(x, w.w_up), w.w_down, self.tp)
+        gate, up = column_parallel_linear(x, w.w_gate_up).chunk(2, dim=-1)
+        return row_parallel_linear(F.silu(gate) * up, w.w_down, self.tp)
 
 
 def step_activation_bytes(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,

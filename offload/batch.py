@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import InputError
+from .errors import InputError, PlanError
 from .inputs import check_token_ids
 from .sampling import GREEDY, Sampling
 from .scheduler.engine import Engine, Request
@@ -149,6 +149,82 @@ class ResultFile:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+# ---------------------------------------------------------------------- planning for throughput
+
+BATCH_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+
+@dataclass(frozen=True)
+class JobForecast:
+    """The predicted time of a job run on ``rows`` rows."""
+
+    rows: int
+    passes: int
+    prefill_seconds: float  # passes that read prompts (they also decode the rows already running)
+    decode_seconds: float
+    generated_tokens: int
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.rows} rows: {self.passes} passes, prefill {self.prefill_seconds:.1f} s + decode "
+                f"{self.decode_seconds:.1f} s, {self.tokens_per_s:.1f} generated tokens/s")
+
+
+def forecast_job(shapes: list[tuple[int, int]], rows: int, pass_seconds) -> JobForecast:
+    """Predict a job of ``(prompt tokens, new tokens)`` records scheduled as ``run_batch`` does.
+
+    Records are taken longest first and a row is refilled as soon as it frees; a pass reads
+    the prompts of the rows just admitted and one token of every running row, and costs
+    ``pass_seconds(tokens, keys)`` (``keys``: cached keys attended to, summed over its tokens).
+    Every record is assumed to run to its ``max_new_tokens``.
+    """
+    queue = sorted(shapes, key=lambda s: s[0] + s[1], reverse=True)
+    running: list[list[int]] = []  # per row: [tokens still to make, tokens in its cache]
+    passes, prefill, decode = 0, 0.0, 0.0
+    while queue or running:
+        admitted, queue = queue[: rows - len(running)], queue[rows - len(running) :]
+        if admitted:  # a pass that reads the new prompts (and makes their first tokens)
+            keys = sum(p * (p + 1) // 2 for p, _ in admitted) + sum(cached for _, cached in running)
+            prefill += pass_seconds(sum(p for p, _ in admitted) + len(running), keys)
+            running = [[left - 1, cached + 1] for left, cached in running] + [[n - 1, p] for p, n in admitted]
+            passes += 1
+        running = [row for row in running if row[0] > 0]
+        if running and not (queue and len(running) < rows):
+            steps = min(left for left, _ in running)  # decode passes until the next row frees
+            keys = sum(cached for _, cached in running) + len(running) * (steps - 1) / 2  # the middle pass's
+            decode += steps * pass_seconds(len(running), keys)
+            running = [[left - steps, cached + steps] for left, cached in running if left > steps]
+            passes += steps
+    return JobForecast(rows, passes, prefill, decode, sum(n for _, n in shapes))
+
+
+def choose_batch_size(shapes: list[tuple[int, int]], plans_for, most: int) -> tuple[JobForecast, list[JobForecast]]:
+    """The number of rows, and with it the placement, that makes the job's tokens soonest.
+
+    ``plans_for(rows)`` gives every rank's plan for that many KV cache rows (a larger batch
+    leaves less memory for resident layers, so more streaming) or raises ``PlanError``; each
+    candidate is forecast with its own plans. Returns the best and every forecast made.
+    """
+    forecasts = []
+    for rows in sorted({r for r in BATCH_CANDIDATES if r <= most} | {most}):
+        try:
+            plans = plans_for(rows)
+        except PlanError:
+            if not forecasts:
+                raise
+            break  # more rows fit no better
+        cost = lambda tokens, keys: max(p.pass_seconds(tokens, keys) for p in plans)  # noqa: E731
+        forecasts.append(forecast_job(shapes, rows, cost))
+    return max(forecasts, key=lambda f: f.tokens_per_s), forecasts
 
 
 # ---------------------------------------------------------------------- running

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .api import load_model
-from .batch import ResultFile, check_context, read_records, run_batch
+from .batch import ResultFile, check_context, choose_batch_size, forecast_job, read_records, run_batch
 from .distributed import TensorParallel, init_tensor_parallel
 from .errors import InputError, OffloadError, OffloadWarning, PlanError
 from .inputs import check_token_ids
@@ -34,7 +34,7 @@ from .synthetic import DEMO_SHAPE, demo_checkpoint
 from .text import Tokenizer
 
 DEMO_PROMPT = "offload runs transformer models that are larger than"
-MAX_AUTO_BATCH = 64
+MAX_AUTO_BATCH = 128
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,7 +118,11 @@ def _main(args) -> int:
     if demo and args.gpu_memory is None:
         options = _demo_budget(model_path, options, say)
     if args.plan:
-        say(format_plans(prepare(model_path, options).plans))
+        setup = prepare(model_path, options)
+        say(format_plans(setup.plans))
+        if prompt is not None:
+            cost = lambda tokens, keys: max(p.pass_seconds(tokens, keys) for p in setup.plans)  # noqa: E731
+            say(f"predicted for this prompt: {forecast_job([(len(prompt), args.max_new_tokens)], 1, cost)}")
         return 0
 
     model = load_model(model_path, options, progress=not args.quiet)
@@ -149,15 +153,17 @@ def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, tp
     # A job's steps hold at least 2048 tokens, so that rows joining the batch read their prompts in few
     # steps (each step streams every weight once).
     options = options.replace(max_seq_len=seq, max_step_tokens=options.max_step_tokens or max(2048, seq))
-    todo = max(sum(r.id not in done for r in records), 1)
-    options = options.replace(max_batch=_batch_size(args, model_path, options, todo))
     if args.model is None and args.gpu_memory is None:
         options = _demo_budget(model_path, options, say)
+    shapes = [(len(r.prompt_ids), r.max_new_tokens) for r in records if r.id not in done] or [(1, 1)]
+    options = options.replace(max_batch=_batch_size(args, model_path, options, shapes, say))
+    setup = prepare(model_path, options)
+    say(format_plans(setup.plans))
+    cost = lambda tokens, keys: max(p.pass_seconds(tokens, keys) for p in setup.plans)  # noqa: E731
+    say(f"predicted for this job: {forecast_job(shapes, options.max_batch, cost)}")
     if args.plan:
-        say(format_plans(prepare(model_path, options).plans))
         return 0
     model = load_model(model_path, options, progress=not args.quiet)
-    say(format_plans(model.plans))
     eos = () if args.ignore_eos else config.eos_token_ids
     summary = run_batch(model, records, results, options.max_batch, _sampling(args), eos, tokenizer,
                         schedule=args.schedule, progress=tp.rank == 0 and not args.quiet)
@@ -218,12 +224,9 @@ def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
     return tokenizer.encode(text)
 
 
-def _batch_size(args, model_path: Path, options: LoadOptions, records: int) -> int:
-    """``--batch-size N``, or for ``auto`` the most rows whose KV cache the budgets can hold (a plan per try).
-
-    A step streams every weight once whatever the batch, so more rows are more tokens per
-    byte moved; the cost is KV cache that would otherwise hold resident layers.
-    """
+def _batch_size(args, model_path: Path, options: LoadOptions, shapes: list[tuple[int, int]], say) -> int:
+    """``--batch-size N``; for ``auto`` the rows (and with them the placement) that make the job's
+    tokens soonest by the plans' cost model, tried against every batch size that fits."""
     if args.batch_size != "auto":
         try:
             size = int(args.batch_size)
@@ -234,21 +237,12 @@ def _batch_size(args, model_path: Path, options: LoadOptions, records: int) -> i
         return size
     if args.max_batch is not None:
         return options.max_batch
-
-    def fits(rows: int) -> bool:
-        try:
-            prepare(model_path, options.replace(max_batch=rows))
-            return True
-        except PlanError:
-            return False
-
-    lo, hi = 1, min(records, MAX_AUTO_BATCH)
-    if not fits(lo):
-        prepare(model_path, options.replace(max_batch=1))  # raises the planner's own explanation
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
+    plans_for = lambda rows: prepare(model_path, options.replace(max_batch=rows)).plans  # noqa: E731
+    best, tried = choose_batch_size(shapes, plans_for, min(len(shapes), MAX_AUTO_BATCH))
+    others = ", ".join(f"{f.rows}: {f.tokens_per_s:.1f}" for f in tried if f is not best)
+    say(f"batch size auto: {best.rows} rows, predicted {best.tokens_per_s:.1f} generated tokens/s"
+        + (f" (other batch sizes, tokens/s: {others})" if others else ""))
+    return best.rows
 
 
 def _demo_budget(model_path: Path, options: LoadOptions, say) -> LoadOptions:

@@ -69,7 +69,7 @@ def prepare(model, options: LoadOptions) -> Setup:
     needs = memory_needs(config, tp, dtype, device, options, layout, globals_, embedding)
     peers = list(budget.peer_memory)
     bandwidth = dict(options.link_bandwidth or {})
-    if any(n not in bandwidth for n in ["host", "hbm", *peers]):
+    if any(n not in bandwidth for n in ["host", "hbm", "matmul", *peers]):
         bandwidth = {**link_bandwidths(device, peers, tp, budget.gpu_memory // 8), **bandwidth}
     title = f" (rank {tp.rank} of {tp.size})" if tp.size > 1 else ""
     indirect = tuple(p for p in peers if not peer_is_direct(device, p))
@@ -98,10 +98,19 @@ def memory_needs(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, de
         kv_bytes=KVCache.nbytes(config.n_layers, batch, kv_heads, seq, config.head_dim, dtype),
         activation_bytes=step_activation_bytes(config, tp, dtype, batch, seq, options.max_step_tokens),
         workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0,
-        rope_bytes=2 * seq * config.head_dim * dtype.itemsize,
+        rope_bytes=2 * (seq + 1) * config.head_dim * dtype.itemsize,
         max_batch=batch,
         max_seq_len=seq,
+        flops_per_token=2 * config.n_layers * matmul_weights_per_layer(config, tp),
+        flops_per_key=4 * config.n_layers * local_heads(config, tp)[0] * config.head_dim,
     )
+
+
+def matmul_weights_per_layer(config: ModelConfig, tp: TensorParallel) -> int:
+    """Weights of one layer's projections on this rank (each is one multiply-add per token)."""
+    q_heads, kv_heads = local_heads(config, tp)
+    d, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size // tp.size
+    return d * (2 * q_heads + 2 * kv_heads) * hd + 3 * d * inter
 
 
 def weight_source(model, random_weights: int | None, device: torch.device):

@@ -19,7 +19,7 @@ from .memory.pool import WeightPool
 from .models.layout import GlobalWeights
 from .models.llama import KVCache, Transformer
 from .models.parallel import local_heads, vocab_rows
-from .models.step import Rope, Step
+from .models.step import DecodeStep, Rope, Step, bucket, plan_chunks
 from .sampling import Sampling
 from .scheduler.engine import Engine, Request
 from .scheduler.prefetch import CopyEngine, LayerStream
@@ -48,6 +48,9 @@ class GenerationResult:
         return 1e3 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
 
 
+KV_BUCKET = 128  # a decode step reads keys [0, n) for n a power of two times this (at most max_seq_len)
+
+
 class OffloadedModel:
     """A decoder-only language model whose layers live where its plan put them.
 
@@ -63,7 +66,7 @@ class OffloadedModel:
         engines = {tier: CopyEngine(s.device, "cpu" if tier == HOST or s.device.type == "cpu" else tier)
                    for tier in s.plan.streamed_tiers}
         self.layers = LayerStream(s.layout, pool.blocks, s.plan.placement, pool.slots, engines)
-        self.rope = Rope(s.config.rope_inv_freq(), self.max_seq_len, s.dtype, s.device)
+        self.rope = Rope(s.config.rope_inv_freq(), self.max_seq_len + 1, s.dtype, s.device)  # + the cache's sink
         views = s.globals_layout.views(pool.globals)
         if s.embedding_layout is not None:
             views.update(s.embedding_layout.views(pool.embedding))
@@ -104,7 +107,7 @@ class OffloadedModel:
                 f"{self.max_step_tokens} / max_seq_len={self.max_seq_len}; load the model with larger ones"
             )
         step = Step.build(rows, [0] * len(rows), self.rope, self.device)
-        logits = self._run(step, cache=None, all_logits=True)
+        logits = self._run([step], cache=None, rows=len(rows), all_logits=True)
         if attention_mask is None:
             return logits
         mask = as_batch(attention_mask, "attention_mask").bool()
@@ -118,8 +121,10 @@ class OffloadedModel:
         """Append ``new_tokens[b]`` to KV cache row ``b``, which holds ``cached[b]`` tokens already.
 
         Returns the logits of each row's last new token, ``[B, vocab]``. Rows with no new
-        tokens are allowed (their logits are meaningless). Generation and batch jobs are
-        built on this, through the row engine.
+        tokens are allowed (their logits are meaningless). Any number of tokens goes in one
+        pass: each layer is brought in once, and the tokens go through it in chunks of at
+        most ``max_step_tokens``. Generation and batch jobs are built on this, through the
+        row engine.
         """
         if len(new_tokens) != len(cached):
             raise InputError(f"{len(new_tokens)} rows of new tokens but {len(cached)} cached lengths")
@@ -134,11 +139,30 @@ class OffloadedModel:
                 raise InputError(f"row {b} would grow past max_seq_len={self.max_seq_len}")
         if not any(new_tokens):
             raise InputError("a step needs at least one new token")
-        return self._run(Step.build(new_tokens, cached, self.rope, self.device), self.cache, all_logits=False)
+        if all(len(tokens) <= 1 for tokens in new_tokens):
+            return self._decode(new_tokens, cached)
+        chunks = [
+            Step.build([new_tokens[b][lo:hi] for b, (lo, hi) in zip(range(first, stop), spans)],
+                       [cached[b] + lo for b, (lo, _) in zip(range(first, stop), spans)],
+                       self.rope, self.device, first_row=first)
+            for first, stop, spans in plan_chunks([len(t) for t in new_tokens], self.max_step_tokens)
+        ]
+        return self._run(chunks, self.cache, rows=len(new_tokens))
 
-    def _run(self, step: Step, cache, all_logits: bool) -> torch.Tensor:
+    def _decode(self, new_tokens: list[list[int]], cached: list[int]) -> torch.Tensor:
+        """A step in which every row adds one token (or none): fixed shapes, rows and key length bucketed."""
+        rows, sink = bucket(len(new_tokens), 1, self.max_batch), self.max_seq_len
+        pad = rows - len(new_tokens)
+        positions = [c if t else sink for t, c in zip(new_tokens, cached)] + [sink] * pad
+        tokens = [t[0] if t else 0 for t in new_tokens] + [0] * pad
+        kv_len = bucket(max(c + 1 for t, c in zip(new_tokens, cached) if t), KV_BUCKET, self.max_seq_len)
+        step = DecodeStep(torch.tensor(positions, device=self.device), kv_len, self.rope,
+                          set(self.config.sliding_windows), tokens=torch.tensor(tokens))
+        return self._run([step], self.cache, rows=rows)[: len(new_tokens)]
+
+    def _run(self, chunks: list, cache, rows: int, all_logits: bool = False) -> torch.Tensor:
         try:
-            return self.transformer.forward(step, self.layers, cache, all_logits)
+            return self.transformer.forward(chunks, self.layers, cache, rows, all_logits)
         except BaseException:
             self.layers.reset()  # the ring expects the next layer of an unfinished step
             raise

@@ -1,11 +1,13 @@
-"""Link bandwidths into the compute device, measured once per machine and cached.
+"""Link bandwidths into the compute device, and its matrix rate, measured once per machine and cached.
 
-The planner needs three kinds of figure, in bytes per second: ``"host"`` (pinned
-host memory to the GPU), one per peer GPU (its HBM to ours, over NVLink when the
-two can address each other), and ``"hbm"`` (a device-to-device copy, read plus
-write, which bounds a decode step that reads every weight once). Under tensor
-parallelism every rank probes the host link at the same moment, so the figure
-is each rank's share of a host link that all of them pull from at once.
+The planner needs three kinds of link figure, in bytes per second: ``"host"``
+(pinned host memory to the GPU), one per peer GPU (its HBM to ours, over NVLink
+when the two can address each other), and ``"hbm"`` (a device-to-device copy,
+read plus write, which bounds a decode step that reads every weight once); and
+``"matmul"``, floating-point operations per second of a large matrix product
+(bfloat16 on a GPU, float32 on a CPU), which bounds a pass over many tokens.
+Under tensor parallelism every rank probes the host link at the same moment, so
+the figure is each rank's share of a host link that all of them pull from at once.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ def cache_path() -> Path:
 
 
 def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_probe_bytes: int) -> dict[str, float]:
-    """Bytes/s of each link into ``compute_device``: "host", "hbm" and every peer, from the cache or measured."""
+    """Bytes/s of each link into ``compute_device`` ("host", "hbm", every peer) and its "matmul" FLOP/s,
+    from the cache or measured."""
     device = torch.device(compute_device)
-    names = ["host", "hbm", *peers]
+    names = ["host", "hbm", "matmul", *peers]
     if device.type != "cuda":  # every "link" is a memcpy in RAM: quick to measure, not worth caching
         bandwidth = measure_cpu_copy()
-        return {name: bandwidth for name in names}
+        return {**{name: bandwidth for name in names}, "matmul": measure_matmul(device)}
     gpu = torch.cuda.get_device_name(device).replace(" ", "_")
     key = {name: f"{gpu}/{device}<-{name}/ranks={tp.size}" for name in names}
     cached = _read_cache()
@@ -46,6 +49,7 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     measured = {"host": measure_host(device, size, repeats=5 if tp.size == 1 else 40)}
     tp.barrier()
     measured["hbm"] = measure_device_copy(device, size)
+    measured["matmul"] = measure_matmul(device)
     for peer in peers:
         measured[peer] = measure_peer(device, torch.device(peer), size)
     _write_cache({**cached, **{key[n]: v for n, v in measured.items()}})
@@ -93,6 +97,28 @@ def measure_peer(device, peer, size: int) -> float:
     src = torch.ones(size, dtype=torch.uint8, device=peer)
     dst = torch.empty(size, dtype=torch.uint8, device=device)
     return size / _time_copies(device, dst, src)
+
+
+def measure_matmul(device) -> float:
+    """FLOP/s of a square matrix product: 4096 wide in bfloat16 on a GPU, 256 wide in float32 on a CPU."""
+    device = torch.device(device)
+    n, dtype = (4096, torch.bfloat16) if device.type == "cuda" else (256, torch.float32)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            a @ b
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1000 / 5
+    else:
+        t = time.perf_counter()
+        a @ b
+        seconds = max(time.perf_counter() - t, 1e-6)
+    return 2 * n**3 / seconds
 
 
 def measure_cpu_copy(size: int = 64 * 2**20) -> float:

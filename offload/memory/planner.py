@@ -16,6 +16,7 @@ order, so every link keeps copying while resident layers compute.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import PlanError
@@ -40,6 +41,8 @@ class MemoryNeeds:
     max_seq_len: int = 0
     embedding_bytes: int = 0  # an untied embedding table: on the GPU, or in host RAM when offloading
     rope_bytes: int = 0  # the rotary embedding's cos/sin tables for max_seq_len positions
+    flops_per_token: float = 0.0  # matrix-product work of one token through every layer
+    flops_per_key: float = 0.0  # attention work of one token against one cached key, every layer
 
     @property
     def fixed_bytes(self) -> int:
@@ -104,7 +107,15 @@ class Plan:
 
     @property
     def predicted_step_seconds(self) -> float:
+        """A decode step that computes little: the slowest link, or reading every weight from HBM."""
         return max(self.link_seconds().values())
+
+    def pass_seconds(self, tokens: int, keys: int = 0) -> float:
+        """A pass that runs ``tokens`` tokens through every layer, attending to ``keys`` cached keys in all:
+        the slowest link, or the matrix work at the measured rate, whichever is longer."""
+        work = tokens * self.needs.flops_per_token + keys * self.needs.flops_per_key
+        compute = work / self.bandwidth.get("matmul", math.inf)
+        return max(self.predicted_step_seconds, compute)
 
     @property
     def bottleneck(self) -> str:

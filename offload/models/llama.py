@@ -43,20 +43,22 @@ class WeightStream(Protocol):
 
 
 class KVCache:
-    """Preallocated keys and values: ``[layers, max_batch, kv_heads, max_seq_len, head_dim]`` each.
+    """Preallocated keys and values: ``[layers, max_batch, kv_heads, max_seq_len + 1, head_dim]`` each.
 
-    Zero-filled, so positions no row has written yet hold finite numbers (masked
-    attention multiplies them by zero, and zero times NaN would be NaN).
+    The last position of every row is a *sink* that decode steps write to for rows with
+    nothing to add; attention never reads it. Zero-filled, so positions no row has
+    written yet hold finite numbers (masked attention multiplies them by zero, and zero
+    times NaN would be NaN).
     """
 
     def __init__(self, n_layers, max_batch, kv_heads, max_seq_len, head_dim, dtype, device):
-        shape = (n_layers, max_batch, kv_heads, max_seq_len, head_dim)
+        shape = (n_layers, max_batch, kv_heads, max_seq_len + 1, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
     def nbytes(n_layers, max_batch, kv_heads, max_seq_len, head_dim, dtype) -> int:
-        return 2 * n_layers * max_batch * kv_heads * max_seq_len * head_dim * dtype.itemsize
+        return 2 * n_layers * max_batch * kv_heads * (max_seq_len + 1) * head_dim * dtype.itemsize
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
@@ -69,14 +71,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
-def repeat_kv(x: torch.Tensor, times: int) -> torch.Tensor:
-    """``[B, H_kv, L, hd]`` to ``[B, H_kv * times, L, hd]``, each kv head serving ``times`` query heads."""
-    if times == 1:
-        return x
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, times, n, d).reshape(b, h * times, n, d)
-
-
 class Transformer:
     """Embedding, decoder layers, final norm, LM head: the non-layer weights are held, layers are passed in."""
 
@@ -85,18 +79,32 @@ class Transformer:
         self.vocab_start = vocab_start
         self.heads, self.kv_heads = local_heads(config, tp)
 
-    def forward(self, step: Step, layers: WeightStream, cache: KVCache | None, all_logits: bool = False):
-        """Logits of each row's last new token ``[B, V]`` (or of every position, ``[B, T, V]``)."""
-        table = self.weights.embed  # in host memory when the plan offloads: look up there
-        ids = step.tokens if table.device == step.tokens.device else step.host_tokens
-        h = vocab_parallel_embedding(ids, table, self.vocab_start, self.tp, step.tokens.device)
+    def forward(self, chunks: list[Step], layers: WeightStream, cache: KVCache | None, rows: int,
+                all_logits: bool = False) -> torch.Tensor:
+        """One pass over ``rows`` cache rows: logits of each row's last new token ``[rows, V]``
+        (or, for a single chunk, of every position, ``[B, T, V]``).
+
+        Each layer is brought in once and every chunk goes through it, so a streamed layer
+        crosses its link once per pass however many tokens the pass holds.
+        """
+        hs = [self.embed(chunk) for chunk in chunks]  # the residual stream of every token of the pass
         with sdpa_kernel(ATTENTION_BACKENDS):
             for i in range(self.config.n_layers):
                 w = layers.acquire(i)  # on a GPU: the compute stream waits for the block's copy, the host does not
                 kv = cache.layer(i) if cache is not None else (None, None)
-                h = self.decoder_layer(h, w, step, kv, self.config.sliding_windows[i])
+                for c, chunk in enumerate(chunks):
+                    hs[c] = self.decoder_layer(hs[c], w, chunk, kv, self.config.sliding_windows[i])
                 layers.release(i)  # the block's slot may now be refilled with a later layer
-        h = step.all_tokens(h) if all_logits else step.last_tokens(h)
+        if all_logits:
+            return self.head(chunks[0].all_tokens(hs[0]))
+        return self.head(last_hidden(chunks, hs, rows))
+
+    def embed(self, step) -> torch.Tensor:
+        table = self.weights.embed  # in host memory when the plan offloads: look up there
+        ids = step.tokens if table.device == step.tokens.device else step.host_tokens
+        return vocab_parallel_embedding(ids, table, self.vocab_start, self.tp, step.tokens.device)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h, self.weights.final_norm, self.config.rms_norm_eps)
         return vocab_parallel_logits(h, self.weights.lm_head, self.config.vocab_size, self.tp)
 
@@ -116,36 +124,57 @@ class Transformer:
         if cache_k is not None:
             step.store(cache_k, cache_v, k, v)
         keys, values = step.keys(cache_k, cache_v, k, v)
-        mask, group = step.mask(window), self.heads // self.kv_heads
-        if mask is not None:  # SDPA's memory-efficient kernel takes a mask but not grouped heads
-            keys, values = repeat_kv(keys, group), repeat_kv(values, group)
-        o = F.scaled_dot_product_attention(
-            step.heads(q), keys, values, attn_mask=mask, is_causal=step.causal and mask is None,
-            scale=hd**-0.5, enable_gqa=mask is None and group > 1,
-        )
+        o = self.attend(step.heads(q), keys, values, step.mask(window), step.causal)
         return row_parallel_linear(step.from_heads(o), w.wo, self.tp, w.bo)
+
+    def attend(self, q, keys, values, mask, causal: bool) -> torch.Tensor:
+        """SDPA of ``q [B, H, T, hd]`` over ``keys``/``values`` ``[B, H_kv, L, hd]``."""
+        scale, group = self.config.head_dim**-0.5, self.heads // self.kv_heads
+        if mask is None:
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=scale,
+                                                  enable_gqa=group > 1)
+        # SDPA's kernels that take a mask do not take grouped heads: the `group` query heads of
+        # each kv head become `group` times as many queries of that head, the mask repeated.
+        b, h, t, hd = q.shape
+        if group > 1:
+            q = q.reshape(b, self.kv_heads, group * t, hd)
+            mask = mask[:, :, None].expand(b, 1, group, t, mask.shape[-1]).reshape(b, 1, group * t, -1)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        return o.view(b, h, t, hd)
 
     def mlp(self, x, w: LayerWeights) -> torch.Tensor:
         gate, up = column_parallel_linear(x, w.w_gate_up).chunk(2, dim=-1)
         return row_parallel_linear(F.silu(gate) * up, w.w_down, self.tp)
 
 
+def last_hidden(chunks: list[Step], hs: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """Each row's last new token ``[rows, d]``, from the last chunk that holds tokens of that row."""
+    if len(chunks) == 1 and chunks[0].first_row == 0 and chunks[0].batch == rows:
+        return chunks[0].last_tokens(hs[0])
+    out = hs[0].new_zeros(rows, hs[0].shape[-1])
+    for chunk, h in zip(chunks, hs):
+        present = torch.tensor([b for b, n in enumerate(chunk.counts) if n], device=h.device)
+        out[chunk.first_row + present] = chunk.last_tokens(h)[present]
+    return out
+
+
 def step_activation_bytes(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
                           max_batch: int, max_seq_len: int, max_step_tokens: int) -> int:
-    """Peak bytes of the temporaries of one step of at most ``max_step_tokens`` (padded) tokens.
+    """Peak bytes of the temporaries of a pass whose chunks hold at most ``max_step_tokens`` (padded) tokens.
 
-    Counts what ``Transformer.forward`` allocates: the residual stream, the largest
-    of one layer's attention or MLP temporaries and the logits of every position
-    (what ``model(input_ids)`` returns), and the float32 work of sampling.
+    Counts what ``Transformer.forward`` allocates: the residual stream of every token a
+    pass can hold (``max_batch`` rows of ``max_seq_len``), one more chunk's residual, and
+    the largest of one chunk's attention or MLP temporaries, the logits of every position
+    (what ``model(input_ids)`` returns) and the float32 work of sampling.
     """
     e, t, d = dtype.itemsize, max_step_tokens, config.hidden_size
     hq, hkv = local_heads(config, tp)
     hd, inter, vocab = config.head_dim, config.intermediate_size // tp.size, config.vocab_size
     qkv = (hq + 2 * hkv) * hd
-    residual = 2 * t * d * e
+    residual = (max_batch * max_seq_len + t) * d * e
     norm = t * d * (2 * 4 + e)  # float32 copies inside rms_norm
-    grouped = 2 * max_batch * hq * max_seq_len * hd * e if hq != hkv else 0  # repeat_kv when masked
-    attention = t * (3 * qkv + 4 * hq * hd) * e + grouped + t * max_seq_len  # + the boolean mask
+    mask = t * (hq // hkv) * max_seq_len * (1 + e)  # boolean, repeated per grouped head, and SDPA's bias of it
+    attention = t * (3 * qkv + 4 * hq * hd) * e + mask
     mlp = t * 3 * inter * e
     all_logits = t * vocab * e * (2 if tp.size > 1 else 1) + norm
     sampling = max_batch * vocab * (e + 3 * 4)

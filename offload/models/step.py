@@ -1,19 +1,27 @@
 """What one forward pass computes, and how its tokens are laid out.
 
-Every row of the batch has its own KV cache row. A step adds ``counts[b]`` new
+Every row of the batch has its own KV cache row. A pass adds ``counts[b]`` new
 tokens to row ``b`` after its ``starts[b]`` cached ones, so prefill, decode, a
 ragged batch and a batch in which new prompts join running sequences are all
-the same thing.
+the same thing. A pass over many tokens is cut into *chunks* (``plan_chunks``)
+that bound the temporaries; the decoder brings each layer in once and runs every
+chunk through it.
 
-Two layouts:
+Three layouts of a chunk's tokens:
 
-* **uniform**: every row adds the same number of tokens at the same position
-  (a plain prefill or a plain decode step). Tokens are ``[B, T]``, positions are
-  one range, the cache is written with one slice and attention needs no mask;
-  these are exactly the operations of the reference implementation.
-* **packed**: anything else. The linear layers see only the ``N`` real tokens
-  ``[N, d]`` (no padding), attention sees them scattered into ``[B, H, T, hd]``
-  with a mask built once per step.
+* **uniform** (``Step``): every row adds the same number of tokens at the same
+  position (a plain prefill). Tokens are ``[B, T]``, positions are one range, the
+  cache is written with one slice and attention needs no mask; these are exactly
+  the operations of the reference implementation.
+* **packed** (``Step``): anything else with more than one token in some row. The
+  linear layers see only the ``N`` real tokens ``[N, d]`` (no padding), attention
+  sees them scattered into ``[B, H, T, hd]`` with a mask built once per step.
+* **decode** (``DecodeStep``): every row adds one token (or none). Every shape is
+  fixed by the number of rows and a bucket of the key length, positions live in a
+  device tensor, and nothing syncs with the host, so the step can be captured in
+  a CUDA graph and replayed; the eager path runs the very same operations.
+
+A step covers the contiguous cache rows ``[first_row, first_row + batch)``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos) + (rotated * sin)
 
 
+def plan_chunks(counts: list[int], max_tokens: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Cut a pass into chunks of at most ``max_tokens`` padded tokens (rows x widest row).
+
+    Returns ``(first_row, stop_row, [(lo, hi) per row])``: the chunk covers the rows that still
+    have tokens and takes tokens ``[lo, hi)`` of each. Each row's tokens go through in order.
+    """
+    done, chunks = [0] * len(counts), []
+    while True:
+        left = [b for b, c in enumerate(counts) if done[b] < c]
+        if not left:
+            return chunks
+        first, stop = left[0], left[-1] + 1
+        width = max(max_tokens // (stop - first), 1)
+        spans = [(done[b], min(counts[b], done[b] + width)) for b in range(first, stop)]
+        chunks.append((first, stop, spans))
+        for b, (_, hi) in zip(range(first, stop), spans):
+            done[b] = hi
+
+
 @dataclass
 class Step:
     tokens: torch.Tensor  # [B, T] (uniform) or [N] (packed)
@@ -50,6 +77,8 @@ class Step:
     kv_len: int  # attention reads cache positions [0, kv_len)
     fresh: bool  # no row has cached tokens: attend to this step's keys directly
     start: int | None  # uniform: the common start position; packed: None
+    counts: list[int]  # new tokens per row
+    first_row: int = 0  # the cache row of the step's row 0
     pack: torch.Tensor | None = None  # packed: flat index into B*T of each real token
     write_rows: torch.Tensor | None = None  # packed: cache row of each token
     write_pos: torch.Tensor | None = None  # packed: cache position of each token
@@ -60,19 +89,17 @@ class Step:
     # -------------------------------------------------------------- building
 
     @staticmethod
-    def build(new_tokens: list[list[int]], starts: list[int], rope: Rope, device) -> "Step":
-        """The step that appends ``new_tokens[b]`` to row ``b``, which holds ``starts[b]`` tokens."""
+    def build(new_tokens: list[list[int]], starts: list[int], rope: Rope, device, first_row: int = 0) -> "Step":
+        """The step that appends ``new_tokens[b]`` to cache row ``first_row + b``, which holds ``starts[b]`` tokens."""
         counts = [len(t) for t in new_tokens]
         batch, width = len(new_tokens), max(counts)
         kv_len = max(s + c for s, c in zip(starts, counts))
         fresh = not any(starts)
+        common = dict(batch=batch, width=width, kv_len=kv_len, fresh=fresh, counts=counts, first_row=first_row)
         if len(set(counts)) == 1 and len(set(starts)) == 1:
             s, host_tokens = starts[0], torch.tensor(new_tokens, dtype=torch.long)
-            return Step(
-                tokens=host_tokens.to(device), host_tokens=host_tokens,
-                batch=batch, width=width, kv_len=kv_len, fresh=fresh, start=s,
-                cos=rope.cos[s : s + width].unsqueeze(1), sin=rope.sin[s : s + width].unsqueeze(1),
-            )
+            return Step(tokens=host_tokens.to(device), host_tokens=host_tokens, start=s,
+                        cos=rope.cos[s : s + width].unsqueeze(1), sin=rope.sin[s : s + width].unsqueeze(1), **common)
         rows = [b for b, c in enumerate(counts) for _ in range(c)]
         offsets = [i for c in counts for i in range(c)]
         positions = [starts[b] + i for b, i in zip(rows, offsets)]
@@ -82,17 +109,21 @@ class Step:
         ends = torch.tensor(counts, dtype=torch.long).cumsum(0) - 1
         host_tokens = torch.tensor([t for row in new_tokens for t in row], dtype=torch.long)
         return Step(
-            tokens=host_tokens.to(device), host_tokens=host_tokens,
-            batch=batch, width=width, kv_len=kv_len, fresh=fresh, start=None,
+            tokens=host_tokens.to(device), host_tokens=host_tokens, start=None,
             cos=rope.cos[pos].unsqueeze(1), sin=rope.sin[pos].unsqueeze(1),
             pack=as_long([b * width + i for b, i in zip(rows, offsets)]),
-            write_rows=as_long(rows), write_pos=pos, last=ends.clamp(min=0).to(device),
-            query_pos=as_long(query_pos),
+            write_rows=as_long([first_row + b for b in rows]), write_pos=pos, last=ends.clamp(min=0).to(device),
+            query_pos=as_long(query_pos), **common,
         )
 
     @property
     def uniform(self) -> bool:
         return self.pack is None
+
+    @property
+    def rows(self) -> slice:
+        """The cache rows this step covers."""
+        return slice(self.first_row, self.first_row + self.batch)
 
     # -------------------------------------------------------------- layouts
 
@@ -124,11 +155,11 @@ class Step:
     # -------------------------------------------------------------- cache and attention
 
     def store(self, cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write this step's keys and values (token layout) into the cache rows ``[0, B)``."""
+        """Write this step's keys and values (token layout) into the cache."""
         if self.uniform:
             end = self.start + self.width
-            cache_k[: self.batch, :, self.start : end] = k.transpose(1, 2)
-            cache_v[: self.batch, :, self.start : end] = v.transpose(1, 2)
+            cache_k[self.rows, :, self.start : end] = k.transpose(1, 2)
+            cache_v[self.rows, :, self.start : end] = v.transpose(1, 2)
         else:
             cache_k[self.write_rows, :, self.write_pos] = k
             cache_v[self.write_rows, :, self.write_pos] = v
@@ -137,7 +168,7 @@ class Step:
         """The keys and values to attend to, ``[B, H_kv, L, hd]``."""
         if self.fresh or cache_k is None:
             return self.heads(k), self.heads(v)
-        return cache_k[: self.batch, :, : self.kv_len], cache_v[: self.batch, :, : self.kv_len]
+        return cache_k[self.rows, :, : self.kv_len], cache_v[self.rows, :, : self.kv_len]
 
     def mask(self, window: int | None) -> torch.Tensor | None:
         """Boolean attention mask ``[B, 1, T, L]`` (True: attend), or None when SDPA needs none."""
@@ -164,3 +195,62 @@ class Step:
         if windowed:
             allowed &= key[None, None, :] > query[:, :, None] - window
         return allowed.unsqueeze(1)
+
+
+class DecodeStep:
+    """Every row of ``[0, batch)`` adds one token; shapes depend only on ``batch`` and ``kv_len``.
+
+    ``positions[b]`` is where row b's token goes (its cached length). A row with nothing to
+    add writes to the cache's *sink*, the position ``max_seq_len`` past the end, which
+    attention never reads. Attention reads keys ``[0, kv_len)``, ``kv_len`` a bucket at least
+    one past the largest position, masked per row. Everything is built from ``positions``
+    on the device, so a captured graph recomputes it on every replay. It is used where a
+    ``Step`` is, in the token layout ``[B, 1, d]``.
+    """
+
+    causal = False
+
+    def __init__(self, positions: torch.Tensor, kv_len: int, rope: Rope, windows, tokens=None):
+        self.positions, self.kv_len, self.batch = positions, kv_len, positions.shape[0]
+        self.rows, self.first_row, self.counts = slice(0, self.batch), 0, [1] * self.batch
+        if tokens is not None:  # [B] on the host: the embedding's input when the step runs eagerly
+            self.host_tokens = tokens[:, None]
+            self.tokens = self.host_tokens.to(positions.device)
+        self.cos = rope.cos[positions][:, None, None, :]  # [B, 1, 1, hd] against q [B, T=1, H, hd]
+        self.sin = rope.sin[positions][:, None, None, :]
+        key = torch.arange(kv_len, device=positions.device)
+        self._masks = {}
+        for window in windows:
+            allowed = key[None, :] <= positions[:, None]
+            if window is not None:
+                allowed &= key[None, :] > positions[:, None] - window
+            self._masks[window] = allowed[:, None, None, :]  # [B, 1, T=1, L]
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        return self._masks[window]
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+    def from_heads(self, o: torch.Tensor) -> torch.Tensor:
+        return o.transpose(1, 2).reshape(self.batch, 1, -1)
+
+    def last_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        return h[:, -1]
+
+    def store(self, cache_k, cache_v, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the keys and values ``[B, 1, H_kv, hd]`` at each row's position."""
+        rows = torch.arange(self.batch, device=k.device)
+        cache_k[rows, :, self.positions] = k[:, 0]
+        cache_v[rows, :, self.positions] = v[:, 0]
+
+    def keys(self, cache_k, cache_v, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        return cache_k[self.rows, :, : self.kv_len], cache_v[self.rows, :, : self.kv_len]
+
+
+def bucket(n: int, smallest: int, largest: int) -> int:
+    """The smallest power of two (times ``smallest``) that holds ``n``, at most ``largest``."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, largest)

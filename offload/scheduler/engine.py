@@ -14,8 +14,8 @@ run).
 One step, top to bottom:
 
 1. admit waiting requests into free KV cache rows, lowest rows first;
-2. build one forward pass: a row still reading its prompt adds (a chunk of) it,
-   a generating row adds its last token;
+2. build one forward pass: a row just admitted adds its whole prompt, a
+   generating row adds its last token;
 3. run it: every streamed layer crosses its link once, whatever the rows do;
 4. sample a token for every row whose prompt is in (the step's one host sync);
 5. finish the rows that meet their stop rule (an eos id, or ``max_new_tokens``);
@@ -64,10 +64,10 @@ class Row:
     def in_prompt(self) -> bool:
         return self.cached < len(self.request.prompt)
 
-    def next_tokens(self, width: int) -> list[int]:
-        """What this row adds to the next forward pass: up to ``width`` prompt tokens, or its last token."""
+    def next_tokens(self) -> list[int]:
+        """What this row adds to the next forward pass: the rest of its prompt, or its last token."""
         if self.in_prompt:
-            return list(self.request.prompt[self.cached : self.cached + width])
+            return list(self.request.prompt[self.cached :])
         return [self.tokens[-1]]
 
 
@@ -124,8 +124,7 @@ class Engine:
             return []
         start = time.perf_counter()
         rows = self.rows[: max(i + 1 for i, r in enumerate(self.rows) if r is not None)]
-        width = max(self.model.max_step_tokens // len(rows), 1)
-        new_tokens = [row.next_tokens(width) if row else [] for row in rows]
+        new_tokens = [row.next_tokens() if row else [] for row in rows]
         prompt_tokens = sum(len(t) for row, t in zip(rows, new_tokens) if row and row.in_prompt)
         logits = self.model.step(new_tokens, [row.cached if row else 0 for row in rows])
         for row, tokens in zip(rows, new_tokens):

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-step-tokens", type=int,
                    help="most tokens per forward pass (default: --max-seq-len; batch jobs: at least 2048)")
     p.add_argument("--slots", type=int, help="streaming slots on the GPU (default 2)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly instead of replaying "
+                   "CUDA graphs (graphs are used only on a GPU)")
+    p.add_argument("--no-compile", action="store_true", help="capture the decode layer without fusing its kernels "
+                   "with torch.compile (saves the compile time at start)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--batch-size", default="auto", help="batch job rows: a number, or auto (default)")
     p.add_argument("--schedule", choices=["dynamic", "fifo"], default="dynamic", help="batch job scheduling")
@@ -197,7 +201,8 @@ def _options(args) -> LoadOptions:
         device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
         peer_memory=dict(parse_peer_flag(p) for p in args.peer_memory or []),
         max_batch=1 if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
-        max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots,
+        max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=not args.no_cuda_graphs,
+        compile=not args.no_compile,
     )
 
 

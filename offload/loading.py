@@ -24,7 +24,7 @@ from .memory.pool import WeightPool
 from .models.checkpoint import CheckpointSource
 from .models.config import ModelConfig, config_from_dict, load_config
 from .models.layout import BlockLayout, checkpoint_sources, embedding_layout, global_layout, layer_layout
-from .models.llama import KVCache, step_activation_bytes
+from .models.llama import KVCache, decode_graph_bytes, step_activation_bytes
 from .models.parallel import check_divisible, local_heads
 from .options import LoadOptions, parse_dtype
 from .synthetic import RandomSource
@@ -101,9 +101,15 @@ def memory_needs(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, de
         rope_bytes=2 * (seq + 1) * config.head_dim * dtype.itemsize,
         max_batch=batch,
         max_seq_len=seq,
+        graph_bytes=decode_graph_bytes(config, tp, dtype, batch, seq) if uses_cuda_graphs(options, device) else 0,
         flops_per_token=2 * config.n_layers * matmul_weights_per_layer(config, tp),
         flops_per_key=4 * config.n_layers * local_heads(config, tp)[0] * config.head_dim,
     )
+
+
+def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
+    """Decode steps are captured in CUDA graphs on a GPU unless turned off."""
+    return options.cuda_graphs and device.type == "cuda"
 
 
 def matmul_weights_per_layer(config: ModelConfig, tp: TensorParallel) -> int:

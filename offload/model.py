@@ -13,7 +13,7 @@ import torch
 
 from .errors import InputError
 from .inputs import as_batch, as_sequences, check_token_ids, prompts_from
-from .loading import Setup
+from .loading import Setup, uses_cuda_graphs
 from .memory.planner import HOST
 from .memory.pool import WeightPool
 from .models.layout import GlobalWeights
@@ -22,6 +22,7 @@ from .models.parallel import local_heads, vocab_rows
 from .models.step import DecodeStep, Rope, Step, bucket, plan_chunks
 from .sampling import Sampling
 from .scheduler.engine import Engine, Request
+from .scheduler.graphs import DecodeGraphs
 from .scheduler.prefetch import CopyEngine, LayerStream
 
 
@@ -75,6 +76,8 @@ class OffloadedModel:
         _, kv_heads = local_heads(s.config, s.tp)
         self.cache = KVCache(s.config.n_layers, self.max_batch, kv_heads, self.max_seq_len, s.config.head_dim,
                              s.dtype, s.device)
+        self.graphs = (DecodeGraphs(self.transformer, self.layers, self.cache, self.rope, s.plan.placement, s.device,
+                                    compile=s.options.compile) if uses_cuda_graphs(s.options, s.device) else None)
 
     @property
     def max_batch(self) -> int:
@@ -156,9 +159,15 @@ class OffloadedModel:
         positions = [c if t else sink for t, c in zip(new_tokens, cached)] + [sink] * pad
         tokens = [t[0] if t else 0 for t in new_tokens] + [0] * pad
         kv_len = bucket(max(c + 1 for t, c in zip(new_tokens, cached) if t), KV_BUCKET, self.max_seq_len)
-        step = DecodeStep(torch.tensor(positions, device=self.device), kv_len, self.rope,
-                          set(self.config.sliding_windows), tokens=torch.tensor(tokens))
-        return self._run([step], self.cache, rows=rows)[: len(new_tokens)]
+        positions, tokens = torch.tensor(positions, device=self.device), torch.tensor(tokens)
+        if self.graphs is None:
+            step = DecodeStep(positions, kv_len, self.rope, set(self.config.sliding_windows), tokens=tokens)
+            return self._run([step], self.cache, rows=rows)[: len(new_tokens)]
+        try:
+            return self.graphs.run(tokens, positions, kv_len)[: len(new_tokens)].clone()
+        except BaseException:
+            self.layers.reset()
+            raise
 
     def _run(self, chunks: list, cache, rows: int, all_logits: bool = False) -> torch.Tensor:
         try:

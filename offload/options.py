@@ -62,8 +62,11 @@ class LoadOptions:
             prefilled in several steps. Default: ``max_seq_len``.
         tp: tensor-parallel ranks; needs one process per rank (``torchrun --nproc-per-node tp``).
         slots: block-sized buffers per streaming link that its layers are copied into (default 2).
-        link_bandwidth: bytes/s per link (``{"host": 55e9, "hbm": 4e12, "cuda:1": 390e9}``) instead
-            of measuring them.
+        link_bandwidth: bytes/s per link (``{"host": 55e9, "hbm": 4e12, "cuda:1": 390e9}``, and
+            ``"matmul"`` FLOP/s) instead of measuring them.
+        cuda_graphs: capture decode steps in CUDA graphs and replay them (on a GPU; default on).
+        compile: fuse the decode layer's small kernels with ``torch.compile`` before capturing it
+            (with ``cuda_graphs``; default on). Compiling takes seconds, once per process.
     """
 
     device: str | torch.device | None = None
@@ -77,8 +80,13 @@ class LoadOptions:
     tp: int = 1
     slots: int | None = None
     link_bandwidth: Mapping[str, float] | None = None
+    cuda_graphs: bool = True
+    compile: bool = True
 
     def __post_init__(self):
+        for name in ("cuda_graphs", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _count("max_batch", self.max_batch)
         _count("tp", self.tp)
         for name in ("max_seq_len", "max_step_tokens", "slots"):

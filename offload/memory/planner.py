@@ -41,13 +41,15 @@ class MemoryNeeds:
     max_seq_len: int = 0
     embedding_bytes: int = 0  # an untied embedding table: on the GPU, or in host RAM when offloading
     rope_bytes: int = 0  # the rotary embedding's cos/sin tables for max_seq_len positions
+    graph_bytes: int = 0  # CUDA graphs of decode steps: their memory pool and static buffers
     flops_per_token: float = 0.0  # matrix-product work of one token through every layer
     flops_per_key: float = 0.0  # attention work of one token against one cached key, every layer
 
     @property
     def fixed_bytes(self) -> int:
         """What must be on the compute device besides the layers, the slots and the embedding."""
-        return self.global_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes + self.rope_bytes
+        return (self.global_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes + self.rope_bytes
+                + self.graph_bytes)
 
 
 @dataclass
@@ -150,6 +152,7 @@ class Plan:
             f"{' (' + ', '.join(f'{t} {c}' for t, c in self.slots.items()) + ')' if len(self.slots) > 1 else ''}, "
             f"activations {format_size(n.activation_bytes)}, rotary tables {format_size(n.rope_bytes)}, "
             f"workspace {format_size(n.workspace_bytes)}"
+            + (f", decode graphs {format_size(n.graph_bytes)}" if n.graph_bytes else "")
         )
         if self.embedding_on_host:
             lines.append(f"  embedding table ({format_size(n.embedding_bytes)}) in host RAM: a step copies only "
@@ -277,6 +280,7 @@ def _fixed_parts(needs: MemoryNeeds, embedding: int = 0) -> str:
         f"non-layer tensors {format_size(needs.global_bytes)} + KV cache {format_size(needs.kv_bytes)} "
         f"+ activations {format_size(needs.activation_bytes)} + rotary tables {format_size(needs.rope_bytes)} "
         f"+ workspace {format_size(needs.workspace_bytes)}"
+        + (f" + decode graphs {format_size(needs.graph_bytes)}" if needs.graph_bytes else "")
     )
     return parts + (f" + embedding {format_size(embedding)}" if embedding else "")
 

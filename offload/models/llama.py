@@ -87,7 +87,7 @@ class Transformer:
         Each layer is brought in once and every chunk goes through it, so a streamed layer
         crosses its link once per pass however many tokens the pass holds.
         """
-        hs = [self.embed(chunk) for chunk in chunks]  # the residual stream of every token of the pass
+        hs = [self.embed(chunk.tokens, chunk.host_tokens) for chunk in chunks]  # every token's residual stream
         with sdpa_kernel(ATTENTION_BACKENDS):
             for i in range(self.config.n_layers):
                 w = layers.acquire(i)  # on a GPU: the compute stream waits for the block's copy, the host does not
@@ -99,10 +99,11 @@ class Transformer:
             return self.head(chunks[0].all_tokens(hs[0]))
         return self.head(last_hidden(chunks, hs, rows))
 
-    def embed(self, step) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, host_tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens' embeddings on the compute device (the same ids in device and host memory)."""
         table = self.weights.embed  # in host memory when the plan offloads: look up there
-        ids = step.tokens if table.device == step.tokens.device else step.host_tokens
-        return vocab_parallel_embedding(ids, table, self.vocab_start, self.tp, step.tokens.device)
+        ids = tokens if table.device == tokens.device else host_tokens
+        return vocab_parallel_embedding(ids, table, self.vocab_start, self.tp, tokens.device)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h, self.weights.final_norm, self.config.rms_norm_eps)
@@ -179,3 +180,22 @@ def step_activation_bytes(config: ModelConfig, tp: TensorParallel, dtype: torch.
     all_logits = t * vocab * e * (2 if tp.size > 1 else 1) + norm
     sampling = max_batch * vocab * (e + 3 * 4)
     return residual + max(norm, attention, mlp, all_logits, sampling)
+
+
+def decode_graph_bytes(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, max_batch: int,
+                       max_seq_len: int) -> int:
+    """GPU memory of the decode graphs: their shared pool (one decode step's temporaries at the largest
+    row bucket), the static buffers of every row bucket, and a margin for the graphs themselves."""
+    e, d = dtype.itemsize, config.hidden_size
+    hq, hkv = local_heads(config, tp)
+    hd, inter, vocab = config.head_dim, config.intermediate_size // tp.size, config.vocab_size
+    b = max_batch
+    temporaries = 2 * b * d * e + max(
+        b * d * (2 * 4 + e),  # rms_norm's float32 copies
+        b * (3 * (hq + 2 * hkv) * hd + 4 * hq * hd) * e + b * (hq // hkv) * max_seq_len * (1 + e),
+        b * 3 * inter * e,
+        b * vocab * e * (2 if tp.size > 1 else 1),
+    )
+    buckets = max_batch.bit_length() + 1  # row buckets 1, 2, 4, ... up to max_batch
+    static = 2 * b * (d + vocab) * e + buckets * b * (2 * hd * e + len(set(config.sliding_windows)) * max_seq_len)
+    return temporaries + static + 32 * 2**20

@@ -123,6 +123,14 @@ class LayerStream:
         if layer in self.ring_of:
             self.ring_of[layer].release()
 
+    def fixed_weights(self, layer: int) -> LayerWeights:
+        """Where ``layer``'s weights are whenever it runs: its resident views, or those of the one slot its
+        ring always puts it in (no waiting, no copies: for capturing a graph)."""
+        if layer in self.resident:
+            return self.resident[layer]
+        ring = self.ring_of[layer]
+        return ring.slot_views[ring.layers.index(layer) % len(ring.slots)]
+
     def reset(self) -> None:
         """Forget the loads in flight (after a step was abandoned half way); the next step starts afresh."""
         for ring in self.rings:

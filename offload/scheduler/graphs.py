@@ -1,0 +1,156 @@
+"""Decode steps as CUDA graphs: captured once per bucket of rows and key length, then replayed.
+
+A decode step launches some thirty small kernels per layer; issued one by one from
+Python they take longer than the GPU needs to run them. Captured in a CUDA graph,
+a run of layers is launched by one call.
+
+The copy rings stay as they are. A step is cut into *segments* at every streamed
+layer, because before a streamed layer runs the compute stream must wait for its
+slot (``acquire``) and after it the slot is freed and the next copy issued
+(``release``): those stay on the host, between replays. Consecutive resident
+layers form one segment, so a fully resident model replays one graph per step. A
+streamed layer always sits in the same slot (the rings' fixed slot per layer), so
+its graph reads its weights from the same address every step.
+
+The first step of each bucket runs eagerly on the capture stream (it warms the
+kernels up, and its logits are that step's result); then the bucket's segments
+are captured, and later steps replay them. Graphs read and write static buffers
+per row bucket (hidden state, positions, logits) and share one memory pool.
+
+With ``compile``, the decoder layer is compiled by ``torch.compile`` before it is
+captured: its dozen elementwise kernels (norms, rotary embedding, cache writes,
+SiLU, residual adds) fuse into a few. A layer is compiled alone, never across
+layers, so a streamed layer runs exactly the kernels of a resident one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import warnings
+
+import torch
+from torch.nn.attention import sdpa_kernel
+
+from ..errors import OffloadWarning
+from ..memory.planner import RESIDENT
+from ..models.llama import ATTENTION_BACKENDS, KVCache, Transformer
+from ..models.step import DecodeStep, Rope
+from .prefetch import LayerStream
+
+
+@dataclass
+class _Buffers:
+    """The static inputs and output of every graph of one row bucket."""
+
+    h: torch.Tensor  # [rows, 1, d]: the embedded tokens in, each segment's output out
+    positions: torch.Tensor  # [rows]
+    logits: torch.Tensor  # [rows, vocab]
+
+
+class DecodeGraphs:
+    """Runs decode steps of ``transformer`` as replayed CUDA graphs, bucket by bucket."""
+
+    def __init__(self, transformer: Transformer, layers: LayerStream, cache: KVCache, rope: Rope,
+                 placement: list[str], device: torch.device, compile: bool = True):
+        self.transformer, self.layers, self.cache, self.rope = transformer, layers, cache, rope
+        self.layer = torch.compile(transformer.decoder_layer, dynamic=False) if compile else transformer.decoder_layer
+        self.windows = transformer.config.sliding_windows
+        self.segments = segments(placement)
+        self.streamed = {i for i, tier in enumerate(placement) if tier != RESIDENT}
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.buffers: dict[int, _Buffers] = {}
+        self.graphs: dict[tuple[int, int], list[torch.cuda.CUDAGraph]] = {}
+        self.steps: dict[tuple[int, int], DecodeStep] = {}  # keeps each bucket's masks and tables alive
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Logits ``[rows, vocab]`` of a decode step (``tokens`` on the host, ``positions`` on the device).
+
+        The logits live in a static buffer: read them before the next step.
+        """
+        rows = positions.shape[0]
+        buffers = self._buffers(rows)
+        buffers.h.copy_(self.transformer.embed(tokens[:, None].to(positions.device), tokens[:, None]))
+        buffers.positions.copy_(positions)
+        key = (rows, kv_len)
+        if key not in self.graphs:
+            try:
+                self._first_step(key, buffers)
+            except Exception as e:  # torch.compile needs a working Triton; without it, graphs of plain kernels
+                if self.layer is self.transformer.decoder_layer:
+                    raise
+                warnings.warn(f"compiling the decode layer failed ({type(e).__name__}: {e}); "
+                              "capturing it uncompiled", OffloadWarning, stacklevel=2)
+                self.layers.reset()
+                self.layer = self.transformer.decoder_layer
+                self._first_step(key, buffers)
+            return buffers.logits
+        for segment, graph in zip(self.segments, self.graphs[key]):
+            streamed = segment[0] in self.streamed  # a streamed layer is a segment of its own
+            if streamed:
+                self.layers.acquire(segment[0])  # the compute stream waits for the slot's copy
+            graph.replay()
+            if streamed:
+                self.layers.release(segment[0])  # the slot may be refilled: the next copy is issued
+        return buffers.logits
+
+    def _buffers(self, rows: int) -> _Buffers:
+        if rows not in self.buffers:
+            d, vocab = self.transformer.config.hidden_size, self.transformer.config.vocab_size
+            like = self.transformer.weights.final_norm
+            self.buffers[rows] = _Buffers(like.new_empty(rows, 1, d), torch.zeros(rows, dtype=torch.long,
+                                          device=like.device), like.new_empty(rows, vocab))
+        return self.buffers[rows]
+
+    def _first_step(self, key: tuple[int, int], buffers: _Buffers) -> None:
+        """Run the step eagerly on the capture stream (its warm-up), then capture the bucket's graphs."""
+        rows, kv_len = key
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            step = DecodeStep(buffers.positions, kv_len, self.rope, set(self.windows))
+            with sdpa_kernel(ATTENTION_BACKENDS):
+                h = buffers.h
+                for i in range(len(self.windows)):
+                    weights = self.layers.acquire(i)
+                    h = self.layer(h, weights, step, self.cache.layer(i), self.windows[i])
+                    self.layers.release(i)
+                buffers.logits.copy_(self.transformer.head(h[:, -1]))
+        self.stream.synchronize()
+        self.graphs[key] = self._capture(key, buffers)
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def _capture(self, key: tuple[int, int], buffers: _Buffers) -> list[torch.cuda.CUDAGraph]:
+        rows, kv_len = key
+        graphs = []
+        with torch.cuda.stream(self.stream), sdpa_kernel(ATTENTION_BACKENDS):
+            for n, segment in enumerate(self.segments):
+                graph = torch.cuda.CUDAGraph()
+                # thread-local: other threads (NCCL's watchdog, a server's event loop) may use CUDA meanwhile
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                if n == 0:  # the step's rotary tables and masks, from the positions, recomputed every replay
+                    self.steps[key] = DecodeStep(buffers.positions, kv_len, self.rope, set(self.windows))
+                step, h = self.steps[key], buffers.h
+                for i in segment:
+                    h = self.layer(h, self.layers.fixed_weights(i), step, self.cache.layer(i), self.windows[i])
+                if n == len(self.segments) - 1:
+                    buffers.logits.copy_(self.transformer.head(h[:, -1]))
+                else:
+                    buffers.h.copy_(h)
+                graph.capture_end()
+                graphs.append(graph)
+        return graphs
+
+
+def segments(placement: list[str]) -> list[list[int]]:
+    """Layers cut into graphs: each streamed layer alone, each run of resident layers together."""
+    out, run = [], []
+    for i, tier in enumerate(placement):
+        if tier == RESIDENT:
+            run.append(i)
+            continue
+        if run:
+            out.append(run)
+            run = []
+        out.append([i])
+    return out + ([run] if run else [])

@@ -14,6 +14,9 @@ each time with the same budget on the compute GPU:
     accelerate   transformers + accelerate (``infer_auto_device_map`` / ``dispatch_model``),
                  the same weights as ordinary pageable CPU tensors, the same budget
 
+On a GPU each of our runs is made twice: with decode steps replayed as CUDA graphs
+(the default) and eager ("... eager", every kernel launched from Python).
+
 Limits, every figure measured in this run on this machine:
 
     decode step   t >= max(bytes streamed over each link / that link's bandwidth,
@@ -283,6 +286,8 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
         half = len(streamed) // 2 * bench.layer_bytes  # the peer takes half, so both links carry bytes
         runs.append(("peer", dict(gpu_memory=bench.gpu_memory, cpu_memory=0, peer_memory={peer: room})))
         runs.append(("host+peer", dict(host, peer_memory={peer: half})))
+    if bench.device.type == "cuda":  # each beside its eager twin: decode steps launched one kernel at a time
+        runs = [r for name, budget in runs for r in [(name, budget), (f"{name} eager", {**budget, "cuda_graphs": False})]]
     return runs
 
 
@@ -294,13 +299,13 @@ def quick_budget(bench: Bench) -> int:
 
 def why_not(bench: Bench, name: str, budget: dict) -> str | None:
     """Why run ``name`` cannot be made here, or None."""
-    if name == "host+peer" and not budget["peer_memory"][bench.peers[0]]:
+    if name.startswith("host+peer") and not budget["peer_memory"][bench.peers[0]]:
         return "fewer than 2 layers stream, nothing to share between host and peer"
     try:  # the largest batch reserves the most
         plan = offload.plan_model(bench.model, **bench.load_args(max(bench.batches)), **budget)
     except offload.OffloadError as e:
         return str(e)
-    if name == "resident" and plan.layers_on(RESIDENT) != list(range(bench.config.n_layers)):
+    if name.startswith("resident") and plan.layers_on(RESIDENT) != list(range(bench.config.n_layers)):
         return f"the model does not fit in the free memory of {bench.device}"
     return None
 
@@ -571,12 +576,12 @@ def placement(layers: dict[str, int]) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'run':<11}{'layers':<12}{'batch':>5}{'prefill tok/s':>15}{'decode ms/step':>16}"
+    header = (f"{'run':<17}{'layers':<12}{'batch':>5}{'prefill tok/s':>15}{'decode ms/step':>16}"
               f"{'decode tok/s':>14}{'limit ms':>10}  {'bound':<7}{'achieved/limit':>15}{'vs accelerate':>15}")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         speedup = f"{r['speedup_vs_accelerate']:.1f}x" if r["speedup_vs_accelerate"] else "-"
-        print(f"{r['run']:<11}{r['placement']:<12}{r['batch']:>5}{r['prefill_tokens_per_s']:>15,.1f}"
+        print(f"{r['run']:<17}{r['placement']:<12}{r['batch']:>5}{r['prefill_tokens_per_s']:>15,.1f}"
               f"{figure(r['decode_ms_per_step']):>16}{r['decode_tokens_per_s']:>14,.1f}{figure(r['limit_ms']):>10}  "
               f"{r['bound']:<7}{figure(r['achieved_over_limit']):>15}{speedup:>15}")
     print("layers: R resident, H pinned host, P peer GPU, D disk. A decode step makes one token per row.\n"

@@ -19,8 +19,13 @@ per row bucket (hidden state, positions, logits) and share one memory pool.
 
 With ``compile``, the decoder layer is compiled by ``torch.compile`` before it is
 captured: its dozen elementwise kernels (norms, rotary embedding, cache writes,
-SiLU, residual adds) fuse into a few. A layer is compiled alone, never across
-layers, so a streamed layer runs exactly the kernels of a resident one.
+SiLU, residual adds) fuse into a few, and with inductor's coordinate-descent
+tuning the one-row matrix products become reductions fused with the norms
+around them (measured on an H200: llama-2-7b decode 6.7 ms with plain kernels
+in graphs, 4.6 ms compiled, 4.2 ms tuned, against 3.3 ms of HBM time). A layer
+is compiled alone, never across layers, so a streamed layer runs exactly the
+kernels of a resident one. Tensor-parallel ranks capture plain kernels: a rank
+whose compile failed would fall out of step with the others.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 import warnings
 
 import torch
+import torch._inductor.config
 from torch.nn.attention import sdpa_kernel
 
 from ..errors import OffloadWarning
@@ -54,7 +60,8 @@ class DecodeGraphs:
     def __init__(self, transformer: Transformer, layers: LayerStream, cache: KVCache, rope: Rope,
                  placement: list[str], device: torch.device, compile: bool = True):
         self.transformer, self.layers, self.cache, self.rope = transformer, layers, cache, rope
-        self.layer = torch.compile(transformer.decoder_layer, dynamic=False) if compile else transformer.decoder_layer
+        compile = compile and transformer.tp.size == 1
+        self.layer = torch.compile(transformer.decoder_layer) if compile else transformer.decoder_layer
         self.windows = transformer.config.sliding_windows
         self.segments = segments(placement)
         self.streamed = {i for i, tier in enumerate(placement) if tier != RESIDENT}
@@ -107,7 +114,8 @@ class DecodeGraphs:
         """Run the step eagerly on the capture stream (its warm-up), then capture the bucket's graphs."""
         rows, kv_len = key
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        # The layer compiles (and its kernels are tuned) on this first call, never during capture.
+        with torch.cuda.stream(self.stream), torch._inductor.config.patch(coordinate_descent_tuning=True):
             step = DecodeStep(buffers.positions, kv_len, self.rope, set(self.windows))
             with sdpa_kernel(ATTENTION_BACKENDS):
                 h = buffers.h

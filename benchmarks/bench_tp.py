@@ -38,13 +38,14 @@ def worker(args) -> None:
     model = offload.load_model(shape_config(args.shape), random_weights=0, tp=int(os.environ["WORLD_SIZE"]),
                                dtype=args.dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
                                peer_memory=args.peer_memory, max_seq_len=args.prompt_len + args.tokens,
-                               progress=False)
+                               cuda_graphs=not args.eager, progress=False)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     model.generate(ids, max_new_tokens=4, ignore_eos=True)  # warm-up
     result = model.generate(ids, max_new_tokens=args.tokens, ignore_eos=True, return_result=True)
     limit = max(p.predicted_step_seconds for p in model.plans)
     if model.tp.rank == 0:
-        row = {"tp": model.tp.size, "ms_per_token": result.ms_per_step, "limit_ms": 1e3 * limit,
+        row = {"tp": model.tp.size, "graphs": not args.eager, "ms_per_token": result.ms_per_step,
+               "limit_ms": 1e3 * limit,
                "host_gib_per_rank": [p.host_bytes / 2**30 for p in model.plans],
                "layers": [p.layer_map() for p in model.plans],
                "host_gb_s_per_rank": model.plan.bandwidth["host"] / 1e9,
@@ -65,6 +66,8 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--tokens", type=int, default=16, help="decode steps timed")
     p.add_argument("--json", help="write the rows here too")
+    p.add_argument("--with-eager", action="store_true", help="also run each TP size with eager decode steps")
+    p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -73,7 +76,8 @@ def main() -> int:
         return 0
 
     rows = []
-    for size in [int(s) for s in args.tp.split(",")]:
+    modes = [False, True] if args.with_eager else [False]
+    for size, eager in [(int(s), e) for s in args.tp.split(",") for e in modes]:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={size}", __file__, "--worker",
                    "--result", out.name, "--shape", args.shape, "--gpu-memory", args.gpu_memory, "--dtype",
@@ -82,16 +86,19 @@ def main() -> int:
                 cmd += ["--cpu-memory", args.cpu_memory]
             for peer in args.peer_memory or []:
                 cmd += ["--peer-memory", peer]
+            if eager:
+                cmd.append("--eager")
             if subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode != 0:
                 print(f"TP={size} failed", file=sys.stderr)
                 return 1
             rows.append(json.loads(Path(out.name).read_text()))
     base = rows[0]["ms_per_token"]
     print(f"\n{args.shape}, {args.dtype}, per-GPU budget {args.gpu_memory}, batch 1")
-    print(f"{'tp':>3} {'ms/token':>10} {'limit ms':>10} {'achieved/limit':>15} {'speed-up':>9}  "
+    print(f"{'tp':>3} {'decode':>7} {'ms/token':>10} {'limit ms':>10} {'achieved/limit':>15} {'speed-up':>9}  "
           "host GiB per rank  host GB/s per rank  layers of rank 0 (R resident, H host, digit: peer)")
     for r in rows:
-        print(f"{r['tp']:>3} {r['ms_per_token']:>10.1f} {r['limit_ms']:>10.1f} "
+        mode = "graphs" if r["graphs"] else "eager"
+        print(f"{r['tp']:>3} {mode:>7} {r['ms_per_token']:>10.1f} {r['limit_ms']:>10.1f} "
               f"{r['limit_ms'] / r['ms_per_token']:>15.2f} {base / r['ms_per_token']:>8.2f}x  "
               f"{', '.join(f'{g:.1f}' for g in r['host_gib_per_rank'])}  {r['host_gb_s_per_rank']:.1f}  "
               f"{r['layers'][0]}")

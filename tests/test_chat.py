@@ -10,7 +10,8 @@ import transformers
 
 import offload
 from offload.chat import ChatTemplate, check_messages, stop_token_ids
-from offload.cli import main
+from offload.cli import generate_showing, main
+from offload.scheduler.engine import Request
 from offload.text import IdText, TextStream, Tokenizer
 
 from conftest import CHATML, write_chat_tokenizer
@@ -175,6 +176,16 @@ def test_cli_chat_prompt_uses_the_template_and_prints_as_it_generates(tiny_chat,
     shown = tokens[:-1] if want.finish_reasons[0] == "eos" else tokens
     assert lines[prompt + 1] == tokenizer.decode(shown)  # the streamed line, then the summary lines
     assert lines[prompt + 3] == f"output ids: {','.join(map(str, tokens))} ({want.finish_reasons[0]})"
+
+
+def test_a_single_prompt_is_shown_token_by_token(tiny):
+    model = offload.load_model(tiny, max_seq_len=64, progress=False)
+    tokenizer = Tokenizer.from_dir(tiny)
+    shown = []
+    row, stats = generate_showing(model, Request((5, 6, 7), 10), tokenizer, shown.append)
+    assert len(row.tokens) == 10 and stats.decode_tokens == 9
+    assert "".join(shown) == tokenizer.decode(row.tokens) + "\n"
+    assert sum(bool(piece) for piece in shown) >= 5  # shown as it came, not once at the end
 
 
 def test_cli_stops_at_generation_config_eos(tiny, tmp_path, capsys):

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     add_load_flags(p, max_batch_help="KV cache rows (default 1; batch jobs: --batch-size)",
+                   max_seq_len_help="KV cache length per row (default: what the prompts need)",
                    max_step_tokens_help="most tokens per forward pass (default: --max-seq-len; batch jobs: at "
                                         "least 2048)")
     p.add_argument("--batch-size", default="auto", help="batch job rows: a number, or auto (default)")
@@ -80,7 +81,8 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (HF config.json + safetensors); default: a built-in demo")
 
 
-def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_step_tokens_help: str) -> None:
+def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_help: str,
+                   max_step_tokens_help: str) -> None:
     """The flags that say how a model is loaded (read back by :func:`load_options`); the server takes them too."""
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--device", help="compute device (default: cuda:LOCAL_RANK, or cpu)")
@@ -89,7 +91,7 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_step_tok
     p.add_argument("--peer-memory", action="append", metavar="DEVICE=SIZE",
                    help="spare memory of another GPU, e.g. cuda:1=40GiB (repeatable)")
     p.add_argument("--max-batch", type=int, help=max_batch_help)
-    p.add_argument("--max-seq-len", type=int, help="KV cache length per row (default: what the prompts need)")
+    p.add_argument("--max-seq-len", type=int, help=max_seq_len_help)
     p.add_argument("--max-step-tokens", type=int, help=max_step_tokens_help)
     p.add_argument("--slots", type=int, help="streaming slots on the GPU (default 2)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")

@@ -79,8 +79,24 @@ class Service:
 
     def start(self, prompt: list[int], params: GenerationParams, max_tokens: int | None, http: HttpRequest,
               prefix: str, prompt_param: str) -> "Generation":
-        """Check a request, queue it, and return its generation; 400 for bad input, 429 when the queue is full.
+        """Check a request, queue it, and return its generation: 400 for bad input, 429 when the queue is full.
         Without ``max_tokens`` it may fill the context."""
+        stops = params.stop_strings()
+        request = self._request(prompt, params, max_tokens, f"{prefix}-{uuid.uuid4().hex}", prompt_param)
+        if not self.loop.alive:
+            raise ApiError(503, "the engine thread has stopped; see the server's log")
+        if self.metrics.running >= self.metrics.rows + self.max_queue:
+            self.metrics.rejected += 1
+            raise ApiError(429, f"the server is busy: {self.metrics.rows} rows and {self.max_queue} queued "
+                                "requests are taken; retry later", code="queue_full")
+        generation = Generation(self, request, TextStream(self.tokenizer, stops, prompt), http)
+        self.loop.submit(request, generation.sink)
+        self.metrics.running += 1
+        self.metrics.prompt_tokens += len(prompt)
+        return generation
+
+    def _request(self, prompt: list[int], params: GenerationParams, max_tokens: int | None, key: str,
+                 prompt_param: str) -> Request:
         room = self.max_seq_len - len(prompt)
         if room < (max_tokens or 1):
             asked = f" and {max_tokens} completion tokens (max_tokens)" if max_tokens else ""
@@ -88,24 +104,13 @@ class Service:
                                 f"{len(prompt)} prompt tokens{asked} were asked for; shorten the prompt"
                                 f"{' or lower max_tokens' if max_tokens else ''}",
                            param=prompt_param, code="context_length_exceeded")
-        max_tokens = max_tokens or room
         temperature = 1.0 if params.temperature is None else params.temperature
         sampling = _as_400(lambda: Sampling(temperature > 0, temperature, params.top_k or 0,
                                             1.0 if params.top_p is None else params.top_p, params.seed), None)
-        request = Request(tuple(prompt), max_tokens, sampling, () if params.ignore_eos else self.eos_ids,
-                          key=f"{prefix}-{uuid.uuid4().hex}")
+        request = Request(tuple(prompt), max_tokens or room, sampling, () if params.ignore_eos else self.eos_ids,
+                          key=key)
         _as_400(lambda: self.loop.check(request), prompt_param)
-        if not self.loop.alive:
-            raise ApiError(503, "the engine thread has stopped; see the server's log")
-        if self.metrics.running >= self.metrics.rows + self.max_queue:
-            self.metrics.rejected += 1
-            raise ApiError(429, f"the server is busy: {self.metrics.rows} rows and {self.max_queue} queued "
-                                "requests are taken; retry later", code="queue_full")
-        generation = Generation(self, request, TextStream(self.tokenizer, params.stop_strings(), prompt), http)
-        self.loop.submit(request, generation.sink)
-        self.metrics.running += 1
-        self.metrics.prompt_tokens += len(prompt)
-        return generation
+        return request
 
 
 class Generation:

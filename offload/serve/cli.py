@@ -41,6 +41,8 @@ def build_parser() -> Parser:
     p.add_argument("--served-model-name", help="the model's name in the API (default: the checkpoint folder's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_load_flags(p, max_batch_help=f"rows of the running batch: requests generated at once (default {DEFAULT_ROWS})",
+                   max_seq_len_help=f"KV cache length per row: prompt + answer (default: the model's context, at "
+                                    f"most {DEFAULT_MAX_SEQ_LEN})",
                    max_step_tokens_help=f"most tokens per forward pass (default: --max-seq-len, at least "
                                         f"{MIN_STEP_TOKENS})")
     add_quiet_flag(p)

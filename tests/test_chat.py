@@ -217,12 +217,13 @@ def test_batch_records_with_messages(tiny_chat, tmp_path):
     lines.append({"id": "plain", "prompt": "The quick brown", "max_new_tokens": 6})
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert main(["--model", str(tiny_chat), "--prompts", str(tmp_path / "in.jsonl"), "--output",
-                 str(tmp_path / "out.jsonl"), "--batch-size", "2", "--quiet"]) == 0
+                 str(tmp_path / "out.jsonl"), "--batch-size", "2", "--max-step-tokens", "64", "--quiet"]) == 0
     got = {r["id"]: r["output_ids"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
     tokenizer = Tokenizer.from_dir(tiny_chat)
-    for i, m in enumerate(messages):
-        assert got[i] == greedy(tiny_chat, tokenizer.apply_chat_template(m), 6).tokens[0]
-    assert got["plain"] == greedy(tiny_chat, tokenizer.encode("The quick brown"), 6).tokens[0]
+    prompts = [tokenizer.apply_chat_template(m) for m in messages] + [tokenizer.encode("The quick brown")]
+    model = offload.load_model(tiny_chat, max_batch=3, max_seq_len=64, progress=False)
+    want = model.generate(prompts, max_new_tokens=6, return_result=True).tokens
+    assert [got[0], got[1], got["plain"]] == want
 
 
 def test_batch_messages_errors_name_the_line(tiny, tiny_chat, tmp_path, capsys):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU tests and the benchmarks, in one command for a lent GPU machine.
 #
-#   benchmarks/gpu_session.sh single    # 1 GPU: GPU tests, llama-2-13b vs accelerate, batch scheduling
+#   benchmarks/gpu_session.sh single    # 1 GPU: GPU tests, llama-2-13b vs accelerate, batch scheduling, serving
 #   benchmarks/gpu_session.sh multi     # 2+ GPUs: peer tests, peer-tier bench, TP=1 vs TP=2, llama-2-70b at TP=4
 #
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository.
@@ -34,6 +34,8 @@ case ${1:-single} in
     stage bench_13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB --json "$OUT/bench_13b.json"
     stage batch_7b python3 benchmarks/bench_batch.py --shape llama-2-7b --gpu-memory 12GiB --records 256 \
       --batch-size 32 --json "$OUT/batch_7b.json"
+    stage serve_13b python3 benchmarks/bench_serve.py --shape llama-2-13b --gpu-memory 8GiB --clients 32 \
+      --json "$OUT/serve_13b.json"
     ;;
   multi)
     stage gpu_tests python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py -k "peer or budget or bitwise"

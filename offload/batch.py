@@ -1,8 +1,9 @@
 """Batch jobs: thousands of prompts from a JSONL file through one model, nothing lost.
 
-Input lines are ``{"id": ..., "prompt": "text"}`` (needs a tokenizer) or
-``{"id": ..., "prompt_ids": [...]}``, with an optional ``max_new_tokens``. The whole
-file is checked before the model is loaded.
+Input lines are ``{"id": ..., "prompt": "text"}`` (needs a tokenizer),
+``{"id": ..., "prompt_ids": [...]}`` or ``{"id": ..., "messages": [{"role": "user",
+"content": "..."}, ...]}`` (laid out by the model's chat template), with an optional
+``max_new_tokens``. The whole file is checked before the model is loaded.
 
 Each finished record is appended to the output file as one JSON line, flushed
 and fsynced. A rerun with the same output file skips the ids already there (a
@@ -78,9 +79,16 @@ def read_records(path, tokenizer, default_max_new_tokens: int, vocab_size: int) 
 
 
 def _prompt_ids(obj: dict, where: str, tokenizer, vocab_size: int) -> list[int]:
-    if ("prompt" in obj) == ("prompt_ids" in obj):
-        raise InputError(f"{where}: give exactly one of 'prompt' and 'prompt_ids'")
-    if "prompt" in obj:
+    if sum(key in obj for key in ("prompt", "prompt_ids", "messages")) != 1:
+        raise InputError(f"{where}: give exactly one of 'prompt', 'prompt_ids' and 'messages'")
+    if "messages" in obj:
+        if tokenizer is None:
+            raise InputError(f"{where}: 'messages' need the model's tokenizer.json (and the tokenizers package)")
+        try:
+            ids = tokenizer.apply_chat_template(obj["messages"])
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+    elif "prompt" in obj:
         if not isinstance(obj["prompt"], str):
             raise InputError(f"{where}: 'prompt' must be a string")
         if tokenizer is None:

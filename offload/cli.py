@@ -2,6 +2,7 @@
 
     python scripts/run_offloaded.py                                   # built-in demo
     python scripts/run_offloaded.py --model M --prompt "Hello" --gpu-memory 8GiB
+    python scripts/run_offloaded.py --model M --chat --prompt "What is the capital of France?"
     python scripts/run_offloaded.py --model M --prompts in.jsonl --output out.jsonl --batch-size auto
     python scripts/run_offloaded.py --model M --gpu-memory 8GiB --plan
     torchrun --nproc-per-node 2 scripts/run_offloaded.py --model M --tp 2 --prompt-ids 1,2,3
@@ -21,34 +22,42 @@ import torch.distributed as dist
 
 from .api import load_model
 from .batch import ResultFile, check_context, choose_batch_size, forecast_job, read_records, run_batch
+from .chat import stop_token_ids
 from .distributed import TensorParallel, init_tensor_parallel
 from .errors import InputError, OffloadError, OffloadWarning, PlanError
 from .inputs import check_token_ids
 from .loading import prepare
 from .memory.budget import parse_peer_flag
 from .memory.planner import format_plans
+from .model import GenerationResult
 from .models.config import load_config
 from .options import LoadOptions
 from .sampling import Sampling
+from .scheduler.engine import Engine, Request, Row, Stats
 from .synthetic import DEMO_SHAPE, demo_checkpoint
-from .text import Tokenizer
+from .text import IdText, TextStream, Tokenizer
 
 DEMO_PROMPT = "offload runs transformer models that are larger than"
 MAX_AUTO_BATCH = 128
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and status 2, like every other bad input
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are InputError: one line on stderr and status 2, like any bad input."""
+
+    def error(self, message):
         raise InputError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="run_offloaded", description="Run a model larger than the GPU: one prompt or a batch file.")
-    p.add_argument("--model", help="checkpoint directory (HF config.json + safetensors); default: a built-in demo")
+    p = Parser(prog="run_offloaded", description="Run a model larger than the GPU: one prompt or a batch file.")
+    add_model_flag(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json and the tokenizers package)")
     src.add_argument("--prompt-ids", help="prompt token ids, comma separated: 1,2,3")
-    src.add_argument("--prompts", help="batch job: JSONL file of {id, prompt | prompt_ids[, max_new_tokens]}")
+    src.add_argument("--prompts",
+                     help="batch job: JSONL file of {id, prompt | prompt_ids | messages[, max_new_tokens]}")
+    p.add_argument("--chat", action="store_true",
+                   help="lay --prompt out as a user message with the model's chat template (instruct models)")
     p.add_argument("--output", help="batch job: JSONL results file (appended; finished ids are skipped)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -57,39 +66,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (implies --do-sample)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    add_load_flags(p, max_batch_help="KV cache rows (default 1; batch jobs: --batch-size)",
+                   max_seq_len_help="KV cache length per row (default: what the prompts need)",
+                   max_step_tokens_help="most tokens per forward pass (default: --max-seq-len; batch jobs: at "
+                                        "least 2048)")
+    p.add_argument("--batch-size", default="auto", help="batch job rows: a number, or auto (default)")
+    p.add_argument("--schedule", choices=["dynamic", "fifo"], default="dynamic", help="batch job scheduling")
+    p.add_argument("--plan", action="store_true", help="print the placement plan and exit without loading weights")
+    add_quiet_flag(p)
+    return p
+
+
+def add_model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (HF config.json + safetensors); default: a built-in demo")
+
+
+def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_help: str,
+                   max_step_tokens_help: str) -> None:
+    """The flags that say how a model is loaded (read back by :func:`load_options`); the server takes them too."""
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--device", help="compute device (default: cuda:LOCAL_RANK, or cpu)")
     p.add_argument("--gpu-memory", help="budget of the compute device, e.g. 20GiB")
     p.add_argument("--cpu-memory", help="pinned host memory for streamed layers, e.g. 100GiB")
     p.add_argument("--peer-memory", action="append", metavar="DEVICE=SIZE",
                    help="spare memory of another GPU, e.g. cuda:1=40GiB (repeatable)")
-    p.add_argument("--max-batch", type=int, help="KV cache rows (default 1; batch jobs: --batch-size)")
-    p.add_argument("--max-seq-len", type=int, help="KV cache length per row (default: what the prompts need)")
-    p.add_argument("--max-step-tokens", type=int,
-                   help="most tokens per forward pass (default: --max-seq-len; batch jobs: at least 2048)")
+    p.add_argument("--max-batch", type=int, help=max_batch_help)
+    p.add_argument("--max-seq-len", type=int, help=max_seq_len_help)
+    p.add_argument("--max-step-tokens", type=int, help=max_step_tokens_help)
     p.add_argument("--slots", type=int, help="streaming slots on the GPU (default 2)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly instead of replaying "
                    "CUDA graphs (graphs are used only on a GPU)")
     p.add_argument("--no-compile", action="store_true", help="capture the decode layer without fusing its kernels "
                    "with torch.compile (saves the compile time at start)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
-    p.add_argument("--batch-size", default="auto", help="batch job rows: a number, or auto (default)")
-    p.add_argument("--schedule", choices=["dynamic", "fifo"], default="dynamic", help="batch job scheduling")
-    p.add_argument("--plan", action="store_true", help="print the placement plan and exit without loading weights")
+
+
+def add_quiet_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 def main(argv=None) -> int:
+    return run_main("run_offloaded", build_parser(), _main, argv)
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int:
+    """``body(parsed args)``, with any bad input printed as one line on stderr and status 2 (never a traceback)."""
     warnings.simplefilter("ignore", OffloadWarning)  # the printed plan carries its warnings
     try:
-        return _main(build_parser().parse_args(argv))
+        return body(parser.parse_args(argv))
     except OffloadError as e:
-        print(f"run_offloaded: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError as e:
         first = str(e).splitlines()[0] if str(e) else "out of memory"
-        print(f"run_offloaded: error: {first} (lower --gpu-memory, --max-batch or --max-seq-len)", file=sys.stderr)
+        print(f"{prog}: error: {first} (lower --gpu-memory, --max-batch or --max-seq-len)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -105,7 +135,9 @@ def _main(args) -> int:
     model_path = demo_checkpoint(quiet=args.quiet or tp.rank != 0) if demo else Path(args.model)
     config = load_config(model_path)
     tokenizer = Tokenizer.from_dir(model_path)
-    options = _options(args)
+    options = load_options(args)
+    if args.chat and args.prompt is None:
+        raise InputError("--chat goes with --prompt (batch records carry 'messages' for a chat)")
     if args.prompts:
         return _run_job(args, model_path, config, tokenizer, options, tp, say)
     if args.output:
@@ -120,7 +152,7 @@ def _main(args) -> int:
             raise InputError(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} "
                              f"exceeds --max-seq-len {options.max_seq_len}")
     if demo and args.gpu_memory is None:
-        options = _demo_budget(model_path, options, say)
+        options = demo_budget(model_path, options, say)
     if args.plan:
         setup = prepare(model_path, options)
         say(format_plans(setup.plans))
@@ -131,20 +163,39 @@ def _main(args) -> int:
 
     model = load_model(model_path, options, progress=not args.quiet)
     say(format_plans(model.plans))
-    sampling = _sampling(args)
-    result = model.generate([prompt], max_new_tokens=args.max_new_tokens, do_sample=sampling.do_sample,
-                            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                            seed=sampling.seed, ignore_eos=args.ignore_eos, return_result=True)
-    tokens = result.tokens[0]
     if tokenizer is not None:
         say(f"prompt: {tokenizer.decode(prompt)!r} ({len(prompt)} tokens)")
-        say(f"output: {tokenizer.decode(tokens)!r}")
-    say(f"output ids: {','.join(map(str, tokens))} ({result.finish_reasons[0]})")
+    eos = () if args.ignore_eos else stop_token_ids(model_path, config.eos_token_ids)
+    show = (lambda text: print(text, end="", flush=True)) if tp.rank == 0 else (lambda text: None)
+    row, stats = generate_showing(model, Request(tuple(prompt), args.max_new_tokens, _sampling(args), eos),
+                                  tokenizer or IdText(), show)
+    result = GenerationResult([row.tokens], [row.finish_reason], stats.prompt_tokens, stats.prefill_seconds,
+                              stats.decode_tokens, stats.decode_steps, stats.decode_seconds)
+    if tokenizer is not None:
+        say(f"output: {tokenizer.decode(row.tokens)!r}")
+    say(f"output ids: {','.join(map(str, row.tokens))} ({row.finish_reason})")
     say(f"prefill: {result.prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
         f"({result.prefill_tokens_per_s:.1f} tokens/s); decode: {result.decode_tokens} tokens in "
         f"{result.decode_seconds:.3f} s ({result.decode_tokens_per_s:.1f} tokens/s, {result.ms_per_step:.1f} ms/token)")
     model.close()
     return 0
+
+
+def generate_showing(model, request: Request, tokenizer, show) -> tuple[Row, Stats]:
+    """Run one request through the row engine, passing the text of each token to ``show`` as soon as it is
+    final (a closing eos token shows nothing), then a newline. Returns the finished row and the engine's stats."""
+    engine = Engine(model, rows=1)
+    engine.submit(request)
+    text = TextStream(tokenizer, prompt=request.prompt)
+    finished = None
+    while engine.busy:
+        for row, token in engine.step():
+            if row.finish_reason != "eos":
+                show(text.add(token))
+            if row.finish_reason is not None:
+                finished = row
+    show(text.finish() + "\n")
+    return finished, engine.stats
 
 
 def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, tp: TensorParallel, say) -> int:
@@ -158,7 +209,7 @@ def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, tp
     # steps (each step streams every weight once).
     options = options.replace(max_seq_len=seq, max_step_tokens=options.max_step_tokens or max(2048, seq))
     if args.model is None and args.gpu_memory is None:
-        options = _demo_budget(model_path, options, say)
+        options = demo_budget(model_path, options, say)
     shapes = [(len(r.prompt_ids), r.max_new_tokens) for r in records if r.id not in done] or [(1, 1)]
     options = options.replace(max_batch=_batch_size(args, model_path, options, shapes, say))
     setup = prepare(model_path, options)
@@ -168,7 +219,7 @@ def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, tp
     if args.plan:
         return 0
     model = load_model(model_path, options, progress=not args.quiet)
-    eos = () if args.ignore_eos else config.eos_token_ids
+    eos = () if args.ignore_eos else stop_token_ids(model_path, config.eos_token_ids)
     summary = run_batch(model, records, results, options.max_batch, _sampling(args), eos, tokenizer,
                         schedule=args.schedule, progress=tp.rank == 0 and not args.quiet)
     if results is not None:
@@ -195,12 +246,13 @@ def _read_job(args, tokenizer, vocab_size: int, tp: TensorParallel):
     return records, set(done), results
 
 
-def _options(args) -> LoadOptions:
-    """The load options the flags give (values a job derives are added with ``replace``)."""
+def load_options(args, max_batch: int = 1) -> LoadOptions:
+    """The load options the flags of :func:`add_load_flags` give (``max_batch`` when --max-batch is not given;
+    values a job derives are added with ``replace``)."""
     return LoadOptions(
         device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
         peer_memory=dict(parse_peer_flag(p) for p in args.peer_memory or []),
-        max_batch=1 if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
+        max_batch=max_batch if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=not args.no_cuda_graphs,
         compile=not args.no_compile,
     )
@@ -226,6 +278,8 @@ def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
             return [1, 306, 4966, 304, 1207]
         raise InputError(f"--prompt needs {args.model}/tokenizer.json and the tokenizers package; "
                          "use --prompt-ids instead")
+    if args.chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}])
     return tokenizer.encode(text)
 
 
@@ -250,7 +304,7 @@ def _batch_size(args, model_path: Path, options: LoadOptions, shapes: list[tuple
     return best.rows
 
 
-def _demo_budget(model_path: Path, options: LoadOptions, say) -> LoadOptions:
+def demo_budget(model_path: Path, options: LoadOptions, say) -> LoadOptions:
     """A GPU budget that holds about half the demo's layers, so the rest stream from the host."""
     needs = prepare(model_path, options).plan.needs
     gpu = needs.fixed_bytes + (needs.n_layers // 2 + (options.slots or 2)) * needs.block_bytes

@@ -3,26 +3,36 @@
 Token ids are the interface everywhere else; text is a convenience of the CLI,
 batch jobs and the server. A checkpoint of random weights (``make_checkpoint.py``)
 gets a small byte-level BPE tokenizer; ids it does not know (the model's
-vocabulary is usually larger) are shown as ``<id>``.
+vocabulary is usually larger) are shown as ``<id>``. A checkpoint's chat template
+(``offload/chat.py``) comes with its tokenizer.
+
+:class:`TextStream` turns tokens arriving one at a time into text that can be
+shown at once: what the CLI prints while it generates and the server streams.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .chat import ChatTemplate
 from .errors import InputError
+
+REPLACEMENT = "\ufffd"  # what a decoder shows for the bytes of a character that is not complete yet
+CONTEXT_TOKENS = 5  # prompt tokens decoded before the first new token (a leading space may depend on them)
 
 
 class Tokenizer:
     """A thin wrapper over ``tokenizers.Tokenizer`` that never drops an id when decoding."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, chat_template: ChatTemplate | None = None):
         self.inner = inner
         self.size = inner.get_vocab_size(with_added_tokens=True)
+        self.chat_template = chat_template
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer | None":
-        """The tokenizer in ``path/tokenizer.json``, or None when there is none or ``tokenizers`` is missing."""
+        """The tokenizer in ``path/tokenizer.json`` with the checkpoint's chat template (if any), or None when
+        there is no tokenizer.json or ``tokenizers`` is missing."""
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
             return None
@@ -31,9 +41,10 @@ class Tokenizer:
         except ImportError:
             return None
         try:
-            return cls(Inner.from_file(str(file)))
+            inner = Inner.from_file(str(file))
         except Exception as e:  # tokenizers raises its own exception types
             raise InputError(f"{file}: not a readable tokenizer ({e})") from None
+        return cls(inner, ChatTemplate.from_dir(path))
 
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text, add_special_tokens=False).ids
@@ -51,3 +62,85 @@ class Tokenizer:
         if run:
             out.append(self.inner.decode(run))
         return "".join(out)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of a conversation laid out by the model's chat template (as ``transformers`` does:
+        the template writes any special tokens, so none are added)."""
+        if self.chat_template is None:
+            raise InputError("this model has no chat template (chat_template in tokenizer_config.json, or "
+                             "chat_template.jinja): it takes plain prompts only")
+        return self.encode(self.chat_template.render(messages, add_generation_prompt))
+
+
+class IdText:
+    """Text for a model without a tokenizer: ids are shown as ``<id>``; text cannot be encoded."""
+
+    chat_template = None
+
+    def encode(self, text: str) -> list[int]:
+        raise InputError("this model has no tokenizer (tokenizer.json and the tokenizers package); "
+                         "send token ids instead of text")
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        raise InputError("this model has no tokenizer (tokenizer.json and the tokenizers package), so no chat "
+                         "template; send token ids to /v1/completions")
+
+
+class TextStream:
+    """The text of tokens that arrive one at a time, released as soon as it is final.
+
+    A token decoded alone can be wrong: a character's bytes may span tokens, and a
+    tokenizer may drop a leading space at the start of what it decodes. So each new
+    token is decoded together with the tokens since the last release (and, for the
+    first one, the end of the prompt) and only the new text is kept, as vLLM and
+    text-generation-inference do; text ending in an incomplete character waits for the
+    next token. With ``stop`` strings, text that may be the start of one waits too, and
+    the text ends just before the first one found (``stopped`` is then True).
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] | list[str] = (), prompt: list[int] | tuple = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids = list(prompt[-CONTEXT_TOKENS:])
+        self.start = 0  # each decode starts here
+        self.released = len(self.ids)  # tokens whose text has been released
+        self.held = ""  # decoded, but it may begin a stop string
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """The text that is final once ``token`` is added ('' while it may still change)."""
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        return self._decode(final=False)
+
+    def finish(self) -> str:
+        """The rest, once no more tokens come (an incomplete character as it decodes)."""
+        return "" if self.stopped else self._decode(final=True)
+
+    def _decode(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self.start : self.released])
+        after = self.tokenizer.decode(self.ids[self.start :])
+        if not final and (len(after) <= len(before) or after.endswith(REPLACEMENT)):
+            return ""
+        self.start, self.released = self.released, len(self.ids)
+        return self._release(after[len(before) :], final)
+
+    def _release(self, text: str, final: bool) -> str:
+        self.held += text
+        found = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
+        if found:
+            self.stopped = True
+            out, self.held = self.held[: min(found)], ""
+            return out
+        keep = 0 if final else _stop_prefix_length(self.held, self.stop)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return out
+
+
+def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of ``text`` that begins one of ``stops``."""
+    return max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)

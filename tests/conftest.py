@@ -7,6 +7,7 @@ the ``tiny`` named shape as a checkpoint, and the ``--slow`` switch.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import transformers
 
 from offload.models.shapes import shape_config
-from offload.synthetic import write_checkpoint
+from offload.synthetic import train_demo_tokenizer, write_checkpoint
 
 
 def pytest_addoption(parser):
@@ -35,6 +36,38 @@ def tiny(tmp_path_factory) -> Path:
     """The ``tiny`` named shape (8 layers, GQA) as a float32 checkpoint of seeded random weights."""
     return write_checkpoint(shape_config("tiny"), tmp_path_factory.mktemp("tiny"), torch.float32, seed=7,
                             device="cpu", progress=False)
+
+
+CHATML = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def write_chat_tokenizer(directory: Path, chat_template=None, **config) -> Path:
+    """The demo tokenizer plus the special tokens <s>, </s>, <|im_start|>, <|im_end|>, as tokenizer.json and
+    a tokenizer_config.json that transformers' AutoTokenizer reads (with ``chat_template`` when given)."""
+    tokenizer = train_demo_tokenizer(1024)
+    tokenizer.add_special_tokens(["<s>", "</s>", "<|im_start|>", "<|im_end|>"])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+              "eos_token": {"__type": "AddedToken", "content": "</s>", "special": True}, **config}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tiny, tmp_path_factory) -> Path:
+    """``tiny`` with a ChatML chat template (an instruct model's checkpoint, random weights)."""
+    out = tmp_path_factory.mktemp("tiny-chat")
+    for file in tiny.iterdir():
+        shutil.copy(file, out / file.name)
+    return write_chat_tokenizer(out, CHATML)
+
 
 CONVENTIONS = ("4.x", "5.x")
 

@@ -42,7 +42,7 @@ def read_output(path: Path) -> dict:
     ("{not json", "bad JSON"),
     ('["a list"]', "expected a JSON object"),
     ('{"prompt_ids": [1]}', "missing field 'id'"),
-    ('{"id": 1}', "exactly one of 'prompt' and 'prompt_ids'"),
+    ('{"id": 1}', "exactly one of 'prompt', 'prompt_ids' and 'messages'"),
     ('{"id": 1, "prompt_ids": [1], "prompt": "x"}', "exactly one of"),
     ('{"id": 1, "prompt_ids": ["a"]}', "list of integers"),
     ('{"id": 1, "prompt_ids": []}', "empty"),

@@ -99,6 +99,12 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Queue ``request``; it is admitted at the next step with a free row. Bad input raises InputError."""
+        self.check(request)
+        self.waiting.append(request)
+
+    def check(self, request: Request) -> None:
+        """Raise InputError where ``submit`` would refuse ``request``; reads only the model's limits, so any
+        thread may call it (the HTTP server answers 400 before queuing)."""
         check_token_ids(list(request.prompt), self.model.config.vocab_size, f"request {request.key!r}")
         if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {request.max_new_tokens!r}")
@@ -107,7 +113,6 @@ class Engine:
                 f"request {request.key!r}: {len(request.prompt)} prompt tokens + {request.max_new_tokens} new tokens "
                 f"exceed the context of {self.model.max_seq_len} tokens (max_seq_len)"
             )
-        self.waiting.append(request)
 
     def cancel(self, key) -> None:
         """Drop the request named ``key``: from the queue, or free its row (finish reason "cancelled")."""

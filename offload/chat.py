@@ -1,0 +1,224 @@
+"""Chat templates and stop tokens: how an instruct checkpoint says to lay out a conversation, and when to stop.
+
+An instruct model answers well only when its prompt looks like its training
+conversations: ``<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n`` for one
+model, ``<s>[INST] ... [/INST]`` for another. The checkpoint carries that layout as
+a Jinja template, in ``chat_template.jinja`` (and ``additional_chat_templates/*.jinja``)
+or under ``chat_template`` in ``tokenizer_config.json`` (a string, or a list of named
+templates). :class:`ChatTemplate` renders it the way ``transformers``'
+``apply_chat_template`` does: a sandboxed environment, ``trim_blocks`` and
+``lstrip_blocks``, ``raise_exception``, a ``tojson`` that does not escape HTML,
+``strftime_now``, and the tokenizer's special tokens (``bos_token``, ``eos_token``, ...)
+as strings.
+
+Its stop tokens are in two files: ``config.json``'s ``eos_token_id`` and
+``generation_config.json``'s (Llama 3 instruct ends a turn with ``<|eot_id|>``, which
+only the latter names): :func:`stop_token_ids` reads both.
+
+Needs ``jinja2`` (the ``text`` extra) to render; reading the files does not.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from .errors import ConfigError, InputError
+
+TEMPLATE_FILE = "chat_template.jinja"
+TEMPLATE_DIR = "additional_chat_templates"
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class ChatTemplate:
+    """A checkpoint's chat template and the special-token strings it may use."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None, name: str = "chat template"):
+        self.source = source
+        self.special_tokens = dict(special_tokens or {})
+        self.name = name  # where it came from, for error messages
+        self._compiled = None
+
+    @classmethod
+    def from_dir(cls, path) -> "ChatTemplate | None":
+        """The template of the checkpoint in ``path``, or None when it has none.
+
+        As ``transformers`` reads them: template files take precedence over
+        ``tokenizer_config.json``; of several named templates, the one named ``default``.
+        """
+        path = Path(path)
+        config = _read_json(path / "tokenizer_config.json")
+        templates = _template_files(path) or _config_templates(config, path / "tokenizer_config.json")
+        if not templates:
+            return None
+        if len(templates) == 1:
+            (name, source), = templates.items()
+        elif "default" in templates:
+            name, source = "default", templates["default"]
+        else:
+            raise ConfigError(f"{path}: several chat templates ({', '.join(sorted(templates))}) and none named "
+                              "'default'")
+        return cls(source, _special_tokens(config, _read_json(path / "special_tokens_map.json")),
+                   name=f"chat template {name!r} of {path.name}")
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's prompt text; with ``add_generation_prompt``, ready for its answer.
+
+        A conversation the template refuses (its ``raise_exception``, or messages it cannot
+        read) raises InputError with the template's message.
+        """
+        messages = check_messages(messages)
+        template = self.compiled()
+        import jinja2
+
+        try:
+            return template.render(messages=messages, tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        except jinja2.TemplateError as e:
+            raise InputError(f"{self.name}: {e.message or type(e).__name__}") from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise InputError(f"{self.name} cannot render these messages ({type(e).__name__}: {e})") from None
+
+    def compiled(self):
+        """The compiled template (compiled once); a syntax error raises ConfigError, a missing jinja2 InputError."""
+        if self._compiled is None:
+            try:
+                import jinja2
+            except ImportError:
+                raise InputError("chat templates need jinja2: pip install -e '.[text]'") from None
+            try:
+                self._compiled = _environment().from_string(self.source)
+            except jinja2.TemplateSyntaxError as e:
+                raise ConfigError(f"{self.name}: syntax error on line {e.lineno}: {e.message}") from None
+        return self._compiled
+
+
+def check_messages(messages, where: str = "messages") -> list[dict]:
+    """A conversation as templates expect it: a non-empty list of ``{"role": str, "content": ...}`` objects.
+
+    Keys whose value is null are dropped (``transformers`` does the same: templates test
+    for a key, not for None), and OpenAI-style content parts ``[{"type": "text", "text": ...}]``
+    are joined into one string, so templates written for plain strings read them.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{where} must be a non-empty list of messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InputError(f"{where}[{i}] must be an object with 'role' and 'content'")
+        message = {k: v for k, v in message.items() if v is not None}
+        if not isinstance(message.get("role"), str):
+            raise InputError(f"{where}[{i}]: 'role' must be a string")
+        content = message.get("content")
+        if isinstance(content, list):
+            message["content"] = _joined_text(content, f"{where}[{i}].content")
+        elif content is not None and not isinstance(content, str):
+            raise InputError(f"{where}[{i}]: 'content' must be a string or a list of text parts")
+        out.append(message)
+    return out
+
+
+def _joined_text(parts: list, where: str) -> str:
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise InputError(f"{where}[{j}]: only text parts are supported, got {kind!r}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def stop_token_ids(path, config_eos: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The ids that end generation: ``config_eos`` (config.json's) and generation_config.json's ``eos_token_id``."""
+    file = Path(path) / "generation_config.json"
+    eos = _read_json(file).get("eos_token_id")
+    extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in extra):
+        raise ConfigError(f"{file}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+    return tuple(dict.fromkeys([*config_eos, *extra]))  # in order, each once
+
+
+# ---------------------------------------------------------------------- reading the files
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{file}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a JSON object")
+    return data
+
+
+def _template_files(path: Path) -> dict[str, str]:
+    templates = {}
+    if (path / TEMPLATE_FILE).is_file():
+        templates["default"] = (path / TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (path / TEMPLATE_DIR).is_dir():
+        for file in sorted((path / TEMPLATE_DIR).glob("*.jinja")):
+            templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
+    return templates
+
+
+def _config_templates(config: dict, file: Path) -> dict[str, str]:
+    value = config.get("chat_template")
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return {t["name"]: t["template"] for t in value}
+    raise ConfigError(f"{file}: chat_template must be a string or a list of {{'name', 'template'}} objects")
+
+
+def _special_tokens(config: dict, legacy_map: dict) -> dict[str, str]:
+    """``bos_token`` and the like as strings; tokenizer_config.json's, else special_tokens_map.json's."""
+    out = {}
+    for key in SPECIAL_TOKENS:
+        value = config.get(key, legacy_map.get(key))
+        if isinstance(value, dict):  # a serialized AddedToken
+            value = value.get("content")
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------- the Jinja environment
+
+
+def _environment():
+    """The environment ``transformers`` renders chat templates in (templates are untrusted: sandboxed)."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` marks the assistant's turns in training templates;
+        rendered as its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters, which would change the prompt.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env

@@ -1,0 +1,403 @@
+"""The HTTP side: an OpenAI-compatible FastAPI app in front of an :class:`EngineLoop`.
+
+uvicorn's event loop runs every handler: parsing and checking a request, the chat
+template and the tokenizer, then turning the request's tokens into text and
+server-sent events as they arrive. The engine thread runs the model and nothing
+else; a handler never waits for a step, it waits on its own queue of tokens.
+
+A request holds its place from acceptance to its last token. The engine has
+``rows`` KV cache rows and the queue ``max_queue`` places behind them; a request
+beyond both is answered 429. When a response ends early (a stop string, or a
+client that closed its connection) its row is freed at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..errors import InputError
+from ..sampling import Sampling
+from ..scheduler.engine import Request
+from ..text import IdText, TextStream
+from . import protocol
+from .engine_loop import EngineLoop
+from .protocol import ApiError, ChatRequest, CompletionRequest, GenerationParams
+
+log = logging.getLogger("offload.serve")
+
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; a chat may fill the context
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the answer was complete."""
+
+
+class Service:
+    """What the handlers share: the engine loop, the model's text side and names, the limits."""
+
+    def __init__(self, loop: EngineLoop, tokenizer, model_name: str, eos_ids: tuple[int, ...] = (),
+                 max_queue: int = 64, aliases: tuple[str, ...] = ()):
+        self.loop = loop
+        self.metrics = loop.metrics
+        self.tokenizer = tokenizer if tokenizer is not None else IdText()
+        self.model_name = model_name
+        self.names = {model_name, *aliases}
+        self.eos_ids = tuple(eos_ids)
+        self.max_queue = max_queue
+        self.max_seq_len = loop.model.max_seq_len
+        self.created = int(time.time())
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.names:
+            raise ApiError(404, f"The model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def completion_prompt(self, prompt) -> list[int]:
+        """A completion's one prompt as token ids: text, or ids (alone or in a list of one)."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ApiError(400, f"one prompt per request, got {len(prompt)}", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return _as_400(lambda: self.tokenizer.encode(prompt), "prompt")
+        return list(prompt)
+
+    def chat_prompt(self, messages: list) -> list[int]:
+        return _as_400(lambda: self.tokenizer.apply_chat_template(messages), "messages")
+
+    def start(self, prompt: list[int], params: GenerationParams, max_tokens: int | None, http: HttpRequest,
+              prefix: str, prompt_param: str) -> "Generation":
+        """Check a request, queue it, and return its generation: 400 for bad input, 429 when the queue is full.
+        Without ``max_tokens`` it may fill the context."""
+        stops = params.stop_strings()
+        request = self._request(prompt, params, max_tokens, f"{prefix}-{uuid.uuid4().hex}", prompt_param)
+        if not self.loop.alive:
+            raise ApiError(503, "the engine thread has stopped; see the server's log")
+        if self.metrics.running >= self.metrics.rows + self.max_queue:
+            self.metrics.rejected += 1
+            raise ApiError(429, f"the server is busy: {self.metrics.rows} rows and {self.max_queue} queued "
+                                "requests are taken; retry later", code="queue_full")
+        generation = Generation(self, request, TextStream(self.tokenizer, stops, prompt), http)
+        self.loop.submit(request, generation.sink)
+        self.metrics.running += 1
+        self.metrics.prompt_tokens += len(prompt)
+        return generation
+
+    def _request(self, prompt: list[int], params: GenerationParams, max_tokens: int | None, key: str,
+                 prompt_param: str) -> Request:
+        room = self.max_seq_len - len(prompt)
+        if room < (max_tokens or 1):
+            asked = f" and {max_tokens} completion tokens (max_tokens)" if max_tokens else ""
+            raise ApiError(400, f"This model's context holds {self.max_seq_len} tokens (max_seq_len), but "
+                                f"{len(prompt)} prompt tokens{asked} were asked for; shorten the prompt"
+                                f"{' or lower max_tokens' if max_tokens else ''}",
+                           param=prompt_param, code="context_length_exceeded")
+        temperature = 1.0 if params.temperature is None else params.temperature
+        sampling = _as_400(lambda: Sampling(temperature > 0, temperature, params.top_k or 0,
+                                            1.0 if params.top_p is None else params.top_p, params.seed), None)
+        request = Request(tuple(prompt), max_tokens or room, sampling, () if params.ignore_eos else self.eos_ids,
+                          key=key)
+        _as_400(lambda: self.loop.check(request), prompt_param)
+        return request
+
+
+class Generation:
+    """One request as its handler sees it: tokens from the engine thread become text.
+
+    ``close()`` gives the request back however its response ends: it frees the row of
+    a request the engine has not finished and counts the outcome.
+    """
+
+    def __init__(self, service: Service, request: Request, text: TextStream, http: HttpRequest):
+        self.service, self.text = service, text
+        self.id = request.key
+        self.prompt_tokens = len(request.prompt)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None  # OpenAI's: "stop" or "length"
+        self.engine_done = False  # the engine has freed the row itself
+        self.failed = False
+        self.closed = False
+        self.events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def sink(token, reason) -> None:  # on the engine thread
+            try:
+                loop.call_soon_threadsafe(self.events.put_nowait, (token, reason))
+            except RuntimeError:  # the event loop has closed: the server is going down
+                pass
+
+        self.sink = sink
+        self.watcher = asyncio.ensure_future(self._watch(http))
+
+    async def _watch(self, http: HttpRequest) -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        self.events.put_nowait((None, "disconnected"))
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """The new text of each token as soon as it is final; at the end ``finish_reason`` is set."""
+        while self.finish_reason is None:
+            token, reason = await self.events.get()
+            if reason == "disconnected":
+                raise ClientGone()
+            if reason == "error":
+                self.engine_done = self.failed = True
+                raise ApiError(500, "the engine failed while generating; see the server's log")
+            self.completion_tokens += 1
+            text = self.text.add(token) if reason != "eos" else ""  # an eos token ends the text, unshown
+            if self.text.stopped:
+                self.finish_reason = "stop"
+            elif reason is not None:
+                self.engine_done = True
+                self.finish_reason = "length" if reason == "length" else "stop"
+                text += self.text.finish()
+            if text:
+                yield text
+
+    async def collect(self) -> str:
+        return "".join([piece async for piece in self.pieces()])
+
+    def usage(self) -> dict:
+        return protocol.usage(self.prompt_tokens, self.completion_tokens)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.watcher.cancel()
+        if not self.engine_done:
+            self.service.loop.cancel(self.id)
+        outcome = "error" if self.failed else (self.finish_reason or "cancelled")
+        self.service.metrics.finished[outcome] += 1
+        self.service.metrics.running -= 1
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events of a generation, which is closed however the response ends."""
+
+    def __init__(self, events: AsyncIterator[str], generation: Generation):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.generation = generation
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
+
+
+async def sse(generation: Generation, chunk: Callable[[str, str | None], dict], usage_chunk: Callable[[], dict]
+              | None) -> AsyncIterator[str]:
+    """A chunk per piece of text, one with the finish reason, the usage if asked for, then ``[DONE]``."""
+    try:
+        async for text in generation.pieces():
+            yield protocol.event(chunk(text, None))
+        yield protocol.event(chunk("", generation.finish_reason))
+        if usage_chunk is not None:
+            yield protocol.event(usage_chunk())
+    except ClientGone:
+        return
+    except ApiError as e:
+        yield protocol.event(e.body())
+    yield protocol.event("[DONE]")
+
+
+def create_app(service: Service) -> FastAPI:
+    """The app; its lifespan starts the engine thread and stops it (on every rank) at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.loop.start()
+        yield
+        service.loop.stop()
+
+    app = FastAPI(title="offload", lifespan=lifespan)
+    add_error_handlers(app)
+    name = service.model_name
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HttpRequest):
+        body.refuse_unsupported()
+        service.check_model(body.model)
+        prompt = service.completion_prompt(body.prompt)
+        generation = service.start(prompt, body, body.max_tokens or COMPLETION_MAX_TOKENS, http, "cmpl", "prompt")
+        if body.stream:
+            chunk = lambda text, reason: protocol.completion_chunk(generation.id, name, text, reason)  # noqa: E731
+            usage = lambda: protocol.usage_chunk(generation.id, name, "text_completion", generation.usage())  # noqa
+            return EventStream(sse(generation, chunk, usage if body.include_usage else None), generation)
+        text = await _collect(generation)
+        if text is None:
+            return Response(status_code=499)  # nobody reads it: the client has gone
+        return protocol.completion(generation.id, name, text, generation.finish_reason, generation.usage())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, http: HttpRequest):
+        body.refuse_unsupported()
+        service.check_model(body.model)
+        if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
+            raise ApiError(400, "max_tokens and max_completion_tokens differ; give one", param="max_tokens")
+        prompt = service.chat_prompt(body.messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        generation = service.start(prompt, body, max_tokens, http, "chatcmpl", "messages")
+        if body.stream:
+            usage = lambda: protocol.usage_chunk(generation.id, name, "chat.completion.chunk",  # noqa: E731
+                                                 generation.usage())
+            return EventStream(sse(generation, _chat_deltas(generation.id, name),
+                                   usage if body.include_usage else None), generation)
+        text = await _collect(generation)
+        if text is None:
+            return Response(status_code=499)
+        return protocol.chat_completion(generation.id, name, text, generation.finish_reason, generation.usage())
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(service)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        service.check_model(model)
+        return _model_card(service)
+
+    @app.get("/health")
+    async def health():
+        if not service.loop.alive:
+            raise ApiError(503, "the engine thread has stopped; see the server's log")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def _collect(generation: Generation) -> str | None:
+    """The whole text, or None when the client went away first."""
+    try:
+        return await generation.collect()
+    except ClientGone:
+        return None
+    finally:
+        generation.close()
+
+
+def _chat_deltas(id: str, model: str) -> Callable[[str, str | None], dict]:
+    """Chat chunks: the first carries the assistant's role, the last (with the finish reason) an empty delta."""
+    first = True
+
+    def chunk(text: str, finish_reason: str | None) -> dict:
+        nonlocal first
+        delta = {"role": "assistant", "content": text} if first else ({} if finish_reason else {"content": text})
+        first = False
+        return protocol.chat_chunk(id, model, delta, finish_reason)
+
+    return chunk
+
+
+def _model_card(service: Service) -> dict:
+    return {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "offload",
+            "max_model_len": service.max_seq_len}
+
+
+def _as_400(make, param: str | None):
+    try:
+        return make()
+    except InputError as e:
+        raise ApiError(400, str(e), param=param) from None
+
+
+# ---------------------------------------------------------------------- errors: OpenAI's body, never a traceback
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, e: RequestValidationError):
+        return JSONResponse(_validation_error(e.errors()).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        log.exception("internal error")
+        return JSONResponse(ApiError(500, f"internal error ({type(e).__name__})").body(), status_code=500)
+
+
+def _validation_error(errors) -> ApiError:
+    """pydantic's first complaint as one OpenAI-style error."""
+    first = errors[0]
+    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = where[0] if where else None
+    if first["type"] == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})")
+    if not where:
+        return ApiError(400, "the request body must be a JSON object of parameters")
+    if first["type"] == "extra_forbidden":
+        return ApiError(400, f"Unrecognized request argument supplied: {'.'.join(where)}", param=param)
+    if first["type"] == "missing":
+        return ApiError(400, f"'{'.'.join(where)}' is required", param=param)
+    return ApiError(400, f"{'.'.join(where)}: {first['msg']}", param=param)
+
+
+# ---------------------------------------------------------------------- running it
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    """Serve until interrupted (SIGINT or SIGTERM); streams still open get 5 s to finish."""
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+class ServerThread:
+    """``app`` served by uvicorn on a thread of this process, on a free port (tests, benchmarks, notebooks).
+
+        with ServerThread(create_app(service)) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        self.host = host
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.url = None
+
+    def start(self, timeout: float = 60.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start (see its log)")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{port}"
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

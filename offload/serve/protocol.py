@@ -1,0 +1,162 @@
+"""OpenAI's wire format: the request bodies the server accepts and the JSON it answers with.
+
+Requests are pydantic models, checked strictly (a string where a number belongs
+is an error, not a number). Parameters of OpenAI's API that the engine has no
+counterpart for are accepted only at the value that changes nothing (``n=1``,
+``logprobs`` absent, penalties 0, ...); any other value is answered 400, naming the
+parameter, as is a parameter OpenAI does not have. ``top_k`` and ``ignore_eos`` are
+extensions, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Parameter -> the values that change nothing, which are accepted (and ignored).
+UNSUPPORTED = {
+    "n": (1,),
+    "best_of": (1,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "echo": (False,),
+    "suffix": ("",),
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "parallel_tool_calls": (True, False),
+}
+
+
+class ApiError(Exception):
+    """An answer other than 200, with OpenAI's error body."""
+
+    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
+             500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class GenerationParams(BaseModel):
+    """What completions and chat completions share. None stands for the default, as in OpenAI's API."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # default 1; 0 is greedy
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # extension: 0 keeps every token
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = False  # extension: generate max_tokens tokens whatever comes
+    user: str | None = None  # accepted, not used
+
+    n: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+
+    def refuse_unsupported(self) -> None:
+        for name in self.model_fields_set & UNSUPPORTED.keys():
+            value = getattr(self, name)
+            if value is not None and not any(_same(value, ok) for ok in UNSUPPORTED[name]):
+                raise ApiError(400, f"{name}={json.dumps(value)} is not supported by this server", param=name)
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not s for s in stops):
+            raise ApiError(400, "stop strings must not be empty", param="stop")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(GenerationParams):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+
+
+class ChatRequest(GenerationParams):
+    messages: list[Any]
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    parallel_tool_calls: Any = None
+
+
+def _same(value, ok) -> bool:
+    if isinstance(value, bool) or isinstance(ok, bool):
+        return value is ok  # True is not 1 here
+    return value == ok
+
+
+# ---------------------------------------------------------------------- answers
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(id: str, model: str, text: str, finish_reason: str, used: dict) -> dict:
+    return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": used}
+
+
+def completion_chunk(id: str, model: str, text: str, finish_reason: str | None) -> dict:
+    return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def chat_completion(id: str, model: str, text: str, finish_reason: str, used: dict) -> dict:
+    return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": used}
+
+
+def chat_chunk(id: str, model: str, delta: dict, finish_reason: str | None) -> dict:
+    return {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(id: str, model: str, object: str, used: dict) -> dict:
+    """The last chunk of a stream asked for with ``stream_options: {"include_usage": true}``."""
+    return {"id": id, "object": object, "created": int(time.time()), "model": model, "choices": [], "usage": used}
+
+
+def event(data: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"

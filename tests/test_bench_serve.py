@@ -1,0 +1,40 @@
+"""bench_serve.py --quick: the tiny shape on the CPU, served to concurrent clients and one at a time."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "benchmarks/bench_serve.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_bench_serve_quick(tmp_path):
+    pytest.importorskip("fastapi")
+    done = bench("--quick", "--json", str(tmp_path / "bench.json"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("bench_serve: ")
+    data = json.loads((tmp_path / "bench.json").read_text())
+    runs = {run["name"]: run for run in data["runs"]}
+    assert runs["concurrent"]["requests"] == data["clients"] == 8
+    for run in runs.values():
+        assert run["tokens"] == run["requests"] * data["new_tokens"]  # every request made all its tokens
+        assert run["tokens_per_s"] > 0 and 0 < run["ttft_p50"] <= run["ttft_p99"] <= run["latency_p99"]
+    assert runs["concurrent"]["steps"] < runs["sequential"]["steps"]  # rows shared the steps
+    assert data["equal_outputs"] == data["compared"]  # float32: batching does not change greedy outputs
+
+
+@pytest.mark.slow
+def test_bench_serve_bad_input_is_one_line_and_exit_2():
+    done = bench("--shape", "no-such-shape")
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "no-such-shape" in done.stderr

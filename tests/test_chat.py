@@ -1,0 +1,235 @@
+"""Chat templates rendered as transformers renders them, stop tokens from generation_config.json, text streamed
+token by token, and the CLI's --chat, "messages" batch records and printing as it generates."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+
+import offload
+from offload.chat import ChatTemplate, check_messages, stop_token_ids
+from offload.cli import generate_showing, main
+from offload.scheduler.engine import Request
+from offload.text import IdText, TextStream, Tokenizer
+
+from conftest import CHATML, write_chat_tokenizer
+
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+# Whitespace that trim_blocks/lstrip_blocks remove, tojson on HTML and non-ASCII text, a namespace, loop
+# controls, and a {% generation %} block.
+LAYOUT = """{% set ns = namespace(turns=0) %}
+{% for message in messages %}
+    {% if message.role == 'tool' %}{% continue %}{% endif %}
+    {% set ns.turns = ns.turns + 1 %}
+<{{ message.role }}>{{ message.content | tojson }}
+    {% if message.role == 'assistant' %}
+{% generation %}{{ message.content }}{% endgeneration %}{{ eos_token }}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}<assistant turn {{ ns.turns }}>{% endif %}"""
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello world!"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "The quick brown fox?"},
+     {"role": "assistant", "content": " jumps over "}, {"role": "user", "content": "<b>&</b> Grüße, 東京"}],
+]
+
+
+def hf_tokenizer(directory):
+    return transformers.AutoTokenizer.from_pretrained(str(directory))
+
+
+@pytest.mark.parametrize("template", [CHATML, LLAMA2, LAYOUT], ids=["chatml", "llama2", "layout"])
+def test_rendering_and_ids_equal_transformers(tmp_path, template):
+    write_chat_tokenizer(tmp_path, template)
+    ours, theirs = Tokenizer.from_dir(tmp_path), hf_tokenizer(tmp_path)
+    for messages in CONVERSATIONS:
+        if template is LAYOUT:
+            messages = [*messages, {"role": "tool", "content": "skipped"}]
+        for prompt in (True, False):
+            text = ours.chat_template.render(messages, add_generation_prompt=prompt)
+            assert text == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+            ids = theirs.apply_chat_template(messages, add_generation_prompt=prompt, return_dict=False)
+            assert ours.apply_chat_template(messages, add_generation_prompt=prompt) == ids
+
+
+def test_template_file_takes_precedence_and_named_templates(tmp_path):
+    write_chat_tokenizer(tmp_path, [{"name": "default", "template": CHATML}, {"name": "other", "template": "x"}])
+    messages = CONVERSATIONS[1]
+    assert ChatTemplate.from_dir(tmp_path).render(messages) == hf_tokenizer(tmp_path).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    (tmp_path / "chat_template.jinja").write_text(LLAMA2)
+    ours = ChatTemplate.from_dir(tmp_path).render(messages)
+    assert ours.startswith("<s>[INST] <<SYS>>")
+    assert ours == hf_tokenizer(tmp_path).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_several_templates_without_a_default_are_refused(tmp_path):
+    write_chat_tokenizer(tmp_path, [{"name": "a", "template": "x"}, {"name": "b", "template": "y"}])
+    with pytest.raises(offload.ConfigError, match="none named 'default'"):
+        ChatTemplate.from_dir(tmp_path)
+
+
+def test_template_errors_are_input_errors(tmp_path):
+    write_chat_tokenizer(tmp_path, LLAMA2)
+    template = ChatTemplate.from_dir(tmp_path)
+    two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(offload.InputError, match="roles must alternate"):
+        template.render(two_users)
+    with pytest.raises(Exception, match="roles must alternate"):  # transformers says the same
+        hf_tokenizer(tmp_path).apply_chat_template(two_users, tokenize=False)
+    with pytest.raises(offload.ConfigError, match="syntax error on line 1"):
+        ChatTemplate("{% for m in messages %}").compiled()
+    with pytest.raises(offload.InputError, match="cannot render"):
+        ChatTemplate("{{ messages[0].content + 1 }}").render([{"role": "user", "content": "a"}])
+    assert ChatTemplate.from_dir(tmp_path.parent / "no-such-dir") is None
+
+
+@pytest.mark.parametrize("messages, words", [
+    ([], "non-empty list"),
+    ("hello", "non-empty list"),
+    ([{"content": "x"}], "'role' must be a string"),
+    ([{"role": "user", "content": 3}], "'content' must be a string"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text parts"),
+])
+def test_bad_messages(messages, words):
+    with pytest.raises(offload.InputError, match=words):
+        check_messages(messages)
+
+
+def test_text_parts_are_joined_and_nulls_dropped():
+    parts = [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]
+    assert check_messages([{"role": "user", "content": parts, "name": None}]) == [
+        {"role": "user", "content": "one\ntwo"}]
+
+
+def test_stop_tokens_from_both_configs(tmp_path):
+    assert stop_token_ids(tmp_path, (2,)) == (2,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2]}))
+    assert stop_token_ids(tmp_path, (2,)) == (2, 7)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    with pytest.raises(offload.ConfigError, match="eos_token_id"):
+        stop_token_ids(tmp_path, (2,))
+
+
+# ---------------------------------------------------------------------- text streamed token by token
+
+
+def test_streamed_text_equals_decoding_at_once(tiny):
+    tokenizer = Tokenizer.from_dir(tiny)
+    gen = torch.Generator().manual_seed(0)
+    prompt = tokenizer.encode("The quick brown")
+    for _ in range(20):  # random ids: bytes of characters split over tokens, ids the tokenizer does not know
+        ids = torch.randint(0, 600, (40,), generator=gen).tolist()
+        stream = TextStream(tokenizer, prompt=prompt)
+        pieces = [stream.add(t) for t in ids] + [stream.finish()]
+        assert "".join(pieces) == tokenizer.decode(ids)
+    text = "Grüße aus 東京"
+    stream = TextStream(tokenizer)
+    pieces = [stream.add(t) for t in tokenizer.encode(text)]
+    assert "".join(pieces) + stream.finish() == text
+    assert all("\ufffd" not in p for p in pieces)  # a character is shown once its last byte is in
+
+
+def test_stop_strings_end_the_text_before_them():
+    stream = TextStream(IdText(), stop=["<3><4>", "<9>"])
+    pieces = [stream.add(t) for t in [1, 3, 5, 3, 4, 6]]
+    assert pieces == ["<1>", "", "<3><5>", "", "", ""]  # "<3>" waits: it may begin "<3><4>"
+    assert stream.stopped and stream.finish() == ""
+    stream = TextStream(IdText(), stop=["<3><4>"])
+    assert [stream.add(t) for t in [1, 3]] == ["<1>", ""] and stream.finish() == "<3>"
+
+
+# ---------------------------------------------------------------------- the CLI
+
+
+def greedy(model_dir, ids, n, eos=None):
+    model = offload.load_model(model_dir, max_seq_len=128, progress=False)
+    return model.generate([ids], max_new_tokens=n, eos_token_id=eos, return_result=True)
+
+
+def test_cli_chat_prompt_uses_the_template_and_prints_as_it_generates(tiny_chat, capsys):
+    tokenizer = Tokenizer.from_dir(tiny_chat)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    want = greedy(tiny_chat, ids, 12)
+    assert main(["--model", str(tiny_chat), "--chat", "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "12", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    prompt = next(i for i, line in enumerate(lines) if line.startswith("prompt: "))
+    assert lines[prompt] == f"prompt: {tokenizer.decode(ids)!r} ({len(ids)} tokens)"
+    assert "<|im_start|>assistant" in tokenizer.inner.decode(ids, skip_special_tokens=False)
+    tokens = want.tokens[0]
+    shown = tokens[:-1] if want.finish_reasons[0] == "eos" else tokens
+    assert lines[prompt + 1] == tokenizer.decode(shown)  # the streamed line, then the summary lines
+    assert lines[prompt + 3] == f"output ids: {','.join(map(str, tokens))} ({want.finish_reasons[0]})"
+
+
+def test_a_single_prompt_is_shown_token_by_token(tiny):
+    model = offload.load_model(tiny, max_seq_len=64, progress=False)
+    tokenizer = Tokenizer.from_dir(tiny)
+    shown = []
+    row, stats = generate_showing(model, Request((5, 6, 7), 10), tokenizer, shown.append)
+    assert len(row.tokens) == 10 and stats.decode_tokens == 9
+    assert "".join(shown) == tokenizer.decode(row.tokens) + "\n"
+    assert sum(bool(piece) for piece in shown) >= 5  # shown as it came, not once at the end
+
+
+def test_cli_stops_at_generation_config_eos(tiny, tmp_path, capsys):
+    ids = [5, 6, 7, 8]
+    tokens = greedy(tiny, ids, 8).tokens[0]
+    model = tmp_path / "m"
+    shutil.copytree(tiny, model)
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": tokens[3]}))
+    assert main(["--model", str(model), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "8", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    stop = tokens.index(tokens[3]) + 1
+    assert f"output ids: {','.join(map(str, tokens[:stop]))} (eos)" in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--chat", "--prompt-ids", "1,2"], "--chat goes with --prompt"),
+    (["--chat", "--prompt", "hi"], "no chat template"),
+])
+def test_cli_chat_errors(tiny, capsys, argv, words):
+    assert main(["--model", str(tiny), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err
+
+
+def test_batch_records_with_messages(tiny_chat, tmp_path):
+    messages = [[{"role": "user", "content": "Hello"}],
+                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox?"}]]
+    lines = [{"id": i, "messages": m, "max_new_tokens": 6} for i, m in enumerate(messages)]
+    lines.append({"id": "plain", "prompt": "The quick brown", "max_new_tokens": 6})
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(["--model", str(tiny_chat), "--prompts", str(tmp_path / "in.jsonl"), "--output",
+                 str(tmp_path / "out.jsonl"), "--batch-size", "2", "--max-step-tokens", "64", "--quiet"]) == 0
+    got = {r["id"]: r["output_ids"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    tokenizer = Tokenizer.from_dir(tiny_chat)
+    prompts = [tokenizer.apply_chat_template(m) for m in messages] + [tokenizer.encode("The quick brown")]
+    model = offload.load_model(tiny_chat, max_batch=3, max_seq_len=64, progress=False)
+    want = model.generate(prompts, max_new_tokens=6, return_result=True).tokens
+    assert [got[0], got[1], got["plain"]] == want
+
+
+def test_batch_messages_errors_name_the_line(tiny, tiny_chat, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt_ids": [1]}\n{"id": 2, "messages": [{"role": 1}]}\n')
+    for model, words in ((tiny_chat, "'role' must be a string"), (tiny, "no chat template")):
+        assert main(["--model", str(model), "--prompts", str(tmp_path / "in.jsonl"), "--output",
+                     str(tmp_path / "out.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'in.jsonl'}:2:" in err and words in err, err

@@ -1,0 +1,428 @@
+"""The HTTP server: a real uvicorn server on a loopback port, spoken to with the official openai client and,
+for the errors, raw HTTP. Outputs are checked against model.generate on a second copy of the model."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import torch
+
+import offload
+from offload.chat import stop_token_ids
+from offload.text import Tokenizer
+
+for module in ("fastapi", "uvicorn", "openai", "httpx"):  # the serve and test extras
+    pytest.importorskip(module)
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+
+from offload.serve import EngineLoop, ServerThread, Service, create_app  # noqa: E402
+from offload.serve.cli import main as serve_main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ = 128
+QUESTION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "The quick brown fox?"}]
+
+
+def load(path, rows, seq=SEQ, **kwargs):
+    return offload.load_model(path, max_batch=rows, max_seq_len=seq, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_chat):
+    """A second copy of the model, for model.generate (the served one belongs to the engine thread)."""
+    return load(tiny_chat, 32)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_chat, reference, tmp_path_factory):
+    """``tiny_chat`` whose generation_config.json names, as a stop token, a token that greedy decoding of the
+    chat QUESTION gives after a few others: only the server's reading of generation_config.json stops it there."""
+    out = tmp_path_factory.mktemp("served")
+    shutil.copytree(tiny_chat, out, dirs_exist_ok=True)
+    ids = Tokenizer.from_dir(out).apply_chat_template(QUESTION)
+    tokens = reference.generate([ids], max_new_tokens=16, eos_token_id=[], return_result=True).tokens[0]
+    first_new = next(t for k, t in enumerate(tokens) if k >= 2 and t not in tokens[:k])
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": first_new}))
+    return out
+
+
+def start_server(path, rows, max_queue, seq=SEQ, **load_kwargs):
+    model = load(path, rows, seq, **load_kwargs)
+    tokenizer = Tokenizer.from_dir(path)
+    service = Service(EngineLoop(model, rows), tokenizer, "tiny-chat", stop_token_ids(path, model.config.eos_token_ids),
+                      max_queue=max_queue, aliases=(str(path),))
+    server = ServerThread(create_app(service)).start()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    return server, SimpleNamespace(url=server.url, client=client, service=service, tokenizer=tokenizer,
+                                   eos=service.eos_ids)
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    """8 rows, 32 more requests may wait; half of the layers stream from host memory."""
+    needs = offload.plan_model(model_dir, max_batch=8, max_seq_len=SEQ).needs
+    server, s = start_server(model_dir, 8, 32, cpu_memory="1GiB",
+                             gpu_memory=needs.fixed_bytes + (needs.n_layers // 2 + 2) * needs.block_bytes)
+    assert "host" in s.service.loop.model.plan.placement
+    yield s
+    server.stop()
+
+
+def expect(reference, tokenizer, eos, prompt, n, **sampling):
+    """What the server should answer: model.generate's text (a closing eos unshown), finish reason, token count."""
+    result = reference.generate([prompt], max_new_tokens=n, eos_token_id=list(eos), return_result=True, **sampling)
+    tokens, reason = result.tokens[0], result.finish_reasons[0]
+    return tokenizer.decode(tokens[:-1] if reason == "eos" else tokens), "stop" if reason == "eos" else "length", \
+        len(tokens)
+
+
+def metric(url, name) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise KeyError(name)
+
+
+def wait_for(condition, seconds=20.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------- answers
+
+
+def test_models_health_metrics(served):
+    assert [m.id for m in served.client.models.list().data] == ["tiny-chat"]
+    assert served.client.models.retrieve("tiny-chat").id == "tiny-chat"
+    assert httpx.get(served.url + "/health").json() == {"status": "ok"}
+    text = httpx.get(served.url + "/metrics").text
+    for name in ("requests_total", "queue_depth", "rows_busy", "step_seconds", "generation_tokens_total"):
+        assert f"# TYPE offload_{name} " in text
+    assert metric(served.url, "offload_rows") == 8
+
+
+def test_completion_greedy_equals_generate(served, reference):
+    prompt = "The quick brown fox jumps"
+    text, reason, count = expect(reference, served.tokenizer, served.eos, served.tokenizer.encode(prompt), 12)
+    answer = served.client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=12, temperature=0)
+    assert answer.choices[0].text == text and answer.choices[0].finish_reason == reason
+    assert answer.usage.completion_tokens == count
+    assert answer.usage.prompt_tokens == len(served.tokenizer.encode(prompt))
+    stream = served.client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=12, temperature=0,
+                                              stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
+    assert chunks[-1].usage.completion_tokens == count
+
+
+def test_token_id_prompt_and_ignore_eos(served, reference):
+    ids = [5, 300, 17, 900, 42]
+    text, _, _ = expect(reference, served.tokenizer, (), ids, 10)
+    answer = served.client.completions.create(model="tiny-chat", prompt=ids, max_tokens=10, temperature=0,
+                                              extra_body={"ignore_eos": True})
+    assert answer.choices[0].text == text and answer.choices[0].finish_reason == "length"
+
+
+def test_chat_greedy_stops_at_the_generation_config_token(served, reference):
+    prompt = served.tokenizer.apply_chat_template(QUESTION)
+    text, reason, count = expect(reference, served.tokenizer, served.eos, prompt, 20)
+    assert reason == "stop" and 3 <= count <= 16  # at the token model_dir's generation_config.json names
+    answer = served.client.chat.completions.create(model="tiny-chat", messages=QUESTION, temperature=0)
+    assert answer.choices[0].message.content == text and answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].finish_reason == "stop"
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt), count)
+    chunks = list(served.client.chat.completions.create(model="tiny-chat", messages=QUESTION, temperature=0,
+                                                        stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_stop_strings(served, reference):
+    messages = [{"role": "user", "content": "Hello world!"}]
+    prompt = served.tokenizer.apply_chat_template(messages)
+    full, _, _ = expect(reference, served.tokenizer, (), prompt, 16)
+    stop = full[5:8]  # a stop string somewhere in the middle of the greedy answer
+    for stream in (False, True):
+        answer = served.client.chat.completions.create(model="tiny-chat", messages=messages, temperature=0,
+                                                       max_tokens=16, stop=[stop, "never seen"], stream=stream,
+                                                       extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(answer)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            text, reason = answer.choices[0].message.content, answer.choices[0].finish_reason
+        assert text == full[: full.index(stop)] and reason == "stop"
+    wait_for(lambda: metric(served.url, "offload_rows_busy") == 0)  # the stopped requests' rows were freed
+
+
+def test_seeded_sampling_equals_generate(served, reference):
+    ids = served.tokenizer.encode("offload runs")
+    text, _, _ = expect(reference, served.tokenizer, (), ids, 12, do_sample=True, temperature=0.9, top_p=0.95,
+                        seed=123)
+    answers = [served.client.completions.create(model="tiny-chat", prompt="offload runs", max_tokens=12,
+                                                temperature=0.9, top_p=0.95, seed=123,
+                                                extra_body={"ignore_eos": True}).choices[0].text for _ in range(2)]
+    assert answers == [text, text]
+
+
+def test_32_concurrent_streaming_clients(served, reference):
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 1024, (int(torch.randint(2, 20, (1,), generator=gen)),), generator=gen).tolist()
+               for _ in range(32)]
+    limits = [int(torch.randint(4, 16, (1,), generator=gen)) for _ in range(32)]
+    want = reference.generate(prompts, max_new_tokens=limits, eos_token_id=[], return_result=True)
+
+    async def one(client, prompt, limit):
+        stream = await client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=limit, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True},
+                                                 stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+        return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage.completion_tokens
+
+    async def everyone():
+        async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0) as client:
+            return await asyncio.gather(*(one(client, p, n) for p, n in zip(prompts, limits)))
+
+    busy_before = metric(served.url, "offload_step_seconds_count")
+    answers = asyncio.run(everyone())
+    for (text, count), tokens, limit in zip(answers, want.tokens, limits):
+        assert text == served.tokenizer.decode(tokens) and count == limit
+    steps = metric(served.url, "offload_step_seconds_count") - busy_before
+    assert steps < sum(limits) / 2  # rows were shared: 8 at a time, not one request after another
+
+
+# ---------------------------------------------------------------------- clients that leave
+
+
+def test_disconnect_mid_stream_frees_the_row(served):
+    cancelled = metric(served.url, 'offload_requests_total{finish_reason="cancelled"}')
+    generated = metric(served.url, "offload_generation_tokens_total")
+    body = {"prompt": "The quick", "max_tokens": 120, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", served.url + "/v1/completions", json=body) as response:
+        data = (line for line in response.iter_lines() if line.startswith("data: "))
+        next(data), next(data)  # two tokens in: the request holds a row
+        assert metric(served.url, "offload_rows_busy") == 1
+    wait_for(lambda: metric(served.url, 'offload_requests_total{finish_reason="cancelled"}') == cancelled + 1)
+    wait_for(lambda: metric(served.url, "offload_rows_busy") == 0)
+    assert metric(served.url, "offload_generation_tokens_total") - generated < 120  # cut short
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_frees_the_row(served):
+    cancelled = metric(served.url, 'offload_requests_total{finish_reason="cancelled"}')
+    generated = metric(served.url, "offload_generation_tokens_total")
+    body = json.dumps({"prompt": "The quick", "max_tokens": 120, "temperature": 0, "ignore_eos": True}).encode()
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as client:  # raw HTTP: a client that hangs up mid-request
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: metric(served.url, "offload_rows_busy") == 1)
+    wait_for(lambda: metric(served.url, 'offload_requests_total{finish_reason="cancelled"}') == cancelled + 1)
+    wait_for(lambda: metric(served.url, "offload_rows_busy") == 0)
+    assert metric(served.url, "offload_generation_tokens_total") - generated < 120  # cut short
+
+
+def test_full_queue_answers_429(model_dir):
+    server, s = start_server(model_dir, rows=1, max_queue=1, seq=512)
+    body = {"prompt": "The quick", "max_tokens": 500, "temperature": 0, "stream": True, "ignore_eos": True}
+    try:
+        with httpx.stream("POST", s.url + "/v1/completions", json=body) as first:
+            lines = first.iter_lines()  # kept: closing it would close the connection
+            next(line for line in lines if line.startswith("data: "))  # in the one row
+            with httpx.stream("POST", s.url + "/v1/completions", json=body) as second:  # waits in the queue
+                assert second.status_code == 200
+                third = httpx.post(s.url + "/v1/completions", json=body)
+                assert third.status_code == 429 and third.headers["retry-after"] == "1"
+                assert third.json()["error"]["code"] == "queue_full"
+                wait_for(lambda: metric(s.url, "offload_queue_depth") == 1)
+        # both clients gone: their places are free again
+        wait_for(lambda: metric(s.url, "offload_requests_running") == 0)
+        wait_for(lambda: metric(s.url, "offload_rows_busy") + metric(s.url, "offload_queue_depth") == 0)
+        answer = s.client.completions.create(model="tiny-chat", prompt="The quick", max_tokens=2, temperature=0)
+        assert answer.usage.completion_tokens >= 1
+        assert metric(s.url, "offload_requests_rejected_total") == 1
+        assert metric(s.url, 'offload_requests_total{finish_reason="cancelled"}') == 2
+    finally:
+        server.stop()
+
+
+def test_a_failed_step_answers_500_and_the_server_goes_on(served):
+    loop = served.service.loop
+    broken = loop.engine
+    errors = metric(served.url, 'offload_requests_total{finish_reason="error"}')
+
+    def fail():
+        raise RuntimeError("a step that fails")
+
+    broken.step = fail  # the next step fails; the engine loop replaces the engine
+    response = httpx.post(served.url + "/v1/completions", json={"prompt": "The quick", "max_tokens": 3})
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    assert loop.engine is not broken
+    assert metric(served.url, 'offload_requests_total{finish_reason="error"}') == errors + 1
+    answer = served.client.completions.create(model="tiny-chat", prompt="The quick", max_tokens=3, temperature=0)
+    assert answer.usage.completion_tokens >= 1
+
+
+# ---------------------------------------------------------------------- bad requests: 4xx with OpenAI's error body
+
+LONG = list(range(3, 3 + SEQ))
+
+
+@pytest.mark.parametrize("path, body, status, param, words", [
+    ("/v1/completions", b"{not json", 400, None, "not valid JSON"),
+    ("/v1/completions", [1, 2], 400, None, "JSON object"),
+    ("/v1/completions", {"max_tokens": 4}, 400, "prompt", "'prompt' is required"),
+    ("/v1/completions", {"prompt": "a", "n": 2}, 400, "n", "n=2 is not supported"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 1}, 400, "logprobs", "not supported"),
+    ("/v1/completions", {"prompt": "a", "echo": True}, 400, "echo", "not supported"),
+    ("/v1/completions", {"prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 1"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
+    ("/v1/completions", {"prompt": "a", "temperature": 3}, 400, "temperature", "less than or equal to 2"),
+    ("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "top_p", "greater than 0"),
+    ("/v1/completions", {"prompt": "a", "seed": -1}, 400, "seed", "greater than or equal to 0"),
+    ("/v1/completions", {"prompt": "a", "stop": [""]}, 400, "stop", "must not be empty"),
+    ("/v1/completions", {"prompt": "a", "bogus": 1}, 400, "bogus", "Unrecognized request argument supplied: bogus"),
+    ("/v1/completions", {"prompt": LONG, "max_tokens": 1}, 400, "prompt", "context holds 128 tokens"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": SEQ}, 400, "prompt", "lower max_tokens"),
+    ("/v1/completions", {"prompt": [5000]}, 400, "prompt", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", "one prompt per request"),
+    ("/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, "model", "'gpt-4' does not exist"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "non-empty list"),
+    ("/v1/chat/completions", {"messages": [{"role": 1}]}, 400, "messages", "'role' must be a string"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages", "chat template"),
+    ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True}, 400, "logprobs", "not supported"),
+    ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 3, "max_completion_tokens": 4}, 400, "max_tokens",
+     "differ"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages",
+     "only text parts"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, path, body, status, param, words):
+    if isinstance(body, bytes):
+        response = httpx.post(served.url + path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = httpx.post(served.url + path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert words in error["message"] and error["param"] == param
+    assert httpx.get(served.url + "/health").status_code == 200
+
+
+def test_unknown_paths_and_no_op_parameters(served):
+    missing = httpx.get(served.url + "/v1/nothing")
+    assert missing.status_code == 404 and "message" in missing.json()["error"]
+    assert httpx.get(served.url + "/v1/completions").status_code == 405
+    with pytest.raises(openai.NotFoundError):
+        served.client.completions.create(model="gpt-4", prompt="a", max_tokens=1)
+    answer = served.client.completions.create(model="tiny-chat", prompt="a", max_tokens=2, n=1, frequency_penalty=0,
+                                              presence_penalty=0, logit_bias={}, user="someone")
+    assert answer.usage.completion_tokens >= 1
+
+
+# ---------------------------------------------------------------------- scripts/serve.py
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--port", "70000"], "--port must be in"),
+    (["--max-queue", "-1"], "--max-queue must be >= 0"),
+    (["--model", "does/not/exist", "--port", "0"], "does/not/exist"),
+    (["--tp", "2", "--port", "0"], "torchrun"),
+])
+def test_serve_bad_flags_are_one_line(capsys, argv, words, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert serve_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("serve: error:") and words in err, err
+
+
+def test_serve_refuses_a_port_in_use(tiny, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert serve_main(["--model", str(tiny), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def launch(args, cache_dir, torchrun=0):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OFFLOAD_CACHE_DIR": str(cache_dir)}
+    cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), *args]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun), *cmd[1:]]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_until_serving(process, url, seconds=180):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise AssertionError("the server did not come up")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_serve_script_with_and_without_tensor_parallelism(model_dir, reference, tmp_path, tp):
+    """scripts/serve.py as a user runs it; at tp=2 under torchrun, rank 0 serves and rank 1 follows its steps."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = launch(["--model", str(model_dir), "--port", str(port), "--max-seq-len", str(SEQ), "--max-batch", "4",
+                      "--tp", str(tp), "--quiet", "--log-level", "warning"], tmp_path, torchrun=tp if tp > 1 else 0)
+    try:
+        wait_until_serving(process, url)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        prompts = ["The quick brown fox", "Hello world", "offload runs", "A plan places"]
+        want = [expect(reference, tokenizer, (), tokenizer.encode(p), 8, do_sample=bool(i % 2), temperature=0.8,
+                       seed=i)[0] for i, p in enumerate(prompts)]
+        answers = [client.completions.create(model=model_dir.name, prompt=p, max_tokens=8, temperature=0.8 * (i % 2),
+                                             seed=i, stream=bool(i % 2), extra_body={"ignore_eos": True})
+                   for i, p in enumerate(prompts)]
+        texts = ["".join(c.choices[0].text for c in a) if i % 2 else a.choices[0].text for i, a in enumerate(answers)]
+        assert texts == want
+        chat = client.chat.completions.create(model=str(model_dir), messages=QUESTION, temperature=0)
+        assert chat.choices[0].finish_reason == "stop" and chat.usage.completion_tokens <= 16
+    finally:
+        # Ctrl-C to the process that serves HTTP (under torchrun: rank 0, which then stops the other rank).
+        os.kill(rank_zero(process) if tp > 1 else process.pid, signal.SIGINT)
+        try:
+            out, _ = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, out
+    assert "Traceback" not in out, out
+
+
+def rank_zero(launcher: subprocess.Popen) -> int:
+    """The pid of the worker of a torchrun launch whose RANK is 0."""
+    workers = psutil.Process(launcher.pid).children(recursive=True)
+    return next(w.pid for w in workers if w.environ().get("RANK") == "0")

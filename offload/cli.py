@@ -12,6 +12,7 @@ Any bad input prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .api import load_model
-from .batch import ResultFile, check_context, read_records, run_batch
+from .batch import check_context, prompt_lengths, read_records, run_batch
 from .distributed import TensorParallel, init_tensor_parallel
 from .errors import InputError, OffloadError, OffloadWarning, PlanError
 from .inputs import check_token_ids
@@ -29,6 +30,7 @@ from .memory.budget import parse_peer_flag
 from .memory.planner import format_plans
 from .models.config import load_config
 from .options import LoadOptions
+from .results import ResultFile, finished_ids
 from .sampling import Sampling
 from .synthetic import DEMO_SHAPE, demo_checkpoint
 from .text import Tokenizer
@@ -95,17 +97,19 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    options, sampling = _options(args), _sampling(args)  # every flag is checked before anything runs
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if args.output and not args.prompts:
+        raise InputError("--output goes with --prompts (a batch job)")
     tp = init_tensor_parallel(args.tp)  # under torchrun, before anything that ranks must agree on
     say = print if tp.rank == 0 else (lambda *a, **k: None)
     demo = args.model is None
-    model_path = demo_checkpoint(quiet=args.quiet or tp.rank != 0) if demo else Path(args.model)
+    model_path = demo_checkpoint(quiet=args.quiet or tp.rank != 0) if demo else _model_dir(args.model)
     config = load_config(model_path)
     tokenizer = Tokenizer.from_dir(model_path)
-    options = _options(args)
     if args.prompts:
-        return _run_job(args, model_path, config, tokenizer, options, tp, say)
-    if args.output:
-        raise InputError("--output goes with --prompts (a batch job)")
+        return _run_job(args, model_path, config, tokenizer, options, sampling, tp, say)
 
     prompt = None
     if not (args.plan and args.prompt is None and args.prompt_ids is None):  # --plan needs no prompt
@@ -115,6 +119,7 @@ def _main(args) -> int:
         if needed > options.max_seq_len:
             raise InputError(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} "
                              f"exceeds --max-seq-len {options.max_seq_len}")
+    _warn_context(config, options.max_seq_len, tp)
     if demo and args.gpu_memory is None:
         options = _demo_budget(model_path, options, say)
     if args.plan:
@@ -123,7 +128,6 @@ def _main(args) -> int:
 
     model = load_model(model_path, options, progress=not args.quiet)
     say(format_plans(model.plans))
-    sampling = _sampling(args)
     result = model.generate([prompt], max_new_tokens=args.max_new_tokens, do_sample=sampling.do_sample,
                             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                             seed=sampling.seed, ignore_eos=args.ignore_eos, return_result=True)
@@ -139,13 +143,23 @@ def _main(args) -> int:
     return 0
 
 
-def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, tp: TensorParallel, say) -> int:
-    """A batch job: check the whole prompt file, size the KV cache for it, run what is not done yet."""
+def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, sampling: Sampling,
+             tp: TensorParallel, say) -> int:
+    """A batch job: check the whole prompt file and the output, size the KV cache, run what is not done yet."""
     if not args.output:
         raise InputError("--prompts needs --output")
-    records, done, results = _read_job(args, tokenizer, config.vocab_size, tp)
-    seq = options.max_seq_len or max(len(r.prompt_ids) + r.max_new_tokens for r in records)
-    check_context(records, seq)
+    records, done, results = _read_job(args, tokenizer, config.vocab_size, options, tp)
+    try:
+        return _run_records(args, model_path, config, tokenizer, options, sampling, tp, say, records, done, results)
+    finally:
+        if results is not None:
+            results.close()  # releases the output's lock
+
+
+def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions, sampling: Sampling,
+                 tp: TensorParallel, say, records, done, results) -> int:
+    seq = _job_context(records, options)
+    _warn_context(config, seq, tp)
     # A job's steps hold at least 2048 tokens, so that rows joining the batch read their prompts in few
     # steps (each step streams every weight once).
     options = options.replace(max_seq_len=seq, max_step_tokens=options.max_step_tokens or max(2048, seq))
@@ -159,23 +173,29 @@ def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, tp
     model = load_model(model_path, options, progress=not args.quiet)
     say(format_plans(model.plans))
     eos = () if args.ignore_eos else config.eos_token_ids
-    summary = run_batch(model, records, results, options.max_batch, _sampling(args), eos, tokenizer,
+    summary = run_batch(model, records, results, options.max_batch, sampling, eos, tokenizer,
                         schedule=args.schedule, progress=tp.rank == 0 and not args.quiet)
-    if results is not None:
-        results.close()
     say(f"done: {summary}")
     model.close()
     return 0
 
 
-def _read_job(args, tokenizer, vocab_size: int, tp: TensorParallel):
-    """Rank 0 reads and checks the prompt file and the finished ids; every rank gets the same (or the error)."""
+def _read_job(args, tokenizer, vocab_size: int, options: LoadOptions, tp: TensorParallel):
+    """Rank 0 checks the prompt file, then the output file (which it locks, unless only planning);
+    every rank gets the records and the finished ids (or the error)."""
     outcome, results = None, None
     if tp.rank == 0:
         try:
             records = read_records(args.prompts, tokenizer, args.max_new_tokens, vocab_size)
-            results = ResultFile(args.output)
-            outcome = ("ok", records, results.done)
+            check_context(records, _job_context(records, options))
+            if _same_file(args.prompts, args.output):
+                raise InputError(f"--output {args.output!r} is the prompt file; give another file")
+            if args.plan:
+                done = finished_ids(args.output, prompt_lengths(records))
+            else:
+                results = ResultFile(args.output, prompt_lengths(records))
+                done = results.done
+            outcome = ("ok", records, done)
         except OffloadError as e:
             outcome = ("error", str(e))
     outcome = tp.broadcast_object(outcome)
@@ -183,6 +203,32 @@ def _read_job(args, tokenizer, vocab_size: int, tp: TensorParallel):
         raise InputError(outcome[1])
     _, records, done = outcome
     return records, set(done), results
+
+
+def _job_context(records, options: LoadOptions) -> int:
+    """The KV cache length of a job: --max-seq-len, or what its longest record needs."""
+    return options.max_seq_len or max(len(r.prompt_ids) + r.max_new_tokens for r in records)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # the output does not exist yet
+        return False
+
+
+def _model_dir(model: str) -> Path:
+    path = Path(model)
+    if path.is_file():
+        raise InputError(f"--model {model!r} is a file; give the checkpoint directory (config.json + safetensors)")
+    return path
+
+
+def _warn_context(config, max_seq_len: int | None, tp: TensorParallel) -> None:
+    """One line on stderr when the KV cache reaches past the positions the model was trained on."""
+    message = config.context_warning(max_seq_len)
+    if message and tp.rank == 0:
+        print(f"run_offloaded: warning: {message}", file=sys.stderr)
 
 
 def _options(args) -> LoadOptions:

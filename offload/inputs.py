@@ -7,9 +7,21 @@ ids of any length) and give back what ``transformers`` returns.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import InputError
+
+
+def is_real(value) -> bool:
+    """A finite number, not a bool (an integer too large for a float is not one)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def check_token_ids(ids, vocab_size: int, where: str) -> list[int]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..inputs import is_real
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -104,7 +105,7 @@ def config_from_dict(raw: dict, source: str = "config") -> ModelConfig:
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     f = _Fields(raw, source)
     arch = _architecture(raw, f)
-    hidden, n_heads, n_layers = f.count("hidden_size"), f.count("num_attention_heads"), f.count("num_hidden_layers")
+    hidden, n_heads, n_layers = f.count("hidden_size"), f.count("num_attention_heads"), f.count("num_hidden_layers", most=MAX_LAYERS)
     n_kv_heads = f.count("num_key_value_heads", default=n_heads)
     if n_heads % n_kv_heads:
         raise ConfigError(f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads "
@@ -138,6 +139,8 @@ def config_from_dict(raw: dict, source: str = "config") -> ModelConfig:
 
 _ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _REQUIRED = object()
+MAX_SIZE = 2**31 - 1  # sizes are indexed with 32-bit integers
+MAX_LAYERS = 2**16  # the runtime keeps a few objects per layer
 
 
 class _Fields:
@@ -158,17 +161,19 @@ class _Fields:
     def bad(self, key: str, value, expected: str) -> ConfigError:
         return ConfigError(f"{self.source}: {self.prefix + key} must be {expected}, got {value!r}")
 
-    def count(self, key: str, default=_REQUIRED) -> int:
-        """A positive integer (or ``default``, which may be None)."""
+    def count(self, key: str, default=_REQUIRED, most: int = MAX_SIZE) -> int:
+        """A positive integer up to ``most`` (or ``default``, which may be None)."""
         value = self._get(key, default)
         if value is not None and (not _is_int(value) or value < 1):
             raise self.bad(key, value, "a positive integer")
+        if value is not None and value > most:
+            raise self.bad(key, value, f"at most {most}")
         return value
 
     def number(self, key: str, default=_REQUIRED) -> float:
         """A positive finite number."""
         value = self._get(key, default)
-        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        if not is_real(value) or value <= 0:
             raise self.bad(key, value, "a positive number")
         return float(value)
 
@@ -196,10 +201,6 @@ class _Fields:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _architecture(raw: dict, f: _Fields) -> str:

@@ -248,7 +248,7 @@ def _sampling(args) -> Sampling:
 
 
 def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
-    if args.prompt_ids:
+    if args.prompt_ids is not None:
         try:
             return [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:

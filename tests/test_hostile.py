@@ -117,6 +117,8 @@ FLAG_CASES = [
                  id="peer-budget-400-digits"),
     pytest.param(["--dtype", "int8"], "unsupported dtype", id="dtype-unknown"),
     pytest.param(["--no-such-flag"], "unrecognized arguments", id="flag-unknown"),
+    pytest.param(["--prompt-ids", ""], "the prompt is empty", id="prompt-ids-empty"),
+    pytest.param(["--prompt-ids", "1,x"], "comma-separated integers", id="prompt-ids-not-integers"),
 ]
 
 
@@ -584,6 +586,14 @@ def test_bad_weights_are_refused_naming_the_tensor(tiny, tmp_path, capsys, name,
     broken = _broken_weights(tiny, tmp_path, name, change)
     err = refused(capsys, ["--model", str(broken), "--prompt-ids", "1", "--quiet", *flags])
     assert words in err and name in err
+
+
+def test_a_weights_file_that_is_a_pipe_is_refused_unopened(tiny, tmp_path, capsys):
+    piped = tmp_path / "piped"
+    piped.mkdir()
+    shutil.copy(tiny / "config.json", piped / "config.json")
+    os.mkfifo(piped / "model.safetensors")  # opening it would wait for a writer forever
+    assert "model.safetensors: not a regular file" in refused(capsys, ["--model", str(piped), "--prompt-ids", "1"])
 
 
 # ---------------------------------------------------------------------- the Python API

@@ -67,6 +67,8 @@ class CheckpointSource:
     def _open(self, file: Path):
         handle = self._handles.get(file)
         if handle is None:
+            if not file.is_file():  # a folder, or a pipe that opening would wait on forever
+                raise CheckpointError(f"{file}: not a regular file")
             try:
                 handle = safe_open(str(file), framework="pt")
             except (SafetensorError, OSError) as e:

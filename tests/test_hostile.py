@@ -392,25 +392,27 @@ def test_plan_reads_a_torn_output_without_changing_it(bare, tmp_path, capsys):
                  "--batch-size", "2"]) == 0
     assert out.read_bytes() == content
     assert finished_ids(out, LENGTHS) == {1}
-    assert not (tmp_path / "never.jsonl").exists()
     assert main(["--model", str(bare), "--prompts", str(prompts), "--output", str(tmp_path / "never.jsonl"),
                  "--plan", "--batch-size", "2"]) == 0
     assert not (tmp_path / "never.jsonl").exists()  # planning creates no file
 
 
-def test_every_proper_prefix_of_a_written_line_is_a_torn_record_and_nothing_else_is(tmp_path):
-    """The rule that decides what may be cut: a proper prefix of a line in the writer's form,
-    for an id not done yet. A whole record without its newline is kept."""
+def test_a_torn_record_is_a_proper_prefix_of_a_line_the_writer_makes(tmp_path):
+    """The rule that decides what may be cut: a proper prefix of a line in the writer's form, for an
+    id not done yet. A whole record without its newline is kept; one byte the writer never makes
+    (a raw NUL) after any prefix makes it foreign."""
     path = tmp_path / "out.jsonl"
     for rid, text in [(1, None), ("a", "é\u2028\\\"\n\x01"), (f"b{ODD_LINE_BREAKS}", "")]:
+        before = b"" if rid == 1 else OURS
         written = result_line(rid, LENGTHS[rid], [0, 17, 345], "eos", text)
         for cut in range(1, len(written)):
-            path.write_bytes(OURS + written[:cut] if rid != 1 else written[:cut])
-            results = ResultFile(path, LENGTHS)
-            whole = cut == len(written) - 1  # only the newline is missing
-            assert (rid in results.done) == whole, (rid, cut)
-            results.close()
-            assert path.read_bytes() == (OURS if rid != 1 else b"") + written[:cut]  # nothing changes until a write
+            path.write_bytes(before + written[:cut])
+            with ResultFile(path, LENGTHS) as results:
+                assert (rid in results.done) == (cut == len(written) - 1), (rid, cut)  # whole but for "\n"
+            assert path.read_bytes() == before + written[:cut]  # nothing changes until a record is written
+            path.write_bytes(before + written[:cut] + b"\x00")
+            with pytest.raises(InputError, match="not a result record"):
+                ResultFile(path, LENGTHS)
 
 
 def test_a_whole_last_record_without_its_newline_is_kept_and_ended(tmp_path):
@@ -709,29 +711,23 @@ def make_checkpoint():
     return module.main
 
 
-@pytest.mark.parametrize("kind, words", [
-    pytest.param("existing-file", "exists and is not a directory", id="out-is-a-file"),
-    pytest.param("under-a-file", "cannot write", id="out-under-a-file"),
-    pytest.param("unwritable", "Permission denied", id="out-unwritable",
+@pytest.mark.parametrize("out, flags, words", [
+    pytest.param("file", [], "exists and is not a directory", id="out-is-a-file"),
+    pytest.param("file/ckpt", [], "cannot write", id="out-under-a-file"),
+    pytest.param("ro/ckpt", [], "Permission denied", id="out-unwritable",
                  marks=pytest.mark.skipif(AS_ROOT, reason="root writes into read-only folders")),
-    pytest.param("bad-shape", "unknown shape", id="shape-unknown"),
-    pytest.param("bad-device", "unknown device", id="device-unknown"),
-    pytest.param("bad-flag", "unrecognized arguments", id="flag-unknown"),
+    pytest.param("ckpt", ["--shape", "gpt-5"], "unknown shape", id="shape-unknown"),
+    pytest.param("ckpt", ["--device", "foo"], "unknown device", id="device-unknown"),
+    pytest.param("ckpt", ["--nope"], "unrecognized arguments", id="flag-unknown"),
 ])
-def test_make_checkpoint_bad_input_is_one_line(make_checkpoint, tmp_path, capsys, kind, words):
+def test_make_checkpoint_bad_input_is_one_line(make_checkpoint, tmp_path, capsys, out, flags, words):
     (tmp_path / "file").write_bytes(b"keep")
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o555)
-    out = {"existing-file": tmp_path / "file", "under-a-file": tmp_path / "file" / "ckpt",
-           "unwritable": tmp_path / "ro" / "ckpt"}.get(kind, tmp_path / "ckpt")
-    extra = {"bad-shape": ["--shape", "gpt-5"], "bad-device": ["--device", "foo"], "bad-flag": ["--nope"]}
-    argv = ["--out", str(out), *extra.get(kind, ["--shape", "tiny"])]
-    if kind != "bad-shape":
-        argv += ["--shape", "tiny"] if "--shape" not in argv else []
-    assert make_checkpoint(argv) == 2
+    assert make_checkpoint(["--shape", "tiny", "--out", str(tmp_path / out), *flags]) == 2  # a later --shape wins
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("make_checkpoint: error:") and words in err, err
-    assert (tmp_path / "file").read_bytes() == b"keep"
+    assert (tmp_path / "file").read_bytes() == b"keep" and not (tmp_path / "ckpt").exists()
 
 
 # ---------------------------------------------------------------------- in a process of its own

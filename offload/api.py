@@ -13,10 +13,11 @@ while the model runs.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
-from .errors import OffloadWarning
-from .loading import load_weights, prepare, weight_source
+from .errors import InputError, OffloadWarning
+from .loading import Setup, load_weights, prepare, weight_source
 from .memory.planner import Plan
 from .model import OffloadedModel
 from .options import LoadOptions
@@ -30,7 +31,7 @@ def plan_model(model, options: LoadOptions | None = None, **kwargs) -> Plan:
     as :class:`OffloadWarning` (and printed with the plan).
     """
     setup = prepare(model, _options(options, kwargs))
-    _warn(setup.plan, setup.tp.rank)
+    _warn(setup)
     return setup.plan
 
 
@@ -53,20 +54,28 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
         OffloadError: a missing or corrupt checkpoint, an unknown architecture, a budget that
             cannot be parsed, or a model that fits none of the budgets.
     """
+    if random_weights is not None and (not isinstance(random_weights, int) or isinstance(random_weights, bool)):
+        raise InputError(f"random_weights must be an integer seed, got {random_weights!r}")
     setup = prepare(model, _options(options, kwargs))
-    _warn(setup.plan, setup.tp.rank)
+    _warn(setup)
     source = weight_source(model, random_weights, setup.device)
     pool = load_weights(setup, source, progress and setup.tp.rank == 0)
     return OffloadedModel(setup, pool)
 
 
 def _options(options: LoadOptions | None, kwargs: dict) -> LoadOptions:
+    if options is not None and not isinstance(options, LoadOptions):
+        raise InputError(f"options must be a LoadOptions, got {options!r}")
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(LoadOptions)})
+    if unknown:
+        raise InputError(f"unknown option {unknown[0]!r}; see offload.LoadOptions for the options")
     if options is None:
         return LoadOptions(**kwargs)
     return options.replace(**kwargs) if kwargs else options
 
 
-def _warn(plan: Plan, rank: int) -> None:
-    if rank == 0:
-        for message in plan.warnings:
+def _warn(setup: Setup) -> None:
+    if setup.tp.rank == 0:
+        context = setup.config.context_warning(setup.options.max_seq_len)
+        for message in [*setup.plan.warnings, *([context] if context else [])]:
             warnings.warn(message, OffloadWarning, stacklevel=3)

@@ -3,12 +3,16 @@
 Input lines are ``{"id": ..., "prompt": "text"}`` (needs a tokenizer),
 ``{"id": ..., "prompt_ids": [...]}`` or ``{"id": ..., "messages": [{"role": "user",
 "content": "..."}, ...]}`` (laid out by the model's chat template), with an optional
-``max_new_tokens``. The whole file is checked before the model is loaded.
+``max_new_tokens``; an id is a JSON string or integer. The file is UTF-8 (a leading
+byte order mark is allowed) and is split into lines at ``\n`` only, since JSON
+strings may hold U+2028, U+2029 and U+0085 raw. The whole file is checked before
+the model is loaded.
 
-Each finished record is appended to the output file as one JSON line, flushed
-and fsynced. A rerun with the same output file skips the ids already there (a
-line torn by a crash is cut off first), so a job killed at any moment and rerun
-ends with every id exactly once.
+Each finished record is appended to the output file (``offload.results``) as one JSON
+line, flushed and fsynced. A rerun with the same output file skips the ids already
+there (a record torn by a crash is cut off first), so a job killed at any moment and
+rerun ends with every id exactly once; an output file that is not the job's own is
+refused and left as it is.
 
 Scheduling (``dynamic``): the row engine has ``batch_size`` rows. Records are
 taken longest first, so rows that start together end at similar times, and a
@@ -22,7 +26,6 @@ finishes.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 from .errors import InputError, PlanError
 from .inputs import check_token_ids
+from .results import ResultFile, is_record_id, read_regular_file
 from .sampling import GREEDY, Sampling
 from .scheduler.engine import Engine, Request
 
@@ -46,28 +50,18 @@ class Record:
 def read_records(path, tokenizer, default_max_new_tokens: int, vocab_size: int) -> list[Record]:
     """Parse and check every line of a JSONL prompt file; the first problem raises, naming its line."""
     path = Path(path)
+    data = read_regular_file(path, "prompt file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise InputError(f"cannot read prompt file {str(path)!r} ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
+        text = data.decode("utf-8-sig")  # drops a leading byte order mark
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
     records, seen = [], {}
-    for n, text in enumerate(lines, start=1):
-        if not text.strip():
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip(" \t\r"):  # JSON's own whitespace; U+2028 and its kin are not blank
             continue
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: bad JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise InputError(f"{where}: expected a JSON object")
-        if "id" not in obj:
-            raise InputError(f"{where}: missing field 'id'")
+        obj = _parse_line(line, where)
         rid = obj["id"]
-        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-            raise InputError(f"{where}: 'id' must be a string or an integer")
         if rid in seen:
             raise InputError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]})")
         seen[rid] = n
@@ -76,6 +70,25 @@ def read_records(path, tokenizer, default_max_new_tokens: int, vocab_size: int) 
     if not records:
         raise InputError(f"{path}: no records")
     return records
+
+
+def _parse_line(line: str, where: str) -> dict:
+    """One input line as a JSON object with a usable id."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: bad JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits, nesting without end
+        raise InputError(f"{where}: bad JSON ({type(e).__name__}: {str(e).split(';')[0]})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    if "id" not in obj:
+        raise InputError(f"{where}: missing field 'id'")
+    if not is_record_id(obj["id"]):
+        raise InputError(f"{where}: 'id' must be a string or an integer, got {obj['id']!r}")
+    if isinstance(obj["id"], str) and not _is_unicode(obj["id"]):
+        raise InputError(f"{where}: 'id' holds an unpaired surrogate ({obj['id']!r}); it cannot be written as UTF-8")
+    return obj
 
 
 def _prompt_ids(obj: dict, where: str, tokenizer, vocab_size: int) -> list[int]:
@@ -91,6 +104,8 @@ def _prompt_ids(obj: dict, where: str, tokenizer, vocab_size: int) -> list[int]:
     elif "prompt" in obj:
         if not isinstance(obj["prompt"], str):
             raise InputError(f"{where}: 'prompt' must be a string")
+        if not _is_unicode(obj["prompt"]):
+            raise InputError(f"{where}: 'prompt' holds an unpaired surrogate (\\ud800-\\udfff alone)")
         if tokenizer is None:
             raise InputError(f"{where}: 'prompt' is text but the model has no tokenizer.json "
                              "(or the tokenizers package is missing); give 'prompt_ids'")
@@ -101,6 +116,15 @@ def _prompt_ids(obj: dict, where: str, tokenizer, vocab_size: int) -> list[int]:
             raise InputError(f"{where}: 'prompt_ids' must be a list of integers")
     check_token_ids(ids, vocab_size, where)
     return ids
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings that JSON's escapes made but UTF-8 cannot hold (unpaired surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _max_new(obj: dict, where: str, default: int) -> int:
@@ -119,44 +143,9 @@ def check_context(records: list[Record], max_seq_len: int) -> None:
             )
 
 
-# ---------------------------------------------------------------------- durable output
-
-
-class ResultFile:
-    """An append-only JSONL output: finished ids on open, one fsynced line per record."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.done: set = set()
-        if self.path.exists():
-            self._recover()
-        self.file = None
-
-    def _recover(self) -> None:
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]  # a crash can leave one torn line at the end
-        for n, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), start=1):
-            try:
-                self.done.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(f"{self.path}:{n}: not a result record; refusing to append to this file") from None
-        if len(complete) < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(len(complete))
-
-    def write(self, obj: dict) -> None:
-        if self.file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a", encoding="utf-8")
-        self.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.done.add(obj["id"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+def prompt_lengths(records: list[Record]) -> dict:
+    """{id: prompt tokens}: what the output file's records are checked against."""
+    return {r.id: len(r.prompt_ids) for r in records}
 
 
 # ---------------------------------------------------------------------- planning for throughput
@@ -304,8 +293,5 @@ def run_batch(model, records: list[Record], results: ResultFile | None, batch_si
 def _write(results: ResultFile | None, record: Record, tokens: list[int], reason: str, tokenizer) -> None:
     if results is None:
         return
-    out = {"id": record.id, "output_ids": tokens, "prompt_tokens": len(record.prompt_ids),
-           "output_tokens": len(tokens), "finish_reason": reason}
-    if tokenizer is not None:
-        out["text"] = tokenizer.decode(tokens)
-    results.write(out)
+    text = tokenizer.decode(tokens) if tokenizer is not None else None
+    results.write_record(record.id, len(record.prompt_ids), tokens, reason, text)

@@ -13,6 +13,7 @@ Any bad input prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .api import load_model
-from .batch import ResultFile, check_context, choose_batch_size, forecast_job, read_records, run_batch
+from .batch import check_context, choose_batch_size, forecast_job, prompt_lengths, read_records, run_batch
 from .chat import stop_token_ids
 from .distributed import TensorParallel, init_tensor_parallel
 from .errors import InputError, OffloadError, OffloadWarning, PlanError
@@ -32,6 +33,7 @@ from .memory.planner import format_plans
 from .model import GenerationResult
 from .models.config import load_config
 from .options import LoadOptions
+from .results import ResultFile, finished_ids
 from .sampling import Sampling
 from .scheduler.engine import Engine, Request, Row, Stats
 from .synthetic import DEMO_SHAPE, demo_checkpoint
@@ -129,19 +131,21 @@ def run_main(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int
 
 
 def _main(args) -> int:
+    options, sampling = load_options(args), _sampling(args)  # every flag is checked before anything runs
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if args.output and not args.prompts:
+        raise InputError("--output goes with --prompts (a batch job)")
     tp = init_tensor_parallel(args.tp)  # under torchrun, before anything that ranks must agree on
     say = print if tp.rank == 0 else (lambda *a, **k: None)
     demo = args.model is None
-    model_path = demo_checkpoint(quiet=args.quiet or tp.rank != 0) if demo else Path(args.model)
+    model_path = demo_checkpoint(quiet=args.quiet or tp.rank != 0) if demo else _model_dir(args.model)
     config = load_config(model_path)
     tokenizer = Tokenizer.from_dir(model_path)
-    options = load_options(args)
     if args.chat and args.prompt is None:
         raise InputError("--chat goes with --prompt (batch records carry 'messages' for a chat)")
     if args.prompts:
-        return _run_job(args, model_path, config, tokenizer, options, tp, say)
-    if args.output:
-        raise InputError("--output goes with --prompts (a batch job)")
+        return _run_job(args, model_path, config, tokenizer, options, sampling, tp, say)
 
     prompt = None
     if not (args.plan and args.prompt is None and args.prompt_ids is None):  # --plan needs no prompt
@@ -151,6 +155,7 @@ def _main(args) -> int:
         if needed > options.max_seq_len:
             raise InputError(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} "
                              f"exceeds --max-seq-len {options.max_seq_len}")
+    _warn_context(config, options.max_seq_len, tp)
     if demo and args.gpu_memory is None:
         options = demo_budget(model_path, options, say)
     if args.plan:
@@ -167,7 +172,7 @@ def _main(args) -> int:
         say(f"prompt: {tokenizer.decode(prompt)!r} ({len(prompt)} tokens)")
     eos = () if args.ignore_eos else stop_token_ids(model_path, config.eos_token_ids)
     show = (lambda text: print(text, end="", flush=True)) if tp.rank == 0 else (lambda text: None)
-    row, stats = generate_showing(model, Request(tuple(prompt), args.max_new_tokens, _sampling(args), eos),
+    row, stats = generate_showing(model, Request(tuple(prompt), args.max_new_tokens, sampling, eos),
                                   tokenizer or IdText(), show)
     result = GenerationResult([row.tokens], [row.finish_reason], stats.prompt_tokens, stats.prefill_seconds,
                               stats.decode_tokens, stats.decode_steps, stats.decode_seconds)
@@ -198,13 +203,23 @@ def generate_showing(model, request: Request, tokenizer, show) -> tuple[Row, Sta
     return finished, engine.stats
 
 
-def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, tp: TensorParallel, say) -> int:
-    """A batch job: check the whole prompt file, size the KV cache for it, run what is not done yet."""
+def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, sampling: Sampling,
+             tp: TensorParallel, say) -> int:
+    """A batch job: check the whole prompt file and the output, size the KV cache, run what is not done yet."""
     if not args.output:
         raise InputError("--prompts needs --output")
-    records, done, results = _read_job(args, tokenizer, config.vocab_size, tp)
-    seq = options.max_seq_len or max(len(r.prompt_ids) + r.max_new_tokens for r in records)
-    check_context(records, seq)
+    records, done, results = _read_job(args, tokenizer, config.vocab_size, options, tp)
+    try:
+        return _run_records(args, model_path, config, tokenizer, options, sampling, tp, say, records, done, results)
+    finally:
+        if results is not None:
+            results.close()  # releases the output's lock
+
+
+def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions, sampling: Sampling,
+                 tp: TensorParallel, say, records, done, results) -> int:
+    seq = _job_context(records, options)
+    _warn_context(config, seq, tp)
     # A job's steps hold at least 2048 tokens, so that rows joining the batch read their prompts in few
     # steps (each step streams every weight once).
     options = options.replace(max_seq_len=seq, max_step_tokens=options.max_step_tokens or max(2048, seq))
@@ -220,23 +235,29 @@ def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, tp
         return 0
     model = load_model(model_path, options, progress=not args.quiet)
     eos = () if args.ignore_eos else stop_token_ids(model_path, config.eos_token_ids)
-    summary = run_batch(model, records, results, options.max_batch, _sampling(args), eos, tokenizer,
+    summary = run_batch(model, records, results, options.max_batch, sampling, eos, tokenizer,
                         schedule=args.schedule, progress=tp.rank == 0 and not args.quiet)
-    if results is not None:
-        results.close()
     say(f"done: {summary}")
     model.close()
     return 0
 
 
-def _read_job(args, tokenizer, vocab_size: int, tp: TensorParallel):
-    """Rank 0 reads and checks the prompt file and the finished ids; every rank gets the same (or the error)."""
+def _read_job(args, tokenizer, vocab_size: int, options: LoadOptions, tp: TensorParallel):
+    """Rank 0 checks the prompt file, then the output file (which it locks, unless only planning);
+    every rank gets the records and the finished ids (or the error)."""
     outcome, results = None, None
     if tp.rank == 0:
         try:
             records = read_records(args.prompts, tokenizer, args.max_new_tokens, vocab_size)
-            results = ResultFile(args.output)
-            outcome = ("ok", records, results.done)
+            check_context(records, _job_context(records, options))
+            if _same_file(args.prompts, args.output):
+                raise InputError(f"--output {args.output!r} is the prompt file; give another file")
+            if args.plan:
+                done = finished_ids(args.output, prompt_lengths(records))
+            else:
+                results = ResultFile(args.output, prompt_lengths(records))
+                done = results.done
+            outcome = ("ok", records, done)
         except OffloadError as e:
             outcome = ("error", str(e))
     outcome = tp.broadcast_object(outcome)
@@ -244,6 +265,32 @@ def _read_job(args, tokenizer, vocab_size: int, tp: TensorParallel):
         raise InputError(outcome[1])
     _, records, done = outcome
     return records, set(done), results
+
+
+def _job_context(records, options: LoadOptions) -> int:
+    """The KV cache length of a job: --max-seq-len, or what its longest record needs."""
+    return options.max_seq_len or max(len(r.prompt_ids) + r.max_new_tokens for r in records)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # the output does not exist yet
+        return False
+
+
+def _model_dir(model: str) -> Path:
+    path = Path(model)
+    if path.is_file():
+        raise InputError(f"--model {model!r} is a file; give the checkpoint directory (config.json + safetensors)")
+    return path
+
+
+def _warn_context(config, max_seq_len: int | None, tp: TensorParallel) -> None:
+    """One line on stderr when the KV cache reaches past the positions the model was trained on."""
+    message = config.context_warning(max_seq_len)
+    if message and tp.rank == 0:
+        print(f"run_offloaded: warning: {message}", file=sys.stderr)
 
 
 def load_options(args, max_batch: int = 1) -> LoadOptions:
@@ -265,7 +312,7 @@ def _sampling(args) -> Sampling:
 
 
 def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
-    if args.prompt_ids:
+    if args.prompt_ids is not None:
         try:
             return [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:

@@ -71,12 +71,7 @@ def init_tensor_parallel(tp: int) -> TensorParallel:
     if tp == 1 and not dist.is_initialized():
         return TensorParallel()
     if not dist.is_initialized():
-        missing = [v for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-        if missing:
-            raise OffloadError(
-                f"tp={tp} needs one process per rank: launch with "
-                f"'torchrun --nproc-per-node {tp} ...' ({', '.join(missing)} not set)"
-            )
+        _check_launch_environment(tp)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
@@ -85,3 +80,28 @@ def init_tensor_parallel(tp: int) -> TensorParallel:
     if world != tp:
         raise OffloadError(f"tp={tp} but the process group has {world} processes; they must be equal")
     return TensorParallel(rank=dist.get_rank(), size=world, group=dist.group.WORLD)
+
+
+def _check_launch_environment(tp: int) -> None:
+    """The variables torchrun sets, present and sensible: a half-set environment fails here, not in a hang."""
+    env = os.environ
+    missing = [v for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if v not in env]
+    if missing:
+        raise OffloadError(f"tp={tp} needs one process per rank: launch with "
+                           f"'torchrun --nproc-per-node {tp} ...' ({', '.join(missing)} not set)")
+    numbers = {}
+    for name in ("WORLD_SIZE", "RANK", "MASTER_PORT", "LOCAL_RANK"):
+        if name in env:
+            try:
+                numbers[name] = int(env[name])
+            except ValueError:
+                raise OffloadError(f"{name}={env[name]!r} is not an integer; launch with torchrun") from None
+    if not 0 <= numbers["RANK"] < numbers["WORLD_SIZE"]:
+        raise OffloadError(f"RANK={numbers['RANK']} is outside WORLD_SIZE={numbers['WORLD_SIZE']}; "
+                           "launch with torchrun")
+    if numbers["WORLD_SIZE"] != tp:
+        raise OffloadError(f"tp={tp} but WORLD_SIZE={numbers['WORLD_SIZE']}; they must be equal")
+    if not 0 < numbers["MASTER_PORT"] < 65536:
+        raise OffloadError(f"MASTER_PORT={numbers['MASTER_PORT']} is not a port number")
+    if numbers.get("LOCAL_RANK", 0) < 0:
+        raise OffloadError(f"LOCAL_RANK={numbers['LOCAL_RANK']} is negative")

@@ -7,9 +7,21 @@ ids of any length) and give back what ``transformers`` returns.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import InputError
+
+
+def is_real(value) -> bool:
+    """A finite number, not a bool (an integer too large for a float is not one)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def check_token_ids(ids, vocab_size: int, where: str) -> list[int]:
@@ -22,6 +34,43 @@ def check_token_ids(ids, vocab_size: int, where: str) -> list[int]:
     if bad:
         raise InputError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     return [int(t) for t in ids]
+
+
+def step_rows(new_tokens, cached) -> tuple[list[list[int]], list[int]]:
+    """``OffloadedModel.step``'s arguments as lists: one list of new token ids and one cached count per row."""
+    if not _is_list(new_tokens) or not all(_is_list(row) for row in new_tokens):
+        raise InputError("new_tokens must be a list with one list of token ids per KV cache row")
+    if not _is_list(cached):
+        raise InputError(f"cached must be a list with one count of tokens per row, got {cached!r}")
+    return [list(row) for row in new_tokens], list(cached)
+
+
+def new_token_limits(max_new_tokens, rows: int) -> list[int]:
+    """``generate``'s ``max_new_tokens`` (one limit, or one per row) as a list of positive integers."""
+    limits = list(max_new_tokens) if _is_list(max_new_tokens) else [max_new_tokens] * rows
+    if len(limits) != rows:
+        raise InputError(f"{len(limits)} max_new_tokens values for {rows} prompts")
+    for n in limits:
+        if not _is_int(n) or n < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {n!r}")
+    return limits
+
+
+def stop_ids(eos_token_id, default: tuple[int, ...]) -> tuple[int, ...]:
+    """``generate``'s ``eos_token_id`` (an id, a list of ids, or None for ``default``) as a tuple."""
+    if eos_token_id is None:
+        return default
+    ids = list(eos_token_id) if _is_list(eos_token_id) else [eos_token_id]
+    if not all(_is_int(i) and i >= 0 for i in ids):
+        raise InputError(f"eos_token_id must be a token id or a list of them, got {eos_token_id!r}")
+    return tuple(ids)
+
+
+def check_flags(**flags) -> None:
+    """Flags are True or False: a string such as "no" would otherwise count as true."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be True or False, got {value!r}")
 
 
 def as_batch(x, what: str = "input_ids") -> torch.Tensor:
@@ -69,6 +118,14 @@ def as_sequences(input_ids, prompts: list[list[int]], new_tokens: list[list[int]
 
 def is_ragged(input_ids) -> bool:
     return isinstance(input_ids, (list, tuple)) and bool(input_ids) and isinstance(input_ids[0], (list, tuple))
+
+
+def _is_list(x) -> bool:
+    return isinstance(x, (list, tuple))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _as_int(t) -> int:

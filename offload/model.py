@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
-from .inputs import as_batch, as_sequences, check_token_ids, prompts_from
+from .inputs import (as_batch, as_sequences, check_flags, check_token_ids, new_token_limits, prompts_from,
+                     step_rows, stop_ids)
 from .loading import Setup, uses_cuda_graphs
 from .memory.planner import HOST
 from .memory.pool import WeightPool
@@ -129,6 +130,7 @@ class OffloadedModel:
         most ``max_step_tokens``. Generation and batch jobs are built on this, through the
         row engine.
         """
+        new_tokens, cached = step_rows(new_tokens, cached)
         if len(new_tokens) != len(cached):
             raise InputError(f"{len(new_tokens)} rows of new tokens but {len(cached)} cached lengths")
         if len(new_tokens) > self.max_batch:
@@ -201,13 +203,9 @@ class OffloadedModel:
         if len(prompts) > self.max_batch:
             raise InputError(f"{len(prompts)} prompts but the KV cache holds max_batch={self.max_batch} rows; "
                              f"load the model with max_batch={len(prompts)} or more")
-        limits = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
-        if len(limits) != len(prompts):
-            raise InputError(f"{len(limits)} max_new_tokens values for {len(prompts)} prompts")
-        if eos_token_id is None:
-            eos = self.config.eos_token_ids
-        else:
-            eos = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,)
+        check_flags(ignore_eos=ignore_eos, return_result=return_result)
+        limits = new_token_limits(max_new_tokens, len(prompts))
+        eos = stop_ids(eos_token_id, self.config.eos_token_ids)
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         requests = [Request(tuple(p), n, sampling.with_seed_offset(b), () if ignore_eos else eos, key=b)
                     for b, (p, n) in enumerate(zip(prompts, limits))]

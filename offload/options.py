@@ -12,7 +12,6 @@ Also here: the one place that reads dtype names, and the cache folder.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .inputs import is_real
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -96,7 +96,7 @@ class LoadOptions:
             if not isinstance(self.link_bandwidth, Mapping):
                 raise InputError(f"link_bandwidth must be a dict of bytes/s per link, got {self.link_bandwidth!r}")
             for link, bw in self.link_bandwidth.items():
-                if not isinstance(bw, (int, float)) or isinstance(bw, bool) or not math.isfinite(bw) or bw <= 0:
+                if not is_real(bw) or bw <= 0:
                     raise InputError(f"link_bandwidth[{link!r}] must be a positive number of bytes/s, got {bw!r}")
 
     def replace(self, **changes) -> "LoadOptions":
@@ -104,6 +104,11 @@ class LoadOptions:
         return dataclasses.replace(self, **changes)
 
 
+MAX_COUNT = 2**31 - 1  # rows, tokens and ranks are indexed with 32-bit integers
+
+
 def _count(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if value > MAX_COUNT:
+        raise InputError(f"{name} must be at most {MAX_COUNT}, got {value}")

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+from .inputs import is_real
+
+
+def _as_float32(value: float) -> float:
+    return float(torch.tensor(float(value), dtype=torch.float32))
 
 
 @dataclass(frozen=True)
@@ -29,14 +34,15 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
         if not isinstance(self.do_sample, bool):
             raise InputError(f"do_sample must be True or False, got {self.do_sample!r}")
-        if not real(self.temperature) or self.temperature < 0:
+        if not is_real(self.temperature) or self.temperature < 0:
             raise InputError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.temperature and not 0 < _as_float32(self.temperature) < math.inf:  # logits are divided in float32
+            raise InputError(f"temperature {self.temperature!r} is beyond float32's range; use 0 for greedy decoding")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not real(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed < 2**64):

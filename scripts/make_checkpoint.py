@@ -5,7 +5,8 @@
 
 The checkpoint has config.json, safetensors shards with model.safetensors.index.json
 (one model.safetensors when small), and a small tokenizer.json when the optional
-``tokenizers`` package is installed. Shapes: see --help.
+``tokenizers`` package is installed. Shapes: see --help. Any bad input prints one
+line on stderr and exits with status 2.
 """
 
 import argparse
@@ -14,29 +15,60 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offload import OffloadError, parse_size  # noqa: E402
+import torch  # noqa: E402
+
+from offload import InputError, OffloadError, parse_size  # noqa: E402
 from offload.options import parse_dtype  # noqa: E402
 from offload.synthetic import write_checkpoint  # noqa: E402
 from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2, like every other bad input
+        raise InputError(message)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", required=True, help=f"one of: {', '.join(SHAPES)}")
     parser.add_argument("--out", required=True, help="directory to write (created if missing)")
     parser.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", default="2GiB", help="largest shard file (default 2GiB)")
     parser.add_argument("--device", default=None, help="where random numbers are made (default: cuda if present)")
-    args = parser.parse_args(argv)
     try:
-        out = write_checkpoint(shape_config(args.shape), args.out, parse_dtype(args.dtype), seed=args.seed,
-                               shard_bytes=parse_size(args.shard_size, "--shard-size"), device=args.device)
+        args = parser.parse_args(argv)
+        out = write_checkpoint(shape_config(args.shape), _out_dir(args.out), parse_dtype(args.dtype), seed=args.seed,
+                               shard_bytes=parse_size(args.shard_size, "--shard-size"), device=_device(args.device))
     except OffloadError as e:
-        print(f"make_checkpoint: {e}", file=sys.stderr)
+        print(f"make_checkpoint: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder that cannot be made or written, a full disk
+        print(f"make_checkpoint: error: cannot write {e.filename or args.out!r} ({e.strerror})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     print(out)
     return 0
+
+
+def _out_dir(out: str) -> Path:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {out!r} exists and is not a directory")
+    return path
+
+
+def _device(device: str | None) -> str | None:
+    try:
+        kind = device and torch.device(device).type
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
+    if kind not in (None, "cpu", "cuda"):
+        raise InputError(f"device {device} is not supported; use cpu or cuda[:N]")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device} was asked for, but CUDA is not available")
+    return device
 
 
 if __name__ == "__main__":

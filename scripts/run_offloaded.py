@@ -10,7 +10,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offload.cli import main  # noqa: E402
+
+def run() -> int:
+    try:
+        from offload.cli import main  # importing torch takes seconds: Ctrl-C often lands here
+    except KeyboardInterrupt:
+        return 130
+    return main()
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

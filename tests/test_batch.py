@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,27 +13,29 @@ import pytest
 import torch
 
 import offload
-from offload.batch import ResultFile, read_records, run_batch
+from offload.batch import ResultFile, prompt_lengths, read_records, run_batch
 from offload.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_prompts(path: Path, n: int, seed: int = 0) -> list[dict]:
+def write_prompts(path: Path, n: int, seed: int = 0, name=lambda i: f"p{i}") -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     records = []
     for i in range(n):
         length = int(torch.randint(1, 40, (1,), generator=gen))
-        record = {"id": f"p{i}", "prompt_ids": torch.randint(0, 1024, (length,), generator=gen).tolist()}
+        record = {"id": name(i), "prompt_ids": torch.randint(0, 1024, (length,), generator=gen).tolist()}
         if i % 4 == 0:
             record["max_new_tokens"] = int(torch.randint(1, 12, (1,), generator=gen))
         records.append(record)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return records
 
 
 def read_output(path: Path) -> dict:
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    lines = [json.loads(line) for line in text.split("\n")[:-1]]  # JSON strings may hold U+2028 and U+0085
     ids = [r["id"] for r in lines]
     assert len(ids) == len(set(ids)), "an id was written twice"
     return {r["id"]: r for r in lines}
@@ -70,6 +73,7 @@ def test_text_prompts_need_a_tokenizer(tiny, tmp_path):
         read_records(prompts, None, 8, 1024)
 
 
+@pytest.mark.slow
 def test_batch_greedy_outputs_equal_single_prompt_runs(tiny, tmp_path):
     write_prompts(tmp_path / "in.jsonl", 12)
     records = read_records(tmp_path / "in.jsonl", None, 6, 1024)
@@ -78,7 +82,7 @@ def test_batch_greedy_outputs_equal_single_prompt_runs(tiny, tmp_path):
     model = offload.load_model(tiny, **kw, progress=False, cpu_memory="1GiB",
                                gpu_memory=needs.fixed_bytes + 5 * needs.block_bytes)  # 3 layers + 2 slots
     assert "host" in model.plan.placement
-    results = ResultFile(tmp_path / "out.jsonl")
+    results = ResultFile(tmp_path / "out.jsonl", prompt_lengths(records))
     summary = run_batch(model, records, results, batch_size=5, eos_ids=(2,), progress=False)
     results.close()
     assert summary.records == 12 and summary.generated_tokens > 0
@@ -89,6 +93,7 @@ def test_batch_greedy_outputs_equal_single_prompt_runs(tiny, tmp_path):
         assert got[r.id]["finish_reason"] == single.finish_reasons[0]
 
 
+@pytest.mark.slow
 def test_fifo_and_dynamic_schedules_agree(tiny, tmp_path):
     write_prompts(tmp_path / "in.jsonl", 10, seed=1)
     outs = {}
@@ -100,6 +105,7 @@ def test_fifo_and_dynamic_schedules_agree(tiny, tmp_path):
     assert outs["dynamic"] == outs["fifo"]
 
 
+@pytest.mark.slow
 def test_torn_last_line_is_cut_and_redone(tiny, tmp_path):
     write_prompts(tmp_path / "in.jsonl", 6, seed=2)
     args = ["--model", str(tiny), "--prompts", str(tmp_path / "in.jsonl"), "--max-new-tokens", "4", "--quiet"]
@@ -111,23 +117,46 @@ def test_torn_last_line_is_cut_and_redone(tiny, tmp_path):
     assert read_output(tmp_path / "part.jsonl") == read_output(tmp_path / "full.jsonl")
 
 
+def odd_name(i: int):
+    """Ids holding characters that str.splitlines() takes for line ends; some integer ids among them."""
+    return [f"p{i}\u2028", f"\u0085p{i}", i, f"p\u2029{i}"][i % 4]
+
+
+@pytest.fixture(scope="module")
+def odd_text_model(tiny, tmp_path_factory) -> Path:
+    """The tiny model with a tokenizer whose every token holds U+2028 or U+0085, so every generated text does."""
+    tokenizers = pytest.importorskip("tokenizers")
+    directory = tmp_path_factory.mktemp("odd-text")
+    for f in tiny.iterdir():
+        if f.name != "tokenizer.json":
+            shutil.copy(f, directory / f.name)
+    vocab = {(f"<{i}\u2028>" if i % 2 else f"<\u0085{i}>"): i for i in range(1024)}
+    tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<\u00850>")).save(
+        str(directory / "tokenizer.json"))
+    return directory
+
+
 @pytest.mark.slow
-def test_sigkill_then_rerun_leaves_every_id_once_with_uninterrupted_outputs(tiny, tmp_path):
-    write_prompts(tmp_path / "in.jsonl", 400, seed=3)
+def test_sigkill_then_rerun_leaves_every_id_once_with_uninterrupted_outputs(odd_text_model, tmp_path):
+    write_prompts(tmp_path / "in.jsonl", 400, seed=3, name=odd_name)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "scripts" / "run_offloaded.py"), "--model", str(tiny), "--prompts",
+    cmd = [sys.executable, str(ROOT / "scripts" / "run_offloaded.py"), "--model", str(odd_text_model), "--prompts",
            str(tmp_path / "in.jsonl"), "--max-new-tokens", "12", "--batch-size", "4", "--quiet",
            "--gpu-memory", "20MiB", "--cpu-memory", "1GiB"]
     assert subprocess.run([*cmd, "--output", str(tmp_path / "full.jsonl")], env=env).returncode == 0
+    full = read_output(tmp_path / "full.jsonl")
+    texts = "".join(r["text"] for r in full.values())
+    assert "\u2028" in texts and "\u0085" in texts  # what the rerun has to read back
 
     out = tmp_path / "killed.jsonl"
     job = subprocess.Popen([*cmd, "--output", str(out)], env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 40):
+    while time.time() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 40):
         time.sleep(0.01)
     job.send_signal(signal.SIGKILL)
     job.wait()
-    written = out.read_text().count("\n")
+    written = out.read_bytes().count(b"\n")
     assert 0 < written < 400, "the kill did not land mid-run"
     assert subprocess.run([*cmd, "--output", str(out)], env=env).returncode == 0
-    assert read_output(out) == read_output(tmp_path / "full.jsonl")
+    assert read_output(out) == full
+    assert set(full) == {odd_name(i) for i in range(400)}

@@ -244,3 +244,43 @@ def test_peer_tier_equals_resident_bitwise():
     assert torch.equal(tokens, want[1])
     assert all(torch.equal(a, b) for a, b in zip(steps, want[2]))
     model.close()
+
+
+def _tp_rank(rank, world, port, compile, out):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    try:
+        traces = {}
+        for graphs in (False, True):
+            model = load(SHORT_7B, tp=world, dtype=torch.bfloat16, max_batch=4, max_seq_len=256, cuda_graphs=graphs,
+                         compile=compile)
+            traces[graphs] = [t.cpu() for t in trace(model, prompts_7b())]
+            model.close()
+            del model
+            free_gpu()
+        out[rank] = traces
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@cuda
+@two_gpus
+def test_tensor_parallel_graph_decode_equals_eager_bitwise():
+    """TP=2 over NCCL: the all-reduces and the all-gather are captured inside the decode graphs."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_tp_rank, args=(2, port, False, out), nprocs=2)
+        traces = [out[r] for r in range(2)]
+    for rank in range(2):
+        for step, (a, b) in enumerate(zip(traces[rank][False], traces[rank][True])):
+            assert torch.equal(a, b), f"rank {rank}, step {step}"
+    assert all(torch.equal(a, b) for a, b in zip(traces[0][True], traces[1][True]))  # ranks agree

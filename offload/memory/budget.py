@@ -8,8 +8,10 @@ entry is its budget, other GPUs are peers and ``"cpu"`` is pinned host memory.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import psutil
 import torch
@@ -24,6 +26,8 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
+MAX_SIZE = 2**64  # 16 EiB: more than any machine has, and beyond what byte counts are kept in
+
 # Left free when a budget is not given: the CUDA context, the allocator's slack, other programs.
 GPU_HEADROOM = 2 * 2**30
 HOST_HEADROOM_FRACTION = 0.2
@@ -31,19 +35,24 @@ HOST_HEADROOM_FRACTION = 0.2
 
 def parse_size(value: str | int | float, what: str = "size") -> int:
     """Bytes in ``value``: ``"20GiB"`` (binary), ``"500MB"`` (decimal), ``"0"``, or an integer."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
         raise BudgetError(f"{what}: expected a size such as '20GiB', got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise BudgetError(f"{what}: a size cannot be negative ({value})")
-        return int(value)
-    match = _SIZE.match(str(value))
-    unit = match and match.group(2).lower()
-    if not match or unit not in _UNITS:
-        raise BudgetError(
-            f"{what}: cannot parse {value!r} as a size; write e.g. '20GiB', '500MB', '0' or a number of bytes"
-        )
-    return int(float(match.group(1)) * _UNITS[unit])
+        number = value
+    else:
+        match = _SIZE.match(str(value))
+        unit = match and match.group(2).lower()
+        if not match or unit not in _UNITS:
+            raise BudgetError(
+                f"{what}: cannot parse {value!r} as a size; write e.g. '20GiB', '500MB', '0' or a number of bytes"
+            )
+        number = Decimal(match.group(1)) * _UNITS[unit]  # exact, however many digits
+    if number < 0:
+        raise BudgetError(f"{what}: a size cannot be negative ({value})")
+    if number >= MAX_SIZE:
+        shown = value if len(str(value)) <= 24 else f"{str(value)[:20]}... ({len(str(value))} characters)"
+        raise BudgetError(f"{what}: {shown} is more bytes than any machine has")
+    return int(number)
 
 
 def format_size(n: float) -> str:
@@ -117,14 +126,25 @@ def parse_peer_flag(text: str) -> tuple[str, int]:
     return _device_name(name.strip()), parse_size(size, f"peer memory of {name.strip()}")
 
 
-def _peer_items(peer_memory):
+def _peer_items(peer_memory) -> list:
+    """(device, size) pairs from a dict, one "DEVICE=SIZE" string, or a list of such strings or pairs."""
     if not peer_memory:
         return []
     if isinstance(peer_memory, dict):
         return list(peer_memory.items())
     if isinstance(peer_memory, str):
         return [parse_peer_flag(peer_memory)]
-    return [parse_peer_flag(p) if isinstance(p, str) else p for p in peer_memory]
+    if isinstance(peer_memory, (list, tuple)):
+        return [_peer_item(p) for p in peer_memory]
+    raise BudgetError(f"peer memory: expected {{'cuda:1': '40GiB'}} or ['cuda:1=40GiB'], got {peer_memory!r}")
+
+
+def _peer_item(item) -> tuple:
+    if isinstance(item, str):
+        return parse_peer_flag(item)
+    if isinstance(item, (list, tuple)) and len(item) == 2:
+        return tuple(item)
+    raise BudgetError(f"peer memory: expected 'cuda:1=40GiB' or ('cuda:1', size), got {item!r}")
 
 
 def _device_name(key) -> str:

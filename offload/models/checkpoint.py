@@ -9,11 +9,18 @@ so loading never holds more than one tensor's piece outside its final place.
 ``CheckpointSource`` reads single-file and sharded (``model.safetensors.index.json``)
 checkpoints; ``offload.synthetic.RandomSource`` is the same interface over seeded
 random numbers.
+
+Before a byte is read, ``validate`` checks that every tensor the model needs is there
+with its shape and a floating-point dtype, and that the checkpoint has no layers beyond
+the config's ``num_hidden_layers``. While reading, each tensor is checked for NaN and
+infinity where it lands (after the cast to the model's dtype, which can overflow), so
+the check costs one pass over memory that the copy has just touched.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -22,12 +29,19 @@ from safetensors import SafetensorError, safe_open
 from ..errors import CheckpointError
 from .layout import TensorSpec
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes weights may have
+LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
+FINITE_CHECK_ELEMENTS = 1 << 24  # the bool temporary of the NaN/Inf check stays this small
+
 
 class CheckpointSource:
     """Tensors of a safetensors checkpoint directory, read piece by piece."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_file():
+            raise CheckpointError(f"checkpoint {str(self.path)!r} is a file; give its directory "
+                                  "(config.json + safetensors)")
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory {str(self.path)!r} does not exist")
         self._handles: dict[Path, object] = {}
@@ -53,6 +67,8 @@ class CheckpointSource:
     def _open(self, file: Path):
         handle = self._handles.get(file)
         if handle is None:
+            if not file.is_file():  # a folder, or a pipe that opening would wait on forever
+                raise CheckpointError(f"{file}: not a regular file")
             try:
                 handle = safe_open(str(file), framework="pt")
             except (SafetensorError, OSError) as e:
@@ -61,20 +77,32 @@ class CheckpointSource:
         return handle
 
     def validate(self, specs: list[tuple[TensorSpec, str]]) -> None:
-        """Check that every tensor exists with its expected shape before any bytes are read."""
+        """Check every tensor's presence, shape and dtype, and the number of layers, before any bytes are read."""
         for spec, name in specs:
             file = self._file_of.get(name)
             if file is None:
                 raise CheckpointError(f"checkpoint {str(self.path)!r} has no tensor {name!r}")
-            handle = self._open(file)
             try:
-                shape = tuple(handle.get_slice(name).get_shape())
+                tensor = self._open(file).get_slice(name)
+                shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
             except SafetensorError:
                 raise CheckpointError(f"{file.name}: tensor {name!r} is missing") from None
             if shape != spec.full_shape:
                 raise CheckpointError(
                     f"{file.name}: tensor {name!r} has shape {list(shape)}, expected {list(spec.full_shape)}"
                 )
+            if dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {dtype}; weights must be "
+                                      f"floating point ({', '.join(FLOAT_DTYPES)})")
+        self._check_layer_count(specs)
+
+    def _check_layer_count(self, specs: list[tuple[TensorSpec, str]]) -> None:
+        """A config that claims fewer layers than the checkpoint holds would run a different, truncated model."""
+        expected = {int(m.group(1)) for _, name in specs if (m := LAYER_TENSOR.match(name))}
+        found = {int(m.group(1)) for name in self._file_of if (m := LAYER_TENSOR.match(name))}
+        if found - expected:
+            raise CheckpointError(f"checkpoint {str(self.path)!r} has layers up to {max(found)}, but config.json's "
+                                  f"num_hidden_layers is {len(expected)}")
 
     def read(self, spec: TensorSpec, name: str, out: torch.Tensor) -> None:
         file = self._file_of[name]
@@ -83,6 +111,9 @@ class CheckpointSource:
         except SafetensorError as e:
             raise CheckpointError(f"{file.name}: cannot read tensor {name!r} ({e})") from None
         _copy_piece(out, piece)
+        if not _all_finite(out):
+            raise CheckpointError(f"{file.name}: tensor {name!r} holds NaN or infinite values "
+                                  f"(as {str(out.dtype).removeprefix('torch.')})")
 
     def close(self) -> None:
         self._handles.clear()
@@ -104,3 +135,10 @@ def _copy_piece(out: torch.Tensor, piece: torch.Tensor) -> None:
         out[rows:].zero_()
         out = out[:rows]
     out.copy_(piece)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t``, checked on its own device in bounded pieces."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + FINITE_CHECK_ELEMENTS]).all())
+               for i in range(0, flat.numel(), FINITE_CHECK_ELEMENTS))

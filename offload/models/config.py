@@ -4,6 +4,9 @@ Two conventions exist in the wild for rotary embeddings: transformers 4.x files
 carry ``rope_theta`` and ``rope_scaling``; transformers 5.x files carry one
 ``rope_parameters`` dict holding ``rope_theta`` and the scaling fields. Both are
 read into the same :class:`ModelConfig`.
+
+Every field the model reads is checked (its type, its range, how it fits the others);
+a bad one raises a :class:`ConfigError` that names the field and its value.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..inputs import is_real
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -41,6 +45,13 @@ class ModelConfig:
     # One entry per layer: the sliding attention window, or None for full attention.
     sliding_windows: tuple[int | None, ...] = ()
     eos_token_ids: tuple[int, ...] = ()
+
+    def context_warning(self, max_seq_len: int | None) -> str | None:
+        """What to tell a user whose KV cache reaches past the positions the model was trained on."""
+        if max_seq_len is None or max_seq_len <= self.max_position_embeddings:
+            return None
+        return (f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
+                f"{self.max_position_embeddings}; output past that position may be poor")
 
     @property
     def q_dim(self) -> int:
@@ -90,88 +101,178 @@ def load_config(path: str | Path) -> ModelConfig:
 
 def config_from_dict(raw: dict, source: str = "config") -> ModelConfig:
     """Build a :class:`ModelConfig` from the fields of an HF ``config.json``."""
-    archs = raw.get("architectures") or []
-    arch = archs[0] if archs else _ARCH_BY_MODEL_TYPE.get(raw.get("model_type", ""), "")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(
-            f"{source}: unsupported architecture {arch or raw.get('model_type') or '(none given)'!r}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    try:
-        hidden = int(raw["hidden_size"])
-        n_heads = int(raw["num_attention_heads"])
-        n_layers = int(raw["num_hidden_layers"])
-        cfg = dict(
-            architecture=arch,
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
-            head_dim=int(raw.get("head_dim") or hidden // n_heads),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
-            o_bias=arch != "Qwen2ForCausalLM" and bool(raw.get("attention_bias", False)),
-        )
-    except KeyError as e:
-        raise ConfigError(f"{source}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: bad value ({e})") from None
-    if raw.get("hidden_act", "silu") != "silu":
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    f = _Fields(raw, source)
+    arch = _architecture(raw, f)
+    hidden, n_heads, n_layers = f.count("hidden_size"), f.count("num_attention_heads"), f.count("num_hidden_layers", most=MAX_LAYERS)
+    n_kv_heads = f.count("num_key_value_heads", default=n_heads)
+    if n_heads % n_kv_heads:
+        raise ConfigError(f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads "
+                          f"{n_kv_heads}")
+    if f.text("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
-    if raw.get("mlp_bias"):
+    if f.flag("mlp_bias", False):
         raise ConfigError(f"{source}: mlp_bias is not supported")
-    if n_heads % cfg["n_kv_heads"]:
-        raise ConfigError(f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads")
-    theta, scaling = _read_rope(raw, source)
-    eos = raw.get("eos_token_id")
+    attention_bias = f.flag("attention_bias", False)
+    theta, scaling = _read_rope(raw, f)
     return ModelConfig(
-        **cfg,
+        architecture=arch,
+        vocab_size=f.count("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=f.count("intermediate_size"),
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=_head_dim(hidden, n_heads, f),
+        rms_norm_eps=f.number("rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        sliding_windows=_sliding_windows(raw, arch, n_layers),
-        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
+        max_position_embeddings=f.count("max_position_embeddings", default=4096),
+        tie_word_embeddings=f.flag("tie_word_embeddings", False),
+        qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
+        o_bias=arch != "Qwen2ForCausalLM" and attention_bias,
+        sliding_windows=_sliding_windows(raw, arch, n_layers, f),
+        eos_token_ids=_eos_ids(raw, f),
     )
 
 
 _ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_REQUIRED = object()
+MAX_SIZE = 2**31 - 1  # sizes are indexed with 32-bit integers
+MAX_LAYERS = 2**16  # the runtime keeps a few objects per layer
 
 
-def _read_rope(raw: dict, source: str) -> tuple[float, dict | None]:
+class _Fields:
+    """Typed reads of a config's fields (``prefix`` names a nested object); a missing or bad field
+    raises a ConfigError naming it and its value. A field given as null takes its default."""
+
+    def __init__(self, raw: dict, source: str, prefix: str = ""):
+        self.raw, self.source, self.prefix = raw, source, prefix
+
+    def _get(self, key: str, default):
+        value = self.raw.get(key)
+        if value is not None:
+            return value
+        if default is _REQUIRED:
+            raise ConfigError(f"{self.source}: missing field {self.prefix + key!r}")
+        return default
+
+    def bad(self, key: str, value, expected: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.prefix + key} must be {expected}, got {value!r}")
+
+    def count(self, key: str, default=_REQUIRED, most: int = MAX_SIZE) -> int:
+        """A positive integer up to ``most`` (or ``default``, which may be None)."""
+        value = self._get(key, default)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise self.bad(key, value, "a positive integer")
+        if value is not None and value > most:
+            raise self.bad(key, value, f"at most {most}")
+        return value
+
+    def number(self, key: str, default=_REQUIRED) -> float:
+        """A positive finite number."""
+        value = self._get(key, default)
+        if not is_real(value) or value <= 0:
+            raise self.bad(key, value, "a positive number")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.bad(key, value, "true or false")
+        return value
+
+    def text(self, key: str, default=_REQUIRED) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise self.bad(key, value, "a string")
+        return value
+
+    def nested(self, key: str) -> "_Fields | None":
+        """The object ``key`` (None when absent or null)."""
+        value = self.raw.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.bad(key, value, "an object or null")
+        return _Fields(value, self.source, f"{self.prefix}{key}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _architecture(raw: dict, f: _Fields) -> str:
+    archs = raw.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise f.bad("architectures", archs, "a list of class names")
+    arch = archs[0] if archs else _ARCH_BY_MODEL_TYPE.get(f.text("model_type", ""), "")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"{f.source}: unsupported architecture {arch or raw.get('model_type') or '(none given)'!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def _head_dim(hidden: int, n_heads: int, f: _Fields) -> int:
+    head_dim = f.count("head_dim", default=None)
+    if head_dim is None:
+        head_dim = hidden // n_heads
+        if head_dim < 1:
+            raise ConfigError(f"{f.source}: hidden_size {hidden} is smaller than num_attention_heads {n_heads}")
+    if head_dim % 2:
+        raise ConfigError(f"{f.source}: head_dim {head_dim} is odd; rotary embeddings need an even head_dim")
+    return head_dim
+
+
+def _read_rope(raw: dict, f: _Fields) -> tuple[float, dict | None]:
     """(theta, scaling) from either config convention; scaling is None for plain RoPE."""
-    params = raw.get("rope_parameters")  # transformers 5.x
-    if params is None:
-        params = dict(raw.get("rope_scaling") or {})  # transformers 4.x
-        params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
-    if not isinstance(params, dict):
-        raise ConfigError(f"{source}: rope_parameters must be an object")
-    params = dict(params)
-    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    theta = float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    params = f.nested("rope_parameters")  # transformers 5.x
+    if params is None:  # transformers 4.x: rope_theta beside an optional rope_scaling
+        theta = f.number("rope_theta", 10000.0)
+        params = f.nested("rope_scaling") or _Fields({}, f.source, "rope_scaling.")
+    else:
+        theta = params.number("rope_theta", f.number("rope_theta", 10000.0))
+    rope_type = params.raw.get("rope_type") or params.raw.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ConfigError(f"{source}: unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        raise ConfigError(f"{f.source}: unsupported rope type {rope_type!r}; "
+                          f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":
         return theta, None
     needed = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
                                                "original_max_position_embeddings"]}[rope_type]
-    missing = [k for k in needed if k not in params]
-    if missing:
-        raise ConfigError(f"{source}: rope type {rope_type!r} needs {', '.join(missing)}")
-    return theta, {"rope_type": rope_type, **{k: float(params[k]) for k in needed}}
+    scaling = {"rope_type": rope_type, **{k: params.number(k) for k in needed}}
+    if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ConfigError(f"{f.source}: {params.prefix}high_freq_factor {scaling['high_freq_factor']} must exceed "
+                          f"low_freq_factor {scaling['low_freq_factor']}")
+    return theta, scaling
 
 
-def _sliding_windows(raw: dict, arch: str, n_layers: int) -> tuple[int | None, ...]:
-    window = raw.get("sliding_window")
+def _sliding_windows(raw: dict, arch: str, n_layers: int, f: _Fields) -> tuple[int | None, ...]:
     if arch == "MistralForCausalLM":
-        return (window,) * n_layers
-    if arch == "Qwen2ForCausalLM" and window is not None:
+        return (f.count("sliding_window", default=None),) * n_layers
+    if arch == "Qwen2ForCausalLM" and raw.get("sliding_window") is not None:
         types = raw.get("layer_types")
         if types is None:  # transformers 4.x: sliding only when enabled, from max_window_layers on
-            use = raw.get("use_sliding_window", False)
-            first = raw.get("max_window_layers", n_layers)
+            use = f.flag("use_sliding_window", False)
+            first = n_layers if raw.get("max_window_layers") is None else raw["max_window_layers"]
+            if not _is_int(first) or first < 0:
+                raise f.bad("max_window_layers", first, "an integer >= 0")
             types = ["sliding_attention" if use and i >= first else "full_attention" for i in range(n_layers)]
-        return tuple(window if t == "sliding_attention" else None for t in types)
+        kinds = ("full_attention", "sliding_attention")
+        if not isinstance(types, list) or len(types) != n_layers or not all(t in kinds for t in types):
+            raise f.bad("layer_types", types, f"a list of {n_layers} of {', '.join(kinds)}")
+        if "sliding_attention" in types:
+            window = f.count("sliding_window")
+            return tuple(window if t == "sliding_attention" else None for t in types)
     return (None,) * n_layers
+
+
+def _eos_ids(raw: dict, f: _Fields) -> tuple[int, ...]:
+    eos = raw.get("eos_token_id")
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(_is_int(i) and i >= 0 for i in ids):
+        raise f.bad("eos_token_id", eos, "a token id or a list of them")
+    return tuple(ids)

@@ -28,6 +28,7 @@ from .loading import prepare
 from .memory.budget import parse_peer_flag
 from .memory.planner import format_plans
 from .models.config import load_config
+from .models.quant import FORMATS
 from .options import LoadOptions
 from .sampling import Sampling
 from .synthetic import DEMO_SHAPE, demo_checkpoint
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most tokens per forward pass (default: --max-seq-len; batch jobs: at least 2048)")
     p.add_argument("--slots", type=int, help="streaming slots on the GPU (default 2)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
+    p.add_argument("--quantize", choices=FORMATS, help="store the layers' linear weights as int8 or int4 (default: "
+                   "the model dtype)")
+    p.add_argument("--group-size", type=int, help="int4: input columns per scale (default 128, or the largest "
+                   "smaller power of two that divides each input dimension)")
     p.add_argument("--batch-size", default="auto", help="batch job rows: a number, or auto (default)")
     p.add_argument("--schedule", choices=["dynamic", "fifo"], default="dynamic", help="batch job scheduling")
     p.add_argument("--plan", action="store_true", help="print the placement plan and exit without loading weights")
@@ -191,7 +196,8 @@ def _options(args) -> LoadOptions:
         device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
         peer_memory=dict(parse_peer_flag(p) for p in args.peer_memory or []),
         max_batch=1 if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
-        max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots,
+        max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, quantize=args.quantize,
+        group_size=args.group_size,
     )
 
 

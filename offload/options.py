@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .models.quant import check_request
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -64,6 +65,11 @@ class LoadOptions:
         slots: block-sized buffers per streaming link that its layers are copied into (default 2).
         link_bandwidth: bytes/s per link (``{"host": 55e9, "hbm": 4e12, "cuda:1": 390e9}``) instead
             of measuring them.
+        quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while
+            loading and stay compressed in every tier (``offload.models.quant``); None (default):
+            the model dtype.
+        group_size: int4's input columns per scale; default 128, or where 128 does not divide a
+            weight's input dimension the largest smaller power of two that does.
     """
 
     device: str | torch.device | None = None
@@ -77,8 +83,11 @@ class LoadOptions:
     tp: int = 1
     slots: int | None = None
     link_bandwidth: Mapping[str, float] | None = None
+    quantize: str | None = None
+    group_size: int | None = None
 
     def __post_init__(self):
+        check_request(self.quantize, self.group_size)
         _count("max_batch", self.max_batch)
         _count("tp", self.tp)
         for name in ("max_seq_len", "max_step_tokens", "slots"):

@@ -120,6 +120,7 @@ def config_from_dict(raw: dict, source: str = "config") -> ModelConfig:
         raise ConfigError(f"{source}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: bad value ({e})") from None
+    _refuse_quantized(raw, source)
     if raw.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
     if raw.get("mlp_bias"):
@@ -134,6 +135,19 @@ def config_from_dict(raw: dict, source: str = "config") -> ModelConfig:
         rope_scaling=scaling,
         sliding_windows=_sliding_windows(raw, arch, n_layers),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
+    )
+
+
+def _refuse_quantized(raw: dict, source: str) -> None:
+    """A checkpoint stored quantized (GPTQ, AWQ, bitsandbytes...) holds tensors offload does not read."""
+    spec = raw.get("quantization_config")
+    if not spec:
+        return
+    method = spec.get("quant_method") if isinstance(spec, dict) else None
+    raise ConfigError(
+        f"{source}: the checkpoint is already quantized ({method or 'quantization_config'}), a format offload "
+        "does not read; give a bfloat16, float16 or float32 checkpoint (offload quantizes it while loading: "
+        "--quantize int8|int4)"
     )
 
 

@@ -1,5 +1,5 @@
 """Shared helpers: tiny transformers models with random weights, saved as checkpoint directories,
-the ``tiny`` named shape as a checkpoint, and the ``--slow`` switch.
+the ``tiny`` named shape as a checkpoint, a small model trained to have structure, and the ``--slow`` switch.
 
 ``python -m pytest`` runs the fast tests; ``python -m pytest --slow`` runs every test (CI does).
 """
@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from offload.models.shapes import shape_config
+from offload.structured import structured_checkpoint
 from offload.synthetic import write_checkpoint
 
 
@@ -35,6 +36,15 @@ def tiny(tmp_path_factory) -> Path:
     """The ``tiny`` named shape (8 layers, GQA) as a float32 checkpoint of seeded random weights."""
     return write_checkpoint(shape_config("tiny"), tmp_path_factory.mktemp("tiny"), torch.float32, seed=7,
                             device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def structured(tmp_path_factory) -> Path:
+    """A small Llama trained for a few seconds on a Markov corpus (``offload.structured``): its next-token
+    distributions have clear favourites. It lives in ``<cache>/structured-v1``; ``OFFLOAD_CACHE_DIR=<cache>``
+    lets a subprocess find it."""
+    return structured_checkpoint(tmp_path_factory.mktemp("cache"))
+
 
 CONVENTIONS = ("4.x", "5.x")
 

@@ -160,7 +160,8 @@ def group_size_for(cols: int, full_cols: int, ranks: int, requested: int | None,
         raise InputError(f"int4 needs an even input dimension; {name} has {cols} input columns")
     if requested is not None:
         if cols % requested:
-            split = f" ({full_cols} split over {ranks} tensor-parallel ranks)" if ranks > 1 and cols != full_cols else ""
+            sharded = ranks > 1 and cols != full_cols
+            split = f" ({full_cols} split over {ranks} tensor-parallel ranks)" if sharded else ""
             raise InputError(f"group size {requested} does not divide the input dimension {cols} of {name}{split}; "
                              "choose a group size that divides every input dimension, or leave it to the default")
         return requested
@@ -297,7 +298,8 @@ def describe(shapes: dict[str, QuantizedShape], fmt: WeightFormat) -> str:
         for group, members in sorted(by_group.items(), reverse=True):
             which = "" if len(by_group) == 1 else " for " + ", ".join(name for name, _ in members)
             dims = ", ".join(str(c) for c in sorted({c for _, c in members}))
-            why = "" if fmt.group_size or group == DEFAULT_GROUP_SIZE else f" ({DEFAULT_GROUP_SIZE} does not divide {dims})"
+            chosen = fmt.group_size or group == DEFAULT_GROUP_SIZE
+            why = "" if chosen else f" ({DEFAULT_GROUP_SIZE} does not divide {dims})"
             sizes.append(f"{group}{which}{why}")
         how = "int4, group size " + "; ".join(sizes)
     return how

@@ -68,9 +68,8 @@ def prepare(model, options: LoadOptions) -> Setup:
     budget = Budget.parse(options.gpu_memory, options.cpu_memory, options.peer_memory, compute_device=device)
     offload_requested = budget.cpu_memory is not None or bool(budget.peer_memory)
     budget = _own_peers(budget, tp, device).resolved(device)
-    fmt = WeightFormat(options.quantize, options.group_size, choose_kernel(options.quantize, device)) \
-        if options.quantize else None
-    layout, globals_ = layer_layout(config, tp, dtype, fmt), global_layout(config, tp, dtype)
+    layout = layer_layout(config, tp, dtype, _weight_format(options, device))
+    globals_ = global_layout(config, tp, dtype)
     embedding = embedding_layout(config, tp, dtype)
     needs = memory_needs(config, tp, dtype, device, options, layout, globals_, embedding)
     peers = list(budget.peer_memory)
@@ -108,12 +107,19 @@ def memory_needs(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, de
         max_batch=batch,
         max_seq_len=seq,
         dequant_bytes=scratch_bytes(layout.quantized, dtype, options.max_step_tokens),
-        weight_format=_weight_format(config, tp, dtype, options, layout),
+        weight_format=_format_line(config, tp, dtype, options, layout),
     )
 
 
-def _weight_format(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, options: LoadOptions,
-                   layout: BlockLayout) -> str:
+def _weight_format(options: LoadOptions, device: torch.device) -> WeightFormat | None:
+    """The quantization the options ask for, computed the way ``choose_kernel`` picks for ``device``."""
+    if options.quantize is None:
+        return None
+    return WeightFormat(options.quantize, options.group_size, choose_kernel(options.quantize, device))
+
+
+def _format_line(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, options: LoadOptions,
+                 layout: BlockLayout) -> str:
     """How the plan names the layers' format: "" for the model dtype, else the quantization and its bytes."""
     if not layout.quantized:
         return ""
@@ -184,7 +190,6 @@ def _read_quantized(source, spec: TensorSpec, name: str, parts: dict[str, torch.
     piece = torch.empty(dense.shape, dtype=dense.dtype)
     source.read(dense, name, piece)
     quantize_into(piece, parts, spec.quant, device)
-
 
 
 def _config(model) -> ModelConfig:

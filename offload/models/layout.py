@@ -155,6 +155,7 @@ class BlockLayout:
 
 
 def local_shape(full: tuple[int, ...], shard: Shard) -> tuple[int, ...]:
+    """The shape of the piece ``shard`` of a tensor of shape ``full``."""
     if shard.dim is None:
         return tuple(full)
     return tuple(shard.stop - shard.start if d == shard.dim else n for d, n in enumerate(full))
@@ -220,10 +221,10 @@ def _quantized_entries(entries: list[tuple], fmt: WeightFormat, dtype: torch.dty
         cols = local_shape(e.full, e.shard)[1]
         scheme = scheme_for(fmt, cols, e.full[1], ranks, dtype, view)
         quantized[view] = QuantizedShape(scheme, sum(local_shape(m.full, m.shard)[0] for m in members), cols)
-        for part, _, part_dtype in part_shapes(scheme, 0, cols, dtype):
-            for m in members:
-                rows = local_shape(m.full, m.shard)[0]
-                shape = {p: s for p, s, _ in part_shapes(scheme, rows, cols, dtype)}[part]
+        parts_of = [(m, part_shapes(scheme, local_shape(m.full, m.shard)[0], cols, dtype)) for m in members]
+        for k, (part, _, _) in enumerate(parts_of[0][1]):
+            for m, parts in parts_of:
+                _, shape, part_dtype = parts[k]
                 out.append(Entry(f"{m.name}.{part}", m.full, m.source, m.shard, shape, part_dtype, part, scheme))
             if len(members) > 1:
                 groups[f"{view}.{part}"] = tuple(f"{m.name}.{part}" for m in members)

@@ -245,7 +245,7 @@ def main(argv=None) -> int:
 
     source = "held-out sequences of its Markov corpus" if args.quick else (args.text or args.token_ids)
     print(f"model: {model_path} ({'structured, trained on the CPU' if args.quick else config.architecture}), "
-          f"{len(windows)} window(s) of up to {window} tokens from {source}; "
+          f"{len(windows)} window(s) of up to {max(map(len, windows))} tokens from {source}; "
           f"KL over the first {min(args.kl_tokens, rows[0].tokens)} positions")
     for r in rows:
         print(f"  {r.format}: {r.weight_format} ({r.seconds:.1f} s)")

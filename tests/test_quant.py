@@ -521,3 +521,39 @@ def test_gpu_decode_time_per_format_against_the_link_limit():
             print(f"\n{fmt or 'bf16'}: {result.ms_per_step:.1f} ms/token, limit {limit:.1f} ms "
                   f"(ratio {limit / result.ms_per_step:.2f}); layers {model.plan.layer_map()} on "
                   f"{torch.cuda.get_device_name()}")
+
+
+# ---------------------------------------------------------------------- every architecture
+
+
+_SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.mark.parametrize("key, arch, extra", [
+    ("quant-qwen2-bias", "qwen2", {}),
+    ("quant-llama-attention-bias", "llama", {"attention_bias": True}),
+    ("quant-llama-tied", "llama", {"tie_word_embeddings": True}),
+    ("quant-mistral-window", "mistral", {"sliding_window": 8}),
+])
+def test_quantized_models_stay_close_to_transformers(checkpoint_factory, key, arch, extra):
+    """Biases (q, k, v and o), tied embeddings and windows are untouched by quantization: the logits stay
+    within quantization error of the reference (random weights are int4's worst case: every group is a
+    Gaussian), and int8 is closer than int4."""
+    hf, directory = checkpoint_factory(key, arch, "5.x", seed=31, **_SMALL, **extra)
+    config = offload.load_config(directory)
+    layout = layer_layout(config, TensorParallel(), torch.float32, WeightFormat("int4"))
+    views = layout.views(torch.zeros(layout.nbytes, dtype=torch.uint8))
+    assert (views.bqkv is not None) == config.qkv_bias and (views.bo is not None) == config.o_bias
+    ids = torch.randint(3, 256, (1, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    errors, agreement = {}, {}
+    for fmt in ("int8", "int4"):
+        with _quantized(directory, fmt) as model:
+            logits = model(ids)
+        errors[fmt] = (logits - ref).abs().max().item()
+        agreement[fmt] = F.cosine_similarity((logits - logits.mean(-1, keepdim=True)).flatten(),
+                                             (ref - ref.mean(-1, keepdim=True)).flatten(), dim=0).item()
+    assert 0 < errors["int8"] < 0.1 * ref.std().item() and errors["int8"] < errors["int4"]
+    assert agreement["int8"] > 0.999 and agreement["int4"] > 0.9

@@ -105,6 +105,7 @@ class Bench:
     batches: list[int]
     accelerate_tokens: int
     quick: bool
+    quantized: list[tuple[str, int | None]] = field(default_factory=list)  # (format, GPU budget or None: the same)
     links: dict[str, float] = field(default_factory=dict)  # bytes/s: host, pageable, hbm, and each peer
 
     @property
@@ -183,6 +184,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--skip-accelerate", action="store_true", help="leave out the accelerate run")
     p.add_argument("--runs", help="only these of our runs, comma separated (e.g. resident,peer); "
                    "each comes with its eager twin on a GPU")
+    p.add_argument("--quantize", help="also run the host tier with compressed layers: FORMAT[@BUDGET],... "
+                   "e.g. int8@8GiB,int4@4GiB (the budget defaults to --gpu-memory)")
     return p.parse_args(argv)
 
 
@@ -216,8 +219,13 @@ def bench_from_args(args) -> Bench:
     dtype = offload.parse_dtype(args.dtype, device)
     # --quick sizes its budget from the plan once the links are known (quick_budget, in main).
     gpu_memory = 0 if args.quick else offload.parse_size(setting("gpu_memory"), "--gpu-memory")
+    quantized = []
+    for item in (args.quantize or "").split(","):
+        if item.strip():
+            fmt, _, size = item.strip().partition("@")
+            quantized.append((fmt, offload.parse_size(size, "--quantize budget") if size else None))
     return Bench(model, config, label, device, dtype, gpu_memory, prompt_len, decode_tokens, batches,
-                 accelerate_tokens, args.quick)
+                 accelerate_tokens, args.quick, quantized)
 
 
 def parse_batches(text: str) -> list[int]:
@@ -290,6 +298,9 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
         runs.append(("host+peer", dict(host, peer_memory={peer: half})))
     if bench.device.type == "cuda":  # each beside its eager twin: decode steps launched one kernel at a time
         runs = [r for name, budget in runs for r in [(name, budget), (f"{name} eager", {**budget, "cuda_graphs": False})]]
+    for fmt, gpu_memory in bench.quantized:  # compressed layers: fewer bytes per streamed layer, more resident
+        runs.append((f"host {fmt}", dict(gpu_memory=gpu_memory or bench.gpu_memory, cpu_memory=everything,
+                                          quantize=fmt)))
     return runs
 
 

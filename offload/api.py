@@ -46,7 +46,8 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
             ``device``, ``dtype``, ``gpu_memory`` (a size such as ``"20GiB"``, or an
             accelerate-style ``max_memory`` dict), ``cpu_memory``, ``peer_memory``,
             ``max_batch``, ``max_seq_len``, ``max_step_tokens``, ``tp``, ``slots``,
-            ``link_bandwidth``. See :class:`LoadOptions` for each.
+            ``link_bandwidth``, ``quantize`` (``"int8"`` or ``"int4"``), ``group_size``.
+            See :class:`LoadOptions` for each.
         random_weights: a seed: fill the weights with seeded random numbers instead of reading files.
         progress: show a progress bar while loading (rank 0 only).
 

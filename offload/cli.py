@@ -32,6 +32,7 @@ from .memory.budget import parse_peer_flag
 from .memory.planner import format_plans
 from .model import GenerationResult
 from .models.config import load_config
+from .models.quant import FORMATS
 from .options import LoadOptions
 from .results import ResultFile, finished_ids
 from .sampling import Sampling
@@ -101,6 +102,10 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
     p.add_argument("--no-compile", action="store_true", help="capture the decode layer without fusing its kernels "
                    "with torch.compile (saves the compile time at start)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
+    p.add_argument("--quantize", choices=FORMATS, help="store the layers' linear weights as int8 or int4 (default: "
+                   "the model dtype)")
+    p.add_argument("--group-size", type=int, help="int4: input columns per scale (default 128, or the largest "
+                   "smaller power of two that divides each input dimension)")
 
 
 def add_quiet_flag(p: argparse.ArgumentParser) -> None:
@@ -301,7 +306,7 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
         peer_memory=dict(parse_peer_flag(p) for p in args.peer_memory or []),
         max_batch=max_batch if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=not args.no_cuda_graphs,
-        compile=not args.no_compile,
+        compile=not args.no_compile, quantize=args.quantize, group_size=args.group_size,
     )
 
 

@@ -2,14 +2,16 @@
 
 ``prepare`` decides everything before a byte of weights is read (the plan is
 made here, so ``plan_model`` stops after it); ``load_weights`` allocates each tier
-once and reads every tensor straight into its final place.
+once and reads every tensor straight into its final place (a weight to be
+quantized is read, quantized and written into its place one tensor at a time).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,14 +20,16 @@ from tqdm import tqdm
 from .distributed import TensorParallel, init_tensor_parallel
 from .errors import BudgetError, InputError, PlanError
 from .memory.bandwidth import link_bandwidths, peer_is_direct
-from .memory.budget import Budget
+from .memory.budget import Budget, format_size
 from .memory.planner import MemoryNeeds, Plan, make_plan
 from .memory.pool import WeightPool
 from .models.checkpoint import CheckpointSource
 from .models.config import ModelConfig, config_from_dict, load_config
-from .models.layout import BlockLayout, checkpoint_sources, embedding_layout, global_layout, layer_layout
+from .models.layout import (BlockLayout, TensorSpec, checkpoint_sources, embedding_layout, global_layout,
+                            layer_layout, local_shape)
 from .models.llama import KVCache, decode_graph_bytes, step_activation_bytes
 from .models.parallel import check_divisible, local_heads
+from .models.quant import WeightFormat, choose_kernel, describe, quantize_into, scratch_bytes
 from .options import LoadOptions, parse_dtype
 from .synthetic import RandomSource
 
@@ -64,7 +68,8 @@ def prepare(model, options: LoadOptions) -> Setup:
     budget = Budget.parse(options.gpu_memory, options.cpu_memory, options.peer_memory, compute_device=device)
     offload_requested = budget.cpu_memory is not None or bool(budget.peer_memory)
     budget = _own_peers(budget, tp, device).resolved(device)
-    layout, globals_ = layer_layout(config, tp, dtype), global_layout(config, tp, dtype)
+    layout = layer_layout(config, tp, dtype, _weight_format(options, device))
+    globals_ = global_layout(config, tp, dtype)
     embedding = embedding_layout(config, tp, dtype)
     needs = memory_needs(config, tp, dtype, device, options, layout, globals_, embedding)
     peers = list(budget.peer_memory)
@@ -104,6 +109,8 @@ def memory_needs(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, de
         graph_bytes=decode_graph_bytes(config, tp, dtype, batch, seq) if uses_cuda_graphs(options, device) else 0,
         flops_per_token=2 * config.n_layers * matmul_weights_per_layer(config, tp),
         flops_per_key=4 * config.n_layers * local_heads(config, tp)[0] * config.head_dim,
+        dequant_bytes=scratch_bytes(layout.quantized, dtype, options.max_step_tokens),
+        weight_format=_format_line(config, tp, dtype, options, layout),
     )
 
 
@@ -117,6 +124,24 @@ def matmul_weights_per_layer(config: ModelConfig, tp: TensorParallel) -> int:
     q_heads, kv_heads = local_heads(config, tp)
     d, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size // tp.size
     return d * (2 * q_heads + 2 * kv_heads) * hd + 3 * d * inter
+
+
+def _weight_format(options: LoadOptions, device: torch.device) -> WeightFormat | None:
+    """The quantization the options ask for, computed the way ``choose_kernel`` picks for ``device``."""
+    if options.quantize is None:
+        return None
+    return WeightFormat(options.quantize, options.group_size, choose_kernel(options.quantize, device))
+
+
+def _format_line(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, options: LoadOptions,
+                 layout: BlockLayout) -> str:
+    """How the plan names the layers' format: "" for the model dtype, else the quantization and its bytes."""
+    if not layout.quantized:
+        return ""
+    dense = layer_layout(config, tp, dtype).nbytes
+    return (f"{describe(layout.quantized, WeightFormat(options.quantize, options.group_size))}: "
+            f"{format_size(layout.nbytes)} per layer, {layout.nbytes / dense:.2f}x the {format_size(dense)} "
+            f"of {str(dtype).removeprefix('torch.')}")
 
 
 def weight_source(model, random_weights: int | None, device: torch.device):
@@ -142,9 +167,12 @@ def load_weights(setup: Setup, source, progress: bool) -> WeightPool:
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
                   file=sys.stderr) as bar:
             for buffer, layout, layer in jobs:
-                for spec, name in layout.sources(layer):
-                    view = buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
-                    source.read(spec, name, view)
+                for name, specs in _by_tensor(layout.sources(layer)):
+                    views = {spec.part: _view(buffer, spec) for spec in specs}
+                    if specs[0].quant is None:
+                        source.read(specs[0], name, views[""])
+                    else:
+                        _read_quantized(source, specs[0], name, views, setup.device)
                 bar.update(layout.nbytes)
     except BaseException:
         pool.close()
@@ -155,6 +183,28 @@ def load_weights(setup: Setup, source, progress: bool) -> WeightPool:
 
 
 # ---------------------------------------------------------------------- the pieces
+
+
+def _by_tensor(sources: list[tuple[TensorSpec, str]]) -> list[tuple[str, list[TensorSpec]]]:
+    """The specs of each checkpoint tensor, in block order (a quantized weight has several parts)."""
+    specs = defaultdict(list)
+    for spec, name in sources:
+        specs[name].append(spec)
+    return list(specs.items())
+
+
+def _view(buffer: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    return buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+
+
+def _read_quantized(source, spec: TensorSpec, name: str, parts: dict[str, torch.Tensor], device) -> None:
+    """Read this rank's piece of checkpoint tensor ``name`` in the model dtype into host memory (one
+    tensor at a time, never the whole model), and quantize it into its parts on ``device``."""
+    dense = replace(spec, shape=local_shape(spec.full_shape, spec.shard), dtype=parts["scale"].dtype, part="",
+                    quant=None)
+    piece = torch.empty(dense.shape, dtype=dense.dtype)
+    source.read(dense, name, piece)
+    quantize_into(piece, parts, spec.quant, device)
 
 
 def _config(model) -> ModelConfig:

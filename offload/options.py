@@ -21,6 +21,7 @@ import torch
 
 from .errors import InputError
 from .inputs import is_real
+from .models.quant import check_request
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -67,6 +68,11 @@ class LoadOptions:
         cuda_graphs: capture decode steps in CUDA graphs and replay them (on a GPU; default on).
         compile: fuse the decode layer's small kernels with ``torch.compile`` before capturing it
             (with ``cuda_graphs``; default on). Compiling takes seconds, once per process.
+        quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while
+            loading and stay compressed in every tier (``offload.models.quant``); None (default):
+            the model dtype.
+        group_size: int4's input columns per scale; default 128, or where 128 does not divide a
+            weight's input dimension the largest smaller power of two that does.
     """
 
     device: str | torch.device | None = None
@@ -82,8 +88,11 @@ class LoadOptions:
     link_bandwidth: Mapping[str, float] | None = None
     cuda_graphs: bool = True
     compile: bool = True
+    quantize: str | None = None
+    group_size: int | None = None
 
     def __post_init__(self):
+        check_request(self.quantize, self.group_size)
         for name in ("cuda_graphs", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")

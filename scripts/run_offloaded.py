@@ -5,6 +5,8 @@ With no arguments it runs a small built-in model (random weights) under a
 memory budget that forces half of its layers to stream from host memory.
 """
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,10 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run() -> int:
-    try:
-        from offload.cli import main  # importing torch takes seconds: Ctrl-C often lands here
-    except KeyboardInterrupt:
-        return 130
+    # Importing torch takes seconds, so Ctrl-C often lands there, where a library's bare `except:` may swallow
+    # the KeyboardInterrupt: while importing, Ctrl-C ends the process at once (there is nothing to clean up).
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    from offload.cli import main
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     return main()
 
 

@@ -1,5 +1,5 @@
 """Shared helpers: tiny transformers models with random weights, saved as checkpoint directories,
-the ``tiny`` named shape as a checkpoint, and the ``--slow`` switch.
+the ``tiny`` named shape as a checkpoint, a small model trained to have structure, and the ``--slow`` switch.
 
 ``python -m pytest`` runs the fast tests; ``python -m pytest --slow`` runs every test (CI does).
 """
@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from offload.models.shapes import shape_config
+from offload.structured import structured_checkpoint
 from offload.synthetic import train_demo_tokenizer, write_checkpoint
 
 
@@ -67,6 +68,14 @@ def tiny_chat(tiny, tmp_path_factory) -> Path:
     for file in tiny.iterdir():
         shutil.copy(file, out / file.name)
     return write_chat_tokenizer(out, CHATML)
+
+
+@pytest.fixture(scope="session")
+def structured(tmp_path_factory) -> Path:
+    """A small Llama trained for a few seconds on a Markov corpus (``offload.structured``): its next-token
+    distributions have clear favourites. It lives in ``<cache>/structured-v1``; ``OFFLOAD_CACHE_DIR=<cache>``
+    lets a subprocess find it."""
+    return structured_checkpoint(tmp_path_factory.mktemp("cache"))
 
 
 CONVENTIONS = ("4.x", "5.x")

@@ -44,12 +44,14 @@ class MemoryNeeds:
     graph_bytes: int = 0  # CUDA graphs of decode steps: their memory pool and static buffers
     flops_per_token: float = 0.0  # matrix-product work of one token through every layer
     flops_per_key: float = 0.0  # attention work of one token against one cached key, every layer
+    dequant_bytes: int = 0  # quantized layers: the rows a linear dequantizes at a time, and their product
+    weight_format: str = ""  # quantized layers: the format and bytes per layer, for the plan; "" for the model dtype
 
     @property
     def fixed_bytes(self) -> int:
         """What must be on the compute device besides the layers, the slots and the embedding."""
         return (self.global_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes + self.rope_bytes
-                + self.graph_bytes)
+                + self.graph_bytes + self.dequant_bytes)
 
 
 @dataclass
@@ -137,6 +139,8 @@ class Plan:
             f"placement plan{self.title}: {n.n_layers} layers x {format_size(n.block_bytes)} on {self.compute_device}",
             f"  {'tier':<10}{'layers':>7}{'bytes':>13}{'budget':>13}   link",
         ]
+        if n.weight_format:
+            lines.insert(1, f"  layer weights: {n.weight_format}")
         budgets = {RESIDENT: self.budget.gpu_memory, HOST: self.budget.cpu_memory, **self.budget.peer_memory}
         for tier in self.tiers:
             link = f"HBM {gb_s(self.bandwidth['hbm'])}" if tier == RESIDENT else gb_s(self.bandwidth[tier])
@@ -153,6 +157,7 @@ class Plan:
             f"activations {format_size(n.activation_bytes)}, rotary tables {format_size(n.rope_bytes)}, "
             f"workspace {format_size(n.workspace_bytes)}"
             + (f", decode graphs {format_size(n.graph_bytes)}" if n.graph_bytes else "")
+            + (f", dequantize scratch {format_size(n.dequant_bytes)}" if n.dequant_bytes else "")
         )
         if self.embedding_on_host:
             lines.append(f"  embedding table ({format_size(n.embedding_bytes)}) in host RAM: a step copies only "
@@ -281,6 +286,7 @@ def _fixed_parts(needs: MemoryNeeds, embedding: int = 0) -> str:
         f"+ activations {format_size(needs.activation_bytes)} + rotary tables {format_size(needs.rope_bytes)} "
         f"+ workspace {format_size(needs.workspace_bytes)}"
         + (f" + decode graphs {format_size(needs.graph_bytes)}" if needs.graph_bytes else "")
+        + (f" + dequantize scratch {format_size(needs.dequant_bytes)}" if needs.dequant_bytes else "")
     )
     return parts + (f" + embedding {format_size(embedding)}" if embedding else "")
 

@@ -103,6 +103,7 @@ def config_from_dict(raw: dict, source: str = "config") -> ModelConfig:
     """Build a :class:`ModelConfig` from the fields of an HF ``config.json``."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    _refuse_quantized(raw, source)
     f = _Fields(raw, source)
     arch = _architecture(raw, f)
     hidden, n_heads, n_layers = f.count("hidden_size"), f.count("num_attention_heads"), f.count("num_hidden_layers", most=MAX_LAYERS)
@@ -134,6 +135,19 @@ def config_from_dict(raw: dict, source: str = "config") -> ModelConfig:
         o_bias=arch != "Qwen2ForCausalLM" and attention_bias,
         sliding_windows=_sliding_windows(raw, arch, n_layers, f),
         eos_token_ids=_eos_ids(raw, f),
+    )
+
+
+def _refuse_quantized(raw: dict, source: str) -> None:
+    """A checkpoint stored quantized (GPTQ, AWQ, bitsandbytes...) holds tensors offload does not read."""
+    spec = raw.get("quantization_config")
+    if not spec:
+        return
+    method = spec.get("quant_method") if isinstance(spec, dict) else None
+    raise ConfigError(
+        f"{source}: the checkpoint is already quantized ({method or 'quantization_config'}), a format offload "
+        "does not read; give a bfloat16, float16 or float32 checkpoint (offload quantizes it while loading: "
+        "--quantize int8|int4)"
     )
 
 

@@ -12,18 +12,26 @@ and up as ``w_gate_up``. Offsets are aligned to 256 bytes so that a tensor's
 alignment, and with it the kernels the math libraries pick, is the same in every
 block and every slot: an offloaded layer computes bit for bit what a resident
 one does.
+
+A compressed layer (``offload.models.quant``) stores each linear weight as its
+parts (integers, scales, minimums), each a named shape of its own dtype; the
+parts of a fused projection are stored part by part (q, k, v's integers back
+to back, then their scales, ...), and ``views`` gives each projection as one
+``QuantizedWeight`` where the dense layout gives a tensor.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ..distributed import TensorParallel
 from .config import ModelConfig
 from .parallel import REPLICATED, Shard, kv_shard, q_shard, vocab_rows
+from .quant import QuantizedShape, QuantizedWeight, QuantScheme, WeightFormat, part_shapes, scheme_for
 
 ALIGN_BYTES = 256
 
@@ -37,6 +45,8 @@ class TensorSpec:
     shard: Shard  # which piece of the checkpoint tensor this rank holds
     dtype: torch.dtype
     offset: int  # in bytes, from the start of the block
+    part: str = ""  # of a quantized weight: "data", "scale" or "minimum" (``quant.PARTS``); "" for a tensor
+    quant: QuantScheme | None = None  # a quantized weight's format (the same for each of its parts)
 
     @property
     def numel(self) -> int:
@@ -52,17 +62,32 @@ class LayerWeights:
     """One decoder layer's tensors: views into its block (resident or in a slot)."""
 
     input_norm: torch.Tensor
-    wqkv: torch.Tensor  # this rank's rows of q, k and v, stacked: [q + 2 kv, hidden]
-    wo: torch.Tensor
+    wqkv: torch.Tensor | QuantizedWeight  # this rank's rows of q, k and v, stacked: [q + 2 kv, hidden]
+    wo: torch.Tensor | QuantizedWeight
     post_norm: torch.Tensor
-    w_gate_up: torch.Tensor  # this rank's rows of gate and up, stacked: [2 intermediate, hidden]
-    w_down: torch.Tensor
+    w_gate_up: torch.Tensor | QuantizedWeight  # this rank's rows of gate and up, stacked: [2 intermediate, hidden]
+    w_down: torch.Tensor | QuantizedWeight
     bqkv: torch.Tensor | None = None
     bo: torch.Tensor | None = None
 
 
 # Fused views: consecutive checkpoint tensors stacked along their first dimension.
 LAYER_GROUPS = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
+# The weights that ``quantize`` compresses: every matrix of a linear layer (not norms, not biases).
+LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+class Entry(NamedTuple):
+    """One named shape of a layout, as ``BlockLayout`` takes it (the last three may be left out)."""
+
+    name: str
+    full: tuple[int, ...]  # the checkpoint tensor's shape
+    source: str  # its checkpoint name
+    shard: Shard
+    local: tuple[int, ...] | None = None  # this rank's shape, when not the shard's (vocabulary padding)
+    dtype: torch.dtype | None = None  # None: the layout's dtype
+    part: str = ""
+    quant: QuantScheme | None = None
 
 
 @dataclass(slots=True)
@@ -81,20 +106,26 @@ class BlockLayout:
     back to back (no padding between them) and ``views`` gives them as one tensor.
     """
 
-    def __init__(self, entries: list[tuple], dtype: torch.dtype, cls=None, groups: dict | None = None):
-        """``entries``: (name, full shape, checkpoint name, shard[, local shape]) in block order, all of ``dtype``."""
-        names = [e[0] for e in entries]
+    def __init__(self, entries: list[tuple], dtype: torch.dtype, cls=None, groups: dict | None = None,
+                 quantized: dict[str, QuantizedShape] | None = None):
+        """``entries``: :class:`Entry` tuples in block order. ``quantized`` names the views made of
+        a quantized weight's parts (``"wo"`` of ``"wo.data"``, ``"wo.scale"``...), with their scheme
+        and shape."""
+        entries = [Entry(*e) for e in entries]
+        names = [e.name for e in entries]
         self.groups = {g: m for g, m in (groups or {}).items() if m[0] in names}
+        self.quantized = dict(quantized or {})
         follows = {m: m_prev for members in self.groups.values() for m_prev, m in zip(members, members[1:])}
         self.cls, self.specs, offset = cls, [], 0
-        for name, full, source, shard, *local in entries:
-            shape = tuple(local[0]) if local else _local_shape(full, shard)
-            if name in follows:  # right after the previous member of its group
-                assert self.specs[-1].name == follows[name], f"{name} must follow {follows[name]}"
+        for e in entries:
+            shape = tuple(e.local) if e.local else local_shape(e.full, e.shard)
+            if e.name in follows:  # right after the previous member of its group
+                assert self.specs[-1].name == follows[e.name], f"{e.name} must follow {follows[e.name]}"
                 offset = self.specs[-1].offset + self.specs[-1].nbytes
             else:
                 offset = -(-offset // ALIGN_BYTES) * ALIGN_BYTES
-            self.specs.append(TensorSpec(name, shape, tuple(full), source, shard, dtype, offset))
+            self.specs.append(TensorSpec(e.name, shape, tuple(e.full), e.source, e.shard, e.dtype or dtype, offset,
+                                         e.part, e.quant))
             offset += self.specs[-1].nbytes
         self.nbytes = -(-offset // ALIGN_BYTES) * ALIGN_BYTES
 
@@ -113,6 +144,9 @@ class BlockLayout:
             rows = sum(spec[n].shape[0] for n in names)
             tensors[group] = view(first.offset, last.offset + last.nbytes - first.offset, first.dtype,
                                   (rows, *first.shape[1:]))
+        for name, shape in self.quantized.items():
+            tensors[name] = QuantizedWeight(tensors.pop(f"{name}.data"), tensors.pop(f"{name}.scale"),
+                                            tensors.pop(f"{name}.minimum", None), shape.scheme)
         return self.cls(**tensors) if self.cls else tensors
 
     def sources(self, layer: int | None = None) -> list[tuple[TensorSpec, str]]:
@@ -120,14 +154,17 @@ class BlockLayout:
         return [(s, s.source.format(i=layer)) for s in self.specs]
 
 
-def _local_shape(full: tuple[int, ...], shard: Shard) -> tuple[int, ...]:
+def local_shape(full: tuple[int, ...], shard: Shard) -> tuple[int, ...]:
+    """The shape of the piece ``shard`` of a tensor of shape ``full``."""
     if shard.dim is None:
         return tuple(full)
     return tuple(shard.stop - shard.start if d == shard.dim else n for d, n in enumerate(full))
 
 
-def layer_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) -> BlockLayout:
-    """The layout of one decoder layer's block on this rank."""
+def layer_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
+                 fmt: WeightFormat | None = None) -> BlockLayout:
+    """The layout of one decoder layer's block on this rank: its linear weights in ``fmt``
+    (quantized), or None (the model dtype)."""
     d = config.hidden_size
     inter = config.intermediate_size // tp.size
     p = "model.layers.{i}."
@@ -156,7 +193,42 @@ def layer_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) ->
         ("w_down", (d, i), p + "mlp.down_proj.weight", Shard(1, mlp_rows.start, mlp_rows.stop)
          if tp.size > 1 else REPLICATED),
     ]
-    return BlockLayout(entries, dtype, LayerWeights, LAYER_GROUPS)
+    if fmt is None:
+        return BlockLayout(entries, dtype, LayerWeights, LAYER_GROUPS)
+    entries, groups, quantized = _quantized_entries(entries, fmt, dtype, tp.size)
+    return BlockLayout(entries, dtype, LayerWeights, groups, quantized)
+
+
+def _quantized_entries(entries: list[tuple], fmt: WeightFormat, dtype: torch.dtype, ranks: int):
+    """The dense layer's entries with each linear weight replaced by its parts in ``fmt``.
+
+    A fused projection's members go part by part: ``wq.data, wk.data, wv.data, wq.scale, ...``,
+    so that each part of the projection is one view (``wqkv.data``, ``wqkv.scale``...).
+    Returns (entries, fused groups, {view name: its scheme and shape}).
+    """
+    entries = [Entry(*e) for e in entries]
+    fused_of = {m: g for g, members in LAYER_GROUPS.items() for m in members}
+    out, groups, quantized = [], {}, {}
+    for e in entries:
+        if e.name not in LINEAR_WEIGHTS:
+            out.append(e)
+            groups.update({g: m for g, m in LAYER_GROUPS.items() if m[0] == e.name})
+            continue
+        view = fused_of.get(e.name, e.name)
+        members = [m for m in entries if m.name in LAYER_GROUPS.get(view, (e.name,))]
+        if e.name != members[0].name:
+            continue  # emitted with the first member
+        cols = local_shape(e.full, e.shard)[1]
+        scheme = scheme_for(fmt, cols, e.full[1], ranks, dtype, view)
+        quantized[view] = QuantizedShape(scheme, sum(local_shape(m.full, m.shard)[0] for m in members), cols)
+        parts_of = [(m, part_shapes(scheme, local_shape(m.full, m.shard)[0], cols, dtype)) for m in members]
+        for k, (part, _, _) in enumerate(parts_of[0][1]):
+            for m, parts in parts_of:
+                _, shape, part_dtype = parts[k]
+                out.append(Entry(f"{m.name}.{part}", m.full, m.source, m.shard, shape, part_dtype, part, scheme))
+            if len(members) > 1:
+                groups[f"{view}.{part}"] = tuple(f"{m.name}.{part}" for m in members)
+    return out, groups, quantized
 
 
 def _vocab_entry(name: str, source: str, config: ModelConfig, tp: TensorParallel):

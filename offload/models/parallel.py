@@ -4,7 +4,9 @@ A column-parallel linear (q, k, v, gate, up) holds a slice of the output rows of
 the full weight; its output is this rank's slice of the features and needs no
 communication. A row-parallel linear (o, down) holds the matching slice of the
 input columns; each rank's product is a partial sum, added up by an all-reduce.
-At world size 1 both are a plain ``F.linear``.
+At world size 1 both are a plain ``F.linear``. A weight may also be a
+``QuantizedWeight`` (a compressed block's projection): the same product, computed
+by ``offload.models.quant``.
 
 The embedding and the LM head are split by vocabulary rows rather than
 replicated: on a memory-starved GPU they are the largest non-layer tensors
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from ..distributed import TensorParallel
 from ..errors import ConfigError
 from .config import ModelConfig
+from .quant import QuantizedWeight, quantized_linear
 
 
 @dataclass(frozen=True)
@@ -36,17 +39,25 @@ class Shard:
 REPLICATED = Shard()
 
 
-def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T`` where ``weight`` holds this rank's output rows: the result is this rank's features."""
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for a dense or a quantized weight."""
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, tp: TensorParallel,
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T`` where ``weight`` holds this rank's output rows: the result is this rank's features."""
+    return linear(x, weight, bias)
+
+
+def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, tp: TensorParallel,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` where ``weight`` holds this rank's input columns, summed over ranks."""
     if tp.size == 1:
-        return F.linear(x, weight, bias)
-    out = tp.all_reduce(F.linear(x, weight))
+        return linear(x, weight, bias)
+    out = tp.all_reduce(linear(x, weight))
     return out if bias is None else out + bias  # added once, after the sum
 
 

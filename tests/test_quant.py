@@ -1,0 +1,559 @@
+"""Quantized blocks: the int8/int4 formats, their layout, loading, planning, and what they do to a model.
+
+Unit tests of the packing first (error bounds per channel and per group, odd shapes, tensor-parallel
+shards, byte sizes), then whole models: offloaded == resident bit for bit in each format, the plan,
+bad input, and on a model trained to have structure, greedy tokens (int8) and perplexity (int4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import offload
+from offload.cli import main
+from offload.distributed import TensorParallel
+from offload.errors import OffloadWarning
+from offload.loading import load_weights, memory_needs, prepare
+from offload.models.config import config_from_dict
+from offload.models.layout import embedding_layout, global_layout, layer_layout
+from offload.models.quant import (DEFAULT_GROUP_SIZE, QuantizedWeight, QuantScheme, WeightFormat, dequantize,
+                                  group_size_for, quantize, quantized_linear, scratch_bytes)
+from offload.models.shapes import shape_config
+from offload.structured import corpus_of
+from offload.synthetic import RandomSource
+
+MAX_SEQ = 64
+
+
+def weight(rows, cols, seed=0, dtype=torch.float32):
+    """Weights like a trained matrix's: mostly small, a few outliers, rows of different scales."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * 0.02
+    w *= torch.rand(rows, 1, generator=gen) * 3 + 0.1
+    w[torch.rand(rows, cols, generator=gen) < 0.01] *= 8
+    return w.to(dtype)
+
+
+def int8_scheme(chunk_rows=1 << 20):
+    return QuantScheme("int8", None, chunk_rows)
+
+
+def int4_scheme(group, chunk_rows=1 << 20):
+    return QuantScheme("int4", group, chunk_rows)
+
+
+def stored(w, scheme, dtype):
+    parts = quantize(w, scheme, dtype)
+    return QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), scheme), parts
+
+
+def unpack_int4(data: torch.Tensor) -> torch.Tensor:
+    return torch.stack([data & 15, data >> 4], dim=-1).view(data.shape[0], -1)
+
+
+# ---------------------------------------------------------------------- the formats
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cols", [576, 352, 64])
+def test_int8_error_is_at_most_half_a_step_per_output_channel(dtype, cols):
+    w = weight(96, cols, seed=cols).to(dtype)
+    q, parts = stored(w, int8_scheme(), dtype)
+    assert parts["data"].dtype == torch.int8 and parts["data"].shape == (96, cols)
+    assert parts["scale"].dtype == dtype and parts["scale"].shape == (96,)
+    assert parts["data"].abs().max() <= 127
+    scale = parts["scale"].double()
+    exact = parts["data"].double() * scale[:, None]  # what the stored parts mean
+    error = (w.double() - exact).abs().amax(dim=1)
+    assert (error <= scale / 2 * (1 + 1e-6)).all()
+    assert (scale <= w.double().abs().amax(dim=1) / 127 * (1 + 2 ** -7)).all()  # the step fits the row
+    # dequantized in the model dtype: one rounding of the exact product
+    assert torch.equal(dequantize(q), exact.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols, group", [(576, 64), (352, 32), (256, 128), (128, 16)])
+def test_int4_error_is_at_most_half_a_step_per_group(dtype, cols, group):
+    w = weight(48, cols, seed=cols + group).to(dtype)
+    q, parts = stored(w, int4_scheme(group), dtype)
+    groups = cols // group
+    assert parts["data"].dtype == torch.uint8 and parts["data"].shape == (48, cols // 2)
+    assert parts["scale"].shape == parts["minimum"].shape == (48, groups)
+    assert parts["scale"].dtype == parts["minimum"].dtype == dtype
+    values = unpack_int4(parts["data"]).double().view(48, groups, group)
+    scale, minimum = parts["scale"].double(), parts["minimum"].double()
+    exact = values * scale[..., None] + minimum[..., None]
+    grouped = w.double().view(48, groups, group)
+    error = (grouped - exact).abs().amax(dim=-1)
+    # half a step, plus what rounding the minimum to the model dtype moves it by
+    slack = (grouped.amin(dim=-1) - minimum).abs()
+    assert (error <= scale / 2 * (1 + 1e-5) + slack + 1e-7).all()
+    assert (scale <= (grouped.amax(-1) - grouped.amin(-1)) / 15 * (1 + 2 ** -7) + 1e-12).all()
+    # dequantized in the model dtype: two roundings (q * scale, then + minimum) of numbers up to 15 steps wide
+    ulp = {torch.float32: 2 ** -24, torch.bfloat16: 2 ** -8}[dtype]
+    got = dequantize(q).double().view(48, groups, group)
+    assert ((got - exact).abs() <= 2 * ulp * (15 * scale + 2 * minimum.abs())[..., None]).all()
+
+
+def test_int4_packs_two_values_per_byte_low_nibble_first():
+    w = torch.tensor([[0.0, 15.0, 1.0, 2.0]])  # one group of 4: minimum 0, scale 1
+    _, parts = stored(w, int4_scheme(4), torch.float32)
+    assert parts["data"].tolist() == [[0xF0, 0x21]]
+    assert parts["scale"].tolist() == [[1.0]] and parts["minimum"].tolist() == [[0.0]]
+
+
+def test_constant_rows_and_groups_are_exact():
+    w = torch.zeros(4, 64)
+    w[1] = 0.5
+    for scheme in (int8_scheme(), int4_scheme(32)):
+        q, _ = stored(w, scheme, torch.float32)
+        assert torch.equal(dequantize(q), w)
+
+
+@pytest.mark.parametrize("scheme", [int8_scheme(7), int4_scheme(32, 7)], ids=["int8", "int4"])
+def test_linear_in_chunks_of_rows_equals_the_whole_dequantized_weight(scheme):
+    w, x = weight(50, 96), torch.randn(3, 5, 96)
+    bias = torch.randn(50)
+    q, _ = stored(w, scheme, torch.float32)
+    whole = QuantizedWeight(q.data, q.scale, q.minimum, QuantScheme(scheme.format, scheme.group_size, 1 << 20))
+    assert torch.equal(quantized_linear(x, whole, bias), F.linear(x, dequantize(q), bias))
+    chunked = quantized_linear(x, q, bias)  # 8 chunks of 7 rows (the last one of 1)
+    assert chunked.shape == (3, 5, 50)
+    torch.testing.assert_close(chunked, F.linear(x, dequantize(q), bias), rtol=1e-6, atol=1e-6)
+
+
+def test_dequantize_scratch_counts_a_chunk_and_its_product():
+    e = torch.bfloat16.itemsize
+    whole = {"wqkv": (int8_scheme(1000), 384, 128)}
+    shapes = {name: (scheme, rows, cols) for name, (scheme, rows, cols) in whole.items()}
+    assert scratch_bytes(shapes, torch.bfloat16, 64) == 384 * 128 * e  # one chunk: the product is the output
+    chunked = {"w_down": (int4_scheme(32, 100), 300, 352)}
+    assert scratch_bytes(chunked, torch.bfloat16, 64) == 100 * 352 * e + 100 * 352 // 2 + 64 * 100 * e
+
+
+# ---------------------------------------------------------------------- group sizes
+
+
+def test_group_size_is_the_default_or_the_largest_smaller_power_of_two_that_divides():
+    assert DEFAULT_GROUP_SIZE == 128
+    assert group_size_for(4096, 4096, 1, None, "w") == 128
+    assert group_size_for(576, 576, 1, None, "w") == 64
+    assert group_size_for(352, 352, 1, None, "w") == 32
+    assert group_size_for(64, 64, 1, None, "w") == 64
+    assert group_size_for(576, 576, 1, 32, "w") == 32
+    with pytest.raises(offload.InputError, match="even input dimension"):
+        group_size_for(575, 575, 1, None, "w")
+
+
+def test_a_given_group_size_that_does_not_divide_is_refused():
+    with pytest.raises(offload.InputError, match="group size 128 does not divide the input dimension 576 of wqkv"):
+        group_size_for(576, 576, 1, 128, "wqkv")
+
+
+def test_groups_never_straddle_a_tensor_parallel_shard():
+    config = config_from_dict(shape_config("tiny"))  # intermediate 352: w_down holds 176 columns per rank at tp=2
+    fmt = WeightFormat("int4", group_size=32)
+    assert layer_layout(config, TensorParallel(), torch.float32, fmt).quantized["w_down"].scheme.group_size == 32
+    with pytest.raises(offload.InputError, match=r"does not divide the input dimension 176 of w_down \(352 split "
+                                                 r"over 2 tensor-parallel ranks\)"):
+        layer_layout(config, TensorParallel(rank=1, size=2), torch.float32, fmt)
+    # the default rule looks at the shard: 176 = 16 x 11
+    shard = layer_layout(config, TensorParallel(rank=1, size=2), torch.float32, WeightFormat("int4"))
+    assert shard.quantized["w_down"].scheme.group_size == 16 and shard.quantized["w_down"].cols == 176
+    assert shard.quantized["wo"].cols == 64 and shard.quantized["wqkv"].cols == 128
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(quantize="int3"), "unsupported quantize 'int3'"),
+    (dict(quantize="int8", group_size=64), "int8 has one scale per output channel"),
+    (dict(group_size=64), "nothing is quantized"),
+    (dict(quantize="int4", group_size=7), "even positive integer"),
+    (dict(quantize="int4", group_size=0), "even positive integer"),
+])
+def test_bad_quantize_options(kwargs, words):
+    with pytest.raises(offload.InputError, match=words):
+        offload.LoadOptions(**kwargs)
+
+
+# ---------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_block_bytes_are_the_parts_and_views_are_quantized_weights(tp_size):
+    config = config_from_dict(shape_config("tiny"))
+    tp = TensorParallel(rank=tp_size - 1, size=tp_size)
+    dense = layer_layout(config, tp, torch.bfloat16)
+    for fmt, ratio in [("int8", 0.5), ("int4", 0.25)]:
+        layout = layer_layout(config, tp, torch.bfloat16, WeightFormat(fmt))
+        assert set(layout.quantized) == {"wqkv", "wo", "w_gate_up", "w_down"}
+        parts = sum(s.nbytes for s in layout.specs)
+        assert parts <= layout.nbytes < parts + 256 * len(layout.specs)  # at most alignment between them
+        assert ratio < layout.nbytes / dense.nbytes < ratio + 0.12  # + scales, norms and alignment
+        block = torch.zeros(layout.nbytes, dtype=torch.uint8)
+        views, dense_views = layout.views(block), dense.views(torch.zeros(dense.nbytes, dtype=torch.uint8))
+        for name in layout.quantized:
+            q, d = getattr(views, name), getattr(dense_views, name)
+            assert isinstance(q, QuantizedWeight) and (q.rows, q.cols) == tuple(d.shape)
+            assert q.data.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()  # a view, not a copy
+        assert views.input_norm.dtype == torch.bfloat16 and views.input_norm.shape == (config.hidden_size,)
+
+
+def test_no_quantize_keeps_the_dense_layout():
+    config = config_from_dict(shape_config("llama-2-13b"))
+    layout = layer_layout(config, TensorParallel(), torch.bfloat16)
+    assert not layout.quantized and {s.part for s in layout.specs} == {""}
+    assert layout.nbytes == 2 * (5120 * (4 * 5120) + 3 * 5120 * 13824 + 2 * 5120)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+class RecordingSource(RandomSource):
+    """Seeded random weights that note every read: (name, shape, dtype)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.reads = []
+
+    def read(self, spec, name, out):
+        self.reads.append((name, tuple(out.shape), out.dtype))
+        super().read(spec, name, out)
+
+
+def test_loading_reads_each_tensor_once_in_the_model_dtype_and_quantizes_it(tiny):
+    setup = prepare(tiny, offload.LoadOptions(dtype="bf16", quantize="int4", max_seq_len=MAX_SEQ))
+    source = RecordingSource(seed=3)
+    pool = load_weights(setup, source, progress=False)
+    names = [name for name, _, _ in source.reads]
+    assert len(names) == len(set(names))  # one read per checkpoint tensor
+    config = setup.config
+    assert ("model.layers.0.mlp.down_proj.weight", (config.hidden_size, config.intermediate_size),
+            torch.bfloat16) in source.reads
+    # the block holds what quantizing the dense tensor gives
+    views = setup.layout.views(pool.blocks[0])
+    dense = torch.empty(config.hidden_size, config.intermediate_size, dtype=torch.bfloat16)
+    RandomSource(seed=3).read(next(s for s, _ in setup.layout.sources(0) if s.name == "w_down.data"),
+                              "model.layers.0.mlp.down_proj.weight", dense)
+    parts = quantize(dense, views.w_down.scheme, torch.bfloat16)
+    assert torch.equal(views.w_down.data, parts["data"]) and torch.equal(views.w_down.scale, parts["scale"])
+    pool.close()
+
+
+# ---------------------------------------------------------------------- whole models: offloading
+
+
+def _quantized(path, fmt, **kw):
+    return offload.load_model(path, progress=False, dtype=torch.float32, max_batch=2, max_seq_len=MAX_SEQ,
+                              quantize=fmt, **kw)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_offloaded_equals_resident_bitwise(tiny, fmt):
+    ids = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(4))
+    with _quantized(tiny, fmt) as resident:
+        assert set(resident.plan.placement) == {"resident"}
+        logits, tokens = resident(ids), resident.generate(ids[:, :12], max_new_tokens=8, ignore_eos=True)
+        needs = resident.plan.needs
+    with offload.load_model(tiny, progress=False, dtype=torch.float32, max_batch=2, max_seq_len=MAX_SEQ) as dense:
+        assert (logits - dense(ids)).abs().max() > 0  # the weights really are quantized
+    budgets = [dict(gpu_memory=needs.fixed_bytes + 3 * needs.block_bytes, cpu_memory="1GiB"),  # 1 resident + 2 slots
+               dict(gpu_memory=needs.fixed_bytes + 5 * needs.block_bytes, cpu_memory="1GiB",  # host and a peer
+                    peer_memory={"cpu:1": "1GiB"}, link_bandwidth={"host": 10e9, "cpu:1": 10e9, "hbm": 100e9})]
+    for budget in budgets:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OffloadWarning)
+            model = _quantized(tiny, fmt, **budget)
+        with model:
+            assert model.plan.placement.count("resident") == 1
+            assert torch.equal(model(ids), logits)
+            assert torch.equal(model.generate(ids[:, :12], max_new_tokens=8, ignore_eos=True), tokens)
+
+
+# ---------------------------------------------------------------------- the plan
+
+
+def _plan(path, **kw):
+    options = dict(dtype="bf16", gpu_memory="8GiB", cpu_memory="64GiB", max_seq_len=2048,
+                   link_bandwidth={"host": 55e9, "hbm": 4e12}) | kw
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OffloadWarning)
+        return offload.plan_model(path, **options)
+
+
+def test_quantized_layers_are_smaller_so_more_are_resident_and_fewer_bytes_stream(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(shape_config("llama-2-13b")))
+    plans = {fmt: _plan(tmp_path, quantize=fmt) for fmt in (None, "int8", "int4")}
+    block = {fmt: p.needs.block_bytes for fmt, p in plans.items()}
+    resident = {fmt: p.placement.count("resident") for fmt, p in plans.items()}
+    assert 0.50 < block["int8"] / block[None] < 0.51 and 0.26 < block["int4"] / block[None] < 0.27
+    assert resident[None] < resident["int8"] < resident["int4"] < 40
+    for fmt in ("int8", "int4"):
+        p = plans[fmt]
+        assert p.gpu_bytes <= 8 * 2**30
+        assert p.host_bytes / len(p.layers_on("host")) == block[fmt]  # each streamed layer costs its compressed bytes
+        assert p.needs.dequant_bytes > 0 and p.needs.fixed_bytes > plans[None].needs.fixed_bytes
+        assert p.predicted_step_seconds < plans[None].predicted_step_seconds
+    text = str(plans["int4"])
+    assert "layer weights: int4, group size 128: 160.72 MiB per layer, 0.27x the 605.02 MiB of bfloat16" in text
+    assert "dequantize scratch" in text and "layer weights" not in str(plans[None])
+
+
+def test_plan_says_which_weights_take_a_smaller_group_and_why(tmp_path):
+    config = dict(shape_config("llama-2-7b"), hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                  num_key_value_heads=3, num_hidden_layers=4)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    text = str(_plan(tmp_path, quantize="int4"))
+    assert "int4, group size 128 for w_down; 64 for wqkv, wo, w_gate_up (128 does not divide 576)" in text
+    assert "int4, group size 64:" in str(_plan(tmp_path, quantize="int4", group_size=64))
+
+
+def test_dequantize_scratch_is_inside_the_budget(tiny):
+    plain = _plan(tiny, max_batch=1)
+    plan = _plan(tiny, quantize="int8", max_batch=1)
+    n = plan.needs
+    assert n.fixed_bytes == n.global_bytes + n.kv_bytes + n.activation_bytes + n.workspace_bytes + n.rope_bytes \
+        + n.dequant_bytes
+    assert n.dequant_bytes > 0 and plain.needs.dequant_bytes == 0
+    with pytest.raises(offload.PlanError, match="dequantize scratch"):
+        _plan(tiny, quantize="int8", max_batch=1, gpu_memory=n.fixed_bytes - 1)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("run_offloaded: error:"), err
+    return err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--quantize", "int3"], "invalid choice: 'int3'"),
+    (["--quantize", "int4", "--group-size", "96"], "group size 96 does not divide the input dimension 128 of wqkv"),
+    (["--quantize", "int8", "--group-size", "64"], "int8 has one scale per output channel"),
+])
+def test_bad_quantize_flags_are_one_line(tiny, capsys, argv, words):
+    assert words in one_line_error(capsys, ["--model", str(tiny), "--plan", *argv])
+
+
+def test_plan_flag_prints_the_format(tiny, capsys):
+    assert main(["--model", str(tiny), "--plan", "--quantize", "int4"]) == 0
+    out = capsys.readouterr().out
+    assert "layer weights: int4, group size 128 for wqkv, wo, w_gate_up; 32 for w_down (128 does not divide 352)" \
+        in out
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes"])
+def test_an_already_quantized_checkpoint_is_refused_naming_its_method(tmp_path, capsys, method):
+    config = dict(shape_config("tiny"), quantization_config={"quant_method": method, "bits": 4})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    err = one_line_error(capsys, ["--model", str(tmp_path), "--plan", "--quantize", "int4"])
+    assert f"already quantized ({method})" in err
+    with pytest.raises(offload.ConfigError, match=method):
+        offload.plan_model(tmp_path)
+
+
+# ---------------------------------------------------------------------- a model with structure
+
+
+def _perplexity(model, ids: torch.Tensor) -> float:
+    log_p = torch.log_softmax(model(ids)[:, :-1].float(), dim=-1)
+    return math.exp(-log_p.gather(2, ids[:, 1:, None]).mean().item())
+
+
+@pytest.fixture(scope="module")
+def structured_models(structured):
+    kw = dict(dtype=torch.float32, max_batch=8, max_seq_len=128, max_step_tokens=8 * 64, progress=False)
+    models = {fmt: offload.load_model(structured, quantize=fmt, **kw) for fmt in (None, "int8", "int4")}
+    yield models
+    for model in models.values():
+        model.close()
+
+
+@pytest.mark.slow
+def test_the_structured_model_has_learned_its_corpus(structured, structured_models):
+    corpus = corpus_of(structured)
+    ids = corpus.sample(8, 64, seed=777)
+    ppl = _perplexity(structured_models[None], ids)
+    assert ppl < 1.25 * math.exp(corpus.entropy)  # near the chain's own perplexity (~2.96); uniform would be 64
+    top = torch.softmax(structured_models[None](ids)[:, 1:-1], dim=-1).amax(-1)
+    assert top.median() > 0.5  # clear favourites: quantization is tested against real choices
+
+
+@pytest.mark.slow
+def test_int8_keeps_greedy_tokens_for_32_steps(structured, structured_models):
+    prompts = corpus_of(structured).sample(8, 8, seed=778)
+    want = structured_models[None].generate(prompts, max_new_tokens=32, ignore_eos=True)
+    got = structured_models["int8"].generate(prompts, max_new_tokens=32, ignore_eos=True)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_int4_keeps_perplexity_within_a_few_percent(structured, structured_models):
+    ids = corpus_of(structured).sample(8, 64, seed=779)
+    base = _perplexity(structured_models[None], ids)
+    for fmt, limit in [("int8", 1.005), ("int4", 1.03)]:
+        assert _perplexity(structured_models[fmt], ids) <= limit * base, fmt
+    assert not torch.equal(structured_models["int4"](ids), structured_models[None](ids))
+
+
+def _rank_needs(path, ranks, **options):
+    """What one of ``ranks`` tensor-parallel ranks needs (every rank needs the same here), without torchrun."""
+    config, tp = offload.load_config(path), TensorParallel(rank=0, size=ranks)
+    options = offload.LoadOptions(**options)
+    options = options.replace(max_step_tokens=options.max_step_tokens or options.max_seq_len)
+    fmt = WeightFormat(options.quantize, options.group_size)
+    dtype = options.dtype
+    return memory_needs(config, tp, dtype, torch.device("cpu"), options, layer_layout(config, tp, dtype, fmt),
+                        global_layout(config, tp, dtype), embedding_layout(config, tp, dtype))
+
+
+@pytest.mark.slow
+def test_quantized_tensor_parallel_shards(structured):
+    """Each rank quantizes its own shard. With a group size that divides every shard, int4 groups are those of
+    the single-rank model, so the ranks compute its logits (up to the all-reduce's summation order)."""
+    from test_tensor_parallel import run_tp
+
+    ids = corpus_of(structured).sample(2, 20, seed=780)
+    kw = dict(dtype=torch.float32, max_batch=2, max_seq_len=48)
+    for fmt, group in [("int4", 8), ("int8", None)]:
+        with offload.load_model(structured, quantize=fmt, group_size=group, progress=False, **kw) as single:
+            want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)
+        needs = _rank_needs(structured, 2, quantize=fmt, group_size=group, **kw)
+        budget = needs.fixed_bytes + needs.block_bytes + needs.block_bytes // 2  # one slot: both layers stream
+        results = run_tp(2, structured, ids, quantize=fmt, group_size=group, gpu_memory=budget, cpu_memory="1GiB",
+                         slots=1, **kw)
+        for result in results:
+            assert not isinstance(result, str), result
+            logits, tokens, placement, _ = result
+            assert placement == ["host", "host"]
+            assert torch.equal(tokens, want_tokens), fmt
+            # int8's o and down scales are per shard (each rank's own maximum), so only int4's logits are the same
+            assert (logits - want_logits).abs().max().item() <= (1e-4 if fmt == "int4" else 5e-2), fmt
+
+
+# ---------------------------------------------------------------------- on a GPU
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _gpu_free():
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gpu_offloaded_equals_resident_bitwise(fmt):
+    ids = torch.randint(0, 32000, (2, 30), generator=torch.Generator().manual_seed(0))
+    shape = shape_config("llama-2-7b") | {"num_hidden_layers": 6}
+    kw = dict(random_weights=1234, dtype=torch.bfloat16, max_batch=2, max_seq_len=64, progress=False, quantize=fmt)
+    with offload.load_model(shape, **kw) as resident:
+        want = resident(ids), resident.generate(ids, max_new_tokens=8, ignore_eos=True)
+        needs = resident.plan.needs
+    _gpu_free()
+    for n_resident in (3, 0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = offload.load_model(shape, gpu_memory=needs.fixed_bytes + (n_resident + 2) * needs.block_bytes,
+                                       cpu_memory="8GiB", **kw)
+        with model:
+            assert model.plan.placement.count("resident") == n_resident
+            assert torch.equal(model(ids), want[0])
+            assert torch.equal(model.generate(ids, max_new_tokens=8, ignore_eos=True), want[1])
+        _gpu_free()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gpu_peak_memory_with_dequantize_scratch_stays_in_budget(fmt):
+    _gpu_free()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    budget = int(3.5 * 2**30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = offload.load_model(shape_config("llama-2-7b"), random_weights=1234, dtype=torch.bfloat16,
+                                   gpu_memory=budget, cpu_memory="12GiB", max_batch=4, max_seq_len=512,
+                                   max_step_tokens=1024, progress=False, quantize=fmt)
+    with model:
+        assert model.plan.host_bytes > 0
+        ids = torch.randint(0, 32000, (4, 200), generator=torch.Generator().manual_seed(1))
+        model(ids[:, :256])  # a full-logits forward over max_step_tokens
+        model.generate(ids, max_new_tokens=16, ignore_eos=True)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        print(f"\n{fmt}: peak {peak / 2**30:.3f} GiB of a {budget / 2**30:.2f} GiB budget; plan "
+              f"{model.plan.gpu_bytes / 2**30:.3f} GiB (dequantize scratch "
+              f"{model.plan.needs.dequant_bytes / 2**20:.1f} MiB); layers {model.plan.layer_map()}")
+        assert peak <= budget
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_decode_time_per_format_against_the_link_limit():
+    """Not an assertion of speed: prints ms/token and the ratio to the plan's link limit for each format
+    (llama-2-13b shape, 8 GiB budget, batch 1), the figures docs/benchmarks.md asks for."""
+    shape = shape_config("llama-2-13b")
+    for fmt in (None, "int8", "int4"):
+        _gpu_free()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = offload.load_model(shape, random_weights=1234, dtype=torch.bfloat16, gpu_memory="8GiB",
+                                       max_seq_len=256, progress=False, quantize=fmt)
+        with model:
+            ids = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(2))
+            model.generate(ids, max_new_tokens=8, ignore_eos=True)  # warm-up
+            result = model.generate(ids, max_new_tokens=64, ignore_eos=True, return_result=True)
+            limit = model.plan.predicted_step_seconds * 1e3
+            print(f"\n{fmt or 'bf16'}: {result.ms_per_step:.1f} ms/token, limit {limit:.1f} ms "
+                  f"(ratio {limit / result.ms_per_step:.2f}); layers {model.plan.layer_map()} on "
+                  f"{torch.cuda.get_device_name()}")
+
+
+# ---------------------------------------------------------------------- every architecture
+
+
+_SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.mark.parametrize("key, arch, extra", [
+    ("quant-qwen2-bias", "qwen2", {}),
+    ("quant-llama-attention-bias", "llama", {"attention_bias": True}),
+    ("quant-llama-tied", "llama", {"tie_word_embeddings": True}),
+    ("quant-mistral-window", "mistral", {"sliding_window": 8}),
+])
+def test_quantized_models_stay_close_to_transformers(checkpoint_factory, key, arch, extra):
+    """Biases (q, k, v and o), tied embeddings and windows are untouched by quantization: the logits stay
+    within quantization error of the reference (random weights are int4's worst case: every group is a
+    Gaussian), and int8 is closer than int4."""
+    hf, directory = checkpoint_factory(key, arch, "5.x", seed=31, **_SMALL, **extra)
+    config = offload.load_config(directory)
+    layout = layer_layout(config, TensorParallel(), torch.float32, WeightFormat("int4"))
+    views = layout.views(torch.zeros(layout.nbytes, dtype=torch.uint8))
+    assert (views.bqkv is not None) == config.qkv_bias and (views.bo is not None) == config.o_bias
+    ids = torch.randint(3, 256, (1, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    errors, agreement = {}, {}
+    for fmt in ("int8", "int4"):
+        with _quantized(directory, fmt) as model:
+            logits = model(ids)
+        errors[fmt] = (logits - ref).abs().max().item()
+        agreement[fmt] = F.cosine_similarity((logits - logits.mean(-1, keepdim=True)).flatten(),
+                                             (ref - ref.mean(-1, keepdim=True)).flatten(), dim=0).item()
+    assert 0 < errors["int8"] < 0.1 * ref.std().item() and errors["int8"] < errors["int4"]
+    assert agreement["int8"] > 0.999 and agreement["int4"] > 0.9

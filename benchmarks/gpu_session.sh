@@ -1,16 +1,37 @@
 #!/usr/bin/env bash
-# The GPU tests and the benchmarks, in one command for a lent GPU machine.
+# The GPU tests and the benchmarks, stage by stage, for a lent GPU machine.
 #
-#   benchmarks/gpu_session.sh single    # 1 GPU: GPU tests, llama-2-13b vs accelerate, batch scheduling, serving
-#   benchmarks/gpu_session.sh multi     # 2+ GPUs: peer tests, peer-tier bench, TP=1 vs TP=2, llama-2-70b at TP=4
+#   benchmarks/gpu_session.sh tests resident7b prefill13b      # any stages, in order
+#   benchmarks/gpu_session.sh single                           # every one-GPU stage
+#   benchmarks/gpu_session.sh multi                            # every stage that needs 4 GPUs
 #
-# Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository.
+# One-GPU stages:
+#   tests          the GPU tests (numerics vs transformers, graphs vs eager, budgets, quantized formats)
+#   offload13b     llama-2-13b at 8 GiB: resident, host tier, int8 (8 GiB) and int4 (4 GiB), graphs and eager,
+#                  against accelerate; batches 1 and 16
+#   resident7b     llama-2-7b resident decode, graphs and eager
+#   prefill13b     llama-2-13b at 8 GiB: prefill of 32 x 128 and 1 x 4096 tokens against their limits
+#   int4_70b       llama-2-70b in int4 at 24 GiB
+#   serve13b       llama-2-13b at 8 GiB behind the HTTP server, 32 concurrent streaming clients
+#   throughput70b  llama-2-70b at 40 GiB, FlexGen's protocol: --batch-size auto, a sweep, accelerate
+# Four-GPU stages:
+#   tests_multi    the GPU tests that need two GPUs (peer tier, tensor parallelism with graphs)
+#   peer13b        llama-2-13b at 8 GiB: layers on cuda:1, and host + peer, graphs and eager
+#   tp13b_peers    llama-2-13b at 8 GiB per GPU, TP=2 on GPUs 0 and 1 with GPUs 2 and 3 as peers, graphs and eager
+#
+# Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
+# .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OFFLOAD_CACHE_DIR=${OFFLOAD_CACHE_DIR:-/tmp/offload-cache}
-GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 OFFLOAD_CACHE_DIR=${OFFLOAD_CACHE_DIR:-/tmp/offload-cache}
 
 stage() {  # stage NAME COMMAND...: run, log to $OUT/NAME.log, keep going on failure
   local name=$1; shift
@@ -18,35 +39,40 @@ stage() {  # stage NAME COMMAND...: run, log to $OUT/NAME.log, keep going on fai
   local start=$SECONDS
   "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  tail -n "${TAIL:-25}" "$OUT/$name.log"
+  tail -n "${TAIL:-22}" "$OUT/$name.log"
   echo "=== $name: exit $rc after $((SECONDS - start)) s"
 }
 
+run_stage() {
+  case $1 in
+    tests) stage tests python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py tests/test_quant.py ;;
+    offload13b) stage offload13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB \
+      --quantize int8@8GiB,int4@4GiB --json "$OUT/offload13b.json" ;;
+    resident7b) stage resident7b python3 benchmarks/bench_offload.py --shape llama-2-7b --runs resident --batch 1 \
+      --decode-tokens 64 --skip-accelerate --json "$OUT/resident7b.json" ;;
+    prefill13b) stage prefill13b python3 benchmarks/bench_prefill.py --shape llama-2-13b --gpu-memory 8GiB \
+      --prompts 32x128,1x4096 --json "$OUT/prefill13b.json" ;;
+    int4_70b) stage int4_70b python3 benchmarks/bench_offload.py --shape llama-2-70b --gpu-memory 24GiB \
+      --runs "host int4" --quantize int4 --batch 1,16 --skip-accelerate --json "$OUT/int4_70b.json" ;;
+    serve13b) stage serve13b python3 benchmarks/bench_serve.py --shape llama-2-13b --gpu-memory 8GiB --clients 32 \
+      --json "$OUT/serve13b.json" ;;
+    throughput70b) stage throughput70b python3 benchmarks/bench_throughput.py --shape llama-2-70b --gpu-memory 40GiB \
+      --records 64 --sweep 16,32,64 --json "$OUT/throughput70b.json" ;;
+    tests_multi) stage tests_multi python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \
+      -k "peer or tensor_parallel" ;;
+    peer13b) stage peer13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB \
+      --runs peer,host+peer --batch 1 --skip-accelerate --json "$OUT/peer13b.json" ;;
+    tp13b_peers) stage tp13b_peers python3 benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB \
+      --cpu-memory 60GiB --tp 2 --peer-memory cuda:2=60GiB --peer-memory cuda:3=60GiB --with-eager \
+      --json "$OUT/tp13b_peers.json" ;;
+    single) for s in tests offload13b resident7b prefill13b int4_70b serve13b throughput70b; do run_stage $s; done ;;
+    multi) for s in tests_multi peer13b tp13b_peers; do run_stage $s; done ;;
+    *) echo "unknown stage $1" >&2; exit 2 ;;
+  esac
+}
+
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpus.txt"
-nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
 python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'accelerate', accelerate.__version__)" | tee "$OUT/versions.txt"
 date -u | tee -a "$OUT/versions.txt"
-
-case ${1:-single} in
-  single)
-    stage gpu_tests python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py
-    stage bench_13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB --json "$OUT/bench_13b.json"
-    stage batch_7b python3 benchmarks/bench_batch.py --shape llama-2-7b --gpu-memory 12GiB --records 256 \
-      --batch-size 32 --json "$OUT/batch_7b.json"
-    stage serve_13b python3 benchmarks/bench_serve.py --shape llama-2-13b --gpu-memory 8GiB --clients 32 \
-      --json "$OUT/serve_13b.json"
-    ;;
-  multi)
-    stage gpu_tests python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py -k "peer or budget or bitwise"
-    stage peer_13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB --batch 1 \
-      --skip-accelerate --json "$OUT/peer_13b.json"
-    stage tp_13b python3 benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB --cpu-memory 60GiB --tp 1,2 --json "$OUT/tp_13b.json"
-    if [ "$GPUS" -ge 4 ]; then  # TP=2 on GPUs 0 and 1, GPUs 2 and 3 lending them memory
-      stage tp_13b_peers python3 benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB --cpu-memory 60GiB \
-        --tp 2 --peer-memory cuda:2=60GiB --peer-memory cuda:3=60GiB --json "$OUT/tp_13b_peers.json"
-      stage tp_70b python3 benchmarks/bench_tp.py --shape llama-2-70b --gpu-memory 20GiB --cpu-memory 40GiB --tp 4 --json "$OUT/tp_70b.json"
-    fi
-    ;;
-  *) echo "usage: $0 single|multi" >&2; exit 2 ;;
-esac
+for s in "${@:-single}"; do run_stage "$s"; done

@@ -32,6 +32,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def graph_pool_bytes(model) -> int:
+    """GPU memory the decode graphs' private pool holds (not in max_memory_allocated once captured)."""
+    if model.graphs is None:
+        return 0
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+               if tuple(seg.get("segment_pool_id", ())) == tuple(model.graphs.pool))
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """The ``tiny`` named shape (8 layers, GQA) as a float32 checkpoint of seeded random weights."""

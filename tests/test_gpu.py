@@ -18,6 +18,8 @@ from offload.models.llama import ATTENTION_BACKENDS
 from offload.models.shapes import shape_config
 from offload.synthetic import RandomSource
 
+from conftest import graph_pool_bytes
+
 pytestmark = pytest.mark.gpu
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -29,14 +31,6 @@ def caching_host_allocator_bytes() -> int:
     """Pinned bytes held by PyTorch's own pinned allocator (the pool must not use it)."""
     stats = torch.cuda.host_memory_stats()
     return stats.get("allocated_bytes.current", stats.get("reserved_bytes.current", 0))
-
-
-def graph_pool_bytes(model) -> int:
-    """GPU memory the decode graphs' private pool holds (not in max_memory_allocated once captured)."""
-    if model.graphs is None:
-        return 0
-    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-               if tuple(seg.get("segment_pool_id", ())) == tuple(model.graphs.pool))
 
 
 def free_gpu():

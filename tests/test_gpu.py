@@ -63,19 +63,22 @@ def hf_model_with_random_weights(shape: str, dtype, device="cuda"):
 
 
 def trace(model, prompts: list[list[int]], steps: int = 12) -> list[torch.Tensor]:
-    """The logits of a prefill and of decode steps in which a row joins and a row sits one step out."""
+    """The logits of a prefill and of decode steps in which a row joins and a row sits one step out.
+
+    Every model is fed the same tokens (not its own choices), so a near tie that one model
+    breaks the other way cannot change the inputs of the steps after it.
+    """
+    feed = torch.randint(3, 1000, (steps, len(prompts) + 1), generator=torch.Generator().manual_seed(9)).tolist()
     out = [model.step(prompts, [0] * len(prompts)).clone()]
-    cached, last = [len(p) for p in prompts], out[-1].argmax(-1).tolist()
+    cached = [len(p) for p in prompts]
     for s in range(steps):
         if s == steps // 2:  # a new row joins the running batch
-            cached, last = cached + [0], last + [5]
-        rows = [[t] for t in last]
+            cached = cached + [0]
+        rows = [[t] for t in feed[s][: len(cached)]]
         if s == steps // 2 + 2:
             rows[0] = []  # a row with nothing to add this step
-        logits = model.step(rows, cached)
-        out.append(logits.clone())
+        out.append(model.step(rows, cached).clone())
         cached = [c + len(r) for c, r in zip(cached, rows)]
-        last = [t if r else old for old, r, t in zip(last, rows, logits.argmax(-1).tolist())]
     return out
 
 
@@ -116,7 +119,7 @@ def test_llama_2_7b_matches_transformers():
 @cuda
 def test_graph_decode_equals_eager_decode_bitwise():
     """Without compile, a replayed graph runs the eager step's kernels: the same bits, rows joining and leaving."""
-    prompts = prompts_7b()
+    prompts = prompts_7b((40, 17))  # 2 rows, then 3: two buckets of rows
     kw = dict(dtype=torch.bfloat16, max_batch=4, max_seq_len=256, compile=False)
     eager = load(SHORT_7B, **kw, cuda_graphs=False)
     want = trace(eager, prompts)
@@ -133,8 +136,8 @@ def test_graph_decode_equals_eager_decode_bitwise():
 
 @cuda
 def test_compiled_graph_decode_matches_eager():
-    """Compiled layers fuse their elementwise kernels and round differently: bfloat16 logits within 2% of the
-    largest logit of the eager step's; float32 greedy tokens identical."""
+    """Compiled layers fuse their elementwise kernels and round differently: bfloat16 logits within 5% of the
+    largest logit of the eager step's (about 2% measured on an H200), float32 within 1e-5 and the same greedy tokens."""
     prompts = prompts_7b()
     for dtype in (torch.bfloat16, torch.float32):
         traces = {}
@@ -147,7 +150,7 @@ def test_compiled_graph_decode_matches_eager():
         worst = max(((a.float() - b.float()).abs().max() / a.float().abs().max()).item()
                     for a, b in zip(traces[False], traces[True]))
         print(f"\n{dtype}: compiled graphs vs eager: largest difference {worst:.2g} of the largest logit")
-        assert worst <= 0.02
+        assert worst <= (0.05 if dtype == torch.bfloat16 else 1e-5)
         if dtype == torch.float32:
             for a, b in zip(traces[False], traces[True]):
                 assert torch.equal(a.argmax(-1), b.argmax(-1))

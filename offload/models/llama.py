@@ -141,7 +141,7 @@ class Transformer:
             q = q.reshape(b, self.kv_heads, group * t, hd)
             mask = mask[:, :, None].expand(b, 1, group, t, mask.shape[-1]).reshape(b, 1, group * t, -1)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-        return o.view(b, h, t, hd)
+        return o.reshape(b, h, t, hd)  # a GPU kernel may return it strided
 
     def mlp(self, x, w: LayerWeights) -> torch.Tensor:
         gate, up = column_parallel_linear(x, w.w_gate_up).chunk(2, dim=-1)

@@ -16,7 +16,7 @@
 #   throughput70b  llama-2-70b at 40 GiB, FlexGen's protocol: --batch-size auto, a sweep, accelerate
 # Four-GPU stages:
 #   tests_multi    the GPU tests that need two GPUs (peer tier, tensor parallelism with graphs)
-#   peer13b        llama-2-13b at 8 GiB: layers on cuda:1, and host + peer, graphs and eager
+#   peer13b        llama-2-13b at 8 GiB: layers on cuda:1, graphs and eager
 #   tp13b_peers    llama-2-13b at 8 GiB per GPU, TP=2 on GPUs 0 and 1 with GPUs 2 and 3 as peers, graphs and eager
 #
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
@@ -61,7 +61,7 @@ run_stage() {
     tests_multi) stage tests_multi python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \
       -k "peer or tensor_parallel" ;;
     peer13b) stage peer13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB \
-      --runs peer,host+peer --batch 1 --skip-accelerate --json "$OUT/peer13b.json" ;;
+      --runs peer --batch 1 --skip-accelerate --json "$OUT/peer13b.json" ;;
     tp13b_peers) stage tp13b_peers python3 benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB \
       --cpu-memory 60GiB --tp 2 --peer-memory cuda:2=60GiB --peer-memory cuda:3=60GiB --with-eager \
       --json "$OUT/tp13b_peers.json" ;;

@@ -23,7 +23,7 @@ from .models.parallel import local_heads, vocab_rows
 from .models.step import DecodeStep, Rope, Step, bucket, plan_chunks
 from .sampling import Sampling
 from .scheduler.engine import Engine, Request
-from .scheduler.graphs import DecodeGraphs, compile_helps
+from .scheduler.graphs import DecodeGraphs
 from .scheduler.prefetch import CopyEngine, LayerStream
 
 
@@ -77,9 +77,8 @@ class OffloadedModel:
         _, kv_heads = local_heads(s.config, s.tp)
         self.cache = KVCache(s.config.n_layers, self.max_batch, kv_heads, self.max_seq_len, s.config.head_dim,
                              s.dtype, s.device)
-        compile = s.options.compile and compile_helps(s.plan)
         self.graphs = (DecodeGraphs(self.transformer, self.layers, self.cache, self.rope, s.plan.placement, s.device,
-                                    compile=compile) if uses_cuda_graphs(s.options, s.device) else None)
+                                    compile=s.options.compile) if uses_cuda_graphs(s.options, s.device) else None)
 
     @property
     def max_batch(self) -> int:

@@ -67,8 +67,8 @@ class LoadOptions:
             ``"matmul"`` FLOP/s) instead of measuring them.
         cuda_graphs: capture decode steps in CUDA graphs and replay them (on a GPU; default on).
         compile: fuse the decode layer's small kernels with ``torch.compile`` before capturing it
-            (with ``cuda_graphs``; default on), when the plan's decode step is bound by compute rather
-            than by a link. Compiling takes seconds, at the first and second bucket of rows.
+            (with ``cuda_graphs``; default on). Compiling takes seconds, at the first and second
+            bucket of rows and key length a process meets.
         quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while
             loading and stay compressed in every tier (``offload.models.quant``); None (default):
             the model dtype.

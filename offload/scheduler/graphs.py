@@ -24,11 +24,10 @@ tuning the one-row matrix products become reductions fused with the norms
 around them (measured on an H200: llama-2-7b decode 6.7 ms with plain kernels
 in graphs, 4.6 ms compiled, 4.2 ms tuned, against 3.3 ms of HBM time). A layer
 is compiled alone, never across layers, so a streamed layer runs exactly the
-kernels of a resident one. Compiling takes seconds for the first bucket and once
-more for the next (whose shapes then stay dynamic); it is only worth it where the
-step is bound by compute, not by a link (``compile_helps``). Tensor-parallel ranks
-capture plain kernels: a rank whose compile failed would fall out of step with
-the others.
+kernels of a resident one; for the same reason whether to compile never depends
+on the placement. Compiling takes seconds for the first bucket and once more for
+the next (whose shapes then stay dynamic). Tensor-parallel ranks capture plain
+kernels: a rank whose compile failed would fall out of step with the others.
 """
 
 from __future__ import annotations
@@ -151,12 +150,6 @@ class DecodeGraphs:
                 graph.capture_end()
                 graphs.append(graph)
         return graphs
-
-
-def compile_helps(plan) -> bool:
-    """Whether fusing the decode layer can shorten a step: only if no link bounds it (a link-bound step waits
-    for bytes however fast the kernels are, and compiling a new bucket would stall it for seconds)."""
-    return plan.bottleneck == "hbm"
 
 
 def segments(placement: list[str]) -> list[list[int]]:

@@ -25,15 +25,20 @@ around them (measured on an H200: llama-2-7b decode 6.7 ms with plain kernels
 in graphs, 4.6 ms compiled, 4.2 ms tuned, against 3.3 ms of HBM time). A layer
 is compiled alone, never across layers, so a streamed layer runs exactly the
 kernels of a resident one; for the same reason whether to compile never depends
-on the placement. Compiling takes seconds for the first bucket and once more for
-the next (whose shapes then stay dynamic). Tensor-parallel ranks capture plain
-kernels: a rank whose compile failed would fall out of step with the others.
+on the placement. Each bucket compiles its own copy of the layer, with static
+shapes: dynamo keeps compiled versions per code object, shared by every model in
+the process and capped in number, so a shared function would give a model
+whatever kernels earlier models left (and none past the cap). Compiling takes
+seconds the first time a machine meets a shape; inductor caches the result on
+disk. Tensor-parallel ranks capture plain kernels: a rank whose compile failed
+would fall out of step with the others.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import types
 import warnings
 
 import torch
@@ -62,8 +67,8 @@ class DecodeGraphs:
     def __init__(self, transformer: Transformer, layers: LayerStream, cache: KVCache, rope: Rope,
                  placement: list[str], device: torch.device, compile: bool = True):
         self.transformer, self.layers, self.cache, self.rope = transformer, layers, cache, rope
-        compile = compile and transformer.tp.size == 1
-        self.layer = torch.compile(transformer.decoder_layer) if compile else transformer.decoder_layer
+        self.compile = compile and transformer.tp.size == 1
+        self.layer = transformer.decoder_layer  # the first step and the capture of a bucket use its own copy
         self.windows = transformer.config.sliding_windows
         self.segments = segments(placement)
         self.streamed = {i for i, tier in enumerate(placement) if tier != RESIDENT}
@@ -84,15 +89,16 @@ class DecodeGraphs:
         buffers.positions.copy_(positions)
         key = (rows, kv_len)
         if key not in self.graphs:
+            self.layer = compiled_copy(self.transformer) if self.compile else self.transformer.decoder_layer
             try:
                 self._first_step(key, buffers)
             except Exception as e:  # torch.compile needs a working Triton; without it, graphs of plain kernels
-                if self.layer is self.transformer.decoder_layer:
+                if not self.compile:
                     raise
                 warnings.warn(f"compiling the decode layer failed ({type(e).__name__}: {e}); "
-                              "capturing it uncompiled", OffloadWarning, stacklevel=2)
+                              "capturing it uncompiled from now on", OffloadWarning, stacklevel=2)
                 self.layers.reset()
-                self.layer = self.transformer.decoder_layer
+                self.compile, self.layer = False, self.transformer.decoder_layer
                 self._first_step(key, buffers)
             return buffers.logits
         for segment, graph in zip(self.segments, self.graphs[key]):
@@ -150,6 +156,13 @@ class DecodeGraphs:
                 graph.capture_end()
                 graphs.append(graph)
         return graphs
+
+
+def compiled_copy(transformer: Transformer):
+    """``transformer.decoder_layer`` compiled from a fresh copy of its code (see the module's notes on compile)."""
+    fn = transformer.decoder_layer.__func__
+    fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(types.MethodType(fresh, transformer), dynamic=False)
 
 
 def segments(placement: list[str]) -> list[list[int]]:

@@ -99,8 +99,8 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
     p.add_argument("--slots", type=int, help="streaming slots on the GPU (default 2)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly instead of replaying "
                    "CUDA graphs (graphs are used only on a GPU)")
-    p.add_argument("--no-compile", action="store_true", help="capture the decode layer without fusing its kernels "
-                   "with torch.compile (saves the compile time at start)")
+    p.add_argument("--compile", action="store_true", help="fuse the decode layer's kernels with torch.compile before "
+                   "capturing it (faster when decode is bound by compute; seconds of compiling per bucket)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--quantize", choices=FORMATS, help="store the layers' linear weights as int8 or int4 (default: "
                    "the model dtype)")
@@ -306,7 +306,7 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
         peer_memory=dict(parse_peer_flag(p) for p in args.peer_memory or []),
         max_batch=max_batch if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=not args.no_cuda_graphs,
-        compile=not args.no_compile, quantize=args.quantize, group_size=args.group_size,
+        compile=args.compile, quantize=args.quantize, group_size=args.group_size,
     )
 
 

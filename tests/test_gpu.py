@@ -89,7 +89,7 @@ def prompts_7b(lengths=(40, 17, 29)) -> list[list[int]]:
 
 @cuda
 def test_llama_2_7b_matches_transformers():
-    """float32: the same greedy tokens as transformers for 16 steps (through graphs and compiled layers);
+    """float32: the same greedy tokens as transformers for 16 steps (through the decode graphs);
     bfloat16: logits close to transformers' (fused projections and kernels round differently)."""
     transformers = pytest.importorskip("transformers")
     ids = torch.tensor([[1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203, 29889]], device="cuda")
@@ -120,7 +120,7 @@ def test_llama_2_7b_matches_transformers():
 def test_graph_decode_equals_eager_decode_bitwise():
     """Without compile, a replayed graph runs the eager step's kernels: the same bits, rows joining and leaving."""
     prompts = prompts_7b((40, 17))  # 2 rows, then 3: two buckets of rows
-    kw = dict(dtype=torch.bfloat16, max_batch=4, max_seq_len=256, compile=False)
+    kw = dict(dtype=torch.bfloat16, max_batch=4, max_seq_len=256)
     eager = load(SHORT_7B, **kw, cuda_graphs=False)
     want = trace(eager, prompts)
     eager.close()
@@ -156,7 +156,7 @@ def test_compiled_graph_decode_matches_eager():
     for dtype in (torch.bfloat16, torch.float32):
         traces = {}
         for graphs in (False, True):
-            model = load(SHORT_7B, dtype=dtype, max_batch=4, max_seq_len=256, cuda_graphs=graphs)
+            model = load(SHORT_7B, dtype=dtype, max_batch=4, max_seq_len=256, cuda_graphs=graphs, compile=graphs)
             traces[graphs] = trace(model, prompts)
             model.close()
             del model
@@ -178,7 +178,7 @@ def _logits_and_tokens(model, ids):
 
 @cuda
 def test_offloaded_equals_resident_bitwise_on_gpu():
-    """With graphs and compiled layers on (the defaults), streamed layers compute what resident ones do."""
+    """With decode graphs on (the default), streamed layers compute what resident ones do."""
     ids = torch.randint(0, 32000, (2, 30), generator=torch.Generator().manual_seed(0))
     shape = shape_config("llama-2-7b") | {"num_hidden_layers": 6}
     kw = dict(dtype=torch.bfloat16, max_batch=3, max_seq_len=64)

@@ -82,7 +82,6 @@ def main() -> int:
             resident.close()
             resident = None
         resident_s = prefill_seconds(resident, prompts) if resident is not None else None
-        needs = resident.plan.needs if resident is not None else None
         if resident is not None:
             resident.close()
         del resident

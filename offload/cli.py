@@ -25,7 +25,7 @@ from .api import load_model
 from .batch import check_context, choose_batch_size, forecast_job, prompt_lengths, read_records, run_batch
 from .chat import stop_token_ids
 from .distributed import TensorParallel, init_tensor_parallel
-from .errors import InputError, OffloadError, OffloadWarning, PlanError
+from .errors import InputError, OffloadError, OffloadWarning
 from .inputs import check_token_ids
 from .loading import prepare
 from .memory.budget import parse_peer_flag

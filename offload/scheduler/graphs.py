@@ -68,7 +68,6 @@ class DecodeGraphs:
                  placement: list[str], device: torch.device, compile: bool = False):
         self.transformer, self.layers, self.cache, self.rope = transformer, layers, cache, rope
         self.compile = compile and transformer.tp.size == 1
-        self.layer = transformer.decoder_layer  # the first step and the capture of a bucket use its own copy
         self.windows = transformer.config.sliding_windows
         self.segments = segments(placement)
         self.streamed = {i for i, tier in enumerate(placement) if tier != RESIDENT}
@@ -89,17 +88,17 @@ class DecodeGraphs:
         buffers.positions.copy_(positions)
         key = (rows, kv_len)
         if key not in self.graphs:
-            self.layer = compiled_copy(self.transformer) if self.compile else self.transformer.decoder_layer
+            layer = compiled_copy(self.transformer) if self.compile else self.transformer.decoder_layer
             try:
-                self._first_step(key, buffers)
+                self._first_step(key, buffers, layer)
             except Exception as e:  # torch.compile needs a working Triton; without it, graphs of plain kernels
                 if not self.compile:
                     raise
                 warnings.warn(f"compiling the decode layer failed ({type(e).__name__}: {e}); "
                               "capturing it uncompiled from now on", OffloadWarning, stacklevel=2)
                 self.layers.reset()
-                self.compile, self.layer = False, self.transformer.decoder_layer
-                self._first_step(key, buffers)
+                self.compile = False
+                self._first_step(key, buffers, self.transformer.decoder_layer)
             return buffers.logits
         for segment, graph in zip(self.segments, self.graphs[key]):
             streamed = segment[0] in self.streamed  # a streamed layer is a segment of its own
@@ -118,9 +117,10 @@ class DecodeGraphs:
                                           device=like.device), like.new_empty(rows, vocab))
         return self.buffers[rows]
 
-    def _first_step(self, key: tuple[int, int], buffers: _Buffers) -> None:
-        """Run the step eagerly on the capture stream (its warm-up), then capture the bucket's graphs."""
-        rows, kv_len = key
+    def _first_step(self, key: tuple[int, int], buffers: _Buffers, layer) -> None:
+        """Run the step eagerly on the capture stream (its warm-up), then capture the bucket's graphs,
+        ``layer`` (the decoder layer, or its compiled copy) computing each layer."""
+        _, kv_len = key
         self.stream.wait_stream(torch.cuda.current_stream())
         # The layer compiles (and its kernels are tuned) on this first call, never during capture.
         with torch.cuda.stream(self.stream), torch._inductor.config.patch(coordinate_descent_tuning=True):
@@ -129,15 +129,15 @@ class DecodeGraphs:
                 h = buffers.h
                 for i in range(len(self.windows)):
                     weights = self.layers.acquire(i)
-                    h = self.layer(h, weights, step, self.cache.layer(i), self.windows[i])
+                    h = layer(h, weights, step, self.cache.layer(i), self.windows[i])
                     self.layers.release(i)
                 buffers.logits.copy_(self.transformer.head(h[:, -1]))
         self.stream.synchronize()
-        self.graphs[key] = self._capture(key, buffers)
+        self.graphs[key] = self._capture(key, buffers, layer)
         torch.cuda.current_stream().wait_stream(self.stream)
 
-    def _capture(self, key: tuple[int, int], buffers: _Buffers) -> list[torch.cuda.CUDAGraph]:
-        rows, kv_len = key
+    def _capture(self, key: tuple[int, int], buffers: _Buffers, layer) -> list[torch.cuda.CUDAGraph]:
+        _, kv_len = key
         graphs = []
         with torch.cuda.stream(self.stream), sdpa_kernel(ATTENTION_BACKENDS):
             for n, segment in enumerate(self.segments):
@@ -148,7 +148,7 @@ class DecodeGraphs:
                     self.steps[key] = DecodeStep(buffers.positions, kv_len, self.rope, set(self.windows))
                 step, h = self.steps[key], buffers.h
                 for i in segment:
-                    h = self.layer(h, self.layers.fixed_weights(i), step, self.cache.layer(i), self.windows[i])
+                    h = layer(h, self.layers.fixed_weights(i), step, self.cache.layer(i), self.windows[i])
                 if n == len(self.segments) - 1:
                     buffers.logits.copy_(self.transformer.head(h[:, -1]))
                 else:

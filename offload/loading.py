@@ -106,12 +106,22 @@ def memory_needs(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, de
         rope_bytes=2 * (seq + 1) * config.head_dim * dtype.itemsize,
         max_batch=batch,
         max_seq_len=seq,
-        graph_bytes=decode_graph_bytes(config, tp, dtype, batch, seq) if uses_cuda_graphs(options, device) else 0,
+        graph_bytes=_graph_bytes(config, tp, dtype, options, device, layout),
         flops_per_token=2 * config.n_layers * matmul_weights_per_layer(config, tp),
         flops_per_key=4 * config.n_layers * local_heads(config, tp)[0] * config.head_dim,
         dequant_bytes=scratch_bytes(layout.quantized, dtype, options.max_step_tokens),
         weight_format=_format_line(config, tp, dtype, options, layout),
     )
+
+
+def _graph_bytes(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, options: LoadOptions,
+                 device: torch.device, layout: BlockLayout) -> int:
+    """The decode graphs' memory: their pool and buffers, and (quantized layers) a dequantize scratch of their
+    own, since what a captured graph allocates lives in its pool, apart from the eager allocator's."""
+    if not uses_cuda_graphs(options, device):
+        return 0
+    batch, seq = options.max_batch, options.max_seq_len
+    return decode_graph_bytes(config, tp, dtype, batch, seq) + scratch_bytes(layout.quantized, dtype, batch)
 
 
 def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:

@@ -38,11 +38,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
 import types
 import warnings
 
 import torch
-import torch._inductor.config
 from torch.nn.attention import sdpa_kernel
 
 from ..errors import OffloadWarning
@@ -123,7 +123,7 @@ class DecodeGraphs:
         _, kv_len = key
         self.stream.wait_stream(torch.cuda.current_stream())
         # The layer compiles (and its kernels are tuned) on this first call, never during capture.
-        with torch.cuda.stream(self.stream), torch._inductor.config.patch(coordinate_descent_tuning=True):
+        with torch.cuda.stream(self.stream), _tuning(self.compile):
             step = DecodeStep(buffers.positions, kv_len, self.rope, set(self.windows))
             with sdpa_kernel(ATTENTION_BACKENDS):
                 h = buffers.h
@@ -156,6 +156,16 @@ class DecodeGraphs:
                 graph.capture_end()
                 graphs.append(graph)
         return graphs
+
+
+def _tuning(compiling: bool):
+    """Inductor's coordinate-descent tuning while a compiled layer first runs (imported only then: importing
+    inductor takes seconds, and compiling is opt-in)."""
+    if not compiling:
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(coordinate_descent_tuning=True)
 
 
 def compiled_copy(transformer: Transformer):

@@ -16,8 +16,10 @@ batch size gets its own placement.
                 extrapolated to the job (prefill + (new tokens - 1) decode passes per wave of N);
                 the auto choice is probed the same way, so sweep and auto compare like for like
     accelerate  transformers + accelerate, the same weights placed by infer_auto_device_map under
-                the same budget (the rest as pageable CPU tensors); the largest batch of the sweep
-                that runs; measured and extrapolated like the sweep
+                the same budget (the rest as pageable CPU tensors); the process may allocate no more
+                than the budget on the GPU (torch.cuda.set_per_process_memory_fraction), and the
+                largest batch that runs within it (the sweep's sizes, then halving) is measured and
+                extrapolated like the sweep
 
 The table gives each run's tokens/s and the forecast of the cost model for it.
 """
@@ -131,12 +133,15 @@ def run_accelerate(shape: dict, dtype: torch.dtype, gpu_budget: int, records, ro
     model.model.rotary_emb = type(model.model.rotary_emb)(model.config).to("cuda")
     accelerate.dispatch_model(model.eval(), device_map)
     on_cpu = sum(1 for i in range(config.n_layers) if device_map.get(f"model.layers.{i}") == "cpu")
+    # The same promise as ours: the KV cache and activations fit inside the budget too.
+    torch.cuda.set_per_process_memory_fraction(gpu_budget / torch.cuda.get_device_properties(0).total_memory)
     for rows in rows_to_try:  # the largest batch that runs
         try:
             row = probe_hf(model, records, rows, steps)
             row["layers"] = f"R{config.n_layers - on_cpu} H{on_cpu}"
             return row
         except torch.cuda.OutOfMemoryError:
+            print(f"  accelerate: {rows} rows exceed the budget", flush=True)
             release()
     raise RuntimeError("no batch size ran")
 
@@ -216,7 +221,9 @@ def main() -> int:
             release()
     if not args.skip_accelerate and cuda:
         try:
-            rows_to_try = sorted((r["rows"] for r in rows_out.values()), reverse=True)
+            largest = max(r["rows"] for r in rows_out.values())
+            halvings = [largest >> k for k in range(largest.bit_length())]
+            rows_to_try = sorted({r["rows"] for r in rows_out.values()} | set(halvings), reverse=True)
             rows_out["accelerate"] = run_accelerate(shape, offload.parse_dtype(None, "cuda"), gpu_budget, records,
                                                     rows_to_try, args.probe_steps)
             print(f"  accelerate: {rows_out['accelerate']}", flush=True)

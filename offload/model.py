@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError
 from .inputs import (as_batch, as_sequences, check_flags, check_token_ids, new_token_limits, prompts_from,
                      step_rows, stop_ids)
 from .loading import Setup, uses_cuda_graphs
+from .memory.host import to_device
 from .memory.planner import HOST
 from .memory.pool import WeightPool
 from .models.layout import GlobalWeights
@@ -145,7 +147,8 @@ class OffloadedModel:
         if not any(new_tokens):
             raise InputError("a step needs at least one new token")
         if all(len(tokens) <= 1 for tokens in new_tokens):
-            return self._decode(new_tokens, cached)
+            tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.device)
+            return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)]).clone()
         chunks = [
             Step.build([new_tokens[b][lo:hi] for b, (lo, hi) in zip(range(first, stop), spans)],
                        [cached[b] + lo for b, (lo, _) in zip(range(first, stop), spans)],
@@ -154,21 +157,29 @@ class OffloadedModel:
         ]
         return self._run(chunks, self.cache, rows=len(new_tokens))
 
-    def _decode(self, new_tokens: list[list[int]], cached: list[int]) -> torch.Tensor:
-        """A step in which every row adds one token (or none): fixed shapes, rows and key length bucketed."""
-        rows, sink = bucket(len(new_tokens), 1, self.max_batch), self.max_seq_len
-        pad = rows - len(new_tokens)
-        positions = [c if t else sink for t, c in zip(new_tokens, cached)] + [sink] * pad
-        tokens = [t[0] if t else 0 for t in new_tokens] + [0] * pad
-        kv_len = bucket(max(c + 1 for t, c in zip(new_tokens, cached) if t), KV_BUCKET, self.max_seq_len)
-        positions, tokens = torch.tensor(positions, device=self.device), torch.tensor(tokens)
-        if self.graphs is None:
-            step = DecodeStep(positions, kv_len, self.rope, set(self.config.sliding_windows), tokens=tokens)
-            return self._run([step], self.cache, rows=rows)[: len(new_tokens)]
+    def decode(self, tokens: torch.Tensor, positions: list[int | None]) -> torch.Tensor:
+        """Logits ``[rows, vocab]`` of a pass in which row ``b`` adds ``tokens[b]`` at ``positions[b]``.
+
+        ``tokens`` is a LongTensor on the compute device; a row whose position is None adds
+        nothing. Unchecked (``step`` checks): the row engine calls this with the tokens its
+        previous pass sampled, still on the device. Nothing here waits for the GPU (unless
+        the embedding table is in host memory: the ids are read back first), so the host
+        queues this pass while the previous one runs. Shapes are fixed by buckets of rows and
+        key length; with CUDA graphs the logits are a static buffer, overwritten by the next pass.
+        """
+        n = len(positions)
+        rows, sink = bucket(n, 1, self.max_batch), self.max_seq_len
+        kv_len = bucket(max(p + 1 for p in positions if p is not None), KV_BUCKET, self.max_seq_len)
+        padded = to_device([sink if p is None else p for p in positions] + [sink] * (rows - n), torch.long,
+                           self.device)
+        tokens = F.pad(tokens[:n], (0, rows - n))
         try:
-            return self.graphs.run(tokens, positions, kv_len)[: len(new_tokens)].clone()
+            if self.graphs is None:
+                step = DecodeStep(padded, kv_len, self.rope, set(self.config.sliding_windows), tokens=tokens)
+                return self.transformer.forward([step], self.layers, self.cache, rows)[:n]
+            return self.graphs.run(tokens, padded, kv_len)[:n]
         except BaseException:
-            self.layers.reset()
+            self.layers.reset()  # the ring expects the next layer of an unfinished step
             raise
 
     def _run(self, chunks: list, cache, rows: int, all_logits: bool = False) -> torch.Tensor:

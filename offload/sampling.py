@@ -14,6 +14,7 @@ import torch
 
 from .errors import InputError
 from .inputs import is_real
+from .memory.host import to_device
 
 
 def _as_float32(value: float) -> float:
@@ -71,25 +72,29 @@ GREEDY = Sampling()
 
 
 def sample(logits: torch.Tensor, samplings: list[Sampling], generators: list) -> torch.Tensor:
-    """One token id per row of ``logits [B, V]``, row ``b`` chosen as ``samplings[b]`` says."""
+    """One token id per row of ``logits [B, V]``, row ``b`` chosen as ``samplings[b]`` says.
+
+    The ids stay on the logits' device and nothing waits for it: the row engine feeds them
+    to the next pass before the host reads them.
+    """
     ids = logits.argmax(dim=-1)
     rows = [b for b, s in enumerate(samplings) if not s.greedy]
     if not rows:
         return ids
-    x = logits[rows].float()
+    index = to_device(rows, torch.long, logits.device)
+    x = logits.index_select(0, index).float()
     params = [samplings[b] for b in rows]
-    as_column = lambda values: torch.tensor(values, device=x.device, dtype=x.dtype)[:, None]  # noqa: E731
+    as_column = lambda values, dtype: to_device(values, dtype, x.device)[:, None]  # noqa: E731
     # Shift before dividing: a tiny temperature sends every other logit to -inf, never to NaN.
-    x = (x - x.max(dim=-1, keepdim=True).values) / as_column([s.temperature for s in params])
+    x = (x - x.max(dim=-1, keepdim=True).values) / as_column([s.temperature for s in params], x.dtype)
     sorted_x, order = torch.sort(x, dim=-1, descending=True)
     vocab = x.shape[-1]
-    kth = sorted_x.gather(-1, as_column([min(s.top_k or vocab, vocab) - 1 for s in params]).long())
+    kth = sorted_x.gather(-1, as_column([min(s.top_k or vocab, vocab) - 1 for s in params], torch.long))
     drop = sorted_x < kth
     probs = sorted_x.masked_fill(drop, float("-inf")).softmax(-1)
-    drop |= probs.cumsum(-1) - probs > as_column([s.top_p for s in params])  # keep the token that crosses p
+    drop |= probs.cumsum(-1) - probs > as_column([s.top_p for s in params], x.dtype)  # keep the token that crosses p
     x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     # Exponential race (the Gumbel-max trick): argmax p / E with E ~ Exp(1) draws from p.
     probs = x.softmax(-1)
     race = torch.stack([torch.empty_like(p).exponential_(1, generator=generators[b]) for b, p in zip(rows, probs)])
-    ids[rows] = (probs / race).argmax(dim=-1)
-    return ids
+    return ids.index_copy(0, index, (probs / race).argmax(dim=-1))

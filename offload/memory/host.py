@@ -47,3 +47,17 @@ class PinnedMemory:
 def _unregister(ptr: int, keep_alive: torch.Tensor) -> None:
     torch.cuda.synchronize()  # no copy may still be reading the memory
     torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A short list from the host as a tensor on ``device``, without waiting for the GPU.
+
+    A plain ``torch.tensor(values, device=cuda)`` copies from pageable memory and blocks
+    the host until the GPU has finished everything queued before it. Staged in pinned
+    memory the copy is queued like a kernel; PyTorch's pinned allocator keeps the staging
+    block until the copy has run.
+    """
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -99,10 +99,13 @@ class Transformer:
             return self.head(chunks[0].all_tokens(hs[0]))
         return self.head(last_hidden(chunks, hs, rows))
 
-    def embed(self, tokens: torch.Tensor, host_tokens: torch.Tensor) -> torch.Tensor:
-        """The tokens' embeddings on the compute device (the same ids in device and host memory)."""
+    def embed(self, tokens: torch.Tensor, host_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens' embeddings on the compute device (``tokens`` there; the same ids on the host, if at hand)."""
         table = self.weights.embed  # in host memory when the plan offloads: look up there
-        ids = tokens if table.device == tokens.device else host_tokens
+        if table.device == tokens.device:
+            ids = tokens
+        else:  # without host ids, the host waits for the device's (sampled by the pass before)
+            ids = host_tokens if host_tokens is not None else tokens.cpu()
         return vocab_parallel_embedding(ids, table, self.vocab_start, self.tp, tokens.device)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

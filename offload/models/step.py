@@ -213,9 +213,8 @@ class DecodeStep:
     def __init__(self, positions: torch.Tensor, kv_len: int, rope: Rope, windows, tokens=None):
         self.positions, self.kv_len, self.batch = positions, kv_len, positions.shape[0]
         self.rows, self.first_row, self.counts = slice(0, self.batch), 0, [1] * self.batch
-        if tokens is not None:  # [B] on the host: the embedding's input when the step runs eagerly
-            self.host_tokens = tokens[:, None]
-            self.tokens = self.host_tokens.to(positions.device)
+        if tokens is not None:  # [B] on the device: the embedding's input when the step runs eagerly
+            self.tokens, self.host_tokens = tokens[:, None], None
         self.cos = rope.cos[positions][:, None, None, :]  # [B, 1, 1, hd] against q [B, T=1, H, hd]
         self.sin = rope.sin[positions][:, None, None, :]
         key = torch.arange(kv_len, device=positions.device)

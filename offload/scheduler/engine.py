@@ -8,18 +8,28 @@ run).
     engine = Engine(model)
     engine.submit(Request(prompt_ids, max_new_tokens=32))
     while engine.busy:
-        for row, token in engine.step():   # one forward pass
+        for row, token in engine.step():   # tokens as soon as the host can read them
             ...
 
 One step, top to bottom:
 
 1. admit waiting requests into free KV cache rows, lowest rows first;
-2. build one forward pass: a row just admitted adds its whole prompt, a
-   generating row adds its last token;
-3. run it: every streamed layer crosses its link once, whatever the rows do;
-4. sample a token for every row whose prompt is in (the step's one host sync);
-5. finish the rows that meet their stop rule (an eos id, or ``max_new_tokens``);
+2. launch one forward pass: a row just admitted adds its whole prompt, a
+   generating row adds its last token; every streamed layer crosses its link
+   once, whatever the rows do;
+3. sample a token for every row whose prompt is in, on the device;
+4. read the tokens of the pass before (the step's one wait for the GPU), and
+   finish the rows that meet their stop rule (an eos id, or ``max_new_tokens``);
    their cache rows are free for the next admission.
+
+Passes are *pipelined*: while no prompt joins, a decode pass takes its input
+tokens from the previous pass's sampled ids on the device, so it is queued
+before the host has read them, and the host's work for a step (reading tokens,
+stop rules, building the next pass) overlaps the GPU's. A row that stops at an
+eos id has then already been given one more pass, whose token is dropped; a row
+that reaches ``max_new_tokens`` is known in advance and gets none. A pass that
+adds prompt tokens needs every row's last token on the host, so the pass before
+it is read first.
 
 Under tensor parallelism every rank runs the same engine on the same requests;
 sampled tokens are broadcast from rank 0, so the ranks stay in step.
@@ -56,13 +66,19 @@ class Row:
     request: Request
     index: int
     generator: torch.Generator | None
-    cached: int = 0  # tokens of this row in the KV cache
-    tokens: list[int] = field(default_factory=list)  # generated so far
+    cached: int = 0  # tokens of this row in the KV cache, counting passes launched but not yet read
+    tokens: list[int] = field(default_factory=list)  # generated tokens the host has read
+    sampled: int = 0  # tokens sampled for this row, read or not
     finish_reason: str | None = None  # "eos", "length", "cancelled" once finished
 
     @property
     def in_prompt(self) -> bool:
         return self.cached < len(self.request.prompt)
+
+    @property
+    def wants_pass(self) -> bool:
+        """Whether another pass may still give this row a token (an eos id not yet read may stop it)."""
+        return self.sampled < self.request.max_new_tokens
 
     def next_tokens(self) -> list[int]:
         """What this row adds to the next forward pass: the rest of its prompt, or its last token."""
@@ -84,6 +100,35 @@ class Stats:
     decode_seconds: float = 0.0
 
 
+class _SampledIds:
+    """The ids a pass sampled, on their way to the host (copied without blocking it)."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.on_device = ids
+        if ids.is_cuda:
+            self.host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self.host.copy_(ids, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.host, self.copied = ids, None
+
+    def read(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
+
+
+@dataclass
+class _Pass:
+    """A forward pass launched on the device whose sampled tokens the host has not read yet."""
+
+    rows: list[Row | None]  # by cache row: the rows this pass gave a token
+    ids: _SampledIds
+    prompt_tokens: int
+    seconds: float  # host time spent launching it; reading its tokens adds the wait
+
+
 class Engine:
     """Runs requests through ``model`` (an ``OffloadedModel``) in at most ``rows`` KV cache rows."""
 
@@ -92,10 +137,11 @@ class Engine:
         self.rows: list[Row | None] = [None] * min(rows or model.max_batch, model.max_batch)
         self.waiting: deque[Request] = deque()
         self.stats = Stats()
+        self._in_flight: _Pass | None = None
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting) or any(self.rows)
+        return bool(self.waiting) or any(self.rows) or self._in_flight is not None
 
     def submit(self, request: Request) -> None:
         """Queue ``request``; it is admitted at the next step with a free row. Bad input raises InputError."""
@@ -123,30 +169,18 @@ class Engine:
                 self.rows[row.index] = None
 
     def step(self) -> list[tuple[Row, int]]:
-        """One forward pass; returns each new token with its row (a finished row has its finish_reason)."""
+        """Launch one forward pass, read the pass before it; returns each token read with its row (a
+        finished row has its finish_reason). The first step of a run returns no tokens yet."""
         self._admit()
-        if not any(self.rows):
-            return []
-        start = time.perf_counter()
-        rows = self.rows[: max(i + 1 for i, r in enumerate(self.rows) if r is not None)]
-        new_tokens = [row.next_tokens() if row else [] for row in rows]
-        prompt_tokens = sum(len(t) for row, t in zip(rows, new_tokens) if row and row.in_prompt)
-        logits = self.model.step(new_tokens, [row.cached if row else 0 for row in rows])
-        for row, tokens in zip(rows, new_tokens):
-            if row is not None:
-                row.cached += len(tokens)
-        ready = [row for row in rows if row is not None and not row.in_prompt]
         events = []
-        for row, token in zip(ready, self._sample(logits, ready)):
-            row.tokens.append(token)
-            if token in row.request.eos_ids:
-                row.finish_reason = "eos"
-            elif len(row.tokens) == row.request.max_new_tokens:
-                row.finish_reason = "length"
-            if row.finish_reason is not None:
-                self.rows[row.index] = None
-            events.append((row, token))
-        self._count(start, rows, prompt_tokens, len(ready))
+        if self._in_flight is not None and any(row is not None and row.in_prompt for row in self.rows):
+            events += self._read(self._take_in_flight())  # a prompt joins: the next pass needs every last token
+            self._admit()
+        previous = self._take_in_flight()
+        if any(row is not None and row.wants_pass for row in self.rows):
+            self._in_flight = self._launch(previous)
+        if previous is not None:
+            events += self._read(previous)
         return events
 
     def run(self, requests: list[Request]) -> list[Row]:
@@ -164,24 +198,64 @@ class Engine:
                 request = self.waiting.popleft()
                 self.rows[i] = Row(request, i, request.sampling.generator(self.model.device))
 
-    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
-        if not rows:
-            return []
-        picked = logits[torch.tensor([row.index for row in rows], device=logits.device)]
-        ids = sample(picked, [row.request.sampling for row in rows], [row.generator for row in rows])
-        if not all(row.request.sampling.greedy for row in rows):
-            self.model.tp.broadcast_from_first(ids)  # every rank continues with rank 0's draws
-        return ids.tolist()
+    def _take_in_flight(self) -> _Pass | None:
+        taken, self._in_flight = self._in_flight, None
+        return taken
 
-    def _count(self, start: float, rows: list, prompt_tokens: int, sampled: int) -> None:
-        seconds = time.perf_counter() - start
+    def _launch(self, previous: _Pass | None) -> _Pass:
+        """Queue a pass over the rows that want one. After ``previous`` (whose tokens the host has not read)
+        every such row adds the token ``previous`` sampled for it, still on the device."""
+        start = time.perf_counter()
+        width = max(i + 1 for i, row in enumerate(self.rows) if row is not None and row.wants_pass)
+        rows = [row if row is not None and row.wants_pass else None for row in self.rows[:width]]
+        prompt_tokens = sum(len(row.request.prompt) - row.cached for row in rows if row and row.in_prompt)
+        if previous is not None:
+            logits = self.model.decode(previous.ids.on_device, [row.cached if row else None for row in rows])
+            added = [1 if row else 0 for row in rows]
+        else:
+            new_tokens = [row.next_tokens() if row else [] for row in rows]
+            logits = self.model.step(new_tokens, [row.cached if row else 0 for row in rows])
+            added = [len(t) for t in new_tokens]
+        for row, n in zip(rows, added):
+            if row is not None:
+                row.cached += n
+                row.sampled += 1  # a row's whole prompt goes in one pass: every row of the pass samples
+        ids = _SampledIds(self._sample(logits, rows))
+        return _Pass(rows, ids, prompt_tokens, time.perf_counter() - start)
+
+    def _read(self, done: _Pass) -> list[tuple[Row, int]]:
+        """Wait for ``done``'s tokens; apply them to the rows still running."""
+        start = time.perf_counter()
+        events = []
+        for row, token in zip(done.rows, done.ids.read()):
+            if row is None or self.rows[row.index] is not row:
+                continue  # idle, or finished (an eos read after this pass was launched) or cancelled since
+            row.tokens.append(token)
+            if token in row.request.eos_ids:
+                row.finish_reason = "eos"
+            elif len(row.tokens) == row.request.max_new_tokens:
+                row.finish_reason = "length"
+            if row.finish_reason is not None:
+                self.rows[row.index] = None
+            events.append((row, token))
+        self._count(done, done.seconds + time.perf_counter() - start, len(events))
+        return events
+
+    def _sample(self, logits: torch.Tensor, rows: list[Row | None]) -> torch.Tensor:
+        samplings = [row.request.sampling if row else GREEDY for row in rows]
+        ids = sample(logits, samplings, [row.generator if row else None for row in rows])
+        if not all(s.greedy for s in samplings):
+            self.model.tp.broadcast_from_first(ids)  # every rank continues with rank 0's draws
+        return ids
+
+    def _count(self, done: _Pass, seconds: float, tokens: int) -> None:
         s = self.stats
         s.steps += 1
-        s.busy_row_steps += sum(row is not None for row in rows)
-        if prompt_tokens:
-            s.prompt_tokens += prompt_tokens
+        s.busy_row_steps += sum(row is not None for row in done.rows)
+        if done.prompt_tokens:
+            s.prompt_tokens += done.prompt_tokens
             s.prefill_seconds += seconds
         else:
             s.decode_steps += 1
-            s.decode_tokens += sampled
+            s.decode_tokens += tokens
             s.decode_seconds += seconds

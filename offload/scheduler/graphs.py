@@ -78,13 +78,13 @@ class DecodeGraphs:
         self.steps: dict[tuple[int, int], DecodeStep] = {}  # keeps each bucket's masks and tables alive
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Logits ``[rows, vocab]`` of a decode step (``tokens`` on the host, ``positions`` on the device).
+        """Logits ``[rows, vocab]`` of a decode step (``tokens`` and ``positions`` on the device).
 
         The logits live in a static buffer: read them before the next step.
         """
         rows = positions.shape[0]
         buffers = self._buffers(rows)
-        buffers.h.copy_(self.transformer.embed(tokens[:, None].to(positions.device), tokens[:, None]))
+        buffers.h.copy_(self.transformer.embed(tokens[:, None]))
         buffers.positions.copy_(positions)
         key = (rows, kv_len)
         if key not in self.graphs:

@@ -1,0 +1,116 @@
+"""The row engine: pipelined passes give the tokens a plain loop of synchronous steps gives.
+
+The reference below runs ``model.step`` one pass at a time and reads every token
+before building the next pass, as the engine did before passes were pipelined.
+"""
+
+import pytest
+
+import offload
+from offload.sampling import GREEDY, Sampling, sample
+from offload.scheduler.engine import Engine, Request
+
+PROMPTS = [list(range(3, 15)), list(range(40, 47)), list(range(100, 120)), [5, 9, 2]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    model = offload.load_model(tiny, max_batch=4, max_seq_len=64, progress=False)
+    yield model
+    model.close()
+
+
+def reference(model, requests: list[Request]) -> list[list[int]]:
+    """Every request alone, one synchronous pass per token."""
+    outputs = []
+    for request in requests:
+        generator = request.sampling.generator(model.device)
+        tokens, new, cached = [], list(request.prompt), 0
+        while len(tokens) < request.max_new_tokens:
+            logits = model.step([new], [cached])
+            cached += len(new)
+            token = sample(logits, [request.sampling], [generator]).item()
+            tokens.append(token)
+            if token in request.eos_ids:
+                break
+            new = [token]
+        outputs.append(tokens)
+    return outputs
+
+
+def greedy_requests(new: int = 9, eos=()) -> list[Request]:
+    return [Request(tuple(p), new, GREEDY, eos, key=i) for i, p in enumerate(PROMPTS)]
+
+
+def test_a_decode_pass_is_launched_before_the_previous_ones_tokens_are_read(model, monkeypatch):
+    order = []
+    decode, step = model.decode, model.step
+    monkeypatch.setattr(model, "decode", lambda *a: order.append("launch decode") or decode(*a))
+    monkeypatch.setattr(model, "step", lambda *a: order.append("launch step") or step(*a))
+    engine = Engine(model, rows=1)
+    engine.submit(Request(tuple(PROMPTS[0]), 4))
+    reads = []
+    while engine.busy:
+        before = len(order)
+        events = engine.step()
+        reads.append((order[before:], [t for _, t in events]))
+    # the prefill pass; then each decode pass is queued from the device ids of the pass before it, whose
+    # tokens the host reads afterwards; the last token (max_new_tokens) is known in advance: no pass after it
+    assert [launched for launched, _ in reads] == [["launch step"]] + [["launch decode"]] * 3 + [[]]
+    assert [len(tokens) for _, tokens in reads] == [0, 1, 1, 1, 1]
+
+
+def test_pipelined_greedy_tokens_equal_synchronous_steps(model):
+    requests = greedy_requests()
+    rows = Engine(model).run(requests)
+    assert [row.tokens for row in rows] == reference(model, requests)
+    assert all(row.finish_reason == "length" for row in rows)
+
+
+def test_a_row_stopped_by_eos_drops_its_extra_pass_and_the_others_go_on(model):
+    free = reference(model, greedy_requests())
+    eos = free[0][3]  # row 0's fourth token; a row that meets it earlier stops there
+    requests = greedy_requests(eos=(eos,))
+    expected = [tokens[: tokens.index(eos) + 1] if eos in tokens else tokens for tokens in free]
+    assert len(expected[0]) <= 4 < len(max(expected, key=len))
+    engine = Engine(model)
+    rows = engine.run(requests)
+    assert [row.tokens for row in rows] == expected
+    assert [row.finish_reason for row in rows] == ["eos" if eos in t else "length" for t in expected]
+    assert engine.stats.decode_tokens == sum(len(t) - 1 for t in expected)  # the dropped tokens are not counted
+
+
+def test_rows_join_and_leave_a_running_batch(model):
+    """Two rows, four requests of different lengths: each freed row takes the next request at once."""
+    requests = [Request(tuple(p), n, GREEDY, key=i) for i, (p, n) in enumerate(zip(PROMPTS, (3, 11, 6, 5)))]
+    engine = Engine(model, rows=2)
+    for r in requests:
+        engine.submit(r)
+    finished = {}
+    while engine.busy:
+        for row, _ in engine.step():
+            if row.finish_reason:
+                finished[row.request.key] = row.tokens
+    assert [finished[i] for i in range(4)] == reference(model, requests)
+
+
+def test_a_cancelled_row_gives_no_more_tokens_and_its_row_is_reused(model):
+    requests = greedy_requests(new=12)
+    engine = Engine(model, rows=2)
+    for r in requests[:3]:
+        engine.submit(r)
+    seen = {0: [], 1: [], 2: []}
+    while engine.busy:
+        for row, token in engine.step():
+            seen[row.request.key].append(token)
+        if len(seen[0]) == 2 and engine.rows[0] is not None:
+            engine.cancel(0)  # a pass with row 0's third token is already in flight: its token is dropped
+    expected = reference(model, requests[:3])
+    assert seen[0] == expected[0][:2]
+    assert seen[1] == expected[1] and seen[2] == expected[2]
+
+
+def test_seeded_sampling_is_unchanged_by_pipelining(model):
+    sampling = Sampling(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    requests = [Request(tuple(p), 8, sampling.with_seed_offset(i), key=i) for i, p in enumerate(PROMPTS)]
+    assert [row.tokens for row in Engine(model).run(requests)] == reference(model, requests)

@@ -6,10 +6,12 @@
 #   benchmarks/gpu_session.sh multi                            # every stage that needs 4 GPUs
 #
 # One-GPU stages:
-#   tests          the GPU tests (numerics vs transformers, graphs vs eager, budgets, quantized formats)
+#   tests          the GPU tests (numerics vs transformers, graphs vs eager, budgets, quantized formats), and the
+#                  row engine's tests on CUDA (pipelined passes)
 #   offload13b     llama-2-13b at 8 GiB: resident, host tier, int8 (8 GiB) and int4 (4 GiB), graphs and eager,
 #                  against accelerate; batches 1 and 16
 #   resident7b     llama-2-7b resident decode, graphs and eager
+#   profile7b      llama-2-7b resident, compiled: generate's ms/step against the GPU's time per pass, the kernels
 #   prefill13b     llama-2-13b at 8 GiB: prefill of 32 x 128 and 1 x 4096 tokens against their limits
 #   int4_70b       llama-2-70b in int4 at 24 GiB
 #   serve13b       llama-2-13b at 8 GiB behind the HTTP server, 32 concurrent streaming clients
@@ -45,11 +47,14 @@ stage() {  # stage NAME COMMAND...: run, log to $OUT/NAME.log, keep going on fai
 
 run_stage() {
   case $1 in
-    tests) stage tests python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py tests/test_quant.py ;;
+    tests) stage tests python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py tests/test_quant.py
+      stage tests_engine python3 -m pytest -q -p no:cacheprovider tests/test_engine.py ;;  # the row engine on CUDA
     offload13b) stage offload13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB \
       --quantize int8@8GiB,int4@4GiB --json "$OUT/offload13b.json" ;;
     resident7b) stage resident7b python3 benchmarks/bench_offload.py --shape llama-2-7b --runs resident --batch 1 \
       --decode-tokens 64 --skip-accelerate --json "$OUT/resident7b.json" ;;
+    profile7b) stage profile7b python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 32,128 --compile \
+      --kernels ;;
     prefill13b) stage prefill13b python3 benchmarks/bench_prefill.py --shape llama-2-13b --gpu-memory 8GiB \
       --prompts 32x128,1x4096 --json "$OUT/prefill13b.json" ;;
     int4_70b) stage int4_70b python3 benchmarks/bench_offload.py --shape llama-2-70b --gpu-memory 24GiB \

@@ -50,3 +50,27 @@ def test_the_rotary_tables_follow_each_tokens_position():
     r = rope()
     step = Step.build([[1, 2], [3]], [3, 0], r, "cpu")
     assert torch.equal(step.cos[:, 0], r.cos[[3, 4, 0]]) and torch.equal(step.sin[:, 0], r.sin[[3, 4, 0]])
+
+
+def test_decode_attention_written_out_equals_sdpa_with_grouped_heads():
+    """``attend_one`` (a decode step's attention) against SDPA's, per-row masks, 8 query heads on 2 kv heads."""
+    from offload.distributed import TensorParallel
+    from offload.models.config import config_from_dict
+    from offload.models.llama import Transformer
+    from offload.models.shapes import shape_config
+    from offload.models.step import DecodeStep
+
+    config = config_from_dict({**shape_config("tiny"), "num_attention_heads": 8, "num_key_value_heads": 2})
+    transformer = Transformer(config, None, TensorParallel())
+    gen = torch.Generator().manual_seed(0)
+    hd = config.head_dim
+    q = torch.randn(3, 8, 1, hd, generator=gen)
+    keys, values = torch.randn(3, 2, 16, hd, generator=gen), torch.randn(3, 2, 16, hd, generator=gen)
+    step = DecodeStep(torch.tensor([4, 15, 0]), 16, Rope(torch.ones(hd // 2), 17, torch.float32, "cpu"), {None, 5})
+    for window in (None, 5):
+        mask = step.mask(window)
+        ours = transformer.attend_one(q, keys, values, mask)
+        assert torch.allclose(ours, transformer.attend(q, keys, values, mask, causal=False), atol=1e-6)
+        shifted = values.clone()
+        shifted[0, :, 5:] += 100  # keys past row 0's position are never read
+        assert torch.allclose(transformer.attend_one(q, keys, shifted, mask)[0], ours[0])

@@ -128,7 +128,8 @@ class Transformer:
         if cache_k is not None:
             step.store(cache_k, cache_v, k, v)
         keys, values = step.keys(cache_k, cache_v, k, v)
-        o = self.attend(step.heads(q), keys, values, step.mask(window), step.causal)
+        attend = self.attend_one if step.one_query else self.attend
+        o = attend(step.heads(q), keys, values, step.mask(window), step.causal)
         return row_parallel_linear(step.from_heads(o), w.wo, self.tp, w.bo)
 
     def attend(self, q, keys, values, mask, causal: bool) -> torch.Tensor:
@@ -145,6 +146,20 @@ class Transformer:
             mask = mask[:, :, None].expand(b, 1, group, t, mask.shape[-1]).reshape(b, 1, group * t, -1)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
         return o.reshape(b, h, t, hd)  # a GPU kernel may return it strided
+
+    def attend_one(self, q, keys, values, mask, causal: bool = False) -> torch.Tensor:
+        """Attention of a decode step, one query per row: ``q [B, H, 1, hd]`` over a bucket of cached
+        keys ``[B, H_kv, L, hd]``, masked per row.
+
+        Written out as two matrix products around a softmax in float32 (as transformers' eager
+        attention computes it): SDPA's kernels that take a mask give each head one block that
+        walks the keys alone, while these spread over every head and key.
+        """
+        b, h, _, hd = q.shape
+        q = q.reshape(b, self.kv_heads, h // self.kv_heads, hd)  # the query heads that share a kv head
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.config.head_dim**-0.5
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(values.dtype)
+        return torch.matmul(probs, values).reshape(b, h, 1, hd)
 
     def mlp(self, x, w: LayerWeights) -> torch.Tensor:
         gate, up = column_parallel_linear(x, w.w_gate_up).chunk(2, dim=-1)
@@ -179,10 +194,11 @@ def step_activation_bytes(config: ModelConfig, tp: TensorParallel, dtype: torch.
     norm = t * d * (2 * 4 + e)  # float32 copies inside rms_norm
     mask = t * (hq // hkv) * max_seq_len * (1 + e)  # boolean, repeated per grouped head, and SDPA's bias of it
     attention = t * (3 * qkv + 4 * hq * hd) * e + mask
+    decode_attention = max_batch * hq * max_seq_len * (3 * e + 4)  # attend_one's scores, masked, float32 softmax
     mlp = t * 3 * inter * e
     all_logits = t * vocab * e * (2 if tp.size > 1 else 1) + norm
     sampling = max_batch * vocab * (e + 3 * 4)
-    return residual + max(norm, attention, mlp, all_logits, sampling)
+    return residual + max(norm, attention, decode_attention, mlp, all_logits, sampling)
 
 
 def decode_graph_bytes(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, max_batch: int,
@@ -195,7 +211,7 @@ def decode_graph_bytes(config: ModelConfig, tp: TensorParallel, dtype: torch.dty
     b = max_batch
     temporaries = 2 * b * d * e + max(
         b * d * (2 * 4 + e),  # rms_norm's float32 copies
-        b * (3 * (hq + 2 * hkv) * hd + 4 * hq * hd) * e + b * (hq // hkv) * max_seq_len * (1 + e),
+        b * (3 * (hq + 2 * hkv) * hd + 4 * hq * hd) * e + b * hq * max_seq_len * (3 * e + 4),  # attend_one
         b * 3 * inter * e,
         b * vocab * e * (2 if tp.size > 1 else 1),
     )

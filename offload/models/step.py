@@ -85,6 +85,7 @@ class Step:
     last: torch.Tensor | None = None  # packed: index of each row's last token
     query_pos: torch.Tensor | None = None  # [B, T] position of each query (pads: the row's last)
     _masks: dict = field(default_factory=dict)
+    one_query = False  # a decode step's attention (``DecodeStep``) is computed differently
 
     # -------------------------------------------------------------- building
 
@@ -209,6 +210,7 @@ class DecodeStep:
     """
 
     causal = False
+    one_query = True
 
     def __init__(self, positions: torch.Tensor, kv_len: int, rope: Rope, windows, tokens=None):
         self.positions, self.kv_len, self.batch = positions, kv_len, positions.shape[0]

@@ -12,6 +12,8 @@
 #                  against accelerate; batches 1 and 16
 #   resident7b     llama-2-7b resident decode, graphs and eager
 #   profile7b      llama-2-7b resident, compiled: generate's ms/step against the GPU's time per pass, the kernels
+#   profile13b     llama-2-13b resident, compiled, the same without the kernel table
+#   host13b        llama-2-13b at 8 GiB, host tier only, batch 1, graphs and eager (no accelerate)
 #   prefill13b     llama-2-13b at 8 GiB: prefill of 32 x 128 and 1 x 4096 tokens against their limits
 #   int4_70b       llama-2-70b in int4 at 24 GiB
 #   serve13b       llama-2-13b at 8 GiB behind the HTTP server, 32 concurrent streaming clients
@@ -55,6 +57,9 @@ run_stage() {
       --decode-tokens 64 --skip-accelerate --json "$OUT/resident7b.json" ;;
     profile7b) stage profile7b python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 32,128 --compile \
       --kernels ;;
+    profile13b) stage profile13b python3 benchmarks/profile_decode.py --shape llama-2-13b --prompts 32,128 --compile ;;
+    host13b) stage host13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB --runs host \
+      --batch 1 --skip-accelerate --json "$OUT/host13b.json" ;;
     prefill13b) stage prefill13b python3 benchmarks/bench_prefill.py --shape llama-2-13b --gpu-memory 8GiB \
       --prompts 32x128,1x4096 --json "$OUT/prefill13b.json" ;;
     int4_70b) stage int4_70b python3 benchmarks/bench_offload.py --shape llama-2-70b --gpu-memory 24GiB \
@@ -62,7 +67,7 @@ run_stage() {
     serve13b) stage serve13b python3 benchmarks/bench_serve.py --shape llama-2-13b --gpu-memory 8GiB --clients 32 \
       --json "$OUT/serve13b.json" ;;
     throughput70b) stage throughput70b python3 benchmarks/bench_throughput.py --shape llama-2-70b --gpu-memory 40GiB \
-      --records 64 --sweep 16,32,64 --json "$OUT/throughput70b.json" ;;
+      --records 64 --sweep 8,16,24,64 --json "$OUT/throughput70b.json" ;;
     tests_multi) stage tests_multi python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \
       -k "peer or tensor_parallel" ;;
     peer13b) stage peer13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB \

@@ -157,6 +157,7 @@ class OffloadedModel:
         ]
         return self._run(chunks, self.cache, rows=len(new_tokens))
 
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: list[int | None]) -> torch.Tensor:
         """Logits ``[rows, vocab]`` of a pass in which row ``b`` adds ``tokens[b]`` at ``positions[b]``.
 

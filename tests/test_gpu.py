@@ -135,6 +135,21 @@ def test_graph_decode_equals_eager_decode_bitwise():
 
 
 @cuda
+def test_graphs_captured_by_step_serve_the_engine_and_back():
+    """A bucket captured by ``model.step`` (inside inference mode) is replayed by the row engine's pipelined
+    passes (launched from the engine), and the other way round, with the same tokens."""
+    prompt = list(range(3, 40))
+    model = load(shape_config("tiny"), dtype=torch.float32, max_batch=2, max_seq_len=128)
+    logits = model.step([prompt], [0])
+    tokens = [int(logits.argmax())]
+    for i in range(6):  # captures the decode buckets
+        tokens.append(int(model.step([[tokens[-1]]], [len(prompt) + i]).argmax()))
+    for _ in range(2):
+        assert model.generate([prompt], max_new_tokens=7, ignore_eos=True)[0][len(prompt):] == tokens
+    model.close()
+
+
+@cuda
 def test_grouped_query_attention_in_graphs_equals_eager():
     """Grouped kv heads fold into the query length under a mask; the GPU kernel's output layout differs."""
     shape = shape_config("tiny")  # 4 query heads share 2 kv heads

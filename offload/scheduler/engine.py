@@ -202,6 +202,7 @@ class Engine:
         taken, self._in_flight = self._in_flight, None
         return taken
 
+    @torch.inference_mode()
     def _launch(self, previous: _Pass | None) -> _Pass:
         """Queue a pass over the rows that want one. After ``previous`` (whose tokens the host has not read)
         every such row adds the token ``previous`` sampled for it, still on the device."""

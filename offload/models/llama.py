@@ -7,8 +7,10 @@ views into a slot that a copy engine is filling. This file is the hot loop of a
 decode step: read ``Transformer.forward`` from top to bottom.
 
 The arithmetic mirrors the reference implementation op for op (the same norms
-in float32, the same rotary tables, the same SDPA calls), so on the same device
-and dtype the logits agree to the bit where the kernels are the same.
+in float32, the same rotary tables, the same SDPA calls for prompts), so on the
+same device and dtype the logits agree to the bit where the kernels are the
+same. Decode steps attend as transformers' eager attention does (``attend_one``),
+which agrees with SDPA to rounding, not to the bit.
 """
 
 from __future__ import annotations

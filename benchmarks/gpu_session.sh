@@ -11,6 +11,7 @@
 #   offload13b     llama-2-13b at 8 GiB: resident, host tier, int8 (8 GiB) and int4 (4 GiB), graphs and eager,
 #                  against accelerate; batches 1 and 16
 #   resident7b     llama-2-7b resident decode, graphs and eager
+#   gemv           one-row products of four models' shapes: offload's GEMV kernel against cuBLAS and the floor
 #   profile7b      llama-2-7b resident, compiled: generate's ms/step against the GPU's time per pass, the kernels
 #   profile13b     llama-2-13b resident, compiled, the same without the kernel table
 #   host13b        llama-2-13b at 8 GiB, host tier only, batch 1, graphs and eager (no accelerate)
@@ -49,12 +50,14 @@ stage() {  # stage NAME COMMAND...: run, log to $OUT/NAME.log, keep going on fai
 
 run_stage() {
   case $1 in
-    tests) stage tests python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py tests/test_quant.py
+    tests) stage tests python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py tests/test_quant.py \
+      tests/test_kernels.py
       stage tests_engine python3 -m pytest -q -p no:cacheprovider tests/test_engine.py ;;  # the row engine on CUDA
     offload13b) stage offload13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB \
       --quantize int8@8GiB,int4@4GiB --json "$OUT/offload13b.json" ;;
     resident7b) stage resident7b python3 benchmarks/bench_offload.py --shape llama-2-7b --runs resident --batch 1 \
       --decode-tokens 64 --skip-accelerate --json "$OUT/resident7b.json" ;;
+    gemv) stage gemv python3 benchmarks/bench_gemv.py ;;
     profile7b) stage profile7b python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 32,128 --compile \
       --kernels ;;
     profile13b) stage profile13b python3 benchmarks/profile_decode.py --shape llama-2-13b --prompts 32,128 --compile ;;
@@ -75,7 +78,7 @@ run_stage() {
     tp13b_peers) stage tp13b_peers python3 benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB \
       --cpu-memory 60GiB --tp 2 --peer-memory cuda:2=60GiB --peer-memory cuda:3=60GiB --with-eager \
       --json "$OUT/tp13b_peers.json" ;;
-    single) for s in tests offload13b resident7b prefill13b int4_70b serve13b throughput70b; do run_stage $s; done ;;
+    single) for s in tests gemv offload13b resident7b prefill13b int4_70b serve13b throughput70b; do run_stage $s; done ;;
     multi) for s in tests_multi peer13b tp13b_peers; do run_stage $s; done ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
   esac

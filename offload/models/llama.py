@@ -7,10 +7,11 @@ views into a slot that a copy engine is filling. This file is the hot loop of a
 decode step: read ``Transformer.forward`` from top to bottom.
 
 The arithmetic mirrors the reference implementation op for op (the same norms
-in float32, the same rotary tables, the same SDPA calls for prompts), so on the
-same device and dtype the logits agree to the bit where the kernels are the
-same. Decode steps attend as transformers' eager attention does (``attend_one``),
-which agrees with SDPA to rounding, not to the bit.
+in float32, the same rotary tables, the same SDPA calls for prompts), so in
+float32 the logits agree with it to the bit where the kernels are the same. In
+16 bits on a GPU, norms, one-row products and decode steps' attention run the
+Triton kernels of ``kernels.py``, which agree with the reference to rounding
+(float32 sums in other orders, attention scores kept in float32).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..distributed import TensorParallel
+from . import kernels
 from .config import ModelConfig
 from .layout import GlobalWeights, LayerWeights
 from .parallel import (
@@ -67,6 +69,8 @@ class KVCache:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if kernels.rms_norm_applies(x, weight):  # on a GPU: one kernel instead of seven
+        return kernels.rms_norm(x, weight, eps)
     dtype = x.dtype
     x = x.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -153,13 +157,17 @@ class Transformer:
         """Attention of a decode step, one query per row: ``q [B, H, 1, hd]`` over a bucket of cached
         keys ``[B, H_kv, L, hd]``, masked per row.
 
-        Written out as two matrix products around a softmax in float32 (as transformers' eager
-        attention computes it): SDPA's kernels that take a mask give each head one block that
-        walks the keys alone, while these spread over every head and key.
+        On a GPU, flash decoding (``kernels.decode_attention``): the keys cut into splits that run
+        in parallel. Elsewhere, two matrix products around a softmax in float32 (as transformers'
+        eager attention computes it). SDPA's kernels that take a mask give each head one block
+        that walks the keys alone; both of these spread over every head and key.
         """
+        scale = self.config.head_dim**-0.5
+        if kernels.decode_attention_applies(q, keys, values, mask):
+            return kernels.decode_attention(q, keys, values, mask, scale)
         b, h, _, hd = q.shape
         q = q.reshape(b, self.kv_heads, h // self.kv_heads, hd)  # the query heads that share a kv head
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.config.head_dim**-0.5
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(values.dtype)
         return torch.matmul(probs, values).reshape(b, h, 1, hd)
 
@@ -196,7 +204,8 @@ def step_activation_bytes(config: ModelConfig, tp: TensorParallel, dtype: torch.
     norm = t * d * (2 * 4 + e)  # float32 copies inside rms_norm
     mask = t * (hq // hkv) * max_seq_len * (1 + e)  # boolean, repeated per grouped head, and SDPA's bias of it
     attention = t * (3 * qkv + 4 * hq * hd) * e + mask
-    decode_attention = max_batch * hq * max_seq_len * (3 * e + 4)  # attend_one's scores, masked, float32 softmax
+    decode_attention = (max_batch * hq * max_seq_len * (3 * e + 4)  # attend_one's scores, masked, float32 softmax
+                        + kernels.decode_attention_bytes(max_batch, hq, hkv, max_seq_len, hd, dtype))  # or the kernel's
     mlp = t * 3 * inter * e
     all_logits = t * vocab * e * (2 if tp.size > 1 else 1) + norm
     sampling = max_batch * vocab * (e + 3 * 4)
@@ -213,7 +222,8 @@ def decode_graph_bytes(config: ModelConfig, tp: TensorParallel, dtype: torch.dty
     b = max_batch
     temporaries = 2 * b * d * e + max(
         b * d * (2 * 4 + e),  # rms_norm's float32 copies
-        b * (3 * (hq + 2 * hkv) * hd + 4 * hq * hd) * e + b * hq * max_seq_len * (3 * e + 4),  # attend_one
+        b * (3 * (hq + 2 * hkv) * hd + 4 * hq * hd) * e + b * hq * max_seq_len * (3 * e + 4)  # attend_one
+        + kernels.decode_attention_bytes(b, hq, hkv, max_seq_len, hd, dtype),
         b * 3 * inter * e,
         b * vocab * e * (2 if tp.size > 1 else 1),
     )

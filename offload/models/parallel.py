@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..distributed import TensorParallel
 from ..errors import ConfigError
 from .config import ModelConfig
+from . import kernels
 from .quant import QuantizedWeight, quantized_linear
 
 
@@ -43,6 +44,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
     """``x @ weight.T (+ bias)`` for a dense or a quantized weight."""
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight, bias)
+    if kernels.gemv_applies(x, weight):  # a decode step's one row: a kernel that reads the weight at HBM speed
+        return kernels.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -79,7 +82,7 @@ def vocab_parallel_embedding(ids: torch.Tensor, table: torch.Tensor, vocab_start
 
 def vocab_parallel_logits(h: torch.Tensor, head: torch.Tensor, vocab_size: int, tp: TensorParallel):
     """Logits over the whole vocabulary from this rank's rows of the LM head."""
-    return tp.all_gather_last_dim(F.linear(h, head))[..., :vocab_size]
+    return tp.all_gather_last_dim(linear(h, head))[..., :vocab_size]
 
 
 # ----------------------------------------------------------------------------- sharding

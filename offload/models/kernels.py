@@ -1,0 +1,238 @@
+"""Triton kernels for the operations of a decode step: one-row products, RMS norm, attention of one query.
+
+A decode step reads every weight once and does little else, so its time should be
+the time to read the weights from HBM. Three operations kept it from that (H200,
+2026-11-22, llama-2-7b):
+
+* **One-row products (GEMV).** cuBLAS reads the output and down projections at
+  about 0.6 and 0.8 of the device-copy bandwidth. Inductor's generated reductions
+  (``--compile``) were tuned anew in every compilation and fused the norm before
+  the q/k/v product into every one of its programs: 1.6x the product's HBM time
+  in one compilation, not in the next. ``gemv`` gives each output feature one
+  program that walks its weight row in 16-byte loads per thread, accumulating in
+  float32: over the products of four models' shapes it reads at 1.00-1.01 of the
+  device-copy bandwidth (reads alone outrun copies a little), cuBLAS at 0.93-0.95
+  (``benchmarks/bench_gemv.py``, two runs).
+* **RMS norm.** Eight small kernels eagerly; compiled, one kernel whose tuning
+  made it take 2.3 us in one compilation and 4.7 us in another. ``rms_norm`` is
+  one program per row: 1.8 us.
+* **Attention of one query per row.** Compiled, four kernels (6 us for the
+  softmax's alone at 256 keys). ``decode_attention`` is flash decoding: the keys
+  are cut into splits that run in parallel (enough programs to fill the GPU),
+  each keeps a running softmax, and a second kernel merges the splits: 3.3-3.7 us
+  and 1.2 us at 128-256 keys.
+
+Every blocking is fixed (no timing: two models, in one process or in two, compute
+the same bits, and eager steps the same as graphs), and ``torch.compile`` sees
+each kernel as one opaque call, so whatever feeds it is written once by a kernel
+of its own. Only 16-bit tensors on a CUDA device with Triton take these kernels
+(``usable``); everything else computes with PyTorch operations, which the
+callers keep as the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU builds have none and never need it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+DTYPES = (torch.bfloat16, torch.float16)
+# GEMV: columns per loop step and warps per program, 8 columns (16 bytes) per thread and step. The best
+# blocking, or within 3% of it, for every product of four models' shapes (benchmarks/bench_gemv.py --sweep).
+BLOCK_K, WARPS = 1024, 4
+# Attention: keys per loop step, and the programs to aim for (about two per SM of an H100 or H200).
+BLOCK_KEYS, TARGET_PROGRAMS = 64, 256
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors are ones the kernels take: 16-bit, on one CUDA device, and Triton present."""
+    first = tensors[0]
+    return (triton is not None and first.is_cuda and first.dtype in DTYPES
+            and all(t.device == first.device and t.dtype == first.dtype for t in tensors))
+
+
+# ----------------------------------------------------------------------------- one-row products
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` is a one-row product ``gemv`` computes."""
+    return (usable(x, weight) and x.numel() == x.shape[-1] and x.stride(-1) == 1
+            and weight.dim() == 2 and weight.is_contiguous())
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for one row ``x [..., K]`` (every leading dimension 1) and ``weight [N, K]``."""
+    n, k = weight.shape
+    out = x.new_empty(*x.shape[:-1], n)
+    _gemv_kernel[(n,)](x, weight, bias if bias is not None else out, out, k, BLOCK_K=BLOCK_K,
+                       EVEN_K=k % BLOCK_K == 0, HAS_BIAS=bias is not None, num_warps=WARPS)
+    return out
+
+
+# ----------------------------------------------------------------------------- RMS norm
+
+
+def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return usable(x, weight) and x.is_contiguous() and weight.is_contiguous() and x.shape[-1] <= 32768
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dimension, the mean in float32, each row
+    normalized in float32 and rounded to the model dtype before the weight multiplies it (as Llama does)."""
+    d = x.shape[-1]
+    out = torch.empty_like(x)
+    block = triton.next_power_of_2(d)
+    _rms_norm_kernel[(x.numel() // d,)](x, weight, out, d, eps, BLOCK=block, num_warps=min(max(block // 256, 1), 16))
+    return out
+
+
+# ----------------------------------------------------------------------------- attention of one query
+
+
+def decode_attention_applies(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             allowed: torch.Tensor) -> bool:
+    hd = q.shape[-1]
+    return (usable(q, keys, values) and hd >= 16 and hd & (hd - 1) == 0 and allowed.dtype == torch.bool
+            and q.stride(-1) == keys.stride(-1) == values.stride(-1) == allowed.stride(-1) == 1)
+
+
+def decode_attention_splits(batch: int, kv_heads: int, length: int) -> tuple[int, int]:
+    """(splits, keys per split) of ``length`` keys: enough programs to fill the GPU, no split without keys."""
+    blocks = -(-length // BLOCK_KEYS)
+    splits = min(blocks, max(1, -(-TARGET_PROGRAMS // (batch * kv_heads))))
+    keys_per_split = -(-blocks // splits) * BLOCK_KEYS
+    return -(-length // keys_per_split), keys_per_split
+
+
+def decode_attention_bytes(batch: int, heads: int, kv_heads: int, max_len: int, hd: int, dtype: torch.dtype) -> int:
+    """The most GPU memory ``decode_attention`` allocates for up to ``max_len`` keys (the splits' float32
+    partial results and the output)."""
+    splits = min(-(-max_len // BLOCK_KEYS), max(1, -(-TARGET_PROGRAMS // (batch * kv_heads))))  # at any length
+    partial = batch * heads * splits * (hd + 2) * 4 if splits > 1 else 0
+    return partial + batch * heads * hd * dtype.itemsize
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Softmax attention of one query per row: ``q [B, H, 1, hd]`` over ``keys``/``values``
+    ``[B, H_kv, L, hd]`` (any strides but the last), where ``allowed [B, 1, 1, L]`` (bool) says
+    which keys each row sees. Grouped kv heads: query head ``h`` uses kv head ``h // (H / H_kv)``.
+    Returns ``[B, H, 1, hd]``, a view of a ``[B, 1, H, hd]`` tensor (the token layout)."""
+    b, h, _, hd = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = h // kv_heads
+    splits, keys_per_split = decode_attention_splits(b, kv_heads, length)
+    out = q.new_empty(b, 1, h, hd)
+    # Each split's unnormalized output, running maximum and sum, in float32 (only with more than one split).
+    partial = q.new_empty((b * h * splits * (hd + 2)) if splits > 1 else 1, dtype=torch.float32)
+    grid = (b * kv_heads, splits)
+    _decode_attention_kernel[grid](
+        q, keys, values, allowed, partial, out, length, kv_heads, keys_per_split, scale * math.log2(math.e),
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), allowed.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK=BLOCK_KEYS,
+        SPLITS=splits, num_warps=4)
+    if splits > 1:
+        _merge_splits_kernel[(b * h,)](partial, out, SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+                                       HD=hd, num_warps=4)
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- the kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
+        n = tl.program_id(0)  # the output feature this program computes
+        w_row = w_ptr + n.to(tl.int64) * K
+        cols = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_row + k0 + cols, eviction_policy="evict_first")  # read once: keep x in cache
+                x = tl.load(x_ptr + k0 + cols, eviction_policy="evict_last")
+            else:
+                inside = k0 + cols < K
+                w = tl.load(w_row + k0 + cols, mask=inside, other=0.0, eviction_policy="evict_first")
+                x = tl.load(x_ptr + k0 + cols, mask=inside, other=0.0, eviction_policy="evict_last")
+            acc += w.to(tl.float32) * x.to(tl.float32)
+        y = tl.sum(acc, axis=0)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + n).to(tl.float32)
+        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * D
+        cols = tl.arange(0, BLOCK)
+        inside = cols < D
+        x = tl.load(x_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
+        inverse = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        normed = (x * inverse).to(y_ptr.dtype.element_ty).to(tl.float32)  # rounded first, as Llama does
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, partial_ptr, out_ptr, L, KV_HEADS, KEYS_PER_SPLIT,
+                                 scale_log2: tl.constexpr, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
+                                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr,
+                                 SPLITS: tl.constexpr):
+        """One kv head of one row, over one split of the keys: the ``GROUP`` query heads that share it."""
+        row_head, split = tl.program_id(0), tl.program_id(1)
+        b, kv_head = row_head // KV_HEADS, row_head % KV_HEADS
+        g, d = tl.arange(0, GROUP_PAD), tl.arange(0, HD)
+        heads = kv_head * GROUP + g
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=g[:, None] < GROUP, other=0.0)
+        k_base, v_base = k_ptr + b * sk_b + kv_head * sk_h, v_ptr + b * sv_b + kv_head * sv_h
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running maximum of the scores (base-2 scaled)
+        total = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m)
+        acc = tl.zeros([GROUP_PAD, HD], tl.float32)
+        start = split * KEYS_PER_SPLIT
+        stop = tl.minimum(start + KEYS_PER_SPLIT, L)
+        for first in range(start, stop, BLOCK):
+            key = first + tl.arange(0, BLOCK)
+            inside = key < stop
+            seen = tl.load(mask_ptr + b * sm_b + key, mask=inside, other=0) != 0
+            k = tl.load(k_base + key[:, None] * sk_l + d[None, :], mask=inside[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scale_log2
+            scores = tl.where(seen[None, :], scores, float("-inf"))
+            new_m = tl.maximum(m, tl.max(scores, axis=1))
+            shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # no key seen yet: keep every weight 0
+            p = tl.exp2(scores - shift[:, None])
+            rescale = tl.exp2(m - shift)
+            v = tl.load(v_base + key[:, None] * sv_l + d[None, :], mask=inside[:, None], other=0.0)
+            total = total * rescale + tl.sum(p, axis=1)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+            m = new_m
+        if SPLITS == 1:
+            o = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+            out = out_ptr + (b * KV_HEADS * GROUP + heads[:, None]) * HD + d[None, :]
+            tl.store(out, o.to(out_ptr.dtype.element_ty), mask=g[:, None] < GROUP)
+        else:  # [row, head, split]: HD values, then the maximum and the sum
+            at = ((b * KV_HEADS * GROUP + heads) * SPLITS + split) * (HD + 2)
+            tl.store(partial_ptr + at[:, None] + d[None, :], acc, mask=g[:, None] < GROUP)
+            tl.store(partial_ptr + at + HD, m, mask=g < GROUP)
+            tl.store(partial_ptr + at + HD + 1, total, mask=g < GROUP)
+
+    @triton.jit
+    def _merge_splits_kernel(partial_ptr, out_ptr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HD: tl.constexpr):
+        """One query head of one row: the splits' outputs, each weighted by its share of the softmax."""
+        row_head = tl.program_id(0)
+        s, d = tl.arange(0, SPLITS_PAD), tl.arange(0, HD)
+        at = (row_head * SPLITS + s) * (HD + 2)
+        m = tl.load(partial_ptr + at + HD, mask=s < SPLITS, other=float("-inf"))
+        total = tl.load(partial_ptr + at + HD + 1, mask=s < SPLITS, other=0.0)
+        acc = tl.load(partial_ptr + at[:, None] + d[None, :], mask=s[:, None] < SPLITS, other=0.0)
+        top = tl.max(m, axis=0)
+        weight = tl.exp2(m - tl.where(top == float("-inf"), 0.0, top))  # a split that saw no key: weight 0
+        total = tl.sum(total * weight, axis=0)
+        o = tl.sum(acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(out_ptr + row_head * HD + d, o.to(out_ptr.dtype.element_ty))

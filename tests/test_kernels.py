@@ -1,0 +1,136 @@
+"""The Triton kernels of a decode step (``offload.models.kernels``): what takes them, and what they compute.
+
+The kernels' tests need a CUDA GPU with Triton and are skipped without one; the
+dispatch test runs everywhere. References are computed in float64.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from offload.models import kernels
+from offload.models.llama import rms_norm
+from offload.models.parallel import linear
+
+needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None,
+                                  reason="needs a CUDA GPU with Triton")
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    out = x.double() @ w.double().T
+    return (out if bias is None else out + bias.double()).to(x.dtype)
+
+
+def test_only_one_row_of_16_bit_on_cuda_takes_the_kernel():
+    w = torch.randn(8, 16, dtype=torch.bfloat16)
+    assert not kernels.gemv_applies(torch.randn(1, 16, dtype=torch.bfloat16), w)  # on the host: F.linear
+    if not torch.cuda.is_available() or kernels.triton is None:
+        return
+    w = w.cuda()
+    assert kernels.gemv_applies(torch.randn(1, 1, 16, dtype=torch.bfloat16, device="cuda"), w)
+    assert not kernels.gemv_applies(torch.randn(2, 16, dtype=torch.bfloat16, device="cuda"), w)  # two rows
+    assert not kernels.gemv_applies(torch.randn(1, 16, device="cuda"), w.float())  # float32
+    assert not kernels.gemv_applies(torch.randn(1, 16, dtype=torch.bfloat16, device="cuda"), w.T.contiguous().T)
+    assert not kernels.gemv_applies(torch.randn(1, 32, dtype=torch.bfloat16, device="cuda")[:, ::2], w)  # strided x
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(12288, 4096), (4096, 11008), (1000, 352), (3, 1030), (7, 64)])
+def test_gemv_equals_the_exact_product_to_one_rounding(n, k, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    w = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) / k**0.5
+    x = torch.randn(1, 1, k, device="cuda", dtype=dtype, generator=gen)
+    bias = torch.randn(n, device="cuda", dtype=dtype, generator=gen)
+    for b in (None, bias):
+        got, want = linear(x, w, b), reference(x, w, b)
+        assert got.shape == (1, 1, n) and got.dtype == dtype
+        # float32 accumulation in another order than float64's: at most one rounding step of the output apart
+        torch.testing.assert_close(got, want, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=1e-3)
+        cublas = F.linear(x, w, b)
+        assert (got.float() - want.float()).abs().max() <= 2 * (cublas.float() - want.float()).abs().max() + 1e-3
+
+
+@needs_triton
+@pytest.mark.gpu
+def test_kernels_compiled_and_captured_compute_the_eager_bits():
+    torch._dynamo.reset()
+    w = torch.randn(512, 1030, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 1030, device="cuda", dtype=torch.bfloat16)
+    scale = torch.randn(1030, device="cuda", dtype=torch.bfloat16)
+
+    def product(x):
+        return F.silu(linear(rms_norm(x, scale, 1e-5), w))
+
+    eager = product(x)
+    compiled = torch.compile(product, fullgraph=True)
+    assert torch.equal(compiled(x), eager)  # the kernel traced into the graph, not broken out of it
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        compiled(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(out, product(x))
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (5, 5120), (2, 3, 100)])
+def test_rms_norm_equals_the_reference_to_one_rounding(shape, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(len(shape))
+    x = torch.randn(shape, device="cuda", dtype=dtype, generator=gen) * 3
+    w = torch.randn(shape[-1], device="cuda", dtype=dtype, generator=gen)
+    assert kernels.rms_norm_applies(x, w)
+    xd = x.double()
+    normed = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)  # rounded before the weight
+    want = (w.double() * normed.double()).to(dtype)
+    got = kernels.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(got, want, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=1e-3)
+    assert (got == want).float().mean() > 0.99  # a few elements a rounding apart, no more
+
+
+def attention_reference(q, keys, values, allowed, scale):
+    group = q.shape[1] // keys.shape[1]
+    k, v = keys.double().repeat_interleave(group, 1), values.double().repeat_interleave(group, 1)
+    scores = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,heads,kv_heads,length,hd", [
+    (1, 32, 32, 128, 128),  # llama-2-7b: one split per 64 keys
+    (1, 32, 32, 4096, 128),  # long: splits of many blocks, merged
+    (3, 8, 1, 300, 64),  # one kv head for eight query heads, a ragged last block
+    (2, 28, 4, 1000, 128),  # seven query heads per kv head (not a power of two)
+    (64, 8, 8, 200, 128),  # many rows: one split each
+])
+def test_decode_attention_equals_the_reference(batch, heads, kv_heads, length, hd, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(length)
+    cache_k = torch.randn(batch, kv_heads, length + 5, hd, device="cuda", dtype=dtype, generator=gen)
+    cache_v = torch.randn(batch, kv_heads, length + 5, hd, device="cuda", dtype=dtype, generator=gen)
+    keys, values = cache_k[:, :, :length], cache_v[:, :, :length]  # the cache's strides, as a decode step reads it
+    q = torch.randn(batch, 1, heads, hd, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
+    positions = torch.randint(0, length, (batch,), device="cuda", generator=gen)
+    positions[0] = length - 1
+    if batch > 1:
+        positions[1] = 0  # a row that sees one key
+    key = torch.arange(length, device="cuda")
+    allowed = key[None, :] <= positions[:, None]
+    if batch > 2:
+        allowed[2] &= key > positions[2] - 50  # a sliding window
+    allowed = allowed[:, None, None, :]
+    assert kernels.decode_attention_applies(q, keys, values, allowed)
+    got = kernels.decode_attention(q, keys, values, allowed, hd**-0.5)
+    want = attention_reference(q, keys, values, allowed, hd**-0.5)
+    assert got.shape == (batch, heads, 1, hd)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 3e-3  # the softmax's weights round to 16 bits before P @ V
+    assert (got.double() - want).abs().max() <= tolerance

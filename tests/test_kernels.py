@@ -1,4 +1,4 @@
-"""The Triton kernels of a decode step (``offload.models.kernels``): what takes them, and what they compute.
+"""The Triton kernels of a compiled decode step (``offload.models.kernels``): what takes them, what they compute.
 
 The kernels' tests need a CUDA GPU with Triton and are skipped without one; the
 dispatch test runs everywhere. References are computed in float64.
@@ -21,17 +21,24 @@ def reference(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
     return (out if bias is None else out + bias.double()).to(x.dtype)
 
 
-def test_only_one_row_of_16_bit_on_cuda_takes_the_kernel():
+def test_the_kernels_take_one_row_of_16_bits_on_cuda_inside_compile_only():
     w = torch.randn(8, 16, dtype=torch.bfloat16)
     assert not kernels.gemv_applies(torch.randn(1, 16, dtype=torch.bfloat16), w)  # on the host: F.linear
     if not torch.cuda.is_available() or kernels.triton is None:
         return
     w = w.cuda()
-    assert kernels.gemv_applies(torch.randn(1, 1, 16, dtype=torch.bfloat16, device="cuda"), w)
-    assert not kernels.gemv_applies(torch.randn(2, 16, dtype=torch.bfloat16, device="cuda"), w)  # two rows
-    assert not kernels.gemv_applies(torch.randn(1, 16, device="cuda"), w.float())  # float32
-    assert not kernels.gemv_applies(torch.randn(1, 16, dtype=torch.bfloat16, device="cuda"), w.T.contiguous().T)
-    assert not kernels.gemv_applies(torch.randn(1, 32, dtype=torch.bfloat16, device="cuda")[:, ::2], w)  # strided x
+    x = torch.randn(1, 1, 32, dtype=torch.bfloat16, device="cuda")[..., :16]
+    assert not kernels.gemv_applies(x, w)  # outside torch.compile: PyTorch's kernels
+
+    def decisions(x, w):  # evaluated while dynamo traces: the answers become constants of the graph
+        return torch.tensor([kernels.gemv_applies(x, w),
+                             kernels.gemv_applies(x.expand(2, 1, 16), w),  # two rows
+                             kernels.gemv_applies(x.float(), w.float()),  # float32
+                             kernels.gemv_applies(x, w.T.contiguous().T),  # a transposed weight
+                             kernels.gemv_applies(x[..., ::2], w[:, :8])])  # a strided row
+
+    torch._dynamo.reset()
+    assert torch.compile(decisions, fullgraph=True)(x, w).tolist() == [True, False, False, False, False]
 
 
 @needs_triton
@@ -44,7 +51,7 @@ def test_gemv_equals_the_exact_product_to_one_rounding(n, k, dtype):
     x = torch.randn(1, 1, k, device="cuda", dtype=dtype, generator=gen)
     bias = torch.randn(n, device="cuda", dtype=dtype, generator=gen)
     for b in (None, bias):
-        got, want = linear(x, w, b), reference(x, w, b)
+        got, want = kernels.gemv(x, w, b), reference(x, w, b)
         assert got.shape == (1, 1, n) and got.dtype == dtype
         # float32 accumulation in another order than float64's: at most one rounding step of the output apart
         torch.testing.assert_close(got, want, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=1e-3)
@@ -54,7 +61,9 @@ def test_gemv_equals_the_exact_product_to_one_rounding(n, k, dtype):
 
 @needs_triton
 @pytest.mark.gpu
-def test_kernels_compiled_and_captured_compute_the_eager_bits():
+def test_compiled_code_runs_the_kernels_and_captures_them():
+    """Compiled, ``rms_norm`` and ``linear`` call the kernels (the bits of calling them directly), traced into
+    the graph rather than broken out of it, and the compiled code replays in a CUDA graph."""
     torch._dynamo.reset()
     w = torch.randn(512, 1030, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1, 1030, device="cuda", dtype=torch.bfloat16)
@@ -63,9 +72,11 @@ def test_kernels_compiled_and_captured_compute_the_eager_bits():
     def product(x):
         return F.silu(linear(rms_norm(x, scale, 1e-5), w))
 
-    eager = product(x)
+    def by_hand(x):
+        return F.silu(kernels.gemv(kernels.rms_norm(x, scale, 1e-5), w))
+
     compiled = torch.compile(product, fullgraph=True)
-    assert torch.equal(compiled(x), eager)  # the kernel traced into the graph, not broken out of it
+    assert torch.equal(compiled(x), by_hand(x))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -76,7 +87,7 @@ def test_kernels_compiled_and_captured_compute_the_eager_bits():
         out = compiled(x)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    assert torch.equal(out, product(x))
+    assert torch.equal(out, by_hand(x))
 
 
 @needs_triton
@@ -87,7 +98,6 @@ def test_rms_norm_equals_the_reference_to_one_rounding(shape, dtype):
     gen = torch.Generator(device="cuda").manual_seed(len(shape))
     x = torch.randn(shape, device="cuda", dtype=dtype, generator=gen) * 3
     w = torch.randn(shape[-1], device="cuda", dtype=dtype, generator=gen)
-    assert kernels.rms_norm_applies(x, w)
     xd = x.double()
     normed = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)  # rounded before the weight
     want = (w.double() * normed.double()).to(dtype)
@@ -128,7 +138,6 @@ def test_decode_attention_equals_the_reference(batch, heads, kv_heads, length, h
     if batch > 2:
         allowed[2] &= key > positions[2] - 50  # a sliding window
     allowed = allowed[:, None, None, :]
-    assert kernels.decode_attention_applies(q, keys, values, allowed)
     got = kernels.decode_attention(q, keys, values, allowed, hd**-0.5)
     want = attention_reference(q, keys, values, allowed, hd**-0.5)
     assert got.shape == (batch, heads, 1, hd)

@@ -23,11 +23,19 @@ the time to read the weights from HBM. Three operations kept it from that (H200,
   and 1.2 us at 128-256 keys.
 
 Every blocking is fixed (no timing: two models, in one process or in two, compute
-the same bits, and eager steps the same as graphs), and ``torch.compile`` sees
-each kernel as one opaque call, so whatever feeds it is written once by a kernel
-of its own. Only 16-bit tensors on a CUDA device with Triton take these kernels
-(``usable``); everything else computes with PyTorch operations, which the
-callers keep as the reference.
+the same bits), and ``torch.compile`` sees each kernel as one opaque call, so
+whatever feeds it is written once by a kernel of its own.
+
+The kernels run only inside ``torch.compile``, that is in the compiled decode layer
+that ``compile=True`` opts into (``usable``), and only for 16-bit tensors on a CUDA
+device with Triton; everywhere else the callers compute with PyTorch operations.
+Used in every step, they made streaming slower: llama-2-13b with 30 of its 40
+layers streamed from the host decoded a token in 364 ms against 344 ms with
+PyTorch's kernels, the host link's limit (one process, H200, 2026-11-22; the GEMV
+and the norm, the two that read the streamed weights, took 15 and 5 ms of it, the
+attention none). Until that is understood, the default path (eager steps and
+plain graphs) keeps PyTorch's kernels and their bits, and these are part of what
+compiling, meant for decode that HBM bounds, opts into.
 """
 
 from __future__ import annotations
@@ -51,9 +59,9 @@ BLOCK_KEYS, TARGET_PROGRAMS = 64, 256
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether these tensors are ones the kernels take: 16-bit, on one CUDA device, and Triton present."""
+    """Whether the kernels take these tensors: inside ``torch.compile``, 16-bit, on one CUDA device, with Triton."""
     first = tensors[0]
-    return (triton is not None and first.is_cuda and first.dtype in DTYPES
+    return (triton is not None and torch.compiler.is_compiling() and first.is_cuda and first.dtype in DTYPES
             and all(t.device == first.device and t.dtype == first.dtype for t in tensors))
 
 

@@ -9,9 +9,9 @@ decode step: read ``Transformer.forward`` from top to bottom.
 The arithmetic mirrors the reference implementation op for op (the same norms
 in float32, the same rotary tables, the same SDPA calls for prompts), so in
 float32 the logits agree with it to the bit where the kernels are the same. In
-16 bits on a GPU, norms, one-row products and decode steps' attention run the
-Triton kernels of ``kernels.py``, which agree with the reference to rounding
-(float32 sums in other orders, attention scores kept in float32).
+a compiled decode layer (``compile=True``), 16-bit norms, one-row products and
+attention run the Triton kernels of ``kernels.py``, which agree with the
+reference to rounding (float32 sums in other orders, scores kept in float32).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class KVCache:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if kernels.rms_norm_applies(x, weight):  # on a GPU: one kernel instead of seven
+    if kernels.rms_norm_applies(x, weight):  # compiled, on a GPU: one kernel instead of eight
         return kernels.rms_norm(x, weight, eps)
     dtype = x.dtype
     x = x.to(torch.float32)
@@ -157,9 +157,9 @@ class Transformer:
         """Attention of a decode step, one query per row: ``q [B, H, 1, hd]`` over a bucket of cached
         keys ``[B, H_kv, L, hd]``, masked per row.
 
-        On a GPU, flash decoding (``kernels.decode_attention``): the keys cut into splits that run
-        in parallel. Elsewhere, two matrix products around a softmax in float32 (as transformers'
-        eager attention computes it). SDPA's kernels that take a mask give each head one block
+        Two matrix products around a softmax in float32 (as transformers' eager attention computes
+        it); compiled, on a GPU, flash decoding (``kernels.decode_attention``: the keys cut into
+        splits that run in parallel). SDPA's kernels that take a mask give each head one block
         that walks the keys alone; both of these spread over every head and key.
         """
         scale = self.config.head_dim**-0.5

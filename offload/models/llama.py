@@ -7,11 +7,12 @@ views into a slot that a copy engine is filling. This file is the hot loop of a
 decode step: read ``Transformer.forward`` from top to bottom.
 
 The arithmetic mirrors the reference implementation op for op (the same norms
-in float32, the same rotary tables, the same SDPA calls for prompts), so in
-float32 the logits agree with it to the bit where the kernels are the same. In
-a compiled decode layer (``compile=True``), 16-bit norms, one-row products and
-attention run the Triton kernels of ``kernels.py``, which agree with the
-reference to rounding (float32 sums in other orders, scores kept in float32).
+in float32, the same rotary tables, the same SDPA calls for prompts), so on the
+same device and dtype the logits agree to the bit where the kernels are the
+same. Decode steps attend as transformers' eager attention does (``attend_one``),
+which agrees with SDPA to rounding, not to the bit. In a compiled decode layer
+(``compile=True``), 16-bit norms, one-row products and attention run the Triton
+kernels of ``kernels.py``, which agree with these to rounding.
 """
 
 from __future__ import annotations

@@ -66,11 +66,13 @@ class LoadOptions:
         link_bandwidth: bytes/s per link (``{"host": 55e9, "hbm": 4e12, "cuda:1": 390e9}``, and
             ``"matmul"`` FLOP/s) instead of measuring them.
         cuda_graphs: capture decode steps in CUDA graphs and replay them (on a GPU; default on).
-        compile: fuse the decode layer's small kernels with ``torch.compile`` before capturing it
-            (with ``cuda_graphs``; default off). Faster where decode is bound by compute (llama-2-13b
-            resident: 7.7 instead of 10.3 ms per token on an H200), but inductor tunes kernels by
-            timing them, so two separately compiled models (a resident and an offloaded one) need
-            not give the same bits; compiling takes seconds per bucket of rows and key length.
+        compile: compile the decode layer with ``torch.compile`` before capturing it (with
+            ``cuda_graphs``; default off): its small kernels fuse, and in 16 bits its products, norms
+            and attention run offload's Triton kernels (``offload.models.kernels``). Faster where
+            decode is bound by HBM (llama-2-7b resident on an H200: 3.9 instead of 6.5 ms per
+            token), but inductor tunes kernels by timing them, so two separately compiled models (a
+            resident and an offloaded one) need not give the same bits; compiling takes seconds per
+            bucket of rows and key length, and the kernels slowed decode streamed from the host.
         quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while
             loading and stay compressed in every tier (``offload.models.quant``); None (default):
             the model dtype.

@@ -110,18 +110,22 @@ def decode_attention_applies(q: torch.Tensor, keys: torch.Tensor, values: torch.
             and q.stride(-1) == keys.stride(-1) == values.stride(-1) == allowed.stride(-1) == 1)
 
 
+def _most_splits(batch: int, kv_heads: int, length: int) -> int:
+    """Enough splits to fill the GPU with programs, at most one per block of keys."""
+    return min(-(-length // BLOCK_KEYS), max(1, -(-TARGET_PROGRAMS // (batch * kv_heads))))
+
+
 def decode_attention_splits(batch: int, kv_heads: int, length: int) -> tuple[int, int]:
-    """(splits, keys per split) of ``length`` keys: enough programs to fill the GPU, no split without keys."""
+    """(splits, keys per split) of ``length`` keys: whole blocks per split, no split without keys."""
     blocks = -(-length // BLOCK_KEYS)
-    splits = min(blocks, max(1, -(-TARGET_PROGRAMS // (batch * kv_heads))))
-    keys_per_split = -(-blocks // splits) * BLOCK_KEYS
+    keys_per_split = -(-blocks // _most_splits(batch, kv_heads, length)) * BLOCK_KEYS
     return -(-length // keys_per_split), keys_per_split
 
 
 def decode_attention_bytes(batch: int, heads: int, kv_heads: int, max_len: int, hd: int, dtype: torch.dtype) -> int:
     """The most GPU memory ``decode_attention`` allocates for up to ``max_len`` keys (the splits' float32
     partial results and the output)."""
-    splits = min(-(-max_len // BLOCK_KEYS), max(1, -(-TARGET_PROGRAMS // (batch * kv_heads))))  # at any length
+    splits = _most_splits(batch, kv_heads, max_len)  # no length up to max_len is cut into more
     partial = batch * heads * splits * (hd + 2) * 4 if splits > 1 else 0
     return partial + batch * heads * hd * dtype.itemsize
 

@@ -108,8 +108,7 @@ class _SampledIds:
         if ids.is_cuda:
             self.host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
             self.host.copy_(ids, non_blocking=True)
-            self.copied = torch.cuda.Event()
-            self.copied.record()
+            self.copied = _timing_event(ids.device)  # the pass's end, on the device's clock
         else:
             self.host, self.copied = ids, None
 
@@ -126,7 +125,14 @@ class _Pass:
     rows: list[Row | None]  # by cache row: the rows this pass gave a token
     ids: _SampledIds
     prompt_tokens: int
-    seconds: float  # host time spent launching it; reading its tokens adds the wait
+    seconds: float  # host time spent launching it; on a CPU, reading its tokens adds the wait
+    since: torch.cuda.Event | None  # on a GPU, its time counts from this event to ``ids.copied``
+
+
+def _timing_event(device: torch.device) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 class Engine:
@@ -207,6 +213,7 @@ class Engine:
         """Queue a pass over the rows that want one. After ``previous`` (whose tokens the host has not read)
         every such row adds the token ``previous`` sampled for it, still on the device."""
         start = time.perf_counter()
+        since = self._pass_start(previous)
         width = max(i + 1 for i, row in enumerate(self.rows) if row is not None and row.wants_pass)
         rows = [row if row is not None and row.wants_pass else None for row in self.rows[:width]]
         prompt_tokens = sum(len(row.request.prompt) - row.cached for row in rows if row and row.in_prompt)
@@ -222,7 +229,16 @@ class Engine:
                 row.cached += n
                 row.sampled += 1  # a row's whole prompt goes in one pass: every row of the pass samples
         ids = _SampledIds(self._sample(logits, rows))
-        return _Pass(rows, ids, prompt_tokens, time.perf_counter() - start)
+        return _Pass(rows, ids, prompt_tokens, time.perf_counter() - start, since)
+
+    def _pass_start(self, previous: _Pass | None) -> torch.cuda.Event | None:
+        """Where a pass's time starts on the device: where ``previous``, still running, ends (so passes
+        queued back to back share out the device's time), or now. Host clocks cannot tell: a launch
+        may wait for the pass before it (to look up embeddings kept in host memory, the host reads
+        the ids that pass sampled), and that wait would be charged to the wrong pass."""
+        if self.model.device.type != "cuda":
+            return None
+        return previous.ids.copied if previous is not None else _timing_event(self.model.device)
 
     def _read(self, done: _Pass) -> list[tuple[Row, int]]:
         """Wait for ``done``'s tokens; apply them to the rows still running."""
@@ -239,7 +255,11 @@ class Engine:
             if row.finish_reason is not None:
                 self.rows[row.index] = None
             events.append((row, token))
-        self._count(done, done.seconds + time.perf_counter() - start, len(events))
+        if done.since is None:
+            seconds = done.seconds + time.perf_counter() - start
+        else:
+            seconds = done.since.elapsed_time(done.ids.copied) / 1e3
+        self._count(done, seconds, len(events))
         return events
 
     def _sample(self, logits: torch.Tensor, rows: list[Row | None]) -> torch.Tensor:

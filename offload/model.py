@@ -19,6 +19,7 @@ from .loading import Setup, uses_cuda_graphs
 from .memory.host import to_device
 from .memory.planner import HOST
 from .memory.pool import WeightPool
+from .models import kernels
 from .models.layout import GlobalWeights
 from .models.llama import KVCache, Transformer
 from .models.parallel import local_heads, vocab_rows
@@ -77,6 +78,8 @@ class OffloadedModel:
         weights = GlobalWeights(views["embed"], views["final_norm"], views.get("lm_head", views["embed"]))
         self.transformer = Transformer(s.config, weights, s.tp, vocab_start=vocab_rows(s.config, s.tp)[0])
         _, kv_heads = local_heads(s.config, s.tp)
+        if s.device.type == "cuda" and s.dtype in kernels.DTYPES:
+            kernels.works(s.device)  # Triton tried now, not first while a layer compiles or a graph is captured
         self.cache = KVCache(s.config.n_layers, self.max_batch, kv_heads, self.max_seq_len, s.config.head_dim,
                              s.dtype, s.device)
         self.graphs = (DecodeGraphs(self.transformer, self.layers, self.cache, self.rope, s.plan.placement, s.device,

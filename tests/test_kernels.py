@@ -1,13 +1,16 @@
-"""The Triton kernels of a compiled decode step (``offload.models.kernels``): what takes them, what they compute.
+"""The Triton kernels of a decode step (``offload.models.kernels``): what takes them, and what they compute.
 
 The kernels' tests need a CUDA GPU with Triton and are skipped without one; the
 dispatch test runs everywhere. References are computed in float64.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from offload.errors import OffloadWarning
 from offload.models import kernels
 from offload.models.llama import rms_norm
 from offload.models.parallel import linear
@@ -21,24 +24,42 @@ def reference(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
     return (out if bias is None else out + bias.double()).to(x.dtype)
 
 
-def test_the_kernels_take_one_row_of_16_bits_on_cuda_inside_compile_only():
+def test_the_kernels_take_one_row_of_16_bits_on_cuda():
     w = torch.randn(8, 16, dtype=torch.bfloat16)
     assert not kernels.gemv_applies(torch.randn(1, 16, dtype=torch.bfloat16), w)  # on the host: F.linear
     if not torch.cuda.is_available() or kernels.triton is None:
         return
     w = w.cuda()
     x = torch.randn(1, 1, 32, dtype=torch.bfloat16, device="cuda")[..., :16]
-    assert not kernels.gemv_applies(x, w)  # outside torch.compile: PyTorch's kernels
 
-    def decisions(x, w):  # evaluated while dynamo traces: the answers become constants of the graph
+    def decisions(x, w):
         return torch.tensor([kernels.gemv_applies(x, w),
                              kernels.gemv_applies(x.expand(2, 1, 16), w),  # two rows
                              kernels.gemv_applies(x.float(), w.float()),  # float32
                              kernels.gemv_applies(x, w.T.contiguous().T),  # a transposed weight
                              kernels.gemv_applies(x[..., ::2], w[:, :8])])  # a strided row
 
-    torch._dynamo.reset()
+    assert decisions(x, w).tolist() == [True, False, False, False, False]
+    torch._dynamo.reset()  # compiled, the answers are the same (constants of the traced graph)
     assert torch.compile(decisions, fullgraph=True)(x, w).tolist() == [True, False, False, False, False]
+
+
+@needs_triton
+@pytest.mark.gpu
+def test_a_triton_that_fails_costs_a_warning_and_the_kernels(monkeypatch):
+    class Broken:
+        def __getitem__(self, grid):
+            raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(kernels, "_gemv_kernel", Broken())
+    monkeypatch.setattr(kernels, "_works", None)
+    x, w = torch.randn(1, 64, dtype=torch.float16, device="cuda"), torch.randn(8, 64, dtype=torch.float16, device="cuda")
+    with pytest.warns(OffloadWarning, match="C compiler"):
+        assert not kernels.gemv_applies(x, w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not kernels.works(x.device)  # tried once: no second warning
+    assert torch.equal(linear(x, w), F.linear(x, w))
 
 
 @needs_triton

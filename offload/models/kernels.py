@@ -26,23 +26,28 @@ Every blocking is fixed (no timing: two models, in one process or in two, comput
 the same bits), and ``torch.compile`` sees each kernel as one opaque call, so
 whatever feeds it is written once by a kernel of its own.
 
-The kernels run only inside ``torch.compile``, that is in the compiled decode layer
-that ``compile=True`` opts into (``usable``), and only for 16-bit tensors on a CUDA
-device with Triton; everywhere else the callers compute with PyTorch operations.
-Used in every step, they made streaming slower: llama-2-13b with 30 of its 40
-layers streamed from the host decoded a token in 364 ms against 344 ms with
-PyTorch's kernels, the host link's limit (one process, H200, 2026-11-22; the GEMV
-and the norm, the two that read the streamed weights, took 15 and 5 ms of it, the
-attention none). Until that is understood, the default path (eager steps and
-plain graphs) keeps PyTorch's kernels and their bits, and these are part of what
-compiling, meant for decode that HBM bounds, opts into.
+Every 16-bit decode step on a CUDA device with Triton runs them (``usable``): eager
+steps, CUDA graphs and the compiled layer alike, so an offloaded model still computes
+the resident model's bits, and a graph the eager step's. Everything else (float32,
+the CPU, the products and attention of prompts' many rows) computes with PyTorch
+operations. Streaming does not
+notice them: llama-2-13b with 30 of its 40 layers streamed from the host took 345 ms
+per pass of the GPU with these kernels and without (one process, alternating, H200,
+2026-11-22), the host link's limit.
+
+Triton compiles the kernels when first called, which needs a C compiler; ``works``
+tries that once per process, so a broken toolchain costs a warning and PyTorch's
+kernels rather than a failed step.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+
+from ..errors import OffloadWarning
 
 try:  # Triton ships with CUDA builds of torch; CPU builds have none and never need it
     import triton
@@ -59,10 +64,36 @@ BLOCK_KEYS, TARGET_PROGRAMS = 64, 256
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels take these tensors: inside ``torch.compile``, 16-bit, on one CUDA device, with Triton."""
+    """Whether the kernels take these tensors: 16-bit, on one CUDA device, with a working Triton."""
     first = tensors[0]
-    return (triton is not None and torch.compiler.is_compiling() and first.is_cuda and first.dtype in DTYPES
-            and all(t.device == first.device and t.dtype == first.dtype for t in tensors))
+    return (first.is_cuda and first.dtype in DTYPES
+            and all(t.device == first.device and t.dtype == first.dtype for t in tensors) and works(first.device))
+
+
+_works: bool | None = None  # whether Triton builds and runs the kernels in this process; None: not tried yet
+
+
+def works(device: torch.device) -> bool:
+    """Whether Triton builds and runs the kernels: tried once per process, on ``device``, with one small product
+    (not while compiling or capturing, where nothing may wait for the GPU: the model tries it when it loads)."""
+    global _works
+    if triton is None:
+        return False
+    if _works is None and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+        _works = _try_a_product(device)
+    return bool(_works)
+
+
+def _try_a_product(device: torch.device) -> bool:
+    x = torch.ones(1, 64, dtype=torch.float16, device=device)
+    try:
+        problem = "" if bool((gemv(x, torch.ones(8, 64, dtype=x.dtype, device=device)) == 64).all()) else "wrong sums"
+    except Exception as e:  # noqa: BLE001 - whatever the toolchain raises, PyTorch's kernels still work
+        problem = f"{type(e).__name__}: {str(e)[:200]}"
+    if problem:
+        warnings.warn(f"offload's Triton kernels fail here ({problem}); decoding with PyTorch's kernels",
+                      OffloadWarning, stacklevel=3)
+    return not problem
 
 
 # ----------------------------------------------------------------------------- one-row products

@@ -10,9 +10,9 @@ The arithmetic mirrors the reference implementation op for op (the same norms
 in float32, the same rotary tables, the same SDPA calls for prompts), so on the
 same device and dtype the logits agree to the bit where the kernels are the
 same. Decode steps attend as transformers' eager attention does (``attend_one``),
-which agrees with SDPA to rounding, not to the bit. In a compiled decode layer
-(``compile=True``), 16-bit norms, one-row products and attention run the Triton
-kernels of ``kernels.py``, which agree with these to rounding.
+which agrees with SDPA to rounding, not to the bit. In 16 bits on a GPU, norms,
+one-row products and decode attention run the Triton kernels of ``kernels.py``,
+which agree with these to rounding (float32 sums in other orders).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class KVCache:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if kernels.rms_norm_applies(x, weight):  # compiled, on a GPU: one kernel instead of eight
+    if kernels.rms_norm_applies(x, weight):  # 16 bits on a GPU: one kernel instead of eight
         return kernels.rms_norm(x, weight, eps)
     dtype = x.dtype
     x = x.to(torch.float32)
@@ -158,10 +158,10 @@ class Transformer:
         """Attention of a decode step, one query per row: ``q [B, H, 1, hd]`` over a bucket of cached
         keys ``[B, H_kv, L, hd]``, masked per row.
 
-        Two matrix products around a softmax in float32 (as transformers' eager attention computes
-        it); compiled, on a GPU, flash decoding (``kernels.decode_attention``: the keys cut into
-        splits that run in parallel). SDPA's kernels that take a mask give each head one block
-        that walks the keys alone; both of these spread over every head and key.
+        In 16 bits on a GPU, flash decoding (``kernels.decode_attention``: the keys cut into splits
+        that run in parallel); elsewhere two matrix products around a softmax in float32 (as
+        transformers' eager attention computes it). SDPA's kernels that take a mask give each
+        head one block that walks the keys alone; both of these spread over every head and key.
         """
         scale = self.config.head_dim**-0.5
         if kernels.decode_attention_applies(q, keys, values, mask):

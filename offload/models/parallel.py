@@ -44,7 +44,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
     """``x @ weight.T (+ bias)`` for a dense or a quantized weight."""
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight, bias)
-    if kernels.gemv_applies(x, weight):  # compiled decode, one row: a kernel that reads the weight at HBM speed
+    if kernels.gemv_applies(x, weight):  # a decode step's one row: a kernel that reads the weight at HBM speed
         return kernels.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 

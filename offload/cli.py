@@ -99,8 +99,8 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
     p.add_argument("--slots", type=int, help="streaming slots on the GPU (default 2)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly instead of replaying "
                    "CUDA graphs (graphs are used only on a GPU)")
-    p.add_argument("--compile", action="store_true", help="fuse the decode layer's kernels with torch.compile before "
-                   "capturing it (faster when decode is bound by HBM; seconds of compiling per bucket)")
+    p.add_argument("--compile", action="store_true", help="compile the decode layer with torch.compile before capturing "
+                   "it (no measurable gain over offload's kernels; seconds of compiling per bucket)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--quantize", choices=FORMATS, help="store the layers' linear weights as int8 or int4 (default: "
                    "the model dtype)")

@@ -67,11 +67,11 @@ class LoadOptions:
             ``"matmul"`` FLOP/s) instead of measuring them.
         cuda_graphs: capture decode steps in CUDA graphs and replay them (on a GPU; default on).
         compile: compile the decode layer with ``torch.compile`` before capturing it (with
-            ``cuda_graphs``; default off): the dozen small elementwise kernels around its products,
-            norms and attention fuse into a few. Faster where decode is bound by HBM (llama-2-7b
-            resident on an H200: 3.9 instead of 4.8 ms per token), but inductor tunes kernels by
-            timing them, so two separately compiled models (a resident and an offloaded one) need
-            not give the same bits; compiling takes seconds per bucket of rows and key length.
+            ``cuda_graphs``; default off). With offload's kernels in every 16-bit step it gains
+            nothing measurable (llama-2-7b resident on an H200: 3.8 ms per token either way), and
+            inductor tunes kernels by timing them, so two separately compiled models (a resident
+            and an offloaded one) need not give the same bits; compiling takes seconds per bucket
+            of rows and key length.
         quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while
             loading and stay compressed in every tier (``offload.models.quant``); None (default):
             the model dtype.

@@ -14,6 +14,7 @@ from offload.errors import OffloadWarning
 from offload.models import kernels
 from offload.models.llama import rms_norm
 from offload.models.parallel import linear
+from offload.models.step import DecodeStep, Rope
 
 needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None,
                                   reason="needs a CUDA GPU with Triton")
@@ -82,22 +83,28 @@ def test_gemv_equals_the_exact_product_to_one_rounding(n, k, dtype):
 
 @needs_triton
 @pytest.mark.gpu
-def test_compiled_code_runs_the_kernels_and_captures_them():
+def test_compiled_code_runs_the_kernels_and_captures_them(monkeypatch):
     """Compiled, ``rms_norm`` and ``linear`` call the kernels (the bits of calling them directly), traced into
-    the graph rather than broken out of it, and the compiled code replays in a CUDA graph."""
+    the graph rather than broken out of it, and the compiled code replays in a CUDA graph. Nothing has tried
+    Triton before in this test (``kernels.works``): compiled code takes the kernels all the same."""
+    monkeypatch.setattr(kernels, "_works", None)
     torch._dynamo.reset()
-    w = torch.randn(512, 1030, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(1, 1030, device="cuda", dtype=torch.bfloat16)
-    scale = torch.randn(1030, device="cuda", dtype=torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(512, 1030, device="cuda", dtype=torch.bfloat16, generator=gen)
+    x = torch.randn(1, 1030, device="cuda", dtype=torch.bfloat16, generator=gen)
+    scale = torch.randn(1030, device="cuda", dtype=torch.bfloat16, generator=gen)
 
     def product(x):
-        return F.silu(linear(rms_norm(x, scale, 1e-5), w))
-
-    def by_hand(x):
-        return F.silu(kernels.gemv(kernels.rms_norm(x, scale, 1e-5), w))
+        return 2 * linear(rms_norm(x, scale, 1e-5), w)
 
     compiled = torch.compile(product, fullgraph=True)
-    assert torch.equal(compiled(x), by_hand(x))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = compiled(x)
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    assert {"_rms_norm_kernel", "_gemv_kernel"} <= names
+    want = 2 * kernels.gemv(kernels.rms_norm(x, scale, 1e-5), w)
+    assert torch.equal(got, want)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -106,9 +113,9 @@ def test_compiled_code_runs_the_kernels_and_captures_them():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = compiled(x)
-    x.copy_(torch.randn_like(x))
+    x.copy_(torch.randn(x.shape, device="cuda", dtype=x.dtype, generator=gen))
     graph.replay()
-    assert torch.equal(out, by_hand(x))
+    assert torch.equal(out, compiled(x))
 
 
 @needs_triton
@@ -164,3 +171,60 @@ def test_decode_attention_equals_the_reference(batch, heads, kv_heads, length, h
     assert got.shape == (batch, heads, 1, hd)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 3e-3  # the softmax's weights round to 16 bits before P @ V
     assert (got.double() - want).abs().max() <= tolerance
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,heads,kv_heads,hd", [(1, 32, 32, 128), (3, 8, 2, 64), (2, 28, 4, 128)])
+def test_rope_and_store_rotates_q_and_k_and_writes_the_cache(batch, heads, kv_heads, hd, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(batch * hd)
+    qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * hd, device="cuda", dtype=dtype, generator=gen)
+    rope = Rope(torch.rand(hd // 2) * 0.5, 64, dtype, torch.device("cuda"))
+    positions = torch.tensor([5, 0, 40][:batch], device="cuda")
+    step = DecodeStep(positions, 64, rope, {None})
+    caches = torch.randn(2, 2, 4, kv_heads, 65, hd, device="cuda", dtype=dtype, generator=gen)  # [k/v, layer, ...]
+    mine, theirs = caches.clone(), caches.clone()
+    q = kernels.rope_and_store(qkv, step.cos, step.sin, positions, mine[0, 1], mine[1, 1], heads)
+
+    def rotated(x):  # in float64, rounded once
+        x, half = x.double(), x.shape[-1] // 2
+        return (x * step.cos.double() + torch.cat((-x[..., half:], x[..., :half]), -1) * step.sin.double()).to(dtype)
+
+    q_ref, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    step.store(theirs[0, 1], theirs[1, 1], rotated(k.unflatten(-1, (kv_heads, hd))), v.unflatten(-1, (kv_heads, hd)))
+    q_ref = rotated(q_ref.unflatten(-1, (heads, hd)))
+    assert q.shape == q_ref.shape and torch.equal(mine[1], theirs[1])  # v copied, nothing else touched
+    written = torch.zeros(mine.shape[1:-1], dtype=torch.bool, device="cuda")
+    written[1, torch.arange(batch), :, positions] = True
+    assert torch.equal(mine[0][~written], theirs[0][~written])
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    for got, want in ((q, q_ref), (mine[0][written], theirs[0][written])):  # float32 sums: at most a rounding apart
+        torch.testing.assert_close(got, want, rtol=ulp, atol=1e-3)
+        assert (got == want).float().mean() > 0.99
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (7, 5120), (2, 3, 100)])
+def test_add_rms_norm_equals_the_add_and_the_norm(shape, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(len(shape))
+    x, delta = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+    w = torch.randn(shape[-1], device="cuda", dtype=dtype, generator=gen)
+    total, normed = kernels.add_rms_norm(x, delta, w, 1e-5)
+    assert torch.equal(total, x + delta) and torch.equal(normed, kernels.rms_norm(x + delta, w, 1e-5))
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 11008), (5, 2 * 1000)])
+def test_silu_and_mul_equals_pytorchs_to_one_rounding(shape, dtype):
+    gate_up = torch.randn(shape, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(0)) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    got, want = kernels.silu_and_mul(gate_up), F.silu(gate) * up
+    assert got.shape == want.shape
+    # Triton's exp and CUDA's differ in the last float32 bits, which rarely moves a rounding
+    assert (got == want).float().mean() > 0.99
+    torch.testing.assert_close(got, want, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=1e-3)

@@ -12,7 +12,9 @@ same device and dtype the logits agree to the bit where the kernels are the
 same. Decode steps attend as transformers' eager attention does (``attend_one``),
 which agrees with SDPA to rounding, not to the bit. In 16 bits on a GPU, norms,
 one-row products and decode attention run the Triton kernels of ``kernels.py``,
-which agree with these to rounding (float32 sums in other orders).
+which agree with these to rounding (float32 sums in other orders), as do the
+fused kernels of a decode step's rotary embedding and cache write, of the residual
+add with the norm after it, and of the SiLU gate.
 """
 
 from __future__ import annotations
@@ -78,6 +80,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream ``x + delta``, and its norm."""
+    if kernels.add_rms_norm_applies(x, delta, weight):  # 16 bits on a GPU: one kernel instead of two
+        return kernels.add_rms_norm(x, delta, weight, eps)
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if kernels.silu_and_mul_applies(gate_up):  # 16 bits on a GPU: one kernel instead of two
+        return kernels.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class Transformer:
     """Embedding, decoder layers, final norm, LM head: the non-layer weights are held, layers are passed in."""
 
@@ -121,19 +139,24 @@ class Transformer:
 
     def decoder_layer(self, x, w: LayerWeights, step: Step, kv, window: int | None) -> torch.Tensor:
         eps = self.config.rms_norm_eps
-        x = x + self.attention(rms_norm(x, w.input_norm, eps), w, step, kv, window)
-        return x + self.mlp(rms_norm(x, w.post_norm, eps), w)
+        x, h = add_rms_norm(x, self.attention(rms_norm(x, w.input_norm, eps), w, step, kv, window), w.post_norm, eps)
+        return x + self.mlp(h, w)
 
     def attention(self, x, w: LayerWeights, step: Step, kv, window: int | None) -> torch.Tensor:
         hd = self.config.head_dim
         qkv = column_parallel_linear(x, w.wqkv, w.bqkv)
-        q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
-        q = q.unflatten(-1, (self.heads, hd))
-        k, v = k.unflatten(-1, (self.kv_heads, hd)), v.unflatten(-1, (self.kv_heads, hd))
-        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         cache_k, cache_v = kv
-        if cache_k is not None:
-            step.store(cache_k, cache_v, k, v)
+        if step.one_query and kernels.rope_and_store_applies(qkv, step.cos, cache_k, hd):
+            # a decode step on a GPU: q and k rotated, k and v written to the cache, by one kernel
+            q = kernels.rope_and_store(qkv, step.cos, step.sin, step.positions, cache_k, cache_v, self.heads)
+            k = v = None  # a decode step attends to the cache
+        else:
+            q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
+            q = q.unflatten(-1, (self.heads, hd))
+            k, v = k.unflatten(-1, (self.kv_heads, hd)), v.unflatten(-1, (self.kv_heads, hd))
+            q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+            if cache_k is not None:
+                step.store(cache_k, cache_v, k, v)
         keys, values = step.keys(cache_k, cache_v, k, v)
         attend = self.attend_one if step.one_query else self.attend
         o = attend(step.heads(q), keys, values, step.mask(window), step.causal)
@@ -173,8 +196,7 @@ class Transformer:
         return torch.matmul(probs, values).reshape(b, h, 1, hd)
 
     def mlp(self, x, w: LayerWeights) -> torch.Tensor:
-        gate, up = column_parallel_linear(x, w.w_gate_up).chunk(2, dim=-1)
-        return row_parallel_linear(F.silu(gate) * up, w.w_down, self.tp)
+        return row_parallel_linear(silu_and_mul(column_parallel_linear(x, w.w_gate_up)), w.w_down, self.tp)
 
 
 def last_hidden(chunks: list[Step], hs: list[torch.Tensor], rows: int) -> torch.Tensor:

@@ -36,10 +36,9 @@ Every 16-bit decode step on a CUDA device with Triton runs them (``usable``): ea
 steps, CUDA graphs and the compiled layer alike, so an offloaded model still computes
 the resident model's bits, and a graph the eager step's. Everything else (float32,
 the CPU, the products and attention of prompts' many rows) computes with PyTorch
-operations. Streaming does not
-notice them: llama-2-13b with 30 of its 40 layers streamed from the host took 345 ms
-per pass of the GPU with these kernels and without (one process, alternating, H200,
-2026-11-22), the host link's limit.
+operations. Streaming does not notice them: llama-2-13b with 30 of its 40 layers
+streamed from the host took 345 ms per pass of the GPU with these kernels and
+without (one process, alternating, H200, 2026-11-22), the host link's limit.
 
 Triton compiles the kernels when first called, which needs a C compiler; ``works``
 tries that once per process, so a broken toolchain costs a warning and PyTorch's

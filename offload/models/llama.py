@@ -139,7 +139,8 @@ class Transformer:
 
     def decoder_layer(self, x, w: LayerWeights, step: Step, kv, window: int | None) -> torch.Tensor:
         eps = self.config.rms_norm_eps
-        x, h = add_rms_norm(x, self.attention(rms_norm(x, w.input_norm, eps), w, step, kv, window), w.post_norm, eps)
+        h = self.attention(rms_norm(x, w.input_norm, eps), w, step, kv, window)
+        x, h = add_rms_norm(x, h, w.post_norm, eps)  # x + h, and its norm
         return x + self.mlp(h, w)
 
     def attention(self, x, w: LayerWeights, step: Step, kv, window: int | None) -> torch.Tensor:

@@ -25,6 +25,12 @@ def reference(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
     return (out if bias is None else out + bias.double()).to(x.dtype)
 
 
+def assert_one_rounding_apart(got: torch.Tensor, want: torch.Tensor) -> None:
+    """At most one rounding step of the 16-bit result apart (float32 sums in another order than float64's)."""
+    ulp = 2 ** -7 if got.dtype == torch.bfloat16 else 2 ** -10
+    torch.testing.assert_close(got, want, rtol=ulp, atol=1e-3)
+
+
 def test_the_kernels_take_one_row_of_16_bits_on_cuda():
     w = torch.randn(8, 16, dtype=torch.bfloat16)
     assert not kernels.gemv_applies(torch.randn(1, 16, dtype=torch.bfloat16), w)  # on the host: F.linear
@@ -75,8 +81,7 @@ def test_gemv_equals_the_exact_product_to_one_rounding(n, k, dtype):
     for b in (None, bias):
         got, want = kernels.gemv(x, w, b), reference(x, w, b)
         assert got.shape == (1, 1, n) and got.dtype == dtype
-        # float32 accumulation in another order than float64's: at most one rounding step of the output apart
-        torch.testing.assert_close(got, want, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=1e-3)
+        assert_one_rounding_apart(got, want)
         cublas = F.linear(x, w, b)
         assert (got.float() - want.float()).abs().max() <= 2 * (cublas.float() - want.float()).abs().max() + 1e-3
 
@@ -130,7 +135,7 @@ def test_rms_norm_equals_the_reference_to_one_rounding(shape, dtype):
     normed = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)  # rounded before the weight
     want = (w.double() * normed.double()).to(dtype)
     got = kernels.rms_norm(x, w, 1e-5)
-    torch.testing.assert_close(got, want, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=1e-3)
+    assert_one_rounding_apart(got, want)
     assert (got == want).float().mean() > 0.99  # a few elements a rounding apart, no more
 
 
@@ -198,9 +203,8 @@ def test_rope_and_store_rotates_q_and_k_and_writes_the_cache(batch, heads, kv_he
     written = torch.zeros(mine.shape[1:-1], dtype=torch.bool, device="cuda")
     written[1, torch.arange(batch), :, positions] = True
     assert torch.equal(mine[0][~written], theirs[0][~written])
-    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
-    for got, want in ((q, q_ref), (mine[0][written], theirs[0][written])):  # float32 sums: at most a rounding apart
-        torch.testing.assert_close(got, want, rtol=ulp, atol=1e-3)
+    for got, want in ((q, q_ref), (mine[0][written], theirs[0][written])):
+        assert_one_rounding_apart(got, want)
         assert (got == want).float().mean() > 0.99
 
 
@@ -227,4 +231,4 @@ def test_silu_and_mul_equals_pytorchs_to_one_rounding(shape, dtype):
     assert got.shape == want.shape
     # Triton's exp and CUDA's differ in the last float32 bits, which rarely moves a rounding
     assert (got == want).float().mean() > 0.99
-    torch.testing.assert_close(got, want, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=1e-3)
+    assert_one_rounding_apart(got, want)

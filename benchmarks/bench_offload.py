@@ -72,7 +72,7 @@ from offload.memory.bandwidth import peer_is_direct
 from offload.memory.planner import DEFAULT_SLOTS, HOST, RESIDENT
 from offload.models.checkpoint import CheckpointSource
 from offload.models.config import config_from_dict
-from offload.models.layout import checkpoint_sources, layer_layout
+from offload.models.blocks import checkpoint_sources, layer_layout
 from offload.models.shapes import SHAPES, shape_config
 from offload.synthetic import RandomSource
 

@@ -42,7 +42,7 @@ def prefill_seconds(model, prompts: list[list[int]]) -> float:
     for _ in range(REPEATS + 1):
         model.synchronize()
         start = time.perf_counter()
-        model.step(prompts, [0] * len(prompts))
+        model.extend(prompts, [0] * len(prompts))
         model.synchronize()
         times.append(time.perf_counter() - start)
     return min(times[1:])
@@ -95,7 +95,7 @@ def main() -> int:
         model = load(shape, rows, tokens, args, gpu_memory=budget, cpu_memory=shape["num_hidden_layers"] * 2**31)
         streamed = model.plan.host_bytes
         offloaded_s = prefill_seconds(model, prompts)
-        chunks = len(offload.models.step.plan_chunks([tokens] * rows, model.max_step_tokens))
+        chunks = len(offload.models.chunks.plan_chunks([tokens] * rows, model.max_step_tokens))
         layers = model.plan.layer_map()
         model.close()
         del model

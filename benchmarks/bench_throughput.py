@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import offload  # noqa: E402
 from offload.batch import Record, choose_batch_size, forecast_job, run_batch  # noqa: E402
 from offload.distributed import TensorParallel  # noqa: E402
-from offload.models.layout import checkpoint_sources  # noqa: E402
+from offload.models.blocks import checkpoint_sources  # noqa: E402
 from offload.models.shapes import shape_config  # noqa: E402
 from offload.synthetic import RandomSource  # noqa: E402
 
@@ -77,17 +77,17 @@ def probe(model, records: list[Record], rows: int, steps: int) -> dict:
     """One prefill pass of ``rows`` prompts and ``steps`` decode passes, timed; the job's tokens/s extrapolated."""
     wave = records[:rows]
     prompts, new = [r.prompt_ids for r in wave], wave[0].max_new_tokens
-    model.step([p[:8] for p in prompts], [0] * rows)  # warm-up (and capture of the decode graphs below)
-    model.step([[1]] * rows, [8] * rows)
+    model.extend([p[:8] for p in prompts], [0] * rows)  # warm-up (and capture of the decode graphs below)
+    model.extend([[1]] * rows, [8] * rows)
     model.synchronize()
     start = time.perf_counter()
-    logits = model.step(prompts, [0] * rows)
+    logits = model.extend(prompts, [0] * rows)
     tokens = logits.argmax(-1).tolist()  # waits for the pass
     prefill = time.perf_counter() - start
     cached = [len(p) for p in prompts]
     start = time.perf_counter()
     for _ in range(steps):
-        tokens = model.step([[t] for t in tokens], cached).argmax(-1).tolist()
+        tokens = model.extend([[t] for t in tokens], cached).argmax(-1).tolist()
         cached = [c + 1 for c in cached]
     decode = (time.perf_counter() - start) / steps
     waves = -(-len(records) // rows)

@@ -22,16 +22,16 @@ from .errors import (
 )
 from .memory.budget import Budget, format_size, parse_size
 from .memory.planner import Plan
-from .model import GenerationResult, OffloadedModel
+from .offloaded_model import GenerationResult, OffloadedModel
 from .models.config import ModelConfig, load_config
 from .options import LoadOptions, parse_dtype
 from .sampling import Sampling
-from .scheduler.engine import Engine, Request
+from .scheduler.row_engine import RowEngine, Request
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load_model", "plan_model", "LoadOptions", "OffloadedModel", "GenerationResult", "Engine", "Request",
+    "load_model", "plan_model", "LoadOptions", "OffloadedModel", "GenerationResult", "RowEngine", "Request",
     "Sampling", "Plan", "Budget", "ModelConfig", "load_config", "parse_size", "format_size", "parse_dtype",
     "OffloadError", "ConfigError", "CheckpointError", "BudgetError", "PlanError", "InputError", "OffloadWarning",
 ]

@@ -19,7 +19,7 @@ import warnings
 from .errors import InputError, OffloadWarning
 from .loading import Setup, load_weights, prepare, weight_source
 from .memory.planner import Plan
-from .model import OffloadedModel
+from .offloaded_model import OffloadedModel
 from .options import LoadOptions
 
 

@@ -36,7 +36,7 @@ from .errors import InputError, PlanError
 from .inputs import check_token_ids
 from .results import ResultFile, is_record_id, read_regular_file
 from .sampling import GREEDY, Sampling
-from .scheduler.engine import Engine, Request
+from .scheduler.row_engine import RowEngine, Request
 
 
 @dataclass
@@ -262,7 +262,7 @@ def run_batch(model, records: list[Record], results: ResultFile | None, batch_si
     todo = [r for r in records if r.id not in done]
     summary = JobSummary(records=len(todo), skipped=len(records) - len(todo),
                          prompt_tokens=sum(len(r.prompt_ids) for r in todo))
-    engine = Engine(model, rows=batch_size)
+    engine = RowEngine(model, rows=batch_size)
     if schedule == "dynamic":  # longest first: rows that start together end at similar times
         waves = [sorted(todo, key=lambda r: len(r.prompt_ids) + r.max_new_tokens, reverse=True)]
     else:  # fifo: fixed batches in input order, each until its longest member ends

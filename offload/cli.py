@@ -30,13 +30,13 @@ from .inputs import check_token_ids
 from .loading import prepare
 from .memory.budget import parse_peer_flag
 from .memory.planner import format_plans
-from .model import GenerationResult
+from .offloaded_model import GenerationResult
 from .models.config import load_config
 from .models.quant import FORMATS
 from .options import LoadOptions
 from .results import ResultFile, finished_ids
 from .sampling import Sampling
-from .scheduler.engine import Engine, Request, Row, Stats
+from .scheduler.row_engine import RowEngine, Request, Row, Stats
 from .synthetic import DEMO_SHAPE, demo_checkpoint
 from .text import IdText, TextStream, Tokenizer
 
@@ -194,7 +194,7 @@ def _main(args) -> int:
 def generate_showing(model, request: Request, tokenizer, show) -> tuple[Row, Stats]:
     """Run one request through the row engine, passing the text of each token to ``show`` as soon as it is
     final (a closing eos token shows nothing), then a newline. Returns the finished row and the engine's stats."""
-    engine = Engine(model, rows=1)
+    engine = RowEngine(model, rows=1)
     engine.submit(request)
     text = TextStream(tokenizer, prompt=request.prompt)
     finished = None

@@ -25,7 +25,7 @@ from .memory.planner import MemoryNeeds, Plan, make_plan
 from .memory.pool import WeightPool
 from .models.checkpoint import CheckpointSource
 from .models.config import ModelConfig, config_from_dict, load_config
-from .models.layout import (BlockLayout, TensorSpec, checkpoint_sources, embedding_layout, global_layout,
+from .models.blocks import (BlockLayout, TensorSpec, checkpoint_sources, embedding_layout, global_layout,
                             layer_layout, local_shape)
 from .models.llama import KVCache, decode_graph_bytes, step_activation_bytes
 from .models.parallel import check_divisible, local_heads

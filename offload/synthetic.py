@@ -22,7 +22,7 @@ import torch
 
 from .distributed import TensorParallel
 from .models.config import config_from_dict
-from .models.layout import TensorSpec, checkpoint_sources
+from .models.blocks import TensorSpec, checkpoint_sources
 from .models.parallel import REPLICATED
 from .models.shapes import shape_config
 from .options import cache_dir

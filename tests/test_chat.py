@@ -11,7 +11,7 @@ import transformers
 import offload
 from offload.chat import ChatTemplate, check_messages, stop_token_ids
 from offload.cli import generate_showing, main
-from offload.scheduler.engine import Request
+from offload.scheduler.row_engine import Request
 from offload.text import IdText, TextStream, Tokenizer
 
 from conftest import CHATML, write_chat_tokenizer

@@ -13,7 +13,7 @@ from torch.nn.attention import sdpa_kernel
 
 import offload
 from offload.distributed import TensorParallel
-from offload.models.layout import checkpoint_sources
+from offload.models.blocks import checkpoint_sources
 from offload.models.llama import ATTENTION_BACKENDS
 from offload.models.shapes import shape_config
 from offload.synthetic import RandomSource
@@ -69,7 +69,7 @@ def trace(model, prompts: list[list[int]], steps: int = 12) -> list[torch.Tensor
     breaks the other way cannot change the inputs of the steps after it.
     """
     feed = torch.randint(3, 1000, (steps, len(prompts) + 1), generator=torch.Generator().manual_seed(9)).tolist()
-    out = [model.step(prompts, [0] * len(prompts)).clone()]
+    out = [model.extend(prompts, [0] * len(prompts)).clone()]
     cached = [len(p) for p in prompts]
     for s in range(steps):
         if s == steps // 2:  # a new row joins the running batch
@@ -77,7 +77,7 @@ def trace(model, prompts: list[list[int]], steps: int = 12) -> list[torch.Tensor
         rows = [[t] for t in feed[s][: len(cached)]]
         if s == steps // 2 + 2:
             rows[0] = []  # a row with nothing to add this step
-        out.append(model.step(rows, cached).clone())
+        out.append(model.extend(rows, cached).clone())
         cached = [c + len(r) for c, r in zip(cached, rows)]
     return out
 
@@ -140,10 +140,10 @@ def test_graphs_captured_by_step_serve_the_engine_and_back():
     passes (launched from the engine), and the other way round, with the same tokens."""
     prompt = list(range(3, 40))
     model = load(shape_config("tiny"), dtype=torch.float32, max_batch=2, max_seq_len=128)
-    logits = model.step([prompt], [0])
+    logits = model.extend([prompt], [0])
     tokens = [int(logits.argmax())]
     for i in range(6):  # captures the decode buckets
-        tokens.append(int(model.step([[tokens[-1]]], [len(prompt) + i]).argmax()))
+        tokens.append(int(model.extend([[tokens[-1]]], [len(prompt) + i]).argmax()))
     for _ in range(2):
         assert model.generate([prompt], max_new_tokens=7, ignore_eos=True)[0][len(prompt):] == tokens
     model.close()

@@ -608,14 +608,14 @@ def model(tiny):
 
 
 API_CASES = [
-    pytest.param(lambda m: m.step([[5000]], [0]), "outside the vocabulary", id="step-token-outside-vocabulary"),
-    pytest.param(lambda m: m.step([[1]], [-1]), "cached must be a count", id="step-negative-cached"),
-    pytest.param(lambda m: m.step([[1.0]], [0]), "list of integers", id="step-float-token"),
-    pytest.param(lambda m: m.step(5, [0]), "one list of token ids per", id="step-not-a-list"),
-    pytest.param(lambda m: m.step([None], [0]), "one list of token ids per", id="step-row-none"),
-    pytest.param(lambda m: m.step(torch.tensor([[1, 2]]), [0]), "one list of token ids per", id="step-tensor"),
-    pytest.param(lambda m: m.step([[1]], 0), "cached must be a list", id="step-cached-not-a-list"),
-    pytest.param(lambda m: m.step([[1]], [30 + 5]), "grow past max_seq_len", id="step-past-the-cache"),
+    pytest.param(lambda m: m.extend([[5000]], [0]), "outside the vocabulary", id="step-token-outside-vocabulary"),
+    pytest.param(lambda m: m.extend([[1]], [-1]), "cached must be a count", id="step-negative-cached"),
+    pytest.param(lambda m: m.extend([[1.0]], [0]), "list of integers", id="step-float-token"),
+    pytest.param(lambda m: m.extend(5, [0]), "one list of token ids per", id="step-not-a-list"),
+    pytest.param(lambda m: m.extend([None], [0]), "one list of token ids per", id="step-row-none"),
+    pytest.param(lambda m: m.extend(torch.tensor([[1, 2]]), [0]), "one list of token ids per", id="step-tensor"),
+    pytest.param(lambda m: m.extend([[1]], 0), "cached must be a list", id="step-cached-not-a-list"),
+    pytest.param(lambda m: m.extend([[1]], [30 + 5]), "grow past max_seq_len", id="step-past-the-cache"),
     pytest.param(lambda m: m.generate(torch.tensor([[1.5, 2.0]])), "must hold integers", id="float-input-ids"),
     pytest.param(lambda m: m.generate(torch.tensor([[True]])), "must hold integers", id="bool-input-ids"),
     pytest.param(lambda m: m.generate([[1.0, 2.0]]), "must be integers", id="float-ids-in-lists"),

@@ -14,7 +14,7 @@ from offload.errors import OffloadWarning
 from offload.models import kernels
 from offload.models.llama import rms_norm
 from offload.models.parallel import linear
-from offload.models.step import DecodeStep, Rope
+from offload.models.chunks import DecodeChunk, Rope
 
 needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None,
                                   reason="needs a CUDA GPU with Triton")
@@ -187,7 +187,7 @@ def test_rope_and_store_rotates_q_and_k_and_writes_the_cache(batch, heads, kv_he
     qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * hd, device="cuda", dtype=dtype, generator=gen)
     rope = Rope(torch.rand(hd // 2) * 0.5, 64, dtype, torch.device("cuda"))
     positions = torch.tensor([5, 0, 40][:batch], device="cuda")
-    step = DecodeStep(positions, 64, rope, {None})
+    step = DecodeChunk(positions, 64, rope, {None})
     caches = torch.randn(2, 2, 4, kv_heads, 65, hd, device="cuda", dtype=dtype, generator=gen)  # [k/v, layer, ...]
     mine, theirs = caches.clone(), caches.clone()
     q = kernels.rope_and_store(qkv, step.cos, step.sin, positions, mine[0, 1], mine[1, 1], heads)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import offload
-from offload.models.step import plan_chunks
+from offload.models.chunks import plan_chunks
 
 PROMPTS = [list(range(3, 23)), list(range(40, 53)), list(range(100, 107))]  # 20, 13 and 7 tokens
 
@@ -50,7 +50,7 @@ def test_a_layer_major_pass_equals_its_chunks_run_as_passes(streamed):
     model = streamed
     chunks = plan_chunks([len(p) for p in PROMPTS], model.max_step_tokens)
     assert len(chunks) > 3
-    one_pass = model.step(PROMPTS, [0, 0, 0])
+    one_pass = model.extend(PROMPTS, [0, 0, 0])
     cache = model.cache.k.clone(), model.cache.v.clone()
 
     model.cache.k.zero_(), model.cache.v.zero_()
@@ -58,7 +58,7 @@ def test_a_layer_major_pass_equals_its_chunks_run_as_passes(streamed):
     for first, stop, spans in chunks:  # each chunk as a pass of its own, through every layer
         tokens = [[] for _ in range(first)] + [PROMPTS[b][lo:hi] for b, (lo, hi) in enumerate(spans, first)]
         cached = [0] * first + [lo for lo, _ in spans]
-        logits = model.step(tokens, cached)
+        logits = model.extend(tokens, cached)
         last.update({b: logits[b] for b, (lo, hi) in enumerate(spans, first) if hi > lo})
     # every layer computed the same keys and values, to the bit
     assert torch.equal(model.cache.k, cache[0]) and torch.equal(model.cache.v, cache[1])
@@ -70,9 +70,9 @@ def test_a_layer_major_pass_equals_its_chunks_run_as_passes(streamed):
 
 def test_each_streamed_layer_crosses_the_link_once_per_pass(streamed):
     model = streamed
-    model.step(PROMPTS, [0, 0, 0])  # the first pass also fills the rings ahead of the next one
+    model.extend(PROMPTS, [0, 0, 0])  # the first pass also fills the rings ahead of the next one
     counter = count_copies(model)
-    model.step(PROMPTS, [0, 0, 0])
+    model.extend(PROMPTS, [0, 0, 0])
     chunks = len(plan_chunks([len(p) for p in PROMPTS], model.max_step_tokens))
     assert counter["copies"] == 5  # not 5 per chunk (that would be 5 x chunks)
     assert chunks >= 4

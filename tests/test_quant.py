@@ -21,7 +21,7 @@ from offload.distributed import TensorParallel
 from offload.errors import OffloadWarning
 from offload.loading import load_weights, memory_needs, prepare
 from offload.models.config import config_from_dict
-from offload.models.layout import embedding_layout, global_layout, layer_layout
+from offload.models.blocks import embedding_layout, global_layout, layer_layout
 from offload.models.quant import (DEFAULT_GROUP_SIZE, QuantizedWeight, QuantScheme, WeightFormat, dequantize,
                                   group_size_for, quantize, quantized_linear, scratch_bytes)
 from offload.models.shapes import shape_config

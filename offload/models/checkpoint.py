@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
-from .layout import TensorSpec
+from .blocks import TensorSpec
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes weights may have
 LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")

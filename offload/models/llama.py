@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..distributed import TensorParallel
 from . import kernels
 from .config import ModelConfig
-from .layout import GlobalWeights, LayerWeights
+from .blocks import GlobalWeights, LayerWeights
 from .parallel import (
     column_parallel_linear,
     local_heads,
@@ -36,7 +36,7 @@ from .parallel import (
     vocab_parallel_embedding,
     vocab_parallel_logits,
 )
-from .step import Step, apply_rope
+from .chunks import Chunk, apply_rope
 
 
 # cuDNN's attention builds a plan the first time it sees each key length, so a first pass of decode
@@ -104,7 +104,7 @@ class Transformer:
         self.vocab_start = vocab_start
         self.heads, self.kv_heads = local_heads(config, tp)
 
-    def forward(self, chunks: list[Step], layers: WeightStream, cache: KVCache | None, rows: int,
+    def forward(self, chunks: list[Chunk], layers: WeightStream, cache: KVCache | None, rows: int,
                 all_logits: bool = False) -> torch.Tensor:
         """One pass over ``rows`` cache rows: logits of each row's last new token ``[rows, V]``
         (or, for a single chunk, of every position, ``[B, T, V]``).
@@ -137,13 +137,13 @@ class Transformer:
         h = rms_norm(h, self.weights.final_norm, self.config.rms_norm_eps)
         return vocab_parallel_logits(h, self.weights.lm_head, self.config.vocab_size, self.tp)
 
-    def decoder_layer(self, x, w: LayerWeights, step: Step, kv, window: int | None) -> torch.Tensor:
+    def decoder_layer(self, x, w: LayerWeights, step: Chunk, kv, window: int | None) -> torch.Tensor:
         eps = self.config.rms_norm_eps
         h = self.attention(rms_norm(x, w.input_norm, eps), w, step, kv, window)
         x, h = add_rms_norm(x, h, w.post_norm, eps)  # x + h, and its norm
         return x + self.mlp(h, w)
 
-    def attention(self, x, w: LayerWeights, step: Step, kv, window: int | None) -> torch.Tensor:
+    def attention(self, x, w: LayerWeights, step: Chunk, kv, window: int | None) -> torch.Tensor:
         hd = self.config.head_dim
         qkv = column_parallel_linear(x, w.wqkv, w.bqkv)
         cache_k, cache_v = kv
@@ -200,7 +200,7 @@ class Transformer:
         return row_parallel_linear(silu_and_mul(column_parallel_linear(x, w.w_gate_up)), w.w_down, self.tp)
 
 
-def last_hidden(chunks: list[Step], hs: list[torch.Tensor], rows: int) -> torch.Tensor:
+def last_hidden(chunks: list[Chunk], hs: list[torch.Tensor], rows: int) -> torch.Tensor:
     """Each row's last new token ``[rows, d]``, from the last chunk that holds tokens of that row."""
     if len(chunks) == 1 and chunks[0].first_row == 0 and chunks[0].batch == rows:
         return chunks[0].last_tokens(hs[0])

@@ -47,8 +47,8 @@ from torch.nn.attention import sdpa_kernel
 from ..errors import OffloadWarning
 from ..memory.planner import RESIDENT
 from ..models.llama import ATTENTION_BACKENDS, KVCache, Transformer
-from ..models.step import DecodeStep, Rope
-from .prefetch import LayerStream
+from ..models.chunks import DecodeChunk, Rope
+from .stream import WeightStream
 
 
 @dataclass
@@ -63,7 +63,7 @@ class _Buffers:
 class DecodeGraphs:
     """Runs decode steps of ``transformer`` as replayed CUDA graphs, bucket by bucket."""
 
-    def __init__(self, transformer: Transformer, layers: LayerStream, cache: KVCache, rope: Rope,
+    def __init__(self, transformer: Transformer, layers: WeightStream, cache: KVCache, rope: Rope,
                  placement: list[str], device: torch.device, compile: bool = False):
         self.transformer, self.layers, self.cache, self.rope = transformer, layers, cache, rope
         self.compile = compile and transformer.tp.size == 1
@@ -74,7 +74,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.buffers: dict[int, _Buffers] = {}
         self.graphs: dict[tuple[int, int], list[torch.cuda.CUDAGraph]] = {}
-        self.steps: dict[tuple[int, int], DecodeStep] = {}  # keeps each bucket's masks and tables alive
+        self.steps: dict[tuple[int, int], DecodeChunk] = {}  # keeps each bucket's masks and tables alive
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Logits ``[rows, vocab]`` of a decode step (``tokens`` and ``positions`` on the device).
@@ -123,7 +123,7 @@ class DecodeGraphs:
         self.stream.wait_stream(torch.cuda.current_stream())
         # The layer compiles (and its kernels are tuned) on this first call, never during capture.
         with torch.cuda.stream(self.stream), _tuning(self.compile):
-            step = DecodeStep(buffers.positions, kv_len, self.rope, set(self.windows))
+            step = DecodeChunk(buffers.positions, kv_len, self.rope, set(self.windows))
             with sdpa_kernel(ATTENTION_BACKENDS):
                 h = buffers.h
                 for i in range(len(self.windows)):
@@ -144,7 +144,7 @@ class DecodeGraphs:
                 # thread-local: other threads (NCCL's watchdog, a server's event loop) may use CUDA meanwhile
                 graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
                 if n == 0:  # the step's rotary tables and masks, from the positions, recomputed every replay
-                    self.steps[key] = DecodeStep(buffers.positions, kv_len, self.rope, set(self.windows))
+                    self.steps[key] = DecodeChunk(buffers.positions, kv_len, self.rope, set(self.windows))
                 step, h = self.steps[key], buffers.h
                 for i in segment:
                     h = layer(h, self.layers.fixed_weights(i), step, self.cache.layer(i), self.windows[i])

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import InputError
 from ..sampling import Sampling
-from ..scheduler.engine import Request
+from ..scheduler.row_engine import Request
 from ..text import IdText, TextStream
 from . import protocol
 from .engine_loop import EngineLoop

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
-from ..scheduler.engine import Engine, Request
+from ..scheduler.row_engine import RowEngine, Request
 from .metrics import Metrics
 
 log = logging.getLogger("offload.serve")
@@ -45,11 +45,11 @@ class StepInputs:
 
 
 class EngineLoop:
-    """Owns an :class:`Engine` of ``rows`` rows over ``model``; ``run`` is the engine thread's body."""
+    """Owns an :class:`RowEngine` of ``rows`` rows over ``model``; ``run`` is the engine thread's body."""
 
     def __init__(self, model, rows: int, heartbeat: float = 10.0):
         self.model = model
-        self.engine = Engine(model, rows)
+        self.engine = RowEngine(model, rows)
         self.metrics = Metrics(rows=len(self.engine.rows))
         self.heartbeat = heartbeat
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -145,7 +145,7 @@ class EngineLoop:
             log.exception("engine step failed; dropping %d requests", len(self.sinks))
             for key in list(self.sinks):
                 self._drop(key)
-            self.engine = Engine(self.model, len(self.engine.rows))
+            self.engine = RowEngine(self.model, len(self.engine.rows))
             return
         seconds = time.perf_counter() - start
         for row, token in events:

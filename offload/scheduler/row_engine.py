@@ -5,7 +5,7 @@ prompts admitted at once), batch jobs (a queue of records, a row refilled as
 soon as its sequence ends) and the HTTP server (requests arriving while others
 run).
 
-    engine = Engine(model)
+    engine = RowEngine(model)
     engine.submit(Request(prompt_ids, max_new_tokens=32))
     while engine.busy:
         for row, token in engine.step():   # tokens as soon as the host can read them
@@ -135,7 +135,7 @@ def _timing_event(device: torch.device) -> torch.cuda.Event:
     return event
 
 
-class Engine:
+class RowEngine:
     """Runs requests through ``model`` (an ``OffloadedModel``) in at most ``rows`` KV cache rows."""
 
     def __init__(self, model, rows: int | None = None):
@@ -222,7 +222,7 @@ class Engine:
             added = [1 if row else 0 for row in rows]
         else:
             new_tokens = [row.next_tokens() if row else [] for row in rows]
-            logits = self.model.step(new_tokens, [row.cached if row else 0 for row in rows])
+            logits = self.model.extend(new_tokens, [row.cached if row else 0 for row in rows])
             added = [len(t) for t in new_tokens]
         for row, n in zip(rows, added):
             if row is not None:

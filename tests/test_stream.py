@@ -4,15 +4,15 @@ import pytest
 import torch
 
 import offload
-from offload.models.layout import BlockLayout
+from offload.models.blocks import BlockLayout
 from offload.models.parallel import REPLICATED
-from offload.scheduler.prefetch import CopyEngine, LayerStream
+from offload.scheduler.stream import CopyStream, WeightStream
 
 PLACEMENT = ["resident", "host", "host", "resident", "host"]  # the host ring streams layers 1, 2, 4
 LAYOUT = BlockLayout([("x", (4,), "x", REPLICATED)], torch.float32)
 
 
-class RecordingEngine(CopyEngine):
+class RecordingEngine(CopyStream):
     """A CPU copy engine that notes (layer, slot) of every load."""
 
     def __init__(self, blocks, slots):
@@ -34,7 +34,7 @@ def make_stream(slots: int = 2):
         blocks.append(block)
     ring_slots = torch.zeros(slots, LAYOUT.nbytes, dtype=torch.uint8)
     engine = RecordingEngine(blocks, ring_slots)
-    return LayerStream(LAYOUT, blocks, PLACEMENT, {"host": ring_slots}, {"host": engine}), engine
+    return WeightStream(LAYOUT, blocks, PLACEMENT, {"host": ring_slots}, {"host": engine}), engine
 
 
 def run_step(stream, layers=range(len(PLACEMENT))):

@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 
 from ..memory.planner import RESIDENT
-from ..models.layout import BlockLayout, LayerWeights
+from ..models.blocks import BlockLayout, LayerWeights
 
 
-class CopyEngine:
+class CopyStream:
     """Copies from one source of bytes (the host, or one peer GPU) into the compute device, on a side stream."""
 
     def __init__(self, compute_device, source_device):
@@ -58,7 +58,7 @@ class Ring:
     has its own ring, so a slow host copy never holds a slot that a fast peer copy needs.
     """
 
-    def __init__(self, layers: list[int], blocks, slots: torch.Tensor, engine: CopyEngine, layout: BlockLayout):
+    def __init__(self, layers: list[int], blocks, slots: torch.Tensor, engine: CopyStream, layout: BlockLayout):
         self.layers, self.blocks, self.slots, self.engine = layers, blocks, slots, engine
         self.slot_views = [layout.views(slot) for slot in slots]
         on_gpu = slots.device.type == "cuda"
@@ -105,11 +105,11 @@ class Ring:
         self.reset_counters()
 
 
-class LayerStream:
+class WeightStream:
     """Gives the decoder each layer's weights in order: resident views, or a slot of its link's ring."""
 
     def __init__(self, layout: BlockLayout, blocks, placement: list[str], slots: dict[str, torch.Tensor],
-                 engines: dict[str, CopyEngine]):
+                 engines: dict[str, CopyStream]):
         self.resident = {i: layout.views(b) for i, (b, t) in enumerate(zip(blocks, placement)) if t == RESIDENT}
         self.rings = [Ring([i for i, t in enumerate(placement) if t == tier], blocks, slots[tier], engine, layout)
                       for tier, engine in engines.items()]

@@ -9,14 +9,14 @@ chunk through it.
 
 Three layouts of a chunk's tokens:
 
-* **uniform** (``Step``): every row adds the same number of tokens at the same
+* **uniform** (``Chunk``): every row adds the same number of tokens at the same
   position (a plain prefill). Tokens are ``[B, T]``, positions are one range, the
   cache is written with one slice and attention needs no mask; these are exactly
   the operations of the reference implementation.
-* **packed** (``Step``): anything else with more than one token in some row. The
+* **packed** (``Chunk``): anything else with more than one token in some row. The
   linear layers see only the ``N`` real tokens ``[N, d]`` (no padding), attention
   sees them scattered into ``[B, H, T, hd]`` with a mask built once per step.
-* **decode** (``DecodeStep``): every row adds one token (or none). Every shape is
+* **decode** (``DecodeChunk``): every row adds one token (or none). Every shape is
   fixed by the number of rows and a bucket of the key length, positions live in a
   device tensor, and nothing syncs with the host, so the step can be captured in
   a CUDA graph and replayed; the eager path runs the very same operations.
@@ -67,7 +67,7 @@ def plan_chunks(counts: list[int], max_tokens: int) -> list[tuple[int, int, list
 
 
 @dataclass
-class Step:
+class Chunk:
     tokens: torch.Tensor  # [B, T] (uniform) or [N] (packed)
     host_tokens: torch.Tensor  # the same, in host memory (for an embedding table kept there)
     batch: int
@@ -85,12 +85,12 @@ class Step:
     last: torch.Tensor | None = None  # packed: index of each row's last token
     query_pos: torch.Tensor | None = None  # [B, T] position of each query (pads: the row's last)
     _masks: dict = field(default_factory=dict)
-    one_query = False  # a decode step's attention (``DecodeStep``) is computed differently
+    one_query = False  # a decode step's attention (``DecodeChunk``) is computed differently
 
     # -------------------------------------------------------------- building
 
     @staticmethod
-    def build(new_tokens: list[list[int]], starts: list[int], rope: Rope, device, first_row: int = 0) -> "Step":
+    def build(new_tokens: list[list[int]], starts: list[int], rope: Rope, device, first_row: int = 0) -> "Chunk":
         """The step that appends ``new_tokens[b]`` to cache row ``first_row + b``, which holds ``starts[b]`` tokens."""
         counts = [len(t) for t in new_tokens]
         batch, width = len(new_tokens), max(counts)
@@ -99,7 +99,7 @@ class Step:
         common = dict(batch=batch, width=width, kv_len=kv_len, fresh=fresh, counts=counts, first_row=first_row)
         if len(set(counts)) == 1 and len(set(starts)) == 1:
             s, host_tokens = starts[0], torch.tensor(new_tokens, dtype=torch.long)
-            return Step(tokens=host_tokens.to(device), host_tokens=host_tokens, start=s,
+            return Chunk(tokens=host_tokens.to(device), host_tokens=host_tokens, start=s,
                         cos=rope.cos[s : s + width].unsqueeze(1), sin=rope.sin[s : s + width].unsqueeze(1), **common)
         rows = [b for b, c in enumerate(counts) for _ in range(c)]
         offsets = [i for c in counts for i in range(c)]
@@ -109,7 +109,7 @@ class Step:
         query_pos = [[max(s + min(t, c - 1), 0) for t in range(width)] for s, c in zip(starts, counts)]
         ends = torch.tensor(counts, dtype=torch.long).cumsum(0) - 1
         host_tokens = torch.tensor([t for row in new_tokens for t in row], dtype=torch.long)
-        return Step(
+        return Chunk(
             tokens=host_tokens.to(device), host_tokens=host_tokens, start=None,
             cos=rope.cos[pos].unsqueeze(1), sin=rope.sin[pos].unsqueeze(1),
             pack=as_long([b * width + i for b, i in zip(rows, offsets)]),
@@ -198,7 +198,7 @@ class Step:
         return allowed.unsqueeze(1)
 
 
-class DecodeStep:
+class DecodeChunk:
     """Every row of ``[0, batch)`` adds one token; shapes depend only on ``batch`` and ``kv_len``.
 
     ``positions[b]`` is where row b's token goes (its cached length). A row with nothing to
@@ -206,7 +206,7 @@ class DecodeStep:
     attention never reads. Attention reads keys ``[0, kv_len)``, ``kv_len`` a bucket at least
     one past the largest position, masked per row. Everything is built from ``positions``
     on the device, so a captured graph recomputes it on every replay. It is used where a
-    ``Step`` is, in the token layout ``[B, 1, d]``.
+    ``Chunk`` is, in the token layout ``[B, 1, d]``.
     """
 
     causal = False

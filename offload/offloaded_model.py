@@ -1,6 +1,6 @@
 """The loaded model: forward passes, and generation through the row engine.
 
-``model(input_ids)`` returns logits, ``model.step(new_tokens, cached)`` appends
+``model(input_ids)`` returns logits, ``model.extend(new_tokens, cached)`` appends
 tokens to KV cache rows (the primitive every generator is built on), and
 ``model.generate(input_ids)`` runs a batch of prompts through the row engine.
 """
@@ -20,14 +20,14 @@ from .memory.host import to_device
 from .memory.planner import HOST
 from .memory.pool import WeightPool
 from .models import kernels
-from .models.layout import GlobalWeights
+from .models.blocks import GlobalWeights
 from .models.llama import KVCache, Transformer
 from .models.parallel import local_heads, vocab_rows
-from .models.step import DecodeStep, Rope, Step, bucket, plan_chunks
+from .models.chunks import Chunk, DecodeChunk, Rope, bucket, plan_chunks
 from .sampling import Sampling
-from .scheduler.engine import Engine, Request
+from .scheduler.row_engine import RowEngine, Request
 from .scheduler.graphs import DecodeGraphs
-from .scheduler.prefetch import CopyEngine, LayerStream
+from .scheduler.stream import CopyStream, WeightStream
 
 
 @dataclass
@@ -68,9 +68,9 @@ class OffloadedModel:
         self.config, self.options, self.tp, self.device, self.dtype = s.config, s.options, s.tp, s.device, s.dtype
         self.plan, self.plans = s.plan, s.plans
         self.pool = pool
-        engines = {tier: CopyEngine(s.device, "cpu" if tier == HOST or s.device.type == "cpu" else tier)
+        engines = {tier: CopyStream(s.device, "cpu" if tier == HOST or s.device.type == "cpu" else tier)
                    for tier in s.plan.streamed_tiers}
-        self.layers = LayerStream(s.layout, pool.blocks, s.plan.placement, pool.slots, engines)
+        self.layers = WeightStream(s.layout, pool.blocks, s.plan.placement, pool.slots, engines)
         self.rope = Rope(s.config.rope_inv_freq(), self.max_seq_len + 1, s.dtype, s.device)  # + the cache's sink
         views = s.globals_layout.views(pool.globals)
         if s.embedding_layout is not None:
@@ -115,7 +115,7 @@ class OffloadedModel:
                 f"a forward pass over {ids.shape[0]} x {ids.shape[1]} tokens exceeds max_step_tokens="
                 f"{self.max_step_tokens} / max_seq_len={self.max_seq_len}; load the model with larger ones"
             )
-        step = Step.build(rows, [0] * len(rows), self.rope, self.device)
+        step = Chunk.build(rows, [0] * len(rows), self.rope, self.device)
         logits = self._run([step], cache=None, rows=len(rows), all_logits=True)
         if attention_mask is None:
             return logits
@@ -126,7 +126,7 @@ class OffloadedModel:
         return out
 
     @torch.inference_mode()
-    def step(self, new_tokens: list[list[int]], cached: list[int]) -> torch.Tensor:
+    def extend(self, new_tokens: list[list[int]], cached: list[int]) -> torch.Tensor:
         """Append ``new_tokens[b]`` to KV cache row ``b``, which holds ``cached[b]`` tokens already.
 
         Returns the logits of each row's last new token, ``[B, vocab]``. Rows with no new
@@ -153,7 +153,7 @@ class OffloadedModel:
             tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.device)
             return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)]).clone()
         chunks = [
-            Step.build([new_tokens[b][lo:hi] for b, (lo, hi) in zip(range(first, stop), spans)],
+            Chunk.build([new_tokens[b][lo:hi] for b, (lo, hi) in zip(range(first, stop), spans)],
                        [cached[b] + lo for b, (lo, _) in zip(range(first, stop), spans)],
                        self.rope, self.device, first_row=first)
             for first, stop, spans in plan_chunks([len(t) for t in new_tokens], self.max_step_tokens)
@@ -179,7 +179,7 @@ class OffloadedModel:
         tokens = F.pad(tokens[:n], (0, rows - n))
         try:
             if self.graphs is None:
-                step = DecodeStep(padded, kv_len, self.rope, set(self.config.sliding_windows), tokens=tokens)
+                step = DecodeChunk(padded, kv_len, self.rope, set(self.config.sliding_windows), tokens=tokens)
                 return self.transformer.forward([step], self.layers, self.cache, rows)[:n]
             return self.graphs.run(tokens, padded, kv_len)[:n]
         except BaseException:
@@ -224,7 +224,7 @@ class OffloadedModel:
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         requests = [Request(tuple(p), n, sampling.with_seed_offset(b), () if ignore_eos else eos, key=b)
                     for b, (p, n) in enumerate(zip(prompts, limits))]
-        engine = Engine(self, rows=len(requests))
+        engine = RowEngine(self, rows=len(requests))
         rows = engine.run(requests)
         s = engine.stats
         result = GenerationResult([r.tokens for r in rows], [r.finish_reason for r in rows], s.prompt_tokens,

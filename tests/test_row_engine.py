@@ -1,6 +1,6 @@
 """The row engine: pipelined passes give the tokens a plain loop of synchronous steps gives.
 
-The reference below runs ``model.step`` one pass at a time and reads every token
+The reference below runs ``model.extend`` one pass at a time and reads every token
 before building the next pass, as the engine did before passes were pipelined.
 """
 
@@ -9,7 +9,7 @@ import torch
 
 import offload
 from offload.sampling import GREEDY, Sampling, sample
-from offload.scheduler.engine import Engine, Request
+from offload.scheduler.row_engine import RowEngine, Request
 
 PROMPTS = [list(range(3, 15)), list(range(40, 47)), list(range(100, 120)), [5, 9, 2]]
 
@@ -30,7 +30,7 @@ def reference(model, requests: list[Request]) -> list[list[int]]:
         generator = request.sampling.generator(model.device)
         tokens, new, cached = [], list(request.prompt), 0
         while len(tokens) < request.max_new_tokens:
-            logits = model.step([new], [cached])
+            logits = model.extend([new], [cached])
             cached += len(new)
             token = sample(logits, [request.sampling], [generator]).item()
             tokens.append(token)
@@ -47,10 +47,10 @@ def greedy_requests(new: int = 9, eos=()) -> list[Request]:
 
 def test_a_decode_pass_is_launched_before_the_previous_ones_tokens_are_read(model, monkeypatch):
     order = []
-    decode, step = model.decode, model.step
+    decode, extend = model.decode, model.extend
     monkeypatch.setattr(model, "decode", lambda *a: order.append("launch decode") or decode(*a))
-    monkeypatch.setattr(model, "step", lambda *a: order.append("launch step") or step(*a))
-    engine = Engine(model, rows=1)
+    monkeypatch.setattr(model, "extend", lambda *a: order.append("launch extend") or extend(*a))
+    engine = RowEngine(model, rows=1)
     engine.submit(Request(tuple(PROMPTS[0]), 4))
     reads = []
     while engine.busy:
@@ -59,13 +59,13 @@ def test_a_decode_pass_is_launched_before_the_previous_ones_tokens_are_read(mode
         reads.append((order[before:], [t for _, t in events]))
     # the prefill pass; then each decode pass is queued from the device ids of the pass before it, whose
     # tokens the host reads afterwards; the last token (max_new_tokens) is known in advance: no pass after it
-    assert [launched for launched, _ in reads] == [["launch step"]] + [["launch decode"]] * 3 + [[]]
+    assert [launched for launched, _ in reads] == [["launch extend"]] + [["launch decode"]] * 3 + [[]]
     assert [len(tokens) for _, tokens in reads] == [0, 1, 1, 1, 1]
 
 
 def test_pipelined_greedy_tokens_equal_synchronous_steps(model):
     requests = greedy_requests()
-    rows = Engine(model).run(requests)
+    rows = RowEngine(model).run(requests)
     assert [row.tokens for row in rows] == reference(model, requests)
     assert all(row.finish_reason == "length" for row in rows)
 
@@ -76,7 +76,7 @@ def test_a_row_stopped_by_eos_drops_its_extra_pass_and_the_others_go_on(model):
     requests = greedy_requests(eos=(eos,))
     expected = [tokens[: tokens.index(eos) + 1] if eos in tokens else tokens for tokens in free]
     assert len(expected[0]) <= 4 < len(max(expected, key=len))
-    engine = Engine(model)
+    engine = RowEngine(model)
     rows = engine.run(requests)
     assert [row.tokens for row in rows] == expected
     assert [row.finish_reason for row in rows] == ["eos" if eos in t else "length" for t in expected]
@@ -86,7 +86,7 @@ def test_a_row_stopped_by_eos_drops_its_extra_pass_and_the_others_go_on(model):
 def test_rows_join_and_leave_a_running_batch(model):
     """Two rows, four requests of different lengths: each freed row takes the next request at once."""
     requests = [Request(tuple(p), n, GREEDY, key=i) for i, (p, n) in enumerate(zip(PROMPTS, (3, 11, 6, 5)))]
-    engine = Engine(model, rows=2)
+    engine = RowEngine(model, rows=2)
     for r in requests:
         engine.submit(r)
     finished = {}
@@ -99,7 +99,7 @@ def test_rows_join_and_leave_a_running_batch(model):
 
 def test_a_cancelled_row_gives_no_more_tokens_and_its_row_is_reused(model):
     requests = greedy_requests(new=12)
-    engine = Engine(model, rows=2)
+    engine = RowEngine(model, rows=2)
     for r in requests[:3]:
         engine.submit(r)
     seen = {0: [], 1: [], 2: []}
@@ -116,4 +116,4 @@ def test_a_cancelled_row_gives_no_more_tokens_and_its_row_is_reused(model):
 def test_seeded_sampling_is_unchanged_by_pipelining(model):
     sampling = Sampling(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3)
     requests = [Request(tuple(p), 8, sampling.with_seed_offset(i), key=i) for i, p in enumerate(PROMPTS)]
-    assert [row.tokens for row in Engine(model).run(requests)] == reference(model, requests)
+    assert [row.tokens for row in RowEngine(model).run(requests)] == reference(model, requests)

@@ -72,7 +72,8 @@ from offload.memory.bandwidth import peer_is_direct
 from offload.memory.planner import DEFAULT_SLOTS, HOST, RESIDENT
 from offload.models.checkpoint import CheckpointSource
 from offload.models.config import config_from_dict
-from offload.models.blocks import checkpoint_sources, layer_layout
+from offload.models.blocks import checkpoint_sources
+from offload.models.registry import family_of
 from offload.models.shapes import SHAPES, shape_config
 from offload.synthetic import RandomSource
 
@@ -118,7 +119,7 @@ class Bench:
 
     @property
     def layer_bytes(self) -> int:
-        return layer_layout(self.config, TensorParallel(), self.dtype).nbytes
+        return family_of(self.config.architecture).layer_layout(self.config, TensorParallel(), self.dtype).nbytes
 
     def load_args(self, batch: int) -> dict:
         """The arguments of every ``plan_model`` / ``load_model`` call but the budgets.
@@ -292,7 +293,7 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
     if bench.peers:
         peer = bench.peers[0]
         room = min(everything, max(torch.cuda.mem_get_info(torch.device(peer))[0] - GPU_HEADROOM, 0))
-        streamed = offload.plan_model(bench.model, **bench.load_args(bench.batches[0]), **host).layers_on(HOST)
+        streamed = offload.plan_model(bench.model, **bench.load_args(bench.batches[0]), **host).blocks_on(HOST)
         half = len(streamed) // 2 * bench.layer_bytes  # the peer takes half, so both links carry bytes
         runs.append(("peer", dict(gpu_memory=bench.gpu_memory, cpu_memory=0, peer_memory={peer: room})))
         runs.append(("host+peer", dict(host, peer_memory={peer: half})))
@@ -307,7 +308,7 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
 def quick_budget(bench: Bench) -> int:
     """With --quick: room for half the layers besides what must stay (and the slots), so the other half streams."""
     needs = offload.plan_model(bench.model, **bench.load_args(max(bench.batches))).needs
-    return needs.fixed_bytes + (DEFAULT_SLOTS + needs.n_layers // 2) * needs.block_bytes
+    return needs.gpu_budget_streaming(len(needs.blocks) // 2)
 
 
 def why_not(bench: Bench, name: str, budget: dict) -> str | None:
@@ -318,7 +319,7 @@ def why_not(bench: Bench, name: str, budget: dict) -> str | None:
         plan = offload.plan_model(bench.model, **bench.load_args(max(bench.batches)), **budget)
     except offload.OffloadError as e:
         return str(e)
-    if name.startswith("resident") and plan.layers_on(RESIDENT) != list(range(bench.config.n_layers)):
+    if name.startswith("resident") and plan.blocks_on(RESIDENT) != list(range(bench.config.n_layers)):
         return f"the model does not fit in the free memory of {bench.device}"
     return None
 
@@ -331,8 +332,8 @@ def run_ours(bench: Bench, name: str, budget: dict, ids: torch.Tensor) -> Run:
                                 random_weights=SEED if bench.random else None) as model:
             plan = model.plan
             print("\n".join("  " + line for line in str(plan).splitlines()), flush=True)
-            run.layers[batch] = {RESIDENT: len(plan.layers_on(RESIDENT)), HOST: len(plan.layers_on(HOST)),
-                                 "peer": sum(len(plan.layers_on(p)) for p in plan.budget.peer_memory)}
+            run.layers[batch] = {RESIDENT: len(plan.blocks_on(RESIDENT)), HOST: len(plan.blocks_on(HOST)),
+                                 "peer": sum(len(plan.blocks_on(p)) for p in plan.budget.peer_memory)}
             run.link_seconds[batch] = plan.link_seconds()
             if run.logits is None:
                 run.logits = model(ids[:1])[0, -1].float().cpu()

@@ -91,7 +91,7 @@ def main() -> int:
         if args.quick:  # room for half the layers
             n = offload.plan_model(shape, max_batch=rows, max_seq_len=tokens + 1,
                                    max_step_tokens=args.max_step_tokens).needs
-            budget = n.fixed_bytes + (n.n_layers // 2 + 2) * n.block_bytes
+            budget = n.gpu_budget_streaming(len(n.blocks) // 2)
         model = load(shape, rows, tokens, args, gpu_memory=budget, cpu_memory=shape["num_hidden_layers"] * 2**31)
         streamed = model.plan.host_bytes
         offloaded_s = prefill_seconds(model, prompts)

@@ -184,7 +184,7 @@ def run_format(args, model_path, fmt: str, windows, window: int) -> tuple[Row, t
     with offload.load_model(model_path, progress=False, **options) as model:
         nll, logprobs = evaluate(model, windows, args.batch, args.kl_tokens)
         needs = model.plan.needs
-    row = Row(fmt, needs.block_bytes, needs.weight_format or str(model.dtype).removeprefix("torch."),
+    row = Row(fmt, needs.largest_block, needs.weight_format or str(model.dtype).removeprefix("torch."),
               len(nll), math.exp(nll.mean().item()), seconds=time.perf_counter() - start)
     return row, logprobs
 

@@ -144,8 +144,8 @@ def load(s: dict, args, device: torch.device):
                   gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory)
     if args.quick:  # room for half of the layers: the other half streams
         needs = offload.plan_model(source, max_batch=s["max_batch"], **kwargs).needs
-        kwargs["gpu_memory"] = needs.fixed_bytes + (DEFAULT_SLOTS + needs.n_layers // 2) * needs.block_bytes
-        kwargs["cpu_memory"] = needs.n_layers * needs.block_bytes
+        kwargs["gpu_memory"] = needs.gpu_budget_streaming(len(needs.blocks) // 2)
+        kwargs["cpu_memory"] = needs.weight_bytes
     rows = s["max_batch"] or s["clients"]
     while True:
         try:

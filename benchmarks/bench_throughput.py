@@ -194,7 +194,7 @@ def main() -> int:
     shapes = [(len(r.prompt_ids), r.max_new_tokens) for r in records]
     if args.quick:  # a budget that holds half the tiny model's layers at 8 rows
         needs = offload.plan_model(shape, options.replace(max_batch=8)).needs
-        options = options.replace(gpu_memory=needs.fixed_bytes + (needs.n_layers // 2 + 2) * needs.block_bytes,
+        options = options.replace(gpu_memory=needs.gpu_budget_streaming(len(needs.blocks) // 2),
                                   cpu_memory="1GiB")
     print(f"{args.shape}, {args.records} prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens each, "
           f"GPU budget {args.gpu_memory if cuda else options.gpu_memory}, on "

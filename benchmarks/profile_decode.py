@@ -76,7 +76,7 @@ def main() -> int:
                                    max_seq_len=max(lengths) + args.new_tokens + 1, compile=args.compile,
                                    cuda_graphs=not args.no_cuda_graphs)
     hbm = measure_device_copy(model.device, PROBE_BYTES)
-    floor_ms = 1e3 * model.plan.needs.n_layers * model.plan.needs.block_bytes / hbm
+    floor_ms = 1e3 * model.plan.needs.weight_bytes / hbm
     print(f"{args.shape}: {model.plan.layer_map()}, compile={args.compile}, graphs={not args.no_cuda_graphs}, "
           f"HBM copy {hbm / 1e9:.0f} GB/s, floor {floor_ms:.2f} ms")
     gen = torch.Generator().manual_seed(0)

@@ -359,7 +359,7 @@ def _batch_size(args, model_path: Path, options: LoadOptions, shapes: list[tuple
 def demo_budget(model_path: Path, options: LoadOptions, say) -> LoadOptions:
     """A GPU budget that holds about half the demo's layers, so the rest stream from the host."""
     needs = prepare(model_path, options).plan.needs
-    gpu = needs.fixed_bytes + (needs.n_layers // 2 + (options.slots or 2)) * needs.block_bytes
+    gpu = needs.gpu_budget_streaming(len(needs.blocks) // 2, options.slots or 2)
     say(f"demo: the built-in '{DEMO_SHAPE}' model (random weights) with --gpu-memory {gpu} "
         "bytes, so that half of its layers stream from host memory")
-    return options.replace(gpu_memory=gpu, cpu_memory=options.cpu_memory or needs.n_layers * needs.block_bytes)
+    return options.replace(gpu_memory=gpu, cpu_memory=options.cpu_memory or needs.weight_bytes)

@@ -25,10 +25,11 @@ from .memory.planner import MemoryNeeds, Plan, make_plan
 from .memory.pool import WeightPool
 from .models.checkpoint import CheckpointSource
 from .models.config import ModelConfig, config_from_dict, load_config
-from .models.blocks import (BlockLayout, TensorSpec, checkpoint_sources, embedding_layout, global_layout,
-                            layer_layout, local_shape)
-from .models.llama import KVCache, decode_graph_bytes, step_activation_bytes
+from .models.blocks import (BlockLayout, BlockSpec, TensorSpec, checkpoint_sources, embedding_layout, global_layout,
+                            local_shape)
+from .models.decoder import Decoder, KVCache
 from .models.parallel import check_divisible, local_heads
+from .models.registry import family_of
 from .models.quant import WeightFormat, choose_kernel, describe, quantize_into, scratch_bytes
 from .options import LoadOptions, parse_dtype
 from .synthetic import RandomSource
@@ -46,7 +47,8 @@ class Setup:
     tp: TensorParallel
     device: torch.device
     dtype: torch.dtype
-    layout: BlockLayout  # one decoder layer's block
+    family: type[Decoder]  # the model's family: its layers' layout and computation
+    blocks: list[BlockSpec]  # every block, in pass order
     globals_layout: BlockLayout  # final norm and LM head (and a tied embedding)
     embedding_layout: BlockLayout | None  # an untied embedding table
     plan: Plan  # this rank's
@@ -68,10 +70,11 @@ def prepare(model, options: LoadOptions) -> Setup:
     budget = Budget.parse(options.gpu_memory, options.cpu_memory, options.peer_memory, compute_device=device)
     offload_requested = budget.cpu_memory is not None or bool(budget.peer_memory)
     budget = _own_peers(budget, tp, device).resolved(device)
-    layout = layer_layout(config, tp, dtype, _weight_format(options, device))
+    family = family_of(config.architecture)
+    blocks = family.blocks(config, tp, dtype, _weight_format(options, device))
     globals_ = global_layout(config, tp, dtype)
     embedding = embedding_layout(config, tp, dtype)
-    needs = memory_needs(config, tp, dtype, device, options, layout, globals_, embedding)
+    needs = memory_needs(family, config, tp, dtype, device, options, blocks, globals_, embedding)
     peers = list(budget.peer_memory)
     bandwidth = dict(options.link_bandwidth or {})
     if any(n not in bandwidth for n in ["host", "hbm", "matmul", *peers]):
@@ -86,42 +89,35 @@ def prepare(model, options: LoadOptions) -> Setup:
     failed = [str(p) for p in plans if isinstance(p, PlanError)]
     if failed:
         raise PlanError("; ".join(failed))
-    return Setup(config, options, tp, device, dtype, layout, globals_, embedding, plan, plans)
+    return Setup(config, options, tp, device, dtype, family, blocks, globals_, embedding, plan, plans)
 
 
-def memory_needs(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, device: torch.device,
-                 options: LoadOptions, layout: BlockLayout, globals_: BlockLayout,
+def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
+                 device: torch.device, options: LoadOptions, blocks: list[BlockSpec], globals_: BlockLayout,
                  embedding: BlockLayout | None) -> MemoryNeeds:
     """The bytes this rank needs for ``options``' KV cache and steps."""
     _, kv_heads = local_heads(config, tp)
-    batch, seq = options.max_batch, options.max_seq_len
+    batch, seq, step_tokens = options.max_batch, options.max_seq_len, options.max_step_tokens
+    quantized = quantized_shapes(blocks)
+    graphs = 0
+    if uses_cuda_graphs(options, device):  # a captured graph's allocations live in its pool: a dequantize scratch too
+        graphs = family.decode_graph_bytes(config, tp, dtype, batch, seq) + scratch_bytes(quantized, dtype, batch)
     return MemoryNeeds(
-        n_layers=config.n_layers,
-        block_bytes=layout.nbytes,
+        blocks=tuple(block.nbytes for block in blocks),
         global_bytes=globals_.nbytes,
         embedding_bytes=embedding.nbytes if embedding else 0,
         kv_bytes=KVCache.nbytes(config.n_layers, batch, kv_heads, seq, config.head_dim, dtype),
-        activation_bytes=step_activation_bytes(config, tp, dtype, batch, seq, options.max_step_tokens),
+        activation_bytes=family.activation_bytes(config, tp, dtype, batch, seq, step_tokens),
         workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0,
-        rope_bytes=2 * (seq + 1) * config.head_dim * dtype.itemsize,
+        rope_bytes=len(family.rope_inv_freqs(config)) * 2 * (seq + 1) * config.head_dim * dtype.itemsize,
         max_batch=batch,
         max_seq_len=seq,
-        graph_bytes=_graph_bytes(config, tp, dtype, options, device, layout),
-        flops_per_token=2 * config.n_layers * matmul_weights_per_layer(config, tp),
-        flops_per_key=4 * config.n_layers * local_heads(config, tp)[0] * config.head_dim,
-        dequant_bytes=scratch_bytes(layout.quantized, dtype, options.max_step_tokens),
-        weight_format=_format_line(config, tp, dtype, options, layout),
+        graph_bytes=graphs,
+        flops_per_token=family.flops_per_token(config, tp),
+        flops_per_key=family.flops_per_key(config, tp),
+        dequant_bytes=scratch_bytes(quantized, dtype, step_tokens),
+        weight_format=_format_line(family, config, tp, dtype, options, blocks),
     )
-
-
-def _graph_bytes(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, options: LoadOptions,
-                 device: torch.device, layout: BlockLayout) -> int:
-    """The decode graphs' memory: their pool and buffers, and (quantized layers) a dequantize scratch of their
-    own, since what a captured graph allocates lives in its pool, apart from the eager allocator's."""
-    if not uses_cuda_graphs(options, device):
-        return 0
-    batch, seq = options.max_batch, options.max_seq_len
-    return decode_graph_bytes(config, tp, dtype, batch, seq) + scratch_bytes(layout.quantized, dtype, batch)
 
 
 def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
@@ -129,11 +125,12 @@ def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
     return options.cuda_graphs and device.type == "cuda"
 
 
-def matmul_weights_per_layer(config: ModelConfig, tp: TensorParallel) -> int:
-    """Weights of one layer's projections on this rank (each is one multiply-add per token)."""
-    q_heads, kv_heads = local_heads(config, tp)
-    d, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size // tp.size
-    return d * (2 * q_heads + 2 * kv_heads) * hd + 3 * d * inter
+def quantized_shapes(blocks: list[BlockSpec]) -> dict:
+    """The quantized projections of every distinct layout among ``blocks``."""
+    shapes = {}
+    for layout in {id(b.layout): b.layout for b in blocks}.values():
+        shapes.update({(id(layout), name): shape for name, shape in layout.quantized.items()})
+    return shapes
 
 
 def _weight_format(options: LoadOptions, device: torch.device) -> WeightFormat | None:
@@ -143,12 +140,13 @@ def _weight_format(options: LoadOptions, device: torch.device) -> WeightFormat |
     return WeightFormat(options.quantize, options.group_size, choose_kernel(options.quantize, device))
 
 
-def _format_line(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, options: LoadOptions,
-                 layout: BlockLayout) -> str:
+def _format_line(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
+                 options: LoadOptions, blocks: list[BlockSpec]) -> str:
     """How the plan names the layers' format: "" for the model dtype, else the quantization and its bytes."""
+    layout = blocks[0].layout
     if not layout.quantized:
         return ""
-    dense = layer_layout(config, tp, dtype).nbytes
+    dense = family.layer_layout(config, tp, dtype).nbytes
     return (f"{describe(layout.quantized, WeightFormat(options.quantize, options.group_size))}: "
             f"{format_size(layout.nbytes)} per layer, {layout.nbytes / dense:.2f}x the {format_size(dense)} "
             f"of {str(dtype).removeprefix('torch.')}")
@@ -167,9 +165,9 @@ def load_weights(setup: Setup, source, progress: bool) -> WeightPool:
     """Allocate every tier once and read each tensor straight into its place (one tensor's piece at a time)."""
     source.validate(checkpoint_sources(setup.config, setup.tp, setup.dtype))
     embedding_bytes = setup.embedding_layout.nbytes if setup.embedding_layout else 0
-    pool = WeightPool(setup.plan, setup.layout.nbytes, setup.globals_layout.nbytes, embedding_bytes, setup.device)
+    pool = WeightPool(setup.plan, setup.globals_layout.nbytes, embedding_bytes, setup.device)
     jobs = [(pool.globals, setup.globals_layout, None)]
-    jobs += [(block, setup.layout, i) for i, block in enumerate(pool.blocks)]
+    jobs += [(buffer, spec.layout, spec.layer) for buffer, spec in zip(pool.blocks, setup.blocks)]
     if setup.embedding_layout is not None:
         jobs.append((pool.embedding, setup.embedding_layout, None))
     total = sum(layout.nbytes for _, layout, _ in jobs)

@@ -19,14 +19,14 @@ from .loading import Setup, uses_cuda_graphs
 from .memory.host import to_device
 from .memory.planner import HOST
 from .memory.pool import WeightPool
-from .models import kernels
+from .models import ops
 from .models.blocks import GlobalWeights
-from .models.llama import KVCache, Transformer
+from .models.chunks import Chunk, DecodeChunk, bucket, plan_chunks
+from .models.decoder import KVCache
 from .models.parallel import local_heads, vocab_rows
-from .models.chunks import Chunk, DecodeChunk, Rope, bucket, plan_chunks
 from .sampling import Sampling
-from .scheduler.row_engine import RowEngine, Request
 from .scheduler.graphs import DecodeGraphs
+from .scheduler.row_engine import Request, RowEngine
 from .scheduler.stream import CopyStream, WeightStream
 
 
@@ -68,22 +68,20 @@ class OffloadedModel:
         self.config, self.options, self.tp, self.device, self.dtype = s.config, s.options, s.tp, s.device, s.dtype
         self.plan, self.plans = s.plan, s.plans
         self.pool = pool
-        engines = {tier: CopyStream(s.device, "cpu" if tier == HOST or s.device.type == "cpu" else tier)
-                   for tier in s.plan.streamed_tiers}
-        self.layers = WeightStream(s.layout, pool.blocks, s.plan.placement, pool.slots, engines)
-        self.rope = Rope(s.config.rope_inv_freq(), self.max_seq_len + 1, s.dtype, s.device)  # + the cache's sink
+        copies = {tier: CopyStream(s.device, "cpu" if tier == HOST or s.device.type == "cpu" else tier)
+                  for tier in s.plan.streamed_tiers}
+        self.weights = WeightStream(s.blocks, pool.blocks, s.plan.placement, pool.slots, copies)
         views = s.globals_layout.views(pool.globals)
         if s.embedding_layout is not None:
             views.update(s.embedding_layout.views(pool.embedding))
         weights = GlobalWeights(views["embed"], views["final_norm"], views.get("lm_head", views["embed"]))
-        self.transformer = Transformer(s.config, weights, s.tp, vocab_start=vocab_rows(s.config, s.tp)[0])
+        self.decoder = s.family(s.config, weights, s.tp, ops.choose(s.device, s.dtype), s.device, s.dtype,
+                                self.max_seq_len + 1, vocab_start=vocab_rows(s.config, s.tp)[0])  # + the sink
         _, kv_heads = local_heads(s.config, s.tp)
-        if s.device.type == "cuda" and s.dtype in kernels.DTYPES:
-            kernels.works(s.device)  # Triton tried now, not first while a layer compiles or a graph is captured
         self.cache = KVCache(s.config.n_layers, self.max_batch, kv_heads, self.max_seq_len, s.config.head_dim,
                              s.dtype, s.device)
-        self.graphs = (DecodeGraphs(self.transformer, self.layers, self.cache, self.rope, s.plan.placement, s.device,
-                                    compile=s.options.compile) if uses_cuda_graphs(s.options, s.device) else None)
+        self.graphs = (DecodeGraphs(self.decoder, self.weights, self.cache, s.device, compile=s.options.compile)
+                       if uses_cuda_graphs(s.options, s.device) else None)
 
     @property
     def max_batch(self) -> int:
@@ -115,8 +113,8 @@ class OffloadedModel:
                 f"a forward pass over {ids.shape[0]} x {ids.shape[1]} tokens exceeds max_step_tokens="
                 f"{self.max_step_tokens} / max_seq_len={self.max_seq_len}; load the model with larger ones"
             )
-        step = Chunk.build(rows, [0] * len(rows), self.rope, self.device)
-        logits = self._run([step], cache=None, rows=len(rows), all_logits=True)
+        chunk = Chunk.build(rows, [0] * len(rows), self.device)
+        logits = self._forward([chunk], cache=None, rows=len(rows), all_logits=True)
         if attention_mask is None:
             return logits
         mask = as_batch(attention_mask, "attention_mask").bool()
@@ -151,14 +149,14 @@ class OffloadedModel:
             raise InputError("a step needs at least one new token")
         if all(len(tokens) <= 1 for tokens in new_tokens):
             tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.device)
-            return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)]).clone()
+            return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)])
         chunks = [
             Chunk.build([new_tokens[b][lo:hi] for b, (lo, hi) in zip(range(first, stop), spans)],
-                       [cached[b] + lo for b, (lo, _) in zip(range(first, stop), spans)],
-                       self.rope, self.device, first_row=first)
+                        [cached[b] + lo for b, (lo, _) in zip(range(first, stop), spans)],
+                        self.device, first_row=first)
             for first, stop, spans in plan_chunks([len(t) for t in new_tokens], self.max_step_tokens)
         ]
-        return self._run(chunks, self.cache, rows=len(new_tokens))
+        return self._forward(chunks, self.cache, rows=len(new_tokens))
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: list[int | None]) -> torch.Tensor:
@@ -169,7 +167,7 @@ class OffloadedModel:
         previous pass sampled, still on the device. Nothing here waits for the GPU (unless
         the embedding table is in host memory: the ids are read back first), so the host
         queues this pass while the previous one runs. Shapes are fixed by buckets of rows and
-        key length; with CUDA graphs the logits are a static buffer, overwritten by the next pass.
+        key length, so that a bucket's layers can be captured in CUDA graphs and replayed.
         """
         n = len(positions)
         rows, sink = bucket(n, 1, self.max_batch), self.max_seq_len
@@ -178,19 +176,19 @@ class OffloadedModel:
                            self.device)
         tokens = F.pad(tokens[:n], (0, rows - n))
         try:
-            if self.graphs is None:
-                step = DecodeChunk(padded, kv_len, self.rope, set(self.config.sliding_windows), tokens=tokens)
-                return self.transformer.forward([step], self.layers, self.cache, rows)[:n]
-            return self.graphs.run(tokens, padded, kv_len)[:n]
+            if self.graphs is not None:
+                return self.graphs.decode(tokens, padded, kv_len)[:n]
+            chunk = DecodeChunk(padded, kv_len, self.decoder.ropes, self.decoder.windows, tokens=tokens)
+            return self.decoder.forward([chunk], self.weights, self.cache, rows)[:n]
         except BaseException:
-            self.layers.reset()  # the ring expects the next layer of an unfinished step
+            self.weights.reset()  # the ring expects the next block of an unfinished pass
             raise
 
-    def _run(self, chunks: list, cache, rows: int, all_logits: bool = False) -> torch.Tensor:
+    def _forward(self, chunks: list, cache, rows: int, all_logits: bool = False) -> torch.Tensor:
         try:
-            return self.transformer.forward(chunks, self.layers, cache, rows, all_logits)
+            return self.decoder.forward(chunks, self.weights, cache, rows, all_logits=all_logits)
         except BaseException:
-            self.layers.reset()  # the ring expects the next layer of an unfinished step
+            self.weights.reset()  # the ring expects the next block of an unfinished pass
             raise
 
     # ------------------------------------------------------------------ generation

@@ -80,7 +80,7 @@ def test_batch_greedy_outputs_equal_single_prompt_runs(tiny, tmp_path):
     kw = dict(max_batch=5, max_seq_len=64, max_step_tokens=64)
     needs = offload.plan_model(tiny, **kw).needs
     model = offload.load_model(tiny, **kw, progress=False, cpu_memory="1GiB",
-                               gpu_memory=needs.fixed_bytes + 5 * needs.block_bytes)  # 3 layers + 2 slots
+                               gpu_memory=needs.fixed_bytes + 5 * needs.largest_block)  # 3 layers + 2 slots
     assert "host" in model.plan.placement
     results = ResultFile(tmp_path / "out.jsonl", prompt_lengths(records))
     summary = run_batch(model, records, results, batch_size=5, eos_ids=(2,), progress=False)

@@ -172,7 +172,7 @@ def test_sharded_checkpoint_offloaded_matches_single_file(good, broken):
         expected = single(ids)
         needs = single.plan.needs
     model = offload.load_model(broken, dtype=torch.float32, progress=False, max_batch=1, max_seq_len=32,
-                               gpu_memory=needs.fixed_bytes + needs.block_bytes, cpu_memory="1GiB", slots=1)
+                               gpu_memory=needs.fixed_bytes + needs.largest_block, cpu_memory="1GiB", slots=1)
     with model:
         assert model.plan.placement == ["host", "host"] and model.plan.slots == {"host": 1}
         assert torch.equal(model(ids), expected)

@@ -11,9 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.errors import OffloadWarning
-from offload.models import kernels
-from offload.models.llama import rms_norm
-from offload.models.parallel import linear
+from offload.models import kernels, ops
 from offload.models.chunks import DecodeChunk, Rope
 
 needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None,
@@ -33,18 +31,20 @@ def assert_one_rounding_apart(got: torch.Tensor, want: torch.Tensor) -> None:
 
 def test_the_kernels_take_one_row_of_16_bits_on_cuda():
     w = torch.randn(8, 16, dtype=torch.bfloat16)
-    assert not kernels.gemv_applies(torch.randn(1, 16, dtype=torch.bfloat16), w)  # on the host: F.linear
+    assert ops.choose(torch.device("cpu"), torch.bfloat16) is ops.TORCH  # on the host: F.linear
     if not torch.cuda.is_available() or kernels.triton is None:
         return
+    assert ops.choose(torch.device("cuda"), torch.float32) is ops.TORCH
+    assert ops.choose(torch.device("cuda"), torch.bfloat16) is ops.TRITON
     w = w.cuda()
     x = torch.randn(1, 1, 32, dtype=torch.bfloat16, device="cuda")[..., :16]
 
     def decisions(x, w):
-        return torch.tensor([kernels.gemv_applies(x, w),
-                             kernels.gemv_applies(x.expand(2, 1, 16), w),  # two rows
-                             kernels.gemv_applies(x.float(), w.float()),  # float32
-                             kernels.gemv_applies(x, w.T.contiguous().T),  # a transposed weight
-                             kernels.gemv_applies(x[..., ::2], w[:, :8])])  # a strided row
+        return torch.tensor([kernels.gemv_takes(x, w),
+                             kernels.gemv_takes(x.expand(2, 1, 16), w),  # two rows
+                             kernels.gemv_takes(x.float(), w.float()),  # float32
+                             kernels.gemv_takes(x, w.T.contiguous().T),  # a transposed weight
+                             kernels.gemv_takes(x[..., ::2], w[:, :8])])  # a strided row
 
     assert decisions(x, w).tolist() == [True, False, False, False, False]
     torch._dynamo.reset()  # compiled, the answers are the same (constants of the traced graph)
@@ -62,11 +62,12 @@ def test_a_triton_that_fails_costs_a_warning_and_the_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "_works", None)
     x, w = torch.randn(1, 64, dtype=torch.float16, device="cuda"), torch.randn(8, 64, dtype=torch.float16, device="cuda")
     with pytest.warns(OffloadWarning, match="C compiler"):
-        assert not kernels.gemv_applies(x, w)
+        chosen = ops.choose(x.device, x.dtype)
+    assert chosen is ops.TORCH
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not kernels.works(x.device)  # tried once: no second warning
-    assert torch.equal(linear(x, w), F.linear(x, w))
+    assert torch.equal(chosen.linear(x, w), F.linear(x, w))
 
 
 @needs_triton
@@ -88,11 +89,9 @@ def test_gemv_equals_the_exact_product_to_one_rounding(n, k, dtype):
 
 @needs_triton
 @pytest.mark.gpu
-def test_compiled_code_runs_the_kernels_and_captures_them(monkeypatch):
-    """Compiled, ``rms_norm`` and ``linear`` call the kernels (the bits of calling them directly), traced into
-    the graph rather than broken out of it, and the compiled code replays in a CUDA graph. Nothing has tried
-    Triton before in this test (``kernels.works``): compiled code takes the kernels all the same."""
-    monkeypatch.setattr(kernels, "_works", None)
+def test_compiled_code_runs_the_kernels_and_captures_them():
+    """Compiled, the kernels' ``rms_norm`` and ``linear`` call the kernels (the bits of calling them directly),
+    traced into the graph rather than broken out of it, and the compiled code replays in a CUDA graph."""
     torch._dynamo.reset()
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(512, 1030, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -100,7 +99,7 @@ def test_compiled_code_runs_the_kernels_and_captures_them(monkeypatch):
     scale = torch.randn(1030, device="cuda", dtype=torch.bfloat16, generator=gen)
 
     def product(x):
-        return 2 * linear(rms_norm(x, scale, 1e-5), w)
+        return 2 * ops.TRITON.linear(ops.TRITON.rms_norm(x, scale, 1e-5), w)
 
     compiled = torch.compile(product, fullgraph=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -127,16 +126,21 @@ def test_compiled_code_runs_the_kernels_and_captures_them(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1, 4096), (5, 5120), (2, 3, 100)])
-def test_rms_norm_equals_the_reference_to_one_rounding(shape, dtype):
+@pytest.mark.parametrize("offset", [False, True], ids=["llama", "gemma"])
+def test_rms_norm_equals_the_reference_to_one_rounding(shape, dtype, offset):
     gen = torch.Generator(device="cuda").manual_seed(len(shape))
     x = torch.randn(shape, device="cuda", dtype=dtype, generator=gen) * 3
     w = torch.randn(shape[-1], device="cuda", dtype=dtype, generator=gen)
     xd = x.double()
-    normed = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)  # rounded before the weight
-    want = (w.double() * normed.double()).to(dtype)
-    got = kernels.rms_norm(x, w, 1e-5)
+    normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    if offset:  # Gemma: (1 + w) times the unrounded row, rounded once
+        want = (normed * (1.0 + w.double())).to(dtype)
+    else:  # Llama: the row rounded before the weight
+        want = (w.double() * normed.to(dtype).double()).to(dtype)
+    got = kernels.rms_norm(x, w, 1e-5, offset)
     assert_one_rounding_apart(got, want)
     assert (got == want).float().mean() > 0.99  # a few elements a rounding apart, no more
+    assert_one_rounding_apart(got, ops.TORCH.rms_norm(x, w, 1e-5, offset))
 
 
 def attention_reference(q, keys, values, allowed, scale):
@@ -187,14 +191,15 @@ def test_rope_and_store_rotates_q_and_k_and_writes_the_cache(batch, heads, kv_he
     qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * hd, device="cuda", dtype=dtype, generator=gen)
     rope = Rope(torch.rand(hd // 2) * 0.5, 64, dtype, torch.device("cuda"))
     positions = torch.tensor([5, 0, 40][:batch], device="cuda")
-    step = DecodeChunk(positions, 64, rope, {None})
+    step = DecodeChunk(positions, 64, [rope], {None})
+    cos, sin = step.rotary(rope)
     caches = torch.randn(2, 2, 4, kv_heads, 65, hd, device="cuda", dtype=dtype, generator=gen)  # [k/v, layer, ...]
     mine, theirs = caches.clone(), caches.clone()
-    q = kernels.rope_and_store(qkv, step.cos, step.sin, positions, mine[0, 1], mine[1, 1], heads)
+    q = kernels.rope_and_store(qkv, cos, sin, positions, mine[0, 1], mine[1, 1], heads)
 
     def rotated(x):  # in float64, rounded once
         x, half = x.double(), x.shape[-1] // 2
-        return (x * step.cos.double() + torch.cat((-x[..., half:], x[..., :half]), -1) * step.sin.double()).to(dtype)
+        return (x * cos.double() + torch.cat((-x[..., half:], x[..., :half]), -1) * sin.double()).to(dtype)
 
     q_ref, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
     step.store(theirs[0, 1], theirs[1, 1], rotated(k.unflatten(-1, (kv_heads, hd))), v.unflatten(-1, (kv_heads, hd)))
@@ -212,22 +217,25 @@ def test_rope_and_store_rotates_q_and_k_and_writes_the_cache(batch, heads, kv_he
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1, 4096), (7, 5120), (2, 3, 100)])
-def test_add_rms_norm_equals_the_add_and_the_norm(shape, dtype):
+@pytest.mark.parametrize("offset", [False, True], ids=["llama", "gemma"])
+def test_add_rms_norm_equals_the_add_and_the_norm(shape, dtype, offset):
     gen = torch.Generator(device="cuda").manual_seed(len(shape))
     x, delta = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
     w = torch.randn(shape[-1], device="cuda", dtype=dtype, generator=gen)
-    total, normed = kernels.add_rms_norm(x, delta, w, 1e-5)
-    assert torch.equal(total, x + delta) and torch.equal(normed, kernels.rms_norm(x + delta, w, 1e-5))
+    total, normed = kernels.add_rms_norm(x, delta, w, 1e-5, offset)
+    assert torch.equal(total, x + delta) and torch.equal(normed, kernels.rms_norm(x + delta, w, 1e-5, offset))
 
 
 @needs_triton
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1, 2 * 11008), (5, 2 * 1000)])
-def test_silu_and_mul_equals_pytorchs_to_one_rounding(shape, dtype):
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_the_gate_equals_pytorchs_to_one_rounding(shape, dtype, activation):
     gate_up = torch.randn(shape, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(0)) * 4
     gate, up = gate_up.chunk(2, dim=-1)
-    got, want = kernels.silu_and_mul(gate_up), F.silu(gate) * up
+    act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+    got, want = kernels.gated(gate_up, activation), act * up
     assert got.shape == want.shape
     # Triton's exp and CUDA's differ in the last float32 bits, which rarely moves a rounding
     assert (got == want).float().mean() > 0.99

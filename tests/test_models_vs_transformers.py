@@ -314,7 +314,7 @@ def offload_case(checkpoint_factory):
 
 def _budget(needs, layers_on_gpu):
     """A compute-device budget of the must-stay bytes plus ``layers_on_gpu`` blocks (resident ones and slots)."""
-    return needs.fixed_bytes + layers_on_gpu * needs.block_bytes
+    return needs.fixed_bytes + layers_on_gpu * needs.largest_block
 
 
 @pytest.mark.parametrize("resident_layers, slots_and_layers", [(0, 2), (1, 3), (3, 5)],

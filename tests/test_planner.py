@@ -12,7 +12,7 @@ BW = {"host": 50 * GB, "hbm": 4000 * GB, "cuda:1": 400 * GB}
 
 
 def needs(n_layers=40, block=GB, kv=GB // 2, **kw):
-    return MemoryNeeds(n_layers=n_layers, block_bytes=block, global_bytes=GB // 2, kv_bytes=kv,
+    return MemoryNeeds(blocks=(block,) * n_layers, global_bytes=GB // 2, kv_bytes=kv,
                        activation_bytes=GB // 4, workspace_bytes=GB // 4, **kw)
 
 
@@ -37,7 +37,7 @@ def test_layers_that_do_not_fit_go_to_the_host_spread_between_resident_ones():
     assert p.placement.count("resident") == 10 and p.placement.count("host") == 30 and p.slots == {"host": 2}
     assert p.gpu_bytes == need.fixed_bytes + 12 * GB
     assert p.host_bytes == 30 * GB
-    resident = p.layers_on("resident")
+    resident = p.blocks_on("resident")
     assert max(b - a for a, b in zip(resident, resident[1:])) <= 5  # interleaved, not bunched up
     assert p.bottleneck == "host"
     assert p.predicted_step_seconds == pytest.approx(30 * GB / BW["host"])
@@ -129,7 +129,7 @@ def test_plan_model_reads_only_the_config(tmp_path):
     p = offload.plan_model(tmp_path, dtype="bf16", gpu_memory="8GiB", cpu_memory="64GiB", max_seq_len=256,
                            link_bandwidth={"host": 55e9, "hbm": 4e12})
     assert p.placement.count("host") > 20 and p.placement.count("resident") > 0
-    assert p.needs.block_bytes == 2 * (5120 * (4 * 5120) + 3 * 5120 * 13824 + 2 * 5120)
+    assert p.needs.largest_block == 2 * (5120 * (4 * 5120) + 3 * 5120 * 13824 + 2 * 5120)
 
 
 def test_embedding_table_moves_to_host_ram_only_when_offloading():

@@ -15,7 +15,7 @@ def streamed(tiny):
     kw = dict(max_batch=3, max_seq_len=64, max_step_tokens=8)
     needs = offload.plan_model(tiny, **kw).needs
     model = offload.load_model(tiny, **kw, cpu_memory="1GiB", progress=False,
-                               gpu_memory=needs.fixed_bytes + 5 * needs.block_bytes)
+                               gpu_memory=needs.fixed_bytes + 5 * needs.largest_block)
     assert model.plan.placement.count("host") == 5
     yield model
     model.close()
@@ -23,14 +23,14 @@ def streamed(tiny):
 
 def count_copies(model) -> dict:
     counter = {"copies": 0}
-    for ring in model.layers.rings:
-        copy = ring.engine.copy
+    for ring in model.weights.rings:
+        copy = ring.copies.copy
 
         def counted(*args, copy=copy, **kwargs):
             counter["copies"] += 1
             copy(*args, **kwargs)
 
-        ring.engine.copy = counted
+        ring.copies.copy = counted
     return counter
 
 

@@ -21,7 +21,8 @@ from offload.distributed import TensorParallel
 from offload.errors import OffloadWarning
 from offload.loading import load_weights, memory_needs, prepare
 from offload.models.config import config_from_dict
-from offload.models.blocks import embedding_layout, global_layout, layer_layout
+from offload.models.blocks import embedding_layout, global_layout
+from offload.models.llama import Llama
 from offload.models.quant import (DEFAULT_GROUP_SIZE, QuantizedWeight, QuantScheme, WeightFormat, dequantize,
                                   group_size_for, quantize, quantized_linear, scratch_bytes)
 from offload.models.shapes import shape_config
@@ -161,12 +162,12 @@ def test_a_given_group_size_that_does_not_divide_is_refused():
 def test_groups_never_straddle_a_tensor_parallel_shard():
     config = config_from_dict(shape_config("tiny"))  # intermediate 352: w_down holds 176 columns per rank at tp=2
     fmt = WeightFormat("int4", group_size=32)
-    assert layer_layout(config, TensorParallel(), torch.float32, fmt).quantized["w_down"].scheme.group_size == 32
+    assert Llama.layer_layout(config, TensorParallel(), torch.float32, fmt).quantized["w_down"].scheme.group_size == 32
     with pytest.raises(offload.InputError, match=r"does not divide the input dimension 176 of w_down \(352 split "
                                                  r"over 2 tensor-parallel ranks\)"):
-        layer_layout(config, TensorParallel(rank=1, size=2), torch.float32, fmt)
+        Llama.layer_layout(config, TensorParallel(rank=1, size=2), torch.float32, fmt)
     # the default rule looks at the shard: 176 = 16 x 11
-    shard = layer_layout(config, TensorParallel(rank=1, size=2), torch.float32, WeightFormat("int4"))
+    shard = Llama.layer_layout(config, TensorParallel(rank=1, size=2), torch.float32, WeightFormat("int4"))
     assert shard.quantized["w_down"].scheme.group_size == 16 and shard.quantized["w_down"].cols == 176
     assert shard.quantized["wo"].cols == 64 and shard.quantized["wqkv"].cols == 128
 
@@ -190,9 +191,9 @@ def test_bad_quantize_options(kwargs, words):
 def test_block_bytes_are_the_parts_and_views_are_quantized_weights(tp_size):
     config = config_from_dict(shape_config("tiny"))
     tp = TensorParallel(rank=tp_size - 1, size=tp_size)
-    dense = layer_layout(config, tp, torch.bfloat16)
+    dense = Llama.layer_layout(config, tp, torch.bfloat16)
     for fmt, ratio in [("int8", 0.5), ("int4", 0.25)]:
-        layout = layer_layout(config, tp, torch.bfloat16, WeightFormat(fmt))
+        layout = Llama.layer_layout(config, tp, torch.bfloat16, WeightFormat(fmt))
         assert set(layout.quantized) == {"wqkv", "wo", "w_gate_up", "w_down"}
         parts = sum(s.nbytes for s in layout.specs)
         assert parts <= layout.nbytes < parts + 256 * len(layout.specs)  # at most alignment between them
@@ -208,7 +209,7 @@ def test_block_bytes_are_the_parts_and_views_are_quantized_weights(tp_size):
 
 def test_no_quantize_keeps_the_dense_layout():
     config = config_from_dict(shape_config("llama-2-13b"))
-    layout = layer_layout(config, TensorParallel(), torch.bfloat16)
+    layout = Llama.layer_layout(config, TensorParallel(), torch.bfloat16)
     assert not layout.quantized and {s.part for s in layout.specs} == {""}
     assert layout.nbytes == 2 * (5120 * (4 * 5120) + 3 * 5120 * 13824 + 2 * 5120)
 
@@ -238,9 +239,9 @@ def test_loading_reads_each_tensor_once_in_the_model_dtype_and_quantizes_it(tiny
     assert ("model.layers.0.mlp.down_proj.weight", (config.hidden_size, config.intermediate_size),
             torch.bfloat16) in source.reads
     # the block holds what quantizing the dense tensor gives
-    views = setup.layout.views(pool.blocks[0])
+    views = setup.blocks[0].layout.views(pool.blocks[0])
     dense = torch.empty(config.hidden_size, config.intermediate_size, dtype=torch.bfloat16)
-    RandomSource(seed=3).read(next(s for s, _ in setup.layout.sources(0) if s.name == "w_down.data"),
+    RandomSource(seed=3).read(next(s for s, _ in setup.blocks[0].sources() if s.name == "w_down.data"),
                               "model.layers.0.mlp.down_proj.weight", dense)
     parts = quantize(dense, views.w_down.scheme, torch.bfloat16)
     assert torch.equal(views.w_down.data, parts["data"]) and torch.equal(views.w_down.scale, parts["scale"])
@@ -264,8 +265,8 @@ def test_offloaded_equals_resident_bitwise(tiny, fmt):
         needs = resident.plan.needs
     with offload.load_model(tiny, progress=False, dtype=torch.float32, max_batch=2, max_seq_len=MAX_SEQ) as dense:
         assert (logits - dense(ids)).abs().max() > 0  # the weights really are quantized
-    budgets = [dict(gpu_memory=needs.fixed_bytes + 3 * needs.block_bytes, cpu_memory="1GiB"),  # 1 resident + 2 slots
-               dict(gpu_memory=needs.fixed_bytes + 5 * needs.block_bytes, cpu_memory="1GiB",  # host and a peer
+    budgets = [dict(gpu_memory=needs.fixed_bytes + 3 * needs.largest_block, cpu_memory="1GiB"),  # 1 resident + 2 slots
+               dict(gpu_memory=needs.fixed_bytes + 5 * needs.largest_block, cpu_memory="1GiB",  # host and a peer
                     peer_memory={"cpu:1": "1GiB"}, link_bandwidth={"host": 10e9, "cpu:1": 10e9, "hbm": 100e9})]
     for budget in budgets:
         with warnings.catch_warnings():
@@ -291,14 +292,14 @@ def _plan(path, **kw):
 def test_quantized_layers_are_smaller_so_more_are_resident_and_fewer_bytes_stream(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(shape_config("llama-2-13b")))
     plans = {fmt: _plan(tmp_path, quantize=fmt) for fmt in (None, "int8", "int4")}
-    block = {fmt: p.needs.block_bytes for fmt, p in plans.items()}
+    block = {fmt: p.needs.largest_block for fmt, p in plans.items()}
     resident = {fmt: p.placement.count("resident") for fmt, p in plans.items()}
     assert 0.50 < block["int8"] / block[None] < 0.51 and 0.26 < block["int4"] / block[None] < 0.27
     assert resident[None] < resident["int8"] < resident["int4"] < 40
     for fmt in ("int8", "int4"):
         p = plans[fmt]
         assert p.gpu_bytes <= 8 * 2**30
-        assert p.host_bytes / len(p.layers_on("host")) == block[fmt]  # each streamed layer costs its compressed bytes
+        assert p.host_bytes / len(p.blocks_on("host")) == block[fmt]  # each streamed layer costs its compressed bytes
         assert p.needs.dequant_bytes > 0 and p.needs.fixed_bytes > plans[None].needs.fixed_bytes
         assert p.predicted_step_seconds < plans[None].predicted_step_seconds
     text = str(plans["int4"])
@@ -413,7 +414,7 @@ def _rank_needs(path, ranks, **options):
     options = options.replace(max_step_tokens=options.max_step_tokens or options.max_seq_len)
     fmt = WeightFormat(options.quantize, options.group_size)
     dtype = options.dtype
-    return memory_needs(config, tp, dtype, torch.device("cpu"), options, layer_layout(config, tp, dtype, fmt),
+    return memory_needs(Llama, config, tp, dtype, torch.device("cpu"), options, Llama.blocks(config, tp, dtype, fmt),
                         global_layout(config, tp, dtype), embedding_layout(config, tp, dtype))
 
 
@@ -429,7 +430,7 @@ def test_quantized_tensor_parallel_shards(structured):
         with offload.load_model(structured, quantize=fmt, group_size=group, progress=False, **kw) as single:
             want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)
         needs = _rank_needs(structured, 2, quantize=fmt, group_size=group, **kw)
-        budget = needs.fixed_bytes + needs.block_bytes + needs.block_bytes // 2  # one slot: both layers stream
+        budget = needs.fixed_bytes + needs.largest_block + needs.largest_block // 2  # one slot: both layers stream
         results = run_tp(2, structured, ids, quantize=fmt, group_size=group, gpu_memory=budget, cpu_memory="1GiB",
                          slots=1, **kw)
         for result in results:
@@ -468,7 +469,7 @@ def test_gpu_offloaded_equals_resident_bitwise(fmt):
     for n_resident in (3, 0):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = offload.load_model(shape, gpu_memory=needs.fixed_bytes + (n_resident + 2) * needs.block_bytes,
+            model = offload.load_model(shape, gpu_memory=needs.fixed_bytes + (n_resident + 2) * needs.largest_block,
                                        cpu_memory="8GiB", **kw)
         with model:
             assert model.plan.placement.count("resident") == n_resident
@@ -524,7 +525,7 @@ def test_quantized_models_stay_close_to_transformers(checkpoint_factory, key, ar
     Gaussian), and int8 is closer than int4."""
     hf, directory = checkpoint_factory(key, arch, "5.x", seed=31, **_SMALL, **extra)
     config = offload.load_config(directory)
-    layout = layer_layout(config, TensorParallel(), torch.float32, WeightFormat("int4"))
+    layout = Llama.layer_layout(config, TensorParallel(), torch.float32, WeightFormat("int4"))
     views = layout.views(torch.zeros(layout.nbytes, dtype=torch.uint8))
     assert (views.bqkv is not None) == config.qkv_bias and (views.bo is not None) == config.o_bias
     ids = torch.randint(3, 256, (1, 20), generator=torch.Generator().manual_seed(5))

@@ -74,7 +74,7 @@ def served(model_dir):
     """8 rows, 32 more requests may wait; half of the layers stream from host memory."""
     needs = offload.plan_model(model_dir, max_batch=8, max_seq_len=SEQ).needs
     server, s = start_server(model_dir, 8, 32, cpu_memory="1GiB",
-                             gpu_memory=needs.fixed_bytes + (needs.n_layers // 2 + 2) * needs.block_bytes)
+                             gpu_memory=needs.gpu_budget_streaming(len(needs.blocks) // 2))
     assert "host" in s.service.loop.model.plan.placement
     yield s
     server.stop()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import offload
-from offload.models.blocks import BlockLayout
+from offload.models.blocks import BlockLayout, BlockSpec
 from offload.models.parallel import REPLICATED
 from offload.scheduler.stream import CopyStream, WeightStream
 
@@ -34,14 +34,15 @@ def make_stream(slots: int = 2):
         blocks.append(block)
     ring_slots = torch.zeros(slots, LAYOUT.nbytes, dtype=torch.uint8)
     engine = RecordingEngine(blocks, ring_slots)
-    return WeightStream(LAYOUT, blocks, PLACEMENT, {"host": ring_slots}, {"host": engine}), engine
+    specs = [BlockSpec(f"layer {i}", LAYOUT, i) for i in range(len(PLACEMENT))]
+    return WeightStream(specs, blocks, PLACEMENT, {"host": ring_slots}, {"host": engine}), engine
 
 
 def run_step(stream, layers=range(len(PLACEMENT))):
     for i in layers:
-        weights = stream.acquire(i)
+        [weights] = stream.acquire([i])
         assert torch.equal(weights["x"], torch.full((4,), float(i))), f"layer {i} computed with other weights"
-        stream.release(i)
+        stream.release([i])
 
 
 def test_loads_follow_the_ring_and_each_layer_keeps_its_slot():
@@ -65,9 +66,9 @@ def test_one_slot_serialises_the_ring():
 
 def test_asking_for_a_layer_out_of_order_is_caught():
     stream, _ = make_stream()
-    stream.acquire(0)
+    stream.acquire([0])
     with pytest.raises(AssertionError, match="layer 2 asked for while layer 1 is next"):
-        stream.acquire(2)
+        stream.acquire([2])
 
 
 def test_reset_after_a_failed_step_starts_the_ring_afresh():
@@ -82,12 +83,12 @@ def test_reset_after_a_failed_step_starts_the_ring_afresh():
 def test_a_model_step_that_fails_half_way_leaves_the_model_usable(tiny):
     needs = offload.plan_model(tiny, max_seq_len=32).needs
     model = offload.load_model(tiny, max_seq_len=32, cpu_memory="1GiB", progress=False,
-                               gpu_memory=needs.fixed_bytes + 5 * needs.block_bytes)
+                               gpu_memory=needs.fixed_bytes + 5 * needs.largest_block)
     assert model.plan.placement.count("host") >= 4
     ids = torch.arange(3, 15)[None]
     expected = model(ids)
     calls = {"n": 0}
-    original = model.transformer.decoder_layer
+    original = model.decoder.layer
 
     def fails_at_the_fourth_layer(*args):
         calls["n"] += 1
@@ -95,9 +96,9 @@ def test_a_model_step_that_fails_half_way_leaves_the_model_usable(tiny):
             raise RuntimeError("a layer failed")
         return original(*args)
 
-    model.transformer.decoder_layer = fails_at_the_fourth_layer
+    model.decoder.layer = fails_at_the_fourth_layer
     with pytest.raises(RuntimeError, match="a layer failed"):
         model(ids)
-    del model.transformer.decoder_layer
+    del model.decoder.layer
     assert torch.equal(model(ids), expected)
     model.close()

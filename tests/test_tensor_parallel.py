@@ -43,8 +43,8 @@ def run_tp(world, path, ids, **kwargs):
 def _budget_streaming_everything(path, tp):
     """A budget per rank with room for the fixed parts and 2 slots only: every layer streams from the host."""
     needs = offload.plan_model(path, max_batch=2, max_seq_len=48).needs
-    per_rank_block = needs.block_bytes // tp
-    return needs.fixed_bytes + 2 * needs.block_bytes // tp + per_rank_block // 2
+    per_rank_block = needs.largest_block // tp
+    return needs.fixed_bytes + 2 * needs.largest_block // tp + per_rank_block // 2
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -65,7 +65,7 @@ def test_tp_matches_tp1_with_offloading_on_every_rank(tiny, world):
         assert torch.equal(tokens, want_tokens)
         # A rank's host tier holds 1/world of each streamed layer, plus what is replicated: the norms, and at
         # world=4 the key/value heads (the tiny shape has 2, so pairs of ranks hold the same one): +9%.
-        per_layer, single_per_layer = host_bytes / placement.count("host"), single.plan.needs.block_bytes
+        per_layer, single_per_layer = host_bytes / placement.count("host"), single.plan.needs.largest_block
         assert single_per_layer / world <= per_layer <= (1.01 if world == 2 else 1.10) * single_per_layer / world
 
 

@@ -31,7 +31,7 @@ def test_forecast_charges_compute_for_long_prompts():
 def plans_for(host_bandwidth: float):
     """A 40-layer model of 1 GB layers whose KV cache takes 1 GB per row: 4 rows leave every layer resident."""
     def plans(rows: int):
-        needs = MemoryNeeds(n_layers=40, block_bytes=GB, global_bytes=GB // 2, kv_bytes=rows * GB,
+        needs = MemoryNeeds(blocks=(GB,) * 40, global_bytes=GB // 2, kv_bytes=rows * GB,
                             activation_bytes=GB // 4, workspace_bytes=GB // 4, max_batch=rows, max_seq_len=512,
                             flops_per_token=2 * 40 * GB / 2, flops_per_key=1e6)
         budget = Budget(needs.fixed_bytes - rows * GB + 44 * GB, 100 * GB, {})

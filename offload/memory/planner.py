@@ -1,23 +1,29 @@
-"""The placement planner: which tier holds each decoder layer, decided once before loading.
+"""The placement planner: which tier holds each block, decided once before loading.
 
-Inputs: the bytes the model needs on this rank (layer blocks, non-layer tensors,
-KV cache, activations), the budgets per tier and the bandwidth of each link.
-Output: a :class:`Plan` whose ``placement`` names the tier of every layer, with
-the bytes per tier and the predicted time of a decode step,
+Inputs: the bytes the model needs on this rank (its blocks, in the order a pass
+uses them, and the non-layer tensors, KV cache and activations), the budgets per
+tier and the bandwidth of each link. Output: a :class:`Plan` whose ``placement``
+names the tier of every block, with the bytes per tier and the predicted time of
+a decode step,
 
     t_step = max(weights / HBM bandwidth, bytes streamed over each link / its bandwidth)
 
 The compute device keeps everything that must live there (non-layer tensors, KV
 cache, activations, and for each streaming link the ring of slots its blocks are
-copied into) and then as many layers as fit. The rest are spread over the peers and the host so that the
-links finish together, and are interleaved with the resident layers in layer
-order, so every link keeps copying while resident layers compute.
+copied into, each slot as large as the link's largest block) and then as many
+blocks as fit. The rest are spread over the peers and the host so that the links
+finish together, and are interleaved with the resident blocks in pass order, so
+every link keeps copying while resident blocks compute. Blocks may differ in
+size; where they do, the planner counts every block as large as the largest
+(never past a budget, at worst a block short of the best packing).
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from ..errors import PlanError
 from .budget import Budget, format_size
@@ -31,8 +37,7 @@ LINK_BOUND_RATIO = 10.0  # warn when streaming makes a decode step this many tim
 class MemoryNeeds:
     """Bytes the model needs on one rank."""
 
-    n_layers: int
-    block_bytes: int  # one decoder layer's block
+    blocks: tuple[int, ...]  # bytes of each block, in the order a pass uses them (one per decoder layer)
     global_bytes: int  # final norm and LM head (and the embedding, when tied to the LM head)
     kv_bytes: int  # KV cache for max_batch x max_seq_len
     activation_bytes: int  # the largest step's temporaries
@@ -49,15 +54,30 @@ class MemoryNeeds:
 
     @property
     def fixed_bytes(self) -> int:
-        """What must be on the compute device besides the layers, the slots and the embedding."""
+        """What must be on the compute device besides the blocks, the slots and the embedding."""
         return (self.global_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes + self.rope_bytes
                 + self.graph_bytes + self.dequant_bytes)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Every block's bytes."""
+        return sum(self.blocks)
+
+    @property
+    def largest_block(self) -> int:
+        return max(self.blocks)
+
+    def gpu_budget_streaming(self, resident: int, slots: int = DEFAULT_SLOTS) -> int:
+        """The GPU budget under which the plan keeps ``resident`` blocks and streams the others from the host
+        through ``slots`` slots (with the embedding, if untied, in host RAM)."""
+        kept = sum(sorted(self.blocks, reverse=True)[:resident])
+        return self.fixed_bytes + kept + slots * self.largest_block
 
 
 @dataclass
 class Plan:
-    placement: list[str]  # one tier per decoder layer: "resident", "host" or a peer's device name
-    slots: dict[str, int]  # per streaming link: block-sized buffers on the compute device (its ring)
+    placement: list[str]  # one tier per block: "resident", "host" or a peer's device name
+    slots: dict[str, int]  # per streaming link: buffers on the compute device its blocks are copied into (its ring)
     needs: MemoryNeeds
     budget: Budget
     bandwidth: dict[str, float]  # bytes/s per link, and "hbm"
@@ -68,11 +88,15 @@ class Plan:
 
     # ---------------------------------------------------------------- derived figures
 
-    def layers_on(self, tier: str) -> list[int]:
+    def blocks_on(self, tier: str) -> list[int]:
         return [i for i, t in enumerate(self.placement) if t == tier]
 
     def bytes_on(self, tier: str) -> int:
-        return len(self.layers_on(tier)) * self.needs.block_bytes
+        return sum(self.needs.blocks[i] for i in self.blocks_on(tier))
+
+    def slot_bytes(self, tier: str) -> int:
+        """The size of each slot of ``tier``'s ring: its largest block."""
+        return max(self.needs.blocks[i] for i in self.blocks_on(tier))
 
     @property
     def tiers(self) -> list[str]:
@@ -80,14 +104,17 @@ class Plan:
 
     @property
     def streamed_tiers(self) -> list[str]:
-        return [t for t in self.tiers[1:] if self.layers_on(t)]
+        return [t for t in self.tiers[1:] if self.blocks_on(t)]
 
     @property
     def gpu_bytes(self) -> int:
         """Everything the plan puts on the compute device."""
         embedding = 0 if self.embedding_on_host else self.needs.embedding_bytes
-        blocks = len(self.layers_on(RESIDENT)) + self.slot_count
-        return self.needs.fixed_bytes + embedding + blocks * self.needs.block_bytes
+        return self.needs.fixed_bytes + embedding + self.bytes_on(RESIDENT) + self.slots_bytes
+
+    @property
+    def slots_bytes(self) -> int:
+        return sum(count * self.slot_bytes(tier) for tier, count in self.slots.items())
 
     @property
     def slot_count(self) -> int:
@@ -106,7 +133,7 @@ class Plan:
     def link_seconds(self) -> dict[str, float]:
         """Seconds per decode step that each link spends copying, and the HBM floor under "hbm"."""
         out = {t: self.bytes_on(t) / self.bandwidth[t] for t in self.streamed_tiers}
-        out["hbm"] = self.needs.n_layers * self.needs.block_bytes / self.bandwidth["hbm"]
+        out["hbm"] = self.needs.weight_bytes / self.bandwidth["hbm"]
         return out
 
     @property
@@ -136,7 +163,7 @@ class Plan:
         n = self.needs
         gb_s = lambda bw: f"{bw / 1e9:,.1f} GB/s"  # noqa: E731
         lines = [
-            f"placement plan{self.title}: {n.n_layers} layers x {format_size(n.block_bytes)} on {self.compute_device}",
+            f"placement plan{self.title}: {_layers(n)} on {self.compute_device}",
             f"  {'tier':<10}{'layers':>7}{'bytes':>13}{'budget':>13}   link",
         ]
         if n.weight_format:
@@ -146,13 +173,13 @@ class Plan:
             link = f"HBM {gb_s(self.bandwidth['hbm'])}" if tier == RESIDENT else gb_s(self.bandwidth[tier])
             used = {RESIDENT: self.gpu_bytes, HOST: self.host_ram_bytes}.get(tier) or self.bytes_on(tier)
             lines.append(
-                f"  {tier:<10}{len(self.layers_on(tier)):>7}{format_size(used):>13}"
+                f"  {tier:<10}{len(self.blocks_on(tier)):>7}{format_size(used):>13}"
                 f"{format_size(budgets[tier]):>13}   {link}"
             )
         lines.append(
             f"  on {self.compute_device} besides resident layers: non-layer {format_size(n.global_bytes)}, "
             f"KV cache {format_size(n.kv_bytes)} ({n.max_batch} x {n.max_seq_len} tokens), "
-            f"{self.slot_count} slot(s) {format_size(self.slot_count * n.block_bytes)}"
+            f"{self.slot_count} slot(s) {format_size(self.slots_bytes)}"
             f"{' (' + ', '.join(f'{t} {c}' for t, c in self.slots.items()) + ')' if len(self.slots) > 1 else ''}, "
             f"activations {format_size(n.activation_bytes)}, rotary tables {format_size(n.rope_bytes)}, "
             f"workspace {format_size(n.workspace_bytes)}"
@@ -193,12 +220,12 @@ def make_plan(
     indirect_peers: tuple[str, ...] = (),
     title: str = "",
 ) -> Plan:
-    """Place every layer, or raise :class:`PlanError` naming the bytes needed and available."""
-    n, block, embedding = needs.n_layers, needs.block_bytes, needs.embedding_bytes
+    """Place every block, or raise :class:`PlanError` naming the bytes needed and available."""
+    n, block, embedding = len(needs.blocks), needs.largest_block, needs.embedding_bytes
     gpu, where = budget.gpu_memory, f"{compute_device}{title}"
     plan = lambda placement, k, on_host=False: Plan(  # noqa: E731
         placement, k, needs, budget, bandwidth, compute_device, title, embedding_on_host=on_host)
-    if needs.fixed_bytes + embedding + n * block <= gpu:
+    if needs.fixed_bytes + embedding + needs.weight_bytes <= gpu:
         result = plan([RESIDENT] * n, {})
         if offload_requested:
             result.warnings.append(f"the whole model fits in the budget of {compute_device}: nothing is offloaded")
@@ -216,24 +243,26 @@ def make_plan(
             "or lower --max-batch / --max-seq-len"
         )
     k = min(slots or DEFAULT_SLOTS, n)
+    kept_bytes = list(accumulate(sorted(needs.blocks, reverse=True)))  # the j + 1 largest blocks' bytes
     link_budget = Budget(gpu, host, budget.peer_memory)
     reserved = k * max(sum(1 for c in _capacity(block, link_budget).values() if c), 1)
-    for _ in range(4):  # each link's ring needs min(k, its layers) slots: refine the reservation
-        resident = (gpu - needs.fixed_bytes - reserved * block) // block  # < n: the model does not fit
-        if resident < 0:
+    for _ in range(4):  # each link's ring needs min(k, its blocks) slots: refine the reservation
+        room = gpu - needs.fixed_bytes - reserved * block
+        if room < 0:
             raise PlanError(
                 f"the budget of {where} ({format_size(budget.gpu_memory)}) cannot hold "
                 f"{_fixed_parts(needs, on_gpu)} plus {reserved} slot(s) of {format_size(block)} for streamed "
-                f"layers (= {format_size(needs.fixed_bytes + on_gpu + reserved * block)}); raise --gpu-memory"
+                f"blocks (= {format_size(needs.fixed_bytes + on_gpu + reserved * block)}); raise --gpu-memory"
             )
+        resident = bisect_right(kept_bytes, room)  # < n: the model does not fit
         streamed = _share_links(n - resident, block, link_budget, bandwidth)
         if sum(streamed.values()) < n - resident:
             missing = n - resident - sum(streamed.values())
             held = ", ".join(f"{t} {c}" for t, c in {RESIDENT: resident, **streamed}.items())
             raise PlanError(
-                f"the model does not fit{title}: {n} layers x {format_size(block)} = {format_size(n * block)}; "
-                f"the budgets hold {held} layers, leaving {missing} layer(s) ({format_size(missing * block)}) "
-                "with nowhere to go; raise --cpu-memory or add --peer-memory"
+                f"the model does not fit{title}: {_layers(needs)}; the budgets hold {held} layers, leaving "
+                f"{missing} layer(s) ({format_size(missing * block)}) with nowhere to go; raise --cpu-memory or "
+                "add --peer-memory"
             )
         ring_slots = {tier: min(k, count) for tier, count in streamed.items()}
         if sum(ring_slots.values()) == reserved:
@@ -241,7 +270,7 @@ def make_plan(
         reserved = sum(ring_slots.values())
     result = plan(_interleave({RESIDENT: resident, **streamed}), ring_slots, on_host)
     for peer in indirect_peers:
-        if result.layers_on(peer):
+        if result.blocks_on(peer):
             result.warnings.append(
                 f"{peer} cannot reach {compute_device} directly (no peer-to-peer access): its copies pass "
                 f"through host memory at the measured {bandwidth[peer] / 1e9:.1f} GB/s"
@@ -257,12 +286,12 @@ def make_plan(
 
 
 def _capacity(block: int, budget: Budget) -> dict[str, int]:
-    """Layers each streaming tier can hold."""
+    """Blocks (each counted as ``block`` bytes) each streaming tier can hold."""
     return {HOST: budget.cpu_memory // block, **{p: b // block for p, b in budget.peer_memory.items()}}
 
 
 def _share_links(count: int, block: int, budget: Budget, bandwidth: dict[str, float]) -> dict[str, int]:
-    """Spread ``count`` streamed layers over the host and the peers so the links finish together."""
+    """Spread ``count`` streamed blocks over the host and the peers so the links finish together."""
     capacity = _capacity(block, budget)
     taken = {tier: 0 for tier in capacity}
     for _ in range(count):
@@ -278,6 +307,14 @@ def _interleave(counts: dict[str, int]) -> list[str]:
     """A sequence with ``counts[k]`` of each kind ``k``, every kind spread evenly over it."""
     keyed = [((j + 0.5) / c, rank, kind) for rank, (kind, c) in enumerate(counts.items()) for j in range(c)]
     return [kind for _, _, kind in sorted(keyed)]
+
+
+def _layers(needs: MemoryNeeds) -> str:
+    """``40 layers x 605 MiB = 23.6 GiB`` (or ``40 layers, 23.6 GiB in all`` when their sizes differ)."""
+    n, total = len(needs.blocks), format_size(needs.weight_bytes)
+    if len(set(needs.blocks)) == 1:
+        return f"{n} layers x {format_size(needs.largest_block)} = {total}"
+    return f"{n} layers, {total} in all"
 
 
 def _fixed_parts(needs: MemoryNeeds, embedding: int = 0) -> str:

@@ -1,10 +1,11 @@
 """The peer-memory pool: one buffer of bytes per tier, holding the blocks the plan put there.
 
 Each tier is one allocation (a ``torch.empty`` on the compute device or a peer
-GPU, one :class:`PinnedMemory` on the host), cut into block-sized views, so the
-bytes held per tier are exactly what the plan says. The slots that streamed
-blocks are copied into are one more buffer on the compute device. Buffers are
-raw bytes: a block's layout says which tensors (of which dtypes) it holds.
+GPU, one :class:`PinnedMemory` on the host), cut into the blocks the plan put
+there, back to back, so the bytes held per tier are exactly what the plan says.
+The slots that streamed blocks are copied into are one more buffer per link on the
+compute device. Buffers are raw bytes: a block's layout says which tensors (of
+which dtypes) it holds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .planner import HOST, RESIDENT, Plan
 
 
 class WeightPool:
-    def __init__(self, plan: Plan, block_bytes: int, global_bytes: int, embedding_bytes: int, compute_device):
+    def __init__(self, plan: Plan, global_bytes: int, embedding_bytes: int, compute_device):
         compute = torch.device(compute_device)
         on_gpu = compute.type == "cuda"
         bytes_on = lambda n, device: torch.empty(n, dtype=torch.uint8, device=device)  # noqa: E731
@@ -26,25 +27,24 @@ class WeightPool:
         self.host: PinnedMemory | None = None
         self.buffers: dict[str, torch.Tensor] = {}
         for tier in plan.tiers:
-            count = len(plan.layers_on(tier))
-            if count == 0:
+            nbytes = plan.bytes_on(tier)
+            if nbytes == 0:
                 continue
             if tier == HOST:
-                self.host = PinnedMemory(count * block_bytes, pin=on_gpu)
+                self.host = PinnedMemory(nbytes, pin=on_gpu)
                 self.buffers[tier] = self.host.tensor
             else:
                 device = compute if tier == RESIDENT or not on_gpu else torch.device(tier)
-                self.buffers[tier] = bytes_on(count * block_bytes, device)
-        # Each streaming link fills its own ring of slots on the compute device.
-        self.slots = {tier: bytes_on(count * block_bytes, compute).view(count, block_bytes)
+                self.buffers[tier] = bytes_on(nbytes, device)
+        # Each streaming link fills its own ring of slots on the compute device, each slot as large as its largest block.
+        self.slots = {tier: bytes_on(count * plan.slot_bytes(tier), compute).view(count, plan.slot_bytes(tier))
                       for tier, count in plan.slots.items()}
-        # Block i is the next unused block-sized piece of its tier's buffer.
+        # Block i is the next unused piece of its tier's buffer.
         used = {tier: 0 for tier in self.buffers}
         self.blocks: list[torch.Tensor] = []
-        for tier in plan.placement:
-            j = used[tier]
-            self.blocks.append(self.buffers[tier][j * block_bytes : (j + 1) * block_bytes])
-            used[tier] = j + 1
+        for tier, nbytes in zip(plan.placement, plan.needs.blocks):
+            self.blocks.append(self.buffers[tier][used[tier] : used[tier] + nbytes])
+            used[tier] += nbytes
 
     @property
     def pinned_bytes(self) -> int:

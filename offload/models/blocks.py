@@ -1,10 +1,13 @@
 """Flat blocks: the named shapes of one rank's tensors, packed into one buffer of bytes.
 
-A decoder layer's weights (one rank's shard of them) live in one contiguous
-byte buffer, a *block*, so that moving a layer between tiers is one copy. The
-layout is a table of named shapes, each with its dtype and byte offset;
-``views(buffer)`` gives the tensors a layer computes with. The non-layer tensors
-(embedding, final norm, LM head) get layouts of their own.
+A *block* is a unit of weights (one rank's shard of them) that lives in one
+contiguous byte buffer, so that moving it between tiers is one copy: today one
+decoder layer, for mixture-of-experts models also one routed expert. Its layout
+is a table of named shapes, each with its dtype and byte offset; ``views(buffer)``
+gives the tensors a layer computes with. The non-layer tensors (embedding, final
+norm, LM head) get layouts of their own. A family (``offload/models/llama.py``...)
+writes the table of its layers; :class:`BlockSpec` says which layer a block
+belongs to and when it crosses its link.
 
 Checkpoint tensors that one matrix product can serve are stored back to back
 and seen as one: q, k and v as ``wqkv`` (one projection instead of three), gate
@@ -30,7 +33,7 @@ import torch
 
 from ..distributed import TensorParallel
 from .config import ModelConfig
-from .parallel import REPLICATED, Shard, kv_shard, q_shard, vocab_rows
+from .parallel import REPLICATED, Shard, vocab_rows
 from .quant import QuantizedShape, QuantizedWeight, QuantScheme, WeightFormat, part_shapes, scheme_for
 
 ALIGN_BYTES = 256
@@ -57,24 +60,29 @@ class TensorSpec:
         return self.numel * self.dtype.itemsize
 
 
-@dataclass(slots=True)
-class LayerWeights:
-    """One decoder layer's tensors: views into its block (resident or in a slot)."""
-
-    input_norm: torch.Tensor
-    wqkv: torch.Tensor | QuantizedWeight  # this rank's rows of q, k and v, stacked: [q + 2 kv, hidden]
-    wo: torch.Tensor | QuantizedWeight
-    post_norm: torch.Tensor
-    w_gate_up: torch.Tensor | QuantizedWeight  # this rank's rows of gate and up, stacked: [2 intermediate, hidden]
-    w_down: torch.Tensor | QuantizedWeight
-    bqkv: torch.Tensor | None = None
-    bo: torch.Tensor | None = None
+EVERY_PASS, ON_DEMAND = "every pass", "on demand"  # when a block crosses its link
 
 
-# Fused views: consecutive checkpoint tensors stacked along their first dimension.
-LAYER_GROUPS = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
-# The weights that ``quantize`` compresses: every matrix of a linear layer (not norms, not biases).
-LINEAR_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block of a model: its layout, the layer it belongs to and when it is fetched.
+
+    A family's blocks come in pass order: one ``EVERY_PASS`` block per decoder layer (the
+    layer's weights, needed by every forward pass) and, for mixture-of-experts models, the
+    routed experts' blocks, fetched ``ON_DEMAND`` when a token is routed to them.
+    """
+
+    name: str  # "layer 3", "layer 3 expert 17"
+    layout: "BlockLayout"
+    layer: int
+    fetch: str = EVERY_PASS
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+    def sources(self) -> list[tuple["TensorSpec", str]]:
+        return self.layout.sources(self.layer)
 
 
 class Entry(NamedTuple):
@@ -161,61 +169,24 @@ def local_shape(full: tuple[int, ...], shard: Shard) -> tuple[int, ...]:
     return tuple(shard.stop - shard.start if d == shard.dim else n for d, n in enumerate(full))
 
 
-def layer_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
-                 fmt: WeightFormat | None = None) -> BlockLayout:
-    """The layout of one decoder layer's block on this rank: its linear weights in ``fmt``
-    (quantized), or None (the model dtype)."""
-    d = config.hidden_size
-    inter = config.intermediate_size // tp.size
-    p = "model.layers.{i}."
-    q, kv = q_shard(config, tp), kv_shard(config, tp)
-    mlp_rows = Shard(0, tp.rank * inter, (tp.rank + 1) * inter) if tp.size > 1 else REPLICATED
-    qd, kvd, i = config.q_dim, config.kv_dim, config.intermediate_size
-    entries = [
-        ("input_norm", (d,), p + "input_layernorm.weight", REPLICATED),
-        ("wq", (qd, d), p + "self_attn.q_proj.weight", q),
-        ("wk", (kvd, d), p + "self_attn.k_proj.weight", kv),
-        ("wv", (kvd, d), p + "self_attn.v_proj.weight", kv),
-    ]
-    if config.qkv_bias:
-        entries += [
-            ("bq", (qd,), p + "self_attn.q_proj.bias", q),
-            ("bk", (kvd,), p + "self_attn.k_proj.bias", kv),
-            ("bv", (kvd,), p + "self_attn.v_proj.bias", kv),
-        ]
-    if config.o_bias:
-        entries.append(("bo", (d,), p + "self_attn.o_proj.bias", REPLICATED))
-    entries += [
-        ("wo", (d, qd), p + "self_attn.o_proj.weight", q_shard(config, tp, dim=1)),
-        ("post_norm", (d,), p + "post_attention_layernorm.weight", REPLICATED),
-        ("w_gate", (i, d), p + "mlp.gate_proj.weight", mlp_rows),
-        ("w_up", (i, d), p + "mlp.up_proj.weight", mlp_rows),
-        ("w_down", (d, i), p + "mlp.down_proj.weight", Shard(1, mlp_rows.start, mlp_rows.stop)
-         if tp.size > 1 else REPLICATED),
-    ]
-    if fmt is None:
-        return BlockLayout(entries, dtype, LayerWeights, LAYER_GROUPS)
-    entries, groups, quantized = _quantized_entries(entries, fmt, dtype, tp.size)
-    return BlockLayout(entries, dtype, LayerWeights, groups, quantized)
-
-
-def _quantized_entries(entries: list[tuple], fmt: WeightFormat, dtype: torch.dtype, ranks: int):
-    """The dense layer's entries with each linear weight replaced by its parts in ``fmt``.
+def quantized_entries(entries: list[tuple], groups: dict[str, tuple[str, ...]], linear: tuple[str, ...],
+                      fmt: WeightFormat, dtype: torch.dtype, ranks: int):
+    """A dense layer's entries with each weight named in ``linear`` replaced by its parts in ``fmt``.
 
     A fused projection's members go part by part: ``wq.data, wk.data, wv.data, wq.scale, ...``,
     so that each part of the projection is one view (``wqkv.data``, ``wqkv.scale``...).
     Returns (entries, fused groups, {view name: its scheme and shape}).
     """
     entries = [Entry(*e) for e in entries]
-    fused_of = {m: g for g, members in LAYER_GROUPS.items() for m in members}
-    out, groups, quantized = [], {}, {}
+    fused_of = {m: g for g, members in groups.items() for m in members}
+    out, out_groups, quantized = [], {}, {}
     for e in entries:
-        if e.name not in LINEAR_WEIGHTS:
+        if e.name not in linear:
             out.append(e)
-            groups.update({g: m for g, m in LAYER_GROUPS.items() if m[0] == e.name})
+            out_groups.update({g: m for g, m in groups.items() if m[0] == e.name})
             continue
         view = fused_of.get(e.name, e.name)
-        members = [m for m in entries if m.name in LAYER_GROUPS.get(view, (e.name,))]
+        members = [m for m in entries if m.name in groups.get(view, (e.name,))]
         if e.name != members[0].name:
             continue  # emitted with the first member
         cols = local_shape(e.full, e.shard)[1]
@@ -227,8 +198,8 @@ def _quantized_entries(entries: list[tuple], fmt: WeightFormat, dtype: torch.dty
                 _, shape, part_dtype = parts[k]
                 out.append(Entry(f"{m.name}.{part}", m.full, m.source, m.shard, shape, part_dtype, part, scheme))
             if len(members) > 1:
-                groups[f"{view}.{part}"] = tuple(f"{m.name}.{part}" for m in members)
-    return out, groups, quantized
+                out_groups[f"{view}.{part}"] = tuple(f"{m.name}.{part}" for m in members)
+    return out, out_groups, quantized
 
 
 def _vocab_entry(name: str, source: str, config: ModelConfig, tp: TensorParallel):
@@ -257,8 +228,10 @@ def embedding_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype
 
 
 def checkpoint_sources(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) -> list[tuple[TensorSpec, str]]:
-    """Every tensor this rank reads, with its checkpoint name."""
+    """Every tensor this rank reads, with its checkpoint name (layers in the model dtype)."""
+    from .registry import family_of
+
+    family = family_of(config.architecture)
     embedding = embedding_layout(config, tp, dtype)
     specs = global_layout(config, tp, dtype).sources() + (embedding.sources() if embedding else [])
-    layer = layer_layout(config, tp, dtype)
-    return specs + [x for i in range(config.n_layers) for x in layer.sources(i)]
+    return specs + [x for block in family.blocks(config, tp, dtype) for x in block.sources()]

@@ -26,6 +26,7 @@ A step covers the contiguous cache rows ``[first_row, first_row + batch)``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -39,12 +40,6 @@ class Rope:
         freqs = positions[:, None] * inv_freq.to(device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos) + (rotated * sin)
 
 
 def plan_chunks(counts: list[int], max_tokens: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
@@ -72,8 +67,6 @@ class Chunk:
     host_tokens: torch.Tensor  # the same, in host memory (for an embedding table kept there)
     batch: int
     width: int  # T: the most tokens any row adds
-    cos: torch.Tensor  # broadcasts against [..., heads, head_dim] of the token layout
-    sin: torch.Tensor
     kv_len: int  # attention reads cache positions [0, kv_len)
     fresh: bool  # no row has cached tokens: attend to this step's keys directly
     start: int | None  # uniform: the common start position; packed: None
@@ -85,12 +78,13 @@ class Chunk:
     last: torch.Tensor | None = None  # packed: index of each row's last token
     query_pos: torch.Tensor | None = None  # [B, T] position of each query (pads: the row's last)
     _masks: dict = field(default_factory=dict)
+    _rotary: dict = field(default_factory=dict)
     one_query = False  # a decode step's attention (``DecodeChunk``) is computed differently
 
     # -------------------------------------------------------------- building
 
     @staticmethod
-    def build(new_tokens: list[list[int]], starts: list[int], rope: Rope, device, first_row: int = 0) -> "Chunk":
+    def build(new_tokens: list[list[int]], starts: list[int], device, first_row: int = 0) -> "Chunk":
         """The step that appends ``new_tokens[b]`` to cache row ``first_row + b``, which holds ``starts[b]`` tokens."""
         counts = [len(t) for t in new_tokens]
         batch, width = len(new_tokens), max(counts)
@@ -99,8 +93,7 @@ class Chunk:
         common = dict(batch=batch, width=width, kv_len=kv_len, fresh=fresh, counts=counts, first_row=first_row)
         if len(set(counts)) == 1 and len(set(starts)) == 1:
             s, host_tokens = starts[0], torch.tensor(new_tokens, dtype=torch.long)
-            return Chunk(tokens=host_tokens.to(device), host_tokens=host_tokens, start=s,
-                        cos=rope.cos[s : s + width].unsqueeze(1), sin=rope.sin[s : s + width].unsqueeze(1), **common)
+            return Chunk(tokens=host_tokens.to(device), host_tokens=host_tokens, start=s, **common)
         rows = [b for b, c in enumerate(counts) for _ in range(c)]
         offsets = [i for c in counts for i in range(c)]
         positions = [starts[b] + i for b, i in zip(rows, offsets)]
@@ -110,9 +103,7 @@ class Chunk:
         ends = torch.tensor(counts, dtype=torch.long).cumsum(0) - 1
         host_tokens = torch.tensor([t for row in new_tokens for t in row], dtype=torch.long)
         return Chunk(
-            tokens=host_tokens.to(device), host_tokens=host_tokens, start=None,
-            cos=rope.cos[pos].unsqueeze(1), sin=rope.sin[pos].unsqueeze(1),
-            pack=as_long([b * width + i for b, i in zip(rows, offsets)]),
+            tokens=host_tokens.to(device), host_tokens=host_tokens, start=None, pack=as_long([b * width + i for b, i in zip(rows, offsets)]),
             write_rows=as_long([first_row + b for b in rows]), write_pos=pos, last=ends.clamp(min=0).to(device),
             query_pos=as_long(query_pos), **common,
         )
@@ -153,7 +144,17 @@ class Chunk:
         padded.index_copy_(0, self.pack, h)
         return padded.view(self.batch, self.width, -1)
 
-    # -------------------------------------------------------------- cache and attention
+    # -------------------------------------------------------------- rotary embedding, cache and attention
+
+    def rotary(self, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``rope`` at every token's position, broadcasting against ``[..., heads, head_dim]``."""
+        if rope not in self._rotary:
+            if self.uniform:
+                at = slice(self.start, self.start + self.width)
+            else:
+                at = self.write_pos
+            self._rotary[rope] = rope.cos[at].unsqueeze(1), rope.sin[at].unsqueeze(1)
+        return self._rotary[rope]
 
     def store(self, cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write this step's keys and values (token layout) into the cache."""
@@ -186,7 +187,7 @@ class Chunk:
         windowed = window is not None and self.kv_len > window
         if self.uniform and not windowed and (self.fresh or self.width == 1):
             return None
-        device = self.cos.device
+        device = self.tokens.device
         if self.uniform:
             query = torch.arange(self.start, self.start + self.width, device=device).expand(self.batch, -1)
         else:
@@ -212,13 +213,13 @@ class DecodeChunk:
     causal = False
     one_query = True
 
-    def __init__(self, positions: torch.Tensor, kv_len: int, rope: Rope, windows, tokens=None):
+    def __init__(self, positions: torch.Tensor, kv_len: int, ropes, windows, tokens=None):
         self.positions, self.kv_len, self.batch = positions, kv_len, positions.shape[0]
         self.rows, self.first_row, self.counts = slice(0, self.batch), 0, [1] * self.batch
-        if tokens is not None:  # [B] on the device: the embedding's input when the step runs eagerly
-            self.tokens, self.host_tokens = tokens[:, None], None
-        self.cos = rope.cos[positions][:, None, None, :]  # [B, 1, 1, hd] against q [B, T=1, H, hd]
-        self.sin = rope.sin[positions][:, None, None, :]
+        self.tokens, self.host_tokens = (None if tokens is None else tokens[:, None]), None  # [B, 1] on the device
+        # [B, 1, 1, hd] against q [B, T=1, H, hd]: every table now, so that a captured graph computes them first
+        self._rotary = {rope: (rope.cos[positions][:, None, None, :], rope.sin[positions][:, None, None, :])
+                        for rope in ropes}
         key = torch.arange(kv_len, device=positions.device)
         self._masks = {}
         for window in windows:
@@ -229,6 +230,15 @@ class DecodeChunk:
 
     def mask(self, window: int | None) -> torch.Tensor:
         return self._masks[window]
+
+    def rotary(self, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rotary[rope]
+
+    def with_tokens(self, tokens: torch.Tensor) -> "DecodeChunk":
+        """This chunk (its positions, tables and masks) adding ``tokens [B]``: what a replayed graph's step embeds."""
+        chunk = copy.copy(self)
+        chunk.tokens = tokens[:, None]
+        return chunk
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(1, 2)

@@ -1,9 +1,14 @@
 """Model configuration read from a Hugging Face ``config.json``.
 
+``config_from_dict`` finds the checkpoint's family by its ``architectures`` (or
+``model_type``) in ``registry.py`` and lets the family read it: every family reads
+the common fields with :func:`common_fields` and adds its own. A family with fields
+of its own subclasses :class:`ModelConfig`.
+
 Two conventions exist in the wild for rotary embeddings: transformers 4.x files
 carry ``rope_theta`` and ``rope_scaling``; transformers 5.x files carry one
 ``rope_parameters`` dict holding ``rope_theta`` and the scaling fields. Both are
-read into the same :class:`ModelConfig`.
+read into the same fields.
 
 Every field the model reads is checked (its type, its range, how it fits the others);
 a bad one raises a :class:`ConfigError` that names the field and its value.
@@ -21,7 +26,6 @@ import torch
 from ..errors import ConfigError
 from ..inputs import is_real
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -46,12 +50,21 @@ class ModelConfig:
     sliding_windows: tuple[int | None, ...] = ()
     eos_token_ids: tuple[int, ...] = ()
 
+    def __post_init__(self):
+        if not self.sliding_windows:  # every layer attends to the whole context
+            object.__setattr__(self, "sliding_windows", (None,) * self.n_layers)
+
     def context_warning(self, max_seq_len: int | None) -> str | None:
         """What to tell a user whose KV cache reaches past the positions the model was trained on."""
         if max_seq_len is None or max_seq_len <= self.max_position_embeddings:
             return None
         return (f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
                 f"{self.max_position_embeddings}; output past that position may be poor")
+
+    @property
+    def attention_scale(self) -> float:
+        """What attention scores are multiplied by."""
+        return self.head_dim**-0.5
 
     @property
     def q_dim(self) -> int:
@@ -63,23 +76,26 @@ class ModelConfig:
 
     def rope_inv_freq(self) -> torch.Tensor:
         """Inverse frequencies of the rotary embedding, scaled as the config asks (float32)."""
-        dim = self.head_dim
-        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        scaling = self.rope_scaling
-        if scaling is None:
-            return inv_freq
-        if scaling["rope_type"] == "linear":
-            return inv_freq / scaling["factor"]
-        # llama3: keep high frequencies, divide low ones by `factor`, interpolate between.
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_context = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
-        smooth = (old_context / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
-        return torch.where(medium, smoothed, scaled)
+        return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies of a rotary embedding of ``dim`` channels, base ``theta``, scaled as ``scaling`` asks."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate between.
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -101,39 +117,41 @@ def load_config(path: str | Path) -> ModelConfig:
 
 def config_from_dict(raw: dict, source: str = "config") -> ModelConfig:
     """Build a :class:`ModelConfig` from the fields of an HF ``config.json``."""
+    from .registry import family_of
+
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     _refuse_quantized(raw, source)
     f = _Fields(raw, source)
-    arch = _architecture(raw, f)
-    hidden, n_heads, n_layers = f.count("hidden_size"), f.count("num_attention_heads"), f.count("num_hidden_layers", most=MAX_LAYERS)
+    architecture = _architecture(raw, f)
+    return family_of(architecture).read_config(raw, f, architecture)
+
+
+def common_fields(raw: dict, f: "_Fields", architecture: str, theta: float = 10000.0,
+                  head_dim: int | None = None, tie: bool = False, rope_section: str | None = None) -> dict:
+    """The :class:`ModelConfig` fields every family reads the same way (``theta``, ``head_dim``, ``tie``:
+    the family's defaults; ``rope_section``: see ``read_rope``)."""
+    hidden, n_heads = f.count("hidden_size"), f.count("num_attention_heads")
+    n_layers = f.count("num_hidden_layers", most=MAX_LAYERS)
     n_kv_heads = f.count("num_key_value_heads", default=n_heads)
     if n_heads % n_kv_heads:
-        raise ConfigError(f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads "
+        raise ConfigError(f"{f.source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads "
                           f"{n_kv_heads}")
-    if f.text("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{source}: unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
-    if f.flag("mlp_bias", False):
-        raise ConfigError(f"{source}: mlp_bias is not supported")
-    attention_bias = f.flag("attention_bias", False)
-    theta, scaling = _read_rope(raw, f)
-    return ModelConfig(
-        architecture=arch,
+    rope_theta, rope_scaling = read_rope(raw, f, theta, rope_section)
+    return dict(
+        architecture=architecture,
         vocab_size=f.count("vocab_size"),
         hidden_size=hidden,
         intermediate_size=f.count("intermediate_size"),
         n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
-        head_dim=_head_dim(hidden, n_heads, f),
+        head_dim=_head_dim(hidden, n_heads, f, head_dim),
         rms_norm_eps=f.number("rms_norm_eps", 1e-6),
-        rope_theta=theta,
-        rope_scaling=scaling,
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         max_position_embeddings=f.count("max_position_embeddings", default=4096),
-        tie_word_embeddings=f.flag("tie_word_embeddings", False),
-        qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
-        o_bias=arch != "Qwen2ForCausalLM" and attention_bias,
-        sliding_windows=_sliding_windows(raw, arch, n_layers, f),
+        tie_word_embeddings=f.flag("tie_word_embeddings", tie),
         eos_token_ids=_eos_ids(raw, f),
     )
 
@@ -151,7 +169,6 @@ def _refuse_quantized(raw: dict, source: str) -> None:
     )
 
 
-_ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _REQUIRED = object()
 MAX_SIZE = 2**31 - 1  # sizes are indexed with 32-bit integers
 MAX_LAYERS = 2**16  # the runtime keeps a few objects per layer
@@ -178,15 +195,17 @@ class _Fields:
     def count(self, key: str, default=_REQUIRED, most: int = MAX_SIZE) -> int:
         """A positive integer up to ``most`` (or ``default``, which may be None)."""
         value = self._get(key, default)
-        if value is not None and (not _is_int(value) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise self.bad(key, value, "a positive integer")
         if value is not None and value > most:
             raise self.bad(key, value, f"at most {most}")
         return value
 
-    def number(self, key: str, default=_REQUIRED) -> float:
-        """A positive finite number."""
+    def number(self, key: str, default=_REQUIRED) -> float | None:
+        """A positive finite number (or ``default``, which may be None)."""
         value = self._get(key, default)
+        if value is None:
+            return None
         if not is_real(value) or value <= 0:
             raise self.bad(key, value, "a positive number")
         return float(value)
@@ -213,25 +232,27 @@ class _Fields:
         return _Fields(value, self.source, f"{self.prefix}{key}.")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _architecture(raw: dict, f: _Fields) -> str:
+    from .registry import ARCHITECTURES_BY_MODEL_TYPE, FAMILIES
+
     archs = raw.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise f.bad("architectures", archs, "a list of class names")
-    arch = archs[0] if archs else _ARCH_BY_MODEL_TYPE.get(f.text("model_type", ""), "")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    arch = archs[0] if archs else ARCHITECTURES_BY_MODEL_TYPE.get(f.text("model_type", ""), "")
+    if arch not in FAMILIES:
         raise ConfigError(
             f"{f.source}: unsupported architecture {arch or raw.get('model_type') or '(none given)'!r}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"supported: {', '.join(FAMILIES)}"
         )
     return arch
 
 
-def _head_dim(hidden: int, n_heads: int, f: _Fields) -> int:
-    head_dim = f.count("head_dim", default=None)
+def _head_dim(hidden: int, n_heads: int, f: _Fields, default: int | None) -> int:
+    head_dim = f.count("head_dim", default=default)
     if head_dim is None:
         head_dim = hidden // n_heads
         if head_dim < 1:
@@ -241,14 +262,18 @@ def _head_dim(hidden: int, n_heads: int, f: _Fields) -> int:
     return head_dim
 
 
-def _read_rope(raw: dict, f: _Fields) -> tuple[float, dict | None]:
-    """(theta, scaling) from either config convention; scaling is None for plain RoPE."""
+def read_rope(raw: dict, f: _Fields, default_theta: float = 10000.0,
+              section: str | None = None) -> tuple[float, dict | None]:
+    """(theta, scaling) from either config convention; scaling is None for plain RoPE. ``section`` names the
+    entry of ``rope_parameters`` to read where it holds one per kind of layer (Gemma 3's)."""
     params = f.nested("rope_parameters")  # transformers 5.x
+    if params is not None and section is not None:
+        params = params.nested(section) or _Fields({}, f.source, f"rope_parameters.{section}.")
     if params is None:  # transformers 4.x: rope_theta beside an optional rope_scaling
-        theta = f.number("rope_theta", 10000.0)
+        theta = f.number("rope_theta", default_theta)
         params = f.nested("rope_scaling") or _Fields({}, f.source, "rope_scaling.")
     else:
-        theta = params.number("rope_theta", f.number("rope_theta", 10000.0))
+        theta = params.number("rope_theta", f.number("rope_theta", default_theta))
     rope_type = params.raw.get("rope_type") or params.raw.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{f.source}: unsupported rope type {rope_type!r}; "
@@ -264,29 +289,9 @@ def _read_rope(raw: dict, f: _Fields) -> tuple[float, dict | None]:
     return theta, scaling
 
 
-def _sliding_windows(raw: dict, arch: str, n_layers: int, f: _Fields) -> tuple[int | None, ...]:
-    if arch == "MistralForCausalLM":
-        return (f.count("sliding_window", default=None),) * n_layers
-    if arch == "Qwen2ForCausalLM" and raw.get("sliding_window") is not None:
-        types = raw.get("layer_types")
-        if types is None:  # transformers 4.x: sliding only when enabled, from max_window_layers on
-            use = f.flag("use_sliding_window", False)
-            first = n_layers if raw.get("max_window_layers") is None else raw["max_window_layers"]
-            if not _is_int(first) or first < 0:
-                raise f.bad("max_window_layers", first, "an integer >= 0")
-            types = ["sliding_attention" if use and i >= first else "full_attention" for i in range(n_layers)]
-        kinds = ("full_attention", "sliding_attention")
-        if not isinstance(types, list) or len(types) != n_layers or not all(t in kinds for t in types):
-            raise f.bad("layer_types", types, f"a list of {n_layers} of {', '.join(kinds)}")
-        if "sliding_attention" in types:
-            window = f.count("sliding_window")
-            return tuple(window if t == "sliding_attention" else None for t in types)
-    return (None,) * n_layers
-
-
 def _eos_ids(raw: dict, f: _Fields) -> tuple[int, ...]:
     eos = raw.get("eos_token_id")
     ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    if not all(_is_int(i) and i >= 0 for i in ids):
+    if not all(is_int(i) and i >= 0 for i in ids):
         raise f.bad("eos_token_id", eos, "a token id or a list of them")
     return tuple(ids)

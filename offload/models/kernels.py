@@ -1,45 +1,28 @@
-"""Triton kernels for the operations of a decode step: one-row products, RMS norm, attention of one query.
+"""Triton kernels for the operations of a decode step: one-row products, RMS norm, attention of one query,
+and the small work between them.
 
-A decode step reads every weight once and does little else, so its time should be
-the time to read the weights from HBM. Three operations kept it from that (H200,
-2026-11-22, llama-2-7b):
+A decode step reads every weight once and does little else, so its time should be the
+time to read the weights from HBM. What kept it from that, and what each kernel does
+instead (the measurements are in docs/benchmarks.md):
 
-* **One-row products (GEMV).** cuBLAS reads the output and down projections at
-  about 0.6 and 0.8 of the device-copy bandwidth. Inductor's generated reductions
-  (``--compile``) were tuned anew in every compilation and fused the norm before
-  the q/k/v product into every one of its programs: 1.6x the product's HBM time
-  in one compilation, not in the next. ``gemv`` gives each output feature one
-  program that walks its weight row in 16-byte loads per thread, accumulating in
-  float32: over the products of four models' shapes it reads at 1.00-1.01 of the
-  device-copy bandwidth (reads alone outrun copies a little), cuBLAS at 0.93-0.95
-  (``benchmarks/bench_gemv.py``, two runs).
-* **RMS norm.** Eight small kernels eagerly; compiled, one kernel whose tuning
-  made it take 2.3 us in one compilation and 4.7 us in another. ``rms_norm`` is
-  one program per row: 1.8 us.
-* **Attention of one query per row.** Compiled, four kernels (6 us for the
-  softmax's alone at 256 keys). ``decode_attention`` is flash decoding: the keys
-  are cut into splits that run in parallel (enough programs to fill the GPU),
-  each keeps a running softmax, and a second kernel merges the splits: 3.3-3.7 us
-  and 1.2 us at 128-256 keys.
-* **The small work between them.** PyTorch's kernels spent thirteen launches on
-  the rotary embedding of q and k and the cache write of k and v, two on the SiLU
-  gate, and a residual add before a norm; in a CUDA graph each costs a microsecond
-  or two, about 0.6 ms of llama-2-7b's token. ``rope_and_store``,
-  ``silu_and_mul`` and ``add_rms_norm`` do each in one kernel: eleven kernels a
-  layer, 3.8 ms a token in plain graphs (4.8 ms before them).
+* **One-row products** (``gemv``): one program per output feature walks its weight row
+  in 16-byte loads per thread, accumulating in float32. cuBLAS reads some of a decode
+  step's shapes well below the device-copy bandwidth.
+* **RMS norm** (``rms_norm``, ``add_rms_norm``): one program per row, the residual add
+  before it fused in; PyTorch spends eight kernels on a norm.
+* **Attention of one query per row** (``decode_attention``): flash decoding. The keys
+  are cut into splits that run in parallel (enough programs to fill the GPU), each keeps
+  a running softmax, and a second kernel merges the splits.
+* **The small work between them**: the rotary embedding of q and k with the cache write
+  of k and v (``rope_and_store``: thirteen PyTorch kernels), the gate of a gated MLP
+  (``gated``: SiLU or tanh-approximated GELU, times up).
 
-Every blocking is fixed (no timing: two models, in one process or in two, compute
-the same bits), and ``torch.compile`` sees each kernel as one opaque call, so
-whatever feeds it is written once by a kernel of its own.
+Every blocking is fixed (no timing: two models, in one process or in two, compute the
+same bits), and ``torch.compile`` sees each kernel as one opaque call.
 
-Every 16-bit decode step on a CUDA device with Triton runs them (``usable``): eager
-steps, CUDA graphs and the compiled layer alike, so an offloaded model still computes
-the resident model's bits, and a graph the eager step's. Everything else (float32,
-the CPU, the products and attention of prompts' many rows) computes with PyTorch
-operations. Streaming does not notice them: llama-2-13b with 30 of its 40 layers
-streamed from the host took 345 ms per pass of the GPU with these kernels and
-without (one process, alternating, H200, 2026-11-22), the host link's limit.
-
+Which models use them is decided once per model (``ops.choose``: 16 bits on a CUDA
+device where ``works``); each ``*_takes`` predicate here says whether a kernel takes
+tensors of a given shape and layout, and where it does not, the PyTorch operation runs.
 Triton compiles the kernels when first called, which needs a C compiler; ``works``
 tries that once per process, so a broken toolchain costs a warning and PyTorch's
 kernels rather than a failed step.
@@ -69,11 +52,10 @@ BLOCK_KEYS, TARGET_PROGRAMS = 64, 256
 ELEMENTWISE_BLOCK = 1024
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels take these tensors: 16-bit, on one CUDA device, with a working Triton."""
+def _same(*tensors: torch.Tensor) -> bool:
+    """One device and one 16-bit dtype: what every kernel here reads and writes."""
     first = tensors[0]
-    return (first.is_cuda and first.dtype in DTYPES
-            and all(t.device == first.device and t.dtype == first.dtype for t in tensors) and works(first.device))
+    return first.dtype in DTYPES and all(t.device == first.device and t.dtype == first.dtype for t in tensors)
 
 
 _works: bool | None = None  # whether Triton builds and runs the kernels in this process; None: not tried yet
@@ -81,16 +63,13 @@ _works: bool | None = None  # whether Triton builds and runs the kernels in this
 
 def works(device: torch.device) -> bool:
     """Whether Triton builds and runs the kernels: tried once per process, on ``device``, with one small product
-    (not while compiling or capturing, where nothing may wait for the GPU: a model tries it when it loads)."""
+    (when the first model loads, before anything is compiled or captured)."""
     global _works
     if triton is None:
         return False
     if _works is None:
-        if torch.compiler.is_compiling():
-            return True  # untried: a Triton that fails here fails the compile, and the graphs fall back
-        if not torch.cuda.is_current_stream_capturing():
-            _works = _try_a_product(device)
-    return bool(_works)
+        _works = _try_a_product(device)
+    return _works
 
 
 def _try_a_product(device: torch.device) -> bool:
@@ -108,10 +87,10 @@ def _try_a_product(device: torch.device) -> bool:
 # ----------------------------------------------------------------------------- one-row products
 
 
-def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` is a one-row product ``gemv`` computes."""
-    return (usable(x, weight) and x.numel() == x.shape[-1] and x.stride(-1) == 1
-            and weight.dim() == 2 and weight.is_contiguous())
+    return (x.numel() == x.shape[-1] and x.stride(-1) == 1 and weight.dim() == 2 and weight.is_contiguous()
+            and _same(x, weight))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,31 +105,33 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 # ----------------------------------------------------------------------------- RMS norm
 
 
-def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return usable(x, weight) and x.is_contiguous() and weight.is_contiguous() and x.shape[-1] <= 32768
+def rms_norm_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.is_contiguous() and weight.is_contiguous() and x.shape[-1] <= 32768 and _same(x, weight)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
     """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dimension, the mean in float32, each row
-    normalized in float32 and rounded to the model dtype before the weight multiplies it (as Llama does)."""
+    normalized in float32 and rounded to the model dtype before the weight multiplies it (as Llama does);
+    with ``offset``, multiplied by ``1 + weight`` in float32 and rounded once (as Gemma does)."""
     d = x.shape[-1]
     out = torch.empty_like(x)
     block = triton.next_power_of_2(d)
-    _rms_norm_kernel[(x.numel() // d,)](x, weight, out, d, eps, BLOCK=block, num_warps=_norm_warps(block))
+    _rms_norm_kernel[(x.numel() // d,)](x, weight, out, d, eps, BLOCK=block, OFFSET=offset,
+                                        num_warps=_norm_warps(block))
     return out
 
 
-def add_rms_norm_applies(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> bool:
-    return rms_norm_applies(x, weight) and usable(x, delta) and delta.is_contiguous() and delta.shape == x.shape
+def add_rms_norm_takes(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> bool:
+    return rms_norm_takes(x, weight) and delta.is_contiguous() and delta.shape == x.shape and _same(x, delta)
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``x + delta`` (rounded to the model dtype, as PyTorch adds) and ``rms_norm`` of it, in one kernel."""
     d = x.shape[-1]
     total, out = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(d)
-    _add_rms_norm_kernel[(x.numel() // d,)](x, delta, total, weight, out, d, eps, BLOCK=block,
+    _add_rms_norm_kernel[(x.numel() // d,)](x, delta, total, weight, out, d, eps, BLOCK=block, OFFSET=offset,
                                             num_warps=_norm_warps(block))
     return total, out
 
@@ -162,29 +143,30 @@ def _norm_warps(block: int) -> int:
 # ----------------------------------------------------------------------------- SiLU gate
 
 
-def silu_and_mul_applies(gate_up: torch.Tensor) -> bool:
-    return usable(gate_up) and gate_up.is_contiguous() and gate_up.shape[-1] % 2 == 0
+def gated_takes(gate_up: torch.Tensor) -> bool:
+    return gate_up.is_contiguous() and gate_up.shape[-1] % 2 == 0 and _same(gate_up)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dimension, each rounded to the model
-    dtype as PyTorch's two kernels round (the SiLU itself in float32 with Triton's exp)."""
+def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(gate) * up`` for ``gate_up = [gate | up]`` along the last dimension, ``act`` SiLU or the tanh
+    approximation of GELU, each rounded to the model dtype as PyTorch's two kernels round (the activation
+    itself in float32 with Triton's exp)."""
     inter = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], inter)
     rows = gate_up.numel() // (2 * inter)
-    _silu_and_mul_kernel[(rows, triton.cdiv(inter, ELEMENTWISE_BLOCK))](gate_up, out, inter,
-                                                                       BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+    _gated_kernel[(rows, triton.cdiv(inter, ELEMENTWISE_BLOCK))](gate_up, out, inter, GELU=activation == "gelu_tanh",
+                                                                BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
     return out
 
 
 # ----------------------------------------------------------------------------- rotary embedding and cache write
 
 
-def rope_and_store_applies(qkv: torch.Tensor, cos: torch.Tensor, cache_k: torch.Tensor | None, head_dim: int) -> bool:
+def rope_and_store_takes(qkv: torch.Tensor, cos: torch.Tensor, cache_k: torch.Tensor) -> bool:
     """Whether a decode step's ``qkv [B, 1, (H + 2 H_kv) hd]`` takes ``rope_and_store``."""
-    return (cache_k is not None and usable(qkv, cos, cache_k) and qkv.is_contiguous() and qkv.dim() == 3
-            and qkv.shape[1] == 1 and cos.is_contiguous() and cache_k.stride(-1) == 1
-            and head_dim >= 2 and head_dim & (head_dim - 1) == 0)
+    hd = cache_k.shape[-1]
+    return (qkv.is_contiguous() and qkv.dim() == 3 and qkv.shape[1] == 1 and cos.is_contiguous()
+            and cache_k.stride(-1) == 1 and hd >= 2 and hd & (hd - 1) == 0 and _same(qkv, cos, cache_k))
 
 
 def rope_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -205,10 +187,10 @@ def rope_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posi
 # ----------------------------------------------------------------------------- attention of one query
 
 
-def decode_attention_applies(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                             allowed: torch.Tensor) -> bool:
+def decode_attention_takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           allowed: torch.Tensor) -> bool:
     hd = q.shape[-1]
-    return (usable(q, keys, values) and hd >= 16 and hd & (hd - 1) == 0 and allowed.dtype == torch.bool
+    return (hd >= 16 and hd & (hd - 1) == 0 and allowed.dtype == torch.bool and _same(q, keys, values)
             and q.stride(-1) == keys.stride(-1) == values.stride(-1) == allowed.stride(-1) == 1)
 
 
@@ -284,23 +266,27 @@ if triton is not None:
         tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty))
 
     @triton.jit
-    def _normalize(x, w_ptr, y_ptr, row, cols, inside, D, eps: tl.constexpr):
-        """Store ``w * rms_norm(x)`` (``x`` one row in float32) at ``y_ptr + row``."""
+    def _normalize(x, w_ptr, y_ptr, row, cols, inside, D, eps: tl.constexpr, OFFSET: tl.constexpr):
+        """Store ``w * rms_norm(x)`` (``x`` one row in float32) at ``y_ptr + row``; ``(1 + w)`` with OFFSET."""
         inverse = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        normed = (x * inverse).to(y_ptr.dtype.element_ty).to(tl.float32)  # rounded first, as Llama does
         w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=inside)
+        if OFFSET:  # Gemma: (1 + w) times the float32 row, rounded once
+            y = (x * inverse) * (1.0 + w)
+        else:  # Llama: the row rounded first, then the weight
+            y = w * (x * inverse).to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_ptr + row + cols, y.to(y_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps: tl.constexpr, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps: tl.constexpr, BLOCK: tl.constexpr, OFFSET: tl.constexpr):
         row = tl.program_id(0).to(tl.int64) * D
         cols = tl.arange(0, BLOCK)
         inside = cols < D
         x = tl.load(x_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
-        _normalize(x, w_ptr, y_ptr, row, cols, inside, D, eps)
+        _normalize(x, w_ptr, y_ptr, row, cols, inside, D, eps, OFFSET)
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, delta_ptr, total_ptr, w_ptr, y_ptr, D, eps: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_rms_norm_kernel(x_ptr, delta_ptr, total_ptr, w_ptr, y_ptr, D, eps: tl.constexpr, BLOCK: tl.constexpr,
+                             OFFSET: tl.constexpr):
         row = tl.program_id(0).to(tl.int64) * D
         cols = tl.arange(0, BLOCK)
         inside = cols < D
@@ -308,17 +294,22 @@ if triton is not None:
         x += tl.load(delta_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
         x = x.to(total_ptr.dtype.element_ty)  # the residual add, rounded as PyTorch's add rounds
         tl.store(total_ptr + row + cols, x, mask=inside)
-        _normalize(x.to(tl.float32), w_ptr, y_ptr, row, cols, inside, D, eps)
+        _normalize(x.to(tl.float32), w_ptr, y_ptr, row, cols, inside, D, eps, OFFSET)
 
     @triton.jit
-    def _silu_and_mul_kernel(gate_up_ptr, out_ptr, INTER, BLOCK: tl.constexpr):
+    def _gated_kernel(gate_up_ptr, out_ptr, INTER, GELU: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < INTER
         gate = tl.load(gate_up_ptr + row * 2 * INTER + cols, mask=inside, other=0.0).to(tl.float32)
         up = tl.load(gate_up_ptr + row * 2 * INTER + INTER + cols, mask=inside, other=0.0).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(out_ptr + row * INTER + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=inside)
+        if GELU:  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), tanh(y) = 1 - 2 / (exp(2y) + 1)
+            inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+            act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))
+        else:
+            act = gate / (1.0 + tl.exp(-gate))
+        act = act.to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + row * INTER + cols, (act * up).to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _rope_and_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, s_qkv, s_cos,

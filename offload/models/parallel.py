@@ -3,10 +3,9 @@
 A column-parallel linear (q, k, v, gate, up) holds a slice of the output rows of
 the full weight; its output is this rank's slice of the features and needs no
 communication. A row-parallel linear (o, down) holds the matching slice of the
-input columns; each rank's product is a partial sum, added up by an all-reduce.
-At world size 1 both are a plain ``F.linear``. A weight may also be a
-``QuantizedWeight`` (a compressed block's projection): the same product, computed
-by ``offload.models.quant``.
+input columns; each rank's product is a partial sum, added up by an all-reduce
+(``Decoder.row_parallel``). Here: which piece of each checkpoint tensor a rank
+holds, and the vocabulary-parallel embedding.
 
 The embedding and the LM head are split by vocabulary rows rather than
 replicated: on a memory-starved GPU they are the largest non-layer tensors
@@ -24,8 +23,6 @@ import torch.nn.functional as F
 from ..distributed import TensorParallel
 from ..errors import ConfigError
 from .config import ModelConfig
-from . import kernels
-from .quant import QuantizedWeight, quantized_linear
 
 
 @dataclass(frozen=True)
@@ -38,30 +35,6 @@ class Shard:
 
 
 REPLICATED = Shard()
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` for a dense or a quantized weight."""
-    if isinstance(weight, QuantizedWeight):
-        return quantized_linear(x, weight, bias)
-    if kernels.gemv_applies(x, weight):  # a decode step's one row: a kernel that reads the weight at HBM speed
-        return kernels.gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
-                           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T`` where ``weight`` holds this rank's output rows: the result is this rank's features."""
-    return linear(x, weight, bias)
-
-
-def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, tp: TensorParallel,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` where ``weight`` holds this rank's input columns, summed over ranks."""
-    if tp.size == 1:
-        return linear(x, weight, bias)
-    out = tp.all_reduce(linear(x, weight))
-    return out if bias is None else out + bias  # added once, after the sum
 
 
 def vocab_parallel_embedding(ids: torch.Tensor, table: torch.Tensor, vocab_start: int, tp: TensorParallel,
@@ -78,11 +51,6 @@ def vocab_parallel_embedding(ids: torch.Tensor, table: torch.Tensor, vocab_start
     out = F.embedding(local.masked_fill(outside, 0), table)
     out.masked_fill_(outside.unsqueeze(-1), 0)
     return tp.all_reduce(out.to(device))
-
-
-def vocab_parallel_logits(h: torch.Tensor, head: torch.Tensor, vocab_size: int, tp: TensorParallel):
-    """Logits over the whole vocabulary from this rank's rows of the LM head."""
-    return tp.all_gather_last_dim(linear(h, head))[..., :vocab_size]
 
 
 # ----------------------------------------------------------------------------- sharding

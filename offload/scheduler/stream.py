@@ -1,15 +1,19 @@
-"""When bytes move: per link, a copy engine and a ring of slots, with events between them.
+"""When bytes move: per link, a copy stream and a ring of slots, with events between them.
 
-Each link (the host, each peer GPU) streams its layers ``layers[0..m)`` in a
-fixed cyclic order, layer after layer and step after step. The ring's j-th layer
-always lands in slot ``j % k``, so a streamed layer is read from the same address
-every step (which a captured CUDA graph needs). A load is issued as soon as the
+Each link (the host, each peer GPU) streams its blocks ``blocks[0..m)`` in a
+fixed cyclic order, block after block and pass after pass. The ring's j-th block
+always lands in slot ``j % k``, so a streamed block is read from the same address
+every pass (which a captured CUDA graph needs). A load is issued as soon as the
 previous user of its slot has been *enqueued* for compute (not finished): the
 link's copy stream waits, on the GPU, for the event "slot free", copies, and
 records "slot ready", on which the compute stream waits before the layer runs.
-The host never waits, the copies of the next step start while this one finishes
-(prefetch crosses step boundaries), and the links copy at the same time, each
+The host never waits, the copies of the next pass start while this one finishes
+(prefetch crosses pass boundaries), and the links copy at the same time, each
 into its own slots.
+
+The decoder takes its layers' weights in *segments* (:func:`segments`): a
+streamed layer alone, a run of resident layers together, so that between two
+segments the host can make the compute stream wait for a slot and free one.
 
 On a CPU there are no streams: a copy happens when it is issued, into a slot
 whose previous user has already finished, so the same order and the same slots
@@ -21,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..memory.planner import RESIDENT
-from ..models.blocks import BlockLayout, LayerWeights
+from ..models.blocks import BlockSpec
 
 
 class CopyStream:
@@ -51,16 +55,18 @@ class CopyStream:
 
 
 class Ring:
-    """The layers one link streams, each always into the same one of that link's slots.
+    """The blocks one link streams, each always into the same one of that link's slots.
 
-    Load ``t`` brings layer ``layers[t % m]`` into slot ``(t % m) % k``, and is issued once
+    Load ``t`` brings block ``blocks[t % m]`` into slot ``(t % m) % k``, and is issued once
     the slot's previous load has been released (its layer's compute enqueued). Each link
     has its own ring, so a slow host copy never holds a slot that a fast peer copy needs.
     """
 
-    def __init__(self, layers: list[int], blocks, slots: torch.Tensor, engine: CopyStream, layout: BlockLayout):
-        self.layers, self.blocks, self.slots, self.engine = layers, blocks, slots, engine
-        self.slot_views = [layout.views(slot) for slot in slots]
+    def __init__(self, blocks: list[int], specs: list[BlockSpec], buffers, slots: torch.Tensor, copies: CopyStream):
+        self.blocks, self.buffers, self.slots, self.copies = blocks, buffers, slots, copies
+        # The bytes of the slot that block i always lands in, and its tensors there.
+        self.parts = {i: slots[j % len(slots)][: buffers[i].numel()] for j, i in enumerate(blocks)}
+        self.weights = {i: specs[i].layout.views(self.parts[i]) for i in blocks}
         on_gpu = slots.device.type == "cuda"
         self.ready = [torch.cuda.Event() if on_gpu else None for _ in slots]
         self.free = [torch.cuda.Event() if on_gpu else None for _ in slots]
@@ -72,16 +78,16 @@ class Ring:
         self.last_load = [-1] * len(self.slots)  # per slot: the latest load issued into it
 
     def slot_of(self, load: int) -> int:
-        return (load % len(self.layers)) % len(self.slots)
+        return (load % len(self.blocks)) % len(self.slots)
 
-    def acquire(self, layer: int) -> LayerWeights:
+    def acquire(self, block: int):
         self._issue_ready()
-        expected = self.layers[self.used % len(self.layers)]
-        assert layer == expected, f"layer {layer} asked for while layer {expected} is next in the ring"
+        expected = self.blocks[self.used % len(self.blocks)]
+        assert block == expected, f"layer {block} asked for while layer {expected} is next in the ring"
         slot = self.slot_of(self.used)
         if self.ready[slot] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
-        return self.slot_views[slot]
+        return self.weights[block]
 
     def release(self) -> None:
         slot = self.slot_of(self.used)
@@ -94,8 +100,8 @@ class Ring:
         """Issue, in ring order, every load whose slot's previous load has been released."""
         while self.last_load[self.slot_of(self.issued)] < self.used:
             t, slot = self.issued, self.slot_of(self.issued)
-            layer = self.layers[t % len(self.layers)]
-            self.engine.copy(self.slots[slot], self.blocks[layer], after=self.free[slot], done=self.ready[slot])
+            block = self.blocks[t % len(self.blocks)]
+            self.copies.copy(self.parts[block], self.buffers[block], after=self.free[slot], done=self.ready[slot])
             self.last_load[slot] = t
             self.issued += 1
 
@@ -106,32 +112,51 @@ class Ring:
 
 
 class WeightStream:
-    """Gives the decoder each layer's weights in order: resident views, or a slot of its link's ring."""
+    """Gives the decoder each segment's weights in order: resident views, or slots of their links' rings.
 
-    def __init__(self, layout: BlockLayout, blocks, placement: list[str], slots: dict[str, torch.Tensor],
-                 engines: dict[str, CopyStream]):
-        self.resident = {i: layout.views(b) for i, (b, t) in enumerate(zip(blocks, placement)) if t == RESIDENT}
-        self.rings = [Ring([i for i, t in enumerate(placement) if t == tier], blocks, slots[tier], engine, layout)
-                      for tier, engine in engines.items()]
-        self.ring_of = {layer: ring for ring in self.rings for layer in ring.layers}
+    Block ``i`` is layer ``i``'s (the blocks every pass uses, one per layer, in order).
+    """
 
-    def acquire(self, layer: int) -> LayerWeights:
-        weights = self.resident.get(layer)
-        return weights if weights is not None else self.ring_of[layer].acquire(layer)
+    def __init__(self, specs: list[BlockSpec], buffers: list[torch.Tensor], placement: list[str],
+                 slots: dict[str, torch.Tensor], copies: dict[str, CopyStream]):
+        self.resident = {i: specs[i].layout.views(b) for i, (b, t) in enumerate(zip(buffers, placement))
+                         if t == RESIDENT}
+        self.rings = [Ring([i for i, t in enumerate(placement) if t == tier], specs, buffers, slots[tier], stream)
+                      for tier, stream in copies.items()]
+        self.ring_of = {block: ring for ring in self.rings for block in ring.blocks}
+        self.segments = segments(placement)
 
-    def release(self, layer: int) -> None:
-        if layer in self.ring_of:
-            self.ring_of[layer].release()
+    def acquire(self, segment: list[int]) -> list:
+        """The weights of the segment's layers (on a GPU, the compute stream waits for a streamed one's copy)."""
+        return [self.resident[i] if i in self.resident else self.ring_of[i].acquire(i) for i in segment]
 
-    def fixed_weights(self, layer: int) -> LayerWeights:
-        """Where ``layer``'s weights are whenever it runs: its resident views, or those of the one slot its
-        ring always puts it in (no waiting, no copies: for capturing a graph)."""
-        if layer in self.resident:
-            return self.resident[layer]
-        ring = self.ring_of[layer]
-        return ring.slot_views[ring.layers.index(layer) % len(ring.slots)]
+    def release(self, segment: list[int]) -> None:
+        """The segment has been computed (enqueued): its slots may be refilled, the next copies are issued."""
+        for i in segment:
+            if i in self.ring_of:
+                self.ring_of[i].release()
+
+    def fixed_weights(self, segment: list[int]) -> list:
+        """Where the segment's weights are whenever it runs: resident views, or those of the one slot a
+        streamed block always lands in (no waiting, no copies: for capturing a graph)."""
+        return [self.resident[i] if i in self.resident else self.ring_of[i].weights[i] for i in segment]
 
     def reset(self) -> None:
-        """Forget the loads in flight (after a step was abandoned half way); the next step starts afresh."""
+        """Forget the loads in flight (after a pass was abandoned half way); the next pass starts afresh."""
         for ring in self.rings:
             ring.reset()
+
+
+def segments(placement: list[str]) -> list[list[int]]:
+    """Layers cut where the host must act between them: each streamed layer alone, each run of resident
+    layers together."""
+    out, run = [], []
+    for i, tier in enumerate(placement):
+        if tier == RESIDENT:
+            run.append(i)
+            continue
+        if run:
+            out.append(run)
+            run = []
+        out.append([i])
+    return out + ([run] if run else [])

@@ -1,0 +1,315 @@
+"""A decoder-only language model with its weights passed in: the loop of every forward pass.
+
+Nothing here owns a layer's weight. :meth:`Decoder.forward` walks the layers in
+*segments* (runs of layers that the weight stream hands over together: a streamed
+layer alone, consecutive resident layers as one); for each it asks the stream for
+the weights, runs the segment, and hands them back:
+
+    hs = [embed(chunk) for chunk in chunks]         # every token's residual stream
+    for segment in stream.segments:
+        weights = stream.acquire(segment)           # resident views, or slots the compute stream waits for
+        hs = run(segment, hs, weights, chunks, cache)   # eagerly: run_segment; or a CUDA graph of it
+        stream.release(segment)                     # the slots may be refilled: the next copies are issued
+    return head(last tokens of hs)
+
+Eager passes, prefill chunks, decode steps and the CUDA graphs of decode steps
+all go through this loop; a graph is a capture of :meth:`run_segment` itself
+(``offload/scheduler/graphs.py``), so the loop a reader reads is the one that runs.
+
+A model *family* (``llama.py``, ``qwen3.py``, ``gemma3.py``...) subclasses
+:class:`Decoder`: it reads its config fields, writes the table of named shapes of
+its layers (``layer_entries``), computes one layer (``layer``) and counts what the
+planner needs (bytes of temporaries, FLOPs per token). ``registry.py`` finds the
+family of a checkpoint's ``architectures``. The operations a layer calls are
+``self.ops``, chosen once per model (``ops.py``): offload's Triton kernels for
+16-bit decode steps on a GPU, PyTorch's elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..distributed import TensorParallel
+from . import kernels
+from .blocks import EVERY_PASS, BlockLayout, BlockSpec, Entry, GlobalWeights, quantized_entries
+from .chunks import Chunk, DecodeChunk, Rope
+from .config import ModelConfig
+from .ops import Ops, apply_rope
+from .parallel import local_heads, vocab_parallel_embedding
+from .quant import WeightFormat
+
+# cuDNN's attention builds a plan the first time it sees each key length, so a first pass of decode
+# steps (a new length every step) stalls the host for milliseconds per step, and with it the copy ring.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+class WeightStream(Protocol):
+    """Where a pass gets its layers' weights (``offload/scheduler/stream.py``)."""
+
+    segments: list[list[int]]
+
+    def acquire(self, segment: list[int]) -> list: ...
+    def release(self, segment: list[int]) -> None: ...
+
+
+class KVCache:
+    """Preallocated keys and values: ``[layers, max_batch, kv_heads, max_seq_len + 1, head_dim]`` each.
+
+    The last position of every row is a *sink* that decode steps write to for rows with
+    nothing to add; attention never reads it. Zero-filled, so positions no row has
+    written yet hold finite numbers (masked attention multiplies them by zero, and zero
+    times NaN would be NaN).
+    """
+
+    def __init__(self, n_layers, max_batch, kv_heads, max_seq_len, head_dim, dtype, device):
+        shape = (n_layers, max_batch, kv_heads, max_seq_len + 1, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def nbytes(n_layers, max_batch, kv_heads, max_seq_len, head_dim, dtype) -> int:
+        return 2 * n_layers * max_batch * kv_heads * (max_seq_len + 1) * head_dim * dtype.itemsize
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i], self.v[i]
+
+
+class Decoder:
+    """Embedding, decoder layers, final norm, LM head: the non-layer weights are held, layers are passed in.
+
+    Class attributes and class methods describe a family's checkpoints (no weights needed:
+    the planner uses them); an instance computes.
+    """
+
+    weights_class: ClassVar[type]  # the dataclass of one layer's tensors (views into its block)
+    groups: ClassVar[dict[str, tuple[str, ...]]] = {}  # fused views: {"wqkv": ("wq", "wk", "wv")}
+    linear: ClassVar[tuple[str, ...]] = ()  # the weights ``quantize`` compresses (not norms, not biases)
+    qk_norm: ClassVar[bool] = False  # q and k are normalized per head before the rotary embedding
+
+    # ------------------------------------------------------------------ the family's checkpoints
+
+    @classmethod
+    def read_config(cls, raw: dict, fields, architecture: str) -> ModelConfig:
+        """The :class:`ModelConfig` of a ``config.json`` (``fields``: its typed reader)."""
+        raise NotImplementedError
+
+    @classmethod
+    def layer_entries(cls, config: ModelConfig, tp: TensorParallel) -> list[Entry]:
+        """The named shapes of one layer's block on this rank, in block order (``{i}`` in a source: the layer)."""
+        raise NotImplementedError
+
+    @classmethod
+    def layer_layout(cls, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
+                     fmt: WeightFormat | None = None) -> BlockLayout:
+        """One layer's block: its ``linear`` weights in ``fmt`` (quantized), or None (the model dtype)."""
+        entries = cls.layer_entries(config, tp)
+        if fmt is None:
+            return BlockLayout(entries, dtype, cls.weights_class, cls.groups)
+        entries, groups, quantized = quantized_entries(entries, cls.groups, cls.linear, fmt, dtype, tp.size)
+        return BlockLayout(entries, dtype, cls.weights_class, groups, quantized)
+
+    @classmethod
+    def blocks(cls, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
+               fmt: WeightFormat | None = None) -> list[BlockSpec]:
+        """Every block of the model, in pass order: here one per layer, each needed by every pass."""
+        layout = cls.layer_layout(config, tp, dtype, fmt)
+        return [BlockSpec(f"layer {i}", layout, i, EVERY_PASS) for i in range(config.n_layers)]
+
+    @classmethod
+    def rope_inv_freqs(cls, config: ModelConfig) -> list[torch.Tensor]:
+        """The inverse frequencies of each rotary embedding the layers use (float32)."""
+        return [config.rope_inv_freq()]
+
+    @classmethod
+    def layer_rope(cls, config: ModelConfig, i: int) -> int:
+        """Which of ``rope_inv_freqs`` layer ``i`` rotates with."""
+        return 0
+
+    @classmethod
+    def flops_per_token(cls, config: ModelConfig, tp: TensorParallel) -> int:
+        """Matrix-product work of one token through every layer on this rank (a multiply-add is two)."""
+        q_heads, kv_heads = local_heads(config, tp)
+        d, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size // tp.size
+        return 2 * config.n_layers * (d * (2 * q_heads + 2 * kv_heads) * hd + 3 * d * inter)
+
+    @classmethod
+    def flops_per_key(cls, config: ModelConfig, tp: TensorParallel) -> int:
+        """Attention work of one token against one cached key, every layer."""
+        return 4 * config.n_layers * local_heads(config, tp)[0] * config.head_dim
+
+    @classmethod
+    def activation_bytes(cls, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, max_batch: int,
+                         max_seq_len: int, max_step_tokens: int) -> int:
+        """Peak bytes of the temporaries of a pass whose chunks hold at most ``max_step_tokens`` (padded) tokens.
+
+        Counts what ``forward`` allocates: the residual stream of every token a pass can hold
+        (``max_batch`` rows of ``max_seq_len``), one more chunk's residual, and the largest of one
+        chunk's attention or MLP temporaries, the logits of every position (what ``model(input_ids)``
+        returns) and the float32 work of sampling.
+        """
+        e, t, d = dtype.itemsize, max_step_tokens, config.hidden_size
+        hq, hkv = local_heads(config, tp)
+        hd, inter, vocab = config.head_dim, config.intermediate_size // tp.size, config.vocab_size
+        qkv = (hq + 2 * hkv) * hd
+        residual = (max_batch * max_seq_len + t) * d * e
+        norm = t * d * (2 * 4 + e)  # float32 copies inside rms_norm
+        qk_norm = t * (hq + hkv) * hd * (2 * 4 + e) if cls.qk_norm else 0
+        mask = t * (hq // hkv) * max_seq_len * (1 + e)  # boolean, repeated per grouped head, and SDPA's bias of it
+        attention = t * (3 * qkv + 4 * hq * hd) * e + mask + qk_norm
+        decode_attention = (max_batch * hq * max_seq_len * (3 * e + 4)  # scores, masked, float32 softmax
+                            + kernels.decode_attention_bytes(max_batch, hq, hkv, max_seq_len, hd, dtype))
+        mlp = t * 3 * inter * e
+        all_logits = t * vocab * e * (2 if tp.size > 1 else 1) + norm
+        sampling = max_batch * vocab * (e + 3 * 4)
+        return residual + max(norm, attention, decode_attention, mlp, all_logits, sampling)
+
+    @classmethod
+    def decode_graph_bytes(cls, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, max_batch: int,
+                           max_seq_len: int) -> int:
+        """GPU memory of the decode graphs: their shared pool (one decode step's temporaries at the largest
+        row bucket), the static buffers of every row bucket, and a margin for the graphs themselves."""
+        e, d = dtype.itemsize, config.hidden_size
+        hq, hkv = local_heads(config, tp)
+        hd, inter = config.head_dim, config.intermediate_size // tp.size
+        b = max_batch
+        temporaries = 2 * b * d * e + max(
+            b * d * (2 * 4 + e),  # rms_norm's float32 copies
+            b * (3 * (hq + 2 * hkv) * hd + 4 * hq * hd) * e + b * hq * max_seq_len * (3 * e + 4)  # attention
+            + kernels.decode_attention_bytes(b, hq, hkv, max_seq_len, hd, dtype)
+            + (b * (hq + hkv) * hd * (2 * 4 + e) if cls.qk_norm else 0),
+            b * 3 * inter * e,
+        )
+        buckets = max_batch.bit_length() + 1  # row buckets 1, 2, 4, ... up to max_batch
+        ropes = len(cls.rope_inv_freqs(config))
+        static = 2 * b * d * e + buckets * b * (2 * ropes * hd * e + len(set(config.sliding_windows)) * max_seq_len)
+        return temporaries + static + 32 * 2**20
+
+    # ------------------------------------------------------------------ computing
+
+    def __init__(self, config: ModelConfig, weights: GlobalWeights, tp: TensorParallel, ops: Ops,
+                 device: torch.device, dtype: torch.dtype, max_positions: int, vocab_start: int = 0):
+        self.config, self.weights, self.tp, self.ops = config, weights, tp, ops
+        self.vocab_start = vocab_start
+        self.heads, self.kv_heads = local_heads(config, tp)
+        self.ropes = [Rope(inv, max_positions, dtype, device) for inv in self.rope_inv_freqs(config)]
+        self.layer_ropes = [self.ropes[self.layer_rope(config, i)] for i in range(config.n_layers)]
+        self.windows = sorted(set(config.sliding_windows), key=lambda w: w or 0)
+
+    def forward(self, chunks: list[Chunk] | list[DecodeChunk], stream: WeightStream, cache: KVCache | None,
+                rows: int, run=None, all_logits: bool = False) -> torch.Tensor:
+        """One pass over ``rows`` cache rows: logits of each row's last new token ``[rows, V]``
+        (or, for a single chunk, of every position, ``[B, T, V]``).
+
+        Each layer is brought in once and every chunk goes through it, so a streamed layer
+        crosses its link once per pass however many tokens the pass holds. ``run`` computes a
+        segment: :meth:`run_segment` (the default) or the replay of a CUDA graph of it.
+        """
+        run = run or self.run_segment
+        hs = [self.embed(chunk.tokens, chunk.host_tokens) for chunk in chunks]
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            for segment in stream.segments:
+                weights = stream.acquire(segment)  # on a GPU the compute stream waits for the copies, the host not
+                hs = run(segment, hs, weights, chunks, cache)
+                stream.release(segment)  # the segment's slots may now be refilled with later layers
+        if all_logits:
+            return self.head(chunks[0].all_tokens(hs[0]))
+        return self.head(last_hidden(chunks, hs, rows))
+
+    def run_segment(self, segment: list[int], hs: list[torch.Tensor], weights: list, chunks, cache,
+                    layer=None) -> list:
+        """Layers ``segment`` (with their ``weights``) over every chunk's hidden states (``layer``: ``self.layer``
+        or a compiled copy of it)."""
+        layer = layer or self.layer
+        for i, w in zip(segment, weights):
+            kv = cache.layer(i) if cache is not None else (None, None)
+            hs = [layer(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)]
+        return hs
+
+    def layer(self, x: torch.Tensor, w, chunk, kv, i: int) -> torch.Tensor:
+        """Decoder layer ``i`` over one chunk's hidden states ``x``, its weights ``w``, its cache ``kv``."""
+        raise NotImplementedError
+
+    def embed(self, tokens: torch.Tensor, host_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens' embeddings on the compute device (``tokens`` there; the same ids on the host, if at hand)."""
+        table = self.weights.embed  # in host memory when the plan offloads: look up there
+        if table.device == tokens.device:
+            ids = tokens
+        else:  # without host ids, the host waits for the device's (sampled by the pass before)
+            ids = host_tokens if host_tokens is not None else tokens.cpu()
+        return vocab_parallel_embedding(ids, table, self.vocab_start, self.tp, tokens.device)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.ops.rms_norm(h, self.weights.final_norm, self.config.rms_norm_eps)
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary from this rank's rows of the LM head."""
+        return self.tp.all_gather_last_dim(self.ops.linear(h, self.weights.lm_head))[..., : self.config.vocab_size]
+
+    def row_parallel(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T (+ bias)`` where ``weight`` holds this rank's input columns: the partial sums added
+        over the ranks (the Megatron split's second half)."""
+        if self.tp.size == 1:
+            return self.ops.linear(x, weight, bias)
+        out = self.tp.all_reduce(self.ops.linear(x, weight))
+        return out if bias is None else out + bias  # added once, after the sum
+
+    # ------------------------------------------------------------------ attention
+
+    def attention(self, qkv: torch.Tensor, chunk, kv, i: int, q_norm=None, k_norm=None,
+                  offset: bool = False) -> torch.Tensor:
+        """Self-attention of one chunk from its projected ``qkv`` (token layout, q | k | v on the last
+        dimension): rotary embedding, cache write, attention; returns ``[..., H * hd]``. ``q_norm`` and
+        ``k_norm`` (per-head RMS norm weights) normalize q and k before the rotation."""
+        hd, (cache_k, cache_v) = self.config.head_dim, kv
+        cos, sin = chunk.rotary(self.layer_ropes[i])
+        if chunk.one_query and q_norm is None:  # a decode step: q and k rotated, k and v cached, in one go
+            q = self.ops.rope_and_store(qkv, cos, sin, chunk.positions, cache_k, cache_v, self.heads)
+            k = v = None  # a decode step attends to the cache
+        else:
+            q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
+            q = q.unflatten(-1, (self.heads, hd))
+            k, v = k.unflatten(-1, (self.kv_heads, hd)), v.unflatten(-1, (self.kv_heads, hd))
+            if q_norm is not None:
+                eps = self.config.rms_norm_eps
+                q, k = self.ops.rms_norm(q, q_norm, eps, offset), self.ops.rms_norm(k, k_norm, eps, offset)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache_k is not None:
+                chunk.store(cache_k, cache_v, k, v)
+        keys, values = chunk.keys(cache_k, cache_v, k, v)
+        mask, scale = chunk.mask(self.config.sliding_windows[i]), self.config.attention_scale
+        if chunk.one_query:
+            o = self.ops.decode_attention(chunk.heads(q), keys, values, mask, scale)
+        else:
+            o = attend(chunk.heads(q), keys, values, mask, chunk.causal, scale)
+        return chunk.from_heads(o)
+
+
+def attend(q, keys, values, mask, causal: bool, scale: float) -> torch.Tensor:
+    """SDPA of ``q [B, H, T, hd]`` over ``keys``/``values`` ``[B, H_kv, L, hd]``."""
+    group = q.shape[1] // keys.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=scale, enable_gqa=group > 1)
+    # SDPA's kernels that take a mask do not take grouped heads: the `group` query heads of
+    # each kv head become `group` times as many queries of that head, the mask repeated.
+    b, h, t, hd = q.shape
+    if group > 1:
+        q = q.reshape(b, keys.shape[1], group * t, hd)
+        mask = mask[:, :, None].expand(b, 1, group, t, mask.shape[-1]).reshape(b, 1, group * t, -1)
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    return o.reshape(b, h, t, hd)  # a GPU kernel may return it strided
+
+
+def last_hidden(chunks: list[Chunk], hs: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """Each row's last new token ``[rows, d]``, from the last chunk that holds tokens of that row."""
+    if len(chunks) == 1 and chunks[0].first_row == 0 and chunks[0].batch == rows:
+        return chunks[0].last_tokens(hs[0])
+    out = hs[0].new_zeros(rows, hs[0].shape[-1])
+    for chunk, h in zip(chunks, hs):
+        present = torch.tensor([b for b, n in enumerate(chunk.counts) if n], device=h.device)
+        out[chunk.first_row + present] = chunk.last_tokens(h)[present]
+    return out

@@ -1,0 +1,154 @@
+"""The operations a decoder layer computes with, chosen once per model: PyTorch's, or offload's Triton kernels.
+
+Whether the kernels of ``kernels.py`` apply is a property of the model (a CUDA device, a
+16-bit dtype, a Triton that builds here), so :func:`choose` decides it when the model loads
+and the decoder calls ``ops.rms_norm(...)`` without asking again. What a call still checks
+is whether a kernel takes tensors of that shape (a one-row product, a contiguous row...):
+``kernels``' predicates; otherwise the PyTorch operation runs.
+
+The PyTorch operations mirror the reference implementation op for op (norms in float32,
+rounded where it rounds), so on the same device and dtype they give its bits. The kernels
+agree with them to a rounding (float32 sums in other orders, see ``kernels.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .quant import QuantizedWeight, quantized_linear
+
+ACTIVATIONS = ("silu", "gelu_tanh")  # the gate's activation of a gated MLP: act(gate) * up
+
+
+@dataclass(frozen=True)
+class Ops:
+    """One model's operations. Every field is a function; ``kernels`` says which set this is."""
+
+    linear: Callable  # (x, weight, bias=None): x @ weight.T (+ bias), for a dense or quantized weight
+    rms_norm: Callable  # (x, weight, eps, offset=False); offset: Gemma's (1 + weight), multiplied in float32
+    add_rms_norm: Callable  # (x, delta, weight, eps, offset=False) -> (x + delta, its norm)
+    gated: Callable  # (gate_up, activation) -> act(gate) * up, for gate_up = [gate | up] on the last dim
+    rope_and_store: Callable  # a decode step's (qkv, cos, sin, positions, cache_k, cache_v, heads) -> q
+    decode_attention: Callable  # (q [B, H, 1, hd], keys, values [B, H_kv, L, hd], allowed [B, 1, 1, L], scale)
+    kernels: bool  # offload's Triton kernels (True) or PyTorch's operations
+
+
+def choose(device: torch.device, dtype: torch.dtype) -> Ops:
+    """The kernels for 16-bit models on a CUDA device where Triton works (tried once per process), else PyTorch."""
+    if device.type == "cuda" and dtype in kernels.DTYPES and kernels.works(device):
+        return TRITON
+    return TORCH
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
+    """Llama's: the row normalized in float32, rounded, times ``weight``. Gemma's (``offset``): normalized and
+    multiplied by ``1 + weight`` in float32, rounded once."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (x * (1.0 + weight.float())).to(dtype)
+    return weight * x.to(dtype)
+
+
+def add_rms_norm(x, delta, weight, eps: float, offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x + delta
+    return x, rms_norm(x, weight, eps, offset)
+
+
+def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    if activation == "silu":
+        return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+def rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads: int) -> torch.Tensor:
+    """Of a decode step's ``qkv [B, 1, (H + 2 H_kv) hd]``: q and k rotated, k and v written into row ``b`` of
+    the caches at ``positions[b]``. Returns q ``[B, 1, H, hd]``."""
+    kv_heads, hd = cache_k.shape[1], cache_k.shape[-1]
+    q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    q = apply_rope(q.unflatten(-1, (heads, hd)), cos, sin)
+    k = apply_rope(k.unflatten(-1, (kv_heads, hd)), cos, sin)
+    rows = torch.arange(qkv.shape[0], device=qkv.device)
+    cache_k[rows, :, positions] = k[:, 0]
+    cache_v[rows, :, positions] = v.unflatten(-1, (kv_heads, hd))[:, 0]
+    return q
+
+
+def decode_attention(q, keys, values, allowed, scale: float) -> torch.Tensor:
+    """One query per row, as transformers' eager attention computes it: two matrix products around a float32
+    softmax, the query heads that share a kv head as rows of one product. SDPA's kernels that take a mask give
+    each head one block that walks the keys alone; these products spread over every head and key."""
+    b, h, _, hd = q.shape
+    q = q.reshape(b, keys.shape[1], h // keys.shape[1], hd)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values).reshape(b, h, 1, hd)
+
+
+TORCH = Ops(linear, rms_norm, add_rms_norm, gated, rope_and_store, decode_attention, kernels=False)
+
+
+# ----------------------------------------------------------------------------- Triton, where the shapes allow
+
+
+def _linear(x, weight, bias=None):
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
+    if kernels.gemv_takes(x, weight):  # a decode step's one row: read the weight at HBM speed
+        return kernels.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _rms_norm(x, weight, eps, offset=False):
+    if kernels.rms_norm_takes(x, weight):  # one kernel instead of eight
+        return kernels.rms_norm(x, weight, eps, offset)
+    return rms_norm(x, weight, eps, offset)
+
+
+def _add_rms_norm(x, delta, weight, eps, offset=False):
+    if kernels.add_rms_norm_takes(x, delta, weight):
+        return kernels.add_rms_norm(x, delta, weight, eps, offset)
+    return add_rms_norm(x, delta, weight, eps, offset)
+
+
+def _gated(gate_up, activation):
+    if kernels.gated_takes(gate_up):
+        return kernels.gated(gate_up, activation)
+    return gated(gate_up, activation)
+
+
+def _rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads):
+    if kernels.rope_and_store_takes(qkv, cos, cache_k):  # thirteen kernels in one
+        return kernels.rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads)
+    return rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads)
+
+
+def _decode_attention(q, keys, values, allowed, scale):
+    if kernels.decode_attention_takes(q, keys, values, allowed):  # flash decoding
+        return kernels.decode_attention(q, keys, values, allowed, scale)
+    return decode_attention(q, keys, values, allowed, scale)
+
+
+TRITON = Ops(_linear, _rms_norm, _add_rms_norm, _gated, _rope_and_store, _decode_attention, kernels=True)

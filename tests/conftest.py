@@ -92,6 +92,8 @@ _ARCH = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
 }
 
 
@@ -110,7 +112,9 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
 
 def rewrite_config(directory: Path, convention: str) -> dict:
     """Rewrite ``config.json`` in the transformers 4.x (``rope_theta`` + ``rope_scaling``) or 5.x
-    (``rope_parameters``) convention; returns the written dict."""
+    (``rope_parameters``) convention; returns the written dict. Gemma 3's ``rope_parameters`` hold one entry
+    per kind of layer; its 4.x form is ``rope_theta`` and ``rope_scaling`` for global layers and
+    ``rope_local_base_freq`` for sliding ones."""
     path = directory / "config.json"
     raw = json.loads(path.read_text())
     params = raw.pop("rope_parameters", None)
@@ -118,6 +122,13 @@ def rewrite_config(directory: Path, convention: str) -> dict:
     raw.pop("rope_scaling", None)
     assert params is not None, "transformers 5.x is expected to write rope_parameters"
     params = dict(params)
+    if "full_attention" in params and convention == "4.x":
+        raw["rope_local_base_freq"] = params.pop("sliding_attention")["rope_theta"]
+        params = dict(params["full_attention"])
+    elif "full_attention" in params:
+        raw["rope_parameters"] = params
+        path.write_text(json.dumps(raw, indent=2))
+        return raw
     if convention == "5.x":
         raw["rope_parameters"] = params
     elif convention == "4.x":

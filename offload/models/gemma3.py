@@ -37,7 +37,8 @@ SLIDING_WINDOW_PATTERN = 6  # transformers 4.x files: every sixth layer attends 
 
 @dataclass(frozen=True)
 class Gemma3Config(ModelConfig):
-    local_rope_theta: float = 10000.0  # the rotary base of sliding-window layers (no scaling)
+    local_rope_theta: float = 10000.0  # the rotary embedding of sliding-window layers
+    local_rope_scaling: dict | None = None
     query_pre_attn_scalar: float = 256.0
     final_logit_softcapping: float | None = None
 
@@ -80,10 +81,8 @@ class Gemma3(Decoder):
                                rope_section="full_attention")
         if f.nested("rope_parameters") is not None:
             local_theta, local_scaling = read_rope(raw, f, 10_000.0, section="sliding_attention")
-            if local_scaling is not None:
-                raise ConfigError(f"{f.source}: rope_parameters.sliding_attention: scaling is not supported")
-        else:
-            local_theta = f.number("rope_local_base_freq", 10_000.0)
+        else:  # transformers 4.x: rope_scaling is the global layers'
+            local_theta, local_scaling = f.number("rope_local_base_freq", 10_000.0), None
         n = common["n_layers"]
         types = raw.get("layer_types")
         if types is None:
@@ -93,6 +92,7 @@ class Gemma3(Decoder):
             **common,
             sliding_windows=windows_of(types, f, n, default_window=4096),
             local_rope_theta=local_theta,
+            local_rope_scaling=local_scaling,
             query_pre_attn_scalar=f.number("query_pre_attn_scalar", 256.0),
             final_logit_softcapping=f.number("final_logit_softcapping", None),
         )
@@ -123,7 +123,7 @@ class Gemma3(Decoder):
 
     @classmethod
     def rope_inv_freqs(cls, config: Gemma3Config) -> list[torch.Tensor]:
-        return [config.rope_inv_freq(), rope_inv_freq(config.head_dim, config.local_rope_theta, None)]
+        return [config.rope_inv_freq(), rope_inv_freq(config.head_dim, config.local_rope_theta, config.local_rope_scaling)]
 
     @classmethod
     def layer_rope(cls, config: ModelConfig, i: int) -> int:

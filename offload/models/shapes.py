@@ -20,6 +20,28 @@ def _llama(vocab, hidden, inter, layers, heads, kv_heads, max_pos, theta=10000.0
     }
 
 
+def _qwen3(vocab, hidden, inter, layers, heads, kv_heads, tie=False):
+    return {
+        **_llama(vocab, hidden, inter, layers, heads, kv_heads, 40960, theta=1000000.0, eps=1e-6),
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 128, "attention_bias": False,
+        "tie_word_embeddings": tie, "use_sliding_window": False, "sliding_window": None,
+        "bos_token_id": 151643, "eos_token_id": 151645,
+    }
+
+
+def _gemma3(vocab, hidden, inter, layers, heads, kv_heads, head_dim, scalar, window):
+    return {
+        **_llama(vocab, hidden, inter, layers, heads, kv_heads, 131072, eps=1e-6),
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "head_dim": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar, "sliding_window": window,
+        "layer_types": ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)],
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
+        "final_logit_softcapping": None, "attn_logit_softcapping": None, "tie_word_embeddings": True,
+        "bos_token_id": 2, "eos_token_id": [1, 106],
+    }
+
+
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
 
@@ -45,6 +67,9 @@ SHAPES: dict[str, dict] = {
         "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28,
         "bos_token_id": 151643, "eos_token_id": 151643,
     },
+    "qwen3-8b": _qwen3(151936, 4096, 12288, 36, 32, 8),
+    "qwen3-32b": _qwen3(151936, 5120, 25600, 64, 64, 8),
+    "gemma-3-27b": _gemma3(262208, 5376, 21504, 62, 32, 16, 128, 168, 1024),
 }
 
 

@@ -1,4 +1,4 @@
-"""offload's native Llama-family code against ``transformers`` on tiny random models (CPU, float32).
+"""The Llama family (``offload.models.llama``) against ``transformers`` on tiny random models (CPU, float32).
 
 Every architecture and config convention: full-sequence logits, greedy generation, a left-padded
 batch; then offloaded placements (host, emulated peer) against the fully resident model, bit for bit,

@@ -1,0 +1,218 @@
+"""Families as modules: Qwen3 (``offload.models.qwen3``) and Gemma 3 (``offload.models.gemma3``) against
+``transformers`` on tiny random checkpoints it wrote (CPU, float32), and the registry that finds them.
+
+For each: logits within 1e-4, greedy tokens identical (one row and a left-padded batch), half the layers
+streamed from the host equal to the resident model bit for bit, tensor parallelism on 2 gloo ranks equal
+to one rank.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import offload
+from offload.errors import ConfigError, OffloadWarning
+from offload.models.config import load_config
+
+from conftest import CONVENTIONS
+from test_tensor_parallel import run_tp
+
+ATOL = 1e-4
+MAX_SEQ = 64
+PROMPT, NEW = 12, 10  # 22 positions: past Gemma's window of 8 and Qwen3's of 6
+
+_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+_GEMMA_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+               "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0}}
+MODELS = {
+    "qwen3": ("qwen3", dict(_BASE)),
+    "qwen3-window": ("qwen3", dict(_BASE, use_sliding_window=True, sliding_window=6, max_window_layers=2)),
+    "gemma3": ("gemma3", dict(_BASE, sliding_window=8, query_pre_attn_scalar=24, rope_parameters=_GEMMA_ROPE,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                           "sliding_attention"])),
+    "gemma3-softcap": ("gemma3", dict(_BASE, vocab_size=320, sliding_window=8, final_logit_softcapping=2.0,
+                                      rope_parameters=_GEMMA_ROPE, sliding_window_pattern=2)),
+}
+SEEDS = {key: i + 40 for i, key in enumerate(MODELS)}
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+
+
+def _make(factory, key, convention="5.x"):
+    arch, kwargs = MODELS[key]
+    return factory(key, arch, convention, seed=SEEDS[key], **kwargs)
+
+
+def _load(directory, **kw):
+    kw.setdefault("max_batch", 2)
+    kw.setdefault("max_seq_len", MAX_SEQ)
+    return offload.load_model(directory, dtype=torch.float32, progress=False, **kw)
+
+
+def _prompt(n, vocab, seed, batch=1):
+    return torch.randint(3, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_logits(hf, ids, attention_mask=None):
+    with torch.no_grad():
+        if attention_mask is None:
+            return hf(ids).logits
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return hf(ids, attention_mask=attention_mask, position_ids=position_ids).logits
+
+
+def _hf_greedy(hf, ids, attention_mask=None):
+    with torch.no_grad():
+        return hf.generate(ids, attention_mask=attention_mask, max_new_tokens=NEW, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+
+
+@pytest.fixture(scope="module", params=[(k, c) for k in MODELS for c in CONVENTIONS], ids=lambda p: f"{p[0]}-{p[1]}")
+def case(request, checkpoint_factory):
+    key, convention = request.param
+    hf, directory = _make(checkpoint_factory, key, convention)
+    with _load(directory) as model:
+        yield key, hf, directory, model
+
+
+# ---------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_both_conventions_give_the_same_config(checkpoint_factory, key):
+    a = load_config(_make(checkpoint_factory, key, "4.x")[1])
+    b = load_config(_make(checkpoint_factory, key, "5.x")[1])
+    assert a == b
+    family, kwargs = MODELS[key]
+    assert a.architecture == ARCHITECTURES[family]
+    assert a.head_dim == 32 and a.n_kv_heads == 2
+    if key == "qwen3-window":
+        assert a.sliding_windows == (None, None, 6, 6)
+    if family == "gemma3":
+        assert a.tie_word_embeddings
+        assert (a.rope_theta, a.local_rope_theta) == (100000.0, 10000.0)
+        assert a.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+        windows = (8, 8, None, 8) if key == "gemma3" else (8, None, 8, None)
+        assert a.sliding_windows == windows
+        assert a.attention_scale == kwargs.get("query_pre_attn_scalar", 256) ** -0.5
+        assert a.final_logit_softcapping == kwargs.get("final_logit_softcapping")
+
+
+def test_gemma3_4x_config_without_layer_types_takes_every_sixth_layer_global(checkpoint_factory, tmp_path):
+    _, directory = _make(checkpoint_factory, "gemma3", "4.x")
+    raw = json.loads((directory / "config.json").read_text())
+    raw.pop("layer_types")
+    raw.pop("sliding_window_pattern", None)
+    raw["num_hidden_layers"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = load_config(tmp_path)
+    assert config.sliding_windows == (8, 8, 8, 8, 8, None, 8)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping is not supported"),
+    ({"hidden_activation": "gelu"}, "unsupported hidden_activation 'gelu'"),
+    ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar must be a positive number"),
+    ({"final_logit_softcapping": "big"}, "final_logit_softcapping must be a positive number"),
+    ({"layer_types": ["sliding_attention"]}, "layer_types must be a list of 4"),
+])
+def test_bad_gemma3_fields_are_refused_naming_them(checkpoint_factory, tmp_path, changes, words):
+    _, directory = _make(checkpoint_factory, "gemma3")
+    raw = {**json.loads((directory / "config.json").read_text()), **changes}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=words):
+        load_config(tmp_path)
+
+
+def test_an_unknown_architecture_names_the_families(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**_BASE, "architectures": ["FalconForCausalLM"]}))
+    with pytest.raises(ConfigError, match="unsupported architecture 'FalconForCausalLM'.*Qwen3ForCausalLM.*Gemma3"):
+        load_config(tmp_path)
+
+
+# ---------------------------------------------------------------------- against transformers
+
+
+def test_logits_match_transformers(case):
+    _, hf, _, model = case
+    ids = _prompt(24, model.config.vocab_size, seed=1)
+    ours, ref = model(ids), _hf_logits(hf, ids)
+    assert ours.shape == ref.shape == (1, 24, model.config.vocab_size)
+    assert (ours - ref).abs().max().item() <= ATOL
+
+
+def test_greedy_generation_matches_transformers(case):
+    _, hf, _, model = case
+    ids = _prompt(PROMPT, model.config.vocab_size, seed=2)
+    assert torch.equal(model.generate(ids, max_new_tokens=NEW, ignore_eos=True), _hf_greedy(hf, ids))
+
+
+def test_left_padded_batch_matches_transformers(case):
+    """A ragged batch: rows of 12 and 7 tokens, left-padded, through logits and greedy generation."""
+    _, hf, _, model = case
+    vocab = model.config.vocab_size
+    ids, mask = torch.zeros(2, PROMPT, dtype=torch.long), torch.zeros(2, PROMPT, dtype=torch.long)
+    ids[0], mask[0] = _prompt(PROMPT, vocab, 3)[0], 1
+    ids[1, PROMPT - 7:], mask[1, PROMPT - 7:] = _prompt(7, vocab, 4)[0], 1
+    real = mask.bool()
+    assert (model(ids, attention_mask=mask)[real] - _hf_logits(hf, ids, mask)[real]).abs().max() <= ATOL
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=NEW, ignore_eos=True),
+                       _hf_greedy(hf, ids, attention_mask=mask))
+
+
+def test_the_softcap_and_the_local_rotary_base_matter(checkpoint_factory, tmp_path):
+    _, directory = _make(checkpoint_factory, "gemma3-softcap")
+    ids = _prompt(20, 320, seed=5)
+    variants = {"uncapped": dict(final_logit_softcapping=None),
+                "one base": dict(rope_parameters={**_GEMMA_ROPE, "sliding_attention": _GEMMA_ROPE["full_attention"]})}
+    with _load(directory) as model:
+        want = model(ids)
+        assert want.abs().max() <= 2.0  # tanh(x / 2) * 2
+    for name, changes in variants.items():
+        copy = tmp_path / name.replace(" ", "-")
+        shutil.copytree(directory, copy)
+        raw = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**raw, **changes}))
+        with _load(copy) as variant:
+            assert (variant(ids) - want).abs().max() > 1e-3, name
+
+
+# ---------------------------------------------------------------------- offloading and tensor parallelism
+
+
+@pytest.mark.parametrize("key", ["qwen3-window", "gemma3"])
+def test_half_the_layers_streamed_equal_resident_bitwise(checkpoint_factory, key):
+    _, directory = _make(checkpoint_factory, key)
+    ids = _prompt(20, 256, seed=6)
+    with _load(directory, max_batch=1) as resident:
+        logits = resident(ids)
+        tokens = resident.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True)
+        needs = resident.plan.needs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OffloadWarning)
+        model = _load(directory, max_batch=1, gpu_memory=needs.gpu_budget_streaming(2, slots=1), cpu_memory="1GiB",
+                      slots=1)  # with two slots, four blocks on the GPU would hold the whole model
+    with model:
+        assert model.plan.placement.count("host") == 2 and model.plan.placement.count("resident") == 2
+        assert torch.equal(model(ids), logits)
+        assert torch.equal(model.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True), tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["qwen3-window", "gemma3"])
+def test_tensor_parallel_on_two_ranks_equals_one(checkpoint_factory, key):
+    _, directory = _make(checkpoint_factory, key)
+    ids = _prompt(PROMPT, 256, seed=7, batch=2)
+    kwargs = dict(dtype=torch.float32, max_batch=2, max_seq_len=MAX_SEQ)
+    with offload.load_model(directory, progress=False, **kwargs) as single:
+        want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)
+    for rank, result in enumerate(run_tp(2, directory, ids, **kwargs)):
+        assert not isinstance(result, str), result
+        logits, tokens, _, _ = result
+        assert (logits - want_logits).abs().max().item() <= ATOL, f"rank {rank}"
+        assert torch.equal(tokens, want_tokens), f"rank {rank}"

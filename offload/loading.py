@@ -35,6 +35,8 @@ from .options import LoadOptions, parse_dtype
 from .synthetic import RandomSource
 
 DEFAULT_MAX_SEQ_LEN = 2048
+# Default chunks of a pass: prefill runs faster in large ones, and an H200 saturates at about 2048 tokens.
+DEFAULT_STEP_TOKENS, MIN_STEP_TOKENS = 2048, 128
 WORKSPACE_BYTES = 64 * 2**20  # cuBLAS / SDPA workspaces and allocator rounding (peaks measured on an H200)
 
 
@@ -64,8 +66,8 @@ def prepare(model, options: LoadOptions) -> Setup:
     dtype = parse_dtype(options.dtype, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    max_seq_len = options.max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-    options = options.replace(max_seq_len=max_seq_len, max_step_tokens=options.max_step_tokens or max_seq_len)
+    options = options.replace(max_seq_len=options.max_seq_len or min(config.max_position_embeddings,
+                                                                      DEFAULT_MAX_SEQ_LEN))
 
     budget = Budget.parse(options.gpu_memory, options.cpu_memory, options.peer_memory, compute_device=device)
     offload_requested = budget.cpu_memory is not None or bool(budget.peer_memory)
@@ -74,13 +76,16 @@ def prepare(model, options: LoadOptions) -> Setup:
     blocks = family.blocks(config, tp, dtype, _weight_format(options, device))
     globals_ = global_layout(config, tp, dtype)
     embedding = embedding_layout(config, tp, dtype)
-    needs = memory_needs(family, config, tp, dtype, device, options, blocks, globals_, embedding)
     peers = list(budget.peer_memory)
     bandwidth = dict(options.link_bandwidth or {})
     if any(n not in bandwidth for n in ["host", "hbm", "matmul", *peers]):
         bandwidth = {**link_bandwidths(device, peers, tp, budget.gpu_memory // 8), **bandwidth}
     title = f" (rank {tp.rank} of {tp.size})" if tp.size > 1 else ""
     indirect = tuple(p for p in peers if not peer_is_direct(device, p))
+
+    options = options.replace(max_step_tokens=options.max_step_tokens or _chunk_size(family, config, tp, dtype,
+                                                                                    options, blocks))
+    needs = memory_needs(family, config, tp, dtype, device, options, blocks, globals_, embedding)
     try:
         plan = make_plan(needs, budget, bandwidth, str(device), options.slots, offload_requested, indirect, title)
     except PlanError as e:
@@ -90,6 +95,26 @@ def prepare(model, options: LoadOptions) -> Setup:
     if failed:
         raise PlanError("; ".join(failed))
     return Setup(config, options, tp, device, dtype, family, blocks, globals_, embedding, plan, plans)
+
+
+def _chunk_size(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
+                options: LoadOptions, blocks: list[BlockSpec]) -> int:
+    """The default ``max_step_tokens``: the largest chunk, of ``DEFAULT_STEP_TOKENS`` halved down to
+    ``MIN_STEP_TOKENS`` (and at most a whole batch of prompts), whose temporaries take no more memory than
+    the largest block, so that a chunk never costs more than one resident layer. Prefill runs faster in
+    larger chunks (each streamed layer is brought in once per pass whatever its size, and the products
+    get wider); decode runs on the resident layers."""
+    most = options.max_batch * options.max_seq_len
+    sizes = [min(most, DEFAULT_STEP_TOKENS >> k) for k in range(DEFAULT_STEP_TOKENS.bit_length())
+             if DEFAULT_STEP_TOKENS >> k >= MIN_STEP_TOKENS]
+    block = max(b.nbytes for b in blocks)
+    for size in sizes:
+        logits = size if options.all_logits else options.max_batch
+        temporaries = family.activation_bytes(config, tp, dtype, options.max_batch, options.max_seq_len, size,
+                                              logit_positions=logits)
+        if temporaries <= block:
+            return size
+    return sizes[-1]
 
 
 def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
@@ -107,11 +132,13 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
         global_bytes=globals_.nbytes,
         embedding_bytes=embedding.nbytes if embedding else 0,
         kv_bytes=KVCache.nbytes(config.n_layers, batch, kv_heads, seq, config.head_dim, dtype),
-        activation_bytes=family.activation_bytes(config, tp, dtype, batch, seq, step_tokens),
+        activation_bytes=family.activation_bytes(config, tp, dtype, batch, seq, step_tokens,
+                                                 logit_positions=step_tokens if options.all_logits else batch),
         workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0,
         rope_bytes=len(family.rope_inv_freqs(config)) * 2 * (seq + 1) * config.head_dim * dtype.itemsize,
         max_batch=batch,
         max_seq_len=seq,
+        step_tokens=step_tokens,
         graph_bytes=graphs,
         flops_per_token=family.flops_per_token(config, tp),
         flops_per_key=family.flops_per_key(config, tp),

@@ -104,6 +104,9 @@ class OffloadedModel:
         ``attention_mask`` (1 for tokens, 0 for padding, either side) marks padding; its
         positions get zero logits.
         """
+        if not self.options.all_logits:
+            raise InputError("this model was loaded with all_logits=False (its plan reserves no room for the logits "
+                             "of every position); load it with all_logits=True to call it on input_ids")
         ids = as_batch(input_ids)
         rows = prompts_from(ids, attention_mask)
         for b, row in enumerate(rows):

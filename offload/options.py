@@ -59,8 +59,14 @@ class LoadOptions:
             tensor parallelism the peers are dealt out to the ranks in turn.
         max_batch, max_seq_len: the KV cache is reserved for this many rows of this many tokens
             (default max_seq_len: the model's context, at most 2048).
-        max_step_tokens: the most (padded) tokens one forward pass handles; longer prompts are
-            prefilled in several steps. Default: ``max_seq_len``.
+        max_step_tokens: the most (padded) tokens one chunk of a forward pass holds; a pass over
+            more (long prompts, many rows) runs them through each layer in several chunks, and the
+            plan reserves the temporaries of one. Default: the largest of 2048, 1024, ... 128 (at
+            most ``max_batch x max_seq_len``) whose temporaries cost no resident layer.
+        all_logits: whether ``model(input_ids)`` may return the logits of every position: the plan
+            then reserves them for a whole chunk (``max_step_tokens x vocabulary``). False: only
+            what generation reads (each row's last position), a far smaller reserve for large
+            vocabularies; the server and batch jobs load so. Default True.
         tp: tensor-parallel ranks; needs one process per rank (``torchrun --nproc-per-node tp``).
         slots: block-sized buffers per streaming link that its layers are copied into (default 2).
         link_bandwidth: bytes/s per link (``{"host": 55e9, "hbm": 4e12, "cuda:1": 390e9}``, and
@@ -68,8 +74,7 @@ class LoadOptions:
         cuda_graphs: capture decode steps in CUDA graphs and replay them (on a GPU; default on).
         compile: compile the decode layer with ``torch.compile`` before capturing it (with
             ``cuda_graphs``; default off). With offload's kernels in every 16-bit step it gains
-            nothing measurable (llama-2-7b resident on an H200: 3.8 ms per token either way), and
-            inductor tunes kernels by timing them, so two separately compiled models (a resident
+            nothing measurable (docs/benchmarks.md), and inductor tunes kernels by timing them, so two separately compiled models (a resident
             and an offloaded one) need not give the same bits; compiling takes seconds per bucket
             of rows and key length.
         quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while
@@ -87,6 +92,7 @@ class LoadOptions:
     max_batch: int = 1
     max_seq_len: int | None = None
     max_step_tokens: int | None = None
+    all_logits: bool = True
     tp: int = 1
     slots: int | None = None
     link_bandwidth: Mapping[str, float] | None = None
@@ -97,7 +103,7 @@ class LoadOptions:
 
     def __post_init__(self):
         check_request(self.quantize, self.group_size)
-        for name in ("cuda_graphs", "compile"):
+        for name in ("cuda_graphs", "compile", "all_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _count("max_batch", self.max_batch)

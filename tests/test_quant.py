@@ -282,8 +282,8 @@ def test_offloaded_equals_resident_bitwise(tiny, fmt):
 
 
 def _plan(path, **kw):
-    options = dict(dtype="bf16", gpu_memory="8GiB", cpu_memory="64GiB", max_seq_len=2048,
-                   link_bandwidth={"host": 55e9, "hbm": 4e12}) | kw
+    options = dict(dtype="bf16", gpu_memory="8GiB", cpu_memory="64GiB", max_seq_len=2048, max_step_tokens=2048,
+                   link_bandwidth={"host": 55e9, "hbm": 4e12}) | kw  # one chunk size: the formats' own reserves compare
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OffloadWarning)
         return offload.plan_model(path, **options)

@@ -44,6 +44,7 @@ class MemoryNeeds:
     workspace_bytes: int  # math-library workspaces, allocator slack
     max_batch: int = 1
     max_seq_len: int = 0
+    step_tokens: int = 0  # the most tokens of a chunk of a pass, whose temporaries ``activation_bytes`` holds
     embedding_bytes: int = 0  # an untied embedding table: on the GPU, or in host RAM when offloading
     rope_bytes: int = 0  # the rotary embedding's cos/sin tables for max_seq_len positions
     graph_bytes: int = 0  # CUDA graphs of decode steps: their memory pool and static buffers
@@ -181,7 +182,9 @@ class Plan:
             f"KV cache {format_size(n.kv_bytes)} ({n.max_batch} x {n.max_seq_len} tokens), "
             f"{self.slot_count} slot(s) {format_size(self.slots_bytes)}"
             f"{' (' + ', '.join(f'{t} {c}' for t, c in self.slots.items()) + ')' if len(self.slots) > 1 else ''}, "
-            f"activations {format_size(n.activation_bytes)}, rotary tables {format_size(n.rope_bytes)}, "
+            f"activations {format_size(n.activation_bytes)}"
+            + (f" (chunks of {n.step_tokens} tokens)" if n.step_tokens else "")
+            + f", rotary tables {format_size(n.rope_bytes)}, "
             f"workspace {format_size(n.workspace_bytes)}"
             + (f", decode graphs {format_size(n.graph_bytes)}" if n.graph_bytes else "")
             + (f", dequantize scratch {format_size(n.dequant_bytes)}" if n.dequant_bytes else "")

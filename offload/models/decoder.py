@@ -143,13 +143,14 @@ class Decoder:
 
     @classmethod
     def activation_bytes(cls, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, max_batch: int,
-                         max_seq_len: int, max_step_tokens: int) -> int:
+                         max_seq_len: int, max_step_tokens: int, logit_positions: int) -> int:
         """Peak bytes of the temporaries of a pass whose chunks hold at most ``max_step_tokens`` (padded) tokens.
 
         Counts what ``forward`` allocates: the residual stream of every token a pass can hold
         (``max_batch`` rows of ``max_seq_len``), one more chunk's residual, and the largest of one
-        chunk's attention or MLP temporaries, the logits of every position (what ``model(input_ids)``
-        returns) and the float32 work of sampling.
+        chunk's attention or MLP temporaries, the logits of ``logit_positions`` positions (every
+        position of a chunk for ``model(input_ids)``, each row's last for generation) and the float32
+        work of sampling.
         """
         e, t, d = dtype.itemsize, max_step_tokens, config.hidden_size
         hq, hkv = local_heads(config, tp)
@@ -163,9 +164,10 @@ class Decoder:
         decode_attention = (max_batch * hq * max_seq_len * (3 * e + 4)  # scores, masked, float32 softmax
                             + kernels.decode_attention_bytes(max_batch, hq, hkv, max_seq_len, hd, dtype))
         mlp = t * 3 * inter * e
-        all_logits = t * vocab * e * (2 if tp.size > 1 else 1) + norm
+        p = logit_positions
+        logits = p * vocab * e * (2 if tp.size > 1 else 1) + p * d * (2 * 4 + e)  # and the final norm's copies
         sampling = max_batch * vocab * (e + 3 * 4)
-        return residual + max(norm, attention, decode_attention, mlp, all_logits, sampling)
+        return residual + max(norm, attention, decode_attention, mlp, logits, sampling)
 
     @classmethod
     def decode_graph_bytes(cls, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, max_batch: int,

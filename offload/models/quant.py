@@ -272,7 +272,7 @@ def scratch_bytes(shapes: dict[str, QuantizedShape], dtype: torch.dtype, max_tok
     """Peak bytes ``quantized_linear`` allocates beyond its output, for any of the projections
     ``shapes`` over at most ``max_tokens`` tokens (0 when nothing is quantized).
 
-    A chunk of rows in the model dtype (int4: twice that, as measured on an H200: each half
+    A chunk of rows in the model dtype (int4: twice that, as a GPU's graph pool was seen to hold: each half
     of the unpacked values passes through a uint8 and a cast temporary on its way into the
     strided chunk) and, when the weight takes more than one chunk, the chunk's product
     before it is copied into the output.

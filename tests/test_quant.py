@@ -47,8 +47,8 @@ def int8_scheme(chunk_rows=1 << 20):
     return QuantScheme("int8", None, chunk_rows)
 
 
-def int4_scheme(group, chunk_rows=1 << 20):
-    return QuantScheme("int4", group, chunk_rows)
+def int4_scheme(group, chunk_rows=1 << 20, rounding="minmax"):
+    return QuantScheme("int4", group, chunk_rows, rounding=rounding)
 
 
 def stored(w, scheme, dtype):
@@ -77,7 +77,7 @@ def test_int8_error_is_at_most_half_a_step_per_output_channel(dtype, cols):
     assert (error <= scale / 2 * (1 + 1e-6)).all()
     assert (scale <= w.double().abs().amax(dim=1) / 127 * (1 + 2 ** -7)).all()  # the step fits the row
     # dequantized in the model dtype: one rounding of the exact product
-    assert torch.equal(dequantize(q), exact.to(dtype))
+    assert torch.equal(dequantize(q, q.scale.dtype), exact.to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -100,7 +100,7 @@ def test_int4_error_is_at_most_half_a_step_per_group(dtype, cols, group):
     assert (scale <= (grouped.amax(-1) - grouped.amin(-1)) / 15 * (1 + 2 ** -7) + 1e-12).all()
     # dequantized in the model dtype: two roundings (q * scale, then + minimum) of numbers up to 15 steps wide
     ulp = {torch.float32: 2 ** -24, torch.bfloat16: 2 ** -8}[dtype]
-    got = dequantize(q).double().view(48, groups, group)
+    got = dequantize(q, q.scale.dtype).double().view(48, groups, group)
     assert ((got - exact).abs() <= 2 * ulp * (15 * scale + 2 * minimum.abs())[..., None]).all()
 
 
@@ -116,7 +116,7 @@ def test_constant_rows_and_groups_are_exact():
     w[1] = 0.5
     for scheme in (int8_scheme(), int4_scheme(32)):
         q, _ = stored(w, scheme, torch.float32)
-        assert torch.equal(dequantize(q), w)
+        assert torch.equal(dequantize(q, q.scale.dtype), w)
 
 
 @pytest.mark.parametrize("scheme", [int8_scheme(7), int4_scheme(32, 7)], ids=["int8", "int4"])
@@ -125,19 +125,22 @@ def test_linear_in_chunks_of_rows_equals_the_whole_dequantized_weight(scheme):
     bias = torch.randn(50)
     q, _ = stored(w, scheme, torch.float32)
     whole = QuantizedWeight(q.data, q.scale, q.minimum, QuantScheme(scheme.format, scheme.group_size, 1 << 20))
-    assert torch.equal(quantized_linear(x, whole, bias), F.linear(x, dequantize(q), bias))
+    assert torch.equal(quantized_linear(x, whole, bias), F.linear(x, dequantize(q, q.scale.dtype), bias))
     chunked = quantized_linear(x, q, bias)  # 8 chunks of 7 rows (the last one of 1)
     assert chunked.shape == (3, 5, 50)
-    torch.testing.assert_close(chunked, F.linear(x, dequantize(q), bias), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked, F.linear(x, dequantize(q, q.scale.dtype), bias), rtol=1e-6, atol=1e-6)
 
 
 def test_dequantize_scratch_counts_a_chunk_and_its_product():
     e = torch.bfloat16.itemsize
+    per_weight = 4 + e + 1  # the float32 values, the rounded chunk, half a chunk of uint8 (counted whole)
     whole = {"wqkv": (int8_scheme(1000), 384, 128)}
     shapes = {name: (scheme, rows, cols) for name, (scheme, rows, cols) in whole.items()}
-    assert scratch_bytes(shapes, torch.bfloat16, 64) == 384 * 128 * e  # one chunk: the product is the output
+    assert scratch_bytes(shapes, torch.bfloat16, 64) == 384 * 128 * per_weight  # one chunk: the product is the output
     chunked = {"w_down": (int4_scheme(32, 100), 300, 352)}
-    assert scratch_bytes(chunked, torch.bfloat16, 64) == 2 * 100 * 352 * e + 64 * 100 * e  # int4: two chunks
+    assert scratch_bytes(chunked, torch.bfloat16, 64) == 100 * 352 * per_weight + 64 * 100 * e  # and its product
+    fused = {"w_down": (QuantScheme("int4", 32, 100, kernel="fused"), 300, 352)}
+    assert scratch_bytes(fused, torch.bfloat16, 64) == 0  # the kernels keep their tiles in registers
 
 
 # ---------------------------------------------------------------------- group sizes

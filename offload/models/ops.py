@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, quant_kernels
 from .quant import QuantizedWeight, quantized_linear
 
 ACTIVATIONS = ("silu", "gelu_tanh")  # the gate's activation of a gated MLP: act(gate) * up
@@ -114,7 +114,9 @@ TORCH = Ops(linear, rms_norm, add_rms_norm, gated, rope_and_store, decode_attent
 
 
 def _linear(x, weight, bias=None):
-    if isinstance(weight, QuantizedWeight):
+    if isinstance(weight, QuantizedWeight):  # straight from the packed parts, or dequantized where not taken
+        if quant_kernels.takes(x, weight):
+            return quant_kernels.linear(x, weight, bias)
         return quantized_linear(x, weight, bias)
     if kernels.gemv_takes(x, weight):  # a decode step's one row: read the weight at HBM speed
         return kernels.gemv(x, weight, bias)

@@ -9,13 +9,18 @@ move without knowing what it holds. For a weight of ``rows`` output channels
 and ``cols`` input columns (this rank's shard), with groups of ``g`` columns:
 
     format  part     dtype        shape              holds
-    int8    data     int8         [rows, cols]       round(w / scale), in [-127, 127]
-            scale    model dtype  [rows]             max |w| of the row / 127
+    int8    data     int8         [rows, cols]       q = round(w / scale), in [-127, 127]
+            scale    scale dtype  [rows] or          max |w| of the row (or group) / 127
+                                  [rows, cols / g]
+            minimum  scale dtype  [rows, cols / g]   only some GGUF formats (Q5_K): w = q * scale + minimum
     int4    data     uint8        [rows, cols / 2]   q in [0, 15]: column 2j in the low 4 bits, 2j+1 in the high
-            scale    model dtype  [rows, cols / g]   (max - min) of the group / 15
-            minimum  model dtype  [rows, cols / g]   the group's smallest weight
+            scale    scale dtype  [rows, cols / g]   the group's step
+            minimum  scale dtype  [rows, cols / g]   the group's offset
 
-    int8: w ~ data * scale        int4: w ~ q * scale + minimum
+    int8: w ~ q * scale (+ minimum)        int4: w ~ q * scale + minimum
+
+offload's own int8 has one scale per output channel; grouped int8 and the scale
+dtype float16 come from GGUF files (``scale_dtype``; otherwise the model dtype).
 
 Every part has one row per output channel, so the parts of q, k and v (and of
 gate and up) are stored back to back and seen as one fused projection, as the
@@ -26,18 +31,20 @@ says otherwise. Where 128 does not divide a weight's input dimension (576 = 64 x
 that weight takes the largest smaller power of two that does; a group size
 the user gave must divide every input dimension. Under tensor parallelism the
 input dimension is the rank's shard (o and down are split along it), so a
-group never straddles two ranks.
+group never straddles two ranks. Each group's scale and minimum are chosen to
+minimise the group's squared error (``rounding="search"``: a search over its
+range, then least squares, as llama.cpp's k-quants do), or are its range
+(``rounding="minmax"``).
 
-Compute: ``quantized_linear`` dequantizes the weight's output rows in chunks
-into the model dtype and multiplies: at most ``chunk_rows`` rows exist in the
-model dtype at a time, and ``scratch_bytes`` is what the planner reserves for
-it. ``choose_kernel`` is the one place that picks how a quantized projection
-computes on a device (see there for adding a fused kernel).
+Compute (``quantized_linear``): on a GPU in 16 bits, the Triton kernels of
+``quant_kernels.py`` multiply straight from the parts; elsewhere the weight's
+output rows are dequantized in chunks of at most ``chunk_rows`` into the model
+dtype and multiplied, and ``scratch_bytes`` is what the planner reserves for it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -49,41 +56,37 @@ INT8, INT4 = "int8", "int4"
 FORMATS = (INT8, INT4)
 DEFAULT_GROUP_SIZE = 128
 DEQUANTIZE = "dequantize"  # the kernel: dequantize a chunk of rows, then a dense matrix product
+FUSED = "fused"  # the Triton kernels of quant_kernels.py: products straight from the parts
+ROUNDINGS = ("search", "minmax")
 DEQUANT_CHUNK_BYTES = 64 * 2**20  # rows dequantized at a time hold at most this many bytes (or one row)
 QUANTIZE_CHUNK_ELEMENTS = 1 << 22  # loading quantizes this many weights at a time on the compute device
-
-# The parts of each format: (name, dtype or None for the model dtype, shape from rows, cols, group size).
-PARTS = {
-    INT8: (
-        ("data", torch.int8, lambda rows, cols, group: (rows, cols)),
-        ("scale", None, lambda rows, cols, group: (rows,)),
-    ),
-    INT4: (
-        ("data", torch.uint8, lambda rows, cols, group: (rows, cols // 2)),
-        ("scale", None, lambda rows, cols, group: (rows, cols // group)),
-        ("minimum", None, lambda rows, cols, group: (rows, cols // group)),
-    ),
-}
-
 
 @dataclass(frozen=True)
 class QuantScheme:
     """How one weight (or fused projection) is stored and computed."""
 
     format: str  # "int8" or "int4"
-    group_size: int | None  # int4: input columns per scale and minimum; int8: None (one scale per row)
-    chunk_rows: int  # output rows dequantized at a time
+    group_size: int | None  # input columns per scale (and minimum); None: one scale per output row (int8)
+    chunk_rows: int  # output rows dequantized at a time (where the weight is dequantized to multiply)
     kernel: str = DEQUANTIZE
+    minimum: bool = False  # int8 with a minimum per group (int4 always has one)
+    scale_dtype: torch.dtype | None = None  # the scales' and minimums' dtype; None: the model dtype
+    rounding: str = "search"  # how offload's own int4 groups are rounded (see the module's notes)
+
+    @property
+    def has_minimum(self) -> bool:
+        return self.format == INT4 or self.minimum
 
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """What the user asked for: a format, and for int4 a group size (None: the default rule)."""
+    """What the user asked for: a format, for int4 a group size (None: the default rule) and a rounding."""
 
     format: str
     group_size: int | None = None
     kernel: str = DEQUANTIZE
     chunk_bytes: int = DEQUANT_CHUNK_BYTES
+    rounding: str = "search"
 
 
 class QuantizedShape(NamedTuple):
@@ -112,17 +115,19 @@ class QuantizedWeight:
         return self.data.shape[1] * (2 if self.scheme.format == INT4 else 1)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.scale.dtype
+    def groups(self) -> int:
+        return 1 if self.scale.dim() == 1 else self.scale.shape[1]
 
 
 # ----------------------------------------------------------------------------- choices
 
 
-def check_request(quantize, group_size) -> None:
-    """Refuse a format this module does not have, or a group size that cannot be used."""
+def check_request(quantize, group_size, rounding: str = "search") -> None:
+    """Refuse a format this module does not have, or a group size or rounding that cannot be used."""
     if quantize is not None and quantize not in FORMATS:
         raise InputError(f"unsupported quantize {quantize!r}; use int8 or int4 (or none)")
+    if rounding not in ROUNDINGS:
+        raise InputError(f"unsupported rounding {rounding!r}; use {' or '.join(ROUNDINGS)}")
     if group_size is None:
         return
     if quantize != INT4:
@@ -133,21 +138,10 @@ def check_request(quantize, group_size) -> None:
                          f"got {group_size!r}")
 
 
-def choose_kernel(format: str, device: torch.device) -> str:
-    """How quantized projections compute on ``device``: the one place to change that choice.
-
-    Today every device dequantizes a chunk of rows and multiplies (``DEQUANTIZE``): on a
-    GPU the step is bound by its links, and dequantizing a streamed layer overlaps the
-    copy of the next. A fused kernel goes in here after measuring: add it to
-    ``quantized_linear`` and ``scratch_bytes`` and return its name for the device. The
-    int8 parts are already what ``torch._weight_int8pack_mm`` takes (int8 ``[rows, cols]``
-    and one scale per row in the activations' dtype); its CPU kernel crashes on input
-    dimensions that are not a multiple of 8 (torch 2.13), so a guard belongs with it.
-    ``torch._weight_int4pack_mm`` needs its own packed layout, made on the device by
-    ``torch._convert_weight_to_int4pack``, and scales and zeros as ``[groups, rows, 2]``:
-    that would be a third format in ``PARTS``, packed at load time on the compute device.
-    """
-    return DEQUANTIZE
+def choose_kernel(fused: bool) -> str:
+    """How quantized projections compute: ``FUSED`` where the model runs offload's Triton kernels (``ops.choose``),
+    else ``DEQUANTIZE``. A scheme the kernels do not take (``quant_kernels.takes``) dequantizes all the same."""
+    return FUSED if fused else DEQUANTIZE
 
 
 def group_size_for(cols: int, full_cols: int, ranks: int, requested: int | None, name: str) -> int:
@@ -176,13 +170,31 @@ def scheme_for(fmt: WeightFormat, cols: int, full_cols: int, ranks: int, dtype: 
     """How a weight of ``cols`` input columns on this rank is stored in ``fmt``."""
     group = group_size_for(cols, full_cols, ranks, fmt.group_size, name) if fmt.format == INT4 else None
     chunk_rows = max(1, fmt.chunk_bytes // (cols * dtype.itemsize))
-    return QuantScheme(fmt.format, group, chunk_rows, fmt.kernel)
+    scheme = QuantScheme(fmt.format, group, chunk_rows, DEQUANTIZE, rounding=fmt.rounding)
+    if fmt.kernel == FUSED and fused_takes(scheme, cols):
+        scheme = replace(scheme, kernel=FUSED)
+    return scheme
+
+
+def fused_takes(scheme: QuantScheme, cols: int) -> bool:
+    """Whether the Triton kernels multiply from this scheme's parts: int8 per channel, or groups of a power
+    of two of at least 16 columns (a tile holds whole groups)."""
+    group = scheme.group_size
+    return group is None or (group >= 16 and group & (group - 1) == 0 and cols % group == 0)
 
 
 def part_shapes(scheme: QuantScheme, rows: int, cols: int, dtype: torch.dtype):
     """The parts of a ``[rows, cols]`` weight stored in ``scheme``: (part name, shape, dtype)."""
-    return [(part, shape(rows, cols, scheme.group_size), part_dtype or dtype)
-            for part, part_dtype, shape in PARTS[scheme.format]]
+    scales = (rows,) if scheme.group_size is None else (rows, cols // scheme.group_size)
+    scale_dtype = scheme.scale_dtype or dtype
+    if scheme.format == INT4:
+        parts = [("data", (rows, cols // 2), torch.uint8)]
+    else:
+        parts = [("data", (rows, cols), torch.int8)]
+    parts.append(("scale", scales, scale_dtype))
+    if scheme.has_minimum:
+        parts.append(("minimum", scales, scale_dtype))
+    return parts
 
 
 # ----------------------------------------------------------------------------- quantizing
@@ -194,16 +206,21 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> dict[s
     Scales are rounded to ``dtype`` before the integers are computed from them, so the
     stored parts reproduce ``w`` to half a step (and ``dtype``'s own rounding).
     """
-    w = w.float()
+    w, dtype = w.float(), scheme.scale_dtype or dtype
     if scheme.format == INT8:
-        return _quantize_int8(w, dtype)
+        return _quantize_int8(w, scheme.group_size, dtype)
+    if scheme.rounding == "search":
+        return _quantize_int4_searched(w, scheme.group_size, dtype)
     return _quantize_int4(w, scheme.group_size, dtype)
 
 
-def _quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    scale = (w.abs().amax(dim=1) / 127).to(dtype)
-    q = w / _nonzero(scale)[:, None]
-    return {"data": q.round_().clamp_(-127, 127).to(torch.int8), "scale": scale}
+def _quantize_int8(w: torch.Tensor, group: int | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    rows, cols = w.shape
+    grouped = w.view(rows, 1 if group is None else cols // group, -1)
+    scale = (grouped.abs().amax(dim=-1) / 127).to(dtype)
+    q = grouped / _nonzero(scale)[..., None]
+    return {"data": q.round_().clamp_(-127, 127).to(torch.int8).view(rows, cols),
+            "scale": scale.view(rows) if group is None else scale}
 
 
 def _quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -211,9 +228,69 @@ def _quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> dict[str,
     grouped = w.view(rows, cols // group, group)
     minimum = grouped.amin(dim=-1).to(dtype)
     scale = ((grouped.amax(dim=-1) - minimum.float()) / 15).to(dtype)
+    return _pack_int4(grouped, scale, minimum)
+
+
+def _pack_int4(grouped: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The parts of ``grouped`` ``[rows, groups, g]`` rounded to ``q * scale + minimum`` (scales already rounded)."""
+    rows = grouped.shape[0]
     q = (grouped - minimum.float()[..., None]).div_(_nonzero(scale)[..., None])
-    q = q.round_().clamp_(0, 15).to(torch.uint8).view(rows, cols)
+    q = q.round_().clamp_(0, 15).to(torch.uint8).view(rows, -1)
     return {"data": q[:, 0::2] | (q[:, 1::2] << 4), "scale": scale, "minimum": minimum}
+
+
+SEARCH_STEPS = 21  # candidate steps per group, from the range / 15 shrunk by up to SEARCH_SHRINK
+SEARCH_SHRINK = 0.25
+
+
+def _quantize_int4_searched(w: torch.Tensor, group: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """int4 groups whose scale and minimum minimise the group's squared error.
+
+    For each candidate step (the group's range / 15, shrunk by up to a quarter: outliers may
+    clip), the values are rounded from the group's minimum, then the scale and minimum that fit
+    those integers best are solved by least squares and the values rounded again; each group
+    keeps the candidate with the least error, and min/max rounding's when none beats it (as
+    llama.cpp's make_qkx quantizers do; HQQ searches the same way with a different fit).
+    """
+    rows, cols = w.shape
+    x = w.view(rows, cols // group, group)
+    low, high = x.amin(dim=-1), x.amax(dim=-1)
+    best = _pack_int4(x, ((high - low) / 15).to(dtype), low.to(dtype))
+    best_error = _int4_error(x, best)
+    for step in range(SEARCH_STEPS):  # the first: min/max rounding's integers, refitted
+        shrink = 1 - SEARCH_SHRINK * step / (SEARCH_STEPS - 1)
+        span = (high - low) * shrink
+        q = ((x - low[..., None]) / torch.where(span == 0, 1.0, span / 15)[..., None]).round_().clamp_(0, 15)
+        scale, minimum = _least_squares(x, q)
+        candidate = _pack_int4(x, scale.to(dtype), minimum.to(dtype))
+        error = _int4_error(x, candidate)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        for name in ("scale", "minimum"):
+            best[name] = torch.where(better, candidate[name], best[name])
+        best["data"] = torch.where(better.repeat_interleave(group // 2, dim=1), candidate["data"], best["data"])
+    return best
+
+
+def _least_squares(x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and minimum with ``q * scale + minimum`` closest to ``x`` (per group, over the last dimension)."""
+    n = x.shape[-1]
+    sq, sx = q.sum(-1), x.sum(-1)
+    sqq, sqx = (q * q).sum(-1), (q * x).sum(-1)
+    det = n * sqq - sq * sq
+    flat = det == 0  # every value rounded alike: the mean
+    scale = torch.where(flat, 0.0, (n * sqx - sq * sx) / torch.where(flat, 1.0, det))
+    minimum = torch.where(flat, sx / n, (sqq * sx - sq * sqx) / torch.where(flat, 1.0, det))
+    return scale.clamp_(min=0), minimum
+
+
+def _int4_error(x: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each group's squared error of the stored values against ``x`` ``[rows, groups, g]``."""
+    rows, groups, g = x.shape
+    data = parts["data"]
+    q = torch.stack([data & 15, data >> 4], dim=-1).view(rows, groups, g).float()
+    stored = q * parts["scale"].float()[..., None] + parts["minimum"].float()[..., None]
+    return (stored - x).pow_(2).sum(-1)
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
@@ -242,29 +319,32 @@ def quantize_into(piece: torch.Tensor, parts: dict[str, torch.Tensor], scheme: Q
 # ----------------------------------------------------------------------------- computing
 
 
-def dequantize(w: QuantizedWeight, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-    """Rows ``[lo, hi)`` of the weight, ``[hi - lo, cols]`` in the model dtype."""
+def dequantize(w: QuantizedWeight, dtype: torch.dtype, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of the weight, ``[hi - lo, cols]`` in ``dtype`` (rounded once from the float32 product)."""
     hi = w.rows if hi is None else hi
+    data, rows = w.data[lo:hi], hi - lo
     if w.scheme.format == INT8:
-        return w.data[lo:hi].to(w.dtype).mul_(w.scale[lo:hi, None])
-    data, group = w.data[lo:hi], w.scheme.group_size
-    out = torch.empty(hi - lo, data.shape[1], 2, dtype=w.dtype, device=data.device)
-    out[..., 0] = data & 15  # one uint8 temporary of half the chunk at a time
-    out[..., 1] = data >> 4
-    grouped = out.view(hi - lo, -1, group)
-    grouped.mul_(w.scale[lo:hi, :, None]).add_(w.minimum[lo:hi, :, None])
-    return out.view(hi - lo, -1)
+        q = data.float()
+    else:
+        q = torch.empty(rows, data.shape[1], 2, dtype=torch.float32, device=data.device)
+        q[..., 0] = data & 15  # one uint8 temporary of half the chunk at a time
+        q[..., 1] = data >> 4
+    grouped = q.view(rows, w.groups, -1)
+    grouped.mul_(w.scale[lo:hi].float().view(rows, w.groups, 1))
+    if w.minimum is not None:
+        grouped.add_(w.minimum[lo:hi].float().view(rows, w.groups, 1))
+    return grouped.view(rows, -1).to(dtype)
 
 
 def quantized_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for the weight ``W`` that ``w`` stores, dequantized ``chunk_rows`` rows at a time."""
     chunk = w.scheme.chunk_rows
     if chunk >= w.rows:
-        return F.linear(x, dequantize(w), bias)
+        return F.linear(x, dequantize(w, x.dtype), bias)
     out = x.new_empty(*x.shape[:-1], w.rows)
     for lo in range(0, w.rows, chunk):
         hi = min(lo + chunk, w.rows)
-        out[..., lo:hi] = F.linear(x, dequantize(w, lo, hi), None if bias is None else bias[lo:hi])
+        out[..., lo:hi] = F.linear(x, dequantize(w, x.dtype, lo, hi), None if bias is None else bias[lo:hi])
     return out
 
 
@@ -272,15 +352,16 @@ def scratch_bytes(shapes: dict[str, QuantizedShape], dtype: torch.dtype, max_tok
     """Peak bytes ``quantized_linear`` allocates beyond its output, for any of the projections
     ``shapes`` over at most ``max_tokens`` tokens (0 when nothing is quantized).
 
-    A chunk of rows in the model dtype (int4: twice that, as a GPU's graph pool was seen to hold: each half
-    of the unpacked values passes through a uint8 and a cast temporary on its way into the
-    strided chunk) and, when the weight takes more than one chunk, the chunk's product
-    before it is copied into the output.
+    A chunk of rows in float32 (where the values are scaled) and in the model dtype, a
+    uint8 temporary of half the chunk's integers, and, when the weight takes more than one
+    chunk, the chunk's product before it is copied into the output.
     """
     peak = 0
     for scheme, rows, cols in shapes.values():
+        if scheme.kernel == FUSED:
+            continue  # the kernels keep their tiles in registers
         chunk = min(rows, scheme.chunk_rows)
-        weight = chunk * cols * dtype.itemsize * (2 if scheme.format == INT4 else 1)
+        weight = chunk * cols * (4 + dtype.itemsize + 1)
         product = max_tokens * chunk * dtype.itemsize if chunk < rows else 0
         peak = max(peak, weight + product)
     return peak

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Products from compressed weights on a GPU: offload's int8/int4 kernels against bf16 and the HBM floor.
+
+    python benchmarks/bench_quant_kernels.py                     # llama-2-7b's products, 1, 16 and 2048 rows
+    python benchmarks/bench_quant_kernels.py --sweep             # and the kernels' other blockings
+
+For each product of a llama-2-7b layer, each format (bf16: offload's GEMV for one row,
+cuBLAS otherwise; int8 per channel; int4 in groups of 128 and of 32; int4 dequantized
+then multiplied by cuBLAS, the path before the kernels) and each number of rows:
+microseconds per product and, for a few rows, floor / time, where the floor is the
+product's weight bytes (compressed) over the device-copy bandwidth measured in the
+run; for 2048 rows, TFLOP/s. Each product cycles through copies of its weight (600 MB
+in all) inside one CUDA graph, so no weight is found in L2 and no launch gap is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench_gemv import ROTATE_BYTES, products, time_us  # noqa: E402
+from offload.memory.bandwidth import measure_device_copy  # noqa: E402
+from offload.models import kernels, quant_kernels  # noqa: E402
+from offload.models.quant import DEQUANTIZE, FUSED, QuantizedWeight, QuantScheme, quantize, quantized_linear  # noqa: E402
+
+FORMATS = {"bf16": None, "int8": ("int8", None), "int4-g128": ("int4", 128), "int4-g32": ("int4", 32)}
+
+
+def weights_of(fmt, n, k, device, copies):
+    dense = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
+    if FORMATS[fmt] is None:
+        return [dense] + [dense.clone() for _ in range(copies - 1)], n * k * 2
+    scheme = QuantScheme(*FORMATS[fmt], chunk_rows=1 << 30, kernel=FUSED, rounding="minmax")
+    parts = quantize(dense, scheme, torch.bfloat16)
+    nbytes = sum(p.numel() * p.element_size() for p in parts.values())
+    made = [QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), scheme)]
+    for _ in range(copies - 1):
+        made.append(QuantizedWeight(parts["data"].clone(), parts["scale"].clone(),
+                                    None if parts.get("minimum") is None else parts["minimum"].clone(), scheme))
+    return made, nbytes
+
+
+def product(fmt, x, w, blocking=None):
+    if FORMATS[fmt] is None:
+        return kernels.gemv(x, w) if x.shape[0] == 1 else F.linear(x, w)
+    return quant_kernels.linear(x, w, blocking=blocking)
+
+
+def dequantized(x, w):
+    return quantized_linear(x, QuantizedWeight(w.data, w.scale, w.minimum, QuantScheme(
+        w.scheme.format, w.scheme.group_size, w.rows, DEQUANTIZE)))
+
+
+SWEPT = ("int8", "int4-g128")  # the formats and products whose other blockings --sweep times
+SWEPT_PRODUCTS = ("gate_up", "down")
+
+
+def sweep_blockings(m):
+    if m <= quant_kernels.GEMV_ROWS:  # (BLOCK_N, BLOCK_K, warps)
+        return [(n, k, w) for n, k, w in itertools.product([1, 2, 4, 8, 16], [256, 512, 1024, 2048], [4, 8])
+                if n * k <= 16384 and n * k >= 1024]
+    if m <= 16:  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+        return list(itertools.product([16], [16, 32, 64], [64, 128, 256], [4], [2, 3, 4]))
+    return list(itertools.product([64, 128], [64, 128], [64, 128], [4, 8], [3]))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="llama-2-7b")
+    p.add_argument("--rows", default="1,16,2048")
+    p.add_argument("--sweep", action="store_true", help="also time other blockings of the kernels (the best three)")
+    args = p.parse_args()
+    if not torch.cuda.is_available() or kernels.triton is None:
+        print("bench_quant_kernels needs a GPU and Triton")
+        return 2
+    device = torch.device("cuda")
+    hbm = measure_device_copy(device, 1 << 30)
+    print(f"{torch.cuda.get_device_name()}, device copy {hbm / 1e9:.0f} GB/s")
+    totals: dict[tuple[str, int], list[float]] = {}
+    for name in args.shapes.split(","):
+        for what, n, k in products(name)[:4]:
+            for m in (int(r) for r in args.rows.split(",")):
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                line = [f"{name} {what:7s} {n:5d}x{k:5d} m={m:4d}:"]
+                for fmt in FORMATS:
+                    ws, nbytes = weights_of(fmt, n, k, device, max(2, -(-ROTATE_BYTES // (n * k * 2))))
+                    if FORMATS[fmt] is not None:  # checked against dequantize-then-multiply
+                        want = dequantized(x[:1], ws[0]).float()
+                        got = product(fmt, x[:1], ws[0]).float()
+                        assert (got - want).abs().max() <= 2e-2 * want.abs().max(), f"{fmt} disagrees"
+                    us = time_us(lambda w: product(fmt, x, w), ws)
+                    floor = nbytes / hbm * 1e6
+                    t = totals.setdefault((fmt, m), [0.0, 0.0])
+                    t[0], t[1] = t[0] + floor, t[1] + us
+                    shown = f"{2 * m * n * k / us / 1e6:6.0f} TF" if m > 64 else f"{floor / us:4.2f}"
+                    line.append(f"{fmt} {us:7.1f} ({shown})")
+                    if fmt == "int4-g128":
+                        dq = time_us(lambda w: dequantized(x, w), ws[:2])
+                        line.append(f"int4-dequant {dq:7.1f}")
+                    if args.sweep and fmt in SWEPT and what in SWEPT_PRODUCTS:
+                        times = {b: time_us(lambda w, b=b: product(fmt, x, w, b), ws[:4])
+                                 for b in sweep_blockings(m)}
+                        best = sorted(times, key=times.get)[:3]
+                        line.append("best " + " ".join(f"{b}:{times[b]:.1f}" for b in best))
+                    del ws
+                    torch.cuda.empty_cache()
+                print("  ".join(line), flush=True)
+    for (fmt, m), (floor, us) in totals.items():
+        print(f"{fmt:10s} m={m:5d}: {us:9.1f} us in all, floor/time {floor / us:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

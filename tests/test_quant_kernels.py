@@ -1,0 +1,92 @@
+"""The Triton kernels that multiply from compressed weights (``offload.models.quant_kernels``) against
+dequantize-then-multiply in float64.
+
+On a GPU they run natively; on a CPU under Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py
+when there is no GPU) when Triton is installed, in float16 (the interpreter rounds bfloat16 its own way).
+Skipped without Triton.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from offload.models import kernels, quant_kernels
+from offload.models.quant import FUSED, QuantizedWeight, QuantScheme, dequantize, fused_takes, quantize
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
+slow_on_the_interpreter = pytest.mark.slow if DEVICE == "cpu" else pytest.mark.gpu
+FORMATS = [("int4", 128, False), ("int4", 32, False), ("int4", 64, False), ("int8", None, False),
+           ("int8", 32, False), ("int8", 16, True)]
+
+
+def packed(fmt, group, rows, cols, dtype, seed, minimum=False, scale_dtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * 0.05
+    scheme = QuantScheme(fmt, group, 1 << 20, FUSED, rounding="minmax", scale_dtype=scale_dtype)
+    parts = {name: t.to(DEVICE) for name, t in quantize(w, scheme, dtype).items()}
+    if minimum:  # grouped int8 with a minimum (GGUF's Q5_K)
+        scheme = replace(scheme, minimum=True)
+        parts["minimum"] = (torch.randn(parts["scale"].shape, generator=gen) * 0.01).to(parts["scale"].dtype).to(DEVICE)
+    return QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), scheme)
+
+
+def assert_close_to_exact(got, x, w, bias):
+    exact = x.double() @ dequantize(w, torch.float64).double().T
+    exact = exact if bias is None else exact + bias.double()
+    scale = exact.abs().max()
+    assert got.shape == exact.shape and got.dtype == x.dtype
+    # float32 sums of weights rounded to 16 bits: a few roundings of the largest output at most
+    tolerance = 2 ** -6 if x.dtype == torch.bfloat16 else 2 ** -9
+    assert ((got.double() - exact).abs().max() <= tolerance * scale), (got.double() - exact).abs().max() / scale
+
+
+@slow_on_the_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt, group, minimum", FORMATS)
+@pytest.mark.parametrize("rows, cols", [(67, 384), (200, 576), (33, 1024)])
+@pytest.mark.parametrize("m", [1, 2, 5, 40])
+def test_the_product_equals_dequantize_then_multiply(dtype, fmt, group, minimum, rows, cols, m):
+    if group is not None and cols % group:
+        pytest.skip("the group does not divide the columns")
+    w = packed(fmt, group, rows, cols, dtype, seed=rows + cols + m, minimum=minimum)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, cols, generator=gen).to(dtype).to(DEVICE)
+    bias = torch.randn(rows, generator=gen).to(dtype).to(DEVICE)
+    for b in (None, bias):
+        assert_close_to_exact(quant_kernels.linear(x, w, b), x, w, b)
+
+
+@pytest.mark.parametrize("fmt, group, minimum", FORMATS)
+@pytest.mark.parametrize("m", [1, 5])
+def test_each_format_for_one_row_and_for_several(fmt, group, minimum, m):
+    test_the_product_equals_dequantize_then_multiply(DTYPES[0], fmt, group, minimum, 40, 256, m)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 256), (3, 2, 256)])
+def test_leading_dimensions_and_float16_scales_of_a_bfloat16_model(shape):
+    dtype = DTYPES[-1]
+    w = packed("int4", 32, 48, 256, dtype, seed=1, scale_dtype=torch.float16)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(DEVICE)
+    got = quant_kernels.linear(x, w)
+    assert got.shape == (*shape[:-1], 48)
+    assert_close_to_exact(got.reshape(-1, 48), x.reshape(-1, 256), w, None)
+
+
+def test_a_tensor_parallel_shard_of_the_columns():
+    """A row-parallel shard holds whole groups of its columns: its product is the full product's share."""
+    dtype = DTYPES[0]
+    whole = packed("int4", 32, 40, 512, dtype, seed=3)
+    half = QuantizedWeight(whole.data[:, 128:].contiguous(), whole.scale[:, 8:].contiguous(),
+                           whole.minimum[:, 8:].contiguous(), whole.scheme)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
+    assert_close_to_exact(quant_kernels.linear(x, half), x, half, None)
+
+
+def test_which_schemes_the_kernels_take():
+    assert fused_takes(QuantScheme("int8", None, 1), 100)
+    assert fused_takes(QuantScheme("int4", 64, 1), 576)
+    assert not fused_takes(QuantScheme("int4", 96, 1), 576)  # not a power of two: dequantized instead
+    assert not fused_takes(QuantScheme("int4", 8, 1), 64)  # smaller than a tile's groups

@@ -62,13 +62,19 @@ SWEPT = ("int8", "int4-g128")  # the formats and products whose other blockings 
 SWEPT_PRODUCTS = ("gate_up", "down")
 
 
-def sweep_blockings(m):
-    if m <= quant_kernels.GEMV_ROWS:  # (BLOCK_N, BLOCK_K, warps)
-        return [(n, k, w) for n, k, w in itertools.product([1, 2, 4, 8, 16], [256, 512, 1024, 2048], [4, 8])
-                if n * k <= 16384 and n * k >= 1024]
-    if m <= 16:  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-        return list(itertools.product([16], [16, 32, 64], [64, 128, 256], [4], [2, 3, 4]))
-    return list(itertools.product([64, 128], [64, 128], [64, 128], [4, 8], [3]))
+def sweep_blockings(m, w):
+    """Other blockings of the kernel that takes ``m`` rows of ``w``."""
+    group, per_channel = w.scheme.group_size or w.cols, w.scheme.group_size is None
+    if m <= quant_kernels.GEMV_ROWS:  # (BLOCK_N, BLOCK_K, SPLITS, warps)
+        out = []
+        for n, k, s, warps in itertools.product([1, 2, 4, 8], [1024, 2048], [1, 2], [2, 4]):
+            if (per_channel or k >= group) and 512 <= n * k <= 16384 and k * s <= w.cols:
+                out.append((n, k, s, warps))
+        return out
+    block_k = 64 if per_channel else group
+    if m <= 16:  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, warps, stages)
+        return [(16, n, block_k, s, 4, 3) for n, s in itertools.product([32, 64, 128], [1, 4]) if s * block_k <= w.cols]
+    return [(bm, 128, block_k, 1, warps, 3) for bm, warps in itertools.product([64, 128], [4, 8])]
 
 
 def main() -> int:
@@ -106,7 +112,7 @@ def main() -> int:
                         line.append(f"int4-dequant {dq:7.1f}")
                     if args.sweep and fmt in SWEPT and what in SWEPT_PRODUCTS:
                         times = {b: time_us(lambda w, b=b: product(fmt, x, w, b), ws[:4])
-                                 for b in sweep_blockings(m)}
+                                 for b in sweep_blockings(m, ws[0])}
                         best = sorted(times, key=times.get)[:3]
                         line.append("best " + " ".join(f"{b}:{times[b]:.1f}" for b in best))
                     del ws

@@ -14,7 +14,7 @@
 #   gemv           one-row products of four models' shapes: offload's GEMV kernel against cuBLAS and the floor
 #   quantk         products from int8/int4 parts (offload's kernels) against bf16 and the floor, 1, 16 and 2048 rows
 #   quantsweep     the same with the kernels' other blockings (the best three of each)
-#   quant7b        llama-2-7b resident decode in bf16, int8 and int4, batch 1 and 16 (GPU time per pass vs floor)
+#   quant7b        llama-2-7b resident decode in int8 and int4, batch 1 and 16 (GPU time per pass vs floor; bf16: resident7b)
 #   profile7b      llama-2-7b resident, compiled: generate's ms/step against the GPU's time per pass, the kernels
 #   profile13b     llama-2-13b resident, compiled, the same without the kernel table
 #   host13b        llama-2-13b at 8 GiB, host tier only, batch 1, graphs and eager (no accelerate)
@@ -56,7 +56,7 @@ run_stage() {
     tests) stage tests python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py tests/test_quant.py \
       tests/test_kernels.py
       stage tests_quant_kernels python3 -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py
-      stage tests_engine python3 -m pytest -q -p no:cacheprovider tests/test_engine.py ;;  # the row engine on CUDA
+      stage tests_engine python3 -m pytest -q -p no:cacheprovider tests/test_row_engine.py ;;  # the row engine on CUDA
     offload13b) stage offload13b python3 benchmarks/bench_offload.py --shape llama-2-13b --gpu-memory 8GiB \
       --quantize int8@8GiB,int4@4GiB --json "$OUT/offload13b.json" ;;
     resident7b) stage resident7b python3 benchmarks/bench_offload.py --shape llama-2-7b --runs resident --batch 1 \
@@ -64,7 +64,7 @@ run_stage() {
     gemv) stage gemv python3 benchmarks/bench_gemv.py ;;
     quantk) stage quantk python3 benchmarks/bench_quant_kernels.py ;;
     quantsweep) stage quantsweep python3 benchmarks/bench_quant_kernels.py --rows 1,16,2048 --sweep ;;
-    quant7b) stage quant7b bash -c 'for q in "" "--quantize int8" "--quantize int4"; do for b in 1 16; do
+    quant7b) stage quant7b bash -c 'for q in "--quantize int8" "--quantize int4"; do for b in 1 16; do
       python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 --batch $b $q; done; done' ;;
     profile7b) stage profile7b python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 32,128 --compile \
       --kernels ;;

@@ -60,9 +60,9 @@ def test_the_product_equals_dequantize_then_multiply(dtype, fmt, group, minimum,
 
 
 @pytest.mark.parametrize("fmt, group, minimum", FORMATS)
-@pytest.mark.parametrize("m", [1, 5])
-def test_each_format_for_one_row_and_for_several(fmt, group, minimum, m):
-    test_the_product_equals_dequantize_then_multiply(DTYPES[0], fmt, group, minimum, 40, 256, m)
+@pytest.mark.parametrize("m, cols", [(1, 256), (5, 256), (1, 3072)])  # 3072 columns: three stretches summed
+def test_each_format_for_one_row_and_for_several(fmt, group, minimum, m, cols):
+    test_the_product_equals_dequantize_then_multiply(DTYPES[0], fmt, group, minimum, 40, cols, m)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 256), (3, 2, 256)])

@@ -1,24 +1,31 @@
 """Triton kernels that multiply straight from compressed weights: int4 and int8, per channel or in groups.
 
-A compressed projection is its parts (``quant.py``): integers, scales and, for int4
-(and some GGUF formats), minimums. These kernels read the parts where they lie (a
+A compressed projection is its parts (``quant.py``): integers ``[rows, cols]`` (int4:
+two per byte, column 2j in the low nibble), scales and, for int4 (and some GGUF
+formats), minimums ``[rows, groups]``. These kernels read the parts where they lie (a
 resident block or a slot) and never write a dequantized copy: each program turns the
 tile it is about to use into numbers in registers. So a compressed layer costs its
 compressed bytes of HBM traffic, resident or streamed.
 
 * **A few rows** (decode, ``GEMV_ROWS`` or fewer): ``_gemv_kernel``. A program owns
-  ``BLOCK_N`` output features of one row of ``x`` and walks their input columns.
-  Per group it computes ``scale * sum(q * x) + minimum * sum(x)``: the weights are
-  never formed, one multiply-add per weight. int8 per channel scales once at the end.
+  ``BLOCK_N`` output features of one row of ``x`` and a stretch of their input columns
+  (``SPLITS`` stretches per row, summed in a fixed order by ``_sum_splits_kernel``, so
+  that enough programs keep enough bytes in flight while the result stays the same
+  bits every time: no atomics). Its tiles are ``[BLOCK_N, groups, group]``, made by
+  pointer arithmetic (no reshapes); per group it computes
+  ``scale * sum(q * x) + minimum * sum(x)``, so the weights themselves are never
+  formed: per weight, an unpack, an integer-to-float conversion done as a float
+  subtraction (the integer written into the mantissa of 2^23) and a multiply-add.
 * **More rows** (prefill chunks, batched decode): ``_matmul_kernel``, tiles of
-  ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]``; each weight tile is dequantized in
-  float32, rounded once to the activations' dtype (as ``quant.dequantize`` rounds)
-  and multiplied on the tensor cores.
+  ``[BLOCK_M, group] x [group, BLOCK_N]`` (or 64 columns for int8 per channel), each
+  weight tile dequantized in float32, rounded once to the activations' dtype (as
+  ``quant.dequantize`` rounds) and multiplied on the tensor cores; int4's even and odd
+  columns are two products against the even and odd columns of ``x``.
 
 Every blocking is fixed by the shapes alone (no timing), so two models compute the same
 bits. Which projections use them is decided when the model is laid out
 (``quant.scheme_for``: ``kernel == FUSED`` for int8 per channel and groups of a power
-of two), on models whose ops are offload's kernels (``ops.choose``).
+of two of at least 16), on models whose ops are offload's kernels (``ops.choose``).
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from .quant import FUSED, INT4, QuantizedWeight
 if triton is not None:
     import triton.language as tl
 
-GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel, one program per row and block of features
+GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
+TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
 
 
 def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
@@ -46,130 +54,183 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     rows = x.reshape(-1, k)
     m = rows.shape[0]
     out = x.new_empty(m, n)
-    group = k if w.scheme.group_size is None else w.scheme.group_size
+    group = w.scheme.group_size or k
+    common = dict(INT4=w.scheme.format == INT4, PER_CHANNEL=w.scheme.group_size is None,
+                  HAS_MIN=w.minimum is not None)
     minimum = w.minimum if w.minimum is not None else w.scale
-    common = dict(GROUP=group, INT4=w.scheme.format == INT4, PER_CHANNEL=w.scheme.group_size is None,
-                  HAS_MIN=w.minimum is not None, HAS_BIAS=bias is not None)
-    bias = bias if bias is not None else out
     if m <= GEMV_ROWS:
-        block_n, block_k, warps = blocking or gemv_blocking(w, group)
-        _gemv_kernel[(triton.cdiv(n, block_n), m)](
-            rows, w.data, w.scale, minimum, bias, out, n, k, rows.stride(0), w.data.stride(0), w.groups,
+        block_n, block_k, splits, warps = blocking or gemv_blocking(n, k, group, w.scheme.group_size is None)
+        partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        _gemv_kernel[(triton.cdiv(n, block_n), splits, m)](
+            rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial,
+            n, k, rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * block_k) * block_k,
+            GROUP=block_k if w.scheme.group_size is None else group, HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **common)
     else:
-        block_m, block_n, block_k, warps, stages = blocking or matmul_blocking(m, w, group)
-        _matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-            rows, w.data, w.scale, minimum, bias, out, m, n, k, rows.stride(0), w.data.stride(0), w.groups,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
+        block_m, block_n, block_k, splits, warps, stages = blocking or matmul_blocking(
+            m, n, k, group, w.scheme.group_size is None)
+        partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        _matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
+            rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial, m, n, k,
+            rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * block_k) * block_k,
+            HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
+    if splits > 1:
+        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, bias if bias is not None else out, out, m * n, n,
+                                                        SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024)
     return out.view(*x.shape[:-1], n)
 
 
-def gemv_blocking(w: QuantizedWeight, group: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps) of the GEMV: 16-byte loads per thread, whole groups per tile."""
-    block_k = 512 if w.scheme.format == INT4 else 256
-    if w.scheme.group_size is not None:
-        block_k = max(block_k, group)
-    return 4, block_k, 4
+def gemv_blocking(n: int, k: int, group: int, per_channel: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLITS, warps) of the GEMV: tiles of 4 features by 1024 columns (whole groups), and as
+    many stretches of the columns as bring the programs to about ``TARGET_PROGRAMS``."""
+    block_n, block_k = 4, 1024 if per_channel else max(1024, group)
+    stretches = max(1, -(-k // block_k))
+    splits = min(stretches, max(1, TARGET_PROGRAMS // -(-n // block_n)))
+    return block_n, block_k, splits, 4
 
 
-def matmul_blocking(m: int, w: QuantizedWeight, group: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) by the number of rows: narrow tiles and many programs for
-    a few rows (the weights' bytes bound the time), square ones for many (the tensor cores do)."""
+def matmul_blocking(m: int, n: int, k: int, group: int, per_channel: bool) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, warps, stages) by the number of rows: narrow tiles, and stretches of
+    the columns summed afterwards, for a few rows (the weights' bytes bound the time: many programs keep many
+    in flight), square tiles for many (the tensor cores bound it). A column step is one group (its scale is
+    one per feature), or 64 columns per channel."""
+    block_k = 64 if per_channel else group
     if m <= 16:
-        block_m, block_n, block_k, warps, stages = 16, 32, 128, 4, 3
+        block_m, block_n, warps = 16, 64, 4
     elif m <= 64:
-        block_m, block_n, block_k, warps, stages = 64, 64, 64, 4, 3
+        block_m, block_n, warps = 64, 64, 4
     else:
-        block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 3
-    if w.scheme.group_size is not None:
-        block_k = max(block_k, group)
-    return block_m, block_n, block_k, warps, stages
+        block_m, block_n, warps = 128, 128, 8
+    tiles = -(-m // block_m) * -(-n // block_n)
+    splits = 1 if m > 64 else min(-(-k // block_k), max(1, TARGET_PROGRAMS // 2 // tiles))
+    return block_m, block_n, block_k, splits, warps, 3
 
 
 if triton is not None:
 
     @triton.jit
-    def _weight_tile(data_ptr, rows, n_ok, k0, K, s_data, INT4: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-        """The integers of rows ``rows`` and columns ``[k0, k0 + BLOCK_K)``, in float32, ``[BLOCK_N, BLOCK_K]``
-        (int4: the two nibbles of each byte side by side, the low one first)."""
-        if INT4:
-            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            inside = n_ok[:, None] & (j[None, :] < K // 2)
-            b = tl.load(data_ptr + rows[:, None].to(tl.int64) * s_data + j[None, :], mask=inside, other=0,
-                        eviction_policy="evict_first")
-            q = tl.join((b & 15).to(tl.float32), (b >> 4).to(tl.float32))
-            return tl.reshape(q, [BLOCK_N, BLOCK_K])
-        k = k0 + tl.arange(0, BLOCK_K)
-        inside = n_ok[:, None] & (k[None, :] < K)
-        q = tl.load(data_ptr + rows[:, None].to(tl.int64) * s_data + k[None, :], mask=inside, other=0,
-                    eviction_policy="evict_first")
-        return q.to(tl.float32)
+    def _to_float(q):
+        """Non-negative integers below 2^23 as float32, without a conversion instruction (they run at a
+        quarter of the FMA rate): the integer OR-ed into the mantissa of 2^23, minus 2^23."""
+        return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _group_params(scale_ptr, min_ptr, rows, n_ok, k0, GROUPS, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-        """The scales (and minimums) of the tile's groups, ``[BLOCK_N, BLOCK_K // GROUP]`` in float32."""
-        g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-        inside = n_ok[:, None] & (g[None, :] < GROUPS)
-        at = rows[:, None].to(tl.int64) * GROUPS + g[None, :]
-        scale = tl.load(scale_ptr + at, mask=inside, other=0.0).to(tl.float32)
-        minimum = tl.load(min_ptr + at, mask=inside, other=0.0).to(tl.float32) if HAS_MIN else scale * 0.0
-        return scale, minimum
+    def _int8_to_float(q):
+        """int8 as float32 the same way: ``q + 128`` in the mantissa of 2^23, minus 2^23 + 128."""
+        return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
     @triton.jit
-    def _gemv_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, N, K, s_x, s_data, GROUPS,
+    def _gemv_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, N, K, s_x, s_data, GROUPS, SPAN,
                      GROUP: tl.constexpr, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Features ``[pid_n * BLOCK_N, +BLOCK_N)`` of row ``pid_m`` of x."""
+                     HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Features ``[pid0 * BLOCK_N, +BLOCK_N)``, columns ``[pid1 * SPAN, +SPAN)`` of row ``pid2`` of x: the
+        output itself (FINAL), or this stretch's float32 partial sums ``out[pid1, pid2, features]``."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rows < N
-        x_row = x_ptr + tl.program_id(1).to(tl.int64) * s_x
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + k, mask=k < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            qx = _weight_tile(data_ptr, rows, n_ok, k0, K, s_data, INT4, BLOCK_N, BLOCK_K) * x[None, :]
+        x_row = x_ptr + tl.program_id(2).to(tl.int64) * s_x
+        NG: tl.constexpr = BLOCK_K // GROUP  # groups per tile (per channel: "groups" of GROUP columns)
+        g = tl.arange(0, NG)
+        r3 = rows[:, None, None].to(tl.int64)
+        n3 = n_ok[:, None, None]
+        acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
+        start = tl.program_id(1) * SPAN
+        for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
+            cols = k0 + g[:, None] * GROUP  # the first column of each group of the tile, [NG, 1]
+            if INT4:
+                j = tl.arange(0, GROUP // 2)[None, :]  # bytes of a group: columns 2j, 2j + 1
+                inside = (cols + 2 * j) < K
+                b = tl.load(data_ptr + r3 * s_data + ((cols // 2 + j)[None, :, :]),
+                            mask=n3 & inside[None, :, :], other=0, eviction_policy="evict_first")
+                xe = tl.load(x_row + cols + 2 * j, mask=inside, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                xo = tl.load(x_row + cols + 2 * j + 1, mask=inside, other=0.0,
+                             eviction_policy="evict_last").to(tl.float32)
+                qx = _to_float(b & 15) * xe[None, :, :] + _to_float(b >> 4) * xo[None, :, :]
+                xsum = tl.sum(xe + xo, axis=1)
+            else:
+                j = tl.arange(0, GROUP)[None, :]
+                inside = (cols + j) < K
+                q = tl.load(data_ptr + r3 * s_data + ((cols + j)[None, :, :]), mask=n3 & inside[None, :, :], other=0,
+                            eviction_policy="evict_first")
+                xv = tl.load(x_row + cols + j, mask=inside, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                qx = _int8_to_float(q) * xv[None, :, :]
+                xsum = tl.sum(xv, axis=1)
+            qx = tl.sum(qx, axis=2)  # [BLOCK_N, NG]: each group's sum of q * x
             if PER_CHANNEL:
-                acc += tl.sum(qx, axis=1)
-            else:  # per group: scale * sum(q x) + minimum * sum(x)
-                scale, minimum = _group_params(scale_ptr, min_ptr, rows, n_ok, k0, GROUPS, GROUP, HAS_MIN, BLOCK_K)
-                qx = tl.sum(tl.reshape(qx, [BLOCK_N, BLOCK_K // GROUP, GROUP]), axis=2)
-                part = scale * qx
+                acc += qx
+            else:
+                at = rows[:, None].to(tl.int64) * GROUPS + (k0 // GROUP + g)[None, :]
+                g_ok = n_ok[:, None] & ((k0 + g * GROUP) < K)[None, :]
+                acc += qx * tl.load(scale_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
                 if HAS_MIN:
-                    part += minimum * tl.sum(tl.reshape(x, [BLOCK_K // GROUP, GROUP]), axis=1)[None, :]
-                acc += tl.sum(part, axis=1)
+                    acc += xsum[None, :] * tl.load(min_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
+        total = tl.sum(acc, axis=1)
         if PER_CHANNEL:
-            acc *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
-        out = out_ptr + tl.program_id(1).to(tl.int64) * N + rows
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+            total *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
+        if FINAL:
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
+            out = out_ptr + tl.program_id(2).to(tl.int64) * N + rows
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            row = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+            tl.store(out_ptr + row.to(tl.int64) * N + rows, total, mask=n_ok)
 
     @triton.jit
-    def _matmul_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, M, N, K, s_x, s_data, GROUPS,
-                       GROUP: tl.constexpr, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Tile ``[pid_m * BLOCK_M, +BLOCK_M) x [pid_n * BLOCK_N, +BLOCK_N)`` of the output."""
+    def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, TOTAL, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        """``out = sum over the splits of partial (+ bias)``, the splits added in order."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < TOTAL
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(SPLITS):
+            total += tl.load(partial_ptr + s * TOTAL + i, mask=ok, other=0.0)
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + i % N, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _matmul_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, M, N, K, s_x, s_data, GROUPS, SPAN,
+                       INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       FINAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Tile ``[pid0 * BLOCK_M, +BLOCK_M) x [pid1 * BLOCK_N, +BLOCK_N)`` over columns ``[pid2 * SPAN, +SPAN)``:
+        the output (FINAL) or this stretch's float32 partial sums ``out[pid2]``; a column step of ``BLOCK_K``
+        columns is one group (one scale per feature)."""
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = m < M, rows < N
+        x_rows = x_ptr + m[:, None].to(tl.int64) * s_x
+        w_rows = data_ptr + rows[None, :].to(tl.int64) * s_data
+        dtype = x_ptr.dtype.element_ty
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + m[:, None].to(tl.int64) * s_x + k[None, :], mask=m_ok[:, None] & (k[None, :] < K),
-                        other=0.0)
-            w = _weight_tile(data_ptr, rows, n_ok, k0, K, s_data, INT4, BLOCK_N, BLOCK_K)
-            if not PER_CHANNEL:  # dequantized in float32, rounded once
-                scale, minimum = _group_params(scale_ptr, min_ptr, rows, n_ok, k0, GROUPS, GROUP, HAS_MIN, BLOCK_K)
-                w = tl.reshape(w, [BLOCK_N, BLOCK_K // GROUP, GROUP]) * scale[:, :, None]
-                if HAS_MIN:
-                    w += minimum[:, :, None]
-                w = tl.reshape(w, [BLOCK_N, BLOCK_K])
-            acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+        start = tl.program_id(2) * SPAN
+        for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
+            if not PER_CHANNEL:
+                at = rows.to(tl.int64) * GROUPS + k0 // BLOCK_K
+                scale = tl.load(scale_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                minimum = tl.load(min_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :] if HAS_MIN else 0.0
+            if INT4:
+                j = tl.arange(0, BLOCK_K // 2)
+                inside = (k0 + 2 * j) < K
+                b = tl.load(w_rows + (k0 // 2 + j)[:, None], mask=inside[:, None] & n_ok[None, :], other=0)
+                lo, hi = _to_float(b & 15), _to_float(b >> 4)  # [BLOCK_K / 2, BLOCK_N]: columns 2j, 2j + 1
+                if not PER_CHANNEL:
+                    lo, hi = lo * scale + minimum, hi * scale + minimum
+                xe = tl.load(x_rows + (k0 + 2 * j)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
+                xo = tl.load(x_rows + (k0 + 2 * j + 1)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
+                acc = tl.dot(xe, lo.to(dtype), acc)
+                acc = tl.dot(xo, hi.to(dtype), acc)
+            else:
+                kk = k0 + tl.arange(0, BLOCK_K)
+                inside = kk < K
+                w = _int8_to_float(tl.load(w_rows + kk[:, None], mask=inside[:, None] & n_ok[None, :], other=0))
+                if not PER_CHANNEL:
+                    w = w * scale + minimum
+                xv = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
+                acc = tl.dot(xv, w.to(dtype), acc)
         if PER_CHANNEL:  # int8's integers are exact in 16 bits: the scale applies to the sums
             acc *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + m[:, None].to(tl.int64) * N + rows[None, :]
+        out = out_ptr + (tl.program_id(2) * M + m[:, None]).to(tl.int64) * N + rows[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

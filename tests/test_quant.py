@@ -56,8 +56,10 @@ def stored(w, scheme, dtype):
     return QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), scheme), parts
 
 
-def unpack_int4(data: torch.Tensor) -> torch.Tensor:
-    return torch.stack([data & 15, data >> 4], dim=-1).view(data.shape[0], -1)
+def unpack_int4(data: torch.Tensor, group: int) -> torch.Tensor:
+    """The integers ``[rows, cols]``: byte j of a group holds its column j (low nibble) and j + group/2 (high)."""
+    halves = data.view(data.shape[0], -1, group // 2)
+    return torch.cat([halves & 15, halves >> 4], dim=-1).view(data.shape[0], -1)
 
 
 # ---------------------------------------------------------------------- the formats
@@ -89,7 +91,7 @@ def test_int4_error_is_at_most_half_a_step_per_group(dtype, cols, group):
     assert parts["data"].dtype == torch.uint8 and parts["data"].shape == (48, cols // 2)
     assert parts["scale"].shape == parts["minimum"].shape == (48, groups)
     assert parts["scale"].dtype == parts["minimum"].dtype == dtype
-    values = unpack_int4(parts["data"]).double().view(48, groups, group)
+    values = unpack_int4(parts["data"], group).double().view(48, groups, group)
     scale, minimum = parts["scale"].double(), parts["minimum"].double()
     exact = values * scale[..., None] + minimum[..., None]
     grouped = w.double().view(48, groups, group)
@@ -104,10 +106,10 @@ def test_int4_error_is_at_most_half_a_step_per_group(dtype, cols, group):
     assert ((got - exact).abs() <= 2 * ulp * (15 * scale + 2 * minimum.abs())[..., None]).all()
 
 
-def test_int4_packs_two_values_per_byte_low_nibble_first():
+def test_int4_packs_two_values_per_byte_a_groups_halves_in_the_two_nibbles():
     w = torch.tensor([[0.0, 15.0, 1.0, 2.0]])  # one group of 4: minimum 0, scale 1
     _, parts = stored(w, int4_scheme(4), torch.float32)
-    assert parts["data"].tolist() == [[0xF0, 0x21]]
+    assert parts["data"].tolist() == [[0x10, 0x2F]]  # byte 0: columns 0 and 2; byte 1: columns 1 and 3
     assert parts["scale"].tolist() == [[1.0]] and parts["minimum"].tolist() == [[0.0]]
 
 

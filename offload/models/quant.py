@@ -13,7 +13,8 @@ and ``cols`` input columns (this rank's shard), with groups of ``g`` columns:
             scale    scale dtype  [rows] or          max |w| of the row (or group) / 127
                                   [rows, cols / g]
             minimum  scale dtype  [rows, cols / g]   only some GGUF formats (Q5_K): w = q * scale + minimum
-    int4    data     uint8        [rows, cols / 2]   q in [0, 15]: column 2j in the low 4 bits, 2j+1 in the high
+    int4    data     uint8        [rows, cols / 2]   q in [0, 15]; byte j of a group: column j of the group in
+                                                     the low 4 bits, column j + g/2 in the high 4 bits
             scale    scale dtype  [rows, cols / g]   the group's step
             minimum  scale dtype  [rows, cols / g]   the group's offset
 
@@ -21,6 +22,10 @@ and ``cols`` input columns (this rank's shard), with groups of ``g`` columns:
 
 offload's own int8 has one scale per output channel; grouped int8 and the scale
 dtype float16 come from GGUF files (``scale_dtype``; otherwise the model dtype).
+
+int4's nibble order within a group (GGUF's Q4_0 and Q4_1 order for g = 32) lets a kernel
+multiply the low nibbles of a group's bytes by one contiguous half of ``x`` and the high
+nibbles by the other.
 
 Every part has one row per output channel, so the parts of q, k and v (and of
 gate and up) are stored back to back and seen as one fused projection, as the
@@ -233,10 +238,23 @@ def _quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> dict[str,
 
 def _pack_int4(grouped: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> dict[str, torch.Tensor]:
     """The parts of ``grouped`` ``[rows, groups, g]`` rounded to ``q * scale + minimum`` (scales already rounded)."""
-    rows = grouped.shape[0]
+    rows, half = grouped.shape[0], grouped.shape[2] // 2
     q = (grouped - minimum.float()[..., None]).div_(_nonzero(scale)[..., None])
-    q = q.round_().clamp_(0, 15).to(torch.uint8).view(rows, -1)
-    return {"data": q[:, 0::2] | (q[:, 1::2] << 4), "scale": scale, "minimum": minimum}
+    q = q.round_().clamp_(0, 15).to(torch.uint8)
+    return {"data": pack_int4(q), "scale": scale, "minimum": minimum}
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """``q [rows, groups, g]`` (uint8 in [0, 15]) as bytes ``[rows, groups * g / 2]``: byte j of a group holds its
+    column j in the low nibble and column j + g/2 in the high one."""
+    half = q.shape[2] // 2
+    return (q[..., :half] | (q[..., half:] << 4)).view(q.shape[0], -1)
+
+
+def unpack_int4(data: torch.Tensor, group: int) -> torch.Tensor:
+    """The integers of ``data [rows, cols / 2]`` as ``[rows, cols / g, g]`` uint8 (``pack_int4`` undone)."""
+    grouped = data.view(data.shape[0], -1, group // 2)
+    return torch.cat([grouped & 15, grouped >> 4], dim=-1)
 
 
 SEARCH_STEPS = 21  # candidate steps per group, from the range / 15 shrunk by up to SEARCH_SHRINK
@@ -286,9 +304,7 @@ def _least_squares(x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _int4_error(x: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """Each group's squared error of the stored values against ``x`` ``[rows, groups, g]``."""
-    rows, groups, g = x.shape
-    data = parts["data"]
-    q = torch.stack([data & 15, data >> 4], dim=-1).view(rows, groups, g).float()
+    q = unpack_int4(parts["data"], x.shape[2]).float()
     stored = q * parts["scale"].float()[..., None] + parts["minimum"].float()[..., None]
     return (stored - x).pow_(2).sum(-1)
 
@@ -324,12 +340,9 @@ def dequantize(w: QuantizedWeight, dtype: torch.dtype, lo: int = 0, hi: int | No
     hi = w.rows if hi is None else hi
     data, rows = w.data[lo:hi], hi - lo
     if w.scheme.format == INT8:
-        q = data.float()
+        grouped = data.float().view(rows, w.groups, -1)
     else:
-        q = torch.empty(rows, data.shape[1], 2, dtype=torch.float32, device=data.device)
-        q[..., 0] = data & 15  # one uint8 temporary of half the chunk at a time
-        q[..., 1] = data >> 4
-    grouped = q.view(rows, w.groups, -1)
+        grouped = unpack_int4(data, w.scheme.group_size).float()
     grouped.mul_(w.scale[lo:hi].float().view(rows, w.groups, 1))
     if w.minimum is not None:
         grouped.add_(w.minimum[lo:hi].float().view(rows, w.groups, 1))
@@ -352,8 +365,8 @@ def scratch_bytes(shapes: dict[str, QuantizedShape], dtype: torch.dtype, max_tok
     """Peak bytes ``quantized_linear`` allocates beyond its output, for any of the projections
     ``shapes`` over at most ``max_tokens`` tokens (0 when nothing is quantized).
 
-    A chunk of rows in float32 (where the values are scaled) and in the model dtype, a
-    uint8 temporary of half the chunk's integers, and, when the weight takes more than one
+    A chunk of rows in float32 (where the values are scaled) and in the model dtype, the
+    chunk's integers unpacked to uint8, and, when the weight takes more than one
     chunk, the chunk's product before it is copied into the output.
     """
     peak = 0

@@ -1,7 +1,7 @@
 """Triton kernels that multiply straight from compressed weights: int4 and int8, per channel or in groups.
 
 A compressed projection is its parts (``quant.py``): integers ``[rows, cols]`` (int4:
-two per byte, column 2j in the low nibble), scales and, for int4 (and some GGUF
+two per byte, a group's two halves in the two nibbles), scales and, for int4 (and some GGUF
 formats), minimums ``[rows, groups]``. These kernels read the parts where they lie (a
 resident block or a slot) and never write a dequantized copy: each program turns the
 tile it is about to use into numbers in registers. So a compressed layer costs its
@@ -82,9 +82,9 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
 
 
 def gemv_blocking(n: int, k: int, group: int, per_channel: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLITS, warps) of the GEMV: tiles of 4 features by 1024 columns (whole groups), and as
+    """(BLOCK_N, BLOCK_K, SPLITS, warps) of the GEMV: tiles of 8 features by 1024 columns (whole groups), and as
     many stretches of the columns as bring the programs to about ``TARGET_PROGRAMS``."""
-    block_n, block_k = 4, 1024 if per_channel else max(1024, group)
+    block_n, block_k = 8, 1024 if per_channel else max(1024, group)
     stretches = max(1, -(-k // block_k))
     splits = min(stretches, max(1, TARGET_PROGRAMS // -(-n // block_n)))
     return block_n, block_k, splits, 4
@@ -101,7 +101,7 @@ def matmul_blocking(m: int, n: int, k: int, group: int, per_channel: bool) -> tu
     elif m <= 64:
         block_m, block_n, warps = 64, 64, 4
     else:
-        block_m, block_n, warps = 128, 128, 8
+        block_m, block_n, warps = 128, 128, 4
     tiles = -(-m // block_m) * -(-n // block_n)
     splits = 1 if m > 64 else min(-(-k // block_k), max(1, TARGET_PROGRAMS // 2 // tiles))
     return block_m, block_n, block_k, splits, warps, 3
@@ -138,15 +138,15 @@ if triton is not None:
         for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
             cols = k0 + g[:, None] * GROUP  # the first column of each group of the tile, [NG, 1]
             if INT4:
-                j = tl.arange(0, GROUP // 2)[None, :]  # bytes of a group: columns 2j, 2j + 1
-                inside = (cols + 2 * j) < K
+                j = tl.arange(0, GROUP // 2)[None, :]  # byte j of a group: its columns j and j + GROUP / 2
+                inside = (cols + j) < K
                 b = tl.load(data_ptr + r3 * s_data + ((cols // 2 + j)[None, :, :]),
-                            mask=n3 & inside[None, :, :], other=0, eviction_policy="evict_first")
-                xe = tl.load(x_row + cols + 2 * j, mask=inside, other=0.0, eviction_policy="evict_last").to(tl.float32)
-                xo = tl.load(x_row + cols + 2 * j + 1, mask=inside, other=0.0,
+                            mask=n3 & inside[None, :, :], other=0, eviction_policy="evict_first").to(tl.int32)
+                xl = tl.load(x_row + cols + j, mask=inside, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                xh = tl.load(x_row + cols + GROUP // 2 + j, mask=inside, other=0.0,
                              eviction_policy="evict_last").to(tl.float32)
-                qx = _to_float(b & 15) * xe[None, :, :] + _to_float(b >> 4) * xo[None, :, :]
-                xsum = tl.sum(xe + xo, axis=1)
+                qx = _to_float(b & 15) * xl[None, :, :] + _to_float(b >> 4) * xh[None, :, :]
+                xsum = tl.sum(xl + xh, axis=1)
             else:
                 j = tl.arange(0, GROUP)[None, :]
                 inside = (cols + j) < K
@@ -211,15 +211,16 @@ if triton is not None:
                 minimum = tl.load(min_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :] if HAS_MIN else 0.0
             if INT4:
                 j = tl.arange(0, BLOCK_K // 2)
-                inside = (k0 + 2 * j) < K
-                b = tl.load(w_rows + (k0 // 2 + j)[:, None], mask=inside[:, None] & n_ok[None, :], other=0)
-                lo, hi = _to_float(b & 15), _to_float(b >> 4)  # [BLOCK_K / 2, BLOCK_N]: columns 2j, 2j + 1
+                inside = (k0 + j) < K
+                b = tl.load(w_rows + (k0 // 2 + j)[:, None], mask=inside[:, None] & n_ok[None, :], other=0).to(tl.int32)
+                lo, hi = _to_float(b & 15), _to_float(b >> 4)  # [BLOCK_K / 2, BLOCK_N]: the group's two halves
                 if not PER_CHANNEL:
                     lo, hi = lo * scale + minimum, hi * scale + minimum
-                xe = tl.load(x_rows + (k0 + 2 * j)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
-                xo = tl.load(x_rows + (k0 + 2 * j + 1)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
-                acc = tl.dot(xe, lo.to(dtype), acc)
-                acc = tl.dot(xo, hi.to(dtype), acc)
+                xl = tl.load(x_rows + (k0 + j)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
+                xh = tl.load(x_rows + (k0 + BLOCK_K // 2 + j)[None, :], mask=m_ok[:, None] & inside[None, :],
+                             other=0.0)
+                acc = tl.dot(xl, lo.to(dtype), acc)
+                acc = tl.dot(xh, hi.to(dtype), acc)
             else:
                 kk = k0 + tl.arange(0, BLOCK_K)
                 inside = kk < K

@@ -21,11 +21,12 @@ from .distributed import TensorParallel, init_tensor_parallel
 from .errors import BudgetError, InputError, PlanError
 from .memory.bandwidth import link_bandwidths, peer_is_direct
 from .memory.budget import Budget, format_size
+from .memory.experts import ExpertNeeds
 from .memory.planner import MemoryNeeds, Plan, make_plan
 from .memory.pool import WeightPool
 from .models.checkpoint import CheckpointSource
 from .models.config import ModelConfig, config_from_dict, load_config
-from .models.blocks import (BlockLayout, BlockSpec, TensorSpec, checkpoint_sources, embedding_layout, global_layout,
+from .models.blocks import (EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, TensorSpec, checkpoint_sources, embedding_layout, global_layout,
                             local_shape)
 from .models import ops
 from .models.decoder import Decoder, KVCache
@@ -102,13 +103,17 @@ def _chunk_size(family: type[Decoder], config: ModelConfig, tp: TensorParallel, 
                 options: LoadOptions, blocks: list[BlockSpec]) -> int:
     """The default ``max_step_tokens``: the largest chunk, of ``DEFAULT_STEP_TOKENS`` halved down to
     ``MIN_STEP_TOKENS`` (and at most a whole batch of prompts), whose temporaries take no more memory than
-    the largest block, so that a chunk never costs more than one resident layer. Prefill runs faster in
+    the largest layer (its block and its routed experts), so that a chunk never costs more than one resident
+    layer. Prefill runs faster in
     larger chunks (each streamed layer is brought in once per pass whatever its size, and the products
     get wider); decode runs on the resident layers."""
     most = options.max_batch * options.max_seq_len
     sizes = [min(most, DEFAULT_STEP_TOKENS >> k) for k in range(DEFAULT_STEP_TOKENS.bit_length())
              if DEFAULT_STEP_TOKENS >> k >= MIN_STEP_TOKENS]
-    block = max(b.nbytes for b in blocks)
+    per_layer: dict[int, int] = {}
+    for b in blocks:  # a layer's block and its routed experts
+        per_layer[b.layer] = per_layer.get(b.layer, 0) + b.nbytes
+    block = max(per_layer.values())
     for size in sizes:
         logits = size if options.all_logits else options.max_batch
         temporaries = family.activation_bytes(config, tp, dtype, options.max_batch, options.max_seq_len, size,
@@ -125,11 +130,14 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
     _, kv_heads = local_heads(config, tp)
     batch, seq, step_tokens = options.max_batch, options.max_seq_len, options.max_step_tokens
     quantized = quantized_shapes(blocks)
+    every_pass = [block for block in blocks if block.fetch == EVERY_PASS]
+    routed = [block for block in blocks if block.fetch == ON_DEMAND]
     graphs = 0
-    if uses_cuda_graphs(options, device):  # a captured graph's allocations live in its pool: a dequantize scratch too
+    if uses_cuda_graphs(options, device, family):  # a graph's allocations live in its pool: a dequantize scratch too
         graphs = family.decode_graph_bytes(config, tp, dtype, batch, seq) + scratch_bytes(quantized, dtype, batch)
     return MemoryNeeds(
-        blocks=tuple(block.nbytes for block in blocks),
+        blocks=tuple(block.nbytes for block in every_pass),
+        experts=_expert_needs(config, routed),
         global_bytes=globals_.nbytes,
         embedding_bytes=embedding.nbytes if embedding else 0,
         kv_bytes=KVCache.nbytes(config.n_layers, batch, kv_heads, seq, config.head_dim, dtype),
@@ -148,9 +156,20 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
     )
 
 
-def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
-    """Decode steps are captured in CUDA graphs on a GPU unless turned off."""
-    return options.cuda_graphs and device.type == "cuda"
+def _expert_needs(config: ModelConfig, routed: list[BlockSpec]) -> ExpertNeeds | None:
+    """The routed experts of a mixture-of-experts model (None for a dense one)."""
+    if not routed:
+        return None
+    per_layer = [0] * config.n_layers
+    for block in routed:
+        per_layer[block.layer] += 1
+    return ExpertNeeds(max(block.nbytes for block in routed), tuple(per_layer), config.top_k)
+
+
+def uses_cuda_graphs(options: LoadOptions, device: torch.device, family: type[Decoder]) -> bool:
+    """Decode steps are captured in CUDA graphs on a GPU unless turned off (or the family's layers need the
+    host between kernels: a mixture of experts' routing)."""
+    return options.cuda_graphs and device.type == "cuda" and family.decode_graphs
 
 
 def quantized_shapes(blocks: list[BlockSpec]) -> dict:
@@ -194,16 +213,16 @@ def load_weights(setup: Setup, source, progress: bool) -> WeightPool:
     source.validate(checkpoint_sources(setup.config, setup.tp, setup.dtype))
     embedding_bytes = setup.embedding_layout.nbytes if setup.embedding_layout else 0
     pool = WeightPool(setup.plan, setup.globals_layout.nbytes, embedding_bytes, setup.device)
-    jobs = [(pool.globals, setup.globals_layout, None)]
-    jobs += [(buffer, spec.layout, spec.layer) for buffer, spec in zip(pool.blocks, setup.blocks)]
+    jobs = [(pool.globals, setup.globals_layout, setup.globals_layout.sources())]
+    jobs += [(buffer, spec.layout, spec.sources()) for buffer, spec in zip(pool.blocks, setup.blocks)]
     if setup.embedding_layout is not None:
-        jobs.append((pool.embedding, setup.embedding_layout, None))
+        jobs.append((pool.embedding, setup.embedding_layout, setup.embedding_layout.sources()))
     total = sum(layout.nbytes for _, layout, _ in jobs)
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
                   file=sys.stderr) as bar:
-            for buffer, layout, layer in jobs:
-                for name, specs in _by_tensor(layout.sources(layer)):
+            for buffer, layout, sources in jobs:
+                for name, specs in _by_tensor(sources):
                     views = {spec.part: _view(buffer, spec) for spec in specs}
                     if specs[0].quant is None:
                         source.read(specs[0], name, views[""])

@@ -26,6 +26,7 @@ from .models.decoder import KVCache
 from .models.parallel import local_heads, vocab_rows
 from .sampling import Sampling
 from .scheduler.graphs import DecodeGraphs
+from .scheduler.experts import ExpertStore
 from .scheduler.row_engine import Request, RowEngine
 from .scheduler.stream import CopyStream, WeightStream
 
@@ -68,20 +69,26 @@ class OffloadedModel:
         self.config, self.options, self.tp, self.device, self.dtype = s.config, s.options, s.tp, s.device, s.dtype
         self.plan, self.plans = s.plan, s.plans
         self.pool = pool
-        copies = {tier: CopyStream(s.device, "cpu" if tier == HOST or s.device.type == "cpu" else tier)
-                  for tier in s.plan.streamed_tiers}
-        self.weights = WeightStream(s.blocks, pool.blocks, s.plan.placement, pool.slots, copies)
+        link = lambda tier: CopyStream(s.device, "cpu" if tier == HOST or s.device.type == "cpu" else tier)  # noqa: E731
+        layers = len(s.plan.placement)  # the every-pass blocks, one per layer; then the routed experts
+        self.weights = WeightStream(s.blocks[:layers], pool.blocks[:layers], s.plan.placement, pool.slots,
+                                    {tier: link(tier) for tier in s.plan.streamed_tiers if tier in s.plan.slots})
+        self.experts = None
+        if s.plan.experts is not None:  # copies of their own per link: an expert never waits for the ring's
+            self.experts = ExpertStore(s.blocks[layers:], pool.blocks[layers:], s.plan.experts.placement,
+                                       pool.expert_slots, {tier: link(tier) for tier in s.plan.streamed_tiers})
         views = s.globals_layout.views(pool.globals)
         if s.embedding_layout is not None:
             views.update(s.embedding_layout.views(pool.embedding))
         weights = GlobalWeights(views["embed"], views["final_norm"], views.get("lm_head", views["embed"]))
         self.decoder = s.family(s.config, weights, s.tp, ops.choose(s.device, s.dtype), s.device, s.dtype,
-                                self.max_seq_len + 1, vocab_start=vocab_rows(s.config, s.tp)[0])  # + the sink
+                                self.max_seq_len + 1, vocab_start=vocab_rows(s.config, s.tp)[0],  # + the sink
+                                experts=self.experts)
         _, kv_heads = local_heads(s.config, s.tp)
         self.cache = KVCache(s.config.n_layers, self.max_batch, kv_heads, self.max_seq_len, s.config.head_dim,
                              s.dtype, s.device)
         self.graphs = (DecodeGraphs(self.decoder, self.weights, self.cache, s.device, compile=s.options.compile)
-                       if uses_cuda_graphs(s.options, s.device) else None)
+                       if uses_cuda_graphs(s.options, s.device, s.family) else None)
 
     @property
     def max_batch(self) -> int:
@@ -184,14 +191,21 @@ class OffloadedModel:
             chunk = DecodeChunk(padded, kv_len, self.decoder.ropes, self.decoder.windows, tokens=tokens)
             return self.decoder.forward([chunk], self.weights, self.cache, rows)[:n]
         except BaseException:
-            self.weights.reset()  # the ring expects the next block of an unfinished pass
+            self._reset()
             raise
+
+    def _reset(self) -> None:
+        """After a pass failed half way: the rings expect the next block of an unfinished pass, and the expert
+        cache's copies may not have landed."""
+        self.weights.reset()
+        if self.experts is not None:
+            self.experts.reset()
 
     def _forward(self, chunks: list, cache, rows: int, all_logits: bool = False) -> torch.Tensor:
         try:
             return self.decoder.forward(chunks, self.weights, cache, rows, all_logits=all_logits)
         except BaseException:
-            self.weights.reset()  # the ring expects the next block of an unfinished pass
+            self._reset()
             raise
 
     # ------------------------------------------------------------------ generation

@@ -27,6 +27,7 @@ from itertools import accumulate
 
 from ..errors import PlanError
 from .budget import Budget, format_size
+from .experts import ExpertNeeds, ExpertPlan, place_experts
 
 RESIDENT, HOST = "resident", "host"
 DEFAULT_SLOTS = 2  # per link, double buffering: one slot computes while the next is filled
@@ -50,6 +51,7 @@ class MemoryNeeds:
     graph_bytes: int = 0  # CUDA graphs of decode steps: their memory pool and static buffers
     flops_per_token: float = 0.0  # matrix-product work of one token through every layer
     flops_per_key: float = 0.0  # attention work of one token against one cached key, every layer
+    experts: ExpertNeeds | None = None  # a mixture-of-experts model's routed experts (blocks of their own)
     dequant_bytes: int = 0  # quantized layers: the rows a linear dequantizes at a time, and their product
     weight_format: str = ""  # quantized layers: the format and bytes per layer, for the plan; "" for the model dtype
 
@@ -61,8 +63,8 @@ class MemoryNeeds:
 
     @property
     def weight_bytes(self) -> int:
-        """Every block's bytes."""
-        return sum(self.blocks)
+        """Every block's bytes, the routed experts' too."""
+        return sum(self.blocks) + (self.experts.count * self.experts.nbytes if self.experts else 0)
 
     @property
     def largest_block(self) -> int:
@@ -77,7 +79,7 @@ class MemoryNeeds:
 
 @dataclass
 class Plan:
-    placement: list[str]  # one tier per block: "resident", "host" or a peer's device name
+    placement: list[str]  # one tier per every-pass block (one per layer): "resident", "host" or a peer's name
     slots: dict[str, int]  # per streaming link: buffers on the compute device its blocks are copied into (its ring)
     needs: MemoryNeeds
     budget: Budget
@@ -86,6 +88,7 @@ class Plan:
     title: str = ""
     embedding_on_host: bool = False  # a step's lookups copy only its tokens' rows to the GPU
     warnings: list[str] = field(default_factory=list)  # printed with the plan; the caller decides whether to warn
+    experts: ExpertPlan | None = None  # where a mixture-of-experts model's routed experts live
 
     # ---------------------------------------------------------------- derived figures
 
@@ -93,7 +96,14 @@ class Plan:
         return [i for i, t in enumerate(self.placement) if t == tier]
 
     def bytes_on(self, tier: str) -> int:
-        return sum(self.needs.blocks[i] for i in self.blocks_on(tier))
+        """Every block's bytes the tier holds (routed experts included)."""
+        experts = self.experts.bytes_on(tier) if self.experts else 0
+        return sum(self.needs.blocks[i] for i in self.blocks_on(tier)) + experts
+
+    @property
+    def block_tiers(self) -> list[str]:
+        """The tier of every block, in the order of the model's blocks (every-pass ones, then experts)."""
+        return self.placement + (self.experts.placement if self.experts else [])
 
     def slot_bytes(self, tier: str) -> int:
         """The size of each slot of ``tier``'s ring: its largest block."""
@@ -105,13 +115,14 @@ class Plan:
 
     @property
     def streamed_tiers(self) -> list[str]:
-        return [t for t in self.tiers[1:] if self.blocks_on(t)]
+        return [t for t in self.tiers[1:] if self.bytes_on(t)]
 
     @property
     def gpu_bytes(self) -> int:
         """Everything the plan puts on the compute device."""
         embedding = 0 if self.embedding_on_host else self.needs.embedding_bytes
-        return self.needs.fixed_bytes + embedding + self.bytes_on(RESIDENT) + self.slots_bytes
+        cache = self.experts.cache_bytes if self.experts else 0
+        return self.needs.fixed_bytes + embedding + self.bytes_on(RESIDENT) + self.slots_bytes + cache
 
     @property
     def slots_bytes(self) -> int:
@@ -131,10 +142,18 @@ class Plan:
         """All host memory the plan uses: the pinned layers and, when there, the embedding table."""
         return self.host_bytes + (self.needs.embedding_bytes if self.embedding_on_host else 0)
 
-    def link_seconds(self) -> dict[str, float]:
-        """Seconds per decode step that each link spends copying, and the HBM floor under "hbm"."""
-        out = {t: self.bytes_on(t) / self.bandwidth[t] for t in self.streamed_tiers}
-        out["hbm"] = self.needs.weight_bytes / self.bandwidth["hbm"]
+    def link_seconds(self, rows: int = 1) -> dict[str, float]:
+        """Seconds per decode step of ``rows`` rows that each link spends copying (the every-pass blocks it
+        streams, and the routed experts it is expected to fetch), and the HBM floor under "hbm" (every
+        block and the experts a step uses, read once)."""
+        missed = self.experts.missed_bytes(rows) if self.experts else {}
+        out = {t: (sum(self.needs.blocks[i] for i in self.blocks_on(t)) + missed.get(t, 0)) / self.bandwidth[t]
+               for t in self.streamed_tiers}
+        used = sum(self.needs.blocks)
+        if self.needs.experts:
+            e = self.needs.experts
+            used += sum(e.distinct(layer, rows) for layer in range(len(e.per_layer))) * e.nbytes
+        out["hbm"] = used / self.bandwidth["hbm"]
         return out
 
     @property
@@ -189,6 +208,8 @@ class Plan:
             + (f", decode graphs {format_size(n.graph_bytes)}" if n.graph_bytes else "")
             + (f", dequantize scratch {format_size(n.dequant_bytes)}" if n.dequant_bytes else "")
         )
+        if self.experts:
+            lines.append(self.experts.summary())
         if self.embedding_on_host:
             lines.append(f"  embedding table ({format_size(n.embedding_bytes)}) in host RAM: a step copies only "
                          "its tokens' rows")
@@ -228,8 +249,11 @@ def make_plan(
     gpu, where = budget.gpu_memory, f"{compute_device}{title}"
     plan = lambda placement, k, on_host=False: Plan(  # noqa: E731
         placement, k, needs, budget, bandwidth, compute_device, title, embedding_on_host=on_host)
+    experts = needs.experts
     if needs.fixed_bytes + embedding + needs.weight_bytes <= gpu:
         result = plan([RESIDENT] * n, {})
+        if experts:
+            result.experts = ExpertPlan(experts, [RESIDENT] * experts.count, 0, list(experts.per_layer))
         if offload_requested:
             result.warnings.append(f"the whole model fits in the budget of {compute_device}: nothing is offloaded")
         return result
@@ -245,6 +269,8 @@ def make_plan(
             f"{_fixed_parts(needs, on_gpu)} = {format_size(needs.fixed_bytes + on_gpu)}; raise --gpu-memory, "
             "or lower --max-batch / --max-seq-len"
         )
+    if experts:  # the expert cache's smallest size stays free for it; the every-pass blocks come first
+        gpu -= min(max(experts.per_layer), experts.top_k * needs.max_batch) * experts.nbytes
     k = min(slots or DEFAULT_SLOTS, n)
     kept_bytes = list(accumulate(sorted(needs.blocks, reverse=True)))  # the j + 1 largest blocks' bytes
     link_budget = Budget(gpu, host, budget.peer_memory)
@@ -272,6 +298,13 @@ def make_plan(
             break
         reserved = sum(ring_slots.values())
     result = plan(_interleave({RESIDENT: resident, **streamed}), ring_slots, on_host)
+    if experts:
+        room = {HOST: host - result.bytes_on(HOST), **{p: b - result.bytes_on(p) for p, b in budget.peer_memory.items()}}
+        placed = place_experts(experts, budget.gpu_memory - result.gpu_bytes, room, bandwidth, needs.max_batch)
+        if isinstance(placed, str):
+            raise PlanError(f"the routed experts do not fit{title}: {placed}; raise --gpu-memory / --cpu-memory or "
+                            "add --peer-memory")
+        result.experts = placed
     for peer in indirect_peers:
         if result.blocks_on(peer):
             result.warnings.append(
@@ -313,11 +346,13 @@ def _interleave(counts: dict[str, int]) -> list[str]:
 
 
 def _layers(needs: MemoryNeeds) -> str:
-    """``40 layers x 605 MiB = 23.6 GiB`` (or ``40 layers, 23.6 GiB in all`` when their sizes differ)."""
+    """``40 layers x 605 MiB = 23.6 GiB`` (or ``40 layers, 23.6 GiB in all`` when their sizes differ; with the
+    routed experts of a mixture of experts after a ``+``)."""
     n, total = len(needs.blocks), format_size(needs.weight_bytes)
-    if len(set(needs.blocks)) == 1:
-        return f"{n} layers x {format_size(needs.largest_block)} = {total}"
-    return f"{n} layers, {total} in all"
+    layers = f"{n} layers x {format_size(needs.largest_block)}" if len(set(needs.blocks)) == 1 else f"{n} layers"
+    if needs.experts:
+        layers += f" + {needs.experts.count} experts x {format_size(needs.experts.nbytes)}"
+    return f"{layers} = {total}" if " x " in layers else f"{layers}, {total} in all"
 
 
 def _fixed_parts(needs: MemoryNeeds, embedding: int = 0) -> str:

@@ -67,22 +67,24 @@ EVERY_PASS, ON_DEMAND = "every pass", "on demand"  # when a block crosses its li
 class BlockSpec:
     """One block of a model: its layout, the layer it belongs to and when it is fetched.
 
-    A family's blocks come in pass order: one ``EVERY_PASS`` block per decoder layer (the
-    layer's weights, needed by every forward pass) and, for mixture-of-experts models, the
-    routed experts' blocks, fetched ``ON_DEMAND`` when a token is routed to them.
+    A family's blocks come in this order: one ``EVERY_PASS`` block per decoder layer, in
+    layer order (the layer's weights, needed by every forward pass), then, for
+    mixture-of-experts models, the routed experts' blocks, fetched ``ON_DEMAND`` when a
+    token is routed to them.
     """
 
     name: str  # "layer 3", "layer 3 expert 17"
     layout: "BlockLayout"
     layer: int
     fetch: str = EVERY_PASS
+    expert: int | None = None  # a routed expert's index within its layer
 
     @property
     def nbytes(self) -> int:
         return self.layout.nbytes
 
     def sources(self) -> list[tuple["TensorSpec", str]]:
-        return self.layout.sources(self.layer)
+        return self.layout.sources(self.layer, self.expert)
 
 
 class Entry(NamedTuple):
@@ -157,9 +159,9 @@ class BlockLayout:
                                             tensors.pop(f"{name}.minimum", None), shape.scheme)
         return self.cls(**tensors) if self.cls else tensors
 
-    def sources(self, layer: int | None = None) -> list[tuple[TensorSpec, str]]:
-        """Each spec with its checkpoint tensor name (``layer`` filled in)."""
-        return [(s, s.source.format(i=layer)) for s in self.specs]
+    def sources(self, layer: int | None = None, expert: int | None = None) -> list[tuple[TensorSpec, str]]:
+        """Each spec with its checkpoint tensor name (``{i}``: the layer, ``{e}``: the expert)."""
+        return [(s, s.source.format(i=layer, e=expert)) for s in self.specs]
 
 
 def local_shape(full: tuple[int, ...], shard: Shard) -> tuple[int, ...]:

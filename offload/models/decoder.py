@@ -89,6 +89,7 @@ class Decoder:
     groups: ClassVar[dict[str, tuple[str, ...]]] = {}  # fused views: {"wqkv": ("wq", "wk", "wv")}
     linear: ClassVar[tuple[str, ...]] = ()  # the weights ``quantize`` compresses (not norms, not biases)
     qk_norm: ClassVar[bool] = False  # q and k are normalized per head before the rotary embedding
+    decode_graphs: ClassVar[bool] = True  # whether a decode step can be captured (no host decision inside)
 
     # ------------------------------------------------------------------ the family's checkpoints
 
@@ -193,8 +194,9 @@ class Decoder:
     # ------------------------------------------------------------------ computing
 
     def __init__(self, config: ModelConfig, weights: GlobalWeights, tp: TensorParallel, ops: Ops,
-                 device: torch.device, dtype: torch.dtype, max_positions: int, vocab_start: int = 0):
+                 device: torch.device, dtype: torch.dtype, max_positions: int, vocab_start: int = 0, experts=None):
         self.config, self.weights, self.tp, self.ops = config, weights, tp, ops
+        self.experts = experts  # a mixture of experts' routed experts (scheduler/experts.py's ExpertStore)
         self.vocab_start = vocab_start
         self.heads, self.kv_heads = local_heads(config, tp)
         self.ropes = [Rope(inv, max_positions, dtype, device) for inv in self.rope_inv_freqs(config)]

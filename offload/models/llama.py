@@ -60,12 +60,17 @@ class Llama(Decoder):
 
     @classmethod
     def layer_entries(cls, config: ModelConfig, tp: TensorParallel) -> list[Entry]:
+        p = "model.layers.{i}."
+        return (cls.attention_entries(config, tp)
+                + [Entry("post_norm", (config.hidden_size,), p + "post_attention_layernorm.weight", REPLICATED)]
+                + mlp_entries(config, tp, config.intermediate_size, p + "mlp."))
+
+    @classmethod
+    def attention_entries(cls, config: ModelConfig, tp: TensorParallel) -> list[Entry]:
+        """The input norm and the attention's weights (and biases, and q/k norms) of layer ``{i}``."""
         d, p = config.hidden_size, "model.layers.{i}."
         q, kv = q_shard(config, tp), kv_shard(config, tp)
-        inter = config.intermediate_size // tp.size
-        mlp_rows = Shard(0, tp.rank * inter, (tp.rank + 1) * inter) if tp.size > 1 else REPLICATED
-        mlp_cols = Shard(1, mlp_rows.start, mlp_rows.stop) if tp.size > 1 else REPLICATED
-        qd, kvd, i = config.q_dim, config.kv_dim, config.intermediate_size
+        qd, kvd = config.q_dim, config.kv_dim
         entries = [
             Entry("input_norm", (d,), p + "input_layernorm.weight", REPLICATED),
             Entry("wq", (qd, d), p + "self_attn.q_proj.weight", q),
@@ -85,13 +90,7 @@ class Llama(Decoder):
                 Entry("q_norm", (config.head_dim,), p + "self_attn.q_norm.weight", REPLICATED),
                 Entry("k_norm", (config.head_dim,), p + "self_attn.k_norm.weight", REPLICATED),
             ]
-        return entries + [
-            Entry("wo", (d, qd), p + "self_attn.o_proj.weight", q_shard(config, tp, dim=1)),
-            Entry("post_norm", (d,), p + "post_attention_layernorm.weight", REPLICATED),
-            Entry("w_gate", (i, d), p + "mlp.gate_proj.weight", mlp_rows),
-            Entry("w_up", (i, d), p + "mlp.up_proj.weight", mlp_rows),
-            Entry("w_down", (d, i), p + "mlp.down_proj.weight", mlp_cols),
-        ]
+        return entries + [Entry("wo", (d, qd), p + "self_attn.o_proj.weight", q_shard(config, tp, dim=1))]
 
     def layer(self, x: torch.Tensor, w: LlamaWeights, chunk, kv, i: int) -> torch.Tensor:
         eps, ops = self.config.rms_norm_eps, self.ops
@@ -99,6 +98,20 @@ class Llama(Decoder):
         h = self.row_parallel(self.attention(qkv, chunk, kv, i, w.q_norm, w.k_norm), w.wo, w.bo)
         x, h = ops.add_rms_norm(x, h, w.post_norm, eps)  # x + h, and its norm
         return x + self.row_parallel(ops.gated(ops.linear(h, w.w_gate_up), "silu"), w.w_down)
+
+
+def mlp_entries(config: ModelConfig, tp: TensorParallel, inter: int, prefix: str, names=("w_gate", "w_up", "w_down"),
+                sources=("gate_proj", "up_proj", "down_proj")) -> list[Entry]:
+    """A SiLU-gated MLP of ``inter`` features at checkpoint ``prefix``: gate and up split by rows over the
+    ranks, down by columns (the Megatron split)."""
+    d, per = config.hidden_size, inter // tp.size
+    rows = Shard(0, tp.rank * per, (tp.rank + 1) * per) if tp.size > 1 else REPLICATED
+    cols = Shard(1, rows.start, rows.stop) if tp.size > 1 else REPLICATED
+    return [
+        Entry(names[0], (inter, d), f"{prefix}{sources[0]}.weight", rows),
+        Entry(names[1], (inter, d), f"{prefix}{sources[1]}.weight", rows),
+        Entry(names[2], (d, inter), f"{prefix}{sources[2]}.weight", cols),
+    ]
 
 
 def sliding_windows(raw: dict, f, architecture: str, n_layers: int) -> tuple[int | None, ...]:

@@ -16,12 +16,17 @@ FAMILIES = {
     "Qwen2ForCausalLM": ("llama", "Llama"),
     "Qwen3ForCausalLM": ("qwen3", "Qwen3"),
     "Gemma3ForCausalLM": ("gemma3", "Gemma3"),
+    "MixtralForCausalLM": ("mixtral", "Mixtral"),
+    "Qwen2MoeForCausalLM": ("qwen_moe", "Qwen2Moe"),
+    "Qwen3MoeForCausalLM": ("qwen_moe", "Qwen3Moe"),
+    "OlmoeForCausalLM": ("olmoe", "Olmoe"),
 }
 
 # for config.json files that name a model_type but no architectures
 ARCHITECTURES_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
 }
 
 

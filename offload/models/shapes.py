@@ -71,6 +71,23 @@ SHAPES: dict[str, dict] = {
         **_llama(49152, 576, 1536, 30, 9, 3, 8192, theta=100000.0),
         "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
     },
+    "mixtral-8x7b": {
+        **_llama(32000, 4096, 14336, 32, 32, 8, 32768, theta=1000000.0),
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 8,
+        "num_experts_per_tok": 2, "sliding_window": None,
+    },
+    "qwen3-30b-a3b": {
+        **_qwen3(151936, 2048, 6144, 48, 32, 4),
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 128,
+        "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True, "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+    "qwen3-235b-a22b": {
+        **_qwen3(151936, 4096, 12288, 94, 64, 4),
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 128,
+        "num_experts_per_tok": 8, "moe_intermediate_size": 1536, "norm_topk_prob": True, "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
     "qwen3-8b": _qwen3(151936, 4096, 12288, 36, 32, 8),
     "qwen3-32b": _qwen3(151936, 5120, 25600, 64, 64, 8),
     "gemma-3-27b": _gemma3(262208, 5376, 21504, 62, 32, 16, 128, 168, 1024),

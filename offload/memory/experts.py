@@ -1,0 +1,127 @@
+"""Where a mixture-of-experts model's routed experts live: resident, in the device's expert cache, or streamed.
+
+A routed expert is a block needed only when a token is routed to it (``top_k`` of a
+layer's ``n`` experts per token). The planner first places the blocks every pass
+needs (attention, router, shared expert): per byte of GPU memory they save the most
+link time. Then the compute device holds a *cache* of expert slots (at least the
+experts one step of ``max_batch`` rows can route to in a layer, so a decode step
+fetches each of them once), and with what is left, *resident* experts, spread evenly
+over the layers. The other experts are spread over the host and the peers in
+proportion to their links' bandwidths.
+
+A step's expected link time counts the experts it is expected to miss: with uniform
+routing (random weights route near uniformly; a real model's routing is skewed, and
+its hit rate differs), ``rows`` tokens use ``n (1 - (1 - k/n)^rows)`` distinct experts
+of a layer, the non-resident ones among them are fetched unless still in the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .budget import format_size
+
+RESIDENT, HOST = "resident", "host"
+
+
+@dataclass(frozen=True)
+class ExpertNeeds:
+    """The routed experts of a model on one rank."""
+
+    nbytes: int  # one expert's block
+    per_layer: tuple[int, ...]  # experts of each layer (0: a dense layer)
+    top_k: int
+
+    @property
+    def count(self) -> int:
+        return sum(self.per_layer)
+
+    def distinct(self, layer: int, rows: int) -> float:
+        """Expected distinct experts ``rows`` tokens use in ``layer`` (uniform routing)."""
+        n = self.per_layer[layer]
+        return n * (1 - (1 - self.top_k / n) ** rows) if n else 0.0
+
+
+@dataclass
+class ExpertPlan:
+    needs: ExpertNeeds
+    placement: list[str]  # one tier per expert, layer by layer, expert by expert
+    cache_slots: int  # expert-sized buffers on the compute device
+    resident_per_layer: list[int] = field(default_factory=list)
+
+    def bytes_on(self, tier: str) -> int:
+        return self.placement.count(tier) * self.needs.nbytes
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache_slots * self.needs.nbytes
+
+    def missed_bytes(self, rows: int) -> dict[str, float]:
+        """Expected bytes fetched per step of ``rows`` tokens, per tier."""
+        streamed = {t: self.placement.count(t) for t in set(self.placement) if t != RESIDENT}
+        if not streamed:
+            return {}
+        layers = [layer for layer, n in enumerate(self.needs.per_layer) if n]
+        missing = sum(self.needs.per_layer[layer] - self.resident_per_layer[layer] for layer in layers)
+        hit = min(1.0, self.cache_slots / missing) if missing else 1.0  # the cache keeps the latest fetched
+        misses = sum(self.needs.distinct(layer, rows) * (1 - self.resident_per_layer[layer] / self.needs.per_layer[layer])
+                     for layer in layers) * (1 - hit)
+        total = sum(streamed.values())
+        return {t: misses * count / total * self.needs.nbytes for t, count in streamed.items()}
+
+    def summary(self, rows: int = 1) -> str:
+        n, layers = self.needs, [c for c in self.needs.per_layer if c]
+        resident = [r for r, c in zip(self.resident_per_layer, self.needs.per_layer) if c]
+        streamed = ", ".join(f"{t} {self.placement.count(t)}" for t in sorted(set(self.placement)) if t != RESIDENT)
+        missed = sum(self.missed_bytes(rows).values())
+        spread = f"{min(resident)}" if min(resident) == max(resident) else f"{min(resident)}-{max(resident)}"
+        return (f"  experts: {max(layers)} per layer in {len(layers)} layers, {format_size(n.nbytes)} each, "
+                f"{n.top_k} per token; resident {spread} per layer "
+                f"({self.placement.count(RESIDENT)} in all), cache {self.cache_slots} slot(s) "
+                f"{format_size(self.cache_bytes)}" + (f", streamed: {streamed}" if streamed else "")
+                + f"; expected misses per token {missed / n.nbytes:.1f} ({format_size(missed)}, uniform routing)")
+
+
+def place_experts(needs: ExpertNeeds, gpu_room: int, room: dict[str, int], bandwidth: dict[str, float],
+                  max_batch: int) -> ExpertPlan | str:
+    """Place every expert given the GPU bytes left after the every-pass blocks (``gpu_room``) and the bytes left on
+    each streaming tier (``room``); a string says what does not fit."""
+    size, total = needs.nbytes, needs.count
+    if total * size <= gpu_room:
+        return ExpertPlan(needs, [RESIDENT] * total, 0, list(needs.per_layer))
+    slots = min(max(needs.per_layer), needs.top_k * max_batch)  # a decode step's experts of one layer
+    if slots * size > gpu_room:
+        return (f"the expert cache needs {slots} slot(s) of {format_size(size)} "
+                f"(= {format_size(slots * size)}) and {format_size(max(gpu_room, 0))} is left")
+    resident = _spread((gpu_room - slots * size) // size, needs.per_layer)
+    streamed = {tier: 0 for tier in room}
+    capacity = {tier: b // size for tier, b in room.items()}
+    for _ in range(total - sum(resident)):  # fill the links so they finish together, the host first on ties
+        open_tiers = [t for t in streamed if streamed[t] < capacity[t]]
+        if not open_tiers:
+            left = total - sum(resident) - sum(streamed.values())
+            return f"{left} expert(s) of {format_size(size)} ({format_size(left * size)}) have nowhere to go"
+        best = min(open_tiers, key=lambda t: ((streamed[t] + 1) / bandwidth[t], t != HOST))
+        streamed[best] += 1
+    tiers = _interleave({t: c for t, c in streamed.items() if c})
+    placement = []
+    for layer, n in enumerate(needs.per_layer):
+        placement += [RESIDENT] * resident[layer] + [tiers.pop(0) for _ in range(n - resident[layer])]
+    return ExpertPlan(needs, placement, slots, resident)
+
+
+def _interleave(counts: dict[str, int]) -> list[str]:
+    """A sequence with ``counts[k]`` of each kind ``k``, every kind spread evenly over it."""
+    keyed = [((j + 0.5) / c, rank, kind) for rank, (kind, c) in enumerate(counts.items()) for j in range(c)]
+    return [kind for _, _, kind in sorted(keyed)]
+
+
+def _spread(count: int, per_layer: tuple[int, ...]) -> list[int]:
+    """``count`` resident experts dealt out to the layers in turn, each layer at most its own."""
+    resident = [0] * len(per_layer)
+    while count > 0 and any(r < n for r, n in zip(resident, per_layer)):
+        for layer, n in enumerate(per_layer):
+            if count and resident[layer] < n:
+                resident[layer] += 1
+                count -= 1
+    return resident

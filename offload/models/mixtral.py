@@ -1,0 +1,25 @@
+"""Mixtral (``MixtralForCausalLM``): Mistral's attention, eight experts a layer, two per token.
+
+The router's top two probabilities are renormalised and stay in float32 when they
+weigh the experts' outputs (as transformers computes them); ``intermediate_size`` is
+each expert's; the checkpoint names experts' projections w1 (gate), w3 (up), w2 (down).
+"""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+from .moe import MoEDecoder
+
+
+class Mixtral(MoEDecoder):
+    router_source = "block_sparse_moe.gate.weight"
+    expert_prefix = "block_sparse_moe.experts.{e}."
+    expert_sources = ("w1", "w3", "w2")
+    float32_routing = True
+
+    @classmethod
+    def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
+        n = f.count("num_hidden_layers")
+        return cls.read_moe(raw, f, architecture, experts_key="num_local_experts", norm_topk_prob=True,
+                            sparse_layers=(True,) * n,
+                            sliding_windows=(f.count("sliding_window", default=None),) * n)

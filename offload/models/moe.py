@@ -1,0 +1,256 @@
+"""Mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+
+Attention as in the Llama family; the MLP is a router that picks ``top_k`` of
+``n_experts`` SiLU-gated MLPs (*experts*) per token and sums their outputs weighted by
+the router's probabilities (Qwen2-MoE adds a shared expert behind a sigmoid gate).
+
+Each routed expert is a block of its own (``ON_DEMAND``): a token needs ``top_k`` of
+them, so a layer's every-pass block holds only the attention, the norms, the router
+and the shared expert, and the experts a pass routes to are fetched when the router
+has spoken (``offload/scheduler/experts.py``): resident ones are used where they
+are, the others are copied into a device cache of expert slots while the ones already
+there compute. A pass's chunks are all routed before any expert is fetched, so a
+layer-major prefill brings each expert in once. Each expert's contribution is added
+in expert order whatever order they arrived in, so where the experts live never
+changes the result.
+
+Under tensor parallelism every expert is split as the dense MLP is (gate and up by
+rows, down by columns) and the layer's experts are summed over the ranks with one
+all-reduce; every rank computes the same routing from the same hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..distributed import TensorParallel
+from ..errors import ConfigError
+from .blocks import EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, Entry, quantized_entries
+from .config import ModelConfig, common_fields, is_int
+from .llama import Llama, mlp_entries, sliding_windows
+from .parallel import REPLICATED
+from .quant import QuantizedWeight, WeightFormat
+
+
+@dataclass(frozen=True)
+class MoEConfig(ModelConfig):
+    n_experts: int = 0
+    top_k: int = 0
+    expert_intermediate: int = 0  # each routed expert's hidden features
+    shared_intermediate: int = 0  # Qwen2-MoE's shared expert (0: none)
+    norm_topk_prob: bool = True  # the top_k probabilities renormalised to sum to one
+    sparse_layers: tuple[bool, ...] = ()  # which layers route to experts (the others have a dense MLP)
+    clip_qkv: float | None = None  # OLMoE: q, k and v clamped to +-clip_qkv
+
+
+@dataclass(slots=True)
+class MoELayerWeights:
+    input_norm: torch.Tensor
+    wqkv: torch.Tensor | QuantizedWeight
+    wo: torch.Tensor | QuantizedWeight
+    post_norm: torch.Tensor
+    router: torch.Tensor | None = None  # [experts, hidden]; None in a dense layer
+    bqkv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    w_gate_up: torch.Tensor | QuantizedWeight | None = None  # a dense layer's MLP
+    w_down: torch.Tensor | QuantizedWeight | None = None
+    w_shared_gate_up: torch.Tensor | QuantizedWeight | None = None  # Qwen2-MoE's shared expert
+    w_shared_down: torch.Tensor | QuantizedWeight | None = None
+    shared_gate: torch.Tensor | None = None  # [1, hidden]
+
+
+@dataclass(slots=True)
+class ExpertWeights:
+    w_gate_up: torch.Tensor | QuantizedWeight  # [2 x expert features, hidden]
+    w_down: torch.Tensor | QuantizedWeight
+
+
+EXPERT_GROUPS = {"w_gate_up": ("w_gate", "w_up")}
+
+
+class MoEDecoder(Llama):
+    weights_class = MoELayerWeights
+    groups = {**Llama.groups, "w_shared_gate_up": ("w_shared_gate", "w_shared_up")}
+    linear = (*Llama.linear, "w_shared_gate", "w_shared_up", "w_shared_down")
+    expert_linear = ("w_gate", "w_up", "w_down")
+    router_source = "mlp.gate.weight"  # under model.layers.{i}.
+    expert_prefix = "mlp.experts.{e}."
+    expert_sources = ("gate_proj", "up_proj", "down_proj")
+    float32_routing = False  # Mixtral multiplies expert outputs by float32 probabilities
+    decode_graphs = False  # the host reads each layer's routing to fetch its experts: decode steps run eagerly
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @classmethod
+    def read_moe(cls, raw: dict, f, architecture: str, experts_key: str = "num_experts", **fields) -> MoEConfig:
+        """The config of an MoE family whose fields are Qwen's (the others pass what differs)."""
+        if f.text("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{f.source}: unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
+        common = common_fields(raw, f, architecture)
+        n = common["n_layers"]
+        experts = f.count(experts_key) if experts_key in raw else f.count("num_local_experts")
+        top_k = f.count("num_experts_per_tok")
+        if top_k > experts:
+            raise ConfigError(f"{f.source}: num_experts_per_tok {top_k} exceeds the {experts} experts")
+        step = f.count("decoder_sparse_step", default=1)
+        dense = raw.get("mlp_only_layers") or []
+        if not isinstance(dense, list) or not all(is_int(i) and 0 <= i < n for i in dense):
+            raise f.bad("mlp_only_layers", dense, f"a list of layer indices below {n}")
+        values = dict(
+            n_experts=experts, top_k=top_k,
+            expert_intermediate=f.count("moe_intermediate_size", default=None) or common["intermediate_size"],
+            norm_topk_prob=f.flag("norm_topk_prob", False),
+            sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(n)),
+            sliding_windows=sliding_windows(raw, f, architecture, n),
+        )
+        return MoEConfig(**common, **{**values, **fields})
+
+    @classmethod
+    def layer_entries(cls, config: MoEConfig, tp: TensorParallel, sparse: bool = True) -> list[Entry]:
+        p, d = "model.layers.{i}.", config.hidden_size
+        entries = cls.attention_entries(config, tp) + [
+            Entry("post_norm", (d,), p + "post_attention_layernorm.weight", REPLICATED)]
+        if not sparse:
+            return entries + mlp_entries(config, tp, config.intermediate_size, p + "mlp.")
+        entries.append(Entry("router", (config.n_experts, d), p + cls.router_source, REPLICATED))
+        if config.shared_intermediate:
+            entries += mlp_entries(config, tp, config.shared_intermediate, p + "mlp.shared_expert.",
+                                   names=("w_shared_gate", "w_shared_up", "w_shared_down"))
+            entries.append(Entry("shared_gate", (1, d), p + "mlp.shared_expert_gate.weight", REPLICATED))
+        return entries
+
+    @classmethod
+    def expert_layout(cls, config: MoEConfig, tp: TensorParallel, dtype: torch.dtype,
+                      fmt: WeightFormat | None) -> BlockLayout:
+        """One routed expert's block (``{e}`` in a source: the expert)."""
+        entries = mlp_entries(config, tp, config.expert_intermediate, "model.layers.{i}." + cls.expert_prefix,
+                              sources=cls.expert_sources)
+        if fmt is None:
+            return BlockLayout(entries, dtype, ExpertWeights, EXPERT_GROUPS)
+        entries, groups, quantized = quantized_entries(entries, EXPERT_GROUPS, cls.expert_linear, fmt, dtype, tp.size)
+        return BlockLayout(entries, dtype, ExpertWeights, groups, quantized)
+
+    @classmethod
+    def layer_layout(cls, config, tp, dtype, fmt=None, sparse: bool = True) -> BlockLayout:
+        entries = cls.layer_entries(config, tp, sparse)
+        if fmt is None:
+            return BlockLayout(entries, dtype, cls.weights_class, cls.groups)
+        entries, groups, quantized = quantized_entries(entries, cls.groups, cls.linear, fmt, dtype, tp.size)
+        return BlockLayout(entries, dtype, cls.weights_class, groups, quantized)
+
+    @classmethod
+    def blocks(cls, config: MoEConfig, tp: TensorParallel, dtype: torch.dtype,
+               fmt: WeightFormat | None = None) -> list[BlockSpec]:
+        """Every layer's block (attention, router, shared expert; or a dense MLP), then every routed expert."""
+        sparse, dense = cls.layer_layout(config, tp, dtype, fmt), cls.layer_layout(config, tp, dtype, fmt, False)
+        expert = cls.expert_layout(config, tp, dtype, fmt)
+        layers = [BlockSpec(f"layer {i}", sparse if config.sparse_layers[i] else dense, i, EVERY_PASS)
+                  for i in range(config.n_layers)]
+        experts = [BlockSpec(f"layer {i} expert {e}", expert, i, ON_DEMAND, e)
+                   for i in range(config.n_layers) if config.sparse_layers[i] for e in range(config.n_experts)]
+        return layers + experts
+
+    @classmethod
+    def flops_per_token(cls, config: MoEConfig, tp: TensorParallel) -> int:
+        """Attention, and the top_k experts (and the shared expert, or a dense MLP) each token runs through."""
+        d = config.hidden_size
+        attention = Llama.flops_per_token(config, tp) - 2 * config.n_layers * 3 * d * config.intermediate_size // tp.size
+        sparse = sum(config.sparse_layers)
+        mlp = sparse * (config.top_k * config.expert_intermediate + config.shared_intermediate)
+        mlp += (config.n_layers - sparse) * config.intermediate_size
+        return attention + 2 * 3 * d * mlp // tp.size
+
+    @classmethod
+    def activation_bytes(cls, config: MoEConfig, tp, dtype, max_batch, max_seq_len, max_step_tokens,
+                         logit_positions) -> int:
+        """The dense layers' temporaries, or a chunk's routed rows (``top_k`` per token) through one expert at a
+        time, each expert's output kept until the layer's are summed in order."""
+        dense = super().activation_bytes(config, tp, dtype, max_batch, max_seq_len, max_step_tokens, logit_positions)
+        t, d, e = max_step_tokens, config.hidden_size, dtype.itemsize
+        routed = t * config.top_k * d * (e + 4) + t * (3 * config.expert_intermediate // tp.size) * e
+        return dense + routed + t * config.n_experts * 4 * 2  # and the router's float32 probabilities
+
+    # ------------------------------------------------------------------ computing
+
+    def run_segment(self, segment, hs, weights, chunks, cache, layer=None) -> list:
+        """Layers ``segment``: a dense layer as Llama's; a sparse one attends and routes every chunk, then runs
+        the union of their experts, each fetched once."""
+        layer = layer or self.layer
+        for i, w in zip(segment, weights):
+            kv = cache.layer(i) if cache is not None else (None, None)
+            if not self.config.sparse_layers[i]:
+                hs = [layer(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)]
+                continue
+            mids = [self.attend(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)]
+            outs = self.experts_mlp(i, [normed for _, normed in mids], w)
+            hs = [x + out for (x, _), out in zip(mids, outs)]
+        return hs
+
+    def attend(self, x: torch.Tensor, w: MoELayerWeights, chunk, kv, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream after attention, and its norm (the MLP's input)."""
+        eps, ops = self.config.rms_norm_eps, self.ops
+        qkv = ops.linear(ops.rms_norm(x, w.input_norm, eps), w.wqkv, w.bqkv)
+        h = self.row_parallel(self.attention(qkv, chunk, kv, i, w.q_norm, w.k_norm), w.wo, w.bo)
+        return ops.add_rms_norm(x, h, w.post_norm, eps)
+
+    def layer(self, x: torch.Tensor, w: MoELayerWeights, chunk, kv, i: int) -> torch.Tensor:
+        """A dense layer (``mlp_only_layers``)."""
+        x, h = self.attend(x, w, chunk, kv, i)
+        return x + self.row_parallel(self.ops.gated(self.ops.linear(h, w.w_gate_up), "silu"), w.w_down)
+
+    def route(self, h: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's ``top_k`` experts ``[T, k]`` and their weights (float32 for Mixtral, else the model
+        dtype), from ``h [T, d]``."""
+        probs = self.ops.linear(h, router).softmax(-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.config.top_k, dim=-1)
+        if self.config.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return ids, weights if self.float32_routing else weights.to(h.dtype)
+
+    def experts_mlp(self, i: int, hs: list[torch.Tensor], w: MoELayerWeights) -> list[torch.Tensor]:
+        """The MLP output of every chunk's normed hidden states ``hs``: their routed experts' (fetched once
+        for all chunks), summed in expert order, plus the shared expert's."""
+        flat = [h.reshape(-1, h.shape[-1]) for h in hs]
+        routes = [self.route(h, w.router) for h in flat]
+        rows = self._rows_per_expert([ids for ids, _ in routes])  # the host reads the routing here
+        contributions = {}  # (chunk, expert) -> that expert's weighted output for the chunk's rows
+        for e, weights in self.experts.fetch(i, sorted({e for per_chunk in rows for e in per_chunk})):
+            for c, (h, (_, probs)) in enumerate(zip(flat, routes)):
+                if e in rows[c]:
+                    token, slot = rows[c][e]
+                    y = self.ops.linear(self.ops.gated(self.ops.linear(h[token], weights.w_gate_up), "silu"),
+                                        weights.w_down)
+                    contributions[c, e] = token, (y * probs[token, slot, None]).to(h.dtype)
+        outs = []
+        for c, h in enumerate(flat):
+            out = torch.zeros_like(h)
+            for e in sorted(rows[c]):  # in expert order, wherever each expert came from
+                token, y = contributions[c, e]
+                out.index_add_(0, token, y)
+            out = self.tp.all_reduce(out)
+            if w.w_shared_gate_up is not None:
+                shared = self.row_parallel(self.ops.gated(self.ops.linear(h, w.w_shared_gate_up), "silu"),
+                                           w.w_shared_down)
+                out = out + torch.sigmoid(self.ops.linear(h, w.shared_gate)) * shared
+            outs.append(out.view(hs[c].shape))
+        return outs
+
+    def _rows_per_expert(self, ids: list[torch.Tensor]) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """Per chunk, each routed expert's (token rows, top-k slots), as index tensors on the compute device:
+        the routing read back once per layer."""
+        device = ids[0].device
+        out = []
+        for chunk_ids in ids:
+            per_expert: dict[int, tuple[list[int], list[int]]] = {}
+            for token, experts in enumerate(chunk_ids.tolist()):
+                for slot, e in enumerate(experts):
+                    tokens, slots = per_expert.setdefault(e, ([], []))
+                    tokens.append(token)
+                    slots.append(slot)
+            out.append({e: (torch.tensor(t, device=device), torch.tensor(s, device=device))
+                        for e, (t, s) in per_expert.items()})
+        return out

@@ -1,0 +1,115 @@
+"""Routed experts on demand: resident ones where they are, the others copied into a device cache of slots.
+
+After a layer's router has spoken, ``ExpertStore.fetch(layer, needed)`` gives each
+needed expert's weights, in this order: those on the device already (resident, or
+still in the cache from an earlier step: *hits*), which compute while the copies of
+the others (*misses*) run, then the fetched ones, each with the event its copy
+records. A miss takes the least recently used cache slot whose expert this layer
+does not need; if the cache cannot hold all of a layer's misses at once, the rest
+come in later waves as slots free up (a long prefill routing to every expert). A
+slot is refilled only once the compute stream has passed its previous user.
+
+Copies run on a stream of their own per link (beside the ring's, so an expert does
+not queue behind the next layer's prefetch) and never block the host; on a CPU they
+are plain synchronous copies.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import torch
+
+from ..memory.planner import RESIDENT
+from ..models.blocks import BlockSpec
+from .stream import CopyStream
+
+
+class ExpertStore:
+    """The routed experts of every layer (``specs``, their ``buffers`` and tiers) and a cache of ``slots``."""
+
+    def __init__(self, specs: list[BlockSpec], buffers: list[torch.Tensor], tiers: list[str], slots: torch.Tensor,
+                 copies: dict[str, CopyStream]):
+        self.slots, self.copies = slots, copies
+        self.resident = {}
+        self.source: dict[tuple[int, int], tuple[torch.Tensor, str, object]] = {}
+        for spec, buffer, tier in zip(specs, buffers, tiers):
+            key = (spec.layer, spec.expert)
+            if tier == RESIDENT:
+                self.resident[key] = spec.layout.views(buffer)
+            else:
+                self.source[key] = (buffer, tier, spec.layout)
+        on_gpu = slots.device.type == "cuda"
+        self.ready = [torch.cuda.Event() if on_gpu else None for _ in range(len(slots))]
+        self.free = [torch.cuda.Event() if on_gpu else None for _ in range(len(slots))]
+        self.cached: OrderedDict[tuple[int, int], int] = OrderedDict()  # expert -> slot, least recently used first
+        self.hits = self.misses = 0
+
+    def fetch(self, layer: int, needed: list[int]) -> Iterator[tuple[int, object]]:
+        """Yield ``(expert, weights)`` for every expert of ``needed``: those on the device first, then those
+        fetched (the compute stream waits for each one's copy before it is yielded)."""
+        pending = list(needed)
+        while pending:
+            here, fetched, pending = self._issue(layer, pending)
+            for e, weights in here:
+                yield e, weights
+            for e, slot in fetched:
+                if self.ready[slot] is not None:
+                    torch.cuda.current_stream(self.slots.device).wait_event(self.ready[slot])
+                _, _, layout = self.source[layer, e]
+                yield e, layout.views(self.slots[slot][: layout.nbytes])
+            for _, slot in fetched + [(e, self.cached[layer, e]) for e, _ in here if (layer, e) in self.cached]:
+                if self.free[slot] is not None:  # the slot may be refilled once this wave's compute has run
+                    self.free[slot].record(torch.cuda.current_stream(self.slots.device))
+
+    def _issue(self, layer: int, pending: list[int]):
+        """Split ``pending`` into the experts here, those whose copies are issued now, and those left for a
+        later wave (no evictable slot)."""
+        here, fetched, left = [], [], []
+        wave = {(layer, e) for e in pending}
+        for e in pending:
+            key = (layer, e)
+            if key in self.resident:
+                here.append((e, self.resident[key]))
+            elif key in self.cached:
+                self.cached.move_to_end(key)
+                _, _, layout = self.source[key]
+                here.append((e, layout.views(self.slots[self.cached[key]][: layout.nbytes])))
+            else:
+                slot = self._take_slot(wave)
+                if slot is None:
+                    left.append(e)
+                    continue
+                buffer, tier, _ = self.source[key]
+                self.copies[tier].copy(self.slots[slot][: buffer.numel()], buffer, after=self.free[slot],
+                                       done=self.ready[slot])
+                self.cached[key] = slot
+                fetched.append((e, slot))
+                self.misses += 1
+                continue
+            self.hits += 1
+        return here, fetched, left
+
+    def _take_slot(self, wave: set) -> int | None:
+        """A free slot, or the least recently used one whose expert this wave does not need."""
+        used = set(self.cached.values())
+        for slot in range(len(self.slots)):
+            if slot not in used:
+                return slot
+        for key, slot in self.cached.items():
+            if key not in wave:
+                del self.cached[key]
+                return slot
+        return None
+
+    @property
+    def hit_rate(self) -> float:
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+    def reset(self) -> None:
+        """Forget what the cache holds (after a pass was abandoned half way, its copies may not have landed)."""
+        if self.slots.device.type == "cuda":
+            torch.cuda.synchronize(self.slots.device)
+        self.cached.clear()

@@ -1,0 +1,197 @@
+"""Mixtures of experts (``offload.models.moe`` and its families, ``offload.scheduler.experts``,
+``offload.memory.experts``) against ``transformers`` on tiny checkpoints it wrote (CPU, float32).
+
+Each family: logits within 1e-4 and identical greedy tokens, a ragged batch whose rows route to different
+experts; experts streamed through the device cache == resident, bit for bit; a decode step copies exactly
+the routed experts that were not on the device, each once; the plan's expert placement.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import offload
+from offload.errors import OffloadWarning, PlanError
+from offload.memory.experts import ExpertNeeds, place_experts
+from offload.models.shapes import shape_config
+
+from conftest import _ARCH
+from test_tensor_parallel import run_tp
+
+_ARCH.update({
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+})
+ATOL, MAX_SEQ, PROMPT, NEW = 1e-4, 64, 12, 8
+_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+MODELS = {
+    "mixtral": dict(num_local_experts=6, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=80, norm_topk_prob=False, mlp_only_layers=[1]),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, norm_topk_prob=True,
+                      head_dim=16),
+    "olmoe": dict(num_experts=6, num_experts_per_tok=2, clip_qkv=3.0),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def case(request, checkpoint_factory):
+    arch = request.param
+    hf, directory = checkpoint_factory(f"moe-{arch}", arch, "5.x", seed=5, **_BASE, **MODELS[arch])
+    with offload.load_model(directory, dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2, progress=False) as m:
+        yield arch, hf, directory, m
+
+
+def _ids(batch=2, n=14, seed=0):
+    return torch.randint(3, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _streamed(directory, needs, resident_experts, **kw):
+    """The model with its every-pass blocks on the device, the expert cache and ``resident_experts`` more."""
+    cache = min(max(needs.experts.per_layer), needs.experts.top_k * 2)
+    gpu = needs.fixed_bytes + sum(needs.blocks) + (cache + resident_experts) * needs.experts.nbytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OffloadWarning)
+        return offload.load_model(directory, dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2, progress=False,
+                                  gpu_memory=gpu, cpu_memory="1GiB", **kw)
+
+
+def test_logits_and_greedy_tokens_match_transformers(case):
+    arch, hf, _, model = case
+    ids = _ids()
+    with torch.no_grad():
+        ref = hf(ids).logits
+        greedy = hf.generate(ids[:, :PROMPT], max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert (model(ids) - ref).abs().max().item() <= ATOL
+    assert torch.equal(model.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True), greedy)
+
+
+def test_a_ragged_batch_whose_rows_route_differently(case):
+    _, hf, _, model = case
+    ids, mask = torch.zeros(2, PROMPT, dtype=torch.long), torch.zeros(2, PROMPT, dtype=torch.long)
+    ids[0], mask[0] = _ids(1, PROMPT, 3)[0], 1
+    ids[1, 5:], mask[1, 5:] = _ids(1, 7, 4)[0], 1
+    routed, route = [], model.decoder.route
+
+    def noting(h, router):  # the experts each token of the packed chunk (row 0's 12, then row 1's 7) is routed to
+        ids, weights = route(h, router)
+        routed.append(ids.tolist())
+        return ids, weights
+
+    model.decoder.route = noting
+    try:
+        ours = model(ids, attention_mask=mask)
+    finally:
+        del model.decoder.route
+    assert any({e for t in layer[:12] for e in t} != {e for t in layer[12:] for e in t} for layer in routed)
+    with torch.no_grad():
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        ref = hf(ids, attention_mask=mask, position_ids=position_ids).logits
+        greedy = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    real = mask.bool()
+    assert (ours[real] - ref[real]).abs().max() <= ATOL
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=NEW, ignore_eos=True), greedy)
+
+
+def test_experts_streamed_through_the_cache_equal_resident_bitwise(case):
+    arch, _, directory, model = case
+    ids = _ids()
+    want_logits, want_tokens = model(ids), model.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True)
+    with _streamed(directory, model.plan.needs, resident_experts=2) as streamed:
+        placement = streamed.plan.experts.placement
+        assert placement.count("resident") == 2 and placement.count("host") > 2 * streamed.plan.experts.cache_slots
+        assert torch.equal(streamed(ids), want_logits)
+        assert torch.equal(streamed.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True), want_tokens)
+        assert streamed.experts.misses > 0 and streamed.experts.hits > 0
+        assert "experts: " in str(streamed.plan) and "cache" in str(streamed.plan)
+
+
+def test_a_decode_step_copies_each_routed_expert_not_on_the_device_once(checkpoint_factory):
+    _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    needs = offload.plan_model(directory, dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2).needs
+    with _streamed(directory, needs, resident_experts=1) as model:
+        store, copied, expected = model.experts, [], []
+        for copies in store.copies.values():
+            def recording(dst, src, after, done, copy=copies.copy):
+                copied.append(next(key for key, (buffer, _, _) in store.source.items()
+                                   if buffer.data_ptr() == src.data_ptr()))
+                copy(dst, src, after, done)
+            copies.copy = recording
+        fetch = store.fetch
+
+        def noting(layer, needed):
+            on_device = set(store.resident) | set(store.cached)
+            expected.extend((layer, e) for e in needed if (layer, e) not in on_device)
+            return fetch(layer, needed)
+
+        store.fetch = noting
+        model.extend([[5, 6, 7, 8]], [0])  # a prefill: each needed expert once for the whole pass
+        for step in range(3):
+            copied.clear(), expected.clear()
+            model.extend([[9 + step]], [4 + step])  # one decode step
+            assert copied == expected and len(set(copied)) == len(copied)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_compressed_experts_streamed_equal_resident(case, fmt):
+    arch, _, directory, _ = case
+    if arch != "mixtral":
+        pytest.skip("one family is enough for the formats")
+    ids = _ids()
+    with offload.load_model(directory, dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2, progress=False,
+                            quantize=fmt, group_size=32 if fmt == "int4" else None) as resident:
+        want = resident(ids)
+        needs = resident.plan.needs
+        assert "int" in needs.weight_format
+    with _streamed(directory, needs, 1, quantize=fmt, group_size=32 if fmt == "int4" else None) as streamed:
+        assert streamed.plan.needs.experts.nbytes == needs.experts.nbytes < 72 * 1024  # compressed experts
+        assert torch.equal(streamed(ids), want)
+
+
+def test_the_plan_places_experts_after_the_every_pass_blocks():
+    needs = ExpertNeeds(nbytes=100, per_layer=(8, 0, 8), top_k=2)
+    plan = place_experts(needs, gpu_room=100 * 7, room={"host": 10_000, "cuda:1": 10_000},
+                         bandwidth={"host": 50e9, "cuda:1": 400e9}, max_batch=1)
+    assert plan.cache_slots == 2 and plan.resident_per_layer == [3, 0, 2]  # 5 resident, dealt out in turn
+    assert len(plan.placement) == 16 and plan.placement.count("resident") == 5
+    assert plan.placement.count("cuda:1") > plan.placement.count("host") > 0  # by bandwidth
+    assert place_experts(needs, 100 * 16, {"host": 0}, {"host": 50e9}, 1).cache_slots == 0  # all resident
+    assert "cache" in place_experts(needs, 150, {"host": 10_000}, {"host": 50e9}, 1)  # not even the cache
+    assert "nowhere" in place_experts(needs, 300, {"host": 500}, {"host": 50e9}, 1)
+
+
+def test_mixtral_8x7b_at_24_gib_keeps_every_layer_and_streams_experts():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OffloadWarning)
+        plan = offload.plan_model(shape_config("mixtral-8x7b"), dtype="bf16", device="cpu", gpu_memory="24GiB",
+                                  cpu_memory="100GiB", max_seq_len=1024,
+                                  link_bandwidth={"host": 55e9, "hbm": 4.2e12, "matmul": 7e14})
+    assert plan.placement.count("resident") == 32  # attention and routers first
+    assert 0 < plan.experts.placement.count("resident") < 256 and plan.experts.cache_slots == 2
+    missed = plan.experts.missed_bytes(rows=1)["host"]
+    assert plan.link_seconds()["host"] == pytest.approx(missed / 55e9)
+    with pytest.raises(PlanError, match="routed experts do not fit"):
+        offload.plan_model(shape_config("mixtral-8x7b"), dtype="bf16", device="cpu", gpu_memory="24GiB",
+                           cpu_memory="10GiB", max_seq_len=1024, link_bandwidth={"host": 55e9, "hbm": 4.2e12})
+
+
+@pytest.mark.slow
+def test_tensor_parallel_on_two_ranks_equals_one(checkpoint_factory):
+    _, directory = checkpoint_factory("moe-mixtral", "mixtral", "5.x", seed=5, **_BASE, **MODELS["mixtral"])
+    ids = _ids(2, PROMPT, 7)
+    kwargs = dict(dtype=torch.float32, max_batch=2, max_seq_len=MAX_SEQ)
+    with offload.load_model(directory, progress=False, **kwargs) as single:
+        want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)
+    for rank, result in enumerate(run_tp(2, directory, ids, **kwargs)):
+        assert not isinstance(result, str), result
+        logits, tokens, _, _ = result
+        assert (logits - want_logits).abs().max().item() <= ATOL, f"rank {rank}"
+        assert torch.equal(tokens, want_tokens), f"rank {rank}"

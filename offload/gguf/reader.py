@@ -146,8 +146,10 @@ def open_reader(path: Path):
     except _PastEnd as e:
         raise CheckpointError(f"{path.name}: tensor {e.name!r} ends at byte {e.end}, past the end of the file "
                               f"({e.size} bytes): the file is truncated or corrupt") from None
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError, MemoryError,
-            struct.error) as e:
+    except (IndexError, struct.error):  # a read of the header ran off the end
+        raise CheckpointError(f"{path.name}: truncated GGUF file (its header runs past the end of the file, "
+                              f"{path.stat().st_size} bytes)") from None
+    except (ValueError, KeyError, OverflowError, UnicodeDecodeError, TypeError, MemoryError) as e:
         raise CheckpointError(f"{path.name}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
 
 

@@ -82,16 +82,21 @@ def _add(writer, key: str, value) -> None:
         raise TypeError(f"metadata {key!r}: cannot write {type(value).__name__}")
 
 
-def random_blocks(ggml_type, rows: int, cols: int, rng: np.random.Generator, scale: float = 1e-3) -> np.ndarray:
+def random_blocks(ggml_type, rows: int, cols: int, rng: np.random.Generator, scale: float = 1e-3,
+                  signed: bool = False) -> np.ndarray:
     """``rows`` rows of ``cols`` values in ``ggml_type`` as random valid blocks (uint8 ``[rows, bytes per row]``):
-    random bytes, with each float16 d / dmin set to a random positive value below ``scale``, so every
+    random bytes, with each float16 d / dmin set to a random value below ``scale`` in magnitude (positive,
+    as llama.cpp's K-quants make them, unless ``signed``; Q4_0/Q8_0 blocks have negative ones too), so every
     value is finite."""
     gguf = gguf_package()
     kind = gguf.GGMLQuantizationType(int(ggml_type))
     block, type_size = gguf.GGML_QUANT_SIZES[kind]
     blocks = rng.integers(0, 256, size=(rows * cols // block, type_size), dtype=np.uint8)
     for at in _HALF_FIELDS[kind.name]:
-        halves = (rng.random(len(blocks), dtype=np.float32) * scale).astype(np.float16)
+        halves = rng.random(len(blocks), dtype=np.float32) * scale
+        if signed:
+            halves *= rng.choice(np.array([-1, 1], dtype=np.float32), len(blocks))
+        halves = halves.astype(np.float16)
         blocks[:, at : at + 2] = halves.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(rows, -1)
 

@@ -1,0 +1,588 @@
+"""GGUF files (offload.gguf): types as offload's parts, config and tensor names, tokenizer, corrupt files.
+
+Each supported block type is checked against the ``gguf`` package's own ``dequantize`` (bit for
+bit in float32) on random blocks; small files of each architecture are written the way
+llama.cpp's converter writes them (q/k rows permuted for llama, Gemma's norms as 1 + w) with
+the ``gguf`` writer and read back; the real SmolLM2-135M-Instruct Q4_1 file is read against
+``transformers`` reading the same file (the slow tests).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from offload.distributed import TensorParallel  # noqa: E402
+from offload.errors import CheckpointError, ConfigError, OffloadWarning  # noqa: E402
+from offload.gguf import (GGUFCheckpoint, GGUFFiles, GGUFSource, TensorToWrite, dense_tensor,  # noqa: E402
+                          dequantize_parts, gguf_tensor_to_parts, hf_config, hf_names, parts_format,
+                          permute_like_llama_cpp, random_blocks, write_gguf, write_q4_k_m_like)
+from offload.gguf.writer import llama_metadata, q4_k_m_like_tensors, uses_more_bits  # noqa: E402
+from offload.models.blocks import checkpoint_sources  # noqa: E402
+from offload.models.config import config_from_dict  # noqa: E402
+from offload.models.shapes import shape_config  # noqa: E402
+
+from conftest import CHATML, _ARCH, randomize_  # noqa: E402
+
+KEPT = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_K, T.Q6_K]
+QUANTIZABLE = [T.Q4_0, T.Q4_1, T.Q8_0]  # the gguf package quantizes these; K-quants only dequantize
+
+
+def bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+
+
+def reference(raw: np.ndarray, kind) -> np.ndarray:
+    return gguf.quants.dequantize(raw, kind)
+
+
+# ----------------------------------------------------------------------------- types -> parts
+
+
+@pytest.mark.parametrize("kind", KEPT, ids=lambda k: k.name)
+def test_parts_dequantize_to_the_gguf_values_bit_for_bit(kind):
+    """Random blocks (random bytes, finite scales of either sign): the parts with float32 scales hold exactly
+    the weight the gguf package dequantizes. Q4_0 stores d * (q - 8) as q * d + (-8 d): the same numbers,
+    but where q = 8 and d < 0 gguf gets -0.0 and the parts +0.0, so its zeros are compared as numbers."""
+    rng = np.random.default_rng(int(kind))
+    rows, cols = 12, 1024
+    raw = random_blocks(kind, rows, cols, rng, scale=0.05, signed=True)
+    parts = gguf_tensor_to_parts(raw, kind, (rows, cols), torch.float32)
+    ours, ref = dequantize_parts(parts, parts_format(kind)).numpy(), reference(raw, kind)
+    assert ours.shape == ref.shape == (rows, cols)
+    if kind == T.Q4_0:
+        assert (ours == ref).all()
+        nonzero = ref != 0
+        np.testing.assert_array_equal(bits(ours[nonzero]), bits(ref[nonzero]))
+    else:
+        np.testing.assert_array_equal(bits(ours), bits(ref))
+
+
+@pytest.mark.parametrize("kind", QUANTIZABLE, ids=lambda k: k.name)
+def test_parts_of_weights_quantized_by_the_gguf_package(kind):
+    """Blocks the gguf package's quantizer made from a weight (rather than random bytes): same equality,
+    and with float16 scales (the default) too, since these types' scales are float16 values."""
+    w = (torch.randn(16, 256, generator=torch.Generator().manual_seed(1)) * 0.02).numpy()
+    raw = gguf.quants.quantize(w, kind)
+    ref = reference(raw, kind)
+    for dtype in (torch.float32, torch.float16):
+        parts = gguf_tensor_to_parts(raw, kind, w.shape, dtype)
+        assert parts["scale"].dtype == dtype
+        assert (dequantize_parts(parts, parts_format(kind)).numpy() == ref).all()
+    assert np.abs(ref - w).max() < 0.02  # the blocks do hold w
+
+
+@pytest.mark.parametrize("kind", KEPT, ids=lambda k: k.name)
+def test_parts_layout(kind):
+    """Shapes and dtypes of each format, integers in their range, groups of the format's size."""
+    rows, cols = 4, 512
+    fmt = parts_format(kind)
+    parts = gguf_tensor_to_parts(random_blocks(kind, rows, cols, np.random.default_rng(0)), kind, (rows, cols))
+    groups = cols // fmt.group_size
+    assert parts["scale"].shape == (rows, groups) and parts["scale"].dtype == torch.float16
+    assert ("minimum" in parts) == fmt.minimum
+    if fmt.minimum:
+        assert parts["minimum"].shape == (rows, groups)
+    data = parts["data"]
+    if fmt.format == "int4":
+        assert fmt.group_size == 32 and data.dtype == torch.uint8 and data.shape == (rows, cols // 2)
+    else:
+        low, high = {T.Q8_0: (-128, 127), T.Q5_K: (0, 31), T.Q6_K: (-32, 31)}[kind]
+        assert data.dtype == torch.int8 and data.shape == (rows, cols)
+        assert low <= int(data.min()) and int(data.max()) <= high
+
+
+def test_int4_nibbles_are_repacked_in_column_order():
+    """GGUF's Q4_1 block holds value j in the low nibble of byte j and value j + 16 in its high nibble;
+    offload's int4 holds columns 2j and 2j + 1 in byte j (low, high)."""
+    q = np.arange(32) % 16  # the value of each column
+    block = np.zeros(20, dtype=np.uint8)
+    block[0:2] = np.array([1.0], dtype=np.float16).view(np.uint8)  # d = 1
+    block[2:4] = np.array([0.0], dtype=np.float16).view(np.uint8)  # m = 0
+    block[4:] = q[:16] | (q[16:] << 4)
+    parts = gguf_tensor_to_parts(block[None], T.Q4_1, (1, 32))
+    data = parts["data"][0]
+    assert data.tolist() == [int(q[2 * j] | (q[2 * j + 1] << 4)) for j in range(16)]
+    assert reference(block[None], T.Q4_1)[0].tolist() == q.tolist()
+
+
+def test_q4_0_minimum_is_minus_eight_d():
+    raw = random_blocks(T.Q4_0, 2, 64, np.random.default_rng(3), signed=True)
+    parts = gguf_tensor_to_parts(raw, T.Q4_0, (2, 64), torch.float16)
+    assert torch.equal(parts["minimum"], -8 * parts["scale"])
+
+
+@pytest.mark.parametrize("kind", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda k: k.name)
+def test_k_quant_scales_are_rounded_once_to_the_scale_dtype(kind):
+    """d * sc is exact in float32; float16 rounds it once (relative error at most 2^-11), which is
+    what the weight's error comes from."""
+    raw = random_blocks(kind, 8, 512, np.random.default_rng(5))
+    exact = gguf_tensor_to_parts(raw, kind, (8, 512), torch.float32)
+    half = gguf_tensor_to_parts(raw, kind, (8, 512), torch.float16)
+    assert parts_format(kind).exact_scale_dtype == torch.float32
+    for part in half:
+        if part == "data":
+            assert torch.equal(half[part], exact[part])
+            continue
+        assert torch.equal(half[part], exact[part].to(torch.float16))
+        rel = (half[part].float() - exact[part]).abs() / exact[part].abs().clamp_min(1e-30)
+        assert float(rel.max()) <= 2**-11
+    assert not torch.equal(half["scale"].float(), exact["scale"])  # not exact: the docstring says so
+
+
+def test_rows_of_a_tensor_are_the_rows_of_its_parts():
+    raw = random_blocks(T.Q4_K, 10, 512, np.random.default_rng(6))
+    full = gguf_tensor_to_parts(raw, T.Q4_K, (10, 512))
+    piece = gguf_tensor_to_parts(raw[3:7], T.Q4_K, (4, 512))
+    assert all(torch.equal(piece[k], full[k][3:7]) for k in full)
+
+
+def test_parts_from_a_torch_tensor_of_bytes():
+    """The bytes may already be a tensor (on the device that converts them)."""
+    raw = random_blocks(T.Q6_K, 3, 256, np.random.default_rng(7))
+    a = gguf_tensor_to_parts(raw, T.Q6_K, (3, 256))
+    b = gguf_tensor_to_parts(torch.from_numpy(raw), T.Q6_K, (3, 256))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_scale_that_overflows_the_scale_dtype_is_refused():
+    raw = random_blocks(T.Q4_0, 1, 32, np.random.default_rng(8))
+    raw[0, 0:2] = np.array([10000.0], dtype=np.float16).view(np.uint8)  # -8 d overflows float16
+    with pytest.raises(CheckpointError, match="not finite in float16") as info:
+        gguf_tensor_to_parts(raw, T.Q4_0, (1, 32), torch.float16, name="blk.0.attn_q.weight")
+    assert "blk.0.attn_q.weight" in str(info.value) and "\n" not in str(info.value)
+    assert torch.isfinite(gguf_tensor_to_parts(raw, T.Q4_0, (1, 32), torch.float32)["minimum"]).all()
+
+
+@pytest.mark.parametrize("kind", [T.F32, T.F16, T.BF16], ids=lambda k: k.name)
+def test_float_types_are_exact(kind):
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(2)).numpy()
+    raw = gguf.quants.quantize(w, kind) if kind == T.BF16 else w.astype(np.float16 if kind == T.F16 else np.float32)
+    ours = dense_tensor(raw, kind, (6, 40))
+    np.testing.assert_array_equal(bits(ours.numpy()), bits(reference(raw, kind)))
+    assert dense_tensor(raw, kind, (6, 40), torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", KEPT, ids=lambda k: k.name)
+def test_dense_reads_of_kept_types_equal_gguf(kind):
+    raw = random_blocks(kind, 4, 256, np.random.default_rng(9), signed=True)
+    assert (dense_tensor(raw, kind, (4, 256)).numpy() == reference(raw, kind)).all()
+
+
+@pytest.mark.parametrize("kind", [T.Q3_K, T.Q2_K, T.Q5_0], ids=lambda k: k.name)
+def test_other_types_are_dequantized_with_a_warning(kind):
+    """A type with no compressed form: dequantized by the gguf package, stored in the model dtype, and a
+    one-line warning names the tensor, its type and the precision kept."""
+    raw = random_blocks(kind, 4, 256, np.random.default_rng(10))
+    with pytest.warns(OffloadWarning) as record:
+        values = dense_tensor(raw, kind, (4, 256), torch.bfloat16, name="blk.3.ffn_down.weight")
+    message = str(record[0].message)
+    assert "blk.3.ffn_down.weight" in message and kind.name in message and "bfloat16" in message
+    assert "8 significant bits" in message and "\n" not in message
+    assert torch.equal(values, torch.from_numpy(reference(raw, kind)).to(torch.bfloat16))
+    with pytest.raises(CheckpointError, match="no compressed form"):
+        gguf_tensor_to_parts(raw, kind, (4, 256))
+
+
+def test_a_type_nothing_can_read_is_refused_in_one_line():
+    kind = T.Q8_1  # the gguf package has no dequantizer for it
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    raw = np.zeros((1, size), dtype=np.uint8)
+    with pytest.raises(CheckpointError, match="Q8_1 cannot be read") as info:
+        dense_tensor(raw, kind, (1, block), name="output.weight")
+    assert "output.weight" in str(info.value) and "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- files written like llama.cpp's
+
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+ARCH_CONFIGS = {  # transformers model kind -> (GGUF architecture, config)
+    "llama": ("llama", dict(TINY, rope_theta=50000.0, rms_norm_eps=1e-5, attention_bias=True)),
+    "mistral": ("llama", dict(TINY, sliding_window=None, tie_word_embeddings=False)),
+    "qwen2": ("qwen2", dict(TINY, tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(TINY, head_dim=32, tie_word_embeddings=False)),
+    "gemma3": ("gemma3", dict(TINY, num_hidden_layers=7, head_dim=16, query_pre_attn_scalar=16, sliding_window=32,
+                              rms_norm_eps=1e-6)),
+}
+
+
+def hf_model(kind: str, seed: int = 0, **overrides):
+    config_cls, model_cls = _ARCH[kind]
+    config = config_cls(**{**ARCH_CONFIGS[kind][1], **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).float().eval()
+    randomize_(model, seed)
+    return model
+
+
+def arch_metadata(arch: str, config, name: str) -> dict:
+    """What llama.cpp's converter writes for a Hugging Face config (the fields offload reads)."""
+    c = config
+    meta = {
+        "general.name": name,
+        f"{arch}.block_count": c.num_hidden_layers,
+        f"{arch}.context_length": c.max_position_embeddings,
+        f"{arch}.embedding_length": c.hidden_size,
+        f"{arch}.feed_forward_length": c.intermediate_size,
+        f"{arch}.attention.head_count": c.num_attention_heads,
+        f"{arch}.attention.head_count_kv": c.num_key_value_heads,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(c.rms_norm_eps),
+    }
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    meta[f"{arch}.rope.freq_base"] = float(rope["rope_theta"])
+    if arch == "llama":
+        meta[f"{arch}.vocab_size"] = c.vocab_size
+        meta[f"{arch}.rope.dimension_count"] = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if arch in ("qwen3", "gemma3"):
+        meta[f"{arch}.attention.key_length"] = c.head_dim
+        meta[f"{arch}.attention.value_length"] = c.head_dim
+    if arch == "gemma3":
+        meta[f"{arch}.attention.sliding_window"] = c.sliding_window
+        meta[f"{arch}.rope.freq_base_swa"] = float(c.rope_parameters["sliding_attention"]["rope_theta"])
+    return meta
+
+
+def gguf_tensors_of(model, arch: str, kind_of=None) -> list[TensorToWrite]:
+    """The model's tensors as llama.cpp's converter writes them: GGUF names, q/k rows permuted (llama),
+    norms as 1 + w (gemma3), in ``kind_of(gguf name)``'s type (F32 unless it says otherwise)."""
+    c = model.config
+    to_gguf = {hf: g for g, hf in hf_names(arch, c.num_hidden_layers).items()}
+    out = []
+    for hf_name, w in model.state_dict().items():
+        if hf_name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        name, w = to_gguf[hf_name], w.detach().float().clone()
+        if arch == "llama" and ".attn_q." in name:
+            w = permute_like_llama_cpp(w, c.num_attention_heads)
+        if arch == "llama" and ".attn_k." in name:
+            w = permute_like_llama_cpp(w, c.num_key_value_heads)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            w = w + 1
+        kind = (kind_of(name) if kind_of else None) or T.F32
+        values = w.numpy()
+        data = values if kind == T.F32 else gguf.quants.quantize(values, kind)
+        out.append(TensorToWrite(name, kind, tuple(w.shape), lambda data=data: data))
+    return out
+
+
+def write_model_gguf(path, model, arch: str, name: str = "tiny", kind_of=None, extra: dict | None = None,
+                     split_max_tensors: int = 0):
+    meta = {**arch_metadata(arch, model.config, name), **(extra or {})}
+    return write_gguf(path, arch, meta, gguf_tensors_of(model, arch, kind_of), split_max_tensors)
+
+
+@pytest.fixture(scope="module", params=list(ARCH_CONFIGS))
+def arch_file(request, tmp_path_factory):
+    kind = request.param
+    arch = ARCH_CONFIGS[kind][0]
+    model = hf_model(kind, seed=list(ARCH_CONFIGS).index(kind))
+    path = tmp_path_factory.mktemp(kind) / f"{kind}.gguf"
+    write_model_gguf(path, model, arch, name="Mistral 7B Tiny" if kind == "mistral" else f"tiny {kind}")
+    return kind, model, GGUFCheckpoint(path)
+
+
+def test_config_round_trip(arch_file):
+    """The config dict of the file gives the same offload ModelConfig as the model's own config.json."""
+    kind, model, ck = arch_file
+    ours = config_from_dict(ck.config)
+    theirs = config_from_dict(model.config.to_dict())
+    ignore = {"eos_token_ids", "architecture"}
+    assert {k: v for k, v in vars(ours).items() if k not in ignore} == \
+        {k: v for k, v in vars(theirs).items() if k not in ignore}
+    assert ours.architecture == {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                 "gemma3": "Gemma3ForCausalLM"}[kind]
+
+
+def test_tensor_names_shapes_and_values_round_trip(arch_file):
+    """Every tensor of the model comes back under its name, in its shape, with its values: llama's q and
+    k rows (and biases) un-permuted, gemma3's norms back to w. F32 files: exact (gemma3's norms to one
+    float32 rounding of 1 + w)."""
+    kind, model, ck = arch_file
+    state = {k: v for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    assert set(ck.tensors) == set(state)
+    for name, w in state.items():
+        mapped = ck.tensors[name]
+        assert mapped.shape == tuple(w.shape), name
+        values = ck.dense(name)
+        if mapped.norm_offset:
+            torch.testing.assert_close(values, w, rtol=0, atol=2**-23 * 4)
+        else:
+            assert torch.equal(values, w), name
+    permuted = [n for n, m in ck.tensors.items() if m.unpermute_heads]
+    assert bool(permuted) == (ck.architecture == "llama")
+    if kind == "llama":
+        assert "model.layers.0.self_attn.q_proj.bias" in permuted and "model.layers.0.self_attn.k_proj.bias" in permuted
+
+
+def test_the_permutation_is_really_in_the_file(arch_file):
+    """The stored q rows of a llama file are not the model's rows (so the round trip above proves the undo)."""
+    kind, model, ck = arch_file
+    if ck.architecture != "llama":
+        pytest.skip("only llama files are permuted")
+    stored = torch.from_numpy(np.array(ck.tensors["model.layers.0.self_attn.q_proj.weight"].stored.data))
+    assert not torch.equal(stored, model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_head_aligned_rows_of_a_permuted_tensor(arch_file):
+    """A tensor-parallel rank's heads of q and k: the same rows as the whole tensor's; rows that split a
+    head are refused (llama.cpp's permutation moves rows within a head)."""
+    kind, model, ck = arch_file
+    c = model.config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    for name, heads in (("model.layers.1.self_attn.q_proj.weight", c.num_attention_heads),
+                        ("model.layers.1.self_attn.k_proj.weight", c.num_key_value_heads)):
+        full = ck.dense(name)
+        for lo in range(0, heads * hd, hd):
+            assert torch.equal(ck.dense(name, rows=(lo, lo + hd)), full[lo : lo + hd])
+        assert torch.equal(ck.dense(name, rows=(hd, heads * hd)), full[hd:])
+    if ck.architecture == "llama":
+        with pytest.raises(CheckpointError, match="not whole heads"):
+            ck.dense("model.layers.1.self_attn.q_proj.weight", rows=(0, hd // 2))
+
+
+def mixed_types(name: str):
+    """A mix of the types the gguf package can quantize: Q8_0 for attention, Q4_0/Q4_1 for the MLP."""
+    if ".attn_" in name and name.endswith(".weight") and "norm" not in name:
+        return T.Q8_0
+    if ".ffn_up." in name or ".ffn_gate." in name:
+        return T.Q4_1
+    if ".ffn_down." in name:
+        return T.Q4_0
+    return None
+
+
+@pytest.fixture(scope="module")
+def quantized_llama(tmp_path_factory):
+    model = hf_model("llama", seed=11, attention_bias=False, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("qllama") / "qllama.gguf"
+    write_model_gguf(path, model, "llama", kind_of=mixed_types)
+    return model, path, GGUFCheckpoint(path)
+
+
+def test_quantized_tensors_come_back_as_parts_in_model_order(quantized_llama):
+    """q and k stored permuted in Q8_0: their parts, rows put back, dequantize to what the gguf package
+    dequantizes from the file, un-permuted; and that is the model's weight to within its quantization."""
+    model, _, ck = quantized_llama
+    c = model.config
+    for name, heads in (("model.layers.2.self_attn.q_proj.weight", c.num_attention_heads),
+                        ("model.layers.2.self_attn.k_proj.weight", c.num_key_value_heads)):
+        mapped = ck.tensors[name]
+        assert mapped.ggml_type == T.Q8_0 and mapped.unpermute_heads == heads
+        ours = dequantize_parts(ck.parts(name, scale_dtype=torch.float32), "int8")
+        stored = torch.from_numpy(reference(np.array(mapped.stored.data), T.Q8_0))
+        undo = stored.view(heads, -1, 2, stored.shape[1]).transpose(1, 2).reshape(stored.shape)
+        assert torch.equal(ours, undo)
+        assert torch.equal(ck.dense(name), ours)
+        w = model.state_dict()[name]
+        assert (ours - w).abs().max() <= w.abs().max() / 127
+    for name, fmt in (("model.layers.0.mlp.up_proj.weight", "int4"), ("model.layers.0.mlp.down_proj.weight", "int4")):
+        parts = ck.parts(name)
+        assert parts_format(ck.tensors[name].ggml_type).format == fmt and parts["scale"].dtype == torch.float16
+        w = model.state_dict()[name]
+        assert (dequantize_parts(parts, fmt) - w).abs().max() <= w.abs().max() / 7
+
+
+def test_source_reads_every_tensor_of_a_tensor_parallel_rank(quantized_llama):
+    """GGUFSource behind offload's own layouts: every spec of a rank of 2 (q/k/v rows by heads, o/down
+    columns, vocabulary rows) is read dense and equals that piece of the whole tensor."""
+    model, path, ck = quantized_llama
+    config = config_from_dict(ck.config)
+    source = GGUFSource(ck)
+    for rank in range(2):
+        specs = checkpoint_sources(config, TensorParallel(rank, 2), torch.float32)
+        source.validate(specs)
+        for spec, name in specs:
+            out = torch.empty(spec.shape)
+            source.read(spec, name, out)
+            full = ck.dense(name)
+            shard = spec.shard
+            if shard.dim is None:
+                expected = full
+            elif shard.dim == 0:
+                expected = full[shard.start : shard.stop]
+            else:
+                expected = full[:, shard.start : shard.stop]
+            assert torch.equal(out[: expected.shape[0]], expected), (name, spec.name)
+
+
+def test_source_reads_parts_into_a_layout(quantized_llama):
+    """A spec that names a part gets that part of the tensor's compressed form, its scale rounded to the
+    spec's dtype; a spec asking for another format than the file's is refused before reading."""
+    from offload.models.blocks import TensorSpec
+    from offload.models.parallel import REPLICATED
+    from offload.models.quant import QuantScheme
+
+    _, _, ck = quantized_llama
+    name = "model.layers.1.mlp.up_proj.weight"
+    rows, cols = ck.tensors[name].shape
+    scheme = QuantScheme("int4", 32, 1 << 20)
+    specs = [(TensorSpec("w_up.data", (rows, cols // 2), (rows, cols), name, REPLICATED, torch.uint8, 0, "data",
+                         scheme), name),
+             (TensorSpec("w_up.scale", (rows, cols // 32), (rows, cols), name, REPLICATED, torch.bfloat16, 0,
+                         "scale", scheme), name),
+             (TensorSpec("w_up.minimum", (rows, cols // 32), (rows, cols), name, REPLICATED, torch.bfloat16, 0,
+                         "minimum", scheme), name)]
+    source = GGUFSource(ck)
+    source.validate(specs[:1] + [(s, n) for s, n in checkpoint_sources(config_from_dict(ck.config), TensorParallel(),
+                                                                       torch.float32)])
+    exact = ck.parts(name, scale_dtype=torch.float32)
+    for spec, _ in specs:
+        out = torch.empty(spec.shape, dtype=spec.dtype)
+        source.read(spec, name, out)
+        assert torch.equal(out, exact[spec.part].to(spec.dtype))
+    wrong = specs[0][0].__class__(**{**vars(specs[0][0]), "quant": QuantScheme("int4", 128, 1 << 20)})
+    with pytest.raises(CheckpointError, match="Q4_1 \\(int4 in groups of 32\\); the layout asks for int4 in groups of 128"):
+        source.validate([(wrong, name)])
+
+
+def test_columns_of_blocks(quantized_llama):
+    """A shard of the input dimension is cut on block boundaries (o and down under tensor parallelism)."""
+    _, _, ck = quantized_llama
+    name = "model.layers.0.mlp.down_proj.weight"
+    full = ck.parts(name)
+    piece = ck.parts(name, cols=(64, 128))
+    assert torch.equal(piece["data"], full["data"][:, 32:64]) and torch.equal(piece["scale"], full["scale"][:, 2:4])
+    with pytest.raises(CheckpointError, match="multiple of 32"):
+        ck.parts(name, cols=(16, 128))
+
+
+def test_type_counts(quantized_llama):
+    _, _, ck = quantized_llama
+    counts = ck.type_counts()
+    assert counts["self_attn.q_proj"] == {"Q8_0": 3} and counts["mlp.down_proj"] == {"Q4_0": 3}
+    assert counts["embed_tokens"] == {"F32": 1} and counts["input_layernorm"] == {"F32": 3}
+
+
+# ----------------------------------------------------------------------------- split and corrupt files
+
+
+def test_split_files_open_from_any_part(tmp_path):
+    model = hf_model("qwen2", seed=4)
+    files = write_model_gguf(tmp_path / "model.gguf", model, "qwen2", split_max_tensors=10)
+    assert len(files) > 2 and files[0].name == f"model-00001-of-{len(files):05d}.gguf"
+    whole = tmp_path / "whole" / "model.gguf"
+    whole.parent.mkdir()
+    write_model_gguf(whole, model, "qwen2")
+    reference_ck = GGUFCheckpoint(whole)
+    for part in (files[0], files[-1]):
+        ck = GGUFCheckpoint(part)
+        assert ck.config == reference_ck.config and set(ck.tensors) == set(reference_ck.tensors)
+        assert len({m.stored.file for m in ck.tensors.values()}) == len(files)
+        for name in ck.tensors:
+            assert torch.equal(ck.dense(name), reference_ck.dense(name))
+
+
+def test_a_missing_split_part_is_named(tmp_path):
+    files = write_model_gguf(tmp_path / "model.gguf", hf_model("qwen2"), "qwen2", split_max_tensors=10)
+    files[1].unlink()
+    with pytest.raises(CheckpointError) as info:
+        GGUFCheckpoint(files[0])
+    message = str(info.value)
+    assert files[1].name in message and "missing" in message and "\n" not in message
+
+
+def test_a_renamed_split_part_is_refused(tmp_path):
+    files = write_model_gguf(tmp_path / "model.gguf", hf_model("qwen2"), "qwen2", split_max_tensors=10)
+    a, b = files[1], files[2]
+    tmp = a.with_suffix(".tmp")
+    a.rename(tmp), b.rename(a), tmp.rename(b)
+    with pytest.raises(CheckpointError, match="its metadata says it is part 3 of"):
+        GGUFCheckpoint(files[0])
+
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "good.gguf"
+    write_model_gguf(path, hf_model("llama", seed=5), "llama", kind_of=mixed_types)
+    return path
+
+
+def _one_line_checkpoint_error(path, *fragments):
+    with pytest.raises(CheckpointError) as info:
+        GGUFCheckpoint(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+@pytest.mark.parametrize("keep", [0.999, 0.6, 0.002])
+def test_truncated_files(good_file, tmp_path, keep):
+    """Cut in the last tensor, in the middle of the tensors, in the metadata: one line naming the file."""
+    data = good_file.read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[: int(len(data) * keep)])
+    message = _one_line_checkpoint_error(path, "cut.gguf")
+    assert "past the end of the file" in message and "truncated" in message
+
+
+def test_bad_magic(good_file, tmp_path):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"GGML" + good_file.read_bytes()[4:])
+    _one_line_checkpoint_error(path, "bad.gguf", "not a GGUF file")
+
+
+def test_empty_file_and_missing_file(tmp_path):
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    _one_line_checkpoint_error(tmp_path / "empty.gguf", "not a GGUF file")
+    _one_line_checkpoint_error(tmp_path / "nothing.gguf", "does not exist")
+
+
+def test_a_tensor_past_the_end(good_file, tmp_path):
+    """A tensor whose offset points past the file (the file's size is fine: its header lies)."""
+    reader = gguf.GGUFReader(good_file)
+    victim = reader.tensors[3]
+    offset_field = victim.field.parts[5]  # the tensor's data offset, relative to the data section
+    at = int(victim.field.offset) + sum(p.nbytes for p in victim.field.parts[:5])
+    data = bytearray(good_file.read_bytes())
+    assert int(np.frombuffer(data[at : at + 8], np.uint64)[0]) == int(offset_field[0])
+    data[at : at + 8] = np.array([len(data)], dtype=np.uint64).tobytes()
+    path = tmp_path / "lying.gguf"
+    path.write_bytes(bytes(data))
+    _one_line_checkpoint_error(path, "lying.gguf", repr(victim.name), "past the end of the file")
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = tmp_path / "phi.gguf"
+    write_gguf(path, "phi3", {"phi3.block_count": 1}, [TensorToWrite("token_embd.weight", T.F32, (4, 8),
+                                                                     lambda: np.zeros((4, 8), np.float32))])
+    with pytest.raises(ConfigError, match="unsupported GGUF architecture 'phi3'; supported: llama, qwen2, qwen3, gemma3"):
+        GGUFCheckpoint(path)
+
+
+def test_a_tensor_with_no_place_is_refused(tmp_path):
+    model = hf_model("qwen2")
+    extra = TensorToWrite("blk.0.ffn_gate_exps.weight", T.F32, (2, 64, 64), lambda: np.zeros((2, 64, 64), np.float32))
+    meta = arch_metadata("qwen2", model.config, "moe")
+    path = tmp_path / "moe.gguf"
+    write_gguf(path, "qwen2", meta, gguf_tensors_of(model, "qwen2") + [extra])
+    _one_line_checkpoint_error(path, "'blk.0.ffn_gate_exps.weight' has no place in a qwen2 model")
+
+
+def test_missing_gguf_package_names_the_extra(monkeypatch):
+    import builtins
+
+    from offload.gguf import reader
+
+    real_import = builtins.__import__
+
+    def no_gguf(name, *args, **kwargs):
+        if name == "gguf":
+            raise ImportError("no gguf")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gguf)
+    with pytest.raises(CheckpointError, match=r"needs the gguf package: pip install -e '\.\[gguf\]'"):
+        reader.gguf_package()

@@ -326,12 +326,12 @@ def test_tensor_names_shapes_and_values_round_trip(arch_file):
 
 
 def test_the_permutation_is_really_in_the_file(arch_file):
-    """The stored q rows of a llama file are not the model's rows (so the round trip above proves the undo)."""
+    """The stored q rows of a llama file are not the model's rows (so the round trip above proves the undo);
+    qwen2, qwen3 and gemma3 files hold them unpermuted, as llama.cpp writes them."""
     kind, model, ck = arch_file
-    if ck.architecture != "llama":
-        pytest.skip("only llama files are permuted")
     stored = torch.from_numpy(np.array(ck.tensors["model.layers.0.self_attn.q_proj.weight"].stored.data))
-    assert not torch.equal(stored, model.model.layers[0].self_attn.q_proj.weight)
+    same = torch.equal(stored, model.model.layers[0].self_attn.q_proj.weight)
+    assert same == (ck.architecture != "llama")
 
 
 def test_head_aligned_rows_of_a_permuted_tensor(arch_file):
@@ -586,3 +586,115 @@ def test_missing_gguf_package_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_gguf)
     with pytest.raises(CheckpointError, match=r"needs the gguf package: pip install -e '\.\[gguf\]'"):
         reader.gguf_package()
+
+
+# ----------------------------------------------------------------------------- config details
+
+
+def metadata_only_file(path, arch: str, meta: dict, extra_tensors=()):
+    """A file with metadata, an embedding and ``extra_tensors``: enough for hf_config."""
+    tensors = [TensorToWrite("token_embd.weight", T.F32, (32, 64), lambda: np.zeros((32, 64), np.float32)),
+               *extra_tensors]
+    write_gguf(path, arch, meta, tensors)
+    return GGUFFiles(path)
+
+
+def llama_meta(**overrides):
+    config = dict(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, rope_theta=500000.0, head_dim=16)
+    config.update(overrides)
+    return llama_metadata(config)
+
+
+def llama3_rope_freqs(factor, low, high, old, theta=500000.0, head_dim=16):
+    """rope_freqs as llama.cpp's converter computes it (LlamaModel.generate_extra_tensors)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama3_rope_scaling_comes_back_from_rope_freqs(tmp_path, factor):
+    """Llama 3.1-3.3 files carry their rotary scaling only as the rope_freqs tensor; the parameters found
+    are Llama 3's and give offload the same inverse frequencies as the original config."""
+    original = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+    freqs = llama3_rope_freqs(factor, 1.0, 4.0, 8192, head_dim=128)
+    rope = TensorToWrite("rope_freqs.weight", T.F32, (64,), lambda: freqs)
+    config = hf_config(metadata_only_file(tmp_path / "l3.gguf", "llama", llama_meta(head_dim=128), [rope]))
+    assert config["rope_scaling"] == original
+    assert torch.equal(config_from_dict(config).rope_inv_freq(),
+                       config_from_dict(dict(config, rope_scaling=original)).rope_inv_freq())
+
+
+def test_rope_freqs_of_another_kind_are_refused(tmp_path):
+    freqs = np.linspace(1, 3, 8, dtype=np.float32)  # head_dim 16: 8 frequencies
+    rope = TensorToWrite("rope_freqs.weight", T.F32, (8,), lambda: freqs)
+    with pytest.raises(ConfigError, match="does not follow Llama 3's rotary scaling"):
+        hf_config(metadata_only_file(tmp_path / "odd.gguf", "llama", llama_meta(), [rope]))
+
+
+def test_linear_and_unsupported_rope_scaling(tmp_path):
+    meta = {**llama_meta(), "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}
+    config = hf_config(metadata_only_file(tmp_path / "lin.gguf", "llama", meta))
+    assert config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    meta = {**llama_meta(), "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+            "llama.rope.scaling.original_context_length": 32768}
+    config = hf_config(metadata_only_file(tmp_path / "yarn.gguf", "llama", meta))
+    with pytest.raises(ConfigError, match="unsupported rope type 'yarn'"):
+        config_from_dict(config)
+
+
+def test_config_fields_llama_cpp_implies(tmp_path):
+    """Tied embeddings when there is no output tensor, the vocabulary from the embedding, float32 metadata
+    as the decimal it came from, stop ids from eos, eot and eom."""
+    meta = {**llama_meta(), "llama.attention.layer_norm_rms_epsilon": 1e-5, "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 7, "tokenizer.ggml.eom_token_id": 2}
+    config = hf_config(metadata_only_file(tmp_path / "x.gguf", "llama", meta))
+    assert config["tie_word_embeddings"] is True and config["vocab_size"] == 32
+    assert config["rms_norm_eps"] == 1e-5 and config["eos_token_id"] == [2, 7] and config["bos_token_id"] == 1
+    assert config["head_dim"] == 16 and config["architectures"] == ["LlamaForCausalLM"]
+    out = TensorToWrite("output.weight", T.F32, (32, 64), lambda: np.zeros((32, 64), np.float32))
+    assert hf_config(metadata_only_file(tmp_path / "y.gguf", "llama", meta, [out]))["tie_word_embeddings"] is False
+
+
+def test_mistral_style_files(tmp_path):
+    """llama.cpp writes Mistral as llama: the name tells, and a stored window applies (none: full attention)."""
+    meta = {**llama_meta(), "general.name": "Mistral 7B Instruct v0.3"}
+    config = config_from_dict(hf_config(metadata_only_file(tmp_path / "m.gguf", "llama", meta)))
+    assert config.architecture == "MistralForCausalLM" and set(config.sliding_windows) == {None}
+    meta = {**llama_meta(), "llama.attention.sliding_window": 4096}
+    config = config_from_dict(hf_config(metadata_only_file(tmp_path / "w.gguf", "llama", meta)))
+    assert config.architecture == "MistralForCausalLM" and set(config.sliding_windows) == {4096}
+
+
+def gemma3_meta(n_layers, **extra):
+    return {"gemma3.block_count": n_layers, "gemma3.context_length": 8192, "gemma3.embedding_length": 64,
+            "gemma3.feed_forward_length": 128, "gemma3.attention.head_count": 4, "gemma3.attention.head_count_kv": 2,
+            "gemma3.attention.key_length": 32, "gemma3.attention.value_length": 32,
+            "gemma3.attention.layer_norm_rms_epsilon": 1e-6, "gemma3.rope.freq_base": 1e6,
+            "gemma3.attention.sliding_window": 1024, **extra}
+
+
+def test_gemma3_fields_llama_cpp_assumes(tmp_path):
+    """Sliding layers five of six, local base 10000, attention scaled by head_dim; 62 layers (the 27B) by
+    hidden / heads as llama.cpp does; attention.scale when the file has it; linear scaling of global layers."""
+    meta = gemma3_meta(12, **{"gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0})
+    config = config_from_dict(hf_config(metadata_only_file(tmp_path / "g.gguf", "gemma3", meta)))
+    assert config.sliding_windows == tuple(None if (i + 1) % 6 == 0 else 1024 for i in range(12))
+    assert config.local_rope_theta == 10000.0 and config.rope_theta == 1e6 and config.query_pre_attn_scalar == 32
+    assert config.rope_scaling == {"rope_type": "linear", "factor": 8.0} and config.local_rope_scaling is None
+    assert config.tie_word_embeddings
+    big = config_from_dict(hf_config(metadata_only_file(tmp_path / "g27.gguf", "gemma3", gemma3_meta(62))))
+    assert big.query_pre_attn_scalar == 64 / 4
+    scaled = gemma3_meta(6, **{"gemma3.attention.scale": 0.125})
+    assert config_from_dict(hf_config(metadata_only_file(tmp_path / "gs.gguf", "gemma3", scaled))).query_pre_attn_scalar == 64

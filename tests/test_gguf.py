@@ -698,3 +698,64 @@ def test_gemma3_fields_llama_cpp_assumes(tmp_path):
     assert big.query_pre_attn_scalar == 64 / 4
     scaled = gemma3_meta(6, **{"gemma3.attention.scale": 0.125})
     assert config_from_dict(hf_config(metadata_only_file(tmp_path / "gs.gguf", "gemma3", scaled))).query_pre_attn_scalar == 64
+
+
+# ----------------------------------------------------------------------------- the Q4_K_M-like writer
+
+
+def test_q4_k_m_like_file(tmp_path):
+    """A small llama in the Q4_K_M-like mix: Q6_K embedding and output, attn_v / ffn_down in Q6_K on the
+    layers llama.cpp gives more bits, Q4_K elsewhere, F32 norms; every tensor maps and reads as parts."""
+    config = dict(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    path = tmp_path / "q4km.gguf"
+    write_q4_k_m_like(path, config, seed=3)
+    ck = GGUFCheckpoint(path)
+    assert ck.config["tie_word_embeddings"] is False and config_from_dict(ck.config).n_layers == 8
+    types = {m.name: gguf.GGMLQuantizationType(m.ggml_type).name for m in ck.tensors.values()}
+    assert types["token_embd.weight"] == types["output.weight"] == "Q6_K"
+    for i in range(8):
+        more = "Q6_K" if uses_more_bits(i, 8) else "Q4_K"
+        assert types[f"blk.{i}.attn_v.weight"] == types[f"blk.{i}.ffn_down.weight"] == more
+        assert types[f"blk.{i}.attn_q.weight"] == types[f"blk.{i}.ffn_up.weight"] == "Q4_K"
+        assert types[f"blk.{i}.attn_norm.weight"] == "F32"
+    assert [i for i in range(8) if uses_more_bits(i, 8)] == [0, 3, 6, 7]  # llama.cpp's rule for 8 layers
+    for name, mapped in ck.tensors.items():
+        if mapped.ggml_type != T.F32:
+            parts = ck.parts(name, scale_dtype=torch.float32)
+            assert torch.isfinite(dequantize_parts(parts, parts_format(mapped.ggml_type))).all()
+    again = tmp_path / "again.gguf"
+    write_q4_k_m_like(again, config, seed=3)
+    assert again.read_bytes() == path.read_bytes()  # seeded per tensor: the same file
+
+
+def test_q4_k_m_like_tensors_are_made_one_at_a_time(tmp_path):
+    """The writer asks for each tensor's bytes only when it writes it (a 13B file never sits in memory)."""
+    made = []
+    tensors = [TensorToWrite(f"t{i}", T.Q4_K, (4, 256), lambda i=i: made.append(i) or random_blocks(
+        T.Q4_K, 4, 256, np.random.default_rng(i))) for i in range(3)]
+    import gguf as g
+
+    real = g.GGUFWriter.write_tensor_data
+    seen = []
+
+    def spy(self, tensor, *args, **kwargs):
+        seen.append(list(made))
+        return real(self, tensor, *args, **kwargs)
+
+    g.GGUFWriter.write_tensor_data = spy
+    try:
+        write_gguf(tmp_path / "t.gguf", "llama", {}, tensors)
+    finally:
+        g.GGUFWriter.write_tensor_data = real
+    assert seen == [[0], [0, 1], [0, 1, 2]]
+
+
+def test_llama_2_13b_shaped_q4_k_m_like_file_is_7_9_gb():
+    """What write_q4_k_m_like(shape_config("llama-2-13b")) writes, counted without writing it."""
+    config = shape_config("llama-2-13b")
+    tensors = q4_k_m_like_tensors(config)
+    nbytes = sum(math.prod(t.shape) // gguf.GGML_QUANT_SIZES[t.ggml_type][0] * gguf.GGML_QUANT_SIZES[t.ggml_type][1]
+                 for t in tensors)
+    assert len(tensors) == 2 + 40 * 9 + 1
+    assert 7.7e9 < nbytes < 8.0e9, nbytes

@@ -124,25 +124,28 @@ def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
     return blocks[:, at : at + 2].contiguous().view(torch.float16).float()
 
 
-def _shifts(*bits: int, device) -> torch.Tensor:
-    return torch.tensor(bits, dtype=torch.uint8, device=device)
-
-
 # ----------------------------------------------------------------------------- GGUF blocks -> values
+#
+# Each decoder takes a tensor's blocks (uint8 [blocks, bytes per block]) and returns (values, scale,
+# minimum) per block: int4 types their values already packed two to a byte in column order (uint8
+# [blocks, values / 2]), int8 types one int8 per value; scale and minimum float32 [blocks, groups].
+
+
+def _repack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """Bytes ``[..., 2n]`` whose low nibbles hold values ``0..2n-1`` and high nibbles the next ``2n``
+    (GGUF's order) as bytes ``[..., 2, n]`` holding values ``2k, 2k + 1`` in byte ``k`` (offload's order):
+    the low-nibble values first, then the high-nibble ones. Works on the bytes, never unpacking."""
+    even, odd = qs[..., 0::2], qs[..., 1::2]
+    return torch.stack([(even & 15) | (odd << 4), (even >> 4) | (odd & 0xF0)], dim=-2)
 
 
 def _q4_0(b):
     d = _half(b, 0)
-    return _nibbles_first_half_low(b[:, 2:18]), d, -8 * d  # w = d * (q - 8)
+    return _repack_nibbles(b[:, 2:18]).reshape(-1, 16), d, -8 * d  # w = d * (q - 8)
 
 
 def _q4_1(b):
-    return _nibbles_first_half_low(b[:, 4:20]), _half(b, 0), _half(b, 2)
-
-
-def _nibbles_first_half_low(qs: torch.Tensor) -> torch.Tensor:
-    """A 32-value block of Q4_0/Q4_1: byte j holds value j in its low nibble and value j + 16 in its high one."""
-    return torch.cat([qs & 15, qs >> 4], dim=1)
+    return _repack_nibbles(b[:, 4:20]).reshape(-1, 16), _half(b, 0), _half(b, 2)
 
 
 def _q8_0(b):
@@ -152,40 +155,40 @@ def _q8_0(b):
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The eight 6-bit scales and minimums of a Q4_K/Q5_K super-block, packed in 12 bytes
     (``gguf.quants.Q4_K.get_scale_min``)."""
-    s = scales.reshape(-1, 3, 4)
+    s = scales.contiguous().reshape(-1, 3, 4)  # a small copy: ops on narrow strided columns are slow
     d, m, md = s[:, 0], s[:, 1], s[:, 2]
     sc = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], dim=1)
     mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], dim=1)
     return sc.float(), mn.float()
 
 
-def _k_low_nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """128 bytes of a Q4_K/Q5_K super-block as 256 4-bit values: each 32 bytes hold two 32-value
-    sub-blocks, the first in the low nibbles."""
-    qs = qs.reshape(-1, 4, 1, 32) >> _shifts(0, 4, device=qs.device).view(1, 1, 2, 1)
-    return (qs & 15).reshape(-1, QK_K)
-
-
 def _q4_k(b):
+    """128 bytes of values: each 32 bytes hold two 32-value sub-blocks, the first in the low nibbles."""
     sc, m = _k_scale_min(b[:, 4:16])
     d, dmin = _half(b, 0), _half(b, 2)
-    return _k_low_nibbles(b[:, 16:144]), d * sc, -(dmin * m)
+    return _repack_nibbles(b[:, 16:144].reshape(-1, 4, 32)).reshape(-1, 128), d * sc, -(dmin * m)
 
 
 def _q5_k(b):
+    """Q4_K's low 4 bits, and a fifth bit per value: bit i of byte j is value j of sub-block i."""
     sc, m = _k_scale_min(b[:, 4:16])
     d, dmin = _half(b, 0), _half(b, 2)
-    qh = b[:, 16:48].reshape(-1, 1, 32) >> _shifts(*range(8), device=b.device).view(1, 8, 1)  # bit i: sub-block i
-    q = _k_low_nibbles(b[:, 48:176]) | ((qh & 1).reshape(-1, QK_K) << 4)
-    return q.view(torch.int8), d * sc, -(dmin * m)
+    qs = b[:, 48:176].reshape(-1, 4, 32)
+    low = torch.stack([qs & 15, qs >> 4], dim=2).reshape(-1, QK_K)
+    qh = b[:, 16:48]
+    high = torch.stack([(qh >> i) & 1 for i in range(8)], dim=1).reshape(-1, QK_K)
+    return (low | (high << 4)).view(torch.int8), d * sc, -(dmin * m)
 
 
 def _q6_k(b):
-    ql = b[:, :128].reshape(-1, 2, 1, 64) >> _shifts(0, 4, device=b.device).view(1, 1, 2, 1)
-    qh = b[:, 128:192].reshape(-1, 2, 1, 32) >> _shifts(0, 2, 4, 6, device=b.device).view(1, 1, 4, 1)
-    q = (ql & 15).reshape(-1, QK_K) | ((qh & 3).reshape(-1, QK_K) << 4)
+    """Per 128 values: 64 bytes of low 4 bits (low nibbles first) and 32 bytes of high 2 bits (four per
+    byte, lowest first); 16 int8 scales of 16 values each."""
+    ql = b[:, :128].reshape(-1, 2, 64)
+    low = torch.stack([ql & 15, ql >> 4], dim=2).reshape(-1, QK_K)
+    qh = b[:, 128:192].reshape(-1, 2, 32)
+    high = torch.stack([qh & 3, (qh >> 2) & 3, (qh >> 4) & 3, qh >> 6], dim=2).reshape(-1, QK_K)
     sc = b[:, 192:208].contiguous().view(torch.int8).float()
-    return q.view(torch.int8) - 32, _half(b, 208) * sc, None
+    return (low | (high << 4)).view(torch.int8) - 32, _half(b, 208) * sc, None
 
 
 def _decoders() -> dict:
@@ -211,21 +214,21 @@ def gguf_tensor_to_parts(raw, ggml_type, shape: tuple[int, int], scale_dtype: to
     if len(shape) != 2:
         raise CheckpointError(f"{name}: only a matrix is kept compressed, got shape {list(shape)}")
     rows, cols = shape
-    q, scale, minimum = _decoders()[int(ggml_type)](_blocks(as_bytes(raw, ggml_type, shape), ggml_type))
-    q = q.reshape(rows, cols)
-    parts = {"data": q[:, 0::2] | (q[:, 1::2] << 4) if fmt.format == INT4 else q,
-             "scale": _rounded(scale, scale_dtype, rows, name, "scale")}
+    values, scale, minimum = _decoders()[int(ggml_type)](_blocks(as_bytes(raw, ggml_type, shape), ggml_type))
+    parts = {"data": values.reshape(rows, -1), "scale": _rounded(scale, scale_dtype, rows, name, "scale")}
     if minimum is not None:
         parts["minimum"] = _rounded(minimum, scale_dtype, rows, name, "minimum")
     return parts
 
 
 def _rounded(values: torch.Tensor, dtype: torch.dtype, rows: int, name: str, what: str) -> torch.Tensor:
-    out = values.to(dtype).reshape(rows, -1)
-    if not bool(torch.isfinite(out).all()):
+    """``values`` (exact float32) rounded once to ``dtype``; non-finite ones, or ones beyond ``dtype``'s range
+    (checked in float32, where the check is cheap), raise CheckpointError."""
+    finite = bool(torch.isfinite(values).all())
+    if not finite or (values.numel() and float(values.abs().max()) > torch.finfo(dtype).max):
         raise CheckpointError(f"{name}: a {what} is not finite in {str(dtype).removeprefix('torch.')} "
                               "(a corrupt file, or a value beyond the dtype's range: use a wider scale dtype)")
-    return out
+    return values.to(dtype).reshape(rows, -1)
 
 
 def dequantize_parts(parts: dict[str, torch.Tensor], format: str | PartsFormat) -> torch.Tensor:

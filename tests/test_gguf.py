@@ -759,3 +759,185 @@ def test_llama_2_13b_shaped_q4_k_m_like_file_is_7_9_gb():
                  for t in tensors)
     assert len(tensors) == 2 + 40 * 9 + 1
     assert 7.7e9 < nbytes < 8.0e9, nbytes
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+TEXTS = ["Hello world", "The capital of France is", "  two  spaces and\nnew lines\n\n", "Café déjà vu ☕ 2024!",
+         "offload's streamed layers: 1234567 tokens/s", "<|im_start|>user\nhi there<|im_end|>\n", "<think>why</think>",
+         " leading space", "tabs\tand\r\nwindows"]
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+
+
+def corpus() -> list[str]:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return [line for f in (root / "README.md", root / "docs" / "architecture.md")
+            for line in f.read_text().splitlines() if line.strip()]
+
+
+def byte_level_vocab():
+    """A byte-level BPE trained on this repository's docs: its tokens in id order and its merges."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    import json
+
+    merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(tok.to_str())["model"]["merges"]]
+    return tokens, merges
+
+
+def sentencepiece_vocab(specials: list[tuple[str, int]]):
+    """A SentencePiece-style vocabulary: ``specials`` (token, type), the 256 byte tokens, then pieces learned
+    with ▁ for spaces (and ▁▁); scores falling with the order pieces were learned in."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=900, show_progress=False))
+    vocab = tok.get_vocab()
+    pieces = sorted(vocab, key=vocab.get)
+    head = [t for t, _ in specials] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens = head + [p for p in pieces if p not in head] + ["▁▁"] * ("▁▁" not in pieces)
+    types = [k for _, k in specials] + [6] * 256 + [1] * (len(tokens) - len(head))
+    scores = [0.0] * len(head) + [-float(i) for i in range(len(tokens) - len(head))]
+    return tokens, types, scores
+
+
+def write_tokenizer_gguf(path, arch: str, meta: dict):
+    n = len(meta["tokenizer.ggml.tokens"])
+    embedding = TensorToWrite("token_embd.weight", T.F32, (n, 8), lambda: np.zeros((n, 8), np.float32))
+    write_gguf(path, arch, {"general.name": "tokenizer test", **meta}, [embedding])
+    return path
+
+
+def with_chat_tokens(tokens, types, extra):
+    """``extra``: (token, type) pairs appended."""
+    return tokens + [t for t, _ in extra], types + [k for _, k in extra]
+
+
+@pytest.fixture(scope="module")
+def byte_level_files(tmp_path_factory):
+    tokens, merges = byte_level_vocab()
+    tokens, types = with_chat_tokens(tokens, [1] * len(tokens), [("<|endoftext|>", 3), ("<|im_start|>", 3),
+                                                                 ("<|im_end|>", 3), ("<think>", 4), ("</think>", 4)])
+    base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": tokens.index("<|endoftext|>"),
+            "tokenizer.ggml.eos_token_id": tokens.index("<|im_end|>"), "tokenizer.chat_template": CHATML}
+    out = {}
+    for pre, arch, add_bos in (("qwen2", "qwen2", False), ("llama-bpe", "llama", True), ("smollm", "llama", False),
+                               ("gpt-2", "llama", False)):
+        d = tmp_path_factory.mktemp(f"tok-{pre}")
+        meta = {**base, "tokenizer.ggml.pre": pre, "tokenizer.ggml.add_bos_token": add_bos}
+        out[pre] = write_tokenizer_gguf(d / "tok.gguf", arch, meta)
+    return out
+
+
+SPM_SPECIALS = {  # each family's special tokens, as its files list them first
+    "llama": [("<unk>", 2), ("<s>", 3), ("</s>", 3)],
+    "gemma3": [("<pad>", 3), ("<eos>", 3), ("<bos>", 3), ("<unk>", 2), ("<mask>", 3)],
+}
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_files(tmp_path_factory):
+    out = {}
+    for arch, specials in SPM_SPECIALS.items():
+        tokens, types, scores = sentencepiece_vocab(specials)
+        tokens, types = with_chat_tokens(tokens, types, [("<|im_start|>", 3), ("<|im_end|>", 3)])
+        if arch == "gemma3":  # Gemma stores a token of spaces as spaces
+            tokens[tokens.index("▁▁")] = "  "
+        ids = {name: tokens.index(t) for name, t in (("bos", "<s>" if arch == "llama" else "<bos>"),
+                                                     ("eos", "</s>" if arch == "llama" else "<eos>"),
+                                                     ("unknown", "<unk>"))}
+        meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+                "tokenizer.ggml.scores": scores + [0.0, 0.0], "tokenizer.chat_template": CHATML,
+                "tokenizer.ggml.add_space_prefix": arch != "gemma3",
+                **{f"tokenizer.ggml.{k}_token_id": v for k, v in ids.items()}}
+        out[arch] = write_tokenizer_gguf(tmp_path_factory.mktemp(f"spm-{arch}") / "spm.gguf", arch, meta)
+    return out
+
+
+def transformers_tokenizer(path):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _tokenizer_of(path):
+    from offload.gguf import gguf_tokenizer
+
+    return gguf_tokenizer(GGUFFiles(path))
+
+
+def assert_same_tokenizer(path, texts=TEXTS):
+    mine, theirs = _tokenizer_of(path), transformers_tokenizer(path)
+    assert mine.size == len(theirs)
+    for text in texts:
+        assert mine.encode(text) == theirs.encode(text, add_special_tokens=False), text
+        assert mine.inner.encode(text, add_special_tokens=True).ids == theirs.encode(text), text
+        ids = mine.encode(text)
+        assert mine.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text  # offload drops special ones
+    rendered = theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert mine.chat_template.render(MESSAGES) == rendered
+    assert mine.apply_chat_template(MESSAGES) == theirs.encode(rendered, add_special_tokens=False)
+    return mine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "gpt-2"])
+def test_byte_level_tokenizer_matches_transformers(byte_level_files, pre):
+    mine = assert_same_tokenizer(byte_level_files[pre])
+    assert mine.encode("<|im_start|>") == [mine.inner.token_to_id("<|im_start|>")]  # special: one token
+    assert len(mine.encode("<think>")) == 1  # user-defined: whole too
+
+
+def test_smollm_pre_tokenizer_splits_digits(byte_level_files):
+    """llama.cpp's 'smollm' splits every digit off before the GPT-2 split; 'gpt-2' keeps runs of digits."""
+    smollm, gpt2 = _tokenizer_of(byte_level_files["smollm"]), _tokenizer_of(byte_level_files["gpt-2"])
+    digits = [smollm.decode([i]) for i in smollm.encode(" 2024")]
+    assert digits == [" ", "2", "0", "2", "4"]
+    assert all(not t.strip().isdigit() or len(t.strip()) == 1 for t in digits)
+    assert gpt2.inner.pre_tokenizer.pre_tokenize_str(" 2024")[0][0].endswith("2024")
+
+
+def test_add_bos_follows_the_file(byte_level_files):
+    with_bos, without = _tokenizer_of(byte_level_files["llama-bpe"]), _tokenizer_of(byte_level_files["qwen2"])
+    bos = with_bos.inner.token_to_id("<|endoftext|>")
+    assert with_bos.inner.encode("hi", add_special_tokens=True).ids[0] == bos
+    assert with_bos.encode("hi")[0] != bos  # offload's encode adds nothing: templates write their own
+    assert without.inner.encode("hi", add_special_tokens=True).ids == without.encode("hi")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sentencepiece_tokenizer_matches_transformers(sentencepiece_files, arch):
+    """Merges rebuilt from the scores (llama) or from the vocabulary's order (Gemma), byte fallback for
+    characters not in the vocabulary, the ▁ prefix as the file says."""
+    mine = assert_same_tokenizer(sentencepiece_files[arch])
+    coffee = mine.encode("☕")
+    assert [mine.inner.id_to_token(i) for i in coffee][-3:] == ["<0xE2>", "<0x98>", "<0x95>"]
+    assert mine.decode(coffee).endswith("☕")
+
+
+def test_no_vocabulary_no_tokenizer(tmp_path):
+    path = tmp_path / "bare.gguf"
+    write_gguf(path, "llama", llama_meta(), [TensorToWrite("token_embd.weight", T.F32, (32, 64),
+                                                           lambda: np.zeros((32, 64), np.float32))])
+    assert _tokenizer_of(path) is None
+
+
+def test_unknown_pre_tokenizer_is_refused(byte_level_files, tmp_path):
+    files = GGUFFiles(byte_level_files["qwen2"])
+    meta = {k: files.value(k) for k in files.fields if k.startswith("tokenizer.")}
+    meta["tokenizer.ggml.pre"] = "martian"
+    with pytest.raises(ConfigError, match="tokenizer.ggml.pre 'martian' is not one offload knows"):
+        _tokenizer_of(write_tokenizer_gguf(tmp_path / "m.gguf", "qwen2", meta))

@@ -941,3 +941,79 @@ def test_unknown_pre_tokenizer_is_refused(byte_level_files, tmp_path):
     meta["tokenizer.ggml.pre"] = "martian"
     with pytest.raises(ConfigError, match="tokenizer.ggml.pre 'martian' is not one offload knows"):
         _tokenizer_of(write_tokenizer_gguf(tmp_path / "m.gguf", "qwen2", meta))
+
+
+# ----------------------------------------------------------------------------- the real SmolLM2-135M-Instruct file
+
+
+@pytest.fixture(scope="module")
+def smollm2_ck(smollm2_gguf):
+    return GGUFCheckpoint(smollm2_gguf)
+
+
+def test_smollm2_config(smollm2_ck):
+    config = config_from_dict(smollm2_ck.config)
+    assert (config.architecture, config.vocab_size, config.hidden_size, config.intermediate_size, config.n_layers,
+            config.n_heads, config.n_kv_heads, config.head_dim) == ("LlamaForCausalLM", 49152, 576, 1536, 30, 9, 3, 64)
+    assert config.rope_theta == 100000.0 and config.rms_norm_eps == 1e-5 and config.rope_scaling is None
+    assert config.tie_word_embeddings and config.max_position_embeddings == 8192 and config.eos_token_ids == (2,)
+
+
+def test_smollm2_tensor_names_shapes_and_types(smollm2_ck):
+    layer = {"input_layernorm": (576,), "self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576),
+             "self_attn.v_proj": (192, 576), "self_attn.o_proj": (576, 576), "post_attention_layernorm": (576,),
+             "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576), "mlp.down_proj": (576, 1536)}
+    expected = {f"model.layers.{i}.{k}.weight": v for i in range(30) for k, v in layer.items()}
+    expected.update({"model.embed_tokens.weight": (49152, 576), "model.norm.weight": (576,)})
+    assert {name: m.shape for name, m in smollm2_ck.tensors.items()} == expected
+    assert smollm2_ck.type_counts()["embed_tokens"] == {"Q8_0": 1}
+    assert smollm2_ck.type_counts()["mlp.down_proj"] == {"Q4_1": 30}
+
+
+def test_smollm2_q4_1_parts_are_the_gguf_values(smollm2_ck):
+    """The file's Q4_1 tensors as int4 parts with float16 scales (exact for Q4_1) dequantize to the gguf
+    package's values, q and k rows put back in Hugging Face order."""
+    ck = smollm2_ck
+    for name in ("model.layers.7.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
+                 "model.layers.7.mlp.down_proj.weight"):
+        mapped = ck.tensors[name]
+        parts = ck.parts(name)
+        assert parts["data"].shape == (mapped.shape[0], mapped.shape[1] // 2) and parts["scale"].dtype == torch.float16
+        values = torch.from_numpy(reference(np.array(mapped.stored.data), T.Q4_1))
+        if mapped.unpermute_heads:
+            heads = mapped.unpermute_heads
+            values = values.view(heads, -1, 2, values.shape[1]).transpose(1, 2).reshape(values.shape)
+        assert torch.equal(dequantize_parts(parts, "int4"), values)
+
+
+@pytest.mark.slow
+def test_smollm2_against_transformers(smollm2_ck, smollm2):
+    """The same file read by transformers (dequantized to float32): the same config, every tensor's name
+    and shape, and every value equal, Q4_1 through offload's parts, Q8_0 embedding and F32 norms dense."""
+    import json
+
+    from safetensors.torch import load_file
+
+    ck = smollm2_ck
+    theirs_config = vars(config_from_dict(json.loads((smollm2 / "config.json").read_text())))
+    ours_config = vars(config_from_dict(ck.config))
+    # transformers takes float32 metadata as its float32 value (9.999999747378752e-06); offload as the decimal
+    # that value was stored from (1e-05): the same float32
+    assert np.float32(ours_config.pop("rms_norm_eps")) == np.float32(theirs_config.pop("rms_norm_eps"))
+    assert ours_config == theirs_config
+    state = load_file(str(smollm2 / "model.safetensors"))
+    assert {n: tuple(t.shape) for n, t in state.items()} == {n: m.shape for n, m in ck.tensors.items()}
+    for name, w in state.items():
+        fmt = parts_format(ck.tensors[name].ggml_type)
+        if fmt is not None and w.dim() == 2 and fmt.format == "int4":
+            ours = dequantize_parts(ck.parts(name), fmt)
+        else:
+            ours = ck.dense(name)
+        assert torch.equal(ours, w), name
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_and_chat_template_match_transformers(smollm2_gguf):
+    mine = assert_same_tokenizer(smollm2_gguf, TEXTS + ["<|endoftext|>", "<repo_name>offload"])
+    assert mine.encode("<|im_start|>user") == [1, 4093]
+    assert mine.chat_template.special_tokens["eos_token"] == "<|im_end|>"

@@ -239,8 +239,8 @@ def arch_metadata(arch: str, config, name: str) -> dict:
     }
     rope = c.rope_parameters.get("full_attention", c.rope_parameters)
     meta[f"{arch}.rope.freq_base"] = float(rope["rope_theta"])
+    meta[f"{arch}.vocab_size"] = c.vocab_size  # (offload takes the embedding's rows; transformers needs this)
     if arch == "llama":
-        meta[f"{arch}.vocab_size"] = c.vocab_size
         meta[f"{arch}.rope.dimension_count"] = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if arch in ("qwen3", "gemma3"):
         meta[f"{arch}.attention.key_length"] = c.head_dim
@@ -349,6 +349,31 @@ def test_head_aligned_rows_of_a_permuted_tensor(arch_file):
     if ck.architecture == "llama":
         with pytest.raises(CheckpointError, match="not whole heads"):
             ck.dense("model.layers.1.self_attn.q_proj.weight", rows=(0, hd // 2))
+
+
+@pytest.mark.slow
+def test_tensors_match_transformers_reading_the_same_file(arch_file):
+    """transformers' own GGUF loader (which undoes llama.cpp's permutation for llama files only, and subtracts
+    Gemma's 1 from its norms) reads the same values from each architecture's file."""
+    import transformers
+
+    kind, model, ck = arch_file
+    if kind == "qwen3":  # transformers ignores qwen3.attention.key_length: head_dim is its default, 128
+        model = hf_model(kind, seed=12, head_dim=128)
+        path = ck.path.with_name("qwen3-128.gguf")
+        write_model_gguf(path, model, "qwen3")
+        ck = GGUFCheckpoint(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(ck.path.parent, gguf_file=ck.path.name,
+                                                                   dtype=torch.float32)
+    state = theirs.state_dict()
+    # transformers builds a llama config without attention_bias (its GGUF mapping has no such key), so it
+    # drops a llama file's q/k/v/o biases; offload reads them (and the config says attention_bias)
+    dropped = {n for n in ck.tensors if n not in state}
+    assert dropped == ({n for n in ck.tensors if n.endswith("_proj.bias")} if kind == "llama" else set())
+    for name in set(ck.tensors) - dropped:
+        assert torch.equal(ck.dense(name), state[name]), name
 
 
 def mixed_types(name: str):

@@ -471,6 +471,39 @@ def test_source_reads_parts_into_a_layout(quantized_llama):
         source.validate([(wrong, name)])
 
 
+def test_source_fills_offload_int4_blocks(tmp_path):
+    """The wiring to come, on today's int4 format (Q4_1 is int4 in groups of 32 with float16 scales, exactly):
+    offload's own int4 layer layout (q, k, v fused part by part) filled from a Q4_1 file through GGUFSource,
+    each tensor converted once, computes the file's weights."""
+    from offload.models.llama import Llama
+    from offload.models.quant import WeightFormat, dequantize
+
+    model = hf_model("llama", seed=13, attention_bias=False)
+    path = tmp_path / "q41.gguf"
+    write_model_gguf(path, model, "llama", kind_of=lambda n: T.Q4_1 if n.startswith("blk.") and "norm" not in n
+                     else None)
+    ck = GGUFCheckpoint(path)
+    config = config_from_dict(ck.config)
+    source = GGUFSource(ck)
+    calls = []
+    real_parts = ck.parts
+    ck.parts = lambda *a, **k: calls.append(a[0]) or real_parts(*a, **k)
+    blocks = Llama.blocks(config, TensorParallel(), torch.float16, WeightFormat("int4", 32))
+    source.validate([x for block in blocks for x in block.sources()])
+    for block in blocks:
+        buffer = torch.zeros(block.layout.nbytes, dtype=torch.uint8)
+        for spec, name in block.sources():
+            out = buffer[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+            source.read(spec, name, out)
+        w = block.layout.views(buffer)
+        p = f"model.layers.{block.layer}."
+        qkv = torch.cat([ck.dense(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        for ours, expected in ((w.wqkv, qkv), (w.w_down, ck.dense(p + "mlp.down_proj.weight"))):
+            got = dequantize(ours).float()
+            assert (got - expected).abs().max() <= expected.abs().max() * 2**-9
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 7 * config.n_layers  # each tensor converted once
+
+
 def test_columns_of_blocks(quantized_llama):
     """A shard of the input dimension is cut on block boundaries (o and down under tensor parallelism)."""
     _, _, ck = quantized_llama

@@ -11,7 +11,7 @@ norms undone. :class:`GGUFSource` puts that behind the weight-source interface o
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -151,14 +151,17 @@ class GGUFSource:
 
     A spec without ``part`` is read dense (any type; cast to ``out``'s dtype). A spec with a
     ``part`` (``"data"``, ``"scale"``, ``"minimum"``) is that part of the tensor's compressed form,
-    whose format and group size must be the spec's; the three parts of one tensor piece are
-    converted once (kept until another piece is read), scales exact in float32 and rounded when
-    copied into ``out`` (the dtype of the layout's scale part).
+    whose format and group size must be the spec's. A tensor piece is converted once for its
+    parts: the last ``CACHED_PIECES`` pieces are kept (a fused projection's layout lists q, k and
+    v's data, then their scales...), scales exact in float32 and rounded when copied into ``out``
+    (the dtype of the layout's scale part).
     """
+
+    CACHED_PIECES = 8
 
     def __init__(self, checkpoint: GGUFCheckpoint | str | Path):
         self.checkpoint = checkpoint if isinstance(checkpoint, GGUFCheckpoint) else GGUFCheckpoint(checkpoint)
-        self._cached: tuple | None = None
+        self._cached: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
     def validate(self, specs) -> None:
         ck = self.checkpoint
@@ -189,10 +192,7 @@ class GGUFSource:
     def read(self, spec, name: str, out: torch.Tensor) -> None:
         rows, cols = _cut(spec)
         if spec.part:
-            key = (name, rows, cols)
-            if self._cached is None or self._cached[0] != key:
-                self._cached = (key, self.checkpoint.parts(name, rows, cols, torch.float32))
-            piece = self._cached[1].get(spec.part)
+            piece = self._parts(name, rows, cols).get(spec.part)
             if piece is None:
                 raise CheckpointError(f"{self.checkpoint.path.name}: {name} has no {spec.part!r} part")
         else:
@@ -202,8 +202,16 @@ class GGUFSource:
             raise CheckpointError(f"{self.checkpoint.path.name}: tensor {name!r} holds NaN or infinite values "
                                   f"(as {str(out.dtype).removeprefix('torch.')})")
 
+    def _parts(self, name: str, rows, cols) -> dict[str, torch.Tensor]:
+        key = (name, rows, cols)
+        if key not in self._cached:
+            self._cached[key] = self.checkpoint.parts(name, rows, cols, torch.float32)
+            while len(self._cached) > self.CACHED_PIECES:
+                self._cached.popitem(last=False)
+        return self._cached[key]
+
     def close(self) -> None:
-        self._cached = None
+        self._cached.clear()
         self.checkpoint.close()
 
 

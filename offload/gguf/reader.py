@@ -208,7 +208,7 @@ class GGUFFiles:
     def value(self, key: str, default=None):
         """A metadata value as Python: a str, int, float, bool, or a list of them; ``default`` when absent.
 
-        float32 values are given as the shortest decimal that rounds to them (``1e-05``, not
+        A float32 value is given as the shortest decimal that rounds to it (``1e-05``, not
         ``9.999999747378752e-06``): the value the model's config had before llama.cpp stored it.
         """
         if key in self._decoded:
@@ -224,8 +224,8 @@ class GGUFFiles:
                 value = field.contents()
         except (UnicodeDecodeError, IndexError, ValueError, struct.error) as e:
             raise CheckpointError(f"{self.path.name}: metadata {key!r} cannot be read ({e})") from None
-        if field.types and field.types[-1] == gguf.GGUFValueType.FLOAT32:
-            value = [_shortest(v) for v in value] if isinstance(value, list) else _shortest(value)
+        if field.types == [gguf.GGUFValueType.FLOAT32]:  # scalars only: arrays (token scores) keep their values
+            value = _shortest(value)
         self._decoded[key] = value
         return value
 

@@ -418,20 +418,18 @@ def test_quantized_tensors_come_back_as_parts_in_model_order(quantized_llama):
         assert (dequantize_parts(parts, fmt) - w).abs().max() <= w.abs().max() / 7
 
 
-def test_source_reads_every_tensor_of_a_tensor_parallel_rank(quantized_llama):
-    """GGUFSource behind offload's own layouts: every spec of a rank of 2 (q/k/v rows by heads, o/down
-    columns, vocabulary rows) is read dense and equals that piece of the whole tensor."""
-    model, path, ck = quantized_llama
+def assert_ranks_read_their_pieces(ck: GGUFCheckpoint, ranks: int) -> None:
+    """Every spec of each rank (offload's own layouts: q/k/v rows and biases by heads, o/down columns,
+    vocabulary rows) read dense through GGUFSource equals that piece of the whole tensor."""
     config = config_from_dict(ck.config)
     source = GGUFSource(ck)
-    for rank in range(2):
-        specs = checkpoint_sources(config, TensorParallel(rank, 2), torch.float32)
+    for rank in range(ranks):
+        specs = checkpoint_sources(config, TensorParallel(rank, ranks), torch.float32)
         source.validate(specs)
         for spec, name in specs:
             out = torch.empty(spec.shape)
             source.read(spec, name, out)
-            full = ck.dense(name)
-            shard = spec.shard
+            full, shard = ck.dense(name), spec.shard
             if shard.dim is None:
                 expected = full
             elif shard.dim == 0:
@@ -439,6 +437,15 @@ def test_source_reads_every_tensor_of_a_tensor_parallel_rank(quantized_llama):
             else:
                 expected = full[:, shard.start : shard.stop]
             assert torch.equal(out[: expected.shape[0]], expected), (name, spec.name)
+
+
+def test_source_reads_every_tensor_of_a_tensor_parallel_rank(quantized_llama):
+    assert_ranks_read_their_pieces(quantized_llama[2], 2)
+
+
+def test_source_reads_tensor_parallel_pieces_of_each_architecture(arch_file):
+    """Biases too (llama's permuted, qwen2's), q/k norms, Gemma's norms."""
+    assert_ranks_read_their_pieces(arch_file[2], 2)
 
 
 def test_source_reads_parts_into_a_layout(quantized_llama):

@@ -61,13 +61,12 @@ class GGUFCheckpoint:
     def raw(self, name: str, rows: tuple[int, int] | None = None,
             cols: tuple[int, int] | None = None) -> np.ndarray:
         """The stored bytes (a memory-mapped view, nothing read yet) of rows ``[lo, hi)`` and columns
-        ``[lo, hi)`` of tensor ``name``, in the file's row order. Columns must fall on block boundaries."""
+        ``[lo, hi)`` of tensor ``name`` (of a vector, its elements ``[lo, hi)``), in the file's order.
+        Columns must fall on block boundaries."""
         stored = self.tensor(name).stored
         data = stored.data
-        if len(stored.shape) == 1:
-            if rows is not None or cols is not None:
-                raise CheckpointError(f"{name} is a vector; it has no rows or columns to cut")
-            return data
+        if len(stored.shape) == 1 and cols is not None:
+            raise CheckpointError(f"{name} is a vector; it has no columns to cut")
         lo, hi = rows or (0, stored.shape[0])
         data = data[lo:hi]
         if cols is None:

@@ -21,14 +21,15 @@ float32, where they are exact (at most 18 significant bits), then rounded once t
 ``scale_dtype``:
 
 * float32 holds every scale and minimum exactly: dequantizing the parts gives the ``gguf``
-  package's ``dequantize`` bit for bit.
+  package's ``dequantize`` bit for bit (Q4_0: the same numbers, but its zeros are +0.0 where
+  gguf's ``d * (q - 8)`` gives -0.0 for d < 0).
 * float16 (the default) holds Q4_0's, Q4_1's and Q8_0's exactly (``d``, ``m`` and ``-8 d``
   are float16 values; ``-8 d`` overflows only for ``|d| > 8191``, which is refused), but
   not the K-quants' products ``d * sc`` (up to 17-18 significant bits): those are rounded to
   float16's 11, a relative error of at most 2^-11 on a group's scale and minimum.
 * bfloat16 keeps 8 significant bits: even ``d`` is rounded (relative error up to 2^-8).
 
-``EXACT_SCALE_DTYPE`` names the narrowest dtype that is exact for each type. A scale or
+``PartsFormat.exact_scale_dtype`` names the narrowest dtype that is exact for each type. A scale or
 minimum that is not finite in ``scale_dtype`` (a corrupt file, or an overflow) raises
 CheckpointError.
 

@@ -108,10 +108,10 @@ def _reader_class():
 
 
 def _string_array_end(data: np.ndarray, start: int, count: int) -> int:
-    """The offset just past ``count`` length-prefixed (uint64, little-endian) strings from ``start``."""
+    """The offset just past ``count`` length-prefixed (uint64, host order) strings from ``start``."""
     view, at = memoryview(data), start
     for _ in range(count):
-        (n,) = struct.unpack_from("<Q", view, at)
+        (n,) = struct.unpack_from("=Q", view, at)
         at += 8 + n
     if at > len(data):
         raise ValueError(f"array of {count} strings runs past the end of the file")
@@ -121,7 +121,7 @@ def _string_array_end(data: np.ndarray, start: int, count: int) -> int:
 def _strings(region: np.ndarray, count: int) -> list[str]:
     raw, at, out = region.tobytes(), 0, []
     for _ in range(count):
-        (n,) = struct.unpack_from("<Q", raw, at)
+        (n,) = struct.unpack_from("=Q", raw, at)
         out.append(raw[at + 8 : at + 8 + n].decode("utf-8"))
         at += 8 + n
     return out

@@ -511,6 +511,18 @@ def test_source_fills_offload_int4_blocks(tmp_path):
     assert sorted(calls) == sorted(set(calls)) and len(calls) == 7 * config.n_layers  # each tensor converted once
 
 
+def test_conversion_on_a_device(quantized_llama):
+    """Bytes copied to a device and converted there give the same parts and values (the CPU stands in for a
+    GPU here)."""
+    _, _, ck = quantized_llama
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        here, there = ck.parts(name), ck.parts(name, device="cpu")
+        assert all(torch.equal(here[k], there[k]) for k in here)
+        assert torch.equal(ck.dense(name), ck.dense(name, device="cpu"))
+    assert torch.equal(ck.dense("model.layers.1.input_layernorm.weight"),
+                       ck.dense("model.layers.1.input_layernorm.weight", device=torch.device("cpu")))
+
+
 def test_columns_of_blocks(quantized_llama):
     """A shard of the input dimension is cut on block boundaries (o and down under tensor parallelism)."""
     _, _, ck = quantized_llama

@@ -78,29 +78,39 @@ class GGUFCheckpoint:
         return data.view(np.uint8)[:, cols[0] // block * type_size : cols[1] // block * type_size]
 
     def parts(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
-              scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+              scale_dtype: torch.dtype = torch.float16, device=None) -> dict[str, torch.Tensor]:
         """Rows ``[lo, hi)`` (Hugging Face order) and columns of weight ``name`` as offload parts
-        (``convert.gguf_tensor_to_parts``), llama.cpp's q/k permutation undone."""
+        (``convert.gguf_tensor_to_parts``), llama.cpp's q/k permutation undone. ``device``: where the
+        conversion runs (the stored bytes are copied there first; a GPU converts them in milliseconds)."""
         mapped = self.tensor(name)
         rows = self._rows(mapped, rows)
         shape = self._piece_shape(mapped, rows, cols)
-        parts = gguf_tensor_to_parts(self.raw(name, rows, cols), mapped.ggml_type, shape, scale_dtype, name)
+        raw = self._bytes_on(self.raw(name, rows, cols), device)
+        parts = gguf_tensor_to_parts(raw, mapped.ggml_type, shape, scale_dtype, name)
         order = self._order(mapped, rows)
-        return parts if order is None else {k: v[order] for k, v in parts.items()}
+        return parts if order is None else {k: v[order.to(v.device)] for k, v in parts.items()}
 
     def dense(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+              dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
         """Rows and columns of tensor ``name`` as values in ``dtype`` (``convert.dense_tensor``), in Hugging
-        Face order and meaning (Gemma's norms as ``w``, not ``1 + w``)."""
+        Face order and meaning (Gemma's norms as ``w``, not ``1 + w``), computed on ``device``."""
         mapped = self.tensor(name)
         rows = self._rows(mapped, rows)
         shape = self._piece_shape(mapped, rows, cols)
         exact = dtype if mapped.norm_offset == 0 else torch.float32  # subtract before rounding
-        values = dense_tensor(self.raw(name, rows, cols), mapped.ggml_type, shape, exact, name)
+        raw = self._bytes_on(self.raw(name, rows, cols), device)
+        values = dense_tensor(raw, mapped.ggml_type, shape, exact, name)
         if mapped.norm_offset:
             values = (values - mapped.norm_offset).to(dtype)
         order = self._order(mapped, rows)
-        return values if order is None else values[order]
+        return values if order is None else values[order.to(values.device)]
+
+    @staticmethod
+    def _bytes_on(raw: np.ndarray, device):
+        """The stored bytes as they are (converted on the CPU), or copied to ``device`` to convert there."""
+        if device is None:
+            return raw
+        return torch.from_numpy(np.array(raw, copy=True, order="C").view(np.uint8)).to(device)
 
     def _rows(self, mapped: MappedTensor, rows):
         """The rows to read; for a permuted q/k they must be whole heads (its rows only move within a head)."""
@@ -158,8 +168,11 @@ class GGUFSource:
 
     CACHED_PIECES = 8
 
-    def __init__(self, checkpoint: GGUFCheckpoint | str | Path):
+    def __init__(self, checkpoint: GGUFCheckpoint | str | Path, device=None):
+        """``device``: where tensors are converted (None: the CPU; the compute GPU is much faster, and its
+        cache of converted pieces then lives there while loading)."""
         self.checkpoint = checkpoint if isinstance(checkpoint, GGUFCheckpoint) else GGUFCheckpoint(checkpoint)
+        self.device = device
         self._cached: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
     def validate(self, specs) -> None:
@@ -195,7 +208,7 @@ class GGUFSource:
             if piece is None:
                 raise CheckpointError(f"{self.checkpoint.path.name}: {name} has no {spec.part!r} part")
         else:
-            piece = self.checkpoint.dense(name, rows, cols, out.dtype)
+            piece = self.checkpoint.dense(name, rows, cols, out.dtype, self.device)
         _copy_piece(out, piece)
         if out.is_floating_point() and not _all_finite(out):
             raise CheckpointError(f"{self.checkpoint.path.name}: tensor {name!r} holds NaN or infinite values "
@@ -204,7 +217,7 @@ class GGUFSource:
     def _parts(self, name: str, rows, cols) -> dict[str, torch.Tensor]:
         key = (name, rows, cols)
         if key not in self._cached:
-            self._cached[key] = self.checkpoint.parts(name, rows, cols, torch.float32)
+            self._cached[key] = self.checkpoint.parts(name, rows, cols, torch.float32, self.device)
             while len(self._cached) > self.CACHED_PIECES:
                 self._cached.popitem(last=False)
         return self._cached[key]

@@ -19,7 +19,7 @@ import offload
 from offload.cli import main
 from offload.distributed import TensorParallel
 from offload.errors import OffloadWarning
-from offload.loading import load_weights, memory_needs, prepare
+from offload.loading import _chunk_size, load_weights, memory_needs, prepare
 from offload.models.config import config_from_dict
 from offload.models.blocks import embedding_layout, global_layout
 from offload.models.llama import Llama
@@ -416,10 +416,13 @@ def _rank_needs(path, ranks, **options):
     """What one of ``ranks`` tensor-parallel ranks needs (every rank needs the same here), without torchrun."""
     config, tp = offload.load_config(path), TensorParallel(rank=0, size=ranks)
     options = offload.LoadOptions(**options)
-    options = options.replace(max_step_tokens=options.max_step_tokens or options.max_seq_len)
     fmt = WeightFormat(options.quantize, options.group_size)
     dtype = options.dtype
-    return memory_needs(Llama, config, tp, dtype, torch.device("cpu"), options, Llama.blocks(config, tp, dtype, fmt),
+    blocks = Llama.blocks(config, tp, dtype, fmt)
+    # the chunk size the loader picks (loading.prepare), not max_seq_len: it sizes the activations reserved
+    options = options.replace(max_step_tokens=options.max_step_tokens or _chunk_size(Llama, config, tp, dtype, options,
+                                                                                    blocks))
+    return memory_needs(Llama, config, tp, dtype, torch.device("cpu"), options, blocks,
                         global_layout(config, tp, dtype), embedding_layout(config, tp, dtype))
 
 

@@ -99,9 +99,9 @@ def test_parts_layout(kind):
         assert low <= int(data.min()) and int(data.max()) <= high
 
 
-def test_int4_nibbles_are_repacked_in_column_order():
+def test_int4_nibbles_keep_ggufs_order_which_is_offloads():
     """GGUF's Q4_1 block holds value j in the low nibble of byte j and value j + 16 in its high nibble;
-    offload's int4 holds columns 2j and 2j + 1 in byte j (low, high)."""
+    offload's int4 holds a group's column j and j + g/2 in byte j (low, high): the bytes as they are."""
     q = np.arange(32) % 16  # the value of each column
     block = np.zeros(20, dtype=np.uint8)
     block[0:2] = np.array([1.0], dtype=np.float16).view(np.uint8)  # d = 1
@@ -109,7 +109,7 @@ def test_int4_nibbles_are_repacked_in_column_order():
     block[4:] = q[:16] | (q[16:] << 4)
     parts = gguf_tensor_to_parts(block[None], T.Q4_1, (1, 32))
     data = parts["data"][0]
-    assert data.tolist() == [int(q[2 * j] | (q[2 * j + 1] << 4)) for j in range(16)]
+    assert data.tolist() == [int(q[j] | (q[j + 16] << 4)) for j in range(16)]
     assert reference(block[None], T.Q4_1)[0].tolist() == q.tolist()
 
 
@@ -506,7 +506,7 @@ def test_source_fills_offload_int4_blocks(tmp_path):
         p = f"model.layers.{block.layer}."
         qkv = torch.cat([ck.dense(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
         for ours, expected in ((w.wqkv, qkv), (w.w_down, ck.dense(p + "mlp.down_proj.weight"))):
-            got = dequantize(ours).float()
+            got = dequantize(ours, torch.float32)
             assert (got - expected).abs().max() <= expected.abs().max() * 2**-9
     assert sorted(calls) == sorted(set(calls)) and len(calls) == 7 * config.n_layers  # each tensor converted once
 

@@ -12,8 +12,9 @@ scales carried over as they are. For a weight of ``R`` output rows and ``C`` inp
     Q5_K    int8     32  int8, q in 0..31             d * sc       -dmin * m    q*scale + minimum
     Q6_K    int8     16  int8, q - 32 in -32..31      d * sc       -            q*scale
 
-int4 packs column 2j in the low 4 bits of byte j of a row and column 2j+1 in the high 4
-bits (GGUF's own blocks hold a block's first half in the low nibbles: repacked here).
+int4 packs, within each group, column j in the low 4 bits of byte j and column j + g/2 in the
+high 4 bits: GGUF's own order for Q4_0 and Q4_1, whose bytes are taken as they are; Q4_K's
+bytes hold two sub-blocks, one in the low nibbles and one in the high: shuffled byte-wise.
 
 Scale rounding. GGUF stores ``d`` and ``dmin`` as float16 and the sub-block values ``sc``
 and ``m`` as 6-bit (Q4_K, Q5_K) or 8-bit signed (Q6_K) integers; the products are formed in
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, OffloadWarning
+from ..models.quant import unpack_int4
 from .reader import gguf_package
 
 INT4, INT8 = "int4", "int8"  # offload.models.quant's format names
@@ -132,21 +134,21 @@ def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
 # [blocks, values / 2]), int8 types one int8 per value; scale and minimum float32 [blocks, groups].
 
 
-def _repack_nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """Bytes ``[..., 2n]`` whose low nibbles hold values ``0..2n-1`` and high nibbles the next ``2n``
-    (GGUF's order) as bytes ``[..., 2, n]`` holding values ``2k, 2k + 1`` in byte ``k`` (offload's order):
-    the low-nibble values first, then the high-nibble ones. Works on the bytes, never unpacking."""
-    even, odd = qs[..., 0::2], qs[..., 1::2]
-    return torch.stack([(even & 15) | (odd << 4), (even >> 4) | (odd & 0xF0)], dim=-2)
+def _split_subblocks(qs: torch.Tensor) -> torch.Tensor:
+    """Bytes ``[..., 32]`` holding sub-block A in their low nibbles and sub-block B in their high ones (Q4_K's
+    order) as A's 16 bytes then B's, each in offload's order (byte j: value j low, value j + 16 high).
+    Works on the bytes, never unpacking."""
+    first, second = qs[..., :16], qs[..., 16:]
+    return torch.cat([(first & 15) | (second << 4), (first >> 4) | (second & 0xF0)], dim=-1)
 
 
 def _q4_0(b):
     d = _half(b, 0)
-    return _repack_nibbles(b[:, 2:18]).reshape(-1, 16), d, -8 * d  # w = d * (q - 8)
+    return b[:, 2:18], d, -8 * d  # w = d * (q - 8); GGUF's nibble order is offload's
 
 
 def _q4_1(b):
-    return _repack_nibbles(b[:, 4:20]).reshape(-1, 16), _half(b, 0), _half(b, 2)
+    return b[:, 4:20], _half(b, 0), _half(b, 2)
 
 
 def _q8_0(b):
@@ -167,7 +169,7 @@ def _q4_k(b):
     """128 bytes of values: each 32 bytes hold two 32-value sub-blocks, the first in the low nibbles."""
     sc, m = _k_scale_min(b[:, 4:16])
     d, dmin = _half(b, 0), _half(b, 2)
-    return _repack_nibbles(b[:, 16:144].reshape(-1, 4, 32)).reshape(-1, 128), d * sc, -(dmin * m)
+    return _split_subblocks(b[:, 16:144].reshape(-1, 4, 32)).reshape(-1, 128), d * sc, -(dmin * m)
 
 
 def _q5_k(b):
@@ -236,10 +238,12 @@ def dequantize_parts(parts: dict[str, torch.Tensor], format: str | PartsFormat) 
     """The float32 ``[rows, cols]`` weight that ``parts`` hold: ``q * scale (+ minimum)`` per group, in
     that order of operations (a product, then a sum), as the ``gguf`` package computes it."""
     format = format.format if isinstance(format, PartsFormat) else format
-    data = parts["data"]
-    q = torch.stack([data & 15, data >> 4], dim=-1).reshape(data.shape[0], -1) if format == INT4 else data
+    data, groups = parts["data"], parts["scale"].shape[1]
+    if format == INT4:
+        q = unpack_int4(data, data.shape[1] * 2 // groups).reshape(data.shape[0], -1)
+    else:
+        q = data
     rows, cols = q.shape
-    groups = parts["scale"].shape[1]
     w = q.float().reshape(rows, groups, cols // groups) * parts["scale"].float()[..., None]
     if parts.get("minimum") is not None:
         w = w + parts["minimum"].float()[..., None]

@@ -24,7 +24,7 @@ from .memory.budget import Budget, format_size
 from .memory.experts import ExpertNeeds
 from .memory.planner import MemoryNeeds, Plan, make_plan
 from .memory.pool import WeightPool
-from .models.checkpoint import CheckpointSource
+from .models.checkpoint import CheckpointSource, is_gguf
 from .models.config import ModelConfig, config_from_dict, load_config
 from .models.blocks import (EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, TensorSpec, checkpoint_sources, embedding_layout, global_layout,
                             local_shape)
@@ -75,7 +75,7 @@ def prepare(model, options: LoadOptions) -> Setup:
     offload_requested = budget.cpu_memory is not None or bool(budget.peer_memory)
     budget = _own_peers(budget, tp, device).resolved(device)
     family = family_of(config.architecture)
-    blocks = family.blocks(config, tp, dtype, _weight_format(options, ops.choose(device, dtype)))
+    blocks = family.blocks(config, tp, dtype, _weight_format(model, options, ops.choose(device, dtype), dtype))
     globals_ = global_layout(config, tp, dtype)
     embedding = embedding_layout(config, tp, dtype)
     peers = list(budget.peer_memory)
@@ -180,23 +180,60 @@ def quantized_shapes(blocks: list[BlockSpec]) -> dict:
     return shapes
 
 
-def _weight_format(options: LoadOptions, chosen: ops.Ops) -> WeightFormat | None:
-    """The quantization the options ask for, computed by the kernels the model's ops use."""
+def _weight_format(model, options: LoadOptions, chosen: ops.Ops, dtype: torch.dtype) -> WeightFormat | None:
+    """The quantization the options ask for, or a GGUF file's own per tensor, computed by the kernels the model's
+    ops use."""
+    kernel = choose_kernel(chosen.kernels)
+    if isinstance(model, (str, os.PathLike)) and is_gguf(model):
+        if options.quantize is not None:
+            raise InputError(f"{Path(model).name} is stored quantized already (GGUF); --quantize does not apply")
+        return gguf_format(model, kernel, dtype)
     if options.quantize is None:
         return None
-    return WeightFormat(options.quantize, options.group_size, choose_kernel(chosen.kernels), rounding=options.rounding)
+    return WeightFormat(options.quantize, options.group_size, kernel, rounding=options.rounding)
+
+
+def gguf_format(path, kernel: str, dtype: torch.dtype) -> WeightFormat:
+    """A GGUF file's formats, tensor by tensor: its 4-bit types as int4 in groups of 32, its 8-, 6- and 5-bit ones
+    as grouped int8, the rest dense. Scales in float32 for a float32 model (every one exact), else float16 (the
+    K-quants' products rounded to 11 significant bits: ``offload.gguf.convert``)."""
+    from .gguf import GGUFCheckpoint, parts_format
+
+    tensors = GGUFCheckpoint(path).tensors
+
+    def stored(name: str):
+        fmt = parts_format(tensors[name].ggml_type) if name in tensors else None
+        return None if fmt is None else (fmt.format, fmt.group_size, fmt.minimum)
+
+    scale_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+    return WeightFormat("gguf", kernel=kernel, per_tensor=stored, scale_dtype=scale_dtype)
 
 
 def _format_line(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
                  options: LoadOptions, blocks: list[BlockSpec]) -> str:
     """How the plan names the layers' format: "" for the model dtype, else the quantization and its bytes."""
-    layout = blocks[0].layout
-    if not layout.quantized:
+    layers = [b.layout for b in blocks if b.fetch == EVERY_PASS]
+    if not any(layout.quantized for layout in layers):
         return ""
     dense = family.layer_layout(config, tp, dtype).nbytes
-    return (f"{describe(layout.quantized, WeightFormat(options.quantize, options.group_size))}: "
-            f"{format_size(layout.nbytes)} per layer, {layout.nbytes / dense:.2f}x the {format_size(dense)} "
+    mean = sum(layout.nbytes for layout in layers) / len(layers)
+    how = (describe(layers[0].quantized, WeightFormat(options.quantize, options.group_size)) if options.quantize
+           else _stored_formats(layers))
+    return (f"{how}: {format_size(mean)} per layer, {mean / dense:.2f}x the {format_size(dense)} "
             f"of {str(dtype).removeprefix('torch.')}")
+
+
+def _stored_formats(layouts: list[BlockLayout]) -> str:
+    """A file's own formats (GGUF), counted over the layers' projections: ``as stored: int4 in groups of 32 x 200,
+    int8 in groups of 16 x 40 (float16 scales)``."""
+    counts: dict[str, int] = {}
+    for layout in layouts:
+        for shape in layout.quantized.values():
+            s = shape.scheme
+            key = f"{s.format} in groups of {s.group_size}" + (" with minimums" if s.minimum else "")
+            counts[key] = counts.get(key, 0) + 1
+    scales = str(next(iter(layouts[0].quantized.values())).scheme.scale_dtype).removeprefix("torch.")
+    return "as stored: " + ", ".join(f"{k} x {n}" for k, n in counts.items()) + f" ({scales} scales)"
 
 
 def weight_source(model, random_weights: int | None, device: torch.device):
@@ -205,6 +242,10 @@ def weight_source(model, random_weights: int | None, device: torch.device):
         return RandomSource(seed=random_weights, device=device)
     if isinstance(model, (dict, ModelConfig)):
         raise InputError("a config has no weights: give a checkpoint directory, or random_weights=SEED")
+    if is_gguf(model):
+        from .gguf import GGUFSource
+
+        return GGUFSource(model, device=device if device.type == "cuda" else None)  # converted where it computes
     return CheckpointSource(model)
 
 
@@ -268,7 +309,12 @@ def _config(model) -> ModelConfig:
     if isinstance(model, dict):
         return config_from_dict(model)
     if not isinstance(model, (str, os.PathLike)):
-        raise InputError(f"model must be a checkpoint directory, a config dict or a ModelConfig, got {model!r}")
+        raise InputError(f"model must be a checkpoint directory, a GGUF file, a config dict or a ModelConfig, "
+                         f"got {model!r}")
+    if is_gguf(model):
+        from .gguf import GGUFCheckpoint
+
+        return config_from_dict(GGUFCheckpoint(model).config, source=Path(model).name)
     return load_config(Path(model))
 
 

@@ -19,6 +19,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
+import offload  # noqa: E402
 from offload.distributed import TensorParallel  # noqa: E402
 from offload.errors import CheckpointError, ConfigError, OffloadWarning  # noqa: E402
 from offload.gguf import (GGUFCheckpoint, GGUFFiles, GGUFSource, TensorToWrite, dense_tensor,  # noqa: E402
@@ -1094,3 +1095,66 @@ def test_smollm2_tokenizer_and_chat_template_match_transformers(smollm2_gguf):
     mine = assert_same_tokenizer(smollm2_gguf, TEXTS + ["<|endoftext|>", "<repo_name>offload"])
     assert mine.encode("<|im_start|>user") == [1, 4093]
     assert mine.chat_template.special_tokens["eos_token"] == "<|im_end|>"
+
+
+# ---------------------------------------------------------------------- GGUF files as models
+
+
+def test_a_q4_k_m_file_loads_kept_compressed_and_streams_bitwise(tmp_path):
+    """A Q4_K_M-like file (Q4_K and Q6_K projections, F32 norms): each projection in its own format (q and k
+    int4, v int8 in groups of 16 where Q6_K, so q/k/v are stacked), half the layers streamed == resident."""
+    from offload.models.shapes import shape_config
+    from offload.gguf import write_q4_k_m_like
+
+    config = {**shape_config("tiny"), "num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 512}  # K-quants: 256s
+    [path] = write_q4_k_m_like(tmp_path / "tiny.gguf", config, seed=3)
+    kw = dict(dtype=torch.float32, max_seq_len=64, progress=False)
+    ids = torch.randint(3, config["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(0))
+    with offload.load_model(path, **kw) as resident:
+        plan = str(resident.plan)
+        assert "as stored: int4 in groups of 32" in plan and "int8 in groups of 16" in plan
+        stacked = [type(w.wqkv).__name__ for w in resident.weights.resident.values()]
+        assert "StackedWeight" in stacked and "QuantizedWeight" in stacked  # v's format differs in some layers
+        logits, tokens = resident(ids), resident.generate(ids, max_new_tokens=6, ignore_eos=True)
+        needs = resident.plan.needs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OffloadWarning)
+        streamed = offload.load_model(path, gpu_memory=needs.gpu_budget_streaming(2), cpu_memory="1GiB", **kw)
+    with streamed:
+        assert streamed.plan.placement.count("host") == 2
+        assert torch.equal(streamed(ids), logits)
+        assert torch.equal(streamed.generate(ids, max_new_tokens=6, ignore_eos=True), tokens)
+
+
+def test_quantize_does_not_apply_to_a_gguf_file(good_file):
+    with pytest.raises(offload.InputError, match="quantized already"):
+        offload.plan_model(good_file, quantize="int4")
+
+
+@pytest.mark.slow
+def test_smollm2_from_its_gguf_file_matches_transformers_reading_it(smollm2_gguf):
+    """The real SmolLM2-135M-Instruct (Q4_1): logits within 1e-4 and the same greedy tokens as transformers
+    reading the same file (float32), resident and with half of its layers streamed; it answers a chat."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                           dtype=torch.float32).eval()
+    tokenizer = GGUFCheckpoint(smollm2_gguf).tokenizer()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        ref = hf(prompt).logits
+        greedy = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    kw = dict(dtype=torch.float32, max_seq_len=128, progress=False)
+    with offload.load_model(smollm2_gguf, **kw) as resident:
+        needs = resident.plan.needs
+        models = [resident]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OffloadWarning)
+            models.append(offload.load_model(smollm2_gguf, gpu_memory=needs.gpu_budget_streaming(15),
+                                             cpu_memory="1GiB", **kw))
+        for model in models:
+            assert (model(prompt) - ref).abs().max().item() <= 1e-4
+            assert torch.equal(model.generate(prompt, max_new_tokens=12, ignore_eos=True), greedy)
+        assert models[1].plan.placement.count("host") == 15
+        assert "Paris" in tokenizer.decode(greedy[0, len(ids):].tolist())
+        models[1].close()

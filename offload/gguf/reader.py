@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
+from ..models.checkpoint import is_gguf  # noqa: F401 - where loaders look for it
 
 SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 EXTRA = "pip install -e '.[gguf]'  (or: pip install 'gguf>=0.10')"
@@ -34,15 +35,6 @@ def gguf_package():
     except ImportError:
         raise CheckpointError(f"reading GGUF files needs the gguf package: {EXTRA}") from None
     return gguf
-
-
-def is_gguf(path) -> bool:
-    """Whether ``path`` is a file that starts with GGUF's magic (what a loader dispatches on)."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 @dataclass(frozen=True)

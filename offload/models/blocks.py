@@ -34,7 +34,7 @@ import torch
 from ..distributed import TensorParallel
 from .config import ModelConfig
 from .parallel import REPLICATED, Shard, vocab_rows
-from .quant import QuantizedShape, QuantizedWeight, QuantScheme, WeightFormat, part_shapes, scheme_for
+from .quant import QuantizedShape, QuantizedWeight, QuantScheme, StackedWeight, WeightFormat, part_shapes, scheme_for
 
 ALIGN_BYTES = 256
 
@@ -117,7 +117,7 @@ class BlockLayout:
     """
 
     def __init__(self, entries: list[tuple], dtype: torch.dtype, cls=None, groups: dict | None = None,
-                 quantized: dict[str, QuantizedShape] | None = None):
+                 quantized: dict[str, QuantizedShape] | None = None, stacked: dict[str, tuple[str, ...]] | None = None):
         """``entries``: :class:`Entry` tuples in block order. ``quantized`` names the views made of
         a quantized weight's parts (``"wo"`` of ``"wo.data"``, ``"wo.scale"``...), with their scheme
         and shape."""
@@ -125,6 +125,7 @@ class BlockLayout:
         names = [e.name for e in entries]
         self.groups = {g: m for g, m in (groups or {}).items() if m[0] in names}
         self.quantized = dict(quantized or {})
+        self.stacked = dict(stacked or {})  # projections whose members are stored in different formats
         follows = {m: m_prev for members in self.groups.values() for m_prev, m in zip(members, members[1:])}
         self.cls, self.specs, offset = cls, [], 0
         for e in entries:
@@ -157,6 +158,8 @@ class BlockLayout:
         for name, shape in self.quantized.items():
             tensors[name] = QuantizedWeight(tensors.pop(f"{name}.data"), tensors.pop(f"{name}.scale"),
                                             tensors.pop(f"{name}.minimum", None), shape.scheme)
+        for name, members in self.stacked.items():
+            tensors[name] = StackedWeight([tensors.pop(m) for m in members])
         return self.cls(**tensors) if self.cls else tensors
 
     def sources(self, layer: int | None = None, expert: int | None = None) -> list[tuple[TensorSpec, str]]:
@@ -171,17 +174,32 @@ def local_shape(full: tuple[int, ...], shard: Shard) -> tuple[int, ...]:
     return tuple(shard.stop - shard.start if d == shard.dim else n for d, n in enumerate(full))
 
 
+def build_layout(entries: list, dtype: torch.dtype, cls, groups: dict, linear: tuple[str, ...],
+                 fmt: WeightFormat | None, ranks: int, layer: int | None = None) -> "BlockLayout":
+    """The layout of ``entries``: dense, or with each weight named in ``linear`` stored in ``fmt`` (``layer``:
+    which layer's checkpoint tensors a format per tensor is looked up for)."""
+    if fmt is None:
+        return BlockLayout(entries, dtype, cls, groups)
+    entries, groups, quantized, stacked = quantized_entries(entries, groups, linear, fmt, dtype, ranks, layer)
+    return BlockLayout(entries, dtype, cls, groups, quantized, stacked)
+
+
 def quantized_entries(entries: list[tuple], groups: dict[str, tuple[str, ...]], linear: tuple[str, ...],
-                      fmt: WeightFormat, dtype: torch.dtype, ranks: int):
+                      fmt: WeightFormat, dtype: torch.dtype, ranks: int, layer: int | None = None):
     """A dense layer's entries with each weight named in ``linear`` replaced by its parts in ``fmt``.
 
     A fused projection's members go part by part: ``wq.data, wk.data, wv.data, wq.scale, ...``,
-    so that each part of the projection is one view (``wqkv.data``, ``wqkv.scale``...).
-    Returns (entries, fused groups, {view name: its scheme and shape}).
+    so that each part of the projection is one view (``wqkv.data``, ``wqkv.scale``...). Where the
+    members are stored in different formats (a file's own), each is a view of its own, and the
+    projection is their stack. Returns (entries, fused groups, {view name: its scheme and shape},
+    {stacked projection: its members}).
     """
     entries = [Entry(*e) for e in entries]
     fused_of = {m: g for g, members in groups.items() for m in members}
-    out, out_groups, quantized = [], {}, {}
+    schemes = {e.name: scheme_for(fmt, local_shape(e.full, e.shard)[1], e.full[1], ranks, dtype,
+                                  fused_of.get(e.name, e.name), e.source.format(i=layer, e=None))
+               for e in entries if e.name in linear}
+    out, out_groups, quantized, stacked = [], {}, {}, {}
     for e in entries:
         if e.name not in linear:
             out.append(e)
@@ -191,17 +209,34 @@ def quantized_entries(entries: list[tuple], groups: dict[str, tuple[str, ...]], 
         members = [m for m in entries if m.name in groups.get(view, (e.name,))]
         if e.name != members[0].name:
             continue  # emitted with the first member
-        cols = local_shape(e.full, e.shard)[1]
-        scheme = scheme_for(fmt, cols, e.full[1], ranks, dtype, view)
-        quantized[view] = QuantizedShape(scheme, sum(local_shape(m.full, m.shard)[0] for m in members), cols)
-        parts_of = [(m, part_shapes(scheme, local_shape(m.full, m.shard)[0], cols, dtype)) for m in members]
-        for k, (part, _, _) in enumerate(parts_of[0][1]):
-            for m, parts in parts_of:
-                _, shape, part_dtype = parts[k]
-                out.append(Entry(f"{m.name}.{part}", m.full, m.source, m.shard, shape, part_dtype, part, scheme))
-            if len(members) > 1:
-                out_groups[f"{view}.{part}"] = tuple(f"{m.name}.{part}" for m in members)
-    return out, out_groups, quantized
+        kinds = {schemes[m.name] for m in members}
+        if len(kinds) > 1:  # stored differently: each member alone, the projection their stack
+            stacked[view] = tuple(m.name for m in members)
+            for m in members:
+                out += _stored(m, [m], m.name, schemes[m.name], dtype, quantized, out_groups)
+            continue
+        out += _stored(e, members, view, kinds.pop(), dtype, quantized, out_groups)
+    return out, out_groups, quantized, stacked
+
+
+def _stored(first: Entry, members: list[Entry], view: str, scheme: QuantScheme | None, dtype: torch.dtype,
+            quantized: dict, groups: dict) -> list[Entry]:
+    """The entries of ``members`` (one projection, ``view``) stored in ``scheme`` (None: dense), part by part."""
+    if scheme is None:
+        if len(members) > 1:
+            groups[view] = tuple(m.name for m in members)
+        return list(members)
+    cols = local_shape(first.full, first.shard)[1]
+    quantized[view] = QuantizedShape(scheme, sum(local_shape(m.full, m.shard)[0] for m in members), cols)
+    parts_of = [(m, part_shapes(scheme, local_shape(m.full, m.shard)[0], cols, dtype)) for m in members]
+    out = []
+    for k, (part, _, _) in enumerate(parts_of[0][1]):
+        for m, parts in parts_of:
+            _, shape, part_dtype = parts[k]
+            out.append(Entry(f"{m.name}.{part}", m.full, m.source, m.shard, shape, part_dtype, part, scheme))
+        if len(members) > 1:
+            groups[f"{view}.{part}"] = tuple(f"{m.name}.{part}" for m in members)
+    return out
 
 
 def _vocab_entry(name: str, source: str, config: ModelConfig, tp: TensorParallel):

@@ -34,6 +34,15 @@ LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
 FINITE_CHECK_ELEMENTS = 1 << 24  # the bool temporary of the NaN/Inf check stays this small
 
 
+def is_gguf(path) -> bool:
+    """Whether ``path`` is a file that starts with GGUF's magic (what a loader dispatches on: ``offload.gguf``)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 class CheckpointSource:
     """Tensors of a safetensors checkpoint directory, read piece by piece."""
 

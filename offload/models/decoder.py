@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..distributed import TensorParallel
 from . import kernels
-from .blocks import EVERY_PASS, BlockLayout, BlockSpec, Entry, GlobalWeights, quantized_entries
+from .blocks import EVERY_PASS, BlockLayout, BlockSpec, Entry, GlobalWeights, build_layout
 from .chunks import Chunk, DecodeChunk, Rope
 from .config import ModelConfig
 from .ops import Ops, apply_rope
@@ -105,20 +105,26 @@ class Decoder:
 
     @classmethod
     def layer_layout(cls, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
-                     fmt: WeightFormat | None = None) -> BlockLayout:
-        """One layer's block: its ``linear`` weights in ``fmt`` (quantized), or None (the model dtype)."""
-        entries = cls.layer_entries(config, tp)
-        if fmt is None:
-            return BlockLayout(entries, dtype, cls.weights_class, cls.groups)
-        entries, groups, quantized = quantized_entries(entries, cls.groups, cls.linear, fmt, dtype, tp.size)
-        return BlockLayout(entries, dtype, cls.weights_class, groups, quantized)
+                     fmt: WeightFormat | None = None, layer: int | None = None) -> BlockLayout:
+        """One layer's block: its ``linear`` weights in ``fmt`` (quantized), or None (the model dtype); ``layer``
+        for formats that differ from layer to layer (a GGUF file's)."""
+        return build_layout(cls.layer_entries(config, tp), dtype, cls.weights_class, cls.groups, cls.linear, fmt,
+                            tp.size, layer)
 
     @classmethod
     def blocks(cls, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
                fmt: WeightFormat | None = None) -> list[BlockSpec]:
         """Every block of the model, in pass order: here one per layer, each needed by every pass."""
-        layout = cls.layer_layout(config, tp, dtype, fmt)
-        return [BlockSpec(f"layer {i}", layout, i, EVERY_PASS) for i in range(config.n_layers)]
+        if fmt is None or fmt.per_tensor is None:
+            layout = cls.layer_layout(config, tp, dtype, fmt)
+            return [BlockSpec(f"layer {i}", layout, i, EVERY_PASS) for i in range(config.n_layers)]
+        layouts: dict[tuple, BlockLayout] = {}  # layers stored alike share a layout
+        blocks = []
+        for i in range(config.n_layers):
+            layout = cls.layer_layout(config, tp, dtype, fmt, layer=i)
+            layout = layouts.setdefault(tuple((s.name, s.shape, s.dtype, s.quant) for s in layout.specs), layout)
+            blocks.append(BlockSpec(f"layer {i}", layout, i, EVERY_PASS))
+        return blocks
 
     @classmethod
     def rope_inv_freqs(cls, config: ModelConfig) -> list[torch.Tensor]:

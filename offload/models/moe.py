@@ -27,7 +27,7 @@ import torch
 
 from ..distributed import TensorParallel
 from ..errors import ConfigError
-from .blocks import EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, Entry, quantized_entries
+from .blocks import EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, Entry, build_layout
 from .config import ModelConfig, common_fields, is_int
 from .llama import Llama, mlp_entries, sliding_windows
 from .parallel import REPLICATED
@@ -129,24 +129,21 @@ class MoEDecoder(Llama):
         """One routed expert's block (``{e}`` in a source: the expert)."""
         entries = mlp_entries(config, tp, config.expert_intermediate, "model.layers.{i}." + cls.expert_prefix,
                               sources=cls.expert_sources)
-        if fmt is None:
-            return BlockLayout(entries, dtype, ExpertWeights, EXPERT_GROUPS)
-        entries, groups, quantized = quantized_entries(entries, EXPERT_GROUPS, cls.expert_linear, fmt, dtype, tp.size)
-        return BlockLayout(entries, dtype, ExpertWeights, groups, quantized)
+        return build_layout(entries, dtype, ExpertWeights, EXPERT_GROUPS, cls.expert_linear, fmt, tp.size)
 
     @classmethod
-    def layer_layout(cls, config, tp, dtype, fmt=None, sparse: bool = True) -> BlockLayout:
-        entries = cls.layer_entries(config, tp, sparse)
-        if fmt is None:
-            return BlockLayout(entries, dtype, cls.weights_class, cls.groups)
-        entries, groups, quantized = quantized_entries(entries, cls.groups, cls.linear, fmt, dtype, tp.size)
-        return BlockLayout(entries, dtype, cls.weights_class, groups, quantized)
+    def layer_layout(cls, config, tp, dtype, fmt=None, layer=None, sparse: bool = True) -> BlockLayout:
+        return build_layout(cls.layer_entries(config, tp, sparse), dtype, cls.weights_class, cls.groups, cls.linear,
+                            fmt, tp.size, layer)
 
     @classmethod
     def blocks(cls, config: MoEConfig, tp: TensorParallel, dtype: torch.dtype,
                fmt: WeightFormat | None = None) -> list[BlockSpec]:
         """Every layer's block (attention, router, shared expert; or a dense MLP), then every routed expert."""
-        sparse, dense = cls.layer_layout(config, tp, dtype, fmt), cls.layer_layout(config, tp, dtype, fmt, False)
+        if fmt is not None and fmt.per_tensor is not None:
+            raise ConfigError("mixture-of-experts models are read from safetensors checkpoints (not GGUF files)")
+        sparse = cls.layer_layout(config, tp, dtype, fmt)
+        dense = cls.layer_layout(config, tp, dtype, fmt, sparse=False)
         expert = cls.expert_layout(config, tp, dtype, fmt)
         layers = [BlockSpec(f"layer {i}", sparse if config.sparse_layers[i] else dense, i, EVERY_PASS)
                   for i in range(config.n_layers)]

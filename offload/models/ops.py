@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels, quant_kernels
-from .quant import QuantizedWeight, quantized_linear
+from .quant import QuantizedWeight, StackedWeight, quantized_linear
 
 ACTIVATIONS = ("silu", "gelu_tanh")  # the gate's activation of a gated MLP: act(gate) * up
 
@@ -51,7 +51,15 @@ def choose(device: torch.device, dtype: torch.dtype) -> Ops:
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight, bias)
+    if isinstance(weight, StackedWeight):
+        return stacked(linear, x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def stacked(product, x: torch.Tensor, weight: StackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """A projection whose members are stored in different formats: each member's product, side by side."""
+    out = torch.cat([product(x, member) for member in weight.members], dim=-1)
+    return out if bias is None else out + bias
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
@@ -114,6 +122,8 @@ TORCH = Ops(linear, rms_norm, add_rms_norm, gated, rope_and_store, decode_attent
 
 
 def _linear(x, weight, bias=None):
+    if isinstance(weight, StackedWeight):
+        return stacked(_linear, x, weight, bias)
     if isinstance(weight, QuantizedWeight):  # straight from the packed parts, or dequantized where not taken
         if quant_kernels.takes(x, weight):
             return quant_kernels.linear(x, weight, bias)

@@ -49,6 +49,7 @@ dtype and multiplied, and ``scratch_bytes`` is what the planner reserves for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -85,13 +86,17 @@ class QuantScheme:
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """What the user asked for: a format, for int4 a group size (None: the default rule) and a rounding."""
+    """What the user asked for: a format, for int4 a group size (None: the default rule) and a rounding; or,
+    for a file whose weights are stored compressed already (a GGUF file), each tensor's own format."""
 
     format: str
     group_size: int | None = None
     kernel: str = DEQUANTIZE
     chunk_bytes: int = DEQUANT_CHUNK_BYTES
     rounding: str = "search"
+    per_tensor: Callable[[str], tuple[str, int, bool] | None] | None = None  # a checkpoint tensor's (format,
+    # group size, minimum), or None where it is stored dense
+    scale_dtype: torch.dtype | None = None
 
 
 class QuantizedShape(NamedTuple):
@@ -122,6 +127,14 @@ class QuantizedWeight:
     @property
     def groups(self) -> int:
         return 1 if self.scale.dim() == 1 else self.scale.shape[1]
+
+
+@dataclass(slots=True)
+class StackedWeight:
+    """A fused projection whose members are stored in different formats (a GGUF file's q, k and v): its
+    product is each member's, side by side."""
+
+    members: list  # tensors and QuantizedWeights, in output order
 
 
 # ----------------------------------------------------------------------------- choices
@@ -171,11 +184,23 @@ def group_size_for(cols: int, full_cols: int, ranks: int, requested: int | None,
 
 
 def scheme_for(fmt: WeightFormat, cols: int, full_cols: int, ranks: int, dtype: torch.dtype,
-               name: str) -> QuantScheme:
-    """How a weight of ``cols`` input columns on this rank is stored in ``fmt``."""
-    group = group_size_for(cols, full_cols, ranks, fmt.group_size, name) if fmt.format == INT4 else None
+               name: str, source: str = "") -> QuantScheme | None:
+    """How a weight of ``cols`` input columns on this rank is stored in ``fmt`` (None: dense; ``source``: its
+    checkpoint tensor, for formats per tensor)."""
     chunk_rows = max(1, fmt.chunk_bytes // (cols * dtype.itemsize))
-    scheme = QuantScheme(fmt.format, group, chunk_rows, DEQUANTIZE, rounding=fmt.rounding)
+    if fmt.per_tensor is not None:
+        stored = fmt.per_tensor(source)
+        if stored is None:
+            return None
+        kind, group, minimum = stored
+        if cols % group:
+            raise InputError(f"{source} is stored in groups of {group} columns, which do not divide this rank's "
+                             f"{cols} (of {full_cols}); use fewer tensor-parallel ranks")
+        scheme = QuantScheme(kind, group, chunk_rows, DEQUANTIZE, minimum=minimum and kind == INT8,
+                             scale_dtype=fmt.scale_dtype)
+    else:
+        group = group_size_for(cols, full_cols, ranks, fmt.group_size, name) if fmt.format == INT4 else None
+        scheme = QuantScheme(fmt.format, group, chunk_rows, DEQUANTIZE, rounding=fmt.rounding)
     if fmt.kernel == FUSED and fused_takes(scheme, cols):
         scheme = replace(scheme, kernel=FUSED)
     return scheme

@@ -24,6 +24,7 @@ from .models.blocks import GlobalWeights
 from .models.chunks import Chunk, DecodeChunk, bucket, plan_chunks
 from .models.decoder import KVCache
 from .models.parallel import local_heads, vocab_rows
+from .models.verify_chunk import VerifyChunk
 from .sampling import Sampling
 from .scheduler.graphs import DecodeGraphs
 from .scheduler.row_engine import Request, RowEngine
@@ -136,6 +137,49 @@ class OffloadedModel:
         most ``max_step_tokens``. Generation and batch jobs are built on this, through the
         row engine.
         """
+        new_tokens, cached = self._check_rows(new_tokens, cached)
+        if all(len(tokens) <= 1 for tokens in new_tokens):
+            tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.device)
+            return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)])
+        chunks = [
+            Chunk.build([new_tokens[b][lo:hi] for b, (lo, hi) in zip(range(first, stop), spans)],
+                        [cached[b] + lo for b, (lo, _) in zip(range(first, stop), spans)],
+                        self.device, first_row=first)
+            for first, stop, spans in plan_chunks([len(t) for t in new_tokens], self.max_step_tokens)
+        ]
+        return self._forward(chunks, self.cache, rows=len(new_tokens))
+
+    @torch.inference_mode()
+    def verify(self, new_tokens: list[list[int]], cached: list[int]) -> torch.Tensor:
+        """Append ``new_tokens[b]`` to KV cache row ``b`` (which holds ``cached[b]`` tokens) and return the logits
+        of every new token, ``[B, W, vocab]`` for ``W`` the most tokens a row adds (a shorter row's logits past
+        its tokens are meaningless).
+
+        Speculative decoding's pass: a row adds its last token and its drafted ones, and the logits at
+        each say what the target would have chosen there. Every row is padded to the same width (a
+        ``VerifyChunk``: shapes fixed by the rows, the width and the key length, so that it can be captured
+        later) and goes through each layer at once: a streamed layer crosses its link once per pass.
+        A row whose drafts are rejected simply has its cached length set back by the caller: the
+        positions it wrote past it are overwritten by its next pass before anything reads them.
+        """
+        new_tokens, cached = self._check_rows(new_tokens, cached)
+        n, width = len(new_tokens), max(len(t) for t in new_tokens)
+        if width == 1:  # a decode step (captured in graphs on a GPU)
+            tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.device)
+            return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)])[:, None]
+        rows, sink = bucket(n, 1, self.max_batch), self.max_seq_len
+        padded = new_tokens + [[]] * (rows - n)
+        starts = cached + [0] * (rows - n)
+        positions = torch.tensor([[s + i if i < len(t) else sink for i in range(width)]
+                                  for t, s in zip(padded, starts)], dtype=torch.long)
+        host_tokens = torch.tensor([t + [0] * (width - len(t)) for t in padded], dtype=torch.long)
+        kv_len = bucket(max(s + len(t) for t, s in zip(padded, starts)), KV_BUCKET, self.max_seq_len)
+        chunk = VerifyChunk(host_tokens.to(self.device), host_tokens, positions.to(self.device), kv_len,
+                            self.decoder.ropes, self.decoder.windows)
+        return self._forward([chunk], self.cache, rows, all_logits=True)[:n]
+
+    def _check_rows(self, new_tokens, cached) -> tuple[list[list[int]], list[int]]:
+        """``extend``'s and ``verify``'s arguments, checked, as lists."""
         new_tokens, cached = step_rows(new_tokens, cached)
         if len(new_tokens) != len(cached):
             raise InputError(f"{len(new_tokens)} rows of new tokens but {len(cached)} cached lengths")
@@ -150,16 +194,7 @@ class OffloadedModel:
                 raise InputError(f"row {b} would grow past max_seq_len={self.max_seq_len}")
         if not any(new_tokens):
             raise InputError("a step needs at least one new token")
-        if all(len(tokens) <= 1 for tokens in new_tokens):
-            tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.device)
-            return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)])
-        chunks = [
-            Chunk.build([new_tokens[b][lo:hi] for b, (lo, hi) in zip(range(first, stop), spans)],
-                        [cached[b] + lo for b, (lo, _) in zip(range(first, stop), spans)],
-                        self.device, first_row=first)
-            for first, stop, spans in plan_chunks([len(t) for t in new_tokens], self.max_step_tokens)
-        ]
-        return self._forward(chunks, self.cache, rows=len(new_tokens))
+        return new_tokens, cached
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: list[int | None]) -> torch.Tensor:

@@ -64,8 +64,9 @@ class OffloadedModel:
     ``model.plan`` is this rank's placement plan and ``model.plans`` every rank's.
     """
 
-    def __init__(self, setup: Setup, pool: WeightPool):
+    def __init__(self, setup: Setup, pool: WeightPool, draft=None):
         s = setup
+        self.draft = draft  # speculative decoding's draft (``offload.drafts``), or None
         self.config, self.options, self.tp, self.device, self.dtype = s.config, s.options, s.tp, s.device, s.dtype
         self.plan, self.plans = s.plan, s.plans
         self.pool = pool
@@ -279,6 +280,8 @@ class OffloadedModel:
         """Release the pinned host memory now rather than when the model is garbage-collected."""
         self.synchronize()
         self.pool.close()
+        if self.draft is not None:
+            self.draft.close()
 
     def __enter__(self):
         return self

@@ -38,8 +38,21 @@ class GenerationResult:
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_tokens: int = 0  # tokens made by decode steps (the first token of a row comes from prefill)
-    decode_steps: int = 0
+    decode_steps: int = 0  # passes over the target after the prompts (a verify pass is one)
     decode_seconds: float = 0.0
+    decode_row_passes: int = 0  # rows given a decode step, summed over decode steps
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted, and those the target accepted
+    accepted_tokens: int = 0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens a row gained from each pass over the target after its prompt (1 without a draft)."""
+        return self.decode_tokens / self.decode_row_passes if self.decode_row_passes else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """The share of drafted tokens the target accepted."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -51,7 +64,20 @@ class GenerationResult:
 
     @property
     def ms_per_step(self) -> float:
+        """Milliseconds per pass over the target after the prompts."""
         return 1e3 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def ms_per_token(self) -> float:
+        """Milliseconds per token made after the prompts (a pass may make several: speculative decoding)."""
+        return 1e3 * self.decode_seconds / self.decode_tokens if self.decode_tokens else 0.0
+
+
+def result_of(rows, stats) -> GenerationResult:
+    """The result of finished engine ``rows`` and the engine's ``stats`` (``offload.scheduler.row_engine``)."""
+    return GenerationResult([r.tokens for r in rows], [r.finish_reason for r in rows], stats.prompt_tokens,
+                            stats.prefill_seconds, stats.decode_tokens, stats.decode_steps, stats.decode_seconds,
+                            stats.decode_row_passes, stats.drafted_tokens, stats.accepted_tokens)
 
 
 KV_BUCKET = 128  # a decode step reads keys [0, n) for n a power of two times this (at most max_seq_len)
@@ -263,9 +289,7 @@ class OffloadedModel:
                     for b, (p, n) in enumerate(zip(prompts, limits))]
         engine = RowEngine(self, rows=len(requests))
         rows = engine.run(requests)
-        s = engine.stats
-        result = GenerationResult([r.tokens for r in rows], [r.finish_reason for r in rows], s.prompt_tokens,
-                                  s.prefill_seconds, s.decode_tokens, s.decode_steps, s.decode_seconds)
+        result = result_of(rows, engine.stats)
         if return_result:
             return result
         return as_sequences(input_ids, prompts, result.tokens, pad=eos[0] if eos else 0)

@@ -13,6 +13,8 @@ import torch
 from offload.sampling import GREEDY, Sampling, probabilities
 from offload.speculative import Acceptance, Proposal, accept, best_draft_length, expected_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V = 4  # tokens
 TARGET = torch.tensor([[0.50, 0.25, 0.15, 0.10],
                        [0.10, 0.20, 0.30, 0.40],
@@ -22,16 +24,6 @@ DRAFT = torch.tensor([[0.25, 0.25, 0.25, 0.25],
                       [0.10, 0.50, 0.30, 0.10],
                       [0.60, 0.10, 0.20, 0.10],
                       [0.20, 0.20, 0.20, 0.40]])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny operations: a second thread's synchronisation only slows them (twentyfold on a busy
-    two-core machine, measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_greedy_rows_take_the_targets_argmax_as_far_as_the_drafts_agree():

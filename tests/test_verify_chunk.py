@@ -9,6 +9,8 @@ from offload.models.chunks import Rope
 from offload.models.verify_chunk import VerifyChunk
 
 T, F = True, False
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = [list(range(3, 15)), list(range(40, 47)), [5, 9, 2]]
 
 

@@ -93,16 +93,20 @@ def test_eos_inside_an_accepted_run_stops_the_row_there(structured, plain, specu
 
 
 def test_each_event_of_a_run_but_a_finished_rows_last_is_unfinished(structured, speculative):
-    """A reader that acts on ``row.finish_reason`` (the batch writer, the server) acts once, on the last token."""
-    engine = RowEngine(speculative, rows=1)
-    engine.submit(Request(tuple(prompts(structured)[0]), 20, key="a"))
-    seen, finished = [], []
+    """A reader that acts on ``row.finish_reason`` (the batch writer, the server) acts once, on the last token,
+    though a row gains several tokens in a step (its prompt pass's read, then a verify pass's run)."""
+    engine = RowEngine(speculative, rows=2)
+    limits = {"a": 2, "b": 3, "c": 20, "d": 1}
+    for key, p in zip(limits, prompts(structured)):
+        engine.submit(Request(tuple(p), limits[key], key=key))
+    seen, finished = {key: [] for key in limits}, {}
     while engine.busy:
         for row, token in engine.step():
-            seen.append(token)
+            seen[row.request.key].append(token)
             if row.finish_reason is not None:
-                finished.append(list(seen))
-    assert len(finished) == 1 and len(finished[0]) == 20
+                assert row.request.key not in finished
+                finished[row.request.key] = len(seen[row.request.key])
+    assert finished == limits
 
 
 def test_rows_join_a_running_batch(structured, plain, speculative):

@@ -212,7 +212,7 @@ class RowEngine:
                 self._in_flight = self._launch(previous)
         if previous is not None:
             events += self._read(previous)
-        return events
+        return _settled(events)
 
     def run(self, requests: list[Request]) -> list[Row]:
         """Submit ``requests``, step until every one has finished; their rows, in request order."""
@@ -271,12 +271,10 @@ class RowEngine:
                 continue
             row.cached += len(tokens)  # its last token and the accepted drafts are in its cache now
             row.sampled += len(tokens)
-            gained = []
             for token in tokens:
-                gained.append(token)
+                events.append((row, token))
                 if self._give(row, token):
                     break  # an eos or max_new_tokens inside the accepted run: the rest is dropped
-            events += [(_as_unfinished(row), t) for t in gained[:-1]] + [(row, gained[-1])]
         s = self.stats
         s.steps += 1
         s.busy_row_steps += sum(row is not None for row in rows)
@@ -346,6 +344,9 @@ class RowEngine:
             s.decode_row_passes += sum(row is not None for row in done.rows)
 
 
-def _as_unfinished(row: Row) -> Row:
-    """``row`` as it was before its last token of a step: what an event of an earlier token carries."""
-    return dataclasses.replace(row, finish_reason=None) if row.finish_reason is not None else row
+def _settled(events: list[tuple[Row, int]]) -> list[tuple[Row, int]]:
+    """``events`` with a finished row's earlier tokens of the step carrying a copy of the row as it was then
+    (unfinished), so that ``finish_reason`` comes with its last token only."""
+    last = {id(row): i for i, (row, _) in enumerate(events)}
+    return [(row if last[id(row)] == i or row.finish_reason is None else dataclasses.replace(row, finish_reason=None),
+             token) for i, (row, token) in enumerate(events)]

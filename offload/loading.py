@@ -101,8 +101,11 @@ def prepare(model, options: LoadOptions) -> Setup:
 
     plans, draft = place(needs), None
     if draft_kind(options.draft) in (INT4, MODEL) and not _failed(plans):
-        draft = prepare(model if draft_kind(options.draft) == INT4 else options.draft,
-                        draft_options(options, _max_draft(options)).replace(link_bandwidth=bandwidth))
+        try:
+            draft = prepare(model if draft_kind(options.draft) == INT4 else options.draft,
+                            draft_options(options, _max_draft(options)).replace(link_bandwidth=bandwidth))
+        except ConfigError as e:
+            raise ConfigError(f"draft {options.draft}: {e}") from None
         plans, draft = _weigh_draft(options, config, needs, plans, draft, place)
     if _failed(plans):
         raise PlanError("; ".join(_failed(plans)))

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .distributed import TensorParallel, init_tensor_parallel
-from .drafts import INT4, MODEL, draft_kind, draft_label, draft_options
+from .drafts import INT4, MODEL, NGRAM, draft_kind, draft_label, draft_options
 from .errors import BudgetError, ConfigError, InputError, PlanError
 from .memory.bandwidth import link_bandwidths, peer_is_direct
 from .memory.budget import Budget, format_size
@@ -100,6 +100,9 @@ def prepare(model, options: LoadOptions) -> Setup:
         return tp.gather_objects(plan)
 
     plans, draft = place(needs), None
+    if draft_kind(options.draft) == NGRAM and not _failed(plans):
+        _describe(plans, f"prompt lookup (ngram): no model, no memory besides verify passes of up to "
+                         f"{_max_draft(options) + 1} tokens a row")
     if draft_kind(options.draft) in (INT4, MODEL) and not _failed(plans):
         try:
             draft = prepare(model if draft_kind(options.draft) == INT4 else options.draft,

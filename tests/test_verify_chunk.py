@@ -75,3 +75,19 @@ def test_verify_checks_its_rows(model):
         model.verify([[], []], [0, 0])
     with pytest.raises(offload.InputError, match="max_batch=4"):
         model.verify([[1]] * 5, [0] * 5)
+
+
+@pytest.mark.parametrize("key", ["qwen3-window", "gemma3", "gemma3-softcap"])
+def test_verify_in_families_with_sliding_windows(checkpoint_factory, key):
+    """Drafted tokens past a sliding window see only the window (Qwen3's and Gemma 3's tiny checkpoints)."""
+    from test_families import MODELS, _make
+
+    _, directory = _make(checkpoint_factory, key)
+    vocab = MODELS[key][1]["vocab_size"]
+    ids = torch.randint(3, vocab, (2, 20), generator=torch.Generator().manual_seed(3)).tolist()
+    with offload.load_model(directory, dtype=torch.float32, max_batch=2, max_seq_len=64, progress=False) as model:
+        full = model(ids)
+        model.extend([ids[0][:14], ids[1][:9]], [0, 0])
+        logits = model.verify([ids[0][14:], ids[1][9:12]], [14, 9])
+        assert torch.allclose(logits[0], full[0, 14:], atol=1e-5)
+        assert torch.allclose(logits[1, :3], full[1, 9:12], atol=1e-5)

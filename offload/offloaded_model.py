@@ -177,20 +177,26 @@ class OffloadedModel:
         return self._forward(chunks, self.cache, rows=len(new_tokens))
 
     @torch.inference_mode()
-    def verify(self, new_tokens: list[list[int]], cached: list[int]) -> torch.Tensor:
+    def verify(self, new_tokens: list[list[int]], cached: list[int], width: int | None = None) -> torch.Tensor:
         """Append ``new_tokens[b]`` to KV cache row ``b`` (which holds ``cached[b]`` tokens) and return the logits
-        of every new token, ``[B, W, vocab]`` for ``W`` the most tokens a row adds (a shorter row's logits past
-        its tokens are meaningless).
+        of every new token, ``[B, W, vocab]`` for ``W`` = ``width`` (default: the most tokens a row adds; a
+        shorter row's logits past its tokens are meaningless).
 
         Speculative decoding's pass: a row adds its last token and its drafted ones, and the logits at
         each say what the target would have chosen there. Every row is padded to the same width (a
         ``VerifyChunk``: shapes fixed by the rows, the width and the key length, so that it can be captured
-        later) and goes through each layer at once: a streamed layer crosses its link once per pass.
+        later; the speculator gives ``K + 1`` for a draft length ``K``, however many tokens a draft found)
+        and goes through each layer at once: a streamed layer crosses its link once per pass.
         A row whose drafts are rejected simply has its cached length set back by the caller: the
         positions it wrote past it are overwritten by its next pass before anything reads them.
         """
         new_tokens, cached = self._check_rows(new_tokens, cached)
-        n, width = len(new_tokens), max(len(t) for t in new_tokens)
+        n, longest = len(new_tokens), max(len(t) for t in new_tokens)
+        if width is None:
+            width = longest
+        if not isinstance(width, int) or isinstance(width, bool) or width < longest:
+            raise InputError(f"width must be an integer of at least the {longest} tokens of the longest row, "
+                             f"got {width!r}")
         if width == 1:  # a decode step (captured in graphs on a GPU)
             tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.device)
             return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)])[:, None]

@@ -68,6 +68,14 @@ def test_a_one_token_verify_is_a_decode_step(model):
     assert torch.allclose(logits[0, 0], model([PROMPTS[1] + [7]])[0, -1], atol=1e-5)
 
 
+def test_a_verify_pass_may_be_wider_than_its_rows(model):
+    """The speculator asks for K + 1 tokens a row whatever the draft found: the extra positions are pads."""
+    model.extend([PROMPTS[2]], [0])
+    logits = model.verify([[7, 8]], [len(PROMPTS[2])], width=5)
+    assert logits.shape == (1, 5, model.config.vocab_size)
+    assert torch.allclose(logits[0, :2], model([PROMPTS[2] + [7, 8]])[0, -2:], atol=1e-5)
+
+
 def test_verify_checks_its_rows(model):
     with pytest.raises(offload.InputError, match="max_seq_len"):
         model.verify([[1, 2, 3]], [62])
@@ -75,6 +83,8 @@ def test_verify_checks_its_rows(model):
         model.verify([[], []], [0, 0])
     with pytest.raises(offload.InputError, match="max_batch=4"):
         model.verify([[1]] * 5, [0] * 5)
+    with pytest.raises(offload.InputError, match="width must be"):
+        model.verify([[1, 2, 3]], [0], width=2)
 
 
 @pytest.mark.parametrize("key", ["qwen3-window", "gemma3", "gemma3-softcap"])

@@ -59,7 +59,7 @@ class Speculator:
         proposal = self.draft.propose(rows, budgets) if max(budgets) > 0 else Proposal.empty(len(rows))
         new_tokens = [[row.tokens[-1], *drafted] if row is not None else []
                       for row, drafted in zip(rows, proposal.tokens)]
-        logits = self.model.verify(new_tokens, [row.cached if row is not None else 0 for row in rows])
+        logits = self.model.verify(new_tokens, [row.cached if row is not None else 0 for row in rows], width=k + 1)
         samplings = [row.request.sampling if row is not None else GREEDY for row in rows]
         chosen = accept(logits, proposal, samplings, [row.generator if row is not None else None for row in rows])
         if not all(s.greedy for s in samplings):

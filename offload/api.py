@@ -17,7 +17,7 @@ import dataclasses
 import warnings
 
 from .drafts import INT4, draft_kind, draft_label, make_draft
-from .errors import InputError, OffloadWarning
+from .errors import CheckpointError, InputError, OffloadWarning
 from .loading import Setup, load_weights, prepare, weight_source
 from .memory.planner import Plan
 from .offloaded_model import OffloadedModel
@@ -76,8 +76,11 @@ def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool)
     if setup.draft is None:
         return make_draft(kind)
     source = model if kind == INT4 else setup.options.draft
-    draft_pool = load_weights(setup.draft, weight_source(source, random_weights if kind == INT4 else None,
-                                                         setup.device), progress and setup.tp.rank == 0)
+    try:
+        draft_pool = load_weights(setup.draft, weight_source(source, random_weights if kind == INT4 else None,
+                                                             setup.device), progress and setup.tp.rank == 0)
+    except CheckpointError as e:
+        raise CheckpointError(f"draft {setup.options.draft}: {e}") from None
     return make_draft(kind, OffloadedModel(setup.draft, draft_pool), draft_label(setup.options.draft))
 
 

@@ -111,6 +111,18 @@ def test_a_draft_must_share_the_vocabulary(structured, tiny):
         offload.plan_model(structured, **KW, draft=str(tiny))
 
 
+def test_a_broken_draft_checkpoint_is_named(structured, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in structured.iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    with pytest.raises(offload.CheckpointError, match=f"draft {broken}: .*truncated or corrupt"):
+        offload.load_model(structured, **KW, draft=str(broken), progress=False)
+    with pytest.raises(offload.ConfigError, match=f"draft {tmp_path / 'none'}: model path"):
+        offload.plan_model(structured, **KW, draft=str(tmp_path / "none"))
+
+
 def test_a_draft_models_cache_follows_what_the_target_accepted(structured, structured_draft):
     """Propose, accept a few, propose again: each proposal is what the draft model alone decodes greedily from
     the row's context, though its cache was filled by earlier proposals and rolled back."""

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from .errors import InputError, OffloadWarning
+from .drafts import INT4, draft_kind, draft_label, make_draft
+from .errors import CheckpointError, InputError, OffloadWarning
 from .loading import Setup, load_weights, prepare, weight_source
 from .memory.planner import Plan
 from .offloaded_model import OffloadedModel
@@ -59,9 +60,28 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
         raise InputError(f"random_weights must be an integer seed, got {random_weights!r}")
     setup = prepare(model, _options(options, kwargs))
     _warn(setup)
-    source = weight_source(model, random_weights, setup.device)
-    pool = load_weights(setup, source, progress and setup.tp.rank == 0)
-    return OffloadedModel(setup, pool)
+    pool = load_weights(setup, weight_source(model, random_weights, setup.device), progress and setup.tp.rank == 0)
+    try:
+        draft = _load_draft(setup, model, random_weights, progress)
+    except BaseException:
+        pool.close()
+        raise
+    return OffloadedModel(setup, pool, draft)
+
+
+def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool):
+    """The draft the plan kept (``offload.drafts``): prompt lookup, or a draft model read now: the target's own
+    checkpoint (or random weights) quantized to int4, or the draft checkpoint."""
+    kind = draft_kind(setup.options.draft)
+    if setup.draft is None:
+        return make_draft(kind)
+    source = model if kind == INT4 else setup.options.draft
+    try:
+        draft_pool = load_weights(setup.draft, weight_source(source, random_weights if kind == INT4 else None,
+                                                             setup.device), progress and setup.tp.rank == 0)
+    except CheckpointError as e:
+        raise CheckpointError(f"draft {setup.options.draft}: {e}") from None
+    return make_draft(kind, OffloadedModel(setup.draft, draft_pool), draft_label(setup.options.draft))
 
 
 def _options(options: LoadOptions | None, kwargs: dict) -> LoadOptions:

@@ -236,6 +236,7 @@ class JobSummary:
     seconds: float = 0.0
     steps: int = 0
     occupancy: float = 0.0  # the share of row-steps in which a row held a record
+    tokens_per_pass: float = 0.0  # tokens a row gained per pass after its prompt (above 1: speculative decoding)
 
     @property
     def tokens_per_s(self) -> float:
@@ -247,6 +248,7 @@ class JobSummary:
             f"{self.generated_tokens} generated tokens in {self.seconds:.1f} s: "
             f"{self.tokens_per_s:.1f} tokens/s, {self.records / max(self.seconds, 1e-9):.2f} records/s, "
             f"{self.steps} steps, rows busy {100 * self.occupancy:.0f}% of the time"
+            + (f", {self.tokens_per_pass:.2f} tokens per row and pass" if self.tokens_per_pass > 1 else "")
         )
 
 
@@ -287,6 +289,7 @@ def run_batch(model, records: list[Record], results: ResultFile | None, batch_si
     summary.seconds = time.perf_counter() - start
     summary.steps = engine.stats.steps
     summary.occupancy = engine.stats.busy_row_steps / max(engine.stats.steps * len(engine.rows), 1)
+    summary.tokens_per_pass = engine.stats.tokens_per_pass
     return summary
 
 

@@ -30,7 +30,7 @@ from .inputs import check_token_ids
 from .loading import prepare
 from .memory.budget import parse_peer_flag
 from .memory.planner import format_plans
-from .offloaded_model import GenerationResult
+from .offloaded_model import result_of
 from .models.config import load_config
 from .models.quant import FORMATS
 from .options import LoadOptions
@@ -106,6 +106,11 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
                    "the model dtype)")
     p.add_argument("--group-size", type=int, help="int4: input columns per scale (default 128, or the largest "
                    "smaller power of two that divides each input dimension)")
+    p.add_argument("--draft", help="speculative decoding: ngram (prompt lookup), int4 (the model's own weights in "
+                   "int4, kept on the GPU if the plan predicts a gain) or the directory of a smaller checkpoint with "
+                   "the same vocabulary (kept on the GPU)")
+    p.add_argument("--draft-tokens", type=int, help="tokens drafted per row and pass (default: chosen before each "
+                   "pass from the measured acceptance and the plan's cost of a pass)")
 
 
 def add_quiet_flag(p: argparse.ArgumentParser) -> None:
@@ -179,14 +184,17 @@ def _main(args) -> int:
     show = (lambda text: print(text, end="", flush=True)) if tp.rank == 0 else (lambda text: None)
     row, stats = generate_showing(model, Request(tuple(prompt), args.max_new_tokens, sampling, eos),
                                   tokenizer or IdText(), show)
-    result = GenerationResult([row.tokens], [row.finish_reason], stats.prompt_tokens, stats.prefill_seconds,
-                              stats.decode_tokens, stats.decode_steps, stats.decode_seconds)
+    result = result_of([row], stats)
     if tokenizer is not None:
         say(f"output: {tokenizer.decode(row.tokens)!r}")
     say(f"output ids: {','.join(map(str, row.tokens))} ({row.finish_reason})")
     say(f"prefill: {result.prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
         f"({result.prefill_tokens_per_s:.1f} tokens/s); decode: {result.decode_tokens} tokens in "
-        f"{result.decode_seconds:.3f} s ({result.decode_tokens_per_s:.1f} tokens/s, {result.ms_per_step:.1f} ms/token)")
+        f"{result.decode_seconds:.3f} s ({result.decode_tokens_per_s:.1f} tokens/s, {result.ms_per_token:.1f} ms/token)")
+    if model.draft is not None:
+        say(f"speculative decoding: {result.tokens_per_pass:.2f} tokens per pass over the model "
+            f"({result.decode_steps} passes, {result.ms_per_step:.1f} ms each), {result.accepted_tokens} of "
+            f"{result.drafted_tokens} drafted tokens accepted")
     model.close()
     return 0
 
@@ -306,7 +314,8 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
         peer_memory=dict(parse_peer_flag(p) for p in args.peer_memory or []),
         max_batch=max_batch if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=not args.no_cuda_graphs,
-        compile=args.compile, quantize=args.quantize, group_size=args.group_size,
+        compile=args.compile, quantize=args.quantize, group_size=args.group_size, draft=args.draft,
+        draft_tokens=args.draft_tokens,
     )
 
 

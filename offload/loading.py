@@ -18,11 +18,12 @@ import torch
 from tqdm import tqdm
 
 from .distributed import TensorParallel, init_tensor_parallel
-from .errors import BudgetError, InputError, PlanError
+from .drafts import INT4, MODEL, NGRAM, draft_kind, draft_label, draft_options
+from .errors import BudgetError, ConfigError, InputError, PlanError
 from .memory.bandwidth import link_bandwidths, peer_is_direct
 from .memory.budget import Budget, format_size
 from .memory.experts import ExpertNeeds
-from .memory.planner import MemoryNeeds, Plan, make_plan
+from .memory.planner import RESIDENT, MemoryNeeds, Plan, make_plan
 from .memory.pool import WeightPool
 from .models.checkpoint import CheckpointSource, is_gguf
 from .models.config import ModelConfig, config_from_dict, load_config
@@ -34,6 +35,7 @@ from .models.parallel import check_divisible, local_heads
 from .models.registry import family_of
 from .models.quant import WeightFormat, choose_kernel, describe, quantize_into, scratch_bytes
 from .options import LoadOptions, parse_dtype
+from .speculative import ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, speculation_forecast
 from .synthetic import RandomSource
 
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -57,6 +59,7 @@ class Setup:
     embedding_layout: BlockLayout | None  # an untied embedding table
     plan: Plan  # this rank's
     plans: list[Plan]  # every rank's
+    draft: "Setup | None" = None  # speculative decoding's draft model (resident), when the plan keeps one
 
 
 def prepare(model, options: LoadOptions) -> Setup:
@@ -88,15 +91,85 @@ def prepare(model, options: LoadOptions) -> Setup:
     options = options.replace(max_step_tokens=options.max_step_tokens or _chunk_size(family, config, tp, dtype,
                                                                                     options, blocks))
     needs = memory_needs(family, config, tp, dtype, device, options, blocks, globals_, embedding)
-    try:
-        plan = make_plan(needs, budget, bandwidth, str(device), options.slots, offload_requested, indirect, title)
-    except PlanError as e:
-        plan = e
-    plans = tp.gather_objects(plan)  # every rank learns of a rank whose budget does not fit, none waits
-    failed = [str(p) for p in plans if isinstance(p, PlanError)]
-    if failed:
-        raise PlanError("; ".join(failed))
-    return Setup(config, options, tp, device, dtype, family, blocks, globals_, embedding, plan, plans)
+
+    def place(needs: MemoryNeeds) -> list:
+        """Every rank's plan (or the PlanError of a rank whose budget does not fit: every rank learns of it,
+        none waits)."""
+        try:
+            plan = make_plan(needs, budget, bandwidth, str(device), options.slots, offload_requested, indirect, title)
+        except PlanError as e:
+            plan = e
+        return tp.gather_objects(plan)
+
+    plans, draft = place(needs), None
+    if draft_kind(options.draft) == NGRAM and not _failed(plans):
+        _describe(plans, f"prompt lookup (ngram): no model, no memory besides verify passes of up to "
+                         f"{_max_draft(options) + 1} tokens a row")
+    if draft_kind(options.draft) in (INT4, MODEL) and not _failed(plans):
+        try:
+            draft = prepare(model if draft_kind(options.draft) == INT4 else options.draft,
+                            draft_options(options, _max_draft(options)).replace(link_bandwidth=bandwidth))
+        except ConfigError as e:
+            raise ConfigError(f"draft {options.draft}: {e}") from None
+        plans, draft = _weigh_draft(options, config, needs, plans, draft, place)
+    if _failed(plans):
+        raise PlanError("; ".join(_failed(plans)))
+    return Setup(config, options, tp, device, dtype, family, blocks, globals_, embedding, plans[tp.rank], plans,
+                 draft)
+
+
+def _failed(plans: list) -> list[str]:
+    return [str(p) for p in plans if isinstance(p, PlanError)]
+
+
+def _max_draft(options: LoadOptions) -> int:
+    return options.draft_tokens or DEFAULT_MAX_DRAFT
+
+
+def _weigh_draft(options: LoadOptions, config: ModelConfig, needs: MemoryNeeds, alone: list, draft: "Setup",
+                 place) -> tuple[list, "Setup | None"]:
+    """The target's plans beside the draft model ``draft``, whose bytes on the compute device (its weights,
+    KV cache, activations; the workspace is shared) come out of the target's budget, and the draft, or
+    (int4 only) the plans ``alone`` and no draft.
+
+    The int4 draft is the rule's to decline: it is kept where the plans predict fewer seconds per token
+    with it (verify passes over the target with fewer resident layers, plus the draft's steps, over the
+    tokens a pass gains at ``ASSUMED_ACCEPTANCE``) than without it, and where it fits at all. A draft
+    checkpoint the user named is kept, or its plan's error raised. Either way the plan says what it chose.
+    """
+    if draft.config.vocab_size != config.vocab_size:
+        raise ConfigError(f"the draft {options.draft} has a vocabulary of {draft.config.vocab_size} tokens, the "
+                          f"target {config.vocab_size}; a draft must share the target's vocabulary")
+    label, int4 = draft_label(options.draft), draft_kind(options.draft) == INT4
+    draft_bytes = draft.plan.gpu_bytes - draft.plan.needs.workspace_bytes
+    beside = place(replace(needs, draft_bytes=draft_bytes))
+    if _failed(beside):
+        if not int4:
+            return beside, draft
+        _describe(alone, f"{label} declined: it does not fit beside the target ({format_size(draft_bytes)}: "
+                         f"{_failed(beside)[0]})")
+        return alone, None
+    k, with_s, without_s = speculation_forecast(beside, alone, draft.plans, options.draft_tokens)
+    resident = lambda plans: len(plans[0].blocks_on(RESIDENT))  # noqa: E731
+    line = (f"{label}, resident: {format_size(draft_bytes)} (weights, KV cache, activations); the target keeps "
+            f"{resident(beside)} of {len(needs.blocks)} layers resident ({resident(alone)} without it); "
+            + (f"predicted {_ms(with_s)} per token drafting {k} tokens a pass" if k else
+               "no draft length is predicted to pay")
+            + f" at an assumed {ASSUMED_ACCEPTANCE:.0%} acceptance, against {_ms(without_s)} without a draft")
+    if int4 and with_s >= without_s:
+        _describe(alone, f"{line}: declined, the target keeps the memory")
+        return alone, None
+    _describe(beside, line + (": kept" if int4 else ""))
+    return beside, draft
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def _describe(plans: list, line: str) -> None:
+    for plan in plans:
+        plan.draft = line
 
 
 def _chunk_size(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
@@ -141,8 +214,9 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
         global_bytes=globals_.nbytes,
         embedding_bytes=embedding.nbytes if embedding else 0,
         kv_bytes=KVCache.nbytes(config.n_layers, batch, kv_heads, seq, config.head_dim, dtype),
-        activation_bytes=family.activation_bytes(config, tp, dtype, batch, seq, step_tokens,
-                                                 logit_positions=step_tokens if options.all_logits else batch),
+        activation_bytes=max(family.activation_bytes(config, tp, dtype, batch, seq, step_tokens,
+                                                     logit_positions=step_tokens if options.all_logits else batch),
+                             _verify_bytes(family, config, tp, dtype, options)),
         workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0,
         rope_bytes=len(family.rope_inv_freqs(config)) * 2 * (seq + 1) * config.head_dim * dtype.itemsize,
         max_batch=batch,
@@ -164,6 +238,20 @@ def _expert_needs(config: ModelConfig, routed: list[BlockSpec]) -> ExpertNeeds |
     for block in routed:
         per_layer[block.layer] += 1
     return ExpertNeeds(max(block.nbytes for block in routed), tuple(per_layer), config.top_k)
+
+
+def _verify_bytes(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
+                  options: LoadOptions) -> int:
+    """Speculative decoding's verify pass (0 without a draft): ``max_batch`` rows of ``K + 1`` tokens in one
+    chunk with the logits of every one, the draft's float32 distributions over them, and speculative
+    sampling's float32 work on one row (its filtered target distributions, sorted, and residuals)."""
+    if options.draft is None:
+        return 0
+    width = _max_draft(options) + 1
+    tokens, vocab = options.max_batch * width, config.vocab_size
+    verify = family.activation_bytes(config, tp, dtype, options.max_batch, options.max_seq_len, tokens,
+                                     logit_positions=tokens)
+    return verify + tokens * vocab * 4 + width * vocab * 32
 
 
 def uses_cuda_graphs(options: LoadOptions, device: torch.device, family: type[Decoder]) -> bool:

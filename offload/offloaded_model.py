@@ -24,6 +24,7 @@ from .models.blocks import GlobalWeights
 from .models.chunks import Chunk, DecodeChunk, bucket, plan_chunks
 from .models.decoder import KVCache
 from .models.parallel import local_heads, vocab_rows
+from .models.verify_chunk import VerifyChunk
 from .sampling import Sampling
 from .scheduler.graphs import DecodeGraphs
 from .scheduler.experts import ExpertStore
@@ -38,8 +39,21 @@ class GenerationResult:
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_tokens: int = 0  # tokens made by decode steps (the first token of a row comes from prefill)
-    decode_steps: int = 0
+    decode_steps: int = 0  # passes over the target after the prompts (a verify pass is one)
     decode_seconds: float = 0.0
+    decode_row_passes: int = 0  # rows given a decode step, summed over decode steps
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted, and those the target accepted
+    accepted_tokens: int = 0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens a row gained from each pass over the target after its prompt (1 without a draft)."""
+        return self.decode_tokens / self.decode_row_passes if self.decode_row_passes else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """The share of drafted tokens the target accepted."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -51,7 +65,20 @@ class GenerationResult:
 
     @property
     def ms_per_step(self) -> float:
+        """Milliseconds per pass over the target after the prompts."""
         return 1e3 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def ms_per_token(self) -> float:
+        """Milliseconds per token made after the prompts (a pass may make several: speculative decoding)."""
+        return 1e3 * self.decode_seconds / self.decode_tokens if self.decode_tokens else 0.0
+
+
+def result_of(rows, stats) -> GenerationResult:
+    """The result of finished engine ``rows`` and the engine's ``stats`` (``offload.scheduler.row_engine``)."""
+    return GenerationResult([r.tokens for r in rows], [r.finish_reason for r in rows], stats.prompt_tokens,
+                            stats.prefill_seconds, stats.decode_tokens, stats.decode_steps, stats.decode_seconds,
+                            stats.decode_row_passes, stats.drafted_tokens, stats.accepted_tokens)
 
 
 KV_BUCKET = 128  # a decode step reads keys [0, n) for n a power of two times this (at most max_seq_len)
@@ -64,8 +91,9 @@ class OffloadedModel:
     ``model.plan`` is this rank's placement plan and ``model.plans`` every rank's.
     """
 
-    def __init__(self, setup: Setup, pool: WeightPool):
+    def __init__(self, setup: Setup, pool: WeightPool, draft=None):
         s = setup
+        self.draft = draft  # speculative decoding's draft (``offload.drafts``), or None
         self.config, self.options, self.tp, self.device, self.dtype = s.config, s.options, s.tp, s.device, s.dtype
         self.plan, self.plans = s.plan, s.plans
         self.pool = pool
@@ -143,6 +171,55 @@ class OffloadedModel:
         most ``max_step_tokens``. Generation and batch jobs are built on this, through the
         row engine.
         """
+        new_tokens, cached = self._check_rows(new_tokens, cached)
+        if all(len(tokens) <= 1 for tokens in new_tokens):
+            tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.device)
+            return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)])
+        chunks = [
+            Chunk.build([new_tokens[b][lo:hi] for b, (lo, hi) in zip(range(first, stop), spans)],
+                        [cached[b] + lo for b, (lo, _) in zip(range(first, stop), spans)],
+                        self.device, first_row=first)
+            for first, stop, spans in plan_chunks([len(t) for t in new_tokens], self.max_step_tokens)
+        ]
+        return self._forward(chunks, self.cache, rows=len(new_tokens))
+
+    @torch.inference_mode()
+    def verify(self, new_tokens: list[list[int]], cached: list[int], width: int | None = None) -> torch.Tensor:
+        """Append ``new_tokens[b]`` to KV cache row ``b`` (which holds ``cached[b]`` tokens) and return the logits
+        of every new token, ``[B, W, vocab]`` for ``W`` = ``width`` (default: the most tokens a row adds; a
+        shorter row's logits past its tokens are meaningless).
+
+        Speculative decoding's pass: a row adds its last token and its drafted ones, and the logits at
+        each say what the target would have chosen there. Every row is padded to the same width (a
+        ``VerifyChunk``: shapes fixed by the rows, the width and the key length, so that it can be captured
+        later; the speculator gives ``K + 1`` for a draft length ``K``, however many tokens a draft found)
+        and goes through each layer at once: a streamed layer crosses its link once per pass.
+        A row whose drafts are rejected simply has its cached length set back by the caller: the
+        positions it wrote past it are overwritten by its next pass before anything reads them.
+        """
+        new_tokens, cached = self._check_rows(new_tokens, cached)
+        n, longest = len(new_tokens), max(len(t) for t in new_tokens)
+        if width is None:
+            width = longest
+        if not isinstance(width, int) or isinstance(width, bool) or width < longest:
+            raise InputError(f"width must be an integer of at least the {longest} tokens of the longest row, "
+                             f"got {width!r}")
+        if width == 1:  # a decode step (captured in graphs on a GPU)
+            tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.device)
+            return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)])[:, None]
+        rows, sink = bucket(n, 1, self.max_batch), self.max_seq_len
+        padded = new_tokens + [[]] * (rows - n)
+        starts = cached + [0] * (rows - n)
+        positions = torch.tensor([[s + i if i < len(t) else sink for i in range(width)]
+                                  for t, s in zip(padded, starts)], dtype=torch.long)
+        host_tokens = torch.tensor([t + [0] * (width - len(t)) for t in padded], dtype=torch.long)
+        kv_len = bucket(max(s + len(t) for t, s in zip(padded, starts)), KV_BUCKET, self.max_seq_len)
+        chunk = VerifyChunk(host_tokens.to(self.device), host_tokens, positions.to(self.device), kv_len,
+                            self.decoder.ropes, self.decoder.windows)
+        return self._forward([chunk], self.cache, rows, all_logits=True)[:n]
+
+    def _check_rows(self, new_tokens, cached) -> tuple[list[list[int]], list[int]]:
+        """``extend``'s and ``verify``'s arguments, checked, as lists."""
         new_tokens, cached = step_rows(new_tokens, cached)
         if len(new_tokens) != len(cached):
             raise InputError(f"{len(new_tokens)} rows of new tokens but {len(cached)} cached lengths")
@@ -157,16 +234,7 @@ class OffloadedModel:
                 raise InputError(f"row {b} would grow past max_seq_len={self.max_seq_len}")
         if not any(new_tokens):
             raise InputError("a step needs at least one new token")
-        if all(len(tokens) <= 1 for tokens in new_tokens):
-            tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.device)
-            return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)])
-        chunks = [
-            Chunk.build([new_tokens[b][lo:hi] for b, (lo, hi) in zip(range(first, stop), spans)],
-                        [cached[b] + lo for b, (lo, _) in zip(range(first, stop), spans)],
-                        self.device, first_row=first)
-            for first, stop, spans in plan_chunks([len(t) for t in new_tokens], self.max_step_tokens)
-        ]
-        return self._forward(chunks, self.cache, rows=len(new_tokens))
+        return new_tokens, cached
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: list[int | None]) -> torch.Tensor:
@@ -241,9 +309,7 @@ class OffloadedModel:
                     for b, (p, n) in enumerate(zip(prompts, limits))]
         engine = RowEngine(self, rows=len(requests))
         rows = engine.run(requests)
-        s = engine.stats
-        result = GenerationResult([r.tokens for r in rows], [r.finish_reason for r in rows], s.prompt_tokens,
-                                  s.prefill_seconds, s.decode_tokens, s.decode_steps, s.decode_seconds)
+        result = result_of(rows, engine.stats)
         if return_result:
             return result
         return as_sequences(input_ids, prompts, result.tokens, pad=eos[0] if eos else 0)
@@ -258,6 +324,8 @@ class OffloadedModel:
         """Release the pinned host memory now rather than when the model is garbage-collected."""
         self.synchronize()
         self.pool.close()
+        if self.draft is not None:
+            self.draft.close()
 
     def __enter__(self):
         return self

@@ -22,6 +22,7 @@ import torch
 from .errors import InputError
 from .inputs import is_real
 from .models.quant import check_request
+from .speculative import MAX_DRAFT_TOKENS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -84,6 +85,14 @@ class LoadOptions:
             weight's input dimension the largest smaller power of two that does.
         rounding: how int4 groups are rounded: ``"search"`` (default: each group's scale and minimum
             chosen to minimise its squared error) or ``"minmax"`` (the group's range).
+        draft: speculative decoding (``offload.drafts``): ``"ngram"`` (prompt lookup: drafts copied from
+            earlier matches in the prompt and the output; no model, no memory), ``"int4"`` (the target's
+            own weights quantized to int4 and kept on the compute device; the plan keeps it only where it
+            predicts a gain, and says so), or the path of a smaller checkpoint with the same vocabulary
+            (kept on the compute device; its weights and KV cache come out of ``gpu_memory``). Each
+            pass over the target then checks a row's drafted tokens at once. None (default): no draft.
+        draft_tokens: tokens drafted per row and pass (at most 64); None (default): chosen before each
+            pass from the rows' measured acceptance and the plan's cost of a pass (at most 16).
     """
 
     device: str | torch.device | None = None
@@ -103,9 +112,12 @@ class LoadOptions:
     quantize: str | None = None
     group_size: int | None = None
     rounding: str = "search"
+    draft: str | os.PathLike | None = None
+    draft_tokens: int | None = None
 
     def __post_init__(self):
         check_request(self.quantize, self.group_size, self.rounding)
+        _check_draft(self.draft, self.draft_tokens)
         for name in ("cuda_graphs", "compile", "all_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -127,6 +139,20 @@ class LoadOptions:
 
 
 MAX_COUNT = 2**31 - 1  # rows, tokens and ranks are indexed with 32-bit integers
+
+
+def _check_draft(draft, draft_tokens) -> None:
+    if draft is not None and not isinstance(draft, (str, os.PathLike)):
+        raise InputError(f"draft must be 'ngram', 'int4' or the path of a checkpoint, got {draft!r}")
+    if isinstance(draft, str) and not draft.strip():
+        raise InputError("draft is empty; give 'ngram', 'int4' or the path of a checkpoint")
+    if draft_tokens is None:
+        return
+    if draft is None:
+        raise InputError("draft_tokens goes with a draft (draft='ngram', 'int4' or a checkpoint's path)")
+    _count("draft_tokens", draft_tokens)
+    if draft_tokens > MAX_DRAFT_TOKENS:
+        raise InputError(f"draft_tokens must be at most {MAX_DRAFT_TOKENS}, got {draft_tokens}")
 
 
 def _count(name: str, value) -> None:

@@ -82,19 +82,30 @@ def sample(logits: torch.Tensor, samplings: list[Sampling], generators: list) ->
     if not rows:
         return ids
     index = to_device(rows, torch.long, logits.device)
-    x = logits.index_select(0, index).float()
-    params = [samplings[b] for b in rows]
+    probs = probabilities(logits.index_select(0, index), [samplings[b] for b in rows])
+    return ids.index_copy(0, index, draw(probs, [generators[b] for b in rows]))
+
+
+def probabilities(logits: torch.Tensor, samplings: list[Sampling]) -> torch.Tensor:
+    """What row ``b`` of ``logits [N, V]`` samples from under ``samplings[b]`` (not greedy): the float32
+    distribution after temperature, top-k and top-p. Speculative sampling applies it to the target's and
+    the draft's logits alike, so that both sides of its ratio are the distributions plain sampling draws from."""
+    x = logits.float()
     as_column = lambda values, dtype: to_device(values, dtype, x.device)[:, None]  # noqa: E731
     # Shift before dividing: a tiny temperature sends every other logit to -inf, never to NaN.
-    x = (x - x.max(dim=-1, keepdim=True).values) / as_column([s.temperature for s in params], x.dtype)
+    x = (x - x.max(dim=-1, keepdim=True).values) / as_column([s.temperature for s in samplings], x.dtype)
     sorted_x, order = torch.sort(x, dim=-1, descending=True)
     vocab = x.shape[-1]
-    kth = sorted_x.gather(-1, as_column([min(s.top_k or vocab, vocab) - 1 for s in params], torch.long))
+    kth = sorted_x.gather(-1, as_column([min(s.top_k or vocab, vocab) - 1 for s in samplings], torch.long))
     drop = sorted_x < kth
     probs = sorted_x.masked_fill(drop, float("-inf")).softmax(-1)
-    drop |= probs.cumsum(-1) - probs > as_column([s.top_p for s in params], x.dtype)  # keep the token that crosses p
+    drop |= probs.cumsum(-1) - probs > as_column([s.top_p for s in samplings], x.dtype)  # keep the token that crosses p
     x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return x.softmax(-1)
+
+
+def draw(probs: torch.Tensor, generators: list) -> torch.Tensor:
+    """One id per row of ``probs [N, V]``, drawn with that row's generator."""
     # Exponential race (the Gumbel-max trick): argmax p / E with E ~ Exp(1) draws from p.
-    probs = x.softmax(-1)
-    race = torch.stack([torch.empty_like(p).exponential_(1, generator=generators[b]) for b, p in zip(rows, probs)])
-    return ids.index_copy(0, index, (probs / race).argmax(dim=-1))
+    race = torch.stack([torch.empty_like(p).exponential_(1, generator=g) for g, p in zip(generators, probs)])
+    return (probs / race).argmax(dim=-1)

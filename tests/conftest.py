@@ -45,6 +45,16 @@ def graph_pool_bytes(model) -> int:
                if tuple(seg.get("segment_pool_id", ())) == tuple(model.graphs.pool))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one CPU thread: many tiny operations (small models, a token at a time) only wait for
+    a second thread's synchronisation, twentyfold on a busy two-core machine (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """The ``tiny`` named shape (8 layers, GQA) as a float32 checkpoint of seeded random weights."""
@@ -134,6 +144,23 @@ def structured(tmp_path_factory) -> Path:
     distributions have clear favourites. It lives in ``<cache>/structured-v1``; ``OFFLOAD_CACHE_DIR=<cache>``
     lets a subprocess find it."""
     return structured_checkpoint(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def structured_draft(structured, tmp_path_factory) -> Path:
+    """A draft for ``structured``: a copy with noise (0.6 of each matrix's spread) on its matrices, so that its
+    greedy choices agree with the target's about 60% of the time (a speculative decoding draft of the same
+    vocabulary that the target sometimes rejects)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("structured-draft")
+    for file in structured.iterdir():
+        shutil.copy(file, out / file.name)
+    gen = torch.Generator().manual_seed(0)
+    weights = {name: t + 0.6 * t.std() * torch.randn(t.shape, generator=gen) if t.dim() == 2 else t
+               for name, t in load_file(out / "model.safetensors").items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 CONVENTIONS = ("4.x", "5.x")

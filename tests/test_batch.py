@@ -160,3 +160,28 @@ def test_sigkill_then_rerun_leaves_every_id_once_with_uninterrupted_outputs(odd_
     assert subprocess.run([*cmd, "--output", str(out)], env=env).returncode == 0
     assert read_output(out) == full
     assert set(full) == {odd_name(i) for i in range(400)}
+
+
+def test_a_batch_job_with_a_draft_writes_plain_greedy_outputs(structured, tmp_path, one_thread):
+    """Prompt lookup (4 tokens a pass) in a batch job: each record once, with the tokens of plain greedy decoding;
+    rows refilled while others are mid-run; the summary counts the tokens gained per pass."""
+    from offload.structured import corpus_of
+
+    corpus, gen = corpus_of(structured), torch.Generator().manual_seed(4)
+    records = [{"id": i, "prompt_ids": corpus.sample(1, int(torch.randint(2, 20, (1,), generator=gen)), seed=i)[0]
+                .tolist(), "max_new_tokens": int(torch.randint(3, 30, (1,), generator=gen))} for i in range(9)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    records = read_records(tmp_path / "in.jsonl", None, 8, 64)
+    kw = dict(dtype="float32", max_batch=3, max_seq_len=64, progress=False)
+    model = offload.load_model(structured, draft="ngram", draft_tokens=4, **kw)
+    results = ResultFile(tmp_path / "out.jsonl", prompt_lengths(records))
+    summary = run_batch(model, records, results, batch_size=3, progress=False)
+    results.close()
+    assert summary.tokens_per_pass > 1 and "tokens per row and pass" in str(summary)
+    got = read_output(tmp_path / "out.jsonl")
+    plain = offload.load_model(structured, **kw)
+    for r in records:
+        assert got[r.id]["output_ids"] == plain.generate([r.prompt_ids], max_new_tokens=r.max_new_tokens,
+                                                         return_result=True).tokens[0], r.id
+    model.close()
+    plain.close()

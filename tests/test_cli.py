@@ -69,6 +69,9 @@ def test_unknown_architecture(tmp_path, capsys):
     (["--dtype", "int3", "--prompt-ids", "1"], "unsupported dtype"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--prompts", "x.jsonl"], "--prompts needs --output"),
+    (["--draft-tokens", "4", "--prompt-ids", "1"], "draft_tokens goes with a draft"),
+    (["--draft", "ngram", "--draft-tokens", "100", "--prompt-ids", "1"], "at most 64"),
+    (["--draft", "no/such/dir", "--prompt-ids", "1"], "draft no/such/dir: model path"),
 ])
 def test_bad_flags(tiny, capsys, argv, words):
     assert words in one_line_error(capsys, ["--model", str(tiny), *argv])
@@ -112,3 +115,18 @@ def test_single_prompt_with_text(tiny, capsys):
                  "--gpu-memory", "30MiB", "--cpu-memory", "1GiB"]) == 0
     out = capsys.readouterr().out
     assert "output:" in out and "decode:" in out
+
+
+def test_speculative_decoding_prints_tokens_per_pass_and_the_same_output(structured, capsys):
+    argv = ["--model", str(structured), "--prompt-ids", "3,17,40,2,9", "--max-new-tokens", "24", "--quiet",
+            "--dtype", "fp32"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main(argv + ["--draft", "ngram", "--draft-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    ids = lambda text: next(line for line in text.splitlines() if line.startswith("output ids:"))  # noqa: E731
+    assert ids(out) == ids(plain)
+    line = next(line for line in out.splitlines() if line.startswith("speculative decoding:"))
+    assert float(line.split()[2]) > 1 and "tokens per pass" in line
+    assert main(argv + ["--draft", "int4", "--plan"]) == 0
+    assert "  draft: int4 copy of the target" in capsys.readouterr().out

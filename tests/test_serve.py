@@ -426,3 +426,39 @@ def rank_zero(launcher: subprocess.Popen) -> int:
     """The pid of the worker of a torchrun launch whose RANK is 0."""
     workers = psutil.Process(launcher.pid).children(recursive=True)
     return next(w.pid for w in workers if w.environ().get("RANK") == "0")
+
+
+# ---------------------------------------------------------------------- speculative decoding
+
+
+def test_speculative_decoding_serves_the_same_tokens_and_counts_them(structured):
+    """The structured model (token ids, no tokenizer) with prompt lookup, its layers streaming: concurrent greedy
+    requests, whole and streamed, get plain greedy decoding's tokens; /metrics shows the tokens gained per pass."""
+    from offload.text import IdText
+
+    bandwidth = {"host": 1e9, "hbm": 1e11, "matmul": 1e15}
+    kw = dict(dtype="float32", link_bandwidth=bandwidth)
+    needs = offload.plan_model(structured, max_batch=4, max_seq_len=SEQ, draft="ngram", **kw).needs
+    server, s = start_server(structured, 4, 8, draft="ngram", cpu_memory="1GiB",
+                             gpu_memory=needs.gpu_budget_streaming(0), **kw)
+    reference = load(structured, 4, **kw)
+    try:
+        assert s.service.loop.model.draft is not None and "host" in s.service.loop.model.plan.placement
+        prompts = [[3, 17, 40, 2, 9], [11, 5, 60], [7, 7, 21, 33, 1, 8], [50, 2]]
+        want = [IdText().decode(reference.generate([p], max_new_tokens=24, ignore_eos=True,
+                                                   return_result=True).tokens[0]) for p in prompts]
+
+        def ask(i):
+            answer = s.client.completions.create(model="tiny-chat", prompt=prompts[i], max_tokens=24, temperature=0,
+                                                 stream=bool(i % 2), extra_body={"ignore_eos": True})
+            return "".join(c.choices[0].text for c in answer) if i % 2 else answer.choices[0].text
+
+        async def all_at_once():
+            return await asyncio.gather(*[asyncio.to_thread(ask, i) for i in range(len(prompts))])
+
+        assert asyncio.run(all_at_once()) == want
+        assert metric(s.url, "offload_tokens_per_pass") > 1.5
+        assert 0 < metric(s.url, "offload_draft_accepted_tokens_total") <= metric(s.url, "offload_draft_tokens_total")
+    finally:
+        server.stop()
+        reference.close()

@@ -33,10 +33,10 @@ def _rank_main(rank, world, port, path, ids, kwargs, out):
         torch.distributed.destroy_process_group()
 
 
-def run_tp(world, path, ids, **kwargs):
+def run_tp(world, path, ids, main=_rank_main, **kwargs):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank_main, args=(world, _free_port(), str(path), ids, kwargs, out), nprocs=world)
+        mp.spawn(main, args=(world, _free_port(), str(path), ids, kwargs, out), nprocs=world)
         return [out[r] for r in range(world)]
 
 
@@ -86,3 +86,35 @@ def test_tp_without_torchrun_is_refused(tiny, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(offload.OffloadError, match="torchrun"):
         offload.load_model(tiny, tp=2, progress=False)
+
+
+def _rank_speculates(rank, world, port, path, ids, kwargs, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        model = offload.load_model(path, tp=world, progress=False, **kwargs)
+        greedy = model.generate(ids, max_new_tokens=12, ignore_eos=True, return_result=True)
+        sampled = model.generate(ids, max_new_tokens=12, ignore_eos=True, do_sample=True, temperature=0.8, seed=1,
+                                 return_result=True)
+        out[rank] = (greedy.tokens, sampled.tokens, model.draft is not None, greedy.drafted_tokens)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("draft", ["ngram", "int4"])
+def test_speculative_decoding_under_tp_equals_plain_greedy(tiny, draft):
+    """Every rank drafts, verifies and accepts the same tokens (sampled ones are rank 0's draws); greedy tokens
+    are plain greedy decoding's of one process. Links that bind (streaming costs a hundred times HBM) make the
+    plan keep the int4 draft."""
+    ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1)).tolist()
+    ids[1] = ids[1][:5] * 3  # a prompt that repeats itself: prompt lookup finds drafts
+    kwargs = dict(max_batch=2, max_seq_len=48, dtype="float32",
+                  link_bandwidth={"host": 1e9, "hbm": 1e11, "matmul": 1e15})
+    single = offload.load_model(tiny, progress=False, **kwargs)
+    want = single.generate(ids, max_new_tokens=12, ignore_eos=True, return_result=True).tokens
+    results = run_tp(2, tiny, ids, main=_rank_speculates, draft=draft, **kwargs)
+    for greedy, sampled, has_draft, drafted in results:
+        assert has_draft and drafted > 0
+        assert greedy == want
+        assert sampled == results[0][1]

@@ -54,12 +54,13 @@ class MemoryNeeds:
     experts: ExpertNeeds | None = None  # a mixture-of-experts model's routed experts (blocks of their own)
     dequant_bytes: int = 0  # quantized layers: the rows a linear dequantizes at a time, and their product
     weight_format: str = ""  # quantized layers: the format and bytes per layer, for the plan; "" for the model dtype
+    draft_bytes: int = 0  # speculative decoding: a draft model kept on the compute device (weights, KV cache...)
 
     @property
     def fixed_bytes(self) -> int:
         """What must be on the compute device besides the blocks, the slots and the embedding."""
         return (self.global_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes + self.rope_bytes
-                + self.graph_bytes + self.dequant_bytes)
+                + self.graph_bytes + self.dequant_bytes + self.draft_bytes)
 
     @property
     def weight_bytes(self) -> int:
@@ -87,6 +88,7 @@ class Plan:
     compute_device: str
     title: str = ""
     embedding_on_host: bool = False  # a step's lookups copy only its tokens' rows to the GPU
+    draft: str = ""  # speculative decoding: the draft, what it holds and what it is predicted to gain, for printing
     warnings: list[str] = field(default_factory=list)  # printed with the plan; the caller decides whether to warn
     experts: ExpertPlan | None = None  # where a mixture-of-experts model's routed experts live
 
@@ -207,9 +209,12 @@ class Plan:
             f"workspace {format_size(n.workspace_bytes)}"
             + (f", decode graphs {format_size(n.graph_bytes)}" if n.graph_bytes else "")
             + (f", dequantize scratch {format_size(n.dequant_bytes)}" if n.dequant_bytes else "")
+            + (f", draft {format_size(n.draft_bytes)}" if n.draft_bytes else "")
         )
         if self.experts:
             lines.append(self.experts.summary())
+        if self.draft:
+            lines.append(f"  draft: {self.draft}")
         if self.embedding_on_host:
             lines.append(f"  embedding table ({format_size(n.embedding_bytes)}) in host RAM: a step copies only "
                          "its tokens' rows")
@@ -362,6 +367,7 @@ def _fixed_parts(needs: MemoryNeeds, embedding: int = 0) -> str:
         f"+ workspace {format_size(needs.workspace_bytes)}"
         + (f" + decode graphs {format_size(needs.graph_bytes)}" if needs.graph_bytes else "")
         + (f" + dequantize scratch {format_size(needs.dequant_bytes)}" if needs.dequant_bytes else "")
+        + (f" + draft {format_size(needs.draft_bytes)}" if needs.draft_bytes else "")
     )
     return parts + (f" + embedding {format_size(embedding)}" if embedding else "")
 

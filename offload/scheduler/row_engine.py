@@ -31,12 +31,18 @@ that reaches ``max_new_tokens`` is known in advance and gets none. A pass that
 adds prompt tokens needs every row's last token on the host, so the pass before
 it is read first.
 
+With a draft (speculative decoding, ``speculation.py``), a pass that adds no prompt
+is a verify pass instead: each row adds its last token and the tokens its draft
+proposes, and gains as many of them as the target accepts, plus one. Such a pass
+is launched and read within one step (the next pass's drafts need its tokens).
+
 Under tensor parallelism every rank runs the same engine on the same requests;
 sampled tokens are broadcast from rank 0, so the ranks stay in step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,6 +52,7 @@ import torch
 from ..errors import InputError
 from ..inputs import check_token_ids
 from ..sampling import GREEDY, Sampling, sample
+from .speculation import Speculator
 
 
 @dataclass(frozen=True)
@@ -95,9 +102,17 @@ class Stats:
     busy_row_steps: int = 0  # rows holding a request, summed over steps
     prompt_tokens: int = 0  # prompt tokens read
     prefill_seconds: float = 0.0  # steps that read prompt tokens
-    decode_steps: int = 0  # steps in which every row adds one generated token
+    decode_steps: int = 0  # passes over the target that add no prompt (one token a row, or its drafts)
     decode_tokens: int = 0  # tokens made by decode steps
     decode_seconds: float = 0.0
+    decode_row_passes: int = 0  # rows given a decode step, summed over decode steps
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted
+    accepted_tokens: int = 0  # drafted tokens the target accepted
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens a row gains from one decode pass over the target (1 without a draft)."""
+        return self.decode_tokens / self.decode_row_passes if self.decode_row_passes else 0.0
 
 
 class _SampledIds:
@@ -144,6 +159,7 @@ class RowEngine:
         self.waiting: deque[Request] = deque()
         self.stats = Stats()
         self._in_flight: _Pass | None = None
+        self.speculator = Speculator(model) if model.draft is not None else None
 
     @property
     def busy(self) -> bool:
@@ -176,18 +192,27 @@ class RowEngine:
 
     def step(self) -> list[tuple[Row, int]]:
         """Launch one forward pass, read the pass before it; returns each token read with its row (a
-        finished row has its finish_reason). The first step of a run returns no tokens yet."""
+        finished row has its finish_reason). The first step of a run returns no tokens yet.
+
+        A row that gains several tokens in one step (a verify pass) comes once per token, in order; every
+        event but a finished row's last carries a copy of the row as it was then (no finish_reason yet),
+        so that a reader acting on ``row.finish_reason`` acts once, on the row's last token."""
         self._admit()
         events = []
-        if self._in_flight is not None and any(row is not None and row.in_prompt for row in self.rows):
-            events += self._read(self._take_in_flight())  # a prompt joins: the next pass needs every last token
+        prompt_joins = any(row is not None and row.in_prompt for row in self.rows)
+        if self._in_flight is not None and (prompt_joins or self.speculator is not None):
+            events += self._read(self._take_in_flight())  # the next pass needs every row's last token on the host
             self._admit()
+            prompt_joins = any(row is not None and row.in_prompt for row in self.rows)
         previous = self._take_in_flight()
         if any(row is not None and row.wants_pass for row in self.rows):
-            self._in_flight = self._launch(previous)
+            if self.speculator is not None and not prompt_joins:
+                events += self._verify()
+            else:
+                self._in_flight = self._launch(previous)
         if previous is not None:
             events += self._read(previous)
-        return events
+        return _settled(events)
 
     def run(self, requests: list[Request]) -> list[Row]:
         """Submit ``requests``, step until every one has finished; their rows, in request order."""
@@ -214,8 +239,7 @@ class RowEngine:
         every such row adds the token ``previous`` sampled for it, still on the device."""
         start = time.perf_counter()
         since = self._pass_start(previous)
-        width = max(i + 1 for i, row in enumerate(self.rows) if row is not None and row.wants_pass)
-        rows = [row if row is not None and row.wants_pass else None for row in self.rows[:width]]
+        rows = self._pass_rows()
         prompt_tokens = sum(len(row.request.prompt) - row.cached for row in rows if row and row.in_prompt)
         if previous is not None:
             logits = self.model.decode(previous.ids.on_device, [row.cached if row else None for row in rows])
@@ -230,6 +254,37 @@ class RowEngine:
                 row.sampled += 1  # a row's whole prompt goes in one pass: every row of the pass samples
         ids = _SampledIds(self._sample(logits, rows))
         return _Pass(rows, ids, prompt_tokens, time.perf_counter() - start, since)
+
+    def _pass_rows(self) -> list[Row | None]:
+        """The rows of the next pass, by cache row up to the last that wants one (None: takes no part)."""
+        width = max(i + 1 for i, row in enumerate(self.rows) if row is not None and row.wants_pass)
+        return [row if row is not None and row.wants_pass else None for row in self.rows[:width]]
+
+    def _verify(self) -> list[tuple[Row, int]]:
+        """A verify pass (speculative decoding), launched and read: each row gains one or more tokens."""
+        start = time.perf_counter()
+        rows = self._pass_rows()
+        outcome = self.speculator.run(rows)
+        events = []
+        for row, tokens in zip(rows, outcome.tokens):
+            if row is None:
+                continue
+            row.cached += len(tokens)  # its last token and the accepted drafts are in its cache now
+            row.sampled += len(tokens)
+            for token in tokens:
+                events.append((row, token))
+                if self._give(row, token):
+                    break  # an eos or max_new_tokens inside the accepted run: the rest is dropped
+        s = self.stats
+        s.steps += 1
+        s.busy_row_steps += sum(row is not None for row in rows)
+        s.decode_steps += 1
+        s.decode_row_passes += sum(row is not None for row in rows)
+        s.decode_tokens += len(events)
+        s.decode_seconds += time.perf_counter() - start  # the tokens were read: the pass is over
+        s.drafted_tokens += outcome.drafted
+        s.accepted_tokens += outcome.accepted
+        return events
 
     def _pass_start(self, previous: _Pass | None) -> torch.cuda.Event | None:
         """Where a pass's time starts on the device: where ``previous``, still running, ends (so passes
@@ -247,13 +302,7 @@ class RowEngine:
         for row, token in zip(done.rows, done.ids.read()):
             if row is None or self.rows[row.index] is not row:
                 continue  # idle, or finished (an eos read after this pass was launched) or cancelled since
-            row.tokens.append(token)
-            if token in row.request.eos_ids:
-                row.finish_reason = "eos"
-            elif len(row.tokens) == row.request.max_new_tokens:
-                row.finish_reason = "length"
-            if row.finish_reason is not None:
-                self.rows[row.index] = None
+            self._give(row, token)
             events.append((row, token))
         if done.since is None:
             seconds = done.seconds + time.perf_counter() - start
@@ -261,6 +310,18 @@ class RowEngine:
             seconds = done.since.elapsed_time(done.ids.copied) / 1e3
         self._count(done, seconds, len(events))
         return events
+
+    def _give(self, row: Row, token: int) -> bool:
+        """Append ``token`` to ``row``; if that meets its stop rule, finish it and free its cache row (True)."""
+        row.tokens.append(token)
+        if token in row.request.eos_ids:
+            row.finish_reason = "eos"
+        elif len(row.tokens) == row.request.max_new_tokens:
+            row.finish_reason = "length"
+        if row.finish_reason is None:
+            return False
+        self.rows[row.index] = None
+        return True
 
     def _sample(self, logits: torch.Tensor, rows: list[Row | None]) -> torch.Tensor:
         samplings = [row.request.sampling if row else GREEDY for row in rows]
@@ -280,3 +341,12 @@ class RowEngine:
             s.decode_steps += 1
             s.decode_tokens += tokens
             s.decode_seconds += seconds
+            s.decode_row_passes += sum(row is not None for row in done.rows)
+
+
+def _settled(events: list[tuple[Row, int]]) -> list[tuple[Row, int]]:
+    """``events`` with a finished row's earlier tokens of the step carrying a copy of the row as it was then
+    (unfinished), so that ``finish_reason`` comes with its last token only."""
+    last = {id(row): i for i, (row, _) in enumerate(events)}
+    return [(row if last[id(row)] == i or row.finish_reason is None else dataclasses.replace(row, finish_reason=None),
+             token) for i, (row, token) in enumerate(events)]

@@ -15,6 +15,7 @@ that the other ranks' collectives do not time out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -137,6 +138,7 @@ class EngineLoop:
 
     def _step(self) -> None:
         start = time.perf_counter()
+        before = dataclasses.replace(self.engine.stats)
         try:
             events = self.engine.step()
         except Exception:
@@ -154,6 +156,7 @@ class EngineLoop:
             if sink is not None:
                 sink(token, row.finish_reason)
         self.metrics.observe_step(seconds, len(events))
+        self.metrics.observe_passes(before, self.engine.stats)
 
     def _count_rows(self) -> None:
         self.metrics.rows_busy = sum(row is not None for row in self.engine.rows)

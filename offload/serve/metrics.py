@@ -27,6 +27,10 @@ class Metrics:
     steps: int = 0
     step_seconds: float = 0.0
     step_buckets: list[int] = field(default_factory=lambda: [0] * len(STEP_BUCKETS))
+    decode_tokens: int = 0  # tokens made by passes after a row's prompt
+    decode_row_passes: int = 0  # rows given such a pass, summed over passes
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted, and those the model accepted
+    accepted_tokens: int = 0
 
     def observe_step(self, seconds: float, tokens: int) -> None:
         self.steps += 1
@@ -35,6 +39,11 @@ class Metrics:
             if seconds <= bound:
                 self.step_buckets[i] += 1
         self.generated_tokens += tokens
+
+    def observe_passes(self, before, after) -> None:
+        """What the engine's counters (``offload.scheduler.row_engine.Stats``) gained from ``before`` to ``after``."""
+        for name in ("decode_tokens", "decode_row_passes", "drafted_tokens", "accepted_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(after, name) - getattr(before, name))
 
     def render(self) -> str:
         out = []
@@ -54,6 +63,12 @@ class Metrics:
         metric("rows", "gauge", "KV cache rows the engine may fill.", [("", self.rows)])
         metric("prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", [("", self.prompt_tokens)])
         metric("generation_tokens_total", "counter", "Tokens generated.", [("", self.generated_tokens)])
+        metric("draft_tokens_total", "counter", "Tokens drafted (speculative decoding).", [("", self.drafted_tokens)])
+        metric("draft_accepted_tokens_total", "counter", "Drafted tokens the model accepted.",
+               [("", self.accepted_tokens)])
+        per_pass = self.decode_tokens / self.decode_row_passes if self.decode_row_passes else 0.0
+        metric("tokens_per_pass", "gauge", "Mean tokens a request gains from one pass over the model after its "
+               "prompt (1 without a draft; speculative decoding makes more).", [("", per_pass)])
         buckets = [(f'_bucket{{le="{b}"}}', n) for b, n in zip(STEP_BUCKETS, self.step_buckets)]
         metric("step_seconds", "histogram", "Time of one engine step (one forward pass over the batch).",
                [*buckets, ('_bucket{le="+Inf"}', self.steps), ("_sum", self.step_seconds), ("_count", self.steps)])

@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Speculative decoding: what a verify pass costs, and what each draft gains.
+
+    python benchmarks/bench_speculative.py --model SmolLM2 --gpu-memory 200MiB --cpu-memory 4GiB \\
+        --drafts none,ngram,int4,path/to/draft
+    python benchmarks/bench_speculative.py --shape llama-2-13b --gpu-memory 8GiB --cpu-memory 64GiB
+    python benchmarks/bench_speculative.py --quick      # the structured model on the CPU, in seconds (CI runs this)
+
+Two measurements, both on the model loaded under the given budget (layers that do not
+fit stream from pinned host memory, so on a GPU a pass is bound by its link):
+
+passes     a verify pass of W tokens per row (W = 1, 2, 4, ... 32: the row's last token
+           and W - 1 drafts) at batch 1 and 8, against a one-token pass (W = 1, a decode
+           step). From them, for acceptance rates 50-90%, the tokens/s a draft that costs
+           nothing (prompt lookup) would give at the best W, against plain decoding:
+           ``batch x E(a, W - 1) / t(W)`` with ``E(a, k) = (1 - a^(k+1)) / (1 - a)``.
+           With random weights (``--shape``) a measured acceptance means nothing, so these
+           forecasts are all this part reports.
+generation with ``--model`` (or ``--quick``), for each of ``--drafts``: greedy batch-1
+           generation of a few prompts, decode tokens/s, tokens per pass, the share of
+           drafts accepted, and whether the tokens equal plain greedy decoding's. Prompts:
+           the chat template applied to built-in questions when the checkpoint has a
+           tokenizer, else samples of the structured model's corpus.
+
+``--quick`` runs the structured model of ``offload.structured`` in float32 on the CPU with a
+fixed draft length (a CPU computes rather than streams, so the plan's cost model would draft
+nothing): the figures check that the benchmark works, not how fast anything is.
+
+Bad input prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+import offload  # noqa: E402
+from offload.models.shapes import SHAPES, shape_config  # noqa: E402
+from offload.speculative import expected_tokens  # noqa: E402
+from offload.structured import corpus_of, structured_checkpoint  # noqa: E402
+from offload.text import Tokenizer  # noqa: E402
+
+WIDTHS = (1, 2, 4, 8, 16, 32)
+BATCHES = (1, 8)
+ACCEPTANCES = (0.5, 0.6, 0.7, 0.8, 0.9)
+CONTEXT = 128  # cached tokens per row before a timed verify pass
+REPEATS = 3  # timed passes per point after one warm-up; the fastest counts
+QUESTIONS = ["What is the capital of France? Answer in one sentence.", "Write a haiku about the sea.",
+             "Repeat exactly: 'The quick brown fox jumps over the lazy dog, and the dog sleeps on.'",
+             "Explain in two sentences why the sky is blue."]
+QUICK_DRAFT_TOKENS = 4
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = _Parser(description=__doc__.split("\n")[0])
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a checkpoint directory: pass times and each draft's generation")
+    source.add_argument("--shape", help=f"random weights of a named shape, pass times only ({', '.join(SHAPES)})")
+    source.add_argument("--quick", action="store_true", help="the structured model on the CPU (for CI)")
+    p.add_argument("--drafts", default="none,ngram,int4", help="comma-separated: none (first), ngram, int4, or "
+                   "checkpoint directories (default none,ngram,int4)")
+    p.add_argument("--draft-tokens", type=int, help="a fixed draft length (default: chosen per pass)")
+    p.add_argument("--gpu-memory", help="budget of the compute GPU (default: its free memory)")
+    p.add_argument("--cpu-memory", help="pinned host memory for streamed layers")
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    p.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="verify widths to time (tokens per row)")
+    p.add_argument("--json", help="write every figure to this file")
+    args = p.parse_args(argv)
+    if not (args.model or args.shape or args.quick):
+        raise UsageError("give --model PATH, --shape NAME or --quick")
+    if args.shape and args.shape not in SHAPES:
+        raise UsageError(f"unknown shape {args.shape!r}; choose from {', '.join(SHAPES)}")
+    drafts = [d.strip() for d in args.drafts.split(",") if d.strip()]
+    if not drafts or drafts[0] != "none":
+        raise UsageError(f"--drafts starts with none (the reference), got {args.drafts!r}")
+    try:
+        args.widths = sorted({int(w) for w in args.widths.split(",")})
+    except ValueError:
+        raise UsageError(f"--widths takes integers, got {args.widths!r}") from None
+    if args.widths[0] < 1 or args.widths[-1] > 65:
+        raise UsageError("--widths must lie in [1, 65]")
+    args.drafts = drafts
+    return args
+
+
+# ---------------------------------------------------------------------- verify passes
+
+
+def time_passes(model, widths: list[int], batches: tuple[int, ...], vocab: int) -> list[dict]:
+    """The fastest of REPEATS verify passes of each width at each batch size, after a warm-up."""
+    gen = torch.Generator().manual_seed(0)
+    rows = max(batches)
+    context = [torch.randint(0, vocab, (CONTEXT,), generator=gen).tolist() for _ in range(rows)]
+    model.extend(context, [0] * rows)
+    out = []
+    for batch in batches:
+        for width in widths:
+            tokens = [torch.randint(0, vocab, (width,), generator=gen).tolist() for _ in range(batch)]
+            times = []
+            for _ in range(REPEATS + 1):
+                model.synchronize()
+                start = time.perf_counter()
+                model.verify(tokens, [CONTEXT] * batch)  # the same positions each time: the cache is rewritten
+                model.synchronize()
+                times.append(time.perf_counter() - start)
+            out.append(dict(batch=batch, width=width, ms=1e3 * min(times[1:])))
+    one = {p["batch"]: p["ms"] for p in out if p["width"] == 1}
+    for p in out:
+        p["over_one_token"] = p["ms"] / one[p["batch"]] if p["batch"] in one else None
+    return out
+
+
+def forecast(passes: list[dict]) -> list[dict]:
+    """For each batch and acceptance rate: the width whose pass gains the most tokens/s with a free draft."""
+    out = []
+    for batch in sorted({p["batch"] for p in passes}):
+        mine = [p for p in passes if p["batch"] == batch]
+        plain = next((p for p in mine if p["width"] == 1), None)
+        for a in ACCEPTANCES:
+            best = max(mine, key=lambda p: expected_tokens(a, p["width"] - 1) / p["ms"])
+            rate = 1e3 * batch * expected_tokens(a, best["width"] - 1) / best["ms"]
+            out.append(dict(batch=batch, acceptance=a, width=best["width"], tokens_per_s=rate,
+                            speedup=rate / (1e3 * batch / plain["ms"]) if plain else None))
+    return out
+
+
+# ---------------------------------------------------------------------- generation with each draft
+
+
+def prompts_for(model_path: Path, quick: bool) -> list[list[int]]:
+    tokenizer = None if quick else Tokenizer.from_dir(model_path)
+    if tokenizer is not None and tokenizer.chat_template is not None:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    if tokenizer is not None:
+        return [tokenizer.encode(q) for q in QUESTIONS]
+    return corpus_of(model_path).sample(len(QUESTIONS), 12, seed=4321).tolist()
+
+
+def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: dict, max_new: int) -> dict:
+    """Greedy batch-1 generation of every prompt with ``draft``: tokens, decode tokens/s, tokens per pass."""
+    model = offload.load_model(model_path, draft=None if draft == "none" else draft, progress=False, **options)
+    used = draft == "none" or model.draft is not None
+    model.generate([prompts[0]], max_new_tokens=4)  # warm-up
+    tokens, seconds, decoded, passes, row_passes, drafted, accepted = [], 0.0, 0, 0, 0, 0, 0
+    for prompt in prompts:
+        r = model.generate([prompt], max_new_tokens=max_new, ignore_eos=True, return_result=True)
+        tokens.append(r.tokens[0])
+        seconds += r.decode_seconds
+        decoded, passes, row_passes = decoded + r.decode_tokens, passes + r.decode_steps, row_passes + r.decode_row_passes
+        drafted, accepted = drafted + r.drafted_tokens, accepted + r.accepted_tokens
+    row = dict(draft=draft, used=used, plan=model.plan.draft, layers=model.plan.layer_map(),
+               tokens_per_s=decoded / seconds if seconds else 0.0, ms_per_pass=1e3 * seconds / max(passes, 1),
+               tokens_per_pass=decoded / max(row_passes, 1), acceptance=accepted / drafted if drafted else None,
+               tokens=tokens)
+    model.close()
+    return row
+
+
+# ---------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        return run(args)
+    except (UsageError, offload.OffloadError) as e:
+        print(f"bench_speculative: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    warnings.simplefilter("ignore", offload.OffloadWarning)
+    quick = args.quick
+    if quick or not torch.cuda.is_available():
+        torch.set_num_threads(1)  # small models' many tiny products only wait for a second thread (on a CPU)
+    model_path = structured_checkpoint() if quick else (Path(args.model) if args.model else None)
+    source = shape_config(args.shape) if args.shape else model_path
+    dtype = "float32" if quick else args.dtype
+    draft_tokens = QUICK_DRAFT_TOKENS if quick and args.draft_tokens is None else args.draft_tokens
+    budget = dict(dtype=dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory)
+    # verify passes: the plan reserves batch 8 x the widest pass
+    pass_options = dict(max_batch=max(BATCHES), max_seq_len=CONTEXT + max(args.widths) + 1, draft="ngram",
+                        draft_tokens=max(max(args.widths) - 1, 1))
+    if quick:  # half the layers stream (on a CPU every link is a memcpy)
+        needs = offload.plan_model(source, dtype=dtype, **pass_options).needs
+        budget.update(gpu_memory=needs.gpu_budget_streaming(len(needs.blocks) // 2), cpu_memory="1GiB")
+    date = datetime.date.today().isoformat()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not quick else f"CPU ({platform.processor() or platform.machine()})"
+    print(f"bench_speculative {date} on {device}, torch {torch.__version__}")
+
+    model = offload.load_model(source, random_weights=0 if args.shape else None, progress=False, **pass_options,
+                               **budget)
+    print(model.plan)
+    passes = time_passes(model, args.widths, BATCHES, model.config.vocab_size)
+    model.close()
+    print("\nverify pass of W tokens per row (ms), and over a one-token pass")
+    print(f"  {'batch':>5}" + "".join(f"{'W=' + str(w):>10}" for w in args.widths))
+    for batch in BATCHES:
+        mine = {p["width"]: p for p in passes if p["batch"] == batch}
+        print(f"  {batch:>5}" + "".join(f"{mine[w]['ms']:>7.2f}" + (f" {mine[w]['over_one_token']:.1f}x"
+                                                                    if mine[w]["over_one_token"] else "")
+                                        for w in args.widths))
+    predicted = forecast(passes)
+    print("\nforecast for a draft that costs nothing (prompt lookup): tokens/s at the best width, "
+          "against plain decoding")
+    for f in predicted:
+        print(f"  batch {f['batch']}, acceptance {f['acceptance']:.0%}: W={f['width']:<3} {f['tokens_per_s']:9.1f} "
+              f"tokens/s" + (f"  {f['speedup']:.2f}x" if f["speedup"] else ""))
+    if args.shape:
+        print("  (random weights: a measured acceptance would mean nothing, so none is measured)")
+
+    drafts = []
+    if model_path is not None:
+        prompts = prompts_for(model_path, quick)
+        options = dict(budget, max_batch=1, max_seq_len=max(len(p) for p in prompts) + args.max_new_tokens,
+                       draft_tokens=draft_tokens)
+        for draft in args.drafts:
+            opts = {k: v for k, v in options.items() if not (draft == "none" and k == "draft_tokens")}
+            drafts.append(run_draft(model_path, draft, prompts, opts, args.max_new_tokens))
+        reference = drafts[0]["tokens"]
+        print(f"\ngreedy generation, batch 1, {len(prompts)} prompts x {args.max_new_tokens} tokens")
+        print(f"  {'draft':<24}{'tokens/s':>10}{'x none':>8}{'tokens/pass':>13}{'accepted':>10}{'ms/pass':>9}  "
+              "identical")
+        for d in drafts:
+            d["identical"] = d["tokens"] == reference
+            d["speedup"] = d["tokens_per_s"] / drafts[0]["tokens_per_s"] if drafts[0]["tokens_per_s"] else None
+            accepted = f"{d['acceptance']:.0%}" if d["acceptance"] is not None else "-"
+            print(f"  {d['draft'][-24:]:<24}{d['tokens_per_s']:>10.1f}{d['speedup']:>7.2f}x{d['tokens_per_pass']:>13.2f}"
+                  f"{accepted:>10}{d['ms_per_pass']:>9.1f}  {'yes' if d['identical'] else 'NO'}"
+                  + ("" if d["used"] else "  (the plan declined it)"))
+        for d in drafts:
+            if d["plan"]:
+                print(f"  plan, {d['draft']}: {d['plan']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(date=date, device=device, quick=quick, model=str(args.model or ""),
+                                                   shape=args.shape, passes=passes, forecast=predicted,
+                                                   drafts=[{k: v for k, v in d.items() if k != "tokens"}
+                                                           for d in drafts]), indent=1))
+    best = max(drafts[1:], key=lambda d: d["tokens_per_s"], default=None)
+    summary = (f"best draft {best['draft']}: {best['speedup']:.2f}x plain decoding's tokens/s, "
+               f"{best['tokens_per_pass']:.2f} tokens per pass, identical tokens: "
+               f"{'yes' if all(d['identical'] for d in drafts) else 'NO'}" if best else
+               f"verify pass of {max(args.widths)} tokens at batch 1: "
+               f"{next(p['over_one_token'] for p in passes if p['batch'] == 1 and p['width'] == max(args.widths)):.2f}x "
+               "a one-token pass")
+    print(f"bench_speculative: {summary}")
+    return 0 if all(d["identical"] for d in drafts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

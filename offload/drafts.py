@@ -1,0 +1,206 @@
+"""Drafts for speculative decoding: what proposes the tokens each pass over the target checks.
+
+``LoadOptions.draft`` chooses one:
+
+* ``"ngram"``: prompt lookup (:class:`NgramDraft`). The row's last few tokens are looked up
+  in its own prompt and output, and what followed their latest earlier occurrence is
+  proposed. No model, no memory; strong where the output repeats its input (code
+  edits, summaries, extraction, loops).
+* ``"int4"``: the target's own weights quantized to int4, kept on the compute device
+  (:class:`ModelDraft`). No second checkpoint; costs HBM that the target's resident
+  layers would otherwise have (the plan weighs the two, ``offload.loading``).
+* a checkpoint's path: a smaller model with the target's vocabulary, kept on the compute
+  device (:class:`ModelDraft`).
+
+A draft model is an :class:`~offload.offloaded_model.OffloadedModel` of its own, all
+resident, with a KV cache of the target's rows (a little longer: its drafts run past a
+row's last position), loaded with :func:`draft_options`.
+
+The speculator (``offload/scheduler/speculation.py``) calls, once per pass over the rows
+of the pass (the row engine's rows; ``None`` for a row not in it):
+
+    proposal = draft.propose(rows, budgets)   # at most budgets[b] tokens for row b
+    ...                                       # the target verifies them
+    draft.update(rows, accepted)              # how many of row b's drafts the target took
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .sampling import draw, probabilities
+from .speculative import Proposal
+
+NGRAM, INT4, MODEL = "ngram", "int4", "model"
+RESIDENT_BUDGET = 2**62  # a draft model's own budget: everything resident (the target's plan counts its bytes)
+DRAFT_SEED_OFFSET = 0x9E3779B97F4A7C15  # a row's draft samples with its own stream, apart from the target's
+
+
+def draft_kind(draft) -> str | None:
+    """``"ngram"``, ``"int4"``, ``"model"`` (a checkpoint's path) or None."""
+    if draft is None:
+        return None
+    if isinstance(draft, str) and draft.strip().lower() in (NGRAM, INT4):
+        return draft.strip().lower()
+    return MODEL
+
+
+def draft_options(target, max_draft: int):
+    """The ``LoadOptions`` of a draft model for a target loaded with ``target`` (its max_seq_len filled in):
+    the same device, dtype, rows and tensor parallelism, every layer resident (int4 for the int4 draft), a
+    KV cache ``max_draft`` tokens longer than the target's, only each row's last logits."""
+    return target.replace(
+        gpu_memory=RESIDENT_BUDGET, cpu_memory=0, peer_memory=None, max_seq_len=target.max_seq_len + max_draft,
+        max_step_tokens=None, all_logits=False, slots=None, group_size=None, draft=None, draft_tokens=None,
+        quantize=INT4 if draft_kind(target.draft) == INT4 else None,
+    )
+
+
+def draft_label(draft) -> str:
+    if draft_kind(draft) == INT4:
+        return "int4 copy of the target"
+    return f"model {os.fspath(draft)}"
+
+
+# ---------------------------------------------------------------------- prompt lookup
+
+
+class NgramDraft:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the row's last ``n`` tokens,
+    for the longest ``n`` from ``longest`` down to ``shortest`` that occurs. A point mass per token."""
+
+    def __init__(self, longest: int = 3, shortest: int = 1):
+        self.longest, self.shortest = longest, shortest
+
+    def propose(self, rows: list, budgets: list[int]) -> Proposal:
+        tokens = [lookup(list(row.request.prompt) + row.tokens, k, self.longest, self.shortest)
+                  if row is not None and k > 0 else [] for row, k in zip(rows, budgets)]
+        return Proposal(tokens)
+
+    def update(self, rows: list, accepted: list[int]) -> None:
+        pass  # nothing to roll back
+
+    def close(self) -> None:
+        pass
+
+
+def lookup(context: list[int], k: int, longest: int = 3, shortest: int = 1) -> list[int]:
+    """Up to ``k`` tokens continuing ``context`` as it continued after the latest earlier occurrence of its
+    last ``n`` tokens (the longest ``n`` in ``[shortest, longest]`` that has one); [] when none occurs.
+
+    The continuation is copied as LZ77 copies: where it reaches the end of ``context`` it goes on with the
+    tokens it has just proposed, so a loop of any period is proposed for all ``k`` tokens.
+    """
+    if k <= 0 or len(context) < 2:
+        return []
+    ids = torch.tensor(context, dtype=torch.long)
+    end = len(context)
+    for n in range(min(longest, end - 1), shortest - 1, -1):
+        windows = ids[: end - 1].unfold(0, n, 1)  # every earlier n-gram that has a token after it
+        found = (windows == ids[end - n :]).all(dim=1).nonzero()
+        if len(found):
+            start = int(found[-1]) + n  # the token after the latest match
+            out: list[int] = []
+            for t in range(k):
+                j = start + t
+                out.append(context[j] if j < end else out[j - end])
+            return out
+    return []
+
+
+# ---------------------------------------------------------------------- a draft model
+
+
+class ModelDraft:
+    """A small model on the compute device (a smaller checkpoint, or the target in int4) that drafts by
+    decoding: greedy rows take its argmax, sampled rows sample from its distribution under the row's own
+    temperature, top-k and top-p (``q`` of the proposal).
+
+    Its KV cache row ``b`` follows the engine's row ``b``: before drafting, a row's tokens that the draft
+    has not seen (its prompt at first, then the tokens the last pass gave it) are added in one pass, then
+    ``k`` decode steps draft ``k`` tokens. After the target's verdict the row's cache is rolled back to
+    the drafts the target accepted (the positions past it are overwritten next time).
+    """
+
+    def __init__(self, model, label: str = "draft"):
+        self.model, self.label = model, label
+        self.valid: dict = {}  # row -> tokens of its context in the draft's cache that are still right
+        self.generators: dict = {}  # row -> its draft's generator (sampled rows)
+        self.pending: dict = {}  # row -> (context length, draft steps) of the proposal being verified
+
+    @property
+    def plans(self):
+        return self.model.plans
+
+    def propose(self, rows: list, budgets: list[int]) -> Proposal:
+        self._forget_rows_not_in(rows)
+        drafting = [b for b, (row, k) in enumerate(zip(rows, budgets)) if row is not None and k > 0]
+        if not drafting:
+            return Proposal.empty(len(rows))
+        steps = max(budgets[b] for b in drafting)
+        contexts = {b: list(rows[b].request.prompt) + rows[b].tokens for b in drafting}
+        valid = {b: self.valid.get(rows[b], 0) for b in drafting}
+        logits = self.model.extend([contexts[b][valid[b]:] if b in contexts else [] for b in range(len(rows))],
+                                   [valid.get(b, 0) for b in range(len(rows))])
+        ids, qs = [], []
+        for step in range(steps):
+            chosen, q = self._choose(logits, rows, drafting)
+            ids.append(chosen)
+            qs.append(q)
+            if step + 1 < steps:
+                positions = [len(contexts[b]) + step if b in contexts else None for b in range(len(rows))]
+                logits = self.model.decode(chosen, positions)
+        drafted = torch.stack(ids, dim=1).tolist()
+        self.pending = {rows[b]: (len(contexts[b]), steps) for b in drafting}
+        tokens = [drafted[b][: budgets[b]] if b in contexts else [] for b in range(len(rows))]
+        return Proposal(tokens, None if qs[0] is None else torch.stack(qs, dim=1))
+
+    def update(self, rows: list, accepted: list[int]) -> None:
+        """The target accepted ``accepted[b]`` of row ``b``'s drafts: its draft cache holds the context and the
+        drafts up to the last one it wrote (a run of ``steps`` writes ``steps - 1``), as far as they were accepted."""
+        for row, n in zip(rows, accepted):
+            if row in self.pending:
+                length, steps = self.pending.pop(row)
+                self.valid[row] = length + min(n, steps - 1)
+
+    def close(self) -> None:
+        self.model.close()
+
+    def _choose(self, logits: torch.Tensor, rows: list, drafting: list[int]):
+        """Each drafting row's next draft (argmax, or drawn from its ``q``), and ``q [rows, V]`` (None when no
+        row samples)."""
+        ids = logits.argmax(dim=-1)
+        sampled = [b for b in drafting if not rows[b].request.sampling.greedy]
+        if not sampled:
+            return ids, None
+        index = torch.tensor(sampled, device=logits.device)
+        probs = probabilities(logits.index_select(0, index), [rows[b].request.sampling for b in sampled])
+        ids = ids.index_copy(0, index, draw(probs, [self._generator(rows[b]) for b in sampled]))
+        self.model.tp.broadcast_from_first(ids)  # every rank drafts rank 0's draws
+        q = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+        return ids, q.index_copy(0, index, probs)
+
+    def _generator(self, row) -> torch.Generator:
+        if row not in self.generators:
+            sampling = row.request.sampling
+            self.generators[row] = sampling.with_seed_offset(DRAFT_SEED_OFFSET).generator(self.model.device)
+        return self.generators[row]
+
+    def _forget_rows_not_in(self, rows: list) -> None:
+        """Rows that finished or were cancelled: a new request in their cache row starts from nothing."""
+        live = {row for row in rows if row is not None}
+        for table in (self.valid, self.generators, self.pending):
+            for row in [r for r in table if r not in live]:
+                del table[row]
+
+
+def make_draft(kind: str | None, draft_model=None, label: str = ""):
+    """The draft object of a target: ``NgramDraft``, a ``ModelDraft`` around ``draft_model``, or None."""
+    if kind == NGRAM:
+        return NgramDraft()
+    if draft_model is not None:
+        return ModelDraft(draft_model, label)
+    return None
+

@@ -1,0 +1,70 @@
+"""The layout of a verify pass: every row adds the same number of tokens, at its own position.
+
+Speculative decoding checks a row's drafted tokens in one pass over the target:
+row ``b`` adds its last token and its drafted ones, ``width`` tokens in all, after
+its ``positions[b, 0]`` cached ones, and the pass returns the logits of every one of
+them. A :class:`VerifyChunk` is a :class:`~offload.models.chunks.DecodeChunk` that
+is ``width`` tokens wide: every shape depends only on the number of rows, the width
+and the bucket of the key length, positions live in a device tensor and rows are
+padded (a row with fewer tokens, or none, writes its pads to the cache's *sink*, the
+position past the end that attention never reads), so a verify pass can be captured
+in a CUDA graph like a decode step. Tokens are ``[B, W]``; attention is masked per
+query (``key <= query position``), so a drafted token sees the cache and the tokens
+before it in its row, and a pad sees nothing that matters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class VerifyChunk:
+    """Rows ``[0, batch)`` each add ``width`` tokens; token ``i`` of row ``b`` goes to ``positions[b, i]``."""
+
+    causal = False
+    one_query = False
+
+    def __init__(self, tokens: torch.Tensor, host_tokens: torch.Tensor | None, positions: torch.Tensor, kv_len: int,
+                 ropes, windows):
+        self.tokens, self.host_tokens, self.positions, self.kv_len = tokens, host_tokens, positions, kv_len
+        self.batch, self.width = positions.shape
+        self.rows, self.first_row, self.counts = slice(0, self.batch), 0, [self.width] * self.batch
+        # [B, W, 1, hd] against q [B, W, H, hd]
+        self._rotary = {rope: (rope.cos[positions][:, :, None, :], rope.sin[positions][:, :, None, :])
+                        for rope in ropes}
+        key = torch.arange(kv_len, device=positions.device)
+        self._masks = {}
+        for window in windows:
+            allowed = key[None, None, :] <= positions[:, :, None]
+            if window is not None:
+                allowed &= key[None, None, :] > positions[:, :, None] - window
+            self._masks[window] = allowed[:, None]  # [B, 1, W, L]
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        return self._masks[window]
+
+    def rotary(self, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rotary[rope]
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Token layout ``[B, W, H, hd]`` to attention layout ``[B, H, W, hd]``."""
+        return x.transpose(1, 2)
+
+    def from_heads(self, o: torch.Tensor) -> torch.Tensor:
+        return o.transpose(1, 2).reshape(self.batch, self.width, -1)
+
+    def last_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        return h[:, -1]
+
+    def all_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """Every position ``[B, W, d]``: the logits of every drafted token are what a verify pass is for."""
+        return h
+
+    def store(self, cache_k, cache_v, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the keys and values ``[B, W, H_kv, hd]`` at each token's position (pads: at the sink)."""
+        rows = torch.arange(self.batch, device=k.device)[:, None]
+        cache_k[rows, :, self.positions] = k
+        cache_v[rows, :, self.positions] = v
+
+    def keys(self, cache_k, cache_v, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        return cache_k[self.rows, :, : self.kv_len], cache_v[self.rows, :, : self.kv_len]

@@ -1,0 +1,161 @@
+"""Speculative decoding's rules: which drafted tokens a verify pass accepts, and how many to draft.
+
+A row adds its last token and ``k`` drafted tokens ``d_1..d_k`` to one pass over the
+target, which returns the target's logits at each of the ``k + 1`` positions: position
+``i`` says what the target would choose after ``d_i`` (after the last token for
+``i = 0``). :func:`accept` turns them into the tokens the row gains, ``n + 1`` of them
+for ``n`` accepted drafts:
+
+* **greedy rows** accept the longest prefix of drafts equal to the target's argmax,
+  then take the target's argmax at the first mismatch (or after the last draft). The
+  tokens are the target's argmax at every position, so the output is plain greedy
+  decoding's, token for token.
+* **sampled rows** use speculative sampling (Leviathan et al. 2023, Chen et al. 2023):
+  ``d_i`` is accepted with probability ``min(1, p_i(d_i) / q_i(d_i))``; at the first
+  rejection the row takes a token from the residual ``max(0, p_i - q_i)``,
+  normalised, and after ``k`` acceptances one from ``p_k``. ``p`` and ``q`` are the
+  distributions plain sampling draws from (:func:`offload.sampling.probabilities`:
+  temperature, top-k, top-p applied to the target's and the draft's logits alike), so
+  each token the row gains is distributed as plain sampling from the target would
+  draw it. A draft without a distribution (prompt lookup) is a point mass: ``q_i`` is 1
+  at ``d_i``, so ``d_i`` is accepted with probability ``p_i(d_i)`` and the residual is
+  ``p_i`` without ``d_i``.
+
+Everything stays on the device; the host reads one small tensor per pass.
+
+How many to draft (:func:`best_draft_length`): with a per-token acceptance ``a``, a
+row gains ``(1 - a^(k+1)) / (1 - a)`` tokens from a pass of ``k`` drafts (the tokens
+up to the first rejection, plus one). A pass costs what the plan predicts for its
+tokens plus ``k`` steps of the draft; the length that gains the most tokens per second
+over the pass's rows is taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import Sampling, draw, probabilities
+
+DEFAULT_MAX_DRAFT = 16  # the longest draft an adaptive row is given (verify passes of up to 17 tokens a row)
+MAX_DRAFT_TOKENS = 64  # the most ``draft_tokens`` may ask for
+ASSUMED_ACCEPTANCE = 0.7  # what the plan assumes before anything is measured (a draft of the same family)
+PRIOR_WEIGHT = 4.0  # a new row's acceptance starts at the engine's mean, as if measured over this many tries
+
+
+@dataclass
+class Proposal:
+    """What a draft proposes for a pass: ``tokens[b]`` for row ``b`` (possibly none) and, for a draft that
+    samples from a distribution, ``q [rows, k, vocab]`` (float32; row ``b``'s ``i``-th draft was drawn from
+    ``q[b, i]``). ``q`` is None for a draft that proposes point masses (prompt lookup)."""
+
+    tokens: list[list[int]]
+    q: torch.Tensor | None = None
+
+    @staticmethod
+    def empty(rows: int) -> "Proposal":
+        return Proposal([[] for _ in range(rows)])
+
+
+def accept(logits: torch.Tensor, proposal: Proposal, samplings: list[Sampling], generators: list) -> torch.Tensor:
+    """The tokens each row gains from a verify pass whose ``logits [rows, W, vocab]`` are the target's at its
+    last token and its drafts ``proposal.tokens[b]`` (``W`` at least one more than the longest draft).
+
+    Returns ``[rows, W + 1]`` on the logits' device: row ``b``'s tokens in ``[:count]`` and ``count`` (the
+    accepted drafts plus one) in the last column.
+    """
+    rows, width, _ = logits.shape
+    drafts = _padded(proposal.tokens, width, logits.device)  # [rows, W]: -1 past a row's drafts and at the end
+    target = logits.argmax(dim=-1)
+    matches = (drafts[:, :-1] == target[:, :-1]).long().cumprod(dim=1).sum(dim=1)
+    out = torch.cat([target, (matches + 1)[:, None]], dim=1)
+    for b, sampling in enumerate(samplings):
+        if not sampling.greedy:
+            q = None if proposal.q is None else proposal.q[b]
+            out[b] = _speculative_sample(logits[b], drafts[b], len(proposal.tokens[b]), q, sampling, generators[b])
+    return out
+
+
+def _padded(tokens: list[list[int]], width: int, device) -> torch.Tensor:
+    rows = [t + [-1] * (width - len(t)) for t in tokens]
+    return torch.tensor(rows, dtype=torch.long).to(device)
+
+
+def _speculative_sample(logits: torch.Tensor, drafts: torch.Tensor, k: int, q: torch.Tensor | None,
+                        sampling: Sampling, generator) -> torch.Tensor:
+    """One sampled row: ``logits [W, vocab]``, its ``k`` drafts in ``drafts [W]`` (-1 after them), drawn from
+    ``q [>= k, vocab]`` (None: point masses). Returns ``[W + 1]``: the tokens, then their count."""
+    width = logits.shape[0]
+    p = probabilities(logits[: k + 1], [sampling] * (k + 1))  # [k + 1, V]
+    d, at = drafts[:k], torch.arange(k, device=logits.device)
+    p_draft = p[at, d]
+    q_draft = torch.ones_like(p_draft) if q is None else q[at, d]
+    u = torch.rand(k, generator=generator, device=logits.device, dtype=torch.float32)
+    accepted = (u * q_draft < p_draft).long().cumprod(dim=0).sum()  # u < p/q, without dividing by a zero q
+    residual = p.clone()
+    if q is None:
+        residual[at, d] = 0.0
+    else:
+        residual[:k] -= q[:k]
+    residual = residual.clamp_(min=0.0).index_select(0, accepted[None])  # [1, V]: where the row stops
+    total = residual.sum(dim=-1, keepdim=True)
+    # p == q to the last bit leaves no residual, but then the draft is never rejected: fall back to p
+    residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p.index_select(0, accepted[None]))
+    last = draw(residual, [generator])
+    positions = torch.arange(width, device=logits.device)
+    tokens = torch.where(positions < accepted, drafts, last)
+    return torch.cat([tokens, (accepted + 1)[None]])
+
+
+# ---------------------------------------------------------------------- how many to draft
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a row gains from a pass with ``k`` drafts, each accepted with probability ``acceptance``."""
+    if acceptance >= 1.0:
+        return k + 1.0
+    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+
+
+def best_draft_length(acceptances: list[float], pass_seconds: Callable[[int], float], draft_step_seconds: float,
+                      most: int) -> int:
+    """The draft length ``k <= most`` that gains the rows the most tokens per second: a pass ``k + 1`` tokens
+    wide costs ``pass_seconds(k + 1)`` (for all its rows) plus ``k`` steps of the draft."""
+    def rate(k: int) -> float:
+        return sum(expected_tokens(a, k) for a in acceptances) / (pass_seconds(k + 1) + k * draft_step_seconds)
+
+    return max(range(most + 1), key=rate)  # the shortest of equals
+
+
+@dataclass
+class Acceptance:
+    """Drafted tokens tried and accepted, counted the way a geometric model of acceptance is fitted: a pass
+    that accepts ``n`` of ``k`` drafts tried ``n + 1`` of them (``n`` if all were accepted)."""
+
+    tried: float = 0.0
+    accepted: float = 0.0
+
+    def add(self, drafted: int, accepted: int) -> None:
+        self.accepted += accepted
+        self.tried += accepted + (1 if accepted < drafted else 0)
+
+    def rate(self, prior: float = 0.5, weight: float = 2.0) -> float:
+        """The measured rate, pulled toward ``prior`` as if ``weight`` tries had shown it."""
+        return (self.accepted + prior * weight) / (self.tried + weight)
+
+
+def speculation_forecast(with_plans: list, without_plans: list, draft_plans: list,
+                         draft_tokens: int | None) -> tuple[int, float, float]:
+    """What the plans predict for one row: the draft length (``draft_tokens``, or the best at
+    ``ASSUMED_ACCEPTANCE``), the seconds per token with a draft model whose plans are ``draft_plans`` and the
+    target's plans ``with_plans``, and the seconds per token of plain decoding with ``without_plans``.
+    Under tensor parallelism a pass takes as long as the slowest rank's."""
+    def verify(width: int) -> float:
+        return max(p.pass_seconds(width) for p in with_plans)
+
+    step = max(p.pass_seconds(1) for p in draft_plans)
+    k = draft_tokens or best_draft_length([ASSUMED_ACCEPTANCE], verify, step, DEFAULT_MAX_DRAFT)
+    with_draft = (verify(k + 1) + k * step) / expected_tokens(ASSUMED_ACCEPTANCE, k)
+    return k, with_draft, max(p.pass_seconds(1) for p in without_plans)

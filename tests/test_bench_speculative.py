@@ -1,0 +1,56 @@
+"""The speculative decoding benchmark's --quick mode (what CI runs): the structured model on the CPU."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args, cache=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    if cache is not None:
+        env["OFFLOAD_CACHE_DIR"] = str(cache)
+    return subprocess.run([sys.executable, "benchmarks/bench_speculative.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_quick_times_passes_and_runs_every_draft(structured, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_bench("--quick", "--json", str(out), cache=structured.parent)  # the fixture's model: no retraining
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("bench_speculative: best draft")
+    data = json.loads(out.read_text())
+    assert {(p["batch"], p["width"]) for p in data["passes"]} == {(b, w) for b in (1, 8) for w in (1, 2, 4, 8, 16, 32)}
+    assert all(p["ms"] > 0 for p in data["passes"])
+    assert len(data["forecast"]) == 10 and all(f["tokens_per_s"] > 0 for f in data["forecast"])
+    assert [d["draft"] for d in data["drafts"]] == ["none", "ngram", "int4"]
+    assert all(d["identical"] for d in data["drafts"])
+    ngram = data["drafts"][1]
+    assert ngram["tokens_per_pass"] > 1 and 0 < ngram["acceptance"] <= 1
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("bench_speculative", ROOT / "benchmarks" / "bench_speculative.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "give --model PATH, --shape NAME or --quick"),
+    (["--shape", "no-such-shape"], "unknown shape"),
+    (["--quick", "--drafts", "ngram"], "starts with none"),
+    (["--quick", "--widths", "0,4"], "[1, 65]"),
+    (["--model", "no/such/dir"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, words, capsys):
+    assert bench_module().main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench_speculative: ") and words in err, err

@@ -1,0 +1,144 @@
+"""Drafts: prompt lookup, a draft model's cache rolled back to what the target accepted, and what the plan counts
+and chooses for each draft."""
+
+import pytest
+import torch
+
+import offload
+from offload.drafts import INT4, MODEL, NGRAM, ModelDraft, NgramDraft, draft_kind, lookup
+from offload.loading import prepare
+from offload.sampling import GREEDY
+from offload.scheduler.row_engine import Request, Row
+
+# A device whose links bind: streaming a layer costs a hundred times reading it resident, products are free.
+LINK_BOUND = {"host": 1e9, "hbm": 1e11, "matmul": 1e15}
+KW = dict(dtype="float32", max_batch=2, max_seq_len=64, link_bandwidth=LINK_BOUND)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def row(prompt, tokens=(), index=0, sampling=GREEDY) -> Row:
+    """A row of the row engine, as a draft reads it."""
+    return Row(Request(tuple(prompt), 64, sampling), index, None, tokens=list(tokens))
+
+
+def test_lookup_continues_the_latest_occurrence_of_the_longest_suffix():
+    assert lookup([1, 2, 3, 9, 9, 1, 2, 3, 7, 7, 2, 3], 3) == [7, 7, 2]  # "2 3" last occurred before "7 7 2"
+    assert lookup([5, 1, 2, 8, 1, 2, 6, 2], 2) == [6, 2]  # no "1 2" suffix: "2" alone, its latest occurrence
+    assert lookup([4, 5, 6, 7], 3) == []  # nothing recurs
+    assert lookup([1, 2], 0) == [] and lookup([3], 4) == []
+
+
+def test_lookup_goes_round_a_loop_as_far_as_asked():
+    """A loop's continuation runs into the end of the context; it goes on with the tokens it proposes."""
+    assert lookup([9, 1, 2, 3, 1, 2, 3, 1], 7) == [2, 3, 1, 2, 3, 1, 2]
+    assert lookup([4, 4, 4], 5) == [4] * 5
+
+
+def test_ngram_draft_respects_each_rows_budget():
+    draft = NgramDraft()
+    rows = [row([1, 2, 3, 1, 2], [3, 1]), None, row([5, 6, 5], [6])]
+    proposal = draft.propose(rows, [4, 4, 0])
+    assert proposal.tokens == [[2, 3, 1, 2], [], []] and proposal.q is None
+
+
+def test_draft_kinds_and_bad_options():
+    assert [draft_kind(d) for d in (None, "ngram", "INT4", "some/dir")] == [None, NGRAM, INT4, MODEL]
+    with pytest.raises(offload.InputError, match="draft_tokens goes with a draft"):
+        offload.LoadOptions(draft_tokens=4)
+    with pytest.raises(offload.InputError, match="at most 64"):
+        offload.LoadOptions(draft="ngram", draft_tokens=65)
+    with pytest.raises(offload.InputError, match="positive integer"):
+        offload.LoadOptions(draft="ngram", draft_tokens=0)
+    with pytest.raises(offload.InputError, match="'ngram', 'int4' or the path"):
+        offload.LoadOptions(draft=3)
+
+
+def test_the_plan_reserves_the_logits_of_every_drafted_position(structured):
+    """A verify pass holds max_batch x (K + 1) tokens and their logits; the reserve grows with both (once the
+    pass is larger than a prefill chunk, which the reserve already holds)."""
+    def activations(**kw):
+        return offload.plan_model(structured, **{**KW, **kw}).needs.activation_bytes
+
+    plain, vocab, e = activations(), 64, 4
+    assert activations(draft="ngram", draft_tokens=4) >= plain
+    wide, wider = activations(draft="ngram", draft_tokens=32, max_batch=8), activations(draft="ngram", draft_tokens=64,
+                                                                                         max_batch=8)
+    assert wide > activations(max_batch=8)
+    assert wider - wide >= 8 * 32 * vocab * e  # 8 rows x 32 more positions of float32 logits, at least
+
+
+def test_a_draft_models_bytes_come_out_of_the_targets_budget(tiny):
+    """The tiny shape drafting for itself (a path draft shares the vocabulary): beside the draft, the target keeps
+    as many layers resident as its budget less the draft's bytes holds, and a budget that holds only the
+    target is refused, naming the draft."""
+    kw = dict(KW, cpu_memory="1GiB")
+    alone = prepare(tiny, offload.LoadOptions(**kw)).plan.needs
+    draft_bytes = prepare(tiny, offload.LoadOptions(**kw, draft=str(tiny))).plan.needs.draft_bytes
+    budget = alone.gpu_budget_streaming(6) + draft_bytes - 5 * alone.largest_block // 2  # 2.5 layers short
+    setup = prepare(tiny, offload.LoadOptions(**kw, gpu_memory=budget, draft=str(tiny)))
+    draft = setup.draft.plan
+    assert draft.placement == ["resident"] * 8 and setup.draft.options.max_seq_len == 64 + 16
+    needs = setup.plan.needs
+    assert needs.draft_bytes == draft.gpu_bytes - draft.needs.workspace_bytes == draft_bytes > 0
+    resident = len(setup.plan.blocks_on("resident"))
+    assert resident == 3  # 6 less the 2.5 layers' worth the draft takes beyond the budget's increase
+    assert needs.gpu_budget_streaming(resident) <= budget < needs.gpu_budget_streaming(resident + 1)
+    assert f"model {tiny}, resident" in str(setup.plan) and f"keeps {resident} of 8 layers resident" in str(setup.plan)
+    with pytest.raises(offload.PlanError, match="draft"):
+        offload.plan_model(tiny, **kw, draft=str(tiny), gpu_memory=needs.gpu_budget_streaming(0) - draft_bytes)
+
+
+def test_the_int4_draft_is_kept_where_it_pays_and_declined_where_it_costs_resident_layers(structured):
+    kept = offload.load_model(structured, **KW, draft="int4", progress=False)
+    assert isinstance(kept.draft, ModelDraft) and kept.plan.draft.endswith("kept")
+    assert kept.draft.model.plan.needs.weight_format.startswith("int4")
+    # a budget that holds the whole target but not the draft beside it: it would stream every layer
+    whole = offload.plan_model(structured, **KW).gpu_bytes
+    declined = offload.load_model(structured, **KW, draft="int4", gpu_memory=whole, cpu_memory="1GiB",
+                                  progress=False)
+    assert declined.draft is None and "declined" in declined.plan.draft and "declined" in str(declined.plan)
+    assert declined.plan.placement == ["resident"] * 2
+    # the int4 copy of an int4 target is the target itself: it costs what a pass costs and gains nothing
+    same = offload.load_model(structured, **KW, quantize="int4", draft="int4", progress=False)
+    assert same.draft is None and "no draft length is predicted to pay" in same.plan.draft
+    for m in (kept, declined, same):
+        m.close()
+
+
+def test_a_draft_must_share_the_vocabulary(structured, tiny):
+    with pytest.raises(offload.ConfigError, match="vocabulary of 1024 tokens, the target 64"):
+        offload.plan_model(structured, **KW, draft=str(tiny))
+
+
+def test_a_broken_draft_checkpoint_is_named(structured, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in structured.iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    with pytest.raises(offload.CheckpointError, match=f"draft {broken}: .*truncated or corrupt"):
+        offload.load_model(structured, **KW, draft=str(broken), progress=False)
+    with pytest.raises(offload.ConfigError, match=f"draft {tmp_path / 'none'}: model path"):
+        offload.plan_model(structured, **KW, draft=str(tmp_path / "none"))
+
+
+def test_a_draft_models_cache_follows_what_the_target_accepted(structured, structured_draft):
+    """Propose, accept a few, propose again: each proposal is what the draft model alone decodes greedily from
+    the row's context, though its cache was filled by earlier proposals and rolled back."""
+    model = offload.load_model(structured, **KW, draft=str(structured_draft), progress=False)
+    alone = offload.load_model(structured_draft, **KW, progress=False)
+    draft = model.draft
+
+    def greedy(context, k):
+        return alone.generate([context], max_new_tokens=k, ignore_eos=True, return_result=True).tokens[0]
+
+    r = row([3, 17, 40, 2, 9], [11])
+    for accepted, correction in [(2, 5), (0, 8), (5, 1), (1, 7)]:
+        proposal = draft.propose([None, r], [0, 5])
+        context = list(r.request.prompt) + r.tokens
+        assert proposal.tokens[1] == greedy(context, 5)
+        draft.update([None, r], [0, accepted])
+        r.tokens += proposal.tokens[1][:accepted] + [correction]  # what the target gave instead of the rest
+    model.close()
+    alone.close()

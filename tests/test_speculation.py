@@ -1,0 +1,226 @@
+"""Speculative decoding through the row engine: with every draft, greedy output is plain greedy decoding's, token
+for token (float32), on models with structure; rows advance by different counts, stop inside an accepted run,
+join mid-run; caches are rolled back; sampled output has the target's distribution."""
+
+import pytest
+import torch
+
+import offload
+from offload.sampling import GREEDY, Sampling
+from offload.scheduler.row_engine import Request, RowEngine
+from offload.structured import corpus_of
+
+# A device whose links bind: streaming a layer costs a hundred times reading it resident, products are free.
+LINK_BOUND = {"host": 1e9, "hbm": 1e11, "matmul": 1e15}
+KW = dict(dtype="float32", max_batch=4, max_seq_len=96, link_bandwidth=LINK_BOUND, progress=False)
+DRAFTS = ["ngram", "int4", "model"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def streaming_budget(path, **kw) -> int:
+    """A GPU budget under which the target streams every layer from the host (beside its draft, if any)."""
+    kw = {k: v for k, v in {**KW, **kw}.items() if k != "progress"}
+    return offload.plan_model(path, **kw).needs.gpu_budget_streaming(0)
+
+
+def load(path, draft=None, draft_path=None, **kw):
+    """The target at ``path`` with ``draft`` ("model": ``draft_path``). Prompt lookup and the draft model are
+    paired with a target that streams all its layers (where drafting pays); the int4 draft is kept only beside
+    a resident target (the plan declines to evict layers for it), so its target is resident."""
+    kw = {**KW, **kw}
+    if draft == "model":
+        draft = str(draft_path)
+    if draft is not None and draft != "int4":
+        kw.update(cpu_memory="1GiB", gpu_memory=streaming_budget(path, draft=draft, **kw))
+    model = offload.load_model(path, draft=draft, **kw)
+    assert draft is None or model.draft is not None, model.plan
+    return model
+
+
+@pytest.fixture(scope="module")
+def plain(structured):
+    model = load(structured)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module", params=DRAFTS)
+def speculative(request, structured, structured_draft):
+    model = load(structured, request.param, structured_draft)
+    yield model
+    model.close()
+
+
+def prompts(structured, lengths=(9, 4, 17, 6), seed=5) -> list[list[int]]:
+    """Prompts from the structured model's own corpus, of different lengths."""
+    corpus = corpus_of(structured)
+    return [corpus.sample(1, n, seed=seed + i)[0].tolist() for i, n in enumerate(lengths)]
+
+
+def test_greedy_output_is_plain_greedy_decoding(structured, plain, speculative):
+    batch, limits = prompts(structured), [40, 23, 31, 8]
+    want = plain.generate(batch, max_new_tokens=limits, ignore_eos=True, return_result=True)
+    got = speculative.generate(batch, max_new_tokens=limits, ignore_eos=True, return_result=True)
+    assert got.tokens == want.tokens
+    assert got.finish_reasons == ["length"] * 4  # max_new_tokens reached exactly, however long the last run
+    assert got.decode_steps < want.decode_steps and got.tokens_per_pass > 1.5
+    assert 0 < got.accepted_tokens <= got.drafted_tokens
+    assert got.decode_tokens == sum(limits) - 4  # the first token of each row comes from its prompt's pass
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_a_fixed_draft_length(structured, structured_draft, plain, k):
+    batch = prompts(structured, (5, 11))
+    model = load(structured, "model", structured_draft, draft_tokens=k)
+    got = model.generate(batch, max_new_tokens=25, ignore_eos=True, return_result=True)
+    assert got.tokens == plain.generate(batch, max_new_tokens=25, ignore_eos=True, return_result=True).tokens
+    assert got.drafted_tokens <= k * 2 * got.decode_steps
+    model.close()
+
+
+def test_eos_inside_an_accepted_run_stops_the_row_there(structured, plain, speculative):
+    """The eos id is a token that comes a few tokens into row 0's output: a pass accepts it with tokens after it,
+    which are dropped; the other rows go on."""
+    batch = prompts(structured)
+    free = plain.generate(batch, max_new_tokens=30, ignore_eos=True, return_result=True).tokens
+    eos = next(t for i, t in enumerate(free[0]) if i >= 6 and t not in free[0][:i])
+    want = [tokens[: tokens.index(eos) + 1] if eos in tokens else tokens for tokens in free]
+    engine = RowEngine(speculative)
+    rows = engine.run([Request(tuple(p), 30, GREEDY, (eos,), key=i) for i, p in enumerate(batch)])
+    assert [row.tokens for row in rows] == want
+    assert [row.finish_reason for row in rows] == ["eos" if eos in t else "length" for t in free]
+
+
+def test_each_event_of_a_run_but_a_finished_rows_last_is_unfinished(structured, speculative):
+    """A reader that acts on ``row.finish_reason`` (the batch writer, the server) acts once, on the last token,
+    though a row gains several tokens in a step (its prompt pass's read, then a verify pass's run)."""
+    engine = RowEngine(speculative, rows=2)
+    limits = {"a": 2, "b": 3, "c": 20, "d": 1}
+    for key, p in zip(limits, prompts(structured)):
+        engine.submit(Request(tuple(p), limits[key], key=key))
+    seen, finished = {key: [] for key in limits}, {}
+    while engine.busy:
+        for row, token in engine.step():
+            seen[row.request.key].append(token)
+            if row.finish_reason is not None:
+                assert row.request.key not in finished
+                finished[row.request.key] = len(seen[row.request.key])
+    assert finished == limits
+
+
+def test_rows_join_a_running_batch(structured, plain, speculative):
+    """Two rows, five requests: freed rows take new prompts while the other row is mid-run (a prompt pass, then
+    verify passes again)."""
+    batch, limits = prompts(structured, (9, 4, 17, 6, 3)), [5, 27, 9, 14, 20]
+    requests = [Request(tuple(p), n, GREEDY, key=i) for i, (p, n) in enumerate(zip(batch, limits))]
+    engine = RowEngine(speculative, rows=2)
+    finished = {row.request.key: row.tokens for row in engine.run(requests)}
+    want = [plain.generate([p], max_new_tokens=n, ignore_eos=True, return_result=True).tokens[0]
+            for p, n in zip(batch, limits)]
+    assert [finished[i] for i in range(5)] == want
+
+
+def test_the_kv_cache_is_rolled_back_to_the_accepted_tokens(structured, structured_draft, plain):
+    """After generating with rejections, the cache holds what plain decoding's holds, position for position."""
+    batch = prompts(structured, (9, 14))
+    model = load(structured, "model", structured_draft)
+    got = model.generate(batch, max_new_tokens=30, ignore_eos=True, return_result=True)
+    assert got.accepted_tokens < got.drafted_tokens  # some drafts were rejected and rolled back
+    plain.generate(batch, max_new_tokens=30, ignore_eos=True)
+    for b, p in enumerate(batch):
+        n = len(p) + 30 - 1  # the last token was never added
+        for cache, want in ((model.cache.k, plain.cache.k), (model.cache.v, plain.cache.v)):
+            assert torch.allclose(cache[:, b, :, :n], want[:, b, :, :n], atol=1e-5)
+    model.close()
+
+
+def test_a_cancelled_row_leaves_and_the_others_are_unchanged(structured, plain, speculative):
+    batch = prompts(structured, (9, 4, 17))
+    engine = RowEngine(speculative, rows=2)
+    for i, p in enumerate(batch):
+        engine.submit(Request(tuple(p), 24, GREEDY, key=i))
+    seen = {0: [], 1: [], 2: []}
+    while engine.busy:
+        for row, token in engine.step():
+            seen[row.request.key].append(token)
+        if len(seen[0]) >= 3 and engine.rows[0] is not None and engine.rows[0].request.key == 0:
+            engine.cancel(0)
+    want = plain.generate(batch, max_new_tokens=24, ignore_eos=True, return_result=True).tokens
+    assert seen[0] == want[0][: len(seen[0])] and len(seen[0]) < 24
+    assert seen[1] == want[1] and seen[2] == want[2]
+
+
+@pytest.mark.parametrize("quantize, draft", [("int8", "ngram"), ("int8", "int4"), ("int4", "ngram"),
+                                             ("int4", "model")])
+def test_a_compressed_target(structured, structured_draft, quantize, draft):
+    batch = prompts(structured, (9, 13))
+    reference = offload.load_model(structured, quantize=quantize, **KW)
+    model = load(structured, draft, structured_draft, quantize=quantize)
+    want = reference.generate(batch, max_new_tokens=30, ignore_eos=True)
+    assert model.generate(batch, max_new_tokens=30, ignore_eos=True) == want
+    reference.close()
+    model.close()
+
+
+def _joint_distribution(model, prompt, sampling, tokens=3) -> dict:
+    """The target's probability of each sequence of ``tokens`` tokens after ``prompt`` under ``sampling``, from
+    its logits (top-k keeps the tree small)."""
+    from offload.sampling import probabilities
+
+    out = {(): 1.0}
+    for _ in range(tokens):
+        grown = {}
+        for seq, p in out.items():
+            probs = probabilities(model([prompt + list(seq)])[0, -1:], [sampling])[0]
+            for t in probs.nonzero()[:, 0].tolist():
+                grown[seq + (t,)] = p * probs[t].item()
+        out = grown
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft", ["ngram", "model"])
+def test_sampled_output_has_the_targets_distribution(structured, structured_draft, plain, draft):
+    """Three tokens sampled (temperature 0.8, top-k 3) after one prompt from many seeds: the sequences' counts
+    against the target's probabilities, by a chi-square test. The second and third come from verify passes."""
+    sampling = Sampling(do_sample=True, temperature=0.8, top_k=3)
+    prompt = prompts(structured, (7,))[0]
+    expected = _joint_distribution(plain, prompt, sampling)
+    model = load(structured, draft, structured_draft, max_batch=16)
+    counts = dict.fromkeys(expected, 0)
+    for seed in range(0, 1600, 16):
+        batch = [prompt] * 16
+        s = Sampling(True, 0.8, 3, 1.0, seed)
+        out = model.generate(batch, max_new_tokens=3, ignore_eos=True, do_sample=True, temperature=s.temperature,
+                             top_k=s.top_k, seed=seed, return_result=True)
+        for tokens in out.tokens:
+            counts[tuple(tokens)] += 1  # a sequence the target cannot make raises KeyError
+    n = sum(counts.values())
+    stat = sum((counts[k] - n * p) ** 2 / (n * p) for k, p in expected.items())
+    p_value = torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2, dtype=torch.double),
+                                      torch.tensor(stat / 2, dtype=torch.double))
+    assert p_value > 1e-3, (stat, len(expected))
+    model.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft", DRAFTS)
+def test_smollm2_greedy_output_is_plain_greedy_decoding(smollm2, draft):
+    """The real SmolLM2-135M-Instruct, chat prompts, with each draft (the int4 draft at the default group size:
+    64 for its 576-wide inputs, 128 for the 1536-wide; the model draft is the model itself)."""
+    from offload.text import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(smollm2)
+    questions = ["What is the capital of France?", "Write a haiku about the sea.",
+                 "Repeat exactly: 'The quick brown fox jumps over the lazy dog, and the dog sleeps on.'"]
+    batch = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    kw = dict(max_batch=3, max_seq_len=128)
+    reference = offload.load_model(smollm2, **KW | kw)
+    want = reference.generate(batch, max_new_tokens=32, return_result=True)
+    reference.close()
+    model = load(smollm2, draft, smollm2, **kw)
+    got = model.generate(batch, max_new_tokens=32, return_result=True)
+    assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
+    assert got.tokens_per_pass > 1.3, got  # prompt lookup gains on the sentence to repeat, the models everywhere
+    model.close()

@@ -1,0 +1,150 @@
+"""Speculative decoding's rules: greedy acceptance, speculative sampling's distribution, the draft length.
+
+The statistical tests simulate generation from a small Markov "target" (the next token's distribution depends
+on the previous token) with a different Markov "draft", through :func:`accept` exactly as the engine calls it,
+and compare the distribution of whole generated sequences with the target's by a chi-square test.
+"""
+
+import math
+
+import pytest
+import torch
+
+from offload.sampling import GREEDY, Sampling, probabilities
+from offload.speculative import Acceptance, Proposal, accept, best_draft_length, expected_tokens
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V = 4  # tokens
+TARGET = torch.tensor([[0.50, 0.25, 0.15, 0.10],
+                       [0.10, 0.20, 0.30, 0.40],
+                       [0.30, 0.30, 0.20, 0.20],
+                       [0.05, 0.15, 0.20, 0.60]])
+DRAFT = torch.tensor([[0.25, 0.25, 0.25, 0.25],
+                      [0.10, 0.50, 0.30, 0.10],
+                      [0.60, 0.10, 0.20, 0.10],
+                      [0.20, 0.20, 0.20, 0.40]])
+
+
+def test_greedy_rows_take_the_targets_argmax_as_far_as_the_drafts_agree():
+    # argmax at each position: row 0 -> 3, 1, 2, 0; row 1 -> 2, 2, 2, 2
+    target = torch.tensor([[3, 1, 2, 0], [2, 2, 2, 2], [1, 0, 0, 0]])
+    logits = torch.nn.functional.one_hot(target, V).float() * 5
+    drafts = [[3, 1, 0], [1, 2, 2], []]  # row 0: two agree, then 0 != 2; row 1: the first disagrees; row 2: none
+    out = accept(logits, Proposal(drafts), [GREEDY] * 3, [None] * 3)
+    assert out[:, -1].tolist() == [3, 1, 1]
+    assert out[0, :3].tolist() == [3, 1, 2] and out[1, :1].tolist() == [2] and out[2, :1].tolist() == [1]
+    every = accept(logits[:1], Proposal([[3, 1, 2]]), [GREEDY], [None])
+    assert every[0].tolist() == [3, 1, 2, 0, 4]  # all three drafts and the target's next token
+
+
+def _simulate(sampling: Sampling, drafted: str, runs: int, length: int, k: int, seed: int) -> torch.Tensor:
+    """``runs`` sequences of ``length`` tokens after the token 0, made by speculative passes of ``k`` drafts
+    (``drafted``: "model" drafts drawn from DRAFT under ``sampling``; "lookup": the point masses prev + 1).
+    Returns ``[runs, length]``."""
+    gen = torch.Generator().manual_seed(seed)
+    sequences = [[0] for _ in range(runs)]
+    while min(len(s) for s in sequences) <= length:
+        last, tokens, q = torch.tensor([s[-1] for s in sequences]), [], []
+        for _ in range(k):
+            if drafted == "model":
+                q.append(probabilities(DRAFT[last].log(), [sampling] * runs))
+                last = torch.multinomial(q[-1], 1, generator=gen)[:, 0]
+            else:
+                last = (last + 1) % V
+            tokens.append(last)
+        tokens = torch.stack(tokens, dim=1)
+        context = torch.cat([torch.tensor([s[-1] for s in sequences])[:, None], tokens], dim=1)
+        proposal = Proposal(tokens.tolist(), torch.stack(q, dim=1) if drafted == "model" else None)
+        out = accept(TARGET.log()[context], proposal, [sampling] * runs, [gen] * runs)
+        for s, values in zip(sequences, out.tolist()):
+            s += values[: values[-1]]
+    return torch.tensor([s[1 : length + 1] for s in sequences])
+
+
+def _sequence_probabilities(sampling: Sampling, length: int) -> torch.Tensor:
+    """The target's probability of every sequence of ``length`` tokens after 0, filtered as ``sampling`` says."""
+    step = probabilities(TARGET.log(), [sampling] * V)  # [prev, next]
+    probs = step[0]
+    for _ in range(length - 1):
+        probs = (probs.view(-1, V)[:, :, None] * step[None]).flatten()  # [prefix, last, next]
+    return probs
+
+
+def _chi_square_p(sequences: torch.Tensor, expected: torch.Tensor) -> float:
+    """The p-value of the chi-square test of ``sequences`` (rows of tokens) against ``expected`` cell probabilities
+    (cells of probability zero must stay empty)."""
+    cells = (sequences * V ** torch.arange(sequences.shape[1] - 1, -1, -1)).sum(dim=1)
+    observed = torch.bincount(cells, minlength=len(expected)).double()
+    n, live = observed.sum(), expected > 0
+    assert observed[~live].sum() == 0, "a sequence the target never makes"
+    stat = ((observed[live] - n * expected[live]) ** 2 / (n * expected[live])).sum()
+    dof = int(live.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.double), stat / 2))
+
+
+SAMPLINGS = [Sampling(do_sample=True), Sampling(do_sample=True, temperature=0.7, top_k=3),
+             Sampling(do_sample=True, temperature=1.3, top_p=0.8)]
+
+
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("drafted", ["model", pytest.param("lookup", marks=SLOW)])
+@pytest.mark.parametrize("sampling", [pytest.param(SAMPLINGS[0], marks=SLOW), SAMPLINGS[1],
+                                      pytest.param(SAMPLINGS[2], marks=SLOW)], ids=["plain", "t0.7-top3", "t1.3-top0.8"])
+def test_speculative_sampling_gives_the_targets_distribution_of_sequences(sampling, drafted):
+    length, runs = 2, 2000
+    expected = _sequence_probabilities(sampling, length)
+    sequences = _simulate(sampling, drafted, runs, length, k=3, seed=1)
+    assert _chi_square_p(sequences, expected) > 1e-3
+
+
+def test_the_chi_square_test_tells_the_draft_from_the_target():
+    """The test above can fail: sequences drawn from the draft itself are rejected."""
+    sampling, length = Sampling(do_sample=True), 2
+    gen = torch.Generator().manual_seed(2)
+    first = torch.multinomial(DRAFT[0], 3000, replacement=True, generator=gen)
+    second = torch.stack([torch.multinomial(DRAFT[t], 1, generator=gen)[0] for t in first])
+    assert _chi_square_p(torch.stack([first, second], 1), _sequence_probabilities(sampling, length)) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafted", ["model", "lookup"])
+def test_speculative_sampling_over_three_tokens_with_long_drafts(drafted):
+    sampling = Sampling(do_sample=True, temperature=0.9, top_k=3, top_p=0.95)
+    sequences = _simulate(sampling, drafted, 6000, 3, k=5, seed=3)
+    assert _chi_square_p(sequences, _sequence_probabilities(sampling, 3)) > 1e-3
+
+
+def test_a_rejected_point_mass_is_never_the_resampled_token():
+    """Prompt lookup's draft is a point mass: after rejecting d the row draws from p without d."""
+    logits = TARGET[1].log().expand(1, 2, V).clone()
+    gen = torch.Generator().manual_seed(0)
+    firsts = []
+    for _ in range(400):
+        out = accept(logits, Proposal([[3]]), [Sampling(do_sample=True)], [gen])[0].tolist()
+        if out[-1] == 1:  # rejected
+            firsts.append(out[0])
+    assert firsts and 3 not in firsts
+    assert abs(len(firsts) / 400 - (1 - TARGET[1, 3].item())) < 0.08  # accepted with probability p(3) = 0.4
+
+
+def test_expected_tokens_and_the_best_draft_length():
+    assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 5) == 6.0
+    assert math.isclose(expected_tokens(0.5, 2), 1 + 0.5 + 0.25)
+    flat = lambda width: 1.0  # noqa: E731  a link-bound pass: any width costs the same
+    assert best_draft_length([0.9], flat, 0.0, 16) == 16  # drafting is free: as long as allowed
+    assert best_draft_length([0.9], flat, 0.2, 16) < 16  # each draft step costs a fifth of a pass
+    compute_bound = lambda width: 1.0 + 0.5 * width  # noqa: E731  a fixed part, and each token costs half of it
+    assert best_draft_length([0.3], compute_bound, 0.0, 16) == 0
+    assert best_draft_length([0.95, 0.95], compute_bound, 0.0, 16) > 0
+
+
+def test_acceptance_counts_the_tries_a_geometric_model_needs():
+    a = Acceptance()
+    a.add(drafted=4, accepted=2)  # two accepted, the third tried and rejected
+    a.add(drafted=3, accepted=3)  # all accepted: three tries
+    assert (a.tried, a.accepted) == (6, 5)
+    assert math.isclose(a.rate(prior=0.5, weight=2), 6 / 8)
+    assert Acceptance().rate(prior=0.3, weight=4) == pytest.approx(0.3)

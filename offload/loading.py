@@ -27,14 +27,15 @@ from .memory.planner import RESIDENT, MemoryNeeds, Plan, make_plan
 from .memory.pool import WeightPool
 from .models.checkpoint import CheckpointSource, is_gguf
 from .models.config import ModelConfig, config_from_dict, load_config
-from .models.blocks import (EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, TensorSpec, checkpoint_sources, embedding_layout, global_layout,
-                            local_shape)
+from .models.blocks import (EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, TensorSpec, embedding_layout,
+                            global_layout, local_shape)
 from .models import ops
 from .models.decoder import Decoder, KVCache
 from .models.parallel import check_divisible, local_heads
 from .models.registry import family_of
 from .models.quant import WeightFormat, choose_kernel, describe, quantize_into, scratch_bytes
 from .options import LoadOptions, parse_dtype
+from .quantized import stored_quantization
 from .speculative import ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, speculation_forecast
 from .synthetic import RandomSource
 
@@ -276,6 +277,12 @@ def _weight_format(model, options: LoadOptions, chosen: ops.Ops, dtype: torch.dt
         if options.quantize is not None:
             raise InputError(f"{Path(model).name} is stored quantized already (GGUF); --quantize does not apply")
         return gguf_format(model, kernel, dtype)
+    stored = isinstance(model, (str, os.PathLike)) and stored_quantization(model)
+    if stored:  # saved by scripts/quantize.py: read as it is
+        if options.quantize is not None:
+            raise InputError(f"{Path(model).name} is stored {stored['format']} already; --quantize does not apply")
+        return WeightFormat(stored["format"], kernel=kernel, per_tensor=CheckpointSource(model).stored,
+                            scale_dtype=parse_dtype(stored["dtype"]))
     if options.quantize is None:
         return None
     return WeightFormat(options.quantize, options.group_size, kernel, rounding=options.rounding)
@@ -318,7 +325,8 @@ def _stored_formats(layouts: list[BlockLayout]) -> str:
     for layout in layouts:
         for shape in layout.quantized.values():
             s = shape.scheme
-            key = f"{s.format} in groups of {s.group_size}" + (" with minimums" if s.minimum else "")
+            grouping = "per output channel" if s.group_size is None else f"in groups of {s.group_size}"
+            key = f"{s.format} {grouping}" + (" with minimums" if s.minimum else "")
             counts[key] = counts.get(key, 0) + 1
     scales = str(next(iter(layouts[0].quantized.values())).scheme.scale_dtype).removeprefix("torch.")
     return "as stored: " + ", ".join(f"{k} x {n}" for k, n in counts.items()) + f" ({scales} scales)"
@@ -339,7 +347,9 @@ def weight_source(model, random_weights: int | None, device: torch.device):
 
 def load_weights(setup: Setup, source, progress: bool) -> WeightPool:
     """Allocate every tier once and read each tensor straight into its place (one tensor's piece at a time)."""
-    source.validate(checkpoint_sources(setup.config, setup.tp, setup.dtype))
+    layouts = [setup.globals_layout] + ([setup.embedding_layout] if setup.embedding_layout else [])
+    source.validate([x for layout in layouts for x in layout.sources()]
+                    + [x for block in setup.blocks for x in block.sources()])
     embedding_bytes = setup.embedding_layout.nbytes if setup.embedding_layout else 0
     pool = WeightPool(setup.plan, setup.globals_layout.nbytes, embedding_bytes, setup.device)
     jobs = [(pool.globals, setup.globals_layout, setup.globals_layout.sources())]
@@ -352,10 +362,11 @@ def load_weights(setup: Setup, source, progress: bool) -> WeightPool:
                   file=sys.stderr) as bar:
             for buffer, layout, sources in jobs:
                 for name, specs in _by_tensor(sources):
-                    views = {spec.part: _view(buffer, spec) for spec in specs}
-                    if specs[0].quant is None:
-                        source.read(specs[0], name, views[""])
+                    if specs[0].quant is None or source.stores_parts(name):  # as it is stored
+                        for spec in specs:
+                            source.read(spec, name, _view(buffer, spec))
                     else:
+                        views = {spec.part: _view(buffer, spec) for spec in specs}
                         _read_quantized(source, specs[0], name, views, setup.device)
                 bar.update(layout.nbytes)
     except BaseException:

@@ -56,6 +56,9 @@ class RandomSource:
     def validate(self, specs) -> None:
         pass
 
+    def stores_parts(self, name: str) -> bool:
+        return False  # dense numbers: quantized while loading
+
     def read(self, spec: TensorSpec, name: str, out: torch.Tensor) -> None:
         full = spec.full_shape
         cols = full[1] if len(full) == 2 else 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ from offload.structured import corpus_of
 from offload.synthetic import RandomSource
 
 MAX_SEQ = 64
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def weight(rows, cols, seed=0, dtype=torch.float32):
@@ -548,3 +550,44 @@ def test_quantized_models_stay_close_to_transformers(checkpoint_factory, key, ar
                                              (ref - ref.mean(-1, keepdim=True)).flatten(), dim=0).item()
     assert 0 < errors["int8"] < 0.1 * ref.std().item() and errors["int8"] < errors["int4"]
     assert agreement["int8"] > 0.999 and agreement["int4"] > 0.9
+
+
+# ---------------------------------------------------------------------- quantized checkpoints saved once
+
+
+@pytest.mark.parametrize("fmt, group", [("int4", None), ("int4", 32), ("int8", None)])
+def test_a_saved_quantized_checkpoint_loads_as_quantizing_while_loading_does(tiny, tmp_path, fmt, group):
+    from offload.quantized import write_quantized
+
+    out = write_quantized(tiny, tmp_path / "q", fmt, group, dtype=torch.float32, progress=False)
+    ids = torch.randint(3, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+    kw = dict(dtype=torch.float32, progress=False, max_seq_len=MAX_SEQ)
+    with offload.load_model(tiny, quantize=fmt, group_size=group, **kw) as quantizing, \
+            offload.load_model(out, **kw) as saved:
+        assert saved.plan.needs.blocks == quantizing.plan.needs.blocks
+        assert torch.equal(saved(ids), quantizing(ids))
+        assert "as stored" in str(saved.plan)
+    with pytest.raises(offload.InputError, match="stored int"):
+        offload.plan_model(out, quantize="int8")
+
+
+def test_the_quantize_script_writes_a_checkpoint_that_streams(tiny, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quantize_script", ROOT / "scripts" / "quantize.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "int4"
+    assert script.main(["--model", str(tiny), "--quantize", "int4", "--out", str(out), "--dtype", "fp32"]) == 0
+    assert (out / "tokenizer.json").is_file() and json.loads((out / "config.json").read_text())[
+        "offload_quantization"]["format"] == "int4"
+    needs = offload.plan_model(out, max_seq_len=MAX_SEQ).needs
+    with offload.load_model(out, max_seq_len=MAX_SEQ, progress=False, cpu_memory="1GiB",
+                            gpu_memory=needs.gpu_budget_streaming(4)) as model:
+        assert model.plan.placement.count("host") == 4
+        assert len(model.generate([[5, 6, 7]], max_new_tokens=4, ignore_eos=True)[0]) == 7
+    capsys.readouterr()  # the progress bar
+    assert script.main(["--model", str(tmp_path / "nowhere"), "--quantize", "int4", "--out", str(out)]) == 2
+    assert script.main(["--model", str(tiny), "--quantize", "int3", "--out", str(out)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("quantize: error:") for line in errors)

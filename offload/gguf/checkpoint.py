@@ -175,6 +175,12 @@ class GGUFSource:
         self.device = device
         self._cached: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
+    def stores_parts(self, name: str) -> bool:
+        """Whether tensor ``name`` is stored in a type with a compressed form (its parts are read, never
+        requantized)."""
+        mapped = self.checkpoint.tensors.get(name)
+        return mapped is not None and parts_format(mapped.ggml_type) is not None
+
     def validate(self, specs) -> None:
         ck = self.checkpoint
         for spec, name in specs:

@@ -12,7 +12,12 @@ random numbers.
 
 Before a byte is read, ``validate`` checks that every tensor the model needs is there
 with its shape and a floating-point dtype, and that the checkpoint has no layers beyond
-the config's ``num_hidden_layers``. While reading, each tensor is checked for NaN and
+the config's ``num_hidden_layers``.
+
+A checkpoint that offload quantized and saved (``write_quantized``, ``scripts/quantize.py``)
+holds each linear weight as its parts, ``<name>.data``, ``<name>.scale`` (and
+``<name>.minimum``), whole (every rank reads its piece), and records the format in
+``config.json`` under ``offload_quantization``; it is read as it is, never requantized. While reading, each tensor is checked for NaN and
 infinity where it lands (after the cast to the model's dtype, which can overflow), so
 the check costs one pass over memory that the copy has just touched.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,6 +34,8 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 from .blocks import TensorSpec
+from .parallel import REPLICATED, Shard
+from .quant import part_shapes
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes weights may have
 LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
@@ -85,9 +93,32 @@ class CheckpointSource:
             self._handles[file] = handle
         return handle
 
+    def stores_parts(self, name: str) -> bool:
+        """Whether tensor ``name`` is stored quantized (its parts are read as they are, not quantized again)."""
+        return f"{name}.data" in self._file_of
+
+    def stored(self, name: str) -> tuple[str, int | None, bool] | None:
+        """How a saved quantized checkpoint stores tensor ``name``: (format, group size, minimum), None if dense."""
+        if f"{name}.data" not in self._file_of:
+            return None
+        data, scale = (self.shape(f"{name}.{part}") for part in ("data", "scale"))
+        fmt = "int4" if self._dtype(f"{name}.data") == "U8" else "int8"
+        cols = data[1] * (2 if fmt == "int4" else 1)
+        group = None if len(scale) == 1 else cols // scale[1]
+        return fmt, group, f"{name}.minimum" in self._file_of and fmt == "int8"
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Tensor ``name``'s shape, from the file's header."""
+        return tuple(self._open(self._file_of[name]).get_slice(name).get_shape())
+
+    def _dtype(self, name: str) -> str:
+        return self._open(self._file_of[name]).get_slice(name).get_dtype()
+
     def validate(self, specs: list[tuple[TensorSpec, str]]) -> None:
         """Check every tensor's presence, shape and dtype, and the number of layers, before any bytes are read."""
         for spec, name in specs:
+            if spec.part and self.stores_parts(name):  # a saved quantized weight's part: its own tensor, whole
+                name, spec = f"{name}.{spec.part}", part_spec(spec)
             file = self._file_of.get(name)
             if file is None:
                 raise CheckpointError(f"checkpoint {str(self.path)!r} has no tensor {name!r}")
@@ -100,7 +131,7 @@ class CheckpointSource:
                 raise CheckpointError(
                     f"{file.name}: tensor {name!r} has shape {list(shape)}, expected {list(spec.full_shape)}"
                 )
-            if dtype not in FLOAT_DTYPES:
+            if dtype not in FLOAT_DTYPES and not name.endswith(".data"):
                 raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {dtype}; weights must be "
                                       f"floating point ({', '.join(FLOAT_DTYPES)})")
         self._check_layer_count(specs)
@@ -114,18 +145,33 @@ class CheckpointSource:
                                   f"num_hidden_layers is {len(expected)}")
 
     def read(self, spec: TensorSpec, name: str, out: torch.Tensor) -> None:
+        if spec.part:  # a part of a weight stored quantized (``stores_parts``)
+            name, spec = f"{name}.{spec.part}", part_spec(spec)
         file = self._file_of[name]
         try:
             piece = _cut(self._open(file).get_slice(name), spec)
         except SafetensorError as e:
             raise CheckpointError(f"{file.name}: cannot read tensor {name!r} ({e})") from None
         _copy_piece(out, piece)
-        if not _all_finite(out):
+        if out.is_floating_point() and not _all_finite(out):
             raise CheckpointError(f"{file.name}: tensor {name!r} holds NaN or infinite values "
                                   f"(as {str(out.dtype).removeprefix('torch.')})")
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def part_spec(spec: TensorSpec) -> TensorSpec:
+    """The spec of a quantized weight's part as its own whole tensor: its full shape and this rank's piece (a
+    column shard of the weight is a shard of half as many int4 bytes, and of its groups' scales)."""
+    scheme, (rows, cols), shard = spec.quant, spec.full_shape, spec.shard
+    full = {name: shape for name, shape, _ in part_shapes(scheme, rows, cols, spec.dtype)}[spec.part]
+    if shard.dim != 1:
+        return replace(spec, full_shape=full)
+    per = {"data": 2 if scheme.format == "int4" else 1}.get(spec.part, scheme.group_size)
+    if per is None:  # int8's one scale per row: the whole row's, on every rank
+        return replace(spec, full_shape=full, shard=REPLICATED)
+    return replace(spec, full_shape=full, shard=Shard(1, shard.start // per, shard.stop // per))
 
 
 def _cut(tensor_slice, spec: TensorSpec) -> torch.Tensor:

@@ -193,7 +193,7 @@ def scheme_for(fmt: WeightFormat, cols: int, full_cols: int, ranks: int, dtype: 
         if stored is None:
             return None
         kind, group, minimum = stored
-        if cols % group:
+        if group is not None and cols % group:
             raise InputError(f"{source} is stored in groups of {group} columns, which do not divide this rank's "
                              f"{cols} (of {full_cols}); use fewer tensor-parallel ranks")
         scheme = QuantScheme(kind, group, chunk_rows, DEQUANTIZE, minimum=minimum and kind == INT8,

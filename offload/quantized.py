@@ -1,0 +1,128 @@
+"""Quantized checkpoints saved once: quantize a model's linear weights a tensor at a time and write them.
+
+    write_quantized("path/to/Llama-2-70b-hf", "path/to/out", "int4")   # or scripts/quantize.py
+
+Each linear weight of the decoder layers (and of routed experts) is written as its
+parts, ``<name>.data``, ``<name>.scale`` (and ``<name>.minimum``), whole, in
+offload's packing (``offload.models.quant``); every other tensor as it is, in the
+chosen dtype. ``config.json`` records the format under ``offload_quantization``, and
+the tokenizer and generation files are copied, so ``load_model(out)`` reads the
+blocks as they are, at the speed of reading its files, with no requantizing: the
+logits are those of ``load_model(model, quantize=...)`` bit for bit (on one rank;
+under tensor parallelism int8's per-row scale is the whole row's rather than each
+rank's piece's).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .distributed import TensorParallel
+from .models.blocks import checkpoint_sources
+from .models.checkpoint import CheckpointSource
+from .models.config import load_config
+from .models.parallel import REPLICATED
+from .models.quant import DEQUANTIZE, WeightFormat, quantize
+from .models.registry import family_of
+from .errors import InputError
+
+COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "generation_config.json", "tokenizer.model")
+RECORD = "offload_quantization"
+
+
+def write_quantized(model, out, quantize_as: str, group_size: int | None = None, rounding: str = "search",
+                    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                    shard_bytes: int = 2 * 2**30, progress: bool = True) -> Path:
+    """Quantize checkpoint ``model`` into ``out``; returns ``out``."""
+    model, out = Path(model), Path(out)
+    config, tp = load_config(model), TensorParallel()
+    if (json.loads((model / "config.json").read_text())).get(RECORD):
+        raise InputError(f"{model} is quantized already")
+    fmt = WeightFormat(quantize_as, group_size, DEQUANTIZE, rounding=rounding)
+    blocks = family_of(config.architecture).blocks(config, tp, dtype, fmt)
+    quantized = {name: spec.quant for block in blocks for spec, name in block.sources() if spec.quant is not None}
+    source = CheckpointSource(model)
+    names = [name for _, name in checkpoint_sources(config, tp, dtype)]
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(out, shard_bytes)
+    try:
+        for name in tqdm(names, desc="quantizing", unit="tensor", disable=not progress):
+            spec = _dense_spec(source, name, dtype)
+            tensor = torch.empty(spec.full_shape, dtype=dtype)
+            source.read(spec, name, tensor)
+            if name in quantized:
+                for part, values in quantize(tensor.to(device), quantized[name], dtype).items():
+                    writer.add(f"{name}.{part}", values.cpu())
+            else:
+                writer.add(name, tensor)
+        writer.close()
+    finally:
+        source.close()
+    raw = json.loads((model / "config.json").read_text())
+    raw[RECORD] = {"format": quantize_as, "group_size": group_size, "rounding": rounding,
+                   "dtype": str(dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps({**raw, "torch_dtype": raw[RECORD]["dtype"]}, indent=2))
+    for name in COMPANIONS:
+        if (model / name).is_file():
+            shutil.copy(model / name, out / name)
+    return out
+
+
+def stored_quantization(path) -> dict | None:
+    """The format a saved quantized checkpoint records (``{"format", "group_size", "rounding", "dtype"}``), or None."""
+    config = Path(path) / "config.json"
+    if not Path(path).is_dir() or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get(RECORD)
+    except (OSError, ValueError):
+        return None
+
+
+def _dense_spec(source: CheckpointSource, name: str, dtype: torch.dtype):
+    """A spec that reads the whole tensor ``name`` in ``dtype``."""
+    from .models.blocks import TensorSpec
+
+    shape = source.shape(name)
+    return TensorSpec(name, shape, shape, name, REPLICATED, dtype, 0)
+
+
+class _ShardWriter:
+    """Tensors written to ``model-0000k.safetensors`` shards of at most ``shard_bytes`` (or one tensor), with
+    ``model.safetensors.index.json``."""
+
+    def __init__(self, out: Path, shard_bytes: int):
+        self.out, self.shard_bytes = out, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size, self.files, self.weight_map = 0, [], {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.size += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        file = f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.out / file), metadata={"format": "pt"})
+        self.weight_map.update({name: file for name in self.pending})
+        self.files.append(file)
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        index = {"metadata": {"total_size": sum((self.out / f).stat().st_size for f in self.files)},
+                 "weight_map": self.weight_map}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+

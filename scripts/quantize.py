@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Quantize a checkpoint once and save it: offload then loads it compressed, without quantizing again.
+
+    python scripts/quantize.py --model path/to/Llama-2-70b-hf --quantize int4 --out path/to/llama-2-70b-int4
+
+Reads one tensor at a time (with a progress bar), quantizes the decoder layers' linear
+weights (int8: one scale per output channel; int4: groups of --group-size columns,
+each group's scale and minimum searched to minimise its error unless --rounding minmax)
+and writes safetensors shards with a config.json that records the format, and the
+tokenizer's files. ``load_model(out)`` reads the parts as they are: the same logits as
+``load_model(model, quantize=...)``. Any bad input prints one line on stderr and exits 2.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from offload import InputError, OffloadError, parse_size  # noqa: E402
+from offload.models.quant import check_request  # noqa: E402
+from offload.options import parse_dtype  # noqa: E402
+from offload.quantized import write_quantized  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2, like every other bad input
+        raise InputError(message)
+
+
+def main(argv=None) -> int:
+    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    parser.add_argument("--quantize", required=True, choices=["int8", "int4"])
+    parser.add_argument("--out", required=True, help="directory to write (created if missing)")
+    parser.add_argument("--group-size", type=int, default=None, help="int4: columns per scale (default 128)")
+    parser.add_argument("--rounding", default="search", choices=["search", "minmax"],
+                        help="int4: each group's scale and minimum searched (default) or its range")
+    parser.add_argument("--dtype", default="bf16", help="of the scales and the unquantized tensors (default bf16)")
+    parser.add_argument("--device", default="cpu", help="where tensors are quantized (cuda is much faster)")
+    parser.add_argument("--shard-size", default="2GiB", help="largest shard file (default 2GiB)")
+    try:
+        args = parser.parse_args(argv)
+        check_request(args.quantize, args.group_size, args.rounding)
+        write_quantized(args.model, args.out, args.quantize, args.group_size, args.rounding,
+                        parse_dtype(args.dtype), args.device, parse_size(args.shard_size, "--shard-size"))
+    except OffloadError as e:
+        print(f"quantize: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantize: interrupted", file=sys.stderr)
+        return 130
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,9 +2,13 @@
 
     python benchmarks/bench_quality.py --model path/to/checkpoint --text some.txt
     python benchmarks/bench_quality.py --model M --token-ids ids.json --formats none,int4 --group-size 64
+    python benchmarks/bench_quality.py --model M --text some.txt --formats none,int8,int4@64:minmax,int4@64
     python benchmarks/bench_quality.py --quick      # a tiny model trained on the CPU in seconds (CI runs this)
 
-The model is loaded once per format (``load_model(..., quantize=...)``, with any
+A format is ``none``, ``int8`` or ``int4``, an int4 one optionally with ``@G`` (its group size)
+and ``:minmax`` (plain min/max rounding of each group; default ``:search``, each group's scale
+and minimum searched to minimise its error). The model is loaded once per format
+(``load_model(..., quantize=...)``, with any
 budget flags, so a model larger than the GPU is measured offloaded). The text
 (tokenized with the checkpoint's ``tokenizer.json``) or the token ids are cut
 into windows of ``--window`` tokens; each window is one forward pass, and every
@@ -97,10 +101,22 @@ def parse_args(argv) -> argparse.Namespace:
 
 def formats_from(text: str) -> list[str]:
     formats = [f.strip() for f in text.split(",") if f.strip()]
-    unknown = [f for f in formats if f != NONE and f not in FORMATS]
+    unknown = [f for f in formats if f != NONE and parse_format(f) is None]
     if unknown or not formats or formats[0] != NONE or len(set(formats)) != len(formats):
-        raise UsageError(f"--formats takes none followed by any of {', '.join(FORMATS)} (each once), got {text!r}")
+        raise UsageError(f"--formats takes none followed by any of {', '.join(FORMATS)} (int4 also as int4@G and "
+                         f"int4:minmax; each once), got {text!r}")
     return formats
+
+
+def parse_format(text: str) -> tuple[str, int | None, str] | None:
+    """(format, group size, rounding) of ``int8``, ``int4``, ``int4@64``, ``int4:minmax``, ``int4@64:minmax``."""
+    name, _, rounding = text.partition(":")
+    name, _, group = name.partition("@")
+    if name not in FORMATS or rounding not in ("", "search", "minmax") or (name != "int4" and (group or rounding)):
+        return None
+    if group and (not group.isdigit() or int(group) < 2 or int(group) % 2):
+        return None
+    return name, int(group) if group else None, rounding or "search"
 
 
 def sequences_from(args, model: Path, vocab: int) -> list[list[int]]:
@@ -177,9 +193,11 @@ def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def run_format(args, model_path, fmt: str, windows, window: int) -> tuple[Row, torch.Tensor]:
     """Load the model in ``fmt`` and evaluate it: its row of the table and its kept log-probabilities."""
+    quantize, group, rounding = (None, None, "search") if fmt == NONE else parse_format(fmt)
     options = dict(dtype=args.dtype, device=args.device, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
                    max_batch=args.batch, max_seq_len=window, max_step_tokens=args.batch * window,
-                   quantize=None if fmt == NONE else fmt, group_size=None if fmt != "int4" else args.group_size)
+                   quantize=quantize, group_size=(group or args.group_size) if quantize == "int4" else None,
+                   rounding=rounding)
     start = time.perf_counter()
     with offload.load_model(model_path, progress=False, **options) as model:
         nll, logprobs = evaluate(model, windows, args.batch, args.kl_tokens)
@@ -194,12 +212,12 @@ def run_format(args, model_path, fmt: str, windows, window: int) -> tuple[Row, t
 
 def table(rows: list[Row]) -> str:
     base = rows[0].perplexity
-    lines = [f"{'format':<7}{'bytes/layer':>13}{'perplexity':>12}{'vs none':>9}{'KL mean':>11}{'KL max':>11}"
+    lines = [f"{'format':<18}{'bytes/layer':>13}{'perplexity':>12}{'vs none':>9}{'KL mean':>11}{'KL max':>11}"
              f"{'top-1':>9}"]
     for r in rows:
         kl = (f"{r.kl_mean:>11.2e}{r.kl_max:>11.2e}{100 * r.top1_agreement:>8.2f}%" if r.kl_mean is not None
               else f"{'-':>11}{'-':>11}{'-':>9}")
-        lines.append(f"{r.format:<7}{offload.format_size(r.layer_bytes):>13}{r.perplexity:>12.4f}"
+        lines.append(f"{r.format:<18}{offload.format_size(r.layer_bytes):>13}{r.perplexity:>12.4f}"
                      f"{r.perplexity / base:>9.4f}{kl}")
     return "\n".join(lines)
 

@@ -212,6 +212,7 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
     return MemoryNeeds(
         blocks=tuple(block.nbytes for block in every_pass),
         experts=_expert_needs(config, routed),
+        products=_products(every_pass, dtype),
         global_bytes=globals_.nbytes,
         embedding_bytes=embedding.nbytes if embedding else 0,
         kv_bytes=KVCache.nbytes(config.n_layers, batch, kv_heads, seq, config.head_dim, dtype),
@@ -229,6 +230,14 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
         dequant_bytes=scratch_bytes(quantized, dtype, step_tokens),
         weight_format=_format_line(family, config, tp, dtype, options, blocks),
     )
+
+
+def _products(blocks: list[BlockSpec], dtype: torch.dtype) -> str:
+    """What most of the layers' projections are stored as: "int4", "int8", or "bf16" for 16 bits ("": float32)."""
+    kinds = [shape.scheme.format for b in blocks for shape in b.layout.quantized.values()]
+    if kinds:
+        return max(set(kinds), key=kinds.count)
+    return "bf16" if dtype in (torch.bfloat16, torch.float16) else ""
 
 
 def _expert_needs(config: ModelConfig, routed: list[BlockSpec]) -> ExpertNeeds | None:

@@ -5,7 +5,10 @@ The planner needs three kinds of link figure, in bytes per second: ``"host"``
 when the two can address each other), and ``"hbm"`` (a device-to-device copy,
 read plus write, which bounds a decode step that reads every weight once); and
 ``"matmul"``, floating-point operations per second of a large matrix product
-(bfloat16 on a GPU, float32 on a CPU), which bounds a pass over many tokens.
+(bfloat16 on a GPU, float32 on a CPU), which bounds a pass over many tokens; and on a
+GPU with offload's kernels, ``"gemv-bf16"``, ``"gemv-int8"`` and ``"gemv-int4"``: the
+bytes per second a one-row product reads from a weight stored so (a decode step's
+products over resident layers take their bytes over these rates).
 Under tensor parallelism every rank probes the host link at the same moment, so
 the figure is each rank's share of a host link that all of them pull from at once.
 """
@@ -34,7 +37,7 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     """Bytes/s of each link into ``compute_device`` ("host", "hbm", every peer) and its "matmul" FLOP/s,
     from the cache or measured."""
     device = torch.device(compute_device)
-    names = ["host", "hbm", "matmul", *peers]
+    names = ["host", "hbm", "matmul", *peers] + (list(GEMV_FORMATS) if device.type == "cuda" else [])
     if device.type != "cuda":  # every "link" is a memcpy in RAM: quick to measure, not worth caching
         bandwidth = measure_cpu_copy()
         return {**{name: bandwidth for name in names}, "matmul": measure_matmul(device)}
@@ -50,6 +53,7 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     tp.barrier()
     measured["hbm"] = measure_device_copy(device, size)
     measured["matmul"] = measure_matmul(device)
+    measured.update(measure_gemv(device))
     for peer in peers:
         measured[peer] = measure_peer(device, torch.device(peer), size)
     _write_cache({**cached, **{key[n]: v for n, v in measured.items()}})
@@ -119,6 +123,46 @@ def measure_matmul(device) -> float:
         a @ b
         seconds = max(time.perf_counter() - t, 1e-6)
     return 2 * n**3 / seconds
+
+
+GEMV_FORMATS = ("gemv-bf16", "gemv-int8", "gemv-int4")
+
+
+def measure_gemv(device) -> dict[str, float]:
+    """Bytes/s of a one-row product from a 8192 x 8192 weight in bfloat16, int8 and int4 (groups of 128), with
+    offload's kernels, weights cycled through copies so none is read from L2; empty without working kernels."""
+    from ..models import kernels, quant_kernels
+    from ..models.quant import FUSED, QuantizedWeight, QuantScheme, quantize
+
+    if not kernels.works(device):
+        return {}
+    n = 8192
+    dense = torch.randn(n, n, device=device, dtype=torch.bfloat16) / n**0.5
+    x = torch.randn(1, n, device=device, dtype=torch.bfloat16)
+    rates = {}
+    for name, scheme in (("gemv-bf16", None), ("gemv-int8", QuantScheme("int8", None, n, FUSED)),
+                         ("gemv-int4", QuantScheme("int4", 128, n, FUSED, rounding="minmax"))):
+        if scheme is None:
+            weights, product = [dense.clone() for _ in range(4)], kernels.gemv
+        else:
+            parts = quantize(dense, scheme, torch.bfloat16)
+            weights = [QuantizedWeight(parts["data"].clone(), parts["scale"].clone(),
+                                       None if "minimum" not in parts else parts["minimum"].clone(), scheme)
+                       for _ in range(4)]
+            product = quant_kernels.linear
+        nbytes = sum(t.numel() * t.element_size() for t in ([weights[0]] if scheme is None else
+                                                             [p for p in parts.values()]))
+        for w in weights:  # warm-up: compiles the kernels
+            product(x, w)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            for w in weights:
+                product(x, w)
+        end.record()
+        end.synchronize()
+        rates[name] = nbytes / (start.elapsed_time(end) / 1000 / 20)
+    return rates
 
 
 def measure_cpu_copy(size: int = 64 * 2**20) -> float:

@@ -52,6 +52,8 @@ class MemoryNeeds:
     flops_per_token: float = 0.0  # matrix-product work of one token through every layer
     flops_per_key: float = 0.0  # attention work of one token against one cached key, every layer
     experts: ExpertNeeds | None = None  # a mixture-of-experts model's routed experts (blocks of their own)
+    products: str = ""  # what the layers' one-row products read: "bf16", "int8" or "int4" (their measured
+    # rate, "gemv-<format>" in the bandwidths, bounds a decode step's compute; "" or none measured: "hbm")
     dequant_bytes: int = 0  # quantized layers: the rows a linear dequantizes at a time, and their product
     weight_format: str = ""  # quantized layers: the format and bytes per layer, for the plan; "" for the model dtype
     draft_bytes: int = 0  # speculative decoding: a draft model kept on the compute device (weights, KV cache...)
@@ -155,7 +157,7 @@ class Plan:
         if self.needs.experts:
             e = self.needs.experts
             used += sum(e.distinct(layer, rows) for layer in range(len(e.per_layer))) * e.nbytes
-        out["hbm"] = used / self.bandwidth["hbm"]
+        out["hbm"] = used / self.bandwidth.get(f"gemv-{self.needs.products}", self.bandwidth["hbm"])
         return out
 
     @property

@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import ConfigError, InputError
+from .inputs import check_unicode
 
 TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_DIR = "additional_chat_templates"
@@ -115,6 +116,9 @@ def check_messages(messages, where: str = "messages") -> list[dict]:
             message["content"] = _joined_text(content, f"{where}[{i}].content")
         elif content is not None and not isinstance(content, str):
             raise InputError(f"{where}[{i}]: 'content' must be a string or a list of text parts")
+        for key in ("role", "content"):
+            if isinstance(message.get(key), str):
+                check_unicode(message[key], f"{where}[{i}].{key}")
         out.append(message)
     return out
 

@@ -26,7 +26,7 @@ from .batch import check_context, choose_batch_size, forecast_job, prompt_length
 from .chat import stop_token_ids
 from .distributed import TensorParallel, init_tensor_parallel
 from .errors import InputError, OffloadError, OffloadWarning
-from .inputs import check_token_ids
+from .inputs import check_token_ids, check_unicode
 from .loading import prepare
 from .memory.budget import parse_peer_flag
 from .memory.planner import format_plans
@@ -325,6 +325,7 @@ def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
     text = args.prompt if args.prompt is not None else (DEMO_PROMPT if demo else None)
     if text is None:
         raise InputError("give --prompt, --prompt-ids or --prompts")
+    check_unicode(text, "--prompt")
     if tokenizer is None:
         if demo:  # the demo works without the optional tokenizers package
             return [1, 306, 4966, 304, 1207]

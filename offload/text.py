@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .chat import ChatTemplate
 from .errors import InputError
+from .inputs import check_unicode
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for the bytes of a character that is not complete yet
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the first new token (a leading space may depend on them)
@@ -47,6 +48,7 @@ class Tokenizer:
         return cls(inner, ChatTemplate.from_dir(path))
 
     def encode(self, text: str) -> list[int]:
+        check_unicode(text, "the prompt")
         return self.inner.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:

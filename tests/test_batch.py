@@ -19,7 +19,8 @@ from offload.batch import ResultFile, prompt_lengths, read_records, run_batch
 from offload.cli import main
 from offload.errors import InputError
 
-from hostile import ODD_LINE_BREAKS, Chars, jsonl, mutate, one_line, random_records, refused, write_jsonl
+from hostile import ODD_LINE_BREAKS, Chars, jsonl, mutate, one_line, one_line_exit_2, random_records, refused, \
+    run_script, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -270,3 +271,24 @@ def test_fifo_batches_with_a_context_just_large_enough(tiny, tmp_path, capsys):
     got = {r["id"]: r["output_tokens"] for r in map(json.loads, out.read_text().split("\n")[:-1])}
     assert got == {1: 1, 2: 20, 3: 27}
     capsys.readouterr()
+
+
+def test_a_chat_record_with_a_lone_surrogate_is_one_line(tiny_chat, tmp_path, capsys):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_bytes(b'{"id": "x", "prompt_ids": [1]}\n{"id": "y", "messages": [{"role": "user", "content": "hi '
+                        b'\\ud800"}]}\n')
+    err = refused(capsys, ["--model", str(tiny_chat), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl")])
+    assert f"{prompts}:2: messages[0].content is not valid Unicode" in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_chat_record_with_a_lone_surrogate_is_one_line_through_the_script(tiny_chat, tmp_path):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_bytes(b'{"id": "y", "messages": [{"role": "user", "content": "hi \\ud800"}]}\n')
+    (tmp_path / "out.jsonl").write_bytes(b"")
+    done = run_script("--model", str(tiny_chat), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl"),
+                      cache_dir=tmp_path)
+    assert "messages[0].content is not valid Unicode" in one_line_exit_2(done)
+    assert (tmp_path / "out.jsonl").read_bytes() == b""
+

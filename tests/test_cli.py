@@ -269,3 +269,17 @@ def test_fuzz_inputs_are_never_a_traceback_through_the_cli(bare, tmp_path, capsy
         assert out.read_bytes() == before
         if code == 2:
             assert err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------- text that is not Unicode
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tiny, capsys):
+    err = refused(capsys, ["--model", str(tiny), "--prompt", "caf\udce9", "--plan"])  # Python's reading of caf\xe9
+    assert "--prompt is not valid Unicode" in err and "the byte 0xe9" in err
+
+
+@pytest.mark.slow
+def test_a_prompt_that_is_not_utf8_is_one_line_through_the_script(tiny, tmp_path):
+    done = run_script("--model", str(tiny), "--prompt", b"caf\xe9", "--max-new-tokens", "2", cache_dir=tmp_path)
+    assert "--prompt is not valid Unicode" in one_line_exit_2(done)

@@ -314,6 +314,11 @@ LONG = list(range(3, 3 + SEQ))
      "differ"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages",
      "only text parts"),
+    # lone surrogates: JSON can escape them, UTF-8 cannot hold them, a tokenizer refuses them
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800 x"}], "max_tokens": 3}', 400,
+     "messages", "messages[0].content is not valid Unicode"),
+    ("/v1/completions", b'{"prompt": "hi \\udfff there", "max_tokens": 3}', 400, "prompt", "not valid Unicode"),
+    ("/v1/completions", b'{"prompt": "hi", "\\ud800": 1}', 400, None, "not valid Unicode"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, path, body, status, param, words):
     if isinstance(body, bytes):

@@ -350,6 +350,9 @@ def _validation_error(errors) -> ApiError:
     param = where[0] if where else None
     if first["type"] == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})")
+    if first["type"] == "string_unicode":  # a key or value with an unpaired surrogate ("\ud800" in the JSON)
+        return ApiError(400, f"{'.'.join(where) or 'the request body'}: not valid Unicode (an unpaired surrogate)",
+                        param=param)
     if not where:
         return ApiError(400, "the request body must be a JSON object of parameters")
     if first["type"] == "extra_forbidden":

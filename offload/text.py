@@ -49,7 +49,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         check_unicode(text, "the prompt")
-        return self.inner.encode(text, add_special_tokens=False).ids
+        # encode_batch lets go of the GIL while it tokenizes (encode holds it throughout): a long prompt tokenized
+        # on a worker thread of the server then leaves its event loop free.
+        return self.inner.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         out, run = [], []

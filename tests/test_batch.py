@@ -277,9 +277,10 @@ def test_a_chat_record_with_a_lone_surrogate_is_one_line(tiny_chat, tmp_path, ca
     prompts = tmp_path / "in.jsonl"
     prompts.write_bytes(b'{"id": "x", "prompt_ids": [1]}\n{"id": "y", "messages": [{"role": "user", "content": "hi '
                         b'\\ud800"}]}\n')
-    err = refused(capsys, ["--model", str(tiny_chat), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl")])
+    out = tmp_path / "out.jsonl"
+    err = refused(capsys, ["--model", str(tiny_chat), "--prompts", str(prompts), "--output", str(out)])
     assert f"{prompts}:2: messages[0].content is not valid Unicode" in err
-    assert not (tmp_path / "out.jsonl").exists()
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -341,6 +342,82 @@ def test_unknown_paths_and_no_op_parameters(served):
     answer = served.client.completions.create(model="tiny-chat", prompt="a", max_tokens=2, n=1, frequency_penalty=0,
                                               presence_penalty=0, logit_bias={}, user="someone")
     assert answer.usage.completion_tokens >= 1
+
+
+# ---------------------------------------------------------------------- no request stalls the others
+
+MB = 2**20
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """The status and body of one HTTP/1.1 response with a Content-Length, read from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed after {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    headers = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    length = int(headers[b"content-length"])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1]), body
+
+
+def upload_slowly(url: str, megabytes: int, chunked: bool) -> tuple[int, bytes]:
+    """POST a body of ``megabytes`` MiB, one MiB every 20 ms (with its Content-Length, or chunked), then read the
+    answer."""
+    with socket.create_connection(address(url)) as sock:
+        framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % (megabytes * MB)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s\r\n\r\n"
+                     % framing)
+        piece = b"x" * MB
+        for _ in range(megabytes):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            time.sleep(0.02)
+        if chunked:
+            sock.sendall(b"0\r\n\r\n")
+        return read_response(sock)
+
+
+def health_times_while(url: str, work) -> tuple[list[float], object]:
+    """Run ``work`` on a thread; meanwhile GET /health again and again. Returns the seconds of each answer and the
+    work's result."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(value=work()))
+    thread.start()
+    seconds = []
+    while thread.is_alive():
+        start = time.monotonic()
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+        seconds.append(time.monotonic() - start)
+        time.sleep(0.05)
+    thread.join()
+    return seconds, result["value"]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_past_the_limit_is_413_and_health_answers_within_a_second_meanwhile(served, chunked):
+    seconds, (status, body) = health_times_while(served.url, lambda: upload_slowly(served.url, 50, chunked))
+    assert status == 413
+    error = json.loads(body)["error"]
+    assert "larger than this server takes (2.00 MiB" in error["message"] and error["type"] == "invalid_request_error"
+    assert len(seconds) >= 5 and max(seconds) < 1.0, seconds  # asked all along the upload, answered at once
+    assert httpx.get(served.url + "/health").status_code == 200
+
+
+def test_a_long_prompt_within_the_limit_is_prepared_off_the_event_loop(served):
+    content = "hello world " * ((2 * MB - 200) // 12)  # a second or so of tokenizing
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 3}
+    seconds, response = health_times_while(
+        served.url, lambda: httpx.post(served.url + "/v1/chat/completions", json=body, timeout=120))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert len(seconds) >= 3 and max(seconds) < 1.0, seconds
 
 
 # ---------------------------------------------------------------------- scripts/serve.py

@@ -9,6 +9,11 @@ A request holds its place from acceptance to its last token. The engine has
 ``rows`` KV cache rows and the queue ``max_queue`` places behind them; a request
 beyond both is answered 429. When a response ends early (a stop string, or a
 client that closed its connection) its row is freed at the next step.
+
+No request can stall the others: a body past ``max_request_bytes`` is answered 413
+before it is read (:class:`BodyLimit`), and the chat template and the tokenizer
+run on worker threads (the tokenizer lets go of the GIL), so the event loop keeps
+serving every other client while a long prompt is prepared.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from ..errors import InputError
+from ..memory.budget import format_size
 from ..sampling import Sampling
 from ..scheduler.engine import Request
 from ..text import IdText, TextStream
@@ -38,6 +46,8 @@ from .protocol import ApiError, ChatRequest, CompletionRequest, GenerationParams
 log = logging.getLogger("offload.serve")
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; a chat may fill the context
+# A prompt of 128k tokens is under 1 MiB of text or of JSON token ids; TGI's default payload limit is 2 MB.
+DEFAULT_MAX_REQUEST_BYTES = 2 * 2**20
 
 
 class ClientGone(Exception):
@@ -48,7 +58,8 @@ class Service:
     """What the handlers share: the engine loop, the model's text side and names, the limits."""
 
     def __init__(self, loop: EngineLoop, tokenizer, model_name: str, eos_ids: tuple[int, ...] = (),
-                 max_queue: int = 64, aliases: tuple[str, ...] = ()):
+                 max_queue: int = 64, aliases: tuple[str, ...] = (),
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.loop = loop
         self.metrics = loop.metrics
         self.tokenizer = tokenizer if tokenizer is not None else IdText()
@@ -56,6 +67,7 @@ class Service:
         self.names = {model_name, *aliases}
         self.eos_ids = tuple(eos_ids)
         self.max_queue = max_queue
+        self.max_request_bytes = max_request_bytes
         self.max_seq_len = loop.model.max_seq_len
         self.created = int(time.time())
 
@@ -65,7 +77,8 @@ class Service:
                            param="model", code="model_not_found")
 
     def completion_prompt(self, prompt) -> list[int]:
-        """A completion's one prompt as token ids: text, or ids (alone or in a list of one)."""
+        """A completion's one prompt as token ids: text, or ids (alone or in a list of one). Long text takes
+        seconds to tokenize: call it off the event loop."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise ApiError(400, f"one prompt per request, got {len(prompt)}", param="prompt")
@@ -75,6 +88,7 @@ class Service:
         return list(prompt)
 
     def chat_prompt(self, messages: list) -> list[int]:
+        """A conversation laid out by the chat template, as token ids (off the event loop, as above)."""
         return _as_400(lambda: self.tokenizer.apply_chat_template(messages), "messages")
 
     def start(self, prompt: list[int], params: GenerationParams, max_tokens: int | None, http: HttpRequest,
@@ -225,6 +239,7 @@ def create_app(service: Service) -> FastAPI:
         service.loop.stop()
 
     app = FastAPI(title="offload", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=service.max_request_bytes)
     add_error_handlers(app)
     name = service.model_name
 
@@ -232,7 +247,7 @@ def create_app(service: Service) -> FastAPI:
     async def completions(body: CompletionRequest, http: HttpRequest):
         body.refuse_unsupported()
         service.check_model(body.model)
-        prompt = service.completion_prompt(body.prompt)
+        prompt = await run_in_threadpool(service.completion_prompt, body.prompt)
         generation = service.start(prompt, body, body.max_tokens or COMPLETION_MAX_TOKENS, http, "cmpl", "prompt")
         if body.stream:
             chunk = lambda text, reason: protocol.completion_chunk(generation.id, name, text, reason)  # noqa: E731
@@ -249,7 +264,7 @@ def create_app(service: Service) -> FastAPI:
         service.check_model(body.model)
         if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
             raise ApiError(400, "max_tokens and max_completion_tokens differ; give one", param="max_tokens")
-        prompt = service.chat_prompt(body.messages)
+        prompt = await run_in_threadpool(service.chat_prompt, body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         generation = service.start(prompt, body, max_tokens, http, "chatcmpl", "messages")
         if body.stream:
@@ -341,6 +356,43 @@ def add_error_handlers(app: FastAPI) -> None:
     async def internal_error(request, e: Exception):
         log.exception("internal error")
         return JSONResponse(ApiError(500, f"internal error ({type(e).__name__})").body(), status_code=500)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body past ``limit`` bytes is answered 413 without being read, at once when its
+    Content-Length says so, else as soon as the bytes received pass the limit (the rest is discarded as it comes).
+
+    FastAPI's own ``max_body_size`` answers the first case with a plain-text body; this one answers both with
+    OpenAI's error body.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._too_large()(scope, receive, send)
+        received = 0
+
+        async def receive_within_limit():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, self._too_large_message())  # answered by the app's error handler
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+    def _too_large(self) -> JSONResponse:
+        return JSONResponse(ApiError(413, self._too_large_message()).body(), status_code=413)
+
+    def _too_large_message(self) -> str:
+        return (f"the request body is larger than this server takes ({format_size(self.limit)}; "
+                "serve.py --max-request-bytes)")
 
 
 def _validation_error(errors) -> ApiError:

@@ -39,8 +39,8 @@ UNSUPPORTED = {
 class ApiError(Exception):
     """An answer other than 200, with OpenAI's error body."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
-             500: "server_error", 503: "server_error"}
+    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)

@@ -285,6 +285,25 @@ def test_a_failed_step_answers_500_and_the_server_goes_on(served):
 LONG = list(range(3, 3 + SEQ))
 
 
+@pytest.mark.parametrize("content_type, words", [
+    ("application/x-www-form-urlencoded", "this one came with Content-Type 'application/x-www-form-urlencoded'"),
+    ("text/plain; charset=utf-8", "Content-Type 'text/plain; charset=utf-8'"),
+    (None, "this one came with no Content-Type"),
+])
+def test_a_json_body_of_another_content_type_is_told_which_it_has(served, content_type, words):
+    """curl -d sends a form type by default: a JSON body under it is not read (a browser may send a form to
+    another site unasked), and the answer says what to send."""
+    body = json.dumps({"prompt": "The quick", "max_tokens": 2, "temperature": 0, "ignore_eos": True}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(served.url + "/v1/completions", content=body, headers=headers)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert words in message and "Content-Type: application/json" in message
+    answer = httpx.post(served.url + "/v1/completions", content=body,
+                        headers={"content-type": "application/vnd.api+json"})
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
+
+
 @pytest.mark.parametrize("path, body, status, param, words", [
     ("/v1/completions", b"{not json", 400, None, "not valid JSON"),
     ("/v1/completions", [1, 2], 400, None, "JSON object"),

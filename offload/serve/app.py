@@ -345,7 +345,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, e: RequestValidationError):
-        return JSONResponse(_validation_error(e.errors()).body(), status_code=400)
+        return JSONResponse(_validation_error(e.errors(), request.headers.get("content-type")).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
@@ -395,7 +395,7 @@ class BodyLimit:
                 "serve.py --max-request-bytes)")
 
 
-def _validation_error(errors) -> ApiError:
+def _validation_error(errors, content_type: str | None) -> ApiError:
     """pydantic's first complaint as one OpenAI-style error."""
     first = errors[0]
     where = [str(part) for part in first.get("loc", ()) if part != "body"]
@@ -405,6 +405,13 @@ def _validation_error(errors) -> ApiError:
     if first["type"] == "string_unicode":  # a key or value with an unpaired surrogate ("\ud800" in the JSON)
         return ApiError(400, f"{'.'.join(where) or 'the request body'}: not valid Unicode (an unpaired surrogate)",
                         param=param)
+    if not where and not _is_json(content_type):
+        # Read as JSON only when it says so, as FastAPI does: a browser may send a form type to another site
+        # without asking first, and a server on localhost should not take such a request (CSRF).
+        sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        return ApiError(400, "the request body must be a JSON object of parameters, sent with Content-Type: "
+                             f"application/json; this one came with {sent} (curl -d needs -H "
+                             "'Content-Type: application/json')")
     if not where:
         return ApiError(400, "the request body must be a JSON object of parameters")
     if first["type"] == "extra_forbidden":
@@ -412,6 +419,12 @@ def _validation_error(errors) -> ApiError:
     if first["type"] == "missing":
         return ApiError(400, f"'{'.'.join(where)}' is required", param=param)
     return ApiError(400, f"{'.'.join(where)}: {first['msg']}", param=param)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """application/json or application/*+json, with any parameters."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 # ---------------------------------------------------------------------- running it

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import InputError, PlanError
+from .errors import ConfigError, InputError, PlanError
 from .inputs import check_token_ids
 from .results import ResultFile, is_record_id, read_regular_file
 from .sampling import GREEDY, Sampling
@@ -99,8 +99,8 @@ def _prompt_ids(obj: dict, where: str, tokenizer, vocab_size: int) -> list[int]:
             raise InputError(f"{where}: 'messages' need the model's tokenizer.json (and the tokenizers package)")
         try:
             ids = tokenizer.apply_chat_template(obj["messages"])
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
+        except (InputError, ConfigError) as e:  # the record's messages, or the template failing on them
+            raise type(e)(f"{where}: {e}") from None
     elif "prompt" in obj:
         if not isinstance(obj["prompt"], str):
             raise InputError(f"{where}: 'prompt' must be a string")

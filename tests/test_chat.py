@@ -84,19 +84,37 @@ def test_several_templates_without_a_default_are_refused(tmp_path):
         ChatTemplate.from_dir(tmp_path)
 
 
-def test_template_errors_are_input_errors(tmp_path):
+def test_a_refusal_is_an_input_error_and_a_failing_template_a_config_error(tmp_path):
     write_chat_tokenizer(tmp_path, LLAMA2)
     template = ChatTemplate.from_dir(tmp_path)
     two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
-    with pytest.raises(offload.InputError, match="roles must alternate"):
+    with pytest.raises(offload.InputError, match="refused these messages: Conversation roles must alternate"):
         template.render(two_users)
     with pytest.raises(Exception, match="roles must alternate"):  # transformers says the same
         hf_tokenizer(tmp_path).apply_chat_template(two_users, tokenize=False)
     with pytest.raises(offload.ConfigError, match="syntax error on line 1"):
         ChatTemplate("{% for m in messages %}").compiled()
-    with pytest.raises(offload.InputError, match="cannot render"):
-        ChatTemplate("{{ messages[0].content + 1 }}").render([{"role": "user", "content": "a"}])
+    hello = [{"role": "user", "content": "a"}]
+    # the template's own faults, whatever the conversation: not the caller's
+    with pytest.raises(offload.ConfigError, match="chat template failed [(]TypeError"):
+        ChatTemplate("{{ messages[0].content + 1 }}").render(hello)
+    with pytest.raises(offload.ConfigError, match="failed [(]ZeroDivisionError"):
+        ChatTemplate("{{ 1 // 0 }}").render(hello)
+    with pytest.raises(offload.ConfigError, match="failed [(]SecurityError: access to attribute '__class__' of 'str' object is unsafe"):
+        ChatTemplate("{{ ''.__class__.__base__.__subclasses__() }}").render(hello)  # the sandbox refuses it
+    with pytest.raises(offload.ConfigError, match="failed [(]UndefinedError: 'tool_schema' is undefined"):
+        ChatTemplate("{{ tool_schema.name }}").render(hello)
     assert ChatTemplate.from_dir(tmp_path.parent / "no-such-dir") is None
+
+
+def test_a_template_is_checked_on_a_one_message_conversation(tmp_path):
+    write_chat_tokenizer(tmp_path, LLAMA2)
+    ChatTemplate.from_dir(tmp_path).check()  # refuses only some conversations: fine
+    ChatTemplate(CHATML).check()
+    with pytest.raises(offload.ConfigError, match="failed [(]ZeroDivisionError"):
+        ChatTemplate("{{ 1 // 0 }}").check()
+    with pytest.raises(offload.ConfigError, match="refused these messages: no chats; a template must lay out"):
+        ChatTemplate("{{ raise_exception('no chats') }}").check()
 
 
 @pytest.mark.parametrize("messages, words", [
@@ -105,6 +123,8 @@ def test_template_errors_are_input_errors(tmp_path):
     ([{"content": "x"}], "'role' must be a string"),
     ([{"role": "user", "content": 3}], "'content' must be a string"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text parts"),
+    ([{"role": "user", "content": None}], r"messages\[0\]: 'content' is missing or null"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant"}], r"messages\[1\]: 'content' is missing or null"),
 ])
 def test_bad_messages(messages, words):
     with pytest.raises(offload.InputError, match=words):

@@ -327,7 +327,11 @@ def test_a_json_body_of_another_content_type_is_told_which_it_has(served, conten
     ("/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, "model", "'gpt-4' does not exist"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "non-empty list"),
     ("/v1/chat/completions", {"messages": [{"role": 1}]}, 400, "messages", "'role' must be a string"),
-    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages", "chat template"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages", "'content' is missing or null"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages",
+     "messages[0]: 'content' is missing or null"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages",
+     "messages[0].role 'wizard' is not one of system, developer, user, assistant, tool, function"),
     ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True}, 400, "logprobs", "not supported"),
     ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
     ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 3, "max_completion_tokens": 4}, 400, "max_tokens",
@@ -361,6 +365,58 @@ def test_unknown_paths_and_no_op_parameters(served):
     answer = served.client.completions.create(model="tiny-chat", prompt="a", max_tokens=2, n=1, frequency_penalty=0,
                                               presence_penalty=0, logit_bias={}, user="someone")
     assert answer.usage.completion_tokens >= 1
+
+
+# ---------------------------------------------------------------------- the server's own chat template
+
+FUSSY = (  # ChatML that refuses system messages, and fails on two contents as a template with a bug would
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{ raise_exception('this model takes no system messages') }}{% endif %}"
+    "{%- if message['content'] == 'divide' %}{{ 1 // 0 }}{% endif %}"
+    "{%- if message['content'] == 'peek' %}{{ message['content'].__class__.__name__ }}{% endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def with_template(source: Path, directory: Path, template: str) -> Path:
+    shutil.copytree(source, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def fussy(tiny_chat, tmp_path_factory):
+    server, s = start_server(with_template(tiny_chat, tmp_path_factory.mktemp("fussy") / "model", FUSSY), 2, 2)
+    yield s
+    server.stop()
+
+
+@pytest.mark.parametrize("messages, status, kind, words", [
+    ([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}], 400, "invalid_request_error",
+     "refused these messages: this model takes no system messages"),
+    ([{"role": "user", "content": "divide"}], 500, "server_error", "of model failed (ZeroDivisionError"),
+    ([{"role": "user", "content": "peek"}], 500, "server_error", "of model failed (SecurityError"),
+])
+def test_the_chat_template_refusing_is_a_400_and_failing_a_500(fussy, messages, status, kind, words):
+    response = httpx.post(fussy.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == kind and words in error["message"]
+    assert error["param"] == ("messages" if status == 400 else None)  # a 500 blames no parameter
+    answer = fussy.client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2)
+    assert answer.usage.completion_tokens >= 1
+
+
+def test_serve_refuses_a_template_that_cannot_lay_out_one_message(tiny_chat, tmp_path, capsys):
+    broken = with_template(tiny_chat, tmp_path / "model", "{{ messages[0].content // 2 }}")
+    # a budget that no plan fits: were the template not checked first, this would be the error (not a server)
+    assert serve_main(["--model", str(broken), "--port", "0", "--gpu-memory", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("serve: error: chat template") and "failed (TypeError" in err, err
 
 
 # ---------------------------------------------------------------------- no request stalls the others

@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..memory.budget import format_size
 from ..sampling import Sampling
 from ..scheduler.engine import Request
@@ -88,8 +88,16 @@ class Service:
         return list(prompt)
 
     def chat_prompt(self, messages: list) -> list[int]:
-        """A conversation laid out by the chat template, as token ids (off the event loop, as above)."""
-        return _as_400(lambda: self.tokenizer.apply_chat_template(messages), "messages")
+        """A conversation laid out by the chat template, as token ids (off the event loop, as above). Bad messages
+        and a conversation the template refuses are the client's 400; the template failing otherwise is a 500."""
+        protocol.check_roles(messages)
+        try:
+            return self.tokenizer.apply_chat_template(messages)
+        except InputError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        except ConfigError as e:
+            log.error("the chat template failed: %s", e)
+            raise ApiError(500, f"{e}: the server's template is at fault, not the request") from None
 
     def start(self, prompt: list[int], params: GenerationParams, max_tokens: int | None, http: HttpRequest,
               prefix: str, prompt_param: str) -> "Generation":

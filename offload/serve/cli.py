@@ -72,7 +72,7 @@ def _main(args) -> int:
     config = load_config(model_path)
     tokenizer = Tokenizer.from_dir(model_path)
     if tokenizer is not None and tokenizer.chat_template is not None:
-        tokenizer.chat_template.compiled()  # a broken template is reported now, not at the first chat
+        tokenizer.chat_template.check()  # a broken template is reported now, not at the first chat
     eos = stop_token_ids(model_path, config.eos_token_ids)
     options = load_options(args, max_batch=DEFAULT_ROWS)
     seq = options.max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)

@@ -36,6 +36,17 @@ UNSUPPORTED = {
 }
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's chat roles
+
+
+def check_roles(messages: list) -> None:
+    """Refuse a message whose role OpenAI's API does not have (templates would lay out any role they are given)."""
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if isinstance(role, str) and role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}", param="messages")
+
+
 class ApiError(Exception):
     """An answer other than 200, with OpenAI's error body."""
 

@@ -59,12 +59,12 @@ def model_dir(tiny_chat, reference, tmp_path_factory):
     return out
 
 
-def start_server(path, rows, max_queue, seq=SEQ, **load_kwargs):
+def start_server(path, rows, max_queue, seq=SEQ, api_docs=False, **load_kwargs):
     model = load(path, rows, seq, **load_kwargs)
     tokenizer = Tokenizer.from_dir(path)
     service = Service(EngineLoop(model, rows), tokenizer, "tiny-chat", stop_token_ids(path, model.config.eos_token_ids),
                       max_queue=max_queue, aliases=(str(path),))
-    server = ServerThread(create_app(service)).start()
+    server = ServerThread(create_app(service, api_docs=api_docs)).start()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     return server, SimpleNamespace(url=server.url, client=client, service=service, tokenizer=tokenizer,
                                    eos=service.eos_ids)
@@ -315,6 +315,9 @@ def test_a_json_body_of_another_content_type_is_told_which_it_has(served, conten
     ("/v1/completions", {"prompt": "a", "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 1"),
     ("/v1/completions", {"prompt": "a", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
     ("/v1/completions", {"prompt": "a", "temperature": 3}, 400, "temperature", "less than or equal to 2"),
+    ("/v1/completions", b'{"prompt": "a", "temperature": NaN}', 400, "temperature", "finite number"),
+    ("/v1/completions", b'{"prompt": "a", "top_p": Infinity}', 400, "top_p", "finite number"),
+    ("/v1/completions", {"prompt": "a", "temperature": 5e-324}, 400, "temperature", "beyond float32's range"),
     ("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "top_p", "greater than 0"),
     ("/v1/completions", {"prompt": "a", "seed": -1}, 400, "seed", "greater than or equal to 0"),
     ("/v1/completions", {"prompt": "a", "stop": [""]}, 400, "stop", "must not be empty"),
@@ -365,6 +368,24 @@ def test_unknown_paths_and_no_op_parameters(served):
     answer = served.client.completions.create(model="tiny-chat", prompt="a", max_tokens=2, n=1, frequency_penalty=0,
                                               presence_penalty=0, logit_bias={}, user="someone")
     assert answer.usage.completion_tokens >= 1
+    chat = served.client.chat.completions.create(model="tiny-chat", messages=QUESTION, max_tokens=2, store=False,
+                                                 metadata={"team": "offload"})  # OpenAI's, with nothing to do here
+    assert chat.usage.completion_tokens >= 1
+
+
+def test_head_on_every_get_route_and_no_api_docs_unless_asked(served, model_dir):
+    for path in ("/health", "/metrics", "/v1/models", "/v1/models/tiny-chat"):
+        head, get = httpx.head(served.url + path), httpx.get(served.url + path)
+        assert head.status_code == get.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"]
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(served.url + path).status_code == 404
+    server, documented = start_server(model_dir, 1, 0, api_docs=True)
+    try:
+        assert "/v1/chat/completions" in httpx.get(documented.url + "/openapi.json").json()["paths"]
+        assert httpx.get(documented.url + "/docs").status_code == 200
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------- the server's own chat template

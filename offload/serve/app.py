@@ -127,8 +127,10 @@ class Service:
                                 f"{' or lower max_tokens' if max_tokens else ''}",
                            param=prompt_param, code="context_length_exceeded")
         temperature = 1.0 if params.temperature is None else params.temperature
+        # The protocol checks every range but float32's: a temperature too small for it is all Sampling refuses.
         sampling = _as_400(lambda: Sampling(temperature > 0, temperature, params.top_k or 0,
-                                            1.0 if params.top_p is None else params.top_p, params.seed), None)
+                                            1.0 if params.top_p is None else params.top_p, params.seed),
+                           "temperature")
         request = Request(tuple(prompt), max_tokens or room, sampling, () if params.ignore_eos else self.eos_ids,
                           key=key)
         _as_400(lambda: self.loop.check(request), prompt_param)
@@ -237,8 +239,9 @@ async def sse(generation: Generation, chunk: Callable[[str, str | None], dict], 
     yield protocol.event("[DONE]")
 
 
-def create_app(service: Service) -> FastAPI:
-    """The app; its lifespan starts the engine thread and stops it (on every rank) at shutdown."""
+def create_app(service: Service, api_docs: bool = False) -> FastAPI:
+    """The app; its lifespan starts the engine thread and stops it (on every rank) at shutdown. With ``api_docs``
+    it also serves its OpenAPI schema at /openapi.json and pages about it at /docs."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -246,10 +249,18 @@ def create_app(service: Service) -> FastAPI:
         yield
         service.loop.stop()
 
-    app = FastAPI(title="offload", lifespan=lifespan)
+    app = FastAPI(title="offload", lifespan=lifespan, openapi_url="/openapi.json" if api_docs else None,
+                  docs_url="/docs" if api_docs else None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=service.max_request_bytes)
     add_error_handlers(app)
     name = service.model_name
+
+    def get(path: str):
+        """A GET route that answers HEAD too, with the same headers and no body (curl -I, health checkers)."""
+        def register(handler):
+            app.head(path, include_in_schema=False)(handler)
+            return app.get(path)(handler)
+        return register
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
@@ -285,22 +296,22 @@ def create_app(service: Service) -> FastAPI:
             return Response(status_code=499)
         return protocol.chat_completion(generation.id, name, text, generation.finish_reason, generation.usage())
 
-    @app.get("/v1/models")
+    @get("/v1/models")
     async def models():
         return {"object": "list", "data": [_model_card(service)]}
 
-    @app.get("/v1/models/{model:path}")
+    @get("/v1/models/{model:path}")
     async def model(model: str):
         service.check_model(model)
         return _model_card(service)
 
-    @app.get("/health")
+    @get("/health")
     async def health():
         if not service.loop.alive:
             raise ApiError(503, "the engine thread has stopped; see the server's log")
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @get("/metrics")
     async def metrics():
         return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 

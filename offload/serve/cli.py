@@ -43,7 +43,10 @@ def build_parser() -> Parser:
                    help="largest request body taken, e.g. 8MiB; a larger one is answered 413 before it is read "
                         f"(default {format_size(DEFAULT_MAX_REQUEST_BYTES)})")
     p.add_argument("--served-model-name", help="the model's name in the API (default: the checkpoint folder's name)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="what the server logs: each request at info (default info)")
+    p.add_argument("--api-docs", action="store_true",
+                   help="also serve the API's OpenAPI schema at /openapi.json and pages about it at /docs")
     add_load_flags(p, max_batch_help=f"rows of the running batch: requests generated at once (default {DEFAULT_ROWS})",
                    max_seq_len_help=f"KV cache length per row: prompt + answer (default: the model's context, at "
                                     f"most {DEFAULT_MAX_SEQ_LEN})",
@@ -89,7 +92,7 @@ def _main(args) -> int:
                       max_request_bytes=max_request_bytes)
     say(f"serving {name!r} at http://{args.host}:{args.port}/v1: {options.max_batch} rows of {seq} tokens, "
         f"{args.max_queue} more requests may wait")
-    serve(create_app(service), args.host, args.port, args.log_level)
+    serve(create_app(service, api_docs=args.api_docs), args.host, args.port, args.log_level)
     model.close()
     return 0
 

@@ -74,8 +74,9 @@ class GenerationParams(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)  # default 1; 0 is greedy
-    top_p: float | None = Field(None, gt=0, le=1)
+    # JSON parsers take NaN and Infinity: refused as not finite, rather than as out of range
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # default 1; 0 is greedy
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)  # extension: 0 keeps every token
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
@@ -118,6 +119,8 @@ class CompletionRequest(GenerationParams):
 class ChatRequest(GenerationParams):
     messages: list[Any]
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    store: bool | None = None  # accepted, not used: nothing is stored
+    metadata: dict[str, str] | None = None  # accepted, not used (it goes with store)
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None

@@ -4,6 +4,7 @@ for the errors, raw HTTP. Outputs are checked against model.generate on a second
 import asyncio
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ from offload.text import Tokenizer
 for module in ("fastapi", "uvicorn", "openai", "httpx"):  # the serve and test extras
     pytest.importorskip(module)
 
+import h11  # noqa: E402
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
@@ -59,12 +61,12 @@ def model_dir(tiny_chat, reference, tmp_path_factory):
     return out
 
 
-def start_server(path, rows, max_queue, seq=SEQ, api_docs=False, **load_kwargs):
+def start_server(path, rows, max_queue, seq=SEQ, api_docs=False, server_options=None, **load_kwargs):
     model = load(path, rows, seq, **load_kwargs)
     tokenizer = Tokenizer.from_dir(path)
     service = Service(EngineLoop(model, rows), tokenizer, "tiny-chat", stop_token_ids(path, model.config.eos_token_ids),
                       max_queue=max_queue, aliases=(str(path),))
-    server = ServerThread(create_app(service, api_docs=api_docs)).start()
+    server = ServerThread(create_app(service, api_docs=api_docs), **(server_options or {})).start()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     return server, SimpleNamespace(url=server.url, client=client, service=service, tokenizer=tokenizer,
                                    eos=service.eos_ids)
@@ -87,6 +89,11 @@ def expect(reference, tokenizer, eos, prompt, n, **sampling):
     tokens, reason = result.tokens[0], result.finish_reasons[0]
     return tokenizer.decode(tokens[:-1] if reason == "eos" else tokens), "stop" if reason == "eos" else "length", \
         len(tokens)
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
 
 
 def metric(url, name) -> float:
@@ -280,6 +287,120 @@ def test_a_failed_step_answers_500_and_the_server_goes_on(served):
     assert answer.usage.completion_tokens >= 1
 
 
+def raw_request(url: str, path: str, body: dict) -> socket.socket:
+    """A socket that has sent one whole POST request of ``body``."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(address(url))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(data), data))
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> tuple[int, bytes]:
+    """The status and body of the one response on ``sock`` (any framing), read until the server closes."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "0")]))
+    client.send(h11.EndOfMessage())  # h11 parses a response only to a request it has seen
+    status, body = None, b""
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert sock.recv(1) == b""  # and then the server closes
+            return status, body
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_client_that_half_closes_after_its_request_is_answered(served, reference, stream):
+    """shutdown(SHUT_WR) after a whole request (nc -N, many scripts): the answer comes, and the request is not
+    counted as cancelled."""
+    cancelled = metric(served.url, 'offload_requests_total{finish_reason="cancelled"}')
+    prompt = [5, 300, 17, 900, 42]
+    text, _, _ = expect(reference, served.tokenizer, (), prompt, 40)
+    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": stream}
+    with raw_request(served.url, "/v1/completions", body) as sock:
+        sock.shutdown(socket.SHUT_WR)
+        status, answer = read_until_closed(sock)
+    assert status == 200
+    if stream:
+        events = [line.removeprefix("data: ") for line in answer.decode().split("\n\n") if line]
+        assert events[-1] == "[DONE]"
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == text
+    else:
+        assert json.loads(answer)["choices"][0]["text"] == text  # after the whitespace that probed the client
+    assert metric(served.url, 'offload_requests_total{finish_reason="cancelled"}') == cancelled
+
+
+@pytest.fixture
+def impatient(model_dir):
+    """A server that gives a client 1 s to send a whole request, and running answers 0.5 s at shutdown."""
+    server, s = start_server(model_dir, rows=1, max_queue=1, seq=512,
+                             server_options={"request_timeout": 1.0, "grace": 0.5})
+    s.server = server
+    yield s
+    server.stop()
+
+
+def test_clients_that_send_slowly_are_disconnected_and_others_served(impatient):
+    """20 slowloris connections (a header byte every 0.1 s) and 5 with a body that trickles: each is closed when
+    its request is not whole in time (1 s here), and a normal client is answered meanwhile."""
+    heads = [socket.create_connection(address(impatient.url)) for _ in range(20)]
+    bodies = [socket.create_connection(address(impatient.url)) for _ in range(5)]
+    for sock in heads:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    for sock in bodies:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+    start, still_open = time.monotonic(), set(heads + bodies)
+    answer = impatient.client.completions.create(model="tiny-chat", prompt="The quick", max_tokens=2)
+    assert answer.usage.completion_tokens >= 1
+    while still_open and time.monotonic() - start < 5:
+        for sock in still_open.copy():
+            try:
+                sock.sendall(b"X" if sock in heads else b" ")
+            except OSError:  # reset by the server
+                still_open.discard(sock)
+        closed, _, _ = select.select(list(still_open), [], [], 0.1)  # readable: the server's end of the connection
+        for sock in closed:
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            still_open.discard(sock)
+    seconds = time.monotonic() - start
+    assert not still_open and 0.9 < seconds < 2.5, (len(still_open), seconds)
+    for sock in heads + bodies:
+        sock.close()
+
+
+def test_at_shutdown_running_answers_end_with_a_final_event(impatient):
+    """On SIGTERM (here: the server told to stop, as the signal does) a stream still running after the grace
+    period ends with an error event and [DONE], a whole answer still waiting with a 503."""
+    body = {"prompt": "The quick", "max_tokens": 500, "temperature": 0, "ignore_eos": True}
+    with httpx.stream("POST", impatient.url + "/v1/completions", json={**body, "stream": True}) as stream:
+        lines = (line for line in stream.iter_lines() if line.startswith("data: "))
+        next(lines)  # running, in the one row
+        waiting = []  # a whole answer queued behind it
+        asker = threading.Thread(target=lambda: waiting.append(httpx.post(impatient.url + "/v1/completions",
+                                                                          json=body, timeout=30)))
+        asker.start()
+        wait_for(lambda: metric(impatient.url, "offload_queue_depth") == 1)
+        stopper = threading.Thread(target=impatient.server.stop)
+        stopper.start()
+        events = [line.removeprefix("data: ") for line in lines]
+    asker.join()
+    stopper.join(timeout=30)
+    assert not stopper.is_alive()
+    assert events[-1] == "[DONE]" and "shutting down" in json.loads(events[-2])["error"]["message"]
+    assert len(events) < 500  # cut short, with a final event
+    assert waiting[0].status_code == 503 and waiting[0].json()["error"]["code"] == "shutting_down"
+
+
 # ---------------------------------------------------------------------- bad requests: 4xx with OpenAI's error body
 
 LONG = list(range(3, 3 + SEQ))
@@ -443,11 +564,6 @@ def test_serve_refuses_a_template_that_cannot_lay_out_one_message(tiny_chat, tmp
 # ---------------------------------------------------------------------- no request stalls the others
 
 MB = 2**20
-
-
-def address(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").split(":")
-    return host, int(port)
 
 
 def read_response(sock: socket.socket) -> tuple[int, bytes]:

@@ -10,6 +10,10 @@ A request holds its place from acceptance to its last token. The engine has
 beyond both is answered 429. When a response ends early (a stop string, or a
 client that closed its connection) its row is freed at the next step.
 
+A client that half-closes its connection after a whole request is answered (see
+:func:`whole_answer`); at shutdown, running answers get a grace period and then a
+final event (:meth:`Service.drain`).
+
 No request can stall the others: a body past ``max_request_bytes`` is answered 413
 before it is read (:class:`BodyLimit`), and the chat template and the tokenizer
 run on worker threads (the tokenizer lets go of the GIL), so the event loop keeps
@@ -20,13 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -46,6 +48,8 @@ from .protocol import ApiError, ChatRequest, CompletionRequest, GenerationParams
 log = logging.getLogger("offload.serve")
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; a chat may fill the context
+HALF_CLOSED = "offload.half_closed"  # the scope extension (an asyncio.Event) set when the client half-closes
+FIRST_PROBE_SECONDS, PROBE_SECONDS = 0.1, 1.0  # whitespace after a half-close: a client that has gone resets
 # A prompt of 128k tokens is under 1 MiB of text or of JSON token ids; TGI's default payload limit is 2 MB.
 DEFAULT_MAX_REQUEST_BYTES = 2 * 2**20
 
@@ -68,6 +72,8 @@ class Service:
         self.eos_ids = tuple(eos_ids)
         self.max_queue = max_queue
         self.max_request_bytes = max_request_bytes
+        self.generations: set[Generation] = set()  # accepted and not closed
+        self.draining = False  # shutting down: new requests are refused
         self.max_seq_len = loop.model.max_seq_len
         self.created = int(time.time())
 
@@ -105,17 +111,34 @@ class Service:
         Without ``max_tokens`` it may fill the context."""
         stops = params.stop_strings()
         request = self._request(prompt, params, max_tokens, f"{prefix}-{uuid.uuid4().hex}", prompt_param)
-        if not self.loop.alive:
-            raise ApiError(503, "the engine thread has stopped; see the server's log")
+        self.check_serving()
         if self.metrics.running >= self.metrics.rows + self.max_queue:
             self.metrics.rejected += 1
             raise ApiError(429, f"the server is busy: {self.metrics.rows} rows and {self.max_queue} queued "
                                 "requests are taken; retry later", code="queue_full")
         generation = Generation(self, request, TextStream(self.tokenizer, stops, prompt), http)
+        self.generations.add(generation)
         self.loop.submit(request, generation.sink)
         self.metrics.running += 1
         self.metrics.prompt_tokens += len(prompt)
         return generation
+
+    def check_serving(self) -> None:
+        """503 while the server shuts down or when the engine thread has stopped."""
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
+        if not self.loop.alive:
+            raise ApiError(503, "the engine thread has stopped; see the server's log")
+
+    async def drain(self, grace: float) -> None:
+        """Before shutting down: refuse new requests, give the running ones ``grace`` seconds to finish, and end
+        the rest now, each with a final event (a stream) or a 503 (a whole answer)."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while self.generations and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for generation in list(self.generations):
+            generation.end("the server is shutting down; the answer was cut short")
 
     def _request(self, prompt: list[int], params: GenerationParams, max_tokens: int | None, key: str,
                  prompt_param: str) -> Request:
@@ -154,6 +177,7 @@ class Generation:
         self.failed = False
         self.closed = False
         self.events: asyncio.Queue = asyncio.Queue()
+        self.half_closed: asyncio.Event | None = http.scope.get("extensions", {}).get(HALF_CLOSED)
         loop = asyncio.get_running_loop()
 
         def sink(token, reason) -> None:  # on the engine thread
@@ -179,6 +203,8 @@ class Generation:
             if reason == "error":
                 self.engine_done = self.failed = True
                 raise ApiError(500, "the engine failed while generating; see the server's log")
+            if reason == "ended":
+                raise ApiError(503, token, code="shutting_down")
             self.completion_tokens += 1
             text = self.text.add(token) if reason != "eos" else ""  # an eos token ends the text, unshown
             if self.text.stopped:
@@ -196,6 +222,10 @@ class Generation:
     def usage(self) -> dict:
         return protocol.usage(self.prompt_tokens, self.completion_tokens)
 
+    def end(self, message: str) -> None:
+        """End the answer now, with ``message`` as its error (the row is freed when the response closes)."""
+        self.events.put_nowait((message, "ended"))
+
     def close(self) -> None:
         if self.closed:
             return
@@ -206,14 +236,14 @@ class Generation:
         outcome = "error" if self.failed else (self.finish_reason or "cancelled")
         self.service.metrics.finished[outcome] += 1
         self.service.metrics.running -= 1
+        self.service.generations.discard(self)
 
 
-class EventStream(StreamingResponse):
-    """Server-sent events of a generation, which is closed however the response ends."""
+class GenerationResponse(StreamingResponse):
+    """A response written while its generation goes on; the generation is closed however the response ends."""
 
-    def __init__(self, events: AsyncIterator[str], generation: Generation):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, body: AsyncIterator, generation: Generation, media_type: str, headers: dict | None = None):
+        super().__init__(body, media_type=media_type, headers=headers)
         self.generation = generation
 
     async def __call__(self, scope, receive, send) -> None:
@@ -221,6 +251,12 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.generation.close()
+
+
+def event_stream(events: AsyncIterator[str], generation: Generation) -> GenerationResponse:
+    """Server-sent events of a generation."""
+    return GenerationResponse(events, generation, "text/event-stream",
+                              {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def sse(generation: Generation, chunk: Callable[[str, str | None], dict], usage_chunk: Callable[[], dict]
@@ -252,6 +288,7 @@ def create_app(service: Service, api_docs: bool = False) -> FastAPI:
     app = FastAPI(title="offload", lifespan=lifespan, openapi_url="/openapi.json" if api_docs else None,
                   docs_url="/docs" if api_docs else None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=service.max_request_bytes)
+    app.state.drain = service.drain  # what offload's Server awaits before uvicorn shuts down
     add_error_handlers(app)
     name = service.model_name
 
@@ -271,11 +308,9 @@ def create_app(service: Service, api_docs: bool = False) -> FastAPI:
         if body.stream:
             chunk = lambda text, reason: protocol.completion_chunk(generation.id, name, text, reason)  # noqa: E731
             usage = lambda: protocol.usage_chunk(generation.id, name, "text_completion", generation.usage())  # noqa
-            return EventStream(sse(generation, chunk, usage if body.include_usage else None), generation)
-        text = await _collect(generation)
-        if text is None:
-            return Response(status_code=499)  # nobody reads it: the client has gone
-        return protocol.completion(generation.id, name, text, generation.finish_reason, generation.usage())
+            return event_stream(sse(generation, chunk, usage if body.include_usage else None), generation)
+        return await whole_answer(generation, lambda text: protocol.completion(
+            generation.id, name, text, generation.finish_reason, generation.usage()))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HttpRequest):
@@ -289,12 +324,10 @@ def create_app(service: Service, api_docs: bool = False) -> FastAPI:
         if body.stream:
             usage = lambda: protocol.usage_chunk(generation.id, name, "chat.completion.chunk",  # noqa: E731
                                                  generation.usage())
-            return EventStream(sse(generation, _chat_deltas(generation.id, name),
-                                   usage if body.include_usage else None), generation)
-        text = await _collect(generation)
-        if text is None:
-            return Response(status_code=499)
-        return protocol.chat_completion(generation.id, name, text, generation.finish_reason, generation.usage())
+            return event_stream(sse(generation, _chat_deltas(generation.id, name),
+                                    usage if body.include_usage else None), generation)
+        return await whole_answer(generation, lambda text: protocol.chat_completion(
+            generation.id, name, text, generation.finish_reason, generation.usage()))
 
     @get("/v1/models")
     async def models():
@@ -307,8 +340,7 @@ def create_app(service: Service, api_docs: bool = False) -> FastAPI:
 
     @get("/health")
     async def health():
-        if not service.loop.alive:
-            raise ApiError(503, "the engine thread has stopped; see the server's log")
+        service.check_serving()
         return {"status": "ok"}
 
     @get("/metrics")
@@ -318,14 +350,60 @@ def create_app(service: Service, api_docs: bool = False) -> FastAPI:
     return app
 
 
-async def _collect(generation: Generation) -> str | None:
-    """The whole text, or None when the client went away first."""
+async def whole_answer(generation: Generation, answer: Callable[[str], dict]) -> Response:
+    """The answer of a request that is not streamed: ``answer(text)`` once the text is complete.
+
+    A client that half-closes its connection after its request may be waiting for the answer or
+    may have closed altogether: from here the two look the same. So on a half-close the answer
+    starts at once (200 and its headers) and whitespace, which JSON allows before a value, follows
+    until the text is complete: a client that has gone answers those bytes with a reset, which
+    frees its row; one that waits reads its answer (or, should the engine fail meanwhile, OpenAI's
+    error body under that 200).
+    """
+    collecting = asyncio.ensure_future(generation.collect())
+    if await _half_closed_first(generation, collecting):
+        return GenerationResponse(_answer_after_whitespace(collecting, answer), generation, "application/json")
     try:
-        return await generation.collect()
+        text = await collecting
     except ClientGone:
-        return None
+        return Response(status_code=499)  # nobody reads it: the client has gone
     finally:
         generation.close()
+    return JSONResponse(answer(text))
+
+
+async def _half_closed_first(generation: Generation, collecting: asyncio.Future) -> bool:
+    """Whether the client half-closes its connection before the text is complete."""
+    if generation.half_closed is None:  # served by a server that does not say (a plain uvicorn)
+        return False
+    half_closed = asyncio.ensure_future(generation.half_closed.wait())
+    try:
+        await asyncio.wait({collecting, half_closed}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        collecting.cancel()
+        raise
+    finally:
+        half_closed.cancel()
+    return not collecting.done()
+
+
+async def _answer_after_whitespace(collecting: asyncio.Future, answer: Callable[[str], dict]) -> AsyncIterator[bytes]:
+    try:
+        wait = FIRST_PROBE_SECONDS
+        while not collecting.done():
+            await asyncio.wait({collecting}, timeout=wait)
+            if not collecting.done():
+                yield b" "
+            wait = PROBE_SECONDS
+        try:
+            body = answer(collecting.result())
+        except ClientGone:
+            return
+        except ApiError as e:
+            body = e.body()
+        yield JSONResponse(body).body
+    finally:
+        collecting.cancel()  # the response ended first (its client has gone)
 
 
 def _chat_deltas(id: str, model: str) -> Callable[[str, str | None], dict]:
@@ -444,47 +522,3 @@ def _is_json(content_type: str | None) -> bool:
     """application/json or application/*+json, with any parameters."""
     media = (content_type or "").split(";")[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
-
-
-# ---------------------------------------------------------------------- running it
-
-
-def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
-    """Serve until interrupted (SIGINT or SIGTERM); streams still open get 5 s to finish."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-
-
-class ServerThread:
-    """``app`` served by uvicorn on a thread of this process, on a free port (tests, benchmarks, notebooks).
-
-        with ServerThread(create_app(service)) as server:
-            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        self.host = host
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-        self.url = None
-
-    def start(self, timeout: float = 60.0) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start (see its log)")
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://{self.host}:{port}"
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join()
-
-    def __enter__(self) -> "ServerThread":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

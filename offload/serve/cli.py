@@ -25,8 +25,9 @@ from ..memory.planner import format_plans
 from ..models.config import load_config
 from ..synthetic import DEMO_SHAPE, demo_checkpoint
 from ..text import Tokenizer
-from .app import DEFAULT_MAX_REQUEST_BYTES, Service, create_app, serve
+from .app import DEFAULT_MAX_REQUEST_BYTES, Service, create_app
 from .engine_loop import EngineLoop
+from .server import serve
 
 DEFAULT_ROWS = 8
 MIN_STEP_TOKENS = 2048  # requests joining the batch read their prompts in few steps (each streams every weight)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .api import load_model
-from .batch import check_context, choose_batch_size, forecast_job, prompt_lengths, read_records, run_batch
+from .batch import check_context, choose_batch_size, forecast_job, job_id, prompt_lengths, read_records, run_batch
 from .chat import stop_token_ids
 from .distributed import TensorParallel, init_tensor_parallel
 from .errors import InputError, OffloadError, OffloadWarning
@@ -33,7 +33,7 @@ from .memory.planner import format_plans
 from .model import GenerationResult
 from .models.config import load_config
 from .models.quant import FORMATS
-from .options import LoadOptions
+from .options import MAX_COUNT, LoadOptions, parse_dtype
 from .results import ResultFile, finished_ids
 from .sampling import Sampling
 from .scheduler.engine import Engine, Request, Row, Stats
@@ -139,6 +139,8 @@ def _main(args) -> int:
     options, sampling = load_options(args), _sampling(args)  # every flag is checked before anything runs
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if args.max_new_tokens > MAX_COUNT:
+        raise InputError(f"--max-new-tokens must be at most {MAX_COUNT}, got {args.max_new_tokens}")
     if args.output and not args.prompts:
         raise InputError("--output goes with --prompts (a batch job)")
     tp = init_tensor_parallel(args.tp)  # under torchrun, before anything that ranks must agree on
@@ -160,11 +162,11 @@ def _main(args) -> int:
         if needed > options.max_seq_len:
             raise InputError(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} "
                              f"exceeds --max-seq-len {options.max_seq_len}")
-    _warn_context(config, options.max_seq_len, tp)
     if demo and args.gpu_memory is None:
         options = demo_budget(model_path, options, say)
     if args.plan:
         setup = prepare(model_path, options)
+        _warn_context(config, options.max_seq_len, tp)  # once nothing can fail: a failure is one line alone
         say(format_plans(setup.plans))
         if prompt is not None:
             cost = lambda tokens, keys: max(p.pass_seconds(tokens, keys) for p in setup.plans)  # noqa: E731
@@ -172,6 +174,7 @@ def _main(args) -> int:
         return 0
 
     model = load_model(model_path, options, progress=not args.quiet)
+    _warn_context(config, options.max_seq_len, tp)
     say(format_plans(model.plans))
     if tokenizer is not None:
         say(f"prompt: {tokenizer.decode(prompt)!r} ({len(prompt)} tokens)")
@@ -213,18 +216,21 @@ def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, sa
     """A batch job: check the whole prompt file and the output, size the KV cache, run what is not done yet."""
     if not args.output:
         raise InputError("--prompts needs --output")
-    records, done, results = _read_job(args, tokenizer, config.vocab_size, options, tp)
+    eos = () if args.ignore_eos else stop_token_ids(model_path, config.eos_token_ids)
+    name_job = lambda records: job_id(records, model_path, _job_dtype(options), options.quantize,  # noqa: E731
+                                      options.group_size, sampling, eos)
+    records, done, results = _read_job(args, tokenizer, config.vocab_size, options, tp, name_job)
     try:
-        return _run_records(args, model_path, config, tokenizer, options, sampling, tp, say, records, done, results)
+        return _run_records(args, model_path, config, tokenizer, options, sampling, eos, tp, say, records, done,
+                            results)
     finally:
         if results is not None:
             results.close()  # releases the output's lock
 
 
-def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions, sampling: Sampling,
+def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions, sampling: Sampling, eos,
                  tp: TensorParallel, say, records, done, results) -> int:
     seq = _job_context(records, options)
-    _warn_context(config, seq, tp)
     # A job's steps hold at least 2048 tokens, so that rows joining the batch read their prompts in few
     # steps (each step streams every weight once).
     options = options.replace(max_seq_len=seq, max_step_tokens=options.max_step_tokens or max(2048, seq))
@@ -233,13 +239,13 @@ def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions
     shapes = [(len(r.prompt_ids), r.max_new_tokens) for r in records if r.id not in done] or [(1, 1)]
     options = options.replace(max_batch=_batch_size(args, model_path, options, shapes, say))
     setup = prepare(model_path, options)
+    _warn_context(config, seq, tp)  # once the plan is made: a job that cannot run says so in one line alone
     say(format_plans(setup.plans))
     cost = lambda tokens, keys: max(p.pass_seconds(tokens, keys) for p in setup.plans)  # noqa: E731
     say(f"predicted for this job: {forecast_job(shapes, options.max_batch, cost)}")
     if args.plan:
         return 0
     model = load_model(model_path, options, progress=not args.quiet)
-    eos = () if args.ignore_eos else stop_token_ids(model_path, config.eos_token_ids)
     summary = run_batch(model, records, results, options.max_batch, sampling, eos, tokenizer,
                         schedule=args.schedule, progress=tp.rank == 0 and not args.quiet)
     say(f"done: {summary}")
@@ -247,9 +253,9 @@ def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions
     return 0
 
 
-def _read_job(args, tokenizer, vocab_size: int, options: LoadOptions, tp: TensorParallel):
-    """Rank 0 checks the prompt file, then the output file (which it locks, unless only planning);
-    every rank gets the records and the finished ids (or the error)."""
+def _read_job(args, tokenizer, vocab_size: int, options: LoadOptions, tp: TensorParallel, name_job):
+    """Rank 0 checks the prompt file, then the output file (which it locks, unless only planning), which must
+    be this job's (``name_job(records)``); every rank gets the records and the finished ids (or the error)."""
     outcome, results = None, None
     if tp.rank == 0:
         try:
@@ -257,10 +263,11 @@ def _read_job(args, tokenizer, vocab_size: int, options: LoadOptions, tp: Tensor
             check_context(records, _job_context(records, options))
             if _same_file(args.prompts, args.output):
                 raise InputError(f"--output {args.output!r} is the prompt file; give another file")
+            job = name_job(records)
             if args.plan:
-                done = finished_ids(args.output, prompt_lengths(records))
+                done = finished_ids(args.output, prompt_lengths(records), job)
             else:
-                results = ResultFile(args.output, prompt_lengths(records))
+                results = ResultFile(args.output, prompt_lengths(records), job)
                 done = results.done
             outcome = ("ok", records, done)
         except OffloadError as e:
@@ -270,6 +277,12 @@ def _read_job(args, tokenizer, vocab_size: int, options: LoadOptions, tp: Tensor
         raise InputError(outcome[1])
     _, records, done = outcome
     return records, set(done), results
+
+
+def _job_dtype(options: LoadOptions) -> torch.dtype:
+    """The dtype a job runs in: its default is bfloat16 on a GPU, float32 on a CPU (as ``load_model`` decides)."""
+    device = options.device if options.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return parse_dtype(options.dtype, "cuda" if str(device).startswith("cuda") else "cpu")
 
 
 def _job_context(records, options: LoadOptions) -> int:
@@ -303,11 +316,20 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
     values a job derives are added with ``replace``)."""
     return LoadOptions(
         device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
-        peer_memory=dict(parse_peer_flag(p) for p in args.peer_memory or []),
+        peer_memory=dict(_peer(text) for text in args.peer_memory or []),
         max_batch=max_batch if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=not args.no_cuda_graphs,
         compile=args.compile, quantize=args.quantize, group_size=args.group_size,
     )
+
+
+def _peer(text: str) -> tuple[str, int]:
+    """``--peer-memory cuda:1=40GiB``: a peer is another GPU."""
+    name, size = parse_peer_flag(text)
+    if not name.startswith("cuda:"):
+        raise InputError(f"--peer-memory {text!r}: {name} is not a GPU; a peer is another CUDA device, "
+                         "such as cuda:1=40GiB")
+    return name, size
 
 
 def _sampling(args) -> Sampling:

@@ -42,6 +42,8 @@ def read_output(path: Path) -> dict:
     text = path.read_text(encoding="utf-8")
     assert text.endswith("\n")
     lines = [json.loads(line) for line in text.split("\n")[:-1]]  # JSON strings may hold U+2028 and U+0085
+    if list(lines[0]) == ["offload_job"]:  # the line that names the job (a job run from the command line)
+        lines.pop(0)
     ids = [r["id"] for r in lines]
     assert len(ids) == len(set(ids)), "an id was written twice"
     return {r["id"]: r for r in lines}
@@ -117,7 +119,7 @@ def test_torn_last_line_is_cut_and_redone(tiny, tmp_path):
     args = ["--model", str(tiny), "--prompts", str(tmp_path / "in.jsonl"), "--max-new-tokens", "4", "--quiet"]
     assert main([*args, "--output", str(tmp_path / "full.jsonl")]) == 0
     full = (tmp_path / "full.jsonl").read_text()
-    cut = full.index("\n", full.index("\n") + 1) + 10  # two whole records and a torn third
+    cut = [i for i, c in enumerate(full) if c == "\n"][2] + 10  # the job line, two whole records, a torn third
     (tmp_path / "part.jsonl").write_text(full[:cut])
     assert main([*args, "--output", str(tmp_path / "part.jsonl")]) == 0
     assert read_output(tmp_path / "part.jsonl") == read_output(tmp_path / "full.jsonl")
@@ -268,7 +270,7 @@ def test_fifo_batches_with_a_context_just_large_enough(tiny, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     assert main(["--model", str(tiny), "--prompts", str(prompts), "--output", str(out), "--schedule", "fifo",
                  "--batch-size", "3", "--ignore-eos", "--quiet", "--max-seq-len", "28"]) == 0
-    got = {r["id"]: r["output_tokens"] for r in map(json.loads, out.read_text().split("\n")[:-1])}
+    got = {r["id"]: r["output_tokens"] for r in map(json.loads, out.read_text().split("\n")[1:-1])}  # after the job
     assert got == {1: 1, 2: 20, 3: 27}
     capsys.readouterr()
 
@@ -292,4 +294,22 @@ def test_a_chat_record_with_a_lone_surrogate_is_one_line_through_the_script(tiny
                       cache_dir=tmp_path)
     assert "messages[0].content is not valid Unicode" in one_line_exit_2(done)
     assert (tmp_path / "out.jsonl").read_bytes() == b""
+
+
+@pytest.mark.parametrize("max_new, words", [(10**12, "'max_new_tokens' must be at most 2147483647"),
+                                             (10**9, "")])  # within the count, past any budget
+def test_a_record_whose_token_limit_passes_any_context_is_one_line(bare, tmp_path, capsys, max_new, words):
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"id": "y", "prompt_ids": [1, 2], "max_new_tokens": max_new}])
+    err = refused(capsys, ["--model", str(bare), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl")])
+    assert words in err and "warning" not in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_record_whose_token_limit_passes_any_context_is_one_line_through_the_script(tiny, tmp_path):
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"id": "y", "prompt_ids": [1, 2], "max_new_tokens": 10**12}])
+    done = run_script("--model", str(tiny), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl"),
+                      cache_dir=tmp_path)
+    assert "'max_new_tokens' must be at most" in one_line_exit_2(done)
+    assert not (tmp_path / "out.jsonl").exists()
 

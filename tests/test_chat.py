@@ -238,7 +238,8 @@ def test_batch_records_with_messages(tiny_chat, tmp_path):
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert main(["--model", str(tiny_chat), "--prompts", str(tmp_path / "in.jsonl"), "--output",
                  str(tmp_path / "out.jsonl"), "--batch-size", "2", "--max-step-tokens", "64", "--quiet"]) == 0
-    got = {r["id"]: r["output_ids"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    job, *records = map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())  # the job line first
+    got = {r["id"]: r["output_ids"] for r in records}
     tokenizer = Tokenizer.from_dir(tiny_chat)
     prompts = [tokenizer.apply_chat_template(m) for m in messages] + [tokenizer.encode("The quick brown")]
     model = offload.load_model(tiny_chat, max_batch=3, max_seq_len=64, progress=False)

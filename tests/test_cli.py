@@ -283,3 +283,26 @@ def test_a_prompt_that_is_not_utf8_is_one_line(tiny, capsys):
 def test_a_prompt_that_is_not_utf8_is_one_line_through_the_script(tiny, tmp_path):
     done = run_script("--model", str(tiny), "--prompt", b"caf\xe9", "--max-new-tokens", "2", cache_dir=tmp_path)
     assert "--prompt is not valid Unicode" in one_line_exit_2(done)
+
+
+# ---------------------------------------------------------------------- budgets and limits
+
+
+@pytest.mark.parametrize("peer", ["meta=100MiB", "cpu=1GiB"])
+def test_a_peer_that_is_not_a_gpu_is_one_line(bare, capsys, peer):
+    err = refused(capsys, ["--model", str(bare), "--prompt-ids", "1", "--peer-memory", peer, "--plan"])
+    assert f"--peer-memory '{peer}': {peer.split('=')[0]} is not a GPU" in err
+
+
+@pytest.mark.parametrize("max_new", [10**12, 10**9])
+def test_a_token_limit_past_any_context_is_one_line_without_a_warning(bare, capsys, max_new):
+    """Without --max-seq-len the cache is sized for the prompt and the answer: far past the model's 512
+    positions (a warning) and more than any budget holds (an error). Only the error is said."""
+    err = refused(capsys, ["--model", str(bare), "--prompt-ids", "1", "--max-new-tokens", str(max_new), "--plan"])
+    assert "warning" not in err
+
+
+@pytest.mark.slow
+def test_a_peer_that_is_not_a_gpu_is_one_line_through_the_script(bare, tmp_path):
+    done = run_script("--model", str(bare), "--prompt-ids", "1", "--peer-memory", "meta=100MiB", cache_dir=tmp_path)
+    assert "meta is not a GPU" in one_line_exit_2(done)

@@ -1,5 +1,5 @@
-"""A batch job's output file (``offload.results``): its own records recognised, anything else refused and
-left as it is, a record torn by a crash cut, the file locked while a job runs."""
+"""A batch job's output file (``offload.results``): its own records recognised, anything else (another job's
+output among it) refused and left as it is, a record torn by a crash cut, the file locked while a job runs."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import pytest
 
 from offload.cli import main
 from offload.errors import InputError
-from offload.results import ResultFile, finished_ids, result_line
+from offload.results import ResultFile, finished_ids, job_line, result_line
 
 from hostile import (AS_ROOT, DROP, LENGTHS, ODD_LINE_BREAKS, OURS, PROMPTS, ROOT, SCRIPT, mutate, one_line,
-                     one_line_exit_2, random_records, random_text, refused, write_jsonl)
+                     one_line_exit_2, random_records, random_text, refused, run_script, write_jsonl)
 
 
 def record(rid=1, **changes) -> dict:
@@ -193,7 +193,7 @@ def test_a_whole_record_without_newline_is_kept_by_a_real_job(tiny, tmp_path, ca
     args = ["--model", str(tiny), "--prompts", str(prompts), "--max-new-tokens", "3", "--quiet"]
     assert main([*args, "--output", str(tmp_path / "full.jsonl")]) == 0
     full = (tmp_path / "full.jsonl").read_bytes()
-    first = full[: full.index(b"\n")]  # one whole record, its newline lost
+    first = full[: full.index(b"\n", full.index(b"\n") + 1)]  # the job line and a whole record, its newline lost
     (tmp_path / "part.jsonl").write_bytes(first)
     assert main([*args, "--output", str(tmp_path / "part.jsonl")]) == 0
     part = (tmp_path / "part.jsonl").read_bytes()
@@ -218,7 +218,7 @@ def test_two_jobs_on_one_output_the_second_refuses(tiny, tmp_path):
     assert first.poll() is None, "the first job ended before the second started"
     assert "another job is writing to" in one_line_exit_2(second)
     assert first.wait(timeout=300) == 0, first.stderr.read()
-    ids = [json.loads(x)["id"] for x in out.read_text().split("\n")[:-1]]
+    ids = [json.loads(x)["id"] for x in out.read_text().split("\n")[1:-1]]  # after the line naming the job
     assert sorted(ids) == list(range(300))
 
 
@@ -293,3 +293,89 @@ def test_an_integer_id_cut_short_may_be_the_start_of_a_longer_id(tmp_path):
     path.write_bytes(b'{"id": 1.0, "output_ids": [')  # 1.0 is not how the writer spells an id
     with pytest.raises(InputError, match="out.jsonl:1: not a result record"):
         ResultFile(path, lengths)
+
+
+# ---------------------------------------------------------------------- the job that wrote a file
+
+JOB, OTHER = "a" * 64, "b" * 64  # two jobs' names (hashes, see offload.batch.job_id)
+
+
+def test_a_named_job_writes_its_job_line_first_and_another_job_is_refused(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with ResultFile(path, LENGTHS, JOB) as results:
+        results.write_record(1, 3, [11, 12], "length", "x\u2028y")
+        results.write_record("a", 2, [1], "eos")
+    written = path.read_bytes()
+    assert written == job_line(JOB) + OURS + result_line("a", 2, [1], "eos")
+    with ResultFile(path, LENGTHS, JOB) as again:
+        assert again.done == {1, "a"}
+    with pytest.raises(InputError, match="out.jsonl:1: written by another job [(]job aaaaaaaaaaaa, this is bbbb"):
+        ResultFile(path, LENGTHS, OTHER)
+    with pytest.raises(InputError, match="written by another job"):
+        finished_ids(path, LENGTHS, OTHER)
+    assert path.read_bytes() == written
+    assert finished_ids(path, LENGTHS) == {1, "a"}  # a reader that names no job takes any job's
+
+
+def test_a_first_write_cut_short_anywhere_is_cut_and_written_again(tmp_path):
+    path = tmp_path / "out.jsonl"
+    first = job_line(JOB) + OURS  # what a job writes first, in one write
+    for cut in [*range(1, len(job_line(JOB)) + 2), len(first) - 2, len(first) - 1]:  # (records: see above)
+        path.write_bytes(first[:cut])
+        with ResultFile(path, LENGTHS, JOB) as results:
+            results.write_record("a", 2, [1], "eos")
+        kept = OURS if cut == len(first) - 1 else b""  # a whole record without its newline is kept
+        assert path.read_bytes() == job_line(JOB) + kept + result_line("a", 2, [1], "eos"), cut
+    path.write_bytes(job_line(OTHER)[:30])  # another job's line, cut short: not this job's to cut
+    with pytest.raises(InputError, match="out.jsonl:1: not a result record"):
+        ResultFile(path, LENGTHS, JOB)
+    assert path.read_bytes() == job_line(OTHER)[:30]
+
+
+def test_an_output_from_before_jobs_were_named_is_checked_by_its_records(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(OURS)
+    with ResultFile(path, LENGTHS, JOB) as results:
+        assert results.done == {1}
+        results.write_record("a", 2, [1], "eos")
+    assert path.read_bytes() == OURS + result_line("a", 2, [1], "eos")  # no job line in the middle
+
+
+@pytest.fixture(scope="module")
+def job_output(tiny, tmp_path_factory):
+    """Prompt files a and b (the same ids and prompt lengths, other prompts: the check of records alone cannot
+    tell their outputs apart), and the output of a job on a: (a, b, output file, its bytes, the job's flags)."""
+    folder = tmp_path_factory.mktemp("job")
+    a = write_jsonl(folder / "a.jsonl", [{"id": i, "prompt_ids": [1 + i, 2]} for i in range(3)])
+    b = write_jsonl(folder / "b.jsonl", [{"id": i, "prompt_ids": [7 + i, 9]} for i in range(3)])
+    out = folder / "out.jsonl"
+    flags = ["--model", str(tiny), "--output", str(out), "--max-new-tokens", "2", "--quiet"]
+    assert main([*flags, "--prompts", str(a)]) == 0
+    return a, b, out, out.read_bytes(), flags
+
+
+@pytest.mark.parametrize("other", [
+    pytest.param(["b"], id="other-prompt-file"),
+    pytest.param(["b", "--plan"], id="other-prompt-file-plan"),
+    pytest.param(["a", "--temperature", "0.7", "--seed", "1"], id="sampling"),
+    pytest.param(["a", "--ignore-eos"], id="stop-tokens"),
+    pytest.param(["a", "--max-new-tokens", "3"], id="token-limit"),
+    pytest.param(["a", "--dtype", "bf16"], id="dtype"),
+])
+def test_another_jobs_output_is_refused_and_left_as_it_is(job_output, capsys, other):
+    a, b, out, written, flags = job_output
+    assert list(json.loads(written.split(b"\n")[0])) == ["offload_job"]  # the line that names the job
+    prompts = {"a": a, "b": b}[other[0]]
+    assert "out.jsonl:1: written by another job" in refused(capsys, [*flags, "--prompts", str(prompts), *other[1:]])
+    assert out.read_bytes() == written
+
+
+@pytest.mark.slow
+def test_another_jobs_output_is_refused_by_the_script_and_the_same_job_goes_on(job_output, tmp_path, capsys):
+    a, b, out, written, flags = job_output
+    done = run_script(*flags, "--prompts", str(b), cache_dir=tmp_path)
+    assert "out.jsonl:1: written by another job" in one_line_exit_2(done)
+    assert out.read_bytes() == written
+    assert main([*flags, "--prompts", str(a), "--batch-size", "2"]) == 0  # the same job on other rows: all done
+    assert out.read_bytes() == written
+    capsys.readouterr()

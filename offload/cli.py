@@ -28,7 +28,7 @@ from .distributed import TensorParallel, init_tensor_parallel
 from .errors import InputError, OffloadError, OffloadWarning
 from .inputs import check_token_ids, check_unicode
 from .loading import prepare
-from .memory.budget import parse_peer_flag
+from .memory.budget import GPU_HEADROOM, HOST_HEADROOM_FRACTION, format_size, parse_peer_flag
 from .memory.planner import format_plans
 from .model import GenerationResult
 from .models.config import load_config
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="lay --prompt out as a user message with the model's chat template (instruct models)")
     p.add_argument("--output", help="batch job: JSONL results file (appended; finished ids are skipped)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="most tokens to generate (default 32; a batch record's max_new_tokens wins)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, help="sampling temperature (implies --do-sample)")
     p.add_argument("--top-k", type=int, help="keep the k most likely tokens (implies --do-sample)")
@@ -89,8 +90,11 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
     """The flags that say how a model is loaded (read back by :func:`load_options`); the server takes them too."""
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--device", help="compute device (default: cuda:LOCAL_RANK, or cpu)")
-    p.add_argument("--gpu-memory", help="budget of the compute device, e.g. 20GiB")
-    p.add_argument("--cpu-memory", help="pinned host memory for streamed layers, e.g. 100GiB")
+    host_share = f"{100 * (1 - HOST_HEADROOM_FRACTION):.0f}%% of the available RAM"  # argparse formats help with %
+    p.add_argument("--gpu-memory", help=f"budget of the compute device, e.g. 20GiB (default: its free memory less "
+                                        f"{GPU_HEADROOM / 2**30:g} GiB; on a CPU, {host_share})")
+    p.add_argument("--cpu-memory", help=f"pinned host memory for streamed layers, e.g. 100GiB (default with a GPU: "
+                                        f"{host_share}; on a CPU: 0, nothing streams)")
     p.add_argument("--peer-memory", action="append", metavar="DEVICE=SIZE",
                    help="spare memory of another GPU, e.g. cuda:1=40GiB (repeatable)")
     p.add_argument("--max-batch", type=int, help=max_batch_help)
@@ -179,12 +183,13 @@ def _main(args) -> int:
     if tokenizer is not None:
         say(f"prompt: {tokenizer.decode(prompt)!r} ({len(prompt)} tokens)")
     eos = () if args.ignore_eos else stop_token_ids(model_path, config.eos_token_ids)
-    show = (lambda text: print(text, end="", flush=True)) if tp.rank == 0 else (lambda text: None)
+    # The demo's random weights make noise, not text: it shows only the ids.
+    show = (lambda text: print(text, end="", flush=True)) if tp.rank == 0 and not demo else (lambda text: None)
     row, stats = generate_showing(model, Request(tuple(prompt), args.max_new_tokens, sampling, eos),
                                   tokenizer or IdText(), show)
     result = GenerationResult([row.tokens], [row.finish_reason], stats.prompt_tokens, stats.prefill_seconds,
                               stats.decode_tokens, stats.decode_steps, stats.decode_seconds)
-    if tokenizer is not None:
+    if tokenizer is not None and not demo:
         say(f"output: {tokenizer.decode(row.tokens)!r}")
     say(f"output ids: {','.join(map(str, row.tokens))} ({row.finish_reason})")
     say(f"prefill: {result.prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
@@ -383,6 +388,7 @@ def demo_budget(model_path: Path, options: LoadOptions, say) -> LoadOptions:
     """A GPU budget that holds about half the demo's layers, so the rest stream from the host."""
     needs = prepare(model_path, options).plan.needs
     gpu = needs.fixed_bytes + (needs.n_layers // 2 + (options.slots or 2)) * needs.block_bytes
-    say(f"demo: the built-in '{DEMO_SHAPE}' model (random weights) with --gpu-memory {gpu} "
-        "bytes, so that half of its layers stream from host memory")
+    say(f"demo: the built-in '{DEMO_SHAPE}' model, whose weights are random (its output ids mean nothing; the "
+        f"plan and the speed are the point), in a budget of {format_size(gpu)} (--gpu-memory {gpu}) that holds half "
+        "of its layers: the rest stream from host memory")
     return options.replace(gpu_memory=gpu, cpu_memory=options.cpu_memory or needs.n_layers * needs.block_bytes)

@@ -306,3 +306,37 @@ def test_a_token_limit_past_any_context_is_one_line_without_a_warning(bare, caps
 def test_a_peer_that_is_not_a_gpu_is_one_line_through_the_script(bare, tmp_path):
     done = run_script("--model", str(bare), "--prompt-ids", "1", "--peer-memory", "meta=100MiB", cache_dir=tmp_path)
     assert "meta is not a GPU" in one_line_exit_2(done)
+
+
+# ---------------------------------------------------------------------- first contact
+
+
+@pytest.mark.parametrize("parser", ["run_offloaded", "serve"])
+def test_every_flag_has_a_help_text_and_the_budgets_state_their_defaults(parser):
+    from offload.cli import build_parser
+    from offload.serve.cli import build_parser as build_serve_parser
+
+    p = {"run_offloaded": build_parser, "serve": build_serve_parser}[parser]()
+    helps = {a.option_strings[-1]: a.help for a in p._actions if a.option_strings and a.dest != "help"}
+    assert all(helps.values()), [flag for flag, text in helps.items() if not text]
+    assert "default" in helps["--max-new-tokens" if parser == "run_offloaded" else "--log-level"]
+    shown = " ".join(p.format_help().split())
+    assert "budget of the compute device, e.g. 20GiB (default: its free memory less 2 GiB; on a CPU, 80% of the " \
+           "available RAM)" in shown
+    assert "(default with a GPU: 80% of the available RAM; on a CPU: 0, nothing streams)" in shown
+
+
+def test_the_demo_says_its_weights_are_random_and_states_its_budget(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_CACHE_DIR", str(tmp_path))  # where the demo checkpoint is made
+    assert main(["--plan", "--quiet"]) == 0
+    demo = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("demo:"))
+    assert "weights are random (its output ids mean nothing" in demo
+    size, flag = demo.split("in a budget of ")[1].split(" that holds")[0].split(" (--gpu-memory ")
+    assert size.endswith(" MiB") and int(flag.rstrip(")")) > 2**20  # formatted, and the exact flag to repeat it
+
+
+@pytest.mark.slow
+def test_the_demo_prints_ids_not_noise(tmp_path):
+    done = run_script("--max-new-tokens", "4", "--quiet", cache_dir=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "output ids:" in done.stdout and "output: " not in done.stdout

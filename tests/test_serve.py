@@ -644,6 +644,9 @@ def free_port() -> int:
 @pytest.mark.parametrize("argv, words", [
     (["--port", "70000"], "--port must be in"),
     (["--max-queue", "-1"], "--max-queue must be >= 0"),
+    (["--request-timeout", "0"], "--request-timeout must be a positive number"),
+    (["--request-timeout", "nan"], "--request-timeout must be a positive number"),
+    (["--max-request-bytes", "lots"], "cannot parse 'lots'"),
     (["--model", "does/not/exist", "--port", "0"], "does/not/exist"),
     (["--tp", "2", "--port", "0"], "torchrun"),
 ])

@@ -27,7 +27,7 @@ from ..synthetic import DEMO_SHAPE, demo_checkpoint
 from ..text import Tokenizer
 from .app import DEFAULT_MAX_REQUEST_BYTES, Service, create_app
 from .engine_loop import EngineLoop
-from .server import serve
+from .server import REQUEST_TIMEOUT, serve
 
 DEFAULT_ROWS = 8
 MIN_STEP_TOKENS = 2048  # requests joining the batch read their prompts in few steps (each streams every weight)
@@ -43,6 +43,9 @@ def build_parser() -> Parser:
     p.add_argument("--max-request-bytes", default=str(DEFAULT_MAX_REQUEST_BYTES),
                    help="largest request body taken, e.g. 8MiB; a larger one is answered 413 before it is read "
                         f"(default {format_size(DEFAULT_MAX_REQUEST_BYTES)})")
+    p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                   help="seconds a client has to send a whole request, from its connection or its previous answer; "
+                        f"a slower one is disconnected (default {REQUEST_TIMEOUT:g})")
     p.add_argument("--served-model-name", help="the model's name in the API (default: the checkpoint folder's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="what the server logs: each request at info (default info)")
@@ -69,6 +72,8 @@ def _main(args) -> int:
     if args.max_queue < 0:
         raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
     max_request_bytes = parse_size(args.max_request_bytes, "--max-request-bytes")
+    if not args.request_timeout > 0:  # NaN too
+        raise InputError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
     if tp.rank == 0:
         _check_port(args.host, args.port)  # before minutes of loading
     demo = args.model is None
@@ -93,7 +98,7 @@ def _main(args) -> int:
                       max_request_bytes=max_request_bytes)
     say(f"serving {name!r} at http://{args.host}:{args.port}/v1: {options.max_batch} rows of {seq} tokens, "
         f"{args.max_queue} more requests may wait")
-    serve(create_app(service, api_docs=args.api_docs), args.host, args.port, args.log_level)
+    serve(create_app(service, api_docs=args.api_docs), args.host, args.port, args.log_level, args.request_timeout)
     model.close()
     return 0
 

@@ -2,6 +2,7 @@
 token by token, and the CLI's --chat, "messages" batch records and printing as it generates."""
 
 import json
+import random
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ import offload
 from offload.chat import ChatTemplate, check_messages, stop_token_ids
 from offload.cli import generate_showing, main
 from offload.scheduler.engine import Request
-from offload.text import IdText, TextStream, Tokenizer
+from offload.text import IdText, TextStream, Tokenizer, TooManyTokens
 
 from conftest import CHATML, write_chat_tokenizer
 
@@ -254,3 +255,25 @@ def test_batch_messages_errors_name_the_line(tiny, tiny_chat, tmp_path, capsys):
                      str(tmp_path / "out.jsonl")]) == 2
         err = capsys.readouterr().err
         assert f"{tmp_path / 'in.jsonl'}:2:" in err and words in err, err
+
+
+@pytest.mark.parametrize("most", [1, 5, 40, 200])
+def test_a_text_far_past_its_room_is_found_out_from_its_beginning(tiny_chat, most):
+    """encode(text, most) gives encode(text), or raises TooManyTokens, and then only for a text of more than
+    ``most`` tokens, whatever the text: words, runs of spaces, one long word cut anywhere, other scripts."""
+    tokenizer = Tokenizer.from_dir(tiny_chat)
+    rng = random.Random(most)
+    words = ["the", "quick", "brown", "fox", " ", "    ", "\n", "東京", "Grüße", "x" * 700, "ab" * 300, "😀"]
+    refused = 0
+    for _ in range(60):
+        text = "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randint(1, 400)))
+        whole = tokenizer.encode(text)
+        try:
+            ids = tokenizer.encode(text, most=most)
+        except TooManyTokens as e:
+            refused += 1
+            assert len(whole) > e.at_least >= most, (len(whole), e.at_least, most)
+        else:
+            assert ids == whole
+    assert refused > 0 or most < 40  # below, no head is CUT_TOKENS past its room: every text is tokenized whole
+

@@ -623,13 +623,21 @@ def test_a_body_past_the_limit_is_413_and_health_answers_within_a_second_meanwhi
     assert httpx.get(served.url + "/health").status_code == 200
 
 
-def test_a_long_prompt_within_the_limit_is_prepared_off_the_event_loop(served):
-    content = "hello world " * ((2 * MB - 200) // 12)  # a second or so of tokenizing
-    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 3}
+def test_a_long_conversation_within_the_limit_is_laid_out_off_the_event_loop(served):
+    messages = [{"role": "user", "content": "hi"}] * 60_000  # just under 2 MiB, a fraction of a second to render
+    body = {"messages": messages, "max_tokens": 3}
     seconds, response = health_times_while(
         served.url, lambda: httpx.post(served.url + "/v1/chat/completions", json=body, timeout=120))
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
-    assert len(seconds) >= 3 and max(seconds) < 1.0, seconds
+    assert len(seconds) >= 2 and max(seconds) < 1.0, seconds
+
+
+def test_a_prompt_far_past_the_context_is_refused_from_its_beginning(served):
+    response = httpx.post(served.url + "/v1/completions", json={"prompt": "hello world " * 150_000, "max_tokens": 3})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert "context holds 128 tokens (max_seq_len), but more than " in error["message"]
 
 
 # ---------------------------------------------------------------------- scripts/serve.py

@@ -40,7 +40,7 @@ from ..errors import ConfigError, InputError
 from ..memory.budget import format_size
 from ..sampling import Sampling
 from ..scheduler.engine import Request
-from ..text import IdText, TextStream
+from ..text import IdText, TextStream, TooManyTokens
 from . import protocol
 from .engine_loop import EngineLoop
 from .protocol import ApiError, ChatRequest, CompletionRequest, GenerationParams
@@ -90,7 +90,7 @@ class Service:
                 raise ApiError(400, f"one prompt per request, got {len(prompt)}", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return _as_400(lambda: self.tokenizer.encode(prompt), "prompt")
+            return self._text_ids(lambda: self.tokenizer.encode(prompt, most=self.max_seq_len), "prompt")
         return list(prompt)
 
     def chat_prompt(self, messages: list) -> list[int]:
@@ -98,9 +98,8 @@ class Service:
         and a conversation the template refuses are the client's 400; the template failing otherwise is a 500."""
         protocol.check_roles(messages)
         try:
-            return self.tokenizer.apply_chat_template(messages)
-        except InputError as e:
-            raise ApiError(400, str(e), param="messages") from None
+            return self._text_ids(lambda: self.tokenizer.apply_chat_template(messages, most=self.max_seq_len),
+                                  "messages")
         except ConfigError as e:
             log.error("the chat template failed: %s", e)
             raise ApiError(500, f"{e}: the server's template is at fault, not the request") from None
@@ -123,6 +122,22 @@ class Service:
         self.metrics.prompt_tokens += len(prompt)
         return generation
 
+    def _text_ids(self, encode, param: str) -> list[int]:
+        """``encode()``'s ids; a text far past the context is answered as one (400) before all of it is tokenized."""
+        try:
+            return encode()
+        except TooManyTokens as e:
+            raise self._context_error(f"more than {e.at_least}", None, param) from None
+        except InputError as e:
+            raise ApiError(400, str(e), param=param) from None
+
+    def _context_error(self, prompt_tokens, max_tokens: int | None, param: str) -> ApiError:
+        asked = f" and {max_tokens} completion tokens (max_tokens)" if max_tokens else ""
+        return ApiError(400, f"This model's context holds {self.max_seq_len} tokens (max_seq_len), but "
+                             f"{prompt_tokens} prompt tokens{asked} were asked for; shorten the prompt"
+                             f"{' or lower max_tokens' if max_tokens else ''}",
+                        param=param, code="context_length_exceeded")
+
     def check_serving(self) -> None:
         """503 while the server shuts down or when the engine thread has stopped."""
         if self.draining:
@@ -144,11 +159,7 @@ class Service:
                  prompt_param: str) -> Request:
         room = self.max_seq_len - len(prompt)
         if room < (max_tokens or 1):
-            asked = f" and {max_tokens} completion tokens (max_tokens)" if max_tokens else ""
-            raise ApiError(400, f"This model's context holds {self.max_seq_len} tokens (max_seq_len), but "
-                                f"{len(prompt)} prompt tokens{asked} were asked for; shorten the prompt"
-                                f"{' or lower max_tokens' if max_tokens else ''}",
-                           param=prompt_param, code="context_length_exceeded")
+            raise self._context_error(len(prompt), max_tokens, prompt_param)
         temperature = 1.0 if params.temperature is None else params.temperature
         # The protocol checks every range but float32's: a temperature too small for it is all Sampling refuses.
         sampling = _as_400(lambda: Sampling(temperature > 0, temperature, params.top_k or 0,

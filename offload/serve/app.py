@@ -1,9 +1,9 @@
 """The HTTP side: an OpenAI-compatible FastAPI app in front of an :class:`EngineLoop`.
 
-uvicorn's event loop runs every handler: parsing and checking a request, the chat
-template and the tokenizer, then turning the request's tokens into text and
-server-sent events as they arrive. The engine thread runs the model and nothing
-else; a handler never waits for a step, it waits on its own queue of tokens.
+uvicorn's event loop runs every handler: parsing and checking a request (the chat
+template and the tokenizer on worker threads), then turning the request's tokens into
+text and server-sent events as they arrive. The engine thread runs the model and
+nothing else; a handler never waits for a step, it waits on its own queue of tokens.
 
 A request holds its place from acceptance to its last token. The engine has
 ``rows`` KV cache rows and the queue ``max_queue`` places behind them; a request
@@ -15,9 +15,10 @@ A client that half-closes its connection after a whole request is answered (see
 final event (:meth:`Service.drain`).
 
 No request can stall the others: a body past ``max_request_bytes`` is answered 413
-before it is read (:class:`BodyLimit`), and the chat template and the tokenizer
-run on worker threads (the tokenizer lets go of the GIL), so the event loop keeps
-serving every other client while a long prompt is prepared.
+before it is read (:class:`BodyLimit`), the chat template and the tokenizer run on
+worker threads (the tokenizer lets go of the GIL), so the event loop keeps serving
+every other client while a long prompt is prepared, and a text far past the context
+is refused from its beginning.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ class Service:
                            param="model", code="model_not_found")
 
     def completion_prompt(self, prompt) -> list[int]:
-        """A completion's one prompt as token ids: text, or ids (alone or in a list of one). Long text takes
-        seconds to tokenize: call it off the event loop."""
+        """A completion's one prompt as token ids: text, or ids (alone or in a list of one). Text is tokenized:
+        call it off the event loop."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise ApiError(400, f"one prompt per request, got {len(prompt)}", param="prompt")
@@ -235,7 +236,7 @@ class Generation:
 
     def end(self, message: str) -> None:
         """End the answer now, with ``message`` as its error (the row is freed when the response closes)."""
-        self.events.put_nowait((message, "ended"))
+        self.events.put_nowait((message, "ended"))  # the message where a token would be
 
     def close(self) -> None:
         if self.closed:

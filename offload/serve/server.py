@@ -58,8 +58,8 @@ class Connection(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            self._await_request()  # the next request on this connection
+        if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+            self._await_request()  # the next request on this connection (or the rest of a refused body)
 
     def eof_received(self) -> bool | None:
         """The client will send nothing more. After a whole request it may still be reading: keep the answering

@@ -9,10 +9,11 @@ strings may hold U+2028, U+2029 and U+0085 raw. The whole file is checked before
 the model is loaded.
 
 Each finished record is appended to the output file (``offload.results``) as one JSON
-line, flushed and fsynced. A rerun with the same output file skips the ids already
-there (a record torn by a crash is cut off first), so a job killed at any moment and
-rerun ends with every id exactly once; an output file that is not the job's own is
-refused and left as it is.
+line, flushed and fsynced, after a first line that names the job (:func:`job_id`). A
+rerun of the same job skips the ids already there (a record torn by a crash is cut off
+first), so a job killed at any moment and rerun ends with every id exactly once; an
+output file that is not the job's own (another job's among them) is refused and left as
+it is.
 
 Scheduling (``dynamic``): the row engine has ``batch_size`` rows. Records are
 taken longest first, so rows that start together end at similar times, and a
@@ -25,6 +26,8 @@ finishes.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -32,8 +35,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import InputError, PlanError
+from .errors import ConfigError, InputError, PlanError
 from .inputs import check_token_ids
+from .options import MAX_COUNT
 from .results import ResultFile, is_record_id, read_regular_file
 from .sampling import GREEDY, Sampling
 from .scheduler.row_engine import RowEngine, Request
@@ -99,8 +103,8 @@ def _prompt_ids(obj: dict, where: str, tokenizer, vocab_size: int) -> list[int]:
             raise InputError(f"{where}: 'messages' need the model's tokenizer.json (and the tokenizers package)")
         try:
             ids = tokenizer.apply_chat_template(obj["messages"])
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
+        except (InputError, ConfigError) as e:  # the record's messages, or the template failing on them
+            raise type(e)(f"{where}: {e}") from None
     elif "prompt" in obj:
         if not isinstance(obj["prompt"], str):
             raise InputError(f"{where}: 'prompt' must be a string")
@@ -131,6 +135,8 @@ def _max_new(obj: dict, where: str, default: int) -> int:
     value = obj.get("max_new_tokens", default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise InputError(f"{where}: 'max_new_tokens' must be a positive integer")
+    if value > MAX_COUNT:
+        raise InputError(f"{where}: 'max_new_tokens' must be at most {MAX_COUNT}, got {value}")
     return value
 
 
@@ -146,6 +152,25 @@ def check_context(records: list[Record], max_seq_len: int) -> None:
 def prompt_lengths(records: list[Record]) -> dict:
     """{id: prompt tokens}: what the output file's records are checked against."""
     return {r.id: len(r.prompt_ids) for r in records}
+
+
+def job_id(records: list[Record], model_path, dtype, quantize: str | None, group_size: int | None,
+           sampling: Sampling, eos_ids: tuple[int, ...]) -> str:
+    """A hash of what makes a job's outputs what they are: each record (its line, which seeds its sampling, its
+    id, prompt ids and token limit), the model (its folder and config.json), the dtype and quantization, the
+    sampling and the stop ids. A rerun of the same command continues the job's output; a change in any of
+    these is another job, whose output file is refused. Batch size and schedule are not in it: a rerun may
+    change them (outputs are the same in float32)."""
+    model_path = Path(model_path)
+    config = model_path / "config.json"
+    described = {
+        "records": [[r.line, r.id, r.prompt_ids, r.max_new_tokens] for r in records],
+        "model": str(model_path.resolve()),
+        "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+        "dtype": str(dtype), "quantize": quantize, "group_size": group_size,
+        "sampling": dataclasses.asdict(sampling), "eos_ids": list(eos_ids),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------------- planning for throughput

@@ -25,10 +25,15 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import ConfigError, InputError
+from .inputs import check_unicode
 
 TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_DIR = "additional_chat_templates"
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class TemplateRefusal(Exception):
+    """A template's ``raise_exception(message)``: the template refuses the conversation it was given."""
 
 
 class ChatTemplate:
@@ -65,20 +70,29 @@ class ChatTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as the model's prompt text; with ``add_generation_prompt``, ready for its answer.
 
-        A conversation the template refuses (its ``raise_exception``, or messages it cannot
-        read) raises InputError with the template's message.
+        Messages that are not a conversation raise InputError, and so does a conversation the
+        template refuses with its ``raise_exception`` (roles out of order, say): the caller's
+        fault. The template failing in any other way (a division by zero, a sandbox refusal, a
+        variable it lacks) is the checkpoint's fault: ConfigError, naming the template.
         """
         messages = check_messages(messages)
         template = self.compiled()
-        import jinja2
-
         try:
             return template.render(messages=messages, tools=None, documents=None,
                                    add_generation_prompt=add_generation_prompt, **self.special_tokens)
-        except jinja2.TemplateError as e:
-            raise InputError(f"{self.name}: {e.message or type(e).__name__}") from None
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-            raise InputError(f"{self.name} cannot render these messages ({type(e).__name__}: {e})") from None
+        except TemplateRefusal as e:
+            raise InputError(f"{self.name} refused these messages: {e}") from None
+        except Exception as e:  # whatever else a template's code raises, the template is at fault
+            reason = getattr(e, "message", None) or e  # a Jinja error's own message, without its location
+            raise ConfigError(f"{self.name} failed ({type(e).__name__}: {reason})") from None
+
+    def check(self) -> None:
+        """Render a one-message conversation, so that a template that cannot is refused (ConfigError) at load
+        rather than at the first chat."""
+        try:
+            self.render([{"role": "user", "content": "Hello!"}])
+        except InputError as e:  # refused: no conversation could be laid out
+            raise ConfigError(f"{e}; a template must lay out a one-message conversation") from None
 
     def compiled(self):
         """The compiled template (compiled once); a syntax error raises ConfigError, a missing jinja2 InputError."""
@@ -97,9 +111,10 @@ class ChatTemplate:
 def check_messages(messages, where: str = "messages") -> list[dict]:
     """A conversation as templates expect it: a non-empty list of ``{"role": str, "content": ...}`` objects.
 
-    Keys whose value is null are dropped (``transformers`` does the same: templates test
-    for a key, not for None), and OpenAI-style content parts ``[{"type": "text", "text": ...}]``
-    are joined into one string, so templates written for plain strings read them.
+    Every message has content. Other keys whose value is null are dropped (``transformers``
+    does the same: templates test for a key, not for None), and OpenAI-style content parts
+    ``[{"type": "text", "text": ...}]`` are joined into one string, so templates written for
+    plain strings read them.
     """
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where} must be a non-empty list of messages")
@@ -111,10 +126,15 @@ def check_messages(messages, where: str = "messages") -> list[dict]:
         if not isinstance(message.get("role"), str):
             raise InputError(f"{where}[{i}]: 'role' must be a string")
         content = message.get("content")
+        if content is None:  # a template would fail on it with a message of its own, about its internals
+            raise InputError(f"{where}[{i}]: 'content' is missing or null; give a string or a list of text parts")
         if isinstance(content, list):
             message["content"] = _joined_text(content, f"{where}[{i}].content")
-        elif content is not None and not isinstance(content, str):
+        elif not isinstance(content, str):
             raise InputError(f"{where}[{i}]: 'content' must be a string or a list of text parts")
+        for key in ("role", "content"):
+            if isinstance(message.get(key), str):
+                check_unicode(message[key], f"{where}[{i}].{key}")
         out.append(message)
     return out
 
@@ -210,7 +230,7 @@ def _environment():
             return jinja2.nodes.Scope(body).set_lineno(lineno)
 
     def raise_exception(message):
-        raise jinja2.TemplateError(message)
+        raise TemplateRefusal(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # Jinja's own tojson escapes HTML characters, which would change the prompt.

@@ -22,18 +22,18 @@ import torch
 import torch.distributed as dist
 
 from .api import load_model
-from .batch import check_context, choose_batch_size, forecast_job, prompt_lengths, read_records, run_batch
+from .batch import check_context, choose_batch_size, forecast_job, job_id, prompt_lengths, read_records, run_batch
 from .chat import stop_token_ids
 from .distributed import TensorParallel, init_tensor_parallel
 from .errors import InputError, OffloadError, OffloadWarning
-from .inputs import check_token_ids
+from .inputs import check_token_ids, check_unicode
 from .loading import prepare
-from .memory.budget import parse_peer_flag
+from .memory.budget import GPU_HEADROOM, HOST_HEADROOM_FRACTION, format_size, parse_peer_flag
 from .memory.planner import format_plans
 from .offloaded_model import result_of
 from .models.config import load_config
 from .models.quant import FORMATS
-from .options import LoadOptions
+from .options import MAX_COUNT, LoadOptions, parse_dtype
 from .results import ResultFile, finished_ids
 from .sampling import Sampling
 from .scheduler.row_engine import RowEngine, Request, Row, Stats
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="lay --prompt out as a user message with the model's chat template (instruct models)")
     p.add_argument("--output", help="batch job: JSONL results file (appended; finished ids are skipped)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="most tokens to generate (default 32; a batch record's max_new_tokens wins)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, help="sampling temperature (implies --do-sample)")
     p.add_argument("--top-k", type=int, help="keep the k most likely tokens (implies --do-sample)")
@@ -89,8 +90,11 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
     """The flags that say how a model is loaded (read back by :func:`load_options`); the server takes them too."""
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--device", help="compute device (default: cuda:LOCAL_RANK, or cpu)")
-    p.add_argument("--gpu-memory", help="budget of the compute device, e.g. 20GiB")
-    p.add_argument("--cpu-memory", help="pinned host memory for streamed layers, e.g. 100GiB")
+    host_share = f"{100 * (1 - HOST_HEADROOM_FRACTION):.0f}%% of the available RAM"  # argparse formats help with %
+    p.add_argument("--gpu-memory", help=f"budget of the compute device, e.g. 20GiB (default: its free memory less "
+                                        f"{GPU_HEADROOM / 2**30:g} GiB; on a CPU, {host_share})")
+    p.add_argument("--cpu-memory", help=f"pinned host memory for streamed layers, e.g. 100GiB (default with a GPU: "
+                                        f"{host_share}; on a CPU: 0, nothing streams)")
     p.add_argument("--peer-memory", action="append", metavar="DEVICE=SIZE",
                    help="spare memory of another GPU, e.g. cuda:1=40GiB (repeatable)")
     p.add_argument("--max-batch", type=int, help=max_batch_help)
@@ -144,6 +148,8 @@ def _main(args) -> int:
     options, sampling = load_options(args), _sampling(args)  # every flag is checked before anything runs
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if args.max_new_tokens > MAX_COUNT:
+        raise InputError(f"--max-new-tokens must be at most {MAX_COUNT}, got {args.max_new_tokens}")
     if args.output and not args.prompts:
         raise InputError("--output goes with --prompts (a batch job)")
     tp = init_tensor_parallel(args.tp)  # under torchrun, before anything that ranks must agree on
@@ -165,11 +171,11 @@ def _main(args) -> int:
         if needed > options.max_seq_len:
             raise InputError(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} "
                              f"exceeds --max-seq-len {options.max_seq_len}")
-    _warn_context(config, options.max_seq_len, tp)
     if demo and args.gpu_memory is None:
         options = demo_budget(model_path, options, say)
     if args.plan:
         setup = prepare(model_path, options)
+        _warn_context(config, options.max_seq_len, tp)  # once nothing can fail: a failure is one line alone
         say(format_plans(setup.plans))
         if prompt is not None:
             cost = lambda tokens, keys: max(p.pass_seconds(tokens, keys) for p in setup.plans)  # noqa: E731
@@ -177,15 +183,17 @@ def _main(args) -> int:
         return 0
 
     model = load_model(model_path, options, progress=not args.quiet)
+    _warn_context(config, options.max_seq_len, tp)
     say(format_plans(model.plans))
     if tokenizer is not None:
         say(f"prompt: {tokenizer.decode(prompt)!r} ({len(prompt)} tokens)")
     eos = () if args.ignore_eos else stop_token_ids(model_path, config.eos_token_ids)
-    show = (lambda text: print(text, end="", flush=True)) if tp.rank == 0 else (lambda text: None)
+    # The demo's random weights make noise, not text: it shows only the ids.
+    show = (lambda text: print(text, end="", flush=True)) if tp.rank == 0 and not demo else (lambda text: None)
     row, stats = generate_showing(model, Request(tuple(prompt), args.max_new_tokens, sampling, eos),
                                   tokenizer or IdText(), show)
     result = result_of([row], stats)
-    if tokenizer is not None:
+    if tokenizer is not None and not demo:
         say(f"output: {tokenizer.decode(row.tokens)!r}")
     say(f"output ids: {','.join(map(str, row.tokens))} ({row.finish_reason})")
     say(f"prefill: {result.prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
@@ -221,18 +229,21 @@ def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, sa
     """A batch job: check the whole prompt file and the output, size the KV cache, run what is not done yet."""
     if not args.output:
         raise InputError("--prompts needs --output")
-    records, done, results = _read_job(args, tokenizer, config.vocab_size, options, tp)
+    eos = () if args.ignore_eos else stop_token_ids(model_path, config.eos_token_ids)
+    name_job = lambda records: job_id(records, model_path, _job_dtype(options), options.quantize,  # noqa: E731
+                                      options.group_size, sampling, eos)
+    records, done, results = _read_job(args, tokenizer, config.vocab_size, options, tp, name_job)
     try:
-        return _run_records(args, model_path, config, tokenizer, options, sampling, tp, say, records, done, results)
+        return _run_records(args, model_path, config, tokenizer, options, sampling, eos, tp, say, records, done,
+                            results)
     finally:
         if results is not None:
             results.close()  # releases the output's lock
 
 
-def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions, sampling: Sampling,
+def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions, sampling: Sampling, eos,
                  tp: TensorParallel, say, records, done, results) -> int:
     seq = _job_context(records, options)
-    _warn_context(config, seq, tp)
     # A job's steps hold at least 2048 tokens, so that rows joining the batch read their prompts in few
     # steps (each step streams every weight once).
     options = options.replace(max_seq_len=seq, max_step_tokens=options.max_step_tokens or max(2048, seq))
@@ -241,13 +252,13 @@ def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions
     shapes = [(len(r.prompt_ids), r.max_new_tokens) for r in records if r.id not in done] or [(1, 1)]
     options = options.replace(max_batch=_batch_size(args, model_path, options, shapes, say))
     setup = prepare(model_path, options)
+    _warn_context(config, seq, tp)  # once the plan is made: a job that cannot run says so in one line alone
     say(format_plans(setup.plans))
     cost = lambda tokens, keys: max(p.pass_seconds(tokens, keys) for p in setup.plans)  # noqa: E731
     say(f"predicted for this job: {forecast_job(shapes, options.max_batch, cost)}")
     if args.plan:
         return 0
     model = load_model(model_path, options, progress=not args.quiet)
-    eos = () if args.ignore_eos else stop_token_ids(model_path, config.eos_token_ids)
     summary = run_batch(model, records, results, options.max_batch, sampling, eos, tokenizer,
                         schedule=args.schedule, progress=tp.rank == 0 and not args.quiet)
     say(f"done: {summary}")
@@ -255,9 +266,9 @@ def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions
     return 0
 
 
-def _read_job(args, tokenizer, vocab_size: int, options: LoadOptions, tp: TensorParallel):
-    """Rank 0 checks the prompt file, then the output file (which it locks, unless only planning);
-    every rank gets the records and the finished ids (or the error)."""
+def _read_job(args, tokenizer, vocab_size: int, options: LoadOptions, tp: TensorParallel, name_job):
+    """Rank 0 checks the prompt file, then the output file (which it locks, unless only planning), which must
+    be this job's (``name_job(records)``); every rank gets the records and the finished ids (or the error)."""
     outcome, results = None, None
     if tp.rank == 0:
         try:
@@ -265,10 +276,11 @@ def _read_job(args, tokenizer, vocab_size: int, options: LoadOptions, tp: Tensor
             check_context(records, _job_context(records, options))
             if _same_file(args.prompts, args.output):
                 raise InputError(f"--output {args.output!r} is the prompt file; give another file")
+            job = name_job(records)
             if args.plan:
-                done = finished_ids(args.output, prompt_lengths(records))
+                done = finished_ids(args.output, prompt_lengths(records), job)
             else:
-                results = ResultFile(args.output, prompt_lengths(records))
+                results = ResultFile(args.output, prompt_lengths(records), job)
                 done = results.done
             outcome = ("ok", records, done)
         except OffloadError as e:
@@ -278,6 +290,12 @@ def _read_job(args, tokenizer, vocab_size: int, options: LoadOptions, tp: Tensor
         raise InputError(outcome[1])
     _, records, done = outcome
     return records, set(done), results
+
+
+def _job_dtype(options: LoadOptions) -> torch.dtype:
+    """The dtype a job runs in: its default is bfloat16 on a GPU, float32 on a CPU (as ``load_model`` decides)."""
+    device = options.device if options.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return parse_dtype(options.dtype, "cuda" if str(device).startswith("cuda") else "cpu")
 
 
 def _job_context(records, options: LoadOptions) -> int:
@@ -311,12 +329,21 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
     values a job derives are added with ``replace``)."""
     return LoadOptions(
         device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
-        peer_memory=dict(parse_peer_flag(p) for p in args.peer_memory or []),
+        peer_memory=dict(_peer(text) for text in args.peer_memory or []),
         max_batch=max_batch if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=not args.no_cuda_graphs,
         compile=args.compile, quantize=args.quantize, group_size=args.group_size, draft=args.draft,
         draft_tokens=args.draft_tokens,
     )
+
+
+def _peer(text: str) -> tuple[str, int]:
+    """``--peer-memory cuda:1=40GiB``: a peer is another GPU."""
+    name, size = parse_peer_flag(text)
+    if not name.startswith("cuda:"):
+        raise InputError(f"--peer-memory {text!r}: {name} is not a GPU; a peer is another CUDA device, "
+                         "such as cuda:1=40GiB")
+    return name, size
 
 
 def _sampling(args) -> Sampling:
@@ -334,6 +361,7 @@ def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
     text = args.prompt if args.prompt is not None else (DEMO_PROMPT if demo else None)
     if text is None:
         raise InputError("give --prompt, --prompt-ids or --prompts")
+    check_unicode(text, "--prompt")
     if tokenizer is None:
         if demo:  # the demo works without the optional tokenizers package
             return [1, 306, 4966, 304, 1207]
@@ -369,6 +397,7 @@ def demo_budget(model_path: Path, options: LoadOptions, say) -> LoadOptions:
     """A GPU budget that holds about half the demo's layers, so the rest stream from the host."""
     needs = prepare(model_path, options).plan.needs
     gpu = needs.gpu_budget_streaming(len(needs.blocks) // 2, options.slots or 2)
-    say(f"demo: the built-in '{DEMO_SHAPE}' model (random weights) with --gpu-memory {gpu} "
-        "bytes, so that half of its layers stream from host memory")
+    say(f"demo: the built-in '{DEMO_SHAPE}' model, whose weights are random (its output ids mean nothing; the "
+        f"plan and the speed are the point), in a budget of {format_size(gpu)} (--gpu-memory {gpu}) that holds half "
+        "of its layers: the rest stream from host memory")
     return options.replace(gpu_memory=gpu, cpu_memory=options.cpu_memory or needs.weight_bytes)

@@ -1,4 +1,5 @@
-"""Token ids in and out: the checks every entry point shares, and Hugging Face-style adapters.
+"""Token ids in and out: the checks every entry point shares (of ids, and of text), and Hugging Face-style
+adapters.
 
 ``model(input_ids)`` and ``model.generate(input_ids)`` take what ``transformers``
 users pass (a ``[batch, seq]`` tensor with an optional attention mask, or lists of
@@ -34,6 +35,18 @@ def check_token_ids(ids, vocab_size: int, where: str) -> list[int]:
     if bad:
         raise InputError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     return [int(t) for t in ids]
+
+
+def check_unicode(text: str, what: str) -> None:
+    """Refuse text that UTF-8 cannot hold: one with an unpaired surrogate, which JSON's ``"\\ud800"`` escapes make,
+    and Python too, of the bytes of a command-line argument that are not UTF-8 (``caf\\xe9`` becomes ``caf\\udce9``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = text[e.start]
+        byte = f" (the byte {ord(char) - 0xDC00:#x} of text that is not UTF-8)" if "\udc80" <= char <= "\udcff" else ""
+        raise InputError(f"{what} is not valid Unicode: an unpaired surrogate {char!r} at character {e.start}"
+                         f"{byte}") from None
 
 
 def step_rows(new_tokens, cached) -> tuple[list[list[int]], list[int]]:

@@ -5,10 +5,14 @@ Each finished record is one line, ``json.dumps(..., ensure_ascii=False)`` of
     {"id": ..., "output_ids": [...], "prompt_tokens": N, "output_tokens": M, "finish_reason": "eos" | "length"}
 
 (with a ``"text"`` after them when the model has a tokenizer), then ``\\n``; the line is
-flushed and fsynced before the next record can finish. A rerun reads the file first and
-accepts only what a job on the same prompt file writes:
+flushed and fsynced before the next record can finish. A job that names itself (``job``:
+a hash of its records, model and generation options, see ``offload.batch.job_id``) first
+writes the line ``{"offload_job": "<job>"}``, and a rerun refuses a file that names
+another job. A rerun reads the file first and accepts only what the same job writes:
 
-* every line that ends in ``\\n`` is a result record of this job: exactly those keys with
+* the first line, if it is a job line, names this job (any job, when the reader names none);
+  a file without one (written before jobs named themselves) is checked by its records alone;
+* every other line that ends in ``\\n`` is a result record of this job: exactly those keys with
   those types, an id of the prompt file (of the same JSON type: ``1.0`` is not ``1``),
   that prompt's length in ``prompt_tokens``, and no id twice;
 * the bytes after the last ``\\n``, if any, are either
@@ -16,8 +20,9 @@ accepts only what a job on the same prompt file writes:
   - a whole result record whose newline was lost: kept, and a newline is written before
     the next record; or
   - a record cut short by a crash: a proper prefix of a line in exactly the writer's form
-    (its keys in its order, its separators) for an id that is not done yet. Only these
-    bytes are ever cut, and only when the job writes its first record.
+    (its keys in its order, its separators) for an id that is not done yet, or of this job's
+    job line in a file that holds nothing else. Only these bytes are ever cut, and only when
+    the job writes its first record.
 
 Anything else (another job's output, the prompt file itself, a hand-edited or corrupt
 file) is refused with one line naming the line at fault, and the file's bytes are left
@@ -31,6 +36,7 @@ and the writer leaves them raw.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import fcntl
 import json
 import os
@@ -45,6 +51,12 @@ from .errors import InputError
 FINISH_REASONS = ("eos", "length")
 RECORD_KEYS = ("id", "output_ids", "prompt_tokens", "output_tokens", "finish_reason")
 OPTIONAL_KEYS = ("text",)
+JOB_KEY = "offload_job"
+
+
+def job_line(job: str) -> bytes:
+    """The first line of the output of the job named ``job``."""
+    return (json.dumps({JOB_KEY: job}) + "\n").encode("utf-8")
 
 
 def result_line(record_id, prompt_tokens: int, tokens: list[int], reason: str, text: str | None = None) -> bytes:
@@ -62,29 +74,38 @@ def is_record_id(value) -> bool:
 
 
 class ResultFile:
-    """The output of a job whose ids and prompt lengths are ``prompt_tokens`` ({id: count}).
+    """The output of a job whose ids and prompt lengths are ``prompt_tokens`` ({id: count}), named ``job``.
 
     Opening creates the file (and its folder) if missing, takes the lock and reads what is
-    done (``done``); ``write_record`` appends one record durably; ``close`` (or the end of a
-    ``with`` block) releases the lock. Bad or foreign content raises :class:`InputError`
-    and changes nothing.
+    done (``done``); ``write_record`` appends one record durably (after the job line, in a new
+    file of a named job); ``close`` (or the end of a ``with`` block) releases the lock. Bad or
+    foreign content, another job's output among it, raises :class:`InputError` and changes nothing.
     """
 
-    def __init__(self, path, prompt_tokens: Mapping | None = None):
+    def __init__(self, path, prompt_tokens: Mapping | None = None, job: str | None = None):
         self.path = Path(path)
+        self.job = job
         check_output_path(self.path)
-        self.file = _open_locked(self.path)  # closing it (or its garbage collection) releases the lock
+        # closing the file (or its garbage collection) releases the lock
+        self.file, self.created = _open_locked(self.path)
+        self.written = False
         try:
-            self.state = _read_state(_read_all(self.file.fileno()), self.path, prompt_tokens or {})
+            self.state = _read_state(_read_all(self.file.fileno()), self.path, prompt_tokens or {}, job)
         except BaseException:
             self.close()
             raise
         self.done: set = set(self.state.done)
+        # Nothing is kept before the first record (a new file, or only a torn line to cut): the job line comes first.
+        self.job_line_due = job is not None and self.state.keep_bytes == 0
 
     def write_record(self, record_id, prompt_tokens: int, tokens: list[int], reason: str,
                      text: str | None = None) -> None:
         """Append one finished record, flushed to the disk before this returns."""
-        self._write(result_line(record_id, prompt_tokens, tokens, reason, text))
+        line = result_line(record_id, prompt_tokens, tokens, reason, text)
+        if self.job_line_due:  # one write: a crash leaves a prefix of the two, which a rerun cuts
+            line = job_line(self.job) + line
+        self._write(line)
+        self.job_line_due, self.written = False, True
         self.done.add(record_id)
 
     def _write(self, line: bytes) -> None:
@@ -101,12 +122,18 @@ class ResultFile:
     def _repair(self, fd: int) -> None:
         """Cut a torn last record, or end a whole one with its missing newline (before the first append)."""
         os.ftruncate(fd, self.state.keep_bytes)
+        size = self.state.keep_bytes
         if self.state.newline_missing:
             os.lseek(fd, 0, os.SEEK_END)
             _write_all(fd, b"\n")
-        self.state = _State(self.state.done, self.state.keep_bytes, False, self.state.keep_bytes)
+            size += 1
+        self.state = _State(self.state.done, size, False, size)
 
     def close(self) -> None:
+        if self.created and not self.written and not self.file.closed:
+            # A job that ends before its first record (its plan does not fit, say) leaves no file behind.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
         self.file.close()
 
     def __enter__(self) -> "ResultFile":
@@ -116,13 +143,13 @@ class ResultFile:
         self.close()
 
 
-def finished_ids(path, prompt_tokens: Mapping) -> set:
+def finished_ids(path, prompt_tokens: Mapping, job: str | None = None) -> set:
     """The ids done in a job's output, read without changing, locking or creating anything (for ``--plan``)."""
     path = Path(path)
     check_output_path(path)
     if not path.exists():
         return set()
-    return set(_read_state(read_regular_file(path, "output"), path, prompt_tokens).done)
+    return set(_read_state(read_regular_file(path, "output"), path, prompt_tokens, job).done)
 
 
 def check_output_path(path: Path) -> None:
@@ -150,10 +177,15 @@ def _check_parent(path: Path) -> None:
 
 
 def _open_locked(path: Path):
+    """The file, open and locked, and whether this opening created it."""
+    # O_NONBLOCK: should a pipe appear here after the check, opening it must not wait for a writer.
+    flags = os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # O_NONBLOCK: should a pipe appear here after the check, opening it must not wait for a writer.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        try:
+            fd, created = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            fd, created = os.open(path, flags), False
     except OSError as e:
         raise InputError(f"cannot open output file {str(path)!r} for writing ({e.strerror})") from None
     file = os.fdopen(fd, "r+b", buffering=0)
@@ -163,7 +195,7 @@ def _open_locked(path: Path):
     except BaseException:
         file.close()
         raise
-    return file
+    return file, created
 
 
 def _lock(fd: int, path: Path) -> None:
@@ -227,21 +259,40 @@ class _State:
         return self.newline_missing or self.keep_bytes < self.size
 
 
-def _read_state(data: bytes, path: Path, prompt_tokens: Mapping) -> _State:
+def _read_state(data: bytes, path: Path, prompt_tokens: Mapping, job: str | None) -> _State:
     """What is done, and what a torn or unterminated last line needs; foreign content raises."""
     end = data.rfind(b"\n") + 1
     lines = data[:end].split(b"\n")[:-1]
     done: dict = {}
     for n, raw in enumerate(lines, start=1):
+        if n == 1 and _is_job_line(raw, f"{path}:1", job):
+            continue
         _add_done(done, _parse_record(raw, f"{path}:{n}", prompt_tokens), n, f"{path}:{n}")
     tail = data[end:]
     if not tail:
         return _State(done, len(data), False, len(data))
+    if not lines and job is not None and job_line(job).startswith(tail):  # a new file's first write, cut short
+        return _State(done, 0, False, len(data))
     if _is_cut_short(tail, prompt_tokens, done):
         return _State(done, end, False, len(data))
     n = len(lines) + 1
     _add_done(done, _parse_record(tail, f"{path}:{n}", prompt_tokens), n, f"{path}:{n}")
     return _State(done, len(data), True, len(data))
+
+
+def _is_job_line(raw: bytes, where: str, job: str | None) -> bool:
+    """Whether ``raw`` (the first line) is a job line; one that names another job than ``job`` raises."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False  # not a job line; what it is instead is said when it is read as a record
+    if not (isinstance(obj, dict) and list(obj) == [JOB_KEY] and isinstance(obj[JOB_KEY], str)):
+        return False
+    if job is not None and obj[JOB_KEY] != job:
+        raise InputError(f"{where}: written by another job (job {obj[JOB_KEY][:12]}, this is {job[:12]}): its "
+                         "prompt file, model or generation options differ; the file is left as it is: give another "
+                         "--output")
+    return True
 
 
 def _add_done(done: dict, record_id, n: int, where: str) -> None:

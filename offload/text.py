@@ -16,9 +16,20 @@ from pathlib import Path
 
 from .chat import ChatTemplate
 from .errors import InputError
+from .inputs import check_unicode
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for the bytes of a character that is not complete yet
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the first new token (a leading space may depend on them)
+HEAD_CHARS_PER_TOKEN = 16  # a text is counted from its first 16 characters per token of room (English: about 4)
+CUT_TOKENS = 64  # what cutting a text inside a word can add to the tokens of its head, at most
+
+
+class TooManyTokens(InputError):
+    """A text that has more tokens than it may, found out from its beginning: it has ``at_least`` of them."""
+
+    def __init__(self, at_least: int, most: int):
+        super().__init__(f"the prompt has more than {at_least} tokens, and at most {most} fit")
+        self.at_least, self.most = at_least, most
 
 
 class Tokenizer:
@@ -46,8 +57,22 @@ class Tokenizer:
             raise InputError(f"{file}: not a readable tokenizer ({e})") from None
         return cls(inner, ChatTemplate.from_dir(path))
 
-    def encode(self, text: str) -> list[int]:
-        return self.inner.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, most: int | None = None) -> list[int]:
+        """The ids of ``text``. With ``most``, a text far longer than ``most`` tokens raises TooManyTokens having
+        tokenized only its beginning: a body of megabytes then costs milliseconds, not a second of a core."""
+        check_unicode(text, "the prompt")
+        head = text if most is None else text[: HEAD_CHARS_PER_TOKEN * most]
+        if len(head) < len(text):
+            # Words wholly in the head are tokenized as in the whole text; the word cut at its end may add tokens.
+            counted = len(self._encoding(head))
+            if counted > most + CUT_TOKENS:
+                raise TooManyTokens(counted - CUT_TOKENS, most)
+        return self._encoding(text).ids
+
+    def _encoding(self, text: str):
+        # encode_batch lets go of the GIL while it tokenizes (encode holds it throughout): a long prompt tokenized
+        # on a worker thread of the server then leaves its event loop free.
+        return self.inner.encode_batch([text], add_special_tokens=False)[0]
 
     def decode(self, ids: list[int]) -> str:
         out, run = [], []
@@ -63,13 +88,14 @@ class Tokenizer:
             out.append(self.inner.decode(run))
         return "".join(out)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            most: int | None = None) -> list[int]:
         """The token ids of a conversation laid out by the model's chat template (as ``transformers`` does:
-        the template writes any special tokens, so none are added)."""
+        the template writes any special tokens, so none are added); ``most`` as for :meth:`encode`."""
         if self.chat_template is None:
             raise InputError("this model has no chat template (chat_template in tokenizer_config.json, or "
                              "chat_template.jinja): it takes plain prompts only")
-        return self.encode(self.chat_template.render(messages, add_generation_prompt))
+        return self.encode(self.chat_template.render(messages, add_generation_prompt), most)
 
 
 class IdText:
@@ -77,14 +103,15 @@ class IdText:
 
     chat_template = None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, most: int | None = None) -> list[int]:
         raise InputError("this model has no tokenizer (tokenizer.json and the tokenizers package); "
                          "send token ids instead of text")
 
     def decode(self, ids: list[int]) -> str:
         return "".join(f"<{i}>" for i in ids)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            most: int | None = None) -> list[int]:
         raise InputError("this model has no tokenizer (tokenizer.json and the tokenizers package), so no chat "
                          "template; send token ids to /v1/completions")
 

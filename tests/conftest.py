@@ -19,6 +19,7 @@ if not torch.cuda.is_available():  # Triton's kernels, where Triton is installed
 import pytest  # noqa: E402
 import transformers  # noqa: E402
 
+import offload
 from offload.models.shapes import shape_config
 from offload.structured import structured_checkpoint
 from offload.synthetic import train_demo_tokenizer, write_checkpoint
@@ -60,6 +61,21 @@ def tiny(tmp_path_factory) -> Path:
     """The ``tiny`` named shape (8 layers, GQA) as a float32 checkpoint of seeded random weights."""
     return write_checkpoint(shape_config("tiny"), tmp_path_factory.mktemp("tiny"), torch.float32, seed=7,
                             device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def bare(tiny, tmp_path_factory) -> Path:
+    """The tiny model's config.json alone: it can be planned, but loading it would fail."""
+    directory = tmp_path_factory.mktemp("bare")
+    shutil.copy(tiny / "config.json", directory / "config.json")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny):
+    """``tiny`` loaded with 2 KV cache rows of 32 tokens."""
+    with offload.load_model(tiny, max_batch=2, max_seq_len=32, progress=False) as model:
+        yield model
 
 
 CHATML = (

@@ -1,7 +1,9 @@
-"""Batch jobs: input checked up front, output durable across SIGKILL, results equal single-prompt runs."""
+"""Batch jobs: input checked up front (every class of bad prompt file), output durable across SIGKILL, results
+equal single-prompt runs."""
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -15,6 +17,10 @@ import torch
 import offload
 from offload.batch import ResultFile, prompt_lengths, read_records, run_batch
 from offload.cli import main
+from offload.errors import InputError
+
+from hostile import ODD_LINE_BREAKS, Chars, jsonl, mutate, one_line, one_line_exit_2, random_records, refused, \
+    run_script, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +42,8 @@ def read_output(path: Path) -> dict:
     text = path.read_text(encoding="utf-8")
     assert text.endswith("\n")
     lines = [json.loads(line) for line in text.split("\n")[:-1]]  # JSON strings may hold U+2028 and U+0085
+    if list(lines[0]) == ["offload_job"]:  # the line that names the job (a job run from the command line)
+        lines.pop(0)
     ids = [r["id"] for r in lines]
     assert len(ids) == len(set(ids)), "an id was written twice"
     return {r["id"]: r for r in lines}
@@ -111,7 +119,7 @@ def test_torn_last_line_is_cut_and_redone(tiny, tmp_path):
     args = ["--model", str(tiny), "--prompts", str(tmp_path / "in.jsonl"), "--max-new-tokens", "4", "--quiet"]
     assert main([*args, "--output", str(tmp_path / "full.jsonl")]) == 0
     full = (tmp_path / "full.jsonl").read_text()
-    cut = full.index("\n", full.index("\n") + 1) + 10  # two whole records and a torn third
+    cut = [i for i, c in enumerate(full) if c == "\n"][2] + 10  # the job line, two whole records, a torn third
     (tmp_path / "part.jsonl").write_text(full[:cut])
     assert main([*args, "--output", str(tmp_path / "part.jsonl")]) == 0
     assert read_output(tmp_path / "part.jsonl") == read_output(tmp_path / "full.jsonl")
@@ -185,3 +193,148 @@ def test_a_batch_job_with_a_draft_writes_plain_greedy_outputs(structured, tmp_pa
                                                          return_result=True).tokens[0], r.id
     model.close()
     plain.close()
+
+
+# ---------------------------------------------------------------------- every class of bad prompt file
+
+
+PROMPT_FILE_CASES = [
+    pytest.param(b"", "no records", id="empty-file"),
+    pytest.param(b"\n  \t\r\n", "no records", id="only-blank-lines"),
+    pytest.param(b"\xff\xfe{}\n", "not UTF-8", id="not-utf-8"),
+    pytest.param(b'{"id": 1, "prompt_ids": [1]\n', "bad JSON", id="bad-json"),
+    pytest.param(b'{"id": 1, "prompt_ids": [1]}\n\xef\xbb\xbf{"id": 2, "prompt_ids": [1]}\n', "bad JSON",
+                 id="byte-order-mark-inside"),
+    pytest.param(b'{"id": ' + b"7" * 5000 + b', "prompt_ids": [1]}\n', "bad JSON", id="integer-of-5000-digits"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000 + b"\n", "bad JSON", id="nesting-without-end"),
+    pytest.param(b'{"id": 1.0, "prompt_ids": [1]}\n', "'id' must be a string or an integer", id="float-id"),
+    pytest.param(b'{"id": true, "prompt_ids": [1]}\n', "'id' must be a string or an integer", id="bool-id"),
+    pytest.param(b'{"id": null, "prompt_ids": [1]}\n', "'id' must be a string or an integer", id="null-id"),
+    pytest.param(b'{"id": "\\ud800", "prompt_ids": [1]}\n', "unpaired surrogate", id="id-lone-surrogate"),
+    pytest.param(b'{"id": 1, "prompt": "a\\udfffb"}\n', "unpaired surrogate", id="prompt-lone-surrogate"),
+    pytest.param(b'{"id": 1, "prompt_ids": [1, true]}\n', "list of integers", id="bool-token-id"),
+    pytest.param(b'{"id": 1, "prompt_ids": [1.0]}\n', "list of integers", id="float-token-id"),
+    pytest.param(b'{"id": 1, "prompt_ids": [1], "max_new_tokens": 1e400}\n', "positive integer",
+                 id="max-new-tokens-infinite"),
+    pytest.param(b'{"id": 1, "prompt_ids": [1], "max_new_tokens": true}\n', "positive integer",
+                 id="max-new-tokens-bool"),
+    pytest.param(b'{"id": 1, "prompt_ids": [1]}\n{"id": 1, "prompt_ids": [2]}\n', "duplicate id 1",
+                 id="duplicate-id"),
+]
+
+
+@pytest.mark.parametrize("content, words", PROMPT_FILE_CASES)
+def test_bad_prompt_file_is_one_line(bare, tmp_path, capsys, content, words):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_bytes(content)
+    err = refused(capsys, ["--model", str(bare), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl")])
+    assert words in err
+    assert not (tmp_path / "out.jsonl").exists()  # input is checked before the output is touched
+
+
+@pytest.mark.parametrize("kind", ["directory", "device", "fifo", "missing"])
+def test_prompt_file_that_is_no_regular_file(bare, tmp_path, capsys, kind):
+    path = {"directory": tmp_path, "device": Path("/dev/zero"), "missing": tmp_path / "nowhere.jsonl",
+            "fifo": tmp_path / "fifo"}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would wait for a writer forever
+    err = refused(capsys, ["--model", str(bare), "--prompts", str(path), "--output", str(tmp_path / "out.jsonl")])
+    assert {"directory": "is a directory", "device": "not a regular file", "fifo": "not a regular file",
+            "missing": "No such file"}[kind] in err
+
+
+def test_line_breaks_inside_json_strings_are_not_line_ends(tmp_path):
+    rows = [{"id": f"a{ODD_LINE_BREAKS}b", "prompt_ids": [1]}, {"id": 2, "prompt": f"x{ODD_LINE_BREAKS}y"},
+            {"id": "\u2028", "prompt_ids": [3, 4], "max_new_tokens": 2}]
+    tokenizer = Chars()
+    records = read_records(write_jsonl(tmp_path / "in.jsonl", rows), tokenizer, 5, 1024)
+    assert [r.id for r in records] == [f"a{ODD_LINE_BREAKS}b", 2, "\u2028"]
+    assert records[1].prompt_ids == tokenizer.encode(f"x{ODD_LINE_BREAKS}y")
+    assert [r.line for r in records] == [1, 2, 3]
+
+
+def test_a_leading_byte_order_mark_and_crlf_line_ends_are_accepted(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": 1, "prompt_ids": [1]}\r\n\r\n{"id": "2", "prompt_ids": [2]}\r\n')
+    assert [r.id for r in read_records(path, None, 4, 1024)] == [1, "2"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fuzz_the_prompt_reader(tmp_path, seed):
+    """Random bytes, valid files of records with random text, and those truncated or mutated at random
+    points: the reader refuses in one line or returns every record exactly once."""
+    rng = random.Random(seed)
+    path, tokenizer = tmp_path / "in.jsonl", Chars()
+    for trial in range(120):
+        rows = random_records(rng, rng.randint(1, 8))
+        data = jsonl(rng, rows)
+        if rng.random() < 0.2:
+            data = b"\xef\xbb\xbf" + data
+        mutated = trial % 3 != 0
+        if mutated:
+            data = mutate(rng, data)
+        path.write_bytes(data)
+        try:
+            records = read_records(path, tokenizer, 4, 1024)
+        except InputError as e:
+            one_line(e)
+            assert mutated, f"a valid file was refused: {e}"
+            continue
+        ids = [r.id for r in records]
+        assert len(ids) == len(set(ids))
+        if not mutated:
+            assert ids == [r["id"] for r in rows] and all(type(a) is type(r["id"]) for a, r in zip(ids, rows))
+
+
+@pytest.mark.slow
+def test_fifo_batches_with_a_context_just_large_enough(tiny, tmp_path, capsys):
+    rows = [{"id": 1, "prompt_ids": [1, 2, 3], "max_new_tokens": 1},
+            {"id": 2, "prompt_ids": [1, 2, 3, 4, 5, 6, 7, 8], "max_new_tokens": 20},
+            {"id": 3, "prompt_ids": [9], "max_new_tokens": 27}]
+    prompts = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    assert main(["--model", str(tiny), "--prompts", str(prompts), "--output", str(out), "--schedule", "fifo",
+                 "--batch-size", "3", "--ignore-eos", "--quiet", "--max-seq-len", "28"]) == 0
+    got = {r["id"]: r["output_tokens"] for r in map(json.loads, out.read_text().split("\n")[1:-1])}  # after the job
+    assert got == {1: 1, 2: 20, 3: 27}
+    capsys.readouterr()
+
+
+def test_a_chat_record_with_a_lone_surrogate_is_one_line(tiny_chat, tmp_path, capsys):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_bytes(b'{"id": "x", "prompt_ids": [1]}\n{"id": "y", "messages": [{"role": "user", "content": "hi '
+                        b'\\ud800"}]}\n')
+    out = tmp_path / "out.jsonl"
+    err = refused(capsys, ["--model", str(tiny_chat), "--prompts", str(prompts), "--output", str(out)])
+    assert f"{prompts}:2: messages[0].content is not valid Unicode" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_chat_record_with_a_lone_surrogate_is_one_line_through_the_script(tiny_chat, tmp_path):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_bytes(b'{"id": "y", "messages": [{"role": "user", "content": "hi \\ud800"}]}\n')
+    (tmp_path / "out.jsonl").write_bytes(b"")
+    done = run_script("--model", str(tiny_chat), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl"),
+                      cache_dir=tmp_path)
+    assert "messages[0].content is not valid Unicode" in one_line_exit_2(done)
+    assert (tmp_path / "out.jsonl").read_bytes() == b""
+
+
+@pytest.mark.parametrize("max_new, words", [(10**12, "'max_new_tokens' must be at most 2147483647"),
+                                             (10**9, "")])  # within the count, past any budget
+def test_a_record_whose_token_limit_passes_any_context_is_one_line(bare, tmp_path, capsys, max_new, words):
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"id": "y", "prompt_ids": [1, 2], "max_new_tokens": max_new}])
+    err = refused(capsys, ["--model", str(bare), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl")])
+    assert words in err and "warning" not in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_record_whose_token_limit_passes_any_context_is_one_line_through_the_script(tiny, tmp_path):
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"id": "y", "prompt_ids": [1, 2], "max_new_tokens": 10**12}])
+    done = run_script("--model", str(tiny), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl"),
+                      cache_dir=tmp_path)
+    assert "'max_new_tokens' must be at most" in one_line_exit_2(done)
+    assert not (tmp_path / "out.jsonl").exists()
+

@@ -1,4 +1,5 @@
-"""bench_serve.py --quick: the tiny shape on the CPU, served to concurrent clients and one at a time."""
+"""bench_serve.py --quick: the tiny shape on the CPU, served to concurrent clients and one at a time;
+bench_serve_hostile.py --quick: well-behaved clients among slow and abusive ones."""
 
 import json
 import os
@@ -11,10 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bench(*args):
+def bench(*args, script="benchmarks/bench_serve.py"):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "benchmarks/bench_serve.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.slow
@@ -38,3 +39,23 @@ def test_bench_serve_bad_input_is_one_line_and_exit_2():
     done = bench("--shape", "no-such-shape")
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "no-such-shape" in done.stderr
+
+
+@pytest.mark.slow
+def test_bench_serve_hostile_quick(tmp_path):
+    """Two runs of 15 s: every well-behaved and slow request answered with its text, every attack as it should
+    be, no row left busy, and the p99 time to first token under attack within 2x the calm run's."""
+    pytest.importorskip("fastapi")
+    done = bench("--quick", "--json", str(tmp_path / "bench.json"), script="benchmarks/bench_serve_hostile.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("bench_serve_hostile: ")
+    data = json.loads((tmp_path / "bench.json").read_text())
+    calm, hostile = data["runs"]
+    assert data["ok"] and data["rows_busy"] == 0
+    assert calm["wrong_count"] == hostile["wrong_count"] == 0 and calm["requests"] > 0 and hostile["requests"] > 0
+    assert set(hostile["slow"]) == {"slow sender", "slow reader", "half-closer"}
+    assert set(hostile["attacks"]) == {"slowloris", "50 MB body", "50 MB chunked body", "not HTTP",
+                                       "malformed request", "body at the limit", "request, then gone",
+                                       "stream, then gone"} and not hostile["misanswered"]
+    assert hostile["ttft_p99"] <= 2 * calm["ttft_p99"]
+

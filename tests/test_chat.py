@@ -2,6 +2,7 @@
 token by token, and the CLI's --chat, "messages" batch records and printing as it generates."""
 
 import json
+import random
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ import offload
 from offload.chat import ChatTemplate, check_messages, stop_token_ids
 from offload.cli import generate_showing, main
 from offload.scheduler.row_engine import Request
-from offload.text import IdText, TextStream, Tokenizer
+from offload.text import IdText, TextStream, Tokenizer, TooManyTokens
 
 from conftest import CHATML, write_chat_tokenizer
 
@@ -84,19 +85,37 @@ def test_several_templates_without_a_default_are_refused(tmp_path):
         ChatTemplate.from_dir(tmp_path)
 
 
-def test_template_errors_are_input_errors(tmp_path):
+def test_a_refusal_is_an_input_error_and_a_failing_template_a_config_error(tmp_path):
     write_chat_tokenizer(tmp_path, LLAMA2)
     template = ChatTemplate.from_dir(tmp_path)
     two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
-    with pytest.raises(offload.InputError, match="roles must alternate"):
+    with pytest.raises(offload.InputError, match="refused these messages: Conversation roles must alternate"):
         template.render(two_users)
     with pytest.raises(Exception, match="roles must alternate"):  # transformers says the same
         hf_tokenizer(tmp_path).apply_chat_template(two_users, tokenize=False)
     with pytest.raises(offload.ConfigError, match="syntax error on line 1"):
         ChatTemplate("{% for m in messages %}").compiled()
-    with pytest.raises(offload.InputError, match="cannot render"):
-        ChatTemplate("{{ messages[0].content + 1 }}").render([{"role": "user", "content": "a"}])
+    hello = [{"role": "user", "content": "a"}]
+    # the template's own faults, whatever the conversation: not the caller's
+    with pytest.raises(offload.ConfigError, match="chat template failed [(]TypeError"):
+        ChatTemplate("{{ messages[0].content + 1 }}").render(hello)
+    with pytest.raises(offload.ConfigError, match="failed [(]ZeroDivisionError"):
+        ChatTemplate("{{ 1 // 0 }}").render(hello)
+    with pytest.raises(offload.ConfigError, match="failed [(]SecurityError: access to attribute '__class__' of 'str' object is unsafe"):
+        ChatTemplate("{{ ''.__class__.__base__.__subclasses__() }}").render(hello)  # the sandbox refuses it
+    with pytest.raises(offload.ConfigError, match="failed [(]UndefinedError: 'tool_schema' is undefined"):
+        ChatTemplate("{{ tool_schema.name }}").render(hello)
     assert ChatTemplate.from_dir(tmp_path.parent / "no-such-dir") is None
+
+
+def test_a_template_is_checked_on_a_one_message_conversation(tmp_path):
+    write_chat_tokenizer(tmp_path, LLAMA2)
+    ChatTemplate.from_dir(tmp_path).check()  # refuses only some conversations: fine
+    ChatTemplate(CHATML).check()
+    with pytest.raises(offload.ConfigError, match="failed [(]ZeroDivisionError"):
+        ChatTemplate("{{ 1 // 0 }}").check()
+    with pytest.raises(offload.ConfigError, match="refused these messages: no chats; a template must lay out"):
+        ChatTemplate("{{ raise_exception('no chats') }}").check()
 
 
 @pytest.mark.parametrize("messages, words", [
@@ -105,6 +124,8 @@ def test_template_errors_are_input_errors(tmp_path):
     ([{"content": "x"}], "'role' must be a string"),
     ([{"role": "user", "content": 3}], "'content' must be a string"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text parts"),
+    ([{"role": "user", "content": None}], r"messages\[0\]: 'content' is missing or null"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant"}], r"messages\[1\]: 'content' is missing or null"),
 ])
 def test_bad_messages(messages, words):
     with pytest.raises(offload.InputError, match=words):
@@ -218,7 +239,8 @@ def test_batch_records_with_messages(tiny_chat, tmp_path):
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert main(["--model", str(tiny_chat), "--prompts", str(tmp_path / "in.jsonl"), "--output",
                  str(tmp_path / "out.jsonl"), "--batch-size", "2", "--max-step-tokens", "64", "--quiet"]) == 0
-    got = {r["id"]: r["output_ids"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    job, *records = map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())  # the job line first
+    got = {r["id"]: r["output_ids"] for r in records}
     tokenizer = Tokenizer.from_dir(tiny_chat)
     prompts = [tokenizer.apply_chat_template(m) for m in messages] + [tokenizer.encode("The quick brown")]
     model = offload.load_model(tiny_chat, max_batch=3, max_seq_len=64, progress=False)
@@ -233,3 +255,25 @@ def test_batch_messages_errors_name_the_line(tiny, tiny_chat, tmp_path, capsys):
                      str(tmp_path / "out.jsonl")]) == 2
         err = capsys.readouterr().err
         assert f"{tmp_path / 'in.jsonl'}:2:" in err and words in err, err
+
+
+@pytest.mark.parametrize("most", [1, 5, 40, 200])
+def test_a_text_far_past_its_room_is_found_out_from_its_beginning(tiny_chat, most):
+    """encode(text, most) gives encode(text), or raises TooManyTokens, and then only for a text of more than
+    ``most`` tokens, whatever the text: words, runs of spaces, one long word cut anywhere, other scripts."""
+    tokenizer = Tokenizer.from_dir(tiny_chat)
+    rng = random.Random(most)
+    words = ["the", "quick", "brown", "fox", " ", "    ", "\n", "東京", "Grüße", "x" * 700, "ab" * 300, "😀"]
+    refused = 0
+    for _ in range(60):
+        text = "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randint(1, 400)))
+        whole = tokenizer.encode(text)
+        try:
+            ids = tokenizer.encode(text, most=most)
+        except TooManyTokens as e:
+            refused += 1
+            assert len(whole) > e.at_least >= most, (len(whole), e.at_least, most)
+        else:
+            assert ids == whole
+    assert refused > 0 or most < 40  # below, no head is CUT_TOKENS past its room: every text is tokenized whole
+

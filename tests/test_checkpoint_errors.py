@@ -1,10 +1,12 @@
-"""Bad checkpoints make ``load_model`` raise an ``OffloadError`` that names the file or tensor at fault."""
+"""Bad checkpoints make ``load_model`` raise an ``OffloadError`` that names the file or tensor at fault, and the
+command line refuse them in one line."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import offload
 from offload.errors import CheckpointError, ConfigError
+
+from hostile import refused
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -213,3 +217,58 @@ def test_a_config_without_weights_needs_random_weights():
 
     with pytest.raises(offload.InputError, match="random_weights"):
         offload.load_model(shape_config("tiny"), progress=False)
+
+
+# ---------------------------------------------------------------------- through the command line
+
+
+def test_config_with_fewer_layers_than_the_checkpoint_is_refused(tiny, tmp_path, capsys):
+    fewer = tmp_path / "fewer"
+    shutil.copytree(tiny, fewer)
+    raw = json.loads((fewer / "config.json").read_text())
+    (fewer / "config.json").write_text(json.dumps({**raw, "num_hidden_layers": 4}))
+    err = refused(capsys, ["--model", str(fewer), "--prompt-ids", "1", "--quiet"])
+    assert "has layers up to 7, but config.json's num_hidden_layers is 4" in err
+
+
+def _broken_weights(tiny: Path, tmp_path: Path, name: str, change) -> Path:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors[name] = change(tensors[name])
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    return broken
+
+
+def _with(value):
+    def change(t):
+        t = t.clone()
+        t.view(-1)[t.numel() // 2] = value
+        return t
+    return change
+
+
+WEIGHT_CASES = [
+    pytest.param("model.layers.3.mlp.down_proj.weight", _with(float("nan")), [], "NaN or infinite", id="nan"),
+    pytest.param("model.norm.weight", _with(float("inf")), [], "NaN or infinite", id="inf"),
+    pytest.param("model.embed_tokens.weight", _with(1e6), ["--dtype", "fp16"], "NaN or infinite values (as float16)",
+                 id="overflow-in-the-cast"),
+    pytest.param("model.layers.0.self_attn.q_proj.weight", lambda t: t.to(torch.int32), [], "has dtype I32",
+                 id="int32-tensor"),
+    pytest.param("model.layers.5.input_layernorm.weight", lambda t: t > 0, [], "has dtype BOOL", id="bool-tensor"),
+]
+
+
+@pytest.mark.parametrize("name, change, flags, words", WEIGHT_CASES)
+def test_bad_weights_are_refused_naming_the_tensor(tiny, tmp_path, capsys, name, change, flags, words):
+    broken = _broken_weights(tiny, tmp_path, name, change)
+    err = refused(capsys, ["--model", str(broken), "--prompt-ids", "1", "--quiet", *flags])
+    assert words in err and name in err
+
+
+def test_a_weights_file_that_is_a_pipe_is_refused_unopened(tiny, tmp_path, capsys):
+    piped = tmp_path / "piped"
+    piped.mkdir()
+    shutil.copy(tiny / "config.json", piped / "config.json")
+    os.mkfifo(piped / "model.safetensors")  # opening it would wait for a writer forever
+    assert "model.safetensors: not a regular file" in refused(capsys, ["--model", str(piped), "--prompt-ids", "1"])

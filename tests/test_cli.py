@@ -1,24 +1,21 @@
-"""The command line: the no-argument demo, one-line errors with status 2, --plan without loading."""
+"""The command line: the no-argument demo, one-line errors with status 2 for every class of bad flag (before
+any weights are read), --plan without loading, signals."""
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from offload.cli import main
 from offload.models.shapes import shape_config
+from offload.results import result_line
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "run_offloaded.py"
-
-
-def run_script(*args, cache_dir, timeout=300):
-    env = {**os.environ, "OFFLOAD_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+from hostile import PROMPTS, ROOT, SCRIPT, jsonl, mutate, one_line_exit_2, random_records, refused, run_script, \
+    write_jsonl
 
 
 @pytest.mark.slow
@@ -130,3 +127,234 @@ def test_speculative_decoding_prints_tokens_per_pass_and_the_same_output(structu
     assert float(line.split()[2]) > 1 and "tokens per pass" in line
     assert main(argv + ["--draft", "int4", "--plan"]) == 0
     assert "  draft: int4 copy of the target" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- every class of bad flag
+
+
+FLAG_CASES = [
+    pytest.param(["--max-seq-len", "0"], "max_seq_len must be a positive integer", id="max-seq-len-zero"),
+    pytest.param(["--max-seq-len", "-8"], "max_seq_len must be a positive integer", id="max-seq-len-negative"),
+    pytest.param(["--max-seq-len", "9" * 400], "max_seq_len must be at most", id="max-seq-len-400-digits"),
+    pytest.param(["--max-batch", "0"], "max_batch must be a positive integer", id="max-batch-zero"),
+    pytest.param(["--max-step-tokens", "0"], "max_step_tokens must be a positive integer", id="max-step-tokens-zero"),
+    pytest.param(["--slots", "0"], "slots must be a positive integer", id="slots-zero"),
+    pytest.param(["--slots", "-1"], "slots must be a positive integer", id="slots-negative"),
+    pytest.param(["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer", id="max-new-tokens-zero"),
+    pytest.param(["--max-new-tokens", "-3"], "--max-new-tokens must be a positive integer",
+                 id="max-new-tokens-negative"),
+    pytest.param(["--tp", "0"], "tp must be a positive integer", id="tp-zero"),
+    pytest.param(["--top-p", "0"], "top_p must be in (0, 1]", id="top-p-zero"),
+    pytest.param(["--top-p", "1.5"], "top_p must be in (0, 1]", id="top-p-above-one"),
+    pytest.param(["--top-p", "nan"], "top_p must be in (0, 1]", id="top-p-nan"),
+    pytest.param(["--top-k", "-1"], "top_k must be an integer >= 0", id="top-k-negative"),
+    pytest.param(["--temperature", "-1"], "temperature must be a number >= 0", id="temperature-negative"),
+    pytest.param(["--temperature", "nan"], "temperature must be a number >= 0", id="temperature-nan"),
+    pytest.param(["--temperature", "inf"], "temperature must be a number >= 0", id="temperature-inf"),
+    pytest.param(["--temperature", "1e-320"], "beyond float32's range", id="temperature-underflows"),
+    pytest.param(["--temperature", "1e300"], "beyond float32's range", id="temperature-overflows"),
+    pytest.param(["--seed", "-1"], "seed must be an integer in [0, 2**64)", id="seed-negative"),
+    pytest.param(["--seed", str(2**64)], "seed must be an integer in [0, 2**64)", id="seed-past-64-bits"),
+    pytest.param(["--output", "out.jsonl"], "--output goes with --prompts", id="output-without-prompts"),
+    pytest.param(["--device", "foo"], "unknown device 'foo'", id="device-unknown"),
+    pytest.param(["--device", "meta"], "device meta is not supported", id="device-meta"),
+    pytest.param(["--device", "mps"], "device mps is not supported", id="device-mps"),
+    pytest.param(["--device", "cuda:7"], "cuda:7", id="device-cuda-absent"),
+    pytest.param(["--gpu-memory", "9" * 400], "more bytes than any machine has", id="budget-400-digits"),
+    pytest.param(["--cpu-memory", "1" + "0" * 30 + "GiB"], "more bytes than any machine has", id="budget-huge"),
+    pytest.param(["--gpu-memory=-1GiB"], "cannot parse", id="budget-negative"),
+    pytest.param(["--gpu-memory", "nan"], "cannot parse", id="budget-nan"),
+    pytest.param(["--gpu-memory", "1e999"], "cannot parse", id="budget-exponent"),
+    pytest.param(["--peer-memory", "cuda:1=" + "9" * 400], "more bytes than any machine has",
+                 id="peer-budget-400-digits"),
+    pytest.param(["--dtype", "int8"], "unsupported dtype", id="dtype-unknown"),
+    pytest.param(["--no-such-flag"], "unrecognized arguments", id="flag-unknown"),
+    pytest.param(["--prompt-ids", ""], "the prompt is empty", id="prompt-ids-empty"),
+    pytest.param(["--prompt-ids", "1,x"], "comma-separated integers", id="prompt-ids-not-integers"),
+]
+
+
+@pytest.mark.parametrize("argv, words", FLAG_CASES)
+def test_bad_flag_is_one_line_before_loading(bare, capsys, argv, words):
+    assert words in refused(capsys, ["--model", str(bare), "--prompt-ids", "1,2", *argv])
+
+
+def test_batch_size_zero_is_refused(bare, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt_ids": [1, 2]}])
+    err = refused(capsys, ["--model", str(bare), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl"),
+                           "--batch-size", "0", "--plan"])
+    assert "--batch-size must be >= 1" in err
+
+
+def test_model_given_as_a_file(tiny, capsys):
+    err = refused(capsys, ["--model", str(tiny / "config.json"), "--prompt-ids", "1"])
+    assert "is a file; give the checkpoint directory" in err
+
+
+def test_missing_model(tmp_path, capsys):
+    assert "does not exist" in refused(capsys, ["--model", str(tmp_path / "nowhere"), "--prompt-ids", "1"])
+
+
+def test_cli_temperature_zero_asks_for_greedy_decoding():
+    from offload.cli import _sampling, build_parser
+
+    assert _sampling(build_parser().parse_args(["--temperature", "0", "--seed", "3"])).greedy
+    assert not _sampling(build_parser().parse_args(["--temperature", "0.5"])).greedy
+
+
+@pytest.mark.slow
+def test_temperature_zero_is_greedy(tiny, tiny_model, capsys):
+    def ids(*flags):
+        assert main(["--model", str(tiny), "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--quiet",
+                     "--ignore-eos", *flags]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("output ids:"))
+
+    assert ids("--temperature", "0", "--seed", "3", "--top-k", "5") == ids()
+    greedy = tiny_model.generate([[5, 6, 7]], max_new_tokens=6, ignore_eos=True)
+    for temperature in (0, 1e-40):  # a tiny temperature runs, and is all but greedy
+        sampled = tiny_model.generate([[5, 6, 7]], max_new_tokens=6, ignore_eos=True, do_sample=True,
+                                 temperature=temperature, seed=3)
+        assert sampled == greedy
+
+
+def test_half_set_torchrun_environment(bare, capsys, monkeypatch):
+    base = ["--model", str(bare), "--prompt-ids", "1", "--tp", "2"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert "RANK, MASTER_ADDR, MASTER_PORT not set" in refused(capsys, base)
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    monkeypatch.setenv("RANK", "x")
+    assert "RANK='x' is not an integer" in refused(capsys, base)
+    monkeypatch.setenv("RANK", "2")
+    assert "RANK=2 is outside WORLD_SIZE=2" in refused(capsys, base)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert "tp=2 but WORLD_SIZE=4" in refused(capsys, base)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "99999")
+    assert "not a port number" in refused(capsys, base)
+
+
+# ---------------------------------------------------------------------- in a process of its own
+
+
+@pytest.mark.slow
+def test_the_script_refuses_in_one_line_with_status_2(tiny, bare, tmp_path):
+    prompts = write_jsonl(tmp_path / "in.jsonl", PROMPTS)
+    (tmp_path / "out.jsonl").write_bytes(b"not ours")
+    cases = [["--model", str(bare), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl")],
+             ["--model", str(bare), "--prompts", str(prompts), "--output", "/dev/full"],
+             ["--model", str(bare), "--prompt-ids", "1", "--max-seq-len", "0"],
+             ["--model", str(tiny / "config.json"), "--prompt-ids", "1"]]
+    for argv in cases:
+        one_line_exit_2(run_script(*argv, cache_dir=tmp_path, timeout=120))
+    assert (tmp_path / "out.jsonl").read_bytes() == b"not ours"
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_importing_exits_130_without_a_traceback(tiny, tmp_path):
+    env = {**os.environ, "OFFLOAD_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # -X importtime reports each import as it ends: the first torch module means the script is importing.
+    job = subprocess.Popen([sys.executable, "-X", "importtime", str(SCRIPT), "--model", str(tiny), "--prompt-ids", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for report in job.stderr:
+        if report.rsplit("|", 1)[-1].strip().startswith("torch"):
+            job.send_signal(signal.SIGINT)
+            break
+    rest = job.stderr.read()
+    assert job.wait(timeout=60) == 130
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+
+
+# ---------------------------------------------------------------------- fuzzed files through the command line
+
+
+def test_fuzz_inputs_are_never_a_traceback_through_the_cli(bare, tmp_path, capsys):
+    """A few fuzzed prompt and output files through the command line itself (planning only)."""
+    rng = random.Random(99)
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    for _ in range(15):
+        rows = [{"id": r["id"], "prompt_ids": [1, 2]} for r in random_records(rng, 3)]
+        prompts.write_bytes(mutate(rng, jsonl(rng, rows)) if rng.random() < 0.5 else jsonl(rng, rows))
+        out.write_bytes(mutate(rng, b"".join(result_line(r["id"], 2, [1], "eos") for r in rows)))
+        before = out.read_bytes()
+        code = main(["--model", str(bare), "--prompts", str(prompts), "--output", str(out), "--plan",
+                     "--batch-size", "1"])
+        err = capsys.readouterr().err
+        assert code in (0, 2) and "Traceback" not in err
+        assert out.read_bytes() == before
+        if code == 2:
+            assert err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------- text that is not Unicode
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tiny, capsys):
+    err = refused(capsys, ["--model", str(tiny), "--prompt", "caf\udce9", "--plan"])  # Python's reading of caf\xe9
+    assert "--prompt is not valid Unicode" in err and "the byte 0xe9" in err
+
+
+@pytest.mark.slow
+def test_a_prompt_that_is_not_utf8_is_one_line_through_the_script(tiny, tmp_path):
+    done = run_script("--model", str(tiny), "--prompt", b"caf\xe9", "--max-new-tokens", "2", cache_dir=tmp_path)
+    assert "--prompt is not valid Unicode" in one_line_exit_2(done)
+
+
+# ---------------------------------------------------------------------- budgets and limits
+
+
+@pytest.mark.parametrize("peer", ["meta=100MiB", "cpu=1GiB"])
+def test_a_peer_that_is_not_a_gpu_is_one_line(bare, capsys, peer):
+    err = refused(capsys, ["--model", str(bare), "--prompt-ids", "1", "--peer-memory", peer, "--plan"])
+    assert f"--peer-memory '{peer}': {peer.split('=')[0]} is not a GPU" in err
+
+
+@pytest.mark.parametrize("max_new", [10**12, 10**9])
+def test_a_token_limit_past_any_context_is_one_line_without_a_warning(bare, capsys, max_new):
+    """Without --max-seq-len the cache is sized for the prompt and the answer: far past the model's 512
+    positions (a warning) and more than any budget holds (an error). Only the error is said."""
+    err = refused(capsys, ["--model", str(bare), "--prompt-ids", "1", "--max-new-tokens", str(max_new), "--plan"])
+    assert "warning" not in err
+
+
+@pytest.mark.slow
+def test_a_peer_that_is_not_a_gpu_is_one_line_through_the_script(bare, tmp_path):
+    done = run_script("--model", str(bare), "--prompt-ids", "1", "--peer-memory", "meta=100MiB", cache_dir=tmp_path)
+    assert "meta is not a GPU" in one_line_exit_2(done)
+
+
+# ---------------------------------------------------------------------- first contact
+
+
+@pytest.mark.parametrize("parser", ["run_offloaded", "serve"])
+def test_every_flag_has_a_help_text_and_the_budgets_state_their_defaults(parser):
+    from offload.cli import build_parser
+    from offload.serve.cli import build_parser as build_serve_parser
+
+    p = {"run_offloaded": build_parser, "serve": build_serve_parser}[parser]()
+    helps = {a.option_strings[-1]: a.help for a in p._actions if a.option_strings and a.dest != "help"}
+    assert all(helps.values()), [flag for flag, text in helps.items() if not text]
+    assert "default" in helps["--max-new-tokens" if parser == "run_offloaded" else "--log-level"]
+    shown = " ".join(p.format_help().split())
+    assert "budget of the compute device, e.g. 20GiB (default: its free memory less 2 GiB; on a CPU, 80% of the " \
+           "available RAM)" in shown
+    assert "(default with a GPU: 80% of the available RAM; on a CPU: 0, nothing streams)" in shown
+
+
+def test_the_demo_says_its_weights_are_random_and_states_its_budget(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_CACHE_DIR", str(tmp_path))  # where the demo checkpoint is made
+    assert main(["--plan", "--quiet"]) == 0
+    demo = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("demo:"))
+    assert "weights are random (its output ids mean nothing" in demo
+    size, flag = demo.split("in a budget of ")[1].split(" that holds")[0].split(" (--gpu-memory ")
+    assert size.endswith(" MiB") and int(flag.rstrip(")")) > 2**20  # formatted, and the exact flag to repeat it
+
+
+@pytest.mark.slow
+def test_the_demo_prints_ids_not_noise(tmp_path):
+    done = run_script("--max-new-tokens", "4", "--quiet", cache_dir=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "output ids:" in done.stdout and "output: " not in done.stdout

@@ -4,11 +4,13 @@ for the errors, raw HTTP. Outputs are checked against model.generate on a second
 import asyncio
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +26,7 @@ from offload.text import Tokenizer
 for module in ("fastapi", "uvicorn", "openai", "httpx"):  # the serve and test extras
     pytest.importorskip(module)
 
+import h11  # noqa: E402
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
@@ -58,12 +61,12 @@ def model_dir(tiny_chat, reference, tmp_path_factory):
     return out
 
 
-def start_server(path, rows, max_queue, seq=SEQ, **load_kwargs):
+def start_server(path, rows, max_queue, seq=SEQ, api_docs=False, server_options=None, **load_kwargs):
     model = load(path, rows, seq, **load_kwargs)
     tokenizer = Tokenizer.from_dir(path)
     service = Service(EngineLoop(model, rows), tokenizer, "tiny-chat", stop_token_ids(path, model.config.eos_token_ids),
                       max_queue=max_queue, aliases=(str(path),))
-    server = ServerThread(create_app(service)).start()
+    server = ServerThread(create_app(service, api_docs=api_docs), **(server_options or {})).start()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     return server, SimpleNamespace(url=server.url, client=client, service=service, tokenizer=tokenizer,
                                    eos=service.eos_ids)
@@ -86,6 +89,11 @@ def expect(reference, tokenizer, eos, prompt, n, **sampling):
     tokens, reason = result.tokens[0], result.finish_reasons[0]
     return tokenizer.decode(tokens[:-1] if reason == "eos" else tokens), "stop" if reason == "eos" else "length", \
         len(tokens)
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
 
 
 def metric(url, name) -> float:
@@ -279,9 +287,142 @@ def test_a_failed_step_answers_500_and_the_server_goes_on(served):
     assert answer.usage.completion_tokens >= 1
 
 
+def raw_request(url: str, path: str, body: dict) -> socket.socket:
+    """A socket that has sent one whole POST request of ``body``."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(address(url))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(data), data))
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> tuple[int, bytes]:
+    """The status and body of the one response on ``sock`` (any framing), read until the server closes."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "0")]))
+    client.send(h11.EndOfMessage())  # h11 parses a response only to a request it has seen
+    status, body = None, b""
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert sock.recv(1) == b""  # and then the server closes
+            return status, body
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_client_that_half_closes_after_its_request_is_answered(served, reference, stream):
+    """shutdown(SHUT_WR) after a whole request (nc -N, many scripts): the answer comes, and the request is not
+    counted as cancelled."""
+    cancelled = metric(served.url, 'offload_requests_total{finish_reason="cancelled"}')
+    prompt = [5, 300, 17, 900, 42]
+    text, _, _ = expect(reference, served.tokenizer, (), prompt, 40)
+    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": stream}
+    with raw_request(served.url, "/v1/completions", body) as sock:
+        sock.shutdown(socket.SHUT_WR)
+        status, answer = read_until_closed(sock)
+    assert status == 200
+    if stream:
+        events = [line.removeprefix("data: ") for line in answer.decode().split("\n\n") if line]
+        assert events[-1] == "[DONE]"
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == text
+    else:
+        assert json.loads(answer)["choices"][0]["text"] == text  # after the whitespace that probed the client
+    assert metric(served.url, 'offload_requests_total{finish_reason="cancelled"}') == cancelled
+
+
+@pytest.fixture
+def impatient(model_dir):
+    """A server that gives a client 1 s to send a whole request, and running answers 0.5 s at shutdown."""
+    server, s = start_server(model_dir, rows=1, max_queue=1, seq=512,
+                             server_options={"request_timeout": 1.0, "grace": 0.5})
+    s.server = server
+    yield s
+    server.stop()
+
+
+def test_clients_that_send_slowly_are_disconnected_and_others_served(impatient):
+    """20 slowloris connections (a header byte every 0.1 s) and 5 with a body that trickles: each is closed when
+    its request is not whole in time (1 s here), and a normal client is answered meanwhile."""
+    heads = [socket.create_connection(address(impatient.url)) for _ in range(20)]
+    bodies = [socket.create_connection(address(impatient.url)) for _ in range(5)]
+    for sock in heads:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    for sock in bodies:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+    start, still_open = time.monotonic(), set(heads + bodies)
+    answer = impatient.client.completions.create(model="tiny-chat", prompt="The quick", max_tokens=2)
+    assert answer.usage.completion_tokens >= 1
+    while still_open and time.monotonic() - start < 5:
+        for sock in still_open.copy():
+            try:
+                sock.sendall(b"X" if sock in heads else b" ")
+            except OSError:  # reset by the server
+                still_open.discard(sock)
+        closed, _, _ = select.select(list(still_open), [], [], 0.1)  # readable: the server's end of the connection
+        for sock in closed:
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            still_open.discard(sock)
+    seconds = time.monotonic() - start
+    assert not still_open and 0.9 < seconds < 2.5, (len(still_open), seconds)
+    for sock in heads + bodies:
+        sock.close()
+
+
+def test_at_shutdown_running_answers_end_with_a_final_event(impatient):
+    """On SIGTERM (here: the server told to stop, as the signal does) a stream still running after the grace
+    period ends with an error event and [DONE], a whole answer still waiting with a 503."""
+    body = {"prompt": "The quick", "max_tokens": 500, "temperature": 0, "ignore_eos": True}
+    with httpx.stream("POST", impatient.url + "/v1/completions", json={**body, "stream": True}) as stream:
+        lines = (line for line in stream.iter_lines() if line.startswith("data: "))
+        next(lines)  # running, in the one row
+        waiting = []  # a whole answer queued behind it
+        asker = threading.Thread(target=lambda: waiting.append(httpx.post(impatient.url + "/v1/completions",
+                                                                          json=body, timeout=30)))
+        asker.start()
+        wait_for(lambda: metric(impatient.url, "offload_queue_depth") == 1)
+        stopper = threading.Thread(target=impatient.server.stop)
+        stopper.start()
+        events = [line.removeprefix("data: ") for line in lines]
+    asker.join()
+    stopper.join(timeout=30)
+    assert not stopper.is_alive()
+    assert events[-1] == "[DONE]" and "shutting down" in json.loads(events[-2])["error"]["message"]
+    assert len(events) < 500  # cut short, with a final event
+    assert waiting[0].status_code == 503 and waiting[0].json()["error"]["code"] == "shutting_down"
+
+
 # ---------------------------------------------------------------------- bad requests: 4xx with OpenAI's error body
 
 LONG = list(range(3, 3 + SEQ))
+
+
+@pytest.mark.parametrize("content_type, words", [
+    ("application/x-www-form-urlencoded", "this one came with Content-Type 'application/x-www-form-urlencoded'"),
+    ("text/plain; charset=utf-8", "Content-Type 'text/plain; charset=utf-8'"),
+    (None, "this one came with no Content-Type"),
+])
+def test_a_json_body_of_another_content_type_is_told_which_it_has(served, content_type, words):
+    """curl -d sends a form type by default: a JSON body under it is not read (a browser may send a form to
+    another site unasked), and the answer says what to send."""
+    body = json.dumps({"prompt": "The quick", "max_tokens": 2, "temperature": 0, "ignore_eos": True}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(served.url + "/v1/completions", content=body, headers=headers)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert words in message and "Content-Type: application/json" in message
+    answer = httpx.post(served.url + "/v1/completions", content=body,
+                        headers={"content-type": "application/vnd.api+json"})
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
 
 
 @pytest.mark.parametrize("path, body, status, param, words", [
@@ -295,6 +436,9 @@ LONG = list(range(3, 3 + SEQ))
     ("/v1/completions", {"prompt": "a", "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 1"),
     ("/v1/completions", {"prompt": "a", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
     ("/v1/completions", {"prompt": "a", "temperature": 3}, 400, "temperature", "less than or equal to 2"),
+    ("/v1/completions", b'{"prompt": "a", "temperature": NaN}', 400, "temperature", "finite number"),
+    ("/v1/completions", b'{"prompt": "a", "top_p": Infinity}', 400, "top_p", "finite number"),
+    ("/v1/completions", {"prompt": "a", "temperature": 5e-324}, 400, "temperature", "beyond float32's range"),
     ("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "top_p", "greater than 0"),
     ("/v1/completions", {"prompt": "a", "seed": -1}, 400, "seed", "greater than or equal to 0"),
     ("/v1/completions", {"prompt": "a", "stop": [""]}, 400, "stop", "must not be empty"),
@@ -307,13 +451,22 @@ LONG = list(range(3, 3 + SEQ))
     ("/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, "model", "'gpt-4' does not exist"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "non-empty list"),
     ("/v1/chat/completions", {"messages": [{"role": 1}]}, 400, "messages", "'role' must be a string"),
-    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages", "chat template"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages", "'content' is missing or null"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages",
+     "messages[0]: 'content' is missing or null"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages",
+     "messages[0].role 'wizard' is not one of system, developer, user, assistant, tool, function"),
     ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True}, 400, "logprobs", "not supported"),
     ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
     ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 3, "max_completion_tokens": 4}, 400, "max_tokens",
      "differ"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages",
      "only text parts"),
+    # lone surrogates: JSON can escape them, UTF-8 cannot hold them, a tokenizer refuses them
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800 x"}], "max_tokens": 3}', 400,
+     "messages", "messages[0].content is not valid Unicode"),
+    ("/v1/completions", b'{"prompt": "hi \\udfff there", "max_tokens": 3}', 400, "prompt", "not valid Unicode"),
+    ("/v1/completions", b'{"prompt": "hi", "\\ud800": 1}', 400, None, "not valid Unicode"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, path, body, status, param, words):
     if isinstance(body, bytes):
@@ -336,6 +489,155 @@ def test_unknown_paths_and_no_op_parameters(served):
     answer = served.client.completions.create(model="tiny-chat", prompt="a", max_tokens=2, n=1, frequency_penalty=0,
                                               presence_penalty=0, logit_bias={}, user="someone")
     assert answer.usage.completion_tokens >= 1
+    chat = served.client.chat.completions.create(model="tiny-chat", messages=QUESTION, max_tokens=2, store=False,
+                                                 metadata={"team": "offload"})  # OpenAI's, with nothing to do here
+    assert chat.usage.completion_tokens >= 1
+
+
+def test_head_on_every_get_route_and_no_api_docs_unless_asked(served, model_dir):
+    for path in ("/health", "/metrics", "/v1/models", "/v1/models/tiny-chat"):
+        head, get = httpx.head(served.url + path), httpx.get(served.url + path)
+        assert head.status_code == get.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"]
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(served.url + path).status_code == 404
+    server, documented = start_server(model_dir, 1, 0, api_docs=True)
+    try:
+        assert "/v1/chat/completions" in httpx.get(documented.url + "/openapi.json").json()["paths"]
+        assert httpx.get(documented.url + "/docs").status_code == 200
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------- the server's own chat template
+
+FUSSY = (  # ChatML that refuses system messages, and fails on two contents as a template with a bug would
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{ raise_exception('this model takes no system messages') }}{% endif %}"
+    "{%- if message['content'] == 'divide' %}{{ 1 // 0 }}{% endif %}"
+    "{%- if message['content'] == 'peek' %}{{ message['content'].__class__.__name__ }}{% endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def with_template(source: Path, directory: Path, template: str) -> Path:
+    shutil.copytree(source, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def fussy(tiny_chat, tmp_path_factory):
+    server, s = start_server(with_template(tiny_chat, tmp_path_factory.mktemp("fussy") / "model", FUSSY), 2, 2)
+    yield s
+    server.stop()
+
+
+@pytest.mark.parametrize("messages, status, kind, words", [
+    ([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}], 400, "invalid_request_error",
+     "refused these messages: this model takes no system messages"),
+    ([{"role": "user", "content": "divide"}], 500, "server_error", "of model failed (ZeroDivisionError"),
+    ([{"role": "user", "content": "peek"}], 500, "server_error", "of model failed (SecurityError"),
+])
+def test_the_chat_template_refusing_is_a_400_and_failing_a_500(fussy, messages, status, kind, words):
+    response = httpx.post(fussy.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == kind and words in error["message"]
+    assert error["param"] == ("messages" if status == 400 else None)  # a 500 blames no parameter
+    answer = fussy.client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2)
+    assert answer.usage.completion_tokens >= 1
+
+
+def test_serve_refuses_a_template_that_cannot_lay_out_one_message(tiny_chat, tmp_path, capsys):
+    broken = with_template(tiny_chat, tmp_path / "model", "{{ messages[0].content // 2 }}")
+    # a budget that no plan fits: were the template not checked first, this would be the error (not a server)
+    assert serve_main(["--model", str(broken), "--port", "0", "--gpu-memory", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("serve: error: chat template") and "failed (TypeError" in err, err
+
+
+# ---------------------------------------------------------------------- no request stalls the others
+
+MB = 2**20
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """The status and body of one HTTP/1.1 response with a Content-Length, read from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed after {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    headers = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    length = int(headers[b"content-length"])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1]), body
+
+
+def upload_slowly(url: str, megabytes: int, chunked: bool) -> tuple[int, bytes]:
+    """POST a body of ``megabytes`` MiB, one MiB every 20 ms (with its Content-Length, or chunked), then read the
+    answer."""
+    with socket.create_connection(address(url)) as sock:
+        framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % (megabytes * MB)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s\r\n\r\n"
+                     % framing)
+        piece = b"x" * MB
+        for _ in range(megabytes):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            time.sleep(0.02)
+        if chunked:
+            sock.sendall(b"0\r\n\r\n")
+        return read_response(sock)
+
+
+def health_times_while(url: str, work) -> tuple[list[float], object]:
+    """Run ``work`` on a thread; meanwhile GET /health again and again. Returns the seconds of each answer and the
+    work's result."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(value=work()))
+    thread.start()
+    seconds = []
+    while thread.is_alive():
+        start = time.monotonic()
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+        seconds.append(time.monotonic() - start)
+        time.sleep(0.05)
+    thread.join()
+    return seconds, result["value"]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_past_the_limit_is_413_and_health_answers_within_a_second_meanwhile(served, chunked):
+    seconds, (status, body) = health_times_while(served.url, lambda: upload_slowly(served.url, 50, chunked))
+    assert status == 413
+    error = json.loads(body)["error"]
+    assert "larger than this server takes (2.00 MiB" in error["message"] and error["type"] == "invalid_request_error"
+    assert len(seconds) >= 5 and max(seconds) < 1.0, seconds  # asked all along the upload, answered at once
+    assert httpx.get(served.url + "/health").status_code == 200
+
+
+def test_a_long_conversation_within_the_limit_is_laid_out_off_the_event_loop(served):
+    messages = [{"role": "user", "content": "hi"}] * 60_000  # just under 2 MiB, a fraction of a second to render
+    body = {"messages": messages, "max_tokens": 3}
+    seconds, response = health_times_while(
+        served.url, lambda: httpx.post(served.url + "/v1/chat/completions", json=body, timeout=120))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert len(seconds) >= 2 and max(seconds) < 1.0, seconds
+
+
+def test_a_prompt_far_past_the_context_is_refused_from_its_beginning(served):
+    response = httpx.post(served.url + "/v1/completions", json={"prompt": "hello world " * 150_000, "max_tokens": 3})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert "context holds 128 tokens (max_seq_len), but more than " in error["message"]
 
 
 # ---------------------------------------------------------------------- scripts/serve.py
@@ -350,6 +652,9 @@ def free_port() -> int:
 @pytest.mark.parametrize("argv, words", [
     (["--port", "70000"], "--port must be in"),
     (["--max-queue", "-1"], "--max-queue must be >= 0"),
+    (["--request-timeout", "0"], "--request-timeout must be a positive number"),
+    (["--request-timeout", "nan"], "--request-timeout must be a positive number"),
+    (["--max-request-bytes", "lots"], "cannot parse 'lots'"),
     (["--model", "does/not/exist", "--port", "0"], "does/not/exist"),
     (["--tp", "2", "--port", "0"], "torchrun"),
 ])

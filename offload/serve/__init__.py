@@ -4,7 +4,8 @@
 
 Two threads: uvicorn's event loop runs the HTTP handlers (``app.py``), and the
 engine thread (``engine_loop.py``) steps the row engine, so requests join the
-running batch at step boundaries and leave it when they finish. ``protocol.py`` is
+running batch at step boundaries and leave it when they finish. ``server.py`` runs
+uvicorn with the limits a server open to any client needs, ``protocol.py`` is
 OpenAI's wire format, ``metrics.py`` what ``GET /metrics`` reports.
 
 From Python:
@@ -15,7 +16,8 @@ From Python:
         ...   # server.url
 """
 
-from .app import ServerThread, Service, create_app, serve
+from .app import Service, create_app
 from .engine_loop import EngineLoop
+from .server import ServerThread, serve
 
 __all__ = ["EngineLoop", "Service", "ServerThread", "create_app", "serve"]

@@ -1,36 +1,47 @@
 """The HTTP side: an OpenAI-compatible FastAPI app in front of an :class:`EngineLoop`.
 
-uvicorn's event loop runs every handler: parsing and checking a request, the chat
-template and the tokenizer, then turning the request's tokens into text and
-server-sent events as they arrive. The engine thread runs the model and nothing
-else; a handler never waits for a step, it waits on its own queue of tokens.
+uvicorn's event loop runs every handler: parsing and checking a request (the chat
+template and the tokenizer on worker threads), then turning the request's tokens into
+text and server-sent events as they arrive. The engine thread runs the model and
+nothing else; a handler never waits for a step, it waits on its own queue of tokens.
 
 A request holds its place from acceptance to its last token. The engine has
 ``rows`` KV cache rows and the queue ``max_queue`` places behind them; a request
 beyond both is answered 429. When a response ends early (a stop string, or a
 client that closed its connection) its row is freed at the next step.
+
+A client that half-closes its connection after a whole request is answered (see
+:func:`whole_answer`); at shutdown, running answers get a grace period and then a
+final event (:meth:`Service.drain`).
+
+No request can stall the others: a body past ``max_request_bytes`` is answered 413
+before it is read (:class:`BodyLimit`), the chat template and the tokenizer run on
+worker threads (the tokenizer lets go of the GIL), so the event loop keeps serving
+every other client while a long prompt is prepared, and a text far past the context
+is refused from its beginning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
+from ..memory.budget import format_size
 from ..sampling import Sampling
 from ..scheduler.row_engine import Request
-from ..text import IdText, TextStream
+from ..text import IdText, TextStream, TooManyTokens
 from . import protocol
 from .engine_loop import EngineLoop
 from .protocol import ApiError, ChatRequest, CompletionRequest, GenerationParams
@@ -38,6 +49,10 @@ from .protocol import ApiError, ChatRequest, CompletionRequest, GenerationParams
 log = logging.getLogger("offload.serve")
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; a chat may fill the context
+HALF_CLOSED = "offload.half_closed"  # the scope extension (an asyncio.Event) set when the client half-closes
+FIRST_PROBE_SECONDS, PROBE_SECONDS = 0.1, 1.0  # whitespace after a half-close: a client that has gone resets
+# A prompt of 128k tokens is under 1 MiB of text or of JSON token ids; TGI's default payload limit is 2 MB.
+DEFAULT_MAX_REQUEST_BYTES = 2 * 2**20
 
 
 class ClientGone(Exception):
@@ -48,7 +63,8 @@ class Service:
     """What the handlers share: the engine loop, the model's text side and names, the limits."""
 
     def __init__(self, loop: EngineLoop, tokenizer, model_name: str, eos_ids: tuple[int, ...] = (),
-                 max_queue: int = 64, aliases: tuple[str, ...] = ()):
+                 max_queue: int = 64, aliases: tuple[str, ...] = (),
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.loop = loop
         self.metrics = loop.metrics
         self.tokenizer = tokenizer if tokenizer is not None else IdText()
@@ -56,6 +72,9 @@ class Service:
         self.names = {model_name, *aliases}
         self.eos_ids = tuple(eos_ids)
         self.max_queue = max_queue
+        self.max_request_bytes = max_request_bytes
+        self.generations: set[Generation] = set()  # accepted and not closed
+        self.draining = False  # shutting down: new requests are refused
         self.max_seq_len = loop.model.max_seq_len
         self.created = int(time.time())
 
@@ -65,17 +84,26 @@ class Service:
                            param="model", code="model_not_found")
 
     def completion_prompt(self, prompt) -> list[int]:
-        """A completion's one prompt as token ids: text, or ids (alone or in a list of one)."""
+        """A completion's one prompt as token ids: text, or ids (alone or in a list of one). Text is tokenized:
+        call it off the event loop."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise ApiError(400, f"one prompt per request, got {len(prompt)}", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return _as_400(lambda: self.tokenizer.encode(prompt), "prompt")
+            return self._text_ids(lambda: self.tokenizer.encode(prompt, most=self.max_seq_len), "prompt")
         return list(prompt)
 
     def chat_prompt(self, messages: list) -> list[int]:
-        return _as_400(lambda: self.tokenizer.apply_chat_template(messages), "messages")
+        """A conversation laid out by the chat template, as token ids (off the event loop, as above). Bad messages
+        and a conversation the template refuses are the client's 400; the template failing otherwise is a 500."""
+        protocol.check_roles(messages)
+        try:
+            return self._text_ids(lambda: self.tokenizer.apply_chat_template(messages, most=self.max_seq_len),
+                                  "messages")
+        except ConfigError as e:
+            log.error("the chat template failed: %s", e)
+            raise ApiError(500, f"{e}: the server's template is at fault, not the request") from None
 
     def start(self, prompt: list[int], params: GenerationParams, max_tokens: int | None, http: HttpRequest,
               prefix: str, prompt_param: str) -> "Generation":
@@ -83,30 +111,61 @@ class Service:
         Without ``max_tokens`` it may fill the context."""
         stops = params.stop_strings()
         request = self._request(prompt, params, max_tokens, f"{prefix}-{uuid.uuid4().hex}", prompt_param)
-        if not self.loop.alive:
-            raise ApiError(503, "the engine thread has stopped; see the server's log")
+        self.check_serving()
         if self.metrics.running >= self.metrics.rows + self.max_queue:
             self.metrics.rejected += 1
             raise ApiError(429, f"the server is busy: {self.metrics.rows} rows and {self.max_queue} queued "
                                 "requests are taken; retry later", code="queue_full")
         generation = Generation(self, request, TextStream(self.tokenizer, stops, prompt), http)
+        self.generations.add(generation)
         self.loop.submit(request, generation.sink)
         self.metrics.running += 1
         self.metrics.prompt_tokens += len(prompt)
         return generation
 
+    def _text_ids(self, encode, param: str) -> list[int]:
+        """``encode()``'s ids; a text far past the context is answered as one (400) before all of it is tokenized."""
+        try:
+            return encode()
+        except TooManyTokens as e:
+            raise self._context_error(f"more than {e.at_least}", None, param) from None
+        except InputError as e:
+            raise ApiError(400, str(e), param=param) from None
+
+    def _context_error(self, prompt_tokens, max_tokens: int | None, param: str) -> ApiError:
+        asked = f" and {max_tokens} completion tokens (max_tokens)" if max_tokens else ""
+        return ApiError(400, f"This model's context holds {self.max_seq_len} tokens (max_seq_len), but "
+                             f"{prompt_tokens} prompt tokens{asked} were asked for; shorten the prompt"
+                             f"{' or lower max_tokens' if max_tokens else ''}",
+                        param=param, code="context_length_exceeded")
+
+    def check_serving(self) -> None:
+        """503 while the server shuts down or when the engine thread has stopped."""
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
+        if not self.loop.alive:
+            raise ApiError(503, "the engine thread has stopped; see the server's log")
+
+    async def drain(self, grace: float) -> None:
+        """Before shutting down: refuse new requests, give the running ones ``grace`` seconds to finish, and end
+        the rest now, each with a final event (a stream) or a 503 (a whole answer)."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while self.generations and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for generation in list(self.generations):
+            generation.end("the server is shutting down; the answer was cut short")
+
     def _request(self, prompt: list[int], params: GenerationParams, max_tokens: int | None, key: str,
                  prompt_param: str) -> Request:
         room = self.max_seq_len - len(prompt)
         if room < (max_tokens or 1):
-            asked = f" and {max_tokens} completion tokens (max_tokens)" if max_tokens else ""
-            raise ApiError(400, f"This model's context holds {self.max_seq_len} tokens (max_seq_len), but "
-                                f"{len(prompt)} prompt tokens{asked} were asked for; shorten the prompt"
-                                f"{' or lower max_tokens' if max_tokens else ''}",
-                           param=prompt_param, code="context_length_exceeded")
+            raise self._context_error(len(prompt), max_tokens, prompt_param)
         temperature = 1.0 if params.temperature is None else params.temperature
+        # The protocol checks every range but float32's: a temperature too small for it is all Sampling refuses.
         sampling = _as_400(lambda: Sampling(temperature > 0, temperature, params.top_k or 0,
-                                            1.0 if params.top_p is None else params.top_p, params.seed), None)
+                                            1.0 if params.top_p is None else params.top_p, params.seed),
+                           "temperature")
         request = Request(tuple(prompt), max_tokens or room, sampling, () if params.ignore_eos else self.eos_ids,
                           key=key)
         _as_400(lambda: self.loop.check(request), prompt_param)
@@ -130,6 +189,7 @@ class Generation:
         self.failed = False
         self.closed = False
         self.events: asyncio.Queue = asyncio.Queue()
+        self.half_closed: asyncio.Event | None = http.scope.get("extensions", {}).get(HALF_CLOSED)
         loop = asyncio.get_running_loop()
 
         def sink(token, reason) -> None:  # on the engine thread
@@ -155,6 +215,8 @@ class Generation:
             if reason == "error":
                 self.engine_done = self.failed = True
                 raise ApiError(500, "the engine failed while generating; see the server's log")
+            if reason == "ended":
+                raise ApiError(503, token, code="shutting_down")
             self.completion_tokens += 1
             text = self.text.add(token) if reason != "eos" else ""  # an eos token ends the text, unshown
             if self.text.stopped:
@@ -172,6 +234,10 @@ class Generation:
     def usage(self) -> dict:
         return protocol.usage(self.prompt_tokens, self.completion_tokens)
 
+    def end(self, message: str) -> None:
+        """End the answer now, with ``message`` as its error (the row is freed when the response closes)."""
+        self.events.put_nowait((message, "ended"))  # the message where a token would be
+
     def close(self) -> None:
         if self.closed:
             return
@@ -182,14 +248,14 @@ class Generation:
         outcome = "error" if self.failed else (self.finish_reason or "cancelled")
         self.service.metrics.finished[outcome] += 1
         self.service.metrics.running -= 1
+        self.service.generations.discard(self)
 
 
-class EventStream(StreamingResponse):
-    """Server-sent events of a generation, which is closed however the response ends."""
+class GenerationResponse(StreamingResponse):
+    """A response written while its generation goes on; the generation is closed however the response ends."""
 
-    def __init__(self, events: AsyncIterator[str], generation: Generation):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, body: AsyncIterator, generation: Generation, media_type: str, headers: dict | None = None):
+        super().__init__(body, media_type=media_type, headers=headers)
         self.generation = generation
 
     async def __call__(self, scope, receive, send) -> None:
@@ -197,6 +263,12 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.generation.close()
+
+
+def event_stream(events: AsyncIterator[str], generation: Generation) -> GenerationResponse:
+    """Server-sent events of a generation."""
+    return GenerationResponse(events, generation, "text/event-stream",
+                              {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def sse(generation: Generation, chunk: Callable[[str, str | None], dict], usage_chunk: Callable[[], dict]
@@ -215,8 +287,9 @@ async def sse(generation: Generation, chunk: Callable[[str, str | None], dict], 
     yield protocol.event("[DONE]")
 
 
-def create_app(service: Service) -> FastAPI:
-    """The app; its lifespan starts the engine thread and stops it (on every rank) at shutdown."""
+def create_app(service: Service, api_docs: bool = False) -> FastAPI:
+    """The app; its lifespan starts the engine thread and stops it (on every rank) at shutdown. With ``api_docs``
+    it also serves its OpenAPI schema at /openapi.json and pages about it at /docs."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -224,24 +297,32 @@ def create_app(service: Service) -> FastAPI:
         yield
         service.loop.stop()
 
-    app = FastAPI(title="offload", lifespan=lifespan)
+    app = FastAPI(title="offload", lifespan=lifespan, openapi_url="/openapi.json" if api_docs else None,
+                  docs_url="/docs" if api_docs else None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=service.max_request_bytes)
+    app.state.drain = service.drain  # what offload's Server awaits before uvicorn shuts down
     add_error_handlers(app)
     name = service.model_name
+
+    def get(path: str):
+        """A GET route that answers HEAD too, with the same headers and no body (curl -I, health checkers)."""
+        def register(handler):
+            app.head(path, include_in_schema=False)(handler)
+            return app.get(path)(handler)
+        return register
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
         body.refuse_unsupported()
         service.check_model(body.model)
-        prompt = service.completion_prompt(body.prompt)
+        prompt = await run_in_threadpool(service.completion_prompt, body.prompt)
         generation = service.start(prompt, body, body.max_tokens or COMPLETION_MAX_TOKENS, http, "cmpl", "prompt")
         if body.stream:
             chunk = lambda text, reason: protocol.completion_chunk(generation.id, name, text, reason)  # noqa: E731
             usage = lambda: protocol.usage_chunk(generation.id, name, "text_completion", generation.usage())  # noqa
-            return EventStream(sse(generation, chunk, usage if body.include_usage else None), generation)
-        text = await _collect(generation)
-        if text is None:
-            return Response(status_code=499)  # nobody reads it: the client has gone
-        return protocol.completion(generation.id, name, text, generation.finish_reason, generation.usage())
+            return event_stream(sse(generation, chunk, usage if body.include_usage else None), generation)
+        return await whole_answer(generation, lambda text: protocol.completion(
+            generation.id, name, text, generation.finish_reason, generation.usage()))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HttpRequest):
@@ -249,49 +330,92 @@ def create_app(service: Service) -> FastAPI:
         service.check_model(body.model)
         if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
             raise ApiError(400, "max_tokens and max_completion_tokens differ; give one", param="max_tokens")
-        prompt = service.chat_prompt(body.messages)
+        prompt = await run_in_threadpool(service.chat_prompt, body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         generation = service.start(prompt, body, max_tokens, http, "chatcmpl", "messages")
         if body.stream:
             usage = lambda: protocol.usage_chunk(generation.id, name, "chat.completion.chunk",  # noqa: E731
                                                  generation.usage())
-            return EventStream(sse(generation, _chat_deltas(generation.id, name),
-                                   usage if body.include_usage else None), generation)
-        text = await _collect(generation)
-        if text is None:
-            return Response(status_code=499)
-        return protocol.chat_completion(generation.id, name, text, generation.finish_reason, generation.usage())
+            return event_stream(sse(generation, _chat_deltas(generation.id, name),
+                                    usage if body.include_usage else None), generation)
+        return await whole_answer(generation, lambda text: protocol.chat_completion(
+            generation.id, name, text, generation.finish_reason, generation.usage()))
 
-    @app.get("/v1/models")
+    @get("/v1/models")
     async def models():
         return {"object": "list", "data": [_model_card(service)]}
 
-    @app.get("/v1/models/{model:path}")
+    @get("/v1/models/{model:path}")
     async def model(model: str):
         service.check_model(model)
         return _model_card(service)
 
-    @app.get("/health")
+    @get("/health")
     async def health():
-        if not service.loop.alive:
-            raise ApiError(503, "the engine thread has stopped; see the server's log")
+        service.check_serving()
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @get("/metrics")
     async def metrics():
         return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
 
 
-async def _collect(generation: Generation) -> str | None:
-    """The whole text, or None when the client went away first."""
+async def whole_answer(generation: Generation, answer: Callable[[str], dict]) -> Response:
+    """The answer of a request that is not streamed: ``answer(text)`` once the text is complete.
+
+    A client that half-closes its connection after its request may be waiting for the answer or
+    may have closed altogether: from here the two look the same. So on a half-close the answer
+    starts at once (200 and its headers) and whitespace, which JSON allows before a value, follows
+    until the text is complete: a client that has gone answers those bytes with a reset, which
+    frees its row; one that waits reads its answer (or, should the engine fail meanwhile, OpenAI's
+    error body under that 200).
+    """
+    collecting = asyncio.ensure_future(generation.collect())
+    if await _half_closed_first(generation, collecting):
+        return GenerationResponse(_answer_after_whitespace(collecting, answer), generation, "application/json")
     try:
-        return await generation.collect()
+        text = await collecting
     except ClientGone:
-        return None
+        return Response(status_code=499)  # nobody reads it: the client has gone
     finally:
         generation.close()
+    return JSONResponse(answer(text))
+
+
+async def _half_closed_first(generation: Generation, collecting: asyncio.Future) -> bool:
+    """Whether the client half-closes its connection before the text is complete."""
+    if generation.half_closed is None:  # served by a server that does not say (a plain uvicorn)
+        return False
+    half_closed = asyncio.ensure_future(generation.half_closed.wait())
+    try:
+        await asyncio.wait({collecting, half_closed}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        collecting.cancel()
+        raise
+    finally:
+        half_closed.cancel()
+    return not collecting.done()
+
+
+async def _answer_after_whitespace(collecting: asyncio.Future, answer: Callable[[str], dict]) -> AsyncIterator[bytes]:
+    try:
+        wait = FIRST_PROBE_SECONDS
+        while not collecting.done():
+            await asyncio.wait({collecting}, timeout=wait)
+            if not collecting.done():
+                yield b" "
+            wait = PROBE_SECONDS
+        try:
+            body = answer(collecting.result())
+        except ClientGone:
+            return
+        except ApiError as e:
+            body = e.body()
+        yield JSONResponse(body).body
+    finally:
+        collecting.cancel()  # the response ended first (its client has gone)
 
 
 def _chat_deltas(id: str, model: str) -> Callable[[str, str | None], dict]:
@@ -330,7 +454,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, e: RequestValidationError):
-        return JSONResponse(_validation_error(e.errors()).body(), status_code=400)
+        return JSONResponse(_validation_error(e.errors(), request.headers.get("content-type")).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
@@ -343,13 +467,60 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(ApiError(500, f"internal error ({type(e).__name__})").body(), status_code=500)
 
 
-def _validation_error(errors) -> ApiError:
+class BodyLimit:
+    """ASGI middleware: a request body past ``limit`` bytes is answered 413 without being read, at once when its
+    Content-Length says so, else as soon as the bytes received pass the limit (the rest is discarded as it comes).
+
+    FastAPI's own ``max_body_size`` answers the first case with a plain-text body; this one answers both with
+    OpenAI's error body.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._too_large()(scope, receive, send)
+        received = 0
+
+        async def receive_within_limit():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, self._too_large_message())  # answered by the app's error handler
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+    def _too_large(self) -> JSONResponse:
+        return JSONResponse(ApiError(413, self._too_large_message()).body(), status_code=413)
+
+    def _too_large_message(self) -> str:
+        return (f"the request body is larger than this server takes ({format_size(self.limit)}; "
+                "serve.py --max-request-bytes)")
+
+
+def _validation_error(errors, content_type: str | None) -> ApiError:
     """pydantic's first complaint as one OpenAI-style error."""
     first = errors[0]
     where = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = where[0] if where else None
     if first["type"] == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})")
+    if first["type"] == "string_unicode":  # a key or value with an unpaired surrogate ("\ud800" in the JSON)
+        return ApiError(400, f"{'.'.join(where) or 'the request body'}: not valid Unicode (an unpaired surrogate)",
+                        param=param)
+    if not where and not _is_json(content_type):
+        # Read as JSON only when it says so, as FastAPI does: a browser may send a form type to another site
+        # without asking first, and a server on localhost should not take such a request (CSRF).
+        sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        return ApiError(400, "the request body must be a JSON object of parameters, sent with Content-Type: "
+                             f"application/json; this one came with {sent} (curl -d needs -H "
+                             "'Content-Type: application/json')")
     if not where:
         return ApiError(400, "the request body must be a JSON object of parameters")
     if first["type"] == "extra_forbidden":
@@ -359,45 +530,7 @@ def _validation_error(errors) -> ApiError:
     return ApiError(400, f"{'.'.join(where)}: {first['msg']}", param=param)
 
 
-# ---------------------------------------------------------------------- running it
-
-
-def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
-    """Serve until interrupted (SIGINT or SIGTERM); streams still open get 5 s to finish."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-
-
-class ServerThread:
-    """``app`` served by uvicorn on a thread of this process, on a free port (tests, benchmarks, notebooks).
-
-        with ServerThread(create_app(service)) as server:
-            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        self.host = host
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-        self.url = None
-
-    def start(self, timeout: float = 60.0) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start (see its log)")
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://{self.host}:{port}"
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join()
-
-    def __enter__(self) -> "ServerThread":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+def _is_json(content_type: str | None) -> bool:
+    """application/json or application/*+json, with any parameters."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))

@@ -20,12 +20,14 @@ from ..cli import Parser, add_load_flags, add_model_flag, add_quiet_flag, demo_b
 from ..distributed import init_tensor_parallel
 from ..errors import InputError
 from ..loading import DEFAULT_MAX_SEQ_LEN
+from ..memory.budget import format_size, parse_size
 from ..memory.planner import format_plans
 from ..models.config import load_config
 from ..synthetic import DEMO_SHAPE, demo_checkpoint
 from ..text import Tokenizer
-from .app import Service, create_app, serve
+from .app import DEFAULT_MAX_REQUEST_BYTES, Service, create_app
 from .engine_loop import EngineLoop
+from .server import REQUEST_TIMEOUT, serve
 
 DEFAULT_ROWS = 8
 MIN_STEP_TOKENS = 2048  # requests joining the batch read their prompts in few steps (each streams every weight)
@@ -38,8 +40,17 @@ def build_parser() -> Parser:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a row; beyond them the server answers 429 (default 64)")
+    p.add_argument("--max-request-bytes", default=str(DEFAULT_MAX_REQUEST_BYTES),
+                   help="largest request body taken, e.g. 8MiB; a larger one is answered 413 before it is read "
+                        f"(default {format_size(DEFAULT_MAX_REQUEST_BYTES)})")
+    p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                   help="seconds a client has to send a whole request, from its connection or its previous answer; "
+                        f"a slower one is disconnected (default {REQUEST_TIMEOUT:g})")
     p.add_argument("--served-model-name", help="the model's name in the API (default: the checkpoint folder's name)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="what the server logs: each request at info (default info)")
+    p.add_argument("--api-docs", action="store_true",
+                   help="also serve the API's OpenAPI schema at /openapi.json and pages about it at /docs")
     add_load_flags(p, max_batch_help=f"rows of the running batch: requests generated at once (default {DEFAULT_ROWS})",
                    max_seq_len_help=f"KV cache length per row: prompt + answer (default: the model's context, at "
                                     f"most {DEFAULT_MAX_SEQ_LEN})",
@@ -60,6 +71,9 @@ def _main(args) -> int:
         raise InputError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_queue < 0:
         raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
+    max_request_bytes = parse_size(args.max_request_bytes, "--max-request-bytes")
+    if not args.request_timeout > 0:  # NaN too
+        raise InputError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
     if tp.rank == 0:
         _check_port(args.host, args.port)  # before minutes of loading
     demo = args.model is None
@@ -67,7 +81,7 @@ def _main(args) -> int:
     config = load_config(model_path)
     tokenizer = Tokenizer.from_dir(model_path)
     if tokenizer is not None and tokenizer.chat_template is not None:
-        tokenizer.chat_template.compiled()  # a broken template is reported now, not at the first chat
+        tokenizer.chat_template.check()  # a broken template is reported now, not at the first chat
     eos = stop_token_ids(model_path, config.eos_token_ids)
     options = load_options(args, max_batch=DEFAULT_ROWS)
     seq = options.max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
@@ -80,10 +94,11 @@ def _main(args) -> int:
     if tp.rank != 0:
         return _follow(loop, tp.rank)
     name = args.served_model_name or (f"demo-{DEMO_SHAPE}" if demo else model_path.resolve().name)
-    service = Service(loop, tokenizer, name, eos, args.max_queue, aliases=() if demo else (args.model,))
+    service = Service(loop, tokenizer, name, eos, args.max_queue, aliases=() if demo else (args.model,),
+                      max_request_bytes=max_request_bytes)
     say(f"serving {name!r} at http://{args.host}:{args.port}/v1: {options.max_batch} rows of {seq} tokens, "
         f"{args.max_queue} more requests may wait")
-    serve(create_app(service), args.host, args.port, args.log_level)
+    serve(create_app(service, api_docs=args.api_docs), args.host, args.port, args.log_level, args.request_timeout)
     model.close()
     return 0
 

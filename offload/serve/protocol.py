@@ -36,11 +36,22 @@ UNSUPPORTED = {
 }
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's chat roles
+
+
+def check_roles(messages: list) -> None:
+    """Refuse a message whose role OpenAI's API does not have (templates would lay out any role they are given)."""
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if isinstance(role, str) and role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}", param="messages")
+
+
 class ApiError(Exception):
     """An answer other than 200, with OpenAI's error body."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
-             500: "server_error", 503: "server_error"}
+    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -63,8 +74,9 @@ class GenerationParams(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)  # default 1; 0 is greedy
-    top_p: float | None = Field(None, gt=0, le=1)
+    # JSON parsers take NaN and Infinity: refused as not finite, rather than as out of range
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # default 1; 0 is greedy
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)  # extension: 0 keeps every token
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
@@ -107,6 +119,8 @@ class CompletionRequest(GenerationParams):
 class ChatRequest(GenerationParams):
     messages: list[Any]
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    store: bool | None = None  # accepted, not used: nothing is stored
+    metadata: dict[str, str] | None = None  # accepted, not used (it goes with store)
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None

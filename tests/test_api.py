@@ -1,0 +1,92 @@
+"""The Python API: every class of bad argument to ``plan_model``, ``load_model``, ``model.step`` and
+``model.generate`` raises offload's own error (an ``InputError`` for bad input), naming it. ``tiny_model`` has
+2 rows of 32 tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import offload
+from offload.errors import InputError, OffloadError
+
+
+API_CASES = [
+    pytest.param(lambda m: m.extend([[5000]], [0]), "outside the vocabulary", id="step-token-outside-vocabulary"),
+    pytest.param(lambda m: m.extend([[1]], [-1]), "cached must be a count", id="step-negative-cached"),
+    pytest.param(lambda m: m.extend([[1.0]], [0]), "list of integers", id="step-float-token"),
+    pytest.param(lambda m: m.extend(5, [0]), "one list of token ids per", id="step-not-a-list"),
+    pytest.param(lambda m: m.extend([None], [0]), "one list of token ids per", id="step-row-none"),
+    pytest.param(lambda m: m.extend(torch.tensor([[1, 2]]), [0]), "one list of token ids per", id="step-tensor"),
+    pytest.param(lambda m: m.extend([[1]], 0), "cached must be a list", id="step-cached-not-a-list"),
+    pytest.param(lambda m: m.extend([[1]], [30 + 5]), "grow past max_seq_len", id="step-past-the-cache"),
+    pytest.param(lambda m: m.generate(torch.tensor([[1.5, 2.0]])), "must hold integers", id="float-input-ids"),
+    pytest.param(lambda m: m.generate(torch.tensor([[True]])), "must hold integers", id="bool-input-ids"),
+    pytest.param(lambda m: m.generate([[1.0, 2.0]]), "must be integers", id="float-ids-in-lists"),
+    pytest.param(lambda m: m.generate("hello"), "shape [batch, seq]", id="text-as-input-ids"),
+    pytest.param(lambda m: m.generate([[1]], max_new_tokens="5"), "max_new_tokens must be", id="max-new-tokens-str"),
+    pytest.param(lambda m: m.generate([[1]], max_new_tokens=True), "max_new_tokens must be", id="max-new-tokens-bool"),
+    pytest.param(lambda m: m.generate([[1]], max_new_tokens=[2, 3]), "2 max_new_tokens values for 1",
+                 id="max-new-tokens-per-row-mismatch"),
+    pytest.param(lambda m: m.generate([[1]], do_sample=True, temperature=float("nan")), "temperature",
+                 id="temperature-nan"),
+    pytest.param(lambda m: m.generate([[1]], do_sample=True, seed=2**64), "seed", id="seed-past-64-bits"),
+    pytest.param(lambda m: m.generate([[1]], do_sample=True, temperature=10**400), "temperature",
+                 id="temperature-400-digits"),
+    pytest.param(lambda m: m.generate([[1]], do_sample=True, temperature=1e-320), "beyond float32",
+                 id="temperature-underflows"),
+    pytest.param(lambda m: m.generate([[1]], do_sample="yes"), "do_sample", id="do-sample-string"),
+    pytest.param(lambda m: m.generate([[1]], ignore_eos="no"), "ignore_eos must be True or False",
+                 id="ignore-eos-string"),
+    pytest.param(lambda m: m.generate([[1]], return_result=1), "return_result must be True or False",
+                 id="return-result-number"),
+    pytest.param(lambda m: m.generate([[1]], eos_token_id="2"), "eos_token_id must be", id="eos-string"),
+    pytest.param(lambda m: m.generate([[1]], eos_token_id=2.0), "eos_token_id must be", id="eos-float"),
+    pytest.param(lambda m: m.generate([[1], [2], [3]]), "max_batch=2", id="more-prompts-than-rows"),
+    pytest.param(lambda m: m([[-1]]), "outside the vocabulary", id="forward-negative-id"),
+]
+
+
+@pytest.mark.parametrize("call, words", API_CASES)
+def test_bad_api_arguments_raise_input_error(tiny_model, call, words):
+    with pytest.raises(InputError) as info:
+        call(tiny_model)
+    assert words in str(info.value)
+
+
+LOAD_CASES = [
+    pytest.param(dict(max_batch="2"), "max_batch must be a positive integer", id="max-batch-string"),
+    pytest.param(dict(slots=-1), "slots must be a positive integer", id="slots-negative"),
+    pytest.param(dict(device="foo"), "unknown device", id="device-unknown"),
+    pytest.param(dict(device="meta"), "not supported", id="device-meta"),
+    pytest.param(dict(foo=1), "unknown option 'foo'", id="option-unknown"),
+    pytest.param(dict(options=5), "options must be a LoadOptions", id="options-wrong-type"),
+    pytest.param(dict(gpu_memory=float("nan")), "expected a size", id="budget-nan"),
+    pytest.param(dict(gpu_memory=float("inf")), "expected a size", id="budget-inf"),
+    pytest.param(dict(gpu_memory=10**400), "more bytes than any machine has", id="budget-huge-int"),
+    pytest.param(dict(cpu_memory="9" * 400), "more bytes than any machine has", id="budget-400-digits"),
+    pytest.param(dict(peer_memory=5), "peer memory", id="peer-memory-number"),
+    pytest.param(dict(peer_memory=[5]), "peer memory", id="peer-memory-list-of-numbers"),
+    pytest.param(dict(link_bandwidth={"host": -1}), "link_bandwidth", id="bandwidth-negative"),
+    pytest.param(dict(dtype=torch.int8), "unsupported dtype", id="dtype-integer"),
+    pytest.param(dict(tp=2), "torchrun", id="tp-without-torchrun"),
+]
+
+
+@pytest.mark.parametrize("kwargs, words", LOAD_CASES)
+def test_bad_load_arguments_raise_offload_error(bare, kwargs, words):
+    with pytest.raises(OffloadError) as info:
+        offload.plan_model(bare, **kwargs)
+    assert words in str(info.value)
+
+
+def test_random_weights_must_be_a_seed(bare):
+    with pytest.raises(InputError, match="random_weights must be an integer seed"):
+        offload.load_model(json.loads((bare / "config.json").read_text()), random_weights="x", progress=False)
+
+
+def test_rows_that_finish_early_do_not_overrun_the_cache(tiny_model):
+    result = tiny_model.generate([[1, 2, 3], [4]], max_new_tokens=[1, 28], ignore_eos=True, return_result=True)
+    assert [len(t) for t in result.tokens] == [1, 28]

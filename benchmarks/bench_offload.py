@@ -287,7 +287,9 @@ def print_links(bench: Bench) -> None:
 
 def our_runs(bench: Bench) -> list[tuple[str, dict]]:
     """(name, budget) of every placement this machine can show, all with the same GPU budget."""
-    everything = bench.config.n_layers * bench.layer_bytes  # room for every layer: this budget never binds
+    needs = offload.plan_model(bench.model, **bench.load_args(bench.batches[0])).needs
+    experts = needs.experts.count * needs.experts.nbytes if needs.experts else 0
+    everything = sum(needs.blocks) + experts  # room for every layer and expert: this budget never binds
     host = dict(gpu_memory=bench.gpu_memory, cpu_memory=everything)
     runs = [("resident", {}), ("host", host)]
     if bench.peers:

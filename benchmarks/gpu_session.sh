@@ -4,6 +4,7 @@
 #   benchmarks/gpu_session.sh tests resident7b prefill13b      # any stages, in order
 #   benchmarks/gpu_session.sh single                           # every one-GPU stage
 #   benchmarks/gpu_session.sh multi                            # every stage that needs 4 GPUs
+#   benchmarks/gpu_session.sh quantk:60 moe30b:150             # NAME:SECONDS stops a stage after SECONDS
 #
 # One-GPU stages:
 #   tests          the GPU tests (numerics vs transformers, graphs vs eager, budgets, quantized formats), and the
@@ -20,6 +21,10 @@
 #   host13b        llama-2-13b at 8 GiB, host tier only, batch 1, graphs and eager (no accelerate)
 #   prefill13b     llama-2-13b at 8 GiB: prefill of 32 x 128 and 1 x 4096 tokens against their limits
 #   int4_70b       llama-2-70b in int4 at 24 GiB
+#   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16
+#   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host and the device cache
+#   spec13b        llama-2-13b at 8 GiB: what a verify pass of 1..32 tokens per row costs (speculation's budget)
+#   tests_kernels  the kernel tests alone (GEMV, int8/int4 products, norms, gates) and the experts on CUDA
 #   serve13b       llama-2-13b at 8 GiB behind the HTTP server, 32 concurrent streaming clients
 #   throughput70b  llama-2-70b at 40 GiB, FlexGen's protocol: --batch-size auto, a sweep, accelerate
 # Four-GPU stages:
@@ -45,7 +50,7 @@ stage() {  # stage NAME COMMAND...: run, log to $OUT/NAME.log, keep going on fai
   local name=$1; shift
   echo "=== $name: $*"
   local start=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1
+  timeout "${STAGE_SECONDS:-0}" "$@" > "$OUT/$name.log" 2>&1  # 0: no limit
   local rc=$?
   tail -n "${TAIL:-22}" "$OUT/$name.log"
   echo "=== $name: exit $rc after $((SECONDS - start)) s"
@@ -86,6 +91,15 @@ run_stage() {
     tp13b_peers) stage tp13b_peers python3 benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB \
       --cpu-memory 60GiB --tp 2 --peer-memory cuda:2=60GiB --peer-memory cuda:3=60GiB --with-eager \
       --json "$OUT/tp13b_peers.json" ;;
+    moe30b) stage moe30b python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b --gpu-memory 8GiB --runs host \
+      --batch 1,16 --skip-accelerate --json "$OUT/moe30b.json" ;;
+    mixtral24) stage mixtral24 python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \
+      --runs host --batch 1 --skip-accelerate --json "$OUT/mixtral24.json" ;;
+    spec13b) stage spec13b python3 benchmarks/bench_speculative.py --shape llama-2-13b --gpu-memory 8GiB \
+      --widths 1,2,4,8,16,32 --json "$OUT/spec13b.json" ;;
+    tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \
+      tests/test_quant_kernels.py tests/test_kernels.py -m "gpu or not gpu"; python3 -m pytest -m gpu -s -q \
+      -p no:cacheprovider tests/test_gpu.py tests/test_quant.py -k "experts or quant"' ;;
     single) for s in tests gemv offload13b resident7b prefill13b int4_70b serve13b throughput70b; do run_stage $s; done ;;
     multi) for s in tests_multi peer13b tp13b_peers; do run_stage $s; done ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
@@ -96,4 +110,7 @@ nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,nohea
 python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'accelerate', accelerate.__version__)" | tee "$OUT/versions.txt"
 date -u | tee -a "$OUT/versions.txt"
-for s in "${@:-single}"; do run_stage "$s"; done
+for s in "${@:-single}"; do
+  STAGE_SECONDS=0; [[ $s == *:* ]] && STAGE_SECONDS=${s#*:}
+  run_stage "${s%%:*}"
+done

@@ -218,6 +218,37 @@ def test_offloaded_equals_resident_bitwise_on_gpu():
 
 
 @cuda
+def test_experts_streamed_on_cuda_equal_resident_bitwise_within_budget():
+    """A mixture of experts on the GPU: experts copied from pinned host memory into the device's expert cache on
+    the copy stream compute what resident experts do, bit for bit, and the peak stays inside the budget."""
+    shape = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 3}
+    ids = torch.randint(0, 151936, (2, 30), generator=torch.Generator().manual_seed(3))
+    kw = dict(dtype=torch.bfloat16, max_batch=3, max_seq_len=64)
+    with load(shape, **kw) as resident:
+        assert set(resident.plan.block_tiers) == {"resident"}
+        want = _logits_and_tokens(resident, ids)
+        needs = resident.plan.needs
+    free_gpu()
+    experts = needs.experts
+    budget = needs.fixed_bytes + sum(needs.blocks) + (2 * experts.top_k + 24) * experts.nbytes
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with load(shape, gpu_memory=budget, cpu_memory="8GiB", **kw) as model:
+        placement = model.plan.experts.placement
+        assert placement.count("host") > placement.count("resident") > 0
+        logits, tokens, steps = _logits_and_tokens(model, ids)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        print(f"\nexperts {placement.count('resident')} resident, {placement.count('host')} host; hits "
+              f"{model.experts.hits}, misses {model.experts.misses}; peak {peak / 2**30:.3f} GiB of "
+              f"{budget / 2**30:.3f}")
+        assert torch.equal(logits, want[0]) and torch.equal(tokens, want[1])
+        assert all(torch.equal(a, b) for a, b in zip(steps, want[2]))
+        assert model.experts.misses > 0 and model.experts.hits > 0
+        assert peak <= budget
+
+
+@cuda
 @pytest.mark.parametrize("gpu_gib", [3.5, 5, 8])
 def test_peak_gpu_memory_and_pinned_bytes_stay_in_budget(gpu_gib):
     free_gpu()

@@ -237,6 +237,7 @@ def test_the_gate_equals_pytorchs_to_one_rounding(shape, dtype, activation):
     act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
     got, want = kernels.gated(gate_up, activation), act * up
     assert got.shape == want.shape
-    # Triton's exp and CUDA's differ in the last float32 bits, which rarely moves a rounding
-    assert (got == want).float().mean() > 0.99
+    # Triton's exp and CUDA's differ in the last float32 bits, which rarely moves a rounding; gelu's tanh is
+    # built from exp here and is CUDA's own tanhf in PyTorch, which moves more of them (93-95% equal on an H200)
+    assert (got == want).float().mean() > (0.99 if activation == "silu" else 0.9)
     assert_one_rounding_apart(got, want)

@@ -31,8 +31,9 @@ from .loading import prepare
 from .memory.budget import GPU_HEADROOM, HOST_HEADROOM_FRACTION, format_size, parse_peer_flag
 from .memory.planner import format_plans
 from .offloaded_model import result_of
+from .models.checkpoint import is_gguf
 from .models.config import load_config
-from .models.quant import FORMATS
+from .models.quant import FORMATS, STORED
 from .options import MAX_COUNT, LoadOptions, parse_dtype
 from .results import ResultFile, finished_ids
 from .sampling import Sampling
@@ -106,8 +107,9 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
     p.add_argument("--compile", action="store_true", help="compile the decode layer with torch.compile before capturing "
                    "it (no measurable gain over offload's kernels; seconds of compiling per bucket)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
-    p.add_argument("--quantize", choices=FORMATS, help="store the layers' linear weights as int8 or int4 (default: "
-                   "the model dtype)")
+    p.add_argument("--quantize", choices=[*FORMATS, STORED], help="store the layers' linear weights as int8 or "
+                   "int4 (default: the model dtype); stored: keep a GGUF file's own formats on a CPU too (which "
+                   "otherwise expands them where they fit in half its budget; a GPU keeps them)")
     p.add_argument("--group-size", type=int, help="int4: input columns per scale (default 128, or the largest "
                    "smaller power of two that divides each input dimension)")
     p.add_argument("--draft", help="speculative decoding: ngram (prompt lookup), int4 (the model's own weights in "
@@ -155,9 +157,9 @@ def _main(args) -> int:
     tp = init_tensor_parallel(args.tp)  # under torchrun, before anything that ranks must agree on
     say = print if tp.rank == 0 else (lambda *a, **k: None)
     demo = args.model is None
-    model_path = demo_checkpoint(quiet=args.quiet or tp.rank != 0) if demo else _model_dir(args.model)
+    model_path = demo_checkpoint(quiet=args.quiet or tp.rank != 0) if demo else _model_path(args.model)
     config = load_config(model_path)
-    tokenizer = Tokenizer.from_dir(model_path)
+    tokenizer = Tokenizer.from_checkpoint(model_path)
     if args.chat and args.prompt is None:
         raise InputError("--chat goes with --prompt (batch records carry 'messages' for a chat)")
     if args.prompts:
@@ -310,10 +312,11 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _model_dir(model: str) -> Path:
+def _model_path(model: str) -> Path:
     path = Path(model)
-    if path.is_file():
-        raise InputError(f"--model {model!r} is a file; give the checkpoint directory (config.json + safetensors)")
+    if path.is_file() and not is_gguf(path):
+        raise InputError(f"--model {model!r} is neither a checkpoint directory (config.json + safetensors) nor a "
+                         "GGUF file")
     return path
 
 

@@ -80,7 +80,10 @@ class LoadOptions:
             of rows and key length.
         quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while
             loading and stay compressed in every tier (``offload.models.quant``); None (default):
-            the model dtype.
+            the model dtype, or a checkpoint stored quantized (a GGUF file, ``scripts/quantize.py``'s)
+            in its own formats, except that a CPU expands a GGUF file's once at load where they fit in
+            half the budget (a CPU multiplies dense weights faster); ``"stored"``: a GGUF file's own
+            formats on a CPU too.
         group_size: int4's input columns per scale; default 128, or where 128 does not divide a
             weight's input dimension the largest smaller power of two that does.
         rounding: how int4 groups are rounded: ``"search"`` (default: each group's scale and minimum

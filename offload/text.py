@@ -41,6 +41,22 @@ class Tokenizer:
         self.chat_template = chat_template
 
     @classmethod
+    def from_checkpoint(cls, path) -> "Tokenizer | None":
+        """The tokenizer of a checkpoint directory (:meth:`from_dir`) or of a GGUF file (its vocabulary and chat
+        template), or None when it has none or ``tokenizers`` is missing."""
+        from .models.checkpoint import is_gguf
+
+        if is_gguf(path):
+            from .gguf import GGUFCheckpoint
+
+            checkpoint = GGUFCheckpoint(path)
+            try:
+                return checkpoint.tokenizer()
+            finally:
+                checkpoint.close()
+        return cls.from_dir(path)
+
+    @classmethod
     def from_dir(cls, path) -> "Tokenizer | None":
         """The tokenizer in ``path/tokenizer.json`` with the checkpoint's chat template (if any), or None when
         there is no tokenizer.json or ``tokenizers`` is missing."""

@@ -188,7 +188,7 @@ def test_batch_size_zero_is_refused(bare, tmp_path, capsys):
 
 def test_model_given_as_a_file(tiny, capsys):
     err = refused(capsys, ["--model", str(tiny / "config.json"), "--prompt-ids", "1"])
-    assert "is a file; give the checkpoint directory" in err
+    assert "is neither a checkpoint directory (config.json + safetensors) nor a GGUF file" in err
 
 
 def test_missing_model(tmp_path, capsys):
@@ -358,3 +358,16 @@ def test_the_demo_prints_ids_not_noise(tmp_path):
     done = run_script("--max-new-tokens", "4", "--quiet", cache_dir=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "output ids:" in done.stdout and "output: " not in done.stdout
+
+
+@pytest.mark.slow
+def test_a_gguf_file_answers_a_chat_with_its_own_tokenizer_and_template(smollm2_gguf, capsys):
+    """``--model file.gguf``: the file's vocabulary and chat template make the prompt, its eos id ends the
+    answer, and the answer is right (SmolLM2-135M-Instruct knows its capitals)."""
+    assert main(["--model", str(smollm2_gguf), "--prompt", "What is the capital of France?", "--chat",
+                 "--max-new-tokens", "24", "--gpu-memory", "2GiB"]) == 0
+    out = capsys.readouterr().out
+    prompt = out.split("prompt: ")[1].split(" tokens)")[0]
+    assert "You are a helpful AI assistant" in prompt and prompt.index("France?") < prompt.index("assistant\\n'")
+    answer = out.split("output: ")[1].split("\n")[0]
+    assert "Paris" in answer and "(eos)" in out

@@ -1108,7 +1108,7 @@ def test_a_q4_k_m_file_loads_kept_compressed_and_streams_bitwise(tmp_path):
 
     config = {**shape_config("tiny"), "num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 512}  # K-quants: 256s
     [path] = write_q4_k_m_like(tmp_path / "tiny.gguf", config, seed=3)
-    kw = dict(dtype=torch.float32, max_seq_len=64, progress=False)
+    kw = dict(dtype=torch.float32, max_seq_len=64, progress=False, quantize="stored")  # a CPU would expand them
     ids = torch.randint(3, config["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(0))
     with offload.load_model(path, **kw) as resident:
         plan = str(resident.plan)
@@ -1129,6 +1129,31 @@ def test_a_q4_k_m_file_loads_kept_compressed_and_streams_bitwise(tmp_path):
 def test_quantize_does_not_apply_to_a_gguf_file(good_file):
     with pytest.raises(offload.InputError, match="quantized already"):
         offload.plan_model(good_file, quantize="int4")
+
+
+def test_on_a_cpu_a_gguf_file_is_expanded_once_where_it_fits_in_half_the_budget(tmp_path):
+    """The CPU has no kernels that multiply from compressed parts (each use would dequantize the matrix): the
+    layers are expanded at load, computing what the stored parts do to float32 rounding; where the dense layers
+    would take more than half the budget, or with quantize="stored", they stay as stored."""
+    from offload.models.shapes import shape_config
+    from offload.gguf import write_q4_k_m_like
+
+    config = {**shape_config("tiny"), "num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512}
+    [path] = write_q4_k_m_like(tmp_path / "tiny.gguf", config, seed=4)
+    kw = dict(dtype=torch.float32, max_seq_len=64, progress=False)
+    ids = torch.randint(3, config["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(1))
+    with offload.load_model(path, **kw) as expanded, offload.load_model(path, quantize="stored", **kw) as stored:
+        assert "as stored" not in str(expanded.plan) and "as stored" in str(stored.plan)
+        assert sum(expanded.plan.needs.blocks) > 3 * sum(stored.plan.needs.blocks)
+        torch.testing.assert_close(expanded(ids), stored(ids), rtol=1e-4, atol=1e-4)
+        tight = 2 * sum(expanded.plan.needs.blocks) - 1
+    with offload.load_model(path, gpu_memory=tight, **kw) as kept:
+        assert "as stored" in str(kept.plan)
+
+
+def test_quantize_stored_is_for_a_checkpoint_stored_quantized(tiny):
+    with pytest.raises(offload.InputError, match="not stored quantized"):
+        offload.plan_model(tiny, quantize="stored")
 
 
 @pytest.mark.slow

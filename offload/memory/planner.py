@@ -192,9 +192,10 @@ class Plan:
         ]
         if n.weight_format:
             lines.insert(1, f"  layer weights: {n.weight_format}")
+        memory = "HBM" if self.compute_device.startswith("cuda") else "RAM"  # what the compute device reads from
         budgets = {RESIDENT: self.budget.gpu_memory, HOST: self.budget.cpu_memory, **self.budget.peer_memory}
         for tier in self.tiers:
-            link = f"HBM {gb_s(self.bandwidth['hbm'])}" if tier == RESIDENT else gb_s(self.bandwidth[tier])
+            link = f"{memory} {gb_s(self.bandwidth['hbm'])}" if tier == RESIDENT else gb_s(self.bandwidth[tier])
             used = {RESIDENT: self.gpu_bytes, HOST: self.host_ram_bytes}.get(tier) or self.bytes_on(tier)
             lines.append(
                 f"  {tier:<10}{len(self.blocks_on(tier)):>7}{format_size(used):>13}"
@@ -222,10 +223,10 @@ class Plan:
                          "its tokens' rows")
         lines.append(f"  layers: {self.layer_map()}  (R resident, H host, digit: peer GPU)")
         seconds = self.link_seconds()
-        bound = "compute (the HBM floor)" if self.bottleneck == "hbm" else f"the {self.bottleneck} link"
+        bound = f"compute (the {memory} floor)" if self.bottleneck == "hbm" else f"the {self.bottleneck} link"
         lines.append(
             f"  predicted decode step: {self.predicted_step_seconds * 1e3:.1f} ms, bound by {bound}; "
-            f"HBM floor {seconds['hbm'] * 1e3:.1f} ms"
+            f"{memory} floor {seconds['hbm'] * 1e3:.1f} ms"
         )
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)

@@ -99,8 +99,14 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    """Read ``config.json`` from a checkpoint directory (or the file itself)."""
+    """Read ``config.json`` from a checkpoint directory (or the file itself), or the metadata of a GGUF file."""
+    from .checkpoint import is_gguf
+
     path = Path(path)
+    if is_gguf(path):
+        from ..gguf import GGUFCheckpoint
+
+        return config_from_dict(GGUFCheckpoint(path).config, source=path.name)
     file = path / "config.json" if path.is_dir() else path
     if not path.exists():
         raise ConfigError(f"model path {str(path)!r} does not exist")

@@ -60,6 +60,7 @@ from ..errors import InputError
 
 INT8, INT4 = "int8", "int4"
 FORMATS = (INT8, INT4)
+STORED = "stored"  # a checkpoint stored quantized (GGUF, scripts/quantize.py) kept in its own formats
 DEFAULT_GROUP_SIZE = 128
 DEQUANTIZE = "dequantize"  # the kernel: dequantize a chunk of rows, then a dense matrix product
 FUSED = "fused"  # the Triton kernels of quant_kernels.py: products straight from the parts
@@ -142,8 +143,8 @@ class StackedWeight:
 
 def check_request(quantize, group_size, rounding: str = "search") -> None:
     """Refuse a format this module does not have, or a group size or rounding that cannot be used."""
-    if quantize is not None and quantize not in FORMATS:
-        raise InputError(f"unsupported quantize {quantize!r}; use int8 or int4 (or none)")
+    if quantize is not None and quantize not in (*FORMATS, STORED):
+        raise InputError(f"unsupported quantize {quantize!r}; use int8, int4 or stored (or none)")
     if rounding not in ROUNDINGS:
         raise InputError(f"unsupported rounding {rounding!r}; use {' or '.join(ROUNDINGS)}")
     if group_size is None:

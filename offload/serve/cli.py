@@ -79,7 +79,7 @@ def _main(args) -> int:
     demo = args.model is None
     model_path = demo_checkpoint(quiet=args.quiet or tp.rank != 0) if demo else Path(args.model)
     config = load_config(model_path)
-    tokenizer = Tokenizer.from_dir(model_path)
+    tokenizer = Tokenizer.from_checkpoint(model_path)
     if tokenizer is not None and tokenizer.chat_template is not None:
         tokenizer.chat_template.check()  # a broken template is reported now, not at the first chat
     eos = stop_token_ids(model_path, config.eos_token_ids)

@@ -144,10 +144,11 @@ class EngineLoop:
         except Exception:
             # Drop every request and carry on with a fresh engine: a failed step leaves rows half written,
             # and a new engine fills its rows from position 0.
+            # The new engine is in place before any request hears of the failure.
             log.exception("engine step failed; dropping %d requests", len(self.sinks))
+            self.engine = RowEngine(self.model, len(self.engine.rows))
             for key in list(self.sinks):
                 self._drop(key)
-            self.engine = RowEngine(self.model, len(self.engine.rows))
             return
         seconds = time.perf_counter() - start
         for row, token in events:

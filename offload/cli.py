@@ -73,13 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     add_load_flags(p, max_batch_help="KV cache rows (default 1; batch jobs: --batch-size)",
                    max_seq_len_help="KV cache length per row (default: what the prompts need)",
-                   max_step_tokens_help="most tokens per forward pass (default: --max-seq-len; batch jobs: at "
-                                        "least 2048)")
+                   max_step_tokens_help=STEP_TOKENS_HELP)
     p.add_argument("--batch-size", default="auto", help="batch job rows: a number, or auto (default)")
     p.add_argument("--schedule", choices=["dynamic", "fifo"], default="dynamic", help="batch job scheduling")
     p.add_argument("--plan", action="store_true", help="print the placement plan and exit without loading weights")
     add_quiet_flag(p)
     return p
+
+
+STEP_TOKENS_HELP = ("most tokens per chunk of a forward pass (default: the largest of 2048, 1024, ... 128 whose "
+                    "temporaries take no more memory than a layer)")
 
 
 def add_model_flag(p: argparse.ArgumentParser) -> None:
@@ -205,6 +208,8 @@ def _main(args) -> int:
         say(f"speculative decoding: {result.tokens_per_pass:.2f} tokens per pass over the model "
             f"({result.decode_steps} passes, {result.ms_per_step:.1f} ms each), {result.accepted_tokens} of "
             f"{result.drafted_tokens} drafted tokens accepted")
+    if model.experts is not None:
+        say(model.experts.summary())
     model.close()
     return 0
 
@@ -245,25 +250,26 @@ def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, sa
 
 def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions, sampling: Sampling, eos,
                  tp: TensorParallel, say, records, done, results) -> int:
-    seq = _job_context(records, options)
-    # A job's steps hold at least 2048 tokens, so that rows joining the batch read their prompts in few
-    # steps (each step streams every weight once).
-    options = options.replace(max_seq_len=seq, max_step_tokens=options.max_step_tokens or max(2048, seq))
+    options = options.replace(max_seq_len=_job_context(records, options))
     if args.model is None and args.gpu_memory is None:
         options = demo_budget(model_path, options, say)
     shapes = [(len(r.prompt_ids), r.max_new_tokens) for r in records if r.id not in done] or [(1, 1)]
     options = options.replace(max_batch=_batch_size(args, model_path, options, shapes, say))
     setup = prepare(model_path, options)
-    _warn_context(config, seq, tp)  # once the plan is made: a job that cannot run says so in one line alone
+    _warn_context(config, options.max_seq_len, tp)  # once the plan is made: a job that cannot run says so in one line alone
     say(format_plans(setup.plans))
     cost = lambda tokens, keys: max(p.pass_seconds(tokens, keys) for p in setup.plans)  # noqa: E731
-    say(f"predicted for this job: {forecast_job(shapes, options.max_batch, cost)}")
+    caveat = (" (a CPU's forecast counts weight reads and matrix work alone: the per-layer overhead of each step "
+              "can make a small model several times slower)" if setup.device.type == "cpu" else "")
+    say(f"predicted for this job: {forecast_job(shapes, options.max_batch, cost)}{caveat}")
     if args.plan:
         return 0
     model = load_model(model_path, options, progress=not args.quiet)
     summary = run_batch(model, records, results, options.max_batch, sampling, eos, tokenizer,
                         schedule=args.schedule, progress=tp.rank == 0 and not args.quiet)
     say(f"done: {summary}")
+    if model.experts is not None:
+        say(model.experts.summary())
     model.close()
     return 0
 
@@ -336,7 +342,7 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
         max_batch=max_batch if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=not args.no_cuda_graphs,
         compile=args.compile, quantize=args.quantize, group_size=args.group_size, draft=args.draft,
-        draft_tokens=args.draft_tokens,
+        draft_tokens=args.draft_tokens, all_logits=False,  # generation reads each row's last logits alone
     )
 
 

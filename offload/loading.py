@@ -468,6 +468,8 @@ def _own_peers(budget: Budget, tp: TensorParallel, device: torch.device) -> Budg
     computing = set(str(d) for d in tp.gather_objects(str(device)))
     for name in budget.peer_memory:
         peer = torch.device(name)
+        if peer.type not in ("cuda", "cpu"):  # cpu:N stands in for a GPU where there is none (tests, planning)
+            raise BudgetError(f"peer {name} is not a GPU; a peer is another GPU, such as cuda:1")
         if name in computing:
             raise BudgetError(f"{name} computes for this job; a peer must be a GPU outside the tensor-parallel group")
         if peer.type == "cuda" and (not torch.cuda.is_available() or peer.index >= torch.cuda.device_count()):

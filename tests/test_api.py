@@ -69,6 +69,7 @@ LOAD_CASES = [
     pytest.param(dict(cpu_memory="9" * 400), "more bytes than any machine has", id="budget-400-digits"),
     pytest.param(dict(peer_memory=5), "peer memory", id="peer-memory-number"),
     pytest.param(dict(peer_memory=[5]), "peer memory", id="peer-memory-list-of-numbers"),
+    pytest.param(dict(peer_memory={"meta": "100MiB"}), "meta is not a GPU", id="peer-memory-meta"),
     pytest.param(dict(link_bandwidth={"host": -1}), "link_bandwidth", id="bandwidth-negative"),
     pytest.param(dict(dtype=torch.int8), "unsupported dtype", id="dtype-integer"),
     pytest.param(dict(tp=2), "torchrun", id="tp-without-torchrun"),

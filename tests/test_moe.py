@@ -8,6 +8,7 @@ the routed experts that were not on the device, each once; the plan's expert pla
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -195,3 +196,41 @@ def test_tensor_parallel_on_two_ranks_equals_one(checkpoint_factory):
         logits, tokens, _, _ = result
         assert (logits - want_logits).abs().max().item() <= ATOL, f"rank {rank}"
         assert torch.equal(tokens, want_tokens), f"rank {rank}"
+
+
+def test_the_cli_prints_the_expert_hit_rate(checkpoint_factory, capsys):
+    from offload.cli import main
+
+    _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    needs = offload.plan_model(directory, dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2).needs
+    gpu = needs.fixed_bytes + sum(needs.blocks) + (needs.experts.top_k * 2 + 1) * needs.experts.nbytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OffloadWarning)
+        assert main(["--model", str(directory), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6", "--dtype",
+                     "fp32", "--gpu-memory", str(gpu), "--cpu-memory", "1GiB", "--max-seq-len", str(MAX_SEQ)]) == 0
+    found = re.search(r"experts: ([\d.]+)% on the device when needed \(([\d,]+) hits, ([\d,]+) copied in\)",
+                      capsys.readouterr().out)
+    assert found, "no hit rate printed"
+    hits, misses = int(found[2].replace(",", "")), int(found[3].replace(",", ""))
+    assert misses > 0 and float(found[1]) == pytest.approx(100 * hits / (hits + misses), abs=0.05)
+
+
+def test_the_servers_engine_counts_expert_hits_for_metrics(checkpoint_factory):
+    import threading
+
+    from offload.scheduler.row_engine import Request
+    from offload.serve import EngineLoop
+
+    _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    needs = offload.plan_model(directory, dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2).needs
+    with _streamed(directory, needs, resident_experts=1) as model:
+        loop, done = EngineLoop(model, rows=2), threading.Event()
+        loop.start()
+        try:
+            loop.submit(Request((5, 6, 7, 8), 6, key="a"), lambda token, reason: reason and done.set())
+            assert done.wait(60)
+        finally:
+            loop.stop()
+        assert loop.metrics.expert_misses == model.experts.misses > 0
+        assert loop.metrics.expert_hits == model.experts.hits
+        assert 'offload_expert_lookups_total{result="miss"}' in loop.metrics.render()

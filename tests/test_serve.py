@@ -767,3 +767,31 @@ def test_speculative_decoding_serves_the_same_tokens_and_counts_them(structured)
     finally:
         server.stop()
         reference.close()
+
+
+def test_the_servers_plan_reserves_only_the_logits_generation_reads():
+    """The server once forced 2048-token chunks and reserved every position's logits (406.5 MiB for SmolLM2-135M
+    in float32, more than its KV cache and non-layer tensors together), refusing a budget that streams most of its
+    layers. Generation reads each row's last logits: that is all the plan reserves now."""
+    from offload.cli import load_options
+    from offload.loading import prepare
+    from offload.models.shapes import shape_config
+    from offload.serve.cli import build_parser
+
+    args = build_parser().parse_args(["--device", "cpu", "--dtype", "float32", "--gpu-memory", "269045204",
+                                      "--cpu-memory", "2GiB", "--max-batch", "8", "--max-seq-len", "256"])
+    options = load_options(args, max_batch=8)
+    assert options.all_logits is False and options.max_step_tokens is None
+    plan = prepare(shape_config("smollm2-135m"), options).plan
+    assert plan.blocks_on("host") and plan.needs.activation_bytes < 32 * 2**20
+
+
+def test_metrics_show_the_expert_hit_rate_of_a_mixture_of_experts_only():
+    from offload.serve.metrics import Metrics
+
+    dense, moe = Metrics(rows=2), Metrics(rows=2, expert_hits=30, expert_misses=10)
+    assert "expert" not in dense.render()
+    text = moe.render()
+    assert 'offload_expert_lookups_total{result="hit"} 30\n' in text
+    assert 'offload_expert_lookups_total{result="miss"} 10\n' in text
+    assert "offload_expert_hit_rate 0.75\n" in text

@@ -149,7 +149,8 @@ class Plan:
     def link_seconds(self, rows: int = 1) -> dict[str, float]:
         """Seconds per decode step of ``rows`` rows that each link spends copying (the every-pass blocks it
         streams, and the routed experts it is expected to fetch), and the HBM floor under "hbm" (every
-        block and the experts a step uses, read once)."""
+        block, the experts a step uses and the LM head, read once, at the measured rate of one-row products
+        from their formats)."""
         missed = self.experts.missed_bytes(rows) if self.experts else {}
         out = {t: (sum(self.needs.blocks[i] for i in self.blocks_on(t)) + missed.get(t, 0)) / self.bandwidth[t]
                for t in self.streamed_tiers}
@@ -157,7 +158,9 @@ class Plan:
         if self.needs.experts:
             e = self.needs.experts
             used += sum(e.distinct(layer, rows) for layer in range(len(e.per_layer))) * e.nbytes
-        out["hbm"] = used / self.bandwidth.get(f"gemv-{self.needs.products}", self.bandwidth["hbm"])
+        dense = "bf16" if self.needs.products else ""  # the LM head is in the model dtype ("": float32)
+        out["hbm"] = (used / self.bandwidth.get(f"gemv-{self.needs.products}", self.bandwidth["hbm"])
+                      + self.needs.global_bytes / self.bandwidth.get(f"gemv-{dense}", self.bandwidth["hbm"]))
         return out
 
     @property

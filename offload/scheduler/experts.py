@@ -108,6 +108,11 @@ class ExpertStore:
         lookups = self.hits + self.misses
         return self.hits / lookups if lookups else 0.0
 
+    def summary(self) -> str:
+        """What the CLI prints: ``experts: 81.3% on the device when needed (1,204 hits, 277 copied in)``."""
+        return (f"experts: {self.hit_rate:.1%} on the device when needed ({self.hits:,} hits, {self.misses:,} "
+                f"copied in)")
+
     def reset(self) -> None:
         """Forget what the cache holds (after a pass was abandoned half way, its copies may not have landed)."""
         if self.slots.device.type == "cuda":

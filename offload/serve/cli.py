@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..api import load_model
 from ..chat import stop_token_ids
-from ..cli import Parser, add_load_flags, add_model_flag, add_quiet_flag, demo_budget, load_options, run_main
+from ..cli import STEP_TOKENS_HELP, Parser, add_load_flags, add_model_flag, add_quiet_flag, demo_budget, load_options, run_main
 from ..distributed import init_tensor_parallel
 from ..errors import InputError
 from ..loading import DEFAULT_MAX_SEQ_LEN
@@ -30,7 +30,6 @@ from .engine_loop import EngineLoop
 from .server import REQUEST_TIMEOUT, serve
 
 DEFAULT_ROWS = 8
-MIN_STEP_TOKENS = 2048  # requests joining the batch read their prompts in few steps (each streams every weight)
 
 
 def build_parser() -> Parser:
@@ -54,8 +53,7 @@ def build_parser() -> Parser:
     add_load_flags(p, max_batch_help=f"rows of the running batch: requests generated at once (default {DEFAULT_ROWS})",
                    max_seq_len_help=f"KV cache length per row: prompt + answer (default: the model's context, at "
                                     f"most {DEFAULT_MAX_SEQ_LEN})",
-                   max_step_tokens_help=f"most tokens per forward pass (default: --max-seq-len, at least "
-                                        f"{MIN_STEP_TOKENS})")
+                   max_step_tokens_help=STEP_TOKENS_HELP)
     add_quiet_flag(p)
     return p
 
@@ -85,7 +83,7 @@ def _main(args) -> int:
     eos = stop_token_ids(model_path, config.eos_token_ids)
     options = load_options(args, max_batch=DEFAULT_ROWS)
     seq = options.max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-    options = options.replace(max_seq_len=seq, max_step_tokens=options.max_step_tokens or max(MIN_STEP_TOKENS, seq))
+    options = options.replace(max_seq_len=seq)
     if demo and args.gpu_memory is None:
         options = demo_budget(model_path, options, say)
     model = load_model(model_path, options, progress=not args.quiet)

@@ -31,6 +31,8 @@ class Metrics:
     decode_row_passes: int = 0  # rows given such a pass, summed over passes
     drafted_tokens: int = 0  # speculative decoding: tokens drafted, and those the model accepted
     accepted_tokens: int = 0
+    expert_hits: int | None = None  # a mixture of experts: routed experts found on the device, and copied in
+    expert_misses: int | None = None
 
     def observe_step(self, seconds: float, tokens: int) -> None:
         self.steps += 1
@@ -69,6 +71,12 @@ class Metrics:
         per_pass = self.decode_tokens / self.decode_row_passes if self.decode_row_passes else 0.0
         metric("tokens_per_pass", "gauge", "Mean tokens a request gains from one pass over the model after its "
                "prompt (1 without a draft; speculative decoding makes more).", [("", per_pass)])
+        if self.expert_hits is not None:
+            lookups = self.expert_hits + self.expert_misses
+            metric("expert_lookups_total", "counter", "Routed experts a step needed: found on the device (hit) or "
+                   "copied in (miss).", [('{result="hit"}', self.expert_hits), ('{result="miss"}', self.expert_misses)])
+            metric("expert_hit_rate", "gauge", "Share of the routed experts needed that were on the device.",
+                   [("", self.expert_hits / lookups if lookups else 0.0)])
         buckets = [(f'_bucket{{le="{b}"}}', n) for b, n in zip(STEP_BUCKETS, self.step_buckets)]
         metric("step_seconds", "histogram", "Time of one engine step (one forward pass over the batch).",
                [*buckets, ('_bucket{le="+Inf"}', self.steps), ("_sum", self.step_seconds), ("_count", self.steps)])

@@ -155,7 +155,7 @@ def prompt_lengths(records: list[Record]) -> dict:
 
 
 def job_id(records: list[Record], model_path, dtype, quantize: str | None, group_size: int | None,
-           sampling: Sampling, eos_ids: tuple[int, ...]) -> str:
+           sampling: Sampling, eos_ids: tuple[int, ...], rounding: str = "search") -> str:
     """A hash of what makes a job's outputs what they are: each record (its line, which seeds its sampling, its
     id, prompt ids and token limit), the model (its folder and config.json), the dtype and quantization, the
     sampling and the stop ids. A rerun of the same command continues the job's output; a change in any of
@@ -170,6 +170,8 @@ def job_id(records: list[Record], model_path, dtype, quantize: str | None, group
         "dtype": str(dtype), "quantize": quantize, "group_size": group_size,
         "sampling": dataclasses.asdict(sampling), "eos_ids": list(eos_ids),
     }
+    if quantize == "int4" and rounding != "search":  # only where it changes the weights (and old ids stay)
+        described["rounding"] = rounding
     return hashlib.sha256(json.dumps(described, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 

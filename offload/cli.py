@@ -33,7 +33,7 @@ from .memory.planner import format_plans
 from .offloaded_model import result_of
 from .models.checkpoint import is_gguf
 from .models.config import load_config
-from .models.quant import FORMATS, STORED
+from .models.quant import FORMATS, ROUNDINGS, STORED
 from .options import MAX_COUNT, LoadOptions, parse_dtype
 from .results import ResultFile, finished_ids
 from .sampling import Sampling
@@ -113,6 +113,8 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
     p.add_argument("--quantize", choices=[*FORMATS, STORED], help="store the layers' linear weights as int8 or "
                    "int4 (default: the model dtype); stored: keep a GGUF file's own formats on a CPU too (which "
                    "otherwise expands them where they fit in half its budget; a GPU keeps them)")
+    p.add_argument("--rounding", choices=ROUNDINGS, default="search", help="int4: each group's scale and minimum "
+                   "searched to minimise its squared error (default), or minmax: the group's range")
     p.add_argument("--group-size", type=int, help="int4: input columns per scale (default 128, or the largest "
                    "smaller power of two that divides each input dimension)")
     p.add_argument("--draft", help="speculative decoding: ngram (prompt lookup), int4 (the model's own weights in "
@@ -238,7 +240,7 @@ def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, sa
         raise InputError("--prompts needs --output")
     eos = () if args.ignore_eos else stop_token_ids(model_path, config.eos_token_ids)
     name_job = lambda records: job_id(records, model_path, _job_dtype(options), options.quantize,  # noqa: E731
-                                      options.group_size, sampling, eos)
+                                      options.group_size, sampling, eos, options.rounding)
     records, done, results = _read_job(args, tokenizer, config.vocab_size, options, tp, name_job)
     try:
         return _run_records(args, model_path, config, tokenizer, options, sampling, eos, tp, say, records, done,
@@ -341,7 +343,8 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
         peer_memory=dict(_peer(text) for text in args.peer_memory or []),
         max_batch=max_batch if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=not args.no_cuda_graphs,
-        compile=args.compile, quantize=args.quantize, group_size=args.group_size, draft=args.draft,
+        compile=args.compile, quantize=args.quantize, group_size=args.group_size, rounding=args.rounding,
+        draft=args.draft,
         draft_tokens=args.draft_tokens, all_logits=False,  # generation reads each row's last logits alone
     )
 

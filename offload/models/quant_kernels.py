@@ -19,8 +19,9 @@ compressed bytes of HBM traffic, resident or streamed.
 * **More rows** (prefill chunks, batched decode): ``_matmul_kernel``, tiles of
   ``[BLOCK_M, group] x [group, BLOCK_N]`` (or 64 columns for int8 per channel), each
   weight tile dequantized in float32, rounded once to the activations' dtype (as
-  ``quant.dequantize`` rounds) and multiplied on the tensor cores; int4's even and odd
-  columns are two products against the even and odd columns of ``x``.
+  ``quant.dequantize`` rounds) and multiplied on the tensor cores; int4's low and high
+  nibbles (a group's first and second halves) are two products against the two halves of
+  the group's columns of ``x``, each a contiguous load.
 
 Every blocking is fixed by the shapes alone (no timing), so two models compute the same
 bits. Which projections use them is decided when the model is laid out

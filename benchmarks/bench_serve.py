@@ -50,7 +50,6 @@ import offload  # noqa: E402
 from offload.memory.planner import DEFAULT_SLOTS  # noqa: E402
 from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 from offload.serve import EngineLoop, ServerThread, Service, create_app  # noqa: E402
-from offload.serve.cli import MIN_STEP_TOKENS  # noqa: E402
 from offload.text import Tokenizer  # noqa: E402
 
 SEED = 0
@@ -140,7 +139,7 @@ def load(s: dict, args, device: torch.device):
     """The model with the most KV cache rows (up to --max-batch or --clients) that its budgets can hold."""
     source = str(Path(s["model"])) if s["model"] else shape_config(s["shape"])
     seq = s["prompt_len"][1] + s["new_tokens"]
-    kwargs = dict(device=device, dtype=args.dtype, max_seq_len=seq, max_step_tokens=max(MIN_STEP_TOKENS, seq),
+    kwargs = dict(device=device, dtype=args.dtype, max_seq_len=seq, all_logits=False,  # as the server loads it
                   gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory)
     if args.quick:  # room for half of the layers: the other half streams
         needs = offload.plan_model(source, max_batch=s["max_batch"], **kwargs).needs

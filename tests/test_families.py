@@ -20,7 +20,8 @@ from offload.errors import ConfigError, OffloadWarning
 from offload.models.config import load_config
 
 from conftest import CONVENTIONS
-from test_tensor_parallel import run_tp
+from test_llama import _load, _prompt  # float32, 2 rows of MAX_SEQ; seeded prompts
+from test_tensor_parallel import assert_tp_equals_one
 
 ATOL = 1e-4
 MAX_SEQ = 64
@@ -46,16 +47,6 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 def _make(factory, key, convention="5.x"):
     arch, kwargs = MODELS[key]
     return factory(key, arch, convention, seed=SEEDS[key], **kwargs)
-
-
-def _load(directory, **kw):
-    kw.setdefault("max_batch", 2)
-    kw.setdefault("max_seq_len", MAX_SEQ)
-    return offload.load_model(directory, dtype=torch.float32, progress=False, **kw)
-
-
-def _prompt(n, vocab, seed, batch=1):
-    return torch.randint(3, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def _hf_logits(hf, ids, attention_mask=None):
@@ -207,12 +198,4 @@ def test_half_the_layers_streamed_equal_resident_bitwise(checkpoint_factory, key
 @pytest.mark.parametrize("key", ["qwen3-window", "gemma3"])
 def test_tensor_parallel_on_two_ranks_equals_one(checkpoint_factory, key):
     _, directory = _make(checkpoint_factory, key)
-    ids = _prompt(PROMPT, 256, seed=7, batch=2)
-    kwargs = dict(dtype=torch.float32, max_batch=2, max_seq_len=MAX_SEQ)
-    with offload.load_model(directory, progress=False, **kwargs) as single:
-        want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)
-    for rank, result in enumerate(run_tp(2, directory, ids, **kwargs)):
-        assert not isinstance(result, str), result
-        logits, tokens, _, _ = result
-        assert (logits - want_logits).abs().max().item() <= ATOL, f"rank {rank}"
-        assert torch.equal(tokens, want_tokens), f"rank {rank}"
+    assert_tp_equals_one(directory, _prompt(PROMPT, 256, seed=7, batch=2), ATOL, MAX_SEQ)

@@ -1159,7 +1159,8 @@ def test_quantize_stored_is_for_a_checkpoint_stored_quantized(tiny):
 @pytest.mark.slow
 def test_smollm2_from_its_gguf_file_matches_transformers_reading_it(smollm2_gguf):
     """The real SmolLM2-135M-Instruct (Q4_1): logits within 1e-4 and the same greedy tokens as transformers
-    reading the same file (float32), resident and with half of its layers streamed; it answers a chat."""
+    reading the same file (float32): expanded at load (a CPU's default), kept as stored, and as stored with half
+    of its layers streamed; it answers a chat."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
                                                            dtype=torch.float32).eval()
@@ -1170,16 +1171,18 @@ def test_smollm2_from_its_gguf_file_matches_transformers_reading_it(smollm2_gguf
         ref = hf(prompt).logits
         greedy = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     kw = dict(dtype=torch.float32, max_seq_len=128, progress=False)
-    with offload.load_model(smollm2_gguf, **kw) as resident:
+    with offload.load_model(smollm2_gguf, **kw) as expanded, \
+            offload.load_model(smollm2_gguf, quantize="stored", **kw) as resident:
+        assert "as stored" not in str(expanded.plan) and "as stored" in str(resident.plan)
         needs = resident.plan.needs
-        models = [resident]
+        models = [expanded, resident]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OffloadWarning)
             models.append(offload.load_model(smollm2_gguf, gpu_memory=needs.gpu_budget_streaming(15),
-                                             cpu_memory="1GiB", **kw))
+                                             cpu_memory="1GiB", quantize="stored", **kw))
         for model in models:
             assert (model(prompt) - ref).abs().max().item() <= 1e-4
             assert torch.equal(model.generate(prompt, max_new_tokens=12, ignore_eos=True), greedy)
-        assert models[1].plan.placement.count("host") == 15
+        assert models[2].plan.placement.count("host") == 15
         assert "Paris" in tokenizer.decode(greedy[0, len(ids):].tolist())
-        models[1].close()
+        models[2].close()

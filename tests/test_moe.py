@@ -21,7 +21,7 @@ from offload.memory.experts import ExpertNeeds, place_experts
 from offload.models.shapes import shape_config
 
 from conftest import _ARCH
-from test_tensor_parallel import run_tp
+from test_tensor_parallel import assert_tp_equals_one
 
 _ARCH.update({
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
@@ -187,15 +187,7 @@ def test_mixtral_8x7b_at_24_gib_keeps_every_layer_and_streams_experts():
 @pytest.mark.slow
 def test_tensor_parallel_on_two_ranks_equals_one(checkpoint_factory):
     _, directory = checkpoint_factory("moe-mixtral", "mixtral", "5.x", seed=5, **_BASE, **MODELS["mixtral"])
-    ids = _ids(2, PROMPT, 7)
-    kwargs = dict(dtype=torch.float32, max_batch=2, max_seq_len=MAX_SEQ)
-    with offload.load_model(directory, progress=False, **kwargs) as single:
-        want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)
-    for rank, result in enumerate(run_tp(2, directory, ids, **kwargs)):
-        assert not isinstance(result, str), result
-        logits, tokens, _, _ = result
-        assert (logits - want_logits).abs().max().item() <= ATOL, f"rank {rank}"
-        assert torch.equal(tokens, want_tokens), f"rank {rank}"
+    assert_tp_equals_one(directory, _ids(2, PROMPT, 7), ATOL, MAX_SEQ)
 
 
 def test_the_cli_prints_the_expert_hit_rate(checkpoint_factory, capsys):

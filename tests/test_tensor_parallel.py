@@ -40,6 +40,19 @@ def run_tp(world, path, ids, main=_rank_main, **kwargs):
         return [out[r] for r in range(world)]
 
 
+def assert_tp_equals_one(directory, ids, atol: float, max_seq_len: int, ranks: int = 2) -> None:
+    """Float32 logits within ``atol`` and the same 8 greedy tokens on every one of ``ranks`` gloo ranks as on
+    one process."""
+    kwargs = dict(dtype=torch.float32, max_batch=2, max_seq_len=max_seq_len)
+    with offload.load_model(directory, progress=False, **kwargs) as single:
+        want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)
+    for rank, result in enumerate(run_tp(ranks, directory, ids, **kwargs)):
+        assert not isinstance(result, str), result
+        logits, tokens, _, _ = result
+        assert (logits - want_logits).abs().max().item() <= atol, f"rank {rank}"
+        assert torch.equal(tokens, want_tokens), f"rank {rank}"
+
+
 def _budget_streaming_everything(path, tp):
     """A budget per rank with room for the fixed parts and 2 slots only: every layer streams from the host."""
     needs = offload.plan_model(path, max_batch=2, max_seq_len=48).needs

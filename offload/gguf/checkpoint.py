@@ -10,7 +10,6 @@ norms undone. :class:`GGUFSource` puts that behind the weight-source interface o
 
 from __future__ import annotations
 
-import re
 from collections import Counter, OrderedDict
 from pathlib import Path
 
@@ -18,13 +17,11 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..models.checkpoint import LAYER_TENSOR, all_finite, copy_piece
 from .config import architecture_of, hf_config
 from .convert import dense_tensor, gguf_tensor_to_parts, parts_format, type_name
 from .names import MappedTensor, map_tensors, unpermute_order
 from .reader import GGUFFiles, gguf_package
-
-LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
-FINITE_CHECK_ELEMENTS = 1 << 24
 
 
 class GGUFCheckpoint:
@@ -215,8 +212,8 @@ class GGUFSource:
                 raise CheckpointError(f"{self.checkpoint.path.name}: {name} has no {spec.part!r} part")
         else:
             piece = self.checkpoint.dense(name, rows, cols, out.dtype, self.device)
-        _copy_piece(out, piece)
-        if out.is_floating_point() and not _all_finite(out):
+        copy_piece(out, piece)
+        if out.is_floating_point() and not all_finite(out):
             raise CheckpointError(f"{self.checkpoint.path.name}: tensor {name!r} holds NaN or infinite values "
                                   f"(as {str(out.dtype).removeprefix('torch.')})")
 
@@ -238,18 +235,3 @@ def _cut(spec) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
     if shard.dim is None:
         return None, None
     return ((shard.start, shard.stop), None) if shard.dim == 0 else (None, (shard.start, shard.stop))
-
-
-def _copy_piece(out: torch.Tensor, piece: torch.Tensor) -> None:
-    """Copy ``piece`` into ``out``; rows of ``out`` past the piece (vocabulary padding) become zero."""
-    rows = piece.shape[0] if piece.dim() else 1
-    if out.dim() and rows < out.shape[0]:
-        out[rows:].zero_()
-        out = out[:rows]
-    out.copy_(piece)
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + FINITE_CHECK_ELEMENTS]).all())
-               for i in range(0, flat.numel(), FINITE_CHECK_ELEMENTS))

@@ -152,8 +152,8 @@ class CheckpointSource:
             piece = _cut(self._open(file).get_slice(name), spec)
         except SafetensorError as e:
             raise CheckpointError(f"{file.name}: cannot read tensor {name!r} ({e})") from None
-        _copy_piece(out, piece)
-        if out.is_floating_point() and not _all_finite(out):
+        copy_piece(out, piece)
+        if out.is_floating_point() and not all_finite(out):
             raise CheckpointError(f"{file.name}: tensor {name!r} holds NaN or infinite values "
                                   f"(as {str(out.dtype).removeprefix('torch.')})")
 
@@ -183,7 +183,7 @@ def _cut(tensor_slice, spec: TensorSpec) -> torch.Tensor:
     return tensor_slice[:, shard.start : shard.stop]
 
 
-def _copy_piece(out: torch.Tensor, piece: torch.Tensor) -> None:
+def copy_piece(out: torch.Tensor, piece: torch.Tensor) -> None:
     """Copy ``piece`` into ``out``; rows of ``out`` past the piece (vocabulary padding) become zero."""
     rows = piece.shape[0] if piece.dim() else 1
     if out.dim() and rows < out.shape[0]:
@@ -192,7 +192,7 @@ def _copy_piece(out: torch.Tensor, piece: torch.Tensor) -> None:
     out.copy_(piece)
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """No NaN or infinity in ``t``, checked on its own device in bounded pieces."""
     flat = t.reshape(-1)
     return all(bool(torch.isfinite(flat[i : i + FINITE_CHECK_ELEMENTS]).all())

@@ -2,7 +2,7 @@
 """Speculative decoding: what a verify pass costs, and what each draft gains.
 
     python benchmarks/bench_speculative.py --model SmolLM2 --gpu-memory 200MiB --cpu-memory 4GiB \\
-        --drafts none,ngram,int4,path/to/draft
+        --drafts none,ngram,int4,int4@4,path/to/draft,path/to/draft@4
     python benchmarks/bench_speculative.py --shape llama-2-13b --gpu-memory 8GiB --cpu-memory 64GiB
     python benchmarks/bench_speculative.py --quick      # the structured model on the CPU, in seconds (CI runs this)
 
@@ -16,7 +16,8 @@ passes     a verify pass of W tokens per row (W = 1, 2, 4, ... 32: the row's las
            ``batch x E(a, W - 1) / t(W)`` with ``E(a, k) = (1 - a^(k+1)) / (1 - a)``.
            With random weights (``--shape``) a measured acceptance means nothing, so these
            forecasts are all this part reports.
-generation with ``--model`` (or ``--quick``), for each of ``--drafts``: greedy batch-1
+generation with ``--model`` (or ``--quick``), for each of ``--drafts`` (``int4@4``: the int4 draft's
+           trees, four tokens at each depth): greedy batch-1
            generation of a few prompts, decode tokens/s, tokens per pass, the share of
            drafts accepted, and whether the tokens equal plain greedy decoding's. Prompts:
            the chat template applied to built-in questions when the checkpoint has a
@@ -76,8 +77,9 @@ def parse_args(argv) -> argparse.Namespace:
     source.add_argument("--model", help="a checkpoint directory: pass times and each draft's generation")
     source.add_argument("--shape", help=f"random weights of a named shape, pass times only ({', '.join(SHAPES)})")
     source.add_argument("--quick", action="store_true", help="the structured model on the CPU (for CI)")
-    p.add_argument("--drafts", default="none,ngram,int4", help="comma-separated: none (first), ngram, int4, or "
-                   "checkpoint directories (default none,ngram,int4)")
+    p.add_argument("--drafts", default="none,ngram,int4,int4@4", help="comma-separated: none (first), ngram, int4, "
+                   "or checkpoint directories; DRAFT@M: a draft model's trees of M tokens a depth "
+                   "(default none,ngram,int4,int4@4)")
     p.add_argument("--draft-tokens", type=int, help="a fixed draft length (default: chosen per pass)")
     p.add_argument("--gpu-memory", help="budget of the compute GPU (default: its free memory)")
     p.add_argument("--cpu-memory", help="pinned host memory for streamed layers")
@@ -93,6 +95,9 @@ def parse_args(argv) -> argparse.Namespace:
     drafts = [d.strip() for d in args.drafts.split(",") if d.strip()]
     if not drafts or drafts[0] != "none":
         raise UsageError(f"--drafts starts with none (the reference), got {args.drafts!r}")
+    for draft in drafts:
+        if "@" in draft and not draft.rpartition("@")[2].isdigit():
+            raise UsageError(f"a draft's tree is DRAFT@M with M its tokens a depth, got {draft!r}")
     try:
         args.widths = sorted({int(w) for w in args.widths.split(",")})
     except ValueError:
@@ -157,8 +162,11 @@ def prompts_for(model_path: Path, quick: bool) -> list[list[int]]:
 
 
 def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: dict, max_new: int) -> dict:
-    """Greedy batch-1 generation of every prompt with ``draft``: tokens, decode tokens/s, tokens per pass."""
-    model = offload.load_model(model_path, draft=None if draft == "none" else draft, progress=False, **options)
+    """Greedy batch-1 generation of every prompt with ``draft`` (``DRAFT@M``: trees of ``M`` tokens a depth):
+    tokens, decode tokens/s, tokens per pass."""
+    name, _, branches = draft.rpartition("@") if "@" in draft else (draft, "", "")
+    model = offload.load_model(model_path, draft=None if draft == "none" else name, progress=False,
+                               draft_branches=int(branches) if branches else None, **options)
     used = draft == "none" or model.draft is not None
     model.generate([prompts[0]], max_new_tokens=4)  # warm-up
     tokens, seconds, decoded, passes, row_passes, drafted, accepted = [], 0.0, 0, 0, 0, 0, 0

@@ -122,6 +122,9 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
                    "the same vocabulary (kept on the GPU)")
     p.add_argument("--draft-tokens", type=int, help="tokens drafted per row and pass (default: chosen before each "
                    "pass from the measured acceptance and the plan's cost of a pass)")
+    p.add_argument("--draft-branches", type=int, help="a draft model's tokens at each depth for greedy rows, verified "
+                   "as a tree: its likeliest and the next ones (at most 4; 1: a chain; default: chosen before each "
+                   "pass from how often the alternatives were right)")
 
 
 def add_quiet_flag(p: argparse.ArgumentParser) -> None:
@@ -344,8 +347,8 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
         max_batch=max_batch if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=not args.no_cuda_graphs,
         compile=args.compile, quantize=args.quantize, group_size=args.group_size, rounding=args.rounding,
-        draft=args.draft,
-        draft_tokens=args.draft_tokens, all_logits=False,  # generation reads each row's last logits alone
+        draft=args.draft, draft_tokens=args.draft_tokens, draft_branches=args.draft_branches,
+        all_logits=False,  # generation reads each row's last logits alone
     )
 
 

@@ -31,7 +31,7 @@ import os
 import torch
 
 from .sampling import draw, probabilities
-from .speculative import Proposal
+from .speculative import MAX_BRANCHES, Proposal
 
 NGRAM, INT4, MODEL = "ngram", "int4", "model"
 RESIDENT_BUDGET = 2**62  # a draft model's own budget: everything resident (the target's plan counts its bytes)
@@ -54,7 +54,7 @@ def draft_options(target, max_draft: int):
     return target.replace(
         gpu_memory=RESIDENT_BUDGET, cpu_memory=0, peer_memory=None, max_seq_len=target.max_seq_len + max_draft,
         max_step_tokens=None, all_logits=False, slots=None, group_size=None, draft=None, draft_tokens=None,
-        quantize=INT4 if draft_kind(target.draft) == INT4 else None,
+        draft_branches=None, quantize=INT4 if draft_kind(target.draft) == INT4 else None,
     )
 
 
@@ -70,6 +70,8 @@ def draft_label(draft) -> str:
 class NgramDraft:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the row's last ``n`` tokens,
     for the longest ``n`` from ``longest`` down to ``shortest`` that occurs. A point mass per token."""
+
+    names_alternatives = False  # its drafts grow no trees
 
     def __init__(self, longest: int = 3, shortest: int = 1):
         self.longest, self.shortest = longest, shortest
@@ -116,13 +118,16 @@ def lookup(context: list[int], k: int, longest: int = 3, shortest: int = 1) -> l
 class ModelDraft:
     """A small model on the compute device (a smaller checkpoint, or the target in int4) that drafts by
     decoding: greedy rows take its argmax, sampled rows sample from its distribution under the row's own
-    temperature, top-k and top-p (``q`` of the proposal).
+    temperature, top-k and top-p (``q`` of the proposal). Greedy rows also name the draft's next likeliest
+    tokens at each depth: the alternatives a tree may verify beside the chosen ones.
 
     Its KV cache row ``b`` follows the engine's row ``b``: before drafting, a row's tokens that the draft
     has not seen (its prompt at first, then the tokens the last pass gave it) are added in one pass, then
     ``k`` decode steps draft ``k`` tokens. After the target's verdict the row's cache is rolled back to
     the drafts the target accepted (the positions past it are overwritten next time).
     """
+
+    names_alternatives = True  # a tree may verify them beside its drafts
 
     def __init__(self, model, label: str = "draft"):
         self.model, self.label = model, label
@@ -144,18 +149,21 @@ class ModelDraft:
         valid = {b: self.valid.get(rows[b], 0) for b in drafting}
         logits = self.model.extend([contexts[b][valid[b]:] if b in contexts else [] for b in range(len(rows))],
                                    [valid.get(b, 0) for b in range(len(rows))])
-        ids, qs = [], []
+        ids, qs, likeliest = [], [], []
         for step in range(steps):
             chosen, q = self._choose(logits, rows, drafting)
             ids.append(chosen)
             qs.append(q)
+            likeliest.append(logits.topk(MAX_BRANCHES, dim=-1).indices)  # a tree's alternatives
             if step + 1 < steps:
                 positions = [len(contexts[b]) + step if b in contexts else None for b in range(len(rows))]
                 logits = self.model.decode(chosen, positions)
-        drafted = torch.stack(ids, dim=1).tolist()
+        drafted, likeliest = torch.stack(ids, dim=1).tolist(), torch.stack(likeliest, dim=1).tolist()
         self.pending = {rows[b]: (len(contexts[b]), steps) for b in drafting}
         tokens = [drafted[b][: budgets[b]] if b in contexts else [] for b in range(len(rows))]
-        return Proposal(tokens, None if qs[0] is None else torch.stack(qs, dim=1))
+        alternatives = [_alternatives(tokens[b], likeliest[b]) if tokens[b] and rows[b].request.sampling.greedy
+                        else [] for b in range(len(rows))]
+        return Proposal(tokens, None if qs[0] is None else torch.stack(qs, dim=1), alternatives)
 
     def update(self, rows: list, accepted: list[int]) -> None:
         """The target accepted ``accepted[b]`` of row ``b``'s drafts: its draft cache holds the context and the
@@ -194,6 +202,11 @@ class ModelDraft:
         for table in (self.valid, self.generators, self.pending):
             for row in [r for r in table if r not in live]:
                 del table[row]
+
+
+def _alternatives(chosen: list[int], likeliest: list[list[int]]) -> list[list[int]]:
+    """At each drafted depth, the draft's likeliest tokens besides the one it chose."""
+    return [[t for t in top if t != token][: MAX_BRANCHES - 1] for token, top in zip(chosen, likeliest)]
 
 
 def make_draft(kind: str | None, draft_model=None, label: str = ""):

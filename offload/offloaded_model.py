@@ -184,7 +184,8 @@ class OffloadedModel:
         return self._forward(chunks, self.cache, rows=len(new_tokens))
 
     @torch.inference_mode()
-    def verify(self, new_tokens: list[list[int]], cached: list[int], width: int | None = None) -> torch.Tensor:
+    def verify(self, new_tokens: list[list[int]], cached: list[int], width: int | None = None,
+               parents: list[list[int]] | None = None) -> torch.Tensor:
         """Append ``new_tokens[b]`` to KV cache row ``b`` (which holds ``cached[b]`` tokens) and return the logits
         of every new token, ``[B, W, vocab]`` for ``W`` = ``width`` (default: the most tokens a row adds; a
         shorter row's logits past its tokens are meaningless).
@@ -196,8 +197,15 @@ class OffloadedModel:
         and goes through each layer at once: a streamed layer crosses its link once per pass.
         A row whose drafts are rejected simply has its cached length set back by the caller: the
         positions it wrote past it are overwritten by its next pass before anything reads them.
+
+        With ``parents``, row ``b``'s tokens form a tree: token ``i > 0`` continues token
+        ``parents[b][i - 1]`` (``parents[b]`` has one entry per token after the first), and sees only
+        the cached tokens and its ancestors. Token ``i`` goes to cache position ``cached[b] + i``
+        whatever its depth; :meth:`keep_path` moves the accepted branch into place.
         """
         new_tokens, cached = self._check_rows(new_tokens, cached)
+        if parents is not None:
+            parents = _check_parents(parents, new_tokens)
         n, longest = len(new_tokens), max(len(t) for t in new_tokens)
         if width is None:
             width = longest
@@ -210,13 +218,29 @@ class OffloadedModel:
         rows, sink = bucket(n, 1, self.max_batch), self.max_seq_len
         padded = new_tokens + [[]] * (rows - n)
         starts = cached + [0] * (rows - n)
-        positions = torch.tensor([[s + i if i < len(t) else sink for i in range(width)]
-                                  for t, s in zip(padded, starts)], dtype=torch.long)
+        slots = torch.tensor([[s + i if i < len(t) else sink for i in range(width)]
+                              for t, s in zip(padded, starts)], dtype=torch.long)
         host_tokens = torch.tensor([t + [0] * (width - len(t)) for t in padded], dtype=torch.long)
         kv_len = bucket(max(s + len(t) for t, s in zip(padded, starts)), KV_BUCKET, self.max_seq_len)
+        positions, ancestors = slots, None
+        if parents is not None:
+            positions, ancestors = _tree_layout(parents + [[]] * (rows - n), slots, sink)
+            positions, ancestors = positions.to(self.device), ancestors.to(self.device)
         chunk = VerifyChunk(host_tokens.to(self.device), host_tokens, positions.to(self.device), kv_len,
-                            self.decoder.ropes, self.decoder.windows)
+                            self.decoder.ropes, self.decoder.windows, slots.to(self.device), ancestors)
         return self._forward([chunk], self.cache, rows, all_logits=True)[:n]
+
+    @torch.inference_mode()
+    def keep_path(self, cached: list[int], paths: list[list[int]]) -> None:
+        """After a tree's verify pass: row ``b`` keeps tokens ``paths[b]`` (indices into its tokens of that pass,
+        root first, each the parent of the next), moved to cache positions ``cached[b]``, ``cached[b] + 1``, ...
+        (the row's cached length then grows by ``len(paths[b])``). A chain's path is in place already."""
+        moves = [(b, c + i, c + j) for b, (c, path) in enumerate(zip(cached, paths))
+                 for i, j in enumerate(path) if i != j]
+        if moves:
+            rows, to, source = (torch.tensor(x, device=self.device) for x in zip(*moves))
+            for layers in (self.cache.k, self.cache.v):
+                layers[:, rows, :, to] = layers[:, rows, :, source]
 
     def _check_rows(self, new_tokens, cached) -> tuple[list[list[int]], list[int]]:
         """``extend``'s and ``verify``'s arguments, checked, as lists."""
@@ -333,3 +357,29 @@ class OffloadedModel:
     def __exit__(self, *exc):
         self.close()
 
+
+
+def _check_parents(parents, new_tokens: list[list[int]]) -> list[list[int]]:
+    """``verify``'s trees: one parent per token after a row's first, each an earlier token of the row."""
+    if len(parents) != len(new_tokens):
+        raise InputError(f"{len(parents)} rows of parents but {len(new_tokens)} rows of new tokens")
+    for b, (row, tokens) in enumerate(zip(parents, new_tokens)):
+        row = list(row)
+        earlier = all(isinstance(p, int) and 0 <= p <= i for i, p in enumerate(row))
+        if len(row) != max(len(tokens) - 1, 0) or not earlier:
+            raise InputError(f"row {b}: parents must give each token after the first an earlier token of the "
+                             f"row, got {row!r} for {len(tokens)} tokens")
+    return [list(row) for row in parents]
+
+
+def _tree_layout(parents: list[list[int]], slots: torch.Tensor, sink: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's rotary position (its row's first slot plus its depth; pads keep their slot, the sink) and
+    who it attends to, ``[B, W, W]`` (its ancestors and itself)."""
+    rows, width = slots.shape
+    ancestors = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)
+    depth = torch.zeros(rows, width, dtype=torch.long)
+    for b, row in enumerate(parents):
+        for i, p in enumerate(row, start=1):
+            ancestors[b, i] |= ancestors[b, p]
+            depth[b, i] = depth[b, p] + 1
+    return torch.where(slots == sink, slots, slots[:, :1] + depth), ancestors

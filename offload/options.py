@@ -22,7 +22,7 @@ import torch
 from .errors import InputError
 from .inputs import is_real
 from .models.quant import check_request
-from .speculative import MAX_DRAFT_TOKENS
+from .speculative import MAX_BRANCHES, MAX_DRAFT_TOKENS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -96,6 +96,10 @@ class LoadOptions:
             pass over the target then checks a row's drafted tokens at once. None (default): no draft.
         draft_tokens: tokens drafted per row and pass (at most 64); None (default): chosen before each
             pass from the rows' measured acceptance and the plan's cost of a pass (at most 16).
+        draft_branches: with a draft model, the tokens it proposes at each depth for greedy rows: its
+            likeliest, and ``draft_branches - 1`` alternatives beside it, verified as a tree in the same
+            pass (at most 4; 1: a chain). None (default): chosen before each pass, like ``draft_tokens``,
+            from how often the target's token was among the draft's alternatives where a chain broke.
     """
 
     device: str | torch.device | None = None
@@ -117,10 +121,12 @@ class LoadOptions:
     rounding: str = "search"
     draft: str | os.PathLike | None = None
     draft_tokens: int | None = None
+    draft_branches: int | None = None
 
     def __post_init__(self):
         check_request(self.quantize, self.group_size, self.rounding)
         _check_draft(self.draft, self.draft_tokens)
+        _check_branches(self.draft, self.draft_branches)
         for name in ("cuda_graphs", "compile", "all_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -142,6 +148,17 @@ class LoadOptions:
 
 
 MAX_COUNT = 2**31 - 1  # rows, tokens and ranks are indexed with 32-bit integers
+
+
+def _check_branches(draft, branches) -> None:
+    if branches is None:
+        return
+    if draft is None or (isinstance(draft, str) and draft.strip().lower() == "ngram"):
+        raise InputError("draft_branches goes with a draft model (draft='int4' or a checkpoint's path): "
+                         "prompt lookup proposes no alternatives")
+    _count("draft_branches", branches)
+    if branches > MAX_BRANCHES:
+        raise InputError(f"draft_branches must be at most {MAX_BRANCHES}, got {branches}")
 
 
 def _check_draft(draft, draft_tokens) -> None:

@@ -23,11 +23,21 @@ for ``n`` accepted drafts:
 
 Everything stays on the device; the host reads one small tensor per pass.
 
-How many to draft (:func:`best_draft_length`): with a per-token acceptance ``a``, a
+**Trees** (greedy rows of a model draft): at each depth of its chain the draft also names
+its next likeliest tokens, and up to ``m - 1`` of them join the pass as leaves beside
+the chain's token (:func:`grow_tree`). A pass of 17 tokens costs what one costs where
+weights stream, so the spare width goes to the likeliest places where the chain breaks.
+:func:`walk_tree` follows the target's argmax down the tree from the root as long as a
+child matches it: the output is still plain greedy decoding's, token for token.
+
+How many to draft (:func:`best_draft_shape`): with a per-token acceptance ``a``, a
 row gains ``(1 - a^(k+1)) / (1 - a)`` tokens from a pass of ``k`` drafts (the tokens
-up to the first rejection, plus one). A pass costs what the plan predicts for its
-tokens plus ``k`` steps of the draft; the length that gains the most tokens per second
-over the pass's rows is taken.
+up to the first rejection, plus one). With ``m`` tokens at each depth, a break in the
+chain is mended with probability ``r_m`` (how often the target's token was among the
+draft's next ``m - 1``, measured), so each depth is passed with ``b = a + (1 - a) r_m``
+and the row gains ``1 + b (1 - a^k) / (1 - a)``. A pass of ``k`` depths is ``k m + 1``
+tokens wide and costs what the plan predicts for them plus ``k`` steps of the draft;
+the shape that gains the most tokens per second over the pass's rows is taken.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ DEFAULT_MAX_DRAFT = 16  # the longest draft an adaptive row is given (verify pas
 MAX_DRAFT_TOKENS = 64  # the most ``draft_tokens`` may ask for
 ASSUMED_ACCEPTANCE = 0.7  # what the plan assumes before anything is measured (a draft of the same family)
 PRIOR_WEIGHT = 4.0  # a new row's acceptance starts at the engine's mean, as if measured over this many tries
+MAX_BRANCHES = 4  # tokens a model draft may propose at each depth of a tree: its likeliest and 3 more
 
 
 @dataclass
@@ -53,10 +64,43 @@ class Proposal:
 
     tokens: list[list[int]]
     q: torch.Tensor | None = None
+    # a model draft's greedy rows: alternatives[b][i] are its next likeliest tokens (best first, at most
+    # MAX_BRANCHES - 1) where it chose tokens[b][i]; [] for other rows. None: a draft that has none.
+    alternatives: list[list[list[int]]] | None = None
 
     @staticmethod
     def empty(rows: int) -> "Proposal":
         return Proposal([[] for _ in range(rows)])
+
+
+# ---------------------------------------------------------------------- trees
+
+
+def grow_tree(chain: list[int], alternatives: list[list[int]], branches: int, most: int) -> tuple[list[int], list[int]]:
+    """A row's drafts as a tree: the chain, then up to ``branches - 1`` alternatives at each depth (shallow
+    first), ``most`` tokens in all. Returns the tokens and each one's parent (0: the row's last token, ``j``:
+    the ``j``-th token of the list), as ``OffloadedModel.verify`` takes them."""
+    tokens, parents = list(chain[:most]), list(range(min(len(chain), most)))
+    for depth, others in enumerate(alternatives[: len(tokens)]):
+        for token in others[: branches - 1]:
+            if len(tokens) == most:
+                return tokens, parents
+            tokens.append(token)
+            parents.append(depth)
+    return tokens, parents
+
+
+def walk_tree(target: list[int], drafts: list[int], parents: list[int]) -> tuple[list[int], list[int]]:
+    """Greedy acceptance over a tree: from the root (index 0), go on to the child whose token is the target's
+    argmax there (``target[i]`` at index ``i``) while there is one. Returns the tokens gained (the accepted
+    drafts, then the target's argmax where the walk stopped) and the path's indices, root first."""
+    children = {}
+    for j, (token, parent) in enumerate(zip(drafts, parents), start=1):
+        children.setdefault((parent, token), j)
+    path = [0]
+    while (child := children.get((path[-1], target[path[-1]]))) is not None:
+        path.append(child)
+    return [drafts[j - 1] for j in path[1:]] + [target[path[-1]]], path
 
 
 def accept(logits: torch.Tensor, proposal: Proposal, samplings: list[Sampling], generators: list) -> torch.Tensor:
@@ -112,21 +156,39 @@ def _speculative_sample(logits: torch.Tensor, drafts: torch.Tensor, k: int, q: t
 # ---------------------------------------------------------------------- how many to draft
 
 
-def expected_tokens(acceptance: float, k: int) -> float:
-    """Tokens a row gains from a pass with ``k`` drafts, each accepted with probability ``acceptance``."""
+def expected_tokens(acceptance: float, k: int, mended: float = 0.0) -> float:
+    """Tokens a row gains from a pass with ``k`` drafts, each accepted with probability ``acceptance``; where
+    one is not, an alternative beside it is with probability ``mended`` (a tree), ending the pass."""
+    passed = acceptance + (1.0 - acceptance) * mended  # the chance of getting past a depth
     if acceptance >= 1.0:
         return k + 1.0
-    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+    return 1.0 + passed * (1.0 - acceptance**k) / (1.0 - acceptance)
 
 
 def best_draft_length(acceptances: list[float], pass_seconds: Callable[[int], float], draft_step_seconds: float,
                       most: int) -> int:
     """The draft length ``k <= most`` that gains the rows the most tokens per second: a pass ``k + 1`` tokens
     wide costs ``pass_seconds(k + 1)`` (for all its rows) plus ``k`` steps of the draft."""
-    def rate(k: int) -> float:
-        return sum(expected_tokens(a, k) for a in acceptances) / (pass_seconds(k + 1) + k * draft_step_seconds)
+    return best_draft_shape(acceptances, {1: 0.0}, pass_seconds, draft_step_seconds, most, most)[0]
 
-    return max(range(most + 1), key=rate)  # the shortest of equals
+
+def best_draft_shape(acceptances: list[float], mended: dict[int, float], pass_seconds: Callable[[int], float],
+                     draft_step_seconds: float, most_depth: int, most_tokens: int,
+                     fill: bool = False) -> tuple[int, int]:
+    """The depth ``k <= most_depth`` and branches ``m`` (a key of ``mended``: the chance that ``m - 1``
+    alternatives mend a break) with ``k m <= most_tokens`` that gain the rows the most tokens per second: a
+    pass ``k m + 1`` tokens wide costs ``pass_seconds(k m + 1)`` plus ``k`` draft steps. With ``fill``, each
+    ``m`` drafts as deep as it may (``draft_tokens`` fixes the tokens, not the shape)."""
+    def rate(shape: tuple[int, int]) -> float:
+        k, m = shape
+        gained = sum(expected_tokens(a, k, mended[m]) for a in acceptances)
+        return gained / (pass_seconds(k * m + 1) + k * draft_step_seconds)
+
+    def depths(m: int) -> range:
+        deepest = min(most_depth, most_tokens // m)
+        return range(deepest, deepest + 1) if fill else range(deepest + 1)
+
+    return max(((k, m) for m in sorted(mended) for k in depths(m)), key=rate)  # the shallowest, narrowest of equals
 
 
 @dataclass
@@ -144,6 +206,28 @@ class Acceptance:
     def rate(self, prior: float = 0.5, weight: float = 2.0) -> float:
         """The measured rate, pulled toward ``prior`` as if ``weight`` tries had shown it."""
         return (self.accepted + prior * weight) / (self.tried + weight)
+
+
+@dataclass
+class Mends:
+    """Where a greedy row's chain broke, the rank of the target's token among the draft's alternatives there
+    (counted whether or not the pass carried them, so the first tree is chosen from evidence)."""
+
+    breaks: int = 0
+    at_rank: list[int] | None = None  # at_rank[r]: breaks mended by the (r + 2)-th likeliest draft token
+
+    def add(self, rank: int | None) -> None:
+        """A break; ``rank``: the target's token was the draft's ``rank``-th alternative (1: its second choice)."""
+        self.at_rank = self.at_rank or [0] * (MAX_BRANCHES - 1)
+        self.breaks += 1
+        if rank is not None and rank <= len(self.at_rank):
+            self.at_rank[rank - 1] += 1
+
+    def rates(self, most: int = MAX_BRANCHES) -> dict[int, float]:
+        """``{m: chance that m - 1 alternatives mend a break}`` for m = 1..most, pulled toward none (as if
+        ``PRIOR_WEIGHT`` breaks had shown no mend): a chain until the evidence says otherwise."""
+        counts = self.at_rank or [0] * (MAX_BRANCHES - 1)
+        return {m: sum(counts[: m - 1]) / (self.breaks + PRIOR_WEIGHT) for m in range(1, most + 1)}
 
 
 def speculation_forecast(with_plans: list, without_plans: list, draft_plans: list,

@@ -167,13 +167,18 @@ def structured_draft(structured, tmp_path_factory) -> Path:
     """A draft for ``structured``: a copy with noise (0.6 of each matrix's spread) on its matrices, so that its
     greedy choices agree with the target's about 60% of the time (a speculative decoding draft of the same
     vocabulary that the target sometimes rejects)."""
+    return noisy_copy(structured, tmp_path_factory.mktemp("structured-draft"), noise=0.6)
+
+
+def noisy_copy(checkpoint: Path, out: Path, noise: float) -> Path:
+    """A copy of ``checkpoint`` in ``out`` with Gaussian noise, ``noise`` times each matrix's spread, on its
+    matrices: a draft that agrees with the model less as ``noise`` grows."""
     from safetensors.torch import load_file, save_file
 
-    out = tmp_path_factory.mktemp("structured-draft")
-    for file in structured.iterdir():
+    for file in checkpoint.iterdir():
         shutil.copy(file, out / file.name)
     gen = torch.Generator().manual_seed(0)
-    weights = {name: t + 0.6 * t.std() * torch.randn(t.shape, generator=gen) if t.dim() == 2 else t
+    weights = {name: t + noise * t.std() * torch.randn(t.shape, generator=gen) if t.dim() == 2 else t
                for name, t in load_file(out / "model.safetensors").items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

@@ -68,6 +68,7 @@ def test_unknown_architecture(tmp_path, capsys):
     (["--prompts", "x.jsonl"], "--prompts needs --output"),
     (["--draft-tokens", "4", "--prompt-ids", "1"], "draft_tokens goes with a draft"),
     (["--draft", "ngram", "--draft-tokens", "100", "--prompt-ids", "1"], "at most 64"),
+    (["--draft", "ngram", "--draft-branches", "2", "--prompt-ids", "1"], "draft_branches goes with a draft model"),
     (["--draft", "no/such/dir", "--prompt-ids", "1"], "draft no/such/dir: model path"),
 ])
 def test_bad_flags(tiny, capsys, argv, words):

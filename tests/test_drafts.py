@@ -52,6 +52,13 @@ def test_draft_kinds_and_bad_options():
         offload.LoadOptions(draft="ngram", draft_tokens=0)
     with pytest.raises(offload.InputError, match="'ngram', 'int4' or the path"):
         offload.LoadOptions(draft=3)
+    for draft in (None, "ngram"):
+        with pytest.raises(offload.InputError, match="draft_branches goes with a draft model"):
+            offload.LoadOptions(draft=draft, draft_branches=2)
+    with pytest.raises(offload.InputError, match="at most 4"):
+        offload.LoadOptions(draft="int4", draft_branches=5)
+    with pytest.raises(offload.InputError, match="positive integer"):
+        offload.LoadOptions(draft="int4", draft_branches=0)
 
 
 def test_the_plan_reserves_the_logits_of_every_drafted_position(structured):

@@ -13,7 +13,7 @@ from offload.structured import corpus_of
 # A device whose links bind: streaming a layer costs a hundred times reading it resident, products are free.
 LINK_BOUND = {"host": 1e9, "hbm": 1e11, "matmul": 1e15}
 KW = dict(dtype="float32", max_batch=4, max_seq_len=96, link_bandwidth=LINK_BOUND, progress=False)
-DRAFTS = ["ngram", "int4", "model"]
+DRAFTS = ["ngram", "int4", "model", "tree"]  # tree: the draft model, four tokens at each depth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,6 +29,8 @@ def load(path, draft=None, draft_path=None, **kw):
     paired with a target that streams all its layers (where drafting pays); the int4 draft is kept only beside
     a resident target (the plan declines to evict layers for it), so its target is resident."""
     kw = {**KW, **kw}
+    if draft == "tree":
+        draft, kw["draft_branches"] = "model", kw.get("draft_branches", 4)
     if draft == "model":
         draft = str(draft_path)
     if draft is not None and draft != "int4":
@@ -121,10 +123,20 @@ def test_rows_join_a_running_batch(structured, plain, speculative):
     assert [finished[i] for i in range(5)] == want
 
 
-def test_the_kv_cache_is_rolled_back_to_the_accepted_tokens(structured, structured_draft, plain):
-    """After generating with rejections, the cache holds what plain decoding's holds, position for position."""
+@pytest.fixture(scope="module")
+def weak_draft(structured, tmp_path_factory):
+    """A draft whose greedy choice is often wrong but whose next choices often right: a tree mends its chains."""
+    from conftest import noisy_copy
+
+    return noisy_copy(structured, tmp_path_factory.mktemp("weak-draft"), noise=1.5)
+
+
+@pytest.mark.parametrize("draft", ["model", "tree"])
+def test_the_kv_cache_is_rolled_back_to_the_accepted_tokens(structured, weak_draft, plain, draft):
+    """After generating with rejections (and, in a tree, branches kept off the chain and moved into place), the
+    cache holds what plain decoding's holds, position for position."""
     batch = prompts(structured, (9, 14))
-    model = load(structured, "model", structured_draft)
+    model = load(structured, draft, weak_draft)
     got = model.generate(batch, max_new_tokens=30, ignore_eos=True, return_result=True)
     assert got.accepted_tokens < got.drafted_tokens  # some drafts were rejected and rolled back
     plain.generate(batch, max_new_tokens=30, ignore_eos=True)
@@ -133,6 +145,41 @@ def test_the_kv_cache_is_rolled_back_to_the_accepted_tokens(structured, structur
         for cache, want in ((model.cache.k, plain.cache.k), (model.cache.v, plain.cache.v)):
             assert torch.allclose(cache[:, b, :, :n], want[:, b, :, :n], atol=1e-5)
     model.close()
+
+
+def test_a_tree_mends_a_weak_drafts_chains(structured, weak_draft, plain):
+    """Sixteen drafted tokens a row as a chain, or as four depths of four: the same tokens as plain greedy
+    decoding, and the tree, which the target often leaves by an alternative, takes fewer passes."""
+    batch, limits = prompts(structured), [40, 23, 31, 8]
+    want = plain.generate(batch, max_new_tokens=limits, ignore_eos=True, return_result=True)
+    passes, mended = {}, {}
+    for branches in (1, 4):
+        model = load(structured, "model", weak_draft, draft_tokens=16, draft_branches=branches)
+        engine = RowEngine(model)
+        rows = engine.run([Request(tuple(p), n, GREEDY, key=i) for i, (p, n) in enumerate(zip(batch, limits))])
+        assert [row.tokens for row in sorted(rows, key=lambda r: r.request.key)] == want.tokens
+        passes[branches], mended[branches] = engine.stats.decode_steps, sum(engine.speculator.mends.at_rank)
+        model.close()
+    assert mended[1] > 0 and mended[4] > 0  # the alternatives are ranked either way
+    assert passes[4] < passes[1], passes
+
+
+def test_sampled_rows_draft_chains_beside_greedy_rows_trees(structured, weak_draft, plain):
+    """A sampled row keeps speculative sampling over its chain while the greedy rows of the same passes grow
+    trees: the greedy rows are plain greedy decoding's, the sampled one is the same with the same seed."""
+    batch = prompts(structured, (9, 4, 17))
+    sampling = Sampling(do_sample=True, temperature=0.8, top_k=5, seed=3)
+    want = plain.generate(batch, max_new_tokens=20, ignore_eos=True, return_result=True).tokens
+    runs = []
+    for _ in range(2):
+        model = load(structured, "tree", weak_draft, draft_tokens=8)
+        engine = RowEngine(model)
+        requests = [Request(tuple(p), 20, sampling if i == 1 else GREEDY, key=i) for i, p in enumerate(batch)]
+        rows = sorted(engine.run(requests), key=lambda r: r.request.key)
+        runs.append([row.tokens for row in rows])
+        model.close()
+    assert runs[0][0] == want[0] and runs[0][2] == want[2]
+    assert runs[0][1] == runs[1][1] and len(runs[0][1]) == 20
 
 
 def test_a_cancelled_row_leaves_and_the_others_are_unchanged(structured, plain, speculative):

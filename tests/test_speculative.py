@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from offload.sampling import GREEDY, Sampling, probabilities
-from offload.speculative import Acceptance, Proposal, accept, best_draft_length, expected_tokens
+from offload.speculative import (Acceptance, Mends, Proposal, accept, best_draft_length, best_draft_shape,
+                                expected_tokens, grow_tree, walk_tree)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,3 +149,44 @@ def test_acceptance_counts_the_tries_a_geometric_model_needs():
     assert (a.tried, a.accepted) == (6, 5)
     assert math.isclose(a.rate(prior=0.5, weight=2), 6 / 8)
     assert Acceptance().rate(prior=0.3, weight=4) == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------------- trees
+
+
+def test_a_tree_is_the_chain_then_alternatives_shallow_first():
+    chain, alternatives = [5, 6, 7], [[8, 9, 10], [11], [12, 13]]
+    assert grow_tree(chain, alternatives, 1, 16) == (chain, [0, 1, 2])
+    assert grow_tree(chain, alternatives, 3, 16) == ([5, 6, 7, 8, 9, 11, 12, 13], [0, 1, 2, 0, 0, 1, 2, 2])
+    assert grow_tree(chain, alternatives, 4, 5) == ([5, 6, 7, 8, 9], [0, 1, 2, 0, 0])  # room for two more
+    assert grow_tree(chain, alternatives, 4, 2) == ([5, 6], [0, 1])
+
+
+def test_the_walk_follows_the_targets_argmax_down_the_tree():
+    drafts, parents = [5, 6, 7, 8, 9, 11, 12, 13], [0, 1, 2, 0, 0, 1, 2, 2]  # a chain 5 6 7; 8, 9 beside 5; ...
+    argmax = lambda **at: [at.get(f"n{i}", 0) for i in range(len(drafts) + 1)]  # noqa: E731  the target at node i
+    assert walk_tree(argmax(n0=5, n1=6, n2=7, n3=4), drafts, parents) == ([5, 6, 7, 4], [0, 1, 2, 3])
+    assert walk_tree(argmax(n0=9, n5=3), drafts, parents) == ([9, 3], [0, 5])  # the chain broke; 9 mended it
+    assert walk_tree(argmax(n0=5, n1=11, n6=2), drafts, parents) == ([5, 11, 2], [0, 1, 6])
+    assert walk_tree(argmax(n0=1), drafts, parents) == ([1], [0])  # nothing matched: the target's token alone
+    assert walk_tree([4], [], []) == ([4], [0])
+
+
+def test_a_tree_pays_where_the_chain_breaks_early():
+    assert math.isclose(expected_tokens(0.5, 2, mended=0.5), 1 + 0.75 * 1.5)
+    assert expected_tokens(0.5, 3, mended=0.0) == expected_tokens(0.5, 3)
+    flat = lambda width: 1.0  # noqa: E731
+    weak, strong = {1: 0.0, 2: 0.4, 4: 0.6}, {1: 0.0, 2: 0.05, 4: 0.1}
+    assert best_draft_shape([0.3], weak, flat, 0.0, 16, 16) == (4, 4)  # a weak draft: width beats depth
+    assert best_draft_shape([0.9], strong, flat, 0.0, 16, 16) == (16, 1)  # a strong one: depth
+    assert best_draft_shape([0.3], weak, flat, 0.0, 16, 16, fill=True) == (4, 4)
+    assert best_draft_shape([0.3], {2: 0.4}, flat, 0.0, 16, 16) == (8, 2)  # branches fixed
+    assert best_draft_shape([0.3], weak, flat, 0.0, 3, 16) == (3, 4)  # three tokens left to make
+
+
+def test_mends_count_where_the_targets_token_ranked_among_the_alternatives():
+    mends = Mends()
+    assert mends.rates() == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}  # a chain until there is evidence
+    for rank in (1, 1, 3, None):
+        mends.add(rank)
+    assert mends.rates() == {1: 0.0, 2: 2 / 8, 3: 2 / 8, 4: 3 / 8}

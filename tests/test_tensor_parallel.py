@@ -115,18 +115,18 @@ def _rank_speculates(rank, world, port, path, ids, kwargs, out):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("draft", ["ngram", "int4"])
-def test_speculative_decoding_under_tp_equals_plain_greedy(tiny, draft):
-    """Every rank drafts, verifies and accepts the same tokens (sampled ones are rank 0's draws); greedy tokens
-    are plain greedy decoding's of one process. Links that bind (streaming costs a hundred times HBM) make the
-    plan keep the int4 draft."""
+@pytest.mark.parametrize("draft, branches", [("ngram", None), ("int4", None), ("int4", 4)])
+def test_speculative_decoding_under_tp_equals_plain_greedy(tiny, draft, branches):
+    """Every rank drafts, verifies and accepts the same tokens (sampled ones are rank 0's draws; greedy rows of
+    a tree keep the same branch on every rank); greedy tokens are plain greedy decoding's of one process. Links
+    that bind (streaming costs a hundred times HBM) make the plan keep the int4 draft."""
     ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1)).tolist()
     ids[1] = ids[1][:5] * 3  # a prompt that repeats itself: prompt lookup finds drafts
     kwargs = dict(max_batch=2, max_seq_len=48, dtype="float32",
                   link_bandwidth={"host": 1e9, "hbm": 1e11, "matmul": 1e15})
     single = offload.load_model(tiny, progress=False, **kwargs)
     want = single.generate(ids, max_new_tokens=12, ignore_eos=True, return_result=True).tokens
-    results = run_tp(2, tiny, ids, main=_rank_speculates, draft=draft, **kwargs)
+    results = run_tp(2, tiny, ids, main=_rank_speculates, draft=draft, draft_branches=branches, **kwargs)
     for greedy, sampled, has_draft, drafted in results:
         assert has_draft and drafted > 0
         assert greedy == want

@@ -101,3 +101,61 @@ def test_verify_in_families_with_sliding_windows(checkpoint_factory, key):
         logits = model.verify([ids[0][14:], ids[1][9:12]], [14, 9])
         assert torch.allclose(logits[0], full[0, 14:], atol=1e-5)
         assert torch.allclose(logits[1, :3], full[1, 9:12], atol=1e-5)
+
+
+# ---------------------------------------------------------------------- trees
+
+TREE_TOKENS = [7, 11, 12, 13, 21, 22, 31]  # the root (the row's last token), then drafts
+TREE_PARENTS = [0, 0, 0, 1, 1, 4]  # 11, 12, 13 follow the root; 21, 22 follow 11; 31 follows 21
+
+
+def _path(i: int) -> list[int]:
+    """Token i of the tree and its ancestors, root first."""
+    path = [i]
+    while path[0]:
+        path.insert(0, TREE_PARENTS[path[0] - 1])
+    return path
+
+
+def test_a_tree_mask_sees_the_cache_and_each_tokens_ancestors():
+    slots = torch.tensor([[3, 4, 5, 6, 9]])  # cached 3 tokens; 4 tree tokens; a pad at the sink 9
+    positions = torch.tensor([[3, 4, 4, 5, 9]])  # two tokens at depth 1, one at depth 2 under token 1
+    ancestors = torch.tensor([[[T, F, F, F, F], [T, T, F, F, F], [T, F, T, F, F], [T, T, F, T, F], [F, F, F, F, T]]])
+    chunk = VerifyChunk(torch.zeros(1, 5, dtype=torch.long), None, positions, 8,
+                        [Rope(torch.ones(2), 10, torch.float32, "cpu")], [None, 2], slots, ancestors)
+    mask = chunk.mask(None)[0, 0]
+    assert mask[2].tolist() == [T, T, T, T, F, T, F, F]  # token 2: the cache, the root and itself, not token 1
+    assert mask[3].tolist() == [T, T, T, T, T, F, T, F]
+    # a window of 2 at position 5 (token 3) sees positions 4 and 5: token 1 (slot 4) and itself (slot 6)
+    assert chunk.mask(2)[0, 0, 3].tolist() == [F, F, F, F, T, F, T, F]
+    k = torch.arange(5 * 2, dtype=torch.float32).view(1, 5, 1, 2)
+    cache_k = torch.zeros(1, 1, 10, 2)
+    chunk.store(cache_k, cache_k.clone(), k, k)
+    assert torch.equal(cache_k[0, 0, 3:7], k[0, :4, 0])  # tokens go to their slots, whatever their depth
+
+
+def test_every_branch_of_a_tree_gets_the_logits_of_its_own_chain(model):
+    """A tree of drafts beside a plain row: each token's logits are those of the row that took the path to it,
+    and after keep_path the row continues from the branch kept as if it had never seen the others."""
+    prompt = PROMPTS[0]
+    model.extend([prompt, PROMPTS[1]], [0, 0])
+    logits = model.verify([TREE_TOKENS, [5, 6]], [len(prompt), len(PROMPTS[1])], width=len(TREE_TOKENS),
+                          parents=[TREE_PARENTS, [0]])
+    for i in range(len(TREE_TOKENS)):
+        want = model([prompt + [TREE_TOKENS[j] for j in _path(i)]])[0, -1]
+        assert torch.allclose(logits[0, i], want, atol=1e-5), i
+    assert torch.allclose(logits[1, :2], model([PROMPTS[1] + [5, 6]])[0, -2:], atol=1e-5)
+    kept = _path(6)  # root, 11, 21, 31
+    model.keep_path([len(prompt), len(PROMPTS[1])], [kept, [0, 1]])
+    branch = prompt + [TREE_TOKENS[j] for j in kept]
+    after = model.verify([[40, 41]], [len(branch)])
+    assert torch.allclose(after[0], model([branch + [40, 41]])[0, -2:], atol=1e-5)
+
+
+def test_verify_checks_its_trees(model):
+    with pytest.raises(offload.InputError, match="parents"):
+        model.verify([[1, 2, 3]], [0], parents=[[0, 2]])  # token 2 cannot follow itself
+    with pytest.raises(offload.InputError, match="parents"):
+        model.verify([[1, 2, 3]], [0], parents=[[0]])
+    with pytest.raises(offload.InputError, match="rows of parents"):
+        model.verify([[1, 2]], [0], parents=[[0], [0]])

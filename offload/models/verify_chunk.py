@@ -11,6 +11,15 @@ position past the end that attention never reads), so a verify pass can be captu
 in a CUDA graph like a decode step. Tokens are ``[B, W]``; attention is masked per
 query (``key <= query position``), so a drafted token sees the cache and the tokens
 before it in its row, and a pad sees nothing that matters.
+
+A row's tokens may also form a *tree* (``ancestors``): token 0 is the root (the row's
+last token), every other token has a parent among the tokens before it, and several
+may share a depth, so they cannot share the cache's positions. Token ``i`` is then
+written to *slot* ``slots[b, i]`` (the cache index ``cached + i``) while its rotary
+position is ``positions[b, i]`` (``cached`` plus its depth), and it attends to the
+row's cached tokens and to the slots of its ancestors and itself. A chain is the tree
+whose every token is the parent of the next: slots equal positions, and the mask is
+the one above.
 """
 
 from __future__ import annotations
@@ -25,20 +34,26 @@ class VerifyChunk:
     one_query = False
 
     def __init__(self, tokens: torch.Tensor, host_tokens: torch.Tensor | None, positions: torch.Tensor, kv_len: int,
-                 ropes, windows):
+                 ropes, windows, slots: torch.Tensor | None = None, ancestors: torch.Tensor | None = None):
+        """``positions [B, W]``: each token's rotary position; ``slots [B, W]``: where its key and value go
+        (default: its position); ``ancestors [B, W, W]``: token ``i`` attends to token ``j`` of its row (a tree;
+        default: ``j <= i``, a chain). A pad's slot is the sink."""
         self.tokens, self.host_tokens, self.positions, self.kv_len = tokens, host_tokens, positions, kv_len
+        self.slots = positions if slots is None else slots
         self.batch, self.width = positions.shape
         self.rows, self.first_row, self.counts = slice(0, self.batch), 0, [self.width] * self.batch
         # [B, W, 1, hd] against q [B, W, H, hd]
         self._rotary = {rope: (rope.cos[positions][:, :, None, :], rope.sin[positions][:, :, None, :])
                         for rope in ropes}
         key = torch.arange(kv_len, device=positions.device)
+        if ancestors is None:
+            allowed, key_positions = key[None, None, :] <= positions[:, :, None], key[None, None, :]
+        else:
+            allowed, key_positions = _tree_mask(key, self.slots, positions, ancestors)
         self._masks = {}
         for window in windows:
-            allowed = key[None, None, :] <= positions[:, :, None]
-            if window is not None:
-                allowed &= key[None, None, :] > positions[:, :, None] - window
-            self._masks[window] = allowed[:, None]  # [B, 1, W, L]
+            mask = allowed if window is None else allowed & (key_positions > positions[:, :, None] - window)
+            self._masks[window] = mask[:, None]  # [B, 1, W, L]
 
     def mask(self, window: int | None) -> torch.Tensor:
         return self._masks[window]
@@ -61,10 +76,21 @@ class VerifyChunk:
         return h
 
     def store(self, cache_k, cache_v, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the keys and values ``[B, W, H_kv, hd]`` at each token's position (pads: at the sink)."""
+        """Write the keys and values ``[B, W, H_kv, hd]`` at each token's slot (pads: at the sink)."""
         rows = torch.arange(self.batch, device=k.device)[:, None]
-        cache_k[rows, :, self.positions] = k
-        cache_v[rows, :, self.positions] = v
+        cache_k[rows, :, self.slots] = k
+        cache_v[rows, :, self.slots] = v
 
     def keys(self, cache_k, cache_v, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         return cache_k[self.rows, :, : self.kv_len], cache_v[self.rows, :, : self.kv_len]
+
+
+def _tree_mask(key: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, ancestors: torch.Tensor):
+    """What each token of a tree may attend to, ``[B, W, L]``: the row's cached keys (the slots before its root's)
+    and its ancestors' slots; and the rotary position of every key, ``[B, 1, L]`` (for sliding windows)."""
+    at_slot = slots[:, :, None] == key[None, None, :]  # [B, W, L]: token j's slot is key l (pads: none)
+    tree = torch.einsum("bij,bjl->bil", ancestors.float(), at_slot.float()) > 0
+    cached = key[None, None, :] < slots[:, :1, None]
+    key_positions = torch.where(at_slot.any(dim=1, keepdim=True),
+                                (positions[:, :, None] * at_slot).sum(dim=1, keepdim=True), key[None, None, :])
+    return cached | tree, key_positions

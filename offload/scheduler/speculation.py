@@ -3,16 +3,20 @@
 With a draft (``LoadOptions.draft``), the row engine (``row_engine.py``) runs each pass
 that adds no prompt through :meth:`Speculator.run`:
 
-1. choose the draft length ``k`` of the pass (``draft_tokens``, or the length that gains
-   the rows the most tokens per second, from each row's measured acceptance and the
-   plans' cost of a pass of ``k + 1`` tokens a row plus ``k`` draft steps);
+1. choose the shape of the pass: the draft depth ``k`` and the tokens ``m`` at each depth
+   (``draft_tokens`` and ``draft_branches``, or the shape that gains the rows the most
+   tokens per second, from each row's measured acceptance, how often alternatives mended
+   a break, and the plans' cost of a pass of ``k m + 1`` tokens a row plus ``k`` draft steps);
 2. the draft proposes up to ``k`` tokens per row (fewer where the row has fewer left to
-   make, or prompt lookup finds fewer);
+   make, or prompt lookup finds fewer); with ``m > 1`` a greedy row's drafts grow into a
+   tree with the draft's alternatives at each depth (:func:`~offload.speculative.grow_tree`);
 3. one pass over the target (``OffloadedModel.verify``) adds each row's last token and its
    drafts, every row padded to the same width, and returns the logits at each;
 4. :func:`offload.speculative.accept` picks each row's tokens on the device (greedy:
    the target's argmax as far as the drafts agree with it; sampled: speculative
    sampling), rank 0's choice is broadcast when a row samples, and the host reads them;
+   a tree's row walks its tree by the same argmax (:func:`~offload.speculative.walk_tree`)
+   and the branch it kept is moved into place in the cache (``OffloadedModel.keep_path``);
 5. the draft rolls its caches back to what was accepted, and the acceptance is counted.
 
 A row gains between 1 and ``k + 1`` tokens from a pass; the engine advances its cached
@@ -27,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling import GREEDY
-from ..speculative import DEFAULT_MAX_DRAFT, PRIOR_WEIGHT, Acceptance, Proposal, accept, best_draft_length
+from ..speculative import (DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance, Mends, Proposal, accept,
+                           best_draft_shape, grow_tree, walk_tree)
 
 
 @dataclass
@@ -35,7 +40,7 @@ class PassOutcome:
     """What a verify pass gave: each row's new tokens (none for a row not in the pass), and the drafts."""
 
     tokens: list[list[int]]
-    drafted: int  # tokens drafted, over the rows
+    drafted: int  # tokens drafted, over the rows (a tree's alternatives too)
     accepted: int  # drafted tokens the target accepted
 
 
@@ -44,9 +49,10 @@ class Speculator:
 
     def __init__(self, model):
         self.model, self.draft = model, model.draft
-        self.fixed = model.options.draft_tokens
+        self.fixed, self.fixed_branches = model.options.draft_tokens, model.options.draft_branches
         self.rows: dict = {}  # row -> its Acceptance
         self.overall = Acceptance()
+        self.mends = Mends()
 
     @torch.inference_mode()
     def run(self, rows: list) -> PassOutcome:
@@ -54,30 +60,72 @@ class Speculator:
         row's last token is on the host (``row.tokens[-1]``, not yet in its cache)."""
         self.rows = {row: self.rows.get(row, Acceptance()) for row in rows if row is not None}
         room = [row.request.max_new_tokens - len(row.tokens) - 1 if row is not None else 0 for row in rows]
-        k = self.draft_length(rows, room) if max(room) > 0 else 0
+        k, m = self.draft_shape(rows, room) if max(room) > 0 else (0, 1)
         budgets = [min(k, r) for r in room]
         proposal = self.draft.propose(rows, budgets) if max(budgets) > 0 else Proposal.empty(len(rows))
-        new_tokens = [[row.tokens[-1], *drafted] if row is not None else []
-                      for row, drafted in zip(rows, proposal.tokens)]
-        logits = self.model.verify(new_tokens, [row.cached if row is not None else 0 for row in rows], width=k + 1)
+        trees = self._trees(rows, proposal, m, k * m)
+        new_tokens = [[row.tokens[-1], *tree[0]] if row is not None else [] for row, tree in zip(rows, trees)]
+        cached = [row.cached if row is not None else 0 for row in rows]
+        branched = any(len(tokens) > len(chain) for (tokens, _), chain in zip(trees, proposal.tokens))
+        logits = self.model.verify(new_tokens, cached, width=k * m + 1,
+                                   parents=[tree[1] for tree in trees] if branched else None)
         samplings = [row.request.sampling if row is not None else GREEDY for row in rows]
         chosen = accept(logits, proposal, samplings, [row.generator if row is not None else None for row in rows])
         if not all(s.greedy for s in samplings):
             self.model.tp.broadcast_from_first(chosen)  # every rank continues with rank 0's draws
-        gained = [values[: values[-1]] if row is not None else [] for row, values in zip(rows, chosen.tolist())]
+        chosen, gained, paths = chosen.tolist(), [], []
+        for row, values, (tokens, parents) in zip(rows, chosen, trees):
+            if row is not None and len(tokens) > 0 and branched and row.request.sampling.greedy:
+                got, path = walk_tree(values[:-1], tokens, parents)
+            else:
+                got = values[: values[-1]] if row is not None else []
+                path = list(range(len(got)))
+            gained.append(got)
+            paths.append(path)
+        if branched:
+            self.model.keep_path(cached, paths)
+        on_chain = [sum(1 for j in path[1:] if j <= len(drafted)) for path, drafted in zip(paths, proposal.tokens)]
+        self.draft.update(rows, on_chain)
+        self._count(rows, proposal, chosen, on_chain)
         accepted = [len(tokens) - 1 if tokens else 0 for tokens in gained]
-        self.draft.update(rows, accepted)
-        for row, drafted, n in zip(rows, proposal.tokens, accepted):
-            if row is not None and drafted:
-                self.rows[row].add(len(drafted), n)
-                self.overall.add(len(drafted), n)
-        return PassOutcome(gained, sum(map(len, proposal.tokens)), sum(accepted))
+        return PassOutcome(gained, sum(len(tree[0]) for tree in trees), sum(accepted))
 
-    def draft_length(self, rows: list, room: list[int]) -> int:
-        """``draft_tokens``, or the length that gains the rows the most tokens per second by the plans."""
-        most = min(self.fixed or DEFAULT_MAX_DRAFT, max(room))
-        if self.fixed:
-            return most
+    def _trees(self, rows: list, proposal: Proposal, branches: int, most: int) -> list[tuple[list[int], list[int]]]:
+        """Each row's drafts and their parents: a chain, or (a greedy row of a draft with alternatives, and
+        ``branches > 1``) a tree of at most ``most`` tokens that fits in the row's KV cache."""
+        trees = []
+        for b, (row, chain) in enumerate(zip(rows, proposal.tokens)):
+            alternatives = proposal.alternatives[b] if proposal.alternatives and branches > 1 else []
+            if row is None or not chain or not alternatives:
+                trees.append((list(chain), list(range(len(chain)))))
+                continue
+            fits = self.model.max_seq_len - row.cached - 1  # tokens after the row's last one
+            trees.append(grow_tree(chain, alternatives, branches, min(most, fits)))
+        return trees
+
+    def _count(self, rows: list, proposal: Proposal, chosen: list[list[int]], on_chain: list[int]) -> None:
+        """Each row's acceptance of its chain, and where a greedy chain broke, whether the target's token was
+        among the draft's alternatives there (and which)."""
+        for b, (row, drafted, n) in enumerate(zip(rows, proposal.tokens, on_chain)):
+            if row is None or not drafted:
+                continue
+            self.rows[row].add(len(drafted), n)
+            self.overall.add(len(drafted), n)
+            if n < len(drafted) and proposal.alternatives and proposal.alternatives[b]:
+                wanted = chosen[b][n]  # the target's argmax where the chain broke
+                others = proposal.alternatives[b][n]
+                self.mends.add(others.index(wanted) + 1 if wanted in others else None)
+
+    def draft_shape(self, rows: list, room: list[int]) -> tuple[int, int]:
+        """The depth and branches of the pass: ``draft_tokens`` and ``draft_branches`` where given, otherwise
+        what gains the rows the most tokens per second by the plans."""
+        most_depth = min(self.fixed or DEFAULT_MAX_DRAFT, max(room))
+        tokens = self.fixed or DEFAULT_MAX_DRAFT
+        branches = self.fixed_branches or (MAX_BRANCHES if self.draft.names_alternatives else 1)
+        mended = {m: r for m, r in self.mends.rates(branches).items() if not self.fixed_branches or m == branches}
+        if self.fixed and len(mended) == 1:
+            m = next(iter(mended))
+            return min(most_depth, tokens // m), m
         prior = self.overall.rate()
         live = [row for row in rows if row is not None]
         acceptances = [self.rows[row].rate(prior, PRIOR_WEIGHT) for row in live]
@@ -88,4 +136,4 @@ class Speculator:
 
         plans = getattr(self.draft, "plans", None)  # a draft model's; prompt lookup costs nothing
         step = max(plan.pass_seconds(len(rows), keys) for plan in plans) if plans else 0.0
-        return best_draft_length(acceptances, verify_seconds, step, most)
+        return best_draft_shape(acceptances, mended, verify_seconds, step, most_depth, tokens, fill=bool(self.fixed))

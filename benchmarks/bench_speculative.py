@@ -96,8 +96,9 @@ def parse_args(argv) -> argparse.Namespace:
     if not drafts or drafts[0] != "none":
         raise UsageError(f"--drafts starts with none (the reference), got {args.drafts!r}")
     for draft in drafts:
-        if "@" in draft and not draft.rpartition("@")[2].isdigit():
-            raise UsageError(f"a draft's tree is DRAFT@M with M its tokens a depth, got {draft!r}")
+        name, branches = tree_of(draft)
+        if name != draft and not 1 <= branches <= 4:
+            raise UsageError(f"a draft's trees take 1 to 4 tokens a depth (DRAFT@M), got {draft!r}")
     try:
         args.widths = sorted({int(w) for w in args.widths.split(",")})
     except ValueError:
@@ -161,12 +162,18 @@ def prompts_for(model_path: Path, quick: bool) -> list[list[int]]:
     return corpus_of(model_path).sample(len(QUESTIONS), 12, seed=4321).tolist()
 
 
+def tree_of(draft: str) -> tuple[str, int]:
+    """``DRAFT@M`` -> (DRAFT, M); anything else (a path may hold an @) -> (draft, 0): the shape chosen per pass."""
+    name, at, branches = draft.rpartition("@")
+    return (name, int(branches)) if at and branches.isdigit() else (draft, 0)
+
+
 def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: dict, max_new: int) -> dict:
     """Greedy batch-1 generation of every prompt with ``draft`` (``DRAFT@M``: trees of ``M`` tokens a depth):
     tokens, decode tokens/s, tokens per pass."""
-    name, _, branches = draft.rpartition("@") if "@" in draft else (draft, "", "")
+    name, branches = tree_of(draft)
     model = offload.load_model(model_path, draft=None if draft == "none" else name, progress=False,
-                               draft_branches=int(branches) if branches else None, **options)
+                               draft_branches=branches or None, **options)
     used = draft == "none" or model.draft is not None
     model.generate([prompts[0]], max_new_tokens=4)  # warm-up
     tokens, seconds, decoded, passes, row_passes, drafted, accepted = [], 0.0, 0, 0, 0, 0, 0

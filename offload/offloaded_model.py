@@ -365,7 +365,7 @@ def _check_parents(parents, new_tokens: list[list[int]]) -> list[list[int]]:
         raise InputError(f"{len(parents)} rows of parents but {len(new_tokens)} rows of new tokens")
     for b, (row, tokens) in enumerate(zip(parents, new_tokens)):
         row = list(row)
-        earlier = all(isinstance(p, int) and 0 <= p <= i for i, p in enumerate(row))
+        earlier = all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= i for i, p in enumerate(row))
         if len(row) != max(len(tokens) - 1, 0) or not earlier:
             raise InputError(f"row {b}: parents must give each token after the first an earlier token of the "
                              f"row, got {row!r} for {len(tokens)} tokens")

@@ -173,22 +173,25 @@ def best_draft_length(acceptances: list[float], pass_seconds: Callable[[int], fl
 
 
 def best_draft_shape(acceptances: list[float], mended: dict[int, float], pass_seconds: Callable[[int], float],
-                     draft_step_seconds: float, most_depth: int, most_tokens: int,
-                     fill: bool = False) -> tuple[int, int]:
+                     draft_step_seconds: float, most_depth: int, most_tokens: int, fill: bool = False,
+                     trees: list[bool] | None = None) -> tuple[int, int]:
     """The depth ``k <= most_depth`` and branches ``m`` (a key of ``mended``: the chance that ``m - 1``
     alternatives mend a break) with ``k m <= most_tokens`` that gain the rows the most tokens per second: a
     pass ``k m + 1`` tokens wide costs ``pass_seconds(k m + 1)`` plus ``k`` draft steps. With ``fill``, each
-    ``m`` drafts as deep as it may (``draft_tokens`` fixes the tokens, not the shape)."""
+    ``m`` drafts as deep as it may (``draft_tokens`` fixes the tokens, not the shape). ``trees[b]``: whether
+    row ``b`` grows a tree (default: every row); the others draft chains and nothing mends them."""
+    trees = [True] * len(acceptances) if trees is None else trees
+
     def rate(shape: tuple[int, int]) -> float:
         k, m = shape
-        gained = sum(expected_tokens(a, k, mended[m]) for a in acceptances)
+        gained = sum(expected_tokens(a, k, mended[m] if tree else 0.0) for a, tree in zip(acceptances, trees))
         return gained / (pass_seconds(k * m + 1) + k * draft_step_seconds)
 
     def depths(m: int) -> range:
         deepest = min(most_depth, most_tokens // m)
         return range(deepest, deepest + 1) if fill else range(deepest + 1)
 
-    return max(((k, m) for m in sorted(mended) for k in depths(m)), key=rate)  # the shallowest, narrowest of equals
+    return max(((k, m) for m in sorted(mended) for k in depths(m)), key=rate)  # the narrowest, shallowest of equals
 
 
 @dataclass

@@ -182,6 +182,21 @@ def test_sampled_rows_draft_chains_beside_greedy_rows_trees(structured, weak_dra
     assert runs[0][1] == runs[1][1] and len(runs[0][1]) == 20
 
 
+def test_a_tree_wider_than_its_tokens_and_sampled_rows_alone(structured, weak_draft, plain):
+    """Three tokens with four a depth: one depth of three (not no draft at all). Rows that all sample draft full
+    chains even where trees were asked for: nothing would mend their breaks."""
+    batch = prompts(structured, (9, 4))
+    model = load(structured, "tree", weak_draft, draft_tokens=3, draft_branches=4)
+    got = model.generate(batch, max_new_tokens=20, ignore_eos=True, return_result=True)
+    assert got.tokens == plain.generate(batch, max_new_tokens=20, ignore_eos=True, return_result=True).tokens
+    assert 2 * got.decode_row_passes < got.drafted_tokens <= 3 * got.decode_row_passes  # a chain of one, two more
+    model.close()
+    model = load(structured, "tree", weak_draft, draft_tokens=8, draft_branches=4)
+    got = model.generate(batch, max_new_tokens=20, ignore_eos=True, do_sample=True, seed=2, return_result=True)
+    assert got.drafted_tokens > 2 * got.decode_row_passes  # deeper than the trees' two depths of four
+    model.close()
+
+
 def test_a_cancelled_row_leaves_and_the_others_are_unchanged(structured, plain, speculative):
     batch = prompts(structured, (9, 4, 17))
     engine = RowEngine(speculative, rows=2)

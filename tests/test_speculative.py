@@ -182,6 +182,7 @@ def test_a_tree_pays_where_the_chain_breaks_early():
     assert best_draft_shape([0.3], weak, flat, 0.0, 16, 16, fill=True) == (4, 4)
     assert best_draft_shape([0.3], {2: 0.4}, flat, 0.0, 16, 16) == (8, 2)  # branches fixed
     assert best_draft_shape([0.3], weak, flat, 0.0, 3, 16) == (3, 4)  # three tokens left to make
+    assert best_draft_shape([0.3], weak, flat, 0.0, 16, 16, trees=[False]) == (16, 1)  # a sampled row: chains
 
 
 def test_mends_count_where_the_targets_token_ranked_among_the_alternatives():

@@ -159,3 +159,20 @@ def test_verify_checks_its_trees(model):
         model.verify([[1, 2, 3]], [0], parents=[[0]])
     with pytest.raises(offload.InputError, match="rows of parents"):
         model.verify([[1, 2]], [0], parents=[[0], [0]])
+
+
+@pytest.mark.parametrize("key", ["qwen3-window", "gemma3"])
+def test_a_tree_in_families_with_sliding_windows(checkpoint_factory, key):
+    """A tree whose branches reach past a sliding window: each token sees the window of its own path."""
+    from test_families import MODELS, _make
+
+    _, directory = _make(checkpoint_factory, key)
+    vocab = MODELS[key][1]["vocab_size"]
+    prompt = torch.randint(3, vocab, (14,), generator=torch.Generator().manual_seed(4)).tolist()
+    tokens = [t % vocab for t in TREE_TOKENS]
+    with offload.load_model(directory, dtype=torch.float32, max_batch=1, max_seq_len=64, progress=False) as model:
+        model.extend([prompt], [0])
+        logits = model.verify([tokens], [len(prompt)], parents=[TREE_PARENTS])
+        for i in range(len(tokens)):
+            want = model([prompt + [tokens[j] for j in _path(i)]])[0, -1]
+            assert torch.allclose(logits[0, i], want, atol=1e-5), i

@@ -28,7 +28,8 @@ import torch
 
 
 class VerifyChunk:
-    """Rows ``[0, batch)`` each add ``width`` tokens; token ``i`` of row ``b`` goes to ``positions[b, i]``."""
+    """Rows ``[0, batch)`` each add ``width`` tokens; token ``i`` of row ``b`` is at rotary position
+    ``positions[b, i]`` and goes to cache slot ``slots[b, i]`` (the same, for a chain)."""
 
     causal = False
     one_query = False
@@ -87,10 +88,14 @@ class VerifyChunk:
 
 def _tree_mask(key: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, ancestors: torch.Tensor):
     """What each token of a tree may attend to, ``[B, W, L]``: the row's cached keys (the slots before its root's)
-    and its ancestors' slots; and the rotary position of every key, ``[B, 1, L]`` (for sliding windows)."""
-    at_slot = slots[:, :, None] == key[None, None, :]  # [B, W, L]: token j's slot is key l (pads: none)
-    tree = torch.einsum("bij,bjl->bil", ancestors.float(), at_slot.float()) > 0
-    cached = key[None, None, :] < slots[:, :1, None]
-    key_positions = torch.where(at_slot.any(dim=1, keepdim=True),
-                                (positions[:, :, None] * at_slot).sum(dim=1, keepdim=True), key[None, None, :])
-    return cached | tree, key_positions
+    and its ancestors' slots; and the rotary position of every key, ``[B, 1, L]`` (for sliding windows). A row's
+    token ``j`` sits at slot ``root + j``, so key ``l`` is token ``l - root`` of the tree where that is in
+    ``[0, W)``; nothing larger than the mask itself is built."""
+    batch, width = slots.shape
+    root = slots[:, :1]  # [B, 1]; the sink for a row with no tokens, past every key
+    in_tree = (key[None, :] >= root) & (key[None, :] < root + width)  # [B, L]
+    token = (key[None, :] - root).clamp(0, width - 1)  # [B, L]: the tree token at each key (where in_tree)
+    tree = ancestors.gather(2, token[:, None, :].expand(batch, width, -1)) & in_tree[:, None, :]
+    cached = key[None, None, :] < root[:, :, None]
+    key_positions = torch.where(in_tree, positions.gather(1, token), key[None, :])
+    return cached | tree, key_positions[:, None, :]

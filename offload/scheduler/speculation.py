@@ -118,16 +118,23 @@ class Speculator:
 
     def draft_shape(self, rows: list, room: list[int]) -> tuple[int, int]:
         """The depth and branches of the pass: ``draft_tokens`` and ``draft_branches`` where given, otherwise
-        what gains the rows the most tokens per second by the plans."""
-        most_depth = min(self.fixed or DEFAULT_MAX_DRAFT, max(room))
+        what gains the rows the most tokens per second by the plans. Only greedy rows of a draft model grow
+        trees: a pass without one drafts chains."""
+        live = [row for row in rows if row is not None]
         tokens = self.fixed or DEFAULT_MAX_DRAFT
-        branches = self.fixed_branches or (MAX_BRANCHES if self.draft.names_alternatives else 1)
-        mended = {m: r for m, r in self.mends.rates(branches).items() if not self.fixed_branches or m == branches}
+        most_depth = min(tokens, max(room))
+        trees = [self.draft.names_alternatives and row.request.sampling.greedy for row in live]
+        if not any(trees):
+            mended = {1: 0.0}
+        elif self.fixed_branches:
+            m = min(self.fixed_branches, tokens)
+            mended = {m: self.mends.rates(m)[m]}
+        else:
+            mended = self.mends.rates(min(MAX_BRANCHES, tokens))
         if self.fixed and len(mended) == 1:
             m = next(iter(mended))
             return min(most_depth, tokens // m), m
         prior = self.overall.rate()
-        live = [row for row in rows if row is not None]
         acceptances = [self.rows[row].rate(prior, PRIOR_WEIGHT) for row in live]
         keys = sum(row.cached for row in live)
 
@@ -136,4 +143,5 @@ class Speculator:
 
         plans = getattr(self.draft, "plans", None)  # a draft model's; prompt lookup costs nothing
         step = max(plan.pass_seconds(len(rows), keys) for plan in plans) if plans else 0.0
-        return best_draft_shape(acceptances, mended, verify_seconds, step, most_depth, tokens, fill=bool(self.fixed))
+        return best_draft_shape(acceptances, mended, verify_seconds, step, most_depth, tokens, fill=bool(self.fixed),
+                                trees=trees)

@@ -30,10 +30,11 @@ def test_quick_times_passes_and_runs_every_draft(structured, tmp_path):
     assert {(p["batch"], p["width"]) for p in data["passes"]} == {(b, w) for b in (1, 8) for w in (1, 2, 4, 8, 16, 32)}
     assert all(p["ms"] > 0 for p in data["passes"])
     assert len(data["forecast"]) == 10 and all(f["tokens_per_s"] > 0 for f in data["forecast"])
-    assert [d["draft"] for d in data["drafts"]] == ["none", "ngram", "int4"]
+    assert [d["draft"] for d in data["drafts"]] == ["none", "ngram", "int4", "int4@4"]
     assert all(d["identical"] for d in data["drafts"])
-    ngram = data["drafts"][1]
+    ngram, tree = data["drafts"][1], data["drafts"][3]
     assert ngram["tokens_per_pass"] > 1 and 0 < ngram["acceptance"] <= 1
+    assert tree["used"] and tree["tokens_per_pass"] > 1  # the int4 draft's trees, four tokens a depth
 
 
 def bench_module():
@@ -47,6 +48,7 @@ def bench_module():
     ([], "give --model PATH, --shape NAME or --quick"),
     (["--shape", "no-such-shape"], "unknown shape"),
     (["--quick", "--drafts", "ngram"], "starts with none"),
+    (["--quick", "--drafts", "none,int4@5"], "1 to 4 tokens a depth"),
     (["--quick", "--widths", "0,4"], "[1, 65]"),
     (["--model", "no/such/dir"], "does not exist"),
 ])

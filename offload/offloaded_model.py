@@ -225,7 +225,7 @@ class OffloadedModel:
         positions, ancestors = slots, None
         if parents is not None:
             positions, ancestors = _tree_layout(parents + [[]] * (rows - n), slots, sink)
-            positions, ancestors = positions.to(self.device), ancestors.to(self.device)
+            ancestors = ancestors.to(self.device)
         chunk = VerifyChunk(host_tokens.to(self.device), host_tokens, positions.to(self.device), kv_len,
                             self.decoder.ropes, self.decoder.windows, slots.to(self.device), ancestors)
         return self._forward([chunk], self.cache, rows, all_logits=True)[:n]
@@ -356,7 +356,6 @@ class OffloadedModel:
 
     def __exit__(self, *exc):
         self.close()
-
 
 
 def _check_parents(parents, new_tokens: list[list[int]]) -> list[list[int]]:

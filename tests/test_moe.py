@@ -115,6 +115,24 @@ def test_experts_streamed_through_the_cache_equal_resident_bitwise(case):
         assert "experts: " in str(streamed.plan) and "cache" in str(streamed.plan)
 
 
+@pytest.mark.parametrize("draft", ["ngram", "tree"])
+def test_speculative_decoding_with_streamed_experts_is_plain_greedy(case, draft):
+    """Verify passes (chains of prompt lookup; trees of a draft model, the checkpoint itself) route every drafted
+    token, fetch the union of their experts through the cache, and give plain greedy decoding's tokens."""
+    _, _, directory, model = case
+    ids = _ids(n=PROMPT)
+    ids[1] = ids[1, :4].repeat(3)  # a prompt that repeats itself: prompt lookup finds drafts
+    want = model.generate(ids, max_new_tokens=3 * NEW, ignore_eos=True, return_result=True)
+    kw = dict(draft="ngram", draft_tokens=8) if draft == "ngram" else \
+        dict(draft=str(directory), draft_tokens=8, draft_branches=4)
+    needs = offload.plan_model(directory, dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2, **kw).needs
+    with _streamed(directory, needs, resident_experts=2, **kw) as streamed:  # the draft's bytes counted
+        got = streamed.generate(ids, max_new_tokens=3 * NEW, ignore_eos=True, return_result=True)
+        assert streamed.draft is not None and got.drafted_tokens > 0
+        assert got.tokens == want.tokens and got.decode_steps < want.decode_steps
+        assert streamed.experts.misses > 0
+
+
 def test_a_decode_step_copies_each_routed_expert_not_on_the_device_once(checkpoint_factory):
     _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
     needs = offload.plan_model(directory, dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2).needs

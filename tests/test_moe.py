@@ -197,6 +197,9 @@ def test_mixtral_8x7b_at_24_gib_keeps_every_layer_and_streams_experts():
     assert 0 < plan.experts.placement.count("resident") < 256 and plan.experts.cache_slots == 2
     missed = plan.experts.missed_bytes(rows=1)["host"]
     assert plan.link_seconds()["host"] == pytest.approx(missed / 55e9)
+    # a pass of 17 tokens (a verify pass, a batch) fetches the union of their experts: most of them
+    assert plan.pass_seconds(17) == pytest.approx(plan.experts.missed_bytes(rows=17)["host"] / 55e9)
+    assert plan.pass_seconds(17) > 3 * plan.pass_seconds(1)
     with pytest.raises(PlanError, match="routed experts do not fit"):
         offload.plan_model(shape_config("mixtral-8x7b"), dtype="bf16", device="cpu", gpu_memory="24GiB",
                            cpu_memory="10GiB", max_seq_len=1024, link_bandwidth={"host": 55e9, "hbm": 4.2e12})

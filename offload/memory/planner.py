@@ -170,10 +170,11 @@ class Plan:
 
     def pass_seconds(self, tokens: int, keys: int = 0) -> float:
         """A pass that runs ``tokens`` tokens through every layer, attending to ``keys`` cached keys in all:
-        the slowest link, or the matrix work at the measured rate, whichever is longer."""
+        the slowest link (a mixture of experts fetches the experts all its tokens are routed to), or the
+        matrix work at the measured rate, whichever is longer."""
         work = tokens * self.needs.flops_per_token + keys * self.needs.flops_per_key
         compute = work / self.bandwidth.get("matmul", math.inf)
-        return max(self.predicted_step_seconds, compute)
+        return max(max(self.link_seconds(max(tokens, 1)).values()), compute)
 
     @property
     def bottleneck(self) -> str:

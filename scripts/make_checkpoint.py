@@ -9,7 +9,6 @@ The checkpoint has config.json, safetensors shards with model.safetensors.index.
 line on stderr and exits with status 2.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,18 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from offload import InputError, OffloadError, parse_size  # noqa: E402
+from offload.cli import Parser  # noqa: E402
 from offload.options import parse_dtype  # noqa: E402
 from offload.synthetic import write_checkpoint  # noqa: E402
 from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and status 2, like every other bad input
-        raise InputError(message)
-
-
 def main(argv=None) -> int:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", required=True, help=f"one of: {', '.join(SHAPES)}")
     parser.add_argument("--out", required=True, help="directory to write (created if missing)")
     parser.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")

@@ -11,25 +11,20 @@ tokenizer's files. ``load_model(out)`` reads the parts as they are: the same log
 ``load_model(model, quantize=...)``. Any bad input prints one line on stderr and exits 2.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offload import InputError, OffloadError, parse_size  # noqa: E402
+from offload import OffloadError, parse_size  # noqa: E402
+from offload.cli import Parser  # noqa: E402
 from offload.models.quant import check_request  # noqa: E402
 from offload.options import parse_dtype  # noqa: E402
 from offload.quantized import write_quantized  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and status 2, like every other bad input
-        raise InputError(message)
-
-
 def main(argv=None) -> int:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     parser.add_argument("--quantize", required=True, choices=["int8", "int4"])
     parser.add_argument("--out", required=True, help="directory to write (created if missing)")

@@ -20,7 +20,7 @@ from offload.errors import ConfigError, OffloadWarning
 from offload.models.config import load_config
 
 from conftest import CONVENTIONS
-from test_llama import _load, _prompt  # float32, 2 rows of MAX_SEQ; seeded prompts
+from test_llama import _hf_greedy, _hf_logits, _load, _prompt  # float32, 2 rows of MAX_SEQ; seeded prompts
 from test_tensor_parallel import assert_tp_equals_one
 
 ATOL = 1e-4
@@ -47,20 +47,6 @@ ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 def _make(factory, key, convention="5.x"):
     arch, kwargs = MODELS[key]
     return factory(key, arch, convention, seed=SEEDS[key], **kwargs)
-
-
-def _hf_logits(hf, ids, attention_mask=None):
-    with torch.no_grad():
-        if attention_mask is None:
-            return hf(ids).logits
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return hf(ids, attention_mask=attention_mask, position_ids=position_ids).logits
-
-
-def _hf_greedy(hf, ids, attention_mask=None):
-    with torch.no_grad():
-        return hf.generate(ids, attention_mask=attention_mask, max_new_tokens=NEW, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
 
 
 @pytest.fixture(scope="module", params=[(k, c) for k in MODELS for c in CONVENTIONS], ids=lambda p: f"{p[0]}-{p[1]}")

@@ -18,10 +18,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, path, ids, kwargs, out):
+def _join(rank: int, world: int, port: int) -> None:
+    """This process as rank ``rank`` of ``world`` (gloo, one thread), as torchrun would set it up."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+
+
+def _rank_main(rank, world, port, path, ids, kwargs, out):
+    _join(rank, world, port)
     try:
         model = offload.load_model(path, tp=world, progress=False, **kwargs)
         logits = model(ids)
@@ -102,9 +107,7 @@ def test_tp_without_torchrun_is_refused(tiny, monkeypatch):
 
 
 def _rank_speculates(rank, world, port, path, ids, kwargs, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    _join(rank, world, port)
     try:
         model = offload.load_model(path, tp=world, progress=False, **kwargs)
         greedy = model.generate(ids, max_new_tokens=12, ignore_eos=True, return_result=True)

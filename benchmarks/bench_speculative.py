@@ -19,7 +19,9 @@ passes     a verify pass of W tokens per row (W = 1, 2, 4, ... 32: the row's las
 generation with ``--model`` (or ``--quick``), for each of ``--drafts`` (``int4@4``: the int4 draft's
            trees, four tokens at each depth): greedy batch-1
            generation of a few prompts, decode tokens/s, tokens per pass, the share of
-           drafts accepted, and whether the tokens equal plain greedy decoding's. Prompts:
+           drafts accepted, and whether the tokens equal plain greedy decoding's (with
+           ``--temperature T``: sampled, seeded, and the tokens differ from run to run of
+           the draft; the tests check that their distribution is the model's). Prompts:
            the chat template applied to built-in questions when the checkpoint has a
            tokenizer, else samples of the structured model's corpus.
 
@@ -85,6 +87,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--cpu-memory", help="pinned host memory for streamed layers")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
     p.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="verify widths to time (tokens per row)")
     p.add_argument("--json", help="write every figure to this file")
     args = p.parse_args(argv)
@@ -105,6 +108,8 @@ def parse_args(argv) -> argparse.Namespace:
         raise UsageError(f"--widths takes integers, got {args.widths!r}") from None
     if args.widths[0] < 1 or args.widths[-1] > 65:
         raise UsageError("--widths must lie in [1, 65]")
+    if not 0.0 <= args.temperature <= 10.0:
+        raise UsageError(f"--temperature must lie in [0, 10], got {args.temperature}")
     args.drafts = drafts
     return args
 
@@ -154,7 +159,7 @@ def forecast(passes: list[dict]) -> list[dict]:
 
 
 def prompts_for(model_path: Path, quick: bool) -> list[list[int]]:
-    tokenizer = None if quick else Tokenizer.from_dir(model_path)
+    tokenizer = None if quick else Tokenizer.from_checkpoint(model_path)
     if tokenizer is not None and tokenizer.chat_template is not None:
         return [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     if tokenizer is not None:
@@ -168,9 +173,11 @@ def tree_of(draft: str) -> tuple[str, int]:
     return (name, int(branches)) if at and branches.isdigit() else (draft, 0)
 
 
-def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: dict, max_new: int) -> dict:
-    """Greedy batch-1 generation of every prompt with ``draft`` (``DRAFT@M``: trees of ``M`` tokens a depth):
-    tokens, decode tokens/s, tokens per pass."""
+def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: dict, max_new: int,
+              temperature: float = 0.0) -> dict:
+    """Batch-1 generation of every prompt with ``draft`` (``DRAFT@M``: trees of ``M`` tokens a depth), greedy
+    or sampled at ``temperature`` (seeded): tokens, decode tokens/s, tokens per pass."""
+    sampling = dict(do_sample=True, temperature=temperature, seed=0) if temperature > 0 else {}
     name, branches = tree_of(draft)
     model = offload.load_model(model_path, draft=None if draft == "none" else name, progress=False,
                                draft_branches=branches or None, **options)
@@ -178,7 +185,7 @@ def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: d
     model.generate([prompts[0]], max_new_tokens=4)  # warm-up
     tokens, seconds, decoded, passes, row_passes, drafted, accepted = [], 0.0, 0, 0, 0, 0, 0
     for prompt in prompts:
-        r = model.generate([prompt], max_new_tokens=max_new, ignore_eos=True, return_result=True)
+        r = model.generate([prompt], max_new_tokens=max_new, ignore_eos=True, return_result=True, **sampling)
         tokens.append(r.tokens[0])
         seconds += r.decode_seconds
         decoded, passes, row_passes = decoded + r.decode_tokens, passes + r.decode_steps, row_passes + r.decode_row_passes
@@ -251,17 +258,18 @@ def run(args) -> int:
                        draft_tokens=draft_tokens)
         for draft in args.drafts:
             opts = {k: v for k, v in options.items() if not (draft == "none" and k == "draft_tokens")}
-            drafts.append(run_draft(model_path, draft, prompts, opts, args.max_new_tokens))
+            drafts.append(run_draft(model_path, draft, prompts, opts, args.max_new_tokens, args.temperature))
         reference = drafts[0]["tokens"]
-        print(f"\ngreedy generation, batch 1, {len(prompts)} prompts x {args.max_new_tokens} tokens")
+        mode = f"sampled at temperature {args.temperature:g}" if args.temperature else "greedy"
+        print(f"\n{mode} generation, batch 1, {len(prompts)} prompts x {args.max_new_tokens} tokens")
         print(f"  {'draft':<24}{'tokens/s':>10}{'x none':>8}{'tokens/pass':>13}{'accepted':>10}{'ms/pass':>9}  "
               "identical")
         for d in drafts:
-            d["identical"] = d["tokens"] == reference
+            d["identical"] = d["tokens"] == reference if not args.temperature else None  # draws differ
             d["speedup"] = d["tokens_per_s"] / drafts[0]["tokens_per_s"] if drafts[0]["tokens_per_s"] else None
             accepted = f"{d['acceptance']:.0%}" if d["acceptance"] is not None else "-"
             print(f"  {d['draft'][-24:]:<24}{d['tokens_per_s']:>10.1f}{d['speedup']:>7.2f}x{d['tokens_per_pass']:>13.2f}"
-                  f"{accepted:>10}{d['ms_per_pass']:>9.1f}  {'yes' if d['identical'] else 'NO'}"
+                  f"{accepted:>10}{d['ms_per_pass']:>9.1f}  {_yes_no(d['identical'])}"
                   + ("" if d["used"] else "  (the plan declined it)"))
         for d in drafts:
             if d["plan"]:
@@ -272,14 +280,18 @@ def run(args) -> int:
                                                    drafts=[{k: v for k, v in d.items() if k != "tokens"}
                                                            for d in drafts]), indent=1))
     best = max(drafts[1:], key=lambda d: d["tokens_per_s"], default=None)
+    identical = None if args.temperature else all(d["identical"] for d in drafts)
     summary = (f"best draft {best['draft']}: {best['speedup']:.2f}x plain decoding's tokens/s, "
-               f"{best['tokens_per_pass']:.2f} tokens per pass, identical tokens: "
-               f"{'yes' if all(d['identical'] for d in drafts) else 'NO'}" if best else
+               f"{best['tokens_per_pass']:.2f} tokens per pass, identical tokens: {_yes_no(identical)}" if best else
                f"verify pass of {max(args.widths)} tokens at batch 1: "
                f"{next(p['over_one_token'] for p in passes if p['batch'] == 1 and p['width'] == max(args.widths)):.2f}x "
                "a one-token pass")
     print(f"bench_speculative: {summary}")
-    return 0 if all(d["identical"] for d in drafts) else 1
+    return 0 if all(d["identical"] is not False for d in drafts) else 1
+
+
+def _yes_no(identical: bool | None) -> str:
+    return "-" if identical is None else "yes" if identical else "NO"
 
 
 if __name__ == "__main__":

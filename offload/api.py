@@ -78,7 +78,8 @@ def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool)
     source = model if kind == INT4 else setup.options.draft
     try:
         draft_pool = load_weights(setup.draft, weight_source(source, random_weights if kind == INT4 else None,
-                                                             setup.device), progress and setup.tp.rank == 0)
+                                                             setup.device, requantize=kind == INT4),
+                                  progress and setup.tp.rank == 0)
     except CheckpointError as e:
         raise CheckpointError(f"draft {setup.options.draft}: {e}") from None
     return make_draft(kind, OffloadedModel(setup.draft, draft_pool), draft_label(setup.options.draft))

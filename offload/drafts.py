@@ -118,7 +118,7 @@ def lookup(context: list[int], k: int, longest: int = 3, shortest: int = 1) -> l
 class ModelDraft:
     """A small model on the compute device (a smaller checkpoint, or the target in int4) that drafts by
     decoding: greedy rows take its argmax, sampled rows sample from its distribution under the row's own
-    temperature, top-k and top-p (``q`` of the proposal). Greedy rows also name the draft's next likeliest
+    temperature, top-k and top-p (``q`` of the proposal). Every row also names the draft's next likeliest
     tokens at each depth: the alternatives a tree may verify beside the chosen ones.
 
     Its KV cache row ``b`` follows the engine's row ``b``: before drafting, a row's tokens that the draft
@@ -161,8 +161,7 @@ class ModelDraft:
         drafted, likeliest = torch.stack(ids, dim=1).tolist(), torch.stack(likeliest, dim=1).tolist()
         self.pending = {rows[b]: (len(contexts[b]), steps) for b in drafting}
         tokens = [drafted[b][: budgets[b]] if b in contexts else [] for b in range(len(rows))]
-        alternatives = [_alternatives(tokens[b], likeliest[b]) if tokens[b] and rows[b].request.sampling.greedy
-                        else [] for b in range(len(rows))]
+        alternatives = [_alternatives(tokens[b], likeliest[b]) if tokens[b] else [] for b in range(len(rows))]
         return Proposal(tokens, None if qs[0] is None else torch.stack(qs, dim=1), alternatives)
 
     def update(self, rows: list, accepted: list[int]) -> None:

@@ -63,8 +63,10 @@ class Setup:
     draft: "Setup | None" = None  # speculative decoding's draft model (resident), when the plan keeps one
 
 
-def prepare(model, options: LoadOptions) -> Setup:
-    """Read the config, resolve the budgets, measure (or recall) the links and make every rank's plan."""
+def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
+    """Read the config, resolve the budgets, measure (or recall) the links and make every rank's plan.
+    ``requantize``: a GGUF file's weights are dequantized and quantized again as ``options.quantize`` says
+    (the int4 draft of a GGUF target), where they are otherwise kept as stored."""
     config = _config(model)
     check_divisible(config, options.tp)
     tp = init_tensor_parallel(options.tp)
@@ -79,7 +81,8 @@ def prepare(model, options: LoadOptions) -> Setup:
     offload_requested = budget.cpu_memory is not None or bool(budget.peer_memory)
     budget = _own_peers(budget, tp, device).resolved(device)
     family = family_of(config.architecture)
-    blocks = _blocks(family, config, tp, dtype, _weight_format(model, options, ops.choose(device, dtype), dtype),
+    blocks = _blocks(family, config, tp, dtype,
+                     _weight_format(model, options, ops.choose(device, dtype), dtype, requantize),
                      device, budget, options.quantize)
     globals_ = global_layout(config, tp, dtype)
     embedding = embedding_layout(config, tp, dtype)
@@ -109,8 +112,9 @@ def prepare(model, options: LoadOptions) -> Setup:
                          f"{_max_draft(options) + 1} tokens a row")
     if draft_kind(options.draft) in (INT4, MODEL) and not _failed(plans):
         try:
-            draft = prepare(model if draft_kind(options.draft) == INT4 else options.draft,
-                            draft_options(options, _max_draft(options)).replace(link_bandwidth=bandwidth))
+            int4 = draft_kind(options.draft) == INT4
+            draft = prepare(model if int4 else options.draft,
+                            draft_options(options, _max_draft(options)).replace(link_bandwidth=bandwidth), int4)
         except ConfigError as e:
             raise ConfigError(f"draft {options.draft}: {e}") from None
         plans, draft = _weigh_draft(options, config, needs, plans, draft, place)
@@ -292,16 +296,21 @@ def _blocks(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtyp
     return dense if 2 * sum(b.layout.nbytes for b in dense) <= budget.gpu_memory else blocks
 
 
-def _weight_format(model, options: LoadOptions, chosen: ops.Ops, dtype: torch.dtype) -> WeightFormat | None:
-    """The quantization the options ask for, or a GGUF file's own per tensor, computed by the kernels the model's
-    ops use."""
+def _weight_format(model, options: LoadOptions, chosen: ops.Ops, dtype: torch.dtype,
+                   requantize: bool = False) -> WeightFormat | None:
+    """The quantization the options ask for, or a GGUF file's own per tensor (``requantize``: the options'
+    all the same), computed by the kernels the model's ops use."""
     kernel = choose_kernel(chosen.kernels)
-    if isinstance(model, (str, os.PathLike)) and is_gguf(model):
+    if isinstance(model, (str, os.PathLike)) and is_gguf(model) and not (requantize and options.quantize):
         if options.quantize not in (None, STORED):
             raise InputError(f"{Path(model).name} is stored quantized already (GGUF); --quantize does not apply")
         return gguf_format(model, kernel, dtype)
     stored = isinstance(model, (str, os.PathLike)) and stored_quantization(model)
     if stored:  # saved by scripts/quantize.py: read as it is
+        if requantize:
+            raise InputError(f"the int4 draft quantizes the target's weights, but {Path(model).name} is stored "
+                             f"{stored['format']} by scripts/quantize.py and has no others: give draft='ngram' or "
+                             "a draft model's path")
         if options.quantize not in (None, STORED):
             raise InputError(f"{Path(model).name} is stored {stored['format']} already; --quantize does not apply")
         return WeightFormat(stored["format"], kernel=kernel, per_tensor=CheckpointSource(model).stored,
@@ -359,8 +368,9 @@ def _stored_formats(layouts: list[BlockLayout]) -> str:
     return "as stored: " + ", ".join(f"{k} x {n}" for k, n in counts.items()) + f" ({scales} scales)"
 
 
-def weight_source(model, random_weights: int | None, device: torch.device):
-    """Where the weights come from: the checkpoint directory, or seeded random numbers."""
+def weight_source(model, random_weights: int | None, device: torch.device, requantize: bool = False):
+    """Where the weights come from: the checkpoint directory, or seeded random numbers (``requantize``: a GGUF
+    file's compressed tensors are read dense, to be quantized again: ``prepare``)."""
     if random_weights is not None:
         return RandomSource(seed=random_weights, device=device)
     if isinstance(model, (dict, ModelConfig)):
@@ -368,7 +378,8 @@ def weight_source(model, random_weights: int | None, device: torch.device):
     if is_gguf(model):
         from .gguf import GGUFSource
 
-        return GGUFSource(model, device=device if device.type == "cuda" else None)  # converted where it computes
+        # converted where it computes
+        return GGUFSource(model, device=device if device.type == "cuda" else None, requantize=requantize)
     return CheckpointSource(model)
 
 

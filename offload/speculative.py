@@ -23,12 +23,17 @@ for ``n`` accepted drafts:
 
 Everything stays on the device; the host reads one small tensor per pass.
 
-**Trees** (greedy rows of a model draft): at each depth of its chain the draft also names
-its next likeliest tokens, and up to ``m - 1`` of them join the pass as leaves beside
-the chain's token (:func:`grow_tree`). A pass of 17 tokens costs what one costs where
-weights stream, so the spare width goes to the likeliest places where the chain breaks.
-:func:`walk_tree` follows the target's argmax down the tree from the root as long as a
-child matches it: the output is still plain greedy decoding's, token for token.
+**Trees** (a model draft): at each depth of its chain the draft also names its next
+likeliest tokens, and up to ``m - 1`` of them join the pass as leaves beside the chain's
+token (:func:`grow_tree`). A pass of 17 tokens costs what one costs where weights stream,
+so the spare width goes to the likeliest places where the chain breaks. A greedy row
+follows the target's argmax down the tree from the root as long as a child matches it
+(:func:`walk_tree`): the output is still plain greedy decoding's, token for token. A
+sampled row tries a node's children in turn (:func:`_sample_tree`): the chain's token by
+speculative sampling, then each alternative as a point mass against what is left of the
+residual (accepted with the residual's probability of it, else removed from it), and
+descends into the first accepted. Trying point masses one by one draws from the residual
+exactly, whatever tokens they are, so each token is still distributed as plain sampling.
 
 How many to draft (:func:`best_draft_shape`): with a per-token acceptance ``a``, a
 row gains ``(1 - a^(k+1)) / (1 - a)`` tokens from a pass of ``k`` drafts (the tokens
@@ -64,7 +69,7 @@ class Proposal:
 
     tokens: list[list[int]]
     q: torch.Tensor | None = None
-    # a model draft's greedy rows: alternatives[b][i] are its next likeliest tokens (best first, at most
+    # a model draft's rows: alternatives[b][i] are its next likeliest tokens (best first, at most
     # MAX_BRANCHES - 1) where it chose tokens[b][i]; [] for other rows. None: a draft that has none.
     alternatives: list[list[list[int]]] | None = None
 
@@ -103,12 +108,24 @@ def walk_tree(target: list[int], drafts: list[int], parents: list[int]) -> tuple
     return [drafts[j - 1] for j in path[1:]] + [target[path[-1]]], path
 
 
-def accept(logits: torch.Tensor, proposal: Proposal, samplings: list[Sampling], generators: list) -> torch.Tensor:
+def path_of(gained: list[int], drafts: list[int], parents: list[int]) -> list[int]:
+    """The indices (root first) of the tree's nodes that the accepted tokens ``gained[:-1]`` went through."""
+    children = {(parent, token): j for j, (token, parent) in enumerate(zip(drafts, parents), start=1)}
+    path = [0]
+    for token in gained[:-1]:
+        path.append(children[(path[-1], token)])
+    return path
+
+
+def accept(logits: torch.Tensor, proposal: Proposal, samplings: list[Sampling], generators: list,
+           trees: list[tuple[list[int], list[int]]] | None = None) -> torch.Tensor:
     """The tokens each row gains from a verify pass whose ``logits [rows, W, vocab]`` are the target's at its
-    last token and its drafts ``proposal.tokens[b]`` (``W`` at least one more than the longest draft).
+    last token and its drafts ``proposal.tokens[b]`` (``W`` at least one more than the longest draft), or
+    where ``trees[b]`` (tokens, parents) grew beyond the chain, at those.
 
     Returns ``[rows, W + 1]`` on the logits' device: row ``b``'s tokens in ``[:count]`` and ``count`` (the
-    accepted drafts plus one) in the last column.
+    accepted drafts plus one) in the last column. A greedy row's columns are the target's argmax at every
+    position instead: its tree is walked by :func:`walk_tree`.
     """
     rows, width, _ = logits.shape
     drafts = _padded(proposal.tokens, width, logits.device)  # [rows, W]: -1 past a row's drafts and at the end
@@ -116,9 +133,13 @@ def accept(logits: torch.Tensor, proposal: Proposal, samplings: list[Sampling], 
     matches = (drafts[:, :-1] == target[:, :-1]).long().cumprod(dim=1).sum(dim=1)
     out = torch.cat([target, (matches + 1)[:, None]], dim=1)
     for b, sampling in enumerate(samplings):
-        if not sampling.greedy:
-            q = None if proposal.q is None else proposal.q[b]
-            out[b] = _speculative_sample(logits[b], drafts[b], len(proposal.tokens[b]), q, sampling, generators[b])
+        if sampling.greedy:
+            continue
+        q, chain = None if proposal.q is None else proposal.q[b], proposal.tokens[b]
+        if trees is not None and len(trees[b][0]) > len(chain):
+            out[b] = _sample_tree(logits[b], *trees[b], len(chain), q, sampling, generators[b])
+        else:
+            out[b] = _speculative_sample(logits[b], drafts[b], len(chain), q, sampling, generators[b])
     return out
 
 
@@ -151,6 +172,56 @@ def _speculative_sample(logits: torch.Tensor, drafts: torch.Tensor, k: int, q: t
     positions = torch.arange(width, device=logits.device)
     tokens = torch.where(positions < accepted, drafts, last)
     return torch.cat([tokens, (accepted + 1)[None]])
+
+
+def _sample_tree(logits: torch.Tensor, drafts: list[int], parents: list[int], chain: int, q: torch.Tensor | None,
+                 sampling: Sampling, generator) -> torch.Tensor:
+    """One sampled row's tree: ``drafts`` under ``parents`` (:func:`grow_tree`), its first ``chain`` the chain
+    drawn from ``q [>= chain, vocab]`` (None: point masses), the rest point masses; ``logits [W, vocab]`` at the
+    root and each draft. Returns ``[W + 1]``: the tokens, then their count.
+
+    The walk reads a few numbers per draft on the host (one transfer) and draws its last token on the device:
+    at each node the base distribution is ``p`` until the chain's child is rejected, then the normalised
+    ``max(0, p - q)``; each rejected point mass is taken out of it (``lost``)."""
+    width, n = logits.shape[0], len(drafts)
+    device = logits.device
+    p = probabilities(logits[: n + 1], [sampling] * (n + 1))  # [n + 1, V]: at the root and each draft
+    leftover = p.clone()
+    if q is not None:
+        leftover[:chain] = (p[:chain] - q[:chain]).clamp_(min=0.0)
+        leftover[:chain] /= leftover[:chain].sum(dim=-1, keepdim=True).clamp_(min=1e-30)
+    at, ids = torch.tensor(parents, device=device), torch.tensor(drafts, device=device)
+    q_at = q[at.clamp(max=chain - 1), ids] if q is not None and chain else torch.ones(n, device=device)
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
+    p_at, left_at, q_at, u = torch.stack([p[at, ids], leftover[at, ids], q_at, u]).tolist()
+
+    children: dict[int, list[int]] = {}
+    for j, parent in enumerate(parents, start=1):
+        children.setdefault(parent, []).append(j)
+    node, taken, left, lost, rejected = 0, [], False, 0.0, []
+    while True:
+        for j in children.get(node, []):
+            i = j - 1
+            if i < chain and q is not None and not left:  # the chain's child, drawn from q here
+                ok = u[i] * q_at[i] < p_at[i]
+                left = not ok
+            else:  # a point mass against what is left
+                mass = left_at[i] if left else p_at[i]
+                ok = u[i] * (1.0 - lost) < mass
+                lost, rejected = (lost, rejected) if ok else (lost + mass, rejected + [drafts[i]])
+            if ok:
+                taken.append(drafts[i])
+                node, left, lost, rejected = j, False, 0.0, []
+                break
+        else:
+            break
+    residual = (leftover if left else p)[node].clone()
+    residual[rejected] = 0.0
+    total = residual.sum()
+    residual = residual / total if total > 0 else p[node]  # rounding left nothing: the node's p
+    last = int(draw(residual[None], [generator])[0])
+    tokens = taken + [last]
+    return torch.tensor(tokens + [last] * (width - len(tokens)) + [len(tokens)], device=device)
 
 
 # ---------------------------------------------------------------------- how many to draft
@@ -213,8 +284,8 @@ class Acceptance:
 
 @dataclass
 class Mends:
-    """Where a greedy row's chain broke, the rank of the target's token among the draft's alternatives there
-    (counted whether or not the pass carried them, so the first tree is chosen from evidence)."""
+    """Where a chain broke, the rank of the row's next token among the draft's alternatives there (counted
+    whether or not the pass carried them, so the first tree is chosen from evidence)."""
 
     breaks: int = 0
     at_rank: list[int] | None = None  # at_rank[r]: breaks mended by the (r + 2)-th likeliest draft token

@@ -37,6 +37,18 @@ def test_quick_times_passes_and_runs_every_draft(structured, tmp_path):
     assert tree["used"] and tree["tokens_per_pass"] > 1  # the int4 draft's trees, four tokens a depth
 
 
+@pytest.mark.slow
+def test_quick_samples_with_a_temperature(structured, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_bench("--quick", "--temperature", "0.8", "--drafts", "none,int4@4", "--widths", "1,4", "--json",
+                     str(out), cache=structured.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sampled at temperature 0.8 generation" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].endswith("identical tokens: -")
+    none, tree = json.loads(out.read_text())["drafts"]
+    assert none["identical"] is None and tree["used"] and tree["tokens_per_pass"] > 1
+
+
 def bench_module():
     spec = importlib.util.spec_from_file_location("bench_speculative", ROOT / "benchmarks" / "bench_speculative.py")
     module = importlib.util.module_from_spec(spec)
@@ -50,6 +62,7 @@ def bench_module():
     (["--quick", "--drafts", "ngram"], "starts with none"),
     (["--quick", "--drafts", "none,int4@5"], "1 to 4 tokens a depth"),
     (["--quick", "--widths", "0,4"], "[1, 65]"),
+    (["--quick", "--temperature", "-1"], "--temperature must lie in [0, 10]"),
     (["--model", "no/such/dir"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys):

@@ -1131,6 +1131,36 @@ def test_quantize_does_not_apply_to_a_gguf_file(good_file):
         offload.plan_model(good_file, quantize="int4")
 
 
+def test_the_int4_draft_of_a_gguf_file_quantizes_its_weights_again(tmp_path):
+    """``draft="int4"`` of a GGUF target: the file's tensors read dense and quantized to offload's int4 (the
+    target keeps the file's own formats: Q8_0 and F32 here); greedy output is plain greedy decoding's. Links
+    that bind (products are free) make the plan keep the draft, which reads a fraction of a target step's
+    bytes, beside the resident target."""
+    path = tmp_path / "q8.gguf"
+    write_model_gguf(path, hf_model("llama", seed=5), "llama", kind_of=lambda name: T.Q8_0 if ".attn_" in name
+                     and name.endswith(".weight") and "norm" not in name else None)
+    kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=2, quantize="stored", progress=False,
+              link_bandwidth={"host": 1e9, "hbm": 1e11, "matmul": 1e15})
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    with offload.load_model(path, **kw) as plain, offload.load_model(path, draft="int4", **kw) as speculative:
+        assert speculative.draft is not None, speculative.plan.draft
+        assert "as stored: int8 in groups of 32" in str(speculative.plan), speculative.plan
+        assert "layer weights: int4, group size" in str(speculative.draft.model.plan)
+        want = plain.generate(ids, max_new_tokens=10, ignore_eos=True, return_result=True)
+        got = speculative.generate(ids, max_new_tokens=10, ignore_eos=True, return_result=True)
+        assert got.tokens == want.tokens and got.accepted_tokens > 0
+
+
+def test_the_int4_draft_of_a_checkpoint_stored_by_quantize_py_is_refused_in_one_line(tiny, tmp_path):
+    from offload.quantized import write_quantized
+
+    out = tmp_path / "int8"
+    write_quantized(tiny, out, "int8", dtype=torch.float32, progress=False)
+    with pytest.raises(offload.InputError, match="give draft='ngram' or a draft model's path") as info:
+        offload.plan_model(out, draft="int4")
+    assert "\n" not in str(info.value)
+
+
 def test_on_a_cpu_a_gguf_file_is_expanded_once_where_it_fits_in_half_the_budget(tmp_path):
     """The CPU has no kernels that multiply from compressed parts (each use would dequantize the matrix): the
     layers are expanded at load, computing what the stored parts do to float32 rounding; where the dense layers

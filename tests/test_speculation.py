@@ -164,9 +164,9 @@ def test_a_tree_mends_a_weak_drafts_chains(structured, weak_draft, plain):
     assert passes[4] < passes[1], passes
 
 
-def test_sampled_rows_draft_chains_beside_greedy_rows_trees(structured, weak_draft, plain):
-    """A sampled row keeps speculative sampling over its chain while the greedy rows of the same passes grow
-    trees: the greedy rows are plain greedy decoding's, the sampled one is the same with the same seed."""
+def test_sampled_and_greedy_rows_grow_trees_in_the_same_passes(structured, weak_draft, plain):
+    """A sampled row samples down its tree while the greedy rows of the same passes walk theirs by the argmax:
+    the greedy rows are plain greedy decoding's, the sampled one is the same with the same seed."""
     batch = prompts(structured, (9, 4, 17))
     sampling = Sampling(do_sample=True, temperature=0.8, top_k=5, seed=3)
     want = plain.generate(batch, max_new_tokens=20, ignore_eos=True, return_result=True).tokens
@@ -182,19 +182,29 @@ def test_sampled_rows_draft_chains_beside_greedy_rows_trees(structured, weak_dra
     assert runs[0][1] == runs[1][1] and len(runs[0][1]) == 20
 
 
-def test_a_tree_wider_than_its_tokens_and_sampled_rows_alone(structured, weak_draft, plain):
-    """Three tokens with four a depth: one depth of three (not no draft at all). Rows that all sample draft full
-    chains even where trees were asked for: nothing would mend their breaks."""
+def test_a_tree_wider_than_its_tokens(structured, weak_draft, plain):
+    """Three tokens with four a depth: one depth of three (not no draft at all)."""
     batch = prompts(structured, (9, 4))
     model = load(structured, "tree", weak_draft, draft_tokens=3, draft_branches=4)
     got = model.generate(batch, max_new_tokens=20, ignore_eos=True, return_result=True)
     assert got.tokens == plain.generate(batch, max_new_tokens=20, ignore_eos=True, return_result=True).tokens
     assert 2 * got.decode_row_passes < got.drafted_tokens <= 3 * got.decode_row_passes  # a chain of one, two more
     model.close()
-    model = load(structured, "tree", weak_draft, draft_tokens=8, draft_branches=4)
-    got = model.generate(batch, max_new_tokens=20, ignore_eos=True, do_sample=True, seed=2, return_result=True)
-    assert got.drafted_tokens > 2 * got.decode_row_passes  # deeper than the trees' two depths of four
-    model.close()
+
+
+def test_a_tree_mends_a_weak_drafts_sampled_chains(structured, weak_draft):
+    """Sampled rows (temperature 0.7) with sixteen drafted tokens a row as a chain or as four depths of four:
+    where the chain's token is rejected, the row often takes an alternative, so the trees take fewer passes."""
+    batch = prompts(structured)
+    passes = {}
+    for branches in (1, 4):
+        model = load(structured, "model", weak_draft, draft_tokens=16, draft_branches=branches)
+        got = model.generate(batch, max_new_tokens=40, ignore_eos=True, do_sample=True, temperature=0.7, seed=0,
+                             return_result=True)
+        assert [len(t) for t in got.tokens] == [40] * 4
+        passes[branches] = got.decode_steps
+        model.close()
+    assert passes[4] < passes[1], passes
 
 
 def test_a_cancelled_row_leaves_and_the_others_are_unchanged(structured, plain, speculative):
@@ -249,7 +259,7 @@ def _joint_distribution(model, prompt, sampling, tokens=3) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("draft", ["ngram", "model"])
+@pytest.mark.parametrize("draft", ["ngram", "model", "tree"])
 def test_sampled_output_has_the_targets_distribution(structured, structured_draft, plain, draft):
     """Three tokens sampled (temperature 0.8, top-k 3) after one prompt from many seeds: the sequences' counts
     against the target's probabilities, by a chi-square test. The second and third come from verify passes."""

@@ -39,10 +39,12 @@ def test_greedy_rows_take_the_targets_argmax_as_far_as_the_drafts_agree():
     assert every[0].tolist() == [3, 1, 2, 0, 4]  # all three drafts and the target's next token
 
 
-def _simulate(sampling: Sampling, drafted: str, runs: int, length: int, k: int, seed: int) -> torch.Tensor:
+def _simulate(sampling: Sampling, drafted: str, runs: int, length: int, k: int, seed: int,
+              branches: int = 1) -> torch.Tensor:
     """``runs`` sequences of ``length`` tokens after the token 0, made by speculative passes of ``k`` drafts
     (``drafted``: "model" drafts drawn from DRAFT under ``sampling``; "lookup": the point masses prev + 1).
-    Returns ``[runs, length]``."""
+    With ``branches > 1`` each row's chain grows into a tree with DRAFT's next likeliest tokens beside each
+    of its tokens. Returns ``[runs, length]``."""
     gen = torch.Generator().manual_seed(seed)
     sequences = [[0] for _ in range(runs)]
     while min(len(s) for s in sequences) <= length:
@@ -57,10 +59,20 @@ def _simulate(sampling: Sampling, drafted: str, runs: int, length: int, k: int, 
         tokens = torch.stack(tokens, dim=1)
         context = torch.cat([torch.tensor([s[-1] for s in sequences])[:, None], tokens], dim=1)
         proposal = Proposal(tokens.tolist(), torch.stack(q, dim=1) if drafted == "model" else None)
-        out = accept(TARGET.log()[context], proposal, [sampling] * runs, [gen] * runs)
+        trees = [_tree(row, branches) for row in context.tolist()] if branches > 1 else None
+        nodes = torch.tensor([[row[0], *tree[0]] for row, tree in zip(context.tolist(), trees)]) if trees else context
+        out = accept(TARGET.log()[nodes], proposal, [sampling] * runs, [gen] * runs, trees)
         for s, values in zip(sequences, out.tolist()):
             s += values[: values[-1]]
     return torch.tensor([s[1 : length + 1] for s in sequences])
+
+
+def _tree(context: list[int], branches: int) -> tuple[list[int], list[int]]:
+    """A row's tree: its chain ``context[1:]`` and, beside each token, DRAFT's next likeliest after its parent."""
+    chain = context[1:]
+    likeliest = [DRAFT[prev].argsort(descending=True, stable=True).tolist() for prev in context[:-1]]
+    alternatives = [[t for t in top if t != token][: branches - 1] for token, top in zip(chain, likeliest)]
+    return grow_tree(chain, alternatives, branches, len(chain) * branches)
 
 
 def _sequence_probabilities(sampling: Sampling, length: int) -> torch.Tensor:
@@ -101,6 +113,36 @@ def test_speculative_sampling_gives_the_targets_distribution_of_sequences(sampli
     assert _chi_square_p(sequences, expected) > 1e-3
 
 
+@pytest.mark.parametrize("drafted", ["model", pytest.param("lookup", marks=SLOW)])
+@pytest.mark.parametrize("branches", [2, pytest.param(4, marks=SLOW)])
+@pytest.mark.parametrize("sampling", [SAMPLINGS[0], pytest.param(SAMPLINGS[1], marks=SLOW),
+                                      pytest.param(SAMPLINGS[2], marks=SLOW)], ids=["plain", "t0.7-top3", "t1.3-top0.8"])
+def test_speculative_sampling_down_a_tree_gives_the_targets_distribution(sampling, branches, drafted):
+    """Sampled rows whose chains grew into trees: each node's children tried in turn (the chain's token by
+    speculative sampling, the alternatives as point masses against what is left of the residual)."""
+    length, runs = 2, 2000
+    sequences = _simulate(sampling, drafted, runs, length, k=3, seed=4, branches=branches)
+    assert _chi_square_p(sequences, _sequence_probabilities(sampling, length)) > 1e-3
+
+
+def test_a_sampled_row_leaves_its_chain_by_an_alternative_and_never_draws_one_it_rejected():
+    """Root: p = TARGET[1]; the chain's token 1 drawn from a q that puts everything on it, so it is accepted
+    with p(1) = 0.2 and the residual is p without 1. The alternatives 3 then 2 are tried against it: 3 with
+    0.4 / 0.8, then 2 with 0.3 / 0.4 of what is left; a row that rejects both draws 0 and never 2 or 3."""
+    logits = TARGET.log()[[1, 1, 3, 2]][None]  # the root, the chain's token 1, the alternatives 3 and 2
+    q = torch.zeros(1, 1, V)
+    q[0, 0, 1] = 1.0
+    tree = ([1, 3, 2], [0, 0, 0])
+    gen = torch.Generator().manual_seed(0)
+    firsts = []
+    for _ in range(2000):
+        out = accept(logits, Proposal([[1]], q), [Sampling(do_sample=True)], [gen], [tree])[0].tolist()
+        assert out[-1] == 2 or out[0] == 0  # an accepted token gains one more; a draw after rejecting all is 0
+        firsts.append(out[0])
+    shares = torch.bincount(torch.tensor(firsts), minlength=V).double() / len(firsts)
+    assert torch.allclose(shares, TARGET[1].double(), atol=0.03), shares
+
+
 def test_the_chi_square_test_tells_the_draft_from_the_target():
     """The test above can fail: sequences drawn from the draft itself are rejected."""
     sampling, length = Sampling(do_sample=True), 2
@@ -111,10 +153,10 @@ def test_the_chi_square_test_tells_the_draft_from_the_target():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafted", ["model", "lookup"])
-def test_speculative_sampling_over_three_tokens_with_long_drafts(drafted):
+@pytest.mark.parametrize("drafted, branches", [("model", 1), ("lookup", 1), ("model", 3)])
+def test_speculative_sampling_over_three_tokens_with_long_drafts(drafted, branches):
     sampling = Sampling(do_sample=True, temperature=0.9, top_k=3, top_p=0.95)
-    sequences = _simulate(sampling, drafted, 6000, 3, k=5, seed=3)
+    sequences = _simulate(sampling, drafted, 6000, 3, k=5, seed=3, branches=branches)
     assert _chi_square_p(sequences, _sequence_probabilities(sampling, 3)) > 1e-3
 
 

@@ -120,8 +120,8 @@ def _rank_speculates(rank, world, port, path, ids, kwargs, out):
 
 @pytest.mark.parametrize("draft, branches", [("ngram", None), ("int4", None), ("int4", 4)])
 def test_speculative_decoding_under_tp_equals_plain_greedy(tiny, draft, branches):
-    """Every rank drafts, verifies and accepts the same tokens (sampled ones are rank 0's draws; greedy rows of
-    a tree keep the same branch on every rank); greedy tokens are plain greedy decoding's of one process. Links
+    """Every rank drafts, verifies and accepts the same tokens (sampled ones are rank 0's draws; a tree's rows
+    keep the same branch on every rank); greedy tokens are plain greedy decoding's of one process. Links
     that bind (streaming costs a hundred times HBM) make the plan keep the int4 draft."""
     ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1)).tolist()
     ids[1] = ids[1][:5] * 3  # a prompt that repeats itself: prompt lookup finds drafts

@@ -165,18 +165,19 @@ class GGUFSource:
 
     CACHED_PIECES = 8
 
-    def __init__(self, checkpoint: GGUFCheckpoint | str | Path, device=None):
+    def __init__(self, checkpoint: GGUFCheckpoint | str | Path, device=None, requantize: bool = False):
         """``device``: where tensors are converted (None: the CPU; the compute GPU is much faster, and its
-        cache of converted pieces then lives there while loading)."""
+        cache of converted pieces then lives there while loading). ``requantize``: every tensor is read dense
+        (the loader quantizes it again as its layout says: the int4 draft of a GGUF target)."""
         self.checkpoint = checkpoint if isinstance(checkpoint, GGUFCheckpoint) else GGUFCheckpoint(checkpoint)
-        self.device = device
+        self.device, self.requantize = device, requantize
         self._cached: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
     def stores_parts(self, name: str) -> bool:
         """Whether tensor ``name`` is stored in a type with a compressed form (its parts are read, never
         requantized)."""
         mapped = self.checkpoint.tensors.get(name)
-        return mapped is not None and parts_format(mapped.ggml_type) is not None
+        return not self.requantize and mapped is not None and parts_format(mapped.ggml_type) is not None
 
     def validate(self, specs) -> None:
         ck = self.checkpoint
@@ -187,7 +188,7 @@ class GGUFSource:
             if tuple(mapped.shape) != tuple(spec.full_shape):
                 raise CheckpointError(f"{ck.path.name}: tensor {mapped.name!r} ({name}) has shape "
                                       f"{list(mapped.shape)}, expected {list(spec.full_shape)}")
-            if spec.part:
+            if spec.part and not self.requantize:
                 self._check_format(spec, name, mapped)
         expected = {int(m.group(1)) for _, name in specs if (m := LAYER_TENSOR.match(name))}
         found = {int(m.group(1)) for name in ck.tensors if (m := LAYER_TENSOR.match(name))}

@@ -8,15 +8,16 @@ that adds no prompt through :meth:`Speculator.run`:
    tokens per second, from each row's measured acceptance, how often alternatives mended
    a break, and the plans' cost of a pass of ``k m + 1`` tokens a row plus ``k`` draft steps);
 2. the draft proposes up to ``k`` tokens per row (fewer where the row has fewer left to
-   make, or prompt lookup finds fewer); with ``m > 1`` a greedy row's drafts grow into a
-   tree with the draft's alternatives at each depth (:func:`~offload.speculative.grow_tree`);
+   make, or prompt lookup finds fewer); with ``m > 1`` a row's drafts grow into a tree
+   with the draft model's alternatives at each depth (:func:`~offload.speculative.grow_tree`);
 3. one pass over the target (``OffloadedModel.verify``) adds each row's last token and its
    drafts, every row padded to the same width, and returns the logits at each;
-4. :func:`offload.speculative.accept` picks each row's tokens on the device (greedy:
-   the target's argmax as far as the drafts agree with it; sampled: speculative
-   sampling), rank 0's choice is broadcast when a row samples, and the host reads them;
-   a tree's row walks its tree by the same argmax (:func:`~offload.speculative.walk_tree`)
-   and the branch it kept is moved into place in the cache (``OffloadedModel.keep_path``);
+4. :func:`offload.speculative.accept` picks each row's tokens (greedy: the target's
+   argmax as far as the drafts agree with it; sampled: speculative sampling, down a
+   tree where the row has one), rank 0's choice is broadcast when a row samples, and the
+   host reads them; a greedy tree's row walks its tree by the same argmax
+   (:func:`~offload.speculative.walk_tree`), and the branch a tree's row kept is moved
+   into place in the cache (``OffloadedModel.keep_path``);
 5. the draft rolls its caches back to what was accepted, and the acceptance is counted.
 
 A row gains between 1 and ``k + 1`` tokens from a pass; the engine advances its cached
@@ -32,7 +33,7 @@ import torch
 
 from ..sampling import GREEDY
 from ..speculative import (DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance, Mends, Proposal, accept,
-                           best_draft_shape, grow_tree, walk_tree)
+                           best_draft_shape, grow_tree, path_of, walk_tree)
 
 
 @dataclass
@@ -70,7 +71,8 @@ class Speculator:
         logits = self.model.verify(new_tokens, cached, width=k * m + 1,
                                    parents=[tree[1] for tree in trees] if branched else None)
         samplings = [row.request.sampling if row is not None else GREEDY for row in rows]
-        chosen = accept(logits, proposal, samplings, [row.generator if row is not None else None for row in rows])
+        chosen = accept(logits, proposal, samplings, [row.generator if row is not None else None for row in rows],
+                        trees)
         if not all(s.greedy for s in samplings):
             self.model.tp.broadcast_from_first(chosen)  # every rank continues with rank 0's draws
         chosen, gained, paths = chosen.tolist(), [], []
@@ -79,7 +81,7 @@ class Speculator:
                 got, path = walk_tree(values[:-1], tokens, parents)
             else:
                 got = values[: values[-1]] if row is not None else []
-                path = list(range(len(got)))
+                path = path_of(got, tokens, parents) if got else []
             gained.append(got)
             paths.append(path)
         if branched:
@@ -91,7 +93,7 @@ class Speculator:
         return PassOutcome(gained, sum(len(tree[0]) for tree in trees), sum(accepted))
 
     def _trees(self, rows: list, proposal: Proposal, branches: int, most: int) -> list[tuple[list[int], list[int]]]:
-        """Each row's drafts and their parents: a chain, or (a greedy row of a draft with alternatives, and
+        """Each row's drafts and their parents: a chain, or (a row of a draft with alternatives, and
         ``branches > 1``) a tree of at most ``most`` tokens that fits in the row's KV cache."""
         trees = []
         for b, (row, chain) in enumerate(zip(rows, proposal.tokens)):
@@ -104,8 +106,9 @@ class Speculator:
         return trees
 
     def _count(self, rows: list, proposal: Proposal, chosen: list[list[int]], on_chain: list[int]) -> None:
-        """Each row's acceptance of its chain, and where a greedy chain broke, whether the target's token was
-        among the draft's alternatives there (and which)."""
+        """Each row's acceptance of its chain, and where a chain broke, whether the token the row took there was
+        among the draft's alternatives (and which): a greedy row's is the target's argmax, a sampled row's is
+        drawn from the residual, which a tree's alternatives would have caught with the same chance."""
         for b, (row, drafted, n) in enumerate(zip(rows, proposal.tokens, on_chain)):
             if row is None or not drafted:
                 continue
@@ -118,12 +121,12 @@ class Speculator:
 
     def draft_shape(self, rows: list, room: list[int]) -> tuple[int, int]:
         """The depth and branches of the pass: ``draft_tokens`` and ``draft_branches`` where given, otherwise
-        what gains the rows the most tokens per second by the plans. Only greedy rows of a draft model grow
-        trees: a pass without one drafts chains."""
+        what gains the rows the most tokens per second by the plans. Only a draft model grows trees: prompt
+        lookup drafts chains."""
         live = [row for row in rows if row is not None]
         tokens = self.fixed or DEFAULT_MAX_DRAFT
         most_depth = min(tokens, max(room))
-        trees = [self.draft.names_alternatives and row.request.sampling.greedy for row in live]
+        trees = [self.draft.names_alternatives for _ in live]
         if not any(trees):
             mended = {1: 0.0}
         elif self.fixed_branches:

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Speculative decoding: what a verify pass costs, and what each draft gains.
 
-    python benchmarks/bench_speculative.py --model SmolLM2 --gpu-memory 200MiB --cpu-memory 4GiB \\
+    python benchmarks/bench_speculative.py --model SmolLM2 --gpu-memory stream --cpu-memory 4GiB \\
         --drafts none,ngram,int4,int4@4,path/to/draft,path/to/draft@4
     python benchmarks/bench_speculative.py --shape llama-2-13b --gpu-memory 8GiB --cpu-memory 64GiB
     python benchmarks/bench_speculative.py --quick      # the structured model on the CPU, in seconds (CI runs this)
 
 Two measurements, both on the model loaded under the given budget (layers that do not
-fit stream from pinned host memory, so on a GPU a pass is bound by its link):
+fit stream from pinned host memory, so on a GPU a pass is bound by its link; with
+``--gpu-memory stream``, each run's budget is the least under which every layer streams,
+plus what its draft keeps on the GPU):
 
 passes     a verify pass of W tokens per row (W = 1, 2, 4, ... 32: the row's last token
            and W - 1 drafts) at batch 1 and 8, against a one-token pass (W = 1, a decode
@@ -62,6 +64,7 @@ QUESTIONS = ["What is the capital of France? Answer in one sentence.", "Write a 
              "Repeat exactly: 'The quick brown fox jumps over the lazy dog, and the dog sleeps on.'",
              "Explain in two sentences why the sky is blue."]
 QUICK_DRAFT_TOKENS = 4
+STREAM = "stream"  # --gpu-memory: every layer streams
 
 
 class UsageError(Exception):
@@ -83,7 +86,8 @@ def parse_args(argv) -> argparse.Namespace:
                    "or checkpoint directories; DRAFT@M: a draft model's trees of M tokens a depth "
                    "(default none,ngram,int4,int4@4)")
     p.add_argument("--draft-tokens", type=int, help="a fixed draft length (default: chosen per pass)")
-    p.add_argument("--gpu-memory", help="budget of the compute GPU (default: its free memory)")
+    p.add_argument("--gpu-memory", help="budget of the compute GPU (default: its free memory; stream: every layer "
+                                        "streams, the draft's bytes besides)")
     p.add_argument("--cpu-memory", help="pinned host memory for streamed layers")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
@@ -173,14 +177,22 @@ def tree_of(draft: str) -> tuple[str, int]:
     return (name, int(branches)) if at and branches.isdigit() else (draft, 0)
 
 
+def streaming(source, options: dict) -> dict:
+    """``options`` with the least GPU budget under which every layer streams, beside the draft they name."""
+    options = dict(options, gpu_memory=None)
+    return dict(options, gpu_memory=offload.plan_model(source, **options).needs.gpu_budget_streaming(0))
+
+
 def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: dict, max_new: int,
               temperature: float = 0.0) -> dict:
     """Batch-1 generation of every prompt with ``draft`` (``DRAFT@M``: trees of ``M`` tokens a depth), greedy
     or sampled at ``temperature`` (seeded): tokens, decode tokens/s, tokens per pass."""
     sampling = dict(do_sample=True, temperature=temperature, seed=0) if temperature > 0 else {}
     name, branches = tree_of(draft)
-    model = offload.load_model(model_path, draft=None if draft == "none" else name, progress=False,
-                               draft_branches=branches or None, **options)
+    options = dict(options, draft=None if draft == "none" else name, draft_branches=branches or None)
+    if options["gpu_memory"] == STREAM:
+        options = streaming(model_path, options)
+    model = offload.load_model(model_path, progress=False, **options)
     used = draft == "none" or model.draft is not None
     model.generate([prompts[0]], max_new_tokens=4)  # warm-up
     tokens, seconds, decoded, passes, row_passes, drafted, accepted = [], 0.0, 0, 0, 0, 0, 0
@@ -223,15 +235,18 @@ def run(args) -> int:
     # verify passes: the plan reserves batch 8 x the widest pass
     pass_options = dict(max_batch=max(BATCHES), max_seq_len=CONTEXT + max(args.widths) + 1, draft="ngram",
                         draft_tokens=max(max(args.widths) - 1, 1))
-    if quick:  # half the layers stream (on a CPU every link is a memcpy)
+    if quick and args.gpu_memory is None:  # half the layers stream (on a CPU every link is a memcpy)
         needs = offload.plan_model(source, dtype=dtype, **pass_options).needs
         budget.update(gpu_memory=needs.gpu_budget_streaming(len(needs.blocks) // 2), cpu_memory="1GiB")
+    if args.gpu_memory == STREAM:
+        budget_of_passes = streaming(source, dict(budget, **pass_options))
+    else:
+        budget_of_passes = dict(budget, **pass_options)
     date = datetime.date.today().isoformat()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not quick else f"CPU ({platform.processor() or platform.machine()})"
     print(f"bench_speculative {date} on {device}, torch {torch.__version__}")
 
-    model = offload.load_model(source, random_weights=0 if args.shape else None, progress=False, **pass_options,
-                               **budget)
+    model = offload.load_model(source, random_weights=0 if args.shape else None, progress=False, **budget_of_passes)
     print(model.plan)
     passes = time_passes(model, args.widths, BATCHES, model.config.vocab_size)
     model.close()

@@ -24,6 +24,12 @@
 #   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16
 #   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host and the device cache
 #   spec13b        llama-2-13b at 8 GiB: what a verify pass of 1..32 tokens per row costs (speculation's budget)
+#   spec_smollm2   SmolLM2-135M-Instruct in bf16, every layer streamed: each draft against none, greedy and sampled
+#                  (the int4 draft: the model quantized in groups of 64, named as a draft model). Needs the gguf
+#                  wheel in .whl and the model's GGUF file: $SMOLLM2, or its halves in .assets/smollm2/part-*
+#                  (98 MB is more than one call carries: `split -n 2 FILE .assets/smollm2/part-`, carry part-aa
+#                  with a command that does nothing, then at once part-ab and .whl with this stage: ignored
+#                  paths stay on a warm machine between calls)
 #   tests_kernels  the kernel tests alone (GEMV, int8/int4 products, norms, gates) and the experts on CUDA
 #   serve13b       llama-2-13b at 8 GiB behind the HTTP server, 32 concurrent streaming clients
 #   throughput70b  llama-2-70b at 40 GiB, FlexGen's protocol: --batch-size auto, a sweep, accelerate
@@ -97,6 +103,14 @@ run_stage() {
       --runs host --batch 1 --skip-accelerate --json "$OUT/mixtral24.json" ;;
     spec13b) stage spec13b python3 benchmarks/bench_speculative.py --shape llama-2-13b --gpu-memory 8GiB \
       --widths 1,2,4,8,16,32 --json "$OUT/spec13b.json" ;;
+    spec_smollm2) stage spec_smollm2 bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
+        [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
+        python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
+        python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 --group-size 64 --out /tmp/smollm2-int4 \
+            --device cuda
+        for t in 0 0.8; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
+            --cpu-memory 4GiB --temperature $t --drafts none,ngram,int4,/tmp/smollm2-int4,/tmp/smollm2-int4@4 \
+            --json "$0/spec_smollm2_t$t.json"; done' "$OUT" ;;
     tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \
       tests/test_quant_kernels.py tests/test_kernels.py -m "gpu or not gpu"; python3 -m pytest -m gpu -s -q \
       -p no:cacheprovider tests/test_gpu.py tests/test_quant.py -k "experts or quant"' ;;

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -138,20 +139,10 @@ def smollm2(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as a float32 Hugging Face checkpoint, converted from the GGUF file by transformers
     (with the ``gguf`` package): a real instruct model with its tokenizer and chat template."""
     pytest.importorskip("gguf")
-    out = tmp_path_factory.mktemp("smollm2")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                           dtype=torch.float32)
-    # transformers will not save_pretrained a model it read from GGUF: write its weights and config by hand
-    from safetensors.torch import save_file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gguf_to_hf import gguf_to_hf
 
-    save_file({name: t.contiguous() for name, t in hf.state_dict().items() if name != "lm_head.weight"},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = hf.config.to_dict()
-    config.pop("quantization_config", None)  # the weights written are dequantized: plain float32
-    (out / "config.json").write_text(json.dumps(config))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    tokenizer.save_pretrained(out)
-    return out
+    return gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2"))
 
 
 @pytest.fixture(scope="session")

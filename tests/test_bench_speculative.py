@@ -49,6 +49,16 @@ def test_quick_samples_with_a_temperature(structured, tmp_path):
     assert none["identical"] is None and tree["used"] and tree["tokens_per_pass"] > 1
 
 
+@pytest.mark.slow
+def test_every_layer_streams_in_every_run_with_gpu_memory_stream(structured, structured_draft, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_bench("--quick", "--gpu-memory", "stream", "--cpu-memory", "1GiB", "--drafts",
+                     f"none,ngram,{structured_draft}", "--widths", "1,2", "--json", str(out), cache=structured.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = json.loads(out.read_text())["drafts"]
+    assert [set(d["layers"]) for d in runs] == [{"H"}] * 3 and runs[2]["used"]
+
+
 def bench_module():
     spec = importlib.util.spec_from_file_location("bench_speculative", ROOT / "benchmarks" / "bench_speculative.py")
     module = importlib.util.module_from_spec(spec)

@@ -20,6 +20,7 @@ from .drafts import INT4, draft_kind, draft_label, make_draft
 from .errors import CheckpointError, InputError, OffloadWarning
 from .loading import Setup, load_weights, prepare, weight_source
 from .memory.planner import Plan
+from .memory.pool import WeightPool
 from .offloaded_model import OffloadedModel
 from .options import LoadOptions
 
@@ -62,16 +63,17 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
     _warn(setup)
     pool = load_weights(setup, weight_source(model, random_weights, setup.device), progress and setup.tp.rank == 0)
     try:
-        draft = _load_draft(setup, model, random_weights, progress)
+        draft = _load_draft(setup, model, random_weights, progress, pool)
     except BaseException:
         pool.close()
         raise
     return OffloadedModel(setup, pool, draft)
 
 
-def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool):
+def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool, pool: WeightPool):
     """The draft the plan kept (``offload.drafts``): prompt lookup, or a draft model read now: the target's own
-    checkpoint (or random weights) quantized to int4, or the draft checkpoint."""
+    checkpoint (or random weights) quantized to int4, which shares the target's final norm and LM head (in
+    ``pool``), or the draft checkpoint."""
     kind = draft_kind(setup.options.draft)
     if setup.draft is None:
         return make_draft(kind)
@@ -79,7 +81,7 @@ def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool)
     try:
         draft_pool = load_weights(setup.draft, weight_source(source, random_weights if kind == INT4 else None,
                                                              setup.device, requantize=kind == INT4),
-                                  progress and setup.tp.rank == 0)
+                                  progress and setup.tp.rank == 0, shared_globals=pool if kind == INT4 else None)
     except CheckpointError as e:
         raise CheckpointError(f"draft {setup.options.draft}: {e}") from None
     return make_draft(kind, OffloadedModel(setup.draft, draft_pool), draft_label(setup.options.draft))

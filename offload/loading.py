@@ -147,7 +147,9 @@ def _weigh_draft(options: LoadOptions, config: ModelConfig, needs: MemoryNeeds, 
         raise ConfigError(f"the draft {options.draft} has a vocabulary of {draft.config.vocab_size} tokens, the "
                           f"target {config.vocab_size}; a draft must share the target's vocabulary")
     label, int4 = draft_label(options.draft), draft_kind(options.draft) == INT4
-    draft_bytes = draft.plan.gpu_bytes - draft.plan.needs.workspace_bytes
+    # the workspace is shared, and the int4 draft reads its target's final norm and LM head
+    draft_bytes = draft.plan.gpu_bytes - draft.plan.needs.workspace_bytes - (draft.plan.needs.global_bytes if int4
+                                                                            else 0)
     beside = place(replace(needs, draft_bytes=draft_bytes))
     if _failed(beside):
         if not int4:
@@ -383,14 +385,21 @@ def weight_source(model, random_weights: int | None, device: torch.device, requa
     return CheckpointSource(model)
 
 
-def load_weights(setup: Setup, source, progress: bool) -> WeightPool:
-    """Allocate every tier once and read each tensor straight into its place (one tensor's piece at a time)."""
+def load_weights(setup: Setup, source, progress: bool, shared_globals: WeightPool | None = None) -> WeightPool:
+    """Allocate every tier once and read each tensor straight into its place (one tensor's piece at a time).
+    ``shared_globals``: a pool whose final norm and LM head (with a tied embedding) are this model's too (the
+    int4 draft's are its target's, to the bit): they are neither allocated nor read again."""
     layouts = [setup.globals_layout] + ([setup.embedding_layout] if setup.embedding_layout else [])
     source.validate([x for layout in layouts for x in layout.sources()]
                     + [x for block in setup.blocks for x in block.sources()])
     embedding_bytes = setup.embedding_layout.nbytes if setup.embedding_layout else 0
-    pool = WeightPool(setup.plan, setup.globals_layout.nbytes, embedding_bytes, setup.device)
-    jobs = [(pool.globals, setup.globals_layout, setup.globals_layout.sources())]
+    global_bytes = 0 if shared_globals is not None else setup.globals_layout.nbytes
+    pool = WeightPool(setup.plan, global_bytes, embedding_bytes, setup.device)
+    jobs = []
+    if shared_globals is None:
+        jobs.append((pool.globals, setup.globals_layout, setup.globals_layout.sources()))
+    else:
+        pool.globals = shared_globals.globals
     jobs += [(buffer, spec.layout, spec.sources()) for buffer, spec in zip(pool.blocks, setup.blocks)]
     if setup.embedding_layout is not None:
         jobs.append((pool.embedding, setup.embedding_layout, setup.embedding_layout.sources()))

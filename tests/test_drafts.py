@@ -113,6 +113,23 @@ def test_the_int4_draft_is_kept_where_it_pays_and_declined_where_it_costs_reside
         m.close()
 
 
+def test_the_int4_draft_reads_its_targets_final_norm_and_lm_head(tiny):
+    """The int4 copy's non-layer tensors are its target's to the bit: one buffer, counted once, read once. A
+    draft checkpoint's are its own. (``tiny``'s embedding is untied: each model keeps a table of its own.)"""
+    kw = dict(KW, link_bandwidth={"host": 1e9, "hbm": 1e11, "matmul": 1e15}, progress=False)
+    with offload.load_model(tiny, **kw, draft="int4") as model, offload.load_model(tiny, **kw, draft=str(tiny)) as other:
+        draft = model.draft.model
+        assert draft.pool.globals.data_ptr() == model.pool.globals.data_ptr()
+        assert draft.pool.embedding.data_ptr() != model.pool.embedding.data_ptr()
+        assert other.draft.model.pool.globals.data_ptr() != other.pool.globals.data_ptr()
+        own = draft.plan.gpu_bytes - draft.plan.needs.workspace_bytes
+        assert model.plan.needs.draft_bytes == own - draft.plan.needs.global_bytes > 0
+        ids = [[5, 9, 3, 7]]
+        assert torch.equal(draft.decoder.weights.lm_head, model.decoder.weights.lm_head)
+        assert model.generate(ids, max_new_tokens=12, ignore_eos=True) == other.generate(ids, max_new_tokens=12,
+                                                                                           ignore_eos=True)
+
+
 def test_a_draft_must_share_the_vocabulary(structured, tiny):
     with pytest.raises(offload.ConfigError, match="vocabulary of 1024 tokens, the target 64"):
         offload.plan_model(structured, **KW, draft=str(tiny))

@@ -83,13 +83,19 @@ class Proposal:
 
 def grow_tree(chain: list[int], alternatives: list[list[int]], branches: int, most: int) -> tuple[list[int], list[int]]:
     """A row's drafts as a tree: the chain, then up to ``branches - 1`` alternatives at each depth (shallow
-    first), ``most`` tokens in all. Returns the tokens and each one's parent (0: the row's last token, ``j``:
-    the ``j``-th token of the list), as ``OffloadedModel.verify`` takes them."""
+    first; none equal to a sibling), ``most`` tokens in all. Returns the tokens and each one's parent (0: the
+    row's last token, ``j``: the ``j``-th token of the list), as ``OffloadedModel.verify`` takes them."""
     tokens, parents = list(chain[:most]), list(range(min(len(chain), most)))
     for depth, others in enumerate(alternatives[: len(tokens)]):
-        for token in others[: branches - 1]:
+        siblings = {tokens[depth]}
+        for token in others:
+            if len(siblings) == branches:
+                break
+            if token in siblings:
+                continue
             if len(tokens) == most:
                 return tokens, parents
+            siblings.add(token)
             tokens.append(token)
             parents.append(depth)
     return tokens, parents
@@ -180,9 +186,10 @@ def _sample_tree(logits: torch.Tensor, drafts: list[int], parents: list[int], ch
     drawn from ``q [>= chain, vocab]`` (None: point masses), the rest point masses; ``logits [W, vocab]`` at the
     root and each draft. Returns ``[W + 1]``: the tokens, then their count.
 
-    The walk reads a few numbers per draft on the host (one transfer) and draws its last token on the device:
-    at each node the base distribution is ``p`` until the chain's child is rejected, then the normalised
-    ``max(0, p - q)``; each rejected point mass is taken out of it (``lost``)."""
+    The host walks the tree from a few numbers per draft (read in one transfer); the last token is drawn on
+    the device. At each node the base distribution is ``p`` until the chain's child is rejected, then the
+    normalised ``max(0, p - q)``; each rejected point mass is taken out of it (``lost``). Exact only where a
+    node's children are distinct tokens (:func:`grow_tree` sees to it)."""
     width, n = logits.shape[0], len(drafts)
     device = logits.device
     p = probabilities(logits[: n + 1], [sampling] * (n + 1))  # [n + 1, V]: at the root and each draft
@@ -218,10 +225,10 @@ def _sample_tree(logits: torch.Tensor, drafts: list[int], parents: list[int], ch
     residual = (leftover if left else p)[node].clone()
     residual[rejected] = 0.0
     total = residual.sum()
-    residual = residual / total if total > 0 else p[node]  # rounding left nothing: the node's p
-    last = int(draw(residual[None], [generator])[0])
-    tokens = taken + [last]
-    return torch.tensor(tokens + [last] * (width - len(tokens)) + [len(tokens)], device=device)
+    residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p[node])  # rounding left nothing: p
+    out = torch.tensor(taken + [0] * (width - len(taken)) + [len(taken) + 1], device=device)
+    out[len(taken) : width] = draw(residual[None], [generator])  # the last token, then its copies
+    return out
 
 
 # ---------------------------------------------------------------------- how many to draft
@@ -243,26 +250,26 @@ def best_draft_length(acceptances: list[float], pass_seconds: Callable[[int], fl
     return best_draft_shape(acceptances, {1: 0.0}, pass_seconds, draft_step_seconds, most, most)[0]
 
 
-def best_draft_shape(acceptances: list[float], mended: dict[int, float], pass_seconds: Callable[[int], float],
-                     draft_step_seconds: float, most_depth: int, most_tokens: int, fill: bool = False,
-                     trees: list[bool] | None = None) -> tuple[int, int]:
+def best_draft_shape(acceptances: list[float], mended: dict[int, float] | list[dict[int, float]],
+                     pass_seconds: Callable[[int], float], draft_step_seconds: float, most_depth: int,
+                     most_tokens: int, fill: bool = False) -> tuple[int, int]:
     """The depth ``k <= most_depth`` and branches ``m`` (a key of ``mended``: the chance that ``m - 1``
-    alternatives mend a break) with ``k m <= most_tokens`` that gain the rows the most tokens per second: a
-    pass ``k m + 1`` tokens wide costs ``pass_seconds(k m + 1)`` plus ``k`` draft steps. With ``fill``, each
-    ``m`` drafts as deep as it may (``draft_tokens`` fixes the tokens, not the shape). ``trees[b]``: whether
-    row ``b`` grows a tree (default: every row); the others draft chains and nothing mends them."""
-    trees = [True] * len(acceptances) if trees is None else trees
+    alternatives mend a break; one dict for every row, or each row's, all with the same keys) with
+    ``k m <= most_tokens`` that gain the rows the most tokens per second: a pass ``k m + 1`` tokens wide costs
+    ``pass_seconds(k m + 1)`` plus ``k`` draft steps. With ``fill``, each ``m`` drafts as deep as it may
+    (``draft_tokens`` fixes the tokens, not the shape)."""
+    rows = [mended] * len(acceptances) if isinstance(mended, dict) else mended
 
     def rate(shape: tuple[int, int]) -> float:
         k, m = shape
-        gained = sum(expected_tokens(a, k, mended[m] if tree else 0.0) for a, tree in zip(acceptances, trees))
+        gained = sum(expected_tokens(a, k, mends[m]) for a, mends in zip(acceptances, rows))
         return gained / (pass_seconds(k * m + 1) + k * draft_step_seconds)
 
     def depths(m: int) -> range:
         deepest = min(most_depth, most_tokens // m)
         return range(deepest, deepest + 1) if fill else range(deepest + 1)
 
-    return max(((k, m) for m in sorted(mended) for k in depths(m)), key=rate)  # the narrowest, shallowest of equals
+    return max(((k, m) for m in sorted(rows[0]) for k in depths(m)), key=rate)  # the narrowest, shallowest of equals
 
 
 @dataclass

@@ -158,7 +158,7 @@ def test_a_tree_mends_a_weak_drafts_chains(structured, weak_draft, plain):
         engine = RowEngine(model)
         rows = engine.run([Request(tuple(p), n, GREEDY, key=i) for i, (p, n) in enumerate(zip(batch, limits))])
         assert [row.tokens for row in sorted(rows, key=lambda r: r.request.key)] == want.tokens
-        passes[branches], mended[branches] = engine.stats.decode_steps, sum(engine.speculator.mends.at_rank)
+        passes[branches], mended[branches] = engine.stats.decode_steps, sum(engine.speculator.mends[True].at_rank)
         model.close()
     assert mended[1] > 0 and mended[4] > 0  # the alternatives are ranked either way
     assert passes[4] < passes[1], passes

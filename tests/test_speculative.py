@@ -202,6 +202,8 @@ def test_a_tree_is_the_chain_then_alternatives_shallow_first():
     assert grow_tree(chain, alternatives, 3, 16) == ([5, 6, 7, 8, 9, 11, 12, 13], [0, 1, 2, 0, 0, 1, 2, 2])
     assert grow_tree(chain, alternatives, 4, 5) == ([5, 6, 7, 8, 9], [0, 1, 2, 0, 0])  # room for two more
     assert grow_tree(chain, alternatives, 4, 2) == ([5, 6], [0, 1])
+    # siblings are distinct tokens (sampling down a tree is exact only then): repeats are skipped, not counted
+    assert grow_tree([5, 6], [[5, 8, 8, 9], [6]], 3, 16) == ([5, 6, 8, 9], [0, 1, 0, 0])
 
 
 def test_the_walk_follows_the_targets_argmax_down_the_tree():
@@ -224,7 +226,8 @@ def test_a_tree_pays_where_the_chain_breaks_early():
     assert best_draft_shape([0.3], weak, flat, 0.0, 16, 16, fill=True) == (4, 4)
     assert best_draft_shape([0.3], {2: 0.4}, flat, 0.0, 16, 16) == (8, 2)  # branches fixed
     assert best_draft_shape([0.3], weak, flat, 0.0, 3, 16) == (3, 4)  # three tokens left to make
-    assert best_draft_shape([0.3], weak, flat, 0.0, 16, 16, trees=[False]) == (16, 1)  # a sampled row: chains
+    assert best_draft_shape([0.3], [{m: 0.0 for m in weak}], flat, 0.0, 16, 16) == (16, 1)  # nothing mends: a chain
+    assert best_draft_shape([0.3, 0.3], [weak, {m: 0.0 for m in weak}], flat, 0.0, 16, 16) == (4, 4)  # one row's
 
 
 def test_mends_count_where_the_targets_token_ranked_among_the_alternatives():

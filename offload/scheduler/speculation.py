@@ -53,7 +53,7 @@ class Speculator:
         self.fixed, self.fixed_branches = model.options.draft_tokens, model.options.draft_branches
         self.rows: dict = {}  # row -> its Acceptance
         self.overall = Acceptance()
-        self.mends = Mends()
+        self.mends = {True: Mends(), False: Mends()}  # greedy rows' and sampled rows', which mend less often
 
     @torch.inference_mode()
     def run(self, rows: list) -> PassOutcome:
@@ -117,7 +117,7 @@ class Speculator:
             if n < len(drafted) and proposal.alternatives and proposal.alternatives[b]:
                 wanted = chosen[b][n]  # the target's argmax where the chain broke
                 others = proposal.alternatives[b][n]
-                self.mends.add(others.index(wanted) + 1 if wanted in others else None)
+                self.mends[row.request.sampling.greedy].add(others.index(wanted) + 1 if wanted in others else None)
 
     def draft_shape(self, rows: list, room: list[int]) -> tuple[int, int]:
         """The depth and branches of the pass: ``draft_tokens`` and ``draft_branches`` where given, otherwise
@@ -126,17 +126,13 @@ class Speculator:
         live = [row for row in rows if row is not None]
         tokens = self.fixed or DEFAULT_MAX_DRAFT
         most_depth = min(tokens, max(room))
-        trees = [self.draft.names_alternatives for _ in live]
-        if not any(trees):
-            mended = {1: 0.0}
-        elif self.fixed_branches:
-            m = min(self.fixed_branches, tokens)
-            mended = {m: self.mends.rates(m)[m]}
-        else:
-            mended = self.mends.rates(min(MAX_BRANCHES, tokens))
-        if self.fixed and len(mended) == 1:
-            m = next(iter(mended))
-            return min(most_depth, tokens // m), m
+        branches = [min(self.fixed_branches, tokens)] if self.fixed_branches else range(1, min(MAX_BRANCHES, tokens) + 1)
+        if not self.draft.names_alternatives:
+            branches = [1]
+        rates = {greedy: mends.rates(max(branches)) for greedy, mends in self.mends.items()}
+        mended = [{m: rates[row.request.sampling.greedy][m] for m in branches} for row in live]
+        if self.fixed and len(branches) == 1:
+            return min(most_depth, tokens // branches[0]), branches[0]
         prior = self.overall.rate()
         acceptances = [self.rows[row].rate(prior, PRIOR_WEIGHT) for row in live]
         keys = sum(row.cached for row in live)
@@ -146,5 +142,4 @@ class Speculator:
 
         plans = getattr(self.draft, "plans", None)  # a draft model's; prompt lookup costs nothing
         step = max(plan.pass_seconds(len(rows), keys) for plan in plans) if plans else 0.0
-        return best_draft_shape(acceptances, mended, verify_seconds, step, most_depth, tokens, fill=bool(self.fixed),
-                                trees=trees)
+        return best_draft_shape(acceptances, mended, verify_seconds, step, most_depth, tokens, fill=bool(self.fixed))

@@ -38,6 +38,11 @@
 #   peer13b        llama-2-13b at 8 GiB: layers on cuda:1, graphs and eager
 #   tp13b_peers    llama-2-13b at 8 GiB per GPU, TP=2 on GPUs 0 and 1 with GPUs 2 and 3 as peers, graphs and eager
 #
+# What is owed, in order of value, for a session of about 30 minutes on one GPU (each call under 10 minutes):
+#   1. tests_kernels:150 quantk:60 quant7b:110 int4_70b:200   the fused int4 products (#20's goals)
+#   2. moe30b:200 mixtral24:250 spec13b:100                    mixtures of experts (#21), verify passes (#22)
+#   3. spec_smollm2:400                                          speculative decoding on a real model (#22)
+#   then offload13b (13b int4 at 4 GiB) and a GGUF 13b Q4_K_M-style file at 4 GiB (#23).
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail

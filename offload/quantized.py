@@ -25,11 +25,12 @@ from tqdm import tqdm
 from .distributed import TensorParallel
 from .models.blocks import checkpoint_sources
 from .models.checkpoint import CheckpointSource
-from .models.config import load_config
+from .models.config import config_from_dict, load_config
 from .models.parallel import REPLICATED
 from .models.quant import DEQUANTIZE, WeightFormat, quantize
 from .models.registry import family_of
 from .errors import InputError
+from .synthetic import RandomSource
 
 COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "generation_config.json", "tokenizer.model")
@@ -38,39 +39,43 @@ RECORD = "offload_quantization"
 
 def write_quantized(model, out, quantize_as: str, group_size: int | None = None, rounding: str = "search",
                     dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                    shard_bytes: int = 2 * 2**30, progress: bool = True) -> Path:
-    """Quantize checkpoint ``model`` into ``out``; returns ``out``."""
-    model, out = Path(model), Path(out)
-    config, tp = load_config(model), TensorParallel()
-    if (json.loads((model / "config.json").read_text())).get(RECORD):
+                    shard_bytes: int = 2 * 2**30, progress: bool = True, random_weights: int | None = None) -> Path:
+    """Quantize checkpoint ``model`` into ``out``; returns ``out``. With ``random_weights=SEED``, ``model`` is a
+    config (a dict of Hugging Face fields) and its weights are seeded random numbers made on ``device``, as
+    ``load_model(config, random_weights=SEED)`` makes them: a large model's quantized checkpoint without its
+    16-bit one on disk first."""
+    random = random_weights is not None
+    config = config_from_dict(model) if random else load_config(Path(model))  # (names a missing checkpoint)
+    raw = dict(model) if random else json.loads((Path(model) / "config.json").read_text())
+    tp, out = TensorParallel(), Path(out)
+    if raw.get(RECORD):
         raise InputError(f"{model} is quantized already")
     fmt = WeightFormat(quantize_as, group_size, DEQUANTIZE, rounding=rounding)
     blocks = family_of(config.architecture).blocks(config, tp, dtype, fmt)
     quantized = {name: spec.quant for block in blocks for spec, name in block.sources() if spec.quant is not None}
-    source = CheckpointSource(model)
-    names = [name for _, name in checkpoint_sources(config, tp, dtype)]
+    source = RandomSource(random_weights, device=device) if random else CheckpointSource(Path(model))
+    sources = checkpoint_sources(config, tp, dtype)
     out.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out, shard_bytes)
     try:
-        for name in tqdm(names, desc="quantizing", unit="tensor", disable=not progress):
-            spec = _dense_spec(source, name, dtype)
-            tensor = torch.empty(spec.full_shape, dtype=dtype)
+        for layout_spec, name in tqdm(sources, desc="quantizing", unit="tensor", disable=not progress):
+            spec = _dense_spec(name, layout_spec.full_shape if random else source.shape(name), dtype)
+            tensor = torch.empty(spec.full_shape, dtype=dtype, device=device if random else "cpu")
             source.read(spec, name, tensor)
             if name in quantized:
                 for part, values in quantize(tensor.to(device), quantized[name], dtype).items():
                     writer.add(f"{name}.{part}", values.cpu())
             else:
-                writer.add(name, tensor)
+                writer.add(name, tensor.cpu())
         writer.close()
     finally:
         source.close()
-    raw = json.loads((model / "config.json").read_text())
     raw[RECORD] = {"format": quantize_as, "group_size": group_size, "rounding": rounding,
                    "dtype": str(dtype).removeprefix("torch.")}
     (out / "config.json").write_text(json.dumps({**raw, "torch_dtype": raw[RECORD]["dtype"]}, indent=2))
-    for name in COMPANIONS:
-        if (model / name).is_file():
-            shutil.copy(model / name, out / name)
+    for name in () if random else COMPANIONS:
+        if (Path(model) / name).is_file():
+            shutil.copy(Path(model) / name, out / name)
     return out
 
 
@@ -85,11 +90,10 @@ def stored_quantization(path) -> dict | None:
         return None
 
 
-def _dense_spec(source: CheckpointSource, name: str, dtype: torch.dtype):
-    """A spec that reads the whole tensor ``name`` in ``dtype``."""
+def _dense_spec(name: str, shape: tuple[int, ...], dtype: torch.dtype):
+    """A spec that reads the whole tensor ``name`` (of ``shape``) in ``dtype``."""
     from .models.blocks import TensorSpec
 
-    shape = source.shape(name)
     return TensorSpec(name, shape, shape, name, REPLICATED, dtype, 0)
 
 

@@ -571,6 +571,21 @@ def test_a_saved_quantized_checkpoint_loads_as_quantizing_while_loading_does(tin
         offload.plan_model(out, quantize="int8")
 
 
+def test_a_quantized_checkpoint_of_random_weights_is_what_loading_them_quantized_gives(tmp_path):
+    """A large model's saved int4 checkpoint is written without its 16-bit one: seeded random weights, made
+    and quantized a tensor at a time, load bitwise as ``load_model(config, random_weights=seed, quantize=...)``."""
+    from offload.models.shapes import shape_config
+    from offload.quantized import write_quantized
+
+    config = shape_config("tiny")
+    out = write_quantized(config, tmp_path / "q", "int4", 32, dtype=torch.float32, progress=False, random_weights=3)
+    ids = torch.randint(3, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
+    kw = dict(dtype=torch.float32, progress=False, max_seq_len=MAX_SEQ)
+    with offload.load_model(config, random_weights=3, quantize="int4", group_size=32, **kw) as quantizing, \
+            offload.load_model(out, **kw) as saved:
+        assert torch.equal(saved(ids), quantizing(ids))
+
+
 def test_the_quantize_script_writes_a_checkpoint_that_streams(tiny, tmp_path, capsys):
     import importlib.util
 

@@ -24,6 +24,10 @@
 #   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16
 #   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host and the device cache
 #   spec13b        llama-2-13b at 8 GiB: what a verify pass of 1..32 tokens per row costs (speculation's budget)
+#   load70b        llama-2-70b saved in int4 (random weights, written first): its load against reading its files,
+#                  then its decode at 24 GiB from the saved checkpoint
+#   gguf13b        a llama-2-13b Q4_K_M-like GGUF file (random blocks, written first): its load against reading
+#                  it, then its decode at 4 GiB with the compressed kernels
 #   spec_smollm2   SmolLM2-135M-Instruct in bf16, every layer streamed: each draft against none, greedy and sampled
 #                  (the int4 draft: the model quantized in groups of 64, named as a draft model). Needs the gguf
 #                  wheel in .whl and the model's GGUF file: $SMOLLM2, or its halves in .assets/smollm2/part-*
@@ -42,7 +46,8 @@
 #   1. tests_kernels:150 quantk:60 quant7b:110 int4_70b:200   the fused int4 products (#20's goals)
 #   2. moe30b:200 mixtral24:250 spec13b:100                    mixtures of experts (#21), verify passes (#22)
 #   3. spec_smollm2:400                                          speculative decoding on a real model (#22)
-#   then offload13b (13b int4 at 4 GiB) and a GGUF 13b Q4_K_M-style file at 4 GiB (#23).
+#   4. gguf13b:250 load70b:330                                   GGUF at 4 GiB (#23), saved int4 loads (#20)
+#   then offload13b (13b int4 at 4 GiB: #20).
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail
@@ -116,6 +121,16 @@ run_stage() {
         for t in 0 0.8; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --temperature $t --drafts none,ngram,int4,/tmp/smollm2-int4,/tmp/smollm2-int4@4 \
             --json "$0/spec_smollm2_t$t.json"; done' "$OUT" ;;
+    load70b) stage load70b bash -c 'set -e; trap "rm -rf /tmp/70b-int4" EXIT
+        python3 benchmarks/bench_load.py --write int4 --shape llama-2-70b --out /tmp/70b-int4 --gpu-memory 24GiB \
+            --cpu-memory 100GiB --json "$0/load70b.json"
+        python3 benchmarks/bench_offload.py --model /tmp/70b-int4 --gpu-memory 24GiB --runs host --skip-accelerate \
+            --batch 1,16 --json "$0/int4_70b_saved.json"' "$OUT" ;;
+    gguf13b) stage gguf13b bash -c 'set -e; trap "rm -f /tmp/13b.gguf" EXIT
+        python3 benchmarks/bench_load.py --write gguf --shape llama-2-13b --out /tmp/13b.gguf --gpu-memory 4GiB \
+            --cpu-memory 32GiB --json "$0/load_gguf13b.json"
+        python3 benchmarks/bench_offload.py --model /tmp/13b.gguf --gpu-memory 4GiB --runs host --skip-accelerate \
+            --batch 1,16 --json "$0/gguf13b.json"' "$OUT" ;;
     tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \
       tests/test_quant_kernels.py tests/test_kernels.py -m "gpu or not gpu"; python3 -m pytest -m gpu -s -q \
       -p no:cacheprovider tests/test_gpu.py tests/test_quant.py -k "experts or quant"' ;;

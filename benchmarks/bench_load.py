@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""How fast a checkpoint loads, against reading its files.
+
+    python benchmarks/bench_load.py --model PATH --gpu-memory 24GiB --cpu-memory 100GiB
+    python benchmarks/bench_load.py --write int4 --shape llama-2-70b --out /tmp/70b-int4 --gpu-memory 24GiB \\
+        --cpu-memory 100GiB          # a saved int4 checkpoint of random weights, written first
+    python benchmarks/bench_load.py --write gguf --shape llama-2-13b --out /tmp/13b.gguf --gpu-memory 4GiB \\
+        --cpu-memory 16GiB           # a Q4_K_M-like GGUF file of random blocks, written first
+    python benchmarks/bench_load.py --quick      # the tiny shape saved in int4, on the CPU (CI runs this)
+
+Two timings of the same bytes:
+
+read   every file of the checkpoint read once, front to back, into one buffer (the speed
+       of the disk, or of the page cache);
+load   ``offload.load_model`` under the budget: the plan (links measured beforehand),
+       every tier allocated (pinned host memory included), each tensor read into its
+       place and, where the file's format is not the model's, converted.
+
+Both are reported as GB/s of the files' bytes, and load / read is the figure to read
+(1.0: loading costs what reading the files costs). Before each timing the files' pages
+are dropped from the page cache (``posix_fadvise(DONTNEED)``), so both read the disk;
+``--warm`` reads them once first instead, so both read the page cache.
+
+Bad input prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+import offload  # noqa: E402
+from offload.cli import Parser  # noqa: E402
+from offload.models.shapes import SHAPES, shape_config  # noqa: E402
+
+READ_CHUNK = 64 * 2**20
+WRITES = ("int4", "int8", "gguf")
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = Parser(prog="bench_load", description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="a checkpoint directory or GGUF file to load")
+    p.add_argument("--write", choices=WRITES, help="first write --out from random weights of --shape: a saved "
+                                                   "int4/int8 checkpoint, or a Q4_K_M-like GGUF file")
+    p.add_argument("--shape", help=f"the shape to write ({', '.join(SHAPES)})")
+    p.add_argument("--out", help="where --write writes (then loaded)")
+    p.add_argument("--group-size", type=int, help="int4 groups of --write int4 (default: the format's)")
+    p.add_argument("--gpu-memory", help="budget of the compute GPU (default: its free memory)")
+    p.add_argument("--cpu-memory", help="pinned host memory for streamed layers")
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--warm", action="store_true", help="read the page cache, not the disk")
+    p.add_argument("--json", help="write the figures to this file")
+    p.add_argument("--quick", action="store_true", help="the tiny shape saved in int4, on the CPU")
+    args = p.parse_args(argv)
+    if args.quick:
+        return args
+    if bool(args.model) == bool(args.write):
+        p.error("give --model PATH, or --write FORMAT --shape NAME --out PATH")
+    if args.write and not (args.shape and args.out):
+        p.error("--write needs --shape and --out")
+    if args.shape and args.shape not in SHAPES:
+        p.error(f"unknown shape {args.shape!r}; choose from {', '.join(SHAPES)}")
+    return args
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files whose bytes a load reads: a directory's safetensors, or a GGUF file and its split parts."""
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+    elif "-of-" in path.name:  # name-00001-of-00003.gguf
+        files = sorted(path.parent.glob(path.name.rsplit("-", 3)[0] + "-*-of-*.gguf"))
+    else:
+        files = [path] if path.is_file() else []
+    if not files:
+        raise offload.InputError(f"{path}: no checkpoint files (safetensors or GGUF) found")
+    return files
+
+
+def drop_cached(files: list[Path]) -> bool:
+    """Drop the files' pages from the page cache; False where the system cannot."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def read_seconds(files: list[Path]) -> float:
+    """Seconds to read every file front to back into one reused buffer."""
+    buffer = bytearray(READ_CHUNK)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    for file in files:
+        with open(file, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+    return time.perf_counter() - start
+
+
+def write(args) -> Path:
+    """Write ``args.out`` from random weights of ``args.shape``, as ``args.write`` says."""
+    out, config = Path(args.out), shape_config(args.shape)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.write == "gguf":
+        from offload.gguf import write_q4_k_m_like
+
+        return write_q4_k_m_like(out, config, seed=0, progress=True)[0]
+    from offload.quantized import write_quantized
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return write_quantized(config, out, args.write, args.group_size, rounding="minmax", dtype=dtype,
+                           device=device, random_weights=0)
+
+
+def measure(path: Path, options: dict, warm: bool) -> dict:
+    files = checkpoint_files(path)
+    nbytes = sum(f.stat().st_size for f in files)
+    offload.plan_model(path, **options)  # measures (and records) the links: not part of the load timed below
+    if torch.cuda.is_available():
+        torch.cuda.init()
+        torch.empty(1, device="cuda")  # the CUDA context too
+    cold = not warm and drop_cached(files)
+    if not cold:
+        read_seconds(files)  # into the page cache
+    read = read_seconds(files)
+    if cold:
+        drop_cached(files)
+    start = time.perf_counter()
+    model = offload.load_model(path, progress=False, **options)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    load = time.perf_counter() - start
+    plan = str(model.plan)
+    model.close()
+    return dict(files=len(files), bytes=nbytes, read_s=read, load_s=load, read_gb_s=nbytes / read / 1e9,
+                load_gb_s=nbytes / load / 1e9, load_over_read=read / load, cold=cold, plan=plan)
+
+
+def run(args) -> int:
+    warnings.simplefilter("ignore", offload.OffloadWarning)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.quick:
+            args.write, args.shape, args.out, args.group_size = "int4", "tiny", f"{scratch}/tiny-int4", 32
+            args.cpu_memory = args.cpu_memory or "1GiB"
+        path = write(args) if args.write else Path(args.model)
+        options = dict(gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, dtype=args.dtype)
+        if args.quick:  # half the layers stream
+            needs = offload.plan_model(path, **options).needs
+            options["gpu_memory"] = needs.gpu_budget_streaming(len(needs.blocks) // 2)
+        result = measure(path, options, args.warm)
+    date = datetime.date.today().isoformat()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    print(f"bench_load {date} on {device}, torch {torch.__version__}")
+    print(result["plan"])
+    source = "disk (pages dropped first)" if result["cold"] else "page cache"
+    print(f"\n{path}: {result['files']} file(s), {result['bytes'] / 1e9:.2f} GB, read from the {source}")
+    print(f"  read  {result['read_s']:8.2f} s  {result['read_gb_s']:6.2f} GB/s")
+    print(f"  load  {result['load_s']:8.2f} s  {result['load_gb_s']:6.2f} GB/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(result, date=date, device=device, model=str(path)), indent=1))
+    print(f"bench_load: loading at {result['load_over_read']:.2f} of the speed of reading the files")
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return run(parse_args(argv))
+    except offload.OffloadError as e:
+        print(f"bench_load: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -112,6 +112,8 @@ def parse_args(argv) -> argparse.Namespace:
         raise UsageError(f"--widths takes integers, got {args.widths!r}") from None
     if args.widths[0] < 1 or args.widths[-1] > 65:
         raise UsageError("--widths must lie in [1, 65]")
+    if args.gpu_memory == STREAM and not args.cpu_memory:
+        raise UsageError("--gpu-memory stream needs --cpu-memory: the host memory the streamed layers live in")
     if not 0.0 <= args.temperature <= 10.0:
         raise UsageError(f"--temperature must lie in [0, 10], got {args.temperature}")
     args.drafts = drafts
@@ -162,13 +164,18 @@ def forecast(passes: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------- generation with each draft
 
 
-def prompts_for(model_path: Path, quick: bool) -> list[list[int]]:
+def prompts_for(model_path: Path, quick: bool, vocab: int) -> list[list[int]]:
+    """The built-in questions (chat-templated where the model has a template), or samples of the structured
+    model's corpus, or (a model with neither tokenizer nor corpus) seeded random ids."""
     tokenizer = None if quick else Tokenizer.from_checkpoint(model_path)
     if tokenizer is not None and tokenizer.chat_template is not None:
         return [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     if tokenizer is not None:
         return [tokenizer.encode(q) for q in QUESTIONS]
-    return corpus_of(model_path).sample(len(QUESTIONS), 12, seed=4321).tolist()
+    if (model_path / "corpus.json").is_file():
+        return corpus_of(model_path).sample(len(QUESTIONS), 12, seed=4321).tolist()
+    print("  (no tokenizer: prompts of random ids, so what a draft gains says little)")
+    return torch.randint(0, vocab, (len(QUESTIONS), 12), generator=torch.Generator().manual_seed(4321)).tolist()
 
 
 def tree_of(draft: str) -> tuple[str, int]:
@@ -178,9 +185,18 @@ def tree_of(draft: str) -> tuple[str, int]:
 
 
 def streaming(source, options: dict) -> dict:
-    """``options`` with the least GPU budget under which every layer streams, beside the draft they name."""
-    options = dict(options, gpu_memory=None)
-    return dict(options, gpu_memory=offload.plan_model(source, **options).needs.gpu_budget_streaming(0))
+    """``options`` with the least GPU budget under which every layer streams, beside the draft they name (where
+    the plan declines the draft there, the budget without it: the run is plain decoding's, streaming)."""
+    plan = offload.plan_model(source, **dict(options, gpu_memory=None))
+    for _ in range(3):  # a GGUF file's layers on a CPU: expanded under a large budget, compressed under a small
+        budget = plan.needs.gpu_budget_streaming(0)
+        plan = offload.plan_model(source, **dict(options, gpu_memory=budget))
+        if options.get("draft") and "declined" in plan.draft:
+            alone = streaming(source, dict(options, draft=None, draft_tokens=None, draft_branches=None))
+            return dict(options, gpu_memory=alone["gpu_memory"])
+        if set(plan.layer_map()) == {"H"}:
+            break
+    return dict(options, gpu_memory=budget)
 
 
 def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: dict, max_new: int,
@@ -248,7 +264,8 @@ def run(args) -> int:
 
     model = offload.load_model(source, random_weights=0 if args.shape else None, progress=False, **budget_of_passes)
     print(model.plan)
-    passes = time_passes(model, args.widths, BATCHES, model.config.vocab_size)
+    vocab = model.config.vocab_size
+    passes = time_passes(model, args.widths, BATCHES, vocab)
     model.close()
     print("\nverify pass of W tokens per row (ms), and over a one-token pass")
     print(f"  {'batch':>5}" + "".join(f"{'W=' + str(w):>10}" for w in args.widths))
@@ -268,7 +285,7 @@ def run(args) -> int:
 
     drafts = []
     if model_path is not None:
-        prompts = prompts_for(model_path, quick)
+        prompts = prompts_for(model_path, quick, vocab)
         options = dict(budget, max_batch=1, max_seq_len=max(len(p) for p in prompts) + args.max_new_tokens,
                        draft_tokens=draft_tokens)
         for draft in args.drafts:

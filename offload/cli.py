@@ -122,7 +122,7 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
                    "the same vocabulary (kept on the GPU)")
     p.add_argument("--draft-tokens", type=int, help="tokens drafted per row and pass (default: chosen before each "
                    "pass from the measured acceptance and the plan's cost of a pass)")
-    p.add_argument("--draft-branches", type=int, help="a draft model's tokens at each depth for greedy rows, verified "
+    p.add_argument("--draft-branches", type=int, help="a draft model's tokens at each depth, verified "
                    "as a tree: its likeliest and the next ones (at most 4; 1: a chain; default: chosen before each "
                    "pass from how often the alternatives were right)")
 

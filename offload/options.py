@@ -96,10 +96,10 @@ class LoadOptions:
             pass over the target then checks a row's drafted tokens at once. None (default): no draft.
         draft_tokens: tokens drafted per row and pass (at most 64); None (default): chosen before each
             pass from the rows' measured acceptance and the plan's cost of a pass (at most 16).
-        draft_branches: with a draft model, the tokens it proposes at each depth for greedy rows: its
+        draft_branches: with a draft model, the tokens it proposes at each depth: its
             likeliest, and ``draft_branches - 1`` alternatives beside it, verified as a tree in the same
             pass (at most 4; 1: a chain). None (default): chosen before each pass, like ``draft_tokens``,
-            from how often the target's token was among the draft's alternatives where a chain broke.
+            from how often the row's token was among the draft's alternatives where a chain broke.
     """
 
     device: str | torch.device | None = None

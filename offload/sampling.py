@@ -1,7 +1,11 @@
 """Choosing next tokens from logits: greedy, or sampled with temperature, top-k and top-p.
 
 Each row samples with its own seeded generator, so a row's tokens depend on its
-own seed and logits only, not on the rows it shares a step with.
+own seed and logits only, not on the rows it shares a step with. (With speculative
+decoding, its draws also depend on how its passes were cut: how many tokens each
+drafted, which the length chosen per pass weighs over every row of the pass, and
+which passes were plain steps because another row's prompt came in. So a seeded row
+may draw other tokens beside other rows; its tokens keep the target's distribution.)
 """
 
 from __future__ import annotations

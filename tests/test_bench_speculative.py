@@ -73,6 +73,7 @@ def bench_module():
     (["--quick", "--drafts", "none,int4@5"], "1 to 4 tokens a depth"),
     (["--quick", "--widths", "0,4"], "[1, 65]"),
     (["--quick", "--temperature", "-1"], "--temperature must lie in [0, 10]"),
+    (["--quick", "--gpu-memory", "stream"], "--gpu-memory stream needs --cpu-memory"),
     (["--model", "no/such/dir"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1216,3 +1217,20 @@ def test_smollm2_from_its_gguf_file_matches_transformers_reading_it(smollm2_gguf
         assert models[2].plan.placement.count("host") == 15
         assert "Paris" in tokenizer.decode(greedy[0, len(ids):].tolist())
         models[2].close()
+
+
+def test_gguf_to_hf_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys):
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("gguf_to_hf", root / "benchmarks" / "gguf_to_hf.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    not_gguf = tmp_path / "notes.txt"
+    not_gguf.write_text("hello")
+    for args, words in [([str(tmp_path / "none.gguf"), str(tmp_path / "a")], "no such file"),
+                        ([str(not_gguf), str(tmp_path / "b")], "transformers cannot read it"), ([], "required")]:
+        assert script.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("gguf_to_hf: ") and words in err, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

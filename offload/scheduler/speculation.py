@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling import GREEDY
-from ..speculative import (DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance, Mends, Proposal, accept,
+from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance, Mends, Proposal, accept,
                            best_draft_shape, grow_tree, path_of, walk_tree)
 
 
@@ -133,7 +133,7 @@ class Speculator:
         mended = [{m: rates[row.request.sampling.greedy][m] for m in branches} for row in live]
         if self.fixed and len(branches) == 1:
             return min(most_depth, tokens // branches[0]), branches[0]
-        prior = self.overall.rate()
+        prior = self.overall.rate(ASSUMED_ACCEPTANCE)  # what the plan kept the draft for, until measured
         acceptances = [self.rows[row].rate(prior, PRIOR_WEIGHT) for row in live]
         keys = sum(row.cached for row in live)
 

@@ -207,6 +207,18 @@ def test_a_tree_mends_a_weak_drafts_sampled_chains(structured, weak_draft):
     assert passes[4] < passes[1], passes
 
 
+def test_a_run_of_passes_that_draft_nothing_ends_with_one_that_drafts_a_token(structured, plain):
+    """Where every drafted token costs what a pass costs (products bind), no draft length pays at the assumed
+    acceptance: the speculator drafts nothing, but every eighth pass drafts one token, so a changed acceptance
+    would be seen. Output: plain greedy decoding's."""
+    batch = prompts(structured, (9,))
+    compute_bound = {"host": 1e15, "hbm": 1e15, "matmul": 1e6}
+    with offload.load_model(structured, **{**KW, "link_bandwidth": compute_bound}, draft="ngram") as model:
+        got = model.generate(batch, max_new_tokens=40, ignore_eos=True, return_result=True)
+    assert got.tokens == plain.generate(batch, max_new_tokens=40, ignore_eos=True, return_result=True).tokens
+    assert 0 < got.drafted_tokens <= got.decode_steps // 8 + 1, (got.drafted_tokens, got.decode_steps)
+
+
 def test_a_cancelled_row_leaves_and_the_others_are_unchanged(structured, plain, speculative):
     batch = prompts(structured, (9, 4, 17))
     engine = RowEngine(speculative, rows=2)

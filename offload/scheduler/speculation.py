@@ -20,6 +20,9 @@ that adds no prompt through :meth:`Speculator.run`:
    into place in the cache (``OffloadedModel.keep_path``);
 5. the draft rolls its caches back to what was accepted, and the acceptance is counted.
 
+Where no length pays (``k = 0``), every eighth such pass drafts one token all the same: a
+pass that drafts nothing measures nothing, and acceptance changes with the text.
+
 A row gains between 1 and ``k + 1`` tokens from a pass; the engine advances its cached
 length by as many (rejected drafts' cache entries are overwritten by its next pass).
 Passes are not pipelined: the next pass's drafts need this pass's tokens.
@@ -34,6 +37,9 @@ import torch
 from ..sampling import GREEDY
 from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance, Mends, Proposal, accept,
                            best_draft_shape, grow_tree, path_of, walk_tree)
+
+
+PROBE_EVERY = 8  # a run of passes that drafted nothing ends with one that drafts a token
 
 
 @dataclass
@@ -54,6 +60,7 @@ class Speculator:
         self.rows: dict = {}  # row -> its Acceptance
         self.overall = Acceptance()
         self.mends = {True: Mends(), False: Mends()}  # greedy rows' and sampled rows', which mend less often
+        self.undrafted = 0  # passes in a row that drafted nothing
 
     @torch.inference_mode()
     def run(self, rows: list) -> PassOutcome:
@@ -62,6 +69,9 @@ class Speculator:
         self.rows = {row: self.rows.get(row, Acceptance()) for row in rows if row is not None}
         room = [row.request.max_new_tokens - len(row.tokens) - 1 if row is not None else 0 for row in rows]
         k, m = self.draft_shape(rows, room) if max(room) > 0 else (0, 1)
+        self.undrafted = self.undrafted + 1 if k == 0 else 0
+        if self.undrafted == PROBE_EVERY:  # drafting nothing measures nothing: try one token, in case it changed
+            k, m, self.undrafted = 1, 1, 0
         budgets = [min(k, r) for r in room]
         proposal = self.draft.propose(rows, budgets) if max(budgets) > 0 else Proposal.empty(len(rows))
         trees = self._trees(rows, proposal, m, k * m)

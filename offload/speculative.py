@@ -186,49 +186,66 @@ def _sample_tree(logits: torch.Tensor, drafts: list[int], parents: list[int], ch
     drawn from ``q [>= chain, vocab]`` (None: point masses), the rest point masses; ``logits [W, vocab]`` at the
     root and each draft. Returns ``[W + 1]``: the tokens, then their count.
 
-    The host walks the tree from a few numbers per draft (read in one transfer); the last token is drawn on
-    the device. At each node the base distribution is ``p`` until the chain's child is rejected, then the
-    normalised ``max(0, p - q)``; each rejected point mass is taken out of it (``lost``). Exact only where a
-    node's children are distinct tokens (:func:`grow_tree` sees to it)."""
+    The host walks the tree (:class:`_SampledWalk`) from a few numbers per draft, read in one transfer; the
+    last token is drawn on the device from what is left at the node where the walk stopped."""
     width, n = logits.shape[0], len(drafts)
     device = logits.device
     p = probabilities(logits[: n + 1], [sampling] * (n + 1))  # [n + 1, V]: at the root and each draft
-    leftover = p.clone()
+    leftover = p.clone()  # at a node whose chain child was rejected: the normalised max(0, p - q)
     if q is not None:
         leftover[:chain] = (p[:chain] - q[:chain]).clamp_(min=0.0)
         leftover[:chain] /= leftover[:chain].sum(dim=-1, keepdim=True).clamp_(min=1e-30)
     at, ids = torch.tensor(parents, device=device), torch.tensor(drafts, device=device)
     q_at = q[at.clamp(max=chain - 1), ids] if q is not None and chain else torch.ones(n, device=device)
     u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
-    p_at, left_at, q_at, u = torch.stack([p[at, ids], leftover[at, ids], q_at, u]).tolist()
-
-    children: dict[int, list[int]] = {}
-    for j, parent in enumerate(parents, start=1):
-        children.setdefault(parent, []).append(j)
-    node, taken, left, lost, rejected = 0, [], False, 0.0, []
-    while True:
-        for j in children.get(node, []):
-            i = j - 1
-            if i < chain and q is not None and not left:  # the chain's child, drawn from q here
-                ok = u[i] * q_at[i] < p_at[i]
-                left = not ok
-            else:  # a point mass against what is left
-                mass = left_at[i] if left else p_at[i]
-                ok = u[i] * (1.0 - lost) < mass
-                lost, rejected = (lost, rejected) if ok else (lost + mass, rejected + [drafts[i]])
-            if ok:
-                taken.append(drafts[i])
-                node, left, lost, rejected = j, False, 0.0, []
-                break
-        else:
-            break
-    residual = (leftover if left else p)[node].clone()
-    residual[rejected] = 0.0
+    walk = _SampledWalk(drafts, parents, chain if q is not None else 0,
+                        *torch.stack([p[at, ids], leftover[at, ids], q_at, u]).tolist())
+    residual = (leftover if walk.left else p)[walk.node].clone()
+    residual[walk.rejected] = 0.0
     total = residual.sum()
-    residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p[node])  # rounding left nothing: p
-    out = torch.tensor(taken + [0] * (width - len(taken)) + [len(taken) + 1], device=device)
-    out[len(taken) : width] = draw(residual[None], [generator])  # the last token, then its copies
+    residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p[walk.node])  # rounding left nothing
+    out = torch.tensor(walk.taken + [0] * (width - len(walk.taken)) + [len(walk.taken) + 1], device=device)
+    out[len(walk.taken) : width] = draw(residual[None], [generator])  # the last token, then its copies
     return out
+
+
+class _SampledWalk:
+    """Speculative sampling down a tree, on the host. At each node its children are tried in order: the
+    chain's child (drawn from ``q``: accepted where ``u q < p``; rejected, what is left becomes the normalised
+    ``max(0, p - q)``), then each other child as a point mass against what is left (accepted with what is left
+    of its probability; rejected, taken out: ``lost``). The walk goes down into the first child accepted and
+    stops where none is: ``taken`` (the accepted tokens), ``node``, and there ``left`` (whether what is left
+    is ``max(0, p - q)``'s rather than ``p``'s) and ``rejected`` (point masses taken out). Trying point masses
+    one by one draws from what is left exactly, so the tokens are distributed as plain sampling's; exact only
+    where a node's children are distinct tokens (:func:`grow_tree` sees to it)."""
+
+    def __init__(self, drafts: list[int], parents: list[int], sampled: int, p_at: list[float],
+                 left_at: list[float], q_at: list[float], u: list[float]):
+        """``sampled``: how many of the first drafts (the chain) were drawn from q; ``p_at[i]``, ``left_at[i]``,
+        ``q_at[i]``: draft ``i``'s probability under p, max(0, p - q) normalised, and q at its parent."""
+        children: dict[int, list[int]] = {}
+        for j, parent in enumerate(parents, start=1):
+            children.setdefault(parent, []).append(j)
+        self.taken, self.node = [], 0
+        while True:
+            self.left, self.rejected, lost = False, [], 0.0
+            for j in children.get(self.node, []):
+                i = j - 1
+                if i < sampled and not self.left:  # the chain's child, drawn from q here
+                    accepted = u[i] * q_at[i] < p_at[i]
+                    self.left = not accepted
+                else:
+                    mass = left_at[i] if self.left else p_at[i]
+                    accepted = u[i] * (1.0 - lost) < mass
+                    if not accepted:
+                        lost += mass
+                        self.rejected.append(drafts[i])
+                if accepted:
+                    self.taken.append(drafts[i])
+                    self.node = j
+                    break
+            else:
+                return
 
 
 # ---------------------------------------------------------------------- how many to draft

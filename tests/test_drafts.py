@@ -117,7 +117,8 @@ def test_the_int4_draft_reads_its_targets_final_norm_and_lm_head(tiny):
     """The int4 copy's non-layer tensors are its target's to the bit: one buffer, counted once, read once. A
     draft checkpoint's are its own. (``tiny``'s embedding is untied: each model keeps a table of its own.)"""
     kw = dict(KW, link_bandwidth={"host": 1e9, "hbm": 1e11, "matmul": 1e15}, progress=False)
-    with offload.load_model(tiny, **kw, draft="int4") as model, offload.load_model(tiny, **kw, draft=str(tiny)) as other:
+    with offload.load_model(tiny, **kw, draft="int4") as model, \
+            offload.load_model(tiny, **kw, draft=str(tiny)) as other:
         draft = model.draft.model
         assert draft.pool.globals.data_ptr() == model.pool.globals.data_ptr()
         assert draft.pool.embedding.data_ptr() != model.pool.embedding.data_ptr()

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling import GREEDY
-from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance, Mends, Proposal, accept,
-                           best_draft_shape, grow_tree, path_of, walk_tree)
+from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance, Mends,
+                           Proposal, accept, best_draft_shape, grow_tree, path_of, walk_tree)
 
 
 PROBE_EVERY = 8  # a run of passes that drafted nothing ends with one that drafts a token
@@ -125,7 +125,7 @@ class Speculator:
             self.rows[row].add(len(drafted), n)
             self.overall.add(len(drafted), n)
             if n < len(drafted) and proposal.alternatives and proposal.alternatives[b]:
-                wanted = chosen[b][n]  # the target's argmax where the chain broke
+                wanted = chosen[b][n]  # the row's token where the chain broke (argmax, or drawn)
                 others = proposal.alternatives[b][n]
                 self.mends[row.request.sampling.greedy].add(others.index(wanted) + 1 if wanted in others else None)
 
@@ -136,9 +136,12 @@ class Speculator:
         live = [row for row in rows if row is not None]
         tokens = self.fixed or DEFAULT_MAX_DRAFT
         most_depth = min(tokens, max(room))
-        branches = [min(self.fixed_branches, tokens)] if self.fixed_branches else range(1, min(MAX_BRANCHES, tokens) + 1)
         if not self.draft.names_alternatives:
             branches = [1]
+        elif self.fixed_branches:
+            branches = [min(self.fixed_branches, tokens)]
+        else:
+            branches = list(range(1, min(MAX_BRANCHES, tokens) + 1))
         rates = {greedy: mends.rates(max(branches)) for greedy, mends in self.mends.items()}
         mended = [{m: rates[row.request.sampling.greedy][m] for m in branches} for row in live]
         if self.fixed and len(branches) == 1:

@@ -272,3 +272,16 @@ def test_a_weights_file_that_is_a_pipe_is_refused_unopened(tiny, tmp_path, capsy
     shutil.copy(tiny / "config.json", piped / "config.json")
     os.mkfifo(piped / "model.safetensors")  # opening it would wait for a writer forever
     assert "model.safetensors: not a regular file" in refused(capsys, ["--model", str(piped), "--prompt-ids", "1"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_finiteness_check_finds_a_nan_or_infinity_anywhere(dtype):
+    from offload.models.checkpoint import all_finite
+
+    t = torch.randn(3, 70001, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert all_finite(t) and all_finite(t[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for at in (0, 12345, t.numel() - 1):
+            broken = t.clone()
+            broken.view(-1)[at] = bad
+            assert not all_finite(broken), (bad, at)

@@ -39,7 +39,6 @@ from .quant import part_shapes
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes weights may have
 LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
-FINITE_CHECK_ELEMENTS = 1 << 24  # the bool temporary of the NaN/Inf check stays this small
 
 
 def is_gguf(path) -> bool:
@@ -193,7 +192,10 @@ def copy_piece(out: torch.Tensor, piece: torch.Tensor) -> None:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or infinity in ``t``, checked on its own device in bounded pieces."""
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + FINITE_CHECK_ELEMENTS]).all())
-               for i in range(0, flat.numel(), FINITE_CHECK_ELEMENTS))
+    """No NaN or infinity in ``t``, checked on its own device: its minimum and maximum are finite (a NaN is
+    carried into both). One vectorised reduction with no temporary of the tensor's size: on a CPU it reads
+    bf16 at about 17 GB/s a core where ``isfinite(t).all()`` reads 0.4 (measured 2026-12-05)."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(low) & torch.isfinite(high))

@@ -34,6 +34,8 @@
 #                  (98 MB is more than one call carries: `split -n 2 FILE .assets/smollm2/part-`, carry part-aa
 #                  with a command that does nothing, then at once part-ab and .whl with this stage: ignored
 #                  paths stay on a warm machine between calls)
+#   tests_spec     speculative decoding's tests on CUDA (they load on the GPU where there is one): every draft,
+#                  trees, sampled rows, verify chunks (float32: greedy output equals plain decoding's)
 #   tests_kernels  the kernel tests alone (GEMV, int8/int4 products, norms, gates) and the experts on CUDA
 #   serve13b       llama-2-13b at 8 GiB behind the HTTP server, 32 concurrent streaming clients
 #   throughput70b  llama-2-70b at 40 GiB, FlexGen's protocol: --batch-size auto, a sweep, accelerate
@@ -45,7 +47,7 @@
 # What is owed, in order of value, for a session of about 30 minutes on one GPU (each call under 10 minutes):
 #   1. tests_kernels:150 quantk:60 quant7b:110 int4_70b:200   the fused int4 products (#20's goals)
 #   2. moe30b:200 mixtral24:250 spec13b:100                    mixtures of experts (#21), verify passes (#22)
-#   3. spec_smollm2:400                                          speculative decoding on a real model (#22)
+#   3. tests_spec:150 spec_smollm2:400                           speculative decoding on CUDA and a real model (#22)
 #   4. gguf13b:250 load70b:330                                   GGUF at 4 GiB (#23), saved int4 loads (#20)
 #   then offload13b (13b int4 at 4 GiB: #20).
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
@@ -131,6 +133,8 @@ run_stage() {
             --cpu-memory 32GiB --json "$0/load_gguf13b.json"
         python3 benchmarks/bench_offload.py --model /tmp/13b.gguf --gpu-memory 4GiB --runs host --skip-accelerate \
             --batch 1,16 --json "$0/gguf13b.json"' "$OUT" ;;
+    tests_spec) stage tests_spec python3 -m pytest -q -p no:cacheprovider tests/test_speculation.py \
+      tests/test_verify_chunk.py tests/test_drafts.py ;;
     tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \
       tests/test_quant_kernels.py tests/test_kernels.py -m "gpu or not gpu"; python3 -m pytest -m gpu -s -q \
       -p no:cacheprovider tests/test_gpu.py tests/test_quant.py -k "experts or quant"' ;;

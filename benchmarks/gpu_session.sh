@@ -28,6 +28,7 @@
 #                  then its decode at 24 GiB from the saved checkpoint
 #   gguf13b        a llama-2-13b Q4_K_M-like GGUF file (random blocks, written first): its load against reading
 #                  it, then its decode at 4 GiB with the compressed kernels
+#   spec70b        llama-2-70b at 40 GiB: the same
 #   spec_smollm2   SmolLM2-135M-Instruct in bf16, every layer streamed: each draft against none, greedy and sampled
 #                  (the int4 draft: the model quantized in groups of 64, named as a draft model). Needs the gguf
 #                  wheel in .whl and the model's GGUF file: $SMOLLM2, or its halves in .assets/smollm2/part-*
@@ -47,6 +48,7 @@
 # What is owed, in order of value, for a session of about 30 minutes on one GPU (each call under 10 minutes):
 #   1. tests_kernels:150 quantk:60 quant7b:110 int4_70b:200   the fused int4 products (#20's goals)
 #   2. moe30b:200 mixtral24:250 spec13b:100                    mixtures of experts (#21), verify passes (#22)
+#      spec70b:300 (a call of its own)
 #   3. tests_spec:150 spec_smollm2:400                           speculative decoding on CUDA and a real model (#22)
 #   4. gguf13b:250 load70b:330                                   GGUF at 4 GiB (#23), saved int4 loads (#20)
 #   then offload13b (13b int4 at 4 GiB: #20).
@@ -100,6 +102,8 @@ run_stage() {
       --runs "host int4" --quantize int4 --batch 1,16 --skip-accelerate --json "$OUT/int4_70b.json" ;;
     serve13b) stage serve13b python3 benchmarks/bench_serve.py --shape llama-2-13b --gpu-memory 8GiB --clients 32 \
       --json "$OUT/serve13b.json" ;;
+    spec70b) stage spec70b python3 benchmarks/bench_speculative.py --shape llama-2-70b --gpu-memory 40GiB \
+      --widths 1,2,4,8,16,32 --json "$OUT/spec70b.json" ;;
     throughput70b) stage throughput70b python3 benchmarks/bench_throughput.py --shape llama-2-70b --gpu-memory 40GiB \
       --records 64 --sweep 16,24,64 --json "$OUT/throughput70b.json" ;;
     tests_multi) stage tests_multi python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \

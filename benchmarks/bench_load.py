@@ -6,7 +6,7 @@
         --cpu-memory 100GiB          # a saved int4 checkpoint of random weights, written first
     python benchmarks/bench_load.py --write gguf --shape llama-2-13b --out /tmp/13b.gguf --gpu-memory 4GiB \\
         --cpu-memory 16GiB           # a Q4_K_M-like GGUF file of random blocks, written first
-    python benchmarks/bench_load.py --quick      # the tiny shape saved in int4, on the CPU (CI runs this)
+    python benchmarks/bench_load.py --quick      # the tiny shape saved in int4 (the tests run this)
 
 Two timings of the same bytes:
 
@@ -72,6 +72,8 @@ def parse_args(argv) -> argparse.Namespace:
         p.error("--write needs --shape and --out")
     if args.shape and args.shape not in SHAPES:
         p.error(f"unknown shape {args.shape!r}; choose from {', '.join(SHAPES)}")
+    if args.write == "gguf" and shape_config(args.shape)["architectures"] != ["LlamaForCausalLM"]:
+        p.error(f"--write gguf writes llama files; {args.shape} is not one")
     return args
 
 

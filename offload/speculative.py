@@ -29,7 +29,7 @@ token (:func:`grow_tree`). A pass of 17 tokens costs what one costs where weight
 so the spare width goes to the likeliest places where the chain breaks. A greedy row
 follows the target's argmax down the tree from the root as long as a child matches it
 (:func:`walk_tree`): the output is still plain greedy decoding's, token for token. A
-sampled row tries a node's children in turn (:func:`_sample_tree`): the chain's token by
+sampled row tries a node's children in turn (:class:`_SampledTree`): the chain's token by
 speculative sampling, then each alternative as a point mass against what is left of the
 residual (accepted with the residual's probability of it, else removed from it), and
 descends into the first accepted. Trying point masses one by one draws from the residual
@@ -138,14 +138,22 @@ def accept(logits: torch.Tensor, proposal: Proposal, samplings: list[Sampling], 
     target = logits.argmax(dim=-1)
     matches = (drafts[:, :-1] == target[:, :-1]).long().cumprod(dim=1).sum(dim=1)
     out = torch.cat([target, (matches + 1)[:, None]], dim=1)
+    sampled_trees = {}
     for b, sampling in enumerate(samplings):
         if sampling.greedy:
             continue
         q, chain = None if proposal.q is None else proposal.q[b], proposal.tokens[b]
         if trees is not None and len(trees[b][0]) > len(chain):
-            out[b] = _sample_tree(logits[b], *trees[b], len(chain), q, sampling, generators[b])
+            sampled_trees[b] = _SampledTree(logits[b], *trees[b], len(chain), q, sampling, generators[b])
         else:
             out[b] = _speculative_sample(logits[b], drafts[b], len(chain), q, sampling, generators[b])
+    if sampled_trees:  # every tree's numbers in one transfer, then each walk on the host
+        numbers = torch.cat([tree.numbers for tree in sampled_trees.values()], dim=1).tolist()
+        start = 0
+        for b, tree in sampled_trees.items():
+            n = tree.numbers.shape[1]
+            out[b] = tree.finish([row[start : start + n] for row in numbers])
+            start += n
     return out
 
 
@@ -180,33 +188,41 @@ def _speculative_sample(logits: torch.Tensor, drafts: torch.Tensor, k: int, q: t
     return torch.cat([tokens, (accepted + 1)[None]])
 
 
-def _sample_tree(logits: torch.Tensor, drafts: list[int], parents: list[int], chain: int, q: torch.Tensor | None,
-                 sampling: Sampling, generator) -> torch.Tensor:
+class _SampledTree:
     """One sampled row's tree: ``drafts`` under ``parents`` (:func:`grow_tree`), its first ``chain`` the chain
     drawn from ``q [>= chain, vocab]`` (None: point masses), the rest point masses; ``logits [W, vocab]`` at the
-    root and each draft. Returns ``[W + 1]``: the tokens, then their count.
+    root and each draft. Made on the device, with ``numbers [4, drafts]`` the walk needs (each draft's p, what
+    is left of p - q, and q at its parent, and a uniform draw); ``accept`` reads every tree's numbers in one
+    transfer, and :meth:`finish` walks the tree on the host (:class:`_SampledWalk`) and draws the last token on
+    the device from what is left at the node where the walk stopped."""
 
-    The host walks the tree (:class:`_SampledWalk`) from a few numbers per draft, read in one transfer; the
-    last token is drawn on the device from what is left at the node where the walk stopped."""
-    width, n = logits.shape[0], len(drafts)
-    device = logits.device
-    p = probabilities(logits[: n + 1], [sampling] * (n + 1))  # [n + 1, V]: at the root and each draft
-    leftover = p.clone()  # at a node whose chain child was rejected: the normalised max(0, p - q)
-    if q is not None:
-        leftover[:chain] = (p[:chain] - q[:chain]).clamp_(min=0.0)
-        leftover[:chain] /= leftover[:chain].sum(dim=-1, keepdim=True).clamp_(min=1e-30)
-    at, ids = torch.tensor(parents, device=device), torch.tensor(drafts, device=device)
-    q_at = q[at.clamp(max=chain - 1), ids] if q is not None and chain else torch.ones(n, device=device)
-    u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
-    walk = _SampledWalk(drafts, parents, chain if q is not None else 0,
-                        *torch.stack([p[at, ids], leftover[at, ids], q_at, u]).tolist())
-    residual = (leftover if walk.left else p)[walk.node].clone()
-    residual[walk.rejected] = 0.0
-    total = residual.sum()
-    residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p[walk.node])  # rounding left nothing
-    out = torch.tensor(walk.taken + [0] * (width - len(walk.taken)) + [len(walk.taken) + 1], device=device)
-    out[len(walk.taken) : width] = draw(residual[None], [generator])  # the last token, then its copies
-    return out
+    def __init__(self, logits: torch.Tensor, drafts: list[int], parents: list[int], chain: int,
+                 q: torch.Tensor | None, sampling: Sampling, generator):
+        n, device = len(drafts), logits.device
+        self.drafts, self.parents, self.generator, self.width = drafts, parents, generator, logits.shape[0]
+        self.sampled = chain if q is not None else 0  # drafts drawn from q
+        self.p = probabilities(logits[: n + 1], [sampling] * (n + 1))  # [n + 1, V]: at the root and each draft
+        self.leftover = self.p.clone()  # at a node whose chain child was rejected: the normalised max(0, p - q)
+        if q is not None:
+            self.leftover[:chain] = (self.p[:chain] - q[:chain]).clamp_(min=0.0)
+            self.leftover[:chain] /= self.leftover[:chain].sum(dim=-1, keepdim=True).clamp_(min=1e-30)
+        at, ids = torch.tensor(parents, device=device), torch.tensor(drafts, device=device)
+        q_at = q[at.clamp(max=chain - 1), ids] if q is not None and chain else torch.ones(n, device=device)
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
+        self.numbers = torch.stack([self.p[at, ids], self.leftover[at, ids], q_at, u])
+
+    def finish(self, numbers: list[list[float]]) -> torch.Tensor:
+        """``[W + 1]``: the row's tokens, then their count, from its ``numbers`` read on the host."""
+        walk = _SampledWalk(self.drafts, self.parents, self.sampled, *numbers)
+        p = self.p[walk.node]
+        residual = (self.leftover[walk.node] if walk.left else p).clone()
+        residual[walk.rejected] = 0.0
+        total = residual.sum()
+        residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p)  # rounding left nothing: p
+        taken = walk.taken
+        out = torch.tensor(taken + [0] * (self.width - len(taken)) + [len(taken) + 1], device=p.device)
+        out[len(taken) : self.width] = draw(residual[None], [self.generator])  # the last token, then its copies
+        return out
 
 
 class _SampledWalk:

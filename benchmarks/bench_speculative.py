@@ -93,6 +93,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
     p.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="verify widths to time (tokens per row)")
+    p.add_argument("--eager", action="store_true", help="also time the verify passes without CUDA graphs (on a GPU)")
     p.add_argument("--json", help="write every figure to this file")
     args = p.parse_args(argv)
     if not (args.model or args.shape or args.quick):
@@ -264,16 +265,29 @@ def run(args) -> int:
 
     model = offload.load_model(source, random_weights=0 if args.shape else None, progress=False, **budget_of_passes)
     print(model.plan)
-    vocab = model.config.vocab_size
+    vocab, graphs = model.config.vocab_size, model.graphs is not None
     passes = time_passes(model, args.widths, BATCHES, vocab)
     model.close()
-    print("\nverify pass of W tokens per row (ms), and over a one-token pass")
+    if args.eager and graphs:
+        model = offload.load_model(source, random_weights=0 if args.shape else None, progress=False,
+                                   cuda_graphs=False, **budget_of_passes)
+        for p, eager in zip(passes, time_passes(model, args.widths, BATCHES, vocab)):
+            p["eager_ms"] = eager["ms"]
+        model.close()
+    print(f"\nverify pass of W tokens per row (ms{', CUDA graphs' if graphs else ''}), and over a one-token pass"
+          + (" (widths padded to a power of two)" if graphs else ""))
     print(f"  {'batch':>5}" + "".join(f"{'W=' + str(w):>10}" for w in args.widths))
     for batch in BATCHES:
         mine = {p["width"]: p for p in passes if p["batch"] == batch}
         print(f"  {batch:>5}" + "".join(f"{mine[w]['ms']:>7.2f}" + (f" {mine[w]['over_one_token']:.1f}x"
                                                                     if mine[w]["over_one_token"] else "")
                                         for w in args.widths))
+    if any("eager_ms" in p for p in passes):
+        print("eager passes (ms), and over the graphs' time")
+        for batch in BATCHES:
+            mine = {p["width"]: p for p in passes if p["batch"] == batch}
+            print(f"  {batch:>5}" + "".join(f"{mine[w]['eager_ms']:>7.2f} {mine[w]['eager_ms'] / mine[w]['ms']:.1f}x"
+                                            for w in args.widths))
     predicted = forecast(passes)
     print("\nforecast for a draft that costs nothing (prompt lookup): tokens/s at the best width, "
           "against plain decoding")

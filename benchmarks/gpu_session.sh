@@ -23,7 +23,8 @@
 #   int4_70b       llama-2-70b in int4 at 24 GiB
 #   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16
 #   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host and the device cache
-#   spec13b        llama-2-13b at 8 GiB: what a verify pass of 1..32 tokens per row costs (speculation's budget)
+#   spec13b        llama-2-13b at 8 GiB: what a verify pass of 1..32 tokens per row costs (speculation's budget),
+#                  in CUDA graphs and eagerly
 #   load70b        llama-2-70b saved in int4 (random weights, written first): its load against reading its files,
 #                  then its decode at 24 GiB from the saved checkpoint
 #   gguf13b        a llama-2-13b Q4_K_M-like GGUF file (random blocks, written first): its load against reading
@@ -36,7 +37,8 @@
 #                  with a command that does nothing, then at once part-ab and .whl with this stage: ignored
 #                  paths stay on a warm machine between calls)
 #   tests_spec     speculative decoding's tests on CUDA (they load on the GPU where there is one): every draft,
-#                  trees, sampled rows, verify chunks (float32: greedy output equals plain decoding's)
+#                  trees, sampled rows, verify chunks (float32: greedy output equals plain decoding's), and
+#                  verify passes in CUDA graphs (bitwise against eager; their pool within the plan)
 #   tests_kernels  the kernel tests alone (GEMV, int8/int4 products, norms, gates) and the experts on CUDA
 #   serve13b       llama-2-13b at 8 GiB behind the HTTP server, 32 concurrent streaming clients
 #   throughput70b  llama-2-70b at 40 GiB, FlexGen's protocol: --batch-size auto, a sweep, accelerate
@@ -49,7 +51,7 @@
 #   1. tests_kernels:150 quantk:60 quant7b:110 int4_70b:200   the fused int4 products (#20's goals)
 #   2. moe30b:200 mixtral24:250 spec13b:100                    mixtures of experts (#21), verify passes (#22)
 #      spec70b:300 (a call of its own)
-#   3. tests_spec:150 spec_smollm2:400                           speculative decoding on CUDA and a real model (#22)
+#   3. tests_spec:180 spec_smollm2:390                           speculative decoding on CUDA and a real model (#22)
 #   4. gguf13b:250 load70b:330                                   GGUF at 4 GiB (#23), saved int4 loads (#20)
 #   then offload13b (13b int4 at 4 GiB: #20).
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
@@ -118,14 +120,14 @@ run_stage() {
     mixtral24) stage mixtral24 python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \
       --runs host --batch 1 --skip-accelerate --json "$OUT/mixtral24.json" ;;
     spec13b) stage spec13b python3 benchmarks/bench_speculative.py --shape llama-2-13b --gpu-memory 8GiB \
-      --widths 1,2,4,8,16,32 --json "$OUT/spec13b.json" ;;
+      --widths 1,2,4,8,16,32 --eager --json "$OUT/spec13b.json" ;;
     spec_smollm2) stage spec_smollm2 bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
         [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
         python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
         python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 --group-size 64 --out /tmp/smollm2-int4 \
             --device cuda
         for t in 0 0.8; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
-            --cpu-memory 4GiB --temperature $t --drafts none,ngram,int4,/tmp/smollm2-int4,/tmp/smollm2-int4@4 \
+            --cpu-memory 4GiB --temperature $t $([ $t = 0 ] && echo --eager) --drafts none,ngram,int4,/tmp/smollm2-int4,/tmp/smollm2-int4@4 \
             --json "$0/spec_smollm2_t$t.json"; done' "$OUT" ;;
     load70b) stage load70b bash -c 'set -e; trap "rm -rf /tmp/70b-int4" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-70b --out /tmp/70b-int4 --gpu-memory 24GiB \
@@ -137,8 +139,9 @@ run_stage() {
             --cpu-memory 32GiB --json "$0/load_gguf13b.json"
         python3 benchmarks/bench_offload.py --model /tmp/13b.gguf --gpu-memory 4GiB --runs host --skip-accelerate \
             --batch 1,16 --json "$0/gguf13b.json"' "$OUT" ;;
-    tests_spec) stage tests_spec python3 -m pytest -q -p no:cacheprovider tests/test_speculation.py \
-      tests/test_verify_chunk.py tests/test_drafts.py ;;
+    tests_spec) stage tests_spec bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_speculation.py \
+      tests/test_verify_chunk.py tests/test_drafts.py tests/test_graphs.py; python3 -m pytest -m gpu -s -q \
+      -p no:cacheprovider tests/test_gpu.py -k "verify or speculative"' ;;
     tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \
       tests/test_quant_kernels.py tests/test_kernels.py -m "gpu or not gpu"; python3 -m pytest -m gpu -s -q \
       -p no:cacheprovider tests/test_gpu.py tests/test_quant.py -k "experts or quant"' ;;

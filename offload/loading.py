@@ -26,6 +26,7 @@ from .memory.experts import ExpertNeeds
 from .memory.planner import RESIDENT, MemoryNeeds, Plan, make_plan
 from .memory.pool import WeightPool
 from .models.checkpoint import CheckpointSource, is_gguf
+from .models.chunks import bucket
 from .models.config import ModelConfig, config_from_dict, load_config
 from .models.blocks import (EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, TensorSpec, embedding_layout,
                             global_layout, local_shape)
@@ -215,7 +216,9 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
     routed = [block for block in blocks if block.fetch == ON_DEMAND]
     graphs = 0
     if uses_cuda_graphs(options, device, family):  # a graph's allocations live in its pool: a dequantize scratch too
-        graphs = family.decode_graph_bytes(config, tp, dtype, batch, seq) + scratch_bytes(quantized, dtype, batch)
+        width = bucket(_max_draft(options) + 1, 2, seq) if options.draft is not None else 1  # verify passes'
+        graphs = (family.decode_graph_bytes(config, tp, dtype, batch, seq, verify_width=width)
+                  + scratch_bytes(quantized, dtype, batch * width))
     return MemoryNeeds(
         blocks=tuple(block.nbytes for block in every_pass),
         experts=_expert_needs(config, routed),

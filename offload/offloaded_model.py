@@ -192,9 +192,11 @@ class OffloadedModel:
 
         Speculative decoding's pass: a row adds its last token and its drafted ones, and the logits at
         each say what the target would have chosen there. Every row is padded to the same width (a
-        ``VerifyChunk``: shapes fixed by the rows, the width and the key length, so that it can be captured
-        later; the speculator gives ``K + 1`` for a draft length ``K``, however many tokens a draft found)
-        and goes through each layer at once: a streamed layer crosses its link once per pass.
+        ``VerifyChunk``: shapes fixed by the rows, the width and the key length; the speculator gives
+        ``K + 1`` for a draft length ``K``, however many tokens a draft found) and goes through each layer
+        at once: a streamed layer crosses its link once per pass. With CUDA graphs the pass is captured
+        and replayed like a decode step, at a width padded to a power of two (:meth:`verify_width`), every
+        row laid out as a tree (a chain is one).
         A row whose drafts are rejected simply has its cached length set back by the caller: the
         positions it wrote past it are overwritten by its next pass before anything reads them.
 
@@ -215,6 +217,10 @@ class OffloadedModel:
         if width == 1:  # a decode step (captured in graphs on a GPU)
             tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.device)
             return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)])[:, None]
+        asked = width
+        if self.graphs is not None:  # one capture serves chains and trees of a bucket of widths
+            width = self.verify_width(width)
+            parents = parents if parents is not None else [list(range(len(t) - 1)) for t in new_tokens]
         rows, sink = bucket(n, 1, self.max_batch), self.max_seq_len
         padded = new_tokens + [[]] * (rows - n)
         starts = cached + [0] * (rows - n)
@@ -225,10 +231,22 @@ class OffloadedModel:
         positions, ancestors = slots, None
         if parents is not None:
             positions, ancestors = _tree_layout(parents + [[]] * (rows - n), slots, sink)
-            ancestors = ancestors.to(self.device)
+        if self.graphs is not None:
+            try:
+                return self.graphs.verify(host_tokens.to(self.device), host_tokens, positions, slots, ancestors,
+                                          kv_len)[:n, :asked]
+            except BaseException:
+                self._reset()
+                raise
         chunk = VerifyChunk(host_tokens.to(self.device), host_tokens, positions.to(self.device), kv_len,
-                            self.decoder.ropes, self.decoder.windows, slots.to(self.device), ancestors)
+                            self.decoder.ropes, self.decoder.windows, slots.to(self.device),
+                            None if ancestors is None else ancestors.to(self.device))
         return self._forward([chunk], self.cache, rows, all_logits=True)[:n]
+
+    def verify_width(self, width: int) -> int:
+        """The tokens a row takes in a verify pass asked for ``width``: with CUDA graphs, a power of two (each
+        width is a bucket of captures); as asked without."""
+        return width if self.graphs is None or width == 1 else bucket(width, 2, self.max_seq_len)
 
     @torch.inference_mode()
     def keep_path(self, cached: list[int], paths: list[list[int]]) -> None:

@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def graph_pool_bytes(model) -> int:
-    """GPU memory the decode graphs' private pool holds (not in max_memory_allocated once captured)."""
+    """GPU memory the CUDA graphs' private pool holds (not in max_memory_allocated once captured)."""
     if model.graphs is None:
         return 0
     return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()

@@ -128,10 +128,70 @@ def test_graph_decode_equals_eager_decode_bitwise():
     free_gpu()
     graphs = load(SHORT_7B, **kw)
     got = trace(graphs, prompts)
-    assert len({rows for rows, _ in graphs.graphs.buckets}) >= 2  # more than one bucket of rows was captured
+    assert len({rows for rows, _, _ in graphs.graphs.buckets}) >= 2  # more than one bucket of rows was captured
     for step, (a, b) in enumerate(zip(want, got)):
         assert torch.equal(a, b), f"step {step}"
     graphs.close()
+
+
+def verify_trace(model, prompts: list[list[int]], tree: bool, width=None, steps: int = 6) -> list[torch.Tensor]:
+    """The logits of a prefill and of verify passes adding a chain (or a tree) of 5, 2 and 6 tokens to the rows,
+    one pass after another: each row's real tokens only."""
+    gen = torch.Generator().manual_seed(9)
+    parents = [[0, 0, 1, 2], [0], [0, 1, 1, 3, 3]] if tree else [[0, 1, 2, 3], [0], [0, 1, 2, 3, 4]]
+    out = [model.extend(prompts, [0] * len(prompts)).clone()]
+    cached = [len(p) for p in prompts]
+    for _ in range(steps):
+        tokens = [torch.randint(3, 1000, (len(p) + 1,), generator=gen).tolist() for p in parents]
+        logits = model.verify(tokens, cached, width=width, parents=parents if tree or width else None)
+        out += [logits[b, : len(t)].clone() for b, t in enumerate(tokens)]
+        cached = [c + len(t) for c, t in zip(cached, tokens)]
+    return out
+
+
+@cuda
+@pytest.mark.parametrize("tree", [False, True])
+def test_graph_verify_passes_equal_eager_passes_bitwise(tree):
+    """A verify pass replayed from CUDA graphs (padded to a width of 8, laid out as a tree) runs the eager pass's
+    kernels: the same bits, with half the layers streamed from the host."""
+    prompts = prompts_7b((40, 17, 29))
+    kw = dict(dtype=torch.bfloat16, max_batch=4, max_seq_len=256, gpu_memory="3GiB", cpu_memory="8GiB")
+    eager = load(SHORT_7B, **kw, cuda_graphs=False)
+    assert eager.plan.host_bytes > 0
+    want = verify_trace(eager, prompts, tree, width=8)
+    eager.close()
+    del eager
+    free_gpu()
+    graphs = load(SHORT_7B, **kw)
+    got = verify_trace(graphs, prompts, tree)
+    assert {width for _, width, _ in graphs.graphs.buckets} == {8}  # 6 tokens a row at most, padded
+    for step, (a, b) in enumerate(zip(want, got)):
+        assert torch.equal(a, b), f"pass {step}"
+    graphs.close()
+
+
+@cuda
+def test_speculative_decoding_with_graphs_stays_in_budget():
+    """Verify passes of up to 17 tokens a row (padded to 32) in CUDA graphs: their pool is planned."""
+    free_gpu()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    budget = 5 * 2**30
+    model = load(shape_config("llama-2-7b"), dtype=torch.bfloat16, gpu_memory=budget, cpu_memory=12 * 2**30,
+                 max_batch=4, max_seq_len=512, draft="ngram")
+    loop = list(range(100, 140)) * 6  # prompt lookup drafts 16 tokens a row from a repeated prompt
+    result = model.generate([loop[:200], loop[5:180], loop[:90], loop[7:150]], max_new_tokens=48, ignore_eos=True,
+                            return_result=True)
+    torch.cuda.synchronize()
+    peak, pool = torch.cuda.max_memory_allocated() - base, graph_pool_bytes(model)
+    widths = sorted({width for _, width, _ in model.graphs.buckets})
+    print(f"\nngram draft, graphs of widths {widths}: peak allocated {peak / 2**30:.3f} GiB + graph pool "
+          f"{pool / 2**20:.0f} MiB (planned {model.plan.needs.graph_bytes / 2**20:.0f} MiB); "
+          f"{result.tokens_per_pass:.2f} tokens a pass")
+    assert max(widths) > 1
+    assert peak + pool <= budget
+    assert pool <= model.plan.needs.graph_bytes
+    model.close()
 
 
 @cuda

@@ -48,7 +48,7 @@ class MemoryNeeds:
     step_tokens: int = 0  # the most tokens of a chunk of a pass, whose temporaries ``activation_bytes`` holds
     embedding_bytes: int = 0  # an untied embedding table: on the GPU, or in host RAM when offloading
     rope_bytes: int = 0  # the rotary embedding's cos/sin tables for max_seq_len positions
-    graph_bytes: int = 0  # CUDA graphs of decode steps: their memory pool and static buffers
+    graph_bytes: int = 0  # CUDA graphs of decode steps (and verify passes): their memory pool and buffers
     flops_per_token: float = 0.0  # matrix-product work of one token through every layer
     flops_per_key: float = 0.0  # attention work of one token against one cached key, every layer
     experts: ExpertNeeds | None = None  # a mixture-of-experts model's routed experts (blocks of their own)
@@ -214,7 +214,7 @@ class Plan:
             + (f" (chunks of {n.step_tokens} tokens)" if n.step_tokens else "")
             + f", rotary tables {format_size(n.rope_bytes)}, "
             f"workspace {format_size(n.workspace_bytes)}"
-            + (f", decode graphs {format_size(n.graph_bytes)}" if n.graph_bytes else "")
+            + (f", CUDA graphs {format_size(n.graph_bytes)}" if n.graph_bytes else "")
             + (f", dequantize scratch {format_size(n.dequant_bytes)}" if n.dequant_bytes else "")
             + (f", draft {format_size(n.draft_bytes)}" if n.draft_bytes else "")
         )
@@ -372,7 +372,7 @@ def _fixed_parts(needs: MemoryNeeds, embedding: int = 0) -> str:
         f"non-layer tensors {format_size(needs.global_bytes)} + KV cache {format_size(needs.kv_bytes)} "
         f"+ activations {format_size(needs.activation_bytes)} + rotary tables {format_size(needs.rope_bytes)} "
         f"+ workspace {format_size(needs.workspace_bytes)}"
-        + (f" + decode graphs {format_size(needs.graph_bytes)}" if needs.graph_bytes else "")
+        + (f" + CUDA graphs {format_size(needs.graph_bytes)}" if needs.graph_bytes else "")
         + (f" + dequantize scratch {format_size(needs.dequant_bytes)}" if needs.dequant_bytes else "")
         + (f" + draft {format_size(needs.draft_bytes)}" if needs.draft_bytes else "")
     )

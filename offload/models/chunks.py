@@ -234,10 +234,10 @@ class DecodeChunk:
     def rotary(self, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rotary[rope]
 
-    def with_tokens(self, tokens: torch.Tensor) -> "DecodeChunk":
+    def with_tokens(self, tokens: torch.Tensor, host_tokens: torch.Tensor | None = None) -> "DecodeChunk":
         """This chunk (its positions, tables and masks) adding ``tokens [B]``: what a replayed graph's step embeds."""
         chunk = copy.copy(self)
-        chunk.tokens = tokens[:, None]
+        chunk.tokens, chunk.host_tokens = tokens[:, None], None if host_tokens is None else host_tokens[:, None]
         return chunk
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:

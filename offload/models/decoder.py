@@ -178,23 +178,38 @@ class Decoder:
 
     @classmethod
     def decode_graph_bytes(cls, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, max_batch: int,
-                           max_seq_len: int) -> int:
-        """GPU memory of the decode graphs: their shared pool (one decode step's temporaries at the largest
-        row bucket), the static buffers of every row bucket, and a margin for the graphs themselves."""
+                           max_seq_len: int, verify_width: int = 1) -> int:
+        """GPU memory of the CUDA graphs of decode steps and (``verify_width > 1``: speculative decoding) of
+        verify passes up to ``verify_width`` tokens a row (a power of two): their shared pool (the temporaries
+        of the largest pass), the static buffers and tables of every bucket, and a margin for the graphs."""
         e, d = dtype.itemsize, config.hidden_size
         hq, hkv = local_heads(config, tp)
         hd, inter = config.head_dim, config.intermediate_size // tp.size
-        b = max_batch
+        b, seq = max_batch, max_seq_len
+        qk_norm = b * (hq + hkv) * hd * (2 * 4 + e) if cls.qk_norm else 0
         temporaries = 2 * b * d * e + max(
             b * d * (2 * 4 + e),  # rms_norm's float32 copies
-            b * (3 * (hq + 2 * hkv) * hd + 4 * hq * hd) * e + b * hq * max_seq_len * (3 * e + 4)  # attention
-            + kernels.decode_attention_bytes(b, hq, hkv, max_seq_len, hd, dtype)
-            + (b * (hq + hkv) * hd * (2 * 4 + e) if cls.qk_norm else 0),
+            b * (3 * (hq + 2 * hkv) * hd + 4 * hq * hd) * e + b * hq * seq * (3 * e + 4)  # attention
+            + kernels.decode_attention_bytes(b, hq, hkv, seq, hd, dtype) + qk_norm,
             b * 3 * inter * e,
         )
         buckets = max_batch.bit_length() + 1  # row buckets 1, 2, 4, ... up to max_batch
-        ropes = len(cls.rope_inv_freqs(config))
-        static = 2 * b * d * e + buckets * b * (2 * ropes * hd * e + len(set(config.sliding_windows)) * max_seq_len)
+        ropes, windows = len(cls.rope_inv_freqs(config)), len(set(config.sliding_windows))
+        static = 2 * b * d * e + buckets * b * (2 * ropes * hd * e + windows * seq)
+        if verify_width > 1:
+            t = b * verify_width  # the widest pass's tokens
+            wide = 2 * t * d * e + 4 * t * seq + max(  # a tree's masks being built, then the widest layer's work
+                t * d * (2 * 4 + e),
+                t * (3 * (hq + 2 * hkv) * hd + 4 * hq * hd) * e + t * (hq // hkv) * seq * (1 + e)
+                + qk_norm * verify_width,
+                t * 3 * inter * e,
+            )
+            temporaries = max(temporaries, wide)
+            # Over the buckets of rows (summing to < 2b) and of widths 2, 4, ... (summing to < 2 verify_width):
+            # the hidden states, positions, slots and trees of each, and per bucket of key length (at most
+            # one per bit of max_seq_len; their lengths sum to < 2 max_seq_len) the rotary tables and masks.
+            static += 4 * t * (d * e + 2 * 8 + verify_width) + 4 * t * (
+                seq.bit_length() * 2 * ropes * hd * e + windows * 2 * seq)
         return temporaries + static + 32 * 2**20
 
     # ------------------------------------------------------------------ computing

@@ -24,6 +24,8 @@ the one above.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -58,6 +60,13 @@ class VerifyChunk:
 
     def mask(self, window: int | None) -> torch.Tensor:
         return self._masks[window]
+
+    def with_tokens(self, tokens: torch.Tensor, host_tokens: torch.Tensor | None = None) -> "VerifyChunk":
+        """This chunk (its positions, tables and masks) adding ``tokens [B, W]``: what a replayed graph's pass
+        embeds."""
+        chunk = copy.copy(self)
+        chunk.tokens, chunk.host_tokens = tokens, host_tokens
+        return chunk
 
     def rotary(self, rope) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rotary[rope]

@@ -1,28 +1,34 @@
-"""Decode steps as CUDA graphs: captured once per bucket of rows and key length, then replayed.
+"""Decode steps and verify passes as CUDA graphs: captured once per bucket of shapes, then replayed.
 
 A decode step launches a dozen small kernels per layer; issued one by one from
 Python they take longer than the GPU needs to run them. Captured in a CUDA graph,
-a run of layers is launched by one call.
+a run of layers is launched by one call. Speculative decoding's verify pass is a
+wide decode step (every row adds ``width`` tokens: a ``VerifyChunk``) and is
+captured the same way.
 
-Nothing here loops over layers: a decode step with graphs is the decoder's own
-pass (``Decoder.forward``), whose ``run`` argument replays the graph of each
-segment instead of computing it, and a segment's graph is a capture of
+Nothing here loops over layers: a pass with graphs is the decoder's own pass
+(``Decoder.forward``), whose ``run`` argument replays the graph of each segment
+instead of computing it, and a segment's graph is a capture of
 ``Decoder.run_segment`` on that segment. The copy rings stay as they are: before a
 streamed layer's segment the compute stream waits for its slot (``acquire``), after
 it the slot is freed and the next copy issued (``release``), on the host, between
 replays. Consecutive resident layers form one segment, so a fully resident model
-replays one graph per step. A streamed layer always sits in the same slot (the
+replays one graph per pass. A streamed layer always sits in the same slot (the
 rings' fixed slot per block), so its graph reads its weights from the same address
-every step. The embedding and the LM head run eagerly around the graphs.
+every pass. The embedding and the LM head run eagerly around the graphs.
 
-The first step of each bucket runs eagerly on the capture stream (it warms the
-kernels up, and its logits are that step's result); then the bucket's segments
-are captured, and later steps replay them. Graphs read and write static buffers
-per row bucket (hidden state, positions) and share one memory pool. Graphs run the
-eager step's kernels: a graph step gives the eager step's logits bit for bit.
+A bucket is a shape: rows, tokens a row (1 for a decode step) and key length. Its
+first pass runs eagerly on the capture stream (it warms the kernels up, and its
+logits are that pass's result); then the bucket's segments are captured, and later
+passes replay them. Graphs read static buffers per shape of rows and width (the
+hidden state; the positions, and a verify pass's cache slots and tree), refilled
+before each replay; the first segment's graph rebuilds the pass's rotary tables
+and masks from them. Every bucket's graphs share one memory pool. Graphs run the
+eager pass's kernels: a graph pass gives the eager pass's logits bit for bit.
 
-With ``compile`` (opt-in), the decoder layer is also compiled by ``torch.compile``
-before it is captured. A layer is compiled alone, never across layers, so a
+With ``compile`` (opt-in), the decoder layer of decode steps is also compiled by
+``torch.compile`` before it is captured (verify passes capture it uncompiled: each
+width would compile again). A layer is compiled alone, never across layers, so a
 streamed layer runs exactly the kernels of a resident one. Each bucket compiles its
 own copy of the layer, with static shapes: dynamo keeps compiled versions per code
 object, shared by every model in the process and capped in number. Inductor picks
@@ -38,6 +44,7 @@ import functools
 import types
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch.nn.attention import sdpa_kernel
@@ -45,100 +52,150 @@ from torch.nn.attention import sdpa_kernel
 from ..errors import OffloadWarning
 from ..models.chunks import DecodeChunk
 from ..models.decoder import ATTENTION_BACKENDS, Decoder, KVCache
+from ..models.verify_chunk import VerifyChunk
 from .stream import WeightStream
+
+
+class CudaCapture:
+    """Where graphs are captured: a side stream of ``device``, and one memory pool for every graph."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def on_side_stream(self):
+        """A context in which work goes to the capture stream, after what the current stream has queued."""
+        self.stream.wait_stream(torch.cuda.current_stream())
+        return torch.cuda.stream(self.stream)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def join(self) -> None:
+        """The current stream continues after the capture stream's work."""
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def graph(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """``work`` captured (on the side stream, into the pool): replaying it runs its kernels again."""
+        graph = torch.cuda.CUDAGraph()
+        # thread-local: other threads (NCCL's watchdog, a server's event loop) may use CUDA meanwhile
+        graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+        work()
+        graph.capture_end()
+        return graph
 
 
 @dataclass
 class _Bucket:
     """One bucket's graphs (one per segment, by its first layer) and what they read and write."""
 
-    h: torch.Tensor  # [rows, 1, d]: the embedded tokens in, each segment's output out (shared by a row bucket)
-    positions: torch.Tensor  # [rows] (shared by a row bucket)
-    chunk: DecodeChunk | None = None  # built from ``positions`` inside the first segment's capture
-    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    h: torch.Tensor  # [rows, width, d]: the embedded tokens in, each segment's output out (shared per rows, width)
+    inputs: tuple[torch.Tensor, ...]  # what the pass's chunk is built from, on the device (shared likewise)
+    chunk: DecodeChunk | VerifyChunk | None = None  # built from ``inputs`` inside the first segment's capture
+    graphs: dict = field(default_factory=dict)
 
     def replay(self, segment: list[int], hs: list[torch.Tensor], weights, chunks, cache) -> list[torch.Tensor]:
         """What ``Decoder.run_segment`` computes, by replaying its capture (the weights are where the capture
         read them: a streamed layer's one slot)."""
-        if hs[0] is not self.h:  # the first segment: the step's embedded tokens
+        if hs[0] is not self.h:  # the first segment: the pass's embedded tokens
             self.h.copy_(hs[0])
         self.graphs[segment[0]].replay()
         return [self.h]
 
 
 class DecodeGraphs:
-    """Runs decode steps of ``decoder`` as replayed CUDA graphs, bucket by bucket."""
+    """Runs decode steps and verify passes of ``decoder`` as replayed CUDA graphs, bucket by bucket.
+
+    ``capture`` makes the graphs (:class:`CudaCapture` on ``device``; tests give a stand-in that replays by
+    running the captured work again)."""
 
     def __init__(self, decoder: Decoder, weights: WeightStream, cache: KVCache, device: torch.device,
-                 compile: bool = False):
+                 compile: bool = False, capture=None):
         self.decoder, self.weights, self.cache = decoder, weights, cache
         self.compile = compile and decoder.tp.size == 1
-        self.stream = torch.cuda.Stream(device)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per row bucket: (h, positions)
-        self.buckets: dict[tuple[int, int], _Bucket] = {}
+        self.capture = capture or CudaCapture(device)
+        self.pool = getattr(self.capture, "pool", None)
+        self.buffers: dict[tuple[int, int], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}  # per (rows, width)
+        self.buckets: dict[tuple[int, int, int], _Bucket] = {}  # per (rows, width, key length)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Logits ``[rows, vocab]`` of a decode step (``tokens`` and ``positions`` on the device)."""
-        rows = positions.shape[0]
-        bucket = self._bucket(rows, kv_len)
-        bucket.positions.copy_(positions)
+        def chunk(positions, tokens=None):
+            return DecodeChunk(positions, kv_len, self.decoder.ropes, self.decoder.windows, tokens)
+
+        return self._pass(kv_len, (positions,), chunk, tokens)
+
+    def verify(self, tokens: torch.Tensor, host_tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               ancestors: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Logits ``[rows, width, vocab]`` of a verify pass whose rows are trees (``VerifyChunk``'s arguments;
+        ``tokens`` on the device, the rest anywhere: copied into the bucket's buffers)."""
+        def chunk(positions, slots, ancestors, tokens=None, host_tokens=None):
+            return VerifyChunk(tokens, host_tokens, positions, kv_len, self.decoder.ropes, self.decoder.windows,
+                               slots, ancestors)
+
+        return self._pass(kv_len, (positions, slots, ancestors), chunk, tokens, host_tokens)
+
+    def _pass(self, kv_len: int, inputs: tuple, make_chunk, tokens: torch.Tensor, host_tokens=None) -> torch.Tensor:
+        bucket = self._bucket(inputs[0].shape, inputs, kv_len)
+        for buffer, value in zip(bucket.inputs, inputs):
+            buffer.copy_(value)
+        rows, wide = bucket.h.shape[0], tokens.dim() > 1
         if not bucket.graphs:
-            return self._first_step(bucket, tokens, kv_len)
-        return self.decoder.forward([bucket.chunk.with_tokens(tokens)], self.weights, self.cache, rows,
-                                    run=bucket.replay)
+            return self._first_pass(bucket, make_chunk, tokens, host_tokens)
+        return self.decoder.forward([bucket.chunk.with_tokens(tokens, host_tokens)], self.weights, self.cache, rows,
+                                    run=bucket.replay, all_logits=wide)
 
-    def _bucket(self, rows: int, kv_len: int) -> _Bucket:
-        if rows not in self.buffers:
+    def _bucket(self, shape: torch.Size, inputs: tuple, kv_len: int) -> _Bucket:
+        rows, width = shape[0], (shape[1] if len(shape) > 1 else 1)
+        if (rows, width) not in self.buffers:
             like = self.decoder.weights.final_norm
-            self.buffers[rows] = (like.new_empty(rows, 1, self.decoder.config.hidden_size),
-                                  torch.zeros(rows, dtype=torch.long, device=like.device))
-        if (rows, kv_len) not in self.buckets:
-            self.buckets[rows, kv_len] = _Bucket(*self.buffers[rows])
-        return self.buckets[rows, kv_len]
+            self.buffers[rows, width] = (like.new_empty(rows, width, self.decoder.config.hidden_size),
+                                         tuple(torch.zeros_like(x, device=like.device) for x in inputs))
+        if (rows, width, kv_len) not in self.buckets:
+            self.buckets[rows, width, kv_len] = _Bucket(*self.buffers[rows, width])
+        return self.buckets[rows, width, kv_len]
 
-    def _first_step(self, bucket: _Bucket, tokens: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """The bucket's first step, eagerly on the capture stream (its warm-up), then the capture of its graphs."""
+    def _first_pass(self, bucket: _Bucket, make_chunk, tokens, host_tokens) -> torch.Tensor:
+        """The bucket's first pass, eagerly on the capture stream (its warm-up), then the capture of its graphs."""
         try:
-            return self._run_and_capture(bucket, tokens, kv_len, self._segment_runner())
+            return self._run_and_capture(bucket, make_chunk, tokens, host_tokens, self._segment_runner(tokens))
         except Exception as e:  # torch.compile needs a working Triton; without it, graphs of plain kernels
             if not self.compile:
                 raise
             warnings.warn(f"compiling the decode layer failed ({type(e).__name__}: {e}); "
-                          "capturing it uncompiled from now on", OffloadWarning, stacklevel=3)
+                          "capturing it uncompiled from now on", OffloadWarning, stacklevel=4)
             self.weights.reset()
             bucket.graphs.clear()
             self.compile = False
-            return self._run_and_capture(bucket, tokens, kv_len, self._segment_runner())
+            return self._run_and_capture(bucket, make_chunk, tokens, host_tokens, self._segment_runner(tokens))
 
-    def _segment_runner(self):
-        """``run_segment``, with the layer compiled (a fresh copy for each bucket) when compiling."""
-        if not self.compile:
+    def _segment_runner(self, tokens: torch.Tensor):
+        """``run_segment``, with the layer compiled (a fresh copy for each bucket) for a decode step when compiling."""
+        if not self.compile or tokens.dim() > 1:
             return self.decoder.run_segment
         return functools.partial(self.decoder.run_segment, layer=compiled_copy(self.decoder))
 
-    def _run_and_capture(self, bucket: _Bucket, tokens, kv_len: int, run) -> torch.Tensor:
-        rows = bucket.positions.shape[0]
-        self.stream.wait_stream(torch.cuda.current_stream())
+    def _run_and_capture(self, bucket: _Bucket, make_chunk, tokens, host_tokens, run) -> torch.Tensor:
+        rows, wide = bucket.h.shape[0], tokens.dim() > 1
         # The layer compiles (and its kernels are tuned) on this first call, never during capture.
-        with torch.cuda.stream(self.stream), _tuning(self.compile):
-            chunk = DecodeChunk(bucket.positions, kv_len, self.decoder.ropes, self.decoder.windows, tokens)
-            logits = self.decoder.forward([chunk], self.weights, self.cache, rows, run=run)
-        self.stream.synchronize()
-        with torch.cuda.stream(self.stream), sdpa_kernel(ATTENTION_BACKENDS):
+        with self.capture.on_side_stream(), _tuning(self.compile and not wide):
+            chunk = make_chunk(*bucket.inputs).with_tokens(tokens, host_tokens)
+            logits = self.decoder.forward([chunk], self.weights, self.cache, rows, run=run, all_logits=wide)
+        self.capture.synchronize()
+        with self.capture.on_side_stream(), sdpa_kernel(ATTENTION_BACKENDS):
             for n, segment in enumerate(self.weights.segments):
-                graph = torch.cuda.CUDAGraph()
-                # thread-local: other threads (NCCL's watchdog, a server's event loop) may use CUDA meanwhile
-                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-                if n == 0:  # the step's rotary tables and masks, from the positions, recomputed every replay
-                    bucket.chunk = DecodeChunk(bucket.positions, kv_len, self.decoder.ropes, self.decoder.windows)
-                weights = self.weights.fixed_weights(segment)
-                h = run(segment, [bucket.h], weights, [bucket.chunk], self.cache)[0]
-                bucket.h.copy_(h)
-                graph.capture_end()
-                bucket.graphs[segment[0]] = graph
-        torch.cuda.current_stream().wait_stream(self.stream)
+                bucket.graphs[segment[0]] = self.capture.graph(
+                    functools.partial(self._segment, bucket, segment, make_chunk if n == 0 else None, run))
+        self.capture.join()
         return logits
+
+    def _segment(self, bucket: _Bucket, segment: list[int], make_chunk, run) -> None:
+        """What a segment's graph does: (the first segment) the pass's rotary tables and masks from its inputs,
+        recomputed every replay; the segment's layers over ``bucket.h``, in place."""
+        if make_chunk is not None:
+            bucket.chunk = make_chunk(*bucket.inputs)
+        h = run(segment, [bucket.h], self.weights.fixed_weights(segment), [bucket.chunk], self.cache)[0]
+        bucket.h.copy_(h)
 
 
 def _tuning(compiling: bool):

@@ -151,6 +151,7 @@ class Speculator:
         keys = sum(row.cached for row in live)
 
         def verify_seconds(width: int) -> float:
+            width = self.model.verify_width(width)  # as the pass will run: padded, with graphs
             return max(plan.pass_seconds(len(rows) * width, keys * width) for plan in self.model.plans)
 
         plans = getattr(self.draft, "plans", None)  # a draft model's; prompt lookup costs nothing

@@ -1,0 +1,115 @@
+"""The CUDA-graph machinery of ``offload/scheduler/graphs.py`` on the CPU, with a stand-in capture that replays a
+graph by running its captured work again: buckets, static buffers refilled before each replay, the first segment
+rebuilding the pass's tables and masks, verify passes padded to a bucket of widths and laid out as trees. (What
+only a real capture shows, that nothing the host computed is frozen into a graph, is tested on a GPU in
+test_gpu.py.)"""
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from offload.scheduler.graphs import DecodeGraphs
+
+from test_speculation import KW, load, plain, prompts  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class RerunCapture:
+    """Graphs on the CPU: replaying a graph runs its captured work again. Capturing runs it once too (that is
+    how the work's tensors come to exist) but, like a real capture, leaves no trace in the KV cache: a real
+    capture computes nothing. Counts captures and replays."""
+
+    pool = None
+
+    def __init__(self, cache):
+        self.cache, self.captured, self.replayed = cache, 0, 0
+
+    def on_side_stream(self):
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        pass
+
+    def join(self) -> None:
+        pass
+
+    def graph(self, work):
+        kept = self.cache.k.clone(), self.cache.v.clone()
+        work()
+        self.cache.k.copy_(kept[0])
+        self.cache.v.copy_(kept[1])
+        self.captured += 1
+
+        def replay():
+            self.replayed += 1
+            work()
+
+        return SimpleNamespace(replay=replay)
+
+
+def with_graphs(model) -> RerunCapture:
+    """``model`` running its decode steps and verify passes through graphs captured by a :class:`RerunCapture`."""
+    capture = RerunCapture(model.cache)
+    model.graphs = DecodeGraphs(model.decoder, model.weights, model.cache, model.device, capture=capture)
+    return capture
+
+
+@pytest.fixture
+def streamed(structured):
+    """The structured model streaming every layer from the host, with prompt lookup (so verify passes are wide)."""
+    model = load(structured, "ngram")
+    yield model
+    model.close()
+
+
+def passes(model, batch, tokens, parents=None, width=None, steps=4) -> list[torch.Tensor]:
+    """The logits of ``steps`` verify passes adding ``tokens`` to each row of ``batch``, one after the other
+    (so positions advance, in one bucket of key lengths), each row's real tokens only."""
+    model.extend(batch, [0] * len(batch))
+    cached, out = [len(p) for p in batch], []
+    for _ in range(steps):
+        logits = model.verify(tokens, cached, width=width, parents=parents)
+        out += [logits[b, : len(t)] for b, t in enumerate(tokens)]
+        cached = [c + len(t) for c, t in zip(cached, tokens)]
+    return out
+
+
+def test_decode_steps_through_graphs_equal_eager_steps_bitwise(structured, streamed):
+    batch, tokens = prompts(structured, (9, 4, 17)), [[3], [4], [8]]
+    eager = passes(streamed, batch, tokens)
+    capture = with_graphs(streamed)
+    for got, want in zip(passes(streamed, batch, tokens), eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert list(streamed.graphs.buckets) == [(4, 1, 96)]  # rows padded to a power of two (keys: all 96)
+    assert capture.captured == len(streamed.weights.segments) and capture.replayed == 3 * capture.captured
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_verify_passes_through_graphs_equal_eager_passes_bitwise(structured, streamed, tree):
+    """A chain or a tree, padded to a bucket of widths: the same logits as an eager pass of the padded width."""
+    batch = prompts(structured, (9, 4, 17))
+    tokens = [[3, 5, 7, 9, 11], [4, 6], [8, 1, 2, 3, 4, 5]]
+    parents = [[0, 0, 1, 2], [0], [0, 1, 1, 3, 3]] if tree else [list(range(len(t) - 1)) for t in tokens]
+    eager = passes(streamed, batch, tokens, parents, width=8)
+    capture = with_graphs(streamed)
+    got = passes(streamed, batch, tokens, parents if tree else None, width=6)
+    for got, want in zip(got, eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert list(streamed.graphs.buckets) == [(4, 8, 96)]  # rows and width padded to powers of two
+    assert capture.replayed == 3 * capture.captured
+
+
+def test_speculative_generation_through_graphs_is_plain_greedy(structured, streamed, plain):  # noqa: F811
+    batch, limits = prompts(structured), [40, 23, 31, 8]
+    want = plain.generate(batch, max_new_tokens=limits, ignore_eos=True)
+    capture = with_graphs(streamed)
+    got = streamed.generate(batch, max_new_tokens=limits, ignore_eos=True, return_result=True)
+    assert [p + t for p, t in zip(batch, got.tokens)] == want
+    assert got.tokens_per_pass > 1.5
+    widths = {width for _, width, _ in streamed.graphs.buckets}
+    assert 1 < max(widths) and all(w & (w - 1) == 0 for w in widths)  # verify passes, at powers of two
+    assert capture.replayed > 0
+

@@ -271,6 +271,7 @@ def run(args) -> int:
     if args.eager and graphs:
         model = offload.load_model(source, random_weights=0 if args.shape else None, progress=False,
                                    cuda_graphs=False, **budget_of_passes)
+        print(f"eagerly (no graphs' memory: the plan may keep more layers resident): {model.plan.layer_map()}")
         for p, eager in zip(passes, time_passes(model, args.widths, BATCHES, vocab)):
             p["eager_ms"] = eager["ms"]
         model.close()

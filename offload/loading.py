@@ -214,9 +214,9 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
     quantized = quantized_shapes(blocks)
     every_pass = [block for block in blocks if block.fetch == EVERY_PASS]
     routed = [block for block in blocks if block.fetch == ON_DEMAND]
-    graphs = 0
-    if uses_cuda_graphs(options, device, family):  # a graph's allocations live in its pool: a dequantize scratch too
-        width = bucket(_max_draft(options) + 1, 2, seq) if options.draft is not None else 1  # verify passes'
+    graphs, captured = 0, uses_cuda_graphs(options, device, family)
+    if captured:  # a graph's allocations live in its pool: a dequantize scratch too
+        width = _verify_width(options, captured)
         graphs = (family.decode_graph_bytes(config, tp, dtype, batch, seq, verify_width=width)
                   + scratch_bytes(quantized, dtype, batch * width))
     return MemoryNeeds(
@@ -228,7 +228,7 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
         kv_bytes=KVCache.nbytes(config.n_layers, batch, kv_heads, seq, config.head_dim, dtype),
         activation_bytes=max(family.activation_bytes(config, tp, dtype, batch, seq, step_tokens,
                                                      logit_positions=step_tokens if options.all_logits else batch),
-                             _verify_bytes(family, config, tp, dtype, options)),
+                             _verify_bytes(family, config, tp, dtype, options, captured)),
         workspace_bytes=WORKSPACE_BYTES if device.type == "cuda" else 0,
         rope_bytes=len(family.rope_inv_freqs(config)) * 2 * (seq + 1) * config.head_dim * dtype.itemsize,
         max_batch=batch,
@@ -260,17 +260,28 @@ def _expert_needs(config: ModelConfig, routed: list[BlockSpec]) -> ExpertNeeds |
     return ExpertNeeds(max(block.nbytes for block in routed), tuple(per_layer), config.top_k)
 
 
+def _verify_width(options: LoadOptions, captured: bool) -> int:
+    """The most tokens a row adds in a verify pass (1 without a draft): ``K + 1``, padded to a power of two
+    where the passes are captured in CUDA graphs."""
+    if options.draft is None:
+        return 1
+    width = _max_draft(options) + 1
+    return bucket(width, 2, options.max_seq_len) if captured else width
+
+
 def _verify_bytes(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
-                  options: LoadOptions) -> int:
-    """Speculative decoding's verify pass (0 without a draft): ``max_batch`` rows of ``K + 1`` tokens in one
-    chunk with the logits of every one, the draft's float32 distributions over them, and speculative
-    sampling's float32 work on one row (its filtered target distributions, sorted, and residuals)."""
+                  options: LoadOptions, captured: bool) -> int:
+    """Speculative decoding's verify pass (0 without a draft): ``max_batch`` rows of ``K + 1`` tokens (padded,
+    when ``captured`` in graphs: a bucket's first pass runs eagerly) in one chunk with the logits of every one,
+    the draft's float32 distributions over them, and speculative sampling's float32 work on one row (its
+    filtered target distributions, sorted, and residuals)."""
     if options.draft is None:
         return 0
-    width = _max_draft(options) + 1
+    width, padded = _max_draft(options) + 1, _verify_width(options, captured)
     tokens, vocab = options.max_batch * width, config.vocab_size
-    verify = family.activation_bytes(config, tp, dtype, options.max_batch, options.max_seq_len, tokens,
-                                     logit_positions=tokens)
+    run = options.max_batch * padded
+    verify = family.activation_bytes(config, tp, dtype, options.max_batch, options.max_seq_len, run,
+                                     logit_positions=run)
     return verify + tokens * vocab * 4 + width * vocab * 32
 
 

@@ -59,18 +59,20 @@ def with_graphs(model) -> RerunCapture:
 
 @pytest.fixture
 def streamed(structured):
-    """The structured model streaming every layer from the host, with prompt lookup (so verify passes are wide)."""
-    model = load(structured, "ngram")
+    """The structured model streaming every layer from the host, with prompt lookup (so verify passes are wide),
+    its cache long enough for two buckets of key lengths."""
+    model = load(structured, "ngram", max_seq_len=256)
     yield model
     model.close()
 
 
-def passes(model, batch, tokens, parents=None, width=None, steps=4) -> list[torch.Tensor]:
+def passes(model, batch, tokens, trees=None, width=None, steps=5) -> list[torch.Tensor]:
     """The logits of ``steps`` verify passes adding ``tokens`` to each row of ``batch``, one after the other
-    (so positions advance, in one bucket of key lengths), each row's real tokens only."""
+    (so positions advance), each row's real tokens only. Pass ``s`` lays its rows out as ``trees[s % 2]``."""
     model.extend(batch, [0] * len(batch))
     cached, out = [len(p) for p in batch], []
-    for _ in range(steps):
+    for step in range(steps):
+        parents = None if trees is None else trees[step % len(trees)]
         logits = model.verify(tokens, cached, width=width, parents=parents)
         out += [logits[b, : len(t)] for b, t in enumerate(tokens)]
         cached = [c + len(t) for c, t in zip(cached, tokens)]
@@ -83,23 +85,25 @@ def test_decode_steps_through_graphs_equal_eager_steps_bitwise(structured, strea
     capture = with_graphs(streamed)
     for got, want in zip(passes(streamed, batch, tokens), eager):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert list(streamed.graphs.buckets) == [(4, 1, 96)]  # rows padded to a power of two (keys: all 96)
-    assert capture.captured == len(streamed.weights.segments) and capture.replayed == 3 * capture.captured
+    assert list(streamed.graphs.buckets) == [(4, 1, 128)]  # rows padded to a power of two, keys to 128
+    assert capture.captured == len(streamed.weights.segments) and capture.replayed == 4 * capture.captured
 
 
 @pytest.mark.parametrize("tree", [False, True])
 def test_verify_passes_through_graphs_equal_eager_passes_bitwise(structured, streamed, tree):
-    """A chain or a tree, padded to a bucket of widths: the same logits as an eager pass of the padded width."""
-    batch = prompts(structured, (9, 4, 17))
+    """Chains or trees (two shapes, in turn), padded to a bucket of widths: the same logits as eager passes of the
+    padded width, through two buckets of key lengths."""
+    batch = prompts(structured, (9, 4, 110))  # the third row's keys pass 128 in the fourth pass
     tokens = [[3, 5, 7, 9, 11], [4, 6], [8, 1, 2, 3, 4, 5]]
-    parents = [[0, 0, 1, 2], [0], [0, 1, 1, 3, 3]] if tree else [list(range(len(t) - 1)) for t in tokens]
-    eager = passes(streamed, batch, tokens, parents, width=8)
+    chains = [[list(range(len(t) - 1)) for t in tokens]]
+    trees = [[[0, 0, 1, 2], [0], [0, 1, 1, 3, 3]], [[0, 1, 1, 0], [0], [0, 0, 0, 2, 1]]] if tree else chains
+    eager = passes(streamed, batch, tokens, trees, width=8)
     capture = with_graphs(streamed)
-    got = passes(streamed, batch, tokens, parents if tree else None, width=6)
+    got = passes(streamed, batch, tokens, trees if tree else None, width=6)
     for got, want in zip(got, eager):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert list(streamed.graphs.buckets) == [(4, 8, 96)]  # rows and width padded to powers of two
-    assert capture.replayed == 3 * capture.captured
+    assert sorted(streamed.graphs.buckets) == [(4, 8, 128), (4, 8, 256)]  # rows, width padded to powers of two
+    assert capture.captured == 2 * len(streamed.weights.segments) and capture.replayed == 3 * capture.captured // 2
 
 
 def test_speculative_generation_through_graphs_is_plain_greedy(structured, streamed, plain):  # noqa: F811

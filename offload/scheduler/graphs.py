@@ -80,8 +80,10 @@ class CudaCapture:
         graph = torch.cuda.CUDAGraph()
         # thread-local: other threads (NCCL's watchdog, a server's event loop) may use CUDA meanwhile
         graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-        work()
-        graph.capture_end()
+        try:
+            work()
+        finally:  # a failed capture must not leave the stream capturing
+            graph.capture_end()
         return graph
 
 
@@ -160,7 +162,7 @@ class DecodeGraphs:
         try:
             return self._run_and_capture(bucket, make_chunk, tokens, host_tokens, self._segment_runner(tokens))
         except Exception as e:  # torch.compile needs a working Triton; without it, graphs of plain kernels
-            if not self.compile:
+            if not self.compile or tokens.dim() > 1:  # verify passes are not compiled
                 raise
             warnings.warn(f"compiling the decode layer failed ({type(e).__name__}: {e}); "
                           "capturing it uncompiled from now on", OffloadWarning, stacklevel=4)
@@ -182,10 +184,12 @@ class DecodeGraphs:
             chunk = make_chunk(*bucket.inputs).with_tokens(tokens, host_tokens)
             logits = self.decoder.forward([chunk], self.weights, self.cache, rows, run=run, all_logits=wide)
         self.capture.synchronize()
+        graphs = {}
         with self.capture.on_side_stream(), sdpa_kernel(ATTENTION_BACKENDS):
             for n, segment in enumerate(self.weights.segments):
-                bucket.graphs[segment[0]] = self.capture.graph(
+                graphs[segment[0]] = self.capture.graph(
                     functools.partial(self._segment, bucket, segment, make_chunk if n == 0 else None, run))
+        bucket.graphs = graphs  # only once every segment is captured: a failed capture is retried next pass
         self.capture.join()
         return logits
 

@@ -23,6 +23,7 @@
 #   int4_70b       llama-2-70b in int4 at 24 GiB
 #   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16
 #   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host and the device cache
+#                  (both: graph pieces up to each layer's routing against eager steps: which is faster)
 #   spec13b        llama-2-13b at 8 GiB: what a verify pass of 1..32 tokens per row costs (speculation's budget),
 #                  in CUDA graphs and eagerly
 #   load70b        llama-2-70b saved in int4 (random weights, written first): its load against reading its files,

@@ -214,7 +214,7 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
     quantized = quantized_shapes(blocks)
     every_pass = [block for block in blocks if block.fetch == EVERY_PASS]
     routed = [block for block in blocks if block.fetch == ON_DEMAND]
-    graphs, captured = 0, uses_cuda_graphs(options, device, family)
+    graphs, captured = 0, uses_cuda_graphs(options, device)
     if captured:  # a graph's allocations live in its pool: a dequantize scratch too
         width = _verify_width(options, captured)
         graphs = (family.decode_graph_bytes(config, tp, dtype, batch, seq, verify_width=width)
@@ -285,10 +285,9 @@ def _verify_bytes(family: type[Decoder], config: ModelConfig, tp: TensorParallel
     return verify + tokens * vocab * 4 + width * vocab * 32
 
 
-def uses_cuda_graphs(options: LoadOptions, device: torch.device, family: type[Decoder]) -> bool:
-    """Decode steps are captured in CUDA graphs on a GPU unless turned off (or the family's layers need the
-    host between kernels: a mixture of experts' routing)."""
-    return options.cuda_graphs and device.type == "cuda" and family.decode_graphs
+def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
+    """Decode steps (and verify passes) are captured in CUDA graphs on a GPU unless turned off."""
+    return options.cuda_graphs and device.type == "cuda"
 
 
 def quantized_shapes(blocks: list[BlockSpec]) -> dict:

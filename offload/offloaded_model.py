@@ -116,7 +116,7 @@ class OffloadedModel:
         self.cache = KVCache(s.config.n_layers, self.max_batch, kv_heads, self.max_seq_len, s.config.head_dim,
                              s.dtype, s.device)
         self.graphs = (DecodeGraphs(self.decoder, self.weights, self.cache, s.device, compile=s.options.compile)
-                       if uses_cuda_graphs(s.options, s.device, s.family) else None)
+                       if uses_cuda_graphs(s.options, s.device) else None)
 
     @property
     def max_batch(self) -> int:

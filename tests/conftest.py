@@ -6,11 +6,13 @@ the ``tiny`` named shape as a checkpoint, a small model trained to have structur
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -22,6 +24,7 @@ import transformers  # noqa: E402
 
 import offload
 from offload.models.shapes import shape_config
+from offload.scheduler.graphs import DecodeGraphs
 from offload.structured import structured_checkpoint
 from offload.synthetic import train_demo_tokenizer, write_checkpoint
 
@@ -37,6 +40,46 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+class RerunCapture:
+    """Graphs on the CPU: replaying a graph runs its captured work again. Capturing runs it once too (that is
+    how the work's tensors come to exist) but, like a real capture, leaves no trace in the KV cache: a real
+    capture computes nothing. Counts captures and replays."""
+
+    pool = None
+
+    def __init__(self, cache):
+        self.cache, self.captured, self.replayed = cache, 0, 0
+
+    def on_side_stream(self):
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        pass
+
+    def join(self) -> None:
+        pass
+
+    def graph(self, work):
+        kept = self.cache.k.clone(), self.cache.v.clone()
+        work()
+        self.cache.k.copy_(kept[0])
+        self.cache.v.copy_(kept[1])
+        self.captured += 1
+
+        def replay():
+            self.replayed += 1
+            work()
+
+        return SimpleNamespace(replay=replay)
+
+
+def with_graphs(model) -> RerunCapture:
+    """``model`` running its decode steps and verify passes through graphs captured by a :class:`RerunCapture`."""
+    capture = RerunCapture(model.cache)
+    model.graphs = DecodeGraphs(model.decoder, model.weights, model.cache, model.device, capture=capture)
+    return capture
 
 
 def graph_pool_bytes(model) -> int:

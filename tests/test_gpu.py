@@ -314,6 +314,34 @@ def test_experts_streamed_on_cuda_equal_resident_bitwise_within_budget():
 
 
 @cuda
+def test_experts_in_graph_pieces_equal_eager_bitwise():
+    """A mixture of experts in CUDA graphs (each layer captured up to its routing, the experts run by the host
+    between replays): the eager passes' logits, bit for bit, decode steps and verify passes (trees, padded),
+    experts streamed through the cache."""
+    shape = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 3}
+    prompts = torch.randint(0, 151936, (3, 40), generator=torch.Generator().manual_seed(3)).tolist()
+    kw = dict(dtype=torch.bfloat16, max_batch=4, max_seq_len=256)
+    with load(shape, **kw) as resident:
+        needs = resident.plan.needs
+    free_gpu()
+    experts = needs.experts
+    kw.update(gpu_memory=needs.fixed_bytes + sum(needs.blocks) + (2 * experts.top_k + 24) * experts.nbytes,
+              cpu_memory="8GiB")
+    traces = {}
+    for graphs in (False, True):
+        with load(shape, cuda_graphs=graphs, **kw) as model:
+            assert model.plan.experts.placement.count("host") > 0
+            traces[graphs] = trace(model, prompts) + verify_trace(model, prompts, tree=True, width=8)
+            assert model.experts.misses > 0
+            pieces = sum(len(p) for bucket in model.graphs.buckets.values() for p in bucket.graphs.values()) \
+                if graphs else 0
+        free_gpu()
+    print(f"\n{pieces} graph pieces captured")
+    for step, (a, b) in enumerate(zip(traces[False], traces[True])):
+        assert torch.equal(a, b), f"pass {step}"
+
+
+@cuda
 @pytest.mark.parametrize("gpu_gib", [3.5, 5, 8])
 def test_peak_gpu_memory_and_pinned_bytes_stay_in_budget(gpu_gib):
     free_gpu()

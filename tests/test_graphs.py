@@ -4,57 +4,13 @@ rebuilding the pass's tables and masks, verify passes padded to a bucket of widt
 only a real capture shows, that nothing the host computed is frozen into a graph, is tested on a GPU in
 test_gpu.py.)"""
 
-import contextlib
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from offload.scheduler.graphs import DecodeGraphs
-
+from conftest import with_graphs
 from test_speculation import KW, load, plain, prompts  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class RerunCapture:
-    """Graphs on the CPU: replaying a graph runs its captured work again. Capturing runs it once too (that is
-    how the work's tensors come to exist) but, like a real capture, leaves no trace in the KV cache: a real
-    capture computes nothing. Counts captures and replays."""
-
-    pool = None
-
-    def __init__(self, cache):
-        self.cache, self.captured, self.replayed = cache, 0, 0
-
-    def on_side_stream(self):
-        return contextlib.nullcontext()
-
-    def synchronize(self) -> None:
-        pass
-
-    def join(self) -> None:
-        pass
-
-    def graph(self, work):
-        kept = self.cache.k.clone(), self.cache.v.clone()
-        work()
-        self.cache.k.copy_(kept[0])
-        self.cache.v.copy_(kept[1])
-        self.captured += 1
-
-        def replay():
-            self.replayed += 1
-            work()
-
-        return SimpleNamespace(replay=replay)
-
-
-def with_graphs(model) -> RerunCapture:
-    """``model`` running its decode steps and verify passes through graphs captured by a :class:`RerunCapture`."""
-    capture = RerunCapture(model.cache)
-    model.graphs = DecodeGraphs(model.decoder, model.weights, model.cache, model.device, capture=capture)
-    return capture
 
 
 @pytest.fixture

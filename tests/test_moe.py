@@ -20,7 +20,7 @@ from offload.errors import OffloadWarning, PlanError
 from offload.memory.experts import ExpertNeeds, place_experts
 from offload.models.shapes import shape_config
 
-from conftest import _ARCH
+from conftest import _ARCH, with_graphs
 from test_tensor_parallel import assert_tp_equals_one
 
 _ARCH.update({
@@ -115,6 +115,38 @@ def test_experts_streamed_through_the_cache_equal_resident_bitwise(case):
         assert "experts: " in str(streamed.plan) and "cache" in str(streamed.plan)
 
 
+def _steps(model, ids) -> list[torch.Tensor]:
+    """The logits of a prompt's pass, then of decode steps and verify passes (chains of 3 tokens a row) in turn."""
+    prompts = ids[:, :PROMPT].tolist()
+    out, cached = [model.extend(prompts, [0, 0]).clone()], [PROMPT, PROMPT]
+    for step, token in enumerate(ids[:, PROMPT:].T.tolist()):
+        tokens = [[t, t + 1, t + 2] for t in token] if step % 2 else [[t] for t in token]
+        wide = dict(width=4, parents=[[0, 1]] * 2) if step % 2 else {}  # as graphs run it: 4 wide, as a tree
+        out.append(model.verify(tokens, cached, **wide)[:, : len(tokens[0])].clone())
+        cached = [c + len(t) for c, t in zip(cached, tokens)]
+    return out
+
+
+def test_decode_steps_and_verify_passes_in_graph_pieces_equal_eager_bitwise(case):
+    """With CUDA graphs, a routed layer's attention and routing are captured and replayed, and the host runs its
+    experts between replays (here with a CPU stand-in for the capture: conftest's ``RerunCapture``): the eager
+    passes' logits, bit for bit, experts fetched through the cache as eagerly."""
+    _, _, directory, model = case
+    ids = _ids(n=PROMPT + 6, seed=3)
+    with _streamed(directory, model.plan.needs, resident_experts=2) as streamed:
+        want = _steps(streamed, ids)
+        misses = streamed.experts.misses
+        capture = with_graphs(streamed)
+        got = _steps(streamed, ids)
+        for step, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"pass {step}"
+        assert streamed.experts.misses > misses  # the host fetched experts between replays, as eagerly
+        routed = streamed.config.sparse_layers  # a piece up to each routed layer's routing, and one after the last
+        pieces = sum(sum(routed[i] for i in s) + (not routed[s[-1]]) for s in streamed.weights.segments)
+        assert capture.captured == 2 * pieces  # two buckets: decode steps, and verify passes
+        assert capture.replayed == 2 * capture.captured  # the other four passes
+
+
 @pytest.mark.parametrize("draft", ["ngram", "tree"])
 def test_speculative_decoding_with_streamed_experts_is_plain_greedy(case, draft):
     """Verify passes (chains of prompt lookup; trees of a draft model, the checkpoint itself) route every drafted
@@ -157,6 +189,24 @@ def test_a_decode_step_copies_each_routed_expert_not_on_the_device_once(checkpoi
             copied.clear(), expected.clear()
             model.extend([[9 + step]], [4 + step])  # one decode step
             assert copied == expected and len(set(copied)) == len(copied)
+
+
+def test_padding_routes_to_no_expert(case):
+    """A verify pass padded wider, or with a row that adds nothing, fetches the experts of its real tokens alone."""
+    _, _, directory, model = case
+    with _streamed(directory, model.plan.needs, resident_experts=0) as streamed:
+        fetch = streamed.experts.fetch
+
+        def needed(tokens, width):
+            """The experts each layer of a verify pass asks for."""
+            asked = []
+            streamed.experts.fetch = lambda layer, experts: asked.append(list(experts)) or fetch(layer, experts)
+            streamed.verify(tokens, [PROMPT] * len(tokens), width=width)
+            return asked
+
+        streamed.extend(_ids(n=PROMPT).tolist(), [0, 0])
+        assert needed([[5, 6, 7], [8]], 3) == needed([[5, 6, 7], [8]], 8)
+        assert needed([[5, 6, 7], []], 3) == needed([[5, 6, 7]], 3)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

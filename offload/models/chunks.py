@@ -136,6 +136,10 @@ class Chunk:
         """Each row's last new token, ``[B, d]``."""
         return h[:, -1] if self.uniform else h[self.last]
 
+    def pads(self) -> None:
+        """Which tokens are padding: none (a packed chunk holds only real tokens)."""
+        return None
+
     def all_tokens(self, h: torch.Tensor) -> torch.Tensor:
         """Every position, ``[B, T, d]`` (zeros where a row has fewer than T new tokens)."""
         if self.uniform:
@@ -233,6 +237,10 @@ class DecodeChunk:
 
     def rotary(self, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rotary[rope]
+
+    def pads(self) -> torch.Tensor:
+        """Which rows add nothing, ``[B, 1]`` on the device: theirs go to the sink, past every key read."""
+        return (self.positions >= self.kv_len)[:, None]
 
     def with_tokens(self, tokens: torch.Tensor, host_tokens: torch.Tensor | None = None) -> "DecodeChunk":
         """This chunk (its positions, tables and masks) adding ``tokens [B]``: what a replayed graph's step embeds."""

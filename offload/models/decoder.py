@@ -89,7 +89,6 @@ class Decoder:
     groups: ClassVar[dict[str, tuple[str, ...]]] = {}  # fused views: {"wqkv": ("wq", "wk", "wv")}
     linear: ClassVar[tuple[str, ...]] = ()  # the weights ``quantize`` compresses (not norms, not biases)
     qk_norm: ClassVar[bool] = False  # q and k are normalized per head before the rotary embedding
-    decode_graphs: ClassVar[bool] = True  # whether a decode step can be captured (no host decision inside)
 
     # ------------------------------------------------------------------ the family's checkpoints
 
@@ -257,6 +256,12 @@ class Decoder:
     def layer(self, x: torch.Tensor, w, chunk, kv, i: int) -> torch.Tensor:
         """Decoder layer ``i`` over one chunk's hidden states ``x``, its weights ``w``, its cache ``kv``."""
         raise NotImplementedError
+
+    def routed(self, i: int) -> bool:
+        """Whether the host decides inside layer ``i`` (a mixture of experts reads its routing to fetch the
+        experts): such a layer runs as ``attend_and_route``, all on the device (a CUDA graph captures it),
+        then ``routed_mlp`` on the host's say."""
+        return False
 
     def embed(self, tokens: torch.Tensor, host_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The tokens' embeddings on the compute device (``tokens`` there; the same ids on the host, if at hand)."""

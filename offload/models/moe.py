@@ -12,7 +12,9 @@ are, the others are copied into a device cache of expert slots while the ones al
 there compute. A pass's chunks are all routed before any expert is fetched, so a
 layer-major prefill brings each expert in once. Each expert's contribution is added
 in expert order whatever order they arrived in, so where the experts live never
-changes the result.
+changes the result. A sparse layer is two steps: ``attend_and_route``, all on the
+device (a CUDA graph captures it: ``offload/scheduler/graphs.py``), and
+``routed_mlp``, where the host reads the routing; padding routes to no expert.
 
 Under tensor parallelism every expert is split as the dense MLP is (gate and up by
 rows, down by columns) and the layer's experts are summed over the ranks with one
@@ -64,6 +66,23 @@ class MoELayerWeights:
 
 
 @dataclass(slots=True)
+class Routed:
+    """A routed layer's work up to the point where the host must read the routing: the residual stream after
+    attention, its norm (the MLP's input, one row per token ``[T, d]``), and each token's ``top_k`` experts
+    ``[T, k]`` and their weights."""
+
+    x: torch.Tensor
+    normed: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+    def copy_(self, other: "Routed") -> "Routed":
+        for name in self.__slots__:
+            getattr(self, name).copy_(getattr(other, name))
+        return self
+
+
+@dataclass(slots=True)
 class ExpertWeights:
     w_gate_up: torch.Tensor | QuantizedWeight  # [2 x expert features, hidden]
     w_down: torch.Tensor | QuantizedWeight
@@ -81,7 +100,6 @@ class MoEDecoder(Llama):
     expert_prefix = "mlp.experts.{e}."
     expert_sources = ("gate_proj", "up_proj", "down_proj")
     float32_routing = False  # Mixtral multiplies expert outputs by float32 probabilities
-    decode_graphs = False  # the host reads each layer's routing to fetch its experts: decode steps run eagerly
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -162,6 +180,15 @@ class MoEDecoder(Llama):
         return attention + 2 * 3 * d * mlp // tp.size
 
     @classmethod
+    def decode_graph_bytes(cls, config: MoEConfig, tp, dtype, max_batch, max_seq_len, verify_width=1) -> int:
+        """The dense count, with the router's float32 probabilities in the pool and the routed state that each
+        shape of rows and width keeps between a graph and the host's part (shapes' tokens sum to < 4 b w)."""
+        t, e, d = max_batch * verify_width, dtype.itemsize, config.hidden_size
+        routed = 4 * t * (2 * d * e + config.top_k * (8 + 4))
+        return (super().decode_graph_bytes(config, tp, dtype, max_batch, max_seq_len, verify_width)
+                + t * config.n_experts * 4 * 2 + routed)
+
+    @classmethod
     def activation_bytes(cls, config: MoEConfig, tp, dtype, max_batch, max_seq_len, max_step_tokens,
                          logit_positions) -> int:
         """The dense layers' temporaries, or a chunk's routed rows (``top_k`` per token) through one expert at a
@@ -173,18 +200,19 @@ class MoEDecoder(Llama):
 
     # ------------------------------------------------------------------ computing
 
+    def routed(self, i: int) -> bool:
+        return self.config.sparse_layers[i]
+
     def run_segment(self, segment, hs, weights, chunks, cache, layer=None) -> list:
         """Layers ``segment``: a dense layer as Llama's; a sparse one attends and routes every chunk, then runs
         the union of their experts, each fetched once."""
         layer = layer or self.layer
         for i, w in zip(segment, weights):
             kv = cache.layer(i) if cache is not None else (None, None)
-            if not self.config.sparse_layers[i]:
+            if not self.routed(i):
                 hs = [layer(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)]
                 continue
-            mids = [self.attend(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)]
-            outs = self.experts_mlp(i, [normed for _, normed in mids], w)
-            hs = [x + out for (x, _), out in zip(mids, outs)]
+            hs = self.routed_mlp(i, [self.attend_and_route(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)], w)
         return hs
 
     def attend(self, x: torch.Tensor, w: MoELayerWeights, chunk, kv, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,6 +221,24 @@ class MoEDecoder(Llama):
         qkv = ops.linear(ops.rms_norm(x, w.input_norm, eps), w.wqkv, w.bqkv)
         h = self.row_parallel(self.attention(qkv, chunk, kv, i, w.q_norm, w.k_norm), w.wo, w.bo)
         return ops.add_rms_norm(x, h, w.post_norm, eps)
+
+    def attend_and_route(self, x: torch.Tensor, w: MoELayerWeights, chunk, kv, i: int) -> Routed:
+        """Sparse layer ``i`` up to its routing, all on the device (what a CUDA graph captures)."""
+        x, normed = self.attend(x, w, chunk, kv, i)
+        normed = normed.reshape(-1, normed.shape[-1])
+        ids, weights = self.route(normed, w.router)
+        pads = chunk.pads()
+        if pads is not None:  # a pad routes to no expert (-1): none is fetched for it
+            ids = ids.masked_fill(pads.reshape(-1, 1), -1)
+        return Routed(x, normed, ids, weights)
+
+    def routing_buffers(self, h: torch.Tensor) -> Routed:
+        """Empty buffers for a :class:`Routed` of the hidden states ``h`` (a graph's, kept between replays)."""
+        tokens, k = h.shape[:-1].numel(), self.config.top_k
+        weights = torch.float32 if self.float32_routing else h.dtype
+        return Routed(torch.empty_like(h), h.new_empty(tokens, h.shape[-1]),
+                      torch.empty(tokens, k, dtype=torch.long, device=h.device),
+                      torch.empty(tokens, k, dtype=weights, device=h.device))
 
     def layer(self, x: torch.Tensor, w: MoELayerWeights, chunk, kv, i: int) -> torch.Tensor:
         """A dense layer (``mlp_only_layers``)."""
@@ -208,32 +254,31 @@ class MoEDecoder(Llama):
             weights = weights / weights.sum(-1, keepdim=True)
         return ids, weights if self.float32_routing else weights.to(h.dtype)
 
-    def experts_mlp(self, i: int, hs: list[torch.Tensor], w: MoELayerWeights) -> list[torch.Tensor]:
-        """The MLP output of every chunk's normed hidden states ``hs``: their routed experts' (fetched once
-        for all chunks), summed in expert order, plus the shared expert's."""
-        flat = [h.reshape(-1, h.shape[-1]) for h in hs]
-        routes = [self.route(h, w.router) for h in flat]
-        rows = self._rows_per_expert([ids for ids, _ in routes])  # the host reads the routing here
+    def routed_mlp(self, i: int, routed: list[Routed], w: MoELayerWeights) -> list[torch.Tensor]:
+        """Each chunk's residual stream after sparse layer ``i``: its routed experts' outputs (the experts of
+        every chunk fetched once; the host reads the routing here) summed in expert order, plus the shared
+        expert's."""
+        rows = self._rows_per_expert([r.ids for r in routed])  # the host reads the routing here
         contributions = {}  # (chunk, expert) -> that expert's weighted output for the chunk's rows
         for e, weights in self.experts.fetch(i, sorted({e for per_chunk in rows for e in per_chunk})):
-            for c, (h, (_, probs)) in enumerate(zip(flat, routes)):
+            for c, r in enumerate(routed):
                 if e in rows[c]:
                     token, slot = rows[c][e]
-                    y = self.ops.linear(self.ops.gated(self.ops.linear(h[token], weights.w_gate_up), "silu"),
+                    y = self.ops.linear(self.ops.gated(self.ops.linear(r.normed[token], weights.w_gate_up), "silu"),
                                         weights.w_down)
-                    contributions[c, e] = token, (y * probs[token, slot, None]).to(h.dtype)
+                    contributions[c, e] = token, (y * r.weights[token, slot, None]).to(r.normed.dtype)
         outs = []
-        for c, h in enumerate(flat):
-            out = torch.zeros_like(h)
+        for c, r in enumerate(routed):
+            out = torch.zeros_like(r.normed)
             for e in sorted(rows[c]):  # in expert order, wherever each expert came from
                 token, y = contributions[c, e]
                 out.index_add_(0, token, y)
             out = self.tp.all_reduce(out)
             if w.w_shared_gate_up is not None:
-                shared = self.row_parallel(self.ops.gated(self.ops.linear(h, w.w_shared_gate_up), "silu"),
+                shared = self.row_parallel(self.ops.gated(self.ops.linear(r.normed, w.w_shared_gate_up), "silu"),
                                            w.w_shared_down)
-                out = out + torch.sigmoid(self.ops.linear(h, w.shared_gate)) * shared
-            outs.append(out.view(hs[c].shape))
+                out = out + torch.sigmoid(self.ops.linear(r.normed, w.shared_gate)) * shared
+            outs.append(r.x + out.view(r.x.shape))
         return outs
 
     def _rows_per_expert(self, ids: list[torch.Tensor]) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
@@ -245,6 +290,8 @@ class MoEDecoder(Llama):
             per_expert: dict[int, tuple[list[int], list[int]]] = {}
             for token, experts in enumerate(chunk_ids.tolist()):
                 for slot, e in enumerate(experts):
+                    if e < 0:  # a pad
+                        continue
                     tokens, slots = per_expert.setdefault(e, ([], []))
                     tokens.append(token)
                     slots.append(slot)

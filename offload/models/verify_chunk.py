@@ -61,6 +61,10 @@ class VerifyChunk:
     def mask(self, window: int | None) -> torch.Tensor:
         return self._masks[window]
 
+    def pads(self) -> torch.Tensor:
+        """Which tokens are padding, ``[B, W]`` on the device: theirs go to the sink, past every key read."""
+        return self.slots >= self.kv_len
+
     def with_tokens(self, tokens: torch.Tensor, host_tokens: torch.Tensor | None = None) -> "VerifyChunk":
         """This chunk (its positions, tables and masks) adding ``tokens [B, W]``: what a replayed graph's pass
         embeds."""

@@ -15,7 +15,10 @@ it the slot is freed and the next copy issued (``release``), on the host, betwee
 replays. Consecutive resident layers form one segment, so a fully resident model
 replays one graph per pass. A streamed layer always sits in the same slot (the
 rings' fixed slot per block), so its graph reads its weights from the same address
-every pass. The embedding and the LM head run eagerly around the graphs.
+every pass. The embedding and the LM head run eagerly around the graphs. Where the
+host decides inside a layer (a mixture of experts reads its routing to fetch the
+experts: ``Decoder.routed``), a segment is captured in pieces, each up to such a
+layer's routing, and the host runs the rest of that layer between their replays.
 
 A bucket is a shape: rows, tokens a row (1 for a decode step) and key length. Its
 first pass runs eagerly on the capture stream (it warms the kernels up, and its
@@ -89,19 +92,27 @@ class CudaCapture:
 
 @dataclass
 class _Bucket:
-    """One bucket's graphs (one per segment, by its first layer) and what they read and write."""
+    """One bucket's graphs and what they read and write.
+
+    A segment's graphs are *pieces*: its layers captured up to each routed layer's routing (a mixture of
+    experts), whose rest the host runs after the piece's replay (fetching the experts the routing chose); a
+    segment without routed layers is one piece."""
 
     h: torch.Tensor  # [rows, width, d]: the embedded tokens in, each segment's output out (shared per rows, width)
     inputs: tuple[torch.Tensor, ...]  # what the pass's chunk is built from, on the device (shared likewise)
-    chunk: DecodeChunk | VerifyChunk | None = None  # built from ``inputs`` inside the first segment's capture
-    graphs: dict = field(default_factory=dict)
+    routed: object = None  # a routed layer's state between its piece and the host's part (shared likewise)
+    chunk: DecodeChunk | VerifyChunk | None = None  # built from ``inputs`` inside the first piece's capture
+    graphs: dict = field(default_factory=dict)  # segment's first layer -> [(graph, then: the host's part or None)]
 
     def replay(self, segment: list[int], hs: list[torch.Tensor], weights, chunks, cache) -> list[torch.Tensor]:
         """What ``Decoder.run_segment`` computes, by replaying its capture (the weights are where the capture
         read them: a streamed layer's one slot)."""
         if hs[0] is not self.h:  # the first segment: the pass's embedded tokens
             self.h.copy_(hs[0])
-        self.graphs[segment[0]].replay()
+        for graph, then in self.graphs[segment[0]]:
+            graph.replay()
+            if then is not None:
+                then()
         return [self.h]
 
 
@@ -117,7 +128,8 @@ class DecodeGraphs:
         self.compile = compile and decoder.tp.size == 1
         self.capture = capture or CudaCapture(device)
         self.pool = getattr(self.capture, "pool", None)
-        self.buffers: dict[tuple[int, int], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}  # per (rows, width)
+        self.buffers: dict[tuple[int, int], tuple] = {}  # per (rows, width): h, inputs, routed
+        self.routes = any(decoder.routed(i) for i in range(decoder.config.n_layers))
         self.buckets: dict[tuple[int, int, int], _Bucket] = {}  # per (rows, width, key length)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -151,8 +163,9 @@ class DecodeGraphs:
         rows, width = shape[0], (shape[1] if len(shape) > 1 else 1)
         if (rows, width) not in self.buffers:
             like = self.decoder.weights.final_norm
-            self.buffers[rows, width] = (like.new_empty(rows, width, self.decoder.config.hidden_size),
-                                         tuple(torch.zeros_like(x, device=like.device) for x in inputs))
+            h = like.new_empty(rows, width, self.decoder.config.hidden_size)
+            self.buffers[rows, width] = (h, tuple(torch.zeros_like(x, device=like.device) for x in inputs),
+                                         self.decoder.routing_buffers(h) if self.routes else None)
         if (rows, width, kv_len) not in self.buckets:
             self.buckets[rows, width, kv_len] = _Bucket(*self.buffers[rows, width])
         return self.buckets[rows, width, kv_len]
@@ -187,19 +200,47 @@ class DecodeGraphs:
         graphs = {}
         with self.capture.on_side_stream(), sdpa_kernel(ATTENTION_BACKENDS):
             for n, segment in enumerate(self.weights.segments):
-                graphs[segment[0]] = self.capture.graph(
-                    functools.partial(self._segment, bucket, segment, make_chunk if n == 0 else None, run))
+                graphs[segment[0]] = self._capture_segment(bucket, segment, make_chunk if n == 0 else None, run)
         bucket.graphs = graphs  # only once every segment is captured: a failed capture is retried next pass
         self.capture.join()
         return logits
 
-    def _segment(self, bucket: _Bucket, segment: list[int], make_chunk, run) -> None:
-        """What a segment's graph does: (the first segment) the pass's rotary tables and masks from its inputs,
-        recomputed every replay; the segment's layers over ``bucket.h``, in place."""
+    def _capture_segment(self, bucket: _Bucket, segment: list[int], make_chunk, run) -> list:
+        """The segment's pieces: a graph up to and including each routed layer's routing, with the host's part
+        of that layer to run after it; then a graph of the layers after the last routed one."""
+        pieces, layers = [], []
+        for i in segment:
+            if not self.decoder.routed(i):
+                layers.append(i)
+                continue
+            work = functools.partial(self._piece, bucket, layers, i, make_chunk, run)
+            pieces.append((self.capture.graph(work), functools.partial(self._experts, bucket, i)))
+            layers, make_chunk = [], None
+        if layers:
+            pieces.append((self.capture.graph(functools.partial(self._piece, bucket, layers, None, make_chunk, run)),
+                           None))
+        return pieces
+
+    def _piece(self, bucket: _Bucket, layers: list[int], routed: int | None, make_chunk, run) -> None:
+        """What a piece's graph does: (the pass's first) the rotary tables and masks from the pass's inputs,
+        recomputed every replay; ``layers`` over ``bucket.h``; then layer ``routed`` up to its routing, kept in
+        ``bucket.routed`` (or, without one, the output back in ``bucket.h``)."""
         if make_chunk is not None:
             bucket.chunk = make_chunk(*bucket.inputs)
-        h = run(segment, [bucket.h], self.weights.fixed_weights(segment), [bucket.chunk], self.cache)[0]
-        bucket.h.copy_(h)
+        h = bucket.h
+        if layers:
+            h = run(layers, [h], self.weights.fixed_weights(layers), [bucket.chunk], self.cache)[0]
+        if routed is None:
+            bucket.h.copy_(h)
+            return
+        w = self.weights.fixed_weights([routed])[0]
+        bucket.routed.copy_(self.decoder.attend_and_route(h, w, bucket.chunk, self.cache.layer(routed), routed))
+
+    def _experts(self, bucket: _Bucket, i: int) -> None:
+        """The host's part of routed layer ``i``, between replays: the experts its routing chose (fetched where
+        they are not on the device), their sum into ``bucket.h``."""
+        w = self.weights.fixed_weights([i])[0]
+        bucket.h.copy_(self.decoder.routed_mlp(i, [bucket.routed], w)[0])
 
 
 def _tuning(compiling: bool):

@@ -32,7 +32,8 @@
 #                  it, then its decode at 4 GiB with the compressed kernels
 #   spec70b        llama-2-70b at 40 GiB: the same
 #   spec_smollm2   SmolLM2-135M-Instruct in bf16, every layer streamed: each draft against none, greedy and sampled
-#                  (the int4 draft: the model quantized in groups of 64, named as a draft model). Needs the gguf
+#                  (the int4 draft: the model quantized in groups of 64, named as a draft model); then deep
+#                  trees (48 drafted tokens a row: 12 deep x 4, a pass 64 wide). Needs the gguf
 #                  wheel in .whl and the model's GGUF file: $SMOLLM2, or its halves in .assets/smollm2/part-*
 #                  (98 MB is more than one call carries: `split -n 2 FILE .assets/smollm2/part-`, carry part-aa
 #                  with a command that does nothing, then at once part-ab and .whl with this stage: ignored
@@ -129,7 +130,10 @@ run_stage() {
             --device cuda
         for t in 0 0.8; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --temperature $t $([ $t = 0 ] && echo --eager) --drafts none,ngram,int4,/tmp/smollm2-int4,/tmp/smollm2-int4@4 \
-            --json "$0/spec_smollm2_t$t.json"; done' "$OUT" ;;
+            --json "$0/spec_smollm2_t$t.json"; done
+        python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB \
+            --drafts none,/tmp/smollm2-int4@4,ngram --draft-tokens 48 --widths 1,16,64 \
+            --json "$0/spec_smollm2_deep.json"' "$OUT" ;;
     load70b) stage load70b bash -c 'set -e; trap "rm -rf /tmp/70b-int4" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-70b --out /tmp/70b-int4 --gpu-memory 24GiB \
             --cpu-memory 100GiB --json "$0/load70b.json"

@@ -80,9 +80,9 @@ def test_a_draft_models_bytes_come_out_of_the_targets_budget(tiny):
     as many layers resident as its budget less the draft's bytes holds, and a budget that holds only the
     target is refused, naming the draft."""
     kw = dict(KW, cpu_memory="1GiB")
-    alone = prepare(tiny, offload.LoadOptions(**kw)).plan.needs
-    draft_bytes = prepare(tiny, offload.LoadOptions(**kw, draft=str(tiny))).plan.needs.draft_bytes
-    budget = alone.gpu_budget_streaming(6) + draft_bytes - 5 * alone.largest_block // 2  # 2.5 layers short
+    beside = prepare(tiny, offload.LoadOptions(**kw, draft=str(tiny))).plan.needs  # verify passes reserved too
+    draft_bytes = beside.draft_bytes
+    budget = beside.gpu_budget_streaming(6) - 5 * beside.largest_block // 2  # 2.5 layers short
     setup = prepare(tiny, offload.LoadOptions(**kw, gpu_memory=budget, draft=str(tiny)))
     draft = setup.draft.plan
     assert draft.placement == ["resident"] * 8 and setup.draft.options.max_seq_len == 64 + 16

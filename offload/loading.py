@@ -37,6 +37,7 @@ from .models.registry import family_of
 from .models.quant import FORMATS, STORED, WeightFormat, choose_kernel, describe, quantize_into, scratch_bytes
 from .options import LoadOptions, parse_dtype
 from .quantized import stored_quantization
+from .scheduler.graphs import graph_objects_bytes
 from .speculative import ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, speculation_forecast
 from .synthetic import RandomSource
 
@@ -221,7 +222,7 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
     if captured:  # a graph's allocations live in its pool: a dequantize scratch too
         width = _verify_width(options, captured)
         graphs = (family.decode_graph_bytes(config, tp, dtype, batch, seq, verify_width=width)
-                  + scratch_bytes(quantized, dtype, batch * width))
+                  + scratch_bytes(quantized, dtype, batch * width) + graph_objects_bytes(family.graph_pieces(config)))
     return MemoryNeeds(
         blocks=tuple(block.nbytes for block in every_pass),
         experts=_expert_needs(config, routed),

@@ -45,12 +45,13 @@ def pytest_collection_modifyitems(config, items):
 class RerunCapture:
     """Graphs on the CPU: replaying a graph runs its captured work again. Capturing runs it once too (that is
     how the work's tensors come to exist) but, like a real capture, leaves no trace in the KV cache: a real
-    capture computes nothing. Counts captures and replays."""
+    capture computes nothing. Counts captures, replays and graphs dropped. (It cannot show aliasing: a real graph
+    writes where its capture allocated, a rerun allocates afresh.)"""
 
     pool = None
 
     def __init__(self, cache):
-        self.cache, self.captured, self.replayed = cache, 0, 0
+        self.cache, self.captured, self.replayed, self.dropped = cache, 0, 0, 0
 
     def on_side_stream(self):
         return contextlib.nullcontext()
@@ -60,6 +61,10 @@ class RerunCapture:
 
     def join(self) -> None:
         pass
+
+    def drop(self, graphs: list) -> None:
+        self.dropped += len(graphs)
+        graphs.clear()
 
     def graph(self, work):
         kept = self.cache.k.clone(), self.cache.v.clone()

@@ -315,18 +315,20 @@ def test_experts_streamed_on_cuda_equal_resident_bitwise_within_budget():
 
 
 @cuda
-def test_experts_in_graph_pieces_equal_eager_bitwise():
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])  # Mixtral: float32 routing weights
+def test_experts_in_graph_pieces_equal_eager_bitwise(name):
     """A mixture of experts in CUDA graphs (each layer captured up to its routing, the experts run by the host
     between replays): the eager passes' logits, bit for bit, decode steps and verify passes (trees, padded),
     experts streamed through the cache."""
-    shape = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 3}
-    prompts = torch.randint(0, 151936, (3, 40), generator=torch.Generator().manual_seed(3)).tolist()
+    shape = shape_config(name) | {"num_hidden_layers": 2}
+    prompts = torch.randint(0, 32000, (3, 40), generator=torch.Generator().manual_seed(3)).tolist()
     kw = dict(dtype=torch.bfloat16, max_batch=4, max_seq_len=256)
     with load(shape, **kw) as resident:
         needs = resident.plan.needs
     free_gpu()
     experts = needs.experts
-    kw.update(gpu_memory=needs.fixed_bytes + sum(needs.blocks) + (2 * experts.top_k + 24) * experts.nbytes,
+    more = 24 if max(experts.per_layer) > 32 else 2  # resident experts beside the cache: most still stream
+    kw.update(gpu_memory=needs.fixed_bytes + sum(needs.blocks) + (2 * experts.top_k + more) * experts.nbytes,
               cpu_memory="8GiB")
     traces = {}
     for graphs in (False, True):

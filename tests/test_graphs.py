@@ -62,6 +62,22 @@ def test_verify_passes_through_graphs_equal_eager_passes_bitwise(structured, str
     assert capture.captured == 2 * len(streamed.weights.segments) and capture.replayed == 3 * capture.captured // 2
 
 
+def test_the_least_recently_used_bucket_is_dropped_beyond_the_planned_graphs(structured, streamed):
+    """Past ``max_buckets``, the least recently used bucket's graphs go (their memory is what the plan reserved)
+    and it is captured again when needed: the same logits."""
+    batch, tokens = prompts(structured, (9, 4, 17)), [[3, 5, 7], [4], [8, 1]]
+    eager = [passes(streamed, batch, tokens, width=width, steps=2) for width in (4, 8, 16, 4)]
+    capture = with_graphs(streamed)
+    streamed.graphs.max_buckets = 2
+    got = [passes(streamed, batch, tokens, width=width, steps=2) for width in (4, 8, 16, 4)]
+    for want, have in zip(eager, got):
+        for a, b in zip(want, have):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [w for _, w, _ in streamed.graphs.buckets] == [16, 4]  # width 4 came back; 8 was the older
+    segments = len(streamed.weights.segments)
+    assert capture.captured == 4 * segments and capture.dropped == 2 * segments
+
+
 def test_speculative_generation_through_graphs_is_plain_greedy(structured, streamed, plain):  # noqa: F811
     batch, limits = prompts(structured), [40, 23, 31, 8]
     want = plain.generate(batch, max_new_tokens=limits, ignore_eos=True)

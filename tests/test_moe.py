@@ -207,6 +207,7 @@ def test_padding_routes_to_no_expert(case):
         streamed.extend(_ids(n=PROMPT).tolist(), [0, 0])
         assert needed([[5, 6, 7], [8]], 3) == needed([[5, 6, 7], [8]], 8)
         assert needed([[5, 6, 7], []], 3) == needed([[5, 6, 7]], 3)
+        assert needed([[5], []], 1) == needed([[5]], 1)  # a decode step's row that adds nothing
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

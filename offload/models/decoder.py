@@ -176,6 +176,11 @@ class Decoder:
         return residual + max(norm, attention, decode_attention, mlp, logits, sampling)
 
     @classmethod
+    def graph_pieces(cls, config: ModelConfig) -> int:
+        """The most CUDA graphs one bucket of shapes captures: one per layer where every layer streams."""
+        return config.n_layers
+
+    @classmethod
     def decode_graph_bytes(cls, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype, max_batch: int,
                            max_seq_len: int, verify_width: int = 1) -> int:
         """GPU memory of the CUDA graphs of decode steps and (``verify_width > 1``: speculative decoding) of
@@ -259,9 +264,21 @@ class Decoder:
 
     def routed(self, i: int) -> bool:
         """Whether the host decides inside layer ``i`` (a mixture of experts reads its routing to fetch the
-        experts): such a layer runs as ``attend_and_route``, all on the device (a CUDA graph captures it),
-        then ``routed_mlp`` on the host's say."""
+        experts): such a layer runs as :meth:`attend_and_route`, all on the device (a CUDA graph captures it),
+        then :meth:`routed_mlp` on the host's say."""
         return False
+
+    def attend_and_route(self, x: torch.Tensor, w, chunk, kv, i: int):
+        """A routed layer up to where the host must decide (``offload.models.moe.Routed``)."""
+        raise NotImplementedError
+
+    def routed_mlp(self, i: int, routed: list, w) -> list[torch.Tensor]:
+        """The rest of routed layer ``i`` for each chunk's ``routed`` state: its hidden states after the layer."""
+        raise NotImplementedError
+
+    def routing_buffers(self, h: torch.Tensor):
+        """Empty buffers for a routed layer's state of the hidden states ``h`` (a graph's, kept between replays)."""
+        raise NotImplementedError
 
     def embed(self, tokens: torch.Tensor, host_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The tokens' embeddings on the compute device (``tokens`` there; the same ids on the host, if at hand)."""

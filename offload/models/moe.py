@@ -180,6 +180,11 @@ class MoEDecoder(Llama):
         return attention + 2 * 3 * d * mlp // tp.size
 
     @classmethod
+    def graph_pieces(cls, config: MoEConfig) -> int:
+        """One more graph a bucket per routed layer: its layers are cut after each routing."""
+        return config.n_layers + sum(config.sparse_layers)
+
+    @classmethod
     def decode_graph_bytes(cls, config: MoEConfig, tp, dtype, max_batch, max_seq_len, verify_width=1) -> int:
         """The dense count, with the router's float32 probabilities in the pool and the routed state that each
         shape of rows and width keeps between a graph and the host's part (shapes' tokens sum to < 4 b w)."""

@@ -7,9 +7,10 @@ wide decode step (every row adds ``width`` tokens: a ``VerifyChunk``) and is
 captured the same way.
 
 Nothing here loops over layers: a pass with graphs is the decoder's own pass
-(``Decoder.forward``), whose ``run`` argument replays the graph of each segment
+(``Decoder.forward``), whose ``run`` argument replays the graphs of each segment
 instead of computing it, and a segment's graph is a capture of
-``Decoder.run_segment`` on that segment. The copy rings stay as they are: before a
+``Decoder.run_segment`` on that segment (or, where the host decides inside a
+layer, of the same functions in pieces: below). The copy rings stay as they are: before a
 streamed layer's segment the compute stream waits for its slot (``acquire``), after
 it the slot is freed and the next copy issued (``release``), on the host, between
 replays. Consecutive resident layers form one segment, so a fully resident model
@@ -23,7 +24,11 @@ layer's routing, and the host runs the rest of that layer between their replays.
 A bucket is a shape: rows, tokens a row (1 for a decode step) and key length. Its
 first pass runs eagerly on the capture stream (it warms the kernels up, and its
 logits are that pass's result); then the bucket's segments are captured, and later
-passes replay them. Graphs read static buffers per shape of rows and width (the
+passes replay them. A bucket's graphs hold device memory of their own (besides the
+pool), which the plan reserves for ``KEPT_BUCKETS`` buckets at the most graphs a
+bucket can have; beyond the buckets that memory holds at the actual placement, the
+least recently used bucket's graphs are freed (and captured again if it returns).
+Graphs read static buffers per shape of rows and width (the
 hidden state; the positions, and a verify pass's cache slots and tree), refilled
 before each replay; the first segment's graph rebuilds the pass's rotary tables
 and masks from them. Every bucket's graphs share one memory pool. Graphs run the
@@ -46,6 +51,7 @@ import contextlib
 import functools
 import types
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -55,8 +61,19 @@ from torch.nn.attention import sdpa_kernel
 from ..errors import OffloadWarning
 from ..models.chunks import DecodeChunk
 from ..models.decoder import ATTENTION_BACKENDS, Decoder, KVCache
+from ..models.moe import Routed
 from ..models.verify_chunk import VerifyChunk
 from .stream import WeightStream
+
+
+GRAPH_BYTES = 256 * 2**10  # device memory a captured graph holds outside PyTorch's allocator: about 0.2-0.25 MiB
+#                           for a layer's or a piece's graph, growing with their number (an H200, 2026-12-05)
+KEPT_BUCKETS = 12  # buckets of graphs the plan reserves that memory for, at the most graphs a bucket can have
+
+
+def graph_objects_bytes(most_graphs: int) -> int:
+    """What the plan reserves for the graphs themselves, ``most_graphs`` a bucket (``Decoder.graph_pieces``)."""
+    return KEPT_BUCKETS * most_graphs * GRAPH_BYTES
 
 
 class CudaCapture:
@@ -77,6 +94,11 @@ class CudaCapture:
     def join(self) -> None:
         """The current stream continues after the capture stream's work."""
         torch.cuda.current_stream().wait_stream(self.stream)
+
+    def drop(self, graphs: list) -> None:
+        """Free ``graphs`` (a bucket's) once the GPU has finished every replay of them."""
+        torch.cuda.synchronize(self.stream.device)
+        graphs.clear()
 
     def graph(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph:
         """``work`` captured (on the side stream, into the pool): replaying it runs its kernels again."""
@@ -100,7 +122,7 @@ class _Bucket:
 
     h: torch.Tensor  # [rows, width, d]: the embedded tokens in, each segment's output out (shared per rows, width)
     inputs: tuple[torch.Tensor, ...]  # what the pass's chunk is built from, on the device (shared likewise)
-    routed: object = None  # a routed layer's state between its piece and the host's part (shared likewise)
+    routed: Routed | None = None  # a routed layer's state between its piece and the host's part (shared likewise)
     chunk: DecodeChunk | VerifyChunk | None = None  # built from ``inputs`` inside the first piece's capture
     graphs: dict = field(default_factory=dict)  # segment's first layer -> [(graph, then: the host's part or None)]
 
@@ -130,7 +152,10 @@ class DecodeGraphs:
         self.pool = getattr(self.capture, "pool", None)
         self.buffers: dict[tuple[int, int], tuple] = {}  # per (rows, width): h, inputs, routed
         self.routes = any(decoder.routed(i) for i in range(decoder.config.n_layers))
-        self.buckets: dict[tuple[int, int, int], _Bucket] = {}  # per (rows, width, key length)
+        self.buckets: OrderedDict[tuple[int, int, int], _Bucket] = OrderedDict()  # (rows, width, keys), LRU first
+        # As many buckets as the plan's reserve for graph objects holds at this placement's graphs a bucket.
+        pieces = len(weights.segments) + sum(map(decoder.routed, range(decoder.config.n_layers)))
+        self.max_buckets = max(1, KEPT_BUCKETS * decoder.graph_pieces(decoder.config) // pieces)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Logits ``[rows, vocab]`` of a decode step (``tokens`` and ``positions`` on the device)."""
@@ -166,9 +191,14 @@ class DecodeGraphs:
             h = like.new_empty(rows, width, self.decoder.config.hidden_size)
             self.buffers[rows, width] = (h, tuple(torch.zeros_like(x, device=like.device) for x in inputs),
                                          self.decoder.routing_buffers(h) if self.routes else None)
-        if (rows, width, kv_len) not in self.buckets:
-            self.buckets[rows, width, kv_len] = _Bucket(*self.buffers[rows, width])
-        return self.buckets[rows, width, kv_len]
+        key = (rows, width, kv_len)
+        if key not in self.buckets:
+            if len(self.buckets) == self.max_buckets:  # the least recently used bucket's graphs go
+                _, old = self.buckets.popitem(last=False)
+                self.capture.drop([graph for pieces in old.graphs.values() for graph, _ in pieces])
+            self.buckets[key] = _Bucket(*self.buffers[rows, width])
+        self.buckets.move_to_end(key)
+        return self.buckets[key]
 
     def _first_pass(self, bucket: _Bucket, make_chunk, tokens, host_tokens) -> torch.Tensor:
         """The bucket's first pass, eagerly on the capture stream (its warm-up), then the capture of its graphs."""
@@ -221,20 +251,20 @@ class DecodeGraphs:
                            None))
         return pieces
 
-    def _piece(self, bucket: _Bucket, layers: list[int], routed: int | None, make_chunk, run) -> None:
+    def _piece(self, bucket: _Bucket, layers: list[int], stop: int | None, make_chunk, run) -> None:
         """What a piece's graph does: (the pass's first) the rotary tables and masks from the pass's inputs,
-        recomputed every replay; ``layers`` over ``bucket.h``; then layer ``routed`` up to its routing, kept in
-        ``bucket.routed`` (or, without one, the output back in ``bucket.h``)."""
+        recomputed every replay; ``layers`` over ``bucket.h``; then routed layer ``stop`` up to its routing,
+        copied into ``bucket.routed`` (or, without one, the output back into ``bucket.h``)."""
         if make_chunk is not None:
             bucket.chunk = make_chunk(*bucket.inputs)
         h = bucket.h
         if layers:
             h = run(layers, [h], self.weights.fixed_weights(layers), [bucket.chunk], self.cache)[0]
-        if routed is None:
+        if stop is None:
             bucket.h.copy_(h)
             return
-        w = self.weights.fixed_weights([routed])[0]
-        bucket.routed.copy_(self.decoder.attend_and_route(h, w, bucket.chunk, self.cache.layer(routed), routed))
+        w = self.weights.fixed_weights([stop])[0]
+        bucket.routed.copy_(self.decoder.attend_and_route(h, w, bucket.chunk, self.cache.layer(stop), stop))
 
     def _experts(self, bucket: _Bucket, i: int) -> None:
         """The host's part of routed layer ``i``, between replays: the experts its routing chose (fetched where

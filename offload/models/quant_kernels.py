@@ -41,6 +41,8 @@ if triton is not None:
 
 GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
 TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
+MMA_ROWS = 0  # up to this many rows, int4 in groups goes to ``_int4_mma_kernel`` (0: not yet by default; the
+#               benchmark times it as "int4-...-mma" beside the others, so a GPU run decides)
 
 
 def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
@@ -48,9 +50,11 @@ def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
     return w.scheme.kernel == FUSED and x.dtype in DTYPES and x.stride(-1) == 1 and x.device == w.data.device
 
 
-def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, blocking=None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, blocking=None,
+           mma: bool | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for the weight ``W`` that ``w``'s parts hold (``blocking``: another kernel blocking,
-    for benchmarks/bench_quant_kernels.py's sweep)."""
+    for benchmarks/bench_quant_kernels.py's sweep; ``mma``: int4 in groups on the tensor cores whatever the
+    rows, or never; default: up to ``MMA_ROWS`` rows)."""
     k, n = w.cols, w.rows
     rows = x.reshape(-1, k)
     m = rows.shape[0]
@@ -59,7 +63,17 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     common = dict(INT4=w.scheme.format == INT4, PER_CHANNEL=w.scheme.group_size is None,
                   HAS_MIN=w.minimum is not None)
     minimum = w.minimum if w.minimum is not None else w.scale
-    if m <= GEMV_ROWS:
+    takes_mma = common["INT4"] and not common["PER_CHANNEL"] and group >= 32
+    if takes_mma and (m <= MMA_ROWS if mma is None else mma):
+        block_m, block_n, _, splits, warps, stages = blocking or matmul_blocking(max(m, 16), n, k, group, False)
+        partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        _int4_mma_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
+            rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial, m, n, k,
+            rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * group) * group,
+            HAS_MIN=common["HAS_MIN"], HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1,
+            BF16=x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, GROUP=group, num_warps=warps,
+            num_stages=stages)
+    elif m <= GEMV_ROWS:
         block_n, block_k, splits, warps = blocking or gemv_blocking(n, k, group, w.scheme.group_size is None)
         partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         _gemv_kernel[(triton.cdiv(n, block_n), splits, m)](
@@ -189,6 +203,47 @@ if triton is not None:
         if HAS_BIAS:
             total += tl.load(bias_ptr + i % N, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _int4_mma_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, M, N, K, s_x, s_data, GROUPS, SPAN,
+                         HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, BF16: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+        """int4 in groups on the tensor cores, a group a step, with little work per weight: a nibble OR-ed into
+        the mantissa of 128 (bf16) or 1024 (fp16) is that number plus the nibble, exactly, and subtracting it in
+        16 bits leaves the nibble; the products of the raw nibbles are then scaled per group, and ``minimum``
+        times the group's sum of ``x`` added (``scale * sum(q * x) + minimum * sum(x)``). Tile and outputs as
+        ``_matmul_kernel``'s; rows of ``x`` past ``M`` are masked (one row still fills a 16-row tile)."""
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = m < M, rows < N
+        x_rows = x_ptr + m[:, None].to(tl.int64) * s_x
+        w_rows = data_ptr + rows[None, :].to(tl.int64) * s_data
+        dtype = x_ptr.dtype.element_ty
+        if BF16:
+            magic, offset = 0x4300, 128.0
+        else:
+            magic, offset = 0x6400, 1024.0
+        j = tl.arange(0, GROUP // 2)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        start = tl.program_id(2) * SPAN
+        for k0 in range(start, tl.minimum(start + SPAN, K), GROUP):
+            inside = (k0 + j) < K
+            b = tl.load(w_rows + (k0 // 2 + j)[:, None], mask=inside[:, None] & n_ok[None, :], other=0,
+                        eviction_policy="evict_first").to(tl.int16)
+            lo = ((b & 15) | magic).to(dtype, bitcast=True) - offset  # [GROUP / 2, BLOCK_N]: the group's halves
+            hi = ((b >> 4) | magic).to(dtype, bitcast=True) - offset
+            xl = tl.load(x_rows + (k0 + j)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
+            xh = tl.load(x_rows + (k0 + GROUP // 2 + j)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
+            part = tl.dot(xh, hi.to(dtype), tl.dot(xl, lo.to(dtype)))
+            at = rows.to(tl.int64) * GROUPS + k0 // GROUP
+            acc += part * tl.load(scale_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_MIN:
+                xsum = tl.sum(xl.to(tl.float32), axis=1) + tl.sum(xh.to(tl.float32), axis=1)
+                acc += xsum[:, None] * tl.load(min_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + (tl.program_id(2) * M + m[:, None]).to(tl.int64) * N + rows[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _matmul_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, M, N, K, s_x, s_data, GROUPS, SPAN,

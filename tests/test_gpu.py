@@ -157,7 +157,7 @@ def test_graph_verify_passes_equal_eager_passes_bitwise(tree):
     kernels: the same bits, with half the layers streamed from the host."""
     prompts = prompts_7b((40, 17, 110))  # the third row's keys pass 128 in its fourth pass
     kw = dict(dtype=torch.bfloat16, max_batch=4, max_seq_len=256, cpu_memory="8GiB")
-    kw["gpu_memory"] = offload.plan_model(SHORT_7B, random_weights=SEED, **kw).needs.gpu_budget_streaming(2)
+    kw["gpu_memory"] = offload.plan_model(SHORT_7B, **kw).needs.gpu_budget_streaming(2)
     eager = load(SHORT_7B, **kw, cuda_graphs=False)
     assert eager.plan.host_bytes > 0
     want = verify_trace(eager, prompts, tree, width=8)
@@ -318,28 +318,21 @@ def test_experts_streamed_on_cuda_equal_resident_bitwise_within_budget():
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])  # Mixtral: float32 routing weights
 def test_experts_in_graph_pieces_equal_eager_bitwise(name):
     """A mixture of experts in CUDA graphs (each layer captured up to its routing, the experts run by the host
-    between replays): the eager passes' logits, bit for bit, decode steps and verify passes (trees, padded),
-    experts streamed through the cache."""
+    between replays): the eager passes' logits, bit for bit, decode steps and verify passes (trees, padded).
+    Every expert resident: where experts stream, decode steps run eagerly (measured faster)."""
     shape = shape_config(name) | {"num_hidden_layers": 2}
     prompts = torch.randint(0, 32000, (3, 40), generator=torch.Generator().manual_seed(3)).tolist()
     kw = dict(dtype=torch.bfloat16, max_batch=4, max_seq_len=256)
-    with load(shape, **kw) as resident:
-        needs = resident.plan.needs
-    free_gpu()
-    experts = needs.experts
-    more = 24 if max(experts.per_layer) > 32 else 2  # resident experts beside the cache: most still stream
-    kw.update(gpu_memory=needs.fixed_bytes + sum(needs.blocks) + (2 * experts.top_k + more) * experts.nbytes,
-              cpu_memory="8GiB")
-    traces = {}
+    traces, pieces = {}, 0
     for graphs in (False, True):
         with load(shape, cuda_graphs=graphs, **kw) as model:
-            assert model.plan.experts.placement.count("host") > 0
+            assert (model.graphs is not None) == graphs
             traces[graphs] = trace(model, prompts) + verify_trace(model, prompts, tree=True, width=8)
-            assert model.experts.misses > 0
-            pieces = sum(len(p) for bucket in model.graphs.buckets.values() for p in bucket.graphs.values()) \
-                if graphs else 0
+            if graphs:
+                pieces = sum(len(p) for bucket in model.graphs.buckets.values() for p in bucket.graphs.values())
         free_gpu()
     print(f"\n{pieces} graph pieces captured")
+    assert pieces > 0
     for step, (a, b) in enumerate(zip(traces[False], traces[True])):
         assert torch.equal(a, b), f"pass {step}"
 

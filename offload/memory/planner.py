@@ -69,6 +69,10 @@ class MemoryNeeds:
         """Every block's bytes, the routed experts' too."""
         return sum(self.blocks) + (self.experts.count * self.experts.nbytes if self.experts else 0)
 
+    def fits_whole(self, gpu_memory: int) -> bool:
+        """Whether every weight and what must stay on the device fit in ``gpu_memory``: nothing is offloaded."""
+        return self.fixed_bytes + self.embedding_bytes + self.weight_bytes <= gpu_memory
+
     @property
     def largest_block(self) -> int:
         return max(self.blocks)
@@ -262,7 +266,7 @@ def make_plan(
     plan = lambda placement, k, on_host=False: Plan(  # noqa: E731
         placement, k, needs, budget, bandwidth, compute_device, title, embedding_on_host=on_host)
     experts = needs.experts
-    if needs.fixed_bytes + embedding + needs.weight_bytes <= gpu:
+    if needs.fits_whole(gpu):
         result = plan([RESIDENT] * n, {})
         if experts:
             result.experts = ExpertPlan(experts, [RESIDENT] * experts.count, 0, list(experts.per_layer))
@@ -281,8 +285,10 @@ def make_plan(
             f"{_fixed_parts(needs, on_gpu)} = {format_size(needs.fixed_bytes + on_gpu)}; raise --gpu-memory, "
             "or lower --max-batch / --max-seq-len"
         )
+    cache = 0
     if experts:  # the expert cache's smallest size stays free for it; the every-pass blocks come first
-        gpu -= min(max(experts.per_layer), experts.top_k * needs.max_batch) * experts.nbytes
+        cache = min(max(experts.per_layer), experts.top_k * needs.max_batch) * experts.nbytes
+        gpu -= cache
     k = min(slots or DEFAULT_SLOTS, n)
     kept_bytes = list(accumulate(sorted(needs.blocks, reverse=True)))  # the j + 1 largest blocks' bytes
     link_budget = Budget(gpu, host, budget.peer_memory)
@@ -290,10 +296,12 @@ def make_plan(
     for _ in range(4):  # each link's ring needs min(k, its blocks) slots: refine the reservation
         room = gpu - needs.fixed_bytes - reserved * block
         if room < 0:
+            cached = f" + the expert cache {format_size(cache)}" if cache else ""
             raise PlanError(
                 f"the budget of {where} ({format_size(budget.gpu_memory)}) cannot hold "
-                f"{_fixed_parts(needs, on_gpu)} plus {reserved} slot(s) of {format_size(block)} for streamed "
-                f"blocks (= {format_size(needs.fixed_bytes + on_gpu + reserved * block)}); raise --gpu-memory"
+                f"{_fixed_parts(needs, on_gpu)}{cached} plus {reserved} slot(s) of {format_size(block)} for "
+                f"streamed blocks (= {format_size(needs.fixed_bytes + on_gpu + cache + reserved * block)}); "
+                "raise --gpu-memory"
             )
         resident = bisect_right(kept_bytes, room)  # < n: the model does not fit
         streamed = _share_links(n - resident, block, link_budget, bandwidth)

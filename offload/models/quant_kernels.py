@@ -230,8 +230,9 @@ if triton is not None:
             inside = (k0 + j) < K
             b = tl.load(w_rows + (k0 // 2 + j)[:, None], mask=inside[:, None] & n_ok[None, :], other=0,
                         eviction_policy="evict_first").to(tl.int16)
-            lo = ((b & 15) | magic).to(dtype, bitcast=True) - offset  # [GROUP / 2, BLOCK_N]: the group's halves
-            hi = ((b >> 4) | magic).to(dtype, bitcast=True) - offset
+            # [GROUP / 2, BLOCK_N]: the group's halves (16-bit patterns: the constants widen the integers to 32)
+            lo = ((b & 15) | magic).to(tl.int16).to(dtype, bitcast=True) - offset
+            hi = ((b >> 4) | magic).to(tl.int16).to(dtype, bitcast=True) - offset
             xl = tl.load(x_rows + (k0 + j)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
             xh = tl.load(x_rows + (k0 + GROUP // 2 + j)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
             part = tl.dot(xh, hi.to(dtype), tl.dot(xl, lo.to(dtype)))

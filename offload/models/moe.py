@@ -29,6 +29,7 @@ import torch
 
 from ..distributed import TensorParallel
 from ..errors import ConfigError
+from ..memory.host import to_device
 from .blocks import EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, Entry, build_layout
 from .config import ModelConfig, common_fields, is_int
 from .llama import Llama, mlp_entries, sliding_windows
@@ -288,10 +289,9 @@ class MoEDecoder(Llama):
 
     def _rows_per_expert(self, ids: list[torch.Tensor]) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """Per chunk, each routed expert's (token rows, top-k slots), as index tensors on the compute device:
-        the routing read back once per layer."""
-        device = ids[0].device
-        out = []
-        for chunk_ids in ids:
+        the routing read back once per layer, the indices sent in one transfer that does not wait for the GPU."""
+        routes, flat = [], []  # (chunk, expert, count) in the order of their rows then slots in ``flat``
+        for c, chunk_ids in enumerate(ids):
             per_expert: dict[int, tuple[list[int], list[int]]] = {}
             for token, experts in enumerate(chunk_ids.tolist()):
                 for slot, e in enumerate(experts):
@@ -300,6 +300,13 @@ class MoEDecoder(Llama):
                     tokens, slots = per_expert.setdefault(e, ([], []))
                     tokens.append(token)
                     slots.append(slot)
-            out.append({e: (torch.tensor(t, device=device), torch.tensor(s, device=device))
-                        for e, (t, s) in per_expert.items()})
+            for e, (tokens, slots) in per_expert.items():
+                routes.append((c, e, len(tokens)))
+                flat += tokens + slots
+        index = to_device(flat, torch.long, ids[0].device) if flat else None
+        out: list[dict] = [{} for _ in ids]
+        at = 0
+        for c, e, n in routes:
+            out[c][e] = index[at: at + n], index[at + n: at + 2 * n]
+            at += 2 * n
         return out

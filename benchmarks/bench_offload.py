@@ -323,6 +323,11 @@ def why_not(bench: Bench, name: str, budget: dict) -> str | None:
         return str(e)
     if name.startswith("resident") and plan.blocks_on(RESIDENT) != list(range(bench.config.n_layers)):
         return f"the model does not fit in the free memory of {bench.device}"
+    if budget.get("cuda_graphs") is False:
+        twin = offload.plan_model(bench.model, **bench.load_args(max(bench.batches)),
+                                  **{k: v for k, v in budget.items() if k != "cuda_graphs"})
+        if not twin.needs.graph_bytes:
+            return "its twin runs eagerly already (a mixture of experts whose experts stream)"
     return None
 
 

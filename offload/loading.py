@@ -113,21 +113,23 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
             plan = e
         return tp.gather_objects(plan)
 
-    plans, draft = place(needs), None
-    if draft_kind(options.draft) == NGRAM and not _failed(plans):
+    kind, draft = draft_kind(options.draft), None
+    if kind in (INT4, MODEL):  # first the plans without the draft model: no verify passes to reserve for
+        plain = options.replace(draft=None, draft_tokens=None, draft_branches=None)
+        plans = place(memory_needs(family, config, tp, dtype, device, plain, blocks, globals_, embedding))
+    else:
+        plans = place(needs)
+    if kind == NGRAM and not _failed(plans):
         _describe(plans, f"prompt lookup (ngram): no model, no memory besides verify passes of up to "
                          f"{_max_draft(options) + 1} tokens a row")
-    if draft_kind(options.draft) in (INT4, MODEL):  # without the draft: no verify passes to reserve for
-        plain = options.replace(draft=None, draft_tokens=None, draft_branches=None)
-        plans = alone = place(memory_needs(family, config, tp, dtype, device, plain, blocks, globals_, embedding))
-    if draft_kind(options.draft) in (INT4, MODEL) and not _failed(alone):
+    if kind in (INT4, MODEL) and not _failed(plans):
         try:
-            int4 = draft_kind(options.draft) == INT4
+            int4 = kind == INT4
             draft = prepare(model if int4 else options.draft,
                             draft_options(options, _max_draft(options)).replace(link_bandwidth=bandwidth), int4)
         except ConfigError as e:
             raise ConfigError(f"draft {options.draft}: {e}") from None
-        plans, draft = _weigh_draft(options, config, needs, alone, draft, place)
+        plans, draft = _weigh_draft(options, config, needs, plans, draft, place)
     if _failed(plans):
         raise PlanError("; ".join(_failed(plans)))
     return Setup(config, options, tp, device, dtype, family, blocks, globals_, embedding, plans[tp.rank], plans,

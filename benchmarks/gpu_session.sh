@@ -49,13 +49,16 @@
 #   peer13b        llama-2-13b at 8 GiB: layers on cuda:1, graphs and eager
 #   tp13b_peers    llama-2-13b at 8 GiB per GPU, TP=2 on GPUs 0 and 1 with GPUs 2 and 3 as peers, graphs and eager
 #
-# What is owed, in order of value, for a session of about 30 minutes on one GPU (each call under 10 minutes):
-#   1. tests_kernels:150 quantk:60 quant7b:110 int4_70b:200   the fused int4 products (#20's goals)
+# What is owed, in order of value, for a session of about 30 minutes on one GPU (each call under 10 minutes;
+# a machine's start costs about 6 minutes of device time, so keep it warm: the next call within 30 s):
+#   1. quantk:40 tests_spec:180 tests_kernels:150 quant7b:160   the int4 tensor-core kernel against the others (if
+#                                                                faster: set MMA_ROWS), verify graphs, #20's goals
 #   2. moe30b:200 mixtral24:250 spec13b:100                    mixtures of experts (#21), verify passes (#22)
 #      spec70b:300 (a call of its own)
-#   3. tests_spec:180 spec_smollm2:390                           speculative decoding on CUDA and a real model (#22)
-#   4. gguf13b:250 load70b:330                                   GGUF at 4 GiB (#23), saved int4 loads (#20)
-#   then offload13b (13b int4 at 4 GiB: #20).
+#   3. spec_smollm2:390                                          a real model's drafts (#22)
+#   4. int4_70b:300 gguf13b:250                                  70b int4 (#20: quantizing at load takes ~150 s),
+#                                                                GGUF at 4 GiB (#23)
+#   5. load70b:330, then offload13b (13b int4 at 4 GiB)         saved int4 loads (#20)
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail

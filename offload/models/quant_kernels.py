@@ -41,7 +41,7 @@ if triton is not None:
 
 GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
 TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
-MMA_ROWS = 0  # up to this many rows, int4 in groups goes to ``_int4_mma_kernel`` (0: not yet by default; the
+MMA_ROWS = 0  # up to this many rows, int4 in groups takes ``_matmul_kernel``'s NIBBLES path (0: not by default; the
 #               benchmark times it as "int4-...-mma" beside the others, so a GPU run decides)
 
 
@@ -63,17 +63,9 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     common = dict(INT4=w.scheme.format == INT4, PER_CHANNEL=w.scheme.group_size is None,
                   HAS_MIN=w.minimum is not None)
     minimum = w.minimum if w.minimum is not None else w.scale
-    takes_mma = common["INT4"] and not common["PER_CHANNEL"] and group >= 32
-    if takes_mma and (m <= MMA_ROWS if mma is None else mma):
-        block_m, block_n, _, splits, warps, stages = blocking or matmul_blocking(max(m, 16), n, k, group, False)
-        partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-        _int4_mma_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
-            rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial, m, n, k,
-            rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * group) * group,
-            HAS_MIN=common["HAS_MIN"], HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1,
-            BF16=x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, GROUP=group, num_warps=warps,
-            num_stages=stages)
-    elif m <= GEMV_ROWS:
+    nibbles = (common["INT4"] and not common["PER_CHANNEL"] and group >= 32
+               and (m <= MMA_ROWS if mma is None else mma))  # the tensor-core int4 path, whatever the rows
+    if m <= GEMV_ROWS and not nibbles:
         block_n, block_k, splits, warps = blocking or gemv_blocking(n, k, group, w.scheme.group_size is None)
         partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         _gemv_kernel[(triton.cdiv(n, block_n), splits, m)](
@@ -88,8 +80,9 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
         _matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
             rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial, m, n, k,
             rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * block_k) * block_k,
-            HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
+            HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, NIBBLES=nibbles,
+            BF16=x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            num_stages=stages, **common)
     if splits > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, bias if bias is not None else out, out, m * n, n,
                                                         SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024)
@@ -205,14 +198,18 @@ if triton is not None:
         tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _int4_mma_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, M, N, K, s_x, s_data, GROUPS, SPAN,
-                         HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, BF16: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-        """int4 in groups on the tensor cores, a group a step, with little work per weight: a nibble OR-ed into
-        the mantissa of 128 (bf16) or 1024 (fp16) is that number plus the nibble, exactly, and subtracting it in
-        16 bits leaves the nibble; the products of the raw nibbles are then scaled per group, and ``minimum``
-        times the group's sum of ``x`` added (``scale * sum(q * x) + minimum * sum(x)``). Tile and outputs as
-        ``_matmul_kernel``'s; rows of ``x`` past ``M`` are masked (one row still fills a 16-row tile)."""
+    def _matmul_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, M, N, K, s_x, s_data, GROUPS, SPAN,
+                       INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       FINAL: tl.constexpr, NIBBLES: tl.constexpr, BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Tile ``[pid0 * BLOCK_M, +BLOCK_M) x [pid1 * BLOCK_N, +BLOCK_N)`` over columns ``[pid2 * SPAN, +SPAN)``:
+        the output (FINAL) or this stretch's float32 partial sums ``out[pid2]``; a column step of ``BLOCK_K``
+        columns is one group (one scale per feature).
+
+        With ``NIBBLES`` (int4 in groups), little work per weight: a nibble OR-ed into the mantissa of 128
+        (bf16) or 1024 (fp16) is that number plus the nibble, exactly, and subtracting it in 16 bits leaves the
+        nibble; the product of the raw nibbles is scaled per group, and ``minimum`` times the group's sum of
+        ``x`` added (``scale * sum(q * x) + minimum * sum(x)``)."""
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = m < M, rows < N
@@ -223,42 +220,6 @@ if triton is not None:
             magic, offset = 0x4300, 128.0
         else:
             magic, offset = 0x6400, 1024.0
-        j = tl.arange(0, GROUP // 2)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        start = tl.program_id(2) * SPAN
-        for k0 in range(start, tl.minimum(start + SPAN, K), GROUP):
-            inside = (k0 + j) < K
-            b = tl.load(w_rows + (k0 // 2 + j)[:, None], mask=inside[:, None] & n_ok[None, :], other=0,
-                        eviction_policy="evict_first").to(tl.int16)
-            # [GROUP / 2, BLOCK_N]: the group's halves (16-bit patterns: the constants widen the integers to 32)
-            lo = ((b & 15) | magic).to(tl.int16).to(dtype, bitcast=True) - offset
-            hi = ((b >> 4) | magic).to(tl.int16).to(dtype, bitcast=True) - offset
-            xl = tl.load(x_rows + (k0 + j)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
-            xh = tl.load(x_rows + (k0 + GROUP // 2 + j)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
-            part = tl.dot(xh, hi.to(dtype), tl.dot(xl, lo.to(dtype)))
-            at = rows.to(tl.int64) * GROUPS + k0 // GROUP
-            acc += part * tl.load(scale_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            if HAS_MIN:
-                xsum = tl.sum(xl.to(tl.float32), axis=1) + tl.sum(xh.to(tl.float32), axis=1)
-                acc += xsum[:, None] * tl.load(min_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + (tl.program_id(2) * M + m[:, None]).to(tl.int64) * N + rows[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def _matmul_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, M, N, K, s_x, s_data, GROUPS, SPAN,
-                       INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       FINAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Tile ``[pid0 * BLOCK_M, +BLOCK_M) x [pid1 * BLOCK_N, +BLOCK_N)`` over columns ``[pid2 * SPAN, +SPAN)``:
-        the output (FINAL) or this stretch's float32 partial sums ``out[pid2]``; a column step of ``BLOCK_K``
-        columns is one group (one scale per feature)."""
-        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok, n_ok = m < M, rows < N
-        x_rows = x_ptr + m[:, None].to(tl.int64) * s_x
-        w_rows = data_ptr + rows[None, :].to(tl.int64) * s_data
-        dtype = x_ptr.dtype.element_ty
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         start = tl.program_id(2) * SPAN
         for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
@@ -270,14 +231,22 @@ if triton is not None:
                 j = tl.arange(0, BLOCK_K // 2)
                 inside = (k0 + j) < K
                 b = tl.load(w_rows + (k0 // 2 + j)[:, None], mask=inside[:, None] & n_ok[None, :], other=0).to(tl.int32)
-                lo, hi = _to_float(b & 15), _to_float(b >> 4)  # [BLOCK_K / 2, BLOCK_N]: the group's two halves
-                if not PER_CHANNEL:
-                    lo, hi = lo * scale + minimum, hi * scale + minimum
                 xl = tl.load(x_rows + (k0 + j)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
                 xh = tl.load(x_rows + (k0 + BLOCK_K // 2 + j)[None, :], mask=m_ok[:, None] & inside[None, :],
                              other=0.0)
-                acc = tl.dot(xl, lo.to(dtype), acc)
-                acc = tl.dot(xh, hi.to(dtype), acc)
+                if NIBBLES:  # [BLOCK_K / 2, BLOCK_N]: the group's two halves, as 16-bit patterns
+                    lo = ((b & 15) | magic).to(tl.int16).to(dtype, bitcast=True) - offset
+                    hi = ((b >> 4) | magic).to(tl.int16).to(dtype, bitcast=True) - offset
+                    acc += tl.dot(xh, hi.to(dtype), tl.dot(xl, lo.to(dtype))) * scale
+                    if HAS_MIN:
+                        xsum = tl.sum(xl.to(tl.float32), axis=1) + tl.sum(xh.to(tl.float32), axis=1)
+                        acc += xsum[:, None] * minimum
+                else:
+                    lo, hi = _to_float(b & 15), _to_float(b >> 4)  # [BLOCK_K / 2, BLOCK_N]: the group's two halves
+                    if not PER_CHANNEL:
+                        lo, hi = lo * scale + minimum, hi * scale + minimum
+                    acc = tl.dot(xl, lo.to(dtype), acc)
+                    acc = tl.dot(xh, hi.to(dtype), acc)
             else:
                 kk = k0 + tl.arange(0, BLOCK_K)
                 inside = kk < K

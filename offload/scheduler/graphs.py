@@ -149,13 +149,14 @@ class DecodeGraphs:
         self.decoder, self.weights, self.cache = decoder, weights, cache
         self.compile = compile and decoder.tp.size == 1
         self.capture = capture or CudaCapture(device)
-        self.pool = getattr(self.capture, "pool", None)
+        self.pool = self.capture.pool
         self.buffers: dict[tuple[int, int], tuple] = {}  # per (rows, width): h, inputs, routed
-        self.routes = any(decoder.routed(i) for i in range(decoder.config.n_layers))
+        routed = sum(map(decoder.routed, range(decoder.config.n_layers)))
+        self.routes = routed > 0
         self.buckets: OrderedDict[tuple[int, int, int], _Bucket] = OrderedDict()  # (rows, width, keys), LRU first
         # As many buckets as the plan's reserve for graph objects holds at this placement's graphs a bucket.
-        pieces = len(weights.segments) + sum(map(decoder.routed, range(decoder.config.n_layers)))
-        self.max_buckets = max(1, KEPT_BUCKETS * decoder.graph_pieces(decoder.config) // pieces)
+        self.max_buckets = max(1, KEPT_BUCKETS * decoder.graph_pieces(decoder.config) // (len(weights.segments)
+                                                                                         + routed))
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Logits ``[rows, vocab]`` of a decode step (``tokens`` and ``positions`` on the device)."""

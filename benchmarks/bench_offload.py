@@ -289,7 +289,9 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
     """(name, budget) of every placement this machine can show, all with the same GPU budget."""
     needs = offload.plan_model(bench.model, **bench.load_args(bench.batches[0])).needs
     experts = needs.experts.count * needs.experts.nbytes if needs.experts else 0
-    everything = sum(needs.blocks) + experts  # room for every layer and expert: this budget never binds
+    # Room for every layer (the planner counts each streamed one as the largest: a GGUF file's layers differ), the
+    # embedding table and every expert: this budget never binds.
+    everything = len(needs.blocks) * needs.largest_block + needs.embedding_bytes + experts
     host = dict(gpu_memory=bench.gpu_memory, cpu_memory=everything)
     runs = [("resident", {}), ("host", host)]
     if bench.peers:
@@ -341,7 +343,7 @@ def run_ours(bench: Bench, name: str, budget: dict, ids: torch.Tensor) -> Run:
             print("\n".join("  " + line for line in str(plan).splitlines()), flush=True)
             run.layers[batch] = {RESIDENT: len(plan.blocks_on(RESIDENT)), HOST: len(plan.blocks_on(HOST)),
                                  "peer": sum(len(plan.blocks_on(p)) for p in plan.budget.peer_memory)}
-            run.link_seconds[batch] = plan.link_seconds()
+            run.link_seconds[batch] = plan.link_seconds(batch)  # a mixture of experts: more rows, more experts
             if run.logits is None:
                 run.logits = model(ids[:1])[0, -1].float().cpu()
             run.timings[batch] = fastest_pass(model, ids[:batch], bench.decode_tokens)

@@ -430,3 +430,21 @@ def test_tensor_parallel_graph_decode_equals_eager_bitwise():
         for step, (a, b) in enumerate(zip(traces[rank][False], traces[rank][True])):
             assert torch.equal(a, b), f"rank {rank}, step {step}"
     assert all(torch.equal(a, b) for a, b in zip(traces[0][True], traces[1][True]))  # ranks agree
+
+
+@cuda
+def test_the_decode_cost_probes_measure_products_and_small_kernels_in_graphs():
+    """The plan's rates for resident decode: products of each format at a plausible share of the HBM copy
+    rate (replayed from a graph, not launch-bound), and small kernels at a few microseconds each."""
+    from offload.memory import bandwidth
+
+    device = torch.device("cuda")
+    hbm = bandwidth.measure_device_copy(device, 256 * 2**20)
+    rates = bandwidth.measure_gemv(device)
+    print({k: f"{v / hbm:.2f} of the HBM copy rate" for k, v in rates.items()})
+    assert set(rates) == set(bandwidth.GEMV_FORMATS)
+    assert 0.5 * hbm < rates["gemv-bf16"] < 1.5 * hbm
+    assert all(0.05 * hbm < rates[name] < 1.5 * hbm for name in rates)
+    kernels = bandwidth.measure_small_kernels(device)
+    print(f"small kernels: {1e6 / kernels:.2f} us each")
+    assert 1e4 < kernels < 1e7

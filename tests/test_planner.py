@@ -143,3 +143,21 @@ def test_embedding_table_moves_to_host_ram_only_when_offloading():
     assert "embedding table" in str(tight)
     no_host_room = plan(need, gpu=need.fixed_bytes + 12 * GB + GB // 2, cpu=GB // 4, peers={"cuda:1": 100 * GB})
     assert not no_host_room.embedding_on_host  # the embedding stays on the GPU when the host cannot take it
+
+
+def test_a_resident_step_is_predicted_from_its_products_rate_and_its_small_kernels():
+    """Resident decode: every weight read at the measured rate of its format's products, plus the decode
+    step's small kernels at the measured time of one; a streamed step is bound by its link when that is slower."""
+    need = needs(decode_kernels=40 * 6, products="int4")
+    rates = dict(BW, **{"gemv-int4": 1000 * GB, "gemv-bf16": 4000 * GB, "kernels": 400_000})
+    resident = make_plan(need, Budget(need.fixed_bytes + 40 * GB, 100 * GB, {}), rates, "cuda:0")
+    products = 40 * GB / (1000 * GB) + need.global_bytes / (4000 * GB)
+    assert resident.compute_seconds() == pytest.approx(products + 240 / 400_000)
+    assert resident.predicted_step_seconds == pytest.approx(products + 240 / 400_000)
+    assert resident.bottleneck == "hbm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        streamed = make_plan(need, Budget(need.fixed_bytes + 12 * GB, 100 * GB, {}), rates, "cuda:0")
+    assert streamed.predicted_step_seconds == pytest.approx(30 * GB / BW["host"])  # 30 layers over the host link
+    no_kernels = make_plan(need, Budget(need.fixed_bytes + 40 * GB, 100 * GB, {}), dict(rates, kernels=0.0), "cuda:0")
+    assert no_kernels.predicted_step_seconds == pytest.approx(products)  # none measured: not counted

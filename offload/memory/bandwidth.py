@@ -8,7 +8,9 @@ read plus write, which bounds a decode step that reads every weight once); and
 (bfloat16 on a GPU, float32 on a CPU), which bounds a pass over many tokens; and on a
 GPU with offload's kernels, ``"gemv-bf16"``, ``"gemv-int8"`` and ``"gemv-int4"``: the
 bytes per second a one-row product reads from a weight stored so (a decode step's
-products over resident layers take their bytes over these rates).
+products over resident layers take their bytes over these rates), and ``"kernels"``:
+small kernels per second (a decode layer's norms, rotation, attention and gate each
+cost at least one), both timed as CUDA graphs replay them.
 Under tensor parallelism every rank probes the host link at the same moment, so
 the figure is each rank's share of a host link that all of them pull from at once.
 """
@@ -18,15 +20,18 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..distributed import TensorParallel
+from ..errors import OffloadWarning
 from ..options import cache_dir
 from .host import PinnedMemory
 
 PROBE_BYTES = 256 * 2**20
+CACHE_VERSION = 2  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second
 
 
 def cache_path() -> Path:
@@ -37,12 +42,12 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     """Bytes/s of each link into ``compute_device`` ("host", "hbm", every peer) and its "matmul" FLOP/s,
     from the cache or measured."""
     device = torch.device(compute_device)
-    names = ["host", "hbm", "matmul", *peers] + (list(GEMV_FORMATS) if device.type == "cuda" else [])
+    names = ["host", "hbm", "matmul", *peers] + ([*GEMV_FORMATS, "kernels"] if device.type == "cuda" else [])
     if device.type != "cuda":  # every "link" is a memcpy in RAM: quick to measure, not worth caching
         bandwidth = measure_cpu_copy()
         return {**{name: bandwidth for name in names}, "matmul": measure_matmul(device)}
     gpu = torch.cuda.get_device_name(device).replace(" ", "_")
-    key = {name: f"{gpu}/{device}<-{name}/ranks={tp.size}" for name in names}
+    key = {name: f"{gpu}/{device}<-{name}/ranks={tp.size}/v{CACHE_VERSION}" for name in names}
     cached = _read_cache()
     found = {name: cached[key[name]] for name in names if key[name] in cached}
     if all(tp.gather_objects(len(found) == len(names))):
@@ -53,11 +58,22 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     tp.barrier()
     measured["hbm"] = measure_device_copy(device, size)
     measured["matmul"] = measure_matmul(device)
-    measured.update(measure_gemv(device))
+    measured.update(_optional(measure_gemv, device, {}))
+    measured["kernels"] = _optional(measure_small_kernels, device, 0.0)
     for peer in peers:
         measured[peer] = measure_peer(device, torch.device(peer), size)
     _write_cache({**cached, **{key[n]: v for n, v in measured.items()}})
     return measured
+
+
+def _optional(probe, device, default):
+    """A probe that only the plan's predictions need: its failure costs a prediction, never a load."""
+    try:
+        return probe(device)
+    except Exception as e:  # noqa: BLE001 (a kernel that does not compile or capture on this GPU)
+        warnings.warn(f"{probe.__name__} failed ({type(e).__name__}: {e}); the plan predicts decode without it",
+                      OffloadWarning, stacklevel=3)
+        return default
 
 
 def peer_is_direct(compute_device, peer: str) -> bool:
@@ -126,43 +142,65 @@ def measure_matmul(device) -> float:
 
 
 GEMV_FORMATS = ("gemv-bf16", "gemv-int8", "gemv-int4")
+GEMV_SHAPES = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))  # a llama-2-7b layer's four products
+SMALL_KERNELS = 256  # replayed per timing of "kernels"
 
 
 def measure_gemv(device) -> dict[str, float]:
-    """Bytes/s of a one-row product from a 8192 x 8192 weight in bfloat16, int8 and int4 (groups of 128), with
-    offload's kernels, weights cycled through copies so none is read from L2; empty without working kernels."""
+    """Bytes/s of the one-row products of a llama-2-7b-shaped layer in bfloat16, int8 and int4 (groups of 128),
+    with offload's kernels replayed from a CUDA graph as a decode step runs them (timed eagerly, the host's
+    launches would be measured instead); empty without working kernels."""
     from ..models import kernels, quant_kernels
     from ..models.quant import FUSED, QuantizedWeight, QuantScheme, quantize
 
     if not kernels.works(device):
         return {}
-    n = 8192
-    dense = torch.randn(n, n, device=device, dtype=torch.bfloat16) / n**0.5
-    x = torch.randn(1, n, device=device, dtype=torch.bfloat16)
     rates = {}
-    for name, scheme in (("gemv-bf16", None), ("gemv-int8", QuantScheme("int8", None, n, FUSED)),
-                         ("gemv-int4", QuantScheme("int4", 128, n, FUSED, rounding="minmax"))):
-        if scheme is None:
-            weights, product = [dense.clone() for _ in range(4)], kernels.gemv
-        else:
-            parts = quantize(dense, scheme, torch.bfloat16)
-            weights = [QuantizedWeight(parts["data"].clone(), parts["scale"].clone(),
-                                       None if "minimum" not in parts else parts["minimum"].clone(), scheme)
-                       for _ in range(4)]
-            product = quant_kernels.linear
-        nbytes = sum(t.numel() * t.element_size() for t in ([weights[0]] if scheme is None else
-                                                             [p for p in parts.values()]))
-        for w in weights:  # warm-up: compiles the kernels
-            product(x, w)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            for w in weights:
-                product(x, w)
-        end.record()
-        end.synchronize()
-        rates[name] = nbytes / (start.elapsed_time(end) / 1000 / 20)
+    for name, fmt, group, copies in (("gemv-bf16", None, None, 1), ("gemv-int8", "int8", None, 2),
+                                     ("gemv-int4", "int4", 128, 2)):  # copies: more bytes than the L2 cache
+        products, nbytes = [], 0
+        for _ in range(copies):
+            for rows, cols in GEMV_SHAPES:
+                w = torch.randn(rows, cols, device=device, dtype=torch.bfloat16) / cols**0.5
+                if fmt is not None:
+                    scheme = QuantScheme(fmt, group, rows, FUSED, rounding="minmax")
+                    parts = quantize(w, scheme, torch.bfloat16)
+                    w = QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), scheme)
+                nbytes += sum(t.numel() * t.element_size() for t in ([w] if fmt is None else parts.values()))
+                products.append((torch.randn(1, cols, device=device, dtype=torch.bfloat16), w))
+        product = kernels.gemv if fmt is None else quant_kernels.linear
+        rates[name] = nbytes / graph_seconds(device, lambda: [product(x, w) for x, w in products])
     return rates
+
+
+def measure_small_kernels(device) -> float:
+    """Small kernels per second replayed from a CUDA graph (one row's RMS norm, 4096 wide): what each of a decode
+    layer's norms, rotations, attention and gates costs at least, however few bytes it touches."""
+    from ..models import kernels
+
+    if not kernels.works(device):
+        return 0.0
+    x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
+    weight = torch.ones(4096, device=device, dtype=torch.bfloat16)
+    return SMALL_KERNELS / graph_seconds(device, lambda: [kernels.rms_norm(x, weight, 1e-5)
+                                                          for _ in range(SMALL_KERNELS)])
+
+
+def graph_seconds(device, work, repeats: int = 5) -> float:
+    """Seconds per run of ``work`` (GPU kernels) captured in a CUDA graph, replayed ``repeats`` times."""
+    work()  # compiles the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(device), torch.cuda.graph(graph):
+        work()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.device(device):
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000 / repeats
 
 
 def measure_cpu_copy(size: int = 64 * 2**20) -> float:

@@ -57,6 +57,7 @@ class MemoryNeeds:
     dequant_bytes: int = 0  # quantized layers: the rows a linear dequantizes at a time, and their product
     weight_format: str = ""  # quantized layers: the format and bytes per layer, for the plan; "" for the model dtype
     draft_bytes: int = 0  # speculative decoding: a draft model kept on the compute device (weights, KV cache...)
+    decode_kernels: int = 0  # a decode step's small kernels (norms, rotations, attention, gates) over every layer
 
     @property
     def fixed_bytes(self) -> int:
@@ -167,10 +168,18 @@ class Plan:
                       + self.needs.global_bytes / self.bandwidth.get(f"gemv-{dense}", self.bandwidth["hbm"]))
         return out
 
+    def compute_seconds(self, rows: int = 1) -> float:
+        """A decode step's time on the compute device: its products read every weight they use at the measured
+        rates of their formats (``link_seconds``' "hbm"), and its small kernels each take at least the measured
+        time of one (a step of a small or compressed model is largely theirs)."""
+        kernels = self.bandwidth.get("kernels") or math.inf
+        return self.link_seconds(rows)["hbm"] + self.needs.decode_kernels / kernels
+
     @property
     def predicted_step_seconds(self) -> float:
-        """A decode step that computes little: the slowest link, or reading every weight from HBM."""
-        return max(self.link_seconds().values())
+        """A decode step that computes little: the slowest link, or the compute device's time."""
+        links = self.link_seconds()
+        return max([s for t, s in links.items() if t != "hbm"] + [self.compute_seconds()])
 
     def pass_seconds(self, tokens: int, keys: int = 0) -> float:
         """A pass that runs ``tokens`` tokens through every layer, attending to ``keys`` cached keys in all:
@@ -178,11 +187,12 @@ class Plan:
         matrix work at the measured rate, whichever is longer."""
         work = tokens * self.needs.flops_per_token + keys * self.needs.flops_per_key
         compute = work / self.bandwidth.get("matmul", math.inf)
-        return max(max(self.link_seconds(max(tokens, 1)).values()), compute)
+        links = self.link_seconds(max(tokens, 1))
+        return max([s for t, s in links.items() if t != "hbm"] + [self.compute_seconds(max(tokens, 1)), compute])
 
     @property
     def bottleneck(self) -> str:
-        seconds = self.link_seconds()
+        seconds = {**self.link_seconds(), "hbm": self.compute_seconds()}
         return max(seconds, key=seconds.get)
 
     # ---------------------------------------------------------------- printing

@@ -89,6 +89,9 @@ class Decoder:
     groups: ClassVar[dict[str, tuple[str, ...]]] = {}  # fused views: {"wqkv": ("wq", "wk", "wv")}
     linear: ClassVar[tuple[str, ...]] = ()  # the weights ``quantize`` compresses (not norms, not biases)
     qk_norm: ClassVar[bool] = False  # q and k are normalized per head before the rotary embedding
+    # A decode layer's kernels besides its products: norm, rotation and cache write, attention, norm of the
+    # residual sum, gate, residual add (the plan counts their least time; q/k norms add kernels it does not count)
+    decode_kernels: ClassVar[int] = 6
 
     # ------------------------------------------------------------------ the family's checkpoints
 

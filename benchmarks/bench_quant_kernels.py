@@ -6,8 +6,8 @@
 
 For each product of a llama-2-7b layer, each format (bf16: offload's GEMV for one row,
 cuBLAS otherwise; int8 per channel; int4 in groups of 128 and of 32, by the kernels the
-rows choose and, "-mma", by the tensor-core int4 kernel whatever the rows; int4
-dequantized then multiplied by cuBLAS, the path before the kernels) and each number of rows:
+rows choose; int4 dequantized then multiplied by cuBLAS, the path before the kernels) and
+each number of rows:
 microseconds per product and, for a few rows, floor / time, where the floor is the
 product's weight bytes (compressed) over the device-copy bandwidth measured in the
 run; for 2048 rows, TFLOP/s. Each product cycles through copies of its weight (600 MB
@@ -31,8 +31,7 @@ from offload.memory.bandwidth import measure_device_copy  # noqa: E402
 from offload.models import kernels, quant_kernels  # noqa: E402
 from offload.models.quant import DEQUANTIZE, FUSED, QuantizedWeight, QuantScheme, quantize, quantized_linear  # noqa: E402
 
-FORMATS = {"bf16": None, "int8": ("int8", None), "int4-g128": ("int4", 128), "int4-g32": ("int4", 32),
-           "int4-g128-mma": ("int4", 128), "int4-g32-mma": ("int4", 32)}  # -mma: the tensor-core int4 kernel
+FORMATS = {"bf16": None, "int8": ("int8", None), "int4-g128": ("int4", 128), "int4-g32": ("int4", 32)}
 
 
 def weights_of(fmt, n, k, device, copies):
@@ -52,7 +51,7 @@ def weights_of(fmt, n, k, device, copies):
 def product(fmt, x, w, blocking=None):
     if FORMATS[fmt] is None:
         return kernels.gemv(x, w) if x.shape[0] == 1 else F.linear(x, w)
-    return quant_kernels.linear(x, w, blocking=blocking, mma=True if fmt.endswith("-mma") else None)
+    return quant_kernels.linear(x, w, blocking=blocking)
 
 
 def dequantized(x, w):

@@ -59,26 +59,6 @@ def test_the_product_equals_dequantize_then_multiply(dtype, fmt, group, minimum,
         assert_close_to_exact(quant_kernels.linear(x, w, b), x, w, b)
 
 
-@slow_on_the_interpreter
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("rows, cols", [(67, 384), (33, 1024)])
-@pytest.mark.parametrize("m", [1, 5, 40])
-def test_the_tensor_core_int4_kernel_equals_dequantize_then_multiply(dtype, group, rows, cols, m):
-    """``_int4_mma_kernel`` (the nibbles made numbers by their 16-bit patterns, scaled per group after the
-    product), for any number of rows."""
-    w = packed("int4", group, rows, cols, dtype, seed=rows + cols + m)
-    gen = torch.Generator().manual_seed(m)
-    x = torch.randn(m, cols, generator=gen).to(dtype).to(DEVICE)
-    bias = torch.randn(rows, generator=gen).to(dtype).to(DEVICE)
-    for b in (None, bias):
-        assert_close_to_exact(quant_kernels.linear(x, w, b, mma=True), x, w, b)
-
-
-def test_the_tensor_core_int4_kernel_for_one_row():
-    test_the_tensor_core_int4_kernel_equals_dequantize_then_multiply(DTYPES[0], 64, 40, 256, 1)
-
-
 @pytest.mark.parametrize("fmt, group, minimum", FORMATS)
 @pytest.mark.parametrize("m, cols", [(1, 256), (5, 256), (1, 3072)])  # 3072 columns: three stretches summed
 def test_each_format_for_one_row_and_for_several(fmt, group, minimum, m, cols):

@@ -41,8 +41,6 @@ if triton is not None:
 
 GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
 TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
-MMA_ROWS = 0  # up to this many rows, int4 in groups takes ``_matmul_kernel``'s NIBBLES path (0: not by default; the
-#               benchmark times it as "int4-...-mma" beside the others, so a GPU run decides)
 
 
 def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
@@ -50,11 +48,9 @@ def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
     return w.scheme.kernel == FUSED and x.dtype in DTYPES and x.stride(-1) == 1 and x.device == w.data.device
 
 
-def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, blocking=None,
-           mma: bool | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, blocking=None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for the weight ``W`` that ``w``'s parts hold (``blocking``: another kernel blocking,
-    for benchmarks/bench_quant_kernels.py's sweep; ``mma``: int4 in groups on the tensor cores whatever the
-    rows, or never; default: up to ``MMA_ROWS`` rows)."""
+    for benchmarks/bench_quant_kernels.py's sweep)."""
     k, n = w.cols, w.rows
     rows = x.reshape(-1, k)
     m = rows.shape[0]
@@ -63,9 +59,7 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     common = dict(INT4=w.scheme.format == INT4, PER_CHANNEL=w.scheme.group_size is None,
                   HAS_MIN=w.minimum is not None)
     minimum = w.minimum if w.minimum is not None else w.scale
-    nibbles = (common["INT4"] and not common["PER_CHANNEL"] and group >= 32
-               and (m <= MMA_ROWS if mma is None else mma))  # the tensor-core int4 path, whatever the rows
-    if m <= GEMV_ROWS and not nibbles:
+    if m <= GEMV_ROWS:
         block_n, block_k, splits, warps = blocking or gemv_blocking(n, k, group, w.scheme.group_size is None)
         partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         _gemv_kernel[(triton.cdiv(n, block_n), splits, m)](
@@ -80,8 +74,7 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
         _matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
             rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial, m, n, k,
             rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * block_k) * block_k,
-            HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, NIBBLES=nibbles,
-            BF16=x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
             num_stages=stages, **common)
     if splits > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, bias if bias is not None else out, out, m * n, n,
@@ -200,26 +193,16 @@ if triton is not None:
     @triton.jit
     def _matmul_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, M, N, K, s_x, s_data, GROUPS, SPAN,
                        INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       FINAL: tl.constexpr, NIBBLES: tl.constexpr, BF16: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       FINAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Tile ``[pid0 * BLOCK_M, +BLOCK_M) x [pid1 * BLOCK_N, +BLOCK_N)`` over columns ``[pid2 * SPAN, +SPAN)``:
         the output (FINAL) or this stretch's float32 partial sums ``out[pid2]``; a column step of ``BLOCK_K``
-        columns is one group (one scale per feature).
-
-        With ``NIBBLES`` (int4 in groups), little work per weight: a nibble OR-ed into the mantissa of 128
-        (bf16) or 1024 (fp16) is that number plus the nibble, exactly, and subtracting it in 16 bits leaves the
-        nibble; the product of the raw nibbles is scaled per group, and ``minimum`` times the group's sum of
-        ``x`` added (``scale * sum(q * x) + minimum * sum(x)``)."""
+        columns is one group (one scale per feature)."""
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = m < M, rows < N
         x_rows = x_ptr + m[:, None].to(tl.int64) * s_x
         w_rows = data_ptr + rows[None, :].to(tl.int64) * s_data
         dtype = x_ptr.dtype.element_ty
-        if BF16:
-            magic, offset = 0x4300, 128.0
-        else:
-            magic, offset = 0x6400, 1024.0
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         start = tl.program_id(2) * SPAN
         for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
@@ -234,19 +217,11 @@ if triton is not None:
                 xl = tl.load(x_rows + (k0 + j)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
                 xh = tl.load(x_rows + (k0 + BLOCK_K // 2 + j)[None, :], mask=m_ok[:, None] & inside[None, :],
                              other=0.0)
-                if NIBBLES:  # [BLOCK_K / 2, BLOCK_N]: the group's two halves, as 16-bit patterns
-                    lo = ((b & 15) | magic).to(tl.int16).to(dtype, bitcast=True) - offset
-                    hi = ((b >> 4) | magic).to(tl.int16).to(dtype, bitcast=True) - offset
-                    acc += tl.dot(xh, hi.to(dtype), tl.dot(xl, lo.to(dtype))) * scale
-                    if HAS_MIN:
-                        xsum = tl.sum(xl.to(tl.float32), axis=1) + tl.sum(xh.to(tl.float32), axis=1)
-                        acc += xsum[:, None] * minimum
-                else:
-                    lo, hi = _to_float(b & 15), _to_float(b >> 4)  # [BLOCK_K / 2, BLOCK_N]: the group's two halves
-                    if not PER_CHANNEL:
-                        lo, hi = lo * scale + minimum, hi * scale + minimum
-                    acc = tl.dot(xl, lo.to(dtype), acc)
-                    acc = tl.dot(xh, hi.to(dtype), acc)
+                lo, hi = _to_float(b & 15), _to_float(b >> 4)  # [BLOCK_K / 2, BLOCK_N]: the group's two halves
+                if not PER_CHANNEL:
+                    lo, hi = lo * scale + minimum, hi * scale + minimum
+                acc = tl.dot(xl, lo.to(dtype), acc)
+                acc = tl.dot(xh, hi.to(dtype), acc)
             else:
                 kk = k0 + tl.arange(0, BLOCK_K)
                 inside = kk < K

@@ -22,6 +22,8 @@
 #   prefill13b     llama-2-13b at 8 GiB: prefill of 32 x 128 and 1 x 4096 tokens against their limits
 #   int4_70b       llama-2-70b in int4 at 24 GiB
 #   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16
+#   moehost        the host's time in a decode step of qwen3-30b-a3b's routing with every width shrunk (launches
+#                  and Python, not bytes): what a streamed mixture of experts waits for at each layer
 #   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host and the device cache
 #                  (both: graph pieces up to each layer's routing against eager steps: which is faster)
 #   spec13b        llama-2-13b at 8 GiB: what a verify pass of 1..32 tokens per row costs (speculation's budget),
@@ -122,6 +124,7 @@ run_stage() {
       --json "$OUT/tp13b_peers.json" ;;
     moe30b) stage moe30b python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b --gpu-memory 8GiB --runs host \
       --batch 1,16 --skip-accelerate --json "$OUT/moe30b.json" ;;
+    moehost) stage moehost python3 benchmarks/moe_host_time.py --profile ;;
     mixtral24) stage mixtral24 python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \
       --runs host --batch 1 --skip-accelerate --json "$OUT/mixtral24.json" ;;
     spec13b) stage spec13b python3 benchmarks/bench_speculative.py --shape llama-2-13b --gpu-memory 8GiB \

@@ -46,3 +46,12 @@ def test_bench_bad_input_is_one_line_and_exit_2():
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "no-such-shape" in proc.stderr
+
+
+@pytest.mark.slow
+def test_moe_host_time_measures_a_narrowed_mixture_of_experts():
+    proc = subprocess.run([sys.executable, "benchmarks/moe_host_time.py", "--steps", "3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("moe_host_time: qwen3-30b-a3b narrowed") and float(summary.split()[4]) > 0

@@ -197,11 +197,12 @@ class MoEDecoder(Llama):
     @classmethod
     def activation_bytes(cls, config: MoEConfig, tp, dtype, max_batch, max_seq_len, max_step_tokens,
                          logit_positions) -> int:
-        """The dense layers' temporaries, or a chunk's routed rows (``top_k`` per token) through one expert at a
-        time, each expert's output kept until the layer's are summed in order."""
+        """The dense layers' temporaries, or a chunk's routed rows (``top_k`` per token): gathered, each expert's
+        output (and its float32 projection) kept until all are weighted (in float32 for float32 routing), placed
+        in the grid and summed."""
         dense = super().activation_bytes(config, tp, dtype, max_batch, max_seq_len, max_step_tokens, logit_positions)
         t, d, e = max_step_tokens, config.hidden_size, dtype.itemsize
-        routed = t * config.top_k * d * (e + 4) + t * (3 * config.expert_intermediate // tp.size) * e
+        routed = t * config.top_k * d * (4 * e + 2 * 4) + t * (3 * config.expert_intermediate // tp.size) * e
         return dense + routed + t * config.n_experts * 4 * 2  # and the router's float32 probabilities
 
     # ------------------------------------------------------------------ computing
@@ -261,25 +262,30 @@ class MoEDecoder(Llama):
         return ids, weights if self.float32_routing else weights.to(h.dtype)
 
     def routed_mlp(self, i: int, routed: list[Routed], w: MoELayerWeights) -> list[torch.Tensor]:
-        """Each chunk's residual stream after sparse layer ``i``: its routed experts' outputs (the experts of
-        every chunk fetched once; the host reads the routing here) summed in expert order, plus the shared
-        expert's."""
-        rows = self._rows_per_expert([r.ids for r in routed])  # the host reads the routing here
-        contributions = {}  # (chunk, expert) -> that expert's weighted output for the chunk's rows
-        for e, weights in self.experts.fetch(i, sorted({e for per_chunk in rows for e in per_chunk})):
-            for c, r in enumerate(routed):
-                if e in rows[c]:
-                    token, slot = rows[c][e]
-                    y = self.ops.linear(self.ops.gated(self.ops.linear(r.normed[token], weights.w_gate_up), "silu"),
-                                        weights.w_down)
-                    contributions[c, e] = token, (y * r.weights[token, slot, None]).to(r.normed.dtype)
+        """Each chunk's residual stream after sparse layer ``i``: its routed experts' outputs summed in expert order
+        (the experts of every chunk fetched once; the host reads the routing here), plus the shared expert's.
+
+        Few operations a layer, whatever its experts (each launch costs the host time a decode step of a
+        streamed mixture of experts waits for): a chunk's routed rows are gathered once, sorted by expert,
+        each expert runs on its slice, and the weighted outputs are placed in a ``[tokens, top_k]`` grid,
+        each token's experts in ascending order, and summed over it."""
+        routes = self._routes([r.ids for r in routed])  # the host reads the routing here
+        gathered = [r.normed.index_select(0, route.tokens) for r, route in zip(routed, routes)]
+        outputs = [[None] * len(route.experts) for route in routes]  # per chunk, per expert in its order
+        for e, weights in self.experts.fetch(i, sorted({e for route in routes for e in route.experts})):
+            for c, route in enumerate(routes):
+                if e in route.experts:
+                    n, (lo, hi) = route.experts[e], route.spans[e]
+                    h = self.ops.gated(self.ops.linear(gathered[c][lo:hi], weights.w_gate_up), "silu")
+                    outputs[c][n] = self.ops.linear(h, weights.w_down)
         outs = []
-        for c, r in enumerate(routed):
-            out = torch.zeros_like(r.normed)
-            for e in sorted(rows[c]):  # in expert order, wherever each expert came from
-                token, y = contributions[c, e]
-                out.index_add_(0, token, y)
-            out = self.tp.all_reduce(out)
+        for r, route, ys in zip(routed, routes, outputs):
+            tokens, d, k = r.normed.shape[0], r.normed.shape[1], self.config.top_k
+            grid = r.normed.new_zeros(tokens * k, d)
+            if ys:
+                scaled = torch.cat(ys) * r.weights.reshape(-1).index_select(0, route.slots)[:, None]
+                grid.index_copy_(0, route.places, scaled.to(r.normed.dtype))
+            out = self.tp.all_reduce(grid.view(tokens, k, d).sum(1))
             if w.w_shared_gate_up is not None:
                 shared = self.row_parallel(self.ops.gated(self.ops.linear(r.normed, w.w_shared_gate_up), "silu"),
                                            w.w_shared_down)
@@ -287,26 +293,39 @@ class MoEDecoder(Llama):
             outs.append(r.x + out.view(r.x.shape))
         return outs
 
-    def _rows_per_expert(self, ids: list[torch.Tensor]) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-        """Per chunk, each routed expert's (token rows, top-k slots), as index tensors on the compute device:
-        the routing read back once per layer, the indices sent in one transfer that does not wait for the GPU."""
-        routes, flat = [], []  # (chunk, expert, count) in the order of their rows then slots in ``flat``
-        for c, chunk_ids in enumerate(ids):
-            per_expert: dict[int, tuple[list[int], list[int]]] = {}
+    def _routes(self, ids: list[torch.Tensor]) -> list[Routes]:
+        """Per chunk, its routed (token, slot) pairs sorted by expert, as index tensors on the compute device: the
+        routing read back once per layer, the indices of every chunk sent in one transfer that does not wait for
+        the GPU."""
+        k, found, flat = self.config.top_k, [], []
+        for chunk_ids in ids:
+            pairs = []  # (expert, token, top-k slot, place: the token's row of the grid, its experts in order)
             for token, experts in enumerate(chunk_ids.tolist()):
-                for slot, e in enumerate(experts):
-                    if e < 0:  # a pad
-                        continue
-                    tokens, slots = per_expert.setdefault(e, ([], []))
-                    tokens.append(token)
-                    slots.append(slot)
-            for e, (tokens, slots) in per_expert.items():
-                routes.append((c, e, len(tokens)))
-                flat += tokens + slots
-        index = to_device(flat, torch.long, ids[0].device) if flat else None
-        out: list[dict] = [{} for _ in ids]
-        at = 0
-        for c, e, n in routes:
-            out[c][e] = index[at: at + n], index[at + n: at + 2 * n]
-            at += 2 * n
-        return out
+                chosen = sorted((e, slot) for slot, e in enumerate(experts) if e >= 0)  # a pad routes to -1
+                pairs += [(e, token, slot, token * k + rank) for rank, (e, slot) in enumerate(chosen)]
+            pairs.sort()
+            order, spans = {}, {}
+            for at, (e, *_) in enumerate(pairs):
+                if e not in order:
+                    order[e], spans[e] = len(order), [at, at]
+                spans[e][1] = at + 1
+            found.append((order, {e: tuple(span) for e, span in spans.items()}, len(pairs)))
+            flat += [p[1] for p in pairs] + [p[1] * k + p[2] for p in pairs] + [p[3] for p in pairs]
+        index = to_device(flat, torch.long, ids[0].device)
+        routes, at = [], 0
+        for order, spans, n in found:
+            routes.append(Routes(order, spans, index[at: at + n], index[at + n: at + 2 * n],
+                                 index[at + 2 * n: at + 3 * n]))
+            at += 3 * n
+        return routes
+
+
+@dataclass(slots=True)
+class Routes:
+    """One chunk's routing as the host arranged it: its (token, slot) pairs sorted by expert."""
+
+    experts: dict[int, int]  # expert -> its place in the order of the chunk's experts (ascending)
+    spans: dict[int, tuple[int, int]]  # expert -> its pairs [lo, hi)
+    tokens: torch.Tensor  # [pairs]: each pair's token (the row of the chunk's normed states it reads)
+    slots: torch.Tensor  # [pairs]: token * top_k + top-k slot (its weight in the router's [tokens, top_k])
+    places: torch.Tensor  # [pairs]: token * top_k + the expert's rank among the token's (its row of the grid)

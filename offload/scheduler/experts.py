@@ -44,6 +44,8 @@ class ExpertStore:
         self.ready = [torch.cuda.Event() if on_gpu else None for _ in range(len(slots))]
         self.free = [torch.cuda.Event() if on_gpu else None for _ in range(len(slots))]
         self.cached: OrderedDict[tuple[int, int], int] = OrderedDict()  # expert -> slot, least recently used first
+        self.unused = list(range(len(slots)))[::-1]  # slots no expert has been copied into yet
+        self.views: dict[tuple[int, int], object] = {}  # (slot, id(layout)) -> the weights there (made once)
         self.hits = self.misses = 0
 
     def fetch(self, layer: int, needed: list[int]) -> Iterator[tuple[int, object]]:
@@ -57,8 +59,7 @@ class ExpertStore:
             for e, slot in fetched:
                 if self.ready[slot] is not None:
                     torch.cuda.current_stream(self.slots.device).wait_event(self.ready[slot])
-                _, _, layout = self.source[layer, e]
-                yield e, layout.views(self.slots[slot][: layout.nbytes])
+                yield e, self._weights(slot, self.source[layer, e][2])
             for _, slot in fetched + [(e, self.cached[layer, e]) for e, _ in here if (layer, e) in self.cached]:
                 if self.free[slot] is not None:  # the slot may be refilled once this wave's compute has run
                     self.free[slot].record(torch.cuda.current_stream(self.slots.device))
@@ -74,8 +75,7 @@ class ExpertStore:
                 here.append((e, self.resident[key]))
             elif key in self.cached:
                 self.cached.move_to_end(key)
-                _, _, layout = self.source[key]
-                here.append((e, layout.views(self.slots[self.cached[key]][: layout.nbytes])))
+                here.append((e, self._weights(self.cached[key], self.source[key][2])))
             else:
                 slot = self._take_slot(wave)
                 if slot is None:
@@ -91,12 +91,17 @@ class ExpertStore:
             self.hits += 1
         return here, fetched, left
 
+    def _weights(self, slot: int, layout):
+        """An expert's weights in cache slot ``slot`` (views made once per slot and layout: a step asks often)."""
+        key = (slot, id(layout))
+        if key not in self.views:
+            self.views[key] = layout.views(self.slots[slot][: layout.nbytes])
+        return self.views[key]
+
     def _take_slot(self, wave: set) -> int | None:
-        """A free slot, or the least recently used one whose expert this wave does not need."""
-        used = set(self.cached.values())
-        for slot in range(len(self.slots)):
-            if slot not in used:
-                return slot
+        """A slot never used, or the least recently used one whose expert this wave does not need."""
+        if self.unused:
+            return self.unused.pop()
         for key, slot in self.cached.items():
             if key not in wave:
                 del self.cached[key]
@@ -118,3 +123,4 @@ class ExpertStore:
         if self.slots.device.type == "cuda":
             torch.cuda.synchronize(self.slots.device)
         self.cached.clear()
+        self.unused = list(range(len(self.slots)))[::-1]

@@ -1,0 +1,58 @@
+"""The host's time in a decode step of a mixture of experts whose experts stream, with the compute made negligible.
+
+    python benchmarks/moe_host_time.py                  # qwen3-30b-a3b's layers, experts and routing, 64 wide
+    python benchmarks/moe_host_time.py --profile        # and where the host's time goes (cProfile)
+
+A streamed mixture of experts waits, at every routed layer, for the host: it reads the
+routing, then issues the experts' copies and their products. Shrinking every width of
+the model (not its layers, experts or top-k) leaves that host work and little else, so
+this measures it on any machine. On a GPU each operation costs a launch on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import warnings
+
+import torch
+
+import offload
+from offload.models.shapes import shape_config
+
+NARROW = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="qwen3-30b-a3b")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore", offload.OffloadWarning)
+    torch.set_num_threads(1)
+    config = shape_config(args.shape) | NARROW
+    options = dict(dtype="float32", max_batch=1, max_seq_len=64)
+    needs = offload.plan_model(config, **options).needs
+    experts = needs.experts.count * needs.experts.nbytes
+    room = needs.fixed_bytes + sum(needs.blocks) + 64 * needs.experts.nbytes  # every layer, few experts resident
+    model = offload.load_model(config, **options, gpu_memory=room, cpu_memory=2 * experts, random_weights=0,
+                               progress=False)
+    print(model.plan.experts.summary())
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    model.generate(prompt, max_new_tokens=4)  # warm-up
+    result = model.generate(prompt, max_new_tokens=args.steps, return_result=True)
+    routed = sum(1 for n in needs.experts.per_layer if n)
+    ms = 1e3 * result.decode_seconds / result.decode_steps
+    print(f"moe_host_time: {args.shape} narrowed, {model.device}: {ms:.2f} ms a decode step, "
+          f"{1e3 * ms / routed:.0f} us a routed layer")
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.runcall(model.generate, prompt, max_new_tokens=args.steps)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    main()

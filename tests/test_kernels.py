@@ -241,3 +241,42 @@ def test_the_gate_equals_pytorchs_to_one_rounding(shape, dtype, activation):
     # built from exp here and is CUDA's own tanhf in PyTorch, which moves more of them (93-95% equal on an H200)
     assert (got == want).float().mean() > (0.99 if activation == "silu" else 0.9)
     assert_one_rounding_apart(got, want)
+
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU: Triton's interpreter (conftest.py)
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("batch,heads,kv_heads,hd", [(1, 4, 2, 16), (3, 8, 2, 64)])
+def test_rope_and_store_normalizes_q_and_k_per_head_before_rotating(batch, heads, kv_heads, hd, offset):
+    """Qwen3's and Gemma 3's decode step in one kernel: each q and k head RMS-normalized as ``rms_norm`` does it
+    (rounded, ``offset``: times 1 + w), then rotated in float32 and rounded once; v copied. Float16 (the
+    interpreter rounds bfloat16 its own way)."""
+    device, dtype = KERNEL_DEVICE, torch.float16
+    gen = torch.Generator().manual_seed(batch * hd + offset)
+    qkv = (torch.randn(batch, 1, (heads + 2 * kv_heads) * hd, generator=gen) * 3).to(dtype).to(device)
+    q_norm, k_norm = ((1 + 0.2 * torch.randn(hd, generator=gen)).to(dtype).to(device) for _ in range(2))
+    rope = Rope(torch.rand(hd // 2, generator=gen) * 0.5, 64, dtype, torch.device(device))
+    positions = torch.tensor([5, 0, 40][:batch], device=device)
+    step = DecodeChunk(positions, 64, [rope], {None})
+    cos, sin = step.rotary(rope)
+    caches = torch.randn(2, kv_heads * batch, kv_heads, 65, hd, generator=gen).to(dtype).to(device)[:, :batch]
+    mine, theirs = caches.clone(), caches.clone()
+    q = kernels.rope_and_store(qkv, cos, sin, positions, mine[0], mine[1], heads, q_norm, k_norm, 1e-6, offset)
+
+    def rotated(x):  # in float64, rounded once
+        x, half = x.double(), x.shape[-1] // 2
+        return (x * cos.double() + torch.cat((-x[..., half:], x[..., :half]), -1) * sin.double()).to(dtype)
+
+    q_ref, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    q_ref = rotated(ops.rms_norm(q_ref.unflatten(-1, (heads, hd)), q_norm, 1e-6, offset))
+    k = rotated(ops.rms_norm(k.unflatten(-1, (kv_heads, hd)), k_norm, 1e-6, offset))
+    step.store(theirs[0], theirs[1], k, v.unflatten(-1, (kv_heads, hd)))
+    assert q.shape == q_ref.shape and torch.equal(mine[1], theirs[1])  # v copied, nothing else touched
+    written = torch.zeros(mine.shape[1:-1], dtype=torch.bool, device=device)
+    written[torch.arange(batch), :, positions] = True
+    assert torch.equal(mine[0][~written], theirs[0][~written])
+    for got, want in ((q, q_ref), (mine[0][written], theirs[0][written])):
+        assert_one_rounding_apart(got, want)
+        assert (got == want).float().mean() > 0.95

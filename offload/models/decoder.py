@@ -317,8 +317,9 @@ class Decoder:
         ``k_norm`` (per-head RMS norm weights) normalize q and k before the rotation."""
         hd, (cache_k, cache_v) = self.config.head_dim, kv
         cos, sin = chunk.rotary(self.layer_ropes[i])
-        if chunk.one_query and q_norm is None:  # a decode step: q and k rotated, k and v cached, in one go
-            q = self.ops.rope_and_store(qkv, cos, sin, chunk.positions, cache_k, cache_v, self.heads)
+        if chunk.one_query:  # a decode step: q and k (normalized,) rotated, k and v cached, in one go
+            q = self.ops.rope_and_store(qkv, cos, sin, chunk.positions, cache_k, cache_v, self.heads, q_norm, k_norm,
+                                        self.config.rms_norm_eps, offset)
             k = v = None  # a decode step attends to the cache
         else:
             q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)

@@ -162,25 +162,33 @@ def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- rotary embedding and cache write
 
 
-def rope_and_store_takes(qkv: torch.Tensor, cos: torch.Tensor, cache_k: torch.Tensor) -> bool:
+def rope_and_store_takes(qkv: torch.Tensor, cos: torch.Tensor, cache_k: torch.Tensor,
+                         q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None) -> bool:
     """Whether a decode step's ``qkv [B, 1, (H + 2 H_kv) hd]`` takes ``rope_and_store``."""
     hd = cache_k.shape[-1]
+    norms = () if q_norm is None else (q_norm, k_norm)
     return (qkv.is_contiguous() and qkv.dim() == 3 and qkv.shape[1] == 1 and cos.is_contiguous()
-            and cache_k.stride(-1) == 1 and hd >= 2 and hd & (hd - 1) == 0 and _same(qkv, cos, cache_k))
+            and cache_k.stride(-1) == 1 and hd >= 2 and hd & (hd - 1) == 0 and _same(qkv, cos, cache_k, *norms)
+            and all(w.is_contiguous() and w.numel() == hd for w in norms))
 
 
 def rope_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                   cache_k: torch.Tensor, cache_v: torch.Tensor, heads: int) -> torch.Tensor:
+                   cache_k: torch.Tensor, cache_v: torch.Tensor, heads: int, q_norm: torch.Tensor | None = None,
+                   k_norm: torch.Tensor | None = None, eps: float = 0.0, offset: bool = False) -> torch.Tensor:
     """A decode step's rotary embedding and cache write, in one kernel: of ``qkv [B, 1, (H + 2 H_kv) hd]``,
     rotates q and k by ``cos``/``sin`` ``[B, ..., hd]`` and writes k and v into row ``b`` of the caches
     ``[>= B, H_kv, L, hd]`` at ``positions[b]``. Returns q ``[B, 1, H, hd]``. Rotates in float32 and rounds
-    once (``apply_rope`` with PyTorch's kernels rounds each product too: they agree to a rounding)."""
+    once (``apply_rope`` with PyTorch's kernels rounds each product too: they agree to a rounding). With
+    ``q_norm`` and ``k_norm`` (Qwen3, Gemma 3: ``[hd]``), each q and k head is first RMS-normalized as
+    ``rms_norm`` does it (``offset``: Gemma's ``1 + w``), rounded, then rotated."""
     b, kv_heads, hd = qkv.shape[0], cache_k.shape[1], cache_k.shape[-1]
     q = qkv.new_empty(b, 1, heads, hd)
+    norm = q_norm is not None
     _rope_and_store_kernel[(b, heads + kv_heads)](
-        qkv, cos, sin, positions, q, cache_k, cache_v, qkv.stride(0), cos.stride(0), sin.stride(0),
-        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0), cache_v.stride(1),
-        cache_v.stride(2), HEADS=heads, KV_HEADS=kv_heads, HD=hd, num_warps=1)
+        qkv, cos, sin, positions, q, cache_k, cache_v, q_norm if norm else cos, k_norm if norm else cos,
+        qkv.stride(0), cos.stride(0), sin.stride(0), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+        cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), eps=eps, HEADS=heads, KV_HEADS=kv_heads, HD=hd,
+        NORM=norm, OFFSET=offset, num_warps=1)
     return q
 
 
@@ -312,17 +320,32 @@ if triton is not None:
         tl.store(out_ptr + row * INTER + cols, (act * up).to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _rope_and_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, s_qkv, s_cos,
-                               s_sin, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, HEADS: tl.constexpr,
-                               KV_HEADS: tl.constexpr, HD: tl.constexpr):
-        """One head of one row: q heads are rotated into q, k heads rotated into the cache, v copied there."""
+    def _rope_and_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, qn_ptr, kn_ptr,
+                               s_qkv, s_cos, s_sin, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, eps: tl.constexpr,
+                               HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr, NORM: tl.constexpr,
+                               OFFSET: tl.constexpr):
+        """One head of one row: q heads are (normalized and) rotated into q, k heads likewise into the cache, v
+        copied there."""
         b, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
         d = tl.arange(0, HD)
         partner = (d + HD // 2) % HD  # rotate_half: [-x2, x1]
         sign = tl.where(d < HD // 2, -1.0, 1.0)
         row = qkv_ptr + b * s_qkv + head * HD
         x = tl.load(row + d).to(tl.float32)
-        rotated = tl.load(row + partner).to(tl.float32) * sign
+        x_partner = tl.load(row + partner).to(tl.float32)
+        if NORM:  # as _normalize: the head's float32 RMS, then the weight (Llama) or 1 + weight (Gemma)
+            inverse = tl.rsqrt(tl.sum(x * x, axis=0) / HD + eps)
+            is_q = head < HEADS
+            w = tl.where(is_q, tl.load(qn_ptr + d), tl.load(kn_ptr + d)).to(tl.float32)
+            w_partner = tl.where(is_q, tl.load(qn_ptr + partner), tl.load(kn_ptr + partner)).to(tl.float32)
+            dtype = q_ptr.dtype.element_ty
+            if OFFSET:
+                x = ((x * inverse) * (1.0 + w)).to(dtype).to(tl.float32)
+                x_partner = ((x_partner * inverse) * (1.0 + w_partner)).to(dtype).to(tl.float32)
+            else:
+                x = (w * (x * inverse).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+                x_partner = (w_partner * (x_partner * inverse).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        rotated = x_partner * sign
         cos = tl.load(cos_ptr + b * s_cos + d).to(tl.float32)
         sin = tl.load(sin_ptr + b * s_sin + d).to(tl.float32)
         out = (x * cos + rotated * sin).to(q_ptr.dtype.element_ty)

@@ -33,7 +33,8 @@ class Ops:
     rms_norm: Callable  # (x, weight, eps, offset=False); offset: Gemma's (1 + weight), multiplied in float32
     add_rms_norm: Callable  # (x, delta, weight, eps, offset=False) -> (x + delta, its norm)
     gated: Callable  # (gate_up, activation) -> act(gate) * up, for gate_up = [gate | up] on the last dim
-    rope_and_store: Callable  # a decode step's (qkv, cos, sin, positions, cache_k, cache_v, heads) -> q
+    rope_and_store: Callable  # a decode step's (qkv, cos, sin, positions, cache_k, cache_v, heads, q_norm=None,
+    #                            k_norm=None, eps=0, offset=False) -> q
     decode_attention: Callable  # (q [B, H, 1, hd], keys, values [B, H_kv, L, hd], allowed [B, 1, 1, L], scale)
     kernels: bool  # offload's Triton kernels (True) or PyTorch's operations
 
@@ -91,13 +92,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos) + (rotated * sin)
 
 
-def rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads: int) -> torch.Tensor:
-    """Of a decode step's ``qkv [B, 1, (H + 2 H_kv) hd]``: q and k rotated, k and v written into row ``b`` of
-    the caches at ``positions[b]``. Returns q ``[B, 1, H, hd]``."""
+def rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads: int, q_norm=None, k_norm=None, eps: float = 0.0,
+                   offset: bool = False) -> torch.Tensor:
+    """Of a decode step's ``qkv [B, 1, (H + 2 H_kv) hd]``: q and k (RMS-normalized per head with ``q_norm`` and
+    ``k_norm``) rotated, k and v written into row ``b`` of the caches at ``positions[b]``. Returns q
+    ``[B, 1, H, hd]``."""
     kv_heads, hd = cache_k.shape[1], cache_k.shape[-1]
     q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
-    q = apply_rope(q.unflatten(-1, (heads, hd)), cos, sin)
-    k = apply_rope(k.unflatten(-1, (kv_heads, hd)), cos, sin)
+    q, k = q.unflatten(-1, (heads, hd)), k.unflatten(-1, (kv_heads, hd))
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps, offset), rms_norm(k, k_norm, eps, offset)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     rows = torch.arange(qkv.shape[0], device=qkv.device)
     cache_k[rows, :, positions] = k[:, 0]
     cache_v[rows, :, positions] = v.unflatten(-1, (kv_heads, hd))[:, 0]
@@ -151,10 +156,11 @@ def _gated(gate_up, activation):
     return gated(gate_up, activation)
 
 
-def _rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads):
-    if kernels.rope_and_store_takes(qkv, cos, cache_k):  # thirteen kernels in one
-        return kernels.rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads)
-    return rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads)
+def _rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads, q_norm=None, k_norm=None, eps=0.0,
+                    offset=False):
+    if kernels.rope_and_store_takes(qkv, cos, cache_k, q_norm, k_norm):  # thirteen kernels in one (q/k norms: 15)
+        return kernels.rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads, q_norm, k_norm, eps, offset)
+    return rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads, q_norm, k_norm, eps, offset)
 
 
 def _decode_attention(q, keys, values, allowed, scale):

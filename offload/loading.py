@@ -98,9 +98,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
     options = options.replace(max_step_tokens=options.max_step_tokens or _chunk_size(family, config, tp, dtype,
                                                                                     options, blocks))
     needs = memory_needs(family, config, tp, dtype, device, options, blocks, globals_, embedding)
-    if needs.graph_bytes and needs.experts and not needs.fits_whole(budget.gpu_memory):
-        # Where routed experts stream, graph pieces measured slower than eager steps (qwen3-30b-a3b at 8 GiB on
-        # an H200, 2026-12-05: 193 against 170 ms a step); with every expert resident, faster (47 against 65).
+    if not graphs_pay(options, needs, budget.gpu_memory):
         options = options.replace(cuda_graphs=False)
         needs = memory_needs(family, config, tp, dtype, device, options, blocks, globals_, embedding)
 
@@ -299,7 +297,16 @@ def _verify_bytes(family: type[Decoder], config: ModelConfig, tp: TensorParallel
 
 def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
     """Decode steps (and verify passes) are captured in CUDA graphs on a GPU unless turned off."""
-    return options.cuda_graphs and device.type == "cuda"
+    return options.cuda_graphs is not False and device.type == "cuda"
+
+
+def graphs_pay(options: LoadOptions, needs: MemoryNeeds, gpu_memory: int) -> bool:
+    """Whether a plan that captures graphs (``needs.graph_bytes``) keeps them: not, unless asked for
+    (``cuda_graphs=True``), for a mixture of experts whose experts stream. There graph pieces measured slower
+    than eager steps (qwen3-30b-a3b at 8 GiB on an H200, 2026-12-05: 193 against 170 ms a step); with every
+    expert resident, faster (47 against 65)."""
+    streams_experts = needs.experts is not None and not needs.fits_whole(gpu_memory)
+    return not (needs.graph_bytes and streams_experts and options.cuda_graphs is None)
 
 
 def quantized_shapes(blocks: list[BlockSpec]) -> dict:

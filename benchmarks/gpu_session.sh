@@ -52,15 +52,14 @@
 #   tp13b_peers    llama-2-13b at 8 GiB per GPU, TP=2 on GPUs 0 and 1 with GPUs 2 and 3 as peers, graphs and eager
 #
 # What is owed, in order of value, for a session of about 30 minutes on one GPU (each call under 10 minutes;
-# a machine's start costs about 6 minutes of device time, so keep it warm: the next call within 30 s):
-#   1. quantk:40 tests_spec:180 tests_kernels:150 quant7b:160   the int4 tensor-core kernel against the others (if
-#                                                                faster: set MMA_ROWS), verify graphs, #20's goals
-#   2. moe30b:200 mixtral24:250 spec13b:100                    mixtures of experts (#21), verify passes (#22)
-#      spec70b:300 (a call of its own)
-#   3. spec_smollm2:390                                          a real model's drafts (#22)
-#   4. int4_70b:300 gguf13b:250                                  70b int4 (#20: quantizing at load takes ~150 s),
-#                                                                GGUF at 4 GiB (#23)
-#   5. load70b:330, then offload13b (13b int4 at 4 GiB)         saved int4 loads (#20)
+# a machine's start costs 3-7 minutes of device time, so keep it warm: the next call within 30 s):
+#   1. tests_kernels:200 moehost:60 moe30b:250               the fused q/k-norm rotation on the GPU; the host's
+#                                                              time of a routed layer after its rewrite; qwen3-30b-a3b
+#                                                              eager against graph pieces (#21)
+#   2. spec_smollm2:390 (carry .assets/smollm2/part-aa first,  a real model's drafts with a warm-up that captures
+#      then part-ab and .whl with this stage)                  every bucket before timing (#22)
+#   3. load70b:330 offload13b:300                              saved int4 loads; 13b int4 at 4 GiB (#20)
+#   4. mixtral24:250 spec70b:300                               mixtral at batch 16; 70b verify passes
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail
@@ -126,7 +125,7 @@ run_stage() {
       --batch 1,16 --skip-accelerate --json "$OUT/moe30b.json" ;;
     moehost) stage moehost python3 benchmarks/moe_host_time.py --profile ;;
     mixtral24) stage mixtral24 python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \
-      --runs host --batch 1 --skip-accelerate --json "$OUT/mixtral24.json" ;;
+      --runs host --batch 1,16 --skip-accelerate --json "$OUT/mixtral24.json" ;;
     spec13b) stage spec13b python3 benchmarks/bench_speculative.py --shape llama-2-13b --gpu-memory 8GiB \
       --widths 1,2,4,8,16,32 --eager --json "$OUT/spec13b.json" ;;
     spec_smollm2) stage spec_smollm2 bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}

@@ -161,6 +161,7 @@ class Run:
     name: str
     layers: dict[int, dict[str, int]] = field(default_factory=dict)  # by batch: layers per place (TIER_LETTER keys)
     link_seconds: dict[int, dict[str, float]] = field(default_factory=dict)  # by batch: each link's copy time
+    whole_layer_seconds: dict[int, float] = field(default_factory=dict)  # by batch: streaming every expert (MoE)
     timings: dict[int, Timing] = field(default_factory=dict)  # by batch size
     logits: torch.Tensor | None = None  # row 0's next-token logits: the weights must be the same everywhere
     notes: list[str] = field(default_factory=list)
@@ -349,6 +350,8 @@ def run_ours(bench: Bench, name: str, budget: dict, ids: torch.Tensor) -> Run:
             run.layers[batch] = {RESIDENT: len(plan.blocks_on(RESIDENT)), HOST: len(plan.blocks_on(HOST)),
                                  "peer": sum(len(plan.blocks_on(p)) for p in plan.budget.peer_memory)}
             run.link_seconds[batch] = plan.link_seconds(batch)  # a mixture of experts: more rows, more experts
+            if (whole := whole_layer_seconds(plan)) is not None:
+                run.whole_layer_seconds[batch] = whole
             if run.logits is None:
                 run.logits = model(ids[:1])[0, -1].float().cpu()
             run.timings[batch] = fastest_pass(model, ids[:batch], bench.decode_tokens)
@@ -586,8 +589,19 @@ def table_rows(runs: list[Run]) -> list[dict]:
                 speedup_vs_accelerate=(accelerate.timings[batch].ms_per_step / t.ms_per_step
                                        if accelerate and batch in accelerate.timings and run is not accelerate
                                        else None),
+                whole_layer_limit_ms=1e3 * run.whole_layer_seconds[batch] if batch in run.whole_layer_seconds else None,
             ))
     return rows
+
+
+def whole_layer_seconds(plan) -> float | None:
+    """The least time of a decode step that streams its layers whole, as an offloader without expert blocks
+    does (every expert every step): the slowest link's copy time of all it holds. None without streamed experts."""
+    experts = plan.experts
+    if experts is None or all(tier == RESIDENT for tier in experts.placement):
+        return None
+    return max((experts.placement.count(t) * experts.needs.nbytes + sum(plan.needs.blocks[i] for i in plan.blocks_on(t)))
+               / plan.bandwidth[t] for t in plan.streamed_tiers)
 
 
 def prefill_limit(run: Run, batch: int, resident: Run | None) -> float:
@@ -615,6 +629,10 @@ def print_table(rows: list[dict]) -> None:
     print("layers: R resident, H pinned host, P peer GPU, D disk. A decode step makes one token per row.\n"
           "limit: the slowest link's copy time per decode step, or the HBM floor (bound 'hbm'); "
           "achieved/limit = limit / decode ms/step, 1.0 is at the limit")
+    for r in (r for r in rows if r["whole_layer_limit_ms"]):
+        print(f"{r['run']}, batch {r['batch']}: streaming whole layers (every expert every step) needs at least "
+              f"{r['whole_layer_limit_ms']:,.1f} ms a step over these links; this run is "
+              f"{r['whole_layer_limit_ms'] / r['decode_ms_per_step']:.1f}x faster than that bound")
 
 
 def figure(x: float) -> str:
@@ -641,6 +659,8 @@ def summary_line(bench: Bench, rows: list[dict], hardware: str) -> str:
         extra = [f"{r['achieved_over_limit']:.2f} of limit"]
         if r["speedup_vs_accelerate"]:
             extra.append(f"{r['speedup_vs_accelerate']:.1f}x accelerate")
+        if r["whole_layer_limit_ms"]:
+            extra.append(f"{r['whole_layer_limit_ms'] / r['decode_ms_per_step']:.1f}x the whole-layer bound")
         parts.append(f"{r['run']} {r['decode_ms_per_step']:.1f} ({', '.join(extra)})")
     dtype = str(bench.dtype).removeprefix("torch.")
     return (f"bench_offload: {bench.label}, {dtype}, on {hardware}: decode ms/step at batch {batch}: "

@@ -348,8 +348,9 @@ def run(args) -> int:
                                                            for d in drafts]), indent=1))
     best = max((d for d in drafts[1:] if d["used"]), key=lambda d: d["tokens_per_s"], default=None)
     identical = None if args.temperature else all(d["identical"] for d in drafts)
+    first = min((d["first_difference"] for d in drafts if d.get("first_difference") is not None), default=None)
     summary = (f"best draft {best['draft']}: {best['speedup']:.2f}x plain decoding's tokens/s, "
-               f"{best['tokens_per_pass']:.2f} tokens per pass, identical tokens: {_yes_no(identical)}" if best else
+               f"{best['tokens_per_pass']:.2f} tokens per pass, identical tokens: {_yes_no(identical, first)}" if best else
                f"verify pass of {max(args.widths)} tokens at batch 1: "
                f"{next(p['over_one_token'] for p in passes if p['batch'] == 1 and p['width'] == max(args.widths)):.2f}x "
                "a one-token pass")

@@ -77,7 +77,7 @@ def main() -> int:
         warnings.simplefilter("ignore")
         model = offload.load_model(shape, random_weights=0, progress=False, gpu_memory=args.gpu_memory,
                                    max_batch=args.batch, max_seq_len=max(lengths) + args.new_tokens + 1,
-                                   compile=args.compile, cuda_graphs=not args.no_cuda_graphs, quantize=args.quantize)
+                                   compile=args.compile, cuda_graphs=False if args.no_cuda_graphs else None, quantize=args.quantize)
     hbm = measure_device_copy(model.device, PROBE_BYTES)
     floor_ms = 1e3 * model.plan.needs.weight_bytes / hbm
     print(f"{args.shape} {args.quantize or 'bf16'} batch {args.batch}: {model.plan.layer_map()}, "

@@ -161,3 +161,13 @@ def test_a_resident_step_is_predicted_from_its_products_rate_and_its_small_kerne
     assert streamed.predicted_step_seconds == pytest.approx(30 * GB / BW["host"])  # 30 layers over the host link
     no_kernels = make_plan(need, Budget(need.fixed_bytes + 40 * GB, 100 * GB, {}), dict(rates, kernels=0.0), "cuda:0")
     assert no_kernels.predicted_step_seconds == pytest.approx(products)  # none measured: not counted
+
+
+def test_no_link_bound_warning_where_the_small_kernels_take_longer_than_the_link():
+    need = needs(n_layers=8, block=2**20, decode_kernels=8 * 6, products="bf16")
+    rates = dict(BW, **{"gemv-bf16": 4000 * GB, "kernels": 400_000})  # 48 kernels: 0.12 ms
+    p = make_plan(need, Budget(need.fixed_bytes + 4 * 2**20, 100 * GB, {}), rates, "cuda:0")
+    assert p.blocks_on("host") and p.bottleneck == "hbm"  # layers stream, yet the kernels take longer
+    assert not any("bound by" in w for w in p.warnings)
+    slow = make_plan(need, Budget(need.fixed_bytes + 4 * 2**20, 100 * GB, {}), dict(rates, host=GB), "cuda:0")
+    assert slow.bottleneck == "host" and any("bound by the host link" in w for w in slow.warnings)

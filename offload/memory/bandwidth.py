@@ -58,7 +58,9 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     tp.barrier()
     measured["hbm"] = measure_device_copy(device, size)
     measured["matmul"] = measure_matmul(device)
-    measured.update(_optional(measure_gemv, device, {}))
+    # The decode-cost probes: 0 where they could not run (no working kernels, or a failure), kept so, and never
+    # probed again, so a load does not measure every link again each time.
+    measured.update({name: 0.0 for name in GEMV_FORMATS} | _optional(measure_gemv, device, {}))
     measured["kernels"] = _optional(measure_small_kernels, device, 0.0)
     for peer in peers:
         measured[peer] = measure_peer(device, torch.device(peer), size)

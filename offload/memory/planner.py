@@ -164,8 +164,8 @@ class Plan:
             e = self.needs.experts
             used += sum(e.distinct(layer, rows) for layer in range(len(e.per_layer))) * e.nbytes
         dense = "bf16" if self.needs.products else ""  # the LM head is in the model dtype ("": float32)
-        out["hbm"] = (used / self.bandwidth.get(f"gemv-{self.needs.products}", self.bandwidth["hbm"])
-                      + self.needs.global_bytes / self.bandwidth.get(f"gemv-{dense}", self.bandwidth["hbm"]))
+        rate = lambda fmt: self.bandwidth.get(f"gemv-{fmt}") or self.bandwidth["hbm"]  # noqa: E731 (0: unmeasured)
+        out["hbm"] = used / rate(self.needs.products) + self.needs.global_bytes / rate(dense)
         return out
 
     def compute_seconds(self, rows: int = 1) -> float:
@@ -341,11 +341,11 @@ def make_plan(
                 f"{peer} cannot reach {compute_device} directly (no peer-to-peer access): its copies pass "
                 f"through host memory at the measured {bandwidth[peer] / 1e9:.1f} GB/s"
             )
-    seconds = result.link_seconds()
-    if result.predicted_step_seconds > LINK_BOUND_RATIO * seconds["hbm"]:
+    compute = result.compute_seconds()
+    if result.bottleneck != "hbm" and result.predicted_step_seconds > LINK_BOUND_RATIO * compute:
         result.warnings.append(
             f"decode will be bound by the {result.bottleneck} link: {result.predicted_step_seconds * 1e3:.0f} ms "
-            f"per step, {result.predicted_step_seconds / seconds['hbm']:.0f}x the {seconds['hbm'] * 1e3:.1f} ms "
+            f"per step, {result.predicted_step_seconds / compute:.0f}x the {compute * 1e3:.1f} ms "
             "that compute needs; a larger GPU budget or a peer GPU would help"
         )
     return result

@@ -10,9 +10,9 @@ and the shared expert, and the experts a pass routes to are fetched when the rou
 has spoken (``offload/scheduler/experts.py``): resident ones are used where they
 are, the others are copied into a device cache of expert slots while the ones already
 there compute. A pass's chunks are all routed before any expert is fetched, so a
-layer-major prefill brings each expert in once. Each expert's contribution is added
-in expert order whatever order they arrived in, so where the experts live never
-changes the result. A sparse layer is two steps: ``attend_and_route``, all on the
+layer-major prefill brings each expert in once. A token's experts' contributions are
+summed in expert order (placed in a grid, summed at once, in float32) whatever order
+they arrived in, so where the experts live never changes the result. A sparse layer is two steps: ``attend_and_route``, all on the
 device (a CUDA graph captures it: ``offload/scheduler/graphs.py``), and
 ``routed_mlp``, where the host reads the routing; padding routes to no expert.
 
@@ -268,7 +268,7 @@ class MoEDecoder(Llama):
         Few operations a layer, whatever its experts (each launch costs the host time a decode step of a
         streamed mixture of experts waits for): a chunk's routed rows are gathered once, sorted by expert,
         each expert runs on its slice, and the weighted outputs are placed in a ``[tokens, top_k]`` grid,
-        each token's experts in ascending order, and summed over it."""
+        each token's experts in ascending order, and summed over it (accumulated in float32, rounded once)."""
         routes = self._routes([r.ids for r in routed])  # the host reads the routing here
         gathered = [r.normed.index_select(0, route.tokens) for r, route in zip(routed, routes)]
         outputs = [[None] * len(route.experts) for route in routes]  # per chunk, per expert in its order

@@ -82,3 +82,10 @@ def test_graphs_are_kept_unless_a_mixture_of_experts_streams_its_experts_and_non
     assert graphs_pay(LoadOptions(), dense, 150)
     with pytest.raises(offload.InputError, match="cuda_graphs"):
         LoadOptions(cuda_graphs="yes")
+
+
+def test_the_plan_counts_a_decode_steps_kernels_by_family():
+    llama = shape_config("tiny")
+    assert offload.plan_model(llama).needs.decode_kernels == 10 * llama["num_hidden_layers"]
+    moe = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 2, "mlp_only_layers": [1]}
+    assert offload.plan_model(moe).needs.decode_kernels == (6 + 5 + 3 * 8 + 8) + 10

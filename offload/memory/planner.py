@@ -57,7 +57,7 @@ class MemoryNeeds:
     dequant_bytes: int = 0  # quantized layers: the rows a linear dequantizes at a time, and their product
     weight_format: str = ""  # quantized layers: the format and bytes per layer, for the plan; "" for the model dtype
     draft_bytes: int = 0  # speculative decoding: a draft model kept on the compute device (weights, KV cache...)
-    decode_kernels: int = 0  # a decode step's small kernels (norms, rotations, attention, gates) over every layer
+    decode_kernels: int = 0  # a decode step's kernels over every layer (each takes at least a small kernel's time)
 
     @property
     def fixed_bytes(self) -> int:
@@ -170,8 +170,8 @@ class Plan:
 
     def compute_seconds(self, rows: int = 1) -> float:
         """A decode step's time on the compute device: its products read every weight they use at the measured
-        rates of their formats (``link_seconds``' "hbm"), and its small kernels each take at least the measured
-        time of one (a step of a small or compressed model is largely theirs)."""
+        rates of their formats (``link_seconds``' "hbm"), and each of its kernels takes at least the measured time
+        of a small one besides (a step of a small or compressed model is largely that)."""
         kernels = self.bandwidth.get("kernels") or math.inf
         return self.link_seconds(rows)["hbm"] + self.needs.decode_kernels / kernels
 

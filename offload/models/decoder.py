@@ -89,9 +89,10 @@ class Decoder:
     groups: ClassVar[dict[str, tuple[str, ...]]] = {}  # fused views: {"wqkv": ("wq", "wk", "wv")}
     linear: ClassVar[tuple[str, ...]] = ()  # the weights ``quantize`` compresses (not norms, not biases)
     qk_norm: ClassVar[bool] = False  # q and k are normalized per head before the rotary embedding
-    # A decode layer's kernels besides its products: norm, rotation and cache write, attention, norm of the
-    # residual sum, gate, residual add (the plan counts their least time; q/k norms add kernels it does not count)
-    decode_kernels: ClassVar[int] = 6
+    # A decode layer's kernels: norm, four products, rotation and cache write, attention, norm of the residual
+    # sum, gate, residual add. Each takes at least a small kernel's time however few bytes it reads (the plan
+    # counts that; fitted on an H200, it brought four predictions within 10%: docs/benchmarks.md).
+    decode_kernels_per_layer: ClassVar[int] = 10
 
     # ------------------------------------------------------------------ the family's checkpoints
 
@@ -137,6 +138,11 @@ class Decoder:
     def layer_rope(cls, config: ModelConfig, i: int) -> int:
         """Which of ``rope_inv_freqs`` layer ``i`` rotates with."""
         return 0
+
+    @classmethod
+    def decode_kernels(cls, config: ModelConfig) -> int:
+        """The kernels of a decode step's layers (what it launches besides the embedding and the head)."""
+        return config.n_layers * cls.decode_kernels_per_layer
 
     @classmethod
     def flops_per_token(cls, config: ModelConfig, tp: TensorParallel) -> int:

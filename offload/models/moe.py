@@ -181,6 +181,13 @@ class MoEDecoder(Llama):
         return attention + 2 * 3 * d * mlp // tp.size
 
     @classmethod
+    def decode_kernels(cls, config: MoEConfig) -> int:
+        """A routed layer launches its attention's 6 kernels, the router's 5, each of its ``top_k`` experts' 3 and
+        the grid's 8; a dense one as Llama's."""
+        routed = sum(config.sparse_layers)
+        return routed * (6 + 5 + 3 * config.top_k + 8) + (config.n_layers - routed) * cls.decode_kernels_per_layer
+
+    @classmethod
     def graph_pieces(cls, config: MoEConfig) -> int:
         """One more graph a bucket per routed layer: its layers are cut after each routing."""
         return config.n_layers + sum(config.sparse_layers)

@@ -11,11 +11,15 @@ each time with the same budget on the compute GPU:
     host         the layers that do not fit stream from pinned host RAM
     peer         ... from a second GPU's memory (two or more GPUs)
     host+peer    ... from both: the peer holds about half of them
+    host prefetch  (a mixture of experts) host, each routed layer guessing the next one's experts and copying
+                 them ahead
     accelerate   transformers + accelerate (``infer_auto_device_map`` / ``dispatch_model``),
                  the same weights as ordinary pageable CPU tensors, the same budget
 
 On a GPU each of our runs is made twice: with decode steps replayed as CUDA graphs
-(the default) and eager ("... eager", every kernel launched from Python).
+(the default) and eager ("... eager", every kernel launched from Python); a mixture of
+experts whose experts stream runs eagerly by default, so beside it "... pieces" captures
+each layer up to its routing.
 
 Limits, every figure measured in this run on this machine:
 
@@ -295,6 +299,8 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
     everything = len(needs.blocks) * needs.largest_block + needs.embedding_bytes + experts
     host = dict(gpu_memory=bench.gpu_memory, cpu_memory=everything)
     runs = [("resident", {}), ("host", host)]
+    if needs.experts:  # the next layer's experts guessed and copied ahead
+        runs.append(("host prefetch", dict(host, prefetch_experts=True)))
     if bench.peers:
         peer = bench.peers[0]
         room = min(everything, max(torch.cuda.mem_get_info(torch.device(peer))[0] - GPU_HEADROOM, 0))

@@ -21,7 +21,8 @@
 #   host13b        llama-2-13b at 8 GiB, host tier only, batch 1, graphs and eager (no accelerate)
 #   prefill13b     llama-2-13b at 8 GiB: prefill of 32 x 128 and 1 x 4096 tokens against their limits
 #   int4_70b       llama-2-70b in int4 at 24 GiB
-#   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16
+#   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16:
+#                  eager steps, graph pieces, and each with the next layer's experts prefetched
 #   moehost        the host's time in a decode step of qwen3-30b-a3b's routing with every width shrunk (launches
 #                  and Python, not bytes): what a streamed mixture of experts waits for at each layer
 #   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host and the device cache
@@ -53,7 +54,7 @@
 #
 # What is owed, in order of value, for a session of about 30 minutes on one GPU (each call under 10 minutes;
 # a machine's start costs 3-7 minutes of device time, so keep it warm: the next call within 30 s):
-#   1. tests_kernels:200 moehost:60 moe30b:250               the fused q/k-norm rotation on the GPU; the host's
+#   1. tests_kernels:200 moehost:60 moe30b:330               the fused q/k-norm rotation on the GPU; the host's
 #                                                              time of a routed layer after its rewrite; qwen3-30b-a3b
 #                                                              eager against graph pieces (#21)
 #   2. spec_smollm2:390 (carry .assets/smollm2/part-aa first,  a real model's drafts with a warm-up that captures
@@ -121,11 +122,12 @@ run_stage() {
     tp13b_peers) stage tp13b_peers python3 benchmarks/bench_tp.py --shape llama-2-13b --gpu-memory 8GiB \
       --cpu-memory 60GiB --tp 2 --peer-memory cuda:2=60GiB --peer-memory cuda:3=60GiB --with-eager \
       --json "$OUT/tp13b_peers.json" ;;
-    moe30b) stage moe30b python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b --gpu-memory 8GiB --runs host \
-      --batch 1,16 --skip-accelerate --json "$OUT/moe30b.json" ;;
+    moe30b) stage moe30b python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b --gpu-memory 8GiB \
+      --runs "host,host prefetch" \
+      --batch 1 --skip-accelerate --json "$OUT/moe30b.json" ;;
     moehost) stage moehost python3 benchmarks/moe_host_time.py --profile ;;
     mixtral24) stage mixtral24 python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \
-      --runs host --batch 1,16 --skip-accelerate --json "$OUT/mixtral24.json" ;;
+      --runs "host,host prefetch" --batch 1,16 --skip-accelerate --json "$OUT/mixtral24.json" ;;
     spec13b) stage spec13b python3 benchmarks/bench_speculative.py --shape llama-2-13b --gpu-memory 8GiB \
       --widths 1,2,4,8,16,32 --eager --json "$OUT/spec13b.json" ;;
     spec_smollm2) stage spec_smollm2 bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}

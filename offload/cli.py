@@ -109,6 +109,8 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
                    "CUDA graphs (graphs are used only on a GPU)")
     p.add_argument("--compile", action="store_true", help="compile the decode layer with torch.compile before capturing "
                    "it (no measurable gain over offload's kernels; seconds of compiling per bucket)")
+    p.add_argument("--prefetch-experts", action="store_true", help="a mixture of experts whose experts stream: "
+                   "guess each next layer's experts with its router and copy them ahead (results unchanged)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--quantize", choices=[*FORMATS, STORED], help="store the layers' linear weights as int8 or "
                    "int4 (default: the model dtype); stored: keep a GGUF file's own formats on a CPU too (which "
@@ -348,7 +350,7 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=False if args.no_cuda_graphs else None,
         compile=args.compile, quantize=args.quantize, group_size=args.group_size, rounding=args.rounding,
         draft=args.draft, draft_tokens=args.draft_tokens, draft_branches=args.draft_branches,
-        all_logits=False,  # generation reads each row's last logits alone
+        prefetch_experts=args.prefetch_experts, all_logits=False,  # generation reads each row's last logits alone
     )
 
 

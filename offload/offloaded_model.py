@@ -105,6 +105,8 @@ class OffloadedModel:
         if s.plan.experts is not None:  # copies of their own per link: an expert never waits for the ring's
             self.experts = ExpertStore(s.blocks[layers:], pool.blocks[layers:], s.plan.experts.placement,
                                        pool.expert_slots, {tier: link(tier) for tier in s.plan.streamed_tiers})
+            if s.options.prefetch_experts:
+                self.experts.ahead = routers_ahead(s.plan.experts.needs.per_layer, self.weights.resident)
         views = s.globals_layout.views(pool.globals)
         if s.embedding_layout is not None:
             views.update(s.embedding_layout.views(pool.embedding))
@@ -374,6 +376,13 @@ class OffloadedModel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def routers_ahead(experts_per_layer: tuple[int, ...], resident: dict) -> dict[int, tuple[int, torch.Tensor]]:
+    """Each routed layer's next routed layer and its router, where that layer's block is resident (a streamed
+    block's router is not on the device yet when the guess is made)."""
+    routed = [i for i, n in enumerate(experts_per_layer) if n]
+    return {i: (j, resident[j].router) for i, j in zip(routed, routed[1:]) if j in resident}
 
 
 def _check_parents(parents, new_tokens: list[list[int]]) -> list[list[int]]:

@@ -81,6 +81,10 @@ class LoadOptions:
             nothing measurable (docs/benchmarks.md), and inductor tunes kernels by timing them, so two separately compiled models (a resident
             and an offloaded one) need not give the same bits; compiling takes seconds per bucket
             of rows and key length.
+        prefetch_experts: a mixture of experts whose experts stream guesses each next routed layer's
+            experts by that layer's router (where its block is resident) applied to the current
+            hidden state, and copies them ahead (``offload/scheduler/experts.py``); default off.
+            Results are unchanged; a wrong guess costs link time.
         quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while
             loading and stay compressed in every tier (``offload.models.quant``); None (default):
             the model dtype, or a checkpoint stored quantized (a GGUF file, ``scripts/quantize.py``'s)
@@ -119,6 +123,7 @@ class LoadOptions:
     link_bandwidth: Mapping[str, float] | None = None
     cuda_graphs: bool | None = None
     compile: bool = False
+    prefetch_experts: bool = False
     quantize: str | None = None
     group_size: int | None = None
     rounding: str = "search"
@@ -130,7 +135,7 @@ class LoadOptions:
         check_request(self.quantize, self.group_size, self.rounding)
         _check_draft(self.draft, self.draft_tokens)
         _check_branches(self.draft, self.draft_branches)
-        for name in ("cuda_graphs", "compile", "all_logits"):
+        for name in ("cuda_graphs", "compile", "all_logits", "prefetch_experts"):
             if not isinstance(getattr(self, name), bool) and not (name == "cuda_graphs" and self.cuda_graphs is None):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _count("max_batch", self.max_batch)

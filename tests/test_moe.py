@@ -299,3 +299,51 @@ def test_the_servers_engine_counts_expert_hits_for_metrics(checkpoint_factory):
         assert loop.metrics.expert_misses == model.experts.misses > 0
         assert loop.metrics.expert_hits == model.experts.hits
         assert 'offload_expert_lookups_total{result="miss"}' in loop.metrics.render()
+
+
+def _every_layer_resident(directory, **kw):
+    """Every layer's block (so every router) on the device, the experts streamed through the cache."""
+    needs = offload.plan_model(directory, dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2).needs
+    cache = min(max(needs.experts.per_layer), needs.experts.top_k * 2)
+    gpu = needs.fixed_bytes + sum(needs.blocks) + 2 * needs.largest_block + cache * needs.experts.nbytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OffloadWarning)
+        return offload.load_model(directory, dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2, progress=False,
+                                  gpu_memory=gpu, cpu_memory="1GiB", **kw)
+
+
+def test_prefetched_experts_change_nothing_and_are_used(case):
+    """prefetch_experts: each routed layer guesses the next one's experts and copies them ahead. The tokens and
+    logits are those without it, bit for bit; guesses that were right are used, so fewer experts are copied
+    in on demand."""
+    _, _, directory, model = case
+    if sum(1 for n in model.plan.needs.experts.per_layer if n) < 2:
+        pytest.skip("one routed layer: no next one to guess for")
+    ids = _ids(n=PROMPT)
+    runs = {}
+    for prefetch in (False, True):
+        with _every_layer_resident(directory, prefetch_experts=prefetch) as streamed:
+            assert set(streamed.plan.layer_map()) == {"R"} and bool(streamed.experts.ahead) == prefetch
+            result = streamed.generate(ids, max_new_tokens=NEW, ignore_eos=True, return_result=True)
+            runs[prefetch] = result, streamed(ids), streamed.experts.misses, streamed.experts.prefetch_used
+            summary = streamed.experts.summary()
+    (plain, plain_logits, plain_misses, _), (guessed, logits, misses, used) = runs[False], runs[True]
+    assert guessed.tokens == plain.tokens and torch.equal(logits, plain_logits)
+    assert used > 0 and misses < plain_misses
+    assert "prefetched" in summary
+
+
+def test_prefetching_in_graph_pieces_equals_eager_bitwise(case):
+    """The guess is part of a piece's capture (the routing's buffers hold it); the passes' logits are the eager
+    ones, bit for bit, and the guesses are used between replays too."""
+    _, _, directory, model = case
+    if sum(1 for n in model.plan.needs.experts.per_layer if n) < 2:
+        pytest.skip("one routed layer: no next one to guess for")
+    ids = _ids(n=PROMPT + 6, seed=3)
+    with _every_layer_resident(directory, prefetch_experts=True) as streamed:
+        want = _steps(streamed, ids)
+        used = streamed.experts.prefetch_used
+        with_graphs(streamed)
+        got = _steps(streamed, ids)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert streamed.experts.prefetch_used > used

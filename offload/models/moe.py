@@ -69,17 +69,20 @@ class MoELayerWeights:
 @dataclass(slots=True)
 class Routed:
     """A routed layer's work up to the point where the host must read the routing: the residual stream after
-    attention, its norm (the MLP's input, one row per token ``[T, d]``), and each token's ``top_k`` experts
-    ``[T, k]`` and their weights."""
+    attention, its norm (the MLP's input, one row per token ``[T, d]``), each token's ``top_k`` experts
+    ``[T, k]`` and their weights, and (prefetching) the next routed layer's experts its router would pick for
+    this norm (``ahead``, ``[T, k]``)."""
 
     x: torch.Tensor
     normed: torch.Tensor
     ids: torch.Tensor
     weights: torch.Tensor
+    ahead: torch.Tensor | None = None
 
     def copy_(self, other: "Routed") -> "Routed":
         for name in self.__slots__:
-            getattr(self, name).copy_(getattr(other, name))
+            if getattr(other, name) is not None:
+                getattr(self, name).copy_(getattr(other, name))
         return self
 
 
@@ -210,7 +213,7 @@ class MoEDecoder(Llama):
         dense = super().activation_bytes(config, tp, dtype, max_batch, max_seq_len, max_step_tokens, logit_positions)
         t, d, e = max_step_tokens, config.hidden_size, dtype.itemsize
         routed = t * config.top_k * d * (4 * e + 2 * 4) + t * (3 * config.expert_intermediate // tp.size) * e
-        return dense + routed + t * config.n_experts * 4 * 2  # and the router's float32 probabilities
+        return dense + routed + t * config.n_experts * 4 * 3  # the router's float32 probabilities, a prefetch's guess
 
     # ------------------------------------------------------------------ computing
 
@@ -241,18 +244,23 @@ class MoEDecoder(Llama):
         x, normed = self.attend(x, w, chunk, kv, i)
         normed = normed.reshape(-1, normed.shape[-1])
         ids, weights = self.route(normed, w.router)
+        ahead = self.experts.ahead.get(i) if self.experts is not None else None
+        guess = None if ahead is None else torch.topk(self.ops.linear(normed, ahead[1]), self.config.top_k).indices
         pads = chunk.pads()
         if pads is not None:  # a pad routes to no expert (-1): none is fetched for it
             ids = ids.masked_fill(pads.reshape(-1, 1), -1)
-        return Routed(x, normed, ids, weights)
+            guess = None if guess is None else guess.masked_fill(pads.reshape(-1, 1), -1)
+        return Routed(x, normed, ids, weights, guess)
 
     def routing_buffers(self, h: torch.Tensor) -> Routed:
         """Empty buffers for a :class:`Routed` of the hidden states ``h`` (a graph's, kept between replays)."""
         tokens, k = h.shape[:-1].numel(), self.config.top_k
         weights = torch.float32 if self.float32_routing else h.dtype
+        ahead = self.experts is not None and bool(self.experts.ahead)
         return Routed(torch.empty_like(h), h.new_empty(tokens, h.shape[-1]),
                       torch.empty(tokens, k, dtype=torch.long, device=h.device),
-                      torch.empty(tokens, k, dtype=weights, device=h.device))
+                      torch.empty(tokens, k, dtype=weights, device=h.device),
+                      torch.empty(tokens, k, dtype=torch.long, device=h.device) if ahead else None)
 
     def layer(self, x: torch.Tensor, w: MoELayerWeights, chunk, kv, i: int) -> torch.Tensor:
         """A dense layer (``mlp_only_layers``)."""
@@ -285,6 +293,9 @@ class MoEDecoder(Llama):
                     n, (lo, hi) = route.experts[e], route.spans[e]
                     h = self.ops.gated(self.ops.linear(gathered[c][lo:hi], weights.w_gate_up), "silu")
                     outputs[c][n] = self.ops.linear(h, weights.w_down)
+        if i in self.experts.ahead:  # the next routed layer's likely experts, copied behind this layer's
+            guessed = {e for r in routed if r.ahead is not None for e in r.ahead.flatten().tolist() if e >= 0}
+            self.experts.prefetch(self.experts.ahead[i][0], sorted(guessed))
         outs = []
         for r, route, ys in zip(routed, routes, outputs):
             tokens, d, k = r.normed.shape[0], r.normed.shape[1], self.config.top_k

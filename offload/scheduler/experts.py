@@ -12,6 +12,14 @@ slot is refilled only once the compute stream has passed its previous user.
 Copies run on a stream of their own per link (beside the ring's, so an expert does
 not queue behind the next layer's prefetch) and never block the host; on a CPU they
 are plain synchronous copies.
+
+With ``prefetch`` (``LoadOptions.prefetch_experts``), a routed layer also guesses the
+next routed layer's experts, by that layer's router applied to its own hidden state
+(``ahead``: the routers of the next routed layers that are resident), and
+``prefetch`` copies the guesses into cache slots behind the layer's own copies: they
+land while the layer computes and the next one attends, and the next layer finds
+them cached (its compute waits for such a copy once). A wrong guess costs its
+copy's link time and a slot.
 """
 
 from __future__ import annotations
@@ -46,7 +54,9 @@ class ExpertStore:
         self.cached: OrderedDict[tuple[int, int], int] = OrderedDict()  # expert -> slot, least recently used first
         self.unused = list(range(len(slots)))[::-1]  # slots no expert has been copied into yet
         self.views: dict[tuple[int, int], object] = {}  # (slot, id(layout)) -> the weights there (made once)
-        self.hits = self.misses = 0
+        self.ahead: dict[int, tuple[int, torch.Tensor]] = {}  # routed layer -> (next routed layer, its router)
+        self.landing: set[int] = set()  # slots a prefetch copies into that no compute has waited for yet
+        self.hits = self.misses = self.prefetched = self.prefetch_used = 0
 
     def fetch(self, layer: int, needed: list[int]) -> Iterator[tuple[int, object]]:
         """Yield ``(expert, weights)`` for every expert of ``needed``: those on the device first, then those
@@ -75,7 +85,13 @@ class ExpertStore:
                 here.append((e, self.resident[key]))
             elif key in self.cached:
                 self.cached.move_to_end(key)
-                here.append((e, self._weights(self.cached[key], self.source[key][2])))
+                slot = self.cached[key]
+                if slot in self.landing:  # prefetched: its first user waits for the copy
+                    self.landing.discard(slot)
+                    self.prefetch_used += 1
+                    if self.ready[slot] is not None:
+                        torch.cuda.current_stream(self.slots.device).wait_event(self.ready[slot])
+                here.append((e, self._weights(slot, self.source[key][2])))
             else:
                 slot = self._take_slot(wave)
                 if slot is None:
@@ -91,6 +107,24 @@ class ExpertStore:
             self.hits += 1
         return here, fetched, left
 
+    def prefetch(self, layer: int, guessed: list[int]) -> None:
+        """Start copying the experts of ``layer`` in ``guessed`` that are not on the device into cache slots,
+        behind the copies issued so far (never into a slot another guess of this call needs)."""
+        wave = {(layer, e) for e in guessed}
+        for e in guessed:
+            key = (layer, e)
+            if key in self.resident or key in self.cached:
+                continue
+            slot = self._take_slot(wave)
+            if slot is None:
+                return
+            buffer, tier, _ = self.source[key]
+            self.copies[tier].copy(self.slots[slot][: buffer.numel()], buffer, after=self.free[slot],
+                                   done=self.ready[slot])
+            self.cached[key] = slot
+            self.landing.add(slot)
+            self.prefetched += 1
+
     def _weights(self, slot: int, layout):
         """An expert's weights in cache slot ``slot`` (views made once per slot and layout: a step asks often)."""
         key = (slot, id(layout))
@@ -105,6 +139,7 @@ class ExpertStore:
         for key, slot in self.cached.items():
             if key not in wave:
                 del self.cached[key]
+                self.landing.discard(slot)  # a guess never used
                 return slot
         return None
 
@@ -115,12 +150,15 @@ class ExpertStore:
 
     def summary(self) -> str:
         """What the CLI prints: ``experts: 81.3% on the device when needed (1,204 hits, 277 copied in)``."""
+        guessed = (f"; {self.prefetched:,} prefetched, {self.prefetch_used:,} of them used"
+                   if self.prefetched else "")
         return (f"experts: {self.hit_rate:.1%} on the device when needed ({self.hits:,} hits, {self.misses:,} "
-                f"copied in)")
+                f"copied in{guessed})")
 
     def reset(self) -> None:
         """Forget what the cache holds (after a pass was abandoned half way, its copies may not have landed)."""
         if self.slots.device.type == "cuda":
             torch.cuda.synchronize(self.slots.device)
         self.cached.clear()
+        self.landing.clear()
         self.unused = list(range(len(self.slots)))[::-1]

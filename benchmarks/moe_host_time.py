@@ -2,6 +2,7 @@
 
     python benchmarks/moe_host_time.py                  # qwen3-30b-a3b's layers, experts and routing, 64 wide
     python benchmarks/moe_host_time.py --profile        # and where the host's time goes (cProfile)
+    python benchmarks/moe_host_time.py --prefetch-experts   # with the next layer's experts guessed ahead
 
 A streamed mixture of experts waits, at every routed layer, for the host: it reads the
 routing, then issues the experts' copies and their products. Shrinking every width of
@@ -30,6 +31,7 @@ def main(argv=None) -> None:
     p.add_argument("--shape", default="qwen3-30b-a3b")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--prefetch-experts", action="store_true", help="with the next layer's experts guessed ahead")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore", offload.OffloadWarning)
     torch.set_num_threads(1)
@@ -39,15 +41,16 @@ def main(argv=None) -> None:
     experts = needs.experts.count * needs.experts.nbytes
     room = needs.fixed_bytes + sum(needs.blocks) + 64 * needs.experts.nbytes  # every layer, few experts resident
     model = offload.load_model(config, **options, gpu_memory=room, cpu_memory=2 * experts, random_weights=0,
-                               progress=False)
+                               progress=False, prefetch_experts=args.prefetch_experts)
     print(model.plan.experts.summary())
     prompt = torch.tensor([[1, 2, 3, 4]])
     model.generate(prompt, max_new_tokens=4)  # warm-up
     result = model.generate(prompt, max_new_tokens=args.steps, return_result=True)
     routed = sum(1 for n in needs.experts.per_layer if n)
     ms = 1e3 * result.decode_seconds / result.decode_steps
+    print(model.experts.summary())
     print(f"moe_host_time: {args.shape} narrowed, {model.device}: {ms:.2f} ms a decode step, "
-          f"{1e3 * ms / routed:.0f} us a routed layer")
+          f"{1e3 * ms / routed:.0f} us a routed layer" + (", prefetching" if args.prefetch_experts else ""))
     if args.profile:
         profile = cProfile.Profile()
         profile.runcall(model.generate, prompt, max_new_tokens=args.steps)

@@ -310,7 +310,7 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
         runs.append(("host+peer", dict(host, peer_memory={peer: half})))
     if bench.device.type == "cuda":  # each beside its eager twin: decode steps launched one kernel at a time
         runs = [r for name, budget in runs for r in [(name, budget), (f"{name} eager", {**budget, "cuda_graphs": False})]]
-        if getattr(bench.config, "n_experts", 0):  # a mixture of experts whose experts stream runs eagerly: beside it, graph pieces
+        if getattr(bench.config, "n_experts", 0):  # streamed experts run eagerly by default: graph pieces beside
             runs = [r for name, budget in runs for r in [(name, budget)] + (
                 [(f"{name} pieces", {**budget, "cuda_graphs": True})] if "cuda_graphs" not in budget else [])]
     for fmt, gpu_memory in bench.quantized:  # compressed layers: fewer bytes per streamed layer, more resident
@@ -606,8 +606,9 @@ def whole_layer_seconds(plan) -> float | None:
     experts = plan.experts
     if experts is None or all(tier == RESIDENT for tier in experts.placement):
         return None
-    return max((experts.placement.count(t) * experts.needs.nbytes + sum(plan.needs.blocks[i] for i in plan.blocks_on(t)))
-               / plan.bandwidth[t] for t in plan.streamed_tiers)
+    held = {t: experts.placement.count(t) * experts.needs.nbytes + sum(plan.needs.blocks[i] for i in plan.blocks_on(t))
+            for t in plan.streamed_tiers}
+    return max(nbytes / plan.bandwidth[t] for t, nbytes in held.items())
 
 
 def prefill_limit(run: Run, batch: int, resident: Run | None) -> float:

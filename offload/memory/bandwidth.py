@@ -9,8 +9,8 @@ read plus write, which bounds a decode step that reads every weight once); and
 GPU with offload's kernels, ``"gemv-bf16"``, ``"gemv-int8"`` and ``"gemv-int4"``: the
 bytes per second a one-row product reads from a weight stored so (a decode step's
 products over resident layers take their bytes over these rates), and ``"kernels"``:
-small kernels per second (a decode layer's norms, rotation, attention and gate each
-cost at least one), both timed as CUDA graphs replay them.
+small kernels per second (each of a decode layer's kernels, its products too, takes
+at least a small one's time), both timed as CUDA graphs replay them.
 Under tensor parallelism every rank probes the host link at the same moment, so
 the figure is each rank's share of a host link that all of them pull from at once.
 """
@@ -176,8 +176,8 @@ def measure_gemv(device) -> dict[str, float]:
 
 
 def measure_small_kernels(device) -> float:
-    """Small kernels per second replayed from a CUDA graph (one row's RMS norm, 4096 wide): what each of a decode
-    layer's norms, rotations, attention and gates costs at least, however few bytes it touches."""
+    """Small kernels per second replayed from a CUDA graph (one row's RMS norm, 4096 wide): the least time each of
+    a decode layer's kernels takes, however few bytes it touches."""
     from ..models import kernels
 
     if not kernels.works(device):

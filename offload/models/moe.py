@@ -12,9 +12,11 @@ are, the others are copied into a device cache of expert slots while the ones al
 there compute. A pass's chunks are all routed before any expert is fetched, so a
 layer-major prefill brings each expert in once. A token's experts' contributions are
 summed in expert order (placed in a grid, summed at once, in float32) whatever order
-they arrived in, so where the experts live never changes the result. A sparse layer is two steps: ``attend_and_route``, all on the
-device (a CUDA graph captures it: ``offload/scheduler/graphs.py``), and
-``routed_mlp``, where the host reads the routing; padding routes to no expert.
+they arrived in, so where the experts live never changes the result. A sparse layer
+is two steps: ``attend_and_route``, all on the device (a CUDA graph captures it:
+``offload/scheduler/graphs.py``), and ``routed_mlp``, where the host reads the
+routing; padding routes to no expert. With ``prefetch_experts``, ``attend_and_route``
+also guesses the next routed layer's experts, which ``routed_mlp`` has copied ahead.
 
 Under tensor parallelism every expert is split as the dense MLP is (gate and up by
 rows, down by columns) and the layer's experts are summed over the ranks with one

@@ -74,8 +74,8 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
         _matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
             rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial, m, n, k,
             rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * block_k) * block_k,
-            HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-            num_stages=stages, **common)
+            HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
     if splits > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, bias if bias is not None else out, out, m * n, n,
                                                         SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024)

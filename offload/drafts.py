@@ -30,10 +30,12 @@ import os
 
 import torch
 
+from .memory.host import to_device
 from .sampling import draw, probabilities
 from .speculative import MAX_BRANCHES, Proposal
 
 NGRAM, INT4, MODEL = "ngram", "int4", "model"
+CATCH_UP_STEPS = 4  # with graphs, a row's few new tokens enter the draft's cache as replayed decode steps
 RESIDENT_BUDGET = 2**62  # a draft model's own budget: everything resident (the target's plan counts its bytes)
 DRAFT_SEED_OFFSET = 0x9E3779B97F4A7C15  # a row's draft samples with its own stream, apart from the target's
 
@@ -147,8 +149,8 @@ class ModelDraft:
         steps = max(budgets[b] for b in drafting)
         contexts = {b: list(rows[b].request.prompt) + rows[b].tokens for b in drafting}
         valid = {b: self.valid.get(rows[b], 0) for b in drafting}
-        logits = self.model.extend([contexts[b][valid[b]:] if b in contexts else [] for b in range(len(rows))],
-                                   [valid.get(b, 0) for b in range(len(rows))])
+        logits = self._catch_up([contexts[b][valid[b]:] if b in contexts else [] for b in range(len(rows))],
+                                [valid.get(b, 0) for b in range(len(rows))])
         ids, qs, likeliest = [], [], []
         for step in range(steps):
             chosen, q = self._choose(logits, rows, drafting)
@@ -163,6 +165,28 @@ class ModelDraft:
         tokens = [drafted[b][: budgets[b]] if b in contexts else [] for b in range(len(rows))]
         alternatives = [_alternatives(tokens[b], likeliest[b]) if tokens[b] else [] for b in range(len(rows))]
         return Proposal(tokens, None if qs[0] is None else torch.stack(qs, dim=1), alternatives)
+
+    def _catch_up(self, new_tokens: list[list[int]], cached: list[int]) -> torch.Tensor:
+        """Each row's tokens the draft has not seen added to its cache; the logits after each row's last one.
+
+        A pass whose drafts were all accepted leaves a row two new tokens (the last draft and the target's
+        next). With CUDA graphs, up to ``CATCH_UP_STEPS`` of them go as decode steps replayed from graphs
+        rather than one pass launched kernel by kernel (a prompt goes in one pass)."""
+        most = max(len(t) for t in new_tokens)
+        if self.model.graphs is None or most <= 1 or most > CATCH_UP_STEPS:
+            return self.model.extend(new_tokens, cached)
+        logits = None
+        for j in range(most):
+            tokens = to_device([t[j] if j < len(t) else 0 for t in new_tokens], torch.long, self.model.device)
+            step = self.model.decode(tokens, [c + j if j < len(t) else None for t, c in zip(new_tokens, cached)])
+            if logits is None:
+                logits = step.clone()  # a replay may reuse its output's memory
+                continue
+            done = [b for b, t in enumerate(new_tokens) if len(t) == j + 1]
+            if done:
+                index = to_device(done, torch.long, self.model.device)
+                logits = logits.index_copy(0, index, step.index_select(0, index))
+        return logits
 
     def update(self, rows: list, accepted: list[int]) -> None:
         """The target accepted ``accepted[b]`` of row ``b``'s drafts: its draft cache holds the context and the

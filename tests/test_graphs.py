@@ -90,3 +90,22 @@ def test_speculative_generation_through_graphs_is_plain_greedy(structured, strea
     assert 1 < max(widths) and all(w & (w - 1) == 0 for w in widths)  # verify passes, at powers of two
     assert capture.replayed > 0
 
+
+
+def test_a_draft_model_with_graphs_catches_up_by_replayed_decode_steps(structured, plain):  # noqa: F811
+    """With graphs, a draft model takes the two tokens a fully accepted pass leaves a row (its last draft and the
+    target's next) as two replayed decode steps, not one eager pass; the output is still plain greedy decoding.
+    The draft is the target itself: every draft is accepted."""
+    model = load(structured, "model", structured)
+    draft = model.draft.model
+    eager_extends = []
+    extend = draft.extend
+    draft.extend = lambda tokens, cached: eager_extends.append(max(map(len, tokens))) or extend(tokens, cached)
+    with_graphs(model), with_graphs(draft)
+    batch, limits = prompts(structured), [40, 23, 31, 8]
+    want = plain.generate(batch, max_new_tokens=limits, ignore_eos=True)
+    got = model.generate(batch, max_new_tokens=limits, ignore_eos=True, return_result=True)
+    assert [p + t for p, t in zip(batch, got.tokens)] == want
+    assert got.accepted_tokens == got.drafted_tokens > 0 and draft.graphs.buckets  # through graphs
+    assert all(n == 1 or n > 4 for n in eager_extends)  # one token is a decode step; only prompts went eagerly
+    model.close()

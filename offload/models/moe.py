@@ -287,6 +287,9 @@ class MoEDecoder(Llama):
         each expert runs on its slice, and the weighted outputs are placed in a ``[tokens, top_k]`` grid,
         each token's experts in ascending order, and summed over it (accumulated in float32, rounded once)."""
         routes = self._routes([r.ids for r in routed])  # the host reads the routing here
+        # ... and the guesses with it: read after this layer's experts are queued, it would wait for their copies
+        guessed = ({e for r in routed for e in r.ahead.flatten().tolist() if e >= 0} if i in self.experts.ahead
+                   else set())
         gathered = [r.normed.index_select(0, route.tokens) for r, route in zip(routed, routes)]
         outputs = [[None] * len(route.experts) for route in routes]  # per chunk, per expert in its order
         for e, weights in self.experts.fetch(i, sorted({e for route in routes for e in route.experts})):
@@ -295,8 +298,7 @@ class MoEDecoder(Llama):
                     n, (lo, hi) = route.experts[e], route.spans[e]
                     h = self.ops.gated(self.ops.linear(gathered[c][lo:hi], weights.w_gate_up), "silu")
                     outputs[c][n] = self.ops.linear(h, weights.w_down)
-        if i in self.experts.ahead:  # the next routed layer's likely experts, copied behind this layer's
-            guessed = {e for r in routed if r.ahead is not None for e in r.ahead.flatten().tolist() if e >= 0}
+        if guessed:  # the next routed layer's likely experts, copied behind this layer's
             self.experts.prefetch(self.experts.ahead[i][0], sorted(guessed))
         outs = []
         for r, route, ys in zip(routed, routes, outputs):

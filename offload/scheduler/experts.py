@@ -97,10 +97,7 @@ class ExpertStore:
                 if slot is None:
                     left.append(e)
                     continue
-                buffer, tier, _ = self.source[key]
-                self.copies[tier].copy(self.slots[slot][: buffer.numel()], buffer, after=self.free[slot],
-                                       done=self.ready[slot])
-                self.cached[key] = slot
+                self._copy_in(key, slot)
                 fetched.append((e, slot))
                 self.misses += 1
                 continue
@@ -118,12 +115,15 @@ class ExpertStore:
             slot = self._take_slot(wave)
             if slot is None:
                 return
-            buffer, tier, _ = self.source[key]
-            self.copies[tier].copy(self.slots[slot][: buffer.numel()], buffer, after=self.free[slot],
-                                   done=self.ready[slot])
-            self.cached[key] = slot
+            self._copy_in(key, slot)
             self.landing.add(slot)
             self.prefetched += 1
+
+    def _copy_in(self, key: tuple[int, int], slot: int) -> None:
+        """Copy expert ``key`` into cache slot ``slot`` once the slot's last user has computed (never blocking)."""
+        buffer, tier, _ = self.source[key]
+        self.copies[tier].copy(self.slots[slot][: buffer.numel()], buffer, after=self.free[slot], done=self.ready[slot])
+        self.cached[key] = slot
 
     def _weights(self, slot: int, layout):
         """An expert's weights in cache slot ``slot`` (views made once per slot and layout: a step asks often)."""

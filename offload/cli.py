@@ -111,6 +111,9 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
                    "it (no measurable gain over offload's kernels; seconds of compiling per bucket)")
     p.add_argument("--prefetch-experts", action="store_true", help="a mixture of experts whose experts stream: "
                    "guess each next layer's experts with its router and copy them ahead (results unchanged)")
+    p.add_argument("--direct-experts", action="store_true", help="a mixture of experts: decode steps read each "
+                   "routed expert where it lives (HBM or pinned host memory) inside their kernels, no copies and "
+                   "no wait for the host (a step is one CUDA graph; experts in 16 bits, not on peers)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--quantize", choices=[*FORMATS, STORED], help="store the layers' linear weights as int8 or "
                    "int4 (default: the model dtype); stored: keep a GGUF file's own formats on a CPU too (which "
@@ -350,7 +353,7 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=False if args.no_cuda_graphs else None,
         compile=args.compile, quantize=args.quantize, group_size=args.group_size, rounding=args.rounding,
         draft=args.draft, draft_tokens=args.draft_tokens, draft_branches=args.draft_branches,
-        prefetch_experts=args.prefetch_experts, all_logits=False,  # generation reads each row's last logits alone
+        prefetch_experts=args.prefetch_experts, direct_experts=args.direct_experts, all_logits=False,  # generation reads each row's last logits alone
     )
 
 

@@ -230,7 +230,7 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
                   + scratch_bytes(quantized, dtype, batch * width) + graph_objects_bytes(family.graph_pieces(config)))
     return MemoryNeeds(
         blocks=tuple(block.nbytes for block in every_pass),
-        experts=_expert_needs(config, routed),
+        experts=_expert_needs(config, routed, options.direct_experts),
         products=_products(every_pass, dtype),
         global_bytes=globals_.nbytes,
         embedding_bytes=embedding.nbytes if embedding else 0,
@@ -260,14 +260,14 @@ def _products(blocks: list[BlockSpec], dtype: torch.dtype) -> str:
     return "bf16" if dtype in (torch.bfloat16, torch.float16) else ""
 
 
-def _expert_needs(config: ModelConfig, routed: list[BlockSpec]) -> ExpertNeeds | None:
-    """The routed experts of a mixture-of-experts model (None for a dense one)."""
+def _expert_needs(config: ModelConfig, routed: list[BlockSpec], direct: bool) -> ExpertNeeds | None:
+    """The routed experts of a mixture-of-experts model (None for a dense one; ``direct``: read directly)."""
     if not routed:
         return None
     per_layer = [0] * config.n_layers
     for block in routed:
         per_layer[block.layer] += 1
-    return ExpertNeeds(max(block.nbytes for block in routed), tuple(per_layer), config.top_k)
+    return ExpertNeeds(max(block.nbytes for block in routed), tuple(per_layer), config.top_k, direct)
 
 
 def _verify_width(options: LoadOptions, captured: bool) -> int:
@@ -304,8 +304,8 @@ def graphs_pay(options: LoadOptions, needs: MemoryNeeds, gpu_memory: int) -> boo
     """Whether a plan that captures graphs (``needs.graph_bytes``) keeps them: not, unless asked for
     (``cuda_graphs=True``), for a mixture of experts whose experts stream. There graph pieces measured slower
     than eager steps (qwen3-30b-a3b at 8 GiB on an H200, 2026-12-05: 193 against 170 ms a step); with every
-    expert resident, faster (47 against 65)."""
-    streams_experts = needs.experts is not None and not needs.fits_whole(gpu_memory)
+    expert resident, faster (47 against 65). Read directly (``direct_experts``), a step is whole graphs."""
+    streams_experts = needs.experts is not None and not needs.fits_whole(gpu_memory) and not options.direct_experts
     return not (needs.graph_bytes and streams_experts and options.cuda_graphs is None)
 
 

@@ -85,6 +85,12 @@ class LoadOptions:
             experts by that layer's router (where its block is resident) applied to the current
             hidden state, and copies them ahead (``offload/scheduler/experts.py``); default off.
             Results are unchanged; a wrong guess costs link time.
+        direct_experts: a mixture of experts' decode steps and verify passes (up to 64 tokens) read each
+            routed expert where it lives, HBM or pinned host memory, inside their kernels
+            (``offload/models/expert_kernels.py``): the routing never goes to the host, so a step is
+            one CUDA graph, and a streamed expert crosses its link once per step without a copy. Its
+            experts stay in 16 or 32 bits and on the device or the host (not on peers); prefills still
+            copy. Default off (not yet measured on a GPU against copying).
         quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while
             loading and stay compressed in every tier (``offload.models.quant``); None (default):
             the model dtype, or a checkpoint stored quantized (a GGUF file, ``scripts/quantize.py``'s)
@@ -124,6 +130,7 @@ class LoadOptions:
     cuda_graphs: bool | None = None
     compile: bool = False
     prefetch_experts: bool = False
+    direct_experts: bool = False
     quantize: str | None = None
     group_size: int | None = None
     rounding: str = "search"
@@ -135,9 +142,12 @@ class LoadOptions:
         check_request(self.quantize, self.group_size, self.rounding)
         _check_draft(self.draft, self.draft_tokens)
         _check_branches(self.draft, self.draft_branches)
-        for name in ("cuda_graphs", "compile", "all_logits", "prefetch_experts"):
+        for name in ("cuda_graphs", "compile", "all_logits", "prefetch_experts", "direct_experts"):
             if not isinstance(getattr(self, name), bool) and not (name == "cuda_graphs" and self.cuda_graphs is None):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.prefetch_experts and self.direct_experts:
+            raise InputError("prefetch_experts and direct_experts do not go together (a prefetch fills the cache, "
+                             "which direct reads do not use): choose one")
         _count("max_batch", self.max_batch)
         _count("tp", self.tp)
         for name in ("max_seq_len", "max_step_tokens", "slots"):

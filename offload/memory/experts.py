@@ -31,6 +31,7 @@ class ExpertNeeds:
     nbytes: int  # one expert's block
     per_layer: tuple[int, ...]  # experts of each layer (0: a dense layer)
     top_k: int
+    direct: bool = False  # decode steps read streamed experts over their links (no cache: every step misses)
 
     @property
     def count(self) -> int:
@@ -63,7 +64,7 @@ class ExpertPlan:
             return {}
         layers = [layer for layer, n in enumerate(self.needs.per_layer) if n]
         missing = sum(self.needs.per_layer[layer] - self.resident_per_layer[layer] for layer in layers)
-        hit = min(1.0, self.cache_slots / missing) if missing else 1.0  # the cache keeps the latest fetched
+        hit = min(1.0, self.cache_slots / missing) if missing and not self.needs.direct else float(not missing)
         misses = sum(self.needs.distinct(layer, rows) * (1 - self.resident_per_layer[layer] / self.needs.per_layer[layer])
                      for layer in layers) * (1 - hit)
         total = sum(streamed.values())
@@ -94,6 +95,8 @@ def place_experts(needs: ExpertNeeds, gpu_room: int, room: dict[str, int], bandw
         return (f"the expert cache needs {slots} slot(s) of {format_size(size)} "
                 f"(= {format_size(slots * size)}) and {format_size(max(gpu_room, 0))} is left")
     resident = _spread((gpu_room - slots * size) // size, needs.per_layer)
+    if needs.direct:  # the kernels read the host's experts (and not the peers')
+        room = {tier: b for tier, b in room.items() if tier == HOST}
     streamed = {tier: 0 for tier in room}
     capacity = {tier: b // size for tier, b in room.items()}
     for _ in range(total - sum(resident)):  # fill the links so they finish together, the host first on ties

@@ -271,10 +271,11 @@ class Decoder:
         """Decoder layer ``i`` over one chunk's hidden states ``x``, its weights ``w``, its cache ``kv``."""
         raise NotImplementedError
 
-    def routed(self, i: int) -> bool:
-        """Whether the host decides inside layer ``i`` (a mixture of experts reads its routing to fetch the
-        experts): such a layer runs as :meth:`attend_and_route`, all on the device (a CUDA graph captures it),
-        then :meth:`routed_mlp` on the host's say."""
+    def routed(self, i: int, tokens: int | None = None) -> bool:
+        """Whether the host decides inside layer ``i`` in a pass of ``tokens`` tokens (None: in some pass; a
+        mixture of experts reads its routing to fetch the experts, unless the kernels read them directly):
+        such a layer runs as :meth:`attend_and_route`, all on the device (a CUDA graph captures it), then
+        :meth:`routed_mlp` on the host's say."""
         return False
 
     def attend_and_route(self, x: torch.Tensor, w, chunk, kv, i: int):

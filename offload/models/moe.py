@@ -32,8 +32,10 @@ import torch
 from ..distributed import TensorParallel
 from ..errors import ConfigError
 from ..memory.host import to_device
+from . import expert_kernels
 from .blocks import EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, Entry, build_layout
 from .config import ModelConfig, common_fields, is_int
+from .expert_kernels import DIRECT_TOKENS
 from .llama import Llama, mlp_entries, sliding_windows
 from .parallel import REPLICATED
 from .quant import QuantizedWeight, WeightFormat
@@ -219,19 +221,27 @@ class MoEDecoder(Llama):
 
     # ------------------------------------------------------------------ computing
 
-    def routed(self, i: int) -> bool:
-        return self.config.sparse_layers[i]
+    def direct(self, tokens: int) -> bool:
+        """Whether a pass of ``tokens`` tokens reads its routed experts directly (``expert_kernels``)."""
+        return self.experts is not None and self.experts.table is not None and tokens <= DIRECT_TOKENS
+
+    def routed(self, i: int, tokens: int | None = None) -> bool:
+        return self.config.sparse_layers[i] and (tokens is None or not self.direct(tokens))
 
     def run_segment(self, segment, hs, weights, chunks, cache, layer=None) -> list:
         """Layers ``segment``: a dense layer as Llama's; a sparse one attends and routes every chunk, then runs
-        the union of their experts, each fetched once."""
+        the union of their experts, each fetched once (or, read directly, every chunk's on the device)."""
         layer = layer or self.layer
+        tokens = sum(h.shape[:-1].numel() for h in hs)
         for i, w in zip(segment, weights):
             kv = cache.layer(i) if cache is not None else (None, None)
-            if not self.routed(i):
+            if not self.config.sparse_layers[i]:
                 hs = [layer(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)]
-                continue
-            hs = self.routed_mlp(i, [self.attend_and_route(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)], w)
+            elif self.direct(tokens):
+                hs = [self.direct_mlp(i, self.attend_and_route(h, w, chunk, kv, i), w) for h, chunk in zip(hs, chunks)]
+            else:
+                hs = self.routed_mlp(i, [self.attend_and_route(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)],
+                                     w)
         return hs
 
     def attend(self, x: torch.Tensor, w: MoELayerWeights, chunk, kv, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,18 +312,31 @@ class MoEDecoder(Llama):
             self.experts.prefetch(self.experts.ahead[i][0], sorted(guessed))
         outs = []
         for r, route, ys in zip(routed, routes, outputs):
-            tokens, d, k = r.normed.shape[0], r.normed.shape[1], self.config.top_k
-            grid = r.normed.new_zeros(tokens * k, d)
+            grid = r.normed.new_zeros(r.ids.numel(), r.normed.shape[1])
             if ys:
                 scaled = torch.cat(ys) * r.weights.reshape(-1).index_select(0, route.slots)[:, None]
                 grid.index_copy_(0, route.places, scaled.to(r.normed.dtype))
-            out = self.tp.all_reduce(grid.view(tokens, k, d).sum(1))
-            if w.w_shared_gate_up is not None:
-                shared = self.row_parallel(self.ops.gated(self.ops.linear(r.normed, w.w_shared_gate_up), "silu"),
-                                           w.w_shared_down)
-                out = out + torch.sigmoid(self.ops.linear(r.normed, w.shared_gate)) * shared
-            outs.append(r.x + out.view(r.x.shape))
+            outs.append(self.combine(r, grid, w))
         return outs
+
+    def direct_mlp(self, i: int, r: Routed, w: MoELayerWeights) -> torch.Tensor:
+        """A chunk's residual stream after sparse layer ``i``, its routed experts read where they live by the
+        kernels of ``expert_kernels`` (no host decision: one CUDA graph captures it)."""
+        table = self.experts.table
+        grid = expert_kernels.routed_experts(r.normed, r.ids, r.weights, table.addresses[i], table.gate_up,
+                                             table.down, table.features, table.counts, table.on_host[i])
+        return self.combine(r, grid, w)
+
+    def combine(self, r: Routed, grid: torch.Tensor, w: MoELayerWeights) -> torch.Tensor:
+        """The residual stream plus the routed experts' weighted outputs (``grid [tokens * top_k, d]``, each
+        token's in expert order) summed over the ranks, plus the shared expert's."""
+        tokens, d = r.normed.shape
+        out = self.tp.all_reduce(grid.view(tokens, -1, d).sum(1))
+        if w.w_shared_gate_up is not None:
+            shared = self.row_parallel(self.ops.gated(self.ops.linear(r.normed, w.w_shared_gate_up), "silu"),
+                                       w.w_shared_down)
+            out = out + torch.sigmoid(self.ops.linear(r.normed, w.shared_gate)) * shared
+        return r.x + out.view(r.x.shape)
 
     def _routes(self, ids: list[torch.Tensor]) -> list[Routes]:
         """Per chunk, its routed (token, slot) pairs sorted by expert, as index tensors on the compute device: the

@@ -24,22 +24,67 @@ copy's link time and a slot.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
 
-from ..memory.planner import RESIDENT
+from ..errors import ConfigError
+from ..memory.planner import HOST, RESIDENT
 from ..models.blocks import BlockSpec
+from ..models.expert_kernels import device_address
+from ..models.kernels import triton
 from .stream import CopyStream
+
+
+class ExpertTable:
+    """Direct reads (``LoadOptions.direct_experts``): every routed expert's block address as the kernels of
+    ``offload/models/expert_kernels.py`` read it (in HBM, or in pinned host memory over the link), whether
+    it lives off the device, and the device's count of the experts read from each (``counts``: device, other)."""
+
+    def __init__(self, specs: list[BlockSpec], buffers: list[torch.Tensor], tiers: list[str], device: torch.device):
+        if triton is None or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+            raise ConfigError("direct expert reads run on a GPU with Triton (pip install -e '.[kernels]'), or "
+                              "under Triton's interpreter (TRITON_INTERPRET=1)")
+        layers, experts = 1 + max(s.layer for s in specs), 1 + max(s.expert for s in specs)
+        addresses, on_host = [[0] * experts for _ in range(layers)], [[0] * experts for _ in range(layers)]
+        bases: dict[int, int] = {}  # storage -> its address for the kernels (one lookup per tier's buffer)
+        for spec, buffer, tier in zip(specs, buffers, tiers):
+            if tier not in (RESIDENT, HOST):
+                raise ConfigError(f"direct expert reads need every expert on the compute device or in host memory; "
+                                  f"the plan put {spec.name} on {tier} (leave out --peer-memory or --direct-experts)")
+            storage = buffer.untyped_storage().data_ptr()
+            if storage not in bases:
+                bases[storage] = device_address(buffer, device) - (buffer.data_ptr() - storage)
+            addresses[spec.layer][spec.expert] = bases[storage] + buffer.data_ptr() - storage
+            on_host[spec.layer][spec.expert] = int(tier != RESIDENT)
+        weights = specs[0].layout.views(buffers[0])
+        gate_up, down = weights.w_gate_up, weights.w_down
+        if not all(isinstance(t, torch.Tensor) and t.is_contiguous() for t in (gate_up, down)):
+            raise ConfigError("direct expert reads take experts in 16 or 32 bits (not int8 or int4): leave out "
+                              "--direct-experts or --quantize")
+        self.features = gate_up.shape[0] // 2  # this rank's
+        self.gate_up, self.down = ((t.data_ptr() - buffers[0].data_ptr()) // t.itemsize for t in (gate_up, down))
+        if any(a % 16 for row in addresses for a in row) or (self.gate_up | self.down) * gate_up.itemsize % 16:
+            raise ConfigError("direct expert reads need experts' weights at 16-byte boundaries")
+        self.addresses = torch.tensor(addresses, dtype=torch.int64, device=device)
+        self.on_host = torch.tensor(on_host, dtype=torch.int8, device=device)
+        self.counts = torch.zeros(2, dtype=torch.int32, device=device)
+
+    def read(self) -> tuple[int, int]:
+        """(experts read on the device, read from elsewhere) so far (the host waits for the GPU here)."""
+        on_device, elsewhere = self.counts.tolist()
+        return on_device, elsewhere
 
 
 class ExpertStore:
     """The routed experts of every layer (``specs``, their ``buffers`` and tiers) and a cache of ``slots``."""
 
     def __init__(self, specs: list[BlockSpec], buffers: list[torch.Tensor], tiers: list[str], slots: torch.Tensor,
-                 copies: dict[str, CopyStream]):
+                 copies: dict[str, CopyStream], direct: bool = False):
         self.slots, self.copies = slots, copies
+        self.table = ExpertTable(specs, buffers, tiers, slots.device) if direct else None
         self.resident = {}
         self.source: dict[tuple[int, int], tuple[torch.Tensor, str, object]] = {}
         for spec, buffer, tier in zip(specs, buffers, tiers):
@@ -56,7 +101,7 @@ class ExpertStore:
         self.views: dict[tuple[int, int], object] = {}  # (slot, id(layout)) -> the weights there (made once)
         self.ahead: dict[int, tuple[int, torch.Tensor]] = {}  # routed layer -> (next routed layer, its router)
         self.landing: set[int] = set()  # slots a prefetch copies into that no compute has waited for yet
-        self.hits = self.misses = self.prefetched = self.prefetch_used = 0
+        self.copy_hits = self.copy_misses = self.prefetched = self.prefetch_used = 0
 
     def fetch(self, layer: int, needed: list[int]) -> Iterator[tuple[int, object]]:
         """Yield ``(expert, weights)`` for every expert of ``needed``: those on the device first, then those
@@ -99,9 +144,9 @@ class ExpertStore:
                     continue
                 self._copy_in(key, slot)
                 fetched.append((e, slot))
-                self.misses += 1
+                self.copy_misses += 1
                 continue
-            self.hits += 1
+            self.copy_hits += 1
         return here, fetched, left
 
     def prefetch(self, layer: int, guessed: list[int]) -> None:
@@ -144,6 +189,16 @@ class ExpertStore:
         return None
 
     @property
+    def hits(self) -> int:
+        """Experts needed that were on the device (copied or read directly)."""
+        return self.copy_hits + (self.table.read()[0] if self.table is not None else 0)
+
+    @property
+    def misses(self) -> int:
+        """Experts needed that were not: copied in, or read over their link."""
+        return self.copy_misses + (self.table.read()[1] if self.table is not None else 0)
+
+    @property
     def hit_rate(self) -> float:
         lookups = self.hits + self.misses
         return self.hits / lookups if lookups else 0.0
@@ -152,8 +207,10 @@ class ExpertStore:
         """What the CLI prints: ``experts: 81.3% on the device when needed (1,204 hits, 277 copied in)``."""
         guessed = (f"; {self.prefetched:,} prefetched, {self.prefetch_used:,} of them used"
                    if self.prefetched else "")
-        return (f"experts: {self.hit_rate:.1%} on the device when needed ({self.hits:,} hits, {self.misses:,} "
-                f"copied in{guessed})")
+        hits, misses = self.hits, self.misses
+        moved = "copied in or read over a link" if self.table is not None else "copied in"
+        rate = hits / (hits + misses) if hits + misses else 0.0
+        return f"experts: {rate:.1%} on the device when needed ({hits:,} hits, {misses:,} {moved}{guessed})"
 
     def reset(self) -> None:
         """Forget what the cache holds (after a pass was abandoned half way, its copies may not have landed)."""

@@ -20,6 +20,8 @@ every pass. The embedding and the LM head run eagerly around the graphs. Where t
 host decides inside a layer (a mixture of experts reads its routing to fetch the
 experts: ``Decoder.routed``), a segment is captured in pieces, each up to such a
 layer's routing, and the host runs the rest of that layer between their replays.
+Where the kernels read the experts directly (``direct_experts``), the routing stays
+on the device and a segment is one graph again.
 
 A bucket is a shape: rows, tokens a row (1 for a decode step) and key length. Its
 first pass runs eagerly on the capture stream (it warms the kernels up, and its
@@ -242,8 +244,9 @@ class DecodeGraphs:
         """The segment's pieces: a graph up to and including each routed layer's routing, with the host's part
         of that layer to run after it; then a graph of the layers after the last routed one."""
         pieces, layers = [], []
+        tokens = bucket.h.shape[:-1].numel()
         for i in segment:
-            if not self.decoder.routed(i):
+            if not self.decoder.routed(i, tokens):
                 layers.append(i)
                 continue
             work = functools.partial(self._piece, bucket, layers, i, make_chunk, run)

@@ -1,0 +1,165 @@
+"""Routed experts computed where they live: kernels that read each expert's weights through a table of addresses.
+
+The copying way to run a routed layer (``MoEDecoder.routed_mlp``) has the host read
+the routing, then copy the experts that are not on the device into cache slots and
+launch their products: a wait for the GPU at every routed layer, and launches that
+depend on what the routing chose. With *direct reads* (``LoadOptions.direct_experts``)
+the routing never leaves the device. Every routed expert's block has an address
+(``ExpertTable``: in HBM for a resident expert, in pinned host memory for the
+others, which the GPU reads over its link as the product runs), and two kernels
+compute a routed layer from the router's choices alone:
+
+* ``_gate_up_kernel``: the routes sorted by expert, the program of an expert's first
+  route (and of a block of ``BLOCK_N`` features) reads that expert's gate and up
+  rows once for all the rows routed to it (``BLOCK_M`` at a time) and writes
+  ``silu(gate) * up``;
+* ``_down_kernel``: likewise the down projection, each output times its routing
+  weight, written into the row of the ``[tokens, top_k]`` grid that the token's
+  experts' order gives (each token's experts ascending, as the copying way places
+  them), which ``MoEDecoder`` sums.
+
+The launches are the same whatever the routing, so a decode step stays one CUDA
+graph. A weight crosses the link once per step and expert, not once per row: for
+decode steps and verify passes (``DIRECT_TOKENS`` tokens or fewer); a long prefill
+chunk, whose experts serve many rows each, copies them (its rows would re-read a
+streamed expert every ``BLOCK_M``).
+
+The kernels read 16- or 32-bit experts (compressed ones are copied). The roundings
+are those of the copying way's operations (each product rounded to the model's
+dtype, ``silu(gate)`` rounded before its product with ``up``, the weighted output
+rounded), so the two ways differ only by how the products sum; where an expert lives
+never changes the result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import triton
+
+if triton is not None:
+    import triton.language as tl
+
+DIRECT_TOKENS = 64  # passes of at most this many tokens read their routed experts directly
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 128  # rows of an expert, its output features and its input columns per step
+
+
+def device_address(base: torch.Tensor, device: torch.device) -> int:
+    """The address at which kernels on ``device`` read ``base`` (for pinned host memory, where the GPU maps it:
+    Triton resolves a tensor argument so); on a CPU (Triton's interpreter) its own."""
+    out = torch.zeros(1, dtype=torch.int64, device=device)
+    _address_kernel[(1,)](base, out)
+    return int(out.item())
+
+
+def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, addresses: torch.Tensor,
+                   gate_up: int, down: int, features: int, counts: torch.Tensor, on_host: torch.Tensor) -> torch.Tensor:
+    """The ``[tokens * top_k, d]`` grid of a routed layer's weighted expert outputs for ``x [tokens, d]`` routed to
+    ``ids [tokens, top_k]`` (-1: no expert) with ``weights``: row ``token * top_k + rank`` holds the token's
+    expert of that rank among its experts (ascending), zero for a -1.
+
+    ``addresses [experts]``: each expert block's address; ``gate_up`` and ``down``: where its ``[2 features, d]``
+    and ``[d, features]`` weights start in it (elements); ``counts [2]`` gains the distinct experts read from
+    the device and from elsewhere (``on_host [experts]``)."""
+    tokens, k = ids.shape
+    d, routes = x.shape[1], tokens * k
+    flat = ids.reshape(-1)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # each route's expert's last route, + 1
+    rank = (ids[:, None, :] < ids[:, :, None]).sum(-1)  # the expert's place among its token's
+    places = (torch.arange(tokens, device=x.device)[:, None] * k + rank).reshape(-1)
+    h = x.new_empty(routes, features)
+    grid = x.new_zeros(routes, d)
+    precision = "ieee" if x.dtype == torch.float32 else None
+    common = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=precision, num_warps=4)
+    _gate_up_kernel[(routes, triton.cdiv(features, BLOCK_N))](
+        x, order, sorted_ids, ends, addresses, on_host, counts, h, d, features, k, gate_up, **common)
+    _down_kernel[(routes, triton.cdiv(d, BLOCK_N))](
+        h, order, sorted_ids, ends, addresses, weights.reshape(-1), places, grid, d, features, down, **common)
+    return grid
+
+
+if triton is not None:
+
+    @triton.jit
+    def _address_kernel(base_ptr, out_ptr):
+        tl.store(out_ptr, base_ptr.to(tl.int64, bitcast=True))
+
+    @triton.jit
+    def _expert(ids_ptr, addresses_ptr, r, dtype):
+        """Route ``r``'s expert, and its block's address if ``r`` is its expert's first route (else -1)."""
+        e = tl.load(ids_ptr + r)
+        before = tl.load(ids_ptr + r - 1, mask=r > 0, other=-1)
+        first = (e >= 0) & (e != before)
+        address = tl.multiple_of(tl.load(addresses_ptr + e, mask=first, other=-1), 16)
+        return e, first, address.to(tl.pointer_type(dtype), bitcast=True)
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, order_ptr, ids_ptr, ends_ptr, addresses_ptr, on_host_ptr, counts_ptr, h_ptr,
+                        D, I, TOP_K, GATE_UP, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        """``h[route] = silu(x[token] @ gate.T) * (x[token] @ up.T)`` for features ``[pid1 * BLOCK_N, +BLOCK_N)``
+        of every route of the expert whose first route (in expert order) is ``pid0``."""
+        r = tl.program_id(0)
+        dtype = x_ptr.dtype.element_ty
+        e, first, block = _expert(ids_ptr, addresses_ptr, r, dtype)
+        if first:
+            if tl.program_id(1) == 0:  # this step reads expert e: from the device, or from elsewhere
+                tl.atomic_add(counts_ptr + tl.load(on_host_ptr + e).to(tl.int32), 1)
+            w = block + GATE_UP  # [2 I, D]: gate's rows, then up's
+            end = tl.load(ends_ptr + r)
+            n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < I
+            for m0 in range(r, end, BLOCK_M):
+                m = m0 + tl.arange(0, BLOCK_M)
+                m_ok = m < end
+                token = tl.load(order_ptr + m, mask=m_ok, other=0) // TOP_K
+                gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for k0 in range(0, D, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = kk < D
+                    xt = tl.load(x_ptr + token[:, None].to(tl.int64) * D + kk[None, :],
+                                 mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                    w_ok = k_ok[:, None] & n_ok[None, :]
+                    wg = tl.load(w + n[None, :] * D + kk[:, None], mask=w_ok, other=0.0, eviction_policy="evict_first")
+                    wu = tl.load(w + (n + I)[None, :] * D + kk[:, None], mask=w_ok, other=0.0,
+                                 eviction_policy="evict_first")
+                    gate = tl.dot(xt, wg, gate, input_precision=PRECISION)
+                    up = tl.dot(xt, wu, up, input_precision=PRECISION)
+                gate = gate.to(dtype).to(tl.float32)  # each product rounded, as a linear's output is
+                silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+                h = (silu * up.to(dtype).to(tl.float32)).to(dtype)
+                tl.store(h_ptr + m[:, None].to(tl.int64) * I + n[None, :], h, mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _down_kernel(h_ptr, order_ptr, ids_ptr, ends_ptr, addresses_ptr, weights_ptr, places_ptr, grid_ptr, D, I,
+                     DOWN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PRECISION: tl.constexpr):
+        """``grid[place] = weight * (h[route] @ down.T)`` for outputs ``[pid1 * BLOCK_N, +BLOCK_N)`` of every
+        route of the expert whose first route is ``pid0``."""
+        r = tl.program_id(0)
+        dtype = h_ptr.dtype.element_ty
+        e, first, block = _expert(ids_ptr, addresses_ptr, r, dtype)
+        if first:
+            w = block + DOWN  # [D, I]
+            end = tl.load(ends_ptr + r)
+            n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < D
+            for m0 in range(r, end, BLOCK_M):
+                m = m0 + tl.arange(0, BLOCK_M)
+                m_ok = m < end
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for k0 in range(0, I, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = kk < I
+                    ht = tl.load(h_ptr + m[:, None].to(tl.int64) * I + kk[None, :],
+                                 mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                    wd = tl.load(w + n[None, :] * I + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0,
+                                 eviction_policy="evict_first")
+                    acc = tl.dot(ht, wd, acc, input_precision=PRECISION)
+                route = tl.load(order_ptr + m, mask=m_ok, other=0)
+                weight = tl.load(weights_ptr + route, mask=m_ok, other=0.0).to(tl.float32)
+                y = (acc.to(dtype).to(tl.float32) * weight[:, None]).to(dtype)
+                place = tl.load(places_ptr + route, mask=m_ok, other=0)
+                tl.store(grid_ptr + place[:, None].to(tl.int64) * D + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])

@@ -1,0 +1,176 @@
+"""Direct expert reads (``LoadOptions.direct_experts``, ``offload.models.expert_kernels``): the kernels read each
+routed expert where it lives, through a table of addresses, and the routing never goes to the host.
+
+The kernels against a float64 reference (routes sorted by expert, several rows per expert, padding, two
+places an expert lives); each family against ``transformers`` (CPU, float32, under Triton's interpreter);
+experts streamed == resident bit for bit; decode steps and verify passes as whole graphs, bit for bit the
+eager passes; long prefills copying instead; the plan and the errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offload
+from offload.errors import ConfigError, InputError
+from offload.memory.experts import ExpertNeeds, place_experts
+from offload.models import expert_kernels, kernels
+
+from conftest import with_graphs
+from test_moe import ATOL, MODELS, NEW, PROMPT, _BASE, _ids, _steps, _streamed
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _experts_in_two_arenas(n, d, features, dtype, seed):
+    """``n`` experts' ``[2 f, d]`` and ``[d, f]`` weights in blocks of two byte buffers (expert e in buffer e % 2,
+    as resident and host experts are), their addresses, and where each lives."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = [(torch.randn(2 * features, d, generator=gen) / d ** 0.5, torch.randn(d, features, generator=gen)
+                / features ** 0.5) for _ in range(n)]
+    down_at = 2 * features * d + 24  # elements: the down projection starts 48 or 96 bytes after gate and up
+    block = (down_at + d * features) * dtype.itemsize + 256
+    arenas = [torch.zeros(block * (n // 2 + 1), dtype=torch.uint8, device=DEVICE) for _ in range(2)]
+    addresses = []
+    for e, (gate_up, down) in enumerate(weights):
+        arena, at = arenas[e % 2], (e // 2) * block
+        flat = arena[at: at + block - 256].view(dtype)
+        flat[: gate_up.numel()] = gate_up.flatten().to(dtype)
+        flat[down_at:] = down.flatten().to(dtype)
+        addresses.append(expert_kernels.device_address(arenas[e % 2], torch.device(DEVICE)) + at)
+    on_host = torch.tensor([e % 2 for e in range(n)], dtype=torch.int8, device=DEVICE)
+    return weights, arenas, torch.tensor(addresses, device=DEVICE), down_at, on_host
+
+
+def _reference(x, ids, weights, experts, dtype):
+    """The grid in float64, from the weights as stored (rounded to ``dtype``)."""
+    tokens, k = ids.shape
+    grid = torch.zeros(tokens * k, x.shape[1], dtype=torch.float64)
+    for t in range(tokens):
+        chosen = sorted((e, j) for j, e in enumerate(ids[t].tolist()))
+        for rank, (e, j) in enumerate(chosen):
+            if e < 0:
+                continue
+            gate_up, down = (w.to(dtype).double() for w in experts[e])
+            h = x[t].double() @ gate_up.T
+            f = h.shape[0] // 2
+            y = (torch.nn.functional.silu(h[:f]) * h[f:]) @ down.T
+            grid[t * k + rank] = y * weights[t, j].double()
+    return grid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens, k, n, d, features", [(3, 2, 5, 40, 24), (20, 2, 3, 64, 40), (5, 3, 8, 136, 33)])
+def test_the_kernels_equal_a_float64_reference(dtype, tokens, k, n, d, features):
+    """Odd shapes (masked tiles), an expert chosen by more rows than a tile holds (20 tokens of 3 experts),
+    padded routes (-1), experts in two buffers; the counts of distinct experts read from each."""
+    experts, _arenas, addresses, down_at, on_host = _experts_in_two_arenas(n, d, features, dtype, seed=n + d)
+    gen = torch.Generator().manual_seed(tokens)
+    ids = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(tokens)])
+    ids[1, -1] = -1  # a padded route
+    x = torch.randn(tokens, d, generator=gen).to(dtype)
+    weights = torch.rand(tokens, k, generator=gen).to(dtype)
+    counts = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    got = expert_kernels.routed_experts(x.to(DEVICE), ids.to(DEVICE), weights.to(DEVICE), addresses, 0, down_at,
+                                        features, counts, on_host)
+    want = _reference(x, ids, weights, experts, dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3  # a few roundings to float16 of the largest output
+    assert got.dtype == dtype and (got.cpu().double() - want).abs().max() <= tolerance * want.abs().max()
+    assert torch.equal(got.cpu()[1 * k + 0], torch.zeros(d, dtype=dtype))  # the pad sorts first in its row: rank 0
+    used = {e for e in ids.flatten().tolist() if e >= 0}
+    assert counts.tolist() == [sum(e % 2 == 0 for e in used), sum(e % 2 == 1 for e in used)]
+
+
+@pytest.fixture(scope="module", params=[a if a == "qwen3_moe" else pytest.param(a, marks=pytest.mark.slow)
+                                        for a in MODELS])  # the other families with --slow
+def direct_case(request, checkpoint_factory):
+    arch = request.param
+    hf, directory = checkpoint_factory(f"moe-{arch}", arch, "5.x", seed=5, **_BASE, **MODELS[arch])
+    with offload.load_model(directory, dtype=torch.float32, max_seq_len=64, max_batch=2, progress=False,
+                            direct_experts=True) as m:
+        yield arch, hf, directory, m
+
+
+def test_direct_reads_match_transformers(direct_case):
+    _, hf, _, model = direct_case
+    ids = _ids()
+    with torch.no_grad():
+        ref = hf(ids).logits
+        greedy = hf.generate(ids[:, :PROMPT], max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert model.experts.table is not None and model.decoder.direct(ids.numel())
+    assert (model(ids) - ref).abs().max().item() <= ATOL
+    assert torch.equal(model.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True), greedy)
+
+
+def test_experts_read_over_a_link_equal_resident_bitwise(direct_case):
+    """Where an expert lives changes its address, never the result; the store counts what was read where."""
+    _, _, directory, model = direct_case
+    ids = _ids()
+    want_logits, want_tokens = model(ids), model.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True)
+    with _streamed(directory, model.plan.needs, resident_experts=2, direct_experts=True) as streamed:
+        assert streamed.plan.experts.placement.count("host") > 0
+        assert torch.equal(streamed(ids), want_logits)
+        assert torch.equal(streamed.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True), want_tokens)
+        assert streamed.experts.copy_misses == 0  # nothing was copied: every pass was short
+        assert streamed.experts.misses > 0 and streamed.experts.hits > 0
+        assert "read over a link" in streamed.experts.summary()
+
+
+@pytest.mark.slow
+def test_decode_steps_and_verify_passes_are_whole_graphs(direct_case):
+    """No host decision inside a layer: each segment is one graph, replayed with the eager passes' logits."""
+    _, _, directory, model = direct_case
+    ids = _ids(n=PROMPT + 6, seed=3)
+    with _streamed(directory, model.plan.needs, resident_experts=2, direct_experts=True) as streamed:
+        want = _steps(streamed, ids)
+        capture = with_graphs(streamed)
+        got = _steps(streamed, ids)
+        for step, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"pass {step}"
+        assert capture.captured == 2 * len(streamed.weights.segments)  # decode steps, verify passes: no pieces
+        assert capture.replayed == 2 * capture.captured
+
+
+def test_a_long_prefill_copies_its_experts(checkpoint_factory):
+    """A pass of more than DIRECT_TOKENS tokens copies its experts through the cache; its logits are those of
+    direct reads up to the products' summation order."""
+    _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    ids = _ids(batch=2, n=40)  # 80 tokens
+    short = ids[:, :expert_kernels.DIRECT_TOKENS // 2]
+    needs = offload.plan_model(directory, dtype=torch.float32, max_seq_len=64, max_batch=2).needs
+    with _streamed(directory, needs, resident_experts=1, direct_experts=True) as model:
+        long_logits = model(ids)
+        copied = model.experts.copy_misses
+        assert copied > 0
+        short_logits = model(short)
+        assert model.experts.copy_misses == copied
+    with offload.load_model(directory, dtype=torch.float32, max_seq_len=64, max_batch=2, progress=False) as copying:
+        assert (long_logits - copying(ids)).abs().max() <= ATOL
+        assert (short_logits - copying(short)).abs().max() <= ATOL
+
+
+def test_direct_reads_refuse_compressed_experts_and_prefetching(checkpoint_factory):
+    _, directory = checkpoint_factory("moe-mixtral", "mixtral", "5.x", seed=5, **_BASE, **MODELS["mixtral"])
+    with pytest.raises(ConfigError, match="16 or 32 bits"):
+        offload.load_model(directory, dtype=torch.float32, max_seq_len=32, progress=False, quantize="int8",
+                           direct_experts=True)
+    with pytest.raises(InputError, match="choose one"):
+        offload.load_model(directory, direct_experts=True, prefetch_experts=True)
+
+
+def test_the_plan_counts_every_streamed_expert_a_step_reads_and_keeps_them_off_peers():
+    """Direct reads fill no cache: the expected misses are every routed expert that is not resident; and the
+    kernels read host memory, not a peer's."""
+    mb = 2 ** 20
+    for direct in (False, True):
+        needs = ExpertNeeds(mb, (8, 8), 2, direct)
+        plan = place_experts(needs, 6 * mb, {"host": 100 * mb, "cuda:1": 100 * mb}, {"host": 50e9, "cuda:1": 300e9},
+                             max_batch=1)
+        assert plan.cache_slots == 2 and plan.placement.count("resident") == 4
+        streamed = set(plan.placement) - {"resident"}
+        assert streamed == ({"host"} if direct else {"host", "cuda:1"})
+        expected = sum(needs.distinct(layer, 1) * (6 / 8) for layer in range(2)) * mb  # 6 of 8 stream per layer
+        hit = 0 if direct else 2 / 12
+        assert sum(plan.missed_bytes(1).values()) == pytest.approx(expected * (1 - hit))

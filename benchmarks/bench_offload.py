@@ -299,8 +299,9 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
     everything = len(needs.blocks) * needs.largest_block + needs.embedding_bytes + experts
     host = dict(gpu_memory=bench.gpu_memory, cpu_memory=everything)
     runs = [("resident", {}), ("host", host)]
-    if needs.experts:  # the next layer's experts guessed and copied ahead
+    if needs.experts:  # the next layer's experts guessed and copied ahead; or read where they live, not copied
         runs.append(("host prefetch", dict(host, prefetch_experts=True)))
+        runs += [("resident direct", dict(direct_experts=True)), ("host direct", dict(host, direct_experts=True))]
     if bench.peers:
         peer = bench.peers[0]
         room = min(everything, max(torch.cuda.mem_get_info(torch.device(peer))[0] - GPU_HEADROOM, 0))
@@ -312,7 +313,8 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
         runs = [r for name, budget in runs for r in [(name, budget), (f"{name} eager", {**budget, "cuda_graphs": False})]]
         if getattr(bench.config, "n_experts", 0):  # streamed experts run eagerly by default: graph pieces beside
             runs = [r for name, budget in runs for r in [(name, budget)] + (
-                [(f"{name} pieces", {**budget, "cuda_graphs": True})] if "cuda_graphs" not in budget else [])]
+                [(f"{name} pieces", {**budget, "cuda_graphs": True})]
+                if "cuda_graphs" not in budget and "direct_experts" not in budget else [])]
     for fmt, gpu_memory in bench.quantized:  # compressed layers: fewer bytes per streamed layer, more resident
         runs.append((f"host {fmt}", dict(gpu_memory=gpu_memory or bench.gpu_memory, cpu_memory=everything,
                                           quantize=fmt)))

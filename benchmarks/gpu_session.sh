@@ -22,11 +22,12 @@
 #   prefill13b     llama-2-13b at 8 GiB: prefill of 32 x 128 and 1 x 4096 tokens against their limits
 #   int4_70b       llama-2-70b in int4 at 24 GiB
 #   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16:
-#                  eager steps, graph pieces, and each with the next layer's experts prefetched
+#                  copied (eager steps) against read directly by the kernels (whole graphs, and eagerly); and
+#                  every expert resident, read directly (all 61 GB on the device: an H200)
 #   moehost        the host's time in a decode step of qwen3-30b-a3b's routing with every width shrunk (launches
 #                  and Python, not bytes): what a streamed mixture of experts waits for at each layer
-#   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host and the device cache
-#                  (both: graph pieces up to each layer's routing against eager steps: which is faster)
+#   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host: copied into the
+#                  device cache (eager steps) against read directly by the kernels (whole graphs)
 #   spec13b        llama-2-13b at 8 GiB: what a verify pass of 1..32 tokens per row costs (speculation's budget),
 #                  in CUDA graphs and eagerly
 #   load70b        llama-2-70b saved in int4 (random weights, written first): its load against reading its files,
@@ -123,11 +124,11 @@ run_stage() {
       --cpu-memory 60GiB --tp 2 --peer-memory cuda:2=60GiB --peer-memory cuda:3=60GiB --with-eager \
       --json "$OUT/tp13b_peers.json" ;;
     moe30b) stage moe30b python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b --gpu-memory 8GiB \
-      --runs "host,host prefetch" \
-      --batch 1 --skip-accelerate --json "$OUT/moe30b.json" ;;
+      --runs "host,host direct,host direct eager,resident direct" \
+      --batch 1,16 --skip-accelerate --json "$OUT/moe30b.json" ;;
     moehost) stage moehost python3 benchmarks/moe_host_time.py --profile ;;
     mixtral24) stage mixtral24 python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \
-      --runs "host,host prefetch" --batch 1,16 --skip-accelerate --json "$OUT/mixtral24.json" ;;
+      --runs "host,host direct" --batch 1,16 --skip-accelerate --json "$OUT/mixtral24.json" ;;
     spec13b) stage spec13b python3 benchmarks/bench_speculative.py --shape llama-2-13b --gpu-memory 8GiB \
       --widths 1,2,4,8,16,32 --eager --json "$OUT/spec13b.json" ;;
     spec_smollm2) stage spec_smollm2 bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
@@ -155,8 +156,8 @@ run_stage() {
       tests/test_verify_chunk.py tests/test_drafts.py tests/test_graphs.py; python3 -m pytest -m gpu -s -q \
       -p no:cacheprovider tests/test_gpu.py -k "verify or speculative"' ;;
     tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \
-      tests/test_quant_kernels.py tests/test_kernels.py -m "gpu or not gpu"; python3 -m pytest -m gpu -s -q \
-      -p no:cacheprovider tests/test_gpu.py tests/test_quant.py -k "experts or quant"' ;;
+      tests/test_quant_kernels.py tests/test_kernels.py tests/test_direct_experts.py -m "gpu or not gpu"; \
+      python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py tests/test_quant.py -k "experts or quant"' ;;
     single) for s in tests gemv offload13b resident7b prefill13b int4_70b serve13b throughput70b; do run_stage $s; done ;;
     multi) for s in tests_multi peer13b tp13b_peers; do run_stage $s; done ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;

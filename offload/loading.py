@@ -37,6 +37,7 @@ from .models.registry import family_of
 from .models.quant import FORMATS, STORED, WeightFormat, choose_kernel, describe, quantize_into, scratch_bytes
 from .options import LoadOptions, parse_dtype
 from .quantized import stored_quantization
+from .scheduler.experts import check_direct
 from .scheduler.graphs import graph_objects_bytes
 from .speculative import ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, speculation_forecast
 from .synthetic import RandomSource
@@ -86,6 +87,8 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
     blocks = _blocks(family, config, tp, dtype,
                      _weight_format(model, options, ops.choose(device, dtype), dtype, requantize),
                      device, budget, options.quantize)
+    if options.direct_experts and any(block.fetch == ON_DEMAND for block in blocks):
+        check_direct([block for block in blocks if block.fetch == ON_DEMAND], device)
     globals_ = global_layout(config, tp, dtype)
     embedding = embedding_layout(config, tp, dtype)
     peers = list(budget.peer_memory)

@@ -18,6 +18,7 @@ from offload.memory.experts import ExpertNeeds, place_experts
 from offload.models import expert_kernels, kernels
 
 from conftest import with_graphs
+from test_tensor_parallel import assert_tp_equals_one
 from test_moe import ATOL, MODELS, NEW, PROMPT, _BASE, _ids, _steps, _streamed
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
@@ -149,6 +150,13 @@ def test_a_long_prefill_copies_its_experts(checkpoint_factory):
     with offload.load_model(directory, dtype=torch.float32, max_seq_len=64, max_batch=2, progress=False) as copying:
         assert (long_logits - copying(ids)).abs().max() <= ATOL
         assert (short_logits - copying(short)).abs().max() <= ATOL
+
+
+@pytest.mark.slow
+def test_tensor_parallel_direct_reads_on_two_ranks_equal_one(checkpoint_factory):
+    """Each rank's kernels read its shard of every expert; the ranks' sums are all-reduced as when copying."""
+    _, directory = checkpoint_factory("moe-mixtral", "mixtral", "5.x", seed=5, **_BASE, **MODELS["mixtral"])
+    assert_tp_equals_one(directory, _ids(2, PROMPT, 7), ATOL, 64, direct_experts=True)
 
 
 def test_direct_reads_refuse_compressed_experts_and_prefetching(checkpoint_factory):

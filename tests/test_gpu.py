@@ -316,6 +316,44 @@ def test_experts_streamed_on_cuda_equal_resident_bitwise_within_budget():
 
 @cuda
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])  # Mixtral: float32 routing weights
+def test_experts_read_directly_from_pinned_memory_equal_resident_bitwise_within_budget(name):
+    """Direct reads on the GPU: the kernels read streamed experts from pinned host memory over the link, in
+    whole decode graphs; the same bits as resident experts (read from HBM), close to the copying way's, and
+    the peak inside the budget."""
+    shape = shape_config(name) | {"num_hidden_layers": 2}
+    ids = torch.randint(0, 32000, (2, 30), generator=torch.Generator().manual_seed(3))
+    kw = dict(dtype=torch.bfloat16, max_batch=3, max_seq_len=64)
+    with load(shape, **kw) as copying:
+        copied = copying(ids)
+        needs = copying.plan.needs
+    free_gpu()
+    with load(shape, direct_experts=True, **kw) as resident:
+        assert set(resident.plan.block_tiers) == {"resident"} and resident.graphs is not None
+        want = _logits_and_tokens(resident, ids)
+    free_gpu()
+    scale = copied.float().abs().max()
+    assert (want[0].float() - copied.float()).abs().max() <= 0.05 * scale  # bf16: the products sum otherwise
+    experts = needs.experts
+    cache = min(max(experts.per_layer), experts.top_k * 3)  # a step's experts of a layer; then 4 resident
+    budget = needs.fixed_bytes + sum(needs.blocks) + (cache + 4) * experts.nbytes
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with load(shape, gpu_memory=budget, cpu_memory="16GiB", direct_experts=True, **kw) as model:
+        placement = model.plan.experts.placement
+        assert placement.count("host") > placement.count("resident") > 0 and model.graphs is not None
+        logits, tokens, steps = _logits_and_tokens(model, ids)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        print(f"\n{name}: experts {placement.count('resident')} resident, {placement.count('host')} host; "
+              f"{model.experts.summary()}; peak {peak / 2**30:.3f} GiB of {budget / 2**30:.3f}")
+        assert torch.equal(logits, want[0]) and torch.equal(tokens, want[1])
+        assert all(torch.equal(a, b) for a, b in zip(steps, want[2]))
+        assert model.experts.copy_misses == 0 and model.experts.misses > 0
+        assert peak <= budget
+
+
+@cuda
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])  # Mixtral: float32 routing weights
 def test_experts_in_graph_pieces_equal_eager_bitwise(name):
     """A mixture of experts in CUDA graphs (each layer captured up to its routing, the experts run by the host
     between replays): the eager passes' logits, bit for bit, decode steps and verify passes (trees, padded).

@@ -45,10 +45,10 @@ def run_tp(world, path, ids, main=_rank_main, **kwargs):
         return [out[r] for r in range(world)]
 
 
-def assert_tp_equals_one(directory, ids, atol: float, max_seq_len: int, ranks: int = 2) -> None:
+def assert_tp_equals_one(directory, ids, atol: float, max_seq_len: int, ranks: int = 2, **options) -> None:
     """Float32 logits within ``atol`` and the same 8 greedy tokens on every one of ``ranks`` gloo ranks as on
-    one process."""
-    kwargs = dict(dtype=torch.float32, max_batch=2, max_seq_len=max_seq_len)
+    one process (both with ``options``)."""
+    kwargs = dict(dtype=torch.float32, max_batch=2, max_seq_len=max_seq_len, **options)
     with offload.load_model(directory, progress=False, **kwargs) as single:
         want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)
     for rank, result in enumerate(run_tp(ranks, directory, ids, **kwargs)):

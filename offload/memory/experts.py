@@ -80,7 +80,8 @@ class ExpertPlan:
                 f"{n.top_k} per token; resident {spread} per layer "
                 f"({self.placement.count(RESIDENT)} in all), cache {self.cache_slots} slot(s) "
                 f"{format_size(self.cache_bytes)}" + (f", streamed: {streamed}" if streamed else "")
-                + f"; expected misses per token {missed / n.nbytes:.1f} ({format_size(missed)}, uniform routing)")
+                + f"; expected misses per token {missed / n.nbytes:.1f} ({format_size(missed)}, uniform routing)"
+                + ("; decode steps read them where they live" if n.direct else ""))
 
 
 def place_experts(needs: ExpertNeeds, gpu_room: int, room: dict[str, int], bandwidth: dict[str, float],

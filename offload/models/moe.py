@@ -17,6 +17,9 @@ is two steps: ``attend_and_route``, all on the device (a CUDA graph captures it:
 ``offload/scheduler/graphs.py``), and ``routed_mlp``, where the host reads the
 routing; padding routes to no expert. With ``prefetch_experts``, ``attend_and_route``
 also guesses the next routed layer's experts, which ``routed_mlp`` has copied ahead.
+With ``direct_experts``, a short pass (a decode step, a verify pass) runs
+``direct_mlp`` instead: the kernels of ``expert_kernels.py`` read each expert where it
+lives, the routing never leaves the device, and no graph is cut.
 
 Under tensor parallelism every expert is split as the dense MLP is (gate and up by
 rows, down by columns) and the layer's experts are summed over the ranks with one
@@ -201,10 +204,12 @@ class MoEDecoder(Llama):
 
     @classmethod
     def decode_graph_bytes(cls, config: MoEConfig, tp, dtype, max_batch, max_seq_len, verify_width=1) -> int:
-        """The dense count, with the router's float32 probabilities in the pool and the routed state that each
-        shape of rows and width keeps between a graph and the host's part (shapes' tokens sum to < 4 b w)."""
+        """The dense count, with the router's float32 probabilities in the pool, the routed state that each
+        shape of rows and width keeps between a graph and the host's part (shapes' tokens sum to < 4 b w),
+        and direct reads' work (each route's expert features and weighted output, its sorted indices)."""
         t, e, d = max_batch * verify_width, dtype.itemsize, config.hidden_size
         routed = 4 * t * (2 * d * e + config.top_k * (8 + 4))
+        routed += t * config.top_k * ((config.expert_intermediate // tp.size + d) * e + 4 * 8)
         return (super().decode_graph_bytes(config, tp, dtype, max_batch, max_seq_len, verify_width)
                 + t * config.n_experts * 4 * 2 + routed)
 

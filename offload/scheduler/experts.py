@@ -38,15 +38,23 @@ from ..models.kernels import triton
 from .stream import CopyStream
 
 
+def check_direct(specs: list[BlockSpec], device: torch.device) -> None:
+    """Refuse direct reads (before any weight is read) where the kernels cannot run or cannot read the experts."""
+    if triton is None or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ConfigError("direct expert reads run on a GPU with Triton (pip install -e '.[kernels]'), or "
+                          "under Triton's interpreter (TRITON_INTERPRET=1)")
+    if any(spec.layout.quantized for spec in specs[:1]):
+        raise ConfigError("direct expert reads take experts in 16 or 32 bits (not int8 or int4): leave out "
+                          "--direct-experts or --quantize")
+
+
 class ExpertTable:
     """Direct reads (``LoadOptions.direct_experts``): every routed expert's block address as the kernels of
     ``offload/models/expert_kernels.py`` read it (in HBM, or in pinned host memory over the link), whether
     it lives off the device, and the device's count of the experts read from each (``counts``: device, other)."""
 
     def __init__(self, specs: list[BlockSpec], buffers: list[torch.Tensor], tiers: list[str], device: torch.device):
-        if triton is None or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
-            raise ConfigError("direct expert reads run on a GPU with Triton (pip install -e '.[kernels]'), or "
-                              "under Triton's interpreter (TRITON_INTERPRET=1)")
+        check_direct(specs, device)
         layers, experts = 1 + max(s.layer for s in specs), 1 + max(s.expert for s in specs)
         addresses, on_host = [[0] * experts for _ in range(layers)], [[0] * experts for _ in range(layers)]
         bases: dict[int, int] = {}  # storage -> its address for the kernels (one lookup per tier's buffer)
@@ -59,11 +67,7 @@ class ExpertTable:
                 bases[storage] = device_address(buffer, device) - (buffer.data_ptr() - storage)
             addresses[spec.layer][spec.expert] = bases[storage] + buffer.data_ptr() - storage
             on_host[spec.layer][spec.expert] = int(tier != RESIDENT)
-        weights = specs[0].layout.views(buffers[0])
-        gate_up, down = weights.w_gate_up, weights.w_down
-        if not all(isinstance(t, torch.Tensor) and t.is_contiguous() for t in (gate_up, down)):
-            raise ConfigError("direct expert reads take experts in 16 or 32 bits (not int8 or int4): leave out "
-                              "--direct-experts or --quantize")
+        gate_up, down = (getattr(specs[0].layout.views(buffers[0]), name) for name in ("w_gate_up", "w_down"))
         self.features = gate_up.shape[0] // 2  # this rank's
         self.gate_up, self.down = ((t.data_ptr() - buffers[0].data_ptr()) // t.itemsize for t in (gate_up, down))
         if any(a % 16 for row in addresses for a in row) or (self.gate_up | self.down) * gate_up.itemsize % 16:

@@ -88,7 +88,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
                      _weight_format(model, options, ops.choose(device, dtype), dtype, requantize),
                      device, budget, options.quantize)
     if options.direct_experts and any(block.fetch == ON_DEMAND for block in blocks):
-        check_direct([block for block in blocks if block.fetch == ON_DEMAND], device)
+        check_direct([block for block in blocks if block.fetch == ON_DEMAND], device, dtype)
     globals_ = global_layout(config, tp, dtype)
     embedding = embedding_layout(config, tp, dtype)
     peers = list(budget.peer_memory)

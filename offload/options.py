@@ -88,9 +88,9 @@ class LoadOptions:
         direct_experts: a mixture of experts' decode steps and verify passes (up to 64 tokens) read each
             routed expert where it lives, HBM or pinned host memory, inside their kernels
             (``offload/models/expert_kernels.py``): the routing never goes to the host, so a step is
-            one CUDA graph, and a streamed expert crosses its link once per step without a copy. Its
-            experts stay in 16 or 32 bits and on the device or the host (not on peers); prefills still
-            copy. Default off (not yet measured on a GPU against copying).
+            one CUDA graph, and a streamed expert crosses its link once per step without a copy. Experts
+            in the model's dtype, int8 or int4 (groups of 32 or more), on the device or the host (not on
+            peers); prefills still copy. Default off (not yet measured on a GPU against copying).
         quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while
             loading and stay compressed in every tier (``offload.models.quant``); None (default):
             the model dtype, or a checkpoint stored quantized (a GGUF file, ``scripts/quantize.py``'s)

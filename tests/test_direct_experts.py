@@ -16,6 +16,7 @@ import offload
 from offload.errors import ConfigError, InputError
 from offload.memory.experts import ExpertNeeds, place_experts
 from offload.models import expert_kernels, kernels
+from offload.models.quant import FUSED, QuantizedWeight, QuantScheme, dequantize, quantize
 
 from conftest import with_graphs
 from test_tensor_parallel import assert_tp_equals_one
@@ -25,28 +26,54 @@ pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (na
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _experts_in_two_arenas(n, d, features, dtype, seed):
-    """``n`` experts' ``[2 f, d]`` and ``[d, f]`` weights in blocks of two byte buffers (expert e in buffer e % 2,
-    as resident and host experts are), their addresses, and where each lives."""
+def _aligned(n: int) -> int:
+    return -(-n // 256) * 256
+
+
+def _store(weight: torch.Tensor, fmt, dtype):
+    """``weight``'s parts as stored (``fmt``: None, or (format, group)), and the weight they stand for."""
+    if fmt is None:
+        return {"data": weight.to(dtype)}, weight.to(dtype).double()
+    scheme = QuantScheme(fmt[0], fmt[1], 1 << 20, FUSED, rounding="minmax")
+    parts = quantize(weight, scheme, dtype)
+    return parts, dequantize(QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), scheme),
+                             torch.float64)
+
+
+def _experts_in_two_arenas(n, d, features, dtype, fmt, seed):
+    """``n`` experts' ``[2 f, d]`` and ``[d, f]`` projections stored (``fmt``) in blocks of two byte buffers
+    (expert e in buffer e % 2, as resident and host experts are): the weights they stand for, the buffers,
+    the blocks' addresses, the two projections' places in a block, and where each expert lives."""
     gen = torch.Generator().manual_seed(seed)
-    weights = [(torch.randn(2 * features, d, generator=gen) / d ** 0.5, torch.randn(d, features, generator=gen)
-                / features ** 0.5) for _ in range(n)]
-    down_at = 2 * features * d + 24  # elements: the down projection starts 48 or 96 bytes after gate and up
-    block = (down_at + d * features) * dtype.itemsize + 256
+    stored = [[_store(torch.randn(2 * features, d, generator=gen) / d ** 0.5, fmt, dtype),
+               _store(torch.randn(d, features, generator=gen) / features ** 0.5, fmt, dtype)] for _ in range(n)]
+    places, at = [], 0  # each projection's parts, back to back at 256-byte boundaries
+    for parts, _ in stored[0]:
+        offsets = {}
+        for name, t in parts.items():
+            offsets[name] = at
+            at = _aligned(at + t.numel() * t.element_size())
+        places.append(offsets)
+    block = at
     arenas = [torch.zeros(block * (n // 2 + 1), dtype=torch.uint8, device=DEVICE) for _ in range(2)]
     addresses = []
-    for e, (gate_up, down) in enumerate(weights):
-        arena, at = arenas[e % 2], (e // 2) * block
-        flat = arena[at: at + block - 256].view(dtype)
-        flat[: gate_up.numel()] = gate_up.flatten().to(dtype)
-        flat[down_at:] = down.flatten().to(dtype)
-        addresses.append(expert_kernels.device_address(arenas[e % 2], torch.device(DEVICE)) + at)
+    for e, projections in enumerate(stored):
+        arena, start = arenas[e % 2], (e // 2) * block
+        for (parts, _), offsets in zip(projections, places):
+            for name, t in parts.items():
+                raw = t.contiguous().view(torch.uint8).flatten()
+                arena[start + offsets[name]: start + offsets[name] + raw.numel()] = raw.to(DEVICE)
+        addresses.append(expert_kernels.device_address(arena, torch.device(DEVICE)) + start)
+    kind = {None: expert_kernels.DENSE, "int8": expert_kernels.INT8, "int4": expert_kernels.INT4}[fmt and fmt[0]]
+    gate_up, down = (expert_kernels.Projection(kind, o["data"], o.get("scale", 0), o.get("minimum", 0),
+                                               (fmt and fmt[1]) or 1) for o in places)
     on_host = torch.tensor([e % 2 for e in range(n)], dtype=torch.int8, device=DEVICE)
-    return weights, arenas, torch.tensor(addresses, device=DEVICE), down_at, on_host
+    weights = [(gu, dn) for (_, gu), (_, dn) in stored]
+    return weights, arenas, torch.tensor(addresses, device=DEVICE), gate_up, down, on_host
 
 
-def _reference(x, ids, weights, experts, dtype):
-    """The grid in float64, from the weights as stored (rounded to ``dtype``)."""
+def _reference(x, ids, weights, experts):
+    """The grid in float64, from the weights as stored."""
     tokens, k = ids.shape
     grid = torch.zeros(tokens * k, x.shape[1], dtype=torch.float64)
     for t in range(tokens):
@@ -54,7 +81,7 @@ def _reference(x, ids, weights, experts, dtype):
         for rank, (e, j) in enumerate(chosen):
             if e < 0:
                 continue
-            gate_up, down = (w.to(dtype).double() for w in experts[e])
+            gate_up, down = experts[e]
             h = x[t].double() @ gate_up.T
             f = h.shape[0] // 2
             y = (torch.nn.functional.silu(h[:f]) * h[f:]) @ down.T
@@ -63,21 +90,25 @@ def _reference(x, ids, weights, experts, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("tokens, k, n, d, features", [(3, 2, 5, 40, 24), (20, 2, 3, 64, 40), (5, 3, 8, 136, 33)])
-def test_the_kernels_equal_a_float64_reference(dtype, tokens, k, n, d, features):
-    """Odd shapes (masked tiles), an expert chosen by more rows than a tile holds (20 tokens of 3 experts),
-    padded routes (-1), experts in two buffers; the counts of distinct experts read from each."""
-    experts, _arenas, addresses, down_at, on_host = _experts_in_two_arenas(n, d, features, dtype, seed=n + d)
+@pytest.mark.parametrize("tokens, k, n, d, features, fmt", [
+    (3, 2, 5, 40, 24, None), (20, 2, 3, 64, 40, None), (5, 3, 8, 136, 33, None),  # odd shapes: masked tiles
+    (4, 2, 5, 64, 96, ("int8", None)), (20, 2, 3, 160, 40, ("int8", None)),
+    (4, 2, 5, 64, 96, ("int4", 32)), (20, 2, 3, 128, 64, ("int4", 64))])
+def test_the_kernels_equal_a_float64_reference(dtype, tokens, k, n, d, features, fmt):
+    """Experts in the model's dtype, int8 and int4; an expert chosen by more rows than a tile holds (20 tokens
+    of 3 experts), padded routes (-1), experts in two buffers; the counts of distinct experts read from each."""
+    experts, _arenas, addresses, gate_up, down, on_host = _experts_in_two_arenas(n, d, features, dtype, fmt,
+                                                                                 seed=n + d)
     gen = torch.Generator().manual_seed(tokens)
     ids = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(tokens)])
     ids[1, -1] = -1  # a padded route
     x = torch.randn(tokens, d, generator=gen).to(dtype)
     weights = torch.rand(tokens, k, generator=gen).to(dtype)
     counts = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    got = expert_kernels.routed_experts(x.to(DEVICE), ids.to(DEVICE), weights.to(DEVICE), addresses, 0, down_at,
+    got = expert_kernels.routed_experts(x.to(DEVICE), ids.to(DEVICE), weights.to(DEVICE), addresses, gate_up, down,
                                         features, counts, on_host)
-    want = _reference(x, ids, weights, experts, dtype)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-3  # a few roundings to float16 of the largest output
+    want = _reference(x, ids, weights, experts)
+    tolerance = 1e-5 if dtype == torch.float32 else 4e-3  # a few roundings to float16 of the largest output
     assert got.dtype == dtype and (got.cpu().double() - want).abs().max() <= tolerance * want.abs().max()
     assert torch.equal(got.cpu()[1 * k + 0], torch.zeros(d, dtype=dtype))  # the pad sorts first in its row: rank 0
     used = {e for e in ids.flatten().tolist() if e >= 0}
@@ -159,11 +190,32 @@ def test_tensor_parallel_direct_reads_on_two_ranks_equal_one(checkpoint_factory)
     assert_tp_equals_one(directory, _ids(2, PROMPT, 7), ATOL, 64, direct_experts=True)
 
 
-def test_direct_reads_refuse_compressed_experts_and_prefetching(checkpoint_factory):
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_compressed_experts_read_directly(checkpoint_factory, fmt):
+    """Experts quantized at load (Mixtral's 96 features: int4 in groups of 32 there, 64 in the gate-up
+    projection) read by the kernels from their parts: streamed == resident bit for bit, and the copying way's
+    logits up to the products' summation order."""
     _, directory = checkpoint_factory("moe-mixtral", "mixtral", "5.x", seed=5, **_BASE, **MODELS["mixtral"])
-    with pytest.raises(ConfigError, match="16 or 32 bits"):
-        offload.load_model(directory, dtype=torch.float32, max_seq_len=32, progress=False, quantize="int8",
-                           direct_experts=True)
+    ids = _ids()
+    kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=2, quantize=fmt)
+    with offload.load_model(directory, progress=False, **kw) as copying:
+        want = copying(ids)
+    with offload.load_model(directory, progress=False, direct_experts=True, **kw) as resident:
+        logits = resident(ids)
+        tokens = resident.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True)
+    assert (logits - want).abs().max() <= ATOL
+    needs = offload.plan_model(directory, **kw).needs
+    with _streamed(directory, needs, resident_experts=2, direct_experts=True, quantize=fmt) as streamed:
+        assert streamed.plan.experts.placement.count("host") > 0
+        assert torch.equal(streamed(ids), logits)
+        assert torch.equal(streamed.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True), tokens)
+
+
+def test_direct_reads_refuse_what_the_kernels_cannot_read(checkpoint_factory):
+    _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    with pytest.raises(ConfigError, match="int4 groups of 16 columns"):  # its experts' 48 features
+        offload.plan_model(directory, dtype=torch.float32, quantize="int4", direct_experts=True)
     with pytest.raises(InputError, match="choose one"):
         offload.load_model(directory, direct_experts=True, prefetch_experts=True)
 

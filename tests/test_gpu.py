@@ -315,14 +315,15 @@ def test_experts_streamed_on_cuda_equal_resident_bitwise_within_budget():
 
 
 @cuda
-@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])  # Mixtral: float32 routing weights
-def test_experts_read_directly_from_pinned_memory_equal_resident_bitwise_within_budget(name):
+@pytest.mark.parametrize("name, quantize", [("qwen3-30b-a3b", None), ("mixtral-8x7b", None),  # Mixtral: float32
+                                            ("qwen3-30b-a3b", "int4"), ("qwen3-30b-a3b", "int8")])  # routing
+def test_experts_read_directly_from_pinned_memory_equal_resident_bitwise_within_budget(name, quantize):
     """Direct reads on the GPU: the kernels read streamed experts from pinned host memory over the link, in
     whole decode graphs; the same bits as resident experts (read from HBM), close to the copying way's, and
     the peak inside the budget."""
     shape = shape_config(name) | {"num_hidden_layers": 2}
     ids = torch.randint(0, 32000, (2, 30), generator=torch.Generator().manual_seed(3))
-    kw = dict(dtype=torch.bfloat16, max_batch=3, max_seq_len=64)
+    kw = dict(dtype=torch.bfloat16, max_batch=3, max_seq_len=64, quantize=quantize)
     with load(shape, **kw) as copying:
         copied = copying(ids)
         needs = copying.plan.needs
@@ -344,7 +345,7 @@ def test_experts_read_directly_from_pinned_memory_equal_resident_bitwise_within_
         logits, tokens, steps = _logits_and_tokens(model, ids)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        print(f"\n{name}: experts {placement.count('resident')} resident, {placement.count('host')} host; "
+        print(f"\n{name} {quantize or 'bf16'}: experts {placement.count('resident')} resident, {placement.count('host')} host; "
               f"{model.experts.summary()}; peak {peak / 2**30:.3f} GiB of {budget / 2**30:.3f}")
         assert torch.equal(logits, want[0]) and torch.equal(tokens, want[1])
         assert all(torch.equal(a, b) for a, b in zip(steps, want[2]))

@@ -24,24 +24,63 @@ decode steps and verify passes (``DIRECT_TOKENS`` tokens or fewer); a long prefi
 chunk, whose experts serve many rows each, copies them (its rows would re-read a
 streamed expert every ``BLOCK_M``).
 
-The kernels read 16- or 32-bit experts (compressed ones are copied). The roundings
-are those of the copying way's operations (each product rounded to the model's
-dtype, ``silu(gate)`` rounded before its product with ``up``, the weighted output
-rounded), so the two ways differ only by how the products sum; where an expert lives
-never changes the result.
+The kernels read experts in the model's dtype, in int8 (one scale per output row) or
+in int4 (groups of 32 or more columns), making a compressed tile in registers as
+``quant_kernels`` does. The roundings are those of the copying way's operations (each
+product rounded to the model's dtype, ``silu(gate)`` rounded before its product with
+``up``, the weighted output rounded), so the two ways differ only by how the products
+sum; where an expert lives never changes the result.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .kernels import triton
+from .quant import INT4 as INT4_FORMAT, QuantizedWeight
 
 if triton is not None:
     import triton.language as tl
 
 DIRECT_TOKENS = 64  # passes of at most this many tokens read their routed experts directly
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 128  # rows of an expert, its output features and its input columns per step
+DENSE, INT8, INT4 = 0, 1, 2  # how an expert's projections are stored (``Projection.format``)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Where one projection of every expert's block lies (bytes from the block's start) and how it is stored:
+    ``DENSE`` (the model's dtype), ``INT8`` (one scale per output row) or ``INT4`` (``group`` columns per scale
+    and minimum, a group's two halves in a byte's two nibbles: ``offload.models.quant``)."""
+
+    format: int
+    data: int
+    scale: int = 0
+    minimum: int = 0
+    group: int = 1
+
+    def args(self) -> tuple[int, int, int]:
+        return self.data, self.scale, self.minimum
+
+
+def projection(weight, block: torch.Tensor, dtype: torch.dtype) -> Projection | str:
+    """Where ``weight`` (a view into the expert block ``block``) lies and how it is stored, or why the kernels
+    cannot read it."""
+    at = lambda t: t.data_ptr() - block.data_ptr()  # noqa: E731
+    if isinstance(weight, torch.Tensor):
+        return Projection(DENSE, at(weight))
+    if not isinstance(weight, QuantizedWeight) or weight.scale.dtype != dtype:
+        return "experts stored in mixed formats or with scales of another dtype"
+    scheme = weight.scheme
+    if scheme.format == INT4_FORMAT:
+        if scheme.group_size < 32:
+            return f"int4 groups of {scheme.group_size} columns (the kernels take 32 or more)"
+        return Projection(INT4, at(weight.data), at(weight.scale), at(weight.minimum), scheme.group_size)
+    if scheme.group_size is not None or weight.minimum is not None:
+        return "int8 in groups (the kernels take one scale per output row)"
+    return Projection(INT8, at(weight.data), at(weight.scale))
 
 
 def device_address(base: torch.Tensor, device: torch.device) -> int:
@@ -53,14 +92,15 @@ def device_address(base: torch.Tensor, device: torch.device) -> int:
 
 
 def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, addresses: torch.Tensor,
-                   gate_up: int, down: int, features: int, counts: torch.Tensor, on_host: torch.Tensor) -> torch.Tensor:
+                   gate_up: Projection, down: Projection, features: int, counts: torch.Tensor,
+                   on_host: torch.Tensor) -> torch.Tensor:
     """The ``[tokens * top_k, d]`` grid of a routed layer's weighted expert outputs for ``x [tokens, d]`` routed to
     ``ids [tokens, top_k]`` (-1: no expert) with ``weights``: row ``token * top_k + rank`` holds the token's
     expert of that rank among its experts (ascending), zero for a -1.
 
-    ``addresses [experts]``: each expert block's address; ``gate_up`` and ``down``: where its ``[2 features, d]``
-    and ``[d, features]`` weights start in it (elements); ``counts [2]`` gains the distinct experts read from
-    the device and from elsewhere (``on_host [experts]``)."""
+    ``addresses [experts]``: each expert block's address; ``gate_up`` (``[2 features, d]``) and ``down``
+    (``[d, features]``): where in a block its projections lie; ``counts [2]`` gains the distinct experts read
+    from the device and from elsewhere (``on_host [experts]``)."""
     tokens, k = ids.shape
     d, routes = x.shape[1], tokens * k
     flat = ids.reshape(-1)
@@ -70,43 +110,89 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ad
     places = (torch.arange(tokens, device=x.device)[:, None] * k + rank).reshape(-1)
     h = x.new_empty(routes, features)
     grid = x.new_zeros(routes, d)
-    precision = "ieee" if x.dtype == torch.float32 else None
-    common = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=precision, num_warps=4)
+    common = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, FORMAT=gate_up.format,
+                  PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=4)
     _gate_up_kernel[(routes, triton.cdiv(features, BLOCK_N))](
-        x, order, sorted_ids, ends, addresses, on_host, counts, h, d, features, k, gate_up, **common)
+        x, order, sorted_ids, ends, addresses, on_host, counts, h, d, features, k, *gate_up.args(),
+        GROUP=gate_up.group, **common)
     _down_kernel[(routes, triton.cdiv(d, BLOCK_N))](
-        h, order, sorted_ids, ends, addresses, weights.reshape(-1), places, grid, d, features, down, **common)
+        h, order, sorted_ids, ends, addresses, weights.reshape(-1), places, grid, d, features, *down.args(),
+        GROUP=down.group, **common)
     return grid
 
 
 if triton is not None:
+    from .quant_kernels import _int8_to_float, _to_float
 
     @triton.jit
     def _address_kernel(base_ptr, out_ptr):
         tl.store(out_ptr, base_ptr.to(tl.int64, bitcast=True))
 
     @triton.jit
-    def _expert(ids_ptr, addresses_ptr, r, dtype):
-        """Route ``r``'s expert, and its block's address if ``r`` is its expert's first route (else -1)."""
+    def _expert(ids_ptr, addresses_ptr, r):
+        """Route ``r``'s expert, and its block (a byte pointer) if ``r`` is its expert's first route (else -1)."""
         e = tl.load(ids_ptr + r)
         before = tl.load(ids_ptr + r - 1, mask=r > 0, other=-1)
         first = (e >= 0) & (e != before)
         address = tl.multiple_of(tl.load(addresses_ptr + e, mask=first, other=-1), 16)
-        return e, first, address.to(tl.pointer_type(dtype), bitcast=True)
+        return e, first, address.to(tl.pointer_type(tl.uint8), bitcast=True)
+
+    @triton.jit
+    def _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, K, FORMAT: tl.constexpr, GROUP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """``x @ W[n].T`` in float32 ``[BLOCK_M, BLOCK_N]`` for the rows ``x_rows`` (pointers ``[BLOCK_M, 1]``) and
+        the rows ``n`` of the ``[*, K]`` projection stored at ``block + DATA`` (scales, minimums after). A
+        compressed weight tile is made in registers as ``quant_kernels`` makes it: each weight rounded once to
+        the activations' dtype (int8's scale applies to the sums)."""
+        dtype = x_rows.dtype.element_ty
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if FORMAT == 2:  # int4: a column step is one group, its halves in the low and high nibbles
+            data = block + DATA
+            scales = (block + SCALE).to(tl.pointer_type(dtype), bitcast=True) + n * (K // GROUP)
+            minimums = (block + MINIMUM).to(tl.pointer_type(dtype), bitcast=True) + n * (K // GROUP)
+            j = tl.arange(0, GROUP // 2)
+            for k0 in range(0, K, GROUP):
+                b = tl.load(data + n[None, :] * (K // 2) + (k0 // 2 + j)[:, None], mask=n_ok[None, :], other=0,
+                            eviction_policy="evict_first").to(tl.int32)
+                scale = tl.load(scales + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                minimum = tl.load(minimums + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                lo = (_to_float(b & 15) * scale + minimum).to(dtype)
+                hi = (_to_float(b >> 4) * scale + minimum).to(dtype)
+                xl = tl.load(x_rows + (k0 + j)[None, :], mask=m_ok[:, None], other=0.0)
+                xh = tl.load(x_rows + (k0 + GROUP // 2 + j)[None, :], mask=m_ok[:, None], other=0.0)
+                acc = tl.dot(xl, lo, acc, input_precision=PRECISION)
+                acc = tl.dot(xh, hi, acc, input_precision=PRECISION)
+        else:
+            if FORMAT == 1:
+                w = (block + DATA).to(tl.pointer_type(tl.int8), bitcast=True)
+            else:
+                w = (block + DATA).to(tl.pointer_type(dtype), bitcast=True)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = kk < K
+                xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                wt = tl.load(w + n[None, :] * K + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0,
+                             eviction_policy="evict_first")
+                if FORMAT == 1:
+                    wt = _int8_to_float(wt).to(dtype)  # exact: int8 fits the 16-bit types
+                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+            if FORMAT == 1:
+                scales = (block + SCALE).to(tl.pointer_type(dtype), bitcast=True)
+                acc *= tl.load(scales + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        return acc
 
     @triton.jit
     def _gate_up_kernel(x_ptr, order_ptr, ids_ptr, ends_ptr, addresses_ptr, on_host_ptr, counts_ptr, h_ptr,
-                        D, I, TOP_K, GATE_UP, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        D, I, TOP_K, DATA, SCALE, MINIMUM, FORMAT: tl.constexpr, GROUP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         """``h[route] = silu(x[token] @ gate.T) * (x[token] @ up.T)`` for features ``[pid1 * BLOCK_N, +BLOCK_N)``
         of every route of the expert whose first route (in expert order) is ``pid0``."""
         r = tl.program_id(0)
         dtype = x_ptr.dtype.element_ty
-        e, first, block = _expert(ids_ptr, addresses_ptr, r, dtype)
+        e, first, block = _expert(ids_ptr, addresses_ptr, r)
         if first:
             if tl.program_id(1) == 0:  # this step reads expert e: from the device, or from elsewhere
                 tl.atomic_add(counts_ptr + tl.load(on_host_ptr + e).to(tl.int32), 1)
-            w = block + GATE_UP  # [2 I, D]: gate's rows, then up's
             end = tl.load(ends_ptr + r)
             n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < I
@@ -114,19 +200,11 @@ if triton is not None:
                 m = m0 + tl.arange(0, BLOCK_M)
                 m_ok = m < end
                 token = tl.load(order_ptr + m, mask=m_ok, other=0) // TOP_K
-                gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for k0 in range(0, D, BLOCK_K):
-                    kk = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = kk < D
-                    xt = tl.load(x_ptr + token[:, None].to(tl.int64) * D + kk[None, :],
-                                 mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                    w_ok = k_ok[:, None] & n_ok[None, :]
-                    wg = tl.load(w + n[None, :] * D + kk[:, None], mask=w_ok, other=0.0, eviction_policy="evict_first")
-                    wu = tl.load(w + (n + I)[None, :] * D + kk[:, None], mask=w_ok, other=0.0,
-                                 eviction_policy="evict_first")
-                    gate = tl.dot(xt, wg, gate, input_precision=PRECISION)
-                    up = tl.dot(xt, wu, up, input_precision=PRECISION)
+                x_rows = x_ptr + token[:, None].to(tl.int64) * D
+                gate = _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, D, FORMAT, GROUP,
+                                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # rows [0, I): gate's; [I, 2 I): up's
+                up = _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n + I, n_ok, D, FORMAT, GROUP,
+                              BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
                 gate = gate.to(dtype).to(tl.float32)  # each product rounded, as a linear's output is
                 silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
                 h = (silu * up.to(dtype).to(tl.float32)).to(dtype)
@@ -134,32 +212,24 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(h_ptr, order_ptr, ids_ptr, ends_ptr, addresses_ptr, weights_ptr, places_ptr, grid_ptr, D, I,
-                     DOWN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     DATA, SCALE, MINIMUM, FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         """``grid[place] = weight * (h[route] @ down.T)`` for outputs ``[pid1 * BLOCK_N, +BLOCK_N)`` of every
         route of the expert whose first route is ``pid0``."""
         r = tl.program_id(0)
         dtype = h_ptr.dtype.element_ty
-        e, first, block = _expert(ids_ptr, addresses_ptr, r, dtype)
+        e, first, block = _expert(ids_ptr, addresses_ptr, r)
         if first:
-            w = block + DOWN  # [D, I]
             end = tl.load(ends_ptr + r)
             n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < D
             for m0 in range(r, end, BLOCK_M):
                 m = m0 + tl.arange(0, BLOCK_M)
                 m_ok = m < end
-                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for k0 in range(0, I, BLOCK_K):
-                    kk = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = kk < I
-                    ht = tl.load(h_ptr + m[:, None].to(tl.int64) * I + kk[None, :],
-                                 mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                    wd = tl.load(w + n[None, :] * I + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0,
-                                 eviction_policy="evict_first")
-                    acc = tl.dot(ht, wd, acc, input_precision=PRECISION)
+                y = _product(h_ptr + m[:, None].to(tl.int64) * I, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, I,
+                             FORMAT, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
                 route = tl.load(order_ptr + m, mask=m_ok, other=0)
                 weight = tl.load(weights_ptr + route, mask=m_ok, other=0.0).to(tl.float32)
-                y = (acc.to(dtype).to(tl.float32) * weight[:, None]).to(dtype)
+                y = (y.to(dtype).to(tl.float32) * weight[:, None]).to(dtype)
                 place = tl.load(places_ptr + route, mask=m_ok, other=0)
                 tl.store(grid_ptr + place[:, None].to(tl.int64) * D + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])

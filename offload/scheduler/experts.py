@@ -33,19 +33,29 @@ import torch
 from ..errors import ConfigError
 from ..memory.planner import HOST, RESIDENT
 from ..models.blocks import BlockSpec
-from ..models.expert_kernels import device_address
+from ..models.expert_kernels import Projection, device_address, projection
+from ..models.quant import QuantizedWeight
 from ..models.kernels import triton
 from .stream import CopyStream
 
 
-def check_direct(specs: list[BlockSpec], device: torch.device) -> None:
+def check_direct(specs: list[BlockSpec], device: torch.device, dtype: torch.dtype) -> None:
     """Refuse direct reads (before any weight is read) where the kernels cannot run or cannot read the experts."""
     if triton is None or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
         raise ConfigError("direct expert reads run on a GPU with Triton (pip install -e '.[kernels]'), or "
                           "under Triton's interpreter (TRITON_INTERPRET=1)")
-    if any(spec.layout.quantized for spec in specs[:1]):
-        raise ConfigError("direct expert reads take experts in 16 or 32 bits (not int8 or int4): leave out "
-                          "--direct-experts or --quantize")
+    _projections(specs[0].layout, torch.empty(specs[0].layout.nbytes, dtype=torch.uint8), dtype)
+
+
+def _projections(layout, block: torch.Tensor, dtype: torch.dtype) -> tuple[Projection, Projection, int]:
+    """Where an expert block's gate-up and down projections lie and how they are stored, and its features."""
+    weights = layout.views(block)
+    found = [projection(getattr(weights, name), block, dtype) for name in ("w_gate_up", "w_down")]
+    why = next((f for f in found if isinstance(f, str)), None)
+    if why is not None:
+        raise ConfigError(f"direct expert reads cannot read {why}: leave out --direct-experts")
+    gate_up = weights.w_gate_up
+    return found[0], found[1], (gate_up.rows if isinstance(gate_up, QuantizedWeight) else gate_up.shape[0]) // 2
 
 
 class ExpertTable:
@@ -53,8 +63,9 @@ class ExpertTable:
     ``offload/models/expert_kernels.py`` read it (in HBM, or in pinned host memory over the link), whether
     it lives off the device, and the device's count of the experts read from each (``counts``: device, other)."""
 
-    def __init__(self, specs: list[BlockSpec], buffers: list[torch.Tensor], tiers: list[str], device: torch.device):
-        check_direct(specs, device)
+    def __init__(self, specs: list[BlockSpec], buffers: list[torch.Tensor], tiers: list[str], device: torch.device,
+                 dtype: torch.dtype):
+        check_direct(specs, device, dtype)
         layers, experts = 1 + max(s.layer for s in specs), 1 + max(s.expert for s in specs)
         addresses, on_host = [[0] * experts for _ in range(layers)], [[0] * experts for _ in range(layers)]
         bases: dict[int, int] = {}  # storage -> its address for the kernels (one lookup per tier's buffer)
@@ -67,10 +78,9 @@ class ExpertTable:
                 bases[storage] = device_address(buffer, device) - (buffer.data_ptr() - storage)
             addresses[spec.layer][spec.expert] = bases[storage] + buffer.data_ptr() - storage
             on_host[spec.layer][spec.expert] = int(tier != RESIDENT)
-        gate_up, down = (getattr(specs[0].layout.views(buffers[0]), name) for name in ("w_gate_up", "w_down"))
-        self.features = gate_up.shape[0] // 2  # this rank's
-        self.gate_up, self.down = ((t.data_ptr() - buffers[0].data_ptr()) // t.itemsize for t in (gate_up, down))
-        if any(a % 16 for row in addresses for a in row) or (self.gate_up | self.down) * gate_up.itemsize % 16:
+        self.gate_up, self.down, self.features = _projections(specs[0].layout, buffers[0], dtype)  # this rank's
+        if any(a % 16 for row in addresses for a in row) or any(at % 16 for p in (self.gate_up, self.down)
+                                                                 for at in p.args()):
             raise ConfigError("direct expert reads need experts' weights at 16-byte boundaries")
         self.addresses = torch.tensor(addresses, dtype=torch.int64, device=device)
         self.on_host = torch.tensor(on_host, dtype=torch.int8, device=device)
@@ -86,9 +96,10 @@ class ExpertStore:
     """The routed experts of every layer (``specs``, their ``buffers`` and tiers) and a cache of ``slots``."""
 
     def __init__(self, specs: list[BlockSpec], buffers: list[torch.Tensor], tiers: list[str], slots: torch.Tensor,
-                 copies: dict[str, CopyStream], direct: bool = False):
+                 copies: dict[str, CopyStream], direct_dtype: torch.dtype | None = None):
         self.slots, self.copies = slots, copies
-        self.table = ExpertTable(specs, buffers, tiers, slots.device) if direct else None
+        # direct reads (of a model of ``direct_dtype``): every expert's address for the kernels
+        self.table = ExpertTable(specs, buffers, tiers, slots.device, direct_dtype) if direct_dtype else None
         self.resident = {}
         self.source: dict[tuple[int, int], tuple[torch.Tensor, str, object]] = {}
         for spec, buffer, tier in zip(specs, buffers, tiers):

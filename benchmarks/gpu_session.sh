@@ -22,8 +22,9 @@
 #   prefill13b     llama-2-13b at 8 GiB: prefill of 32 x 128 and 1 x 4096 tokens against their limits
 #   int4_70b       llama-2-70b in int4 at 24 GiB
 #   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16:
-#                  copied (eager steps) against read directly by the kernels (whole graphs, and eagerly); and
-#                  every expert resident, read directly (all 61 GB on the device: an H200)
+#                  copied (eager steps) against read directly from pinned memory by the kernels (whole graphs)
+#   moe30b_resident  the same with every expert resident (61 GB: an H200): graph pieces (the host reads each
+#                  layer's routing) against direct reads (one graph a step)
 #   moehost        the host's time in a decode step of qwen3-30b-a3b's routing with every width shrunk (launches
 #                  and Python, not bytes): what a streamed mixture of experts waits for at each layer
 #   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host: copied into the
@@ -55,13 +56,15 @@
 #
 # What is owed, in order of value, for a session of about 30 minutes on one GPU (each call under 10 minutes;
 # a machine's start costs 3-7 minutes of device time, so keep it warm: the next call within 30 s):
-#   1. tests_kernels:200 moehost:60 moe30b:330               the fused q/k-norm rotation on the GPU; the host's
-#                                                              time of a routed layer after its rewrite; qwen3-30b-a3b
-#                                                              eager against graph pieces (#21)
+#   1. tests_kernels:220 moe30b:330                          the fused q/k-norm rotation and the direct expert
+#                                                              kernels on the GPU; qwen3-30b-a3b's experts copied
+#                                                              against read directly from pinned memory (#21)
+#   1b. moe30b_resident:200 moehost:60 mixtral24:300         resident experts: pieces against one graph; the
+#                                                              host's time of a routed layer; mixtral both ways
 #   2. spec_smollm2:390 (carry .assets/smollm2/part-aa first,  a real model's drafts with a warm-up that captures
 #      then part-ab and .whl with this stage)                  every bucket before timing (#22)
 #   3. load70b:330 offload13b:300                              saved int4 loads; 13b int4 at 4 GiB (#20)
-#   4. mixtral24:250 spec70b:300                               mixtral at batch 16; 70b verify passes
+#   4. spec70b:300                                             70b verify passes
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail
@@ -124,8 +127,9 @@ run_stage() {
       --cpu-memory 60GiB --tp 2 --peer-memory cuda:2=60GiB --peer-memory cuda:3=60GiB --with-eager \
       --json "$OUT/tp13b_peers.json" ;;
     moe30b) stage moe30b python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b --gpu-memory 8GiB \
-      --runs "host,host direct,host direct eager,resident direct" \
-      --batch 1,16 --skip-accelerate --json "$OUT/moe30b.json" ;;
+      --runs "host,host direct" --batch 1,16 --skip-accelerate --json "$OUT/moe30b.json" ;;
+    moe30b_resident) stage moe30b_resident python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b \
+      --runs "resident,resident direct" --batch 1,16 --skip-accelerate --json "$OUT/moe30b_resident.json" ;;
     moehost) stage moehost python3 benchmarks/moe_host_time.py --profile ;;
     mixtral24) stage mixtral24 python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \
       --runs "host,host direct" --batch 1,16 --skip-accelerate --json "$OUT/mixtral24.json" ;;

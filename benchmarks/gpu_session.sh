@@ -130,7 +130,8 @@ run_stage() {
       --runs "host,host direct" --batch 1,16 --skip-accelerate --json "$OUT/moe30b.json" ;;
     moe30b_resident) stage moe30b_resident python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b \
       --runs "resident,resident direct" --batch 1,16 --skip-accelerate --json "$OUT/moe30b_resident.json" ;;
-    moehost) stage moehost python3 benchmarks/moe_host_time.py --profile ;;
+    moehost) stage moehost bash -c 'python3 benchmarks/moe_host_time.py --profile
+      python3 benchmarks/moe_host_time.py --direct-experts' ;;
     mixtral24) stage mixtral24 python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \
       --runs "host,host direct" --batch 1,16 --skip-accelerate --json "$OUT/mixtral24.json" ;;
     spec13b) stage spec13b python3 benchmarks/bench_speculative.py --shape llama-2-13b --gpu-memory 8GiB \

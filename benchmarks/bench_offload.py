@@ -57,6 +57,7 @@ import gc
 import json
 import logging
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -455,13 +456,50 @@ def hf_model_with_our_weights(bench: Bench):
 
     with accelerate.init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(hf_config(bench), dtype=bench.dtype)
-    result = model.load_state_dict(pageable_weights(bench), strict=False, assign=True)
+    weights = pageable_weights(bench)
+    names = {name for name, _ in model.named_parameters()}
+    if any(name.endswith("experts.gate_up_proj") for name in names):  # transformers 5 stacks a layer's experts
+        weights = stacked_experts(weights, names)
+    result = model.load_state_dict(weights, strict=False, assign=True)
     model.tie_weights()  # a tied LM head has no tensor of its own in the checkpoint
     meta = [name for name, p in model.named_parameters() if p.is_meta]
     if result.unexpected_keys or meta:
         raise RuntimeError(f"transformers names differ from the checkpoint's: unexpected {result.unexpected_keys}, "
                            f"not filled {meta}")
     return model.eval()
+
+
+EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                    r"(w1|gate_proj|w3|up_proj|w2|down_proj)\.weight")
+ROUTER = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight")
+
+
+def stacked_experts(weights: dict[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:
+    """A mixture of experts' checkpoint tensors (one per expert and projection) as transformers 5 holds them:
+    per layer ``mlp.experts.gate_up_proj [E, 2 I, d]`` (gate's rows, then up's) and ``down_proj [E, d, I]``,
+    the router as ``mlp.gate``. ``weights`` is emptied as it is read, and each layer's per-expert tensors are
+    dropped once stacked: the host holds one copy of the model and one layer's stack at most."""
+    experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for name in list(weights):
+        t = weights.pop(name)
+        if found := EXPERT.fullmatch(name):
+            layer, e, role = int(found[1]), int(found[2]), found[3]
+            role = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(role, role)
+            experts.setdefault(layer, {}).setdefault(e, {})[role] = t
+        elif found := ROUTER.fullmatch(name):
+            out[f"model.layers.{found[1]}.mlp.gate.weight"] = t
+        else:
+            out[name] = t
+    for layer, by_expert in experts.items():
+        ordered = [by_expert[e] for e in sorted(by_expert)]
+        prefix = f"model.layers.{layer}.mlp.experts."
+        if prefix + "gate_up_proj" not in names:
+            raise RuntimeError(f"transformers holds layer {layer}'s experts otherwise than as {prefix}gate_up_proj")
+        out[prefix + "gate_up_proj"] = torch.stack([torch.cat([p["gate_proj"], p["up_proj"]]) for p in ordered])
+        out[prefix + "down_proj"] = torch.stack([p["down_proj"] for p in ordered])
+        by_expert.clear()
+    return out
 
 
 def hf_config(bench: Bench):

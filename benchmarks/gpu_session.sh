@@ -25,6 +25,8 @@
 #                  copied (eager steps) against read directly from pinned memory by the kernels (whole graphs)
 #   moe30b_resident  the same with every expert resident (61 GB: an H200): graph pieces (the host reads each
 #                  layer's routing) against direct reads (one graph a step)
+#   moe30b_acc, mixtral24_acc   the same budgets against accelerate (transformers 5's stacked experts, pageable
+#                  weights: 61 and 93 GB of host RAM), batch 1, direct reads beside
 #   moehost        the host's time in a decode step of qwen3-30b-a3b's routing with every width shrunk (launches
 #                  and Python, not bytes): what a streamed mixture of experts waits for at each layer
 #   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host: copied into the
@@ -65,6 +67,7 @@
 #      then part-ab and .whl with this stage)                  every bucket before timing (#22)
 #   3. load70b:330 offload13b:300                              saved int4 loads; 13b int4 at 4 GiB (#20)
 #   4. spec70b:300                                             70b verify passes
+#   5. moe30b_acc:280 mixtral24_acc:300                        the MoE goals against accelerate (#21)
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail
@@ -130,6 +133,10 @@ run_stage() {
       --runs "host,host direct" --batch 1,16 --skip-accelerate --json "$OUT/moe30b.json" ;;
     moe30b_resident) stage moe30b_resident python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b \
       --runs "resident,resident direct" --batch 1,16 --skip-accelerate --json "$OUT/moe30b_resident.json" ;;
+    moe30b_acc) stage moe30b_acc python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b --gpu-memory 8GiB \
+      --runs "host direct" --batch 1 --accelerate-tokens 2 --json "$OUT/moe30b_acc.json" ;;
+    mixtral24_acc) stage mixtral24_acc python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \
+      --runs "host direct" --batch 1 --accelerate-tokens 2 --json "$OUT/mixtral24_acc.json" ;;
     moehost) stage moehost bash -c 'python3 benchmarks/moe_host_time.py --profile
       python3 benchmarks/moe_host_time.py --direct-experts' ;;
     mixtral24) stage mixtral24 python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \

@@ -55,3 +55,23 @@ def test_moe_host_time_measures_a_narrowed_mixture_of_experts():
     assert proc.returncode == 0, proc.stderr
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith("moe_host_time: qwen3-30b-a3b narrowed") and float(summary.split()[4]) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_ACCELERATE, reason="needs accelerate and transformers")
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_accelerate_runs_a_mixture_of_experts_with_the_same_weights(tmp_path, checkpoint_factory, arch):
+    """transformers 5 stacks a layer's experts: the benchmark stacks the checkpoint's per-expert tensors so that
+    accelerate computes with the same weights (its next-token logits match ours)."""
+    from test_moe import _BASE, MODELS
+
+    _, directory = checkpoint_factory(f"moe-{arch}", arch, "5.x", seed=5, **_BASE, **MODELS[arch])
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "benchmarks/bench_offload.py", "--model", str(directory), "--runs", "host",
+                           "--batch", "1", "--prompt-len", "8", "--decode-tokens", "2", "--accelerate-tokens", "2",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert "accelerate" in {row["run"] for row in data["runs"]}, data["skipped"]
+    assert all(data["weights_check"]["same_next_token"].values())

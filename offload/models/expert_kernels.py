@@ -122,7 +122,7 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ad
 
 
 if triton is not None:
-    from .quant_kernels import _int8_to_float, _to_float
+    from .quant_kernels import _to_float
 
     @triton.jit
     def _address_kernel(base_ptr, out_ptr):
@@ -134,8 +134,14 @@ if triton is not None:
         e = tl.load(ids_ptr + r)
         before = tl.load(ids_ptr + r - 1, mask=r > 0, other=-1)
         first = (e >= 0) & (e != before)
-        address = tl.multiple_of(tl.load(addresses_ptr + e, mask=first, other=-1), 16)
+        address = tl.load(addresses_ptr + e, mask=first, other=-1)
         return e, first, address.to(tl.pointer_type(tl.uint8), bitcast=True)
+
+    @triton.jit
+    def _part(block, offset, dtype: tl.constexpr):
+        """The part of an expert's block at byte ``offset``, as a pointer to ``dtype``: blocks and parts start at
+        16-byte boundaries (``ExpertTable`` checks), which lets the loads be 16 bytes wide."""
+        return tl.multiple_of((block + offset).to(tl.pointer_type(dtype), bitcast=True), 16)
 
     @triton.jit
     def _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, K, FORMAT: tl.constexpr, GROUP: tl.constexpr,
@@ -147,9 +153,9 @@ if triton is not None:
         dtype = x_rows.dtype.element_ty
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if FORMAT == 2:  # int4: a column step is one group, its halves in the low and high nibbles
-            data = block + DATA
-            scales = (block + SCALE).to(tl.pointer_type(dtype), bitcast=True) + n * (K // GROUP)
-            minimums = (block + MINIMUM).to(tl.pointer_type(dtype), bitcast=True) + n * (K // GROUP)
+            data = _part(block, DATA, tl.uint8)
+            scales = _part(block, SCALE, dtype) + n * (K // GROUP)
+            minimums = _part(block, MINIMUM, dtype) + n * (K // GROUP)
             j = tl.arange(0, GROUP // 2)
             for k0 in range(0, K, GROUP):
                 b = tl.load(data + n[None, :] * (K // 2) + (k0 // 2 + j)[:, None], mask=n_ok[None, :], other=0,
@@ -163,21 +169,21 @@ if triton is not None:
                 acc = tl.dot(xl, lo, acc, input_precision=PRECISION)
                 acc = tl.dot(xh, hi, acc, input_precision=PRECISION)
         else:
-            if FORMAT == 1:
-                w = (block + DATA).to(tl.pointer_type(tl.int8), bitcast=True)
+            if FORMAT == 1:  # int8 read as bytes (loaded as int8, the tile was not pipelined: sm_90, Triton 3.9)
+                w = _part(block, DATA, tl.uint8)
             else:
-                w = (block + DATA).to(tl.pointer_type(dtype), bitcast=True)
+                w = _part(block, DATA, dtype)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 k_ok = kk < K
                 xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 wt = tl.load(w + n[None, :] * K + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0,
                              eviction_policy="evict_first")
-                if FORMAT == 1:
-                    wt = _int8_to_float(wt).to(dtype)  # exact: int8 fits the 16-bit types
+                if FORMAT == 1:  # the byte b holds q + 256 [q < 0]: q + 128 is b ^ 128 (exact in the 16-bit types)
+                    wt = (((wt.to(tl.int32) ^ 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0).to(dtype)
                 acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
             if FORMAT == 1:
-                scales = (block + SCALE).to(tl.pointer_type(dtype), bitcast=True)
+                scales = _part(block, SCALE, dtype)
                 acc *= tl.load(scales + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         return acc
 

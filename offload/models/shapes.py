@@ -57,6 +57,8 @@ SHAPES: dict[str, dict] = {
                           bos_token_id=128000, eos_token_id=128001),
     "llama-3.1-8b": _llama(128256, 4096, 14336, 32, 32, 8, 131072, theta=500000.0, rope_scaling=_LLAMA31_ROPE,
                            bos_token_id=128000, eos_token_id=128001),
+    "llama-3.1-405b": _llama(128256, 16384, 53248, 126, 128, 8, 131072, theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+                             bos_token_id=128000, eos_token_id=128001),
     "mistral-7b": {
         **_llama(32000, 4096, 14336, 32, 32, 8, 32768, eps=1e-5),
         "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096,

@@ -234,3 +234,43 @@ def test_the_plan_counts_every_streamed_expert_a_step_reads_and_keeps_them_off_p
         expected = sum(needs.distinct(layer, 1) * (6 / 8) for layer in range(2)) * mb  # 6 of 8 stream per layer
         hit = 0 if direct else 2 / 12
         assert sum(plan.missed_bytes(1).values()) == pytest.approx(expected * (1 - hit))
+
+
+_COMPILE_FOR_HOPPER = """
+import re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from offload.models import expert_kernels
+fmt, group = int(sys.argv[1]), int(sys.argv[2])
+constexprs = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PRECISION=None, FORMAT=fmt, GROUP=group)
+signature = {"x_ptr": "*bf16", "order_ptr": "*i64", "ids_ptr": "*i64", "ends_ptr": "*i64", "addresses_ptr": "*i64",
+             "on_host_ptr": "*i8", "counts_ptr": "*i32", "h_ptr": "*bf16", "D": "i32", "I": "i32", "TOP_K": "i32",
+             "DATA": "i32", "SCALE": "i32", "MINIMUM": "i32", **{name: "constexpr" for name in constexprs}}
+aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 7, 8, 9, 11, 12, 13)}  # as Triton specializes them
+source = ASTSource(fn=expert_kernels._gate_up_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, group", [(expert_kernels.DENSE, 1), (expert_kernels.INT8, 1), (expert_kernels.INT4, 128)])
+def test_the_kernels_compile_for_hopper_with_pipelined_weight_loads(fmt, group):
+    """Compiled for sm_90 here (Triton's CUDA backend needs no GPU to compile; in a process of its own, without
+    the interpreter): the weight tiles are copied 16 bytes at a time, asynchronously, never loaded a byte or two
+    at a time (which addresses made from a table allow only where the kernels say they are 16-byte aligned)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, str(fmt), str(group)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ptx = proc.stdout
+    assert re.search(r"cp\.async\.c[ag]\.shared\.global", ptx)
+    assert not re.search(r"ld\.global\S*evict_first\S*\.b(8|16)\b", ptx)  # the weights' loads are evict_first

@@ -68,9 +68,10 @@ def sweep_blockings(m, w):
     group, per_channel = w.scheme.group_size or w.cols, w.scheme.group_size is None
     if m <= quant_kernels.GEMV_ROWS:  # (BLOCK_N, BLOCK_K, SPLITS, warps)
         out = []
-        for n, k, s, warps in itertools.product([1, 2, 4, 8], [1024, 2048], [1, 2], [2, 4]):
+        folds = [False, True] if w.scheme.format == "int4" and w.minimum is not None else [False]
+        for n, k, s, warps, folded in itertools.product([1, 2, 4, 8], [1024, 2048], [1, 2], [2, 4], folds):
             if (per_channel or k >= group) and 512 <= n * k <= 16384 and k * s <= w.cols:
-                out.append((n, k, s, warps))
+                out.append((n, k, s, warps, folded))  # folded: quant_kernels._gemv_int4_kernel
         return out
     block_k = 64 if per_channel else group
     if m <= 16:  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, warps, stages)

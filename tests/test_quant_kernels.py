@@ -90,3 +90,20 @@ def test_which_schemes_the_kernels_take():
     assert fused_takes(QuantScheme("int4", 64, 1), 576)
     assert not fused_takes(QuantScheme("int4", 96, 1), 576)  # not a power of two: dequantized instead
     assert not fused_takes(QuantScheme("int4", 8, 1), 64)  # smaller than a tile's groups
+
+
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("rows, cols, m, splits", [(67, 384, 1, 1), (33, 3072, 2, 2), (200, 1024, 1, 1)])
+def test_the_folded_int4_gemv_equals_dequantize_then_multiply(group, rows, cols, m, splits):
+    """``_gemv_int4_kernel`` (nibbles as ``1 + q / 16``, the scale folded into one multiply-add a weight: the
+    candidate ``bench_quant_kernels --sweep`` times against ``_gemv_kernel``), with a bias, odd rows, columns
+    in stretches, and float16 scales."""
+    dtype = DTYPES[0]
+    for scale_dtype in (None, torch.float16):
+        w = packed("int4", group, rows, cols, dtype, seed=rows + group, scale_dtype=scale_dtype)
+        gen = torch.Generator().manual_seed(m)
+        x = torch.randn(m, cols, generator=gen).to(dtype).to(DEVICE)
+        bias = torch.randn(rows, generator=gen).to(dtype).to(DEVICE)
+        for b in (None, bias):
+            got = quant_kernels.linear(x, w, b, blocking=(8, max(1024, group), splits, 4, True))
+            assert_close_to_exact(got, x, w, b)

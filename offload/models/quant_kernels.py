@@ -50,7 +50,7 @@ def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
 
 def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, blocking=None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for the weight ``W`` that ``w``'s parts hold (``blocking``: another kernel blocking,
-    for benchmarks/bench_quant_kernels.py's sweep)."""
+    for benchmarks/bench_quant_kernels.py's sweep; a GEMV's fifth item True: ``_gemv_int4_kernel``)."""
     k, n = w.cols, w.rows
     rows = x.reshape(-1, k)
     m = rows.shape[0]
@@ -60,13 +60,17 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
                   HAS_MIN=w.minimum is not None)
     minimum = w.minimum if w.minimum is not None else w.scale
     if m <= GEMV_ROWS:
-        block_n, block_k, splits, warps = blocking or gemv_blocking(n, k, group, w.scheme.group_size is None)
+        block_n, block_k, splits, warps, *folded = blocking or gemv_blocking(n, k, group, w.scheme.group_size is None)
         partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-        _gemv_kernel[(triton.cdiv(n, block_n), splits, m)](
-            rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial,
-            n, k, rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * block_k) * block_k,
-            GROUP=block_k if w.scheme.group_size is None else group, HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **common)
+        args = (rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial, n, k,
+                rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * block_k) * block_k)
+        final = dict(HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, BLOCK_N=block_n, BLOCK_K=block_k,
+                     num_warps=warps)
+        if folded and folded[0]:  # int4 in groups (and a minimum), the candidate of bench_quant_kernels --sweep
+            _gemv_int4_kernel[(triton.cdiv(n, block_n), splits, m)](*args, GROUP=group, **final)
+        else:
+            _gemv_kernel[(triton.cdiv(n, block_n), splits, m)](
+                *args, GROUP=block_k if w.scheme.group_size is None else group, **final, **common)
     else:
         block_m, block_n, block_k, splits, warps, stages = blocking or matmul_blocking(
             m, n, k, group, w.scheme.group_size is None)
@@ -168,6 +172,56 @@ if triton is not None:
         total = tl.sum(acc, axis=1)
         if PER_CHANNEL:
             total *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
+        if FINAL:
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
+            out = out_ptr + tl.program_id(2).to(tl.int64) * N + rows
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            row = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+            tl.store(out_ptr + row.to(tl.int64) * N + rows, total, mask=n_ok)
+
+    @triton.jit
+    def _gemv_int4_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, N, K, s_x, s_data, GROUPS, SPAN,
+                          GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        """``_gemv_kernel`` for int4 in groups, in about half the instructions a byte (a one-row product of int4
+        is bound by them, not by its bytes). A nibble ``q`` becomes the float ``1 + q / 16`` by two bit
+        operations (its bits under the exponent of 1.0: no conversion, no subtraction), and
+
+            scale * sum(q x) + minimum * sum(x) = 16 scale * sum((1 + q/16) x) + (minimum - 16 scale) * sum(x),
+
+        so every weight costs its two bit operations and a multiply-add into a ``[BLOCK_N, groups, group / 2]``
+        accumulator (the scale folded in) that is summed once, after the loop: no reduction across threads per
+        step. ``sum(x)`` is per group and column, shared by the program's features."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rows < N
+        x_row = x_ptr + tl.program_id(2).to(tl.int64) * s_x
+        NG: tl.constexpr = BLOCK_K // GROUP
+        HALF: tl.constexpr = GROUP // 2
+        g = tl.arange(0, NG)
+        j = tl.arange(0, HALF)[None, :]
+        r3 = rows[:, None, None].to(tl.int64)
+        n3 = n_ok[:, None, None]
+        acc = tl.zeros([BLOCK_N, NG, HALF], dtype=tl.float32)
+        acc_x = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
+        start = tl.program_id(1) * SPAN
+        for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
+            cols = k0 + g[:, None] * GROUP  # the first column of each group of the tile, [NG, 1]
+            inside = (cols + j) < K
+            b = tl.load(data_ptr + r3 * s_data + ((cols // 2 + j)[None, :, :]), mask=n3 & inside[None, :, :],
+                        other=0, eviction_policy="evict_first").to(tl.int32)
+            xl = tl.load(x_row + cols + j, mask=inside, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            xh = tl.load(x_row + cols + HALF + j, mask=inside, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            lo = (((b << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + (b & 15) / 16
+            hi = (((b << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + (b >> 4) / 16
+            at = rows[:, None].to(tl.int64) * GROUPS + (k0 // GROUP + g)[None, :]
+            g_ok = n_ok[:, None] & ((k0 + g * GROUP) < K)[None, :]
+            scale16 = tl.load(scale_ptr + at, mask=g_ok, other=0.0).to(tl.float32) * 16.0
+            minimum = tl.load(min_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
+            acc += scale16[:, :, None] * (lo * xl[None, :, :] + hi * xh[None, :, :])
+            acc_x += (minimum - scale16) * tl.sum(xl + xh, axis=1)[None, :]
+        total = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_x, axis=1)
         if FINAL:
             if HAS_BIAS:
                 total += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)

@@ -140,8 +140,9 @@ class Decoder:
         return 0
 
     @classmethod
-    def decode_kernels(cls, config: ModelConfig) -> int:
-        """The kernels of a decode step's layers (what it launches besides the embedding and the head)."""
+    def decode_kernels(cls, config: ModelConfig, direct_experts: bool = False) -> int:
+        """The kernels of a decode step's layers (what it launches besides the embedding and the head; with
+        ``direct_experts``, where a mixture of experts' kernels read its experts)."""
         return config.n_layers * cls.decode_kernels_per_layer
 
     @classmethod

@@ -191,11 +191,13 @@ class MoEDecoder(Llama):
         return attention + 2 * 3 * d * mlp // tp.size
 
     @classmethod
-    def decode_kernels(cls, config: MoEConfig) -> int:
+    def decode_kernels(cls, config: MoEConfig, direct_experts: bool = False) -> int:
         """A routed layer launches its attention's 6 kernels, the router's 5, each of its ``top_k`` experts' 3 and
-        the grid's 8; a dense one as Llama's."""
+        the grid's 8; read directly, 14 whatever ``top_k`` (the sort, the ranks and places, the grid, the two
+        expert kernels, its sum and the residual); a dense one as Llama's."""
         routed = sum(config.sparse_layers)
-        return routed * (6 + 5 + 3 * config.top_k + 8) + (config.n_layers - routed) * cls.decode_kernels_per_layer
+        experts = 14 if direct_experts else 3 * config.top_k + 8
+        return routed * (6 + 5 + experts) + (config.n_layers - routed) * cls.decode_kernels_per_layer
 
     @classmethod
     def graph_pieces(cls, config: MoEConfig) -> int:

@@ -28,7 +28,9 @@ class PinnedMemory:
         if pin and self.nbytes:
             self.tensor.zero_()  # faults the pages in with all cores, faster than registration does it
             ptr = self.tensor.data_ptr()
-            err = torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 1)  # 1: portable, pinned for every GPU
+            # 1: portable (pinned for every GPU); 2: mapped, so kernels may read it where it is (direct expert
+            # reads); unified addressing maps it anyway, the flag makes sure
+            err = torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 1 | 2)
             if int(err) != 0:
                 raise OffloadError(
                     f"could not pin {self.nbytes / 2**30:.2f} GiB of host memory (CUDA error {int(err)}); "

@@ -88,7 +88,8 @@ class LoadOptions:
         direct_experts: a mixture of experts' decode steps and verify passes (up to 64 tokens) read each
             routed expert where it lives, HBM or pinned host memory, inside their kernels
             (``offload/models/expert_kernels.py``): the routing never goes to the host, so a step is
-            one CUDA graph, and a streamed expert crosses its link once per step without a copy. Experts
+            captured as a dense model's, and a streamed expert crosses its link once per pass without a
+            copy. Experts
             in the model's dtype, int8 or int4 (groups of 32 or more), on the device or the host (not on
             peers); prefills still copy. Default off (not yet measured on a GPU against copying).
         quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while

@@ -13,6 +13,8 @@ A step's expected link time counts the experts it is expected to miss: with unif
 routing (random weights route near uniformly; a real model's routing is skewed, and
 its hit rate differs), ``rows`` tokens use ``n (1 - (1 - k/n)^rows)`` distinct experts
 of a layer, the non-resident ones among them are fetched unless still in the cache.
+Read directly (``ExpertNeeds.direct``), decode steps use no cache: it shrinks to one
+token's experts (a prefill's waves), and its room goes to resident experts.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def place_experts(needs: ExpertNeeds, gpu_room: int, room: dict[str, int], bandw
     size, total = needs.nbytes, needs.count
     if total * size <= gpu_room:
         return ExpertPlan(needs, [RESIDENT] * total, 0, list(needs.per_layer))
-    slots = min(max(needs.per_layer), needs.top_k * max_batch)  # a decode step's experts of one layer
+    # A decode step's experts of one layer; read directly, decode steps need none (prefills copy in waves).
+    slots = min(max(needs.per_layer), needs.top_k * (1 if needs.direct else max_batch))
     if slots * size > gpu_room:
         return (f"the expert cache needs {slots} slot(s) of {format_size(size)} "
                 f"(= {format_size(slots * size)}) and {format_size(max(gpu_room, 0))} is left")

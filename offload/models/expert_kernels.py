@@ -11,18 +11,17 @@ compute a routed layer from the router's choices alone:
 
 * ``_gate_up_kernel``: the routes sorted by expert, the program of an expert's first
   route (and of a block of ``BLOCK_N`` features) reads that expert's gate and up
-  rows once for all the rows routed to it (``BLOCK_M`` at a time) and writes
-  ``silu(gate) * up``;
+  rows once for all the rows routed to it (one tile) and writes ``silu(gate) * up``;
 * ``_down_kernel``: likewise the down projection, each output times its routing
   weight, written into the row of the ``[tokens, top_k]`` grid that the token's
   experts' order gives (each token's experts ascending, as the copying way places
   them), which ``MoEDecoder`` sums.
 
 The launches are the same whatever the routing, so a decode step stays one CUDA
-graph. A weight crosses the link once per step and expert, not once per row: for
-decode steps and verify passes (``DIRECT_TOKENS`` tokens or fewer); a long prefill
-chunk, whose experts serve many rows each, copies them (its rows would re-read a
-streamed expert every ``BLOCK_M``).
+graph. A weight crosses the link once per pass and expert, not once per row: for
+decode steps and verify passes (``DIRECT_TOKENS`` tokens or fewer, every chunk's rows in
+one call); a long prefill, whose experts serve many rows each, copies them (a tile of
+all its rows would not fit).
 
 The kernels read experts in the model's dtype, in int8 (one scale per output row) or
 in int4 (groups of 32 or more columns), making a compressed tile in registers as
@@ -45,7 +44,7 @@ if triton is not None:
     import triton.language as tl
 
 DIRECT_TOKENS = 64  # passes of at most this many tokens read their routed experts directly
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 128  # rows of an expert, its output features and its input columns per step
+BLOCK_N, BLOCK_K = 32, 128  # an expert's output features and input columns per step (its rows: all in one tile)
 DENSE, INT8, INT4 = 0, 1, 2  # how an expert's projections are stored (``Projection.format``)
 
 
@@ -75,8 +74,8 @@ def projection(weight, block: torch.Tensor, dtype: torch.dtype) -> Projection | 
         return "experts stored in mixed formats or with scales of another dtype"
     scheme = weight.scheme
     if scheme.format == INT4_FORMAT:
-        if scheme.group_size < 32:
-            return f"int4 groups of {scheme.group_size} columns (the kernels take 32 or more)"
+        if scheme.group_size < 32 or scheme.group_size & (scheme.group_size - 1):
+            return f"int4 groups of {scheme.group_size} columns (the kernels take powers of two from 32)"
         return Projection(INT4, at(weight.data), at(weight.scale), at(weight.minimum), scheme.group_size)
     if scheme.group_size is not None or weight.minimum is not None:
         return "int8 in groups (the kernels take one scale per output row)"
@@ -100,7 +99,8 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ad
 
     ``addresses [experts]``: each expert block's address; ``gate_up`` (``[2 features, d]``) and ``down``
     (``[d, features]``): where in a block its projections lie; ``counts [2]`` gains the distinct experts read
-    from the device and from elsewhere (``on_host [experts]``)."""
+    from the device and from elsewhere (``on_host [experts]``). A token routes to an expert once at most, so
+    an expert's rows fit one tile of ``tokens`` rows: each expert's weights are read once."""
     tokens, k = ids.shape
     d, routes = x.shape[1], tokens * k
     flat = ids.reshape(-1)
@@ -110,8 +110,8 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ad
     places = (torch.arange(tokens, device=x.device)[:, None] * k + rank).reshape(-1)
     h = x.new_empty(routes, features)
     grid = x.new_zeros(routes, d)
-    common = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, FORMAT=gate_up.format,
-                  PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=4)
+    common = dict(BLOCK_M=max(16, triton.next_power_of_2(tokens)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                  FORMAT=gate_up.format, PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=4)
     _gate_up_kernel[(routes, triton.cdiv(features, BLOCK_N))](
         x, order, sorted_ids, ends, addresses, on_host, counts, h, d, features, k, *gate_up.args(),
         GROUP=gate_up.group, **common)
@@ -199,22 +199,20 @@ if triton is not None:
         if first:
             if tl.program_id(1) == 0:  # this step reads expert e: from the device, or from elsewhere
                 tl.atomic_add(counts_ptr + tl.load(on_host_ptr + e).to(tl.int32), 1)
-            end = tl.load(ends_ptr + r)
+            m = r + tl.arange(0, BLOCK_M)  # the expert's routes: all of them (BLOCK_M >= tokens)
+            m_ok = m < tl.load(ends_ptr + r)
             n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < I
-            for m0 in range(r, end, BLOCK_M):
-                m = m0 + tl.arange(0, BLOCK_M)
-                m_ok = m < end
-                token = tl.load(order_ptr + m, mask=m_ok, other=0) // TOP_K
-                x_rows = x_ptr + token[:, None].to(tl.int64) * D
-                gate = _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, D, FORMAT, GROUP,
-                                BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # rows [0, I): gate's; [I, 2 I): up's
-                up = _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n + I, n_ok, D, FORMAT, GROUP,
-                              BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-                gate = gate.to(dtype).to(tl.float32)  # each product rounded, as a linear's output is
-                silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-                h = (silu * up.to(dtype).to(tl.float32)).to(dtype)
-                tl.store(h_ptr + m[:, None].to(tl.int64) * I + n[None, :], h, mask=m_ok[:, None] & n_ok[None, :])
+            token = tl.load(order_ptr + m, mask=m_ok, other=0) // TOP_K
+            x_rows = x_ptr + token[:, None].to(tl.int64) * D
+            gate = _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, D, FORMAT, GROUP,
+                            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # rows [0, I): gate's; [I, 2 I): up's
+            up = _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n + I, n_ok, D, FORMAT, GROUP,
+                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            gate = gate.to(dtype).to(tl.float32)  # each product rounded, as a linear's output is
+            silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+            h = (silu * up.to(dtype).to(tl.float32)).to(dtype)
+            tl.store(h_ptr + m[:, None].to(tl.int64) * I + n[None, :], h, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _down_kernel(h_ptr, order_ptr, ids_ptr, ends_ptr, addresses_ptr, weights_ptr, places_ptr, grid_ptr, D, I,
@@ -226,16 +224,14 @@ if triton is not None:
         dtype = h_ptr.dtype.element_ty
         e, first, block = _expert(ids_ptr, addresses_ptr, r)
         if first:
-            end = tl.load(ends_ptr + r)
+            m = r + tl.arange(0, BLOCK_M)
+            m_ok = m < tl.load(ends_ptr + r)
             n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < D
-            for m0 in range(r, end, BLOCK_M):
-                m = m0 + tl.arange(0, BLOCK_M)
-                m_ok = m < end
-                y = _product(h_ptr + m[:, None].to(tl.int64) * I, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, I,
-                             FORMAT, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-                route = tl.load(order_ptr + m, mask=m_ok, other=0)
-                weight = tl.load(weights_ptr + route, mask=m_ok, other=0.0).to(tl.float32)
-                y = (y.to(dtype).to(tl.float32) * weight[:, None]).to(dtype)
-                place = tl.load(places_ptr + route, mask=m_ok, other=0)
-                tl.store(grid_ptr + place[:, None].to(tl.int64) * D + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+            y = _product(h_ptr + m[:, None].to(tl.int64) * I, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, I,
+                         FORMAT, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            route = tl.load(order_ptr + m, mask=m_ok, other=0)
+            weight = tl.load(weights_ptr + route, mask=m_ok, other=0.0).to(tl.float32)
+            y = (y.to(dtype).to(tl.float32) * weight[:, None]).to(dtype)
+            place = tl.load(places_ptr + route, mask=m_ok, other=0)
+            tl.store(grid_ptr + place[:, None].to(tl.int64) * D + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])

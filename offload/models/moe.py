@@ -211,7 +211,7 @@ class MoEDecoder(Llama):
         and direct reads' work (each route's expert features and weighted output, its sorted indices)."""
         t, e, d = max_batch * verify_width, dtype.itemsize, config.hidden_size
         routed = 4 * t * (2 * d * e + config.top_k * (8 + 4))
-        routed += t * config.top_k * ((config.expert_intermediate // tp.size + d) * e + 4 * 8)
+        routed += t * config.top_k * ((config.expert_intermediate // tp.size + d) * e + 6 * 8 + config.top_k)
         return (super().decode_graph_bytes(config, tp, dtype, max_batch, max_seq_len, verify_width)
                 + t * config.n_experts * 4 * 2 + routed)
 
@@ -245,7 +245,7 @@ class MoEDecoder(Llama):
             if not self.config.sparse_layers[i]:
                 hs = [layer(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)]
             elif self.direct(tokens):
-                hs = [self.direct_mlp(i, self.attend_and_route(h, w, chunk, kv, i), w) for h, chunk in zip(hs, chunks)]
+                hs = self.direct_mlp(i, [self.attend_and_route(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)], w)
             else:
                 hs = self.routed_mlp(i, [self.attend_and_route(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)],
                                      w)
@@ -326,13 +326,19 @@ class MoEDecoder(Llama):
             outs.append(self.combine(r, grid, w))
         return outs
 
-    def direct_mlp(self, i: int, r: Routed, w: MoELayerWeights) -> torch.Tensor:
-        """A chunk's residual stream after sparse layer ``i``, its routed experts read where they live by the
-        kernels of ``expert_kernels`` (no host decision: one CUDA graph captures it)."""
+    def direct_mlp(self, i: int, routed: list[Routed], w: MoELayerWeights) -> list[torch.Tensor]:
+        """Each chunk's residual stream after sparse layer ``i``, the routed experts of every chunk read where they
+        live, each once, by the kernels of ``expert_kernels`` (no host decision: a CUDA graph captures it)."""
         table = self.experts.table
-        grid = expert_kernels.routed_experts(r.normed, r.ids, r.weights, table.addresses[i], table.gate_up,
-                                             table.down, table.features, table.counts, table.on_host[i])
-        return self.combine(r, grid, w)
+        cat = (lambda ts: torch.cat(ts)) if len(routed) > 1 else (lambda ts: ts[0])  # noqa: E731
+        grid = expert_kernels.routed_experts(
+            cat([r.normed for r in routed]), cat([r.ids for r in routed]), cat([r.weights for r in routed]),
+            table.addresses[i], table.gate_up, table.down, table.features, table.counts, table.on_host[i])
+        outs, at = [], 0
+        for r in routed:
+            outs.append(self.combine(r, grid[at: at + r.ids.numel()], w))
+            at += r.ids.numel()
+        return outs
 
     def combine(self, r: Routed, grid: torch.Tensor, w: MoELayerWeights) -> torch.Tensor:
         """The residual stream plus the routed experts' weighted outputs (``grid [tokens * top_k, d]``, each

@@ -54,6 +54,8 @@ def _projections(layout, block: torch.Tensor, dtype: torch.dtype) -> tuple[Proje
     why = next((f for f in found if isinstance(f, str)), None)
     if why is not None:
         raise ConfigError(f"direct expert reads cannot read {why}: leave out --direct-experts")
+    if any(at % 16 for p in found for at in p.args()):
+        raise ConfigError("direct expert reads need an expert's weights at 16-byte boundaries of its block")
     gate_up = weights.w_gate_up
     return found[0], found[1], (gate_up.rows if isinstance(gate_up, QuantizedWeight) else gate_up.shape[0]) // 2
 
@@ -79,17 +81,29 @@ class ExpertTable:
             addresses[spec.layer][spec.expert] = bases[storage] + buffer.data_ptr() - storage
             on_host[spec.layer][spec.expert] = int(tier != RESIDENT)
         self.gate_up, self.down, self.features = _projections(specs[0].layout, buffers[0], dtype)  # this rank's
-        if any(a % 16 for row in addresses for a in row) or any(at % 16 for p in (self.gate_up, self.down)
-                                                                 for at in p.args()):
-            raise ConfigError("direct expert reads need experts' weights at 16-byte boundaries")
+        if any(a % 16 for row in addresses for a in row):
+            raise ConfigError("direct expert reads need experts' blocks at 16-byte boundaries")
         self.addresses = torch.tensor(addresses, dtype=torch.int64, device=device)
         self.on_host = torch.tensor(on_host, dtype=torch.int8, device=device)
-        self.counts = torch.zeros(2, dtype=torch.int32, device=device)
+        self.counts = torch.zeros(2, dtype=torch.int64, device=device)
+        self._landed, self._copy, self._copied = (0, 0), None, None  # the counts' latest copy to the host
 
-    def read(self) -> tuple[int, int]:
-        """(experts read on the device, read from elsewhere) so far (the host waits for the GPU here)."""
-        on_device, elsewhere = self.counts.tolist()
-        return on_device, elsewhere
+    def read(self, wait: bool = True) -> tuple[int, int]:
+        """(experts read on the device, read from elsewhere) so far: the host waits for the GPU; or, without
+        ``wait``, as of the latest copy that has landed (a copy of the counts is queued behind the work so far:
+        a server reads them every step without waiting for the pass in flight)."""
+        if wait or self.counts.device.type != "cuda":
+            on_device, elsewhere = self.counts.tolist()
+            return on_device, elsewhere
+        if self._copy is None:
+            self._copy, self._copied = torch.zeros(2, dtype=torch.int64).pin_memory(), torch.cuda.Event()
+        elif self._copied.query():
+            self._landed = tuple(self._copy.tolist())
+        else:
+            return self._landed
+        self._copy.copy_(self.counts, non_blocking=True)
+        self._copied.record()
+        return self._landed
 
 
 class ExpertStore:
@@ -203,26 +217,31 @@ class ExpertStore:
                 return slot
         return None
 
+    def counts(self, wait: bool = True) -> tuple[int, int]:
+        """(hits, misses): experts needed that were on the device (copied or read directly), and those that were
+        not (copied in, or read over their link); without ``wait``, direct reads' counts as of a step or so ago
+        (``ExpertTable.read``)."""
+        direct = self.table.read(wait) if self.table is not None else (0, 0)
+        return self.copy_hits + direct[0], self.copy_misses + direct[1]
+
     @property
     def hits(self) -> int:
-        """Experts needed that were on the device (copied or read directly)."""
-        return self.copy_hits + (self.table.read()[0] if self.table is not None else 0)
+        return self.counts()[0]
 
     @property
     def misses(self) -> int:
-        """Experts needed that were not: copied in, or read over their link."""
-        return self.copy_misses + (self.table.read()[1] if self.table is not None else 0)
+        return self.counts()[1]
 
     @property
     def hit_rate(self) -> float:
-        lookups = self.hits + self.misses
-        return self.hits / lookups if lookups else 0.0
+        hits, misses = self.counts()
+        return hits / (hits + misses) if hits + misses else 0.0
 
     def summary(self) -> str:
         """What the CLI prints: ``experts: 81.3% on the device when needed (1,204 hits, 277 copied in)``."""
         guessed = (f"; {self.prefetched:,} prefetched, {self.prefetch_used:,} of them used"
                    if self.prefetched else "")
-        hits, misses = self.hits, self.misses
+        hits, misses = self.counts()
         moved = "copied in or read over a link" if self.table is not None else "copied in"
         rate = hits / (hits + misses) if hits + misses else 0.0
         return f"experts: {rate:.1%} on the device when needed ({hits:,} hits, {misses:,} {moved}{guessed})"

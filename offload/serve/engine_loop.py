@@ -158,8 +158,8 @@ class EngineLoop:
                 sink(token, row.finish_reason)
         self.metrics.observe_step(seconds, len(events))
         self.metrics.observe_passes(before, self.engine.stats)
-        if self.model.experts is not None:
-            self.metrics.expert_hits, self.metrics.expert_misses = self.model.experts.hits, self.model.experts.misses
+        if self.model.experts is not None:  # direct reads' counts as of the latest copy (the pass in flight runs on)
+            self.metrics.expert_hits, self.metrics.expert_misses = self.model.experts.counts(wait=False)
 
     def _count_rows(self) -> None:
         self.metrics.rows_busy = sum(row is not None for row in self.engine.rows)

@@ -405,11 +405,13 @@ def _stored_formats(layouts: list[BlockLayout]) -> str:
     return "as stored: " + ", ".join(f"{k} x {n}" for k, n in counts.items()) + f" ({scales} scales)"
 
 
-def weight_source(model, random_weights: int | None, device: torch.device, requantize: bool = False):
-    """Where the weights come from: the checkpoint directory, or seeded random numbers (``requantize``: a GGUF
-    file's compressed tensors are read dense, to be quantized again: ``prepare``)."""
+def weight_source(model, random_weights: int | None, device: torch.device, requantize: bool = False,
+                  packed: bool = False):
+    """Where the weights come from: the checkpoint directory, or seeded random numbers (``packed``: quantized
+    weights made in their parts; ``requantize``: a GGUF file's compressed tensors are read dense, to be
+    quantized again: ``prepare``)."""
     if random_weights is not None:
-        return RandomSource(seed=random_weights, device=device)
+        return RandomSource(seed=random_weights, device=device, packed=packed)
     if isinstance(model, (dict, ModelConfig)):
         raise InputError("a config has no weights: give a checkpoint directory, or random_weights=SEED")
     if is_gguf(model):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from .models.blocks import checkpoint_sources
 from .models.checkpoint import CheckpointSource
 from .models.config import config_from_dict, load_config
 from .models.parallel import REPLICATED
-from .models.quant import DEQUANTIZE, WeightFormat, quantize
+from .models.quant import DEQUANTIZE, WeightFormat, part_shapes, quantize
 from .models.registry import family_of
 from .errors import InputError
 from .synthetic import RandomSource
@@ -42,8 +43,8 @@ def write_quantized(model, out, quantize_as: str, group_size: int | None = None,
                     shard_bytes: int = 2 * 2**30, progress: bool = True, random_weights: int | None = None) -> Path:
     """Quantize checkpoint ``model`` into ``out``; returns ``out``. With ``random_weights=SEED``, ``model`` is a
     config (a dict of Hugging Face fields) and its weights are seeded random numbers made on ``device``, as
-    ``load_model(config, random_weights=SEED)`` makes them: a large model's quantized checkpoint without its
-    16-bit one on disk first."""
+    ``load_model(config, random_weights=SEED, quantize=...)`` makes them (the quantized ones in packed form):
+    a large model's quantized checkpoint without its 16-bit one on disk first, at the speed of writing it."""
     random = random_weights is not None
     config = config_from_dict(model) if random else load_config(Path(model))  # (names a missing checkpoint)
     raw = dict(model) if random else json.loads((Path(model) / "config.json").read_text())
@@ -53,13 +54,20 @@ def write_quantized(model, out, quantize_as: str, group_size: int | None = None,
     fmt = WeightFormat(quantize_as, group_size, DEQUANTIZE, rounding=rounding)
     blocks = family_of(config.architecture).blocks(config, tp, dtype, fmt)
     quantized = {name: spec.quant for block in blocks for spec, name in block.sources() if spec.quant is not None}
-    source = RandomSource(random_weights, device=device) if random else CheckpointSource(Path(model))
+    source = RandomSource(random_weights, device=device, packed=True) if random else CheckpointSource(Path(model))
     sources = checkpoint_sources(config, tp, dtype)
     out.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out, shard_bytes)
     try:
         for layout_spec, name in tqdm(sources, desc="quantizing", unit="tensor", disable=not progress):
             spec = _dense_spec(name, layout_spec.full_shape if random else source.shape(name), dtype)
+            if random and name in quantized:  # made in its parts
+                for part, shape, part_dtype in part_shapes(quantized[name], *spec.full_shape, dtype):
+                    values = torch.empty(shape, dtype=part_dtype, device=device)
+                    source.read(replace(spec, shape=shape, dtype=part_dtype, part=part, quant=quantized[name]), name,
+                                values)
+                    writer.add(f"{name}.{part}", values.cpu())
+                continue
             tensor = torch.empty(spec.full_shape, dtype=dtype, device=device if random else "cpu")
             source.read(spec, name, tensor)
             if name in quantized:

@@ -23,6 +23,7 @@ import torch
 from .distributed import TensorParallel
 from .models.config import config_from_dict
 from .models.blocks import TensorSpec, checkpoint_sources
+from .models.checkpoint import part_spec
 from .models.parallel import REPLICATED
 from .models.shapes import shape_config
 from .options import cache_dir
@@ -46,20 +47,46 @@ class RandomSource:
     piece is made without making the whole tensor, and the values do not depend
     on the tensor-parallel split. Values depend on the generating device type
     (CPU and CUDA generators differ).
+
+    ``packed``: a weight to be stored quantized is made in its parts directly: uniform
+    random integers, and one scale (and minimum) giving them the spread ``std``, not
+    normal numbers quantized (which takes minutes for a 70b model: a 405b one's 810 GB
+    of 16-bit numbers are out of reach).
     """
 
     CHUNK_ELEMENTS = 1 << 22
 
-    def __init__(self, seed: int = 0, std: float = 0.02, device: str | torch.device = "cpu"):
-        self.seed, self.std, self.device = seed, std, torch.device(device)
+    def __init__(self, seed: int = 0, std: float = 0.02, device: str | torch.device = "cpu", packed: bool = False):
+        self.seed, self.std, self.device, self.packed = seed, std, torch.device(device), packed
 
     def validate(self, specs) -> None:
         pass
 
     def stores_parts(self, name: str) -> bool:
-        return False  # dense numbers: quantized while loading
+        return self.packed  # else dense numbers: quantized while loading
 
     def read(self, spec: TensorSpec, name: str, out: torch.Tensor) -> None:
+        if spec.part:
+            self._read_part(spec, name, out)
+            return
+        self._read(spec, name, out, self._chunk)
+
+    def _read_part(self, spec: TensorSpec, name: str, out: torch.Tensor) -> None:
+        """A part of a weight made in packed form (``packed``): integers uniform over the format's range
+        (int4: 0..15, int8: -127..127), the scale that gives them a spread of ``std`` and, for int4, the
+        minimum that centres them on zero."""
+        int4 = spec.quant.format == "int4"
+        step = self.std / (4.61 if int4 else 73.3)  # the spread of uniform integers over 16 or 255 levels
+        if spec.part == "scale":
+            out.fill_(step)
+        elif spec.part == "minimum":
+            out.fill_(-7.5 * step if int4 else 0.0)
+        else:
+            low, high = (0, 256) if int4 else (-127, 128)  # int4: each byte two nibbles
+            self._read(part_spec(spec), f"{name}.data", out,
+                       lambda key, chunk, shape, dtype, norm: self._integers(key, chunk, shape, dtype, low, high))
+
+    def _read(self, spec: TensorSpec, name: str, out: torch.Tensor, make) -> None:
         full = spec.full_shape
         cols = full[1] if len(full) == 2 else 1
         rows_per_chunk = max(1, self.CHUNK_ELEMENTS // cols)
@@ -69,7 +96,7 @@ class RandomSource:
         written = 0
         for chunk in range(row_lo // rows_per_chunk, -(-row_hi // rows_per_chunk)):
             lo, hi = chunk * rows_per_chunk, min((chunk + 1) * rows_per_chunk, full[0])
-            values = self._chunk(name, chunk, (hi - lo, *full[1:]), out.dtype, norm="norm" in name)
+            values = make(name, chunk, (hi - lo, *full[1:]), out.dtype, "norm" in name)
             take = values[max(row_lo - lo, 0) : min(row_hi, hi) - lo]
             if len(full) == 2:
                 take = take[:, col]
@@ -78,12 +105,19 @@ class RandomSource:
         if out.dim() and written < out.shape[0]:
             out[written:].zero_()
 
-    def _chunk(self, name: str, chunk: int, shape, dtype, norm: bool) -> torch.Tensor:
+    def _generator(self, name: str, chunk: int) -> torch.Generator:
         gen = torch.Generator(device=self.device)
         gen.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + chunk) % (2**63))
-        values = torch.randn(shape, generator=gen, device=self.device, dtype=dtype)
+        return gen
+
+    def _chunk(self, name: str, chunk: int, shape, dtype, norm: bool) -> torch.Tensor:
+        values = torch.randn(shape, generator=self._generator(name, chunk), device=self.device, dtype=dtype)
         values.mul_(self.std)
         return values.add_(1.0) if norm else values
+
+    def _integers(self, name: str, chunk: int, shape, dtype, low: int, high: int) -> torch.Tensor:
+        return torch.randint(low, high, shape, generator=self._generator(name, chunk), device=self.device,
+                             dtype=dtype)
 
     def full_tensor(self, spec: TensorSpec, name: str, dtype: torch.dtype, device="cpu") -> torch.Tensor:
         """The whole checkpoint tensor (what ``write_checkpoint`` writes)."""

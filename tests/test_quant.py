@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from offload.models.blocks import embedding_layout, global_layout
 from offload.models.llama import Llama
 from offload.models.quant import (DEFAULT_GROUP_SIZE, QuantizedWeight, QuantScheme, WeightFormat, dequantize,
                                   group_size_for, quantize, quantized_linear, scratch_bytes)
+from offload.models.parallel import Shard
 from offload.models.shapes import shape_config
 
 from conftest import graph_pool_bytes
@@ -248,8 +250,8 @@ def test_loading_reads_each_tensor_once_in_the_model_dtype_and_quantizes_it(tiny
     # the block holds what quantizing the dense tensor gives
     views = setup.blocks[0].layout.views(pool.blocks[0])
     dense = torch.empty(config.hidden_size, config.intermediate_size, dtype=torch.bfloat16)
-    RandomSource(seed=3).read(next(s for s, _ in setup.blocks[0].sources() if s.name == "w_down.data"),
-                              "model.layers.0.mlp.down_proj.weight", dense)
+    data = next(s for s, _ in setup.blocks[0].sources() if s.name == "w_down.data")
+    RandomSource(seed=3).read(replace(data, part="", quant=None), "model.layers.0.mlp.down_proj.weight", dense)
     parts = quantize(dense, views.w_down.scheme, torch.bfloat16)
     assert torch.equal(views.w_down.data, parts["data"]) and torch.equal(views.w_down.scale, parts["scale"])
     pool.close()
@@ -606,3 +608,26 @@ def test_the_quantize_script_writes_a_checkpoint_that_streams(tiny, tmp_path, ca
     assert script.main(["--model", str(tiny), "--quantize", "int3", "--out", str(out)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(line.startswith("quantize: error:") for line in errors)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_random_weights_to_quantize_are_made_packed_with_the_dense_spread_whatever_the_split(tiny, fmt):
+    """``load_model(config, random_weights=SEED, quantize=...)`` makes quantized weights in their parts (integers
+    over the whole range, the dense numbers' spread once dequantized), a column shard being the whole's columns."""
+    setup = prepare(tiny, offload.LoadOptions(dtype="float32", quantize=fmt, max_seq_len=MAX_SEQ))
+    source = RandomSource(seed=3, packed=True)
+    name = "model.layers.0.mlp.down_proj.weight"
+    specs = {s.part: s for s, n in setup.blocks[0].sources() if n == name}
+    parts = {part: torch.empty(spec.shape, dtype=spec.dtype) for part, spec in specs.items()}
+    for part, spec in specs.items():
+        source.read(spec, name, parts[part])
+    weight = QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), specs["data"].quant)
+    values = dequantize(weight, torch.float64)
+    assert abs(values.std().item() - source.std) < 0.1 * source.std and abs(values.mean().item()) < 0.1 * source.std
+    assert parts["data"].min().item() == (0 if fmt == "int4" else -127)
+    assert parts["data"].max().item() == (255 if fmt == "int4" else 127)
+    half = replace(specs["data"], shard=Shard(1, 0, specs["data"].full_shape[1] // 2),
+                   shape=(specs["data"].shape[0], specs["data"].shape[1] // 2))
+    piece = torch.empty(half.shape, dtype=half.dtype)
+    source.read(half, name, piece)
+    assert torch.equal(piece, parts["data"][:, : half.shape[1]])

@@ -20,7 +20,9 @@
 #   profile13b     llama-2-13b resident, compiled, the same without the kernel table
 #   host13b        llama-2-13b at 8 GiB, host tier only, batch 1, graphs and eager (no accelerate)
 #   prefill13b     llama-2-13b at 8 GiB: prefill of 32 x 128 and 1 x 4096 tokens against their limits
-#   int4_70b       llama-2-70b in int4 at 24 GiB
+#   int4_70b       llama-2-70b in int4 at 24 GiB (random weights made packed: loads in about the time of writing
+#                  its 36 GB, where quantizing 140 GB of bf16 took over 270 s)
+#   int4_405b      the moonshot: llama-3.1-405b in int4, 130 GiB of HBM and the rest (84 GiB) pinned on the host
 #   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16:
 #                  copied (eager steps) against read directly from pinned memory by the kernels (whole graphs)
 #   moe30b_resident  the same with every expert resident (61 GB: an H200): graph pieces (the host reads each
@@ -66,8 +68,9 @@
 #   2. spec_smollm2:390 (carry .assets/smollm2/part-aa first,  a real model's drafts with a warm-up that captures
 #      then part-ab and .whl with this stage)                  every bucket before timing (#22)
 #   3. load70b:330 offload13b:300                              saved int4 loads; 13b int4 at 4 GiB (#20)
-#   4. spec70b:300                                             70b verify passes
+#   4. spec70b:300 int4_70b:250                                70b verify passes; 70b int4 at 24 GiB (#20)
 #   5. moe30b_acc:280 mixtral24_acc:300                        the MoE goals against accelerate (#21)
+#   6. int4_405b:500                                           the moonshot (#20): its plan, ms/token, link limit
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail
@@ -116,6 +119,9 @@ run_stage() {
       --prompts 32x128,1x4096 --json "$OUT/prefill13b.json" ;;
     int4_70b) stage int4_70b python3 benchmarks/bench_offload.py --shape llama-2-70b --gpu-memory 24GiB \
       --runs "host int4" --quantize int4 --batch 1,16 --skip-accelerate --json "$OUT/int4_70b.json" ;;
+    int4_405b) stage int4_405b python3 benchmarks/bench_offload.py --shape llama-3.1-405b --gpu-memory 130GiB \
+      --runs "host int4" --quantize int4 --batch 1 --decode-tokens 4 --prompt-len 16 --skip-accelerate \
+      --json "$OUT/int4_405b.json" ;;
     serve13b) stage serve13b python3 benchmarks/bench_serve.py --shape llama-2-13b --gpu-memory 8GiB --clients 32 \
       --json "$OUT/serve13b.json" ;;
     spec70b) stage spec70b python3 benchmarks/bench_speculative.py --shape llama-2-70b --gpu-memory 40GiB \

@@ -293,7 +293,13 @@ def print_links(bench: Bench) -> None:
 
 def our_runs(bench: Bench) -> list[tuple[str, dict]]:
     """(name, budget) of every placement this machine can show, all with the same GPU budget."""
-    needs = offload.plan_model(bench.model, **bench.load_args(bench.batches[0])).needs
+    try:
+        needs = offload.plan_model(bench.model, **bench.load_args(bench.batches[0])).needs
+    except offload.PlanError:  # too large for this machine in 16 bits (405b): its compressed runs alone
+        if not bench.quantized:
+            raise
+        needs = offload.plan_model(bench.model, **bench.load_args(bench.batches[0]), quantize=bench.quantized[0][0],
+                                   gpu_memory=bench.quantized[0][1] or bench.gpu_memory, cpu_memory=2**50).needs
     experts = needs.experts.count * needs.experts.nbytes if needs.experts else 0
     # Room for every layer (the planner counts each streamed one as the largest: a GGUF file's layers differ), the
     # embedding table and every expert: this budget never binds.

@@ -244,11 +244,9 @@ class MoEDecoder(Llama):
             kv = cache.layer(i) if cache is not None else (None, None)
             if not self.config.sparse_layers[i]:
                 hs = [layer(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)]
-            elif self.direct(tokens):
-                hs = self.direct_mlp(i, [self.attend_and_route(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)], w)
-            else:
-                hs = self.routed_mlp(i, [self.attend_and_route(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)],
-                                     w)
+                continue
+            routed = [self.attend_and_route(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)]
+            hs = self.direct_mlp(i, routed, w) if self.direct(tokens) else self.routed_mlp(i, routed, w)
         return hs
 
     def attend(self, x: torch.Tensor, w: MoELayerWeights, chunk, kv, i: int) -> tuple[torch.Tensor, torch.Tensor]:

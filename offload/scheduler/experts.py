@@ -34,8 +34,8 @@ from ..errors import ConfigError
 from ..memory.planner import HOST, RESIDENT
 from ..models.blocks import BlockSpec
 from ..models.expert_kernels import Projection, device_address, projection
-from ..models.quant import QuantizedWeight
 from ..models.kernels import triton
+from ..models.quant import QuantizedWeight
 from .stream import CopyStream
 
 
@@ -234,8 +234,7 @@ class ExpertStore:
 
     @property
     def hit_rate(self) -> float:
-        hits, misses = self.counts()
-        return hits / (hits + misses) if hits + misses else 0.0
+        return _share(*self.counts())
 
     def summary(self) -> str:
         """What the CLI prints: ``experts: 81.3% on the device when needed (1,204 hits, 277 copied in)``."""
@@ -243,8 +242,8 @@ class ExpertStore:
                    if self.prefetched else "")
         hits, misses = self.counts()
         moved = "copied in or read over a link" if self.table is not None else "copied in"
-        rate = hits / (hits + misses) if hits + misses else 0.0
-        return f"experts: {rate:.1%} on the device when needed ({hits:,} hits, {misses:,} {moved}{guessed})"
+        return (f"experts: {_share(hits, misses):.1%} on the device when needed ({hits:,} hits, {misses:,} "
+                f"{moved}{guessed})")
 
     def reset(self) -> None:
         """Forget what the cache holds (after a pass was abandoned half way, its copies may not have landed)."""
@@ -253,3 +252,7 @@ class ExpertStore:
         self.cached.clear()
         self.landing.clear()
         self.unused = list(range(len(self.slots)))[::-1]
+
+
+def _share(hits: int, misses: int) -> float:
+    return hits / (hits + misses) if hits + misses else 0.0

@@ -250,3 +250,15 @@ def test_the_plan_counts_every_streamed_expert_a_step_reads_and_keeps_them_off_p
         expected = sum(needs.distinct(layer, 1) * (per_layer / 8) for layer in range(2)) * mb
         hit = 0 if direct else plan.cache_slots / (2 * per_layer)
         assert sum(plan.missed_bytes(1).values()) == pytest.approx(expected * (1 - hit))
+
+
+def test_an_address_the_kernels_read_wrongly_is_refused(monkeypatch):
+    """The table's addresses are checked by reading a buffer's first bytes through them: where the kernels would
+    read something else (host memory not mapped for the GPU), direct reads are refused at load."""
+    from offload.scheduler import experts
+
+    buffer = torch.arange(256, dtype=torch.int64).view(torch.uint8)[:512].to(DEVICE)
+    assert experts._checked_address(buffer, torch.device(DEVICE)) % 16 == 0
+    monkeypatch.setattr(experts, "device_address", lambda b, device: expert_kernels.device_address(b, device) + 8)
+    with pytest.raises(ConfigError, match="cannot read"):
+        experts._checked_address(buffer, torch.device(DEVICE))

@@ -90,6 +90,14 @@ def device_address(base: torch.Tensor, device: torch.device) -> int:
     return int(out.item())
 
 
+def peek(address: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """The ``nbytes`` bytes a kernel on ``device`` reads at ``address`` (to check an address before trusting it)."""
+    out = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    _peek_kernel[(1,)](torch.tensor([address], dtype=torch.int64, device=device), out, nbytes,
+                       BLOCK=triton.next_power_of_2(nbytes))
+    return out
+
+
 def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, addresses: torch.Tensor,
                    gate_up: Projection, down: Projection, features: int, counts: torch.Tensor,
                    on_host: torch.Tensor) -> torch.Tensor:
@@ -127,6 +135,12 @@ if triton is not None:
     @triton.jit
     def _address_kernel(base_ptr, out_ptr):
         tl.store(out_ptr, base_ptr.to(tl.int64, bitcast=True))
+
+    @triton.jit
+    def _peek_kernel(address_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        source = tl.load(address_ptr).to(tl.pointer_type(tl.uint8), bitcast=True)
+        tl.store(out_ptr + i, tl.load(source + i, mask=i < N, other=0), mask=i < N)
 
     @triton.jit
     def _expert(ids_ptr, addresses_ptr, r):

@@ -33,7 +33,7 @@ import torch
 from ..errors import ConfigError
 from ..memory.planner import HOST, RESIDENT
 from ..models.blocks import BlockSpec
-from ..models.expert_kernels import Projection, device_address, projection
+from ..models.expert_kernels import Projection, device_address, peek, projection
 from ..models.kernels import triton
 from ..models.quant import QuantizedWeight
 from .stream import CopyStream
@@ -77,7 +77,7 @@ class ExpertTable:
                                   f"the plan put {spec.name} on {tier} (leave out --peer-memory or --direct-experts)")
             storage = buffer.untyped_storage().data_ptr()
             if storage not in bases:
-                bases[storage] = device_address(buffer, device) - (buffer.data_ptr() - storage)
+                bases[storage] = _checked_address(buffer, device) - (buffer.data_ptr() - storage)
             addresses[spec.layer][spec.expert] = bases[storage] + buffer.data_ptr() - storage
             on_host[spec.layer][spec.expert] = int(tier != RESIDENT)
         self.gate_up, self.down, self.features = _projections(specs[0].layout, buffers[0], dtype)  # this rank's
@@ -252,6 +252,17 @@ class ExpertStore:
         self.cached.clear()
         self.landing.clear()
         self.unused = list(range(len(self.slots)))[::-1]
+
+
+def _checked_address(buffer: torch.Tensor, device: torch.device) -> int:
+    """``buffer``'s address for kernels on ``device``, checked by reading its first bytes there: the GPU must
+    read pinned host memory in place (mapped, under unified addressing), or direct reads would read garbage."""
+    address = device_address(buffer, device)
+    seen = peek(address, min(64, buffer.numel()), device).cpu()
+    if not torch.equal(seen, buffer[: seen.numel()].cpu()):
+        raise ConfigError(f"kernels on {device} cannot read {buffer.device} memory in place on this system "
+                          "(direct expert reads need it): leave out --direct-experts")
+    return address
 
 
 def _share(hits: int, misses: int) -> float:

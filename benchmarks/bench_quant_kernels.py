@@ -118,9 +118,11 @@ def main() -> int:
                         best = sorted(times, key=times.get)[:3]
                         line.append("best " + " ".join(f"{b}:{times[b]:.1f}" for b in best))
                         if fmt.startswith("int4") and m <= quant_kernels.GEMV_ROWS:  # the folded GEMV, as is
-                            default = quant_kernels.gemv_blocking(n, k, ws[0].scheme.group_size, False)
-                            folded = time_us(lambda w: product(fmt, x, w, (*default, True)), ws[:4])
-                            line.append(f"folded {folded:.1f} ({floor / folded:4.2f})")
+                            folded = (*quant_kernels.gemv_blocking(n, k, ws[0].scheme.group_size, False), True)
+                            got = product(fmt, x[:1], ws[0], folded).float()
+                            assert (got - want).abs().max() <= 2e-2 * want.abs().max(), "the folded GEMV disagrees"
+                            us_folded = time_us(lambda w: product(fmt, x, w, folded), ws)
+                            line.append(f"folded {us_folded:.1f} ({floor / us_folded:4.2f})")
                     del ws
                     torch.cuda.empty_cache()
                 print("  ".join(line), flush=True)

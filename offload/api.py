@@ -54,7 +54,7 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
         random_weights: a seed: fill the weights with seeded random numbers instead of reading files; with
             ``quantize`` (int8, int4) the quantized weights are made in their packed form (random integers,
             a scale giving them the dense numbers' spread), not dense numbers quantized: seconds, not minutes,
-            for a 70b model. An int4 draft of such a target is made from the dense numbers (unrelated).
+            for a 70b model (an int4 draft of such a target is refused: it would be unrelated).
         progress: show a progress bar while loading (rank 0 only).
 
     Raises:
@@ -64,8 +64,11 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
     if random_weights is not None and (not isinstance(random_weights, int) or isinstance(random_weights, bool)):
         raise InputError(f"random_weights must be an integer seed, got {random_weights!r}")
     setup = prepare(model, _options(options, kwargs))
+    packed = random_weights is not None and setup.options.quantize in FORMATS
+    if packed and setup.draft is not None and draft_kind(setup.options.draft) == INT4:
+        raise InputError("an int4 draft of random weights quantized at load would be unrelated to them (they are "
+                         "made packed): give the target in 16 bits, or a draft model")
     _warn(setup)
-    packed = setup.options.quantize in FORMATS
     pool = load_weights(setup, weight_source(model, random_weights, setup.device, packed=packed),
                         progress and setup.tp.rank == 0)
     try:

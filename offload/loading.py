@@ -32,6 +32,7 @@ from .models.blocks import (EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, Tenso
                             global_layout, local_shape)
 from .models import ops
 from .models.decoder import Decoder, KVCache
+from .models.expert_kernels import DIRECT_TOKENS
 from .models.parallel import check_divisible, local_heads
 from .models.registry import family_of
 from .models.quant import FORMATS, STORED, WeightFormat, choose_kernel, describe, quantize_into, scratch_bytes
@@ -133,6 +134,10 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
         plans, draft = _weigh_draft(options, config, needs, plans, draft, place)
     if _failed(plans):
         raise PlanError("; ".join(_failed(plans)))
+    if options.direct_experts and needs.experts is not None and not needs.experts.direct:
+        for plan in plans:
+            plan.warnings.append(f"direct expert reads serve passes of up to {DIRECT_TOKENS} tokens: with "
+                                 f"{options.max_batch} rows, some decode steps or verify passes copy their experts")
     return Setup(config, options, tp, device, dtype, family, blocks, globals_, embedding, plans[tp.rank], plans,
                  draft)
 
@@ -233,7 +238,7 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
                   + scratch_bytes(quantized, dtype, batch * width) + graph_objects_bytes(family.graph_pieces(config)))
     return MemoryNeeds(
         blocks=tuple(block.nbytes for block in every_pass),
-        experts=_expert_needs(config, routed, options.direct_experts),
+        experts=_expert_needs(config, routed, direct_steps(options, device)),
         products=_products(every_pass, dtype),
         global_bytes=globals_.nbytes,
         embedding_bytes=embedding.nbytes if embedding else 0,
@@ -298,6 +303,13 @@ def _verify_bytes(family: type[Decoder], config: ModelConfig, tp: TensorParallel
     return verify + tokens * vocab * 4 + width * vocab * 32
 
 
+def direct_steps(options: LoadOptions, device: torch.device) -> bool:
+    """Whether every decode step and verify pass reads its routed experts directly (``direct_experts``, and at
+    most ``DIRECT_TOKENS`` tokens: ``max_batch`` rows of the widest verify pass)."""
+    width = _verify_width(options, uses_cuda_graphs(options, device))
+    return options.direct_experts and options.max_batch * width <= DIRECT_TOKENS
+
+
 def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
     """Decode steps (and verify passes) are captured in CUDA graphs on a GPU unless turned off."""
     return options.cuda_graphs is not False and device.type == "cuda"
@@ -307,8 +319,8 @@ def graphs_pay(options: LoadOptions, needs: MemoryNeeds, gpu_memory: int) -> boo
     """Whether a plan that captures graphs (``needs.graph_bytes``) keeps them: not, unless asked for
     (``cuda_graphs=True``), for a mixture of experts whose experts stream. There graph pieces measured slower
     than eager steps (qwen3-30b-a3b at 8 GiB on an H200, 2026-12-05: 193 against 170 ms a step); with every
-    expert resident, faster (47 against 65). Read directly (``direct_experts``), a step is whole graphs."""
-    streams_experts = needs.experts is not None and not needs.fits_whole(gpu_memory) and not options.direct_experts
+    expert resident, faster (47 against 65). Read directly (every step: ``direct_steps``), a step has no pieces."""
+    streams_experts = needs.experts is not None and not needs.fits_whole(gpu_memory) and not needs.experts.direct
     return not (needs.graph_bytes and streams_experts and options.cuda_graphs is None)
 
 

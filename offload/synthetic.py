@@ -76,7 +76,7 @@ class RandomSource:
         (int4: 0..15, int8: -127..127), the scale that gives them a spread of ``std`` and, for int4, the
         minimum that centres them on zero."""
         int4 = spec.quant.format == "int4"
-        step = self.std / (4.61 if int4 else 73.3)  # the spread of uniform integers over 16 or 255 levels
+        step = self.std / (4.61 if int4 else 73.61)  # the spread of uniform integers over 16 or 255 levels
         if spec.part == "scale":
             out.fill_(step)
         elif spec.part == "minimum":

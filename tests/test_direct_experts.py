@@ -17,6 +17,7 @@ from offload.errors import ConfigError, InputError
 from offload.memory.experts import ExpertNeeds, place_experts
 from offload.models import expert_kernels, kernels
 from offload.models.quant import FUSED, QuantizedWeight, QuantScheme, dequantize, quantize
+from offload.models.shapes import shape_config
 
 from conftest import with_graphs
 from test_tensor_parallel import assert_tp_equals_one
@@ -262,3 +263,89 @@ def test_an_address_the_kernels_read_wrongly_is_refused(monkeypatch):
     monkeypatch.setattr(experts, "device_address", lambda b, device: expert_kernels.device_address(b, device) + 8)
     with pytest.raises(ConfigError, match="cannot read"):
         experts._checked_address(buffer, torch.device(DEVICE))
+
+
+_COMPILE_FOR_HOPPER = """
+import re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from offload.models import expert_kernels
+fmt, group, rows = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+constexprs = dict(BLOCK_M=rows, BLOCK_N=32, BLOCK_K=128, PRECISION=None, FORMAT=fmt, GROUP=group)
+signature = {"x_ptr": "*bf16", "order_ptr": "*i64", "ids_ptr": "*i64", "ends_ptr": "*i64", "addresses_ptr": "*i64",
+             "on_host_ptr": "*i8", "counts_ptr": "*i64", "h_ptr": "*bf16", "D": "i32", "I": "i32", "TOP_K": "i32",
+             "DATA": "i32", "SCALE": "i32", "MINIMUM": "i32", **{name: "constexpr" for name in constexprs}}
+aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 7, 8, 9, 11, 12, 13)}  # as Triton specializes them
+source = ASTSource(fn=expert_kernels._gate_up_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows", [16, 64])
+@pytest.mark.parametrize("fmt, group", [(expert_kernels.DENSE, 1), (expert_kernels.INT8, 1), (expert_kernels.INT4, 128)])
+def test_the_kernels_compile_for_hopper_with_pipelined_weight_loads(fmt, group, rows):
+    """Compiled for sm_90 here (Triton's CUDA backend needs no GPU to compile; in a process of its own, without
+    the interpreter): the weight tiles are copied 16 bytes at a time, asynchronously, never loaded a byte or two
+    at a time (which addresses made from a table allow only where the kernels say they are 16-byte aligned)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, str(fmt), str(group), str(rows)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ptx = proc.stdout
+    assert re.search(r"cp\.async\.c[ag]\.shared\.global", ptx)
+    assert not re.search(r"ld\.global\S*evict_first\S*\.b(8|16)\b", ptx)  # the weights' loads are evict_first
+    assert re.search(r"atom\S*\.add\.u64", ptx)  # the counts
+
+
+def test_a_pass_of_several_chunks_reads_every_chunk_in_one_call(checkpoint_factory, monkeypatch):
+    """A prompt cut into chunks (``max_step_tokens``) routes every chunk, then reads the experts of all of them
+    in one call: the copying way's logits."""
+    _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    prompt = [_ids(batch=1, n=20)[0].tolist()]
+    kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=1, max_step_tokens=8, progress=False)
+    calls, routed_experts = [], expert_kernels.routed_experts
+
+    def noting(x, ids, *args):
+        calls.append(ids.shape[0])
+        return routed_experts(x, ids, *args)
+
+    monkeypatch.setattr(expert_kernels, "routed_experts", noting)
+    with offload.load_model(directory, direct_experts=True, **kw) as direct:
+        logits = direct.extend(prompt, [0])
+        routed = sum(direct.config.sparse_layers)
+    assert calls == [20] * routed  # chunks of 8, 8 and 4 tokens: one call a layer
+    with offload.load_model(directory, **kw) as copying:
+        assert (logits - copying.extend(prompt, [0])).abs().max() <= ATOL
+
+
+def test_more_rows_than_direct_reads_serve_keep_the_copying_cache_and_say_so(checkpoint_factory):
+    _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    kw = dict(dtype=torch.float32, max_seq_len=64, cpu_memory="1GiB")
+
+    def plan(rows):
+        needs = offload.plan_model(directory, max_batch=rows, gpu_memory=2**40, **kw).needs
+        budget = needs.fixed_bytes + sum(needs.blocks) + 12 * needs.experts.nbytes  # of its 24 experts
+        return offload.plan_model(directory, max_batch=rows, gpu_memory=budget, direct_experts=True, **kw)
+
+    with pytest.warns(offload.OffloadWarning, match="passes of up to 64 tokens"):
+        many = plan(80)
+    assert many.experts.cache_slots == 8 and not many.needs.experts.direct  # a step's experts of a layer
+    few = plan(16)
+    assert few.experts.cache_slots == 3 and few.needs.experts.direct  # one token's experts
+    assert few.experts.placement.count("resident") > many.experts.placement.count("resident")
+
+
+def test_an_int4_draft_of_random_weights_quantized_at_load_is_refused(checkpoint_factory):
+    config = shape_config("tiny")
+    with pytest.raises(InputError, match="unrelated"):
+        offload.load_model(config, random_weights=0, quantize="int8", draft="int4", progress=False)

@@ -611,23 +611,29 @@ def test_the_quantize_script_writes_a_checkpoint_that_streams(tiny, tmp_path, ca
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_random_weights_to_quantize_are_made_packed_with_the_dense_spread_whatever_the_split(tiny, fmt):
-    """``load_model(config, random_weights=SEED, quantize=...)`` makes quantized weights in their parts (integers
-    over the whole range, the dense numbers' spread once dequantized), a column shard being the whole's columns."""
-    setup = prepare(tiny, offload.LoadOptions(dtype="float32", quantize=fmt, max_seq_len=MAX_SEQ))
+def test_random_weights_to_quantize_are_made_packed_with_the_dense_spread_whatever_the_split(fmt):
+    """``load_model(config, random_weights=SEED, quantize=...)`` makes quantized weights in their parts: integers
+    over the whole range, the dense numbers' spread once dequantized; rank 1's shard of a column-parallel and of
+    a row-parallel weight (each over several generated chunks) is the whole's rows or columns."""
+    config = shape_config("llama-2-7b") | {"num_hidden_layers": 1}
+    setup = prepare(config, offload.LoadOptions(dtype="bfloat16", quantize=fmt, max_seq_len=64, device="cpu"))
     source = RandomSource(seed=3, packed=True)
-    name = "model.layers.0.mlp.down_proj.weight"
-    specs = {s.part: s for s, n in setup.blocks[0].sources() if n == name}
-    parts = {part: torch.empty(spec.shape, dtype=spec.dtype) for part, spec in specs.items()}
-    for part, spec in specs.items():
-        source.read(spec, name, parts[part])
-    weight = QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), specs["data"].quant)
-    values = dequantize(weight, torch.float64)
-    assert abs(values.std().item() - source.std) < 0.1 * source.std and abs(values.mean().item()) < 0.1 * source.std
-    assert parts["data"].min().item() == (0 if fmt == "int4" else -127)
-    assert parts["data"].max().item() == (255 if fmt == "int4" else 127)
-    half = replace(specs["data"], shard=Shard(1, 0, specs["data"].full_shape[1] // 2),
-                   shape=(specs["data"].shape[0], specs["data"].shape[1] // 2))
-    piece = torch.empty(half.shape, dtype=half.dtype)
-    source.read(half, name, piece)
-    assert torch.equal(piece, parts["data"][:, : half.shape[1]])
+    for name, dim in [("model.layers.0.mlp.up_proj.weight", 0), ("model.layers.0.mlp.down_proj.weight", 1)]:
+        specs = {s.part: s for s, n in setup.blocks[0].sources() if n == name}
+        parts = {part: torch.empty(spec.shape, dtype=spec.dtype) for part, spec in specs.items()}
+        for part, spec in specs.items():
+            source.read(spec, name, parts[part])
+        if dim == 1:
+            weight = QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), specs["data"].quant)
+            values = dequantize(weight, torch.float64)
+            assert abs(values.std().item() - source.std) < 0.02 * source.std
+            assert abs(values.mean().item()) < 0.02 * source.std
+            assert parts["data"].min().item() == (0 if fmt == "int4" else -127)
+            assert parts["data"].max().item() == (255 if fmt == "int4" else 127)
+        data = specs["data"]
+        assert data.numel > 2 * RandomSource.CHUNK_ELEMENTS
+        whole = data.full_shape[dim]
+        rank1 = Shard(dim, whole // 2, whole)
+        piece = torch.empty([n // 2 if d == dim else n for d, n in enumerate(data.shape)], dtype=data.dtype)
+        source.read(replace(data, shard=rank1, shape=tuple(piece.shape)), name, piece)
+        assert torch.equal(piece, parts["data"].narrow(dim, data.shape[dim] // 2, data.shape[dim] // 2))

@@ -107,3 +107,10 @@ def test_the_folded_int4_gemv_equals_dequantize_then_multiply(group, rows, cols,
         for b in (None, bias):
             got = quant_kernels.linear(x, w, b, blocking=(8, max(1024, group), splits, 4, True))
             assert_close_to_exact(got, x, w, b)
+
+
+def test_the_folded_gemv_refuses_other_formats():
+    w = packed("int8", None, 40, 256, DTYPES[0], seed=5)
+    x = torch.randn(1, 256).to(DTYPES[0]).to(DEVICE)
+    with pytest.raises(ValueError, match="int4 in groups"):
+        quant_kernels.linear(x, w, blocking=(8, 1024, 1, 4, True))

@@ -33,7 +33,7 @@ class ExpertNeeds:
     nbytes: int  # one expert's block
     per_layer: tuple[int, ...]  # experts of each layer (0: a dense layer)
     top_k: int
-    direct: bool = False  # decode steps read streamed experts over their links (no cache: every step misses)
+    direct: bool = False  # every decode step reads streamed experts over their links (no cache: every step misses)
 
     @property
     def count(self) -> int:

@@ -353,7 +353,8 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=False if args.no_cuda_graphs else None,
         compile=args.compile, quantize=args.quantize, group_size=args.group_size, rounding=args.rounding,
         draft=args.draft, draft_tokens=args.draft_tokens, draft_branches=args.draft_branches,
-        prefetch_experts=args.prefetch_experts, direct_experts=args.direct_experts, all_logits=False,  # generation reads each row's last logits alone
+        prefetch_experts=args.prefetch_experts, direct_experts=args.direct_experts,
+        all_logits=False,  # generation reads each row's last logits alone
     )
 
 

@@ -89,9 +89,9 @@ class LoadOptions:
             routed expert where it lives, HBM or pinned host memory, inside their kernels
             (``offload/models/expert_kernels.py``): the routing never goes to the host, so a step is
             captured as a dense model's, and a streamed expert crosses its link once per pass without a
-            copy. Experts
-            in the model's dtype, int8 or int4 (groups of a power of two from 32), on the device or the host
-            (not on peers); prefills, and passes of more rows, still copy. Default off (not yet measured on a GPU against copying).
+            copy. Experts in the model's dtype, int8 or int4 (groups of a power of two from 32), on the
+            device or the host (not on peers); prefills, and passes of more tokens, still copy. Default
+            off (not yet measured on a GPU against copying).
         quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while
             loading and stay compressed in every tier (``offload.models.quant``); None (default):
             the model dtype, or a checkpoint stored quantized (a GGUF file, ``scripts/quantize.py``'s)

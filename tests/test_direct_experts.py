@@ -284,7 +284,8 @@ print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_war
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rows", [16, 64])
-@pytest.mark.parametrize("fmt, group", [(expert_kernels.DENSE, 1), (expert_kernels.INT8, 1), (expert_kernels.INT4, 128)])
+@pytest.mark.parametrize("fmt, group", [(expert_kernels.DENSE, 1), (expert_kernels.INT8, 1),
+                                        (expert_kernels.INT4, 128)])
 def test_the_kernels_compile_for_hopper_with_pipelined_weight_loads(fmt, group, rows):
     """Compiled for sm_90 here (Triton's CUDA backend needs no GPU to compile; in a process of its own, without
     the interpreter): the weight tiles are copied 16 bytes at a time, asynchronously, never loaded a byte or two

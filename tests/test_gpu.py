@@ -345,7 +345,8 @@ def test_experts_read_directly_from_pinned_memory_equal_resident_bitwise_within_
         logits, tokens, steps = _logits_and_tokens(model, ids)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        print(f"\n{name} {quantize or 'bf16'}: experts {placement.count('resident')} resident, {placement.count('host')} host; "
+        print(f"\n{name} {quantize or 'bf16'}: experts {placement.count('resident')} resident, "
+              f"{placement.count('host')} host; "
               f"{model.experts.summary()}; peak {peak / 2**30:.3f} GiB of {budget / 2**30:.3f}")
         assert torch.equal(logits, want[0]) and torch.equal(tokens, want[1])
         assert all(torch.equal(a, b) for a, b in zip(steps, want[2]))

@@ -18,14 +18,14 @@ compute a routed layer from the router's choices alone:
   them), which ``MoEDecoder`` sums.
 
 The launches are the same whatever the routing, so a decode step's layers are
-captured in CUDA graphs as a dense model's are (no pieces). A weight crosses the link once per pass and expert, not once per row: for
-decode steps and verify passes (``DIRECT_TOKENS`` tokens or fewer, every chunk's rows in
-one call); a long prefill, whose experts serve many rows each, copies them (a tile of
-all its rows would not fit).
+captured in CUDA graphs as a dense model's are (no pieces). A weight crosses the link
+once per pass and expert, not once per row: for decode steps and verify passes
+(``DIRECT_TOKENS`` tokens or fewer, every chunk's rows in one call); a long prefill,
+whose experts serve many rows each, copies them (a tile of all its rows would not fit).
 
 The kernels read experts in the model's dtype, in int8 (one scale per output row) or
-in int4 (groups of a power of two from 32 columns), making a compressed tile in registers as
-``quant_kernels`` does. The roundings are those of the copying way's operations (each
+in int4 (groups of a power of two from 32 columns), making a compressed tile in
+registers as ``quant_kernels`` does. The roundings are those of the copying way's operations (each
 product rounded to the model's dtype, ``silu(gate)`` rounded before its product with
 ``up``, the weighted output rounded), so the two ways differ only by how the products
 sum; where an expert lives never changes the result.

@@ -21,8 +21,8 @@ from .errors import CheckpointError, InputError, OffloadWarning
 from .loading import Setup, load_weights, prepare, weight_source
 from .memory.planner import Plan
 from .memory.pool import WeightPool
-from .offloaded_model import OffloadedModel
 from .models.quant import FORMATS
+from .offloaded_model import OffloadedModel
 from .options import LoadOptions
 
 

@@ -238,7 +238,7 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
                   + scratch_bytes(quantized, dtype, batch * width) + graph_objects_bytes(family.graph_pieces(config)))
     return MemoryNeeds(
         blocks=tuple(block.nbytes for block in every_pass),
-        experts=_expert_needs(config, routed, direct_steps(options, device)),
+        experts=_expert_needs(config, routed, direct_steps(options, device), options.direct_experts),
         products=_products(every_pass, dtype),
         global_bytes=globals_.nbytes,
         embedding_bytes=embedding.nbytes if embedding else 0,
@@ -268,14 +268,15 @@ def _products(blocks: list[BlockSpec], dtype: torch.dtype) -> str:
     return "bf16" if dtype in (torch.bfloat16, torch.float16) else ""
 
 
-def _expert_needs(config: ModelConfig, routed: list[BlockSpec], direct: bool) -> ExpertNeeds | None:
-    """The routed experts of a mixture-of-experts model (None for a dense one; ``direct``: read directly)."""
+def _expert_needs(config: ModelConfig, routed: list[BlockSpec], direct: bool, host_only: bool) -> ExpertNeeds | None:
+    """The routed experts of a mixture-of-experts model (None for a dense one; ``direct``: every step reads them
+    directly; ``host_only``: some do, so none may live on a peer)."""
     if not routed:
         return None
     per_layer = [0] * config.n_layers
     for block in routed:
         per_layer[block.layer] += 1
-    return ExpertNeeds(max(block.nbytes for block in routed), tuple(per_layer), config.top_k, direct)
+    return ExpertNeeds(max(block.nbytes for block in routed), tuple(per_layer), config.top_k, direct, host_only)
 
 
 def _verify_width(options: LoadOptions, captured: bool) -> int:

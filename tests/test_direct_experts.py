@@ -239,7 +239,7 @@ def test_the_plan_counts_every_streamed_expert_a_step_reads_and_keeps_them_off_p
     read host memory, not a peer's."""
     mb = 2 ** 20
     for direct in (False, True):
-        needs = ExpertNeeds(mb, (8, 8), 2, direct)
+        needs = ExpertNeeds(mb, (8, 8), 2, direct, host_only=direct)
         plan = place_experts(needs, 8 * mb, {"host": 100 * mb, "cuda:1": 100 * mb}, {"host": 50e9, "cuda:1": 300e9},
                              max_batch=2)
         assert plan.cache_slots == (2 if direct else 4)
@@ -344,6 +344,7 @@ def test_more_rows_than_direct_reads_serve_keep_the_copying_cache_and_say_so(che
     few = plan(16)
     assert few.experts.cache_slots == 3 and few.needs.experts.direct  # one token's experts
     assert few.experts.placement.count("resident") > many.experts.placement.count("resident")
+    assert many.needs.experts.host_only and few.needs.experts.host_only  # either way, no expert on a peer
 
 
 def test_an_int4_draft_of_random_weights_quantized_at_load_is_refused(checkpoint_factory):

@@ -34,6 +34,7 @@ class ExpertNeeds:
     per_layer: tuple[int, ...]  # experts of each layer (0: a dense layer)
     top_k: int
     direct: bool = False  # every decode step reads streamed experts over their links (no cache: every step misses)
+    host_only: bool = False  # kernels read the streamed experts (direct reads): on the host, never on a peer
 
     @property
     def count(self) -> int:
@@ -99,7 +100,7 @@ def place_experts(needs: ExpertNeeds, gpu_room: int, room: dict[str, int], bandw
         return (f"the expert cache needs {slots} slot(s) of {format_size(size)} "
                 f"(= {format_size(slots * size)}) and {format_size(max(gpu_room, 0))} is left")
     resident = _spread((gpu_room - slots * size) // size, needs.per_layer)
-    if needs.direct:  # the kernels read the host's experts (and not the peers')
+    if needs.host_only:  # the kernels read the host's experts (and not the peers')
         room = {tier: b for tier, b in room.items() if tier == HOST}
     streamed = {tier: 0 for tier in room}
     capacity = {tier: b // size for tier, b in room.items()}

@@ -3,6 +3,7 @@
 
     python benchmarks/bench_quant_kernels.py                     # llama-2-7b's products, 1, 16 and 2048 rows
     python benchmarks/bench_quant_kernels.py --sweep             # and the kernels' other blockings
+    python benchmarks/bench_quant_kernels.py --rows 1 --words    # and the word GEMV beside the default
 
 For each product of a llama-2-7b layer, each format (bf16: offload's GEMV for one row,
 cuBLAS otherwise; int8 per channel; int4 in groups of 128 and of 32, by the kernels the
@@ -10,7 +11,8 @@ rows choose; int4 dequantized then multiplied by cuBLAS, the path before the ker
 each number of rows:
 microseconds per product and, for a few rows, floor / time, where the floor is the
 product's weight bytes (compressed) over the device-copy bandwidth measured in the
-run; for 2048 rows, TFLOP/s. Each product cycles through copies of its weight (600 MB
+run; for 2048 rows, TFLOP/s. ``--words``: also the word GEMV (``_gemv_words_kernel``) at its
+blocking, checked against dequantize-then-multiply. Each product cycles through copies of its weight (600 MB
 in all) inside one CUDA graph, so no weight is found in L2 and no launch gap is timed.
 """
 
@@ -66,12 +68,14 @@ SWEPT_PRODUCTS = ("gate_up", "down")
 def sweep_blockings(m, w):
     """Other blockings of the kernel that takes ``m`` rows of ``w``."""
     group, per_channel = w.scheme.group_size or w.cols, w.scheme.group_size is None
-    if m <= quant_kernels.GEMV_ROWS:  # (BLOCK_N, BLOCK_K, SPLITS, warps)
-        out = []
-        folds = [False, True] if w.scheme.format == "int4" and w.minimum is not None else [False]
-        for n, k, s, warps, folded in itertools.product([1, 2, 4, 8], [1024, 2048], [1, 2], [2, 4], folds):
-            if (per_channel or k >= group) and 512 <= n * k <= 16384 and k * s <= w.cols:
-                out.append((n, k, s, warps, folded))  # folded: quant_kernels._gemv_int4_kernel
+    if m <= quant_kernels.GEMV_ROWS:  # (BLOCK_N, BLOCK_K, SPLITS, warps, words)
+        out = [(n, k, s, warps, False) for n, k, s, warps in itertools.product([1, 2, 4, 8], [1024, 2048], [1, 2], [2, 4])
+               if (per_channel or k >= group) and 512 <= n * k <= 16384 and k * s <= w.cols]
+        if quant_kernels.words_take(w):  # the word GEMV: stretches as the default's, here twice as many
+            for n, k, warps in itertools.product([32, 64, 128], [128, 256, 512], [4, 8]):
+                if (per_channel or k >= group) and n * k <= 65536:
+                    splits = quant_kernels.words_blocking(w)[2]
+                    out += [(n, k, splits, warps, True), (n, k, 2 * splits, warps, True)]
         return out
     block_k = 64 if per_channel else group
     if m <= 16:  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, warps, stages)
@@ -84,6 +88,7 @@ def main() -> int:
     p.add_argument("--shapes", default="llama-2-7b")
     p.add_argument("--rows", default="1,16,2048")
     p.add_argument("--sweep", action="store_true", help="also time other blockings of the kernels (the best three)")
+    p.add_argument("--words", action="store_true", help="also time the word GEMV (quant_kernels._gemv_words_kernel)")
     args = p.parse_args()
     if not torch.cuda.is_available() or kernels.triton is None:
         print("bench_quant_kernels needs a GPU and Triton")
@@ -117,12 +122,15 @@ def main() -> int:
                                  for b in sweep_blockings(m, ws[0])}
                         best = sorted(times, key=times.get)[:3]
                         line.append("best " + " ".join(f"{b}:{times[b]:.1f}" for b in best))
-                        if fmt.startswith("int4") and m <= quant_kernels.GEMV_ROWS:  # the folded GEMV, as is
-                            folded = (*quant_kernels.gemv_blocking(n, k, ws[0].scheme.group_size, False), True)
-                            got = product(fmt, x[:1], ws[0], folded).float()
-                            assert (got - want).abs().max() <= 2e-2 * want.abs().max(), "the folded GEMV disagrees"
-                            us_folded = time_us(lambda w: product(fmt, x, w, folded), ws)
-                            line.append(f"folded {us_folded:.1f} ({floor / us_folded:4.2f})")
+                    if args.words and FORMATS[fmt] is not None and m <= quant_kernels.GEMV_ROWS \
+                            and quant_kernels.words_take(ws[0]):
+                        words = quant_kernels.words_blocking(ws[0])
+                        got = product(fmt, x[:1], ws[0], words).float()
+                        assert (got - want).abs().max() <= 2e-2 * want.abs().max(), "the word GEMV disagrees"
+                        us_words = time_us(lambda w: product(fmt, x, w, words), ws)
+                        line.append(f"words {us_words:7.1f} ({floor / us_words:4.2f})")
+                        t = totals.setdefault((fmt + " words", m), [0.0, 0.0])
+                        t[0], t[1] = t[0] + floor, t[1] + us_words
                     del ws
                     torch.cuda.empty_cache()
                 print("  ".join(line), flush=True)

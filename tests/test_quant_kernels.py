@@ -92,25 +92,47 @@ def test_which_schemes_the_kernels_take():
     assert not fused_takes(QuantScheme("int4", 8, 1), 64)  # smaller than a tile's groups
 
 
-@pytest.mark.parametrize("group", [32, 128])
-@pytest.mark.parametrize("rows, cols, m, splits", [(67, 384, 1, 1), (33, 3072, 2, 2), (200, 1024, 1, 1)])
-def test_the_folded_int4_gemv_equals_dequantize_then_multiply(group, rows, cols, m, splits):
-    """``_gemv_int4_kernel`` (nibbles as ``1 + q / 16``, the scale folded into one multiply-add a weight: the
-    candidate ``bench_quant_kernels --sweep`` times against ``_gemv_kernel``), with a bias, odd rows, columns
-    in stretches, and float16 scales."""
+WORD_FORMATS = [("int4", 128, False), ("int4", 32, False), ("int4", 64, False), ("int8", None, False),
+                ("int8", 32, False), ("int8", 16, True)]
+
+
+@pytest.mark.parametrize("fmt, group, minimum", WORD_FORMATS)
+@pytest.mark.parametrize("rows, cols, m, blocking", [
+    (67, 384, 1, None),  # odd rows, columns past the last tile: masked
+    (128, 512, 2, None),  # whole tiles: no masks
+    (40, 1024, 1, (16, 128, 3, 4, True)),  # three stretches of columns (of 3, 3 and 2 tiles) summed
+])
+def test_the_word_gemv_equals_dequantize_then_multiply(fmt, group, minimum, rows, cols, m, blocking):
+    """``_gemv_words_kernel`` (fields read in place from 32-bit words: the candidate ``bench_quant_kernels
+    --sweep`` times against ``_gemv_kernel``), with a bias, and float16 scales."""
     dtype = DTYPES[0]
     for scale_dtype in (None, torch.float16):
-        w = packed("int4", group, rows, cols, dtype, seed=rows + group, scale_dtype=scale_dtype)
+        w = packed(fmt, group, rows, cols, dtype, seed=rows + (group or 0), minimum=minimum, scale_dtype=scale_dtype)
         gen = torch.Generator().manual_seed(m)
         x = torch.randn(m, cols, generator=gen).to(dtype).to(DEVICE)
         bias = torch.randn(rows, generator=gen).to(dtype).to(DEVICE)
         for b in (None, bias):
-            got = quant_kernels.linear(x, w, b, blocking=(8, max(1024, group), splits, 4, True))
+            got = quant_kernels.linear(x, w, b, blocking=blocking or quant_kernels.words_blocking(w))
             assert_close_to_exact(got, x, w, b)
 
 
-def test_the_folded_gemv_refuses_other_formats():
-    w = packed("int8", None, 40, 256, DTYPES[0], seed=5)
+def test_the_word_gemv_on_a_shard_of_the_columns():
+    """The integers of a row-parallel shard as a strided view of whole words: read in place."""
+    dtype = DTYPES[0]
+    whole = packed("int4", 32, 40, 512, dtype, seed=3)
+    half = QuantizedWeight(whole.data[:, 128:], whole.scale[:, 8:].contiguous(), whole.minimum[:, 8:].contiguous(),
+                           whole.scheme)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
+    assert quant_kernels.words_take(half)
+    assert_close_to_exact(quant_kernels.linear(x, half, blocking=(16, 128, 1, 4, True)), x, half, None)
+
+
+def test_the_word_gemv_refuses_what_it_cannot_read_as_words():
     x = torch.randn(1, 256).to(DTYPES[0]).to(DEVICE)
-    with pytest.raises(ValueError, match="int4 in groups"):
-        quant_kernels.linear(x, w, blocking=(8, 1024, 1, 4, True))
+    small = packed("int4", 16, 40, 256, DTYPES[0], seed=5)  # a group of two words: less than a thread's four
+    w8 = packed("int8", None, 40, 258, DTYPES[0], seed=6)
+    odd = QuantizedWeight(w8.data[:, 2:], w8.scale, None, w8.scheme)  # rows that start mid-word
+    for w in (small, odd):
+        assert not quant_kernels.words_take(w)
+        with pytest.raises(ValueError, match="word GEMV"):
+            quant_kernels.linear(x, w, blocking=(16, 256, 1, 4, True))

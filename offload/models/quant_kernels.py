@@ -16,6 +16,9 @@ compressed bytes of HBM traffic, resident or streamed.
   ``scale * sum(q * x) + minimum * sum(x)``, so the weights themselves are never
   formed: per weight, an unpack, an integer-to-float conversion done as a float
   subtraction (the integer written into the mantissa of 2^23) and a multiply-add.
+  ``_gemv_words_kernel`` computes the same sums from 32-bit words, each field turned into
+  a float where it lies in the word (no unpacking): half the instructions a weight. It is
+  the GEMV where ``WORD_GEMV`` is on and it takes the weight (``words_take``).
 * **More rows** (prefill chunks, batched decode): ``_matmul_kernel``, tiles of
   ``[BLOCK_M, group] x [group, BLOCK_N]`` (or 64 columns for int8 per channel), each
   weight tile dequantized in float32, rounded once to the activations' dtype (as
@@ -41,6 +44,11 @@ if triton is not None:
 
 GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
 TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
+MAGIC = 0x4B000000  # the bits of the float 2^23
+# The word GEMV (``_gemv_words_kernel``) for the products it takes: about half the instructions a byte of
+# ``_gemv_kernel`` in sm_90 SASS (int4 3.8 against 8.1 a weight, int8 4.1 against 6.4), not yet timed on a GPU
+# (``bench_quant_kernels.py --words``); off until it is.
+WORD_GEMV = False
 
 
 def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
@@ -50,7 +58,7 @@ def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
 
 def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, blocking=None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for the weight ``W`` that ``w``'s parts hold (``blocking``: another kernel blocking,
-    for benchmarks/bench_quant_kernels.py's sweep; a GEMV's fifth item True: ``_gemv_int4_kernel``)."""
+    for benchmarks/bench_quant_kernels.py's sweep: ``gemv_blocking``'s or ``matmul_blocking``'s items)."""
     k, n = w.cols, w.rows
     rows = x.reshape(-1, k)
     m = rows.shape[0]
@@ -60,19 +68,26 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
                   HAS_MIN=w.minimum is not None)
     minimum = w.minimum if w.minimum is not None else w.scale
     if m <= GEMV_ROWS:
-        block_n, block_k, splits, warps, *folded = blocking or gemv_blocking(n, k, group, w.scheme.group_size is None)
+        block_n, block_k, splits, warps, words = blocking or gemv_blocking(w)
+        if words:
+            tiles = -(-k // (splits * block_k))
+            splits = -(-k // (tiles * block_k))  # no empty stretch
         partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         args = (rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial, n, k,
-                rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * block_k) * block_k)
+                rows.stride(0), w.data.stride(0), w.groups)
         final = dict(HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, BLOCK_N=block_n, BLOCK_K=block_k,
-                     num_warps=warps)
-        if folded and folded[0]:  # the candidate of bench_quant_kernels --sweep
-            if not (common["INT4"] and w.minimum is not None and w.scheme.group_size):
-                raise ValueError("the folded GEMV takes int4 in groups with a minimum")
-            _gemv_int4_kernel[(triton.cdiv(n, block_n), splits, m)](*args, GROUP=group, **final)
+                     num_warps=warps, **common)
+        if words:
+            if not words_take(w):
+                raise ValueError("the word GEMV takes int8 per channel or in groups of 16 columns or more, or int4 "
+                                 "in groups of 32 or more, in 4-byte aligned rows")
+            _gemv_words_kernel[(triton.cdiv(n, block_n), splits, m)](
+                *args, tiles, MAGIC, GROUP=block_k if w.scheme.group_size is None else group,
+                EVEN=n % block_n == 0 and k % block_k == 0, **final)
         else:
             _gemv_kernel[(triton.cdiv(n, block_n), splits, m)](
-                *args, GROUP=block_k if w.scheme.group_size is None else group, **final, **common)
+                *args, triton.cdiv(k, splits * block_k) * block_k,
+                GROUP=block_k if w.scheme.group_size is None else group, **final)
     else:
         block_m, block_n, block_k, splits, warps, stages = blocking or matmul_blocking(
             m, n, k, group, w.scheme.group_size is None)
@@ -88,13 +103,37 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     return out.view(*x.shape[:-1], n)
 
 
-def gemv_blocking(n: int, k: int, group: int, per_channel: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLITS, warps) of the GEMV: tiles of 8 features by 1024 columns (whole groups), and as
-    many stretches of the columns as bring the programs to about ``TARGET_PROGRAMS``."""
-    block_n, block_k = 8, 1024 if per_channel else max(1024, group)
-    stretches = max(1, -(-k // block_k))
-    splits = min(stretches, max(1, TARGET_PROGRAMS // -(-n // block_n)))
-    return block_n, block_k, splits, 4
+def gemv_blocking(w: QuantizedWeight) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_N, BLOCK_K, SPLITS, warps, words) of the GEMV for ``w``: ``_gemv_kernel``'s tiles of 8 features by
+    1024 columns (whole groups), and as many stretches of the columns as bring the programs to about
+    ``TARGET_PROGRAMS``; or, with ``WORD_GEMV``, ``words_blocking`` where the word GEMV takes ``w``."""
+    if WORD_GEMV and words_take(w):
+        return words_blocking(w)
+    n, k, per_channel = w.rows, w.cols, w.scheme.group_size is None
+    block_n, block_k = 8, 1024 if per_channel else max(1024, w.scheme.group_size)
+    return block_n, block_k, _splits(n, k, block_n, block_k), 4, False
+
+
+def words_blocking(w: QuantizedWeight) -> tuple[int, int, int, int, bool]:
+    """The blocking of ``_gemv_words_kernel`` for ``w``: 128 features by 256 columns (int4 in groups over 256: one
+    group), 32 words a thread."""
+    block_n, block_k = 128, max(256, w.scheme.group_size or 0)
+    return block_n, block_k, _splits(w.rows, w.cols, block_n, block_k), 4, True
+
+
+def _splits(n: int, k: int, block_n: int, block_k: int) -> int:
+    """Stretches of the columns that bring a GEMV's programs to about ``TARGET_PROGRAMS``."""
+    return min(max(1, -(-k // block_k)), max(1, TARGET_PROGRAMS // -(-n // block_n)))
+
+
+def words_take(w: QuantizedWeight) -> bool:
+    """Whether ``_gemv_words_kernel`` takes ``w``: rows of whole 4-byte words, four words to a group at least."""
+    group = w.scheme.group_size
+    aligned = (w.data.data_ptr() % 4 == 0 and w.data.stride(0) % 4 == 0 and w.data.stride(1) == 1
+               and w.cols % 8 == 0)
+    if w.scheme.format == INT4:
+        return aligned and group is not None and group >= 32
+    return aligned and (group is None or group >= 16)
 
 
 def matmul_blocking(m: int, n: int, k: int, group: int, per_channel: bool) -> tuple[int, int, int, int, int, int]:
@@ -190,49 +229,111 @@ if triton is not None:
             tl.store(out_ptr + row.to(tl.int64) * N + rows, total, mask=n_ok)
 
     @triton.jit
-    def _gemv_int4_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, N, K, s_x, s_data, GROUPS, SPAN,
-                          GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-        """``_gemv_kernel`` for int4 in groups, in fewer instructions a byte (417 against 520 a loop step of 32
-        bytes a thread, sm_90 SASS: a one-row product of int4 is bound by them, not by its bytes). A nibble ``q`` becomes the float ``1 + q / 16`` by two bit
-        operations (its bits under the exponent of 1.0: no conversion, no subtraction), and
+    def _gemv_words_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, N, K, s_x, s_data, GROUPS, TILES,
+                           MAGIC, GROUP: tl.constexpr, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                           HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, EVEN: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``_gemv_kernel``'s product in about half its instructions a byte (the one-row product is bound by
+        them, not by its bytes): the weights are read as 32-bit words, and each 4-bit or 8-bit field becomes
+        a float with one bit operation and one subtraction, where it lies in the word. The field under bits
+        ``b``..``b + 3`` (int4; bits ``b``..``b + 7``, int8, its sign bit flipped in the same operation) is
+        OR-ed into the mantissa of 2^23: ``2^23 + q 2^b`` (exact below bit 23; the word's top fields are
+        shifted down once a word). Minus 2^23 that is ``q 2^b`` exactly, and it meets ``x 2^-b``, also exact:
+        so per weight one bit operation, one subtraction and one multiply-add, no extraction, no conversion.
+        ``MAGIC`` is 2^23's bits (0x4B000000), an argument so that the compiler keeps it in a register and
+        gives each bit operation its mask as an immediate. Columns ``[pid1 * TILES * BLOCK_K, +TILES *
+        BLOCK_K)``; EVEN: no tile passes the end of the rows or columns (no masks).
 
-            scale * sum(q x) + minimum * sum(x) = 16 scale * sum((1 + q/16) x) + (minimum - 16 scale) * sum(x),
-
-        so every weight costs its two bit operations and a multiply-add into a ``[BLOCK_N, groups, group / 2]``
-        accumulator (the scale folded in) that is summed once, after the loop: no reduction across threads per
-        step. ``sum(x)`` is per group and column, shared by the program's features. The two sums of ``16 scale
-        sum(x)`` cancel: where ``x`` has a large common part, the float32 sum loses a few more bits than
-        ``_gemv_kernel``'s (about 20 times its error in a float32 test with an offset of 20: 5.6e-5)."""
+        The words of a tile ``[BLOCK_N, groups, words of a group]``: int4's word ``t`` of a group holds
+        columns ``4t..4t+3`` of its first half in its low nibbles and of its second half in its high ones;
+        int8's holds columns ``4t..4t+3`` (per channel, a "group" is the tile). Each thread sums its four
+        adjacent words before the scale and the minimum apply."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rows < N
         x_row = x_ptr + tl.program_id(2).to(tl.int64) * s_x
         NG: tl.constexpr = BLOCK_K // GROUP
         HALF: tl.constexpr = GROUP // 2
-        g = tl.arange(0, NG)
-        j = tl.arange(0, HALF)[None, :]
-        r3 = rows[:, None, None].to(tl.int64)
-        n3 = n_ok[:, None, None]
-        acc = tl.zeros([BLOCK_N, NG, HALF], dtype=tl.float32)
-        acc_x = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
-        start = tl.program_id(1) * SPAN
-        for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
-            cols = k0 + g[:, None] * GROUP  # the first column of each group of the tile, [NG, 1]
-            inside = (cols + j) < K
-            b = tl.load(data_ptr + r3 * s_data + ((cols // 2 + j)[None, :, :]), mask=n3 & inside[None, :, :],
-                        other=0, eviction_policy="evict_first").to(tl.int32)
-            xl = tl.load(x_row + cols + j, mask=inside, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            xh = tl.load(x_row + cols + HALF + j, mask=inside, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            lo = (((b << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + (b & 15) / 16
-            hi = (((b << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + (b >> 4) / 16
-            at = rows[:, None].to(tl.int64) * GROUPS + (k0 // GROUP + g)[None, :]
-            g_ok = n_ok[:, None] & ((k0 + g * GROUP) < K)[None, :]
-            scale16 = tl.load(scale_ptr + at, mask=g_ok, other=0.0).to(tl.float32) * 16.0
-            minimum = tl.load(min_ptr + at, mask=g_ok, other=0.0).to(tl.float32)
-            acc += scale16[:, :, None] * (lo * xl[None, :, :] + hi * xh[None, :, :])
-            acc_x += (minimum - scale16) * tl.sum(xl + xh, axis=1)[None, :]
-        total = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_x, axis=1)
+        WG: tl.constexpr = GROUP // 8 if INT4 else GROUP // 4  # words of a group
+        g = tl.arange(0, NG)[:, None]
+        t = tl.arange(0, WG)[None, :]
+        words = data_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None, None].to(tl.int64) * (s_data // 4)
+        four = tl.arange(0, 4)[None, None, :]
+        acc = tl.zeros([BLOCK_N, NG, WG // 4], dtype=tl.float32)
+        start = tl.program_id(1) * TILES * BLOCK_K
+        for k0 in range(start, tl.minimum(start + TILES * BLOCK_K, K), BLOCK_K):
+            first = k0 + g * GROUP  # each group's first column, [NG, 1]
+            at = (k0 // GROUP * WG if INT4 else k0 // 4) + g * WG + t  # each word's place in its row, [NG, WG]
+            columns = (first + 4 * t)[:, :, None] + four  # the columns of each word's first four fields
+            if EVEN:
+                w = tl.load(words + at[None, :, :], eviction_policy="evict_first")
+                xa = tl.load(x_row + columns, eviction_policy="evict_last").to(tl.float32)
+            else:
+                ok = first + 4 * t < K  # whole words: K is a multiple of 4 (of 8, int4)
+                w = tl.load(words + at[None, :, :], mask=n_ok[:, None, None] & ok[None, :, :], other=0,
+                            eviction_policy="evict_first")
+                xa = tl.load(x_row + columns, mask=ok[:, :, None], other=0.0, eviction_policy="evict_last")
+                xa = xa.to(tl.float32)
+            x0, x1, x2, x3 = _four(xa)
+            if INT4:
+                if EVEN:
+                    xb = tl.load(x_row + columns + HALF, eviction_policy="evict_last").to(tl.float32)
+                else:
+                    xb = tl.load(x_row + columns + HALF, mask=ok[:, :, None], other=0.0, eviction_policy="evict_last")
+                    xb = xb.to(tl.float32)
+                h0, h1, h2, h3 = _four(xb)
+                high = w >> 12  # nibbles 5..7 under bits 8..19
+                s = _field(w, 0xF, MAGIC, 8388608.0, x0)
+                s += _field(w, 0xF0, MAGIC, 8388608.0, h0 * 0.0625)
+                s += _field(w, 0xF00, MAGIC, 8388608.0, x1 * 0.00390625)
+                s += _field(w, 0xF000, MAGIC, 8388608.0, h1 * 0.000244140625)
+                s += _field(w, 0xF0000, MAGIC, 8388608.0, x2 * 0.0000152587890625)
+                s += _field(high, 0xF00, MAGIC, 8388608.0, h2 * 0.00390625)
+                s += _field(high, 0xF000, MAGIC, 8388608.0, x3 * 0.000244140625)
+                s += _field(high, 0xF0000, MAGIC, 8388608.0, h3 * 0.0000152587890625)
+                xsum = ((x0 + h0) + (x1 + h1)) + ((x2 + h2) + (x3 + h3))
+            else:  # int8: the sign bit flipped (q + 128) by the same operation
+                high = w >> 16
+                s = _field(w, 0xFF, MAGIC + 0x80, 8388736.0, x0)
+                s += _field(w, 0xFF00, MAGIC + 0x8000, 8421376.0, x1 * 0.00390625)
+                s += _field(high, 0xFF, MAGIC + 0x80, 8388736.0, x2)
+                s += _field(high, 0xFF00, MAGIC + 0x8000, 8421376.0, x3 * 0.00390625)
+                xsum = (x0 + x1) + (x2 + x3)
+            s = tl.sum(tl.reshape(s, [BLOCK_N, NG, WG // 4, 4]), axis=3)  # a thread's four adjacent words
+            if PER_CHANNEL:
+                acc += s
+            else:
+                xsum = tl.sum(tl.reshape(xsum, [NG, WG // 4, 4]), axis=2)
+                parts = rows[:, None].to(tl.int64) * GROUPS + (k0 // GROUP + tl.arange(0, NG))[None, :]
+                if EVEN:
+                    scale = tl.load(scale_ptr + parts).to(tl.float32)
+                else:
+                    g_ok = n_ok[:, None] & ((k0 + tl.arange(0, NG) * GROUP) < K)[None, :]
+                    scale = tl.load(scale_ptr + parts, mask=g_ok, other=0.0).to(tl.float32)
+                acc += scale[:, :, None] * s
+                if HAS_MIN:
+                    if EVEN:
+                        minimum = tl.load(min_ptr + parts).to(tl.float32)
+                    else:
+                        minimum = tl.load(min_ptr + parts, mask=g_ok, other=0.0).to(tl.float32)
+                    acc += minimum[:, :, None] * xsum[None, :, :]
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)
+        if PER_CHANNEL:
+            total *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
         _store_gemv(total, rows, n_ok, N, bias_ptr, out_ptr, HAS_BIAS, FINAL)
+
+    @triton.jit
+    def _field(w, mask: tl.constexpr, magic, bias: tl.constexpr, x):
+        """``x`` times the field of ``w`` under ``mask`` (bits below 23) as a float: ``(w & mask) ^ magic`` is
+        the float ``bias + field``; ``magic`` carries 2^23's exponent (and int8's flipped sign bit)."""
+        return (((w & mask) ^ magic).to(tl.float32, bitcast=True) - bias) * x
+
+    @triton.jit
+    def _four(x):
+        """The four values along the last axis (of 4) of ``x`` as four tensors."""
+        a, b = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))
+        x0, x2 = tl.split(a)
+        x1, x3 = tl.split(b)
+        return x0, x1, x2, x3
 
     @triton.jit
     def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, TOTAL, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,

@@ -3,7 +3,7 @@
 
     python benchmarks/bench_quant_kernels.py                     # llama-2-7b's products, 1, 16 and 2048 rows
     python benchmarks/bench_quant_kernels.py --sweep             # and the kernels' other blockings
-    python benchmarks/bench_quant_kernels.py --rows 1 --words    # and the word GEMV beside the default
+    python benchmarks/bench_quant_kernels.py --rows 1,16 --words # and the word kernels beside the defaults
 
 For each product of a llama-2-7b layer, each format (bf16: offload's GEMV for one row,
 cuBLAS otherwise; int8 per channel; int4 in groups of 128 and of 32, by the kernels the
@@ -11,8 +11,8 @@ rows choose; int4 dequantized then multiplied by cuBLAS, the path before the ker
 each number of rows:
 microseconds per product and, for a few rows, floor / time, where the floor is the
 product's weight bytes (compressed) over the device-copy bandwidth measured in the
-run; for 2048 rows, TFLOP/s. ``--words``: also the word GEMV (``_gemv_words_kernel``) at its
-blocking, checked against dequantize-then-multiply. Each product cycles through copies of its weight (600 MB
+run; for 2048 rows, TFLOP/s. ``--words``: also the word kernels (``quant_kernels.WORD_GEMV``: the
+GEMV for one or two rows, int4's product for up to 16), checked against dequantize-then-multiply. Each product cycles through copies of its weight (600 MB
 in all) inside one CUDA graph, so no weight is found in L2 and no launch gap is timed.
 """
 
@@ -65,6 +65,13 @@ SWEPT = ("int8", "int4-g128")  # the formats and products whose other blockings 
 SWEPT_PRODUCTS = ("gate_up", "down")
 
 
+def word_blocking(m, w):
+    """The word kernels' blocking for ``m`` rows of ``w``, or None where they do not take it."""
+    chosen = (quant_kernels.gemv_blocking(w, words=True) if m <= quant_kernels.GEMV_ROWS
+              else quant_kernels.matmul_blocking(w, m, words=True))
+    return chosen if chosen[-1] else None
+
+
 def sweep_blockings(m, w):
     """Other blockings of the kernel that takes ``m`` rows of ``w``."""
     group, per_channel = w.scheme.group_size or w.cols, w.scheme.group_size is None
@@ -74,13 +81,15 @@ def sweep_blockings(m, w):
         if quant_kernels.words_take(w):  # the word GEMV: stretches as the default's, here twice as many
             for n, k, warps in itertools.product([32, 64, 128], [128, 256, 512], [4, 8]):
                 if (per_channel or k >= group) and n * k <= 65536:
-                    splits = quant_kernels.words_blocking(w)[2]
+                    splits = quant_kernels.gemv_blocking(w, words=True)[2]
                     out += [(n, k, splits, warps, True), (n, k, 2 * splits, warps, True)]
         return out
     block_k = 64 if per_channel else group
-    if m <= 16:  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, warps, stages)
-        return [(16, n, block_k, s, 4, 3) for n, s in itertools.product([32, 64, 128], [1, 4]) if s * block_k <= w.cols]
-    return [(bm, 128, block_k, 1, warps, 3) for bm, warps in itertools.product([64, 128], [4, 8])]
+    if m <= 16:  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, warps, stages, words)
+        words = [False, True] if w.scheme.format == "int4" and group >= 128 and quant_kernels.words_take(w) else [False]
+        return [(16, n, block_k, s, 4, 3, wd) for n, s, wd in itertools.product([32, 64, 128], [1, 4], words)
+                if s * block_k <= w.cols]
+    return [(bm, 128, block_k, 1, warps, 3, False) for bm, warps in itertools.product([64, 128], [4, 8])]
 
 
 def main() -> int:
@@ -88,7 +97,7 @@ def main() -> int:
     p.add_argument("--shapes", default="llama-2-7b")
     p.add_argument("--rows", default="1,16,2048")
     p.add_argument("--sweep", action="store_true", help="also time other blockings of the kernels (the best three)")
-    p.add_argument("--words", action="store_true", help="also time the word GEMV (quant_kernels._gemv_words_kernel)")
+    p.add_argument("--words", action="store_true", help="also time the word kernels (quant_kernels.WORD_GEMV)")
     args = p.parse_args()
     if not torch.cuda.is_available() or kernels.triton is None:
         print("bench_quant_kernels needs a GPU and Triton")
@@ -122,11 +131,10 @@ def main() -> int:
                                  for b in sweep_blockings(m, ws[0])}
                         best = sorted(times, key=times.get)[:3]
                         line.append("best " + " ".join(f"{b}:{times[b]:.1f}" for b in best))
-                    if args.words and FORMATS[fmt] is not None and m <= quant_kernels.GEMV_ROWS \
-                            and quant_kernels.words_take(ws[0]):
-                        words = quant_kernels.words_blocking(ws[0])
+                    words = FORMATS[fmt] is not None and args.words and word_blocking(m, ws[0])
+                    if words:
                         got = product(fmt, x[:1], ws[0], words).float()
-                        assert (got - want).abs().max() <= 2e-2 * want.abs().max(), "the word GEMV disagrees"
+                        assert (got - want).abs().max() <= 2e-2 * want.abs().max(), "the word kernels disagree"
                         us_words = time_us(lambda w: product(fmt, x, w, words), ws)
                         line.append(f"words {us_words:7.1f} ({floor / us_words:4.2f})")
                         t = totals.setdefault((fmt + " words", m), [0.0, 0.0])

@@ -15,8 +15,8 @@
 #   gemv           one-row products of four models' shapes: offload's GEMV kernel against cuBLAS and the floor
 #   quantk         products from int8/int4 parts (offload's kernels) against bf16 and the floor, 1, 16 and 2048 rows
 #   quantsweep     the same with the kernels' other blockings (the best three of each)
-#   quantwords     one row and two: the word GEMV (_gemv_words_kernel) beside the default, and both kernels'
-#                  other blockings (the best three)
+#   quantwords     1, 2 and 16 rows: the word kernels (quant_kernels.WORD_GEMV) beside the defaults, and the
+#                  kernels' other blockings (the best three)
 #   quant7b        llama-2-7b resident decode in int8 and int4, batch 1 and 16 (GPU time per pass vs floor; bf16: resident7b)
 #   profile7b      llama-2-7b resident, compiled: generate's ms/step against the GPU's time per pass, the kernels
 #   profile13b     llama-2-13b resident, compiled, the same without the kernel table
@@ -69,7 +69,7 @@
 #                                                              host's time of a routed layer; mixtral both ways
 #   2. spec_smollm2:390 (carry .assets/smollm2/part-aa first,  a real model's drafts with a warm-up that captures
 #      then part-ab and .whl with this stage)                  every bucket before timing (#22)
-#   3. quantwords:120 load70b:240 offload13b:220               the word GEMV against the default (if faster: set
+#   3. quantwords:150 load70b:240 offload13b:200               the word kernels against the defaults (if faster: set
 #                                                              quant_kernels.WORD_GEMV, then quant7b:150); saved
 #                                                              int4 loads; 13b int4 at 4 GiB (#20)
 #   4. spec70b:300 int4_70b:250                                70b verify passes; 70b int4 at 24 GiB (#20)
@@ -112,7 +112,7 @@ run_stage() {
     gemv) stage gemv python3 benchmarks/bench_gemv.py ;;
     quantk) stage quantk python3 benchmarks/bench_quant_kernels.py ;;
     quantsweep) stage quantsweep python3 benchmarks/bench_quant_kernels.py --rows 1,16,2048 --sweep ;;
-    quantwords) stage quantwords python3 benchmarks/bench_quant_kernels.py --rows 1,2 --words --sweep ;;
+    quantwords) stage quantwords python3 benchmarks/bench_quant_kernels.py --rows 1,2,16 --words --sweep ;;
     quant7b) stage quant7b bash -c 'for q in "--quantize int8" "--quantize int4"; do for b in 1 16; do
       python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 --batch $b $q; done; done' ;;
     profile7b) stage profile7b python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 32,128 --compile \

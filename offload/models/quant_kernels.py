@@ -18,7 +18,8 @@ compressed bytes of HBM traffic, resident or streamed.
   subtraction (the integer written into the mantissa of 2^23) and a multiply-add.
   ``_gemv_words_kernel`` computes the same sums from 32-bit words, each field turned into
   a float where it lies in the word (no unpacking): half the instructions a weight. It is
-  the GEMV where ``WORD_GEMV`` is on and it takes the weight (``words_take``).
+  the GEMV where ``WORD_GEMV`` is on and it takes the weight (``words_take``), and int4's
+  product of up to 16 rows (``_matmul_kernel``'s WORDS) reads its groups the same way.
 * **More rows** (prefill chunks, batched decode): ``_matmul_kernel``, tiles of
   ``[BLOCK_M, group] x [group, BLOCK_N]`` (or 64 columns for int8 per channel), each
   weight tile dequantized in float32, rounded once to the activations' dtype (as
@@ -45,9 +46,10 @@ if triton is not None:
 GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
 TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
 MAGIC = 0x4B000000  # the bits of the float 2^23
-# The word GEMV (``_gemv_words_kernel``) for the products it takes: about half the instructions a byte of
-# ``_gemv_kernel`` in sm_90 SASS (int4 3.8 against 8.1 a weight, int8 4.1 against 6.4), not yet timed on a GPU
-# (``bench_quant_kernels.py --words``); off until it is.
+# The word kernels: ``_gemv_words_kernel`` for one or two rows, ``_matmul_kernel``'s WORDS for up to 16 rows of
+# int4 in groups of 128 or more. Fewer instructions a weight in the loops' sm_90 SASS (compiled without a GPU):
+# GEMV int4 3.8 against 8.1, int8 4.1 against 6.4; int4 at 16 rows 5.9 against 8.5. Not yet timed on a GPU
+# (``bench_quant_kernels.py --words``): off until they are.
 WORD_GEMV = False
 
 
@@ -89,36 +91,32 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
                 *args, triton.cdiv(k, splits * block_k) * block_k,
                 GROUP=block_k if w.scheme.group_size is None else group, **final)
     else:
-        block_m, block_n, block_k, splits, warps, stages = blocking or matmul_blocking(
-            m, n, k, group, w.scheme.group_size is None)
+        block_m, block_n, block_k, splits, warps, stages, words = blocking or matmul_blocking(w, m)
+        if words and not (common["INT4"] and group >= 128 and words_take(w)):
+            raise ValueError("the word product takes int4 in groups of 128 or more, in 4-byte aligned rows")
         partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         _matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
             rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial, m, n, k,
-            rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * block_k) * block_k,
-            HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
+            rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * block_k) * block_k, MAGIC,
+            HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, WORDS=words, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
     if splits > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, bias if bias is not None else out, out, m * n, n,
                                                         SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024)
     return out.view(*x.shape[:-1], n)
 
 
-def gemv_blocking(w: QuantizedWeight) -> tuple[int, int, int, int, bool]:
+def gemv_blocking(w: QuantizedWeight, words: bool | None = None) -> tuple[int, int, int, int, bool]:
     """(BLOCK_N, BLOCK_K, SPLITS, warps, words) of the GEMV for ``w``: ``_gemv_kernel``'s tiles of 8 features by
     1024 columns (whole groups), and as many stretches of the columns as bring the programs to about
-    ``TARGET_PROGRAMS``; or, with ``WORD_GEMV``, ``words_blocking`` where the word GEMV takes ``w``."""
-    if WORD_GEMV and words_take(w):
-        return words_blocking(w)
-    n, k, per_channel = w.rows, w.cols, w.scheme.group_size is None
-    block_n, block_k = 8, 1024 if per_channel else max(1024, w.scheme.group_size)
+    ``TARGET_PROGRAMS``. With ``words`` (by default ``WORD_GEMV``), where ``_gemv_words_kernel`` takes ``w``, its
+    tiles of 128 features by 256 columns (int4 in groups over 256: one group), 32 words a thread."""
+    n, k = w.rows, w.cols
+    if (WORD_GEMV if words is None else words) and words_take(w):
+        block_n, block_k = 128, max(256, w.scheme.group_size or 0)
+        return block_n, block_k, _splits(n, k, block_n, block_k), 4, True
+    block_n, block_k = 8, 1024 if w.scheme.group_size is None else max(1024, w.scheme.group_size)
     return block_n, block_k, _splits(n, k, block_n, block_k), 4, False
-
-
-def words_blocking(w: QuantizedWeight) -> tuple[int, int, int, int, bool]:
-    """The blocking of ``_gemv_words_kernel`` for ``w``: 128 features by 256 columns (int4 in groups over 256: one
-    group), 32 words a thread."""
-    block_n, block_k = 128, max(256, w.scheme.group_size or 0)
-    return block_n, block_k, _splits(w.rows, w.cols, block_n, block_k), 4, True
 
 
 def _splits(n: int, k: int, block_n: int, block_k: int) -> int:
@@ -136,21 +134,25 @@ def words_take(w: QuantizedWeight) -> bool:
     return aligned and (group is None or group >= 16)
 
 
-def matmul_blocking(m: int, n: int, k: int, group: int, per_channel: bool) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, warps, stages) by the number of rows: narrow tiles, and stretches of
-    the columns summed afterwards, for a few rows (the weights' bytes bound the time: many programs keep many
-    in flight), square tiles for many (the tensor cores bound it). A column step is one group (its scale is
-    one per feature), or 64 columns per channel."""
+def matmul_blocking(w: QuantizedWeight, m: int, words: bool | None = None) -> tuple[int, int, int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, warps, stages, words) for ``m`` rows of ``w``: narrow tiles, and
+    stretches of the columns summed afterwards, for a few rows (the weights' bytes bound the time: many programs
+    keep many in flight), square tiles for many (the tensor cores bound it). A column step is one group (its
+    scale is one per feature), or 64 columns per channel. With ``words`` (by default ``WORD_GEMV``), up to 16
+    rows of int4 in groups of 128 or more are read as words."""
+    n, k, group, per_channel = w.rows, w.cols, w.scheme.group_size or w.cols, w.scheme.group_size is None
     block_k = 64 if per_channel else group
+    words = ((WORD_GEMV if words is None else words) and m <= 16 and w.scheme.format == INT4 and group >= 128
+             and words_take(w))
     if m <= 16:
-        block_m, block_n, warps = 16, 64, 4
+        block_m, block_n, warps = 16, 128 if words else 64, 4
     elif m <= 64:
         block_m, block_n, warps = 64, 64, 4
     else:
         block_m, block_n, warps = 128, 128, 4
     tiles = -(-m // block_m) * -(-n // block_n)
     splits = 1 if m > 64 else min(-(-k // block_k), max(1, TARGET_PROGRAMS // 2 // tiles))
-    return block_m, block_n, block_k, splits, warps, 3
+    return block_m, block_n, block_k, splits, warps, 3, words
 
 
 if triton is not None:
@@ -328,6 +330,14 @@ if triton is not None:
         return (((w & mask) ^ magic).to(tl.float32, bitcast=True) - bias) * x
 
     @triton.jit
+    def _field_product(acc, w, mask: tl.constexpr, magic, scale, minimum, x_at, m_ok):
+        """``acc`` plus ``x @ W``: ``W``'s integers are the fields of ``w`` under ``mask``, times 2^shift as
+        ``_field`` makes them (``scale`` is divided by 2^shift), ``x``'s columns are at ``x_at``."""
+        q = ((w & mask) ^ magic).to(tl.float32, bitcast=True) - 8388608.0
+        x = tl.load(x_at, mask=m_ok[:, None], other=0.0)
+        return tl.dot(x, (q * scale + minimum).to(x_at.dtype.element_ty), acc)
+
+    @triton.jit
     def _four(x):
         """The four values along the last axis (of 4) of ``x`` as four tensors."""
         a, b = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))
@@ -350,11 +360,14 @@ if triton is not None:
 
     @triton.jit
     def _matmul_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, M, N, K, s_x, s_data, GROUPS, SPAN,
-                       INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       FINAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       MAGIC, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Tile ``[pid0 * BLOCK_M, +BLOCK_M) x [pid1 * BLOCK_N, +BLOCK_N)`` over columns ``[pid2 * SPAN, +SPAN)``:
         the output (FINAL) or this stretch's float32 partial sums ``out[pid2]``; a column step of ``BLOCK_K``
-        columns is one group (one scale per feature)."""
+        columns is one group (one scale per feature). WORDS (int4 in groups of 128 or more): the group read as
+        32-bit words, each of its eight nibbles made a float where it lies (as ``_gemv_words_kernel`` does),
+        and multiplied in eight products of ``BLOCK_K / 8`` columns."""
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = m < M, rows < N
@@ -368,7 +381,23 @@ if triton is not None:
                 at = rows.to(tl.int64) * GROUPS + k0 // BLOCK_K
                 scale = tl.load(scale_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 minimum = tl.load(min_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :] if HAS_MIN else 0.0
-            if INT4:
+            if WORDS:
+                t = tl.arange(0, BLOCK_K // 8)
+                w = tl.load(data_ptr.to(tl.pointer_type(tl.int32)) + rows[None, :].to(tl.int64) * (s_data // 4)
+                            + (k0 // 8 + t)[:, None], mask=n_ok[None, :], other=0)  # [BLOCK_K / 8, BLOCK_N]
+                high = w >> 12  # nibbles 5..7 under bits 8..19
+                x_at = x_rows + (k0 + 4 * t)[None, :]  # each word's first column (of the group's first half)
+                H: tl.constexpr = BLOCK_K // 2  # its second half
+                acc = _field_product(acc, w, 0xF, MAGIC, scale, minimum, x_at, m_ok)
+                acc = _field_product(acc, w, 0xF0, MAGIC, scale * 0.0625, minimum, x_at + H, m_ok)
+                acc = _field_product(acc, w, 0xF00, MAGIC, scale * 0.00390625, minimum, x_at + 1, m_ok)
+                acc = _field_product(acc, w, 0xF000, MAGIC, scale * 0.000244140625, minimum, x_at + H + 1, m_ok)
+                acc = _field_product(acc, w, 0xF0000, MAGIC, scale * 0.0000152587890625, minimum, x_at + 2, m_ok)
+                acc = _field_product(acc, high, 0xF00, MAGIC, scale * 0.00390625, minimum, x_at + H + 2, m_ok)
+                acc = _field_product(acc, high, 0xF000, MAGIC, scale * 0.000244140625, minimum, x_at + 3, m_ok)
+                acc = _field_product(acc, high, 0xF0000, MAGIC, scale * 0.0000152587890625, minimum, x_at + H + 3,
+                                     m_ok)
+            elif INT4:
                 j = tl.arange(0, BLOCK_K // 2)
                 inside = (k0 + j) < K
                 b = tl.load(w_rows + (k0 // 2 + j)[:, None], mask=inside[:, None] & n_ok[None, :], other=0).to(tl.int32)

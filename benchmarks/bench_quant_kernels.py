@@ -132,9 +132,10 @@ def main() -> int:
                         best = sorted(times, key=times.get)[:3]
                         line.append("best " + " ".join(f"{b}:{times[b]:.1f}" for b in best))
                     words = FORMATS[fmt] is not None and args.words and word_blocking(m, ws[0])
-                    if words:
-                        got = product(fmt, x[:1], ws[0], words).float()
-                        assert (got - want).abs().max() <= 2e-2 * want.abs().max(), "the word kernels disagree"
+                    if words:  # checked on all m rows: the blocking is the kernel of m rows
+                        want_m = dequantized(x, ws[0]).float()
+                        got = product(fmt, x, ws[0], words).float()
+                        assert (got - want_m).abs().max() <= 2e-2 * want_m.abs().max(), "the word kernels disagree"
                         us_words = time_us(lambda w: product(fmt, x, w, words), ws)
                         line.append(f"words {us_words:7.1f} ({floor / us_words:4.2f})")
                         t = totals.setdefault((fmt + " words", m), [0.0, 0.0])

@@ -18,6 +18,7 @@
 #   quantwords     1, 2 and 16 rows: the word kernels (quant_kernels.WORD_GEMV) beside the defaults, and the
 #                  kernels' other blockings (the best three)
 #   quant7b        llama-2-7b resident decode in int8 and int4, batch 1 and 16 (GPU time per pass vs floor; bf16: resident7b)
+#   quant7b_words  the same with the word kernels (OFFLOAD_WORD_GEMV=1)
 #   profile7b      llama-2-7b resident, compiled: generate's ms/step against the GPU's time per pass, the kernels
 #   profile13b     llama-2-13b resident, compiled, the same without the kernel table
 #   host13b        llama-2-13b at 8 GiB, host tier only, batch 1, graphs and eager (no accelerate)
@@ -69,9 +70,9 @@
 #                                                              host's time of a routed layer; mixtral both ways
 #   2. spec_smollm2:390 (carry .assets/smollm2/part-aa first,  a real model's drafts with a warm-up that captures
 #      then part-ab and .whl with this stage)                  every bucket before timing (#22)
-#   3. quantwords:150 load70b:240 offload13b:200               the word kernels against the defaults (if faster: set
-#                                                              quant_kernels.WORD_GEMV, then quant7b:150); saved
-#                                                              int4 loads; 13b int4 at 4 GiB (#20)
+#   3. quantwords:150 quant7b:140 quant7b_words:140            the word kernels against the defaults, products and
+#                                                              7b resident decode (#20; if faster: WORD_GEMV on)
+#   3b. load70b:240 offload13b:200                             saved int4 loads; 13b int4 at 4 GiB (#20)
 #   4. spec70b:300 int4_70b:250                                70b verify passes; 70b int4 at 24 GiB (#20)
 #   5. moe30b_acc:280 mixtral24_acc:300                        the MoE goals against accelerate (#21)
 #   6. int4_405b:500                                           the moonshot (#20): its plan, ms/token, link limit
@@ -115,6 +116,9 @@ run_stage() {
     quantwords) stage quantwords python3 benchmarks/bench_quant_kernels.py --rows 1,2,16 --words --sweep ;;
     quant7b) stage quant7b bash -c 'for q in "--quantize int8" "--quantize int4"; do for b in 1 16; do
       python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 --batch $b $q; done; done' ;;
+    quant7b_words) stage quant7b_words env OFFLOAD_WORD_GEMV=1 bash -c 'for q in "--quantize int8" "--quantize int4"
+      do for b in 1 16; do python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
+      --batch $b $q; done; done' ;;
     profile7b) stage profile7b python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 32,128 --compile \
       --kernels ;;
     profile13b) stage profile13b python3 benchmarks/profile_decode.py --shape llama-2-13b --prompts 32,128 --compile ;;

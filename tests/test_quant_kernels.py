@@ -152,6 +152,8 @@ def test_the_word_gemv_refuses_what_it_cannot_read_as_words():
         assert not quant_kernels.words_take(w)
         with pytest.raises(ValueError, match="word GEMV"):
             quant_kernels.linear(x, w, blocking=(16, 256, 1, 4, True))
+    wide = packed("int4", 512, 40, 1024, DTYPES[0], seed=10)  # a group wider than the GEMV's tile
+    assert not quant_kernels.words_take(wide)
     g32 = packed("int4", 32, 40, 256, DTYPES[0], seed=7)  # eight products of four columns: too narrow
     with pytest.raises(ValueError, match="word product"):
         quant_kernels.linear(x.expand(4, -1), g32, blocking=(16, 64, 32, 1, 4, 3, True))
@@ -209,3 +211,24 @@ def test_the_word_gemv_compiles_for_hopper_to_wide_loads_and_no_conversions(fmt)
     ptx = proc.stdout
     assert re.search(r"ld\.global\S*evict_first\S*\.v4\.b32", ptx)
     assert not re.search(r"cvt\.rn\.f32\.[su](8|16|32)", ptx)
+
+
+def test_int8_rows_of_whole_words_that_are_not_whole_int4_words():
+    """int8 per channel needs rows of 4 bytes, not of 8: 260 columns are read as words, to the last one."""
+    dtype = DTYPES[0]
+    w = packed("int8", None, 40, 260, dtype, seed=11)
+    assert quant_kernels.words_take(w)
+    x = torch.randn(2, 260, generator=torch.Generator().manual_seed(12)).to(dtype).to(DEVICE)
+    assert_close_to_exact(quant_kernels.linear(x, w, blocking=quant_kernels.gemv_blocking(w, words=True)), x, w, None)
+
+
+def test_choosing_the_word_kernels_does_not_break_a_compiled_graph():
+    """``torch.compile`` cannot read a tensor's pointer: the choice must not make it fall back to eager."""
+    w = packed("int4", 128, 64, 256, DTYPES[0], seed=13)
+
+    @torch.compile(backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    def blockings(x):
+        return x * 2, quant_kernels.gemv_blocking(w, words=True), quant_kernels.matmul_blocking(w, 16, words=True)
+
+    _, gemv, matmul = blockings(torch.ones(3))
+    assert gemv[-1] and matmul[-1]

@@ -17,9 +17,10 @@ compressed bytes of HBM traffic, resident or streamed.
   formed: per weight, an unpack, an integer-to-float conversion done as a float
   subtraction (the integer written into the mantissa of 2^23) and a multiply-add.
   ``_gemv_words_kernel`` computes the same sums from 32-bit words, each field turned into
-  a float where it lies in the word (no unpacking): half the instructions a weight. It is
-  the GEMV where ``WORD_GEMV`` is on and it takes the weight (``words_take``), and int4's
-  product of up to 16 rows (``_matmul_kernel``'s WORDS) reads its groups the same way.
+  a float where it lies in the word (no unpacking): fewer instructions a weight (int4: less
+  than half). It is the GEMV where ``WORD_GEMV`` is on and it takes the weight
+  (``words_take``), and int4's product of up to 16 rows (``_matmul_kernel``'s WORDS) reads
+  its groups the same way.
 * **More rows** (prefill chunks, batched decode): ``_matmul_kernel``, tiles of
   ``[BLOCK_M, group] x [group, BLOCK_N]`` (or 64 columns for int8 per channel), each
   weight tile dequantized in float32, rounded once to the activations' dtype (as
@@ -35,6 +36,8 @@ of two of at least 16), on models whose ops are offload's kernels (``ops.choose`
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .kernels import DTYPES, triton
@@ -49,8 +52,9 @@ MAGIC = 0x4B000000  # the bits of the float 2^23
 # The word kernels: ``_gemv_words_kernel`` for one or two rows, ``_matmul_kernel``'s WORDS for up to 16 rows of
 # int4 in groups of 128 or more. Fewer instructions a weight in the loops' sm_90 SASS (compiled without a GPU):
 # GEMV int4 3.8 against 8.1, int8 4.1 against 6.4; int4 at 16 rows 5.9 against 8.5. Not yet timed on a GPU
-# (``bench_quant_kernels.py --words``): off until they are.
-WORD_GEMV = False
+# (``bench_quant_kernels.py --words``): off until they are, unless the environment sets OFFLOAD_WORD_GEMV=1 (for
+# a benchmark's run of a whole model; read once, at import).
+WORD_GEMV = os.environ.get("OFFLOAD_WORD_GEMV", "0") == "1"
 
 
 def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
@@ -81,8 +85,8 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
                      num_warps=warps, **common)
         if words:
             if not words_take(w):
-                raise ValueError("the word GEMV takes int8 per channel or in groups of 16 columns or more, or int4 "
-                                 "in groups of 32 or more, in 4-byte aligned rows")
+                raise ValueError("the word GEMV takes int8 per channel or in groups of 16 to 256 columns, or int4 "
+                                 "in groups of 32 to 256, in rows of whole 4-byte words")
             _gemv_words_kernel[(triton.cdiv(n, block_n), splits, m)](
                 *args, tiles, MAGIC, GROUP=block_k if w.scheme.group_size is None else group,
                 EVEN=n % block_n == 0 and k % block_k == 0, **final)
@@ -93,7 +97,7 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     else:
         block_m, block_n, block_k, splits, warps, stages, words = blocking or matmul_blocking(w, m)
         if words and not (common["INT4"] and group >= 128 and words_take(w)):
-            raise ValueError("the word product takes int4 in groups of 128 or more, in 4-byte aligned rows")
+            raise ValueError("the word product takes int4 in groups of 128 or 256, in rows of whole 4-byte words")
         partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         _matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
             rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial, m, n, k,
@@ -110,10 +114,10 @@ def gemv_blocking(w: QuantizedWeight, words: bool | None = None) -> tuple[int, i
     """(BLOCK_N, BLOCK_K, SPLITS, warps, words) of the GEMV for ``w``: ``_gemv_kernel``'s tiles of 8 features by
     1024 columns (whole groups), and as many stretches of the columns as bring the programs to about
     ``TARGET_PROGRAMS``. With ``words`` (by default ``WORD_GEMV``), where ``_gemv_words_kernel`` takes ``w``, its
-    tiles of 128 features by 256 columns (int4 in groups over 256: one group), 32 words a thread."""
+    tiles of 128 features by 256 columns."""
     n, k = w.rows, w.cols
     if (WORD_GEMV if words is None else words) and words_take(w):
-        block_n, block_k = 128, max(256, w.scheme.group_size or 0)
+        block_n, block_k = 128, 256
         return block_n, block_k, _splits(n, k, block_n, block_k), 4, True
     block_n, block_k = 8, 1024 if w.scheme.group_size is None else max(1024, w.scheme.group_size)
     return block_n, block_k, _splits(n, k, block_n, block_k), 4, False
@@ -125,13 +129,16 @@ def _splits(n: int, k: int, block_n: int, block_k: int) -> int:
 
 
 def words_take(w: QuantizedWeight) -> bool:
-    """Whether ``_gemv_words_kernel`` takes ``w``: rows of whole 4-byte words, four words to a group at least."""
-    group = w.scheme.group_size
-    aligned = (w.data.data_ptr() % 4 == 0 and w.data.stride(0) % 4 == 0 and w.data.stride(1) == 1
-               and w.cols % 8 == 0)
-    if w.scheme.format == INT4:
-        return aligned and group is not None and group >= 32
-    return aligned and (group is None or group >= 16)
+    """Whether the word kernels take ``w``: rows of whole 4-byte words, and groups of four words to a tile's 256
+    columns. (Where ``torch.compile`` traces, which cannot read a pointer, the start is taken to be aligned, as
+    every part of a block is: offsets of 256 bytes.)"""
+    group, int4 = w.scheme.group_size, w.scheme.format == INT4
+    words = w.data.stride(1) == 1 and w.data.stride(0) % 4 == 0 and w.cols % (8 if int4 else 4) == 0
+    if words and not torch.compiler.is_compiling():
+        words = w.data.data_ptr() % 4 == 0
+    if int4:
+        return words and group is not None and 32 <= group <= 256
+    return words and (group is None or 16 <= group <= 256)
 
 
 def matmul_blocking(w: QuantizedWeight, m: int, words: bool | None = None) -> tuple[int, int, int, int, int, int, bool]:

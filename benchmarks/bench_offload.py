@@ -301,8 +301,12 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
         needs = offload.plan_model(bench.model, **bench.load_args(bench.batches[0]), quantize=bench.quantized[0][0],
                                    gpu_memory=bench.quantized[0][1] or bench.gpu_memory, cpu_memory=2**50).needs
         everything = len(needs.blocks) * needs.largest_block + needs.embedding_bytes
-        return [(f"host {fmt}", dict(gpu_memory=gpu_memory or bench.gpu_memory, cpu_memory=everything, quantize=fmt))
+        everything += needs.experts.count * needs.experts.nbytes if needs.experts else 0
+        runs = [(f"host {fmt}", dict(gpu_memory=gpu_memory or bench.gpu_memory, cpu_memory=everything, quantize=fmt))
                 for fmt, gpu_memory in bench.quantized]
+        if needs.experts:  # and their experts read where they live (one graph a step)
+            runs += [(f"{name} direct", dict(budget, direct_experts=True)) for name, budget in runs]
+        return runs
     experts = needs.experts.count * needs.experts.nbytes if needs.experts else 0
     # Room for every layer (the planner counts each streamed one as the largest: a GGUF file's layers differ), the
     # embedding table and every expert: this budget never binds.

@@ -25,6 +25,8 @@
 #   prefill13b     llama-2-13b at 8 GiB: prefill of 32 x 128 and 1 x 4096 tokens against their limits
 #   int4_70b       llama-2-70b in int4 at 24 GiB (random weights made packed: loads in about the time of writing
 #                  its 36 GB, where quantizing 140 GB of bf16 took over 270 s)
+#   moe235_int4    qwen3-235b-a22b in int4 (118 GiB), every expert resident in 130 GiB: ms/token, experts copied
+#                  (graph pieces) against read directly (one graph a step), against the HBM floor
 #   int4_405b      the moonshot: llama-3.1-405b in int4, 130 GiB of HBM and the rest (84 GiB) pinned on the host
 #   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16:
 #                  copied (eager steps) against read directly from pinned memory by the kernels (whole graphs)
@@ -76,6 +78,7 @@
 #   4. spec70b:300 int4_70b:250                                70b verify passes; 70b int4 at 24 GiB (#20)
 #   5. moe30b_acc:280 mixtral24_acc:300                        the MoE goals against accelerate (#21)
 #   6. int4_405b:500                                           the moonshot (#20): its plan, ms/token, link limit
+#   7. moe235_int4:400                                         qwen3-235b-a22b in int4 on one GPU (#21)
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail
@@ -128,6 +131,8 @@ run_stage() {
       --prompts 32x128,1x4096 --json "$OUT/prefill13b.json" ;;
     int4_70b) stage int4_70b python3 benchmarks/bench_offload.py --shape llama-2-70b --gpu-memory 24GiB \
       --runs "host int4" --quantize int4 --batch 1,16 --skip-accelerate --json "$OUT/int4_70b.json" ;;
+    moe235_int4) stage moe235_int4 python3 benchmarks/bench_offload.py --shape qwen3-235b-a22b --gpu-memory 130GiB \
+      --quantize int4 --batch 1 --decode-tokens 4 --prompt-len 16 --skip-accelerate --json "$OUT/moe235_int4.json" ;;
     int4_405b) stage int4_405b python3 benchmarks/bench_offload.py --shape llama-3.1-405b --gpu-memory 130GiB \
       --runs "host int4" --quantize int4 --batch 1 --decode-tokens 4 --prompt-len 16 --skip-accelerate \
       --json "$OUT/int4_405b.json" ;;

@@ -11,9 +11,10 @@ rows choose; int4 dequantized then multiplied by cuBLAS, the path before the ker
 each number of rows:
 microseconds per product and, for a few rows, floor / time, where the floor is the
 product's weight bytes (compressed) over the device-copy bandwidth measured in the
-run; for 2048 rows, TFLOP/s. ``--words``: also the word kernels (``quant_kernels.WORD_GEMV``: the
-GEMV for one or two rows, int4's product for up to 16), checked against dequantize-then-multiply. Each product cycles through copies of its weight (600 MB
+run; for 2048 rows, TFLOP/s. Each product cycles through copies of its weight (600 MB
 in all) inside one CUDA graph, so no weight is found in L2 and no launch gap is timed.
+``--words``: also the word kernels (``quant_kernels.WORD_GEMV``: the GEMV for one or two
+rows, int4's product for up to 16), checked against dequantize-then-multiply.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def sweep_blockings(m, w):
     """Other blockings of the kernel that takes ``m`` rows of ``w``."""
     group, per_channel = w.scheme.group_size or w.cols, w.scheme.group_size is None
     if m <= quant_kernels.GEMV_ROWS:  # (BLOCK_N, BLOCK_K, SPLITS, warps, words)
-        out = [(n, k, s, warps, False) for n, k, s, warps in itertools.product([1, 2, 4, 8], [1024, 2048], [1, 2], [2, 4])
+        out = [(n, k, s, warps, False)
+               for n, k, s, warps in itertools.product([1, 2, 4, 8], [1024, 2048], [1, 2], [2, 4])
                if (per_channel or k >= group) and 512 <= n * k <= 16384 and k * s <= w.cols]
         if quant_kernels.words_take(w):  # the word GEMV: stretches as the default's, here twice as many
             for n, k, warps in itertools.product([32, 64, 128], [128, 256, 512], [4, 8]):

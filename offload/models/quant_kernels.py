@@ -50,7 +50,7 @@ GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
 TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
 MAGIC = 0x4B000000  # the bits of the float 2^23
 # The word kernels: ``_gemv_words_kernel`` for one or two rows, ``_matmul_kernel``'s WORDS for up to 16 rows of
-# int4 in groups of 128 or more. Fewer instructions a weight in the loops' sm_90 SASS (compiled without a GPU):
+# int4 in groups of 128 or 256. Fewer instructions a weight in the loops' sm_90 SASS (compiled without a GPU):
 # GEMV int4 3.8 against 8.1, int8 4.1 against 6.4; int4 at 16 rows 5.9 against 8.5. Not yet timed on a GPU
 # (``bench_quant_kernels.py --words``): off until they are, unless the environment sets OFFLOAD_WORD_GEMV=1 (for
 # a benchmark's run of a whole model; read once, at import).
@@ -146,7 +146,7 @@ def matmul_blocking(w: QuantizedWeight, m: int, words: bool | None = None) -> tu
     stretches of the columns summed afterwards, for a few rows (the weights' bytes bound the time: many programs
     keep many in flight), square tiles for many (the tensor cores bound it). A column step is one group (its
     scale is one per feature), or 64 columns per channel. With ``words`` (by default ``WORD_GEMV``), up to 16
-    rows of int4 in groups of 128 or more are read as words."""
+    rows of int4 in groups of 128 or 256 are read as words."""
     n, k, group, per_channel = w.rows, w.cols, w.scheme.group_size or w.cols, w.scheme.group_size is None
     block_k = 64 if per_channel else group
     words = ((WORD_GEMV if words is None else words) and m <= 16 and w.scheme.format == INT4 and group >= 128
@@ -242,8 +242,8 @@ if triton is not None:
                            MAGIC, GROUP: tl.constexpr, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
                            HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, EVEN: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """``_gemv_kernel``'s product in about half its instructions a byte (the one-row product is bound by
-        them, not by its bytes): the weights are read as 32-bit words, and each 4-bit or 8-bit field becomes
+        """``_gemv_kernel``'s product in fewer instructions a byte (int4: less than half; the one-row product
+        is bound by them, not by its bytes): the weights are read as 32-bit words, and each 4-bit or 8-bit field becomes
         a float with one bit operation and one subtraction, where it lies in the word. The field under bits
         ``b``..``b + 3`` (int4; bits ``b``..``b + 7``, int8, its sign bit flipped in the same operation) is
         OR-ed into the mantissa of 2^23: ``2^23 + q 2^b`` (exact below bit 23; the word's top fields are
@@ -372,7 +372,7 @@ if triton is not None:
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Tile ``[pid0 * BLOCK_M, +BLOCK_M) x [pid1 * BLOCK_N, +BLOCK_N)`` over columns ``[pid2 * SPAN, +SPAN)``:
         the output (FINAL) or this stretch's float32 partial sums ``out[pid2]``; a column step of ``BLOCK_K``
-        columns is one group (one scale per feature). WORDS (int4 in groups of 128 or more): the group read as
+        columns is one group (one scale per feature). WORDS (int4 in groups of 128 or 256): the group read as
         32-bit words, each of its eight nibbles made a float where it lies (as ``_gemv_words_kernel`` does),
         and multiplied in eight products of ``BLOCK_K / 8`` columns."""
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -189,7 +189,8 @@ run_stage() {
       -p no:cacheprovider tests/test_gpu.py -k "verify or speculative"' ;;
     tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \
       tests/test_quant_kernels.py tests/test_kernels.py tests/test_direct_experts.py -m "gpu or not gpu"; \
-      python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py tests/test_quant.py -k "experts or quant"' ;;
+      python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py tests/test_quant.py -k "experts or quant"; \
+      OFFLOAD_WORD_GEMV=1 python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_quant.py' ;;  # words on
     single) for s in tests gemv offload13b resident7b prefill13b int4_70b serve13b throughput70b; do run_stage $s; done ;;
     multi) for s in tests_multi peer13b tp13b_peers; do run_stage $s; done ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;

@@ -161,6 +161,7 @@ def test_the_word_gemv_refuses_what_it_cannot_read_as_words():
 
 def test_the_words_are_used_only_where_switched_on(monkeypatch):
     w = packed("int4", 128, 256, 1024, DTYPES[0], seed=8)
+    monkeypatch.setattr(quant_kernels, "WORD_GEMV", False)  # the default (OFFLOAD_WORD_GEMV unset)
     assert not quant_kernels.gemv_blocking(w)[-1] and not quant_kernels.matmul_blocking(w, 16)[-1]
     monkeypatch.setattr(quant_kernels, "WORD_GEMV", True)
     assert quant_kernels.gemv_blocking(w)[-1] and quant_kernels.gemv_blocking(w) == quant_kernels.gemv_blocking(w, True)

@@ -131,6 +131,8 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
                             draft_options(options, _max_draft(options)).replace(link_bandwidth=bandwidth), int4)
         except ConfigError as e:
             raise ConfigError(f"draft {options.draft}: {e}") from None
+        if not int4:
+            _check_same_tokens(model, options.draft)
         plans, draft = _weigh_draft(options, config, needs, plans, draft, place)
     if _failed(plans):
         raise PlanError("; ".join(_failed(plans)))
@@ -144,6 +146,24 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
 
 def _failed(plans: list) -> list[str]:
     return [str(p) for p in plans if isinstance(p, PlanError)]
+
+
+def _check_same_tokens(model, draft) -> None:
+    """A draft checkpoint must mean by each token id what the target means (a vocabulary of the same size is not
+    enough: its ids could name other tokens). Where both have a tokenizer, the ids they share must name the
+    same tokens (either may have more added tokens)."""
+    from .text import Tokenizer
+
+    if not isinstance(model, (str, Path)):
+        return
+    mine, theirs = Tokenizer.from_checkpoint(model), Tokenizer.from_checkpoint(draft)
+    if mine is None or theirs is None:
+        return
+    names = {i: token for token, i in theirs.inner.get_vocab(with_added_tokens=True).items()}
+    for token, i in sorted(mine.inner.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1]):
+        if names.get(i, token) != token:
+            raise ConfigError(f"the draft {draft}'s tokenizer names token {i} {names[i]!r}, the target's {token!r}; "
+                              "a draft must share the target's tokenizer")
 
 
 def _max_draft(options: LoadOptions) -> int:

@@ -136,6 +136,27 @@ def test_a_draft_must_share_the_vocabulary(structured, tiny):
         offload.plan_model(structured, **KW, draft=str(tiny))
 
 
+def test_a_draft_must_mean_the_same_tokens_by_its_ids(structured, tmp_path):
+    """A vocabulary of the same size whose ids name other tokens is refused; the same tokenizer is not."""
+    import json
+    import shutil
+
+    from offload.synthetic import train_demo_tokenizer
+
+    target, same, other = (tmp_path / name for name in ("target", "same", "other"))
+    for directory in (target, same, other):
+        shutil.copytree(structured, directory)
+    train_demo_tokenizer(64).save(str(target / "tokenizer.json"))
+    shutil.copy(target / "tokenizer.json", same / "tokenizer.json")
+    spec = json.loads((target / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    spec["model"]["vocab"] = {token: len(vocab) - 1 - i for token, i in vocab.items()}  # the ids reversed
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    offload.plan_model(target, **KW, draft=str(same))
+    with pytest.raises(offload.ConfigError, match="a draft must share the target's tokenizer"):
+        offload.plan_model(target, **KW, draft=str(other))
+
+
 def test_a_broken_draft_checkpoint_is_named(structured, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()

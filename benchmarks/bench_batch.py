@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from offload.cli import report_bad_input  # noqa: E402
+
 import torch  # noqa: E402
 
 import offload  # noqa: E402
@@ -95,4 +97,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_bad_input("bench_batch", main))

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 import offload  # noqa: E402
-from offload.cli import Parser  # noqa: E402
+from offload.cli import Parser, report_bad_input  # noqa: E402
 from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 
 READ_CHUNK = 64 * 2**20
@@ -190,4 +190,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_bad_input("bench_load", main))

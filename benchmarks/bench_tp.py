@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from offload.cli import report_bad_input  # noqa: E402
+
 
 def worker(args) -> None:
     import torch
@@ -108,4 +110,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_bad_input("bench_tp", main))

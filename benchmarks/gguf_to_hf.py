@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from offload.cli import Parser  # noqa: E402
+from offload.cli import Parser, report_bad_input  # noqa: E402
 from offload.errors import InputError  # noqa: E402
 
 
@@ -65,4 +65,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_bad_input("gguf_to_hf", main))

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import sys
 import warnings
 
 import torch
 
 import offload
+from offload.cli import report_bad_input
 from offload.models.shapes import shape_config
 
 NARROW = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_attention_heads": 4,
@@ -64,4 +66,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_bad_input("moe_host_time", main))

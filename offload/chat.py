@@ -167,8 +167,8 @@ def _read_json(file: Path) -> dict:
         return {}
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{file}: not readable JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, or not UTF-8; and nesting without end
+        raise ConfigError(f"{file}: not readable JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: expected a JSON object")
     return data

@@ -159,6 +159,16 @@ def run_main(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int
             dist.destroy_process_group()
 
 
+def report_bad_input(prog: str, main) -> int:
+    """``main()``'s exit status, with bad input (an :class:`OffloadError`) printed as one line on stderr and
+    status 2: for scripts whose ``main`` parses its own arguments (the benchmarks)."""
+    try:
+        return main() or 0
+    except OffloadError as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
 def _main(args) -> int:
     options, sampling = load_options(args), _sampling(args)  # every flag is checked before anything runs
     if args.max_new_tokens < 1:

@@ -36,7 +36,7 @@ from .models.expert_kernels import DIRECT_TOKENS
 from .models.parallel import check_divisible, local_heads
 from .models.registry import family_of
 from .models.quant import FORMATS, STORED, WeightFormat, choose_kernel, describe, quantize_into, scratch_bytes
-from .options import LoadOptions, parse_dtype
+from .options import LoadOptions, parse_device, parse_dtype
 from .quantized import stored_quantization
 from .scheduler.experts import check_direct
 from .scheduler.graphs import graph_objects_bytes
@@ -537,19 +537,9 @@ def _device(device, tp: TensorParallel) -> torch.device:
         if tp.size > 1:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", tp.rank)) % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"device {device} is not supported; use cpu or cuda[:N]")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {device} was asked for, but CUDA is not available")
-        if device.index is None:
-            return torch.device("cuda", torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
-            raise InputError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA devices visible)")
+    device = parse_device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return device
 
 

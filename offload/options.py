@@ -28,6 +28,22 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def parse_device(value) -> torch.device:
+    """``torch.device`` from ``"cpu"``, ``"cuda"`` or ``"cuda:N"``: one this machine has, or an :class:`InputError`."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {value!r}; use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device} is not supported; use cpu or cuda[:N]")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device} was asked for, but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA devices visible)")
+    return device
+
+
 def parse_dtype(value, device: torch.device | str | None = None) -> torch.dtype:
     """``torch.bfloat16`` from ``"bf16"``, ``"bfloat16"``, ``torch.bfloat16``...; None: bfloat16 on a GPU, else float32."""
     if value is None:

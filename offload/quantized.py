@@ -16,7 +16,9 @@ rank's piece's).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from .distributed import TensorParallel
 from .models.blocks import checkpoint_sources
-from .models.checkpoint import CheckpointSource
+from .models.checkpoint import CheckpointSource, is_gguf
 from .models.config import config_from_dict, load_config
 from .models.parallel import REPLICATED
 from .models.quant import DEQUANTIZE, WeightFormat, part_shapes, quantize
@@ -46,9 +48,11 @@ def write_quantized(model, out, quantize_as: str, group_size: int | None = None,
     ``load_model(config, random_weights=SEED, quantize=...)`` makes them (the quantized ones in packed form):
     a large model's quantized checkpoint without its 16-bit one on disk first, at the speed of writing it."""
     random = random_weights is not None
+    if not random and is_gguf(model):
+        raise InputError(f"{model} is a GGUF file, compressed already: load it as it is (--model {model})")
     config = config_from_dict(model) if random else load_config(Path(model))  # (names a missing checkpoint)
     raw = dict(model) if random else json.loads((Path(model) / "config.json").read_text())
-    tp, out = TensorParallel(), Path(out)
+    tp, out = TensorParallel(), _checked_out(out, None if random else Path(model))
     if raw.get(RECORD):
         raise InputError(f"{model} is quantized already")
     fmt = WeightFormat(quantize_as, group_size, DEQUANTIZE, rounding=rounding)
@@ -56,8 +60,10 @@ def write_quantized(model, out, quantize_as: str, group_size: int | None = None,
     quantized = {name: spec.quant for block in blocks for spec, name in block.sources() if spec.quant is not None}
     source = RandomSource(random_weights, device=device, packed=True) if random else CheckpointSource(Path(model))
     sources = checkpoint_sources(config, tp, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(out, shard_bytes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written beside ``out`` and renamed to it once whole: an interrupted run leaves no checkpoint at ``out``
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    writer = _ShardWriter(staging, shard_bytes)
     try:
         for layout_spec, name in tqdm(sources, desc="quantizing", unit="tensor", disable=not progress):
             spec = _dense_spec(name, layout_spec.full_shape if random else source.shape(name), dtype)
@@ -76,15 +82,46 @@ def write_quantized(model, out, quantize_as: str, group_size: int | None = None,
             else:
                 writer.add(name, tensor.cpu())
         writer.close()
+        raw[RECORD] = {"format": quantize_as, "group_size": group_size, "rounding": rounding,
+                       "dtype": str(dtype).removeprefix("torch.")}
+        (staging / "config.json").write_text(json.dumps({**raw, "torch_dtype": raw[RECORD]["dtype"]}, indent=2))
+        for name in () if random else COMPANIONS:
+            if (Path(model) / name).is_file():
+                shutil.copy(Path(model) / name, staging / name)
+        _readable_by_all_as_umask_allows(staging)
+        staging.rename(out)  # replaces an empty directory; a non-empty one was refused before any work
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         source.close()
-    raw[RECORD] = {"format": quantize_as, "group_size": group_size, "rounding": rounding,
-                   "dtype": str(dtype).removeprefix("torch.")}
-    (out / "config.json").write_text(json.dumps({**raw, "torch_dtype": raw[RECORD]["dtype"]}, indent=2))
-    for name in () if random else COMPANIONS:
-        if (Path(model) / name).is_file():
-            shutil.copy(Path(model) / name, out / name)
     return out
+
+
+def _checked_out(out, model: Path | None) -> Path:
+    """``out`` as a place to write a new checkpoint: not empty, not an existing file or a directory with anything
+    in it, neither the checkpoint ``model`` nor inside it (nor it inside ``out``)."""
+    if not str(out).strip():
+        raise InputError("the output directory is empty: name one")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(f"{out} exists and is not empty: choose another output directory, or remove it")
+    if model is not None:
+        mine, theirs = out.resolve(), model.resolve()
+        if mine == theirs or theirs in mine.parents or mine in theirs.parents:
+            raise InputError(f"{out} is the checkpoint {model} itself, inside it or around it: write elsewhere")
+    return out
+
+
+def _readable_by_all_as_umask_allows(directory: Path) -> None:
+    """The modes a plain mkdir and open would have given (``tempfile`` makes its directory for its owner alone)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.iterdir():
+        file.chmod(0o666 & ~umask)
 
 
 def stored_quantization(path) -> dict | None:

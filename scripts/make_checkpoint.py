@@ -48,6 +48,8 @@ def main(argv=None) -> int:
 
 
 def _out_dir(out: str) -> Path:
+    if not out.strip():
+        raise InputError("--out is empty: name a directory")
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {out!r} exists and is not a directory")

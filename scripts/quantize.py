@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from offload import OffloadError, parse_size  # noqa: E402
 from offload.cli import Parser  # noqa: E402
 from offload.models.quant import check_request  # noqa: E402
-from offload.options import parse_dtype  # noqa: E402
+from offload.options import parse_device, parse_dtype  # noqa: E402
 from offload.quantized import write_quantized  # noqa: E402
 
 
@@ -38,9 +38,12 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         check_request(args.quantize, args.group_size, args.rounding)
         write_quantized(args.model, args.out, args.quantize, args.group_size, args.rounding,
-                        parse_dtype(args.dtype), args.device, parse_size(args.shard_size, "--shard-size"))
+                        parse_dtype(args.dtype), parse_device(args.device), parse_size(args.shard_size, "--shard-size"))
     except OffloadError as e:
         print(f"quantize: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be written: permissions, a full disk, a read-only place
+        print(f"quantize: error: cannot write {args.out} ({e.strerror or e})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("quantize: interrupted", file=sys.stderr)

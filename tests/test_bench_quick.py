@@ -40,9 +40,11 @@ def test_bench_quick_writes_runs_with_positive_numbers(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_bad_input_is_one_line_and_exit_2():
+@pytest.mark.parametrize("script", ["bench_offload", "bench_prefill", "bench_batch", "bench_throughput",
+                                    "moe_host_time"])
+def test_bench_bad_input_is_one_line_and_exit_2(script):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "benchmarks/bench_offload.py", "--shape", "no-such-shape"],
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}.py", "--shape", "no-such-shape"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "no-such-shape" in proc.stderr

@@ -212,6 +212,33 @@ def test_index_not_json(broken):
     _raises(broken, CheckpointError, "model.safetensors.index.json")
 
 
+@pytest.mark.parametrize("weight_map, words", [([1, 2], "weight_map must map"), (None, "weight_map must map"),
+                                                ({"lm_head.weight": 5}, "not a file name"),
+                                                ({"lm_head.weight": ""}, "not a file name"),
+                                                ({"lm_head.weight": "../../elsewhere.safetensors"}, "not a file name"),
+                                                ({"lm_head.weight": "/etc"}, "not a file name")])
+def test_an_index_whose_weight_map_is_not_names_of_files_here_is_refused(broken, weight_map, words):
+    _shard(broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    index["weight_map"] = weight_map
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    _raises(broken, CheckpointError, "model.safetensors.index.json", words)
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "model.safetensors.index.json"])
+def test_json_nested_without_end_is_refused_not_a_recursion_error(broken, name):
+    if name == "model.safetensors.index.json":
+        _shard(broken)
+    (broken / name).write_text("[" * 100_000)
+    if name == "generation_config.json":  # read for the stop tokens
+        from offload.chat import stop_token_ids
+
+        with pytest.raises(ConfigError, match=name):
+            stop_token_ids(broken)
+        return
+    _raises(broken, (ConfigError, CheckpointError), name)
+
+
 def test_a_config_without_weights_needs_random_weights():
     from offload.models.shapes import shape_config
 

@@ -25,12 +25,14 @@ def make_checkpoint():
     pytest.param("ckpt", ["--shape", "gpt-5"], "unknown shape", id="shape-unknown"),
     pytest.param("ckpt", ["--device", "foo"], "unknown device", id="device-unknown"),
     pytest.param("ckpt", ["--nope"], "unrecognized arguments", id="flag-unknown"),
+    pytest.param(None, [], "--out is empty", id="out-empty"),  # not the current directory
 ])
 def test_make_checkpoint_bad_input_is_one_line(make_checkpoint, tmp_path, capsys, out, flags, words):
     (tmp_path / "file").write_bytes(b"keep")
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o555)
-    assert make_checkpoint(["--shape", "tiny", "--out", str(tmp_path / out), *flags]) == 2  # a later --shape wins
+    where = "" if out is None else str(tmp_path / out)
+    assert make_checkpoint(["--shape", "tiny", "--out", where, *flags]) == 2  # a later --shape wins
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("make_checkpoint: error:") and words in err, err
     assert (tmp_path / "file").read_bytes() == b"keep" and not (tmp_path / "ckpt").exists()

@@ -610,6 +610,52 @@ def test_the_quantize_script_writes_a_checkpoint_that_streams(tiny, tmp_path, ca
     assert len(errors) == 2 and all(line.startswith("quantize: error:") for line in errors)
 
 
+def _quantize_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quantize_script", ROOT / "scripts" / "quantize.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _contents(directory: Path) -> dict:
+    return {f.name: f.read_bytes() for f in sorted(directory.iterdir())}
+
+
+def test_the_quantize_script_never_writes_over_a_checkpoint_or_into_one(tiny, tmp_path, capsys):
+    """Refused before anything is written: the model's own directory, one inside it, an empty name, a directory
+    with files in it, a file; and a GGUF file as the model. The source checkpoint is left byte for byte."""
+    script, before = _quantize_script(), _contents(tiny)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    cases = [(tiny, str(tiny)), (tiny, str(tiny / "int4")), (tiny, ""), (tiny, str(full)),
+             (tiny, str(full / "notes.txt")), (gguf, str(tmp_path / "out"))]
+    for model, out in cases:
+        assert script.main(["--model", str(model), "--quantize", "int4", "--out", out]) == 2, out
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == len(cases) and all(line.startswith("quantize: error:") for line in errors)
+    assert _contents(tiny) == before and _contents(full) == {"notes.txt": b"mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "model.gguf"]  # nothing else made
+
+
+def test_an_interrupted_quantize_leaves_no_checkpoint(tiny, tmp_path, monkeypatch):
+    """The checkpoint is written beside ``out`` and renamed to it once whole: a run stopped after its first shard
+    leaves neither ``out`` nor the partial directory (a run killed outright leaves only the hidden partial one)."""
+    from offload import quantized
+
+    def failing_flush(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantized._ShardWriter, "_flush", failing_flush)
+    with pytest.raises(KeyboardInterrupt):
+        quantized.write_quantized(tiny, tmp_path / "int8", "int8", progress=False, shard_bytes=1 << 16)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_random_weights_to_quantize_are_made_packed_with_the_dense_spread_whatever_the_split(fmt):
     """``load_model(config, random_weights=SEED, quantize=...)`` makes quantized weights in their parts: integers

@@ -46,8 +46,11 @@ def is_gguf(path) -> bool:
     path = Path(path)
     if not path.is_file():
         return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 class CheckpointSource:
@@ -68,8 +71,15 @@ class CheckpointSource:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: "
+                                      f"{str(e)[:200]})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+            for name, file in weight_map.items():
+                if not (isinstance(file, str) and file and Path(file).name == file):
+                    raise CheckpointError(f"{index}: tensor {name!r} is in {file!r}, not a file name in the "
+                                          "checkpoint directory")
             files = {name: self.path / file for name, file in weight_map.items()}
             for file in sorted(set(files.values())):
                 if not file.is_file():

@@ -114,8 +114,8 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"no config.json in {str(path)!r}")
     try:
         raw = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{file}: not a readable JSON config ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, or not UTF-8; and nesting without end
+        raise ConfigError(f"{file}: not a readable JSON config ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: expected a JSON object")
     return config_from_dict(raw, source=str(file))

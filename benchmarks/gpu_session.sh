@@ -174,7 +174,7 @@ run_stage() {
         python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB \
             --drafts none,/tmp/smollm2-int4@4,ngram --draft-tokens 48 --widths 1,16,64 \
             --json "$0/spec_smollm2_deep.json"' "$OUT" ;;
-    load70b) stage load70b bash -c 'set -e; trap "rm -rf /tmp/70b-int4" EXIT
+    load70b) stage load70b bash -c 'set -e; trap "rm -rf /tmp/70b-int4 /tmp/.70b-int4.*.partial" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-70b --out /tmp/70b-int4 --gpu-memory 24GiB \
             --cpu-memory 100GiB --json "$0/load70b.json"
         python3 benchmarks/bench_offload.py --model /tmp/70b-int4 --gpu-memory 24GiB --runs host --skip-accelerate \

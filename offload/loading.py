@@ -151,7 +151,7 @@ def _failed(plans: list) -> list[str]:
 def _check_same_tokens(model, draft) -> None:
     """A draft checkpoint must mean by each token id what the target means (a vocabulary of the same size is not
     enough: its ids could name other tokens). Where both have a tokenizer, the ids they share must name the
-    same tokens (either may have more added tokens)."""
+    same tokens, but for a few (1%: special tokens spelled otherwise, as a GGUF file and a tokenizer.json may)."""
     from .text import Tokenizer
 
     if not isinstance(model, (str, Path)):
@@ -160,10 +160,13 @@ def _check_same_tokens(model, draft) -> None:
     if mine is None or theirs is None:
         return
     names = {i: token for token, i in theirs.inner.get_vocab(with_added_tokens=True).items()}
-    for token, i in sorted(mine.inner.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1]):
-        if names.get(i, token) != token:
-            raise ConfigError(f"the draft {draft}'s tokenizer names token {i} {names[i]!r}, the target's {token!r}; "
-                              "a draft must share the target's tokenizer")
+    shared = [(i, token) for token, i in mine.inner.get_vocab(with_added_tokens=True).items() if i in names]
+    differ = sorted((i, token) for i, token in shared if names[i] != token)
+    if len(differ) > len(shared) // 100:
+        i, token = differ[0]
+        raise ConfigError(f"the draft {draft}'s tokenizer names {len(differ)} of {len(shared)} token ids otherwise "
+                          f"than the target's (id {i}: {names[i]!r} against {token!r}); a draft must share the "
+                          "target's tokenizer")
 
 
 def _max_draft(options: LoadOptions) -> int:

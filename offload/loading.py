@@ -134,6 +134,11 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
         if not int4:
             _check_same_tokens(model, options.draft)
         plans, draft = _weigh_draft(options, config, needs, plans, draft, place)
+        if draft is not None and not _failed(plans) and draft.config.max_position_embeddings < options.max_seq_len:
+            for plan in plans:
+                plan.warnings.append(f"the draft {options.draft} was made for {draft.config.max_position_embeddings} "
+                                     f"positions, rows reach {options.max_seq_len}: past them its drafts may be poor "
+                                     "(the output stays the target's)")
     if _failed(plans):
         raise PlanError("; ".join(_failed(plans)))
     if options.direct_experts and needs.experts is not None and not needs.experts.direct:

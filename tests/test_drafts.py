@@ -1,6 +1,8 @@
 """Drafts: prompt lookup, a draft model's cache rolled back to what the target accepted, and what the plan counts
 and chooses for each draft."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -155,6 +157,23 @@ def test_a_draft_must_mean_the_same_tokens_by_its_ids(structured, tmp_path):
     offload.plan_model(target, **KW, draft=str(same))
     with pytest.raises(offload.ConfigError, match="a draft must share the target's tokenizer"):
         offload.plan_model(target, **KW, draft=str(other))
+
+
+def test_a_draft_made_for_fewer_positions_than_the_rows_reach_is_a_warning(structured, structured_draft, tmp_path):
+    import json
+    import shutil
+
+    short = tmp_path / "short"
+    shutil.copytree(structured_draft, short)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 16
+    (short / "config.json").write_text(json.dumps(config))
+    with pytest.warns(offload.OffloadWarning, match="made for 16 positions"):
+        plan = offload.plan_model(structured, **{**KW, "max_seq_len": 64}, draft=str(short))
+    assert any("made for 16 positions" in w for w in plan.warnings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", offload.OffloadWarning)
+        offload.plan_model(structured, **{**KW, "max_seq_len": 16}, draft=str(short))
 
 
 def test_a_broken_draft_checkpoint_is_named(structured, tmp_path):

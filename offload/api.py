@@ -18,6 +18,7 @@ import warnings
 
 from .drafts import INT4, draft_kind, draft_label, make_draft
 from .errors import CheckpointError, InputError, OffloadWarning
+from .inputs import check_flags
 from .loading import Setup, load_weights, prepare, weight_source
 from .memory.planner import Plan
 from .memory.pool import WeightPool
@@ -63,6 +64,7 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
     """
     if random_weights is not None and (not isinstance(random_weights, int) or isinstance(random_weights, bool)):
         raise InputError(f"random_weights must be an integer seed, got {random_weights!r}")
+    check_flags(progress=progress)
     setup = prepare(model, _options(options, kwargs))
     packed = random_weights is not None and setup.options.quantize in FORMATS
     if packed and setup.draft is not None and draft_kind(setup.options.draft) == INT4:

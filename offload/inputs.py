@@ -89,6 +89,8 @@ def check_flags(**flags) -> None:
 def as_batch(x, what: str = "input_ids") -> torch.Tensor:
     """``x`` as a ``[batch, seq]`` int64 CPU tensor. Token ids must be integers (a float would be
     truncated silently); a mask may be of any type but must hold only 0 and 1."""
+    if isinstance(x, torch.Tensor) and x.device.type == "meta":
+        raise InputError(f"{what} is a tensor without data (device meta)")
     try:
         t = torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError):
@@ -107,8 +109,13 @@ def as_batch(x, what: str = "input_ids") -> torch.Tensor:
 
 def prompts_from(input_ids, attention_mask=None) -> list[list[int]]:
     """Each row's ids as a list, padding (mask 0, on either side) dropped."""
+    if _is_list(input_ids) and not input_ids:
+        return []
     if is_ragged(input_ids):
-        return [[_as_int(t) for t in row] for row in input_ids]
+        rows = [_row_of_ids(row, b) for b, row in enumerate(input_ids)]
+        if attention_mask is None:
+            return rows
+        return [[t for t, keep in zip(row, mask) if keep] for row, mask in zip(rows, _row_masks(attention_mask, rows))]
     ids = as_batch(input_ids)
     if attention_mask is None:
         return ids.tolist()
@@ -127,6 +134,23 @@ def as_sequences(input_ids, prompts: list[list[int]], new_tokens: list[list[int]
     new = torch.tensor([t + [pad] * (width - len(t)) for t in new_tokens], dtype=ids.dtype)
     device = input_ids.device if isinstance(input_ids, torch.Tensor) else "cpu"
     return torch.cat([ids, new], dim=1).to(device)
+
+
+def _row_of_ids(row, b: int) -> list[int]:
+    if not _is_list(row):
+        raise InputError(f"input_ids row {b}: expected a list of token ids, got {row!r}")
+    return [_as_int(t) for t in row]
+
+
+def _row_masks(attention_mask, rows: list[list[int]]) -> list[list[int]]:
+    """``attention_mask`` for list rows: one 0 or 1 for each of each row's ids."""
+    masks = attention_mask.tolist() if isinstance(attention_mask, torch.Tensor) else attention_mask
+    if not (_is_list(masks) and len(masks) == len(rows)
+            and all(_is_list(m) and len(m) == len(r) for m, r in zip(masks, rows))):
+        raise InputError("attention_mask must give each row of input_ids one 0 or 1 per token id")
+    if not all(v in (0, 1) and isinstance(v, (int, bool)) for m in masks for v in m):
+        raise InputError("attention_mask must hold only 0 and 1")
+    return masks
 
 
 def is_ragged(input_ids) -> bool:

@@ -261,7 +261,7 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
     routed = [block for block in blocks if block.fetch == ON_DEMAND]
     graphs, captured = 0, uses_cuda_graphs(options, device)
     if captured:  # a graph's allocations live in its pool: a dequantize scratch too
-        width = _verify_width(options, captured)
+        width = verify_width(options, captured)
         graphs = (family.decode_graph_bytes(config, tp, dtype, batch, seq, verify_width=width)
                   + scratch_bytes(quantized, dtype, batch * width) + graph_objects_bytes(family.graph_pieces(config)))
     return MemoryNeeds(
@@ -307,7 +307,7 @@ def _expert_needs(config: ModelConfig, routed: list[BlockSpec], direct: bool, ho
     return ExpertNeeds(max(block.nbytes for block in routed), tuple(per_layer), config.top_k, direct, host_only)
 
 
-def _verify_width(options: LoadOptions, captured: bool) -> int:
+def verify_width(options: LoadOptions, captured: bool) -> int:
     """The most tokens a row adds in a verify pass (1 without a draft): ``K + 1``, padded to a power of two
     where the passes are captured in CUDA graphs."""
     if options.draft is None:
@@ -324,7 +324,7 @@ def _verify_bytes(family: type[Decoder], config: ModelConfig, tp: TensorParallel
     filtered target distributions, sorted, and residuals)."""
     if options.draft is None:
         return 0
-    width, padded = _max_draft(options) + 1, _verify_width(options, captured)
+    width, padded = _max_draft(options) + 1, verify_width(options, captured)
     tokens, vocab = options.max_batch * width, config.vocab_size
     run = options.max_batch * padded
     verify = family.activation_bytes(config, tp, dtype, options.max_batch, options.max_seq_len, run,
@@ -335,7 +335,7 @@ def _verify_bytes(family: type[Decoder], config: ModelConfig, tp: TensorParallel
 def direct_steps(options: LoadOptions, device: torch.device) -> bool:
     """Whether every decode step and verify pass reads its routed experts directly (``direct_experts``, and at
     most ``DIRECT_TOKENS`` tokens: ``max_batch`` rows of the widest verify pass)."""
-    width = _verify_width(options, uses_cuda_graphs(options, device))
+    width = verify_width(options, uses_cuda_graphs(options, device))
     return options.direct_experts and options.max_batch * width <= DIRECT_TOKENS
 
 

@@ -7,6 +7,8 @@ tokens to KV cache rows (the primitive every generator is built on), and
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from .errors import InputError
 from .inputs import (as_batch, as_sequences, check_flags, check_token_ids, new_token_limits, prompts_from,
                      step_rows, stop_ids)
-from .loading import Setup, uses_cuda_graphs
+from .loading import Setup, uses_cuda_graphs, verify_width as planned_verify_width
 from .memory.host import to_device
 from .memory.planner import HOST
 from .memory.pool import WeightPool
@@ -84,15 +86,31 @@ def result_of(rows, stats) -> GenerationResult:
 KV_BUCKET = 128  # a decode step reads keys [0, n) for n a power of two times this (at most max_seq_len)
 
 
+def _one_call_at_a_time(method):
+    """A public verb of the model: it holds the model's one KV cache and its rings, so calls from several threads
+    run one after another (a call's own inner calls pass); and none runs once the model is closed."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            if self.closed:
+                raise InputError("this model is closed; load it again to use it")
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class OffloadedModel:
     """A decoder-only language model whose layers live where its plan put them.
 
     ``model(input_ids)`` returns logits; ``model.generate(input_ids)`` returns token ids.
     ``model.plan`` is this rank's placement plan and ``model.plans`` every rank's.
+    Calls from several threads run one at a time.
     """
 
     def __init__(self, setup: Setup, pool: WeightPool, draft=None):
         s = setup
+        self._lock, self.closed = threading.RLock(), False
         self.draft = draft  # speculative decoding's draft (``offload.drafts``), or None
         self.config, self.options, self.tp, self.device, self.dtype = s.config, s.options, s.tp, s.device, s.dtype
         self.plan, self.plans = s.plan, s.plans
@@ -135,6 +153,7 @@ class OffloadedModel:
 
     # ------------------------------------------------------------------ forward passes
 
+    @_one_call_at_a_time
     @torch.inference_mode()
     def __call__(self, input_ids, attention_mask=None) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` of every position, with no KV cache.
@@ -164,6 +183,7 @@ class OffloadedModel:
         out[mask.to(out.device)] = logits[valid.to(out.device)]
         return out
 
+    @_one_call_at_a_time
     @torch.inference_mode()
     def extend(self, new_tokens: list[list[int]], cached: list[int]) -> torch.Tensor:
         """Append ``new_tokens[b]`` to KV cache row ``b``, which holds ``cached[b]`` tokens already.
@@ -186,6 +206,7 @@ class OffloadedModel:
         ]
         return self._forward(chunks, self.cache, rows=len(new_tokens))
 
+    @_one_call_at_a_time
     @torch.inference_mode()
     def verify(self, new_tokens: list[list[int]], cached: list[int], width: int | None = None,
                parents: list[list[int]] | None = None) -> torch.Tensor:
@@ -217,6 +238,10 @@ class OffloadedModel:
         if not isinstance(width, int) or isinstance(width, bool) or width < longest:
             raise InputError(f"width must be an integer of at least the {longest} tokens of the longest row, "
                              f"got {width!r}")
+        if n * self.verify_width(width) > self.verify_tokens:
+            raise InputError(f"a verify pass of {n} rows x {self.verify_width(width)} tokens is more than the "
+                             f"{self.verify_tokens} tokens the plan reserves memory for (max_step_tokens, or "
+                             "max_batch rows of a draft's passes)")
         if width == 1:  # a decode step (captured in graphs on a GPU)
             tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.device)
             return self.decode(tokens, [c if t else None for t, c in zip(new_tokens, cached)])[:, None]
@@ -246,16 +271,30 @@ class OffloadedModel:
                             None if ancestors is None else ancestors.to(self.device))
         return self._forward([chunk], self.cache, rows, all_logits=True)[:n]
 
+    @property
+    def verify_tokens(self) -> int:
+        """The most tokens (rows x padded width) of a verify pass that the plan reserves memory for."""
+        return max(self.max_step_tokens, self.max_batch * planned_verify_width(self.options, self.graphs is not None))
+
     def verify_width(self, width: int) -> int:
         """The tokens a row takes in a verify pass asked for ``width``: with CUDA graphs, a power of two (each
         width is a bucket of captures); as asked without."""
         return width if self.graphs is None or width == 1 else bucket(width, 2, self.max_seq_len)
 
+    @_one_call_at_a_time
     @torch.inference_mode()
     def keep_path(self, cached: list[int], paths: list[list[int]]) -> None:
         """After a tree's verify pass: row ``b`` keeps tokens ``paths[b]`` (indices into its tokens of that pass,
         root first, each the parent of the next), moved to cache positions ``cached[b]``, ``cached[b] + 1``, ...
         (the row's cached length then grows by ``len(paths[b])``). A chain's path is in place already."""
+        if not (_is_list(cached) and _is_list(paths) and len(cached) == len(paths) <= self.max_batch):
+            raise InputError(f"keep_path takes one cached length and one path per row (at most {self.max_batch})")
+        for b, (c, path) in enumerate(zip(cached, paths)):
+            ints = _is_list(path) and all(isinstance(v, int) and not isinstance(v, bool) for v in [c, *path])
+            if not (ints and c >= 0 and all(0 <= i <= j for i, j in enumerate(path))
+                    and c + max(path, default=0) < self.max_seq_len):
+                raise InputError(f"row {b}: a path is indices of the pass's tokens, each at or past its place in "
+                                 f"the path, within max_seq_len={self.max_seq_len}; got cached {c!r}, path {path!r}")
         moves = [(b, c + i, c + j) for b, (c, path) in enumerate(zip(cached, paths))
                  for i, j in enumerate(path) if i != j]
         if moves:
@@ -281,6 +320,7 @@ class OffloadedModel:
             raise InputError("a step needs at least one new token")
         return new_tokens, cached
 
+    @_one_call_at_a_time
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: list[int | None]) -> torch.Tensor:
         """Logits ``[rows, vocab]`` of a pass in which row ``b`` adds ``tokens[b]`` at ``positions[b]``.
@@ -323,6 +363,7 @@ class OffloadedModel:
 
     # ------------------------------------------------------------------ generation
 
+    @_one_call_at_a_time
     def generate(self, input_ids, max_new_tokens: int | list[int] = 32, attention_mask=None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, eos_token_id: int | list[int] | None = None, ignore_eos: bool = False,
@@ -366,11 +407,17 @@ class OffloadedModel:
             torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
-        """Release the pinned host memory now rather than when the model is garbage-collected."""
-        self.synchronize()
-        self.pool.close()
-        if self.draft is not None:
-            self.draft.close()
+        """Release the model's memory now (pinned host memory, its weights, KV cache and graphs on the device)
+        rather than when it is garbage-collected; using it afterwards is an error."""
+        with self._lock:
+            if self.closed:
+                return
+            self.synchronize()
+            self.pool.close()
+            if self.draft is not None:
+                self.draft.close()
+            self.closed = True
+            self.pool = self.weights = self.experts = self.decoder = self.cache = self.graphs = self.draft = None
 
     def __enter__(self):
         return self
@@ -388,6 +435,8 @@ def routers_ahead(experts_per_layer: tuple[int, ...], resident: dict) -> dict[in
 
 def _check_parents(parents, new_tokens: list[list[int]]) -> list[list[int]]:
     """``verify``'s trees: one parent per token after a row's first, each an earlier token of the row."""
+    if not (_is_list(parents) and all(_is_list(row) for row in parents)):
+        raise InputError(f"parents must be a list of lists of token indices, got {parents!r}")
     if len(parents) != len(new_tokens):
         raise InputError(f"{len(parents)} rows of parents but {len(new_tokens)} rows of new tokens")
     for b, (row, tokens) in enumerate(zip(parents, new_tokens)):
@@ -397,6 +446,10 @@ def _check_parents(parents, new_tokens: list[list[int]]) -> list[list[int]]:
             raise InputError(f"row {b}: parents must give each token after the first an earlier token of the "
                              f"row, got {row!r} for {len(tokens)} tokens")
     return [list(row) for row in parents]
+
+
+def _is_list(x) -> bool:
+    return isinstance(x, (list, tuple))
 
 
 def _tree_layout(parents: list[list[int]], slots: torch.Tensor, sink: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,22 @@ API_CASES = [
     pytest.param(lambda m: m.generate([[1]], eos_token_id=2.0), "eos_token_id must be", id="eos-float"),
     pytest.param(lambda m: m.generate([[1], [2], [3]]), "max_batch=2", id="more-prompts-than-rows"),
     pytest.param(lambda m: m([[-1]]), "outside the vocabulary", id="forward-negative-id"),
+    pytest.param(lambda m: m.generate([]), "no prompts given", id="no-prompts"),
+    pytest.param(lambda m: m.generate([[1, 2], 3]), "row 1: expected a list", id="row-not-a-list"),
+    pytest.param(lambda m: m.generate([[1, 2]], attention_mask=[[1]]), "one 0 or 1 per token", id="mask-short"),
+    pytest.param(lambda m: m.generate([[1, 2]], attention_mask="garbage"), "one 0 or 1 per token",
+                 id="mask-garbage-for-lists"),
+    pytest.param(lambda m: m.generate([[1, 2]], attention_mask=[[1, 2]]), "only 0 and 1", id="mask-not-0-or-1"),
+    pytest.param(lambda m: m.generate(torch.empty(1, 2, dtype=torch.long, device="meta")), "without data",
+                 id="meta-tensor"),
+    pytest.param(lambda m: m.verify([[1, 2]], [0], width=4096), "the plan reserves memory for",
+                 id="verify-wider-than-reserved"),
+    pytest.param(lambda m: m.verify([[1, 2]], [0], parents=5), "parents must be a list", id="verify-parents-int"),
+    pytest.param(lambda m: m.verify([[1, 2]], [0], parents=[None]), "parents must be a list",
+                 id="verify-parents-none"),
+    pytest.param(lambda m: m.keep_path([0], [[5, 100]]), "within max_seq_len", id="keep-path-past-the-cache"),
+    pytest.param(lambda m: m.keep_path([0], [[1, 0]]), "a path is indices", id="keep-path-backwards"),
+    pytest.param(lambda m: m.keep_path([0], 5), "one cached length and one path", id="keep-path-not-lists"),
 ]
 
 
@@ -73,6 +89,10 @@ LOAD_CASES = [
     pytest.param(dict(link_bandwidth={"host": -1}), "link_bandwidth", id="bandwidth-negative"),
     pytest.param(dict(dtype=torch.int8), "unsupported dtype", id="dtype-integer"),
     pytest.param(dict(tp=2), "torchrun", id="tp-without-torchrun"),
+    pytest.param(dict(gpu_memory={-1: "1GiB"}), "unknown device -1", id="budget-device-negative"),
+    pytest.param(dict(gpu_memory={"\u00b2": "1GiB"}), "unknown device", id="budget-device-superscript"),
+    pytest.param(dict(gpu_memory={True: "1GiB"}), "unknown device True", id="budget-device-bool"),
+    pytest.param(dict(peer_memory={-1: "1GiB"}), "unknown device -1", id="peer-device-negative"),
 ]
 
 
@@ -91,3 +111,47 @@ def test_random_weights_must_be_a_seed(bare):
 def test_rows_that_finish_early_do_not_overrun_the_cache(tiny_model):
     result = tiny_model.generate([[1, 2, 3], [4]], max_new_tokens=[1, 28], ignore_eos=True, return_result=True)
     assert [len(t) for t in result.tokens] == [1, 28]
+
+
+def test_progress_must_be_a_flag(bare):
+    with pytest.raises(InputError, match="progress must be True or False"):
+        offload.load_model(bare, progress="no")
+
+
+def test_an_attention_mask_drops_the_padding_of_list_rows_as_of_a_tensor(tiny_model):
+    padded, mask = [[0, 0, 5, 6], [7, 8, 9, 10]], [[0, 0, 1, 1], [1, 1, 1, 1]]
+    kw = dict(max_new_tokens=4, ignore_eos=True, return_result=True)
+    as_lists = tiny_model.generate(padded, attention_mask=mask, **kw).tokens
+    as_tensor = tiny_model.generate(torch.tensor(padded), attention_mask=torch.tensor(mask), **kw).tokens
+    assert as_lists == as_tensor == tiny_model.generate([[5, 6], [7, 8, 9, 10]], **kw).tokens
+
+
+def test_threads_sharing_a_model_take_turns(tiny_model):
+    """Four threads generating at once get what each would alone (the model has one KV cache: calls queue)."""
+    import threading
+
+    prompts = [[[1, 2, 3]], [[4, 5]], [[6, 7, 8, 9]], [[10]]]
+    alone = [tiny_model.generate(p, max_new_tokens=6, ignore_eos=True) for p in prompts]
+    together = [None] * len(prompts)
+
+    def run(i):
+        together[i] = tiny_model.generate(prompts[i], max_new_tokens=6, ignore_eos=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert together == alone
+
+
+def test_a_closed_model_lets_its_memory_go_and_refuses_to_run(tiny):
+    model = offload.load_model(tiny, max_batch=1, max_seq_len=16, progress=False)
+    with model:
+        model.generate([[1, 2]], max_new_tokens=2)
+    assert model.closed and model.pool is None and model.cache is None and model.decoder is None
+    for call in (lambda: model.generate([[1, 2]]), lambda: model([[1, 2]]), lambda: model.extend([[1]], [0])):
+        with pytest.raises(InputError, match="this model is closed"):
+            call()
+    model.close()  # again: nothing to do
+

@@ -178,6 +178,8 @@ def test_stop_strings(served, reference):
             text, reason = answer.choices[0].message.content, answer.choices[0].finish_reason
         assert text == full[: full.index(stop)] and reason == "stop"
     wait_for(lambda: metric(served.url, "offload_rows_busy") == 0)  # the stopped requests' rows were freed
+    # a pass already queued for a stopped row gave it nothing: not a pass of the row (without a draft, 1)
+    assert metric(served.url, "offload_tokens_per_pass") == 1
 
 
 def test_seeded_sampling_equals_generate(served, reference):
@@ -442,6 +444,8 @@ def test_a_json_body_of_another_content_type_is_told_which_it_has(served, conten
     ("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "top_p", "greater than 0"),
     ("/v1/completions", {"prompt": "a", "seed": -1}, 400, "seed", "greater than or equal to 0"),
     ("/v1/completions", {"prompt": "a", "stop": [""]}, 400, "stop", "must not be empty"),
+    ("/v1/completions", {"prompt": "a", "stop": ["x"] * 5}, 400, "stop", "at most 4 stop strings"),
+    ("/v1/completions", {"prompt": "a", "stop": "x" * 257}, 400, "stop", "at most 256 characters"),
     ("/v1/completions", {"prompt": "a", "bogus": 1}, 400, "bogus", "Unrecognized request argument supplied: bogus"),
     ("/v1/completions", {"prompt": LONG, "max_tokens": 1}, 400, "prompt", "context holds 128 tokens"),
     ("/v1/completions", {"prompt": "a", "max_tokens": SEQ}, 400, "prompt", "lower max_tokens"),

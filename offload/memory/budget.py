@@ -149,7 +149,9 @@ def _peer_item(item) -> tuple:
 
 def _device_name(key) -> str:
     """``0`` / ``"0"`` / ``"cuda:0"`` / ``"cpu"`` to a canonical device name."""
-    if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+    if isinstance(key, bool) or (isinstance(key, int) and key < 0):
+        raise BudgetError(f"unknown device {key!r} in a memory budget; use e.g. 0, 'cuda:1' or 'cpu'")
+    if isinstance(key, int) or (isinstance(key, str) and key.isascii() and key.isdigit()):
         return f"cuda:{int(key)}"
     try:
         device = torch.device(key)

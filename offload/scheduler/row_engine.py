@@ -341,7 +341,7 @@ class RowEngine:
             s.decode_steps += 1
             s.decode_tokens += tokens
             s.decode_seconds += seconds
-            s.decode_row_passes += sum(row is not None for row in done.rows)
+            s.decode_row_passes += tokens  # a row gains one token a pass; one that finished while it ran, none
 
 
 def _settled(events: list[tuple[Row, int]]) -> list[tuple[Row, int]]:

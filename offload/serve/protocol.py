@@ -37,6 +37,7 @@ UNSUPPORTED = {
 
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's chat roles
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings a request may give (OpenAI: four), and their length
 
 
 def check_roles(messages: list) -> None:
@@ -99,9 +100,14 @@ class GenerationParams(BaseModel):
                 raise ApiError(400, f"{name}={json.dumps(value)} is not supported by this server", param=name)
 
     def stop_strings(self) -> list[str]:
+        """At most ``MAX_STOPS`` of at most ``MAX_STOP_CHARS`` characters (OpenAI's limit of four): each new token's
+        text is checked against every one on the event loop, so a long list would slow every client."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
             raise ApiError(400, "stop strings must not be empty", param="stop")
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters",
+                           param="stop")
         return stops
 
     @property

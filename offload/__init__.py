@@ -19,6 +19,7 @@ from .errors import (
     OffloadError,
     OffloadWarning,
     PlanError,
+    PlanWarning,
 )
 from .memory.budget import Budget, format_size, parse_size
 from .memory.planner import Plan
@@ -34,4 +35,5 @@ __all__ = [
     "load_model", "plan_model", "LoadOptions", "OffloadedModel", "GenerationResult", "RowEngine", "Request",
     "Sampling", "Plan", "Budget", "ModelConfig", "load_config", "parse_size", "format_size", "parse_dtype",
     "OffloadError", "ConfigError", "CheckpointError", "BudgetError", "PlanError", "InputError", "OffloadWarning",
+    "PlanWarning",
 ]

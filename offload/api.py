@@ -17,7 +17,7 @@ import dataclasses
 import warnings
 
 from .drafts import INT4, draft_kind, draft_label, make_draft
-from .errors import CheckpointError, InputError, OffloadWarning
+from .errors import CheckpointError, InputError, PlanWarning
 from .inputs import check_flags
 from .loading import Setup, load_weights, prepare, weight_source
 from .memory.planner import Plan
@@ -32,7 +32,7 @@ def plan_model(model, options: LoadOptions | None = None, **kwargs) -> Plan:
 
     Takes the same arguments as :func:`load_model`. Under tensor parallelism each
     rank gets its own plan; ``plan.title`` says whose. The plan's warnings are issued
-    as :class:`OffloadWarning` (and printed with the plan).
+    as :class:`PlanWarning` (an :class:`OffloadWarning`; and printed with the plan).
     """
     setup = prepare(model, _options(options, kwargs))
     _warn(setup)
@@ -113,4 +113,4 @@ def _warn(setup: Setup) -> None:
     if setup.tp.rank == 0:
         context = setup.config.context_warning(setup.options.max_seq_len)
         for message in [*setup.plan.warnings, *([context] if context else [])]:
-            warnings.warn(message, OffloadWarning, stacklevel=3)
+            warnings.warn(message, PlanWarning, stacklevel=3)

@@ -142,9 +142,11 @@ def check_messages(messages, where: str = "messages") -> list[dict]:
 def _joined_text(parts: list, where: str) -> str:
     texts = []
     for j, part in enumerate(parts):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+        if not isinstance(part, dict) or part.get("type") != "text":
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise InputError(f"{where}[{j}]: only text parts are supported, got {kind!r}")
+        if not isinstance(part.get("text"), str):
+            raise InputError(f"{where}[{j}]: a text part needs its text as a string (\"text\": \"...\")")
         texts.append(part["text"])
     return "\n".join(texts)
 

@@ -25,7 +25,7 @@ from .api import load_model
 from .batch import check_context, choose_batch_size, forecast_job, job_id, prompt_lengths, read_records, run_batch
 from .chat import stop_token_ids
 from .distributed import TensorParallel, init_tensor_parallel
-from .errors import InputError, OffloadError, OffloadWarning
+from .errors import InputError, OffloadError, PlanWarning
 from .inputs import check_token_ids, check_unicode
 from .loading import prepare
 from .memory.budget import GPU_HEADROOM, HOST_HEADROOM_FRACTION, format_size, parse_peer_flag
@@ -141,8 +141,15 @@ def main(argv=None) -> int:
 
 
 def run_main(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int:
-    """``body(parsed args)``, with any bad input printed as one line on stderr and status 2 (never a traceback)."""
-    warnings.simplefilter("ignore", OffloadWarning)  # the printed plan carries its warnings
+    """``body(parsed args)``, with any bad input printed as one line on stderr and status 2 (never a traceback),
+    and a warning as one line (the plan's are printed with the plan)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)
+        warnings.showwarning = lambda message, *_: print(f"{prog}: warning: {message}", file=sys.stderr)
+        return _reporting_errors(prog, body, parser, argv)
+
+
+def _reporting_errors(prog: str, body, parser: argparse.ArgumentParser, argv) -> int:
     try:
         return body(parser.parse_args(argv))
     except OffloadError as e:

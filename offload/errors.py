@@ -32,3 +32,7 @@ class InputError(OffloadError):
 
 class OffloadWarning(UserWarning):
     """A plan that works but is probably not what the user wants."""
+
+
+class PlanWarning(OffloadWarning):
+    """One of the plan's own warnings (printed with the plan, so the command line shows it there only)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
     config = _config(model)
     check_divisible(config, options.tp)
     tp = init_tensor_parallel(options.tp)
+    _same_on_every_rank(options, tp)
     device = _device(options.device, tp)
     dtype = parse_dtype(options.dtype, device)
     if device.type == "cuda":
@@ -147,6 +149,18 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
                                  f"{options.max_batch} rows, some decode steps or verify passes copy their experts")
     return Setup(config, options, tp, device, dtype, family, blocks, globals_, embedding, plans[tp.rank], plans,
                  draft)
+
+
+def _same_on_every_rank(options: LoadOptions, tp: TensorParallel) -> None:
+    """Every rank loads with the same options (torchrun gives each the same flags); one that differs would break
+    the collectives later, with a hang or a crash instead of an error. Each rank's device is its own."""
+    if tp.size == 1:
+        return
+    mine = {f.name: repr(getattr(options, f.name)) for f in dataclasses.fields(options) if f.name != "device"}
+    differ = sorted({name for other in tp.gather_objects(mine) for name in mine if other.get(name) != mine[name]})
+    if differ:
+        raise ConfigError(f"the ranks were given different options ({', '.join(differ)}); every rank must load the "
+                          "model with the same ones")
 
 
 def _failed(plans: list) -> list[str]:

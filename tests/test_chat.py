@@ -277,3 +277,13 @@ def test_a_text_far_past_its_room_is_found_out_from_its_beginning(tiny_chat, mos
             assert ids == whole
     assert refused > 0 or most < 40  # below, no head is CUT_TOKENS past its room: every text is tokenized whole
 
+
+
+def test_a_text_part_without_its_text_is_named_as_such():
+    from offload.chat import _joined_text
+    from offload.errors import InputError
+
+    with pytest.raises(InputError, match=r"content\[1\]: a text part needs its text as a string"):
+        _joined_text([{"type": "text", "text": "hi"}, {"type": "text"}], "messages[0].content")
+    with pytest.raises(InputError, match="only text parts are supported, got 'image_url'"):
+        _joined_text([{"type": "image_url"}], "messages[0].content")

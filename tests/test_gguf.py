@@ -1234,3 +1234,16 @@ def test_gguf_to_hf_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, c
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("gguf_to_hf: ") and words in err, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_command_line_shows_a_dequantized_type_in_one_line(tmp_path, capsys):
+    """A warning that is not the plan's (here: a tensor type with no compressed form) is printed, as one line."""
+    from offload import cli
+
+    path = tmp_path / "q5_0.gguf"
+    write_model_gguf(path, hf_model("llama", seed=3), "llama", kind_of=lambda name: T.Q5_0 if name ==
+                     "blk.1.ffn_down.weight" else None)
+    argv = ["--model", str(path), "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--dtype", "fp32", "--quiet"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("run_offloaded: warning: model.layers.1.mlp.down_proj.weight: Q5_0")

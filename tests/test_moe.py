@@ -347,3 +347,17 @@ def test_prefetching_in_graph_pieces_equals_eager_bitwise(case):
         got = _steps(streamed, ids)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
         assert streamed.experts.prefetch_used > used
+
+
+@pytest.mark.parametrize("field", ["moe_intermediate_size", "shared_expert_intermediate_size"])
+def test_expert_widths_that_tp_cannot_split_are_refused(field):
+    """The experts are split as the dense MLP is: a width tp does not divide is refused (it used to run with the
+    wrong shards and different tokens)."""
+    from offload.models.config import config_from_dict
+    from offload.models.parallel import check_divisible
+
+    raw = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", **_BASE, **MODELS["qwen2_moe"],
+           field: 47}
+    check_divisible(config_from_dict({**raw, field: 48}), 2)
+    with pytest.raises(offload.ConfigError, match=f"{field}=47 is not divisible by tp=2"):
+        check_divisible(config_from_dict(raw), 2)

@@ -95,6 +95,25 @@ def test_budget_too_small_names_the_rank(tiny):
         assert "rank 0 of 2" in message and "rank 1 of 2" in message
 
 
+def _rank_with_its_own_options(rank, world, port, path, ids, kwargs, out):
+    _join(rank, world, port)
+    try:
+        offload.load_model(path, tp=world, progress=False, **kwargs["per_rank"][rank])
+        out[rank] = "loaded"
+    except offload.OffloadError as e:
+        out[rank] = str(e)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_given_different_options_all_refuse_to_load(tiny):
+    """A rank with other options would break the collectives later (a hang, or a crash of gloo): every rank says
+    which options differ instead."""
+    per_rank = [dict(max_seq_len=32, max_batch=1), dict(max_seq_len=16, max_batch=1)]
+    results = run_tp(2, tiny, None, main=_rank_with_its_own_options, per_rank=per_rank)
+    assert all("different options (max_seq_len)" in message for message in results), results
+
+
 def test_heads_not_divisible_by_tp(tiny):
     with pytest.raises(offload.ConfigError, match="not divisible by tp=3"):
         offload.load_model(tiny, tp=3, progress=False)

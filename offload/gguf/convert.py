@@ -271,7 +271,8 @@ def dense_tensor(raw, ggml_type, shape: tuple[int, ...], dtype: torch.dtype = to
         parts = gguf_tensor_to_parts(data, kind, shape, torch.float32, name)
         return dequantize_parts(parts, fmt).to(dtype)
     try:
-        values = gguf.quants.dequantize(data.cpu().numpy(), kind)
+        with np.errstate(all="ignore"):  # a corrupt block's overflow: the finiteness check names the tensor
+            values = gguf.quants.dequantize(data.cpu().numpy(), kind)
     except NotImplementedError:
         raise CheckpointError(f"{name}: tensor type {kind.name} cannot be read (neither offload nor the gguf "
                               "package dequantizes it)") from None

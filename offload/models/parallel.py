@@ -74,6 +74,10 @@ def check_divisible(config: ModelConfig, tp_size: int) -> None:
         )
     if config.intermediate_size % tp_size:
         raise ConfigError(f"intermediate_size={config.intermediate_size} is not divisible by tp={tp_size}")
+    for name, size in (("moe_intermediate_size", getattr(config, "expert_intermediate", 0)),
+                       ("shared_expert_intermediate_size", getattr(config, "shared_intermediate", 0))):
+        if size % tp_size:  # a mixture of experts' experts are split as the dense MLP is
+            raise ConfigError(f"{name}={size} is not divisible by tp={tp_size}")
 
 
 def local_heads(config: ModelConfig, tp: TensorParallel) -> tuple[int, int]:

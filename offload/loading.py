@@ -8,10 +8,10 @@ quantized is read, quantized and written into its place one tensor at a time).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections import defaultdict
-import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 

@@ -153,8 +153,7 @@ def _reporting_errors(prog: str, body, parser: argparse.ArgumentParser, argv) ->
     try:
         return body(parser.parse_args(argv))
     except OffloadError as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return _bad_input(prog, e)
     except torch.cuda.OutOfMemoryError as e:
         first = str(e).splitlines()[0] if str(e) else "out of memory"
         print(f"{prog}: error: {first} (lower --gpu-memory, --max-batch or --max-seq-len)", file=sys.stderr)
@@ -172,8 +171,13 @@ def report_bad_input(prog: str, main) -> int:
     try:
         return main() or 0
     except OffloadError as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return _bad_input(prog, e)
+
+
+def _bad_input(prog: str, error: OffloadError) -> int:
+    """``error`` as one line on stderr; the exit status of bad input."""
+    print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
 
 
 def _main(args) -> int:

@@ -51,16 +51,16 @@ def check_unicode(text: str, what: str) -> None:
 
 def step_rows(new_tokens, cached) -> tuple[list[list[int]], list[int]]:
     """``OffloadedModel.step``'s arguments as lists: one list of new token ids and one cached count per row."""
-    if not _is_list(new_tokens) or not all(_is_list(row) for row in new_tokens):
+    if not is_list(new_tokens) or not all(is_list(row) for row in new_tokens):
         raise InputError("new_tokens must be a list with one list of token ids per KV cache row")
-    if not _is_list(cached):
+    if not is_list(cached):
         raise InputError(f"cached must be a list with one count of tokens per row, got {cached!r}")
     return [list(row) for row in new_tokens], list(cached)
 
 
 def new_token_limits(max_new_tokens, rows: int) -> list[int]:
     """``generate``'s ``max_new_tokens`` (one limit, or one per row) as a list of positive integers."""
-    limits = list(max_new_tokens) if _is_list(max_new_tokens) else [max_new_tokens] * rows
+    limits = list(max_new_tokens) if is_list(max_new_tokens) else [max_new_tokens] * rows
     if len(limits) != rows:
         raise InputError(f"{len(limits)} max_new_tokens values for {rows} prompts")
     for n in limits:
@@ -73,7 +73,7 @@ def stop_ids(eos_token_id, default: tuple[int, ...]) -> tuple[int, ...]:
     """``generate``'s ``eos_token_id`` (an id, a list of ids, or None for ``default``) as a tuple."""
     if eos_token_id is None:
         return default
-    ids = list(eos_token_id) if _is_list(eos_token_id) else [eos_token_id]
+    ids = list(eos_token_id) if is_list(eos_token_id) else [eos_token_id]
     if not all(_is_int(i) and i >= 0 for i in ids):
         raise InputError(f"eos_token_id must be a token id or a list of them, got {eos_token_id!r}")
     return tuple(ids)
@@ -109,7 +109,7 @@ def as_batch(x, what: str = "input_ids") -> torch.Tensor:
 
 def prompts_from(input_ids, attention_mask=None) -> list[list[int]]:
     """Each row's ids as a list, padding (mask 0, on either side) dropped."""
-    if _is_list(input_ids) and not input_ids:
+    if is_list(input_ids) and not input_ids:
         return []
     if is_ragged(input_ids):
         rows = [_row_of_ids(row, b) for b, row in enumerate(input_ids)]
@@ -137,7 +137,7 @@ def as_sequences(input_ids, prompts: list[list[int]], new_tokens: list[list[int]
 
 
 def _row_of_ids(row, b: int) -> list[int]:
-    if not _is_list(row):
+    if not is_list(row):
         raise InputError(f"input_ids row {b}: expected a list of token ids, got {row!r}")
     return [_as_int(t) for t in row]
 
@@ -145,8 +145,8 @@ def _row_of_ids(row, b: int) -> list[int]:
 def _row_masks(attention_mask, rows: list[list[int]]) -> list[list[int]]:
     """``attention_mask`` for list rows: one 0 or 1 for each of each row's ids."""
     masks = attention_mask.tolist() if isinstance(attention_mask, torch.Tensor) else attention_mask
-    if not (_is_list(masks) and len(masks) == len(rows)
-            and all(_is_list(m) and len(m) == len(r) for m, r in zip(masks, rows))):
+    if not (is_list(masks) and len(masks) == len(rows)
+            and all(is_list(m) and len(m) == len(r) for m, r in zip(masks, rows))):
         raise InputError("attention_mask must give each row of input_ids one 0 or 1 per token id")
     if not all(v in (0, 1) and isinstance(v, (int, bool)) for m in masks for v in m):
         raise InputError("attention_mask must hold only 0 and 1")
@@ -157,7 +157,7 @@ def is_ragged(input_ids) -> bool:
     return isinstance(input_ids, (list, tuple)) and bool(input_ids) and isinstance(input_ids[0], (list, tuple))
 
 
-def _is_list(x) -> bool:
+def is_list(x) -> bool:
     return isinstance(x, (list, tuple))
 
 

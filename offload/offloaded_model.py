@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .inputs import (as_batch, as_sequences, check_flags, check_token_ids, new_token_limits, prompts_from,
-                     step_rows, stop_ids)
+from .inputs import (as_batch, as_sequences, check_flags, check_token_ids, is_list, new_token_limits,
+                     prompts_from, step_rows, stop_ids)
 from .loading import Setup, uses_cuda_graphs, verify_width as planned_verify_width
 from .memory.host import to_device
 from .memory.planner import HOST
@@ -287,10 +287,10 @@ class OffloadedModel:
         """After a tree's verify pass: row ``b`` keeps tokens ``paths[b]`` (indices into its tokens of that pass,
         root first, each the parent of the next), moved to cache positions ``cached[b]``, ``cached[b] + 1``, ...
         (the row's cached length then grows by ``len(paths[b])``). A chain's path is in place already."""
-        if not (_is_list(cached) and _is_list(paths) and len(cached) == len(paths) <= self.max_batch):
+        if not (is_list(cached) and is_list(paths) and len(cached) == len(paths) <= self.max_batch):
             raise InputError(f"keep_path takes one cached length and one path per row (at most {self.max_batch})")
         for b, (c, path) in enumerate(zip(cached, paths)):
-            ints = _is_list(path) and all(isinstance(v, int) and not isinstance(v, bool) for v in [c, *path])
+            ints = is_list(path) and all(isinstance(v, int) and not isinstance(v, bool) for v in [c, *path])
             if not (ints and c >= 0 and all(0 <= i <= j for i, j in enumerate(path))
                     and c + max(path, default=0) < self.max_seq_len):
                 raise InputError(f"row {b}: a path is indices of the pass's tokens, each at or past its place in "
@@ -435,7 +435,7 @@ def routers_ahead(experts_per_layer: tuple[int, ...], resident: dict) -> dict[in
 
 def _check_parents(parents, new_tokens: list[list[int]]) -> list[list[int]]:
     """``verify``'s trees: one parent per token after a row's first, each an earlier token of the row."""
-    if not (_is_list(parents) and all(_is_list(row) for row in parents)):
+    if not (is_list(parents) and all(is_list(row) for row in parents)):
         raise InputError(f"parents must be a list of lists of token indices, got {parents!r}")
     if len(parents) != len(new_tokens):
         raise InputError(f"{len(parents)} rows of parents but {len(new_tokens)} rows of new tokens")
@@ -446,10 +446,6 @@ def _check_parents(parents, new_tokens: list[list[int]]) -> list[list[int]]:
             raise InputError(f"row {b}: parents must give each token after the first an earlier token of the "
                              f"row, got {row!r} for {len(tokens)} tokens")
     return [list(row) for row in parents]
-
-
-def _is_list(x) -> bool:
-    return isinstance(x, (list, tuple))
 
 
 def _tree_layout(parents: list[list[int]], slots: torch.Tensor, sink: int) -> tuple[torch.Tensor, torch.Tensor]:

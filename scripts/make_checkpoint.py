@@ -14,11 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from offload import InputError, OffloadError, parse_size  # noqa: E402
 from offload.cli import Parser  # noqa: E402
-from offload.options import parse_dtype  # noqa: E402
+from offload.options import parse_device, parse_dtype  # noqa: E402
 from offload.synthetic import write_checkpoint  # noqa: E402
 from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         out = write_checkpoint(shape_config(args.shape), _out_dir(args.out), parse_dtype(args.dtype), seed=args.seed,
-                               shard_bytes=parse_size(args.shard_size, "--shard-size"), device=_device(args.device))
+                               shard_bytes=parse_size(args.shard_size, "--shard-size"), device=args.device and parse_device(args.device))
     except OffloadError as e:
         print(f"make_checkpoint: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -54,18 +53,6 @@ def _out_dir(out: str) -> Path:
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {out!r} exists and is not a directory")
     return path
-
-
-def _device(device: str | None) -> str | None:
-    try:
-        kind = device and torch.device(device).type
-    except RuntimeError:
-        raise InputError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
-    if kind not in (None, "cpu", "cuda"):
-        raise InputError(f"device {device} is not supported; use cpu or cuda[:N]")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device} was asked for, but CUDA is not available")
-    return device
 
 
 if __name__ == "__main__":

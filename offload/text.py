@@ -148,6 +148,8 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self.ids = list(prompt[-CONTEXT_TOKENS:])
+        while self.ids and tokenizer.decode(self.ids).endswith(REPLACEMENT):
+            self.ids.pop()  # a prompt ending inside a character: its rest decodes as decoding the output alone does
         self.start = 0  # each decode starts here
         self.released = len(self.ids)  # tokens whose text has been released
         self.held = ""  # decoded, but it may begin a stop string

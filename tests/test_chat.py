@@ -164,6 +164,11 @@ def test_streamed_text_equals_decoding_at_once(tiny):
     pieces = [stream.add(t) for t in tokenizer.encode(text)]
     assert "".join(pieces) + stream.finish() == text
     assert all("\ufffd" not in p for p in pieces)  # a character is shown once its last byte is in
+    whole = tokenizer.encode(text)
+    for cut in range(1, len(whole)):  # a prompt that ends inside a character: as the output decoded at once
+        stream = TextStream(tokenizer, prompt=whole[:cut])
+        pieces = [stream.add(t) for t in whole[cut:]] + [stream.finish()]
+        assert "".join(pieces) == tokenizer.decode(whole[cut:]), cut
 
 
 def test_stop_strings_end_the_text_before_them():

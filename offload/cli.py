@@ -69,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help="sampling temperature (implies --do-sample)")
     p.add_argument("--top-k", type=int, help="keep the k most likely tokens (implies --do-sample)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (implies --do-sample)")
-    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--seed", type=int, help="sampling seed (default: a fresh one each run)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     add_load_flags(p, max_batch_help="KV cache rows (default 1; batch jobs: --batch-size)",
                    max_seq_len_help="KV cache length per row (default: what the prompts need)",
                    max_step_tokens_help=STEP_TOKENS_HELP)
     p.add_argument("--batch-size", default="auto", help="batch job rows: a number, or auto (default)")
-    p.add_argument("--schedule", choices=["dynamic", "fifo"], default="dynamic", help="batch job scheduling")
+    p.add_argument("--schedule", choices=["dynamic", "fifo"], default="dynamic", help="batch job scheduling: dynamic "
+                   "(default: longest records first, a finished row takes the next at once) or fifo (records in "
+                   "input order, a batch at a time)")
     p.add_argument("--plan", action="store_true", help="print the placement plan and exit without loading weights")
     add_quiet_flag(p)
     return p
@@ -86,7 +88,8 @@ STEP_TOKENS_HELP = ("most tokens per chunk of a forward pass (default: the large
 
 
 def add_model_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory (HF config.json + safetensors); default: a built-in demo")
+    p.add_argument("--model", help="checkpoint directory (HF config.json + safetensors) or GGUF file; default: a "
+                   "built-in demo")
 
 
 def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_help: str,
@@ -201,7 +204,8 @@ def _main(args) -> int:
 
     prompt = None
     if not (args.plan and args.prompt is None and args.prompt_ids is None):  # --plan needs no prompt
-        prompt = check_token_ids(_single_prompt(args, tokenizer, demo), config.vocab_size, "the prompt")
+        prompt = check_token_ids(_single_prompt(args, tokenizer, demo), config.vocab_size,
+                                 "--prompt-ids" if args.prompt_ids is not None else "--prompt")
         needed = len(prompt) + args.max_new_tokens
         options = options.replace(max_seq_len=options.max_seq_len or needed)
         if needed > options.max_seq_len:
@@ -281,6 +285,9 @@ def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, sa
 
 def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions, sampling: Sampling, eos,
                  tp: TensorParallel, say, records, done, results) -> int:
+    if not args.plan and all(r.id in done for r in records):  # a rerun of a finished job loads nothing
+        say(f"nothing to do: the {len(records)} record(s) are all in {args.output}")
+        return 0
     options = options.replace(max_seq_len=_job_context(records, options))
     if args.model is None and args.gpu_memory is None:
         options = demo_budget(model_path, options, say)
@@ -430,7 +437,7 @@ def _batch_size(args, model_path: Path, options: LoadOptions, shapes: list[tuple
     plans_for = lambda rows: prepare(model_path, options.replace(max_batch=rows)).plans  # noqa: E731
     best, tried = choose_batch_size(shapes, plans_for, min(len(shapes), MAX_AUTO_BATCH))
     others = ", ".join(f"{f.rows}: {f.tokens_per_s:.1f}" for f in tried if f is not best)
-    say(f"batch size auto: {best.rows} rows, predicted {best.tokens_per_s:.1f} generated tokens/s"
+    say(f"batch size auto: {best.rows} row{'s' if best.rows != 1 else ''}, predicted {best.tokens_per_s:.1f} generated tokens/s"
         + (f" (other batch sizes, tokens/s: {others})" if others else ""))
     return best.rows
 

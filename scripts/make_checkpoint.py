@@ -25,9 +25,9 @@ from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 def main(argv=None) -> int:
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", required=True, help=f"one of: {', '.join(SHAPES)}")
-    parser.add_argument("--out", required=True, help="directory to write (created if missing)")
+    parser.add_argument("--out", required=True, help="directory to write: new or empty (created if missing)")
     parser.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the random weights (default 0)")
     parser.add_argument("--shard-size", default="2GiB", help="largest shard file (default 2GiB)")
     parser.add_argument("--device", default=None, help="where random numbers are made (default: cuda if present)")
     try:
@@ -52,6 +52,8 @@ def _out_dir(out: str) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {out!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):  # a mistyped --out must not overwrite a real model
+        raise InputError(f"--out {out!r} is not empty: name a new or empty directory")
     return path
 
 

@@ -26,13 +26,14 @@ from offload.quantized import write_quantized  # noqa: E402
 def main(argv=None) -> int:
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
-    parser.add_argument("--quantize", required=True, choices=["int8", "int4"])
+    parser.add_argument("--quantize", required=True, choices=["int8", "int4"],
+                        help="int8: one scale a row; int4: a scale and minimum a group of columns")
     parser.add_argument("--out", required=True, help="directory to write (created if missing)")
-    parser.add_argument("--group-size", type=int, default=None, help="int4: columns per scale (default 128)")
+    parser.add_argument("--group-size", type=int, default=None, help="int4: columns per scale (default 128, or the largest smaller power of two that divides each input dimension)")
     parser.add_argument("--rounding", default="search", choices=["search", "minmax"],
                         help="int4: each group's scale and minimum searched (default) or its range")
     parser.add_argument("--dtype", default="bf16", help="of the scales and the unquantized tensors (default bf16)")
-    parser.add_argument("--device", default="cpu", help="where tensors are quantized (cuda is much faster)")
+    parser.add_argument("--device", default="cpu", help="where tensors are quantized (default cpu; cuda is much faster)")
     parser.add_argument("--shard-size", default="2GiB", help="largest shard file (default 2GiB)")
     try:
         args = parser.parse_args(argv)

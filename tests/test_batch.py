@@ -101,6 +101,20 @@ def test_batch_greedy_outputs_equal_single_prompt_runs(tiny, tmp_path):
         assert got[r.id]["finish_reason"] == single.finish_reasons[0]
 
 
+def test_rerun_of_a_finished_job_loads_nothing(tiny, tmp_path, monkeypatch, capsys):
+    write_prompts(tmp_path / "in.jsonl", 3)
+    args = ["--model", str(tiny), "--prompts", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+            "--max-new-tokens", "2", "--quiet"]
+    assert main(args) == 0
+    written = (tmp_path / "out.jsonl").read_bytes()
+    monkeypatch.setattr("offload.cli.load_model", lambda *a, **k: pytest.fail("a finished job loaded its model"))
+    monkeypatch.setattr("offload.cli.prepare", lambda *a, **k: pytest.fail("a finished job planned its model"))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "nothing to do: the 3 record(s) are all in" in capsys.readouterr().out
+    assert (tmp_path / "out.jsonl").read_bytes() == written
+
+
 @pytest.mark.slow
 def test_fifo_and_dynamic_schedules_agree(tiny, tmp_path):
     write_prompts(tmp_path / "in.jsonl", 10, seed=1)

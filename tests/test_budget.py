@@ -1,7 +1,7 @@
 import pytest
 
 from offload import Budget, BudgetError, parse_size
-from offload.memory.budget import parse_peer_flag
+from offload.memory.budget import beyond_machine, parse_peer_flag
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -53,3 +53,16 @@ def test_unset_budgets_come_from_free_memory_on_cpu():
     assert budget.gpu_memory > 0 and budget.cpu_memory == 0
     explicit = Budget(gpu_memory=5, cpu_memory=7).resolved("cpu")
     assert (explicit.gpu_memory, explicit.cpu_memory) == (5, 7)
+
+
+def test_budgets_beyond_the_machine_are_a_plan_warning(tiny):
+    import psutil
+
+    import offload
+
+    ram = psutil.virtual_memory().total
+    assert beyond_machine(Budget(gpu_memory=2**20, cpu_memory=2**20), "cpu") == []
+    (warning,) = beyond_machine(Budget(gpu_memory=2**20, cpu_memory=2 * ram), "cpu")
+    assert "the host budget (--cpu-memory)" in warning and "RAM" in warning
+    plan = offload.plan_model(tiny, gpu_memory=2 * ram, max_seq_len=64)
+    assert any("is more than this machine's" in w for w in plan.warnings)

@@ -69,7 +69,7 @@ def test_unknown_architecture(tmp_path, capsys):
     (["--draft-tokens", "4", "--prompt-ids", "1"], "draft_tokens goes with a draft"),
     (["--draft", "ngram", "--draft-tokens", "100", "--prompt-ids", "1"], "at most 64"),
     (["--draft", "ngram", "--draft-branches", "2", "--prompt-ids", "1"], "draft_branches goes with a draft model"),
-    (["--draft", "no/such/dir", "--prompt-ids", "1"], "draft no/such/dir: model path"),
+    (["--draft", "no/such/dir", "--prompt-ids", "1"], "draft 'no/such/dir': neither ngram, int4 nor a checkpoint"),
 ])
 def test_bad_flags(tiny, capsys, argv, words):
     assert words in one_line_error(capsys, ["--model", str(tiny), *argv])
@@ -194,6 +194,10 @@ def test_model_given_as_a_file(tiny, capsys):
 
 def test_missing_model(tmp_path, capsys):
     assert "does not exist" in refused(capsys, ["--model", str(tmp_path / "nowhere"), "--prompt-ids", "1"])
+
+
+def test_empty_prompt_names_its_flag(tiny, capsys):
+    assert "--prompt: the prompt is empty" in refused(capsys, ["--model", str(tiny), "--prompt", ""])
 
 
 def test_cli_temperature_zero_asks_for_greedy_decoding():

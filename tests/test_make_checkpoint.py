@@ -22,6 +22,7 @@ def make_checkpoint():
     pytest.param("file/ckpt", [], "cannot write", id="out-under-a-file"),
     pytest.param("ro/ckpt", [], "Permission denied", id="out-unwritable",
                  marks=pytest.mark.skipif(AS_ROOT, reason="root writes into read-only folders")),
+    pytest.param(".", [], "is not empty", id="out-not-empty"),  # a mistyped --out onto a real model
     pytest.param("ckpt", ["--shape", "gpt-5"], "unknown shape", id="shape-unknown"),
     pytest.param("ckpt", ["--device", "foo"], "unknown device", id="device-unknown"),
     pytest.param("ckpt", ["--nope"], "unrecognized arguments", id="flag-unknown"),

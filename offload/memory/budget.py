@@ -118,6 +118,20 @@ class Budget:
         return Budget(gpu, cpu, dict(self.peer_memory))
 
 
+def beyond_machine(budget: Budget, compute_device) -> list[str]:
+    """Warnings for budgets larger than this machine's memory: a plan for another machine may say so, but a load
+    fails once it takes more than there is."""
+    device, ram = torch.device(compute_device), psutil.virtual_memory().total
+    found = [("the host budget (--cpu-memory)", budget.cpu_memory, ram, "RAM")]
+    if device.type == "cuda":
+        found.append(("the GPU budget (--gpu-memory)", budget.gpu_memory,
+                      torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"))
+    else:
+        found.append(("the budget of the CPU (--gpu-memory)", budget.gpu_memory, ram, "RAM"))
+    return [f"{what} of {format_size(size)} is more than this machine's {format_size(total)} of {memory}: a load "
+            "fails once it takes more than there is" for what, size, total, memory in found if size and size > total]
+
+
 def parse_peer_flag(text: str) -> tuple[str, int]:
     """``"cuda:1=40GiB"`` (the form of ``--peer-memory``) to ``("cuda:1", bytes)``."""
     name, sep, size = text.partition("=")

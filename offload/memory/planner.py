@@ -206,7 +206,7 @@ class Plan:
         gb_s = lambda bw: f"{bw / 1e9:,.1f} GB/s"  # noqa: E731
         lines = [
             f"placement plan{self.title}: {_layers(n)} on {self.compute_device}",
-            f"  {'tier':<10}{'layers':>7}{'bytes':>13}{'budget':>13}   link",
+            f"  {'tier':<10}{'layers':>7}{'in use':>13}{'budget':>13}   link",
         ]
         if n.weight_format:
             lines.insert(1, f"  layer weights: {n.weight_format}")

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from .errors import ConfigError, InputError, PlanError
 from .inputs import check_token_ids
+from .memory.budget import format_seconds
 from .options import MAX_COUNT
 from .results import ResultFile, is_record_id, read_regular_file
 from .sampling import GREEDY, Sampling
@@ -199,8 +200,9 @@ class JobForecast:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
 
     def __str__(self) -> str:
-        return (f"{self.rows} rows: {self.passes} passes, prefill {self.prefill_seconds:.1f} s + decode "
-                f"{self.decode_seconds:.1f} s, {self.tokens_per_s:.1f} generated tokens/s")
+        return (f"{self.rows} row{'s' if self.rows != 1 else ''}: {self.passes} passes, prefill "
+                f"{format_seconds(self.prefill_seconds)} + decode {format_seconds(self.decode_seconds)}, "
+                f"{self.tokens_per_s:.1f} generated tokens/s")
 
 
 def forecast_job(shapes: list[tuple[int, int]], rows: int, pass_seconds) -> JobForecast:

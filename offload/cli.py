@@ -219,7 +219,8 @@ def _main(args) -> int:
         say(format_plans(setup.plans))
         if prompt is not None:
             cost = lambda tokens, keys: max(p.pass_seconds(tokens, keys) for p in setup.plans)  # noqa: E731
-            say(f"predicted for this prompt: {forecast_job([(len(prompt), args.max_new_tokens)], 1, cost)}")
+            say(f"predicted for this prompt: {forecast_job([(len(prompt), args.max_new_tokens)], 1, cost)}"
+                f"{_cpu_caveat(setup.device)}")
         return 0
 
     model = load_model(model_path, options, progress=not args.quiet)
@@ -297,9 +298,7 @@ def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions
     _warn_context(config, options.max_seq_len, tp)  # once the plan is made: a job that cannot run says so in one line alone
     say(format_plans(setup.plans))
     cost = lambda tokens, keys: max(p.pass_seconds(tokens, keys) for p in setup.plans)  # noqa: E731
-    caveat = (" (a CPU's forecast counts weight reads and matrix work alone: the per-layer overhead of each step "
-              "can make a small model several times slower)" if setup.device.type == "cpu" else "")
-    say(f"predicted for this job: {forecast_job(shapes, options.max_batch, cost)}{caveat}")
+    say(f"predicted for this job: {forecast_job(shapes, options.max_batch, cost)}{_cpu_caveat(setup.device)}")
     if args.plan:
         return 0
     model = load_model(model_path, options, progress=not args.quiet)
@@ -310,6 +309,11 @@ def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions
         say(model.experts.summary())
     model.close()
     return 0
+
+
+def _cpu_caveat(device: torch.device) -> str:
+    return (" (a CPU's forecast counts weight reads and matrix work alone: the per-layer overhead of each step "
+            "can make a small model several times slower)" if device.type == "cpu" else "")
 
 
 def _read_job(args, tokenizer, vocab_size: int, options: LoadOptions, tp: TensorParallel, name_job):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 import zlib
@@ -129,6 +130,13 @@ class RandomSource:
         pass
 
 
+def _mode_as_umask_allows(file: Path) -> None:
+    """The mode a plain open would have given (safetensors writes its files for their owner alone)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)
+
+
 def write_checkpoint(config: dict, out_dir: str | Path, dtype: torch.dtype, seed: int = 0,
                      shard_bytes: int = 2 * 2**30, device=None, progress: bool = True) -> Path:
     """Write an HF-format checkpoint of seeded random weights: ``config.json``, safetensors shards
@@ -163,6 +171,7 @@ def write_checkpoint(config: dict, out_dir: str | Path, dtype: torch.dtype, seed
         for file, shard in zip(names, shards):
             tensors = {name: source.full_tensor(spec, name, dtype) for spec, name in shard}
             save_file(tensors, str(out / file), metadata={"format": "pt"})
+            _mode_as_umask_allows(out / file)
             weight_map.update({name: file for name in tensors})
             bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
     if len(shards) > 1:

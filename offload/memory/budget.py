@@ -55,6 +55,13 @@ def parse_size(value: str | int | float, what: str = "size") -> int:
     return int(number)
 
 
+def format_seconds(s: float) -> str:
+    """A duration as people read it: "1.3 s", "25 ms", "0.42 ms"."""
+    if s >= 1:
+        return f"{s:.1f} s"
+    return f"{s * 1e3:.0f} ms" if s >= 0.01 else f"{s * 1e3:.2f} ms"
+
+
 def format_size(n: float) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from ..errors import PlanError
-from .budget import Budget, format_size
+from .budget import Budget, format_seconds, format_size
 from .experts import ExpertNeeds, ExpertPlan, place_experts
 
 RESIDENT, HOST = "resident", "host"
@@ -344,8 +344,8 @@ def make_plan(
     compute = result.compute_seconds()
     if result.bottleneck != "hbm" and result.predicted_step_seconds > LINK_BOUND_RATIO * compute:
         result.warnings.append(
-            f"decode will be bound by the {result.bottleneck} link: {result.predicted_step_seconds * 1e3:.0f} ms "
-            f"per step, {result.predicted_step_seconds / compute:.0f}x the {compute * 1e3:.1f} ms "
+            f"decode will be bound by the {result.bottleneck} link: {format_seconds(result.predicted_step_seconds)} "
+            f"per step, {result.predicted_step_seconds / compute:.0f}x the {format_seconds(compute)} "
             "that compute needs; a larger GPU budget or a peer GPU would help"
         )
     return result

@@ -227,7 +227,7 @@ def _main(args) -> int:
     _warn_context(config, options.max_seq_len, tp)
     say(format_plans(model.plans))
     if tokenizer is not None:
-        say(f"prompt: {tokenizer.decode(prompt)!r} ({len(prompt)} tokens)")
+        say(f"prompt: {tokenizer.decode(prompt, special=True)!r} ({len(prompt)} tokens)")
     eos = () if args.ignore_eos else stop_token_ids(model_path, config.eos_token_ids)
     # The demo's random weights make noise, not text: it shows only the ids.
     show = (lambda text: print(text, end="", flush=True)) if tp.rank == 0 and not demo else (lambda text: None)

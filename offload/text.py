@@ -90,18 +90,19 @@ class Tokenizer:
         # on a worker thread of the server then leaves its event loop free.
         return self.inner.encode_batch([text], add_special_tokens=False)[0]
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """The text of ``ids``; ``special``: with special tokens such as a chat template's markers."""
         out, run = [], []
         for i in ids:
             if 0 <= i < self.size:
                 run.append(i)
                 continue
             if run:
-                out.append(self.inner.decode(run))
+                out.append(self.inner.decode(run, skip_special_tokens=not special))
                 run = []
             out.append(f"<{i}>")
         if run:
-            out.append(self.inner.decode(run))
+            out.append(self.inner.decode(run, skip_special_tokens=not special))
         return "".join(out)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
@@ -123,7 +124,7 @@ class IdText:
         raise InputError("this model has no tokenizer (tokenizer.json and the tokenizers package); "
                          "send token ids instead of text")
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], special: bool = False) -> str:
         return "".join(f"<{i}>" for i in ids)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,

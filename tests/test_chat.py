@@ -196,7 +196,8 @@ def test_cli_chat_prompt_uses_the_template_and_prints_as_it_generates(tiny_chat,
                  "--max-new-tokens", "12", "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     prompt = next(i for i, line in enumerate(lines) if line.startswith("prompt: "))
-    assert lines[prompt] == f"prompt: {tokenizer.decode(ids)!r} ({len(ids)} tokens)"
+    assert lines[prompt] == f"prompt: {tokenizer.decode(ids, special=True)!r} ({len(ids)} tokens)"
+    assert "<|im_start|>user" in lines[prompt]  # the template's markers are shown
     assert "<|im_start|>assistant" in tokenizer.inner.decode(ids, skip_special_tokens=False)
     tokens = want.tokens[0]
     shown = tokens[:-1] if want.finish_reasons[0] == "eos" else tokens

@@ -441,7 +441,8 @@ def _batch_size(args, model_path: Path, options: LoadOptions, shapes: list[tuple
     plans_for = lambda rows: prepare(model_path, options.replace(max_batch=rows)).plans  # noqa: E731
     best, tried = choose_batch_size(shapes, plans_for, min(len(shapes), MAX_AUTO_BATCH))
     others = ", ".join(f"{f.rows}: {f.tokens_per_s:.1f}" for f in tried if f is not best)
-    say(f"batch size auto: {best.rows} row{'s' if best.rows != 1 else ''}, predicted {best.tokens_per_s:.1f} generated tokens/s"
+    say(f"batch size auto: {best.rows} row{'s' if best.rows != 1 else ''}, predicted {best.tokens_per_s:.1f} "
+        "generated tokens/s"
         + (f" (other batch sizes, tokens/s: {others})" if others else ""))
     return best.rows
 

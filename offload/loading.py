@@ -133,7 +133,8 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
                             draft_options(options, _max_draft(options)).replace(link_bandwidth=bandwidth), int4)
         except ConfigError as e:
             if not int4 and not Path(options.draft).exists():
-                raise ConfigError(f"draft {options.draft!r}: neither ngram, int4 nor a checkpoint that exists") from None
+                raise ConfigError(f"draft {options.draft!r}: neither ngram, int4 nor a checkpoint that "
+                                  "exists") from None
             raise ConfigError(f"draft {options.draft}: {e}") from None
         if not int4:
             _check_same_tokens(model, options.draft)

@@ -79,6 +79,8 @@
 #   5. moe30b_acc:280 mixtral24_acc:300                        the MoE goals against accelerate (#21)
 #   6. int4_405b:500                                           the moonshot (#20): its plan, ms/token, link limit
 #   7. moe235_int4:400                                         qwen3-235b-a22b in int4 on one GPU (#21)
+# When machines are scarce (each failed start costs 90 s of the 30 minutes), make the first call short and
+# whole: tests_kernels:110 moe30b:140 quantwords:60 fits in 330 s beside a start of 5 minutes.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail

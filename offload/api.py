@@ -14,6 +14,7 @@ while the model runs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import warnings
 
 from .drafts import INT4, draft_kind, draft_label, make_draft
@@ -45,7 +46,8 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
 
     Args:
         model: a checkpoint directory (HF ``config.json`` plus safetensors, single file or
-            sharded), or a ``ModelConfig`` / config dict together with ``random_weights``.
+            sharded), a GGUF file (its layers kept in their compressed formats), or a
+            ``ModelConfig`` / config dict together with ``random_weights``.
         options: a :class:`LoadOptions`; its fields may also be given as keywords:
             ``device``, ``dtype``, ``gpu_memory`` (a size such as ``"20GiB"``, or an
             accelerate-style ``max_memory`` dict), ``cpu_memory``, ``peer_memory``,
@@ -101,9 +103,12 @@ def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool,
 def _options(options: LoadOptions | None, kwargs: dict) -> LoadOptions:
     if options is not None and not isinstance(options, LoadOptions):
         raise InputError(f"options must be a LoadOptions, got {options!r}")
-    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(LoadOptions)})
+    names = [f.name for f in dataclasses.fields(LoadOptions)]
+    unknown = sorted(set(kwargs) - set(names))
     if unknown:
-        raise InputError(f"unknown option {unknown[0]!r}; see offload.LoadOptions for the options")
+        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(f"unknown option {unknown[0]!r}{hint}; see offload.LoadOptions for the options")
     if options is None:
         return LoadOptions(**kwargs)
     return options.replace(**kwargs) if kwargs else options

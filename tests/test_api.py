@@ -78,6 +78,7 @@ LOAD_CASES = [
     pytest.param(dict(device="foo"), "unknown device", id="device-unknown"),
     pytest.param(dict(device="meta"), "not supported", id="device-meta"),
     pytest.param(dict(foo=1), "unknown option 'foo'", id="option-unknown"),
+    pytest.param(dict(gpu_mem="1GiB"), "did you mean 'gpu_memory'", id="option-misspelt"),
     pytest.param(dict(options=5), "options must be a LoadOptions", id="options-wrong-type"),
     pytest.param(dict(gpu_memory=float("nan")), "expected a size", id="budget-nan"),
     pytest.param(dict(gpu_memory=float("inf")), "expected a size", id="budget-inf"),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .errors import ConfigError, InputError
 from .inputs import check_unicode
+from .models.config import read_json_object
 
 TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_DIR = "additional_chat_templates"
@@ -165,15 +166,7 @@ def stop_token_ids(path, config_eos: tuple[int, ...] = ()) -> tuple[int, ...]:
 
 
 def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, or not UTF-8; and nesting without end
-        raise ConfigError(f"{file}: not readable JSON ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: expected a JSON object")
-    return data
+    return read_json_object(file) if file.is_file() else {}
 
 
 def _template_files(path: Path) -> dict[str, str]:

@@ -112,13 +112,18 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"model path {str(path)!r} does not exist")
     if not file.is_file():
         raise ConfigError(f"no config.json in {str(path)!r}")
+    return config_from_dict(read_json_object(file), source=str(file))
+
+
+def read_json_object(file: Path) -> dict:
+    """The JSON object in ``file`` (a config), or a :class:`ConfigError` saying why it cannot be read as one."""
     try:
-        raw = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, or not UTF-8; and nesting without end
-        raise ConfigError(f"{file}: not a readable JSON config ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: not readable JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(data, dict):
         raise ConfigError(f"{file}: expected a JSON object")
-    return config_from_dict(raw, source=str(file))
+    return data
 
 
 def config_from_dict(raw: dict, source: str = "config") -> ModelConfig:

@@ -16,7 +16,6 @@ rank's piece's).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import replace
@@ -33,7 +32,7 @@ from .models.parallel import REPLICATED
 from .models.quant import DEQUANTIZE, WeightFormat, part_shapes, quantize
 from .models.registry import family_of
 from .errors import InputError
-from .synthetic import RandomSource
+from .synthetic import RandomSource, modes_as_umask_allows, new_directory
 
 COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "generation_config.json", "tokenizer.model")
@@ -88,7 +87,7 @@ def write_quantized(model, out, quantize_as: str, group_size: int | None = None,
         for name in () if random else COMPANIONS:
             if (Path(model) / name).is_file():
                 shutil.copy(Path(model) / name, staging / name)
-        _readable_by_all_as_umask_allows(staging)
+        modes_as_umask_allows(staging, *staging.iterdir())
         staging.rename(out)  # replaces an empty directory; a non-empty one was refused before any work
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -101,27 +100,12 @@ def write_quantized(model, out, quantize_as: str, group_size: int | None = None,
 def _checked_out(out, model: Path | None) -> Path:
     """``out`` as a place to write a new checkpoint: not empty, not an existing file or a directory with anything
     in it, neither the checkpoint ``model`` nor inside it (nor it inside ``out``)."""
-    if not str(out).strip():
-        raise InputError("the output directory is empty: name one")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise InputError(f"{out} exists and is not empty: choose another output directory, or remove it")
+    out = new_directory(out)
     if model is not None:
         mine, theirs = out.resolve(), model.resolve()
         if mine == theirs or theirs in mine.parents or mine in theirs.parents:
             raise InputError(f"{out} is the checkpoint {model} itself, inside it or around it: write elsewhere")
     return out
-
-
-def _readable_by_all_as_umask_allows(directory: Path) -> None:
-    """The modes a plain mkdir and open would have given (``tempfile`` makes its directory for its owner alone)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for file in directory.iterdir():
-        file.chmod(0o666 & ~umask)
 
 
 def stored_quantization(path) -> dict | None:

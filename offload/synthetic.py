@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .distributed import TensorParallel
+from .errors import InputError
 from .models.config import config_from_dict
 from .models.blocks import TensorSpec, checkpoint_sources
 from .models.checkpoint import part_spec
@@ -130,11 +131,26 @@ class RandomSource:
         pass
 
 
-def _mode_as_umask_allows(file: Path) -> None:
-    """The mode a plain open would have given (safetensors writes its files for their owner alone)."""
+def modes_as_umask_allows(*paths: Path) -> None:
+    """The modes a plain mkdir and open would have given (``tempfile`` makes its directories, and safetensors
+    its files, for their owner alone)."""
     umask = os.umask(0)
     os.umask(umask)
-    file.chmod(0o666 & ~umask)
+    for path in paths:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def new_directory(out, what: str = "the output directory") -> Path:
+    """``out`` as a place to write a new checkpoint: named, and missing or an empty directory (a mistyped path
+    must not overwrite a model)."""
+    if not str(out).strip():
+        raise InputError(f"{what} is empty: name a directory")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {str(out)!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise InputError(f"{what} {str(out)!r} is not empty: name a new or empty directory")
+    return path
 
 
 def write_checkpoint(config: dict, out_dir: str | Path, dtype: torch.dtype, seed: int = 0,
@@ -171,7 +187,7 @@ def write_checkpoint(config: dict, out_dir: str | Path, dtype: torch.dtype, seed
         for file, shard in zip(names, shards):
             tensors = {name: source.full_tensor(spec, name, dtype) for spec, name in shard}
             save_file(tensors, str(out / file), metadata={"format": "pt"})
-            _mode_as_umask_allows(out / file)
+            modes_as_umask_allows(out / file)
             weight_map.update({name: file for name in tensors})
             bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
     if len(shards) > 1:

@@ -15,10 +15,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from offload import InputError, OffloadError, parse_size  # noqa: E402
+from offload import OffloadError, parse_size  # noqa: E402
 from offload.cli import Parser  # noqa: E402
 from offload.options import parse_device, parse_dtype  # noqa: E402
-from offload.synthetic import write_checkpoint  # noqa: E402
+from offload.synthetic import new_directory, write_checkpoint  # noqa: E402
 from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="where random numbers are made (default: cuda if present)")
     try:
         args = parser.parse_args(argv)
-        out = write_checkpoint(shape_config(args.shape), _out_dir(args.out), parse_dtype(args.dtype), seed=args.seed,
+        out = write_checkpoint(shape_config(args.shape), new_directory(args.out, "--out"), parse_dtype(args.dtype), seed=args.seed,
                                shard_bytes=parse_size(args.shard_size, "--shard-size"), device=args.device and parse_device(args.device))
     except OffloadError as e:
         print(f"make_checkpoint: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -44,17 +44,6 @@ def main(argv=None) -> int:
         return 130
     print(out)
     return 0
-
-
-def _out_dir(out: str) -> Path:
-    if not out.strip():
-        raise InputError("--out is empty: name a directory")
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"--out {out!r} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):  # a mistyped --out must not overwrite a real model
-        raise InputError(f"--out {out!r} is not empty: name a new or empty directory")
-    return path
 
 
 if __name__ == "__main__":

@@ -226,6 +226,40 @@ def test_compressed_experts_streamed_equal_resident(case, fmt):
         assert torch.equal(streamed(ids), want)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_saved_quantized_checkpoint_loads_as_quantizing_while_loading_does(case, fmt, tmp_path):
+    """scripts/quantize.py writes every expert's parts; the saved checkpoint loads, streamed too, bit for bit as
+    quantizing while loading."""
+    from offload.quantized import write_quantized
+
+    arch, _, directory, _ = case
+    if arch not in ("mixtral", "qwen2_moe"):  # experts in every layer; a dense layer and a shared expert
+        pytest.skip("two families are enough")
+    out = write_quantized(directory, tmp_path / "q", fmt, dtype=torch.float32, progress=False)
+    ids = _ids()
+    kw = dict(dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2, progress=False)
+    with offload.load_model(directory, quantize=fmt, **kw) as quantizing, offload.load_model(out, **kw) as saved:
+        assert saved.plan.needs.experts.nbytes == quantizing.plan.needs.experts.nbytes
+        want = quantizing(ids)
+        assert torch.equal(saved(ids), want)
+        needs = saved.plan.needs
+    with _streamed(out, needs, 1) as streamed:
+        assert torch.equal(streamed(ids), want)
+
+
+def test_qwen3_moe_with_a_sliding_window_attends_in_it_in_every_layer(checkpoint_factory):
+    """transformers 5's Qwen3-MoE config has no layer_types or max_window_layers: use_sliding_window applies the
+    window to every layer."""
+    hf, directory = checkpoint_factory("moe-qwen3-window", "qwen3_moe", "5.x", seed=5, **_BASE,
+                                       **{**MODELS["qwen3_moe"], "use_sliding_window": True, "sliding_window": 4})
+    ids = _ids()
+    with torch.no_grad():
+        ref = hf(ids).logits
+    with offload.load_model(directory, dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2, progress=False) as m:
+        assert m.decoder.config.sliding_windows == (4,) * _BASE["num_hidden_layers"]
+        assert (m(ids) - ref).abs().max().item() <= ATOL
+
+
 def test_the_plan_places_experts_after_the_every_pass_blocks():
     needs = ExpertNeeds(nbytes=100, per_layer=(8, 0, 8), top_k=2)
     plan = place_experts(needs, gpu_room=100 * 7, room={"host": 10_000, "cuda:1": 10_000},
@@ -236,6 +270,7 @@ def test_the_plan_places_experts_after_the_every_pass_blocks():
     assert place_experts(needs, 100 * 16, {"host": 0}, {"host": 50e9}, 1).cache_slots == 0  # all resident
     assert "cache" in place_experts(needs, 150, {"host": 10_000}, {"host": 50e9}, 1)  # not even the cache
     assert "nowhere" in place_experts(needs, 300, {"host": 500}, {"host": 50e9}, 1)
+
 
 
 def test_mixtral_8x7b_at_24_gib_keeps_every_layer_and_streams_experts():

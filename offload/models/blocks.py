@@ -197,7 +197,7 @@ def quantized_entries(entries: list[tuple], groups: dict[str, tuple[str, ...]], 
     entries = [Entry(*e) for e in entries]
     fused_of = {m: g for g, members in groups.items() for m in members}
     schemes = {e.name: scheme_for(fmt, local_shape(e.full, e.shard)[1], e.full[1], ranks, dtype,
-                                  fused_of.get(e.name, e.name), e.source.format(i=layer, e=None))
+                                  fused_of.get(e.name, e.name), e.source.format(i=layer, e=0))
                for e in entries if e.name in linear}
     out, out_groups, quantized, stacked = [], {}, {}, {}
     for e in entries:

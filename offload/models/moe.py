@@ -154,11 +154,12 @@ class MoEDecoder(Llama):
 
     @classmethod
     def expert_layout(cls, config: MoEConfig, tp: TensorParallel, dtype: torch.dtype,
-                      fmt: WeightFormat | None) -> BlockLayout:
-        """One routed expert's block (``{e}`` in a source: the expert)."""
+                      fmt: WeightFormat | None, layer: int | None = None) -> BlockLayout:
+        """One routed expert's block (``{e}`` in a source: the expert; ``layer``: whose tensors a format per tensor
+        is looked up for, expert 0's standing for every expert's)."""
         entries = mlp_entries(config, tp, config.expert_intermediate, "model.layers.{i}." + cls.expert_prefix,
                               sources=cls.expert_sources)
-        return build_layout(entries, dtype, ExpertWeights, EXPERT_GROUPS, cls.expert_linear, fmt, tp.size)
+        return build_layout(entries, dtype, ExpertWeights, EXPERT_GROUPS, cls.expert_linear, fmt, tp.size, layer)
 
     @classmethod
     def layer_layout(cls, config, tp, dtype, fmt=None, layer=None, sparse: bool = True) -> BlockLayout:
@@ -169,11 +170,15 @@ class MoEDecoder(Llama):
     def blocks(cls, config: MoEConfig, tp: TensorParallel, dtype: torch.dtype,
                fmt: WeightFormat | None = None) -> list[BlockSpec]:
         """Every layer's block (attention, router, shared expert; or a dense MLP), then every routed expert."""
-        if fmt is not None and fmt.per_tensor is not None:
+        stored = fmt is not None and fmt.per_tensor is not None
+        if stored and fmt.format == "gguf":
             raise ConfigError("mixture-of-experts models are read from safetensors checkpoints (not GGUF files)")
-        sparse = cls.layer_layout(config, tp, dtype, fmt)
-        dense = cls.layer_layout(config, tp, dtype, fmt, sparse=False)
-        expert = cls.expert_layout(config, tp, dtype, fmt)
+        # a checkpoint saved quantized (scripts/quantize.py) stores every layer alike: its formats are looked up in
+        # the first layer of each kind
+        first = lambda sparse: next((i for i, s in enumerate(config.sparse_layers) if s == sparse), None)  # noqa: E731
+        sparse = cls.layer_layout(config, tp, dtype, fmt, layer=first(True) if stored else None)
+        dense = cls.layer_layout(config, tp, dtype, fmt, layer=first(False) if stored else None, sparse=False)
+        expert = cls.expert_layout(config, tp, dtype, fmt, layer=first(True) if stored else None)
         layers = [BlockSpec(f"layer {i}", sparse if config.sparse_layers[i] else dense, i, EVERY_PASS)
                   for i in range(config.n_layers)]
         experts = [BlockSpec(f"layer {i} expert {e}", expert, i, ON_DEMAND, e)

@@ -28,4 +28,10 @@ class Qwen3Moe(MoEDecoder):
     @classmethod
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
         bias = f.flag("attention_bias", False)
-        return cls.read_moe(raw, f, architecture, qkv_bias=bias, o_bias=bias)
+        fields = {}
+        if raw.get("layer_types") is None and raw.get("max_window_layers") is None:
+            # transformers 5's Qwen3-MoE has neither: with use_sliding_window, every layer attends in the window
+            n = f.count("num_hidden_layers")
+            window = f.count("sliding_window", default=None) if f.flag("use_sliding_window", False) else None
+            fields["sliding_windows"] = (window,) * n
+        return cls.read_moe(raw, f, architecture, qkv_bias=bias, o_bias=bias, **fields)

@@ -315,3 +315,19 @@ def test_smollm2_greedy_output_is_plain_greedy_decoding(smollm2, draft):
     assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
     assert got.tokens_per_pass > 1.3, got  # prompt lookup gains on the sentence to repeat, the models everywhere
     model.close()
+
+
+def test_drafts_accepted_past_an_eos_are_not_counted(structured, plain):
+    """A pass that accepts a run of drafts with the row's eos inside it keeps the tokens up to the eos: the
+    accepted drafts counted are those the row kept, so they never exceed the tokens the verify passes made."""
+    prompt = prompts(structured, (20,))[0]
+    prompt += plain.generate([prompt], max_new_tokens=30, ignore_eos=True, return_result=True).tokens[0]
+    free = plain.generate([prompt], max_new_tokens=20, ignore_eos=True, return_result=True).tokens[0]
+    eos = free[1]
+    assert eos not in free[:1]
+    with offload.load_model(structured, **KW, draft="ngram", draft_tokens=8) as model:
+        got = model.generate([prompt], max_new_tokens=20, eos_token_id=eos, return_result=True)
+    assert got.tokens == [free[:2]] and got.finish_reasons == ["eos"]
+    assert got.drafted_tokens > 0
+    assert got.accepted_tokens <= got.decode_tokens  # here 1: the eos itself was an accepted draft (8 were)
+

@@ -265,16 +265,19 @@ class RowEngine:
         start = time.perf_counter()
         rows = self._pass_rows()
         outcome = self.speculator.run(rows)
-        events = []
+        events, accepted = [], 0
         for row, tokens in zip(rows, outcome.tokens):
             if row is None:
                 continue
             row.cached += len(tokens)  # its last token and the accepted drafts are in its cache now
             row.sampled += len(tokens)
+            given = 0
             for token in tokens:
                 events.append((row, token))
+                given += 1
                 if self._give(row, token):
                     break  # an eos or max_new_tokens inside the accepted run: the rest is dropped
+            accepted += min(given, len(tokens) - 1)  # accepted drafts the row kept (none past its eos)
         s = self.stats
         s.steps += 1
         s.busy_row_steps += sum(row is not None for row in rows)
@@ -283,7 +286,7 @@ class RowEngine:
         s.decode_tokens += len(events)
         s.decode_seconds += time.perf_counter() - start  # the tokens were read: the pass is over
         s.drafted_tokens += outcome.drafted
-        s.accepted_tokens += outcome.accepted
+        s.accepted_tokens += accepted
         return events
 
     def _pass_start(self, previous: _Pass | None) -> torch.cuda.Event | None:

@@ -248,9 +248,9 @@ def test_the_plan_counts_every_streamed_expert_a_step_reads_and_keeps_them_off_p
         streamed = set(plan.placement) - {"resident"}
         assert streamed == ({"host"} if direct else {"host", "cuda:1"})
         per_layer = 8 - resident // 2
-        expected = sum(needs.distinct(layer, 1) * (per_layer / 8) for layer in range(2)) * mb
-        hit = 0 if direct else plan.cache_slots / (2 * per_layer)
-        assert sum(plan.missed_bytes(1).values()) == pytest.approx(expected * (1 - hit))
+        wanted = sum(needs.distinct(layer, 1) * (per_layer / 8) for layer in range(2))
+        kept = 1 - (1 - 2 / 8) ** (plan.cache_slots // wanted)  # the last step's experts are still in the cache
+        assert sum(plan.missed_bytes(1).values()) == pytest.approx(wanted * mb * (1 if direct else 1 - kept))
 
 
 def test_an_address_the_kernels_read_wrongly_is_refused(monkeypatch):
@@ -331,7 +331,9 @@ def test_a_pass_of_several_chunks_reads_every_chunk_in_one_call(checkpoint_facto
 
 def test_more_rows_than_direct_reads_serve_keep_the_copying_cache_and_say_so(checkpoint_factory):
     _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
-    kw = dict(dtype=torch.float32, max_seq_len=64, cpu_memory="1GiB")
+    # no CUDA graphs on a GPU either: a plan that copies streamed experts drops them, and their bytes would make room
+    # for every expert
+    kw = dict(dtype=torch.float32, max_seq_len=64, cpu_memory="1GiB", cuda_graphs=False)
 
     def plan(rows):
         needs = offload.plan_model(directory, max_batch=rows, gpu_memory=2**40, **kw).needs
@@ -340,7 +342,9 @@ def test_more_rows_than_direct_reads_serve_keep_the_copying_cache_and_say_so(che
 
     with pytest.warns(offload.OffloadWarning, match="passes of up to 64 tokens"):
         many = plan(80)
-    assert many.experts.cache_slots == 8 and not many.needs.experts.direct  # a step's experts of a layer
+    # a step's experts of a layer: all 8, less those resident (a layer with one resident misses at most 7)
+    assert many.experts.cache_slots == 8 - min(many.experts.resident_per_layer) == 7
+    assert not many.needs.experts.direct
     few = plan(16)
     assert few.experts.cache_slots == 3 and few.needs.experts.direct  # one token's experts
     assert few.experts.placement.count("resident") > many.experts.placement.count("resident")

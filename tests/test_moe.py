@@ -8,8 +8,10 @@ the routed experts that were not on the device, each once; the plan's expert pla
 
 from __future__ import annotations
 
+import random
 import re
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ import transformers
 
 import offload
 from offload.errors import OffloadWarning, PlanError
-from offload.memory.experts import ExpertNeeds, place_experts
+from offload.memory.experts import RESIDENT, ExpertNeeds, ExpertPlan, place_experts
 from offload.models.shapes import shape_config
 
 from conftest import _ARCH, with_graphs
@@ -272,6 +274,43 @@ def test_the_plan_places_experts_after_the_every_pass_blocks():
     assert "nowhere" in place_experts(needs, 300, {"host": 500}, {"host": 50e9}, 1)
 
 
+
+@pytest.mark.parametrize("experts, top_k, layers, resident, slots, rows", [
+    (4, 4, 3, 2, 4, 1),  # a step misses more than the cache holds: nothing survives to the next step
+    (8, 2, 32, 2, 2, 1),  # mixtral-8x7b at 24 GiB
+    (16, 2, 2, 4, 12, 1),  # the cache holds several steps' experts
+    (16, 2, 2, 4, 12, 3),
+    (64, 4, 4, 8, 16, 1),
+])
+def test_the_expected_misses_are_those_of_a_least_recently_used_cache(experts, top_k, layers, resident, slots, rows):
+    """The plan's expected misses against a simulated cache (least recently used out) that the layers take turns
+    with, under uniform routing."""
+    needs = ExpertNeeds(1, (experts,) * layers, top_k)
+    placement = ([RESIDENT] * resident + ["host"] * (experts - resident)) * layers
+    plan = ExpertPlan(needs, placement, slots, [resident] * layers)
+    rng, cache, misses, steps = random.Random(0), OrderedDict(), 0, 3000
+    for step in range(steps):
+        for layer in range(layers):
+            used = set().union(*(rng.sample(range(experts), top_k) for _ in range(rows)))
+            for e in sorted(used - set(range(resident))):
+                key = (layer, e)
+                if key in cache:
+                    cache.move_to_end(key)
+                else:
+                    misses += step >= 100  # after a warm-up
+                    cache[key] = None
+                    if len(cache) > slots:
+                        cache.popitem(last=False)
+    assert sum(plan.missed_bytes(rows).values()) == pytest.approx(misses / (steps - 100), rel=0.1, abs=0.05)
+
+
+def test_the_cache_has_no_slot_more_than_a_layer_can_miss():
+    """Four experts a layer, all four used by every token: a step misses at most the non-resident ones of a layer,
+    and a slot more would be an expert kept resident."""
+    plan = place_experts(ExpertNeeds(1, (4, 4, 4), 4), gpu_room=8, room={"host": 100}, bandwidth={"host": 50e9},
+                         max_batch=1)
+    assert plan.cache_slots == 3 and plan.resident_per_layer == [2, 2, 1]  # not 4 slots and [2, 1, 1]
+    assert sum(plan.missed_bytes(1).values()) == 7
 
 def test_mixtral_8x7b_at_24_gib_keeps_every_layer_and_streams_experts():
     with warnings.catch_warnings():

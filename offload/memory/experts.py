@@ -19,6 +19,7 @@ token's experts (a prefill's waves), and its room goes to resident experts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .budget import format_size
@@ -39,6 +40,12 @@ class ExpertNeeds:
     @property
     def count(self) -> int:
         return sum(self.per_layer)
+
+    def cache_slots(self, max_batch: int) -> int:
+        """The device's expert slots: the experts a decode step of ``max_batch`` rows can route to in a layer (a
+        step fetches each once); read directly, decode steps need none, and one token's experts serve a prefill's
+        waves."""
+        return min(max(self.per_layer), self.top_k * (1 if self.direct else max_batch))
 
     def distinct(self, layer: int, rows: int) -> float:
         """Expected distinct experts ``rows`` tokens use in ``layer`` (uniform routing)."""
@@ -65,13 +72,32 @@ class ExpertPlan:
         streamed = {t: self.placement.count(t) for t in set(self.placement) if t != RESIDENT}
         if not streamed:
             return {}
-        layers = [layer for layer, n in enumerate(self.needs.per_layer) if n]
-        missing = sum(self.needs.per_layer[layer] - self.resident_per_layer[layer] for layer in layers)
-        hit = min(1.0, self.cache_slots / missing) if missing and not self.needs.direct else float(not missing)
-        misses = sum(self.needs.distinct(layer, rows) * (1 - self.resident_per_layer[layer] / self.needs.per_layer[layer])
-                     for layer in layers) * (1 - hit)
+        n, resident = self.needs.per_layer, self.resident_per_layer
+        # a non-resident expert of a layer is used in a step with the probability distinct / n
+        used = {layer: self.needs.distinct(layer, rows) / count for layer, count in enumerate(n) if count}
+        kept = 0 if self.needs.direct else self._steps_kept(used)
+        misses = sum(p * (n[layer] - resident[layer]) * (1 - p) ** kept for layer, p in used.items())
         total = sum(streamed.values())
         return {t: misses * count / total * self.needs.nbytes for t, count in streamed.items()}
+
+    def _steps_kept(self, used: dict[int, float]) -> float:
+        """How many past steps' experts the cache still holds: the layers take turns with it (least recently used
+        out), so an expert used ``s`` steps ago is there while the distinct experts of the last ``s`` steps fit in
+        it (Che's approximation of such a cache, in whole steps). A cache smaller than a step's experts keeps none
+        from one step to the next."""
+        def distinct(steps: int) -> float:
+            return sum((self.needs.per_layer[layer] - self.resident_per_layer[layer]) * (1 - (1 - p) ** steps)
+                       for layer, p in used.items())
+
+        if distinct(2 ** 20) <= self.cache_slots:
+            return math.inf  # every streamed expert fits in the cache
+        low, high = 0, 1  # distinct(low) <= slots < distinct(high)
+        while distinct(high) <= self.cache_slots:
+            low, high = high, 2 * high
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if distinct(middle) <= self.cache_slots else (low, middle)
+        return low
 
     def summary(self, rows: int = 1) -> str:
         n, layers = self.needs, [c for c in self.needs.per_layer if c]
@@ -94,12 +120,14 @@ def place_experts(needs: ExpertNeeds, gpu_room: int, room: dict[str, int], bandw
     size, total = needs.nbytes, needs.count
     if total * size <= gpu_room:
         return ExpertPlan(needs, [RESIDENT] * total, 0, list(needs.per_layer))
-    # A decode step's experts of one layer; read directly, decode steps need none (prefills copy in waves).
-    slots = min(max(needs.per_layer), needs.top_k * (1 if needs.direct else max_batch))
+    slots = needs.cache_slots(max_batch)
     if slots * size > gpu_room:
         return (f"the expert cache needs {slots} slot(s) of {format_size(size)} "
                 f"(= {format_size(slots * size)}) and {format_size(max(gpu_room, 0))} is left")
     resident = _spread((gpu_room - slots * size) // size, needs.per_layer)
+    while (fewer := max(n - r for n, r in zip(needs.per_layer, resident))) < slots:
+        slots = fewer  # a step misses at most a layer's non-resident experts: a slot more is an expert resident
+        resident = _spread((gpu_room - slots * size) // size, needs.per_layer)
     if needs.host_only:  # the kernels read the host's experts (and not the peers')
         room = {tier: b for tier, b in room.items() if tier == HOST}
     streamed = {tier: 0 for tier in room}

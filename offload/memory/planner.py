@@ -297,7 +297,7 @@ def make_plan(
         )
     cache = 0
     if experts:  # the expert cache's smallest size stays free for it; the every-pass blocks come first
-        cache = min(max(experts.per_layer), experts.top_k * needs.max_batch) * experts.nbytes
+        cache = experts.cache_slots(needs.max_batch) * experts.nbytes
         gpu -= cache
     k = min(slots or DEFAULT_SLOTS, n)
     kept_bytes = list(accumulate(sorted(needs.blocks, reverse=True)))  # the j + 1 largest blocks' bytes

@@ -67,11 +67,12 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
     if random_weights is not None and (not isinstance(random_weights, int) or isinstance(random_weights, bool)):
         raise InputError(f"random_weights must be an integer seed, got {random_weights!r}")
     check_flags(progress=progress)
-    setup = prepare(model, _options(options, kwargs))
-    packed = random_weights is not None and setup.options.quantize in FORMATS
-    if packed and setup.draft is not None and draft_kind(setup.options.draft) == INT4:
+    options = _options(options, kwargs)
+    packed = random_weights is not None and options.quantize in FORMATS
+    if packed and options.draft is not None and draft_kind(options.draft) == INT4:  # before the plan may decline it
         raise InputError("an int4 draft of random weights quantized at load would be unrelated to them (they are "
                          "made packed): give the target in 16 bits, or a draft model")
+    setup = prepare(model, options)
     _warn(setup)
     pool = load_weights(setup, weight_source(model, random_weights, setup.device, packed=packed),
                         progress and setup.tp.rank == 0)

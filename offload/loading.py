@@ -365,8 +365,8 @@ def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
 def graphs_pay(options: LoadOptions, needs: MemoryNeeds, gpu_memory: int) -> bool:
     """Whether a plan that captures graphs (``needs.graph_bytes``) keeps them: not, unless asked for
     (``cuda_graphs=True``), for a mixture of experts whose experts stream. There graph pieces measured slower
-    than eager steps (qwen3-30b-a3b at 8 GiB on an H200, 2026-12-05: 193 against 170 ms a step); with every
-    expert resident, faster (47 against 65). Read directly (every step: ``direct_steps``), a step has no pieces."""
+    than eager steps (qwen3-30b-a3b at 8 GiB on an H200, 2026-12-05: 193 against 170 ms a step; after the fused
+    kernels, 70.3 against 71.8, no gain for their memory); with every expert resident, faster (28.7 against 44.2). Read directly (every step: ``direct_steps``), a step has no pieces."""
     streams_experts = needs.experts is not None and not needs.fits_whole(gpu_memory) and not needs.experts.direct
     return not (needs.graph_bytes and streams_experts and options.cuda_graphs is None)
 

@@ -161,11 +161,16 @@ def test_the_word_gemv_refuses_what_it_cannot_read_as_words():
 
 def test_the_words_are_used_only_where_switched_on(monkeypatch):
     w = packed("int4", 128, 256, 1024, DTYPES[0], seed=8)
-    monkeypatch.setattr(quant_kernels, "WORD_GEMV", False)  # the default (OFFLOAD_WORD_GEMV unset)
+    w8 = packed("int8", None, 256, 1024, DTYPES[0], seed=8)
+    monkeypatch.setattr(quant_kernels, "WORD_GEMV", None)  # the default (OFFLOAD_WORD_GEMV unset): int4's GEMV
+    assert quant_kernels.gemv_blocking(w)[-1] and not quant_kernels.gemv_blocking(w8)[-1]
+    assert not quant_kernels.matmul_blocking(w, 16)[-1]
+    monkeypatch.setattr(quant_kernels, "WORD_GEMV", False)  # OFFLOAD_WORD_GEMV=0
     assert not quant_kernels.gemv_blocking(w)[-1] and not quant_kernels.matmul_blocking(w, 16)[-1]
     monkeypatch.setattr(quant_kernels, "WORD_GEMV", True)
     assert quant_kernels.gemv_blocking(w)[-1] and quant_kernels.gemv_blocking(w) == quant_kernels.gemv_blocking(w, True)
     assert quant_kernels.matmul_blocking(w, 16)[-1] and not quant_kernels.matmul_blocking(w, 17)[-1]
+    assert quant_kernels.gemv_blocking(w8)[-1]
     x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(9)).to(DTYPES[0]).to(DEVICE)
     assert_close_to_exact(quant_kernels.linear(x, w), x, w, None)
     assert_close_to_exact(quant_kernels.linear(x[:1], w), x[:1], w, None)

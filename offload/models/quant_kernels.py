@@ -18,9 +18,9 @@ compressed bytes of HBM traffic, resident or streamed.
   subtraction (the integer written into the mantissa of 2^23) and a multiply-add.
   ``_gemv_words_kernel`` computes the same sums from 32-bit words, each field turned into
   a float where it lies in the word (no unpacking): fewer instructions a weight (int4: less
-  than half). It is the GEMV where ``WORD_GEMV`` is on and it takes the weight
-  (``words_take``), and int4's product of up to 16 rows (``_matmul_kernel``'s WORDS) reads
-  its groups the same way.
+  than half). It is int4's GEMV where it takes the weight (``words_take``), and, where
+  ``WORD_GEMV`` turns it on, int8's too and int4's product of up to 16 rows
+  (``_matmul_kernel``'s WORDS), which reads its groups the same way.
 * **More rows** (prefill chunks, batched decode): ``_matmul_kernel``, tiles of
   ``[BLOCK_M, group] x [group, BLOCK_N]`` (or 64 columns for int8 per channel), each
   weight tile dequantized in float32, rounded once to the activations' dtype (as
@@ -50,11 +50,12 @@ GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
 TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
 MAGIC = 0x4B000000  # the bits of the float 2^23
 # The word kernels: ``_gemv_words_kernel`` for one or two rows, ``_matmul_kernel``'s WORDS for up to 16 rows of
-# int4 in groups of 128 or 256. Fewer instructions a weight in the loops' sm_90 SASS (compiled without a GPU):
-# GEMV int4 3.8 against 8.1, int8 4.1 against 6.4; int4 at 16 rows 5.9 against 8.5. Not yet timed on a GPU
-# (``bench_quant_kernels.py --words``): off until they are, unless the environment sets OFFLOAD_WORD_GEMV=1 (for
-# a benchmark's run of a whole model; read once, at import).
-WORD_GEMV = os.environ.get("OFFLOAD_WORD_GEMV", "0") == "1"
+# int4 in groups of 128 or 256. Timed on an H200 (2026-12-05, ``bench_quant_kernels.py --words``, llama-2-7b's four
+# products of a layer): int4's GEMV 1.33x faster at one row (groups of 128: 70.8 against 94.0 us) and 1.55x at two,
+# and llama-2-7b's resident int4 decode 2.90 against 3.60 ms a step; but int8's GEMV 0.90x and int4's 16-row
+# product 0.63x. So by default (None) int4's GEMV reads words and nothing else does; the environment's
+# OFFLOAD_WORD_GEMV=1 turns every word kernel on, =0 every one off (read once, at import).
+WORD_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_WORD_GEMV", ""))
 
 
 def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
@@ -113,10 +114,12 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
 def gemv_blocking(w: QuantizedWeight, words: bool | None = None) -> tuple[int, int, int, int, bool]:
     """(BLOCK_N, BLOCK_K, SPLITS, warps, words) of the GEMV for ``w``: ``_gemv_kernel``'s tiles of 8 features by
     1024 columns (whole groups), and as many stretches of the columns as bring the programs to about
-    ``TARGET_PROGRAMS``. With ``words`` (by default ``WORD_GEMV``), where ``_gemv_words_kernel`` takes ``w``, its
-    tiles of 128 features by 256 columns."""
+    ``TARGET_PROGRAMS``. With ``words`` (by default: int4, unless ``WORD_GEMV`` says otherwise), where
+    ``_gemv_words_kernel`` takes ``w``, its tiles of 128 features by 256 columns."""
     n, k = w.rows, w.cols
-    if (WORD_GEMV if words is None else words) and words_take(w):
+    if words is None:
+        words = w.scheme.format == INT4 if WORD_GEMV is None else WORD_GEMV
+    if words and words_take(w):
         block_n, block_k = 128, 256
         return block_n, block_k, _splits(n, k, block_n, block_k), 4, True
     block_n, block_k = 8, 1024 if w.scheme.group_size is None else max(1024, w.scheme.group_size)
@@ -149,7 +152,7 @@ def matmul_blocking(w: QuantizedWeight, m: int, words: bool | None = None) -> tu
     rows of int4 in groups of 128 or 256 are read as words."""
     n, k, group, per_channel = w.rows, w.cols, w.scheme.group_size or w.cols, w.scheme.group_size is None
     block_k = 64 if per_channel else group
-    words = ((WORD_GEMV if words is None else words) and m <= 16 and w.scheme.format == INT4 and group >= 128
+    words = ((bool(WORD_GEMV) if words is None else words) and m <= 16 and w.scheme.format == INT4 and group >= 128
              and words_take(w))
     if m <= 16:
         block_m, block_n, warps = 16, 128 if words else 64, 4

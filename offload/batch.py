@@ -287,7 +287,9 @@ def run_batch(model, records: list[Record], results: ResultFile | None, batch_si
     """Run every record not yet in ``results``; ``results`` is None on ranks that do not write.
 
     Record ``r`` samples with the seed ``seed + r.line``, so its output does not depend on
-    which records share its steps, nor on a rerun.
+    which records share its steps, nor on a rerun. With a draft, a sampled record's may: its draft
+    lengths follow the acceptance measured over the records before it, and they change which
+    random numbers its tokens take (their distribution stays the model's; greedy output is the same).
     """
     done = results.done if results is not None else set()
     todo = [r for r in records if r.id not in done]

@@ -147,6 +147,10 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
     if _failed(plans):
         raise PlanError("; ".join(_failed(plans)))
     plans[tp.rank].warnings.extend(beyond_machine(budget, device))
+    if _direct_would_pay(options, needs, budget.gpu_memory, device, tp, blocks, dtype):
+        plans[tp.rank].hints.append("every expert fits: --direct-experts (direct_experts=True) would read them in "
+                                    "one CUDA graph a step (qwen3-30b-a3b on an H200: 5.4 against 28.7 ms a step); "
+                                    "its logits differ from copying's by rounding, so it is not the default")
     if options.direct_experts and needs.experts is not None and not needs.experts.direct:
         for plan in plans:
             plan.warnings.append(f"direct expert reads serve passes of up to {DIRECT_TOKENS} tokens: with "
@@ -360,6 +364,25 @@ def direct_steps(options: LoadOptions, device: torch.device) -> bool:
 def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
     """Decode steps (and verify passes) are captured in CUDA graphs on a GPU unless turned off."""
     return options.cuda_graphs is not False and device.type == "cuda"
+
+
+def _direct_would_pay(options: LoadOptions, needs: MemoryNeeds, gpu_memory: int, device: torch.device,
+                      tp: TensorParallel, blocks: list[BlockSpec], dtype: torch.dtype) -> bool:
+    """Whether a mixture of experts that copies its experts (the default) keeps every one resident on one GPU,
+    where the kernels could read them directly, in one graph a step: measured 5.3x faster (qwen3-30b-a3b on
+    an H200, 2026-12-05: 5.4 against 28.7 ms a step at batch 1, 14.1 against 200 at batch 16). Streamed
+    experts copied measured faster than read over the link (71.8 against 79.8 ms at 8 GiB), and offloading
+    must not change a model's logits, so copying stays the default and the plan says what direct reads
+    would give."""
+    if (options.direct_experts or options.prefetch_experts or options.compile or needs.experts is None
+            or device.type != "cuda" or tp.size > 1 or not needs.fits_whole(gpu_memory)
+            or not direct_steps(options.replace(direct_experts=True), device)):
+        return False
+    try:
+        check_direct([block for block in blocks if block.fetch == ON_DEMAND], device, dtype)
+    except ConfigError:
+        return False
+    return True
 
 
 def graphs_pay(options: LoadOptions, needs: MemoryNeeds, gpu_memory: int) -> bool:

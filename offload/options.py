@@ -107,7 +107,9 @@ class LoadOptions:
             captured as a dense model's, and a streamed expert crosses its link once per pass without a
             copy. Experts in the model's dtype, int8 or int4 (groups of a power of two from 32), on the
             device or the host (not on peers); prefills, and passes of more tokens, still copy. Default
-            off (not yet measured on a GPU against copying).
+            off: the kernels round otherwise than copying does, and where experts stream copying measured
+            faster (qwen3-30b-a3b on an H200: 71.8 against 79.8 ms a step at 8 GiB); with every expert
+            resident direct reads measured 5.3x faster (5.4 against 28.7 ms), and the plan says so.
         quantize: ``"int8"`` or ``"int4"``: the decoder layers' linear weights are quantized while
             loading and stay compressed in every tier (``offload.models.quant``); None (default):
             the model dtype, or a checkpoint stored quantized (a GGUF file, ``scripts/quantize.py``'s)

@@ -355,3 +355,30 @@ def test_an_int4_draft_of_random_weights_quantized_at_load_is_refused(checkpoint
     config = shape_config("tiny")
     with pytest.raises(InputError, match="unrelated"):
         offload.load_model(config, random_weights=0, quantize="int8", draft="int4", progress=False)
+
+
+
+def test_the_plan_hints_at_direct_reads_where_every_expert_fits_on_one_gpu(checkpoint_factory):
+    """Copying stays the default (offloading must not change the logits, and copying is faster where experts
+    stream); where every expert fits on one GPU whose kernels read them, the plan says what direct reads give."""
+    from types import SimpleNamespace
+
+    from offload.loading import _direct_would_pay, prepare
+
+    _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    setup = prepare(directory, offload.LoadOptions(dtype=torch.float32, max_seq_len=64, max_batch=2))
+    assert setup.options.direct_experts is False and not setup.plan.hints  # a CPU
+    cuda, whole = torch.device("cuda"), 2 ** 40
+
+    def would(device=cuda, tp=setup.tp, gpu_memory=whole, **kw) -> bool:
+        options = setup.options.replace(**kw)
+        return _direct_would_pay(options, setup.plan.needs, gpu_memory, device, tp, setup.blocks, setup.dtype)
+
+    assert would()  # the kernels take these experts (here under Triton's interpreter)
+    assert not would(direct_experts=True)  # asked for already
+    assert not would(gpu_memory=setup.plan.needs.fixed_bytes + sum(setup.plan.needs.blocks))  # experts stream
+    assert not would(device=torch.device("cpu")) and not would(tp=SimpleNamespace(size=2))
+    assert not would(max_batch=65)  # a decode step of more than 64 tokens copies its experts
+    assert not would(compile=True) and not would(prefetch_experts=True)
+    dense = prepare(shape_config("tiny"), offload.LoadOptions(dtype=torch.float32, max_seq_len=64))
+    assert not _direct_would_pay(dense.options, dense.plan.needs, whole, cuda, dense.tp, dense.blocks, dense.dtype)

@@ -355,6 +355,19 @@ def test_experts_read_directly_from_pinned_memory_equal_resident_bitwise_within_
 
 
 @cuda
+def test_the_plan_hints_at_direct_reads_where_every_expert_fits():
+    shape = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 2}
+    kw = dict(dtype=torch.bfloat16, max_batch=3, max_seq_len=64)
+    whole = offload.plan_model(shape, **kw)
+    assert any("--direct-experts" in hint for hint in whole.hints) and "hint: every expert fits" in str(whole)
+    needs = whole.needs
+    streams = offload.plan_model(shape, gpu_memory=needs.fixed_bytes + sum(needs.blocks) + 64 * needs.experts.nbytes,
+                                 cpu_memory="16GiB", **kw)
+    assert "host" in streams.experts.placement and not streams.hints
+    assert not offload.plan_model(shape, direct_experts=True, **kw).hints
+
+
+@cuda
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])  # Mixtral: float32 routing weights
 def test_experts_in_graph_pieces_equal_eager_bitwise(name):
     """A mixture of experts in CUDA graphs (each layer captured up to its routing, the experts run by the host

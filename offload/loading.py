@@ -138,7 +138,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
             raise ConfigError(f"draft {options.draft}: {e}") from None
         if not int4:
             _check_same_tokens(model, options.draft)
-        plans, draft = _weigh_draft(options, config, needs, plans, draft, place)
+        plans, draft = _weigh_draft(options, config, needs, plans, draft, place, uses_cuda_graphs(options, device))
         if draft is not None and not _failed(plans) and draft.config.max_position_embeddings < options.max_seq_len:
             for plan in plans:
                 plan.warnings.append(f"the draft {options.draft} was made for {draft.config.max_position_embeddings} "
@@ -201,7 +201,7 @@ def _max_draft(options: LoadOptions) -> int:
 
 
 def _weigh_draft(options: LoadOptions, config: ModelConfig, needs: MemoryNeeds, alone: list, draft: "Setup",
-                 place) -> tuple[list, "Setup | None"]:
+                 place, captured: bool) -> tuple[list, "Setup | None"]:
     """The target's plans beside the draft model ``draft``, whose bytes on the compute device (its weights,
     KV cache, activations; the workspace is shared) come out of the target's budget, and the draft, or
     (int4 only) the plans ``alone`` and no draft.
@@ -225,7 +225,8 @@ def _weigh_draft(options: LoadOptions, config: ModelConfig, needs: MemoryNeeds, 
         _describe(alone, f"{label} declined: it does not fit beside the target ({format_size(draft_bytes)}: "
                          f"{_failed(beside)[0]})")
         return alone, None
-    k, with_s, without_s = speculation_forecast(beside, alone, draft.plans, options.draft_tokens)
+    padded = (lambda width: bucket(width, 2, options.max_seq_len)) if captured else (lambda width: width)  # noqa: E731
+    k, with_s, without_s = speculation_forecast(beside, alone, draft.plans, options.draft_tokens, padded)
     resident = lambda plans: len(plans[0].blocks_on(RESIDENT))  # noqa: E731
     line = (f"{label}, resident: {format_size(draft_bytes)} (weights, KV cache, activations); the target keeps "
             f"{resident(beside)} of {len(needs.blocks)} layers resident ({resident(alone)} without it); "
@@ -389,7 +390,8 @@ def graphs_pay(options: LoadOptions, needs: MemoryNeeds, gpu_memory: int) -> boo
     """Whether a plan that captures graphs (``needs.graph_bytes``) keeps them: not, unless asked for
     (``cuda_graphs=True``), for a mixture of experts whose experts stream. There graph pieces measured slower
     than eager steps (qwen3-30b-a3b at 8 GiB on an H200, 2026-12-05: 193 against 170 ms a step; after the fused
-    kernels, 70.3 against 71.8, no gain for their memory); with every expert resident, faster (28.7 against 44.2). Read directly (every step: ``direct_steps``), a step has no pieces."""
+    kernels, 70.3 against 71.8, no gain for their memory); with every expert resident, faster (28.7 against
+    44.2). Read directly (every step: ``direct_steps``), a step has no pieces."""
     streams_experts = needs.experts is not None and not needs.fits_whole(gpu_memory) and not needs.experts.direct
     return not (needs.graph_bytes and streams_experts and options.cuda_graphs is None)
 

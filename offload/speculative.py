@@ -344,14 +344,15 @@ class Mends:
         return {m: sum(counts[: m - 1]) / (self.breaks + PRIOR_WEIGHT) for m in range(1, most + 1)}
 
 
-def speculation_forecast(with_plans: list, without_plans: list, draft_plans: list,
-                         draft_tokens: int | None) -> tuple[int, float, float]:
+def speculation_forecast(with_plans: list, without_plans: list, draft_plans: list, draft_tokens: int | None,
+                         padded: Callable[[int], int] = lambda width: width) -> tuple[int, float, float]:
     """What the plans predict for one row: the draft length (``draft_tokens``, or the best at
     ``ASSUMED_ACCEPTANCE``), the seconds per token with a draft model whose plans are ``draft_plans`` and the
     target's plans ``with_plans``, and the seconds per token of plain decoding with ``without_plans``.
-    Under tensor parallelism a pass takes as long as the slowest rank's."""
+    A verify pass of ``w`` tokens runs ``padded(w)`` (a power of two, in CUDA graphs), as the runtime prices
+    it. Under tensor parallelism a pass takes as long as the slowest rank's."""
     def verify(width: int) -> float:
-        return max(p.pass_seconds(width) for p in with_plans)
+        return max(p.pass_seconds(padded(width)) for p in with_plans)
 
     step = max(p.pass_seconds(1) for p in draft_plans)
     k = draft_tokens or best_draft_length([ASSUMED_ACCEPTANCE], verify, step, DEFAULT_MAX_DRAFT)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from offload.sampling import GREEDY, Sampling, probabilities
-from offload.speculative import (Acceptance, Mends, Proposal, accept, best_draft_length, best_draft_shape,
-                                expected_tokens, grow_tree, walk_tree)
+from offload.speculative import (ASSUMED_ACCEPTANCE, Acceptance, Mends, Proposal, accept, best_draft_length,
+                                best_draft_shape, expected_tokens, grow_tree, speculation_forecast, walk_tree)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -236,3 +236,17 @@ def test_mends_count_where_the_targets_token_ranked_among_the_alternatives():
     for rank in (1, 1, 3, None):
         mends.add(rank)
     assert mends.rates() == {1: 0.0, 2: 2 / 8, 3: 2 / 8, 4: 3 / 8}
+
+
+def test_the_load_time_forecast_prices_verify_passes_padded_as_they_run():
+    """In CUDA graphs a verify pass of k + 1 tokens runs padded to a power of two; the forecast that keeps or
+    declines an int4 draft prices it so, as the runtime does."""
+    from types import SimpleNamespace
+
+    target = SimpleNamespace(pass_seconds=lambda tokens, keys=0: 1.0 + 0.1 * tokens)  # compute grows with width
+    draft = SimpleNamespace(pass_seconds=lambda tokens, keys=0: 0.01)
+    padded = lambda width: 1 << (width - 1).bit_length()  # noqa: E731
+    k, plain, _ = speculation_forecast([target], [target], [draft], 4)
+    k_padded, priced, _ = speculation_forecast([target], [target], [draft], 4, padded)
+    assert k == k_padded == 4
+    assert priced == pytest.approx(plain + 0.3 / expected_tokens(ASSUMED_ACCEPTANCE, 4))  # 8 tokens run, not 5

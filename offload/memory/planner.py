@@ -329,6 +329,13 @@ def make_plan(
         if sum(ring_slots.values()) == reserved:
             break
         reserved = sum(ring_slots.values())
+    while reserved > 1:  # a slot fewer may keep a layer more resident, and then that many slots may do
+        fewer = _placed(n, bisect_right(kept_bytes, gpu - needs.fixed_bytes - (reserved - 1) * block), k, block,
+                        link_budget, bandwidth)
+        if fewer is None or sum(fewer[2].values()) > reserved - 1:
+            break
+        resident, streamed, ring_slots = fewer
+        reserved = sum(ring_slots.values())
     result = plan(_interleave({RESIDENT: resident, **streamed}), ring_slots, on_host)
     if experts:
         room = {HOST: host - result.bytes_on(HOST), **{p: b - result.bytes_on(p) for p, b in budget.peer_memory.items()}}
@@ -369,6 +376,16 @@ def _share_links(count: int, block: int, budget: Budget, bandwidth: dict[str, fl
         best = min(open_tiers, key=lambda t: ((taken[t] + 1) * block / bandwidth[t], t != HOST))
         taken[best] += 1
     return {t: c for t, c in taken.items() if c}
+
+
+def _placed(n: int, resident: int, k: int, block: int, link_budget: Budget, bandwidth: dict[str, float]):
+    """``resident`` layers of ``n`` kept, the others shared among the links, and each link's ring slots; None
+    where the links cannot hold the others."""
+    resident = min(resident, n)
+    streamed = _share_links(n - resident, block, link_budget, bandwidth)
+    if sum(streamed.values()) < n - resident:
+        return None
+    return resident, streamed, {tier: min(k, count) for tier, count in streamed.items()}
 
 
 def _interleave(counts: dict[str, int]) -> list[str]:

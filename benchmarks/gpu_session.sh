@@ -17,8 +17,8 @@
 #   quantsweep     the same with the kernels' other blockings (the best three of each)
 #   quantwords     1, 2 and 16 rows: the word kernels (quant_kernels.WORD_GEMV) beside the defaults, and the
 #                  kernels' other blockings (the best three)
-#   quant7b        llama-2-7b resident decode in int8 and int4, batch 1 and 16 (GPU time per pass vs floor; bf16: resident7b)
-#   quant7b_words  the same with the word kernels (OFFLOAD_WORD_GEMV=1)
+#   quant7b        llama-2-7b resident decode in bf16, int8 and int4, batch 1 and 16 (GPU time per pass vs floor)
+#   quant7b_words  int8 and int4 with every word kernel (OFFLOAD_WORD_GEMV=1; the default: int4's GEMV only)
 #   profile7b      llama-2-7b resident, compiled: generate's ms/step against the GPU's time per pass, the kernels
 #   profile13b     llama-2-13b resident, compiled, the same without the kernel table
 #   host13b        llama-2-13b at 8 GiB, host tier only, batch 1, graphs and eager (no accelerate)
@@ -64,23 +64,22 @@
 #   tp13b_peers    llama-2-13b at 8 GiB per GPU, TP=2 on GPUs 0 and 1 with GPUs 2 and 3 as peers, graphs and eager
 #
 # What is owed, in order of value, for a session of about 30 minutes on one GPU (each call under 10 minutes;
-# a machine's start costs 3-7 minutes of device time, so keep it warm: the next call within 30 s):
-#   1. tests_kernels:220 moe30b:330                          the fused q/k-norm rotation and the direct expert
-#                                                              kernels on the GPU; qwen3-30b-a3b's experts copied
-#                                                              against read directly from pinned memory (#21)
-#   1b. moe30b_resident:200 moehost:60 mixtral24:300         resident experts: pieces against one graph; the
-#                                                              host's time of a routed layer; mixtral both ways
-#   2. spec_smollm2:390 (carry .assets/smollm2/part-aa first,  a real model's drafts with a warm-up that captures
-#      then part-ab and .whl with this stage)                  every bucket before timing (#22)
-#   3. quantwords:150 quant7b:140 quant7b_words:140            the word kernels against the defaults, products and
-#                                                              7b resident decode (#20; if faster: WORD_GEMV on)
-#   3b. load70b:240 offload13b:200                             saved int4 loads; 13b int4 at 4 GiB (#20)
-#   4. spec70b:300 int4_70b:250                                70b verify passes; 70b int4 at 24 GiB (#20)
-#   5. moe30b_acc:280 mixtral24_acc:300                        the MoE goals against accelerate (#21)
-#   6. int4_405b:500                                           the moonshot (#20): its plan, ms/token, link limit
-#   7. moe235_int4:400                                         qwen3-235b-a22b in int4 on one GPU (#21)
+# a machine's start costs 3-7 minutes of device time, so keep it warm: the next call within 30 s). Ran on
+# 2026-12-05 (docs/benchmarks.md, sixth session): tests_kernels, moe30b, moe30b_resident, moehost, mixtral24
+# (cut), spec_smollm2, quantwords, quant7b, quant7b_words, load70b, offload13b, tests_spec.
+#   1. tests_kernels:200 moe30b_acc:280                      the GPU tests fixed since (direct-read plans, the
+#                                                              int4 draft refusal, the plan's hint); qwen3-30b-a3b
+#                                                              against accelerate (#21)
+#   2. mixtral24:360 mixtral24_acc:220                       mixtral-8x7b both ways (its table: 290 s was short),
+#                                                              and against accelerate (#21's 10x goal)
+#   3. quant7b:120 spec70b:300                               bf16 beside int8/int4 (the word GEMV now default) in
+#                                                              one run (#20); 70b verify passes (#22)
+#   4. int4_405b:500                                           the moonshot (#20): its plan, ms/token, link limit
+#   5. moe235_int4:400                                         qwen3-235b-a22b in int4 on one GPU (#21)
+#   6. spec_smollm2:390 (carry .assets/smollm2/part-aa first,  again once draft steps are priced as they run
+#      then part-ab and .whl with this stage)                  (#22: 1.41x, the steps cost 3x the plan's price)
 # When machines are scarce (each failed start costs 90 s of the 30 minutes), make the first call short and
-# whole: tests_kernels:110 moe30b:140 quantwords:60 fits in 330 s beside a start of 5 minutes.
+# whole: tests_kernels:110 moe30b_acc:200 fits in 330 s beside a start of 5 minutes.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail
@@ -119,7 +118,7 @@ run_stage() {
     quantk) stage quantk python3 benchmarks/bench_quant_kernels.py ;;
     quantsweep) stage quantsweep python3 benchmarks/bench_quant_kernels.py --rows 1,16,2048 --sweep ;;
     quantwords) stage quantwords python3 benchmarks/bench_quant_kernels.py --rows 1,2,16 --words --sweep ;;
-    quant7b) stage quant7b bash -c 'for q in "--quantize int8" "--quantize int4"; do for b in 1 16; do
+    quant7b) stage quant7b bash -c 'for q in "" "--quantize int8" "--quantize int4"; do for b in 1 16; do
       python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 --batch $b $q; done; done' ;;
     quant7b_words) stage quant7b_words env OFFLOAD_WORD_GEMV=1 bash -c 'for q in "--quantize int8" "--quantize int4"
       do for b in 1 16; do python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \

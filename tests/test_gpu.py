@@ -355,7 +355,7 @@ def test_experts_read_directly_from_pinned_memory_equal_resident_bitwise_within_
 
 
 @cuda
-def test_the_plan_hints_at_direct_reads_where_every_expert_fits():
+def test_the_plan_hints_at_direct_reads_where_all_experts_fit():
     shape = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 2}
     kw = dict(dtype=torch.bfloat16, max_batch=3, max_seq_len=64)
     whole = offload.plan_model(shape, **kw)

@@ -27,7 +27,7 @@ from .memory.experts import ExpertNeeds
 from .memory.planner import RESIDENT, MemoryNeeds, Plan, make_plan
 from .memory.pool import WeightPool
 from .models.checkpoint import CheckpointSource, is_gguf
-from .models.chunks import bucket
+from .models.chunks import verify_bucket
 from .models.config import ModelConfig, config_from_dict, load_config
 from .models.blocks import (EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, TensorSpec, embedding_layout,
                             global_layout, local_shape)
@@ -147,7 +147,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
     if _failed(plans):
         raise PlanError("; ".join(_failed(plans)))
     plans[tp.rank].warnings.extend(beyond_machine(budget, device))
-    if _direct_would_pay(options, needs, budget.gpu_memory, device, tp, blocks, dtype):
+    if _direct_would_pay(options, plans[tp.rank], device, tp, blocks, dtype):
         plans[tp.rank].hints.append("every expert fits: --direct-experts (direct_experts=True) would read them in "
                                     "one CUDA graph a step (qwen3-30b-a3b on an H200: 5.4 against 28.7 ms a step); "
                                     "its logits differ from copying's by rounding, so it is not the default")
@@ -225,7 +225,9 @@ def _weigh_draft(options: LoadOptions, config: ModelConfig, needs: MemoryNeeds, 
         _describe(alone, f"{label} declined: it does not fit beside the target ({format_size(draft_bytes)}: "
                          f"{_failed(beside)[0]})")
         return alone, None
-    padded = (lambda width: bucket(width, 2, options.max_seq_len)) if captured else (lambda width: width)  # noqa: E731
+    def padded(width: int) -> int:  # as the runtime pads it (``OffloadedModel.verify_width``)
+        return verify_bucket(width, options.max_seq_len) if captured else width
+
     k, with_s, without_s = speculation_forecast(beside, alone, draft.plans, options.draft_tokens, padded)
     resident = lambda plans: len(plans[0].blocks_on(RESIDENT))  # noqa: E731
     line = (f"{label}, resident: {format_size(draft_bytes)} (weights, KV cache, activations); the target keeps "
@@ -336,7 +338,7 @@ def verify_width(options: LoadOptions, captured: bool) -> int:
     if options.draft is None:
         return 1
     width = _max_draft(options) + 1
-    return bucket(width, 2, options.max_seq_len) if captured else width
+    return verify_bucket(width, options.max_seq_len) if captured else width
 
 
 def _verify_bytes(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
@@ -367,17 +369,19 @@ def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
     return options.cuda_graphs is not False and device.type == "cuda"
 
 
-def _direct_would_pay(options: LoadOptions, needs: MemoryNeeds, gpu_memory: int, device: torch.device,
-                      tp: TensorParallel, blocks: list[BlockSpec], dtype: torch.dtype) -> bool:
-    """Whether a mixture of experts that copies its experts (the default) keeps every one resident on one GPU,
-    where the kernels could read them directly, in one graph a step: measured 5.3x faster (qwen3-30b-a3b on
+def _direct_would_pay(options: LoadOptions, plan: Plan, device: torch.device, tp: TensorParallel,
+                      blocks: list[BlockSpec], dtype: torch.dtype) -> bool:
+    """Whether a mixture of experts that copies its experts (the default) keeps every block and expert resident
+    in ``plan`` on one GPU, in CUDA graphs, where the kernels could read the experts directly in one graph a
+    step: measured 5.3x faster (qwen3-30b-a3b on
     an H200, 2026-12-05: 5.4 against 28.7 ms a step at batch 1, 14.1 against 200 at batch 16). Streamed
     experts copied measured faster than read over the link (71.8 against 79.8 ms at 8 GiB), and offloading
     must not change a model's logits, so copying stays the default and the plan says what direct reads
     would give."""
-    if (options.direct_experts or options.prefetch_experts or options.compile or needs.experts is None
-            or device.type != "cuda" or tp.size > 1 or not needs.fits_whole(gpu_memory)
-            or not direct_steps(options.replace(direct_experts=True), device)):
+    if (options.direct_experts or options.prefetch_experts or options.compile or plan.experts is None
+            or tp.size > 1 or not uses_cuda_graphs(options, device) or set(plan.block_tiers) != {RESIDENT}
+            or set(plan.experts.placement) != {RESIDENT} or not direct_steps(options.replace(direct_experts=True),
+                                                                              device)):
         return False
     try:
         check_direct([block for block in blocks if block.fetch == ON_DEMAND], device, dtype)

@@ -23,7 +23,7 @@ from .memory.planner import HOST
 from .memory.pool import WeightPool
 from .models import ops
 from .models.blocks import GlobalWeights
-from .models.chunks import Chunk, DecodeChunk, bucket, plan_chunks
+from .models.chunks import Chunk, DecodeChunk, bucket, plan_chunks, verify_bucket
 from .models.decoder import KVCache
 from .models.parallel import local_heads, vocab_rows
 from .models.verify_chunk import VerifyChunk
@@ -279,7 +279,7 @@ class OffloadedModel:
     def verify_width(self, width: int) -> int:
         """The tokens a row takes in a verify pass asked for ``width``: with CUDA graphs, a power of two (each
         width is a bucket of captures); as asked without."""
-        return width if self.graphs is None or width == 1 else bucket(width, 2, self.max_seq_len)
+        return width if self.graphs is None else verify_bucket(width, self.max_seq_len)
 
     @_one_call_at_a_time
     @torch.inference_mode()

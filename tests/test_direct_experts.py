@@ -248,9 +248,12 @@ def test_the_plan_counts_every_streamed_expert_a_step_reads_and_keeps_them_off_p
         streamed = set(plan.placement) - {"resident"}
         assert streamed == ({"host"} if direct else {"host", "cuda:1"})
         per_layer = 8 - resident // 2
-        wanted = sum(needs.distinct(layer, 1) * (per_layer / 8) for layer in range(2))
-        kept = 1 - (1 - 2 / 8) ** (plan.cache_slots // wanted)  # the last step's experts are still in the cache
-        assert sum(plan.missed_bytes(1).values()) == pytest.approx(wanted * mb * (1 if direct else 1 - kept))
+        wanted = sum(needs.distinct(layer, 1) * (per_layer / 8) for layer in range(2)) * mb  # not resident
+        missed = sum(plan.missed_bytes(1).values())
+        if direct:
+            assert missed == pytest.approx(wanted)  # every one read over its link
+        else:
+            assert 0 < missed < wanted  # some still in the cache (how many: test_moe's simulated cache)
 
 
 def test_an_address_the_kernels_read_wrongly_is_refused(monkeypatch):
@@ -342,9 +345,7 @@ def test_more_rows_than_direct_reads_serve_keep_the_copying_cache_and_say_so(che
 
     with pytest.warns(offload.OffloadWarning, match="passes of up to 64 tokens"):
         many = plan(80)
-    # a step's experts of a layer: all 8, less those resident (a layer with one resident misses at most 7)
-    assert many.experts.cache_slots == 8 - min(many.experts.resident_per_layer) == 7
-    assert not many.needs.experts.direct
+    assert many.experts.cache_slots == 8 and not many.needs.experts.direct  # a step's experts of a layer
     few = plan(16)
     assert few.experts.cache_slots == 3 and few.needs.experts.direct  # one token's experts
     assert few.experts.placement.count("resident") > many.experts.placement.count("resident")
@@ -360,25 +361,30 @@ def test_an_int4_draft_of_random_weights_quantized_at_load_is_refused(checkpoint
 
 def test_the_plan_hints_at_direct_reads_where_every_expert_fits_on_one_gpu(checkpoint_factory):
     """Copying stays the default (offloading must not change the logits, and copying is faster where experts
-    stream); where every expert fits on one GPU whose kernels read them, the plan says what direct reads give."""
+    stream); where every expert stays resident on one GPU whose kernels read them, in CUDA graphs, the plan
+    says what direct reads give."""
     from types import SimpleNamespace
 
     from offload.loading import _direct_would_pay, prepare
 
     _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
-    setup = prepare(directory, offload.LoadOptions(dtype=torch.float32, max_seq_len=64, max_batch=2))
+    kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=2)
+    setup = prepare(directory, offload.LoadOptions(**kw))
     assert setup.options.direct_experts is False and not setup.plan.hints  # a CPU
-    cuda, whole = torch.device("cuda"), 2 ** 40
+    cuda = torch.device("cuda")
 
-    def would(device=cuda, tp=setup.tp, gpu_memory=whole, **kw) -> bool:
-        options = setup.options.replace(**kw)
-        return _direct_would_pay(options, setup.plan.needs, gpu_memory, device, tp, setup.blocks, setup.dtype)
+    def would(setup=setup, device=cuda, tp=setup.tp, **options) -> bool:
+        return _direct_would_pay(setup.options.replace(**options), setup.plan, device, tp, setup.blocks, setup.dtype)
 
     assert would()  # the kernels take these experts (here under Triton's interpreter)
     assert not would(direct_experts=True)  # asked for already
-    assert not would(gpu_memory=setup.plan.needs.fixed_bytes + sum(setup.plan.needs.blocks))  # experts stream
+    assert not would(cuda_graphs=False)  # the figure is one graph a step's
     assert not would(device=torch.device("cpu")) and not would(tp=SimpleNamespace(size=2))
     assert not would(max_batch=65)  # a decode step of more than 64 tokens copies its experts
     assert not would(compile=True) and not would(prefetch_experts=True)
+    needs = setup.plan.needs
+    streams = prepare(directory, offload.LoadOptions(**kw, cpu_memory="1GiB", gpu_memory=needs.fixed_bytes
+                                                     + sum(needs.blocks) + 8 * needs.experts.nbytes))
+    assert "host" in streams.plan.experts.placement and not would(setup=streams)
     dense = prepare(shape_config("tiny"), offload.LoadOptions(dtype=torch.float32, max_seq_len=64))
-    assert not _direct_would_pay(dense.options, dense.plan.needs, whole, cuda, dense.tp, dense.blocks, dense.dtype)
+    assert not would(setup=dense)

@@ -125,9 +125,6 @@ def place_experts(needs: ExpertNeeds, gpu_room: int, room: dict[str, int], bandw
         return (f"the expert cache needs {slots} slot(s) of {format_size(size)} "
                 f"(= {format_size(slots * size)}) and {format_size(max(gpu_room, 0))} is left")
     resident = _spread((gpu_room - slots * size) // size, needs.per_layer)
-    while (fewer := max(n - r for n, r in zip(needs.per_layer, resident))) < slots:
-        slots = fewer  # a step misses at most a layer's non-resident experts: a slot more is an expert resident
-        resident = _spread((gpu_room - slots * size) // size, needs.per_layer)
     if needs.host_only:  # the kernels read the host's experts (and not the peers')
         room = {tier: b for tier, b in room.items() if tier == HOST}
     streamed = {tier: 0 for tier in room}

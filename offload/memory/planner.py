@@ -305,6 +305,14 @@ def make_plan(
     kept_bytes = list(accumulate(sorted(needs.blocks, reverse=True)))  # the j + 1 largest blocks' bytes
     link_budget = Budget(gpu, host, budget.peer_memory)
     reserved = k * max(sum(1 for c in _capacity(block, link_budget).values() if c), 1)
+
+    def placed(slots: int) -> tuple[int, dict[str, int], dict[str, int]]:
+        """The layers kept resident beside ``slots`` ring slots, the others shared among the links, and each
+        link's ring: ``min(k, its blocks)`` slots."""
+        resident = bisect_right(kept_bytes, gpu - needs.fixed_bytes - slots * block)
+        streamed = _share_links(n - resident, block, link_budget, bandwidth)
+        return resident, streamed, {tier: min(k, count) for tier, count in streamed.items()}
+
     for _ in range(4):  # each link's ring needs min(k, its blocks) slots: refine the reservation
         room = gpu - needs.fixed_bytes - reserved * block
         if room < 0:
@@ -315,8 +323,7 @@ def make_plan(
                 f"streamed blocks (= {format_size(needs.fixed_bytes + on_gpu + cache + reserved * block)}); "
                 "raise --gpu-memory"
             )
-        resident = bisect_right(kept_bytes, room)  # < n: the model does not fit
-        streamed = _share_links(n - resident, block, link_budget, bandwidth)
+        resident, streamed, ring_slots = placed(reserved)  # resident < n: the model does not fit
         if sum(streamed.values()) < n - resident:
             missing = n - resident - sum(streamed.values())
             held = ", ".join(f"{t} {c}" for t, c in {RESIDENT: resident, **streamed}.items())
@@ -325,14 +332,12 @@ def make_plan(
                 f"{missing} layer(s) ({format_size(missing * block)}) with nowhere to go; raise --cpu-memory or "
                 "add --peer-memory"
             )
-        ring_slots = {tier: min(k, count) for tier, count in streamed.items()}
         if sum(ring_slots.values()) == reserved:
             break
         reserved = sum(ring_slots.values())
     while reserved > 1:  # a slot fewer may keep a layer more resident, and then that many slots may do
-        fewer = _placed(n, bisect_right(kept_bytes, gpu - needs.fixed_bytes - (reserved - 1) * block), k, block,
-                        link_budget, bandwidth)
-        if fewer is None or sum(fewer[2].values()) > reserved - 1:
+        fewer = placed(reserved - 1)
+        if sum(fewer[1].values()) < n - fewer[0] or sum(fewer[2].values()) > reserved - 1:
             break
         resident, streamed, ring_slots = fewer
         reserved = sum(ring_slots.values())
@@ -376,16 +381,6 @@ def _share_links(count: int, block: int, budget: Budget, bandwidth: dict[str, fl
         best = min(open_tiers, key=lambda t: ((taken[t] + 1) * block / bandwidth[t], t != HOST))
         taken[best] += 1
     return {t: c for t, c in taken.items() if c}
-
-
-def _placed(n: int, resident: int, k: int, block: int, link_budget: Budget, bandwidth: dict[str, float]):
-    """``resident`` layers of ``n`` kept, the others shared among the links, and each link's ring slots; None
-    where the links cannot hold the others."""
-    resident = min(resident, n)
-    streamed = _share_links(n - resident, block, link_budget, bandwidth)
-    if sum(streamed.values()) < n - resident:
-        return None
-    return resident, streamed, {tier: min(k, count) for tier, count in streamed.items()}
 
 
 def _interleave(counts: dict[str, int]) -> list[str]:

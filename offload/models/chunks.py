@@ -273,3 +273,9 @@ def bucket(n: int, smallest: int, largest: int) -> int:
     while size < n:
         size *= 2
     return min(size, largest)
+
+
+def verify_bucket(width: int, largest: int) -> int:
+    """The tokens a row takes in a verify pass of ``width`` captured in CUDA graphs: a power of two (each a
+    bucket of captures), at most ``largest``; one token is a decode step's, as it is."""
+    return width if width == 1 else bucket(width, 2, largest)

@@ -29,8 +29,9 @@ class Qwen3Moe(MoEDecoder):
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
         bias = f.flag("attention_bias", False)
         fields = {}
-        if raw.get("layer_types") is None and raw.get("max_window_layers") is None:
-            # transformers 5's Qwen3-MoE has neither: with use_sliding_window, every layer attends in the window
+        if raw.get("layer_types") is None:
+            # transformers 5's Qwen3-MoE windows every layer where use_sliding_window (max_window_layers, in
+            # released configs, is not read)
             n = f.count("num_hidden_layers")
             window = f.count("sliding_window", default=None) if f.flag("use_sliding_window", False) else None
             fields["sliding_windows"] = (window,) * n

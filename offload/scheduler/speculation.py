@@ -48,7 +48,6 @@ class PassOutcome:
 
     tokens: list[list[int]]
     drafted: int  # tokens drafted, over the rows (a tree's alternatives too)
-    accepted: int  # drafted tokens the target accepted
 
 
 class Speculator:
@@ -99,8 +98,7 @@ class Speculator:
         on_chain = [sum(1 for j in path[1:] if j <= len(drafted)) for path, drafted in zip(paths, proposal.tokens)]
         self.draft.update(rows, on_chain)
         self._count(rows, proposal, chosen, on_chain)
-        accepted = [len(tokens) - 1 if tokens else 0 for tokens in gained]
-        return PassOutcome(gained, sum(len(tree[0]) for tree in trees), sum(accepted))
+        return PassOutcome(gained, sum(len(tree[0]) for tree in trees))
 
     def _trees(self, rows: list, proposal: Proposal, branches: int, most: int) -> list[tuple[list[int], list[int]]]:
         """Each row's drafts and their parents: a chain, or (a row of a draft with alternatives, and

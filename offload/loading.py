@@ -225,6 +225,7 @@ def _weigh_draft(options: LoadOptions, config: ModelConfig, needs: MemoryNeeds, 
         _describe(alone, f"{label} declined: it does not fit beside the target ({format_size(draft_bytes)}: "
                          f"{_failed(beside)[0]})")
         return alone, None
+
     def padded(width: int) -> int:  # as the runtime pads it (``OffloadedModel.verify_width``)
         return verify_bucket(width, options.max_seq_len) if captured else width
 
@@ -373,11 +374,10 @@ def _direct_would_pay(options: LoadOptions, plan: Plan, device: torch.device, tp
                       blocks: list[BlockSpec], dtype: torch.dtype) -> bool:
     """Whether a mixture of experts that copies its experts (the default) keeps every block and expert resident
     in ``plan`` on one GPU, in CUDA graphs, where the kernels could read the experts directly in one graph a
-    step: measured 5.3x faster (qwen3-30b-a3b on
-    an H200, 2026-12-05: 5.4 against 28.7 ms a step at batch 1, 14.1 against 200 at batch 16). Streamed
-    experts copied measured faster than read over the link (71.8 against 79.8 ms at 8 GiB), and offloading
-    must not change a model's logits, so copying stays the default and the plan says what direct reads
-    would give."""
+    step: measured 5.3x faster (qwen3-30b-a3b on an H200, 2026-12-05: 5.4 against 28.7 ms a step at batch 1,
+    14.1 against 200 at batch 16). Streamed experts copied measured faster than read over the link (71.8
+    against 79.8 ms at 8 GiB), and offloading must not change a model's logits, so copying stays the default
+    and the plan says what direct reads would give."""
     if (options.direct_experts or options.prefetch_experts or options.compile or plan.experts is None
             or tp.size > 1 or not uses_cuda_graphs(options, device) or set(plan.block_tiers) != {RESIDENT}
             or set(plan.experts.placement) != {RESIDENT} or not direct_steps(options.replace(direct_experts=True),

@@ -114,13 +114,6 @@ def test_more_slots_take_the_place_of_resident_layers():
     assert plan(need, budget, slots=4).slots == {"host": 4}
 
 
-def test_a_slot_fewer_keeps_a_layer_more_resident_where_as_many_then_stream():
-    need = needs(n_layers=3, embedding_bytes=GB)  # the embedding table goes to the host
-    p = plan(need, gpu=need.fixed_bytes + 3 * GB)  # one resident and two slots, or two resident and one slot
-    assert p.placement.count("resident") == 2 and p.slots == {"host": 1}
-    assert plan(need, gpu=need.fixed_bytes + 3 * GB, slots=1).placement == p.placement
-
-
 def test_plan_is_printable_with_every_number():
     need = needs(max_batch=2, max_seq_len=512)
     text = str(plan(need, gpu=need.fixed_bytes + 12 * GB, peers={"cuda:1": 5 * GB}))

@@ -305,14 +305,6 @@ def make_plan(
     kept_bytes = list(accumulate(sorted(needs.blocks, reverse=True)))  # the j + 1 largest blocks' bytes
     link_budget = Budget(gpu, host, budget.peer_memory)
     reserved = k * max(sum(1 for c in _capacity(block, link_budget).values() if c), 1)
-
-    def placed(slots: int) -> tuple[int, dict[str, int], dict[str, int]]:
-        """The layers kept resident beside ``slots`` ring slots, the others shared among the links, and each
-        link's ring: ``min(k, its blocks)`` slots."""
-        resident = bisect_right(kept_bytes, gpu - needs.fixed_bytes - slots * block)
-        streamed = _share_links(n - resident, block, link_budget, bandwidth)
-        return resident, streamed, {tier: min(k, count) for tier, count in streamed.items()}
-
     for _ in range(4):  # each link's ring needs min(k, its blocks) slots: refine the reservation
         room = gpu - needs.fixed_bytes - reserved * block
         if room < 0:
@@ -323,7 +315,8 @@ def make_plan(
                 f"streamed blocks (= {format_size(needs.fixed_bytes + on_gpu + cache + reserved * block)}); "
                 "raise --gpu-memory"
             )
-        resident, streamed, ring_slots = placed(reserved)  # resident < n: the model does not fit
+        resident = bisect_right(kept_bytes, room)  # < n: the model does not fit
+        streamed = _share_links(n - resident, block, link_budget, bandwidth)
         if sum(streamed.values()) < n - resident:
             missing = n - resident - sum(streamed.values())
             held = ", ".join(f"{t} {c}" for t, c in {RESIDENT: resident, **streamed}.items())
@@ -332,14 +325,9 @@ def make_plan(
                 f"{missing} layer(s) ({format_size(missing * block)}) with nowhere to go; raise --cpu-memory or "
                 "add --peer-memory"
             )
+        ring_slots = {tier: min(k, count) for tier, count in streamed.items()}
         if sum(ring_slots.values()) == reserved:
             break
-        reserved = sum(ring_slots.values())
-    while reserved > 1:  # a slot fewer may keep a layer more resident, and then that many slots may do
-        fewer = placed(reserved - 1)
-        if sum(fewer[1].values()) < n - fewer[0] or sum(fewer[2].values()) > reserved - 1:
-            break
-        resident, streamed, ring_slots = fewer
         reserved = sum(ring_slots.values())
     result = plan(_interleave({RESIDENT: resident, **streamed}), ring_slots, on_host)
     if experts:

@@ -77,7 +77,7 @@
 #   4. int4_405b:500                                           the moonshot (#20): its plan, ms/token, link limit
 #   5. moe235_int4:400                                         qwen3-235b-a22b in int4 on one GPU (#21)
 #   6. spec_smollm2:390 (carry .assets/smollm2/part-aa first,  again once draft steps are priced as they run
-#      then part-ab and .whl with this stage)                  (#22: 1.41x, the steps cost 3x the plan's price)
+#      then part-ab and .whl with this stage)                  (#22: 1.41x; draft steps cost 2-3x their price)
 # When machines are scarce (each failed start costs 90 s of the 30 minutes), make the first call short and
 # whole: tests_kernels:110 moe30b_acc:200 fits in 330 s beside a start of 5 minutes.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in

@@ -467,17 +467,25 @@ def gguf_format(path, kernel: str, dtype: torch.dtype) -> WeightFormat:
 
 def _format_line(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
                  options: LoadOptions, blocks: list[BlockSpec]) -> str:
-    """How the plan names the layers' format: "" for the model dtype, else the quantization and its bytes."""
+    """How the plan names the layers' format: "" for the model dtype, else the quantization and its bytes (and
+    a mixture of experts' routed experts', whose group sizes may differ)."""
     layers = [b.layout for b in blocks if b.fetch == EVERY_PASS]
     if not any(layout.quantized for layout in layers):
         return ""
     dense = family.layer_layout(config, tp, dtype).nbytes
     mean = sum(layout.nbytes for layout in layers) / len(layers)
-    how = (describe(layers[0].quantized, WeightFormat(options.quantize, options.group_size))
-           if options.quantize in FORMATS
-           else _stored_formats(layers))
-    return (f"{how}: {format_size(mean)} per layer, {mean / dense:.2f}x the {format_size(dense)} "
+
+    def how(layouts: list[BlockLayout]) -> str:
+        if options.quantize in FORMATS:
+            return describe(layouts[0].quantized, WeightFormat(options.quantize, options.group_size))
+        return _stored_formats(layouts)
+
+    line = (f"{how(layers)}: {format_size(mean)} per layer, {mean / dense:.2f}x the {format_size(dense)} "
             f"of {str(dtype).removeprefix('torch.')}")
+    experts = [b.layout for b in blocks if b.fetch == ON_DEMAND][:1]
+    if experts and experts[0].quantized:
+        line += f"; routed experts: {how(experts)}, {format_size(experts[0].nbytes)} each"
+    return line
 
 
 def _stored_formats(layouts: list[BlockLayout]) -> str:

@@ -324,6 +324,19 @@ def test_mixtral_8x7b_at_24_gib_keeps_every_layer_and_streams_experts():
                            cpu_memory="10GiB", max_seq_len=1024, link_bandwidth={"host": 55e9, "hbm": 4.2e12})
 
 
+
+def test_the_plan_names_the_routed_experts_format_beside_the_layers():
+    """An expert's width may not take the layers' group size: the plan says what each got."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OffloadWarning)
+        plan = offload.plan_model(shape_config("qwen3-30b-a3b") | {"moe_intermediate_size": 40, "num_hidden_layers": 2},
+                                  dtype="bf16", device="cpu", gpu_memory="1GiB", cpu_memory="10GiB", quantize="int4",
+                                  link_bandwidth={"host": 55e9, "hbm": 4.2e12, "matmul": 7e14})
+    line = next(line for line in str(plan).splitlines() if "layer weights:" in line)
+    assert line.startswith("  layer weights: int4, group size 128: ")
+    assert line.endswith("; routed experts: int4, group size 128 for w_gate_up; 8 for w_down (128 does not divide "
+                         "40), 165.00 KiB each")
+
 @pytest.mark.slow
 def test_tensor_parallel_on_two_ranks_equals_one(checkpoint_factory):
     _, directory = checkpoint_factory("moe-mixtral", "mixtral", "5.x", seed=5, **_BASE, **MODELS["mixtral"])

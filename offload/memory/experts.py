@@ -59,6 +59,8 @@ class ExpertPlan:
     placement: list[str]  # one tier per expert, layer by layer, expert by expert
     cache_slots: int  # expert-sized buffers on the compute device
     resident_per_layer: list[int] = field(default_factory=list)
+    # missed_bytes by rows: a speculative pass weighs dozens of shapes with it before the pass
+    _missed: dict[int, dict[str, float]] = field(default_factory=dict, repr=False, compare=False)
 
     def bytes_on(self, tier: str) -> int:
         return self.placement.count(tier) * self.needs.nbytes
@@ -69,6 +71,11 @@ class ExpertPlan:
 
     def missed_bytes(self, rows: int) -> dict[str, float]:
         """Expected bytes fetched per step of ``rows`` tokens, per tier."""
+        if rows not in self._missed:
+            self._missed[rows] = self._expected_misses(rows)
+        return self._missed[rows]
+
+    def _expected_misses(self, rows: int) -> dict[str, float]:
         streamed = {t: self.placement.count(t) for t in set(self.placement) if t != RESIDENT}
         if not streamed:
             return {}

@@ -224,7 +224,9 @@ def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: d
     row = dict(draft=draft, used=used, plan=model.plan.draft, layers=model.plan.layer_map(),
                tokens_per_s=decoded / seconds if seconds else 0.0, ms_per_pass=1e3 * seconds / max(passes, 1),
                tokens_per_pass=decoded / max(row_passes, 1), acceptance=accepted / drafted if drafted else None,
-               tokens=tokens, captures_timed=captures(model) - captured)
+               tokens=tokens, captures_timed=captures(model) - captured,
+               measured_over_priced={name: price.scale if price.ratios else None  # measured on a GPU only
+                                     for name, price in vars(model.speculation_prices).items()})
     model.close()
     return row
 
@@ -340,7 +342,10 @@ def run(args) -> int:
                   "so a near tie can go the other way; float32 output is identical, as the tests check)")
         for d in drafts:
             if d["plan"]:
-                print(f"  plan, {d['draft']}: {d['plan']}")
+                scales = {k: f"{v:.2f}x" for k, v in d["measured_over_priced"].items() if v is not None}
+                print(f"  plan, {d['draft']}: {d['plan']}" + (f"; measured over priced (median of the last passes): "
+                                                             f"{', '.join(f'{k} {v}' for k, v in scales.items())}"
+                                                             if scales else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(date=date, device=device, quick=quick, model=str(args.model or ""),
                                                    shape=args.shape, passes=passes, forecast=predicted,

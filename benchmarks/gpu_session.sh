@@ -65,21 +65,19 @@
 #
 # What is owed, in order of value, for a session of about 30 minutes on one GPU (each call under 10 minutes;
 # a machine's start costs 3-7 minutes of device time, so keep it warm: the next call within 30 s). Ran on
-# 2026-12-05 (docs/benchmarks.md, sixth session): tests_kernels, moe30b, moe30b_resident, moehost, mixtral24
-# (cut), spec_smollm2, quantwords, quant7b, quant7b_words, load70b, offload13b, tests_spec.
-#   1. tests_kernels:200 moe30b_acc:280                      the GPU tests fixed since (direct-read plans, the
-#                                                              int4 draft refusal, the plan's hint); qwen3-30b-a3b
-#                                                              against accelerate (#21)
-#   2. mixtral24:360 mixtral24_acc:220                       mixtral-8x7b both ways (its table: 290 s was short),
-#                                                              and against accelerate (#21's 10x goal)
-#   3. quant7b:120 spec70b:300                               bf16 beside int8/int4 (the word GEMV now default) in
-#                                                              one run (#20); 70b verify passes (#22)
-#   4. int4_405b:500                                           the moonshot (#20): its plan, ms/token, link limit
-#   5. moe235_int4:400                                         qwen3-235b-a22b in int4 on one GPU (#21)
-#   6. spec_smollm2:390 (carry .assets/smollm2/part-aa first,  again once draft steps are priced as they run
-#      then part-ab and .whl with this stage)                  (#22: 1.41x; draft steps cost 2-3x their price)
+# 2026-12-05 (docs/benchmarks.md, sixth session, H200): tests_kernels, moe30b, moe30b_resident, moehost,
+# mixtral24 (cut), spec_smollm2, quantwords, quant7b, quant7b_words, load70b, offload13b, tests_spec; seventh
+# session (H100): quant7b, spec_smollm2 (prices' first form), mixtral24 (cut), moe30b_acc, the GPU tests.
+#   1. spec_smollm2:390 (carry .assets/smollm2/part-aa with     draft steps priced as measured, fixed form
+#      a first short call, then part-ab and .whl with this)    (#22: never run on a GPU)
+#   2. mixtral24:420 (an H200: its table needs more than 330 s) mixtral-8x7b both ways (#21)
+#   3. mixtral24_acc:420                                       against accelerate (#21's 10x goal for mixtral;
+#                                                              accelerate's load of 93 GB ran past 220 s)
+#   4. spec70b:300 int4_405b:280                               70b verify passes (#22); the moonshot (#20)
+#   5. moe235_int4:400 (an H200: 130 GiB)                      qwen3-235b-a22b in int4 on one GPU (#21)
+#   6. tests_kernels:400                                       all of it (200 s did not finish on an H100)
 # When machines are scarce (each failed start costs 90 s of the 30 minutes), make the first call short and
-# whole: tests_kernels:110 moe30b_acc:200 fits in 330 s beside a start of 5 minutes.
+# whole: tests_spec:150 (carrying part-aa) then spec_smollm2:390 fit in 540 s beside a start of 5 minutes.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail

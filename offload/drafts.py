@@ -149,8 +149,8 @@ class ModelDraft:
         steps = max(budgets[b] for b in drafting)
         contexts = {b: list(rows[b].request.prompt) + rows[b].tokens for b in drafting}
         valid = {b: self.valid.get(rows[b], 0) for b in drafting}
-        logits = self._catch_up([contexts[b][valid[b]:] if b in contexts else [] for b in range(len(rows))],
-                                [valid.get(b, 0) for b in range(len(rows))])
+        logits, caught_up = self._catch_up([contexts[b][valid[b]:] if b in contexts else [] for b in range(len(rows))],
+                                           [valid.get(b, 0) for b in range(len(rows))])
         ids, qs, likeliest = [], [], []
         for step in range(steps):
             chosen, q = self._choose(logits, rows, drafting)
@@ -164,17 +164,21 @@ class ModelDraft:
         self.pending = {rows[b]: (len(contexts[b]), steps) for b in drafting}
         tokens = [drafted[b][: budgets[b]] if b in contexts else [] for b in range(len(rows))]
         alternatives = [_alternatives(tokens[b], likeliest[b]) if tokens[b] else [] for b in range(len(rows))]
-        return Proposal(tokens, None if qs[0] is None else torch.stack(qs, dim=1), alternatives)
+        return Proposal(tokens, None if qs[0] is None else torch.stack(qs, dim=1), alternatives,
+                        steps=caught_up + steps - 1 if caught_up else 0)
 
-    def _catch_up(self, new_tokens: list[list[int]], cached: list[int]) -> torch.Tensor:
-        """Each row's tokens the draft has not seen added to its cache; the logits after each row's last one.
+    def _catch_up(self, new_tokens: list[list[int]], cached: list[int]) -> tuple[torch.Tensor, int]:
+        """Each row's tokens the draft has not seen added to its cache: the logits after each row's last one,
+        and the one-token steps that took (0 where they went in one pass of several tokens).
 
         A pass whose drafts were all accepted leaves a row two new tokens (the last draft and the target's
         next). With CUDA graphs, up to ``CATCH_UP_STEPS`` of them go as decode steps replayed from graphs
         rather than one pass launched kernel by kernel (a prompt goes in one pass)."""
         most = max(len(t) for t in new_tokens)
-        if self.model.graphs is None or most <= 1 or most > CATCH_UP_STEPS:
-            return self.model.extend(new_tokens, cached)
+        if most <= 1:
+            return self.model.extend(new_tokens, cached), 1  # a decode step
+        if self.model.graphs is None or most > CATCH_UP_STEPS:
+            return self.model.extend(new_tokens, cached), 0
         logits = None
         for j in range(most):
             tokens = to_device([t[j] if j < len(t) else 0 for t in new_tokens], torch.long, self.model.device)
@@ -186,7 +190,7 @@ class ModelDraft:
             if done:
                 index = to_device(done, torch.long, self.model.device)
                 logits = logits.index_copy(0, index, step.index_select(0, index))
-        return logits
+        return logits, most
 
     def update(self, rows: list, accepted: list[int]) -> None:
         """The target accepted ``accepted[b]`` of row ``b``'s drafts: its draft cache holds the context and the

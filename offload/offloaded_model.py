@@ -28,6 +28,7 @@ from .models.decoder import KVCache
 from .models.parallel import local_heads, vocab_rows
 from .models.verify_chunk import VerifyChunk
 from .sampling import Sampling
+from .speculative import MeasuredPrices
 from .scheduler.graphs import DecodeGraphs
 from .scheduler.experts import ExpertStore
 from .scheduler.row_engine import Request, RowEngine
@@ -112,6 +113,7 @@ class OffloadedModel:
         s = setup
         self._lock, self.closed = threading.RLock(), False
         self.draft = draft  # speculative decoding's draft (``offload.drafts``), or None
+        self.speculation_prices = MeasuredPrices()  # what its passes took against the plans' prices (on a GPU)
         self.config, self.options, self.tp, self.device, self.dtype = s.config, s.options, s.tp, s.device, s.dtype
         self.plan, self.plans = s.plan, s.plans
         self.pool = pool

@@ -42,13 +42,18 @@ chain is mended with probability ``r_m`` (how often the target's token was among
 draft's next ``m - 1``, measured), so each depth is passed with ``b = a + (1 - a) r_m``
 and the row gains ``1 + b (1 - a^k) / (1 - a)``. A pass of ``k`` depths is ``k m + 1``
 tokens wide and costs what the plan predicts for them plus ``k`` steps of the draft;
-the shape that gains the most tokens per second over the pass's rows is taken.
+the shape that gains the most tokens per second over the pass's rows is taken. On a GPU
+the speculator scales both prices by what passes and draft steps took as they ran
+(:class:`MeasuredPrice`): a small draft is bound by kernel launches and the host, which the
+plan does not price.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -72,6 +77,10 @@ class Proposal:
     # a model draft's rows: alternatives[b][i] are its next likeliest tokens (best first, at most
     # MAX_BRANCHES - 1) where it chose tokens[b][i]; [] for other rows. None: a draft that has none.
     alternatives: list[list[list[int]]] | None = None
+    # the one-token steps of a draft model that made it (its catch-up too): what its wall time is divided by to
+    # measure a step. 0: none, or a pass of several tokens among them (a prompt, or the catch-up after passes
+    # that drafted nothing), which says nothing of a step's time.
+    steps: int = 0
 
     @staticmethod
     def empty(rows: int) -> "Proposal":
@@ -320,6 +329,35 @@ class Acceptance:
     def rate(self, prior: float = 0.5, weight: float = 2.0) -> float:
         """The measured rate, pulled toward ``prior`` as if ``weight`` tries had shown it."""
         return (self.accepted + prior * weight) / (self.tried + weight)
+
+
+@dataclass
+class MeasuredPrice:
+    """How a price compares with what it paid for as it ran: the median of the last ``window`` ratios of
+    measured to priced seconds. A median, because the first pass of a new width captures its CUDA graph."""
+
+    window: int = 16
+    ratios: deque = field(default_factory=deque)
+
+    def add(self, measured: float, priced: float) -> None:
+        if priced > 0.0 and measured > 0.0:
+            self.ratios.append(measured / priced)
+            if len(self.ratios) > self.window:
+                self.ratios.popleft()
+
+    @property
+    def scale(self) -> float:
+        """What to multiply the price by: 1 until something was measured."""
+        return statistics.median(self.ratios) if self.ratios else 1.0
+
+
+@dataclass
+class MeasuredPrices:
+    """What a target's verify passes and its draft's steps took against the plans' prices. Kept with the model,
+    so that each generate call's engine starts from what the last one measured."""
+
+    verify: MeasuredPrice = field(default_factory=MeasuredPrice)
+    draft_step: MeasuredPrice = field(default_factory=MeasuredPrice)
 
 
 @dataclass

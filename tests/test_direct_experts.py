@@ -369,8 +369,8 @@ def test_the_plan_hints_at_direct_reads_where_every_expert_fits_on_one_gpu(check
 
     _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
     kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=2)
-    setup = prepare(directory, offload.LoadOptions(**kw))
-    assert setup.options.direct_experts is False and not setup.plan.hints  # a CPU
+    setup = prepare(directory, offload.LoadOptions(device="cpu", **kw))
+    assert setup.options.direct_experts is False and not setup.plan.hints  # a CPU (on a GPU machine too)
     cuda = torch.device("cuda")
 
     def would(setup=setup, device=cuda, tp=setup.tp, **options) -> bool:

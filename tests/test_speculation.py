@@ -8,6 +8,7 @@ import torch
 import offload
 from offload.sampling import GREEDY, Sampling
 from offload.scheduler.row_engine import Request, RowEngine
+from offload.speculative import MeasuredPrice, MeasuredPrices
 from offload.structured import corpus_of
 
 # A device whose links bind: streaming a layer costs a hundred times reading it resident, products are free.
@@ -217,6 +218,70 @@ def test_a_run_of_passes_that_draft_nothing_ends_with_one_that_drafts_a_token(st
         got = model.generate(batch, max_new_tokens=40, ignore_eos=True, return_result=True)
     assert got.tokens == plain.generate(batch, max_new_tokens=40, ignore_eos=True, return_result=True).tokens
     assert 0 < got.drafted_tokens <= got.decode_steps // 8 + 1, (got.drafted_tokens, got.decode_steps)
+
+
+def _drafted_per_pass(model, batch, step_scale: float) -> tuple[list[list[int]], float]:
+    """Greedy tokens and drafted tokens per pass through a row engine whose speculator has seen draft steps take
+    ``step_scale`` times their price (the measuring itself, on a GPU only, is switched off: CPU times are not the
+    prices of these fictional links)."""
+    model.speculation_prices = MeasuredPrices()
+    engine = RowEngine(model, rows=len(batch))
+    engine.speculator.timed = False
+    engine.speculator.prices.draft_step.ratios.extend([step_scale] * 3)
+    for i, p in enumerate(batch):
+        engine.submit(Request(tuple(p), 24, GREEDY, key=i))
+    seen = {i: [] for i in range(len(batch))}
+    while engine.busy:
+        for row, token in engine.step():
+            seen[row.request.key].append(token)
+    return [seen[i] for i in range(len(batch))], engine.stats.drafted_tokens / engine.stats.decode_steps
+
+
+def test_draft_steps_measured_dearer_than_their_price_draft_shallower(structured, structured_draft, plain):
+    """The speculator scales the plans' price of a draft step by what steps took as they ran (a small draft on a
+    GPU is bound by launches, which the plans do not price): the dearer a step, the fewer tokens drafted a pass,
+    and the output is plain greedy decoding's either way."""
+    batch = prompts(structured, (9, 4))
+    want = plain.generate(batch, max_new_tokens=24, ignore_eos=True)
+    with load(structured, "model", structured_draft) as model:
+        verify = max(plan.pass_seconds(2) for plan in model.plans)
+        step = max(plan.pass_seconds(2) for plan in model.draft.plans)
+        per_pass = {}
+        for scale in (1.0, 2 * verify / step):  # steps as priced; a step dearer than a verify pass
+            tokens, per_pass[scale] = _drafted_per_pass(model, batch, scale)
+            assert tokens == [w[len(p):] for w, p in zip(want, batch)]
+    cheap, dear = per_pass.values()
+    assert dear < cheap / 4, per_pass  # barely anything: the probes that measure acceptance
+
+
+def test_the_speculator_times_its_draft_steps_and_verify_passes(structured, structured_draft):
+    """Where it measures (on a GPU; forced here), each pass adds what its draft steps and its verify pass took
+    against their prices."""
+    with load(structured, "model", structured_draft) as model:
+        engine = RowEngine(model, rows=1)
+        assert not engine.speculator.timed  # links given (LINK_BOUND): the plans price links that are not there
+        engine.speculator.timed = True
+        engine.submit(Request(tuple(prompts(structured, (9,))[0]), 12, GREEDY, key=0))
+        while engine.busy:
+            engine.step()
+        prices = model.speculation_prices  # kept with the model: the next engine starts from them
+        # a step is measured where the draft's catch-up went as one-token steps (not the prompt's)
+        assert 0 < len(prices.draft_step.ratios) < len(prices.verify.ratios) == engine.stats.decode_steps
+        assert min(prices.draft_step.ratios) > 0 and min(prices.verify.ratios) > 0
+        assert RowEngine(model, rows=1).speculator.prices is prices
+
+
+def test_a_measured_price_is_the_median_of_recent_ratios():
+    price = MeasuredPrice(window=3)
+    assert price.scale == 1.0  # nothing measured: the plan's price
+    price.add(5.0, 1.0)  # a first pass that captured its graph
+    price.add(2.0, 1.0)
+    price.add(2.2, 1.0)
+    assert price.scale == 2.2
+    price.add(1.0, 0.0)  # nothing priced: nothing learnt
+    price.add(2.0, 1.0)
+    price.add(2.0, 1.0)
+    assert price.scale == 2.0 and list(price.ratios) == [2.2, 2.0, 2.0]
 
 
 def test_a_cancelled_row_leaves_and_the_others_are_unchanged(structured, plain, speculative):

@@ -20,6 +20,11 @@ that adds no prompt through :meth:`Speculator.run`:
    into place in the cache (``OffloadedModel.keep_path``);
 5. the draft rolls its caches back to what was accepted, and the acceptance is counted.
 
+On a GPU the plans' prices are scaled by what this engine's verify passes and draft steps took (the
+host's wall time: each ends when the host reads its tokens), since a small draft's steps are bound by
+launches and Python, which the plans do not price. On the CPU (the tests) the plans price links that
+are not there, so the shape follows the plans alone.
+
 Where no length pays (``k = 0``), every eighth such pass drafts one token all the same: a
 pass that drafts nothing measures nothing, and acceptance changes with the text.
 
@@ -30,13 +35,14 @@ Passes are not pipelined: the next pass's drafts need this pass's tokens.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from ..sampling import GREEDY
-from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance, Mends,
-                           Proposal, accept, best_draft_shape, grow_tree, path_of, walk_tree)
+from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance,
+                           Mends, Proposal, accept, best_draft_shape, grow_tree, path_of, walk_tree)
 
 
 PROBE_EVERY = 8  # a run of passes that drafted nothing ends with one that drafts a token
@@ -60,6 +66,9 @@ class Speculator:
         self.overall = Acceptance()
         self.mends = {True: Mends(), False: Mends()}  # greedy rows' and sampled rows', which mend less often
         self.undrafted = 0  # passes in a row that drafted nothing
+        # prices measured where the plans' links were (on a GPU, none given in ``link_bandwidth``)
+        self.timed = model.device.type == "cuda" and not model.options.link_bandwidth
+        self.prices = model.speculation_prices
 
     @torch.inference_mode()
     def run(self, rows: list) -> PassOutcome:
@@ -72,7 +81,9 @@ class Speculator:
         if self.undrafted == PROBE_EVERY:  # drafting nothing measures nothing: try one token, in case it changed
             k, m, self.undrafted = 1, 1, 0
         budgets = [min(k, r) for r in room]
+        started = time.perf_counter()
         proposal = self.draft.propose(rows, budgets) if max(budgets) > 0 else Proposal.empty(len(rows))
+        drafted_at = time.perf_counter()
         trees = self._trees(rows, proposal, m, k * m)
         new_tokens = [[row.tokens[-1], *tree[0]] if row is not None else [] for row, tree in zip(rows, trees)]
         cached = [row.cached if row is not None else 0 for row in rows]
@@ -85,6 +96,8 @@ class Speculator:
         if not all(s.greedy for s in samplings):
             self.model.tp.broadcast_from_first(chosen)  # every rank continues with rank 0's draws
         chosen, gained, paths = chosen.tolist(), [], []
+        if self.timed:
+            self._measure(rows, proposal.steps, drafted_at - started, k * m + 1, time.perf_counter() - drafted_at)
         for row, values, (tokens, parents) in zip(rows, chosen, trees):
             if row is not None and len(tokens) > 0 and branched and row.request.sampling.greedy:
                 got, path = walk_tree(values[:-1], tokens, parents)
@@ -127,6 +140,26 @@ class Speculator:
                 others = proposal.alternatives[b][n]
                 self.mends[row.request.sampling.greedy].add(others.index(wanted) + 1 if wanted in others else None)
 
+    def _measure(self, rows: list, steps: int, drafting: float, width: int, verifying: float) -> None:
+        """What this pass's draft steps (``steps`` of them, the draft's catch-up included; 0: not a measure) and
+        verify pass took against the plans' prices of them."""
+        verify_seconds, step_seconds = self._priced(rows)
+        self.prices.verify.add(verifying, verify_seconds(width))
+        if steps > 0:
+            self.prices.draft_step.add(drafting / steps, step_seconds)
+
+    def _priced(self, rows: list):
+        """The plans' prices: of a verify pass ``width`` tokens a row wide (a function of the width), and of a
+        draft step (0 for prompt lookup), for these rows."""
+        keys = sum(row.cached for row in rows if row is not None)
+
+        def verify_seconds(width: int) -> float:
+            width = self.model.verify_width(width)  # as the pass will run: padded, with graphs
+            return max(plan.pass_seconds(len(rows) * width, keys * width) for plan in self.model.plans)
+
+        plans = getattr(self.draft, "plans", None)  # a draft model's; prompt lookup costs nothing
+        return verify_seconds, max(plan.pass_seconds(len(rows), keys) for plan in plans) if plans else 0.0
+
     def draft_shape(self, rows: list, room: list[int]) -> tuple[int, int]:
         """The depth and branches of the pass: ``draft_tokens`` and ``draft_branches`` where given, otherwise
         what gains the rows the most tokens per second by the plans. Only a draft model grows trees: prompt
@@ -146,12 +179,12 @@ class Speculator:
             return min(most_depth, tokens // branches[0]), branches[0]
         prior = self.overall.rate(ASSUMED_ACCEPTANCE)  # what the plan kept the draft for, until measured
         acceptances = [self.rows[row].rate(prior, PRIOR_WEIGHT) for row in live]
-        keys = sum(row.cached for row in live)
+        verify_seconds, step = self._priced(rows)
+        scale = self.prices.verify.scale
 
-        def verify_seconds(width: int) -> float:
-            width = self.model.verify_width(width)  # as the pass will run: padded, with graphs
-            return max(plan.pass_seconds(len(rows) * width, keys * width) for plan in self.model.plans)
+        def measured_verify_seconds(width: int) -> float:
+            return scale * verify_seconds(width)
 
-        plans = getattr(self.draft, "plans", None)  # a draft model's; prompt lookup costs nothing
-        step = max(plan.pass_seconds(len(rows), keys) for plan in plans) if plans else 0.0
-        return best_draft_shape(acceptances, mended, verify_seconds, step, most_depth, tokens, fill=bool(self.fixed))
+        step *= self.prices.draft_step.scale
+        return best_draft_shape(acceptances, mended, measured_verify_seconds, step, most_depth, tokens,
+                                fill=bool(self.fixed))

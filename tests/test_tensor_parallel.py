@@ -137,6 +137,41 @@ def _rank_speculates(rank, world, port, path, ids, kwargs, out):
         torch.distributed.destroy_process_group()
 
 
+def _rank_speculates_timed(rank, world, port, path, ids, kwargs, out):
+    """Greedy rows through a row engine whose speculator prices passes by their times (as on a GPU)."""
+    from offload.sampling import GREEDY
+    from offload.scheduler.row_engine import Request, RowEngine
+
+    _join(rank, world, port)
+    try:
+        model = offload.load_model(path, tp=world, progress=False, **kwargs)
+        engine = RowEngine(model, rows=len(ids))
+        engine.speculator.timed = True
+        for i, prompt in enumerate(ids):
+            engine.submit(Request(tuple(prompt), 12, GREEDY, key=i))
+        tokens = {i: [] for i in range(len(ids))}
+        while engine.busy:
+            for row, token in engine.step():
+                tokens[row.request.key].append(token)
+        prices = model.speculation_prices
+        out[rank] = ([tokens[i] for i in range(len(ids))], list(prices.verify.ratios), list(prices.draft_step.ratios))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_tp_every_rank_prices_passes_by_rank_0s_times(tiny):
+    """Each rank chooses the next pass's shape from the measured prices: they are rank 0's times on every rank,
+    or the ranks could verify passes of different widths."""
+    ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1)).tolist()
+    kwargs = dict(max_batch=2, max_seq_len=48, dtype="float32", draft="int4",
+                  link_bandwidth={"host": 1e9, "hbm": 1e11, "matmul": 1e15})
+    with offload.load_model(tiny, progress=False, **{**kwargs, "draft": None}) as single:
+        want = [t[12:] for t in single.generate(ids, max_new_tokens=12, ignore_eos=True)]
+    (tokens, verify, steps), other = run_tp(2, tiny, ids, main=_rank_speculates_timed, **kwargs)
+    assert tokens == want and other[0] == want
+    assert verify and steps and (verify, steps) == other[1:]
+
+
 @pytest.mark.parametrize("draft, branches", [("ngram", None), ("int4", None), ("int4", 4)])
 def test_speculative_decoding_under_tp_equals_plain_greedy(tiny, draft, branches):
     """Every rank drafts, verifies and accepts the same tokens (sampled ones are rank 0's draws; a tree's rows

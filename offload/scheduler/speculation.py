@@ -142,7 +142,11 @@ class Speculator:
 
     def _measure(self, rows: list, steps: int, drafting: float, width: int, verifying: float) -> None:
         """What this pass's draft steps (``steps`` of them, the draft's catch-up included; 0: not a measure) and
-        verify pass took against the plans' prices of them."""
+        verify pass took against the plans' prices of them. Under tensor parallelism rank 0's times count on every
+        rank: each chooses the next pass's shape from them, and the ranks' passes must be the same."""
+        if self.model.tp.size > 1:
+            times = torch.tensor([drafting, verifying, steps], dtype=torch.float64, device=self.model.device)
+            drafting, verifying, steps = self.model.tp.broadcast_from_first(times).tolist()
         verify_seconds, step_seconds = self._priced(rows)
         self.prices.verify.add(verifying, verify_seconds(width))
         if steps > 0:

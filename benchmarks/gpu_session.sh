@@ -52,6 +52,7 @@
 #                  (98 MB is more than one call carries: `split -n 2 FILE .assets/smollm2/part-`, carry part-aa
 #                  with a command that does nothing, then at once part-ab and .whl with this stage: ignored
 #                  paths stay on a warm machine between calls)
+#   spec_smollm2_greedy  the same, greedy only, four drafts (a short call: what the price of draft steps gives)
 #   tests_spec     speculative decoding's tests on CUDA (they load on the GPU where there is one): every draft,
 #                  trees, sampled rows, verify chunks (float32: greedy output equals plain decoding's), and
 #                  verify passes in CUDA graphs (bitwise against eager; their pool within the plan)
@@ -173,6 +174,14 @@ run_stage() {
         python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB \
             --drafts none,/tmp/smollm2-int4@4,ngram --draft-tokens 48 --widths 1,16,64 \
             --json "$0/spec_smollm2_deep.json"' "$OUT" ;;
+    spec_smollm2_greedy) stage spec_smollm2_greedy bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
+        [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
+        [ -d /tmp/smollm2 ] || python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
+        [ -d /tmp/smollm2-int4 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 \
+            --group-size 64 --out /tmp/smollm2-int4 --device cuda
+        python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB \
+            --widths 1,4,16 --drafts none,/tmp/smollm2-int4,/tmp/smollm2-int4@4,ngram \
+            --json "$0/spec_smollm2_greedy.json"' "$OUT" ;;
     load70b) stage load70b bash -c 'set -e; trap "rm -rf /tmp/70b-int4 /tmp/.70b-int4.*.partial" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-70b --out /tmp/70b-int4 --gpu-memory 24GiB \
             --cpu-memory 100GiB --json "$0/load70b.json"

@@ -35,7 +35,9 @@ from .sampling import draw, probabilities
 from .speculative import MAX_BRANCHES, Proposal
 
 NGRAM, INT4, MODEL = "ngram", "int4", "model"
-CATCH_UP_STEPS = 4  # with graphs, a row's few new tokens enter the draft's cache as replayed decode steps
+# With graphs, a row's few new tokens enter the draft's cache as decode steps replayed from graphs: more than a
+# probe's (the speculator drafts a token every eighth pass where no length pays), so that it measures steps.
+CATCH_UP_STEPS = 16
 RESIDENT_BUDGET = 2**62  # a draft model's own budget: everything resident (the target's plan counts its bytes)
 DRAFT_SEED_OFFSET = 0x9E3779B97F4A7C15  # a row's draft samples with its own stream, apart from the target's
 
@@ -150,7 +152,8 @@ class ModelDraft:
         contexts = {b: list(rows[b].request.prompt) + rows[b].tokens for b in drafting}
         valid = {b: self.valid.get(rows[b], 0) for b in drafting}
         logits, caught_up = self._catch_up([contexts[b][valid[b]:] if b in contexts else [] for b in range(len(rows))],
-                                           [valid.get(b, 0) for b in range(len(rows))])
+                                           [valid.get(b, 0) for b in range(len(rows))],
+                                           prompt=any(valid[b] == 0 for b in drafting))
         ids, qs, likeliest = [], [], []
         for step in range(steps):
             chosen, q = self._choose(logits, rows, drafting)
@@ -167,17 +170,18 @@ class ModelDraft:
         return Proposal(tokens, None if qs[0] is None else torch.stack(qs, dim=1), alternatives,
                         steps=caught_up + steps - 1 if caught_up else 0)
 
-    def _catch_up(self, new_tokens: list[list[int]], cached: list[int]) -> tuple[torch.Tensor, int]:
+    def _catch_up(self, new_tokens: list[list[int]], cached: list[int], prompt: bool) -> tuple[torch.Tensor, int]:
         """Each row's tokens the draft has not seen added to its cache: the logits after each row's last one,
         and the one-token steps that took (0 where they went in one pass of several tokens).
 
         A pass whose drafts were all accepted leaves a row two new tokens (the last draft and the target's
-        next). With CUDA graphs, up to ``CATCH_UP_STEPS`` of them go as decode steps replayed from graphs
-        rather than one pass launched kernel by kernel (a prompt goes in one pass)."""
+        next); a pass after a run that drafted nothing, a token for each pass of the run. With CUDA graphs, up
+        to ``CATCH_UP_STEPS`` of them go as decode steps replayed from graphs rather than one pass launched
+        kernel by kernel, unless a row brings its ``prompt`` (it goes in one pass)."""
         most = max(len(t) for t in new_tokens)
         if most <= 1:
             return self.model.extend(new_tokens, cached), 1  # a decode step
-        if self.model.graphs is None or most > CATCH_UP_STEPS:
+        if self.model.graphs is None or most > CATCH_UP_STEPS or prompt:
             return self.model.extend(new_tokens, cached), 0
         logits = None
         for j in range(most):

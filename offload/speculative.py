@@ -334,9 +334,11 @@ class Acceptance:
 @dataclass
 class MeasuredPrice:
     """How a price compares with what it paid for as it ran: the median of the last ``window`` ratios of
-    measured to priced seconds. A median, because the first pass of a new width captures its CUDA graph."""
+    measured to priced seconds, once there are ``least`` of them. A median of several, because a pass that
+    captures a CUDA graph (the first of a new width or a longer cache) takes many times its price."""
 
     window: int = 16
+    least: int = 3
     ratios: deque = field(default_factory=deque)
 
     def add(self, measured: float, priced: float) -> None:
@@ -347,8 +349,8 @@ class MeasuredPrice:
 
     @property
     def scale(self) -> float:
-        """What to multiply the price by: 1 until something was measured."""
-        return statistics.median(self.ratios) if self.ratios else 1.0
+        """What to multiply the price by: 1 until ``least`` ratios were measured."""
+        return statistics.median(self.ratios) if len(self.ratios) >= self.least else 1.0
 
 
 @dataclass

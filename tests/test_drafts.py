@@ -210,3 +210,31 @@ def test_a_draft_models_cache_follows_what_the_target_accepted(structured, struc
         r.tokens += proposal.tokens[1][:accepted] + [correction]  # what the target gave instead of the rest
     model.close()
     alone.close()
+
+
+def test_with_graphs_a_draft_catches_up_in_replayed_steps_and_counts_them(structured, structured_draft):
+    """With graphs (a stand-in capture on the CPU), a row's new tokens enter the draft's cache as replayed decode
+    steps, counted in ``Proposal.steps`` with the drafting steps: two after a fully accepted run, eight where the
+    target's token was followed by seven passes that drafted nothing (as before a probe); a prompt still goes in
+    one pass, which counts none. The drafts are
+    the draft model's greedy decoding either way."""
+    from conftest import with_graphs
+
+    model = offload.load_model(structured, **KW, draft=str(structured_draft), progress=False)
+    alone = offload.load_model(structured_draft, **KW, progress=False)
+    draft = model.draft
+    with_graphs(draft.model)
+
+    def greedy(context, k):
+        return alone.generate([context], max_new_tokens=k, ignore_eos=True, return_result=True).tokens[0]
+
+    r = row([3, 17, 40, 2, 9], [11])
+    skipped = [21, 4, 9, 30, 2, 8, 15]  # the target's tokens of seven passes that drafted nothing
+    for (accepted, extra), steps in zip([(2, [5]), (5, [1]), (0, [8] + skipped), (1, [7])], [0, 1 + 4, 2 + 4, 8 + 4]):
+        proposal = draft.propose([None, r], [0, 5])
+        assert proposal.tokens[1] == greedy(list(r.request.prompt) + r.tokens, 5)
+        assert proposal.steps == steps
+        draft.update([None, r], [0, accepted])
+        r.tokens += proposal.tokens[1][:accepted] + extra
+    model.close()
+    alone.close()

@@ -393,9 +393,12 @@ def _direct_would_pay(options: LoadOptions, plan: Plan, device: torch.device, tp
 def graphs_pay(options: LoadOptions, needs: MemoryNeeds, gpu_memory: int) -> bool:
     """Whether a plan that captures graphs (``needs.graph_bytes``) keeps them: not, unless asked for
     (``cuda_graphs=True``), for a mixture of experts whose experts stream. There graph pieces measured slower
-    than eager steps (qwen3-30b-a3b at 8 GiB on an H200, 2026-12-05: 193 against 170 ms a step; after the fused
-    kernels, 70.3 against 71.8, no gain for their memory); with every expert resident, faster (28.7 against
-    44.2). Read directly (every step: ``direct_steps``), a step has no pieces."""
+    than eager steps (qwen3-30b-a3b at 8 GiB on an H200, 2026-12-05: 193 against 170 ms a step) before the fused
+    kernels, and since then as fast or faster: 70.3 against 71.8 on the H200, 92.7 against 142.5 on an H100
+    (mixtral-8x7b at 24 GiB there: 352 against 352). With every expert resident, faster (28.7 against 44.2).
+    Pieces become the default where experts stream once a GPU test has held their pool inside such a budget
+    (``test_experts_streamed_on_cuda_equal_resident_bitwise_within_budget[True]``). Read directly (every step:
+    ``direct_steps``), a step has no pieces."""
     streams_experts = needs.experts is not None and not needs.fits_whole(gpu_memory) and not needs.experts.direct
     return not (needs.graph_bytes and streams_experts and options.cuda_graphs is None)
 

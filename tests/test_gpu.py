@@ -284,9 +284,11 @@ def test_offloaded_equals_resident_bitwise_on_gpu():
 
 
 @cuda
-def test_experts_streamed_on_cuda_equal_resident_bitwise_within_budget():
+@pytest.mark.parametrize("graphs", [None, True])  # the default (eager where experts stream), and graph pieces
+def test_experts_streamed_on_cuda_equal_resident_bitwise_within_budget(graphs):
     """A mixture of experts on the GPU: experts copied from pinned host memory into the device's expert cache on
-    the copy stream compute what resident experts do, bit for bit, and the peak stays inside the budget."""
+    the copy stream compute what resident experts do, bit for bit, and the peak (with the graphs' pool, where
+    the layers are captured as pieces) stays inside the budget."""
     shape = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 3}
     ids = torch.randint(0, 151936, (2, 30), generator=torch.Generator().manual_seed(3))
     kw = dict(dtype=torch.bfloat16, max_batch=3, max_seq_len=64)
@@ -299,19 +301,20 @@ def test_experts_streamed_on_cuda_equal_resident_bitwise_within_budget():
     budget = needs.fixed_bytes + sum(needs.blocks) + (2 * experts.top_k + 24) * experts.nbytes
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    with load(shape, gpu_memory=budget, cpu_memory="8GiB", **kw) as model:
+    with load(shape, gpu_memory=budget, cpu_memory="8GiB", cuda_graphs=graphs, **kw) as model:
         placement = model.plan.experts.placement
         assert placement.count("host") > placement.count("resident") > 0
+        assert (model.graphs is not None) == bool(graphs)
         logits, tokens, steps = _logits_and_tokens(model, ids)
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
+        peak, pool = torch.cuda.max_memory_allocated() - base, graph_pool_bytes(model)
         print(f"\nexperts {placement.count('resident')} resident, {placement.count('host')} host; hits "
-              f"{model.experts.hits}, misses {model.experts.misses}; peak {peak / 2**30:.3f} GiB of "
-              f"{budget / 2**30:.3f}")
+              f"{model.experts.hits}, misses {model.experts.misses}; peak {peak / 2**30:.3f} GiB + graph pool "
+              f"{pool / 2**20:.0f} MiB (planned {model.plan.needs.graph_bytes / 2**20:.0f}) of {budget / 2**30:.3f}")
         assert torch.equal(logits, want[0]) and torch.equal(tokens, want[1])
         assert all(torch.equal(a, b) for a, b in zip(steps, want[2]))
         assert model.experts.misses > 0 and model.experts.hits > 0
-        assert peak <= budget
+        assert peak + pool <= budget and pool <= model.plan.needs.graph_bytes
 
 
 @cuda

@@ -58,6 +58,7 @@ import json
 import logging
 import platform
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -361,8 +362,28 @@ def why_not(bench: Bench, name: str, budget: dict) -> str | None:
     return None
 
 
+class TimeUp(BaseException):
+    """SIGTERM (a stage's time limit): the batches measured so far are reported, the rest skipped. ``partial``: the
+    run that was under way, with what it had measured."""
+
+    partial = None
+
+
+def _time_up(signum, frame):
+    raise TimeUp
+
+
 def run_ours(bench: Bench, name: str, budget: dict, ids: torch.Tensor) -> Run:
     run = Run(name)
+    try:
+        return _measure_batches(bench, run, budget, ids)
+    except TimeUp as stop:
+        stop.partial = run
+        raise
+
+
+def _measure_batches(bench: Bench, run: Run, budget: dict, ids: torch.Tensor) -> Run:
+    name = run.name
     for batch in bench.batches:
         print(f"\n{name}, batch {batch}: loading", flush=True)
         with offload.load_model(bench.model, **bench.load_args(batch), **budget, progress=False,
@@ -789,19 +810,31 @@ def main(argv=None) -> int:
         print(f"bench_offload: {skipped['host']}", file=sys.stderr)
         return 2
     runs = []
-    for name, budget in runs_wanted:
-        if name not in skipped:
-            run, reason = attempt(run_ours, bench, name, budget, ids)
+    signal.signal(signal.SIGTERM, _time_up)  # a time limit still prints what was measured
+    try:
+        for name, budget in runs_wanted:
+            if name not in skipped:
+                run, reason = attempt(run_ours, bench, name, budget, ids)
+                runs += [run] if run else []
+                skipped.update({name: reason} if reason else {})
+                release_memory(bench.device)
+        reason = "--skip-accelerate" if args.skip_accelerate else accelerate_missing()
+        if reason is None:
+            run, reason = attempt(run_accelerate, bench, ids, any_error=True)
             runs += [run] if run else []
-            skipped.update({name: reason} if reason else {})
             release_memory(bench.device)
-    reason = "--skip-accelerate" if args.skip_accelerate else accelerate_missing()
-    if reason is None:
-        run, reason = attempt(run_accelerate, bench, ids, any_error=True)
-        runs += [run] if run else []
-        release_memory(bench.device)
-    if reason:
-        skipped["accelerate"] = reason
+        if reason:
+            skipped["accelerate"] = reason
+    except TimeUp as stop:
+        if stop.partial is not None and stop.partial.timings:
+            runs.append(stop.partial)
+            for batch in [b for b in bench.batches if b not in stop.partial.timings]:
+                skipped[f"{stop.partial.name}, batch {batch}"] = "stopped: SIGTERM (a time limit) came first"
+        done = {run.name for run in runs}
+        for name in [n for n, _ in runs_wanted] + ["accelerate"]:
+            if name not in done and name not in skipped:
+                skipped[name] = "stopped: SIGTERM (a time limit) came first"
+        print("\nbench_offload: SIGTERM, reporting what was measured", flush=True)
 
     rows = table_rows(runs)
     print_table(rows)

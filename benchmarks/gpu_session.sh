@@ -100,7 +100,7 @@ stage() {  # stage NAME COMMAND...: run, log to $OUT/NAME.log, keep going on fai
   local name=$1; shift
   echo "=== $name: $*"
   local start=$SECONDS
-  timeout "${STAGE_SECONDS:-0}" "$@" > "$OUT/$name.log" 2>&1  # 0: no limit
+  timeout -k 30 "${STAGE_SECONDS:-0}" "$@" > "$OUT/$name.log" 2>&1  # 0: no limit; SIGKILL 30 s after SIGTERM
   local rc=$?
   tail -n "${TAIL:-22}" "$OUT/$name.log"
   echo "=== $name: exit $rc after $((SECONDS - start)) s"

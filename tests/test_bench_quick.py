@@ -40,6 +40,32 @@ def test_bench_quick_writes_runs_with_positive_numbers(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_time_limit_still_reports_what_was_measured(tmp_path):
+    """SIGTERM (a stage's time limit) after the first batch of the second run: the table and the JSON keep the
+    runs and batches measured, and name what the signal stopped."""
+    import signal
+
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-u", "benchmarks/bench_offload.py", "--quick", "--batch", "1,2",
+                             "--json", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("  batch 1:") and any(s.startswith("host, batch 1") for s in seen):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    text = "".join(seen) + rest
+    assert proc.returncode == 0, text
+    assert "SIGTERM, reporting what was measured" in text
+    data = json.loads(out.read_text())
+    assert {(row["run"], row["batch"]) for row in data["runs"]} == {("resident", 1), ("resident", 2), ("host", 1)}
+    assert "SIGTERM" in data["skipped"]["accelerate"] and "SIGTERM" in data["skipped"]["host, batch 2"]
+
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["bench_offload", "bench_prefill", "bench_batch", "bench_throughput",
                                     "moe_host_time"])
 def test_bench_bad_input_is_one_line_and_exit_2(script):

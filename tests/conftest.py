@@ -87,6 +87,19 @@ def with_graphs(model) -> RerunCapture:
     return capture
 
 
+def greedy_through(engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Each prompt's ``new_tokens`` greedy tokens through the row engine ``engine``, run until it is idle."""
+    from offload.scheduler.row_engine import Request
+
+    for key, prompt in enumerate(prompts):
+        engine.submit(Request(tuple(prompt), new_tokens, key=key))
+    tokens = [[] for _ in prompts]
+    while engine.busy:
+        for row, token in engine.step():
+            tokens[row.request.key].append(token)
+    return tokens
+
+
 def graph_pool_bytes(model) -> int:
     """GPU memory the CUDA graphs' private pool holds (not in max_memory_allocated once captured)."""
     if model.graphs is None:

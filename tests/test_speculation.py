@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import offload
+from conftest import greedy_through, with_graphs
 from offload.sampling import GREEDY, Sampling
 from offload.scheduler.row_engine import Request, RowEngine
 from offload.speculative import MeasuredPrice, MeasuredPrices
@@ -230,13 +231,8 @@ def _drafted_per_pass(model, batch, step_scale: float) -> tuple[list[list[int]],
     engine = RowEngine(model, rows=len(batch))
     engine.speculator.timed = False
     engine.speculator.prices.draft_step.ratios.extend([step_scale] * 3)
-    for i, p in enumerate(batch):
-        engine.submit(Request(tuple(p), 24, GREEDY, key=i))
-    seen = {i: [] for i in range(len(batch))}
-    while engine.busy:
-        for row, token in engine.step():
-            seen[row.request.key].append(token)
-    return [seen[i] for i in range(len(batch))], engine.stats.drafted_tokens / engine.stats.decode_steps
+    tokens = greedy_through(engine, batch, 24)
+    return tokens, engine.stats.drafted_tokens / engine.stats.decode_steps
 
 
 def test_draft_steps_measured_dearer_than_their_price_draft_shallower(structured, structured_draft, plain):
@@ -271,9 +267,7 @@ def test_the_speculator_times_its_draft_steps_and_verify_passes(structured, stru
         engine = RowEngine(model, rows=1)
         assert not engine.speculator.timed  # links given (LINK_BOUND): the plans price links that are not there
         engine.speculator.timed = True
-        engine.submit(Request(tuple(prompts(structured, (9,))[0]), 12, GREEDY, key=0))
-        while engine.busy:
-            engine.step()
+        greedy_through(engine, prompts(structured, (9,)), 12)
         prices = model.speculation_prices  # kept with the model: the next engine starts from them
         drafted = [(drafting, verifying) for steps, drafting, verifying in seen if steps > 0]
         assert drafted and all(drafting >= 0.05 > verifying for drafting, verifying in drafted)
@@ -287,8 +281,6 @@ def test_a_draft_priced_out_is_measured_again_at_its_probes(structured, structur
     """A draft step measured dearer than a verify pass stops drafting, but every eighth pass still drafts a token,
     and with graphs its catch-up goes as replayed steps, so the probe measures a step again: no price is frozen
     by a few bad passes (on the CPU the times are not these links' prices, so only the counting is checked)."""
-    from conftest import with_graphs
-
     with load(structured, "model", structured_draft) as model:
         with_graphs(model.draft.model)
         verify = max(plan.pass_seconds(1) for plan in model.plans)
@@ -296,9 +288,7 @@ def test_a_draft_priced_out_is_measured_again_at_its_probes(structured, structur
         model.speculation_prices.draft_step.ratios.extend([1000 * verify / step] * 16)  # a full, bad window
         engine = RowEngine(model, rows=1)
         engine.speculator.timed = True
-        engine.submit(Request(tuple(prompts(structured, (9,))[0]), 40, GREEDY, key=0))
-        while engine.busy:
-            engine.step()
+        greedy_through(engine, prompts(structured, (9,)), 40)
         ratios = list(model.speculation_prices.draft_step.ratios)
     assert engine.stats.drafted_tokens <= engine.stats.decode_steps // 8 + 1  # only the probes drafted
     assert ratios[:-3] == [1000 * verify / step] * 13 and max(ratios[-3:]) < 1000 * verify / step  # 3 probes measured

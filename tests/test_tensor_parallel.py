@@ -139,22 +139,17 @@ def _rank_speculates(rank, world, port, path, ids, kwargs, out):
 
 def _rank_speculates_timed(rank, world, port, path, ids, kwargs, out):
     """Greedy rows through a row engine whose speculator prices passes by their times (as on a GPU)."""
-    from offload.sampling import GREEDY
-    from offload.scheduler.row_engine import Request, RowEngine
+    from conftest import greedy_through
+    from offload.scheduler.row_engine import RowEngine
 
     _join(rank, world, port)
     try:
         model = offload.load_model(path, tp=world, progress=False, **kwargs)
         engine = RowEngine(model, rows=len(ids))
         engine.speculator.timed = True
-        for i, prompt in enumerate(ids):
-            engine.submit(Request(tuple(prompt), 12, GREEDY, key=i))
-        tokens = {i: [] for i in range(len(ids))}
-        while engine.busy:
-            for row, token in engine.step():
-                tokens[row.request.key].append(token)
+        tokens = greedy_through(engine, ids, 12)
         prices = model.speculation_prices
-        out[rank] = ([tokens[i] for i in range(len(ids))], list(prices.verify.ratios), list(prices.draft_step.ratios))
+        out[rank] = (tokens, list(prices.verify.ratios), list(prices.draft_step.ratios))
     finally:
         torch.distributed.destroy_process_group()
 

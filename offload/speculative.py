@@ -78,8 +78,8 @@ class Proposal:
     # MAX_BRANCHES - 1) where it chose tokens[b][i]; [] for other rows. None: a draft that has none.
     alternatives: list[list[list[int]]] | None = None
     # the one-token steps of a draft model that made it (its catch-up too): what its wall time is divided by to
-    # measure a step. 0: none, or a pass of several tokens among them (a prompt, or the catch-up after passes
-    # that drafted nothing), which says nothing of a step's time.
+    # measure a step. 0: none, or a pass of several tokens among them (a prompt, or a catch-up longer than
+    # ``drafts.CATCH_UP_STEPS``), which says nothing of a step's time.
     steps: int = 0
 
     @staticmethod

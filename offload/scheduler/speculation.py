@@ -20,10 +20,10 @@ that adds no prompt through :meth:`Speculator.run`:
    into place in the cache (``OffloadedModel.keep_path``);
 5. the draft rolls its caches back to what was accepted, and the acceptance is counted.
 
-On a GPU the plans' prices are scaled by what this engine's verify passes and draft steps took (the
-host's wall time: each ends when the host reads its tokens), since a small draft's steps are bound by
-launches and Python, which the plans do not price. On the CPU (the tests) the plans price links that
-are not there, so the shape follows the plans alone.
+On a GPU whose links the load measured, the plans' prices are scaled by what the model's verify passes
+and draft steps took (``OffloadedModel.speculation_prices``; the host's wall time: each ends when the host
+reads its tokens), since a small draft's steps are bound by launches and Python, which the plans do not
+price. On the CPU (the tests, whose links are given) the shape follows the plans alone.
 
 Where no length pays (``k = 0``), every eighth such pass drafts one token all the same: a
 pass that drafts nothing measures nothing, and acceptance changes with the text.
@@ -166,7 +166,7 @@ class Speculator:
 
     def draft_shape(self, rows: list, room: list[int]) -> tuple[int, int]:
         """The depth and branches of the pass: ``draft_tokens`` and ``draft_branches`` where given, otherwise
-        what gains the rows the most tokens per second by the plans. Only a draft model grows trees: prompt
+        what gains the rows the most tokens per second by the plans' prices, scaled as measured. Only a draft model grows trees: prompt
         lookup drafts chains."""
         live = [row for row in rows if row is not None]
         tokens = self.fixed or DEFAULT_MAX_DRAFT

@@ -498,9 +498,10 @@ def test_the_decode_cost_probes_measure_products_and_small_kernels_in_graphs():
     hbm = bandwidth.measure_device_copy(device, 256 * 2**20)
     rates = bandwidth.measure_gemv(device)
     print({k: f"{v / hbm:.2f} of the HBM copy rate" for k, v in rates.items()})
-    assert set(rates) == set(bandwidth.GEMV_FORMATS)
+    assert set(rates) == set(bandwidth.GEMV_FORMATS + bandwidth.ROWS16_FORMATS)
     assert 0.5 * hbm < rates["gemv-bf16"] < 1.5 * hbm
     assert all(0.05 * hbm < rates[name] < 1.5 * hbm for name in rates)
+    assert all(rates[f"rows16-{fmt}"] < 1.2 * rates[f"gemv-{fmt}"] for fmt in ("bf16", "int8", "int4"))
     kernels = bandwidth.measure_small_kernels(device)
     print(f"small kernels: {1e6 / kernels:.2f} us each")
     assert 1e4 < kernels < 1e7

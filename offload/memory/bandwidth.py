@@ -31,7 +31,8 @@ from ..options import cache_dir
 from .host import PinnedMemory
 
 PROBE_BYTES = 256 * 2**20
-CACHE_VERSION = 2  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second
+CACHE_VERSION = 3  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second;
+# 3: the products of 16 rows too
 
 
 def cache_path() -> Path:
@@ -42,7 +43,8 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     """Bytes/s of each link into ``compute_device`` ("host", "hbm", every peer) and its "matmul" FLOP/s,
     from the cache or measured."""
     device = torch.device(compute_device)
-    names = ["host", "hbm", "matmul", *peers] + ([*GEMV_FORMATS, "kernels"] if device.type == "cuda" else [])
+    names = ["host", "hbm", "matmul", *peers] + ([*GEMV_FORMATS, *ROWS16_FORMATS, "kernels"]
+                                                  if device.type == "cuda" else [])
     if device.type != "cuda":  # every "link" is a memcpy in RAM: quick to measure, not worth caching
         bandwidth = measure_cpu_copy()
         return {**{name: bandwidth for name in names}, "matmul": measure_matmul(device)}
@@ -60,7 +62,7 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     measured["matmul"] = measure_matmul(device)
     # The decode-cost probes: 0 where they could not run (no working kernels, or a failure), kept so, and never
     # probed again, so a load does not measure every link again each time.
-    measured.update({name: 0.0 for name in GEMV_FORMATS} | _optional(measure_gemv, device, {}))
+    measured.update({name: 0.0 for name in GEMV_FORMATS + ROWS16_FORMATS} | _optional(measure_gemv, device, {}))
     measured["kernels"] = _optional(measure_small_kernels, device, 0.0)
     for peer in peers:
         measured[peer] = measure_peer(device, torch.device(peer), size)
@@ -144,23 +146,25 @@ def measure_matmul(device) -> float:
 
 
 GEMV_FORMATS = ("gemv-bf16", "gemv-int8", "gemv-int4")
+ROWS16_FORMATS = ("rows16-bf16", "rows16-int8", "rows16-int4")  # the same products of 16 rows
 GEMV_SHAPES = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))  # a llama-2-7b layer's four products
 SMALL_KERNELS = 256  # replayed per timing of "kernels"
 
 
 def measure_gemv(device) -> dict[str, float]:
-    """Bytes/s of the one-row products of a llama-2-7b-shaped layer in bfloat16, int8 and int4 (groups of 128),
-    with offload's kernels replayed from a CUDA graph as a decode step runs them (timed eagerly, the host's
-    launches would be measured instead); empty without working kernels."""
-    from ..models import kernels, quant_kernels
+    """Bytes/s of the products of a llama-2-7b-shaped layer in bfloat16, int8 and int4 (groups of 128), of one
+    row ("gemv-<format>") and of 16 ("rows16-<format>": other kernels, slower per byte), with offload's kernels
+    replayed from a CUDA graph as a decode step runs them (timed eagerly, the host's launches would be measured
+    instead); empty without working kernels."""
+    from ..models import kernels, ops
     from ..models.quant import FUSED, QuantizedWeight, QuantScheme, quantize
 
     if not kernels.works(device):
         return {}
+    product = ops.choose(device, torch.bfloat16).linear  # what a decode step's products run
     rates = {}
-    for name, fmt, group, copies in (("gemv-bf16", None, None, 1), ("gemv-int8", "int8", None, 2),
-                                     ("gemv-int4", "int4", 128, 2)):  # copies: more bytes than the L2 cache
-        products, nbytes = [], 0
+    for fmt, group, copies in ((None, None, 1), ("int8", None, 2), ("int4", 128, 2)):  # copies: beyond the L2
+        weights, nbytes = [], 0
         for _ in range(copies):
             for rows, cols in GEMV_SHAPES:
                 w = torch.randn(rows, cols, device=device, dtype=torch.bfloat16) / cols**0.5
@@ -169,9 +173,10 @@ def measure_gemv(device) -> dict[str, float]:
                     parts = quantize(w, scheme, torch.bfloat16)
                     w = QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), scheme)
                 nbytes += sum(t.numel() * t.element_size() for t in ([w] if fmt is None else parts.values()))
-                products.append((torch.randn(1, cols, device=device, dtype=torch.bfloat16), w))
-        product = kernels.gemv if fmt is None else quant_kernels.linear
-        rates[name] = nbytes / graph_seconds(device, lambda: [product(x, w) for x, w in products])
+                weights.append((cols, w))
+        for name, tokens in ((f"gemv-{fmt or 'bf16'}", 1), (f"rows16-{fmt or 'bf16'}", 16)):
+            products = [(torch.randn(tokens, cols, device=device, dtype=torch.bfloat16), w) for cols, w in weights]
+            rates[name] = nbytes / graph_seconds(device, lambda: [product(x, w) for x, w in products])
     return rates
 
 

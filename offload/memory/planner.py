@@ -52,8 +52,8 @@ class MemoryNeeds:
     flops_per_token: float = 0.0  # matrix-product work of one token through every layer
     flops_per_key: float = 0.0  # attention work of one token against one cached key, every layer
     experts: ExpertNeeds | None = None  # a mixture-of-experts model's routed experts (blocks of their own)
-    products: str = ""  # what the layers' one-row products read: "bf16", "int8" or "int4" (their measured
-    # rate, "gemv-<format>" in the bandwidths, bounds a decode step's compute; "" or none measured: "hbm")
+    products: str = ""  # what the layers' products read: "bf16", "int8" or "int4" (their measured rates,
+    # "gemv-<format>" and "rows16-<format>" in the bandwidths, bound a decode step's compute; "": "hbm")
     dequant_bytes: int = 0  # quantized layers: the rows a linear dequantizes at a time, and their product
     weight_format: str = ""  # quantized layers: the format and bytes per layer, for the plan; "" for the model dtype
     draft_bytes: int = 0  # speculative decoding: a draft model kept on the compute device (weights, KV cache...)
@@ -155,8 +155,8 @@ class Plan:
     def link_seconds(self, rows: int = 1) -> dict[str, float]:
         """Seconds per decode step of ``rows`` rows that each link spends copying (the every-pass blocks it
         streams, and the routed experts it is expected to fetch), and the HBM floor under "hbm" (every
-        block, the experts a step uses and the LM head, read once, at the measured rate of one-row products
-        from their formats)."""
+        block, the experts a step uses and the LM head, read once, at the measured rates of their formats'
+        products: of one row, and of 16, between which the time grows with the rows)."""
         missed = self.experts.missed_bytes(rows) if self.experts else {}
         out = {t: (sum(self.needs.blocks[i] for i in self.blocks_on(t)) + missed.get(t, 0)) / self.bandwidth[t]
                for t in self.streamed_tiers}
@@ -165,9 +165,19 @@ class Plan:
             e = self.needs.experts
             used += sum(e.distinct(layer, rows) for layer in range(len(e.per_layer))) * e.nbytes
         dense = "bf16" if self.needs.products else ""  # the LM head is in the model dtype ("": float32)
-        rate = lambda fmt: self.bandwidth.get(f"gemv-{fmt}") or self.bandwidth["hbm"]  # noqa: E731 (0: unmeasured)
-        out["hbm"] = used / rate(self.needs.products) + self.needs.global_bytes / rate(dense)
+        out["hbm"] = self._product_seconds(used, self.needs.products, rows) + \
+            self._product_seconds(self.needs.global_bytes, dense, rows)
         return out
+
+    def _product_seconds(self, nbytes: int, fmt: str, rows: int) -> float:
+        """Products of ``rows`` rows reading ``nbytes`` of weights in ``fmt``: at the measured one-row rate
+        ("gemv-<fmt>"; the HBM copy rate where unmeasured, 0), growing linearly to the 16-row rate's time
+        ("rows16-<fmt>") at 16 rows and beyond (where the matrix work may bind instead: ``pass_seconds``)."""
+        one = nbytes / (self.bandwidth.get(f"gemv-{fmt}") or self.bandwidth["hbm"])
+        many = self.bandwidth.get(f"rows16-{fmt}")
+        if rows <= 1 or not many:
+            return one
+        return one + max(nbytes / many - one, 0.0) * (min(rows, 16) - 1) / 15
 
     def compute_seconds(self, rows: int = 1) -> float:
         """A decode step's time on the compute device: its products read every weight they use at the measured

@@ -56,7 +56,8 @@
 #   tests_spec     speculative decoding's tests on CUDA (they load on the GPU where there is one): every draft,
 #                  trees, sampled rows, verify chunks (float32: greedy output equals plain decoding's), and
 #                  verify passes in CUDA graphs (bitwise against eager; their pool within the plan)
-#   tests_experts  the GPU tests of mixtures of experts alone (streamed, direct, pieces, budgets)
+#   tests_experts  the GPU tests of mixtures of experts alone (streamed, direct, pieces, budgets), and the
+#                  decode-cost probes (products of 1 and 16 rows, small kernels)
 #   tests_kernels  the kernel tests alone (GEMV, int8/int4 products, norms, gates) and the experts on CUDA
 #   serve13b       llama-2-13b at 8 GiB behind the HTTP server, 32 concurrent streaming clients
 #   throughput70b  llama-2-70b at 40 GiB, FlexGen's protocol: --batch-size auto, a sweep, accelerate
@@ -73,13 +74,15 @@
 #   1. tests_experts:120, then spec_smollm2:390 (carry          the streamed-expert budget test with graph pieces:
 #      .assets/smollm2/part-aa with the first call, then        where it passes, pieces become the default for
 #      part-ab and .whl with the second)                       streamed experts (H100: 92.7 against 142.5 ms
-#                                                              eager); the sampled and deep speculation runs
+#                                                              eager), the 16-row probes; speculation sampled, deep
 #   2. mixtral24:420 (an H200: its table needs more than 330 s) mixtral-8x7b both ways (#21)
 #   3. mixtral24_acc:420                                       against accelerate (#21's 10x goal for mixtral;
 #                                                              accelerate's load of 93 GB ran past 220 s)
-#   4. spec70b:300 int4_405b:280                               70b verify passes (#22); the moonshot (#20)
-#   5. moe235_int4:400 (an H200: 130 GiB)                      qwen3-235b-a22b in int4 on one GPU (#21)
-#   6. tests_kernels:400                                       all of it (200 s did not finish on an H100)
+#   4. quant7b:130 spec70b:300                                 the plan's batch-16 step from the 16-row rates
+#                                                              (#20: 23-67% short before); 70b verify passes (#22)
+#   5. int4_405b:500                                           the moonshot (#20)
+#   6. moe235_int4:400 (an H200: 130 GiB)                      qwen3-235b-a22b in int4 on one GPU (#21)
+#   7. tests_kernels:400                                       all of it (200 s did not finish on an H100)
 # When machines are scarce (each failed start costs 90 s of the 30 minutes), make the first call short and
 # whole: tests_experts:120 (carrying part-aa) then spec_smollm2_greedy:120 fit beside a start of 5 minutes.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
@@ -199,7 +202,7 @@ run_stage() {
       tests/test_verify_chunk.py tests/test_drafts.py tests/test_graphs.py; python3 -m pytest -m gpu -s -q \
       -p no:cacheprovider tests/test_gpu.py -k "verify or speculative"' ;;
     tests_experts) stage tests_experts python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \
-      -k "experts" ;;
+      -k "experts or probes" ;;
     tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \
       tests/test_quant_kernels.py tests/test_kernels.py tests/test_direct_experts.py -m "gpu or not gpu"; \
       python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py tests/test_quant.py -k "experts or quant"; \

@@ -151,6 +151,10 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
         plans[tp.rank].hints.append("every expert fits: --direct-experts (direct_experts=True) would read them in "
                                     "one CUDA graph a step (qwen3-30b-a3b on an H200: 5.4 against 28.7 ms a step); "
                                     "its logits differ from copying's by rounding, so it is not the default")
+    if (options.direct_experts or options.prefetch_experts) and needs.experts is None:
+        flag = "--direct-experts" if options.direct_experts else "--prefetch-experts"
+        for plan in plans:
+            plan.warnings.append(f"{flag} does nothing here: {config.architecture} has no routed experts")
     if options.direct_experts and needs.experts is not None and not needs.experts.direct:
         for plan in plans:
             plan.warnings.append(f"direct expert reads serve passes of up to {DIRECT_TOKENS} tokens: with "

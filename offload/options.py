@@ -190,7 +190,10 @@ MAX_COUNT = 2**31 - 1  # rows, tokens and ranks are indexed with 32-bit integers
 def _check_branches(draft, branches) -> None:
     if branches is None:
         return
-    if draft is None or (isinstance(draft, str) and draft.strip().lower() == "ngram"):
+    if draft is None:
+        raise InputError("draft_branches goes with a draft model (draft='int4' or a checkpoint's path): "
+                         "no draft was given")
+    if isinstance(draft, str) and draft.strip().lower() == "ngram":
         raise InputError("draft_branches goes with a draft model (draft='int4' or a checkpoint's path): "
                          "prompt lookup proposes no alternatives")
     _count("draft_branches", branches)

@@ -388,3 +388,13 @@ def test_the_plan_hints_at_direct_reads_where_every_expert_fits_on_one_gpu(check
     assert "host" in streams.plan.experts.placement and not would(setup=streams)
     dense = prepare(shape_config("tiny"), offload.LoadOptions(dtype=torch.float32, max_seq_len=64))
     assert not would(setup=dense)
+
+
+def test_expert_flags_on_a_model_without_experts_say_they_do_nothing():
+    """A dense model with --direct-experts or --prefetch-experts loads (a draft model inherits its target's
+    flags), and its plan says the flag does nothing."""
+    for flag in ("direct_experts", "prefetch_experts"):
+        plan = offload.plan_model(shape_config("tiny"), dtype=torch.float32, max_seq_len=64, **{flag: True})
+        name = "--" + flag.replace("_", "-")
+        assert any(f"{name} does nothing here: LlamaForCausalLM has no routed experts" in w for w in plan.warnings)
+    assert not any("does nothing" in w for w in offload.plan_model(shape_config("tiny"), max_seq_len=64).warnings)

@@ -54,8 +54,8 @@ def test_draft_kinds_and_bad_options():
         offload.LoadOptions(draft="ngram", draft_tokens=0)
     with pytest.raises(offload.InputError, match="'ngram', 'int4' or the path"):
         offload.LoadOptions(draft=3)
-    for draft in (None, "ngram"):
-        with pytest.raises(offload.InputError, match="draft_branches goes with a draft model"):
+    for draft, why in ((None, "no draft was given"), ("ngram", "prompt lookup proposes no alternatives")):
+        with pytest.raises(offload.InputError, match=f"draft_branches goes with a draft model .*: {why}"):
             offload.LoadOptions(draft=draft, draft_branches=2)
     with pytest.raises(offload.InputError, match="at most 4"):
         offload.LoadOptions(draft="int4", draft_branches=5)

@@ -89,3 +89,11 @@ def test_the_plan_counts_a_decode_steps_kernels_by_family():
     assert offload.plan_model(llama).needs.decode_kernels == 10 * llama["num_hidden_layers"]
     moe = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 2, "mlp_only_layers": [1]}
     assert offload.plan_model(moe).needs.decode_kernels == (6 + 5 + 3 * 8 + 8) + 10
+
+
+def test_a_process_plans_with_one_measurement_of_the_cpu():
+    """The CPU's rates vary by half from one measurement to the next: every plan of a process sees the same, so
+    a printed plan is the plan that loads (the int4 draft's keep or decline, ``--batch-size auto``)."""
+    first = offload.plan_model(shape_config("tiny"), device="cpu", max_seq_len=64)
+    second = offload.plan_model(shape_config("tiny"), device="cpu", max_seq_len=64, draft="ngram")
+    assert first.bandwidth == second.bandwidth and first.bandwidth["host"] > 0 and first.bandwidth["matmul"] > 0

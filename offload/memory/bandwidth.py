@@ -8,7 +8,8 @@ read plus write, which bounds a decode step that reads every weight once); and
 (bfloat16 on a GPU, float32 on a CPU), which bounds a pass over many tokens; and on a
 GPU with offload's kernels, ``"gemv-bf16"``, ``"gemv-int8"`` and ``"gemv-int4"``: the
 bytes per second a one-row product reads from a weight stored so (a decode step's
-products over resident layers take their bytes over these rates), and ``"kernels"``:
+products over resident layers take their bytes over these rates), the same of 16 rows
+(``"rows16-<format>"``), and ``"kernels"``:
 small kernels per second (each of a decode layer's kernels, its products too, takes
 at least a small one's time), both timed as CUDA graphs replay them.
 Under tensor parallelism every rank probes the host link at the same moment, so
@@ -17,6 +18,7 @@ the figure is each rank's share of a host link that all of them pull from at onc
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -45,9 +47,9 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     device = torch.device(compute_device)
     names = ["host", "hbm", "matmul", *peers] + ([*GEMV_FORMATS, *ROWS16_FORMATS, "kernels"]
                                                   if device.type == "cuda" else [])
-    if device.type != "cuda":  # every "link" is a memcpy in RAM: quick to measure, not worth caching
-        bandwidth = measure_cpu_copy()
-        return {**{name: bandwidth for name in names}, "matmul": measure_matmul(device)}
+    if device.type != "cuda":  # every "link" is a memcpy in RAM: quick to measure, not worth a file
+        bandwidth, matmul = _cpu_rates()
+        return {**{name: bandwidth for name in names}, "matmul": matmul}
     gpu = torch.cuda.get_device_name(device).replace(" ", "_")
     key = {name: f"{gpu}/{device}<-{name}/ranks={tp.size}/v{CACHE_VERSION}" for name in names}
     cached = _read_cache()
@@ -68,6 +70,14 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
         measured[peer] = measure_peer(device, torch.device(peer), size)
     _write_cache({**cached, **{key[n]: v for n, v in measured.items()}})
     return measured
+
+
+@functools.cache
+def _cpu_rates() -> tuple[float, float]:
+    """The CPU's copy and matrix rates, measured once per process: every plan of a process (a printed plan and
+    the load that follows it, the batch sizes ``--batch-size auto`` weighs) sees the same figures, though they
+    vary by half from one measurement to the next."""
+    return measure_cpu_copy(), measure_matmul(torch.device("cpu"))
 
 
 def _optional(probe, device, default):

@@ -86,8 +86,8 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
 
 def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool, pool: WeightPool):
     """The draft the plan kept (``offload.drafts``): prompt lookup, or a draft model read now: the target's own
-    checkpoint (or random weights) quantized to int4, which shares the target's final norm and LM head (in
-    ``pool``), or the draft checkpoint."""
+    checkpoint (or random weights) quantized to int4, which shares the target's final norm, LM head and
+    embedding (in ``pool``), or the draft checkpoint."""
     kind = draft_kind(setup.options.draft)
     if setup.draft is None:
         return make_draft(kind)

@@ -219,10 +219,11 @@ def _weigh_draft(options: LoadOptions, config: ModelConfig, needs: MemoryNeeds, 
         raise ConfigError(f"the draft {options.draft} has a vocabulary of {draft.config.vocab_size} tokens, the "
                           f"target {config.vocab_size}; a draft must share the target's vocabulary")
     label, int4 = draft_label(options.draft), draft_kind(options.draft) == INT4
-    # the workspace is shared, and the int4 draft reads its target's final norm and LM head
-    draft_bytes = draft.plan.gpu_bytes - draft.plan.needs.workspace_bytes - (draft.plan.needs.global_bytes if int4
-                                                                            else 0)
-    beside = place(replace(needs, draft_bytes=draft_bytes))
+    # The workspace is shared, and the int4 draft reads its target's final norm, LM head and embedding: the
+    # target's untied embedding then stays on the device, where a draft step would otherwise keep a copy of it.
+    shared = draft.plan.needs.global_bytes + draft.plan.needs.embedding_bytes if int4 else 0
+    draft_bytes = draft.plan.gpu_bytes - draft.plan.needs.workspace_bytes - shared
+    beside = place(replace(needs, draft_bytes=draft_bytes, embedding_stays=int4))
     if _failed(beside):
         if not int4:
             return beside, draft
@@ -528,21 +529,22 @@ def weight_source(model, random_weights: int | None, device: torch.device, requa
 
 def load_weights(setup: Setup, source, progress: bool, shared_globals: WeightPool | None = None) -> WeightPool:
     """Allocate every tier once and read each tensor straight into its place (one tensor's piece at a time).
-    ``shared_globals``: a pool whose final norm and LM head (with a tied embedding) are this model's too (the
-    int4 draft's are its target's, to the bit): they are neither allocated nor read again."""
+    ``shared_globals``: a pool whose final norm, LM head and embedding are this model's too (the int4 draft's are
+    its target's, to the bit, the embedding on the compute device): they are neither allocated nor read again."""
     layouts = [setup.globals_layout] + ([setup.embedding_layout] if setup.embedding_layout else [])
     source.validate([x for layout in layouts for x in layout.sources()]
                     + [x for block in setup.blocks for x in block.sources()])
-    embedding_bytes = setup.embedding_layout.nbytes if setup.embedding_layout else 0
-    global_bytes = 0 if shared_globals is not None else setup.globals_layout.nbytes
+    shared = shared_globals is not None
+    embedding_bytes = setup.embedding_layout.nbytes if setup.embedding_layout and not shared else 0
+    global_bytes = 0 if shared else setup.globals_layout.nbytes
     pool = WeightPool(setup.plan, global_bytes, embedding_bytes, setup.device)
     jobs = []
-    if shared_globals is None:
+    if not shared:
         jobs.append((pool.globals, setup.globals_layout, setup.globals_layout.sources()))
     else:
-        pool.globals = shared_globals.globals
+        pool.globals, pool.embedding = shared_globals.globals, shared_globals.embedding
     jobs += [(buffer, spec.layout, spec.sources()) for buffer, spec in zip(pool.blocks, setup.blocks)]
-    if setup.embedding_layout is not None:
+    if setup.embedding_layout is not None and not shared:
         jobs.append((pool.embedding, setup.embedding_layout, setup.embedding_layout.sources()))
     total = sum(layout.nbytes for _, layout, _ in jobs)
     try:

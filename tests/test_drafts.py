@@ -115,18 +115,22 @@ def test_the_int4_draft_is_kept_where_it_pays_and_declined_where_it_costs_reside
         m.close()
 
 
-def test_the_int4_draft_reads_its_targets_final_norm_and_lm_head(tiny):
-    """The int4 copy's non-layer tensors are its target's to the bit: one buffer, counted once, read once. A
-    draft checkpoint's are its own. (``tiny``'s embedding is untied: each model keeps a table of its own.)"""
+def test_the_int4_draft_reads_its_targets_final_norm_lm_head_and_embedding(tiny):
+    """The int4 copy's non-layer tensors are its target's to the bit: one buffer, counted once, read once (an
+    untied embedding, as ``tiny``'s, too). A draft checkpoint's are its own."""
     kw = dict(KW, link_bandwidth={"host": 1e9, "hbm": 1e11, "matmul": 1e15}, progress=False)
     with offload.load_model(tiny, **kw, draft="int4") as model, \
             offload.load_model(tiny, **kw, draft=str(tiny)) as other:
         draft = model.draft.model
         assert draft.pool.globals.data_ptr() == model.pool.globals.data_ptr()
-        assert draft.pool.embedding.data_ptr() != model.pool.embedding.data_ptr()
+        assert draft.pool.embedding.data_ptr() == model.pool.embedding.data_ptr() and draft.pool.embedding.numel()
         assert other.draft.model.pool.globals.data_ptr() != other.pool.globals.data_ptr()
+        assert other.draft.model.pool.embedding.data_ptr() != other.pool.embedding.data_ptr()
         own = draft.plan.gpu_bytes - draft.plan.needs.workspace_bytes
-        assert model.plan.needs.draft_bytes == own - draft.plan.needs.global_bytes > 0
+        shared = draft.plan.needs.global_bytes + draft.plan.needs.embedding_bytes
+        assert model.plan.needs.draft_bytes == own - shared > 0 and draft.plan.needs.embedding_bytes > 0
+        assert model.plan.needs.embedding_stays and not other.plan.needs.embedding_stays  # an offloading plan
+        # keeps the target's embedding on the device beside the int4 draft (tests/test_planner.py)
         ids = [[5, 9, 3, 7]]
         assert torch.equal(draft.decoder.weights.lm_head, model.decoder.weights.lm_head)
         assert model.generate(ids, max_new_tokens=12, ignore_eos=True) == other.generate(ids, max_new_tokens=12,
@@ -239,3 +243,4 @@ def test_with_graphs_a_draft_catches_up_in_replayed_steps_and_counts_them(struct
         r.tokens += proposal.tokens[1][:accepted] + extra
     model.close()
     alone.close()
+

@@ -1,5 +1,7 @@
 import warnings
 
+from dataclasses import replace
+
 import pytest
 
 import offload
@@ -181,6 +183,18 @@ def test_a_resident_step_of_many_rows_is_priced_from_the_measured_16_row_product
     faster = make_plan(need, Budget(need.fixed_bytes + 40 * GB, 100 * GB, {}),
                        dict(rates, **{"rows16-int4": 2000 * GB, "rows16-bf16": 8000 * GB}), "cuda:0")
     assert faster.compute_seconds(16) == pytest.approx(one)  # never faster than one row's
+
+
+def test_an_embedding_that_must_stay_stays_on_the_device_when_offloading():
+    """Offloading sends an untied embedding table to host RAM (a step copies its tokens' rows), unless the int4
+    draft reads it on the device too (``embedding_stays``): then it stays, and the layers get less room."""
+    need = needs(embedding_bytes=GB)
+    gpu = need.fixed_bytes + 12 * GB + GB // 2
+    moved = make_plan(need, Budget(gpu, 100 * GB, {}), BW, "cuda:0")
+    stays = make_plan(replace(need, embedding_stays=True), Budget(gpu, 100 * GB, {}), BW, "cuda:0")
+    assert moved.embedding_on_host and not stays.embedding_on_host
+    assert stays.placement.count("resident") < moved.placement.count("resident")
+    assert stays.host_ram_bytes == stays.host_bytes and "embedding table" not in str(stays)
 
 
 def test_no_link_bound_warning_where_the_small_kernels_take_longer_than_the_link():

@@ -57,6 +57,7 @@ class MemoryNeeds:
     dequant_bytes: int = 0  # quantized layers: the rows a linear dequantizes at a time, and their product
     weight_format: str = ""  # quantized layers: the format and bytes per layer, for the plan; "" for the model dtype
     draft_bytes: int = 0  # speculative decoding: a draft model kept on the compute device (weights, KV cache...)
+    embedding_stays: bool = False  # the embedding stays on the compute device (the int4 draft reads it there too)
     decode_kernels: int = 0  # a decode step's kernels over every layer (each takes at least a small kernel's time)
 
     @property
@@ -297,7 +298,7 @@ def make_plan(
         return result
 
     # Offloading: the embedding table goes to host RAM if it fits there (a step needs only a few rows).
-    on_host = 0 < embedding <= budget.cpu_memory
+    on_host = 0 < embedding <= budget.cpu_memory and not needs.embedding_stays
     on_gpu = 0 if on_host else embedding
     gpu -= on_gpu
     host = budget.cpu_memory - (embedding if on_host else 0)

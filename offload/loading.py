@@ -236,7 +236,10 @@ def _weigh_draft(options: LoadOptions, config: ModelConfig, needs: MemoryNeeds, 
 
     k, with_s, without_s = speculation_forecast(beside, alone, draft.plans, options.draft_tokens, padded)
     resident = lambda plans: len(plans[0].blocks_on(RESIDENT))  # noqa: E731
-    line = (f"{label}, resident: {format_size(draft_bytes)} (weights, KV cache, activations); the target keeps "
+    moved = alone[0].embedding_on_host and not beside[0].embedding_on_host  # the target's table, for the draft
+    line = (f"{label}, resident: {format_size(draft_bytes)} (weights, KV cache, activations"
+            + (f"; and the target's embedding table, {format_size(needs.embedding_bytes)}, stays on the device "
+               "for it" if moved else "") + "); the target keeps "
             f"{resident(beside)} of {len(needs.blocks)} layers resident ({resident(alone)} without it); "
             + (f"predicted {_ms(with_s)} per token drafting {k} tokens a pass" if k else
                "no draft length is predicted to pay")

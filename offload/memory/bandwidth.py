@@ -186,8 +186,22 @@ def measure_gemv(device) -> dict[str, float]:
                 weights.append((cols, w))
         for name, tokens in ((f"gemv-{fmt or 'bf16'}", 1), (f"rows16-{fmt or 'bf16'}", 16)):
             products = [(torch.randn(tokens, cols, device=device, dtype=torch.bfloat16), w) for cols, w in weights]
-            rates[name] = nbytes / graph_seconds(device, lambda: [product(x, w) for x, w in products])
+            work = functools.partial(_run_products, product, products)
+            rates[name] = _optional(_rate_probe(name, nbytes, work), device, 0.0)  # a failure loses this rate alone
     return rates
+
+
+def _run_products(product, products: list) -> list:
+    return [product(x, w) for x, w in products]
+
+
+def _rate_probe(name: str, nbytes: int, work):
+    """A probe of ``name``'s rate: ``nbytes`` read by ``work`` replayed from a CUDA graph."""
+    def probe(device) -> float:
+        return nbytes / graph_seconds(device, work)
+
+    probe.__name__ = f"measure_gemv ({name})"
+    return probe
 
 
 def measure_small_kernels(device) -> float:

@@ -157,7 +157,7 @@ class Plan:
         """Seconds per decode step of ``rows`` rows that each link spends copying (the every-pass blocks it
         streams, and the routed experts it is expected to fetch), and the HBM floor under "hbm" (every
         block, the experts a step uses and the LM head, read once, at the measured rates of their formats'
-        products: of one row, and of 16, between which the time grows with the rows)."""
+        products: of one row, or of 16 for more rows; a routed expert's at one row's)."""
         missed = self.experts.missed_bytes(rows) if self.experts else {}
         out = {t: (sum(self.needs.blocks[i] for i in self.blocks_on(t)) + missed.get(t, 0)) / self.bandwidth[t]
                for t in self.streamed_tiers}

@@ -75,7 +75,7 @@ import offload  # noqa: E402
 from offload.distributed import TensorParallel
 from offload.memory.bandwidth import PROBE_BYTES, measure_cpu_copy, measure_device_copy, measure_host, measure_peer
 from offload.memory.bandwidth import peer_is_direct
-from offload.memory.planner import DEFAULT_SLOTS, HOST, RESIDENT
+from offload.memory.planner import HOST, RESIDENT
 from offload.models.checkpoint import CheckpointSource
 from offload.models.config import config_from_dict
 from offload.models.blocks import checkpoint_sources

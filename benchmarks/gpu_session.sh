@@ -162,7 +162,7 @@ run_stage() {
     moe30b_acc) stage moe30b_acc python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b --gpu-memory 8GiB \
       --runs "host direct" --batch 1 --accelerate-tokens 2 --json "$OUT/moe30b_acc.json" ;;
     mixtral24_acc) stage mixtral24_acc python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \
-      --runs "host direct" --batch 1 --accelerate-tokens 2 --json "$OUT/mixtral24_acc.json" ;;
+      --runs host --batch 1 --accelerate-tokens 2 --json "$OUT/mixtral24_acc.json" ;;
     moehost) stage moehost bash -c 'python3 benchmarks/moe_host_time.py --profile
       python3 benchmarks/moe_host_time.py --direct-experts' ;;
     mixtral24) stage mixtral24 python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \

@@ -365,7 +365,7 @@ def test_the_plan_hints_at_direct_reads_where_every_expert_fits_on_one_gpu(check
     says what direct reads give."""
     from types import SimpleNamespace
 
-    from offload.loading import _direct_would_pay, prepare
+    from offload.loading import WORKSPACE_BYTES, _direct_would_pay, prepare
 
     _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
     kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=2)
@@ -382,8 +382,9 @@ def test_the_plan_hints_at_direct_reads_where_every_expert_fits_on_one_gpu(check
     assert not would(device=torch.device("cpu")) and not would(tp=SimpleNamespace(size=2))
     assert not would(max_batch=65)  # a decode step of more than 64 tokens copies its experts
     assert not would(compile=True) and not would(prefetch_experts=True)
-    needs = setup.plan.needs
-    streams = prepare(directory, offload.LoadOptions(**kw, cpu_memory="1GiB", gpu_memory=needs.fixed_bytes
+    needs = setup.plan.needs  # the CPU's: a GPU's plan also reserves a workspace
+    workspace = WORKSPACE_BYTES if torch.cuda.is_available() else 0
+    streams = prepare(directory, offload.LoadOptions(**kw, cpu_memory="1GiB", gpu_memory=needs.fixed_bytes + workspace
                                                      + sum(needs.blocks) + 8 * needs.experts.nbytes))
     assert "host" in streams.plan.experts.placement and not would(setup=streams)
     dense = prepare(shape_config("tiny"), offload.LoadOptions(dtype=torch.float32, max_seq_len=64))

@@ -17,9 +17,8 @@ each time with the same budget on the compute GPU:
                  the same weights as ordinary pageable CPU tensors, the same budget
 
 On a GPU each of our runs is made twice: with decode steps replayed as CUDA graphs
-(the default) and eager ("... eager", every kernel launched from Python); a mixture of
-experts whose experts stream runs eagerly by default, so beside it "... pieces" captures
-each layer up to its routing.
+(the default; a mixture of experts whose experts are copied replays graph pieces, each
+layer up to its routing) and eager ("... eager", every kernel launched from Python).
 
 Limits, every figure measured in this run on this machine:
 
@@ -326,10 +325,6 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
         runs.append(("host+peer", dict(host, peer_memory={peer: half})))
     if bench.device.type == "cuda":  # each beside its eager twin: decode steps launched one kernel at a time
         runs = [r for name, budget in runs for r in [(name, budget), (f"{name} eager", {**budget, "cuda_graphs": False})]]
-        if getattr(bench.config, "n_experts", 0):  # streamed experts run eagerly by default: graph pieces beside
-            runs = [r for name, budget in runs for r in [(name, budget)] + (
-                [(f"{name} pieces", {**budget, "cuda_graphs": True})]
-                if "cuda_graphs" not in budget and "direct_experts" not in budget else [])]
     for fmt, gpu_memory in bench.quantized:  # compressed layers: fewer bytes per streamed layer, more resident
         runs.append((f"host {fmt}", dict(gpu_memory=gpu_memory or bench.gpu_memory, cpu_memory=everything,
                                           quantize=fmt)))
@@ -352,13 +347,6 @@ def why_not(bench: Bench, name: str, budget: dict) -> str | None:
         return str(e)
     if name.startswith("resident") and plan.blocks_on(RESIDENT) != list(range(bench.config.n_layers)):
         return f"the model does not fit in the free memory of {bench.device}"
-    if "cuda_graphs" in budget:
-        twin = offload.plan_model(bench.model, **bench.load_args(max(bench.batches)),
-                                  **{k: v for k, v in budget.items() if k != "cuda_graphs"})
-        if budget["cuda_graphs"] is False and not twin.needs.graph_bytes:
-            return "its twin runs eagerly already (a mixture of experts whose experts stream)"
-        if budget["cuda_graphs"] is True and twin.needs.graph_bytes:
-            return "its twin runs in graphs already (every expert fits)"
     return None
 
 
@@ -794,7 +782,7 @@ def main(argv=None) -> int:
         runs_wanted = our_runs(bench)
         if args.runs:
             wanted = {name.strip() for name in args.runs.split(",")}
-            runs_wanted = [(n, b) for n, b in runs_wanted if n.removesuffix(" eager").removesuffix(" pieces") in wanted]
+            runs_wanted = [(n, b) for n, b in runs_wanted if n.removesuffix(" eager") in wanted]
     except offload.OffloadError as e:
         print(f"bench_offload: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@
 #                  (graph pieces) against read directly (one graph a step), against the HBM floor
 #   int4_405b      the moonshot: llama-3.1-405b in int4, 130 GiB of HBM and the rest (84 GiB) pinned on the host
 #   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16:
-#                  copied (eager steps) against read directly from pinned memory by the kernels (whole graphs)
+#                  copied (graph pieces) against read directly from pinned memory by the kernels (whole graphs)
 #   moe30b_resident  the same with every expert resident (61 GB: an H200): graph pieces (the host reads each
 #                  layer's routing) against direct reads (one graph a step)
 #   moe30b_acc, mixtral24_acc   the same budgets against accelerate (transformers 5's stacked experts, pageable
@@ -37,7 +37,7 @@
 #   moehost        the host's time in a decode step of qwen3-30b-a3b's routing with every width shrunk (launches
 #                  and Python, not bytes): what a streamed mixture of experts waits for at each layer
 #   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host: copied into the
-#                  device cache (eager steps) against read directly by the kernels (whole graphs)
+#                  device cache (graph pieces) against read directly by the kernels (whole graphs)
 #   spec13b        llama-2-13b at 8 GiB: what a verify pass of 1..32 tokens per row costs (speculation's budget),
 #                  in CUDA graphs and eagerly
 #   load70b        llama-2-70b saved in int4 (random weights, written first): its load against reading its files,

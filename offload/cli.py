@@ -382,7 +382,7 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
         device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
         peer_memory=dict(_peer(text) for text in args.peer_memory or []),
         max_batch=max_batch if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
-        max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=False if args.no_cuda_graphs else None,
+        max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=not args.no_cuda_graphs,
         compile=args.compile, quantize=args.quantize, group_size=args.group_size, rounding=args.rounding,
         draft=args.draft, draft_tokens=args.draft_tokens, draft_branches=args.draft_branches,
         prefetch_experts=args.prefetch_experts, direct_experts=args.direct_experts,

@@ -104,9 +104,6 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
     options = options.replace(max_step_tokens=options.max_step_tokens or _chunk_size(family, config, tp, dtype,
                                                                                     options, blocks))
     needs = memory_needs(family, config, tp, dtype, device, options, blocks, globals_, embedding)
-    if not graphs_pay(options, needs, budget.gpu_memory):
-        options = options.replace(cuda_graphs=False)
-        needs = memory_needs(family, config, tp, dtype, device, options, blocks, globals_, embedding)
 
     def place(needs: MemoryNeeds) -> list:
         """Every rank's plan (or the PlanError of a rank whose budget does not fit: every rank learns of it,
@@ -375,7 +372,7 @@ def direct_steps(options: LoadOptions, device: torch.device) -> bool:
 
 def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
     """Decode steps (and verify passes) are captured in CUDA graphs on a GPU unless turned off."""
-    return options.cuda_graphs is not False and device.type == "cuda"
+    return options.cuda_graphs and device.type == "cuda"
 
 
 def _direct_would_pay(options: LoadOptions, plan: Plan, device: torch.device, tp: TensorParallel,
@@ -396,19 +393,6 @@ def _direct_would_pay(options: LoadOptions, plan: Plan, device: torch.device, tp
     except ConfigError:
         return False
     return True
-
-
-def graphs_pay(options: LoadOptions, needs: MemoryNeeds, gpu_memory: int) -> bool:
-    """Whether a plan that captures graphs (``needs.graph_bytes``) keeps them: not, unless asked for
-    (``cuda_graphs=True``), for a mixture of experts whose experts stream. There graph pieces measured slower
-    than eager steps (qwen3-30b-a3b at 8 GiB on an H200, 2026-12-05: 193 against 170 ms a step) before the fused
-    kernels, and since then as fast or faster: 70.3 against 71.8 on the H200, 92.7 against 142.5 on an H100
-    (mixtral-8x7b at 24 GiB there: 352 against 352). With every expert resident, faster (28.7 against 44.2).
-    Pieces become the default where experts stream once a GPU test has held their pool inside such a budget
-    (``test_experts_streamed_on_cuda_equal_resident_bitwise_within_budget[True]``). Read directly (every step:
-    ``direct_steps``), a step has no pieces."""
-    streams_experts = needs.experts is not None and not needs.fits_whole(gpu_memory) and not needs.experts.direct
-    return not (needs.graph_bytes and streams_experts and options.cuda_graphs is None)
 
 
 def quantized_shapes(blocks: list[BlockSpec]) -> dict:

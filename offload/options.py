@@ -88,10 +88,9 @@ class LoadOptions:
         slots: block-sized buffers per streaming link that its layers are copied into (default 2).
         link_bandwidth: bytes/s per link (``{"host": 55e9, "hbm": 4e12, "cuda:1": 390e9}``, and
             ``"matmul"`` FLOP/s) instead of measuring them.
-        cuda_graphs: capture decode steps in CUDA graphs and replay them (on a GPU). None (the default):
-            on, except for a mixture of experts whose experts stream, whose steps run eagerly (graph
-            pieces measured slower there, docs/benchmarks.md); True: always (such a model's layers
-            captured as pieces up to each routing); False: never.
+        cuda_graphs: capture decode steps in CUDA graphs and replay them (on a GPU; default True). A
+            mixture of experts whose experts are copied captures each layer up to its routing as a
+            piece, and the host's part runs between the pieces.
         compile: compile the decode layer with ``torch.compile`` before capturing it (with
             ``cuda_graphs``; default off). With offload's kernels in every 16-bit step it gains
             nothing measurable (docs/benchmarks.md), and inductor tunes kernels by timing them, so two separately compiled models (a resident
@@ -146,7 +145,7 @@ class LoadOptions:
     tp: int = 1
     slots: int | None = None
     link_bandwidth: Mapping[str, float] | None = None
-    cuda_graphs: bool | None = None
+    cuda_graphs: bool = True
     compile: bool = False
     prefetch_experts: bool = False
     direct_experts: bool = False
@@ -162,7 +161,7 @@ class LoadOptions:
         _check_draft(self.draft, self.draft_tokens)
         _check_branches(self.draft, self.draft_branches)
         for name in ("cuda_graphs", "compile", "all_logits", "prefetch_experts", "direct_experts"):
-            if not isinstance(getattr(self, name), bool) and not (name == "cuda_graphs" and self.cuda_graphs is None):
+            if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.prefetch_experts and self.direct_experts:
             raise InputError("prefetch_experts and direct_experts do not go together (a prefetch fills the cache, "

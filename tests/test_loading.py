@@ -62,24 +62,10 @@ def test_a_model_loaded_for_generation_refuses_to_return_every_positions_logits(
     model.close()
 
 
-def test_graphs_are_kept_unless_a_mixture_of_experts_streams_its_experts_and_none_were_asked_for():
-    """The default (None) drops a plan's graphs where routed experts stream (graph pieces measured slower
-    there); cuda_graphs=True keeps them; a dense model or one whose experts all fit keeps them."""
-    from offload.loading import graphs_pay
-    from offload.memory.experts import ExpertNeeds
-    from offload.memory.planner import MemoryNeeds
+def test_cuda_graphs_is_true_or_false():
     from offload.options import LoadOptions
 
-    experts = ExpertNeeds(nbytes=10, per_layer=(8, 8), top_k=2)
-    needs = MemoryNeeds(blocks=(100, 100), global_bytes=0, kv_bytes=0, activation_bytes=0, workspace_bytes=0,
-                        graph_bytes=5, experts=experts)
-    whole = needs.fixed_bytes + 200 + 160
-    assert graphs_pay(LoadOptions(), needs, whole)  # every expert fits: graphs
-    assert not graphs_pay(LoadOptions(), needs, whole - 1)  # experts stream: eager
-    assert graphs_pay(LoadOptions(cuda_graphs=True), needs, whole - 1)  # asked for: graph pieces
-    dense = MemoryNeeds(blocks=(100, 100), global_bytes=0, kv_bytes=0, activation_bytes=0, workspace_bytes=0,
-                        graph_bytes=5)
-    assert graphs_pay(LoadOptions(), dense, 150)
+    assert LoadOptions().cuda_graphs is True
     with pytest.raises(offload.InputError, match="cuda_graphs"):
         LoadOptions(cuda_graphs="yes")
 

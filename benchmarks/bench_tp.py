@@ -40,7 +40,7 @@ def worker(args) -> None:
     model = offload.load_model(shape_config(args.shape), random_weights=0, tp=int(os.environ["WORLD_SIZE"]),
                                dtype=args.dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
                                peer_memory=args.peer_memory, max_seq_len=args.prompt_len + args.tokens,
-                               cuda_graphs=False if args.eager else None, progress=False)
+                               cuda_graphs=not args.eager, progress=False)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     model.generate(ids, max_new_tokens=4, ignore_eos=True)  # warm-up
     result = model.generate(ids, max_new_tokens=args.tokens, ignore_eos=True, return_result=True)

@@ -79,7 +79,7 @@ def main() -> int:
         warnings.simplefilter("ignore")
         model = offload.load_model(shape, random_weights=0, progress=False, gpu_memory=args.gpu_memory,
                                    max_batch=args.batch, max_seq_len=max(lengths) + args.new_tokens + 1,
-                                   compile=args.compile, cuda_graphs=False if args.no_cuda_graphs else None, quantize=args.quantize)
+                                   compile=args.compile, cuda_graphs=not args.no_cuda_graphs, quantize=args.quantize)
     hbm = measure_device_copy(model.device, PROBE_BYTES)
     floor_ms = 1e3 * model.plan.needs.weight_bytes / hbm
     print(f"{args.shape} {args.quantize or 'bf16'} batch {args.batch}: {model.plan.layer_map()}, "
@@ -91,7 +91,7 @@ def main() -> int:
         for _ in range(3):  # the first captures (and compiles) this bucket
             result = model.generate(ids, max_new_tokens=args.new_tokens, ignore_eos=True, return_result=True)
         gpu = gpu_ms_per_pass(model, length + args.new_tokens // 2, args.batch)
-        predicted = 1e3 * model.plan.predicted_step_seconds
+        predicted = 1e3 * model.plan.step_seconds(args.batch)
         print(f"prompt {length}: generate {result.ms_per_step:.2f} ms/step, gpu {gpu:.2f} ms/pass, "
               f"floor {floor_ms:.2f} ms; generate/floor {result.ms_per_step / floor_ms:.2f}, "
               f"gpu/floor {gpu / floor_ms:.2f}; plan predicted {predicted:.2f} ms (gpu/predicted "

@@ -179,6 +179,7 @@ def test_a_resident_step_of_many_rows_is_priced_from_the_measured_16_row_product
     assert resident.compute_seconds(1) == pytest.approx(one)
     assert resident.compute_seconds(16) == pytest.approx(2 * one) == resident.compute_seconds(64)
     assert resident.compute_seconds(2) == pytest.approx(2 * one) == resident.compute_seconds(6)
+    assert resident.step_seconds(16) == pytest.approx(2 * one) and resident.predicted_step_seconds == pytest.approx(one)
     unmeasured = make_plan(need, Budget(need.fixed_bytes + 40 * GB, 100 * GB, {}),
                            {k: v for k, v in rates.items() if not k.startswith("rows16")}, "cuda:0")
     assert unmeasured.compute_seconds(16) == pytest.approx(one)

@@ -188,11 +188,15 @@ class Plan:
         kernels = self.bandwidth.get("kernels") or math.inf
         return self.link_seconds(rows)["hbm"] + self.needs.decode_kernels / kernels
 
+    def step_seconds(self, rows: int = 1) -> float:
+        """A decode step of ``rows`` rows: the slowest link, or the compute device's time."""
+        links = self.link_seconds(rows)
+        return max([s for t, s in links.items() if t != "hbm"] + [self.compute_seconds(rows)])
+
     @property
     def predicted_step_seconds(self) -> float:
-        """A decode step that computes little: the slowest link, or the compute device's time."""
-        links = self.link_seconds()
-        return max([s for t, s in links.items() if t != "hbm"] + [self.compute_seconds()])
+        """A decode step of one row (the plan's printed prediction)."""
+        return self.step_seconds(1)
 
     def pass_seconds(self, tokens: int, keys: int = 0) -> float:
         """A pass that runs ``tokens`` tokens through every layer, attending to ``keys`` cached keys in all:

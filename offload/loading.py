@@ -39,7 +39,7 @@ from .models.registry import family_of
 from .models.quant import FORMATS, STORED, WeightFormat, choose_kernel, describe, quantize_into, scratch_bytes
 from .options import LoadOptions, parse_device, parse_dtype
 from .quantized import stored_quantization
-from .scheduler.experts import check_direct
+from .scheduler.experts import check_direct, kernels_compute_copies
 from .scheduler.graphs import graph_objects_bytes
 from .speculative import ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, speculation_forecast
 from .synthetic import RandomSource
@@ -312,7 +312,7 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
         step_tokens=step_tokens,
         graph_bytes=graphs,
         flops_per_token=family.flops_per_token(config, tp),
-        decode_kernels=family.decode_kernels(config, direct_steps(options, device)),
+        decode_kernels=family.decode_kernels(config, kernels_compute_copies(device) or direct_steps(options, device)),
         flops_per_key=family.flops_per_key(config, tp),
         dequant_bytes=scratch_bytes(quantized, dtype, step_tokens),
         weight_format=_format_line(family, config, tp, dtype, options, blocks),

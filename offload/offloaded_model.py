@@ -125,7 +125,7 @@ class OffloadedModel:
         if s.plan.experts is not None:  # copies of their own per link: an expert never waits for the ring's
             self.experts = ExpertStore(s.blocks[layers:], pool.blocks[layers:], s.plan.experts.placement,
                                        pool.expert_slots, {tier: link(tier) for tier in s.plan.streamed_tiers},
-                                       direct_dtype=s.dtype if s.options.direct_experts else None)
+                                       s.dtype, s.options.direct_experts)
             if s.options.prefetch_experts:
                 self.experts.ahead = routers_ahead(s.plan.experts.needs.per_layer, self.weights.resident)
         views = s.globals_layout.views(pool.globals)

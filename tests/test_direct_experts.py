@@ -399,3 +399,87 @@ def test_expert_flags_on_a_model_without_experts_say_they_do_nothing():
         name = "--" + flag.replace("_", "-")
         assert any(f"{name} does nothing here: LlamaForCausalLM has no routed experts" in w for w in plan.warnings)
     assert not any("does nothing" in w for w in offload.plan_model(shape_config("tiny"), max_seq_len=64).warnings)
+
+
+# ---------------------------------------------------------------- copies computed by the kernels (on a GPU)
+
+@pytest.fixture
+def kernel_copies(monkeypatch):
+    """Experts copied into the cache computed by the kernels, as on a GPU (here under Triton's interpreter)."""
+    from offload.scheduler import experts as store
+
+    monkeypatch.setattr(store, "kernels_compute_copies", lambda device: True)
+
+
+def test_copies_through_the_kernels_equal_resident_and_direct_reads_bitwise(checkpoint_factory, kernel_copies,
+                                                                            monkeypatch):
+    """On a GPU the copying way computes its experts by the direct reads' kernels once they are on the device:
+    streamed == resident == direct reads, bit for bit, for prompts (in waves where the cache cannot hold a
+    pass's experts at once), decode steps and verify passes, eagerly and in graph pieces; transformers' logits."""
+    hf, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    ids = _ids(n=PROMPT + 6, seed=3)
+    waves, routed_experts = [], expert_kernels.routed_experts
+
+    def noting(x, ids, *args):
+        waves.append(args[-1] is not None)  # a grid given: a later wave of a layer's experts
+        return routed_experts(x, ids, *args)
+
+    monkeypatch.setattr(expert_kernels, "routed_experts", noting)
+    kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=2, progress=False)
+    with offload.load_model(directory, **kw) as resident:
+        assert not resident.experts.table.direct and resident.decoder.kernels(ids.numel())
+        assert not resident.decoder.direct(ids.numel())
+        with torch.no_grad():
+            assert (resident(ids) - hf(ids).logits).abs().max() <= ATOL
+        want = _steps(resident, ids)
+        needs = resident.plan.needs
+    with offload.load_model(directory, direct_experts=True, **kw) as direct:
+        assert all(torch.equal(a, b) for a, b in zip(_steps(direct, ids), want))
+    with _streamed(directory, needs, resident_experts=1) as streamed:
+        waves.clear()
+        assert all(torch.equal(a, b) for a, b in zip(_steps(streamed, ids), want))
+        assert any(waves) and streamed.experts.copy_misses > 0
+        with_graphs(streamed)
+        assert all(torch.equal(a, b) for a, b in zip(_steps(streamed, ids), want))
+        assert "copied in" in streamed.experts.summary() and "read over a link" not in streamed.experts.summary()
+
+
+def test_copies_through_the_kernels_copy_each_routed_expert_not_on_the_device_once(checkpoint_factory,
+                                                                                   kernel_copies):
+    _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    needs = offload.plan_model(directory, dtype=torch.float32, max_seq_len=64, max_batch=2).needs
+    with _streamed(directory, needs, resident_experts=1) as model:
+        store, copied, expected = model.experts, [], []
+        for copies in store.copies.values():
+            def recording(dst, src, after, done, copy=copies.copy):
+                copied.append(next(key for key, (buffer, _, _) in store.source.items()
+                                   if buffer.data_ptr() == src.data_ptr()))
+                copy(dst, src, after, done)
+            copies.copy = recording
+        place = store.place
+
+        def noting(layer, needed):
+            on_device = set(store.resident) | set(store.cached)
+            expected.extend((layer, e) for e in needed if (layer, e) not in on_device)
+            return place(layer, needed)
+
+        store.place = noting
+        model.extend([[5, 6, 7, 8]], [0])
+        for step in range(3):
+            copied.clear(), expected.clear()
+            model.extend([[9 + step]], [4 + step])  # one decode step
+            assert copied == expected and len(set(copied)) == len(copied) and copied
+
+
+@pytest.mark.slow
+def test_prefetched_experts_through_the_kernels_change_nothing(checkpoint_factory, kernel_copies):
+    _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    from test_moe import _every_layer_resident
+
+    ids, runs = _ids(n=PROMPT), {}
+    for prefetch in (False, True):
+        with _every_layer_resident(directory, prefetch_experts=prefetch) as model:
+            assert model.experts.table is not None
+            result = model.generate(ids, max_new_tokens=NEW, ignore_eos=True, return_result=True)
+            runs[prefetch] = result.tokens, model(ids), model.experts.prefetch_used
+    assert runs[True][0] == runs[False][0] and torch.equal(runs[True][1], runs[False][1]) and runs[True][2] > 0

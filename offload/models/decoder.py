@@ -140,9 +140,9 @@ class Decoder:
         return 0
 
     @classmethod
-    def decode_kernels(cls, config: ModelConfig, direct_experts: bool = False) -> int:
+    def decode_kernels(cls, config: ModelConfig, expert_kernels: bool = False) -> int:
         """The kernels of a decode step's layers (what it launches besides the embedding and the head; with
-        ``direct_experts``, where a mixture of experts' kernels read its experts)."""
+        ``expert_kernels``, where a mixture of experts' routed experts run the kernels of ``expert_kernels``)."""
         return config.n_layers * cls.decode_kernels_per_layer
 
     @classmethod
@@ -283,8 +283,9 @@ class Decoder:
         """A routed layer up to where the host must decide (``offload.models.moe.Routed``)."""
         raise NotImplementedError
 
-    def routed_mlp(self, i: int, routed: list, w) -> list[torch.Tensor]:
-        """The rest of routed layer ``i`` for each chunk's ``routed`` state: its hidden states after the layer."""
+    def routed_mlp(self, i: int, routed: list, w, tokens: int) -> list[torch.Tensor]:
+        """The rest of routed layer ``i`` for each chunk's ``routed`` state (``tokens`` in all): its hidden states
+        after the layer."""
         raise NotImplementedError
 
     def routing_buffers(self, h: torch.Tensor):

@@ -98,9 +98,18 @@ def peek(address: int, nbytes: int, device: torch.device) -> torch.Tensor:
     return out
 
 
+def grid_places(ids: torch.Tensor) -> torch.Tensor:
+    """Each route's row of the grid for the routing ``ids [tokens, top_k]``: ``token * top_k`` plus the rank of
+    its expert among the token's (ascending; a -1 first)."""
+    tokens, k = ids.shape
+    rank = (ids[:, None, :] < ids[:, :, None]).sum(-1)
+    return (torch.arange(tokens, device=ids.device)[:, None] * k + rank).reshape(-1)
+
+
 def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, addresses: torch.Tensor,
                    gate_up: Projection, down: Projection, features: int, counts: torch.Tensor,
-                   on_host: torch.Tensor) -> torch.Tensor:
+                   on_host: torch.Tensor, places: torch.Tensor | None = None,
+                   grid: torch.Tensor | None = None) -> torch.Tensor:
     """The ``[tokens * top_k, d]`` grid of a routed layer's weighted expert outputs for ``x [tokens, d]`` routed to
     ``ids [tokens, top_k]`` (-1: no expert) with ``weights``: row ``token * top_k + rank`` holds the token's
     expert of that rank among its experts (ascending), zero for a -1.
@@ -108,16 +117,19 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ad
     ``addresses [experts]``: each expert block's address; ``gate_up`` (``[2 features, d]``) and ``down``
     (``[d, features]``): where in a block its projections lie; ``counts [2]`` gains the distinct experts read
     from the device and from elsewhere (``on_host [experts]``). A token routes to an expert once at most, so
-    an expert's rows fit one tile of ``tokens`` rows: each expert's weights are read once."""
+    an expert's rows fit one tile of ``tokens`` rows: each expert's weights are read once.
+
+    A layer's experts in waves (more than the device holds at once): each call's ``ids`` keep the wave's experts
+    (the others -1), its ``places`` are those of the whole routing (``grid_places``) and its ``grid`` the first
+    call's. An expert's routes are the same in every call, so the grid is the one call's, bit for bit."""
     tokens, k = ids.shape
     d, routes = x.shape[1], tokens * k
     flat = ids.reshape(-1)
     sorted_ids, order = torch.sort(flat, stable=True)
     ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # each route's expert's last route, + 1
-    rank = (ids[:, None, :] < ids[:, :, None]).sum(-1)  # the expert's place among its token's
-    places = (torch.arange(tokens, device=x.device)[:, None] * k + rank).reshape(-1)
+    places = grid_places(ids) if places is None else places
     h = x.new_empty(routes, features)
-    grid = x.new_zeros(routes, d)
+    grid = x.new_zeros(routes, d) if grid is None else grid
     common = dict(BLOCK_M=max(16, triton.next_power_of_2(tokens)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                   FORMAT=gate_up.format, PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=4)
     _gate_up_kernel[(routes, triton.cdiv(features, BLOCK_N))](

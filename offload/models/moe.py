@@ -196,12 +196,13 @@ class MoEDecoder(Llama):
         return attention + 2 * 3 * d * mlp // tp.size
 
     @classmethod
-    def decode_kernels(cls, config: MoEConfig, direct_experts: bool = False) -> int:
+    def decode_kernels(cls, config: MoEConfig, expert_kernels: bool = False) -> int:
         """A routed layer launches its attention's 6 kernels, the router's 5, each of its ``top_k`` experts' 3 and
-        the grid's 8; read directly, 14 whatever ``top_k`` (the sort, the ranks and places, the grid, the two
-        expert kernels, its sum and the residual); a dense one as Llama's."""
+        the grid's 8; by the expert kernels (read directly, or copies on a GPU), 14 whatever ``top_k`` (the sort,
+        the ranks and places, the grid, the two expert kernels, its sum and the residual); a dense one as
+        Llama's."""
         routed = sum(config.sparse_layers)
-        experts = 14 if direct_experts else 3 * config.top_k + 8
+        experts = 14 if expert_kernels else 3 * config.top_k + 8
         return routed * (6 + 5 + experts) + (config.n_layers - routed) * cls.decode_kernels_per_layer
 
     @classmethod
@@ -225,17 +226,24 @@ class MoEDecoder(Llama):
                          logit_positions) -> int:
         """The dense layers' temporaries, or a chunk's routed rows (``top_k`` per token): gathered, each expert's
         output (and its float32 projection) kept until all are weighted (in float32 for float32 routing), placed
-        in the grid and summed."""
+        in the grid and summed; by the expert kernels (passes of up to ``DIRECT_TOKENS``), each route's
+        features."""
         dense = super().activation_bytes(config, tp, dtype, max_batch, max_seq_len, max_step_tokens, logit_positions)
-        t, d, e = max_step_tokens, config.hidden_size, dtype.itemsize
-        routed = t * config.top_k * d * (4 * e + 2 * 4) + t * (3 * config.expert_intermediate // tp.size) * e
+        t, d, e, features = max_step_tokens, config.hidden_size, dtype.itemsize, config.expert_intermediate // tp.size
+        routed = t * config.top_k * d * (4 * e + 2 * 4) + t * 3 * features * e
+        routed += min(t, DIRECT_TOKENS) * config.top_k * features * e
         return dense + routed + t * config.n_experts * 4 * 3  # the router's float32 probabilities, a prefetch's guess
 
     # ------------------------------------------------------------------ computing
 
-    def direct(self, tokens: int) -> bool:
-        """Whether a pass of ``tokens`` tokens reads its routed experts directly (``expert_kernels``)."""
+    def kernels(self, tokens: int) -> bool:
+        """Whether a pass of ``tokens`` tokens computes its routed experts by the kernels of ``expert_kernels``
+        (direct reads, or on a GPU experts copied into the cache): else an expert at a time."""
         return self.experts is not None and self.experts.table is not None and tokens <= DIRECT_TOKENS
+
+    def direct(self, tokens: int) -> bool:
+        """Whether a pass of ``tokens`` tokens reads its routed experts where they live (no host decision)."""
+        return self.kernels(tokens) and self.experts.table.direct
 
     def routed(self, i: int, tokens: int | None = None) -> bool:
         return self.config.sparse_layers[i] and (tokens is None or not self.direct(tokens))
@@ -251,7 +259,7 @@ class MoEDecoder(Llama):
                 hs = [layer(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)]
                 continue
             routed = [self.attend_and_route(h, w, chunk, kv, i) for h, chunk in zip(hs, chunks)]
-            hs = self.direct_mlp(i, routed, w) if self.direct(tokens) else self.routed_mlp(i, routed, w)
+            hs = self.direct_mlp(i, routed, w) if self.direct(tokens) else self.routed_mlp(i, routed, w, tokens)
         return hs
 
     def attend(self, x: torch.Tensor, w: MoELayerWeights, chunk, kv, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,14 +306,18 @@ class MoEDecoder(Llama):
             weights = weights / weights.sum(-1, keepdim=True)
         return ids, weights if self.float32_routing else weights.to(h.dtype)
 
-    def routed_mlp(self, i: int, routed: list[Routed], w: MoELayerWeights) -> list[torch.Tensor]:
-        """Each chunk's residual stream after sparse layer ``i``: its routed experts' outputs summed in expert order
-        (the experts of every chunk fetched once; the host reads the routing here), plus the shared expert's.
+    def routed_mlp(self, i: int, routed: list[Routed], w: MoELayerWeights, tokens: int) -> list[torch.Tensor]:
+        """Each chunk's residual stream after sparse layer ``i`` (of ``tokens`` tokens in all): its routed experts'
+        outputs summed in expert order (the experts of every chunk fetched once; the host reads the routing
+        here), plus the shared expert's. On a GPU, in passes of up to ``DIRECT_TOKENS`` tokens, the kernels of
+        ``expert_kernels`` compute them once they are on the device (``placed_mlp``); else an expert at a time.
 
         Few operations a layer, whatever its experts (each launch costs the host time a decode step of a
         streamed mixture of experts waits for): a chunk's routed rows are gathered once, sorted by expert,
         each expert runs on its slice, and the weighted outputs are placed in a ``[tokens, top_k]`` grid,
         each token's experts in ascending order, and summed over it (accumulated in float32, rounded once)."""
+        if self.kernels(tokens):
+            return self.placed_mlp(i, routed, w)
         routes = self._routes([r.ids for r in routed])  # the host reads the routing here
         # ... and the guesses with it: read after this layer's experts are queued, it would wait for their copies
         guessed = ({e for r in routed for e in r.ahead.flatten().tolist() if e >= 0} if i in self.experts.ahead
@@ -332,11 +344,36 @@ class MoEDecoder(Llama):
     def direct_mlp(self, i: int, routed: list[Routed], w: MoELayerWeights) -> list[torch.Tensor]:
         """Each chunk's residual stream after sparse layer ``i``, the routed experts of every chunk read where they
         live, each once, by the kernels of ``expert_kernels`` (no host decision: a CUDA graph captures it)."""
-        table = self.experts.table
-        cat = (lambda ts: torch.cat(ts)) if len(routed) > 1 else (lambda ts: ts[0])  # noqa: E731
-        grid = expert_kernels.routed_experts(
-            cat([r.normed for r in routed]), cat([r.ids for r in routed]), cat([r.weights for r in routed]),
-            table.addresses[i], table.gate_up, table.down, table.features, table.counts, table.on_host[i])
+        table, ids, x, weights = self.experts.table, *_joined(routed)
+        grid = expert_kernels.routed_experts(x, ids, weights, table.addresses[i], table.gate_up, table.down,
+                                             table.features, table.counts, table.on_host[i])
+        return self._combined(routed, grid, w)
+
+    def placed_mlp(self, i: int, routed: list[Routed], w: MoELayerWeights) -> list[torch.Tensor]:
+        """``routed_mlp`` by the kernels: the host reads which experts the chunks route to, the store copies the
+        missing ones into cache slots and points the layer's addresses there, and the kernels compute every
+        chunk's experts in one call, as direct reads do (a few launches whatever the experts, and the same bits
+        wherever an expert lives). Where the cache cannot hold them at once, in waves of what it holds."""
+        table, ids, x, weights = self.experts.table, *_joined(routed)
+        pending = sorted(set(ids.flatten().tolist()) - {-1})  # the host reads the routing here
+        guessed = ({e for r in routed for e in r.ahead.flatten().tolist() if e >= 0} if i in self.experts.ahead
+                   else set())
+        grid, places = None, None
+        while pending:
+            addresses, placed, pending = self.experts.place(i, pending)
+            wave = ids
+            if pending or grid is not None:  # a wave: its experts' routes alone, into the whole routing's grid
+                places = expert_kernels.grid_places(ids) if places is None else places
+                wave = ids.where(torch.isin(ids, to_device(placed, torch.long, ids.device)), -1)
+            grid = expert_kernels.routed_experts(x, wave, weights, addresses, table.gate_up, table.down,
+                                                 table.features, table.counts, table.on_host[i], places, grid)
+            self.experts.release()
+        if guessed:  # the next routed layer's likely experts, copied behind this layer's
+            self.experts.prefetch(self.experts.ahead[i][0], sorted(guessed))
+        return self._combined(routed, x.new_zeros(ids.numel(), x.shape[1]) if grid is None else grid, w)
+
+    def _combined(self, routed: list[Routed], grid: torch.Tensor, w: MoELayerWeights) -> list[torch.Tensor]:
+        """Each chunk's residual stream from its rows of the joined chunks' grid."""
         outs, at = [], 0
         for r in routed:
             outs.append(self.combine(r, grid[at: at + r.ids.numel()], w))
@@ -379,6 +416,14 @@ class MoEDecoder(Llama):
                                  index[at + 2 * n: at + 3 * n]))
             at += 3 * n
         return routes
+
+
+def _joined(routed: list[Routed]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunks' routing, normed states and routing weights, one after another (for one kernel call)."""
+    if len(routed) == 1:
+        return routed[0].ids, routed[0].normed, routed[0].weights
+    return (torch.cat([r.ids for r in routed]), torch.cat([r.normed for r in routed]),
+            torch.cat([r.weights for r in routed]))
 
 
 @dataclass(slots=True)

@@ -60,18 +60,31 @@ def _projections(layout, block: torch.Tensor, dtype: torch.dtype) -> tuple[Proje
     return found[0], found[1], (gate_up.rows if isinstance(gate_up, QuantizedWeight) else gate_up.shape[0]) // 2
 
 
+def kernels_compute_copies(device: torch.device) -> bool:
+    """Whether experts copied into the cache are computed by the kernels of ``expert_kernels`` (as direct reads
+    are): on a GPU. On a CPU an expert at a time, by torch's operations (Triton's interpreter would be slow)."""
+    return device.type == "cuda" and triton is not None
+
+
 class ExpertTable:
-    """Direct reads (``LoadOptions.direct_experts``): every routed expert's block address as the kernels of
-    ``offload/models/expert_kernels.py`` read it (in HBM, or in pinned host memory over the link), whether
-    it lives off the device, and the device's count of the experts read from each (``counts``: device, other)."""
+    """Every routed expert's block address as the kernels of ``offload/models/expert_kernels.py`` read it, whether
+    it lives off the device, and the device's count of the experts read from each (``counts``: device, other).
+
+    Direct reads (``LoadOptions.direct_experts``): every address is fixed, in HBM or in pinned host memory
+    over the link. With ``slots`` (the copying cache), only resident experts' addresses are fixed: the host
+    copies the others into cache slots and points their entries there before each layer's kernels (``point``),
+    so the kernels read every expert on the device."""
 
     def __init__(self, specs: list[BlockSpec], buffers: list[torch.Tensor], tiers: list[str], device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, slots: torch.Tensor | None = None):
         check_direct(specs, device, dtype)
+        self.direct = slots is None
         layers, experts = 1 + max(s.layer for s in specs), 1 + max(s.expert for s in specs)
         addresses, on_host = [[0] * experts for _ in range(layers)], [[0] * experts for _ in range(layers)]
         bases: dict[int, int] = {}  # storage -> its address for the kernels (one lookup per tier's buffer)
         for spec, buffer, tier in zip(specs, buffers, tiers):
+            if not self.direct and tier != RESIDENT:
+                continue  # copied into a slot when routed
             if tier not in (RESIDENT, HOST):
                 raise ConfigError(f"direct expert reads need every expert on the compute device or in host memory; "
                                   f"the plan put {spec.name} on {tier} (leave out --peer-memory or --direct-experts)")
@@ -81,12 +94,25 @@ class ExpertTable:
             addresses[spec.layer][spec.expert] = bases[storage] + buffer.data_ptr() - storage
             on_host[spec.layer][spec.expert] = int(tier != RESIDENT)
         self.gate_up, self.down, self.features = _projections(specs[0].layout, buffers[0], dtype)  # this rank's
-        if any(a % 16 for row in addresses for a in row):
+        self.slot_addresses = [] if slots is None else [slots.data_ptr() + s * slots.stride(0) for s in range(len(slots))]
+        if any(a % 16 for row in addresses for a in row) or any(a % 16 for a in self.slot_addresses):
             raise ConfigError("direct expert reads need experts' blocks at 16-byte boundaries")
         self.addresses = torch.tensor(addresses, dtype=torch.int64, device=device)
+        # the host's copy of the addresses that ``point`` sends (pinned: the copy does not wait for the GPU)
+        self._pointed = torch.tensor(addresses, dtype=torch.int64).pin_memory() if device.type == "cuda" and \
+            not self.direct else torch.tensor(addresses, dtype=torch.int64)
         self.on_host = torch.tensor(on_host, dtype=torch.int8, device=device)
         self.counts = torch.zeros(2, dtype=torch.int64, device=device)
         self._landed, self._copy, self._copied = (0, 0), None, None  # the counts' latest copy to the host
+
+    def point(self, layer: int, slots: dict[int, int]) -> torch.Tensor:
+        """Layer ``layer``'s addresses with each expert of ``slots`` read from its cache slot (``{expert: slot}``),
+        sent to the device behind the work queued so far. The host rewrites a layer's row after reading that
+        layer's routing, which waited for the work queued before it: the row's previous copy has landed."""
+        row = self._pointed[layer]
+        for e, slot in slots.items():
+            row[e] = self.slot_addresses[slot]
+        return self.addresses[layer].copy_(row, non_blocking=True)
 
     def read(self, wait: bool = True) -> tuple[int, int]:
         """(experts read on the device, read from elsewhere) so far: the host waits for the GPU; or, without
@@ -110,10 +136,18 @@ class ExpertStore:
     """The routed experts of every layer (``specs``, their ``buffers`` and tiers) and a cache of ``slots``."""
 
     def __init__(self, specs: list[BlockSpec], buffers: list[torch.Tensor], tiers: list[str], slots: torch.Tensor,
-                 copies: dict[str, CopyStream], direct_dtype: torch.dtype | None = None):
+                 copies: dict[str, CopyStream], dtype: torch.dtype, direct: bool = False):
         self.slots, self.copies = slots, copies
-        # direct reads (of a model of ``direct_dtype``): every expert's address for the kernels
-        self.table = ExpertTable(specs, buffers, tiers, slots.device, direct_dtype) if direct_dtype else None
+        # the kernels' table of addresses: direct reads, or where copies go through the kernels (where they read
+        # the experts' format; else an expert at a time)
+        self.table = None
+        if direct:
+            self.table = ExpertTable(specs, buffers, tiers, slots.device, dtype)
+        elif kernels_compute_copies(slots.device):
+            try:
+                self.table = ExpertTable(specs, buffers, tiers, slots.device, dtype, slots)
+            except ConfigError:
+                pass
         self.resident = {}
         self.source: dict[tuple[int, int], tuple[torch.Tensor, str, object]] = {}
         for spec, buffer, tier in zip(specs, buffers, tiers):
@@ -131,6 +165,7 @@ class ExpertStore:
         self.ahead: dict[int, tuple[int, torch.Tensor]] = {}  # routed layer -> (next routed layer, its router)
         self.landing: set[int] = set()  # slots a prefetch copies into that no compute has waited for yet
         self.copy_hits = self.copy_misses = self.prefetched = self.prefetch_used = 0
+        self._placed: list[int] = []  # the slots the kernels of the latest ``place`` read
 
     def fetch(self, layer: int, needed: list[int]) -> Iterator[tuple[int, object]]:
         """Yield ``(expert, weights)`` for every expert of ``needed``: those on the device first, then those
@@ -178,6 +213,29 @@ class ExpertStore:
             self.copy_hits += 1
         return here, fetched, left
 
+    def place(self, layer: int, needed: list[int]) -> tuple[torch.Tensor, list[int], list[int]]:
+        """The experts of ``needed`` on the device at once, for the kernels: those missing copied into cache slots
+        (the compute stream waits for their copies), as many as the cache holds. The layer's addresses
+        (``ExpertTable.point``), the experts placed, and those left for a later wave. ``release`` after the
+        kernels."""
+        here, fetched, left = self._issue(layer, needed)
+        if left and not here and not fetched:
+            raise RuntimeError(f"layer {layer}'s experts found no cache slot")  # the plan keeps a slot a route
+        for _, slot in fetched:
+            if self.ready[slot] is not None:
+                torch.cuda.current_stream(self.slots.device).wait_event(self.ready[slot])
+        placed = [e for e, _ in here] + [e for e, _ in fetched]
+        slots = {e: self.cached[layer, e] for e in placed if (layer, e) in self.cached}
+        self._placed = list(slots.values())
+        return self.table.point(layer, slots), placed, left
+
+    def release(self) -> None:
+        """The slots of the latest ``place`` may be refilled once the work queued so far (its kernels) has run."""
+        for slot in self._placed:
+            if self.free[slot] is not None:
+                self.free[slot].record(torch.cuda.current_stream(self.slots.device))
+        self._placed = []
+
     def prefetch(self, layer: int, guessed: list[int]) -> None:
         """Start copying the experts of ``layer`` in ``guessed`` that are not on the device into cache slots,
         behind the copies issued so far (never into a slot another guess of this call needs)."""
@@ -221,7 +279,7 @@ class ExpertStore:
         """(hits, misses): experts needed that were on the device (copied or read directly), and those that were
         not (copied in, or read over their link); without ``wait``, direct reads' counts as of a step or so ago
         (``ExpertTable.read``)."""
-        direct = self.table.read(wait) if self.table is not None else (0, 0)
+        direct = self.table.read(wait) if self.table is not None and self.table.direct else (0, 0)
         return self.copy_hits + direct[0], self.copy_misses + direct[1]
 
     @property
@@ -241,7 +299,7 @@ class ExpertStore:
         guessed = (f"; {self.prefetched:,} prefetched, {self.prefetch_used:,} of them used"
                    if self.prefetched else "")
         hits, misses = self.counts()
-        moved = "copied in or read over a link" if self.table is not None else "copied in"
+        moved = "copied in or read over a link" if self.table is not None and self.table.direct else "copied in"
         return (f"experts: {_share(hits, misses):.1%} on the device when needed ({hits:,} hits, {misses:,} "
                 f"{moved}{guessed})")
 

@@ -276,7 +276,7 @@ class DecodeGraphs:
         """The host's part of routed layer ``i``, between replays: the experts its routing chose (fetched where
         they are not on the device), their sum into ``bucket.h``."""
         w = self.weights.fixed_weights([i])[0]
-        bucket.h.copy_(self.decoder.routed_mlp(i, [bucket.routed], w)[0])
+        bucket.h.copy_(self.decoder.routed_mlp(i, [bucket.routed], w, bucket.routed.ids.shape[0])[0])
 
 
 def _tuning(compiling: bool):

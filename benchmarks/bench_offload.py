@@ -13,6 +13,9 @@ each time with the same budget on the compute GPU:
     host+peer    ... from both: the peer holds about half of them
     host prefetch  (a mixture of experts) host, each routed layer guessing the next one's experts and copying
                  them ahead
+    ... direct / ... copied  (a mixture of experts) the run with its experts computed the other way: read
+                 where they live (the default where every expert fits), or copied into the cache (the
+                 default where they stream)
     accelerate   transformers + accelerate (``infer_auto_device_map`` / ``dispatch_model``),
                  the same weights as ordinary pageable CPU tensors, the same budget
 
@@ -304,8 +307,8 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
         everything += needs.experts.count * needs.experts.nbytes if needs.experts else 0
         runs = [(f"host {fmt}", dict(gpu_memory=gpu_memory or bench.gpu_memory, cpu_memory=everything, quantize=fmt))
                 for fmt, gpu_memory in bench.quantized]
-        if needs.experts:  # and their experts read where they live (one graph a step)
-            runs += [(f"{name} direct", dict(budget, direct_experts=True)) for name, budget in runs]
+        if needs.experts:  # beside the default way to compute the experts, the other
+            runs += [expert_twin(bench, name, budget) for name, budget in runs]
         return runs
     experts = needs.experts.count * needs.experts.nbytes if needs.experts else 0
     # Room for every layer (the planner counts each streamed one as the largest: a GGUF file's layers differ), the
@@ -315,7 +318,7 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
     runs = [("resident", {}), ("host", host)]
     if needs.experts:  # the next layer's experts guessed and copied ahead; or read where they live, not copied
         runs.append(("host prefetch", dict(host, prefetch_experts=True)))
-        runs += [("resident direct", dict(direct_experts=True)), ("host direct", dict(host, direct_experts=True))]
+        runs += [expert_twin(bench, "resident", {}), expert_twin(bench, "host", host)]
     if bench.peers:
         peer = bench.peers[0]
         room = min(everything, max(torch.cuda.mem_get_info(torch.device(peer))[0] - GPU_HEADROOM, 0))
@@ -329,6 +332,15 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
         runs.append((f"host {fmt}", dict(gpu_memory=gpu_memory or bench.gpu_memory, cpu_memory=everything,
                                           quantize=fmt)))
     return runs
+
+
+def expert_twin(bench: Bench, name: str, budget: dict) -> tuple[str, dict]:
+    """Run ``name`` of a mixture of experts the other way: copied where its default reads the experts directly
+    (every expert on the GPU), read directly where it copies them (experts streamed)."""
+    direct = offload.plan_model(bench.model, **bench.load_args(bench.batches[0]), **budget).needs.experts.direct
+    if direct:
+        return f"{name} copied", dict(budget, direct_experts=False)
+    return f"{name} direct", dict(budget, direct_experts=True)
 
 
 def quick_budget(bench: Bench) -> int:

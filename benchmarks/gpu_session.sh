@@ -25,15 +25,15 @@
 #   prefill13b     llama-2-13b at 8 GiB: prefill of 32 x 128 and 1 x 4096 tokens against their limits
 #   int4_70b       llama-2-70b in int4 at 24 GiB (random weights made packed: loads in about the time of writing
 #                  its 36 GB, where quantizing 140 GB of bf16 took over 270 s)
-#   moe235_int4    qwen3-235b-a22b in int4 (118 GiB), every expert resident in 130 GiB: ms/token, experts copied
-#                  (graph pieces) against read directly (one graph a step), against the HBM floor
+#   moe235_int4    qwen3-235b-a22b in int4 (118 GiB), every expert resident in 130 GiB: ms/token, experts read
+#                  directly (the default there: one graph a step) against copied (graph pieces), the HBM floor
 #   int4_405b      the moonshot: llama-3.1-405b in int4, 130 GiB of HBM and the rest (84 GiB) pinned on the host
 #   moe30b         qwen3-30b-a3b (a mixture of 128 experts) at 8 GiB, experts streamed from the host, batch 1 and 16:
 #                  copied (graph pieces) against read directly from pinned memory by the kernels (whole graphs)
-#   moe30b_resident  the same with every expert resident (61 GB: an H200): graph pieces (the host reads each
-#                  layer's routing) against direct reads (one graph a step)
+#   moe30b_resident  the same with every expert resident (61 GB): direct reads (the default there: one graph a
+#                  step) against copies (graph pieces: the host reads each layer's routing)
 #   moe30b_acc, mixtral24_acc   the same budgets against accelerate (transformers 5's stacked experts, pageable
-#                  weights: 61 and 93 GB of host RAM), batch 1, direct reads beside
+#                  weights: 61 and 93 GB of host RAM), batch 1
 #   moehost        the host's time in a decode step of qwen3-30b-a3b's routing with every width shrunk (launches
 #                  and Python, not bytes): what a streamed mixture of experts waits for at each layer
 #   mixtral24      mixtral-8x7b at 24 GiB: every-pass blocks resident, experts from the host: copied into the
@@ -67,24 +67,20 @@
 #   tp13b_peers    llama-2-13b at 8 GiB per GPU, TP=2 on GPUs 0 and 1 with GPUs 2 and 3 as peers, graphs and eager
 #
 # What is owed, in order of value, for a session of about 30 minutes on one GPU (each call under 10 minutes;
-# a machine's start costs 3-7 minutes of device time, so keep it warm: the next call within 30 s). Ran on
-# 2026-12-05 (docs/benchmarks.md, sixth session, H200): tests_kernels, moe30b, moe30b_resident, moehost,
+# a machine's start costs 1-7 minutes of device time, so keep it warm: the next call within 30 s). Ran on
+# 2026-12-05 (docs/benchmarks.md): sixth session (H200) tests_kernels, moe30b, moe30b_resident, moehost,
 # mixtral24 (cut), spec_smollm2, quantwords, quant7b, quant7b_words, load70b, offload13b, tests_spec; seventh
-# session (H100): quant7b, spec_smollm2 (prices' first form), mixtral24 (cut), moe30b_acc, the GPU tests.
-#   1. tests_experts:120, then spec_smollm2:390 (carry          the streamed-expert budget test with graph pieces:
-#      .assets/smollm2/part-aa with the first call, then        where it passes, pieces become the default for
-#      part-ab and .whl with the second)                       streamed experts (H100: 92.7 against 142.5 ms
-#                                                              eager), the 16-row probes; speculation sampled, deep
-#   2. mixtral24:420 (an H200: its table needs more than 330 s) mixtral-8x7b both ways (#21)
-#   3. mixtral24_acc:420                                       against accelerate (#21's 10x goal for mixtral;
-#                                                              accelerate's load of 93 GB ran past 220 s)
-#   4. quant7b:130 spec70b:300                                 the plan's batch-16 step from the 16-row rates
-#                                                              (#20: 23-67% short before); 70b verify passes (#22)
+# (H100) quant7b, spec_smollm2 (prices' first form), mixtral24 (cut), moe30b_acc; eighth (H200, then H100)
+# tests_experts, quant7b, mixtral24_acc, moe235_int4, tests_kernels, spec_smollm2_greedy, moe30b and
+# moe30b_resident (b1; copies through the kernels), quant7b again.
+#   1. tests_experts:120 tests_kernels:300                     direct reads by default where every expert fits,
+#                                                              copies through the kernels (CPU-tested only)
+#   2. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
+#   3. moe30b_acc:300                                          against accelerate with copies through the kernels
+#   4. spec70b:300                                             70b verify passes (#22)
 #   5. int4_405b:500                                           the moonshot (#20)
-#   6. moe235_int4:400 (an H200: 130 GiB)                      qwen3-235b-a22b in int4 on one GPU (#21)
-#   7. tests_kernels:400                                       all of it (200 s did not finish on an H100)
 # When machines are scarce (each failed start costs 90 s of the 30 minutes), make the first call short and
-# whole: tests_experts:120 (carrying part-aa) then spec_smollm2_greedy:120 fit beside a start of 5 minutes.
+# whole: tests_experts:120 then spec_smollm2_greedy:120 (carrying the model's halves) fit beside a start.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail
@@ -158,9 +154,9 @@ run_stage() {
     moe30b) stage moe30b python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b --gpu-memory 8GiB \
       --runs "host,host direct" --batch 1,16 --skip-accelerate --json "$OUT/moe30b.json" ;;
     moe30b_resident) stage moe30b_resident python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b \
-      --runs "resident,resident direct" --batch 1,16 --skip-accelerate --json "$OUT/moe30b_resident.json" ;;
+      --runs "resident,resident copied" --batch 1,16 --skip-accelerate --json "$OUT/moe30b_resident.json" ;;
     moe30b_acc) stage moe30b_acc python3 benchmarks/bench_offload.py --shape qwen3-30b-a3b --gpu-memory 8GiB \
-      --runs "host direct" --batch 1 --accelerate-tokens 2 --json "$OUT/moe30b_acc.json" ;;
+      --runs host --batch 1 --accelerate-tokens 2 --json "$OUT/moe30b_acc.json" ;;
     mixtral24_acc) stage mixtral24_acc python3 benchmarks/bench_offload.py --shape mixtral-8x7b --gpu-memory 24GiB \
       --runs host --batch 1 --accelerate-tokens 2 --json "$OUT/mixtral24_acc.json" ;;
     moehost) stage moehost bash -c 'python3 benchmarks/moe_host_time.py --profile

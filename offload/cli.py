@@ -114,9 +114,10 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
                    "it (no measurable gain over offload's kernels; seconds of compiling per bucket)")
     p.add_argument("--prefetch-experts", action="store_true", help="a mixture of experts whose experts stream: "
                    "guess each next layer's experts with its router and copy them ahead (results unchanged)")
-    p.add_argument("--direct-experts", action="store_true", help="a mixture of experts: decode steps read each "
-                   "routed expert where it lives (HBM or pinned host memory) inside their kernels, no copies and "
-                   "no wait for the host (graphs as a dense model's; experts not on peers)")
+    p.add_argument("--direct-experts", action=argparse.BooleanOptionalAction, help="a mixture of experts: decode "
+                   "steps read each routed expert where it lives (HBM or pinned host memory) inside their kernels, "
+                   "no copies and no wait for the host (graphs as a dense model's; experts not on peers); default: "
+                   "where every expert stays on the GPU")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--quantize", choices=[*FORMATS, STORED], help="store the layers' linear weights as int8 or "
                    "int4 (default: the model dtype); stored: keep a GGUF file's own formats on a CPU too (which "

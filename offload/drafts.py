@@ -54,11 +54,12 @@ def draft_kind(draft) -> str | None:
 def draft_options(target, max_draft: int):
     """The ``LoadOptions`` of a draft model for a target loaded with ``target`` (its max_seq_len filled in):
     the same device, dtype, rows and tensor parallelism, every layer resident (int4 for the int4 draft), a
-    KV cache ``max_draft`` tokens longer than the target's, only each row's last logits."""
+    KV cache ``max_draft`` tokens longer than the target's, only each row's last logits, experts read as the
+    default decides for it (a resident draft: directly, on a GPU)."""
     return target.replace(
         gpu_memory=RESIDENT_BUDGET, cpu_memory=0, peer_memory=None, max_seq_len=target.max_seq_len + max_draft,
-        max_step_tokens=None, all_logits=False, slots=None, group_size=None, draft=None, draft_tokens=None,
-        draft_branches=None, quantize=INT4 if draft_kind(target.draft) == INT4 else None,
+        max_step_tokens=None, all_logits=False, slots=None, group_size=None, direct_experts=None, draft=None,
+        draft_tokens=None, draft_branches=None, quantize=INT4 if draft_kind(target.draft) == INT4 else None,
     )
 
 

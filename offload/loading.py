@@ -143,11 +143,11 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
                                      "(the output stays the target's)")
     if _failed(plans):
         raise PlanError("; ".join(_failed(plans)))
+    if options.direct_experts is None:  # the default: direct reads where every expert stays on one GPU
+        if _direct_would_pay(options, plans[tp.rank], device, tp, blocks, dtype):
+            return prepare(model, options.replace(direct_experts=True), requantize)
+        options = options.replace(direct_experts=False)
     plans[tp.rank].warnings.extend(beyond_machine(budget, device))
-    if _direct_would_pay(options, plans[tp.rank], device, tp, blocks, dtype):
-        plans[tp.rank].hints.append("every expert fits: --direct-experts (direct_experts=True) would read them in "
-                                    "one CUDA graph a step (qwen3-30b-a3b on an H200: 5.4 against 28.7 ms a step); "
-                                    "its logits differ from copying's by rounding, so it is not the default")
     if (options.direct_experts or options.prefetch_experts) and needs.experts is None:
         flag = "--direct-experts" if options.direct_experts else "--prefetch-experts"
         for plan in plans:
@@ -377,12 +377,12 @@ def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
 
 def _direct_would_pay(options: LoadOptions, plan: Plan, device: torch.device, tp: TensorParallel,
                       blocks: list[BlockSpec], dtype: torch.dtype) -> bool:
-    """Whether a mixture of experts that copies its experts (the default) keeps every block and expert resident
-    in ``plan`` on one GPU, in CUDA graphs, where the kernels could read the experts directly in one graph a
-    step: measured 5.3x faster (qwen3-30b-a3b on an H200, 2026-12-05: 5.4 against 28.7 ms a step at batch 1,
-    14.1 against 200 at batch 16). Streamed experts copied measured faster than read over the link (71.8
-    against 79.8 ms at 8 GiB), and offloading must not change a model's logits, so copying stays the default
-    and the plan says what direct reads would give."""
+    """Whether a mixture of experts planned to copy its experts (``plan``) keeps every block and expert resident
+    on one GPU, in CUDA graphs, where the kernels can read the experts directly in one graph a step: then
+    direct reads are the default. Measured 4.5-5.3x faster (qwen3-30b-a3b, every expert resident: 5.9
+    against 26.7 ms a step on an H100, 5.4 against 28.7 on an H200), with the same logits: copies run the
+    same kernels. Where experts stream, copying measured faster than reading over the link (74.3 against
+    83.2 ms at 8 GiB on an H100), so it stays there."""
     if (options.direct_experts or options.prefetch_experts or options.compile or plan.experts is None
             or tp.size > 1 or not uses_cuda_graphs(options, device) or set(plan.block_tiers) != {RESIDENT}
             or set(plan.experts.placement) != {RESIDENT} or not direct_steps(options.replace(direct_experts=True),

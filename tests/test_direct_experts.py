@@ -359,18 +359,26 @@ def test_an_int4_draft_of_random_weights_quantized_at_load_is_refused(checkpoint
 
 
 
-def test_the_plan_hints_at_direct_reads_where_every_expert_fits_on_one_gpu(checkpoint_factory):
-    """Copying stays the default (offloading must not change the logits, and copying is faster where experts
-    stream); where every expert stays resident on one GPU whose kernels read them, in CUDA graphs, the plan
-    says what direct reads give."""
+def test_direct_reads_are_the_default_where_every_expert_fits_on_one_gpu(checkpoint_factory, monkeypatch):
+    """Where every expert stays resident on one GPU whose kernels read them, in CUDA graphs, decode steps read
+    them directly by default (one graph a step); where experts stream, they are copied (faster there). The
+    logits are the same either way: on a GPU copies run the same kernels."""
     from types import SimpleNamespace
 
+    from offload import loading
     from offload.loading import WORKSPACE_BYTES, _direct_would_pay, prepare
 
     _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
     kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=2)
     setup = prepare(directory, offload.LoadOptions(device="cpu", **kw))
-    assert setup.options.direct_experts is False and not setup.plan.hints  # a CPU (on a GPU machine too)
+    assert setup.options.direct_experts is False and not setup.plan.needs.experts.direct  # a CPU: copies
+    with monkeypatch.context() as m:  # as on a GPU where it pays: planned again to read directly
+        m.setattr(loading, "_direct_would_pay", lambda *args: True)
+        chosen = prepare(directory, offload.LoadOptions(device="cpu", **kw))
+        assert chosen.options.direct_experts is True and chosen.plan.needs.experts.direct
+        assert "decode steps read them where they live" in str(chosen.plan)
+        refused = prepare(directory, offload.LoadOptions(device="cpu", direct_experts=False, **kw))
+        assert refused.options.direct_experts is False and not refused.plan.needs.experts.direct
     cuda = torch.device("cuda")
 
     def would(setup=setup, device=cuda, tp=setup.tp, **options) -> bool:

@@ -98,7 +98,6 @@ class Plan:
     embedding_on_host: bool = False  # a step's lookups copy only its tokens' rows to the GPU
     draft: str = ""  # speculative decoding: the draft, what it holds and what it is predicted to gain, for printing
     warnings: list[str] = field(default_factory=list)  # printed with the plan; the caller decides whether to warn
-    hints: list[str] = field(default_factory=list)  # printed with the plan: an option that would run faster
     experts: ExpertPlan | None = None  # where a mixture-of-experts model's routed experts live
 
     # ---------------------------------------------------------------- derived figures
@@ -263,7 +262,6 @@ class Plan:
             f"  predicted decode step: {self.predicted_step_seconds * 1e3:.1f} ms, bound by {bound}; "
             f"{memory} floor {seconds['hbm'] * 1e3:.1f} ms"
         )
-        lines += [f"  hint: {h}" for h in self.hints]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 

@@ -17,9 +17,10 @@ is two steps: ``attend_and_route``, all on the device (a CUDA graph captures it:
 ``offload/scheduler/graphs.py``), and ``routed_mlp``, where the host reads the
 routing; padding routes to no expert. With ``prefetch_experts``, ``attend_and_route``
 also guesses the next routed layer's experts, which ``routed_mlp`` has copied ahead.
-With ``direct_experts``, a short pass (a decode step, a verify pass) runs
-``direct_mlp`` instead: the kernels of ``expert_kernels.py`` read each expert where it
-lives, the routing never leaves the device, and no graph is cut.
+On a GPU a short pass (a decode step, a verify pass) computes the experts with the
+kernels of ``expert_kernels.py``: copied ones once they are on the device
+(``placed_mlp``), or, with ``direct_experts``, each where it lives (``direct_mlp``: the
+routing never leaves the device, and no graph is cut). The two give the same bits.
 
 Under tensor parallelism every expert is split as the dense MLP is (gate and up by
 rows, down by columns) and the layer's experts are summed over the ranks with one

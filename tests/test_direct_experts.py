@@ -366,7 +366,7 @@ def test_direct_reads_are_the_default_where_every_expert_fits_on_one_gpu(checkpo
     from types import SimpleNamespace
 
     from offload import loading
-    from offload.loading import WORKSPACE_BYTES, _direct_would_pay, prepare
+    from offload.loading import _direct_would_pay, prepare
 
     _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
     kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=2)
@@ -374,6 +374,7 @@ def test_direct_reads_are_the_default_where_every_expert_fits_on_one_gpu(checkpo
     assert setup.options.direct_experts is False and not setup.plan.needs.experts.direct  # a CPU: copies
     with monkeypatch.context() as m:  # as on a GPU where it pays: planned again to read directly
         m.setattr(loading, "_direct_would_pay", lambda *args: True)
+        m.setenv("TRITON_INTERPRET", "1")  # (a plan for the CPU: on a GPU machine too)
         chosen = prepare(directory, offload.LoadOptions(device="cpu", **kw))
         assert chosen.options.direct_experts is True and chosen.plan.needs.experts.direct
         assert "decode steps read them where they live" in str(chosen.plan)
@@ -390,9 +391,8 @@ def test_direct_reads_are_the_default_where_every_expert_fits_on_one_gpu(checkpo
     assert not would(device=torch.device("cpu")) and not would(tp=SimpleNamespace(size=2))
     assert not would(max_batch=65)  # a decode step of more than 64 tokens copies its experts
     assert not would(compile=True) and not would(prefetch_experts=True)
-    needs = setup.plan.needs  # the CPU's: a GPU's plan also reserves a workspace
-    workspace = WORKSPACE_BYTES if torch.cuda.is_available() else 0
-    streams = prepare(directory, offload.LoadOptions(**kw, cpu_memory="1GiB", gpu_memory=needs.fixed_bytes + workspace
+    needs = prepare(directory, offload.LoadOptions(direct_experts=False, **kw)).plan.needs  # the default device's
+    streams = prepare(directory, offload.LoadOptions(**kw, cpu_memory="1GiB", gpu_memory=needs.fixed_bytes
                                                      + sum(needs.blocks) + 8 * needs.experts.nbytes))
     assert "host" in streams.plan.experts.placement and not would(setup=streams)
     dense = prepare(shape_config("tiny"), offload.LoadOptions(dtype=torch.float32, max_seq_len=64))
@@ -434,11 +434,11 @@ def test_copies_through_the_kernels_equal_resident_and_direct_reads_bitwise(chec
 
     monkeypatch.setattr(expert_kernels, "routed_experts", noting)
     kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=2, progress=False)
-    with offload.load_model(directory, **kw) as resident:
+    with offload.load_model(directory, direct_experts=False, **kw) as resident:  # (on a GPU: direct by default)
         assert not resident.experts.table.direct and resident.decoder.kernels(ids.numel())
         assert not resident.decoder.direct(ids.numel())
         with torch.no_grad():
-            assert (resident(ids) - hf(ids).logits).abs().max() <= ATOL
+            assert (resident(ids).cpu() - hf(ids).logits).abs().max() <= ATOL
         want = _steps(resident, ids)
         needs = resident.plan.needs
     with offload.load_model(directory, direct_experts=True, **kw) as direct:

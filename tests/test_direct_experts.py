@@ -21,7 +21,7 @@ from offload.models.shapes import shape_config
 
 from conftest import with_graphs
 from test_tensor_parallel import assert_tp_equals_one
-from test_moe import ATOL, MODELS, NEW, PROMPT, _BASE, _ids, _steps, _streamed
+from test_moe import ATOL, MODELS, NEW, PROMPT, _BASE, _ids, _steps, _streamed, record_copies
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -457,21 +457,7 @@ def test_copies_through_the_kernels_copy_each_routed_expert_not_on_the_device_on
     _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
     needs = offload.plan_model(directory, dtype=torch.float32, max_seq_len=64, max_batch=2).needs
     with _streamed(directory, needs, resident_experts=1) as model:
-        store, copied, expected = model.experts, [], []
-        for copies in store.copies.values():
-            def recording(dst, src, after, done, copy=copies.copy):
-                copied.append(next(key for key, (buffer, _, _) in store.source.items()
-                                   if buffer.data_ptr() == src.data_ptr()))
-                copy(dst, src, after, done)
-            copies.copy = recording
-        place = store.place
-
-        def noting(layer, needed):
-            on_device = set(store.resident) | set(store.cached)
-            expected.extend((layer, e) for e in needed if (layer, e) not in on_device)
-            return place(layer, needed)
-
-        store.place = noting
+        copied, expected = record_copies(model.experts, "place")
         model.extend([[5, 6, 7, 8]], [0])
         for step in range(3):
             copied.clear(), expected.clear()

@@ -167,25 +167,32 @@ def test_speculative_decoding_with_streamed_experts_is_plain_greedy(case, draft)
         assert streamed.experts.misses > 0
 
 
+def record_copies(store, asks: str) -> tuple[list, list]:
+    """The experts ``store`` copies in, and those it was asked for (through its method ``asks``) that were not on
+    the device when asked: two lists that fill as the model runs."""
+    copied, expected = [], []
+    for copies in store.copies.values():
+        def recording(dst, src, after, done, copy=copies.copy):
+            copied.append(next(key for key, (buffer, _, _) in store.source.items()
+                               if buffer.data_ptr() == src.data_ptr()))
+            copy(dst, src, after, done)
+        copies.copy = recording
+    ask = getattr(store, asks)
+
+    def noting(layer, needed):
+        on_device = set(store.resident) | set(store.cached)
+        expected.extend((layer, e) for e in needed if (layer, e) not in on_device)
+        return ask(layer, needed)
+
+    setattr(store, asks, noting)
+    return copied, expected
+
+
 def test_a_decode_step_copies_each_routed_expert_not_on_the_device_once(checkpoint_factory):
     _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
     needs = offload.plan_model(directory, dtype=torch.float32, max_seq_len=MAX_SEQ, max_batch=2).needs
     with _streamed(directory, needs, resident_experts=1) as model:
-        store, copied, expected = model.experts, [], []
-        for copies in store.copies.values():
-            def recording(dst, src, after, done, copy=copies.copy):
-                copied.append(next(key for key, (buffer, _, _) in store.source.items()
-                                   if buffer.data_ptr() == src.data_ptr()))
-                copy(dst, src, after, done)
-            copies.copy = recording
-        fetch = store.fetch
-
-        def noting(layer, needed):
-            on_device = set(store.resident) | set(store.cached)
-            expected.extend((layer, e) for e in needed if (layer, e) not in on_device)
-            return fetch(layer, needed)
-
-        store.fetch = noting
+        copied, expected = record_copies(model.experts, "fetch")
         model.extend([[5, 6, 7, 8]], [0])  # a prefill: each needed expert once for the whole pass
         for step in range(3):
             copied.clear(), expected.clear()

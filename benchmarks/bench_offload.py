@@ -337,7 +337,7 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
 def expert_twin(bench: Bench, name: str, budget: dict) -> tuple[str, dict]:
     """Run ``name`` of a mixture of experts the other way: copied where its default reads the experts directly
     (every expert on the GPU), read directly where it copies them (experts streamed)."""
-    direct = offload.plan_model(bench.model, **bench.load_args(bench.batches[0]), **budget).needs.experts.direct
+    direct = offload.plan_model(bench.model, **bench.load_args(max(bench.batches)), **budget).needs.experts.direct
     if direct:
         return f"{name} copied", dict(budget, direct_experts=False)
     return f"{name} direct", dict(budget, direct_experts=True)

@@ -82,6 +82,9 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
         torch.cuda.set_device(device)
     options = options.replace(max_seq_len=options.max_seq_len or min(config.max_position_embeddings,
                                                                       DEFAULT_MAX_SEQ_LEN))
+    choose_direct = options.direct_experts is None  # the default: decided once the plan shows where experts live
+    if choose_direct:
+        options = options.replace(direct_experts=False)
 
     budget = Budget.parse(options.gpu_memory, options.cpu_memory, options.peer_memory, compute_device=device)
     offload_requested = budget.cpu_memory is not None or bool(budget.peer_memory)
@@ -143,10 +146,8 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
                                      "(the output stays the target's)")
     if _failed(plans):
         raise PlanError("; ".join(_failed(plans)))
-    if options.direct_experts is None:  # the default: direct reads where every expert stays on one GPU
-        if _direct_would_pay(options, plans[tp.rank], device, tp, blocks, dtype):
-            return prepare(model, options.replace(direct_experts=True), requantize)
-        options = options.replace(direct_experts=False)
+    if choose_direct and _direct_would_pay(options, plans[tp.rank], device, tp, blocks, dtype):
+        return prepare(model, options.replace(direct_experts=True), requantize)  # every expert on one GPU
     plans[tp.rank].warnings.extend(beyond_machine(budget, device))
     if (options.direct_experts or options.prefetch_experts) and needs.experts is None:
         flag = "--direct-experts" if options.direct_experts else "--prefetch-experts"
@@ -312,7 +313,8 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
         step_tokens=step_tokens,
         graph_bytes=graphs,
         flops_per_token=family.flops_per_token(config, tp),
-        decode_kernels=family.decode_kernels(config, kernels_compute_copies(device) or direct_steps(options, device)),
+        decode_kernels=family.decode_kernels(config, _short_steps(options, device) and (
+            bool(options.direct_experts) or kernels_compute_copies(device))),
         flops_per_key=family.flops_per_key(config, tp),
         dequant_bytes=scratch_bytes(quantized, dtype, step_tokens),
         weight_format=_format_line(family, config, tp, dtype, options, blocks),
@@ -366,8 +368,12 @@ def _verify_bytes(family: type[Decoder], config: ModelConfig, tp: TensorParallel
 def direct_steps(options: LoadOptions, device: torch.device) -> bool:
     """Whether every decode step and verify pass reads its routed experts directly (``direct_experts``, and at
     most ``DIRECT_TOKENS`` tokens: ``max_batch`` rows of the widest verify pass)."""
-    width = verify_width(options, uses_cuda_graphs(options, device))
-    return options.direct_experts and options.max_batch * width <= DIRECT_TOKENS
+    return bool(options.direct_experts) and _short_steps(options, device)
+
+
+def _short_steps(options: LoadOptions, device: torch.device) -> bool:
+    """Whether every decode step and verify pass has at most ``DIRECT_TOKENS`` tokens (the expert kernels')."""
+    return options.max_batch * verify_width(options, uses_cuda_graphs(options, device)) <= DIRECT_TOKENS
 
 
 def uses_cuda_graphs(options: LoadOptions, device: torch.device) -> bool:
@@ -384,9 +390,9 @@ def _direct_would_pay(options: LoadOptions, plan: Plan, device: torch.device, tp
     same kernels. Where experts stream, copying measured faster than reading over the link (74.3 against
     83.2 ms at 8 GiB on an H100), so it stays there."""
     if (options.direct_experts or options.prefetch_experts or options.compile or plan.experts is None
-            or tp.size > 1 or not uses_cuda_graphs(options, device) or set(plan.block_tiers) != {RESIDENT}
-            or set(plan.experts.placement) != {RESIDENT} or not direct_steps(options.replace(direct_experts=True),
-                                                                              device)):
+            or tp.size > 1 or not uses_cuda_graphs(options, device) or not kernels_compute_copies(device)
+            or set(plan.block_tiers) != {RESIDENT} or set(plan.experts.placement) != {RESIDENT}
+            or not _short_steps(options, device)):
         return False
     try:
         check_direct([block for block in blocks if block.fetch == ON_DEMAND], device, dtype)

@@ -382,6 +382,8 @@ def test_direct_reads_are_the_default_where_every_expert_fits_on_one_gpu(checkpo
         assert refused.options.direct_experts is False and not refused.plan.needs.experts.direct
     cuda = torch.device("cuda")
 
+    monkeypatch.setattr(kernels, "works", lambda device: True)  # as on a GPU where Triton works
+
     def would(setup=setup, device=cuda, tp=setup.tp, **options) -> bool:
         return _direct_would_pay(setup.options.replace(**options), setup.plan, device, tp, setup.blocks, setup.dtype)
 
@@ -477,3 +479,50 @@ def test_prefetched_experts_through_the_kernels_change_nothing(checkpoint_factor
             result = model.generate(ids, max_new_tokens=NEW, ignore_eos=True, return_result=True)
             runs[prefetch] = result.tokens, model(ids), model.experts.prefetch_used
     assert runs[True][0] == runs[False][0] and torch.equal(runs[True][1], runs[False][1]) and runs[True][2] > 0
+
+
+def test_the_expert_kernels_are_used_only_where_triton_works(checkpoint_factory, monkeypatch):
+    """Where Triton is installed but fails (``kernels.works``: PyTorch's kernels decode), copies go an expert at
+    a time and direct reads are not the default; a table whose kernels fail at load falls back with a warning."""
+    from offload.loading import _direct_would_pay, prepare
+    from offload.scheduler import experts as store
+
+    _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    setup = prepare(directory, offload.LoadOptions(device="cpu", dtype=torch.float32, max_seq_len=64, max_batch=2))
+    cuda = torch.device("cuda")
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "works", lambda device: True)
+        assert store.kernels_compute_copies(cuda)
+        assert _direct_would_pay(setup.options, setup.plan, cuda, setup.tp, setup.blocks, setup.dtype)
+        m.setattr(kernels, "works", lambda device: False)
+        assert not store.kernels_compute_copies(cuda)
+        assert not _direct_would_pay(setup.options, setup.plan, cuda, setup.tp, setup.blocks, setup.dtype)
+    monkeypatch.setattr(store, "kernels_compute_copies", lambda device: True)
+
+    def broken(buffer, device):
+        raise RuntimeError("ptxas failed")
+
+    monkeypatch.setattr(store, "device_address", broken)
+    needs = setup.plan.needs
+    gpu = needs.fixed_bytes + sum(needs.blocks) + (2 * needs.experts.top_k + 2) * needs.experts.nbytes
+    with pytest.warns(offload.OffloadWarning, match="expert kernels fail here"):
+        model = offload.load_model(directory, dtype=torch.float32, max_seq_len=64, max_batch=2, progress=False,
+                                   gpu_memory=gpu, cpu_memory="1GiB")
+    with model:
+        assert model.experts.table is None and model(_ids()).isfinite().all()
+
+
+def test_the_plan_counts_the_expert_kernels_only_where_steps_run_them(checkpoint_factory, monkeypatch):
+    """A decode step of more than DIRECT_TOKENS tokens computes its experts one at a time: the plan counts that
+    step's kernels so (3 top_k + 8 a routed layer), and the expert kernels' 14 where steps are short."""
+    from offload import loading
+    from offload.loading import memory_needs, prepare
+
+    monkeypatch.setattr(loading, "kernels_compute_copies", lambda device: True)
+    _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
+    for rows, by_kernels in ((128, False), (8, True)):
+        kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=rows, cuda_graphs=False)
+        setup = prepare(directory, offload.LoadOptions(device="cpu", **kw))
+        needs = memory_needs(setup.family, setup.config, setup.tp, setup.dtype, torch.device("cpu"), setup.options,
+                             setup.blocks, setup.globals_layout, setup.embedding_layout)
+        assert needs.decode_kernels == setup.family.decode_kernels(setup.config, by_kernels)

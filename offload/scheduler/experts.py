@@ -25,15 +25,17 @@ copy's link time and a slot.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OffloadWarning
 from ..memory.planner import HOST, RESIDENT
 from ..models.blocks import BlockSpec
 from ..models.expert_kernels import Projection, device_address, peek, projection
+from ..models import kernels
 from ..models.kernels import triton
 from ..models.quant import QuantizedWeight
 from .stream import CopyStream
@@ -62,8 +64,9 @@ def _projections(layout, block: torch.Tensor, dtype: torch.dtype) -> tuple[Proje
 
 def kernels_compute_copies(device: torch.device) -> bool:
     """Whether experts copied into the cache are computed by the kernels of ``expert_kernels`` (as direct reads
-    are): on a GPU. On a CPU an expert at a time, by torch's operations (Triton's interpreter would be slow)."""
-    return device.type == "cuda" and triton is not None
+    are): on a GPU where Triton works. Else an expert at a time, by torch's operations (on a CPU Triton's
+    interpreter would be slow)."""
+    return device.type == "cuda" and kernels.works(device)
 
 
 class ExpertTable:
@@ -107,8 +110,10 @@ class ExpertTable:
 
     def point(self, layer: int, slots: dict[int, int]) -> torch.Tensor:
         """Layer ``layer``'s addresses with each expert of ``slots`` read from its cache slot (``{expert: slot}``),
-        sent to the device behind the work queued so far. The host rewrites a layer's row after reading that
-        layer's routing, which waited for the work queued before it: the row's previous copy has landed."""
+        sent to the device behind the work queued so far. A pass rewrites a layer's row after reading that
+        layer's routing, which waited for the work queued before it: the previous pass's copy has landed. A
+        later wave of the same layer may rewrite the row before its first wave's copy lands: it changes only
+        its own experts' entries, which that wave's kernels do not read."""
         row = self._pointed[layer]
         for e, slot in slots.items():
             row[e] = self.slot_addresses[slot]
@@ -147,7 +152,10 @@ class ExpertStore:
             try:
                 self.table = ExpertTable(specs, buffers, tiers, slots.device, dtype, slots)
             except ConfigError:
-                pass
+                pass  # a format the kernels do not read: an expert at a time
+            except Exception as e:  # noqa: BLE001 - whatever the toolchain raises, an expert at a time still works
+                warnings.warn(f"the expert kernels fail here ({type(e).__name__}: {str(e)[:200]}); computing "
+                              "copied experts one at a time", OffloadWarning, stacklevel=2)
         self.resident = {}
         self.source: dict[tuple[int, int], tuple[torch.Tensor, str, object]] = {}
         for spec, buffer, tier in zip(specs, buffers, tiers):
@@ -271,7 +279,12 @@ class ExpertStore:
         for key, slot in self.cached.items():
             if key not in wave:
                 del self.cached[key]
-                self.landing.discard(slot)  # a guess never used
+                if slot in self.landing:  # a guess never used: its copy (on another link's stream, maybe) may
+                    self.landing.discard(slot)  # still run, so the refill waits for it through ``free``
+                    if self.ready[slot] is not None:
+                        stream = torch.cuda.current_stream(self.slots.device)
+                        stream.wait_event(self.ready[slot])
+                        self.free[slot].record(stream)
                 return slot
         return None
 

@@ -64,6 +64,7 @@ QUESTIONS = ["What is the capital of France? Answer in one sentence.", "Write a 
              "Repeat exactly: 'The quick brown fox jumps over the lazy dog, and the dog sleeps on.'",
              "Explain in two sentences why the sky is blue."]
 QUICK_DRAFT_TOKENS = 4
+DRAFT_STEPS = 32  # a draft model's decode steps timed alone, on a GPU
 STREAM = "stream"  # --gpu-memory: every layer streams
 
 
@@ -226,9 +227,30 @@ def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: d
                tokens_per_pass=decoded / max(row_passes, 1), acceptance=accepted / drafted if drafted else None,
                tokens=tokens, captures_timed=captures(model) - captured,
                measured_over_priced={name: price.scale if price.ratios else None  # measured on a GPU only
-                                     for name, price in vars(model.speculation_prices).items()})
+                                     for name, price in vars(model.speculation_prices).items()},
+               draft_step=draft_step_times(model.draft.model, len(prompts[0]), DRAFT_STEPS)
+               if hasattr(model.draft, "model") and model.device.type == "cuda" else None)
     model.close()
     return row
+
+
+def draft_step_times(draft, position: int, steps: int) -> dict:
+    """Where a draft model's decode step goes, on a GPU: the sum of its kernels' times (the profiler's) against a
+    step's wall time (the host's work and the gaps between kernels included), over ``steps`` back-to-back steps
+    of one row. Close: the kernels bound it (fewer or faster kernels would help); far apart: the host does."""
+    token = torch.ones(1, dtype=torch.long, device=draft.device)
+    draft.decode(token, [position])  # replayed from its graph (captured while generating)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            draft.decode(token, [position])
+        torch.cuda.synchronize()
+    kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / steps
+    began = time.perf_counter()
+    for _ in range(steps):
+        draft.decode(token, [position])
+    torch.cuda.synchronize()
+    return dict(kernels_ms=kernels, wall_ms=1e3 * (time.perf_counter() - began) / steps)
 
 
 def captures(model) -> int:
@@ -346,6 +368,10 @@ def run(args) -> int:
                 print(f"  plan, {d['draft']}: {d['plan']}" + (f"; measured over priced (median of the last passes): "
                                                              f"{', '.join(f'{k} {v}' for k, v in scales.items())}"
                                                              if scales else ""))
+            if d.get("draft_step"):
+                s = d["draft_step"]
+                print(f"  a step of the draft {d['draft']}: its kernels {s['kernels_ms']:.3f} ms, wall "
+                      f"{s['wall_ms']:.3f} ms (one row, {len(prompts[0])} keys, {DRAFT_STEPS} steps)")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(date=date, device=device, quick=quick, model=str(args.model or ""),
                                                    shape=args.shape, passes=passes, forecast=predicted,

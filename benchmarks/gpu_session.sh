@@ -77,8 +77,10 @@
 #                                                              copies through the kernels (CPU-tested only)
 #   2. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
 #   3. moe30b_acc:300                                          against accelerate with copies through the kernels
-#   4. spec70b:300                                             70b verify passes (#22)
-#   5. int4_405b:500                                           the moonshot (#20)
+#   4. spec_smollm2_greedy:150 (carry the model's halves)     where a draft step's 1.1 ms go: its kernels'
+#                                                              sum against its wall time (#22: what to cut)
+#   5. spec70b:300                                             70b verify passes (#22)
+#   6. int4_405b:500                                           the moonshot (#20)
 # When machines are scarce (each failed start costs 90 s of the 30 minutes), make the first call short and
 # whole: tests_experts:120 then spec_smollm2_greedy:120 (carrying the model's halves) fit beside a start.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in

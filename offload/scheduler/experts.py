@@ -97,7 +97,7 @@ class ExpertTable:
             addresses[spec.layer][spec.expert] = bases[storage] + buffer.data_ptr() - storage
             on_host[spec.layer][spec.expert] = int(tier != RESIDENT)
         self.gate_up, self.down, self.features = _projections(specs[0].layout, buffers[0], dtype)  # this rank's
-        self.slot_addresses = [] if slots is None else [slots.data_ptr() + s * slots.stride(0) for s in range(len(slots))]
+        self.slot_addresses = [] if slots is None else [slots[s].data_ptr() for s in range(len(slots))]
         if any(a % 16 for row in addresses for a in row) or any(a % 16 for a in self.slot_addresses):
             raise ConfigError("direct expert reads need experts' blocks at 16-byte boundaries")
         self.addresses = torch.tensor(addresses, dtype=torch.int64, device=device)

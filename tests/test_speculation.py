@@ -11,7 +11,7 @@ import offload
 from conftest import greedy_through, with_graphs
 from offload.sampling import GREEDY, Sampling
 from offload.scheduler.row_engine import Request, RowEngine
-from offload.speculative import MeasuredPrice, MeasuredPrices
+from offload.speculative import MeasuredPrice, MeasuredPrices, Proposal
 from offload.structured import corpus_of
 
 # A device whose links bind: streaming a layer costs a hundred times reading it resident, products are free.
@@ -221,6 +221,27 @@ def test_a_run_of_passes_that_draft_nothing_ends_with_one_that_drafts_a_token(st
         got = model.generate(batch, max_new_tokens=40, ignore_eos=True, return_result=True)
     assert got.tokens == plain.generate(batch, max_new_tokens=40, ignore_eos=True, return_result=True).tokens
     assert 0 < got.drafted_tokens <= got.decode_steps // 8 + 1, (got.drafted_tokens, got.decode_steps)
+
+
+def test_a_pass_with_nothing_to_verify_is_a_decode_step(structured, plain, monkeypatch):
+    """Where prompt lookup finds nothing in any row, the pass is a plain decode step (a verify pass ``k + 1``
+    tokens wide costs more); where it finds a draft, a verify pass. Output: plain greedy decoding's."""
+    batch = prompts(structured, (9,))
+    with load(structured, "ngram") as model:
+        calls = []
+        for verb in ("decode", "verify"):
+            method = getattr(model, verb)
+            monkeypatch.setattr(model, verb, lambda *a, _m=method, _v=verb, **k: calls.append(_v) or _m(*a, **k))
+        lookup, passes = model.draft.propose, []
+
+        def finding(rows, budgets):  # nothing on every other pass, the lookup's drafts on the others
+            passes.append(len(passes))
+            return lookup(rows, budgets) if len(passes) % 2 else Proposal.empty(len(rows))
+
+        model.draft.propose = finding
+        got = model.generate(batch, max_new_tokens=24, ignore_eos=True, return_result=True)
+    assert got.tokens == plain.generate(batch, max_new_tokens=24, ignore_eos=True, return_result=True).tokens
+    assert calls.count("decode") >= len(passes) // 2 and "verify" in calls and got.drafted_tokens > 0
 
 
 def _drafted_per_pass(model, batch, step_scale: float) -> tuple[list[list[int]], float]:

@@ -11,7 +11,9 @@ that adds no prompt through :meth:`Speculator.run`:
    make, or prompt lookup finds fewer); with ``m > 1`` a row's drafts grow into a tree
    with the draft model's alternatives at each depth (:func:`~offload.speculative.grow_tree`);
 3. one pass over the target (``OffloadedModel.verify``) adds each row's last token and its
-   drafts, every row padded to the same width, and returns the logits at each;
+   drafts, every row padded to the same width, and returns the logits at each; where no row
+   has a draft (prompt lookup found none), a plain decode step does (a verify pass of
+   ``k + 1`` tokens costs more, and its captured width stays the one the plan reserved);
 4. :func:`offload.speculative.accept` picks each row's tokens (greedy: the target's
    argmax as far as the drafts agree with it; sampled: speculative sampling, down a
    tree where the row has one), rank 0's choice is broadcast when a row samples, and the
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..memory.host import to_device
 from ..sampling import GREEDY
 from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance,
                            Mends, Proposal, accept, best_draft_shape, grow_tree, path_of, walk_tree)
@@ -88,15 +91,21 @@ class Speculator:
         new_tokens = [[row.tokens[-1], *tree[0]] if row is not None else [] for row, tree in zip(rows, trees)]
         cached = [row.cached if row is not None else 0 for row in rows]
         branched = any(len(tokens) > len(chain) for (tokens, _), chain in zip(trees, proposal.tokens))
-        logits = self.model.verify(new_tokens, cached, width=k * m + 1,
-                                   parents=[tree[1] for tree in trees] if branched else None)
+        drafted = any(tree[0] for tree in trees)
+        if drafted:
+            logits = self.model.verify(new_tokens, cached, width=k * m + 1,
+                                       parents=[tree[1] for tree in trees] if branched else None)
+        else:  # nothing to verify: a decode step, [rows, 1, vocab]
+            tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.model.device)
+            logits = self.model.decode(tokens, [c if row is not None else None for row, c in zip(rows, cached)])
+            logits = logits.unsqueeze(1)
         samplings = [row.request.sampling if row is not None else GREEDY for row in rows]
         chosen = accept(logits, proposal, samplings, [row.generator if row is not None else None for row in rows],
                         trees)
         if not all(s.greedy for s in samplings):
             self.model.tp.broadcast_from_first(chosen)  # every rank continues with rank 0's draws
         chosen, gained, paths = chosen.tolist(), [], []
-        if self.timed:
+        if self.timed and drafted:
             self._measure(rows, proposal.steps, drafted_at - started, k * m + 1, time.perf_counter() - drafted_at)
         for row, values, (tokens, parents) in zip(rows, chosen, trees):
             if row is not None and len(tokens) > 0 and branched and row.request.sampling.greedy:

@@ -73,8 +73,9 @@
 # (H100) quant7b, spec_smollm2 (prices' first form), mixtral24 (cut), moe30b_acc; eighth (H200, then H100)
 # tests_experts, quant7b, mixtral24_acc, moe235_int4, tests_kernels, spec_smollm2_greedy, moe30b and
 # moe30b_resident (b1; copies through the kernels), quant7b again.
-#   1. tests_experts:120 tests_kernels:300                     direct reads by default where every expert fits,
-#                                                              copies through the kernels (CPU-tested only)
+#   1. tests_experts:120 tests_kernels:300 tests_spec:200      the last review's fixes to copies through the
+#                                                              kernels, and passes with nothing to verify as
+#                                                              decode steps (CPU-tested only)
 #   2. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
 #   3. moe30b_acc:300                                          against accelerate with copies through the kernels
 #   4. spec_smollm2_greedy:150 (carry the model's halves)     where a draft step's 1.1 ms go: its kernels'

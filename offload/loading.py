@@ -445,7 +445,7 @@ def _weight_format(model, options: LoadOptions, chosen: ops.Ops, dtype: torch.dt
     if options.quantize is None:
         return None
     if options.quantize == STORED:
-        raise InputError(f"quantize='stored' keeps a checkpoint's own compressed formats, but this checkpoint is not "
+        raise InputError("quantize='stored' keeps a checkpoint's own compressed formats, but this checkpoint is not "
                          "stored quantized (a GGUF file, or scripts/quantize.py's output)")
     return WeightFormat(options.quantize, options.group_size, kernel, rounding=options.rounding)
 

@@ -160,10 +160,12 @@ class LoadOptions:
         check_request(self.quantize, self.group_size, self.rounding)
         _check_draft(self.draft, self.draft_tokens)
         _check_branches(self.draft, self.draft_branches)
-        for name in ("cuda_graphs", "compile", "all_logits", "prefetch_experts", "direct_experts"):
-            if not isinstance(getattr(self, name), bool) and not (name == "direct_experts" and self.direct_experts
-                                                                  is None):
+        for name in ("cuda_graphs", "compile", "all_logits", "prefetch_experts"):
+            if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (self.direct_experts is None or isinstance(self.direct_experts, bool)):
+            raise InputError(f"direct_experts must be True, False or None (where every expert fits on one GPU), got "
+                             f"{self.direct_experts!r}")
         if self.prefetch_experts and self.direct_experts:
             raise InputError("prefetch_experts and direct_experts do not go together (a prefetch fills the cache, "
                              "which direct reads do not use): choose one")

@@ -449,3 +449,16 @@ def test_expert_widths_that_tp_cannot_split_are_refused(field):
     check_divisible(config_from_dict({**raw, field: 48}), 2)
     with pytest.raises(offload.ConfigError, match=f"{field}=47 is not divisible by tp=2"):
         check_divisible(config_from_dict(raw), 2)
+
+
+def test_a_streaming_budget_holds_the_expert_cache():
+    """``gpu_budget_streaming(0)`` of a mixture of experts: every layer and every expert streams, through the
+    ring's slots and the expert cache."""
+    shape = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 2}
+    kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=2, cpu_memory="64GiB")
+    needs = offload.plan_model(shape, **kw).needs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OffloadWarning)
+        plan = offload.plan_model(shape, gpu_memory=needs.gpu_budget_streaming(0), **kw)
+    assert set(plan.layer_map()) == {"H"} and set(plan.experts.placement) == {"host"}
+    assert plan.experts.cache_slots == needs.experts.cache_slots(2)

@@ -113,7 +113,10 @@ class ExpertTable:
         sent to the device behind the work queued so far. A pass rewrites a layer's row after reading that
         layer's routing, which waited for the work queued before it: the previous pass's copy has landed. A
         later wave of the same layer may rewrite the row before its first wave's copy lands: it changes only
-        its own experts' entries, which that wave's kernels do not read."""
+        its own experts' entries, which that wave's kernels do not read. Every expert resident: the device's row
+        is the host's already, and nothing is sent."""
+        if not slots:
+            return self.addresses[layer]
         row = self._pointed[layer]
         for e, slot in slots.items():
             row[e] = self.slot_addresses[slot]

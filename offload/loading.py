@@ -528,23 +528,26 @@ def load_weights(setup: Setup, source, progress: bool, shared_globals: WeightPoo
     source.validate([x for layout in layouts for x in layout.sources()]
                     + [x for block in setup.blocks for x in block.sources()])
     shared = shared_globals is not None
-    embedding_bytes = setup.embedding_layout.nbytes if setup.embedding_layout and not shared else 0
-    global_bytes = 0 if shared else setup.globals_layout.nbytes
-    pool = WeightPool(setup.plan, global_bytes, embedding_bytes, setup.device)
-    jobs = []
-    if not shared:
-        jobs.append((pool.globals, setup.globals_layout, setup.globals_layout.sources()))
-    else:
-        pool.globals, pool.embedding = shared_globals.globals, shared_globals.embedding
-    jobs += [(buffer, spec.layout, spec.sources()) for buffer, spec in zip(pool.blocks, setup.blocks)]
-    if setup.embedding_layout is not None and not shared:
-        jobs.append((pool.embedding, setup.embedding_layout, setup.embedding_layout.sources()))
-    total = sum(layout.nbytes for _, layout, _ in jobs)
+    own_embedding = setup.embedding_layout is not None and not shared
+    # what is read, in order: the globals, the blocks, the embedding
+    layouts = ([] if shared else [setup.globals_layout]) + [block.layout for block in setup.blocks] \
+        + ([setup.embedding_layout] if own_embedding else [])
+    sources = ([] if shared else [setup.globals_layout.sources()]) + [block.sources() for block in setup.blocks] \
+        + ([setup.embedding_layout.sources()] if own_embedding else [])
+    pool = None
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
-                  file=sys.stderr) as bar:
-            for buffer, layout, sources in jobs:
-                for name, specs in _by_tensor(sources):
+        # first, so that the disk reads while pinned host memory is allocated (seconds for tens of GB)
+        source.read_in_order([(spec, name) for tensors in sources for name, specs in _by_tensor(tensors)
+                              for spec in specs])
+        pool = WeightPool(setup.plan, 0 if shared else setup.globals_layout.nbytes,
+                          setup.embedding_layout.nbytes if own_embedding else 0, setup.device)
+        if shared:
+            pool.globals, pool.embedding = shared_globals.globals, shared_globals.embedding
+        buffers = ([] if shared else [pool.globals]) + pool.blocks + ([pool.embedding] if own_embedding else [])
+        with tqdm(total=sum(layout.nbytes for layout in layouts), unit="B", unit_scale=True, desc="loading weights",
+                  disable=not progress, file=sys.stderr) as bar:
+            for buffer, layout, tensors in zip(buffers, layouts, sources):
+                for name, specs in _by_tensor(tensors):
                     if specs[0].quant is None or source.stores_parts(name):  # as it is stored
                         for spec in specs:
                             source.read(spec, name, _view(buffer, spec))
@@ -553,7 +556,8 @@ def load_weights(setup: Setup, source, progress: bool, shared_globals: WeightPoo
                         _read_quantized(source, specs[0], name, views, setup.device)
                 bar.update(layout.nbytes)
     except BaseException:
-        pool.close()
+        if pool is not None:
+            pool.close()
         raise
     finally:
         source.close()

@@ -64,6 +64,9 @@ class RandomSource:
     def validate(self, specs) -> None:
         pass
 
+    def read_in_order(self, specs) -> None:
+        pass  # nothing to read ahead
+
     def stores_parts(self, name: str) -> bool:
         return self.packed  # else dense numbers: quantized while loading
 

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.checkpoint import LAYER_TENSOR, all_finite, copy_piece
+from ..models.readahead import Readahead
 from .config import architecture_of, hf_config
 from .convert import dense_tensor, gguf_tensor_to_parts, parts_format, type_name
 from .names import MappedTensor, map_tensors, unpermute_order
@@ -172,6 +173,8 @@ class GGUFSource:
         self.checkpoint = checkpoint if isinstance(checkpoint, GGUFCheckpoint) else GGUFCheckpoint(checkpoint)
         self.device, self.requantize = device, requantize
         self._cached: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._readahead: Readahead | None = None
+        self._reading: dict[str, int] = {}  # tensor -> its place in the loader's order
 
     def stores_parts(self, name: str) -> bool:
         """Whether tensor ``name`` is stored in a type with a compressed form (its parts are read, never
@@ -205,7 +208,16 @@ class GGUFSource:
             raise CheckpointError(f"{self.checkpoint.path.name}: {mapped.name} is {type_name(mapped.ggml_type)} "
                                   f"({has}); the layout asks for {asked}")
 
+    def read_in_order(self, specs) -> None:
+        """The tensors a load will :meth:`read`, in its order: their bytes are read from disk ahead of it."""
+        names = dict.fromkeys(name for _, name in specs)
+        self._reading = {name: i for i, name in enumerate(names)}
+        stored = [self.checkpoint.tensors[name].stored for name in names]
+        self._readahead = Readahead([(t.file, *t.span) for t in stored])
+
     def read(self, spec, name: str, out: torch.Tensor) -> None:
+        if self._readahead is not None and name in self._reading:
+            self._readahead.reached(self._reading[name])
         rows, cols = _cut(spec)
         if spec.part:
             piece = self._parts(name, rows, cols).get(spec.part)
@@ -227,6 +239,9 @@ class GGUFSource:
         return self._cached[key]
 
     def close(self) -> None:
+        if self._readahead is not None:
+            self._readahead.close()
+            self._readahead = None
         self._cached.clear()
         self.checkpoint.close()
 

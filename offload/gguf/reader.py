@@ -47,6 +47,7 @@ class StoredTensor:
     shape: tuple[int, ...]
     data: np.ndarray  # memory-mapped view: [rows, bytes per row] for block types, elements otherwise
     file: Path
+    span: tuple[int, int] = (0, 0)  # where its bytes lie in ``file``
 
     @property
     def type_name(self) -> str:
@@ -176,7 +177,8 @@ class GGUFFiles:
                     raise CheckpointError(f"{part.name}: tensor {t.name!r} is also in "
                                           f"{self.tensors[t.name].file.name}")
                 shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-                self.tensors[t.name] = StoredTensor(t.name, int(t.tensor_type), shape, t.data, part)
+                span = (int(t.data_offset), int(t.data_offset) + int(t.n_bytes))
+                self.tensors[t.name] = StoredTensor(t.name, int(t.tensor_type), shape, t.data, part, span)
         expected = self.value("split.tensors.count")
         if expected is not None and expected != len(self.tensors):
             raise CheckpointError(f"{self.path.name}: the split set holds {len(self.tensors)} tensors, its "

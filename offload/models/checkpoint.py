@@ -5,7 +5,9 @@ block lives) with this rank's piece of one named checkpoint tensor:
 
     source.read(spec, name, out)
 
-so loading never holds more than one tensor's piece outside its final place.
+so loading never holds more than one tensor's piece outside its final place. A loader
+first says what it will read, in its order (``source.read_in_order(specs)``): a source
+of files has them read from disk ahead of it (``readahead.py``).
 ``CheckpointSource`` reads single-file and sharded (``model.safetensors.index.json``)
 checkpoints; ``offload.synthetic.RandomSource`` is the same interface over seeded
 random numbers.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from ..errors import CheckpointError
 from .blocks import TensorSpec
 from .parallel import REPLICATED, Shard
 from .quant import part_shapes
+from .readahead import Readahead
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes weights may have
 LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
@@ -65,6 +69,8 @@ class CheckpointSource:
             raise CheckpointError(f"checkpoint directory {str(self.path)!r} does not exist")
         self._handles: dict[Path, object] = {}
         self._file_of = self._index()
+        self._readahead: Readahead | None = None
+        self._reading: dict[str, int] = {}  # stored tensor -> its place in the loader's order
 
     def _index(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
@@ -153,9 +159,27 @@ class CheckpointSource:
             raise CheckpointError(f"checkpoint {str(self.path)!r} has layers up to {max(found)}, but config.json's "
                                   f"num_hidden_layers is {len(expected)}")
 
+    def read_in_order(self, specs: list[tuple[TensorSpec, str]]) -> None:
+        """The tensors a load will :meth:`read`, in its order: their bytes are read from disk ahead of it."""
+        names = dict.fromkeys(self._stored_name(spec, name) for spec, name in specs)
+        self._reading = {name: i for i, name in enumerate(names)}
+        headers = {file: _data_offsets(file) for file in {self._file_of[name] for name in names}}
+        ranges = []
+        for name in names:
+            file = self._file_of[name]
+            start, end = headers[file][name]
+            ranges.append((file, start, end))
+        self._readahead = Readahead(ranges)
+
+    def _stored_name(self, spec: TensorSpec, name: str) -> str:
+        """The name a piece is read from: a saved quantized weight's part is its own tensor."""
+        return f"{name}.{spec.part}" if spec.part and self.stores_parts(name) else name
+
     def read(self, spec: TensorSpec, name: str, out: torch.Tensor) -> None:
         if spec.part:  # a part of a weight stored quantized (``stores_parts``)
             name, spec = f"{name}.{spec.part}", part_spec(spec)
+        if self._readahead is not None and name in self._reading:
+            self._readahead.reached(self._reading[name])
         file = self._file_of[name]
         try:
             piece = _cut(self._open(file).get_slice(name), spec)
@@ -167,7 +191,21 @@ class CheckpointSource:
                                   f"(as {str(out.dtype).removeprefix('torch.')})")
 
     def close(self) -> None:
+        if self._readahead is not None:
+            self._readahead.close()
+            self._readahead = None
         self._handles.clear()
+
+
+def _data_offsets(file: Path) -> dict[str, tuple[int, int]]:
+    """Where each tensor's bytes lie in a safetensors file (opened by ``safe_open`` already, so whole): the
+    format is an 8-byte little-endian header length, the JSON header, then the data its offsets count from."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    base = 8 + length
+    return {name: (base + entry["data_offsets"][0], base + entry["data_offsets"][1])
+            for name, entry in header.items() if name != "__metadata__"}
 
 
 def part_spec(spec: TensorSpec) -> TensorSpec:

@@ -19,6 +19,8 @@
 #                  kernels' other blockings (the best three)
 #   quant7b        llama-2-7b resident decode in bf16, int8 and int4, batch 1 and 16 (GPU time per pass vs floor)
 #   quant7b_words  int8 and int4 with every word kernel (OFFLOAD_WORD_GEMV=1; the default: int4's GEMV only)
+#   quant7b_last   int8 and int4, stretches of columns summed by the last program of each tile (OFFLOAD_LAST_SUMS=1:
+#                  one kernel a product, not two) against the summing kernel, after the test that races them
 #   profile7b      llama-2-7b resident, compiled: generate's ms/step against the GPU's time per pass, the kernels
 #   profile13b     llama-2-13b resident, compiled, the same without the kernel table
 #   host13b        llama-2-13b at 8 GiB, host tier only, batch 1, graphs and eager (no accelerate)
@@ -76,6 +78,8 @@
 #   1. tests_experts:120 tests_kernels:300 tests_spec:200      the last review's fixes to copies through the
 #                                                              kernels, and passes with nothing to verify as
 #                                                              decode steps (CPU-tested only)
+#   1b. quant7b_last:200                                       one kernel a split product (#20, #22's draft
+#                                                              steps): if it races none and pays, make it the default
 #   2. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
 #   3. moe30b_acc:300                                          against accelerate with copies through the kernels
 #   4. spec_smollm2_greedy:150 (carry the model's halves)     where a draft step's 1.1 ms go: its kernels'
@@ -127,6 +131,10 @@ run_stage() {
     quant7b_words) stage quant7b_words env OFFLOAD_WORD_GEMV=1 bash -c 'for q in "--quantize int8" "--quantize int4"
       do for b in 1 16; do python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
       --batch $b $q; done; done' ;;
+    quant7b_last) stage quant7b_last bash -c 'python3 -m pytest -q -x tests/test_quant_kernels.py -k last &&
+      for q in "--quantize int8" "--quantize int4"; do for b in 1 16; do for last in 0 1; do echo "OFFLOAD_LAST_SUMS=$last"
+      OFFLOAD_LAST_SUMS=$last python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
+      --batch $b $q; done; done; done' ;;
     profile7b) stage profile7b python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 32,128 --compile \
       --kernels ;;
     profile13b) stage profile13b python3 benchmarks/profile_decode.py --shape llama-2-13b --prompts 32,128 --compile ;;

@@ -238,3 +238,65 @@ def test_choosing_the_word_kernels_does_not_break_a_compiled_graph():
 
     _, gemv, matmul = blockings(torch.ones(3))
     assert gemv[-1] and matmul[-1]
+
+
+@pytest.mark.parametrize("fmt, group, m, blocking", [
+    ("int4", 32, 1, (8, 1024, 3, 4, False)),  # _gemv_kernel, three stretches
+    ("int8", None, 2, (8, 1024, 3, 4, False)),
+    ("int4", 128, 2, (16, 256, 4, 4, True)),  # _gemv_words_kernel, four stretches of one tile
+    ("int8", 16, 1, (16, 256, 2, 4, True)),
+    ("int4", 64, 5, (16, 64, 64, 3, 4, 3, False)),  # _matmul_kernel, three stretches, odd rows and features
+    ("int4", 128, 16, (16, 64, 128, 2, 4, 3, True)),  # _matmul_kernel with WORDS
+])
+def test_the_last_program_of_a_tile_sums_the_stretches_as_the_summing_kernel_does(monkeypatch, fmt, group, m, blocking):
+    """With ``LAST_SUMS`` the tile's last program to finish adds the stretches' partial sums (one kernel instead of
+    two): the same bits as ``_sum_splits_kernel``'s, with and without a bias, and every tile's counter is zero
+    again afterwards (the next product on the stream starts from zero)."""
+    dtype = DTYPES[0]
+    w = packed(fmt, group, 67, 768, dtype, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(m, 768, generator=gen).to(dtype).to(DEVICE)
+    bias = torch.randn(67, generator=gen).to(dtype).to(DEVICE)
+    for b in (None, bias, bias):  # the third: counters reused
+        monkeypatch.setattr(quant_kernels, "LAST_SUMS", False)
+        summed = quant_kernels.linear(x, w, b, blocking=blocking)
+        monkeypatch.setattr(quant_kernels, "LAST_SUMS", True)
+        counters = quant_kernels.tile_counters(x.device, 1)
+        got = quant_kernels.linear(x, w, b, blocking=blocking)
+        assert torch.equal(got, summed)
+        assert_close_to_exact(got, x, w, b)
+        assert not counters.any()
+
+
+def test_last_sums_leave_products_of_too_many_tiles_to_the_summing_kernel(monkeypatch):
+    monkeypatch.setattr(quant_kernels, "LAST_SUMS", True)
+    assert quant_kernels.tile_counters(torch.device(DEVICE), quant_kernels.COUNTERS) is not None
+    assert quant_kernels.tile_counters(torch.device(DEVICE), quant_kernels.COUNTERS + 1) is None
+    monkeypatch.setattr(quant_kernels, "LAST_SUMS", False)
+    assert quant_kernels.tile_counters(torch.device(DEVICE), 1) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="the race it looks for needs a GPU's programs running at once")
+@pytest.mark.parametrize("m", [1, 2, 16])
+def test_last_sums_race_no_partial_sum_on_a_gpu(monkeypatch, m):
+    """Hundreds of programs of a llama-2-7b-wide product finish at once, many times over, in CUDA graphs too: the
+    last program of every tile must see every other's partial sums (a late one would change the bits)."""
+    w = packed("int4", 128, 4096, 11008, torch.bfloat16, seed=13)
+    x = torch.randn(m, 11008, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16).to(DEVICE)
+    monkeypatch.setattr(quant_kernels, "LAST_SUMS", False)
+    summed = quant_kernels.linear(x, w)
+    monkeypatch.setattr(quant_kernels, "LAST_SUMS", True)
+    assert quant_kernels.linear(x, w).equal(summed)  # eager, and the counters made outside the capture
+    outs = [quant_kernels.linear(x, w) for _ in range(200)]
+    assert all(out.equal(summed) for out in outs)
+    side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        quant_kernels.linear(x, w)  # a warm-up on the capture stream makes its counters
+    side.synchronize()
+    with torch.cuda.graph(graph, stream=side):
+        out = quant_kernels.linear(x, w)
+        assert quant_kernels.tile_counters(x.device, 1) is not None  # captured with the last programs' sums
+    for _ in range(200):
+        graph.replay()
+        assert out.equal(summed)

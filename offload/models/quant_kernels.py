@@ -9,9 +9,11 @@ compressed bytes of HBM traffic, resident or streamed.
 
 * **A few rows** (decode, ``GEMV_ROWS`` or fewer): ``_gemv_kernel``. A program owns
   ``BLOCK_N`` output features of one row of ``x`` and a stretch of their input columns
-  (``SPLITS`` stretches per row, summed in a fixed order by ``_sum_splits_kernel``, so
-  that enough programs keep enough bytes in flight while the result stays the same
-  bits every time: no atomics). Its tiles are ``[BLOCK_N, groups, group]``, made by
+  (``SPLITS`` stretches per row, summed in a fixed order, so that enough programs keep
+  enough bytes in flight while the result stays the same bits every time: no atomic
+  additions). The stretches are summed by ``_sum_splits_kernel``, or, where
+  ``LAST_SUMS`` says so, by the last program of a tile to finish (``_last_sums``): one
+  kernel a product instead of two, the same bits. Its tiles are ``[BLOCK_N, groups, group]``, made by
   pointer arithmetic (no reshapes); per group it computes
   ``scale * sum(q * x) + minimum * sum(x)``, so the weights themselves are never
   formed: per weight, an unpack, an integer-to-float conversion done as a float
@@ -56,6 +58,12 @@ MAGIC = 0x4B000000  # the bits of the float 2^23
 # product 0.63x. So by default (None) int4's GEMV reads words and nothing else does; the environment's
 # OFFLOAD_WORD_GEMV=1 turns every word kernel on, =0 every one off (read once, at import).
 WORD_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_WORD_GEMV", ""))
+# A product whose columns are split in stretches has them summed by a second kernel, ``_sum_splits_kernel`` (a
+# small kernel's 1.6 us in a CUDA graph, four times a layer), or with OFFLOAD_LAST_SUMS=1 by the last of each tile's
+# programs to finish (``_last_sums``): the same bits, one kernel. Not yet timed on a GPU, so off by default.
+LAST_SUMS = os.environ.get("OFFLOAD_LAST_SUMS", "") == "1"
+COUNTERS = 1 << 16  # tiles a product may have for ``_last_sums`` (int32 counters, one buffer per device and stream)
+_counters: dict[tuple, torch.Tensor] = {}
 
 
 def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
@@ -80,10 +88,11 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
             tiles = -(-k // (splits * block_k))
             splits = -(-k // (tiles * block_k))  # no empty stretch
         partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-        args = (rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial, n, k,
-                rows.stride(0), w.data.stride(0), w.groups)
-        final = dict(HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, BLOCK_N=block_n, BLOCK_K=block_k,
-                     num_warps=warps, **common)
+        counters = tile_counters(x.device, triton.cdiv(n, block_n) * m) if splits > 1 else None
+        args = (rows, w.data, w.scale, minimum, bias if bias is not None else out, partial, out,
+                counters if counters is not None else out, n, k, rows.stride(0), w.data.stride(0), w.groups)
+        final = dict(HAS_BIAS=bias is not None, FINAL=splits == 1, LAST=counters is not None, SPLITS=splits,
+                     BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **common)
         if words:
             if not words_take(w):
                 raise ValueError("the word GEMV takes int8 per channel or in groups of 16 to 256 columns, or int4 "
@@ -100,15 +109,35 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
         if words and not (common["INT4"] and group >= 128 and words_take(w)):
             raise ValueError("the word product takes int4 in groups of 128 or 256, in rows of whole 4-byte words")
         partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        counters = tile_counters(x.device, triton.cdiv(m, block_m) * triton.cdiv(n, block_n)) if splits > 1 else None
         _matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
-            rows, w.data, w.scale, minimum, bias if splits == 1 and bias is not None else out, partial, m, n, k,
-            rows.stride(0), w.data.stride(0), w.groups, triton.cdiv(k, splits * block_k) * block_k, MAGIC,
-            HAS_BIAS=splits == 1 and bias is not None, FINAL=splits == 1, WORDS=words, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
-    if splits > 1:
+            rows, w.data, w.scale, minimum, bias if bias is not None else out, partial, out,
+            counters if counters is not None else out, m, n, k, rows.stride(0), w.data.stride(0), w.groups,
+            triton.cdiv(k, splits * block_k) * block_k, MAGIC, HAS_BIAS=bias is not None, FINAL=splits == 1,
+            LAST=counters is not None, SPLITS=splits, WORDS=words, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
+    if splits > 1 and counters is None:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, bias if bias is not None else out, out, m * n, n,
                                                         SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024)
     return out.view(*x.shape[:-1], n)
+
+
+def tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """Zeroed int32 counters of ``tiles`` tiles for ``_last_sums`` on ``device``'s current stream, or None where the
+    stretches go to ``_sum_splits_kernel``: ``LAST_SUMS`` off, more tiles than ``COUNTERS``, or a first use while a
+    CUDA graph is captured (a graph's warm-up pass, eager on its stream, makes them).
+
+    One buffer per stream: the programs of one kernel count in it and the last of each tile sets its counter back
+    to zero, so kernels that follow one another on a stream share it, and kernels of two streams never do."""
+    if not LAST_SUMS or tiles > COUNTERS:
+        return None
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _counters[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _counters[key]
 
 
 def gemv_blocking(w: QuantizedWeight, words: bool | None = None) -> tuple[int, int, int, int, bool]:
@@ -179,11 +208,13 @@ if triton is not None:
         return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
     @triton.jit
-    def _gemv_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, N, K, s_x, s_data, GROUPS, SPAN,
-                     GROUP: tl.constexpr, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, N, K, s_x, s_data,
+                     GROUPS, SPAN, GROUP: tl.constexpr, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                     HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr,
+                     SPLITS, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Features ``[pid0 * BLOCK_N, +BLOCK_N)``, columns ``[pid1 * SPAN, +SPAN)`` of row ``pid2`` of x: the
-        output itself (FINAL), or this stretch's float32 partial sums ``out[pid1, pid2, features]``."""
+        output itself (FINAL), or this stretch's float32 partial sums ``out[pid1, pid2, features]`` (LAST: and the
+        output ``final``, by the last stretch's program to finish)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rows < N
         x_row = x_ptr + tl.program_id(2).to(tl.int64) * s_x
@@ -225,25 +256,51 @@ if triton is not None:
         total = tl.sum(acc, axis=1)
         if PER_CHANNEL:
             total *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
-        _store_gemv(total, rows, n_ok, N, bias_ptr, out_ptr, HAS_BIAS, FINAL)
+        _store_gemv(total, rows, n_ok, N, bias_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS, FINAL, LAST, SPLITS)
 
     @triton.jit
-    def _store_gemv(total, rows, n_ok, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr):
+    def _store_gemv(total, rows, n_ok, N, bias_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS: tl.constexpr,
+                    FINAL: tl.constexpr, LAST: tl.constexpr, SPLITS):
         """A GEMV program's sums for features ``rows`` of row ``pid2`` of x: the output (FINAL, with the bias),
-        or this stretch's float32 partial sums ``out[pid1, pid2, features]``."""
+        or this stretch's float32 partial sums ``out[pid1, pid2, features]`` (LAST: then summed into ``final`` by
+        the tile's last program to finish)."""
+        row = tl.program_id(2).to(tl.int64) * N + rows
         if FINAL:
             if HAS_BIAS:
                 total += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
-            out = out_ptr + tl.program_id(2).to(tl.int64) * N + rows
-            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(out_ptr + row, total.to(out_ptr.dtype.element_ty), mask=n_ok)
         else:
-            row = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
-            tl.store(out_ptr + row.to(tl.int64) * N + rows, total, mask=n_ok)
+            stride = tl.num_programs(2) * N  # of a stretch's partial sums (one or two rows)
+            tl.store(out_ptr + tl.program_id(1) * stride + row, total, mask=n_ok)
+            if LAST:
+                tile = tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)
+                _last_sums(out_ptr, final_ptr, bias_ptr, count_ptr, tile, row, rows, n_ok, stride, HAS_BIAS, SPLITS)
 
     @triton.jit
-    def _gemv_words_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, N, K, s_x, s_data, GROUPS, TILES,
-                           MAGIC, GROUP: tl.constexpr, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                           HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, EVEN: tl.constexpr,
+    def _last_sums(partial_ptr, out_ptr, bias_ptr, count_ptr, tile, at, features, ok, stride, HAS_BIAS: tl.constexpr,
+                   SPLITS):
+        """Called by each of a tile's ``SPLITS`` programs once it has stored its stretch's partial sums at
+        ``partial + split * stride + at``: the last to finish adds every stretch's in order, and the bias, into
+        ``out + at``, as ``_sum_splits_kernel`` would (the same bits, whichever program comes last), then sets the
+        tile's counter back to zero for the next kernel. The barrier and the counter's release order this
+        program's stores before its arrival; the last program's acquire orders its loads (which skip the SM's
+        own cache, ``.cg``) after every arrival."""
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            total = tl.zeros(at.shape, dtype=tl.float32)
+            for split in range(SPLITS):
+                total += tl.load(partial_ptr + split * stride + at, mask=ok, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + features, mask=ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(count_ptr + tile, 0)
+
+    @triton.jit
+    def _gemv_words_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, N, K, s_x,
+                           s_data, GROUPS, TILES, MAGIC, GROUP: tl.constexpr, INT4: tl.constexpr,
+                           PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           FINAL: tl.constexpr, LAST: tl.constexpr, SPLITS, EVEN: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """``_gemv_kernel``'s product in fewer instructions a byte (int4: less than half; the one-row product
         is bound by them, not by its bytes): the weights are read as 32-bit words, and each 4-bit or 8-bit field becomes
@@ -331,7 +388,7 @@ if triton is not None:
         total = tl.sum(tl.sum(acc, axis=2), axis=1)
         if PER_CHANNEL:
             total *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
-        _store_gemv(total, rows, n_ok, N, bias_ptr, out_ptr, HAS_BIAS, FINAL)
+        _store_gemv(total, rows, n_ok, N, bias_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS, FINAL, LAST, SPLITS)
 
     @triton.jit
     def _field(w, mask: tl.constexpr, magic, bias: tl.constexpr, x):
@@ -369,12 +426,14 @@ if triton is not None:
         tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _matmul_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, M, N, K, s_x, s_data, GROUPS, SPAN,
-                       MAGIC, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, WORDS: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _matmul_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, M, N, K, s_x,
+                       s_data, GROUPS, SPAN, MAGIC, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                       HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr,
+                       SPLITS, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
         """Tile ``[pid0 * BLOCK_M, +BLOCK_M) x [pid1 * BLOCK_N, +BLOCK_N)`` over columns ``[pid2 * SPAN, +SPAN)``:
-        the output (FINAL) or this stretch's float32 partial sums ``out[pid2]``; a column step of ``BLOCK_K``
+        the output (FINAL) or this stretch's float32 partial sums ``out[pid2]`` (LAST: and the output ``final``, by
+        the last stretch's program to finish); a column step of ``BLOCK_K``
         columns is one group (one scale per feature). WORDS (int4 in groups of 128 or 256): the group read as
         32-bit words, each of its eight nibbles made a float where it lies (as ``_gemv_words_kernel`` does),
         and multiplied in eight products of ``BLOCK_K / 8`` columns."""
@@ -429,7 +488,16 @@ if triton is not None:
                 acc = tl.dot(xv, w.to(dtype), acc)
         if PER_CHANNEL:  # int8's integers are exact in 16 bits: the scale applies to the sums
             acc *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
+        if FINAL and HAS_BIAS:
             acc += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + (tl.program_id(2) * M + m[:, None]).to(tl.int64) * N + rows[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        at = m[:, None].to(tl.int64) * N + rows[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        if FINAL:
+            tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            stride = M * N  # of a stretch's partial sums (only products of at most 64 rows are split)
+            tl.store(out_ptr + tl.program_id(2) * stride + at, acc, mask=ok)
+            if LAST:
+                tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+                _last_sums(out_ptr, final_ptr, bias_ptr, count_ptr, tile, at, rows[None, :], ok, stride, HAS_BIAS,
+                           SPLITS)

@@ -19,8 +19,9 @@
 #                  kernels' other blockings (the best three)
 #   quant7b        llama-2-7b resident decode in bf16, int8 and int4, batch 1 and 16 (GPU time per pass vs floor)
 #   quant7b_words  int8 and int4 with every word kernel (OFFLOAD_WORD_GEMV=1; the default: int4's GEMV only)
-#   quant7b_last   int8 and int4, stretches of columns summed by the last program of each tile (OFFLOAD_LAST_SUMS=1:
-#                  one kernel a product, not two) against the summing kernel, after the test that races them
+#   quant7b_last   bf16, int8 and int4: split work put together by the last program of each tile (OFFLOAD_LAST_SUMS=1:
+#                  one kernel a compressed product and an attention, not two) against the second kernels, after
+#                  the tests that race them
 #   profile7b      llama-2-7b resident, compiled: generate's ms/step against the GPU's time per pass, the kernels
 #   profile13b     llama-2-13b resident, compiled, the same without the kernel table
 #   host13b        llama-2-13b at 8 GiB, host tier only, batch 1, graphs and eager (no accelerate)
@@ -131,8 +132,8 @@ run_stage() {
     quant7b_words) stage quant7b_words env OFFLOAD_WORD_GEMV=1 bash -c 'for q in "--quantize int8" "--quantize int4"
       do for b in 1 16; do python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
       --batch $b $q; done; done' ;;
-    quant7b_last) stage quant7b_last bash -c 'python3 -m pytest -q -x tests/test_quant_kernels.py -k last &&
-      for q in "--quantize int8" "--quantize int4"; do for b in 1 16; do for last in 0 1; do echo "OFFLOAD_LAST_SUMS=$last"
+    quant7b_last) stage quant7b_last bash -c 'python3 -m pytest -q -x tests/test_quant_kernels.py tests/test_kernels.py -k last &&
+      for q in "" "--quantize int8" "--quantize int4"; do for b in 1 16; do for last in 0 1; do echo "OFFLOAD_LAST_SUMS=$last"
       OFFLOAD_LAST_SUMS=$last python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
       --batch $b $q; done; done; done' ;;
     profile7b) stage profile7b python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 32,128 --compile \

@@ -280,3 +280,30 @@ def test_rope_and_store_normalizes_q_and_k_per_head_before_rotating(batch, heads
     for got, want in ((q, q_ref), (mine[0][written], theirs[0][written])):
         assert_one_rounding_apart(got, want)
         assert (got == want).float().mean() > 0.95
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
+@pytest.mark.parametrize("batch,heads,kv_heads,length,hd", [(1, 4, 4, 700, 16), (3, 8, 2, 300, 32)])
+def test_the_last_program_of_a_head_merges_the_splits_as_the_merging_kernel_does(monkeypatch, batch, heads, kv_heads,
+                                                                                 length, hd):
+    """With ``LAST_SUMS`` the last of a kv head's programs to finish merges its query heads' splits (one kernel
+    instead of two): close to the reference, the same output every time, the merging kernel's bits under Triton's
+    interpreter, and every counter zero again afterwards."""
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float16)
+    gen = torch.Generator().manual_seed(length)
+    keys, values = (torch.randn(batch, kv_heads, length, hd, generator=gen).to(dtype).to(device) for _ in range(2))
+    q = torch.randn(batch, heads, 1, hd, generator=gen).to(dtype).to(device)
+    allowed = (torch.arange(length) <= torch.tensor([length - 1, 5, length // 2][:batch])[:, None])[:, None, None]
+    allowed = allowed.to(device)
+    assert kernels.decode_attention_splits(batch, kv_heads, length)[0] > 1  # split, so merged
+    monkeypatch.setattr(kernels, "LAST_SUMS", False)
+    merged = kernels.decode_attention(q, keys, values, allowed, hd**-0.5)
+    monkeypatch.setattr(kernels, "LAST_SUMS", True)
+    counters = kernels.tile_counters(q.device, 1)
+    outs = [kernels.decode_attention(q, keys, values, allowed, hd**-0.5) for _ in range(3 if device == "cpu" else 100)]
+    assert not counters.any()
+    want = attention_reference(q, keys, values, allowed, hd**-0.5)
+    assert (outs[0].double() - want).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3)
+    assert all(out.equal(outs[0]) for out in outs)
+    if device == "cpu":
+        assert outs[0].equal(merged)

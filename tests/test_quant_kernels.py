@@ -258,10 +258,10 @@ def test_the_last_program_of_a_tile_sums_the_stretches_as_the_summing_kernel_doe
     x = torch.randn(m, 768, generator=gen).to(dtype).to(DEVICE)
     bias = torch.randn(67, generator=gen).to(dtype).to(DEVICE)
     for b in (None, bias, bias):  # the third: counters reused
-        monkeypatch.setattr(quant_kernels, "LAST_SUMS", False)
+        monkeypatch.setattr(kernels, "LAST_SUMS", False)
         summed = quant_kernels.linear(x, w, b, blocking=blocking)
-        monkeypatch.setattr(quant_kernels, "LAST_SUMS", True)
-        counters = quant_kernels.tile_counters(x.device, 1)
+        monkeypatch.setattr(kernels, "LAST_SUMS", True)
+        counters = kernels.tile_counters(x.device, 1)
         got = quant_kernels.linear(x, w, b, blocking=blocking)
         assert torch.equal(got, summed)
         assert_close_to_exact(got, x, w, b)
@@ -269,11 +269,11 @@ def test_the_last_program_of_a_tile_sums_the_stretches_as_the_summing_kernel_doe
 
 
 def test_last_sums_leave_products_of_too_many_tiles_to_the_summing_kernel(monkeypatch):
-    monkeypatch.setattr(quant_kernels, "LAST_SUMS", True)
-    assert quant_kernels.tile_counters(torch.device(DEVICE), quant_kernels.COUNTERS) is not None
-    assert quant_kernels.tile_counters(torch.device(DEVICE), quant_kernels.COUNTERS + 1) is None
-    monkeypatch.setattr(quant_kernels, "LAST_SUMS", False)
-    assert quant_kernels.tile_counters(torch.device(DEVICE), 1) is None
+    monkeypatch.setattr(kernels, "LAST_SUMS", True)
+    assert kernels.tile_counters(torch.device(DEVICE), kernels.COUNTERS) is not None
+    assert kernels.tile_counters(torch.device(DEVICE), kernels.COUNTERS + 1) is None
+    monkeypatch.setattr(kernels, "LAST_SUMS", False)
+    assert kernels.tile_counters(torch.device(DEVICE), 1) is None
 
 
 @pytest.mark.gpu
@@ -284,9 +284,9 @@ def test_last_sums_race_no_partial_sum_on_a_gpu(monkeypatch, m):
     last program of every tile must see every other's partial sums (a late one would change the bits)."""
     w = packed("int4", 128, 4096, 11008, torch.bfloat16, seed=13)
     x = torch.randn(m, 11008, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16).to(DEVICE)
-    monkeypatch.setattr(quant_kernels, "LAST_SUMS", False)
+    monkeypatch.setattr(kernels, "LAST_SUMS", False)
     summed = quant_kernels.linear(x, w)
-    monkeypatch.setattr(quant_kernels, "LAST_SUMS", True)
+    monkeypatch.setattr(kernels, "LAST_SUMS", True)
     assert quant_kernels.linear(x, w).equal(summed)  # eager, and the counters made outside the capture
     outs = [quant_kernels.linear(x, w) for _ in range(200)]
     assert all(out.equal(summed) for out in outs)
@@ -296,7 +296,7 @@ def test_last_sums_race_no_partial_sum_on_a_gpu(monkeypatch, m):
     side.synchronize()
     with torch.cuda.graph(graph, stream=side):
         out = quant_kernels.linear(x, w)
-        assert quant_kernels.tile_counters(x.device, 1) is not None  # captured with the last programs' sums
+        assert kernels.tile_counters(x.device, 1) is not None  # captured with the last programs' sums
     for _ in range(200):
         graph.replay()
         assert out.equal(summed)

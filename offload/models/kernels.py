@@ -12,7 +12,8 @@ instead (the measurements are in docs/benchmarks.md):
   before it fused in; PyTorch spends eight kernels on a norm.
 * **Attention of one query per row** (``decode_attention``): flash decoding. The keys
   are cut into splits that run in parallel (enough programs to fill the GPU), each keeps
-  a running softmax, and a second kernel merges the splits.
+  a running softmax, and a second kernel merges the splits (or, with ``LAST_SUMS``, the
+  last of a head's programs to finish: ``tile_counters``).
 * **The small work between them**: the rotary embedding of q and k with the cache write
   of k and v (``rope_and_store``: thirteen PyTorch kernels), the gate of a gated MLP
   (``gated``: SiLU or tanh-approximated GELU, times up).
@@ -31,6 +32,7 @@ kernels rather than a failed step.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -50,6 +52,12 @@ BLOCK_K, WARPS = 1024, 4
 # Attention: keys per loop step, and the programs to aim for (about two per SM of an H100 or H200).
 BLOCK_KEYS, TARGET_PROGRAMS = 64, 256
 ELEMENTWISE_BLOCK = 1024
+# Work split across programs (flash decoding's keys, a compressed product's columns) is put together by a second
+# kernel (a small kernel's 1.6 us in a CUDA graph), or with OFFLOAD_LAST_SUMS=1 by the last of a tile's programs to
+# finish, counted per tile (``tile_counters``): the same arithmetic, one kernel. Not yet timed on a GPU, so off.
+LAST_SUMS = os.environ.get("OFFLOAD_LAST_SUMS", "") == "1"
+COUNTERS = 1 << 16  # tiles a kernel may count (int32 counters, one buffer per device and stream)
+_counters: dict[tuple, torch.Tensor] = {}
 
 
 def _same(*tensors: torch.Tensor) -> bool:
@@ -195,6 +203,25 @@ def rope_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posi
 # ----------------------------------------------------------------------------- attention of one query
 
 
+def tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """Zeroed int32 counters of ``tiles`` tiles for a kernel whose last program of each tile puts the tile's
+    split work together, on ``device``'s current stream; None where a second kernel does: ``LAST_SUMS`` off, more
+    tiles than ``COUNTERS``, or a first use while a CUDA graph is captured (a graph's warm-up pass, eager on its
+    stream, makes them).
+
+    One buffer per stream: the programs of one kernel count in it and the last of each tile sets its counter back
+    to zero, so kernels that follow one another on a stream share it, and kernels of two streams never do."""
+    if not LAST_SUMS or tiles > COUNTERS:
+        return None
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _counters[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _counters[key]
+
+
 def decode_attention_takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                            allowed: torch.Tensor) -> bool:
     hd = q.shape[-1]
@@ -235,14 +262,15 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     out = q.new_empty(b, 1, h, hd)
     # Each split's unnormalized output, running maximum and sum, in float32 (only with more than one split).
     partial = q.new_empty((b * h * splits * (hd + 2)) if splits > 1 else 1, dtype=torch.float32)
+    counters = tile_counters(q.device, b * kv_heads) if splits > 1 else None
     grid = (b * kv_heads, splits)
     _decode_attention_kernel[grid](
-        q, keys, values, allowed, partial, out, length, kv_heads, keys_per_split, scale * math.log2(math.e),
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), allowed.stride(0),
+        q, keys, values, allowed, partial, out, counters if counters is not None else partial, length, kv_heads,
+        keys_per_split, scale * math.log2(math.e), q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
+        keys.stride(2), values.stride(0), values.stride(1), values.stride(2), allowed.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK=BLOCK_KEYS,
-        SPLITS=splits, num_warps=4)
-    if splits > 1:
+        SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), LAST=counters is not None, num_warps=4)
+    if splits > 1 and counters is None:
         _merge_splits_kernel[(b * h,)](partial, out, SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
                                        HD=hd, num_warps=4)
     return out.transpose(1, 2)
@@ -359,11 +387,13 @@ if triton is not None:
             tl.store(v_cache_ptr + b * sv_b + kv_head * sv_h + position * sv_l + d, v)
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, partial_ptr, out_ptr, L, KV_HEADS, KEYS_PER_SPLIT,
-                                 scale_log2: tl.constexpr, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
-                                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr,
-                                 SPLITS: tl.constexpr):
-        """One kv head of one row, over one split of the keys: the ``GROUP`` query heads that share it."""
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, partial_ptr, out_ptr, count_ptr, L, KV_HEADS,
+                                 KEYS_PER_SPLIT, scale_log2: tl.constexpr, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h,
+                                 sv_l, sm_b, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr,
+                                 BLOCK: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                                 LAST: tl.constexpr):
+        """One kv head of one row, over one split of the keys: the ``GROUP`` query heads that share it (LAST: the
+        last split's program to finish merges every split of them, as ``_merge_splits_kernel`` does)."""
         row_head, split = tl.program_id(0), tl.program_id(1)
         b, kv_head = row_head // KV_HEADS, row_head % KV_HEADS
         g, d = tl.arange(0, GROUP_PAD), tl.arange(0, HD)
@@ -399,16 +429,30 @@ if triton is not None:
             tl.store(partial_ptr + at[:, None] + d[None, :], acc, mask=g[:, None] < GROUP)
             tl.store(partial_ptr + at + HD, m, mask=g < GROUP)
             tl.store(partial_ptr + at + HD + 1, total, mask=g < GROUP)
+            if LAST:  # the barrier and the counter's release order these stores before the arrival
+                tl.debug_barrier()
+                arrived = tl.atomic_add(count_ptr + row_head, 1, sem="acq_rel", scope="gpu")
+                if arrived == SPLITS - 1:
+                    for i in tl.static_range(GROUP):
+                        _merge(partial_ptr, out_ptr, row_head * GROUP + i, SPLITS, SPLITS_PAD, HD, ".cg")
+                    tl.store(count_ptr + row_head, 0)  # for the next kernel on the stream
 
     @triton.jit
     def _merge_splits_kernel(partial_ptr, out_ptr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HD: tl.constexpr):
         """One query head of one row: the splits' outputs, each weighted by its share of the softmax."""
-        row_head = tl.program_id(0)
+        _merge(partial_ptr, out_ptr, tl.program_id(0), SPLITS, SPLITS_PAD, HD, "")
+
+    @triton.jit
+    def _merge(partial_ptr, out_ptr, row_head, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HD: tl.constexpr,
+               CACHE: tl.constexpr):
+        """Query head ``row_head`` (of every row's heads): the splits' outputs, each weighted by its share of the
+        softmax (``CACHE``: ".cg" reads past the SM's own cache, for partial results other programs wrote)."""
         s, d = tl.arange(0, SPLITS_PAD), tl.arange(0, HD)
         at = (row_head * SPLITS + s) * (HD + 2)
-        m = tl.load(partial_ptr + at + HD, mask=s < SPLITS, other=float("-inf"))
-        total = tl.load(partial_ptr + at + HD + 1, mask=s < SPLITS, other=0.0)
-        acc = tl.load(partial_ptr + at[:, None] + d[None, :], mask=s[:, None] < SPLITS, other=0.0)
+        m = tl.load(partial_ptr + at + HD, mask=s < SPLITS, other=float("-inf"), cache_modifier=CACHE)
+        total = tl.load(partial_ptr + at + HD + 1, mask=s < SPLITS, other=0.0, cache_modifier=CACHE)
+        acc = tl.load(partial_ptr + at[:, None] + d[None, :], mask=s[:, None] < SPLITS, other=0.0,
+                      cache_modifier=CACHE)
         top = tl.max(m, axis=0)
         weight = tl.exp2(m - tl.where(top == float("-inf"), 0.0, top))  # a split that saw no key: weight 0
         total = tl.sum(total * weight, axis=0)

@@ -12,8 +12,8 @@ compressed bytes of HBM traffic, resident or streamed.
   (``SPLITS`` stretches per row, summed in a fixed order, so that enough programs keep
   enough bytes in flight while the result stays the same bits every time: no atomic
   additions). The stretches are summed by ``_sum_splits_kernel``, or, where
-  ``LAST_SUMS`` says so, by the last program of a tile to finish (``_last_sums``): one
-  kernel a product instead of two, the same bits. Its tiles are ``[BLOCK_N, groups, group]``, made by
+  ``kernels.LAST_SUMS`` says so, by the last program of a tile to finish (``_last_sums``):
+  one kernel a product instead of two, the same bits. Its tiles are ``[BLOCK_N, groups, group]``, made by
   pointer arithmetic (no reshapes); per group it computes
   ``scale * sum(q * x) + minimum * sum(x)``, so the weights themselves are never
   formed: per weight, an unpack, an integer-to-float conversion done as a float
@@ -42,7 +42,7 @@ import os
 
 import torch
 
-from .kernels import DTYPES, triton
+from .kernels import DTYPES, tile_counters, triton
 from .quant import FUSED, INT4, QuantizedWeight
 
 if triton is not None:
@@ -58,12 +58,6 @@ MAGIC = 0x4B000000  # the bits of the float 2^23
 # product 0.63x. So by default (None) int4's GEMV reads words and nothing else does; the environment's
 # OFFLOAD_WORD_GEMV=1 turns every word kernel on, =0 every one off (read once, at import).
 WORD_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_WORD_GEMV", ""))
-# A product whose columns are split in stretches has them summed by a second kernel, ``_sum_splits_kernel`` (a
-# small kernel's 1.6 us in a CUDA graph, four times a layer), or with OFFLOAD_LAST_SUMS=1 by the last of each tile's
-# programs to finish (``_last_sums``): the same bits, one kernel. Not yet timed on a GPU, so off by default.
-LAST_SUMS = os.environ.get("OFFLOAD_LAST_SUMS", "") == "1"
-COUNTERS = 1 << 16  # tiles a product may have for ``_last_sums`` (int32 counters, one buffer per device and stream)
-_counters: dict[tuple, torch.Tensor] = {}
 
 
 def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
@@ -120,24 +114,6 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, bias if bias is not None else out, out, m * n, n,
                                                         SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024)
     return out.view(*x.shape[:-1], n)
-
-
-def tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """Zeroed int32 counters of ``tiles`` tiles for ``_last_sums`` on ``device``'s current stream, or None where the
-    stretches go to ``_sum_splits_kernel``: ``LAST_SUMS`` off, more tiles than ``COUNTERS``, or a first use while a
-    CUDA graph is captured (a graph's warm-up pass, eager on its stream, makes them).
-
-    One buffer per stream: the programs of one kernel count in it and the last of each tile sets its counter back
-    to zero, so kernels that follow one another on a stream share it, and kernels of two streams never do."""
-    if not LAST_SUMS or tiles > COUNTERS:
-        return None
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    if key not in _counters:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _counters[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return _counters[key]
 
 
 def gemv_blocking(w: QuantizedWeight, words: bool | None = None) -> tuple[int, int, int, int, bool]:

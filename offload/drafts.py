@@ -19,9 +19,9 @@ row's last position), loaded with :func:`draft_options`.
 The speculator (``offload/scheduler/speculation.py``) calls, once per pass over the rows
 of the pass (the row engine's rows; ``None`` for a row not in it):
 
-    proposal = draft.propose(rows, budgets)   # at most budgets[b] tokens for row b
-    ...                                       # the target verifies them
-    draft.update(rows, accepted)              # how many of row b's drafts the target took
+    proposal = draft.propose(rows, budgets, nodes)  # at most budgets[b] deep for row b (a tree: nodes[b] tokens)
+    ...                                             # the target verifies them
+    draft.update(rows, accepted, paths)             # how many of row b's chain the target took, and where
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 from .memory.host import to_device
 from .sampling import draw, probabilities
-from .speculative import MAX_BRANCHES, Proposal
+from .speculative import MAX_BRANCHES, BestFirstTree, Proposal
 
 NGRAM, INT4, MODEL = "ngram", "int4", "model"
 # With graphs, a row's few new tokens enter the draft's cache as decode steps replayed from graphs: more than a
@@ -55,11 +55,14 @@ def draft_options(target, max_draft: int):
     """The ``LoadOptions`` of a draft model for a target loaded with ``target`` (its max_seq_len filled in):
     the same device, dtype, rows and tensor parallelism, every layer resident (int4 for the int4 draft), a
     KV cache ``max_draft`` tokens longer than the target's, only each row's last logits, experts read as the
-    default decides for it (a resident draft: directly, on a GPU)."""
+    default decides for it (a resident draft: directly, on a GPU), and where the target's passes may grow trees
+    (``draft_branches`` None or above 1) passes of its own ``max_draft + 1`` tokens wide to grow them."""
+    trees = (target.draft_branches or MAX_BRANCHES) > 1
     return target.replace(
         gpu_memory=RESIDENT_BUDGET, cpu_memory=0, peer_memory=None, max_seq_len=target.max_seq_len + max_draft,
         max_step_tokens=None, all_logits=False, slots=None, group_size=None, direct_experts=None, draft=None,
         draft_tokens=None, draft_branches=None, quantize=INT4 if draft_kind(target.draft) == INT4 else None,
+        tree_width=max_draft + 1 if trees else 1,
     )
 
 
@@ -81,12 +84,12 @@ class NgramDraft:
     def __init__(self, longest: int = 3, shortest: int = 1):
         self.longest, self.shortest = longest, shortest
 
-    def propose(self, rows: list, budgets: list[int]) -> Proposal:
+    def propose(self, rows: list, budgets: list[int], nodes: list[int] | None = None) -> Proposal:
         tokens = [lookup(list(row.request.prompt) + row.tokens, k, self.longest, self.shortest)
                   if row is not None and k > 0 else [] for row, k in zip(rows, budgets)]
         return Proposal(tokens)
 
-    def update(self, rows: list, accepted: list[int]) -> None:
+    def update(self, rows: list, accepted: list[int], paths: list[list[int]] | None = None) -> None:
         pass  # nothing to roll back
 
     def close(self) -> None:
@@ -138,13 +141,17 @@ class ModelDraft:
         self.model, self.label = model, label
         self.valid: dict = {}  # row -> tokens of its context in the draft's cache that are still right
         self.generators: dict = {}  # row -> its draft's generator (sampled rows)
-        self.pending: dict = {}  # row -> (context length, draft steps) of the proposal being verified
+        self.pending: dict = {}  # row -> (context length, draft steps) of the chain being verified
+        self.growing: dict = {}  # row -> (context length, joining order, nodes in the cache) of its tree
 
     @property
     def plans(self):
         return self.model.plans
 
-    def propose(self, rows: list, budgets: list[int]) -> Proposal:
+    def propose(self, rows: list, budgets: list[int], nodes: list[int] | None = None) -> Proposal:
+        """At most ``budgets[b]`` drafts deep for row ``b``: a chain, or where ``nodes`` gives a row more
+        tokens than its depth and every drafting row is greedy, a tree of at most ``nodes[b]`` tokens grown
+        best first (:meth:`_grow_trees`)."""
         self._forget_rows_not_in(rows)
         drafting = [b for b, (row, k) in enumerate(zip(rows, budgets)) if row is not None and k > 0]
         if not drafting:
@@ -155,6 +162,9 @@ class ModelDraft:
         logits, caught_up = self._catch_up([contexts[b][valid[b]:] if b in contexts else [] for b in range(len(rows))],
                                            [valid.get(b, 0) for b in range(len(rows))],
                                            prompt=any(valid[b] == 0 for b in drafting))
+        if (nodes is not None and any(nodes[b] > budgets[b] for b in drafting)
+                and all(rows[b].request.sampling.greedy for b in drafting)):
+            return self._grow_trees(rows, budgets, nodes, contexts, logits, caught_up)
         ids, qs, likeliest = [], [], []
         for step in range(steps):
             chosen, q = self._choose(logits, rows, drafting)
@@ -170,6 +180,43 @@ class ModelDraft:
         alternatives = [_alternatives(tokens[b], likeliest[b]) if tokens[b] else [] for b in range(len(rows))]
         return Proposal(tokens, None if qs[0] is None else torch.stack(qs, dim=1), alternatives,
                         steps=caught_up + steps - 1 if caught_up else 0)
+
+    def _grow_trees(self, rows: list, depths: list[int], nodes: list[int], contexts: dict, logits: torch.Tensor,
+                    caught_up: int) -> Proposal:
+        """Greedy rows' drafts as trees grown best first (:class:`~offload.speculative.BestFirstTree`): at each
+        of ``max(depths)`` steps each row's likeliest scored children join its tree (an even share of its
+        ``nodes``, the rest at the last step), and but for the last step one pass of the draft over every
+        row's tree (its last token, in the cache already, then the tree, under its parents) scores the new
+        ones: as many passes as a chain of that depth takes steps. The draft's cache then holds each row's
+        tree as its last pass saw it; :meth:`update` keeps the branch the target accepted."""
+        trees = {b: BestFirstTree(nodes[b], depths[b]) for b in contexts}
+        tokens, logprobs = _likeliest(logits)
+        for b, tree in trees.items():
+            tree.score(0, tokens[b], logprobs[b])
+        steps, passes, in_cache = max(depths[b] for b in trees), 0, {b: 0 for b in trees}
+        for step in range(steps):
+            last = step + 1 == steps
+            joined = {b: tree.grow(tree.most if last else -(-tree.most // steps)) for b, tree in trees.items()}
+            if last or not any(joined.values()):
+                break
+            new_tokens = [[contexts[b][-1], *trees[b].tokens] if b in trees else [] for b in range(len(rows))]
+            cached = [len(contexts[b]) - 1 if b in trees else 0 for b in range(len(rows))]
+            parents = [trees[b].parents if b in trees else [] for b in range(len(rows))]
+            tokens, logprobs = _likeliest(self.model.verify(new_tokens, cached, parents=parents))
+            passes += 1
+            for b, tree in trees.items():
+                in_cache[b] = len(tree.tokens)
+                for j in joined[b]:
+                    tree.score(j, tokens[b][j], logprobs[b][j])
+        proposal = Proposal.empty(len(rows))
+        proposal.alternatives, proposal.trees = [[] for _ in rows], [([], []) for _ in rows]
+        for b, tree in trees.items():
+            tokens, parents, order, siblings = tree.chain_first()
+            proposal.tokens[b], proposal.alternatives[b] = tokens[: len(siblings)], siblings
+            proposal.trees[b] = (tokens, parents)
+            self.growing[rows[b]] = (len(contexts[b]), order, in_cache[b])
+        proposal.steps = caught_up + passes if caught_up else 0
+        return proposal
 
     def _catch_up(self, new_tokens: list[list[int]], cached: list[int], prompt: bool) -> tuple[torch.Tensor, int]:
         """Each row's tokens the draft has not seen added to its cache: the logits after each row's last one,
@@ -197,13 +244,26 @@ class ModelDraft:
                 logits = logits.index_copy(0, index, step.index_select(0, index))
         return logits, most
 
-    def update(self, rows: list, accepted: list[int]) -> None:
-        """The target accepted ``accepted[b]`` of row ``b``'s drafts: its draft cache holds the context and the
-        drafts up to the last one it wrote (a run of ``steps`` writes ``steps - 1``), as far as they were accepted."""
-        for row, n in zip(rows, accepted):
+    def update(self, rows: list, accepted: list[int], paths: list[list[int]] | None = None) -> None:
+        """The target accepted ``accepted[b]`` of row ``b``'s chain (``paths[b]``: the nodes of its tree, root
+        first, that it went through): its draft cache holds the context and the drafts up to the last one it
+        wrote (a run of ``steps`` writes ``steps - 1``), as far as they were accepted; a tree's accepted branch
+        is moved into place, as far as the draft's last pass over it wrote it."""
+        kept = []
+        for b, (row, n) in enumerate(zip(rows, accepted)):
             if row in self.pending:
                 length, steps = self.pending.pop(row)
                 self.valid[row] = length + min(n, steps - 1)
+            elif row in self.growing:
+                length, order, in_cache = self.growing.pop(row)
+                branch = [order[j - 1] for j in paths[b][1:] if order[j - 1] <= in_cache]
+                kept.append((b, length - 1, [0, *branch]))
+                self.valid[row] = length + len(branch)
+        if any(len(path) > 1 for _, _, path in kept):
+            cached, moved = [0] * len(rows), [[] for _ in rows]
+            for b, start, path in kept:
+                cached[b], moved[b] = start, path
+            self.model.keep_path(cached, moved)
 
     def close(self) -> None:
         self.model.close()
@@ -231,9 +291,16 @@ class ModelDraft:
     def _forget_rows_not_in(self, rows: list) -> None:
         """Rows that finished or were cancelled: a new request in their cache row starts from nothing."""
         live = {row for row in rows if row is not None}
-        for table in (self.valid, self.generators, self.pending):
+        for table in (self.valid, self.generators, self.pending, self.growing):
             for row in [r for r in table if r not in live]:
                 del table[row]
+
+
+def _likeliest(logits: torch.Tensor) -> tuple[list, list]:
+    """The ``MAX_BRANCHES`` likeliest tokens at each position of ``logits [..., vocab]``, and their
+    log-probabilities, as nested lists (one transfer to the host)."""
+    top = logits.float().log_softmax(dim=-1).topk(MAX_BRANCHES)
+    return top.indices.tolist(), top.values.tolist()
 
 
 def _alternatives(chosen: list[int], likeliest: list[list[int]]) -> list[list[int]]:

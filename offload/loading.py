@@ -341,11 +341,11 @@ def _expert_needs(config: ModelConfig, routed: list[BlockSpec], direct: bool, ho
 
 
 def verify_width(options: LoadOptions, captured: bool) -> int:
-    """The most tokens a row adds in a verify pass (1 without a draft): ``K + 1``, padded to a power of two
-    where the passes are captured in CUDA graphs."""
-    if options.draft is None:
+    """The most tokens a row adds in a verify pass: ``K + 1`` with a draft, a draft model's ``tree_width``
+    (1 without either), padded to a power of two where the passes are captured in CUDA graphs."""
+    width = options.tree_width if options.draft is None else _max_draft(options) + 1
+    if width == 1:
         return 1
-    width = _max_draft(options) + 1
     return verify_bucket(width, options.max_seq_len) if captured else width
 
 

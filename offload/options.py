@@ -131,6 +131,9 @@ class LoadOptions:
             likeliest, and ``draft_branches - 1`` alternatives beside it, verified as a tree in the same
             pass (at most 4; 1: a chain). None (default): chosen before each pass, like ``draft_tokens``,
             from how often the row's token was among the draft's alternatives where a chain broke.
+        tree_width: set by offload on a draft model (``offload.drafts.draft_options``): the widest pass
+            of its own that it runs, growing a tree of drafts (its CUDA graphs and their memory are
+            planned for it). Leave it at 1.
     """
 
     device: str | torch.device | None = None
@@ -155,11 +158,15 @@ class LoadOptions:
     draft: str | os.PathLike | None = None
     draft_tokens: int | None = None
     draft_branches: int | None = None
+    tree_width: int = 1
 
     def __post_init__(self):
         check_request(self.quantize, self.group_size, self.rounding)
         _check_draft(self.draft, self.draft_tokens)
         _check_branches(self.draft, self.draft_branches)
+        _count("tree_width", self.tree_width)
+        if self.tree_width > MAX_DRAFT_TOKENS + 1:
+            raise InputError(f"tree_width must be at most {MAX_DRAFT_TOKENS + 1}, got {self.tree_width}")
         for name in ("cuda_graphs", "compile", "all_logits", "prefetch_experts"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")

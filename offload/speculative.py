@@ -34,6 +34,8 @@ speculative sampling, then each alternative as a point mass against what is left
 residual (accepted with the residual's probability of it, else removed from it), and
 descends into the first accepted. Trying point masses one by one draws from the residual
 exactly, whatever tokens they are, so each token is still distributed as plain sampling.
+Where every drafting row is greedy, a draft model grows its trees itself, best first
+(:class:`BestFirstTree`): the likeliest paths under the draft, wherever they branch.
 
 How many to draft (:func:`best_draft_shape`): with a per-token acceptance ``a``, a
 row gains ``(1 - a^(k+1)) / (1 - a)`` tokens from a pass of ``k`` drafts (the tokens
@@ -50,6 +52,7 @@ plan does not price.
 
 from __future__ import annotations
 
+import heapq
 import statistics
 from collections import deque
 from collections.abc import Callable
@@ -81,6 +84,9 @@ class Proposal:
     # measure a step. 0: none, or a pass of several tokens among them (a prompt, or a catch-up longer than
     # ``drafts.CATCH_UP_STEPS``), which says nothing of a step's time.
     steps: int = 0
+    # a draft model's trees grown best first (greedy rows): trees[b] = (tokens, parents) as ``verify`` takes them,
+    # its chain (``tokens[b]``) first; ([], []) for other rows. None: the speculator grows trees itself.
+    trees: list[tuple[list[int], list[int]]] | None = None
 
     @staticmethod
     def empty(rows: int) -> "Proposal":
@@ -108,6 +114,63 @@ def grow_tree(chain: list[int], alternatives: list[list[int]], branches: int, mo
             tokens.append(token)
             parents.append(depth)
     return tokens, parents
+
+
+class BestFirstTree:
+    """A greedy row's drafts grown best first (SpecExec, Svirschevski et al. 2024): the draft scores a node's
+    likeliest children (:meth:`score`), and each step the children whose path from the root is likeliest under
+    the draft join the tree (:meth:`grow`), wherever they are: where the draft is sure, the tree runs deep;
+    where it hesitates, it branches. Nodes are numbered from 1 in the order they join (0: the root, the row's
+    last token), so a pass of the draft over ``[root, *tokens]`` under ``parents`` scores the new ones."""
+
+    def __init__(self, most: int, depth: int):
+        self.most, self.depth = most, depth  # at most ``most`` nodes, none deeper than ``depth``
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.logp: list[float] = []  # of each node's path from the root, under the draft
+        self.depths: list[int] = []
+        self.candidates: list[tuple[float, int, int, int]] = []  # (-logp, order, parent, token): a heap
+
+    def score(self, node: int, tokens: list[int], logprobs: list[float]) -> None:
+        """The draft's likeliest ``tokens`` after ``node`` (0: the root), with their log-probabilities."""
+        base, depth = (0.0, 0) if node == 0 else (self.logp[node - 1], self.depths[node - 1])
+        if depth >= self.depth:
+            return
+        for token, logp in zip(tokens, logprobs):
+            heapq.heappush(self.candidates, (-(base + logp), len(self.candidates), node, token))
+
+    def grow(self, n: int) -> list[int]:
+        """Up to ``n`` scored children join the tree, likeliest first: their numbers."""
+        joined = []
+        while self.candidates and len(joined) < n and len(self.tokens) < self.most:
+            neg_logp, _, parent, token = heapq.heappop(self.candidates)
+            self.tokens.append(token)
+            self.parents.append(parent)
+            self.logp.append(-neg_logp)
+            self.depths.append(1 if parent == 0 else self.depths[parent - 1] + 1)
+            joined.append(len(self.tokens))
+        return joined
+
+    def chain_first(self) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+        """The tree renumbered with its chain first (from the root, each node's likeliest child: what a chain
+        draft would have proposed), as the speculator counts acceptance: ``(tokens, parents, order, siblings)``
+        where ``order[i]`` is the joining number of new node ``i + 1``, and ``siblings[d]`` the chain's
+        alternatives at depth ``d`` (its node's siblings, likeliest first)."""
+        children: dict[int, list[int]] = {}
+        for j, parent in enumerate(self.parents, start=1):
+            children.setdefault(parent, []).append(j)
+        for kids in children.values():
+            kids.sort(key=lambda j: -self.logp[j - 1])
+        chain, node = [], 0
+        while children.get(node):
+            node = children[node][0]
+            chain.append(node)
+        order = chain + [j for j in range(1, len(self.tokens) + 1) if j not in set(chain)]
+        new = {old: i for i, old in enumerate(order, start=1)} | {0: 0}
+        tokens = [self.tokens[j - 1] for j in order]
+        parents = [new[self.parents[j - 1]] for j in order]
+        siblings = [[self.tokens[k - 1] for k in children[self.parents[j - 1]] if k != j] for j in chain]
+        return tokens, parents, order, siblings
 
 
 def walk_tree(target: list[int], drafts: list[int], parents: list[int]) -> tuple[list[int], list[int]]:

@@ -234,7 +234,7 @@ def test_a_pass_with_nothing_to_verify_is_a_decode_step(structured, plain, monke
             monkeypatch.setattr(model, verb, lambda *a, _m=method, _v=verb, **k: calls.append(_v) or _m(*a, **k))
         lookup, passes = model.draft.propose, []
 
-        def finding(rows, budgets):  # nothing on every other pass, the lookup's drafts on the others
+        def finding(rows, budgets, nodes=None):  # nothing on every other pass, the lookup's drafts on the others
             passes.append(len(passes))
             return lookup(rows, budgets) if len(passes) % 2 else Proposal.empty(len(rows))
 
@@ -441,3 +441,41 @@ def test_drafts_accepted_past_an_eos_are_not_counted(structured, plain):
     assert got.drafted_tokens > 0
     assert got.accepted_tokens == got.decode_tokens == 1  # the eos, an accepted draft (8 were accepted)
 
+
+
+def test_a_draft_growing_trees_keeps_the_accepted_branch_in_its_own_cache(structured, weak_draft, plain):
+    """Greedy rows' trees grown best first: the draft's passes over them write the draft's cache past each
+    row's context, and after each pass it keeps the branch the target accepted, moved into place, so its cache
+    holds what a fresh draft's pass over the row's tokens gives, for every token it counts as seen."""
+    batch = prompts(structured, (9, 14))
+    model = load(structured, "tree", weak_draft, draft_tokens=8)
+    got = model.generate(batch, max_new_tokens=30, ignore_eos=True, return_result=True)
+    assert got.tokens == plain.generate(batch, max_new_tokens=30, ignore_eos=True, return_result=True).tokens
+    draft = model.draft
+    assert got.accepted_tokens < got.drafted_tokens and draft.valid
+    with offload.load_model(weak_draft, **{**KW, "max_seq_len": draft.model.max_seq_len}) as fresh:
+        for row, seen in draft.valid.items():
+            context = list(row.request.prompt) + row.tokens
+            assert len(row.request.prompt) < seen <= len(context)
+            fresh.extend([context[:seen]], [0])
+            for mine, want in ((draft.model.cache.k, fresh.cache.k), (draft.model.cache.v, fresh.cache.v)):
+                assert torch.allclose(mine[:, row.index, :, :seen], want[:, 0, :, :seen], atol=1e-5)
+    model.close()
+
+
+def test_trees_grown_best_first_take_fewer_passes_than_trees_of_alternatives(structured, weak_draft, plain):
+    """The same depth and tokens a pass (four depths of four): the draft's best-first trees (greedy rows) follow
+    its likeliest paths wherever they branch, where trees of alternatives branch once a depth off one chain."""
+    batch, limits = prompts(structured), [40, 23, 31, 8]
+    want = plain.generate(batch, max_new_tokens=limits, ignore_eos=True, return_result=True).tokens
+    passes = {}
+    for best_first in (False, True):
+        model = load(structured, "tree", weak_draft, draft_tokens=16)
+        if not best_first:  # the speculator grows trees of the chain's alternatives (as for sampled rows)
+            propose = model.draft.propose
+            model.draft.propose = lambda rows, budgets, nodes=None: propose(rows, budgets)
+        got = model.generate(batch, max_new_tokens=limits, ignore_eos=True, return_result=True)
+        assert got.tokens == want
+        passes[best_first] = got.decode_steps
+        model.close()
+    assert passes[True] < passes[False], passes

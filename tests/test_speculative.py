@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from offload.sampling import GREEDY, Sampling, probabilities
-from offload.speculative import (ASSUMED_ACCEPTANCE, Acceptance, Mends, Proposal, accept, best_draft_length,
+from offload.speculative import (ASSUMED_ACCEPTANCE, Acceptance, BestFirstTree, Mends, Proposal, accept, best_draft_length,
                                 best_draft_shape, expected_tokens, grow_tree, speculation_forecast, walk_tree)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -250,3 +250,37 @@ def test_the_load_time_forecast_prices_verify_passes_padded_as_they_run():
     k_padded, priced, _ = speculation_forecast([target], [target], [draft], 4, padded)
     assert k == k_padded == 4
     assert priced == pytest.approx(plain + 0.3 / expected_tokens(ASSUMED_ACCEPTANCE, 4))  # 8 tokens run, not 5
+
+
+def test_a_tree_grown_best_first_takes_the_likeliest_paths_wherever_they_are():
+    """The draft is sure of 'a' then 'b' (a deep chain), unsure between 'x' and 'y' at the root: the likeliest
+    paths join first, whatever their depth, never deeper than allowed, never more than ``most``."""
+    a, b, c, x, y = 1, 2, 3, 4, 5
+    tree = BestFirstTree(most=5, depth=3)
+    tree.score(0, [a, x, y], [math.log(0.6), math.log(0.25), math.log(0.15)])
+    assert tree.grow(1) == [1] and tree.tokens == [a]
+    tree.score(1, [b, c], [math.log(0.9), math.log(0.1)])  # after a: b (0.54 from the root), c (0.06)
+    assert tree.grow(2) == [2, 3] and tree.tokens == [a, b, x]
+    tree.score(2, [c], [math.log(0.9)])  # after a b: c (0.486), at depth 3
+    tree.score(3, [a], [math.log(0.5)])  # after x: a (0.125)
+    assert tree.grow(10) == [4, 5] and tree.tokens == [a, b, x, c, y]  # at most five
+    assert tree.parents == [0, 1, 0, 2, 0] and tree.depths == [1, 2, 1, 3, 1]
+    tree.score(4, [a], [0.0])  # below the deepest allowed: not a candidate
+    assert all(parent != 4 for _, _, parent, _ in tree.candidates)
+
+
+def test_a_best_first_tree_puts_its_chain_first_for_the_target():
+    """Renumbered chain first (the likeliest child at each node from the root), every parent before its
+    children; the chain's alternatives at each depth are its node's siblings, likeliest first."""
+    tree = BestFirstTree(most=6, depth=4)
+    tree.score(0, [7, 8, 9], [math.log(0.3), math.log(0.5), math.log(0.2)])
+    tree.grow(3)  # 8, 7, 9
+    tree.score(1, [10, 11], [math.log(0.9), math.log(0.1)])  # after 8
+    tree.score(2, [12], [math.log(0.8)])  # after 7
+    tree.grow(3)  # 10 (0.45), 12 (0.24), 11 (0.05)
+    tokens, parents, order, siblings = tree.chain_first()
+    assert tokens[:2] == [8, 10] and siblings == [[7, 9], [11]]
+    assert sorted(order) == list(range(1, 7)) and all(p < i for i, p in enumerate(parents, start=1))
+    assert [tree.tokens[j - 1] for j in order] == tokens
+    by_token = dict(zip(tokens, parents))
+    assert tokens[by_token[12] - 1] == 7 and tokens[by_token[11] - 1] == 8 and by_token[9] == 0

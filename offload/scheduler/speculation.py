@@ -85,7 +85,8 @@ class Speculator:
             k, m, self.undrafted = 1, 1, 0
         budgets = [min(k, r) for r in room]
         started = time.perf_counter()
-        proposal = self.draft.propose(rows, budgets) if max(budgets) > 0 else Proposal.empty(len(rows))
+        nodes = [min(k * m, self._fits(row)) if row is not None else 0 for row in rows] if m > 1 else None
+        proposal = self.draft.propose(rows, budgets, nodes) if max(budgets) > 0 else Proposal.empty(len(rows))
         drafted_at = time.perf_counter()
         trees = self._trees(rows, proposal, m, k * m)
         new_tokens = [[row.tokens[-1], *tree[0]] if row is not None else [] for row, tree in zip(rows, trees)]
@@ -118,22 +119,28 @@ class Speculator:
         if branched:
             self.model.keep_path(cached, paths)
         on_chain = [sum(1 for j in path[1:] if j <= len(drafted)) for path, drafted in zip(paths, proposal.tokens)]
-        self.draft.update(rows, on_chain)
+        self.draft.update(rows, on_chain, paths)
         self._count(rows, proposal, chosen, on_chain)
         return PassOutcome(gained, sum(len(tree[0]) for tree in trees))
 
     def _trees(self, rows: list, proposal: Proposal, branches: int, most: int) -> list[tuple[list[int], list[int]]]:
-        """Each row's drafts and their parents: a chain, or (a row of a draft with alternatives, and
-        ``branches > 1``) a tree of at most ``most`` tokens that fits in the row's KV cache."""
+        """Each row's drafts and their parents: the tree the draft grew, a chain, or (a row of a draft with
+        alternatives, and ``branches > 1``) a tree of at most ``most`` tokens that fits in the row's KV cache."""
         trees = []
         for b, (row, chain) in enumerate(zip(rows, proposal.tokens)):
+            if proposal.trees is not None and proposal.trees[b][0]:
+                trees.append(proposal.trees[b])
+                continue
             alternatives = proposal.alternatives[b] if proposal.alternatives and branches > 1 else []
             if row is None or not chain or not alternatives:
                 trees.append((list(chain), list(range(len(chain)))))
                 continue
-            fits = self.model.max_seq_len - row.cached - 1  # tokens after the row's last one
-            trees.append(grow_tree(chain, alternatives, branches, min(most, fits)))
+            trees.append(grow_tree(chain, alternatives, branches, min(most, self._fits(row))))
         return trees
+
+    def _fits(self, row) -> int:
+        """The tokens a row's KV cache holds after its last one."""
+        return self.model.max_seq_len - row.cached - 1
 
     def _count(self, rows: list, proposal: Proposal, chosen: list[list[int]], on_chain: list[int]) -> None:
         """Each row's acceptance of its chain, and where a chain broke, whether the token the row took there was

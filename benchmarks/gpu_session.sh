@@ -84,7 +84,11 @@
 #   2. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
 #   3. moe30b_acc:300                                          against accelerate with copies through the kernels
 #   4. spec_smollm2_greedy:150 (carry the model's halves)     where a draft step's 1.1 ms go: its kernels'
-#                                                              sum against its wall time (#22: what to cut)
+#                                                              sum against its wall time (#22: what to cut),
+#                                                              and int4@4's trees now grown best first by the
+#                                                              draft (passes of its own, a host read each)
+#   4b. load70b:400                                            the readahead: disk reads overlap pinning and
+#                                                              copies (0.79 of the files' speed before)
 #   5. spec70b:300                                             70b verify passes (#22)
 #   6. int4_405b:500                                           the moonshot (#20)
 # When machines are scarce (each failed start costs 90 s of the 30 minutes), make the first call short and

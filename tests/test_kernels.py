@@ -307,3 +307,56 @@ def test_the_last_program_of_a_head_merges_the_splits_as_the_merging_kernel_does
     assert all(out.equal(outs[0]) for out in outs)
     if device == "cpu":
         assert outs[0].equal(merged)
+
+
+_COMPILE_LAST_SUMS_FOR_HOPPER = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from offload.models import kernels, quant_kernels
+
+def compile(fn, constexprs, types):
+    names = list(inspect.signature(fn.fn).parameters)
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+last = sys.argv[2] == "last"
+if sys.argv[1] == "attention":
+    ptx = compile(kernels._decode_attention_kernel,
+                  dict(scale_log2=0.1, GROUP=4, GROUP_PAD=16, HD=128, BLOCK=64, SPLITS=4, SPLITS_PAD=4, LAST=last),
+                  {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1", "partial_ptr": "*fp32",
+                   "out_ptr": "*bf16", "count_ptr": "*i32"})
+else:
+    ptx = compile(quant_kernels._matmul_kernel,
+                  dict(INT4=True, PER_CHANNEL=False, HAS_MIN=True, HAS_BIAS=True, FINAL=False, LAST=last, WORDS=False,
+                       BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+                  {"x_ptr": "*bf16", "data_ptr": "*u8", "scale_ptr": "*bf16", "min_ptr": "*bf16", "bias_ptr": "*bf16",
+                   "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32"})
+print(ptx.count("atom.global.gpu.acq_rel.add"), ptx.count("ld.global.cg"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("kernel", ["attention", "product"])
+def test_the_last_programs_sums_compile_for_hopper(kernel):
+    """Decode attention and the compressed product of a few rows, compiled for sm_90 here (no GPU needed): with
+    ``LAST_SUMS`` one acquire-release atomic a program and the partial results read past the SM's own cache;
+    without, neither."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    counts = {}
+    for sums in ("last", "kernel"):
+        proc = subprocess.run([sys.executable, "-c", _COMPILE_LAST_SUMS_FOR_HOPPER, kernel, sums], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        counts[sums] = [int(n) for n in proc.stdout.split()]
+    assert counts["last"][0] == 1 and counts["last"][1] > 0 and counts["kernel"] == [0, 0]

@@ -182,11 +182,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from offload.models import quant_kernels
-fmt = sys.argv[1]
+fmt, last = sys.argv[1], sys.argv[2] == "last"
 constexprs = dict(GROUP=128 if fmt == "int4" else 256, INT4=fmt == "int4", PER_CHANNEL=fmt == "int8",
-                  HAS_MIN=fmt == "int4", HAS_BIAS=False, FINAL=False, EVEN=True, BLOCK_N=128, BLOCK_K=256)
+                  HAS_MIN=fmt == "int4", HAS_BIAS=last, FINAL=False, LAST=last, EVEN=True, BLOCK_N=128, BLOCK_K=256)
 types = {"x_ptr": "*bf16", "data_ptr": "*u8" if fmt == "int4" else "*i8", "scale_ptr": "*bf16", "min_ptr": "*bf16",
-         "bias_ptr": "*bf16", "out_ptr": "*fp32"}
+         "bias_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32"}
 fn = quant_kernels._gemv_words_kernel
 names = list(inspect.signature(fn.fn).parameters)
 signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
@@ -197,11 +197,13 @@ print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_war
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["int4", "int8"])
-def test_the_word_gemv_compiles_for_hopper_to_wide_loads_and_no_conversions(fmt):
+@pytest.mark.parametrize("fmt, sums", [("int4", "kernel"), ("int8", "kernel"), ("int4", "last")])
+def test_the_word_gemv_compiles_for_hopper_to_wide_loads_and_no_conversions(fmt, sums):
     """Compiled for sm_90 here (Triton's CUDA backend needs no GPU to compile; in a process of its own, without
     the interpreter): the weights are loaded 16 bytes a thread at a time, and no integer is converted to a float
-    by a conversion instruction (a quarter of the multiply-add rate: the reason for the words)."""
+    by a conversion instruction (a quarter of the multiply-add rate: the reason for the words). With the last
+    program's sums (``kernels.LAST_SUMS``): a barrier, then one acquire-release atomic a tile, and the partial
+    sums read past the SM's own cache."""
     import os
     import re
     import subprocess
@@ -211,12 +213,17 @@ def test_the_word_gemv_compiles_for_hopper_to_wide_loads_and_no_conversions(fmt)
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, fmt], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, fmt, sums], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ptx = proc.stdout
     assert re.search(r"ld\.global\S*evict_first\S*\.v4\.b32", ptx)
     assert not re.search(r"cvt\.rn\.f32\.[su](8|16|32)", ptx)
+    atomics = re.findall(r"atom\.global\.gpu\.acq_rel\.add", ptx)
+    assert len(atomics) == (1 if sums == "last" else 0)
+    if sums == "last":
+        assert re.search(r"bar\.sync[^\n]*\n(?:[^\n]*\n){0,12}[^\n]*atom\.global\.gpu\.acq_rel", ptx)
+        assert re.search(r"ld\.global\.cg\.b32", ptx)
 
 
 def test_int8_rows_of_whole_words_that_are_not_whole_int4_words():

@@ -151,8 +151,10 @@ class ModelDraft:
     def propose(self, rows: list, budgets: list[int], nodes: list[int] | None = None) -> Proposal:
         """At most ``budgets[b]`` drafts deep for row ``b``: a chain, or where ``nodes`` gives a row more
         tokens than its depth and every drafting row is greedy, a tree of at most ``nodes[b]`` tokens grown
-        best first (:meth:`_grow_trees`)."""
+        best first (:meth:`_grow_trees`; unless the draft was loaded without passes that wide: a mixture of
+        experts whose experts direct reads serve, ``loading.prepare``)."""
         self._forget_rows_not_in(rows)
+        self.pending, self.growing = {}, {}  # what a pass that never reached update left is forgotten
         drafting = [b for b, (row, k) in enumerate(zip(rows, budgets)) if row is not None and k > 0]
         if not drafting:
             return Proposal.empty(len(rows))
@@ -162,7 +164,7 @@ class ModelDraft:
         logits, caught_up = self._catch_up([contexts[b][valid[b]:] if b in contexts else [] for b in range(len(rows))],
                                            [valid.get(b, 0) for b in range(len(rows))],
                                            prompt=any(valid[b] == 0 for b in drafting))
-        if (nodes is not None and any(nodes[b] > budgets[b] for b in drafting)
+        if (nodes is not None and self.model.options.tree_width > 1 and any(nodes[b] > budgets[b] for b in drafting)
                 and all(rows[b].request.sampling.greedy for b in drafting)):
             return self._grow_trees(rows, budgets, nodes, contexts, logits, caught_up)
         ids, qs, likeliest = [], [], []

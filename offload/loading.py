@@ -148,6 +148,10 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
         raise PlanError("; ".join(_failed(plans)))
     if choose_direct and _direct_would_pay(options, plans[tp.rank], device, tp, blocks, dtype):
         return prepare(model, options.replace(direct_experts=True), requantize)  # every expert on one GPU
+    if (choose_direct and options.tree_width > 1
+            and _direct_would_pay(options.replace(tree_width=1), plans[tp.rank], device, tp, blocks, dtype)):
+        # a draft model whose trees' passes are too wide for the expert kernels: direct reads pay more than trees
+        return prepare(model, options.replace(direct_experts=True, tree_width=1), requantize)
     plans[tp.rank].warnings.extend(beyond_machine(budget, device))
     if (options.direct_experts or options.prefetch_experts) and needs.experts is None:
         flag = "--direct-experts" if options.direct_experts else "--prefetch-experts"
@@ -351,18 +355,21 @@ def verify_width(options: LoadOptions, captured: bool) -> int:
 
 def _verify_bytes(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
                   options: LoadOptions, captured: bool) -> int:
-    """Speculative decoding's verify pass (0 without a draft): ``max_batch`` rows of ``K + 1`` tokens (padded,
-    when ``captured`` in graphs: a bucket's first pass runs eagerly) in one chunk with the logits of every one,
+    """Speculative decoding's verify pass (0 without a draft or a tree to grow for one): ``max_batch`` rows of
+    ``K + 1`` tokens, or of a draft model's ``tree_width`` (padded, when ``captured`` in graphs: a bucket's
+    first pass runs eagerly) in one chunk with the logits of every one,
     the draft's float32 distributions over them, and speculative sampling's float32 work on one row (its
     filtered target distributions, sorted, and residuals)."""
-    if options.draft is None:
+    draft_model = options.draft is None  # a model with passes this wide but no draft of its own grows trees
+    width = options.tree_width if draft_model else _max_draft(options) + 1
+    if width == 1:
         return 0
-    width, padded = _max_draft(options) + 1, verify_width(options, captured)
-    tokens, vocab = options.max_batch * width, config.vocab_size
+    padded, tokens, vocab = verify_width(options, captured), options.max_batch * width, config.vocab_size
     run = options.max_batch * padded
     verify = family.activation_bytes(config, tp, dtype, options.max_batch, options.max_seq_len, run,
                                      logit_positions=run)
-    return verify + tokens * vocab * 4 + width * vocab * 32
+    # a draft model's float32 logits and log-probabilities over its tree (``drafts._likeliest``)
+    return verify + tokens * vocab * 4 * (2 if draft_model else 1) + width * vocab * 32
 
 
 def direct_steps(options: LoadOptions, device: torch.device) -> bool:

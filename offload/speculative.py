@@ -130,10 +130,12 @@ class BestFirstTree:
         self.logp: list[float] = []  # of each node's path from the root, under the draft
         self.depths: list[int] = []
         self.candidates: list[tuple[float, int, int, int]] = []  # (-logp, order, parent, token): a heap
+        self.scored: dict[int, list[int]] = {}  # node -> the tokens the draft scored after it, likeliest first
 
     def score(self, node: int, tokens: list[int], logprobs: list[float]) -> None:
         """The draft's likeliest ``tokens`` after ``node`` (0: the root), with their log-probabilities."""
         base, depth = (0.0, 0) if node == 0 else (self.logp[node - 1], self.depths[node - 1])
+        self.scored[node] = list(tokens)
         if depth >= self.depth:
             return
         for token, logp in zip(tokens, logprobs):
@@ -155,7 +157,8 @@ class BestFirstTree:
         """The tree renumbered with its chain first (from the root, each node's likeliest child: what a chain
         draft would have proposed), as the speculator counts acceptance: ``(tokens, parents, order, siblings)``
         where ``order[i]`` is the joining number of new node ``i + 1``, and ``siblings[d]`` the chain's
-        alternatives at depth ``d`` (its node's siblings, likeliest first)."""
+        alternatives at depth ``d``: the draft's next likeliest after its parent, in the tree or not (as a
+        chain's are counted)."""
         children: dict[int, list[int]] = {}
         for j, parent in enumerate(self.parents, start=1):
             children.setdefault(parent, []).append(j)
@@ -169,7 +172,8 @@ class BestFirstTree:
         new = {old: i for i, old in enumerate(order, start=1)} | {0: 0}
         tokens = [self.tokens[j - 1] for j in order]
         parents = [new[self.parents[j - 1]] for j in order]
-        siblings = [[self.tokens[k - 1] for k in children[self.parents[j - 1]] if k != j] for j in chain]
+        siblings = [[t for t in self.scored[self.parents[j - 1]] if t != self.tokens[j - 1]][: MAX_BRANCHES - 1]
+                    for j in chain]
         return tokens, parents, order, siblings
 
 

@@ -83,3 +83,14 @@ def test_a_process_plans_with_one_measurement_of_the_cpu():
     first = offload.plan_model(shape_config("tiny"), device="cpu", max_seq_len=64)
     second = offload.plan_model(shape_config("tiny"), device="cpu", max_seq_len=64, draft="ngram")
     assert first.bandwidth == second.bandwidth and first.bandwidth["host"] > 0 and first.bandwidth["matmul"] > 0
+
+
+def test_a_draft_models_trees_passes_are_in_its_plan():
+    """A draft model that grows trees (``tree_width``: passes of its own that wide, every position's logits and
+    their float32 log-probabilities) reserves the activations of its widest pass where they outgrow a step's."""
+    config = shape_config("smollm2-135m")
+    kw = dict(dtype=torch.float32, max_seq_len=256, max_batch=8, max_step_tokens=16, all_logits=False)
+    chain = offload.plan_model(config, **kw).needs.activation_bytes
+    trees = offload.plan_model(config, tree_width=33, **kw).needs.activation_bytes
+    assert trees > chain
+    assert trees >= 8 * 33 * config["vocab_size"] * 4 * 2  # the logits' float32 copies of 8 rows x 33 tokens

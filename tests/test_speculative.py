@@ -271,13 +271,15 @@ def test_a_tree_grown_best_first_takes_the_likeliest_paths_wherever_they_are():
 
 def test_a_best_first_tree_puts_its_chain_first_for_the_target():
     """Renumbered chain first (the likeliest child at each node from the root), every parent before its
-    children; the chain's alternatives at each depth are its node's siblings, likeliest first."""
+    children; the chain's alternatives at each depth are the draft's next likeliest after its parent, likeliest
+    first, whether they joined the tree or not (as a chain's are counted)."""
     tree = BestFirstTree(most=6, depth=4)
-    tree.score(0, [7, 8, 9], [math.log(0.3), math.log(0.5), math.log(0.2)])
+    tree.score(0, [8, 7, 9], [math.log(0.5), math.log(0.3), math.log(0.2)])  # likeliest first, as scored
     tree.grow(3)  # 8, 7, 9
     tree.score(1, [10, 11], [math.log(0.9), math.log(0.1)])  # after 8
     tree.score(2, [12], [math.log(0.8)])  # after 7
     tree.grow(3)  # 10 (0.45), 12 (0.24), 11 (0.05)
+    tree.score(4, [13, 14], [math.log(0.7), math.log(0.3)])  # after 8 10: 13 does not join
     tokens, parents, order, siblings = tree.chain_first()
     assert tokens[:2] == [8, 10] and siblings == [[7, 9], [11]]
     assert sorted(order) == list(range(1, 7)) and all(p < i for i, p in enumerate(parents, start=1))

@@ -85,8 +85,9 @@
 #   3. moe30b_acc:300                                          against accelerate with copies through the kernels
 #   4. spec_smollm2_greedy:150 (carry the model's halves)     where a draft step's 1.1 ms go: its kernels'
 #                                                              sum against its wall time (#22: what to cut),
-#                                                              and int4@4's trees now grown best first by the
-#                                                              draft (passes of its own, a host read each)
+#                                                              and int4@4's trees grown best first by the draft
+#                                                              (OFFLOAD_BEST_FIRST_TREES=1: passes of its own, a
+#                                                              host read each): default them on if they pay
 #   4b. load70b:400                                            the readahead: disk reads overlap pinning and
 #                                                              copies (0.79 of the files' speed before)
 #   5. spec70b:300                                             70b verify passes (#22)
@@ -199,7 +200,10 @@ run_stage() {
             --group-size 64 --out /tmp/smollm2-int4 --device cuda
         python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB \
             --widths 1,4,16 --drafts none,/tmp/smollm2-int4,/tmp/smollm2-int4@4,ngram \
-            --json "$0/spec_smollm2_greedy.json"' "$OUT" ;;
+            --json "$0/spec_smollm2_greedy.json"
+        OFFLOAD_BEST_FIRST_TREES=1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
+            --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4@4 --json "$0/spec_smollm2_best_first.json"' \
+        "$OUT" ;;
     load70b) stage load70b bash -c 'set -e; trap "rm -rf /tmp/70b-int4 /tmp/.70b-int4.*.partial" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-70b --out /tmp/70b-int4 --gpu-memory 24GiB \
             --cpu-memory 100GiB --json "$0/load70b.json"

@@ -38,6 +38,11 @@ NGRAM, INT4, MODEL = "ngram", "int4", "model"
 # With graphs, a row's few new tokens enter the draft's cache as decode steps replayed from graphs: more than a
 # probe's (the speculator drafts a token every eighth pass where no length pays), so that it measures steps.
 CATCH_UP_STEPS = 16
+# Greedy rows' trees grown best first by the draft model (``ModelDraft._grow_trees``): more tokens a pass than the
+# chain's alternatives (SmolLM2 on a CPU, eight depths of four: 4.85 against 4.58), but each step is a pass of the
+# draft over the tree and a read by the host where a chain's is a decode step; not yet timed on a GPU, so on only
+# with OFFLOAD_BEST_FIRST_TREES=1 (read at import).
+BEST_FIRST = os.environ.get("OFFLOAD_BEST_FIRST_TREES", "") == "1"
 RESIDENT_BUDGET = 2**62  # a draft model's own budget: everything resident (the target's plan counts its bytes)
 DRAFT_SEED_OFFSET = 0x9E3779B97F4A7C15  # a row's draft samples with its own stream, apart from the target's
 
@@ -55,9 +60,9 @@ def draft_options(target, max_draft: int):
     """The ``LoadOptions`` of a draft model for a target loaded with ``target`` (its max_seq_len filled in):
     the same device, dtype, rows and tensor parallelism, every layer resident (int4 for the int4 draft), a
     KV cache ``max_draft`` tokens longer than the target's, only each row's last logits, experts read as the
-    default decides for it (a resident draft: directly, on a GPU), and where the target's passes may grow trees
-    (``draft_branches`` None or above 1) passes of its own ``max_draft + 1`` tokens wide to grow them."""
-    trees = (target.draft_branches or MAX_BRANCHES) > 1
+    default decides for it (a resident draft: directly, on a GPU), and where it grows trees (``BEST_FIRST``, and
+    the target's ``draft_branches`` None or above 1) passes of its own ``max_draft + 1`` tokens wide for them."""
+    trees = BEST_FIRST and (target.draft_branches or MAX_BRANCHES) > 1
     return target.replace(
         gpu_memory=RESIDENT_BUDGET, cpu_memory=0, peer_memory=None, max_seq_len=target.max_seq_len + max_draft,
         max_step_tokens=None, all_logits=False, slots=None, group_size=None, direct_experts=None, draft=None,
@@ -151,8 +156,8 @@ class ModelDraft:
     def propose(self, rows: list, budgets: list[int], nodes: list[int] | None = None) -> Proposal:
         """At most ``budgets[b]`` drafts deep for row ``b``: a chain, or where ``nodes`` gives a row more
         tokens than its depth and every drafting row is greedy, a tree of at most ``nodes[b]`` tokens grown
-        best first (:meth:`_grow_trees`; unless the draft was loaded without passes that wide: a mixture of
-        experts whose experts direct reads serve, ``loading.prepare``)."""
+        best first (:meth:`_grow_trees`), where the draft was loaded with passes that wide (``BEST_FIRST``;
+        not a mixture of experts whose experts direct reads serve, ``loading.prepare``)."""
         self._forget_rows_not_in(rows)
         self.pending, self.growing = {}, {}  # what a pass that never reached update left is forgotten
         drafting = [b for b, (row, k) in enumerate(zip(rows, budgets)) if row is not None and k > 0]

@@ -443,6 +443,15 @@ def test_drafts_accepted_past_an_eos_are_not_counted(structured, plain):
 
 
 
+@pytest.fixture
+def best_first(monkeypatch):
+    """Greedy rows' trees grown best first by the draft (``OFFLOAD_BEST_FIRST_TREES=1``) for the models loaded."""
+    from offload import drafts
+
+    monkeypatch.setattr(drafts, "BEST_FIRST", True)
+
+
+@pytest.mark.usefixtures("best_first")
 def test_a_draft_growing_trees_keeps_the_accepted_branch_in_its_own_cache(structured, weak_draft, plain):
     """Greedy rows' trees grown best first: the draft's passes over them write the draft's cache past each
     row's context, and after each pass it keeps the branch the target accepted, moved into place, so its cache
@@ -463,17 +472,19 @@ def test_a_draft_growing_trees_keeps_the_accepted_branch_in_its_own_cache(struct
     model.close()
 
 
-def test_trees_grown_best_first_take_fewer_passes_than_trees_of_alternatives(structured, weak_draft, plain):
+def test_trees_grown_best_first_take_fewer_passes_than_trees_of_alternatives(structured, weak_draft, plain,
+                                                                             monkeypatch):
     """The same depth and tokens a pass (four depths of four): the draft's best-first trees (greedy rows) follow
     its likeliest paths wherever they branch, where trees of alternatives branch once a depth off one chain."""
+    from offload import drafts
+
     batch, limits = prompts(structured), [40, 23, 31, 8]
     want = plain.generate(batch, max_new_tokens=limits, ignore_eos=True, return_result=True).tokens
     passes = {}
     for best_first in (False, True):
+        monkeypatch.setattr(drafts, "BEST_FIRST", best_first)
         model = load(structured, "tree", weak_draft, draft_tokens=16)
-        if not best_first:  # the speculator grows trees of the chain's alternatives (as for sampled rows)
-            propose = model.draft.propose
-            model.draft.propose = lambda rows, budgets, nodes=None: propose(rows, budgets)
+        assert model.draft.model.options.tree_width == (17 if best_first else 1)
         got = model.generate(batch, max_new_tokens=limits, ignore_eos=True, return_result=True)
         assert got.tokens == want
         passes[best_first] = got.decode_steps

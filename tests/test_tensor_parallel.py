@@ -132,7 +132,8 @@ def _rank_speculates(rank, world, port, path, ids, kwargs, out):
         greedy = model.generate(ids, max_new_tokens=12, ignore_eos=True, return_result=True)
         sampled = model.generate(ids, max_new_tokens=12, ignore_eos=True, do_sample=True, temperature=0.8, seed=1,
                                  return_result=True)
-        out[rank] = (greedy.tokens, sampled.tokens, model.draft is not None, greedy.drafted_tokens)
+        width = model.draft.model.options.tree_width if hasattr(model.draft, "model") else 1
+        out[rank] = (greedy.tokens, sampled.tokens, model.draft is not None, greedy.drafted_tokens, width)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -167,11 +168,15 @@ def test_under_tp_every_rank_prices_passes_by_rank_0s_times(tiny):
     assert verify and steps and (verify, steps) == other[1:]
 
 
-@pytest.mark.parametrize("draft, branches", [("ngram", None), ("int4", None), ("int4", 4)])
-def test_speculative_decoding_under_tp_equals_plain_greedy(tiny, draft, branches):
+@pytest.mark.parametrize("draft, branches, best_first", [("ngram", None, False), ("int4", None, False),
+                                                         ("int4", 4, False), ("int4", 4, True)])
+def test_speculative_decoding_under_tp_equals_plain_greedy(tiny, draft, branches, best_first, monkeypatch):
     """Every rank drafts, verifies and accepts the same tokens (sampled ones are rank 0's draws; a tree's rows
-    keep the same branch on every rank); greedy tokens are plain greedy decoding's of one process. Links
-    that bind (streaming costs a hundred times HBM) make the plan keep the int4 draft."""
+    keep the same branch on every rank, grown best first by the draft too); greedy tokens are plain greedy
+    decoding's of one process. Links that bind (streaming costs a hundred times HBM) make the plan keep the int4
+    draft."""
+    if best_first:
+        monkeypatch.setenv("OFFLOAD_BEST_FIRST_TREES", "1")  # read by each rank's process at import
     ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1)).tolist()
     ids[1] = ids[1][:5] * 3  # a prompt that repeats itself: prompt lookup finds drafts
     kwargs = dict(max_batch=2, max_seq_len=48, dtype="float32",
@@ -179,7 +184,7 @@ def test_speculative_decoding_under_tp_equals_plain_greedy(tiny, draft, branches
     single = offload.load_model(tiny, progress=False, **kwargs)
     want = single.generate(ids, max_new_tokens=12, ignore_eos=True, return_result=True).tokens
     results = run_tp(2, tiny, ids, main=_rank_speculates, draft=draft, draft_branches=branches, **kwargs)
-    for greedy, sampled, has_draft, drafted in results:
-        assert has_draft and drafted > 0
+    for greedy, sampled, has_draft, drafted, tree_width in results:
+        assert has_draft and drafted > 0 and (tree_width > 1) == best_first
         assert greedy == want
         assert sampled == results[0][1]

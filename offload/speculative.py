@@ -34,8 +34,9 @@ speculative sampling, then each alternative as a point mass against what is left
 residual (accepted with the residual's probability of it, else removed from it), and
 descends into the first accepted. Trying point masses one by one draws from the residual
 exactly, whatever tokens they are, so each token is still distributed as plain sampling.
-Where every drafting row is greedy, a draft model grows its trees itself, best first
-(:class:`BestFirstTree`): the likeliest paths under the draft, wherever they branch.
+With ``OFFLOAD_BEST_FIRST_TREES=1`` (``drafts.BEST_FIRST``), where every drafting row is greedy, a
+draft model grows its trees itself, best first (:class:`BestFirstTree`): the likeliest paths under the
+draft, wherever they branch.
 
 How many to draft (:func:`best_draft_shape`): with a per-token acceptance ``a``, a
 row gains ``(1 - a^(k+1)) / (1 - a)`` tokens from a pass of ``k`` drafts (the tokens

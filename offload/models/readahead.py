@@ -1,9 +1,12 @@
 """Checkpoint bytes read from disk ahead of the loader, so that reading and copying overlap.
 
-A load copies each tensor from the file's pages into its place. Left alone, the copy
-waits on the disk page by page (small reads, one at a time), then the disk waits on the
-copy: a cold load took the disk's time plus the copies' (llama-2-70b in int4 on an
-H200, 2026-12-04: 13.9 s to read its files, 17.6 s to load them).
+A load copies each tensor from the file's pages into its place. Left alone, the disk reads
+only what the copy faults in (and the kernel's readahead of it), so it idles while the
+loader does anything else: pinning tens of GB of host memory before the first copy takes
+seconds. A cold load of llama-2-70b in int4 took 17.6 s where reading its files took 13.9
+(an H200, 2026-12-05). On a CPU machine's disk, copying from the pages kept the disk near
+its rate; with a second's pause before the copies (as pinning takes), reading ahead saved
+most of the second (docs/benchmarks.md, ninth session).
 
 :class:`Readahead` runs beside the loader: a thread walks the byte ranges the loader
 will read, in its order, and asks the kernel to read each into the page cache

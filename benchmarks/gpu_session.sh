@@ -75,12 +75,11 @@
 # mixtral24 (cut), spec_smollm2, quantwords, quant7b, quant7b_words, load70b, offload13b, tests_spec; seventh
 # (H100) quant7b, spec_smollm2 (prices' first form), mixtral24 (cut), moe30b_acc; eighth (H200, then H100)
 # tests_experts, quant7b, mixtral24_acc, moe235_int4, tests_kernels, spec_smollm2_greedy, moe30b and
-# moe30b_resident (b1; copies through the kernels), quant7b again.
-#   1. tests_experts:120 tests_kernels:300 tests_spec:200      the last review's fixes to copies through the
-#                                                              kernels, and passes with nothing to verify as
-#                                                              decode steps (CPU-tested only)
-#   1b. quant7b_last:200                                       one kernel a split product (#20, #22's draft
-#                                                              steps): if it races none and pays, make it the default
+# moe30b_resident (b1; copies through the kernels), quant7b again; ninth (H100) quant7b_last, tests_kernels,
+# tests_spec.
+#   1. tests_experts:120                                       the eighth session's review fixes to copies
+#                                                              through the kernels (tests_kernels and tests_spec
+#                                                              passed on an H100 in the ninth)
 #   2. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
 #   3. moe30b_acc:300                                          against accelerate with copies through the kernels
 #   4. spec_smollm2_greedy:150 (carry the model's halves)     where a draft step's 1.1 ms go: its kernels'

@@ -45,13 +45,15 @@ def test_ranges_are_asked_for_in_the_loaders_order_and_no_further_ahead_than_all
     monkeypatch.setattr(readahead, "CHUNK", 128)
     file = tmp_path / "weights"
     file.write_bytes(bytes(1000))
-    ahead = Readahead([(file, 0, 100), (file, 600, 1000), (file, 100, 300)], ahead=200)
+    ahead = Readahead({"a": (file, 0, 100), "b": (file, 600, 1000), "c": (file, 100, 300)}, ahead=200)
     try:
         # the second range starts at byte 100 of the reading, its second chunk at 228: too far ahead
         assert asked(2) == [(0, 100), (600, 128)]
-        ahead.reached(1)  # the loader is at byte 100 of the reading: bytes before 300 of it may be asked for
+        ahead.reached("never announced")  # read, but not announced: the place stays
+        assert asked(2) == [(0, 100), (600, 128)]
+        ahead.reached("b")  # the loader is at byte 100 of the reading: bytes before 300 of it may be asked for
         assert asked(3) == [(0, 100), (600, 128), (728, 128)]
-        ahead.reached(2)  # at byte 500: everything, in the reading's order
+        ahead.reached("c")  # at byte 500: everything, in the reading's order
         assert asked(7) == [(0, 100), (600, 128), (728, 128), (856, 128), (984, 16), (100, 128), (228, 72)]
     finally:
         ahead.close()
@@ -61,7 +63,7 @@ def test_ranges_are_asked_for_in_the_loaders_order_and_no_further_ahead_than_all
 def test_closing_stops_a_thread_that_waits_for_the_loader(tmp_path, asked):
     file = tmp_path / "weights"
     file.write_bytes(bytes(100))
-    ahead = Readahead([(file, 0, 50), (file, 50, 100)], ahead=10)
+    ahead = Readahead({"a": (file, 0, 50), "b": (file, 50, 100)}, ahead=10)
     assert asked(1) == [(0, 50)]
     ahead.close()
     assert not ahead.thread.is_alive() and asked(1) == [(0, 50)]
@@ -86,9 +88,9 @@ def test_a_load_asks_for_every_tensor_it_reads_before_reading_it(tiny, monkeypat
             made.append(self)
             super().__init__(ranges, ahead)
 
-        def reached(self, i):
-            self.reached_in_order.append(i)
-            super().reached(i)
+        def reached(self, name):
+            self.reached_in_order.append(self.order[name])
+            super().reached(name)
 
     monkeypatch.setattr(checkpoint, "Readahead", Spy)
     model = offload.load_model(tiny, dtype=torch.float32, progress=False, max_batch=1, max_seq_len=32)

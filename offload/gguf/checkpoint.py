@@ -174,7 +174,6 @@ class GGUFSource:
         self.device, self.requantize = device, requantize
         self._cached: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self._readahead: Readahead | None = None
-        self._reading: dict[str, int] = {}  # tensor -> its place in the loader's order
 
     def stores_parts(self, name: str) -> bool:
         """Whether tensor ``name`` is stored in a type with a compressed form (its parts are read, never
@@ -210,14 +209,12 @@ class GGUFSource:
 
     def read_in_order(self, specs) -> None:
         """The tensors a load will :meth:`read`, in its order: their bytes are read from disk ahead of it."""
-        names = dict.fromkeys(name for _, name in specs)
-        self._reading = {name: i for i, name in enumerate(names)}
-        stored = [self.checkpoint.tensors[name].stored for name in names]
-        self._readahead = Readahead([(t.file, *t.span) for t in stored])
+        stored = {name: self.checkpoint.tensors[name].stored for _, name in specs}
+        self._readahead = Readahead({name: (t.file, *t.span) for name, t in stored.items()})
 
     def read(self, spec, name: str, out: torch.Tensor) -> None:
-        if self._readahead is not None and name in self._reading:
-            self._readahead.reached(self._reading[name])
+        if self._readahead is not None:
+            self._readahead.reached(name)
         rows, cols = _cut(spec)
         if spec.part:
             piece = self._parts(name, rows, cols).get(spec.part)

@@ -70,7 +70,6 @@ class CheckpointSource:
         self._handles: dict[Path, object] = {}
         self._file_of = self._index()
         self._readahead: Readahead | None = None
-        self._reading: dict[str, int] = {}  # stored tensor -> its place in the loader's order
 
     def _index(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
@@ -162,14 +161,9 @@ class CheckpointSource:
     def read_in_order(self, specs: list[tuple[TensorSpec, str]]) -> None:
         """The tensors a load will :meth:`read`, in its order: their bytes are read from disk ahead of it."""
         names = dict.fromkeys(self._stored_name(spec, name) for spec, name in specs)
-        self._reading = {name: i for i, name in enumerate(names)}
         headers = {file: _data_offsets(file) for file in {self._file_of[name] for name in names}}
-        ranges = []
-        for name in names:
-            file = self._file_of[name]
-            start, end = headers[file][name]
-            ranges.append((file, start, end))
-        self._readahead = Readahead(ranges)
+        self._readahead = Readahead({name: (self._file_of[name], *headers[self._file_of[name]][name])
+                                     for name in names})
 
     def _stored_name(self, spec: TensorSpec, name: str) -> str:
         """The name a piece is read from: a saved quantized weight's part is its own tensor."""
@@ -178,8 +172,8 @@ class CheckpointSource:
     def read(self, spec: TensorSpec, name: str, out: torch.Tensor) -> None:
         if spec.part:  # a part of a weight stored quantized (``stores_parts``)
             name, spec = f"{name}.{spec.part}", part_spec(spec)
-        if self._readahead is not None and name in self._reading:
-            self._readahead.reached(self._reading[name])
+        if self._readahead is not None:
+            self._readahead.reached(name)
         file = self._file_of[name]
         try:
             piece = _cut(self._open(file).get_slice(name), spec)

@@ -11,9 +11,9 @@ compressed bytes of HBM traffic, resident or streamed.
   ``BLOCK_N`` output features of one row of ``x`` and a stretch of their input columns
   (``SPLITS`` stretches per row, summed in a fixed order, so that enough programs keep
   enough bytes in flight while the result stays the same bits every time: no atomic
-  additions). The stretches are summed by ``_sum_splits_kernel``, or, where
-  ``kernels.LAST_SUMS`` says so, by the last program of a tile to finish (``_last_sums``):
-  one kernel a product instead of two, the same bits. Its tiles are ``[BLOCK_N, groups, group]``, made by
+  additions). The last program of a tile to finish sums the stretches (``_last_sums``):
+  one kernel a product, the same bits as ``_sum_splits_kernel``, which sums them where
+  ``kernels.LAST_SUMS`` is off. Its tiles are ``[BLOCK_N, groups, group]``, made by
   pointer arithmetic (no reshapes); per group it computes
   ``scale * sum(q * x) + minimum * sum(x)``, so the weights themselves are never
   formed: per weight, an unpack, an integer-to-float conversion done as a float

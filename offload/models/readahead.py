@@ -32,24 +32,28 @@ CHUNK = 64 * 2**20  # one request to the kernel (a thread asked to stop stops be
 
 
 class Readahead:
-    """Asks for ``ranges`` (``(file, start, end)``, in the order the loader reads them) to be read into the page
-    cache, at most ``ahead`` bytes past the range the loader last said it :meth:`reached` (by default ``AHEAD``
-    or a quarter of the free memory, the less)."""
+    """Asks for ``ranges`` (``name -> (file, start, end)``, in the order the loader reads them) to be read into the
+    page cache, at most ``ahead`` bytes past the range the loader last said it :meth:`reached` (by default
+    ``AHEAD`` or a quarter of the free memory, the less)."""
 
-    def __init__(self, ranges: list[tuple[Path, int, int]], ahead: int | None = None):
-        self.ranges = ranges
+    def __init__(self, ranges: dict[str, tuple[Path, int, int]], ahead: int | None = None):
+        self.order = {name: i for i, name in enumerate(ranges)}
+        self.ranges = list(ranges.values())
         self.ahead = ahead if ahead is not None else min(AHEAD, psutil.virtual_memory().available // 4)
-        self.starts = [0, *accumulate(end - start for _, start, end in ranges)]  # of range i, in the reading
+        self.starts = [0, *accumulate(end - start for _, start, end in self.ranges)]  # of range i, in the reading
         self.place = 0  # bytes of the reading before the range the loader is copying
         self.stopping = False
         self.changed = threading.Condition()
         self.thread = None
-        if ranges and hasattr(os, "posix_fadvise"):
+        if self.ranges and hasattr(os, "posix_fadvise"):
             self.thread = threading.Thread(target=self._run, name="offload-readahead", daemon=True)
             self.thread.start()
 
-    def reached(self, i: int) -> None:
-        """The loader is copying range ``i``."""
+    def reached(self, name: str) -> None:
+        """The loader is copying range ``name`` (one it did not announce: nothing changes)."""
+        i = self.order.get(name)
+        if i is None:
+            return
         with self.changed:
             if self.starts[i] > self.place:
                 self.place = self.starts[i]

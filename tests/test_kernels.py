@@ -87,6 +87,31 @@ def test_gemv_equals_the_exact_product_to_one_rounding(n, k, dtype):
         assert (got.float() - want.float()).abs().max() <= 2 * (cublas.float() - want.float()).abs().max() + 1e-3
 
 
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
+@pytest.mark.parametrize("n, k", [(40, 96), (24, 1100)])  # one loop step; two, the second masked
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_the_gemv_takes_a_gated_mlps_gate_and_residual(n, k, activation):
+    """``gemv`` with ``gate`` and ``residual`` (a decode step's MLP ends in one kernel, not three): the bits of the
+    gate's kernel, the product, and PyTorch's add. On a CPU under Triton's interpreter, in float16 (the
+    interpreter rounds bfloat16 its own way); on a GPU in both."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dtype in (torch.float16, torch.bfloat16) if device == "cuda" else (torch.float16,):
+        gen = torch.Generator().manual_seed(n + k)
+        gate_up = (torch.randn(1, 1, 2 * k, generator=gen) * 2).to(dtype).to(device)
+        w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype).to(device)
+        residual = torch.randn(1, 1, n, generator=gen).to(dtype).to(device)
+        product = kernels.gemv(kernels.gated(gate_up, activation), w)
+        assert torch.equal(kernels.gemv(gate_up, w, gate=activation), product)
+        assert torch.equal(kernels.gemv(gate_up, w, gate=activation, residual=residual), residual + product)
+        assert torch.equal(ops.TRITON.gated_linear(gate_up, activation, w, residual), residual + product)
+        # where the kernel does not take them (two rows of a bfloat16 weight): the gate, the product, the add
+        two = gate_up.expand(2, 1, 2 * k).contiguous()
+        assert not kernels.gemv_takes(two, w)
+        if device == "cuda":
+            assert torch.equal(ops.TRITON.gated_linear(two, activation, w, residual.expand(2, 1, n)),
+                               residual + F.linear(kernels.gated(two, activation), w))
+
+
 @needs_triton
 @pytest.mark.gpu
 def test_compiled_code_runs_the_kernels_and_captures_them():

@@ -72,9 +72,9 @@ def test_cuda_graphs_is_true_or_false():
 
 def test_the_plan_counts_a_decode_steps_kernels_by_family():
     llama = shape_config("tiny")
-    assert offload.plan_model(llama).needs.decode_kernels == 10 * llama["num_hidden_layers"]
+    assert offload.plan_model(llama).needs.decode_kernels == 8 * llama["num_hidden_layers"]
     moe = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 2, "mlp_only_layers": [1]}
-    assert offload.plan_model(moe).needs.decode_kernels == (6 + 5 + 3 * 8 + 8) + 10
+    assert offload.plan_model(moe).needs.decode_kernels == (6 + 5 + 3 * 8 + 8) + 8
 
 
 def test_a_process_plans_with_one_measurement_of_the_cpu():

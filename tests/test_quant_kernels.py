@@ -132,6 +132,35 @@ def test_the_word_product_of_a_few_rows_equals_dequantize_then_multiply(group, r
             assert_close_to_exact(got, x, w, b)
 
 
+@pytest.mark.parametrize("fmt, group, minimum", [("int4", 64, False), ("int8", None, False), ("int8", 16, True)])
+@pytest.mark.parametrize("m, kernel, sums", [(1, "default", "last"), (2, "default", "second kernel"),
+                                             (1, "words", "last"), (2, "bytes", "last"), (1, "bytes", "one")])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_a_gated_mlps_last_product_takes_the_gate_and_the_residual(fmt, group, minimum, m, kernel, sums, activation,
+                                                                   monkeypatch):
+    """The MLP's last product of a decode step in one kernel (``gate`` and ``residual``): the bits of the gate's
+    kernel, the product, then the residual added (PyTorch's add), in each GEMV, its stretches summed by the last
+    program, by the second kernel or not split."""
+    dtype, cols = DTYPES[0], 384
+    w = packed(fmt, group, 40, cols, dtype, seed=cols + m, minimum=minimum)
+    blocking = {"default": None, "words": (16, 128, 3, 4, True), "bytes": (8, 128, 3, 4, False)}[kernel]
+    if blocking is not None and sums == "one":
+        blocking = (*blocking[:2], 1, *blocking[3:])
+    if blocking is not None and blocking[-1] and not quant_kernels.words_take(w):
+        pytest.skip("the word GEMV does not take this weight")
+    if sums == "second kernel":
+        monkeypatch.setattr(quant_kernels, "tile_counters", lambda device, tiles: None)
+    gen = torch.Generator().manual_seed(m)
+    gate_up = (torch.randn(m, 1, 2 * cols, generator=gen) * 2).to(dtype).to(DEVICE)
+    residual = torch.randn(m, 1, 40, generator=gen).to(dtype).to(DEVICE)
+    product = quant_kernels.linear(kernels.gated(gate_up, activation), w, blocking=blocking)
+    assert torch.equal(quant_kernels.linear(gate_up, w, blocking=blocking, gate=activation), product)
+    got = quant_kernels.linear(gate_up, w, blocking=blocking, gate=activation, residual=residual)
+    assert got.shape == (m, 1, 40) and torch.equal(got, residual + product)
+    with pytest.raises(ValueError, match="at most 2 rows"):
+        quant_kernels.linear(gate_up[:1].expand(3, 1, 2 * cols), w, gate=activation)
+
+
 def test_the_word_gemv_on_a_shard_of_the_columns():
     """The integers of a row-parallel shard as a strided view of whole words: read in place."""
     dtype = DTYPES[0]
@@ -184,9 +213,10 @@ from triton.compiler import ASTSource
 from offload.models import quant_kernels
 fmt, last = sys.argv[1], sys.argv[2] == "last"
 constexprs = dict(GROUP=128 if fmt == "int4" else 256, INT4=fmt == "int4", PER_CHANNEL=fmt == "int8",
-                  HAS_MIN=fmt == "int4", HAS_BIAS=last, FINAL=False, LAST=last, EVEN=True, BLOCK_N=128, BLOCK_K=256)
+                  HAS_MIN=fmt == "int4", HAS_BIAS=last, HAS_RESIDUAL=False, GATE=0, FINAL=False, LAST=last, EVEN=True,
+                  BLOCK_N=128, BLOCK_K=256)
 types = {"x_ptr": "*bf16", "data_ptr": "*u8" if fmt == "int4" else "*i8", "scale_ptr": "*bf16", "min_ptr": "*bf16",
-         "bias_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32"}
+         "bias_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32"}
 fn = quant_kernels._gemv_words_kernel
 names = list(inspect.signature(fn.fn).parameters)
 signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}

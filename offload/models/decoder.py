@@ -89,10 +89,11 @@ class Decoder:
     groups: ClassVar[dict[str, tuple[str, ...]]] = {}  # fused views: {"wqkv": ("wq", "wk", "wv")}
     linear: ClassVar[tuple[str, ...]] = ()  # the weights ``quantize`` compresses (not norms, not biases)
     qk_norm: ClassVar[bool] = False  # q and k are normalized per head before the rotary embedding
-    # A decode layer's kernels: norm, four products, rotation and cache write, attention, norm of the residual
-    # sum, gate, residual add. Each takes at least a small kernel's time however few bytes it reads (the plan
-    # counts that; fitted on an H200, it brought four predictions within 10%: docs/benchmarks.md).
-    decode_kernels_per_layer: ClassVar[int] = 10
+    # A decode layer's kernels: norm, four products (the last with the gate and the residual add in it: one rank),
+    # rotation and cache write, attention, norm of the residual sum. Each takes at least a small kernel's time
+    # however few bytes it reads (the plan counts that; fitted on an H200, it brought four predictions within 10%:
+    # docs/benchmarks.md).
+    decode_kernels_per_layer: ClassVar[int] = 8
 
     # ------------------------------------------------------------------ the family's checkpoints
 
@@ -316,6 +317,14 @@ class Decoder:
             return self.ops.linear(x, weight, bias)
         out = self.tp.all_reduce(self.ops.linear(x, weight))
         return out if bias is None else out + bias  # added once, after the sum
+
+    def gated_down(self, gate_up: torch.Tensor, activation: str, weight, residual: torch.Tensor | None = None):
+        """A gated MLP's last product, ``act(gate) * up @ weight.T (+ residual)``, ``weight`` split by input columns
+        over the ranks as ``row_parallel``'s. On one rank ``ops.gated_linear`` may do it all in one kernel."""
+        if self.tp.size == 1:
+            return self.ops.gated_linear(gate_up, activation, weight, residual)
+        out = self.row_parallel(self.ops.gated(gate_up, activation), weight)
+        return out if residual is None else residual + out
 
     # ------------------------------------------------------------------ attention
 

@@ -66,6 +66,7 @@ class Gemma3(Decoder):
     groups = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
     linear = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
     qk_norm = True
+    decode_kernels_per_layer = 11  # Llama's 8 with a norm after the attention, a norm after the MLP, its residual add
 
     @classmethod
     def read_config(cls, raw: dict, f, architecture: str) -> Gemma3Config:
@@ -135,7 +136,7 @@ class Gemma3(Decoder):
         h = self.row_parallel(self.attention(qkv, chunk, kv, i, w.q_norm, w.k_norm, offset=True), w.wo)
         h = ops.rms_norm(h, w.post_attention_norm, eps, offset=True)
         x, h = ops.add_rms_norm(x, h, w.pre_mlp_norm, eps, offset=True)  # x + h, and its norm
-        h = self.row_parallel(ops.gated(ops.linear(h, w.w_gate_up), "gelu_tanh"), w.w_down)
+        h = self.gated_down(ops.linear(h, w.w_gate_up), "gelu_tanh", w.w_down)
         return x + ops.rms_norm(h, w.post_mlp_norm, eps, offset=True)
 
     def embed(self, tokens: torch.Tensor, host_tokens: torch.Tensor | None = None) -> torch.Tensor:

@@ -52,6 +52,7 @@ BLOCK_K, WARPS = 1024, 4
 # Attention: keys per loop step, and the programs to aim for (about two per SM of an H100 or H200).
 BLOCK_KEYS, TARGET_PROGRAMS = 64, 256
 ELEMENTWISE_BLOCK = 1024
+ACTIVATIONS = ("silu", "gelu_tanh")  # a gated MLP's: act(gate) * up
 # Work split across programs (flash decoding's keys, a compressed product's columns) is put together by the last of
 # a tile's programs to finish, counted per tile (``tile_counters``), rather than by a second kernel (a small kernel's
 # 1.6 us in a CUDA graph): the same arithmetic, one kernel. On an H100 (2026-12-05, llama-2-7b resident, graphs)
@@ -103,13 +104,30 @@ def gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and _same(x, weight))
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` for one row ``x [..., K]`` (every leading dimension 1) and ``weight [N, K]``."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, gate: str | None = None,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias) (+ residual)`` for one row ``x [..., K]`` (every leading dimension 1) and ``weight
+    [N, K]``. With ``gate`` (an activation of ``ACTIVATIONS``), ``x [..., 2K]`` is a gated MLP's ``[gate | up]``
+    and the product is of ``act(gate) * up``, as ``gated`` rounds it: the MLP's last two kernels in one.
+    ``residual`` (the shape of the output, contiguous) is added to the rounded product, as PyTorch's add would."""
     n, k = weight.shape
     out = x.new_empty(*x.shape[:-1], n)
-    _gemv_kernel[(n,)](x, weight, bias if bias is not None else out, out, k, BLOCK_K=BLOCK_K,
-                       EVEN_K=k % BLOCK_K == 0, HAS_BIAS=bias is not None, num_warps=WARPS)
+    _gemv_kernel[(n,)](x, weight, bias if bias is not None else out, residual if residual is not None else out, out, k,
+                       BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, HAS_BIAS=bias is not None,
+                       HAS_RESIDUAL=residual is not None, GATE=gate_code(gate), num_warps=WARPS)
     return out
+
+
+def fused_down_takes(gate_up: torch.Tensor, residual: torch.Tensor | None, n: int) -> bool:
+    """Whether a one-row product of ``n`` features may take ``gate_up`` (a gated MLP's) and add ``residual``."""
+    return residual is None or (residual.is_contiguous() and residual.numel() == n * (gate_up.numel()
+                                                                                      // gate_up.shape[-1])
+                                and residual.dtype == gate_up.dtype and residual.device == gate_up.device)
+
+
+def gate_code(activation: str | None) -> int:
+    """A product's GATE: 0 (its input as it is), or the activation of a gated MLP's ``[gate | up]`` input."""
+    return 0 if activation is None else 1 + ACTIVATIONS.index(activation)
 
 
 # ----------------------------------------------------------------------------- RMS norm
@@ -164,7 +182,7 @@ def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     inter = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], inter)
     rows = gate_up.numel() // (2 * inter)
-    _gated_kernel[(rows, triton.cdiv(inter, ELEMENTWISE_BLOCK))](gate_up, out, inter, GELU=activation == "gelu_tanh",
+    _gated_kernel[(rows, triton.cdiv(inter, ELEMENTWISE_BLOCK))](gate_up, out, inter, GATE=gate_code(activation),
                                                                 BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
     return out
 
@@ -283,25 +301,56 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr):
         n = tl.program_id(0)  # the output feature this program computes
         w_row = w_ptr + n.to(tl.int64) * K
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
+            inside = k0 + cols < K
             if EVEN_K:
                 w = tl.load(w_row + k0 + cols, eviction_policy="evict_first")  # read once: keep x in cache
-                x = tl.load(x_ptr + k0 + cols, eviction_policy="evict_last")
             else:
-                inside = k0 + cols < K
                 w = tl.load(w_row + k0 + cols, mask=inside, other=0.0, eviction_policy="evict_first")
-                x = tl.load(x_ptr + k0 + cols, mask=inside, other=0.0, eviction_policy="evict_last")
-            acc += w.to(tl.float32) * x.to(tl.float32)
+            acc += w.to(tl.float32) * gemv_input(x_ptr, k0 + cols, inside, K, EVEN_K, GATE)
         y = tl.sum(acc, axis=0)
         if HAS_BIAS:
             y += tl.load(b_ptr + n).to(tl.float32)
-        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty))
+        y = y.to(y_ptr.dtype.element_ty)
+        if HAS_RESIDUAL:
+            y = (y.to(tl.float32) + tl.load(r_ptr + n).to(tl.float32)).to(y_ptr.dtype.element_ty,
+                                                                              fp_downcast_rounding="rtne")  # PyTorch's
+        tl.store(y_ptr + n, y)
+
+    @triton.jit
+    def gemv_input(x_ptr, at, inside, K, EVEN: tl.constexpr, GATE: tl.constexpr):
+        """A product's input at columns ``at`` (``inside`` of ``K``; EVEN: all are) in float32: ``x`` itself, or
+        with GATE ``act(gate) * up`` of ``x = [gate | up]`` (``K`` columns each), rounded as ``gated`` rounds."""
+        if EVEN:
+            x = tl.load(x_ptr + at, eviction_policy="evict_last")
+        else:
+            x = tl.load(x_ptr + at, mask=inside, other=0.0, eviction_policy="evict_last")
+        if GATE == 0:
+            return x.to(tl.float32)
+        if EVEN:
+            up = tl.load(x_ptr + K + at, eviction_policy="evict_last")
+        else:
+            up = tl.load(x_ptr + K + at, mask=inside, other=0.0, eviction_policy="evict_last")
+        return gated_value(x, up, GATE).to(tl.float32)
+
+    @triton.jit
+    def gated_value(gate, up, GATE: tl.constexpr):
+        """``act(gate) * up`` in the inputs' dtype, each step rounded as PyTorch's kernels round (the activation
+        itself in float32 with Triton's exp). GATE 1: SiLU; 2: the tanh approximation of GELU."""
+        dtype = gate.dtype
+        g = gate.to(tl.float32)
+        if GATE == 2:  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), tanh(y) = 1 - 2 / (exp(2y) + 1)
+            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            act = 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))
+        else:
+            act = g / (1.0 + tl.exp(-g))
+        return (act.to(dtype).to(tl.float32) * up.to(tl.float32)).to(dtype)
 
     @triton.jit
     def _normalize(x, w_ptr, y_ptr, row, cols, inside, D, eps: tl.constexpr, OFFSET: tl.constexpr):
@@ -335,19 +384,13 @@ if triton is not None:
         _normalize(x.to(tl.float32), w_ptr, y_ptr, row, cols, inside, D, eps, OFFSET)
 
     @triton.jit
-    def _gated_kernel(gate_up_ptr, out_ptr, INTER, GELU: tl.constexpr, BLOCK: tl.constexpr):
+    def _gated_kernel(gate_up_ptr, out_ptr, INTER, GATE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < INTER
-        gate = tl.load(gate_up_ptr + row * 2 * INTER + cols, mask=inside, other=0.0).to(tl.float32)
-        up = tl.load(gate_up_ptr + row * 2 * INTER + INTER + cols, mask=inside, other=0.0).to(tl.float32)
-        if GELU:  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), tanh(y) = 1 - 2 / (exp(2y) + 1)
-            inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-            act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0))
-        else:
-            act = gate / (1.0 + tl.exp(-gate))
-        act = act.to(out_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(out_ptr + row * INTER + cols, (act * up).to(out_ptr.dtype.element_ty), mask=inside)
+        gate = tl.load(gate_up_ptr + row * 2 * INTER + cols, mask=inside, other=0.0)
+        up = tl.load(gate_up_ptr + row * 2 * INTER + INTER + cols, mask=inside, other=0.0)
+        tl.store(out_ptr + row * INTER + cols, gated_value(gate, up, GATE), mask=inside)
 
     @triton.jit
     def _rope_and_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, qn_ptr, kn_ptr,

@@ -97,7 +97,7 @@ class Llama(Decoder):
         qkv = ops.linear(ops.rms_norm(x, w.input_norm, eps), w.wqkv, w.bqkv)
         h = self.row_parallel(self.attention(qkv, chunk, kv, i, w.q_norm, w.k_norm), w.wo, w.bo)
         x, h = ops.add_rms_norm(x, h, w.post_norm, eps)  # x + h, and its norm
-        return x + self.row_parallel(ops.gated(ops.linear(h, w.w_gate_up), "silu"), w.w_down)
+        return self.gated_down(ops.linear(h, w.w_gate_up), "silu", w.w_down, residual=x)
 
 
 def mlp_entries(config: ModelConfig, tp: TensorParallel, inter: int, prefix: str, names=("w_gate", "w_up", "w_down"),

@@ -296,7 +296,7 @@ class MoEDecoder(Llama):
     def layer(self, x: torch.Tensor, w: MoELayerWeights, chunk, kv, i: int) -> torch.Tensor:
         """A dense layer (``mlp_only_layers``)."""
         x, h = self.attend(x, w, chunk, kv, i)
-        return x + self.row_parallel(self.ops.gated(self.ops.linear(h, w.w_gate_up), "silu"), w.w_down)
+        return self.gated_down(self.ops.linear(h, w.w_gate_up), "silu", w.w_down, residual=x)
 
     def route(self, h: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's ``top_k`` experts ``[T, k]`` and their weights (float32 for Mixtral, else the model
@@ -387,8 +387,7 @@ class MoEDecoder(Llama):
         tokens, d = r.normed.shape
         out = self.tp.all_reduce(grid.view(tokens, -1, d).sum(1))
         if w.w_shared_gate_up is not None:
-            shared = self.row_parallel(self.ops.gated(self.ops.linear(r.normed, w.w_shared_gate_up), "silu"),
-                                       w.w_shared_down)
+            shared = self.gated_down(self.ops.linear(r.normed, w.w_shared_gate_up), "silu", w.w_shared_down)
             out = out + torch.sigmoid(self.ops.linear(r.normed, w.shared_gate)) * shared
         return r.x + out.view(r.x.shape)
 

@@ -22,8 +22,6 @@ import torch.nn.functional as F
 from . import kernels, quant_kernels
 from .quant import QuantizedWeight, StackedWeight, quantized_linear
 
-ACTIVATIONS = ("silu", "gelu_tanh")  # the gate's activation of a gated MLP: act(gate) * up
-
 
 @dataclass(frozen=True)
 class Ops:
@@ -33,6 +31,7 @@ class Ops:
     rms_norm: Callable  # (x, weight, eps, offset=False); offset: Gemma's (1 + weight), multiplied in float32
     add_rms_norm: Callable  # (x, delta, weight, eps, offset=False) -> (x + delta, its norm)
     gated: Callable  # (gate_up, activation) -> act(gate) * up, for gate_up = [gate | up] on the last dim
+    gated_linear: Callable  # (gate_up, activation, weight, residual=None) -> gated(...) @ weight.T (+ residual)
     rope_and_store: Callable  # a decode step's (qkv, cos, sin, positions, cache_k, cache_v, heads, q_norm=None,
     #                            k_norm=None, eps=0, offset=False) -> q
     decode_attention: Callable  # (q [B, H, 1, hd], keys, values [B, H_kv, L, hd], allowed [B, 1, 1, L], scale)
@@ -86,6 +85,12 @@ def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
+def gated_linear(gate_up: torch.Tensor, activation: str, weight, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """A gated MLP's last product: ``gated(gate_up, activation) @ weight.T``, plus ``residual`` (a layer's stream)."""
+    out = linear(gated(gate_up, activation), weight)
+    return out if residual is None else residual + out
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -120,7 +125,7 @@ def decode_attention(q, keys, values, allowed, scale: float) -> torch.Tensor:
     return torch.matmul(probs, values).reshape(b, h, 1, hd)
 
 
-TORCH = Ops(linear, rms_norm, add_rms_norm, gated, rope_and_store, decode_attention, kernels=False)
+TORCH = Ops(linear, rms_norm, add_rms_norm, gated, gated_linear, rope_and_store, decode_attention, kernels=False)
 
 
 # ----------------------------------------------------------------------------- Triton, where the shapes allow
@@ -156,6 +161,18 @@ def _gated(gate_up, activation):
     return gated(gate_up, activation)
 
 
+def _gated_linear(gate_up, activation, weight, residual=None):
+    # A decode step's: the gate and the residual add in the product's kernel (three kernels in one).
+    if isinstance(weight, QuantizedWeight):
+        if quant_kernels.fuses(gate_up, weight) and kernels.fused_down_takes(gate_up, residual, weight.rows):
+            return quant_kernels.linear(gate_up, weight, gate=activation, residual=residual)
+    elif (isinstance(weight, torch.Tensor) and kernels.gemv_takes(gate_up, weight)
+          and kernels.fused_down_takes(gate_up, residual, weight.shape[0])):
+        return kernels.gemv(gate_up, weight, gate=activation, residual=residual)
+    out = _linear(_gated(gate_up, activation), weight)
+    return out if residual is None else residual + out
+
+
 def _rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads, q_norm=None, k_norm=None, eps=0.0,
                     offset=False):
     if kernels.rope_and_store_takes(qkv, cos, cache_k, q_norm, k_norm):  # thirteen kernels in one (q/k norms: 15)
@@ -169,4 +186,5 @@ def _decode_attention(q, keys, values, allowed, scale):
     return decode_attention(q, keys, values, allowed, scale)
 
 
-TRITON = Ops(_linear, _rms_norm, _add_rms_norm, _gated, _rope_and_store, _decode_attention, kernels=True)
+TRITON = Ops(_linear, _rms_norm, _add_rms_norm, _gated, _gated_linear, _rope_and_store, _decode_attention,
+             kernels=True)

@@ -42,11 +42,13 @@ import os
 
 import torch
 
-from .kernels import DTYPES, tile_counters, triton
+from .kernels import DTYPES, gate_code, tile_counters, triton
 from .quant import FUSED, INT4, QuantizedWeight
 
 if triton is not None:
     import triton.language as tl
+
+    from .kernels import gemv_input
 
 GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
 TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
@@ -65,12 +67,17 @@ def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
     return w.scheme.kernel == FUSED and x.dtype in DTYPES and x.stride(-1) == 1 and x.device == w.data.device
 
 
-def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, blocking=None) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for the weight ``W`` that ``w``'s parts hold (``blocking``: another kernel blocking,
-    for benchmarks/bench_quant_kernels.py's sweep: ``gemv_blocking``'s or ``matmul_blocking``'s items)."""
+def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, blocking=None, *,
+           gate: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias) (+ residual)`` for the weight ``W`` that ``w``'s parts hold (``blocking``: another kernel
+    blocking, for benchmarks/bench_quant_kernels.py's sweep: ``gemv_blocking``'s or ``matmul_blocking``'s items).
+    ``gate`` and ``residual`` (up to ``GEMV_ROWS`` rows): ``x`` is a gated MLP's ``[gate | up]`` and ``residual``
+    is added to the rounded product, as ``kernels.gemv`` takes them."""
     k, n = w.cols, w.rows
-    rows = x.reshape(-1, k)
+    rows = x.reshape(-1, 2 * k if gate else k)
     m = rows.shape[0]
+    if (gate is not None or residual is not None) and m > GEMV_ROWS:
+        raise ValueError(f"a gate or a residual goes into products of at most {GEMV_ROWS} rows, not {m}")
     out = x.new_empty(m, n)
     group = w.scheme.group_size or k
     common = dict(INT4=w.scheme.format == INT4, PER_CHANNEL=w.scheme.group_size is None,
@@ -83,10 +90,12 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
             splits = -(-k // (tiles * block_k))  # no empty stretch
         partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         counters = tile_counters(x.device, triton.cdiv(n, block_n) * m) if splits > 1 else None
-        args = (rows, w.data, w.scale, minimum, bias if bias is not None else out, partial, out,
-                counters if counters is not None else out, n, k, rows.stride(0), w.data.stride(0), w.groups)
-        final = dict(HAS_BIAS=bias is not None, FINAL=splits == 1, LAST=counters is not None, SPLITS=splits,
-                     BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **common)
+        args = (rows, w.data, w.scale, minimum, bias if bias is not None else out,
+                residual if residual is not None else out, partial, out, counters if counters is not None else out,
+                n, k, rows.stride(0), w.data.stride(0), w.groups)
+        final = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GATE=gate_code(gate),
+                     FINAL=splits == 1, LAST=counters is not None, SPLITS=splits, BLOCK_N=block_n, BLOCK_K=block_k,
+                     num_warps=warps, **common)
         if words:
             if not words_take(w):
                 raise ValueError("the word GEMV takes int8 per channel or in groups of 16 to 256 columns, or int4 "
@@ -111,9 +120,15 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
             LAST=counters is not None, SPLITS=splits, WORDS=words, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
     if splits > 1 and counters is None:
-        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partial, bias if bias is not None else out, out, m * n, n,
-                                                        SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=1024)
+        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](
+            partial, bias if bias is not None else out, residual if residual is not None else out, out, m * n, n,
+            SPLITS=splits, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=1024)
     return out.view(*x.shape[:-1], n)
+
+
+def fuses(gate_up: torch.Tensor, w: QuantizedWeight) -> bool:
+    """Whether the GEMV takes a gated MLP's ``gate_up [..., 2 K]`` (its rows a few) as the input of ``w``."""
+    return takes(gate_up, w) and gate_up.numel() <= GEMV_ROWS * gate_up.shape[-1]
 
 
 def gemv_blocking(w: QuantizedWeight, words: bool | None = None) -> tuple[int, int, int, int, bool]:
@@ -184,10 +199,10 @@ if triton is not None:
         return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
     @triton.jit
-    def _gemv_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, N, K, s_x, s_data,
-                     GROUPS, SPAN, GROUP: tl.constexpr, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                     HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr,
-                     SPLITS, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, res_ptr, out_ptr, final_ptr, count_ptr, N, K, s_x,
+                     s_data, GROUPS, SPAN, GROUP: tl.constexpr, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                     HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr,
+                     FINAL: tl.constexpr, LAST: tl.constexpr, SPLITS, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Features ``[pid0 * BLOCK_N, +BLOCK_N)``, columns ``[pid1 * SPAN, +SPAN)`` of row ``pid2`` of x: the
         output itself (FINAL), or this stretch's float32 partial sums ``out[pid1, pid2, features]`` (LAST: and the
         output ``final``, by the last stretch's program to finish)."""
@@ -207,9 +222,8 @@ if triton is not None:
                 inside = (cols + j) < K
                 b = tl.load(data_ptr + r3 * s_data + ((cols // 2 + j)[None, :, :]),
                             mask=n3 & inside[None, :, :], other=0, eviction_policy="evict_first").to(tl.int32)
-                xl = tl.load(x_row + cols + j, mask=inside, other=0.0, eviction_policy="evict_last").to(tl.float32)
-                xh = tl.load(x_row + cols + GROUP // 2 + j, mask=inside, other=0.0,
-                             eviction_policy="evict_last").to(tl.float32)
+                xl = gemv_input(x_row, cols + j, inside, K, False, GATE)
+                xh = gemv_input(x_row, cols + GROUP // 2 + j, inside, K, False, GATE)
                 qx = _to_float(b & 15) * xl[None, :, :] + _to_float(b >> 4) * xh[None, :, :]
                 xsum = tl.sum(xl + xh, axis=1)
             else:
@@ -217,7 +231,7 @@ if triton is not None:
                 inside = (cols + j) < K
                 q = tl.load(data_ptr + r3 * s_data + ((cols + j)[None, :, :]), mask=n3 & inside[None, :, :], other=0,
                             eviction_policy="evict_first")
-                xv = tl.load(x_row + cols + j, mask=inside, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                xv = gemv_input(x_row, cols + j, inside, K, False, GATE)
                 qx = _int8_to_float(q) * xv[None, :, :]
                 xsum = tl.sum(xv, axis=1)
             qx = tl.sum(qx, axis=2)  # [BLOCK_N, NG]: each group's sum of q * x
@@ -232,29 +246,43 @@ if triton is not None:
         total = tl.sum(acc, axis=1)
         if PER_CHANNEL:
             total *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
-        _store_gemv(total, rows, n_ok, N, bias_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS, FINAL, LAST, SPLITS)
+        _store_gemv(total, rows, n_ok, N, bias_ptr, res_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS, HAS_RESIDUAL,
+                    FINAL, LAST, SPLITS)
 
     @triton.jit
-    def _store_gemv(total, rows, n_ok, N, bias_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS: tl.constexpr,
-                    FINAL: tl.constexpr, LAST: tl.constexpr, SPLITS):
-        """A GEMV program's sums for features ``rows`` of row ``pid2`` of x: the output (FINAL, with the bias),
-        or this stretch's float32 partial sums ``out[pid1, pid2, features]`` (LAST: then summed into ``final`` by
-        the tile's last program to finish)."""
+    def _store_gemv(total, rows, n_ok, N, bias_ptr, res_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr, SPLITS):
+        """A GEMV program's sums for features ``rows`` of row ``pid2`` of x: the output (FINAL, with the bias and the
+        residual), or this stretch's float32 partial sums ``out[pid1, pid2, features]`` (LAST: then summed into
+        ``final`` by the tile's last program to finish)."""
         row = tl.program_id(2).to(tl.int64) * N + rows
         if FINAL:
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + row, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(out_ptr + row, _finish(total, bias_ptr, res_ptr, rows, row, n_ok, out_ptr.dtype.element_ty,
+                                            HAS_BIAS, HAS_RESIDUAL), mask=n_ok)
         else:
             stride = tl.num_programs(2) * N  # of a stretch's partial sums (one or two rows)
             tl.store(out_ptr + tl.program_id(1) * stride + row, total, mask=n_ok)
             if LAST:
                 tile = tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)
-                _last_sums(out_ptr, final_ptr, bias_ptr, count_ptr, tile, row, rows, n_ok, stride, HAS_BIAS, SPLITS)
+                _last_sums(out_ptr, final_ptr, bias_ptr, res_ptr, count_ptr, tile, row, rows, n_ok, stride, HAS_BIAS,
+                           HAS_RESIDUAL, SPLITS)
 
     @triton.jit
-    def _last_sums(partial_ptr, out_ptr, bias_ptr, count_ptr, tile, at, features, ok, stride, HAS_BIAS: tl.constexpr,
-                   SPLITS):
+    def _finish(total, bias_ptr, res_ptr, features, at, ok, dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr):
+        """A product's float32 sums ``total`` at ``at`` (output ``features``) plus the bias, rounded to ``dtype``,
+        plus the residual, rounded again (as a separate add would round)."""
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + features, mask=ok, other=0.0).to(tl.float32)
+        out = total.to(dtype)
+        if HAS_RESIDUAL:
+            residual = tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            out = (out.to(tl.float32) + residual).to(dtype, fp_downcast_rounding="rtne")  # PyTorch's rounding
+        return out
+
+    @triton.jit
+    def _last_sums(partial_ptr, out_ptr, bias_ptr, res_ptr, count_ptr, tile, at, features, ok, stride,
+                   HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLITS):
         """Called by each of a tile's ``SPLITS`` programs once it has stored its stretch's partial sums at
         ``partial + split * stride + at``: the last to finish adds every stretch's in order, and the bias, into
         ``out + at``, as ``_sum_splits_kernel`` would (the same bits, whichever program comes last), then sets the
@@ -267,17 +295,16 @@ if triton is not None:
             total = tl.zeros(at.shape, dtype=tl.float32)
             for split in range(SPLITS):
                 total += tl.load(partial_ptr + split * stride + at, mask=ok, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + features, mask=ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(out_ptr + at, _finish(total, bias_ptr, res_ptr, features, at, ok, out_ptr.dtype.element_ty,
+                                           HAS_BIAS, HAS_RESIDUAL), mask=ok)
             tl.store(count_ptr + tile, 0)
 
     @triton.jit
-    def _gemv_words_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, N, K, s_x,
-                           s_data, GROUPS, TILES, MAGIC, GROUP: tl.constexpr, INT4: tl.constexpr,
+    def _gemv_words_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, res_ptr, out_ptr, final_ptr, count_ptr, N,
+                           K, s_x, s_data, GROUPS, TILES, MAGIC, GROUP: tl.constexpr, INT4: tl.constexpr,
                            PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           FINAL: tl.constexpr, LAST: tl.constexpr, SPLITS, EVEN: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr,
+                           SPLITS, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """``_gemv_kernel``'s product in fewer instructions a byte (int4: less than half; the one-row product
         is bound by them, not by its bytes): the weights are read as 32-bit words, and each 4-bit or 8-bit field becomes
         a float with one bit operation and one subtraction, where it lies in the word. The field under bits
@@ -309,23 +336,15 @@ if triton is not None:
             first = k0 + g * GROUP  # each group's first column, [NG, 1]
             at = (k0 // GROUP * WG if INT4 else k0 // 4) + g * WG + t  # each word's place in its row, [NG, WG]
             columns = (first + 4 * t)[:, :, None] + four  # the columns of each word's first four fields
+            ok = first + 4 * t < K  # whole words: K is a multiple of 4 (of 8, int4)
             if EVEN:
                 w = tl.load(words + at[None, :, :], eviction_policy="evict_first")
-                xa = tl.load(x_row + columns, eviction_policy="evict_last").to(tl.float32)
             else:
-                ok = first + 4 * t < K  # whole words: K is a multiple of 4 (of 8, int4)
                 w = tl.load(words + at[None, :, :], mask=n_ok[:, None, None] & ok[None, :, :], other=0,
                             eviction_policy="evict_first")
-                xa = tl.load(x_row + columns, mask=ok[:, :, None], other=0.0, eviction_policy="evict_last")
-                xa = xa.to(tl.float32)
-            x0, x1, x2, x3 = _four(xa)
+            x0, x1, x2, x3 = _four(gemv_input(x_row, columns, ok[:, :, None], K, EVEN, GATE))
             if INT4:
-                if EVEN:
-                    xb = tl.load(x_row + columns + HALF, eviction_policy="evict_last").to(tl.float32)
-                else:
-                    xb = tl.load(x_row + columns + HALF, mask=ok[:, :, None], other=0.0, eviction_policy="evict_last")
-                    xb = xb.to(tl.float32)
-                h0, h1, h2, h3 = _four(xb)
+                h0, h1, h2, h3 = _four(gemv_input(x_row, columns + HALF, ok[:, :, None], K, EVEN, GATE))
                 high = w >> 12  # nibbles 5..7 under bits 8..19
                 s = _field(w, 0xF, MAGIC, 8388608.0, x0)
                 s += _field(w, 0xF0, MAGIC, 8388608.0, h0 * 0.0625)
@@ -364,7 +383,8 @@ if triton is not None:
         total = tl.sum(tl.sum(acc, axis=2), axis=1)
         if PER_CHANNEL:
             total *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
-        _store_gemv(total, rows, n_ok, N, bias_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS, FINAL, LAST, SPLITS)
+        _store_gemv(total, rows, n_ok, N, bias_ptr, res_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS, HAS_RESIDUAL,
+                    FINAL, LAST, SPLITS)
 
     @triton.jit
     def _field(w, mask: tl.constexpr, magic, bias: tl.constexpr, x):
@@ -389,17 +409,16 @@ if triton is not None:
         return x0, x1, x2, x3
 
     @triton.jit
-    def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, TOTAL, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BLOCK: tl.constexpr):
-        """``out = sum over the splits of partial (+ bias)``, the splits added in order."""
+    def _sum_splits_kernel(partial_ptr, bias_ptr, res_ptr, out_ptr, TOTAL, N, SPLITS: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        """``out = sum over the splits of partial (+ bias) (+ residual)``, the splits added in order."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < TOTAL
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for s in range(SPLITS):
             total += tl.load(partial_ptr + s * TOTAL + i, mask=ok, other=0.0)
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + i % N, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + i, total.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + i, _finish(total, bias_ptr, res_ptr, i % N, i, ok, out_ptr.dtype.element_ty, HAS_BIAS,
+                                      HAS_RESIDUAL), mask=ok)
 
     @triton.jit
     def _matmul_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, M, N, K, s_x,
@@ -475,5 +494,5 @@ if triton is not None:
             tl.store(out_ptr + tl.program_id(2) * stride + at, acc, mask=ok)
             if LAST:
                 tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-                _last_sums(out_ptr, final_ptr, bias_ptr, count_ptr, tile, at, rows[None, :], ok, stride, HAS_BIAS,
-                           SPLITS)
+                _last_sums(out_ptr, final_ptr, bias_ptr, bias_ptr, count_ptr, tile, at, rows[None, :], ok, stride,
+                           HAS_BIAS, False, SPLITS)

@@ -90,7 +90,7 @@ def test_gemv_equals_the_exact_product_to_one_rounding(n, k, dtype):
 @pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
 @pytest.mark.parametrize("n, k", [(40, 96), (24, 1100)])  # one loop step; two, the second masked
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-def test_the_gemv_takes_a_gated_mlps_gate_and_residual(n, k, activation):
+def test_the_gemv_takes_a_gated_mlps_gate_and_residual(n, k, activation, monkeypatch):
     """``gemv`` with ``gate`` and ``residual`` (a decode step's MLP ends in one kernel, not three): the bits of the
     gate's kernel, the product, and PyTorch's add. On a CPU under Triton's interpreter, in float16 (the
     interpreter rounds bfloat16 its own way); on a GPU in both."""
@@ -104,6 +104,10 @@ def test_the_gemv_takes_a_gated_mlps_gate_and_residual(n, k, activation):
         assert torch.equal(kernels.gemv(gate_up, w, gate=activation), product)
         assert torch.equal(kernels.gemv(gate_up, w, gate=activation, residual=residual), residual + product)
         assert torch.equal(ops.TRITON.gated_linear(gate_up, activation, w, residual), residual + product)
+        with monkeypatch.context() as patch:  # a weight too large to gate in each program: the gate's kernel first
+            patch.setattr(kernels, "GATING_WORK", n * k - 1)
+            assert not kernels.gemv_gates(w)
+            assert torch.equal(ops.TRITON.gated_linear(gate_up, activation, w, residual), residual + product)
         # where the kernel does not take them (two rows of a bfloat16 weight): the gate, the product, the add
         two = gate_up.expand(2, 1, 2 * k).contiguous()
         assert not kernels.gemv_takes(two, w)
@@ -305,6 +309,14 @@ def test_rope_and_store_normalizes_q_and_k_per_head_before_rotating(batch, heads
     for got, want in ((q, q_ref), (mine[0][written], theirs[0][written])):
         assert_one_rounding_apart(got, want)
         assert (got == want).float().mean() > 0.95
+
+
+def test_a_few_keys_are_not_split():
+    """Up to two blocks of keys, one program a kv head: a merge would cost more than it saves."""
+    assert kernels.decode_attention_splits(1, 3, 2 * kernels.BLOCK_KEYS) == (1, 2 * kernels.BLOCK_KEYS)
+    assert kernels.decode_attention_splits(1, 3, 2 * kernels.BLOCK_KEYS + 1)[0] == 3
+    assert kernels.decode_attention_splits(8, 32, 4096)[0] == 1  # 256 programs already
+    assert kernels.decode_attention_splits(1, 32, 4096)[0] == 8
 
 
 @pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from offload.models import kernels, quant_kernels
+from offload.models import kernels, ops, quant_kernels
 from offload.models.quant import FUSED, QuantizedWeight, QuantScheme, dequantize, fused_takes, quantize
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
@@ -83,6 +83,19 @@ def test_a_tensor_parallel_shard_of_the_columns():
                            whole.minimum[:, 8:].contiguous(), whole.scheme)
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
     assert_close_to_exact(quant_kernels.linear(x, half), x, half, None)
+
+
+def test_a_small_weights_word_gemv_takes_smaller_tiles():
+    """A weight of few 128 x 256 tiles (SmolLM2-135M's) takes tiles of 32 x 128 (whole groups): more programs, each
+    done sooner; llama-2-7b's keep theirs."""
+    def blocking(rows, cols, group):
+        w = QuantizedWeight(torch.zeros(rows, cols // 2, dtype=torch.uint8), torch.zeros(rows, cols // group),
+                            torch.zeros(rows, cols // group), QuantScheme("int4", group, 1 << 20, FUSED))
+        return quant_kernels.gemv_blocking(w)
+
+    assert blocking(960, 576, 64)[:2] == (32, 128) and blocking(3072, 576, 64)[:2] == (32, 128)
+    assert blocking(576, 1536, 256)[:2] == (32, 256)
+    assert blocking(12288, 4096, 128)[:2] == (128, 256) and blocking(4096, 4096, 128)[:2] == (128, 256)
 
 
 def test_which_schemes_the_kernels_take():
@@ -159,6 +172,11 @@ def test_a_gated_mlps_last_product_takes_the_gate_and_the_residual(fmt, group, m
     assert got.shape == (m, 1, 40) and torch.equal(got, residual + product)
     with pytest.raises(ValueError, match="at most 2 rows"):
         quant_kernels.linear(gate_up[:1].expand(3, 1, 2 * cols), w, gate=activation)
+    if kernel == "default":  # the decoder's op: the gate in the product where its tiles are few, else apart
+        for cheap in (True, False):
+            monkeypatch.setattr(kernels, "GATING_WORK", 1 << 22 if cheap else 0)
+            assert quant_kernels.gemv_gates(w) == cheap
+            assert torch.equal(ops.TRITON.gated_linear(gate_up, activation, w, residual), residual + product)
 
 
 def test_the_word_gemv_on_a_shard_of_the_columns():

@@ -91,9 +91,8 @@ class Decoder:
     qk_norm: ClassVar[bool] = False  # q and k are normalized per head before the rotary embedding
     # A decode layer's kernels: norm, four products (the last with the gate and the residual add in it: one rank;
     # a large weight's gate apart: ``kernels.GATING_WORK``), rotation and cache write, attention, norm of the
-    # residual sum. Each takes at least a small kernel's time
-    # however few bytes it reads (the plan counts that; fitted on an H200, it brought four predictions within 10%:
-    # docs/benchmarks.md).
+    # residual sum. Each takes at least a small kernel's time however few bytes it reads (the plan counts that;
+    # fitted on an H200, it brought four predictions within 10%: docs/benchmarks.md).
     decode_kernels_per_layer: ClassVar[int] = 8
 
     # ------------------------------------------------------------------ the family's checkpoints

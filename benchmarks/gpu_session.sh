@@ -76,23 +76,21 @@
 # (H100) quant7b, spec_smollm2 (prices' first form), mixtral24 (cut), moe30b_acc; eighth (H200, then H100)
 # tests_experts, quant7b, mixtral24_acc, moe235_int4, tests_kernels, spec_smollm2_greedy, moe30b and
 # moe30b_resident (b1; copies through the kernels), quant7b again; ninth (H100) quant7b_last, tests_kernels,
-# tests_spec.
-#   1. tests_experts:120                                       the eighth session's review fixes to copies
-#                                                              through the kernels (tests_kernels and tests_spec
-#                                                              passed on an H100 in the ninth)
-#   2. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
-#   3. moe30b_acc:300                                          against accelerate with copies through the kernels
-#   4. spec_smollm2_greedy:150 (carry the model's halves)     where a draft step's 1.1 ms go: its kernels'
-#                                                              sum against its wall time (#22: what to cut),
-#                                                              and int4@4's trees grown best first by the draft
-#                                                              (OFFLOAD_BEST_FIRST_TREES=1: passes of its own, a
-#                                                              host read each): default them on if they pay
-#   4b. load70b:400                                            the readahead: disk reads overlap pinning and
-#                                                              copies (0.79 of the files' speed before)
-#   5. spec70b:300                                             70b verify passes (#22)
-#   6. int4_405b:500                                           the moonshot (#20)
-# When machines are scarce (each failed start costs 90 s of the 30 minutes), make the first call short and
-# whole: tests_experts:120 then spec_smollm2_greedy:120 (carrying the model's halves) fit beside a start.
+# tests_spec; tenth (H100, then H200) tests_experts, spec_smollm2_greedy (best-first trees: 0.99x, left off),
+# load70b (0.85 of the files' speed), the fused MLP end's tests and a profile of a small model's step.
+#   1. tests_kernels:240                                       the whole kernel tests with the MLP's end in one
+#                                                              kernel and small weights' tiles (the tenth's run
+#                                                              ran out of time at 95%)
+#   2. spec_smollm2_greedy:150 (carry the model's halves)     the draft's step with small weights' tiles (0.93
+#                                                              ms of kernels on an H100 before): tokens/s (#22)
+#   3. quant7b:200                                             llama-2-7b resident bf16/int8/int4 with the MLP's
+#                                                              end fused (bf16 and int8: gate apart, residual in)
+#   4. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
+#   5. moe30b_acc:300                                          against accelerate with copies through the kernels
+#   6. spec70b:300                                             70b verify passes (#22)
+#   7. int4_405b:500                                           the moonshot (#20)
+# When machines are scarce (each failed start costs 90-180 s of the 30 minutes), make the first call short and
+# whole: tests_kernels:240 then spec_smollm2_greedy:150 (carrying the model's halves) fit beside a start.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail

@@ -108,9 +108,15 @@ def test_the_gemv_takes_a_gated_mlps_gate_and_residual(n, k, activation, monkeyp
             patch.setattr(kernels, "GATING_WORK", n * k - 1)
             assert not kernels.gemv_gates(w)
             assert torch.equal(ops.TRITON.gated_linear(gate_up, activation, w, residual), residual + product)
+        # a residual that would broadcast, or a weight of other columns, is not the kernel's
+        assert kernels.fused_down_takes(gate_up, residual, n, k)
+        assert not kernels.fused_down_takes(gate_up, residual.view(1, n), n, k)
+        assert not kernels.fused_down_takes(gate_up, residual, n, k + 8)
+        assert not kernels.fused_down_takes(gate_up, residual.repeat(1, 1, 2)[..., ::2], n, k)  # strided
         # where the kernel does not take them (two rows of a bfloat16 weight): the gate, the product, the add
         two = gate_up.expand(2, 1, 2 * k).contiguous()
-        assert not kernels.gemv_takes(two, w)
+        assert not kernels.gemv_takes(two, w, gated=True) and kernels.gemv_takes(gate_up, w, gated=True)
+        assert not kernels.gemv_takes(gate_up, w)  # twice the weight's columns: not its input
         if device == "cuda":
             assert torch.equal(ops.TRITON.gated_linear(two, activation, w, residual.expand(2, 1, n)),
                                residual + F.linear(kernels.gated(two, activation), w))

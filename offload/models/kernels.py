@@ -103,10 +103,11 @@ def _try_a_product(device: torch.device) -> bool:
 # ----------------------------------------------------------------------------- one-row products
 
 
-def gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` is a one-row product ``gemv`` computes."""
+def gemv_takes(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bool:
+    """Whether ``x @ weight.T`` is a one-row product ``gemv`` computes (``gated``: of ``x``'s gate, ``x`` a gated
+    MLP's ``[gate | up]``)."""
     return (x.numel() == x.shape[-1] and x.stride(-1) == 1 and weight.dim() == 2 and weight.is_contiguous()
-            and _same(x, weight))
+            and x.shape[-1] == weight.shape[1] * (2 if gated else 1) and _same(x, weight))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, gate: str | None = None,
@@ -130,10 +131,12 @@ def gemv_gates(weight: torch.Tensor) -> bool:
     return weight.shape[0] * weight.shape[1] <= GATING_WORK
 
 
-def fused_down_takes(gate_up: torch.Tensor, residual: torch.Tensor | None, n: int) -> bool:
-    """Whether a one-row product of ``n`` features may take ``gate_up`` (a gated MLP's) and add ``residual``."""
-    return residual is None or (residual.is_contiguous() and residual.numel() == n * (gate_up.numel()
-                                                                                      // gate_up.shape[-1])
+def fused_down_takes(gate_up: torch.Tensor, residual: torch.Tensor | None, n: int, k: int) -> bool:
+    """Whether a one-row product of a weight ``[n, k]`` may take ``gate_up [..., 2 k]`` (a gated MLP's) and add
+    ``residual [..., n]`` (the output's shape, contiguous, of ``gate_up``'s dtype and device)."""
+    if gate_up.shape[-1] != 2 * k:
+        return False
+    return residual is None or (residual.shape == (*gate_up.shape[:-1], n) and residual.is_contiguous()
                                 and residual.dtype == gate_up.dtype and residual.device == gate_up.device)
 
 

@@ -164,12 +164,12 @@ def _gated(gate_up, activation):
 def _gated_linear(gate_up, activation, weight, residual=None):
     # A decode step's: the gate and the residual add in the product's kernel (three kernels in one).
     if isinstance(weight, QuantizedWeight):
-        if quant_kernels.fuses(gate_up, weight) and kernels.fused_down_takes(gate_up, residual, weight.rows):
+        if quant_kernels.fuses(gate_up, weight) and kernels.fused_down_takes(gate_up, residual, weight.rows, weight.cols):
             if quant_kernels.gemv_gates(weight):
                 return quant_kernels.linear(gate_up, weight, gate=activation, residual=residual)
             return quant_kernels.linear(_gated(gate_up, activation), weight, residual=residual)
-    elif (isinstance(weight, torch.Tensor) and kernels.gemv_takes(gate_up, weight)
-          and kernels.fused_down_takes(gate_up, residual, weight.shape[0])):
+    elif (isinstance(weight, torch.Tensor) and kernels.gemv_takes(gate_up, weight, gated=True)
+          and kernels.fused_down_takes(gate_up, residual, *weight.shape)):
         if kernels.gemv_gates(weight):
             return kernels.gemv(gate_up, weight, gate=activation, residual=residual)
         return kernels.gemv(_gated(gate_up, activation), weight, residual=residual)

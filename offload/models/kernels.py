@@ -7,7 +7,9 @@ instead (the measurements are in docs/benchmarks.md):
 
 * **One-row products** (``gemv``): one program per output feature walks its weight row
   in 16-byte loads per thread, accumulating in float32. cuBLAS reads some of a decode
-  step's shapes well below the device-copy bandwidth.
+  step's shapes well below the device-copy bandwidth. A gated MLP's last product gates
+  ``[gate | up]`` as it reads it and adds the residual to its output (``gate``,
+  ``residual``: three kernels in one, where ``GATING_WORK`` says gating pays).
 * **RMS norm** (``rms_norm``, ``add_rms_norm``): one program per row, the residual add
   before it fused in; PyTorch spends eight kernels on a norm.
 * **Attention of one query per row** (``decode_attention``): flash decoding. The keys

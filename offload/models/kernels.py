@@ -334,14 +334,23 @@ if triton is not None:
             else:
                 w = tl.load(w_row + k0 + cols, mask=inside, other=0.0, eviction_policy="evict_first")
             acc += w.to(tl.float32) * gemv_input(x_ptr, k0 + cols, inside, K, EVEN_K, GATE)
-        y = tl.sum(acc, axis=0)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + n).to(tl.float32)
-        y = y.to(y_ptr.dtype.element_ty)
-        if HAS_RESIDUAL:
-            y = (y.to(tl.float32) + tl.load(r_ptr + n).to(tl.float32)).to(y_ptr.dtype.element_ty,
-                                                                              fp_downcast_rounding="rtne")  # PyTorch's
+        y = finish_product(tl.sum(acc, axis=0), b_ptr, r_ptr, n, n, True, y_ptr.dtype.element_ty, HAS_BIAS,
+                           HAS_RESIDUAL)
         tl.store(y_ptr + n, y)
+
+    @triton.jit
+    def finish_product(total, bias_ptr, res_ptr, features, at, ok, dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr):
+        """A product's float32 sums ``total`` at ``at`` (output ``features``) plus the bias, rounded to ``dtype``,
+        plus the residual, rounded again (as a separate add would round)."""
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + features, mask=ok, other=0.0).to(tl.float32)
+        out = total.to(dtype)
+        if HAS_RESIDUAL:
+            residual = tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            out = (out.to(tl.float32) + residual).to(dtype, fp_downcast_rounding="rtne")  # PyTorch's rounding
+        return out
+
 
     @triton.jit
     def gemv_input(x_ptr, at, inside, K, EVEN: tl.constexpr, GATE: tl.constexpr):

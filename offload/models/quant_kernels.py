@@ -49,7 +49,7 @@ from .quant import FUSED, INT4, QuantizedWeight
 if triton is not None:
     import triton.language as tl
 
-    from .kernels import gemv_input
+    from .kernels import finish_product, gemv_input
 
 GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
 # A word GEMV of fewer tiles of 128 x 256 than this takes tiles of 32 x 128: more programs, each done sooner. On an
@@ -271,8 +271,9 @@ if triton is not None:
         ``final`` by the tile's last program to finish)."""
         row = tl.program_id(2).to(tl.int64) * N + rows
         if FINAL:
-            tl.store(out_ptr + row, _finish(total, bias_ptr, res_ptr, rows, row, n_ok, out_ptr.dtype.element_ty,
-                                            HAS_BIAS, HAS_RESIDUAL), mask=n_ok)
+            out = finish_product(total, bias_ptr, res_ptr, rows, row, n_ok, out_ptr.dtype.element_ty, HAS_BIAS,
+                                 HAS_RESIDUAL)
+            tl.store(out_ptr + row, out, mask=n_ok)
         else:
             stride = tl.num_programs(2) * N  # of a stretch's partial sums (one or two rows)
             tl.store(out_ptr + tl.program_id(1) * stride + row, total, mask=n_ok)
@@ -280,19 +281,6 @@ if triton is not None:
                 tile = tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)
                 _last_sums(out_ptr, final_ptr, bias_ptr, res_ptr, count_ptr, tile, row, rows, n_ok, stride, HAS_BIAS,
                            HAS_RESIDUAL, SPLITS)
-
-    @triton.jit
-    def _finish(total, bias_ptr, res_ptr, features, at, ok, dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_RESIDUAL: tl.constexpr):
-        """A product's float32 sums ``total`` at ``at`` (output ``features``) plus the bias, rounded to ``dtype``,
-        plus the residual, rounded again (as a separate add would round)."""
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + features, mask=ok, other=0.0).to(tl.float32)
-        out = total.to(dtype)
-        if HAS_RESIDUAL:
-            residual = tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            out = (out.to(tl.float32) + residual).to(dtype, fp_downcast_rounding="rtne")  # PyTorch's rounding
-        return out
 
     @triton.jit
     def _last_sums(partial_ptr, out_ptr, bias_ptr, res_ptr, count_ptr, tile, at, features, ok, stride,
@@ -309,8 +297,9 @@ if triton is not None:
             total = tl.zeros(at.shape, dtype=tl.float32)
             for split in range(SPLITS):
                 total += tl.load(partial_ptr + split * stride + at, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + at, _finish(total, bias_ptr, res_ptr, features, at, ok, out_ptr.dtype.element_ty,
-                                           HAS_BIAS, HAS_RESIDUAL), mask=ok)
+            out = finish_product(total, bias_ptr, res_ptr, features, at, ok, out_ptr.dtype.element_ty, HAS_BIAS,
+                                 HAS_RESIDUAL)
+            tl.store(out_ptr + at, out, mask=ok)
             tl.store(count_ptr + tile, 0)
 
     @triton.jit
@@ -431,8 +420,8 @@ if triton is not None:
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for s in range(SPLITS):
             total += tl.load(partial_ptr + s * TOTAL + i, mask=ok, other=0.0)
-        tl.store(out_ptr + i, _finish(total, bias_ptr, res_ptr, i % N, i, ok, out_ptr.dtype.element_ty, HAS_BIAS,
-                                      HAS_RESIDUAL), mask=ok)
+        out = finish_product(total, bias_ptr, res_ptr, i % N, i, ok, out_ptr.dtype.element_ty, HAS_BIAS, HAS_RESIDUAL)
+        tl.store(out_ptr + i, out, mask=ok)
 
     @triton.jit
     def _matmul_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, out_ptr, final_ptr, count_ptr, M, N, K, s_x,

@@ -214,7 +214,8 @@ def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: d
     used = draft == "none" or model.draft is not None
     for prompt in prompts:  # warm-up: the same passes, so the timed ones replay graphs captured here
         model.generate([prompt], max_new_tokens=max_new, ignore_eos=True, **sampling)
-    captured = captures(model)
+    captured, prices = captures(model), model.speculation_prices
+    before = (prices.passes, prices.drafting_seconds, prices.verifying_seconds)
     tokens, seconds, decoded, passes, row_passes, drafted, accepted = [], 0.0, 0, 0, 0, 0, 0
     for prompt in prompts:
         r = model.generate([prompt], max_new_tokens=max_new, ignore_eos=True, return_result=True, **sampling)
@@ -226,12 +227,22 @@ def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: d
                tokens_per_s=decoded / seconds if seconds else 0.0, ms_per_pass=1e3 * seconds / max(passes, 1),
                tokens_per_pass=decoded / max(row_passes, 1), acceptance=accepted / drafted if drafted else None,
                tokens=tokens, captures_timed=captures(model) - captured,
-               measured_over_priced={name: price.scale if price.ratios else None  # measured on a GPU only
-                                     for name, price in vars(model.speculation_prices).items()},
+               measured_over_priced={name: getattr(prices, name).scale if getattr(prices, name).ratios else None
+                                     for name in ("verify", "draft_step")},  # measured on a GPU only
+               **split_of_a_pass(prices, before),
                draft_step=draft_step_times(model.draft.model, len(prompts[0]), DRAFT_STEPS)
                if hasattr(model.draft, "model") and model.device.type == "cuda" else None)
     model.close()
     return row
+
+
+def split_of_a_pass(prices, before: tuple) -> dict:
+    """The timed passes' mean ms drafting and ms verifying (measured on a GPU only; None elsewhere)."""
+    passes = prices.passes - before[0]
+    if not passes:
+        return dict(ms_drafting=None, ms_verifying=None)
+    return dict(ms_drafting=1e3 * (prices.drafting_seconds - before[1]) / passes,
+                ms_verifying=1e3 * (prices.verifying_seconds - before[2]) / passes)
 
 
 def draft_step_times(draft, position: int, steps: int) -> dict:
@@ -368,6 +379,9 @@ def run(args) -> int:
                 print(f"  plan, {d['draft']}: {d['plan']}" + (f"; measured over priced (median of the last passes): "
                                                              f"{', '.join(f'{k} {v}' for k, v in scales.items())}"
                                                              if scales else ""))
+            if d.get("ms_drafting") is not None:
+                print(f"  a pass of {d['draft']}: {d['ms_drafting']:.2f} ms drafting, {d['ms_verifying']:.2f} ms "
+                      "verifying (the host's wall time, mean of the timed passes)")
             if d.get("draft_step"):
                 s = d["draft_step"]
                 print(f"  a step of the draft {d['draft']}: its kernels {s['kernels_ms']:.3f} ms, wall "

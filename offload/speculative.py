@@ -428,6 +428,10 @@ class MeasuredPrices:
 
     verify: MeasuredPrice = field(default_factory=MeasuredPrice)
     draft_step: MeasuredPrice = field(default_factory=MeasuredPrice)
+    # Where the measured passes' time went, in all (the host's wall time): drafting, then verifying.
+    passes: int = 0
+    drafting_seconds: float = 0.0
+    verifying_seconds: float = 0.0
 
 
 @dataclass

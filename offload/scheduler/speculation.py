@@ -164,6 +164,9 @@ class Speculator:
             times = torch.tensor([drafting, verifying, steps], dtype=torch.float64, device=self.model.device)
             drafting, verifying, steps = self.model.tp.broadcast_from_first(times).tolist()
         verify_seconds, step_seconds = self._priced(rows)
+        self.prices.passes += 1
+        self.prices.drafting_seconds += drafting
+        self.prices.verifying_seconds += verifying
         self.prices.verify.add(verifying, verify_seconds(width))
         if steps > 0:
             self.prices.draft_step.add(drafting / steps, step_seconds)

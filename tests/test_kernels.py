@@ -122,6 +122,46 @@ def test_the_gemv_takes_a_gated_mlps_gate_and_residual(n, k, activation, monkeyp
                                residual + F.linear(kernels.gated(two, activation), w))
 
 
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
+@pytest.mark.parametrize("n, k", [(40, 96), (24, 1100)])  # one loop step; two, the second masked
+@pytest.mark.parametrize("offset", [False, True])
+def test_the_gemv_normalizes_its_input_and_adds_a_residual(n, k, offset, monkeypatch):
+    """``gemv`` with ``norm`` (a layer's first products: two kernels in one) computes the product of what
+    ``rms_norm`` writes; ``linear`` with ``residual`` adds it as PyTorch's add would. On a CPU under Triton's
+    interpreter, in float16, bit for bit; on a GPU in both dtypes, to a rounding of the norm (its sum of squares
+    may be added in another order than the norm's kernel adds it)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dtype in (torch.float16, torch.bfloat16) if device == "cuda" else (torch.float16,):
+        gen = torch.Generator().manual_seed(n + k)
+        x = (torch.randn(1, 1, k, generator=gen) * 3).to(dtype).to(device)
+        w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype).to(device)
+        bias = torch.randn(n, generator=gen).to(dtype).to(device)
+        norm = kernels.Norm((torch.rand(k, generator=gen) + 0.5).to(dtype).to(device), 1e-5, offset)
+        residual = torch.randn(1, 1, n, generator=gen).to(dtype).to(device)
+        for b in (None, bias):
+            apart = kernels.gemv(kernels.rms_norm(x, *norm), w, b)
+            fused = kernels.gemv(x, w, b, norm=norm)
+            if device == "cpu":
+                assert torch.equal(fused, apart)
+            else:
+                assert_one_rounding_apart(fused, apart)
+            assert torch.equal(ops.TRITON.normed_linear(x, norm, w, b), fused)
+            assert torch.equal(ops.TRITON.linear(x, w, b, residual), residual + kernels.gemv(x, w, b))
+        with monkeypatch.context() as patch:  # a weight too large to normalize in each program: the norm's kernel
+            patch.setattr(kernels, "NORMING_WORK", n * k - 1)
+            assert not kernels.gemv_norms(n, k)
+            assert torch.equal(ops.TRITON.normed_linear(x, norm, w, bias), kernels.gemv(kernels.rms_norm(x, *norm), w,
+                                                                                       bias))
+        # a norm of other columns, or a residual that would broadcast, is not the kernel's
+        assert kernels.norm_takes(x, norm) and not kernels.norm_takes(x[..., 1:], norm)
+        assert not kernels.residual_takes(x, residual.view(1, n), n)
+        assert torch.equal(ops.TRITON.linear(x, w, None, residual.view(1, n)), residual + kernels.gemv(x, w))
+        torch.testing.assert_close(ops.TRITON.normed_linear(x.float(), kernels.Norm(norm.weight.float(), 1e-5, offset),
+                                                            w.float()),
+                                   ops.TORCH.normed_linear(x.float(), kernels.Norm(norm.weight.float(), 1e-5, offset),
+                                                           w.float()))
+
+
 @needs_triton
 @pytest.mark.gpu
 def test_compiled_code_runs_the_kernels_and_captures_them():
@@ -317,6 +357,42 @@ def test_rope_and_store_normalizes_q_and_k_per_head_before_rotating(batch, heads
         assert (got == want).float().mean() > 0.95
 
 
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
+@pytest.mark.parametrize("batch, heads, kv_heads, length, hd, norms", [
+    (1, 9, 3, 64, 16, None), (3, 8, 2, 300, 32, None), (2, 4, 4, 700, 16, "llama"), (2, 6, 2, 128, 32, "gemma")])
+def test_a_decode_steps_attention_rotates_and_stores_in_one_kernel(batch, heads, kv_heads, length, hd, norms):
+    """``decode_self_attention`` (q and k (normalized and) rotated, k and v cached, attention: one kernel, split or
+    not) leaves the caches and returns the bits of ``rope_and_store`` then ``decode_attention``; a row that adds
+    nothing writes to the sink, past the keys read."""
+    device, dtype = KERNEL_DEVICE, torch.float16
+    gen = torch.Generator().manual_seed(batch * length + hd)
+    qkv = (torch.randn(batch, 1, (heads + 2 * kv_heads) * hd, generator=gen) * 2).to(dtype).to(device)
+    q_norm, k_norm = ((1 + 0.2 * torch.randn(hd, generator=gen)).to(dtype).to(device) if norms else None
+                      for _ in range(2))
+    rope = Rope(torch.rand(hd // 2, generator=gen) * 0.5, 1024, dtype, torch.device(device))
+    positions = torch.tensor([length - 1, 5, 1000][:batch], device=device)  # the third: the sink (max_seq_len)
+    step = DecodeChunk(positions, length, [rope], {None})
+    cos, sin = step.rotary(rope)
+    caches = torch.randn(2, batch + 1, kv_heads, 1001, hd, generator=gen).to(dtype).to(device)
+    mine, theirs = caches.clone(), caches.clone()
+    args = (cos, sin, positions)
+    norm_args = (q_norm, k_norm, 1e-6, norms == "gemma")
+    q = kernels.rope_and_store(qkv, *args, theirs[0], theirs[1], heads, *norm_args)
+    want = kernels.decode_attention(q.transpose(1, 2), theirs[0][:batch, :, :length], theirs[1][:batch, :, :length],
+                                    step.mask(None), hd**-0.5)
+    got = kernels.decode_self_attention(qkv, *args, mine[0], mine[1], length, step.mask(None), heads, hd**-0.5,
+                                        *norm_args)
+    assert got.shape == (batch, heads, 1, hd) and kernels.self_attention_takes(qkv, cos, mine[0], mine[1],
+                                                                               step.mask(None), q_norm, k_norm)
+    assert torch.equal(mine, theirs) and torch.equal(got, want)
+    assert torch.equal(ops.TRITON.decode_self_attention(qkv, *args, caches[0].clone(), caches[1].clone(), length,
+                                                        step.mask(None), heads, hd**-0.5, *norm_args), want)
+    assert not kernels.self_attention_takes(qkv, cos, mine[0], mine[1], step.mask(None).to(torch.uint8))
+    torch.testing.assert_close(  # PyTorch's operations: to a rounding (they rotate in the model dtype)
+        ops.TORCH.decode_self_attention(qkv, *args, caches[0].clone(), caches[1].clone(), length, step.mask(None),
+                                        heads, hd**-0.5, *norm_args), want, atol=2e-2, rtol=2e-2)
+
+
 def test_a_few_keys_are_not_split():
     """Up to two blocks of keys, one program a kv head: a merge would cost more than it saves."""
     assert kernels.decode_attention_splits(1, 3, 2 * kernels.BLOCK_KEYS) == (1, 2 * kernels.BLOCK_KEYS)
@@ -368,9 +444,11 @@ def compile(fn, constexprs, types):
 last = sys.argv[2] == "last"
 if sys.argv[1] == "attention":
     ptx = compile(kernels._decode_attention_kernel,
-                  dict(scale_log2=0.1, GROUP=4, GROUP_PAD=16, HD=128, BLOCK=64, SPLITS=4, SPLITS_PAD=4, LAST=last),
+                  dict(scale_log2=0.1, GROUP=4, GROUP_PAD=16, HD=128, BLOCK=64, SPLITS=4, SPLITS_PAD=4, LAST=last,
+                       ROPE=True, NORM=False, OFFSET=False),
                   {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1", "partial_ptr": "*fp32",
-                   "out_ptr": "*bf16", "count_ptr": "*i32"})
+                   "out_ptr": "*bf16", "count_ptr": "*i32", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64",
+                   "qn_ptr": "*bf16", "kn_ptr": "*bf16", "eps": "fp32"})
 else:
     ptx = compile(quant_kernels._matmul_kernel,
                   dict(INT4=True, PER_CHANNEL=False, HAS_MIN=True, HAS_BIAS=True, FINAL=False, LAST=last, WORDS=False,
@@ -403,3 +481,35 @@ def test_the_last_programs_sums_compile_for_hopper(kernel):
         assert proc.returncode == 0, proc.stderr[-2000:]
         counts[sums] = [int(n) for n in proc.stdout.split()]
     assert counts["last"][0] == 1 and counts["last"][1] > 0 and counts["kernel"] == [0, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(kernels.triton is None or torch.cuda.is_available(), reason="Triton's interpreter, on a CPU")
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_a_decode_step_through_the_kernels_agrees_with_pytorchs_operations(monkeypatch, quantize):
+    """A whole decode step of a small model through offload's kernels under Triton's interpreter (the norms in the
+    products, the rotation and the cache write in the attention, the residuals in the products) against PyTorch's
+    operations: the same logits to float16's rounding, the same next token, and the same cache."""
+    import offload
+    from offload.models.shapes import shape_config
+
+    def load():
+        return offload.load_model(shape_config("tiny"), random_weights=0, dtype=torch.float16, progress=False,
+                                  quantize=quantize, max_seq_len=64)
+
+    reference = load()
+    monkeypatch.setattr(ops, "choose", lambda device, dtype: ops.TRITON)
+    mine = load()
+    assert mine.decoder.ops is ops.TRITON and reference.decoder.ops is ops.TORCH
+    prompt = [list(range(3, 40, 3))]
+    steps = []
+    for model in (reference, mine):
+        model.extend(prompt, [0])
+        logits = [model.decode(torch.tensor([7]), [len(prompt[0])])]
+        logits.append(model.decode(logits[0].argmax(-1), [len(prompt[0]) + 1]))
+        steps.append(torch.stack(logits).float())
+    torch.testing.assert_close(steps[1], steps[0], atol=3e-2, rtol=3e-2)
+    assert torch.equal(steps[1].argmax(-1), steps[0].argmax(-1))
+    torch.testing.assert_close(mine.cache.k.float(), reference.cache.k.float(), atol=1e-2, rtol=1e-2)
+    for model in (reference, mine):
+        model.close()

@@ -71,10 +71,12 @@ def test_cuda_graphs_is_true_or_false():
 
 
 def test_the_plan_counts_a_decode_steps_kernels_by_family():
-    llama = shape_config("tiny")
-    assert offload.plan_model(llama).needs.decode_kernels == 8 * llama["num_hidden_layers"]
+    tiny = shape_config("tiny")  # a small model's products take its norms: two kernels fewer
+    assert offload.plan_model(tiny).needs.decode_kernels == 5 * tiny["num_hidden_layers"]
+    large = shape_config("llama-2-7b") | {"num_hidden_layers": 2}
+    assert offload.plan_model(large).needs.decode_kernels == 7 * 2
     moe = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 2, "mlp_only_layers": [1]}
-    assert offload.plan_model(moe).needs.decode_kernels == (6 + 5 + 3 * 8 + 8) + 8
+    assert offload.plan_model(moe).needs.decode_kernels == (5 + 5 + 3 * 8 + 8) + 7
 
 
 def test_a_process_plans_with_one_measurement_of_the_cpu():

@@ -179,6 +179,49 @@ def test_a_gated_mlps_last_product_takes_the_gate_and_the_residual(fmt, group, m
             assert torch.equal(ops.TRITON.gated_linear(gate_up, activation, w, residual), residual + product)
 
 
+@pytest.mark.parametrize("fmt, group, minimum", [("int4", 64, False), ("int8", None, False), ("int8", 16, True)])
+@pytest.mark.parametrize("m, kernel, sums", [(1, "default", "last"), (2, "default", "second kernel"),
+                                             (1, "words", "last"), (2, "bytes", "last"), (1, "bytes", "one")])
+@pytest.mark.parametrize("offset", [False, True])
+def test_a_layers_first_product_normalizes_its_input(fmt, group, minimum, m, kernel, sums, offset, monkeypatch):
+    """A layer's first products of a decode step normalize their input themselves (``norm``): the product of what
+    the norm's kernel writes, in each GEMV, its stretches summed by the last program, by the second kernel or not
+    split; and a product adds a residual. Under the interpreter bit for bit; on a GPU to a rounding of the norm
+    (its sum of squares may be added in another order than the norm's kernel adds it)."""
+    dtype, cols = DTYPES[0], 384
+    w = packed(fmt, group, 40, cols, dtype, seed=cols + m, minimum=minimum)
+    blocking = {"default": None, "words": (16, 128, 3, 4, True), "bytes": (8, 128, 3, 4, False)}[kernel]
+    if blocking is not None and sums == "one":
+        blocking = (*blocking[:2], 1, *blocking[3:])
+    if blocking is not None and blocking[-1] and not quant_kernels.words_take(w):
+        pytest.skip("the word GEMV does not take this weight")
+    if sums == "second kernel":
+        monkeypatch.setattr(quant_kernels, "tile_counters", lambda device, tiles: None)
+    gen = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, 1, cols, generator=gen) * 3).to(dtype).to(DEVICE)
+    norm = kernels.Norm((torch.rand(cols, generator=gen) + 0.5).to(dtype).to(DEVICE), 1e-6, offset)
+    bias = torch.randn(40, generator=gen).to(dtype).to(DEVICE)
+    residual = torch.randn(m, 1, 40, generator=gen).to(dtype).to(DEVICE)
+    apart = quant_kernels.linear(kernels.rms_norm(x, *norm), w, bias, blocking=blocking)
+    got = quant_kernels.linear(x, w, bias, blocking=blocking, norm=norm)
+    assert got.shape == (m, 1, 40)
+    if DEVICE == "cpu":
+        assert torch.equal(got, apart)
+    else:
+        assert_close_to_exact(got, kernels.rms_norm(x, *norm), w, bias)
+    with pytest.raises(ValueError, match="at most 2 rows"):
+        quant_kernels.linear(x[:1].expand(3, 1, cols), w, norm=norm)
+    with pytest.raises(ValueError, match="not both"):
+        quant_kernels.linear(torch.cat([x, x], -1), w, gate="silu", norm=norm)
+    if kernel == "default":  # the decoder's ops: the norm in the product where its programs are few, else apart
+        for cheap in (True, False):
+            monkeypatch.setattr(kernels, "NORMING_WORK", 1 << 21 if cheap else 0)
+            assert quant_kernels.gemv_norms(w) == cheap
+            assert torch.equal(ops.TRITON.normed_linear(x, norm, w, bias), got if cheap else apart)
+        product = quant_kernels.linear(x, w, bias)
+        assert torch.equal(ops.TRITON.linear(x, w, bias, residual), residual + product)
+
+
 def test_the_word_gemv_on_a_shard_of_the_columns():
     """The integers of a row-parallel shard as a strided view of whole words: read in place."""
     dtype = DTYPES[0]
@@ -231,14 +274,14 @@ from triton.compiler import ASTSource
 from offload.models import quant_kernels
 fmt, last = sys.argv[1], sys.argv[2] == "last"
 constexprs = dict(GROUP=128 if fmt == "int4" else 256, INT4=fmt == "int4", PER_CHANNEL=fmt == "int8",
-                  HAS_MIN=fmt == "int4", HAS_BIAS=last, HAS_RESIDUAL=False, GATE=0, FINAL=False, LAST=last, EVEN=True,
-                  BLOCK_N=128, BLOCK_K=256)
+                  HAS_MIN=fmt == "int4", HAS_BIAS=last, HAS_RESIDUAL=False, GATE=0, NORM=0, NORM_BLOCK=1, FINAL=False,
+                  LAST=last, EVEN=True, BLOCK_N=128, BLOCK_K=256)
 types = {"x_ptr": "*bf16", "data_ptr": "*u8" if fmt == "int4" else "*i8", "scale_ptr": "*bf16", "min_ptr": "*bf16",
-         "bias_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32"}
+         "bias_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "eps": "fp32", "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32"}
 fn = quant_kernels._gemv_words_kernel
 names = list(inspect.signature(fn.fn).parameters)
 signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and n != "N"}
+aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs and n not in ("N", "eps")}
 source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
 print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"])
 """

@@ -89,11 +89,13 @@ class Decoder:
     groups: ClassVar[dict[str, tuple[str, ...]]] = {}  # fused views: {"wqkv": ("wq", "wk", "wv")}
     linear: ClassVar[tuple[str, ...]] = ()  # the weights ``quantize`` compresses (not norms, not biases)
     qk_norm: ClassVar[bool] = False  # q and k are normalized per head before the rotary embedding
-    # A decode layer's kernels: norm, four products (the last with the gate and the residual add in it: one rank;
-    # a large weight's gate apart: ``kernels.GATING_WORK``), rotation and cache write, attention, norm of the
-    # residual sum. Each takes at least a small kernel's time however few bytes it reads (the plan counts that;
-    # fitted on an H200, it brought four predictions within 10%: docs/benchmarks.md).
-    decode_kernels_per_layer: ClassVar[int] = 8
+    # A decode layer's kernels: norm, four products (the second with the residual add in it; the last with the
+    # gate and the residual add: one rank; a large weight's gate apart: ``kernels.GATING_WORK``), attention (the
+    # rotation and the cache write in it), norm of the residual sum; a small weight's product normalizes its input
+    # itself (``kernels.NORMING_WORK``: ``fused_norms``). Each takes at least a small kernel's time however few
+    # bytes it reads (the plan counts that; fitted on an H200, it brought four predictions within 10%:
+    # docs/benchmarks.md).
+    decode_kernels_per_layer: ClassVar[int] = 7
 
     # ------------------------------------------------------------------ the family's checkpoints
 
@@ -144,7 +146,14 @@ class Decoder:
     def decode_kernels(cls, config: ModelConfig, expert_kernels: bool = False) -> int:
         """The kernels of a decode step's layers (what it launches besides the embedding and the head; with
         ``expert_kernels``, where a mixture of experts' routed experts run the kernels of ``expert_kernels``)."""
-        return config.n_layers * cls.decode_kernels_per_layer
+        return config.n_layers * (cls.decode_kernels_per_layer - cls.fused_norms(config))
+
+    @classmethod
+    def fused_norms(cls, config: ModelConfig) -> int:
+        """The norms of a decode layer that its products apply (for the 16-bit GEMV's rule: a compressed
+        weight's differs a little): the input's, in the qkv product, and the MLP's, in the gate and up."""
+        d, qkv = config.hidden_size, config.q_dim + 2 * config.kv_dim
+        return kernels.gemv_norms(qkv, d) + kernels.gemv_norms(2 * config.intermediate_size, d)
 
     @classmethod
     def flops_per_token(cls, config: ModelConfig, tp: TensorParallel) -> int:
@@ -310,13 +319,15 @@ class Decoder:
         """Logits over the whole vocabulary from this rank's rows of the LM head."""
         return self.tp.all_gather_last_dim(self.ops.linear(h, self.weights.lm_head))[..., : self.config.vocab_size]
 
-    def row_parallel(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ weight.T (+ bias)`` where ``weight`` holds this rank's input columns: the partial sums added
-        over the ranks (the Megatron split's second half)."""
+    def row_parallel(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T (+ bias) (+ residual)`` where ``weight`` holds this rank's input columns: the partial sums
+        added over the ranks (the Megatron split's second half)."""
         if self.tp.size == 1:
-            return self.ops.linear(x, weight, bias)
+            return self.ops.linear(x, weight, bias, residual)
         out = self.tp.all_reduce(self.ops.linear(x, weight))
-        return out if bias is None else out + bias  # added once, after the sum
+        out = out if bias is None else out + bias  # added once, after the sum
+        return out if residual is None else residual + out
 
     def gated_down(self, gate_up: torch.Tensor, activation: str, weight, residual: torch.Tensor | None = None):
         """A gated MLP's last product, ``act(gate) * up @ weight.T (+ residual)``, ``weight`` split by input columns
@@ -333,29 +344,23 @@ class Decoder:
         """Self-attention of one chunk from its projected ``qkv`` (token layout, q | k | v on the last
         dimension): rotary embedding, cache write, attention; returns ``[..., H * hd]``. ``q_norm`` and
         ``k_norm`` (per-head RMS norm weights) normalize q and k before the rotation."""
-        hd, (cache_k, cache_v) = self.config.head_dim, kv
+        hd, (cache_k, cache_v), eps = self.config.head_dim, kv, self.config.rms_norm_eps
         cos, sin = chunk.rotary(self.layer_ropes[i])
-        if chunk.one_query:  # a decode step: q and k (normalized,) rotated, k and v cached, in one go
-            q = self.ops.rope_and_store(qkv, cos, sin, chunk.positions, cache_k, cache_v, self.heads, q_norm, k_norm,
-                                        self.config.rms_norm_eps, offset)
-            k = v = None  # a decode step attends to the cache
-        else:
-            q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
-            q = q.unflatten(-1, (self.heads, hd))
-            k, v = k.unflatten(-1, (self.kv_heads, hd)), v.unflatten(-1, (self.kv_heads, hd))
-            if q_norm is not None:
-                eps = self.config.rms_norm_eps
-                q, k = self.ops.rms_norm(q, q_norm, eps, offset), self.ops.rms_norm(k, k_norm, eps, offset)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if cache_k is not None:
-                chunk.store(cache_k, cache_v, k, v)
-        keys, values = chunk.keys(cache_k, cache_v, k, v)
         mask, scale = chunk.mask(self.config.sliding_windows[i]), self.config.attention_scale
-        if chunk.one_query:
-            o = self.ops.decode_attention(chunk.heads(q), keys, values, mask, scale)
-        else:
-            o = attend(chunk.heads(q), keys, values, mask, chunk.causal, scale)
-        return chunk.from_heads(o)
+        if chunk.one_query:  # a decode step: q and k (normalized,) rotated, k and v cached, attention, in one go
+            o = self.ops.decode_self_attention(qkv, cos, sin, chunk.positions, cache_k, cache_v, chunk.kv_len, mask,
+                                               self.heads, scale, q_norm, k_norm, eps, offset)
+            return chunk.from_heads(o)
+        q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
+        q = q.unflatten(-1, (self.heads, hd))
+        k, v = k.unflatten(-1, (self.kv_heads, hd)), v.unflatten(-1, (self.kv_heads, hd))
+        if q_norm is not None:
+            q, k = self.ops.rms_norm(q, q_norm, eps, offset), self.ops.rms_norm(k, k_norm, eps, offset)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_k is not None:
+            chunk.store(cache_k, cache_v, k, v)
+        keys, values = chunk.keys(cache_k, cache_v, k, v)
+        return chunk.from_heads(attend(chunk.heads(q), keys, values, mask, chunk.causal, scale))
 
 
 def attend(q, keys, values, mask, causal: bool, scale: float) -> torch.Tensor:

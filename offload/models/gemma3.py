@@ -28,6 +28,8 @@ from ..errors import ConfigError
 from .blocks import Entry
 from .config import ModelConfig, common_fields, read_rope, rope_inv_freq
 from .decoder import Decoder
+from . import kernels
+from .kernels import Norm
 from .llama import windows_of
 from .parallel import REPLICATED, Shard, kv_shard, q_shard
 from .quant import QuantizedWeight
@@ -66,7 +68,11 @@ class Gemma3(Decoder):
     groups = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
     linear = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
     qk_norm = True
-    decode_kernels_per_layer = 11  # Llama's 8 with a norm after the attention, a norm after the MLP, its residual add
+    decode_kernels_per_layer = 10  # Llama's 7 with a norm after the attention, a norm after the MLP, its residual add
+
+    @classmethod
+    def fused_norms(cls, config: ModelConfig) -> int:  # the input's only: the MLP's follows a norm of its own
+        return kernels.gemv_norms(config.q_dim + 2 * config.kv_dim, config.hidden_size)
 
     @classmethod
     def read_config(cls, raw: dict, f, architecture: str) -> Gemma3Config:
@@ -132,7 +138,7 @@ class Gemma3(Decoder):
 
     def layer(self, x: torch.Tensor, w: Gemma3Weights, chunk, kv, i: int) -> torch.Tensor:
         eps, ops = self.config.rms_norm_eps, self.ops
-        qkv = ops.linear(ops.rms_norm(x, w.input_norm, eps, offset=True), w.wqkv)
+        qkv = ops.normed_linear(x, Norm(w.input_norm, eps, offset=True), w.wqkv)
         h = self.row_parallel(self.attention(qkv, chunk, kv, i, w.q_norm, w.k_norm, offset=True), w.wo)
         h = ops.rms_norm(h, w.post_attention_norm, eps, offset=True)
         x, h = ops.add_rms_norm(x, h, w.pre_mlp_norm, eps, offset=True)  # x + h, and its norm

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -59,6 +60,11 @@ ELEMENTWISE_BLOCK = 1024
 # a decode step: SmolLM2-135M's shape (576 x 1536, 0.9M) 6% faster, llama-2-7b's (4096 x 11008, 45M) 14% slower
 # in bfloat16; llama-2-7b's in int4 (tiles of 128 features: 0.35M) the same.
 GATING_WORK = 1 << 22
+# A GEMV normalizes its input itself (RMS norm: the layer's first product and the MLP's first) where its programs
+# times the input's columns are at most this many: each program reads the whole row for its norm, 2 bytes a column
+# of L2 traffic, and 4 MB of it costs about what the norm's own kernel (1.2-1.5 us) does.
+NORMING_WORK = 1 << 21
+NORM_COLUMNS = 16384  # the most columns a GEMV normalizes (one block of the row in registers)
 ACTIVATIONS = ("silu", "gelu_tanh")  # a gated MLP's: act(gate) * up
 # Work split across programs (flash decoding's keys, a compressed product's columns) is put together by the last of
 # a tile's programs to finish, counted per tile (``tile_counters``), rather than by a second kernel (a small kernel's
@@ -113,16 +119,19 @@ def gemv_takes(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bo
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, gate: str | None = None,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias) (+ residual)`` for one row ``x [..., K]`` (every leading dimension 1) and ``weight
     [N, K]``. With ``gate`` (an activation of ``ACTIVATIONS``), ``x [..., 2K]`` is a gated MLP's ``[gate | up]``
     and the product is of ``act(gate) * up``, as ``gated`` rounds it: the MLP's last two kernels in one.
-    ``residual`` (the shape of the output, contiguous) is added to the rounded product, as PyTorch's add would."""
+    ``residual`` (the shape of the output, contiguous) is added to the rounded product, as PyTorch's add would.
+    With ``norm``, the product is of ``rms_norm(x, *norm)``, rounded as ``rms_norm`` rounds it."""
     n, k = weight.shape
     out = x.new_empty(*x.shape[:-1], n)
-    _gemv_kernel[(n,)](x, weight, bias if bias is not None else out, residual if residual is not None else out, out, k,
-                       BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, HAS_BIAS=bias is not None,
-                       HAS_RESIDUAL=residual is not None, GATE=gate_code(gate), num_warps=WARPS)
+    norm_weight, eps, norm_code = norm_args(norm, out)
+    _gemv_kernel[(n,)](x, weight, bias if bias is not None else out, residual if residual is not None else out,
+                       norm_weight, out, k, eps, BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, HAS_BIAS=bias is not None,
+                       HAS_RESIDUAL=residual is not None, GATE=gate_code(gate), NORM=norm_code,
+                       NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, num_warps=WARPS)
     return out
 
 
@@ -135,11 +144,43 @@ def gemv_gates(weight: torch.Tensor) -> bool:
 
 def fused_down_takes(gate_up: torch.Tensor, residual: torch.Tensor | None, n: int, k: int) -> bool:
     """Whether a one-row product of a weight ``[n, k]`` may take ``gate_up [..., 2 k]`` (a gated MLP's) and add
-    ``residual [..., n]`` (the output's shape, contiguous, of ``gate_up``'s dtype and device)."""
-    if gate_up.shape[-1] != 2 * k:
-        return False
-    return residual is None or (residual.shape == (*gate_up.shape[:-1], n) and residual.is_contiguous()
-                                and residual.dtype == gate_up.dtype and residual.device == gate_up.device)
+    ``residual`` (``residual_takes``)."""
+    return gate_up.shape[-1] == 2 * k and (residual is None or residual_takes(gate_up, residual, n))
+
+
+def residual_takes(x: torch.Tensor, residual: torch.Tensor, n: int) -> bool:
+    """Whether a product of ``x`` with ``n`` output features may add ``residual`` to its output: of the output's
+    exact shape, contiguous, of ``x``'s dtype and device."""
+    return (residual.shape == (*x.shape[:-1], n) and residual.is_contiguous() and residual.dtype == x.dtype
+            and residual.device == x.device)
+
+
+def gemv_norms(n: int, k: int) -> bool:
+    """Whether ``gemv`` should RMS-normalize its input itself for a weight ``[n, k]`` (rather than take the norm
+    kernel's output): each of its programs (one an output feature) reads the whole row for the norm
+    (``NORMING_WORK``)."""
+    return n * k <= NORMING_WORK and k <= NORM_COLUMNS
+
+
+class Norm(NamedTuple):
+    """An RMS norm a product applies to its input first: ``rms_norm(x, weight, eps, offset)``."""
+
+    weight: torch.Tensor
+    eps: float
+    offset: bool = False
+
+
+def norm_takes(x: torch.Tensor, norm: Norm) -> bool:
+    """Whether a one-row product may normalize ``x`` with ``norm`` (its weight one per column, contiguous)."""
+    w = norm.weight
+    return w.is_contiguous() and w.shape == (x.shape[-1],) and _same(x, w) and x.shape[-1] <= NORM_COLUMNS
+
+
+def norm_args(norm: Norm | None, placeholder: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """A product kernel's norm arguments: the norm's weight, eps, NORM (0: none, 1: Llama's, 2: Gemma's)."""
+    if norm is None:
+        return placeholder, 0.0, 0
+    return norm.weight, float(norm.eps), 2 if norm.offset else 1
 
 
 def gate_code(activation: str | None) -> int:
@@ -305,14 +346,53 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     counters = tile_counters(q.device, b * kv_heads) if splits > 1 else None
     grid = (b * kv_heads, splits)
     _decode_attention_kernel[grid](
-        q, keys, values, allowed, partial, out, counters if counters is not None else partial, length, kv_heads,
-        keys_per_split, scale * math.log2(math.e), q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
-        keys.stride(2), values.stride(0), values.stride(1), values.stride(2), allowed.stride(0),
+        q, keys, values, allowed, partial, out, counters if counters is not None else partial, q, q, q, q, q, length,
+        kv_heads, keys_per_split, scale * math.log2(math.e), q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
+        keys.stride(2), values.stride(0), values.stride(1), values.stride(2), allowed.stride(0), 0, 0, 0.0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK=BLOCK_KEYS,
-        SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), LAST=counters is not None, num_warps=4)
+        SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), LAST=counters is not None, ROPE=False,
+        NORM=False, OFFSET=False, num_warps=4)
     if splits > 1 and counters is None:
         _merge_splits_kernel[(b * h,)](partial, out, SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
                                        HD=hd, num_warps=4)
+    return out.transpose(1, 2)
+
+
+def self_attention_takes(qkv: torch.Tensor, cos: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                         allowed: torch.Tensor, q_norm: torch.Tensor | None = None,
+                         k_norm: torch.Tensor | None = None) -> bool:
+    """Whether a decode step's ``qkv`` takes ``decode_self_attention``: what ``rope_and_store`` and
+    ``decode_attention`` take."""
+    return (rope_and_store_takes(qkv, cos, cache_k, q_norm, k_norm) and cache_k.shape[-1] >= 16
+            and allowed.dtype == torch.bool and allowed.stride(-1) == 1 and cache_v.stride(-1) == 1
+            and _same(qkv, cache_v))
+
+
+def decode_self_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                          cache_k: torch.Tensor, cache_v: torch.Tensor, length: int, allowed: torch.Tensor, heads: int,
+                          scale: float, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                          eps: float = 0.0, offset: bool = False) -> torch.Tensor:
+    """A decode step's self-attention in one kernel: ``rope_and_store`` (q and k rotated, k and v written into
+    the caches at ``positions``), then ``decode_attention`` of q over the caches' first ``length`` keys of each
+    row, ``allowed [B, 1, 1, length]``. The same bits as the two. Returns ``[B, H, 1, hd]``."""
+    b, kv_heads, hd = qkv.shape[0], cache_k.shape[1], cache_k.shape[-1]
+    group = heads // kv_heads
+    splits, keys_per_split = decode_attention_splits(b, kv_heads, length)
+    out = qkv.new_empty(b, 1, heads, hd)
+    partial = qkv.new_empty((b * heads * splits * (hd + 2)) if splits > 1 else 1, dtype=torch.float32)
+    counters = tile_counters(qkv.device, b * kv_heads) if splits > 1 else None
+    norm = q_norm is not None
+    _decode_attention_kernel[(b * kv_heads, splits)](
+        qkv, cache_k, cache_v, allowed, partial, out, counters if counters is not None else partial, cos, sin,
+        positions, q_norm if norm else cos, k_norm if norm else cos, length, kv_heads, keys_per_split,
+        scale * math.log2(math.e), qkv.stride(0), hd, cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+        cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), allowed.stride(0), cos.stride(0), sin.stride(0),
+        float(eps), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK=BLOCK_KEYS,
+        SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), LAST=counters is not None, ROPE=True,
+        NORM=norm, OFFSET=offset, num_warps=4)
+    if splits > 1 and counters is None:
+        _merge_splits_kernel[(b * heads,)](partial, out, SPLITS=splits,
+                                           SPLITS_PAD=max(2, triton.next_power_of_2(splits)), HD=hd, num_warps=4)
     return out.transpose(1, 2)
 
 
@@ -321,19 +401,21 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, nw_ptr, y_ptr, K, eps, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr, NORM: tl.constexpr,
+                     NORM_BLOCK: tl.constexpr):
         n = tl.program_id(0)  # the output feature this program computes
         w_row = w_ptr + n.to(tl.int64) * K
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        inverse = inverse_rms(x_ptr, K, eps, NORM, NORM_BLOCK)
         for k0 in range(0, K, BLOCK_K):
             inside = k0 + cols < K
             if EVEN_K:
                 w = tl.load(w_row + k0 + cols, eviction_policy="evict_first")  # read once: keep x in cache
             else:
                 w = tl.load(w_row + k0 + cols, mask=inside, other=0.0, eviction_policy="evict_first")
-            acc += w.to(tl.float32) * gemv_input(x_ptr, k0 + cols, inside, K, EVEN_K, GATE)
+            acc += w.to(tl.float32) * gemv_input(x_ptr, k0 + cols, inside, K, EVEN_K, GATE, nw_ptr, inverse, NORM)
         y = finish_product(tl.sum(acc, axis=0), b_ptr, r_ptr, n, n, True, y_ptr.dtype.element_ty, HAS_BIAS,
                            HAS_RESIDUAL)
         tl.store(y_ptr + n, y)
@@ -353,13 +435,32 @@ if triton is not None:
 
 
     @triton.jit
-    def gemv_input(x_ptr, at, inside, K, EVEN: tl.constexpr, GATE: tl.constexpr):
-        """A product's input at columns ``at`` (``inside`` of ``K``; EVEN: all are) in float32: ``x`` itself, or
-        with GATE ``act(gate) * up`` of ``x = [gate | up]`` (``K`` columns each), rounded as ``gated`` rounds."""
+    def inverse_rms(x_ptr, K, eps, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
+        """``1 / sqrt(mean(x^2) + eps)`` of the row ``x`` (``K`` columns, at most ``NORM_BLOCK``) in float32, as
+        ``_normalize`` computes it; 1 without NORM."""
+        if NORM == 0:
+            return 1.0
+        cols = tl.arange(0, NORM_BLOCK)
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        return tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+
+    @triton.jit
+    def gemv_input(x_ptr, at, inside, K, EVEN: tl.constexpr, GATE: tl.constexpr, nw_ptr, inverse,
+                   NORM: tl.constexpr):
+        """A product's input at columns ``at`` (``inside`` of ``K``; EVEN: all are) in float32: ``x`` itself, with
+        GATE ``act(gate) * up`` of ``x = [gate | up]`` (``K`` columns each), rounded as ``gated`` rounds, or with
+        NORM ``x``'s RMS norm (``inverse_rms``'s ``inverse``, the weight at ``nw_ptr``) as ``_normalize``
+        rounds it: 1, Llama's; 2, Gemma's."""
         if EVEN:
             x = tl.load(x_ptr + at, eviction_policy="evict_last")
         else:
             x = tl.load(x_ptr + at, mask=inside, other=0.0, eviction_policy="evict_last")
+        if NORM != 0:
+            if EVEN:
+                w = tl.load(nw_ptr + at, eviction_policy="evict_last").to(tl.float32)
+            else:
+                w = tl.load(nw_ptr + at, mask=inside, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            return normalized(x.to(tl.float32), inverse, w, x.dtype, NORM == 2).to(tl.float32)
         if GATE == 0:
             return x.to(tl.float32)
         if EVEN:
@@ -386,11 +487,15 @@ if triton is not None:
         """Store ``w * rms_norm(x)`` (``x`` one row in float32) at ``y_ptr + row``; ``(1 + w)`` with OFFSET."""
         inverse = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
         w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        if OFFSET:  # Gemma: (1 + w) times the float32 row, rounded once
-            y = (x * inverse) * (1.0 + w)
-        else:  # Llama: the row rounded first, then the weight
-            y = w * (x * inverse).to(y_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(y_ptr + row + cols, y.to(y_ptr.dtype.element_ty), mask=inside)
+        tl.store(y_ptr + row + cols, normalized(x, inverse, w, y_ptr.dtype.element_ty, OFFSET), mask=inside)
+
+    @triton.jit
+    def normalized(x, inverse, w, dtype: tl.constexpr, OFFSET: tl.constexpr):
+        """``w * (x * inverse)`` in ``dtype`` (``x``, ``w`` float32): Llama's rounds the normalized row first, then
+        the product; Gemma's (OFFSET) multiplies by ``1 + w`` in float32 and rounds once."""
+        if OFFSET:
+            return ((x * inverse) * (1.0 + w)).to(dtype)
+        return (w * (x * inverse).to(dtype).to(tl.float32)).to(dtype)
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps: tl.constexpr, BLOCK: tl.constexpr, OFFSET: tl.constexpr):
@@ -430,50 +535,75 @@ if triton is not None:
         copied there."""
         b, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
         d = tl.arange(0, HD)
-        partner = (d + HD // 2) % HD  # rotate_half: [-x2, x1]
-        sign = tl.where(d < HD // 2, -1.0, 1.0)
-        row = qkv_ptr + b * s_qkv + head * HD
-        x = tl.load(row + d).to(tl.float32)
-        x_partner = tl.load(row + partner).to(tl.float32)
-        if NORM:  # as _normalize: the head's float32 RMS, then the weight (Llama) or 1 + weight (Gemma)
-            inverse = tl.rsqrt(tl.sum(x * x, axis=0) / HD + eps)
-            is_q = head < HEADS
-            w = tl.where(is_q, tl.load(qn_ptr + d), tl.load(kn_ptr + d)).to(tl.float32)
-            w_partner = tl.where(is_q, tl.load(qn_ptr + partner), tl.load(kn_ptr + partner)).to(tl.float32)
-            dtype = q_ptr.dtype.element_ty
-            if OFFSET:
-                x = ((x * inverse) * (1.0 + w)).to(dtype).to(tl.float32)
-                x_partner = ((x_partner * inverse) * (1.0 + w_partner)).to(dtype).to(tl.float32)
-            else:
-                x = (w * (x * inverse).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-                x_partner = (w_partner * (x_partner * inverse).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        rotated = x_partner * sign
+        row = qkv_ptr + b * s_qkv
         cos = tl.load(cos_ptr + b * s_cos + d).to(tl.float32)
         sin = tl.load(sin_ptr + b * s_sin + d).to(tl.float32)
-        out = (x * cos + rotated * sin).to(q_ptr.dtype.element_ty)
+        one = tl.full([1], 0, tl.int32) + head  # this head, as a block of one
         if head < HEADS:
-            tl.store(q_ptr + (b * HEADS + head) * HD + d, out)
+            out = rotated_heads(row, one, one >= 0, d, cos, sin, qn_ptr, eps, HD, NORM, OFFSET, q_ptr.dtype.element_ty)
+            tl.store(q_ptr + (b * HEADS + head) * HD + d[None, :], out)
         else:
+            out = rotated_heads(row, one, one >= 0, d, cos, sin, kn_ptr, eps, HD, NORM, OFFSET, q_ptr.dtype.element_ty)
             kv_head = head - HEADS
             position = tl.load(pos_ptr + b)
-            tl.store(k_cache_ptr + b * sk_b + kv_head * sk_h + position * sk_l + d, out)
-            v = tl.load(qkv_ptr + b * s_qkv + (HEADS + KV_HEADS + kv_head) * HD + d)
+            tl.store(k_cache_ptr + b * sk_b + kv_head * sk_h + position * sk_l + d[None, :], out)
+            v = tl.load(row + (HEADS + KV_HEADS + kv_head) * HD + d)
             tl.store(v_cache_ptr + b * sv_b + kv_head * sv_h + position * sv_l + d, v)
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, partial_ptr, out_ptr, count_ptr, L, KV_HEADS,
-                                 KEYS_PER_SPLIT, scale_log2: tl.constexpr, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h,
-                                 sv_l, sm_b, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr,
-                                 BLOCK: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                                 LAST: tl.constexpr):
+    def rotated_heads(row_ptr, heads, ok, d, cos, sin, nw_ptr, eps, HD: tl.constexpr, NORM: tl.constexpr,
+                      OFFSET: tl.constexpr, dtype: tl.constexpr):
+        """Heads ``heads`` (``[R]``, where ``ok``) of one token's ``qkv`` row at ``row_ptr``, ``[R, HD]`` in
+        ``dtype``: each rotated by ``cos``/``sin`` (``[HD]``, float32) in float32 and rounded once; with NORM
+        first RMS-normalized as ``_normalize`` does it (the weight at ``nw_ptr``; OFFSET: Gemma's ``1 + w``),
+        rounded."""
+        partner = (d + HD // 2) % HD  # rotate_half: [-x2, x1]
+        sign = tl.where(d < HD // 2, -1.0, 1.0)
+        at = row_ptr + heads[:, None] * HD
+        x = tl.load(at + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        x_partner = tl.load(at + partner[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        if NORM:  # the head's float32 RMS, then the weight (Llama) or 1 + weight (Gemma)
+            inverse = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
+            w = tl.load(nw_ptr + d).to(tl.float32)[None, :]
+            w_partner = tl.load(nw_ptr + partner).to(tl.float32)[None, :]
+            x = normalized(x, inverse, w, dtype, OFFSET).to(tl.float32)
+            x_partner = normalized(x_partner, inverse, w_partner, dtype, OFFSET).to(tl.float32)
+        rotated = x_partner * sign[None, :]
+        return (x * cos[None, :] + rotated * sin[None, :]).to(dtype)
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, partial_ptr, out_ptr, count_ptr, cos_ptr, sin_ptr,
+                                 pos_ptr, qn_ptr, kn_ptr, L, KV_HEADS, KEYS_PER_SPLIT, scale_log2: tl.constexpr, sq_b,
+                                 sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, s_cos, s_sin, eps,
+                                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr,
+                                 SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, LAST: tl.constexpr,
+                                 ROPE: tl.constexpr, NORM: tl.constexpr, OFFSET: tl.constexpr):
         """One kv head of one row, over one split of the keys: the ``GROUP`` query heads that share it (LAST: the
-        last split's program to finish merges every split of them, as ``_merge_splits_kernel`` does)."""
+        last split's program to finish merges every split of them, as ``_merge_splits_kernel`` does). With ROPE,
+        ``q_ptr`` is the step's ``qkv`` (``[B, (H + 2 H_kv) hd]`` rows, ``sq_b`` apart): q's heads are rotated
+        here as ``rope_and_store`` rotates them, and the program whose split holds the row's position (the last,
+        for a position past every split: the sink) first rotates k and writes it and v into the cache there."""
         row_head, split = tl.program_id(0), tl.program_id(1)
         b, kv_head = row_head // KV_HEADS, row_head % KV_HEADS
         g, d = tl.arange(0, GROUP_PAD), tl.arange(0, HD)
         heads = kv_head * GROUP + g
-        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=g[:, None] < GROUP, other=0.0)
         k_base, v_base = k_ptr + b * sk_b + kv_head * sk_h, v_ptr + b * sv_b + kv_head * sv_h
+        if ROPE:
+            row = q_ptr + b * sq_b
+            cos = tl.load(cos_ptr + b * s_cos + d).to(tl.float32)
+            sin = tl.load(sin_ptr + b * s_sin + d).to(tl.float32)
+            dtype = out_ptr.dtype.element_ty
+            q = rotated_heads(row, heads, g < GROUP, d, cos, sin, qn_ptr, eps, HD, NORM, OFFSET, dtype)
+            position = tl.load(pos_ptr + b)
+            if split == tl.minimum(position // KEYS_PER_SPLIT, SPLITS - 1):
+                one = tl.full([1], 0, tl.int32) + KV_HEADS * GROUP + kv_head  # k's head, as a block of one
+                k = rotated_heads(row, one, one >= 0, d, cos, sin, kn_ptr, eps, HD, NORM, OFFSET, dtype)
+                tl.store(k_base + position * sk_l + d[None, :], k)
+                v = tl.load(row + (KV_HEADS * GROUP + KV_HEADS + kv_head) * HD + d)
+                tl.store(v_base + position * sv_l + d, v)
+            tl.debug_barrier()  # the cache's new key and value, written by some of the threads, seen by all
+        else:
+            q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=g[:, None] < GROUP, other=0.0)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running maximum of the scores (base-2 scaled)
         total = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m)
         acc = tl.zeros([GROUP_PAD, HD], tl.float32)

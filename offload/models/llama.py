@@ -22,6 +22,7 @@ from .blocks import Entry
 from .quant import QuantizedWeight
 from .config import ModelConfig, common_fields, is_int
 from .decoder import Decoder
+from .kernels import Norm
 from .parallel import REPLICATED, Shard, kv_shard, q_shard
 
 
@@ -94,10 +95,10 @@ class Llama(Decoder):
 
     def layer(self, x: torch.Tensor, w: LlamaWeights, chunk, kv, i: int) -> torch.Tensor:
         eps, ops = self.config.rms_norm_eps, self.ops
-        qkv = ops.linear(ops.rms_norm(x, w.input_norm, eps), w.wqkv, w.bqkv)
-        h = self.row_parallel(self.attention(qkv, chunk, kv, i, w.q_norm, w.k_norm), w.wo, w.bo)
-        x, h = ops.add_rms_norm(x, h, w.post_norm, eps)  # x + h, and its norm
-        return self.gated_down(ops.linear(h, w.w_gate_up), "silu", w.w_down, residual=x)
+        qkv = ops.normed_linear(x, Norm(w.input_norm, eps), w.wqkv, w.bqkv)
+        x = self.row_parallel(self.attention(qkv, chunk, kv, i, w.q_norm, w.k_norm), w.wo, w.bo, residual=x)
+        gate_up = ops.normed_linear(x, Norm(w.post_norm, eps), w.w_gate_up)
+        return self.gated_down(gate_up, "silu", w.w_down, residual=x)
 
 
 def mlp_entries(config: ModelConfig, tp: TensorParallel, inter: int, prefix: str, names=("w_gate", "w_up", "w_down"),

@@ -40,6 +40,7 @@ from . import expert_kernels
 from .blocks import EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, Entry, build_layout
 from .config import ModelConfig, common_fields, is_int
 from .expert_kernels import DIRECT_TOKENS
+from .kernels import Norm
 from .llama import Llama, mlp_entries, sliding_windows
 from .parallel import REPLICATED
 from .quant import QuantizedWeight, WeightFormat
@@ -198,13 +199,13 @@ class MoEDecoder(Llama):
 
     @classmethod
     def decode_kernels(cls, config: MoEConfig, expert_kernels: bool = False) -> int:
-        """A routed layer launches its attention's 6 kernels, the router's 5, each of its ``top_k`` experts' 3 and
+        """A routed layer launches its attention's 5 kernels, the router's 5, each of its ``top_k`` experts' 3 and
         the grid's 8; by the expert kernels (read directly, or copies on a GPU), 14 whatever ``top_k`` (the sort,
         the ranks and places, the grid, the two expert kernels, its sum and the residual); a dense one as
         Llama's."""
         routed = sum(config.sparse_layers)
         experts = 14 if expert_kernels else 3 * config.top_k + 8
-        return routed * (6 + 5 + experts) + (config.n_layers - routed) * cls.decode_kernels_per_layer
+        return routed * (5 + 5 + experts) + (config.n_layers - routed) * cls.decode_kernels_per_layer
 
     @classmethod
     def graph_pieces(cls, config: MoEConfig) -> int:
@@ -266,7 +267,7 @@ class MoEDecoder(Llama):
     def attend(self, x: torch.Tensor, w: MoELayerWeights, chunk, kv, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream after attention, and its norm (the MLP's input)."""
         eps, ops = self.config.rms_norm_eps, self.ops
-        qkv = ops.linear(ops.rms_norm(x, w.input_norm, eps), w.wqkv, w.bqkv)
+        qkv = ops.normed_linear(x, Norm(w.input_norm, eps), w.wqkv, w.bqkv)
         h = self.row_parallel(self.attention(qkv, chunk, kv, i, w.q_norm, w.k_norm), w.wo, w.bo)
         return ops.add_rms_norm(x, h, w.post_norm, eps)
 

@@ -15,6 +15,7 @@ from ..distributed import TensorParallel
 from ..errors import ConfigError
 from .blocks import Entry
 from .config import ModelConfig
+from .kernels import Norm
 from .moe import MoEDecoder
 from .parallel import REPLICATED
 
@@ -38,7 +39,7 @@ class Olmoe(MoEDecoder):
 
     def attend(self, x, w, chunk, kv, i):
         eps, ops, q_dim, kv_dim = self.config.rms_norm_eps, self.ops, self.config.q_dim, self.config.kv_dim
-        qkv = ops.linear(ops.rms_norm(x, w.input_norm, eps), w.wqkv, w.bqkv)
+        qkv = ops.normed_linear(x, Norm(w.input_norm, eps), w.wqkv, w.bqkv)
         q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
         qkv = torch.cat([ops.rms_norm(q.contiguous(), w.q_norm, eps), ops.rms_norm(k.contiguous(), w.k_norm, eps), v],
                         dim=-1)

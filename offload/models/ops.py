@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels, quant_kernels
+from .kernels import Norm
 from .quant import QuantizedWeight, StackedWeight, quantized_linear
 
 
@@ -27,14 +28,15 @@ from .quant import QuantizedWeight, StackedWeight, quantized_linear
 class Ops:
     """One model's operations. Every field is a function; ``kernels`` says which set this is."""
 
-    linear: Callable  # (x, weight, bias=None): x @ weight.T (+ bias), for a dense or quantized weight
+    linear: Callable  # (x, weight, bias=None, residual=None): x @ weight.T (+ bias) (+ residual), dense or quantized
+    normed_linear: Callable  # (x, norm: Norm, weight, bias=None): rms_norm(x, *norm) @ weight.T (+ bias)
     rms_norm: Callable  # (x, weight, eps, offset=False); offset: Gemma's (1 + weight), multiplied in float32
     add_rms_norm: Callable  # (x, delta, weight, eps, offset=False) -> (x + delta, its norm)
     gated: Callable  # (gate_up, activation) -> act(gate) * up, for gate_up = [gate | up] on the last dim
     gated_linear: Callable  # (gate_up, activation, weight, residual=None) -> gated(...) @ weight.T (+ residual)
-    rope_and_store: Callable  # a decode step's (qkv, cos, sin, positions, cache_k, cache_v, heads, q_norm=None,
-    #                            k_norm=None, eps=0, offset=False) -> q
-    decode_attention: Callable  # (q [B, H, 1, hd], keys, values [B, H_kv, L, hd], allowed [B, 1, 1, L], scale)
+    decode_self_attention: Callable  # a decode step's (qkv, cos, sin, positions, cache_k, cache_v, length, allowed,
+    #     heads, scale, q_norm=None, k_norm=None, eps=0, offset=False): rope_and_store, then decode_attention over
+    #     the caches' first ``length`` keys -> [B, H, 1, hd]
     kernels: bool  # offload's Triton kernels (True) or PyTorch's operations
 
 
@@ -48,12 +50,20 @@ def choose(device: torch.device, dtype: torch.dtype) -> Ops:
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(weight, QuantizedWeight):
-        return quantized_linear(x, weight, bias)
-    if isinstance(weight, StackedWeight):
-        return stacked(linear, x, weight, bias)
-    return F.linear(x, weight, bias)
+        out = quantized_linear(x, weight, bias)
+    elif isinstance(weight, StackedWeight):
+        out = stacked(linear, x, weight, bias)
+    else:
+        out = F.linear(x, weight, bias)
+    return out if residual is None else residual + out
+
+
+def normed_linear(x: torch.Tensor, norm: Norm, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A layer's first product of its normalized input (``norm``: the weight, eps and offset of ``rms_norm``)."""
+    return linear(rms_norm(x, *norm), weight, bias)
 
 
 def stacked(product, x: torch.Tensor, weight: StackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -114,6 +124,13 @@ def rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads: int, q_nor
     return q
 
 
+def decode_self_attention(qkv, cos, sin, positions, cache_k, cache_v, length: int, allowed, heads: int, scale: float,
+                          q_norm=None, k_norm=None, eps: float = 0.0, offset: bool = False) -> torch.Tensor:
+    q = rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads, q_norm, k_norm, eps, offset)
+    rows = qkv.shape[0]
+    return decode_attention(q.transpose(1, 2), cache_k[:rows, :, :length], cache_v[:rows, :, :length], allowed, scale)
+
+
 def decode_attention(q, keys, values, allowed, scale: float) -> torch.Tensor:
     """One query per row, as transformers' eager attention computes it: two matrix products around a float32
     softmax, the query heads that share a kv head as rows of one product. SDPA's kernels that take a mask give
@@ -125,22 +142,42 @@ def decode_attention(q, keys, values, allowed, scale: float) -> torch.Tensor:
     return torch.matmul(probs, values).reshape(b, h, 1, hd)
 
 
-TORCH = Ops(linear, rms_norm, add_rms_norm, gated, gated_linear, rope_and_store, decode_attention, kernels=False)
+TORCH = Ops(linear, normed_linear, rms_norm, add_rms_norm, gated, gated_linear, decode_self_attention, kernels=False)
 
 
 # ----------------------------------------------------------------------------- Triton, where the shapes allow
 
 
-def _linear(x, weight, bias=None):
+def _linear(x, weight, bias=None, residual=None):
+    # A decode step's products add the residual themselves (two kernels in one).
     if isinstance(weight, StackedWeight):
-        return stacked(_linear, x, weight, bias)
-    if isinstance(weight, QuantizedWeight):  # straight from the packed parts, or dequantized where not taken
-        if quant_kernels.takes(x, weight):
-            return quant_kernels.linear(x, weight, bias)
-        return quantized_linear(x, weight, bias)
-    if kernels.gemv_takes(x, weight):  # a decode step's one row: read the weight at HBM speed
-        return kernels.gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
+        out = stacked(_linear, x, weight, bias)
+    elif isinstance(weight, QuantizedWeight):  # straight from the packed parts, or dequantized where not taken
+        if not quant_kernels.takes(x, weight):
+            out = quantized_linear(x, weight, bias)
+        elif residual is not None and quant_kernels.fuses(x, weight) and kernels.residual_takes(x, residual,
+                                                                                                weight.rows):
+            return quant_kernels.linear(x, weight, bias, residual=residual)
+        else:
+            out = quant_kernels.linear(x, weight, bias)
+    elif kernels.gemv_takes(x, weight):  # a decode step's one row: read the weight at HBM speed
+        if residual is not None and kernels.residual_takes(x, residual, weight.shape[0]):
+            return kernels.gemv(x, weight, bias, residual=residual)
+        out = kernels.gemv(x, weight, bias)
+    else:
+        out = F.linear(x, weight, bias)
+    return out if residual is None else residual + out
+
+
+def _normed_linear(x, norm, weight, bias=None):
+    # A decode step's product normalizes its input itself where that is cheap (two kernels in one).
+    if kernels.norm_takes(x, norm):
+        if isinstance(weight, QuantizedWeight):
+            if quant_kernels.fuses(x, weight) and quant_kernels.gemv_norms(weight):
+                return quant_kernels.linear(x, weight, bias, norm=norm)
+        elif isinstance(weight, torch.Tensor) and kernels.gemv_takes(x, weight) and kernels.gemv_norms(*weight.shape):
+            return kernels.gemv(x, weight, bias, norm=norm)
+    return _linear(_rms_norm(x, *norm), weight, bias)
 
 
 def _rms_norm(x, weight, eps, offset=False):
@@ -190,5 +227,16 @@ def _decode_attention(q, keys, values, allowed, scale):
     return decode_attention(q, keys, values, allowed, scale)
 
 
-TRITON = Ops(_linear, _rms_norm, _add_rms_norm, _gated, _gated_linear, _rope_and_store, _decode_attention,
+def _decode_self_attention(qkv, cos, sin, positions, cache_k, cache_v, length, allowed, heads, scale, q_norm=None,
+                           k_norm=None, eps=0.0, offset=False):
+    if kernels.self_attention_takes(qkv, cos, cache_k, cache_v, allowed, q_norm, k_norm):  # the two kernels in one
+        return kernels.decode_self_attention(qkv, cos, sin, positions, cache_k, cache_v, length, allowed, heads, scale,
+                                             q_norm, k_norm, eps, offset)
+    q = _rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads, q_norm, k_norm, eps, offset)
+    rows = qkv.shape[0]
+    return _decode_attention(q.transpose(1, 2), cache_k[:rows, :, :length], cache_v[:rows, :, :length], allowed,
+                             scale)
+
+
+TRITON = Ops(_linear, _normed_linear, _rms_norm, _add_rms_norm, _gated, _gated_linear, _decode_self_attention,
              kernels=True)

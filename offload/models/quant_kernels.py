@@ -43,13 +43,13 @@ import os
 import torch
 
 from . import kernels
-from .kernels import DTYPES, gate_code, tile_counters, triton
+from .kernels import DTYPES, Norm, gate_code, norm_args, tile_counters, triton
 from .quant import FUSED, INT4, QuantizedWeight
 
 if triton is not None:
     import triton.language as tl
 
-    from .kernels import finish_product, gemv_input
+    from .kernels import finish_product, gemv_input, inverse_rms
 
 GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
 # A word GEMV of fewer tiles of 128 x 256 than this takes tiles of 32 x 128: more programs, each done sooner. On an
@@ -73,16 +73,18 @@ def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
 
 
 def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, blocking=None, *,
-           gate: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+           gate: str | None = None, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias) (+ residual)`` for the weight ``W`` that ``w``'s parts hold (``blocking``: another kernel
     blocking, for benchmarks/bench_quant_kernels.py's sweep: ``gemv_blocking``'s or ``matmul_blocking``'s items).
-    ``gate`` and ``residual`` (up to ``GEMV_ROWS`` rows): ``x`` is a gated MLP's ``[gate | up]`` and ``residual``
-    is added to the rounded product, as ``kernels.gemv`` takes them."""
+    ``gate``, ``residual`` and ``norm`` (up to ``GEMV_ROWS`` rows): ``x`` is a gated MLP's ``[gate | up]``,
+    ``residual`` is added to the rounded product, ``x`` is RMS-normalized first, as ``kernels.gemv`` takes them."""
     k, n = w.cols, w.rows
     rows = x.reshape(-1, 2 * k if gate else k)
     m = rows.shape[0]
-    if (gate is not None or residual is not None) and m > GEMV_ROWS:
-        raise ValueError(f"a gate or a residual goes into products of at most {GEMV_ROWS} rows, not {m}")
+    if (gate is not None or residual is not None or norm is not None) and m > GEMV_ROWS:
+        raise ValueError(f"a gate, a residual or a norm goes into products of at most {GEMV_ROWS} rows, not {m}")
+    if gate is not None and norm is not None:
+        raise ValueError("a product gates its input or normalizes it, not both")
     out = x.new_empty(m, n)
     group = w.scheme.group_size or k
     common = dict(INT4=w.scheme.format == INT4, PER_CHANNEL=w.scheme.group_size is None,
@@ -95,12 +97,14 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
             splits = -(-k // (tiles * block_k))  # no empty stretch
         partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         counters = tile_counters(x.device, triton.cdiv(n, block_n) * m) if splits > 1 else None
+        norm_weight, eps, norm_code = norm_args(norm, out)
         args = (rows, w.data, w.scale, minimum, bias if bias is not None else out,
-                residual if residual is not None else out, partial, out, counters if counters is not None else out,
-                n, k, rows.stride(0), w.data.stride(0), w.groups)
+                residual if residual is not None else out, norm_weight, partial, out,
+                counters if counters is not None else out, n, k, rows.stride(0), w.data.stride(0), w.groups, eps)
         final = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GATE=gate_code(gate),
-                     FINAL=splits == 1, LAST=counters is not None, SPLITS=splits, BLOCK_N=block_n, BLOCK_K=block_k,
-                     num_warps=warps, **common)
+                     NORM=norm_code, NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, FINAL=splits == 1,
+                     LAST=counters is not None, SPLITS=splits, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                     **common)
         if words:
             if not words_take(w):
                 raise ValueError("the word GEMV takes int8 per channel or in groups of 16 to 256 columns, or int4 "
@@ -131,15 +135,23 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     return out.view(*x.shape[:-1], n)
 
 
-def fuses(gate_up: torch.Tensor, w: QuantizedWeight) -> bool:
-    """Whether the GEMV takes a gated MLP's ``gate_up [..., 2 K]`` (its rows a few) as the input of ``w``."""
-    return takes(gate_up, w) and gate_up.numel() <= GEMV_ROWS * gate_up.shape[-1]
+def fuses(x: torch.Tensor, w: QuantizedWeight) -> bool:
+    """Whether the GEMV takes ``x`` (its rows a few) with a gate, a residual or a norm: ``linear``'s ``gate``
+    (``x`` a gated MLP's ``[gate | up]``, ``2 K`` columns), ``residual`` and ``norm``."""
+    return takes(x, w) and x.numel() <= GEMV_ROWS * x.shape[-1]
 
 
 def gemv_gates(w: QuantizedWeight) -> bool:
     """Whether the GEMV should gate a gated MLP's input itself for ``w``: each of its tiles of features gates the
     whole input, cheap where they are few (``kernels.GATING_WORK``)."""
     return -(-w.rows // gemv_blocking(w)[0]) * w.cols <= kernels.GATING_WORK
+
+
+def gemv_norms(w: QuantizedWeight) -> bool:
+    """Whether the GEMV should RMS-normalize its input itself for ``w``: each of its programs reads the whole row
+    for the norm (``kernels.NORMING_WORK``)."""
+    block_n, _, splits, _, _ = gemv_blocking(w)
+    return -(-w.rows // block_n) * splits * w.cols <= kernels.NORMING_WORK and w.cols <= kernels.NORM_COLUMNS
 
 
 def gemv_blocking(w: QuantizedWeight, words: bool | None = None) -> tuple[int, int, int, int, bool]:
@@ -213,9 +225,10 @@ if triton is not None:
         return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
     @triton.jit
-    def _gemv_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, res_ptr, out_ptr, final_ptr, count_ptr, N, K, s_x,
-                     s_data, GROUPS, SPAN, GROUP: tl.constexpr, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                     HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr,
+    def _gemv_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, res_ptr, nw_ptr, out_ptr, final_ptr, count_ptr, N,
+                     K, s_x, s_data, GROUPS, eps, SPAN, GROUP: tl.constexpr, INT4: tl.constexpr,
+                     PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
                      FINAL: tl.constexpr, LAST: tl.constexpr, SPLITS, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Features ``[pid0 * BLOCK_N, +BLOCK_N)``, columns ``[pid1 * SPAN, +SPAN)`` of row ``pid2`` of x: the
         output itself (FINAL), or this stretch's float32 partial sums ``out[pid1, pid2, features]`` (LAST: and the
@@ -223,6 +236,7 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rows < N
         x_row = x_ptr + tl.program_id(2).to(tl.int64) * s_x
+        inverse = inverse_rms(x_row, K, eps, NORM, NORM_BLOCK)
         NG: tl.constexpr = BLOCK_K // GROUP  # groups per tile (per channel: "groups" of GROUP columns)
         g = tl.arange(0, NG)
         r3 = rows[:, None, None].to(tl.int64)
@@ -236,8 +250,8 @@ if triton is not None:
                 inside = (cols + j) < K
                 b = tl.load(data_ptr + r3 * s_data + ((cols // 2 + j)[None, :, :]),
                             mask=n3 & inside[None, :, :], other=0, eviction_policy="evict_first").to(tl.int32)
-                xl = gemv_input(x_row, cols + j, inside, K, False, GATE)
-                xh = gemv_input(x_row, cols + GROUP // 2 + j, inside, K, False, GATE)
+                xl = gemv_input(x_row, cols + j, inside, K, False, GATE, nw_ptr, inverse, NORM)
+                xh = gemv_input(x_row, cols + GROUP // 2 + j, inside, K, False, GATE, nw_ptr, inverse, NORM)
                 qx = _to_float(b & 15) * xl[None, :, :] + _to_float(b >> 4) * xh[None, :, :]
                 xsum = tl.sum(xl + xh, axis=1)
             else:
@@ -245,7 +259,7 @@ if triton is not None:
                 inside = (cols + j) < K
                 q = tl.load(data_ptr + r3 * s_data + ((cols + j)[None, :, :]), mask=n3 & inside[None, :, :], other=0,
                             eviction_policy="evict_first")
-                xv = gemv_input(x_row, cols + j, inside, K, False, GATE)
+                xv = gemv_input(x_row, cols + j, inside, K, False, GATE, nw_ptr, inverse, NORM)
                 qx = _int8_to_float(q) * xv[None, :, :]
                 xsum = tl.sum(xv, axis=1)
             qx = tl.sum(qx, axis=2)  # [BLOCK_N, NG]: each group's sum of q * x
@@ -303,10 +317,11 @@ if triton is not None:
             tl.store(count_ptr + tile, 0)
 
     @triton.jit
-    def _gemv_words_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, res_ptr, out_ptr, final_ptr, count_ptr, N,
-                           K, s_x, s_data, GROUPS, TILES, MAGIC, GROUP: tl.constexpr, INT4: tl.constexpr,
-                           PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr,
+    def _gemv_words_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, res_ptr, nw_ptr, out_ptr, final_ptr,
+                           count_ptr, N, K, s_x, s_data, GROUPS, eps, TILES, MAGIC, GROUP: tl.constexpr,
+                           INT4: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr,
+                           NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr,
                            SPLITS, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """``_gemv_kernel``'s product in fewer instructions a byte (int4: less than half; the one-row product
         is bound by them, not by its bytes): the weights are read as 32-bit words, and each 4-bit or 8-bit field becomes
@@ -326,6 +341,7 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rows < N
         x_row = x_ptr + tl.program_id(2).to(tl.int64) * s_x
+        inverse = inverse_rms(x_row, K, eps, NORM, NORM_BLOCK)
         NG: tl.constexpr = BLOCK_K // GROUP
         HALF: tl.constexpr = GROUP // 2
         WG: tl.constexpr = GROUP // 8 if INT4 else GROUP // 4  # words of a group
@@ -345,9 +361,10 @@ if triton is not None:
             else:
                 w = tl.load(words + at[None, :, :], mask=n_ok[:, None, None] & ok[None, :, :], other=0,
                             eviction_policy="evict_first")
-            x0, x1, x2, x3 = _four(gemv_input(x_row, columns, ok[:, :, None], K, EVEN, GATE))
+            x0, x1, x2, x3 = _four(gemv_input(x_row, columns, ok[:, :, None], K, EVEN, GATE, nw_ptr, inverse, NORM))
             if INT4:
-                h0, h1, h2, h3 = _four(gemv_input(x_row, columns + HALF, ok[:, :, None], K, EVEN, GATE))
+                h0, h1, h2, h3 = _four(gemv_input(x_row, columns + HALF, ok[:, :, None], K, EVEN, GATE, nw_ptr,
+                                                   inverse, NORM))
                 high = w >> 12  # nibbles 5..7 under bits 8..19
                 s = _field(w, 0xF, MAGIC, 8388608.0, x0)
                 s += _field(w, 0xF0, MAGIC, 8388608.0, h0 * 0.0625)

@@ -57,8 +57,7 @@ def test_decode_attention_written_out_equals_sdpa_with_grouped_heads():
     """A decode step's attention (``ops.decode_attention``) against SDPA's, per-row masks, 8 query heads on 2 kv
     heads."""
     from offload.models.chunks import DecodeChunk
-    from offload.models.decoder import attend
-    from offload.models.ops import decode_attention
+    from offload.models.ops import attend, decode_attention
 
     hd = 32
     gen = torch.Generator().manual_seed(0)

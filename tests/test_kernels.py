@@ -385,12 +385,48 @@ def test_a_decode_steps_attention_rotates_and_stores_in_one_kernel(batch, heads,
     assert got.shape == (batch, heads, 1, hd) and kernels.self_attention_takes(qkv, cos, mine[0], mine[1],
                                                                                step.mask(None), q_norm, k_norm)
     assert torch.equal(mine, theirs) and torch.equal(got, want)
-    assert torch.equal(ops.TRITON.decode_self_attention(qkv, *args, caches[0].clone(), caches[1].clone(), length,
+    assert torch.equal(ops.TRITON.cached_attention(qkv, *args, caches[0].clone(), caches[1].clone(), length,
                                                         step.mask(None), heads, hd**-0.5, *norm_args), want)
     assert not kernels.self_attention_takes(qkv, cos, mine[0], mine[1], step.mask(None).to(torch.uint8))
     torch.testing.assert_close(  # PyTorch's operations: to a rounding (they rotate in the model dtype)
-        ops.TORCH.decode_self_attention(qkv, *args, caches[0].clone(), caches[1].clone(), length, step.mask(None),
+        ops.TORCH.cached_attention(qkv, *args, caches[0].clone(), caches[1].clone(), length, step.mask(None),
                                         heads, hd**-0.5, *norm_args), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
+@pytest.mark.parametrize("norms", [None, "llama", "gemma"])
+def test_a_verify_pass_rotates_and_stores_its_tokens_in_one_kernel(norms):
+    """A verify pass's tokens (a tree: slots apart from the rotary positions, a pad at the sink) through
+    ``ops.TRITON.cached_attention``: one kernel rotates and stores every token (``rope_and_store``), to a rounding
+    of PyTorch's operations (which round each product), the same slots written and no other."""
+    device, dtype = KERNEL_DEVICE, torch.float16
+    batch, width, heads, kv_heads, hd, length = 2, 4, 6, 2, 16, 40
+    gen = torch.Generator().manual_seed(width + (norms == "gemma"))
+    qkv = (torch.randn(batch, width, (heads + 2 * kv_heads) * hd, generator=gen) * 2).to(dtype).to(device)
+    q_norm, k_norm = ((1 + 0.2 * torch.randn(hd, generator=gen)).to(dtype).to(device) if norms else None
+                      for _ in range(2))
+    rope = Rope(torch.rand(hd // 2, generator=gen) * 0.5, 64, dtype, torch.device(device))
+    slots = torch.tensor([[20, 21, 22, 23], [9, 10, 11, 64]], device=device)  # the second row's last: a pad
+    positions = torch.tensor([[20, 21, 21, 22], [9, 10, 11, 11]], device=device)  # tree depths
+    cos, sin = rope.cos[positions][:, :, None, :], rope.sin[positions][:, :, None, :]
+    allowed = (torch.arange(length, device=device) <= slots[:, :, None])[:, None]  # [B, 1, W, L]
+    caches = torch.randn(2, batch, kv_heads, 65, hd, generator=gen).to(dtype).to(device)
+    mine, theirs = caches.clone(), caches.clone()
+    args = (cos, sin, slots, length, allowed, heads, hd**-0.5, q_norm, k_norm, 1e-6, norms == "gemma")
+    got = ops.TRITON.cached_attention(qkv, *args[:3], mine[0], mine[1], *args[3:])
+    want = ops.TORCH.cached_attention(qkv, *args[:3], theirs[0], theirs[1], *args[3:])
+    assert kernels.rope_and_store_takes(qkv, cos, mine[0], q_norm, k_norm) and got.shape == (batch, heads, width, hd)
+    written = torch.zeros(mine.shape[1:-1], dtype=torch.bool, device=device)
+    written[torch.arange(batch)[:, None], :, slots] = True
+    assert torch.equal(mine[1], theirs[1]) and torch.equal(mine[0][~written], caches[0][~written])
+    torch.testing.assert_close(mine[0], theirs[0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    q = kernels.rope_and_store(qkv, cos, sin, slots, caches[0].clone(), caches[1].clone(), heads, q_norm, k_norm, 1e-6,
+                               norms == "gemma")
+    one = kernels.rope_and_store(qkv[:, 1:2].contiguous(), cos[:, 1:2].contiguous(), sin[:, 1:2].contiguous(),
+                                 slots[:, 1], caches[0].clone(), caches[1].clone(), heads, q_norm, k_norm, 1e-6,
+                                 norms == "gemma")
+    assert torch.equal(q[:, 1:2], one)  # a token's rotation is the same in a pass of one or of several
 
 
 def test_a_few_keys_are_not_split():

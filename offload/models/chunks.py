@@ -79,7 +79,7 @@ class Chunk:
     query_pos: torch.Tensor | None = None  # [B, T] position of each query (pads: the row's last)
     _masks: dict = field(default_factory=dict)
     _rotary: dict = field(default_factory=dict)
-    one_query = False  # a decode step's attention (``DecodeChunk``) is computed differently
+    attends_cache = False  # a decode step's and a verify pass's attention (to the cache alone) are computed apart
 
     # -------------------------------------------------------------- building
 
@@ -215,10 +215,11 @@ class DecodeChunk:
     """
 
     causal = False
-    one_query = True
+    attends_cache = True
 
     def __init__(self, positions: torch.Tensor, kv_len: int, ropes, windows, tokens=None):
         self.positions, self.kv_len, self.batch = positions, kv_len, positions.shape[0]
+        self.slots = positions  # where each row's key and value go
         self.rows, self.first_row, self.counts = slice(0, self.batch), 0, [1] * self.batch
         self.tokens, self.host_tokens = (None if tokens is None else tokens[:, None]), None  # [B, 1] on the device
         # [B, 1, 1, hd] against q [B, T=1, H, hd]: every table now, so that a captured graph computes them first

@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import ClassVar, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..distributed import TensorParallel
@@ -38,7 +37,7 @@ from . import kernels
 from .blocks import EVERY_PASS, BlockLayout, BlockSpec, Entry, GlobalWeights, build_layout
 from .chunks import Chunk, DecodeChunk, Rope
 from .config import ModelConfig
-from .ops import Ops, apply_rope
+from .ops import Ops, apply_rope, attend
 from .parallel import local_heads, vocab_parallel_embedding
 from .quant import WeightFormat
 
@@ -347,9 +346,9 @@ class Decoder:
         hd, (cache_k, cache_v), eps = self.config.head_dim, kv, self.config.rms_norm_eps
         cos, sin = chunk.rotary(self.layer_ropes[i])
         mask, scale = chunk.mask(self.config.sliding_windows[i]), self.config.attention_scale
-        if chunk.one_query:  # a decode step: q and k (normalized,) rotated, k and v cached, attention, in one go
-            o = self.ops.decode_self_attention(qkv, cos, sin, chunk.positions, cache_k, cache_v, chunk.kv_len, mask,
-                                               self.heads, scale, q_norm, k_norm, eps, offset)
+        if chunk.attends_cache:  # a decode step, a verify pass: q and k rotated, k and v cached, attention
+            o = self.ops.cached_attention(qkv, cos, sin, chunk.slots, cache_k, cache_v, chunk.kv_len, mask, self.heads,
+                                          scale, q_norm, k_norm, eps, offset)
             return chunk.from_heads(o)
         q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
         q = q.unflatten(-1, (self.heads, hd))
@@ -361,21 +360,6 @@ class Decoder:
             chunk.store(cache_k, cache_v, k, v)
         keys, values = chunk.keys(cache_k, cache_v, k, v)
         return chunk.from_heads(attend(chunk.heads(q), keys, values, mask, chunk.causal, scale))
-
-
-def attend(q, keys, values, mask, causal: bool, scale: float) -> torch.Tensor:
-    """SDPA of ``q [B, H, T, hd]`` over ``keys``/``values`` ``[B, H_kv, L, hd]``."""
-    group = q.shape[1] // keys.shape[1]
-    if mask is None:
-        return F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=scale, enable_gqa=group > 1)
-    # SDPA's kernels that take a mask do not take grouped heads: the `group` query heads of
-    # each kv head become `group` times as many queries of that head, the mask repeated.
-    b, h, t, hd = q.shape
-    if group > 1:
-        q = q.reshape(b, keys.shape[1], group * t, hd)
-        mask = mask[:, :, None].expand(b, 1, group, t, mask.shape[-1]).reshape(b, 1, group * t, -1)
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-    return o.reshape(b, h, t, hd)  # a GPU kernel may return it strided
 
 
 def last_hidden(chunks: list[Chunk], hs: list[torch.Tensor], rows: int) -> torch.Tensor:

@@ -250,31 +250,33 @@ def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
 
 def rope_and_store_takes(qkv: torch.Tensor, cos: torch.Tensor, cache_k: torch.Tensor,
                          q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None) -> bool:
-    """Whether a decode step's ``qkv [B, 1, (H + 2 H_kv) hd]`` takes ``rope_and_store``."""
+    """Whether a pass's ``qkv [B, W, (H + 2 H_kv) hd]`` (a decode step's, W = 1, or a verify pass's) takes
+    ``rope_and_store``: ``cos`` (and ``sin``, made alike) one contiguous row a token."""
     hd = cache_k.shape[-1]
     norms = () if q_norm is None else (q_norm, k_norm)
-    return (qkv.is_contiguous() and qkv.dim() == 3 and qkv.shape[1] == 1 and cos.is_contiguous()
-            and cache_k.stride(-1) == 1 and hd >= 2 and hd & (hd - 1) == 0 and _same(qkv, cos, cache_k, *norms)
-            and all(w.is_contiguous() and w.numel() == hd for w in norms))
+    return (qkv.is_contiguous() and qkv.dim() == 3 and cos.is_contiguous() and cos.numel() == qkv.shape[0]
+            * qkv.shape[1] * hd and cache_k.stride(-1) == 1 and hd >= 2 and hd & (hd - 1) == 0
+            and _same(qkv, cos, cache_k, *norms) and all(w.is_contiguous() and w.numel() == hd for w in norms))
 
 
 def rope_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                    cache_k: torch.Tensor, cache_v: torch.Tensor, heads: int, q_norm: torch.Tensor | None = None,
                    k_norm: torch.Tensor | None = None, eps: float = 0.0, offset: bool = False) -> torch.Tensor:
-    """A decode step's rotary embedding and cache write, in one kernel: of ``qkv [B, 1, (H + 2 H_kv) hd]``,
-    rotates q and k by ``cos``/``sin`` ``[B, ..., hd]`` and writes k and v into row ``b`` of the caches
-    ``[>= B, H_kv, L, hd]`` at ``positions[b]``. Returns q ``[B, 1, H, hd]``. Rotates in float32 and rounds
-    once (``apply_rope`` with PyTorch's kernels rounds each product too: they agree to a rounding). With
-    ``q_norm`` and ``k_norm`` (Qwen3, Gemma 3: ``[hd]``), each q and k head is first RMS-normalized as
-    ``rms_norm`` does it (``offset``: Gemma's ``1 + w``), rounded, then rotated."""
-    b, kv_heads, hd = qkv.shape[0], cache_k.shape[1], cache_k.shape[-1]
-    q = qkv.new_empty(b, 1, heads, hd)
+    """A pass's rotary embedding and cache write, in one kernel: of ``qkv [B, W, (H + 2 H_kv) hd]`` (W tokens a
+    row: 1 for a decode step), rotates q and k by ``cos``/``sin`` ``[B, W, 1, hd]`` and writes k and v into row
+    ``b`` of the caches ``[>= B, H_kv, L, hd]`` at ``positions[b, w]`` (``[B]`` for a decode step; a verify
+    pass's slots). Returns q ``[B, W, H, hd]``. Rotates in float32 and rounds once (``apply_rope`` with
+    PyTorch's kernels rounds each product too: they agree to a rounding). With ``q_norm`` and ``k_norm`` (Qwen3,
+    Gemma 3: ``[hd]``), each q and k head is first RMS-normalized as ``rms_norm`` does it (``offset``: Gemma's
+    ``1 + w``), rounded, then rotated."""
+    b, width, kv_heads, hd = qkv.shape[0], qkv.shape[1], cache_k.shape[1], cache_k.shape[-1]
+    q = qkv.new_empty(b, width, heads, hd)
     norm = q_norm is not None
-    _rope_and_store_kernel[(b, heads + kv_heads)](
-        qkv, cos, sin, positions, q, cache_k, cache_v, q_norm if norm else cos, k_norm if norm else cos,
-        qkv.stride(0), cos.stride(0), sin.stride(0), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-        cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), eps=eps, HEADS=heads, KV_HEADS=kv_heads, HD=hd,
-        NORM=norm, OFFSET=offset, num_warps=1)
+    _rope_and_store_kernel[(b * width, heads + kv_heads)](
+        qkv, cos, sin, positions.contiguous(), q, cache_k, cache_v, q_norm if norm else cos, k_norm if norm else cos,
+        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0), cache_v.stride(1),
+        cache_v.stride(2), eps=eps, WIDTH=width, HEADS=heads, KV_HEADS=kv_heads, HD=hd, NORM=norm, OFFSET=offset,
+        num_warps=1)
     return q
 
 
@@ -528,24 +530,25 @@ if triton is not None:
 
     @triton.jit
     def _rope_and_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, qn_ptr, kn_ptr,
-                               s_qkv, s_cos, s_sin, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, eps: tl.constexpr,
+                               sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, eps: tl.constexpr, WIDTH: tl.constexpr,
                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr, NORM: tl.constexpr,
                                OFFSET: tl.constexpr):
-        """One head of one row: q heads are (normalized and) rotated into q, k heads likewise into the cache, v
-        copied there."""
-        b, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        """One head of one token (of ``WIDTH`` a row): q heads are (normalized and) rotated into q, k heads
+        likewise into the cache, v copied there."""
+        token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        b = token // WIDTH
         d = tl.arange(0, HD)
-        row = qkv_ptr + b * s_qkv
-        cos = tl.load(cos_ptr + b * s_cos + d).to(tl.float32)
-        sin = tl.load(sin_ptr + b * s_sin + d).to(tl.float32)
+        row = qkv_ptr + token * ((HEADS + 2 * KV_HEADS) * HD)
+        cos = tl.load(cos_ptr + token * HD + d).to(tl.float32)
+        sin = tl.load(sin_ptr + token * HD + d).to(tl.float32)
         one = tl.full([1], 0, tl.int32) + head  # this head, as a block of one
         if head < HEADS:
             out = rotated_heads(row, one, one >= 0, d, cos, sin, qn_ptr, eps, HD, NORM, OFFSET, q_ptr.dtype.element_ty)
-            tl.store(q_ptr + (b * HEADS + head) * HD + d[None, :], out)
+            tl.store(q_ptr + (token * HEADS + head) * HD + d[None, :], out)
         else:
             out = rotated_heads(row, one, one >= 0, d, cos, sin, kn_ptr, eps, HD, NORM, OFFSET, q_ptr.dtype.element_ty)
             kv_head = head - HEADS
-            position = tl.load(pos_ptr + b)
+            position = tl.load(pos_ptr + token)
             tl.store(k_cache_ptr + b * sk_b + kv_head * sk_h + position * sk_l + d[None, :], out)
             v = tl.load(row + (HEADS + KV_HEADS + kv_head) * HD + d)
             tl.store(v_cache_ptr + b * sv_b + kv_head * sv_h + position * sv_l + d, v)

@@ -34,9 +34,9 @@ class Ops:
     add_rms_norm: Callable  # (x, delta, weight, eps, offset=False) -> (x + delta, its norm)
     gated: Callable  # (gate_up, activation) -> act(gate) * up, for gate_up = [gate | up] on the last dim
     gated_linear: Callable  # (gate_up, activation, weight, residual=None) -> gated(...) @ weight.T (+ residual)
-    decode_self_attention: Callable  # a decode step's (qkv, cos, sin, positions, cache_k, cache_v, length, allowed,
-    #     heads, scale, q_norm=None, k_norm=None, eps=0, offset=False): rope_and_store, then decode_attention over
-    #     the caches' first ``length`` keys -> [B, H, 1, hd]
+    cached_attention: Callable  # a decode step's or a verify pass's (qkv [B, W, F], cos, sin, slots, cache_k, cache_v,
+    #     length, allowed [B, 1, W, length], heads, scale, q_norm=None, k_norm=None, eps=0, offset=False):
+    #     rope_and_store, then attention over the caches' first ``length`` keys -> [B, H, W, hd]
     kernels: bool  # offload's Triton kernels (True) or PyTorch's operations
 
 
@@ -107,28 +107,55 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos) + (rotated * sin)
 
 
-def rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads: int, q_norm=None, k_norm=None, eps: float = 0.0,
+def rope_and_store(qkv, cos, sin, slots, cache_k, cache_v, heads: int, q_norm=None, k_norm=None, eps: float = 0.0,
                    offset: bool = False) -> torch.Tensor:
-    """Of a decode step's ``qkv [B, 1, (H + 2 H_kv) hd]``: q and k (RMS-normalized per head with ``q_norm`` and
-    ``k_norm``) rotated, k and v written into row ``b`` of the caches at ``positions[b]``. Returns q
-    ``[B, 1, H, hd]``."""
+    """Of a pass's ``qkv [B, W, (H + 2 H_kv) hd]``: q and k (RMS-normalized per head with ``q_norm`` and
+    ``k_norm``) rotated, k and v written into row ``b`` of the caches at ``slots[b, w]`` (``[B]``: a decode
+    step's positions). Returns q ``[B, W, H, hd]``."""
     kv_heads, hd = cache_k.shape[1], cache_k.shape[-1]
     q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
     q, k = q.unflatten(-1, (heads, hd)), k.unflatten(-1, (kv_heads, hd))
     if q_norm is not None:
         q, k = rms_norm(q, q_norm, eps, offset), rms_norm(k, k_norm, eps, offset)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    rows = torch.arange(qkv.shape[0], device=qkv.device)
-    cache_k[rows, :, positions] = k[:, 0]
-    cache_v[rows, :, positions] = v.unflatten(-1, (kv_heads, hd))[:, 0]
+    rows = torch.arange(qkv.shape[0], device=qkv.device)[:, None]
+    slots = slots.view(qkv.shape[0], qkv.shape[1])
+    cache_k[rows, :, slots] = k
+    cache_v[rows, :, slots] = v.unflatten(-1, (kv_heads, hd))
     return q
 
 
-def decode_self_attention(qkv, cos, sin, positions, cache_k, cache_v, length: int, allowed, heads: int, scale: float,
-                          q_norm=None, k_norm=None, eps: float = 0.0, offset: bool = False) -> torch.Tensor:
-    q = rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads, q_norm, k_norm, eps, offset)
-    rows = qkv.shape[0]
-    return decode_attention(q.transpose(1, 2), cache_k[:rows, :, :length], cache_v[:rows, :, :length], allowed, scale)
+def cached_attention(qkv, cos, sin, slots, cache_k, cache_v, length: int, allowed, heads: int, scale: float,
+                     q_norm=None, k_norm=None, eps: float = 0.0, offset: bool = False) -> torch.Tensor:
+    """A pass whose every token goes into the cache and attends to it alone (a decode step, a verify pass):
+    ``rope_and_store``, then attention over the caches' first ``length`` keys of each row."""
+    q = rope_and_store(qkv, cos, sin, slots, cache_k, cache_v, heads, q_norm, k_norm, eps, offset)
+    return attend_cache(decode_attention, q, cache_k, cache_v, length, allowed, scale)
+
+
+def attend_cache(one_query, q, cache_k, cache_v, length: int, allowed, scale: float) -> torch.Tensor:
+    """``q [B, W, H, hd]`` over the caches' first ``length`` keys: ``one_query`` (an op of ``decode_attention``'s
+    arguments) for one token a row, SDPA for more."""
+    rows = q.shape[0]
+    keys, values = cache_k[:rows, :, :length], cache_v[:rows, :, :length]
+    if q.shape[1] == 1:
+        return one_query(q.transpose(1, 2), keys, values, allowed, scale)
+    return attend(q.transpose(1, 2), keys, values, allowed, False, scale)
+
+
+def attend(q, keys, values, mask, causal: bool, scale: float) -> torch.Tensor:
+    """SDPA of ``q [B, H, T, hd]`` over ``keys``/``values`` ``[B, H_kv, L, hd]``."""
+    group = q.shape[1] // keys.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=scale, enable_gqa=group > 1)
+    # SDPA's kernels that take a mask do not take grouped heads: the `group` query heads of
+    # each kv head become `group` times as many queries of that head, the mask repeated.
+    b, h, t, hd = q.shape
+    if group > 1:
+        q = q.reshape(b, keys.shape[1], group * t, hd)
+        mask = mask[:, :, None].expand(b, 1, group, t, mask.shape[-1]).reshape(b, 1, group * t, -1)
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    return o.reshape(b, h, t, hd)  # a GPU kernel may return it strided
 
 
 def decode_attention(q, keys, values, allowed, scale: float) -> torch.Tensor:
@@ -142,7 +169,7 @@ def decode_attention(q, keys, values, allowed, scale: float) -> torch.Tensor:
     return torch.matmul(probs, values).reshape(b, h, 1, hd)
 
 
-TORCH = Ops(linear, normed_linear, rms_norm, add_rms_norm, gated, gated_linear, decode_self_attention, kernels=False)
+TORCH = Ops(linear, normed_linear, rms_norm, add_rms_norm, gated, gated_linear, cached_attention, kernels=False)
 
 
 # ----------------------------------------------------------------------------- Triton, where the shapes allow
@@ -227,16 +254,14 @@ def _decode_attention(q, keys, values, allowed, scale):
     return decode_attention(q, keys, values, allowed, scale)
 
 
-def _decode_self_attention(qkv, cos, sin, positions, cache_k, cache_v, length, allowed, heads, scale, q_norm=None,
-                           k_norm=None, eps=0.0, offset=False):
-    if kernels.self_attention_takes(qkv, cos, cache_k, cache_v, allowed, q_norm, k_norm):  # the two kernels in one
-        return kernels.decode_self_attention(qkv, cos, sin, positions, cache_k, cache_v, length, allowed, heads, scale,
-                                             q_norm, k_norm, eps, offset)
-    q = _rope_and_store(qkv, cos, sin, positions, cache_k, cache_v, heads, q_norm, k_norm, eps, offset)
-    rows = qkv.shape[0]
-    return _decode_attention(q.transpose(1, 2), cache_k[:rows, :, :length], cache_v[:rows, :, :length], allowed,
-                             scale)
+def _cached_attention(qkv, cos, sin, slots, cache_k, cache_v, length, allowed, heads, scale, q_norm=None, k_norm=None,
+                      eps=0.0, offset=False):
+    if qkv.shape[1] == 1 and kernels.self_attention_takes(qkv, cos, cache_k, cache_v, allowed, q_norm, k_norm):
+        return kernels.decode_self_attention(qkv, cos, sin, slots, cache_k, cache_v, length, allowed, heads, scale,
+                                             q_norm, k_norm, eps, offset)  # a decode step's: one kernel
+    q = _rope_and_store(qkv, cos, sin, slots, cache_k, cache_v, heads, q_norm, k_norm, eps, offset)
+    return attend_cache(_decode_attention, q, cache_k, cache_v, length, allowed, scale)
 
 
-TRITON = Ops(_linear, _normed_linear, _rms_norm, _add_rms_norm, _gated, _gated_linear, _decode_self_attention,
+TRITON = Ops(_linear, _normed_linear, _rms_norm, _add_rms_norm, _gated, _gated_linear, _cached_attention,
              kernels=True)

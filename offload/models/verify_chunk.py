@@ -34,7 +34,7 @@ class VerifyChunk:
     ``positions[b, i]`` and goes to cache slot ``slots[b, i]`` (the same, for a chain)."""
 
     causal = False
-    one_query = False
+    attends_cache = True
 
     def __init__(self, tokens: torch.Tensor, host_tokens: torch.Tensor | None, positions: torch.Tensor, kv_len: int,
                  ropes, windows, slots: torch.Tensor | None = None, ancestors: torch.Tensor | None = None):

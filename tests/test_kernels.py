@@ -154,6 +154,9 @@ def test_the_gemv_normalizes_its_input_and_adds_a_residual(n, k, offset, monkeyp
                                                                                        bias))
         # a norm of other columns, or a residual that would broadcast, is not the kernel's
         assert kernels.norm_takes(x, norm) and not kernels.norm_takes(x[..., 1:], norm)
+        assert not kernels.rms_norm_takes(x[..., 1:].contiguous(), norm.weight)  # nor the norm's kernel's
+        with pytest.raises(ValueError, match="not both"):
+            kernels.gemv(torch.cat([x, x], -1), w, gate="silu", norm=norm)
         assert not kernels.residual_takes(x, residual.view(1, n), n)
         assert torch.equal(ops.TRITON.linear(x, w, None, residual.view(1, n)), residual + kernels.gemv(x, w))
         torch.testing.assert_close(ops.TRITON.normed_linear(x.float(), kernels.Norm(norm.weight.float(), 1e-5, offset),
@@ -363,7 +366,8 @@ def test_rope_and_store_normalizes_q_and_k_per_head_before_rotating(batch, heads
 def test_a_decode_steps_attention_rotates_and_stores_in_one_kernel(batch, heads, kv_heads, length, hd, norms):
     """``decode_self_attention`` (q and k (normalized and) rotated, k and v cached, attention: one kernel, split or
     not) leaves the caches and returns the bits of ``rope_and_store`` then ``decode_attention``; a row that adds
-    nothing writes to the sink, past the keys read."""
+    nothing writes to the sink, past the keys read. (On a GPU, with q and k norms, to a rounding: the kernels'
+    layouts add a head's squares in other orders.)"""
     device, dtype = KERNEL_DEVICE, torch.float16
     gen = torch.Generator().manual_seed(batch * length + hd)
     qkv = (torch.randn(batch, 1, (heads + 2 * kv_heads) * hd, generator=gen) * 2).to(dtype).to(device)
@@ -382,12 +386,18 @@ def test_a_decode_steps_attention_rotates_and_stores_in_one_kernel(batch, heads,
                                     step.mask(None), hd**-0.5)
     got = kernels.decode_self_attention(qkv, *args, mine[0], mine[1], length, step.mask(None), heads, hd**-0.5,
                                         *norm_args)
-    assert got.shape == (batch, heads, 1, hd) and kernels.self_attention_takes(qkv, cos, mine[0], mine[1],
-                                                                               step.mask(None), q_norm, k_norm)
+    assert got.shape == (batch, heads, 1, hd) and kernels.self_attention_takes(qkv, cos, sin, mine[0], mine[1],
+                                                                               length, step.mask(None), q_norm, k_norm)
+    if norms and device == "cuda":  # the two kernels may add a head's squares in other orders: one rounding
+        assert_one_rounding_apart(mine, theirs)
+        assert_one_rounding_apart(got, want)
+        return
     assert torch.equal(mine, theirs) and torch.equal(got, want)
     assert torch.equal(ops.TRITON.cached_attention(qkv, *args, caches[0].clone(), caches[1].clone(), length,
                                                         step.mask(None), heads, hd**-0.5, *norm_args), want)
-    assert not kernels.self_attention_takes(qkv, cos, mine[0], mine[1], step.mask(None).to(torch.uint8))
+    assert not kernels.self_attention_takes(qkv, cos, sin, mine[0], mine[1], length, step.mask(None).to(torch.uint8))
+    short = [c[..., :length - 1, :] for c in mine]  # fewer positions than keys
+    assert not kernels.self_attention_takes(qkv, cos, sin, *short, length, step.mask(None))
     torch.testing.assert_close(  # PyTorch's operations: to a rounding (they rotate in the model dtype)
         ops.TORCH.cached_attention(qkv, *args, caches[0].clone(), caches[1].clone(), length, step.mask(None),
                                         heads, hd**-0.5, *norm_args), want, atol=2e-2, rtol=2e-2)

@@ -149,8 +149,9 @@ class Decoder:
 
     @classmethod
     def fused_norms(cls, config: ModelConfig) -> int:
-        """The norms of a decode layer that its products apply (for the 16-bit GEMV's rule: a compressed
-        weight's differs a little): the input's, in the qkv product, and the MLP's, in the gate and up."""
+        """The norms of a decode layer that its products apply (for the 16-bit GEMV's rule on one rank's whole
+        weights: a compressed weight's and a shard's differ a little): the input's, in the qkv product, and the
+        MLP's, in the gate and up."""
         d, qkv = config.hidden_size, config.q_dim + 2 * config.kv_dim
         return kernels.gemv_norms(qkv, d) + kernels.gemv_norms(2 * config.intermediate_size, d)
 

@@ -125,6 +125,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     and the product is of ``act(gate) * up``, as ``gated`` rounds it: the MLP's last two kernels in one.
     ``residual`` (the shape of the output, contiguous) is added to the rounded product, as PyTorch's add would.
     With ``norm``, the product is of ``rms_norm(x, *norm)``, rounded as ``rms_norm`` rounds it."""
+    if gate is not None and norm is not None:
+        raise ValueError("a product gates its input or normalizes it, not both")
     n, k = weight.shape
     out = x.new_empty(*x.shape[:-1], n)
     norm_weight, eps, norm_code = norm_args(norm, out)
@@ -192,7 +194,8 @@ def gate_code(activation: str | None) -> int:
 
 
 def rms_norm_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return x.is_contiguous() and weight.is_contiguous() and x.shape[-1] <= 32768 and _same(x, weight)
+    return (x.is_contiguous() and weight.is_contiguous() and weight.shape == x.shape[-1:] and x.shape[-1] <= 32768
+            and _same(x, weight))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
@@ -360,13 +363,16 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out.transpose(1, 2)
 
 
-def self_attention_takes(qkv: torch.Tensor, cos: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                         allowed: torch.Tensor, q_norm: torch.Tensor | None = None,
+def self_attention_takes(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
+                         cache_v: torch.Tensor, length: int, allowed: torch.Tensor, q_norm: torch.Tensor | None = None,
                          k_norm: torch.Tensor | None = None) -> bool:
-    """Whether a decode step's ``qkv`` takes ``decode_self_attention``: what ``rope_and_store`` and
-    ``decode_attention`` take."""
-    return (rope_and_store_takes(qkv, cos, cache_k, q_norm, k_norm) and cache_k.shape[-1] >= 16
-            and allowed.dtype == torch.bool and allowed.stride(-1) == 1 and cache_v.stride(-1) == 1
+    """Whether a decode step's ``qkv [B, 1, F]`` takes ``decode_self_attention``: what ``rope_and_store`` and
+    ``decode_attention`` take, ``length`` keys within the caches and the mask."""
+    b = qkv.shape[0]
+    return (qkv.shape[1] == 1 and rope_and_store_takes(qkv, cos, cache_k, q_norm, k_norm) and sin.is_contiguous()
+            and sin.shape == cos.shape and cache_k.shape[-1] >= 16 and cache_v.shape == cache_k.shape
+            and cache_k.shape[0] >= b and length <= cache_k.shape[2] and allowed.dtype == torch.bool
+            and allowed.shape == (b, 1, 1, length) and allowed.stride(-1) == 1 and cache_v.stride(-1) == 1
             and _same(qkv, cache_v))
 
 
@@ -587,7 +593,7 @@ if triton is not None:
         here as ``rope_and_store`` rotates them, and the program whose split holds the row's position (the last,
         for a position past every split: the sink) first rotates k and writes it and v into the cache there."""
         row_head, split = tl.program_id(0), tl.program_id(1)
-        b, kv_head = row_head // KV_HEADS, row_head % KV_HEADS
+        b, kv_head = (row_head // KV_HEADS).to(tl.int64), row_head % KV_HEADS  # b * a row's stride: past 2^31
         g, d = tl.arange(0, GROUP_PAD), tl.arange(0, HD)
         heads = kv_head * GROUP + g
         k_base, v_base = k_ptr + b * sk_b + kv_head * sk_h, v_ptr + b * sv_b + kv_head * sv_h

@@ -256,7 +256,7 @@ def _decode_attention(q, keys, values, allowed, scale):
 
 def _cached_attention(qkv, cos, sin, slots, cache_k, cache_v, length, allowed, heads, scale, q_norm=None, k_norm=None,
                       eps=0.0, offset=False):
-    if qkv.shape[1] == 1 and kernels.self_attention_takes(qkv, cos, cache_k, cache_v, allowed, q_norm, k_norm):
+    if kernels.self_attention_takes(qkv, cos, sin, cache_k, cache_v, length, allowed, q_norm, k_norm):
         return kernels.decode_self_attention(qkv, cos, sin, slots, cache_k, cache_v, length, allowed, heads, scale,
                                              q_norm, k_norm, eps, offset)  # a decode step's: one kernel
     q = _rope_and_store(qkv, cos, sin, slots, cache_k, cache_v, heads, q_norm, k_norm, eps, offset)

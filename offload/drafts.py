@@ -42,7 +42,8 @@ CATCH_UP_STEPS = 16
 # chain's alternatives (SmolLM2 on a CPU, eight depths of four: 4.85 against 4.58), but each step is a pass of the
 # draft over the tree and a read by the host where a chain's is a decode step. On an H100 (2026-12-05, SmolLM2
 # streamed) those passes cost 3.35x a step's price against a chain step's 2.1x: 0.99x plain decoding's tokens/s
-# against 1.18x for chains. So on only with OFFLOAD_BEST_FIRST_TREES=1 (read at import).
+# against 1.18x for chains; on an H200 (2026-12-06, a verify pass's rotation in one kernel) 1.12x against 1.19x.
+# So on only with OFFLOAD_BEST_FIRST_TREES=1 (read at import).
 BEST_FIRST = os.environ.get("OFFLOAD_BEST_FIRST_TREES", "") == "1"
 RESIDENT_BUDGET = 2**62  # a draft model's own budget: everything resident (the target's plan counts its bytes)
 DRAFT_SEED_OFFSET = 0x9E3779B97F4A7C15  # a row's draft samples with its own stream, apart from the target's

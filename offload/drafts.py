@@ -19,7 +19,8 @@ row's last position), loaded with :func:`draft_options`.
 The speculator (``offload/scheduler/speculation.py``) calls, once per pass over the rows
 of the pass (the row engine's rows; ``None`` for a row not in it):
 
-    proposal = draft.propose(rows, budgets, nodes)  # at most budgets[b] deep for row b (a tree: nodes[b] tokens)
+    proposal = draft.propose(rows, budgets, nodes, stop_below)  # at most budgets[b] deep for row b (a tree:
+                                                    # nodes[b] tokens); a model's chain stops where it is unsure
     ...                                             # the target verifies them
     draft.update(rows, accepted, paths)             # how many of row b's chain the target took, and where
 """
@@ -91,7 +92,8 @@ class NgramDraft:
     def __init__(self, longest: int = 3, shortest: int = 1):
         self.longest, self.shortest = longest, shortest
 
-    def propose(self, rows: list, budgets: list[int], nodes: list[int] | None = None) -> Proposal:
+    def propose(self, rows: list, budgets: list[int], nodes: list[int] | None = None,
+                stop_below: float = 0.0) -> Proposal:
         tokens = [lookup(list(row.request.prompt) + row.tokens, k, self.longest, self.shortest)
                   if row is not None and k > 0 else [] for row, k in zip(rows, budgets)]
         return Proposal(tokens)
@@ -155,11 +157,14 @@ class ModelDraft:
     def plans(self):
         return self.model.plans
 
-    def propose(self, rows: list, budgets: list[int], nodes: list[int] | None = None) -> Proposal:
+    def propose(self, rows: list, budgets: list[int], nodes: list[int] | None = None,
+                stop_below: float = 0.0) -> Proposal:
         """At most ``budgets[b]`` drafts deep for row ``b``: a chain, or where ``nodes`` gives a row more
         tokens than its depth and every drafting row is greedy, a tree of at most ``nodes[b]`` tokens grown
         best first (:meth:`_grow_trees`), where the draft was loaded with passes that wide (``BEST_FIRST``;
-        not a mixture of experts whose experts direct reads serve, ``loading.prepare``)."""
+        not a mixture of experts whose experts direct reads serve, ``loading.prepare``). A chain of greedy rows
+        stops early once the draft's own chance that every row's chain so far is accepted (the product of its
+        top tokens' probabilities, the likeliest row's) falls below ``stop_below`` (:class:`Confidence`)."""
         self._forget_rows_not_in(rows)
         self.pending, self.growing = {}, {}  # what a pass that never reached update left is forgotten
         drafting = [b for b, (row, k) in enumerate(zip(rows, budgets)) if row is not None and k > 0]
@@ -175,14 +180,18 @@ class ModelDraft:
                 and all(rows[b].request.sampling.greedy for b in drafting)):
             return self._grow_trees(rows, budgets, nodes, contexts, logits, caught_up)
         ids, qs, likeliest = [], [], []
+        greedy = all(rows[b].request.sampling.greedy for b in drafting)
+        confidence = Confidence(drafting, logits.device) if stop_below > 0.0 and greedy else None
         for step in range(steps):
             chosen, q = self._choose(logits, rows, drafting)
             ids.append(chosen)
             qs.append(q)
             likeliest.append(logits.topk(MAX_BRANCHES, dim=-1).indices)  # a tree's alternatives
-            if step + 1 < steps:
-                positions = [len(contexts[b]) + step if b in contexts else None for b in range(len(rows))]
-                logits = self.model.decode(chosen, positions)
+            if step + 1 == steps or (confidence is not None and confidence.add(logits) < stop_below):
+                break
+            positions = [len(contexts[b]) + step if b in contexts else None for b in range(len(rows))]
+            logits = self.model.decode(chosen, positions)
+        steps = len(ids)
         drafted, likeliest = torch.stack(ids, dim=1).tolist(), torch.stack(likeliest, dim=1).tolist()
         self.pending = {rows[b]: (len(contexts[b]), steps) for b in drafting}
         tokens = [drafted[b][: budgets[b]] if b in contexts else [] for b in range(len(rows))]
@@ -303,6 +312,40 @@ class ModelDraft:
         for table in (self.valid, self.generators, self.pending, self.growing):
             for row in [r for r in table if r not in live]:
                 del table[row]
+
+
+class Confidence:
+    """The draft's own chance, as a chain grows, that the target accepts all of it: the product over its steps of
+    the probability of the token it chose (greedy rows: its top one), the likeliest of the drafting rows.
+
+    Read by the host one step late: each step's product is copied to pinned memory behind the step's small
+    kernels, and :meth:`add` returns the previous step's, whose copy finished before the decode step that is
+    running now began. So the host never waits on the GPU's current work, and a chain stops one token after the
+    product fell (that token costs its step, already queued, nothing more)."""
+
+    def __init__(self, drafting: list[int], device: torch.device):
+        self.rows = torch.tensor(drafting, device=device)
+        self.product = None
+        self.cuda = device.type == "cuda"
+        self.seen = torch.ones(2, dtype=torch.float32, pin_memory=self.cuda)
+        self.events = [None, None]
+        self.steps = 0
+
+    def add(self, logits: torch.Tensor) -> float:
+        """This step's ``logits [rows, vocab]`` counted; the product as of the step before (1 before any)."""
+        top = logits.index_select(0, self.rows).float().softmax(-1).amax(-1)
+        self.product = top if self.product is None else self.product * top
+        slot, last = self.steps % 2, (self.steps - 1) % 2
+        self.seen[slot : slot + 1].copy_(self.product.amax().reshape(1), non_blocking=self.cuda)
+        if self.cuda:
+            self.events[slot] = torch.cuda.Event()
+            self.events[slot].record()
+        self.steps += 1
+        if self.steps == 1:
+            return 1.0
+        if self.events[last] is not None:
+            self.events[last].synchronize()
+        return float(self.seen[last])
 
 
 def _likeliest(logits: torch.Tensor) -> tuple[list, list]:

@@ -244,3 +244,46 @@ def test_with_graphs_a_draft_catches_up_in_replayed_steps_and_counts_them(struct
     model.close()
     alone.close()
 
+
+
+def test_confidence_is_the_product_of_the_chosen_tokens_probabilities_read_a_step_late():
+    """``Confidence.add`` counts a step's top probability (the likeliest drafting row's product) and returns the
+    product as of the step before: 1 at the first."""
+    from offload.drafts import Confidence
+
+    logits = [torch.tensor([[0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0], [0.0, 9.0, 0.0, 0.0]]).log_softmax(-1)
+              for _ in range(3)]
+    logits[1][2] = torch.tensor([0.0, 0.0, 0.0, 0.0])  # row 2 unsure at the second step
+    confidence = Confidence([1, 2], torch.device("cpu"))
+    top = [[float(x.softmax(-1).max()) for x in step[1:]] for step in logits]
+    assert confidence.add(logits[0]) == 1.0
+    assert confidence.add(logits[1]) == pytest.approx(max(top[0]))
+    assert confidence.add(logits[2]) == pytest.approx(max(top[0][0] * top[1][0], top[0][1] * top[1][1]))
+
+
+def test_a_draft_models_chain_stops_where_it_is_unsure(structured, structured_draft):
+    """With ``stop_below`` a greedy chain stops one step after the draft's product of its chosen tokens'
+    probabilities fell below it (never before two tokens): a prefix of the chain it drafts without; and the
+    draft's cache follows what the target accepts of the shorter chain."""
+    model = offload.load_model(structured, **KW, draft=str(structured_draft), progress=False)
+    alone = offload.load_model(structured_draft, **KW, progress=False)
+    draft = model.draft
+    prompt = [3, 17, 40, 2, 9, 11]
+    full = draft.propose([None, row(prompt)], [0, 8]).tokens[1]
+    probs = alone(torch.tensor([prompt + full[:7]]))[0, len(prompt) - 1:].float().softmax(-1)  # each draft's
+    product = torch.cumprod(probs.amax(-1), 0).tolist()
+    assert len(product) == 8 and product[0] > product[2] > product[3]
+    for stop_below in (0.999, (product[2] + product[3]) / 2, 1e-12):
+        first_below = next((j for j, p in enumerate(product) if p < stop_below), None)
+        expected = 8 if first_below is None else min(first_below + 2, 8)
+        assert draft.propose([None, row(prompt)], [0, 8], stop_below=stop_below).tokens[1] == full[:expected]
+    r = row(prompt)
+    proposal = draft.propose([None, r], [0, 8], stop_below=(product[2] + product[3]) / 2)
+    assert len(proposal.tokens[1]) == 5  # below after the fourth token: one more drafted
+    draft.update([None, r], [0, 2])  # two accepted, then the target's own token
+    r.tokens += proposal.tokens[1][:2] + [7]
+    greedy = alone.generate([list(r.request.prompt) + r.tokens], max_new_tokens=3, ignore_eos=True,
+                            return_result=True).tokens[0]
+    assert draft.propose([None, r], [0, 3]).tokens[1] == greedy
+    model.close()
+    alone.close()

@@ -75,6 +75,30 @@ def test_greedy_output_is_plain_greedy_decoding(structured, plain, speculative):
     assert got.decode_tokens == sum(limits) - 4  # the first token of each row comes from its prompt's pass
 
 
+def test_chains_that_stop_where_the_draft_is_unsure_keep_plain_greedy_output(structured, structured_draft, plain,
+                                                                            monkeypatch):
+    """Eight deep, stopped where the draft's own chance that a chain is accepted falls below 0.9: fewer drafts
+    than eight deep unstopped, the same tokens as plain greedy decoding."""
+    from offload.scheduler.speculation import Speculator
+
+    shape, drafted = Speculator.draft_shape, {}
+    batch = prompts(structured, (5, 11))
+    want = plain.generate(batch, max_new_tokens=30, ignore_eos=True, return_result=True).tokens
+    for stop_below in (0.9, 0.0):
+        def deep(self, rows, room, _stop=stop_below):
+            shape(self, rows, room)
+            self.stop_below = _stop
+            return 8, 1
+
+        monkeypatch.setattr(Speculator, "draft_shape", deep)
+        model = load(structured, "model", structured_draft)
+        got = model.generate(batch, max_new_tokens=30, ignore_eos=True, return_result=True)
+        assert got.tokens == want
+        drafted[stop_below] = got.drafted_tokens
+        model.close()
+    assert 0 < drafted[0.9] < drafted[0.0]
+
+
 @pytest.mark.parametrize("k", [1, 3, 7])
 def test_a_fixed_draft_length(structured, structured_draft, plain, k):
     batch = prompts(structured, (5, 11))
@@ -234,7 +258,7 @@ def test_a_pass_with_nothing_to_verify_is_a_decode_step(structured, plain, monke
             monkeypatch.setattr(model, verb, lambda *a, _m=method, _v=verb, **k: calls.append(_v) or _m(*a, **k))
         lookup, passes = model.draft.propose, []
 
-        def finding(rows, budgets, nodes=None):  # nothing on every other pass, the lookup's drafts on the others
+        def finding(rows, budgets, nodes=None, stop_below=0.0):  # nothing every other pass, else the lookup's
             passes.append(len(passes))
             return lookup(rows, budgets) if len(passes) % 2 else Proposal.empty(len(rows))
 
@@ -284,7 +308,7 @@ def test_the_speculator_times_its_draft_steps_and_verify_passes(structured, stru
         seen.append((steps, drafting, verifying)), measure(self, rows, steps, drafting, width, verifying)))
     with load(structured, "model", structured_draft) as model:
         propose = model.draft.propose
-        monkeypatch.setattr(model.draft, "propose", lambda *a: (time.sleep(0.05), propose(*a))[1])
+        monkeypatch.setattr(model.draft, "propose", lambda *a, **k: (time.sleep(0.05), propose(*a, **k))[1])
         engine = RowEngine(model, rows=1)
         assert not engine.speculator.timed  # links given (LINK_BOUND): the plans price links that are not there
         engine.speculator.timed = True

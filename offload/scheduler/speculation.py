@@ -45,7 +45,7 @@ import torch
 from ..memory.host import to_device
 from ..sampling import GREEDY
 from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance,
-                           Mends, Proposal, accept, best_draft_shape, grow_tree, path_of, walk_tree)
+                           Mends, Proposal, accept, best_draft_shape, expected_tokens, grow_tree, path_of, walk_tree)
 
 
 PROBE_EVERY = 8  # a run of passes that drafted nothing ends with one that drafts a token
@@ -72,6 +72,7 @@ class Speculator:
         # prices measured where the plans' links were (on a GPU, none given in ``link_bandwidth``)
         self.timed = model.device.type == "cuda" and not model.options.link_bandwidth
         self.prices = model.speculation_prices
+        self.stop_below = 0.0  # where a chain stops drafting: its expected gain a step below the step's worth
 
     @torch.inference_mode()
     def run(self, rows: list) -> PassOutcome:
@@ -80,13 +81,15 @@ class Speculator:
         self.rows = {row: self.rows.get(row, Acceptance()) for row in rows if row is not None}
         room = [row.request.max_new_tokens - len(row.tokens) - 1 if row is not None else 0 for row in rows]
         k, m = self.draft_shape(rows, room) if max(room) > 0 else (0, 1)
+        stop_below = self.stop_below if k > 1 and not self.fixed else 0.0
         self.undrafted = self.undrafted + 1 if k == 0 else 0
         if self.undrafted == PROBE_EVERY:  # drafting nothing measures nothing: try one token, in case it changed
             k, m, self.undrafted = 1, 1, 0
         budgets = [min(k, r) for r in room]
         started = time.perf_counter()
         nodes = [min(k * m, self._fits(row)) if row is not None else 0 for row in rows] if m > 1 else None
-        proposal = self.draft.propose(rows, budgets, nodes) if max(budgets) > 0 else Proposal.empty(len(rows))
+        proposal = (self.draft.propose(rows, budgets, nodes, stop_below=stop_below) if max(budgets) > 0
+                    else Proposal.empty(len(rows)))
         drafted_at = time.perf_counter()
         trees = self._trees(rows, proposal, m, k * m)
         new_tokens = [[row.tokens[-1], *tree[0]] if row is not None else [] for row, tree in zip(rows, trees)]
@@ -209,5 +212,10 @@ class Speculator:
             return scale * verify_seconds(width)
 
         step *= self.prices.draft_step.scale
-        return best_draft_shape(acceptances, mended, measured_verify_seconds, step, most_depth, tokens,
+        k, m = best_draft_shape(acceptances, mended, measured_verify_seconds, step, most_depth, tokens,
                                 fill=bool(self.fixed))
+        # A chain's next token is worth drafting while the chance that it is accepted (the draft's own estimate,
+        # ``drafts.Confidence``) buys more tokens a second than the pass's: above a step's share of its tokens.
+        gained = sum(expected_tokens(a, k, mends[m]) for a, mends in zip(acceptances, mended)) / max(len(live), 1)
+        self.stop_below = step * gained / (measured_verify_seconds(k * m + 1) + k * step)
+        return k, m

@@ -79,8 +79,10 @@ def test_chains_that_stop_where_the_draft_is_unsure_keep_plain_greedy_output(str
                                                                             monkeypatch):
     """Eight deep, stopped where the draft's own chance that a chain is accepted falls below 0.9: fewer drafts
     than eight deep unstopped, the same tokens as plain greedy decoding."""
+    from offload import drafts
     from offload.scheduler.speculation import Speculator
 
+    monkeypatch.setattr(drafts, "STOP_UNSURE", True)  # OFFLOAD_STOP_UNSURE=1
     shape, drafted = Speculator.draft_shape, {}
     batch = prompts(structured, (5, 11))
     want = plain.generate(batch, max_new_tokens=30, ignore_eos=True, return_result=True).tokens

@@ -8,8 +8,10 @@ that adds no prompt through :meth:`Speculator.run`:
    tokens per second, from each row's measured acceptance, how often alternatives mended
    a break, and the plans' cost of a pass of ``k m + 1`` tokens a row plus ``k`` draft steps);
 2. the draft proposes up to ``k`` tokens per row (fewer where the row has fewer left to
-   make, or prompt lookup finds fewer); with ``m > 1`` a row's drafts grow into a tree
-   with the draft model's alternatives at each depth (:func:`~offload.speculative.grow_tree`);
+   make, or prompt lookup finds fewer; with ``drafts.STOP_UNSURE``, a model's greedy chain
+   stops where its own chance of acceptance is worth less than a step: ``stop_below``);
+   with ``m > 1`` a row's drafts grow into a tree with the draft model's alternatives at
+   each depth (:func:`~offload.speculative.grow_tree`);
 3. one pass over the target (``OffloadedModel.verify``) adds each row's last token and its
    drafts, every row padded to the same width, and returns the logits at each; where no row
    has a draft (prompt lookup found none), a plain decode step does (a verify pass of
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import drafts
 from ..memory.host import to_device
 from ..sampling import GREEDY
 from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance,
@@ -81,7 +84,7 @@ class Speculator:
         self.rows = {row: self.rows.get(row, Acceptance()) for row in rows if row is not None}
         room = [row.request.max_new_tokens - len(row.tokens) - 1 if row is not None else 0 for row in rows]
         k, m = self.draft_shape(rows, room) if max(room) > 0 else (0, 1)
-        stop_below = self.stop_below if k > 1 and not self.fixed else 0.0
+        stop_below = self.stop_below if drafts.STOP_UNSURE and k > 1 and not self.fixed else 0.0
         self.undrafted = self.undrafted + 1 if k == 0 else 0
         if self.undrafted == PROBE_EVERY:  # drafting nothing measures nothing: try one token, in case it changed
             k, m, self.undrafted = 1, 1, 0

@@ -56,6 +56,8 @@
 #                  with a command that does nothing, then at once part-ab and .whl with this stage: ignored
 #                  paths stay on a warm machine between calls)
 #   spec_smollm2_greedy  the same, greedy only, four drafts (a short call: what the price of draft steps gives)
+#   spec_smollm2_stop    the int4 draft's chains against none, without and with OFFLOAD_STOP_UNSURE=1 (chains that
+#                  stop where the draft is unsure)
 #   tests_spec     speculative decoding's tests on CUDA (they load on the GPU where there is one): every draft,
 #                  trees, sampled rows, verify chunks (float32: greedy output equals plain decoding's), and
 #                  verify passes in CUDA graphs (bitwise against eager; their pool within the plan)
@@ -77,20 +79,20 @@
 # tests_experts, quant7b, mixtral24_acc, moe235_int4, tests_kernels, spec_smollm2_greedy, moe30b and
 # moe30b_resident (b1; copies through the kernels), quant7b again; ninth (H100) quant7b_last, tests_kernels,
 # tests_spec; tenth (H100, then H200) tests_experts, spec_smollm2_greedy (best-first trees: 0.99x, left off),
-# load70b (0.85 of the files' speed), the fused MLP end's tests and a profile of a small model's step.
-#   1. tests_kernels:240                                       the whole kernel tests with the MLP's end in one
-#                                                              kernel and small weights' tiles (the tenth's run
-#                                                              ran out of time at 95%)
-#   2. spec_smollm2_greedy:150 (carry the model's halves)     the draft's step with small weights' tiles (0.93
-#                                                              ms of kernels on an H100 before): tokens/s (#22)
-#   3. quant7b:200                                             llama-2-7b resident bf16/int8/int4 with the MLP's
-#                                                              end fused (bf16 and int8: gate apart, residual in)
+# load70b (0.85 of the files' speed), the fused MLP end's tests and a profile of a small model's step; eleventh
+# (H200, 2026-12-06) the tests of a layer in fewer kernels (the kernel files cut at 180 s), their probe,
+# spec_smollm2_greedy (1.19x: drafting 5.7 ms a pass, verifying 4.9), quant7b.
+#   1. tests_kernels:240                                       the whole kernel files (cut at 180 s twice now)
+#   2. spec_smollm2_stop:150 (carry the model's halves)       chains that stop where the draft is unsure
+#                                                              (OFFLOAD_STOP_UNSURE=1) against plain chains (#22)
+#   3. a profile of the draft's verify pass of 4 tokens (2.1 ms of wall time against a decode step's 0.69: where
+#      best-first trees lose) with benchmarks/profile_decode.py's kernel table
 #   4. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
 #   5. moe30b_acc:300                                          against accelerate with copies through the kernels
 #   6. spec70b:300                                             70b verify passes (#22)
 #   7. int4_405b:500                                           the moonshot (#20)
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes), make the first call short and
-# whole: tests_kernels:240 then spec_smollm2_greedy:150 (carrying the model's halves) fit beside a start.
+# whole: tests_kernels:240 then spec_smollm2_stop:150 (carrying the model's halves) fit beside a start.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail
@@ -201,6 +203,14 @@ run_stage() {
         OFFLOAD_BEST_FIRST_TREES=1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4@4 --json "$0/spec_smollm2_best_first.json"' \
         "$OUT" ;;
+    spec_smollm2_stop) stage spec_smollm2_stop bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
+        [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
+        [ -d /tmp/smollm2 ] || python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
+        [ -d /tmp/smollm2-int4 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 \
+            --group-size 64 --out /tmp/smollm2-int4 --device cuda
+        for stop in 0 1; do OFFLOAD_STOP_UNSURE=$stop python3 benchmarks/bench_speculative.py --model /tmp/smollm2 \
+            --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 \
+            --json "$0/spec_smollm2_stop$stop.json"; done' "$OUT" ;;
     load70b) stage load70b bash -c 'set -e; trap "rm -rf /tmp/70b-int4 /tmp/.70b-int4.*.partial" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-70b --out /tmp/70b-int4 --gpu-memory 24GiB \
             --cpu-memory 100GiB --json "$0/load70b.json"

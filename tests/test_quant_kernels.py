@@ -145,17 +145,16 @@ def test_the_word_product_of_a_few_rows_equals_dequantize_then_multiply(group, r
             assert_close_to_exact(got, x, w, b)
 
 
-@pytest.mark.parametrize("fmt, group, minimum", [("int4", 64, False), ("int8", None, False), ("int8", 16, True)])
-@pytest.mark.parametrize("m, kernel, sums", [(1, "default", "last"), (2, "default", "second kernel"),
-                                             (1, "words", "last"), (2, "bytes", "last"), (1, "bytes", "one")])
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-def test_a_gated_mlps_last_product_takes_the_gate_and_the_residual(fmt, group, minimum, m, kernel, sums, activation,
-                                                                   monkeypatch):
-    """The MLP's last product of a decode step in one kernel (``gate`` and ``residual``): the bits of the gate's
-    kernel, the product, then the residual added (PyTorch's add), in each GEMV, its stretches summed by the last
-    program, by the second kernel or not split."""
-    dtype, cols = DTYPES[0], 384
-    w = packed(fmt, group, 40, cols, dtype, seed=cols + m, minimum=minimum)
+FUSED_FORMATS = [("int4", 64, False), ("int8", None, False), ("int8", 16, True)]
+# rows, the GEMV (the default, words or bytes), how a split product's stretches are summed
+FUSED_KERNELS = [(1, "default", "last"), (2, "default", "second kernel"), (1, "words", "last"), (2, "bytes", "last"),
+                 (1, "bytes", "one")]
+
+
+def fused_case(fmt, group, minimum, m, kernel, sums, cols, monkeypatch):
+    """A weight of 40 features by ``cols`` columns for a fused product's test, and the GEMV blocking to use (None:
+    the default), its stretches summed by the last program, a second kernel (``sums``) or not split."""
+    w = packed(fmt, group, 40, cols, DTYPES[0], seed=cols + m, minimum=minimum)
     blocking = {"default": None, "words": (16, 128, 3, 4, True), "bytes": (8, 128, 3, 4, False)}[kernel]
     if blocking is not None and sums == "one":
         blocking = (*blocking[:2], 1, *blocking[3:])
@@ -163,6 +162,19 @@ def test_a_gated_mlps_last_product_takes_the_gate_and_the_residual(fmt, group, m
         pytest.skip("the word GEMV does not take this weight")
     if sums == "second kernel":
         monkeypatch.setattr(quant_kernels, "tile_counters", lambda device, tiles: None)
+    return w, blocking
+
+
+@pytest.mark.parametrize("fmt, group, minimum", FUSED_FORMATS)
+@pytest.mark.parametrize("m, kernel, sums", FUSED_KERNELS)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_a_gated_mlps_last_product_takes_the_gate_and_the_residual(fmt, group, minimum, m, kernel, sums, activation,
+                                                                   monkeypatch):
+    """The MLP's last product of a decode step in one kernel (``gate`` and ``residual``): the bits of the gate's
+    kernel, the product, then the residual added (PyTorch's add), in each GEMV, its stretches summed by the last
+    program, by the second kernel or not split."""
+    dtype, cols = DTYPES[0], 384
+    w, blocking = fused_case(fmt, group, minimum, m, kernel, sums, cols, monkeypatch)
     gen = torch.Generator().manual_seed(m)
     gate_up = (torch.randn(m, 1, 2 * cols, generator=gen) * 2).to(dtype).to(DEVICE)
     residual = torch.randn(m, 1, 40, generator=gen).to(dtype).to(DEVICE)
@@ -179,9 +191,8 @@ def test_a_gated_mlps_last_product_takes_the_gate_and_the_residual(fmt, group, m
             assert torch.equal(ops.TRITON.gated_linear(gate_up, activation, w, residual), residual + product)
 
 
-@pytest.mark.parametrize("fmt, group, minimum", [("int4", 64, False), ("int8", None, False), ("int8", 16, True)])
-@pytest.mark.parametrize("m, kernel, sums", [(1, "default", "last"), (2, "default", "second kernel"),
-                                             (1, "words", "last"), (2, "bytes", "last"), (1, "bytes", "one")])
+@pytest.mark.parametrize("fmt, group, minimum", FUSED_FORMATS)
+@pytest.mark.parametrize("m, kernel, sums", FUSED_KERNELS)
 @pytest.mark.parametrize("offset", [False, True])
 def test_a_layers_first_product_normalizes_its_input(fmt, group, minimum, m, kernel, sums, offset, monkeypatch):
     """A layer's first products of a decode step normalize their input themselves (``norm``): the product of what
@@ -189,14 +200,7 @@ def test_a_layers_first_product_normalizes_its_input(fmt, group, minimum, m, ker
     split; and a product adds a residual. Under the interpreter bit for bit; on a GPU to a rounding of the norm
     (its sum of squares may be added in another order than the norm's kernel adds it)."""
     dtype, cols = DTYPES[0], 384
-    w = packed(fmt, group, 40, cols, dtype, seed=cols + m, minimum=minimum)
-    blocking = {"default": None, "words": (16, 128, 3, 4, True), "bytes": (8, 128, 3, 4, False)}[kernel]
-    if blocking is not None and sums == "one":
-        blocking = (*blocking[:2], 1, *blocking[3:])
-    if blocking is not None and blocking[-1] and not quant_kernels.words_take(w):
-        pytest.skip("the word GEMV does not take this weight")
-    if sums == "second kernel":
-        monkeypatch.setattr(quant_kernels, "tile_counters", lambda device, tiles: None)
+    w, blocking = fused_case(fmt, group, minimum, m, kernel, sums, cols, monkeypatch)
     gen = torch.Generator().manual_seed(m)
     x = (torch.randn(m, 1, cols, generator=gen) * 3).to(dtype).to(DEVICE)
     norm = kernels.Norm((torch.rand(cols, generator=gen) + 0.5).to(dtype).to(DEVICE), 1e-6, offset)

@@ -9,16 +9,19 @@ instead (the measurements are in docs/benchmarks.md):
   in 16-byte loads per thread, accumulating in float32. cuBLAS reads some of a decode
   step's shapes well below the device-copy bandwidth. A gated MLP's last product gates
   ``[gate | up]`` as it reads it and adds the residual to its output (``gate``,
-  ``residual``: three kernels in one, where ``GATING_WORK`` says gating pays).
+  ``residual``: three kernels in one, where ``GATING_WORK`` says gating pays); a layer's
+  first products RMS-normalize their input themselves (``norm``, where ``NORMING_WORK``
+  says the programs' reads of the whole row are cheap: a small model's).
 * **RMS norm** (``rms_norm``, ``add_rms_norm``): one program per row, the residual add
   before it fused in; PyTorch spends eight kernels on a norm.
 * **Attention of one query per row** (``decode_attention``): flash decoding. The keys
   are cut into splits that run in parallel (enough programs to fill the GPU), each keeps
   a running softmax, and the last of a head's programs to finish merges the splits
-  (``tile_counters``; a second kernel where ``LAST_SUMS`` is off).
+  (``tile_counters``; a second kernel where ``LAST_SUMS`` is off). A decode step's
+  (``decode_self_attention``) first rotates q and k and writes k and v into the cache.
 * **The small work between them**: the rotary embedding of q and k with the cache write
-  of k and v (``rope_and_store``: thirteen PyTorch kernels), the gate of a gated MLP
-  (``gated``: SiLU or tanh-approximated GELU, times up).
+  of k and v (``rope_and_store``: thirteen PyTorch kernels; a verify pass's W tokens a
+  row), the gate of a gated MLP (``gated``: SiLU or tanh-approximated GELU, times up).
 
 Every blocking is fixed (no timing: two models, in one process or in two, compute the
 same bits), and ``torch.compile`` sees each kernel as one opaque call.

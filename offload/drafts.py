@@ -337,7 +337,7 @@ class Confidence:
 
     def add(self, logits: torch.Tensor) -> float:
         """This step's ``logits [rows, vocab]`` counted; the product as of the step before (1 before any)."""
-        top = logits.index_select(0, self.rows).float().softmax(-1).amax(-1)
+        top = torch.softmax(logits, -1, dtype=torch.float32).amax(-1).index_select(0, self.rows)
         self.product = top if self.product is None else self.product * top
         slot, last = self.steps % 2, (self.steps - 1) % 2
         self.seen[slot : slot + 1].copy_(self.product.amax().reshape(1), non_blocking=self.cuda)

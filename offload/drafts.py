@@ -325,7 +325,8 @@ class Confidence:
     Read by the host one step late: each step's product is copied to pinned memory behind the step's small
     kernels, and :meth:`add` returns the previous step's, whose copy finished before the decode step that is
     running now began. So the host never waits on the GPU's current work, and a chain stops one token after the
-    product fell (that token costs its step, already queued, nothing more)."""
+    product fell (that token costs its step, already queued, nothing more). Under tensor parallelism every rank
+    has the same logits (gathered whole), so every rank stops at the same step."""
 
     def __init__(self, drafting: list[int], device: torch.device):
         self.rows = torch.tensor(drafting, device=device)

@@ -385,7 +385,8 @@ def decode_self_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
                           eps: float = 0.0, offset: bool = False) -> torch.Tensor:
     """A decode step's self-attention in one kernel: ``rope_and_store`` (q and k rotated, k and v written into
     the caches at ``positions``), then ``decode_attention`` of q over the caches' first ``length`` keys of each
-    row, ``allowed [B, 1, 1, length]``. The same bits as the two. Returns ``[B, H, 1, hd]``."""
+    row, ``allowed [B, 1, 1, length]``. The same bits as the two (with q and k norms, on a GPU, to a rounding: the
+    kernels add a head's squares in orders of their own). Returns ``[B, H, 1, hd]``."""
     b, kv_heads, hd = qkv.shape[0], cache_k.shape[1], cache_k.shape[-1]
     group = heads // kv_heads
     splits, keys_per_split = decode_attention_splits(b, kv_heads, length)
@@ -395,7 +396,7 @@ def decode_self_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     norm = q_norm is not None
     _decode_attention_kernel[(b * kv_heads, splits)](
         qkv, cache_k, cache_v, allowed, partial, out, counters if counters is not None else partial, cos, sin,
-        positions, q_norm if norm else cos, k_norm if norm else cos, length, kv_heads, keys_per_split,
+        positions.contiguous(), q_norm if norm else cos, k_norm if norm else cos, length, kv_heads, keys_per_split,
         scale * math.log2(math.e), qkv.stride(0), hd, cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), allowed.stride(0), cos.stride(0), sin.stride(0),
         float(eps), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK=BLOCK_KEYS,

@@ -152,8 +152,12 @@ class Decoder:
         """The norms of a decode layer that its products apply (for the 16-bit GEMV's rule on one rank's whole
         weights: a compressed weight's and a shard's differ a little): the input's, in the qkv product, and the
         MLP's, in the gate and up."""
-        d, qkv = config.hidden_size, config.q_dim + 2 * config.kv_dim
-        return kernels.gemv_norms(qkv, d) + kernels.gemv_norms(2 * config.intermediate_size, d)
+        return cls.input_norm_fused(config) + kernels.gemv_norms(2 * config.intermediate_size, config.hidden_size)
+
+    @classmethod
+    def input_norm_fused(cls, config: ModelConfig) -> bool:
+        """Whether a decode layer's qkv product applies its input norm (``fused_norms``' rule)."""
+        return kernels.gemv_norms(config.q_dim + 2 * config.kv_dim, config.hidden_size)
 
     @classmethod
     def flops_per_token(cls, config: ModelConfig, tp: TensorParallel) -> int:

@@ -28,7 +28,6 @@ from ..errors import ConfigError
 from .blocks import Entry
 from .config import ModelConfig, common_fields, read_rope, rope_inv_freq
 from .decoder import Decoder
-from . import kernels
 from .kernels import Norm
 from .llama import windows_of
 from .parallel import REPLICATED, Shard, kv_shard, q_shard
@@ -72,7 +71,7 @@ class Gemma3(Decoder):
 
     @classmethod
     def fused_norms(cls, config: ModelConfig) -> int:  # the input's only: the MLP's follows a norm of its own
-        return kernels.gemv_norms(config.q_dim + 2 * config.kv_dim, config.hidden_size)
+        return cls.input_norm_fused(config)
 
     @classmethod
     def read_config(cls, raw: dict, f, architecture: str) -> Gemma3Config:

@@ -36,7 +36,7 @@ import torch
 from ..distributed import TensorParallel
 from ..errors import ConfigError
 from ..memory.host import to_device
-from . import expert_kernels, kernels
+from . import expert_kernels
 from .blocks import EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, Entry, build_layout
 from .config import ModelConfig, common_fields, is_int
 from .expert_kernels import DIRECT_TOKENS
@@ -205,7 +205,7 @@ class MoEDecoder(Llama):
         Llama's."""
         routed = sum(config.sparse_layers)
         experts = 14 if expert_kernels else 3 * config.top_k + 8
-        attention = 5 - kernels.gemv_norms(config.q_dim + 2 * config.kv_dim, config.hidden_size)  # its input's norm
+        attention = 5 - cls.input_norm_fused(config)
         dense = cls.decode_kernels_per_layer - cls.fused_norms(config)
         return routed * (attention + 5 + experts) + (config.n_layers - routed) * dense
 

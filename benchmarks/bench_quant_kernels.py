@@ -4,6 +4,7 @@
     python benchmarks/bench_quant_kernels.py                     # llama-2-7b's products, 1, 16 and 2048 rows
     python benchmarks/bench_quant_kernels.py --sweep             # and the kernels' other blockings
     python benchmarks/bench_quant_kernels.py --rows 1,16 --words # and the word kernels beside the defaults
+    python benchmarks/bench_quant_kernels.py --rows 1,16 --dot   # and the tensor-core product of a few rows
 
 For each product of a llama-2-7b layer, each format (bf16: offload's GEMV for one row,
 cuBLAS otherwise; int8 per channel; int4 in groups of 128 and of 32, by the kernels the
@@ -14,7 +15,10 @@ product's weight bytes (compressed) over the device-copy bandwidth measured in t
 run; for 2048 rows, TFLOP/s. Each product cycles through copies of its weight (600 MB
 in all) inside one CUDA graph, so no weight is found in L2 and no launch gap is timed.
 ``--words``: also the word kernels (``quant_kernels.WORD_GEMV``: the GEMV for one or two
-rows, int4's product for up to 16), checked against dequantize-then-multiply.
+rows, int4's product for up to 16), checked against dequantize-then-multiply. ``--dot``: also the
+tensor-core product of up to 16 rows (``quant_kernels._dot_gemv_kernel``), checked the same way; with
+``--dot-sweep``, its other blockings too (features a program, pipeline stages, programs aimed at; the fields
+made by Triton's operations rather than inline PTX), the best three.
 """
 
 from __future__ import annotations
@@ -96,12 +100,21 @@ def sweep_blockings(m, w):
     return [(bm, 128, block_k, 1, warps, 3, False) for bm, warps in itertools.product([64, 128], [4, 8])]
 
 
+def dot_blockings(m, w):
+    """The tensor-core product's blockings to sweep for ``m`` rows of ``w``."""
+    out = [quant_kernels.dot_blocking(w, m, block_n, programs, stages)
+           for block_n, programs, stages in itertools.product([64, 128], [264, 528, 1056], [3, 4])]
+    return list(dict.fromkeys(out)) + [quant_kernels.dot_blocking(w, m)._replace(asm=False)]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="llama-2-7b")
     p.add_argument("--rows", default="1,16,2048")
     p.add_argument("--sweep", action="store_true", help="also time other blockings of the kernels (the best three)")
     p.add_argument("--words", action="store_true", help="also time the word kernels (quant_kernels.WORD_GEMV)")
+    p.add_argument("--dot", action="store_true", help="also time the tensor-core product of up to 16 rows")
+    p.add_argument("--dot-sweep", action="store_true", help="and its other blockings (the best three)")
     args = p.parse_args()
     if not torch.cuda.is_available() or kernels.triton is None:
         print("bench_quant_kernels needs a GPU and Triton")
@@ -144,6 +157,25 @@ def main() -> int:
                         line.append(f"words {us_words:7.1f} ({floor / us_words:4.2f})")
                         t = totals.setdefault((fmt + " words", m), [0.0, 0.0])
                         t[0], t[1] = t[0] + floor, t[1] + us_words
+                    dot = (FORMATS[fmt] is not None and args.dot and m <= quant_kernels.DOT_ROWS
+                           and quant_kernels.dot_takes(ws[0], x.dtype))
+                    if dot:  # checked on all m rows, by PTX and by Triton's operations
+                        want_m = dequantized(x, ws[0]).float()
+                        chosen = quant_kernels.dot_blocking(ws[0], m)
+                        for b in (chosen, chosen._replace(asm=False)):
+                            got = product(fmt, x, ws[0], b).float()
+                            assert (got - want_m).abs().max() <= 2e-2 * want_m.abs().max(), f"dot {b} disagrees"
+                        us_dot = time_us(lambda w: product(fmt, x, w, chosen), ws)
+                        line.append(f"dot {us_dot:7.1f} ({floor / us_dot:4.2f})")
+                        t = totals.setdefault((fmt + " dot", m), [0.0, 0.0])
+                        t[0], t[1] = t[0] + floor, t[1] + us_dot
+                        if args.dot_sweep and fmt in SWEPT and what in SWEPT_PRODUCTS:
+                            times = {b: time_us(lambda w, b=b: product(fmt, x, w, b), ws[:4])
+                                     for b in dot_blockings(m, ws[0])}
+                            best = sorted(times, key=times.get)[:3]
+                            line.append("dot best " + " ".join(
+                                f"(n{b.block_n} k{b.block_k} s{b.splits} st{b.stages}{'' if b.asm else ' ops'})"
+                                f":{times[b]:.1f}" for b in best))
                     del ws
                     torch.cuda.empty_cache()
                 print("  ".join(line), flush=True)

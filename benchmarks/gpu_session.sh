@@ -19,6 +19,10 @@
 #                  kernels' other blockings (the best three)
 #   quant7b        llama-2-7b resident decode in bf16, int8 and int4, batch 1 and 16 (GPU time per pass vs floor)
 #   quant7b_words  int8 and int4 with every word kernel (OFFLOAD_WORD_GEMV=1; the default: int4's GEMV only)
+#   dotgemv        the tensor-core product of up to 16 rows (quant_kernels._dot_gemv_kernel): its tests on the GPU, then
+#                  llama-2-7b's products of 1 and 16 rows against the defaults, and its blockings (the best three)
+#   quant7b_dot    llama-2-7b resident decode in int8 and int4 with the tensor-core product (OFFLOAD_DOT_GEMV=1)
+#                  against without, bf16 beside them, batch 1 and 16
 #   quant7b_last   bf16, int8 and int4: split work put together by the last program of each tile (OFFLOAD_LAST_SUMS=1:
 #                  one kernel a compressed product and an attention, not two) against the second kernels, after
 #                  the tests that race them
@@ -140,6 +144,12 @@ run_stage() {
       for q in "" "--quantize int8" "--quantize int4"; do for b in 1 16; do for last in 0 1; do echo "OFFLOAD_LAST_SUMS=$last"
       OFFLOAD_LAST_SUMS=$last python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
       --batch $b $q; done; done; done' ;;
+    dotgemv) stage dotgemv_tests python3 -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -k tensor_core
+      stage dotgemv python3 benchmarks/bench_quant_kernels.py --rows 1,16 --dot --dot-sweep ;;
+    quant7b_dot) stage quant7b_dot bash -c 'for b in 1 16; do for run in "1 int4" "0 int4" "0 bf16" "1 int8" "0 int8"; do
+      set -- $run; q=$([ $2 = bf16 ] || echo "--quantize $2"); echo "OFFLOAD_DOT_GEMV=$1 $2 batch $b"
+      OFFLOAD_DOT_GEMV=$1 python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
+      --batch $b $q; done; done' ;;
     profile7b) stage profile7b python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 32,128 --compile \
       --kernels ;;
     profile13b) stage profile13b python3 benchmarks/profile_decode.py --shape llama-2-13b --prompts 32,128 --compile ;;

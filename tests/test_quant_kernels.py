@@ -402,3 +402,140 @@ def test_last_sums_race_no_partial_sum_on_a_gpu(monkeypatch, m):
     for _ in range(200):
         graph.replay()
         assert out.equal(summed)
+
+
+# ----------------------------------------------------------------------------- the tensor-core product of a few rows
+
+DOT_FORMATS = [("int4", 128, False), ("int4", 32, False), ("int4", 64, False), ("int8", None, False),
+               ("int8", 32, False), ("int8", 16, True)]
+
+
+@pytest.mark.parametrize("fmt, group, minimum", DOT_FORMATS)
+@pytest.mark.parametrize("rows, cols, m, block_n, splits", [
+    (67, 256, 1, 64, 1),  # features past the last tile (masked), one stretch: the output itself
+    (128, 512, 5, 64, 2),  # whole tiles, two stretches: the last program of each tile sums them
+    (130, 1024, 16, 128, 3),  # sixteen rows, three stretches
+])
+def test_the_tensor_core_product_equals_dequantize_then_multiply(fmt, group, minimum, rows, cols, m, block_n,
+                                                                 splits):
+    """``_dot_gemv_kernel``: each byte's two fields as ``OFFSET + v`` in 16 bits, products on the tensor cores, the
+    offset taken out with a product of ones: against float64, with a bias; the residual is added to the rounded
+    product (the bits of adding it after)."""
+    dtype = DTYPES[0]
+    w = packed(fmt, group, rows, cols, dtype, seed=rows + cols + m, minimum=minimum)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, cols, generator=gen).to(dtype).to(DEVICE)
+    bias = torch.randn(rows, generator=gen).to(dtype).to(DEVICE)
+    residual = torch.randn(m, rows, generator=gen).to(dtype).to(DEVICE)
+    blocking = quant_kernels.dot_blocking(w, m)._replace(block_n=block_n, splits=splits)
+    for b in (None, bias):
+        got = quant_kernels.linear(x, w, b, blocking=blocking)
+        assert_close_to_exact(got, x, w, b)
+        assert quant_kernels.linear(x, w, b, blocking=blocking, residual=residual).equal(got + residual)
+
+
+@pytest.mark.parametrize("fmt, group", [("int4", 64), ("int8", None)])
+def test_the_tensor_core_product_sums_stretches_as_the_summing_kernel_does(monkeypatch, fmt, group):
+    dtype = DTYPES[0]
+    w = packed(fmt, group, 67, 768, dtype, seed=21)
+    x = torch.randn(3, 768, generator=torch.Generator().manual_seed(22)).to(dtype).to(DEVICE)
+    blocking = quant_kernels.dot_blocking(w, 3)._replace(block_n=64, splits=3)
+    monkeypatch.setattr(kernels, "LAST_SUMS", False)
+    summed = quant_kernels.linear(x, w, blocking=blocking)
+    monkeypatch.setattr(kernels, "LAST_SUMS", True)
+    counters = kernels.tile_counters(x.device, 1)
+    assert quant_kernels.linear(x, w, blocking=blocking).equal(summed)
+    assert not counters.any()
+
+
+def test_the_tensor_core_product_is_chosen_only_where_switched_on(monkeypatch):
+    """``DOT_GEMV`` on: products of up to ``DOT_ROWS`` rows go to it (the same bits as asking for its blocking),
+    but not those that gate or normalize their input, nor more rows; off (the default until it is timed): none."""
+    dtype = DTYPES[0]
+    w = packed("int4", 64, 96, 256, dtype, seed=23)
+    gen = torch.Generator().manual_seed(24)
+    for m in (1, 16, 17):
+        x = torch.randn(m, 256, generator=gen).to(dtype).to(DEVICE)
+        by_dot = quant_kernels.linear(x, w, blocking=quant_kernels.dot_blocking(w, m)) if m <= 16 else None
+        monkeypatch.setattr(quant_kernels, "DOT_GEMV", True)
+        chosen = quant_kernels.linear(x, w)
+        assert quant_kernels.dot_chooses(w, m, dtype) == (m <= quant_kernels.DOT_ROWS)
+        if m <= 16:
+            assert chosen.equal(by_dot)
+        monkeypatch.setattr(quant_kernels, "DOT_GEMV", None)
+        assert not quant_kernels.dot_chooses(w, m, dtype)
+        assert_close_to_exact(quant_kernels.linear(x, w), x, w, None)
+    monkeypatch.setattr(quant_kernels, "DOT_GEMV", True)
+    gate_up = torch.randn(1, 512, generator=gen).to(dtype).to(DEVICE)
+    gated = quant_kernels.linear(gate_up, w, gate="silu")  # the GEMV gates its input: not the tensor cores
+    monkeypatch.setattr(quant_kernels, "DOT_GEMV", False)
+    assert gated.equal(quant_kernels.linear(gate_up, w, gate="silu"))
+
+
+def test_which_weights_the_tensor_core_product_takes():
+    def weight(fmt, group, cols, rows=64):
+        data = torch.zeros(rows, cols // 2 if fmt == "int4" else cols, dtype=torch.uint8 if fmt == "int4" else torch.int8)
+        groups = cols // (group or cols)
+        return QuantizedWeight(data, torch.zeros(rows, groups if group else 1), torch.zeros(rows, groups) if fmt == "int4"
+                               else None, QuantScheme(fmt, group, 1 << 20, FUSED))
+
+    bf16, f16 = torch.bfloat16, torch.float16
+    assert quant_kernels.dot_takes(weight("int4", 32, 256), bf16) and quant_kernels.dot_takes(weight("int4", 256, 512), f16)
+    assert not quant_kernels.dot_takes(weight("int4", 16, 256), bf16)  # a half-group under a product's 16 columns
+    assert not quant_kernels.dot_takes(weight("int4", 64, 256), torch.float32)
+    assert quant_kernels.dot_takes(weight("int8", None, 48), bf16) and not quant_kernels.dot_takes(weight("int8", None, 40), bf16)
+    assert quant_kernels.dot_blocking(weight("int4", 128, 4096, 12288), 1)[:2] == (128, 128)
+    assert quant_kernels.dot_blocking(weight("int4", 256, 4096, 4096), 1)[:2] == (64, 256)
+    assert quant_kernels.dot_blocking(weight("int8", None, 48), 1)[:2] == (64, 16)
+    with pytest.raises(ValueError, match="up to 16 rows"):
+        w = packed("int4", 64, 64, 256, DTYPES[0], seed=25)
+        quant_kernels.linear(torch.zeros(17, 256, dtype=DTYPES[0], device=DEVICE), w,
+                             blocking=quant_kernels.dot_blocking(w, 16))
+
+
+_COMPILE_DOT_FOR_HOPPER = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from offload.models import quant_kernels
+fmt = sys.argv[1]
+constexprs = dict(GROUP=128, INT4=fmt == "int4", PER_CHANNEL=fmt == "int8", HAS_MIN=fmt == "int4", HAS_BIAS=False,
+                  HAS_RESIDUAL=False, FINAL=False, LAST=True, ASM=True, MAGIC=0x4300, FP16=False, EVEN=True,
+                  BLOCK_N=128, BLOCK_M=8, BLOCK_K=128)
+types = {"x_ptr": "*bf16", "data_ptr": "*u8" if fmt == "int4" else "*i8", "scale_ptr": "*bf16", "min_ptr": "*bf16",
+         "bias_ptr": "*bf16", "res_ptr": "*bf16", "OFFSET": "fp32", "out_ptr": "*fp32", "final_ptr": "*bf16",
+         "count_ptr": "*i32"}
+fn = quant_kernels._dot_gemv_kernel
+names = list(inspect.signature(fn.fn).parameters)
+signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+           if n not in constexprs and n not in ("M", "N", "OFFSET")}
+source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_the_tensor_core_product_compiles_for_hopper_to_pipelined_loads_and_warpgroup_products(fmt):
+    """Compiled for sm_90 here (no GPU needed), with the fields made by inline PTX: the weights' bytes are copied
+    ahead into shared memory (``cp.async``: Triton's pipeline), the products are warpgroup MMAs, and each pair of
+    bytes becomes four 16-bit numbers with two ``lop3`` (no conversion instruction)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_DOT_FOR_HOPPER, fmt], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ptx = proc.stdout
+    assert re.search(r"cp\.async\.c[ag]\.shared\.global", ptx)
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n8k16\.f32\.bf16\.bf16", ptx)
+    assert len(re.findall(r"lop3\.b32", ptx)) >= 2 and "prmt.b32" in ptx
+    assert not re.search(r"cvt\.rn\.(bf16|f16|f32)\.[su](8|16|32)", ptx)

@@ -39,6 +39,7 @@ of two of at least 16), on models whose ops are offload's kernels (``ops.choose`
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -50,6 +51,19 @@ if triton is not None:
     import triton.language as tl
 
     from .kernels import finish_product, gemv_input, inverse_rms
+
+    def _nibbles_ptx(low: int, high: int):
+        """Two bytes (packed in a word's low half) as four 16-bit numbers: ``prmt`` spreads the bytes into the
+        word's two halves; ``(t & 0x000F000F) | low`` (lop3 0xEA) makes the low fields' two numbers, and after a
+        shift ``(t & 0x000F000F) ^ high`` (lop3 0x6A) the high fields' (``high`` has bit 3 set where a signed
+        byte's top bit is to be flipped)."""
+        return tl.constexpr(f"{{ .reg .b32 t; prmt.b32 t, $2, 0, 0x5140; lop3.b32 $0, t, 0x000F000F, {low:#010x}, "
+                            f"0xEA; shr.b32 t, t, 4; lop3.b32 $1, t, 0x000F000F, {high:#010x}, 0x6A; }}")
+
+    _NIBBLES_PTX_BF16 = _nibbles_ptx(0x43004300, 0x43004300)
+    _NIBBLES_PTX_BF16_SIGNED = _nibbles_ptx(0x43004300, 0x43084308)
+    _NIBBLES_PTX_F16 = _nibbles_ptx(0x64006400, 0x64006400)
+    _NIBBLES_PTX_F16_SIGNED = _nibbles_ptx(0x64006400, 0x64086408)
 
 GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
 # A word GEMV of fewer tiles of 128 x 256 than this takes tiles of 32 x 128: more programs, each done sooner. On an
@@ -65,6 +79,14 @@ MAGIC = 0x4B000000  # the bits of the float 2^23
 # product 0.63x. So by default (None) int4's GEMV reads words and nothing else does; the environment's
 # OFFLOAD_WORD_GEMV=1 turns every word kernel on, =0 every one off (read once, at import).
 WORD_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_WORD_GEMV", ""))
+# The tensor-core product of up to DOT_ROWS rows (``_dot_gemv_kernel``): on with OFFLOAD_DOT_GEMV=1, off with =0;
+# by default (None) off until timed against the GEMVs on a GPU (read once, at import).
+DOT_ROWS = 16
+DOT_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_DOT_GEMV", ""))
+DOT_PROGRAMS = 528  # the tensor-core product's programs to aim for: about four per SM of an H100 or H200
+# Its 16-bit numbers ``OFFSET + v`` for a 4-bit field ``v``: the field OR-ed into the mantissa of OFFSET, whose
+# last place is 1 (bfloat16: 128, 0x4300; float16: 1024, 0x6400). Exact, and no conversion instruction.
+DOT_OFFSET = {torch.bfloat16: (128.0, 0x4300), torch.float16: (1024.0, 0x6400)}
 
 
 def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
@@ -75,12 +97,18 @@ def takes(x: torch.Tensor, w: QuantizedWeight) -> bool:
 def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, blocking=None, *,
            gate: str | None = None, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias) (+ residual)`` for the weight ``W`` that ``w``'s parts hold (``blocking``: another kernel
-    blocking, for benchmarks/bench_quant_kernels.py's sweep: ``gemv_blocking``'s or ``matmul_blocking``'s items).
+    blocking, for benchmarks/bench_quant_kernels.py's sweep: ``gemv_blocking``'s or ``matmul_blocking``'s items, or
+    a ``DotBlocking``: the tensor-core product of up to ``DOT_ROWS`` rows, with a residual but no gate or norm).
     ``gate``, ``residual`` and ``norm`` (up to ``GEMV_ROWS`` rows): ``x`` is a gated MLP's ``[gate | up]``,
     ``residual`` is added to the rounded product, ``x`` is RMS-normalized first, as ``kernels.gemv`` takes them."""
     k, n = w.cols, w.rows
     rows = x.reshape(-1, 2 * k if gate else k)
     m = rows.shape[0]
+    if isinstance(blocking, DotBlocking) or (blocking is None and gate is None and norm is None
+                                             and dot_chooses(w, m, x.dtype)):
+        if gate is not None or norm is not None:
+            raise ValueError("the tensor-core product neither gates nor normalizes its input")
+        return _dot_linear(rows, w, bias, residual, blocking or dot_blocking(w, m)).view(*x.shape[:-1], n)
     if (gate is not None or residual is not None or norm is not None) and m > GEMV_ROWS:
         raise ValueError(f"a gate, a residual or a norm goes into products of at most {GEMV_ROWS} rows, not {m}")
     if gate is not None and norm is not None:
@@ -188,6 +216,91 @@ def words_take(w: QuantizedWeight) -> bool:
     if int4:
         return words and group is not None and 32 <= group <= 256
     return words and (group is None or 16 <= group <= 256)
+
+
+class DotBlocking(NamedTuple):
+    """``_dot_gemv_kernel``'s blocking: features a program, columns a step, stretches of the columns (their
+    partial sums added by the last program of each tile), warps, pipeline stages, and whether the 4-bit
+    fields become 16-bit numbers by inline PTX (two a ``lop3``) or by Triton's operations (the interpreter)."""
+
+    block_n: int
+    block_k: int
+    splits: int
+    warps: int
+    stages: int
+    asm: bool
+
+
+def dot_takes(w: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """Whether ``_dot_gemv_kernel`` takes ``w`` under inputs of ``dtype``: int4 in groups of 32 to 256, int8 per
+    channel or in groups of 16 to 256 (powers of two: ``quant.fused_takes``), whole column steps
+    (``dot_blocking``), rows of contiguous bytes."""
+    group, k = w.scheme.group_size, w.cols
+    if dtype not in DOT_OFFSET or w.data.stride(-1) != 1 or w.scheme.kernel != FUSED:
+        return False
+    if w.scheme.format == INT4:
+        return group is not None and 32 <= group <= 256 and k % group == 0
+    return (group is None and k % 16 == 0) or (group is not None and 16 <= group <= 256 and k % group == 0)
+
+
+def dot_chooses(w: QuantizedWeight, m: int, dtype: torch.dtype) -> bool:
+    """Whether a product of ``m`` rows goes to the tensor-core kernel by default (``DOT_GEMV``)."""
+    return bool(DOT_GEMV) and m <= DOT_ROWS and dot_takes(w, dtype)
+
+
+def dot_blocking(w: QuantizedWeight, m: int = 1, block_n: int | None = None, programs: int = DOT_PROGRAMS,
+                 stages: int = 3) -> DotBlocking:
+    """The tensor-core product's blocking for ``w``: 128 features a program (64 for a weight of fewer than an
+    eighth of ``programs`` such tiles), a column step of 128 columns or of the group if larger (per channel: the largest
+    power of two up to 128 that divides the columns), and as many stretches of the columns as bring the programs
+    to about ``programs``, each at least ``stages`` steps long where the columns allow (the loads of a step are
+    in flight ``stages - 1`` steps ahead)."""
+    n, k, group = w.rows, w.cols, w.scheme.group_size
+    if block_n is None:
+        block_n = 128 if -(-n // 128) >= programs // 8 else 64
+    if group is None:
+        block_k = next(b for b in (128, 64, 32, 16) if k % b == 0)
+    else:
+        block_k = max(group, 128) if k % max(group, 128) == 0 else group
+    steps = k // block_k
+    splits = max(1, min(-(-programs // -(-n // block_n)), steps // stages))
+    splits = -(-steps // -(-steps // splits))  # no empty stretch
+    return DotBlocking(block_n, block_k, splits, 4, stages, os.environ.get("TRITON_INTERPRET") != "1")
+
+
+def _dot_linear(rows: torch.Tensor, w: QuantizedWeight, bias, residual, blocking: DotBlocking) -> torch.Tensor:
+    """``rows @ W.T (+ bias) (+ residual)`` by ``_dot_gemv_kernel``, ``rows [m <= DOT_ROWS, K]``."""
+    if not dot_takes(w, rows.dtype):
+        raise ValueError("the tensor-core product takes int4 in groups of 32 to 256 or int8 per channel or in "
+                         "groups of 16 to 256, whole column steps, 16-bit inputs")
+    m, k, n = rows.shape[0], w.cols, w.rows
+    if m > DOT_ROWS:
+        raise ValueError(f"the tensor-core product takes up to {DOT_ROWS} rows, not {m}")
+    block_n, block_k, splits, warps, stages, asm = blocking
+    group = w.scheme.group_size or block_k
+    if block_k % group or k % block_k or (w.scheme.format == INT4 and group < 32):
+        raise ValueError(f"a column step of {block_k} does not hold whole groups of {group} within {k} columns")
+    steps = k // block_k
+    tiles = -(-steps // splits)
+    splits = -(-steps // tiles)
+    out = rows.new_empty(m, n)
+    partial = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=rows.device)
+    counters = tile_counters(rows.device, triton.cdiv(n, block_n)) if splits > 1 else None
+    offset, magic = DOT_OFFSET[rows.dtype]
+    _dot_gemv_kernel[(triton.cdiv(n, block_n), splits)](
+        rows, w.data, w.scale, w.minimum if w.minimum is not None else w.scale, bias if bias is not None else out,
+        residual if residual is not None else out, partial, out, counters if counters is not None else out, m, n,
+        k, rows.stride(0), w.data.stride(0), w.groups, tiles * block_k, offset,
+        GROUP=group, INT4=w.scheme.format == INT4, PER_CHANNEL=w.scheme.group_size is None,
+        HAS_MIN=w.minimum is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        FINAL=splits == 1, LAST=counters is not None, SPLITS=splits, ASM=asm, MAGIC=magic,
+        FP16=rows.dtype == torch.float16, EVEN=n % block_n == 0, BLOCK_N=block_n, BLOCK_M=8 if m <= 8 else 16,
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    if splits > 1 and counters is None:
+        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](
+            partial, bias if bias is not None else out, residual if residual is not None else out, out, m * n, n,
+            SPLITS=splits, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=1024)
+    return out
 
 
 def matmul_blocking(w: QuantizedWeight, m: int, words: bool | None = None) -> tuple[int, int, int, int, int, int, bool]:
@@ -427,6 +540,106 @@ if triton is not None:
         x0, x2 = tl.split(a)
         x1, x3 = tl.split(b)
         return x0, x1, x2, x3
+
+    @triton.jit
+    def _dot_gemv_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, bias_ptr, res_ptr, out_ptr, final_ptr, count_ptr, M,
+                         N, K, s_x, s_data, GROUPS, SPAN, OFFSET, GROUP: tl.constexpr, INT4: tl.constexpr,
+                         PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_RESIDUAL: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr, SPLITS,
+                         ASM: tl.constexpr, MAGIC: tl.constexpr, FP16: tl.constexpr, EVEN: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Features ``[pid0 * BLOCK_N, +BLOCK_N)`` of up to BLOCK_M rows of x, columns ``[pid1 * SPAN, +SPAN)``, on
+        the tensor cores: ``W x^T``, the weights the left operand (BLOCK_N of them fill its 64 or 128 rows, where x's
+        few rows would fill 1 of 16). Each byte becomes two 16-bit numbers ``OFFSET + v`` (``_nibbles``), exact, so
+        a group's products need no scale inside them: per group ``D = sum (OFFSET + q) x`` and ``S = sum x`` (a
+        product with ones, which lands in D's layout), and ``scale (D - OFFSET S) + minimum S`` is added, in float32.
+        int8 is its two halves: ``q + 128 = 16 h + l``. Where Triton pipelines the loads (``num_stages``), a
+        program's next steps are in flight while it computes this one. EVEN: ``N`` is a multiple of BLOCK_N."""
+        features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = features < N
+        if EVEN:
+            features = tl.max_contiguous(tl.multiple_of(features, BLOCK_N), BLOCK_N)
+            n_ok = tl.full([BLOCK_N], True, tl.int1)
+        m = tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        HALF: tl.constexpr = GROUP // 2 if INT4 else GROUP  # a group's columns in one half (int8: all of them)
+        NG: tl.constexpr = BLOCK_K // GROUP
+        j = tl.arange(0, HALF)
+        w_rows = data_ptr + features[:, None].to(tl.int64) * s_data
+        x_cols = x_ptr + m[None, :].to(tl.int64) * s_x
+        ones = tl.full([BLOCK_N, HALF], 1.0, tl.float16 if FP16 else tl.bfloat16)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        start = tl.program_id(1) * SPAN
+        for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
+            for g in tl.static_range(NG):
+                first = tl.multiple_of(k0 + g * GROUP, GROUP)
+                at = tl.multiple_of(first // 2, HALF) if INT4 else first  # the group's first byte in its row
+                # int4: byte j of a group holds its columns j (low 4 bits) and j + HALF (high 4 bits)
+                b = tl.load(w_rows + (at + j)[None, :], mask=n_ok[:, None], other=0, eviction_policy="evict_first")
+                low, high = _nibbles(b, ASM, MAGIC, not INT4, FP16)
+                x_low = tl.load(x_cols + (first + j)[:, None], mask=m_ok[None, :], other=0.0)
+                if INT4:
+                    x_high = tl.load(x_cols + (first + HALF + j)[:, None], mask=m_ok[None, :], other=0.0)
+                    d = tl.dot(high, x_high, tl.dot(low, x_low))
+                    s = tl.dot(ones, x_high, tl.dot(ones, x_low))
+                    d -= OFFSET * s  # sum q x
+                else:  # q = 16 h + l - 128
+                    d = tl.dot(low, x_low, tl.dot(high, x_low) * 16.0)
+                    s = tl.dot(ones, x_low)
+                    d -= (17.0 * OFFSET + 128.0) * s
+                if PER_CHANNEL:
+                    acc += d
+                else:
+                    at = features.to(tl.int64) * GROUPS + first // GROUP
+                    scale = tl.load(scale_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                    acc += scale * d
+                    if HAS_MIN:
+                        minimum = tl.load(min_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                        acc += minimum * s
+        if PER_CHANNEL:
+            acc *= tl.load(scale_ptr + features, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        at = m[None, :].to(tl.int64) * N + features[:, None]
+        ok = n_ok[:, None] & m_ok[None, :]
+        if FINAL:
+            out = finish_product(acc, bias_ptr, res_ptr, features[:, None], at, ok, out_ptr.dtype.element_ty,
+                                 HAS_BIAS, HAS_RESIDUAL)
+            tl.store(out_ptr + at, out, mask=ok)
+        else:
+            stride = M * N  # of a stretch's partial sums
+            tl.store(out_ptr + tl.program_id(1) * stride + at, acc, mask=ok)
+            if LAST:
+                _last_sums(out_ptr, final_ptr, bias_ptr, res_ptr, count_ptr, tl.program_id(0), at, features[:, None],
+                           ok, stride, HAS_BIAS, HAS_RESIDUAL, SPLITS)
+
+    @triton.jit
+    def _nibbles(b, ASM: tl.constexpr, MAGIC: tl.constexpr, SIGNED: tl.constexpr, FP16: tl.constexpr):
+        """Bytes ``b`` as two 16-bit numbers each, ``OFFSET + low 4 bits`` and ``OFFSET + high 4 bits`` (SIGNED, an
+        int8 ``q``: of ``q + 128``), ``MAGIC`` being OFFSET's bits: each field OR-ed into its mantissa. With ASM, two
+        bytes at a time by inline PTX: ``prmt`` spreads them into the two halves of a word, then one ``lop3`` makes
+        two numbers (the high fields after a shift; a signed byte's top bit flipped by the same ``lop3``)."""
+        if ASM:
+            if FP16:
+                if SIGNED:
+                    return _asm_nibbles(b, _NIBBLES_PTX_F16_SIGNED, FP16)
+                return _asm_nibbles(b, _NIBBLES_PTX_F16, FP16)
+            if SIGNED:
+                return _asm_nibbles(b, _NIBBLES_PTX_BF16_SIGNED, FP16)
+            return _asm_nibbles(b, _NIBBLES_PTX_BF16, FP16)
+        u = b.to(tl.int16) & 0xFF
+        if SIGNED:
+            u = u ^ 0x80
+        low, high = (u & 15) | MAGIC, (u >> 4) | MAGIC
+        if FP16:
+            return low.to(tl.float16, bitcast=True), high.to(tl.float16, bitcast=True)
+        return low.to(tl.bfloat16, bitcast=True), high.to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _asm_nibbles(b, asm: tl.constexpr, FP16: tl.constexpr):
+        if FP16:
+            return tl.inline_asm_elementwise(asm=asm, constraints="=r,=r,r", args=[b],
+                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(asm=asm, constraints="=r,=r,r", args=[b], dtype=(tl.bfloat16, tl.bfloat16),
+                                         is_pure=True, pack=2)
 
     @triton.jit
     def _sum_splits_kernel(partial_ptr, bias_ptr, res_ptr, out_ptr, TOTAL, N, SPLITS: tl.constexpr,

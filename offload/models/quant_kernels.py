@@ -578,24 +578,24 @@ if triton is not None:
                 b = tl.load(w_rows + (at + j)[None, :], mask=n_ok[:, None], other=0, eviction_policy="evict_first")
                 low, high = _nibbles(b, ASM, MAGIC, not INT4, FP16)
                 x_low = tl.load(x_cols + (first + j)[:, None], mask=m_ok[None, :], other=0.0)
-                if INT4:
+                if INT4:  # d = sum (OFFSET + q) x
                     x_high = tl.load(x_cols + (first + HALF + j)[:, None], mask=m_ok[None, :], other=0.0)
                     d = tl.dot(high, x_high, tl.dot(low, x_low))
                     s = tl.dot(ones, x_high, tl.dot(ones, x_low))
-                    d -= OFFSET * s  # sum q x
-                else:  # q = 16 h + l - 128
+                    offset = OFFSET
+                else:  # q + 128 = 16 h + l: d = sum (16 (OFFSET + h) + OFFSET + l) x = sum q x + (17 OFFSET + 128) s
                     d = tl.dot(low, x_low, tl.dot(high, x_low) * 16.0)
                     s = tl.dot(ones, x_low)
-                    d -= (17.0 * OFFSET + 128.0) * s
+                    offset = 17.0 * OFFSET + 128.0
                 if PER_CHANNEL:
-                    acc += d
-                else:
+                    acc += d - offset * s
+                else:  # scale (d - offset s) + minimum s
                     at = features.to(tl.int64) * GROUPS + first // GROUP
                     scale = tl.load(scale_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-                    acc += scale * d
+                    shift = -offset * scale
                     if HAS_MIN:
-                        minimum = tl.load(min_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-                        acc += minimum * s
+                        shift += tl.load(min_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                    acc += scale * d + shift * s
         if PER_CHANNEL:
             acc *= tl.load(scale_ptr + features, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         at = m[None, :].to(tl.int64) * N + features[:, None]

@@ -96,6 +96,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="verify widths to time (tokens per row)")
     p.add_argument("--eager", action="store_true", help="also time the verify passes without CUDA graphs (on a GPU)")
     p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--profile", action="store_true", help="and where a pass's time goes with each model draft: the "
+                   "host's time in each phase of a pass, the draft's steps a pass, the kernels (on a GPU)")
     args = p.parse_args(argv)
     if not (args.model or args.shape or args.quick):
         raise UsageError("give --model PATH, --shape NAME or --quick")
@@ -202,7 +204,7 @@ def streaming(source, options: dict) -> dict:
 
 
 def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: dict, max_new: int,
-              temperature: float = 0.0) -> dict:
+              temperature: float = 0.0, profile: bool = False) -> dict:
     """Batch-1 generation of every prompt with ``draft`` (``DRAFT@M``: trees of ``M`` tokens a depth), greedy
     or sampled at ``temperature`` (seeded): tokens, decode tokens/s, tokens per pass."""
     sampling = dict(do_sample=True, temperature=temperature, seed=0) if temperature > 0 else {}
@@ -232,8 +234,62 @@ def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: d
                **split_of_a_pass(prices, before),
                draft_step=draft_step_times(model.draft.model, len(prompts[0]), DRAFT_STEPS)
                if hasattr(model.draft, "model") and model.device.type == "cuda" else None)
+    if profile and hasattr(model.draft, "model"):
+        row["profile"] = profile_passes(model, prompts[0], max_new, sampling)
     model.close()
     return row
+
+
+PHASES = {"propose": ("draft", "propose"), "verify": ("model", "verify"), "accept": ("speculation", "accept"),
+          "update": ("draft", "update")}
+
+
+def profile_passes(model, prompt: list[int], max_new: int, sampling: dict) -> dict:
+    """One prompt's generation under the profiler: each phase of a pass (``PHASES``: the draft proposing, the
+    target's pass being queued, the tokens chosen and read, the draft rolled back) as the host's wall time a
+    pass, the draft's decode steps a pass, and on a GPU the kernels' table. A phase ends when the host leaves
+    it: the host waits for the GPU where it reads (a proposal's tokens, the chosen tokens)."""
+    from offload.scheduler import speculation
+
+    owners = {"draft": model.draft, "model": model, "speculation": speculation}
+    steps = [0]
+    originals = {name: getattr(owners[owner], attr) for name, (owner, attr) in PHASES.items()}
+    decode = model.draft.model.decode
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(f"pass.{name}"):
+                return fn(*args, **kwargs)
+        return run
+
+    def counted_decode(*args, **kwargs):
+        steps[0] += 1
+        return decode(*args, **kwargs)
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    try:
+        for name, (owner, attr) in PHASES.items():
+            setattr(owners[owner], attr, timed(name, originals[name]))
+        model.draft.model.decode = counted_decode
+        with torch.profiler.profile(activities=activities) as prof:
+            r = model.generate([prompt], max_new_tokens=max_new, ignore_eos=True, return_result=True, **sampling)
+    finally:
+        for name, (owner, attr) in PHASES.items():
+            setattr(owners[owner], attr, originals[name])
+        model.draft.model.decode = decode
+    passes = max(r.decode_steps, 1)
+    events = {e.key: e for e in prof.key_averages()}
+    out = dict(passes=r.decode_steps, draft_steps_a_pass=steps[0] / passes, ms_a_pass_total=1e3 * r.decode_seconds / passes,
+               host_ms_a_pass={name: events[f"pass.{name}"].cpu_time_total / 1e3 / passes
+                               for name in PHASES if f"pass.{name}" in events})
+    if model.device.type == "cuda":
+        kernels = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                         key=lambda e: -e.self_device_time_total)
+        out["kernels_ms_a_pass"] = sum(e.self_device_time_total for e in kernels) / 1e3 / passes
+        out["kernels"] = [dict(name=e.key[:70], count_a_pass=e.count / passes,
+                               us_a_pass=e.self_device_time_total / passes) for e in kernels[:25]]
+    return out
 
 
 def split_of_a_pass(prices, before: tuple) -> dict:
@@ -355,7 +411,8 @@ def run(args) -> int:
                        draft_tokens=draft_tokens)
         for draft in args.drafts:
             opts = {k: v for k, v in options.items() if not (draft == "none" and k == "draft_tokens")}
-            drafts.append(run_draft(model_path, draft, prompts, opts, args.max_new_tokens, args.temperature))
+            drafts.append(run_draft(model_path, draft, prompts, opts, args.max_new_tokens, args.temperature,
+                                    args.profile))
         reference = drafts[0]["tokens"]
         mode = f"sampled at temperature {args.temperature:g}" if args.temperature else "greedy"
         print(f"\n{mode} generation, batch 1, {len(prompts)} prompts x {args.max_new_tokens} tokens")
@@ -386,6 +443,15 @@ def run(args) -> int:
                 s = d["draft_step"]
                 print(f"  a step of the draft {d['draft']}: its kernels {s['kernels_ms']:.3f} ms, wall "
                       f"{s['wall_ms']:.3f} ms (one row, {len(prompts[0])} keys, {DRAFT_STEPS} steps)")
+            if d.get("profile"):
+                f = d["profile"]
+                phases = ", ".join(f"{k} {v:.2f}" for k, v in f["host_ms_a_pass"].items())
+                print(f"  profile of {d['draft']} (one prompt, {f['passes']} passes): {f['ms_a_pass_total']:.2f} ms a "
+                      f"pass under the profiler; the host's ms a pass in each phase: {phases}; "
+                      f"{f['draft_steps_a_pass']:.1f} draft steps a pass"
+                      + (f"; kernels {f['kernels_ms_a_pass']:.2f} ms a pass:" if "kernels" in f else ""))
+                for k in f.get("kernels", []):
+                    print(f"    {k['us_a_pass']:8.1f} us a pass  {k['count_a_pass']:6.1f} x  {k['name']}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(date=date, device=device, quick=quick, model=str(args.model or ""),
                                                    shape=args.shape, passes=passes, forecast=predicted,

@@ -61,7 +61,8 @@
 #                  paths stay on a warm machine between calls)
 #   spec_smollm2_greedy  the same, greedy only, four drafts (a short call: what the price of draft steps gives)
 #   spec_smollm2_stop    the int4 draft's chains against none, without and with OFFLOAD_STOP_UNSURE=1 (chains that
-#                  stop where the draft is unsure)
+#                  stop where the draft is unsure), each pass profiled: the host's time in each phase, the draft's
+#                  steps a pass, the kernels
 #   tests_spec     speculative decoding's tests on CUDA (they load on the GPU where there is one): every draft,
 #                  trees, sampled rows, verify chunks (float32: greedy output equals plain decoding's), and
 #                  verify passes in CUDA graphs (bitwise against eager; their pool within the plan)
@@ -219,7 +220,7 @@ run_stage() {
         [ -d /tmp/smollm2-int4 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 \
             --group-size 64 --out /tmp/smollm2-int4 --device cuda
         for stop in 0 1; do OFFLOAD_STOP_UNSURE=$stop python3 benchmarks/bench_speculative.py --model /tmp/smollm2 \
-            --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 \
+            --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 --profile \
             --json "$0/spec_smollm2_stop$stop.json"; done' "$OUT" ;;
     load70b) stage load70b bash -c 'set -e; trap "rm -rf /tmp/70b-int4 /tmp/.70b-int4.*.partial" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-70b --out /tmp/70b-int4 --gpu-memory 24GiB \

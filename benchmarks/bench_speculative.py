@@ -266,21 +266,33 @@ def profile_passes(model, prompt: list[int], max_new: int, sampling: dict) -> di
         steps[0] += 1
         return decode(*args, **kwargs)
 
+    shapes, draft_shape = [], speculation.Speculator.draft_shape
+
+    def recorded_shape(self, *args, **kwargs):
+        shape = draft_shape(self, *args, **kwargs)
+        shapes.append((*shape, self.stop_below))
+        return shape
+
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
     try:
         for name, (owner, attr) in PHASES.items():
             setattr(owners[owner], attr, timed(name, originals[name]))
         model.draft.model.decode = counted_decode
+        speculation.Speculator.draft_shape = recorded_shape
         with torch.profiler.profile(activities=activities) as prof:
             r = model.generate([prompt], max_new_tokens=max_new, ignore_eos=True, return_result=True, **sampling)
     finally:
         for name, (owner, attr) in PHASES.items():
             setattr(owners[owner], attr, originals[name])
         model.draft.model.decode = decode
+        speculation.Speculator.draft_shape = draft_shape
     passes = max(r.decode_steps, 1)
     events = {e.key: e for e in prof.key_averages()}
+    depths = sorted({k for k, _, _ in shapes})
     out = dict(passes=r.decode_steps, draft_steps_a_pass=steps[0] / passes, ms_a_pass_total=1e3 * r.decode_seconds / passes,
+               depths={k: sum(1 for d, _, _ in shapes if d == k) for k in depths},
+               stop_below=sum(s for _, _, s in shapes) / max(len(shapes), 1),
                host_ms_a_pass={name: events[f"pass.{name}"].cpu_time_total / 1e3 / passes
                                for name in PHASES if f"pass.{name}" in events})
     if model.device.type == "cuda":
@@ -448,7 +460,8 @@ def run(args) -> int:
                 phases = ", ".join(f"{k} {v:.2f}" for k, v in f["host_ms_a_pass"].items())
                 print(f"  profile of {d['draft']} (one prompt, {f['passes']} passes): {f['ms_a_pass_total']:.2f} ms a "
                       f"pass under the profiler; the host's ms a pass in each phase: {phases}; "
-                      f"{f['draft_steps_a_pass']:.1f} draft steps a pass"
+                      f"{f['draft_steps_a_pass']:.1f} draft steps a pass; depths chosen {f['depths']} (mean stop_below "
+                      f"{f['stop_below']:.2f})"
                       + (f"; kernels {f['kernels_ms_a_pass']:.2f} ms a pass:" if "kernels" in f else ""))
                 for k in f.get("kernels", []):
                     print(f"    {k['us_a_pass']:8.1f} us a pass  {k['count_a_pass']:6.1f} x  {k['name']}")

@@ -159,19 +159,25 @@ def main() -> int:
                         t[0], t[1] = t[0] + floor, t[1] + us_words
                     dot = (FORMATS[fmt] is not None and args.dot and m <= quant_kernels.DOT_ROWS
                            and quant_kernels.dot_takes(ws[0], x.dtype))
-                    if dot:  # checked on all m rows, by PTX and by Triton's operations
+                    if dot:  # checked on all m rows, by PTX and by Triton's operations: a wrong one is not timed
                         want_m = dequantized(x, ws[0]).float()
-                        chosen = quant_kernels.dot_blocking(ws[0], m)
-                        for b in (chosen, chosen._replace(asm=False)):
+                        right = []
+                        for b in (quant_kernels.dot_blocking(ws[0], m), quant_kernels.dot_blocking(ws[0], m)._replace(asm=False)):
                             got = product(fmt, x, ws[0], b).float()
-                            assert (got - want_m).abs().max() <= 2e-2 * want_m.abs().max(), f"dot {b} disagrees"
+                            if (got - want_m).abs().max() <= 2e-2 * want_m.abs().max():
+                                right.append(b)
+                            else:
+                                line.append(f"dot{'' if b.asm else ' (ops)'} DISAGREES")
+                        if not right:
+                            continue
+                        chosen = right[0]
                         us_dot = time_us(lambda w: product(fmt, x, w, chosen), ws)
-                        line.append(f"dot {us_dot:7.1f} ({floor / us_dot:4.2f})")
+                        line.append(f"dot{'' if chosen.asm else ' (ops)'} {us_dot:7.1f} ({floor / us_dot:4.2f})")
                         t = totals.setdefault((fmt + " dot", m), [0.0, 0.0])
                         t[0], t[1] = t[0] + floor, t[1] + us_dot
                         if args.dot_sweep and fmt in SWEPT and what in SWEPT_PRODUCTS:
                             times = {b: time_us(lambda w, b=b: product(fmt, x, w, b), ws[:4])
-                                     for b in dot_blockings(m, ws[0])}
+                                     for b in dot_blockings(m, ws[0]) if b.asm == chosen.asm or not b.asm}
                             best = sorted(times, key=times.get)[:3]
                             line.append("dot best " + " ".join(
                                 f"(n{b.block_n} k{b.block_k} s{b.splits} st{b.stages}{'' if b.asm else ' ops'})"

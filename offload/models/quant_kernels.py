@@ -84,6 +84,7 @@ WORD_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_WORD_GEMV", ""))
 DOT_ROWS = 16
 DOT_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_DOT_GEMV", ""))
 DOT_PROGRAMS = 528  # the tensor-core product's programs to aim for: about four per SM of an H100 or H200
+DOT_PTX = os.environ.get("OFFLOAD_DOT_PTX", "1") != "0"  # its fields made by inline PTX (=0: by Triton's operations)
 # Its 16-bit numbers ``OFFSET + v`` for a 4-bit field ``v``: the field OR-ed into the mantissa of OFFSET, whose
 # last place is 1 (bfloat16: 128, 0x4300; float16: 1024, 0x6400). Exact, and no conversion instruction.
 DOT_OFFSET = {torch.bfloat16: (128.0, 0x4300), torch.float16: (1024.0, 0x6400)}
@@ -265,7 +266,7 @@ def dot_blocking(w: QuantizedWeight, m: int = 1, block_n: int | None = None, pro
     steps = k // block_k
     splits = max(1, min(-(-programs // -(-n // block_n)), steps // stages))
     splits = -(-steps // -(-steps // splits))  # no empty stretch
-    return DotBlocking(block_n, block_k, splits, 4, stages, os.environ.get("TRITON_INTERPRET") != "1")
+    return DotBlocking(block_n, block_k, splits, 4, stages, DOT_PTX and os.environ.get("TRITON_INTERPRET") != "1")
 
 
 def _dot_linear(rows: torch.Tensor, w: QuantizedWeight, bias, residual, blocking: DotBlocking) -> torch.Tensor:

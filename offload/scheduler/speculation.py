@@ -39,6 +39,7 @@ Passes are not pipelined: the next pass's drafts need this pass's tokens.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -211,6 +212,7 @@ class Speculator:
         verify_seconds, step = self._priced(rows)
         scale = self.prices.verify.scale
 
+        @functools.cache  # the shapes share widths (k m + 1): the plans price each once a pass
         def measured_verify_seconds(width: int) -> float:
             return scale * verify_seconds(width)
 

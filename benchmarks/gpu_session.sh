@@ -22,7 +22,8 @@
 #   dotgemv        the tensor-core product of up to 16 rows (quant_kernels._dot_gemv_kernel): its tests on the GPU, then
 #                  llama-2-7b's products of 1 and 16 rows against the defaults, and its blockings (the best three)
 #   quant7b_dot    llama-2-7b resident decode in int8 and int4 with the tensor-core product (OFFLOAD_DOT_GEMV=1)
-#                  against without, bf16 beside them, batch 1 and 16
+#                  against without, bf16 beside them, batch 1 and 16; then SmolLM2-135M's shape in int4 (a draft's
+#                  steps: 1 and 4 rows) with and without
 #   quant7b_last   bf16, int8 and int4: split work put together by the last program of each tile (OFFLOAD_LAST_SUMS=1:
 #                  one kernel a compressed product and an attention, not two) against the second kernels, after
 #                  the tests that race them
@@ -151,7 +152,9 @@ run_stage() {
       stage quant7b_dot bash -c 'echo "OFFLOAD_DOT_PTX=${OFFLOAD_DOT_PTX:-1}"; for b in 1 16; do for run in "1 int4" "0 int4" "0 bf16" "1 int8" "0 int8"; do
       set -- $run; q=$([ $2 = bf16 ] || echo "--quantize $2"); echo "OFFLOAD_DOT_GEMV=$1 $2 batch $b"
       OFFLOAD_DOT_GEMV=$1 python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
-      --batch $b $q; done; done' ;;
+      --batch $b $q; done; done; for b in 1 4; do for dot in 1 0; do echo "OFFLOAD_DOT_GEMV=$dot smollm2 int4 batch $b"
+      OFFLOAD_DOT_GEMV=$dot python3 benchmarks/profile_decode.py --shape smollm2-135m --prompts 128 --new-tokens 32 \
+      --batch $b --quantize int4; done; done' ;;
     profile7b) stage profile7b python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 32,128 --compile \
       --kernels ;;
     profile13b) stage profile13b python3 benchmarks/profile_decode.py --shape llama-2-13b --prompts 32,128 --compile ;;

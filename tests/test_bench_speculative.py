@@ -50,6 +50,24 @@ def test_quick_samples_with_a_temperature(structured, tmp_path):
 
 
 @pytest.mark.slow
+def test_profile_reports_each_phase_of_a_pass_and_the_draft_steps(structured, tmp_path):
+    """``--profile``: the host's time in each phase of a pass, the draft's steps a pass (a catch-up and the chain's
+    steps: at least one where the pass drafted), the depths the speculator chose; the phases are put back after."""
+    out = tmp_path / "bench.json"
+    proc = run_bench("--quick", "--drafts", "none,int4", "--widths", "1", "--profile", "--json", str(out),
+                     cache=structured.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    none, draft = json.loads(out.read_text())["drafts"]
+    assert "profile" not in none
+    profile = draft["profile"]
+    assert set(profile["host_ms_a_pass"]) == {"propose", "verify", "accept", "update"}
+    assert all(ms > 0 for ms in profile["host_ms_a_pass"].values())
+    assert profile["passes"] > 0 and profile["draft_steps_a_pass"] >= 1
+    assert sum(profile["depths"].values()) >= profile["passes"] and all(int(k) >= 0 for k in profile["depths"])
+    assert "profile of int4" in proc.stdout
+
+
+@pytest.mark.slow
 def test_every_layer_streams_in_every_run_with_gpu_memory_stream(structured, structured_draft, tmp_path):
     out = tmp_path / "bench.json"
     proc = run_bench("--quick", "--gpu-memory", "stream", "--cpu-memory", "1GiB", "--drafts",

@@ -104,6 +104,7 @@ def dot_blockings(m, w):
     """The tensor-core product's blockings to sweep for ``m`` rows of ``w``."""
     out = [quant_kernels.dot_blocking(w, m, block_n, programs, stages)
            for block_n, programs, stages in itertools.product([64, 128], [264, 528, 1056], [3, 4])]
+    out += [quant_kernels.dot_blocking(w, m, 128, programs, 3)._replace(warps=8) for programs in (264, 528)]
     return list(dict.fromkeys(out)) + [quant_kernels.dot_blocking(w, m)._replace(asm=False)]
 
 
@@ -180,7 +181,7 @@ def main() -> int:
                                      for b in dot_blockings(m, ws[0]) if b.asm == chosen.asm or not b.asm}
                             best = sorted(times, key=times.get)[:3]
                             line.append("dot best " + " ".join(
-                                f"(n{b.block_n} k{b.block_k} s{b.splits} st{b.stages}{'' if b.asm else ' ops'})"
+                                f"(n{b.block_n} k{b.block_k} s{b.splits} st{b.stages} w{b.warps}{'' if b.asm else ' ops'})"
                                 f":{times[b]:.1f}" for b in best))
                     del ws
                     torch.cuda.empty_cache()

@@ -462,7 +462,7 @@ def test_the_tensor_core_product_is_chosen_only_where_switched_on(monkeypatch):
         assert quant_kernels.dot_chooses(w, m, dtype) == (m <= quant_kernels.DOT_ROWS)
         if m <= 16:
             assert chosen.equal(by_dot)
-        monkeypatch.setattr(quant_kernels, "DOT_GEMV", None)
+        monkeypatch.setattr(quant_kernels, "DOT_GEMV", False)
         assert not quant_kernels.dot_chooses(w, m, dtype)
         assert_close_to_exact(quant_kernels.linear(x, w), x, w, None)
     monkeypatch.setattr(quant_kernels, "DOT_GEMV", True)
@@ -470,6 +470,25 @@ def test_the_tensor_core_product_is_chosen_only_where_switched_on(monkeypatch):
     gated = quant_kernels.linear(gate_up, w, gate="silu")  # the GEMV gates its input: not the tensor cores
     monkeypatch.setattr(quant_kernels, "DOT_GEMV", False)
     assert gated.equal(quant_kernels.linear(gate_up, w, gate="silu"))
+
+
+def test_by_default_the_tensor_core_product_takes_a_few_rows_of_large_int4_weights(monkeypatch):
+    """What was timed faster (``dot_chooses``): int4 in groups of 128 or more, 3 to 16 rows of bfloat16, weights of at
+    least ``DOT_WEIGHTS``; one or two rows stay with the GEMVs, int8 and small weights with the other kernels."""
+    monkeypatch.setattr(quant_kernels, "DOT_GEMV", None)
+
+    def weight(fmt, group, rows, cols):
+        data = torch.zeros(rows, cols // 2 if fmt == "int4" else cols, dtype=torch.uint8 if fmt == "int4" else torch.int8)
+        groups = cols // (group or cols)
+        return QuantizedWeight(data, torch.zeros(rows, groups), torch.zeros(rows, groups) if fmt == "int4" else None,
+                               QuantScheme(fmt, group, 1 << 20, FUSED))
+
+    big, bf16 = weight("int4", 128, 4096, 4096), torch.bfloat16
+    assert [quant_kernels.dot_chooses(big, m, bf16) for m in (1, 2, 3, 16, 17)] == [False, False, True, True, False]
+    assert not quant_kernels.dot_chooses(big, 16, torch.float16)
+    assert not quant_kernels.dot_chooses(weight("int4", 64, 4096, 4096), 16, bf16)
+    assert not quant_kernels.dot_chooses(weight("int8", None, 4096, 4096), 16, bf16)
+    assert not quant_kernels.dot_chooses(weight("int4", 128, 1536, 576 * 2), 16, bf16)  # a 135M model's
 
 
 def test_which_weights_the_tensor_core_product_takes():

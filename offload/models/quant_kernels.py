@@ -79,9 +79,10 @@ MAGIC = 0x4B000000  # the bits of the float 2^23
 # product 0.63x. So by default (None) int4's GEMV reads words and nothing else does; the environment's
 # OFFLOAD_WORD_GEMV=1 turns every word kernel on, =0 every one off (read once, at import).
 WORD_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_WORD_GEMV", ""))
-# The tensor-core product of up to DOT_ROWS rows (``_dot_gemv_kernel``): on with OFFLOAD_DOT_GEMV=1, off with =0;
-# by default (None) off until timed against the GEMVs on a GPU (read once, at import).
+# The tensor-core product of up to DOT_ROWS rows (``_dot_gemv_kernel``): for every product it takes with
+# OFFLOAD_DOT_GEMV=1, for none with =0; by default (None) where it was timed faster (``dot_chooses``).
 DOT_ROWS = 16
+DOT_WEIGHTS = 1 << 23  # the least weights a product needs for the tensor-core kernel by default
 DOT_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_DOT_GEMV", ""))
 DOT_PROGRAMS = 528  # the tensor-core product's programs to aim for: about four per SM of an H100 or H200
 DOT_PTX = os.environ.get("OFFLOAD_DOT_PTX", "1") != "0"  # its fields made by inline PTX (=0: by Triton's operations)
@@ -245,8 +246,16 @@ def dot_takes(w: QuantizedWeight, dtype: torch.dtype) -> bool:
 
 
 def dot_chooses(w: QuantizedWeight, m: int, dtype: torch.dtype) -> bool:
-    """Whether a product of ``m`` rows goes to the tensor-core kernel by default (``DOT_GEMV``)."""
-    return bool(DOT_GEMV) and m <= DOT_ROWS and dot_takes(w, dtype)
+    """Whether a product of ``m`` rows goes to the tensor-core kernel: with ``DOT_GEMV`` on, every one it takes; by
+    default, int4 in groups of 128 or more, 3 to 16 rows (the GEMVs keep one or two), weights of at least
+    ``DOT_WEIGHTS``. Timed on an H100 (2026-12-06, ``bench_quant_kernels.py --dot``): llama-2-7b's four products in
+    int4 (groups of 128) took 93 us at 16 rows against the tiled product's 120, but 80 against the word GEMV's 73
+    at one row; int8's 135 against 112 at 16 rows; groups of 32, 249 against 197; SmolLM2-135M's shape decoded
+    4 rows 5% slower. bfloat16 only by default: that is what ran on a GPU (float16 on the interpreter)."""
+    if DOT_GEMV is not None:
+        return DOT_GEMV and m <= DOT_ROWS and dot_takes(w, dtype)
+    return (GEMV_ROWS < m <= DOT_ROWS and w.scheme.format == INT4 and (w.scheme.group_size or 0) >= 128
+            and w.rows * w.cols >= DOT_WEIGHTS and dtype == torch.bfloat16 and dot_takes(w, dtype))
 
 
 def dot_blocking(w: QuantizedWeight, m: int = 1, block_n: int | None = None, programs: int = DOT_PROGRAMS,
@@ -621,25 +630,30 @@ if triton is not None:
         if ASM:
             if FP16:
                 if SIGNED:
-                    return _asm_nibbles(b, _NIBBLES_PTX_F16_SIGNED, FP16)
-                return _asm_nibbles(b, _NIBBLES_PTX_F16, FP16)
+                    low, high = _asm_nibbles_f16(b, _NIBBLES_PTX_F16_SIGNED)
+                else:
+                    low, high = _asm_nibbles_f16(b, _NIBBLES_PTX_F16)
+            else:
+                if SIGNED:
+                    low, high = _asm_nibbles_bf16(b, _NIBBLES_PTX_BF16_SIGNED)
+                else:
+                    low, high = _asm_nibbles_bf16(b, _NIBBLES_PTX_BF16)
+        else:
+            u = b.to(tl.int16) & 0xFF
             if SIGNED:
-                return _asm_nibbles(b, _NIBBLES_PTX_BF16_SIGNED, FP16)
-            return _asm_nibbles(b, _NIBBLES_PTX_BF16, FP16)
-        u = b.to(tl.int16) & 0xFF
-        if SIGNED:
-            u = u ^ 0x80
-        low, high = (u & 15) | MAGIC, (u >> 4) | MAGIC
-        if FP16:
-            return low.to(tl.float16, bitcast=True), high.to(tl.float16, bitcast=True)
-        return low.to(tl.bfloat16, bitcast=True), high.to(tl.bfloat16, bitcast=True)
+                u = u ^ 0x80
+            low = ((u & 15) | MAGIC).to(tl.float16 if FP16 else tl.bfloat16, bitcast=True)
+            high = ((u >> 4) | MAGIC).to(tl.float16 if FP16 else tl.bfloat16, bitcast=True)
+        return low, high
 
     @triton.jit
-    def _asm_nibbles(b, asm: tl.constexpr, FP16: tl.constexpr):
-        if FP16:
-            return tl.inline_asm_elementwise(asm=asm, constraints="=r,=r,r", args=[b],
-                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    def _asm_nibbles_bf16(b, asm: tl.constexpr):
         return tl.inline_asm_elementwise(asm=asm, constraints="=r,=r,r", args=[b], dtype=(tl.bfloat16, tl.bfloat16),
+                                         is_pure=True, pack=2)
+
+    @triton.jit
+    def _asm_nibbles_f16(b, asm: tl.constexpr):
+        return tl.inline_asm_elementwise(asm=asm, constraints="=r,=r,r", args=[b], dtype=(tl.float16, tl.float16),
                                          is_pure=True, pack=2)
 
     @triton.jit

@@ -503,8 +503,8 @@ def test_which_weights_the_tensor_core_product_takes():
     assert not quant_kernels.dot_takes(weight("int4", 16, 256), bf16)  # a half-group under a product's 16 columns
     assert not quant_kernels.dot_takes(weight("int4", 64, 256), torch.float32)
     assert quant_kernels.dot_takes(weight("int8", None, 48), bf16) and not quant_kernels.dot_takes(weight("int8", None, 40), bf16)
-    assert quant_kernels.dot_blocking(weight("int4", 128, 4096, 12288), 1)[:2] == (128, 128)
-    assert quant_kernels.dot_blocking(weight("int4", 256, 4096, 4096), 1)[:2] == (64, 256)
+    assert quant_kernels.dot_blocking(weight("int4", 128, 4096, 12288), 1)[:3] == (64, 128, 3)  # 192 tiles x 3
+    assert quant_kernels.dot_blocking(weight("int4", 256, 4096, 4096), 1)[:3] == (64, 256, 4)  # 16 steps, 4 each
     assert quant_kernels.dot_blocking(weight("int8", None, 48), 1)[:2] == (64, 16)
     with pytest.raises(ValueError, match="up to 16 rows"):
         w = packed("int4", 64, 64, 256, DTYPES[0], seed=25)

@@ -249,9 +249,9 @@ def dot_chooses(w: QuantizedWeight, m: int, dtype: torch.dtype) -> bool:
     """Whether a product of ``m`` rows goes to the tensor-core kernel: with ``DOT_GEMV`` on, every one it takes; by
     default, int4 in groups of 128 or more, 3 to 16 rows (the GEMVs keep one or two), weights of at least
     ``DOT_WEIGHTS``. Timed on an H100 (2026-12-06, ``bench_quant_kernels.py --dot``): llama-2-7b's four products in
-    int4 (groups of 128) took 93 us at 16 rows against the tiled product's 120, but 80 against the word GEMV's 73
-    at one row; int8's 135 against 112 at 16 rows; groups of 32, 249 against 197; SmolLM2-135M's shape decoded
-    4 rows 5% slower. bfloat16 only by default: that is what ran on a GPU (float16 on the interpreter)."""
+    int4 (groups of 128) took 78 us at 16 rows against the tiled product's 120 (its decode at batch 16: 3.82
+    against 4.91 ms a step), but 80 against the word GEMV's 73 at one row; int8's 112 against 112 at 16 rows;
+    groups of 32, 196 against 195; SmolLM2-135M's shape decoded 4 rows 5% slower. bfloat16 only by default: that is what ran on a GPU (float16 on the interpreter)."""
     if DOT_GEMV is not None:
         return DOT_GEMV and m <= DOT_ROWS and dot_takes(w, dtype)
     return (GEMV_ROWS < m <= DOT_ROWS and w.scheme.format == INT4 and (w.scheme.group_size or 0) >= 128

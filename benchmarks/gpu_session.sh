@@ -87,18 +87,16 @@
 # tests_spec; tenth (H100, then H200) tests_experts, spec_smollm2_greedy (best-first trees: 0.99x, left off),
 # load70b (0.85 of the files' speed), the fused MLP end's tests and a profile of a small model's step; eleventh
 # (H200, 2026-12-06) the tests of a layer in fewer kernels (the kernel files cut at 180 s), their probe,
-# spec_smollm2_greedy (1.19x: drafting 5.7 ms a pass, verifying 4.9), quant7b.
+# spec_smollm2_greedy (1.19x: drafting 5.7 ms a pass, verifying 4.9), quant7b; twelfth (H100, 2026-12-06) dotgemv
+# (then 64 features a program, at 16 rows), quant7b_dot, spec_smollm2_stop and fixed chain lengths (1.23x at best).
 #   1. tests_kernels:240                                       the whole kernel files (cut at 180 s twice now)
-#   2. spec_smollm2_stop:150 (carry the model's halves)       chains that stop where the draft is unsure
-#                                                              (OFFLOAD_STOP_UNSURE=1) against plain chains (#22)
-#   3. a profile of the draft's verify pass of 4 tokens (2.1 ms of wall time against a decode step's 0.69: where
-#      best-first trees lose) with benchmarks/profile_decode.py's kernel table
+#   2. spec70b:300                                             70b verify passes: the issue's real shapes (#22)
+#   3. dotgemv:260 on an H200                                  the tensor-core product where HBM is faster (#20)
 #   4. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
 #   5. moe30b_acc:300                                          against accelerate with copies through the kernels
-#   6. spec70b:300                                             70b verify passes (#22)
-#   7. int4_405b:500                                           the moonshot (#20)
-# When machines are scarce (each failed start costs 90-180 s of the 30 minutes), make the first call short and
-# whole: tests_kernels:240 then spec_smollm2_stop:150 (carrying the model's halves) fit beside a start.
+#   6. int4_405b:500                                           the moonshot (#20)
+# When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
+# started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail

@@ -89,8 +89,8 @@ def sweep_blockings(m, w):
         if quant_kernels.words_take(w):  # the word GEMV: stretches as the default's, here twice as many
             for n, k, warps in itertools.product([32, 64, 128], [128, 256, 512], [4, 8]):
                 if (per_channel or k >= group) and n * k <= 65536:
-                    splits = quant_kernels.gemv_blocking(w, words=True)[2]
-                    out += [(n, k, splits, warps, True), (n, k, 2 * splits, warps, True)]
+                    splits = quant_kernels.gemv_blocking(w, words=True)[2]  # and a quarter: longer pipelines
+                    out += [(n, k, s, warps, True) for s in dict.fromkeys((splits, 2 * splits, max(1, splits // 4)))]
         return out
     block_k = 64 if per_channel else group
     if m <= 16:  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, warps, stages, words)

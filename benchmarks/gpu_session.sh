@@ -21,6 +21,9 @@
 #   quant7b_words  int8 and int4 with every word kernel (OFFLOAD_WORD_GEMV=1; the default: int4's GEMV only)
 #   dotgemv        the tensor-core product of up to 16 rows (quant_kernels._dot_gemv_kernel): its tests on the GPU, then
 #                  llama-2-7b's products of 1 and 16 rows against the defaults, and its blockings (the best three)
+#   gemv_stages    one-row products with the GEMVs' loop pipelined (OFFLOAD_GEMV_STAGES=3: the next tiles copied
+#                  into shared memory while one is computed) against not, and their blockings (fewer stretches:
+#                  longer pipelines); then llama-2-7b resident in int4 and int8 at batch 1, both ways
 #   quant7b_dot    llama-2-7b resident decode in int8 and int4 with the tensor-core product (OFFLOAD_DOT_GEMV=1)
 #                  against without, bf16 beside them, batch 1 and 16; then SmolLM2-135M's shape in int4 (a draft's
 #                  steps: 1 and 4 rows) with and without
@@ -89,12 +92,13 @@
 # (H200, 2026-12-06) the tests of a layer in fewer kernels (the kernel files cut at 180 s), their probe,
 # spec_smollm2_greedy (1.19x: drafting 5.7 ms a pass, verifying 4.9), quant7b; twelfth (H100, 2026-12-06) dotgemv
 # (then 64 features a program, at 16 rows), quant7b_dot, spec_smollm2_stop and fixed chain lengths (1.23x at best).
-#   1. tests_kernels:240                                       the whole kernel files (cut at 180 s twice now)
-#   2. spec70b:300                                             70b verify passes: the issue's real shapes (#22)
-#   3. dotgemv:260 on an H200                                  the tensor-core product where HBM is faster (#20)
-#   4. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
-#   5. moe30b_acc:300                                          against accelerate with copies through the kernels
-#   6. int4_405b:500                                           the moonshot (#20)
+#   1. gemv_stages:300                                         pipelined GEMVs: int4 and int8 at one row (#20)
+#   2. tests_kernels:240                                       the whole kernel files (cut at 180 s twice now)
+#   3. spec70b:300                                             70b verify passes: the issue's real shapes (#22)
+#   4. dotgemv:260 on an H200                                  the tensor-core product where HBM is faster (#20)
+#   5. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
+#   6. moe30b_acc:300                                          against accelerate with copies through the kernels
+#   7. int4_405b:500                                           the moonshot (#20)
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
@@ -146,6 +150,11 @@ run_stage() {
       --batch $b $q; done; done; done' ;;
     dotgemv) stage dotgemv_tests python3 -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -k tensor_core
       stage dotgemv python3 benchmarks/bench_quant_kernels.py --rows 1,16 --dot --dot-sweep ;;
+    gemv_stages) stage gemv_stages bash -c 'for stages in 1 3; do echo "OFFLOAD_GEMV_STAGES=$stages"
+      OFFLOAD_GEMV_STAGES=$stages python3 benchmarks/bench_quant_kernels.py --rows 1 --words --sweep; done
+      for q in int4 int8; do for stages in 1 3; do echo "OFFLOAD_GEMV_STAGES=$stages $q batch 1"
+      OFFLOAD_GEMV_STAGES=$stages python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
+      --batch 1 --quantize $q; done; done' ;;
     quant7b_dot) grep -q "failed" "$OUT/dotgemv_tests.log" 2>/dev/null && export OFFLOAD_DOT_PTX=0  # PTX fields wrong
       stage quant7b_dot bash -c 'echo "OFFLOAD_DOT_PTX=${OFFLOAD_DOT_PTX:-1}"; for b in 1 16; do for run in "1 int4" "0 int4" "0 bf16" "1 int8" "0 int8"; do
       set -- $run; q=$([ $2 = bf16 ] || echo "--quantize $2"); echo "OFFLOAD_DOT_GEMV=$1 $2 batch $b"

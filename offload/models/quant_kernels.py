@@ -29,6 +29,11 @@ compressed bytes of HBM traffic, resident or streamed.
   ``quant.dequantize`` rounds) and multiplied on the tensor cores; int4's low and high
   nibbles (a group's first and second halves) are two products against the two halves of
   the group's columns of ``x``, each a contiguous load.
+* **3 to 16 rows on the tensor cores** (by default int4 in groups of 128 or more on large
+  weights, ``dot_chooses``): ``_dot_gemv_kernel``. The weights are the left operand (64
+  features a program fill the MMA's rows; ``x``'s few rows are its columns), each pair of
+  bytes made four exact 16-bit numbers ``OFFSET + v`` by inline PTX, a group's sums scaled
+  in float32 after its products; its loads are pipelined by Triton.
 
 Every blocking is fixed by the shapes alone (no timing), so two models compute the same
 bits. Which projections use them is decided when the model is laid out

@@ -213,3 +213,19 @@ def test_no_link_bound_warning_where_the_small_kernels_take_longer_than_the_link
     assert not any("bound by" in w for w in p.warnings)
     slow = make_plan(need, Budget(need.fixed_bytes + 4 * 2**20, 100 * GB, {}), dict(rates, host=GB), "cuda:0")
     assert slow.bottleneck == "host" and any("bound by the host link" in w for w in slow.warnings)
+
+
+def test_a_products_measured_rate_is_cached_apart_for_each_setting_of_the_kernel_switches(monkeypatch):
+    """Timing a kernel against another (``OFFLOAD_DOT_GEMV=1`` and so on) must not leave the default's plan priced
+    by the other's rate: the products' keys carry the switches set; the links' do not."""
+    from offload.memory import bandwidth
+
+    names = ["host", "gemv-int4", "rows16-int4", "kernels"]
+    for switch in bandwidth.KERNEL_SWITCHES:
+        monkeypatch.delenv(switch, raising=False)
+    plain = bandwidth.cache_keys("GPU", "cuda:0", names, 1)
+    monkeypatch.setenv("OFFLOAD_DOT_GEMV", "1")
+    switched = bandwidth.cache_keys("GPU", "cuda:0", names, 1)
+    assert switched["host"] == plain["host"]
+    assert all(switched[n] != plain[n] and switched[n].endswith("/OFFLOAD_DOT_GEMV=1") for n in names[1:])
+    assert all(f"/v{bandwidth.CACHE_VERSION}" in key for key in plain.values())

@@ -33,12 +33,26 @@ from ..options import cache_dir
 from .host import PinnedMemory
 
 PROBE_BYTES = 256 * 2**20
-CACHE_VERSION = 3  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second;
-# 3: the products of 16 rows too
+CACHE_VERSION = 4  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second;
+# 3: the products of 16 rows too; 4: int4's products of 16 rows on the tensor cores
+# The environment's switches of the kernels a product runs (read at import by ``models.quant_kernels`` and
+# ``models.kernels``): a product's rate is cached apart for each setting of them, so that timing a kernel against
+# another never leaves a plan priced by the wrong one.
+KERNEL_SWITCHES = ("OFFLOAD_WORD_GEMV", "OFFLOAD_DOT_GEMV", "OFFLOAD_DOT_PTX", "OFFLOAD_GEMV_STAGES",
+                   "OFFLOAD_LAST_SUMS")
 
 
 def cache_path() -> Path:
     return cache_dir() / "links.json"
+
+
+def cache_keys(gpu: str, device, names: list[str], ranks: int) -> dict[str, str]:
+    """Each measured rate's key in the cache: the GPU's name, the device, the rate, the ranks and
+    ``CACHE_VERSION``; a product's rate also the ``KERNEL_SWITCHES`` set in the environment."""
+    switches = "".join(f"/{k}={os.environ[k]}" for k in KERNEL_SWITCHES if k in os.environ)
+    products = (*GEMV_FORMATS, *ROWS16_FORMATS, "kernels")
+    return {name: f"{gpu}/{device}<-{name}/ranks={ranks}/v{CACHE_VERSION}" + (switches if name in products else "")
+            for name in names}
 
 
 def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_probe_bytes: int) -> dict[str, float]:
@@ -51,7 +65,7 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
         bandwidth, matmul = _cpu_rates()
         return {**{name: bandwidth for name in names}, "matmul": matmul}
     gpu = torch.cuda.get_device_name(device).replace(" ", "_")
-    key = {name: f"{gpu}/{device}<-{name}/ranks={tp.size}/v{CACHE_VERSION}" for name in names}
+    key = cache_keys(gpu, device, names, tp.size)
     cached = _read_cache()
     found = {name: cached[key[name]] for name in names if key[name] in cached}
     if all(tp.gather_objects(len(found) == len(names))):

@@ -162,8 +162,8 @@ def main() -> int:
                            and quant_kernels.dot_takes(ws[0], x.dtype))
                     if dot:  # checked on all m rows, by PTX and by Triton's operations: a wrong one is not timed
                         want_m = dequantized(x, ws[0]).float()
-                        right = []
-                        for b in (quant_kernels.dot_blocking(ws[0], m), quant_kernels.dot_blocking(ws[0], m)._replace(asm=False)):
+                        right, ptx = [], quant_kernels.dot_blocking(ws[0], m)
+                        for b in (ptx, ptx._replace(asm=False)):
                             got = product(fmt, x, ws[0], b).float()
                             if (got - want_m).abs().max() <= 2e-2 * want_m.abs().max():
                                 right.append(b)
@@ -181,8 +181,8 @@ def main() -> int:
                                      for b in dot_blockings(m, ws[0]) if b.asm == chosen.asm or not b.asm}
                             best = sorted(times, key=times.get)[:3]
                             line.append("dot best " + " ".join(
-                                f"(n{b.block_n} k{b.block_k} s{b.splits} st{b.stages} w{b.warps}{'' if b.asm else ' ops'})"
-                                f":{times[b]:.1f}" for b in best))
+                                f"(n{b.block_n} k{b.block_k} s{b.splits} st{b.stages} w{b.warps}"
+                                f"{'' if b.asm else ' ops'}):{times[b]:.1f}" for b in best))
                     del ws
                     torch.cuda.empty_cache()
                 print("  ".join(line), flush=True)

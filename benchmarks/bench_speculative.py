@@ -292,7 +292,8 @@ def profile_passes(model, prompt: list[int], max_new: int, sampling: dict) -> di
     host = {name: sum(e.cpu_time_total for e in prof.events() if e.name == f"pass.{name}" and e.device_type == cpu)
             for name in PHASES}  # the ranges on the host (on a GPU the profiler also marks them on its timeline)
     depths = sorted({k for k, _, _ in shapes})
-    out = dict(passes=r.decode_steps, draft_steps_a_pass=steps[0] / passes, ms_a_pass_total=1e3 * r.decode_seconds / passes,
+    out = dict(passes=r.decode_steps, draft_steps_a_pass=steps[0] / passes,
+               ms_a_pass_total=1e3 * r.decode_seconds / passes,
                depths={k: sum(1 for d, _, _ in shapes if d == k) for k in depths},
                stop_below=sum(s for _, _, s in shapes) / max(len(shapes), 1),
                host_ms_a_pass={name: us / 1e3 / passes for name, us in host.items()})

@@ -33,6 +33,14 @@ def packed(fmt, group, rows, cols, dtype, seed, minimum=False, scale_dtype=None)
     return QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), scheme)
 
 
+def empty_weight(fmt, group, rows, cols):
+    """A compressed weight's parts, zeros, on the CPU: for the choices that read only its shape and scheme."""
+    data = torch.zeros(rows, cols // 2 if fmt == "int4" else cols, dtype=torch.uint8 if fmt == "int4" else torch.int8)
+    groups = cols // (group or cols)
+    minimum = torch.zeros(rows, groups) if fmt == "int4" else None
+    return QuantizedWeight(data, torch.zeros(rows, groups), minimum, QuantScheme(fmt, group, 1 << 20, FUSED))
+
+
 def assert_close_to_exact(got, x, w, bias):
     exact = x.double() @ dequantize(w, torch.float64).double().T
     exact = exact if bias is None else exact + bias.double()
@@ -513,13 +521,7 @@ def test_by_default_the_tensor_core_product_takes_a_few_rows_of_large_int4_weigh
     """What was timed faster (``dot_chooses``): int4 in groups of 128 or more, 3 to 16 rows of bfloat16, weights of at
     least ``DOT_WEIGHTS``; one or two rows stay with the GEMVs, int8 and small weights with the other kernels."""
     monkeypatch.setattr(quant_kernels, "DOT_GEMV", None)
-
-    def weight(fmt, group, rows, cols):
-        data = torch.zeros(rows, cols // 2 if fmt == "int4" else cols, dtype=torch.uint8 if fmt == "int4" else torch.int8)
-        groups = cols // (group or cols)
-        return QuantizedWeight(data, torch.zeros(rows, groups), torch.zeros(rows, groups) if fmt == "int4" else None,
-                               QuantScheme(fmt, group, 1 << 20, FUSED))
-
+    weight = empty_weight
     big, bf16 = weight("int4", 128, 4096, 4096), torch.bfloat16
     assert [quant_kernels.dot_chooses(big, m, bf16) for m in (1, 2, 3, 16, 17)] == [False, False, True, True, False]
     assert not quant_kernels.dot_chooses(big, 16, torch.float16)
@@ -529,20 +531,16 @@ def test_by_default_the_tensor_core_product_takes_a_few_rows_of_large_int4_weigh
 
 
 def test_which_weights_the_tensor_core_product_takes():
-    def weight(fmt, group, cols, rows=64):
-        data = torch.zeros(rows, cols // 2 if fmt == "int4" else cols, dtype=torch.uint8 if fmt == "int4" else torch.int8)
-        groups = cols // (group or cols)
-        return QuantizedWeight(data, torch.zeros(rows, groups if group else 1), torch.zeros(rows, groups) if fmt == "int4"
-                               else None, QuantScheme(fmt, group, 1 << 20, FUSED))
+    def takes(fmt, group, cols, dtype=torch.bfloat16):
+        return quant_kernels.dot_takes(empty_weight(fmt, group, 64, cols), dtype)
 
-    bf16, f16 = torch.bfloat16, torch.float16
-    assert quant_kernels.dot_takes(weight("int4", 32, 256), bf16) and quant_kernels.dot_takes(weight("int4", 256, 512), f16)
-    assert not quant_kernels.dot_takes(weight("int4", 16, 256), bf16)  # a half-group under a product's 16 columns
-    assert not quant_kernels.dot_takes(weight("int4", 64, 256), torch.float32)
-    assert quant_kernels.dot_takes(weight("int8", None, 48), bf16) and not quant_kernels.dot_takes(weight("int8", None, 40), bf16)
-    assert quant_kernels.dot_blocking(weight("int4", 128, 4096, 12288), 1)[:3] == (64, 128, 3)  # 192 tiles x 3
-    assert quant_kernels.dot_blocking(weight("int4", 256, 4096, 4096), 1)[:3] == (64, 256, 4)  # 16 steps, 4 each
-    assert quant_kernels.dot_blocking(weight("int8", None, 48), 1)[:2] == (64, 16)
+    assert takes("int4", 32, 256) and takes("int4", 256, 512, torch.float16)
+    assert not takes("int4", 16, 256)  # a half-group under a product's 16 columns
+    assert not takes("int4", 64, 256, torch.float32)
+    assert takes("int8", None, 48) and not takes("int8", None, 40)
+    assert quant_kernels.dot_blocking(empty_weight("int4", 128, 12288, 4096))[:3] == (64, 128, 3)  # 192 tiles x 3
+    assert quant_kernels.dot_blocking(empty_weight("int4", 256, 4096, 4096))[:3] == (64, 256, 4)  # 16 steps, 4 each
+    assert quant_kernels.dot_blocking(empty_weight("int8", None, 64, 48))[:2] == (64, 16)
     with pytest.raises(ValueError, match="up to 16 rows"):
         w = packed("int4", 64, 64, 256, DTYPES[0], seed=25)
         quant_kernels.linear(torch.zeros(17, 256, dtype=DTYPES[0], device=DEVICE), w,

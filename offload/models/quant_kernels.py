@@ -260,7 +260,8 @@ def dot_chooses(w: QuantizedWeight, m: int, dtype: torch.dtype) -> bool:
     ``DOT_WEIGHTS``. Timed on an H100 (2026-12-06, ``bench_quant_kernels.py --dot``): llama-2-7b's four products in
     int4 (groups of 128) took 78 us at 16 rows against the tiled product's 120 (its decode at batch 16: 3.82
     against 4.91 ms a step), but 80 against the word GEMV's 73 at one row; int8's 112 against 112 at 16 rows;
-    groups of 32, 196 against 195; SmolLM2-135M's shape decoded 4 rows 5% slower. bfloat16 only by default: that is what ran on a GPU (float16 on the interpreter)."""
+    groups of 32, 196 against 195; SmolLM2-135M's shape decoded 4 rows 5% slower. bfloat16 only by default: that
+    is what ran on a GPU (float16 on the interpreter)."""
     if DOT_GEMV is not None:
         return DOT_GEMV and m <= DOT_ROWS and dot_takes(w, dtype)
     return (GEMV_ROWS < m <= DOT_ROWS and w.scheme.format == INT4 and (w.scheme.group_size or 0) >= 128
@@ -270,10 +271,10 @@ def dot_chooses(w: QuantizedWeight, m: int, dtype: torch.dtype) -> bool:
 def dot_blocking(w: QuantizedWeight, m: int = 1, block_n: int | None = None, programs: int = DOT_PROGRAMS,
                  stages: int = 3) -> DotBlocking:
     """The tensor-core product's blocking for ``w``: 64 features a program (one warpgroup's MMA; on an H100, the
-    best of llama-2-7b's sweep for 7 of 8 products, formats and rows), a column step of 128 columns or of the group if larger (per channel: the largest
-    power of two up to 128 that divides the columns), and as many stretches of the columns as bring the programs
-    to about ``programs``, each at least ``stages`` steps long where the columns allow (the loads of a step are
-    in flight ``stages - 1`` steps ahead)."""
+    best of llama-2-7b's sweep for 7 of 8 products, formats and rows), a column step of 128 columns or of the
+    group if larger (per channel: the largest power of two up to 128 that divides the columns), and as many
+    stretches of the columns as bring the programs to about ``programs``, each at least ``stages`` steps long where
+    the columns allow (the loads of a step are in flight ``stages - 1`` steps ahead)."""
     n, k, group = w.rows, w.cols, w.scheme.group_size
     block_n = block_n or 64
     if group is None:

@@ -454,7 +454,8 @@ if triton is not None:
             return 1.0
         cols = tl.arange(0, NORM_BLOCK)
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        return tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+        # float32 even where torch.compile passes eps as a float64 scalar (as a launch's float32 argument)
+        return tl.rsqrt(tl.sum(x * x, axis=0) / K + tl.cast(eps, tl.float32))
 
     @triton.jit
     def gemv_input(x_ptr, at, inside, K, EVEN: tl.constexpr, GATE: tl.constexpr, nw_ptr, inverse,
@@ -576,7 +577,7 @@ if triton is not None:
         x = tl.load(at + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         x_partner = tl.load(at + partner[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         if NORM:  # the head's float32 RMS, then the weight (Llama) or 1 + weight (Gemma)
-            inverse = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
+            inverse = tl.rsqrt(tl.sum(x * x, axis=1) / HD + tl.cast(eps, tl.float32))[:, None]
             w = tl.load(nw_ptr + d).to(tl.float32)[None, :]
             w_partner = tl.load(nw_ptr + partner).to(tl.float32)[None, :]
             x = normalized(x, inverse, w, dtype, OFFSET).to(tl.float32)

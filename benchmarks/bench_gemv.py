@@ -71,7 +71,8 @@ def time_us(fn, weights: list[torch.Tensor], reps: int = 4) -> float:
 def launch(x, w, out, block_k: int, warps: int) -> torch.Tensor:
     kernels._gemv_kernel[(w.shape[0],)](x, w, out, out, out, out, w.shape[1], 0.0, BLOCK_K=block_k,
                                         EVEN_K=w.shape[1] % block_k == 0, HAS_BIAS=False, HAS_RESIDUAL=False, GATE=0,
-                                        NORM=0, NORM_BLOCK=1, num_warps=warps)
+                                        NORM=0, NORM_BLOCK=1, num_warps=warps,
+                                        **kernels.dependent_launch(x.device))
     return out
 
 

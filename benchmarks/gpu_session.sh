@@ -24,6 +24,9 @@
 #   gemv_stages    one-row products with the GEMVs' loop pipelined (OFFLOAD_GEMV_STAGES=3: the next tiles copied
 #                  into shared memory while one is computed) against not, and their blockings (fewer stretches:
 #                  longer pipelines); then llama-2-7b resident in int4 and int8 at batch 1, both ways
+#   pdl            kernels launched as dependents of the one before them (OFFLOAD_PDL=1: each waits for its inputs;
+#                  2: after asking L2 for its first weights) against not: their GPU test, then llama-2-7b resident in
+#                  int4, int8 and bf16 at batch 1 (int4 at 16), and SmolLM2-135M's shape in int4 (a draft's step)
 #   quant7b_dot    llama-2-7b resident decode in int8 and int4 with the tensor-core product (OFFLOAD_DOT_GEMV=1)
 #                  against without, bf16 beside them, batch 1 and 16; then SmolLM2-135M's shape in int4 (a draft's
 #                  steps: 1 and 4 rows) with and without
@@ -91,14 +94,14 @@
 # load70b (0.85 of the files' speed), the fused MLP end's tests and a profile of a small model's step; eleventh
 # (H200, 2026-12-06) the tests of a layer in fewer kernels (the kernel files cut at 180 s), their probe,
 # spec_smollm2_greedy (1.19x: drafting 5.7 ms a pass, verifying 4.9), quant7b; twelfth (H100, 2026-12-06) dotgemv
-# (then 64 features a program, at 16 rows), quant7b_dot, spec_smollm2_stop and fixed chain lengths (1.23x at best).
-#   1. gemv_stages:300                                         pipelined GEMVs: int4 and int8 at one row (#20)
-#   2. tests_kernels:240                                       the whole kernel files (cut at 180 s twice now)
-#   3. spec70b:300                                             70b verify passes: the issue's real shapes (#22)
-#   4. dotgemv:260 on an H200                                  the tensor-core product where HBM is faster (#20)
-#   5. moe235_int4:120 (an H200: 130 GiB)                      qwen3-235b-a22b in int4, direct by default (#21)
-#   6. moe30b_acc:300                                          against accelerate with copies through the kernels
-#   7. int4_405b:500                                           the moonshot (#20)
+# (then 64 features a program, at 16 rows), quant7b_dot, spec_smollm2_stop and fixed chain lengths (1.23x at best);
+# thirteenth (H100, 2026-12-06) gemv_stages (slower), tests_kernels (in three calls), spec70b, pdl (twice).
+#   1. tests:300 tests_spec:280                                the GPU tests with dependent launches on by default
+#   2. tests_kernels:300                                       the same for the kernel files
+#   3. dotgemv:260 on an H200                                  the tensor-core product where HBM is faster (#20)
+#   4. int4_405b:500 (an H200)                                 the moonshot (#20)
+#   5. spec_smollm2_greedy                                     the draft's steps with dependent launches (#22)
+#   6. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts (#21)
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
@@ -155,6 +158,13 @@ run_stage() {
       for q in int4 int8; do for stages in 1 3; do echo "OFFLOAD_GEMV_STAGES=$stages $q batch 1"
       OFFLOAD_GEMV_STAGES=$stages python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
       --batch 1 --quantize $q; done; done' ;;
+    pdl) stage pdl_tests timeout 240 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py -k dependent
+      stage pdl bash -c 'for run in "1 int4" "1 int8" "1 bf16" "16 int4"; do for pdl in 0 1 2; do set -- $run
+      echo "OFFLOAD_PDL=$pdl $2 batch $1"; OFFLOAD_PDL=$pdl python3 benchmarks/profile_decode.py --shape llama-2-7b \
+      --prompts 128 --new-tokens 32 --batch $1 $([ $2 = bf16 ] || echo "--quantize $2"); done; done
+      for pdl in 0 1 2; do echo "OFFLOAD_PDL=$pdl smollm2 int4 batch 1"; OFFLOAD_PDL=$pdl python3 \
+      benchmarks/profile_decode.py --shape smollm2-135m --prompts 128 --new-tokens 32 --batch 1 --quantize int4
+      done' ;;
     quant7b_dot) grep -q "failed" "$OUT/dotgemv_tests.log" 2>/dev/null && export OFFLOAD_DOT_PTX=0  # PTX fields wrong
       stage quant7b_dot bash -c 'echo "OFFLOAD_DOT_PTX=${OFFLOAD_DOT_PTX:-1}"; for b in 1 16; do for run in "1 int4" "0 int4" "0 bf16" "1 int8" "0 int8"; do
       set -- $run; q=$([ $2 = bf16 ] || echo "--quantize $2"); echo "OFFLOAD_DOT_GEMV=$1 $2 batch $b"

@@ -288,6 +288,41 @@ def test_offloaded_equals_resident_bitwise_on_gpu():
 
 
 @cuda
+@pytest.mark.parametrize("quantize, streamed", [(None, False), ("int4", False), ("int8", False), (None, True),
+                                                ("int4", True)])
+def test_dependent_launches_equal_ordinary_ones_bitwise(monkeypatch, quantize, streamed):
+    """Kernels launched as dependents of the one before them (``kernels.PDL``: each waits for its inputs itself; at
+    level 2 after asking L2 for its first weights) compute what ordinarily launched ones do, in CUDA graphs and
+    eagerly (one row, then two), resident and with layers streamed from the host."""
+    from offload.models import kernels
+    if torch.cuda.get_device_capability()[0] < 9 or kernels.gdc_wait is None:
+        pytest.skip("dependent launches need compute capability 9 and Triton's grid dependency control")
+    prompts = prompts_7b((40,))
+    kw = dict(dtype=torch.bfloat16, max_batch=2, max_seq_len=128, quantize=quantize)
+    if streamed:  # one layer resident, three streamed
+        probe = load(SHORT_7B, **kw)
+        needs = probe.plan.needs
+        probe.close()
+        del probe
+        free_gpu()
+        kw |= dict(gpu_memory=needs.fixed_bytes + 3 * needs.largest_block, cpu_memory="8GiB")
+    runs = {}
+    for pdl, graphs in ((0, True), (1, True), (2, True), (2, False)):
+        monkeypatch.setattr(kernels, "PDL", pdl)
+        model = load(SHORT_7B, **kw, cuda_graphs=graphs)
+        assert ("host" in model.plan.placement) == streamed
+        assert kernels.dependent_launch(torch.device("cuda"))["PDL"] == pdl
+        runs[pdl, graphs] = trace(model, prompts)
+        model.close()
+        del model
+        free_gpu()
+    want = runs[0, True]
+    for key, got in runs.items():
+        for step, (a, b) in enumerate(zip(want, got)):
+            assert torch.equal(a, b), f"{key}, step {step}"
+
+
+@cuda
 @pytest.mark.parametrize("graphs", [True, False])  # graph pieces (the default), and eager steps
 def test_experts_streamed_on_cuda_equal_resident_bitwise_within_budget(graphs):
     """A mixture of experts on the GPU: experts copied from pinned host memory into the device's expert cache on

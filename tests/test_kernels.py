@@ -491,7 +491,7 @@ last = sys.argv[2] == "last"
 if sys.argv[1] == "attention":
     ptx = compile(kernels._decode_attention_kernel,
                   dict(scale_log2=0.1, GROUP=4, GROUP_PAD=16, HD=128, BLOCK=64, SPLITS=4, SPLITS_PAD=4, LAST=last,
-                       ROPE=True, NORM=False, OFFSET=False),
+                       ROPE=True, NORM=False, OFFSET=False, PDL=0),
                   {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1", "partial_ptr": "*fp32",
                    "out_ptr": "*bf16", "count_ptr": "*i32", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64",
                    "qn_ptr": "*bf16", "kn_ptr": "*bf16", "eps": "fp32"})

@@ -284,10 +284,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from offload.models import quant_kernels
-fmt, last, stages = sys.argv[1], sys.argv[2] == "last", int(sys.argv[3])
+fmt, last, stages, pdl = sys.argv[1], sys.argv[2] == "last", int(sys.argv[3]), int(sys.argv[4])
 constexprs = dict(GROUP=128 if fmt == "int4" else 256, INT4=fmt == "int4", PER_CHANNEL=fmt == "int8",
                   HAS_MIN=fmt == "int4", HAS_BIAS=last, HAS_RESIDUAL=False, GATE=0, NORM=0, NORM_BLOCK=1, FINAL=False,
-                  LAST=last, EVEN=True, BLOCK_N=128, BLOCK_K=256, STAGES=stages)
+                  LAST=last, EVEN=True, BLOCK_N=128, BLOCK_K=256, STAGES=stages, PDL=pdl)
 types = {"x_ptr": "*bf16", "data_ptr": "*u8" if fmt == "int4" else "*i8", "scale_ptr": "*bf16", "min_ptr": "*bf16",
          "bias_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "eps": "fp32", "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32"}
 fn = quant_kernels._gemv_words_kernel
@@ -316,7 +316,7 @@ def test_the_word_gemv_compiles_for_hopper_to_wide_loads_and_no_conversions(fmt,
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, fmt, sums, "1"], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, fmt, sums, "1", "0"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ptx = proc.stdout
@@ -343,11 +343,42 @@ def test_the_word_gemv_pipelined_copies_its_tiles_ahead():
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     copies = {}
     for stages in (1, 3):
-        proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, "int4", "kernel", str(stages)], env=env,
+        proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, "int4", "kernel", str(stages), "0"],
+                              env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         copies[stages] = proc.stdout.count("cp.async.cg.shared.global") + proc.stdout.count("cp.async.ca.shared.global")
     assert copies[1] == 0 and copies[3] > 0
+
+
+@pytest.mark.slow
+def test_a_dependent_gemv_reads_nothing_before_it_waits():
+    """Launched as a dependent of the kernel before it (``kernels.PDL``), compiled for sm_90 here: the word GEMV
+    waits for its inputs (``griddepcontrol.wait``, then lets the next kernel launch) before its first load; at
+    level 2 it first asks L2 for its first tile's weights; at level 0 neither."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    for pdl in (0, 1, 2):
+        proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, "int4", "last", "1", str(pdl)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines = proc.stdout.splitlines()
+
+        def first(text):
+            return next((i for i, line in enumerate(lines) if text in line), None)
+
+        waits, prefetches = proc.stdout.count("griddepcontrol.wait"), proc.stdout.count("prefetch.global.L2")
+        assert (waits, prefetches) == ((0, 0), (1, 0), (1, 1))[pdl]
+        if pdl:
+            assert first("griddepcontrol.wait") < first("griddepcontrol.launch_dependents") < first("ld.global")
+        if pdl == 2:
+            assert first("prefetch.global.L2") < first("griddepcontrol.wait")
 
 
 @pytest.mark.parametrize("stages", [1, 3])
@@ -556,7 +587,7 @@ from offload.models import quant_kernels
 fmt = sys.argv[1]
 constexprs = dict(GROUP=128, INT4=fmt == "int4", PER_CHANNEL=fmt == "int8", HAS_MIN=fmt == "int4", HAS_BIAS=False,
                   HAS_RESIDUAL=False, FINAL=False, LAST=True, ASM=True, MAGIC=0x4300, FP16=False, EVEN=True,
-                  BLOCK_N=128, BLOCK_M=8, BLOCK_K=128)
+                  BLOCK_N=128, BLOCK_M=8, BLOCK_K=128, PDL=0)
 types = {"x_ptr": "*bf16", "data_ptr": "*u8" if fmt == "int4" else "*i8", "scale_ptr": "*bf16", "min_ptr": "*bf16",
          "bias_ptr": "*bf16", "res_ptr": "*bf16", "OFFSET": "fp32", "out_ptr": "*fp32", "final_ptr": "*bf16",
          "count_ptr": "*i32"}

@@ -50,6 +50,10 @@ try:  # Triton ships with CUDA builds of torch; CPU builds have none and never n
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
+try:  # grid dependency control (Triton 3.4 on): programmatic dependent launch
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the install
+    gdc_wait = gdc_launch_dependents = None
 
 DTYPES = (torch.bfloat16, torch.float16)
 # GEMV: columns per loop step and warps per program, 8 columns (16 bytes) per thread and step. The best
@@ -75,8 +79,29 @@ ACTIVATIONS = ("silu", "gelu_tanh")  # a gated MLP's: act(gate) * up
 # int4 decoded 3.02 -> 2.86 ms a step at batch 1 and 4.93 -> 4.80 at 16, int8 and bf16 the same within 1%.
 # OFFLOAD_LAST_SUMS=0 (read at import) puts the second kernels back.
 LAST_SUMS = os.environ.get("OFFLOAD_LAST_SUMS", "1") != "0"
+# Programmatic dependent launch (compute capability 9 on): each kernel of a step is launched while the one before it
+# finishes, and waits (``griddepcontrol.wait``: ``wait_for_inputs``) before it reads anything an earlier kernel
+# wrote; at level 2 it first asks L2 for its first weights (which no kernel of a step writes). A kernel boundary in
+# a CUDA graph (the grid's drain, the next one's launch) then overlaps the work around it. On an H100 (2026-12-06,
+# llama-2-7b resident, graphs, batch 1) level 1 made a step 2-3% shorter: int4 2.83 -> 2.74 ms, int8 3.12 -> 3.03,
+# bf16 4.87 -> 4.78; SmolLM2-135M's shape in int4 0.70 -> 0.71. Level 2 gave int4 1-2% more, int8, bf16 and the
+# small model nothing or less. OFFLOAD_PDL=0 turns it off, =2 adds the L2 requests (read at import).
+PDL = {"0": 0, "2": 2}.get(os.environ.get("OFFLOAD_PDL", ""), 1) if gdc_wait is not None else 0
+_dependent_devices: dict[int, bool] = {}
 COUNTERS = 1 << 16  # tiles a kernel may count (int32 counters, one buffer per device and stream)
 _counters: dict[tuple, torch.Tensor] = {}
+
+
+def dependent_launch(device: torch.device) -> dict:
+    """The launch options of a step's kernel on ``device``: with ``PDL`` (on a GPU of compute capability 9 or
+    later), a dependent launch of a kernel that waits for its inputs itself (its constant PDL the level); else an
+    ordinary one (PDL 0), also while ``torch.compile`` traces the kernels (its launches take no ``launch_pdl``)."""
+    if not PDL or device.type != "cuda" or torch.compiler.is_compiling():
+        return {"PDL": 0}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _dependent_devices:
+        _dependent_devices[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return {"PDL": PDL, "launch_pdl": True} if _dependent_devices[index] else {"PDL": 0}
 
 
 def _same(*tensors: torch.Tensor) -> bool:
@@ -136,7 +161,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(n,)](x, weight, bias if bias is not None else out, residual if residual is not None else out,
                        norm_weight, out, k, eps, BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, HAS_BIAS=bias is not None,
                        HAS_RESIDUAL=residual is not None, GATE=gate_code(gate), NORM=norm_code,
-                       NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, num_warps=WARPS)
+                       NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, num_warps=WARPS,
+                       **dependent_launch(x.device))
     return out
 
 
@@ -209,7 +235,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = F
     out = torch.empty_like(x)
     block = triton.next_power_of_2(d)
     _rms_norm_kernel[(x.numel() // d,)](x, weight, out, d, eps, BLOCK=block, OFFSET=offset,
-                                        num_warps=_norm_warps(block))
+                                        num_warps=_norm_warps(block), **dependent_launch(x.device))
     return out
 
 
@@ -224,7 +250,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     total, out = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(d)
     _add_rms_norm_kernel[(x.numel() // d,)](x, delta, total, weight, out, d, eps, BLOCK=block, OFFSET=offset,
-                                            num_warps=_norm_warps(block))
+                                            num_warps=_norm_warps(block), **dependent_launch(x.device))
     return total, out
 
 
@@ -247,7 +273,8 @@ def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     out = gate_up.new_empty(*gate_up.shape[:-1], inter)
     rows = gate_up.numel() // (2 * inter)
     _gated_kernel[(rows, triton.cdiv(inter, ELEMENTWISE_BLOCK))](gate_up, out, inter, GATE=gate_code(activation),
-                                                                BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+                                                                BLOCK=ELEMENTWISE_BLOCK, num_warps=4,
+                                                                **dependent_launch(gate_up.device))
     return out
 
 
@@ -282,7 +309,7 @@ def rope_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posi
         qkv, cos, sin, positions.contiguous(), q, cache_k, cache_v, q_norm if norm else cos, k_norm if norm else cos,
         cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0), cache_v.stride(1),
         cache_v.stride(2), eps=eps, WIDTH=width, HEADS=heads, KV_HEADS=kv_heads, HD=hd, NORM=norm, OFFSET=offset,
-        num_warps=1)
+        num_warps=1, **dependent_launch(qkv.device))
     return q
 
 
@@ -359,10 +386,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         keys.stride(2), values.stride(0), values.stride(1), values.stride(2), allowed.stride(0), 0, 0, 0.0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK=BLOCK_KEYS,
         SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), LAST=counters is not None, ROPE=False,
-        NORM=False, OFFSET=False, num_warps=4)
+        NORM=False, OFFSET=False, num_warps=4, **dependent_launch(q.device))
     if splits > 1 and counters is None:
         _merge_splits_kernel[(b * h,)](partial, out, SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
-                                       HD=hd, num_warps=4)
+                                       HD=hd, num_warps=4, **dependent_launch(q.device))
     return out.transpose(1, 2)
 
 
@@ -401,10 +428,11 @@ def decode_self_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), allowed.stride(0), cos.stride(0), sin.stride(0),
         float(eps), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK=BLOCK_KEYS,
         SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), LAST=counters is not None, ROPE=True,
-        NORM=norm, OFFSET=offset, num_warps=4)
+        NORM=norm, OFFSET=offset, num_warps=4, **dependent_launch(qkv.device))
     if splits > 1 and counters is None:
         _merge_splits_kernel[(b * heads,)](partial, out, SPLITS=splits,
-                                           SPLITS_PAD=max(2, triton.next_power_of_2(splits)), HD=hd, num_warps=4)
+                                           SPLITS_PAD=max(2, triton.next_power_of_2(splits)), HD=hd, num_warps=4,
+                                           **dependent_launch(qkv.device))
     return out.transpose(1, 2)
 
 
@@ -413,12 +441,34 @@ def decode_self_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 if triton is not None:
 
     @triton.jit
+    def wait_for_inputs(PDL: tl.constexpr):
+        """Under a dependent launch (PDL, ``dependent_launch``): wait until the kernel before this one has finished
+        and its writes are seen, then let the next kernel launch. Nothing a kernel reads before this may have been
+        written by an earlier kernel."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
+    def prefetch(pointers, ok, PDL: tl.constexpr):
+        """Under a dependent launch of level 2: ask L2 for the lines at ``pointers`` (where ``ok``), while the
+        kernel before this one finishes. A hint: nothing waits for it, and an address it names is never read from
+        it."""
+        if PDL >= 2:
+            tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; "
+                                      "mov.u32 $0, 0; }", "=r,l,r", [pointers, ok.to(tl.int32)], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, nw_ptr, y_ptr, K, eps, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr, NORM: tl.constexpr,
-                     NORM_BLOCK: tl.constexpr):
+                     NORM_BLOCK: tl.constexpr, PDL: tl.constexpr):
         n = tl.program_id(0)  # the output feature this program computes
         w_row = w_ptr + n.to(tl.int64) * K
         cols = tl.arange(0, BLOCK_K)
+        lines = tl.arange(0, BLOCK_K * 2 // 128) * (128 // 2)  # the first tile's 128-byte lines (16-bit weights)
+        prefetch(w_row + lines, lines < K, PDL)
+        wait_for_inputs(PDL)
         acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         inverse = inverse_rms(x_ptr, K, eps, NORM, NORM_BLOCK)
         for k0 in range(0, K, BLOCK_K):
@@ -511,7 +561,9 @@ if triton is not None:
         return (w * (x * inverse).to(dtype).to(tl.float32)).to(dtype)
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps: tl.constexpr, BLOCK: tl.constexpr, OFFSET: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps: tl.constexpr, BLOCK: tl.constexpr, OFFSET: tl.constexpr,
+                         PDL: tl.constexpr):
+        wait_for_inputs(PDL)
         row = tl.program_id(0).to(tl.int64) * D
         cols = tl.arange(0, BLOCK)
         inside = cols < D
@@ -520,7 +572,8 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, delta_ptr, total_ptr, w_ptr, y_ptr, D, eps: tl.constexpr, BLOCK: tl.constexpr,
-                             OFFSET: tl.constexpr):
+                             OFFSET: tl.constexpr, PDL: tl.constexpr):
+        wait_for_inputs(PDL)
         row = tl.program_id(0).to(tl.int64) * D
         cols = tl.arange(0, BLOCK)
         inside = cols < D
@@ -531,7 +584,8 @@ if triton is not None:
         _normalize(x.to(tl.float32), w_ptr, y_ptr, row, cols, inside, D, eps, OFFSET)
 
     @triton.jit
-    def _gated_kernel(gate_up_ptr, out_ptr, INTER, GATE: tl.constexpr, BLOCK: tl.constexpr):
+    def _gated_kernel(gate_up_ptr, out_ptr, INTER, GATE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_for_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < INTER
@@ -543,9 +597,10 @@ if triton is not None:
     def _rope_and_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, qn_ptr, kn_ptr,
                                sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, eps: tl.constexpr, WIDTH: tl.constexpr,
                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HD: tl.constexpr, NORM: tl.constexpr,
-                               OFFSET: tl.constexpr):
+                               OFFSET: tl.constexpr, PDL: tl.constexpr):
         """One head of one token (of ``WIDTH`` a row): q heads are (normalized and) rotated into q, k heads
         likewise into the cache, v copied there."""
+        wait_for_inputs(PDL)
         token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
         b = token // WIDTH
         d = tl.arange(0, HD)
@@ -591,12 +646,14 @@ if triton is not None:
                                  sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, s_cos, s_sin, eps,
                                  GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr,
                                  SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, LAST: tl.constexpr,
-                                 ROPE: tl.constexpr, NORM: tl.constexpr, OFFSET: tl.constexpr):
+                                 ROPE: tl.constexpr, NORM: tl.constexpr, OFFSET: tl.constexpr,
+                                 PDL: tl.constexpr):
         """One kv head of one row, over one split of the keys: the ``GROUP`` query heads that share it (LAST: the
         last split's program to finish merges every split of them, as ``_merge_splits_kernel`` does). With ROPE,
         ``q_ptr`` is the step's ``qkv`` (``[B, (H + 2 H_kv) hd]`` rows, ``sq_b`` apart): q's heads are rotated
         here as ``rope_and_store`` rotates them, and the program whose split holds the row's position (the last,
         for a position past every split: the sink) first rotates k and writes it and v into the cache there."""
+        wait_for_inputs(PDL)
         row_head, split = tl.program_id(0), tl.program_id(1)
         b, kv_head = (row_head // KV_HEADS).to(tl.int64), row_head % KV_HEADS  # b * a row's stride: past 2^31
         g, d = tl.arange(0, GROUP_PAD), tl.arange(0, HD)
@@ -656,8 +713,10 @@ if triton is not None:
                     tl.store(count_ptr + row_head, 0)  # for the next kernel on the stream
 
     @triton.jit
-    def _merge_splits_kernel(partial_ptr, out_ptr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HD: tl.constexpr):
+    def _merge_splits_kernel(partial_ptr, out_ptr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HD: tl.constexpr,
+                             PDL: tl.constexpr):
         """One query head of one row: the splits' outputs, each weighted by its share of the softmax."""
+        wait_for_inputs(PDL)
         _merge(partial_ptr, out_ptr, tl.program_id(0), SPLITS, SPLITS_PAD, HD, "")
 
     @triton.jit

@@ -49,13 +49,13 @@ from typing import NamedTuple
 import torch
 
 from . import kernels
-from .kernels import DTYPES, Norm, gate_code, norm_args, tile_counters, triton
+from .kernels import DTYPES, Norm, dependent_launch, gate_code, norm_args, tile_counters, triton
 from .quant import FUSED, INT4, QuantizedWeight
 
 if triton is not None:
     import triton.language as tl
 
-    from .kernels import finish_product, gemv_input, inverse_rms
+    from .kernels import finish_product, gemv_input, inverse_rms, prefetch, wait_for_inputs
 
     def _nibbles_ptx(low: int, high: int):
         """Two bytes (packed in a word's low half) as four 16-bit numbers: ``prmt`` spreads the bytes into the
@@ -85,8 +85,9 @@ MAGIC = 0x4B000000  # the bits of the float 2^23
 # OFFLOAD_WORD_GEMV=1 turns every word kernel on, =0 every one off (read once, at import).
 WORD_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_WORD_GEMV", ""))
 # The GEMVs' loop over a program's columns pipelined this many stages deep (Triton copies the next tiles into shared
-# memory while this one is computed; 1: each tile loaded, then computed, as before): OFFLOAD_GEMV_STAGES, for the
-# benchmarks to time (read once, at import), until a GPU says which is faster.
+# memory while this one is computed; 1: each tile loaded, then computed): OFFLOAD_GEMV_STAGES (read once, at
+# import). Timed on an H100 (2026-12-06, llama-2-7b's products of one row), 3 stages were slower: int4 (groups of
+# 128) qkv 22.1 against 17.9 us, o 11.5 against 10.3, gate_up 31.3 against 26.9; int8 o 11.5 against 9.4.
 GEMV_STAGES = int(os.environ.get("OFFLOAD_GEMV_STAGES", "1"))
 # The tensor-core product of up to DOT_ROWS rows (``_dot_gemv_kernel``): for every product it takes with
 # OFFLOAD_DOT_GEMV=1, for none with =0; by default (None) where it was timed faster (``dot_chooses``).
@@ -143,7 +144,7 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
         final = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GATE=gate_code(gate),
                      NORM=norm_code, NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, FINAL=splits == 1,
                      LAST=counters is not None, SPLITS=splits, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                     STAGES=GEMV_STAGES, **common)
+                     STAGES=GEMV_STAGES, **common, **dependent_launch(x.device))
         if words:
             if not words_take(w):
                 raise ValueError("the word GEMV takes int8 per channel or in groups of 16 to 256 columns, or int4 "
@@ -170,7 +171,8 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     if splits > 1 and counters is None:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](
             partial, bias if bias is not None else out, residual if residual is not None else out, out, m * n, n,
-            SPLITS=splits, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=1024)
+            SPLITS=splits, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=1024,
+            **dependent_launch(x.device))
     return out.view(*x.shape[:-1], n)
 
 
@@ -314,11 +316,12 @@ def _dot_linear(rows: torch.Tensor, w: QuantizedWeight, bias, residual, blocking
         HAS_MIN=w.minimum is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         FINAL=splits == 1, LAST=counters is not None, SPLITS=splits, ASM=asm, MAGIC=magic,
         FP16=rows.dtype == torch.float16, EVEN=n % block_n == 0, BLOCK_N=block_n, BLOCK_M=8 if m <= 8 else 16,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages, **dependent_launch(rows.device))
     if splits > 1 and counters is None:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](
             partial, bias if bias is not None else out, residual if residual is not None else out, out, m * n, n,
-            SPLITS=splits, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=1024)
+            SPLITS=splits, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=1024,
+            **dependent_launch(rows.device))
     return out
 
 
@@ -362,12 +365,14 @@ if triton is not None:
                      PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
                      FINAL: tl.constexpr, LAST: tl.constexpr, SPLITS, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     STAGES: tl.constexpr, PDL: tl.constexpr):
         """Features ``[pid0 * BLOCK_N, +BLOCK_N)``, columns ``[pid1 * SPAN, +SPAN)`` of row ``pid2`` of x: the
         output itself (FINAL), or this stretch's float32 partial sums ``out[pid1, pid2, features]`` (LAST: and the
         output ``final``, by the last stretch's program to finish)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rows < N
+        _prefetch_tile(data_ptr, rows, n_ok, s_data, tl.program_id(1) * SPAN, K, BLOCK_K, INT4, PDL)
+        wait_for_inputs(PDL)
         x_row = x_ptr + tl.program_id(2).to(tl.int64) * s_x
         inverse = inverse_rms(x_row, K, eps, NORM, NORM_BLOCK)
         NG: tl.constexpr = BLOCK_K // GROUP  # groups per tile (per channel: "groups" of GROUP columns)
@@ -409,6 +414,18 @@ if triton is not None:
             total *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
         _store_gemv(total, rows, n_ok, N, bias_ptr, res_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS, HAS_RESIDUAL,
                     FINAL, LAST, SPLITS)
+
+    @triton.jit
+    def _prefetch_tile(data_ptr, rows, ok, s_data, first, K, BLOCK_K: tl.constexpr, INT4: tl.constexpr,
+                       PDL: tl.constexpr):
+        """Under a dependent launch of level 2: ask L2 for the bytes of ``rows`` (where ``ok``) that hold columns
+        ``[first, first + BLOCK_K)`` (of ``K``), a program's first tile, while the kernel before this one finishes."""
+        if PDL >= 2:
+            BYTES: tl.constexpr = BLOCK_K // 2 if INT4 else BLOCK_K
+            LINES: tl.constexpr = (BYTES + 127) // 128
+            at = (first // 2 if INT4 else first) + tl.arange(0, LINES) * 128
+            pointers = data_ptr + rows[:, None].to(tl.int64) * s_data + at[None, :]
+            prefetch(pointers, ok[:, None] & (at < (K // 2 if INT4 else K))[None, :], PDL)
 
     @triton.jit
     def _store_gemv(total, rows, n_ok, N, bias_ptr, res_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS: tl.constexpr,
@@ -456,7 +473,7 @@ if triton is not None:
                            HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr,
                            NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr,
                            SPLITS, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           STAGES: tl.constexpr):
+                           STAGES: tl.constexpr, PDL: tl.constexpr):
         """``_gemv_kernel``'s product in fewer instructions a byte (int4: less than half; the one-row product
         is bound by them, not by its bytes): the weights are read as 32-bit words, and each 4-bit or 8-bit field becomes
         a float with one bit operation and one subtraction, where it lies in the word. The field under bits
@@ -474,6 +491,9 @@ if triton is not None:
         adjacent words before the scale and the minimum apply."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rows < N
+        start = tl.program_id(1) * TILES * BLOCK_K
+        _prefetch_tile(data_ptr, rows, n_ok, s_data, start, K, BLOCK_K, INT4, PDL)
+        wait_for_inputs(PDL)
         x_row = x_ptr + tl.program_id(2).to(tl.int64) * s_x
         inverse = inverse_rms(x_row, K, eps, NORM, NORM_BLOCK)
         NG: tl.constexpr = BLOCK_K // GROUP
@@ -484,7 +504,6 @@ if triton is not None:
         words = data_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None, None].to(tl.int64) * (s_data // 4)
         four = tl.arange(0, 4)[None, None, :]
         acc = tl.zeros([BLOCK_N, NG, WG // 4], dtype=tl.float32)
-        start = tl.program_id(1) * TILES * BLOCK_K
         for k0 in tl.range(start, tl.minimum(start + TILES * BLOCK_K, K), BLOCK_K, num_stages=STAGES):
             first = k0 + g * GROUP  # each group's first column, [NG, 1]
             at = (k0 // GROUP * WG if INT4 else k0 // 4) + g * WG + t  # each word's place in its row, [NG, WG]
@@ -568,7 +587,8 @@ if triton is not None:
                          PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_RESIDUAL: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr, SPLITS,
                          ASM: tl.constexpr, MAGIC: tl.constexpr, FP16: tl.constexpr, EVEN: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PDL: tl.constexpr):
         """Features ``[pid0 * BLOCK_N, +BLOCK_N)`` of up to BLOCK_M rows of x, columns ``[pid1 * SPAN, +SPAN)``, on
         the tensor cores: ``W x^T``, the weights the left operand (BLOCK_N of them fill its 64 or 128 rows, where x's
         few rows would fill 1 of 16). Each byte becomes two 16-bit numbers ``OFFSET + v`` (``_nibbles``), exact, so
@@ -581,6 +601,8 @@ if triton is not None:
         if EVEN:
             features = tl.max_contiguous(tl.multiple_of(features, BLOCK_N), BLOCK_N)
             n_ok = tl.full([BLOCK_N], True, tl.int1)
+        _prefetch_tile(data_ptr, features, n_ok, s_data, tl.program_id(1) * SPAN, K, BLOCK_K, INT4, PDL)
+        wait_for_inputs(PDL)
         m = tl.arange(0, BLOCK_M)
         m_ok = m < M
         HALF: tl.constexpr = GROUP // 2 if INT4 else GROUP  # a group's columns in one half (int8: all of them)
@@ -669,8 +691,10 @@ if triton is not None:
 
     @triton.jit
     def _sum_splits_kernel(partial_ptr, bias_ptr, res_ptr, out_ptr, TOTAL, N, SPLITS: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                           PDL: tl.constexpr):
         """``out = sum over the splits of partial (+ bias) (+ residual)``, the splits added in order."""
+        wait_for_inputs(PDL)
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < TOTAL
         total = tl.zeros([BLOCK], dtype=tl.float32)

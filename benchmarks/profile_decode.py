@@ -91,7 +91,7 @@ def main() -> int:
         for _ in range(3):  # the first captures (and compiles) this bucket
             result = model.generate(ids, max_new_tokens=args.new_tokens, ignore_eos=True, return_result=True)
         gpu = gpu_ms_per_pass(model, length + args.new_tokens // 2, args.batch)
-        predicted = 1e3 * model.plan.step_seconds(args.batch)
+        predicted = 1e3 * model.plan.step_seconds(args.batch, args.batch * (length + args.new_tokens // 2))
         print(f"prompt {length}: generate {result.ms_per_step:.2f} ms/step, gpu {gpu:.2f} ms/pass, "
               f"floor {floor_ms:.2f} ms; generate/floor {result.ms_per_step / floor_ms:.2f}, "
               f"gpu/floor {gpu / floor_ms:.2f}; plan predicted {predicted:.2f} ms (gpu/predicted "

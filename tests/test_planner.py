@@ -150,8 +150,9 @@ def test_embedding_table_moves_to_host_ram_only_when_offloading():
 
 def test_a_resident_step_is_predicted_from_its_products_rate_and_its_small_kernels():
     """Resident decode: every weight read at the measured rate of its format's products, plus the decode
-    step's small kernels at the measured time of one; a streamed step is bound by its link when that is slower."""
-    need = needs(decode_kernels=40 * 6, products="int4")
+    step's small kernels at the measured time of one, and its attention's cached keys at the HBM's rate; a streamed
+    step is bound by its link when that is slower."""
+    need = needs(decode_kernels=40 * 6, products="int4", max_batch=16, max_seq_len=512)
     rates = dict(BW, **{"gemv-int4": 1000 * GB, "gemv-bf16": 4000 * GB, "kernels": 400_000})
     resident = make_plan(need, Budget(need.fixed_bytes + 40 * GB, 100 * GB, {}), rates, "cuda:0")
     products = 40 * GB / (1000 * GB) + need.global_bytes / (4000 * GB)
@@ -164,6 +165,9 @@ def test_a_resident_step_is_predicted_from_its_products_rate_and_its_small_kerne
     assert streamed.predicted_step_seconds == pytest.approx(30 * GB / BW["host"])  # 30 layers over the host link
     no_kernels = make_plan(need, Budget(need.fixed_bytes + 40 * GB, 100 * GB, {}), dict(rates, kernels=0.0), "cuda:0")
     assert no_kernels.predicted_step_seconds == pytest.approx(products)  # none measured: not counted
+    per_key = need.kv_bytes / (16 * 512)  # every layer's key and value of one token
+    cached = resident.step_seconds(16, keys=16 * 300)  # attention reads each row's cached keys from HBM
+    assert cached == pytest.approx(resident.step_seconds(16) + 16 * 300 * per_key / BW["hbm"])
 
 
 def test_a_resident_step_of_many_rows_is_priced_from_the_measured_16_row_products():

@@ -67,6 +67,11 @@ class MemoryNeeds:
                 + self.graph_bytes + self.dequant_bytes + self.draft_bytes)
 
     @property
+    def kv_bytes_per_key(self) -> float:
+        """The KV cache's bytes for one cached token, every layer: what attention reads for each key a row sees."""
+        return self.kv_bytes / (self.max_batch * self.max_seq_len) if self.max_batch * self.max_seq_len else 0.0
+
+    @property
     def weight_bytes(self) -> int:
         """Every block's bytes, the routed experts' too."""
         return sum(self.blocks) + (self.experts.count * self.experts.nbytes if self.experts else 0)
@@ -182,17 +187,20 @@ class Plan:
         many = self.bandwidth.get(f"rows16-{fmt}")
         return one if rows <= 1 or not many else max(nbytes / many, one)
 
-    def compute_seconds(self, rows: int = 1) -> float:
+    def compute_seconds(self, rows: int = 1, keys: int = 0) -> float:
         """A decode step's time on the compute device: its products read every weight they use at the measured
-        rates of their formats (``link_seconds``' "hbm"), and each of its kernels takes at least the measured time
-        of a small one besides (a step of a small or compressed model is largely that)."""
+        rates of their formats (``link_seconds``' "hbm"), its attention reads the ``keys`` cached keys of its rows
+        (summed over the rows) at the HBM's rate, and each of its kernels takes at least the measured time of a
+        small one besides (a step of a small or compressed model is largely that)."""
         kernels = self.bandwidth.get("kernels") or math.inf
-        return self.link_seconds(rows)["hbm"] + self.needs.decode_kernels / kernels
+        cache = keys * self.needs.kv_bytes_per_key / self.bandwidth["hbm"]
+        return self.link_seconds(rows)["hbm"] + cache + self.needs.decode_kernels / kernels
 
-    def step_seconds(self, rows: int = 1) -> float:
-        """A decode step of ``rows`` rows: the slowest link, or the compute device's time."""
+    def step_seconds(self, rows: int = 1, keys: int = 0) -> float:
+        """A decode step of ``rows`` rows that see ``keys`` cached keys in all: the slowest link, or the compute
+        device's time."""
         links = self.link_seconds(rows)
-        return max([s for t, s in links.items() if t != "hbm"] + [self.compute_seconds(rows)])
+        return max([s for t, s in links.items() if t != "hbm"] + [self.compute_seconds(rows, keys)])
 
     @property
     def predicted_step_seconds(self) -> float:

@@ -397,17 +397,15 @@ def run(args) -> int:
         model.close()
     print(f"\nverify pass of W tokens per row (ms{', CUDA graphs' if graphs else ''}), and over a one-token pass"
           + (" (widths padded to a power of two)" if graphs else ""))
-    print(f"  {'batch':>5}" + "".join(f"{'W=' + str(w):>10}" for w in args.widths))
+    print(f"  {'batch':>5}" + "".join(f"{'W=' + str(w):>15}" for w in args.widths))
     for batch in BATCHES:
         mine = {p["width"]: p for p in passes if p["batch"] == batch}
-        print(f"  {batch:>5}" + "".join(f"{mine[w]['ms']:>7.2f}" + (f" {mine[w]['over_one_token']:.1f}x"
-                                                                    if mine[w]["over_one_token"] else "")
-                                        for w in args.widths))
+        print(f"  {batch:>5}" + "".join(_cell(mine[w]["ms"], mine[w]["over_one_token"]) for w in args.widths))
     if any("eager_ms" in p for p in passes):
         print("eager passes (ms), and over the graphs' time")
         for batch in BATCHES:
             mine = {p["width"]: p for p in passes if p["batch"] == batch}
-            print(f"  {batch:>5}" + "".join(f"{mine[w]['eager_ms']:>7.2f} {mine[w]['eager_ms'] / mine[w]['ms']:.1f}x"
+            print(f"  {batch:>5}" + "".join(_cell(mine[w]["eager_ms"], mine[w]["eager_ms"] / mine[w]["ms"])
                                             for w in args.widths))
     predicted = forecast(passes)
     print("\nforecast for a draft that costs nothing (prompt lookup): tokens/s at the best width, "
@@ -487,6 +485,11 @@ def run(args) -> int:
 def exact_dtype(dtype: str | None) -> bool:
     """float32 (the default on a CPU): where greedy speculation gives plain decoding's tokens to the bit."""
     return dtype in ("float32", "fp32") or (dtype is None and not torch.cuda.is_available())
+
+
+def _cell(ms: float, ratio: float | None) -> str:
+    """A table cell of milliseconds and a ratio, 15 characters (a 70b pass takes thousands of milliseconds)."""
+    return f"{ms:.2f}{f' {ratio:.1f}x' if ratio else '':>6}".rjust(15)
 
 
 def _yes_no(identical: bool | None, first: int | None = None) -> str:

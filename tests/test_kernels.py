@@ -53,6 +53,33 @@ def test_the_kernels_take_one_row_of_16_bits_on_cuda():
 
 @needs_triton
 @pytest.mark.gpu
+def test_dependent_launches_that_fail_cost_a_warning_and_ordinary_launches(monkeypatch):
+    """Where a dependent launch fails (a driver without it) but an ordinary one works, the first model's trial
+    product warns once and every kernel is launched ordinarily from then on; the kernels stay."""
+    if torch.cuda.get_device_capability()[0] < 9 or kernels.gdc_wait is None:
+        pytest.skip("dependent launches need compute capability 9 and Triton's grid dependency control")
+    real = kernels._gemv_kernel
+
+    class NoDependents:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw.get("launch_pdl"):
+                    raise RuntimeError("CUDA driver error: invalid argument")
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(kernels, "_gemv_kernel", NoDependents())
+    monkeypatch.setattr(kernels, "_works", None)
+    monkeypatch.setattr(kernels, "PDL", 1)
+    x = torch.ones(1, 64, dtype=torch.float16, device="cuda")
+    with pytest.warns(OffloadWarning, match="dependent kernel launches fail"):
+        assert kernels.works(x.device)
+    assert kernels.PDL == 0 and kernels.dependent_launch(x.device) == {"PDL": 0}
+    assert ops.choose(x.device, x.dtype) is ops.TRITON
+
+
+@needs_triton
+@pytest.mark.gpu
 def test_a_triton_that_fails_costs_a_warning_and_the_kernels(monkeypatch):
     class Broken:
         def __getitem__(self, grid):

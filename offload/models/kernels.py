@@ -125,15 +125,27 @@ def works(device: torch.device) -> bool:
 
 
 def _try_a_product(device: torch.device) -> bool:
-    x = torch.ones(1, 64, dtype=torch.float16, device=device)
-    try:
-        problem = "" if bool((gemv(x, torch.ones(8, 64, dtype=x.dtype, device=device)) == 64).all()) else "wrong sums"
-    except Exception as e:  # noqa: BLE001 - whatever the toolchain raises, PyTorch's kernels still work
-        problem = f"{type(e).__name__}: {str(e)[:200]}"
+    global PDL
+    problem = _problem_of_a_product(device)
+    if problem and dependent_launch(device)["PDL"]:  # the launch itself may be what fails (an older driver)
+        PDL = 0
+        if not _problem_of_a_product(device):
+            warnings.warn(f"dependent kernel launches fail here ({problem}); launching every kernel ordinarily",
+                          OffloadWarning, stacklevel=3)
+            return True
     if problem:
         warnings.warn(f"offload's Triton kernels fail here ({problem}); decoding with PyTorch's kernels",
                       OffloadWarning, stacklevel=3)
     return not problem
+
+
+def _problem_of_a_product(device: torch.device) -> str:
+    """What went wrong in one small product by the kernels, or "" where it was right."""
+    x = torch.ones(1, 64, dtype=torch.float16, device=device)
+    try:
+        return "" if bool((gemv(x, torch.ones(8, 64, dtype=x.dtype, device=device)) == 64).all()) else "wrong sums"
+    except Exception as e:  # noqa: BLE001 - whatever the toolchain raises, PyTorch's kernels still work
+        return f"{type(e).__name__}: {str(e)[:200]}"
 
 
 # ----------------------------------------------------------------------------- one-row products
@@ -466,8 +478,9 @@ if triton is not None:
         n = tl.program_id(0)  # the output feature this program computes
         w_row = w_ptr + n.to(tl.int64) * K
         cols = tl.arange(0, BLOCK_K)
-        lines = tl.arange(0, BLOCK_K * 2 // 128) * (128 // 2)  # the first tile's 128-byte lines (16-bit weights)
-        prefetch(w_row + lines, lines < K, PDL)
+        if PDL >= 2:  # the first tile's 128-byte lines (of 16-bit weights)
+            lines = tl.arange(0, (BLOCK_K * 2 + 127) // 128) * 64
+            prefetch(w_row + lines, lines < K, PDL)
         wait_for_inputs(PDL)
         acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         inverse = inverse_rms(x_ptr, K, eps, NORM, NORM_BLOCK)

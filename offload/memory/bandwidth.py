@@ -33,13 +33,14 @@ from ..options import cache_dir
 from .host import PinnedMemory
 
 PROBE_BYTES = 256 * 2**20
-CACHE_VERSION = 4  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second;
-# 3: the products of 16 rows too; 4: int4's products of 16 rows on the tensor cores
+CACHE_VERSION = 5  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second;
+# 3: the products of 16 rows too; 4: int4's products of 16 rows on the tensor cores; 5: kernels launched as
+# dependents of the one before them (``kernels.PDL``)
 # The environment's switches of the kernels a product runs (read at import by ``models.quant_kernels`` and
 # ``models.kernels``): a product's rate is cached apart for each setting of them, so that timing a kernel against
 # another never leaves a plan priced by the wrong one.
 KERNEL_SWITCHES = ("OFFLOAD_WORD_GEMV", "OFFLOAD_DOT_GEMV", "OFFLOAD_DOT_PTX", "OFFLOAD_GEMV_STAGES",
-                   "OFFLOAD_LAST_SUMS")
+                   "OFFLOAD_LAST_SUMS", "OFFLOAD_PDL")
 
 
 def cache_path() -> Path:

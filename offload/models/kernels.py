@@ -129,10 +129,12 @@ def _try_a_product(device: torch.device) -> bool:
     problem = _problem_of_a_product(device)
     if problem and dependent_launch(device)["PDL"]:  # the launch itself may be what fails (an older driver)
         PDL = 0
-        if not _problem_of_a_product(device):
+        ordinary = _problem_of_a_product(device)
+        if not ordinary:
             warnings.warn(f"dependent kernel launches fail here ({problem}); launching every kernel ordinarily",
                           OffloadWarning, stacklevel=3)
             return True
+        problem = ordinary
     if problem:
         warnings.warn(f"offload's Triton kernels fail here ({problem}); decoding with PyTorch's kernels",
                       OffloadWarning, stacklevel=3)

@@ -464,14 +464,13 @@ if triton is not None:
             gdc_launch_dependents()
 
     @triton.jit
-    def prefetch(pointers, ok, PDL: tl.constexpr):
-        """Under a dependent launch of level 2: ask L2 for the lines at ``pointers`` (where ``ok``), while the
-        kernel before this one finishes. A hint: nothing waits for it, and an address it names is never read from
-        it."""
-        if PDL >= 2:
-            tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; "
-                                      "mov.u32 $0, 0; }", "=r,l,r", [pointers, ok.to(tl.int32)], dtype=tl.int32,
-                                      is_pure=False, pack=1)
+    def prefetch(pointers, ok):
+        """Ask L2 for the lines at ``pointers`` (where ``ok``): under a dependent launch of level 2, a kernel's
+        first weights while the kernel before it finishes. A hint: nothing waits for it, and an address it names
+        is never read from it."""
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; "
+                                  "mov.u32 $0, 0; }", "=r,l,r", [pointers, ok.to(tl.int32)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, nw_ptr, y_ptr, K, eps, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -482,7 +481,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         if PDL >= 2:  # the first tile's 128-byte lines (of 16-bit weights)
             lines = tl.arange(0, (BLOCK_K * 2 + 127) // 128) * 64
-            prefetch(w_row + lines, lines < K, PDL)
+            prefetch(w_row + lines, lines < K)
         wait_for_inputs(PDL)
         acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         inverse = inverse_rms(x_ptr, K, eps, NORM, NORM_BLOCK)

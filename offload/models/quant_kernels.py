@@ -425,7 +425,7 @@ if triton is not None:
             LINES: tl.constexpr = (BYTES + 127) // 128
             at = (first // 2 if INT4 else first) + tl.arange(0, LINES) * 128
             pointers = data_ptr + rows[:, None].to(tl.int64) * s_data + at[None, :]
-            prefetch(pointers, ok[:, None] & (at < (K // 2 if INT4 else K))[None, :], PDL)
+            prefetch(pointers, ok[:, None] & (at < (K // 2 if INT4 else K))[None, :])
 
     @triton.jit
     def _store_gemv(total, rows, n_ok, N, bias_ptr, res_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS: tl.constexpr,

@@ -21,9 +21,6 @@
 #   quant7b_words  int8 and int4 with every word kernel (OFFLOAD_WORD_GEMV=1; the default: int4's GEMV only)
 #   dotgemv        the tensor-core product of up to 16 rows (quant_kernels._dot_gemv_kernel): its tests on the GPU, then
 #                  llama-2-7b's products of 1 and 16 rows against the defaults, and its blockings (the best three)
-#   gemv_stages    one-row products with the GEMVs' loop pipelined (OFFLOAD_GEMV_STAGES=3: the next tiles copied
-#                  into shared memory while one is computed) against not, and their blockings (fewer stretches:
-#                  longer pipelines); then llama-2-7b resident in int4 and int8 at batch 1, both ways
 #   pdl            kernels launched as dependents of the one before them (OFFLOAD_PDL=1: each waits for its inputs;
 #                  2: after asking L2 for its first weights) against not: their GPU test, then llama-2-7b resident in
 #                  int4, int8 and bf16 at batch 1 (int4 at 16), and SmolLM2-135M's shape in int4 (a draft's step)
@@ -95,7 +92,7 @@
 # (H200, 2026-12-06) the tests of a layer in fewer kernels (the kernel files cut at 180 s), their probe,
 # spec_smollm2_greedy (1.19x: drafting 5.7 ms a pass, verifying 4.9), quant7b; twelfth (H100, 2026-12-06) dotgemv
 # (then 64 features a program, at 16 rows), quant7b_dot, spec_smollm2_stop and fixed chain lengths (1.23x at best);
-# thirteenth (H100, 2026-12-06) gemv_stages (slower), tests_kernels (in three calls), spec70b, pdl (twice).
+# thirteenth (H100, 2026-12-06) pipelined GEMVs (slower: removed), tests_kernels (in three calls), spec70b, pdl (twice).
 #   1. tests:300 tests_spec:280                                the GPU tests with dependent launches on by default
 #   2. tests_kernels:300                                       the same for the kernel files
 #   3. dotgemv:260 on an H200                                  the tensor-core product where HBM is faster (#20)
@@ -153,11 +150,6 @@ run_stage() {
       --batch $b $q; done; done; done' ;;
     dotgemv) stage dotgemv_tests python3 -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -k tensor_core
       stage dotgemv python3 benchmarks/bench_quant_kernels.py --rows 1,16 --dot --dot-sweep ;;
-    gemv_stages) stage gemv_stages bash -c 'for stages in 1 3; do echo "OFFLOAD_GEMV_STAGES=$stages"
-      OFFLOAD_GEMV_STAGES=$stages python3 benchmarks/bench_quant_kernels.py --rows 1 --words --sweep; done
-      for q in int4 int8; do for stages in 1 3; do echo "OFFLOAD_GEMV_STAGES=$stages $q batch 1"
-      OFFLOAD_GEMV_STAGES=$stages python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
-      --batch 1 --quantize $q; done; done' ;;
     pdl) stage pdl_tests timeout 240 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py -k dependent
       stage pdl bash -c 'for run in "1 int4" "1 int8" "1 bf16" "16 int4"; do for pdl in 0 1 2; do set -- $run
       echo "OFFLOAD_PDL=$pdl $2 batch $1"; OFFLOAD_PDL=$pdl python3 benchmarks/profile_decode.py --shape llama-2-7b \

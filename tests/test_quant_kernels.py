@@ -284,10 +284,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from offload.models import quant_kernels
-fmt, last, stages, pdl = sys.argv[1], sys.argv[2] == "last", int(sys.argv[3]), int(sys.argv[4])
+fmt, last, pdl = sys.argv[1], sys.argv[2] == "last", int(sys.argv[3])
 constexprs = dict(GROUP=128 if fmt == "int4" else 256, INT4=fmt == "int4", PER_CHANNEL=fmt == "int8",
                   HAS_MIN=fmt == "int4", HAS_BIAS=last, HAS_RESIDUAL=False, GATE=0, NORM=0, NORM_BLOCK=1, FINAL=False,
-                  LAST=last, EVEN=True, BLOCK_N=128, BLOCK_K=256, STAGES=stages, PDL=pdl)
+                  LAST=last, EVEN=True, BLOCK_N=128, BLOCK_K=256, PDL=pdl)
 types = {"x_ptr": "*bf16", "data_ptr": "*u8" if fmt == "int4" else "*i8", "scale_ptr": "*bf16", "min_ptr": "*bf16",
          "bias_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "eps": "fp32", "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32"}
 fn = quant_kernels._gemv_words_kernel
@@ -316,7 +316,7 @@ def test_the_word_gemv_compiles_for_hopper_to_wide_loads_and_no_conversions(fmt,
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, fmt, sums, "1", "0"], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, fmt, sums, "0"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ptx = proc.stdout
@@ -327,28 +327,6 @@ def test_the_word_gemv_compiles_for_hopper_to_wide_loads_and_no_conversions(fmt,
     if sums == "last":
         assert re.search(r"bar\.sync[^\n]*\n(?:[^\n]*\n){0,12}[^\n]*atom\.global\.gpu\.acq_rel", ptx)
         assert re.search(r"ld\.global\.cg\.b32", ptx)
-
-
-@pytest.mark.slow
-def test_the_word_gemv_pipelined_copies_its_tiles_ahead():
-    """``GEMV_STAGES`` above 1 (``OFFLOAD_GEMV_STAGES``): Triton copies a program's next tiles into shared memory
-    (``cp.async``) while it computes this one; at 1, each tile is loaded into registers, then computed."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    copies = {}
-    for stages in (1, 3):
-        proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, "int4", "kernel", str(stages), "0"],
-                              env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        copies[stages] = proc.stdout.count("cp.async.cg.shared.global") + proc.stdout.count("cp.async.ca.shared.global")
-    assert copies[1] == 0 and copies[3] > 0
 
 
 @pytest.mark.slow
@@ -365,7 +343,7 @@ def test_a_dependent_gemv_reads_nothing_before_it_waits():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     for pdl in (0, 1, 2):
-        proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, "int4", "last", "1", str(pdl)], env=env,
+        proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, "int4", "last", str(pdl)], env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         lines = proc.stdout.splitlines()
@@ -379,22 +357,6 @@ def test_a_dependent_gemv_reads_nothing_before_it_waits():
             assert first("griddepcontrol.wait") < first("griddepcontrol.launch_dependents") < first("ld.global")
         if pdl == 2:
             assert first("prefetch.global.L2") < first("griddepcontrol.wait")
-
-
-@pytest.mark.parametrize("stages", [1, 3])
-def test_a_pipelined_gemv_computes_the_same_bits(monkeypatch, stages):
-    """The GEMVs' loop pipelined or not: the same tiles summed in the same order."""
-    dtype = DTYPES[0]
-    gen = torch.Generator().manual_seed(31)
-    for fmt, group, words in (("int4", 64, True), ("int8", None, False)):
-        w = packed(fmt, group, 67, 1024, dtype, seed=32)
-        x = torch.randn(1, 1024, generator=gen).to(dtype).to(DEVICE)
-        blocking = (16, 128, 2, 4, True) if words else (8, 1024, 1, 4, False)
-        monkeypatch.setattr(quant_kernels, "GEMV_STAGES", 1)
-        plain = quant_kernels.linear(x, w, blocking=blocking)
-        monkeypatch.setattr(quant_kernels, "GEMV_STAGES", stages)
-        assert quant_kernels.linear(x, w, blocking=blocking).equal(plain)
-        assert_close_to_exact(plain, x, w, None)
 
 
 def test_int8_rows_of_whole_words_that_are_not_whole_int4_words():

@@ -39,8 +39,8 @@ CACHE_VERSION = 5  # 2: products timed in CUDA graphs over a 7b layer's shapes, 
 # The environment's switches of the kernels a product runs (read at import by ``models.quant_kernels`` and
 # ``models.kernels``): a product's rate is cached apart for each setting of them, so that timing a kernel against
 # another never leaves a plan priced by the wrong one.
-KERNEL_SWITCHES = ("OFFLOAD_WORD_GEMV", "OFFLOAD_DOT_GEMV", "OFFLOAD_DOT_PTX", "OFFLOAD_GEMV_STAGES",
-                   "OFFLOAD_LAST_SUMS", "OFFLOAD_PDL")
+KERNEL_SWITCHES = ("OFFLOAD_WORD_GEMV", "OFFLOAD_DOT_GEMV", "OFFLOAD_DOT_PTX", "OFFLOAD_LAST_SUMS",
+                   "OFFLOAD_PDL")
 
 
 def cache_path() -> Path:

@@ -84,11 +84,6 @@ MAGIC = 0x4B000000  # the bits of the float 2^23
 # product 0.63x. So by default (None) int4's GEMV reads words and nothing else does; the environment's
 # OFFLOAD_WORD_GEMV=1 turns every word kernel on, =0 every one off (read once, at import).
 WORD_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_WORD_GEMV", ""))
-# The GEMVs' loop over a program's columns pipelined this many stages deep (Triton copies the next tiles into shared
-# memory while this one is computed; 1: each tile loaded, then computed): OFFLOAD_GEMV_STAGES (read once, at
-# import). Timed on an H100 (2026-12-06, llama-2-7b's products of one row), 3 stages were slower: int4 (groups of
-# 128) qkv 22.1 against 17.9 us, o 11.5 against 10.3, gate_up 31.3 against 26.9; int8 o 11.5 against 9.4.
-GEMV_STAGES = int(os.environ.get("OFFLOAD_GEMV_STAGES", "1"))
 # The tensor-core product of up to DOT_ROWS rows (``_dot_gemv_kernel``): for every product it takes with
 # OFFLOAD_DOT_GEMV=1, for none with =0; by default (None) where it was timed faster (``dot_chooses``).
 DOT_ROWS = 16
@@ -144,7 +139,7 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
         final = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GATE=gate_code(gate),
                      NORM=norm_code, NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, FINAL=splits == 1,
                      LAST=counters is not None, SPLITS=splits, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                     STAGES=GEMV_STAGES, **common, **dependent_launch(x.device))
+                     **common, **dependent_launch(x.device))
         if words:
             if not words_take(w):
                 raise ValueError("the word GEMV takes int8 per channel or in groups of 16 to 256 columns, or int4 "
@@ -365,7 +360,7 @@ if triton is not None:
                      PER_CHANNEL: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
                      FINAL: tl.constexpr, LAST: tl.constexpr, SPLITS, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr, PDL: tl.constexpr):
+                     PDL: tl.constexpr):
         """Features ``[pid0 * BLOCK_N, +BLOCK_N)``, columns ``[pid1 * SPAN, +SPAN)`` of row ``pid2`` of x: the
         output itself (FINAL), or this stretch's float32 partial sums ``out[pid1, pid2, features]`` (LAST: and the
         output ``final``, by the last stretch's program to finish)."""
@@ -381,7 +376,7 @@ if triton is not None:
         n3 = n_ok[:, None, None]
         acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
         start = tl.program_id(1) * SPAN
-        for k0 in tl.range(start, tl.minimum(start + SPAN, K), BLOCK_K, num_stages=STAGES):
+        for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
             cols = k0 + g[:, None] * GROUP  # the first column of each group of the tile, [NG, 1]
             if INT4:
                 j = tl.arange(0, GROUP // 2)[None, :]  # byte j of a group: its columns j and j + GROUP / 2
@@ -473,7 +468,7 @@ if triton is not None:
                            HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr,
                            NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr,
                            SPLITS, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           STAGES: tl.constexpr, PDL: tl.constexpr):
+                           PDL: tl.constexpr):
         """``_gemv_kernel``'s product in fewer instructions a byte (int4: less than half; the one-row product
         is bound by them, not by its bytes): the weights are read as 32-bit words, and each 4-bit or 8-bit field becomes
         a float with one bit operation and one subtraction, where it lies in the word. The field under bits
@@ -504,7 +499,7 @@ if triton is not None:
         words = data_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None, None].to(tl.int64) * (s_data // 4)
         four = tl.arange(0, 4)[None, None, :]
         acc = tl.zeros([BLOCK_N, NG, WG // 4], dtype=tl.float32)
-        for k0 in tl.range(start, tl.minimum(start + TILES * BLOCK_K, K), BLOCK_K, num_stages=STAGES):
+        for k0 in range(start, tl.minimum(start + TILES * BLOCK_K, K), BLOCK_K):
             first = k0 + g * GROUP  # each group's first column, [NG, 1]
             at = (k0 // GROUP * WG if INT4 else k0 // 4) + g * WG + t  # each word's place in its row, [NG, WG]
             columns = (first + 4 * t)[:, :, None] + four  # the columns of each word's first four fields

@@ -14,6 +14,8 @@ microseconds per product and, for a few rows, floor / time, where the floor is t
 product's weight bytes (compressed) over the device-copy bandwidth measured in the
 run; for 2048 rows, TFLOP/s. Each product cycles through copies of its weight (600 MB
 in all) inside one CUDA graph, so no weight is found in L2 and no launch gap is timed.
+``--ints``: also the word GEMV with its products in integers (``quant_kernels.INT_GEMV``: four weights a
+``dp4a``) against in floats, one and two rows; with ``--ints-sweep``, both on other blockings (the best three).
 ``--words``: also the word kernels (``quant_kernels.WORD_GEMV``: the GEMV for one or two
 rows, int4's product for up to 16), checked against dequantize-then-multiply. ``--dot``: also the
 tensor-core product of up to 16 rows (``quant_kernels._dot_gemv_kernel``), checked the same way; with
@@ -100,6 +102,46 @@ def sweep_blockings(m, w):
     return [(bm, 128, block_k, 1, warps, 3, False) for bm, warps in itertools.product([64, 128], [4, 8])]
 
 
+INT_BLOCKINGS = [(128, 256, 4), (128, 256, 2), (64, 256, 2), (256, 256, 4), (128, 512, 4), (64, 1024, 4),
+                 (32, 1024, 4), (32, 1024, 2), (16, 2048, 4)]  # (features, columns, warps) a word GEMV's program
+
+
+def integer_products(fmt, x, ws, floor, totals, sweep: bool) -> list[str]:
+    """The word GEMV with its products in integers (``quant_kernels.INT_GEMV``) against in floats, on the same
+    blocking, each checked against dequantize-then-multiply first; with ``sweep``, both on ``INT_BLOCKINGS`` too
+    (the best three of each)."""
+    if not quant_kernels.words_take(ws[0]):
+        return []
+    want = dequantized(x, ws[0]).float()
+    chosen = quant_kernels.gemv_blocking(ws[0], words=True)
+    n, k = ws[0].rows, ws[0].cols
+    others = [(bn, bk, quant_kernels._splits(n, k, bn, bk), warps, True) for bn, bk, warps in INT_BLOCKINGS
+              if bk % (ws[0].scheme.group_size or 1) == 0]
+    out = []
+    for ints in (False, True):
+        name = "ints" if ints else "words"
+        quant_kernels.INT_GEMV = ints
+        try:
+            got = product(fmt, x, ws[0], chosen).float()
+            if (got - want).abs().max() > 2e-2 * want.abs().max():
+                out.append(f"{name} DISAGREE")
+                continue
+            us = time_us(lambda w: product(fmt, x, w, chosen), ws)
+            out.append(f"{name} {us:7.1f} ({floor / us:4.2f})")
+            t = totals.setdefault((f"{fmt} {name}", x.shape[0]), [0.0, 0.0])
+            t[0], t[1] = t[0] + floor, t[1] + us
+            if sweep:
+                times = {b: time_us(lambda w, b=b: product(fmt, x, w, b), ws) for b in others}
+                best = sorted(times, key=times.get)[:3]
+                out.append(f"{name} best " + " ".join(f"({b[0]}x{b[1]} s{b[2]} w{b[3]}):{times[b]:.1f}"
+                                                      for b in best))
+                t = totals.setdefault((f"{fmt} {name} best", x.shape[0]), [0.0, 0.0])
+                t[0], t[1] = t[0] + floor, t[1] + times[best[0]]
+        finally:
+            quant_kernels.INT_GEMV = None
+    return out
+
+
 def dot_blockings(m, w):
     """The tensor-core product's blockings to sweep for ``m`` rows of ``w``."""
     out = [quant_kernels.dot_blocking(w, m, block_n, programs, stages)
@@ -114,6 +156,9 @@ def main() -> int:
     p.add_argument("--rows", default="1,16,2048")
     p.add_argument("--sweep", action="store_true", help="also time other blockings of the kernels (the best three)")
     p.add_argument("--words", action="store_true", help="also time the word kernels (quant_kernels.WORD_GEMV)")
+    p.add_argument("--ints", action="store_true",
+                   help="also time the word GEMV's products in integers (quant_kernels.INT_GEMV) against in floats")
+    p.add_argument("--ints-sweep", action="store_true", help="and both on other blockings (the best three)")
     p.add_argument("--dot", action="store_true", help="also time the tensor-core product of up to 16 rows")
     p.add_argument("--dot-sweep", action="store_true", help="and its other blockings (the best three)")
     args = p.parse_args()
@@ -158,6 +203,8 @@ def main() -> int:
                         line.append(f"words {us_words:7.1f} ({floor / us_words:4.2f})")
                         t = totals.setdefault((fmt + " words", m), [0.0, 0.0])
                         t[0], t[1] = t[0] + floor, t[1] + us_words
+                    if FORMATS[fmt] is not None and args.ints and m <= quant_kernels.GEMV_ROWS:
+                        line += integer_products(fmt, x, ws, floor, totals, args.ints_sweep and fmt in SWEPT)
                     dot = (FORMATS[fmt] is not None and args.dot and m <= quant_kernels.DOT_ROWS
                            and quant_kernels.dot_takes(ws[0], x.dtype))
                     if dot:  # checked on all m rows, by PTX and by Triton's operations: a wrong one is not timed

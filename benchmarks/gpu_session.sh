@@ -21,6 +21,9 @@
 #   quant7b_words  int8 and int4 with every word kernel (OFFLOAD_WORD_GEMV=1; the default: int4's GEMV only)
 #   dotgemv        the tensor-core product of up to 16 rows (quant_kernels._dot_gemv_kernel): its tests on the GPU, then
 #                  llama-2-7b's products of 1 and 16 rows against the defaults, and its blockings (the best three)
+#   ints           the word GEMV's products in integers (OFFLOAD_INT_GEMV=1: four weights a dp4a): its tests on the
+#                  GPU, llama-2-7b's products of 1 and 2 rows against the float products (and its blockings), then
+#                  llama-2-7b resident in int4, int8 and bf16 at batch 1 and 16, and SmolLM2-135M's shape in int4
 #   pdl            kernels launched as dependents of the one before them (OFFLOAD_PDL=1: each waits for its inputs;
 #                  2: after asking L2 for its first weights) against not: their GPU test, then llama-2-7b resident in
 #                  int4, int8 and bf16 at batch 1 (int4 at 16), and SmolLM2-135M's shape in int4 (a draft's step)
@@ -148,6 +151,16 @@ run_stage() {
       for q in "" "--quantize int8" "--quantize int4"; do for b in 1 16; do for last in 0 1; do echo "OFFLOAD_LAST_SUMS=$last"
       OFFLOAD_LAST_SUMS=$last python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
       --batch $b $q; done; done; done' ;;
+    ints) stage ints_tests env OFFLOAD_INT_GEMV=1 python3 -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py \
+      -k "integer or word or gated_mlps or normalizes or last"
+      stage ints python3 benchmarks/bench_quant_kernels.py --rows 1,2 --ints ;;
+    ints_sweep) stage ints_sweep python3 benchmarks/bench_quant_kernels.py --rows 1 --ints --ints-sweep ;;
+    ints7b)
+      stage ints7b bash -c 'for b in 1; do for run in "1 int4" "0 int4" "0 bf16" "1 int8" "0 int8"; do set -- $run
+      q=$([ $2 = bf16 ] || echo "--quantize $2"); echo "OFFLOAD_INT_GEMV=$1 $2 batch $b"; OFFLOAD_INT_GEMV=$1 python3 \
+      benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 --batch $b $q; done; done
+      for ints in 1 0; do echo "OFFLOAD_INT_GEMV=$ints smollm2 int4 batch 1"; OFFLOAD_INT_GEMV=$ints python3 \
+      benchmarks/profile_decode.py --shape smollm2-135m --prompts 128 --new-tokens 32 --batch 1 --quantize int4; done' ;;
     dotgemv) stage dotgemv_tests python3 -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -k tensor_core
       stage dotgemv python3 benchmarks/bench_quant_kernels.py --rows 1,16 --dot --dot-sweep ;;
     pdl) stage pdl_tests timeout 240 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py -k dependent

@@ -137,6 +137,67 @@ def test_the_word_gemv_equals_dequantize_then_multiply(fmt, group, minimum, rows
             assert_close_to_exact(got, x, w, b)
 
 
+@pytest.mark.parametrize("fmt, group, minimum", WORD_FORMATS)
+@pytest.mark.parametrize("rows, cols, m, blocking", [
+    (67, 384, 1, None),  # odd rows, columns past the last tile: masked
+    (128, 512, 2, None),  # whole tiles: no masks
+    (40, 1024, 1, (16, 128, 3, 4, True)),  # three stretches of columns summed
+])
+def test_the_integer_gemv_equals_dequantize_then_multiply(fmt, group, minimum, rows, cols, m, blocking, monkeypatch):
+    """The word GEMV's products in integers (``INT_GEMV``: inputs in 16-bit fixed point per group, four products
+    a ``dp4a``): against float64, with a bias and float16 scales; inputs whose magnitudes span 2^12 within a group
+    (so the smallest are rounded) stay within the tolerance; a group of zeros gives zero, an infinite input NaN."""
+    monkeypatch.setattr(quant_kernels, "INT_GEMV", True)
+    dtype = DTYPES[0]
+    for scale_dtype in (None, torch.float16):
+        w = packed(fmt, group, rows, cols, dtype, seed=rows + (group or 0), minimum=minimum, scale_dtype=scale_dtype)
+        gen = torch.Generator().manual_seed(m)
+        x = torch.randn(m, cols, generator=gen) * torch.exp2(torch.randint(-6, 7, (m, cols), generator=gen))
+        x = x.to(dtype).to(DEVICE)
+        bias = torch.randn(rows, generator=gen).to(dtype).to(DEVICE)
+        for b in (None, bias):
+            got = quant_kernels.linear(x, w, b, blocking=blocking or quant_kernels.gemv_blocking(w))
+            assert_close_to_exact(got, x, w, b)
+    blocking = blocking or quant_kernels.gemv_blocking(w)
+    assert not quant_kernels.linear(torch.zeros_like(x), w, blocking=blocking).any()
+    x[0, 5] = float("inf")
+    assert quant_kernels.linear(x, w, blocking=blocking)[0].isnan().any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="inline PTX runs on a GPU")
+@pytest.mark.parametrize("fmt, group", [("int4", 128), ("int8", None), ("int4", 32)])
+def test_integer_products_by_ptx_equal_those_by_triton_operations(fmt, group, monkeypatch):
+    """``dp4a`` by inline PTX against Triton's integer operations (what the interpreter checks): the same integers,
+    so the same bits."""
+    monkeypatch.setattr(quant_kernels, "INT_GEMV", True)
+    w = packed(fmt, group, 300, 2048, torch.bfloat16, seed=33)
+    x = (torch.randn(2, 2048, generator=torch.Generator().manual_seed(34)) * 3).to(torch.bfloat16).to(DEVICE)
+    by_ptx = quant_kernels.linear(x, w)
+    monkeypatch.setattr(quant_kernels, "INT_PTX", False)
+    assert quant_kernels.linear(x, w).equal(by_ptx)
+    assert_close_to_exact(by_ptx, x, w, None)
+
+
+def test_integer_products_are_chosen_where_switched_on_or_timed_faster(monkeypatch):
+    """``INT_GEMV`` on: the GEMV of int8 reads words too (with its products in integers); off or unset: int8 keeps
+    the byte kernel. By default int4 in groups of 128 or more has them, smaller groups not; off, none."""
+    big, small = empty_weight("int4", 128, 64, 512), empty_weight("int4", 64, 64, 512)
+    monkeypatch.setattr(quant_kernels, "INT_GEMV", None)
+    assert quant_kernels.ints_chosen(big) and not quant_kernels.ints_chosen(small)
+    assert not quant_kernels.ints_chosen(empty_weight("int8", None, 64, 512))
+    monkeypatch.setattr(quant_kernels, "INT_GEMV", False)
+    assert not quant_kernels.ints_chosen(big)
+    w = packed("int8", None, 64, 512, DTYPES[0], seed=31)
+    x = (torch.randn(1, 512, generator=torch.Generator().manual_seed(32)) * 3).to(DTYPES[0]).to(DEVICE)
+    for switch in (None, False):
+        monkeypatch.setattr(quant_kernels, "INT_GEMV", switch)
+        assert not quant_kernels.gemv_blocking(w)[-1]
+    monkeypatch.setattr(quant_kernels, "INT_GEMV", True)
+    assert quant_kernels.gemv_blocking(w)[-1]
+    assert_close_to_exact(quant_kernels.linear(x, w), x, w, None)
+
+
 @pytest.mark.parametrize("group, rows, cols, m, splits", [(128, 67, 384, 5, 1), (256, 130, 512, 16, 2),
                                                          (128, 40, 1024, 3, 4)])
 def test_the_word_product_of_a_few_rows_equals_dequantize_then_multiply(group, rows, cols, m, splits):
@@ -156,14 +217,17 @@ def test_the_word_product_of_a_few_rows_equals_dequantize_then_multiply(group, r
 FUSED_FORMATS = [("int4", 64, False), ("int8", None, False), ("int8", 16, True)]
 # rows, the GEMV (the default, words or bytes), how a split product's stretches are summed
 FUSED_KERNELS = [(1, "default", "last"), (2, "default", "second kernel"), (1, "words", "last"), (2, "bytes", "last"),
-                 (1, "bytes", "one")]
+                 (1, "bytes", "one"), (2, "ints", "last")]
 
 
 def fused_case(fmt, group, minimum, m, kernel, sums, cols, monkeypatch):
     """A weight of 40 features by ``cols`` columns for a fused product's test, and the GEMV blocking to use (None:
     the default), its stretches summed by the last program, a second kernel (``sums``) or not split."""
     w = packed(fmt, group, 40, cols, DTYPES[0], seed=cols + m, minimum=minimum)
-    blocking = {"default": None, "words": (16, 128, 3, 4, True), "bytes": (8, 128, 3, 4, False)}[kernel]
+    blocking = {"default": None, "words": (16, 128, 3, 4, True), "bytes": (8, 128, 3, 4, False),
+                "ints": (16, 128, 3, 4, True)}[kernel]
+    if kernel == "ints":
+        monkeypatch.setattr(quant_kernels, "INT_GEMV", True)
     if blocking is not None and sums == "one":
         blocking = (*blocking[:2], 1, *blocking[3:])
     if blocking is not None and blocking[-1] and not quant_kernels.words_take(w):
@@ -264,6 +328,7 @@ def test_the_word_gemv_refuses_what_it_cannot_read_as_words():
 def test_the_words_are_used_only_where_switched_on(monkeypatch):
     w = packed("int4", 128, 256, 1024, DTYPES[0], seed=8)
     w8 = packed("int8", None, 256, 1024, DTYPES[0], seed=8)
+    monkeypatch.setattr(quant_kernels, "INT_GEMV", None)
     monkeypatch.setattr(quant_kernels, "WORD_GEMV", None)  # the default (OFFLOAD_WORD_GEMV unset): int4's GEMV
     assert quant_kernels.gemv_blocking(w)[-1] and not quant_kernels.gemv_blocking(w8)[-1]
     assert not quant_kernels.matmul_blocking(w, 16)[-1]
@@ -284,10 +349,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from offload.models import quant_kernels
-fmt, last, pdl = sys.argv[1], sys.argv[2] == "last", int(sys.argv[3])
+fmt, last, pdl, ints = sys.argv[1], sys.argv[2] == "last", int(sys.argv[3]), sys.argv[2] == "ints"
 constexprs = dict(GROUP=128 if fmt == "int4" else 256, INT4=fmt == "int4", PER_CHANNEL=fmt == "int8",
                   HAS_MIN=fmt == "int4", HAS_BIAS=last, HAS_RESIDUAL=False, GATE=0, NORM=0, NORM_BLOCK=1, FINAL=False,
-                  LAST=last, EVEN=True, BLOCK_N=128, BLOCK_K=256, PDL=pdl)
+                  LAST=last, EVEN=True, BLOCK_N=128, BLOCK_K=256, PDL=pdl, INTS=ints, ASM=ints)
 types = {"x_ptr": "*bf16", "data_ptr": "*u8" if fmt == "int4" else "*i8", "scale_ptr": "*bf16", "min_ptr": "*bf16",
          "bias_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "eps": "fp32", "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32"}
 fn = quant_kernels._gemv_words_kernel
@@ -300,13 +365,15 @@ print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_war
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt, sums", [("int4", "kernel"), ("int8", "kernel"), ("int4", "last")])
+@pytest.mark.parametrize("fmt, sums", [("int4", "kernel"), ("int8", "kernel"), ("int4", "last"), ("int4", "ints"),
+                                       ("int8", "ints")])
 def test_the_word_gemv_compiles_for_hopper_to_wide_loads_and_no_conversions(fmt, sums):
     """Compiled for sm_90 here (Triton's CUDA backend needs no GPU to compile; in a process of its own, without
     the interpreter): the weights are loaded 16 bytes a thread at a time, and no integer is converted to a float
     by a conversion instruction (a quarter of the multiply-add rate: the reason for the words). With the last
     program's sums (``kernels.LAST_SUMS``): a barrier, then one acquire-release atomic a tile, and the partial
-    sums read past the SM's own cache."""
+    sums read past the SM's own cache. With integer products (``ints``): two ``dp4a`` for every four weights (the inputs'
+    high and low bytes), and one conversion to float for a thread's four words."""
     import os
     import re
     import subprocess
@@ -321,7 +388,12 @@ def test_the_word_gemv_compiles_for_hopper_to_wide_loads_and_no_conversions(fmt,
     assert proc.returncode == 0, proc.stderr[-2000:]
     ptx = proc.stdout
     assert re.search(r"ld\.global\S*evict_first\S*\.v4\.b32", ptx)
-    assert not re.search(r"cvt\.rn\.f32\.[su](8|16|32)", ptx)
+    conversions = len(re.findall(r"cvt\.rn\.f32\.[su](8|16|32)", ptx))
+    if sums == "ints":  # 128 x 256 weights a step, 128 threads: 256 weights a thread
+        assert len(re.findall(r"dp4a\.", ptx)) == 256 // 4 * (2 if fmt == "int4" else 2)
+        assert conversions == 256 // (32 if fmt == "int4" else 16)  # one a thread's four words
+    else:
+        assert conversions == 0
     atomics = re.findall(r"atom\.global\.gpu\.acq_rel\.add", ptx)
     assert len(atomics) == (1 if sums == "last" else 0)
     if sums == "last":

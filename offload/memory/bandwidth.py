@@ -33,14 +33,14 @@ from ..options import cache_dir
 from .host import PinnedMemory
 
 PROBE_BYTES = 256 * 2**20
-CACHE_VERSION = 5  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second;
+CACHE_VERSION = 6  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second;
 # 3: the products of 16 rows too; 4: int4's products of 16 rows on the tensor cores; 5: kernels launched as
-# dependents of the one before them (``kernels.PDL``)
+# dependents of the one before them (``kernels.PDL``); 6: int4's GEMV in integers (``quant_kernels.INT_GEMV``)
 # The environment's switches of the kernels a product runs (read at import by ``models.quant_kernels`` and
 # ``models.kernels``): a product's rate is cached apart for each setting of them, so that timing a kernel against
 # another never leaves a plan priced by the wrong one.
 KERNEL_SWITCHES = ("OFFLOAD_WORD_GEMV", "OFFLOAD_DOT_GEMV", "OFFLOAD_DOT_PTX", "OFFLOAD_LAST_SUMS",
-                   "OFFLOAD_PDL")
+                   "OFFLOAD_PDL", "OFFLOAD_INT_GEMV")
 
 
 def cache_path() -> Path:

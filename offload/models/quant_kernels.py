@@ -22,7 +22,9 @@ compressed bytes of HBM traffic, resident or streamed.
   a float where it lies in the word (no unpacking): fewer instructions a weight (int4: less
   than half). It is int4's GEMV where it takes the weight (``words_take``), and, where
   ``WORD_GEMV`` turns it on, int8's too and int4's product of up to 16 rows
-  (``_matmul_kernel``'s WORDS), which reads its groups the same way.
+  (``_matmul_kernel``'s WORDS), which reads its groups the same way. For int4 in groups of 128
+  or more (``ints_chosen``) the word GEMV's products are integers (``_integer_sums``): each
+  group's inputs in 16-bit fixed point, four products of a field and a byte a ``dp4a``.
 * **More rows** (prefill chunks, batched decode): ``_matmul_kernel``, tiles of
   ``[BLOCK_M, group] x [group, BLOCK_N]`` (or 64 columns for int8 per channel), each
   weight tile dequantized in float32, rounded once to the activations' dtype (as
@@ -84,6 +86,11 @@ MAGIC = 0x4B000000  # the bits of the float 2^23
 # product 0.63x. So by default (None) int4's GEMV reads words and nothing else does; the environment's
 # OFFLOAD_WORD_GEMV=1 turns every word kernel on, =0 every one off (read once, at import).
 WORD_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_WORD_GEMV", ""))
+# The word GEMV's products in integers (``_integer_sums``: four weights a ``dp4a``), by default (None) where they were
+# timed faster (``ints_chosen``); OFFLOAD_INT_GEMV=1 for every word GEMV (int8's GEMV then reads words too), =0 for
+# none (read once, at import).
+INT_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_INT_GEMV", ""))
+INT_PTX = True  # their dp4a by inline PTX (False: by Triton's integer operations, as the interpreter computes them)
 # The tensor-core product of up to DOT_ROWS rows (``_dot_gemv_kernel``): for every product it takes with
 # OFFLOAD_DOT_GEMV=1, for none with =0; by default (None) where it was timed faster (``dot_chooses``).
 DOT_ROWS = 16
@@ -144,9 +151,11 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
             if not words_take(w):
                 raise ValueError("the word GEMV takes int8 per channel or in groups of 16 to 256 columns, or int4 "
                                  "in groups of 32 to 256, in rows of whole 4-byte words")
+            ints = ints_chosen(w)
             _gemv_words_kernel[(triton.cdiv(n, block_n), splits, m)](
                 *args, tiles, MAGIC, GROUP=block_k if w.scheme.group_size is None else group,
-                EVEN=n % block_n == 0 and k % block_k == 0, **final)
+                EVEN=n % block_n == 0 and k % block_k == 0, INTS=ints,
+                ASM=ints and INT_PTX and os.environ.get("TRITON_INTERPRET") != "1", **final)
         else:
             _gemv_kernel[(triton.cdiv(n, block_n), splits, m)](
                 *args, triton.cdiv(k, splits * block_k) * block_k,
@@ -198,7 +207,7 @@ def gemv_blocking(w: QuantizedWeight, words: bool | None = None) -> tuple[int, i
     has fewer than ``FEW_TILES`` of those."""
     n, k = w.rows, w.cols
     if words is None:
-        words = w.scheme.format == INT4 if WORD_GEMV is None else WORD_GEMV
+        words = (w.scheme.format == INT4 or INT_GEMV is True) if WORD_GEMV is None else WORD_GEMV
     if words and words_take(w):
         block_n, block_k = 128, 256
         if -(-n // block_n) * -(-k // block_k) < FEW_TILES:  # a small weight: its latency, not its bytes, bounds it
@@ -206,6 +215,17 @@ def gemv_blocking(w: QuantizedWeight, words: bool | None = None) -> tuple[int, i
         return block_n, block_k, _splits(n, k, block_n, block_k), 4, True
     block_n, block_k = 8, 1024 if w.scheme.group_size is None else max(1024, w.scheme.group_size)
     return block_n, block_k, _splits(n, k, block_n, block_k), 4, False
+
+
+def ints_chosen(w: QuantizedWeight) -> bool:
+    """Whether the word GEMV computes its products in integers for ``w``: with ``INT_GEMV`` on, always; by default,
+    int4 in groups of 128 or more. Timed on an H100 (2026-12-06, ``bench_quant_kernels.py --ints``): llama-2-7b's
+    four one-row products in int4, groups of 128, took 61.4 us against 67.8 in floats (its resident decode 2.51
+    against 2.73 ms a step); in groups of 32, 102.2 against 93.5 (a group's fixed point and sums cost more than its
+    products save); int8 per channel, 83.1 against the byte GEMV's 81.3."""
+    if INT_GEMV is not None:
+        return INT_GEMV
+    return w.scheme.format == INT4 and (w.scheme.group_size or 0) >= 128
 
 
 def _splits(n: int, k: int, block_n: int, block_k: int) -> int:
@@ -468,7 +488,7 @@ if triton is not None:
                            HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr,
                            NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr,
                            SPLITS, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           PDL: tl.constexpr):
+                           PDL: tl.constexpr, INTS: tl.constexpr = False, ASM: tl.constexpr = False):
         """``_gemv_kernel``'s product in fewer instructions a byte (int4: less than half; the one-row product
         is bound by them, not by its bytes): the weights are read as 32-bit words, and each 4-bit or 8-bit field becomes
         a float with one bit operation and one subtraction, where it lies in the word. The field under bits
@@ -483,7 +503,9 @@ if triton is not None:
         The words of a tile ``[BLOCK_N, groups, words of a group]``: int4's word ``t`` of a group holds
         columns ``4t..4t+3`` of its first half in its low nibbles and of its second half in its high ones;
         int8's holds columns ``4t..4t+3`` (per channel, a "group" is the tile). Each thread sums its four
-        adjacent words before the scale and the minimum apply."""
+        adjacent words before the scale and the minimum apply.
+
+        INTS: the products in integers instead (``_integer_sums``: four weights a ``dp4a``, no float a weight)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rows < N
         start = tl.program_id(1) * TILES * BLOCK_K
@@ -509,28 +531,39 @@ if triton is not None:
             else:
                 w = tl.load(words + at[None, :, :], mask=n_ok[:, None, None] & ok[None, :, :], other=0,
                             eviction_policy="evict_first")
-            x0, x1, x2, x3 = _four(gemv_input(x_row, columns, ok[:, :, None], K, EVEN, GATE, nw_ptr, inverse, NORM))
-            if INT4:
-                h0, h1, h2, h3 = _four(gemv_input(x_row, columns + HALF, ok[:, :, None], K, EVEN, GATE, nw_ptr,
-                                                   inverse, NORM))
-                high = w >> 12  # nibbles 5..7 under bits 8..19
-                s = _field(w, 0xF, MAGIC, 8388608.0, x0)
-                s += _field(w, 0xF0, MAGIC, 8388608.0, h0 * 0.0625)
-                s += _field(w, 0xF00, MAGIC, 8388608.0, x1 * 0.00390625)
-                s += _field(w, 0xF000, MAGIC, 8388608.0, h1 * 0.000244140625)
-                s += _field(w, 0xF0000, MAGIC, 8388608.0, x2 * 0.0000152587890625)
-                s += _field(high, 0xF00, MAGIC, 8388608.0, h2 * 0.00390625)
-                s += _field(high, 0xF000, MAGIC, 8388608.0, x3 * 0.000244140625)
-                s += _field(high, 0xF0000, MAGIC, 8388608.0, h3 * 0.0000152587890625)
-                xsum = ((x0 + h0) + (x1 + h1)) + ((x2 + h2) + (x3 + h3))
-            else:  # int8: the sign bit flipped (q + 128) by the same operation
-                high = w >> 16
-                s = _field(w, 0xFF, MAGIC + 0x80, 8388736.0, x0)
-                s += _field(w, 0xFF00, MAGIC + 0x8000, 8421376.0, x1 * 0.00390625)
-                s += _field(high, 0xFF, MAGIC + 0x80, 8388736.0, x2)
-                s += _field(high, 0xFF00, MAGIC + 0x8000, 8421376.0, x3 * 0.00390625)
-                xsum = (x0 + x1) + (x2 + x3)
-            s = tl.sum(tl.reshape(s, [BLOCK_N, NG, WG // 4, 4]), axis=3)  # a thread's four adjacent words
+            if INTS:
+                x = gemv_input(x_row, columns, ok[:, :, None], K, EVEN, GATE, nw_ptr, inverse, NORM)
+                if INT4:
+                    h = gemv_input(x_row, columns + HALF, ok[:, :, None], K, EVEN, GATE, nw_ptr, inverse, NORM)
+                    s = _integer_sums(w, x, h, True, ASM)
+                    xsum = tl.sum(x, axis=2) + tl.sum(h, axis=2)
+                else:
+                    s = _integer_sums(w, x, x, False, ASM)
+                    xsum = tl.sum(x, axis=2)
+            else:
+                x0, x1, x2, x3 = _four(gemv_input(x_row, columns, ok[:, :, None], K, EVEN, GATE, nw_ptr, inverse,
+                                                  NORM))
+                if INT4:
+                    h0, h1, h2, h3 = _four(gemv_input(x_row, columns + HALF, ok[:, :, None], K, EVEN, GATE, nw_ptr,
+                                                       inverse, NORM))
+                    high = w >> 12  # nibbles 5..7 under bits 8..19
+                    s = _field(w, 0xF, MAGIC, 8388608.0, x0)
+                    s += _field(w, 0xF0, MAGIC, 8388608.0, h0 * 0.0625)
+                    s += _field(w, 0xF00, MAGIC, 8388608.0, x1 * 0.00390625)
+                    s += _field(w, 0xF000, MAGIC, 8388608.0, h1 * 0.000244140625)
+                    s += _field(w, 0xF0000, MAGIC, 8388608.0, x2 * 0.0000152587890625)
+                    s += _field(high, 0xF00, MAGIC, 8388608.0, h2 * 0.00390625)
+                    s += _field(high, 0xF000, MAGIC, 8388608.0, x3 * 0.000244140625)
+                    s += _field(high, 0xF0000, MAGIC, 8388608.0, h3 * 0.0000152587890625)
+                    xsum = ((x0 + h0) + (x1 + h1)) + ((x2 + h2) + (x3 + h3))
+                else:  # int8: the sign bit flipped (q + 128) by the same operation
+                    high = w >> 16
+                    s = _field(w, 0xFF, MAGIC + 0x80, 8388736.0, x0)
+                    s += _field(w, 0xFF00, MAGIC + 0x8000, 8421376.0, x1 * 0.00390625)
+                    s += _field(high, 0xFF, MAGIC + 0x80, 8388736.0, x2)
+                    s += _field(high, 0xFF00, MAGIC + 0x8000, 8421376.0, x3 * 0.00390625)
+                    xsum = (x0 + x1) + (x2 + x3)
+                s = tl.sum(tl.reshape(s, [BLOCK_N, NG, WG // 4, 4]), axis=3)  # a thread's four adjacent words
             if PER_CHANNEL:
                 acc += s
             else:
@@ -553,6 +586,92 @@ if triton is not None:
             total *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
         _store_gemv(total, rows, n_ok, N, bias_ptr, res_ptr, out_ptr, final_ptr, count_ptr, HAS_BIAS, HAS_RESIDUAL,
                     FINAL, LAST, SPLITS)
+
+    @triton.jit
+    def _integer_sums(w, x, h, INT4: tl.constexpr, ASM: tl.constexpr):
+        """``sum q x`` over each thread's four adjacent words of ``w [BLOCK_N, groups, words]`` (``_gemv_words_kernel``'s
+        tile), computed in integers: ``[BLOCK_N, groups, words // 4]``, in float32. ``x`` (float32 ``[groups, words,
+        4]``) holds the columns of each word's first four fields (int4: its low nibbles), ``h`` those of int4's high
+        nibbles.
+
+        Each group's inputs become 16-bit integers ``v = x 2^(14 - e)`` (``e``: the exponent of the group's largest
+        ``|x|``, so ``|v| < 2^15``, rounded to nearest), split into a signed high byte and an unsigned low one (``v =
+        256 hi + lo``) and packed four to a word in the weights' column order. ``dp4a`` then adds four products of a
+        weight's field and a byte at a time, exact in int32; ``(256 sum q hi + sum q lo) 2^(e - 14)`` is the sum (one
+        conversion to float a thread's four words). An
+        input keeps 16 bits under its group's largest: where a group's inputs lie within 2^8 of one another that is
+        every bit of a bfloat16 (exact); a smaller one is rounded at 2^-16 of the largest.
+        Per int4 word (8 weights): two bit operations and four ``dp4a``; per int8 word (4 weights), two ``dp4a``. In
+        sm_90 SASS compiled here, a step of 128 x 256 takes 2.2 instructions a weight in int4 (against 3.8 in floats)
+        and 1.5 in int8 (4.1)."""
+        big = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+        if INT4:
+            big = tl.maximum(big, tl.max(tl.max(tl.abs(h), axis=2), axis=1))
+        exponent = tl.maximum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15)  # biased; 15: |x| < 2^-111 is 0
+        up = ((268 - exponent) << 23).to(tl.float32, bitcast=True)[:, None, None]  # 2^(14 - e)
+        down = ((exponent - 14) << 23).to(tl.float32, bitcast=True)  # 2^(e - 14)
+        down = tl.where(exponent == 255, float("nan"), down)[None, :, None]  # an infinite or NaN input: NaN
+        x_lo, x_hi = _fixed_point_bytes(x, up)
+        if INT4:
+            h_lo, h_hi = _fixed_point_bytes(h, up)
+            low = w & 0x0F0F0F0F  # the first half's four fields, a byte each
+            high = (w >> 4) & 0x0F0F0F0F  # the second half's
+            hi = _dp4a(low, x_hi[None, :, :], _dp4a(high, h_hi[None, :, :], tl.zeros_like(w), False, True, ASM),
+                       False, True, ASM)
+            lo = _dp4a(low, x_lo[None, :, :], _dp4a(high, h_lo[None, :, :], tl.zeros_like(w), False, False, ASM),
+                       False, False, ASM)
+        else:
+            hi = _dp4a(w, x_hi[None, :, :], tl.zeros_like(w), True, True, ASM)
+            lo = _dp4a(w, x_lo[None, :, :], tl.zeros_like(w), True, False, ASM)
+        n: tl.constexpr = w.shape[0]
+        g: tl.constexpr = w.shape[1]
+        t: tl.constexpr = w.shape[2]
+        hi = tl.sum(tl.reshape(hi, [n, g, t // 4, 4]), axis=3)
+        lo = tl.sum(tl.reshape(lo, [n, g, t // 4, 4]), axis=3)
+        return (hi * 256 + lo).to(tl.float32) * down  # below 2^27: int4's below 2^24, exact in float32
+
+    @triton.jit
+    def _fixed_point_bytes(x, up):
+        """``x [groups, words, 4]`` times ``up`` (a power of two: ``|x up| < 2^15``) rounded to integers ``v``, as
+        two words a word of columns: the four low bytes (unsigned) and the four high bytes (signed), ``v = 256 hi +
+        lo``. Adding 1.5 2^23 rounds ``x up`` to an integer held in the float's low 16 bits (two's complement)."""
+        v0, v1, v2, v3 = _four((x * up + 12582912.0).to(tl.int32, bitcast=True))
+        lo = (v0 & 0xFF) | ((v1 & 0xFF) << 8) | ((v2 & 0xFF) << 16) | (v3 << 24)
+        hi = ((v0 >> 8) & 0xFF) | (v1 & 0xFF00) | ((v2 & 0xFF00) << 8) | ((v3 >> 8) << 24)
+        return lo, hi
+
+    @triton.jit
+    def _dp4a(a, b, c, SIGNED_A: tl.constexpr, SIGNED_B: tl.constexpr, ASM: tl.constexpr):
+        """``c`` plus the sum of the products of ``a``'s and ``b``'s four bytes (each signed or not), in int32: one
+        ``dp4a`` instruction with ASM, Triton's integer operations without (the interpreter; the same integers)."""
+        if ASM:
+            if SIGNED_A:
+                if SIGNED_B:
+                    return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                                     dtype=tl.int32, is_pure=True, pack=1)
+                else:
+                    return tl.inline_asm_elementwise("dp4a.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                                     dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                if SIGNED_B:
+                    return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                                     dtype=tl.int32, is_pure=True, pack=1)
+                else:
+                    return tl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                                     dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            total = c
+            for k in tl.static_range(4):
+                if SIGNED_A:
+                    a_k = (a << (24 - 8 * k)) >> 24
+                else:
+                    a_k = (a >> (8 * k)) & 0xFF
+                if SIGNED_B:
+                    b_k = (b << (24 - 8 * k)) >> 24
+                else:
+                    b_k = (b >> (8 * k)) & 0xFF
+                total += a_k * b_k
+            return total
 
     @triton.jit
     def _field(w, mask: tl.constexpr, magic, bias: tl.constexpr, x):

@@ -103,7 +103,9 @@ def test_a_small_weights_word_gemv_takes_smaller_tiles():
 
     assert blocking(960, 576, 64)[:2] == (32, 128) and blocking(3072, 576, 64)[:2] == (32, 128)
     assert blocking(576, 1536, 256)[:2] == (32, 256)
-    assert blocking(12288, 4096, 128)[:2] == (128, 256) and blocking(4096, 4096, 128)[:2] == (128, 256)
+    assert blocking(12288, 4096, 64)[:2] == (128, 256) and blocking(4096, 4096, 64)[:2] == (128, 256)
+    # integer products (int4 in groups of 128): whole 1024-column tiles, 32 features, two warps
+    assert blocking(12288, 4096, 128) == (32, 1024, 2, 2, True) and blocking(4096, 11008, 128)[:2] == (128, 256)
 
 
 def test_which_schemes_the_kernels_take():

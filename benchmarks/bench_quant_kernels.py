@@ -5,6 +5,7 @@
     python benchmarks/bench_quant_kernels.py --sweep             # and the kernels' other blockings
     python benchmarks/bench_quant_kernels.py --rows 1,16 --words # and the word kernels beside the defaults
     python benchmarks/bench_quant_kernels.py --rows 1,16 --dot   # and the tensor-core product of a few rows
+    python benchmarks/bench_quant_kernels.py --rows 1 --head     # and the LM head's product (int8 where quantized)
 
 For each product of a llama-2-7b layer, each format (bf16: offload's GEMV for one row,
 cuBLAS otherwise; int8 per channel; int4 in groups of 128 and of 32, by the kernels the
@@ -156,6 +157,7 @@ def main() -> int:
     p.add_argument("--rows", default="1,16,2048")
     p.add_argument("--sweep", action="store_true", help="also time other blockings of the kernels (the best three)")
     p.add_argument("--words", action="store_true", help="also time the word kernels (quant_kernels.WORD_GEMV)")
+    p.add_argument("--head", action="store_true", help="also the LM head's product (in the totals)")
     p.add_argument("--ints", action="store_true",
                    help="also time the word GEMV's products in integers (quant_kernels.INT_GEMV) against in floats")
     p.add_argument("--ints-sweep", action="store_true", help="and both on other blockings (the best three)")
@@ -170,7 +172,7 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}, device copy {hbm / 1e9:.0f} GB/s")
     totals: dict[tuple[str, int], list[float]] = {}
     for name in args.shapes.split(","):
-        for what, n, k in products(name)[:4]:
+        for what, n, k in products(name)[:5 if args.head else 4]:
             for m in (int(r) for r in args.rows.split(",")):
                 x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
                 line = [f"{name} {what:7s} {n:5d}x{k:5d} m={m:4d}:"]

@@ -24,6 +24,8 @@
 #   ints           the word GEMV's products in integers (OFFLOAD_INT_GEMV=1: four weights a dp4a): its tests on the
 #                  GPU, llama-2-7b's products of 1 and 2 rows against the float products (and its blockings), then
 #                  llama-2-7b resident in int4, int8 and bf16 at batch 1 and 16, and SmolLM2-135M's shape in int4
+#   head           llama-2-7b's products of 1 and 16 rows with its LM head's (stored int8 where the layers are
+#                  quantized): what the head costs in each format
 #   pdl            kernels launched as dependents of the one before them (OFFLOAD_PDL=1: each waits for its inputs;
 #                  2: after asking L2 for its first weights) against not: their GPU test, then llama-2-7b resident in
 #                  int4, int8 and bf16 at batch 1 (int4 at 16), and SmolLM2-135M's shape in int4 (a draft's step)
@@ -155,6 +157,7 @@ run_stage() {
       -k "integer or word or gated_mlps or normalizes or last"
       stage ints python3 benchmarks/bench_quant_kernels.py --rows 1,2 --ints ;;
     ints_sweep) stage ints_sweep python3 benchmarks/bench_quant_kernels.py --rows 1 --ints --ints-sweep ;;
+    head) stage head python3 benchmarks/bench_quant_kernels.py --rows 1,16 --head ;;
     ints7b)
       stage ints7b bash -c 'for b in 1; do for run in "1 int4" "0 int4" "0 bf16" "1 int8" "0 int8"; do set -- $run
       q=$([ $2 = bf16 ] || echo "--quantize $2"); echo "OFFLOAD_INT_GEMV=$1 $2 batch $b"; OFFLOAD_INT_GEMV=$1 python3 \

@@ -36,7 +36,8 @@ from .models.decoder import Decoder, KVCache
 from .models.expert_kernels import DIRECT_TOKENS
 from .models.parallel import check_divisible, local_heads
 from .models.registry import family_of
-from .models.quant import FORMATS, STORED, WeightFormat, choose_kernel, describe, quantize_into, scratch_bytes
+from .models.quant import (FORMATS, STORED, WeightFormat, choose_kernel, describe, head_format, quantize_into,
+                           scratch_bytes)
 from .options import LoadOptions, parse_device, parse_dtype
 from .quantized import stored_quantization
 from .scheduler.experts import check_direct, kernels_compute_copies
@@ -90,12 +91,12 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
     offload_requested = budget.cpu_memory is not None or bool(budget.peer_memory)
     budget = _own_peers(budget, tp, device).resolved(device)
     family = family_of(config.architecture)
-    blocks = _blocks(family, config, tp, dtype,
-                     _weight_format(model, options, ops.choose(device, dtype), dtype, requantize),
-                     device, budget, options.quantize)
+    fmt = _weight_format(model, options, ops.choose(device, dtype), dtype, requantize)
+    blocks = _blocks(family, config, tp, dtype, fmt, device, budget, options.quantize)
     if options.direct_experts and any(block.fetch == ON_DEMAND for block in blocks):
         check_direct([block for block in blocks if block.fetch == ON_DEMAND], device, dtype)
-    globals_ = global_layout(config, tp, dtype)
+    expanded = fmt is not None and not any(spec.quant for block in blocks for spec in block.layout.specs)
+    globals_ = global_layout(config, tp, dtype, None if expanded else head_format(fmt))
     embedding = embedding_layout(config, tp, dtype)
     peers = list(budget.peer_memory)
     bandwidth = dict(options.link_bandwidth or {})
@@ -136,7 +137,9 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
                 raise ConfigError(f"draft {options.draft!r}: neither ngram, int4 nor a checkpoint that "
                                   "exists") from None
             raise ConfigError(f"draft {options.draft}: {e}") from None
-        if not int4:
+        if int4:  # its final norm and LM head are its target's (the same memory, ``load_weights``), in their format
+            draft = dataclasses.replace(draft, globals_layout=globals_)
+        else:
             _check_same_tokens(model, options.draft)
         plans, draft = _weigh_draft(options, config, needs, plans, draft, place, uses_cuda_graphs(options, device))
         if draft is not None and not _failed(plans) and draft.config.max_position_embeddings < options.max_seq_len:
@@ -321,7 +324,8 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
             bool(options.direct_experts) or kernels_compute_copies(device))),
         flops_per_key=family.flops_per_key(config, tp),
         dequant_bytes=scratch_bytes(quantized, dtype, step_tokens),
-        weight_format=_format_line(family, config, tp, dtype, options, blocks),
+        head_products="int8" if globals_.quantized else "",
+        weight_format=_format_line(family, config, tp, dtype, options, blocks, globals_),
     )
 
 
@@ -474,9 +478,9 @@ def gguf_format(path, kernel: str, dtype: torch.dtype) -> WeightFormat:
 
 
 def _format_line(family: type[Decoder], config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
-                 options: LoadOptions, blocks: list[BlockSpec]) -> str:
+                 options: LoadOptions, blocks: list[BlockSpec], globals_: BlockLayout) -> str:
     """How the plan names the layers' format: "" for the model dtype, else the quantization and its bytes (and
-    a mixture of experts' routed experts', whose group sizes may differ)."""
+    a mixture of experts' routed experts', whose group sizes may differ, and an LM head stored compressed)."""
     layers = [b.layout for b in blocks if b.fetch == EVERY_PASS]
     if not any(layout.quantized for layout in layers):
         return ""
@@ -493,6 +497,10 @@ def _format_line(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
     experts = [b.layout for b in blocks if b.fetch == ON_DEMAND][:1]
     if experts and experts[0].quantized:
         line += f"; routed experts: {how(experts)}, {format_size(experts[0].nbytes)} each"
+    if globals_.quantized:
+        head = next(iter(globals_.quantized.values())).scheme
+        grouping = "one scale per output channel" if head.group_size is None else f"in groups of {head.group_size}"
+        line += f"; LM head {head.format}, {grouping}"
     return line
 
 

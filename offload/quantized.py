@@ -4,8 +4,8 @@
 
 Each linear weight of the decoder layers (and of routed experts) is written as its
 parts, ``<name>.data``, ``<name>.scale`` (and ``<name>.minimum``), whole, in
-offload's packing (``offload.models.quant``); every other tensor as it is, in the
-chosen dtype. ``config.json`` records the format under ``offload_quantization``, and
+offload's packing (``offload.models.quant``), and so is an untied LM head, in int8
+(``quant.head_format``); every other tensor as it is, in the chosen dtype. ``config.json`` records the format under ``offload_quantization``, and
 the tokenizer and generation files are copied, so ``load_model(out)`` reads the
 blocks as they are, at the speed of reading its files, with no requantizing: the
 logits are those of ``load_model(model, quantize=...)`` bit for bit (on one rank;
@@ -25,11 +25,11 @@ import torch
 from tqdm import tqdm
 
 from .distributed import TensorParallel
-from .models.blocks import checkpoint_sources
+from .models.blocks import checkpoint_sources, global_layout
 from .models.checkpoint import CheckpointSource, is_gguf
 from .models.config import config_from_dict, load_config
 from .models.parallel import REPLICATED
-from .models.quant import DEQUANTIZE, WeightFormat, part_shapes, quantize
+from .models.quant import DEQUANTIZE, WeightFormat, head_format, part_shapes, quantize
 from .models.registry import family_of
 from .errors import InputError
 from .synthetic import RandomSource, modes_as_umask_allows, new_directory
@@ -56,7 +56,8 @@ def write_quantized(model, out, quantize_as: str, group_size: int | None = None,
         raise InputError(f"{model} is quantized already")
     fmt = WeightFormat(quantize_as, group_size, DEQUANTIZE, rounding=rounding)
     blocks = family_of(config.architecture).blocks(config, tp, dtype, fmt)
-    quantized = {name: spec.quant for block in blocks for spec, name in block.sources() if spec.quant is not None}
+    layouts = [global_layout(config, tp, dtype, head_format(fmt)).sources()] + [block.sources() for block in blocks]
+    quantized = {name: spec.quant for sources in layouts for spec, name in sources if spec.quant is not None}
     source = RandomSource(random_weights, device=device, packed=True) if random else CheckpointSource(Path(model))
     sources = checkpoint_sources(config, tp, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)

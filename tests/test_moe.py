@@ -342,7 +342,7 @@ def test_the_plan_names_the_routed_experts_format_beside_the_layers():
     line = next(line for line in str(plan).splitlines() if "layer weights:" in line)
     assert line.startswith("  layer weights: int4, group size 128: ")
     assert line.endswith("; routed experts: int4, group size 128 for w_gate_up; 8 for w_down (128 does not divide "
-                         "40), 165.00 KiB each")
+                         "40), 165.00 KiB each; LM head int8, one scale per output channel")
 
 @pytest.mark.slow
 def test_tensor_parallel_on_two_ranks_equals_one(checkpoint_factory):

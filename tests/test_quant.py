@@ -26,7 +26,7 @@ from offload.models.config import config_from_dict
 from offload.models.blocks import embedding_layout, global_layout
 from offload.models.llama import Llama
 from offload.models.quant import (DEFAULT_GROUP_SIZE, QuantizedWeight, QuantScheme, WeightFormat, dequantize,
-                                  group_size_for, quantize, quantized_linear, scratch_bytes)
+                                  group_size_for, head_format, quantize, quantized_linear, scratch_bytes)
 from offload.models.parallel import Shard
 from offload.models.shapes import shape_config
 
@@ -214,6 +214,27 @@ def test_block_bytes_are_the_parts_and_views_are_quantized_weights(tp_size):
             assert isinstance(q, QuantizedWeight) and (q.rows, q.cols) == tuple(d.shape)
             assert q.data.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()  # a view, not a copy
         assert views.input_norm.dtype == torch.bfloat16 and views.input_norm.shape == (config.hidden_size,)
+
+
+def test_an_untied_lm_head_is_int8_where_the_layers_are_quantized():
+    """``quant.head_format``: int8 per channel (one scale a vocabulary row) for an int8 or int4 model, its parts
+    views of the globals' block; dense for a dense model, a tied head (the embedding itself) and a vocabulary the
+    tensor-parallel ranks pad."""
+    config, tp = config_from_dict(shape_config("tiny")), TensorParallel()
+    dense = global_layout(config, tp, torch.bfloat16)
+    assert not dense.quantized and global_layout(config, tp, torch.bfloat16, head_format(None)).nbytes == dense.nbytes
+    for fmt in ("int8", "int4"):
+        layout = global_layout(config, tp, torch.bfloat16, head_format(WeightFormat(fmt)))
+        head = layout.views(torch.zeros(layout.nbytes, dtype=torch.uint8))["lm_head"]
+        assert isinstance(head, QuantizedWeight) and (head.rows, head.cols) == (config.vocab_size, config.hidden_size)
+        assert head.scheme.format == "int8" and head.scheme.group_size is None
+        assert layout.nbytes < dense.nbytes * 0.55
+    tied = replace(config, tie_word_embeddings=True)
+    assert not global_layout(tied, tp, torch.bfloat16, head_format(WeightFormat("int4"))).quantized
+    padded = replace(config, vocab_size=config.vocab_size - 1)  # two ranks pad one row
+    two = TensorParallel(rank=0, size=2)
+    assert not global_layout(padded, two, torch.bfloat16, head_format(WeightFormat("int8"))).quantized
+    assert global_layout(config, two, torch.bfloat16, head_format(WeightFormat("int8"))).quantized
 
 
 def test_no_quantize_keeps_the_dense_layout():
@@ -427,7 +448,7 @@ def _rank_needs(path, ranks, **options):
     options = options.replace(max_step_tokens=options.max_step_tokens or _chunk_size(Llama, config, tp, dtype, options,
                                                                                     blocks))
     return memory_needs(Llama, config, tp, dtype, torch.device("cpu"), options, blocks,
-                        global_layout(config, tp, dtype), embedding_layout(config, tp, dtype))
+                        global_layout(config, tp, dtype, head_format(fmt)), embedding_layout(config, tp, dtype))
 
 
 @pytest.mark.slow
@@ -567,6 +588,7 @@ def test_a_saved_quantized_checkpoint_loads_as_quantizing_while_loading_does(tin
     with offload.load_model(tiny, quantize=fmt, group_size=group, **kw) as quantizing, \
             offload.load_model(out, **kw) as saved:
         assert saved.plan.needs.blocks == quantizing.plan.needs.blocks
+        assert isinstance(saved.decoder.weights.lm_head, QuantizedWeight)  # read as it is stored, in int8
         assert torch.equal(saved(ids), quantizing(ids))
         assert "as stored" in str(saved.plan)
     with pytest.raises(offload.InputError, match="stored int"):

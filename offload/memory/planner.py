@@ -54,6 +54,8 @@ class MemoryNeeds:
     experts: ExpertNeeds | None = None  # a mixture-of-experts model's routed experts (blocks of their own)
     products: str = ""  # what the layers' products read: "bf16", "int8" or "int4" (their measured rates,
     # "gemv-<format>" and "rows16-<format>" in the bandwidths, bound a decode step's compute; "": "hbm")
+    head_products: str = ""  # what the LM head's product reads ("int8" where it is quantized; "": as ``products``
+    # would for a dense layer: "bf16", or "hbm" for float32)
     dequant_bytes: int = 0  # quantized layers: the rows a linear dequantizes at a time, and their product
     weight_format: str = ""  # quantized layers: the format and bytes per layer, for the plan; "" for the model dtype
     draft_bytes: int = 0  # speculative decoding: a draft model kept on the compute device (weights, KV cache...)
@@ -171,10 +173,10 @@ class Plan:
         if self.needs.experts:
             e = self.needs.experts
             experts = sum(e.distinct(layer, rows) for layer in range(len(e.per_layer))) * e.nbytes
-        dense = "bf16" if self.needs.products else ""  # the LM head is in the model dtype ("": float32)
+        head = self.needs.head_products or ("bf16" if self.needs.products else "")  # ("": float32)
         out["hbm"] = (self._product_seconds(sum(self.needs.blocks), self.needs.products, rows)
                       + self._product_seconds(experts, self.needs.products, 1)
-                      + self._product_seconds(self.needs.global_bytes, dense, rows))
+                      + self._product_seconds(self.needs.global_bytes, head, rows))
         return out
 
     def _product_seconds(self, nbytes: int, fmt: str, rows: int) -> float:

@@ -245,15 +245,20 @@ def _vocab_entry(name: str, source: str, config: ModelConfig, tp: TensorParallel
     return (name, (config.vocab_size, config.hidden_size), source, vocab, (rows, config.hidden_size))
 
 
-def global_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) -> BlockLayout:
+def global_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype,
+                  head: WeightFormat | None = None) -> BlockLayout:
     """The non-layer tensors that stay on the compute device: the final norm and the LM head
-    (which is the embedding itself when the checkpoint ties them)."""
+    (which is the embedding itself when the checkpoint ties them). An untied head is stored in ``head``
+    (``quant.head_format``: None, dense), unless the tensor-parallel ranks pad its rows (a vocabulary they do not
+    divide)."""
     entries = [("final_norm", (config.hidden_size,), "model.norm.weight", REPLICATED)]
     if config.tie_word_embeddings:
         entries.append(_vocab_entry("embed", "model.embed_tokens.weight", config, tp))
-    else:
-        entries.append(_vocab_entry("lm_head", "lm_head.weight", config, tp))
-    return BlockLayout(entries, dtype, None)
+        return BlockLayout(entries, dtype, None)
+    entries.append(_vocab_entry("lm_head", "lm_head.weight", config, tp))
+    if head is None or config.vocab_size % tp.size:  # every rank's head alike: none where one is padded
+        return BlockLayout(entries, dtype, None)
+    return build_layout(entries, dtype, None, {}, ("lm_head",), head, tp.size)
 
 
 def embedding_layout(config: ModelConfig, tp: TensorParallel, dtype: torch.dtype) -> BlockLayout | None:

@@ -186,7 +186,7 @@ def test_speculative_decoding_with_graphs_stays_in_budget():
     model = load(shape_config("llama-2-7b"), dtype=torch.bfloat16, gpu_memory=budget, cpu_memory=12 * 2**30,
                  max_batch=4, max_seq_len=1024, draft="ngram", draft_tokens=16)
     loop = list(range(100, 140)) * 20
-    model.draft.propose = lambda rows, budgets, nodes=None: Proposal(
+    model.draft.propose = lambda rows, budgets, nodes=None, stop_below=0.0: Proposal(
         [loop[: min(k, 16)] if row is not None else [] for row, k in zip(rows, budgets)])
     result = model.generate([loop[:200], loop[5:180], loop[:600], loop[7:150]], max_new_tokens=48, ignore_eos=True,
                             return_result=True)

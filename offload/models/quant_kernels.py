@@ -493,7 +493,7 @@ if triton is not None:
                            HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATE: tl.constexpr,
                            NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr,
                            SPLITS, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           PDL: tl.constexpr, INTS: tl.constexpr = False, ASM: tl.constexpr = False):
+                           PDL: tl.constexpr, INTS: tl.constexpr, ASM: tl.constexpr):
         """``_gemv_kernel``'s product in fewer instructions a byte (int4: less than half; the one-row product
         is bound by them, not by its bytes): the weights are read as 32-bit words, and each 4-bit or 8-bit field becomes
         a float with one bit operation and one subtraction, where it lies in the word. The field under bits

@@ -383,8 +383,8 @@ def test_a_compressed_target(structured, structured_draft, quantize, draft):
 
 
 def test_an_int4_draft_of_an_int8_target_is_declined_where_it_cannot_pay(structured):
-    """The int4 copy reads half the int8 target's layer bytes but the same float32 LM head, which is a seventh
-    of this small model: a draft step costs most of a target step, so no draft length pays at 70% acceptance."""
+    """The int4 copy reads half the int8 target's layer bytes but the same LM head (the target's, in int8), a large
+    part of this small model: a draft step costs most of a target step, so no draft length pays at 70% acceptance."""
     with offload.load_model(structured, quantize="int8", draft="int4", **KW) as model:
         assert model.draft is None and "no draft length is predicted to pay" in model.plan.draft
         assert "declined" in model.plan.draft

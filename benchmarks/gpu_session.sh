@@ -97,11 +97,14 @@
 # (H200, 2026-12-06) the tests of a layer in fewer kernels (the kernel files cut at 180 s), their probe,
 # spec_smollm2_greedy (1.19x: drafting 5.7 ms a pass, verifying 4.9), quant7b; twelfth (H100, 2026-12-06) dotgemv
 # (then 64 features a program, at 16 rows), quant7b_dot, spec_smollm2_stop and fixed chain lengths (1.23x at best);
-# thirteenth (H100, 2026-12-06) pipelined GEMVs (slower: removed), tests_kernels (in three calls), spec70b, pdl (twice).
-#   1. tests:300 tests_spec:280                                the GPU tests with dependent launches on by default
-#   2. tests_kernels:300                                       the same for the kernel files
-#   3. dotgemv:260 on an H200                                  the tensor-core product where HBM is faster (#20)
-#   4. int4_405b:500 (an H200)                                 the moonshot (#20)
+# thirteenth (H100, 2026-12-06) pipelined GEMVs (slower: removed), tests_kernels (in three calls), spec70b, pdl (twice);
+# fourteenth (H100, 2026-12-06) dotgemv (128 x 256 tiles: still slower at one row), ints and ints_sweep (integer
+# products: the default for int4, groups of 128+), head and quant7b (int4 2.00x bf16 at batch 1), test_gpu/test_quant.
+#   1. ints_sweep:200 quant7b:150                              the 16-words-a-thread blockings (twice the warps) (#20)
+#   2. tests_kernels:300 tests_spec:280                        the kernel files whole with integer products on, and
+#                                                              speculation's tests (the int8 head, the int4 draft)
+#   3. int4_405b:500 (an H200)                                 the moonshot (#20)
+#   4. offload13b:400                                          int4 at 4 GiB against its link with the faster kernels
 #   5. spec_smollm2_greedy                                     the draft's steps with dependent launches (#22)
 #   6. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts (#21)
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls

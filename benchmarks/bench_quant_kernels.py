@@ -121,7 +121,7 @@ def integer_products(fmt, x, ws, floor, totals, sweep: bool) -> list[str]:
     n, k = ws[0].rows, ws[0].cols
     others = [(bn, bk, quant_kernels._splits(n, k, bn, bk), warps, True) for bn, bk, warps in INT_BLOCKINGS
               if bk % (ws[0].scheme.group_size or 1) == 0]
-    out = []
+    out, switch = [], quant_kernels.INT_GEMV  # as the environment set it
     for ints in (False, True):
         name = "ints" if ints else "words"
         quant_kernels.INT_GEMV = ints
@@ -142,7 +142,7 @@ def integer_products(fmt, x, ws, floor, totals, sweep: bool) -> list[str]:
                 t = totals.setdefault((f"{fmt} {name} best", x.shape[0]), [0.0, 0.0])
                 t[0], t[1] = t[0] + floor, t[1] + times[best[0]]
         finally:
-            quant_kernels.INT_GEMV = None
+            quant_kernels.INT_GEMV = switch
     return out
 
 

@@ -69,10 +69,11 @@ class Setup:
     draft: "Setup | None" = None  # speculative decoding's draft model (resident), when the plan keeps one
 
 
-def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
+def prepare(model, options: LoadOptions, requantize: bool = False, globals_layout: BlockLayout | None = None) -> Setup:
     """Read the config, resolve the budgets, measure (or recall) the links and make every rank's plan.
     ``requantize``: a GGUF file's weights are dequantized and quantized again as ``options.quantize`` says
-    (the int4 draft of a GGUF target), where they are otherwise kept as stored."""
+    (the int4 draft of a GGUF target), where they are otherwise kept as stored. ``globals_layout``: the final
+    norm's and LM head's layout to use (the int4 draft's: its target's, whose memory it shares)."""
     config = _config(model)
     check_divisible(config, options.tp)
     tp = init_tensor_parallel(options.tp)
@@ -96,7 +97,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
     if options.direct_experts and any(block.fetch == ON_DEMAND for block in blocks):
         check_direct([block for block in blocks if block.fetch == ON_DEMAND], device, dtype)
     expanded = fmt is not None and not any(spec.quant for block in blocks for spec in block.layout.specs)
-    globals_ = global_layout(config, tp, dtype, None if expanded else head_format(fmt))
+    globals_ = globals_layout or global_layout(config, tp, dtype, None if expanded else head_format(fmt))
     embedding = embedding_layout(config, tp, dtype)
     peers = list(budget.peer_memory)
     bandwidth = dict(options.link_bandwidth or {})
@@ -131,15 +132,14 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
         try:
             int4 = kind == INT4
             draft = prepare(model if int4 else options.draft,
-                            draft_options(options, _max_draft(options)).replace(link_bandwidth=bandwidth), int4)
+                            draft_options(options, _max_draft(options)).replace(link_bandwidth=bandwidth), int4,
+                            globals_ if int4 else None)  # the int4 draft's norm and LM head are its target's
         except ConfigError as e:
             if not int4 and not Path(options.draft).exists():
                 raise ConfigError(f"draft {options.draft!r}: neither ngram, int4 nor a checkpoint that "
                                   "exists") from None
             raise ConfigError(f"draft {options.draft}: {e}") from None
-        if int4:  # its final norm and LM head are its target's (the same memory, ``load_weights``), in their format
-            draft = dataclasses.replace(draft, globals_layout=globals_)
-        else:
+        if not int4:
             _check_same_tokens(model, options.draft)
         plans, draft = _weigh_draft(options, config, needs, plans, draft, place, uses_cuda_graphs(options, device))
         if draft is not None and not _failed(plans) and draft.config.max_position_embeddings < options.max_seq_len:
@@ -150,11 +150,12 @@ def prepare(model, options: LoadOptions, requantize: bool = False) -> Setup:
     if _failed(plans):
         raise PlanError("; ".join(_failed(plans)))
     if choose_direct and _direct_would_pay(options, plans[tp.rank], device, tp, blocks, dtype):
-        return prepare(model, options.replace(direct_experts=True), requantize)  # every expert on one GPU
+        # every expert on one GPU
+        return prepare(model, options.replace(direct_experts=True), requantize, globals_layout)
     if (choose_direct and options.tree_width > 1
             and _direct_would_pay(options.replace(tree_width=1), plans[tp.rank], device, tp, blocks, dtype)):
         # a draft model whose trees' passes are too wide for the expert kernels: direct reads pay more than trees
-        return prepare(model, options.replace(direct_experts=True, tree_width=1), requantize)
+        return prepare(model, options.replace(direct_experts=True, tree_width=1), requantize, globals_layout)
     plans[tp.rank].warnings.extend(beyond_machine(budget, device))
     if (options.direct_experts or options.prefetch_experts) and needs.experts is None:
         flag = "--direct-experts" if options.direct_experts else "--prefetch-experts"
@@ -295,7 +296,7 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
     """The bytes this rank needs for ``options``' KV cache and steps."""
     _, kv_heads = local_heads(config, tp)
     batch, seq, step_tokens = options.max_batch, options.max_seq_len, options.max_step_tokens
-    quantized = quantized_shapes(blocks)
+    quantized = {**quantized_shapes(blocks), **{("head", n): shape for n, shape in globals_.quantized.items()}}
     every_pass = [block for block in blocks if block.fetch == EVERY_PASS]
     routed = [block for block in blocks if block.fetch == ON_DEMAND]
     graphs, captured = 0, uses_cuda_graphs(options, device)
@@ -324,7 +325,7 @@ def memory_needs(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
             bool(options.direct_experts) or kernels_compute_copies(device))),
         flops_per_key=family.flops_per_key(config, tp),
         dequant_bytes=scratch_bytes(quantized, dtype, step_tokens),
-        head_products="int8" if globals_.quantized else "",
+        head_products=next((shape.scheme.format for shape in globals_.quantized.values()), ""),
         weight_format=_format_line(family, config, tp, dtype, options, blocks, globals_),
     )
 

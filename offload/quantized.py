@@ -5,12 +5,14 @@
 Each linear weight of the decoder layers (and of routed experts) is written as its
 parts, ``<name>.data``, ``<name>.scale`` (and ``<name>.minimum``), whole, in
 offload's packing (``offload.models.quant``), and so is an untied LM head, in int8
-(``quant.head_format``); every other tensor as it is, in the chosen dtype. ``config.json`` records the format under ``offload_quantization``, and
-the tokenizer and generation files are copied, so ``load_model(out)`` reads the
+(``quant.head_format``); every other tensor as it is, in the chosen dtype.
+``config.json`` records the format under ``offload_quantization``, and the
+tokenizer and generation files are copied, so ``load_model(out)`` reads the
 blocks as they are, at the speed of reading its files, with no requantizing: the
 logits are those of ``load_model(model, quantize=...)`` bit for bit (on one rank;
 under tensor parallelism int8's per-row scale is the whole row's rather than each
-rank's piece's).
+rank's piece's; a checkpoint saved before the LM head was stored in int8 keeps a
+dense head).
 """
 
 from __future__ import annotations

@@ -237,6 +237,17 @@ def test_an_untied_lm_head_is_int8_where_the_layers_are_quantized():
     assert global_layout(config, two, torch.bfloat16, head_format(WeightFormat("int8"))).quantized
 
 
+def test_the_int4_draft_is_planned_with_its_targets_lm_head():
+    """The int4 draft reads its target's final norm and LM head (the same memory): its layout and its plan's price
+    of a step are the target's dense head, not the int8 head its own format would give it."""
+    options = offload.LoadOptions(device="cpu", dtype="bfloat16", gpu_memory="4GiB", max_batch=1, max_seq_len=256,
+                                  draft="int4", link_bandwidth={"host": 20e9, "hbm": 2e12, "matmul": 1e14})
+    setup = prepare(shape_config("tiny"), options)
+    assert setup.draft is not None and not setup.globals_layout.quantized
+    assert setup.draft.globals_layout is setup.globals_layout
+    assert setup.draft.plan.needs.global_bytes == setup.plan.needs.global_bytes and not setup.draft.plan.needs.head_products
+
+
 def test_no_quantize_keeps_the_dense_layout():
     config = config_from_dict(shape_config("llama-2-13b"))
     layout = Llama.layer_layout(config, TensorParallel(), torch.bfloat16)
@@ -593,6 +604,35 @@ def test_a_saved_quantized_checkpoint_loads_as_quantizing_while_loading_does(tin
         assert "as stored" in str(saved.plan)
     with pytest.raises(offload.InputError, match="stored int"):
         offload.plan_model(out, quantize="int8")
+
+
+def test_a_saved_int8_head_is_read_dense_where_tensor_parallel_ranks_pad_the_vocabulary(tmp_path):
+    """``write_quantized`` runs on one rank and stores the untied head in int8; ranks that pad the vocabulary keep
+    a dense head, which the checkpoint gives them dequantized from its parts (the padding row zero)."""
+    from offload.models.checkpoint import CheckpointSource
+    from offload.quantized import write_quantized
+
+    config = shape_config("tiny") | {"vocab_size": 1023}
+    out = write_quantized(config, tmp_path / "q", "int8", dtype=torch.float32, progress=False, random_weights=5)
+    source = CheckpointSource(out)
+    assert source.stores_parts("lm_head.weight")
+    parts = {p: source._open(source._file_of[f"lm_head.weight.{p}"]).get_tensor(f"lm_head.weight.{p}")
+             for p in ("data", "scale")}
+    whole = dequantize(QuantizedWeight(parts["data"], parts["scale"], None,
+                                       QuantScheme("int8", None, 1 << 20, "dequantize")), torch.float32)
+    stored = WeightFormat("int8", per_tensor=source.stored)
+    for rank in (0, 1):
+        tp = TensorParallel(rank=rank, size=2)
+        layout = global_layout(config_from_dict(config), tp, torch.float32, head_format(stored))
+        assert not layout.quantized
+        blocks = Llama.blocks(config_from_dict(config), tp, torch.float32, stored)
+        source.validate(layout.sources() + [x for block in blocks for x in block.sources()])
+        spec, name = next((spec, name) for spec, name in layout.sources() if spec.name == "lm_head")
+        got = torch.empty(spec.shape)
+        source.read(spec, name, got)
+        assert torch.equal(got[: spec.shard.stop - spec.shard.start], whole[spec.shard.start : spec.shard.stop])
+        assert rank == 0 or not got[-1].any()  # rank 1's last row pads the vocabulary
+    source.close()
 
 
 def test_a_quantized_checkpoint_of_random_weights_is_what_loading_them_quantized_gives(tmp_path):

@@ -148,7 +148,8 @@ def test_the_word_gemv_equals_dequantize_then_multiply(fmt, group, minimum, rows
 def test_the_integer_gemv_equals_dequantize_then_multiply(fmt, group, minimum, rows, cols, m, blocking, monkeypatch):
     """The word GEMV's products in integers (``INT_GEMV``: inputs in 16-bit fixed point per group, four products
     a ``dp4a``): against float64, with a bias and float16 scales; inputs whose magnitudes span 2^12 within a group
-    (so the smallest are rounded) stay within the tolerance; a group of zeros gives zero, an infinite input NaN."""
+    (so the smallest are rounded) stay within the tolerance; a group of zeros gives zero, an infinite or NaN input
+    NaN."""
     monkeypatch.setattr(quant_kernels, "INT_GEMV", True)
     dtype = DTYPES[0]
     for scale_dtype in (None, torch.float16):
@@ -162,8 +163,9 @@ def test_the_integer_gemv_equals_dequantize_then_multiply(fmt, group, minimum, r
             assert_close_to_exact(got, x, w, b)
     blocking = blocking or quant_kernels.gemv_blocking(w)
     assert not quant_kernels.linear(torch.zeros_like(x), w, blocking=blocking).any()
-    x[0, 5] = float("inf")
-    assert quant_kernels.linear(x, w, blocking=blocking)[0].isnan().any()
+    for bad in (float("inf"), float("nan")):  # its group's sums NaN, with or without a minimum
+        x[0, 5] = bad
+        assert quant_kernels.linear(x, w, blocking=blocking)[0].isnan().any()
 
 
 @pytest.mark.gpu
@@ -374,8 +376,8 @@ def test_the_word_gemv_compiles_for_hopper_to_wide_loads_and_no_conversions(fmt,
     the interpreter): the weights are loaded 16 bytes a thread at a time, and no integer is converted to a float
     by a conversion instruction (a quarter of the multiply-add rate: the reason for the words). With the last
     program's sums (``kernels.LAST_SUMS``): a barrier, then one acquire-release atomic a tile, and the partial
-    sums read past the SM's own cache. With integer products (``ints``): two ``dp4a`` for every four weights (the inputs'
-    high and low bytes), and one conversion to float for a thread's four words."""
+    sums read past the SM's own cache. With integer products (``ints``): two ``dp4a`` for every four weights (the
+    inputs' high and low bytes), and one conversion to float for a thread's four words."""
     import os
     import re
     import subprocess

@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import CheckpointError
 from .blocks import TensorSpec
 from .parallel import REPLICATED, Shard
-from .quant import part_shapes
+from .quant import DEQUANTIZE, QuantizedWeight, QuantScheme, dequantize, part_shapes
 from .readahead import Readahead
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes weights may have
@@ -133,6 +133,9 @@ class CheckpointSource:
         for spec, name in specs:
             if spec.part and self.stores_parts(name):  # a saved quantized weight's part: its own tensor, whole
                 name, spec = f"{name}.{spec.part}", part_spec(spec)
+            elif not spec.part and name not in self._file_of and self.stores_parts(name):
+                self._check_dense_of_parts(spec, name)  # read dense from its parts (``read``)
+                continue
             file = self._file_of.get(name)
             if file is None:
                 raise CheckpointError(f"checkpoint {str(self.path)!r} has no tensor {name!r}")
@@ -172,6 +175,8 @@ class CheckpointSource:
     def read(self, spec: TensorSpec, name: str, out: torch.Tensor) -> None:
         if spec.part:  # a part of a weight stored quantized (``stores_parts``)
             name, spec = f"{name}.{spec.part}", part_spec(spec)
+        elif name not in self._file_of and self.stores_parts(name):
+            return copy_piece(out, self._dense_of_parts(spec, name).to(out.dtype))
         if self._readahead is not None:
             self._readahead.reached(name)
         file = self._file_of[name]
@@ -183,6 +188,27 @@ class CheckpointSource:
         if out.is_floating_point() and not all_finite(out):
             raise CheckpointError(f"{file.name}: tensor {name!r} holds NaN or infinite values "
                                   f"(as {str(out.dtype).removeprefix('torch.')})")
+
+    def _check_dense_of_parts(self, spec: TensorSpec, name: str) -> None:
+        """That weight ``name``, stored as its parts, can be read dense as ``spec`` asks: its shape, and a piece of
+        whole rows (an LM head that tensor-parallel ranks pad is stored in int8 by a one-rank ``write_quantized``)."""
+        fmt, group, _ = self.stored(name)
+        rows, cols = self.shape(f"{name}.data")
+        shape = (rows, cols * 2 if fmt == "int4" else cols)
+        if shape != spec.full_shape:
+            raise CheckpointError(f"checkpoint {str(self.path)!r}: {name} has shape {list(shape)}, expected "
+                                  f"{list(spec.full_shape)}")
+        if spec.shard.dim not in (None, 0):
+            raise CheckpointError(f"checkpoint {str(self.path)!r} stores {name} quantized; its columns cannot be "
+                                  "read dense on tensor-parallel ranks")
+
+    def _dense_of_parts(self, spec: TensorSpec, name: str) -> torch.Tensor:
+        """This rank's rows of weight ``name``, stored as its parts, dequantized (in float32)."""
+        fmt, group, minimum = self.stored(name)
+        parts = {part: _cut(self._open(self._file_of[f"{name}.{part}"]).get_slice(f"{name}.{part}"), spec)
+                 for part in ("data", "scale", "minimum") if f"{name}.{part}" in self._file_of}
+        scheme = QuantScheme(fmt, group, 1 << 30, DEQUANTIZE, minimum=minimum)
+        return dequantize(QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), scheme), torch.float32)
 
     def close(self) -> None:
         if self._readahead is not None:

@@ -204,18 +204,18 @@ def gemv_blocking(w: QuantizedWeight, words: bool | None = None) -> tuple[int, i
     1024 columns (whole groups), and as many stretches of the columns as bring the programs to about
     ``TARGET_PROGRAMS``. With ``words`` (by default: int4, unless ``WORD_GEMV`` says otherwise), where
     ``_gemv_words_kernel`` takes ``w``, its tiles of 128 features by 256 columns, or of 32 by 128 where a weight
-    has fewer than ``FEW_TILES`` of those. Integer products (``ints_chosen``) of whole 1024-column tiles take 32
-    features by 1024 columns, two warps: on an H100 (2026-12-06, ``bench_quant_kernels.py --ints-sweep``) llama-2-7b's
-    o and gate_up products took 6.5 and 21.9 us against 7.8 and 23.2 with 128 x 256 (qkv the same, 14.5 against 14.6;
-    down, 11008 columns, keeps 128 x 256)."""
-    n, k = w.rows, w.cols
+    has fewer than ``FEW_TILES`` of those. int4's integer products (``ints_chosen``) of whole 1024-column tiles
+    take 32 features by 1024 columns, two warps: on an H100 (2026-12-06, ``bench_quant_kernels.py --ints-sweep``)
+    llama-2-7b's o and gate_up products took 6.5 and 21.9 us against 7.8 and 23.2 with 128 x 256 (qkv the same,
+    14.5 against 14.6; down, 11008 columns, keeps 128 x 256)."""
+    n, k, int4 = w.rows, w.cols, w.scheme.format == INT4
     if words is None:
-        words = (w.scheme.format == INT4 or INT_GEMV is True) if WORD_GEMV is None else WORD_GEMV
+        words = (int4 or INT_GEMV is True) if WORD_GEMV is None else WORD_GEMV
     if words and words_take(w):
         block_n, block_k, warps = 128, 256, 4
         if -(-n // block_n) * -(-k // block_k) < FEW_TILES:  # a small weight: its latency, not its bytes, bounds it
             block_n, block_k = 32, max(128, w.scheme.group_size or 0)
-        elif ints_chosen(w) and k % 1024 == 0:  # rows of whole 1024-column tiles: 32 of them, two warps
+        elif ints_chosen(w) and int4 and k % 1024 == 0:  # rows of whole 1024-column tiles: 32 of them, two warps
             block_n, block_k, warps = 32, 1024, 2
         return block_n, block_k, _splits(n, k, block_n, block_k), warps, True
     block_n, block_k = 8, 1024 if w.scheme.group_size is None else max(1024, w.scheme.group_size)
@@ -594,25 +594,27 @@ if triton is not None:
 
     @triton.jit
     def _integer_sums(w, x, h, INT4: tl.constexpr, ASM: tl.constexpr):
-        """``sum q x`` over each thread's four adjacent words of ``w [BLOCK_N, groups, words]`` (``_gemv_words_kernel``'s
-        tile), computed in integers: ``[BLOCK_N, groups, words // 4]``, in float32. ``x`` (float32 ``[groups, words,
-        4]``) holds the columns of each word's first four fields (int4: its low nibbles), ``h`` those of int4's high
-        nibbles.
+        """``sum q x`` over each thread's four adjacent words of ``w [BLOCK_N, groups, words]``
+        (``_gemv_words_kernel``'s tile), computed in integers: ``[BLOCK_N, groups, words // 4]``, in float32. ``x``
+        (float32 ``[groups, words, 4]``) holds the columns of each word's first four fields (int4: its low nibbles),
+        ``h`` those of int4's high nibbles.
 
         Each group's inputs become 16-bit integers ``v = x 2^(14 - e)`` (``e``: the exponent of the group's largest
-        ``|x|``, so ``|v| < 2^15``, rounded to nearest), split into a signed high byte and an unsigned low one (``v =
-        256 hi + lo``) and packed four to a word in the weights' column order. ``dp4a`` then adds four products of a
+        ``|x|``, so ``|v| < 2^15`` for 16-bit inputs, which every caller rounds to first; rounded to nearest), split
+        into a signed high byte and an unsigned low one (``v = 256 hi + lo``) and packed four to a word in the
+        weights' column order. ``dp4a`` then adds four products of a
         weight's field and a byte at a time, exact in int32; ``(256 sum q hi + sum q lo) 2^(e - 14)`` is the sum (one
         conversion to float a thread's four words). An
-        input keeps 16 bits under its group's largest: where a group's inputs lie within 2^8 of one another that is
-        every bit of a bfloat16 (exact); a smaller one is rounded at 2^-16 of the largest.
+        input keeps 16 bits under its group's largest: one whose exponent is within 7 of the largest's keeps every
+        bit of a bfloat16 (float16: within 4); a smaller one is rounded, by at most 2^-15 of the largest. A NaN or
+        infinite input makes its group's sum NaN.
         Per int4 word (8 weights): two bit operations and four ``dp4a``; per int8 word (4 weights), two ``dp4a``. In
         sm_90 SASS compiled here, a step of 128 x 256 takes 2.2 instructions a weight in int4 (against 3.8 in floats)
         and 1.5 in int8 (4.1)."""
-        big = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+        big = tl.max(tl.max(_magnitude(x), axis=2), axis=1)
         if INT4:
-            big = tl.maximum(big, tl.max(tl.max(tl.abs(h), axis=2), axis=1))
-        exponent = tl.maximum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15)  # biased; 15: |x| < 2^-111 is 0
+            big = tl.maximum(big, tl.max(tl.max(_magnitude(h), axis=2), axis=1))
+        exponent = tl.maximum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15)  # biased; at least 2^-112's
         up = ((268 - exponent) << 23).to(tl.float32, bitcast=True)[:, None, None]  # 2^(14 - e)
         down = ((exponent - 14) << 23).to(tl.float32, bitcast=True)  # 2^(e - 14)
         down = tl.where(exponent == 255, float("nan"), down)[None, :, None]  # an infinite or NaN input: NaN
@@ -634,6 +636,11 @@ if triton is not None:
         hi = tl.sum(tl.reshape(hi, [n, g, t // 4, 4]), axis=3)
         lo = tl.sum(tl.reshape(lo, [n, g, t // 4, 4]), axis=3)
         return (hi * 256 + lo).to(tl.float32) * down  # below 2^27: int4's below 2^24, exact in float32
+
+    @triton.jit
+    def _magnitude(x):
+        """``|x|``, a NaN as infinity: a maximum skips NaN, and an infinite largest makes the group's sum NaN."""
+        return tl.where(x == x, tl.abs(x), float("inf"))
 
     @triton.jit
     def _fixed_point_bytes(x, up):

@@ -54,8 +54,8 @@ class MemoryNeeds:
     experts: ExpertNeeds | None = None  # a mixture-of-experts model's routed experts (blocks of their own)
     products: str = ""  # what the layers' products read: "bf16", "int8" or "int4" (their measured rates,
     # "gemv-<format>" and "rows16-<format>" in the bandwidths, bound a decode step's compute; "": "hbm")
-    head_products: str = ""  # what the LM head's product reads ("int8" where it is quantized; "": as ``products``
-    # would for a dense layer: "bf16", or "hbm" for float32)
+    head_products: str = ""  # what the LM head's product reads where it is stored compressed ("int8", or a file's
+    # own format); "": the model dtype's rate ("bf16", or "hbm" for float32)
     dequant_bytes: int = 0  # quantized layers: the rows a linear dequantizes at a time, and their product
     weight_format: str = ""  # quantized layers: the format and bytes per layer, for the plan; "" for the model dtype
     draft_bytes: int = 0  # speculative decoding: a draft model kept on the compute device (weights, KV cache...)

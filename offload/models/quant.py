@@ -210,9 +210,9 @@ def scheme_for(fmt: WeightFormat, cols: int, full_cols: int, ranks: int, dtype: 
 def head_format(fmt: WeightFormat | None) -> WeightFormat | None:
     """The LM head's format in a model whose layers are in ``fmt``: a file's own, tensor by tensor (a GGUF file's
     output tensor, or a saved checkpoint's head as it was written); int8 per channel (one scale a row of the
-    vocabulary) where the layers are quantized as asked, int8 or int4: a decode step reads the head once, 131 MB
-    of llama-2-7b's 6.7 GB in bfloat16 and 1 GB of llama-3-8b's, so it halves those bytes, with one rounding of a
-    weight at 2^-8 of its row's largest; None (dense) for a dense model."""
+    vocabulary) where the layers are quantized as asked, int8 or int4: a decode step reads the head once (250 MiB
+    of llama-2-7b's 12.6 GiB in bfloat16, 1 GiB of llama-3-8b's 15 GiB), so it halves those bytes, with one
+    rounding of a weight at 2^-8 of its row's largest; None (dense) for a dense model."""
     if fmt is None or fmt.per_tensor is not None:
         return fmt
     return WeightFormat(INT8, kernel=fmt.kernel, chunk_bytes=fmt.chunk_bytes)

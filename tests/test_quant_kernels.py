@@ -394,7 +394,7 @@ def test_the_word_gemv_compiles_for_hopper_to_wide_loads_and_no_conversions(fmt,
     assert re.search(r"ld\.global\S*evict_first\S*\.v4\.b32", ptx)
     conversions = len(re.findall(r"cvt\.rn\.f32\.[su](8|16|32)", ptx))
     if sums == "ints":  # 128 x 256 weights a step, 128 threads: 256 weights a thread
-        assert len(re.findall(r"dp4a\.", ptx)) == 256 // 4 * (2 if fmt == "int4" else 2)
+        assert len(re.findall(r"dp4a\.", ptx)) == 256 // 4 * 2  # two for every four weights, in either format
         assert conversions == 256 // (32 if fmt == "int4" else 16)  # one a thread's four words
     else:
         assert conversions == 0

@@ -149,6 +149,40 @@ def integer_products(fmt, x, ws, floor, totals, sweep: bool) -> list[str]:
     return out
 
 
+# (features, columns, warps) whose stretches of the columns --splits-sweep varies: a GEMV of one row is the
+# programs' waves, and its last, partly filled wave reads with a fraction of the SMs' loads in flight
+SPLIT_BLOCKINGS = [(32, 1024, 2), (64, 1024, 4), (64, 256, 2), (128, 256, 4), (16, 2048, 4), (16, 512, 4)]
+
+
+def split_products(fmt, x, ws, floor, totals) -> list[str]:
+    """The integer word GEMV on ``SPLIT_BLOCKINGS`` with 1, 2, 4, ... stretches of the columns (the default's
+    count, ``quant_kernels._splits``, beside them), each checked against dequantize-then-multiply: the best five."""
+    w = ws[0]
+    n, k, group = w.rows, w.cols, w.scheme.group_size or 1
+    if not quant_kernels.words_take(w):
+        return []
+    want = dequantized(x, w).float()
+    blockings = []
+    for bn, bk, warps in SPLIT_BLOCKINGS:
+        tiles = -(-k // bk)
+        if bk % group == 0:
+            counts = {1 << i for i in range(tiles.bit_length()) if 1 << i <= tiles}
+            counts.add(quant_kernels._splits(n, k, bn, bk))
+            blockings += [(bn, bk, s, warps, True) for s in sorted(counts)]
+    switch, quant_kernels.INT_GEMV = quant_kernels.INT_GEMV, True
+    try:
+        right = [b for b in blockings
+                 if (product(fmt, x, w, b).float() - want).abs().max() <= 2e-2 * want.abs().max()]
+        times = {b: time_us(lambda v, b=b: product(fmt, x, v, b), ws) for b in right}
+    finally:
+        quant_kernels.INT_GEMV = switch
+    best = sorted(times, key=times.get)[:5]
+    t = totals.setdefault((f"{fmt} ints splits best", x.shape[0]), [0.0, 0.0])
+    t[0], t[1] = t[0] + floor, t[1] + times[best[0]]
+    return ([f"ints {b[0]}x{b[1]} s{b[2]} w{b[3]} DISAGREES" for b in blockings if b not in right]
+            + ["splits best " + " ".join(f"({b[0]}x{b[1]} s{b[2]} w{b[3]}):{times[b]:.1f}" for b in best)])
+
+
 def dot_blockings(m, w):
     """The tensor-core product's blockings to sweep for ``m`` rows of ``w``."""
     out = [quant_kernels.dot_blocking(w, m, block_n, programs, stages)
@@ -167,6 +201,8 @@ def main() -> int:
     p.add_argument("--ints", action="store_true",
                    help="also time the word GEMV's products in integers (quant_kernels.INT_GEMV) against in floats")
     p.add_argument("--ints-sweep", action="store_true", help="and both on other blockings (the best three)")
+    p.add_argument("--splits-sweep", action="store_true",
+                   help="also the integer products' blockings with 1, 2, 4, ... stretches of the columns (best five)")
     p.add_argument("--dot", action="store_true", help="also time the tensor-core product of up to 16 rows")
     p.add_argument("--dot-sweep", action="store_true", help="and its other blockings (the best three)")
     args = p.parse_args()
@@ -213,6 +249,8 @@ def main() -> int:
                         t[0], t[1] = t[0] + floor, t[1] + us_words
                     if FORMATS[fmt] is not None and args.ints and m <= quant_kernels.GEMV_ROWS:
                         line += integer_products(fmt, x, ws, floor, totals, args.ints_sweep and fmt in SWEPT)
+                    if FORMATS[fmt] is not None and args.splits_sweep and fmt in SWEPT and m == 1:
+                        line += split_products(fmt, x, ws, floor, totals)
                     dot = (FORMATS[fmt] is not None and args.dot and m <= quant_kernels.DOT_ROWS
                            and quant_kernels.dot_takes(ws[0], x.dtype))
                     if dot:  # checked on all m rows, by PTX and by Triton's operations: a wrong one is not timed

@@ -49,11 +49,11 @@ def gpu_ms_per_pass(model, positions: int, rows: int = 1) -> float:
     return start.elapsed_time(end) / PASSES
 
 
-def kernel_table(model, positions: int) -> str:
-    tokens = torch.ones(1, dtype=torch.long, device=model.device)
+def kernel_table(model, positions: int, rows: int = 1) -> str:
+    tokens = torch.ones(rows, dtype=torch.long, device=model.device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            model.decode(tokens, [positions])
+            model.decode(tokens, [positions] * rows)
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
 
@@ -97,7 +97,7 @@ def main() -> int:
               f"gpu/floor {gpu / floor_ms:.2f}; plan predicted {predicted:.2f} ms (gpu/predicted "
               f"{gpu / predicted:.2f})", flush=True)
         if args.kernels:
-            print(kernel_table(model, length + args.new_tokens // 2), flush=True)
+            print(kernel_table(model, length + args.new_tokens // 2, args.batch), flush=True)
     model.close()
     return 0
 

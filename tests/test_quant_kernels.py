@@ -104,8 +104,10 @@ def test_a_small_weights_word_gemv_takes_smaller_tiles():
     assert blocking(960, 576, 64)[:2] == (32, 128) and blocking(3072, 576, 64)[:2] == (32, 128)
     assert blocking(576, 1536, 256)[:2] == (32, 256)
     assert blocking(12288, 4096, 64)[:2] == (128, 256) and blocking(4096, 4096, 64)[:2] == (128, 256)
-    # integer products (int4 in groups of 128): whole 1024-column tiles, 32 features, two warps
-    assert blocking(12288, 4096, 128) == (32, 1024, 2, 2, True) and blocking(4096, 11008, 128)[:2] == (128, 256)
+    # integer products (int4 in groups of 128): whole 1024-column tiles, 32 features, two warps, programs toward
+    # INT_PROGRAMS (384 already: one stretch; 128: four); 11008 columns keep 128 x 256, in 16 stretches
+    assert blocking(12288, 4096, 128) == (32, 1024, 1, 2, True) and blocking(4096, 4096, 128) == (32, 1024, 4, 2, True)
+    assert blocking(4096, 11008, 128) == (128, 256, 16, 4, True)
 
 
 def test_which_schemes_the_kernels_take():
@@ -184,12 +186,15 @@ def test_integer_products_by_ptx_equal_those_by_triton_operations(fmt, group, mo
 
 
 def test_integer_products_are_chosen_where_switched_on_or_timed_faster(monkeypatch):
-    """``INT_GEMV`` on: the GEMV of int8 reads words too (with its products in integers); off or unset: int8 keeps
-    the byte kernel. By default int4 in groups of 128 or more has them, smaller groups not; off, none."""
+    """``INT_GEMV`` on: the GEMV of int8 reads words too (with its products in integers); off, or unset where its
+    rows are not whole 2048-column tiles: int8 keeps the byte kernel. By default int4 in groups of 128 or more has
+    them, smaller groups not; off, none."""
     big, small = empty_weight("int4", 128, 64, 512), empty_weight("int4", 64, 64, 512)
     monkeypatch.setattr(quant_kernels, "INT_GEMV", None)
     assert quant_kernels.ints_chosen(big) and not quant_kernels.ints_chosen(small)
     assert not quant_kernels.ints_chosen(empty_weight("int8", None, 64, 512))
+    wide8 = empty_weight("int8", None, 4096, 4096)  # int8 in whole 2048-column tiles: 16 features, one stretch
+    assert quant_kernels.ints_chosen(wide8) and quant_kernels.gemv_blocking(wide8) == (16, 2048, 1, 4, True)
     monkeypatch.setattr(quant_kernels, "INT_GEMV", False)
     assert not quant_kernels.ints_chosen(big)
     w = packed("int8", None, 64, 512, DTYPES[0], seed=31)

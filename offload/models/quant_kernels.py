@@ -78,6 +78,7 @@ GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
 # 0.77 ms against 0.97 (llama-2-7b's products, 384-1536 tiles, keep theirs).
 FEW_TILES = 256
 TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
+INT_PROGRAMS = 512  # the integer GEMV's (``gemv_blocking``): about four an SM; more stretches were slower
 MAGIC = 0x4B000000  # the bits of the float 2^23
 # The word kernels: ``_gemv_words_kernel`` for one or two rows, ``_matmul_kernel``'s WORDS for up to 16 rows of
 # int4 in groups of 128 or 256. Timed on an H200 (2026-12-05, ``bench_quant_kernels.py --words``, llama-2-7b's four
@@ -202,40 +203,51 @@ def gemv_norms(w: QuantizedWeight) -> bool:
 def gemv_blocking(w: QuantizedWeight, words: bool | None = None) -> tuple[int, int, int, int, bool]:
     """(BLOCK_N, BLOCK_K, SPLITS, warps, words) of the GEMV for ``w``: ``_gemv_kernel``'s tiles of 8 features by
     1024 columns (whole groups), and as many stretches of the columns as bring the programs to about
-    ``TARGET_PROGRAMS``. With ``words`` (by default: int4, unless ``WORD_GEMV`` says otherwise), where
-    ``_gemv_words_kernel`` takes ``w``, its tiles of 128 features by 256 columns, or of 32 by 128 where a weight
-    has fewer than ``FEW_TILES`` of those. int4's integer products (``ints_chosen``) of whole 1024-column tiles
-    take 32 features by 1024 columns, two warps: on an H100 (2026-12-06, ``bench_quant_kernels.py --ints-sweep``)
-    llama-2-7b's o and gate_up products took 6.5 and 21.9 us against 7.8 and 23.2 with 128 x 256 (qkv the same,
-    14.5 against 14.6; down, 11008 columns, keeps 128 x 256)."""
-    n, k, int4 = w.rows, w.cols, w.scheme.format == INT4
+    ``TARGET_PROGRAMS``. With ``words`` (by default: int4, and int8 where its products are integers, unless
+    ``WORD_GEMV`` says otherwise), where ``_gemv_words_kernel`` takes ``w``, its tiles of 128 features by 256
+    columns, or of 32 by 128 where a weight has fewer than ``FEW_TILES`` of those.
+
+    Integer products (``ints_chosen``) aim at ``INT_PROGRAMS``: int4's take 32 features by 1024 columns on two warps
+    where the columns are whole 1024-column tiles, and int8's 16 features by 2048 columns, one stretch. Timed on an
+    H100 (2026-12-06, ``bench_quant_kernels.py --ints-sweep``, ``--splits-sweep``), llama-2-7b's one-row products,
+    us: int4 qkv 13.4 (two stretches: 14.0), o 6.6 (128 x 256: 7.8), gate_up 22.2 (23.2), down 13.8 (128 x 256 in
+    16 stretches; in 32: 16.5); int8 qkv 19.2, o 8.2 and gate_up 31.7 against the byte GEMV's 20.2, 9.0, 33.2."""
+    n, k, int4, ints = w.rows, w.cols, w.scheme.format == INT4, ints_chosen(w)
     if words is None:
-        words = (int4 or INT_GEMV is True) if WORD_GEMV is None else WORD_GEMV
+        words = (int4 or ints) if WORD_GEMV is None else WORD_GEMV
     if words and words_take(w):
-        block_n, block_k, warps = 128, 256, 4
+        block_n, block_k, warps, programs = 128, 256, 4, TARGET_PROGRAMS
         if -(-n // block_n) * -(-k // block_k) < FEW_TILES:  # a small weight: its latency, not its bytes, bounds it
             block_n, block_k = 32, max(128, w.scheme.group_size or 0)
-        elif ints_chosen(w) and int4 and k % 1024 == 0:  # rows of whole 1024-column tiles: 32 of them, two warps
-            block_n, block_k, warps = 32, 1024, 2
-        return block_n, block_k, _splits(n, k, block_n, block_k), warps, True
+        elif ints:
+            programs = INT_PROGRAMS
+            if int4 and k % 1024 == 0:  # rows of whole 1024-column tiles: 32 of them, two warps
+                block_n, block_k, warps = 32, 1024, 2
+            elif not int4 and k % 2048 == 0:  # 16 rows of 2048 columns: already many programs, one stretch
+                block_n, block_k, programs = 16, 2048, 1
+        return block_n, block_k, _splits(n, k, block_n, block_k, programs), warps, True
     block_n, block_k = 8, 1024 if w.scheme.group_size is None else max(1024, w.scheme.group_size)
     return block_n, block_k, _splits(n, k, block_n, block_k), 4, False
 
 
 def ints_chosen(w: QuantizedWeight) -> bool:
     """Whether the word GEMV computes its products in integers for ``w``: with ``INT_GEMV`` on, always; by default,
-    int4 in groups of 128 or more. Timed on an H100 (2026-12-06, ``bench_quant_kernels.py --ints``): llama-2-7b's
-    four one-row products in int4, groups of 128, took 61.4 us against 67.8 in floats (its resident decode 2.51
-    against 2.73 ms a step); in groups of 32, 102.2 against 93.5 (a group's fixed point and sums cost more than its
-    products save); int8 per channel, 83.1 against the byte GEMV's 81.3."""
+    int4 in groups of 128 or more, and int8 per channel in rows of whole 2048-column tiles. Timed on an H100
+    (2026-12-06, ``bench_quant_kernels.py --ints``): llama-2-7b's four one-row products in int4, groups of 128, took
+    61.4 us against 67.8 in floats (its resident decode 2.51 against 2.73 ms a step); in groups of 32, 102.2 against
+    93.5 (a group's fixed point and sums cost more than its products save). int8's, in tiles of 16 by 2048 (see
+    ``gemv_blocking``), 59.1 us against the byte GEMV's 62.4 for qkv, o and gate_up; its down product (11008
+    columns) keeps the byte GEMV."""
     if INT_GEMV is not None:
         return INT_GEMV
-    return w.scheme.format == INT4 and (w.scheme.group_size or 0) >= 128
+    if w.scheme.format == INT4:
+        return (w.scheme.group_size or 0) >= 128
+    return w.scheme.group_size is None and w.cols % 2048 == 0
 
 
-def _splits(n: int, k: int, block_n: int, block_k: int) -> int:
-    """Stretches of the columns that bring a GEMV's programs to about ``TARGET_PROGRAMS``."""
-    return min(max(1, -(-k // block_k)), max(1, TARGET_PROGRAMS // -(-n // block_n)))
+def _splits(n: int, k: int, block_n: int, block_k: int, programs: int = TARGET_PROGRAMS) -> int:
+    """Stretches of the columns that bring a GEMV's programs to about ``programs``."""
+    return min(max(1, -(-k // block_k)), max(1, programs // -(-n // block_n)))
 
 
 def words_take(w: QuantizedWeight) -> bool:

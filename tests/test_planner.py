@@ -150,8 +150,8 @@ def test_embedding_table_moves_to_host_ram_only_when_offloading():
 
 def test_a_resident_step_is_predicted_from_its_products_rate_and_its_small_kernels():
     """Resident decode: every weight read at the measured rate of its format's products, plus the decode
-    step's small kernels at the measured time of one, and its attention's cached keys at the HBM's rate; a streamed
-    step is bound by its link when that is slower."""
+    step's small kernels at the measured time of one, and its attention's cached keys at the attention kernel's
+    measured rate (the HBM's where none was measured); a streamed step is bound by its link when that is slower."""
     need = needs(decode_kernels=40 * 6, products="int4", max_batch=16, max_seq_len=512)
     rates = dict(BW, **{"gemv-int4": 1000 * GB, "gemv-bf16": 4000 * GB, "kernels": 400_000})
     resident = make_plan(need, Budget(need.fixed_bytes + 40 * GB, 100 * GB, {}), rates, "cuda:0")
@@ -168,6 +168,10 @@ def test_a_resident_step_is_predicted_from_its_products_rate_and_its_small_kerne
     per_key = need.kv_bytes / (16 * 512)  # every layer's key and value of one token
     cached = resident.step_seconds(16, keys=16 * 300)  # attention reads each row's cached keys from HBM
     assert cached == pytest.approx(resident.step_seconds(16) + 16 * 300 * per_key / BW["hbm"])
+    measured = make_plan(need, Budget(need.fixed_bytes + 40 * GB, 100 * GB, {}), dict(rates, attention=800 * GB),
+                         "cuda:0")  # the attention kernel's own rate, where it was measured
+    assert measured.step_seconds(16, keys=16 * 300) == pytest.approx(
+        resident.step_seconds(16) + 16 * 300 * per_key / (800 * GB))
 
 
 def test_a_resident_step_of_many_rows_is_priced_from_the_measured_16_row_products():
@@ -224,7 +228,7 @@ def test_a_products_measured_rate_is_cached_apart_for_each_setting_of_the_kernel
     by the other's rate: the products' keys carry the switches set; the links' do not."""
     from offload.memory import bandwidth
 
-    names = ["host", "gemv-int4", "rows16-int4", "kernels"]
+    names = ["host", "gemv-int4", "rows16-int4", "kernels", "attention"]
     for switch in bandwidth.KERNEL_SWITCHES:
         monkeypatch.delenv(switch, raising=False)
     plain = bandwidth.cache_keys("GPU", "cuda:0", names, 1)

@@ -9,9 +9,10 @@ read plus write, which bounds a decode step that reads every weight once); and
 GPU with offload's kernels, ``"gemv-bf16"``, ``"gemv-int8"`` and ``"gemv-int4"``: the
 bytes per second a one-row product reads from a weight stored so (a decode step's
 products over resident layers take their bytes over these rates), the same of 16 rows
-(``"rows16-<format>"``), and ``"kernels"``:
+(``"rows16-<format>"``), ``"kernels"``:
 small kernels per second (each of a decode layer's kernels, its products too, takes
-at least a small one's time), both timed as CUDA graphs replay them.
+at least a small one's time), and ``"attention"``: the bytes per second a decode
+step's attention reads from the KV cache, all timed as CUDA graphs replay them.
 Under tensor parallelism every rank probes the host link at the same moment, so
 the figure is each rank's share of a host link that all of them pull from at once.
 """
@@ -33,9 +34,10 @@ from ..options import cache_dir
 from .host import PinnedMemory
 
 PROBE_BYTES = 256 * 2**20
-CACHE_VERSION = 6  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second;
+CACHE_VERSION = 7  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second;
 # 3: the products of 16 rows too; 4: int4's products of 16 rows on the tensor cores; 5: kernels launched as
-# dependents of the one before them (``kernels.PDL``); 6: int4's GEMV in integers (``quant_kernels.INT_GEMV``)
+# dependents of the one before them (``kernels.PDL``); 6: int4's GEMV in integers (``quant_kernels.INT_GEMV``);
+# 7: int8's GEMV in integers too, the integer GEMV's fewer stretches (``quant_kernels.INT_PROGRAMS``), "attention"
 # The environment's switches of the kernels a product runs (read at import by ``models.quant_kernels`` and
 # ``models.kernels``): a product's rate is cached apart for each setting of them, so that timing a kernel against
 # another never leaves a plan priced by the wrong one.
@@ -51,7 +53,7 @@ def cache_keys(gpu: str, device, names: list[str], ranks: int) -> dict[str, str]
     """Each measured rate's key in the cache: the GPU's name, the device, the rate, the ranks and
     ``CACHE_VERSION``; a product's rate also the ``KERNEL_SWITCHES`` set in the environment."""
     switches = "".join(f"/{k}={os.environ[k]}" for k in KERNEL_SWITCHES if k in os.environ)
-    products = (*GEMV_FORMATS, *ROWS16_FORMATS, "kernels")
+    products = (*GEMV_FORMATS, *ROWS16_FORMATS, "kernels", "attention")
     return {name: f"{gpu}/{device}<-{name}/ranks={ranks}/v{CACHE_VERSION}" + (switches if name in products else "")
             for name in names}
 
@@ -60,7 +62,7 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     """Bytes/s of each link into ``compute_device`` ("host", "hbm", every peer) and its "matmul" FLOP/s,
     from the cache or measured."""
     device = torch.device(compute_device)
-    names = ["host", "hbm", "matmul", *peers] + ([*GEMV_FORMATS, *ROWS16_FORMATS, "kernels"]
+    names = ["host", "hbm", "matmul", *peers] + ([*GEMV_FORMATS, *ROWS16_FORMATS, "kernels", "attention"]
                                                   if device.type == "cuda" else [])
     if device.type != "cuda":  # every "link" is a memcpy in RAM: quick to measure, not worth a file
         bandwidth, matmul = _cpu_rates()
@@ -81,6 +83,7 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     # probed again, so a load does not measure every link again each time.
     measured.update({name: 0.0 for name in GEMV_FORMATS + ROWS16_FORMATS} | _optional(measure_gemv, device, {}))
     measured["kernels"] = _optional(measure_small_kernels, device, 0.0)
+    measured["attention"] = _optional(measure_attention, device, 0.0)
     for peer in peers:
         measured[peer] = measure_peer(device, torch.device(peer), size)
     _write_cache({**cached, **{key[n]: v for n, v in measured.items()}})
@@ -180,17 +183,21 @@ def measure_gemv(device) -> dict[str, float]:
     """Bytes/s of the products of a llama-2-7b-shaped layer in bfloat16, int8 and int4 (groups of 128), of one
     row ("gemv-<format>") and of 16 ("rows16-<format>": other kernels, slower per byte), with offload's kernels
     replayed from a CUDA graph as a decode step runs them (timed eagerly, the host's launches would be measured
-    instead); empty without working kernels."""
+    instead); empty without working kernels. One row's products take what a decode layer fuses into them (the
+    norms of qkv and gate_up's inputs, the gate, the residual adds: ``_run_layer``); 16 rows' run apart from those
+    (the plan counts them among a step's small kernels)."""
     from ..models import kernels, ops
     from ..models.quant import FUSED, QuantizedWeight, QuantScheme, quantize
 
     if not kernels.works(device):
         return {}
-    product = ops.choose(device, torch.bfloat16).linear  # what a decode step's products run
+    chosen = ops.choose(device, torch.bfloat16)  # what a decode step's products run
+    norm = kernels.Norm(torch.ones(GEMV_SHAPES[0][1], device=device, dtype=torch.bfloat16), 1e-5)
     rates = {}
     for fmt, group, copies in ((None, None, 1), ("int8", None, 2), ("int4", 128, 2)):  # copies: beyond the L2
-        weights, nbytes = [], 0
+        layers, nbytes = [], 0
         for _ in range(copies):
+            layer = []
             for rows, cols in GEMV_SHAPES:
                 w = torch.randn(rows, cols, device=device, dtype=torch.bfloat16) / cols**0.5
                 if fmt is not None:
@@ -198,12 +205,27 @@ def measure_gemv(device) -> dict[str, float]:
                     parts = quantize(w, scheme, torch.bfloat16)
                     w = QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), scheme)
                 nbytes += sum(t.numel() * t.element_size() for t in ([w] if fmt is None else parts.values()))
-                weights.append((cols, w))
-        for name, tokens in ((f"gemv-{fmt or 'bf16'}", 1), (f"rows16-{fmt or 'bf16'}", 16)):
-            products = [(torch.randn(tokens, cols, device=device, dtype=torch.bfloat16), w) for cols, w in weights]
-            work = functools.partial(_run_products, product, products)
+                layer.append(w)
+            layers.append(layer)
+        x, attended = (torch.randn(1, GEMV_SHAPES[1][1], device=device, dtype=torch.bfloat16) / 8 for _ in range(2))
+        products = [(torch.randn(16, cols, device=device, dtype=torch.bfloat16), w)
+                    for layer in layers for (_, cols), w in zip(GEMV_SHAPES, layer)]
+        for name, work in ((f"gemv-{fmt or 'bf16'}", functools.partial(_run_layer, chosen, norm, layers, x, attended)),
+                           (f"rows16-{fmt or 'bf16'}", functools.partial(_run_products, chosen.linear, products))):
             rates[name] = _optional(_rate_probe(name, nbytes, work), device, 0.0)  # a failure loses this rate alone
     return rates
+
+
+def _run_layer(ops, norm, layers: list, x: torch.Tensor, attended: torch.Tensor) -> list:
+    """Each copy of a llama layer's four products as a decode step of one row runs them (``models.llama``): qkv
+    and gate_up normalize their inputs, o and down add the residual, down gates its input (``attended`` stands
+    for the attention's output)."""
+    out = []
+    for wqkv, wo, w_gate_up, w_down in layers:
+        out.append(ops.normed_linear(x, norm, wqkv))
+        h = ops.linear(attended, wo, None, x)
+        out.append(ops.gated_linear(ops.normed_linear(h, norm, w_gate_up), "silu", w_down, h))
+    return out
 
 
 def _run_products(product, products: list) -> list:
@@ -230,6 +252,25 @@ def measure_small_kernels(device) -> float:
     weight = torch.ones(4096, device=device, dtype=torch.bfloat16)
     return SMALL_KERNELS / graph_seconds(device, lambda: [kernels.rms_norm(x, weight, 1e-5)
                                                           for _ in range(SMALL_KERNELS)])
+
+
+ATTENTION_SHAPE = (16, 32, 256, 128)  # rows, kv heads, keys a row, head size: llama-2-7b's at batch 16
+
+
+def measure_attention(device) -> float:
+    """Bytes/s of keys and values that a decode step's attention reads (``ATTENTION_SHAPE``, one query a kv head,
+    bfloat16) replayed from a CUDA graph. At a few hundred keys a row it reads well below the HBM's rate: on an
+    H100 (2026-12-06), llama-2-7b's attention at batch 16 over 161 keys a row took 26 us a layer for 21 MB."""
+    from ..models import kernels
+
+    if not kernels.works(device):
+        return 0.0
+    rows, kv_heads, length, hd = ATTENTION_SHAPE
+    q = torch.randn(rows, kv_heads, 1, hd, device=device, dtype=torch.bfloat16)
+    keys, values = (torch.randn(rows, kv_heads, length, hd, device=device, dtype=torch.bfloat16) for _ in range(2))
+    allowed = torch.ones(rows, 1, 1, length, device=device, dtype=torch.bool)
+    seconds = graph_seconds(device, lambda: kernels.decode_attention(q, keys, values, allowed, hd**-0.5))
+    return 2 * keys.numel() * keys.element_size() / seconds
 
 
 def graph_seconds(device, work, repeats: int = 5) -> float:

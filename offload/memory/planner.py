@@ -192,10 +192,11 @@ class Plan:
     def compute_seconds(self, rows: int = 1, keys: int = 0) -> float:
         """A decode step's time on the compute device: its products read every weight they use at the measured
         rates of their formats (``link_seconds``' "hbm"), its attention reads the ``keys`` cached keys of its rows
-        (summed over the rows) at the HBM's rate, and each of its kernels takes at least the measured time of a
-        small one besides (a step of a small or compressed model is largely that)."""
+        (summed over the rows) at the attention kernel's measured rate (the HBM's where there is none), and each
+        of its kernels takes at least the measured time of a small one besides (a step of a small or compressed
+        model is largely that)."""
         kernels = self.bandwidth.get("kernels") or math.inf
-        cache = keys * self.needs.kv_bytes_per_key / self.bandwidth["hbm"]
+        cache = keys * self.needs.kv_bytes_per_key / (self.bandwidth.get("attention") or self.bandwidth["hbm"])
         return self.link_seconds(rows)["hbm"] + cache + self.needs.decode_kernels / kernels
 
     def step_seconds(self, rows: int = 1, keys: int = 0) -> float:

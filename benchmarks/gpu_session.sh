@@ -18,12 +18,17 @@
 #   quantwords     1, 2 and 16 rows: the word kernels (quant_kernels.WORD_GEMV) beside the defaults, and the
 #                  kernels' other blockings (the best three)
 #   quant7b        llama-2-7b resident decode in bf16, int8 and int4, batch 1 and 16 (GPU time per pass vs floor)
+#   tables7b       llama-2-7b resident at batch 16 in int4 and bf16 and at batch 1 in int4, the profiler's kernel
+#                  table of each: where int4's step outruns the plan's price
+#   tests_ints     the integer GEMV's tests with the default choices, then the compressed formats' GPU tests
 #   quant7b_words  int8 and int4 with every word kernel (OFFLOAD_WORD_GEMV=1; the default: int4's GEMV only)
 #   dotgemv        the tensor-core product of up to 16 rows (quant_kernels._dot_gemv_kernel): its tests on the GPU, then
 #                  llama-2-7b's products of 1 and 16 rows against the defaults, and its blockings (the best three)
 #   ints           the word GEMV's products in integers (OFFLOAD_INT_GEMV=1: four weights a dp4a): its tests on the
 #                  GPU, llama-2-7b's products of 1 and 2 rows against the float products (and its blockings), then
 #                  llama-2-7b resident in int4, int8 and bf16 at batch 1 and 16, and SmolLM2-135M's shape in int4
+#   splits         the integer GEMV's blockings with 1, 2, 4, ... stretches of the columns (int8, int4 in groups of
+#                  128), llama-2-7b's products of one row: the best five of each
 #   head           llama-2-7b's products of 1 and 16 rows with its LM head's (stored int8 where the layers are
 #                  quantized): what the head costs in each format
 #   pdl            kernels launched as dependents of the one before them (OFFLOAD_PDL=1: each waits for its inputs;
@@ -99,14 +104,13 @@
 # (then 64 features a program, at 16 rows), quant7b_dot, spec_smollm2_stop and fixed chain lengths (1.23x at best);
 # thirteenth (H100, 2026-12-06) pipelined GEMVs (slower: removed), tests_kernels (in three calls), spec70b, pdl (twice);
 # fourteenth (H100, 2026-12-06) dotgemv (128 x 256 tiles: still slower at one row), ints and ints_sweep (integer
-# products: the default for int4, groups of 128+), head and quant7b (int4 2.00x bf16 at batch 1), test_gpu/test_quant.
-#   1. ints_sweep:200 quant7b:150                              the 16-words-a-thread blockings (twice the warps) (#20)
-#   2. tests_kernels:300 tests_spec:280                        the kernel files whole with integer products on, and
-#                                                              speculation's tests (the int8 head, the int4 draft)
-#   3. int4_405b:500 (an H200)                                 the moonshot (#20)
-#   4. offload13b:400                                          int4 at 4 GiB against its link with the faster kernels
-#   5. spec_smollm2_greedy                                     the draft's steps with dependent launches (#22)
-#   6. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts (#21)
+# products: the default for int4, groups of 128+), head and quant7b (int4 2.00x bf16 at batch 1), test_gpu/test_quant;
+# fifteenth (H100, 2026-12-06) ints_sweep (16 words a thread: no faster), splits (fewer stretches: faster), quant7b
+# (int8 1.67x, int4 2.05x), tests_kernels, tests_spec, offload13b (int4 at 4 GiB: 0.99 of its link), tables7b.
+#   1. int4_405b:500 (an H200)                                 the moonshot (#20): first, while the budget is whole
+#   2. tests_kernels:300                                       the kernel files with the fifteenth session's blockings
+#   3. spec_smollm2_greedy                                     the draft's steps (#22)
+#   4. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts (#21)
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
@@ -149,6 +153,11 @@ run_stage() {
     quantwords) stage quantwords python3 benchmarks/bench_quant_kernels.py --rows 1,2,16 --words --sweep ;;
     quant7b) stage quant7b bash -c 'for q in "" "--quantize int8" "--quantize int4"; do for b in 1 16; do
       python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 --batch $b $q; done; done' ;;
+    tables7b) stage tables7b bash -c 'for run in "16 --quantize int4" "16" "1 --quantize int4"; do set -- $run
+      python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 --batch $@ --kernels; done' ;;
+    tests_ints) stage tests_ints python3 -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py \
+      -k "integer or word or gated_mlps or normalizes or last or chosen"
+      stage tests_quant python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_quant.py -k quant ;;
     quant7b_words) stage quant7b_words env OFFLOAD_WORD_GEMV=1 bash -c 'for q in "--quantize int8" "--quantize int4"
       do for b in 1 16; do python3 benchmarks/profile_decode.py --shape llama-2-7b --prompts 128 --new-tokens 32 \
       --batch $b $q; done; done' ;;
@@ -160,6 +169,7 @@ run_stage() {
       -k "integer or word or gated_mlps or normalizes or last"
       stage ints python3 benchmarks/bench_quant_kernels.py --rows 1,2 --ints ;;
     ints_sweep) stage ints_sweep python3 benchmarks/bench_quant_kernels.py --rows 1 --ints --ints-sweep ;;
+    splits) stage splits python3 benchmarks/bench_quant_kernels.py --rows 1 --splits-sweep ;;
     head) stage head python3 benchmarks/bench_quant_kernels.py --rows 1,16 --head ;;
     ints7b)
       stage ints7b bash -c 'for b in 1; do for run in "1 int4" "0 int4" "0 bf16" "1 int8" "0 int8"; do set -- $run

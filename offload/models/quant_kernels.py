@@ -20,11 +20,12 @@ compressed bytes of HBM traffic, resident or streamed.
   subtraction (the integer written into the mantissa of 2^23) and a multiply-add.
   ``_gemv_words_kernel`` computes the same sums from 32-bit words, each field turned into
   a float where it lies in the word (no unpacking): fewer instructions a weight (int4: less
-  than half). It is int4's GEMV where it takes the weight (``words_take``), and, where
-  ``WORD_GEMV`` turns it on, int8's too and int4's product of up to 16 rows
-  (``_matmul_kernel``'s WORDS), which reads its groups the same way. For int4 in groups of 128
-  or more (``ints_chosen``) the word GEMV's products are integers (``_integer_sums``): each
-  group's inputs in 16-bit fixed point, four products of a field and a byte a ``dp4a``.
+  than half). It is int4's GEMV where it takes the weight (``words_take``), int8's where its
+  products are integers, and, where ``WORD_GEMV`` turns it on, int8's every GEMV and int4's
+  product of up to 16 rows (``_matmul_kernel``'s WORDS), which reads its groups the same way.
+  For int4 in groups of 128 or more, and int8 per channel in rows of whole 2048-column tiles
+  (``ints_chosen``), the word GEMV's products are integers (``_integer_sums``): each group's
+  inputs in 16-bit fixed point, four products of a field and a byte a ``dp4a``.
 * **More rows** (prefill chunks, batched decode): ``_matmul_kernel``, tiles of
   ``[BLOCK_M, group] x [group, BLOCK_N]`` (or 64 columns for int8 per channel), each
   weight tile dequantized in float32, rounded once to the activations' dtype (as
@@ -84,8 +85,9 @@ MAGIC = 0x4B000000  # the bits of the float 2^23
 # int4 in groups of 128 or 256. Timed on an H200 (2026-12-05, ``bench_quant_kernels.py --words``, llama-2-7b's four
 # products of a layer): int4's GEMV 1.33x faster at one row (groups of 128: 70.8 against 94.0 us) and 1.55x at two,
 # and llama-2-7b's resident int4 decode 2.90 against 3.60 ms a step; but int8's GEMV 0.90x and int4's 16-row
-# product 0.63x. So by default (None) int4's GEMV reads words and nothing else does; the environment's
-# OFFLOAD_WORD_GEMV=1 turns every word kernel on, =0 every one off (read once, at import).
+# product 0.63x. So by default (None) int4's GEMV reads words, and int8's where its products are integers
+# (``ints_chosen``), nothing else; OFFLOAD_WORD_GEMV=1 turns every word kernel on, =0 every one off (read once, at
+# import).
 WORD_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_WORD_GEMV", ""))
 # The word GEMV's products in integers (``_integer_sums``: four weights a ``dp4a``), by default (None) where they were
 # timed faster (``ints_chosen``); OFFLOAD_INT_GEMV=1 for every word GEMV (int8's GEMV then reads words too), =0 for

@@ -66,6 +66,11 @@ def product(fmt, x, w, blocking=None):
     return quant_kernels.linear(x, w, blocking=blocking)
 
 
+def agrees(got, want) -> bool:
+    """Whether a kernel's product is dequantize-then-multiply's (``want``, float32) to 2% of its largest."""
+    return bool((got.float() - want).abs().max() <= 2e-2 * want.abs().max())
+
+
 def dequantized(x, w):
     return quantized_linear(x, QuantizedWeight(w.data, w.scale, w.minimum, QuantScheme(
         w.scheme.format, w.scheme.group_size, w.rows, DEQUANTIZE)))
@@ -127,7 +132,7 @@ def integer_products(fmt, x, ws, floor, totals, sweep: bool) -> list[str]:
         quant_kernels.INT_GEMV = ints
         try:
             got = product(fmt, x, ws[0], chosen).float()
-            if (got - want).abs().max() > 2e-2 * want.abs().max():
+            if not agrees(got, want):
                 out.append(f"{name} DISAGREE")
                 continue
             us = time_us(lambda w: product(fmt, x, w, chosen), ws)
@@ -136,7 +141,7 @@ def integer_products(fmt, x, ws, floor, totals, sweep: bool) -> list[str]:
             t[0], t[1] = t[0] + floor, t[1] + us
             if sweep:  # each blocking checked as the chosen one was: a wrong one is not timed
                 right = [b for b in others
-                         if (product(fmt, x, ws[0], b).float() - want).abs().max() <= 2e-2 * want.abs().max()]
+                         if agrees(product(fmt, x, ws[0], b), want)]
                 out += [f"{name} {b[0]}x{b[1]} w{b[3]} DISAGREES" for b in others if b not in right]
                 times = {b: time_us(lambda w, b=b: product(fmt, x, w, b), ws) for b in right}
                 best = sorted(times, key=times.get)[:3]
@@ -172,7 +177,7 @@ def split_products(fmt, x, ws, floor, totals) -> list[str]:
     switch, quant_kernels.INT_GEMV = quant_kernels.INT_GEMV, True
     try:
         right = [b for b in blockings
-                 if (product(fmt, x, w, b).float() - want).abs().max() <= 2e-2 * want.abs().max()]
+                 if agrees(product(fmt, x, w, b), want)]
         times = {b: time_us(lambda v, b=b: product(fmt, x, v, b), ws) for b in right}
     finally:
         quant_kernels.INT_GEMV = switch
@@ -223,7 +228,7 @@ def main() -> int:
                     if FORMATS[fmt] is not None:  # checked against dequantize-then-multiply
                         want = dequantized(x[:1], ws[0]).float()
                         got = product(fmt, x[:1], ws[0]).float()
-                        assert (got - want).abs().max() <= 2e-2 * want.abs().max(), f"{fmt} disagrees"
+                        assert agrees(got, want), f"{fmt} disagrees"
                     us = time_us(lambda w: product(fmt, x, w), ws)
                     floor = nbytes / hbm * 1e6
                     t = totals.setdefault((fmt, m), [0.0, 0.0])
@@ -242,7 +247,7 @@ def main() -> int:
                     if words:  # checked on all m rows: the blocking is the kernel of m rows
                         want_m = dequantized(x, ws[0]).float()
                         got = product(fmt, x, ws[0], words).float()
-                        assert (got - want_m).abs().max() <= 2e-2 * want_m.abs().max(), "the word kernels disagree"
+                        assert agrees(got, want_m), "the word kernels disagree"
                         us_words = time_us(lambda w: product(fmt, x, w, words), ws)
                         line.append(f"words {us_words:7.1f} ({floor / us_words:4.2f})")
                         t = totals.setdefault((fmt + " words", m), [0.0, 0.0])
@@ -258,7 +263,7 @@ def main() -> int:
                         right, ptx = [], quant_kernels.dot_blocking(ws[0], m)
                         for b in (ptx, ptx._replace(asm=False)):
                             got = product(fmt, x, ws[0], b).float()
-                            if (got - want_m).abs().max() <= 2e-2 * want_m.abs().max():
+                            if agrees(got, want_m):
                                 right.append(b)
                             else:
                                 line.append(f"dot{'' if b.asm else ' (ops)'} DISAGREES")

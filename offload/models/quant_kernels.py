@@ -669,7 +669,9 @@ if triton is not None:
     @triton.jit
     def _dp4a(a, b, c, SIGNED_A: tl.constexpr, SIGNED_B: tl.constexpr, ASM: tl.constexpr):
         """``c`` plus the sum of the products of ``a``'s and ``b``'s four bytes (each signed or not), in int32: one
-        ``dp4a`` instruction with ASM, Triton's integer operations without (the interpreter; the same integers)."""
+        ``dp4a`` instruction with ASM, Triton's integer operations without (the interpreter; the same integers).
+        The four instructions are spelled out whole: a string built from constexprs is untried on the Triton of
+        the lent GPUs, where these four ran."""
         if ASM:
             if SIGNED_A:
                 if SIGNED_B:

@@ -96,6 +96,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="verify widths to time (tokens per row)")
     p.add_argument("--eager", action="store_true", help="also time the verify passes without CUDA graphs (on a GPU)")
     p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--trace", help="with --profile: the profiled generation's timeline as a Chrome trace to this file "
+                   "(gzipped where it ends in .gz; DRAFT's index before the suffix where several drafts are profiled)")
     p.add_argument("--profile", action="store_true", help="and where a pass's time goes with each model draft: the "
                    "host's time in each phase of a pass, the draft's steps a pass, the kernels (on a GPU)")
     args = p.parse_args(argv)
@@ -204,7 +206,7 @@ def streaming(source, options: dict) -> dict:
 
 
 def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: dict, max_new: int,
-              temperature: float = 0.0, profile: bool = False) -> dict:
+              temperature: float = 0.0, profile: bool = False, trace: str | None = None) -> dict:
     """Batch-1 generation of every prompt with ``draft`` (``DRAFT@M``: trees of ``M`` tokens a depth), greedy
     or sampled at ``temperature`` (seeded): tokens, decode tokens/s, tokens per pass."""
     sampling = dict(do_sample=True, temperature=temperature, seed=0) if temperature > 0 else {}
@@ -235,7 +237,7 @@ def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: d
                draft_step=draft_step_times(model.draft.model, len(prompts[0]), DRAFT_STEPS)
                if hasattr(model.draft, "model") and model.device.type == "cuda" else None)
     if profile and hasattr(model.draft, "model"):
-        row["profile"] = profile_passes(model, prompts[0], max_new, sampling)
+        row["profile"] = profile_passes(model, prompts[0], max_new, sampling, trace)
     model.close()
     return row
 
@@ -244,11 +246,12 @@ PHASES = {"propose": ("draft", "propose"), "verify": ("model", "verify"), "accep
           "update": ("draft", "update")}
 
 
-def profile_passes(model, prompt: list[int], max_new: int, sampling: dict) -> dict:
+def profile_passes(model, prompt: list[int], max_new: int, sampling: dict, trace: str | None = None) -> dict:
     """One prompt's generation under the profiler: each phase of a pass (``PHASES``: the draft proposing, the
     target's pass being queued, the tokens chosen and read, the draft rolled back) as the host's wall time a
     pass, the draft's decode steps a pass, and on a GPU the kernels' table. A phase ends when the host leaves
-    it: the host waits for the GPU where it reads (a proposal's tokens, the chosen tokens)."""
+    it: the host waits for the GPU where it reads (a proposal's tokens, the chosen tokens). ``trace``: a file for
+    the timeline (Chrome's trace format): where the GPU waits on the host between a pass's phases."""
     from offload.scheduler import speculation
 
     owners = {"draft": model.draft, "model": model, "speculation": speculation}
@@ -287,6 +290,8 @@ def profile_passes(model, prompt: list[int], max_new: int, sampling: dict) -> di
             setattr(owners[owner], attr, originals[name])
         model.draft.model.decode = decode
         speculation.Speculator.draft_shape = draft_shape
+    if trace:
+        prof.export_chrome_trace(trace)
     passes = max(r.decode_steps, 1)
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
     host = {name: sum(e.cpu_time_total for e in prof.events() if e.name == f"pass.{name}" and e.device_type == cpu)
@@ -304,6 +309,15 @@ def profile_passes(model, prompt: list[int], max_new: int, sampling: dict) -> di
         out["kernels"] = [dict(name=e.key[:70], count_a_pass=e.count / passes,
                                us_a_pass=e.self_device_time_total / passes) for e in kernels[:25]]
     return out
+
+
+def trace_file(trace: str | None, index: int, drafts: int) -> str | None:
+    """``--trace``'s file for the ``index``-th of ``drafts`` drafts: the index before its suffix where several."""
+    if not trace or drafts == 1:
+        return trace
+    path = Path(trace)
+    suffixes = "".join(path.suffixes)
+    return str(path.with_name(f"{path.name[: len(path.name) - len(suffixes)]}-{index}{suffixes}"))
 
 
 def split_of_a_pass(prices, before: tuple) -> dict:
@@ -421,10 +435,10 @@ def run(args) -> int:
         prompts = prompts_for(model_path, quick, vocab)
         options = dict(budget, max_batch=1, max_seq_len=max(len(p) for p in prompts) + args.max_new_tokens,
                        draft_tokens=draft_tokens)
-        for draft in args.drafts:
+        for index, draft in enumerate(args.drafts):
             opts = {k: v for k, v in options.items() if not (draft == "none" and k == "draft_tokens")}
             drafts.append(run_draft(model_path, draft, prompts, opts, args.max_new_tokens, args.temperature,
-                                    args.profile))
+                                    args.profile, trace_file(args.trace, index, len(args.drafts))))
         reference = drafts[0]["tokens"]
         mode = f"sampled at temperature {args.temperature:g}" if args.temperature else "greedy"
         print(f"\n{mode} generation, batch 1, {len(prompts)} prompts x {args.max_new_tokens} tokens")

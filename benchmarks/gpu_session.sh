@@ -74,6 +74,8 @@
 #                  with a command that does nothing, then at once part-ab and .whl with this stage: ignored
 #                  paths stay on a warm machine between calls)
 #   spec_smollm2_greedy  the same, greedy only, four drafts (a short call: what the price of draft steps gives)
+#   spec_smollm2_trace   the int4 draft's chains against none, the depth chosen and 3, one prompt's timeline of each
+#                  (spec_trace*-1.json.gz: where the GPU waits on the host between a pass's phases)
 #   spec_smollm2_stop    the int4 draft's chains against none, without and with OFFLOAD_STOP_UNSURE=1 (chains that
 #                  stop where the draft is unsure), each pass profiled: the host's time in each phase, the draft's
 #                  steps a pass, the kernels
@@ -264,6 +266,14 @@ run_stage() {
         for stop in 0 1; do OFFLOAD_STOP_UNSURE=$stop python3 benchmarks/bench_speculative.py --model /tmp/smollm2 \
             --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 --profile \
             --json "$0/spec_smollm2_stop$stop.json"; done' "$OUT" ;;
+    spec_smollm2_trace) stage spec_smollm2_trace bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
+        [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
+        [ -d /tmp/smollm2 ] || python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
+        [ -d /tmp/smollm2-int4 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 \
+            --group-size 64 --out /tmp/smollm2-int4 --device cuda
+        for depth in "" 3; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
+            --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${depth:+--draft-tokens $depth} --profile \
+            --trace "$0/spec_trace${depth}.json.gz" --json "$0/spec_smollm2_trace${depth}.json"; done' "$OUT" ;;
     load70b) stage load70b bash -c 'set -e; trap "rm -rf /tmp/70b-int4 /tmp/.70b-int4.*.partial" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-70b --out /tmp/70b-int4 --gpu-memory 24GiB \
             --cpu-memory 100GiB --json "$0/load70b.json"

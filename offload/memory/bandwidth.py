@@ -34,10 +34,11 @@ from ..options import cache_dir
 from .host import PinnedMemory
 
 PROBE_BYTES = 256 * 2**20
-CACHE_VERSION = 7  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second;
+CACHE_VERSION = 8  # 2: products timed in CUDA graphs over a 7b layer's shapes, and small kernels per second;
 # 3: the products of 16 rows too; 4: int4's products of 16 rows on the tensor cores; 5: kernels launched as
 # dependents of the one before them (``kernels.PDL``); 6: int4's GEMV in integers (``quant_kernels.INT_GEMV``);
-# 7: int8's GEMV in integers too, the integer GEMV's fewer stretches (``quant_kernels.INT_PROGRAMS``), "attention"
+# 7: int8's GEMV in integers too, the integer GEMV's fewer stretches (``quant_kernels.INT_PROGRAMS``), "attention";
+# 8: the products of 16 rows timed as a decode layer runs them (its norms, gate and residual adds)
 # The environment's switches of the kernels a product runs (read at import by ``models.quant_kernels`` and
 # ``models.kernels``): a product's rate is cached apart for each setting of them, so that timing a kernel against
 # another never leaves a plan priced by the wrong one.
@@ -183,9 +184,10 @@ def measure_gemv(device) -> dict[str, float]:
     """Bytes/s of the products of a llama-2-7b-shaped layer in bfloat16, int8 and int4 (groups of 128), of one
     row ("gemv-<format>") and of 16 ("rows16-<format>": other kernels, slower per byte), with offload's kernels
     replayed from a CUDA graph as a decode step runs them (timed eagerly, the host's launches would be measured
-    instead); empty without working kernels. One row's products take what a decode layer fuses into them (the
-    norms of qkv and gate_up's inputs, the gate, the residual adds: ``_run_layer``); 16 rows' run apart from those
-    (the plan counts them among a step's small kernels)."""
+    instead); empty without working kernels. Both are timed as a decode layer runs its products (``_run_layer``):
+    with the norms of qkv's and gate_up's inputs, the gate and the residual adds, fused into the products where a
+    decode step fuses them (one row's), in kernels of their own where it does not (16 rows' gate, on an H100 in
+    2026-12: products timed alone priced llama-2-7b's int4 step at 16 rows 12% short)."""
     from ..models import kernels, ops
     from ..models.quant import FUSED, QuantizedWeight, QuantScheme, quantize
 
@@ -207,11 +209,10 @@ def measure_gemv(device) -> dict[str, float]:
                 nbytes += sum(t.numel() * t.element_size() for t in ([w] if fmt is None else parts.values()))
                 layer.append(w)
             layers.append(layer)
-        x, attended = (torch.randn(1, GEMV_SHAPES[1][1], device=device, dtype=torch.bfloat16) / 8 for _ in range(2))
-        products = [(torch.randn(16, cols, device=device, dtype=torch.bfloat16), w)
-                    for layer in layers for (_, cols), w in zip(GEMV_SHAPES, layer)]
-        for name, work in ((f"gemv-{fmt or 'bf16'}", functools.partial(_run_layer, chosen, norm, layers, x, attended)),
-                           (f"rows16-{fmt or 'bf16'}", functools.partial(_run_products, chosen.linear, products))):
+        for name, rows in ((f"gemv-{fmt or 'bf16'}", 1), (f"rows16-{fmt or 'bf16'}", 16)):
+            x, attended = (torch.randn(rows, GEMV_SHAPES[1][1], device=device, dtype=torch.bfloat16) / 8
+                           for _ in range(2))
+            work = functools.partial(_run_layer, chosen, norm, layers, x, attended)
             rates[name] = _optional(_rate_probe(name, nbytes, work), device, 0.0)  # a failure loses this rate alone
     return rates
 
@@ -226,10 +227,6 @@ def _run_layer(ops, norm, layers: list, x: torch.Tensor, attended: torch.Tensor)
         h = ops.linear(attended, wo, None, x)
         out.append(ops.gated_linear(ops.normed_linear(h, norm, w_gate_up), "silu", w_down, h))
     return out
-
-
-def _run_products(product, products: list) -> list:
-    return [product(x, w) for x, w in products]
 
 
 def _rate_probe(name: str, nbytes: int, work):

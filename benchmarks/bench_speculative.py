@@ -13,8 +13,10 @@ plus what its draft keeps on the GPU):
 
 passes     a verify pass of W tokens per row (W = 1, 2, 4, ... 32: the row's last token
            and W - 1 drafts) at batch 1 and 8, against a one-token pass (W = 1, a decode
-           step). From them, for acceptance rates 50-90%, the tokens/s a draft that costs
-           nothing (prompt lookup) would give at the best W, against plain decoding:
+           step); with graphs, also the host's time queueing each (near the pass's: the host
+           sets the pace, not the link). From them, for acceptance rates 50-90%, the
+           tokens/s a draft that costs nothing (prompt lookup) would give at the best W,
+           against plain decoding:
            ``batch x E(a, W - 1) / t(W)`` with ``E(a, k) = (1 - a^(k+1)) / (1 - a)``.
            With random weights (``--shape``) a measured acceptance means nothing, so these
            forecasts are all this part reports.
@@ -90,6 +92,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--gpu-memory", help="budget of the compute GPU (default: its free memory; stream: every layer "
                                         "streams, the draft's bytes besides)")
     p.add_argument("--cpu-memory", help="pinned host memory for streamed layers")
+    p.add_argument("--slots", type=int, help="slots of each link's ring (default: the plan's, 2): more let copies run "
+                   "further ahead of the compute")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
@@ -139,14 +143,16 @@ def time_passes(model, widths: list[int], batches: tuple[int, ...], vocab: int) 
     for batch in batches:
         for width in widths:
             tokens = [torch.randint(0, vocab, (width,), generator=gen).tolist() for _ in range(batch)]
-            times = []
+            times, queued = [], []
             for _ in range(REPEATS + 1):
                 model.synchronize()
                 start = time.perf_counter()
                 model.verify(tokens, [CONTEXT] * batch)  # the same positions each time: the cache is rewritten
+                queued.append(time.perf_counter() - start)
                 model.synchronize()
                 times.append(time.perf_counter() - start)
-            out.append(dict(batch=batch, width=width, ms=1e3 * min(times[1:])))
+            best = min(range(1, REPEATS + 1), key=times.__getitem__)
+            out.append(dict(batch=batch, width=width, ms=1e3 * times[best], host_ms=1e3 * queued[best]))
     one = {p["batch"]: p["ms"] for p in out if p["width"] == 1}
     for p in out:
         p["over_one_token"] = p["ms"] / one[p["batch"]] if p["batch"] in one else None
@@ -195,7 +201,7 @@ def streaming(source, options: dict) -> dict:
     the plan declines the draft there, the budget without it: the run is plain decoding's, streaming)."""
     plan = offload.plan_model(source, **dict(options, gpu_memory=None))
     for _ in range(3):  # a GGUF file's layers on a CPU: expanded under a large budget, compressed under a small
-        budget = plan.needs.gpu_budget_streaming(0)
+        budget = plan.needs.gpu_budget_streaming(0, **({"slots": options["slots"]} if options.get("slots") else {}))
         plan = offload.plan_model(source, **dict(options, gpu_memory=budget))
         if options.get("draft") and "declined" in plan.draft:
             alone = streaming(source, dict(options, draft=None, draft_tokens=None, draft_branches=None))
@@ -382,7 +388,8 @@ def run(args) -> int:
     source = shape_config(args.shape) if args.shape else model_path
     dtype = "float32" if quick else args.dtype
     draft_tokens = QUICK_DRAFT_TOKENS if quick and args.draft_tokens is None else args.draft_tokens
-    budget = dict(dtype=dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory)
+    budget = dict(dtype=dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
+                  **({"slots": args.slots} if args.slots else {}))
     # verify passes: the plan reserves batch 8 x the widest pass
     pass_options = dict(max_batch=max(BATCHES), max_seq_len=CONTEXT + max(args.widths) + 1, draft="ngram",
                         draft_tokens=max(max(args.widths) - 1, 1))
@@ -415,6 +422,12 @@ def run(args) -> int:
     for batch in BATCHES:
         mine = {p["width"]: p for p in passes if p["batch"] == batch}
         print(f"  {batch:>5}" + "".join(_cell(mine[w]["ms"], mine[w]["over_one_token"]) for w in args.widths))
+    if graphs:  # near 1: the host's launches and copies set the pace, not the link
+        print("the host's time queueing that pass (ms), and its share of the pass")
+        for batch in BATCHES:
+            mine = {p["width"]: p for p in passes if p["batch"] == batch}
+            print(f"  {batch:>5}" + "".join(_cell(mine[w]["host_ms"], mine[w]["host_ms"] / mine[w]["ms"])
+                                            for w in args.widths))
     if any("eager_ms" in p for p in passes):
         print("eager passes (ms), and over the graphs' time")
         for batch in BATCHES:

@@ -76,6 +76,8 @@
 #   spec_smollm2_greedy  the same, greedy only, four drafts (a short call: what the price of draft steps gives)
 #   spec_smollm2_trace   the int4 draft's chains against none, the depth chosen and 3, one prompt's timeline of each
 #                  (spec_trace*-1.json.gz: where the GPU waits on the host between a pass's phases)
+#   spec_host      SmolLM2-135M's shape streamed (random weights): verify passes of 1, 4 and 16 tokens, the pass
+#                  against the host's time queueing it (does the host set the pace?), with rings of 2 and 4 slots
 #   spec_smollm2_stop    the int4 draft's chains against none, without and with OFFLOAD_STOP_UNSURE=1 (chains that
 #                  stop where the draft is unsure), each pass profiled: the host's time in each phase, the draft's
 #                  steps a pass, the kernels
@@ -274,6 +276,9 @@ run_stage() {
         for depth in "" 3; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${depth:+--draft-tokens $depth} --profile \
             --trace "$0/spec_trace${depth}.json.gz" --json "$0/spec_smollm2_trace${depth}.json"; done' "$OUT" ;;
+    spec_host) stage spec_host bash -c 'for slots in 2 4; do python3 benchmarks/bench_speculative.py \
+        --shape smollm2-135m --gpu-memory stream --cpu-memory 4GiB --widths 1,4,16 --slots $slots \
+        --json "$0/spec_host$slots.json"; done' "$OUT" ;;
     load70b) stage load70b bash -c 'set -e; trap "rm -rf /tmp/70b-int4 /tmp/.70b-int4.*.partial" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-70b --out /tmp/70b-int4 --gpu-memory 24GiB \
             --cpu-memory 100GiB --json "$0/load70b.json"

@@ -33,6 +33,8 @@ import torch
 
 from .memory.host import to_device
 from .sampling import draw, probabilities
+from .scheduler import greedy_chain
+from .scheduler.greedy_chain import GreedyChain
 from .speculative import MAX_BRANCHES, BestFirstTree, Proposal
 
 NGRAM, INT4, MODEL = "ngram", "int4", "model"
@@ -157,6 +159,7 @@ class ModelDraft:
         self.generators: dict = {}  # row -> its draft's generator (sampled rows)
         self.pending: dict = {}  # row -> (context length, draft steps) of the chain being verified
         self.growing: dict = {}  # row -> (context length, joining order, nodes in the cache) of its tree
+        self._chains = (None, None)  # the graphs a GreedyChain was made for, and it (or None where none fits)
 
     @property
     def plans(self):
@@ -184,9 +187,16 @@ class ModelDraft:
         if (nodes is not None and self.model.options.tree_width > 1 and any(nodes[b] > budgets[b] for b in drafting)
                 and all(rows[b].request.sampling.greedy for b in drafting)):
             return self._grow_trees(rows, budgets, nodes, contexts, logits, caught_up)
-        ids, qs, likeliest = [], [], []
         greedy = all(rows[b].request.sampling.greedy for b in drafting)
         confidence = Confidence(drafting, logits.device) if stop_below > 0.0 and greedy else None
+        chain = self._chain() if greedy and confidence is None else None
+        if chain is not None:  # every step one replayed graph, nothing launched between them
+            positions = [len(contexts[b]) if b in contexts else None for b in range(len(rows))]
+            drafted, likeliest = chain.run(logits.argmax(dim=-1), logits.topk(MAX_BRANCHES, dim=-1).indices,
+                                           positions, steps)
+            return self._chain_proposal(rows, budgets, contexts, drafted.tolist(), likeliest.tolist(), None,
+                                        steps, caught_up)
+        ids, qs, likeliest = [], [], []
         for step in range(steps):
             chosen, q = self._choose(logits, rows, drafting)
             ids.append(chosen)
@@ -196,13 +206,25 @@ class ModelDraft:
                 break
             positions = [len(contexts[b]) + step if b in contexts else None for b in range(len(rows))]
             logits = self.model.decode(chosen, positions)
-        steps = len(ids)
         drafted, likeliest = torch.stack(ids, dim=1).tolist(), torch.stack(likeliest, dim=1).tolist()
-        self.pending = {rows[b]: (len(contexts[b]), steps) for b in drafting}
+        return self._chain_proposal(rows, budgets, contexts, drafted, likeliest,
+                                    None if qs[0] is None else torch.stack(qs, dim=1), len(ids), caught_up)
+
+    def _chain_proposal(self, rows: list, budgets: list[int], contexts: dict, drafted: list, likeliest: list,
+                        qs, steps: int, caught_up: int) -> Proposal:
+        """The proposal of chains ``steps`` deep (``drafted[b]``, and ``likeliest[b]`` at each depth), each row's
+        cut to its budget; its first ``steps - 1`` tokens are in the draft's cache."""
+        self.pending = {rows[b]: (len(contexts[b]), steps) for b in contexts}
         tokens = [drafted[b][: budgets[b]] if b in contexts else [] for b in range(len(rows))]
         alternatives = [_alternatives(tokens[b], likeliest[b]) if tokens[b] else [] for b in range(len(rows))]
-        return Proposal(tokens, None if qs[0] is None else torch.stack(qs, dim=1), alternatives,
-                        steps=caught_up + steps - 1 if caught_up else 0)
+        return Proposal(tokens, qs, alternatives, steps=caught_up + steps - 1 if caught_up else 0)
+
+    def _chain(self) -> GreedyChain | None:
+        """Greedy chains in replayed graphs, where the draft model can capture a whole step (made anew when its
+        graphs are: a test may give it graphs of its own)."""
+        if self._chains[0] is not self.model.graphs:
+            self._chains = (self.model.graphs, GreedyChain(self.model) if greedy_chain.fits(self.model) else None)
+        return self._chains[1]
 
     def _grow_trees(self, rows: list, depths: list[int], nodes: list[int], contexts: dict, logits: torch.Tensor,
                     caught_up: int) -> Proposal:

@@ -23,7 +23,7 @@ from .memory.planner import HOST
 from .memory.pool import WeightPool
 from .models import ops
 from .models.blocks import GlobalWeights
-from .models.chunks import Chunk, DecodeChunk, bucket, plan_chunks, verify_bucket
+from .models.chunks import KV_BUCKET, Chunk, DecodeChunk, bucket, plan_chunks, verify_bucket
 from .models.decoder import KVCache
 from .models.parallel import local_heads, vocab_rows
 from .models.verify_chunk import VerifyChunk
@@ -82,9 +82,6 @@ def result_of(rows, stats) -> GenerationResult:
     return GenerationResult([r.tokens for r in rows], [r.finish_reason for r in rows], stats.prompt_tokens,
                             stats.prefill_seconds, stats.decode_tokens, stats.decode_steps, stats.decode_seconds,
                             stats.decode_row_passes, stats.drafted_tokens, stats.accepted_tokens)
-
-
-KV_BUCKET = 128  # a decode step reads keys [0, n) for n a power of two times this (at most max_seq_len)
 
 
 def _one_call_at_a_time(method):

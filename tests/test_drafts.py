@@ -246,6 +246,35 @@ def test_with_graphs_a_draft_catches_up_in_replayed_steps_and_counts_them(struct
 
 
 
+def test_with_graphs_a_greedy_chain_is_one_replayed_graph_a_step(structured, structured_draft):
+    """With graphs (a stand-in capture on the CPU), a greedy chain runs each step as one graph (embedding, layers,
+    LM head, argmax and the likeliest tokens): ragged budgets and a row that drafts nothing give the tokens and the
+    alternatives that decode steps one at a time give, a graph for each bucket of rows and key length, and the
+    draft's cache follows what the target accepts."""
+    from conftest import with_graphs
+
+    def load():
+        return offload.load_model(structured, **KW, draft=str(structured_draft), progress=False)
+
+    model, plain = load(), load()
+    capture = with_graphs(model.draft.model)
+    draft, reference = model.draft, plain.draft
+    rows = [row([3, 17, 40, 2, 9], [11], index=0), row([8, 8, 1], index=1)]
+    for (accepted, correction), budgets in zip([(2, 5), (0, 8), (4, 1)], [[5, 3], [4, 0], [6, 6]]):
+        proposal, expected = draft.propose(rows, budgets), reference.propose(rows, budgets)
+        assert proposal.tokens == expected.tokens and proposal.alternatives == expected.alternatives
+        assert [len(t) for t in proposal.tokens] == budgets
+        for d in (draft, reference):
+            d.update(rows, [accepted, min(accepted, budgets[1])])
+        rows[0].tokens += proposal.tokens[0][:accepted] + [correction]
+        rows[1].tokens += proposal.tokens[1][: min(accepted, budgets[1])] + [correction]
+    chain = draft._chain()
+    assert chain is not None and sorted(chain.graphs) == [(2, draft.model.max_seq_len)]  # two rows, one key bucket
+    assert capture.replayed > 0
+    model.close()
+    plain.close()
+
+
 def test_confidence_is_the_product_of_the_chosen_tokens_probabilities_read_a_step_late():
     """``Confidence.add`` counts a step's top probability (the likeliest drafting row's product) and returns the
     product as of the step before: 1 at the first."""

@@ -174,6 +174,35 @@ def test_graph_verify_passes_equal_eager_passes_bitwise(tree):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_greedy_chain_in_graphs_drafts_what_eager_steps_draft(structured, structured_draft, dtype):
+    """A draft model's greedy chain replayed as one graph a step (``scheduler.greedy_chain``: the embedding, the
+    layers, the LM head, the argmax and the likeliest tokens captured together) runs the kernels of its eager
+    decode steps: the same tokens and alternatives, pass after pass, for ragged budgets and a row that drafts
+    nothing, with the caches rolled back to what a target accepted."""
+    from offload.scheduler.row_engine import Request, Row
+
+    def load(graphs: bool):
+        return offload.load_model(structured, dtype=dtype, max_batch=2, max_seq_len=64, draft=str(structured_draft),
+                                  cuda_graphs=graphs, progress=False)
+
+    graphs, eager = load(True), load(False)
+    assert graphs.draft._chain() is not None and eager.draft._chain() is None
+    rows = [Row(Request((3, 17, 40, 2, 9), 64), 0, None, tokens=[11]), Row(Request((8, 8, 1), 64), 1, None)]
+    for (accepted, correction), budgets in zip([(2, 5), (0, 8), (4, 1), (6, 2)], [[5, 3], [4, 0], [6, 6], [8, 2]]):
+        got, want = graphs.draft.propose(rows, budgets), eager.draft.propose(rows, budgets)
+        assert got.tokens == want.tokens and got.alternatives == want.alternatives
+        taken = [min(accepted, b) for b in budgets]
+        for model in (graphs, eager):
+            model.draft.update(rows, taken)
+        for r, n in zip(rows, taken):
+            r.tokens += got.tokens[r.index][:n] + [correction]
+    assert graphs.draft._chain().graphs  # the chains ran as replayed graphs
+    graphs.close()
+    eager.close()
+
+
+@cuda
 def test_speculative_decoding_with_graphs_stays_in_budget():
     """Verify passes of 17 tokens a row (padded to 32) in CUDA graphs, in several buckets of rows and key lengths:
     their pool is planned. Also printed: the GPU memory the process took in all (graphs' own memory included,

@@ -268,6 +268,9 @@ class DecodeChunk:
         return cache_k[self.rows, :, : self.kv_len], cache_v[self.rows, :, : self.kv_len]
 
 
+KV_BUCKET = 128  # a decode step reads keys [0, n) for n a power of two times this (at most max_seq_len)
+
+
 def bucket(n: int, smallest: int, largest: int) -> int:
     """The smallest power of two (times ``smallest``) that holds ``n``, at most ``largest``."""
     size = smallest

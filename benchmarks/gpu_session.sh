@@ -269,22 +269,15 @@ run_stage() {
         for stop in 0 1; do OFFLOAD_STOP_UNSURE=$stop python3 benchmarks/bench_speculative.py --model /tmp/smollm2 \
             --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 --profile \
             --json "$0/spec_smollm2_stop$stop.json"; done' "$OUT" ;;
-    spec_smollm2_trace) stage spec_smollm2_trace bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
+    spec_smollm2_chain|spec_smollm2_trace) stage $1 bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
         [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
         [ -d /tmp/smollm2 ] || python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
         [ -d /tmp/smollm2-int4 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 \
             --group-size 64 --out /tmp/smollm2-int4 --device cuda
-        for depth in "" 3; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
-            --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${depth:+--draft-tokens $depth} --profile \
-            --trace "$0/spec_trace${depth}.json.gz" --json "$0/spec_smollm2_trace${depth}.json"; done' "$OUT" ;;
-    spec_smollm2_chain) stage spec_smollm2_chain bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
-        [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
-        [ -d /tmp/smollm2 ] || python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
-        [ -d /tmp/smollm2-int4 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 \
-            --group-size 64 --out /tmp/smollm2-int4 --device cuda
-        for depth in "" 3; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
-            --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${depth:+--draft-tokens $depth} \
-            --json "$0/spec_smollm2_chain${depth}.json"; done' "$OUT" ;;
+        for depth in "" 3; do [ "$1" = spec_smollm2_trace ] && set -- "$1" --profile --trace "$0/spec_trace$depth.json.gz"
+            python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB \
+            --widths 1 --drafts none,/tmp/smollm2-int4 ${depth:+--draft-tokens $depth} "${@:2}" \
+            --json "$0/$1$depth.json"; done' "$OUT" "$1" ;;
     spec_host) stage spec_host bash -c 'for slots in 2 4; do python3 benchmarks/bench_speculative.py \
         --shape smollm2-135m --gpu-memory stream --cpu-memory 4GiB --widths 1,4,16 --slots $slots \
         --json "$0/spec_host$slots.json"; done' "$OUT" ;;

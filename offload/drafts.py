@@ -325,6 +325,7 @@ class ModelDraft:
             self.model.keep_path(cached, moved)
 
     def close(self) -> None:
+        self._chains = (None, None)  # its graphs go with the model's
         self.model.close()
 
     def _choose(self, logits: torch.Tensor, rows: list, drafting: list[int]):

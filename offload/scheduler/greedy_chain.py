@@ -14,9 +14,10 @@ the draft has not seen yet (where a row has more unseen tokens, after a pass tha
 whole chain, they go in first as the draft's usual catch-up, and the chain starts from its
 logits).
 
-A graph for each bucket of rows and key length, as the model's decode steps have; a step runs
-the kernels ``OffloadedModel.decode`` runs, so it drafts the same tokens. Only where a whole
-step can be captured (:func:`fits`).
+A graph for each bucket of rows and key length, as the model's decode steps have, in their
+memory pool (the plan's reserve for graphs counts one a layer for each bucket; a resident model
+captures one a bucket); a step runs the kernels ``OffloadedModel.decode`` runs, so it drafts
+the same tokens. Only where a whole step can be captured (:func:`fits`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from offload.drafts import INT4, MODEL, NGRAM, ModelDraft, NgramDraft, draft_kin
 from offload.loading import prepare
 from offload.sampling import GREEDY
 from offload.scheduler.row_engine import Request, Row
+from offload.speculative import MAX_BRANCHES
 
 # A device whose links bind: streaming a layer costs a hundred times reading it resident, products are free.
 LINK_BOUND = {"host": 1e9, "hbm": 1e11, "matmul": 1e15}
@@ -269,7 +270,7 @@ def test_with_graphs_a_greedy_chain_is_one_replayed_graph_a_step(structured, str
         rows[0].tokens += proposal.tokens[0][:accepted] + [correction]
         rows[1].tokens += proposal.tokens[1][: min(accepted, budgets[1])] + [correction]
     chain = draft._chain()
-    assert chain is not None and sorted(chain.graphs) == [(2, draft.model.max_seq_len)]  # two rows, one key bucket
+    assert chain is not None and sorted(chain.graphs) == [(2, MAX_BRANCHES, draft.model.max_seq_len)]  # one bucket
     assert capture.replayed > 0
     model.close()
     plain.close()

@@ -41,7 +41,7 @@ class GreedyChain:
 
     def __init__(self, model):
         self.model = model
-        self.graphs: dict[tuple[int, int], object] = {}  # (rows, key length) -> a step's graph
+        self.graphs: dict[tuple[int, int, int], object] = {}  # (rows, likeliest m, key length) -> a step's graph
         self.buffers: dict[tuple[int, int], tuple] = {}  # (rows, likeliest) -> tokens, positions, live, top
 
     def run(self, first: torch.Tensor, first_top: torch.Tensor, positions: list[int | None],
@@ -71,6 +71,7 @@ class GreedyChain:
         return tokens, likeliest
 
     def _buffers(self, rows: int, m: int) -> tuple:
+        """What a step's graphs read and write: the token, the positions, which rows take part, the likeliest."""
         if (rows, m) not in self.buffers:
             device = self.model.device
             self.buffers[rows, m] = (torch.zeros(rows, dtype=torch.long, device=device),
@@ -81,7 +82,7 @@ class GreedyChain:
 
     def _step(self, rows: int, m: int, kv_len: int) -> None:
         """One step of the chain: replayed, or (the bucket's first) run, then captured."""
-        graph = self.graphs.get((rows, kv_len))
+        graph = self.graphs.get((rows, m, kv_len))
         if graph is not None:
             graph.replay()
             return
@@ -96,7 +97,7 @@ class GreedyChain:
         for b, value in zip(buffers, kept):
             b.copy_(value)
         capture.join()
-        self.graphs[rows, kv_len] = graph
+        self.graphs[rows, m, kv_len] = graph
         self.model.graphs.captures += 1
 
     def _work(self, rows: int, m: int, kv_len: int) -> None:

@@ -114,9 +114,9 @@
 # (int8 1.67x, int4 2.05x), tests_kernels, tests_spec, offload13b (int4 at 4 GiB: 0.99 of its link), tables7b.
 # sixteenth (H100, 2026-12-06) quant7b (16-row rates through a layer: every prediction within 10%), tests_kernels
 # (test_quant_kernels.py 306 passed before the limit), spec_smollm2_trace and spec_host (the draft's steps wait on the
-# host; verify passes do not), tests_spec and spec_smollm2_chain (greedy chains in graphs: 1.42x); no H200 in 5 tries.
+# host; verify passes do not), tests_spec and spec_smollm2_chain (greedy chains in graphs: 1.42x); then no machine came.
 #   1. int4_405b:500 (an H200)                                 the moonshot (#20): first, while the budget is whole
-#   2. tests_spec, spec_smollm2_chain                          greedy chains (#22), after the next change to them
+#   2. tests_spec, spec_smollm2_chain                          greedy chains (#22), with 485ed94 re-applied
 #   3. tests_kernels:300                                       test_quant_kernels.py past its first 306 tests
 #   4. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts (#21)
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls

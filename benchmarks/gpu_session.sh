@@ -116,7 +116,7 @@
 # (test_quant_kernels.py 306 passed before the limit), spec_smollm2_trace and spec_host (the draft's steps wait on the
 # host; verify passes do not), tests_spec and spec_smollm2_chain (greedy chains in graphs: 1.42x); then no machine came.
 #   1. int4_405b:500 (an H200)                                 the moonshot (#20): first, while the budget is whole
-#   2. tests_spec, spec_smollm2_chain                          greedy chains (#22), with 485ed94 re-applied
+#   2. tests_spec, spec_smollm2_chain                          greedy chains (#22), with branch chain-catch-up merged
 #   3. tests_kernels:300                                       test_quant_kernels.py past its first 306 tests
 #   4. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts (#21)
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls

@@ -176,8 +176,7 @@ def split_products(fmt, x, ws, floor, totals) -> list[str]:
             blockings += [(bn, bk, s, warps, True) for s in sorted(counts)]
     switch, quant_kernels.INT_GEMV = quant_kernels.INT_GEMV, True
     try:
-        right = [b for b in blockings
-                 if agrees(product(fmt, x, w, b), want)]
+        right = [b for b in blockings if agrees(product(fmt, x, w, b), want)]
         times = {b: time_us(lambda v, b=b: product(fmt, x, v, b), ws) for b in right}
     finally:
         quant_kernels.INT_GEMV = switch

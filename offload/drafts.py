@@ -181,21 +181,26 @@ class ModelDraft:
         steps = max(budgets[b] for b in drafting)
         contexts = {b: list(rows[b].request.prompt) + rows[b].tokens for b in drafting}
         valid = {b: self.valid.get(rows[b], 0) for b in drafting}
-        logits, caught_up = self._catch_up([contexts[b][valid[b]:] if b in contexts else [] for b in range(len(rows))],
-                                           [valid.get(b, 0) for b in range(len(rows))],
-                                           prompt=any(valid[b] == 0 for b in drafting))
-        if (nodes is not None and self.model.options.tree_width > 1 and any(nodes[b] > budgets[b] for b in drafting)
-                and all(rows[b].request.sampling.greedy for b in drafting)):
-            return self._grow_trees(rows, budgets, nodes, contexts, logits, caught_up)
+        unseen = [contexts[b][valid[b]:] if b in contexts else [] for b in range(len(rows))]
         greedy = all(rows[b].request.sampling.greedy for b in drafting)
-        confidence = Confidence(drafting, logits.device) if stop_below > 0.0 and greedy else None
-        chain = self._chain() if greedy and confidence is None else None
-        if chain is not None:  # every step one replayed graph, nothing launched between them
+        tree = (nodes is not None and self.model.options.tree_width > 1 and greedy
+                and any(nodes[b] > budgets[b] for b in drafting))
+        chain = self._chain() if greedy and not tree and not stop_below > 0.0 else None
+        if chain is not None and all(len(unseen[b]) == 1 for b in drafting):  # the usual pass: one unseen token
+            return self._chained(chain, rows, budgets, contexts, unseen, steps)  # a row, its step the chain's first
+        logits, caught_up = self._catch_up(unseen, [valid.get(b, 0) for b in range(len(rows))],
+                                           prompt=any(valid[b] == 0 for b in drafting))
+        if tree:
+            return self._grow_trees(rows, budgets, nodes, contexts, logits, caught_up)
+        if chain is not None:  # the first draft from the catch-up's logits, the rest replayed
+            first = logits.argmax(dim=-1)
             positions = [len(contexts[b]) if b in contexts else None for b in range(len(rows))]
-            drafted, likeliest = chain.run(logits.argmax(dim=-1), logits.topk(MAX_BRANCHES, dim=-1).indices,
-                                           positions, steps)
+            drafted, likeliest = chain.run(first, positions, steps - 1, MAX_BRANCHES)
+            drafted = torch.cat([first[:, None], drafted], dim=1)
+            likeliest = torch.cat([logits.topk(MAX_BRANCHES, dim=-1).indices[:, None], likeliest], dim=1)
             return self._chain_proposal(rows, budgets, contexts, drafted.tolist(), likeliest.tolist(), None,
                                         steps, caught_up)
+        confidence = Confidence(drafting, logits.device) if stop_below > 0.0 and greedy else None
         ids, qs, likeliest = [], [], []
         for step in range(steps):
             chosen, q = self._choose(logits, rows, drafting)
@@ -209,6 +214,15 @@ class ModelDraft:
         drafted, likeliest = torch.stack(ids, dim=1).tolist(), torch.stack(likeliest, dim=1).tolist()
         return self._chain_proposal(rows, budgets, contexts, drafted, likeliest,
                                     None if qs[0] is None else torch.stack(qs, dim=1), len(ids), caught_up)
+
+    def _chained(self, chain: GreedyChain, rows: list, budgets: list[int], contexts: dict, unseen: list,
+                 steps: int) -> Proposal:
+        """Greedy chains ``steps`` deep from each drafting row's one unseen token (its last), all in replayed
+        graphs: the first step adds that token to the draft's cache (the catch-up) and drafts the first token."""
+        first = to_device([t[0] if t else 0 for t in unseen], torch.long, self.model.device)
+        positions = [len(contexts[b]) - 1 if b in contexts else None for b in range(len(rows))]
+        drafted, likeliest = chain.run(first, positions, steps, MAX_BRANCHES)
+        return self._chain_proposal(rows, budgets, contexts, drafted.tolist(), likeliest.tolist(), None, steps, 1)
 
     def _chain_proposal(self, rows: list, budgets: list[int], contexts: dict, drafted: list, likeliest: list,
                         qs, steps: int, caught_up: int) -> Proposal:

@@ -249,9 +249,10 @@ def test_with_graphs_a_draft_catches_up_in_replayed_steps_and_counts_them(struct
 
 def test_with_graphs_a_greedy_chain_is_one_replayed_graph_a_step(structured, structured_draft):
     """With graphs (a stand-in capture on the CPU), a greedy chain runs each step as one graph (embedding, layers,
-    LM head, argmax and the likeliest tokens): ragged budgets and a row that drafts nothing give the tokens and the
-    alternatives that decode steps one at a time give, a graph for each bucket of rows and key length, and the
-    draft's cache follows what the target accepts."""
+    LM head, argmax and the likeliest tokens), its first step the catch-up where a row has one token the draft has
+    not seen (else the catch-up goes first): ragged budgets, a row that drafts nothing and a run accepted whole give
+    the tokens and the alternatives that decode steps one at a time give, a graph for each bucket of rows and key
+    length, and the draft's cache follows what the target accepts."""
     from conftest import with_graphs
 
     def load():
@@ -261,7 +262,8 @@ def test_with_graphs_a_greedy_chain_is_one_replayed_graph_a_step(structured, str
     capture = with_graphs(model.draft.model)
     draft, reference = model.draft, plain.draft
     rows = [row([3, 17, 40, 2, 9], [11], index=0), row([8, 8, 1], index=1)]
-    for (accepted, correction), budgets in zip([(2, 5), (0, 8), (4, 1)], [[5, 3], [4, 0], [6, 6]]):
+    outcomes = [(2, 5), (0, 8), (4, 1), (6, 3), (1, 2)]  # the fourth accepts every draft: two unseen tokens
+    for (accepted, correction), budgets in zip(outcomes, [[5, 3], [4, 0], [6, 6], [6, 6], [3, 5]]):
         proposal, expected = draft.propose(rows, budgets), reference.propose(rows, budgets)
         assert proposal.tokens == expected.tokens and proposal.alternatives == expected.alternatives
         assert [len(t) for t in proposal.tokens] == budgets

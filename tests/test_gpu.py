@@ -178,8 +178,8 @@ def test_graph_verify_passes_equal_eager_passes_bitwise(tree):
 def test_a_greedy_chain_in_graphs_drafts_what_eager_steps_draft(structured, structured_draft, dtype):
     """A draft model's greedy chain replayed as one graph a step (``scheduler.greedy_chain``: the embedding, the
     layers, the LM head, the argmax and the likeliest tokens captured together) runs the kernels of its eager
-    decode steps: the same tokens and alternatives, pass after pass, for ragged budgets and a row that drafts
-    nothing, with the caches rolled back to what a target accepted."""
+    decode steps: the same tokens and alternatives, pass after pass, for ragged budgets, a row that drafts nothing
+    and a run accepted whole, with the caches rolled back to what a target accepted."""
     from offload.scheduler.row_engine import Request, Row
 
     def load(graphs: bool):
@@ -189,7 +189,8 @@ def test_a_greedy_chain_in_graphs_drafts_what_eager_steps_draft(structured, stru
     graphs, eager = load(True), load(False)
     assert graphs.draft._chain() is not None and eager.draft._chain() is None
     rows = [Row(Request((3, 17, 40, 2, 9), 64), 0, None, tokens=[11]), Row(Request((8, 8, 1), 64), 1, None)]
-    for (accepted, correction), budgets in zip([(2, 5), (0, 8), (4, 1), (6, 2)], [[5, 3], [4, 0], [6, 6], [8, 2]]):
+    outcomes = [(2, 5), (0, 8), (4, 1), (8, 2), (1, 4)]  # the fourth accepts every draft: two unseen tokens
+    for (accepted, correction), budgets in zip(outcomes, [[5, 3], [4, 0], [6, 6], [8, 2], [3, 3]]):
         got, want = graphs.draft.propose(rows, budgets), eager.draft.propose(rows, budgets)
         assert got.tokens == want.tokens and got.alternatives == want.alternatives
         taken = [min(accepted, b) for b in budgets]

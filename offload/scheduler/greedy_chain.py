@@ -8,8 +8,11 @@ streamed, its int4 copy as the draft) a chain of 3 took 4.74 ms where 3.6 steps 
 take 2.7. Here one graph holds a whole step of the chain: the embedding of the token in its
 input buffer, every layer, the LM head, the step's likeliest tokens, its argmax written back
 into the input buffer and the positions advanced by one. A chain of ``k`` tokens is then
-``k - 1`` replays and two small copies a step (its token and its likeliest ones, out of the
-graph's buffers), queued without waiting.
+``k`` replays and two small copies a step (its token and its likeliest ones, out of the
+graph's buffers), queued without waiting: the first replay decodes the row's last token, which
+the draft has not seen yet (where a row has more unseen tokens, after a pass that accepted its
+whole chain, they go in first as the draft's usual catch-up, and the chain starts from its
+logits).
 
 A graph for each bucket of rows and key length, as the model's decode steps have, in their
 memory pool (the plan's reserve for graphs counts one a layer for each bucket; a resident model
@@ -41,72 +44,68 @@ class GreedyChain:
 
     def __init__(self, model):
         self.model = model
-        self.graphs: dict[tuple[int, int, int], object] = {}  # (rows, likeliest m, key length) -> a step's graph
-        self.buffers: dict[tuple[int, int], tuple] = {}  # (rows, likeliest) -> tokens, positions, live, top
+        self.graphs: dict[tuple[int, int, int], object] = {}  # (rows, likeliest, key length) -> a step's graph
+        self.buffers: dict[tuple[int, int], tuple] = {}  # (rows, likeliest) -> token, positions, live, top
 
-    def run(self, first: torch.Tensor, first_top: torch.Tensor, positions: list[int | None],
-            steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A chain of ``steps`` tokens a row: ``first [rows]`` (on the device), at ``positions[b]`` for row ``b``
-        (None: the row drafts nothing), then each step's argmax. Returns the tokens ``[rows, steps]`` and each
-        step's likeliest tokens ``[rows, steps, m]`` (``first_top [rows, m]`` first). The first ``steps - 1``
-        tokens enter the KV cache; nothing waits for the GPU."""
-        n, m, device = len(positions), first_top.shape[-1], self.model.device
-        tokens = torch.empty(n, steps, dtype=torch.long, device=device)
-        likeliest = torch.empty(n, steps, m, dtype=torch.long, device=device)
-        tokens[:, 0], likeliest[:, 0] = first, first_top
-        drafting = [p for p in positions if p is not None]
-        if steps == 1 or not drafting:
-            return tokens, likeliest
-        rows, sink = bucket(n, 1, self.model.max_batch), self.model.max_seq_len
-        token, position, live, top = self._buffers(rows, m)
+    def run(self, tokens: torch.Tensor, positions: list[int | None], steps: int,
+            likeliest: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``steps`` greedy decode steps from ``tokens [rows]`` (on the device) at ``positions[b]`` for row ``b``
+        (None: the row takes no part): each step decodes a token into the KV cache and chooses the next, its
+        argmax. Returns the chosen tokens ``[rows, steps]`` and each step's ``likeliest`` likeliest tokens
+        ``[rows, steps, likeliest]``; nothing waits for the GPU."""
+        n, device, sink = len(positions), self.model.device, self.model.max_seq_len
+        chosen = torch.empty(n, steps, dtype=torch.long, device=device)
+        top = torch.empty(n, steps, likeliest, dtype=torch.long, device=device)
+        taking = [p for p in positions if p is not None]
+        if not taking:
+            return chosen.zero_(), top.zero_()
+        rows = bucket(n, 1, self.model.max_batch)
+        token, position, live, step_top = self._buffers(rows, likeliest)
         token.zero_()
-        token[:n].copy_(first)
+        token[:n].copy_(tokens)
         position.copy_(to_device([sink if p is None else p for p in positions] + [sink] * (rows - n), torch.long,
                                  device))
         live.copy_(to_device([int(p is not None) for p in positions] + [0] * (rows - n), torch.long, device))
-        for step in range(1, steps):  # the token at max(positions) + step - 1 reads keys up to it
-            self._step(rows, m, bucket(max(drafting) + step, KV_BUCKET, sink))
-            tokens[:, step].copy_(token[:n])
-            likeliest[:, step].copy_(top[:n])
-        return tokens, likeliest
+        for step in range(steps):  # this step's token, at max(positions) + step, reads keys up to it
+            self._step(rows, likeliest, bucket(max(taking) + step + 1, KV_BUCKET, sink))
+            chosen[:, step].copy_(token[:n])
+            top[:, step].copy_(step_top[:n])
+        return chosen, top
 
-    def _buffers(self, rows: int, m: int) -> tuple:
+    def _buffers(self, rows: int, likeliest: int) -> tuple:
         """What a step's graphs read and write: the token, the positions, which rows take part, the likeliest."""
-        if (rows, m) not in self.buffers:
-            device = self.model.device
-            self.buffers[rows, m] = (torch.zeros(rows, dtype=torch.long, device=device),
-                                     torch.zeros(rows, dtype=torch.long, device=device),
-                                     torch.zeros(rows, dtype=torch.long, device=device),
-                                     torch.zeros(rows, m, dtype=torch.long, device=device))
-        return self.buffers[rows, m]
+        if (rows, likeliest) not in self.buffers:
+            zeros = functools.partial(torch.zeros, dtype=torch.long, device=self.model.device)
+            self.buffers[rows, likeliest] = (zeros(rows), zeros(rows), zeros(rows), zeros(rows, likeliest))
+        return self.buffers[rows, likeliest]
 
-    def _step(self, rows: int, m: int, kv_len: int) -> None:
+    def _step(self, rows: int, likeliest: int, kv_len: int) -> None:
         """One step of the chain: replayed, or (the bucket's first) run, then captured."""
-        graph = self.graphs.get((rows, m, kv_len))
+        graph = self.graphs.get((rows, likeliest, kv_len))
         if graph is not None:
             graph.replay()
             return
-        capture, work = self.model.graphs.capture, functools.partial(self._work, rows, m, kv_len)
+        capture, work = self.model.graphs.capture, functools.partial(self._work, rows, likeliest, kv_len)
         with capture.on_side_stream():
             work()  # this step's result, and the kernels warmed up outside the capture
         capture.synchronize()
-        buffers = self._buffers(rows, m)
+        buffers = self._buffers(rows, likeliest)
         kept = [b.clone() for b in buffers]  # a capture computes nothing (a stand-in that reruns it must not)
         with capture.on_side_stream():
             graph = capture.graph(work)
         for b, value in zip(buffers, kept):
             b.copy_(value)
         capture.join()
-        self.graphs[rows, m, kv_len] = graph
+        self.graphs[rows, likeliest, kv_len] = graph
         self.model.graphs.captures += 1
 
-    def _work(self, rows: int, m: int, kv_len: int) -> None:
+    def _work(self, rows: int, likeliest: int, kv_len: int) -> None:
         """A step: the token in the buffer decoded at its position, its argmax the next token, one position on."""
-        token, position, live, top = self._buffers(rows, m)
+        token, position, live, top = self._buffers(rows, likeliest)
         model = self.model
         decoder = model.decoder
         chunk = DecodeChunk(position, kv_len, decoder.ropes, decoder.windows, tokens=token)
         logits = decoder.forward([chunk], model.weights, model.cache, rows)
-        top.copy_(logits.topk(m, dim=-1).indices)
+        top.copy_(logits.topk(likeliest, dim=-1).indices)
         token.copy_(logits.argmax(dim=-1))
         position.add_(live)

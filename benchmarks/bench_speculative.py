@@ -226,6 +226,7 @@ def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: d
         model.generate([prompt], max_new_tokens=max_new, ignore_eos=True, **sampling)
     captured, prices = captures(model), model.speculation_prices
     before = (prices.passes, prices.drafting_seconds, prices.verifying_seconds)
+    guessed = list(getattr(model.draft, "guessed", (0, 0)))
     tokens, seconds, decoded, passes, row_passes, drafted, accepted = [], 0.0, 0, 0, 0, 0, 0
     for prompt in prompts:
         r = model.generate([prompt], max_new_tokens=max_new, ignore_eos=True, return_result=True, **sampling)
@@ -240,6 +241,7 @@ def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: d
                measured_over_priced={name: getattr(prices, name).scale if getattr(prices, name).ratios else None
                                      for name in ("verify", "draft_step")},  # measured on a GPU only
                **split_of_a_pass(prices, before),
+               drafted_ahead=[a - b for a, b in zip(getattr(model.draft, "guessed", (0, 0)), guessed)],
                draft_step=draft_step_times(model.draft.model, len(prompts[0]), DRAFT_STEPS)
                if hasattr(model.draft, "model") and model.device.type == "cuda" else None)
     if profile and hasattr(model.draft, "model"):
@@ -476,8 +478,10 @@ def run(args) -> int:
                                                              f"{', '.join(f'{k} {v}' for k, v in scales.items())}"
                                                              if scales else ""))
             if d.get("ms_drafting") is not None:
+                hits, tries = d.get("drafted_ahead") or (0, 0)
                 print(f"  a pass of {d['draft']}: {d['ms_drafting']:.2f} ms drafting, {d['ms_verifying']:.2f} ms "
-                      "verifying (the host's wall time, mean of the timed passes)")
+                      "verifying (the host's wall time, mean of the timed passes)"
+                      + (f"; drafted ahead for {hits} of {tries} passes (the verdicts guessed)" if tries else ""))
             if d.get("draft_step"):
                 s = d["draft_step"]
                 print(f"  a step of the draft {d['draft']}: its kernels {s['kernels_ms']:.3f} ms, wall "

@@ -77,6 +77,8 @@
 #   spec_smollm2_trace   the int4 draft's chains against none, the depth chosen and 3, one prompt's timeline of each
 #                  (spec_trace*-1.json.gz: where the GPU waits on the host between a pass's phases)
 #   spec_smollm2_chain   the int4 draft's chains against none, the depth chosen and 3 (no profiler: a short call)
+#   spec_smollm2_ahead  the int4 draft's chains against none, the depth chosen and 3, drafting ahead while the
+#                  target verifies (OFFLOAD_LOOK_AHEAD=3, the default) and not (0)
 #   spec_host      SmolLM2-135M's shape streamed (random weights): verify passes of 1, 4 and 16 tokens, the pass
 #                  against the host's time queueing it (does the host set the pace?), with rings of 2 and 4 slots
 #   spec_smollm2_stop    the int4 draft's chains against none, without and with OFFLOAD_STOP_UNSURE=1 (chains that
@@ -281,6 +283,15 @@ run_stage() {
             python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB \
             --widths 1 --drafts none,/tmp/smollm2-int4 ${depth:+--draft-tokens $depth} "${@:2}" \
             --json "$0/$1$depth.json"; done' "$OUT" "$1" ;;
+    spec_smollm2_ahead) stage spec_smollm2_ahead bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
+        [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
+        [ -d /tmp/smollm2 ] || python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
+        [ -d /tmp/smollm2-int4 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 \
+            --group-size 64 --out /tmp/smollm2-int4 --device cuda
+        for ahead in 3 0; do for depth in "" 3; do echo "OFFLOAD_LOOK_AHEAD=$ahead ${depth:+--draft-tokens $depth}"
+            OFFLOAD_LOOK_AHEAD=$ahead python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
+            --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${depth:+--draft-tokens $depth} \
+            --json "$0/spec_ahead$ahead$depth.json"; done; done' "$OUT" ;;
     spec_host) stage spec_host bash -c 'for slots in 2 4; do python3 benchmarks/bench_speculative.py \
         --shape smollm2-135m --gpu-memory stream --cpu-memory 4GiB --widths 1,4,16 --slots $slots \
         --json "$0/spec_host$slots.json"; done' "$OUT" ;;
@@ -296,7 +307,7 @@ run_stage() {
             --batch 1,16 --json "$0/gguf13b.json"' "$OUT" ;;
     tests_spec) stage tests_spec bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_speculation.py \
       tests/test_verify_chunk.py tests/test_drafts.py tests/test_graphs.py; python3 -m pytest -m gpu -s -q \
-      -p no:cacheprovider tests/test_gpu.py -k "verify or speculative or greedy_chain"' ;;
+      -p no:cacheprovider tests/test_gpu.py -k "verify or speculative or greedy_chain or ahead"' ;;
     tests_experts) stage tests_experts python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \
       -k "experts or probes" ;;
     tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \

@@ -98,7 +98,8 @@ def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool,
                                   progress and setup.tp.rank == 0, shared_globals=pool if kind == INT4 else None)
     except CheckpointError as e:
         raise CheckpointError(f"draft {setup.options.draft}: {e}") from None
-    return make_draft(kind, OffloadedModel(setup.draft, draft_pool), draft_label(setup.options.draft))
+    return make_draft(kind, OffloadedModel(setup.draft, draft_pool), draft_label(setup.options.draft),
+                      setup.options.max_batch)
 
 
 def _options(options: LoadOptions | None, kwargs: dict) -> LoadOptions:

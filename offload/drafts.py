@@ -21,13 +21,17 @@ of the pass (the row engine's rows; ``None`` for a row not in it):
 
     proposal = draft.propose(rows, budgets, nodes, stop_below)  # at most budgets[b] deep for row b (a tree:
                                                     # nodes[b] tokens); a model's chain stops where it is unsure
-    ...                                             # the target verifies them
+    ...                                             # the target's verify pass is queued
+    draft.look_ahead(rows, proposal)                # meanwhile, the next pass's chains for the verdicts it guesses
+    ...                                             # the target's verdict is read
     draft.update(rows, accepted, paths)             # how many of row b's chain the target took, and where
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -53,6 +57,13 @@ BEST_FIRST = os.environ.get("OFFLOAD_BEST_FIRST_TREES", "") == "1"
 # the host a step behind the draft, so each step cost twice as much (1.11x plain decoding against 1.23x). So on only
 # with OFFLOAD_STOP_UNSURE=1 (read at import).
 STOP_UNSURE = os.environ.get("OFFLOAD_STOP_UNSURE", "") == "1"
+# While the target verifies a pass of greedy chains (a pass streamed over a link leaves the GPU mostly idle), a draft
+# model drafts the next pass's chains on a side stream for the verdicts it can guess (``ModelDraft.look_ahead``):
+# every draft accepted and the target's next token the draft's own argmax, or the chain broken after its first ``j``
+# drafts (``j < LOOK_AHEAD``) and the target's token there the draft's next likeliest. Each broken chain's guess
+# drafts in a spare row of the draft's KV cache (``LOOK_AHEAD`` a row: the plan counts them). Where the verdict is
+# a guessed one, the next pass's chains are ready when it starts. OFFLOAD_LOOK_AHEAD=0 turns it off (read at import).
+LOOK_AHEAD = int(os.environ.get("OFFLOAD_LOOK_AHEAD", "3"))
 RESIDENT_BUDGET = 2**62  # a draft model's own budget: everything resident (the target's plan counts its bytes)
 DRAFT_SEED_OFFSET = 0x9E3779B97F4A7C15  # a row's draft samples with its own stream, apart from the target's
 
@@ -66,18 +77,19 @@ def draft_kind(draft) -> str | None:
     return MODEL
 
 
-def draft_options(target, max_draft: int):
+def draft_options(target, max_draft: int, ahead: bool = False):
     """The ``LoadOptions`` of a draft model for a target loaded with ``target`` (its max_seq_len filled in):
-    the same device, dtype, rows and tensor parallelism, every layer resident (int4 for the int4 draft), a
+    the same device, dtype and tensor parallelism, the target's rows (and ``LOOK_AHEAD`` spare rows for each where
+    it may draft ``ahead``: one rank), every layer resident (int4 for the int4 draft), a
     KV cache ``max_draft`` tokens longer than the target's, only each row's last logits, experts read as the
     default decides for it (a resident draft: directly, on a GPU), and where it grows trees (``BEST_FIRST``, and
     the target's ``draft_branches`` None or above 1) passes of its own ``max_draft + 1`` tokens wide for them."""
     trees = BEST_FIRST and (target.draft_branches or MAX_BRANCHES) > 1
     return target.replace(
         gpu_memory=RESIDENT_BUDGET, cpu_memory=0, peer_memory=None, max_seq_len=target.max_seq_len + max_draft,
-        max_step_tokens=None, all_logits=False, slots=None, group_size=None, direct_experts=None, draft=None,
-        draft_tokens=None, draft_branches=None, quantize=INT4 if draft_kind(target.draft) == INT4 else None,
-        tree_width=max_draft + 1 if trees else 1,
+        max_batch=target.max_batch * (1 + (LOOK_AHEAD if ahead else 0)), max_step_tokens=None, all_logits=False, slots=None,
+        group_size=None, direct_experts=None, draft=None, draft_tokens=None, draft_branches=None,
+        quantize=INT4 if draft_kind(target.draft) == INT4 else None, tree_width=max_draft + 1 if trees else 1,
     )
 
 
@@ -104,6 +116,9 @@ class NgramDraft:
         tokens = [lookup(list(row.request.prompt) + row.tokens, k, self.longest, self.shortest)
                   if row is not None and k > 0 else [] for row, k in zip(rows, budgets)]
         return Proposal(tokens)
+
+    def look_ahead(self, rows: list, proposal: Proposal) -> None:
+        pass  # nothing to draft ahead: a lookup costs nothing
 
     def update(self, rows: list, accepted: list[int], paths: list[list[int]] | None = None) -> None:
         pass  # nothing to roll back
@@ -153,13 +168,21 @@ class ModelDraft:
 
     names_alternatives = True  # a tree may verify them beside its drafts
 
-    def __init__(self, model, label: str = "draft"):
+    def __init__(self, model, label: str = "draft", rows: int | None = None):
         self.model, self.label = model, label
+        self.rows = rows or model.max_batch  # the target's rows: the draft's cache rows past them are spare
+        self.spare = model.max_batch // self.rows - 1  # spare cache rows a row, for chains drafted ahead
         self.valid: dict = {}  # row -> tokens of its context in the draft's cache that are still right
         self.generators: dict = {}  # row -> its draft's generator (sampled rows)
         self.pending: dict = {}  # row -> (context length, draft steps) of the chain being verified
         self.growing: dict = {}  # row -> (context length, joining order, nodes in the cache) of its tree
         self._chains = (None, None)  # the graphs a GreedyChain was made for, and it (or None where none fits)
+        self.depth = 0  # the steps of the last greedy chains (0: the last proposal was something else)
+        self.ahead: dict = {}  # row -> its Guesses: the next pass's chains drafted while the target verifies
+        self.ahead_chains = None  # their tokens and likeliest tokens, on the device ([draft rows, depth + 2, ...])
+        self.ahead_done = None  # a CUDA event: the side stream has drafted them
+        self.stream = None  # the side stream that drafts ahead (CUDA)
+        self.guessed = [0, 0]  # passes whose chains were drafted ahead, of the passes after drafting ahead
 
     @property
     def plans(self):
@@ -175,6 +198,7 @@ class ModelDraft:
         top tokens' probabilities, the likeliest row's) falls below ``stop_below`` (:class:`Confidence`)."""
         self._forget_rows_not_in(rows)
         self.pending, self.growing = {}, {}  # what a pass that never reached update left is forgotten
+        ahead, self.ahead, self.depth = self.ahead, {}, 0
         drafting = [b for b, (row, k) in enumerate(zip(rows, budgets)) if row is not None and k > 0]
         if not drafting:
             return Proposal.empty(len(rows))
@@ -186,6 +210,14 @@ class ModelDraft:
         tree = (nodes is not None and self.model.options.tree_width > 1 and greedy
                 and any(nodes[b] > budgets[b] for b in drafting))
         chain = self._chain() if greedy and not tree and not stop_below > 0.0 else None
+        if ahead:  # chains drafted while the target verified the last pass, where it gave a verdict they guessed
+            self._join_ahead()
+            ready = self._drafted_ahead(ahead, rows, budgets, contexts, drafting) if chain else None
+            self.guessed[1] += 1
+            if ready is not None:
+                self.guessed[0] += 1
+                self.depth = steps
+                return ready
         if chain is not None and all(len(unseen[b]) == 1 for b in drafting):  # the usual pass: one unseen token
             return self._chained(chain, rows, budgets, contexts, unseen, steps)  # a row, its step the chain's first
         logits, caught_up = self._catch_up(unseen, [valid.get(b, 0) for b in range(len(rows))],
@@ -198,6 +230,7 @@ class ModelDraft:
             drafted, likeliest = chain.run(first, positions, steps - 1, MAX_BRANCHES)
             drafted = torch.cat([first[:, None], drafted], dim=1)
             likeliest = torch.cat([logits.topk(MAX_BRANCHES, dim=-1).indices[:, None], likeliest], dim=1)
+            self.depth = steps
             return self._chain_proposal(rows, budgets, contexts, drafted.tolist(), likeliest.tolist(), None,
                                         steps, caught_up)
         confidence = Confidence(drafting, logits.device) if stop_below > 0.0 and greedy else None
@@ -222,7 +255,91 @@ class ModelDraft:
         first = to_device([t[0] if t else 0 for t in unseen], torch.long, self.model.device)
         positions = [len(contexts[b]) - 1 if b in contexts else None for b in range(len(rows))]
         drafted, likeliest = chain.run(first, positions, steps, MAX_BRANCHES)
+        self.depth = steps
         return self._chain_proposal(rows, budgets, contexts, drafted.tolist(), likeliest.tolist(), None, steps, 1)
+
+    def look_ahead(self, rows: list, proposal: Proposal) -> None:
+        """While the target verifies ``proposal`` (its pass queued), the next pass's greedy chains for the verdicts
+        the draft can guess (``LOOK_AHEAD``), on a side stream, a token deeper than this pass's: for each drafting
+        row, "every draft accepted, then the draft's argmax after the last" in the row itself (its chain goes on
+        from its last draft), and "the first ``j`` accepted, then the draft's next likeliest token at depth
+        ``j + 1``" in its spare row ``j`` (the row's context copied there first). Only after greedy chains."""
+        if not (self.depth and self.spare and LOOK_AHEAD):
+            return
+        tokens, positions = [0] * self.model.max_batch, [None] * self.model.max_batch
+        copies = []
+        for b, (row, drafts) in enumerate(zip(rows, proposal.tokens)):
+            if row is None or not drafts or row not in self.pending:
+                continue
+            length, k = self.pending[row][0], len(drafts)
+            tokens[b], positions[b] = drafts[-1], length + k - 1
+            chains = [(k, None, b)]  # the guess after them: the chain's own next token, its first step's argmax
+            for j, others in enumerate(proposal.alternatives[b][: min(k, self.spare, LOOK_AHEAD)]):
+                if others:
+                    spare = self.rows + b * self.spare + j
+                    tokens[spare], positions[spare] = others[0], length + j
+                    chains.append((j, others[0], spare))
+            self.ahead[row] = Guesses(length, list(drafts), chains)
+            copies.append((b, [source for _, _, source in chains[1:]], length + k - 1))
+        if not self.ahead:
+            return
+        cache, device = self.model.cache, self.model.device
+        with self._side_stream():
+            for b, spares, end in copies:  # a spare row's context is the row's, as far as its chain's last draft
+                if spares:
+                    index = to_device(spares, torch.long, device)
+                    for layers in (cache.k, cache.v):
+                        layers[:, index, :, :end] = layers[:, b : b + 1, :, :end]
+            self.ahead_chains = self._chain().run(to_device(tokens, torch.long, device), positions, self.depth + 2,
+                                                  MAX_BRANCHES)
+            if device.type == "cuda":
+                self.ahead_done = torch.cuda.Event()
+                self.ahead_done.record()
+
+    def _join_ahead(self) -> None:
+        """The draft's cache and graphs' buffers are used after the side stream's work (queued, not waited for)."""
+        if self.ahead_done is not None:
+            torch.cuda.current_stream().wait_event(self.ahead_done)
+            self.ahead_done = None
+
+    def _drafted_ahead(self, ahead: dict, rows: list, budgets: list[int], contexts: dict,
+                       drafting: list[int]) -> Proposal | None:
+        """This pass's chains as :meth:`look_ahead` drafted them while the target verified the last pass, where
+        every drafting row's new tokens are the start of a guess (its accepted drafts, the token guessed after
+        them, and as many of the guess's chain as a tree's pass accepted); else None (the draft's cache then holds
+        each row's context up to its accepted drafts: :meth:`update`)."""
+        chosen, likeliest = (t.tolist() for t in self.ahead_chains)
+        drafted, top, moves = [[] for _ in rows], [[] for _ in rows], []
+        for b in drafting:
+            guesses, context = ahead.get(rows[b]), contexts[b]
+            if guesses is None:
+                return None
+            new = context[guesses.length:]
+            for accepted, guess, source in guesses.chains:
+                before = accepted + (guess is not None)  # the guess's tokens before its chain's steps
+                sequence = guesses.drafts[:accepted] + ([guess] if guess is not None else []) + chosen[source]
+                if len(new) > accepted and len(sequence) > len(new) and sequence[: len(new)] == new:
+                    drafted[b], top[b] = sequence[len(new):], likeliest[source][len(new) - before:]
+                    if source != b:  # the spare row's steps from the target's token on move into the row
+                        moves.append((b, source, slice(guesses.length + accepted, guesses.length + len(sequence) - 1)))
+                    break
+            else:
+                return None
+        cache = self.model.cache
+        for b, source, span in moves:
+            for layers in (cache.k, cache.v):
+                layers[:, b, :, span] = layers[:, source, :, span]
+        steps = min(len(drafted[b]) for b in drafting)
+        return self._chain_proposal(rows, budgets, contexts, drafted, top, None, steps, 0)
+
+    def _side_stream(self):
+        """Where chains drafted ahead run: a side stream on a GPU (the host has read this pass's chains, so
+        they are done; the target's verify pass queued on the current stream runs beside it), inline elsewhere."""
+        if self.model.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.model.device)
+        return torch.cuda.stream(self.stream)
 
     def _chain_proposal(self, rows: list, budgets: list[int], contexts: dict, drafted: list, likeliest: list,
                         qs, steps: int, caught_up: int) -> Proposal:
@@ -310,9 +427,9 @@ class ModelDraft:
         is moved into place, as far as the draft's last pass over it wrote it."""
         kept = []
         for b, (row, n) in enumerate(zip(rows, accepted)):
-            if row in self.pending:
+            if row in self.pending:  # a chain's steps wrote all but its last draft; drafting ahead wrote that one
                 length, steps = self.pending.pop(row)
-                self.valid[row] = length + min(n, steps - 1)
+                self.valid[row] = length + (n if row in self.ahead else min(n, steps - 1))
             elif row in self.growing:
                 length, order, in_cache = self.growing.pop(row)
                 branch = [order[j - 1] for j in paths[b][1:] if order[j - 1] <= in_cache]
@@ -325,6 +442,7 @@ class ModelDraft:
             self.model.keep_path(cached, moved)
 
     def close(self) -> None:
+        self._join_ahead()
         self._chains = (None, None)  # its graphs go with the model's
         self.model.close()
 
@@ -351,9 +469,20 @@ class ModelDraft:
     def _forget_rows_not_in(self, rows: list) -> None:
         """Rows that finished or were cancelled: a new request in their cache row starts from nothing."""
         live = {row for row in rows if row is not None}
-        for table in (self.valid, self.generators, self.pending, self.growing):
+        for table in (self.valid, self.generators, self.pending, self.growing, self.ahead):
             for row in [r for r in table if r not in live]:
                 del table[row]
+
+
+@dataclass
+class Guesses:
+    """A row's next chains drafted ahead (:meth:`ModelDraft.look_ahead`) while the target verifies ``drafts``."""
+
+    length: int  # the row's context when it drafted them
+    drafts: list[int]
+    # (drafts accepted, the target's token guessed after them, the draft's cache row whose chain goes on from it):
+    # the guess None is the draft's argmax after the last draft, its chain's first step
+    chains: list[tuple[int, int | None, int]]
 
 
 class Confidence:
@@ -403,11 +532,12 @@ def _alternatives(chosen: list[int], likeliest: list[list[int]]) -> list[list[in
     return [[t for t in top if t != token][: MAX_BRANCHES - 1] for token, top in zip(chosen, likeliest)]
 
 
-def make_draft(kind: str | None, draft_model=None, label: str = ""):
-    """The draft object of a target: ``NgramDraft``, a ``ModelDraft`` around ``draft_model``, or None."""
+def make_draft(kind: str | None, draft_model=None, label: str = "", rows: int | None = None):
+    """The draft object of a target of ``rows`` rows: ``NgramDraft``, a ``ModelDraft`` around ``draft_model``, or
+    None."""
     if kind == NGRAM:
         return NgramDraft()
     if draft_model is not None:
-        return ModelDraft(draft_model, label)
+        return ModelDraft(draft_model, label, rows)
     return None
 

@@ -132,7 +132,8 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
         try:
             int4 = kind == INT4
             draft = prepare(model if int4 else options.draft,
-                            draft_options(options, _max_draft(options)).replace(link_bandwidth=bandwidth), int4,
+                            draft_options(options, _max_draft(options), ahead=tp.size == 1).replace(
+                                link_bandwidth=bandwidth), int4,
                             globals_ if int4 else None)  # the int4 draft's norm and LM head are its target's
         except ConfigError as e:
             if not int4 and not Path(options.draft).exists():

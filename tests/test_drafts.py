@@ -278,6 +278,75 @@ def test_with_graphs_a_greedy_chain_is_one_replayed_graph_a_step(structured, str
     plain.close()
 
 
+def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structured, structured_draft):
+    """While the target verifies, a draft with graphs drafts the next pass's chains for the verdicts it guesses
+    (every draft accepted and its own argmax next, or a break at one of the first ``LOOK_AHEAD`` depths and its next
+    likeliest token there, in a spare row of its cache). Where the verdict was guessed the next proposal comes from
+    them; either way it is the proposal of a draft that drafts after the verdict: ragged budgets, a row that drafts
+    nothing, guessed and unguessed verdicts, a break past the depths guessed."""
+    from conftest import with_graphs
+
+    from offload.drafts import LOOK_AHEAD
+
+    def load():
+        return offload.load_model(structured, **KW, draft=str(structured_draft), progress=False)
+
+    model, plain = load(), load()
+    with_graphs(model.draft.model)
+    draft, reference = model.draft, plain.draft
+    assert LOOK_AHEAD == 3 and draft.spare == 3 and draft.model.max_batch == 8  # 2 rows and 3 spare rows each
+    rows = [row([3, 17, 40, 2, 9], [11], index=0), row([8, 8, 1], index=1)]
+    # (accepted, the target's token: "alt" the draft's next likeliest there, "own" its argmax after a whole chain)
+    verdicts = [(1, "alt"), (4, "own"), (0, "alt"), (2, 5), (5, "own"), (2, "alt"), (4, "alt"), (3, "own"), (1, 7)]
+    budgets = [[4, 2], [4, 0], [5, 5], [5, 5], [5, 3], [6, 6], [6, 6], [3, 3], [4, 4]]
+    for (accepted, token), budget in zip(verdicts, budgets):
+        proposal, expected = draft.propose(rows, budget), reference.propose(rows, budget)
+        assert proposal.tokens == expected.tokens and proposal.alternatives == expected.alternatives
+        draft.look_ahead(rows, proposal)
+        for b, r in enumerate(rows):
+            drafts = proposal.tokens[b]
+            n = min(accepted, len(drafts))
+            if token == "alt" and n < len(drafts):
+                gained = drafts[:n] + [proposal.alternatives[b][n][0]]
+            elif token == "own" and n == len(drafts) and drafts:
+                gained = drafts + [draft.ahead_chains[0][b, 0].item()]  # the step after its last draft
+            else:
+                gained = drafts[:n] + [5 if drafts[n:n + 1] != [5] else 6]
+            r.tokens += gained
+        accepted_each = [min(accepted, len(t)) for t in proposal.tokens]
+        draft.update(rows, accepted_each)
+        reference.update(rows, accepted_each)
+    hits, tries = draft.guessed
+    assert tries == len(verdicts) - 1 and 3 <= hits < tries  # guessed verdicts were served, the others drafted
+    model.close()
+    plain.close()
+
+
+def test_greedy_speculation_drafting_ahead_gives_plain_greedy_tokens(structured, structured_draft, monkeypatch):
+    """Through the row engine, with graphs: drafting ahead gives the tokens plain greedy decoding gives, and the
+    passes of a draft that drafts only after each verdict."""
+    from conftest import greedy_through, with_graphs
+
+    from offload import drafts
+    from offload.scheduler.row_engine import RowEngine
+
+    prompts, new = [[3, 17, 40, 2, 9], [8, 8, 1], [5, 6]], 24
+    plain = offload.load_model(structured, **KW, progress=False)
+    expected = greedy_through(RowEngine(plain), prompts, new)
+    passes = {}
+    for ahead in (3, 0):
+        monkeypatch.setattr(drafts, "LOOK_AHEAD", ahead)
+        model = offload.load_model(structured, **KW, draft=str(structured_draft), draft_tokens=4, progress=False)
+        with_graphs(model.draft.model)
+        engine = RowEngine(model)
+        assert greedy_through(engine, prompts, new) == expected
+        passes[ahead] = (engine.speculator.overall.tried, engine.speculator.overall.accepted, model.draft.guessed)
+        model.close()
+    assert passes[3][:2] == passes[0][:2]
+    assert passes[3][2][0] > 0 and passes[0][2] == [0, 0]
+    plain.close()
+
+
 def test_confidence_is_the_product_of_the_chosen_tokens_probabilities_read_a_step_late():
     """``Confidence.add`` counts a step's top probability (the likeliest drafting row's product) and returns the
     product as of the step before: 1 at the first."""

@@ -204,6 +204,38 @@ def test_a_greedy_chain_in_graphs_drafts_what_eager_steps_draft(structured, stru
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drafting_ahead_on_a_side_stream_gives_the_passes_of_drafting_after_each_verdict(structured,
+                                                                                         structured_draft, dtype,
+                                                                                         monkeypatch):
+    """On a GPU, the next pass's chains drafted on a side stream while the target's verify pass runs
+    (``drafts.LOOK_AHEAD``) serve the passes whose verdicts they guessed: greedy output is plain greedy decoding's
+    (float32; bfloat16 rows may round a near tie the other way) and, where they drafted the same chains (the same
+    kernels on more rows), the same drafts were tried and accepted as with drafting after each verdict."""
+    from offload import drafts
+
+    prompts, limits = [[3, 17, 40, 2, 9], [8, 8, 1], [5, 6]], [40, 23, 31]
+    kw = dict(dtype=dtype, max_batch=2, max_seq_len=64, progress=False)
+    plain = offload.load_model(structured, **kw)
+    want = plain.generate(prompts, max_new_tokens=limits, ignore_eos=True)
+    plain.close()
+    results = {}
+    for ahead in (3, 0):
+        monkeypatch.setattr(drafts, "LOOK_AHEAD", ahead)
+        model = offload.load_model(structured, **kw, draft=str(structured_draft))
+        got = model.generate(prompts, max_new_tokens=limits, ignore_eos=True, return_result=True)
+        results[ahead] = got, list(model.draft.guessed)
+        model.close()
+    (ahead, guessed), (after, unguessed) = results[3], results[0]
+    print(f"{dtype}: drafted ahead for {guessed[0]} of {guessed[1]} passes; tried {ahead.drafted_tokens} drafts "
+          f"(without: {after.drafted_tokens}), accepted {ahead.accepted_tokens} ({after.accepted_tokens})")
+    assert guessed[0] > 0 and unguessed == [0, 0]
+    if dtype == torch.float32:
+        assert [p + t for p, t in zip(prompts, ahead.tokens)] == want
+        assert [p + t for p, t in zip(prompts, after.tokens)] == want
+
+
+@cuda
 def test_speculative_decoding_with_graphs_stays_in_budget():
     """Verify passes of 17 tokens a row (padded to 32) in CUDA graphs, in several buckets of rows and key lengths:
     their pool is planned. Also printed: the GPU memory the process took in all (graphs' own memory included,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import with_graphs
+from offload import drafts
 from test_speculation import KW, load, plain, prompts  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,10 +93,12 @@ def test_speculative_generation_through_graphs_is_plain_greedy(structured, strea
 
 
 
-def test_a_draft_model_with_graphs_catches_up_by_replayed_decode_steps(structured, plain):  # noqa: F811
+def test_a_draft_model_with_graphs_catches_up_by_replayed_decode_steps(structured, plain, monkeypatch):  # noqa: F811
     """With graphs, a draft model takes the two tokens a fully accepted pass leaves a row (its last draft and the
     target's next) as two replayed decode steps, not one eager pass; the output is still plain greedy decoding.
-    The draft is the target itself: every draft is accepted."""
+    The draft is the target itself: every draft is accepted. (Drafting ahead, which would guess every verdict, is
+    off: the next test has it.)"""
+    monkeypatch.setattr(drafts, "LOOK_AHEAD", 0)
     model = load(structured, "model", structured)
     draft = model.draft.model
     eager_extends = []
@@ -108,4 +111,17 @@ def test_a_draft_model_with_graphs_catches_up_by_replayed_decode_steps(structure
     assert [p + t for p, t in zip(batch, got.tokens)] == want
     assert got.accepted_tokens == got.drafted_tokens > 0 and draft.graphs.buckets  # through graphs
     assert all(n == 1 or n > 4 for n in eager_extends)  # one token is a decode step; only prompts went eagerly
+    model.close()
+
+
+def test_a_draft_that_is_its_target_drafting_ahead_guesses_every_verdict(structured, plain):  # noqa: F811
+    """Drafting ahead with a draft that is the target itself: every draft is accepted and the target's next token is
+    the draft's argmax, so every pass after a row's first is served by chains drafted ahead; plain greedy output."""
+    model = load(structured, "model", structured)
+    with_graphs(model), with_graphs(model.draft.model)
+    batch = prompts(structured)[:2]
+    got = model.generate(batch, max_new_tokens=[30, 21], ignore_eos=True, return_result=True)
+    assert [p + t for p, t in zip(batch, got.tokens)] == plain.generate(batch, max_new_tokens=[30, 21], ignore_eos=True)
+    hits, tries = model.draft.guessed
+    assert got.accepted_tokens == got.drafted_tokens and hits == tries > 0
     model.close()

@@ -103,6 +103,7 @@ class Speculator:
         if drafted:
             logits = self.model.verify(new_tokens, cached, width=k * m + 1,
                                        parents=[tree[1] for tree in trees] if branched else None)
+            self.draft.look_ahead(rows, proposal)  # while the pass runs: the next pass's drafts, for verdicts guessed
         else:  # nothing to verify: a decode step, [rows, 1, vocab]
             tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.model.device)
             logits = self.model.decode(tokens, [c if row is not None else None for row, c in zip(rows, cached)])

@@ -179,8 +179,9 @@ class ModelDraft:
         self._chains = (None, None)  # the graphs a GreedyChain was made for, and it (or None where none fits)
         self.depth = 0  # the steps of the last greedy chains (0: the last proposal was something else)
         self.ahead: dict = {}  # row -> its Guesses: the next pass's chains drafted while the target verifies
-        self.ahead_chains = None  # their tokens and likeliest tokens, on the device ([draft rows, depth + 2, ...])
+        self.ahead_chains = None  # their tokens and likeliest tokens, on the device ([draft rows, depth + 1, ...])
         self.ahead_done = None  # a CUDA event: the side stream has drafted them
+        self.proposed = None  # a CUDA event: the current stream's work for the last proposal is done
         self.stream = None  # the side stream that drafts ahead (CUDA)
         self.guessed = [0, 0]  # passes whose chains were drafted ahead, of the passes after drafting ahead
 
@@ -260,7 +261,7 @@ class ModelDraft:
 
     def look_ahead(self, rows: list, proposal: Proposal) -> None:
         """While the target verifies ``proposal`` (its pass queued), the next pass's greedy chains for the verdicts
-        the draft can guess (``LOOK_AHEAD``), on a side stream, a token deeper than this pass's: for each drafting
+        the draft can guess (``LOOK_AHEAD``), on a side stream, as deep as this pass's: for each drafting
         row, "every draft accepted, then the draft's argmax after the last" in the row itself (its chain goes on
         from its last draft), and "the first ``j`` accepted, then the draft's next likeliest token at depth
         ``j + 1``" in its spare row ``j`` (the row's context copied there first). Only after greedy chains."""
@@ -290,7 +291,7 @@ class ModelDraft:
                     index = to_device(spares, torch.long, device)
                     for layers in (cache.k, cache.v):
                         layers[:, index, :, :end] = layers[:, b : b + 1, :, :end]
-            self.ahead_chains = self._chain().run(to_device(tokens, torch.long, device), positions, self.depth + 2,
+            self.ahead_chains = self._chain().run(to_device(tokens, torch.long, device), positions, self.depth + 1,
                                                   MAX_BRANCHES)
             if device.type == "cuda":
                 self.ahead_done = torch.cuda.Event()
@@ -329,16 +330,25 @@ class ModelDraft:
         for b, source, span in moves:
             for layers in (cache.k, cache.v):
                 layers[:, b, :, span] = layers[:, source, :, span]
+        more = max(budgets[b] - len(drafted[b]) for b in drafting)
+        if more > 0:  # deeper than drafted ahead: the chains go on from their last drafts
+            positions = [len(contexts[b]) + len(drafted[b]) - 1 if b in contexts else None for b in range(len(rows))]
+            last = to_device([drafted[b][-1] if b in contexts else 0 for b in range(len(rows))], torch.long,
+                             self.model.device)
+            chosen, likeliest = (t.tolist() for t in self._chain().run(last, positions, more, MAX_BRANCHES))
+            for b in drafting:
+                drafted[b], top[b] = drafted[b] + chosen[b], top[b] + likeliest[b]
         steps = min(len(drafted[b]) for b in drafting)
         return self._chain_proposal(rows, budgets, contexts, drafted, top, None, steps, 0)
 
     def _side_stream(self):
-        """Where chains drafted ahead run: a side stream on a GPU (the host has read this pass's chains, so
-        they are done; the target's verify pass queued on the current stream runs beside it), inline elsewhere."""
+        """Where chains drafted ahead run: a side stream on a GPU, after the work of this pass's proposal (a row's
+        chain moved into place) and beside the target's verify pass queued since, inline elsewhere."""
         if self.model.device.type != "cuda":
             return contextlib.nullcontext()
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.model.device)
+        self.stream.wait_event(self.proposed)
         return torch.cuda.stream(self.stream)
 
     def _chain_proposal(self, rows: list, budgets: list[int], contexts: dict, drafted: list, likeliest: list,
@@ -346,6 +356,9 @@ class ModelDraft:
         """The proposal of chains ``steps`` deep (``drafted[b]``, and ``likeliest[b]`` at each depth), each row's
         cut to its budget; its first ``steps - 1`` tokens are in the draft's cache."""
         self.pending = {rows[b]: (len(contexts[b]), steps) for b in contexts}
+        if self.model.device.type == "cuda":  # what drafting ahead from this proposal waits for (not the target)
+            self.proposed = torch.cuda.Event()
+            self.proposed.record()
         tokens = [drafted[b][: budgets[b]] if b in contexts else [] for b in range(len(rows))]
         alternatives = [_alternatives(tokens[b], likeliest[b]) if tokens[b] else [] for b in range(len(rows))]
         return Proposal(tokens, qs, alternatives, steps=caught_up + steps - 1 if caught_up else 0)

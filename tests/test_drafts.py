@@ -336,7 +336,8 @@ def test_greedy_speculation_drafting_ahead_gives_plain_greedy_tokens(structured,
     passes = {}
     for ahead in (3, 0):
         monkeypatch.setattr(drafts, "LOOK_AHEAD", ahead)
-        model = offload.load_model(structured, **KW, draft=str(structured_draft), draft_tokens=4, progress=False)
+        model = offload.load_model(structured, **KW, draft=str(structured_draft), draft_tokens=4, draft_branches=1,
+                                   progress=False)
         with_graphs(model.draft.model)
         engine = RowEngine(model)
         assert greedy_through(engine, prompts, new) == expected

@@ -62,8 +62,11 @@ STOP_UNSURE = os.environ.get("OFFLOAD_STOP_UNSURE", "") == "1"
 # every draft accepted and the target's next token the draft's own argmax, or the chain broken after its first ``j``
 # drafts (``j < LOOK_AHEAD``) and the target's token there the draft's next likeliest. Each broken chain's guess
 # drafts in a spare row of the draft's KV cache (``LOOK_AHEAD`` a row: the plan counts them). Where the verdict is
-# a guessed one, the next pass's chains are ready when it starts. OFFLOAD_LOOK_AHEAD=0 turns it off (read at import).
-LOOK_AHEAD = int(os.environ.get("OFFLOAD_LOOK_AHEAD", "3"))
+# a guessed one, the next pass's chains are ready when it starts. One spare row by default: the compressed GEMV
+# kernels take two rows (``quant_kernels.GEMV_ROWS``), more take the tiled product, whose steps cost more than the
+# target's pass leaves time for (on an H100, 2026-12-06, SmolLM2's int4 draft at 4 rows: 4 ms of steps a pass
+# beside a 4.6 ms pass, 1.37x plain decoding as without). OFFLOAD_LOOK_AHEAD=N for N, =0 none (read at import).
+LOOK_AHEAD = int(os.environ.get("OFFLOAD_LOOK_AHEAD", "1"))
 RESIDENT_BUDGET = 2**62  # a draft model's own budget: everything resident (the target's plan counts its bytes)
 DRAFT_SEED_OFFSET = 0x9E3779B97F4A7C15  # a row's draft samples with its own stream, apart from the target's
 

@@ -278,7 +278,7 @@ def test_with_graphs_a_greedy_chain_is_one_replayed_graph_a_step(structured, str
     plain.close()
 
 
-def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structured, structured_draft):
+def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structured, structured_draft, monkeypatch):
     """While the target verifies, a draft with graphs drafts the next pass's chains for the verdicts it guesses
     (every draft accepted and its own argmax next, or a break at one of the first ``LOOK_AHEAD`` depths and its next
     likeliest token there, in a spare row of its cache). Where the verdict was guessed the next proposal comes from
@@ -286,7 +286,9 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
     nothing, guessed and unguessed verdicts, a break past the depths guessed."""
     from conftest import with_graphs
 
-    from offload.drafts import LOOK_AHEAD
+    from offload import drafts
+
+    monkeypatch.setattr(drafts, "LOOK_AHEAD", 3)
 
     def load():
         return offload.load_model(structured, **KW, draft=str(structured_draft), progress=False)
@@ -294,7 +296,7 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
     model, plain = load(), load()
     with_graphs(model.draft.model)
     draft, reference = model.draft, plain.draft
-    assert LOOK_AHEAD == 3 and draft.spare == 3 and draft.model.max_batch == 8  # 2 rows and 3 spare rows each
+    assert draft.spare == 3 and draft.model.max_batch == 8  # 2 rows and 3 spare rows each
     rows = [row([3, 17, 40, 2, 9], [11], index=0), row([8, 8, 1], index=1)]
     # (accepted, the target's token: "alt" the draft's next likeliest there, "own" its argmax after a whole chain)
     verdicts = [(1, "alt"), (4, "own"), (0, "alt"), (2, 5), (5, "own"), (2, "alt"), (4, "alt"), (3, "own"), (1, 7)]
@@ -334,7 +336,7 @@ def test_greedy_speculation_drafting_ahead_gives_plain_greedy_tokens(structured,
     plain = offload.load_model(structured, **KW, progress=False)
     expected = greedy_through(RowEngine(plain), prompts, new)
     passes = {}
-    for ahead in (3, 0):
+    for ahead in (1, 0):
         monkeypatch.setattr(drafts, "LOOK_AHEAD", ahead)
         model = offload.load_model(structured, **KW, draft=str(structured_draft), draft_tokens=4, draft_branches=1,
                                    progress=False)
@@ -343,8 +345,8 @@ def test_greedy_speculation_drafting_ahead_gives_plain_greedy_tokens(structured,
         assert greedy_through(engine, prompts, new) == expected
         passes[ahead] = (engine.speculator.overall.tried, engine.speculator.overall.accepted, model.draft.guessed)
         model.close()
-    assert passes[3][:2] == passes[0][:2]
-    assert passes[3][2][0] > 0 and passes[0][2] == [0, 0]
+    assert passes[1][:2] == passes[0][:2]
+    assert passes[1][2][0] > 0 and passes[0][2] == [0, 0]
     plain.close()
 
 

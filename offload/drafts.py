@@ -123,6 +123,9 @@ class NgramDraft:
     def look_ahead(self, rows: list, proposal: Proposal) -> None:
         pass  # nothing to draft ahead: a lookup costs nothing
 
+    def drafting_ahead(self) -> tuple[float, int]:
+        return 0.0, 0
+
     def update(self, rows: list, accepted: list[int], paths: list[list[int]] | None = None) -> None:
         pass  # nothing to roll back
 
@@ -187,6 +190,7 @@ class ModelDraft:
         self.proposed = None  # a CUDA event: the current stream's work for the last proposal is done
         self.stream = None  # the side stream that drafts ahead (CUDA)
         self.guessed = [0, 0]  # passes whose chains were drafted ahead, of the passes after drafting ahead
+        self.ahead_steps = 1 << 10  # steps the side stream takes: as many as the target's pass leaves time for
 
     @property
     def plans(self):
@@ -215,6 +219,7 @@ class ModelDraft:
                 and any(nodes[b] > budgets[b] for b in drafting))
         chain = self._chain() if greedy and not tree and not stop_below > 0.0 else None
         if ahead:  # chains drafted while the target verified the last pass, where it gave a verdict they guessed
+            self._pace_ahead()
             self._join_ahead()
             ready = self._drafted_ahead(ahead, rows, budgets, contexts, drafting) if chain else None
             self.guessed[1] += 1
@@ -264,10 +269,11 @@ class ModelDraft:
 
     def look_ahead(self, rows: list, proposal: Proposal) -> None:
         """While the target verifies ``proposal`` (its pass queued), the next pass's greedy chains for the verdicts
-        the draft can guess (``LOOK_AHEAD``), on a side stream, as deep as this pass's: for each drafting
-        row, "every draft accepted, then the draft's argmax after the last" in the row itself (its chain goes on
-        from its last draft), and "the first ``j`` accepted, then the draft's next likeliest token at depth
-        ``j + 1``" in its spare row ``j`` (the row's context copied there first). Only after greedy chains."""
+        the draft can guess (``LOOK_AHEAD``), on a side stream, as deep as this pass's where the pass leaves time
+        (:meth:`_pace_ahead`): for each drafting row, "every draft accepted, then the draft's argmax after the
+        last" in the row itself (its chain goes on from its last draft), and "the first ``j`` accepted, then the
+        draft's next likeliest token at depth ``j + 1``" in its spare row ``j`` (the row's context copied there
+        first). Only after greedy chains."""
         if not (self.depth and self.spare and LOOK_AHEAD):
             return
         tokens, positions = [0] * self.model.max_batch, [None] * self.model.max_batch
@@ -294,11 +300,25 @@ class ModelDraft:
                     index = to_device(spares, torch.long, device)
                     for layers in (cache.k, cache.v):
                         layers[:, index, :, :end] = layers[:, b : b + 1, :, :end]
-            self.ahead_chains = self._chain().run(to_device(tokens, torch.long, device), positions, self.depth + 1,
+            self.ahead_steps = min(self.ahead_steps, self.depth + 1)
+            self.ahead_chains = self._chain().run(to_device(tokens, torch.long, device), positions, self.ahead_steps,
                                                   MAX_BRANCHES)
             if device.type == "cuda":
                 self.ahead_done = torch.cuda.Event()
                 self.ahead_done.record()
+
+    def drafting_ahead(self) -> tuple[float, int]:
+        """The share of passes whose chains were drafted ahead, and how deep (the speculator's price of drafting)."""
+        hits, tries = self.guessed
+        return (hits / (tries + 1), self.ahead_steps - 1) if tries else (0.0, 0)
+
+    def _pace_ahead(self) -> None:
+        """Drafting ahead no deeper than the target's pass leaves time for: a step less after a pass that ended
+        before the side stream's steps (the host, reading the pass, found them unfinished), a step more (as deep
+        as the pass, and one) after one that did not. At least two: a guess and a draft after it."""
+        if self.ahead_done is not None:
+            late = not self.ahead_done.query()
+            self.ahead_steps = max(2, self.ahead_steps - 1) if late else self.ahead_steps + 1
 
     def _join_ahead(self) -> None:
         """The draft's cache and graphs' buffers are used after the side stream's work (queued, not waited for)."""

@@ -362,18 +362,20 @@ def best_draft_length(acceptances: list[float], pass_seconds: Callable[[int], fl
 
 def best_draft_shape(acceptances: list[float], mended: dict[int, float] | list[dict[int, float]],
                      pass_seconds: Callable[[int], float], draft_step_seconds: float, most_depth: int,
-                     most_tokens: int, fill: bool = False) -> tuple[int, int]:
+                     most_tokens: int, fill: bool = False, ahead: tuple[float, int] = (0.0, 0)) -> tuple[int, int]:
     """The depth ``k <= most_depth`` and branches ``m`` (a key of ``mended``: the chance that ``m - 1``
     alternatives mend a break; one dict for every row, or each row's, all with the same keys) with
     ``k m <= most_tokens`` that gain the rows the most tokens per second: a pass ``k m + 1`` tokens wide costs
-    ``pass_seconds(k m + 1)`` plus ``k`` draft steps. With ``fill``, each ``m`` drafts as deep as it may
-    (``draft_tokens`` fixes the tokens, not the shape)."""
+    ``pass_seconds(k m + 1)`` plus ``k`` draft steps, but for the share of passes (``ahead[0]``) whose first
+    ``ahead[1]`` drafts were drafted beside the pass before (``drafts.LOOK_AHEAD``). With ``fill``, each ``m``
+    drafts as deep as it may (``draft_tokens`` fixes the tokens, not the shape)."""
     rows = [mended] * len(acceptances) if isinstance(mended, dict) else mended
+    share, hidden = ahead
 
     def rate(shape: tuple[int, int]) -> float:
         k, m = shape
         gained = sum(expected_tokens(a, k, mends[m]) for a, mends in zip(acceptances, rows))
-        return gained / (pass_seconds(k * m + 1) + k * draft_step_seconds)
+        return gained / (pass_seconds(k * m + 1) + (k - share * min(k, hidden)) * draft_step_seconds)
 
     def depths(m: int) -> range:
         deepest = min(most_depth, most_tokens // m)

@@ -324,6 +324,28 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
     plain.close()
 
 
+def test_drafting_ahead_goes_no_deeper_than_the_targets_pass_leaves_time_for(structured, structured_draft):
+    """A step less after a pass whose verdict came before the side stream's steps were done, a step more (up to the
+    pass's depth and one) after one that came after; never fewer than two (a guess and a draft)."""
+
+    class Event:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+    model = offload.load_model(structured, **KW, draft=str(structured_draft), progress=False)
+    draft = model.draft
+    draft.ahead_steps = 5
+    for done, steps in [(False, 4), (False, 3), (False, 2), (False, 2), (True, 3), (True, 4)]:
+        draft.ahead_done = Event(done)
+        draft._pace_ahead()
+        assert draft.ahead_steps == steps
+    draft.ahead_done = None
+    model.close()
+
+
 def test_greedy_speculation_drafting_ahead_gives_plain_greedy_tokens(structured, structured_draft, monkeypatch):
     """Through the row engine, with graphs: drafting ahead gives the tokens plain greedy decoding gives, and the
     passes of a draft that drafts only after each verdict."""

@@ -230,6 +230,17 @@ def test_a_tree_pays_where_the_chain_breaks_early():
     assert best_draft_shape([0.3, 0.3], [weak, {m: 0.0 for m in weak}], flat, 0.0, 16, 16) == (4, 4)  # one row's
 
 
+def test_drafts_drafted_ahead_cost_no_steps_in_the_passes_they_serve():
+    """A draft step costing half a pass: without drafting ahead a few drafts pay; with every pass's first 6 drafts
+    drafted beside the pass before, those cost nothing and the depth goes to them; a share of the passes pays
+    for the rest."""
+    flat, chain = (lambda width: 1.0), {1: 0.0}  # noqa: E731
+    alone = best_draft_shape([0.8], chain, flat, 0.5, 16, 16)
+    assert alone[0] < 6
+    assert best_draft_shape([0.8], chain, flat, 0.5, 16, 16, ahead=(1.0, 6)) == (6, 1)
+    assert alone[0] <= best_draft_shape([0.8], chain, flat, 0.5, 16, 16, ahead=(0.5, 6))[0] <= 6
+
+
 def test_mends_count_where_the_targets_token_ranked_among_the_alternatives():
     mends = Mends()
     assert mends.rates() == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}  # a chain until there is evidence

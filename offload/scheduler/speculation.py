@@ -218,10 +218,8 @@ class Speculator:
             return scale * verify_seconds(width)
 
         step *= self.prices.draft_step.scale
-        hits, tries = getattr(self.draft, "guessed", (0, 0))
-        step *= 1 - hits / (tries + 1)  # a pass whose chains were drafted ahead, beside the last pass, pays no steps
         k, m = best_draft_shape(acceptances, mended, measured_verify_seconds, step, most_depth, tokens,
-                                fill=bool(self.fixed))
+                                fill=bool(self.fixed), ahead=self.draft.drafting_ahead())
         # A chain's next token is worth drafting while the chance that it is accepted (the draft's own estimate,
         # ``drafts.Confidence``) buys more tokens a second than the pass's: above a step's share of its tokens.
         gained = sum(expected_tokens(a, k, mends[m]) for a, mends in zip(acceptances, mended)) / max(len(live), 1)

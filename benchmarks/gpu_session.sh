@@ -117,10 +117,13 @@
 # sixteenth (H100, 2026-12-06) quant7b (16-row rates through a layer: every prediction within 10%), tests_kernels
 # (test_quant_kernels.py 306 passed before the limit), spec_smollm2_trace and spec_host (the draft's steps wait on the
 # host; verify passes do not), tests_spec and spec_smollm2_chain (greedy chains in graphs: 1.42x); then no machine came.
+# seventeenth (H100, 2026-12-06) tests_spec and spec_smollm2_chain (the chain's first step replayed: no change),
+# spec_smollm2_ahead four times (drafting ahead: 1.70x against 1.28x without) and a --trace of it.
 #   1. int4_405b:500 (an H200)                                 the moonshot (#20): first, while the budget is whole
-#   2. tests_spec, spec_smollm2_chain                          greedy chains (#22), with branch chain-catch-up merged
+#   2. tests_spec, spec_smollm2_ahead                          drafting ahead (#22)
 #   3. tests_kernels:300                                       test_quant_kernels.py past its first 306 tests
 #   4. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts (#21)
+# A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in

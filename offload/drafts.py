@@ -67,6 +67,7 @@ STOP_UNSURE = os.environ.get("OFFLOAD_STOP_UNSURE", "") == "1"
 # target's pass leaves time for (on an H100, 2026-12-06, SmolLM2's int4 draft at 4 rows: 4 ms of steps a pass
 # beside a 4.6 ms pass, 1.37x plain decoding as without). OFFLOAD_LOOK_AHEAD=N for N, =0 none (read at import).
 LOOK_AHEAD = int(os.environ.get("OFFLOAD_LOOK_AHEAD", "1"))
+AHEAD_PAUSE = 8  # passes without drafting ahead where even two steps outlasted the target's pass (many rows)
 RESIDENT_BUDGET = 2**62  # a draft model's own budget: everything resident (the target's plan counts its bytes)
 DRAFT_SEED_OFFSET = 0x9E3779B97F4A7C15  # a row's draft samples with its own stream, apart from the target's
 
@@ -276,6 +277,9 @@ class ModelDraft:
         first). Only after greedy chains."""
         if not (self.depth and self.spare and LOOK_AHEAD):
             return
+        if self.ahead_steps < 2:  # paused (:meth:`_pace_ahead`)
+            self.ahead_steps += 1
+            return
         tokens, positions = [0] * self.model.max_batch, [None] * self.model.max_batch
         copies = []
         for b, (row, drafts) in enumerate(zip(rows, proposal.tokens)):
@@ -315,10 +319,14 @@ class ModelDraft:
     def _pace_ahead(self) -> None:
         """Drafting ahead no deeper than the target's pass leaves time for: a step less after a pass that ended
         before the side stream's steps (the host, reading the pass, found them unfinished), a step more (as deep
-        as the pass, and one) after one that did not. At least two: a guess and a draft after it."""
-        if self.ahead_done is not None:
-            late = not self.ahead_done.query()
-            self.ahead_steps = max(2, self.ahead_steps - 1) if late else self.ahead_steps + 1
+        as the pass, and one) after one that did not. At least two (a guess and a draft after it); where two
+        outlast the pass (a step of many rows), no drafting ahead for ``AHEAD_PAUSE`` passes, then two again."""
+        if self.ahead_done is None:
+            return
+        if self.ahead_done.query():
+            self.ahead_steps += 1
+        else:
+            self.ahead_steps = self.ahead_steps - 1 if self.ahead_steps > 2 else 2 - AHEAD_PAUSE
 
     def _join_ahead(self) -> None:
         """The draft's cache and graphs' buffers are used after the side stream's work (queued, not waited for)."""

@@ -11,7 +11,7 @@ from offload.drafts import INT4, MODEL, NGRAM, ModelDraft, NgramDraft, draft_kin
 from offload.loading import prepare
 from offload.sampling import GREEDY
 from offload.scheduler.row_engine import Request, Row
-from offload.speculative import MAX_BRANCHES
+from offload.speculative import MAX_BRANCHES, Proposal
 
 # A device whose links bind: streaming a layer costs a hundred times reading it resident, products are free.
 LINK_BOUND = {"host": 1e9, "hbm": 1e11, "matmul": 1e15}
@@ -326,7 +326,10 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
 
 def test_drafting_ahead_goes_no_deeper_than_the_targets_pass_leaves_time_for(structured, structured_draft):
     """A step less after a pass whose verdict came before the side stream's steps were done, a step more (up to the
-    pass's depth and one) after one that came after; never fewer than two (a guess and a draft)."""
+    pass's depth and one) after one that came after; never fewer than two (a guess and a draft): where two were
+    late, none for ``AHEAD_PAUSE`` passes."""
+    from offload.drafts import AHEAD_PAUSE
+
 
     class Event:
         def __init__(self, done):
@@ -338,11 +341,16 @@ def test_drafting_ahead_goes_no_deeper_than_the_targets_pass_leaves_time_for(str
     model = offload.load_model(structured, **KW, draft=str(structured_draft), progress=False)
     draft = model.draft
     draft.ahead_steps = 5
-    for done, steps in [(False, 4), (False, 3), (False, 2), (False, 2), (True, 3), (True, 4)]:
+    for done, steps in [(False, 4), (False, 3), (False, 2), (True, 3), (False, 2), (False, 2 - AHEAD_PAUSE)]:
         draft.ahead_done = Event(done)
         draft._pace_ahead()
         assert draft.ahead_steps == steps
-    draft.ahead_done = None
+    draft.ahead_done, draft.depth, draft.spare = None, 3, 1
+    rows = [row([3, 17, 40, 2, 9], [11], index=0)]
+    for _ in range(AHEAD_PAUSE):  # paused: nothing drafted ahead, a pass counted
+        draft.look_ahead(rows, Proposal([[5, 6, 7], []], alternatives=[[[8], [9], [10]], []]))
+        assert not draft.ahead
+    assert draft.ahead_steps == 2
     model.close()
 
 

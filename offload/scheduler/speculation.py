@@ -13,7 +13,8 @@ that adds no prompt through :meth:`Speculator.run`:
    with ``m > 1`` a row's drafts grow into a tree with the draft model's alternatives at
    each depth (:func:`~offload.speculative.grow_tree`);
 3. one pass over the target (``OffloadedModel.verify``) adds each row's last token and its
-   drafts, every row padded to the same width, and returns the logits at each; where no row
+   drafts, every row padded to the same width, and returns the logits at each (queued; the draft
+   drafts ahead beside it, ``draft.look_ahead``); where no row
    has a draft (prompt lookup found none), a plain decode step does (a verify pass of
    ``k + 1`` tokens costs more, and its captured width stays the one the plan reserved);
 4. :func:`offload.speculative.accept` picks each row's tokens (greedy: the target's
@@ -34,7 +35,10 @@ pass that drafts nothing measures nothing, and acceptance changes with the text.
 
 A row gains between 1 and ``k + 1`` tokens from a pass; the engine advances its cached
 length by as many (rejected drafts' cache entries are overwritten by its next pass).
-Passes are not pipelined: the next pass's drafts need this pass's tokens.
+The next pass's drafts need this pass's tokens, but a draft model can guess them: once the
+verify pass is queued, it drafts the next pass's greedy chains on a side stream for the
+verdicts it guesses (``ModelDraft.look_ahead``, ``drafts.LOOK_AHEAD``), and where the verdict
+is one of them the next pass's drafts are ready when it starts.
 """
 
 from __future__ import annotations

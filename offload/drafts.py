@@ -84,15 +84,15 @@ def draft_kind(draft) -> str | None:
 def draft_options(target, max_draft: int, ahead: bool = False):
     """The ``LoadOptions`` of a draft model for a target loaded with ``target`` (its max_seq_len filled in):
     the same device, dtype and tensor parallelism, the target's rows (and ``LOOK_AHEAD`` spare rows for each where
-    it may draft ``ahead``: one rank), every layer resident (int4 for the int4 draft), a
+    it may draft ``ahead``: one rank, CUDA graphs not compiled), every layer resident (int4 for the int4 draft), a
     KV cache ``max_draft`` tokens longer than the target's, only each row's last logits, experts read as the
     default decides for it (a resident draft: directly, on a GPU), and where it grows trees (``BEST_FIRST``, and
     the target's ``draft_branches`` None or above 1) passes of its own ``max_draft + 1`` tokens wide for them."""
     trees = BEST_FIRST and (target.draft_branches or MAX_BRANCHES) > 1
     return target.replace(
         gpu_memory=RESIDENT_BUDGET, cpu_memory=0, peer_memory=None, max_seq_len=target.max_seq_len + max_draft,
-        max_batch=target.max_batch * (1 + (LOOK_AHEAD if ahead else 0)), max_step_tokens=None, all_logits=False, slots=None,
-        group_size=None, direct_experts=None, draft=None, draft_tokens=None, draft_branches=None,
+        max_batch=target.max_batch * (1 + (LOOK_AHEAD if ahead else 0)), max_step_tokens=None, all_logits=False,
+        slots=None, group_size=None, direct_experts=None, draft=None, draft_tokens=None, draft_branches=None,
         quantize=INT4 if draft_kind(target.draft) == INT4 else None, tree_width=max_draft + 1 if trees else 1,
     )
 
@@ -208,6 +208,9 @@ class ModelDraft:
         self._forget_rows_not_in(rows)
         self.pending, self.growing = {}, {}  # what a pass that never reached update left is forgotten
         ahead, self.ahead, self.depth = self.ahead, {}, 0
+        if ahead:
+            self._pace_ahead()  # first: whether the side stream was still drafting when the verdict came
+        self._join_ahead()  # every time: where the rows it drafted for have left, their cache rows are others' now
         drafting = [b for b, (row, k) in enumerate(zip(rows, budgets)) if row is not None and k > 0]
         if not drafting:
             return Proposal.empty(len(rows))
@@ -220,8 +223,6 @@ class ModelDraft:
                 and any(nodes[b] > budgets[b] for b in drafting))
         chain = self._chain() if greedy and not tree and not stop_below > 0.0 else None
         if ahead:  # chains drafted while the target verified the last pass, where it gave a verdict they guessed
-            self._pace_ahead()
-            self._join_ahead()
             ready = self._drafted_ahead(ahead, rows, budgets, contexts, drafting) if chain else None
             self.guessed[1] += 1
             if ready is not None:
@@ -314,7 +315,7 @@ class ModelDraft:
     def drafting_ahead(self) -> tuple[float, int]:
         """The share of passes whose chains were drafted ahead, and how deep (the speculator's price of drafting)."""
         hits, tries = self.guessed
-        return (hits / (tries + 1), self.ahead_steps - 1) if tries else (0.0, 0)
+        return (hits / (tries + 1), max(self.ahead_steps - 1, 0)) if tries else (0.0, 0)
 
     def _pace_ahead(self) -> None:
         """Drafting ahead no deeper than the target's pass leaves time for: a step less after a pass that ended
@@ -363,7 +364,8 @@ class ModelDraft:
                 layers[:, b, :, span] = layers[:, source, :, span]
         more = max(budgets[b] - len(drafted[b]) for b in drafting)
         if more > 0:  # deeper than drafted ahead: the chains go on from their last drafts
-            positions = [len(contexts[b]) + len(drafted[b]) - 1 if b in contexts else None for b in range(len(rows))]
+            positions = [len(contexts[b]) + len(drafted[b]) - 1 if b in contexts and len(drafted[b]) < budgets[b]
+                         else None for b in range(len(rows))]
             last = to_device([drafted[b][-1] if b in contexts else 0 for b in range(len(rows))], torch.long,
                              self.model.device)
             chosen, likeliest = (t.tolist() for t in self._chain().run(last, positions, more, MAX_BRANCHES))

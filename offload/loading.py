@@ -132,7 +132,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
         try:
             int4 = kind == INT4
             draft = prepare(model if int4 else options.draft,
-                            draft_options(options, _max_draft(options), ahead=tp.size == 1).replace(
+                            draft_options(options, _max_draft(options), ahead=_may_draft_ahead(options, tp)).replace(
                                 link_bandwidth=bandwidth), int4,
                             globals_ if int4 else None)  # the int4 draft's norm and LM head are its target's
         except ConfigError as e:
@@ -205,6 +205,12 @@ def _check_same_tokens(model, draft) -> None:
         raise ConfigError(f"the draft {draft}'s tokenizer names {len(differ)} of {len(shared)} token ids otherwise "
                           f"than the target's (id {i}: {names[i]!r} against {token!r}); a draft must share the "
                           "target's tokenizer")
+
+
+def _may_draft_ahead(options: LoadOptions, tp: TensorParallel) -> bool:
+    """Whether a draft model's greedy chains may run in graphs (``greedy_chain.fits``), so that it drafts ahead in
+    spare rows of its cache (``drafts.LOOK_AHEAD``): one rank, CUDA graphs on (on a GPU), not compiled."""
+    return tp.size == 1 and options.cuda_graphs and not options.compile
 
 
 def _max_draft(options: LoadOptions) -> int:

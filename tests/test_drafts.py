@@ -297,6 +297,9 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
     with_graphs(model.draft.model)
     draft, reference = model.draft, plain.draft
     assert draft.spare == 3 and draft.model.max_batch == 8  # 2 rows and 3 spare rows each
+    without = offload.load_model(structured, **KW, draft=str(structured_draft), cuda_graphs=False, progress=False)
+    assert without.draft.spare == 0 and without.draft.model.max_batch == 2  # no graphs, no chains: no spare rows
+    without.close()
     rows = [row([3, 17, 40, 2, 9], [11], index=0), row([8, 8, 1], index=1)]
     # (accepted, the target's token: "alt" the draft's next likeliest there, "own" its argmax after a whole chain)
     verdicts = [(1, "alt"), (4, "own"), (0, "alt"), (2, 5), (5, "own"), (2, "alt"), (4, "alt"), (3, "own"), (1, 7)]
@@ -351,6 +354,10 @@ def test_drafting_ahead_goes_no_deeper_than_the_targets_pass_leaves_time_for(str
         draft.look_ahead(rows, Proposal([[5, 6, 7], []], alternatives=[[[8], [9], [10]], []]))
         assert not draft.ahead
     assert draft.ahead_steps == 2
+    draft.guessed, draft.ahead_steps = [2, 5], -3  # the speculator's price: nothing hidden while paused
+    assert draft.drafting_ahead() == (2 / 6, 0)
+    draft.ahead_steps = 4
+    assert draft.drafting_ahead() == (2 / 6, 3)  # a guess's chain: a step for the guess, three drafts
     model.close()
 
 

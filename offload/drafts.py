@@ -298,13 +298,11 @@ class ModelDraft:
             copies.append((b, [source for _, _, source in chains[1:]], length + k - 1))
         if not self.ahead:
             return
-        cache, device = self.model.cache, self.model.device
+        device = self.model.device
         with self._side_stream():
             for b, spares, end in copies:  # a spare row's context is the row's, as far as its chain's last draft
                 if spares:
-                    index = to_device(spares, torch.long, device)
-                    for layers in (cache.k, cache.v):
-                        layers[:, index, :, :end] = layers[:, b : b + 1, :, :end]
+                    self.model.cache.copy_rows(to_device(spares, torch.long, device), b, slice(0, end))
             self.ahead_steps = min(self.ahead_steps, self.depth + 1)
             self.ahead_chains = self._chain().run(to_device(tokens, torch.long, device), positions, self.ahead_steps,
                                                   MAX_BRANCHES)
@@ -358,10 +356,8 @@ class ModelDraft:
                     break
             else:
                 return None
-        cache = self.model.cache
         for b, source, span in moves:
-            for layers in (cache.k, cache.v):
-                layers[:, b, :, span] = layers[:, source, :, span]
+            self.model.cache.copy_rows(slice(b, b + 1), source, span)
         more = max(budgets[b] - len(drafted[b]) for b in drafting)
         if more > 0:  # deeper than drafted ahead: the chains go on from their last drafts
             positions = [len(contexts[b]) + len(drafted[b]) - 1 if b in contexts and len(drafted[b]) < budgets[b]
@@ -370,7 +366,8 @@ class ModelDraft:
                              self.model.device)
             chosen, likeliest = (t.tolist() for t in self._chain().run(last, positions, more, MAX_BRANCHES))
             for b in drafting:
-                drafted[b], top[b] = drafted[b] + chosen[b], top[b] + likeliest[b]
+                if positions[b] is not None:  # a row at its budget already took no part: nothing to add
+                    drafted[b], top[b] = drafted[b] + chosen[b], top[b] + likeliest[b]
         steps = min(len(drafted[b]) for b in drafting)
         return self._chain_proposal(rows, budgets, contexts, drafted, top, None, steps, 0)
 

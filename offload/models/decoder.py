@@ -76,6 +76,12 @@ class KVCache:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
 
+    def copy_rows(self, to, source: int, positions: slice) -> None:
+        """Row ``source``'s keys and values at ``positions``, in every layer, into the rows ``to`` (a slice, or a
+        tensor of row indices), queued on the current stream."""
+        for layers in (self.k, self.v):
+            layers[:, to, :, positions] = layers[:, source : source + 1, :, positions]
+
 
 class Decoder:
     """Embedding, decoder layers, final norm, LM head: the non-layer weights are held, layers are passed in.

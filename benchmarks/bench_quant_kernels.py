@@ -82,7 +82,7 @@ SWEPT_PRODUCTS = ("gate_up", "down")
 
 def word_blocking(m, w):
     """The word kernels' blocking for ``m`` rows of ``w``, or None where they do not take it."""
-    chosen = (quant_kernels.gemv_blocking(w, words=True) if m <= quant_kernels.GEMV_ROWS
+    chosen = (quant_kernels.gemv_blocking(w, words=True) if m <= quant_kernels.gemv_rows(w)
               else quant_kernels.matmul_blocking(w, m, words=True))
     return chosen if chosen[-1] else None
 
@@ -90,7 +90,7 @@ def word_blocking(m, w):
 def sweep_blockings(m, w):
     """Other blockings of the kernel that takes ``m`` rows of ``w``."""
     group, per_channel = w.scheme.group_size or w.cols, w.scheme.group_size is None
-    if m <= quant_kernels.GEMV_ROWS:  # (BLOCK_N, BLOCK_K, SPLITS, warps, words)
+    if m <= quant_kernels.gemv_rows(w):  # (BLOCK_N, BLOCK_K, SPLITS, warps, words)
         out = [(n, k, s, warps, False)
                for n, k, s, warps in itertools.product([1, 2, 4, 8], [1024, 2048], [1, 2], [2, 4])
                if (per_channel or k >= group) and 512 <= n * k <= 16384 and k * s <= w.cols]
@@ -251,7 +251,7 @@ def main() -> int:
                         line.append(f"words {us_words:7.1f} ({floor / us_words:4.2f})")
                         t = totals.setdefault((fmt + " words", m), [0.0, 0.0])
                         t[0], t[1] = t[0] + floor, t[1] + us_words
-                    if FORMATS[fmt] is not None and args.ints and m <= quant_kernels.GEMV_ROWS:
+                    if FORMATS[fmt] is not None and args.ints and m <= quant_kernels.gemv_rows(ws[0]):
                         line += integer_products(fmt, x, ws, floor, totals, args.ints_sweep and fmt in SWEPT)
                     if FORMATS[fmt] is not None and args.splits_sweep and fmt in SWEPT and m == 1:
                         line += split_products(fmt, x, ws, floor, totals)

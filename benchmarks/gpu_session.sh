@@ -79,6 +79,9 @@
 #   spec_smollm2_chain   the int4 draft's chains against none, the depth chosen and 3 (no profiler: a short call)
 #   spec_smollm2_ahead  the int4 draft's chains against none, the depth chosen and 3, drafting ahead while the
 #                  target verifies (OFFLOAD_LOOK_AHEAD=1, the default) and not (0)
+#   spec_smollm2_spare  the int4 draft's step of 1, 2 and 4 rows (a small weight's GEMV of up to 4 rows, and of 2:
+#                  OFFLOAD_SMALL_GEMV_ROWS), then its chains drafted ahead in 3, 2 and 1 spare rows (OFFLOAD_LOOK_AHEAD)
+#                  against none, at the depth chosen and at 3
 #   spec_host      SmolLM2-135M's shape streamed (random weights): verify passes of 1, 4 and 16 tokens, the pass
 #                  against the host's time queueing it (does the host set the pace?), with rings of 2 and 4 slots
 #   spec_smollm2_stop    the int4 draft's chains against none, without and with OFFLOAD_STOP_UNSURE=1 (chains that
@@ -139,6 +142,15 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 OFFLOAD_CACHE_DIR=${OFFLOAD_CACHE_DIR:-/tmp/offload-cache}
+
+smollm2_ready() {  # SmolLM2-135M-Instruct in bf16 (/tmp/smollm2) and its int4 copy in groups of 64 (/tmp/smollm2-int4)
+  local model=${SMOLLM2:-/tmp/smollm2.gguf}
+  [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
+  [ -d /tmp/smollm2 ] || python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
+  [ -d /tmp/smollm2-int4 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 --group-size 64 \
+    --out /tmp/smollm2-int4 --device cuda
+}
+export -f smollm2_ready
 
 stage() {  # stage NAME COMMAND...: run, log to $OUT/NAME.log, keep going on failure
   local name=$1; shift
@@ -258,43 +270,35 @@ run_stage() {
         python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB \
             --drafts none,/tmp/smollm2-int4@4,ngram --draft-tokens 48 --widths 1,16,64 \
             --json "$0/spec_smollm2_deep.json"' "$OUT" ;;
-    spec_smollm2_greedy) stage spec_smollm2_greedy bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
-        [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
-        [ -d /tmp/smollm2 ] || python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
-        [ -d /tmp/smollm2-int4 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 \
-            --group-size 64 --out /tmp/smollm2-int4 --device cuda
+    spec_smollm2_greedy) stage spec_smollm2_greedy bash -c 'set -e; smollm2_ready
         python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB \
             --widths 1,4,16 --drafts none,/tmp/smollm2-int4,/tmp/smollm2-int4@4,ngram \
             --json "$0/spec_smollm2_greedy.json"
         OFFLOAD_BEST_FIRST_TREES=1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4@4 --json "$0/spec_smollm2_best_first.json"' \
         "$OUT" ;;
-    spec_smollm2_stop) stage spec_smollm2_stop bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
-        [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
-        [ -d /tmp/smollm2 ] || python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
-        [ -d /tmp/smollm2-int4 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 \
-            --group-size 64 --out /tmp/smollm2-int4 --device cuda
+    spec_smollm2_stop) stage spec_smollm2_stop bash -c 'set -e; smollm2_ready
         for stop in 0 1; do OFFLOAD_STOP_UNSURE=$stop python3 benchmarks/bench_speculative.py --model /tmp/smollm2 \
             --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 --profile \
             --json "$0/spec_smollm2_stop$stop.json"; done' "$OUT" ;;
-    spec_smollm2_chain|spec_smollm2_trace) stage $1 bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
-        [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
-        [ -d /tmp/smollm2 ] || python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
-        [ -d /tmp/smollm2-int4 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 \
-            --group-size 64 --out /tmp/smollm2-int4 --device cuda
+    spec_smollm2_chain|spec_smollm2_trace) stage $1 bash -c 'set -e; smollm2_ready
         for depth in "" 3; do [ "$1" = spec_smollm2_trace ] && set -- "$1" --profile --trace "$0/spec_trace$depth.json.gz"
             python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB \
             --widths 1 --drafts none,/tmp/smollm2-int4 ${depth:+--draft-tokens $depth} "${@:2}" \
             --json "$0/$1$depth.json"; done' "$OUT" "$1" ;;
-    spec_smollm2_ahead) stage spec_smollm2_ahead bash -c 'set -e; model=${SMOLLM2:-/tmp/smollm2.gguf}
-        [ -f "$model" ] || cat .assets/smollm2/part-* > "$model"
-        [ -d /tmp/smollm2 ] || python3 benchmarks/gguf_to_hf.py "$model" /tmp/smollm2 --dtype bfloat16
-        [ -d /tmp/smollm2-int4 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int4 \
-            --group-size 64 --out /tmp/smollm2-int4 --device cuda
+    spec_smollm2_ahead) stage spec_smollm2_ahead bash -c 'set -e; smollm2_ready
         for ahead in 1 0; do for depth in "" 3; do echo "OFFLOAD_LOOK_AHEAD=$ahead ${depth:+--draft-tokens $depth}"
             OFFLOAD_LOOK_AHEAD=$ahead python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${depth:+--draft-tokens $depth} \
             --json "$0/spec_ahead$ahead$depth.json"; done; done' "$OUT" ;;
+    spec_smollm2_spare) stage spec_smollm2_spare bash -c 'set -e; smollm2_ready
+        for run in "4 1" "4 2" "4 4" "2 4"; do set -- $run; echo "OFFLOAD_SMALL_GEMV_ROWS=$1 int4 draft step, $2 rows"
+            OFFLOAD_SMALL_GEMV_ROWS=$1 python3 benchmarks/profile_decode.py --shape smollm2-135m --prompts 128 \
+            --new-tokens 32 --batch $2 --quantize int4; done
+        for run in "3 " "2 " "1 " "3 3" "1 3"; do set -- $run; echo "OFFLOAD_LOOK_AHEAD=$1 ${2:+--draft-tokens $2}"
+            OFFLOAD_LOOK_AHEAD=$1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
+            --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${2:+--draft-tokens $2} \
+            --json "$0/spec_spare$1$2.json"; done' "$OUT" ;;
     spec_host) stage spec_host bash -c 'for slots in 2 4; do python3 benchmarks/bench_speculative.py \
         --shape smollm2-135m --gpu-memory stream --cpu-memory 4GiB --widths 1,4,16 --slots $slots \
         --json "$0/spec_host$slots.json"; done' "$OUT" ;;

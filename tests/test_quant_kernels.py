@@ -68,7 +68,7 @@ def test_the_product_equals_dequantize_then_multiply(dtype, fmt, group, minimum,
 
 
 @pytest.mark.parametrize("fmt, group, minimum", FORMATS)
-@pytest.mark.parametrize("m, cols", [(1, 256), (5, 256), (1, 3072)])  # 3072 columns: three stretches summed
+@pytest.mark.parametrize("m, cols", [(1, 256), (4, 256), (5, 256), (1, 3072)])  # 3072 columns: three stretches
 def test_each_format_for_one_row_and_for_several(fmt, group, minimum, m, cols):
     test_the_product_equals_dequantize_then_multiply(DTYPES[0], fmt, group, minimum, 40, cols, m)
 
@@ -108,6 +108,21 @@ def test_a_small_weights_word_gemv_takes_smaller_tiles():
     # INT_PROGRAMS (384 already: one stretch; 128: four); 11008 columns keep 128 x 256, in 16 stretches
     assert blocking(12288, 4096, 128) == (32, 1024, 1, 2, True) and blocking(4096, 4096, 128) == (32, 1024, 4, 2, True)
     assert blocking(4096, 11008, 128) == (128, 256, 16, 4, True)
+
+
+def test_a_small_weights_gemv_takes_a_few_more_rows():
+    """A small weight's product (SmolLM2-135M's) goes to the GEMV up to ``SMALL_GEMV_ROWS`` rows, each row the same
+    bits as alone (a draft model's spare rows draft what its rows would); llama-2-7b's keep ``GEMV_ROWS``."""
+    small, large = empty_weight("int4", 64, 3072, 576), empty_weight("int4", 128, 4096, 4096)
+    assert quant_kernels.gemv_rows(small) == max(quant_kernels.GEMV_ROWS, quant_kernels.SMALL_GEMV_ROWS)
+    assert quant_kernels.gemv_rows(large) == quant_kernels.GEMV_ROWS
+    w = packed("int4", 64, 200, 576, DTYPES[0], seed=5)
+    m = quant_kernels.gemv_rows(w)
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(6)).to(DTYPES[0]).to(DEVICE)
+    together = quant_kernels.linear(x, w)
+    assert_close_to_exact(together, x, w, None)
+    for row in range(m):
+        assert torch.equal(quant_kernels.linear(x[row : row + 1], w), together[row : row + 1])
 
 
 def test_which_schemes_the_kernels_take():
@@ -226,7 +241,7 @@ def test_the_word_product_of_a_few_rows_equals_dequantize_then_multiply(group, r
 FUSED_FORMATS = [("int4", 64, False), ("int8", None, False), ("int8", 16, True)]
 # rows, the GEMV (the default, words or bytes), how a split product's stretches are summed
 FUSED_KERNELS = [(1, "default", "last"), (2, "default", "second kernel"), (1, "words", "last"), (2, "bytes", "last"),
-                 (1, "bytes", "one"), (2, "ints", "last")]
+                 (1, "bytes", "one"), (2, "ints", "last"), (4, "default", "last")]  # 4: a small weight's GEMV
 
 
 def fused_case(fmt, group, minimum, m, kernel, sums, cols, monkeypatch):
@@ -263,8 +278,9 @@ def test_a_gated_mlps_last_product_takes_the_gate_and_the_residual(fmt, group, m
     assert torch.equal(quant_kernels.linear(gate_up, w, blocking=blocking, gate=activation), product)
     got = quant_kernels.linear(gate_up, w, blocking=blocking, gate=activation, residual=residual)
     assert got.shape == (m, 1, 40) and torch.equal(got, residual + product)
-    with pytest.raises(ValueError, match="at most 2 rows"):
-        quant_kernels.linear(gate_up[:1].expand(3, 1, 2 * cols), w, gate=activation)
+    most = quant_kernels.gemv_rows(w)
+    with pytest.raises(ValueError, match=f"at most {most} rows"):
+        quant_kernels.linear(gate_up[:1].expand(most + 1, 1, 2 * cols), w, gate=activation)
     if kernel == "default":  # the decoder's op: the gate in the product where its tiles are few, else apart
         for cheap in (True, False):
             monkeypatch.setattr(kernels, "GATING_WORK", 1 << 22 if cheap else 0)
@@ -294,8 +310,9 @@ def test_a_layers_first_product_normalizes_its_input(fmt, group, minimum, m, ker
         assert torch.equal(got, apart)
     else:
         assert_close_to_exact(got, kernels.rms_norm(x, *norm), w, bias)
-    with pytest.raises(ValueError, match="at most 2 rows"):
-        quant_kernels.linear(x[:1].expand(3, 1, cols), w, norm=norm)
+    most = quant_kernels.gemv_rows(w)
+    with pytest.raises(ValueError, match=f"at most {most} rows"):
+        quant_kernels.linear(x[:1].expand(most + 1, 1, cols), w, norm=norm)
     with pytest.raises(ValueError, match="not both"):
         quant_kernels.linear(torch.cat([x, x], -1), w, gate="silu", norm=norm)
     if kernel == "default":  # the decoder's ops: the norm in the product where its programs are few, else apart

@@ -7,7 +7,7 @@ resident block or a slot) and never write a dequantized copy: each program turns
 tile it is about to use into numbers in registers. So a compressed layer costs its
 compressed bytes of HBM traffic, resident or streamed.
 
-* **A few rows** (decode, ``GEMV_ROWS`` or fewer): ``_gemv_kernel``. A program owns
+* **A few rows** (decode, ``gemv_rows`` or fewer): ``_gemv_kernel``. A program owns
   ``BLOCK_N`` output features of one row of ``x`` and a stretch of their input columns
   (``SPLITS`` stretches per row, summed in a fixed order, so that enough programs keep
   enough bytes in flight while the result stays the same bits every time: no atomic
@@ -73,11 +73,16 @@ if triton is not None:
     _NIBBLES_PTX_F16 = _nibbles_ptx(0x64006400, 0x64006400)
     _NIBBLES_PTX_F16_SIGNED = _nibbles_ptx(0x64006400, 0x64086408)
 
-GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel
+GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel (each row's programs read the weight: twice from HBM)
 # A word GEMV of fewer tiles of 128 x 256 than this takes tiles of 32 x 128: more programs, each done sooner. On an
 # H200 (2026-12-06) a decode step of SmolLM2-135M's shape in int4 (groups of 64: every product 8-72 tiles) took
 # 0.77 ms against 0.97 (llama-2-7b's products, 384-1536 tiles, keep theirs).
 FEW_TILES = 256
+# Such a small weight's GEMV takes up to this many rows: bound by its latency, its bytes stay in L2 for every row's
+# programs, where the tiled product's steps cost more (on an H100, 2026-12-06, SmolLM2-135M's shape in int4 decoded 4
+# rows in 1.06 ms a step against 0.70 for one). A draft model drafting ahead steps its spare rows (``drafts.py``).
+# OFFLOAD_SMALL_GEMV_ROWS=N for N (read at import).
+SMALL_GEMV_ROWS = int(os.environ.get("OFFLOAD_SMALL_GEMV_ROWS", "4"))
 TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
 INT_PROGRAMS = 512  # the integer GEMV's (``gemv_blocking``): about four an SM; more stretches were slower
 MAGIC = 0x4B000000  # the bits of the float 2^23
@@ -116,7 +121,7 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     """``x @ W.T (+ bias) (+ residual)`` for the weight ``W`` that ``w``'s parts hold (``blocking``: another kernel
     blocking, for benchmarks/bench_quant_kernels.py's sweep: ``gemv_blocking``'s or ``matmul_blocking``'s items, or
     a ``DotBlocking``: the tensor-core product of up to ``DOT_ROWS`` rows, with a residual but no gate or norm).
-    ``gate``, ``residual`` and ``norm`` (up to ``GEMV_ROWS`` rows): ``x`` is a gated MLP's ``[gate | up]``,
+    ``gate``, ``residual`` and ``norm`` (up to ``gemv_rows(w)`` rows): ``x`` is a gated MLP's ``[gate | up]``,
     ``residual`` is added to the rounded product, ``x`` is RMS-normalized first, as ``kernels.gemv`` takes them."""
     k, n = w.cols, w.rows
     rows = x.reshape(-1, 2 * k if gate else k)
@@ -126,8 +131,9 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
         if gate is not None or norm is not None:
             raise ValueError("the tensor-core product neither gates nor normalizes its input")
         return _dot_linear(rows, w, bias, residual, blocking or dot_blocking(w, m)).view(*x.shape[:-1], n)
-    if (gate is not None or residual is not None or norm is not None) and m > GEMV_ROWS:
-        raise ValueError(f"a gate, a residual or a norm goes into products of at most {GEMV_ROWS} rows, not {m}")
+    most = gemv_rows(w)
+    if (gate is not None or residual is not None or norm is not None) and m > most:
+        raise ValueError(f"a gate, a residual or a norm goes into products of at most {most} rows, not {m}")
     if gate is not None and norm is not None:
         raise ValueError("a product gates its input or normalizes it, not both")
     out = x.new_empty(m, n)
@@ -135,7 +141,7 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     common = dict(INT4=w.scheme.format == INT4, PER_CHANNEL=w.scheme.group_size is None,
                   HAS_MIN=w.minimum is not None)
     minimum = w.minimum if w.minimum is not None else w.scale
-    if m <= GEMV_ROWS:
+    if m <= most:
         block_n, block_k, splits, warps, words = blocking or gemv_blocking(w)
         if words:
             tiles = -(-k // (splits * block_k))
@@ -186,7 +192,14 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
 def fuses(x: torch.Tensor, w: QuantizedWeight) -> bool:
     """Whether the GEMV takes ``x`` (its rows a few) with a gate, a residual or a norm: ``linear``'s ``gate``
     (``x`` a gated MLP's ``[gate | up]``, ``2 K`` columns), ``residual`` and ``norm``."""
-    return takes(x, w) and x.numel() <= GEMV_ROWS * x.shape[-1]
+    return takes(x, w) and x.numel() <= gemv_rows(w) * x.shape[-1]
+
+
+def gemv_rows(w: QuantizedWeight) -> int:
+    """The most rows of ``x`` whose product with ``w`` the GEMV computes: ``GEMV_ROWS``, or ``SMALL_GEMV_ROWS`` for a
+    weight of fewer than ``FEW_TILES`` tiles of 128 x 256 (each row's programs find its bytes in L2)."""
+    small = -(-w.rows // 128) * -(-w.cols // 256) < FEW_TILES
+    return max(GEMV_ROWS, SMALL_GEMV_ROWS) if small else GEMV_ROWS
 
 
 def gemv_gates(w: QuantizedWeight) -> bool:
@@ -300,7 +313,7 @@ def dot_chooses(w: QuantizedWeight, m: int, dtype: torch.dtype) -> bool:
     is what ran on a GPU (float16 on the interpreter)."""
     if DOT_GEMV is not None:
         return DOT_GEMV and m <= DOT_ROWS and dot_takes(w, dtype)
-    return (GEMV_ROWS < m <= DOT_ROWS and w.scheme.format == INT4 and (w.scheme.group_size or 0) >= 128
+    return (gemv_rows(w) < m <= DOT_ROWS and w.scheme.format == INT4 and (w.scheme.group_size or 0) >= 128
             and w.rows * w.cols >= DOT_WEIGHTS and dtype == torch.bfloat16 and dot_takes(w, dtype))
 
 

@@ -19,10 +19,11 @@ row's last position), loaded with :func:`draft_options`.
 The speculator (``offload/scheduler/speculation.py``) calls, once per pass over the rows
 of the pass (the row engine's rows; ``None`` for a row not in it):
 
+    share, ready = draft.drafting_ahead(rows)       # whether this pass's chains were drafted ahead, how deep
     proposal = draft.propose(rows, budgets, nodes, stop_below)  # at most budgets[b] deep for row b (a tree:
                                                     # nodes[b] tokens); a model's chain stops where it is unsure
     ...                                             # the target's verify pass is queued
-    draft.look_ahead(rows, proposal)                # meanwhile, the next pass's chains for the verdicts it guesses
+    draft.look_ahead(rows, proposal, deepest)       # meanwhile, the next pass's chains for the verdicts it guesses
     ...                                             # the target's verdict is read
     draft.update(rows, accepted, paths)             # how many of row b's chain the target took, and where
 """
@@ -38,8 +39,8 @@ import torch
 from .memory.host import to_device
 from .sampling import draw, probabilities
 from .scheduler import greedy_chain
-from .scheduler.greedy_chain import GreedyChain
-from .speculative import MAX_BRANCHES, BestFirstTree, Proposal
+from .scheduler.greedy_chain import GreedyChain, likeliest_of
+from .speculative import DEFAULT_MAX_DRAFT, MAX_BRANCHES, BestFirstTree, Proposal
 
 NGRAM, INT4, MODEL = "ngram", "int4", "model"
 # With graphs, a row's few new tokens enter the draft's cache as decode steps replayed from graphs: more than a
@@ -59,15 +60,19 @@ BEST_FIRST = os.environ.get("OFFLOAD_BEST_FIRST_TREES", "") == "1"
 STOP_UNSURE = os.environ.get("OFFLOAD_STOP_UNSURE", "") == "1"
 # While the target verifies a pass of greedy chains (a pass streamed over a link leaves the GPU mostly idle), a draft
 # model drafts the next pass's chains on a side stream for the verdicts it can guess (``ModelDraft.look_ahead``):
-# every draft accepted and the target's next token the draft's own argmax, or the chain broken after its first ``j``
-# drafts (``j < LOOK_AHEAD``) and the target's token there the draft's next likeliest. Each broken chain's guess
-# drafts in a spare row of the draft's KV cache (``LOOK_AHEAD`` a row: the plan counts them). Where the verdict is
-# a guessed one, the next pass's chains are ready when it starts. One spare row by default: the compressed GEMV
-# kernels take two rows (``quant_kernels.GEMV_ROWS``), more take the tiled product, whose steps cost more than the
-# target's pass leaves time for (on an H100, 2026-12-06, SmolLM2's int4 draft at 4 rows: 4 ms of steps a pass
-# beside a 4.6 ms pass, 1.37x plain decoding as without). OFFLOAD_LOOK_AHEAD=N for N, =0 none (read at import).
+# every draft accepted and the target's next token the draft's own argmax, and the ``LOOK_AHEAD`` likeliest breaks
+# of the chain by the draft's own probabilities (the first ``j`` drafts accepted and the target's token there one of
+# the draft's next likeliest). Each break's guess drafts in a spare row of the draft's KV cache (``LOOK_AHEAD`` a
+# row: the plan counts them). Where the verdict is a guessed one, the next pass's chains are ready when it starts.
+# On SmolLM2 (its int4 copy in groups of 64 as the draft, float32 on a CPU, 2026-12-06, 8 prompts x 96 tokens)
+# chains of 3 had their next pass guessed 40% of the time with no spare row, 55% with one, 71% with three and 80%
+# with seven; chains of 5 24%, 39%, 57% and 72%. A draft's steps of a few rows cost what a step of one costs where its
+# products' GEMV takes them (``quant_kernels.gemv_rows``: four rows of a small model's weights); in the tiled
+# product's steps (on an H100, 2026-12-06, SmolLM2's int4 draft at 4 rows: 4 ms of steps a pass beside a 4.6 ms
+# pass) they did not pay. OFFLOAD_LOOK_AHEAD=N for N, =0 none (read at import).
 LOOK_AHEAD = int(os.environ.get("OFFLOAD_LOOK_AHEAD", "1"))
 AHEAD_PAUSE = 8  # passes without drafting ahead where even two steps outlasted the target's pass (many rows)
+AHEAD_FIRST = 4  # the side stream's steps at first: the pacing then finds how many the target's pass leaves time for
 RESIDENT_BUDGET = 2**62  # a draft model's own budget: everything resident (the target's plan counts its bytes)
 DRAFT_SEED_OFFSET = 0x9E3779B97F4A7C15  # a row's draft samples with its own stream, apart from the target's
 
@@ -121,10 +126,10 @@ class NgramDraft:
                   if row is not None and k > 0 else [] for row, k in zip(rows, budgets)]
         return Proposal(tokens)
 
-    def look_ahead(self, rows: list, proposal: Proposal) -> None:
+    def look_ahead(self, rows: list, proposal: Proposal, deepest: int = DEFAULT_MAX_DRAFT) -> None:
         pass  # nothing to draft ahead: a lookup costs nothing
 
-    def drafting_ahead(self) -> tuple[float, int]:
+    def drafting_ahead(self, rows: list) -> tuple[float, int]:
         return 0.0, 0
 
     def update(self, rows: list, accepted: list[int], paths: list[list[int]] | None = None) -> None:
@@ -185,13 +190,15 @@ class ModelDraft:
         self.growing: dict = {}  # row -> (context length, joining order, nodes in the cache) of its tree
         self._chains = (None, None)  # the graphs a GreedyChain was made for, and it (or None where none fits)
         self.depth = 0  # the steps of the last greedy chains (0: the last proposal was something else)
+        self.likely: dict = {}  # row -> its chain's likeliest tokens and their probabilities at each depth
         self.ahead: dict = {}  # row -> its Guesses: the next pass's chains drafted while the target verifies
-        self.ahead_chains = None  # their tokens and likeliest tokens, on the device ([draft rows, depth + 1, ...])
+        self.ahead_chains = None  # their tokens, likeliest tokens and chances, on the device ([draft rows, steps, ...])
         self.ahead_done = None  # a CUDA event: the side stream has drafted them
+        self.served = (None, {})  # a pass's rows, and each row's chain drafted ahead whose guess its verdict was
         self.proposed = None  # a CUDA event: the current stream's work for the last proposal is done
         self.stream = None  # the side stream that drafts ahead (CUDA)
         self.guessed = [0, 0]  # passes whose chains were drafted ahead, of the passes after drafting ahead
-        self.ahead_steps = 1 << 10  # steps the side stream takes: as many as the target's pass leaves time for
+        self.ahead_steps = AHEAD_FIRST  # steps the side stream takes: as many as the target's pass leaves time for
 
     @property
     def plans(self):
@@ -205,12 +212,9 @@ class ModelDraft:
         not a mixture of experts whose experts direct reads serve, ``loading.prepare``). A chain of greedy rows
         stops early once the draft's own chance that every row's chain so far is accepted (the product of its
         top tokens' probabilities, the likeliest row's) falls below ``stop_below`` (:class:`Confidence`)."""
+        tried, served = self._settle_ahead(rows)
         self._forget_rows_not_in(rows)
-        self.pending, self.growing = {}, {}  # what a pass that never reached update left is forgotten
-        ahead, self.ahead, self.depth = self.ahead, {}, 0
-        if ahead:
-            self._pace_ahead()  # first: whether the side stream was still drafting when the verdict came
-        self._join_ahead()  # every time: where the rows it drafted for have left, their cache rows are others' now
+        self.pending, self.growing, self.likely, self.depth = {}, {}, {}, 0  # what a pass that never reached update
         drafting = [b for b, (row, k) in enumerate(zip(rows, budgets)) if row is not None and k > 0]
         if not drafting:
             return Proposal.empty(len(rows))
@@ -222,8 +226,8 @@ class ModelDraft:
         tree = (nodes is not None and self.model.options.tree_width > 1 and greedy
                 and any(nodes[b] > budgets[b] for b in drafting))
         chain = self._chain() if greedy and not tree and not stop_below > 0.0 else None
-        if ahead:  # chains drafted while the target verified the last pass, where it gave a verdict they guessed
-            ready = self._drafted_ahead(ahead, rows, budgets, contexts, drafting) if chain else None
+        if tried:  # chains drafted while the target verified the last pass, where it gave a verdict they guessed
+            ready = self._drafted_ahead(served, rows, budgets, contexts, drafting) if chain else None
             self.guessed[1] += 1
             if ready is not None:
                 self.guessed[0] += 1
@@ -238,12 +242,13 @@ class ModelDraft:
         if chain is not None:  # the first draft from the catch-up's logits, the rest replayed
             first = logits.argmax(dim=-1)
             positions = [len(contexts[b]) if b in contexts else None for b in range(len(rows))]
-            drafted, likeliest = chain.run(first, positions, steps - 1, MAX_BRANCHES)
+            drafted, likeliest, chances = chain.run(first, positions, steps - 1, MAX_BRANCHES)
+            top, chance = likeliest_of(logits, MAX_BRANCHES)
             drafted = torch.cat([first[:, None], drafted], dim=1)
-            likeliest = torch.cat([logits.topk(MAX_BRANCHES, dim=-1).indices[:, None], likeliest], dim=1)
+            likeliest, chances = torch.cat([top[:, None], likeliest], dim=1), torch.cat([chance[:, None], chances], 1)
             self.depth = steps
             return self._chain_proposal(rows, budgets, contexts, drafted.tolist(), likeliest.tolist(), None,
-                                        steps, caught_up)
+                                        steps, caught_up, chances.tolist())
         confidence = Confidence(drafting, logits.device) if stop_below > 0.0 and greedy else None
         ids, qs, likeliest = [], [], []
         for step in range(steps):
@@ -265,17 +270,18 @@ class ModelDraft:
         graphs: the first step adds that token to the draft's cache (the catch-up) and drafts the first token."""
         first = to_device([t[0] if t else 0 for t in unseen], torch.long, self.model.device)
         positions = [len(contexts[b]) - 1 if b in contexts else None for b in range(len(rows))]
-        drafted, likeliest = chain.run(first, positions, steps, MAX_BRANCHES)
+        drafted, likeliest, chances = chain.run(first, positions, steps, MAX_BRANCHES)
         self.depth = steps
-        return self._chain_proposal(rows, budgets, contexts, drafted.tolist(), likeliest.tolist(), None, steps, 1)
+        return self._chain_proposal(rows, budgets, contexts, drafted.tolist(), likeliest.tolist(), None, steps, 1,
+                                    chances.tolist())
 
-    def look_ahead(self, rows: list, proposal: Proposal) -> None:
+    def look_ahead(self, rows: list, proposal: Proposal, deepest: int = DEFAULT_MAX_DRAFT) -> None:
         """While the target verifies ``proposal`` (its pass queued), the next pass's greedy chains for the verdicts
-        the draft can guess (``LOOK_AHEAD``), on a side stream, as deep as this pass's where the pass leaves time
-        (:meth:`_pace_ahead`): for each drafting row, "every draft accepted, then the draft's argmax after the
-        last" in the row itself (its chain goes on from its last draft), and "the first ``j`` accepted, then the
-        draft's next likeliest token at depth ``j + 1``" in its spare row ``j`` (the row's context copied there
-        first). Only after greedy chains."""
+        the draft can guess (``LOOK_AHEAD``), on a side stream, as deep as the target's pass leaves time for
+        (:meth:`_pace_ahead`) and the next pass may ask (``deepest`` drafts): for each drafting row, "every draft
+        accepted, then the draft's argmax after the last" in the row itself (its chain goes on from its last draft),
+        and each of its likeliest breaks (:meth:`_breaks`) in a spare row (the row's context copied there first).
+        Only after greedy chains."""
         if not (self.depth and self.spare and LOOK_AHEAD):
             return
         if self.ahead_steps < 2:  # paused (:meth:`_pace_ahead`)
@@ -289,37 +295,70 @@ class ModelDraft:
             length, k = self.pending[row][0], len(drafts)
             tokens[b], positions[b] = drafts[-1], length + k - 1
             chains = [(k, None, b)]  # the guess after them: the chain's own next token, its first step's argmax
-            for j, others in enumerate(proposal.alternatives[b][: min(k, self.spare, LOOK_AHEAD)]):
-                if others:
-                    spare = self.rows + b * self.spare + j
-                    tokens[spare], positions[spare] = others[0], length + j
-                    chains.append((j, others[0], spare))
+            for s, (j, token) in enumerate(self._breaks(row, drafts)):
+                spare = self.rows + b * self.spare + s
+                tokens[spare], positions[spare] = token, length + j
+                chains.append((j, token, spare))
             self.ahead[row] = Guesses(length, list(drafts), chains)
             copies.append((b, [source for _, _, source in chains[1:]], length + k - 1))
         if not self.ahead:
             return
+        self.ahead_steps = min(self.ahead_steps, deepest + 1)
+        steps = min(self.ahead_steps, self.model.max_seq_len - max(p for p in positions if p is not None))
         device = self.model.device
         with self._side_stream():
             for b, spares, end in copies:  # a spare row's context is the row's, as far as its chain's last draft
                 if spares:
                     self.model.cache.copy_rows(to_device(spares, torch.long, device), b, slice(0, end))
-            self.ahead_steps = min(self.ahead_steps, self.depth + 1)
-            self.ahead_chains = self._chain().run(to_device(tokens, torch.long, device), positions, self.ahead_steps,
+            self.ahead_chains = self._chain().run(to_device(tokens, torch.long, device), positions, steps,
                                                   MAX_BRANCHES)
             if device.type == "cuda":
                 self.ahead_done = torch.cuda.Event()
                 self.ahead_done.record()
 
-    def drafting_ahead(self) -> tuple[float, int]:
-        """The share of passes whose chains were drafted ahead, and how deep (the speculator's price of drafting)."""
-        hits, tries = self.guessed
-        return (hits / (tries + 1), max(self.ahead_steps - 1, 0)) if tries else (0.0, 0)
+    def _breaks(self, row, drafts: list[int]) -> list[tuple[int, int]]:
+        """Where the target is likeliest to break ``row``'s chain ``drafts``, and with which token: the first ``j``
+        drafts accepted and the target's token there one of the draft's next likeliest, at most ``LOOK_AHEAD`` of
+        them (one for each spare row), likeliest first by the draft's own probabilities (the chance that the
+        target takes the first ``j``, times the token's chance at ``j``)."""
+        if row not in self.likely:
+            return []
+        likeliest, chances = self.likely[row]
+        scored, reach = [], 1.0
+        for j, (draft, top, chance) in enumerate(zip(drafts, likeliest, chances)):
+            scored += [(reach * p, -j, token) for token, p in zip(top, chance) if token != draft]
+            reach *= next((p for token, p in zip(top, chance) if token == draft), 0.0)
+        return [(-j, token) for _, j, token in sorted(scored, reverse=True)[: min(self.spare, LOOK_AHEAD)]]
+
+    def drafting_ahead(self, rows: list) -> tuple[float, int]:
+        """Whether this pass's chains were drafted ahead for ``rows`` (1.0, and as many drafts deep as every row's
+        is) or not (0.0, 0): what drafting costs the pass (the speculator's price)."""
+        _, served = self._settle_ahead(rows)
+        live = [row for row in rows if row is not None]
+        if not live or any(row not in served for row in live):
+            return 0.0, 0
+        return 1.0, min(len(served[row][0]) for row in live)
+
+    def _settle_ahead(self, rows: list) -> tuple[bool, dict]:
+        """Once a pass (rows and their lengths tell them apart): whether chains were drafted ahead for it, and each
+        row's whose verdict they guessed (:meth:`_match`). First, before waiting for them, whether the side stream
+        was still drafting when the verdict came (:meth:`_pace_ahead`); then the draft's streams are joined (every
+        pass: where the rows it drafted for have left, their cache rows are others' now)."""
+        key = [(id(row), len(row.tokens)) if row is not None else None for row in rows]
+        if self.served[0] == key:
+            return True, self.served[1]
+        ahead, self.ahead = self.ahead, {}
+        if ahead:
+            self._pace_ahead()
+        self._join_ahead()
+        self.served = (key if ahead else None, self._match(ahead, rows) if ahead else {})
+        return bool(ahead), self.served[1]
 
     def _pace_ahead(self) -> None:
         """Drafting ahead no deeper than the target's pass leaves time for: a step less after a pass that ended
-        before the side stream's steps (the host, reading the pass, found them unfinished), a step more (as deep
-        as the pass, and one) after one that did not. At least two (a guess and a draft after it); where two
-        outlast the pass (a step of many rows), no drafting ahead for ``AHEAD_PAUSE`` passes, then two again."""
+        before the side stream's steps (the host, reading the pass, found them unfinished), a step more after one
+        that did not. At least two (a guess and a draft after it); where two outlast the pass (a step of many
+        rows), no drafting ahead for ``AHEAD_PAUSE`` passes, then two again."""
         if self.ahead_done is None:
             return
         if self.ahead_done.query():
@@ -333,43 +372,51 @@ class ModelDraft:
             torch.cuda.current_stream().wait_event(self.ahead_done)
             self.ahead_done = None
 
-    def _drafted_ahead(self, ahead: dict, rows: list, budgets: list[int], contexts: dict,
-                       drafting: list[int]) -> Proposal | None:
-        """This pass's chains as :meth:`look_ahead` drafted them while the target verified the last pass, where
-        every drafting row's new tokens are the start of a guess (its accepted drafts, the token guessed after
-        them, and as many of the guess's chain as a tree's pass accepted); else None (the draft's cache then holds
-        each row's context up to its accepted drafts: :meth:`update`)."""
-        chosen, likeliest = (t.tolist() for t in self.ahead_chains)
-        drafted, top, moves = [[] for _ in rows], [[] for _ in rows], []
-        for b in drafting:
-            guesses, context = ahead.get(rows[b]), contexts[b]
+    def _match(self, ahead: dict, rows: list) -> dict:
+        """For each row whose new tokens start one of its guesses (its accepted drafts, the token guessed after them,
+        and as many of the guess's chain as a tree's pass accepted): the drafts that follow in the guess's chain,
+        their likeliest tokens and chances, and the span of the guess's spare row to copy into the row (None)."""
+        chosen, likeliest, chances = (t.tolist() for t in self.ahead_chains)
+        served = {}
+        for row in rows:
+            guesses = ahead.get(row)
             if guesses is None:
-                return None
-            new = context[guesses.length:]
+                continue
+            new = (list(row.request.prompt) + row.tokens)[guesses.length:]
             for accepted, guess, source in guesses.chains:
                 before = accepted + (guess is not None)  # the guess's tokens before its chain's steps
                 sequence = guesses.drafts[:accepted] + ([guess] if guess is not None else []) + chosen[source]
                 if len(new) > accepted and len(sequence) > len(new) and sequence[: len(new)] == new:
-                    drafted[b], top[b] = sequence[len(new):], likeliest[source][len(new) - before:]
-                    if source != b:  # the spare row's steps from the target's token on move into the row
-                        moves.append((b, source, slice(guesses.length + accepted, guesses.length + len(sequence) - 1)))
+                    span = slice(guesses.length + accepted, guesses.length + len(sequence) - 1)
+                    served[row] = (sequence[len(new):], likeliest[source][len(new) - before:],
+                                   chances[source][len(new) - before:], (source, span) if guess is not None else None)
                     break
-            else:
-                return None
-        for b, source, span in moves:
-            self.model.cache.copy_rows(slice(b, b + 1), source, span)
+        return served
+
+    def _drafted_ahead(self, served: dict, rows: list, budgets: list[int], contexts: dict,
+                       drafting: list[int]) -> Proposal | None:
+        """This pass's chains as :meth:`look_ahead` drafted them while the target verified the last pass, where
+        every drafting row's verdict was one of its guesses (``served``: :meth:`_match`); else None (the draft's
+        cache then holds each row's context up to its accepted drafts: :meth:`update`)."""
+        if any(rows[b] not in served for b in drafting):
+            return None
+        drafted, top, chances = [[] for _ in rows], [[] for _ in rows], [[] for _ in rows]
+        for b in drafting:
+            drafted[b], top[b], chances[b], move = served[rows[b]]
+            if move is not None:  # the spare row's steps from the target's token on move into the row
+                self.model.cache.copy_rows(slice(b, b + 1), *move)
         more = max(budgets[b] - len(drafted[b]) for b in drafting)
         if more > 0:  # deeper than drafted ahead: the chains go on from their last drafts
             positions = [len(contexts[b]) + len(drafted[b]) - 1 if b in contexts and len(drafted[b]) < budgets[b]
                          else None for b in range(len(rows))]
             last = to_device([drafted[b][-1] if b in contexts else 0 for b in range(len(rows))], torch.long,
                              self.model.device)
-            chosen, likeliest = (t.tolist() for t in self._chain().run(last, positions, more, MAX_BRANCHES))
+            chosen, likeliest, chance = (t.tolist() for t in self._chain().run(last, positions, more, MAX_BRANCHES))
             for b in drafting:
                 if positions[b] is not None:  # a row at its budget already took no part: nothing to add
-                    drafted[b], top[b] = drafted[b] + chosen[b], top[b] + likeliest[b]
+                    drafted[b], top[b], chances[b] = drafted[b] + chosen[b], top[b] + likeliest[b], chances[b] + chance[b]
         steps = min(len(drafted[b]) for b in drafting)
-        return self._chain_proposal(rows, budgets, contexts, drafted, top, None, steps, 0)
+        return self._chain_proposal(rows, budgets, contexts, drafted, top, None, steps, 0, chances)
 
     def _side_stream(self):
         """Where chains drafted ahead run: a side stream on a GPU, after the work of this pass's proposal (a row's
@@ -382,10 +429,13 @@ class ModelDraft:
         return torch.cuda.stream(self.stream)
 
     def _chain_proposal(self, rows: list, budgets: list[int], contexts: dict, drafted: list, likeliest: list,
-                        qs, steps: int, caught_up: int) -> Proposal:
-        """The proposal of chains ``steps`` deep (``drafted[b]``, and ``likeliest[b]`` at each depth), each row's
-        cut to its budget; its first ``steps - 1`` tokens are in the draft's cache."""
+                        qs, steps: int, caught_up: int, chances: list | None = None) -> Proposal:
+        """The proposal of chains ``steps`` deep (``drafted[b]``, and ``likeliest[b]`` at each depth with their
+        probabilities ``chances[b]``), each row's cut to its budget; its first ``steps - 1`` tokens are in the
+        draft's cache."""
         self.pending = {rows[b]: (len(contexts[b]), steps) for b in contexts}
+        if chances is not None:
+            self.likely = {rows[b]: (likeliest[b][: budgets[b]], chances[b][: budgets[b]]) for b in contexts}
         if self.model.device.type == "cuda":  # what drafting ahead from this proposal waits for (not the target)
             self.proposed = torch.cuda.Event()
             self.proposed.record()
@@ -512,7 +562,7 @@ class ModelDraft:
     def _forget_rows_not_in(self, rows: list) -> None:
         """Rows that finished or were cancelled: a new request in their cache row starts from nothing."""
         live = {row for row in rows if row is not None}
-        for table in (self.valid, self.generators, self.pending, self.growing, self.ahead):
+        for table in (self.valid, self.generators, self.pending, self.growing, self.ahead, self.likely):
             for row in [r for r in table if r not in live]:
                 del table[row]
 

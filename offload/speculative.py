@@ -366,8 +366,8 @@ def best_draft_shape(acceptances: list[float], mended: dict[int, float] | list[d
     """The depth ``k <= most_depth`` and branches ``m`` (a key of ``mended``: the chance that ``m - 1``
     alternatives mend a break; one dict for every row, or each row's, all with the same keys) with
     ``k m <= most_tokens`` that gain the rows the most tokens per second: a pass ``k m + 1`` tokens wide costs
-    ``pass_seconds(k m + 1)`` plus ``k`` draft steps, but for the share of passes (``ahead[0]``) whose first
-    ``ahead[1]`` drafts were drafted beside the pass before (``drafts.LOOK_AHEAD``). With ``fill``, each ``m``
+    ``pass_seconds(k m + 1)`` plus ``k`` draft steps, less, in the share ``ahead[0]`` of passes (1 where this pass's
+    chains were drafted beside the pass before, ``drafts.LOOK_AHEAD``), the first ``ahead[1]`` steps. With ``fill``, each ``m``
     drafts as deep as it may (``draft_tokens`` fixes the tokens, not the shape)."""
     rows = [mended] * len(acceptances) if isinstance(mended, dict) else mended
     share, hidden = ahead

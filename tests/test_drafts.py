@@ -280,8 +280,8 @@ def test_with_graphs_a_greedy_chain_is_one_replayed_graph_a_step(structured, str
 
 def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structured, structured_draft, monkeypatch):
     """While the target verifies, a draft with graphs drafts the next pass's chains for the verdicts it guesses
-    (every draft accepted and its own argmax next, or a break at one of the first ``LOOK_AHEAD`` depths and its next
-    likeliest token there, in a spare row of its cache). Where the verdict was guessed the next proposal comes from
+    (every draft accepted and its own argmax next, or one of its ``LOOK_AHEAD`` likeliest breaks, each in a spare row
+    of its cache). Where the verdict was guessed the next proposal comes from
     them; either way it is the proposal of a draft that drafts after the verdict: ragged budgets, a row that drafts
     nothing, guessed and unguessed verdicts, a break past the depths guessed."""
     from conftest import with_graphs
@@ -305,8 +305,13 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
     verdicts = [(1, "alt"), (4, "own"), (0, "alt"), (2, 5), (5, "own"), (2, "alt"), (4, "alt"), (3, "own"), (1, 7)]
     budgets = [[4, 2], [4, 0], [5, 5], [5, 5], [5, 3], [6, 6], [6, 6], [3, 3], [4, 4]]
     for (accepted, token), budget in zip(verdicts, budgets):
+        hits = draft.guessed[0]
+        share, ready = draft.drafting_ahead(rows)  # known before the pass's shape is chosen
         proposal, expected = draft.propose(rows, budget), reference.propose(rows, budget)
         assert proposal.tokens == expected.tokens and proposal.alternatives == expected.alternatives
+        served = draft.guessed[0] > hits
+        assert (share, ready) == (0.0, 0) or (share == 1.0 and ready >= 1 and served)
+        assert share == 1.0 or not served or min(budget) == 0  # a row that drafts nothing may have no guesses
         draft.look_ahead(rows, proposal)
         for b, r in enumerate(rows):
             drafts = proposal.tokens[b]
@@ -328,9 +333,9 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
 
 
 def test_drafting_ahead_goes_no_deeper_than_the_targets_pass_leaves_time_for(structured, structured_draft):
-    """A step less after a pass whose verdict came before the side stream's steps were done, a step more (up to the
-    pass's depth and one) after one that came after; never fewer than two (a guess and a draft): where two were
-    late, none for ``AHEAD_PAUSE`` passes."""
+    """A step less after a pass whose verdict came before the side stream's steps were done, a step more after one
+    that came after; never fewer than two (a guess and a draft): where two were late, none for ``AHEAD_PAUSE``
+    passes."""
     from offload.drafts import AHEAD_PAUSE
 
 
@@ -354,10 +359,29 @@ def test_drafting_ahead_goes_no_deeper_than_the_targets_pass_leaves_time_for(str
         draft.look_ahead(rows, Proposal([[5, 6, 7], []], alternatives=[[[8], [9], [10]], []]))
         assert not draft.ahead
     assert draft.ahead_steps == 2
-    draft.guessed, draft.ahead_steps = [2, 5], -3  # the speculator's price: nothing hidden while paused
-    assert draft.drafting_ahead() == (2 / 6, 0)
-    draft.ahead_steps = 4
-    assert draft.drafting_ahead() == (2 / 6, 3)  # a guess's chain: a step for the guess, three drafts
+    model.close()
+
+
+def test_the_breaks_guessed_are_the_likeliest_by_the_drafts_own_probabilities(structured, structured_draft,
+                                                                               monkeypatch):
+    """A chain's breaks drafted ahead in spare rows are the likeliest verdicts that break it: the chance that the
+    target takes the drafts before the break (the product of the draft's probabilities of its chosen tokens), times
+    the chance of the token there; as many as there are spare rows."""
+    from offload import drafts
+
+    monkeypatch.setattr(drafts, "LOOK_AHEAD", 3)
+    model = offload.load_model(structured, **KW, draft=str(structured_draft), progress=False)
+    draft, r = model.draft, row([3, 17, 40, 2, 9])
+    chain = [5, 6, 7]
+    likeliest = [[5, 8, 9], [6, 10, 11], [12, 7, 13]]  # at the last depth the draft chose its second likeliest
+    chances = [[0.9, 0.05, 0.02], [0.5, 0.4, 0.06], [0.6, 0.3, 0.1]]
+    draft.spare, draft.likely = 3, {r: (likeliest, chances)}
+    # 0.9 x 0.4 = 0.36 for 10 after one draft; 0.9 x 0.5 x 0.6 = 0.27 for 12 after two; 0.9 x 0.06 = 0.054 for 11
+    # after one; 0.05 for 8 first; 0.9 x 0.5 x 0.1 = 0.045 for 13 after two
+    assert draft._breaks(r, chain) == [(1, 10), (2, 12), (1, 11)]
+    monkeypatch.setattr(drafts, "LOOK_AHEAD", 1)
+    assert draft._breaks(r, chain) == [(1, 10)]
+    assert draft._breaks(row([1]), chain) == []  # no chances known: no break guessed
     model.close()
 
 

@@ -324,10 +324,14 @@ def test_the_speculator_times_its_draft_steps_and_verify_passes(structured, stru
         assert RowEngine(model, rows=1).speculator.prices is prices
 
 
-def test_a_draft_priced_out_is_measured_again_at_its_probes(structured, structured_draft):
+def test_a_draft_priced_out_is_measured_again_at_its_probes(structured, structured_draft, monkeypatch):
     """A draft step measured dearer than a verify pass stops drafting, but every eighth pass still drafts a token,
     and with graphs its catch-up goes as replayed steps, so the probe measures a step again: no price is frozen
-    by a few bad passes (on the CPU the times are not these links' prices, so only the counting is checked)."""
+    by a few bad passes (on the CPU the times are not these links' prices, so only the counting is checked). Not
+    drafting ahead: drafts made beside the pass before cost nothing, and a pass they serve drafts them."""
+    from offload import drafts
+
+    monkeypatch.setattr(drafts, "LOOK_AHEAD", 0)
     with load(structured, "model", structured_draft) as model:
         with_graphs(model.draft.model)
         verify = max(plan.pass_seconds(1) for plan in model.plans)

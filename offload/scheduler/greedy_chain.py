@@ -48,19 +48,20 @@ class GreedyChain:
         self.buffers: dict[tuple[int, int], tuple] = {}  # (rows, likeliest) -> token, positions, live, top
 
     def run(self, tokens: torch.Tensor, positions: list[int | None], steps: int,
-            likeliest: int) -> tuple[torch.Tensor, torch.Tensor]:
+            likeliest: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``steps`` greedy decode steps from ``tokens [rows]`` (on the device) at ``positions[b]`` for row ``b``
         (None: the row takes no part): each step decodes a token into the KV cache and chooses the next, its
-        argmax. Returns the chosen tokens ``[rows, steps]`` and each step's ``likeliest`` likeliest tokens
-        ``[rows, steps, likeliest]``; nothing waits for the GPU."""
+        argmax. Returns the chosen tokens ``[rows, steps]``, each step's ``likeliest`` likeliest tokens
+        ``[rows, steps, likeliest]`` and their probabilities (float32); nothing waits for the GPU."""
         n, device, sink = len(positions), self.model.device, self.model.max_seq_len
         chosen = torch.empty(n, steps, dtype=torch.long, device=device)
         top = torch.empty(n, steps, likeliest, dtype=torch.long, device=device)
+        chances = torch.empty(n, steps, likeliest, dtype=torch.float32, device=device)
         taking = [p for p in positions if p is not None]
         if not taking:
-            return chosen.zero_(), top.zero_()
+            return chosen.zero_(), top.zero_(), chances.zero_()
         rows = bucket(n, 1, self.model.max_batch)
-        token, position, live, step_top = self._buffers(rows, likeliest)
+        token, position, live, step_top, step_chances = self._buffers(rows, likeliest)
         token.zero_()
         token[:n].copy_(tokens)
         position.copy_(to_device([sink if p is None else p for p in positions] + [sink] * (rows - n), torch.long,
@@ -70,13 +71,16 @@ class GreedyChain:
             self._step(rows, likeliest, bucket(max(taking) + step + 1, KV_BUCKET, sink))
             chosen[:, step].copy_(token[:n])
             top[:, step].copy_(step_top[:n])
-        return chosen, top
+            chances[:, step].copy_(step_chances[:n])
+        return chosen, top, chances
 
     def _buffers(self, rows: int, likeliest: int) -> tuple:
-        """What a step's graphs read and write: the token, the positions, which rows take part, the likeliest."""
+        """What a step's graphs read and write: the token, the positions, which rows take part, the likeliest tokens
+        and their probabilities."""
         if (rows, likeliest) not in self.buffers:
             zeros = functools.partial(torch.zeros, dtype=torch.long, device=self.model.device)
-            self.buffers[rows, likeliest] = (zeros(rows), zeros(rows), zeros(rows), zeros(rows, likeliest))
+            self.buffers[rows, likeliest] = (zeros(rows), zeros(rows), zeros(rows), zeros(rows, likeliest),
+                                             zeros(rows, likeliest, dtype=torch.float32))
         return self.buffers[rows, likeliest]
 
     def _step(self, rows: int, likeliest: int, kv_len: int) -> None:
@@ -101,11 +105,20 @@ class GreedyChain:
 
     def _work(self, rows: int, likeliest: int, kv_len: int) -> None:
         """A step: the token in the buffer decoded at its position, its argmax the next token, one position on."""
-        token, position, live, top = self._buffers(rows, likeliest)
+        token, position, live, top, chances = self._buffers(rows, likeliest)
         model = self.model
         decoder = model.decoder
         chunk = DecodeChunk(position, kv_len, decoder.ropes, decoder.windows, tokens=token)
         logits = decoder.forward([chunk], model.weights, model.cache, rows)
-        top.copy_(logits.topk(likeliest, dim=-1).indices)
+        found = likeliest_of(logits, likeliest)
+        top.copy_(found[0])
+        chances.copy_(found[1])
         token.copy_(logits.argmax(dim=-1))
         position.add_(live)
+
+
+def likeliest_of(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` likeliest tokens of each row of ``logits [..., vocab]`` and their probabilities (float32): where a
+    chain's verdicts are likeliest to break, and how (``drafts.ModelDraft.look_ahead``)."""
+    found = logits.topk(k, dim=-1)
+    return found.indices, (found.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()

@@ -6,7 +6,9 @@ that adds no prompt through :meth:`Speculator.run`:
 1. choose the shape of the pass: the draft depth ``k`` and the tokens ``m`` at each depth
    (``draft_tokens`` and ``draft_branches``, or the shape that gains the rows the most
    tokens per second, from each row's measured acceptance, how often alternatives mended
-   a break, and the plans' cost of a pass of ``k m + 1`` tokens a row plus ``k`` draft steps);
+   a break, and the plans' cost of a pass of ``k m + 1`` tokens a row plus ``k`` draft steps, but
+   for those the draft drafted beside the pass before where the verdict was one it guessed:
+   ``draft.drafting_ahead``);
 2. the draft proposes up to ``k`` tokens per row (fewer where the row has fewer left to
    make, or prompt lookup finds fewer; with ``drafts.STOP_UNSURE``, a model's greedy chain
    stops where its own chance of acceptance is worth less than a step: ``stop_below``);
@@ -107,7 +109,8 @@ class Speculator:
         if drafted:
             logits = self.model.verify(new_tokens, cached, width=k * m + 1,
                                        parents=[tree[1] for tree in trees] if branched else None)
-            self.draft.look_ahead(rows, proposal)  # while the pass runs: the next pass's drafts, for verdicts guessed
+            # while the pass runs: the next pass's drafts, for the verdicts it guesses
+            self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
         else:  # nothing to verify: a decode step, [rows, 1, vocab]
             tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.model.device)
             logits = self.model.decode(tokens, [c if row is not None else None for row, c in zip(rows, cached)])
@@ -223,7 +226,7 @@ class Speculator:
 
         step *= self.prices.draft_step.scale
         k, m = best_draft_shape(acceptances, mended, measured_verify_seconds, step, most_depth, tokens,
-                                fill=bool(self.fixed), ahead=self.draft.drafting_ahead())
+                                fill=bool(self.fixed), ahead=self.draft.drafting_ahead(rows))
         # A chain's next token is worth drafting while the chance that it is accepted (the draft's own estimate,
         # ``drafts.Confidence``) buys more tokens a second than the pass's: above a step's share of its tokens.
         gained = sum(expected_tokens(a, k, mends[m]) for a, mends in zip(acceptances, mended)) / max(len(live), 1)

@@ -193,6 +193,7 @@ class ModelDraft:
         self.likely: dict = {}  # row -> its chain's likeliest tokens and their probabilities at each depth
         self.ahead: dict = {}  # row -> its Guesses: the next pass's chains drafted while the target verifies
         self.ahead_chains = None  # their tokens, likeliest tokens and chances, on the device ([draft rows, steps, ...])
+        self.spare_holds: dict = {}  # spare cache row -> (the row, the length of its context copied there)
         self.ahead_done = None  # a CUDA event: the side stream has drafted them
         self.served = (None, {})  # a pass's rows, and each row's chain drafted ahead whose guess its verdict was
         self.proposed = None  # a CUDA event: the current stream's work for the last proposal is done
@@ -300,21 +301,31 @@ class ModelDraft:
                 tokens[spare], positions[spare] = token, length + j
                 chains.append((j, token, spare))
             self.ahead[row] = Guesses(length, list(drafts), chains)
-            copies.append((b, [source for _, _, source in chains[1:]], length + k - 1))
+            copies.append((b, row, length, [source for _, _, source in chains[1:]]))
         if not self.ahead:
             return
         self.ahead_steps = min(self.ahead_steps, deepest + 1)
         steps = min(self.ahead_steps, self.model.max_seq_len - max(p for p in positions if p is not None))
         device = self.model.device
         with self._side_stream():
-            for b, spares, end in copies:  # a spare row's context is the row's, as far as its chain's last draft
-                if spares:
-                    self.model.cache.copy_rows(to_device(spares, torch.long, device), b, slice(0, end))
+            for b, row, length, spares in copies:
+                self._copy_context(b, row, length, spares, positions[b])
             self.ahead_chains = self._chain().run(to_device(tokens, torch.long, device), positions, steps,
                                                   MAX_BRANCHES)
             if device.type == "cuda":
                 self.ahead_done = torch.cuda.Event()
                 self.ahead_done.record()
+
+    def _copy_context(self, b: int, row, length: int, spares: list[int], end: int) -> None:
+        """Row ``b``'s cache up to ``end`` (its context of ``length`` tokens and its chain's drafts but the last) into
+        its ``spares``: only past what each holds of it already (a spare row's copy of the row's context stays right,
+        whatever the verdict; the tokens past it are a guess's)."""
+        if not spares:
+            return
+        held = [self.spare_holds.get(spare, (None, 0)) for spare in spares]
+        start = min(copied if holder is row else 0 for holder, copied in held)
+        self.model.cache.copy_rows(to_device(spares, torch.long, self.model.device), b, slice(start, end))
+        self.spare_holds.update({spare: (row, length) for spare in spares})
 
     def _breaks(self, row, drafts: list[int]) -> list[tuple[int, int]]:
         """Where the target is likeliest to break ``row``'s chain ``drafts``, and with which token: the first ``j``
@@ -565,6 +576,7 @@ class ModelDraft:
         for table in (self.valid, self.generators, self.pending, self.growing, self.ahead, self.likely):
             for row in [r for r in table if r not in live]:
                 del table[row]
+        self.spare_holds = {spare: held for spare, held in self.spare_holds.items() if held[0] in live}
 
 
 @dataclass

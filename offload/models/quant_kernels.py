@@ -141,7 +141,7 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     common = dict(INT4=w.scheme.format == INT4, PER_CHANNEL=w.scheme.group_size is None,
                   HAS_MIN=w.minimum is not None)
     minimum = w.minimum if w.minimum is not None else w.scale
-    if m <= most:
+    if (m <= most) if blocking is None else len(blocking) == 5:  # a blocking given names its kernel: the GEMV's
         block_n, block_k, splits, warps, words = blocking or gemv_blocking(w)
         if words:
             tiles = -(-k // (splits * block_k))

@@ -72,7 +72,8 @@ STOP_UNSURE = os.environ.get("OFFLOAD_STOP_UNSURE", "") == "1"
 # pass) they did not pay. OFFLOAD_LOOK_AHEAD=N for N, =0 none (read at import).
 LOOK_AHEAD = int(os.environ.get("OFFLOAD_LOOK_AHEAD", "1"))
 AHEAD_PAUSE = 8  # passes without drafting ahead where even two steps outlasted the target's pass (many rows)
-AHEAD_FIRST = 4  # the side stream's steps at first: the pacing then finds how many the target's pass leaves time for
+AHEAD_FIRST = 4  # the side stream's steps at first: then as many as the target's pass leaves time for
+AHEAD_SHARE = 0.9  # of the target's pass, what the side stream's steps may take (the rest: what varies)
 RESIDENT_BUDGET = 2**62  # a draft model's own budget: everything resident (the target's plan counts its bytes)
 DRAFT_SEED_OFFSET = 0x9E3779B97F4A7C15  # a row's draft samples with its own stream, apart from the target's
 
@@ -197,6 +198,7 @@ class ModelDraft:
         self.ahead_done = None  # a CUDA event: the side stream has drafted them
         self.served = (None, {})  # a pass's rows, and each row's chain drafted ahead whose guess its verdict was
         self.proposed = None  # a CUDA event: the current stream's work for the last proposal is done
+        self.ahead_from, self.ahead_taken = None, 0  # the proposal the side stream drafted after, and its steps
         self.stream = None  # the side stream that drafts ahead (CUDA)
         self.guessed = [0, 0]  # passes whose chains were drafted ahead, of the passes after drafting ahead
         self.ahead_steps = AHEAD_FIRST  # steps the side stream takes: as many as the target's pass leaves time for
@@ -277,9 +279,9 @@ class ModelDraft:
                                     chances.tolist())
 
     def look_ahead(self, rows: list, proposal: Proposal, deepest: int = DEFAULT_MAX_DRAFT) -> None:
-        """While the target verifies ``proposal`` (its pass queued), the next pass's greedy chains for the verdicts
-        the draft can guess (``LOOK_AHEAD``), on a side stream, as deep as the target's pass leaves time for
-        (:meth:`_pace_ahead`) and the next pass may ask (``deepest`` drafts): for each drafting row, "every draft
+        """While the target verifies ``proposal`` (its pass queued next), the next pass's greedy chains for the
+        verdicts the draft can guess (``LOOK_AHEAD``), on a side stream, as deep as the target's pass leaves time
+        for (:meth:`_pace_ahead`) and the next pass may ask (``deepest`` drafts): for each drafting row, "every draft
         accepted, then the draft's argmax after the last" in the row itself (its chain goes on from its last draft),
         and each of its likeliest breaks (:meth:`_breaks`) in a spare row (the row's context copied there first).
         Only after greedy chains."""
@@ -312,9 +314,8 @@ class ModelDraft:
                 self._copy_context(b, row, length, spares, positions[b])
             self.ahead_chains = self._chain().run(to_device(tokens, torch.long, device), positions, steps,
                                                   MAX_BRANCHES)
-            if device.type == "cuda":
-                self.ahead_done = torch.cuda.Event()
-                self.ahead_done.record()
+            self.ahead_done = _timing_event(device)
+        self.ahead_from, self.ahead_taken = self.proposed, steps
 
     def _copy_context(self, b: int, row, length: int, spares: list[int], end: int) -> None:
         """Row ``b``'s cache up to ``end`` (its context of ``length`` tokens and its chain's drafts but the last) into
@@ -359,23 +360,19 @@ class ModelDraft:
         if self.served[0] == key:
             return True, self.served[1]
         ahead, self.ahead = self.ahead, {}
-        if ahead:
-            self._pace_ahead()
+        verdict, done = _timing_event(self.model.device), self.ahead_done  # the pass was read: its end
         self._join_ahead()
-        self.served = (key if ahead else None, self._match(ahead, rows) if ahead else {})
+        self.served = (key if ahead else None, self._match(ahead, rows) if ahead else {})  # (waits for them)
+        if ahead and done is not None:
+            self._pace_ahead(done, verdict)
         return bool(ahead), self.served[1]
 
-    def _pace_ahead(self) -> None:
-        """Drafting ahead no deeper than the target's pass leaves time for: a step less after a pass that ended
-        before the side stream's steps (the host, reading the pass, found them unfinished), a step more after one
-        that did not. At least two (a guess and a draft after it); where two outlast the pass (a step of many
-        rows), no drafting ahead for ``AHEAD_PAUSE`` passes, then two again."""
-        if self.ahead_done is None:
-            return
-        if self.ahead_done.query():
-            self.ahead_steps += 1
-        else:
-            self.ahead_steps = self.ahead_steps - 1 if self.ahead_steps > 2 else 2 - AHEAD_PAUSE
+    def _pace_ahead(self, done, verdict) -> None:
+        """Drafting ahead no deeper than the target's pass leaves time for (:func:`paced_steps`), from the GPU's
+        times since the last proposal: of the side stream's steps (``done``) and of the target's pass
+        (``verdict``)."""
+        self.ahead_steps = paced_steps(self.ahead_taken, self.ahead_from.elapsed_time(done),
+                                       self.ahead_from.elapsed_time(verdict))
 
     def _join_ahead(self) -> None:
         """The draft's cache and graphs' buffers are used after the side stream's work (queued, not waited for)."""
@@ -447,9 +444,7 @@ class ModelDraft:
         self.pending = {rows[b]: (len(contexts[b]), steps) for b in contexts}
         if chances is not None:
             self.likely = {rows[b]: (likeliest[b][: budgets[b]], chances[b][: budgets[b]]) for b in contexts}
-        if self.model.device.type == "cuda":  # what drafting ahead from this proposal waits for (not the target)
-            self.proposed = torch.cuda.Event()
-            self.proposed.record()
+        self.proposed = _timing_event(self.model.device)  # what drafting ahead waits for (not the target's pass)
         tokens = [drafted[b][: budgets[b]] if b in contexts else [] for b in range(len(rows))]
         alternatives = [_alternatives(tokens[b], likeliest[b]) if tokens[b] else [] for b in range(len(rows))]
         return Proposal(tokens, qs, alternatives, steps=caught_up + steps - 1 if caught_up else 0)
@@ -577,6 +572,23 @@ class ModelDraft:
             for row in [r for r in table if r not in live]:
                 del table[row]
         self.spare_holds = {spare: held for spare, held in self.spare_holds.items() if held[0] in live}
+
+
+def paced_steps(steps: int, ahead_ms: float, pass_ms: float) -> int:
+    """The side stream's steps for the next pass, where ``steps`` took ``ahead_ms`` and the target's pass ``pass_ms``
+    (both from the proposal): as many as fit in ``AHEAD_SHARE`` of the pass at that pace. Below two (a guess and a
+    draft after it: a step of many rows), none for ``AHEAD_PAUSE`` passes (``look_ahead`` counts up to two)."""
+    fit = int(AHEAD_SHARE * steps * pass_ms / ahead_ms) if ahead_ms > 0 else steps + 1
+    return fit if fit >= 2 else 2 - AHEAD_PAUSE
+
+
+def _timing_event(device: torch.device):
+    """A CUDA event with timing recorded on the current stream (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 @dataclass

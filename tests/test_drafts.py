@@ -333,29 +333,19 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
 
 
 def test_drafting_ahead_goes_no_deeper_than_the_targets_pass_leaves_time_for(structured, structured_draft):
-    """A step less after a pass whose verdict came before the side stream's steps were done, a step more after one
-    that came after; never fewer than two (a guess and a draft): where two were late, none for ``AHEAD_PAUSE``
-    passes."""
-    from offload.drafts import AHEAD_PAUSE
+    """As many steps as fit in ``AHEAD_SHARE`` of the target's pass at the pace of the last ones (the GPU's times of
+    both, from the proposal); never fewer than two (a guess and a draft): where two do not fit, none for
+    ``AHEAD_PAUSE`` passes, then two again."""
+    from offload.drafts import AHEAD_PAUSE, AHEAD_SHARE, paced_steps
 
-
-    class Event:
-        def __init__(self, done):
-            self.done = done
-
-        def query(self):
-            return self.done
-
+    assert paced_steps(4, 2.0, 5.0) == int(AHEAD_SHARE * 10) == 9  # 0.5 ms a step, a 5 ms pass
+    assert paced_steps(6, 6.0, 5.0) == 4  # late: 1 ms a step
+    assert paced_steps(2, 6.0, 5.0) == 2 - AHEAD_PAUSE  # 3 ms a step: not even two
     model = offload.load_model(structured, **KW, draft=str(structured_draft), progress=False)
     draft = model.draft
-    draft.ahead_steps = 5
-    for done, steps in [(False, 4), (False, 3), (False, 2), (True, 3), (False, 2), (False, 2 - AHEAD_PAUSE)]:
-        draft.ahead_done = Event(done)
-        draft._pace_ahead()
-        assert draft.ahead_steps == steps
-    draft.ahead_done, draft.depth, draft.spare = None, 3, 1
+    draft.ahead_steps, draft.depth, draft.spare = 2 - AHEAD_PAUSE, 3, 1
     rows = [row([3, 17, 40, 2, 9], [11], index=0)]
-    for _ in range(AHEAD_PAUSE):  # paused: nothing drafted ahead, a pass counted
+    for _ in range(AHEAD_PAUSE):  # paused: nothing drafted ahead
         draft.look_ahead(rows, Proposal([[5, 6, 7], []], alternatives=[[[8], [9], [10]], []]))
         assert not draft.ahead
     assert draft.ahead_steps == 2

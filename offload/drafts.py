@@ -353,9 +353,9 @@ class ModelDraft:
 
     def _settle_ahead(self, rows: list) -> tuple[bool, dict]:
         """Once a pass (rows and their lengths tell them apart): whether chains were drafted ahead for it, and each
-        row's whose verdict they guessed (:meth:`_match`). First, before waiting for them, whether the side stream
-        was still drafting when the verdict came (:meth:`_pace_ahead`); then the draft's streams are joined (every
-        pass: where the rows it drafted for have left, their cache rows are others' now)."""
+        row's whose verdict they guessed (:meth:`_match`, which waits for them); then how deep to draft ahead next
+        (:meth:`_pace_ahead`). The draft's streams are joined every pass: where the rows it drafted for have left,
+        their cache rows are others' now."""
         key = [(id(row), len(row.tokens)) if row is not None else None for row in rows]
         if self.served[0] == key:
             return True, self.served[1]

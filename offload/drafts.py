@@ -198,7 +198,7 @@ class ModelDraft:
         self.ahead_done = None  # a CUDA event: the side stream has drafted them
         self.served = (None, {})  # a pass's rows, and each row's chain drafted ahead whose guess its verdict was
         self.proposed = None  # a CUDA event: the current stream's work for the last proposal is done
-        self.ahead_from, self.ahead_taken = None, 0  # the proposal the side stream drafted after, and its steps
+        self.ahead_from, self.ahead_taken = None, 0  # when the side stream began (a CUDA event), and its steps
         self.stream = None  # the side stream that drafts ahead (CUDA)
         self.guessed = [0, 0]  # passes whose chains were drafted ahead, of the passes after drafting ahead
         self.ahead_steps = AHEAD_FIRST  # steps the side stream takes: as many as the target's pass leaves time for
@@ -279,7 +279,7 @@ class ModelDraft:
                                     chances.tolist())
 
     def look_ahead(self, rows: list, proposal: Proposal, deepest: int = DEFAULT_MAX_DRAFT) -> None:
-        """While the target verifies ``proposal`` (its pass queued next), the next pass's greedy chains for the
+        """While the target verifies ``proposal`` (its pass queued), the next pass's greedy chains for the
         verdicts the draft can guess (``LOOK_AHEAD``), on a side stream, as deep as the target's pass leaves time
         for (:meth:`_pace_ahead`) and the next pass may ask (``deepest`` drafts): for each drafting row, "every draft
         accepted, then the draft's argmax after the last" in the row itself (its chain goes on from its last draft),
@@ -310,12 +310,12 @@ class ModelDraft:
         steps = min(self.ahead_steps, self.model.max_seq_len - max(p for p in positions if p is not None))
         device = self.model.device
         with self._side_stream():
+            self.ahead_from, self.ahead_taken = _cuda_event(device, timing=True), steps
             for b, row, length, spares in copies:
                 self._copy_context(b, row, length, spares, positions[b])
             self.ahead_chains = self._chain().run(to_device(tokens, torch.long, device), positions, steps,
                                                   MAX_BRANCHES)
-            self.ahead_done = _timing_event(device)
-        self.ahead_from, self.ahead_taken = self.proposed, steps
+            self.ahead_done = _cuda_event(device, timing=True)
 
     def _copy_context(self, b: int, row, length: int, spares: list[int], end: int) -> None:
         """Row ``b``'s cache up to ``end`` (its context of ``length`` tokens and its chain's drafts but the last) into
@@ -360,7 +360,7 @@ class ModelDraft:
         if self.served[0] == key:
             return True, self.served[1]
         ahead, self.ahead = self.ahead, {}
-        verdict, done = _timing_event(self.model.device), self.ahead_done  # the pass was read: its end
+        verdict, done = _cuda_event(self.model.device, timing=True), self.ahead_done  # the pass was read: its end
         self._join_ahead()
         self.served = (key if ahead else None, self._match(ahead, rows) if ahead else {})  # (waits for them)
         if ahead and done is not None:
@@ -369,8 +369,7 @@ class ModelDraft:
 
     def _pace_ahead(self, done, verdict) -> None:
         """Drafting ahead no deeper than the target's pass leaves time for (:func:`paced_steps`), from the GPU's
-        times since the last proposal: of the side stream's steps (``done``) and of the target's pass
-        (``verdict``)."""
+        times since the side stream began: to its last step (``done``) and to the target's verdict (``verdict``)."""
         self.ahead_steps = paced_steps(self.ahead_taken, self.ahead_from.elapsed_time(done),
                                        self.ahead_from.elapsed_time(verdict))
 
@@ -444,7 +443,7 @@ class ModelDraft:
         self.pending = {rows[b]: (len(contexts[b]), steps) for b in contexts}
         if chances is not None:
             self.likely = {rows[b]: (likeliest[b][: budgets[b]], chances[b][: budgets[b]]) for b in contexts}
-        self.proposed = _timing_event(self.model.device)  # what drafting ahead waits for (not the target's pass)
+        self.proposed = _cuda_event(self.model.device)  # what drafting ahead waits for (not the target's pass)
         tokens = [drafted[b][: budgets[b]] if b in contexts else [] for b in range(len(rows))]
         alternatives = [_alternatives(tokens[b], likeliest[b]) if tokens[b] else [] for b in range(len(rows))]
         return Proposal(tokens, qs, alternatives, steps=caught_up + steps - 1 if caught_up else 0)
@@ -575,20 +574,22 @@ class ModelDraft:
 
 
 def paced_steps(steps: int, ahead_ms: float, pass_ms: float) -> int:
-    """The side stream's steps for the next pass, where ``steps`` took ``ahead_ms`` and the target's pass ``pass_ms``
-    (both from the proposal): as many as fit in ``AHEAD_SHARE`` of the pass at that pace. Below two (a guess and a
-    draft after it: a step of many rows), none for ``AHEAD_PAUSE`` passes (``look_ahead`` counts up to two)."""
+    """The side stream's steps for the next pass, where ``steps`` took ``ahead_ms`` and the target's verdict came
+    ``pass_ms`` after they began: as many as fit in ``AHEAD_SHARE`` of that time at that pace. Below two (a guess and
+    a draft after it: a step of many rows, or a pass nearly over when its side stream began), none for
+    ``AHEAD_PAUSE`` passes (``look_ahead`` counts up to two)."""
     fit = int(AHEAD_SHARE * steps * pass_ms / ahead_ms) if ahead_ms > 0 else steps + 1
     return fit if fit >= 2 else 2 - AHEAD_PAUSE
 
 
-def _timing_event(device: torch.device):
-    """A CUDA event with timing recorded on the current stream (None elsewhere)."""
+def _cuda_event(device: torch.device, timing: bool = False):
+    """A CUDA event recorded on the current stream (None elsewhere)."""
     if device.type != "cuda":
         return None
-    event = torch.cuda.Event(enable_timing=True)
+    event = torch.cuda.Event(enable_timing=timing)
     event.record()
     return event
+
 
 
 @dataclass

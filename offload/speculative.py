@@ -54,6 +54,7 @@ plan does not price.
 from __future__ import annotations
 
 import heapq
+import math
 import statistics
 from collections import deque
 from collections.abc import Callable
@@ -426,14 +427,44 @@ class MeasuredPrice:
 @dataclass
 class MeasuredPrices:
     """What a target's verify passes and its draft's steps took against the plans' prices. Kept with the model,
-    so that each generate call's engine starts from what the last one measured."""
+    so that each generate call's engine starts from what the last one measured.
 
-    verify: MeasuredPrice = field(default_factory=MeasuredPrice)
+    A verify pass is priced at each width as it runs (padded) on its own: a streamed pass's compute of many
+    tokens does not all hide behind the link, which the plans count on (on an H100, 2026-12-06, SmolLM2 streamed:
+    1.14x the plan's price for one token a row, 1.38x over passes of 4, 1.7x over the wider passes the speculator
+    chose), so one scale for every width made wide passes look cheap: chains of 3 gained more than the depths the
+    speculator chose (1.42x plain decoding against 1.14x)."""
+
+    verify: MeasuredPrice = field(default_factory=MeasuredPrice)  # every width's: what the benchmark reports
     draft_step: MeasuredPrice = field(default_factory=MeasuredPrice)
+    verify_widths: dict = field(default_factory=dict)  # padded width -> its MeasuredPrice
     # Where the measured passes' time went, in all (the host's wall time): drafting, then verifying.
     passes: int = 0
     drafting_seconds: float = 0.0
     verifying_seconds: float = 0.0
+
+    def add_verify(self, width: int, measured: float, priced: float) -> None:
+        """A verify pass ``width`` tokens a row wide (padded, as it ran) took ``measured`` seconds, priced at
+        ``priced``."""
+        self.verify.add(measured, priced)
+        self.verify_widths.setdefault(width, MeasuredPrice()).add(measured, priced)
+
+    def verify_scale(self, width: int) -> float:
+        """What to multiply the plans' price of a verify pass ``width`` wide (padded) by: its own width's scale
+        once measured; between two widths measured, the narrower one's scale grown toward the wider's (in steps of
+        a doubling of the width); past those measured, the nearest one's; 1 before any."""
+        measured = sorted((w, p.scale) for w, p in self.verify_widths.items() if len(p.ratios) >= p.least)
+        if not measured:
+            return 1.0
+        below = [(w, s) for w, s in measured if w <= width]
+        above = [(w, s) for w, s in measured if w >= width]
+        if not below or not above:
+            return (below or above)[-1 if below else 0][1]
+        (w0, s0), (w1, s1) = below[-1], above[0]
+        if w0 == w1:
+            return s0
+        share = (math.log2(width) - math.log2(w0)) / (math.log2(w1) - math.log2(w0))
+        return s0 + share * (s1 - s0)
 
 
 @dataclass

@@ -270,14 +270,18 @@ def test_a_pass_with_nothing_to_verify_is_a_decode_step(structured, plain, monke
     assert calls.count("decode") >= len(passes) // 2 and "verify" in calls and got.drafted_tokens > 0
 
 
-def _drafted_per_pass(model, batch, step_scale: float) -> tuple[list[list[int]], float]:
+def _drafted_per_pass(model, batch, step_scale: float, verify_scales: dict | None = None) -> tuple[list[list[int]],
+                                                                                                  float]:
     """Greedy tokens and drafted tokens per pass through a row engine whose speculator has seen draft steps take
-    ``step_scale`` times their price (the measuring itself, on a GPU only, is switched off: CPU times are not the
-    prices of these fictional links)."""
+    ``step_scale`` times their price (and verify passes of each width in ``verify_scales`` that many times theirs;
+    the measuring itself, on a GPU only, is switched off: CPU times are not the prices of these fictional links)."""
     model.speculation_prices = MeasuredPrices()
     engine = RowEngine(model, rows=len(batch))
     engine.speculator.timed = False
     engine.speculator.prices.draft_step.ratios.extend([step_scale] * 3)
+    for width, scale in (verify_scales or {}).items():
+        for _ in range(3):
+            engine.speculator.prices.add_verify(width, scale, 1.0)
     tokens = greedy_through(engine, batch, 24)
     return tokens, engine.stats.drafted_tokens / engine.stats.decode_steps
 
@@ -343,6 +347,34 @@ def test_a_draft_priced_out_is_measured_again_at_its_probes(structured, structur
         ratios = list(model.speculation_prices.draft_step.ratios)
     assert engine.stats.drafted_tokens <= engine.stats.decode_steps // 8 + 1  # only the probes drafted
     assert ratios[:-3] == [1000 * verify / step] * 13 and max(ratios[-3:]) < 1000 * verify / step  # 3 probes measured
+
+
+def test_verify_passes_measured_dearer_where_wider_draft_shallower(structured, structured_draft, plain):
+    """Each width of verify pass (padded, as it runs) is priced by what passes of that width took: where wide
+    passes were measured dearer than narrow ones, fewer tokens are drafted a pass than where every width took its
+    price; the output is plain greedy decoding's either way."""
+    batch = prompts(structured, (9, 4))
+    want = plain.generate(batch, max_new_tokens=24, ignore_eos=True)
+    with load(structured, "model", structured_draft) as model:
+        per_pass = {}
+        for name, scales in (("as priced", None), ("wide dear", {2: 1.0, 4: 3.0, 8: 6.0, 16: 12.0, 32: 24.0})):
+            tokens, per_pass[name] = _drafted_per_pass(model, batch, 1.0, scales)
+            assert tokens == [w[len(p):] for w, p in zip(want, batch)]
+    assert per_pass["wide dear"] < per_pass["as priced"] / 2, per_pass
+
+
+def test_a_verify_pass_is_priced_by_what_passes_of_its_width_took():
+    """A measured width's own scale; between two measured, grown from the narrower's toward the wider's a doubling
+    at a time; past them, the nearest's; 1 before any. Every width's ratios also make the overall scale."""
+    prices = MeasuredPrices()
+    assert prices.verify_scale(8) == 1.0
+    for width, scale in ((2, 1.2), (16, 2.1)):
+        for _ in range(3):
+            prices.add_verify(width, scale, 1.0)
+    assert prices.verify_scale(2) == 1.2 and prices.verify_scale(16) == 2.1
+    assert prices.verify_scale(1) == 1.2 and prices.verify_scale(64) == 2.1
+    assert prices.verify_scale(4) == pytest.approx(1.5) and prices.verify_scale(8) == pytest.approx(1.8)
+    assert prices.verify.scale == pytest.approx((1.2 + 2.1) / 2)  # the median of six ratios, three of each
 
 
 def test_a_measured_price_is_the_median_of_recent_ratios():

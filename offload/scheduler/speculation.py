@@ -184,7 +184,7 @@ class Speculator:
         self.prices.passes += 1
         self.prices.drafting_seconds += drafting
         self.prices.verifying_seconds += verifying
-        self.prices.verify.add(verifying, verify_seconds(width))
+        self.prices.add_verify(self.model.verify_width(width), verifying, verify_seconds(width))
         if steps > 0:
             self.prices.draft_step.add(drafting / steps, step_seconds)
 
@@ -220,11 +220,10 @@ class Speculator:
         prior = self.overall.rate(ASSUMED_ACCEPTANCE)  # what the plan kept the draft for, until measured
         acceptances = [self.rows[row].rate(prior, PRIOR_WEIGHT) for row in live]
         verify_seconds, step = self._priced(rows)
-        scale = self.prices.verify.scale
 
         @functools.cache  # the shapes share widths (k m + 1): the plans price each once a pass
         def measured_verify_seconds(width: int) -> float:
-            return scale * verify_seconds(width)
+            return self.prices.verify_scale(self.model.verify_width(width)) * verify_seconds(width)
 
         step *= self.prices.draft_step.scale
         k, m = best_draft_shape(acceptances, mended, measured_verify_seconds, step, most_depth, tokens,

@@ -124,8 +124,12 @@
 # host; verify passes do not), tests_spec and spec_smollm2_chain (greedy chains in graphs: 1.42x); then no machine came.
 # seventeenth (H100, 2026-12-06) tests_spec and spec_smollm2_chain (the chain's first step replayed: no change),
 # spec_smollm2_ahead four times (drafting ahead: 1.70x against 1.28x without) and a --trace of it.
-#   1. int4_405b:500 (an H200)                                 the moonshot (#20): first, while the budget is whole
-#   2. tests_spec, spec_smollm2_ahead                          drafting ahead (#22)
+# eighteenth (H100, 2026-12-06, after half an hour of no machine) the small GEMV's tests, tests_spec,
+# spec_smollm2_spare (spare rows: mostly paused), spec_smollm2_paced (queued before the pass: the pass slower; chains
+# of 3 1.42x, the depth chosen 1.14x; fbb1e76 on the same machine 1.27x), tests_spec's files again.
+#   1. tests_spec:120, spec_smollm2_paced                      prices per width, pacing from the side stream's start
+#                                                              (#22: never timed on a GPU)
+#   2. int4_405b:500 (an H200)                                 the moonshot (#20)
 #   3. tests_kernels:300                                       test_quant_kernels.py past its first 306 tests
 #   4. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts (#21)
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.

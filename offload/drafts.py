@@ -66,10 +66,11 @@ STOP_UNSURE = os.environ.get("OFFLOAD_STOP_UNSURE", "") == "1"
 # row: the plan counts them). Where the verdict is a guessed one, the next pass's chains are ready when it starts.
 # On SmolLM2 (its int4 copy in groups of 64 as the draft, float32 on a CPU, 2026-12-06, 8 prompts x 96 tokens)
 # chains of 3 had their next pass guessed 40% of the time with no spare row, 55% with one, 71% with three and 80%
-# with seven; chains of 5 24%, 39%, 57% and 72%. A draft's steps of a few rows cost what a step of one costs where its
-# products' GEMV takes them (``quant_kernels.gemv_rows``: four rows of a small model's weights); in the tiled
-# product's steps (on an H100, 2026-12-06, SmolLM2's int4 draft at 4 rows: 4 ms of steps a pass beside a 4.6 ms
-# pass) they did not pay. OFFLOAD_LOOK_AHEAD=N for N, =0 none (read at import).
+# with seven; chains of 5 24%, 39%, 57% and 72%. But a step of more rows costs more: on an H100 (2026-12-06) a step of
+# SmolLM2's int4 draft took 0.72 ms at one row, 0.96 at four (its products in the GEMV, ``quant_kernels.gemv_rows``;
+# 0.99 in the tiled product) and 1.20 at eight, and with 3 or 7 spare rows drafting ahead was mostly paused (the
+# target's pass left too little time): 1.09x and 1.23x plain decoding against 1.33x with one spare row. One by
+# default; OFFLOAD_LOOK_AHEAD=N for N, =0 none (read at import).
 LOOK_AHEAD = int(os.environ.get("OFFLOAD_LOOK_AHEAD", "1"))
 AHEAD_PAUSE = 8  # passes without drafting ahead where even two steps outlasted the target's pass (many rows)
 AHEAD_FIRST = 4  # the side stream's steps at first: then as many as the target's pass leaves time for

@@ -79,9 +79,10 @@ GEMV_ROWS = 2  # up to this many rows of x: the GEMV kernel (each row's programs
 # 0.77 ms against 0.97 (llama-2-7b's products, 384-1536 tiles, keep theirs).
 FEW_TILES = 256
 # Such a small weight's GEMV takes up to this many rows: bound by its latency, its bytes stay in L2 for every row's
-# programs, where the tiled product's steps cost more (on an H100, 2026-12-06, SmolLM2-135M's shape in int4 decoded 4
-# rows in 1.06 ms a step against 0.70 for one). A draft model drafting ahead steps its spare rows (``drafts.py``).
-# OFFLOAD_SMALL_GEMV_ROWS=N for N (read at import).
+# programs, and each row's product is the same bits as alone (a draft model's spare rows, ``drafts.py``, draft what
+# its rows would). On an H100 (2026-12-06) SmolLM2-135M's shape in int4 decoded 4 rows in 0.96 ms a step against 0.99
+# with the tiled product (0.72 for one row: the rest of a row's cost is elsewhere). OFFLOAD_SMALL_GEMV_ROWS=N for N
+# (read at import).
 SMALL_GEMV_ROWS = int(os.environ.get("OFFLOAD_SMALL_GEMV_ROWS", "4"))
 TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
 INT_PROGRAMS = 512  # the integer GEMV's (``gemv_blocking``): about four an SM; more stretches were slower

@@ -197,6 +197,7 @@ class ModelDraft:
         self.ahead_chains = None  # their tokens, likeliest tokens and chances, on the device ([draft rows, steps, ...])
         self.spare_holds: dict = {}  # spare cache row -> (the row, the length of its context copied there)
         self.ahead_done = None  # a CUDA event: the side stream has drafted them
+        self.verdict = None  # a CUDA event: the host had read the target's pass that they were drafted beside
         self.served = (None, {})  # a pass's rows, and each row's chain drafted ahead whose guess its verdict was
         self.proposed = None  # a CUDA event: the current stream's work for the last proposal is done
         self.ahead_from, self.ahead_taken = None, 0  # when the side stream began (a CUDA event), and its steps
@@ -345,10 +346,11 @@ class ModelDraft:
 
     def drafting_ahead(self, rows: list) -> tuple[float, int]:
         """Whether this pass's chains were drafted ahead for ``rows`` (1.0, and as many drafts deep as every row's
-        is) or not (0.0, 0): what drafting costs the pass (the speculator's price)."""
+        is) or not (0.0, 0): what drafting costs the pass (the speculator's price). Not where the draft may draft
+        otherwise than in chains (trees it grows, chains that stop where it is unsure): those do not use them."""
         _, served = self._settle_ahead(rows)
         live = [row for row in rows if row is not None]
-        if not live or any(row not in served for row in live):
+        if not live or any(row not in served for row in live) or STOP_UNSURE or self.model.options.tree_width > 1:
             return 0.0, 0
         return 1.0, min(len(served[row][0]) for row in live)
 
@@ -361,7 +363,8 @@ class ModelDraft:
         if self.served[0] == key:
             return True, self.served[1]
         ahead, self.ahead = self.ahead, {}
-        verdict, done = _cuda_event(self.model.device, timing=True), self.ahead_done  # the pass was read: its end
+        verdict, done = self.verdict or _cuda_event(self.model.device, timing=True), self.ahead_done
+        self.verdict = None
         self._join_ahead()
         self.served = (key if ahead else None, self._match(ahead, rows) if ahead else {})  # (waits for them)
         if ahead and done is not None:
@@ -524,6 +527,8 @@ class ModelDraft:
         first, that it went through): its draft cache holds the context and the drafts up to the last one it
         wrote (a run of ``steps`` writes ``steps - 1``), as far as they were accepted; a tree's accepted branch
         is moved into place, as far as the draft's last pass over it wrote it."""
+        if self.ahead:  # the target's pass was read: its end, against which drafting ahead is paced
+            self.verdict = _cuda_event(self.model.device, timing=True)
         kept = []
         for b, (row, n) in enumerate(zip(rows, accepted)):
             if row in self.pending:  # a chain's steps wrote all but its last draft; drafting ahead wrote that one

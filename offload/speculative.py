@@ -451,8 +451,9 @@ class MeasuredPrices:
 
     def verify_scale(self, width: int) -> float:
         """What to multiply the plans' price of a verify pass ``width`` wide (padded) by: its own width's scale
-        once measured; between two widths measured, the narrower one's scale grown toward the wider's (in steps of
-        a doubling of the width); past those measured, the nearest one's; 1 before any."""
+        once measured; between two widths measured, the narrower one's scale grown toward the wider's in
+        proportion to the doublings of the width between them; past those measured, the nearest one's; 1 before
+        any."""
         measured = sorted((w, p.scale) for w, p in self.verify_widths.items() if len(p.ratios) >= p.least)
         if not measured:
             return 1.0

@@ -308,6 +308,10 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
     for (accepted, token), budget in zip(verdicts, budgets):
         hits = draft.guessed[0]
         share, ready = draft.drafting_ahead(rows)  # known before the pass's shape is chosen
+        if share:  # chains that may stop where the draft is unsure do not use them: drafting is not free then
+            monkeypatch.setattr(drafts, "STOP_UNSURE", True)
+            assert draft.drafting_ahead(rows) == (0.0, 0)
+            monkeypatch.setattr(drafts, "STOP_UNSURE", False)
         proposal, expected = draft.propose(rows, budget), reference.propose(rows, budget)
         assert proposal.tokens == expected.tokens and proposal.alternatives == expected.alternatives
         served = draft.guessed[0] > hits
@@ -315,14 +319,14 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
         assert share == 1.0 or not served or min(budget) == 0  # a row that drafts nothing may have no guesses
         draft.look_ahead(rows, proposal)
         for b, r in enumerate(rows):
-            drafts = proposal.tokens[b]
-            n = min(accepted, len(drafts))
-            if token == "alt" and n < len(drafts):
-                gained = drafts[:n] + [proposal.alternatives[b][n][0]]
-            elif token == "own" and n == len(drafts) and drafts:
-                gained = drafts + [draft.ahead_chains[0][b, 0].item()]  # the step after its last draft
+            chain = proposal.tokens[b]
+            n = min(accepted, len(chain))
+            if token == "alt" and n < len(chain):
+                gained = chain[:n] + [proposal.alternatives[b][n][0]]
+            elif token == "own" and n == len(chain) and chain:
+                gained = chain + [draft.ahead_chains[0][b, 0].item()]  # the step after its last draft
             else:
-                gained = drafts[:n] + [5 if drafts[n:n + 1] != [5] else 6]
+                gained = chain[:n] + [5 if chain[n:n + 1] != [5] else 6]
             r.tokens += gained
         accepted_each = [min(accepted, len(t)) for t in proposal.tokens]
         draft.update(rows, accepted_each)

@@ -123,6 +123,8 @@ def test_a_small_weights_gemv_takes_a_few_more_rows():
     assert_close_to_exact(together, x, w, None)
     for row in range(m):
         assert torch.equal(quant_kernels.linear(x[row : row + 1], w), together[row : row + 1])
+    with pytest.raises(ValueError, match="GEMV's products"):  # a tiled product's blocking adds no residual
+        quant_kernels.linear(x, w, residual=together, blocking=(16, 64, 64, 1, 4, 1, False))
 
 
 def test_which_schemes_the_kernels_take():

@@ -133,8 +133,10 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
             raise ValueError("the tensor-core product neither gates nor normalizes its input")
         return _dot_linear(rows, w, bias, residual, blocking or dot_blocking(w, m)).view(*x.shape[:-1], n)
     most = gemv_rows(w)
-    if (gate is not None or residual is not None or norm is not None) and m > most:
-        raise ValueError(f"a gate, a residual or a norm goes into products of at most {most} rows, not {m}")
+    gemv = m <= most if blocking is None else len(blocking) == 5  # a blocking given names its kernel: the GEMV's
+    if (gate is not None or residual is not None or norm is not None) and not (gemv and m <= most):
+        raise ValueError(f"a gate, a residual or a norm goes into the GEMV's products of at most {most} rows, "
+                         f"not {m}")
     if gate is not None and norm is not None:
         raise ValueError("a product gates its input or normalizes it, not both")
     out = x.new_empty(m, n)
@@ -142,7 +144,7 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     common = dict(INT4=w.scheme.format == INT4, PER_CHANNEL=w.scheme.group_size is None,
                   HAS_MIN=w.minimum is not None)
     minimum = w.minimum if w.minimum is not None else w.scale
-    if (m <= most) if blocking is None else len(blocking) == 5:  # a blocking given names its kernel: the GEMV's
+    if gemv:
         block_n, block_k, splits, warps, words = blocking or gemv_blocking(w)
         if words:
             tiles = -(-k // (splits * block_k))

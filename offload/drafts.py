@@ -425,7 +425,8 @@ class ModelDraft:
             chosen, likeliest, chance = (t.tolist() for t in self._chain().run(last, positions, more, MAX_BRANCHES))
             for b in drafting:
                 if positions[b] is not None:  # a row at its budget already took no part: nothing to add
-                    drafted[b], top[b], chances[b] = drafted[b] + chosen[b], top[b] + likeliest[b], chances[b] + chance[b]
+                    drafted[b], top[b] = drafted[b] + chosen[b], top[b] + likeliest[b]
+                    chances[b] = chances[b] + chance[b]
         steps = min(len(drafted[b]) for b in drafting)
         return self._chain_proposal(rows, budgets, contexts, drafted, top, None, steps, 0, chances)
 

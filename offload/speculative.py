@@ -368,8 +368,8 @@ def best_draft_shape(acceptances: list[float], mended: dict[int, float] | list[d
     alternatives mend a break; one dict for every row, or each row's, all with the same keys) with
     ``k m <= most_tokens`` that gain the rows the most tokens per second: a pass ``k m + 1`` tokens wide costs
     ``pass_seconds(k m + 1)`` plus ``k`` draft steps, less, in the share ``ahead[0]`` of passes (1 where this pass's
-    chains were drafted beside the pass before, ``drafts.LOOK_AHEAD``), the first ``ahead[1]`` steps. With ``fill``, each ``m``
-    drafts as deep as it may (``draft_tokens`` fixes the tokens, not the shape)."""
+    chains were drafted beside the pass before, ``drafts.LOOK_AHEAD``), the first ``ahead[1]`` steps. With
+    ``fill``, each ``m`` drafts as deep as it may (``draft_tokens`` fixes the tokens, not the shape)."""
     rows = [mended] * len(acceptances) if isinstance(mended, dict) else mended
     share, hidden = ahead
 

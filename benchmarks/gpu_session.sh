@@ -84,6 +84,9 @@
 #                  (OFFLOAD_LOOK_AHEAD) against none, at the depth chosen, and 3 at chains of 3
 #   spec_smollm2_paced  the int4 draft's chains drafted ahead in 1, no and 3 spare rows against none at the depth
 #                  chosen, and in 1 at chains of 3
+#   spec_smollm2_priority  the int4 draft's chains drafted ahead (1 spare row) against none: as by default (queued
+#                  after the verify pass), with the verify pass on a stream of the highest priority, and with that and
+#                  the side stream queued before the pass; at the depth chosen, then chains of 3
 #   spec_host      SmolLM2-135M's shape streamed (random weights): verify passes of 1, 4 and 16 tokens, the pass
 #                  against the host's time queueing it (does the host set the pace?), with rings of 2 and 4 slots
 #   spec_smollm2_stop    the int4 draft's chains against none, without and with OFFLOAD_STOP_UNSURE=1 (chains that
@@ -310,6 +313,12 @@ run_stage() {
             OFFLOAD_LOOK_AHEAD=$1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${2:+--draft-tokens $2} \
             --json "$0/spec_paced$1$2.json"; done' "$OUT" ;;
+    spec_smollm2_priority) stage spec_smollm2_priority bash -c 'set -e; smollm2_ready
+        for run in "0 0" "1 0" "1 1" "0 0 3" "1 0 3" "1 1 3"; do set -- $run
+            echo "OFFLOAD_VERIFY_PRIORITY=$1 OFFLOAD_AHEAD_BEFORE=$2 ${3:+--draft-tokens $3}"
+            OFFLOAD_VERIFY_PRIORITY=$1 OFFLOAD_AHEAD_BEFORE=$2 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 \
+            --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${3:+--draft-tokens $3} \
+            --json "$0/spec_priority$1$2$3.json"; done' "$OUT" ;;
     spec_host) stage spec_host bash -c 'for slots in 2 4; do python3 benchmarks/bench_speculative.py \
         --shape smollm2-135m --gpu-memory stream --cpu-memory 4GiB --widths 1,4,16 --slots $slots \
         --json "$0/spec_host$slots.json"; done' "$OUT" ;;

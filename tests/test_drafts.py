@@ -381,19 +381,22 @@ def test_the_breaks_guessed_are_the_likeliest_by_the_drafts_own_probabilities(st
 
 
 def test_greedy_speculation_drafting_ahead_gives_plain_greedy_tokens(structured, structured_draft, monkeypatch):
-    """Through the row engine, with graphs: drafting ahead gives the tokens plain greedy decoding gives, and the
-    passes of a draft that drafts only after each verdict."""
+    """Through the row engine, with graphs: drafting ahead (queued after the verify pass, or before it:
+    ``speculation.AHEAD_BEFORE``) gives the tokens plain greedy decoding gives, and the passes of a draft that drafts
+    only after each verdict."""
     from conftest import greedy_through, with_graphs
 
     from offload import drafts
+    from offload.scheduler import speculation
     from offload.scheduler.row_engine import RowEngine
 
     prompts, new = [[3, 17, 40, 2, 9], [8, 8, 1], [5, 6]], 24
     plain = offload.load_model(structured, **KW, progress=False)
     expected = greedy_through(RowEngine(plain), prompts, new)
     passes = {}
-    for ahead in (1, 0):
-        monkeypatch.setattr(drafts, "LOOK_AHEAD", ahead)
+    for ahead in ("before", 1, 0):
+        monkeypatch.setattr(speculation, "AHEAD_BEFORE", ahead == "before")
+        monkeypatch.setattr(drafts, "LOOK_AHEAD", 1 if ahead == "before" else ahead)
         model = offload.load_model(structured, **KW, draft=str(structured_draft), draft_tokens=4, draft_branches=1,
                                    progress=False)
         with_graphs(model.draft.model)
@@ -401,8 +404,8 @@ def test_greedy_speculation_drafting_ahead_gives_plain_greedy_tokens(structured,
         assert greedy_through(engine, prompts, new) == expected
         passes[ahead] = (engine.speculator.overall.tried, engine.speculator.overall.accepted, model.draft.guessed)
         model.close()
-    assert passes[1][:2] == passes[0][:2]
-    assert passes[1][2][0] > 0 and passes[0][2] == [0, 0]
+    assert passes[1][:2] == passes[0][:2] == passes["before"][:2]
+    assert passes[1][2][0] > 0 and passes["before"][2][0] > 0 and passes[0][2] == [0, 0]
     plain.close()
 
 

@@ -211,8 +211,10 @@ def test_drafting_ahead_on_a_side_stream_gives_the_passes_of_drafting_after_each
     """On a GPU, the next pass's chains drafted on a side stream while the target's verify pass runs
     (``drafts.LOOK_AHEAD``) serve the passes whose verdicts they guessed: in float32, greedy output is plain greedy
     decoding's and the same drafts were tried and accepted as with drafting after each verdict (bfloat16 rows may
-    round a near tie the other way: printed)."""
+    round a near tie the other way: printed). So too with the side stream queued before the verify pass, which runs
+    on a stream of the highest priority (``speculation.AHEAD_BEFORE``, ``VERIFY_PRIORITY``)."""
     from offload import drafts
+    from offload.scheduler import speculation
 
     prompts, limits = [[3, 17, 40, 2, 9], [8, 8, 1], [5, 6]], [40, 23, 31]
     kw = dict(dtype=dtype, max_batch=3, max_seq_len=80, progress=False)
@@ -220,20 +222,23 @@ def test_drafting_ahead_on_a_side_stream_gives_the_passes_of_drafting_after_each
     want = plain.generate(prompts, max_new_tokens=limits, ignore_eos=True)
     plain.close()
     results = {}
-    for spare in (3, 1, 0):
+    for spare, before in ((3, False), (1, False), (1, True), (0, False)):
         monkeypatch.setattr(drafts, "LOOK_AHEAD", spare)
+        monkeypatch.setattr(speculation, "AHEAD_BEFORE", before)
+        monkeypatch.setattr(speculation, "VERIFY_PRIORITY", before)
         model = offload.load_model(structured, **kw, draft=str(structured_draft), draft_tokens=4, draft_branches=1)
+        assert (speculation.Speculator(model).verify_stream is not None) == before
         got = model.generate(prompts, max_new_tokens=limits, ignore_eos=True, return_result=True)
-        results[spare] = got, list(model.draft.guessed)
+        results[spare, before] = got, list(model.draft.guessed)
         model.close()
-    after, unguessed = results[0]
+    after, unguessed = results[0, False]
     assert unguessed == [0, 0]
     assert [p + t for p, t in zip(prompts, after.tokens)] == want or dtype != torch.float32
-    for spare in (3, 1):
-        ahead, guessed = results[spare]
-        print(f"{dtype}, {spare} spare rows: drafted ahead for {guessed[0]} of {guessed[1]} passes; tried "
-              f"{ahead.drafted_tokens} drafts (without: {after.drafted_tokens}), accepted {ahead.accepted_tokens} "
-              f"({after.accepted_tokens})")
+    for spare, before in ((3, False), (1, False), (1, True)):
+        ahead, guessed = results[spare, before]
+        print(f"{dtype}, {spare} spare rows{', queued before a verify pass of the highest priority' if before else ''}"
+              f": drafted ahead for {guessed[0]} of {guessed[1]} passes; tried {ahead.drafted_tokens} drafts "
+              f"(without: {after.drafted_tokens}), accepted {ahead.accepted_tokens} ({after.accepted_tokens})")
         assert guessed[0] > 0
         if dtype == torch.float32:  # a chain moved into place before drafting ahead from it (streams ordered)
             assert [p + t for p, t in zip(prompts, ahead.tokens)] == want

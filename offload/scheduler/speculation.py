@@ -46,6 +46,7 @@ is one of them the next pass's drafts are ready when it starts.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 
@@ -59,6 +60,12 @@ from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, 
 
 
 PROBE_EVERY = 8  # a run of passes that drafted nothing ends with one that drafts a token
+# The target's verify pass on a stream of the highest priority (CUDA's default stream has the lowest): where the draft
+# drafts ahead beside it, the GPU's scheduler then starts the pass's kernels before the side stream's waiting ones,
+# and the side stream may be queued before the pass (``AHEAD_BEFORE``: it then has the whole pass to draft in).
+# Experimental: on only with OFFLOAD_VERIFY_PRIORITY=1 and OFFLOAD_AHEAD_BEFORE=1 (read at import).
+VERIFY_PRIORITY = os.environ.get("OFFLOAD_VERIFY_PRIORITY", "") == "1"
+AHEAD_BEFORE = os.environ.get("OFFLOAD_AHEAD_BEFORE", "") == "1"
 
 
 @dataclass
@@ -83,6 +90,8 @@ class Speculator:
         self.timed = model.device.type == "cuda" and not model.options.link_bandwidth
         self.prices = model.speculation_prices
         self.stop_below = 0.0  # where a chain stops drafting: its expected gain a step below the step's worth
+        on_gpu = model.device.type == "cuda"
+        self.verify_stream = torch.cuda.Stream(model.device, priority=-100) if on_gpu and VERIFY_PRIORITY else None
 
     @torch.inference_mode()
     def run(self, rows: list) -> PassOutcome:
@@ -107,12 +116,15 @@ class Speculator:
         branched = any(len(tokens) > len(chain) for (tokens, _), chain in zip(trees, proposal.tokens))
         drafted = any(tree[0] for tree in trees)
         if drafted:
-            logits = self.model.verify(new_tokens, cached, width=k * m + 1,
-                                       parents=[tree[1] for tree in trees] if branched else None)
+            if AHEAD_BEFORE:
+                self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
+            logits = self._verify(new_tokens, cached, width=k * m + 1,
+                                  parents=[tree[1] for tree in trees] if branched else None)
             # Then, beside the pass, the next pass's drafts for the verdicts the draft guesses. Queued before the
             # pass, the side stream's kernels delayed the pass's own (on an H100, 2026-12-06, SmolLM2 streamed: a
             # verify pass of 6.9 ms against 5.1), and with two slots a layer's late compute holds back the link.
-            self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
+            if not AHEAD_BEFORE:
+                self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
         else:  # nothing to verify: a decode step, [rows, 1, vocab]
             tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.model.device)
             logits = self.model.decode(tokens, [c if row is not None else None for row, c in zip(rows, cached)])
@@ -139,6 +151,19 @@ class Speculator:
         self.draft.update(rows, on_chain, paths)
         self._count(rows, proposal, chosen, on_chain)
         return PassOutcome(gained, sum(len(tree[0]) for tree in trees))
+
+    def _verify(self, new_tokens: list[list[int]], cached: list[int], width: int, parents) -> torch.Tensor:
+        """The verify pass, on the current stream or (``VERIFY_PRIORITY``) on a stream of the highest priority,
+        after the current stream's work and before what it queues next. (Its logits' memory may be reused on
+        that stream only by the next pass, which waits for the current stream first.)"""
+        if self.verify_stream is None:
+            return self.model.verify(new_tokens, cached, width=width, parents=parents)
+        current = torch.cuda.current_stream(self.model.device)
+        self.verify_stream.wait_stream(current)
+        with torch.cuda.stream(self.verify_stream):
+            logits = self.model.verify(new_tokens, cached, width=width, parents=parents)
+        current.wait_stream(self.verify_stream)
+        return logits
 
     def _trees(self, rows: list, proposal: Proposal, branches: int, most: int) -> list[tuple[list[int], list[int]]]:
         """Each row's drafts and their parents: the tree the draft grew, a chain, or (a row of a draft with

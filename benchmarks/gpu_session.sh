@@ -87,6 +87,10 @@
 #   spec_smollm2_priority  the int4 draft's chains drafted ahead (1 spare row) against none: as by default (queued
 #                  after the verify pass), with the verify pass on a stream of the highest priority, and with that and
 #                  the side stream queued before the pass; at the depth chosen, then chains of 3
+#   spec_smollm2_whole  a streamed pass in one graph, copies and all (OFFLOAD_WHOLE_PASS=1) against a graph a layer:
+#                  first SmolLM2-135M's shape (random weights), passes of 1 and 4 tokens against the host's time
+#                  queueing them; then the int4 draft's chains against none: as by default, whole passes, whole
+#                  passes at the highest priority, the priority with the side stream queued first; chains of 3
 #   spec_host      SmolLM2-135M's shape streamed (random weights): verify passes of 1, 4 and 16 tokens, the pass
 #                  against the host's time queueing it (does the host set the pace?), with rings of 2 and 4 slots
 #   spec_smollm2_stop    the int4 draft's chains against none, without and with OFFLOAD_STOP_UNSURE=1 (chains that
@@ -319,6 +323,16 @@ run_stage() {
             OFFLOAD_VERIFY_PRIORITY=$1 OFFLOAD_AHEAD_BEFORE=$2 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 \
             --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${3:+--draft-tokens $3} \
             --json "$0/spec_priority$1$2$3.json"; done' "$OUT" ;;
+    spec_smollm2_whole) stage spec_smollm2_whole bash -c 'set -e
+        for whole in 0 1; do echo "OFFLOAD_WHOLE_PASS=$whole: SmolLM2-135M shape, random weights"
+            OFFLOAD_WHOLE_PASS=$whole python3 benchmarks/bench_speculative.py --shape smollm2-135m --gpu-memory stream \
+            --cpu-memory 4GiB --widths 1,4 --json "$0/spec_host_whole$whole.json"; done
+        smollm2_ready
+        for run in "0 0 0" "1 0 0" "1 1 0" "0 1 1" "0 0 0 3" "1 1 0 3"; do set -- $run
+            echo "OFFLOAD_WHOLE_PASS=$1 OFFLOAD_VERIFY_PRIORITY=$2 OFFLOAD_AHEAD_BEFORE=$3 ${4:+--draft-tokens $4}"
+            OFFLOAD_WHOLE_PASS=$1 OFFLOAD_VERIFY_PRIORITY=$2 OFFLOAD_AHEAD_BEFORE=$3 python3 benchmarks/bench_speculative.py \
+            --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 \
+            ${4:+--draft-tokens $4} --json "$0/spec_whole$1$2$3$4.json"; done' "$OUT" ;;
     spec_host) stage spec_host bash -c 'for slots in 2 4; do python3 benchmarks/bench_speculative.py \
         --shape smollm2-135m --gpu-memory stream --cpu-memory 4GiB --widths 1,4,16 --slots $slots \
         --json "$0/spec_host$slots.json"; done' "$OUT" ;;

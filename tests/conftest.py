@@ -45,13 +45,14 @@ def pytest_collection_modifyitems(config, items):
 class RerunCapture:
     """Graphs on the CPU: replaying a graph runs its captured work again. Capturing runs it once too (that is
     how the work's tensors come to exist) but, like a real capture, leaves no trace in the KV cache: a real
-    capture computes nothing. Counts captures, replays and graphs dropped. (It cannot show aliasing: a real graph
-    writes where its capture allocated, a rerun allocates afresh.)"""
+    capture computes nothing, and copies nothing into the rings' slots (``slots``: a whole pass's capture issues
+    its copies). Counts captures, replays and graphs dropped. (It cannot show aliasing: a real graph writes where
+    its capture allocated, a rerun allocates afresh.)"""
 
     pool = None
 
-    def __init__(self, cache):
-        self.cache, self.captured, self.replayed, self.dropped = cache, 0, 0, 0
+    def __init__(self, cache, slots=()):
+        self.cache, self.slots, self.captured, self.replayed, self.dropped = cache, list(slots), 0, 0, 0
 
     def on_side_stream(self):
         return contextlib.nullcontext()
@@ -67,10 +68,10 @@ class RerunCapture:
         graphs.clear()
 
     def graph(self, work):
-        kept = self.cache.k.clone(), self.cache.v.clone()
+        kept = [t.clone() for t in (self.cache.k, self.cache.v, *self.slots)]
         work()
-        self.cache.k.copy_(kept[0])
-        self.cache.v.copy_(kept[1])
+        for t, before in zip((self.cache.k, self.cache.v, *self.slots), kept):
+            t.copy_(before)
         self.captured += 1
 
         def replay():
@@ -82,7 +83,7 @@ class RerunCapture:
 
 def with_graphs(model) -> RerunCapture:
     """``model`` running its decode steps and verify passes through graphs captured by a :class:`RerunCapture`."""
-    capture = RerunCapture(model.cache)
+    capture = RerunCapture(model.cache, [ring.slots for ring in model.weights.rings])
     model.graphs = DecodeGraphs(model.decoder, model.weights, model.cache, model.device, capture=capture)
     return capture
 

@@ -174,6 +174,31 @@ def test_graph_verify_passes_equal_eager_passes_bitwise(tree):
 
 
 @cuda
+def test_a_whole_pass_in_one_graph_equals_eager_passes_bitwise(monkeypatch):
+    """``graphs.WHOLE_PASS``: every layer streamed through two slots, a pass captured as one graph with the
+    copies it issues (two of its four): decode steps (a row joining, a row sitting one out) and verify passes give
+    the eager passes' bits."""
+    from offload.scheduler import graphs as graph_module
+
+    prompts = prompts_7b((40, 17))
+    kw = dict(dtype=torch.bfloat16, max_batch=4, max_seq_len=256, cpu_memory="8GiB")
+    kw["gpu_memory"] = offload.plan_model(SHORT_7B, **kw).needs.gpu_budget_streaming(0)
+    eager = load(SHORT_7B, **kw, cuda_graphs=False)
+    want = trace(eager, prompts) + verify_trace(eager, prompts, tree=False, width=8)
+    eager.close()
+    del eager
+    free_gpu()
+    monkeypatch.setattr(graph_module, "WHOLE_PASS", True)
+    whole = load(SHORT_7B, **kw)
+    assert whole.graphs.whole and [(len(r.blocks), len(r.slots)) for r in whole.weights.rings] == [(4, 2)]
+    got = trace(whole, prompts) + verify_trace(whole, prompts, tree=False)
+    assert all(len(bucket.graphs[0]) == len(bucket.graphs) == 1 for bucket in whole.graphs.buckets.values())
+    for step, (a, b) in enumerate(zip(want, got, strict=True)):
+        assert torch.equal(a, b), f"pass {step}"
+    whole.close()
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_greedy_chain_in_graphs_drafts_what_eager_steps_draft(structured, structured_draft, dtype):
     """A draft model's greedy chain replayed as one graph a step (``scheduler.greedy_chain``: the embedding, the

@@ -7,6 +7,7 @@ test_gpu.py.)"""
 import pytest
 import torch
 
+import offload
 from conftest import with_graphs
 from offload import drafts
 from test_speculation import KW, load, plain, prompts  # noqa: F401 (a fixture)
@@ -61,6 +62,44 @@ def test_verify_passes_through_graphs_equal_eager_passes_bitwise(structured, str
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert sorted(streamed.graphs.buckets) == [(4, 8, 128), (4, 8, 256)]  # rows, width padded to powers of two
     assert capture.captured == 2 * len(streamed.weights.segments) and capture.replayed == 3 * capture.captured // 2
+
+
+@pytest.fixture
+def one_slot(structured):
+    """The structured model streaming both its layers through a ring of one slot: the second layer's copy is
+    issued within each pass."""
+    kw = {**KW, "max_seq_len": 256, "slots": 1, "cpu_memory": "1GiB"}
+    budget = offload.plan_model(structured, **{k: v for k, v in kw.items() if k != "progress"}).needs
+    model = offload.load_model(structured, **kw, gpu_memory=budget.gpu_budget_streaming(0, slots=1))
+    assert [(len(ring.blocks), len(ring.slots)) for ring in model.weights.rings] == [(2, 1)]
+    yield model
+    model.close()
+
+
+def test_a_whole_pass_in_one_graph_copies_and_all_equals_eager_passes_bitwise(structured, one_slot, monkeypatch):
+    """``graphs.WHOLE_PASS``: a pass over streamed layers is one graph whose capture issued the rings' copies of
+    the pass; the host waits for the loads issued before it and moves the rings on after it. Decode steps and
+    verify passes of two buckets, with eager passes (a prompt joining, a pass no graph serves) between them: the
+    eager passes' logits, bit for bit, and one graph a bucket."""
+    from offload.scheduler import graphs
+
+    monkeypatch.setattr(graphs, "WHOLE_PASS", True)
+    streamed = one_slot
+    batch = prompts(structured, (9, 4, 17))
+    wide, narrow = [[3, 5, 7], [4], [8, 1]], [[3], [4], [8]]
+
+    def run(model):
+        out = passes(model, batch, narrow, steps=3) + passes(model, batch, wide, width=4, steps=3)
+        model.extend([[6, 2, 9]] * 3, [40, 30, 50])  # eager: a prompt's pass between graphs
+        return out + passes(model, batch, narrow, steps=3) + passes(model, batch, wide, width=4, steps=2)
+
+    eager = run(streamed)
+    capture = with_graphs(streamed)
+    assert streamed.graphs.whole and len(streamed.weights.segments) > 1
+    for got, want in zip(run(streamed), eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert sorted(streamed.graphs.buckets) == [(4, 1, 128), (4, 4, 128)]
+    assert capture.captured == 2 and capture.replayed == 2 + 2 + 3 + 2  # each bucket's first pass ran eagerly
 
 
 def test_the_least_recently_used_bucket_is_dropped_beyond_the_planned_graphs(structured, streamed):

@@ -23,6 +23,15 @@ layer's routing, and the host runs the rest of that layer between their replays.
 Where the kernels read the experts directly (``direct_experts``), the routing stays
 on the device and a segment is one graph again.
 
+With ``WHOLE_PASS``, a pass over streamed layers is one graph, the rings' copies
+inside it: the capture runs the segments' loop itself, acquire and release and all,
+while the rings issue only the pass's own loads (``WeightStream.one_pass``). A
+replay is then the host's wait for the loads issued before the pass, one graph, and
+the rings' bookkeeping after it (``WeightStream.passed``: the next pass's first loads
+issued behind it), where per-layer graphs had the host acquire, replay and release
+layer by layer (60-100 us a streamed layer). Not where the host decides inside a
+layer (pieces), nor for a peer's link (its copies run on the other GPU's stream).
+
 A bucket is a shape: rows, tokens a row (1 for a decode step) and key length. Its
 first pass runs eagerly on the capture stream (it warms the kernels up, and its
 logits are that pass's result); then the bucket's segments are captured, and later
@@ -51,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import types
 import warnings
 from collections import OrderedDict
@@ -71,6 +81,9 @@ from .stream import WeightStream
 GRAPH_BYTES = 256 * 2**10  # device memory a captured graph holds outside PyTorch's allocator: about 0.2-0.25 MiB
 #                           for a layer's or a piece's graph, growing with their number (an H200, 2026-12-05)
 KEPT_BUCKETS = 12  # buckets of graphs the plan reserves that memory for, at the most graphs a bucket can have
+# A pass over streamed layers captured whole, copies and all (see above). Experimental: on only with
+# OFFLOAD_WHOLE_PASS=1 (read at import).
+WHOLE_PASS = os.environ.get("OFFLOAD_WHOLE_PASS", "") == "1"
 
 
 def graph_objects_bytes(most_graphs: int) -> int:
@@ -155,6 +168,7 @@ class DecodeGraphs:
         self.buffers: dict[tuple[int, int], tuple] = {}  # per (rows, width): h, inputs, routed
         routed = sum(map(decoder.routed, range(decoder.config.n_layers)))
         self.routes = routed > 0
+        self.whole = WHOLE_PASS and not self.routes and weights.captures_copies  # one graph a pass
         self.buckets: OrderedDict[tuple[int, int, int], _Bucket] = OrderedDict()  # (rows, width, keys), LRU first
         self.captures = 0  # buckets captured so far (a benchmark keeps them out of its timing)
         # As many buckets as the plan's reserve for graph objects holds at this placement's graphs a bucket.
@@ -185,7 +199,8 @@ class DecodeGraphs:
         rows, wide = bucket.h.shape[0], tokens.dim() > 1
         if not bucket.graphs:
             return self._first_pass(bucket, make_chunk, tokens, host_tokens)
-        return self.decoder.forward([bucket.chunk.with_tokens(tokens, host_tokens)], self.weights, self.cache, rows,
+        stream = _WholePass(self.weights) if self.whole else self.weights
+        return self.decoder.forward([bucket.chunk.with_tokens(tokens, host_tokens)], stream, self.cache, rows,
                                     run=bucket.replay, all_logits=wide)
 
     def _bucket(self, shape: torch.Size, inputs: tuple, kv_len: int) -> _Bucket:
@@ -233,7 +248,10 @@ class DecodeGraphs:
         self.capture.synchronize()
         graphs = {}
         with self.capture.on_side_stream(), sdpa_kernel(ATTENTION_BACKENDS):
-            for n, segment in enumerate(self.weights.segments):
+            if self.whole:
+                self.weights.wait_issued()  # the graph waits for no copy it did not make itself
+                graphs[0] = [(self.capture.graph(functools.partial(self._whole_pass, bucket, make_chunk, run)), None)]
+            for n, segment in enumerate(self.weights.segments if not self.whole else []):
                 graphs[segment[0]] = self._capture_segment(bucket, segment, make_chunk if n == 0 else None, run)
         bucket.graphs = graphs  # only once every segment is captured: a failed capture is retried next pass
         self.captures += 1
@@ -272,11 +290,36 @@ class DecodeGraphs:
         w = self.weights.fixed_weights([stop])[0]
         bucket.routed.copy_(self.decoder.attend_and_route(h, w, bucket.chunk, self.cache.layer(stop), stop))
 
+    def _whole_pass(self, bucket: _Bucket, make_chunk, run) -> None:
+        """What a whole pass's graph does: the rotary tables and masks from the pass's inputs, then every segment
+        over ``bucket.h``, each streamed layer's copy and waits as the rings issue them within the pass."""
+        bucket.chunk = make_chunk(*bucket.inputs)
+        h = bucket.h
+        with self.weights.one_pass():
+            for segment in self.weights.segments:
+                h = run(segment, [h], self.weights.acquire(segment), [bucket.chunk], self.cache)[0]
+                self.weights.release(segment)
+        bucket.h.copy_(h)
+
     def _experts(self, bucket: _Bucket, i: int) -> None:
         """The host's part of routed layer ``i``, between replays: the experts its routing chose (fetched where
         they are not on the device), their sum into ``bucket.h``."""
         w = self.weights.fixed_weights([i])[0]
         bucket.h.copy_(self.decoder.routed_mlp(i, [bucket.routed], w, bucket.routed.ids.shape[0])[0])
+
+
+class _WholePass:
+    """The rings as a replay of a whole pass's graph sees them: one segment of every layer, whose copies are in
+    the graph; before it the loads issued already are waited for, after it the rings move on."""
+
+    def __init__(self, weights: WeightStream):
+        self.weights, self.segments = weights, [[i for segment in weights.segments for i in segment]]
+
+    def acquire(self, segment: list[int]) -> None:
+        self.weights.wait_issued()
+
+    def release(self, segment: list[int]) -> None:
+        self.weights.passed()
 
 
 def _tuning(compiling: bool):

@@ -84,10 +84,7 @@
 #                  (OFFLOAD_LOOK_AHEAD) against none, at the depth chosen, and 3 at chains of 3
 #   spec_smollm2_paced  the int4 draft's chains drafted ahead in 1, no and 3 spare rows against none at the depth
 #                  chosen, and in 1 at chains of 3
-#   spec_smollm2_priority  the int4 draft's chains drafted ahead (1 spare row) against none: as by default (queued
-#                  after the verify pass), with the verify pass on a stream of the highest priority, and with that and
-#                  the side stream queued before the pass; at the depth chosen, then chains of 3
-#   spec_smollm2_whole  a streamed pass in one graph, copies and all (OFFLOAD_WHOLE_PASS=1) against a graph a layer:
+#   spec_smollm2_whole (or spec_smollm2_priority)  a streamed pass in one graph, copies and all (OFFLOAD_WHOLE_PASS=1) against a graph a layer:
 #                  first SmolLM2-135M's shape (random weights), passes of 1 and 4 tokens against the host's time
 #                  queueing them; then the int4 draft's chains against none: as by default, whole passes, whole
 #                  passes at the highest priority, the priority with the side stream queued first; chains of 3
@@ -317,13 +314,7 @@ run_stage() {
             OFFLOAD_LOOK_AHEAD=$1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${2:+--draft-tokens $2} \
             --json "$0/spec_paced$1$2.json"; done' "$OUT" ;;
-    spec_smollm2_priority) stage spec_smollm2_priority bash -c 'set -e; smollm2_ready
-        for run in "0 0" "1 0" "1 1" "0 0 3" "1 0 3" "1 1 3"; do set -- $run
-            echo "OFFLOAD_VERIFY_PRIORITY=$1 OFFLOAD_AHEAD_BEFORE=$2 ${3:+--draft-tokens $3}"
-            OFFLOAD_VERIFY_PRIORITY=$1 OFFLOAD_AHEAD_BEFORE=$2 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 \
-            --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${3:+--draft-tokens $3} \
-            --json "$0/spec_priority$1$2$3.json"; done' "$OUT" ;;
-    spec_smollm2_whole) stage spec_smollm2_whole bash -c 'set -e
+    spec_smollm2_whole|spec_smollm2_priority) stage spec_smollm2_whole bash -c 'set -e
         for whole in 0 1; do echo "OFFLOAD_WHOLE_PASS=$whole: SmolLM2-135M shape, random weights"
             OFFLOAD_WHOLE_PASS=$whole python3 benchmarks/bench_speculative.py --shape smollm2-135m --gpu-memory stream \
             --cpu-memory 4GiB --widths 1,4 --json "$0/spec_host_whole$whole.json"; done

@@ -84,10 +84,12 @@
 #                  (OFFLOAD_LOOK_AHEAD) against none, at the depth chosen, and 3 at chains of 3
 #   spec_smollm2_paced  the int4 draft's chains drafted ahead in 1, no and 3 spare rows against none at the depth
 #                  chosen, and in 1 at chains of 3
-#   spec_smollm2_whole (or spec_smollm2_priority)  a streamed pass in one graph, copies and all (OFFLOAD_WHOLE_PASS=1) against a graph a layer:
-#                  first SmolLM2-135M's shape (random weights), passes of 1 and 4 tokens against the host's time
-#                  queueing them; then the int4 draft's chains against none: as by default, whole passes, whole
-#                  passes at the highest priority, the priority with the side stream queued first; chains of 3
+#   spec_smollm2_whole  (or spec_smollm2_priority) a streamed pass in one graph, copies and all
+#                  (OFFLOAD_WHOLE_PASS=1) against a graph a layer: first SmolLM2-135M's shape (random weights),
+#                  passes of 1 and 4 tokens against the host's time queueing them; then the int4 draft's chains
+#                  against none: as by default, whole passes, whole passes at the highest priority
+#                  (OFFLOAD_VERIFY_PRIORITY=1), the priority with the side stream queued first
+#                  (OFFLOAD_AHEAD_BEFORE=1); chains of 3
 #   spec_host      SmolLM2-135M's shape streamed (random weights): verify passes of 1, 4 and 16 tokens, the pass
 #                  against the host's time queueing it (does the host set the pace?), with rings of 2 and 4 slots
 #   spec_smollm2_stop    the int4 draft's chains against none, without and with OFFLOAD_STOP_UNSURE=1 (chains that

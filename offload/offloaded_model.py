@@ -30,6 +30,7 @@ from .models.verify_chunk import VerifyChunk
 from .sampling import Sampling
 from .scheduler.graphs import DecodeGraphs
 from .scheduler.experts import ExpertStore
+from .scheduler import speculation
 from .scheduler.row_engine import Request, RowEngine
 from .scheduler.stream import CopyStream, WeightStream
 from .speculative import MeasuredPrices
@@ -135,7 +136,8 @@ class OffloadedModel:
         _, kv_heads = local_heads(s.config, s.tp)
         self.cache = KVCache(s.config.n_layers, self.max_batch, kv_heads, self.max_seq_len, s.config.head_dim,
                              s.dtype, s.device)
-        self.graphs = (DecodeGraphs(self.decoder, self.weights, self.cache, s.device, compile=s.options.compile)
+        self.graphs = (DecodeGraphs(self.decoder, self.weights, self.cache, s.device, compile=s.options.compile,
+                                    high_priority=draft is not None and speculation.VERIFY_PRIORITY)
                        if uses_cuda_graphs(s.options, s.device) else None)
 
     @property

@@ -400,13 +400,26 @@ def test_greedy_speculation_drafting_ahead_gives_plain_greedy_tokens(structured,
         model = offload.load_model(structured, **KW, draft=str(structured_draft), draft_tokens=4, draft_branches=1,
                                    progress=False)
         with_graphs(model.draft.model)
+        order = []  # what was queued first in each pass: the verify pass, or the drafting ahead of the next
+        for owner, name in ((model, "verify"), (model.draft, "look_ahead")):
+            monkeypatch.setattr(owner, name, spy(getattr(owner, name), order, name))
         engine = RowEngine(model)
         assert greedy_through(engine, prompts, new) == expected
         passes[ahead] = (engine.speculator.overall.tried, engine.speculator.overall.accepted, model.draft.guessed)
+        first, then = ("look_ahead", "verify") if ahead == "before" else ("verify", "look_ahead")
+        assert order and order == [first, then] * (len(order) // 2), order[:6]  # each pass: both, in that order
         model.close()
     assert passes[1][:2] == passes[0][:2] == passes["before"][:2]
     assert passes[1][2][0] > 0 and passes["before"][2][0] > 0 and passes[0][2] == [0, 0]
     plain.close()
+
+
+def spy(method, calls: list, name: str):
+    """``method``, noting ``name`` in ``calls`` each time it is called."""
+    def noted(*args, **kwargs):
+        calls.append(name)
+        return method(*args, **kwargs)
+    return noted
 
 
 def test_confidence_is_the_product_of_the_chosen_tokens_probabilities_read_a_step_late():

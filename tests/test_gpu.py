@@ -174,15 +174,16 @@ def test_graph_verify_passes_equal_eager_passes_bitwise(tree):
 
 
 @cuda
-def test_a_whole_pass_in_one_graph_equals_eager_passes_bitwise(monkeypatch):
-    """``graphs.WHOLE_PASS``: every layer streamed through two slots, a pass captured as one graph with the
-    copies it issues (two of its four): decode steps (a row joining, a row sitting one out) and verify passes give
-    the eager passes' bits."""
+@pytest.mark.parametrize("resident, slots", [(0, 2), (1, 2), (0, 3)])
+def test_a_whole_pass_in_one_graph_equals_eager_passes_bitwise(monkeypatch, resident, slots):
+    """``graphs.WHOLE_PASS``: layers streamed through a ring of slots, a pass captured as one graph with the copies
+    it issues (blocks past the slots': 4 streamed through 2 or 3, or 3 through 2 beside a resident one): decode steps
+    (a row joining, a row sitting one out) and verify passes give the eager passes' bits."""
     from offload.scheduler import graphs as graph_module
 
-    prompts = prompts_7b((40, 17))
-    kw = dict(dtype=torch.bfloat16, max_batch=4, max_seq_len=256, cpu_memory="8GiB")
-    kw["gpu_memory"] = offload.plan_model(SHORT_7B, **kw).needs.gpu_budget_streaming(0)
+    prompts = prompts_7b((40, 17, 29))
+    kw = dict(dtype=torch.bfloat16, max_batch=4, max_seq_len=256, cpu_memory="8GiB", slots=slots)
+    kw["gpu_memory"] = offload.plan_model(SHORT_7B, **kw).needs.gpu_budget_streaming(resident, slots=slots)
     eager = load(SHORT_7B, **kw, cuda_graphs=False)
     want = trace(eager, prompts) + verify_trace(eager, prompts, tree=False, width=8)
     eager.close()
@@ -190,9 +191,11 @@ def test_a_whole_pass_in_one_graph_equals_eager_passes_bitwise(monkeypatch):
     free_gpu()
     monkeypatch.setattr(graph_module, "WHOLE_PASS", True)
     whole = load(SHORT_7B, **kw)
-    assert whole.graphs.whole and [(len(r.blocks), len(r.slots)) for r in whole.weights.rings] == [(4, 2)]
+    assert whole.graphs.whole and [(len(r.blocks), len(r.slots)) for r in whole.weights.rings] == [(4 - resident,
+                                                                                                     slots)]
     got = trace(whole, prompts) + verify_trace(whole, prompts, tree=False)
     assert all(len(bucket.graphs[0]) == len(bucket.graphs) == 1 for bucket in whole.graphs.buckets.values())
+    assert whole.graphs.captures >= 2  # decode steps' and verify passes' buckets, each replayed after its first
     for step, (a, b) in enumerate(zip(want, got, strict=True)):
         assert torch.equal(a, b), f"pass {step}"
     whole.close()
@@ -253,7 +256,15 @@ def test_drafting_ahead_on_a_side_stream_gives_the_passes_of_drafting_after_each
         monkeypatch.setattr(speculation, "VERIFY_PRIORITY", before)
         model = offload.load_model(structured, **kw, draft=str(structured_draft), draft_tokens=4, draft_branches=1)
         assert (speculation.Speculator(model).verify_stream is not None) == before
+        priorities, verify = [], model.verify  # the streams the verify passes were queued on
+
+        def noted(*args, verify=verify, priorities=priorities, **kwargs):
+            priorities.append(torch.cuda.current_stream().priority)
+            return verify(*args, **kwargs)
+
+        monkeypatch.setattr(model, "verify", noted)
         got = model.generate(prompts, max_new_tokens=limits, ignore_eos=True, return_result=True)
+        assert priorities and (max(priorities) < 0) == (model.graphs.capture.stream.priority < 0) == before
         results[spare, before] = got, list(model.draft.guessed)
         model.close()
     after, unguessed = results[0, False]

@@ -92,10 +92,12 @@ def graph_objects_bytes(most_graphs: int) -> int:
 
 
 class CudaCapture:
-    """Where graphs are captured: a side stream of ``device``, and one memory pool for every graph."""
+    """Where graphs are captured: a side stream of ``device``, and one memory pool for every graph. A graph's
+    kernels keep the priority of the stream they were captured on (PyTorch instantiates graphs with
+    ``cudaGraphInstantiateFlagUseNodePriority``), so ``high_priority`` captures on a stream of the highest."""
 
-    def __init__(self, device: torch.device):
-        self.stream = torch.cuda.Stream(device)
+    def __init__(self, device: torch.device, high_priority: bool = False):
+        self.stream = torch.cuda.Stream(device, priority=-100 if high_priority else 0)  # clamped to the highest
         self.pool = torch.cuda.graph_pool_handle()
 
     def on_side_stream(self):
@@ -156,14 +158,14 @@ class _Bucket:
 class DecodeGraphs:
     """Runs decode steps and verify passes of ``decoder`` as replayed CUDA graphs, bucket by bucket.
 
-    ``capture`` makes the graphs (:class:`CudaCapture` on ``device``; tests give a stand-in that replays by
-    running the captured work again)."""
+    ``capture`` makes the graphs (:class:`CudaCapture` on ``device``, of the highest priority with
+    ``high_priority``; tests give a stand-in that replays by running the captured work again)."""
 
     def __init__(self, decoder: Decoder, weights: WeightStream, cache: KVCache, device: torch.device,
-                 compile: bool = False, capture=None):
+                 compile: bool = False, capture=None, high_priority: bool = False):
         self.decoder, self.weights, self.cache = decoder, weights, cache
         self.compile = compile and decoder.tp.size == 1
-        self.capture = capture or CudaCapture(device)
+        self.capture = capture or CudaCapture(device, high_priority)
         self.pool = self.capture.pool
         self.buffers: dict[tuple[int, int], tuple] = {}  # per (rows, width): h, inputs, routed
         routed = sum(map(decoder.routed, range(decoder.config.n_layers)))
@@ -249,7 +251,7 @@ class DecodeGraphs:
         graphs = {}
         with self.capture.on_side_stream(), sdpa_kernel(ATTENTION_BACKENDS):
             if self.whole:
-                self.weights.wait_issued()  # the graph waits for no copy it did not make itself
+                self.weights.wait_issued()  # the rings' first loads issued, as when each replay starts
                 graphs[0] = [(self.capture.graph(functools.partial(self._whole_pass, bucket, make_chunk, run)), None)]
             for n, segment in enumerate(self.weights.segments if not self.whole else []):
                 graphs[segment[0]] = self._capture_segment(bucket, segment, make_chunk if n == 0 else None, run)
@@ -317,6 +319,7 @@ class _WholePass:
 
     def acquire(self, segment: list[int]) -> None:
         self.weights.wait_issued()
+        self.weights.check_pass_start()  # the graph copies what its capture found to copy: not more, not less
 
     def release(self, segment: list[int]) -> None:
         self.weights.passed()

@@ -137,23 +137,35 @@ class Ring:
     @contextlib.contextmanager
     def one_pass(self):
         """While a whole pass is captured: its own loads only, on the capture's events; the counters and events
-        as they were afterwards."""
+        as they were afterwards. (A capture that failed half way joins its copies first: a stream forked into a
+        capture and left there would fail the capture's end, hiding the error.)"""
         kept = self.issued, self.used, list(self.last_load), self.ready, self.free
         self.capture = (self.issued, self.used + len(self.blocks))
         self.ready, self.free = self.captured_events
         try:
             yield
+        except BaseException:
+            if self.device.type == "cuda":
+                for t in range(self.capture[0], self.issued):
+                    torch.cuda.current_stream(self.device).wait_event(self.ready[self.slot_of(t)])
+            raise
         finally:
             self.issued, self.used, self.last_load, self.ready, self.free = kept
             self.capture = None
 
+    def at_pass_start(self) -> bool:
+        """Whether the ring is where every pass starts (what a whole pass's graph was captured from): at its
+        first block, the loads of its first ``min(k, m)`` blocks issued."""
+        return self.used % len(self.blocks) == 0 and self.issued - self.used == len(self.slots)
+
     def passed(self) -> None:
-        """After a whole pass's graph: the loads it made counted, every slot free once it has run, the next
-        pass's first loads issued."""
+        """After a whole pass's graph: the loads it made counted (each slot's last one is a load of this pass, so
+        none is below ``used`` again), every slot free once the graph has run, the next pass's first loads
+        issued."""
         end = self.used + len(self.blocks)
-        for t in range(self.issued, end):
+        for t in range(end - len(self.slots), end):
             self.last_load[self.slot_of(t)] = t
-        self.issued, self.used = max(self.issued, end), end
+        self.issued = self.used = end
         if self.device.type == "cuda":
             for event in self.free:
                 event.record(torch.cuda.current_stream(self.device))
@@ -214,6 +226,12 @@ class WeightStream:
             for ring in self.rings:
                 stack.enter_context(ring.one_pass())
             yield
+
+    def check_pass_start(self) -> None:
+        """Before a whole pass's graph: every ring where its capture found it (a pass abandoned half way and not
+        reset would have the graph read the wrong blocks)."""
+        for ring in self.rings:
+            assert ring.at_pass_start(), f"a ring at load {ring.used} ({ring.issued} issued) where a pass starts"
 
     def passed(self) -> None:
         """After a replay of a whole pass's graph (:meth:`Ring.passed`)."""

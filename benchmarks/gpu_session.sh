@@ -341,7 +341,7 @@ run_stage() {
             --batch 1,16 --json "$0/gguf13b.json"' "$OUT" ;;
     tests_spec) stage tests_spec bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_speculation.py \
       tests/test_verify_chunk.py tests/test_drafts.py tests/test_graphs.py; python3 -m pytest -m gpu -s -q \
-      -p no:cacheprovider tests/test_gpu.py -k "verify or speculative or greedy_chain or ahead"' ;;
+      -p no:cacheprovider tests/test_gpu.py -k "verify or speculative or greedy_chain or ahead or whole"' ;;
     tests_experts) stage tests_experts python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \
       -k "experts or probes" ;;
     tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \

@@ -84,12 +84,12 @@
 #                  (OFFLOAD_LOOK_AHEAD) against none, at the depth chosen, and 3 at chains of 3
 #   spec_smollm2_paced  the int4 draft's chains drafted ahead in 1, no and 3 spare rows against none at the depth
 #                  chosen, and in 1 at chains of 3
-#   spec_smollm2_whole  (or spec_smollm2_priority) a streamed pass in one graph, copies and all
-#                  (OFFLOAD_WHOLE_PASS=1) against a graph a layer: first SmolLM2-135M's shape (random weights),
-#                  passes of 1 and 4 tokens against the host's time queueing them; then the int4 draft's chains
-#                  against none: as by default, whole passes, whole passes at the highest priority
-#                  (OFFLOAD_VERIFY_PRIORITY=1), the priority with the side stream queued first
-#                  (OFFLOAD_AHEAD_BEFORE=1); chains of 3
+#   tests_whole    the GPU tests of whole passes and of drafting ahead (the verify pass's priority too)
+#   spec_host_whole  SmolLM2-135M's shape streamed (random weights): verify passes of 1 and 4 tokens against the host's
+#                  time queueing them, a graph a layer against a whole pass in one graph (OFFLOAD_WHOLE_PASS=1)
+#   spec_smollm2_whole  (or spec_smollm2_priority) spec_host_whole, then the int4 draft's chains against none: as
+#                  by default, whole passes, whole passes at the highest priority (OFFLOAD_VERIFY_PRIORITY=1), the
+#                  priority with the side stream queued first (OFFLOAD_AHEAD_BEFORE=1); chains of 3
 #   spec_host      SmolLM2-135M's shape streamed (random weights): verify passes of 1, 4 and 16 tokens, the pass
 #                  against the host's time queueing it (does the host set the pace?), with rings of 2 and 4 slots
 #   spec_smollm2_stop    the int4 draft's chains against none, without and with OFFLOAD_STOP_UNSURE=1 (chains that
@@ -316,11 +316,13 @@ run_stage() {
             OFFLOAD_LOOK_AHEAD=$1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${2:+--draft-tokens $2} \
             --json "$0/spec_paced$1$2.json"; done' "$OUT" ;;
-    spec_smollm2_whole|spec_smollm2_priority) stage spec_smollm2_whole bash -c 'set -e
-        for whole in 0 1; do echo "OFFLOAD_WHOLE_PASS=$whole: SmolLM2-135M shape, random weights"
-            OFFLOAD_WHOLE_PASS=$whole python3 benchmarks/bench_speculative.py --shape smollm2-135m --gpu-memory stream \
-            --cpu-memory 4GiB --widths 1,4 --json "$0/spec_host_whole$whole.json"; done
-        smollm2_ready
+    tests_whole) stage tests_whole python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \
+      -k "whole or ahead" ;;
+    spec_host_whole) stage spec_host_whole bash -c 'for whole in 0 1; do echo "OFFLOAD_WHOLE_PASS=$whole"
+        OFFLOAD_WHOLE_PASS=$whole python3 benchmarks/bench_speculative.py --shape smollm2-135m --gpu-memory stream \
+        --cpu-memory 4GiB --widths 1,4 --json "$0/spec_host_whole$whole.json"; done' "$OUT" ;;
+    spec_smollm2_whole|spec_smollm2_priority) run_stage spec_host_whole
+      stage spec_smollm2_whole bash -c 'set -e; smollm2_ready
         for run in "0 0 0" "1 0 0" "1 1 0" "0 1 1" "0 0 0 3" "1 1 0 3"; do set -- $run
             echo "OFFLOAD_WHOLE_PASS=$1 OFFLOAD_VERIFY_PRIORITY=$2 OFFLOAD_AHEAD_BEFORE=$3 ${4:+--draft-tokens $4}"
             OFFLOAD_WHOLE_PASS=$1 OFFLOAD_VERIFY_PRIORITY=$2 OFFLOAD_AHEAD_BEFORE=$3 python3 benchmarks/bench_speculative.py \

@@ -88,6 +88,12 @@ def with_graphs(model) -> RerunCapture:
     return capture
 
 
+def graphs_a_bucket(model) -> int:
+    """The graphs a bucket of ``model``'s captures: one a pass where the pass is captured whole
+    (``graphs.WHOLE_PASS``), else one a segment."""
+    return 1 if model.graphs.whole else len(model.weights.segments)
+
+
 def greedy_through(engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """Each prompt's ``new_tokens`` greedy tokens through the row engine ``engine``, run until it is idle."""
     from offload.scheduler.row_engine import Request

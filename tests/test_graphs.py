@@ -8,17 +8,20 @@ import pytest
 import torch
 
 import offload
-from conftest import with_graphs
+from conftest import graphs_a_bucket, with_graphs
 from offload import drafts
 from test_speculation import KW, load, plain, prompts  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def streamed(structured):
+@pytest.fixture(params=[True, False], ids=["whole passes", "a graph a segment"])
+def streamed(structured, request, monkeypatch):
     """The structured model streaming every layer from the host, with prompt lookup (so verify passes are wide),
-    its cache long enough for two buckets of key lengths."""
+    its cache long enough for two buckets of key lengths; its passes captured whole, or a graph a segment."""
+    from offload.scheduler import graphs
+
+    monkeypatch.setattr(graphs, "WHOLE_PASS", request.param)
     model = load(structured, "ngram", max_seq_len=256)
     yield model
     model.close()
@@ -44,7 +47,7 @@ def test_decode_steps_through_graphs_equal_eager_steps_bitwise(structured, strea
     for got, want in zip(passes(streamed, batch, tokens), eager):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert list(streamed.graphs.buckets) == [(4, 1, 128)]  # rows padded to a power of two, keys to 128
-    assert capture.captured == len(streamed.weights.segments) and capture.replayed == 4 * capture.captured
+    assert capture.captured == graphs_a_bucket(streamed) and capture.replayed == 4 * capture.captured
 
 
 @pytest.mark.parametrize("tree", [False, True])
@@ -61,7 +64,7 @@ def test_verify_passes_through_graphs_equal_eager_passes_bitwise(structured, str
     for got, want in zip(got, eager):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert sorted(streamed.graphs.buckets) == [(4, 8, 128), (4, 8, 256)]  # rows, width padded to powers of two
-    assert capture.captured == 2 * len(streamed.weights.segments) and capture.replayed == 3 * capture.captured // 2
+    assert capture.captured == 2 * graphs_a_bucket(streamed) and capture.replayed == 3 * capture.captured // 2
 
 
 @pytest.fixture
@@ -114,8 +117,8 @@ def test_the_least_recently_used_bucket_is_dropped_beyond_the_planned_graphs(str
         for a, b in zip(want, have):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert [w for _, w, _ in streamed.graphs.buckets] == [16, 4]  # width 4 came back; 8 was the older
-    segments = len(streamed.weights.segments)
-    assert capture.captured == 4 * segments and capture.dropped == 2 * segments
+    graphs = graphs_a_bucket(streamed)
+    assert capture.captured == 4 * graphs and capture.dropped == 2 * graphs
     assert streamed.graphs.captures == 4  # buckets captured: what a benchmark keeps out of its timing
 
 

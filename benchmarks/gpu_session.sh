@@ -133,9 +133,12 @@
 # eighteenth (H100, 2026-12-06, after half an hour of no machine) the small GEMV's tests, tests_spec,
 # spec_smollm2_spare (spare rows: mostly paused), spec_smollm2_paced (queued before the pass: the pass slower; chains
 # of 3 1.42x, the depth chosen 1.14x; fbb1e76 on the same machine 1.27x), tests_spec's files again.
-#   1. tests_spec:120, spec_smollm2_paced                      prices per width, pacing from the side stream's start
-#                                                              (#22: never timed on a GPU)
-#   2. int4_405b:500 (an H200)                                 the moonshot (#20)
+# nineteenth (H100, 2026-12-06, after 96 minutes of no machine) tests_whole, spec_host_whole (a whole pass in one graph:
+# the host queues it in 0.56 ms against 1.58), spec_smollm2_whole (1.57x against 1.48x; the priority: within noise),
+# test_gpu.py's graph and budget tests with whole passes the default.
+#   1. int4_405b:500 (an H200)                                 the moonshot (#20)
+#   2. tests_spec:240, spec_smollm2_paced                      speculation's files on CUDA with whole passes; spare
+#                                                              rows again (the side stream now starts ~1 ms sooner)
 #   3. tests_kernels:300                                       test_quant_kernels.py past its first 306 tests
 #   4. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts (#21)
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.

@@ -28,9 +28,9 @@ from .models.decoder import KVCache
 from .models.parallel import local_heads, vocab_rows
 from .models.verify_chunk import VerifyChunk
 from .sampling import Sampling
+from .scheduler import speculation
 from .scheduler.graphs import DecodeGraphs
 from .scheduler.experts import ExpertStore
-from .scheduler import speculation
 from .scheduler.row_engine import Request, RowEngine
 from .scheduler.stream import CopyStream, WeightStream
 from .speculative import MeasuredPrices

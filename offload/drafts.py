@@ -598,7 +598,6 @@ def _cuda_event(device: torch.device, timing: bool = False):
     return event
 
 
-
 @dataclass
 class Guesses:
     """A row's next chains drafted ahead (:meth:`ModelDraft.look_ahead`) while the target verifies ``drafts``."""

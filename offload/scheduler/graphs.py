@@ -172,6 +172,7 @@ class DecodeGraphs:
         routed = sum(map(decoder.routed, range(decoder.config.n_layers)))
         self.routes = routed > 0
         self.whole = WHOLE_PASS and not self.routes and weights.captures_copies  # one graph a pass
+        self.replayed_rings = _WholePass(weights) if self.whole else None  # the rings as a replay sees them
         self.buckets: OrderedDict[tuple[int, int, int], _Bucket] = OrderedDict()  # (rows, width, keys), LRU first
         self.captures = 0  # buckets captured so far (a benchmark keeps them out of its timing)
         # As many buckets as the plan's reserve for graph objects holds at this placement's graphs a bucket.
@@ -202,7 +203,7 @@ class DecodeGraphs:
         rows, wide = bucket.h.shape[0], tokens.dim() > 1
         if not bucket.graphs:
             return self._first_pass(bucket, make_chunk, tokens, host_tokens)
-        stream = _WholePass(self.weights) if self.whole else self.weights
+        stream = self.replayed_rings or self.weights
         return self.decoder.forward([bucket.chunk.with_tokens(tokens, host_tokens)], stream, self.cache, rows,
                                     run=bucket.replay, all_logits=wide)
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 import offload
 from offload.gguf import GGUFFiles, write_q4_k_m_like
 from offload.models import checkpoint, readahead
-from offload.models.checkpoint import _data_offsets
+from offload.models.checkpoint import _header
 from offload.models.readahead import Readahead
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="the system has no posix_fadvise")
@@ -69,14 +69,16 @@ def test_closing_stops_a_thread_that_waits_for_the_loader(tmp_path, asked):
     assert not ahead.thread.is_alive() and asked(1) == [(0, 50)]
 
 
-def test_a_safetensors_files_offsets_hold_its_tensors_bytes(tiny):
+def test_a_safetensors_files_header_gives_its_tensors_bytes_dtypes_and_shapes(tiny):
     for file in sorted(tiny.glob("*.safetensors")):
         data = file.read_bytes()
         with safe_open(str(file), framework="pt") as f:
-            offsets = _data_offsets(file)
-            assert set(offsets) == set(f.keys())
-            for name, (start, end) in offsets.items():
-                assert data[start:end] == f.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            stored = _header(file)
+            assert set(stored) == set(f.keys())
+            for name, s in stored.items():
+                tensor = f.get_tensor(name)
+                assert data[s.start:s.end] == tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                assert f.get_slice(name).get_dtype() == s.dtype and tuple(tensor.shape) == s.shape
 
 
 def test_a_load_asks_for_every_tensor_it_reads_before_reading_it(tiny, monkeypatch):
@@ -96,8 +98,7 @@ def test_a_load_asks_for_every_tensor_it_reads_before_reading_it(tiny, monkeypat
     model = offload.load_model(tiny, dtype=torch.float32, progress=False, max_batch=1, max_seq_len=32)
     model.close()
     (spy,) = made
-    files = {file: _data_offsets(file) for file in tiny.glob("*.safetensors")}
-    everything = {(file, *span) for file, offsets in files.items() for span in offsets.values()}
+    everything = {(file, s.start, s.end) for file in tiny.glob("*.safetensors") for s in _header(file).values()}
     assert set(spy.ranges) == everything  # the tiny model reads every tensor of its checkpoint, each once
     assert spy.reached_in_order == sorted(spy.reached_in_order) and set(spy.reached_in_order) == set(
         range(len(spy.ranges)))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +42,9 @@ from .quant import DEQUANTIZE, QuantizedWeight, QuantScheme, dequantize, part_sh
 from .readahead import Readahead
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes weights may have
+STAGING = 64 << 20  # bytes read at a time where a piece is cast or sent to a GPU (``_read_rows``)
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
 LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -68,6 +71,9 @@ class CheckpointSource:
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory {str(self.path)!r} does not exist")
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, dict[str, Stored]] = {}
+        self._files: dict[Path, object] = {}  # opened for read(): see _read_rows
+        self._staging: torch.Tensor | None = None
         self._file_of = self._index()
         self._readahead: Readahead | None = None
 
@@ -164,9 +170,15 @@ class CheckpointSource:
     def read_in_order(self, specs: list[tuple[TensorSpec, str]]) -> None:
         """The tensors a load will :meth:`read`, in its order: their bytes are read from disk ahead of it."""
         names = dict.fromkeys(self._stored_name(spec, name) for spec, name in specs)
-        headers = {file: _data_offsets(file) for file in {self._file_of[name] for name in names}}
-        self._readahead = Readahead({name: (self._file_of[name], *headers[self._file_of[name]][name])
+        stored = {name: self._stored(name) for name in names}
+        self._readahead = Readahead({name: (self._file_of[name], stored[name].start, stored[name].end)
                                      for name in names})
+
+    def _stored(self, name: str) -> Stored:
+        file = self._file_of[name]
+        if file not in self._headers:
+            self._headers[file] = _header(file)
+        return self._headers[file][name]
 
     def _stored_name(self, spec: TensorSpec, name: str) -> str:
         """The name a piece is read from: a saved quantized weight's part is its own tensor."""
@@ -180,14 +192,61 @@ class CheckpointSource:
         if self._readahead is not None:
             self._readahead.reached(name)
         file = self._file_of[name]
-        try:
-            piece = _cut(self._open(file).get_slice(name), spec)
-        except SafetensorError as e:
-            raise CheckpointError(f"{file.name}: cannot read tensor {name!r} ({e})") from None
-        copy_piece(out, piece)
+        if not self._read_rows(spec, name, out):
+            try:
+                piece = _cut(self._open(file).get_slice(name), spec)
+            except SafetensorError as e:
+                raise CheckpointError(f"{file.name}: cannot read tensor {name!r} ({e})") from None
+            copy_piece(out, piece)
         if out.is_floating_point() and not all_finite(out):
             raise CheckpointError(f"{file.name}: tensor {name!r} holds NaN or infinite values "
                                   f"(as {str(out.dtype).removeprefix('torch.')})")
+
+    def _read_rows(self, spec: TensorSpec, name: str, out: torch.Tensor) -> bool:
+        """Read this rank's rows of tensor ``name`` with read() from its file: straight into ``out`` where it is host
+        memory of the stored dtype, else ``STAGING`` bytes at a time into a host buffer copied on (cast, or sent to
+        a GPU). Copying from the memory map instead faults its pages in one at a time: 0.8-3.3 GB/s on 2 cores,
+        where read() copied the same page cache into touched memory at 10 (measured 2026-12-06). False for a
+        piece of columns (a tensor-parallel column shard is not one stretch of the file): the caller cuts it."""
+        stored = self._stored(name)
+        dtype, shape = TORCH_DTYPES.get(stored.dtype), stored.shape
+        if dtype is None or spec.shard.dim not in (None, 0) or not shape or tuple(out.shape[1:]) != shape[1:]:
+            return False
+        first, last = (spec.shard.start, spec.shard.stop) if spec.shard.dim == 0 else (0, shape[0])
+        rows = last - first
+        if out.shape[0] < rows:
+            return False
+        out[rows:].zero_()  # rows past the piece: vocabulary padding
+        row_bytes = (stored.end - stored.start) // shape[0] if shape[0] else 0
+        start = stored.start + first * row_bytes
+        if out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous():
+            self._read_into(name, start, out[:rows])
+            return True
+        step = max(1, STAGING // max(row_bytes, 1))
+        for row in range(0, rows, step):
+            n = min(step, rows - row)
+            if self._staging is None or self._staging.numel() < n * row_bytes:
+                self._staging = torch.empty(n * row_bytes, dtype=torch.uint8)
+            piece = self._staging[: n * row_bytes].view(dtype).view(n, *shape[1:])
+            self._read_into(name, start + row * row_bytes, piece)
+            out[row : row + n].copy_(piece)  # synchronous from pageable memory: the buffer is free after
+        return True
+
+    def _read_into(self, name: str, offset: int, piece: torch.Tensor) -> None:
+        file = self._file_of[name]
+        buffer = memoryview(piece.reshape(-1).view(torch.uint8).numpy())
+        try:
+            f = self._files.get(file)
+            if f is None:
+                f = self._files[file] = open(file, "rb", buffering=0)
+            f.seek(offset)
+            while len(buffer):
+                n = f.readinto(buffer)
+                if not n:
+                    raise CheckpointError(f"{file.name}: ends inside tensor {name!r} (truncated)")
+                buffer = buffer[n:]
+        except OSError as e:
+            raise CheckpointError(f"{file.name}: cannot read tensor {name!r} ({e.strerror or e})") from None
 
     def _check_dense_of_parts(self, spec: TensorSpec, name: str) -> None:
         """That weight ``name``, stored as its parts, can be read dense as ``spec`` asks: its shape, and a piece of
@@ -215,16 +274,31 @@ class CheckpointSource:
             self._readahead.close()
             self._readahead = None
         self._handles.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._staging = None
 
 
-def _data_offsets(file: Path) -> dict[str, tuple[int, int]]:
-    """Where each tensor's bytes lie in a safetensors file (opened by ``safe_open`` already, so whole): the
-    format is an 8-byte little-endian header length, the JSON header, then the data its offsets count from."""
+@dataclass(frozen=True)
+class Stored:
+    """A tensor as a safetensors file stores it: its dtype's name, its shape, and where its bytes lie."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _header(file: Path) -> dict[str, Stored]:
+    """Each tensor of a safetensors file (opened by ``safe_open`` already, so whole and valid): the format is an
+    8-byte little-endian header length, the JSON header, then the data its offsets count from."""
     with open(file, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     base = 8 + length
-    return {name: (base + entry["data_offsets"][0], base + entry["data_offsets"][1])
+    return {name: Stored(entry["dtype"], tuple(entry["shape"]), base + entry["data_offsets"][0],
+                         base + entry["data_offsets"][1])
             for name, entry in header.items() if name != "__metadata__"}
 
 

@@ -1,0 +1,84 @@
+"""``CheckpointSource.read`` reads a tensor's rows with read() into their place (``_read_rows``): every way of
+reading gives what cutting the memory-mapped tensor gives (``_cut`` + ``copy_piece``, the path kept for column
+shards)."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from offload.errors import CheckpointError
+from offload.models import checkpoint
+from offload.models.blocks import TensorSpec
+from offload.models.checkpoint import CheckpointSource
+from offload.models.parallel import REPLICATED, Shard
+
+TENSORS = {
+    "matrix": torch.randn(37, 11).to(torch.bfloat16),
+    "wide": torch.randn(5, 300, dtype=torch.float32),
+    "vector": torch.randn(29, dtype=torch.float16),
+    "bytes": torch.randint(0, 256, (13, 7), dtype=torch.uint8),
+}
+
+
+@pytest.fixture
+def source(tmp_path):
+    save_file(TENSORS, str(tmp_path / "model.safetensors"))
+    s = CheckpointSource(tmp_path)
+    yield s
+    s.close()
+
+
+def spec(name, shard=REPLICATED, dtype=None, rows=None):
+    full = tuple(TENSORS[name].shape)
+    local = full if shard.dim is None else (shard.stop - shard.start, *full[1:]) if shard.dim == 0 \
+        else (full[0], shard.stop - shard.start)
+    if rows is not None:
+        local = (rows, *local[1:])
+    return TensorSpec(name, local, full, name, shard, dtype or TENSORS[name].dtype, 0)
+
+
+def mapped(source, s, name, out):
+    """What the memory-map path puts in ``out``."""
+    checkpoint.copy_piece(out, checkpoint._cut(source._open(source._file_of[name]).get_slice(name), s))
+    return out
+
+
+CASES = [  # name, shard, dtype of the destination, rows of the destination (padding past the piece)
+    ("matrix", REPLICATED, None, None),
+    ("matrix", Shard(0, 8, 21), None, None),
+    ("matrix", Shard(0, 30, 37), torch.float32, 10),  # cast, and 3 rows of padding zeroed
+    ("wide", Shard(0, 1, 4), torch.bfloat16, None),
+    ("vector", REPLICATED, None, None),
+    ("vector", Shard(0, 3, 17), torch.float32, None),
+    ("bytes", Shard(0, 2, 9), None, None),
+]
+
+
+@pytest.mark.parametrize("name, shard, dtype, rows", CASES)
+@pytest.mark.parametrize("staging", [64 << 20, 40])  # 40 bytes: a row or a few at a time
+def test_reading_rows_from_the_file_equals_cutting_the_memory_map(source, monkeypatch, name, shard, dtype, rows,
+                                                                   staging):
+    monkeypatch.setattr(checkpoint, "STAGING", staging)
+    s = spec(name, shard, dtype, rows)
+    out = torch.full(s.shape, 7, dtype=s.dtype)  # padding rows must come out zero, not 7
+    source.read(s, name, out)
+    expected = mapped(source, s, name, torch.full(s.shape, 7, dtype=s.dtype))
+    assert torch.equal(out, expected)
+    assert source._read_rows(s, name, torch.empty(s.shape, dtype=s.dtype))  # read by this path, not the map
+
+
+def test_a_piece_of_columns_is_cut_from_the_memory_map(source):
+    s = spec("wide", Shard(1, 100, 250))
+    assert not source._read_rows(s, "wide", torch.empty(s.shape))
+    out = torch.empty(s.shape)
+    source.read(s, "wide", out)
+    assert torch.equal(out, TENSORS["wide"][:, 100:250])
+
+
+def test_a_file_cut_short_is_a_checkpoint_error(source, tmp_path):
+    stored = source._stored("wide")
+    with open(tmp_path / "model.safetensors", "r+b") as f:  # safe_open checked the size already: cut it after
+        f.truncate(stored.start + 100)
+    s = spec("wide")
+    with pytest.raises(CheckpointError, match="ends inside tensor 'wide'"):
+        source.read(s, "wide", torch.empty(s.shape))

@@ -525,6 +525,32 @@ def test_conversion_on_a_device(quantized_llama):
                        ck.dense("model.layers.1.input_layernorm.weight", device=torch.device("cpu")))
 
 
+def test_rows_read_from_the_file_are_the_memory_maps_bytes(quantized_llama):
+    """A piece of whole rows is read with read() from the tensor's place in the file: the bytes the memory map
+    holds there, for every tensor (blocks, floats, vectors) and pieces of rows."""
+    _, _, ck = quantized_llama
+    for name, mapped in ck.tensors.items():
+        rows = len(mapped.stored.data)
+        for piece in (None, (0, 1), (rows // 3, rows)):
+            expected = np.array(ck.raw(name, piece), copy=True, order="C").reshape(-1).view(np.uint8)
+            assert np.array_equal(ck._bytes_on(name, piece, None, None).numpy(), expected), (name, piece)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rows_sent_to_a_gpu_through_the_reused_buffer_convert_as_on_the_cpu(quantized_llama):
+    """On their way to a GPU, pieces pass through one reused host buffer: each arrives whole, not overwritten by
+    the next read."""
+    _, _, ck = quantized_llama
+    names = list(ck.tensors)
+    there = [ck._bytes_on(name, None, None, "cuda") for name in names]  # read one after the other, kept
+    for name, bytes_there in zip(names, there):
+        assert torch.equal(bytes_there.cpu(), ck._bytes_on(name, None, None, None)), name
+    name = "model.layers.1.mlp.down_proj.weight"
+    here, gpu = ck.parts(name), ck.parts(name, device="cuda")
+    assert all(torch.equal(here[k], gpu[k].cpu()) for k in here)
+
+
 def test_columns_of_blocks(quantized_llama):
     """A shard of the input dimension is cut on block boundaries (o and down under tensor parallelism)."""
     _, _, ck = quantized_llama

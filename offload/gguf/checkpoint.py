@@ -1,8 +1,8 @@
 """A GGUF model as a checkpoint: its config, its tensors under Hugging Face names, read piece by piece.
 
 :class:`GGUFCheckpoint` opens the file (or split parts), rebuilds the config dict, maps every
-tensor to its Hugging Face name and reads a tensor's rows (and, for a tensor-parallel shard,
-columns) straight from the memory-mapped file: as offload's parts where the type has a
+tensor to its Hugging Face name and reads a tensor's rows with read() (a tensor-parallel shard's
+columns from the memory-mapped file): as offload's parts where the type has a
 compressed form, or as dense values, with llama.cpp's q/k permutation and Gemma's ``1 + w``
 norms undone. :class:`GGUFSource` puts that behind the weight-source interface of
 ``offload.models.checkpoint`` (``validate(specs)``, ``read(spec, name, out)``).
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..models.checkpoint import LAYER_TENSOR, all_finite, copy_piece
+from ..models.checkpoint import LAYER_TENSOR, FileReads, all_finite, copy_piece
 from ..models.readahead import Readahead
 from .config import architecture_of, hf_config
 from .convert import dense_tensor, gguf_tensor_to_parts, parts_format, type_name
@@ -36,6 +36,7 @@ class GGUFCheckpoint:
         c = self.config
         self.tensors = map_tensors(self.files, self.architecture, c["num_hidden_layers"],
                                    c["num_attention_heads"], c["num_key_value_heads"])
+        self.reads = FileReads()
 
     # ------------------------------------------------------------------ what the file holds
 
@@ -83,7 +84,7 @@ class GGUFCheckpoint:
         mapped = self.tensor(name)
         rows = self._rows(mapped, rows)
         shape = self._piece_shape(mapped, rows, cols)
-        raw = self._bytes_on(self.raw(name, rows, cols), device)
+        raw = self._bytes_on(name, rows, cols, device)
         parts = gguf_tensor_to_parts(raw, mapped.ggml_type, shape, scale_dtype, name)
         order = self._order(mapped, rows)
         return parts if order is None else {k: v[order.to(v.device)] for k, v in parts.items()}
@@ -96,19 +97,25 @@ class GGUFCheckpoint:
         rows = self._rows(mapped, rows)
         shape = self._piece_shape(mapped, rows, cols)
         exact = dtype if mapped.norm_offset == 0 else torch.float32  # subtract before rounding
-        raw = self._bytes_on(self.raw(name, rows, cols), device)
+        raw = self._bytes_on(name, rows, cols, device)
         values = dense_tensor(raw, mapped.ggml_type, shape, exact, name)
         if mapped.norm_offset:
             values = (values - mapped.norm_offset).to(dtype)
         order = self._order(mapped, rows)
         return values if order is None else values[order.to(values.device)]
 
-    @staticmethod
-    def _bytes_on(raw: np.ndarray, device):
-        """The stored bytes as they are (converted on the CPU), or copied to ``device`` to convert there."""
-        if device is None:
-            return raw
-        return torch.from_numpy(np.array(raw, copy=True, order="C").view(np.uint8)).to(device)
+    def _bytes_on(self, name: str, rows, cols, device) -> torch.Tensor:
+        """The stored bytes of a piece on ``device`` (None: the CPU), to convert there. Whole rows are read with
+        read() (``FileReads``: through one reused host buffer on their way to a GPU); a piece of columns is
+        copied from the memory map."""
+        raw, stored = self.raw(name, rows, cols), self.tensor(name).stored
+        if cols is not None or not len(stored.data):
+            return torch.from_numpy(np.array(raw, copy=True, order="C").view(np.uint8)).to(device or "cpu")
+        start = stored.span[0] + (rows[0] if rows else 0) * (stored.data.nbytes // len(stored.data))
+        to_gpu = device is not None and torch.device(device).type != "cpu"
+        out = self.reads.staged(raw.nbytes) if to_gpu else torch.empty(raw.nbytes, dtype=torch.uint8)
+        self.reads.into(stored.file, start, out, stored.name)
+        return out.to(device) if to_gpu else out  # a copy from pageable memory: the buffer is free after it
 
     def _rows(self, mapped: MappedTensor, rows):
         """The rows to read; for a permuted q/k they must be whole heads (its rows only move within a head)."""
@@ -144,6 +151,7 @@ class GGUFCheckpoint:
         return gguf_tokenizer(self.files)
 
     def close(self) -> None:
+        self.reads.close()
         self.files.close()
         self.tensors = {}
 

@@ -72,8 +72,7 @@ class CheckpointSource:
             raise CheckpointError(f"checkpoint directory {str(self.path)!r} does not exist")
         self._handles: dict[Path, object] = {}
         self._headers: dict[Path, dict[str, Stored]] = {}
-        self._files: dict[Path, object] = {}  # opened for read(): see _read_rows
-        self._staging: torch.Tensor | None = None
+        self._reads = FileReads()
         self._file_of = self._index()
         self._readahead: Readahead | None = None
 
@@ -203,11 +202,10 @@ class CheckpointSource:
                                   f"(as {str(out.dtype).removeprefix('torch.')})")
 
     def _read_rows(self, spec: TensorSpec, name: str, out: torch.Tensor) -> bool:
-        """Read this rank's rows of tensor ``name`` with read() from its file: straight into ``out`` where it is host
-        memory of the stored dtype, else ``STAGING`` bytes at a time into a host buffer copied on (cast, or sent to
-        a GPU). Copying from the memory map instead faults its pages in one at a time: 0.8-3.3 GB/s on 2 cores,
-        where read() copied the same page cache into touched memory at 10 (measured 2026-12-06). False for a
-        piece of columns (a tensor-parallel column shard is not one stretch of the file): the caller cuts it."""
+        """Read this rank's rows of tensor ``name`` with read() (:class:`FileReads`): straight into ``out`` where it
+        is host memory of the stored dtype, else ``STAGING`` bytes at a time through a host buffer (cast, or sent to
+        a GPU). False for a piece of columns (a tensor-parallel column shard is not one stretch of the file): the
+        caller cuts it from the memory map."""
         stored = self._stored(name)
         dtype, shape = TORCH_DTYPES.get(stored.dtype), stored.shape
         if dtype is None or spec.shard.dim not in (None, 0) or not shape or tuple(out.shape[1:]) != shape[1:]:
@@ -218,35 +216,17 @@ class CheckpointSource:
             return False
         out[rows:].zero_()  # rows past the piece: vocabulary padding
         row_bytes = (stored.end - stored.start) // shape[0] if shape[0] else 0
-        start = stored.start + first * row_bytes
+        file, start = self._file_of[name], stored.start + first * row_bytes
         if out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous():
-            self._read_into(name, start, out[:rows])
+            self._reads.into(file, start, out[:rows], name)
             return True
         step = max(1, STAGING // max(row_bytes, 1))
         for row in range(0, rows, step):
             n = min(step, rows - row)
-            if self._staging is None or self._staging.numel() < n * row_bytes:
-                self._staging = torch.empty(n * row_bytes, dtype=torch.uint8)
-            piece = self._staging[: n * row_bytes].view(dtype).view(n, *shape[1:])
-            self._read_into(name, start + row * row_bytes, piece)
+            piece = self._reads.staged(n * row_bytes).view(dtype).view(n, *shape[1:])
+            self._reads.into(file, start + row * row_bytes, piece, name)
             out[row : row + n].copy_(piece)  # synchronous from pageable memory: the buffer is free after
         return True
-
-    def _read_into(self, name: str, offset: int, piece: torch.Tensor) -> None:
-        file = self._file_of[name]
-        buffer = memoryview(piece.reshape(-1).view(torch.uint8).numpy())
-        try:
-            f = self._files.get(file)
-            if f is None:
-                f = self._files[file] = open(file, "rb", buffering=0)
-            f.seek(offset)
-            while len(buffer):
-                n = f.readinto(buffer)
-                if not n:
-                    raise CheckpointError(f"{file.name}: ends inside tensor {name!r} (truncated)")
-                buffer = buffer[n:]
-        except OSError as e:
-            raise CheckpointError(f"{file.name}: cannot read tensor {name!r} ({e.strerror or e})") from None
 
     def _check_dense_of_parts(self, spec: TensorSpec, name: str) -> None:
         """That weight ``name``, stored as its parts, can be read dense as ``spec`` asks: its shape, and a piece of
@@ -274,10 +254,46 @@ class CheckpointSource:
             self._readahead.close()
             self._readahead = None
         self._handles.clear()
-        for f in self._files.values():
+        self._reads.close()
+
+
+class FileReads:
+    """Byte ranges of files read() into tensors, the files kept open. Loading copies with this, not from a memory
+    map: a map's copy faults its pages in one at a time, 0.8-3.3 GB/s on 2 cores where read() copied the same page
+    cache into touched memory at 10 (measured 2026-12-06)."""
+
+    def __init__(self):
+        self.files: dict[Path, object] = {}
+        self.staging: torch.Tensor | None = None
+
+    def into(self, file: Path, offset: int, out: torch.Tensor, what: str) -> None:
+        """Fill ``out`` (contiguous host memory) with the bytes of ``file`` from ``offset``; ``what``: the tensor's
+        name, for errors."""
+        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        try:
+            f = self.files.get(file)
+            if f is None:
+                f = self.files[file] = open(file, "rb", buffering=0)
+            f.seek(offset)
+            while len(buffer):
+                n = f.readinto(buffer)
+                if not n:
+                    raise CheckpointError(f"{file.name}: ends inside tensor {what!r} (truncated)")
+                buffer = buffer[n:]
+        except OSError as e:
+            raise CheckpointError(f"{file.name}: cannot read tensor {what!r} ({e.strerror or e})") from None
+
+    def staged(self, nbytes: int) -> torch.Tensor:
+        """A host buffer of ``nbytes`` (uint8), the same memory every call: its pages are touched once."""
+        if self.staging is None or self.staging.numel() < nbytes:
+            self.staging = torch.empty(nbytes, dtype=torch.uint8)
+        return self.staging[:nbytes]
+
+    def close(self) -> None:
+        for f in self.files.values():
             f.close()
-        self._files.clear()
-        self._staging = None
+        self.files.clear()
+        self.staging = None
 
 
 @dataclass(frozen=True)

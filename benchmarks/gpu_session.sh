@@ -84,6 +84,8 @@
 #                  (OFFLOAD_LOOK_AHEAD) against none, at the depth chosen, and 3 at chains of 3
 #   spec_smollm2_paced  the int4 draft's chains drafted ahead in 1, no and 3 spare rows against none at the depth
 #                  chosen, and in 1 at chains of 3
+#   tests_reads    checkpoints read with read() (through a reused buffer to the GPU): GGUF bytes on CUDA, the
+#                  tests that load checkpoints onto the GPU (numerics vs transformers, offloaded = resident, budgets)
 #   tests_whole    the GPU tests of whole passes and of drafting ahead (the verify pass's priority too)
 #   spec_host_whole  SmolLM2-135M's shape streamed (random weights): verify passes of 1 and 4 tokens against the host's
 #                  time queueing them, a graph a layer against a whole pass in one graph (OFFLOAD_WHOLE_PASS=1)
@@ -319,6 +321,8 @@ run_stage() {
             OFFLOAD_LOOK_AHEAD=$1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${2:+--draft-tokens $2} \
             --json "$0/spec_paced$1$2.json"; done' "$OUT" ;;
+    tests_reads) stage tests_reads python3 -m pytest -s -q -p no:cacheprovider tests/test_gguf.py tests/test_gpu.py \
+      tests/test_checkpoint_reads.py -k "sent_to_a_gpu or transformers or offloaded_equals_resident or stay_in_budget or reading_rows" ;;
     tests_whole) stage tests_whole python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \
       -k "whole or ahead" ;;
     spec_host_whole) stage spec_host_whole bash -c 'for whole in 0 1; do echo "OFFLOAD_WHOLE_PASS=$whole"

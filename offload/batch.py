@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .chat import check_roles
 from .errors import ConfigError, InputError, PlanError
 from .inputs import check_token_ids
 from .memory.budget import format_seconds
@@ -103,6 +104,7 @@ def _prompt_ids(obj: dict, where: str, tokenizer, vocab_size: int) -> list[int]:
         if tokenizer is None:
             raise InputError(f"{where}: 'messages' need the model's tokenizer.json (and the tokenizers package)")
         try:
+            check_roles(obj["messages"])
             ids = tokenizer.apply_chat_template(obj["messages"])
         except (InputError, ConfigError) as e:  # the record's messages, or the template failing on them
             raise type(e)(f"{where}: {e}") from None

@@ -109,6 +109,18 @@ class ChatTemplate:
         return self._compiled
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's chat roles
+
+
+def check_roles(messages: list, where: str = "messages") -> None:
+    """Refuse a message whose role OpenAI's API does not have (templates would lay out any role they are given):
+    what the server and batch records accept."""
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        role = message.get("role") if isinstance(message, dict) else None
+        if isinstance(role, str) and role not in ROLES:
+            raise InputError(f"{where}[{i}].role {role!r} is not one of {', '.join(ROLES)}")
+
+
 def check_messages(messages, where: str = "messages") -> list[dict]:
     """A conversation as templates expect it: a non-empty list of ``{"role": str, "content": ...}`` objects.
 

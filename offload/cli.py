@@ -33,7 +33,7 @@ from .memory.planner import format_plans
 from .offloaded_model import result_of
 from .models.checkpoint import is_gguf
 from .models.config import load_config
-from .models.quant import FORMATS, ROUNDINGS, STORED
+from .models.quant import FORMATS, INT4, ROUNDINGS, STORED
 from .options import MAX_COUNT, LoadOptions, parse_dtype
 from .results import ResultFile, finished_ids
 from .sampling import Sampling
@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_flags(p, max_batch_help="KV cache rows (default 1; batch jobs: --batch-size)",
                    max_seq_len_help="KV cache length per row (default: what the prompts need)",
                    max_step_tokens_help=STEP_TOKENS_HELP)
-    p.add_argument("--batch-size", default="auto", help="batch job rows: a number, or auto (default)")
-    p.add_argument("--schedule", choices=["dynamic", "fifo"], default="dynamic", help="batch job scheduling: dynamic "
+    p.add_argument("--batch-size", help="batch job rows: a number, or auto (default)")
+    p.add_argument("--schedule", choices=["dynamic", "fifo"], help="batch job scheduling: dynamic "
                    "(default: longest records first, a finished row takes the next at once) or fifo (records in "
                    "input order, a batch at a time)")
     p.add_argument("--plan", action="store_true", help="print the placement plan and exit without loading weights")
@@ -122,7 +122,7 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
     p.add_argument("--quantize", choices=[*FORMATS, STORED], help="store the layers' linear weights as int8 or "
                    "int4 (default: the model dtype); stored: keep a GGUF file's own formats on a CPU too (which "
                    "otherwise expands them where they fit in half its budget; a GPU keeps them)")
-    p.add_argument("--rounding", choices=ROUNDINGS, default="search", help="int4: each group's scale and minimum "
+    p.add_argument("--rounding", choices=ROUNDINGS, help="int4 (--quantize or --draft): each group's scale and minimum "
                    "searched to minimise its squared error (default), or minmax: the group's range")
     p.add_argument("--group-size", type=int, help="int4: input columns per scale (default 128, or the largest "
                    "smaller power of two that divides each input dimension)")
@@ -190,8 +190,11 @@ def _main(args) -> int:
         raise InputError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     if args.max_new_tokens > MAX_COUNT:
         raise InputError(f"--max-new-tokens must be at most {MAX_COUNT}, got {args.max_new_tokens}")
-    if args.output and not args.prompts:
-        raise InputError("--output goes with --prompts (a batch job)")
+    for flag, given in (("--output", args.output), ("--batch-size", args.batch_size), ("--schedule", args.schedule)):
+        if given is not None and not args.prompts:
+            raise InputError(f"{flag} goes with --prompts (a batch job)")
+    if args.batch_size is not None and args.max_batch is not None:
+        raise InputError("--batch-size and --max-batch both give a batch job's rows; give one")
     tp = init_tensor_parallel(args.tp)  # under torchrun, before anything that ranks must agree on
     say = print if tp.rank == 0 else (lambda *a, **k: None)
     demo = args.model is None
@@ -287,13 +290,13 @@ def _run_job(args, model_path: Path, config, tokenizer, options: LoadOptions, sa
 
 def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions, sampling: Sampling, eos,
                  tp: TensorParallel, say, records, done, results) -> int:
-    if not args.plan and all(r.id in done for r in records):  # a rerun of a finished job loads nothing
+    if all(r.id in done for r in records):  # a rerun of a finished job loads nothing (and plans nothing)
         say(f"nothing to do: the {len(records)} record(s) are all in {args.output}")
         return 0
     options = options.replace(max_seq_len=_job_context(records, options))
     if args.model is None and args.gpu_memory is None:
         options = demo_budget(model_path, options, say)
-    shapes = [(len(r.prompt_ids), r.max_new_tokens) for r in records if r.id not in done] or [(1, 1)]
+    shapes = [(len(r.prompt_ids), r.max_new_tokens) for r in records if r.id not in done]
     options = options.replace(max_batch=_batch_size(args, model_path, options, shapes, say))
     setup = prepare(model_path, options)
     _warn_context(config, options.max_seq_len, tp)  # once the plan is made: a job that cannot run says so in one line alone
@@ -304,7 +307,7 @@ def _run_records(args, model_path: Path, config, tokenizer, options: LoadOptions
         return 0
     model = load_model(model_path, options, progress=not args.quiet)
     summary = run_batch(model, records, results, options.max_batch, sampling, eos, tokenizer,
-                        schedule=args.schedule, progress=tp.rank == 0 and not args.quiet)
+                        schedule=args.schedule or "dynamic", progress=tp.rank == 0 and not args.quiet)
     say(f"done: {summary}")
     if model.experts is not None:
         say(model.experts.summary())
@@ -376,6 +379,14 @@ def _warn_context(config, max_seq_len: int | None, tp: TensorParallel) -> None:
         print(f"run_offloaded: warning: {message}", file=sys.stderr)
 
 
+def _rounding(args) -> str:
+    """``--rounding``, which only int4 weights have: those of ``--quantize int4`` or of ``--draft int4``."""
+    if args.rounding is not None and INT4 not in (args.quantize, args.draft):
+        raise InputError(f"--rounding {args.rounding} is for int4 weights (--quantize int4 or --draft int4); "
+                         "nothing here is rounded to int4")
+    return args.rounding or "search"
+
+
 def load_options(args, max_batch: int = 1) -> LoadOptions:
     """The load options the flags of :func:`add_load_flags` give (``max_batch`` when --max-batch is not given;
     values a job derives are added with ``replace``)."""
@@ -384,7 +395,7 @@ def load_options(args, max_batch: int = 1) -> LoadOptions:
         peer_memory=dict(_peer(text) for text in args.peer_memory or []),
         max_batch=max_batch if args.max_batch is None else args.max_batch, max_seq_len=args.max_seq_len,
         max_step_tokens=args.max_step_tokens, tp=args.tp, slots=args.slots, cuda_graphs=not args.no_cuda_graphs,
-        compile=args.compile, quantize=args.quantize, group_size=args.group_size, rounding=args.rounding,
+        compile=args.compile, quantize=args.quantize, group_size=args.group_size, rounding=_rounding(args),
         draft=args.draft, draft_tokens=args.draft_tokens, draft_branches=args.draft_branches,
         prefetch_experts=args.prefetch_experts, direct_experts=args.direct_experts,
         all_logits=False,  # generation reads each row's last logits alone
@@ -429,14 +440,14 @@ def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
 def _batch_size(args, model_path: Path, options: LoadOptions, shapes: list[tuple[int, int]], say) -> int:
     """``--batch-size N``; for ``auto`` the rows (and with them the placement) that make the job's
     tokens soonest by the plans' cost model, tried against every batch size that fits."""
-    if args.batch_size != "auto":
+    if args.batch_size not in (None, "auto"):
         try:
             size = int(args.batch_size)
         except ValueError:
             raise InputError(f"--batch-size expects a number or auto, got {args.batch_size!r}") from None
         if size < 1:
             raise InputError("--batch-size must be >= 1")
-        return size
+        return min(size, len(shapes))  # rows past the records would only hold KV cache
     if args.max_batch is not None:
         return options.max_batch
     plans_for = lambda rows: prepare(model_path, options.replace(max_batch=rows)).plans  # noqa: E731
@@ -455,4 +466,4 @@ def demo_budget(model_path: Path, options: LoadOptions, say) -> LoadOptions:
     say(f"demo: the built-in '{DEMO_SHAPE}' model, whose weights are random (its output ids mean nothing; the "
         f"plan and the speed are the point), in a budget of {format_size(gpu)} (--gpu-memory {gpu}) that holds half "
         "of its layers: the rest stream from host memory")
-    return options.replace(gpu_memory=gpu, cpu_memory=options.cpu_memory or needs.weight_bytes)
+    return options.replace(gpu_memory=gpu, cpu_memory=options.cpu_memory or needs.weight_bytes + needs.embedding_bytes)

@@ -9,7 +9,7 @@ offload's packing (``offload.models.quant``), and so is an untied LM head, in in
 ``config.json`` records the format under ``offload_quantization``, and the
 tokenizer and generation files are copied, so ``load_model(out)`` reads the
 blocks as they are, at the speed of reading its files, with no requantizing: the
-logits are those of ``load_model(model, quantize=...)`` bit for bit (on one rank;
+logits are those of ``load_model(model, quantize=...)`` bit for bit in the dtype saved (on one rank;
 under tensor parallelism int8's per-row scale is the whole row's rather than each
 rank's piece's; a checkpoint saved before the LM head was stored in int8 keeps a
 dense head).

@@ -112,6 +112,8 @@ def test_rerun_of_a_finished_job_loads_nothing(tiny, tmp_path, monkeypatch, caps
     capsys.readouterr()
     assert main(args) == 0
     assert "nothing to do: the 3 record(s) are all in" in capsys.readouterr().out
+    assert main([*args, "--plan"]) == 0  # no forecast for records that are not there
+    assert "nothing to do: the 3 record(s) are all in" in capsys.readouterr().out
     assert (tmp_path / "out.jsonl").read_bytes() == written
 
 
@@ -322,6 +324,15 @@ def test_a_chat_record_with_a_lone_surrogate_is_one_line(tiny_chat, tmp_path, ca
     err = refused(capsys, ["--model", str(tiny_chat), "--prompts", str(prompts), "--output", str(out)])
     assert f"{prompts}:2: messages[0].content is not valid Unicode" in err
     assert not out.exists()
+
+
+def test_a_chat_record_with_a_role_the_server_refuses_is_refused_too(tiny_chat, tmp_path, capsys):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text('{"id": "x", "messages": [{"role": "user", "content": "hi"}, {"role": "bogus", "content": '
+                       '"x"}]}\n')
+    err = refused(capsys, ["--model", str(tiny_chat), "--prompts", str(prompts), "--output",
+                           str(tmp_path / "out.jsonl")])
+    assert f"{prompts}:1: messages[1].role 'bogus' is not one of system, developer, user" in err
 
 
 @pytest.mark.slow

@@ -70,6 +70,10 @@ def test_unknown_architecture(tmp_path, capsys):
     (["--draft", "ngram", "--draft-tokens", "100", "--prompt-ids", "1"], "at most 64"),
     (["--draft", "ngram", "--draft-branches", "2", "--prompt-ids", "1"], "draft_branches goes with a draft model"),
     (["--draft", "no/such/dir", "--prompt-ids", "1"], "draft 'no/such/dir': neither ngram, int4 nor a checkpoint"),
+    (["--prompt-ids", "1", "--batch-size", "4"], "--batch-size goes with --prompts"),
+    (["--prompt-ids", "1", "--schedule", "fifo"], "--schedule goes with --prompts"),
+    (["--prompt-ids", "1", "--rounding", "minmax"], "--rounding minmax is for int4 weights"),
+    (["--prompt-ids", "1", "--quantize", "int8", "--rounding", "search"], "--rounding search is for int4 weights"),
 ])
 def test_bad_flags(tiny, capsys, argv, words):
     assert words in one_line_error(capsys, ["--model", str(tiny), *argv])
@@ -185,6 +189,20 @@ def test_batch_size_zero_is_refused(bare, tmp_path, capsys):
     err = refused(capsys, ["--model", str(bare), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl"),
                            "--batch-size", "0", "--plan"])
     assert "--batch-size must be >= 1" in err
+
+
+def test_batch_size_and_max_batch_together_are_refused(bare, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt_ids": [1, 2]}])
+    err = refused(capsys, ["--model", str(bare), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl"),
+                           "--batch-size", "4", "--max-batch", "2", "--plan"])
+    assert "--batch-size and --max-batch both give a batch job's rows" in err
+
+
+def test_a_batch_size_past_the_records_reserves_rows_for_the_records_alone(bare, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt_ids": [1, 2]} for i in range(3)])
+    assert main(["--model", str(bare), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl"),
+                 "--batch-size", "100", "--plan", "--quiet", "--gpu-memory", "1GiB", "--cpu-memory", "1GiB"]) == 0
+    assert "3 rows" in capsys.readouterr().out
 
 
 def test_model_given_as_a_file(tiny, capsys):
@@ -356,6 +374,15 @@ def test_the_demo_says_its_weights_are_random_and_states_its_budget(tmp_path, ca
     assert "weights are random (its output ids mean nothing" in demo
     size, flag = demo.split("in a budget of ")[1].split(" that holds")[0].split(" (--gpu-memory ")
     assert size.endswith(" MiB") and int(flag.rstrip(")")) > 2**20  # formatted, and the exact flag to repeat it
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_demo_runs_in_its_own_budget_quantized(tmp_path, capsys, monkeypatch, quantize):
+    """The demo's host budget holds its streamed layers and its embedding table, which int4 layers no longer
+    outweigh."""
+    monkeypatch.setenv("OFFLOAD_CACHE_DIR", str(tmp_path))
+    assert main(["--quantize", quantize, "--max-new-tokens", "2", "--quiet"]) == 0
+    assert "output ids:" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -16,6 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import chat
+from ..errors import InputError
+
 # Parameter -> the values that change nothing, which are accepted (and ignored).
 UNSUPPORTED = {
     "n": (1,),
@@ -36,16 +39,15 @@ UNSUPPORTED = {
 }
 
 
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's chat roles
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings a request may give (OpenAI: four), and their length
 
 
 def check_roles(messages: list) -> None:
-    """Refuse a message whose role OpenAI's API does not have (templates would lay out any role they are given)."""
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        if isinstance(role, str) and role not in ROLES:
-            raise ApiError(400, f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}", param="messages")
+    """Refuse a message whose role OpenAI's API does not have (``chat.check_roles``): the client's 400."""
+    try:
+        chat.check_roles(messages)
+    except InputError as e:
+        raise ApiError(400, str(e), param="messages") from None
 
 
 class ApiError(Exception):

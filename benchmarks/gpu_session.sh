@@ -322,7 +322,8 @@ run_stage() {
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${2:+--draft-tokens $2} \
             --json "$0/spec_paced$1$2.json"; done' "$OUT" ;;
     tests_reads) stage tests_reads python3 -m pytest -s -q -p no:cacheprovider tests/test_gguf.py tests/test_gpu.py \
-      tests/test_checkpoint_reads.py -k "sent_to_a_gpu or transformers or offloaded_equals_resident or stay_in_budget or reading_rows" ;;
+      tests/test_checkpoint_reads.py \
+      -k "sent_to_a_gpu or transformers or offloaded_equals_resident or stay_in_budget or reading_rows" ;;
     tests_whole) stage tests_whole python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \
       -k "whole or ahead" ;;
     spec_host_whole) stage spec_host_whole bash -c 'for whole in 0 1; do echo "OFFLOAD_WHOLE_PASS=$whole"

@@ -8,7 +8,8 @@ weights (int8: one scale per output channel; int4: groups of --group-size column
 each group's scale and minimum searched to minimise its error unless --rounding minmax)
 and writes safetensors shards with a config.json that records the format, and the
 tokenizer's files. ``load_model(out)`` reads the parts as they are: the same logits as
-``load_model(model, quantize=...)`` in the dtype saved (``--dtype``). Any bad input prints one line on stderr and exits 2.
+``load_model(model, quantize=...)`` in the dtype saved (``--dtype``). Any bad input prints one
+line on stderr and exits 2.
 """
 
 import sys

@@ -16,6 +16,9 @@ load   ``offload.load_model`` under the budget: the plan (links measured beforeh
        every tier allocated (pinned host memory included), each tensor read into its
        place and, where the file's format is not the model's, converted.
 
+With ``--against-map`` the load is timed a second time the way loads read before 2026-12-06: each
+tensor copied out of the file's memory map (``CheckpointSource._read_rows`` off), not read().
+
 Both are reported as GB/s of the files' bytes, and load / read is the figure to read
 (1.0: loading costs what reading the files costs). Before each timing the files' pages
 are dropped from the page cache (``posix_fadvise(DONTNEED)``), so both read the disk;
@@ -36,6 +39,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -43,6 +47,7 @@ import torch  # noqa: E402
 
 import offload  # noqa: E402
 from offload.cli import Parser, report_bad_input  # noqa: E402
+from offload.models.checkpoint import CheckpointSource  # noqa: E402
 from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 
 READ_CHUNK = 64 * 2**20
@@ -61,6 +66,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--cpu-memory", help="pinned host memory for streamed layers")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--warm", action="store_true", help="read the page cache, not the disk")
+    p.add_argument("--against-map", action="store_true", help="time the load again with each tensor copied from the "
+                   "file's memory map (as before 2026-12-06), not read()")
     p.add_argument("--json", help="write the figures to this file")
     p.add_argument("--quick", action="store_true", help="the tiny shape saved in int4, on the CPU")
     args = p.parse_args(argv)
@@ -131,7 +138,7 @@ def write(args) -> Path:
                            device=device, random_weights=0)
 
 
-def measure(path: Path, options: dict, warm: bool) -> dict:
+def measure(path: Path, options: dict, warm: bool, against_map: bool = False) -> dict:
     files = checkpoint_files(path)
     nbytes = sum(f.stat().st_size for f in files)
     offload.plan_model(path, **options)  # measures (and records) the links: not part of the load timed below
@@ -144,15 +151,27 @@ def measure(path: Path, options: dict, warm: bool) -> dict:
     read = read_seconds(files)
     if cold:
         drop_cached(files)
+    load, plan = load_seconds(path, options)
+    result = dict(files=len(files), bytes=nbytes, read_s=read, load_s=load, read_gb_s=nbytes / read / 1e9,
+                  load_gb_s=nbytes / load / 1e9, load_over_read=read / load, cold=cold, plan=plan)
+    if against_map:
+        if cold:
+            drop_cached(files)
+        with mock.patch.object(CheckpointSource, "_read_rows", lambda *a: False):
+            result["map_load_s"], _ = load_seconds(path, options)
+        result["map_load_over_read"] = read / result["map_load_s"]
+    return result
+
+
+def load_seconds(path: Path, options: dict) -> tuple[float, str]:
     start = time.perf_counter()
     model = offload.load_model(path, progress=False, **options)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    load = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     plan = str(model.plan)
     model.close()
-    return dict(files=len(files), bytes=nbytes, read_s=read, load_s=load, read_gb_s=nbytes / read / 1e9,
-                load_gb_s=nbytes / load / 1e9, load_over_read=read / load, cold=cold, plan=plan)
+    return seconds, plan
 
 
 def run(args) -> int:
@@ -166,7 +185,7 @@ def run(args) -> int:
         if args.quick:  # half the layers stream
             needs = offload.plan_model(path, **options).needs
             options["gpu_memory"] = needs.gpu_budget_streaming(len(needs.blocks) // 2)
-        result = measure(path, options, args.warm)
+        result = measure(path, options, args.warm, args.against_map)
     date = datetime.date.today().isoformat()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
     print(f"bench_load {date} on {device}, torch {torch.__version__}")
@@ -175,6 +194,9 @@ def run(args) -> int:
     print(f"\n{path}: {result['files']} file(s), {result['bytes'] / 1e9:.2f} GB, read from the {source}")
     print(f"  read  {result['read_s']:8.2f} s  {result['read_gb_s']:6.2f} GB/s")
     print(f"  load  {result['load_s']:8.2f} s  {result['load_gb_s']:6.2f} GB/s")
+    if "map_load_s" in result:
+        print(f"  load, copied from the memory map (as before)  {result['map_load_s']:8.2f} s  "
+              f"{result['bytes'] / result['map_load_s'] / 1e9:6.2f} GB/s: {result['map_load_over_read']:.2f} of reading")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(result, date=date, device=device, model=str(path)), indent=1))
     print(f"bench_load: loading at {result['load_over_read']:.2f} of the speed of reading the files")

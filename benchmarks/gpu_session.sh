@@ -84,6 +84,8 @@
 #                  (OFFLOAD_LOOK_AHEAD) against none, at the depth chosen, and 3 at chains of 3
 #   spec_smollm2_paced  the int4 draft's chains drafted ahead in 1, no and 3 spare rows against none at the depth
 #                  chosen, and in 1 at chains of 3
+#   load13b_ab     llama-2-13b saved in int4 (written first), loaded from disk at 4 GiB with read() (the default), then
+#                  copied from the memory map (as before the twentieth session: bench_load.py --against-map)
 #   tests_reads    checkpoints read with read() (through a reused buffer to the GPU): GGUF bytes on CUDA, the
 #                  tests that load checkpoints onto the GPU (numerics vs transformers, offloaded = resident, budgets)
 #   tests_whole    the GPU tests of whole passes and of drafting ahead (the verify pass's priority too)
@@ -138,11 +140,15 @@
 # nineteenth (H100, 2026-12-06, after 96 minutes of no machine) tests_whole, spec_host_whole (a whole pass in one graph:
 # the host queues it in 0.56 ms against 1.58), spec_smollm2_whole (1.57x against 1.48x; the priority: within noise),
 # test_gpu.py's graph and budget tests with whole passes the default.
-#   1. int4_405b:500 (an H200)                                 the moonshot (#20)
-#   2. tests_spec:240, spec_smollm2_paced                      speculation's files on CUDA with whole passes; spare
+# twentieth (2026-12-06): no machine started in fourteen tries; checkpoints now read with read() (CPU-measured).
+#   1. tests_reads:100, load13b_ab:150                         the reused buffer's GPU tests; loads with read()
+#                                                              against the memory map's copy, from disk (#20)
+#   2. int4_405b:500 (an H200)                                 the moonshot (#20)
+#   3. tests_spec:240, spec_smollm2_paced                      speculation's files on CUDA with whole passes; spare
 #                                                              rows again (the side stream now starts ~1 ms sooner)
-#   3. tests_kernels:300                                       test_quant_kernels.py past its first 306 tests
-#   4. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts (#21)
+#   4. load70b:360, gguf13b:240                                the owed loads' ratios with read()
+#   5. tests_kernels:300                                       test_quant_kernels.py past its first 306 tests
+#   6. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts (#21)
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.
@@ -321,6 +327,9 @@ run_stage() {
             OFFLOAD_LOOK_AHEAD=$1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${2:+--draft-tokens $2} \
             --json "$0/spec_paced$1$2.json"; done' "$OUT" ;;
+    load13b_ab) stage load13b_ab bash -c 'set -e; trap "rm -rf /tmp/13b-int4" EXIT
+        python3 benchmarks/bench_load.py --write int4 --shape llama-2-13b --out /tmp/13b-int4 --gpu-memory 4GiB \
+            --cpu-memory 16GiB --against-map --json "$0/load13b_ab.json"' "$OUT" ;;
     tests_reads) stage tests_reads python3 -m pytest -s -q -p no:cacheprovider tests/test_gguf.py tests/test_gpu.py \
       tests/test_checkpoint_reads.py \
       -k "sent_to_a_gpu or transformers or offloaded_equals_resident or stay_in_budget or reading_rows" ;;
@@ -341,7 +350,7 @@ run_stage() {
         --json "$0/spec_host$slots.json"; done' "$OUT" ;;
     load70b) stage load70b bash -c 'set -e; trap "rm -rf /tmp/70b-int4 /tmp/.70b-int4.*.partial" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-70b --out /tmp/70b-int4 --gpu-memory 24GiB \
-            --cpu-memory 100GiB --json "$0/load70b.json"
+            --cpu-memory 100GiB --against-map --json "$0/load70b.json"
         python3 benchmarks/bench_offload.py --model /tmp/70b-int4 --gpu-memory 24GiB --runs host --skip-accelerate \
             --batch 1,16 --json "$0/int4_70b_saved.json"' "$OUT" ;;
     gguf13b) stage gguf13b bash -c 'set -e; trap "rm -f /tmp/13b.gguf" EXIT

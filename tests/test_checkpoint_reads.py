@@ -76,9 +76,9 @@ def test_a_piece_of_columns_is_cut_from_the_memory_map(source):
 
 
 def test_a_file_cut_short_is_a_checkpoint_error(source, tmp_path):
-    stored = source._stored("wide")
+    entry = source._entry("wide")
     with open(tmp_path / "model.safetensors", "r+b") as f:  # safe_open checked the size already: cut it after
-        f.truncate(stored.start + 100)
+        f.truncate(entry.start + 100)
     s = spec("wide")
     with pytest.raises(CheckpointError, match="ends inside tensor 'wide'"):
         source.read(s, "wide", torch.empty(s.shape))

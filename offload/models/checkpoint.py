@@ -71,7 +71,7 @@ class CheckpointSource:
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory {str(self.path)!r} does not exist")
         self._handles: dict[Path, object] = {}
-        self._headers: dict[Path, dict[str, Stored]] = {}
+        self._headers: dict[Path, dict[str, Entry]] = {}
         self._reads = FileReads()
         self._file_of = self._index()
         self._readahead: Readahead | None = None
@@ -169,11 +169,11 @@ class CheckpointSource:
     def read_in_order(self, specs: list[tuple[TensorSpec, str]]) -> None:
         """The tensors a load will :meth:`read`, in its order: their bytes are read from disk ahead of it."""
         names = dict.fromkeys(self._stored_name(spec, name) for spec, name in specs)
-        stored = {name: self._stored(name) for name in names}
-        self._readahead = Readahead({name: (self._file_of[name], stored[name].start, stored[name].end)
+        entries = {name: self._entry(name) for name in names}
+        self._readahead = Readahead({name: (self._file_of[name], entries[name].start, entries[name].end)
                                      for name in names})
 
-    def _stored(self, name: str) -> Stored:
+    def _entry(self, name: str) -> Entry:
         file = self._file_of[name]
         if file not in self._headers:
             self._headers[file] = _header(file)
@@ -206,8 +206,8 @@ class CheckpointSource:
         is host memory of the stored dtype, else ``STAGING`` bytes at a time through a host buffer (cast, or sent to
         a GPU). False for a piece of columns (a tensor-parallel column shard is not one stretch of the file): the
         caller cuts it from the memory map."""
-        stored = self._stored(name)
-        dtype, shape = TORCH_DTYPES.get(stored.dtype), stored.shape
+        entry = self._entry(name)
+        dtype, shape = TORCH_DTYPES.get(entry.dtype), entry.shape
         if dtype is None or spec.shard.dim not in (None, 0) or not shape or tuple(out.shape[1:]) != shape[1:]:
             return False
         first, last = (spec.shard.start, spec.shard.stop) if spec.shard.dim == 0 else (0, shape[0])
@@ -215,8 +215,8 @@ class CheckpointSource:
         if out.shape[0] < rows:
             return False
         out[rows:].zero_()  # rows past the piece: vocabulary padding
-        row_bytes = (stored.end - stored.start) // shape[0] if shape[0] else 0
-        file, start = self._file_of[name], stored.start + first * row_bytes
+        row_bytes = (entry.end - entry.start) // shape[0] if shape[0] else 0
+        file, start = self._file_of[name], entry.start + first * row_bytes
         if out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous():
             self._reads.into(file, start, out[:rows], name)
             return True
@@ -269,7 +269,7 @@ class FileReads:
     def into(self, file: Path, offset: int, out: torch.Tensor, what: str) -> None:
         """Fill ``out`` (contiguous host memory) with the bytes of ``file`` from ``offset``; ``what``: the tensor's
         name, for errors."""
-        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())  # view: never a copy that the read would fill
         try:
             f = self.files.get(file)
             if f is None:
@@ -297,8 +297,8 @@ class FileReads:
 
 
 @dataclass(frozen=True)
-class Stored:
-    """A tensor as a safetensors file stores it: its dtype's name, its shape, and where its bytes lie."""
+class Entry:
+    """A tensor's entry in a safetensors file's header: its dtype's name, its shape, and where its bytes lie."""
 
     dtype: str
     shape: tuple[int, ...]
@@ -306,14 +306,14 @@ class Stored:
     end: int
 
 
-def _header(file: Path) -> dict[str, Stored]:
+def _header(file: Path) -> dict[str, Entry]:
     """Each tensor of a safetensors file (opened by ``safe_open`` already, so whole and valid): the format is an
     8-byte little-endian header length, the JSON header, then the data its offsets count from."""
     with open(file, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     base = 8 + length
-    return {name: Stored(entry["dtype"], tuple(entry["shape"]), base + entry["data_offsets"][0],
+    return {name: Entry(entry["dtype"], tuple(entry["shape"]), base + entry["data_offsets"][0],
                          base + entry["data_offsets"][1])
             for name, entry in header.items() if name != "__metadata__"}
 

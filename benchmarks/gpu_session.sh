@@ -88,17 +88,13 @@
 #                  copied from the memory map (as before the twentieth session: bench_load.py --against-map)
 #   tests_reads    checkpoints read with read() (through a reused buffer to the GPU): GGUF bytes on CUDA, the
 #                  tests that load checkpoints onto the GPU (numerics vs transformers, offloaded = resident, budgets)
-#   tests_whole    the GPU tests of whole passes and of drafting ahead (the verify pass's priority too)
+#   tests_whole    the GPU tests of whole passes and of drafting ahead
 #   spec_host_whole  SmolLM2-135M's shape streamed (random weights): verify passes of 1 and 4 tokens against the host's
 #                  time queueing them, a graph a layer against a whole pass in one graph (OFFLOAD_WHOLE_PASS=1)
-#   spec_smollm2_whole  (or spec_smollm2_priority) spec_host_whole, then the int4 draft's chains against none: as
-#                  by default, whole passes, whole passes at the highest priority (OFFLOAD_VERIFY_PRIORITY=1), the
-#                  priority with the side stream queued first (OFFLOAD_AHEAD_BEFORE=1); chains of 3
+#   spec_smollm2_whole  spec_host_whole, then the int4 draft's chains against none: a graph a layer
+#                  (OFFLOAD_WHOLE_PASS=0) and whole passes, at the depth chosen and in chains of 3
 #   spec_host      SmolLM2-135M's shape streamed (random weights): verify passes of 1, 4 and 16 tokens, the pass
 #                  against the host's time queueing it (does the host set the pace?), with rings of 2 and 4 slots
-#   spec_smollm2_stop    the int4 draft's chains against none, without and with OFFLOAD_STOP_UNSURE=1 (chains that
-#                  stop where the draft is unsure), each pass profiled: the host's time in each phase, the draft's
-#                  steps a pass, the kernels
 #   tests_spec     speculative decoding's tests on CUDA (they load on the GPU where there is one): every draft,
 #                  trees, sampled rows, verify chunks (float32: greedy output equals plain decoding's), and
 #                  verify passes in CUDA graphs (bitwise against eager; their pool within the plan)
@@ -300,10 +296,6 @@ run_stage() {
         OFFLOAD_BEST_FIRST_TREES=1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4@4 --json "$0/spec_smollm2_best_first.json"' \
         "$OUT" ;;
-    spec_smollm2_stop) stage spec_smollm2_stop bash -c 'set -e; smollm2_ready
-        for stop in 0 1; do OFFLOAD_STOP_UNSURE=$stop python3 benchmarks/bench_speculative.py --model /tmp/smollm2 \
-            --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 --profile \
-            --json "$0/spec_smollm2_stop$stop.json"; done' "$OUT" ;;
     spec_smollm2_chain|spec_smollm2_trace) stage $1 bash -c 'set -e; smollm2_ready
         for depth in "" 3; do [ "$1" = spec_smollm2_trace ] && set -- "$1" --profile --trace "$0/spec_trace$depth.json.gz"
             python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB \
@@ -338,13 +330,12 @@ run_stage() {
     spec_host_whole) stage spec_host_whole bash -c 'for whole in 0 1; do echo "OFFLOAD_WHOLE_PASS=$whole"
         OFFLOAD_WHOLE_PASS=$whole python3 benchmarks/bench_speculative.py --shape smollm2-135m --gpu-memory stream \
         --cpu-memory 4GiB --widths 1,4 --json "$0/spec_host_whole$whole.json"; done' "$OUT" ;;
-    spec_smollm2_whole|spec_smollm2_priority) run_stage spec_host_whole
+    spec_smollm2_whole) run_stage spec_host_whole
       stage spec_smollm2_whole bash -c 'set -e; smollm2_ready
-        for run in "0 0 0" "1 0 0" "1 1 0" "0 1 1" "0 0 0 3" "1 1 0 3"; do set -- $run
-            echo "OFFLOAD_WHOLE_PASS=$1 OFFLOAD_VERIFY_PRIORITY=$2 OFFLOAD_AHEAD_BEFORE=$3 ${4:+--draft-tokens $4}"
-            OFFLOAD_WHOLE_PASS=$1 OFFLOAD_VERIFY_PRIORITY=$2 OFFLOAD_AHEAD_BEFORE=$3 python3 benchmarks/bench_speculative.py \
-            --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 \
-            ${4:+--draft-tokens $4} --json "$0/spec_whole$1$2$3$4.json"; done' "$OUT" ;;
+        for run in "0" "1" "0 3" "1 3"; do set -- $run; echo "OFFLOAD_WHOLE_PASS=$1 ${2:+--draft-tokens $2}"
+            OFFLOAD_WHOLE_PASS=$1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
+            --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4 ${2:+--draft-tokens $2} \
+            --json "$0/spec_whole$1$2.json"; done' "$OUT" ;;
     spec_host) stage spec_host bash -c 'for slots in 2 4; do python3 benchmarks/bench_speculative.py \
         --shape smollm2-135m --gpu-memory stream --cpu-memory 4GiB --widths 1,4,16 --slots $slots \
         --json "$0/spec_host$slots.json"; done' "$OUT" ;;

@@ -20,8 +20,7 @@ The speculator (``offload/scheduler/speculation.py``) calls, once per pass over 
 of the pass (the row engine's rows; ``None`` for a row not in it):
 
     share, ready = draft.drafting_ahead(rows)       # whether this pass's chains were drafted ahead, how deep
-    proposal = draft.propose(rows, budgets, nodes, stop_below)  # at most budgets[b] deep for row b (a tree:
-                                                    # nodes[b] tokens); a model's chain stops where it is unsure
+    proposal = draft.propose(rows, budgets, nodes)  # at most budgets[b] deep for row b (a tree: nodes[b] tokens)
     ...                                             # the target's verify pass is queued
     draft.look_ahead(rows, proposal, deepest)       # meanwhile, the next pass's chains for the verdicts it guesses
     ...                                             # the target's verdict is read
@@ -53,11 +52,6 @@ CATCH_UP_STEPS = 16
 # against 1.18x for chains; on an H200 (2026-12-06, a verify pass's rotation in one kernel) 1.12x against 1.19x.
 # So on only with OFFLOAD_BEST_FIRST_TREES=1 (read at import).
 BEST_FIRST = os.environ.get("OFFLOAD_BEST_FIRST_TREES", "") == "1"
-# Chains that stop where the draft is unsure (``Confidence``): fewer drafts where the text is hard, the same output.
-# On an H100 (2026-12-06, SmolLM2 streamed) slower: 3.6 steps a pass against 8.8, but reading the confidence keeps
-# the host a step behind the draft, so each step cost twice as much (1.11x plain decoding against 1.23x). So on only
-# with OFFLOAD_STOP_UNSURE=1 (read at import).
-STOP_UNSURE = os.environ.get("OFFLOAD_STOP_UNSURE", "") == "1"
 # While the target verifies a pass of greedy chains (a pass streamed over a link leaves the GPU mostly idle), a draft
 # model drafts the next pass's chains on a side stream for the verdicts it can guess (``ModelDraft.look_ahead``):
 # every draft accepted and the target's next token the draft's own argmax, and the ``LOOK_AHEAD`` likeliest breaks
@@ -122,8 +116,7 @@ class NgramDraft:
     def __init__(self, longest: int = 3, shortest: int = 1):
         self.longest, self.shortest = longest, shortest
 
-    def propose(self, rows: list, budgets: list[int], nodes: list[int] | None = None,
-                stop_below: float = 0.0) -> Proposal:
+    def propose(self, rows: list, budgets: list[int], nodes: list[int] | None = None) -> Proposal:
         tokens = [lookup(list(row.request.prompt) + row.tokens, k, self.longest, self.shortest)
                   if row is not None and k > 0 else [] for row, k in zip(rows, budgets)]
         return Proposal(tokens)
@@ -209,14 +202,11 @@ class ModelDraft:
     def plans(self):
         return self.model.plans
 
-    def propose(self, rows: list, budgets: list[int], nodes: list[int] | None = None,
-                stop_below: float = 0.0) -> Proposal:
+    def propose(self, rows: list, budgets: list[int], nodes: list[int] | None = None) -> Proposal:
         """At most ``budgets[b]`` drafts deep for row ``b``: a chain, or where ``nodes`` gives a row more
         tokens than its depth and every drafting row is greedy, a tree of at most ``nodes[b]`` tokens grown
         best first (:meth:`_grow_trees`), where the draft was loaded with passes that wide (``BEST_FIRST``;
-        not a mixture of experts whose experts direct reads serve, ``loading.prepare``). A chain of greedy rows
-        stops early once the draft's own chance that every row's chain so far is accepted (the product of its
-        top tokens' probabilities, the likeliest row's) falls below ``stop_below`` (:class:`Confidence`)."""
+        not a mixture of experts whose experts direct reads serve, ``loading.prepare``)."""
         tried, served = self._settle_ahead(rows)
         self._forget_rows_not_in(rows)
         self.pending, self.growing, self.likely, self.depth = {}, {}, {}, 0  # what a pass that never reached update
@@ -230,7 +220,7 @@ class ModelDraft:
         greedy = all(rows[b].request.sampling.greedy for b in drafting)
         tree = (nodes is not None and self.model.options.tree_width > 1 and greedy
                 and any(nodes[b] > budgets[b] for b in drafting))
-        chain = self._chain() if greedy and not tree and not stop_below > 0.0 else None
+        chain = self._chain() if greedy and not tree else None
         if tried:  # chains drafted while the target verified the last pass, where it gave a verdict they guessed
             ready = self._drafted_ahead(served, rows, budgets, contexts, drafting) if chain else None
             self.guessed[1] += 1
@@ -254,14 +244,13 @@ class ModelDraft:
             self.depth = steps
             return self._chain_proposal(rows, budgets, contexts, drafted.tolist(), likeliest.tolist(), None,
                                         steps, caught_up, chances.tolist())
-        confidence = Confidence(drafting, logits.device) if stop_below > 0.0 and greedy else None
         ids, qs, likeliest = [], [], []
         for step in range(steps):
             chosen, q = self._choose(logits, rows, drafting)
             ids.append(chosen)
             qs.append(q)
             likeliest.append(logits.topk(MAX_BRANCHES, dim=-1).indices)  # a tree's alternatives
-            if step + 1 == steps or (confidence is not None and confidence.add(logits) < stop_below):
+            if step + 1 == steps:
                 break
             positions = [len(contexts[b]) + step if b in contexts else None for b in range(len(rows))]
             logits = self.model.decode(chosen, positions)
@@ -347,10 +336,10 @@ class ModelDraft:
     def drafting_ahead(self, rows: list) -> tuple[float, int]:
         """Whether this pass's chains were drafted ahead for ``rows`` (1.0, and as many drafts deep as every row's
         is) or not (0.0, 0): what drafting costs the pass (the speculator's price). Not where the draft may draft
-        otherwise than in chains (trees it grows, chains that stop where it is unsure): those do not use them."""
+        otherwise than in chains (trees it grows): those do not use them."""
         _, served = self._settle_ahead(rows)
         live = [row for row in rows if row is not None]
-        if not live or any(row not in served for row in live) or STOP_UNSURE or self.model.options.tree_width > 1:
+        if not live or any(row not in served for row in live) or self.model.options.tree_width > 1:
             return 0.0, 0
         return 1.0, min(len(served[row][0]) for row in live)
 
@@ -607,41 +596,6 @@ class Guesses:
     # (drafts accepted, the target's token guessed after them, the draft's cache row whose chain goes on from it):
     # the guess None is the draft's argmax after the last draft, its chain's first step
     chains: list[tuple[int, int | None, int]]
-
-
-class Confidence:
-    """The draft's own chance, as a chain grows, that the target accepts all of it: the product over its steps of
-    the probability of the token it chose (greedy rows: its top one), the likeliest of the drafting rows.
-
-    Read by the host one step late: each step's product is copied to pinned memory behind the step's small
-    kernels, and :meth:`add` returns the previous step's, whose copy finished before the decode step that is
-    running now began. So the host never waits on the GPU's current work, and a chain stops one token after the
-    product fell (that token costs its step, already queued, nothing more). Under tensor parallelism every rank
-    has the same logits (gathered whole), so every rank stops at the same step."""
-
-    def __init__(self, drafting: list[int], device: torch.device):
-        self.rows = torch.tensor(drafting, device=device)
-        self.product = None
-        self.cuda = device.type == "cuda"
-        self.seen = torch.ones(2, dtype=torch.float32, pin_memory=self.cuda)
-        self.events = [None, None]
-        self.steps = 0
-
-    def add(self, logits: torch.Tensor) -> float:
-        """This step's ``logits [rows, vocab]`` counted; the product as of the step before (1 before any)."""
-        top = torch.softmax(logits, -1, dtype=torch.float32).amax(-1).index_select(0, self.rows)
-        self.product = top if self.product is None else self.product * top
-        slot, last = self.steps % 2, (self.steps - 1) % 2
-        self.seen[slot : slot + 1].copy_(self.product.amax().reshape(1), non_blocking=self.cuda)
-        if self.cuda:
-            self.events[slot] = torch.cuda.Event()
-            self.events[slot].record()
-        self.steps += 1
-        if self.steps == 1:
-            return 1.0
-        if self.events[last] is not None:
-            self.events[last].synchronize()
-        return float(self.seen[last])
 
 
 def _likeliest(logits: torch.Tensor) -> tuple[list, list]:

@@ -28,7 +28,6 @@ from .models.decoder import KVCache
 from .models.parallel import local_heads, vocab_rows
 from .models.verify_chunk import VerifyChunk
 from .sampling import Sampling
-from .scheduler import speculation
 from .scheduler.graphs import DecodeGraphs
 from .scheduler.experts import ExpertStore
 from .scheduler.row_engine import Request, RowEngine
@@ -136,8 +135,7 @@ class OffloadedModel:
         _, kv_heads = local_heads(s.config, s.tp)
         self.cache = KVCache(s.config.n_layers, self.max_batch, kv_heads, self.max_seq_len, s.config.head_dim,
                              s.dtype, s.device)
-        self.graphs = (DecodeGraphs(self.decoder, self.weights, self.cache, s.device, compile=s.options.compile,
-                                    high_priority=draft is not None and speculation.VERIFY_PRIORITY)
+        self.graphs = (DecodeGraphs(self.decoder, self.weights, self.cache, s.device, compile=s.options.compile)
                        if uses_cuda_graphs(s.options, s.device) else None)
 
     @property

@@ -308,10 +308,6 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
     for (accepted, token), budget in zip(verdicts, budgets):
         hits = draft.guessed[0]
         share, ready = draft.drafting_ahead(rows)  # known before the pass's shape is chosen
-        if share:  # chains that may stop where the draft is unsure do not use them: drafting is not free then
-            monkeypatch.setattr(drafts, "STOP_UNSURE", True)
-            assert draft.drafting_ahead(rows) == (0.0, 0)
-            monkeypatch.setattr(drafts, "STOP_UNSURE", False)
         proposal, expected = draft.propose(rows, budget), reference.propose(rows, budget)
         assert proposal.tokens == expected.tokens and proposal.alternatives == expected.alternatives
         served = draft.guessed[0] > hits
@@ -381,22 +377,19 @@ def test_the_breaks_guessed_are_the_likeliest_by_the_drafts_own_probabilities(st
 
 
 def test_greedy_speculation_drafting_ahead_gives_plain_greedy_tokens(structured, structured_draft, monkeypatch):
-    """Through the row engine, with graphs: drafting ahead (queued after the verify pass, or before it:
-    ``speculation.AHEAD_BEFORE``) gives the tokens plain greedy decoding gives, and the passes of a draft that drafts
-    only after each verdict."""
+    """Through the row engine, with graphs: drafting ahead (queued after the verify pass) gives the tokens plain
+    greedy decoding gives, and the passes of a draft that drafts only after each verdict."""
     from conftest import greedy_through, with_graphs
 
     from offload import drafts
-    from offload.scheduler import speculation
     from offload.scheduler.row_engine import RowEngine
 
     prompts, new = [[3, 17, 40, 2, 9], [8, 8, 1], [5, 6]], 24
     plain = offload.load_model(structured, **KW, progress=False)
     expected = greedy_through(RowEngine(plain), prompts, new)
     passes = {}
-    for ahead in ("before", 1, 0):
-        monkeypatch.setattr(speculation, "AHEAD_BEFORE", ahead == "before")
-        monkeypatch.setattr(drafts, "LOOK_AHEAD", 1 if ahead == "before" else ahead)
+    for ahead in (1, 0):
+        monkeypatch.setattr(drafts, "LOOK_AHEAD", ahead)
         model = offload.load_model(structured, **KW, draft=str(structured_draft), draft_tokens=4, draft_branches=1,
                                    progress=False)
         with_graphs(model.draft.model)
@@ -406,11 +399,10 @@ def test_greedy_speculation_drafting_ahead_gives_plain_greedy_tokens(structured,
         engine = RowEngine(model)
         assert greedy_through(engine, prompts, new) == expected
         passes[ahead] = (engine.speculator.overall.tried, engine.speculator.overall.accepted, model.draft.guessed)
-        first, then = ("look_ahead", "verify") if ahead == "before" else ("verify", "look_ahead")
-        assert order and order == [first, then] * (len(order) // 2), order[:6]  # each pass: both, in that order
+        assert order and order == ["verify", "look_ahead"] * (len(order) // 2), order[:6]  # the pass queued first
         model.close()
-    assert passes[1][:2] == passes[0][:2] == passes["before"][:2]
-    assert passes[1][2][0] > 0 and passes["before"][2][0] > 0 and passes[0][2] == [0, 0]
+    assert passes[1][:2] == passes[0][:2]
+    assert passes[1][2][0] > 0 and passes[0][2] == [0, 0]
     plain.close()
 
 
@@ -420,46 +412,3 @@ def spy(method, calls: list, name: str):
         calls.append(name)
         return method(*args, **kwargs)
     return noted
-
-
-def test_confidence_is_the_product_of_the_chosen_tokens_probabilities_read_a_step_late():
-    """``Confidence.add`` counts a step's top probability (the likeliest drafting row's product) and returns the
-    product as of the step before: 1 at the first."""
-    from offload.drafts import Confidence
-
-    logits = [torch.tensor([[0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0], [0.0, 9.0, 0.0, 0.0]]).log_softmax(-1)
-              for _ in range(3)]
-    logits[1][2] = torch.tensor([0.0, 0.0, 0.0, 0.0])  # row 2 unsure at the second step
-    confidence = Confidence([1, 2], torch.device("cpu"))
-    top = [[float(x.softmax(-1).max()) for x in step[1:]] for step in logits]
-    assert confidence.add(logits[0]) == 1.0
-    assert confidence.add(logits[1]) == pytest.approx(max(top[0]))
-    assert confidence.add(logits[2]) == pytest.approx(max(top[0][0] * top[1][0], top[0][1] * top[1][1]))
-
-
-def test_a_draft_models_chain_stops_where_it_is_unsure(structured, structured_draft):
-    """With ``stop_below`` a greedy chain stops one step after the draft's product of its chosen tokens'
-    probabilities fell below it (never before two tokens): a prefix of the chain it drafts without; and the
-    draft's cache follows what the target accepts of the shorter chain."""
-    model = offload.load_model(structured, **KW, draft=str(structured_draft), progress=False)
-    alone = offload.load_model(structured_draft, **KW, progress=False)
-    draft = model.draft
-    prompt = [3, 17, 40, 2, 9, 11]
-    full = draft.propose([None, row(prompt)], [0, 8]).tokens[1]
-    probs = alone(torch.tensor([prompt + full[:7]]))[0, len(prompt) - 1:].float().softmax(-1)  # each draft's
-    product = torch.cumprod(probs.amax(-1), 0).tolist()
-    assert len(product) == 8 and product[0] > product[2] > product[3]
-    for stop_below in (0.999, (product[2] + product[3]) / 2, 1e-12):
-        first_below = next((j for j, p in enumerate(product) if p < stop_below), None)
-        expected = 8 if first_below is None else min(first_below + 2, 8)
-        assert draft.propose([None, row(prompt)], [0, 8], stop_below=stop_below).tokens[1] == full[:expected]
-    r = row(prompt)
-    proposal = draft.propose([None, r], [0, 8], stop_below=(product[2] + product[3]) / 2)
-    assert len(proposal.tokens[1]) == 5  # below after the fourth token: one more drafted
-    draft.update([None, r], [0, 2])  # two accepted, then the target's own token
-    r.tokens += proposal.tokens[1][:2] + [7]
-    greedy = alone.generate([list(r.request.prompt) + r.tokens], max_new_tokens=3, ignore_eos=True,
-                            return_result=True).tokens[0]
-    assert draft.propose([None, r], [0, 3]).tokens[1] == greedy
-    model.close()
-    alone.close()

@@ -239,10 +239,8 @@ def test_drafting_ahead_on_a_side_stream_gives_the_passes_of_drafting_after_each
     """On a GPU, the next pass's chains drafted on a side stream while the target's verify pass runs
     (``drafts.LOOK_AHEAD``) serve the passes whose verdicts they guessed: in float32, greedy output is plain greedy
     decoding's and the same drafts were tried and accepted as with drafting after each verdict (bfloat16 rows may
-    round a near tie the other way: printed). So too with the side stream queued before the verify pass, which runs
-    on a stream of the highest priority (``speculation.AHEAD_BEFORE``, ``VERIFY_PRIORITY``)."""
+    round a near tie the other way: printed)."""
     from offload import drafts
-    from offload.scheduler import speculation
 
     prompts, limits = [[3, 17, 40, 2, 9], [8, 8, 1], [5, 6]], [40, 23, 31]
     kw = dict(dtype=dtype, max_batch=3, max_seq_len=80, progress=False)
@@ -250,30 +248,18 @@ def test_drafting_ahead_on_a_side_stream_gives_the_passes_of_drafting_after_each
     want = plain.generate(prompts, max_new_tokens=limits, ignore_eos=True)
     plain.close()
     results = {}
-    for spare, before in ((3, False), (1, False), (1, True), (0, False)):
+    for spare in (3, 1, 0):
         monkeypatch.setattr(drafts, "LOOK_AHEAD", spare)
-        monkeypatch.setattr(speculation, "AHEAD_BEFORE", before)
-        monkeypatch.setattr(speculation, "VERIFY_PRIORITY", before)
         model = offload.load_model(structured, **kw, draft=str(structured_draft), draft_tokens=4, draft_branches=1)
-        assert (speculation.Speculator(model).verify_stream is not None) == before
-        priorities, verify = [], model.verify  # the streams the verify passes were queued on
-
-        def noted(*args, verify=verify, priorities=priorities, **kwargs):
-            priorities.append(torch.cuda.current_stream().priority)
-            return verify(*args, **kwargs)
-
-        monkeypatch.setattr(model, "verify", noted)
         got = model.generate(prompts, max_new_tokens=limits, ignore_eos=True, return_result=True)
-        assert priorities and (max(priorities) < 0) == (model.graphs.capture.stream.priority < 0) == before
-        results[spare, before] = got, list(model.draft.guessed)
+        results[spare] = got, list(model.draft.guessed)
         model.close()
-    after, unguessed = results[0, False]
+    after, unguessed = results[0]
     assert unguessed == [0, 0]
     assert [p + t for p, t in zip(prompts, after.tokens)] == want or dtype != torch.float32
-    for spare, before in ((3, False), (1, False), (1, True)):
-        ahead, guessed = results[spare, before]
-        print(f"{dtype}, {spare} spare rows{', queued before a verify pass of the highest priority' if before else ''}"
-              f": drafted ahead for {guessed[0]} of {guessed[1]} passes; tried {ahead.drafted_tokens} drafts "
+    for spare in (3, 1):
+        ahead, guessed = results[spare]
+        print(f"{dtype}, {spare} spare rows: drafted ahead for {guessed[0]} of {guessed[1]} passes; tried {ahead.drafted_tokens} drafts "
               f"(without: {after.drafted_tokens}), accepted {ahead.accepted_tokens} ({after.accepted_tokens})")
         assert guessed[0] > 0
         if dtype == torch.float32:  # a chain moved into place before drafting ahead from it (streams ordered)
@@ -294,7 +280,7 @@ def test_speculative_decoding_with_graphs_stays_in_budget():
     model = load(shape_config("llama-2-7b"), dtype=torch.bfloat16, gpu_memory=budget, cpu_memory=12 * 2**30,
                  max_batch=4, max_seq_len=1024, draft="ngram", draft_tokens=16)
     loop = list(range(100, 140)) * 20
-    model.draft.propose = lambda rows, budgets, nodes=None, stop_below=0.0: Proposal(
+    model.draft.propose = lambda rows, budgets, nodes=None: Proposal(
         [loop[: min(k, 16)] if row is not None else [] for row, k in zip(rows, budgets)])
     result = model.generate([loop[:200], loop[5:180], loop[:600], loop[7:150]], max_new_tokens=48, ignore_eos=True,
                             return_result=True)

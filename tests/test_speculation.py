@@ -75,32 +75,6 @@ def test_greedy_output_is_plain_greedy_decoding(structured, plain, speculative):
     assert got.decode_tokens == sum(limits) - 4  # the first token of each row comes from its prompt's pass
 
 
-def test_chains_that_stop_where_the_draft_is_unsure_keep_plain_greedy_output(structured, structured_draft, plain,
-                                                                            monkeypatch):
-    """Eight deep, stopped where the draft's own chance that a chain is accepted falls below 0.9: fewer drafts
-    than eight deep unstopped, the same tokens as plain greedy decoding."""
-    from offload import drafts
-    from offload.scheduler.speculation import Speculator
-
-    monkeypatch.setattr(drafts, "STOP_UNSURE", True)  # OFFLOAD_STOP_UNSURE=1
-    shape, drafted = Speculator.draft_shape, {}
-    batch = prompts(structured, (5, 11))
-    want = plain.generate(batch, max_new_tokens=30, ignore_eos=True, return_result=True).tokens
-    for stop_below in (0.9, 0.0):
-        def deep(self, rows, room, _stop=stop_below):
-            shape(self, rows, room)
-            self.stop_below = _stop
-            return 8, 1
-
-        monkeypatch.setattr(Speculator, "draft_shape", deep)
-        model = load(structured, "model", structured_draft)
-        got = model.generate(batch, max_new_tokens=30, ignore_eos=True, return_result=True)
-        assert got.tokens == want
-        drafted[stop_below] = got.drafted_tokens
-        model.close()
-    assert 0 < drafted[0.9] < drafted[0.0]
-
-
 @pytest.mark.parametrize("k", [1, 3, 7])
 def test_a_fixed_draft_length(structured, structured_draft, plain, k):
     batch = prompts(structured, (5, 11))
@@ -260,7 +234,7 @@ def test_a_pass_with_nothing_to_verify_is_a_decode_step(structured, plain, monke
             monkeypatch.setattr(model, verb, lambda *a, _m=method, _v=verb, **k: calls.append(_v) or _m(*a, **k))
         lookup, passes = model.draft.propose, []
 
-        def finding(rows, budgets, nodes=None, stop_below=0.0):  # nothing every other pass, else the lookup's
+        def finding(rows, budgets, nodes=None):  # nothing every other pass, else the lookup's
             passes.append(len(passes))
             return lookup(rows, budgets) if len(passes) % 2 else Proposal.empty(len(rows))
 

@@ -93,12 +93,10 @@ def graph_objects_bytes(most_graphs: int) -> int:
 
 
 class CudaCapture:
-    """Where graphs are captured: a side stream of ``device``, and one memory pool for every graph. A graph's
-    kernels keep the priority of the stream they were captured on (PyTorch instantiates graphs with
-    ``cudaGraphInstantiateFlagUseNodePriority``), so ``high_priority`` captures on a stream of the highest."""
+    """Where graphs are captured: a side stream of ``device``, and one memory pool for every graph."""
 
-    def __init__(self, device: torch.device, high_priority: bool = False):
-        self.stream = torch.cuda.Stream(device, priority=-100 if high_priority else 0)  # clamped to the highest
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
         self.pool = torch.cuda.graph_pool_handle()
 
     def on_side_stream(self):
@@ -159,14 +157,14 @@ class _Bucket:
 class DecodeGraphs:
     """Runs decode steps and verify passes of ``decoder`` as replayed CUDA graphs, bucket by bucket.
 
-    ``capture`` makes the graphs (:class:`CudaCapture` on ``device``, of the highest priority with
-    ``high_priority``; tests give a stand-in that replays by running the captured work again)."""
+    ``capture`` makes the graphs (:class:`CudaCapture` on ``device``; tests give a stand-in that replays by running
+    the captured work again)."""
 
     def __init__(self, decoder: Decoder, weights: WeightStream, cache: KVCache, device: torch.device,
-                 compile: bool = False, capture=None, high_priority: bool = False):
+                 compile: bool = False, capture=None):
         self.decoder, self.weights, self.cache = decoder, weights, cache
         self.compile = compile and decoder.tp.size == 1
-        self.capture = capture or CudaCapture(device, high_priority)
+        self.capture = capture or CudaCapture(device)
         self.pool = self.capture.pool
         self.buffers: dict[tuple[int, int], tuple] = {}  # per (rows, width): h, inputs, routed
         routed = sum(map(decoder.routed, range(decoder.config.n_layers)))

@@ -10,8 +10,7 @@ that adds no prompt through :meth:`Speculator.run`:
    for those the draft drafted beside the pass before where the verdict was one it guessed:
    ``draft.drafting_ahead``);
 2. the draft proposes up to ``k`` tokens per row (fewer where the row has fewer left to
-   make, or prompt lookup finds fewer; with ``drafts.STOP_UNSURE``, a model's greedy chain
-   stops where its own chance of acceptance is worth less than a step: ``stop_below``);
+   make, or prompt lookup finds fewer);
    with ``m > 1`` a row's drafts grow into a tree with the draft model's alternatives at
    each depth (:func:`~offload.speculative.grow_tree`);
 3. one pass over the target (``OffloadedModel.verify``) adds each row's last token and its
@@ -46,26 +45,18 @@ is one of them the next pass's drafts are ready when it starts.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .. import drafts
 from ..memory.host import to_device
 from ..sampling import GREEDY
 from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance,
-                           Mends, Proposal, accept, best_draft_shape, expected_tokens, grow_tree, path_of, walk_tree)
+                           Mends, Proposal, accept, best_draft_shape, grow_tree, path_of, walk_tree)
 
 
 PROBE_EVERY = 8  # a run of passes that drafted nothing ends with one that drafts a token
-# The target's verify pass on a stream of the highest priority (CUDA's default stream has the lowest): where the draft
-# drafts ahead beside it, the GPU's scheduler then starts the pass's kernels before the side stream's waiting ones,
-# and the side stream may be queued before the pass (``AHEAD_BEFORE``: it then has the whole pass to draft in).
-# Experimental: on only with OFFLOAD_VERIFY_PRIORITY=1 and OFFLOAD_AHEAD_BEFORE=1 (read at import).
-VERIFY_PRIORITY = os.environ.get("OFFLOAD_VERIFY_PRIORITY", "") == "1"
-AHEAD_BEFORE = os.environ.get("OFFLOAD_AHEAD_BEFORE", "") == "1"
 
 
 @dataclass
@@ -89,9 +80,6 @@ class Speculator:
         # prices measured where the plans' links were (on a GPU, none given in ``link_bandwidth``)
         self.timed = model.device.type == "cuda" and not model.options.link_bandwidth
         self.prices = model.speculation_prices
-        self.stop_below = 0.0  # where a chain stops drafting: its expected gain a step below the step's worth
-        on_gpu = model.device.type == "cuda"
-        self.verify_stream = torch.cuda.Stream(model.device, priority=-100) if on_gpu and VERIFY_PRIORITY else None
 
     @torch.inference_mode()
     def run(self, rows: list) -> PassOutcome:
@@ -100,14 +88,13 @@ class Speculator:
         self.rows = {row: self.rows.get(row, Acceptance()) for row in rows if row is not None}
         room = [row.request.max_new_tokens - len(row.tokens) - 1 if row is not None else 0 for row in rows]
         k, m = self.draft_shape(rows, room) if max(room) > 0 else (0, 1)
-        stop_below = self.stop_below if drafts.STOP_UNSURE and k > 1 and not self.fixed else 0.0
         self.undrafted = self.undrafted + 1 if k == 0 else 0
         if self.undrafted == PROBE_EVERY:  # drafting nothing measures nothing: try one token, in case it changed
             k, m, self.undrafted = 1, 1, 0
         budgets = [min(k, r) for r in room]
         started = time.perf_counter()
         nodes = [min(k * m, self._fits(row)) if row is not None else 0 for row in rows] if m > 1 else None
-        proposal = (self.draft.propose(rows, budgets, nodes, stop_below=stop_below) if max(budgets) > 0
+        proposal = (self.draft.propose(rows, budgets, nodes) if max(budgets) > 0
                     else Proposal.empty(len(rows)))
         drafted_at = time.perf_counter()
         trees = self._trees(rows, proposal, m, k * m)
@@ -116,15 +103,13 @@ class Speculator:
         branched = any(len(tokens) > len(chain) for (tokens, _), chain in zip(trees, proposal.tokens))
         drafted = any(tree[0] for tree in trees)
         if drafted:
-            if AHEAD_BEFORE:
-                self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
-            logits = self._verify(new_tokens, cached, width=k * m + 1,
-                                  parents=[tree[1] for tree in trees] if branched else None)
+            logits = self.model.verify(new_tokens, cached, width=k * m + 1,
+                                       parents=[tree[1] for tree in trees] if branched else None)
             # Then, beside the pass, the next pass's drafts for the verdicts the draft guesses. Queued before the
-            # pass, the side stream's kernels delayed the pass's own (on an H100, 2026-12-06, SmolLM2 streamed: a
-            # verify pass of 6.9 ms against 5.1), and with two slots a layer's late compute holds back the link.
-            if not AHEAD_BEFORE:
-                self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
+            # pass, the side stream's kernels delayed the pass's own, even with the pass at the highest priority
+            # (on an H100, 2026-12-06, SmolLM2 streamed: a verify pass of 6.9 ms against 5.1), and with two slots a
+            # layer's late compute holds back the link.
+            self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
         else:  # nothing to verify: a decode step, [rows, 1, vocab]
             tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.model.device)
             logits = self.model.decode(tokens, [c if row is not None else None for row, c in zip(rows, cached)])
@@ -151,19 +136,6 @@ class Speculator:
         self.draft.update(rows, on_chain, paths)
         self._count(rows, proposal, chosen, on_chain)
         return PassOutcome(gained, sum(len(tree[0]) for tree in trees))
-
-    def _verify(self, new_tokens: list[list[int]], cached: list[int], width: int, parents) -> torch.Tensor:
-        """The verify pass, on the current stream or (``VERIFY_PRIORITY``) on a stream of the highest priority,
-        after the current stream's work and before what it queues next. (Its logits' memory may be reused on
-        that stream only by the next pass, which waits for the current stream first.)"""
-        if self.verify_stream is None:
-            return self.model.verify(new_tokens, cached, width=width, parents=parents)
-        current = torch.cuda.current_stream(self.model.device)
-        self.verify_stream.wait_stream(current)
-        with torch.cuda.stream(self.verify_stream):
-            logits = self.model.verify(new_tokens, cached, width=width, parents=parents)
-        current.wait_stream(self.verify_stream)
-        return logits
 
     def _trees(self, rows: list, proposal: Proposal, branches: int, most: int) -> list[tuple[list[int], list[int]]]:
         """Each row's drafts and their parents: the tree the draft grew, a chain, or (a row of a draft with
@@ -251,10 +223,5 @@ class Speculator:
             return self.prices.verify_scale(self.model.verify_width(width)) * verify_seconds(width)
 
         step *= self.prices.draft_step.scale
-        k, m = best_draft_shape(acceptances, mended, measured_verify_seconds, step, most_depth, tokens,
+        return best_draft_shape(acceptances, mended, measured_verify_seconds, step, most_depth, tokens,
                                 fill=bool(self.fixed), ahead=self.draft.drafting_ahead(rows))
-        # A chain's next token is worth drafting while the chance that it is accepted (the draft's own estimate,
-        # ``drafts.Confidence``) buys more tokens a second than the pass's: above a step's share of its tokens.
-        gained = sum(expected_tokens(a, k, mends[m]) for a, mends in zip(acceptances, mended)) / max(len(live), 1)
-        self.stop_below = step * gained / (measured_verify_seconds(k * m + 1) + k * step)
-        return k, m

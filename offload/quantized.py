@@ -33,7 +33,8 @@ from .models.config import config_from_dict, load_config
 from .models.parallel import REPLICATED
 from .models.quant import DEQUANTIZE, WeightFormat, head_format, part_shapes, quantize
 from .models.registry import family_of
-from .errors import InputError
+from .errors import ConfigError, InputError
+from .options import DTYPES
 from .synthetic import RandomSource, modes_as_umask_allows, new_directory
 
 COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -117,9 +118,15 @@ def stored_quantization(path) -> dict | None:
     if not Path(path).is_dir() or not config.is_file():
         return None
     try:
-        return json.loads(config.read_text()).get(RECORD)
-    except (OSError, ValueError):
+        record = json.loads(config.read_text()).get(RECORD)
+    except (OSError, ValueError, AttributeError):
+        return None  # load_config says what is wrong with the file
+    if record is None:
         return None
+    if not (isinstance(record, dict) and record.get("format") in ("int4", "int8") and str(record.get("dtype")).lower() in DTYPES):
+        raise ConfigError(f"{config}: {RECORD} must be an object with a format (int4 or int8) and the dtype of its "
+                          f"scales, as scripts/quantize.py writes it; got {json.dumps(record)[:200]}")
+    return record
 
 
 def _dense_spec(name: str, shape: tuple[int, ...], dtype: torch.dtype):

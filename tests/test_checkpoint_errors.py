@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import offload
 from offload.errors import CheckpointError, ConfigError
 
-from hostile import refused
+from hostile import AS_ROOT, refused
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -312,3 +312,109 @@ def test_the_finiteness_check_finds_a_nan_or_infinity_anywhere(dtype):
             broken = t.clone()
             broken.view(-1)[at] = bad
             assert not all_finite(broken), (bad, at)
+
+
+def test_a_tensor_in_two_files_without_an_index_is_refused(tiny, tmp_path, capsys):
+    """Without an index, which of two files' copies of a tensor would load is only a matter of the files' names
+    (a stale shard left beside a new file): refused, naming both."""
+    twice = tmp_path / "twice"
+    shutil.copytree(tiny, twice)
+    name = "model.layers.0.mlp.up_proj.weight"
+    save_file({name: torch.zeros(load_file(twice / "model.safetensors")[name].shape)}, twice / "old.safetensors")
+    err = refused(capsys, ["--model", str(twice), "--prompt-ids", "1", "--quiet"])
+    assert repr(name) in err and "model.safetensors" in err and "old.safetensors" in err
+
+
+def _saved_int8(tiny: Path, tmp_path: Path) -> Path:
+    from offload.quantized import write_quantized
+
+    return write_quantized(tiny, tmp_path / "q", "int8", dtype=torch.float32, progress=False)
+
+
+def _change_tensors(directory: Path, change) -> None:
+    """``change(tensors)`` applied to each safetensors file of ``directory`` (it edits the dict in place)."""
+    for file in directory.glob("*.safetensors"):
+        tensors = load_file(file)
+        change(tensors)
+        save_file(tensors, file, metadata={"format": "pt"})
+
+
+def _change_record(directory: Path, record) -> None:
+    raw = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**raw, "offload_quantization": record(raw)}))
+
+
+GATE = "model.layers.1.mlp.gate_proj.weight"
+
+
+def _retyped(name: str, dtype):
+    def change(directory: Path):
+        _change_tensors(directory, lambda tensors: tensors.update({name: tensors[name].to(dtype)} if name in tensors
+                                                                  else {}))
+    return change
+
+
+def _dropped(name: str):
+    def change(directory: Path):
+        _change_tensors(directory, lambda tensors: tensors.pop(name, None))
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        del index["weight_map"][name]
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return change
+
+
+@pytest.mark.parametrize("change, words", [
+    pytest.param(_retyped(f"{GATE}.data", torch.int32), "has dtype I32; its format keeps it as int8", id="data-int32"),
+    pytest.param(_retyped(f"{GATE}.data", torch.bool), "has dtype BOOL; its format keeps it as int8", id="data-bool"),
+    pytest.param(_retyped(f"{GATE}.scale", torch.bfloat16), "has dtype BF16; its format keeps it as float32",
+                 id="scale-cast"),
+    pytest.param(_dropped(f"{GATE}.scale"), f"no tensor '{GATE}.scale'", id="scale-missing"),
+])
+def test_a_saved_quantized_weights_parts_are_checked_as_stored(tiny, tmp_path, capsys, change, words):
+    """A saved checkpoint's parts are read as they are, never cast: a part of another dtype (data that is not
+    the format's integers, scales not in the dtype the checkpoint records) or a missing part is refused."""
+    saved = _saved_int8(tiny, tmp_path)
+    change(saved)
+    assert words in refused(capsys, ["--model", str(saved), "--prompt-ids", "1", "--quiet"])
+
+
+def test_scales_stored_otherwise_than_the_checkpoint_records_are_refused(tiny, tmp_path, capsys):
+    saved = _saved_int8(tiny, tmp_path)
+    _change_record(saved, lambda raw: {**raw["offload_quantization"], "dtype": "bfloat16"})
+    err = refused(capsys, ["--model", str(saved), "--prompt-ids", "1", "--quiet"])
+    assert "has dtype F32; its format keeps it as bfloat16" in err
+
+
+@pytest.mark.parametrize("record", ["int4", [1], {"group_size": 32, "dtype": "float32"}, {"format": "int3"},
+                                    {"format": "int8"}])
+def test_a_malformed_record_of_the_saved_format_is_refused(tiny, tmp_path, capsys, record):
+    saved = _saved_int8(tiny, tmp_path)
+    _change_record(saved, lambda raw: record)
+    with pytest.raises(ConfigError, match="offload_quantization must be an object with a format"):
+        _load(saved)
+    assert "offload_quantization" in refused(capsys, ["--model", str(saved), "--prompt-ids", "1", "--quiet"])
+
+
+def test_a_gguf_named_file_that_is_not_one_is_refused_as_such(tmp_path):
+    for data in (b"", b"GGML not really"):
+        (tmp_path / "model.gguf").write_bytes(data)
+        _raises(tmp_path / "model.gguf", ConfigError, "model.gguf: not a GGUF file")
+
+
+@pytest.mark.skipif(AS_ROOT, reason="root reads files whatever their permissions")
+def test_files_and_folders_that_cannot_be_read_say_so(tiny, tmp_path, capsys):
+    unreadable = tmp_path / "unreadable"
+    shutil.copytree(tiny, unreadable)
+    os.chmod(unreadable / "model.safetensors", 0)
+    try:
+        err = refused(capsys, ["--model", str(unreadable), "--prompt-ids", "1", "--quiet"])
+        assert "model.safetensors: cannot be read (Permission denied)" in err
+    finally:
+        os.chmod(unreadable / "model.safetensors", 0o644)
+    for mode in (0o644, 0o311):  # no search permission: nothing in it can be looked at; no read: not listed
+        os.chmod(unreadable, mode)
+        try:
+            err = refused(capsys, ["--model", str(unreadable), "--prompt-ids", "1", "--quiet"])
+            assert "cannot be read (Permission denied)" in err, err
+        finally:
+            os.chmod(unreadable, 0o755)

@@ -645,18 +645,23 @@ def test_empty_file_and_missing_file(tmp_path):
     _one_line_checkpoint_error(tmp_path / "nothing.gguf", "does not exist")
 
 
-def test_a_tensor_past_the_end(good_file, tmp_path):
-    """A tensor whose offset points past the file (the file's size is fine: its header lies)."""
+@pytest.mark.parametrize("moved_by", [-1, 4, 32, "past the end"])
+def test_a_tensor_not_where_the_one_before_it_ends(good_file, tmp_path, moved_by):
+    """A tensor whose offset is not where the tensor before it ends, aligned (misaligned, overlapping its
+    neighbour, skipping bytes, past the file) is refused, as llama.cpp refuses it: the bytes it names are not
+    its own, and loading them would give wrong weights without a word."""
     reader = gguf.GGUFReader(good_file)
     victim = reader.tensors[3]
     offset_field = victim.field.parts[5]  # the tensor's data offset, relative to the data section
     at = int(victim.field.offset) + sum(p.nbytes for p in victim.field.parts[:5])
     data = bytearray(good_file.read_bytes())
     assert int(np.frombuffer(data[at : at + 8], np.uint64)[0]) == int(offset_field[0])
-    data[at : at + 8] = np.array([len(data)], dtype=np.uint64).tobytes()
+    offset = len(data) if moved_by == "past the end" else int(offset_field[0]) + moved_by
+    data[at : at + 8] = np.array([offset], dtype=np.uint64).tobytes()
     path = tmp_path / "lying.gguf"
     path.write_bytes(bytes(data))
-    _one_line_checkpoint_error(path, "lying.gguf", repr(victim.name), "past the end of the file")
+    _one_line_checkpoint_error(path, "lying.gguf", repr(victim.name), f"has offset {offset}, expected "
+                               f"{int(offset_field[0])}")
 
 
 def test_unsupported_architecture_is_named(tmp_path):

@@ -87,14 +87,20 @@ def _reader_class():
             return 12 + values.nbytes, [item_type, length, values], [2], [V.ARRAY, V(int(item_type[0]))]
 
         def _build_tensors(self, start_offs, fields):
+            expected = 0  # as llama.cpp requires: each tensor where the one before it ends, padded to the alignment
             for field in fields:
                 _, name, _, dims, raw_type, offset = field.parts
                 ggml_type = gguf.GGMLQuantizationType(int(raw_type[0]))
                 block, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
                 n_elements = int(np.prod(dims.astype(np.uint64)))
-                end = int(start_offs) + int(offset[0]) + n_elements * type_size // block
+                n_bytes = n_elements * type_size // block
+                name = bytes(name).decode("utf-8", "replace")
+                if int(offset[0]) != expected:
+                    raise _Misplaced(name, int(offset[0]), expected)
+                end = int(start_offs) + expected + n_bytes
                 if end > len(self.data):
-                    raise _PastEnd(bytes(name).decode("utf-8", "replace"), end, len(self.data))
+                    raise _PastEnd(name, end, len(self.data))
+                expected += -(-n_bytes // self.alignment) * self.alignment
             super()._build_tensors(start_offs, fields)
 
     return CheckedReader
@@ -125,6 +131,11 @@ class _PastEnd(Exception):
         self.name, self.end, self.size = name, end, size
 
 
+class _Misplaced(Exception):
+    def __init__(self, name: str, offset: int, expected: int):
+        self.name, self.offset, self.expected = name, offset, expected
+
+
 def open_reader(path: Path):
     """A ``GGUFReader`` of one file; any damage raises CheckpointError naming the file."""
     if not path.is_file():
@@ -136,6 +147,9 @@ def open_reader(path: Path):
         raise CheckpointError(f"{path}: not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
     try:
         return _reader_class()(path)
+    except _Misplaced as e:
+        raise CheckpointError(f"{path.name}: tensor {e.name!r} has offset {e.offset}, expected {e.expected} (where "
+                              "the tensor before it ends, aligned): the file is corrupt") from None
     except _PastEnd as e:
         raise CheckpointError(f"{path.name}: tensor {e.name!r} ends at byte {e.end}, past the end of the file "
                               f"({e.size} bytes): the file is truncated or corrupt") from None

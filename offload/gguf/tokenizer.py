@@ -71,14 +71,19 @@ def gguf_tokenizer(files: GGUFFiles) -> Tokenizer | None:
     except ImportError:
         return None
     kind = files.value("tokenizer.ggml.model")
-    if kind == "gpt2":
-        inner = _byte_level_bpe(files, tokens)
-    elif kind == "llama":
-        inner = _sentencepiece_bpe(files, tokens)
-    else:
+    if kind not in ("gpt2", "llama"):
         raise ConfigError(f"{files.path.name}: tokenizer.ggml.model {kind!r} is not supported "
                           "(supported: gpt2, llama); send token ids instead")
-    _add_bos_eos(inner, files, tokens, kind)
+    if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+        raise ConfigError(f"{files.path.name}: tokenizer.ggml.tokens must be an array of strings")
+    try:
+        inner = _byte_level_bpe(files, tokens) if kind == "gpt2" else _sentencepiece_bpe(files, tokens)
+        _add_bos_eos(inner, files, tokens, kind)
+    except ConfigError:
+        raise
+    except Exception as e:  # the tokenizers library raises plain Exception for a vocabulary it cannot build
+        raise ConfigError(f"{files.path.name}: its tokenizer (tokenizer.ggml.*) cannot be built ({type(e).__name__}: "
+                          f"{str(e)[:200]}); send token ids instead") from None
     return Tokenizer(inner, chat_template(files, tokens))
 
 

@@ -27,6 +27,7 @@ the check costs one pass over memory that the copy has just touched.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass, replace
@@ -51,9 +52,9 @@ LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
 def is_gguf(path) -> bool:
     """Whether ``path`` is a file that starts with GGUF's magic (what a loader dispatches on: ``offload.gguf``)."""
     path = Path(path)
-    if not path.is_file():
-        return False
     try:
+        if not path.is_file():
+            return False
         with open(path, "rb") as f:
             return f.read(4) == b"GGUF"
     except OSError as e:
@@ -95,16 +96,30 @@ class CheckpointSource:
                 if not file.is_file():
                     raise CheckpointError(f"{index} lists {file.name}, which does not exist")
             return files
-        files = sorted(self.path.glob("*.safetensors"))
+        try:
+            files = sorted(self.path / name for name in os.listdir(self.path) if name.endswith(".safetensors"))
+        except OSError as e:
+            raise CheckpointError(f"checkpoint directory {str(self.path)!r} cannot be read ({e.strerror or e})") from None
         if not files:
             raise CheckpointError(f"no *.safetensors files in {str(self.path)!r}")
-        return {name: file for file in files for name in self._open(file).keys()}
+        found = {}
+        for file in files:
+            for name in self._open(file).keys():
+                if name in found:  # which would win is only a matter of the files' names
+                    raise CheckpointError(f"tensor {name!r} is in both {found[name].name} and {file.name}; remove "
+                                          "the stale file (or give model.safetensors.index.json)")
+                found[name] = file
+        return found
 
     def _open(self, file: Path):
         handle = self._handles.get(file)
         if handle is None:
             if not file.is_file():  # a folder, or a pipe that opening would wait on forever
                 raise CheckpointError(f"{file}: not a regular file")
+            try:
+                open(file, "rb").close()  # safetensors reports a file it may not read as one not found
+            except OSError as e:
+                raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
             try:
                 handle = safe_open(str(file), framework="pt")
             except (SafetensorError, OSError) as e:
@@ -128,32 +143,39 @@ class CheckpointSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Tensor ``name``'s shape, from the file's header."""
-        return tuple(self._open(self._file_of[name]).get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
 
     def _dtype(self, name: str) -> str:
-        return self._open(self._file_of[name]).get_slice(name).get_dtype()
+        return self._slice(name).get_dtype()
+
+    def _slice(self, name: str):
+        file = self._file_of.get(name)
+        if file is None:
+            raise CheckpointError(f"checkpoint {str(self.path)!r} has no tensor {name!r}")
+        try:
+            return self._open(file).get_slice(name)
+        except SafetensorError:
+            raise CheckpointError(f"{file.name}: tensor {name!r} is missing") from None
 
     def validate(self, specs: list[tuple[TensorSpec, str]]) -> None:
         """Check every tensor's presence, shape and dtype, and the number of layers, before any bytes are read."""
         for spec, name in specs:
-            if spec.part and self.stores_parts(name):  # a saved quantized weight's part: its own tensor, whole
+            part = spec.part and self.stores_parts(name)
+            if part:  # a saved quantized weight's part: its own tensor, whole
                 name, spec = f"{name}.{spec.part}", part_spec(spec)
             elif not spec.part and name not in self._file_of and self.stores_parts(name):
                 self._check_dense_of_parts(spec, name)  # read dense from its parts (``read``)
                 continue
-            file = self._file_of.get(name)
-            if file is None:
-                raise CheckpointError(f"checkpoint {str(self.path)!r} has no tensor {name!r}")
-            try:
-                tensor = self._open(file).get_slice(name)
-                shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
-            except SafetensorError:
-                raise CheckpointError(f"{file.name}: tensor {name!r} is missing") from None
+            tensor = self._slice(name)
+            shape, dtype, file = tuple(tensor.get_shape()), tensor.get_dtype(), self._file_of[name]
             if shape != spec.full_shape:
                 raise CheckpointError(
                     f"{file.name}: tensor {name!r} has shape {list(shape)}, expected {list(spec.full_shape)}"
                 )
-            if dtype not in FLOAT_DTYPES and not name.endswith(".data"):
+            if part and TORCH_DTYPES.get(dtype) != spec.dtype:  # read as it is: never cast
+                raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {dtype}; its format keeps it as "
+                                      f"{str(spec.dtype).removeprefix('torch.')}")
+            if not part and dtype not in FLOAT_DTYPES:
                 raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {dtype}; weights must be "
                                       f"floating point ({', '.join(FLOAT_DTYPES)})")
         self._check_layer_count(specs)
@@ -168,7 +190,8 @@ class CheckpointSource:
 
     def read_in_order(self, specs: list[tuple[TensorSpec, str]]) -> None:
         """The tensors a load will :meth:`read`, in its order: their bytes are read from disk ahead of it."""
-        names = dict.fromkeys(self._stored_name(spec, name) for spec, name in specs)
+        names = [name for name in dict.fromkeys(self._stored_name(spec, name) for spec, name in specs)
+                 if name in self._file_of]  # not a weight read dense from its parts (:meth:`read`, from the map)
         entries = {name: self._entry(name) for name in names}
         self._readahead = Readahead({name: (self._file_of[name], entries[name].start, entries[name].end)
                                      for name in names})

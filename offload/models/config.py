@@ -107,11 +107,16 @@ def load_config(path: str | Path) -> ModelConfig:
         from ..gguf import GGUFCheckpoint
 
         return config_from_dict(GGUFCheckpoint(path).config, source=path.name)
-    file = path / "config.json" if path.is_dir() else path
-    if not path.exists():
-        raise ConfigError(f"model path {str(path)!r} does not exist")
-    if not file.is_file():
-        raise ConfigError(f"no config.json in {str(path)!r}")
+    try:  # a folder without search permission cannot be looked into: stat raises rather than saying False
+        if path.suffix.lower() == ".gguf" and path.is_file():
+            raise ConfigError(f"{path}: not a GGUF file (it does not begin with GGUF's magic, b'GGUF')")
+        file = path / "config.json" if path.is_dir() else path
+        if not path.exists():
+            raise ConfigError(f"model path {str(path)!r} does not exist")
+        if not file.is_file():
+            raise ConfigError(f"no config.json in {str(path)!r}")
+    except OSError as e:
+        raise ConfigError(f"model path {str(path)!r} cannot be read ({e.strerror or e})") from None
     return config_from_dict(read_json_object(file), source=str(file))
 
 

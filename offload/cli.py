@@ -244,7 +244,7 @@ def _main(args) -> int:
     say(f"prefill: {result.prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
         f"({result.prefill_tokens_per_s:.1f} tokens/s); decode: {result.decode_tokens} tokens in "
         f"{result.decode_seconds:.3f} s ({result.decode_tokens_per_s:.1f} tokens/s, {result.ms_per_token:.1f} ms/token)")
-    if model.draft is not None:
+    if model.draft is not None and result.decode_steps:  # (none where the prompt's pass made every token)
         say(f"speculative decoding: {result.tokens_per_pass:.2f} tokens per pass over the model "
             f"({result.decode_steps} passes, {result.ms_per_step:.1f} ms each), {result.accepted_tokens} of "
             f"{result.drafted_tokens} drafted tokens accepted")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import switches
 from .memory.host import to_device
 from .sampling import draw, probabilities
 from .scheduler import greedy_chain
@@ -65,7 +66,7 @@ BEST_FIRST = os.environ.get("OFFLOAD_BEST_FIRST_TREES", "") == "1"
 # 0.99 in the tiled product) and 1.20 at eight, and with 3 or 7 spare rows drafting ahead was mostly paused (the
 # target's pass left too little time): 1.09x and 1.23x plain decoding against 1.33x with one spare row. One by
 # default; OFFLOAD_LOOK_AHEAD=N for N, =0 none (read at import).
-LOOK_AHEAD = int(os.environ.get("OFFLOAD_LOOK_AHEAD", "1"))
+LOOK_AHEAD = switches.integer("OFFLOAD_LOOK_AHEAD", 1)
 AHEAD_PAUSE = 8  # passes without drafting ahead where even two steps outlasted the target's pass (many rows)
 AHEAD_FIRST = 4  # the side stream's steps at first: then as many as the target's pass leaves time for
 AHEAD_SHARE = 0.9  # of the target's pass, what the side stream's steps may take (the rest: what varies)

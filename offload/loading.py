@@ -69,11 +69,14 @@ class Setup:
     draft: "Setup | None" = None  # speculative decoding's draft model (resident), when the plan keeps one
 
 
-def prepare(model, options: LoadOptions, requantize: bool = False, globals_layout: BlockLayout | None = None) -> Setup:
+def prepare(model, options: LoadOptions, requantize: bool = False, globals_layout: BlockLayout | None = None,
+            links: dict[str, float] | None = None) -> Setup:
     """Read the config, resolve the budgets, measure (or recall) the links and make every rank's plan.
     ``requantize``: a GGUF file's weights are dequantized and quantized again as ``options.quantize`` says
     (the int4 draft of a GGUF target), where they are otherwise kept as stored. ``globals_layout``: the final
-    norm's and LM head's layout to use (the int4 draft's: its target's, whose memory it shares)."""
+    norm's and LM head's layout to use (the int4 draft's: its target's, whose memory it shares). ``links``: this
+    rank's links as its target measured them (a draft's: each rank's own, so not an option, which every rank
+    must give alike)."""
     config = _config(model)
     check_divisible(config, options.tp)
     tp = init_tensor_parallel(options.tp)
@@ -100,7 +103,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
     globals_ = globals_layout or global_layout(config, tp, dtype, None if expanded else head_format(fmt))
     embedding = embedding_layout(config, tp, dtype)
     peers = list(budget.peer_memory)
-    bandwidth = dict(options.link_bandwidth or {})
+    bandwidth = {**(links or {}), **(options.link_bandwidth or {})}
     if any(n not in bandwidth for n in ["host", "hbm", "matmul", *peers]):
         bandwidth = {**link_bandwidths(device, peers, tp, budget.gpu_memory // 8), **bandwidth}
     title = f" (rank {tp.rank} of {tp.size})" if tp.size > 1 else ""
@@ -132,9 +135,8 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
         try:
             int4 = kind == INT4
             draft = prepare(model if int4 else options.draft,
-                            draft_options(options, _max_draft(options), ahead=_may_draft_ahead(options, tp)).replace(
-                                link_bandwidth=bandwidth), int4,
-                            globals_ if int4 else None)  # the int4 draft's norm and LM head are its target's
+                            draft_options(options, _max_draft(options), ahead=_may_draft_ahead(options, tp)), int4,
+                            globals_ if int4 else None, links=bandwidth)  # the int4 draft's norm and head: the target's
         except ConfigError as e:
             if not int4 and not Path(options.draft).exists():
                 raise ConfigError(f"draft {options.draft!r}: neither ngram, int4 nor a checkpoint that "
@@ -152,11 +154,11 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
         raise PlanError("; ".join(_failed(plans)))
     if choose_direct and _direct_would_pay(options, plans[tp.rank], device, tp, blocks, dtype):
         # every expert on one GPU
-        return prepare(model, options.replace(direct_experts=True), requantize, globals_layout)
+        return prepare(model, options.replace(direct_experts=True), requantize, globals_layout, links)
     if (choose_direct and options.tree_width > 1
             and _direct_would_pay(options.replace(tree_width=1), plans[tp.rank], device, tp, blocks, dtype)):
         # a draft model whose trees' passes are too wide for the expert kernels: direct reads pay more than trees
-        return prepare(model, options.replace(direct_experts=True, tree_width=1), requantize, globals_layout)
+        return prepare(model, options.replace(direct_experts=True, tree_width=1), requantize, globals_layout, links)
     plans[tp.rank].warnings.extend(beyond_machine(budget, device))
     if (options.direct_experts or options.prefetch_experts) and needs.experts is None:
         flag = "--direct-experts" if options.direct_experts else "--prefetch-experts"

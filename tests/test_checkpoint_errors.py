@@ -418,3 +418,11 @@ def test_files_and_folders_that_cannot_be_read_say_so(tiny, tmp_path, capsys):
             assert "cannot be read (Permission denied)" in err, err
         finally:
             os.chmod(unreadable, 0o755)
+
+
+def test_a_weights_file_given_for_its_checkpoint_says_so(tiny):
+    """As the model or as its draft: the file is not read as a config."""
+    weights = tiny / "model.safetensors"
+    _raises(weights, ConfigError, "is neither a checkpoint directory (config.json + safetensors), a GGUF file nor")
+    with pytest.raises(ConfigError, match=r"draft .*model.safetensors.* is neither a checkpoint directory"):
+        offload.load_model(tiny, draft=str(weights), dtype=torch.float32, progress=False, max_seq_len=32)

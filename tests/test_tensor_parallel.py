@@ -155,6 +155,37 @@ def _rank_speculates_timed(rank, world, port, path, ids, kwargs, out):
         torch.distributed.destroy_process_group()
 
 
+def _rank_measures_its_own_links(rank, world, port, path, ids, kwargs, out):
+    """A draft model loaded where each rank measured links of its own (as GPUs do: no ``link_bandwidth`` given)."""
+    from offload import loading
+
+    links = {"host": 1e9 * (1 + rank), "hbm": 1e11, "matmul": 1e15}  # each rank's own figures
+    loading.link_bandwidths = lambda *args, **kwargs: dict(links)
+    _join(rank, world, port)
+    try:
+        model = offload.load_model(path, tp=world, progress=False, **kwargs)
+        result = model.generate(ids, max_new_tokens=12, ignore_eos=True, return_result=True)
+        out[rank] = (result.tokens, result.drafted_tokens)
+    except offload.OffloadError as e:
+        out[rank] = str(e)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_draft_model_loads_under_tp_where_each_rank_measured_its_own_links(tiny):
+    """The draft is planned with its target's links, which each rank measures for itself: they differ between
+    ranks, and the options every rank must give alike stay alike (a draft used to be refused under tensor
+    parallelism unless the links were given)."""
+    ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1)).tolist()
+    kwargs = dict(max_batch=2, max_seq_len=48, dtype="float32")
+    with offload.load_model(tiny, progress=False, **kwargs) as single:
+        want = single.generate(ids, max_new_tokens=12, ignore_eos=True, return_result=True).tokens
+    for result in run_tp(2, tiny, ids, main=_rank_measures_its_own_links, draft="int4", **kwargs):
+        assert not isinstance(result, str), result
+        tokens, drafted = result
+        assert tokens == want and drafted > 0
+
+
 def test_under_tp_every_rank_prices_passes_by_rank_0s_times(tiny):
     """Each rank chooses the next pass's shape from the measured prices: they are rank 0's times on every rank,
     or the ranks could verify passes of different widths."""

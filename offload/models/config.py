@@ -110,6 +110,9 @@ def load_config(path: str | Path) -> ModelConfig:
     try:  # a folder without search permission cannot be looked into: stat raises rather than saying False
         if path.suffix.lower() == ".gguf" and path.is_file():
             raise ConfigError(f"{path}: not a GGUF file (it does not begin with GGUF's magic, b'GGUF')")
+        if path.is_file() and path.suffix.lower() != ".json":  # a weights file, say, given for its directory
+            raise ConfigError(f"{str(path)!r} is neither a checkpoint directory (config.json + safetensors), a GGUF "
+                              "file nor a config.json")
         file = path / "config.json" if path.is_dir() else path
         if not path.exists():
             raise ConfigError(f"model path {str(path)!r} does not exist")

@@ -51,6 +51,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import switches
 from . import kernels
 from .kernels import DTYPES, Norm, dependent_launch, gate_code, norm_args, tile_counters, triton
 from .quant import FUSED, INT4, QuantizedWeight
@@ -83,7 +84,7 @@ FEW_TILES = 256
 # its rows would). On an H100 (2026-12-06) SmolLM2-135M's shape in int4 decoded 4 rows in 0.96 ms a step against 0.99
 # with the tiled product (0.72 for one row: the rest of a row's cost is elsewhere). OFFLOAD_SMALL_GEMV_ROWS=N for N
 # (read at import).
-SMALL_GEMV_ROWS = int(os.environ.get("OFFLOAD_SMALL_GEMV_ROWS", "4"))
+SMALL_GEMV_ROWS = switches.integer("OFFLOAD_SMALL_GEMV_ROWS", 4, least=1)
 TARGET_PROGRAMS = 1024  # GEMV programs to aim for (about eight per SM of an H100 or H200): bytes in flight
 INT_PROGRAMS = 512  # the integer GEMV's (``gemv_blocking``): about four an SM; more stretches were slower
 MAGIC = 0x4B000000  # the bits of the float 2^23

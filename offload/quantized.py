@@ -123,7 +123,8 @@ def stored_quantization(path) -> dict | None:
         return None  # load_config says what is wrong with the file
     if record is None:
         return None
-    if not (isinstance(record, dict) and record.get("format") in ("int4", "int8") and str(record.get("dtype")).lower() in DTYPES):
+    if not (isinstance(record, dict) and record.get("format") in ("int4", "int8")
+            and str(record.get("dtype")).lower() in DTYPES):
         raise ConfigError(f"{config}: {RECORD} must be an object with a format (int4 or int8) and the dtype of its "
                           f"scales, as scripts/quantize.py writes it; got {json.dumps(record)[:200]}")
     return record

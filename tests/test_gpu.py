@@ -259,8 +259,9 @@ def test_drafting_ahead_on_a_side_stream_gives_the_passes_of_drafting_after_each
     assert [p + t for p, t in zip(prompts, after.tokens)] == want or dtype != torch.float32
     for spare in (3, 1):
         ahead, guessed = results[spare]
-        print(f"{dtype}, {spare} spare rows: drafted ahead for {guessed[0]} of {guessed[1]} passes; tried {ahead.drafted_tokens} drafts "
-              f"(without: {after.drafted_tokens}), accepted {ahead.accepted_tokens} ({after.accepted_tokens})")
+        print(f"{dtype}, {spare} spare rows: drafted ahead for {guessed[0]} of {guessed[1]} passes; tried "
+              f"{ahead.drafted_tokens} drafts (without: {after.drafted_tokens}), accepted {ahead.accepted_tokens} "
+              f"({after.accepted_tokens})")
         assert guessed[0] > 0
         if dtype == torch.float32:  # a chain moved into place before drafting ahead from it (streams ordered)
             assert [p + t for p, t in zip(prompts, ahead.tokens)] == want

@@ -99,7 +99,8 @@ class CheckpointSource:
         try:
             files = sorted(self.path / name for name in os.listdir(self.path) if name.endswith(".safetensors"))
         except OSError as e:
-            raise CheckpointError(f"checkpoint directory {str(self.path)!r} cannot be read ({e.strerror or e})") from None
+            raise CheckpointError(f"checkpoint directory {str(self.path)!r} cannot be read "
+                                  f"({e.strerror or e})") from None
         if not files:
             raise CheckpointError(f"no *.safetensors files in {str(self.path)!r}")
         found = {}

@@ -281,7 +281,7 @@ def profile_passes(model, prompt: list[int], max_new: int, sampling: dict, trace
 
     def recorded_shape(self, *args, **kwargs):
         shape = draft_shape(self, *args, **kwargs)
-        shapes.append((*shape, self.stop_below))
+        shapes.append(shape)
         return shape
 
     activities = [torch.profiler.ProfilerActivity.CPU] + (
@@ -304,11 +304,10 @@ def profile_passes(model, prompt: list[int], max_new: int, sampling: dict, trace
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
     host = {name: sum(e.cpu_time_total for e in prof.events() if e.name == f"pass.{name}" and e.device_type == cpu)
             for name in PHASES}  # the ranges on the host (on a GPU the profiler also marks them on its timeline)
-    depths = sorted({k for k, _, _ in shapes})
+    depths = sorted({k for k, _ in shapes})
     out = dict(passes=r.decode_steps, draft_steps_a_pass=steps[0] / passes,
                ms_a_pass_total=1e3 * r.decode_seconds / passes,
-               depths={k: sum(1 for d, _, _ in shapes if d == k) for k in depths},
-               stop_below=sum(s for _, _, s in shapes) / max(len(shapes), 1),
+               depths={k: sum(1 for d, _ in shapes if d == k) for k in depths},
                host_ms_a_pass={name: us / 1e3 / passes for name, us in host.items()})
     if model.device.type == "cuda":  # the GPU's own work: kernels and copies, not the host's operations
         kernels = sorted((e for e in prof.key_averages() if e.device_type == cuda and e.self_device_time_total > 0
@@ -491,8 +490,7 @@ def run(args) -> int:
                 phases = ", ".join(f"{k} {v:.2f}" for k, v in f["host_ms_a_pass"].items())
                 print(f"  profile of {d['draft']} (one prompt, {f['passes']} passes): {f['ms_a_pass_total']:.2f} ms a "
                       f"pass under the profiler; the host's ms a pass in each phase: {phases}; "
-                      f"{f['draft_steps_a_pass']:.1f} draft steps a pass; depths chosen {f['depths']} (mean stop_below "
-                      f"{f['stop_below']:.2f})"
+                      f"{f['draft_steps_a_pass']:.1f} draft steps a pass; depths chosen {f['depths']}"
                       + (f"; kernels {f['kernels_ms_a_pass']:.2f} ms a pass:" if "kernels" in f else ""))
                 for k in f.get("kernels", []):
                     print(f"    {k['us_a_pass']:8.1f} us a pass  {k['count_a_pass']:6.1f} x  {k['name']}")

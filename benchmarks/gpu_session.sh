@@ -137,6 +137,7 @@
 # the host queues it in 0.56 ms against 1.58), spec_smollm2_whole (1.57x against 1.48x; the priority: within noise),
 # test_gpu.py's graph and budget tests with whole passes the default.
 # twentieth (2026-12-06): no machine started (fifteen failed starts); checkpoints now read with read() (CPU-measured).
+# twenty-first (2026-12-06/07): no machine started (seven failed starts, 24 of the 30 minutes); the plan below stands.
 #   1. tests_reads:100, load13b_ab:150                         the reused buffer's GPU tests; loads with read()
 #                                                              against the memory map's copy, from disk (#20)
 #   2. int4_405b:500 (an H200)                                 the moonshot (#20)

@@ -10,6 +10,7 @@ the ``gguf`` writer and read back; the real SmolLM2-135M-Instruct Q4_1 file is r
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -1051,6 +1052,19 @@ def test_unknown_pre_tokenizer_is_refused(byte_level_files, tmp_path):
     meta["tokenizer.ggml.pre"] = "martian"
     with pytest.raises(ConfigError, match="tokenizer.ggml.pre 'martian' is not one offload knows"):
         _tokenizer_of(write_tokenizer_gguf(tmp_path / "m.gguf", "qwen2", meta))
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"tokenizer.ggml.merges": ["nospace"]}, "its tokenizer (tokenizer.ggml.*) cannot be built"),  # not two tokens
+    ({"tokenizer.ggml.merges": ["Ġ zz"]}, "its tokenizer (tokenizer.ggml.*) cannot be built"),  # zz: no such token
+    ({"tokenizer.ggml.tokens": list(range(300))}, "tokenizer.ggml.tokens must be an array of strings"),
+])
+def test_a_tokenizer_that_cannot_be_built_is_a_config_error(byte_level_files, tmp_path, change, words):
+    """Metadata the tokenizers library refuses (it raises plain ``Exception``) or that is not a vocabulary at all."""
+    files = GGUFFiles(byte_level_files["qwen2"])
+    meta = {k: files.value(k) for k in files.fields if k.startswith("tokenizer.")} | change
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        _tokenizer_of(write_tokenizer_gguf(tmp_path / "bad.gguf", "qwen2", meta))
 
 
 # ----------------------------------------------------------------------------- the real SmolLM2-135M-Instruct file

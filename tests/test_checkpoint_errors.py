@@ -348,10 +348,11 @@ GATE = "model.layers.1.mlp.gate_proj.weight"
 
 
 def _retyped(name: str, dtype):
-    def change(directory: Path):
-        _change_tensors(directory, lambda tensors: tensors.update({name: tensors[name].to(dtype)} if name in tensors
-                                                                  else {}))
-    return change
+    def retype(tensors: dict):
+        if name in tensors:
+            tensors[name] = tensors[name].to(dtype)
+
+    return lambda directory: _change_tensors(directory, retype)
 
 
 def _dropped(name: str):

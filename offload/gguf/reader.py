@@ -96,10 +96,12 @@ def _reader_class():
                 n_bytes = n_elements * type_size // block
                 name = bytes(name).decode("utf-8", "replace")
                 if int(offset[0]) != expected:
-                    raise _Misplaced(name, int(offset[0]), expected)
+                    raise _BadTensor(f"tensor {name!r} has offset {int(offset[0])}, expected {expected} (where the "
+                                     "tensor before it ends, aligned): the file is corrupt")
                 end = int(start_offs) + expected + n_bytes
                 if end > len(self.data):
-                    raise _PastEnd(name, end, len(self.data))
+                    raise _BadTensor(f"tensor {name!r} ends at byte {end}, past the end of the file "
+                                     f"({len(self.data)} bytes): the file is truncated or corrupt")
                 expected += -(-n_bytes // self.alignment) * self.alignment
             super()._build_tensors(start_offs, fields)
 
@@ -126,14 +128,8 @@ def _strings(region: np.ndarray, count: int) -> list[str]:
     return out
 
 
-class _PastEnd(Exception):
-    def __init__(self, name: str, end: int, size: int):
-        self.name, self.end, self.size = name, end, size
-
-
-class _Misplaced(Exception):
-    def __init__(self, name: str, offset: int, expected: int):
-        self.name, self.offset, self.expected = name, offset, expected
+class _BadTensor(Exception):
+    """A tensor whose bytes are not where they must be (the message says how), found while the reader opens."""
 
 
 def open_reader(path: Path):
@@ -147,12 +143,8 @@ def open_reader(path: Path):
         raise CheckpointError(f"{path}: not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
     try:
         return _reader_class()(path)
-    except _Misplaced as e:
-        raise CheckpointError(f"{path.name}: tensor {e.name!r} has offset {e.offset}, expected {e.expected} (where "
-                              "the tensor before it ends, aligned): the file is corrupt") from None
-    except _PastEnd as e:
-        raise CheckpointError(f"{path.name}: tensor {e.name!r} ends at byte {e.end}, past the end of the file "
-                              f"({e.size} bytes): the file is truncated or corrupt") from None
+    except _BadTensor as e:
+        raise CheckpointError(f"{path.name}: {e}") from None
     except (IndexError, struct.error):  # a read of the header ran off the end
         raise CheckpointError(f"{path.name}: truncated GGUF file (its header runs past the end of the file, "
                               f"{path.stat().st_size} bytes)") from None

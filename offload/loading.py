@@ -504,9 +504,11 @@ def _format_line(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
 
     line = (f"{how(layers)}: {format_size(mean)} per layer, {mean / dense:.2f}x the {format_size(dense)} "
             f"of {str(dtype).removeprefix('torch.')}")
-    experts = [b.layout for b in blocks if b.fetch == ON_DEMAND][:1]
+    experts = [b.layout for b in blocks if b.fetch == ON_DEMAND and b.expert == 0]  # a layer's: its experts' format
     if experts and experts[0].quantized:
-        line += f"; routed experts: {how(experts)}, {format_size(experts[0].nbytes)} each"
+        sizes = sorted({layout.nbytes for layout in experts})
+        each = " to ".join(format_size(n) for n in sizes[:: max(1, len(sizes) - 1)])
+        line += f"; routed experts: {how(experts)}, {each} each"
     if globals_.quantized:
         head = next(iter(globals_.quantized.values())).scheme
         grouping = "one scale per output channel" if head.group_size is None else f"in groups of {head.group_size}"

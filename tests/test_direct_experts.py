@@ -32,11 +32,23 @@ def _aligned(n: int) -> int:
 
 
 def _store(weight: torch.Tensor, fmt, dtype):
-    """``weight``'s parts as stored (``fmt``: None, or (format, group)), and the weight they stand for."""
+    """``weight``'s parts as stored (``fmt``: None, (format, group), or a GGUF file's (format, group, minimums,
+    scale dtype)), and the weight they stand for."""
     if fmt is None:
         return {"data": weight.to(dtype)}, weight.to(dtype).double()
-    scheme = QuantScheme(fmt[0], fmt[1], 1 << 20, FUSED, rounding="minmax")
-    parts = quantize(weight, scheme, dtype)
+    kind, group, minimum, scales = (*fmt, False, dtype)[:4] if len(fmt) == 2 else fmt
+    scheme = QuantScheme(kind, group, 1 << 20, FUSED, minimum=minimum and kind == "int8", scale_dtype=scales,
+                         rounding="minmax")
+    if kind == "int8" and group is not None:  # a GGUF file's grouped int8 (Q8_0, Q6_K; Q5_K with minimums)
+        gen = torch.Generator().manual_seed(weight.numel())
+        rows, groups = weight.shape[0], weight.shape[1] // group
+        parts = {"data": torch.randint(-128, 128, weight.shape, generator=gen, dtype=torch.int8),
+                 "scale": (weight.abs().amax() / 127 * torch.rand(rows, groups, generator=gen)).to(scales)}
+        if minimum:
+            parts["minimum"] = (0.01 * torch.randn(rows, groups, generator=gen)).to(scales)
+    else:
+        parts = quantize(weight, scheme, dtype)
+        parts.update({k: parts[k].to(scales) for k in ("scale", "minimum") if k in parts})
     return parts, dequantize(QuantizedWeight(parts["data"], parts["scale"], parts.get("minimum"), scheme),
                              torch.float64)
 
@@ -66,8 +78,11 @@ def _experts_in_two_arenas(n, d, features, dtype, fmt, seed):
                 arena[start + offsets[name]: start + offsets[name] + raw.numel()] = raw.to(DEVICE)
         addresses.append(expert_kernels.device_address(arena, torch.device(DEVICE)) + start)
     kind = {None: expert_kernels.DENSE, "int8": expert_kernels.INT8, "int4": expert_kernels.INT4}[fmt and fmt[0]]
+    if kind == expert_kernels.INT8 and fmt[1] is not None:
+        kind = expert_kernels.INT8_GROUPS
+    scales = 0 if fmt is None or len(fmt) == 2 or fmt[3] == dtype else expert_kernels.SCALE_TYPES[fmt[3]]
     gate_up, down = (expert_kernels.Projection(kind, o["data"], o.get("scale", 0), o.get("minimum", 0),
-                                               (fmt and fmt[1]) or 1) for o in places)
+                                               (fmt and fmt[1]) or 1, scales) for o in places)
     on_host = torch.tensor([e % 2 for e in range(n)], dtype=torch.int8, device=DEVICE)
     weights = [(gu, dn) for (_, gu), (_, dn) in stored]
     return weights, arenas, torch.tensor(addresses, device=DEVICE), gate_up, down, on_host
@@ -116,6 +131,29 @@ def test_the_kernels_equal_a_float64_reference(dtype, tokens, k, n, d, features,
     assert torch.equal(got.cpu()[1 * k + 0], torch.zeros(d, dtype=dtype))  # the pad sorts first in its row: rank 0
     used = {e for e in ids.flatten().tolist() if e >= 0}
     assert counts.tolist() == [sum(e % 2 == 0 for e in used), sum(e % 2 == 1 for e in used)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # (Triton's interpreter computes no bfloat16)
+@pytest.mark.parametrize("fmt", [("int8", 32, False, torch.float16), ("int8", 16, False, torch.float16),
+                                 ("int8", 32, True, torch.float16), ("int4", 32, True, torch.float16),
+                                 ("int8", 32, True, torch.float32)])
+def test_the_kernels_read_a_gguf_files_formats(dtype, fmt):
+    """Experts as a GGUF file keeps them: int8 in groups of 32 (Q8_0) or 16 (Q6_K), with minimums (Q5_K), and int4
+    (Q4_0, Q4_1, Q4_K), their scales in float16 (a 16-bit model's) or float32, whatever the activations' dtype
+    (each of ``SCALE_TYPES`` and the activations' own)."""
+    tokens, k, n, d, features = 6, 2, 4, 96, 160  # features: 5 groups of 32 (down's columns), 2 column steps
+    experts, _arenas, addresses, gate_up, down, on_host = _experts_in_two_arenas(n, d, features, dtype, fmt, seed=3)
+    assert gate_up.format == (expert_kernels.INT4 if fmt[0] == "int4" else expert_kernels.INT8_GROUPS)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(tokens)])
+    x = torch.randn(tokens, d, generator=gen).to(dtype)
+    weights = torch.rand(tokens, k, generator=gen).to(dtype)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    got = expert_kernels.routed_experts(x.to(DEVICE), ids.to(DEVICE), weights.to(DEVICE), addresses, gate_up, down,
+                                        features, counts, on_host)
+    want = _reference(x, ids, weights, experts)
+    tolerance = 1e-5 if dtype == torch.float32 else 4e-3  # a few roundings to float16 of the largest output
+    assert (got.cpu().double() - want).abs().max() <= tolerance * want.abs().max()
 
 
 @pytest.fixture(scope="module", params=[a if a == "qwen3_moe" else pytest.param(a, marks=pytest.mark.slow)
@@ -275,8 +313,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from offload.models import expert_kernels
-fmt, group, rows = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-constexprs = dict(BLOCK_M=rows, BLOCK_N=32, BLOCK_K=128, PRECISION=None, FORMAT=fmt, GROUP=group)
+fmt, group, rows, scales = (int(a) for a in sys.argv[1:5])
+constexprs = dict(BLOCK_M=rows, BLOCK_N=32, BLOCK_K=128, PRECISION=None, FORMAT=fmt, GROUP=group, SCALES=scales,
+                  MINIMUMS=fmt == expert_kernels.INT4)
 signature = {"x_ptr": "*bf16", "order_ptr": "*i64", "ids_ptr": "*i64", "ends_ptr": "*i64", "addresses_ptr": "*i64",
              "on_host_ptr": "*i8", "counts_ptr": "*i64", "h_ptr": "*bf16", "D": "i32", "I": "i32", "TOP_K": "i32",
              "DATA": "i32", "SCALE": "i32", "MINIMUM": "i32", **{name: "constexpr" for name in constexprs}}
@@ -288,9 +327,10 @@ print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_war
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rows", [16, 64])
-@pytest.mark.parametrize("fmt, group", [(expert_kernels.DENSE, 1), (expert_kernels.INT8, 1),
-                                        (expert_kernels.INT4, 128)])
-def test_the_kernels_compile_for_hopper_with_pipelined_weight_loads(fmt, group, rows):
+@pytest.mark.parametrize("fmt, group, scales", [(expert_kernels.DENSE, 1, 0), (expert_kernels.INT8, 1, 0),
+                                                (expert_kernels.INT4, 128, 0), (expert_kernels.INT4, 32, 1),
+                                                (expert_kernels.INT8_GROUPS, 32, 1)])
+def test_the_kernels_compile_for_hopper_with_pipelined_weight_loads(fmt, group, scales, rows):
     """Compiled for sm_90 here (Triton's CUDA backend needs no GPU to compile; in a process of its own, without
     the interpreter): the weight tiles are copied 16 bytes at a time, asynchronously, never loaded a byte or two
     at a time (which addresses made from a table allow only where the kernels say they are 16-byte aligned)."""
@@ -303,7 +343,7 @@ def test_the_kernels_compile_for_hopper_with_pipelined_weight_loads(fmt, group, 
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, str(fmt), str(group), str(rows)], env=env,
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, str(fmt), str(group), str(rows), str(scales)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ptx = proc.stdout

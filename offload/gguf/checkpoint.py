@@ -10,6 +10,7 @@ norms undone. :class:`GGUFSource` puts that behind the weight-source interface o
 
 from __future__ import annotations
 
+import re
 from collections import Counter, OrderedDict
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from .names import MappedTensor, map_tensors, unpermute_order
 from .reader import GGUFFiles, gguf_package
 
 
+EXPERT = re.compile(r"\.experts\.\d+\.")  # one expert's tensors: counted with every expert's
+
+
 class GGUFCheckpoint:
     """A GGUF model: ``config`` (a config.json dict), ``tensors`` (Hugging Face name -> MappedTensor)."""
 
@@ -33,9 +37,7 @@ class GGUFCheckpoint:
         self.path = self.files.path
         self.architecture = architecture_of(self.files)
         self.config = hf_config(self.files)
-        c = self.config
-        self.tensors = map_tensors(self.files, self.architecture, c["num_hidden_layers"],
-                                   c["num_attention_heads"], c["num_key_value_heads"])
+        self.tensors = map_tensors(self.files, self.architecture, self.config)
         self.reads = FileReads()
 
     # ------------------------------------------------------------------ what the file holds
@@ -51,7 +53,7 @@ class GGUFCheckpoint:
         tensors of each GGUF type: what a plan shows of a Q4_K_M file's mix."""
         out: dict[str, Counter] = {}
         for name, mapped in self.tensors.items():
-            kind = LAYER_TENSOR.sub("", name).removeprefix("model.").removesuffix(".weight")
+            kind = EXPERT.sub(".experts.", LAYER_TENSOR.sub("", name)).removeprefix("model.").removesuffix(".weight")
             out.setdefault(kind, Counter())[type_name(mapped.ggml_type)] += 1
         return out
 

@@ -3,7 +3,8 @@
 A GGUF file has no config.json: its metadata is the config, under llama.cpp's key names
 (``llama.block_count``, ``llama.attention.head_count_kv``...). ``hf_config`` writes the
 fields offload's families read, for the architectures offload has (llama, including
-Mistral-style files; qwen2; qwen3; gemma3), so that ``config_from_dict`` takes the dict as is.
+Mistral-style files and Mixtral; qwen2; qwen3; gemma3; qwen2moe, qwen3moe, olmoe), so that
+``config_from_dict`` takes the dict as is.
 Some fields are not in the metadata and come from what llama.cpp assumes:
 
 * ``tie_word_embeddings``: true when the file has no ``output.weight`` (llama.cpp writes
@@ -18,6 +19,13 @@ Some fields are not in the metadata and come from what llama.cpp assumes:
 * Gemma 3: sliding layers every 6 with the local base 10000 unless the file says otherwise,
   and ``query_pre_attn_scalar`` as llama.cpp sets it (``attention.scale`` when the file has
   it; for the 62-layer 27B, hidden / heads; else head_dim).
+* mixtures of experts: llama.cpp routes in every layer, by a softmax, and renormalises the
+  chosen experts' probabilities for qwen3moe and Mixtral (a llama file with ``expert_count``),
+  not for qwen2moe and olmoe: that is ``norm_topk_prob``. An expert's width is
+  ``expert_feed_forward_length``, else its tensors' (Mixtral and OLMoE files give it as
+  ``feed_forward_length``); Qwen2-MoE's shared expert's is
+  ``expert_shared_feed_forward_length``, else its tensors'. Another gating function, or
+  weights scaled after routing, are refused.
 
 Stop tokens: ``eos_token_id`` lists the file's eos, eot and eom ids (llama.cpp ends
 generation at any of them).
@@ -36,6 +44,10 @@ from .reader import GGUFFiles
 GEMMA3_SLIDING_PATTERN = 6  # llama.cpp: hparams.set_swa_pattern(6) for gemma3
 GEMMA3_LOCAL_THETA = 10_000.0
 GEMMA3_27B_LAYERS = 62  # llama.cpp's LLM_TYPE_27B, which scales attention by hidden / heads
+MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}  # the rest: arch's name
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "olmoe")  # and llama, where the file has experts
+NORMALISED_TOP_K = ("qwen3moe", "llama")  # llama.cpp's norm_w: the chosen experts' probabilities sum to one
+SOFTMAX_GATING = 1  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
 
 
 def architecture_of(files: GGUFFiles) -> str:
@@ -56,7 +68,7 @@ def hf_config(files: GGUFFiles) -> dict:
     n_layers = key.count("block_count")
     config = {
         "architectures": [ARCHITECTURES[arch]],
-        "model_type": arch if arch != "gemma3" else "gemma3_text",
+        "model_type": MODEL_TYPES.get(arch, arch),
         "vocab_size": _vocab_size(files),
         "hidden_size": hidden,
         "intermediate_size": key.count("feed_forward_length"),
@@ -81,6 +93,7 @@ def hf_config(files: GGUFFiles) -> dict:
         config.update(_gemma3_fields(key, config))
     if arch == "llama":
         config.update(_llama_kind(files, key))
+    config.update(_experts(files, key, arch))
     return config
 
 
@@ -206,6 +219,41 @@ def _llama_kind(files: GGUFFiles, key: _Keys) -> dict:
     if "mistral" in name or window is not None:
         return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
     return {}
+
+
+def _experts(files: GGUFFiles, key: _Keys, arch: str) -> dict:
+    """A mixture of experts' fields (none for a dense model): how many experts, how many a token uses, their
+    widths, whether the chosen ones' probabilities are renormalised."""
+    if arch not in MOE_ARCHITECTURES and key.get("expert_count") is None:
+        return {}
+    n, used = key.count("expert_count"), key.count("expert_used_count")
+    if key.get("expert_gating_func", SOFTMAX_GATING) != SOFTMAX_GATING:
+        raise ConfigError(f"{files.path.name}: metadata {arch}.expert_gating_func is "
+                          f"{key.get('expert_gating_func')!r}; offload's experts are chosen by a softmax "
+                          f"({SOFTMAX_GATING})")
+    if key.number("expert_weights_scale", 0.0) not in (0.0, 1.0):
+        raise ConfigError(f"{files.path.name}: metadata {arch}.expert_weights_scale is "
+                          f"{key.number('expert_weights_scale')}; offload does not scale its experts' weights")
+    width = key.count("expert_feed_forward_length") if key.get("expert_feed_forward_length") is not None else \
+        _rows_of(files, ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate.0.weight"), key.count("feed_forward_length"))
+    fields = {"num_experts_per_tok": used, "norm_topk_prob": arch in NORMALISED_TOP_K, "decoder_sparse_step": 1,
+              "mlp_only_layers": []}
+    if arch == "llama":  # Mixtral: intermediate_size is each expert's
+        return {**fields, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": n,
+                "intermediate_size": width}
+    fields.update(num_experts=n, moe_intermediate_size=width)
+    if arch == "qwen2moe":
+        shared = key.get("expert_shared_feed_forward_length") is not None
+        fields["shared_expert_intermediate_size"] = key.count("expert_shared_feed_forward_length") if shared else \
+            _rows_of(files, ("blk.0.ffn_gate_shexp.weight",), key.count("feed_forward_length"))
+    return fields
+
+
+def _rows_of(files: GGUFFiles, names: tuple[str, ...], default: int) -> int:
+    """The output features of the first of ``names`` the file has (a stack of experts': each one's), else
+    ``default``."""
+    stored = next((files.tensors[n] for n in names if n in files.tensors), None)
+    return default if stored is None else stored.shape[-2]
 
 
 def _gemma3_fields(key: _Keys, config: dict) -> dict:

@@ -11,6 +11,12 @@ llama.cpp's converter renames every tensor (``blk.3.attn_q.weight`` for
   permutation for llama files only: ``LlamaTensorProcessor``.)
 * gemma3: every RMS norm weight is stored as ``1 + w`` (Gemma multiplies by ``1 + w``, ggml
   by the weight), so ``w`` comes back as the stored value minus one, in float32.
+* mixtures of experts (qwen2moe, qwen3moe, olmoe; Mixtral written as llama): a layer's routed
+  experts are stacked in one tensor per projection (``blk.3.ffn_gate_exps``, ``[experts, out,
+  in]``), which offload reads as one tensor per expert (``mlp.experts.5.gate_proj``, a slice of
+  the stack's bytes); files from before the stacking (early Mixtral ones) name each expert's
+  tensor (``blk.3.ffn_gate.5``). Qwen2-MoE's shared expert gate is stored as a vector, where
+  Hugging Face has one row.
 
 The GGUF side of each name comes from the ``gguf`` package's own tables (``MODEL_TENSORS``,
 ``TENSOR_NAMES``); only the Hugging Face side is written here.
@@ -18,30 +24,44 @@ The GGUF side of each name comes from the ``gguf`` package's own tables (``MODEL
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from ..models.registry import family_of
 from .reader import GGUFFiles, StoredTensor, gguf_package
 
 # GGUF architecture -> the Hugging Face class offload's families are registered under
 ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
+    "llama": "LlamaForCausalLM",  # MixtralForCausalLM where the file has experts (``config.hf_config``)
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
 PERMUTED_ARCHITECTURES = ("llama",)  # q/k rows interleaved for llama.cpp's rotary embedding
 NORM_PLUS_ONE_ARCHITECTURES = ("gemma3",)  # norm weights stored as 1 + w
 CONFIG_TENSORS = ("rope_freqs.weight",)  # read into the config (llama 3's rotary scaling), not weights
 
 
-def _hf_modules() -> dict:
-    """The Hugging Face module of each GGUF tensor kind (``{bid}``: the layer index)."""
+def _hf_modules(family) -> dict:
+    """The Hugging Face module of each GGUF tensor kind (``{bid}``: the layer index; ``{e}``: the expert of a
+    stacked experts tensor) in a model of ``family`` (a Decoder class: a mixture of experts names its router
+    and experts)."""
     T = gguf_package().MODEL_TENSOR
     layer = "model.layers.{bid}."
-    return {
+    experts = {}
+    if hasattr(family, "expert_sources"):
+        gate, up, down = (layer + family.expert_prefix + source for source in family.expert_sources)
+        shared = layer + "mlp.shared_expert."
+        experts = {T.FFN_GATE_INP: layer + family.router_source.removesuffix(".weight"),
+                   T.FFN_GATE_EXP: gate, T.FFN_UP_EXP: up, T.FFN_DOWN_EXP: down,
+                   T.FFN_GATE_SHEXP: shared + "gate_proj", T.FFN_UP_SHEXP: shared + "up_proj",
+                   T.FFN_DOWN_SHEXP: shared + "down_proj", T.FFN_GATE_INP_SHEXP: layer + "mlp.shared_expert_gate"}
+    return {**experts, **{
         T.TOKEN_EMBD: "model.embed_tokens",
         T.OUTPUT_NORM: "model.norm",
         T.OUTPUT: "lm_head",
@@ -59,23 +79,36 @@ def _hf_modules() -> dict:
         T.FFN_GATE: layer + "mlp.gate_proj",
         T.FFN_UP: layer + "mlp.up_proj",
         T.FFN_DOWN: layer + "mlp.down_proj",
-    }
+    }}
 
 
-def hf_names(arch: str, n_layers: int) -> dict[str, str]:
-    """GGUF tensor name -> Hugging Face name, for every tensor an ``arch`` model of ``n_layers`` may have."""
+def hf_names(arch: str, n_layers: int, architecture: str | None = None, n_experts: int = 0) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face name, for every tensor an ``arch`` model of ``n_layers`` may have
+    (``architecture``: its Hugging Face class, where it is not ``ARCHITECTURES[arch]``: Mixtral's). A stacked
+    experts tensor's Hugging Face name has ``{e}`` for the expert; with ``n_experts``, the names of files that
+    keep each expert's tensor apart are there too."""
     gguf = gguf_package()
-    arch_id = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
-    modules = _hf_modules()
+    arch_id = next((a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch), None)
+    if arch_id is None:
+        raise ConfigError(f"the installed gguf package does not know the architecture {arch!r}: "
+                          "pip install --upgrade gguf")
+    modules = _hf_modules(family_of(architecture or ARCHITECTURES[arch]))
     out = {}
     for kind in gguf.MODEL_TENSORS[arch_id]:
         hf = modules.get(kind)
         if hf is None:
-            continue  # a kind offload's families do not have (experts, rope_freqs...)
+            continue  # a kind offload's families do not have (rope_freqs, a dense model's experts...)
         template = gguf.TENSOR_NAMES[kind]
         for bid in range(n_layers) if "{bid}" in template else [None]:
             for suffix in (".weight", ".bias"):
-                out[template.format(bid=bid) + suffix] = hf.format(bid=bid) + suffix
+                out[template.format(bid=bid) + suffix] = hf.replace("{bid}", str(bid)) + suffix
+    T = gguf.MODEL_TENSOR
+    if n_experts and T.FFN_GATE_EXP in modules:
+        stacks = {"gate": modules[T.FFN_GATE_EXP], "up": modules[T.FFN_UP_EXP], "down": modules[T.FFN_DOWN_EXP]}
+        for bid in range(n_layers):
+            for kind, hf in stacks.items():
+                for e in range(n_experts):
+                    out[f"blk.{bid}.ffn_{kind}.{e}.weight"] = hf.replace("{bid}", str(bid)).format(e=e) + ".weight"
     return out
 
 
@@ -102,26 +135,52 @@ class MappedTensor:
         return self.stored.ggml_type
 
 
-def map_tensors(files: GGUFFiles, arch: str, n_layers: int, n_heads: int, n_kv_heads: int) -> dict[str, MappedTensor]:
-    """Every weight of the file under its Hugging Face name. A tensor with no place in an offload model
-    (experts, layers beyond ``block_count``, a kind the family does not have) raises CheckpointError."""
-    names = hf_names(arch, n_layers)
+def map_tensors(files: GGUFFiles, arch: str, config: dict) -> dict[str, MappedTensor]:
+    """Every weight of the file under its Hugging Face name (``config``: the file's config dict, ``hf_config``),
+    a stack of experts as each expert's tensor. A tensor with no place in an offload model (layers beyond
+    ``block_count``, a kind the family does not have) raises CheckpointError."""
+    n_layers = config["num_hidden_layers"]
+    n_experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    names = hf_names(arch, n_layers, config["architectures"][0], n_experts)
     out = {}
     for name, stored in files.tensors.items():
         if name in CONFIG_TENSORS:
             continue
         hf = names.get(name)
         if hf is None:
-            raise CheckpointError(f"{stored.file.name}: tensor {name!r} has no place in a {arch} model of "
-                                  f"{n_layers} layers (offload reads dense decoders: no experts, no extra tensors)")
+            kind = "mixture of experts" if n_experts else "model"
+            raise CheckpointError(f"{stored.file.name}: tensor {name!r} has no place in a {arch} {kind} of "
+                                  f"{n_layers} layers")
         heads = None
         if arch in PERMUTED_ARCHITECTURES and ".attn_q." in name:
-            heads = n_heads
+            heads = config["num_attention_heads"]
         elif arch in PERMUTED_ARCHITECTURES and ".attn_k." in name:
-            heads = n_kv_heads
+            heads = config["num_key_value_heads"]
         offset = 1.0 if arch in NORM_PLUS_ONE_ARCHITECTURES and name.endswith("norm.weight") else 0.0
-        out[hf] = MappedTensor(hf, stored, heads, offset)
+        if len(stored.shape) == 1 and ".ffn_gate_inp_shexp." in name:
+            stored = _as_row(stored)
+        pieces = _experts(stored, hf, n_experts) if "{e}" in hf else [(hf, stored)]
+        for hf_name, piece in pieces:
+            out[hf_name] = MappedTensor(hf_name, piece, heads, offset)
     return out
+
+
+def _experts(stored: StoredTensor, template: str, n_experts: int) -> list[tuple[str, StoredTensor]]:
+    """A stacked experts tensor (``[experts, out, in]``) as each expert's: its name and its slice of the stack."""
+    if len(stored.shape) != 3 or stored.shape[0] != n_experts:
+        raise CheckpointError(f"{stored.file.name}: {stored.name} has shape {list(stored.shape)}; a stack of the "
+                              f"file's {n_experts} experts has {n_experts} as its first dimension")
+    start, end = stored.span
+    each = (end - start) // n_experts
+    return [(template.format(e=e), replace(stored, name=f"{stored.name}[{e}]", shape=stored.shape[1:],
+                                           data=stored.data[e], span=(start + e * each, start + (e + 1) * each)))
+            for e in range(n_experts)]
+
+
+def _as_row(stored: StoredTensor) -> StoredTensor:
+    """A vector as a matrix of one row (llama.cpp keeps Qwen2-MoE's ``[1, hidden]`` shared expert gate as a
+    vector)."""
+    return replace(stored, shape=(1, *stored.shape), data=stored.data.reshape(1, -1))
 
 
 def unpermute_order(rows: int, heads: int) -> torch.Tensor:

@@ -140,6 +140,11 @@ class BlockLayout:
             offset += self.specs[-1].nbytes
         self.nbytes = -(-offset // ALIGN_BYTES) * ALIGN_BYTES
 
+    def signature(self) -> tuple:
+        """What two layouts of blocks stored alike have in common (the tensors, their shapes, dtypes and formats):
+        layers of the same signature share one layout."""
+        return tuple((s.name, s.shape, s.dtype, s.quant) for s in self.specs)
+
     def views(self, buffer: torch.Tensor):
         """The block's tensors as views into ``buffer`` (1-D uint8, ``nbytes`` long): a ``cls``, or a dict.
 

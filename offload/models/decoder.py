@@ -133,7 +133,7 @@ class Decoder:
         blocks = []
         for i in range(config.n_layers):
             layout = cls.layer_layout(config, tp, dtype, fmt, layer=i)
-            layout = layouts.setdefault(tuple((s.name, s.shape, s.dtype, s.quant) for s in layout.specs), layout)
+            layout = layouts.setdefault(layout.signature(), layout)
             blocks.append(BlockSpec(f"layer {i}", layout, i, EVERY_PASS))
         return blocks
 

@@ -23,9 +23,11 @@ once per pass and expert, not once per row: for decode steps and verify passes
 (``DIRECT_TOKENS`` tokens or fewer, every chunk's rows in one call); a long prefill,
 whose experts serve many rows each, copies them (a tile of all its rows would not fit).
 
-The kernels read experts in the model's dtype, in int8 (one scale per output row) or
-in int4 (groups of a power of two from 32 columns), making a compressed tile in
-registers as ``quant_kernels`` does. The roundings are those of the copying way's operations (each
+The kernels read experts in the model's dtype, in int8 (one scale per output row, or
+groups of columns with a scale each and perhaps a minimum: a GGUF file's Q8_0, Q6_K and
+Q5_K) or in int4 (groups of a power of two from 32 columns), making a compressed tile in
+registers as ``quant_kernels`` does; scales in the model's dtype, float16 (a GGUF file's,
+for a 16-bit model) or float32. The roundings are those of the copying way's operations (each
 product rounded to the model's dtype, ``silu(gate)`` rounded before its product with
 ``up``, the weighted output rounded), so the two ways differ only by how the products
 sum; where an expert lives never changes the result.
@@ -45,23 +47,32 @@ if triton is not None:
 
 DIRECT_TOKENS = 64  # passes of at most this many tokens read their routed experts directly
 BLOCK_N, BLOCK_K = 32, 128  # an expert's output features and input columns per step (its rows: all in one tile)
-DENSE, INT8, INT4 = 0, 1, 2  # how an expert's projections are stored (``Projection.format``)
+DENSE, INT8, INT4, INT8_GROUPS = 0, 1, 2, 3  # how an expert's projections are stored (``Projection.format``)
+SCALE_TYPES = {torch.float16: 1, torch.float32: 2}  # ``Projection.scales``; 0: the activations' dtype
 
 
 @dataclass(frozen=True)
 class Projection:
     """Where one projection of every expert's block lies (bytes from the block's start) and how it is stored:
-    ``DENSE`` (the model's dtype), ``INT8`` (one scale per output row) or ``INT4`` (``group`` columns per scale
-    and minimum, a group's two halves in a byte's two nibbles: ``offload.models.quant``)."""
+    ``DENSE`` (the model's dtype), ``INT8`` (one scale per output row), ``INT8_GROUPS`` (``group`` columns per
+    scale, and per minimum where ``minimum``) or ``INT4`` (``group`` columns per scale and minimum, a group's two
+    halves in a byte's two nibbles: ``offload.models.quant``); ``scales``: the scales' dtype (``SCALE_TYPES``;
+    0: the activations')."""
 
     format: int
     data: int
     scale: int = 0
     minimum: int = 0
     group: int = 1
+    scales: int = 0
 
     def args(self) -> tuple[int, int, int]:
         return self.data, self.scale, self.minimum
+
+    def constants(self) -> dict:
+        """The kernels' compile-time arguments for this projection (a layer's two may differ: a GGUF file's)."""
+        return dict(FORMAT=self.format, GROUP=self.group, SCALES=self.scales,
+                    MINIMUMS=self.minimum != 0)  # (a block starts with a projection's data, never a minimum)
 
 
 def projection(weight, block: torch.Tensor, dtype: torch.dtype) -> Projection | str:
@@ -70,16 +81,20 @@ def projection(weight, block: torch.Tensor, dtype: torch.dtype) -> Projection | 
     at = lambda t: t.data_ptr() - block.data_ptr()  # noqa: E731
     if isinstance(weight, torch.Tensor):
         return Projection(DENSE, at(weight))
-    if not isinstance(weight, QuantizedWeight) or weight.scale.dtype != dtype:
-        return "experts stored in mixed formats or with scales of another dtype"
+    if not isinstance(weight, QuantizedWeight):
+        return "experts whose gate and up projections are stored in different formats"
+    scales = 0 if weight.scale.dtype == dtype else SCALE_TYPES.get(weight.scale.dtype)
+    if scales is None:
+        return f"scales in {weight.scale.dtype} for {dtype} activations"
     scheme = weight.scheme
     if scheme.format == INT4_FORMAT:
         if scheme.group_size < 32 or scheme.group_size & (scheme.group_size - 1):
             return f"int4 groups of {scheme.group_size} columns (the kernels take powers of two from 32)"
-        return Projection(INT4, at(weight.data), at(weight.scale), at(weight.minimum), scheme.group_size)
-    if scheme.group_size is not None or weight.minimum is not None:
-        return "int8 in groups (the kernels take one scale per output row)"
-    return Projection(INT8, at(weight.data), at(weight.scale))
+        return Projection(INT4, at(weight.data), at(weight.scale), at(weight.minimum), scheme.group_size, scales)
+    if scheme.group_size is not None:
+        minimum = 0 if weight.minimum is None else at(weight.minimum)
+        return Projection(INT8_GROUPS, at(weight.data), at(weight.scale), minimum, scheme.group_size, scales)
+    return Projection(INT8, at(weight.data), at(weight.scale), scales=scales)
 
 
 def device_address(base: torch.Tensor, device: torch.device) -> int:
@@ -131,13 +146,13 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ad
     h = x.new_empty(routes, features)
     grid = x.new_zeros(routes, d) if grid is None else grid
     common = dict(BLOCK_M=max(16, triton.next_power_of_2(tokens)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                  FORMAT=gate_up.format, PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=4)
+                  PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=4)
     _gate_up_kernel[(routes, triton.cdiv(features, BLOCK_N))](
         x, order, sorted_ids, ends, addresses, on_host, counts, h, d, features, k, *gate_up.args(),
-        GROUP=gate_up.group, **common)
+        **gate_up.constants(), **common)
     _down_kernel[(routes, triton.cdiv(d, BLOCK_N))](
         h, order, sorted_ids, ends, addresses, weights.reshape(-1), places, grid, d, features, *down.args(),
-        GROUP=down.group, **common)
+        **down.constants(), **common)
     return grid
 
 
@@ -170,18 +185,29 @@ if triton is not None:
         return tl.multiple_of((block + offset).to(tl.pointer_type(dtype), bitcast=True), 16)
 
     @triton.jit
+    def _scales(block, offset, dtype: tl.constexpr, SCALES: tl.constexpr):
+        """The scales (or minimums) at byte ``offset``: in the activations' ``dtype``, float16 or float32."""
+        if SCALES == 1:
+            return _part(block, offset, tl.float16)
+        elif SCALES == 2:
+            return _part(block, offset, tl.float32)
+        else:
+            return _part(block, offset, dtype)
+
+    @triton.jit
     def _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, K, FORMAT: tl.constexpr, GROUP: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                 SCALES: tl.constexpr, MINIMUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         """``x @ W[n].T`` in float32 ``[BLOCK_M, BLOCK_N]`` for the rows ``x_rows`` (pointers ``[BLOCK_M, 1]``) and
         the rows ``n`` of the ``[*, K]`` projection stored at ``block + DATA`` (scales, minimums after). A
         compressed weight tile is made in registers as ``quant_kernels`` makes it: each weight rounded once to
-        the activations' dtype (int8's scale applies to the sums)."""
+        the activations' dtype (int8's scale per row applies to the sums)."""
         dtype = x_rows.dtype.element_ty
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if FORMAT == 2:  # int4: a column step is one group, its halves in the low and high nibbles
             data = _part(block, DATA, tl.uint8)
-            scales = _part(block, SCALE, dtype) + n * (K // GROUP)
-            minimums = _part(block, MINIMUM, dtype) + n * (K // GROUP)
+            scales = _scales(block, SCALE, dtype, SCALES) + n * (K // GROUP)
+            minimums = _scales(block, MINIMUM, dtype, SCALES) + n * (K // GROUP)
             j = tl.arange(0, GROUP // 2)
             for k0 in range(0, K, GROUP):
                 b = tl.load(data + n[None, :] * (K // 2) + (k0 // 2 + j)[:, None], mask=n_ok[None, :], other=0,
@@ -194,6 +220,21 @@ if triton is not None:
                 xh = tl.load(x_rows + (k0 + GROUP // 2 + j)[None, :], mask=m_ok[:, None], other=0.0)
                 acc = tl.dot(xl, lo, acc, input_precision=PRECISION)
                 acc = tl.dot(xh, hi, acc, input_precision=PRECISION)
+        elif FORMAT == 3:  # int8 in groups of columns: each weight scaled (and its minimum added), then rounded
+            w = _part(block, DATA, tl.uint8)
+            scales = _scales(block, SCALE, dtype, SCALES) + n[None, :] * (K // GROUP)
+            minimums = _scales(block, MINIMUM, dtype, SCALES) + n[None, :] * (K // GROUP)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = kk < K
+                ok = k_ok[:, None] & n_ok[None, :]
+                xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                wt = tl.load(w + n[None, :] * K + kk[:, None], mask=ok, other=0, eviction_policy="evict_first")
+                q = ((wt.to(tl.int32) ^ 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+                wt = q * tl.load(scales + (kk // GROUP)[:, None], mask=ok, other=0.0).to(tl.float32)
+                if MINIMUMS:
+                    wt += tl.load(minimums + (kk // GROUP)[:, None], mask=ok, other=0.0).to(tl.float32)
+                acc = tl.dot(xt, wt.to(dtype), acc, input_precision=PRECISION)
         else:
             if FORMAT == 1:  # int8 read as bytes (loaded as int8, the tile was not pipelined: sm_90, Triton 3.9)
                 w = _part(block, DATA, tl.uint8)
@@ -209,14 +250,15 @@ if triton is not None:
                     wt = (((wt.to(tl.int32) ^ 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0).to(dtype)
                 acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
             if FORMAT == 1:
-                scales = _part(block, SCALE, dtype)
+                scales = _scales(block, SCALE, dtype, SCALES)
                 acc *= tl.load(scales + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         return acc
 
     @triton.jit
     def _gate_up_kernel(x_ptr, order_ptr, ids_ptr, ends_ptr, addresses_ptr, on_host_ptr, counts_ptr, h_ptr,
                         D, I, TOP_K, DATA, SCALE, MINIMUM, FORMAT: tl.constexpr, GROUP: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                        SCALES: tl.constexpr, MINIMUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         """``h[route] = silu(x[token] @ gate.T) * (x[token] @ up.T)`` for features ``[pid1 * BLOCK_N, +BLOCK_N)``
         of every route of the expert whose first route (in expert order) is ``pid0``."""
         r = tl.program_id(0)
@@ -231,10 +273,10 @@ if triton is not None:
             n_ok = n < I
             token = tl.load(order_ptr + m, mask=m_ok, other=0) // TOP_K
             x_rows = x_ptr + token[:, None].to(tl.int64) * D
-            gate = _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, D, FORMAT, GROUP,
+            gate = _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, D, FORMAT, GROUP, SCALES, MINIMUMS,
                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)  # rows [0, I): gate's; [I, 2 I): up's
-            up = _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n + I, n_ok, D, FORMAT, GROUP,
-                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            up = _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n + I, n_ok, D, FORMAT, GROUP, SCALES,
+                          MINIMUMS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
             gate = gate.to(dtype).to(tl.float32)  # each product rounded, as a linear's output is
             silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
             h = (silu * up.to(dtype).to(tl.float32)).to(dtype)
@@ -242,8 +284,9 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(h_ptr, order_ptr, ids_ptr, ends_ptr, addresses_ptr, weights_ptr, places_ptr, grid_ptr, D, I,
-                     DATA, SCALE, MINIMUM, FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                     DATA, SCALE, MINIMUM, FORMAT: tl.constexpr, GROUP: tl.constexpr, SCALES: tl.constexpr,
+                     MINIMUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PRECISION: tl.constexpr):
         """``grid[place] = weight * (h[route] @ down.T)`` for outputs ``[pid1 * BLOCK_N, +BLOCK_N)`` of every
         route of the expert whose first route is ``pid0``."""
         r = tl.program_id(0)
@@ -255,7 +298,7 @@ if triton is not None:
             n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < D
             y = _product(h_ptr + m[:, None].to(tl.int64) * I, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, I,
-                         FORMAT, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                         FORMAT, GROUP, SCALES, MINIMUMS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
             route = tl.load(order_ptr + m, mask=m_ok, other=0)
             weight = tl.load(weights_ptr + route, mask=m_ok, other=0.0).to(tl.float32)
             y = (y.to(dtype).to(tl.float32) * weight[:, None]).to(dtype)

@@ -171,20 +171,22 @@ class MoEDecoder(Llama):
     @classmethod
     def blocks(cls, config: MoEConfig, tp: TensorParallel, dtype: torch.dtype,
                fmt: WeightFormat | None = None) -> list[BlockSpec]:
-        """Every layer's block (attention, router, shared expert; or a dense MLP), then every routed expert."""
+        """Every layer's block (attention, router, shared expert; or a dense MLP), then every routed expert.
+        A checkpoint stored quantized may store each layer otherwise (a GGUF file's Q4_K_M mix: some layers'
+        experts' down projections in 6 bits, the others' in 4): its formats are looked up layer by layer, and
+        layers stored alike share a layout."""
         stored = fmt is not None and fmt.per_tensor is not None
-        if stored and fmt.format == "gguf":
-            raise ConfigError("mixture-of-experts models are read from safetensors checkpoints (not GGUF files)")
-        # a checkpoint saved quantized (scripts/quantize.py) stores every layer alike: its formats are looked up in
-        # the first layer of each kind
-        first = lambda sparse: next((i for i, s in enumerate(config.sparse_layers) if s == sparse), None)  # noqa: E731
-        sparse = cls.layer_layout(config, tp, dtype, fmt, layer=first(True) if stored else None)
-        dense = cls.layer_layout(config, tp, dtype, fmt, layer=first(False) if stored else None, sparse=False)
-        expert = cls.expert_layout(config, tp, dtype, fmt, layer=first(True) if stored else None)
-        layers = [BlockSpec(f"layer {i}", sparse if config.sparse_layers[i] else dense, i, EVERY_PASS)
-                  for i in range(config.n_layers)]
-        experts = [BlockSpec(f"layer {i} expert {e}", expert, i, ON_DEMAND, e)
-                   for i in range(config.n_layers) if config.sparse_layers[i] for e in range(config.n_experts)]
+        layouts: dict[tuple, BlockLayout] = {}
+        shared = lambda layout: layouts.setdefault(layout.signature(), layout)  # noqa: E731
+        layers, experts = [], []
+        for i, sparse in enumerate(config.sparse_layers):
+            layer = i if stored else None
+            layout = shared(cls.layer_layout(config, tp, dtype, fmt, layer=layer, sparse=sparse))
+            layers.append(BlockSpec(f"layer {i}", layout, i, EVERY_PASS))
+            if sparse:
+                expert = shared(cls.expert_layout(config, tp, dtype, fmt, layer=layer))
+                experts += [BlockSpec(f"layer {i} expert {e}", expert, i, ON_DEMAND, e)
+                            for e in range(config.n_experts)]
         return layers + experts
 
     @classmethod
@@ -349,7 +351,7 @@ class MoEDecoder(Llama):
         """Each chunk's residual stream after sparse layer ``i``, the routed experts of every chunk read where they
         live, each once, by the kernels of ``expert_kernels`` (no host decision: a CUDA graph captures it)."""
         table, ids, x, weights = self.experts.table, *_joined(routed)
-        grid = expert_kernels.routed_experts(x, ids, weights, table.addresses[i], table.gate_up, table.down,
+        grid = expert_kernels.routed_experts(x, ids, weights, table.addresses[i], *table.projections[i],
                                              table.features, table.counts, table.on_host[i])
         return self._combined(routed, grid, w)
 
@@ -369,7 +371,7 @@ class MoEDecoder(Llama):
             if pending or grid is not None:  # a wave: its experts' routes alone, into the whole routing's grid
                 places = expert_kernels.grid_places(ids) if places is None else places
                 wave = ids.where(torch.isin(ids, to_device(placed, torch.long, ids.device)), -1)
-            grid = expert_kernels.routed_experts(x, wave, weights, addresses, table.gate_up, table.down,
+            grid = expert_kernels.routed_experts(x, wave, weights, addresses, *table.projections[i],
                                                  table.features, table.counts, table.on_host[i], places, grid)
             self.experts.release()
         if guessed:  # the next routed layer's likely experts, copied behind this layer's

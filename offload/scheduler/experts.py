@@ -46,12 +46,15 @@ def check_direct(specs: list[BlockSpec], device: torch.device, dtype: torch.dtyp
     if triton is None or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
         raise ConfigError("direct expert reads run on a GPU with Triton (pip install -e '.[kernels]'), or "
                           "under Triton's interpreter (TRITON_INTERPRET=1)")
-    _projections(specs[0].layout, torch.empty(specs[0].layout.nbytes, dtype=torch.uint8), dtype)
+    for layout in {id(s.layout): s.layout for s in specs}.values():
+        _projections(layout, torch.empty(layout.nbytes, dtype=torch.uint8), dtype)
 
 
 def _projections(layout, block: torch.Tensor, dtype: torch.dtype) -> tuple[Projection, Projection, int]:
-    """Where an expert block's gate-up and down projections lie and how they are stored, and its features."""
-    weights = layout.views(block)
+    """Where an expert block's gate-up and down projections lie and how they are stored, and its features
+    (``block``: the expert's buffer, which may be longer than its layout: every expert's buffer is the size of
+    the largest)."""
+    weights = layout.views(block[: layout.nbytes])
     found = [projection(getattr(weights, name), block, dtype) for name in ("w_gate_up", "w_down")]
     why = next((f for f in found if isinstance(f, str)), None)
     if why is not None:
@@ -96,7 +99,10 @@ class ExpertTable:
                 bases[storage] = _checked_address(buffer, device) - (buffer.data_ptr() - storage)
             addresses[spec.layer][spec.expert] = bases[storage] + buffer.data_ptr() - storage
             on_host[spec.layer][spec.expert] = int(tier != RESIDENT)
-        self.gate_up, self.down, self.features = _projections(specs[0].layout, buffers[0], dtype)  # this rank's
+        # each layer's projections (a GGUF file may store some layers' experts in other formats), this rank's
+        self.projections = {spec.layer: _projections(spec.layout, buffer, dtype)[:2]
+                            for spec, buffer in zip(specs, buffers) if spec.expert == 0}
+        self.features = _projections(specs[0].layout, buffers[0], dtype)[2]
         self.slot_addresses = [] if slots is None else [slots[s].data_ptr() for s in range(len(slots))]
         if any(a % 16 for row in addresses for a in row) or any(a % 16 for a in self.slot_addresses):
             raise ConfigError("direct expert reads need experts' blocks at 16-byte boundaries")
@@ -164,7 +170,7 @@ class ExpertStore:
         for spec, buffer, tier in zip(specs, buffers, tiers):
             key = (spec.layer, spec.expert)
             if tier == RESIDENT:
-                self.resident[key] = spec.layout.views(buffer)
+                self.resident[key] = spec.layout.views(buffer[: spec.layout.nbytes])
             else:
                 self.source[key] = (buffer, tier, spec.layout)
         on_gpu = slots.device.type == "cuda"

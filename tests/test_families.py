@@ -185,3 +185,59 @@ def test_half_the_layers_streamed_equal_resident_bitwise(checkpoint_factory, key
 def test_tensor_parallel_on_two_ranks_equals_one(checkpoint_factory, key):
     _, directory = _make(checkpoint_factory, key)
     assert_tp_equals_one(directory, _prompt(PROMPT, 256, seed=7, batch=2), ATOL, MAX_SEQ)
+
+
+# ----------------------------------------------------------------------------- config.json read as transformers 5 reads it
+
+
+def _both(architecture: str, model_type: str, **fields):
+    """offload's ModelConfig and transformers' config of the same config.json fields."""
+    import transformers
+
+    from offload.models.config import config_from_dict
+
+    raw = dict(architectures=[architecture], model_type=model_type, vocab_size=64, hidden_size=64,
+               intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, **fields)
+    return config_from_dict(dict(raw)), transformers.AutoConfig.for_model(**raw)
+
+
+def test_defaults_of_fields_a_config_leaves_out_are_transformers():
+    """Mixtral's rope base 1e6 and eps 1e-5, OLMoE's eps 1e-5, Qwen2-MoE's shared expert of 5632 features (a
+    config without them loaded with wrong logits: found by a hostile test)."""
+    ours, theirs = _both("MixtralForCausalLM", "mixtral", num_local_experts=4, num_experts_per_tok=2)
+    assert (ours.rope_theta, ours.rms_norm_eps) == (theirs.rope_parameters["rope_theta"], theirs.rms_norm_eps)
+    ours, theirs = _both("OlmoeForCausalLM", "olmoe", num_experts=4, num_experts_per_tok=2)
+    assert ours.rms_norm_eps == theirs.rms_norm_eps == 1e-5
+    ours, theirs = _both("Qwen2MoeForCausalLM", "qwen2_moe", num_experts=4, num_experts_per_tok=2)
+    assert ours.shared_intermediate == theirs.shared_expert_intermediate_size == 5632
+
+
+def test_qwen2_moe_reads_qkv_bias():
+    ours, _ = _both("Qwen2MoeForCausalLM", "qwen2_moe", num_experts=4, num_experts_per_tok=2, qkv_bias=False)
+    assert not ours.qkv_bias
+
+
+@pytest.mark.parametrize("fields, windows", [
+    ({}, (4096,) * 3),  # transformers' Mistral window where config.json names none
+    ({"sliding_window": None}, (None,) * 3),
+    ({"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention", "full_attention"]},
+     (None, 8, None)),  # Ministral's alternating layers
+])
+def test_mistral_windows(fields, windows):
+    ours, _ = _both("MistralForCausalLM", "mistral", **fields)
+    assert ours.sliding_windows == windows
+
+
+def test_qwen2_moe_slides_in_the_layers_transformers_5_does():
+    ours, theirs = _both("Qwen2MoeForCausalLM", "qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                         use_sliding_window=True, sliding_window=8, max_window_layers=3)
+    assert ours.sliding_windows == tuple(8 if t == "sliding_attention" else None for t in theirs.layer_types)
+
+
+def test_gemma3s_sliding_layers_rotate_with_their_own_base():
+    """rope_parameters holding the global layers' section only: the sliding layers' base is
+    rope_local_base_freq (it was the global layers' rope_theta: wrong logits)."""
+    ours, theirs = _both("Gemma3ForCausalLM", "gemma3_text", head_dim=16, rope_local_base_freq=50.0,
+                         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6}})
+    assert (ours.rope_theta, ours.local_rope_theta) == (1e6, theirs.rope_parameters["sliding_attention"]["rope_theta"])
+    assert ours.local_rope_theta == 50.0

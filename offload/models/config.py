@@ -146,10 +146,10 @@ def config_from_dict(raw: dict, source: str = "config") -> ModelConfig:
     return family_of(architecture).read_config(raw, f, architecture)
 
 
-def common_fields(raw: dict, f: "_Fields", architecture: str, theta: float = 10000.0,
+def common_fields(raw: dict, f: "_Fields", architecture: str, theta: float = 10000.0, eps: float = 1e-6,
                   head_dim: int | None = None, tie: bool = False, rope_section: str | None = None) -> dict:
-    """The :class:`ModelConfig` fields every family reads the same way (``theta``, ``head_dim``, ``tie``:
-    the family's defaults; ``rope_section``: see ``read_rope``)."""
+    """The :class:`ModelConfig` fields every family reads the same way (``theta``, ``eps``, ``head_dim``, ``tie``:
+    the family's defaults, transformers' for a field the config leaves out; ``rope_section``: see ``read_rope``)."""
     hidden, n_heads = f.count("hidden_size"), f.count("num_attention_heads")
     n_layers = f.count("num_hidden_layers", most=MAX_LAYERS)
     n_kv_heads = f.count("num_key_value_heads", default=n_heads)
@@ -166,7 +166,7 @@ def common_fields(raw: dict, f: "_Fields", architecture: str, theta: float = 100
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=_head_dim(hidden, n_heads, f, head_dim),
-        rms_norm_eps=f.number("rms_norm_eps", 1e-6),
+        rms_norm_eps=f.number("rms_norm_eps", eps),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         max_position_embeddings=f.count("max_position_embeddings", default=4096),
@@ -281,10 +281,11 @@ def _head_dim(hidden: int, n_heads: int, f: _Fields, default: int | None) -> int
     return head_dim
 
 
-def read_rope(raw: dict, f: _Fields, default_theta: float = 10000.0,
-              section: str | None = None) -> tuple[float, dict | None]:
+def read_rope(raw: dict, f: _Fields, default_theta: float = 10000.0, section: str | None = None,
+              inherit_theta: bool = True) -> tuple[float, dict | None]:
     """(theta, scaling) from either config convention; scaling is None for plain RoPE. ``section`` names the
-    entry of ``rope_parameters`` to read where it holds one per kind of layer (Gemma 3's)."""
+    entry of ``rope_parameters`` to read where it holds one per kind of layer (Gemma 3's); a section without
+    its ``rope_theta`` takes the config's own, or with ``inherit_theta=False`` ``default_theta``."""
     params = f.nested("rope_parameters")  # transformers 5.x
     if params is not None and section is not None:
         params = params.nested(section) or _Fields({}, f.source, f"rope_parameters.{section}.")
@@ -292,7 +293,7 @@ def read_rope(raw: dict, f: _Fields, default_theta: float = 10000.0,
         theta = f.number("rope_theta", default_theta)
         params = f.nested("rope_scaling") or _Fields({}, f.source, "rope_scaling.")
     else:
-        theta = params.number("rope_theta", f.number("rope_theta", default_theta))
+        theta = params.number("rope_theta", f.number("rope_theta", default_theta) if inherit_theta else default_theta)
     rope_type = params.raw.get("rope_type") or params.raw.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{f.source}: unsupported rope type {rope_type!r}; "

@@ -85,10 +85,11 @@ class Gemma3(Decoder):
             raise ConfigError(f"{f.source}: attn_logit_softcapping is not supported (Gemma 3 sets it to null)")
         common = common_fields(raw, f, architecture, theta=1_000_000.0, head_dim=256, tie=True,
                                rope_section="full_attention")
+        local_base = f.number("rope_local_base_freq", 10_000.0)  # the sliding layers' base, unless their section says
         if f.nested("rope_parameters") is not None:
-            local_theta, local_scaling = read_rope(raw, f, 10_000.0, section="sliding_attention")
+            local_theta, local_scaling = read_rope(raw, f, local_base, section="sliding_attention", inherit_theta=False)
         else:  # transformers 4.x: rope_scaling is the global layers'
-            local_theta, local_scaling = f.number("rope_local_base_freq", 10_000.0), None
+            local_theta, local_scaling = local_base, None
         n = common["n_layers"]
         types = raw.get("layer_types")
         if types is None:

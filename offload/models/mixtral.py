@@ -20,6 +20,7 @@ class Mixtral(MoEDecoder):
     @classmethod
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
         n = f.count("num_hidden_layers")
-        return cls.read_moe(raw, f, architecture, experts_key="num_local_experts", norm_topk_prob=True,
+        return cls.read_moe(raw, f, architecture, experts_key="num_local_experts", theta=1e6, eps=1e-5,
+                            norm_topk_prob=True,
                             sparse_layers=(True,) * n,
                             sliding_windows=(f.count("sliding_window", default=None),) * n)

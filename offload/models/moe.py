@@ -117,11 +117,13 @@ class MoEDecoder(Llama):
     # ------------------------------------------------------------------ checkpoints
 
     @classmethod
-    def read_moe(cls, raw: dict, f, architecture: str, experts_key: str = "num_experts", **fields) -> MoEConfig:
-        """The config of an MoE family whose fields are Qwen's (the others pass what differs)."""
+    def read_moe(cls, raw: dict, f, architecture: str, experts_key: str = "num_experts", theta: float = 10000.0,
+                 eps: float = 1e-6, **fields) -> MoEConfig:
+        """The config of an MoE family whose fields are Qwen's (the others pass what differs: ``theta`` and
+        ``eps``, transformers' defaults where the config leaves them out)."""
         if f.text("hidden_act", "silu") != "silu":
             raise ConfigError(f"{f.source}: unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
-        common = common_fields(raw, f, architecture)
+        common = common_fields(raw, f, architecture, theta=theta, eps=eps)
         n = common["n_layers"]
         experts = f.count(experts_key) if experts_key in raw else f.count("num_local_experts")
         top_k = f.count("num_experts_per_tok")

@@ -25,7 +25,7 @@ class Olmoe(MoEDecoder):
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
         bias = f.flag("attention_bias", False)
         n = f.count("num_hidden_layers")
-        return cls.read_moe(raw, f, architecture, qkv_bias=bias, o_bias=bias, sparse_layers=(True,) * n,
+        return cls.read_moe(raw, f, architecture, eps=1e-5, qkv_bias=bias, o_bias=bias, sparse_layers=(True,) * n,
                             clip_qkv=f.number("clip_qkv", None), sliding_windows=(None,) * n)
 
     @classmethod

@@ -11,15 +11,23 @@ route in the layers ``decoder_sparse_step`` picks and ``mlp_only_layers`` leaves
 
 from __future__ import annotations
 
-from .config import ModelConfig
+from .config import ModelConfig, is_int
 from .moe import MoEDecoder
 
 
 class Qwen2Moe(MoEDecoder):
     @classmethod
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
-        return cls.read_moe(raw, f, architecture, qkv_bias=True,
-                            shared_intermediate=f.count("shared_expert_intermediate_size", default=None) or 0)
+        fields = {}
+        if raw.get("layer_types") is None and f.flag("use_sliding_window", False):
+            # transformers 5's Qwen2-MoE: every other layer below max_window_layers slides, from the first
+            n, window = f.count("num_hidden_layers"), f.count("sliding_window", default=4096)
+            first = raw.get("max_window_layers", 28)
+            if not is_int(first) or first < 0:
+                raise f.bad("max_window_layers", first, "an integer >= 0")
+            fields["sliding_windows"] = tuple(window if i % 2 == 0 and i < first else None for i in range(n))
+        return cls.read_moe(raw, f, architecture, qkv_bias=f.flag("qkv_bias", True),
+                            shared_intermediate=f.count("shared_expert_intermediate_size", default=5632), **fields)
 
 
 class Qwen3Moe(MoEDecoder):

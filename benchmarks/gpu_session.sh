@@ -100,6 +100,8 @@
 #                  verify passes in CUDA graphs (bitwise against eager; their pool within the plan)
 #   tests_experts  the GPU tests of mixtures of experts alone (streamed, direct, pieces, budgets), and the
 #                  decode-cost probes (products of 1 and 16 rows, small kernels)
+#   tests_gguf_moe GGUF files of mixtures of experts on CUDA (stacked experts, formats by layer, direct reads) and
+#                  the expert kernels' GGUF formats (grouped int8, float16 scales) against float64; needs .whl
 #   tests_kernels  the kernel tests alone (GEMV, int8/int4 products, norms, gates) and the experts on CUDA
 #   serve13b       llama-2-13b at 8 GiB behind the HTTP server, 32 concurrent streaming clients
 #   throughput70b  llama-2-70b at 40 GiB, FlexGen's protocol: --batch-size auto, a sweep, accelerate
@@ -355,6 +357,8 @@ run_stage() {
       -p no:cacheprovider tests/test_gpu.py -k "verify or speculative or greedy_chain or ahead or whole"' ;;
     tests_experts) stage tests_experts python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \
       -k "experts or probes" ;;
+    tests_gguf_moe) stage tests_gguf_moe python3 -m pytest -q -p no:cacheprovider --slow tests/test_gguf_moe.py \
+      tests/test_direct_experts.py -k "gguf or reference or hopper or experts" ;;
     tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \
       tests/test_quant_kernels.py tests/test_kernels.py tests/test_direct_experts.py -m "gpu or not gpu"; \
       python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py tests/test_quant.py -k "experts or quant"; \

@@ -2,7 +2,7 @@
 # The GPU tests and the benchmarks, stage by stage, for a lent GPU machine.
 #
 #   benchmarks/gpu_session.sh tests resident7b prefill13b      # any stages, in order
-#   benchmarks/gpu_session.sh single                           # every one-GPU stage
+#   benchmarks/gpu_session.sh single                           # the core one-GPU stages (the list at the end)
 #   benchmarks/gpu_session.sh multi                            # every stage that needs 4 GPUs
 #   benchmarks/gpu_session.sh quantk:60 moe30b:150             # NAME:SECONDS stops a stage after SECONDS
 #
@@ -25,8 +25,10 @@
 #   dotgemv        the tensor-core product of up to 16 rows (quant_kernels._dot_gemv_kernel): its tests on the GPU, then
 #                  llama-2-7b's products of 1 and 16 rows against the defaults, and its blockings (the best three)
 #   ints           the word GEMV's products in integers (OFFLOAD_INT_GEMV=1: four weights a dp4a): its tests on the
-#                  GPU, llama-2-7b's products of 1 and 2 rows against the float products (and its blockings), then
-#                  llama-2-7b resident in int4, int8 and bf16 at batch 1 and 16, and SmolLM2-135M's shape in int4
+#                  GPU, llama-2-7b's products of 1 and 2 rows against the float products
+#   ints_sweep     the integer GEMV's blockings at one row
+#   ints7b         llama-2-7b resident in int4, int8 and bf16 with OFFLOAD_INT_GEMV=1 and 0 at batch 1, and
+#                  SmolLM2-135M's shape in int4
 #   splits         the integer GEMV's blockings with 1, 2, 4, ... stretches of the columns (int8, int4 in groups of
 #                  128), llama-2-7b's products of one row: the best five of each
 #   head           llama-2-7b's products of 1 and 16 rows with its LM head's (stored int8 where the layers are
@@ -61,11 +63,11 @@
 #                  device cache (graph pieces) against read directly by the kernels (whole graphs)
 #   spec13b        llama-2-13b at 8 GiB: what a verify pass of 1..32 tokens per row costs (speculation's budget),
 #                  in CUDA graphs and eagerly
+#   spec70b        llama-2-70b at 40 GiB: verify passes of 1..32 tokens a row, in CUDA graphs only
 #   load70b        llama-2-70b saved in int4 (random weights, written first): its load against reading its files,
 #                  then its decode at 24 GiB from the saved checkpoint
 #   gguf13b        a llama-2-13b Q4_K_M-like GGUF file (random blocks, written first): its load against reading
 #                  it, then its decode at 4 GiB with the compressed kernels
-#   spec70b        llama-2-70b at 40 GiB: the same
 #   spec_smollm2   SmolLM2-135M-Instruct in bf16, every layer streamed: each draft against none, greedy and sampled
 #                  (the int4 draft: the model quantized in groups of 64, named as a draft model); then deep
 #                  trees (48 drafted tokens a row: 12 deep x 4, a pass 64 wide). Needs the gguf

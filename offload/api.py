@@ -46,13 +46,14 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
 
     Args:
         model: a checkpoint directory (HF ``config.json`` plus safetensors, single file or
-            sharded), a GGUF file (its layers kept in their compressed formats), or a
+            sharded), a GGUF file (its layers kept in their compressed formats; on a CPU expanded once where
+            they fit in half the budget, unless ``quantize="stored"``), or a
             ``ModelConfig`` / config dict together with ``random_weights``.
         options: a :class:`LoadOptions`; its fields may also be given as keywords:
             ``device``, ``dtype``, ``gpu_memory`` (a size such as ``"20GiB"``, or an
             accelerate-style ``max_memory`` dict), ``cpu_memory``, ``peer_memory``,
             ``max_batch``, ``max_seq_len``, ``max_step_tokens``, ``tp``, ``slots``,
-            ``link_bandwidth``, ``quantize`` (``"int8"`` or ``"int4"``), ``group_size``.
+            ``link_bandwidth``, ``quantize`` (``"int8"``, ``"int4"``, or ``"stored"``), ``group_size``.
             See :class:`LoadOptions` for each.
         random_weights: a seed: fill the weights with seeded random numbers instead of reading files; with
             ``quantize`` (int8, int4) the quantized weights are made in their packed form (random integers,

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="run_offloaded", description="Run a model larger than the GPU: one prompt or a batch file.")
     add_model_flag(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text (needs tokenizer.json and the tokenizers package)")
+    src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer: tokenizer.json or a GGUF "
+                                      "file's own, and the tokenizers package)")
     src.add_argument("--prompt-ids", help="prompt token ids, comma separated: 1,2,3")
     src.add_argument("--prompts",
                      help="batch job: JSONL file of {id, prompt | prompt_ids | messages[, max_new_tokens]}")

@@ -70,8 +70,9 @@ class LoadOptions:
             default bfloat16 on a GPU, float32 on a CPU.
         gpu_memory: budget of the compute device, e.g. ``"20GiB"``; or a whole
             accelerate-style ``max_memory`` dict ``{0: "20GiB", "cuda:1": "40GiB", "cpu": "100GiB"}``.
-            Default: its free memory less 2 GiB.
-        cpu_memory: pinned host memory for streamed layers. Default: 80% of available RAM.
+            Default: its free memory less 2 GiB (on a CPU: 80% of available RAM).
+        cpu_memory: pinned host memory for streamed layers. Default with a GPU: 80% of available RAM; on a
+            CPU: 0 (nothing streams unless given).
         peer_memory: other GPUs' memory, ``{"cuda:1": "40GiB"}`` or ``["cuda:1=40GiB"]``. Under
             tensor parallelism the peers are dealt out to the ranks in turn.
         max_batch, max_seq_len: the KV cache is reserved for this many rows of this many tokens
@@ -79,7 +80,7 @@ class LoadOptions:
         max_step_tokens: the most (padded) tokens one chunk of a forward pass holds; a pass over
             more (long prompts, many rows) runs them through each layer in several chunks, and the
             plan reserves the temporaries of one. Default: the largest of 2048, 1024, ... 128 (at
-            most ``max_batch x max_seq_len``) whose temporaries cost no resident layer.
+            most ``max_batch x max_seq_len``) whose temporaries cost no resident layer, or 128 where none does.
         all_logits: whether ``model(input_ids)`` may return the logits of every position: the plan
             then reserves them for a whole chunk (``max_step_tokens x vocabulary``). False: only
             what generation reads (each row's last position), a far smaller reserve for large

@@ -1,8 +1,8 @@
-"""Experimental switches: ``OFFLOAD_*`` environment variables that kernels and speculation read once, at import.
+"""Integer switches: ``OFFLOAD_*`` environment variables that kernels and speculation read once, at import.
 
 Each is documented where it is read, beside what was measured with it. A value that cannot be used is named in a
 warning and the default is kept: the variables are read while ``offload`` is imported, before any caller could
-catch an error.
+catch an error. (The on/off switches are read where they are used; only their documented values count.)
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     parser.add_argument("--quantize", required=True, choices=["int8", "int4"],
                         help="int8: one scale a row; int4: a scale and minimum a group of columns")
-    parser.add_argument("--out", required=True, help="directory to write (created if missing)")
+    parser.add_argument("--out", required=True, help="directory to write: new or empty (created if missing)")
     parser.add_argument("--group-size", type=int, default=None, help="int4: columns per scale (default 128, or the largest smaller power of two that divides each input dimension)")
     parser.add_argument("--rounding", default="search", choices=["search", "minmax"],
                         help="int4: each group's scale and minimum searched (default) or its range")

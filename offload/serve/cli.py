@@ -45,7 +45,7 @@ def build_parser() -> Parser:
     p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
                    help="seconds a client has to send a whole request, from its connection or its previous answer; "
                         f"a slower one is disconnected (default {REQUEST_TIMEOUT:g})")
-    p.add_argument("--served-model-name", help="the model's name in the API (default: the checkpoint folder's name)")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: the checkpoint folder's or GGUF file's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="what the server logs: each request at info (default info)")
     p.add_argument("--api-docs", action="store_true",

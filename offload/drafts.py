@@ -52,7 +52,7 @@ CATCH_UP_STEPS = 16
 # streamed) those passes cost 3.35x a step's price against a chain step's 2.1x: 0.99x plain decoding's tokens/s
 # against 1.18x for chains; on an H200 (2026-12-06, a verify pass's rotation in one kernel) 1.12x against 1.19x.
 # So on only with OFFLOAD_BEST_FIRST_TREES=1 (read at import).
-BEST_FIRST = os.environ.get("OFFLOAD_BEST_FIRST_TREES", "") == "1"
+BEST_FIRST = switches.choice("OFFLOAD_BEST_FIRST_TREES", switches.ON_OFF, False)
 # While the target verifies a pass of greedy chains (a pass streamed over a link leaves the GPU mostly idle), a draft
 # model drafts the next pass's chains on a side stream for the verdicts it can guess (``ModelDraft.look_ahead``):
 # every draft accepted and the target's next token the draft's own argmax, and the ``LOOK_AHEAD`` likeliest breaks

@@ -1,8 +1,8 @@
-"""Integer switches: ``OFFLOAD_*`` environment variables that kernels and speculation read once, at import.
+"""Experimental switches: ``OFFLOAD_*`` environment variables that kernels and speculation read once, at import.
 
 Each is documented where it is read, beside what was measured with it. A value that cannot be used is named in a
 warning and the default is kept: the variables are read while ``offload`` is imported, before any caller could
-catch an error. (The on/off switches are read where they are used; only their documented values count.)
+catch an error.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import os
 import warnings
 
 from .errors import OffloadWarning
+
+ON_OFF = {"0": False, "1": True}
 
 
 def integer(name: str, default: int, least: int = 0) -> int:
@@ -27,3 +29,16 @@ def integer(name: str, default: int, least: int = 0) -> int:
                       stacklevel=2)
         return default
     return value
+
+
+def choice(name: str, values: dict, default):
+    """``values[$name]`` (``values`` maps each value the switch takes, ``ON_OFF`` for ``0``/``1``); ``default``
+    when unset, or when set to anything else (with a warning naming the values it takes)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw not in values:
+        warnings.warn(f"{name}={raw!r} is not one of {', '.join(values)}; using the default", OffloadWarning,
+                      stacklevel=2)
+        return default
+    return values[raw]

@@ -37,12 +37,12 @@ kernels rather than a failed step.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import NamedTuple
 
 import torch
 
+from .. import switches
 from ..errors import OffloadWarning
 
 try:  # Triton ships with CUDA builds of torch; CPU builds have none and never need it
@@ -78,7 +78,7 @@ ACTIVATIONS = ("silu", "gelu_tanh")  # a gated MLP's: act(gate) * up
 # 1.6 us in a CUDA graph): the same arithmetic, one kernel. On an H100 (2026-12-05, llama-2-7b resident, graphs)
 # int4 decoded 3.02 -> 2.86 ms a step at batch 1 and 4.93 -> 4.80 at 16, int8 and bf16 the same within 1%.
 # OFFLOAD_LAST_SUMS=0 (read at import) puts the second kernels back.
-LAST_SUMS = os.environ.get("OFFLOAD_LAST_SUMS", "1") != "0"
+LAST_SUMS = switches.choice("OFFLOAD_LAST_SUMS", switches.ON_OFF, True)
 # Programmatic dependent launch (compute capability 9 on): each kernel of a step is launched while the one before it
 # finishes, and waits (``griddepcontrol.wait``: ``wait_for_inputs``) before it reads anything an earlier kernel
 # wrote; at level 2 it first asks L2 for its first weights (which no kernel of a step writes). A kernel boundary in
@@ -86,7 +86,7 @@ LAST_SUMS = os.environ.get("OFFLOAD_LAST_SUMS", "1") != "0"
 # llama-2-7b resident, graphs, batch 1) level 1 made a step 2-3% shorter: int4 2.83 -> 2.74 ms, int8 3.12 -> 3.03,
 # bf16 4.87 -> 4.78; SmolLM2-135M's shape in int4 0.70 -> 0.71. Level 2 gave int4 1-2% more, int8, bf16 and the
 # small model nothing or less. OFFLOAD_PDL=0 turns it off, =2 adds the L2 requests (read at import).
-PDL = {"0": 0, "2": 2}.get(os.environ.get("OFFLOAD_PDL", ""), 1) if gdc_wait is not None else 0
+PDL = switches.choice("OFFLOAD_PDL", {"0": 0, "1": 1, "2": 2}, 1) if gdc_wait is not None else 0
 _dependent_devices: dict[int, bool] = {}
 COUNTERS = 1 << 16  # tiles a kernel may count (int32 counters, one buffer per device and stream)
 _counters: dict[tuple, torch.Tensor] = {}

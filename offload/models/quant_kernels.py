@@ -95,19 +95,19 @@ MAGIC = 0x4B000000  # the bits of the float 2^23
 # product 0.63x. So by default (None) int4's GEMV reads words, and int8's where its products are integers
 # (``ints_chosen``), nothing else; OFFLOAD_WORD_GEMV=1 turns every word kernel on, =0 every one off (read once, at
 # import).
-WORD_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_WORD_GEMV", ""))
+WORD_GEMV = switches.choice("OFFLOAD_WORD_GEMV", switches.ON_OFF, None)
 # The word GEMV's products in integers (``_integer_sums``: four weights a ``dp4a``), by default (None) where they were
 # timed faster (``ints_chosen``); OFFLOAD_INT_GEMV=1 for every word GEMV (int8's GEMV then reads words too), =0 for
 # none (read once, at import).
-INT_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_INT_GEMV", ""))
+INT_GEMV = switches.choice("OFFLOAD_INT_GEMV", switches.ON_OFF, None)
 INT_PTX = True  # their dp4a by inline PTX (False: by Triton's integer operations, as the interpreter computes them)
 # The tensor-core product of up to DOT_ROWS rows (``_dot_gemv_kernel``): for every product it takes with
 # OFFLOAD_DOT_GEMV=1, for none with =0; by default (None) where it was timed faster (``dot_chooses``).
 DOT_ROWS = 16
 DOT_WEIGHTS = 1 << 23  # the least weights a product needs for the tensor-core kernel by default
-DOT_GEMV = {"1": True, "0": False}.get(os.environ.get("OFFLOAD_DOT_GEMV", ""))
+DOT_GEMV = switches.choice("OFFLOAD_DOT_GEMV", switches.ON_OFF, None)
 DOT_PROGRAMS = 528  # the tensor-core product's programs to aim for: about four per SM of an H100 or H200
-DOT_PTX = os.environ.get("OFFLOAD_DOT_PTX", "1") != "0"  # its fields made by inline PTX (=0: by Triton's operations)
+DOT_PTX = switches.choice("OFFLOAD_DOT_PTX", switches.ON_OFF, True)  # its fields made by inline PTX (=0: by Triton's)
 # Its 16-bit numbers ``OFFSET + v`` for a 4-bit field ``v``: the field OR-ed into the mantissa of OFFSET, whose
 # last place is 1 (bfloat16: 128, 0x4300; float16: 1024, 0x6400). Exact, and no conversion instruction.
 DOT_OFFSET = {torch.bfloat16: (128.0, 0x4300), torch.float16: (1024.0, 0x6400)}

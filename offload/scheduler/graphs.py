@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import types
 import warnings
 from collections import OrderedDict
@@ -70,6 +69,7 @@ from typing import Callable
 import torch
 from torch.nn.attention import sdpa_kernel
 
+from .. import switches
 from ..errors import OffloadWarning
 from ..models.chunks import DecodeChunk
 from ..models.decoder import ATTENTION_BACKENDS, Decoder, KVCache
@@ -84,7 +84,7 @@ KEPT_BUCKETS = 12  # buckets of graphs the plan reserves that memory for, at the
 # A pass over streamed layers captured whole, copies and all (see above). On an H100 (2026-12-06, SmolLM2 streamed,
 # 30 layers) the host queued a one-token pass in 0.53 ms against 1.55, and speculative decoding with the int4 draft
 # ran 1.57x plain decoding against 1.48x. On by default; OFFLOAD_WHOLE_PASS=0 turns it off (read at import).
-WHOLE_PASS = os.environ.get("OFFLOAD_WHOLE_PASS", "1") != "0"
+WHOLE_PASS = switches.choice("OFFLOAD_WHOLE_PASS", switches.ON_OFF, True)
 
 
 def graph_objects_bytes(most_graphs: int) -> int:

@@ -63,6 +63,9 @@
 #                  device cache (graph pieces) against read directly by the kernels (whole graphs)
 #   spec13b        llama-2-13b at 8 GiB: what a verify pass of 1..32 tokens per row costs (speculation's budget),
 #                  in CUDA graphs and eagerly
+#   gguf_moe30b    a qwen3-30b-a3b Q4_K_M-like GGUF file (random blocks, experts stacked, written first): its load
+#                  against reading it, then its decode at 8 GiB (experts streamed, copied) and at 40 GiB (every
+#                  expert resident: direct reads), the compressed kernels reading the file's formats; needs .whl
 #   spec70b        llama-2-70b at 40 GiB: verify passes of 1..32 tokens a row, in CUDA graphs only
 #   load70b        llama-2-70b saved in int4 (random weights, written first): its load against reading its files,
 #                  then its decode at 24 GiB from the saved checkpoint
@@ -354,6 +357,13 @@ run_stage() {
             --cpu-memory 32GiB --json "$0/load_gguf13b.json"
         python3 benchmarks/bench_offload.py --model /tmp/13b.gguf --gpu-memory 4GiB --runs host --skip-accelerate \
             --batch 1,16 --json "$0/gguf13b.json"' "$OUT" ;;
+    gguf_moe30b) stage gguf_moe30b bash -c 'set -e; trap "rm -f /tmp/30b.gguf" EXIT
+        python3 benchmarks/bench_load.py --write gguf --shape qwen3-30b-a3b --out /tmp/30b.gguf --gpu-memory 8GiB \
+            --cpu-memory 40GiB --json "$0/load_gguf_moe30b.json"
+        python3 benchmarks/bench_offload.py --model /tmp/30b.gguf --gpu-memory 8GiB --runs host --skip-accelerate \
+            --batch 1 --json "$0/gguf_moe30b.json"
+        python3 benchmarks/bench_offload.py --model /tmp/30b.gguf --gpu-memory 40GiB --runs resident \
+            --skip-accelerate --batch 1,16 --json "$0/gguf_moe30b_resident.json"' "$OUT" ;;
     tests_spec) stage tests_spec bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_speculation.py \
       tests/test_verify_chunk.py tests/test_drafts.py tests/test_graphs.py; python3 -m pytest -m gpu -s -q \
       -p no:cacheprovider tests/test_gpu.py -k "verify or speculative or greedy_chain or ahead or whole"' ;;

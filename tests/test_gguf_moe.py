@@ -301,3 +301,31 @@ def test_transformers_reading_the_same_file_agrees(checkpoint_factory, tmp_path,
         want = theirs(ids).logits
     with offload.load_model(path, **KW) as ours:
         torch.testing.assert_close(ours(ids), want, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- a Q4_K_M-like file (benchmarks write them)
+
+
+def test_a_q4_k_m_like_qwen3_moe_file_streams_its_experts_bitwise(tmp_path):
+    """``write_q4_k_m_like`` of a Qwen3-MoE shape (random K-quant blocks: Q4_K experts, Q6_K down projections in
+    llama.cpp's "more bits" layers): resident, and with layers and experts streamed from host memory, the same
+    logits."""
+    from offload.gguf import write_q4_k_m_like
+
+    config = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=256, hidden_size=256, intermediate_size=512,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=256)
+    path = write_q4_k_m_like(tmp_path / "moe.gguf", config)[0]
+    downs = GGUFCheckpoint(path).type_counts()["mlp.experts.down_proj"]
+    assert downs == Counter({"Q6_K": 4, "Q4_K": 8})  # layer 2 of 3 gets more bits
+    ids = _ids(2, 10)
+    kw = dict(KW, quantize="stored", max_seq_len=32)
+    with offload.load_model(path, **kw) as resident:
+        want, needs = resident(ids), resident.plan.needs
+        assert torch.isfinite(want).all()
+    gpu = needs.fixed_bytes + sum(needs.blocks) // 2 + 5 * needs.experts.nbytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with offload.load_model(path, gpu_memory=gpu, cpu_memory="1GiB", **kw) as streamed:
+            assert "H" in str(streamed.plan) and streamed.experts.source
+            assert torch.equal(streamed(ids), want)

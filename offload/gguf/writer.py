@@ -3,9 +3,10 @@
 ``write_gguf`` streams: every tensor's header first, then each tensor's bytes made, written
 and dropped in turn, so a file of any size needs one tensor's memory (a 13B-shaped file is
 7.9 GB). ``random_blocks`` makes valid blocks of any block type from random bytes (finite
-float16 scales of a trained weight's size); ``write_q4_k_m_like`` writes a llama model of any
-shape in the mix llama.cpp's Q4_K_M gives: Q4_K for most matrices, Q6_K for the embedding,
-the output and the attn_v / ffn_down of the layers llama.cpp gives more bits, F32 norms.
+float16 scales of a trained weight's size); ``write_q4_k_m_like`` writes a llama model, or a
+Qwen3-MoE one (its experts stacked), of any shape in the mix llama.cpp's Q4_K_M gives: Q4_K for
+most matrices, Q6_K for the embedding, the output and the attn_v / ffn_down of the layers
+llama.cpp gives more bits, F32 norms and routers.
 """
 
 from __future__ import annotations
@@ -124,15 +125,38 @@ def llama_metadata(config: dict, name: str = "offload synthetic llama") -> dict:
     }
 
 
+def qwen3moe_metadata(config: dict, name: str = "offload synthetic qwen3moe") -> dict:
+    """The ``qwen3moe.*`` metadata llama.cpp's converter writes for a Hugging Face Qwen3-MoE config."""
+    heads = config["num_attention_heads"]
+    return {
+        "general.name": name,
+        "qwen3moe.block_count": config["num_hidden_layers"],
+        "qwen3moe.context_length": config.get("max_position_embeddings", 4096),
+        "qwen3moe.embedding_length": config["hidden_size"],
+        "qwen3moe.feed_forward_length": config["intermediate_size"],
+        "qwen3moe.attention.head_count": heads,
+        "qwen3moe.attention.head_count_kv": config.get("num_key_value_heads", heads),
+        "qwen3moe.attention.key_length": config["head_dim"],
+        "qwen3moe.attention.value_length": config["head_dim"],
+        "qwen3moe.rope.freq_base": float(config.get("rope_theta", 1_000_000.0)),
+        "qwen3moe.attention.layer_norm_rms_epsilon": float(config.get("rms_norm_eps", 1e-6)),
+        "qwen3moe.vocab_size": config["vocab_size"],
+        "qwen3moe.expert_count": config["num_experts"],
+        "qwen3moe.expert_used_count": config["num_experts_per_tok"],
+        "qwen3moe.expert_feed_forward_length": config["moe_intermediate_size"],
+    }
+
+
 def q4_k_m_like_tensors(config: dict, seed: int = 0) -> list[TensorToWrite]:
-    """The tensors of a llama model shaped by ``config`` (HF field names) in a Q4_K_M-like mix, each made
-    from its own seed when written."""
+    """The tensors of a llama or Qwen3-MoE model (``num_experts``) shaped by ``config`` (HF field names) in a
+    Q4_K_M-like mix, each made from its own seed when written."""
     T = gguf_package().GGMLQuantizationType
     d, n = config["hidden_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim", d // heads)
     kv = config.get("num_key_value_heads", heads) * head_dim
     inter, vocab = config["intermediate_size"], config["vocab_size"]
+    experts, width = config.get("num_experts", 0), config.get("moe_intermediate_size", 0)
 
     def blocks(kind, rows, cols, key):
         return lambda: random_blocks(kind, rows, cols, np.random.default_rng([seed, *key]))
@@ -140,16 +164,26 @@ def q4_k_m_like_tensors(config: dict, seed: int = 0) -> list[TensorToWrite]:
     def norm(size, key):
         return lambda: (1 + 0.1 * np.random.default_rng([seed, *key]).standard_normal(size)).astype(np.float32)
 
+    def router(shape, key):
+        return lambda: (0.02 * np.random.default_rng([seed, *key]).standard_normal(shape)).astype(np.float32)
+
     out = [TensorToWrite("token_embd.weight", T.Q6_K, (vocab, d), blocks(T.Q6_K, vocab, d, (0,)))]
     for i in range(n):
         more = T.Q6_K if uses_more_bits(i, n) else T.Q4_K
         layer = [("attn_norm", T.F32, (d,)), ("attn_q", T.Q4_K, (heads * head_dim, d)), ("attn_k", T.Q4_K, (kv, d)),
-                 ("attn_v", more, (kv, d)), ("attn_output", T.Q4_K, (d, heads * head_dim)),
-                 ("ffn_norm", T.F32, (d,)), ("ffn_gate", T.Q4_K, (inter, d)), ("ffn_up", T.Q4_K, (inter, d)),
-                 ("ffn_down", more, (d, inter))]
+                 ("attn_v", more, (kv, d)), ("attn_output", T.Q4_K, (d, heads * head_dim)), ("ffn_norm", T.F32, (d,))]
+        if experts:  # Qwen3-MoE: q and k normalised per head, a router, each projection's experts stacked
+            layer += [("attn_q_norm", T.F32, (head_dim,)), ("attn_k_norm", T.F32, (head_dim,)),
+                      ("ffn_gate_inp", T.F32, (experts, d)), ("ffn_gate_exps", T.Q4_K, (experts, width, d)),
+                      ("ffn_up_exps", T.Q4_K, (experts, width, d)), ("ffn_down_exps", more, (experts, d, width))]
+        else:
+            layer += [("ffn_gate", T.Q4_K, (inter, d)), ("ffn_up", T.Q4_K, (inter, d)), ("ffn_down", more, (d, inter))]
         for j, (kind, ggml_type, shape) in enumerate(layer):
             key = (1 + i, j)
-            make = norm(shape[0], key) if ggml_type == T.F32 else blocks(ggml_type, *shape, key)
+            if ggml_type != T.F32:
+                make = blocks(ggml_type, math.prod(shape[:-1]), shape[-1], key)
+            else:
+                make = router(shape, key) if kind == "ffn_gate_inp" else norm(shape[0], key)
             out.append(TensorToWrite(f"blk.{i}.{kind}.weight", ggml_type, shape, make))
     out.append(TensorToWrite("output_norm.weight", T.F32, (d,), norm(d, (n + 1, 0))))
     out.append(TensorToWrite("output.weight", T.Q6_K, (vocab, d), blocks(T.Q6_K, vocab, d, (n + 1, 1))))
@@ -159,6 +193,9 @@ def q4_k_m_like_tensors(config: dict, seed: int = 0) -> list[TensorToWrite]:
 def write_q4_k_m_like(path, config: dict, seed: int = 0, split_max_tensors: int = 0,
                       progress: bool = False) -> list[Path]:
     """A llama GGUF file shaped by ``config`` (HF field names: ``shape_config("llama-2-13b")`` gives the 13B
-    one, 7.9 GB) in a Q4_K_M-like mix of random blocks, streamed to disk. Returns the file(s) written."""
-    metadata = {**llama_metadata(config), "general.file_type": int(gguf_package().LlamaFileType.MOSTLY_Q4_K_M)}
-    return write_gguf(path, "llama", metadata, q4_k_m_like_tensors(config, seed), split_max_tensors, progress)
+    one, 7.9 GB), or a Qwen3-MoE one (``shape_config("qwen3-30b-a3b")``), in a Q4_K_M-like mix of random blocks,
+    streamed to disk. Returns the file(s) written."""
+    arch = "qwen3moe" if config.get("num_experts") else "llama"
+    metadata = qwen3moe_metadata(config) if arch == "qwen3moe" else llama_metadata(config)
+    metadata["general.file_type"] = int(gguf_package().LlamaFileType.MOSTLY_Q4_K_M)
+    return write_gguf(path, arch, metadata, q4_k_m_like_tensors(config, seed), split_max_tensors, progress)

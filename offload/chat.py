@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import ConfigError, InputError
 from .inputs import check_unicode
-from .models.config import read_json_object
+from .models.config import read_json_object, stop_ids_of
 
 TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_DIR = "additional_chat_templates"
@@ -165,13 +165,9 @@ def _joined_text(parts: list, where: str) -> str:
 
 
 def stop_token_ids(path, config_eos: tuple[int, ...] = ()) -> tuple[int, ...]:
-    """The ids that end generation: ``config_eos`` (config.json's) and generation_config.json's ``eos_token_id``."""
-    file = Path(path) / "generation_config.json"
-    eos = _read_json(file).get("eos_token_id")
-    extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in extra):
-        raise ConfigError(f"{file}: eos_token_id must be an integer or a list of integers, got {eos!r}")
-    return tuple(dict.fromkeys([*config_eos, *extra]))  # in order, each once
+    """The ids that end generation: ``config_eos`` (config.json's) and generation_config.json's ``eos_token_id``
+    (a GGUF file's are its config's)."""
+    return stop_ids_of(path, config_eos) if Path(path).is_dir() else tuple(config_eos)
 
 
 # ---------------------------------------------------------------------- reading the files

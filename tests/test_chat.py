@@ -293,3 +293,28 @@ def test_a_text_part_without_its_text_is_named_as_such():
         _joined_text([{"type": "text", "text": "hi"}, {"type": "text"}], "messages[0].content")
     with pytest.raises(InputError, match="only text parts are supported, got 'image_url'"):
         _joined_text([{"type": "image_url"}], "messages[0].content")
+
+
+def test_generate_stops_at_generation_configs_eos_as_the_cli_does(tiny, tmp_path):
+    """``model.generate`` stops where transformers' generate and offload's CLI and server stop: at
+    generation_config.json's eos ids too (it stopped at config.json's alone)."""
+    import json
+    import shutil
+
+    import torch
+
+    import offload
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    kw = dict(dtype=torch.float32, max_seq_len=32, progress=False)
+    with offload.load_model(tiny, **kw) as model:
+        free = model.generate(ids, max_new_tokens=8, ignore_eos=True)[0, 4:].tolist()
+    stop = free[3]
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny, copy)
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop]}))
+    with offload.load_model(copy, **kw) as model:
+        assert stop in model.config.eos_token_ids
+        tokens = model.generate(ids, max_new_tokens=8)[0, 4:].tolist()
+    assert tokens[: free.index(stop) + 1] == free[: free.index(stop) + 1] and stop not in tokens[free.index(stop) + 1:]
+    assert stop_token_ids(copy, model.config.eos_token_ids) == model.config.eos_token_ids

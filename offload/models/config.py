@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +121,21 @@ def load_config(path: str | Path) -> ModelConfig:
             raise ConfigError(f"no config.json in {str(path)!r}")
     except OSError as e:
         raise ConfigError(f"model path {str(path)!r} cannot be read ({e.strerror or e})") from None
-    return config_from_dict(read_json_object(file), source=str(file))
+    config = config_from_dict(read_json_object(file), source=str(file))
+    if not path.is_dir():
+        return config
+    # generation stops where transformers' generate stops: at generation_config.json's eos ids too
+    return dataclasses.replace(config, eos_token_ids=stop_ids_of(path, config.eos_token_ids))
+
+
+def stop_ids_of(directory: Path, config_eos: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The ids that end generation: ``config_eos`` (config.json's) and generation_config.json's ``eos_token_id``."""
+    file = Path(directory) / "generation_config.json"
+    eos = read_json_object(file).get("eos_token_id") if file.is_file() else None
+    extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    if not all(is_int(t) and t >= 0 for t in extra):
+        raise ConfigError(f"{file}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+    return tuple(dict.fromkeys([*config_eos, *extra]))  # in order, each once
 
 
 def read_json_object(file: Path) -> dict:

@@ -35,7 +35,8 @@ def _rank_main(rank, world, port, path, ids, kwargs, out):
     except offload.OffloadError as e:
         out[rank] = str(e)
     finally:
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():  # (else its error would hide the one that matters)
+            torch.distributed.destroy_process_group()
 
 
 def run_tp(world, path, ids, main=_rank_main, **kwargs):

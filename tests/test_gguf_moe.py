@@ -329,3 +329,14 @@ def test_a_q4_k_m_like_qwen3_moe_file_streams_its_experts_bitwise(tmp_path):
         with offload.load_model(path, gpu_memory=gpu, cpu_memory="1GiB", **kw) as streamed:
             assert "H" in str(streamed.plan) and streamed.experts.source
             assert torch.equal(streamed(ids), want)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_on_two_ranks_equals_one(family_file):
+    """Each rank reads its shard of every expert's slice of the stacks (rows of gate and up, columns of down)."""
+    from test_tensor_parallel import assert_tp_equals_one
+
+    arch, _, _, path = family_file
+    if arch == "olmoe":
+        pytest.skip("OLMoE normalises q and k across all heads: tensor parallelism is refused")
+    assert_tp_equals_one(path, _ids(2, 12, 7), 1e-4, 64)

@@ -492,7 +492,8 @@ def _format_line(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
     """How the plan names the layers' format: "" for the model dtype, else the quantization and its bytes (and
     a mixture of experts' routed experts', whose group sizes may differ, and an LM head stored compressed)."""
     layers = [b.layout for b in blocks if b.fetch == EVERY_PASS]
-    if not any(layout.quantized for layout in layers):
+    experts = [b.layout for b in blocks if b.fetch == ON_DEMAND and b.expert == 0]  # a layer's: its experts' format
+    if not any(layout.quantized for layout in layers + experts):
         return ""
     dense = family.layer_layout(config, tp, dtype).nbytes
     mean = sum(layout.nbytes for layout in layers) / len(layers)
@@ -500,12 +501,11 @@ def _format_line(family: type[Decoder], config: ModelConfig, tp: TensorParallel,
     def how(layouts: list[BlockLayout]) -> str:
         if options.quantize in FORMATS:
             return describe(layouts[0].quantized, WeightFormat(options.quantize, options.group_size))
-        return _stored_formats(layouts)
+        return _stored_formats(layouts) if any(layout.quantized for layout in layouts) else "dense"
 
     line = (f"{how(layers)}: {format_size(mean)} per layer, {mean / dense:.2f}x the {format_size(dense)} "
             f"of {str(dtype).removeprefix('torch.')}")
-    experts = [b.layout for b in blocks if b.fetch == ON_DEMAND and b.expert == 0]  # a layer's: its experts' format
-    if experts and experts[0].quantized:
+    if experts and any(layout.quantized for layout in experts):
         sizes = sorted({layout.nbytes for layout in experts})
         each = " to ".join(format_size(n) for n in sizes[:: max(1, len(sizes) - 1)])
         line += f"; routed experts: {how(experts)}, {each} each"
@@ -526,7 +526,8 @@ def _stored_formats(layouts: list[BlockLayout]) -> str:
             grouping = "per output channel" if s.group_size is None else f"in groups of {s.group_size}"
             key = f"{s.format} {grouping}" + (" with minimums" if s.minimum else "")
             counts[key] = counts.get(key, 0) + 1
-    scales = str(next(iter(layouts[0].quantized.values())).scheme.scale_dtype).removeprefix("torch.")
+    first = next(shape for layout in layouts for shape in layout.quantized.values())
+    scales = str(first.scheme.scale_dtype).removeprefix("torch.")
     return "as stored: " + ", ".join(f"{k} x {n}" for k, n in counts.items()) + f" ({scales} scales)"
 
 

@@ -254,6 +254,9 @@ def test_the_expert_kernels_read_each_layers_experts_in_its_format(checkpoint_fa
     ids = _ids()
     with offload.load_model(path, quantize="stored", **KW) as resident:
         want, needs = resident(ids), resident.plan.needs
+    # the plan names the experts' formats where only they are compressed, and only some layers' are
+    assert needs.weight_format.startswith("dense: ")
+    assert "routed experts: as stored: int4 in groups of 32 x 4 (float32 scales)" in needs.weight_format
     with _streamed(path, needs, resident_experts=2, direct_experts=True, quantize="stored") as direct:
         table = direct.experts.table
         assert table.projections[0][1].format != table.projections[1][1].format

@@ -109,11 +109,16 @@ def _reference(x, ids, weights, experts):
 @pytest.mark.parametrize("tokens, k, n, d, features, fmt", [
     (3, 2, 5, 40, 24, None), (20, 2, 3, 64, 40, None), (5, 3, 8, 136, 33, None),  # odd shapes: masked tiles
     (4, 2, 5, 64, 96, ("int8", None)), (20, 2, 3, 160, 40, ("int8", None)), (20, 3, 3, 64, 40, None),
-    (4, 2, 5, 64, 96, ("int4", 32)), (20, 2, 3, 128, 64, ("int4", 64))])
+    (4, 2, 5, 64, 96, ("int4", 32)), (20, 2, 3, 128, 64, ("int4", 64)),
+    # as a GGUF file keeps them: int8 in groups of 32 (Q8_0) or 16 (Q6_K), with minimums (Q5_K), int4 (Q4_0, Q4_1,
+    # Q4_K); scales in float16 (a 16-bit model's) or float32, whatever the activations' dtype
+    (6, 2, 4, 96, 160, ("int8", 32, False, torch.float16)), (6, 2, 4, 96, 160, ("int8", 16, False, torch.float16)),
+    (6, 2, 4, 96, 160, ("int8", 32, True, torch.float16)), (6, 2, 4, 96, 160, ("int4", 32, True, torch.float16)),
+    (6, 2, 4, 96, 160, ("int8", 32, True, torch.float32))])
 def test_the_kernels_equal_a_float64_reference(dtype, tokens, k, n, d, features, fmt):
-    """Experts in the model's dtype, int8 and int4; experts chosen by many rows (20 tokens of 3 experts: up to
-    20 rows in one tile of 32), a padded row and a padded route (-1), experts in two buffers; the counts of
-    distinct experts read from each."""
+    """Experts in the model's dtype, int8 and int4, and in a GGUF file's formats; experts chosen by many rows (20
+    tokens of 3 experts: up to 20 rows in one tile of 32), a padded row and a padded route (-1), experts in two
+    buffers; the counts of distinct experts read from each. (Triton's interpreter computes no bfloat16.)"""
     experts, _arenas, addresses, gate_up, down, on_host = _experts_in_two_arenas(n, d, features, dtype, fmt,
                                                                                  seed=n + d)
     gen = torch.Generator().manual_seed(tokens)
@@ -131,29 +136,6 @@ def test_the_kernels_equal_a_float64_reference(dtype, tokens, k, n, d, features,
     assert torch.equal(got.cpu()[1 * k + 0], torch.zeros(d, dtype=dtype))  # the pad sorts first in its row: rank 0
     used = {e for e in ids.flatten().tolist() if e >= 0}
     assert counts.tolist() == [sum(e % 2 == 0 for e in used), sum(e % 2 == 1 for e in used)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # (Triton's interpreter computes no bfloat16)
-@pytest.mark.parametrize("fmt", [("int8", 32, False, torch.float16), ("int8", 16, False, torch.float16),
-                                 ("int8", 32, True, torch.float16), ("int4", 32, True, torch.float16),
-                                 ("int8", 32, True, torch.float32)])
-def test_the_kernels_read_a_gguf_files_formats(dtype, fmt):
-    """Experts as a GGUF file keeps them: int8 in groups of 32 (Q8_0) or 16 (Q6_K), with minimums (Q5_K), and int4
-    (Q4_0, Q4_1, Q4_K), their scales in float16 (a 16-bit model's) or float32, whatever the activations' dtype
-    (each of ``SCALE_TYPES`` and the activations' own)."""
-    tokens, k, n, d, features = 6, 2, 4, 96, 160  # features: 5 groups of 32 (down's columns), 2 column steps
-    experts, _arenas, addresses, gate_up, down, on_host = _experts_in_two_arenas(n, d, features, dtype, fmt, seed=3)
-    assert gate_up.format == (expert_kernels.INT4 if fmt[0] == "int4" else expert_kernels.INT8_GROUPS)
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(tokens)])
-    x = torch.randn(tokens, d, generator=gen).to(dtype)
-    weights = torch.rand(tokens, k, generator=gen).to(dtype)
-    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    got = expert_kernels.routed_experts(x.to(DEVICE), ids.to(DEVICE), weights.to(DEVICE), addresses, gate_up, down,
-                                        features, counts, on_host)
-    want = _reference(x, ids, weights, experts)
-    tolerance = 1e-5 if dtype == torch.float32 else 4e-3  # a few roundings to float16 of the largest output
-    assert (got.cpu().double() - want).abs().max() <= tolerance * want.abs().max()
 
 
 @pytest.fixture(scope="module", params=[a if a == "qwen3_moe" else pytest.param(a, marks=pytest.mark.slow)

@@ -107,44 +107,36 @@ def uses_more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
+def model_metadata(arch: str, config: dict, name: str) -> dict:
+    """The ``{arch}.*`` metadata llama.cpp's converter writes for a Hugging Face config (``llama``, or
+    ``qwen3moe``: its heads' width and its experts)."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim", config["hidden_size"] // heads)
+    meta = {
+        "general.name": name,
+        f"{arch}.block_count": config["num_hidden_layers"],
+        f"{arch}.context_length": config.get("max_position_embeddings", 4096),
+        f"{arch}.embedding_length": config["hidden_size"],
+        f"{arch}.feed_forward_length": config["intermediate_size"],
+        f"{arch}.attention.head_count": heads,
+        f"{arch}.attention.head_count_kv": config.get("num_key_value_heads", heads),
+        f"{arch}.rope.freq_base": float(config.get("rope_theta", 1e4 if arch == "llama" else 1e6)),
+        f"{arch}.attention.layer_norm_rms_epsilon": float(config.get("rms_norm_eps", 1e-5 if arch == "llama" else 1e-6)),
+        f"{arch}.vocab_size": config["vocab_size"],
+    }
+    if arch == "llama":
+        meta["llama.rope.dimension_count"] = head_dim
+    else:
+        meta.update({f"{arch}.attention.key_length": head_dim, f"{arch}.attention.value_length": head_dim,
+                     f"{arch}.expert_count": config["num_experts"],
+                     f"{arch}.expert_used_count": config["num_experts_per_tok"],
+                     f"{arch}.expert_feed_forward_length": config["moe_intermediate_size"]})
+    return meta
+
+
 def llama_metadata(config: dict, name: str = "offload synthetic llama") -> dict:
     """The ``llama.*`` metadata llama.cpp's converter writes for a Hugging Face Llama config."""
-    heads = config["num_attention_heads"]
-    return {
-        "general.name": name,
-        "llama.block_count": config["num_hidden_layers"],
-        "llama.context_length": config.get("max_position_embeddings", 4096),
-        "llama.embedding_length": config["hidden_size"],
-        "llama.feed_forward_length": config["intermediate_size"],
-        "llama.attention.head_count": heads,
-        "llama.attention.head_count_kv": config.get("num_key_value_heads", heads),
-        "llama.rope.freq_base": float(config.get("rope_theta", 10000.0)),
-        "llama.attention.layer_norm_rms_epsilon": float(config.get("rms_norm_eps", 1e-5)),
-        "llama.vocab_size": config["vocab_size"],
-        "llama.rope.dimension_count": config.get("head_dim", config["hidden_size"] // heads),
-    }
-
-
-def qwen3moe_metadata(config: dict, name: str = "offload synthetic qwen3moe") -> dict:
-    """The ``qwen3moe.*`` metadata llama.cpp's converter writes for a Hugging Face Qwen3-MoE config."""
-    heads = config["num_attention_heads"]
-    return {
-        "general.name": name,
-        "qwen3moe.block_count": config["num_hidden_layers"],
-        "qwen3moe.context_length": config.get("max_position_embeddings", 4096),
-        "qwen3moe.embedding_length": config["hidden_size"],
-        "qwen3moe.feed_forward_length": config["intermediate_size"],
-        "qwen3moe.attention.head_count": heads,
-        "qwen3moe.attention.head_count_kv": config.get("num_key_value_heads", heads),
-        "qwen3moe.attention.key_length": config["head_dim"],
-        "qwen3moe.attention.value_length": config["head_dim"],
-        "qwen3moe.rope.freq_base": float(config.get("rope_theta", 1_000_000.0)),
-        "qwen3moe.attention.layer_norm_rms_epsilon": float(config.get("rms_norm_eps", 1e-6)),
-        "qwen3moe.vocab_size": config["vocab_size"],
-        "qwen3moe.expert_count": config["num_experts"],
-        "qwen3moe.expert_used_count": config["num_experts_per_tok"],
-        "qwen3moe.expert_feed_forward_length": config["moe_intermediate_size"],
-    }
+    return model_metadata("llama", config, name)
 
 
 def q4_k_m_like_tensors(config: dict, seed: int = 0) -> list[TensorToWrite]:
@@ -196,6 +188,6 @@ def write_q4_k_m_like(path, config: dict, seed: int = 0, split_max_tensors: int 
     one, 7.9 GB), or a Qwen3-MoE one (``shape_config("qwen3-30b-a3b")``), in a Q4_K_M-like mix of random blocks,
     streamed to disk. Returns the file(s) written."""
     arch = "qwen3moe" if config.get("num_experts") else "llama"
-    metadata = qwen3moe_metadata(config) if arch == "qwen3moe" else llama_metadata(config)
+    metadata = model_metadata(arch, config, f"offload synthetic {arch}")
     metadata["general.file_type"] = int(gguf_package().LlamaFileType.MOSTLY_Q4_K_M)
     return write_gguf(path, arch, metadata, q4_k_m_like_tensors(config, seed), split_max_tensors, progress)

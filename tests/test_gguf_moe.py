@@ -343,3 +343,17 @@ def test_tensor_parallel_on_two_ranks_equals_one(family_file):
     if arch == "olmoe":
         pytest.skip("OLMoE normalises q and k across all heads: tensor parallelism is refused")
     assert_tp_equals_one(path, _ids(2, 12, 7), 1e-4, 64)
+
+
+def test_an_experts_tensor_both_in_a_stack_and_apart_is_refused(checkpoint_factory, tmp_path):
+    hf, directory = checkpoint_factory("gguf-moe-mixtral", "mixtral", "5.x", seed=9, **_BASE, **MODELS["mixtral"])
+    path = write_moe_gguf(tmp_path / "m.gguf", directory, "llama", hf.config)
+    files = GGUFCheckpoint(path).files
+    tensors = [TensorToWrite(n, t.ggml_type, t.shape, lambda t=t: np.asarray(t.data)) for n, t in files.tensors.items()]
+    extra = files.tensors["blk.1.ffn_up_exps.weight"]
+    tensors.append(TensorToWrite("blk.1.ffn_up.3.weight", T.F32, extra.shape[1:], lambda: np.asarray(extra.data[3])))
+    write_gguf(tmp_path / "both.gguf", "llama", moe_metadata("llama", hf.config), tensors)
+    with pytest.raises(CheckpointError, match=r"blk.1.ffn_up.3.weight and blk.1.ffn_up_exps.weight\[3\] both hold "
+                                              r"model.layers.1.block_sparse_moe.experts.3.w3.weight|"
+                                              r"blk.1.ffn_up_exps.weight\[3\] and blk.1.ffn_up.3.weight both hold"):
+        GGUFCheckpoint(tmp_path / "both.gguf")

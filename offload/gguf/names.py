@@ -161,6 +161,8 @@ def map_tensors(files: GGUFFiles, arch: str, config: dict) -> dict[str, MappedTe
             stored = _as_row(stored)
         pieces = _experts(stored, hf, n_experts) if "{e}" in hf else [(hf, stored)]
         for hf_name, piece in pieces:
+            if hf_name in out:  # an expert's tensor both in a stack and apart
+                raise CheckpointError(f"{stored.file.name}: {piece.name} and {out[hf_name].name} both hold {hf_name}")
             out[hf_name] = MappedTensor(hf_name, piece, heads, offset)
     return out
 

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import offload  # noqa: E402
 from offload.errors import CheckpointError, ConfigError  # noqa: E402
-from offload.gguf import GGUFCheckpoint, TensorToWrite, hf_config, hf_names, permute_like_llama_cpp, write_gguf  # noqa: E402
+from offload.gguf import (GGUFCheckpoint, TensorToWrite, hf_config, hf_names, permute_like_llama_cpp,  # noqa: E402
+                          write_gguf)
 from offload.loading import prepare  # noqa: E402
 from offload.models import kernels  # noqa: E402
 from offload.models.expert_kernels import INT4, INT8_GROUPS  # noqa: E402
@@ -70,9 +71,12 @@ def write_moe_gguf(path, directory, arch: str, config, type_of=None, stacked: bo
     ``type_of(gguf name, layer)`` gives a tensor's type (F32 where it says None)."""
     state = load_file(directory / "model.safetensors")
     architecture = "MixtralForCausalLM" if arch == "llama" else None
-    names = hf_names(arch, config.num_hidden_layers, architecture, n_experts(config) if not stacked else 0)
-    to_gguf = {hf: g for g, hf in names.items() if "{e}" not in hf}
+    names = hf_names(arch, config.num_hidden_layers, architecture)
     stacks = {g: [hf.format(e=e) for e in range(n_experts(config))] for g, hf in names.items() if "{e}" in hf}
+    to_gguf = {hf: g for g, hf in names.items() if "{e}" not in hf}
+    if not stacked:  # each expert's tensor apart: blk.N.ffn_gate.E.weight
+        to_gguf.update({m: g.replace("_exps.", f".{e}.") for g, members in stacks.items()
+                        for e, m in enumerate(members)})
     in_stacks = {m for members in stacks.values() for m in members}
     weights = []
     if stacked:
@@ -306,7 +310,7 @@ def test_transformers_reading_the_same_file_agrees(checkpoint_factory, tmp_path,
         torch.testing.assert_close(ours(ids), want, atol=1e-4, rtol=0)
 
 
-# ----------------------------------------------------------------------------- a Q4_K_M-like file (benchmarks write them)
+# ----------------------------------------------------------------------------- a Q4_K_M-like file (benchmarks')
 
 
 def test_a_q4_k_m_like_qwen3_moe_file_streams_its_experts_bitwise(tmp_path):
@@ -357,3 +361,69 @@ def test_an_experts_tensor_both_in_a_stack_and_apart_is_refused(checkpoint_facto
                                               r"model.layers.1.block_sparse_moe.experts.3.w3.weight|"
                                               r"blk.1.ffn_up_exps.weight\[3\] and blk.1.ffn_up.3.weight both hold"):
         GGUFCheckpoint(tmp_path / "both.gguf")
+
+
+def _retyped(path, out, arch: str, meta: dict, kind_of) -> None:
+    """``path`` written again with each tensor ``kind_of(name)`` names (a type) made of random blocks of it."""
+    from offload.gguf import random_blocks
+
+    tensors = []
+    for i, (name, t) in enumerate(GGUFCheckpoint(path).files.tensors.items()):
+        kind = kind_of(name)
+        if kind is None:
+            tensors.append(TensorToWrite(name, t.ggml_type, t.shape, lambda t=t: np.asarray(t.data)))
+            continue
+        rows, cols = int(np.prod(t.shape[:-1])), t.shape[-1]
+        data = random_blocks(kind, rows, cols, np.random.default_rng(i), scale=2e-3)
+        tensors.append(TensorToWrite(name, kind, t.shape, lambda data=data: data))
+    write_gguf(out, arch, meta, tensors)
+
+
+def test_experts_kept_apart_in_8_bits_with_and_without_minimums_are_refused(checkpoint_factory, tmp_path):
+    """An early Mixtral file whose layer keeps expert 0's gate in Q8_0 and the others' in Q5_K (int8 in groups of
+    32, with minimums): every expert of a layer has expert 0's layout, so the others were read without their
+    minimums (wrong logits). A part's minimums must now match too (llama.cpp refuses such a file)."""
+    config = {**_BASE, **MODELS["mixtral"], "hidden_size": 256, "intermediate_size": 256}  # K-quant blocks of 256
+    hf, directory = checkpoint_factory("gguf-moe-mixtral-256", "mixtral", "5.x", seed=3, **config)
+    apart = write_moe_gguf(tmp_path / "apart.gguf", directory, "llama", hf.config, stacked=False)
+    kind_of = lambda name: (T.Q8_0 if ".0.weight" in name else T.Q5_K) if ".ffn_gate." in name else None  # noqa: E731
+    _retyped(apart, tmp_path / "mixed.gguf", "llama", moe_metadata("llama", hf.config), kind_of)
+    with pytest.raises(CheckpointError, match=r"ffn_gate.1.weight is Q5_K \(int8 in groups of 32 with minimums\); "
+                                              r"the layout asks for int8 in groups of 32$"):
+        offload.load_model(tmp_path / "mixed.gguf", quantize="stored", **KW)
+
+
+def test_a_type_dequantized_warns_once_a_kind_of_tensor(family_file, tmp_path):
+    """Experts in a type offload keeps no compressed form of (Q5_0 here): one warning per projection, not one per
+    expert and layer (a 48-layer file of 128 experts gave 18k lines)."""
+    arch, hf, directory, _ = family_file
+    if arch != "qwen3moe":
+        pytest.skip("one family is enough")
+    # (gate and up only: the down projections' 48 columns are no whole blocks of 32)
+    path = write_moe_gguf(tmp_path / "q5.gguf", directory, arch, hf.config,
+                          type_of=lambda name, layer: T.Q5_0 if "_exps." in name and "down" not in name else None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        offload.load_model(path, quantize="stored", **KW).close()
+    dequantized = sorted(str(w.message).split(":")[0] for w in seen if "has no compressed form" in str(w.message))
+    assert dequantized == [f"model.layers.*.mlp.experts.*.{p}_proj.weight" for p in ("gate", "up")]
+
+
+def test_a_llama_file_of_no_experts_is_dense(tmp_path):
+    """llama.cpp reads ``expert_count`` 0 as a dense model (it was refused: 'must be a positive integer')."""
+    from test_gguf import llama_meta
+
+    c = hf_config(metadata_only_file(tmp_path / "d.gguf", "llama", {**llama_meta(), "llama.expert_count": 0}))
+    assert c["architectures"] == ["LlamaForCausalLM"] and "num_local_experts" not in c
+    meta = {**llama_meta(), "llama.expert_count": 0, "llama.expert_used_count": 2}
+    with pytest.raises(ConfigError, match="expert_used_count is 2 in a model of no experts"):
+        hf_config(metadata_only_file(tmp_path / "e.gguf", "llama", meta))
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
+def test_direct_reads_in_bfloat16_on_a_cpu_are_refused(family_file):
+    """Triton's interpreter computes no bfloat16: direct reads there gave logits off by 2 with no error."""
+    _, _, _, path = family_file
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="interpreter computes no bfloat16"):
+            offload.load_model(path, **{**KW, "dtype": torch.bfloat16}, direct_experts=True)

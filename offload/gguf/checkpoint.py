@@ -39,6 +39,7 @@ class GGUFCheckpoint:
         self.config = hf_config(self.files)
         self.tensors = map_tensors(self.files, self.architecture, self.config)
         self.reads = FileReads()
+        self._warned: set[tuple[str, int]] = set()  # (kind of tensor, type) dequantized with a warning
 
     # ------------------------------------------------------------------ what the file holds
 
@@ -100,7 +101,10 @@ class GGUFCheckpoint:
         shape = self._piece_shape(mapped, rows, cols)
         exact = dtype if mapped.norm_offset == 0 else torch.float32  # subtract before rounding
         raw = self._bytes_on(name, rows, cols, device)
-        values = dense_tensor(raw, mapped.ggml_type, shape, exact, name)
+        # one warning a kind of tensor and type (a file of 128 experts in 48 layers in Q3_K would give 18k)
+        kind = (EXPERT.sub(".experts.*.", LAYER_TENSOR.sub("model.layers.*.", name)), mapped.ggml_type)
+        values = dense_tensor(raw, mapped.ggml_type, shape, exact, kind[0], warn=kind not in self._warned)
+        self._warned.add(kind)
         if mapped.norm_offset:
             values = (values - mapped.norm_offset).to(dtype)
         order = self._order(mapped, rows)
@@ -211,9 +215,13 @@ class GGUFSource:
     def _check_format(self, spec, name: str, mapped: MappedTensor) -> None:
         fmt = parts_format(mapped.ggml_type)
         want = spec.quant
-        if fmt is None or want is None or fmt.format != want.format or fmt.group_size != want.group_size:
-            has = f"{fmt.format} in groups of {fmt.group_size}" if fmt else "no compressed form"
-            asked = f"{want.format} in groups of {want.group_size}" if want else "nothing"
+        if (fmt is None or want is None or fmt.format != want.format or fmt.group_size != want.group_size
+                or fmt.minimum != want.has_minimum):
+            minimums = lambda kind, yes: " with minimums" if yes and kind == "int8" else ""  # noqa: E731 (int4's always)
+            has = (f"{fmt.format} in groups of {fmt.group_size}{minimums(fmt.format, fmt.minimum)}" if fmt
+                   else "no compressed form")
+            asked = (f"{want.format} in groups of {want.group_size}{minimums(want.format, want.has_minimum)}" if want
+                     else "nothing")
             raise CheckpointError(f"{self.checkpoint.path.name}: {mapped.name} is {type_name(mapped.ggml_type)} "
                                   f"({has}); the layout asks for {asked}")
 

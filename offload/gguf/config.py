@@ -224,7 +224,10 @@ def _llama_kind(files: GGUFFiles, key: _Keys) -> dict:
 def _experts(files: GGUFFiles, key: _Keys, arch: str) -> dict:
     """A mixture of experts' fields (none for a dense model): how many experts, how many a token uses, their
     widths, whether the chosen ones' probabilities are renormalised."""
-    if arch not in MOE_ARCHITECTURES and key.get("expert_count") is None:
+    if arch not in MOE_ARCHITECTURES and key.get("expert_count") in (None, 0):  # llama.cpp: 0 experts, a dense model
+        if key.get("expert_used_count") not in (None, 0):
+            raise ConfigError(f"{files.path.name}: metadata {arch}.expert_used_count is "
+                              f"{key.get('expert_used_count')!r} in a model of no experts")
         return {}
     n, used = key.count("expert_count"), key.count("expert_used_count")
     if key.get("expert_gating_func", SOFTMAX_GATING) != SOFTMAX_GATING:

@@ -251,13 +251,13 @@ def dequantize_parts(parts: dict[str, torch.Tensor], format: str | PartsFormat) 
 
 
 def dense_tensor(raw, ggml_type, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-                 name: str = "tensor") -> torch.Tensor:
+                 name: str = "tensor", warn: bool = True) -> torch.Tensor:
     """The values of a tensor (or some of its rows) of any type, in ``dtype``.
 
     F32, F16 and BF16 are exact in float32; the types ``parts_format`` knows are dequantized
     through their parts (bit for bit the ``gguf`` package's values in float32); any other type
-    goes through the ``gguf`` package's ``dequantize``, with a warning naming the tensor and the
-    precision it keeps in ``dtype``. Either way the result is then rounded once to ``dtype``.
+    goes through the ``gguf`` package's ``dequantize``, with a warning (unless not ``warn``) naming the tensor
+    and the precision it keeps in ``dtype``. Either way the result is then rounded once to ``dtype``.
     """
     gguf = gguf_package()
     T = gguf.GGMLQuantizationType
@@ -276,8 +276,9 @@ def dense_tensor(raw, ggml_type, shape: tuple[int, ...], dtype: torch.dtype = to
     except NotImplementedError:
         raise CheckpointError(f"{name}: tensor type {kind.name} cannot be read (neither offload nor the gguf "
                               "package dequantizes it)") from None
-    warnings.warn(f"{name}: {kind.name} has no compressed form in offload; dequantized and stored in "
-                  f"{str(dtype).removeprefix('torch.')} ({_precision(dtype)})", OffloadWarning, stacklevel=2)
+    if warn:
+        warnings.warn(f"{name}: {kind.name} has no compressed form in offload; dequantized and stored in "
+                      f"{str(dtype).removeprefix('torch.')} ({_precision(dtype)})", OffloadWarning, stacklevel=2)
     return torch.from_numpy(values).reshape(shape).to(device=data.device, dtype=dtype)
 
 

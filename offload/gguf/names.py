@@ -24,6 +24,7 @@ The GGUF side of each name comes from the ``gguf`` package's own tables (``MODEL
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -45,6 +46,7 @@ ARCHITECTURES = {
 PERMUTED_ARCHITECTURES = ("llama",)  # q/k rows interleaved for llama.cpp's rotary embedding
 NORM_PLUS_ONE_ARCHITECTURES = ("gemma3",)  # norm weights stored as 1 + w
 CONFIG_TENSORS = ("rope_freqs.weight",)  # read into the config (llama 3's rotary scaling), not weights
+APART_EXPERT = re.compile(r"blk\.(?P<bid>\d+)\.ffn_(?P<kind>gate|up|down)\.(?P<e>\d+)\.weight$")
 
 
 def _hf_modules(family) -> dict:
@@ -82,11 +84,11 @@ def _hf_modules(family) -> dict:
     }}
 
 
-def hf_names(arch: str, n_layers: int, architecture: str | None = None, n_experts: int = 0) -> dict[str, str]:
+def hf_names(arch: str, n_layers: int, architecture: str | None = None) -> dict[str, str]:
     """GGUF tensor name -> Hugging Face name, for every tensor an ``arch`` model of ``n_layers`` may have
     (``architecture``: its Hugging Face class, where it is not ``ARCHITECTURES[arch]``: Mixtral's). A stacked
-    experts tensor's Hugging Face name has ``{e}`` for the expert; with ``n_experts``, the names of files that
-    keep each expert's tensor apart are there too."""
+    experts tensor's Hugging Face name has ``{e}`` for the expert (``apart_expert`` names an expert's tensor
+    kept apart)."""
     gguf = gguf_package()
     arch_id = next((a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch), None)
     if arch_id is None:
@@ -102,14 +104,17 @@ def hf_names(arch: str, n_layers: int, architecture: str | None = None, n_expert
         for bid in range(n_layers) if "{bid}" in template else [None]:
             for suffix in (".weight", ".bias"):
                 out[template.format(bid=bid) + suffix] = hf.replace("{bid}", str(bid)) + suffix
-    T = gguf.MODEL_TENSOR
-    if n_experts and T.FFN_GATE_EXP in modules:
-        stacks = {"gate": modules[T.FFN_GATE_EXP], "up": modules[T.FFN_UP_EXP], "down": modules[T.FFN_DOWN_EXP]}
-        for bid in range(n_layers):
-            for kind, hf in stacks.items():
-                for e in range(n_experts):
-                    out[f"blk.{bid}.ffn_{kind}.{e}.weight"] = hf.replace("{bid}", str(bid)).format(e=e) + ".weight"
     return out
+
+
+def apart_expert(name: str, names: dict[str, str], n_layers: int, n_experts: int) -> str | None:
+    """The Hugging Face name of ``blk.3.ffn_gate.5.weight``, an expert's tensor in a file written before experts
+    were stacked (early Mixtral files), from its stack's in ``names``; None for any other name."""
+    m = APART_EXPERT.match(name)
+    if m is None or int(m["bid"]) >= n_layers or int(m["e"]) >= n_experts:
+        return None
+    stack = names.get(f"blk.{m['bid']}.ffn_{m['kind']}_exps.weight")
+    return None if stack is None else stack.format(e=int(m["e"]))
 
 
 @dataclass(frozen=True)
@@ -141,12 +146,12 @@ def map_tensors(files: GGUFFiles, arch: str, config: dict) -> dict[str, MappedTe
     ``block_count``, a kind the family does not have) raises CheckpointError."""
     n_layers = config["num_hidden_layers"]
     n_experts = config.get("num_experts") or config.get("num_local_experts") or 0
-    names = hf_names(arch, n_layers, config["architectures"][0], n_experts)
+    names = hf_names(arch, n_layers, config["architectures"][0])
     out = {}
     for name, stored in files.tensors.items():
         if name in CONFIG_TENSORS:
             continue
-        hf = names.get(name)
+        hf = names.get(name) or apart_expert(name, names, n_layers, n_experts)
         if hf is None:
             kind = "mixture of experts" if n_experts else "model"
             raise CheckpointError(f"{stored.file.name}: tensor {name!r} has no place in a {arch} {kind} of "

@@ -112,6 +112,7 @@ def model_metadata(arch: str, config: dict, name: str) -> dict:
     ``qwen3moe``: its heads' width and its experts)."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim", config["hidden_size"] // heads)
+    eps = config.get("rms_norm_eps", 1e-5 if arch == "llama" else 1e-6)
     meta = {
         "general.name": name,
         f"{arch}.block_count": config["num_hidden_layers"],
@@ -121,7 +122,7 @@ def model_metadata(arch: str, config: dict, name: str) -> dict:
         f"{arch}.attention.head_count": heads,
         f"{arch}.attention.head_count_kv": config.get("num_key_value_heads", heads),
         f"{arch}.rope.freq_base": float(config.get("rope_theta", 1e4 if arch == "llama" else 1e6)),
-        f"{arch}.attention.layer_norm_rms_epsilon": float(config.get("rms_norm_eps", 1e-5 if arch == "llama" else 1e-6)),
+        f"{arch}.attention.layer_norm_rms_epsilon": float(eps),
         f"{arch}.vocab_size": config["vocab_size"],
     }
     if arch == "llama":

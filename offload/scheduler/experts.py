@@ -46,6 +46,9 @@ def check_direct(specs: list[BlockSpec], device: torch.device, dtype: torch.dtyp
     if triton is None or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
         raise ConfigError("direct expert reads run on a GPU with Triton (pip install -e '.[kernels]'), or "
                           "under Triton's interpreter (TRITON_INTERPRET=1)")
+    if device.type != "cuda" and dtype == torch.bfloat16:  # numpy, which it computes with, has no bfloat16
+        raise ConfigError("Triton's interpreter computes no bfloat16: direct expert reads on a CPU need "
+                          "--dtype float32 or float16")
     for layout in {id(s.layout): s.layout for s in specs}.values():
         _projections(layout, torch.empty(layout.nbytes, dtype=torch.uint8), dtype)
 

@@ -217,7 +217,7 @@ class GGUFSource:
         want = spec.quant
         if (fmt is None or want is None or fmt.format != want.format or fmt.group_size != want.group_size
                 or fmt.minimum != want.has_minimum):
-            minimums = lambda kind, yes: " with minimums" if yes and kind == "int8" else ""  # noqa: E731 (int4's always)
+            minimums = lambda kind, yes: " with minimums" if yes and kind == "int8" else ""  # noqa: E731 (int4 always)
             has = (f"{fmt.format} in groups of {fmt.group_size}{minimums(fmt.format, fmt.minimum)}" if fmt
                    else "no compressed form")
             asked = (f"{want.format} in groups of {want.group_size}{minimums(want.format, want.has_minimum)}" if want

@@ -29,6 +29,11 @@ from .reader import GGUFFiles, gguf_package
 EXPERT = re.compile(r"\.experts\.\d+\.")  # one expert's tensors: counted with every expert's
 
 
+def kind_of_tensor(name: str) -> str:
+    """Every layer's and expert's tensor of a kind under one name: ``model.layers.*.mlp.experts.*.up_proj.weight``."""
+    return EXPERT.sub(".experts.*.", LAYER_TENSOR.sub("model.layers.*.", name))
+
+
 class GGUFCheckpoint:
     """A GGUF model: ``config`` (a config.json dict), ``tensors`` (Hugging Face name -> MappedTensor)."""
 
@@ -54,7 +59,8 @@ class GGUFCheckpoint:
         tensors of each GGUF type: what a plan shows of a Q4_K_M file's mix."""
         out: dict[str, Counter] = {}
         for name, mapped in self.tensors.items():
-            kind = EXPERT.sub(".experts.", LAYER_TENSOR.sub("", name)).removeprefix("model.").removesuffix(".weight")
+            kind = kind_of_tensor(name).removeprefix("model.layers.*.").removeprefix("model.").removesuffix(".weight")
+            kind = kind.replace(".experts.*.", ".experts.")
             out.setdefault(kind, Counter())[type_name(mapped.ggml_type)] += 1
         return out
 
@@ -102,7 +108,7 @@ class GGUFCheckpoint:
         exact = dtype if mapped.norm_offset == 0 else torch.float32  # subtract before rounding
         raw = self._bytes_on(name, rows, cols, device)
         # one warning a kind of tensor and type (a file of 128 experts in 48 layers in Q3_K would give 18k)
-        kind = (EXPERT.sub(".experts.*.", LAYER_TENSOR.sub("model.layers.*.", name)), mapped.ggml_type)
+        kind = (kind_of_tensor(name), mapped.ggml_type)
         values = dense_tensor(raw, mapped.ggml_type, shape, exact, kind[0], warn=kind not in self._warned)
         self._warned.add(kind)
         if mapped.norm_offset:

@@ -241,3 +241,25 @@ def test_gemma3s_sliding_layers_rotate_with_their_own_base():
                          rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6}})
     assert (ours.rope_theta, ours.local_rope_theta) == (1e6, theirs.rope_parameters["sliding_attention"]["rope_theta"])
     assert ours.local_rope_theta == 50.0
+
+
+@pytest.mark.parametrize("architecture, model_type, fields", [
+    ("Qwen2MoeForCausalLM", "qwen2_moe", dict(use_sliding_window=True, sliding_window=None, max_window_layers=3)),
+    ("Qwen3MoeForCausalLM", "qwen3_moe", dict(use_sliding_window=True)),  # no window named: 4096
+    ("MistralForCausalLM", "mistral", dict(sliding_window=None, layer_types=["full_attention", "sliding_attention",
+                                                                              "full_attention"])),
+])
+def test_a_window_left_out_or_null_as_transformers_reads_it(architecture, model_type, fields):
+    """A key left out takes transformers' default window (4096); an explicit null is no window."""
+    experts = dict(num_experts=4, num_experts_per_tok=2) if "Moe" in architecture else {}
+    ours, theirs = _both(architecture, model_type, **experts, **fields)
+    window = theirs.sliding_window or None
+    types = getattr(theirs, "layer_types", None) or ["sliding_attention"] * 3
+    assert ours.sliding_windows == tuple(window if t == "sliding_attention" else None for t in types)
+
+
+@pytest.mark.parametrize("architecture, model_type", [("Qwen2MoeForCausalLM", "qwen2_moe"),
+                                                      ("Qwen3MoeForCausalLM", "qwen3_moe")])
+def test_an_experts_width_left_out_is_transformers_default(architecture, model_type):
+    ours, theirs = _both(architecture, model_type, num_experts=4, num_experts_per_tok=2)
+    assert ours.expert_intermediate == theirs.moe_intermediate_size

@@ -35,8 +35,9 @@ minimum that is not finite in ``scale_dtype`` (a corrupt file, or an overflow) r
 CheckpointError.
 
 Any other type (Q2_K, Q3_K, Q5_0, Q5_1, IQ*, TQ*, MXFP4...) has no compressed form here:
-``dense_tensor`` dequantizes it with the ``gguf`` package and warns once per tensor (the
-weight is then stored in the model dtype, at its precision); a type the ``gguf`` package
+``dense_tensor`` dequantizes it with the ``gguf`` package and warns (once a kind of tensor and
+type: ``model.layers.*.mlp.experts.*.up_proj.weight``; the weight is then stored in the model
+dtype, at its precision); a type the ``gguf`` package
 cannot dequantize either is refused with one line.
 """
 

@@ -121,10 +121,11 @@ MISTRAL_WINDOW = 4096  # transformers' Mistral window where config.json names no
 def sliding_windows(raw: dict, f, architecture: str, n_layers: int) -> tuple[int | None, ...]:
     """Each layer's attention window (None: full attention), from Mistral's or Qwen's fields."""
     if architecture == "MistralForCausalLM":
+        if "sliding_window" in raw and raw["sliding_window"] is None:  # null: no window (left out: 4096)
+            return (None,) * n_layers
         if raw.get("layer_types") is not None:  # Ministral's alternating layers (transformers loads it so)
             return windows_of(raw["layer_types"], f, n_layers, MISTRAL_WINDOW)
-        window = f.count("sliding_window", default=None) if "sliding_window" in raw else MISTRAL_WINDOW
-        return (window,) * n_layers
+        return (f.count("sliding_window", default=MISTRAL_WINDOW),) * n_layers
     if raw.get("sliding_window") is None or architecture == "LlamaForCausalLM":
         return (None,) * n_layers
     types = raw.get("layer_types")

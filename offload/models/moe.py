@@ -118,9 +118,10 @@ class MoEDecoder(Llama):
 
     @classmethod
     def read_moe(cls, raw: dict, f, architecture: str, experts_key: str = "num_experts", theta: float = 10000.0,
-                 eps: float = 1e-6, **fields) -> MoEConfig:
-        """The config of an MoE family whose fields are Qwen's (the others pass what differs: ``theta`` and
-        ``eps``, transformers' defaults where the config leaves them out)."""
+                 eps: float = 1e-6, expert_width: int | None = None, **fields) -> MoEConfig:
+        """The config of an MoE family whose fields are Qwen's (the others pass what differs: ``theta``, ``eps``
+        and ``expert_width``, transformers' defaults where the config leaves them out; without an
+        ``expert_width``, a family's experts are ``intermediate_size`` wide)."""
         if f.text("hidden_act", "silu") != "silu":
             raise ConfigError(f"{f.source}: unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
         common = common_fields(raw, f, architecture, theta=theta, eps=eps)
@@ -135,7 +136,7 @@ class MoEDecoder(Llama):
             raise f.bad("mlp_only_layers", dense, f"a list of layer indices below {n}")
         values = dict(
             n_experts=experts, top_k=top_k,
-            expert_intermediate=f.count("moe_intermediate_size", default=None) or common["intermediate_size"],
+            expert_intermediate=f.count("moe_intermediate_size", default=expert_width) or common["intermediate_size"],
             norm_topk_prob=f.flag("norm_topk_prob", False),
             sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(n)),
             sliding_windows=sliding_windows(raw, f, architecture, n),

@@ -21,12 +21,13 @@ class Qwen2Moe(MoEDecoder):
         fields = {}
         if raw.get("layer_types") is None and f.flag("use_sliding_window", False):
             # transformers 5's Qwen2-MoE: every other layer below max_window_layers slides, from the first
-            n, window = f.count("num_hidden_layers"), f.count("sliding_window", default=4096)
+            n = f.count("num_hidden_layers")
+            window = f.count("sliding_window", default=None) if "sliding_window" in raw else 4096  # (null: none)
             first = raw.get("max_window_layers", 28)
             if not is_int(first) or first < 0:
                 raise f.bad("max_window_layers", first, "an integer >= 0")
             fields["sliding_windows"] = tuple(window if i % 2 == 0 and i < first else None for i in range(n))
-        return cls.read_moe(raw, f, architecture, qkv_bias=f.flag("qkv_bias", True),
+        return cls.read_moe(raw, f, architecture, expert_width=1408, qkv_bias=f.flag("qkv_bias", True),
                             shared_intermediate=f.count("shared_expert_intermediate_size", default=5632), **fields)
 
 
@@ -41,6 +42,7 @@ class Qwen3Moe(MoEDecoder):
             # transformers 5's Qwen3-MoE windows every layer where use_sliding_window (max_window_layers, in
             # released configs, is not read)
             n = f.count("num_hidden_layers")
-            window = f.count("sliding_window", default=None) if f.flag("use_sliding_window", False) else None
+            window = (f.count("sliding_window", default=None) if "sliding_window" in raw else 4096) \
+                if f.flag("use_sliding_window", False) else None
             fields["sliding_windows"] = (window,) * n
-        return cls.read_moe(raw, f, architecture, qkv_bias=bias, o_bias=bias, **fields)
+        return cls.read_moe(raw, f, architecture, expert_width=768, qkv_bias=bias, o_bias=bias, **fields)

@@ -273,8 +273,9 @@ class ExpertStore:
 
     def _copy_in(self, key: tuple[int, int], slot: int) -> None:
         """Copy expert ``key`` into cache slot ``slot`` once the slot's last user has computed (never blocking)."""
-        buffer, tier, _ = self.source[key]
-        self.copies[tier].copy(self.slots[slot][: buffer.numel()], buffer, after=self.free[slot], done=self.ready[slot])
+        buffer, tier, layout = self.source[key]  # (the buffer is the largest layer's expert's size: copy this one's)
+        self.copies[tier].copy(self.slots[slot][: layout.nbytes], buffer[: layout.nbytes], after=self.free[slot],
+                               done=self.ready[slot])
         self.cached[key] = slot
 
     def _weights(self, slot: int, layout):

@@ -237,10 +237,12 @@ def test_compressed_experts_read_directly(checkpoint_factory, fmt):
         assert torch.equal(streamed.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True), tokens)
 
 
-def test_the_kernels_take_int4_groups_of_powers_of_two_from_32():
+@pytest.mark.parametrize("kind, groups", [("int4", [(32, True), (128, True), (16, False), (96, False)]),
+                                         ("int8", [(16, True), (32, True), (8, False), (48, False)])])
+def test_the_kernels_take_groups_of_powers_of_two(kind, groups):
     block = torch.zeros(64 * 96, dtype=torch.uint8)
-    for group, ok in [(32, True), (128, True), (16, False), (96, False)]:
-        scheme = QuantScheme("int4", group, 1 << 20, FUSED)
+    for group, ok in groups:
+        scheme = QuantScheme(kind, group, 1 << 20, FUSED)
         w = QuantizedWeight(block[:64 * 96].view(64, 96), block[:64 * 2].view(torch.float16).view(64, 1),
                             block[:64 * 2].view(torch.float16).view(64, 1), scheme)
         found = expert_kernels.projection(w, block, torch.float16)
@@ -312,7 +314,8 @@ print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_war
 @pytest.mark.parametrize("rows", [16, 64])
 @pytest.mark.parametrize("fmt, group, scales", [(expert_kernels.DENSE, 1, 0), (expert_kernels.INT8, 1, 0),
                                                 (expert_kernels.INT4, 128, 0), (expert_kernels.INT4, 32, 1),
-                                                (expert_kernels.INT8_GROUPS, 32, 1)])
+                                                (expert_kernels.INT8_GROUPS, 32, 1),
+                                                (expert_kernels.INT8_GROUPS, 16, 0)])
 def test_the_kernels_compile_for_hopper_with_pipelined_weight_loads(fmt, group, scales, rows):
     """Compiled for sm_90 here (Triton's CUDA backend needs no GPU to compile; in a process of its own, without
     the interpreter): the weight tiles are copied 16 bytes at a time, asynchronously, never loaded a byte or two
@@ -334,6 +337,8 @@ def test_the_kernels_compile_for_hopper_with_pipelined_weight_loads(fmt, group, 
     assert re.search(r"cp\.async\.c[ag]\.shared\.global", ptx)
     assert not re.search(r"ld\.global\S*evict_first\S*\.b(8|16)\b", ptx)  # the weights' loads are evict_first
     assert re.search(r"atom\S*\.add\.u64", ptx)  # the counts
+    # scales and minimums are loaded a row's at a time (a vector of rows, a group a step), not once a weight
+    assert len(re.findall(r"ld\.global\S*\.b(16|32)\b", ptx)) <= 8
 
 
 def test_a_pass_of_several_chunks_reads_every_chunk_in_one_call(checkpoint_factory, monkeypatch):

@@ -24,9 +24,9 @@ once per pass and expert, not once per row: for decode steps and verify passes
 whose experts serve many rows each, copies them (a tile of all its rows would not fit).
 
 The kernels read experts in the model's dtype, in int8 (one scale per output row, or
-groups of columns with a scale each and perhaps a minimum: a GGUF file's Q8_0, Q6_K and
-Q5_K) or in int4 (groups of a power of two from 32 columns), making a compressed tile in
-registers as ``quant_kernels`` does; scales in the model's dtype, float16 (a GGUF file's,
+groups of a power of two from 16 columns with a scale each and perhaps a minimum: a GGUF
+file's Q8_0, Q6_K and Q5_K) or in int4 (groups of a power of two from 32 columns),
+making a compressed tile in registers as ``quant_kernels`` does; scales in the model's dtype, float16 (a GGUF file's,
 for a 16-bit model) or float32. The roundings are those of the copying way's operations (each
 product rounded to the model's dtype, ``silu(gate)`` rounded before its product with
 ``up``, the weighted output rounded), so the two ways differ only by how the products
@@ -92,6 +92,8 @@ def projection(weight, block: torch.Tensor, dtype: torch.dtype) -> Projection | 
             return f"int4 groups of {scheme.group_size} columns (the kernels take powers of two from 32)"
         return Projection(INT4, at(weight.data), at(weight.scale), at(weight.minimum), scheme.group_size, scales)
     if scheme.group_size is not None:
+        if scheme.group_size < 16 or scheme.group_size & (scheme.group_size - 1):
+            return f"int8 groups of {scheme.group_size} columns (the kernels take powers of two from 16)"
         minimum = 0 if weight.minimum is None else at(weight.minimum)
         return Projection(INT8_GROUPS, at(weight.data), at(weight.scale), minimum, scheme.group_size, scales)
     return Projection(INT8, at(weight.data), at(weight.scale), scales=scales)
@@ -221,20 +223,25 @@ if triton is not None:
                 acc = tl.dot(xl, lo, acc, input_precision=PRECISION)
                 acc = tl.dot(xh, hi, acc, input_precision=PRECISION)
         elif FORMAT == 3:  # int8 in groups of columns: each weight scaled (and its minimum added), then rounded
+            G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1  # groups a step (powers of two)
             w = _part(block, DATA, tl.uint8)
             scales = _scales(block, SCALE, dtype, SCALES) + n[None, :] * (K // GROUP)
             minimums = _scales(block, MINIMUM, dtype, SCALES) + n[None, :] * (K // GROUP)
+            g = tl.arange(0, G)[:, None]
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 k_ok = kk < K
-                ok = k_ok[:, None] & n_ok[None, :]
                 xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                wt = tl.load(w + n[None, :] * K + kk[:, None], mask=ok, other=0, eviction_policy="evict_first")
+                wt = tl.load(w + n[None, :] * K + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0,
+                             eviction_policy="evict_first")
                 q = ((wt.to(tl.int32) ^ 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-                wt = q * tl.load(scales + (kk // GROUP)[:, None], mask=ok, other=0.0).to(tl.float32)
+                # a row's scale (and minimum) loaded once a group, not once a weight: the step as [G, columns, n]
+                q = tl.reshape(q, [G, BLOCK_K // G, BLOCK_N])
+                ok = (k0 + g * GROUP < K) & n_ok[None, :]
+                q *= tl.load(scales + k0 // GROUP + g, mask=ok, other=0.0).to(tl.float32)[:, None, :]
                 if MINIMUMS:
-                    wt += tl.load(minimums + (kk // GROUP)[:, None], mask=ok, other=0.0).to(tl.float32)
-                acc = tl.dot(xt, wt.to(dtype), acc, input_precision=PRECISION)
+                    q += tl.load(minimums + k0 // GROUP + g, mask=ok, other=0.0).to(tl.float32)[:, None, :]
+                acc = tl.dot(xt, tl.reshape(q, [BLOCK_K, BLOCK_N]).to(dtype), acc, input_precision=PRECISION)
         else:
             if FORMAT == 1:  # int8 read as bytes (loaded as int8, the tile was not pipelined: sm_90, Triton 3.9)
                 w = _part(block, DATA, tl.uint8)

@@ -304,13 +304,13 @@ def our_runs(bench: Bench) -> list[tuple[str, dict]]:
         needs = offload.plan_model(bench.model, **bench.load_args(bench.batches[0]), quantize=bench.quantized[0][0],
                                    gpu_memory=bench.quantized[0][1] or bench.gpu_memory, cpu_memory=2**50).needs
         everything = len(needs.blocks) * needs.largest_block + needs.embedding_bytes
-        everything += needs.experts.count * needs.experts.nbytes if needs.experts else 0
+        everything += needs.experts.total_bytes if needs.experts else 0
         runs = [(f"host {fmt}", dict(gpu_memory=gpu_memory or bench.gpu_memory, cpu_memory=everything, quantize=fmt))
                 for fmt, gpu_memory in bench.quantized]
         if needs.experts:  # beside the default way to compute the experts, the other
             runs += [expert_twin(bench, name, budget) for name, budget in runs]
         return runs
-    experts = needs.experts.count * needs.experts.nbytes if needs.experts else 0
+    experts = needs.experts.total_bytes if needs.experts else 0
     # Room for every layer (the planner counts each streamed one as the largest: a GGUF file's layers differ), the
     # embedding table and every expert: this budget never binds.
     everything = len(needs.blocks) * needs.largest_block + needs.embedding_bytes + experts
@@ -680,7 +680,7 @@ def whole_layer_seconds(plan) -> float | None:
     experts = plan.experts
     if experts is None or all(tier == RESIDENT for tier in experts.placement):
         return None
-    held = {t: experts.placement.count(t) * experts.needs.nbytes + sum(plan.needs.blocks[i] for i in plan.blocks_on(t))
+    held = {t: experts.bytes_on(t) + sum(plan.needs.blocks[i] for i in plan.blocks_on(t))
             for t in plan.streamed_tiers}
     return max(nbytes / plan.bandwidth[t] for t, nbytes in held.items())
 

@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     config = shape_config(args.shape) | NARROW
     options = dict(dtype="float32", max_batch=1, max_seq_len=64)
     needs = offload.plan_model(config, **options).needs
-    experts = needs.experts.count * needs.experts.nbytes
+    experts = needs.experts.total_bytes
     room = needs.fixed_bytes + sum(needs.blocks) + 64 * needs.experts.nbytes  # every layer, few experts resident
     model = offload.load_model(config, **options, gpu_memory=room, cpu_memory=2 * experts, random_weights=0,
                                progress=False, prefetch_experts=args.prefetch_experts,

@@ -352,10 +352,12 @@ def _expert_needs(config: ModelConfig, routed: list[BlockSpec], direct: bool, ho
     directly; ``host_only``: some do, so none may live on a peer)."""
     if not routed:
         return None
-    per_layer = [0] * config.n_layers
+    per_layer, sizes = [0] * config.n_layers, [0] * config.n_layers
     for block in routed:
         per_layer[block.layer] += 1
-    return ExpertNeeds(max(block.nbytes for block in routed), tuple(per_layer), config.top_k, direct, host_only)
+        sizes[block.layer] = max(sizes[block.layer], block.nbytes)
+    return ExpertNeeds(max(sizes), tuple(per_layer), config.top_k, direct, host_only,
+                       sizes=tuple(sizes) if len({s for s in sizes if s}) > 1 else ())
 
 
 def verify_width(options: LoadOptions, captured: bool) -> int:

@@ -217,7 +217,11 @@ def test_experts_stored_in_different_formats_by_layer_get_layouts_of_their_own(m
     by_layer = {b.layer: b.layout for b in setup.blocks if b.expert is not None}
     assert by_layer[0].nbytes > by_layer[1].nbytes == by_layer[2].nbytes  # 8-bit down projections in layer 0
     assert by_layer[1] is by_layer[2]  # layers stored alike share a layout
-    assert setup.plan.needs.experts.nbytes == by_layer[0].nbytes  # every expert's buffer: the largest
+    experts = setup.plan.needs.experts
+    assert experts.nbytes == by_layer[0].nbytes  # a cache slot: the largest
+    assert experts.sizes[:3] == (by_layer[0].nbytes, by_layer[1].nbytes, by_layer[2].nbytes)  # each buffer: its own
+    assert experts.total_bytes == sum(by_layer[b.layer].nbytes for b in setup.blocks if b.expert is not None)
+    assert sum(setup.plan.experts.bytes_on(t) for t in set(setup.plan.experts.placement)) == experts.total_bytes
     line = setup.plan.needs.weight_format  # a layer's experts counted once
     assert "routed experts: as stored: int4 in groups of 32 x 5, int8 in groups of 32 x 1 (float32 scales), " \
         "9.00 KiB to 10.50 KiB each" in line, line

@@ -283,6 +283,36 @@ def test_the_plan_places_experts_after_the_every_pass_blocks():
     assert "nowhere" in place_experts(needs, 300, {"host": 500}, {"host": 50e9}, 1)
 
 
+def test_experts_of_layers_stored_in_different_formats_take_their_own_bytes():
+    """A GGUF file's layers keep their experts in different formats (a Q4_K_M file's 6-bit down projections in
+    some layers): each expert's buffer is its layer's size, and only the cache's slots are the largest's."""
+    needs = ExpertNeeds(nbytes=160, per_layer=(8, 0, 8, 8), top_k=2, sizes=(160, 0, 100, 100))
+    assert needs.total_bytes == 8 * 360 and needs.each == [160] * 8 + [100] * 16
+    room = 2 * 160 + 900  # the cache (2 slots of 160), then as many resident as fit, dealt out in turn
+    plan = place_experts(needs, room, {"host": 10_000, "cuda:1": 10_000}, {"host": 50e9, "cuda:1": 100e9}, 1)
+    assert plan.cache_slots == 2 and plan.resident_per_layer == [3, 0, 2, 2]  # 880 bytes; a 3rd in layer 2: 980
+    assert plan.bytes_on("resident") == 3 * 160 + 4 * 100
+    streamed = {t: plan.bytes_on(t) for t in ("host", "cuda:1")}
+    assert sum(streamed.values()) == needs.total_bytes - plan.bytes_on("resident")
+    assert abs(streamed["cuda:1"] / 100e9 - streamed["host"] / 50e9) <= 160 / 50e9  # the links finish together
+    for layer in (0, 2, 3):  # each tier's experts spread along the layers
+        tiers = plan.placement[8 * (layer - (layer > 0)):][:8]
+        assert {"host", "cuda:1"} <= set(tiers), (layer, tiers)
+    # the plan counts the misses in each layer's bytes
+    misses = plan._misses(1)
+    assert sum(plan.missed_bytes(1).values()) == pytest.approx(misses[0] * 160 + (misses[2] + misses[3]) * 100)
+
+
+def test_a_tier_short_of_room_takes_what_it_holds_and_no_more():
+    needs = ExpertNeeds(nbytes=160, per_layer=(8, 8), top_k=2, sizes=(160, 100))
+    plan = place_experts(needs, 2 * 160, {"host": 10_000, "cuda:1": 500}, {"host": 50e9, "cuda:1": 300e9}, 1)
+    assert plan.placement.count("resident") == 0 and 400 <= plan.bytes_on("cuda:1") <= 500
+    assert plan.bytes_on("host") + plan.bytes_on("cuda:1") == needs.total_bytes
+    exact = needs.total_bytes  # rooms that hold every byte, and one byte less
+    assert place_experts(needs, 2 * 160, {"host": exact}, {"host": 50e9}, 1).bytes_on("host") == exact
+    assert "nowhere" in place_experts(needs, 2 * 160, {"host": exact - 1}, {"host": 50e9}, 1)
+
+
 
 @pytest.mark.parametrize("experts, top_k, layers, resident, slots, rows", [
     (4, 4, 3, 2, 4, 1),  # a step misses more than the cache holds: nothing survives to the next step

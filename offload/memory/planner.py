@@ -76,7 +76,7 @@ class MemoryNeeds:
     @property
     def weight_bytes(self) -> int:
         """Every block's bytes, the routed experts' too."""
-        return sum(self.blocks) + (self.experts.count * self.experts.nbytes if self.experts else 0)
+        return sum(self.blocks) + (self.experts.total_bytes if self.experts else 0)
 
     def fits_whole(self, gpu_memory: int) -> bool:
         """Whether every weight and what must stay on the device fit in ``gpu_memory``: nothing is offloaded."""
@@ -171,8 +171,7 @@ class Plan:
                for t in self.streamed_tiers}
         experts = 0  # a routed expert sees a row or two of a step's: at the one-row rate
         if self.needs.experts:
-            e = self.needs.experts
-            experts = sum(e.distinct(layer, rows) for layer in range(len(e.per_layer))) * e.nbytes
+            experts = self.needs.experts.used_bytes(rows)
         head = self.needs.head_products or ("bf16" if self.needs.products else "")  # ("": float32)
         out["hbm"] = (self._product_seconds(sum(self.needs.blocks), self.needs.products, rows)
                       + self._product_seconds(experts, self.needs.products, 1)
@@ -409,8 +408,11 @@ def _layers(needs: MemoryNeeds) -> str:
     routed experts of a mixture of experts after a ``+``)."""
     n, total = len(needs.blocks), format_size(needs.weight_bytes)
     layers = f"{n} layers x {format_size(needs.largest_block)}" if len(set(needs.blocks)) == 1 else f"{n} layers"
-    if needs.experts:
-        layers += f" + {needs.experts.count} experts x {format_size(needs.experts.nbytes)}"
+    experts = needs.experts
+    if experts and not experts.sizes:
+        layers += f" + {experts.count} experts x {format_size(experts.nbytes)}"
+    elif experts:
+        layers += f" + {experts.count} experts of {format_size(min(experts.each))}-{format_size(experts.nbytes)}"
     return f"{layers} = {total}" if " x " in layers else f"{layers}, {total} in all"
 
 

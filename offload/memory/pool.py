@@ -39,12 +39,12 @@ class WeightPool:
         # Each streaming link fills its own ring of slots on the compute device, each slot as large as its largest block.
         self.slots = {tier: bytes_on(count * plan.slot_bytes(tier), compute).view(count, plan.slot_bytes(tier))
                       for tier, count in plan.slots.items()}
-        # The device's cache of routed experts (mixture-of-experts models): expert-sized slots.
+        # The device's cache of routed experts (mixture-of-experts models): slots of the largest expert's size.
         experts = plan.needs.experts
         self.expert_slots = bytes_on(plan.experts.cache_bytes if plan.experts else 0, compute).view(
             plan.experts.cache_slots if plan.experts else 0, experts.nbytes if experts else 0)
         # Block i is the next unused piece of its tier's buffer (every layer's block, then every routed expert's).
-        sizes = list(plan.needs.blocks) + ([experts.nbytes] * experts.count if experts else [])
+        sizes = list(plan.needs.blocks) + (experts.each if experts else [])
         used = {tier: 0 for tier in self.buffers}
         self.blocks: list[torch.Tensor] = []
         for tier, nbytes in zip(plan.block_tiers, sizes):

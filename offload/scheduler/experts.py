@@ -55,8 +55,8 @@ def check_direct(specs: list[BlockSpec], device: torch.device, dtype: torch.dtyp
 
 def _projections(layout, block: torch.Tensor, dtype: torch.dtype) -> tuple[Projection, Projection, int]:
     """Where an expert block's gate-up and down projections lie and how they are stored, and its features
-    (``block``: the expert's buffer, which may be longer than its layout: every expert's buffer is the size of
-    the largest)."""
+    (``block``: the expert's buffer or a cache slot, which may be longer than its layout: a slot is the size of
+    the largest layer's expert)."""
     weights = layout.views(block[: layout.nbytes])
     found = [projection(getattr(weights, name), block, dtype) for name in ("w_gate_up", "w_down")]
     why = next((f for f in found if isinstance(f, str)), None)
@@ -273,7 +273,7 @@ class ExpertStore:
 
     def _copy_in(self, key: tuple[int, int], slot: int) -> None:
         """Copy expert ``key`` into cache slot ``slot`` once the slot's last user has computed (never blocking)."""
-        buffer, tier, layout = self.source[key]  # (the buffer is the largest layer's expert's size: copy this one's)
+        buffer, tier, layout = self.source[key]  # (a slot is the largest layer's expert's size: fill this one's)
         self.copies[tier].copy(self.slots[slot][: layout.nbytes], buffer[: layout.nbytes], after=self.free[slot],
                                done=self.ready[slot])
         self.cached[key] = slot

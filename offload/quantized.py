@@ -18,11 +18,13 @@ dense head).
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import tempfile
+import socket
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -64,8 +66,7 @@ def write_quantized(model, out, quantize_as: str, group_size: int | None = None,
     source = RandomSource(random_weights, device=device, packed=True) if random else CheckpointSource(Path(model))
     sources = checkpoint_sources(config, tp, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # written beside ``out`` and renamed to it once whole: an interrupted run leaves no checkpoint at ``out``
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    staging = _staging(out)
     writer = _ShardWriter(staging, shard_bytes)
     try:
         for layout_spec, name in tqdm(sources, desc="quantizing", unit="tensor", disable=not progress):
@@ -99,6 +100,21 @@ def write_quantized(model, out, quantize_as: str, group_size: int | None = None,
     finally:
         source.close()
     return out
+
+
+def _staging(out: Path) -> Path:
+    """A new directory beside ``out`` to write the checkpoint into, renamed to ``out`` once whole: an interrupted
+    run leaves no checkpoint at ``out``. Named for this machine and process, so that a later run removes those
+    that killed runs left (shards of gigabytes) and no other live run's."""
+    mine = f"{socket.gethostname()}-"
+    for old in out.parent.iterdir():
+        pid = old.name.removesuffix(".partial").rpartition("-")[2]
+        if old.name == f".{out.name}.{mine}{pid}.partial" and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    staging = out.parent / f".{out.name}.{mine}{os.getpid()}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run that had this process's number
+    staging.mkdir()
+    return staging
 
 
 def _checked_out(out, model: Path | None) -> Path:

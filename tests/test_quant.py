@@ -720,6 +720,27 @@ def test_an_interrupted_quantize_leaves_no_checkpoint(tiny, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_quantize_removes_what_killed_runs_left_and_nothing_else(tiny, tmp_path):
+    """A run killed outright leaves its hidden partial directory (shards of gigabytes); the next run into the same
+    ``out`` removes those whose process is gone, and keeps a live run's and anything else."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from offload import quantized
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, live = socket.gethostname(), os.getppid()
+    left = [tmp_path / f".int8.{host}-{gone.stdout.strip()}.partial", tmp_path / f".int8.{host}-{live}.partial",
+            tmp_path / f".other.{host}-{gone.stdout.strip()}.partial", tmp_path / ".int8.elsewhere-1.partial"]
+    for folder in left:
+        folder.mkdir()
+        (folder / "model-00001.safetensors").write_bytes(b"half a shard")
+    quantized.write_quantized(tiny, tmp_path / "int8", "int8", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["int8", *(p.name for p in left[1:])])
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_random_weights_to_quantize_are_made_packed_with_the_dense_spread_whatever_the_split(fmt):
     """``load_model(config, random_weights=SEED, quantize=...)`` makes quantized weights in their parts: integers

@@ -160,8 +160,9 @@ def prompt_lengths(records: list[Record]) -> dict:
 def job_id(records: list[Record], model_path, dtype, quantize: str | None, group_size: int | None,
            sampling: Sampling, eos_ids: tuple[int, ...], rounding: str = "search") -> str:
     """A hash of what makes a job's outputs what they are: each record (its line, which seeds its sampling, its
-    id, prompt ids and token limit), the model (its folder and config.json), the dtype and quantization, the
-    sampling and the stop ids. A rerun of the same command continues the job's output; a change in any of
+    id, prompt ids and token limit), the model (its folder, config.json, and each weight file's size and time of
+    last change: weights rewritten in place are another model), the dtype and quantization, the sampling and the
+    stop ids. A rerun of the same command continues the job's output; a change in any of
     these is another job, whose output file is refused. Batch size and schedule are not in it: a rerun may
     change them (outputs are the same in float32)."""
     model_path = Path(model_path)
@@ -170,12 +171,25 @@ def job_id(records: list[Record], model_path, dtype, quantize: str | None, group
         "records": [[r.line, r.id, r.prompt_ids, r.max_new_tokens] for r in records],
         "model": str(model_path.resolve()),
         "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+        "weights": _weight_files(model_path),
         "dtype": str(dtype), "quantize": quantize, "group_size": group_size,
         "sampling": dataclasses.asdict(sampling), "eos_ids": list(eos_ids),
     }
     if quantize == "int4" and rounding != "search":  # only where it changes the weights (and old ids stay)
         described["rounding"] = rounding
     return hashlib.sha256(json.dumps(described, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _weight_files(model_path: Path) -> list:
+    """[name, size, time of last change] of the model's weight files (a GGUF file: itself): reading every byte of
+    a large model to name a job would take minutes."""
+    if model_path.is_file():
+        files = [model_path]
+    elif model_path.is_dir():
+        files = sorted(p for p in model_path.iterdir() if p.suffix in (".safetensors", ".gguf") and p.is_file())
+    else:
+        return []
+    return [[p.name, (s := p.stat()).st_size, s.st_mtime_ns] for p in files]
 
 
 # ---------------------------------------------------------------------- planning for throughput

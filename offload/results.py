@@ -290,8 +290,8 @@ def _is_job_line(raw: bytes, where: str, job: str | None) -> bool:
         return False
     if job is not None and obj[JOB_KEY] != job:
         raise InputError(f"{where}: written by another job (job {obj[JOB_KEY][:12]}, this is {job[:12]}): its "
-                         "prompt file, model or generation options differ; the file is left as it is: give another "
-                         "--output")
+                         "prompt file, model (its weight files included) or generation options differ; the file is "
+                         "left as it is: give another --output")
     return True
 
 

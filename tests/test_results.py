@@ -370,6 +370,28 @@ def test_another_jobs_output_is_refused_and_left_as_it_is(job_output, capsys, ot
     assert out.read_bytes() == written
 
 
+def test_a_model_whose_weights_were_rewritten_is_another_job(tiny, tmp_path, capsys):
+    """Weights replaced in place (the same folder and config.json) make other outputs: the rerun refuses the file
+    rather than mix two models' records in it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(tiny, tmp_path / "model")
+    prompts = write_jsonl(tmp_path / "a.jsonl", [{"id": i, "prompt_ids": [1 + i, 2]} for i in range(3)])
+    flags = ["--model", str(model), "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "2", "--quiet",
+             "--prompts", str(prompts)]
+    assert main(flags) == 0
+    written = (tmp_path / "out.jsonl").read_bytes()
+    assert main(flags) == 0  # the same job: done already
+    weights = next(model.glob("*.safetensors"))
+    state = load_file(weights)
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].flip(0).contiguous()
+    save_file(state, weights)
+    assert "out.jsonl:1: written by another job" in refused(capsys, flags)
+    assert (tmp_path / "out.jsonl").read_bytes() == written
+
+
 @pytest.mark.slow
 def test_another_jobs_output_is_refused_by_the_script_and_the_same_job_goes_on(job_output, tmp_path, capsys):
     a, b, out, written, flags = job_output

@@ -421,7 +421,7 @@ def _sampling(args) -> Sampling:
 def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
     if args.prompt_ids is not None:
         try:
-            return [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+            return [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids.strip() else []  # (empty: refused)
         except ValueError:
             raise InputError(f"--prompt-ids expects comma-separated integers, got {args.prompt_ids!r}") from None
     text = args.prompt if args.prompt is not None else (DEMO_PROMPT if demo else None)

@@ -60,6 +60,7 @@ def test_unknown_architecture(tmp_path, capsys):
     (["--gpu-memory", "lots", "--prompt-ids", "1"], "cannot parse 'lots'"),
     (["--peer-memory", "cuda:1", "--prompt-ids", "1"], "DEVICE=SIZE"),
     (["--prompt-ids", "1,x"], "comma-separated"),
+    (["--prompt-ids", "1,,2"], "comma-separated"),
     (["--prompt-ids", "1,99999"], "outside the vocabulary"),
     (["--prompt", "hello", "--prompt-ids", "1"], "not allowed with"),
     (["--max-new-tokens", "600", "--prompt-ids", "1", "--max-seq-len", "64"], "exceeds --max-seq-len"),

@@ -658,7 +658,10 @@ def free_port() -> int:
     (["--max-queue", "-1"], "--max-queue must be >= 0"),
     (["--request-timeout", "0"], "--request-timeout must be a positive number"),
     (["--request-timeout", "nan"], "--request-timeout must be a positive number"),
+    (["--request-timeout", "inf"], "--request-timeout must be a positive number"),
     (["--max-request-bytes", "lots"], "cannot parse 'lots'"),
+    (["--max-request-bytes", "0"], "--max-request-bytes must be at least 1KiB"),
+    (["--served-model-name", " "], "--served-model-name must not be empty"),
     (["--model", "does/not/exist", "--port", "0"], "does/not/exist"),
     (["--tp", "2", "--port", "0"], "torchrun"),
 ])

@@ -9,6 +9,7 @@ prints one line on stderr and exits with status 2.
 
 from __future__ import annotations
 
+import math
 import signal
 import socket
 import sys
@@ -70,8 +71,12 @@ def _main(args) -> int:
     if args.max_queue < 0:
         raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
     max_request_bytes = parse_size(args.max_request_bytes, "--max-request-bytes")
-    if not args.request_timeout > 0:  # NaN too
+    if max_request_bytes < 1024:  # a chat request's JSON alone takes a hundred bytes
+        raise InputError(f"--max-request-bytes must be at least 1KiB, got {args.max_request_bytes}")
+    if not 0 < args.request_timeout < math.inf:  # NaN too; none would let a client hold a connection for ever
         raise InputError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise InputError("--served-model-name must not be empty")
     if tp.rank == 0:
         _check_port(args.host, args.port)  # before minutes of loading
     demo = args.model is None

@@ -73,22 +73,24 @@ class Tokenizer:
             raise InputError(f"{file}: not a readable tokenizer ({e})") from None
         return cls(inner, ChatTemplate.from_dir(path))
 
-    def encode(self, text: str, most: int | None = None) -> list[int]:
-        """The ids of ``text``. With ``most``, a text far longer than ``most`` tokens raises TooManyTokens having
-        tokenized only its beginning: a body of megabytes then costs milliseconds, not a second of a core."""
+    def encode(self, text: str, most: int | None = None, special: bool = True) -> list[int]:
+        """The ids of ``text``, with the special tokens the tokenizer adds to a text (a BOS where it says so, as
+        ``transformers`` and llama.cpp do for a plain prompt); ``special`` False: none (a chat template writes its
+        own). With ``most``, a text far longer than ``most`` tokens raises TooManyTokens having tokenized only its
+        beginning: a body of megabytes then costs milliseconds, not a second of a core."""
         check_unicode(text, "the prompt")
         head = text if most is None else text[: HEAD_CHARS_PER_TOKEN * most]
         if len(head) < len(text):
             # Words wholly in the head are tokenized as in the whole text; the word cut at its end may add tokens.
-            counted = len(self._encoding(head))
+            counted = len(self._encoding(head, special))
             if counted > most + CUT_TOKENS:
                 raise TooManyTokens(counted - CUT_TOKENS, most)
-        return self._encoding(text).ids
+        return self._encoding(text, special).ids
 
-    def _encoding(self, text: str):
+    def _encoding(self, text: str, special: bool):
         # encode_batch lets go of the GIL while it tokenizes (encode holds it throughout): a long prompt tokenized
         # on a worker thread of the server then leaves its event loop free.
-        return self.inner.encode_batch([text], add_special_tokens=False)[0]
+        return self.inner.encode_batch([text], add_special_tokens=special)[0]
 
     def decode(self, ids: list[int], special: bool = False) -> str:
         """The text of ``ids``; ``special``: with special tokens such as a chat template's markers."""
@@ -112,7 +114,7 @@ class Tokenizer:
         if self.chat_template is None:
             raise InputError("this model has no chat template (chat_template in tokenizer_config.json, or "
                              "chat_template.jinja): it takes plain prompts only")
-        return self.encode(self.chat_template.render(messages, add_generation_prompt), most)
+        return self.encode(self.chat_template.render(messages, add_generation_prompt), most, special=False)
 
 
 class IdText:
@@ -120,7 +122,7 @@ class IdText:
 
     chat_template = None
 
-    def encode(self, text: str, most: int | None = None) -> list[int]:
+    def encode(self, text: str, most: int | None = None, special: bool = True) -> list[int]:
         raise InputError("this model has no tokenizer (tokenizer.json and the tokenizers package); "
                          "send token ids instead of text")
 

@@ -318,3 +318,30 @@ def test_generate_stops_at_generation_configs_eos_as_the_cli_does(tiny, tmp_path
         tokens = model.generate(ids, max_new_tokens=8)[0, 4:].tolist()
     assert tokens[: free.index(stop) + 1] == free[: free.index(stop) + 1] and stop not in tokens[free.index(stop) + 1:]
     assert stop_token_ids(copy, model.config.eos_token_ids) == model.config.eos_token_ids
+
+
+def test_a_plain_prompt_gets_the_bos_its_tokenizer_adds_and_a_chat_none_beyond_its_template(tiny_chat, tmp_path):
+    """A tokenizer.json whose post-processor puts <s> first (Llama's, Mistral's): a plain prompt starts with it,
+    as transformers and llama.cpp encode one, from the CLI, a batch file and the server alike (one encode); a
+    conversation gets only what its template writes, as transformers' apply_chat_template does."""
+    from tokenizers import Tokenizer as Inner, processors
+
+    from offload.batch import _prompt_ids
+    from offload.cli import build_parser, _single_prompt
+
+    model = shutil.copytree(tiny_chat, tmp_path / "model")
+    inner = Inner.from_file(str(model / "tokenizer.json"))
+    bos = inner.token_to_id("<s>")
+    inner.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[
+        ("<s>", bos)])
+    inner.save(str(model / "tokenizer.json"))
+    mine, theirs = Tokenizer.from_dir(model), transformers.AutoTokenizer.from_pretrained(model)
+    text, messages = "The quick brown fox", [{"role": "user", "content": "Hello"}]
+    assert mine.encode(text) == theirs(text).input_ids and mine.encode(text)[0] == bos
+    assert mine.encode(text, special=False) == mine.encode(text)[1:]
+    rendered = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert mine.apply_chat_template(messages) == theirs(rendered, add_special_tokens=False).input_ids  # as theirs
+    assert mine.apply_chat_template(messages)[0] != bos
+    args = build_parser().parse_args(["--model", str(model), "--prompt", text])
+    assert _single_prompt(args, mine, demo=False) == mine.encode(text)
+    assert _prompt_ids({"prompt": text}, "line 1", mine, 2048) == mine.encode(text)

@@ -993,9 +993,9 @@ def assert_same_tokenizer(path, texts=TEXTS):
     mine, theirs = _tokenizer_of(path), transformers_tokenizer(path)
     assert mine.size == len(theirs)
     for text in texts:
-        assert mine.encode(text) == theirs.encode(text, add_special_tokens=False), text
-        assert mine.inner.encode(text, add_special_tokens=True).ids == theirs.encode(text), text
-        ids = mine.encode(text)
+        assert mine.encode(text) == theirs.encode(text), text  # a plain prompt: a BOS where the file says
+        assert mine.encode(text, special=False) == theirs.encode(text, add_special_tokens=False), text
+        ids = mine.encode(text, special=False)
         assert mine.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text  # offload drops special ones
     rendered = theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert mine.chat_template.render(MESSAGES) == rendered
@@ -1007,8 +1007,8 @@ def assert_same_tokenizer(path, texts=TEXTS):
 @pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "gpt-2"])
 def test_byte_level_tokenizer_matches_transformers(byte_level_files, pre):
     mine = assert_same_tokenizer(byte_level_files[pre])
-    assert mine.encode("<|im_start|>") == [mine.inner.token_to_id("<|im_start|>")]  # special: one token
-    assert len(mine.encode("<think>")) == 1  # user-defined: whole too
+    assert mine.encode("<|im_start|>", special=False) == [mine.inner.token_to_id("<|im_start|>")]  # special: one token
+    assert len(mine.encode("<think>", special=False)) == 1  # user-defined: whole too
 
 
 def test_smollm_pre_tokenizer_splits_digits(byte_level_files):
@@ -1023,9 +1023,10 @@ def test_smollm_pre_tokenizer_splits_digits(byte_level_files):
 def test_add_bos_follows_the_file(byte_level_files):
     with_bos, without = _tokenizer_of(byte_level_files["llama-bpe"]), _tokenizer_of(byte_level_files["qwen2"])
     bos = with_bos.inner.token_to_id("<|endoftext|>")
-    assert with_bos.inner.encode("hi", add_special_tokens=True).ids[0] == bos
-    assert with_bos.encode("hi")[0] != bos  # offload's encode adds nothing: templates write their own
-    assert without.inner.encode("hi", add_special_tokens=True).ids == without.encode("hi")
+    assert with_bos.encode("hi")[0] == bos and with_bos.encode("hi", special=False)[0] != bos  # a plain prompt's
+    assert without.encode("hi") == without.encode("hi", special=False)
+    rendered = with_bos.chat_template.render(MESSAGES)  # a chat template writes its own: nothing is added
+    assert with_bos.apply_chat_template(MESSAGES) == with_bos.encode(rendered, special=False)
 
 
 @pytest.mark.slow

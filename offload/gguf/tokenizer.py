@@ -16,8 +16,8 @@ offload's families:
 
 Tokens typed CONTROL become special added tokens (matched whole, even inside text),
 USER_DEFINED ones plain added tokens; ``add_bos_token`` puts the bos id first when a caller
-asks for special tokens (``encode(text, add_special_tokens=True)``; offload's ``Tokenizer.encode``
-does not, and chat templates write their own).
+asks for special tokens (``encode(text, add_special_tokens=True)``: offload's ``Tokenizer.encode``
+of a plain prompt; chat templates write their own).
 """
 
 from __future__ import annotations

@@ -1293,3 +1293,27 @@ def test_the_command_line_shows_a_dequantized_type_in_one_line(tmp_path, capsys)
     assert cli.main(argv) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("run_offloaded: warning: model.layers.*.mlp.down_proj.weight: Q5_0")
+
+
+def test_control_tokens_spelled_outside_the_byte_alphabet_are_matched_whole(tmp_path):
+    """DeepSeek-R1's distilled models (pre 'deepseek-r1-qwen'): llama.cpp's converter keeps <｜User｜> and its like
+    in plain text, typed CONTROL. A chat prompt holds each as one token (as llama.cpp tokenizes it), and decoding
+    skips them as special tokens, or shows them whole."""
+    tokens, merges = byte_level_vocab()
+    specials = [("<｜begin▁of▁sentence｜>", 3), ("<｜end▁of▁sentence｜>", 3), ("<｜User｜>", 3),
+                ("<｜Assistant｜>", 3), ("<think>", 4)]
+    tokens, types = with_chat_tokens(tokens, [1] * len(tokens), specials)
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+                "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}")
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.pre": "deepseek-r1-qwen",
+            "tokenizer.ggml.bos_token_id": tokens.index("<｜begin▁of▁sentence｜>"),
+            "tokenizer.ggml.eos_token_id": tokens.index("<｜end▁of▁sentence｜>"), "tokenizer.chat_template": template}
+    mine = _tokenizer_of(write_tokenizer_gguf(tmp_path / "tok.gguf", "qwen2", meta))
+    ids = mine.apply_chat_template([{"role": "user", "content": "Hi"}])
+    first, user, assistant, think = (tokens.index(t) for t, _ in specials[:1] + specials[2:])
+    assert ids[:2] == [first, user] and ids[-3:-1] == [assistant, think]  # each whole
+    assert mine.decode(ids[2:-3]) == "Hi" and mine.decode(ids[-1:]) == "\n"
+    assert mine.decode(ids) == "Hi<think>\n"  # special tokens skipped; a user-defined one shown
+    assert mine.decode(ids, special=True) == "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜><think>\n"
+    assert mine.decode(mine.encode("a ½ b", special=False)) == "a ½ b"  # text outside the alphabet: as bytes

@@ -14,8 +14,9 @@ offload's families:
   (``transformers``' ``generate_merges``; Gemma's from the vocabulary's order, which is its
   merge order); a ``▁`` is prepended to the text unless ``add_space_prefix`` is false.
 
-Tokens typed CONTROL become special added tokens (matched whole, even inside text),
-USER_DEFINED ones plain added tokens; ``add_bos_token`` puts the bos id first when a caller
+Tokens typed CONTROL become special added tokens (matched whole, even inside text; by their
+plain spelling, as llama.cpp matches them, where it lies outside a byte-level alphabet: DeepSeek's
+``<｜User｜>``), USER_DEFINED ones plain added tokens; ``add_bos_token`` puts the bos id first when a caller
 asks for special tokens (``encode(text, add_special_tokens=True)``: offload's ``Tokenizer.encode``
 of a plain prompt; chat templates write their own).
 """
@@ -123,7 +124,10 @@ def _byte_level_bpe(files: GGUFFiles, tokens: list[str]):
                           f"({', '.join(sorted(PRE_TOKENIZERS))}); send token ids instead")
     regexes, ignore_merges, _ = PRE_TOKENIZERS[pre]
     alphabet = set(byte_chars())
-    spelled = [t if set(t) <= alphabet else _byte_spelling(t) for t in tokens]
+    # llama.cpp's converter keeps a control or user-defined token in plain text (DeepSeek's <｜User｜>): it is
+    # matched whole in text by that spelling, which stays its vocabulary entry; any other token is respelled
+    typed = {i for i, k in enumerate(files.value("tokenizer.ggml.token_type") or []) if k in (CONTROL, USER_DEFINED)}
+    spelled = [t if i in typed or set(t) <= alphabet else _byte_spelling(t) for i, t in enumerate(tokens)]
     vocab = _vocab(spelled, files)
     merges = [tuple(m.split(" ", 1)) for m in files.value("tokenizer.ggml.merges") or []]
     inner = Inner(models.BPE(vocab, merges, ignore_merges=ignore_merges))
@@ -131,8 +135,7 @@ def _byte_level_bpe(files: GGUFFiles, tokens: list[str]):
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     inner.decoder = decoders.ByteLevel()
-    # a control token spelled outside the byte alphabet cannot be matched in text (transformers skips it too)
-    _add_typed_tokens(inner, files, tokens, keep=lambda t: set(t) <= alphabet)
+    _add_typed_tokens(inner, files, tokens)
     return inner
 
 
@@ -182,7 +185,7 @@ def _sentencepiece_bpe(files: GGUFFiles, tokens: list[str]):
         if prefix:
             steps.append(decoders.Strip(content=" ", left=1, right=0))
     inner.decoder = decoders.Sequence(steps)
-    _add_typed_tokens(inner, files, tokens, keep=lambda t: True)
+    _add_typed_tokens(inner, files, tokens)
     return inner
 
 
@@ -210,14 +213,14 @@ def _vocab(tokens: list[str], files: GGUFFiles) -> dict[str, int]:
     return vocab
 
 
-def _add_typed_tokens(inner, files: GGUFFiles, tokens: list[str], keep) -> None:
+def _add_typed_tokens(inner, files: GGUFFiles, tokens: list[str]) -> None:
     """CONTROL tokens as special added tokens, USER_DEFINED ones as plain added tokens: matched whole in text."""
     from tokenizers import AddedToken
 
     types = files.value("tokenizer.ggml.token_type") or []
     vocab = inner.get_vocab(with_added_tokens=False)
     control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
-               if k == CONTROL and keep(t) and t in vocab]
+               if k == CONTROL and t in vocab]
     user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types)
             if k == USER_DEFINED and t in vocab]
     if control:

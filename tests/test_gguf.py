@@ -767,7 +767,8 @@ def test_linear_and_unsupported_rope_scaling(tmp_path):
 
 def test_config_fields_llama_cpp_implies(tmp_path):
     """Tied embeddings when there is no output tensor, the vocabulary from the embedding, float32 metadata
-    as the decimal it came from, stop ids from eos, eot and eom."""
+    as the decimal it came from, stop ids from eos, eot and eom, and those of the tokens llama.cpp ends
+    generation at by their text (Gemma 3's <end_of_turn>, where a file names only <eos>)."""
     meta = {**llama_meta(), "llama.attention.layer_norm_rms_epsilon": 1e-5, "tokenizer.ggml.bos_token_id": 1,
             "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 7, "tokenizer.ggml.eom_token_id": 2}
     config = hf_config(metadata_only_file(tmp_path / "x.gguf", "llama", meta))
@@ -776,6 +777,10 @@ def test_config_fields_llama_cpp_implies(tmp_path):
     assert config["head_dim"] == 16 and config["architectures"] == ["LlamaForCausalLM"]
     out = TensorToWrite("output.weight", T.F32, (32, 64), lambda: np.zeros((32, 64), np.float32))
     assert hf_config(metadata_only_file(tmp_path / "y.gguf", "llama", meta, [out]))["tie_word_embeddings"] is False
+    tokens = ["<pad>", "<eos>", "<bos>", "<end_of_turn>", "hi"] + [f"t{i}" for i in range(27)]
+    gemma = {**meta, "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.eos_token_id": 1}
+    del gemma["tokenizer.ggml.eot_token_id"], gemma["tokenizer.ggml.eom_token_id"]
+    assert hf_config(metadata_only_file(tmp_path / "z.gguf", "llama", gemma))["eos_token_id"] == [1, 3]
 
 
 def test_mistral_style_files(tmp_path):
@@ -1081,7 +1086,7 @@ def test_smollm2_config(smollm2_ck):
     assert (config.architecture, config.vocab_size, config.hidden_size, config.intermediate_size, config.n_layers,
             config.n_heads, config.n_kv_heads, config.head_dim) == ("LlamaForCausalLM", 49152, 576, 1536, 30, 9, 3, 64)
     assert config.rope_theta == 100000.0 and config.rms_norm_eps == 1e-5 and config.rope_scaling is None
-    assert config.tie_word_embeddings and config.max_position_embeddings == 8192 and config.eos_token_ids == (2,)
+    assert config.tie_word_embeddings and config.max_position_embeddings == 8192 and config.eos_token_ids == (2, 0)  # <|im_end|>, <|endoftext|>
 
 
 def test_smollm2_tensor_names_shapes_and_types(smollm2_ck):
@@ -1125,6 +1130,8 @@ def test_smollm2_against_transformers(smollm2_ck, smollm2):
     # transformers takes float32 metadata as its float32 value (9.999999747378752e-06); offload as the decimal
     # that value was stored from (1e-05): the same float32
     assert np.float32(ours_config.pop("rms_norm_eps")) == np.float32(theirs_config.pop("rms_norm_eps"))
+    # and stops where llama.cpp stops too: at <|endoftext|> (0) besides the file's eos
+    assert ours_config.pop("eos_token_ids") == (*theirs_config.pop("eos_token_ids"), 0)
     assert ours_config == theirs_config
     state = load_file(str(smollm2 / "model.safetensors"))
     assert {n: tuple(t.shape) for n, t in state.items()} == {n: m.shape for n, m in ck.tensors.items()}

@@ -142,8 +142,17 @@ def _head_dim(key: _Keys, arch: str, hidden: int, n_heads: int) -> int:
     return hidden // n_heads
 
 
+# tokens that end generation by their text, as llama.cpp finds them (its files often name only the eos: a Gemma 3
+# instruct file's <eos>, not the <end_of_turn> its chat template ends a turn with)
+END_OF_GENERATION = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                     "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
+
+
 def _stop_ids(files: GGUFFiles) -> list[int] | int | None:
+    """The eos, eot and eom ids the metadata names, then those of the tokens in ``END_OF_GENERATION``."""
     ids = [files.value(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    tokens = files.value("tokenizer.ggml.tokens") or []
+    ids += [i for i, t in enumerate(tokens) if t in END_OF_GENERATION]
     ids = list(dict.fromkeys(i for i in ids if i is not None))
     return ids[0] if len(ids) == 1 else ids or None
 

@@ -45,6 +45,7 @@ class ChatTemplate:
         self.special_tokens = dict(special_tokens or {})
         self.name = name  # where it came from, for error messages
         self._compiled = None
+        self._reads_parts = False  # whether it loops over a message's content parts itself (set by compiled())
 
     @classmethod
     def from_dir(cls, path) -> "ChatTemplate | None":
@@ -76,8 +77,8 @@ class ChatTemplate:
         fault. The template failing in any other way (a division by zero, a sandbox refusal, a
         variable it lacks) is the checkpoint's fault: ConfigError, naming the template.
         """
-        messages = check_messages(messages)
         template = self.compiled()
+        messages = check_messages(messages, parts=self._reads_parts)
         try:
             return template.render(messages=messages, tools=None, documents=None,
                                    add_generation_prompt=add_generation_prompt, **self.special_tokens)
@@ -103,9 +104,11 @@ class ChatTemplate:
             except ImportError:
                 raise InputError("chat templates need jinja2: pip install -e '.[text]'") from None
             try:
-                self._compiled = _environment().from_string(self.source)
+                environment = _environment()
+                self._compiled = environment.from_string(self.source)
             except jinja2.TemplateSyntaxError as e:
                 raise ConfigError(f"{self.name}: syntax error on line {e.lineno}: {e.message}") from None
+            self._reads_parts = _iterates_content(environment.parse(self.source))
         return self._compiled
 
 
@@ -121,13 +124,14 @@ def check_roles(messages: list, where: str = "messages") -> None:
             raise InputError(f"{where}[{i}].role {role!r} is not one of {', '.join(ROLES)}")
 
 
-def check_messages(messages, where: str = "messages") -> list[dict]:
+def check_messages(messages, where: str = "messages", parts: bool = False) -> list[dict]:
     """A conversation as templates expect it: a non-empty list of ``{"role": str, "content": ...}`` objects.
 
     Every message has content. Other keys whose value is null are dropped (``transformers``
     does the same: templates test for a key, not for None), and OpenAI-style content parts
-    ``[{"type": "text", "text": ...}]`` are joined into one string, so templates written for
-    plain strings read them.
+    ``[{"type": "text", "text": ...}]`` (text parts only) are joined into one string, so templates
+    written for plain strings read them; with ``parts`` (a template that loops over them itself,
+    as Gemma 3's does) they stay a list, as ``transformers`` passes them.
     """
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where} must be a non-empty list of messages")
@@ -142,7 +146,8 @@ def check_messages(messages, where: str = "messages") -> list[dict]:
         if content is None:  # a template would fail on it with a message of its own, about its internals
             raise InputError(f"{where}[{i}]: 'content' is missing or null; give a string or a list of text parts")
         if isinstance(content, list):
-            message["content"] = _joined_text(content, f"{where}[{i}].content")
+            texts = _texts(content, f"{where}[{i}].content")
+            message["content"] = [{"type": "text", "text": t} for t in texts] if parts else "\n".join(texts)
         elif not isinstance(content, str):
             raise InputError(f"{where}[{i}]: 'content' must be a string or a list of text parts")
         for key in ("role", "content"):
@@ -152,7 +157,7 @@ def check_messages(messages, where: str = "messages") -> list[dict]:
     return out
 
 
-def _joined_text(parts: list, where: str) -> str:
+def _texts(parts: list, where: str) -> list[str]:
     texts = []
     for j, part in enumerate(parts):
         if not isinstance(part, dict) or part.get("type") != "text":
@@ -161,7 +166,30 @@ def _joined_text(parts: list, where: str) -> str:
         if not isinstance(part.get("text"), str):
             raise InputError(f"{where}[{j}]: a text part needs its text as a string (\"text\": \"...\")")
         texts.append(part["text"])
-    return "\n".join(texts)
+    return texts
+
+
+def _iterates_content(ast) -> bool:
+    """Whether a template (its parsed ``ast``) loops over a message's content itself (``{% for part in
+    message['content'] %}``, or over a variable set to it): then it reads OpenAI's content parts, as vLLM
+    detects such templates."""
+    from jinja2 import nodes
+
+    def content(node) -> bool:
+        while isinstance(node, nodes.Filter):
+            node = node.node
+        return (isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+                or isinstance(node, nodes.Getattr) and node.attr == "content")
+
+    named = {a.target.name for a in ast.find_all(nodes.Assign)
+             if isinstance(a.target, nodes.Name) and content(a.node)}
+    for loop in ast.find_all(nodes.For):
+        over = loop.iter
+        while isinstance(over, nodes.Filter):
+            over = over.node
+        if content(over) or isinstance(over, nodes.Name) and over.name in named:
+            return True
+    return False
 
 
 def stop_token_ids(path, config_eos: tuple[int, ...] = ()) -> tuple[int, ...]:

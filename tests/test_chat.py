@@ -286,13 +286,38 @@ def test_a_text_far_past_its_room_is_found_out_from_its_beginning(tiny_chat, mos
 
 
 def test_a_text_part_without_its_text_is_named_as_such():
-    from offload.chat import _joined_text
+    from offload.chat import _texts
     from offload.errors import InputError
 
     with pytest.raises(InputError, match=r"content\[1\]: a text part needs its text as a string"):
-        _joined_text([{"type": "text", "text": "hi"}, {"type": "text"}], "messages[0].content")
+        _texts([{"type": "text", "text": "hi"}, {"type": "text"}], "messages[0].content")
     with pytest.raises(InputError, match="only text parts are supported, got 'image_url'"):
-        _joined_text([{"type": "image_url"}], "messages[0].content")
+        _texts([{"type": "image_url"}], "messages[0].content")
+
+
+PARTS_TEMPLATE = (  # Gemma 3's way: a string trimmed, or each text part trimmed
+    "{% for message in messages %}<{{ message['role'] }}>{% if message['content'] is string %}"
+    "{{ message['content'] | trim }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}"
+    "{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}")
+PARTS_BY_NAME = (  # a variable set to the content, then looped over
+    "{% for message in messages %}{% set parts = message.content %}{% if parts is string %}{{ parts }}{% else %}"
+    "{% for p in parts %}[{{ p.text }}]{% endfor %}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("template", [PARTS_TEMPLATE, PARTS_BY_NAME, CHATML], ids=["parts", "by-name", "string"])
+def test_content_parts_reach_a_template_that_loops_over_them_as_transformers_passes_them(tmp_path, template):
+    """A template that loops over a message's content itself gets OpenAI's parts as a list (as transformers and
+    vLLM pass them); one written for strings gets them joined by newlines (it would fail on a list)."""
+    write_chat_tokenizer(tmp_path, template)
+    ours, theirs = Tokenizer.from_dir(tmp_path), hf_tokenizer(tmp_path)
+    parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": " world"}]
+    messages = [{"role": "user", "content": parts}]
+    text = ours.chat_template.render(messages)
+    if template is CHATML:
+        assert "Hello \n world" in text
+    else:
+        assert text == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert "\n world" not in text
 
 
 def test_generate_stops_at_generation_configs_eos_as_the_cli_does(tiny, tmp_path):

@@ -172,6 +172,10 @@ class TextStream:
     def _decode(self, final: bool) -> str:
         before = self.tokenizer.decode(self.ids[self.start : self.released])
         after = self.tokenizer.decode(self.ids[self.start :])
+        if not final and after == before:  # no text at all (special tokens skipped): the window moves on, so that
+            self.released = len(self.ids)  # a long run of them costs a decode of its last few tokens, not all
+            self.start = max(self.start, self.released - CONTEXT_TOKENS)
+            return ""
         if not final and (len(after) <= len(before) or after.endswith(REPLACEMENT)):
             return ""
         self.start, self.released = self.released, len(self.ids)

@@ -171,6 +171,21 @@ def test_streamed_text_equals_decoding_at_once(tiny):
         assert "".join(pieces) == tokenizer.decode(whole[cut:]), cut
 
 
+def test_a_long_run_of_tokens_without_text_is_streamed_in_bounded_decodes(tiny_chat):
+    """Special tokens decode to nothing: a run of thousands (a model stuck on one) costs a decode of a few tokens
+    each, not of the whole run (quadratic), and the text still equals decoding at once."""
+    tokenizer = Tokenizer.from_dir(tiny_chat)
+    special = tokenizer.inner.token_to_id("<|im_start|>")
+    ids = tokenizer.encode("Grüße aus", special=False) + [special] * 2000 + tokenizer.encode(" 東京 ok", special=False)
+    stream, widest = TextStream(tokenizer), 0
+    pieces = []
+    for t in ids:
+        pieces.append(stream.add(t))
+        widest = max(widest, len(stream.ids) - stream.start)
+    assert "".join(pieces) + stream.finish() == tokenizer.decode(ids) == "Grüße aus 東京 ok"
+    assert widest <= 16
+
+
 def test_stop_strings_end_the_text_before_them():
     stream = TextStream(IdText(), stop=["<3><4>", "<9>"])
     pieces = [stream.add(t) for t in [1, 3, 5, 3, 4, 6]]

@@ -39,6 +39,7 @@ from .chat import check_roles
 from .errors import ConfigError, InputError, PlanError
 from .inputs import check_token_ids
 from .memory.budget import format_seconds
+from .models.checkpoint import is_gguf
 from .options import MAX_COUNT
 from .results import ResultFile, is_record_id, read_regular_file
 from .sampling import GREEDY, Sampling
@@ -183,7 +184,11 @@ def job_id(records: list[Record], model_path, dtype, quantize: str | None, group
 def _weight_files(model_path: Path) -> list:
     """[name, size, time of last change] of the model's weight files (a GGUF file: itself): reading every byte of
     a large model to name a job would take minutes."""
-    if model_path.is_file():
+    if is_gguf(model_path):
+        from .gguf.reader import split_parts
+
+        files = split_parts(model_path)  # a split GGUF file: every part
+    elif model_path.is_file():
         files = [model_path]
     elif model_path.is_dir():
         files = sorted(p for p in model_path.iterdir() if p.suffix in (".safetensors", ".gguf") and p.is_file())

@@ -392,6 +392,18 @@ def test_a_model_whose_weights_were_rewritten_is_another_job(tiny, tmp_path, cap
     assert (tmp_path / "out.jsonl").read_bytes() == written
 
 
+def test_every_part_of_a_split_gguf_file_names_the_job(tmp_path):
+    from offload.batch import _weight_files
+
+    parts = [tmp_path / f"m-0000{k}-of-00002.gguf" for k in (1, 2)]
+    for part in parts:
+        part.write_bytes(b"GGUF" + bytes(28))
+    before = _weight_files(parts[0])
+    assert [row[0] for row in before] == [p.name for p in parts]
+    parts[1].write_bytes(b"GGUF" + bytes(60))  # the second part rewritten
+    assert _weight_files(parts[0]) != before
+
+
 @pytest.mark.slow
 def test_another_jobs_output_is_refused_by_the_script_and_the_same_job_goes_on(job_output, tmp_path, capsys):
     a, b, out, written, flags = job_output

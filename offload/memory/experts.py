@@ -82,9 +82,14 @@ class ExpertPlan:
     resident_per_layer: list[int] = field(default_factory=list)
     # missed_bytes by rows: a speculative pass weighs dozens of shapes with it before the pass
     _missed: dict[int, dict[str, float]] = field(default_factory=dict, repr=False, compare=False)
+    _held: dict[str, int] | None = field(default=None, repr=False, compare=False)  # bytes_on's, summed once
 
     def bytes_on(self, tier: str) -> int:
-        return sum(size for where, size in zip(self.placement, self.needs.each) if where == tier)
+        if self._held is None:  # (a step's price asks for every tier's: the placement never changes)
+            self._held = {}
+            for where, size in zip(self.placement, self.needs.each):
+                self._held[where] = self._held.get(where, 0) + size
+        return self._held.get(tier, 0)
 
     @property
     def cache_bytes(self) -> int:

@@ -78,7 +78,16 @@ class ChatTemplate:
         variable it lacks) is the checkpoint's fault: ConfigError, naming the template.
         """
         template = self.compiled()
-        messages = check_messages(messages, parts=self._reads_parts)
+        checked = check_messages(messages, parts=self._reads_parts)
+        try:
+            return self._render(template, checked, add_generation_prompt)
+        except ConfigError:  # a template that loops over parts somewhere may add a string to them elsewhere
+            plain = check_messages(messages)
+            if plain == checked:
+                raise
+            return self._render(template, plain, add_generation_prompt)
+
+    def _render(self, template, messages: list[dict], add_generation_prompt: bool) -> str:
         try:
             return template.render(messages=messages, tools=None, documents=None,
                                    add_generation_prompt=add_generation_prompt, **self.special_tokens)
@@ -131,7 +140,7 @@ def check_messages(messages, where: str = "messages", parts: bool = False) -> li
     does the same: templates test for a key, not for None), and OpenAI-style content parts
     ``[{"type": "text", "text": ...}]`` (text parts only) are joined into one string, so templates
     written for plain strings read them; with ``parts`` (a template that loops over them itself,
-    as Gemma 3's does) they stay a list, as ``transformers`` passes them.
+    as Gemma 3's does), into one part of a list (a template may read only the first part).
     """
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where} must be a non-empty list of messages")
@@ -147,7 +156,8 @@ def check_messages(messages, where: str = "messages", parts: bool = False) -> li
             raise InputError(f"{where}[{i}]: 'content' is missing or null; give a string or a list of text parts")
         if isinstance(content, list):
             texts = _texts(content, f"{where}[{i}].content")
-            message["content"] = [{"type": "text", "text": t} for t in texts] if parts else "\n".join(texts)
+            text = "\n".join(texts)
+            message["content"] = [{"type": "text", "text": text}] if parts else text
         elif not isinstance(content, str):
             raise InputError(f"{where}[{i}]: 'content' must be a string or a list of text parts")
         for key in ("role", "content"):
@@ -171,8 +181,8 @@ def _texts(parts: list, where: str) -> list[str]:
 
 def _iterates_content(ast) -> bool:
     """Whether a template (its parsed ``ast``) loops over a message's content itself (``{% for part in
-    message['content'] %}``, or over a variable set to it): then it reads OpenAI's content parts, as vLLM
-    detects such templates."""
+    message['content'] %}``, or over a variable set to it): then it reads OpenAI's content parts (as vLLM
+    detects such templates), where a string's characters would be taken for parts."""
     from jinja2 import nodes
 
     def content(node) -> bool:

@@ -310,29 +310,36 @@ def test_a_text_part_without_its_text_is_named_as_such():
         _texts([{"type": "image_url"}], "messages[0].content")
 
 
-PARTS_TEMPLATE = (  # Gemma 3's way: a string trimmed, or each text part trimmed
-    "{% for message in messages %}<{{ message['role'] }}>{% if message['content'] is string %}"
-    "{{ message['content'] | trim }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}"
-    "{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}")
-PARTS_BY_NAME = (  # a variable set to the content, then looped over
-    "{% for message in messages %}{% set parts = message.content %}{% if parts is string %}{{ parts }}{% else %}"
-    "{% for p in parts %}[{{ p.text }}]{% endfor %}{% endif %}{% endfor %}")
+LIST_ONLY = (  # a template for parts alone: a string's characters would be taken for parts (and dropped)
+    "{% for message in messages %}<{{ message['role'] }}>{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}\n{% endfor %}")
+FIRST_PART = (  # Gemma 3's system message: a string, or the first part's text
+    "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{{ message['content'][0]['text'] }}{% endif %}|{% endfor %}{% for m in [] %}{% for x in m.content %}"
+    "{% endfor %}{% endfor %}")
+MIXED = (  # Mistral's: parts looped over in user turns, strings added to strings in the others
+    "{% for m in messages %}{% if m.role == 'user' %}[INST]{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for block in m.content %}{{ block.text }}{% endfor %}{% endif %}[/INST]{% else %}"
+    "{{ '[SYS]' + m.content + '[/SYS]' }}{% endif %}{% endfor %}")
 
 
-@pytest.mark.parametrize("template", [PARTS_TEMPLATE, PARTS_BY_NAME, CHATML], ids=["parts", "by-name", "string"])
-def test_content_parts_reach_a_template_that_loops_over_them_as_transformers_passes_them(tmp_path, template):
-    """A template that loops over a message's content itself gets OpenAI's parts as a list (as transformers and
-    vLLM pass them); one written for strings gets them joined by newlines (it would fail on a list)."""
+@pytest.mark.parametrize("template, want", [
+    (LIST_ONLY, "<system>Rule one.\nRule two.<user>Hello \n world"),  # (trim_blocks: no newline after a tag)
+    (FIRST_PART, "Rule one.\nRule two.|Hello \n world|"),
+    (MIXED, "[SYS]Rule one.\nRule two.[/SYS][INST]Hello \n world[/INST]"),
+    (CHATML, "<|im_start|>system\nRule one.\nRule two.<|im_end|>\n<|im_start|>user\nHello \n world<|im_end|>\n"
+             "<|im_start|>assistant\n"),
+], ids=["list-only", "first-part", "mixed", "strings"])
+def test_content_parts_reach_every_template_whole(tmp_path, template, want):
+    """OpenAI's text parts, joined by newlines: as one part of a list for a template that loops over parts (a
+    string's characters would be taken for parts), as a string for one written for strings, and as a string
+    again where a template that loops over parts somewhere adds a string to them elsewhere (Mistral's)."""
     write_chat_tokenizer(tmp_path, template)
-    ours, theirs = Tokenizer.from_dir(tmp_path), hf_tokenizer(tmp_path)
-    parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": " world"}]
-    messages = [{"role": "user", "content": parts}]
-    text = ours.chat_template.render(messages)
-    if template is CHATML:
-        assert "Hello \n world" in text
-    else:
-        assert text == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        assert "\n world" not in text
+    ours = Tokenizer.from_dir(tmp_path)
+    parts = lambda *texts: [{"type": "text", "text": t} for t in texts]  # noqa: E731
+    messages = [{"role": "system", "content": parts("Rule one.", "Rule two.")},
+                {"role": "user", "content": parts("Hello ", " world")}]
+    assert ours.chat_template.render(messages) == want
 
 
 def test_generate_stops_at_generation_configs_eos_as_the_cli_does(tiny, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,7 @@ class OffloadedModel:
     def __init__(self, setup: Setup, pool: WeightPool, draft=None):
         s = setup
         self._lock, self.closed = threading.RLock(), False
+        self._cache_owner = None  # a weak reference to the RowEngine whose rows are in the KV cache
         self.draft = draft  # speculative decoding's draft (``offload.drafts``), or None
         self.speculation_prices = MeasuredPrices()  # what its passes took against the plans' prices (on a GPU)
         self.config, self.options, self.tp, self.device, self.dtype = s.config, s.options, s.tp, s.device, s.dtype
@@ -149,6 +151,17 @@ class OffloadedModel:
     @property
     def max_step_tokens(self) -> int:
         return self.options.max_step_tokens
+
+    def claim_cache(self, engine) -> None:
+        """Let ``engine`` (a ``RowEngine``) write rows of the KV cache: refused while another engine's rows are in
+        it. An engine's rows live across its steps, so a second engine (``generate`` between a batch's or a
+        server's steps) would overwrite them: wrong tokens, no error."""
+        with self._lock:
+            owner = self._cache_owner() if self._cache_owner is not None else None
+            if owner is not None and owner is not engine and owner.holds_rows:
+                raise InputError("another RowEngine's rows are in this model's KV cache (its requests still "
+                                 "running between its steps): finish or cancel them first, or load another model")
+            self._cache_owner = weakref.ref(engine)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -393,7 +406,10 @@ class OffloadedModel:
         requests = [Request(tuple(p), n, sampling.with_seed_offset(b), () if ignore_eos else eos, key=b)
                     for b, (p, n) in enumerate(zip(prompts, limits))]
         engine = RowEngine(self, rows=len(requests))
-        rows = engine.run(requests)
+        try:
+            rows = engine.run(requests)
+        finally:
+            engine.release()  # a run stopped by an error leaves no rows that would keep others out
         result = result_of(rows, engine.stats)
         if return_result:
             return result

@@ -117,3 +117,28 @@ def test_seeded_sampling_is_unchanged_by_pipelining(model):
     sampling = Sampling(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3)
     requests = [Request(tuple(p), 8, sampling.with_seed_offset(i), key=i) for i, p in enumerate(PROMPTS)]
     assert [row.tokens for row in RowEngine(model).run(requests)] == reference(model, requests)
+
+
+def test_an_engine_between_its_steps_keeps_its_rows_from_another(model, monkeypatch):
+    """An engine's rows live in the KV cache across its steps: ``generate`` (a second engine) called between them
+    is refused rather than overwrite them (the first engine then gave wrong tokens, no error), and runs once the
+    first has finished; a generate stopped by an error keeps nobody out."""
+    requests = greedy_requests(new=12)[:2]
+    want = reference(model, requests)
+    engine = RowEngine(model, rows=2)
+    for request in requests:
+        engine.submit(request)
+    finished = {}
+    for _ in range(3):
+        finished.update({row.request.key: row.tokens for row, _ in engine.step() if row.finish_reason})
+    with pytest.raises(offload.InputError, match="another RowEngine's rows are in this model's KV cache"):
+        model.generate([[100, 101, 102]], max_new_tokens=4)
+    while engine.busy:
+        finished.update({row.request.key: row.tokens for row, _ in engine.step() if row.finish_reason})
+    assert [finished[0], finished[1]] == want
+    alone = model.generate([[100, 101, 102]], max_new_tokens=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "decode", lambda *a: (_ for _ in ()).throw(RuntimeError("a failed pass")))
+        with pytest.raises(RuntimeError, match="a failed pass") as failed:  # (its traceback keeps its engine)
+            model.generate([[100, 101, 102]], max_new_tokens=4)
+    assert failed.traceback and model.generate([[100, 101, 102]], max_new_tokens=4) == alone

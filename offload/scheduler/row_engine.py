@@ -163,7 +163,17 @@ class RowEngine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting) or any(self.rows) or self._in_flight is not None
+        return bool(self.waiting) or self.holds_rows
+
+    @property
+    def holds_rows(self) -> bool:
+        """Whether rows of the model's KV cache hold this engine's running requests."""
+        return any(self.rows) or self._in_flight is not None
+
+    def release(self) -> None:
+        """Give up the rows (their requests dropped): another engine may use the model's KV cache."""
+        self.rows = [None] * len(self.rows)
+        self._in_flight = None
 
     def submit(self, request: Request) -> None:
         """Queue ``request``; it is admitted at the next step with a free row. Bad input raises InputError."""
@@ -197,6 +207,8 @@ class RowEngine:
         A row that gains several tokens in one step (a verify pass) comes once per token, in order; every
         event but a finished row's last carries a copy of the row as it was then (no finish_reason yet),
         so that a reader acting on ``row.finish_reason`` acts once, on the row's last token."""
+        if self.busy:
+            self.model.claim_cache(self)  # (refused while another engine's rows are in the cache)
         self._admit()
         events = []
         prompt_joins = any(row is not None and row.in_prompt for row in self.rows)

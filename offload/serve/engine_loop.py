@@ -146,6 +146,7 @@ class EngineLoop:
             # and a new engine fills its rows from position 0.
             # The new engine is in place before any request hears of the failure.
             log.exception("engine step failed; dropping %d requests", len(self.sinks))
+            self.engine.release()
             self.engine = RowEngine(self.model, len(self.engine.rows))
             for key in list(self.sinks):
                 self._drop(key)

@@ -8,6 +8,7 @@ tokens to KV cache rows (the primitive every generator is built on), and
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 import weakref
 from dataclasses import dataclass
@@ -83,6 +84,15 @@ def result_of(rows, stats) -> GenerationResult:
     return GenerationResult([r.tokens for r in rows], [r.finish_reason for r in rows], stats.prompt_tokens,
                             stats.prefill_seconds, stats.decode_tokens, stats.decode_steps, stats.decode_seconds,
                             stats.decode_row_passes, stats.drafted_tokens, stats.accepted_tokens)
+
+
+def _plain(value):
+    """``value`` with tensors and arrays as lists (their reprs elide long ones): what a rank compares."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):
+        return [str(value.dtype), value.tolist()]
+    return value
 
 
 def _one_call_at_a_time(method):
@@ -163,6 +173,17 @@ class OffloadedModel:
                                  "running between its steps): finish or cancel them first, or load another model")
             self._cache_owner = weakref.ref(engine)
 
+    def _same_on_every_rank(self, verb: str, *arguments) -> None:
+        """Under tensor parallelism every rank runs the same passes: a rank called with other arguments (or one
+        whose arguments are refused while the others' are not) would break the collectives with a hang or a
+        crash. Each rank compares its arguments with the others' before anything is checked."""
+        if self.tp.size == 1:
+            return
+        mine = hashlib.sha256(repr(_plain(arguments)).encode("utf-8")).hexdigest()
+        if len(set(self.tp.gather_objects(mine))) > 1:
+            raise InputError(f"the ranks called {verb} with different arguments; under tensor parallelism every "
+                             "rank must call it with the same ones")
+
     # ------------------------------------------------------------------ forward passes
 
     @_one_call_at_a_time
@@ -173,6 +194,7 @@ class OffloadedModel:
         ``attention_mask`` (1 for tokens, 0 for padding, either side) marks padding; its
         positions get zero logits.
         """
+        self._same_on_every_rank("the model", input_ids, attention_mask)
         if not self.options.all_logits:
             raise InputError("this model was loaded with all_logits=False (its plan reserves no room for the logits "
                              "of every position); load it with all_logits=True to call it on input_ids")
@@ -393,6 +415,8 @@ class OffloadedModel:
         With ``return_result=True``, a :class:`GenerationResult` instead (new tokens per row,
         finish reasons, prefill and decode tokens/s).
         """
+        self._same_on_every_rank("generate", input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                                 top_k, top_p, seed, eos_token_id, ignore_eos, return_result)
         prompts = prompts_from(input_ids, attention_mask)
         if not prompts:
             raise InputError("no prompts given")

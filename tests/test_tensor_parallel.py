@@ -115,6 +115,30 @@ def test_ranks_given_different_options_all_refuse_to_load(tiny):
     assert all("different options (max_seq_len)" in message for message in results), results
 
 
+def _rank_with_its_own_prompts(rank, world, port, path, ids, kwargs, out):
+    _join(rank, world, port)
+    model = offload.load_model(path, tp=world, progress=False, max_seq_len=32, max_batch=1)
+    answers = []
+    for prompts in kwargs["per_rank"][rank]:
+        try:
+            answers.append(model.generate(prompts, max_new_tokens=3, ignore_eos=True))
+        except offload.OffloadError as e:
+            answers.append(str(e))
+    out[rank] = answers
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_called_with_different_prompts_all_refuse(tiny):
+    """Other prompts on one rank, or a prompt only one rank refuses, would pair one rank's collectives with
+    another's (a crash of gloo, or tokens from mismatched passes): every rank refuses, and the next call with the
+    same prompts on every rank runs."""
+    per_rank = [[[[1, 2, 3]], [[1, 2]], [[5, 6]]], [[[1, 2, 4]], [[1, 10**9]], [[5, 6]]]]
+    results = run_tp(2, tiny, None, main=_rank_with_its_own_prompts, per_rank=per_rank)
+    for answers in results:
+        assert all("the ranks called generate with different arguments" in a for a in answers[:2]), answers
+    assert results[0][2] == results[1][2] and len(results[0][2][0]) == 5
+
+
 def test_heads_not_divisible_by_tp(tiny):
     with pytest.raises(offload.ConfigError, match="not divisible by tp=3"):
         offload.load_model(tiny, tp=3, progress=False)

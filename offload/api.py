@@ -14,12 +14,11 @@ while the model runs.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import warnings
 
 from .drafts import INT4, draft_kind, draft_label, make_draft
 from .errors import CheckpointError, InputError, PlanWarning
-from .inputs import check_flags
+from .inputs import check_flags, check_keywords
 from .loading import Setup, load_weights, prepare, weight_source
 from .memory.planner import Plan
 from .memory.pool import WeightPool
@@ -106,12 +105,7 @@ def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool,
 def _options(options: LoadOptions | None, kwargs: dict) -> LoadOptions:
     if options is not None and not isinstance(options, LoadOptions):
         raise InputError(f"options must be a LoadOptions, got {options!r}")
-    names = [f.name for f in dataclasses.fields(LoadOptions)]
-    unknown = sorted(set(kwargs) - set(names))
-    if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InputError(f"unknown option {unknown[0]!r}{hint}; see offload.LoadOptions for the options")
+    check_keywords(kwargs, [f.name for f in dataclasses.fields(LoadOptions)], "option", "see offload.LoadOptions for the options")
     if options is None:
         return LoadOptions(**kwargs)
     return options.replace(**kwargs) if kwargs else options

@@ -25,6 +25,18 @@ def is_real(value) -> bool:
         return False
 
 
+def check_keywords(given, names, what: str, see: str = "") -> None:
+    """Refuse keywords ``given`` that are not among ``names`` (a Hugging Face habit, ``max_length=``, say), with
+    the closest name where there is one: InputError, not Python's TypeError."""
+    import difflib
+
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), list(names), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(f"unknown {what} {unknown[0]!r}{hint}" + (f"; {see}" if see else ""))
+
+
 def check_token_ids(ids, vocab_size: int, where: str) -> list[int]:
     """A prompt: a non-empty list of integer ids that the vocabulary has (returned as plain ints)."""
     if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):

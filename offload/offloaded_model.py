@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .inputs import (as_batch, as_sequences, check_flags, check_token_ids, is_list, new_token_limits,
+from .inputs import (as_batch, as_sequences, check_flags, check_keywords, check_token_ids, is_list, new_token_limits,
                      prompts_from, step_rows, stop_ids)
 from .loading import Setup, uses_cuda_graphs, verify_width as planned_verify_width
 from .memory.host import to_device
@@ -84,6 +84,10 @@ def result_of(rows, stats) -> GenerationResult:
     return GenerationResult([r.tokens for r in rows], [r.finish_reason for r in rows], stats.prompt_tokens,
                             stats.prefill_seconds, stats.decode_tokens, stats.decode_steps, stats.decode_seconds,
                             stats.decode_row_passes, stats.drafted_tokens, stats.accepted_tokens)
+
+
+GENERATE_KEYWORDS = ("input_ids", "max_new_tokens", "attention_mask", "do_sample", "temperature", "top_k", "top_p",
+                     "seed", "eos_token_id", "ignore_eos", "return_result")
 
 
 def _plain(value):
@@ -188,12 +192,13 @@ class OffloadedModel:
 
     @_one_call_at_a_time
     @torch.inference_mode()
-    def __call__(self, input_ids, attention_mask=None) -> torch.Tensor:
+    def __call__(self, input_ids, attention_mask=None, **unknown) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` of every position, with no KV cache.
 
         ``attention_mask`` (1 for tokens, 0 for padding, either side) marks padding; its
         positions get zero logits.
         """
+        check_keywords(unknown, ("input_ids", "attention_mask"), "argument of the model's call")
         self._same_on_every_rank("the model", input_ids, attention_mask)
         if not self.options.all_logits:
             raise InputError("this model was loaded with all_logits=False (its plan reserves no room for the logits "
@@ -401,7 +406,7 @@ class OffloadedModel:
     def generate(self, input_ids, max_new_tokens: int | list[int] = 32, attention_mask=None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, eos_token_id: int | list[int] | None = None, ignore_eos: bool = False,
-                 return_result: bool = False):
+                 return_result: bool = False, **unknown):
         """Generate up to ``max_new_tokens`` per row (one limit, or one per row).
 
         ``input_ids`` is ``[batch, seq]`` (a list of lists of ids also works, rows of any
@@ -415,6 +420,7 @@ class OffloadedModel:
         With ``return_result=True``, a :class:`GenerationResult` instead (new tokens per row,
         finish reasons, prefill and decode tokens/s).
         """
+        check_keywords(unknown, GENERATE_KEYWORDS, "argument of generate")
         self._same_on_every_rank("generate", input_ids, attention_mask, max_new_tokens, do_sample, temperature,
                                  top_k, top_p, seed, eos_token_id, ignore_eos, return_result)
         prompts = prompts_from(input_ids, attention_mask)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .inputs import is_real
+from .inputs import check_keywords, is_real
 from .models.quant import check_request
 from .speculative import MAX_BRANCHES, MAX_DRAFT_TOKENS
 
@@ -191,6 +191,7 @@ class LoadOptions:
 
     def replace(self, **changes) -> "LoadOptions":
         """A copy with ``changes`` (this one is left as it is)."""
+        check_keywords(changes, [f.name for f in dataclasses.fields(self)], "option", "see offload.LoadOptions for the options")
         return dataclasses.replace(self, **changes)
 
 

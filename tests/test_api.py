@@ -62,6 +62,13 @@ API_CASES = [
     pytest.param(lambda m: m.keep_path([0], [[5, 100]]), "within max_seq_len", id="keep-path-past-the-cache"),
     pytest.param(lambda m: m.keep_path([0], [[1, 0]]), "a path is indices", id="keep-path-backwards"),
     pytest.param(lambda m: m.keep_path([0], 5), "one cached length and one path", id="keep-path-not-lists"),
+    pytest.param(lambda m: m.generate([[1]], max_length=5), "unknown argument of generate 'max_length'",
+                 id="generate-unknown-keyword"),
+    pytest.param(lambda m: m.generate([[1]], max_new_token=5), "(did you mean 'max_new_tokens'?)",
+                 id="generate-misspelt-keyword"),
+    pytest.param(lambda m: m([[1]], foo=1), "unknown argument of the model's call 'foo'", id="call-unknown-keyword"),
+    pytest.param(lambda m: m.options.replace(max_bach=2), "unknown option 'max_bach' (did you mean 'max_batch'?)",
+                 id="options-replace-unknown"),
 ]
 
 

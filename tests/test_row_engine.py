@@ -142,3 +142,23 @@ def test_an_engine_between_its_steps_keeps_its_rows_from_another(model, monkeypa
         with pytest.raises(RuntimeError, match="a failed pass") as failed:  # (its traceback keeps its engine)
             model.generate([[100, 101, 102]], max_new_tokens=4)
     assert failed.traceback and model.generate([[100, 101, 102]], max_new_tokens=4) == alone
+
+
+@pytest.mark.parametrize("request_, words", [
+    (Request((1, 2), True), "max_new_tokens must be a positive integer"),
+    (Request((1, 2), 3, sampling=None), "sampling must be a Sampling"),
+    (Request((1, 2), 3, eos_ids=2), "eos_ids must be a tuple of token ids"),
+    (Request((1, 2), 3, eos_ids=None), "eos_ids must be a tuple of token ids"),
+    (Request((1, 2), 3, eos_ids=("2",)), "eos_ids must be a tuple of token ids"),
+], ids=["limit-bool", "sampling-none", "eos-int", "eos-none", "eos-strings"])
+def test_a_request_the_engine_cannot_run_is_refused_when_submitted(model, request_, words):
+    engine = RowEngine(model, rows=1)
+    with pytest.raises(offload.InputError, match=words):
+        engine.submit(request_)
+    assert not engine.busy
+
+
+def test_an_engine_of_no_rows_is_refused(model):
+    for rows in (0, -1, 1.5, True):
+        with pytest.raises(offload.InputError, match="rows must be a positive integer"):
+            RowEngine(model, rows=rows)

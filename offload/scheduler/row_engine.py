@@ -154,6 +154,8 @@ class RowEngine:
     """Runs requests through ``model`` (an ``OffloadedModel``) in at most ``rows`` KV cache rows."""
 
     def __init__(self, model, rows: int | None = None):
+        if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
+            raise InputError(f"rows must be a positive integer, got {rows!r}")
         self.model = model
         self.rows: list[Row | None] = [None] * min(rows or model.max_batch, model.max_batch)
         self.waiting: deque[Request] = deque()
@@ -184,8 +186,14 @@ class RowEngine:
         """Raise InputError where ``submit`` would refuse ``request``; reads only the model's limits, so any
         thread may call it (the HTTP server answers 400 before queuing)."""
         check_token_ids(list(request.prompt), self.model.config.vocab_size, f"request {request.key!r}")
-        if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive integer, got {request.max_new_tokens!r}")
+        limit = request.max_new_tokens
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {limit!r}")
+        if not isinstance(request.sampling, Sampling):
+            raise InputError(f"request {request.key!r}: sampling must be a Sampling, got {request.sampling!r}")
+        eos = request.eos_ids
+        if not (isinstance(eos, (tuple, list)) and all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
+            raise InputError(f"request {request.key!r}: eos_ids must be a tuple of token ids, got {eos!r}")
         if len(request.prompt) + request.max_new_tokens > self.model.max_seq_len:
             raise InputError(
                 f"request {request.key!r}: {len(request.prompt)} prompt tokens + {request.max_new_tokens} new tokens "

@@ -30,7 +30,8 @@ from .options import LoadOptions
 def plan_model(model, options: LoadOptions | None = None, **kwargs) -> Plan:
     """The placement plan :func:`load_model` would follow, computed without reading any weights.
 
-    Takes the same arguments as :func:`load_model`. Under tensor parallelism each
+    Takes the same model and options as :func:`load_model` (not ``random_weights`` or
+    ``progress``: it reads no weights). Under tensor parallelism each
     rank gets its own plan; ``plan.title`` says whose. The plan's warnings are issued
     as :class:`PlanWarning` (an :class:`OffloadWarning`; and printed with the plan).
     """
@@ -106,9 +107,11 @@ def _options(options: LoadOptions | None, kwargs: dict) -> LoadOptions:
     if options is not None and not isinstance(options, LoadOptions):
         raise InputError(f"options must be a LoadOptions, got {options!r}")
     check_keywords(kwargs, [f.name for f in dataclasses.fields(LoadOptions)], "option", "see offload.LoadOptions for the options")
-    if options is None:
-        return LoadOptions(**kwargs)
-    return options.replace(**kwargs) if kwargs else options
+    options = LoadOptions(**kwargs) if options is None else options.replace(**kwargs) if kwargs else options
+    if options.rounding != "search" and INT4 not in (options.quantize, draft_kind(options.draft)):
+        raise InputError(f"rounding={options.rounding!r} is for int4 weights (quantize='int4' or draft='int4'); "
+                         "nothing here is rounded to int4")
+    return options
 
 
 def _warn(setup: Setup) -> None:

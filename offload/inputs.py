@@ -81,13 +81,14 @@ def new_token_limits(max_new_tokens, rows: int) -> list[int]:
     return limits
 
 
-def stop_ids(eos_token_id, default: tuple[int, ...]) -> tuple[int, ...]:
+def stop_ids(eos_token_id, default: tuple[int, ...], vocab_size: int) -> tuple[int, ...]:
     """``generate``'s ``eos_token_id`` (an id, a list of ids, or None for ``default``) as a tuple."""
     if eos_token_id is None:
         return default
     ids = list(eos_token_id) if is_list(eos_token_id) else [eos_token_id]
-    if not all(_is_int(i) and i >= 0 for i in ids):
-        raise InputError(f"eos_token_id must be a token id or a list of them, got {eos_token_id!r}")
+    if not all(_is_int(i) and 0 <= i < vocab_size for i in ids):  # (one past the vocabulary would never stop)
+        raise InputError(f"eos_token_id must be a token id (0 to {vocab_size - 1}) or a list of them, "
+                         f"got {eos_token_id!r}")
     return tuple(ids)
 
 

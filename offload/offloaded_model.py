@@ -431,7 +431,7 @@ class OffloadedModel:
                              f"load the model with max_batch={len(prompts)} or more")
         check_flags(ignore_eos=ignore_eos, return_result=return_result)
         limits = new_token_limits(max_new_tokens, len(prompts))
-        eos = stop_ids(eos_token_id, self.config.eos_token_ids)
+        eos = stop_ids(eos_token_id, self.config.eos_token_ids, self.config.vocab_size)
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         requests = [Request(tuple(p), n, sampling.with_seed_offset(b), () if ignore_eos else eos, key=b)
                     for b, (p, n) in enumerate(zip(prompts, limits))]

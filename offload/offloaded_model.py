@@ -216,11 +216,17 @@ class OffloadedModel:
         logits = self._forward([chunk], cache=None, rows=len(rows), all_logits=True)
         if attention_mask is None:
             return logits
-        mask = as_batch(attention_mask, "attention_mask").bool()
-        out = logits.new_zeros(*ids.shape, logits.shape[-1])
-        valid = torch.arange(logits.shape[1])[None, :] < mask.sum(1, keepdim=True)
-        out[mask.to(out.device)] = logits[valid.to(out.device)]
-        return out
+        mask = as_batch(attention_mask, "attention_mask").bool().to(logits.device)
+        if logits.shape[1] < ids.shape[1]:  # every row padded: a tensor of the whole shape (its rows packed in)
+            out = logits.new_zeros(*ids.shape, logits.shape[-1])
+            out[mask] = logits[torch.arange(logits.shape[1], device=mask.device)[None, :] < mask.sum(1, keepdim=True)]
+            return out
+        for b in range(len(rows)):  # in place: the plan reserves one tensor of logits, and a row's copy is small
+            keep = mask[b].nonzero().squeeze(1)
+            if not torch.equal(keep, torch.arange(len(keep), device=keep.device)):
+                logits[b, keep] = logits[b, : len(keep)].clone()
+            logits[b, ~mask[b]] = 0
+        return logits
 
     @_one_call_at_a_time
     @torch.inference_mode()

@@ -167,3 +167,17 @@ def test_a_closed_model_lets_its_memory_go_and_refuses_to_run(tiny):
             call()
     model.close()  # again: nothing to do
 
+
+
+def test_masked_logits_are_each_rows_own_whatever_the_padding(tiny_model):
+    """A row's logits go to its tokens' places (zeros elsewhere): in place where some row has no padding (the plan
+    reserves one tensor of logits), into a new tensor where every row has some; masks with holes too."""
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    for mask in ([[1, 1, 1, 1], [0, 1, 0, 1]], [[0, 1, 1, 0], [1, 0, 0, 1]], [[1, 1, 1, 1], [1, 1, 0, 0]]):
+        mask = torch.tensor(mask)
+        out = tiny_model(ids, attention_mask=mask)
+        assert out.shape == (2, 4, tiny_model.config.vocab_size)
+        for b in range(2):
+            keep = mask[b].bool()
+            alone = tiny_model(ids[b][keep][None])[0]
+            assert (out[b][keep] - alone).abs().max() <= 1e-5 and not out[b][~keep].any(), (mask, b)

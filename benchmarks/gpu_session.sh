@@ -146,15 +146,15 @@
 # the host queues it in 0.56 ms against 1.58), spec_smollm2_whole (1.57x against 1.48x; the priority: within noise),
 # test_gpu.py's graph and budget tests with whole passes the default.
 # twentieth (2026-12-06): no machine started (fifteen failed starts); checkpoints now read with read() (CPU-measured).
-# twenty-first (2026-12-06/07): no machine started (seven failed starts, 24 of the 30 minutes); the plan below stands.
-#   1. tests_reads:100, load13b_ab:150                         the reused buffer's GPU tests; loads with read()
-#                                                              against the memory map's copy, from disk (#20)
-#   2. int4_405b:500 (an H200)                                 the moonshot (#20)
-#   3. tests_spec:240, spec_smollm2_paced                      speculation's files on CUDA with whole passes; spare
-#                                                              rows again (the side stream now starts ~1 ms sooner)
-#   4. load70b:360, gguf13b:240                                the owed loads' ratios with read()
-#   5. tests_kernels:300                                       test_quant_kernels.py past its first 306 tests
-#   6. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts (#21)
+# twenty-first (2026-12-06/07): no machine started (seven failed starts, 24 of the 30 minutes).
+# twenty-second and twenty-third (2026-12-07): no machine started (each a dozen failed or refused calls). Owed now:
+#   1. tests_gguf_moe:130, tests_spec:170, tests_whole:90      GGUF experts and the grouped-int8 kernel (one scale
+#                                                              load a group) on CUDA; speculation's files
+#   2. tests_reads:80, load13b_ab:150, gguf_moe30b             loads with read(); a Q4_K_M-like 30B of experts
+#   3. spec_smollm2_int8 (carry part-aa, then part-ab)         the int8 copy as the draft beside the int4 (#22)
+#   4. int4_405b:500 (an H200)                                 the moonshot (#20)
+#   5. load70b:360, gguf13b:240, tests_kernels:300             the owed loads' ratios; the kernel tests
+#   6. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.

@@ -13,12 +13,11 @@ while the model runs.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 from .drafts import INT4, draft_kind, draft_label, make_draft
 from .errors import CheckpointError, InputError, PlanWarning
-from .inputs import check_flags, check_keywords
+from .inputs import check_flags
 from .loading import Setup, load_weights, prepare, weight_source
 from .memory.planner import Plan
 from .memory.pool import WeightPool
@@ -106,8 +105,7 @@ def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool,
 def _options(options: LoadOptions | None, kwargs: dict) -> LoadOptions:
     if options is not None and not isinstance(options, LoadOptions):
         raise InputError(f"options must be a LoadOptions, got {options!r}")
-    check_keywords(kwargs, [f.name for f in dataclasses.fields(LoadOptions)], "option", "see offload.LoadOptions for the options")
-    options = LoadOptions(**kwargs) if options is None else options.replace(**kwargs) if kwargs else options
+    options = (options or LoadOptions()).replace(**kwargs) if kwargs else options or LoadOptions()
     if options.rounding != "search" and INT4 not in (options.quantize, draft_kind(options.draft)):
         raise InputError(f"rounding={options.rounding!r} is for int4 weights (quantize='int4' or draft='int4'); "
                          "nothing here is rounded to int4")

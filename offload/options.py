@@ -191,7 +191,8 @@ class LoadOptions:
 
     def replace(self, **changes) -> "LoadOptions":
         """A copy with ``changes`` (this one is left as it is)."""
-        check_keywords(changes, [f.name for f in dataclasses.fields(self)], "option", "see offload.LoadOptions for the options")
+        check_keywords(changes, [f.name for f in dataclasses.fields(self)], "option",
+                       "see offload.LoadOptions for the options")
         return dataclasses.replace(self, **changes)
 
 

@@ -176,7 +176,8 @@ def test_a_long_run_of_tokens_without_text_is_streamed_in_bounded_decodes(tiny_c
     each, not of the whole run (quadratic), and the text still equals decoding at once."""
     tokenizer = Tokenizer.from_dir(tiny_chat)
     special = tokenizer.inner.token_to_id("<|im_start|>")
-    ids = tokenizer.encode("Grüße aus", special=False) + [special] * 2000 + tokenizer.encode(" 東京 ok", special=False)
+    ids = (tokenizer.encode("Grüße aus", special=False) + [special] * 2000
+           + tokenizer.encode(" 東京 ok", special=False))
     stream, widest = TextStream(tokenizer), 0
     pieces = []
     for t in ids:

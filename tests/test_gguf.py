@@ -1086,7 +1086,7 @@ def test_smollm2_config(smollm2_ck):
     assert (config.architecture, config.vocab_size, config.hidden_size, config.intermediate_size, config.n_layers,
             config.n_heads, config.n_kv_heads, config.head_dim) == ("LlamaForCausalLM", 49152, 576, 1536, 30, 9, 3, 64)
     assert config.rope_theta == 100000.0 and config.rms_norm_eps == 1e-5 and config.rope_scaling is None
-    assert config.tie_word_embeddings and config.max_position_embeddings == 8192 and config.eos_token_ids == (2, 0)  # <|im_end|>, <|endoftext|>
+    assert config.tie_word_embeddings and config.max_position_embeddings == 8192 and config.eos_token_ids == (2, 0)
 
 
 def test_smollm2_tensor_names_shapes_and_types(smollm2_ck):

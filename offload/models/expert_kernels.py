@@ -26,11 +26,12 @@ whose experts serve many rows each, copies them (a tile of all its rows would no
 The kernels read experts in the model's dtype, in int8 (one scale per output row, or
 groups of a power of two from 16 columns with a scale each and perhaps a minimum: a GGUF
 file's Q8_0, Q6_K and Q5_K) or in int4 (groups of a power of two from 32 columns),
-making a compressed tile in registers as ``quant_kernels`` does; scales in the model's dtype, float16 (a GGUF file's,
-for a 16-bit model) or float32. The roundings are those of the copying way's operations (each
-product rounded to the model's dtype, ``silu(gate)`` rounded before its product with
-``up``, the weighted output rounded), so the two ways differ only by how the products
-sum; where an expert lives never changes the result.
+making a compressed tile in registers as ``quant_kernels`` does; scales in the model's
+dtype, float16 (a GGUF file's, for a 16-bit model) or float32. The roundings are those
+of the copying way's operations (each product rounded to the model's dtype,
+``silu(gate)`` rounded before its product with ``up``, the weighted output rounded), so
+the two ways differ only by how the products sum; where an expert lives never changes
+the result.
 """
 
 from __future__ import annotations

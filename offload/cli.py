@@ -34,7 +34,7 @@ from .offloaded_model import result_of
 from .models.checkpoint import is_gguf
 from .models.config import load_config
 from .models.quant import FORMATS, INT4, ROUNDINGS, STORED
-from .options import MAX_COUNT, LoadOptions, parse_dtype
+from .options import MAX_COUNT, LoadOptions, parse_device, parse_dtype
 from .results import ResultFile, finished_ids
 from .sampling import Sampling
 from .scheduler.row_engine import RowEngine, Request, Row, Stats
@@ -196,7 +196,8 @@ def _main(args) -> int:
             raise InputError(f"{flag} goes with --prompts (a batch job)")
     if args.batch_size is not None and args.max_batch is not None:
         raise InputError("--batch-size and --max-batch both give a batch job's rows; give one")
-    tp = init_tensor_parallel(args.tp)  # under torchrun, before anything that ranks must agree on
+    # under torchrun, before anything that ranks must agree on
+    tp = init_tensor_parallel(args.tp, args.device and parse_device(args.device))
     say = print if tp.rank == 0 else (lambda *a, **k: None)
     demo = args.model is None
     model_path = demo_checkpoint(quiet=args.quiet or tp.rank != 0) if demo else _model_path(args.model)

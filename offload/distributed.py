@@ -63,23 +63,33 @@ class TensorParallel:
             dist.barrier(group=self.group)
 
 
-def init_tensor_parallel(tp: int) -> TensorParallel:
+def init_tensor_parallel(tp: int, device: torch.device | None = None) -> TensorParallel:
     """Join (or start) the process group of a ``torchrun`` launch and return this rank's place in it.
 
-    NCCL on GPUs, gloo on CPU. ``tp`` must equal the world size.
+    NCCL on GPUs, gloo where the ranks compute on the CPU (``device="cpu"``, or no CUDA). ``tp`` must equal the
+    world size.
     """
     if tp == 1 and not dist.is_initialized():
         return TensorParallel()
     if not dist.is_initialized():
         _check_launch_environment(tp)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        dist.init_process_group(backend)
+        on_gpus = torch.cuda.is_available() and (device is None or device.type == "cuda")
+        if on_gpus and device is None:
+            torch.cuda.set_device(local_gpu())
+        dist.init_process_group("nccl" if on_gpus else "gloo")
     world = dist.get_world_size()
     if world != tp:
         raise OffloadError(f"tp={tp} but the process group has {world} processes; they must be equal")
     return TensorParallel(rank=dist.get_rank(), size=world, group=dist.group.WORLD)
+
+
+def local_gpu() -> int:
+    """This rank's GPU: its ``LOCAL_RANK``. NCCL refuses two ranks on one GPU, so a host needs a GPU per rank."""
+    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local >= count:
+        raise OffloadError(f"rank {local} of this host has no GPU of its own (the host has {count}): launch at most "
+                           f"{count} ranks a host, or give device='cpu' (--device cpu) to compute on the CPU")
+    return local
 
 
 def _check_launch_environment(tp: int) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .distributed import TensorParallel, init_tensor_parallel
+from .distributed import TensorParallel, init_tensor_parallel, local_gpu
 from .drafts import INT4, MODEL, NGRAM, draft_kind, draft_label, draft_options
 from .errors import BudgetError, ConfigError, InputError, PlanError
 from .memory.bandwidth import link_bandwidths, peer_is_direct
@@ -79,7 +79,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
     must give alike)."""
     config = _config(model)
     check_divisible(config, options.tp)
-    tp = init_tensor_parallel(options.tp)
+    tp = init_tensor_parallel(options.tp, None if options.device is None else parse_device(options.device))
     _same_on_every_rank(options, tp)
     device = _device(options.device, tp)
     dtype = parse_dtype(options.dtype, device)
@@ -635,7 +635,7 @@ def _device(device, tp: TensorParallel) -> torch.device:
         if not torch.cuda.is_available():
             return torch.device("cpu")
         if tp.size > 1:
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", tp.rank)) % torch.cuda.device_count())
+            return torch.device("cuda", local_gpu())
         return torch.device("cuda", torch.cuda.current_device())
     device = parse_device(device)
     if device.type == "cuda" and device.index is None:

@@ -311,7 +311,7 @@ def test_transformers_reading_the_same_file_agrees(checkpoint_factory, tmp_path,
     with torch.no_grad():
         want = theirs(ids).logits
     with offload.load_model(path, **KW) as ours:
-        torch.testing.assert_close(ours(ids), want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(ids).cpu(), want, atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------- a Q4_K_M-like file (benchmarks')

@@ -469,7 +469,7 @@ def test_quantized_tensor_parallel_shards(structured):
     from test_tensor_parallel import run_tp
 
     ids = corpus_of(structured).sample(2, 20, seed=780)
-    kw = dict(dtype=torch.float32, max_batch=2, max_seq_len=48, max_step_tokens=48)  # _rank_needs sizes chunks so
+    kw = dict(dtype=torch.float32, device="cpu", max_batch=2, max_seq_len=48, max_step_tokens=48)  # _rank_needs sizes chunks so
     for fmt, group in [("int4", 8), ("int8", None)]:
         with offload.load_model(structured, quantize=fmt, group_size=group, progress=False, **kw) as single:
             want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)

@@ -1,4 +1,5 @@
-"""Tensor parallelism on CPU: gloo processes, offloading active on every rank."""
+"""Tensor parallelism on CPU: gloo processes, offloading active on every rank. (On a machine with a GPU too: the
+ranks, and the single process they are compared with, compute on the CPU.)"""
 
 import os
 import socket
@@ -40,6 +41,7 @@ def _rank_main(rank, world, port, path, ids, kwargs, out):
 
 
 def run_tp(world, path, ids, main=_rank_main, **kwargs):
+    kwargs = {"device": "cpu", **kwargs}
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(main, args=(world, _free_port(), str(path), ids, kwargs, out), nprocs=world)
@@ -50,7 +52,7 @@ def assert_tp_equals_one(directory, ids, atol: float, max_seq_len: int, ranks: i
     """Float32 logits within ``atol`` and the same 8 greedy tokens on every one of ``ranks`` gloo ranks as on
     one process (both with ``options``)."""
     kwargs = dict(dtype=torch.float32, max_batch=2, max_seq_len=max_seq_len, **options)
-    with offload.load_model(directory, progress=False, **kwargs) as single:
+    with offload.load_model(directory, progress=False, device="cpu", **kwargs) as single:
         want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)
     for rank, result in enumerate(run_tp(ranks, directory, ids, **kwargs)):
         assert not isinstance(result, str), result
@@ -61,7 +63,7 @@ def assert_tp_equals_one(directory, ids, atol: float, max_seq_len: int, ranks: i
 
 def _budget_streaming_everything(path, tp):
     """A budget per rank with room for the fixed parts and 2 slots only: every layer streams from the host."""
-    needs = offload.plan_model(path, max_batch=2, max_seq_len=48).needs
+    needs = offload.plan_model(path, max_batch=2, max_seq_len=48, device="cpu").needs
     per_rank_block = needs.largest_block // tp
     return needs.fixed_bytes + 2 * needs.largest_block // tp + per_rank_block // 2
 
@@ -69,7 +71,7 @@ def _budget_streaming_everything(path, tp):
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp_matches_tp1_with_offloading_on_every_rank(tiny, world):
     ids = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(0))
-    kwargs = dict(max_batch=2, max_seq_len=48, cpu_memory="1GiB")
+    kwargs = dict(max_batch=2, max_seq_len=48, cpu_memory="1GiB", device="cpu")
     single = offload.load_model(tiny, progress=False, gpu_memory=_budget_streaming_everything(
         tiny, 1), **kwargs)
     want_logits, want_tokens = single(ids), single.generate(ids, max_new_tokens=8, ignore_eos=True)
@@ -99,7 +101,7 @@ def test_budget_too_small_names_the_rank(tiny):
 def _rank_with_its_own_options(rank, world, port, path, ids, kwargs, out):
     _join(rank, world, port)
     try:
-        offload.load_model(path, tp=world, progress=False, **kwargs["per_rank"][rank])
+        offload.load_model(path, tp=world, progress=False, device="cpu", **kwargs["per_rank"][rank])
         out[rank] = "loaded"
     except offload.OffloadError as e:
         out[rank] = str(e)
@@ -117,7 +119,7 @@ def test_ranks_given_different_options_all_refuse_to_load(tiny):
 
 def _rank_with_its_own_prompts(rank, world, port, path, ids, kwargs, out):
     _join(rank, world, port)
-    model = offload.load_model(path, tp=world, progress=False, max_seq_len=32, max_batch=1)
+    model = offload.load_model(path, tp=world, progress=False, device="cpu", max_seq_len=32, max_batch=1)
     answers = []
     for prompts in kwargs["per_rank"][rank]:
         try:
@@ -142,6 +144,18 @@ def test_ranks_called_with_different_prompts_all_refuse(tiny):
 def test_heads_not_divisible_by_tp(tiny):
     with pytest.raises(offload.ConfigError, match="not divisible by tp=3"):
         offload.load_model(tiny, tp=3, progress=False)
+
+
+def test_more_ranks_on_a_host_than_it_has_gpus_is_refused_by_name(monkeypatch):
+    """NCCL refuses two ranks on one GPU (an error deep in its first collective): say so before, and how else."""
+    from offload.distributed import local_gpu
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert local_gpu() == 0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(offload.OffloadError, match=r"rank 1 of this host has no GPU of its own \(the host has 1\)"):
+        local_gpu()
 
 
 def test_tp_without_torchrun_is_refused(tiny, monkeypatch):
@@ -202,7 +216,7 @@ def test_a_draft_model_loads_under_tp_where_each_rank_measured_its_own_links(tin
     ranks, and the options every rank must give alike stay alike (a draft used to be refused under tensor
     parallelism unless the links were given)."""
     ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1)).tolist()
-    kwargs = dict(max_batch=2, max_seq_len=48, dtype="float32")
+    kwargs = dict(max_batch=2, max_seq_len=48, dtype="float32", device="cpu")
     with offload.load_model(tiny, progress=False, **kwargs) as single:
         want = single.generate(ids, max_new_tokens=12, ignore_eos=True, return_result=True).tokens
     for result in run_tp(2, tiny, ids, main=_rank_measures_its_own_links, draft="int4", **kwargs):
@@ -215,7 +229,7 @@ def test_under_tp_every_rank_prices_passes_by_rank_0s_times(tiny):
     """Each rank chooses the next pass's shape from the measured prices: they are rank 0's times on every rank,
     or the ranks could verify passes of different widths."""
     ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1)).tolist()
-    kwargs = dict(max_batch=2, max_seq_len=48, dtype="float32", draft="int4",
+    kwargs = dict(max_batch=2, max_seq_len=48, dtype="float32", device="cpu", draft="int4",
                   link_bandwidth={"host": 1e9, "hbm": 1e11, "matmul": 1e15})
     with offload.load_model(tiny, progress=False, **{**kwargs, "draft": None}) as single:
         want = [t[12:] for t in single.generate(ids, max_new_tokens=12, ignore_eos=True)]
@@ -235,7 +249,7 @@ def test_speculative_decoding_under_tp_equals_plain_greedy(tiny, draft, branches
         monkeypatch.setenv("OFFLOAD_BEST_FIRST_TREES", "1")  # read by each rank's process at import
     ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1)).tolist()
     ids[1] = ids[1][:5] * 3  # a prompt that repeats itself: prompt lookup finds drafts
-    kwargs = dict(max_batch=2, max_seq_len=48, dtype="float32",
+    kwargs = dict(max_batch=2, max_seq_len=48, dtype="float32", device="cpu",
                   link_bandwidth={"host": 1e9, "hbm": 1e11, "matmul": 1e15})
     single = offload.load_model(tiny, progress=False, **kwargs)
     want = single.generate(ids, max_new_tokens=12, ignore_eos=True, return_result=True).tokens

@@ -91,6 +91,8 @@
 #                  chosen, and in 1 at chains of 3
 #   spec_smollm2_int8  the model's int8 copy as the draft beside its int4 copy (groups of 64), greedy, at the depth
 #                  chosen and in chains of 6 (on a CPU, float32, chains of 6: 4.95 tokens a pass against 2.94)
+#   spec_smollm2_copies  draft="int8" (the model's int8 copy, sharing its head) in chains and trees of 4 a depth,
+#                  and draft="int4" (default group sizes), at the depth chosen and in chains of 6
 #   load13b_ab     llama-2-13b saved in int4 (written first), loaded from disk at 4 GiB with read() (the default), then
 #                  copied from the memory map (as before the twentieth session: bench_load.py --against-map)
 #   tests_reads    checkpoints read with read() (through a reused buffer to the GPU): GGUF bytes on CUDA, the
@@ -147,14 +149,13 @@
 # test_gpu.py's graph and budget tests with whole passes the default.
 # twentieth (2026-12-06): no machine started (fifteen failed starts); checkpoints now read with read() (CPU-measured).
 # twenty-first (2026-12-06/07): no machine started (seven failed starts, 24 of the 30 minutes).
-# twenty-second and twenty-third (2026-12-07): no machine started (each a dozen failed or refused calls). Owed now:
-#   1. tests_gguf_moe:130, tests_spec:170, tests_whole:90      GGUF experts and the grouped-int8 kernel (one scale
-#                                                              load a group) on CUDA; speculation's files
-#   2. tests_reads:80, load13b_ab:150, gguf_moe30b             loads with read(); a Q4_K_M-like 30B of experts
-#   3. spec_smollm2_int8 (carry part-aa, then part-ab)         the int8 copy as the draft beside the int4 (#22)
-#   4. int4_405b:500 (an H200)                                 the moonshot (#20)
-#   5. load70b:360, gguf13b:240, tests_kernels:300             the owed loads' ratios; the kernel tests
-#   6. moe235_int4:120 (an H200: 130 GiB), moe30b_acc:300      mixtures of experts
+# twenty-second and twenty-third (2026-12-07): no machine started (each a dozen failed or refused calls).
+# twenty-fourth (2026-12-07, an H100): tests_gguf_moe (five test faults: fixed), tests_spec, tests_whole, tests_reads,
+#   tests_kernels passed; spec_smollm2_int8, load13b_ab, load70b measured (docs/benchmarks.md). Owed now:
+#   1. tests_gguf_moe:130, spec_smollm2_copies:200 (part-aa, part-ab)  the test fixes; the int8 copy as draft="int8"
+#   2. int4_405b:500 (an H200)                                 the moonshot (#20)
+#   3. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300  a GGUF load's ratio; mixtures of experts
+#   gguf_moe30b waits for bench_load.py to write GGUF files of experts (it writes llama files only).
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.
@@ -335,6 +336,10 @@ run_stage() {
         for depth in "" 6; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4,/tmp/smollm2-int8 \
             ${depth:+--draft-tokens $depth} --json "$0/spec_int8$depth.json"; done' "$OUT" ;;
+    spec_smollm2_copies) stage spec_smollm2_copies bash -c 'set -e; smollm2_ready
+        for depth in "" 6; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
+            --cpu-memory 4GiB --widths 1 --drafts none,int8,int8@4,int4 \
+            ${depth:+--draft-tokens $depth} --json "$0/spec_copies$depth.json"; done' "$OUT" ;;
     load13b_ab) stage load13b_ab bash -c 'set -e; trap "rm -rf /tmp/13b-int4" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-13b --out /tmp/13b-int4 --gpu-memory 4GiB \
             --cpu-memory 16GiB --against-map --json "$0/load13b_ab.json"' "$OUT" ;;

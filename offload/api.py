@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 
-from .drafts import INT4, draft_kind, draft_label, make_draft
+from .drafts import COPIES, draft_kind, draft_label, make_draft
 from .errors import CheckpointError, InputError, PlanWarning
 from .inputs import check_flags
 from .loading import Setup, load_weights, prepare, weight_source
@@ -57,7 +57,7 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
         random_weights: a seed: fill the weights with seeded random numbers instead of reading files; with
             ``quantize`` (int8, int4) the quantized weights are made in their packed form (random integers,
             a scale giving them the dense numbers' spread), not dense numbers quantized: seconds, not minutes,
-            for a 70b model (an int4 draft of such a target is refused: it would be unrelated).
+            for a 70b model (an int4 or int8 draft of such a target is refused: it would be unrelated).
         progress: show a progress bar while loading (rank 0 only).
 
     Raises:
@@ -69,9 +69,9 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
     check_flags(progress=progress)
     options = _options(options, kwargs)
     packed = random_weights is not None and options.quantize in FORMATS
-    if packed and options.draft is not None and draft_kind(options.draft) == INT4:  # before the plan may decline it
-        raise InputError("an int4 draft of random weights quantized at load would be unrelated to them (they are "
-                         "made packed): give the target in 16 bits, or a draft model")
+    if packed and draft_kind(options.draft) in COPIES:  # before the plan may decline it
+        raise InputError(f"an {draft_kind(options.draft)} draft of random weights quantized at load would be "
+                         "unrelated to them (they are made packed): give the target in 16 bits, or a draft model")
     setup = prepare(model, options)
     _warn(setup)
     pool = load_weights(setup, weight_source(model, random_weights, setup.device, packed=packed),
@@ -86,16 +86,17 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
 
 def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool, pool: WeightPool):
     """The draft the plan kept (``offload.drafts``): prompt lookup, or a draft model read now: the target's own
-    checkpoint (or random weights) quantized to int4, which shares the target's final norm, LM head and
+    checkpoint (or random weights) quantized to int4 or int8, which shares the target's final norm, LM head and
     embedding (in ``pool``), or the draft checkpoint."""
     kind = draft_kind(setup.options.draft)
     if setup.draft is None:
         return make_draft(kind)
-    source = model if kind == INT4 else setup.options.draft
+    copy = kind in COPIES
     try:
-        draft_pool = load_weights(setup.draft, weight_source(source, random_weights if kind == INT4 else None,
-                                                             setup.device, requantize=kind == INT4),
-                                  progress and setup.tp.rank == 0, shared_globals=pool if kind == INT4 else None)
+        draft_pool = load_weights(setup.draft, weight_source(model if copy else setup.options.draft,
+                                                             random_weights if copy else None, setup.device,
+                                                             requantize=copy),
+                                  progress and setup.tp.rank == 0, shared_globals=pool if copy else None)
     except CheckpointError as e:
         raise CheckpointError(f"draft {setup.options.draft}: {e}") from None
     return make_draft(kind, OffloadedModel(setup.draft, draft_pool), draft_label(setup.options.draft),

@@ -127,9 +127,10 @@ def add_load_flags(p: argparse.ArgumentParser, max_batch_help: str, max_seq_len_
                    "searched to minimise its squared error (default), or minmax: the group's range")
     p.add_argument("--group-size", type=int, help="int4: input columns per scale (default 128, or the largest "
                    "smaller power of two that divides each input dimension)")
-    p.add_argument("--draft", help="speculative decoding: ngram (prompt lookup), int4 (the model's own weights in "
-                   "int4, kept on the GPU if the plan predicts a gain) or the directory of a smaller checkpoint with "
-                   "the same vocabulary (kept on the GPU)")
+    p.add_argument("--draft", help="speculative decoding: ngram (prompt lookup), int4 or int8 (a copy of the "
+                   "model's own weights in int4 or int8, kept on the GPU if the plan predicts a gain; int8: twice "
+                   "the memory, accepted more often) or the directory of a smaller checkpoint with the same "
+                   "vocabulary (kept on the GPU)")
     p.add_argument("--draft-tokens", type=int, help="tokens drafted per row and pass (default: chosen before each "
                    "pass from the measured acceptance and the plan's cost of a pass)")
     p.add_argument("--draft-branches", type=int, help="a draft model's tokens at each depth, verified "

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .distributed import TensorParallel, init_tensor_parallel, local_gpu
-from .drafts import INT4, MODEL, NGRAM, draft_kind, draft_label, draft_options
+from .drafts import COPIES, MODEL, NGRAM, draft_kind, draft_label, draft_options
 from .errors import BudgetError, ConfigError, InputError, PlanError
 from .memory.bandwidth import link_bandwidths, peer_is_direct
 from .memory.budget import Budget, beyond_machine, format_size
@@ -73,8 +73,8 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
             links: dict[str, float] | None = None) -> Setup:
     """Read the config, resolve the budgets, measure (or recall) the links and make every rank's plan.
     ``requantize``: a GGUF file's weights are dequantized and quantized again as ``options.quantize`` says
-    (the int4 draft of a GGUF target), where they are otherwise kept as stored. ``globals_layout``: the final
-    norm's and LM head's layout to use (the int4 draft's: its target's, whose memory it shares). ``links``: this
+    (a compressed copy of a GGUF target as its draft), where they are otherwise kept as stored. ``globals_layout``:
+    the final norm's and LM head's layout to use (a copy's: its target's, whose memory it shares). ``links``: this
     rank's links as its target measured them (a draft's: each rank's own, so not an option, which every rank
     must give alike)."""
     config = _config(model)
@@ -123,7 +123,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
         return tp.gather_objects(plan)
 
     kind, draft = draft_kind(options.draft), None
-    if kind in (INT4, MODEL):  # first the plans without the draft model: no verify passes to reserve for
+    if kind in (*COPIES, MODEL):  # first the plans without the draft model: no verify passes to reserve for
         plain = options.replace(draft=None, draft_tokens=None, draft_branches=None)
         plans = place(memory_needs(family, config, tp, dtype, device, plain, blocks, globals_, embedding))
     else:
@@ -131,18 +131,18 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
     if kind == NGRAM and not _failed(plans):
         _describe(plans, f"prompt lookup (ngram): no model, no memory besides verify passes of up to "
                          f"{_max_draft(options) + 1} tokens a row")
-    if kind in (INT4, MODEL) and not _failed(plans):
+    if kind in (*COPIES, MODEL) and not _failed(plans):
         try:
-            int4 = kind == INT4
-            draft = prepare(model if int4 else options.draft,
-                            draft_options(options, _max_draft(options), ahead=_may_draft_ahead(options, tp)), int4,
-                            globals_ if int4 else None, links=bandwidth)  # the int4 draft's norm and head: the target's
+            copy = kind in COPIES
+            draft = prepare(model if copy else options.draft,
+                            draft_options(options, _max_draft(options), ahead=_may_draft_ahead(options, tp)), copy,
+                            globals_ if copy else None, links=bandwidth)  # a copy's norm and head: the target's
         except ConfigError as e:
-            if not int4 and not Path(options.draft).exists():
-                raise ConfigError(f"draft {options.draft!r}: neither ngram, int4 nor a checkpoint that "
+            if not copy and not Path(options.draft).exists():
+                raise ConfigError(f"draft {options.draft!r}: neither ngram, int8, int4 nor a checkpoint that "
                                   "exists") from None
             raise ConfigError(f"draft {options.draft}: {e}") from None
-        if not int4:
+        if not copy:
             _check_same_tokens(model, options.draft)
         plans, draft = _weigh_draft(options, config, needs, plans, draft, place, uses_cuda_graphs(options, device))
         if draft is not None and not _failed(plans) and draft.config.max_position_embeddings < options.max_seq_len:
@@ -223,24 +223,24 @@ def _weigh_draft(options: LoadOptions, config: ModelConfig, needs: MemoryNeeds, 
                  place, captured: bool) -> tuple[list, "Setup | None"]:
     """The target's plans beside the draft model ``draft``, whose bytes on the compute device (its weights,
     KV cache, activations; the workspace is shared) come out of the target's budget, and the draft, or
-    (int4 only) the plans ``alone`` and no draft.
+    (a copy of the target only) the plans ``alone`` and no draft.
 
-    The int4 draft is the rule's to decline: it is kept where the plans predict fewer seconds per token
-    with it (verify passes over the target with fewer resident layers, plus the draft's steps, over the
-    tokens a pass gains at ``ASSUMED_ACCEPTANCE``) than without it, and where it fits at all. A draft
+    A compressed copy of the target (int4, int8) is the rule's to decline: it is kept where the plans predict
+    fewer seconds per token with it (verify passes over the target with fewer resident layers, plus the draft's
+    steps, over the tokens a pass gains at ``ASSUMED_ACCEPTANCE``) than without it, and where it fits at all. A draft
     checkpoint the user named is kept, or its plan's error raised. Either way the plan says what it chose.
     """
     if draft.config.vocab_size != config.vocab_size:
         raise ConfigError(f"the draft {options.draft} has a vocabulary of {draft.config.vocab_size} tokens, the "
                           f"target {config.vocab_size}; a draft must share the target's vocabulary")
-    label, int4 = draft_label(options.draft), draft_kind(options.draft) == INT4
-    # The workspace is shared, and the int4 draft reads its target's final norm, LM head and embedding: the
-    # target's untied embedding then stays on the device, where a draft step would otherwise keep a copy of it.
-    shared = draft.plan.needs.global_bytes + draft.plan.needs.embedding_bytes if int4 else 0
+    label, copy = draft_label(options.draft), draft_kind(options.draft) in COPIES
+    # The workspace is shared, and a copy reads its target's final norm, LM head and embedding: the target's
+    # untied embedding then stays on the device, where a draft step would otherwise keep a copy of it.
+    shared = draft.plan.needs.global_bytes + draft.plan.needs.embedding_bytes if copy else 0
     draft_bytes = draft.plan.gpu_bytes - draft.plan.needs.workspace_bytes - shared
-    beside = place(replace(needs, draft_bytes=draft_bytes, embedding_stays=int4))
+    beside = place(replace(needs, draft_bytes=draft_bytes, embedding_stays=copy))
     if _failed(beside):
-        if not int4:
+        if not copy:
             return beside, draft
         _describe(alone, f"{label} declined: it does not fit beside the target ({format_size(draft_bytes)}: "
                          f"{_failed(beside)[0]})")
@@ -259,10 +259,10 @@ def _weigh_draft(options: LoadOptions, config: ModelConfig, needs: MemoryNeeds, 
             + (f"predicted {_ms(with_s)} per token drafting {k} tokens a pass" if k else
                "no draft length is predicted to pay")
             + f" at an assumed {ASSUMED_ACCEPTANCE:.0%} acceptance, against {_ms(without_s)} without a draft")
-    if int4 and with_s >= without_s:
+    if copy and with_s >= without_s:
         _describe(alone, f"{line}: declined, the target keeps the memory")
         return alone, None
-    _describe(beside, line + (": kept" if int4 else ""))
+    _describe(beside, line + (": kept" if copy else ""))
     return beside, draft
 
 
@@ -458,9 +458,9 @@ def _weight_format(model, options: LoadOptions, chosen: ops.Ops, dtype: torch.dt
     stored = isinstance(model, (str, os.PathLike)) and stored_quantization(model)
     if stored:  # saved by scripts/quantize.py: read as it is
         if requantize:
-            raise InputError(f"the int4 draft quantizes the target's weights, but {Path(model).name} is stored "
-                             f"{stored['format']} by scripts/quantize.py and has no others: give draft='ngram' or "
-                             "a draft model's path")
+            raise InputError(f"the {options.quantize} draft quantizes the target's weights, but {Path(model).name} "
+                             f"is stored {stored['format']} by scripts/quantize.py and has no others: give "
+                             "draft='ngram' or a draft model's path")
         if options.quantize not in (None, STORED):
             raise InputError(f"{Path(model).name} is stored {stored['format']} already; --quantize does not apply")
         return WeightFormat(stored["format"], kernel=kernel, per_tensor=CheckpointSource(model).stored,
@@ -552,7 +552,7 @@ def weight_source(model, random_weights: int | None, device: torch.device, requa
 
 def load_weights(setup: Setup, source, progress: bool, shared_globals: WeightPool | None = None) -> WeightPool:
     """Allocate every tier once and read each tensor straight into its place (one tensor's piece at a time).
-    ``shared_globals``: a pool whose final norm, LM head and embedding are this model's too (the int4 draft's are
+    ``shared_globals``: a pool whose final norm, LM head and embedding are this model's too (a compressed copy's are
     its target's, to the bit, the embedding on the compute device): they are neither allocated nor read again."""
     layouts = [setup.globals_layout] + ([setup.embedding_layout] if setup.embedding_layout else [])
     source.validate([x for layout in layouts for x in layout.sources()]

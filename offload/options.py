@@ -121,9 +121,10 @@ class LoadOptions:
         rounding: how int4 groups are rounded: ``"search"`` (default: each group's scale and minimum
             chosen to minimise its squared error) or ``"minmax"`` (the group's range).
         draft: speculative decoding (``offload.drafts``): ``"ngram"`` (prompt lookup: drafts copied from
-            earlier matches in the prompt and the output; no model, no memory), ``"int4"`` (the target's
-            own weights quantized to int4 and kept on the compute device; the plan keeps it only where it
-            predicts a gain, and says so), or the path of a smaller checkpoint with the same vocabulary
+            earlier matches in the prompt and the output; no model, no memory), ``"int4"`` or ``"int8"`` (a
+            copy of the target's own weights quantized to int4 or int8 and kept on the compute device; the plan
+            keeps it only where it predicts a gain, and says so; int8 takes twice the memory and is accepted
+            more often), or the path of a smaller checkpoint with the same vocabulary
             (kept on the compute device; its weights and KV cache come out of ``gpu_memory``). Each
             pass over the target then checks a row's drafted tokens at once. None (default): no draft.
         draft_tokens: tokens drafted per row and pass (at most 64); None (default): chosen before each
@@ -203,10 +204,10 @@ def _check_branches(draft, branches) -> None:
     if branches is None:
         return
     if draft is None:
-        raise InputError("draft_branches goes with a draft model (draft='int4' or a checkpoint's path): "
+        raise InputError("draft_branches goes with a draft model (draft='int4', 'int8' or a checkpoint's path): "
                          "no draft was given")
     if isinstance(draft, str) and draft.strip().lower() == "ngram":
-        raise InputError("draft_branches goes with a draft model (draft='int4' or a checkpoint's path): "
+        raise InputError("draft_branches goes with a draft model (draft='int4', 'int8' or a checkpoint's path): "
                          "prompt lookup proposes no alternatives")
     _count("draft_branches", branches)
     if branches > MAX_BRANCHES:
@@ -215,13 +216,13 @@ def _check_branches(draft, branches) -> None:
 
 def _check_draft(draft, draft_tokens) -> None:
     if draft is not None and not isinstance(draft, (str, os.PathLike)):
-        raise InputError(f"draft must be 'ngram', 'int4' or the path of a checkpoint, got {draft!r}")
+        raise InputError(f"draft must be 'ngram', 'int4', 'int8' or the path of a checkpoint, got {draft!r}")
     if isinstance(draft, str) and not draft.strip():
-        raise InputError("draft is empty; give 'ngram', 'int4' or the path of a checkpoint")
+        raise InputError("draft is empty; give 'ngram', 'int4', 'int8' or the path of a checkpoint")
     if draft_tokens is None:
         return
     if draft is None:
-        raise InputError("draft_tokens goes with a draft (draft='ngram', 'int4' or a checkpoint's path)")
+        raise InputError("draft_tokens goes with a draft (draft='ngram', 'int4', 'int8' or a checkpoint's path)")
     _count("draft_tokens", draft_tokens)
     if draft_tokens > MAX_DRAFT_TOKENS:
         raise InputError(f"draft_tokens must be at most {MAX_DRAFT_TOKENS}, got {draft_tokens}")

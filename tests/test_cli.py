@@ -70,7 +70,7 @@ def test_unknown_architecture(tmp_path, capsys):
     (["--draft-tokens", "4", "--prompt-ids", "1"], "draft_tokens goes with a draft"),
     (["--draft", "ngram", "--draft-tokens", "100", "--prompt-ids", "1"], "at most 64"),
     (["--draft", "ngram", "--draft-branches", "2", "--prompt-ids", "1"], "draft_branches goes with a draft model"),
-    (["--draft", "no/such/dir", "--prompt-ids", "1"], "draft 'no/such/dir': neither ngram, int4 nor a checkpoint"),
+    (["--draft", "no/such/dir", "--prompt-ids", "1"], "draft 'no/such/dir': neither ngram, int8, int4 nor a checkpoint"),
     (["--prompt-ids", "1", "--batch-size", "4"], "--batch-size goes with --prompts"),
     (["--prompt-ids", "1", "--schedule", "fifo"], "--schedule goes with --prompts"),
     (["--prompt-ids", "1", "--rounding", "minmax"], "--rounding minmax is for int4 weights"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import offload
-from offload.drafts import INT4, MODEL, NGRAM, ModelDraft, NgramDraft, draft_kind, lookup
+from offload.drafts import INT4, INT8, MODEL, NGRAM, ModelDraft, NgramDraft, draft_kind, lookup
 from offload.loading import prepare
 from offload.sampling import GREEDY
 from offload.scheduler.row_engine import Request, Row
@@ -46,14 +46,14 @@ def test_ngram_draft_respects_each_rows_budget():
 
 
 def test_draft_kinds_and_bad_options():
-    assert [draft_kind(d) for d in (None, "ngram", "INT4", "some/dir")] == [None, NGRAM, INT4, MODEL]
+    assert [draft_kind(d) for d in (None, "ngram", "INT4", " int8", "some/dir")] == [None, NGRAM, INT4, INT8, MODEL]
     with pytest.raises(offload.InputError, match="draft_tokens goes with a draft"):
         offload.LoadOptions(draft_tokens=4)
     with pytest.raises(offload.InputError, match="at most 64"):
         offload.LoadOptions(draft="ngram", draft_tokens=65)
     with pytest.raises(offload.InputError, match="positive integer"):
         offload.LoadOptions(draft="ngram", draft_tokens=0)
-    with pytest.raises(offload.InputError, match="'ngram', 'int4' or the path"):
+    with pytest.raises(offload.InputError, match="'ngram', 'int4', 'int8' or the path"):
         offload.LoadOptions(draft=3)
     for draft, why in ((None, "no draft was given"), ("ngram", "prompt lookup proposes no alternatives")):
         with pytest.raises(offload.InputError, match=f"draft_branches goes with a draft model .*: {why}"):
@@ -99,18 +99,20 @@ def test_a_draft_models_bytes_come_out_of_the_targets_budget(tiny):
         offload.plan_model(tiny, **kw, draft=str(tiny), gpu_memory=needs.gpu_budget_streaming(0) - draft_bytes)
 
 
-def test_the_int4_draft_is_kept_where_it_pays_and_declined_where_it_costs_resident_layers(structured):
-    kept = offload.load_model(structured, **KW, draft="int4", progress=False)
+@pytest.mark.parametrize("copy", ["int4", "int8"])
+def test_a_compressed_copy_is_kept_where_it_pays_and_declined_where_it_costs_resident_layers(structured, copy):
+    kept = offload.load_model(structured, **KW, draft=copy, progress=False)
     assert isinstance(kept.draft, ModelDraft) and kept.plan.draft.endswith("kept")
-    assert kept.draft.model.plan.needs.weight_format.startswith("int4")
+    assert kept.plan.draft.startswith(f"{copy} copy of the target")
+    assert kept.draft.model.plan.needs.weight_format.startswith(copy)
     # a budget that holds the whole target but not the draft beside it: it would stream every layer
     whole = offload.plan_model(structured, **KW).gpu_bytes
-    declined = offload.load_model(structured, **KW, draft="int4", gpu_memory=whole, cpu_memory="1GiB",
+    declined = offload.load_model(structured, **KW, draft=copy, gpu_memory=whole, cpu_memory="1GiB",
                                   progress=False)
     assert declined.draft is None and "declined" in declined.plan.draft and "declined" in str(declined.plan)
     assert declined.plan.placement == ["resident"] * 2
-    # the int4 copy of an int4 target is the target itself: it costs what a pass costs and gains nothing
-    same = offload.load_model(structured, **KW, quantize="int4", draft="int4", progress=False)
+    # the copy of a target in the same format is the target itself: it costs what a pass costs and gains nothing
+    same = offload.load_model(structured, **KW, quantize=copy, draft=copy, progress=False)
     assert same.draft is None and "no draft length is predicted to pay" in same.plan.draft
     for m in (kept, declined, same):
         m.close()
@@ -189,7 +191,7 @@ def test_a_broken_draft_checkpoint_is_named(structured, tmp_path):
         (broken / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
     with pytest.raises(offload.CheckpointError, match=f"draft {broken}: .*truncated or corrupt"):
         offload.load_model(structured, **KW, draft=str(broken), progress=False)
-    with pytest.raises(offload.ConfigError, match="neither ngram, int4 nor a checkpoint that exists"):
+    with pytest.raises(offload.ConfigError, match="neither ngram, int8, int4 nor a checkpoint that exists"):
         offload.plan_model(structured, **KW, draft=str(tmp_path / "none"))
 
 

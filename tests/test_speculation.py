@@ -17,7 +17,7 @@ from offload.structured import corpus_of
 # A device whose links bind: streaming a layer costs a hundred times reading it resident, products are free.
 LINK_BOUND = {"host": 1e9, "hbm": 1e11, "matmul": 1e15}
 KW = dict(dtype="float32", max_batch=4, max_seq_len=96, link_bandwidth=LINK_BOUND, progress=False)
-DRAFTS = ["ngram", "int4", "model", "tree"]  # tree: the draft model, four tokens at each depth
+DRAFTS = ["ngram", "int4", "int8", "model", "tree"]  # tree: the draft model, four tokens at each depth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,14 +30,14 @@ def streaming_budget(path, **kw) -> int:
 
 def load(path, draft=None, draft_path=None, **kw):
     """The target at ``path`` with ``draft`` ("model": ``draft_path``). Prompt lookup and the draft model are
-    paired with a target that streams all its layers (where drafting pays); the int4 draft is kept only beside
-    a resident target (the plan declines to evict layers for it), so its target is resident."""
+    paired with a target that streams all its layers (where drafting pays); a compressed copy (int4, int8) is kept
+    only beside a resident target (the plan declines to evict layers for it), so its target is resident."""
     kw = {**KW, **kw}
     if draft == "tree":
         draft, kw["draft_branches"] = "model", kw.get("draft_branches", 4)
     if draft == "model":
         draft = str(draft_path)
-    if draft is not None and draft != "int4":
+    if draft is not None and draft not in ("int4", "int8"):
         kw.update(cpu_memory="1GiB", gpu_memory=streaming_budget(path, draft=draft, **kw))
     model = offload.load_model(path, draft=draft, **kw)
     assert draft is None or model.draft is not None, model.plan
@@ -461,6 +461,22 @@ def test_smollm2_greedy_output_is_plain_greedy_decoding(smollm2, draft):
     assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
     assert got.tokens_per_pass > 1.3, got  # prompt lookup gains on the sentence to repeat, the models everywhere
     model.close()
+
+
+@pytest.mark.slow
+def test_smollm2_int8_copy_is_accepted_more_often_than_the_int4_copy(smollm2):
+    """What the int8 copy's twice the memory buys on a real model: more of its drafts agree with the target."""
+    from offload.text import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(smollm2)
+    questions = ["What is the capital of France?", "Write a haiku about the sea.", "Name three prime numbers."]
+    batch = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    acceptance = {}
+    for copy in ("int4", "int8"):
+        with load(smollm2, copy, max_batch=3, max_seq_len=128, draft_tokens=4) as model:
+            acceptance[copy] = model.generate(batch, max_new_tokens=32, ignore_eos=True,
+                                              return_result=True).acceptance
+    assert acceptance["int8"] > acceptance["int4"] + 0.1, acceptance
 
 
 def test_drafts_accepted_past_an_eos_are_not_counted(structured, plain):

@@ -52,6 +52,7 @@ from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 
 READ_CHUNK = 64 * 2**20
 WRITES = ("int4", "int8", "gguf")
+GGUF_WRITES = ("LlamaForCausalLM", "Qwen3MoeForCausalLM")  # what offload.gguf.write_q4_k_m_like makes
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -79,8 +80,8 @@ def parse_args(argv) -> argparse.Namespace:
         p.error("--write needs --shape and --out")
     if args.shape and args.shape not in SHAPES:
         p.error(f"unknown shape {args.shape!r}; choose from {', '.join(SHAPES)}")
-    if args.write == "gguf" and shape_config(args.shape)["architectures"] != ["LlamaForCausalLM"]:
-        p.error(f"--write gguf writes llama files; {args.shape} is not one")
+    if args.write == "gguf" and shape_config(args.shape)["architectures"][0] not in GGUF_WRITES:
+        p.error(f"--write gguf writes llama and qwen3moe files; {args.shape} is neither")
     return args
 
 

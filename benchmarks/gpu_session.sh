@@ -153,7 +153,7 @@
 #   1. tests_gguf_moe:200                                      the test fixes (two ran on the H100: passed)
 #   2. int4_405b:500 (an H200)                                 the moonshot (#20)
 #   3. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300  a GGUF load's ratio; mixtures of experts
-#   gguf_moe30b waits for bench_load.py to write GGUF files of experts (it writes llama files only).
+#   4. gguf_moe30b (bench_load.py --write gguf now writes qwen3moe files too; it stopped at that check)
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.

@@ -51,7 +51,7 @@ def test_the_files_of_a_checkpoint(tmp_path):
     (["--write", "int4"], "--write needs --shape and --out"),
     (["--write", "int4", "--shape", "nope", "--out", "x"], "unknown shape"),
     (["--write", "int3"], "invalid choice"),
-    (["--write", "gguf", "--shape", "qwen3-8b", "--out", "x"], "writes llama files"),
+    (["--write", "gguf", "--shape", "qwen3-8b", "--out", "x"], "writes llama and qwen3moe files"),
     (["--model", "no/such/dir"], "no checkpoint files"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys):

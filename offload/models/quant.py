@@ -275,7 +275,6 @@ def _quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> dict[str,
 
 def _pack_int4(grouped: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> dict[str, torch.Tensor]:
     """The parts of ``grouped`` ``[rows, groups, g]`` rounded to ``q * scale + minimum`` (scales already rounded)."""
-    rows, half = grouped.shape[0], grouped.shape[2] // 2
     q = (grouped - minimum.float()[..., None]).div_(_nonzero(scale)[..., None])
     q = q.round_().clamp_(0, 15).to(torch.uint8)
     return {"data": pack_int4(q), "scale": scale, "minimum": minimum}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 
-from .drafts import COPIES, draft_kind, draft_label, make_draft
+from .drafts import COPIES, INT4, draft_kind, draft_label, make_draft
 from .errors import CheckpointError, InputError, PlanWarning
 from .inputs import check_flags
 from .loading import Setup, load_weights, prepare, weight_source

@@ -91,6 +91,8 @@
 #                  chosen, and in 1 at chains of 3
 #   spec_smollm2_int8  the model's int8 copy as the draft beside its int4 copy (groups of 64), greedy, at the depth
 #                  chosen and in chains of 6 (on a CPU, float32, chains of 6: 4.95 tokens a pass against 2.94)
+#   spec_smollm2_int8_trees  the int8 copy (the best chain draft: 2.50x) in chains of 6 and 8 against trees of 2
+#                  tokens a depth, and grown best first (#22's trees)
 #   load13b_ab     llama-2-13b saved in int4 (written first), loaded from disk at 4 GiB with read() (the default), then
 #                  copied from the memory map (as before the twentieth session: bench_load.py --against-map)
 #   tests_reads    checkpoints read with read() (through a reused buffer to the GPU): GGUF bytes on CUDA, the
@@ -151,6 +153,7 @@
 # twenty-fourth (2026-12-07, an H100): tests_gguf_moe (five test faults: fixed), tests_spec, tests_whole, tests_reads,
 #   tests_kernels passed; spec_smollm2_int8, load13b_ab, load70b measured (docs/benchmarks.md). Owed now:
 #   1. tests_gguf_moe:200                                      the test fixes (two ran on the H100: passed)
+#      spec_smollm2_int8_trees:200 (carry part-aa, then part-ab)  trees from the int8 copy (#22)
 #   2. int4_405b:500 (an H200)                                 the moonshot (#20)
 #   3. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300  a GGUF load's ratio; mixtures of experts
 #   4. gguf_moe30b (bench_load.py --write gguf now writes qwen3moe files too; it stopped at that check)
@@ -334,6 +337,15 @@ run_stage() {
         for depth in "" 6; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4,/tmp/smollm2-int8 \
             ${depth:+--draft-tokens $depth} --json "$0/spec_int8$depth.json"; done' "$OUT" ;;
+    spec_smollm2_int8_trees) stage spec_smollm2_int8_trees bash -c 'set -e; smollm2_ready
+        [ -d /tmp/smollm2-int8 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int8 \
+            --out /tmp/smollm2-int8 --device cuda
+        for depth in 6 8; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
+            --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int8,/tmp/smollm2-int8@2 --draft-tokens $depth \
+            --json "$0/spec_int8_trees$depth.json"; done
+        OFFLOAD_BEST_FIRST_TREES=1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
+            --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int8@4 --json "$0/spec_int8_best_first.json"' \
+        "$OUT" ;;
     load13b_ab) stage load13b_ab bash -c 'set -e; trap "rm -rf /tmp/13b-int4" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-13b --out /tmp/13b-int4 --gpu-memory 4GiB \
             --cpu-memory 16GiB --against-map --json "$0/load13b_ab.json"' "$OUT" ;;

@@ -485,6 +485,7 @@ def test_source_fills_offload_int4_blocks(tmp_path):
     """The wiring to come, on today's int4 format (Q4_1 is int4 in groups of 32 with float16 scales, exactly):
     offload's own int4 layer layout (q, k, v fused part by part) filled from a Q4_1 file through GGUFSource,
     each tensor converted once, computes the file's weights."""
+    from offload.models.blocks import embedding_layout, global_layout
     from offload.models.llama import Llama
     from offload.models.quant import WeightFormat, dequantize
 
@@ -499,7 +500,10 @@ def test_source_fills_offload_int4_blocks(tmp_path):
     real_parts = ck.parts
     ck.parts = lambda *a, **k: calls.append(a[0]) or real_parts(*a, **k)
     blocks = Llama.blocks(config, TensorParallel(), torch.float16, WeightFormat("int4", 32))
-    source.validate([x for block in blocks for x in block.sources()])
+    others = [global_layout(config, TensorParallel(), torch.float16, None),
+              embedding_layout(config, TensorParallel(), torch.float16)]
+    source.validate([x for layout in others if layout for x in layout.sources()]
+                    + [x for block in blocks for x in block.sources()])
     for block in blocks:
         buffer = torch.zeros(block.layout.nbytes, dtype=torch.uint8)
         for spec, name in block.sources():
@@ -605,6 +609,56 @@ def test_a_renamed_split_part_is_refused(tmp_path):
     a.rename(tmp), b.rename(a), tmp.rename(b)
     with pytest.raises(CheckpointError, match="its metadata says it is part 3 of"):
         GGUFCheckpoint(files[0])
+
+
+def _write_with_the_package(path, model, **writer_options) -> Path:
+    """``model`` written by the gguf package's own writer (``writer_options``: its alignment, byte order)."""
+    from offload.gguf.writer import _add
+
+    writer = gguf.GGUFWriter(str(path), "llama", **writer_options.get("init", {}))
+    if "alignment" in writer_options:
+        writer.add_custom_alignment(writer_options["alignment"])
+    for key, value in arch_metadata("llama", model.config, "tiny").items():
+        _add(writer, key, value)
+    for t in gguf_tensors_of(model, "llama"):
+        writer.add_tensor(t.name, np.ascontiguousarray(t.make()), raw_dtype=t.ggml_type)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    return path
+
+
+@pytest.mark.parametrize("alignment", [32, 64])
+def test_a_file_that_names_its_alignment_loads(tmp_path, alignment):
+    """general.alignment (a uint32 in the file) is honoured, as llama.cpp honours it; 32 is also the default."""
+    model = hf_model("llama", seed=3)
+    path = _write_with_the_package(tmp_path / "aligned.gguf", model, alignment=alignment)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    with offload.load_model(path, dtype=torch.float32, max_seq_len=32, progress=False) as ours:
+        torch.testing.assert_close(ours(ids), want, atol=1e-4, rtol=0)
+
+
+def test_a_big_endian_file_is_refused_by_name(tmp_path):
+    path = _write_with_the_package(tmp_path / "big.gguf", hf_model("llama", seed=3),
+                                   init=dict(endianess=gguf.GGUFEndian.BIG))
+    _one_line_checkpoint_error(path, "big-endian GGUF file")
+
+
+def test_tensors_the_model_would_not_use_are_refused(tmp_path):
+    """An LM head bias, norm biases, an output projection's bias without the q/k/v biases: names a Hugging Face
+    model has, but the model the metadata describes does not use them. Dropped, the logits would be another
+    model's."""
+    model = hf_model("mistral", seed=9)
+    extra = [TensorToWrite("output.bias", T.F32, (model.config.vocab_size,),
+                           lambda: np.full(model.config.vocab_size, 5.0, np.float32)),
+             TensorToWrite("blk.0.attn_output.bias", T.F32, (model.config.hidden_size,),
+                           lambda: np.ones(model.config.hidden_size, np.float32))]
+    path = tmp_path / "extra.gguf"
+    write_gguf(path, "llama", arch_metadata("llama", model.config, "tiny"), gguf_tensors_of(model, "llama") + extra)
+    with pytest.raises(CheckpointError) as info:
+        offload.load_model(path, dtype=torch.float32, max_seq_len=32, progress=False)
+    message = str(info.value)
+    assert "2 tensor(s) the model would not use (output.bias, blk.0.attn_output.bias)" in message, message
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,7 @@ def _reader_class():
 
         def _build_tensors(self, start_offs, fields):
             expected = 0  # as llama.cpp requires: each tensor where the one before it ends, padded to the alignment
+            alignment = int(self.alignment)  # a file's general.alignment is a numpy uint32: -n // it would wrap
             for field in fields:
                 _, name, _, dims, raw_type, offset = field.parts
                 ggml_type = gguf.GGMLQuantizationType(int(raw_type[0]))
@@ -102,7 +103,7 @@ def _reader_class():
                 if end > len(self.data):
                     raise _BadTensor(f"tensor {name!r} ends at byte {end}, past the end of the file "
                                      f"({len(self.data)} bytes): the file is truncated or corrupt")
-                expected += -(-n_bytes // self.alignment) * self.alignment
+                expected += -(-n_bytes // alignment) * alignment
             super()._build_tensors(start_offs, fields)
 
     return CheckedReader
@@ -142,7 +143,7 @@ def open_reader(path: Path):
     if magic != b"GGUF":
         raise CheckpointError(f"{path}: not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
     try:
-        return _reader_class()(path)
+        reader = _reader_class()(path)
     except _BadTensor as e:
         raise CheckpointError(f"{path.name}: {e}") from None
     except (IndexError, struct.error):  # a read of the header ran off the end
@@ -150,6 +151,10 @@ def open_reader(path: Path):
                               f"{path.stat().st_size} bytes)") from None
     except (ValueError, KeyError, OverflowError, UnicodeDecodeError, TypeError, MemoryError) as e:
         raise CheckpointError(f"{path.name}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+    if reader.byte_order != "I":  # the tensors' bytes would be read in this machine's order
+        raise CheckpointError(f"{path.name}: a big-endian GGUF file; offload reads little-endian files (convert it "
+                              "with llama.cpp's gguf tools)")
+    return reader
 
 
 def split_parts(path: Path) -> list[Path]:

@@ -74,7 +74,9 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
                          "unrelated to them (they are made packed): give the target in 16 bits, or a draft model")
     setup = prepare(model, options)
     _warn(setup)
-    pool = load_weights(setup, weight_source(model, random_weights, setup.device, packed=packed),
+    # (a GGUF file quantized at load: one of 16- or 32-bit layers, which prepare allows; its tensors read dense)
+    requantize = setup.options.quantize in FORMATS
+    pool = load_weights(setup, weight_source(model, random_weights, setup.device, packed=packed, requantize=requantize),
                         progress and setup.tp.rank == 0)
     try:
         draft = _load_draft(setup, model, random_weights, progress, pool)

@@ -452,6 +452,8 @@ def _weight_format(model, options: LoadOptions, chosen: ops.Ops, dtype: torch.dt
     all the same), computed by the kernels the model's ops use."""
     kernel = choose_kernel(chosen.kernels)
     if isinstance(model, (str, os.PathLike)) and is_gguf(model) and not (requantize and options.quantize):
+        if options.quantize in FORMATS and not _gguf_compressed(model):
+            return WeightFormat(options.quantize, options.group_size, kernel, rounding=options.rounding)  # read dense
         if options.quantize not in (None, STORED):
             raise InputError(f"{Path(model).name} is stored quantized already (GGUF); --quantize does not apply")
         return gguf_format(model, kernel, dtype)
@@ -471,6 +473,14 @@ def _weight_format(model, options: LoadOptions, chosen: ops.Ops, dtype: torch.dt
         raise InputError("quantize='stored' keeps a checkpoint's own compressed formats, but this checkpoint is not "
                          "stored quantized (a GGUF file, or scripts/quantize.py's output)")
     return WeightFormat(options.quantize, options.group_size, kernel, rounding=options.rounding)
+
+
+def _gguf_compressed(path) -> bool:
+    """Whether a GGUF file stores any of its layers' weights compressed (not in 16 or 32 bits)."""
+    from .gguf import GGUFCheckpoint, is_float_type
+
+    return any(name.startswith("model.layers.") and not is_float_type(t.ggml_type)
+               for name, t in GGUFCheckpoint(path).tensors.items())
 
 
 def gguf_format(path, kernel: str, dtype: torch.dtype) -> WeightFormat:
@@ -536,8 +546,8 @@ def _stored_formats(layouts: list[BlockLayout]) -> str:
 def weight_source(model, random_weights: int | None, device: torch.device, requantize: bool = False,
                   packed: bool = False):
     """Where the weights come from: the checkpoint directory, or seeded random numbers (``packed``: quantized
-    weights made in their parts; ``requantize``: a GGUF file's compressed tensors are read dense, to be
-    quantized again: ``prepare``)."""
+    weights made in their parts; ``requantize``: a GGUF file's tensors are read dense, to be quantized (again):
+    ``prepare``)."""
     if random_weights is not None:
         return RandomSource(seed=random_weights, device=device, packed=packed)
     if isinstance(model, (dict, ModelConfig)):

@@ -661,6 +661,42 @@ def test_tensors_the_model_would_not_use_are_refused(tmp_path):
     assert "2 tensor(s) the model would not use (output.bias, blk.0.attn_output.bias)" in message, message
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_file_of_16_bit_layers_is_quantized_at_load_as_a_checkpoint_is(tmp_path, fmt):
+    """quantize= on a GGUF file whose layers are F16: its tensors are read dense and quantized as a checkpoint
+    directory's are (the same float32 weights give the same logits, bitwise). A file of compressed layers is
+    stored quantized already, and says so."""
+    model = hf_model("llama", seed=21)
+    for name, w in model.state_dict().items():  # the weights as F16 holds them
+        w.copy_(w.half().float())
+    path = write_model_gguf(tmp_path / "f16.gguf", model, "llama",
+                            kind_of=lambda n: T.F16 if n.startswith("blk.") and "norm" not in n else None)[0]
+    model.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    kw = dict(dtype=torch.float32, max_seq_len=32, quantize=fmt, group_size=32 if fmt == "int4" else None,
+              progress=False)
+    with offload.load_model(path, **kw) as ours, offload.load_model(tmp_path / "hf", **kw) as theirs:
+        assert ours.plan.needs.weight_format.startswith(fmt), ours.plan.needs.weight_format
+        assert torch.equal(ours(ids), theirs(ids))
+    q41 = write_model_gguf(tmp_path / "q41.gguf", model, "llama",
+                           kind_of=lambda n: T.Q4_1 if n.startswith("blk.") and "norm" not in n else None)[0]
+    with pytest.raises(offload.InputError, match="q41.gguf is stored quantized already"):
+        offload.load_model(q41, **kw)
+
+
+@pytest.mark.parametrize("kind", [T.Q8_0, T.Q4_0])
+def test_a_vector_in_a_block_type_reads_whole(tmp_path, kind):
+    """A norm stored in blocks (llama.cpp keeps vectors in F32, but a file may not): its bytes are blocks, so
+    reading its 64 values reads 68 bytes of Q8_0 (they were cut at 64)."""
+    model = hf_model("llama", seed=3)
+    path = write_model_gguf(tmp_path / "norm.gguf", model, "llama",
+                            kind_of=lambda n: kind if n == "output_norm.weight" else None)[0]
+    ck = GGUFCheckpoint(path)
+    want = gguf.quants.dequantize(gguf.GGUFReader(path).get_tensor(
+        [t.name for t in gguf.GGUFReader(path).tensors].index("output_norm.weight")).data, kind)
+    assert torch.equal(ck.dense("model.norm.weight"), torch.from_numpy(want.reshape(-1)))
+
+
 @pytest.fixture(scope="module")
 def good_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("good") / "good.gguf"

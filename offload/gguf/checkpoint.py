@@ -76,10 +76,15 @@ class GGUFCheckpoint:
         if len(stored.shape) == 1 and cols is not None:
             raise CheckpointError(f"{name} is a vector; it has no columns to cut")
         lo, hi = rows or (0, stored.shape[0])
+        block, type_size = _block(stored.ggml_type)
+        if len(stored.shape) == 1 and block > 1:  # a vector in blocks: its data is bytes, not values
+            if lo % block or hi % block:
+                raise CheckpointError(f"{name}: elements {lo}..{hi} cut {type_name(stored.ggml_type)} blocks of "
+                                      f"{block} values")
+            return data.view(np.uint8)[lo // block * type_size : hi // block * type_size]
         data = data[lo:hi]
         if cols is None:
             return data
-        block, type_size = _block(stored.ggml_type)
         if cols[0] % block or cols[1] % block:
             raise CheckpointError(f"{name}: columns {cols[0]}..{cols[1]} cut {type_name(stored.ggml_type)} blocks "
                                   f"of {block} values; a shard of its input dimension must be a multiple of {block}")

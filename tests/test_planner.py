@@ -140,6 +140,7 @@ def test_embedding_table_moves_to_host_ram_only_when_offloading():
     whole = need.fixed_bytes + need.embedding_bytes + 40 * GB
     fits = plan(need, gpu=whole)
     assert not fits.embedding_on_host and fits.gpu_bytes == whole
+    assert "besides resident layers: non-layer 476.84 MiB, embedding table 476.84 MiB, KV" in str(fits), str(fits)
     tight = plan(need, gpu=need.fixed_bytes + 12 * GB + GB // 2)
     assert tight.embedding_on_host and tight.placement.count("resident") == 10  # the half GB went to layers
     assert tight.host_ram_bytes == tight.host_bytes + GB // 2

@@ -248,7 +248,9 @@ class Plan:
                 f"{format_size(budgets[tier]):>13}   {link}"
             )
         lines.append(
-            f"  on {self.compute_device} besides resident layers: non-layer {format_size(n.global_bytes)}, "
+            f"  on {self.compute_device} besides resident layers: non-layer {format_size(n.global_bytes)}"
+            + (f", embedding table {format_size(n.embedding_bytes)}" if n.embedding_bytes and not self.embedding_on_host
+               else "") + ", "
             f"KV cache {format_size(n.kv_bytes)} ({n.max_batch} x {n.max_seq_len} tokens), "
             f"{self.slot_count} slot(s) {format_size(self.slots_bytes)}"
             f"{' (' + ', '.join(f'{t} {c}' for t, c in self.slots.items()) + ')' if len(self.slots) > 1 else ''}, "

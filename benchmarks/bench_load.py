@@ -73,6 +73,11 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the tiny shape saved in int4, on the CPU")
     args = p.parse_args(argv)
     if args.quick:
+        # --quick sets these itself: one given beside it would be silently ignored
+        given = [flag for flag in ("--model", "--write", "--shape", "--out", "--group-size", "--gpu-memory")
+                 if getattr(args, flag[2:].replace("-", "_")) is not None]
+        if given:
+            p.error(f"--quick writes and loads the tiny shape in int4 under its own budget; drop {', '.join(given)}")
         return args
     if bool(args.model) == bool(args.write):
         p.error("give --model PATH, or --write FORMAT --shape NAME --out PATH")

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 import offload  # noqa: E402
 from offload.batch import Record, ResultFile, run_batch  # noqa: E402
+from offload.errors import InputError  # noqa: E402
 from offload.models.shapes import shape_config  # noqa: E402
 
 
@@ -41,7 +42,18 @@ def make_records(n: int, vocab: int, prompt_range, new_range, seed: int = 0) -> 
                    randint(*new_range), i + 1) for i in range(n)]
 
 
-def main() -> int:
+def token_range(flag: str, text: str) -> tuple[int, int]:
+    """``LO,HI`` of ``flag`` as two integers with 1 <= LO <= HI; InputError (one line, status 2) otherwise."""
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{flag} expects LO,HI such as 16,256, got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise InputError(f"{flag} needs 1 <= LO <= HI, got {lo},{hi}")
+    return lo, hi
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama-2-7b")
     p.add_argument("--dtype", default=None, help="default: bf16 on a GPU, fp32 on a CPU")
@@ -53,9 +65,13 @@ def main() -> int:
     p.add_argument("--new-tokens", default="4,32", help="min,max new tokens per record")
     p.add_argument("--max-step-tokens", type=int, default=4096)
     p.add_argument("--json", help="write the results here too")
-    args = p.parse_args()
-    prompt_range = tuple(map(int, args.prompt_len.split(",")))
-    new_range = tuple(map(int, args.new_tokens.split(",")))
+    args = p.parse_args(argv)
+    # checked before the model loads: a bad range or count would otherwise fail only after it
+    prompt_range = token_range("--prompt-len", args.prompt_len)
+    new_range = token_range("--new-tokens", args.new_tokens)
+    for flag, value in (("--records", args.records), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
 
     warnings.simplefilter("ignore", offload.OffloadWarning)
     model = offload.load_model(shape_config(args.shape), random_weights=0, dtype=args.dtype,

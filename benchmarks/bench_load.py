@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 import offload  # noqa: E402
 from offload.cli import Parser, report_bad_input  # noqa: E402
+from offload.gguf.convert import QK_K  # noqa: E402
 from offload.models.checkpoint import CheckpointSource  # noqa: E402
 from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 
@@ -73,6 +74,11 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the tiny shape saved in int4, on the CPU")
     args = p.parse_args(argv)
     if args.quick:
+        # --quick sets these itself: one given beside it would be silently ignored
+        given = [flag for flag in ("--model", "--write", "--shape", "--out", "--group-size", "--gpu-memory")
+                 if getattr(args, flag[2:].replace("-", "_")) is not None]
+        if given:
+            p.error(f"--quick writes and loads the tiny shape in int4 under its own budget; drop {', '.join(given)}")
         return args
     if bool(args.model) == bool(args.write):
         p.error("give --model PATH, or --write FORMAT --shape NAME --out PATH")
@@ -80,9 +86,36 @@ def parse_args(argv) -> argparse.Namespace:
         p.error("--write needs --shape and --out")
     if args.shape and args.shape not in SHAPES:
         p.error(f"unknown shape {args.shape!r}; choose from {', '.join(SHAPES)}")
-    if args.write == "gguf" and shape_config(args.shape)["architectures"][0] not in GGUF_WRITES:
-        p.error(f"--write gguf writes llama and qwen3moe files; {args.shape} is neither")
+    if args.write == "gguf":
+        check_gguf_write(p, args.shape, Path(args.out))
     return args
+
+
+def check_gguf_write(p, shape: str, out: Path) -> None:
+    """Refuse, before anything is written, a GGUF file the writer cannot make or one that would replace a file."""
+    config = shape_config(shape)
+    if config["architectures"][0] not in GGUF_WRITES:
+        p.error(f"--write gguf writes llama and qwen3moe files; {shape} is neither")
+    # The writer makes Q4_K/Q6_K blocks of QK_K values along each matrix's input dimension: a width that is not a
+    # multiple of QK_K fails halfway through the file.
+    for name, width in kquant_widths(config).items():
+        if width % QK_K:
+            p.error(f"--write gguf needs input widths that are multiples of {QK_K} (the K-quant block); "
+                    f"{shape} has {name} {width}")
+    if out.exists():  # as --write int4/int8 refuse a non-empty --out
+        p.error(f"--out {out} exists: --write gguf writes a new file")
+    if not out.parent.is_dir():
+        p.error(f"--out {out}: no directory {out.parent} to write it in")
+
+
+def kquant_widths(config: dict) -> dict[str, int]:
+    """The input dimensions of a model's matrices, which the GGUF writer stores in K-quant blocks (a mixture of
+    experts': its experts' width, not the dense one it does not use)."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    mlp = ("moe_intermediate_size", config["moe_intermediate_size"]) if config.get("num_experts") else \
+        ("intermediate_size", config["intermediate_size"])
+    return {"hidden_size": config["hidden_size"], "heads x head_dim": heads * head_dim, mlp[0]: mlp[1]}
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -129,14 +162,26 @@ def write(args) -> Path:
     out, config = Path(args.out), shape_config(args.shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.write == "gguf":
-        from offload.gguf import write_q4_k_m_like
-
-        return write_q4_k_m_like(out, config, seed=0, progress=True)[0]
+        return write_gguf_file(out, config)
     from offload.quantized import write_quantized
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     return write_quantized(config, out, args.write, args.group_size, rounding="minmax", dtype=dtype,
                            device=device, random_weights=0)
+
+
+def write_gguf_file(out: Path, config: dict) -> Path:
+    """A Q4_K_M-like GGUF file at ``out``, written under a hidden name and renamed once whole: a write that fails
+    or is stopped leaves no truncated file behind."""
+    from offload.gguf import write_q4_k_m_like
+
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")  # this process's own: a second run has its own
+    try:
+        write_q4_k_m_like(partial, config, seed=0, progress=True)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)  # gone already once renamed
+    return out
 
 
 def measure(path: Path, options: dict, warm: bool, against_map: bool = False) -> dict:

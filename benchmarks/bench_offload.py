@@ -80,6 +80,7 @@ from offload.memory.bandwidth import peer_is_direct
 from offload.memory.planner import HOST, RESIDENT
 from offload.models.checkpoint import CheckpointSource
 from offload.models.config import config_from_dict
+from offload.models.quant import FORMATS, STORED
 from offload.models.blocks import checkpoint_sources
 from offload.models.registry import family_of
 from offload.models.shapes import SHAPES, shape_config
@@ -93,6 +94,11 @@ WARMUP_PROMPT = 8  # tokens of accelerate's warm-up prompt
 QUICK = dict(shape="tiny", prompt_len=16, decode_tokens=8, batch="1,4", accelerate_tokens=4)
 DEFAULTS = dict(prompt_len=128, decode_tokens=16, batch="1,16", accelerate_tokens=4, gpu_memory="8GiB")
 TIER_LETTER = {RESIDENT: "R", HOST: "H", "peer": "P", "disk": "D"}
+# Every name our_runs can give (less " eager"), on some machine and model; --quantize adds "host FORMAT" and its twins.
+OUR_RUNS = ("resident", "host", "host prefetch", "resident direct", "resident copied", "host direct", "host copied",
+            "peer", "host+peer")
+EXPERT_TWINS = ("", " direct", " copied")
+QUANTIZE_FORMATS = (*FORMATS, STORED)  # what load_model's quantize takes
 
 
 class UsageError(Exception):
@@ -115,6 +121,7 @@ class Bench:
     accelerate_tokens: int
     quick: bool
     quantized: list[tuple[str, int | None]] = field(default_factory=list)  # (format, GPU budget or None: the same)
+    wanted: set[str] | None = None  # --runs: the names of our runs to make (None: every one)
     links: dict[str, float] = field(default_factory=dict)  # bytes/s: host, pageable, hbm, and each peer
 
     @property
@@ -229,13 +236,37 @@ def bench_from_args(args) -> Bench:
     dtype = offload.parse_dtype(args.dtype, device)
     # --quick sizes its budget from the plan once the links are known (quick_budget, in main).
     gpu_memory = 0 if args.quick else offload.parse_size(setting("gpu_memory"), "--gpu-memory")
-    quantized = []
-    for item in (args.quantize or "").split(","):
-        if item.strip():
-            fmt, _, size = item.strip().partition("@")
-            quantized.append((fmt, offload.parse_size(size, "--quantize budget") if size else None))
+    quantized = parse_quantize(args.quantize or "", checkpoint=bool(args.model))
     return Bench(model, config, label, device, dtype, gpu_memory, prompt_len, decode_tokens, batches,
-                 accelerate_tokens, args.quick, quantized)
+                 accelerate_tokens, args.quick, quantized, wanted=parse_runs(args.runs, quantized))
+
+
+def parse_quantize(text: str, checkpoint: bool) -> list[tuple[str, int | None]]:
+    """--quantize as (format, GPU budget or None); an unknown format is refused here, not skipped after every run."""
+    quantized = []
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        fmt, _, size = item.partition("@")
+        if fmt not in QUANTIZE_FORMATS:
+            raise UsageError(f"--quantize: unknown format {fmt!r}; choose from {', '.join(QUANTIZE_FORMATS)}")
+        if fmt == STORED and not checkpoint:  # random weights are never stored compressed
+            raise UsageError("--quantize stored keeps a checkpoint's own compressed formats: it goes with --model")
+        quantized.append((fmt, offload.parse_size(size, "--quantize budget") if size else None))
+    return quantized
+
+
+def parse_runs(text: str | None, quantized: list[tuple[str, int | None]]) -> set[str] | None:
+    """--runs as a set of run names (None: every run); a name no machine could make is refused, since it would
+    leave nothing of ours to run."""
+    if text is None:
+        return None
+    wanted = {name.strip() for name in text.split(",") if name.strip()}
+    known = [*OUR_RUNS, *(f"host {fmt}{twin}" for fmt, _ in quantized for twin in EXPERT_TWINS)]
+    unknown = sorted(wanted - set(known))
+    if unknown or not wanted:
+        what = f"unknown {', '.join(map(repr, unknown))}" if unknown else "no run named"
+        raise UsageError(f"--runs: {what}; choose from {', '.join(known)} (host FORMAT with --quantize FORMAT; "
+                         f"each run's eager twin comes with it on a GPU; accelerate runs unless --skip-accelerate)")
+    return wanted
 
 
 def parse_batches(text: str) -> list[int]:
@@ -773,6 +804,18 @@ def hardware_words(hw: dict) -> str:
     return f"{hw['gpu_count']} x {hw['gpu']}" if hw["gpu"] else f"CPU ({hw['cpu']}, no GPU)"
 
 
+def pick_runs(bench: Bench, runs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The runs --runs names, of those this machine and model can make; UsageError where that leaves none."""
+    if bench.wanted is None:
+        return runs
+    picked = [(n, b) for n, b in runs if n.removesuffix(" eager") in bench.wanted]
+    if not picked:
+        here = dict.fromkeys(n.removesuffix(" eager") for n, _ in runs)
+        raise UsageError(f"none of --runs {', '.join(sorted(bench.wanted))} can be made here; this machine and "
+                         f"model make {', '.join(here)}")
+    return picked
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -791,11 +834,8 @@ def main(argv=None) -> int:
     try:
         if bench.quick:
             bench.gpu_memory = quick_budget(bench)
-        runs_wanted = our_runs(bench)
-        if args.runs:
-            wanted = {name.strip() for name in args.runs.split(",")}
-            runs_wanted = [(n, b) for n, b in runs_wanted if n.removesuffix(" eager") in wanted]
-    except offload.OffloadError as e:
+        runs_wanted = pick_runs(bench, our_runs(bench))
+    except (UsageError, offload.OffloadError) as e:
         print(f"bench_offload: {e}", file=sys.stderr)
         return 2
     print(f"model: {bench.label}, {str(bench.dtype).removeprefix('torch.')}, {bench.config.n_layers} layers x "

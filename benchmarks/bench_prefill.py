@@ -33,6 +33,7 @@ from offload.cli import report_bad_input  # noqa: E402
 import torch  # noqa: E402
 
 import offload  # noqa: E402
+from offload.errors import InputError  # noqa: E402
 from offload.memory.bandwidth import PROBE_BYTES, measure_cpu_copy, measure_host  # noqa: E402
 from offload.models.shapes import shape_config  # noqa: E402
 
@@ -57,7 +58,22 @@ def load(shape: dict, rows: int, tokens: int, args, **budget):
                                   max_step_tokens=args.max_step_tokens, progress=False, **budget)
 
 
-def main() -> int:
+def prompt_shapes(text: str) -> list[tuple[int, int]]:
+    """``--prompts`` as (rows, tokens) pairs, each at least 1; InputError (one line, status 2) otherwise."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            rows, tokens = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise InputError(f"--prompts expects comma-separated ROWSxTOKENS such as 32x128,1x4096, "
+                             f"got {text!r}") from None
+        if rows < 1 or tokens < 1:
+            raise InputError(f"--prompts: rows and tokens must be >= 1, got {item!r}")
+        shapes.append((rows, tokens))
+    return shapes
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama-2-13b")
     p.add_argument("--gpu-memory", default="8GiB")
@@ -66,17 +82,17 @@ def main() -> int:
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", help="write the rows here too")
     p.add_argument("--quick", action="store_true", help="the tiny shape on the CPU (checks the script)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
         args.shape, args.prompts, args.max_step_tokens = "tiny", "4x32,1x96", 64
     shape = shape_config(args.shape)
+    prompts_wanted = prompt_shapes(args.prompts)  # before the bandwidth is measured and any model loads
     device = torch.device("cuda") if torch.cuda.is_available() and not args.quick else torch.device("cpu")
     host_bw = measure_host(device, PROBE_BYTES) if device.type == "cuda" else measure_cpu_copy()
     print(f"{args.shape} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: "
           f"pinned host bandwidth {host_bw / 1e9:.1f} GB/s", flush=True)
     rows_out = []
-    for item in args.prompts.split(","):
-        rows, tokens = map(int, item.lower().split("x"))
+    for rows, tokens in prompts_wanted:
         prompts = torch.randint(3, shape["vocab_size"], (rows, tokens), generator=torch.Generator().manual_seed(0))
         prompts = prompts.tolist()
         resident = load(shape, rows, tokens, args, link_bandwidth=None) if not args.quick else None

@@ -126,7 +126,8 @@ def settings(args) -> dict:
              prompt_len=(low, high), new_tokens=pick("new_tokens"), sequential=pick("sequential"))
     if not 1 <= low <= high:
         raise UsageError(f"--prompt-len needs 1 <= min <= max, got {low},{high}")
-    if s["clients"] < 1 or s["new_tokens"] < 1 or s["sequential"] < 0 or (s["max_batch"] or 1) < 1:
+    max_batch = 1 if s["max_batch"] is None else s["max_batch"]  # None: --clients, halved until the plan fits
+    if s["clients"] < 1 or s["new_tokens"] < 1 or s["sequential"] < 0 or max_batch < 1:
         raise UsageError("--clients, --new-tokens and --max-batch must be >= 1, --sequential >= 0")
     s["sequential"] = min(s["sequential"] or s["clients"], s["clients"])
     return s

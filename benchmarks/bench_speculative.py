@@ -124,6 +124,8 @@ def parse_args(argv) -> argparse.Namespace:
         raise UsageError("--widths must lie in [1, 65]")
     if args.gpu_memory == STREAM and not args.cpu_memory:
         raise UsageError("--gpu-memory stream needs --cpu-memory: the host memory the streamed layers live in")
+    if args.slots is not None and args.slots < 1:  # not left to the plan's default, as 0 would be
+        raise UsageError(f"--slots must be >= 1, got {args.slots}")
     if not 0.0 <= args.temperature <= 10.0:
         raise UsageError(f"--temperature must lie in [0, 10], got {args.temperature}")
     args.drafts = drafts

@@ -44,6 +44,7 @@ import torch  # noqa: E402
 import offload  # noqa: E402
 from offload.batch import Record, choose_batch_size, forecast_job, run_batch  # noqa: E402
 from offload.distributed import TensorParallel  # noqa: E402
+from offload.errors import InputError  # noqa: E402
 from offload.models.blocks import checkpoint_sources  # noqa: E402
 from offload.models.shapes import shape_config  # noqa: E402
 from offload.synthetic import RandomSource  # noqa: E402
@@ -170,7 +171,26 @@ def probe_hf(model, records, rows: int, steps: int) -> dict:
     return dict(rows=rows, prefill_s=prefill, decode_ms=1e3 * decode, tokens_per_s=len(records) * new / seconds)
 
 
-def main() -> int:
+def sweep_sizes(text: str) -> set[int]:
+    """``--sweep`` as a set of batch sizes, each at least 1; InputError (one line, status 2) otherwise."""
+    try:
+        sizes = {int(r) for r in text.split(",")}
+    except ValueError:
+        raise InputError(f"--sweep expects comma-separated batch sizes such as 8,16,32, got {text!r}") from None
+    if min(sizes) < 1:
+        raise InputError(f"--sweep: batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def check_counts(args) -> None:
+    """Every count at least 1, checked before the auto job runs (a bad one would fail only after it)."""
+    for flag in ("--records", "--prompt-len", "--new-tokens", "--probe-steps"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama-2-70b")
     p.add_argument("--gpu-memory", default="40GiB")
@@ -183,13 +203,16 @@ def main() -> int:
     p.add_argument("--skip-accelerate", action="store_true")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--quick", action="store_true", help="the tiny shape on the CPU (checks the script)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
         args.shape, args.records, args.prompt_len, args.new_tokens, args.sweep = "tiny", 8, 32, 4, "2,4,8"
         args.skip_accelerate = True
     shape = shape_config(args.shape)
+    check_counts(args)
+    sweep = sweep_sizes(args.sweep)
+    budget = offload.parse_size(args.gpu_memory, "--gpu-memory")  # parsed on a CPU too, where it goes unused
     cuda = torch.cuda.is_available() and not args.quick
-    gpu_budget = offload.parse_size(args.gpu_memory) if cuda else None
+    gpu_budget = budget if cuda else None
     options = offload.LoadOptions(device="cuda" if cuda else "cpu", gpu_memory=gpu_budget, cpu_memory=args.cpu_memory,
                                   max_seq_len=args.prompt_len + args.new_tokens, max_step_tokens=2048)
     records = make_records(args.records, args.prompt_len, shape["vocab_size"], args.new_tokens)
@@ -212,7 +235,7 @@ def main() -> int:
     rows_out = {}
     rows_out["auto"] = run_ours(shape, options, records, best.rows, args.probe_steps, full=True)
     print(f"  auto {rows_out['auto']}", flush=True)
-    for rows in sorted({int(r) for r in args.sweep.split(",")} - {best.rows}):
+    for rows in sorted(sweep - {best.rows}):
         if rows > len(records):
             continue
         try:

@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from offload.cli import report_bad_input  # noqa: E402
+from offload.errors import InputError  # noqa: E402
+from offload.models.shapes import shape_config  # noqa: E402
 
 
 def worker(args) -> None:
     import torch
 
     import offload
-    from offload.models.shapes import shape_config
 
     warnings.simplefilter("ignore", offload.OffloadWarning)
     model = offload.load_model(shape_config(args.shape), random_weights=0, tp=int(os.environ["WORLD_SIZE"]),
@@ -56,7 +57,18 @@ def worker(args) -> None:
     model.close()
 
 
-def main() -> int:
+def tp_sizes(text: str) -> list[int]:
+    """``--tp`` as TP sizes, each at least 1; InputError (one line, status 2) otherwise."""
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise InputError(f"--tp expects comma-separated TP sizes such as 1,2,4, got {text!r}") from None
+    if min(sizes) < 1:
+        raise InputError(f"--tp: TP sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama-2-13b")
     p.add_argument("--gpu-memory", default="8GiB", help="budget of each GPU")
@@ -72,14 +84,17 @@ def main() -> int:
     p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
+    # Checked here, not in the workers: there a bad shape ends in torchrun's traceback of every rank.
+    shape_config(args.shape)
+    sizes = tp_sizes(args.tp)
 
     rows = []
     modes = [False, True] if args.with_eager else [False]
-    for size, eager in [(int(s), e) for s in args.tp.split(",") for e in modes]:
+    for size, eager in [(s, e) for s in sizes for e in modes]:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={size}", __file__, "--worker",
                    "--result", out.name, "--shape", args.shape, "--gpu-memory", args.gpu_memory, "--dtype",

@@ -25,10 +25,16 @@ import torch
 
 import offload
 from offload.cli import report_bad_input
-from offload.models.shapes import shape_config
+from offload.errors import InputError
+from offload.models.shapes import SHAPES, shape_config
 
 NARROW = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_attention_heads": 4,
           "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}
+
+
+def routed_experts(config: dict) -> int:
+    """Experts a routed layer of ``config`` has (Qwen's field, or Mixtral's); 0 for a dense model."""
+    return config.get("num_experts") or config.get("num_local_experts") or 0
 
 
 def main(argv=None) -> None:
@@ -39,9 +45,14 @@ def main(argv=None) -> None:
     p.add_argument("--prefetch-experts", action="store_true", help="with the next layer's experts guessed ahead")
     p.add_argument("--direct-experts", action="store_true", help="the kernels read the experts where they live")
     args = p.parse_args(argv)
+    if args.steps < 2:  # one token comes from the prefill: fewer than 2 leaves no decode step to time
+        raise InputError(f"--steps must be >= 2 (the first token comes from the prefill), got {args.steps}")
+    config = shape_config(args.shape) | NARROW
+    if not routed_experts(config):  # a dense model has no expert traffic to time
+        moe = ", ".join(name for name in SHAPES if routed_experts(shape_config(name)))
+        raise InputError(f"{args.shape} has no routed experts; give a mixture-of-experts shape: {moe}")
     warnings.simplefilter("ignore", offload.OffloadWarning)
     torch.set_num_threads(1)
-    config = shape_config(args.shape) | NARROW
     options = dict(dtype="float32", max_batch=1, max_seq_len=64)
     needs = offload.plan_model(config, **options).needs
     experts = needs.experts.total_bytes

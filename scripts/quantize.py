@@ -19,9 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offload import OffloadError, parse_size  # noqa: E402
 from offload.cli import Parser  # noqa: E402
+from offload.errors import InputError  # noqa: E402
 from offload.models.quant import check_request  # noqa: E402
 from offload.options import parse_device, parse_dtype  # noqa: E402
 from offload.quantized import write_quantized  # noqa: E402
+
+
+def shard_size(text: str) -> int:
+    """--shard-size in bytes, refused unless positive: 0 would write a shard for every tensor."""
+    size = parse_size(text, "--shard-size")
+    if size < 1:
+        raise InputError(f"--shard-size must be positive, got {text!r}")
+    return size
 
 
 def main(argv=None) -> int:
@@ -40,7 +49,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         check_request(args.quantize, args.group_size, args.rounding)
         write_quantized(args.model, args.out, args.quantize, args.group_size, args.rounding,
-                        parse_dtype(args.dtype), parse_device(args.device), parse_size(args.shard_size, "--shard-size"))
+                        parse_dtype(args.dtype), parse_device(args.device), shard_size(args.shard_size))
     except OffloadError as e:
         print(f"quantize: error: {e}", file=sys.stderr)
         return 2

@@ -52,9 +52,52 @@ def test_the_files_of_a_checkpoint(tmp_path):
     (["--write", "int4", "--shape", "nope", "--out", "x"], "unknown shape"),
     (["--write", "int3"], "invalid choice"),
     (["--write", "gguf", "--shape", "qwen3-8b", "--out", "x"], "writes llama and qwen3moe files"),
+    # (a mixture of experts' widths are its experts': qwen3-30b-a3b's pass the check, to the next one)
+    (["--write", "gguf", "--shape", "qwen3-30b-a3b", "--out", "/no/such/dir/x.gguf"], "no directory /no/such/dir"),
     (["--model", "no/such/dir"], "no checkpoint files"),
+    (["--write", "gguf", "--shape", "tiny", "--out", "x.gguf"], "multiples of 256 (the K-quant block); tiny has "
+                                                               "hidden_size 128"),
+    (["--write", "gguf", "--shape", "smollm2-135m", "--out", "x.gguf"], "smollm2-135m has hidden_size 576"),
+    (["--write", "gguf", "--shape", "llama-2-7b", "--out", "no/such/dir/x.gguf"], "no directory no/such/dir"),
+    (["--quick", "--model", "some/dir"], "drop --model"),
+    (["--quick", "--shape", "tiny", "--gpu-memory", "1GiB"], "drop --shape, --gpu-memory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys):
     assert bench_module().main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench_load: ") and words in err, err
+
+
+def test_write_gguf_refuses_an_existing_out(tmp_path, capsys):
+    """As --write int4/int8 refuse a non-empty --out: the file is left as it was."""
+    mine = tmp_path / "precious.txt"
+    mine.write_text("precious data")
+    assert bench_module().main(["--write", "gguf", "--shape", "llama-2-7b", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists: --write gguf writes a new file" in err, err
+    assert mine.read_text() == "precious data"
+
+
+def test_a_gguf_write_that_fails_leaves_no_file(tmp_path, monkeypatch):
+    """The file is written under a hidden name and renamed once whole: a failure halfway leaves nothing."""
+    import offload.gguf
+
+    def fails_halfway(path, config, **kw):
+        Path(path).write_bytes(b"GGUF" + bytes(100))
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr(offload.gguf, "write_q4_k_m_like", fails_halfway)
+    with pytest.raises(RuntimeError, match="disk is full"):
+        bench_module().write_gguf_file(tmp_path / "m.gguf", {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gguf_write_is_renamed_once_whole(tmp_path):
+    from offload.models.shapes import shape_config
+
+    config = shape_config("tiny") | dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=64)  # every input width a multiple of 256
+    module = bench_module()
+    assert all(width % 256 == 0 for width in module.kquant_widths(config).values())
+    assert module.write_gguf_file(tmp_path / "m.gguf", config) == tmp_path / "m.gguf"
+    assert [f.name for f in tmp_path.iterdir()] == ["m.gguf"] and (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"

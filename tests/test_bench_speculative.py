@@ -92,6 +92,7 @@ def bench_module():
     (["--quick", "--widths", "0,4"], "[1, 65]"),
     (["--quick", "--temperature", "-1"], "--temperature must lie in [0, 10]"),
     (["--quick", "--gpu-memory", "stream"], "--gpu-memory stream needs --cpu-memory"),
+    (["--quick", "--slots", "0"], "--slots must be >= 1, got 0"),
     (["--model", "no/such/dir"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys):

@@ -706,6 +706,17 @@ def test_the_quantize_script_never_writes_over_a_checkpoint_or_into_one(tiny, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "model.gguf"]  # nothing else made
 
 
+@pytest.mark.parametrize("size", ["0", "0GiB"])
+def test_the_quantize_script_refuses_a_shard_size_of_nothing(tiny, tmp_path, capsys, size):
+    """0 bytes a shard would write a shard for every tensor: refused before anything is written."""
+    out = tmp_path / "int4"
+    assert _quantize_script().main(["--model", str(tiny), "--quantize", "int4", "--out", str(out),
+                                    "--shard-size", size]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("quantize: error: --shard-size must be positive"), err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_interrupted_quantize_leaves_no_checkpoint(tiny, tmp_path, monkeypatch):
     """The checkpoint is written beside ``out`` and renamed to it once whole: a run stopped after its first shard
     leaves neither ``out`` nor the partial directory (a run killed outright leaves only the hidden partial one)."""

@@ -25,6 +25,7 @@ from .api import load_model
 from .batch import check_context, choose_batch_size, forecast_job, job_id, prompt_lengths, read_records, run_batch
 from .chat import stop_token_ids
 from .distributed import TensorParallel, init_tensor_parallel
+from .drafts import draft_kind
 from .errors import InputError, OffloadError, PlanWarning
 from .inputs import check_token_ids, check_unicode
 from .loading import prepare
@@ -384,7 +385,7 @@ def _warn_context(config, max_seq_len: int | None, tp: TensorParallel) -> None:
 
 def _rounding(args) -> str:
     """``--rounding``, which only int4 weights have: those of ``--quantize int4`` or of ``--draft int4``."""
-    if args.rounding is not None and INT4 not in (args.quantize, args.draft):
+    if args.rounding is not None and INT4 not in (args.quantize, draft_kind(args.draft)):
         raise InputError(f"--rounding {args.rounding} is for int4 weights (--quantize int4 or --draft int4); "
                          "nothing here is rounded to int4")
     return args.rounding or "search"

@@ -134,9 +134,9 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
     if kind in (*COPIES, MODEL) and not _failed(plans):
         try:
             copy = kind in COPIES
-            draft = prepare(model if copy else options.draft,
-                            draft_options(options, _max_draft(options), ahead=_may_draft_ahead(options, tp)), copy,
-                            globals_ if copy else None, links=bandwidth)  # a copy's norm and head: the target's
+            ahead = _may_draft_ahead(options, tp, device)
+            draft = prepare(model if copy else options.draft, draft_options(options, _max_draft(options), ahead=ahead),
+                            copy, globals_ if copy else None, links=bandwidth)  # a copy's norm and head: the target's
         except ConfigError as e:
             if not copy and not Path(options.draft).exists():
                 raise ConfigError(f"draft {options.draft!r}: neither ngram, int8, int4 nor a checkpoint that "
@@ -209,10 +209,10 @@ def _check_same_tokens(model, draft) -> None:
                           "target's tokenizer")
 
 
-def _may_draft_ahead(options: LoadOptions, tp: TensorParallel) -> bool:
+def _may_draft_ahead(options: LoadOptions, tp: TensorParallel, device: torch.device) -> bool:
     """Whether a draft model's greedy chains may run in graphs (``greedy_chain.fits``), so that it drafts ahead in
-    spare rows of its cache (``drafts.LOOK_AHEAD``): one rank, CUDA graphs on (on a GPU), not compiled."""
-    return tp.size == 1 and options.cuda_graphs and not options.compile
+    spare rows of its cache (``drafts.LOOK_AHEAD``): one rank, on a GPU, CUDA graphs on, not compiled."""
+    return tp.size == 1 and device.type == "cuda" and options.cuda_graphs and not options.compile
 
 
 def _max_draft(options: LoadOptions) -> int:

@@ -88,6 +88,17 @@ def with_graphs(model) -> RerunCapture:
     return capture
 
 
+@pytest.fixture
+def drafts_ahead_on_cpu(monkeypatch):
+    """Draft models on the CPU planned with spare rows for drafting ahead, as on a GPU with graphs (a CPU's plan has
+    none: no graphs run there), so that ``with_graphs`` can run their chains ahead."""
+    from offload import loading
+
+    plan_as_on_a_gpu = loading._may_draft_ahead
+    monkeypatch.setattr(loading, "_may_draft_ahead",
+                        lambda options, tp, device: plan_as_on_a_gpu(options, tp, torch.device("cuda")))
+
+
 def graphs_a_bucket(model) -> int:
     """The graphs a bucket of ``model``'s captures: one a pass where the pass is captured whole
     (``graphs.WHOLE_PASS``), else one a segment."""

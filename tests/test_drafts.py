@@ -62,6 +62,14 @@ def test_draft_kinds_and_bad_options():
         offload.LoadOptions(draft="int4", draft_branches=5)
     with pytest.raises(offload.InputError, match="positive integer"):
         offload.LoadOptions(draft="int4", draft_branches=0)
+    with pytest.raises(offload.InputError, match=r"layers are not quantized \(a draft's int4 copy takes the default"):
+        offload.LoadOptions(draft="int4", group_size=16)
+
+
+def test_a_cpu_plans_no_spare_rows_for_drafting_ahead(structured, structured_draft):
+    """Drafting ahead runs a draft's chains in graphs, which a CPU has not: its rows would be memory for nothing."""
+    with offload.load_model(structured, **KW, draft=str(structured_draft), progress=False) as model:
+        assert model.draft.spare == 0 and model.draft.model.max_batch == KW["max_batch"]
 
 
 def test_the_plan_reserves_the_logits_of_every_drafted_position(structured):
@@ -280,6 +288,7 @@ def test_with_graphs_a_greedy_chain_is_one_replayed_graph_a_step(structured, str
     plain.close()
 
 
+@pytest.mark.usefixtures("drafts_ahead_on_cpu")
 def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structured, structured_draft, monkeypatch):
     """While the target verifies, a draft with graphs drafts the next pass's chains for the verdicts it guesses
     (every draft accepted and its own argmax next, or one of its ``LOOK_AHEAD`` likeliest breaks, each in a spare row
@@ -378,6 +387,7 @@ def test_the_breaks_guessed_are_the_likeliest_by_the_drafts_own_probabilities(st
     model.close()
 
 
+@pytest.mark.usefixtures("drafts_ahead_on_cpu")
 def test_greedy_speculation_drafting_ahead_gives_plain_greedy_tokens(structured, structured_draft, monkeypatch):
     """Through the row engine, with graphs: drafting ahead (queued after the verify pass) gives the tokens plain
     greedy decoding gives, and the passes of a draft that drafts only after each verdict."""

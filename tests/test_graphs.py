@@ -156,6 +156,7 @@ def test_a_draft_model_with_graphs_catches_up_by_replayed_decode_steps(structure
     model.close()
 
 
+@pytest.mark.usefixtures("drafts_ahead_on_cpu")
 def test_a_draft_that_is_its_target_drafting_ahead_guesses_every_verdict(structured, plain):  # noqa: F811
     """Drafting ahead with a draft that is the target itself: every draft is accepted and the target's next token is
     the draft's argmax, so every pass after a row's first is served by chains drafted ahead; plain greedy output."""

@@ -150,8 +150,9 @@ def check_request(quantize, group_size, rounding: str = "search") -> None:
     if group_size is None:
         return
     if quantize != INT4:
-        why = "int8 has one scale per output channel" if quantize == INT8 else "nothing is quantized"
-        raise InputError(f"a group size ({group_size!r}) is for int4 quantization; {why}")
+        why = ("int8 has one scale per output channel" if quantize == INT8 else
+               "the layers are not quantized (a draft's int4 copy takes the default group sizes)")
+        raise InputError(f"a group size ({group_size!r}) is for int4 quantization (quantize='int4'); {why}")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2 or group_size % 2:
         raise InputError(f"group_size must be an even positive integer (two 4-bit values share a byte), "
                          f"got {group_size!r}")

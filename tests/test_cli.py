@@ -229,9 +229,10 @@ def test_cli_temperature_zero_asks_for_greedy_decoding():
 def test_rounding_goes_with_an_int4_draft_spelled_any_way():
     """--draft INT4 is the int4 copy, as load_model takes it: its rounding may be chosen."""
     from offload.cli import _rounding, build_parser
+    from offload.errors import InputError
 
     assert _rounding(build_parser().parse_args(["--draft", "INT4", "--rounding", "minmax"])) == "minmax"
-    with pytest.raises(offload.InputError, match="is for int4 weights"):
+    with pytest.raises(InputError, match="is for int4 weights"):
         _rounding(build_parser().parse_args(["--draft", "int8", "--rounding", "minmax"]))
 
 

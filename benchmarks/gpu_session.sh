@@ -151,9 +151,9 @@
 # twenty-first (2026-12-06/07): no machine started (seven failed starts, 24 of the 30 minutes).
 # twenty-second and twenty-third (2026-12-07): no machine started (each a dozen failed or refused calls).
 # twenty-fourth (2026-12-07, an H100): tests_gguf_moe (five test faults: fixed), tests_spec, tests_whole, tests_reads,
-#   tests_kernels passed; spec_smollm2_int8, load13b_ab, load70b measured (docs/benchmarks.md). Owed now:
+#   tests_kernels passed; spec_smollm2_int8, spec_smollm2_int8_trees, load13b_ab, load70b measured
+#   (docs/benchmarks.md). Owed now:
 #   1. tests_gguf_moe:200                                      the test fixes (two ran on the H100: passed)
-#      spec_smollm2_int8_trees:200 (carry part-aa, then part-ab)  trees from the int8 copy (#22)
 #   2. int4_405b:500 (an H200)                                 the moonshot (#20)
 #   3. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300  a GGUF load's ratio; mixtures of experts
 #   4. gguf_moe30b (bench_load.py --write gguf now writes qwen3moe files too; it stopped at that check)

@@ -30,10 +30,13 @@ Bad input prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import io
 import json
 import os
 import platform
+import pstats
 import sys
 import tempfile
 import time
@@ -70,9 +73,13 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--warm", action="store_true", help="read the page cache, not the disk")
     p.add_argument("--against-map", action="store_true", help="time the load again with each tensor copied from the "
                    "file's memory map (as before 2026-12-06), not read()")
+    p.add_argument("--profile", type=int, metavar="N", help="then load once more under cProfile and print the N "
+                   "functions the loading thread spent most time in (reads, copies, pinning, quantizing)")
     p.add_argument("--json", help="write the figures to this file")
     p.add_argument("--quick", action="store_true", help="the tiny shape saved in int4, on the CPU")
     args = p.parse_args(argv)
+    if args.profile is not None and args.profile < 1:
+        p.error(f"--profile N prints the N costliest functions: N must be at least 1, got {args.profile}")
     if args.quick:
         # --quick sets these itself: one given beside it would be silently ignored
         given = [flag for flag in ("--model", "--write", "--shape", "--out", "--group-size", "--gpu-memory")
@@ -184,7 +191,7 @@ def write_gguf_file(out: Path, config: dict) -> Path:
     return out
 
 
-def measure(path: Path, options: dict, warm: bool, against_map: bool = False) -> dict:
+def measure(path: Path, options: dict, warm: bool, against_map: bool = False, profile: int = 0) -> dict:
     files = checkpoint_files(path)
     nbytes = sum(f.stat().st_size for f in files)
     offload.plan_model(path, **options)  # measures (and records) the links: not part of the load timed below
@@ -206,7 +213,23 @@ def measure(path: Path, options: dict, warm: bool, against_map: bool = False) ->
         with mock.patch.object(CheckpointSource, "_read_rows", lambda *a: False):
             result["map_load_s"], _ = load_seconds(path, options)
         result["map_load_over_read"] = read / result["map_load_s"]
+    if profile:
+        if cold:
+            drop_cached(files)
+        result["profile"] = profiled_load(path, options, profile)
     return result
+
+
+def profiled_load(path: Path, options: dict, top: int) -> str:
+    """A load under cProfile: the ``top`` functions by their own time in the loading thread (the readahead thread is
+    not profiled: a read() that waits for the disk counts as the read's own time)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    seconds, _ = load_seconds(path, options)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return f"a load under cProfile: {seconds:.2f} s\n{out.getvalue()}"
 
 
 def load_seconds(path: Path, options: dict) -> tuple[float, str]:
@@ -231,7 +254,7 @@ def run(args) -> int:
         if args.quick:  # half the layers stream
             needs = offload.plan_model(path, **options).needs
             options["gpu_memory"] = needs.gpu_budget_streaming(len(needs.blocks) // 2)
-        result = measure(path, options, args.warm, args.against_map)
+        result = measure(path, options, args.warm, args.against_map, args.profile or 0)
     date = datetime.date.today().isoformat()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
     print(f"bench_load {date} on {device}, torch {torch.__version__}")
@@ -243,6 +266,8 @@ def run(args) -> int:
     if "map_load_s" in result:
         print(f"  load, copied from the memory map (as before)  {result['map_load_s']:8.2f} s  "
               f"{result['bytes'] / result['map_load_s'] / 1e9:6.2f} GB/s: {result['map_load_over_read']:.2f} of reading")
+    if "profile" in result:
+        print(result["profile"])
     if args.json:
         Path(args.json).write_text(json.dumps(dict(result, date=date, device=device, model=str(path)), indent=1))
     print(f"bench_load: loading at {result['load_over_read']:.2f} of the speed of reading the files")

@@ -95,6 +95,8 @@
 #                  tokens a depth, and grown best first (#22's trees)
 #   load13b_ab     llama-2-13b saved in int4 (written first), loaded from disk at 4 GiB with read() (the default), then
 #                  copied from the memory map (as before the twentieth session: bench_load.py --against-map)
+#   load13b_profile  load13b_ab, then a third load under cProfile: where a load from read() spends what the
+#                  memory map's does not (0.64 against 0.78 of reading on an H100, 2026-12-07)
 #   tests_reads    checkpoints read with read() (through a reused buffer to the GPU): GGUF bytes on CUDA, the
 #                  tests that load checkpoints onto the GPU (numerics vs transformers, offloaded = resident, budgets)
 #   tests_whole    the GPU tests of whole passes and of drafting ahead
@@ -153,10 +155,11 @@
 # twenty-fourth (2026-12-07, an H100): tests_gguf_moe (five test faults: fixed), tests_spec, tests_whole, tests_reads,
 #   tests_kernels passed; spec_smollm2_int8, spec_smollm2_int8_trees, load13b_ab, load70b measured
 #   (docs/benchmarks.md). Owed now:
-#   1. tests_gguf_moe:200                                      the test fixes (two ran on the H100: passed)
+#   1. tests_gguf_moe:200                                      the test fixes (checked on a CPU only)
 #   2. int4_405b:500 (an H200)                                 the moonshot (#20)
-#   3. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300  a GGUF load's ratio; mixtures of experts
-#   4. gguf_moe30b (bench_load.py --write gguf now writes qwen3moe files too; it stopped at that check)
+#   3. load13b_profile:120                                     why loads read() slower than the map (#20's 0.8)
+#   4. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300  a GGUF load's ratio; mixtures of experts
+#   5. gguf_moe30b (bench_load.py --write gguf now writes qwen3moe files too; it stopped at that check)
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.
@@ -346,6 +349,9 @@ run_stage() {
         OFFLOAD_BEST_FIRST_TREES=1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int8@4 --json "$0/spec_int8_best_first.json"' \
         "$OUT" ;;
+    load13b_profile) stage load13b_profile bash -c 'set -e; trap "rm -rf /tmp/13b-int4" EXIT
+        python3 benchmarks/bench_load.py --write int4 --shape llama-2-13b --out /tmp/13b-int4 --gpu-memory 4GiB \
+            --cpu-memory 16GiB --against-map --profile 30 --json "$0/load13b_profile.json"' "$OUT" ;;
     load13b_ab) stage load13b_ab bash -c 'set -e; trap "rm -rf /tmp/13b-int4" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-13b --out /tmp/13b-int4 --gpu-memory 4GiB \
             --cpu-memory 16GiB --against-map --json "$0/load13b_ab.json"' "$OUT" ;;

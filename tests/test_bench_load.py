@@ -55,6 +55,7 @@ def test_the_files_of_a_checkpoint(tmp_path):
     # (a mixture of experts' widths are its experts': qwen3-30b-a3b's pass the check, to the next one)
     (["--write", "gguf", "--shape", "qwen3-30b-a3b", "--out", "/no/such/dir/x.gguf"], "no directory /no/such/dir"),
     (["--model", "no/such/dir"], "no checkpoint files"),
+    (["--quick", "--profile", "0"], "must be at least 1"),
     (["--write", "gguf", "--shape", "tiny", "--out", "x.gguf"], "multiples of 256 (the K-quant block); tiny has "
                                                                "hidden_size 128"),
     (["--write", "gguf", "--shape", "smollm2-135m", "--out", "x.gguf"], "smollm2-135m has hidden_size 576"),

@@ -99,6 +99,19 @@ def drafts_ahead_on_cpu(monkeypatch):
                         lambda options, tp, device: plan_as_on_a_gpu(options, tp, torch.device("cuda")))
 
 
+def load_script(path: str):
+    """A script of the repository (``"benchmarks/bench_load.py"``) as a module, registered under its name (a
+    script's dataclasses look their module up)."""
+    import importlib.util
+
+    file = Path(__file__).resolve().parent.parent / path
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def graphs_a_bucket(model) -> int:
     """The graphs a bucket of ``model``'s captures: one a pass where the pass is captured whole
     (``graphs.WHOLE_PASS``), else one a segment."""

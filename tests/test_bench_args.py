@@ -6,23 +6,13 @@ Each script's ``main`` runs in this process, as ``python benchmarks/SCRIPT.py`` 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from offload.cli import report_bad_input
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import load_script
 
-
-def bench_module(script: str):
-    spec = importlib.util.spec_from_file_location(script, ROOT / "benchmarks" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # a script's dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("script, args, words", [
@@ -56,7 +46,7 @@ def bench_module(script: str):
     ("bench_offload", ["--shape", "tiny", "--quantize", "stored"], "it goes with --model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(script, args, words, capsys):
-    module = bench_module(script)
+    module = load_script(f"benchmarks/{script}.py")
     assert report_bad_input(script, lambda: module.main(args)) == 2
     captured = capsys.readouterr()
     err = captured.err
@@ -66,7 +56,7 @@ def test_bad_input_is_one_line_and_exit_2(script, args, words, capsys):
 
 def test_bench_offload_takes_a_quantized_run_by_name():
     """--runs "host int4" is one of our runs once --quantize int4 adds it (GPU sessions ask for it so)."""
-    module = bench_module("bench_offload")
+    module = load_script("benchmarks/bench_offload.py")
     assert module.parse_runs("host int4,host", module.parse_quantize("int4@4GiB", checkpoint=False)) == {
         "host int4", "host"}
     assert module.parse_runs(None, []) is None  # every run

@@ -1,6 +1,5 @@
 """benchmarks/bench_load.py: loading a checkpoint against reading its files."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,14 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def bench_module():
-    spec = importlib.util.spec_from_file_location("bench_load", ROOT / "benchmarks" / "bench_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -34,7 +28,7 @@ def test_quick_writes_a_saved_int4_checkpoint_and_times_its_load_against_its_fil
 
 
 def test_the_files_of_a_checkpoint(tmp_path):
-    files = bench_module().checkpoint_files
+    files = load_script("benchmarks/bench_load.py").checkpoint_files
     (tmp_path / "dir").mkdir()
     for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "config.json"):
         (tmp_path / "dir" / name).write_bytes(b"x")
@@ -64,7 +58,7 @@ def test_the_files_of_a_checkpoint(tmp_path):
     (["--quick", "--shape", "tiny", "--gpu-memory", "1GiB"], "drop --shape, --gpu-memory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys):
-    assert bench_module().main(args) == 2
+    assert load_script("benchmarks/bench_load.py").main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench_load: ") and words in err, err
 
@@ -73,7 +67,7 @@ def test_write_gguf_refuses_an_existing_out(tmp_path, capsys):
     """As --write int4/int8 refuse a non-empty --out: the file is left as it was."""
     mine = tmp_path / "precious.txt"
     mine.write_text("precious data")
-    assert bench_module().main(["--write", "gguf", "--shape", "llama-2-7b", "--out", str(mine)]) == 2
+    assert load_script("benchmarks/bench_load.py").main(["--write", "gguf", "--shape", "llama-2-7b", "--out", str(mine)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "exists: --write gguf writes a new file" in err, err
     assert mine.read_text() == "precious data"
@@ -89,7 +83,7 @@ def test_a_gguf_write_that_fails_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(offload.gguf, "write_q4_k_m_like", fails_halfway)
     with pytest.raises(RuntimeError, match="disk is full"):
-        bench_module().write_gguf_file(tmp_path / "m.gguf", {})
+        load_script("benchmarks/bench_load.py").write_gguf_file(tmp_path / "m.gguf", {})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -98,7 +92,7 @@ def test_a_gguf_write_is_renamed_once_whole(tmp_path):
 
     config = shape_config("tiny") | dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                                           num_key_value_heads=2, head_dim=64)  # every input width a multiple of 256
-    module = bench_module()
+    module = load_script("benchmarks/bench_load.py")
     assert all(width % 256 == 0 for width in module.kquant_widths(config).values())
     assert module.write_gguf_file(tmp_path / "m.gguf", config) == tmp_path / "m.gguf"
     assert [f.name for f in tmp_path.iterdir()] == ["m.gguf"] and (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"

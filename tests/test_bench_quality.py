@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def bench_module():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_bench(*args, cache):
@@ -58,7 +51,7 @@ def test_quick_prints_a_table_and_writes_each_format(structured, tmp_path):
     (["--quick", "--group-size", "x"], "invalid int value"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys):
-    assert bench_module().main(args) == 2
+    assert load_script("benchmarks/bench_quality.py").main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench_quality: error:") and words in err, err
 

@@ -1,7 +1,6 @@
 """bench_serve.py --quick: the tiny shape on the CPU, served to concurrent clients and one at a time;
 bench_serve_hostile.py --quick: well-behaved clients among slow and abusive ones."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,14 +43,6 @@ def test_bench_serve_bad_input_is_one_line_and_exit_2():
     assert len(done.stderr.strip().splitlines()) == 1 and "no-such-shape" in done.stderr
 
 
-def bench_module():
-    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "bench_serve.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("args, words", [
     (["--shape", "tiny", "--max-batch", "0"], "--max-batch must be >= 1"),  # not taken as unset
     (["--shape", "tiny", "--max-batch", "-2"], "--max-batch must be >= 1"),
@@ -58,7 +51,7 @@ def bench_module():
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys):
     pytest.importorskip("openai")
     pytest.importorskip("fastapi")
-    assert bench_module().main(args) == 2
+    assert load_script("benchmarks/bench_serve.py").main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench_serve: ") and words in err, err
 

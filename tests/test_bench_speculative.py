@@ -1,6 +1,5 @@
 """The speculative decoding benchmark's --quick mode (what CI runs): the structured model on the CPU."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,13 +78,6 @@ def test_every_layer_streams_in_every_run_with_gpu_memory_stream(structured, str
     assert [set(d["layers"]) for d in runs] == [{"H"}] * 3 and runs[2]["used"]
 
 
-def bench_module():
-    spec = importlib.util.spec_from_file_location("bench_speculative", ROOT / "benchmarks" / "bench_speculative.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("args, words", [
     ([], "give --model PATH, --shape NAME or --quick"),
     (["--shape", "no-such-shape"], "unknown shape"),
@@ -96,6 +90,6 @@ def bench_module():
     (["--model", "no/such/dir"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys):
-    assert bench_module().main(args) == 2
+    assert load_script("benchmarks/bench_speculative.py").main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench_speculative: ") and words in err, err

@@ -6,7 +6,6 @@ Each script's ``main`` runs in this process, as ``python benchmarks/SCRIPT.py`` 
 
 from __future__ import annotations
 
-
 import pytest
 
 from offload.cli import report_bad_input

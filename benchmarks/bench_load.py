@@ -179,7 +179,7 @@ def write(args) -> Path:
 
 def write_gguf_file(out: Path, config: dict) -> Path:
     """A Q4_K_M-like GGUF file at ``out``, written under a hidden name and renamed once whole: a write that fails
-    or is stopped leaves no truncated file behind."""
+    or is interrupted leaves no truncated file behind (one killed by a signal leaves its hidden ``.partial``)."""
     from offload.gguf import write_q4_k_m_like
 
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")  # this process's own: a second run has its own

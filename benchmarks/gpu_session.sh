@@ -377,12 +377,12 @@ run_stage() {
             --cpu-memory 100GiB --against-map --json "$0/load70b.json"
         python3 benchmarks/bench_offload.py --model /tmp/70b-int4 --gpu-memory 24GiB --runs host --skip-accelerate \
             --batch 1,16 --json "$0/int4_70b_saved.json"' "$OUT" ;;
-    gguf13b) stage gguf13b bash -c 'set -e; trap "rm -f /tmp/13b.gguf" EXIT
+    gguf13b) stage gguf13b bash -c 'set -e; trap "rm -f /tmp/13b.gguf /tmp/.13b.gguf.*.partial" EXIT
         python3 benchmarks/bench_load.py --write gguf --shape llama-2-13b --out /tmp/13b.gguf --gpu-memory 4GiB \
             --cpu-memory 32GiB --json "$0/load_gguf13b.json"
         python3 benchmarks/bench_offload.py --model /tmp/13b.gguf --gpu-memory 4GiB --runs host --skip-accelerate \
             --batch 1,16 --json "$0/gguf13b.json"' "$OUT" ;;
-    gguf_moe30b) stage gguf_moe30b bash -c 'set -e; trap "rm -f /tmp/30b.gguf" EXIT
+    gguf_moe30b) stage gguf_moe30b bash -c 'set -e; trap "rm -f /tmp/30b.gguf /tmp/.30b.gguf.*.partial" EXIT
         python3 benchmarks/bench_load.py --write gguf --shape qwen3-30b-a3b --out /tmp/30b.gguf --gpu-memory 8GiB \
             --cpu-memory 40GiB --json "$0/load_gguf_moe30b.json"
         python3 benchmarks/bench_offload.py --model /tmp/30b.gguf --gpu-memory 8GiB --runs host --skip-accelerate \

@@ -74,9 +74,8 @@ def load_model(model, options: LoadOptions | None = None, *, random_weights: int
                          "unrelated to them (they are made packed): give the target in 16 bits, or a draft model")
     setup = prepare(model, options)
     _warn(setup)
-    # (a GGUF file quantized at load: one of 16- or 32-bit layers, which prepare allows; its tensors read dense)
-    requantize = setup.options.quantize in FORMATS
-    pool = load_weights(setup, weight_source(model, random_weights, setup.device, packed=packed, requantize=requantize),
+    pool = load_weights(setup, weight_source(model, random_weights, setup.device, packed=packed,
+                                             requantize=setup.requantize),
                         progress and setup.tp.rank == 0)
     try:
         draft = _load_draft(setup, model, random_weights, progress, pool)
@@ -97,7 +96,7 @@ def _load_draft(setup: Setup, model, random_weights: int | None, progress: bool,
     try:
         draft_pool = load_weights(setup.draft, weight_source(model if copy else setup.options.draft,
                                                              random_weights if copy else None, setup.device,
-                                                             requantize=copy),
+                                                             requantize=setup.draft.requantize),
                                   progress and setup.tp.rank == 0, shared_globals=pool if copy else None)
     except CheckpointError as e:
         raise CheckpointError(f"draft {setup.options.draft}: {e}") from None

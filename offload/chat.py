@@ -41,8 +41,6 @@ class ChatTemplate:
     """A checkpoint's chat template and the special-token strings it may use."""
 
     def __init__(self, source: str, special_tokens: dict[str, str] | None = None, name: str = "chat template"):
-        if not isinstance(source, str):  # (a file's metadata of another type: Jinja fails on it with a traceback)
-            raise ConfigError(f"{name} is not text but {type(source).__name__} {str(source)[:40]!r}")
         self.source = source
         self.special_tokens = dict(special_tokens or {})
         self.name = name  # where it came from, for error messages
@@ -110,6 +108,9 @@ class ChatTemplate:
     def compiled(self):
         """The compiled template (compiled once); a syntax error raises ConfigError, a missing jinja2 InputError."""
         if self._compiled is None:
+            if not isinstance(self.source, str):  # (a file's metadata of another type: Jinja failed with a traceback)
+                raise ConfigError(f"{self.name} is not text but {type(self.source).__name__} "
+                                  f"{str(self.source)[:40]!r}")
             try:
                 import jinja2
             except ImportError:

@@ -198,8 +198,7 @@ def _main(args) -> int:
             raise InputError(f"{flag} goes with --prompts (a batch job)")
     if args.batch_size is not None and args.max_batch is not None:
         raise InputError("--batch-size and --max-batch both give a batch job's rows; give one")
-    # under torchrun, before anything that ranks must agree on
-    tp = init_tensor_parallel(args.tp, args.device and parse_device(args.device))
+    tp = join_ranks(args)  # under torchrun, before anything that ranks must agree on
     say = print if tp.rank == 0 else (lambda *a, **k: None)
     demo = args.model is None
     model_path = demo_checkpoint(quiet=args.quiet or tp.rank != 0) if demo else _model_path(args.model)
@@ -389,6 +388,11 @@ def _rounding(args) -> str:
         raise InputError(f"--rounding {args.rounding} is for int4 weights (--quantize int4 or --draft int4); "
                          "nothing here is rounded to int4")
     return args.rounding or "search"
+
+
+def join_ranks(args) -> TensorParallel:
+    """This process's place among ``--tp`` ranks under torchrun: NCCL, or gloo where ``--device cpu``."""
+    return init_tensor_parallel(args.tp, args.device and parse_device(args.device))
 
 
 def load_options(args, max_batch: int = 1) -> LoadOptions:

@@ -74,7 +74,7 @@ def init_tensor_parallel(tp: int, device: torch.device | None = None) -> TensorP
     if not dist.is_initialized():
         _check_launch_environment(tp)
         on_gpus = torch.cuda.is_available() and (device is None or device.type == "cuda")
-        if on_gpus and device is None:
+        if on_gpus and (device is None or device.index is None):  # "cuda": this rank's own
             torch.cuda.set_device(local_gpu())
         dist.init_process_group("nccl" if on_gpus else "gloo")
     world = dist.get_world_size()
@@ -84,8 +84,9 @@ def init_tensor_parallel(tp: int, device: torch.device | None = None) -> TensorP
 
 
 def local_gpu() -> int:
-    """This rank's GPU: its ``LOCAL_RANK``. NCCL refuses two ranks on one GPU, so a host needs a GPU per rank."""
-    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    """This rank's GPU: its ``LOCAL_RANK`` (``RANK`` where that is not set: one host). NCCL refuses two ranks on one
+    GPU, so a host needs a GPU per rank."""
+    local, count = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0))), torch.cuda.device_count()
     if local >= count:
         raise OffloadError(f"rank {local} of this host has no GPU of its own (the host has {count}): launch at most "
                            f"{count} ranks a host, or give device='cpu' (--device cpu) to compute on the CPU")

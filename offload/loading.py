@@ -67,6 +67,7 @@ class Setup:
     plan: Plan  # this rank's
     plans: list[Plan]  # every rank's
     draft: "Setup | None" = None  # speculative decoding's draft model (resident), when the plan keeps one
+    requantize: bool = False  # a GGUF file's tensors are read dense, to be quantized as the options say
 
 
 def prepare(model, options: LoadOptions, requantize: bool = False, globals_layout: BlockLayout | None = None,
@@ -95,6 +96,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
     offload_requested = budget.cpu_memory is not None or bool(budget.peer_memory)
     budget = _own_peers(budget, tp, device).resolved(device)
     family = family_of(config.architecture)
+    requantize = requantize or _quantizes_gguf(model, options)
     fmt = _weight_format(model, options, ops.choose(device, dtype), dtype, requantize)
     blocks = _blocks(family, config, tp, dtype, fmt, device, budget, options.quantize)
     if options.direct_experts and any(block.fetch == ON_DEMAND for block in blocks):
@@ -169,7 +171,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
             plan.warnings.append(f"direct expert reads serve passes of up to {DIRECT_TOKENS} tokens: with "
                                  f"{options.max_batch} rows, some decode steps or verify passes copy their experts")
     return Setup(config, options, tp, device, dtype, family, blocks, globals_, embedding, plans[tp.rank], plans,
-                 draft)
+                 draft, requantize)
 
 
 def _same_on_every_rank(options: LoadOptions, tp: TensorParallel) -> None:
@@ -212,7 +214,7 @@ def _check_same_tokens(model, draft) -> None:
 def _may_draft_ahead(options: LoadOptions, tp: TensorParallel, device: torch.device) -> bool:
     """Whether a draft model's greedy chains may run in graphs (``greedy_chain.fits``), so that it drafts ahead in
     spare rows of its cache (``drafts.LOOK_AHEAD``): one rank, on a GPU, CUDA graphs on, not compiled."""
-    return tp.size == 1 and device.type == "cuda" and options.cuda_graphs and not options.compile
+    return tp.size == 1 and uses_cuda_graphs(options, device) and not options.compile
 
 
 def _max_draft(options: LoadOptions) -> int:
@@ -452,8 +454,6 @@ def _weight_format(model, options: LoadOptions, chosen: ops.Ops, dtype: torch.dt
     all the same), computed by the kernels the model's ops use."""
     kernel = choose_kernel(chosen.kernels)
     if isinstance(model, (str, os.PathLike)) and is_gguf(model) and not (requantize and options.quantize):
-        if options.quantize in FORMATS and not _gguf_compressed(model):
-            return WeightFormat(options.quantize, options.group_size, kernel, rounding=options.rounding)  # read dense
         if options.quantize not in (None, STORED):
             raise InputError(f"{Path(model).name} is stored quantized already (GGUF); --quantize does not apply")
         return gguf_format(model, kernel, dtype)
@@ -475,12 +475,15 @@ def _weight_format(model, options: LoadOptions, chosen: ops.Ops, dtype: torch.dt
     return WeightFormat(options.quantize, options.group_size, kernel, rounding=options.rounding)
 
 
-def _gguf_compressed(path) -> bool:
-    """Whether a GGUF file stores any of its layers' weights compressed (not in 16 or 32 bits)."""
+def _quantizes_gguf(model, options: LoadOptions) -> bool:
+    """Whether ``model`` is a GGUF file of 16- or 32-bit layers that the options quantize (as a directory's): its
+    tensors are then read dense. (One of compressed layers is stored quantized already: ``_weight_format``.)"""
+    if options.quantize not in FORMATS or not isinstance(model, (str, os.PathLike)) or not is_gguf(model):
+        return False
     from .gguf import GGUFCheckpoint, is_float_type
 
-    return any(name.startswith("model.layers.") and not is_float_type(t.ggml_type)
-               for name, t in GGUFCheckpoint(path).tensors.items())
+    return all(is_float_type(t.ggml_type) for name, t in GGUFCheckpoint(model).tensors.items()
+               if name.startswith("model.layers."))
 
 
 def gguf_format(path, kernel: str, dtype: torch.dtype) -> WeightFormat:
@@ -641,15 +644,12 @@ def _config(model) -> ModelConfig:
 
 
 def _device(device, tp: TensorParallel) -> torch.device:
-    if device is None:
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        if tp.size > 1:
-            return torch.device("cuda", local_gpu())
-        return torch.device("cuda", torch.cuda.current_device())
-    device = parse_device(device)
+    """The compute device asked for; for None (a GPU where there is one) or "cuda", this rank's GPU."""
+    if device is None and not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda") if device is None else parse_device(device)
     if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", local_gpu() if tp.size > 1 else torch.cuda.current_device())
     return device
 
 

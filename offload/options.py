@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .drafts import COPIES, draft_kind
 from .errors import InputError
 from .inputs import check_keywords, is_real
 from .models.quant import check_request
@@ -163,7 +164,7 @@ class LoadOptions:
     tree_width: int = 1
 
     def __post_init__(self):
-        check_request(self.quantize, self.group_size, self.rounding)
+        check_request(self.quantize, self.group_size, self.rounding, draft_kind(self.draft) in COPIES)
         _check_draft(self.draft, self.draft_tokens)
         _check_branches(self.draft, self.draft_branches)
         _count("tree_width", self.tree_width)

@@ -85,11 +85,13 @@ def test_several_templates_without_a_default_are_refused(tmp_path):
         ChatTemplate.from_dir(tmp_path)
 
 
-@pytest.mark.parametrize("source", [5, ["{{ messages }}"], None.__class__])
-def test_a_template_that_is_not_text_is_refused_in_one_line(source):
-    """A GGUF file's tokenizer.chat_template of another metadata type (Jinja failed on it with a traceback)."""
+@pytest.mark.parametrize("source", [5, True, ["{{ messages }}"], {"default": "{{ messages }}"}])
+def test_a_template_that_is_not_text_is_refused_in_one_line_when_used(source):
+    """A GGUF file's tokenizer.chat_template of another metadata type (Jinja failed on it with a traceback) is
+    refused where a chat needs it; the tokenizer beside it still serves plain prompts."""
+    template = ChatTemplate(source, name="chat template of x.gguf")
     with pytest.raises(offload.ConfigError, match="chat template of x.gguf is not text but"):
-        ChatTemplate(source, name="chat template of x.gguf")
+        template.check()
 
 
 def test_a_refusal_is_an_input_error_and_a_failing_template_a_config_error(tmp_path):

@@ -62,7 +62,7 @@ def test_draft_kinds_and_bad_options():
         offload.LoadOptions(draft="int4", draft_branches=5)
     with pytest.raises(offload.InputError, match="positive integer"):
         offload.LoadOptions(draft="int4", draft_branches=0)
-    with pytest.raises(offload.InputError, match=r"layers are not quantized \(a draft's int4 copy takes the default"):
+    with pytest.raises(offload.InputError, match=r"layers are not quantized \(a draft's compressed copy takes the default"):
         offload.LoadOptions(draft="int4", group_size=16)
 
 

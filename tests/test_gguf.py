@@ -687,7 +687,8 @@ def test_a_file_of_16_bit_layers_is_quantized_at_load_as_a_checkpoint_is(tmp_pat
 @pytest.mark.parametrize("kind", [T.Q8_0, T.Q4_0])
 def test_a_vector_in_a_block_type_reads_whole(tmp_path, kind):
     """A norm stored in blocks (llama.cpp keeps vectors in F32, but a file may not): its bytes are blocks, so
-    reading its 64 values reads 68 bytes of Q8_0 (they were cut at 64)."""
+    reading its 64 values reads 68 bytes of Q8_0 (they were cut at 64), and its second block's values the bytes
+    of that block (of Q4_0 too, whose whole vector fitted in the first 64 bytes)."""
     model = hf_model("llama", seed=3)
     path = write_model_gguf(tmp_path / "norm.gguf", model, "llama",
                             kind_of=lambda n: kind if n == "output_norm.weight" else None)[0]
@@ -695,6 +696,7 @@ def test_a_vector_in_a_block_type_reads_whole(tmp_path, kind):
     want = gguf.quants.dequantize(gguf.GGUFReader(path).get_tensor(
         [t.name for t in gguf.GGUFReader(path).tensors].index("output_norm.weight")).data, kind)
     assert torch.equal(ck.dense("model.norm.weight"), torch.from_numpy(want.reshape(-1)))
+    assert torch.equal(ck.dense("model.norm.weight", rows=(32, 64)), torch.from_numpy(want.reshape(-1)[32:64]))
 
 
 @pytest.fixture(scope="module")

@@ -184,7 +184,7 @@ def test_groups_never_straddle_a_tensor_parallel_shard():
 @pytest.mark.parametrize("kwargs, words", [
     (dict(quantize="int3"), "unsupported quantize 'int3'"),
     (dict(quantize="int8", group_size=64), "int8 has one scale per output channel"),
-    (dict(group_size=64), "the layers are not quantized"),
+    (dict(group_size=64), "nothing is quantized"),
     (dict(quantize="int4", group_size=7), "even positive integer"),
     (dict(quantize="int4", group_size=0), "even positive integer"),
 ])

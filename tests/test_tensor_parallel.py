@@ -158,6 +158,23 @@ def test_more_ranks_on_a_host_than_it_has_gpus_is_refused_by_name(monkeypatch):
         local_gpu()
 
 
+def test_each_rank_computes_on_its_own_gpu_whether_or_not_cuda_is_named(monkeypatch):
+    """Under tensor parallelism, no device and "cuda" both mean this rank's GPU (its LOCAL_RANK, else its RANK);
+    "cuda" went to the current device, cuda:0 on every rank, which NCCL refuses."""
+    from offload.distributed import TensorParallel
+    from offload.loading import _device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    second = TensorParallel(rank=1, size=2)
+    for env in (dict(LOCAL_RANK="1", RANK="1"), dict(RANK="1")):
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert _device(None, second) == _device("cuda", second) == torch.device("cuda", 1)
+    assert _device("cpu", second) == torch.device("cpu")
+
+
 def test_tp_without_torchrun_is_refused(tiny, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(offload.OffloadError, match="torchrun"):

@@ -128,7 +128,10 @@ class GGUFCheckpoint:
         raw, stored = self.raw(name, rows, cols), self.tensor(name).stored
         if cols is not None or not len(stored.data):
             return torch.from_numpy(np.array(raw, copy=True, order="C").view(np.uint8)).to(device or "cpu")
-        start = stored.span[0] + (rows[0] if rows else 0) * (stored.data.nbytes // len(stored.data))
+        first, (block, type_size) = (rows[0] if rows else 0), _block(stored.ggml_type)
+        row_bytes = stored.data.nbytes // len(stored.data)
+        start = stored.span[0] + (first // block * type_size if len(stored.shape) == 1 and block > 1  # a vector
+                                  else first * row_bytes)
         to_gpu = device is not None and torch.device(device).type != "cpu"
         out = self.reads.staged(raw.nbytes) if to_gpu else torch.empty(raw.nbytes, dtype=torch.uint8)
         self.reads.into(stored.file, start, out, stored.name)

@@ -151,7 +151,7 @@ def open_reader(path: Path):
                               f"{path.stat().st_size} bytes)") from None
     except (ValueError, KeyError, OverflowError, UnicodeDecodeError, TypeError, MemoryError) as e:
         raise CheckpointError(f"{path.name}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
-    if reader.byte_order != "I":  # the tensors' bytes would be read in this machine's order
+    if reader.endianess == gguf_package().GGUFEndian.BIG:  # the tensors' bytes would be read as little-endian
         raise CheckpointError(f"{path.name}: a big-endian GGUF file; offload reads little-endian files (convert it "
                               "with llama.cpp's gguf tools)")
     return reader

@@ -141,8 +141,9 @@ class StackedWeight:
 # ----------------------------------------------------------------------------- choices
 
 
-def check_request(quantize, group_size, rounding: str = "search") -> None:
-    """Refuse a format this module does not have, or a group size or rounding that cannot be used."""
+def check_request(quantize, group_size, rounding: str = "search", draft_copy: bool = False) -> None:
+    """Refuse a format this module does not have, or a group size or rounding that cannot be used
+    (``draft_copy``: a compressed copy of the model is its draft, whose groups are the default ones)."""
     if quantize is not None and quantize not in (*FORMATS, STORED):
         raise InputError(f"unsupported quantize {quantize!r}; use int8, int4 or stored (or none)")
     if rounding not in ROUNDINGS:
@@ -150,8 +151,10 @@ def check_request(quantize, group_size, rounding: str = "search") -> None:
     if group_size is None:
         return
     if quantize != INT4:
-        why = ("int8 has one scale per output channel" if quantize == INT8 else
-               "the layers are not quantized (a draft's int4 copy takes the default group sizes)")
+        why = {INT8: "int8 has one scale per output channel",
+               STORED: "quantize='stored' keeps the checkpoint's own groups"}.get(quantize, "nothing is quantized")
+        if quantize is None and draft_copy:
+            why = "the layers are not quantized (a draft's compressed copy takes the default group sizes)"
         raise InputError(f"a group size ({group_size!r}) is for int4 quantization (quantize='int4'); {why}")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2 or group_size % 2:
         raise InputError(f"group_size must be an even positive integer (two 4-bit values share a byte), "

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ..api import load_model
 from ..chat import stop_token_ids
-from ..cli import STEP_TOKENS_HELP, Parser, add_load_flags, add_model_flag, add_quiet_flag, demo_budget, load_options, run_main
-from ..distributed import init_tensor_parallel
+from ..cli import (STEP_TOKENS_HELP, Parser, add_load_flags, add_model_flag, add_quiet_flag, demo_budget, join_ranks,
+                   load_options, run_main)
 from ..errors import InputError
 from ..loading import DEFAULT_MAX_SEQ_LEN
 from ..memory.budget import format_size, parse_size
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    tp = init_tensor_parallel(args.tp)
+    tp = join_ranks(args)
     say = print if tp.rank == 0 else (lambda *a, **k: None)
     if not 0 <= args.port < 2**16:
         raise InputError(f"--port must be in [0, 65535], got {args.port}")

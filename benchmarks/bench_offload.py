@@ -74,6 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 import offload  # noqa: E402
+from offload.cli import counts
 from offload.distributed import TensorParallel
 from offload.memory.bandwidth import PROBE_BYTES, measure_cpu_copy, measure_device_copy, measure_host, measure_peer
 from offload.memory.bandwidth import peer_is_direct
@@ -220,7 +221,7 @@ def bench_from_args(args) -> Bench:
         defaults = DEFAULTS
     setting = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]  # noqa: E731
     prompt_len, decode_tokens = setting("prompt_len"), setting("decode_tokens")
-    accelerate_tokens, batches = setting("accelerate_tokens"), parse_batches(setting("batch"))
+    accelerate_tokens, batches = setting("accelerate_tokens"), counts("--batch", setting("batch"), "1,16")
     if prompt_len < 1:
         raise UsageError(f"--prompt-len must be >= 1, got {prompt_len}")
     if decode_tokens < 2 or accelerate_tokens < 2:
@@ -267,16 +268,6 @@ def parse_runs(text: str | None, quantized: list[tuple[str, int | None]]) -> set
         raise UsageError(f"--runs: {what}; choose from {', '.join(known)} (host FORMAT with --quantize FORMAT; "
                          f"each run's eager twin comes with it on a GPU; accelerate runs unless --skip-accelerate)")
     return wanted
-
-
-def parse_batches(text: str) -> list[int]:
-    try:
-        batches = sorted({int(b) for b in text.split(",") if b.strip()})
-    except ValueError:
-        raise UsageError(f"--batch expects comma-separated positive integers such as 1,16, got {text!r}") from None
-    if not batches or batches[0] < 1:
-        raise UsageError(f"--batch expects comma-separated positive integers such as 1,16, got {text!r}")
-    return batches
 
 
 # ---------------------------------------------------------------------- links

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offload.cli import report_bad_input  # noqa: E402
+from offload.cli import counts, report_bad_input  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -171,17 +171,6 @@ def probe_hf(model, records, rows: int, steps: int) -> dict:
     return dict(rows=rows, prefill_s=prefill, decode_ms=1e3 * decode, tokens_per_s=len(records) * new / seconds)
 
 
-def sweep_sizes(text: str) -> set[int]:
-    """``--sweep`` as a set of batch sizes, each at least 1; InputError (one line, status 2) otherwise."""
-    try:
-        sizes = {int(r) for r in text.split(",")}
-    except ValueError:
-        raise InputError(f"--sweep expects comma-separated batch sizes such as 8,16,32, got {text!r}") from None
-    if min(sizes) < 1:
-        raise InputError(f"--sweep: batch sizes must be >= 1, got {text!r}")
-    return sizes
-
-
 def check_counts(args) -> None:
     """Every count at least 1, checked before the auto job runs (a bad one would fail only after it)."""
     for flag in ("--records", "--prompt-len", "--new-tokens", "--probe-steps"):
@@ -209,7 +198,7 @@ def main(argv=None) -> int:
         args.skip_accelerate = True
     shape = shape_config(args.shape)
     check_counts(args)
-    sweep = sweep_sizes(args.sweep)
+    sweep = set(counts("--sweep", args.sweep, "8,16,32"))
     budget = offload.parse_size(args.gpu_memory, "--gpu-memory")  # parsed on a CPU too, where it goes unused
     cuda = torch.cuda.is_available() and not args.quick
     gpu_budget = budget if cuda else None

@@ -27,8 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from offload.cli import report_bad_input  # noqa: E402
-from offload.errors import InputError  # noqa: E402
+from offload.cli import counts, report_bad_input  # noqa: E402
 from offload.models.shapes import shape_config  # noqa: E402
 
 
@@ -57,17 +56,6 @@ def worker(args) -> None:
     model.close()
 
 
-def tp_sizes(text: str) -> list[int]:
-    """``--tp`` as TP sizes, each at least 1; InputError (one line, status 2) otherwise."""
-    try:
-        sizes = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise InputError(f"--tp expects comma-separated TP sizes such as 1,2,4, got {text!r}") from None
-    if min(sizes) < 1:
-        raise InputError(f"--tp: TP sizes must be >= 1, got {text!r}")
-    return sizes
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama-2-13b")
@@ -90,7 +78,7 @@ def main(argv=None) -> int:
         return 0
     # Checked here, not in the workers: there a bad shape ends in torchrun's traceback of every rank.
     shape_config(args.shape)
-    sizes = tp_sizes(args.tp)
+    sizes = counts("--tp", args.tp, "1,2,4")
 
     rows = []
     modes = [False, True] if args.with_eager else [False]

@@ -181,6 +181,18 @@ def report_bad_input(prog: str, main) -> int:
         return _bad_input(prog, e)
 
 
+def counts(flag: str, text: str, example: str) -> list[int]:
+    """``flag``'s comma-separated positive integers (``example``: such as 1,16), sorted and each once; an
+    InputError (one line, status 2) otherwise."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise InputError(f"{flag} expects comma-separated positive integers such as {example}, got {text!r}")
+    return values
+
+
 def _bad_input(prog: str, error: OffloadError) -> int:
     """``error`` as one line on stderr; the exit status of bad input."""
     print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)

@@ -107,7 +107,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
     peers = list(budget.peer_memory)
     bandwidth = {**(links or {}), **(options.link_bandwidth or {})}
     if any(n not in bandwidth for n in ["host", "hbm", "matmul", *peers]):
-        bandwidth = {**link_bandwidths(device, peers, tp, budget.gpu_memory // 8), **bandwidth}
+        bandwidth = {**link_bandwidths(device, peers, tp, budget.gpu_memory // 8, budget.cpu_memory), **bandwidth}
     title = f" (rank {tp.rank} of {tp.size})" if tp.size > 1 else ""
     indirect = tuple(p for p in peers if not peer_is_direct(device, p))
 

@@ -238,3 +238,32 @@ def test_a_products_measured_rate_is_cached_apart_for_each_setting_of_the_kernel
     assert switched["host"] == plain["host"]
     assert all(switched[n] != plain[n] and switched[n].endswith("/OFFLOAD_DOT_GEMV=1") for n in names[1:])
     assert all(f"/v{bandwidth.CACHE_VERSION}" in key for key in plain.values())
+
+
+def test_the_host_link_probe_pins_no_more_than_the_host_budget(monkeypatch):
+    """A first load on a machine times the host link from pinned memory, 256 MiB of it: under a host budget below
+    that, from pageable memory (or an earlier full probe's figure), never pinning past the budget, and not caching
+    the lesser figure as the link's."""
+    import torch
+
+    from offload.distributed import TensorParallel
+    from offload.memory import bandwidth
+
+    probes, written = [], {}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "GPU")
+    monkeypatch.setattr(bandwidth, "_read_cache", lambda: dict(written))
+    monkeypatch.setattr(bandwidth, "_write_cache", lambda cache: written.update(cache))
+    monkeypatch.setattr(bandwidth, "measure_host",
+                        lambda device, size, repeats=5, pinned=True: probes.append((size, pinned)) or 5e10)
+    for name in ("measure_device_copy", "measure_matmul"):
+        monkeypatch.setattr(bandwidth, name, lambda *a, **k: 1e12)
+    monkeypatch.setattr(bandwidth, "measure_gemv", lambda *a, **k: {})
+    for name in ("measure_small_kernels", "measure_attention"):
+        monkeypatch.setattr(bandwidth, name, lambda *a, **k: 0.0)
+    links = bandwidth.link_bandwidths("cuda:0", [], TensorParallel(), 2**40, max_pinned_bytes=64 * 2**20)
+    assert probes == [(bandwidth.PROBE_BYTES, False)] and links["host"] == 5e10
+    assert not any("<-host/" in key for key in written)  # a pageable figure is not the pinned link's
+    bandwidth.link_bandwidths("cuda:0", [], TensorParallel(), 2**40, max_pinned_bytes=2**40)
+    assert probes[-1] == (bandwidth.PROBE_BYTES, True) and any("<-host/" in key for key in written)
+    bandwidth.link_bandwidths("cuda:0", [], TensorParallel(), 2**40, max_pinned_bytes=0)
+    assert len(probes) == 2  # all cached now: nothing measured again

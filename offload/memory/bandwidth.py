@@ -59,9 +59,12 @@ def cache_keys(gpu: str, device, names: list[str], ranks: int) -> dict[str, str]
             for name in names}
 
 
-def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_probe_bytes: int) -> dict[str, float]:
+def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_probe_bytes: int,
+                    max_pinned_bytes: int | None = None) -> dict[str, float]:
     """Bytes/s of each link into ``compute_device`` ("host", "hbm", every peer) and its "matmul" FLOP/s,
-    from the cache or measured."""
+    from the cache or measured. The probes take at most ``max_probe_bytes`` of the device's memory, and at most
+    ``max_pinned_bytes`` of pinned host memory (the host budget: under a full probe's, the host link is timed
+    from pageable memory, a figure not cached, or an earlier full probe's figure is taken)."""
     device = torch.device(compute_device)
     names = ["host", "hbm", "matmul", *peers] + ([*GEMV_FORMATS, *ROWS16_FORMATS, "kernels", "attention"]
                                                   if device.type == "cuda" else [])
@@ -75,8 +78,12 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     if all(tp.gather_objects(len(found) == len(names))):
         return found
     size = max(min(PROBE_BYTES, max_probe_bytes) // 2**20, 1) * 2**20
+    short = max_pinned_bytes is not None and max_pinned_bytes < size  # the host budget is under the probe's
     tp.barrier()  # every rank pulls from the host at once, as it will when decoding: long enough to overlap
-    measured = {"host": measure_host(device, size, repeats=5 if tp.size == 1 else 40)}
+    if short and "host" in found:
+        measured = {"host": found["host"]}
+    else:
+        measured = {"host": measure_host(device, size, repeats=5 if tp.size == 1 else 40, pinned=not short)}
     tp.barrier()
     measured["hbm"] = measure_device_copy(device, size)
     measured["matmul"] = measure_matmul(device)
@@ -87,7 +94,7 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     measured["attention"] = _optional(measure_attention, device, 0.0)
     for peer in peers:
         measured[peer] = measure_peer(device, torch.device(peer), size)
-    _write_cache({**cached, **{key[n]: v for n, v in measured.items()}})
+    _write_cache({**cached, **{key[n]: v for n, v in measured.items() if not (short and n == "host")}})
     return measured
 
 
@@ -130,8 +137,8 @@ def _time_copies(device, dst: torch.Tensor, src: torch.Tensor, repeats: int = 5)
     return start.elapsed_time(end) / 1000 / repeats
 
 
-def measure_host(device, size: int, repeats: int = 5) -> float:
-    host = PinnedMemory(size)
+def measure_host(device, size: int, repeats: int = 5, pinned: bool = True) -> float:
+    host = PinnedMemory(size, pin=pinned)
     dst = torch.empty(size, dtype=torch.uint8, device=device)
     try:
         return size / _time_copies(device, dst, host.tensor, repeats)

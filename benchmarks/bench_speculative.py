@@ -85,8 +85,8 @@ def parse_args(argv) -> argparse.Namespace:
     source.add_argument("--model", help="a checkpoint directory: pass times and each draft's generation")
     source.add_argument("--shape", help=f"random weights of a named shape, pass times only ({', '.join(SHAPES)})")
     source.add_argument("--quick", action="store_true", help="the structured model on the CPU (for CI)")
-    p.add_argument("--drafts", default="none,ngram,int4,int4@4", help="comma-separated: none (first), ngram, int4, int8, "
-                   "or checkpoint directories; DRAFT@M: a draft model's trees of M tokens a depth "
+    p.add_argument("--drafts", default="none,ngram,int4,int4@4", help="comma-separated: none (first), ngram, int4, "
+                   "int8, or checkpoint directories; DRAFT@M: a draft model's trees of M tokens a depth "
                    "(default none,ngram,int4,int4@4)")
     p.add_argument("--draft-tokens", type=int, help="a fixed draft length (default: chosen per pass)")
     p.add_argument("--gpu-memory", help="budget of the compute GPU (default: its free memory; stream: every layer "

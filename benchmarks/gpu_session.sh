@@ -93,6 +93,9 @@
 #                  chosen and in chains of 6 (on a CPU, float32, chains of 6: 4.95 tokens a pass against 2.94)
 #   spec_smollm2_int8_trees  the int8 copy (the best chain draft: 2.50x) in chains of 6 and 8 against trees of 2
 #                  tokens a depth, and grown best first (#22's trees)
+#   spec_smollm2_int8_ahead  the int8 copy in chains of 6 with drafting ahead (OFFLOAD_LOOK_AHEAD=1, the default),
+#                  without (0) and with two spare rows (2), 64 and then 128 tokens a prompt: how often the verdict
+#                  was guessed, and what a pass spends drafting (#22: its 4x needs drafting hidden behind the pass)
 #   load13b_ab     llama-2-13b saved in int4 (written first), loaded from disk at 4 GiB with read() (the default), then
 #                  copied from the memory map (as before the twentieth session: bench_load.py --against-map)
 #   load13b_profile  load13b_ab, then a third load under cProfile: where a load from read() spends what the
@@ -340,6 +343,13 @@ run_stage() {
         for depth in "" 6; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int4,/tmp/smollm2-int8 \
             ${depth:+--draft-tokens $depth} --json "$0/spec_int8$depth.json"; done' "$OUT" ;;
+    spec_smollm2_int8_ahead) stage spec_smollm2_int8_ahead bash -c 'set -e; smollm2_ready
+        [ -d /tmp/smollm2-int8 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int8 \
+            --out /tmp/smollm2-int8 --device cuda
+        for run in "1 64" "0 64" "2 64" "1 128"; do set -- $run; echo "OFFLOAD_LOOK_AHEAD=$1, $2 tokens"
+            OFFLOAD_LOOK_AHEAD=$1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
+            --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int8 --draft-tokens 6 --max-new-tokens $2 \
+            --json "$0/spec_int8_ahead$1-$2.json"; done' "$OUT" ;;
     spec_smollm2_int8_trees) stage spec_smollm2_int8_trees bash -c 'set -e; smollm2_ready
         [ -d /tmp/smollm2-int8 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int8 \
             --out /tmp/smollm2-int8 --device cuda

@@ -581,7 +581,7 @@ def load_weights(setup: Setup, source, progress: bool, shared_globals: WeightPoo
     try:
         # first, so that the disk reads while pinned host memory is allocated (seconds for tens of GB)
         source.read_in_order([(spec, name) for tensors in sources for name, specs in _by_tensor(tensors)
-                              for spec in specs])
+                              for spec in specs], pinned=_pinned_room(setup))
         pool = WeightPool(setup.plan, 0 if shared else setup.globals_layout.nbytes,
                           setup.embedding_layout.nbytes if own_embedding else 0, setup.device)
         if shared:
@@ -605,6 +605,13 @@ def load_weights(setup: Setup, source, progress: bool, shared_globals: WeightPoo
     finally:
         source.close()
     return pool
+
+
+def _pinned_room(setup: Setup) -> int:
+    """Host memory a load onto a GPU may pin besides the plan's: what the host budget leaves."""
+    if setup.device.type != "cuda":
+        return 0
+    return max(0, setup.plan.budget.cpu_memory - setup.plan.host_ram_bytes)
 
 
 # ---------------------------------------------------------------------- the pieces

@@ -64,7 +64,7 @@ class RandomSource:
     def validate(self, specs) -> None:
         pass
 
-    def read_in_order(self, specs) -> None:
+    def read_in_order(self, specs, pinned: int = 0) -> None:
         pass  # nothing to read ahead
 
     def stores_parts(self, name: str) -> bool:

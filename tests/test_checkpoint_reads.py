@@ -82,3 +82,34 @@ def test_a_file_cut_short_is_a_checkpoint_error(source, tmp_path):
     s = spec("wide")
     with pytest.raises(CheckpointError, match="ends inside tensor 'wide'"):
         source.read(s, "wide", torch.empty(s.shape))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name, shard, dtype, rows", CASES)
+@pytest.mark.parametrize("staging", [64 << 20, 40])
+@pytest.mark.parametrize("pinned", [0, 1 << 30])  # no room in the host budget: one pageable buffer
+def test_pieces_sent_to_a_gpu_equal_the_memory_map(source, monkeypatch, name, shard, dtype, rows, staging, pinned):
+    monkeypatch.setattr(checkpoint, "STAGING", staging)
+    source._reads.allow_pinned(pinned)
+    s = spec(name, shard, dtype, rows)
+    out = torch.full(s.shape, 7, dtype=s.dtype, device="cuda")
+    source.read(s, name, out)
+    assert bool(source._reads.pinned) == (pinned > 0)  # two buffers in turn, each copy queued
+    expected = mapped(source, s, name, torch.full(s.shape, 7, dtype=s.dtype))
+    assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])  # on a GPU: checked in the staging buffer
+@pytest.mark.parametrize("dtype", [None, torch.float32])  # read into place, or through the staging buffer (a cast)
+@pytest.mark.parametrize("staging", [64 << 20, 40])
+def test_a_nan_read_from_the_file_is_a_checkpoint_error(tmp_path, monkeypatch, device, dtype, staging):
+    monkeypatch.setattr(checkpoint, "STAGING", staging)
+    bad = TENSORS["matrix"].clone()
+    bad[30, 4] = float("nan")
+    save_file({"matrix": bad}, str(tmp_path / "model.safetensors"))
+    source = CheckpointSource(tmp_path)
+    s = spec("matrix", dtype=dtype)
+    with pytest.raises(CheckpointError, match="'matrix' holds NaN or infinite values"):
+        source.read(s, "matrix", torch.empty(s.shape, dtype=s.dtype, device=device))
+    source.close()

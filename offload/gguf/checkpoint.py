@@ -247,8 +247,9 @@ class GGUFSource:
             raise CheckpointError(f"{self.checkpoint.path.name}: {mapped.name} is {type_name(mapped.ggml_type)} "
                                   f"({has}); the layout asks for {asked}")
 
-    def read_in_order(self, specs) -> None:
-        """The tensors a load will :meth:`read`, in its order: their bytes are read from disk ahead of it."""
+    def read_in_order(self, specs, pinned: int = 0) -> None:
+        """The tensors a load will :meth:`read`, in its order: their bytes are read from disk ahead of it (``pinned``,
+        host memory the load may pin, is not used: a file's blocks are copied from its memory map)."""
         stored = {name: self.checkpoint.tensors[name].stored for _, name in specs}
         self._readahead = Readahead({name: (t.file, *t.span) for name, t in stored.items()})
 

@@ -37,6 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
+from ..memory.host import PinnedMemory
 from .blocks import TensorSpec
 from .parallel import REPLICATED, Shard
 from .quant import DEQUANTIZE, QuantizedWeight, QuantScheme, dequantize, part_shapes
@@ -189,8 +190,10 @@ class CheckpointSource:
             raise CheckpointError(f"checkpoint {str(self.path)!r} has layers up to {max(found)}, but config.json's "
                                   f"num_hidden_layers is {len(expected)}")
 
-    def read_in_order(self, specs: list[tuple[TensorSpec, str]]) -> None:
-        """The tensors a load will :meth:`read`, in its order: their bytes are read from disk ahead of it."""
+    def read_in_order(self, specs: list[tuple[TensorSpec, str]], pinned: int = 0) -> None:
+        """The tensors a load will :meth:`read`, in its order: their bytes are read from disk ahead of it. ``pinned``:
+        host memory the load may pin beside the plan's (pieces on their way to a GPU are staged in it)."""
+        self._reads.allow_pinned(pinned)
         names = [name for name in dict.fromkeys(self._stored_name(spec, name) for spec, name in specs)
                  if name in self._file_of]  # not a weight read dense from its parts (:meth:`read`, from the map)
         entries = {name: self._entry(name) for name in names}
@@ -215,15 +218,14 @@ class CheckpointSource:
         if self._readahead is not None:
             self._readahead.reached(name)
         file = self._file_of[name]
-        if not self._read_rows(spec, name, out):
-            try:
-                piece = _cut(self._open(file).get_slice(name), spec)
-            except SafetensorError as e:
-                raise CheckpointError(f"{file.name}: cannot read tensor {name!r} ({e})") from None
-            copy_piece(out, piece)
-        if out.is_floating_point() and not all_finite(out):
-            raise CheckpointError(f"{file.name}: tensor {name!r} holds NaN or infinite values "
-                                  f"(as {str(out.dtype).removeprefix('torch.')})")
+        if self._read_rows(spec, name, out):  # (checked as it read)
+            return
+        try:
+            piece = _cut(self._open(file).get_slice(name), spec)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file.name}: cannot read tensor {name!r} ({e})") from None
+        copy_piece(out, piece)
+        _check_finite(out, file, name)
 
     def _read_rows(self, spec: TensorSpec, name: str, out: torch.Tensor) -> bool:
         """Read this rank's rows of tensor ``name`` with read() (:class:`FileReads`): straight into ``out`` where it
@@ -243,13 +245,18 @@ class CheckpointSource:
         file, start = self._file_of[name], entry.start + first * row_bytes
         if out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous():
             self._reads.into(file, start, out[:rows], name)
+            _check_finite(out[:rows], file, name)
             return True
         step = max(1, STAGING // max(row_bytes, 1))
         for row in range(0, rows, step):
             n = min(step, rows - row)
             piece = self._reads.staged(n * row_bytes).view(dtype).view(n, *shape[1:])
             self._reads.into(file, start + row * row_bytes, piece, name)
-            out[row : row + n].copy_(piece)  # synchronous from pageable memory: the buffer is free after
+            if out.dtype == dtype:  # checked here, not on the GPU: a check there would wait for the copy
+                _check_finite(piece, file, name)
+            self._reads.send(piece, out[row : row + n])
+        if out.dtype != dtype:
+            _check_finite(out[:rows], file, name)  # after the cast, which can overflow
         return True
 
     def _check_dense_of_parts(self, spec: TensorSpec, name: str) -> None:
@@ -288,7 +295,11 @@ class FileReads:
 
     def __init__(self):
         self.files: dict[Path, object] = {}
-        self.staging: torch.Tensor | None = None
+        self.pinned_room = 0  # host memory the staging buffers may pin (:meth:`allow_pinned`)
+        self.pinned: list[PinnedMemory] = []
+        self.buffers: list[torch.Tensor] = []  # staging buffers (:meth:`staged`)
+        self.sent: list = [None, None]  # each buffer's last copy to a GPU (a CUDA event), or None
+        self.turn = 0  # the buffer in use
 
     def into(self, file: Path, offset: int, out: torch.Tensor, what: str) -> None:
         """Fill ``out`` (contiguous host memory) with the bytes of ``file`` from ``offset``; ``what``: the tensor's
@@ -308,16 +319,49 @@ class FileReads:
             raise CheckpointError(f"{file.name}: cannot read tensor {what!r} ({e.strerror or e})") from None
 
     def staged(self, nbytes: int) -> torch.Tensor:
-        """A host buffer of ``nbytes`` (uint8), the same memory every call: its pages are touched once."""
-        if self.staging is None or self.staging.numel() < nbytes:
-            self.staging = torch.empty(nbytes, dtype=torch.uint8)
-        return self.staging[:nbytes]
+        """A host buffer of ``nbytes`` (uint8) for a piece on its way to its place (:meth:`send`): two in turn, pinned
+        where the host budget leaves room for them (:meth:`allow_pinned`), each free once its last copy has run; else
+        one pageable buffer. Its pages are touched once."""
+        self.turn = 1 - self.turn if len(self.buffers) == 2 else 0
+        if not self.buffers or self.buffers[self.turn].numel() < nbytes:
+            self._allocate(nbytes)
+        if self.sent[self.turn] is not None:
+            self.sent[self.turn].synchronize()  # the copy that last read this buffer
+        return self.buffers[self.turn][:nbytes]
+
+    def send(self, piece: torch.Tensor, out: torch.Tensor) -> None:
+        """Copy ``piece`` (from :meth:`staged`) into ``out``: from a pinned buffer to a GPU queued (the next read fills
+        the other buffer meanwhile), else at once."""
+        queued = out.is_cuda and piece.is_pinned()
+        out.copy_(piece, non_blocking=queued)
+        if queued:
+            self.sent[self.turn] = torch.cuda.Event()
+            self.sent[self.turn].record()
+
+    def allow_pinned(self, nbytes: int) -> None:
+        """Host memory the reads may pin, for staging pieces on their way to a GPU (``nbytes`` the budget's room)."""
+        self.pinned_room = nbytes
+
+    def _allocate(self, nbytes: int) -> None:
+        self.close_buffers()
+        size = max(nbytes, STAGING)
+        if torch.cuda.is_available() and 2 * size <= self.pinned_room:
+            self.pinned = [PinnedMemory(size) for _ in range(2)]
+            self.buffers = [memory.tensor for memory in self.pinned]
+        else:
+            self.buffers = [torch.empty(nbytes, dtype=torch.uint8)]
+        self.sent = [None] * len(self.buffers)
+
+    def close_buffers(self) -> None:
+        for memory in self.pinned:
+            memory.close()  # (once the GPU has run the copies)
+        self.pinned, self.buffers, self.sent, self.turn = [], [], [None, None], 0
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
         self.files.clear()
-        self.staging = None
+        self.close_buffers()
 
 
 @dataclass(frozen=True)
@@ -371,6 +415,12 @@ def copy_piece(out: torch.Tensor, piece: torch.Tensor) -> None:
         out[rows:].zero_()
         out = out[:rows]
     out.copy_(piece)
+
+
+def _check_finite(t: torch.Tensor, file: Path, name: str) -> None:
+    if t.is_floating_point() and not all_finite(t):
+        raise CheckpointError(f"{file.name}: tensor {name!r} holds NaN or infinite values "
+                              f"(as {str(t.dtype).removeprefix('torch.')})")
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -32,6 +32,7 @@ Bad input prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime
 import io
@@ -39,6 +40,7 @@ import json
 import os
 import platform
 import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -77,11 +79,15 @@ def parse_args(argv) -> argparse.Namespace:
                    "pageable memory (before 2026-12-07), and copied from the file's memory map (before 2026-12-06)")
     p.add_argument("--profile", type=int, metavar="N", help="then load once more under cProfile and print the N "
                    "functions the loading thread spent most time in (reads, copies, pinning, quantizing)")
+    p.add_argument("--rounds", type=int, default=1, help="time reading and each load this many times, the loads' "
+                   "order turned each round; report the medians (default 1)")
     p.add_argument("--json", help="write the figures to this file")
     p.add_argument("--quick", action="store_true", help="the tiny shape saved in int4, on the CPU")
     args = p.parse_args(argv)
     if args.profile is not None and args.profile < 1:
         p.error(f"--profile N prints the N costliest functions: N must be at least 1, got {args.profile}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.quick:
         # --quick sets these itself: one given beside it would be silently ignored
         given = [flag for flag in ("--model", "--write", "--shape", "--out", "--group-size", "--gpu-memory")
@@ -193,7 +199,18 @@ def write_gguf_file(out: Path, config: dict) -> Path:
     return out
 
 
-def measure(path: Path, options: dict, warm: bool, against_map: bool = False, profile: int = 0) -> dict:
+LOADS = {  # the ways a load may read, timed with --against-map: the patches that make each
+    "load": (),
+    "pageable_load": ((FileReads, "allow_pinned", lambda *a: None),),  # one pageable buffer, each copy waited for
+    "map_load": ((CheckpointSource, "_read_rows", lambda *a: False),),  # copied from the memory map
+}
+
+
+def measure(path: Path, options: dict, warm: bool, against_map: bool = False, profile: int = 0,
+            rounds: int = 1) -> dict:
+    """Reading the files and loading them, ``rounds`` times; with ``against_map`` each round also loads the earlier
+    ways (``LOADS``), in an order turned by one each round (the first load after a read ran slower on every machine
+    tried, whichever way it read). Each figure is the median of its rounds; a ratio, of each round's own."""
     files = checkpoint_files(path)
     nbytes = sum(f.stat().st_size for f in files)
     offload.plan_model(path, **options)  # measures (and records) the links: not part of the load timed below
@@ -203,24 +220,27 @@ def measure(path: Path, options: dict, warm: bool, against_map: bool = False, pr
     cold = not warm and drop_cached(files)
     if not cold:
         read_seconds(files)  # into the page cache
-    read = read_seconds(files)
-    if cold:
-        drop_cached(files)
-    load, plan = load_seconds(path, options)
-    result = dict(files=len(files), bytes=nbytes, read_s=read, load_s=load, read_gb_s=nbytes / read / 1e9,
-                  load_gb_s=nbytes / load / 1e9, load_over_read=read / load, cold=cold, plan=plan)
-    if against_map:
-        if torch.cuda.is_available():  # pieces for the GPU staged in one pageable buffer, each copy waited for
+    ways = [w for w in LOADS if against_map and (w != "pageable_load" or torch.cuda.is_available())] or ["load"]
+    timed, plan = [], ""
+    for r in range(rounds):
+        times = {"read": read_seconds(files)}
+        for way in ways[r % len(ways):] + ways[: r % len(ways)]:
             if cold:
                 drop_cached(files)
-            with mock.patch.object(FileReads, "allow_pinned", lambda *a: None):
-                result["pageable_load_s"], _ = load_seconds(path, options)
-            result["pageable_load_over_read"] = read / result["pageable_load_s"]
+            with contextlib.ExitStack() as patches:
+                for target, name, value in LOADS[way]:
+                    patches.enter_context(mock.patch.object(target, name, value))
+                times[way], plan = load_seconds(path, options)
+        timed.append(times)
         if cold:
             drop_cached(files)
-        with mock.patch.object(CheckpointSource, "_read_rows", lambda *a: False):
-            result["map_load_s"], _ = load_seconds(path, options)
-        result["map_load_over_read"] = read / result["map_load_s"]
+    read = statistics.median(t["read"] for t in timed)
+    result = dict(files=len(files), bytes=nbytes, read_s=read, read_gb_s=nbytes / read / 1e9, cold=cold, plan=plan,
+                  rounds=timed)
+    for way in ways:
+        result[f"{way}_s"] = statistics.median(t[way] for t in timed)
+        result[f"{way}_over_read"] = statistics.median(t["read"] / t[way] for t in timed)
+    result["load_gb_s"] = nbytes / result["load_s"] / 1e9
     if profile:
         if cold:
             drop_cached(files)
@@ -262,22 +282,20 @@ def run(args) -> int:
         if args.quick:  # half the layers stream
             needs = offload.plan_model(path, **options).needs
             options["gpu_memory"] = needs.gpu_budget_streaming(len(needs.blocks) // 2)
-        result = measure(path, options, args.warm, args.against_map, args.profile or 0)
+        result = measure(path, options, args.warm, args.against_map, args.profile or 0, args.rounds)
     date = datetime.date.today().isoformat()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
     print(f"bench_load {date} on {device}, torch {torch.__version__}")
     print(result["plan"])
     source = "disk (pages dropped first)" if result["cold"] else "page cache"
-    print(f"\n{path}: {result['files']} file(s), {result['bytes'] / 1e9:.2f} GB, read from the {source}")
+    rounds = f" (medians of {len(result['rounds'])} rounds)" if len(result["rounds"]) > 1 else ""
+    print(f"\n{path}: {result['files']} file(s), {result['bytes'] / 1e9:.2f} GB, read from the {source}{rounds}")
     print(f"  read  {result['read_s']:8.2f} s  {result['read_gb_s']:6.2f} GB/s")
-    print(f"  load  {result['load_s']:8.2f} s  {result['load_gb_s']:6.2f} GB/s")
-    if "pageable_load_s" in result:
-        print(f"  load, staged in pageable memory (as before)  {result['pageable_load_s']:8.2f} s  "
-              f"{result['bytes'] / result['pageable_load_s'] / 1e9:6.2f} GB/s: {result['pageable_load_over_read']:.2f} "
-              "of reading")
-    if "map_load_s" in result:
-        print(f"  load, copied from the memory map (as before)  {result['map_load_s']:8.2f} s  "
-              f"{result['bytes'] / result['map_load_s'] / 1e9:6.2f} GB/s: {result['map_load_over_read']:.2f} of reading")
+    for way, label in (("load", "load"), ("pageable_load", "load, staged in pageable memory (as before)"),
+                       ("map_load", "load, copied from the memory map (as before)")):
+        if f"{way}_s" in result:
+            print(f"  {label}  {result[f'{way}_s']:8.2f} s  {result['bytes'] / result[f'{way}_s'] / 1e9:6.2f} GB/s: "
+                  f"{result[f'{way}_over_read']:.2f} of reading")
     if "profile" in result:
         print(result["profile"])
     if args.json:

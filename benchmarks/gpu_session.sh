@@ -93,11 +93,15 @@
 #                  chosen and in chains of 6 (on a CPU, float32, chains of 6: 4.95 tokens a pass against 2.94)
 #   spec_smollm2_int8_trees  the int8 copy (the best chain draft: 2.50x) in chains of 6 and 8 against trees of 2
 #                  tokens a depth, and grown best first (#22's trees)
+#   spec_smollm2_int8_trace  the int8 copy in chains of 6 drafted ahead, 128 tokens a prompt, under the profiler: the
+#                  host's time in each phase, the kernels, and one prompt's timeline (spec_int8_trace-1.json.gz: does
+#                  the side stream draft beside the target's pass, or after it?)
 #   spec_smollm2_int8_ahead  the int8 copy in chains of 6 with drafting ahead (OFFLOAD_LOOK_AHEAD=1, the default),
 #                  without (0) and with two spare rows (2), 64 and then 128 tokens a prompt: how often the verdict
 #                  was guessed, and what a pass spends drafting (#22: its 4x needs drafting hidden behind the pass)
-#   load13b_ab     llama-2-13b saved in int4 (written first), loaded from disk at 4 GiB with read() (the default), then
-#                  copied from the memory map (as before the twentieth session: bench_load.py --against-map)
+#   load13b_ab     llama-2-13b saved in int4 (written first), loaded from disk at 4 GiB with read() through pinned
+#                  buffers (the default), staged in pageable memory (before the twenty-fifth session) and copied from
+#                  the memory map (before the twentieth): bench_load.py --against-map, three rounds in turned orders
 #   load13b_profile  load13b_ab, then a third load under cProfile: where a load from read() spends what the
 #                  memory map's does not (0.64 against 0.78 of reading on an H100, 2026-12-07)
 #   tests_reads    checkpoints read with read() (through a reused buffer to the GPU): GGUF bytes on CUDA, the
@@ -350,6 +354,12 @@ run_stage() {
             OFFLOAD_LOOK_AHEAD=$1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int8 --draft-tokens 6 --max-new-tokens $2 \
             --json "$0/spec_int8_ahead$1-$2.json"; done' "$OUT" ;;
+    spec_smollm2_int8_trace) stage spec_smollm2_int8_trace bash -c 'set -e; smollm2_ready
+        [ -d /tmp/smollm2-int8 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int8 \
+            --out /tmp/smollm2-int8 --device cuda
+        python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB \
+            --widths 1 --drafts none,/tmp/smollm2-int8 --draft-tokens 6 --max-new-tokens 128 --profile \
+            --trace "$0/spec_int8_trace.json.gz" --json "$0/spec_int8_trace.json"' "$OUT" ;;
     spec_smollm2_int8_trees) stage spec_smollm2_int8_trees bash -c 'set -e; smollm2_ready
         [ -d /tmp/smollm2-int8 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int8 \
             --out /tmp/smollm2-int8 --device cuda
@@ -364,7 +374,7 @@ run_stage() {
             --cpu-memory 16GiB --against-map --profile 30 --json "$0/load13b_profile.json"' "$OUT" ;;
     load13b_ab) stage load13b_ab bash -c 'set -e; trap "rm -rf /tmp/13b-int4" EXIT
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-13b --out /tmp/13b-int4 --gpu-memory 4GiB \
-            --cpu-memory 16GiB --against-map --json "$0/load13b_ab.json"' "$OUT" ;;
+            --cpu-memory 16GiB --against-map --rounds 3 --json "$0/load13b_ab.json"' "$OUT" ;;
     tests_reads) stage tests_reads python3 -m pytest -s -q -p no:cacheprovider tests/test_gguf.py tests/test_gpu.py \
       tests/test_checkpoint_reads.py \
       -k "sent_to_a_gpu or transformers or offloaded_equals_resident or stay_in_budget or reading_rows" ;;

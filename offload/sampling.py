@@ -68,7 +68,10 @@ class Sampling:
         if self.greedy:
             return None
         gen = torch.Generator(device=device)
-        gen.manual_seed(torch.seed() if self.seed is None else self.seed)
+        if self.seed is None:
+            gen.seed()  # this generator's own fresh seed: torch.seed() would reseed the caller's global generators
+        else:
+            gen.manual_seed(self.seed)
         return gen
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import offload
-from offload.sampling import Sampling
+from offload.sampling import Sampling, probabilities
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,6 +23,15 @@ def model(structured):
     model = offload.load_model(structured, max_batch=ROWS, max_seq_len=8, progress=False)
     yield model
     model.close()
+
+
+def test_a_top_p_of_one_keeps_every_token_of_a_large_vocabulary():
+    """top_p=1 (the default) filters nothing. A float32 running sum of 128k probabilities passes 1 before the
+    last tokens, and the nucleus rule used to drop those tokens: a tenth of the vocabulary, here."""
+    logits = 3 * torch.randn(4, 128_256, generator=torch.Generator().manual_seed(0))
+    assert (probabilities(logits, [Sampling(do_sample=True)] * 4) > 0).all()
+    # (and a top_p below 1 still filters)
+    assert (probabilities(logits, [Sampling(do_sample=True, top_p=0.9)] * 4) == 0).any()
 
 
 def test_unseeded_sampling_leaves_the_callers_random_numbers_alone(model):

@@ -102,8 +102,7 @@ def check_flags(**flags) -> None:
 def as_batch(x, what: str = "input_ids") -> torch.Tensor:
     """``x`` as a ``[batch, seq]`` int64 CPU tensor. Token ids must be integers (a float would be
     truncated silently); a mask may be of any type but must hold only 0 and 1."""
-    if isinstance(x, torch.Tensor) and x.device.type == "meta":
-        raise InputError(f"{what} is a tensor without data (device meta)")
+    _check_dense(x, what)
     try:
         t = torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError):
@@ -155,8 +154,19 @@ def _row_of_ids(row, b: int) -> list[int]:
     return [_as_int(t) for t in row]
 
 
+def _check_dense(x, what: str) -> None:
+    """Refuse a tensor whose numbers cannot be read as a plain array: PyTorch's own errors would say otherwise."""
+    if not isinstance(x, torch.Tensor):
+        return
+    if x.device.type == "meta":
+        raise InputError(f"{what} is a tensor without data (device meta)")
+    if x.layout != torch.strided or x.is_nested:
+        raise InputError(f"{what} must be a dense tensor, got a {'nested' if x.is_nested else x.layout} one")
+
+
 def _row_masks(attention_mask, rows: list[list[int]]) -> list[list[int]]:
     """``attention_mask`` for list rows: one 0 or 1 for each of each row's ids."""
+    _check_dense(attention_mask, "attention_mask")
     masks = attention_mask.tolist() if isinstance(attention_mask, torch.Tensor) else attention_mask
     if not (is_list(masks) and len(masks) == len(rows)
             and all(is_list(m) and len(m) == len(r) for m, r in zip(masks, rows))):

@@ -421,8 +421,10 @@ class OffloadedModel:
         row ``b`` samples with its own generator seeded ``seed + b``.
 
         Returns ``[batch, seq + new]`` token ids like ``transformers``' ``generate``: the
-        input followed by the new tokens, rows that stopped early padded with their eos id
-        (for ragged list input: a list of prompt + new ids per row).
+        input followed by the new tokens, rows shorter than the longest (stopped early, or by a lower
+        ``max_new_tokens`` of their own) padded with the first stop id, whichever stopped them, as
+        ``transformers`` pads without a ``pad_token_id`` (0 where there is none: ``ignore_eos``, say);
+        for ragged list input, a list of prompt + new ids per row, unpadded.
         With ``return_result=True``, a :class:`GenerationResult` instead (new tokens per row,
         finish reasons, prefill and decode tokens/s).
         """

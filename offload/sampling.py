@@ -68,7 +68,10 @@ class Sampling:
         if self.greedy:
             return None
         gen = torch.Generator(device=device)
-        gen.manual_seed(torch.seed() if self.seed is None else self.seed)
+        if self.seed is None:
+            gen.seed()  # this generator's own fresh seed: torch.seed() would reseed the caller's global generators
+        else:
+            gen.manual_seed(self.seed)
         return gen
 
 
@@ -103,7 +106,10 @@ def probabilities(logits: torch.Tensor, samplings: list[Sampling]) -> torch.Tens
     kth = sorted_x.gather(-1, as_column([min(s.top_k or vocab, vocab) - 1 for s in samplings], torch.long))
     drop = sorted_x < kth
     probs = sorted_x.masked_fill(drop, float("-inf")).softmax(-1)
-    drop |= probs.cumsum(-1) - probs > as_column([s.top_p for s in samplings], x.dtype)  # keep the token that crosses p
+    # Keep the token that crosses p. A top_p of 1 keeps every token: float32's running sum of a large vocabulary's
+    # probabilities passes 1 before its last tokens, and would drop them.
+    top_p = as_column([s.top_p if s.top_p < 1 else math.inf for s in samplings], x.dtype)
+    drop |= probs.cumsum(-1) - probs > top_p
     x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return x.softmax(-1)
 

@@ -12,6 +12,7 @@ import torch
 import offload
 from offload.errors import InputError, OffloadError
 
+BETA = pytest.mark.filterwarnings("ignore:.*(beta|prototype):UserWarning")  # PyTorch's words on sparse CSR and nested
 
 API_CASES = [
     pytest.param(lambda m: m.extend([[5000]], [0]), "outside the vocabulary", id="step-token-outside-vocabulary"),
@@ -56,6 +57,14 @@ API_CASES = [
     pytest.param(lambda m: m.generate([[1, 2]], attention_mask=[[1, 2]]), "only 0 and 1", id="mask-not-0-or-1"),
     pytest.param(lambda m: m.generate(torch.empty(1, 2, dtype=torch.long, device="meta")), "without data",
                  id="meta-tensor"),
+    pytest.param(lambda m: m.generate(torch.tensor([[1, 2]]).to_sparse()), "must be a dense tensor",
+                 id="sparse-tensor"),
+    pytest.param(lambda m: m(torch.tensor([[1, 2]]).to_sparse_csr()), "must be a dense tensor",
+                 id="forward-sparse-csr-tensor", marks=BETA),
+    pytest.param(lambda m: m.generate(torch.nested.nested_tensor([torch.tensor([1, 2]), torch.tensor([3])])),
+                 "must be a dense tensor", id="nested-tensor", marks=BETA),
+    pytest.param(lambda m: m.generate([[1, 2]], attention_mask=torch.tensor([[1, 1]]).to_sparse()),
+                 "attention_mask must be a dense tensor", id="sparse-mask-for-lists"),
     pytest.param(lambda m: m.verify([[1, 2]], [0], width=4096), "the plan reserves memory for",
                  id="verify-wider-than-reserved"),
     pytest.param(lambda m: m.verify([[1, 2]], [0], parents=5), "parents must be a list", id="verify-parents-int"),

@@ -150,7 +150,11 @@ def test_an_engine_between_its_steps_keeps_its_rows_from_another(model, monkeypa
     (Request((1, 2), 3, eos_ids=2), "eos_ids must be a tuple of token ids"),
     (Request((1, 2), 3, eos_ids=None), "eos_ids must be a tuple of token ids"),
     (Request((1, 2), 3, eos_ids=("2",)), "eos_ids must be a tuple of token ids"),
-], ids=["limit-bool", "sampling-none", "eos-int", "eos-none", "eos-strings"])
+    (Request(None, 3), "token ids must be a list of integers"),
+    (Request({1: "a", 2: "b"}, 3), "token ids must be a list of integers"),  # (its keys are ids: it ran, and failed)
+    (Request(iter([1, 2]), 3), "token ids must be a list of integers"),
+], ids=["limit-bool", "sampling-none", "eos-int", "eos-none", "eos-strings", "prompt-none", "prompt-dict",
+        "prompt-iterator"])
 def test_a_request_the_engine_cannot_run_is_refused_when_submitted(model, request_, words):
     engine = RowEngine(model, rows=1)
     with pytest.raises(offload.InputError, match=words):

@@ -185,7 +185,7 @@ class RowEngine:
     def check(self, request: Request) -> None:
         """Raise InputError where ``submit`` would refuse ``request``; reads only the model's limits, so any
         thread may call it (the HTTP server answers 400 before queuing)."""
-        check_token_ids(list(request.prompt), self.model.config.vocab_size, f"request {request.key!r}")
+        check_token_ids(request.prompt, self.model.config.vocab_size, f"request {request.key!r}")
         limit = request.max_new_tokens
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {limit!r}")

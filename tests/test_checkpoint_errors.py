@@ -517,3 +517,48 @@ def test_a_single_file_beside_an_index_that_does_not_list_it_is_refused(good, br
     _shard(broken)
     shutil.copy(directory / "model.safetensors", broken / "model.safetensors")
     _raises(broken, CheckpointError, "both model.safetensors and model.safetensors.index.json", "stale")
+
+
+# ---------------------------------------------------------------------- a saved quantized checkpoint's parts
+
+
+UP = "model.layers.0.mlp.up_proj.weight"  # [352, 128] in the tiny shape: int4 data [352, 64]
+
+
+def _reshaped(part: str, shape):
+    """A change that gives ``UP``'s ``part`` (and its minimum, with its scale) the shape ``shape``."""
+    def change(tensors: dict):
+        for name in [f"{UP}.{part}"] + ([f"{UP}.minimum"] if part == "scale" else []):
+            if name in tensors:
+                tensors[name] = torch.ones(shape, dtype=tensors[name].dtype)
+    return change
+
+
+@pytest.mark.parametrize("fmt, part, shape", [
+    pytest.param("int4", "scale", (352, 256), id="more-groups-than-columns"),  # 128 // 256: groups of nothing
+    pytest.param("int4", "scale", (352, 128), id="int4-groups-of-one"),  # a byte holds two: odd groups cannot be
+    pytest.param("int4", "scale", (352, 3), id="groups-that-do-not-divide"),
+    pytest.param("int4", "scale", (352,), id="int4-a-scale-a-row"),
+    pytest.param("int4", "data", (352 * 64,), id="int4-data-not-a-matrix"),
+    pytest.param("int8", "data", (352 * 128,), id="int8-data-not-a-matrix"),
+    pytest.param("int8", "scale", (352, 8, 1), id="int8-scales-of-three-dimensions"),
+])
+def test_parts_whose_shapes_are_no_quantized_weight_are_refused_naming_them(tiny, tmp_path, capsys, fmt, part, shape):
+    """The format of a saved weight is read from its parts' shapes; shapes that are none (a ZeroDivisionError, or
+    an error in the first product, before) are refused before any weights are read."""
+    from offload.quantized import write_quantized
+
+    saved = write_quantized(tiny, tmp_path / "q", fmt, 32 if fmt == "int4" else None, "minmax", torch.float32,
+                            progress=False)  # (minmax: the parts' shapes matter here, not their rounding)
+    _change_tensors(saved, _reshaped(part, shape))
+    with pytest.raises(CheckpointError, match=rf"{UP}.scale has shape .*which is no {fmt} grouping of {UP}.data"):
+        _load(saved)
+    assert f"{UP}.scale" in refused(capsys, ["--model", str(saved), "--prompt-ids", "1", "--quiet"])
+
+
+def test_parts_without_the_record_of_their_format_are_refused(tiny, tmp_path):
+    """config.json without ``offload_quantization`` describes a dense model: its weights are not read dense from
+    their parts quietly (the LM head of tensor-parallel ranks that pad the vocabulary is, under the record)."""
+    saved = _saved_int8(tiny, tmp_path)
+    _change_record(saved, lambda raw: None)
+    _raises(saved, CheckpointError, "as quantized parts", "records no offload_quantization")

@@ -150,9 +150,21 @@ class CheckpointSource:
             return None
         data, scale = (self.shape(f"{name}.{part}") for part in ("data", "scale"))
         fmt = "int4" if self._dtype(f"{name}.data") == "U8" else "int8"
-        cols = data[1] * (2 if fmt == "int4" else 1)
-        group = None if len(scale) == 1 else cols // scale[1]
-        return fmt, group, f"{name}.minimum" in self._file_of and fmt == "int8"
+        return fmt, self._group(name, fmt, data, scale), f"{name}.minimum" in self._file_of and fmt == "int8"
+
+    def _group(self, name: str, fmt: str, data: tuple[int, ...], scale: tuple[int, ...]) -> int | None:
+        """The columns each scale of weight ``name`` covers (None: one a row), from its parts' shapes: a matrix of
+        integers and a scale a row (int8), or a matrix of scales that divides its columns into groups (of an even
+        number for int4, whose bytes hold two). Any other shapes are no weight the layers could compute with."""
+        cols = data[1] * (2 if fmt == "int4" else 1) if len(data) == 2 else 0
+        if cols and len(scale) == 1 and fmt == "int8":
+            return None
+        if cols and len(scale) == 2 and scale[1] and cols % scale[1] == 0:
+            group = cols // scale[1]
+            if fmt == "int8" or group % 2 == 0:
+                return group
+        raise CheckpointError(f"{self._file_of[f'{name}.scale'].name}: {name}.scale has shape {list(scale)}, which "
+                              f"is no {fmt} grouping of {name}.data of shape {list(data)}")
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Tensor ``name``'s shape, from the file's header."""
@@ -314,7 +326,13 @@ class CheckpointSource:
 
     def _check_dense_of_parts(self, spec: TensorSpec, name: str) -> None:
         """That weight ``name``, stored as its parts, can be read dense as ``spec`` asks: its shape, and a piece of
-        whole rows (an LM head that tensor-parallel ranks pad is stored in int8 by a one-rank ``write_quantized``)."""
+        whole rows (an LM head that tensor-parallel ranks pad is stored in int8 by a one-rank ``write_quantized``),
+        in a checkpoint whose config.json records its format (else its layers would be read dense, quietly)."""
+        from ..quantized import RECORD, stored_quantization
+
+        if stored_quantization(self.path) is None:
+            raise CheckpointError(f"checkpoint {str(self.path)!r} stores {name} as quantized parts ({name}.data...), "
+                                  f"but config.json records no {RECORD}, as scripts/quantize.py writes it")
         fmt, group, _ = self.stored(name)
         rows, cols = self.shape(f"{name}.data")
         shape = (rows, cols * 2 if fmt == "int4" else cols)

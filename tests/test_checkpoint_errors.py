@@ -562,3 +562,19 @@ def test_parts_without_the_record_of_their_format_are_refused(tiny, tmp_path):
     saved = _saved_int8(tiny, tmp_path)
     _change_record(saved, lambda raw: None)
     _raises(saved, CheckpointError, "as quantized parts", "records no offload_quantization")
+
+
+def test_the_quantize_script_refuses_what_loading_refuses(tiny, tmp_path, capsys):
+    """A checkpoint load_model refuses (here a tensor the model would not use, a tensor of another shape) is not
+    written quantized either, as a checkpoint that would load without it."""
+    from offload.quantized import write_quantized
+
+    extra = tmp_path / "extra"
+    shutil.copytree(tiny, extra)
+    _add(extra, "model.layers.0.self_attn.q_proj.bias", torch.ones(128))
+    with pytest.raises(CheckpointError, match="would not use"):
+        write_quantized(extra, tmp_path / "q", "int4", progress=False)
+    narrow = _broken_weights(tiny, tmp_path, UP, lambda t: t[:300].contiguous())
+    with pytest.raises(CheckpointError, match=rf"{UP}' has shape \[300, 128\], expected \[352, 128\]"):
+        write_quantized(narrow, tmp_path / "q", "int8", progress=False)
+    assert not (tmp_path / "q").exists()

@@ -65,6 +65,8 @@ def write_quantized(model, out, quantize_as: str, group_size: int | None = None,
     quantized = {name: spec.quant for sources in layouts for spec, name in sources if spec.quant is not None}
     source = RandomSource(random_weights, device=device, packed=True) if random else CheckpointSource(Path(model))
     sources = checkpoint_sources(config, tp, dtype)
+    if not random:  # what load_model refuses (another model's tensors, shapes or layers) is not written either
+        source.validate(sources)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging(out)
     writer = _ShardWriter(staging, shard_bytes)

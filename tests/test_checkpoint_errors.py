@@ -427,3 +427,154 @@ def test_a_weights_file_given_for_its_checkpoint_says_so(tiny):
     _raises(weights, ConfigError, "is neither a checkpoint directory (config.json + safetensors), a GGUF file nor")
     with pytest.raises(ConfigError, match=r"draft .*model.safetensors.* is neither a checkpoint directory"):
         offload.load_model(tiny, draft=str(weights), dtype=torch.float32, progress=False, max_seq_len=32)
+
+
+# ---------------------------------------------------------------------- tensors the model would not read
+
+
+def _add(directory: Path, name: str, tensor: torch.Tensor, file: str = "model.safetensors") -> None:
+    tensors = load_file(directory / file)
+    tensors[name] = tensor
+    save_file(tensors, directory / file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("model.layers.0.self_attn.q_proj.bias", (64,)),  # a bias config.json does not name (attention_bias false)
+    ("model.layers.1.self_attn.q_norm.weight", (16,)),  # a Qwen3 layer's norm in a Llama
+    ("score.weight", (3, 64)),  # another model's head
+])
+def test_a_tensor_the_model_would_not_use_is_refused_not_dropped(broken, capsys, name, shape):
+    """Dropped, the tensor would leave another model's logits (transformers drops it too, as UNEXPECTED)."""
+    _add(broken, name, torch.ones(shape))
+    message = _raises(broken, CheckpointError, "1 tensor(s) the model would not use", name, "model.safetensors")
+    assert "Traceback" not in refused(capsys, ["--model", str(broken), "--prompt-ids", "1", "--quiet"])
+    assert message.count("\n") == 0
+
+
+def test_rotary_frequencies_saved_by_older_checkpoints_are_not_refused(good, broken):
+    """transformers, as offload, computes them from the config."""
+    hf, _ = good
+    _add(broken, "model.layers.1.self_attn.rotary_emb.inv_freq", torch.ones(8))
+    ids = torch.arange(3, 19)[None]
+    with _load(broken) as model, torch.no_grad():
+        assert torch.equal(model(ids), hf(ids).logits)
+
+
+def _tied(broken: Path, head) -> None:
+    raw = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**raw, "tie_word_embeddings": True}))
+    tensors = load_file(broken / "model.safetensors")
+    tensors["lm_head.weight"] = head(tensors["model.embed_tokens.weight"])
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_tied_head_stored_as_a_copy_of_the_embedding_loads_tied(broken):
+    _tied(broken, lambda embedding: embedding.to(torch.bfloat16).float())  # the same numbers in another dtype
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].to(torch.bfloat16)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with _load(broken) as model:
+        assert model.decoder.weights.lm_head is model.decoder.weights.embed
+
+
+def test_a_head_that_differs_from_the_embedding_it_is_tied_to_is_refused(broken):
+    """transformers 5 computes with the head (``will NOT tie them``), offload would with the embedding: the config
+    says one model, the weights another."""
+    _tied(broken, lambda embedding: embedding.flip(0).contiguous())
+    _raises(broken, CheckpointError, "lm_head.weight that differs from model.embed_tokens.weight",
+            "tie_word_embeddings")
+
+
+def test_a_shard_holding_a_tensor_its_index_does_not_list_is_refused(broken):
+    """transformers loads every tensor of a shard it opens: one the index leaves out would be its, not ours."""
+    weight_map = _shard(broken)
+    _add(broken, "model.layers.0.self_attn.q_proj.bias", torch.ones(64), weight_map["model.norm.weight"])
+    _raises(broken, CheckpointError, weight_map["model.norm.weight"], "'model.layers.0.self_attn.q_proj.bias'",
+            "model.safetensors.index.json does not list")
+
+
+def test_a_tensor_in_two_shards_of_an_index_is_refused(broken):
+    weight_map = _shard(broken)
+    name = "model.layers.0.mlp.up_proj.weight"
+    other = next(file for file in set(weight_map.values()) if file != weight_map[name])
+    _add(broken, name, torch.zeros(128, 64), other)
+    _raises(broken, CheckpointError, repr(name), "in both", other, weight_map[name])
+
+
+def test_an_index_listing_a_tensor_the_model_would_not_use_is_refused(broken):
+    weight_map = _shard(broken)
+    name = "model.layers.0.self_attn.q_proj.bias"
+    _add(broken, name, torch.ones(64), weight_map["model.norm.weight"])
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    index["weight_map"][name] = weight_map["model.norm.weight"]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    _raises(broken, CheckpointError, "1 tensor(s) the model would not use", name)
+
+
+def test_a_single_file_beside_an_index_that_does_not_list_it_is_refused(good, broken):
+    """transformers reads model.safetensors where there is one, offload the index's shards: either may be stale."""
+    _, directory = good
+    _shard(broken)
+    shutil.copy(directory / "model.safetensors", broken / "model.safetensors")
+    _raises(broken, CheckpointError, "both model.safetensors and model.safetensors.index.json", "stale")
+
+
+# ---------------------------------------------------------------------- a saved quantized checkpoint's parts
+
+
+UP = "model.layers.0.mlp.up_proj.weight"  # [352, 128] in the tiny shape: int4 data [352, 64]
+
+
+def _reshaped(part: str, shape):
+    """A change that gives ``UP``'s ``part`` (and its minimum, with its scale) the shape ``shape``."""
+    def change(tensors: dict):
+        for name in [f"{UP}.{part}"] + ([f"{UP}.minimum"] if part == "scale" else []):
+            if name in tensors:
+                tensors[name] = torch.ones(shape, dtype=tensors[name].dtype)
+    return change
+
+
+@pytest.mark.parametrize("fmt, part, shape", [
+    pytest.param("int4", "scale", (352, 256), id="more-groups-than-columns"),  # 128 // 256: groups of nothing
+    pytest.param("int4", "scale", (352, 128), id="int4-groups-of-one"),  # a byte holds two: odd groups cannot be
+    pytest.param("int4", "scale", (352, 3), id="groups-that-do-not-divide"),
+    pytest.param("int4", "scale", (352,), id="int4-a-scale-a-row"),
+    pytest.param("int4", "data", (352 * 64,), id="int4-data-not-a-matrix"),
+    pytest.param("int8", "data", (352 * 128,), id="int8-data-not-a-matrix"),
+    pytest.param("int8", "scale", (352, 8, 1), id="int8-scales-of-three-dimensions"),
+])
+def test_parts_whose_shapes_are_no_quantized_weight_are_refused_naming_them(tiny, tmp_path, capsys, fmt, part, shape):
+    """The format of a saved weight is read from its parts' shapes; shapes that are none (a ZeroDivisionError, or
+    an error in the first product, before) are refused before any weights are read."""
+    from offload.quantized import write_quantized
+
+    saved = write_quantized(tiny, tmp_path / "q", fmt, 32 if fmt == "int4" else None, "minmax", torch.float32,
+                            progress=False)  # (minmax: the parts' shapes matter here, not their rounding)
+    _change_tensors(saved, _reshaped(part, shape))
+    with pytest.raises(CheckpointError, match=rf"{UP}.scale has shape .*which is no {fmt} grouping of {UP}.data"):
+        _load(saved)
+    assert f"{UP}.scale" in refused(capsys, ["--model", str(saved), "--prompt-ids", "1", "--quiet"])
+
+
+def test_parts_without_the_record_of_their_format_are_refused(tiny, tmp_path):
+    """config.json without ``offload_quantization`` describes a dense model: its weights are not read dense from
+    their parts quietly (the LM head of tensor-parallel ranks that pad the vocabulary is, under the record)."""
+    saved = _saved_int8(tiny, tmp_path)
+    _change_record(saved, lambda raw: None)
+    _raises(saved, CheckpointError, "as quantized parts", "records no offload_quantization")
+
+
+def test_the_quantize_script_refuses_what_loading_refuses(tiny, tmp_path, capsys):
+    """A checkpoint load_model refuses (here a tensor the model would not use, a tensor of another shape) is not
+    written quantized either, as a checkpoint that would load without it."""
+    from offload.quantized import write_quantized
+
+    extra = tmp_path / "extra"
+    shutil.copytree(tiny, extra)
+    _add(extra, "model.layers.0.self_attn.q_proj.bias", torch.ones(128))
+    with pytest.raises(CheckpointError, match="would not use"):
+        write_quantized(extra, tmp_path / "q", "int4", progress=False)
+    narrow = _broken_weights(tiny, tmp_path, UP, lambda t: t[:300].contiguous())
+    with pytest.raises(CheckpointError, match=rf"{UP}' has shape \[300, 128\], expected \[352, 128\]"):
+        write_quantized(narrow, tmp_path / "q", "int8", progress=False)
+    assert not (tmp_path / "q").exists()

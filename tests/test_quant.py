@@ -627,8 +627,10 @@ def test_a_saved_int8_head_is_read_dense_where_tensor_parallel_ranks_pad_the_voc
         layout = global_layout(config_from_dict(config), tp, torch.float32, head_format(stored))
         assert not layout.quantized
         blocks = Llama.blocks(config_from_dict(config), tp, torch.float32, stored)
-        source.validate(layout.sources() + [x for block in blocks for x in block.sources()])
-        source.read_in_order(layout.sources() + [x for block in blocks for x in block.sources()])  # read ahead
+        embedding = embedding_layout(config_from_dict(config), tp, torch.float32)
+        every = layout.sources() + embedding.sources() + [x for block in blocks for x in block.sources()]
+        source.validate(every)
+        source.read_in_order(every)  # read ahead
         spec, name = next((spec, name) for spec, name in layout.sources() if spec.name == "lm_head")
         got = torch.empty(spec.shape)
         source.read(spec, name, got)

@@ -13,8 +13,10 @@ checkpoints; ``offload.synthetic.RandomSource`` is the same interface over seede
 random numbers.
 
 Before a byte is read, ``validate`` checks that every tensor the model needs is there
-with its shape and a floating-point dtype, and that the checkpoint has no layers beyond
-the config's ``num_hidden_layers``.
+with its shape and a floating-point dtype, that the checkpoint has no layers beyond
+the config's ``num_hidden_layers`` and no other tensor the model would not read (a
+bias, a norm or a head of another model: dropped, it would leave that model's logits),
+and that each shard holds just what its index places in it.
 
 A checkpoint that offload quantized and saved (``write_quantized``, ``scripts/quantize.py``)
 holds each linear weight as its parts, ``<name>.data``, ``<name>.scale`` (and
@@ -27,6 +29,7 @@ the check costs one pass over memory that the copy has just touched.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -48,6 +51,9 @@ STAGING = 64 << 20  # bytes read at a time where a piece is cast or sent to a GP
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                 "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
 LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
+# Tensors a checkpoint may hold that no model reads: rotary frequencies, which older checkpoints saved and
+# transformers, as offload, computes from the config
+UNREAD = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
 def is_gguf(path) -> bool:
@@ -75,6 +81,7 @@ class CheckpointSource:
         self._handles: dict[Path, object] = {}
         self._headers: dict[Path, dict[str, Entry]] = {}
         self._reads = FileReads()
+        self._indexed = False  # set by _index where model.safetensors.index.json maps the tensors to shards
         self._file_of = self._index()
         self._readahead: Readahead | None = None
 
@@ -96,6 +103,11 @@ class CheckpointSource:
             for file in sorted(set(files.values())):
                 if not file.is_file():
                     raise CheckpointError(f"{index} lists {file.name}, which does not exist")
+            single = self.path / "model.safetensors"
+            if single not in set(files.values()) and single.is_file():  # transformers reads it, not the index
+                raise CheckpointError(f"checkpoint {str(self.path)!r} holds both model.safetensors and {index.name}, "
+                                      "which does not list it: remove whichever is stale")
+            self._indexed = True
             return files
         try:
             files = sorted(self.path / name for name in os.listdir(self.path) if name.endswith(".safetensors"))
@@ -139,9 +151,21 @@ class CheckpointSource:
             return None
         data, scale = (self.shape(f"{name}.{part}") for part in ("data", "scale"))
         fmt = "int4" if self._dtype(f"{name}.data") == "U8" else "int8"
-        cols = data[1] * (2 if fmt == "int4" else 1)
-        group = None if len(scale) == 1 else cols // scale[1]
-        return fmt, group, f"{name}.minimum" in self._file_of and fmt == "int8"
+        return fmt, self._group(name, fmt, data, scale), f"{name}.minimum" in self._file_of and fmt == "int8"
+
+    def _group(self, name: str, fmt: str, data: tuple[int, ...], scale: tuple[int, ...]) -> int | None:
+        """The columns each scale of weight ``name`` covers (None: one a row), from its parts' shapes: a matrix of
+        integers and a scale a row (int8), or a matrix of scales that divides its columns into groups (of an even
+        number for int4, whose bytes hold two). Any other shapes are no weight the layers could compute with."""
+        cols = data[1] * (2 if fmt == "int4" else 1) if len(data) == 2 else 0
+        if cols and len(scale) == 1 and fmt == "int8":
+            return None
+        if cols and len(scale) == 2 and scale[1] and cols % scale[1] == 0:
+            group = cols // scale[1]
+            if fmt == "int8" or group % 2 == 0:
+                return group
+        raise CheckpointError(f"{self._file_of[f'{name}.scale'].name}: {name}.scale has shape {list(scale)}, which "
+                              f"is no {fmt} grouping of {name}.data of shape {list(data)}")
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Tensor ``name``'s shape, from the file's header."""
@@ -160,14 +184,18 @@ class CheckpointSource:
             raise CheckpointError(f"{file.name}: tensor {name!r} is missing") from None
 
     def validate(self, specs: list[tuple[TensorSpec, str]]) -> None:
-        """Check every tensor's presence, shape and dtype, and the number of layers, before any bytes are read."""
+        """Check every tensor's presence, shape and dtype, the number of layers, and that the checkpoint holds no
+        tensor the model would not read, before any bytes are read."""
+        used = set()
         for spec, name in specs:
             part = spec.part and self.stores_parts(name)
             if part:  # a saved quantized weight's part: its own tensor, whole
                 name, spec = f"{name}.{spec.part}", part_spec(spec)
             elif not spec.part and name not in self._file_of and self.stores_parts(name):
                 self._check_dense_of_parts(spec, name)  # read dense from its parts (``read``)
+                used.update(f"{name}.{p}" for p in ("data", "scale", "minimum"))
                 continue
+            used.add(name)
             tensor = self._slice(name)
             shape, dtype, file = tuple(tensor.get_shape()), tensor.get_dtype(), self._file_of[name]
             if shape != spec.full_shape:
@@ -181,6 +209,50 @@ class CheckpointSource:
                 raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {dtype}; weights must be "
                                       f"floating point ({', '.join(FLOAT_DTYPES)})")
         self._check_layer_count(specs)
+        self._check_shards()
+        self._check_unused(used)
+
+    def _check_shards(self) -> None:
+        """Each shard holds the tensors the index places in it and no others: transformers loads every tensor of
+        the shards it opens, so one the index leaves out (or places in another shard too) is one it would load
+        where offload would not."""
+        if not self._indexed:
+            return  # the map was read from the files themselves, each tensor in one (``_index``)
+        for file in sorted(set(self._file_of.values())):
+            for name in self._open(file).keys():
+                listed = self._file_of.get(name)
+                if listed is None:
+                    raise CheckpointError(f"{file.name} holds tensor {name!r}, which model.safetensors.index.json "
+                                          "does not list: the index and its shards disagree")
+                if listed != file:
+                    raise CheckpointError(f"tensor {name!r} is in both {file.name} and {listed.name} (which "
+                                          "model.safetensors.index.json names): remove the stale copy")
+
+    def _check_unused(self, used: set[str]) -> None:
+        """Refuse tensors the model would not read (``used`` names those it reads): a bias, a norm or a head that
+        config.json does not describe belongs to another model, whose logits dropping it would not give."""
+        unused = sorted(name for name in self._file_of if name not in used and not UNREAD.fullmatch(name))
+        if "lm_head.weight" in unused and "model.embed_tokens.weight" in used:  # tied: the head is the embedding
+            self._check_tied_head()
+            unused.remove("lm_head.weight")
+        if unused:
+            names = ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else "")
+            files = ", ".join(sorted({self._file_of[name].name for name in unused}))
+            raise CheckpointError(f"checkpoint {str(self.path)!r} holds {len(unused)} tensor(s) the model would not "
+                                  f"use ({names}, in {files}): config.json and the weights describe different models")
+
+    def _check_tied_head(self) -> None:
+        """A head stored beside the embedding it is tied to (tie_word_embeddings) must be a copy of it: one that
+        differs is a head of its own, which transformers 5 computes with (and 4 drops), so the config is wrong."""
+        head, embedding = self._slice("lm_head.weight"), self._slice("model.embed_tokens.weight")
+        shape = tuple(embedding.get_shape())  # (validated: the vocabulary's rows)
+        step = max(1, STAGING // max(1, 8 * math.prod(shape[1:])))  # rows compared at a time, as float64
+        if tuple(head.get_shape()) != shape or not all(
+                torch.equal(head[row : row + step].double(), embedding[row : row + step].double())
+                for row in range(0, shape[0], step)):
+            raise CheckpointError(f"{self._file_of['lm_head.weight'].name} holds an lm_head.weight that differs from "
+                                  "model.embed_tokens.weight, but config.json ties them (tie_word_embeddings): set it "
+                                  "to false to compute with that head, or remove the head")
 
     def _check_layer_count(self, specs: list[tuple[TensorSpec, str]]) -> None:
         """A config that claims fewer layers than the checkpoint holds would run a different, truncated model."""
@@ -261,7 +333,13 @@ class CheckpointSource:
 
     def _check_dense_of_parts(self, spec: TensorSpec, name: str) -> None:
         """That weight ``name``, stored as its parts, can be read dense as ``spec`` asks: its shape, and a piece of
-        whole rows (an LM head that tensor-parallel ranks pad is stored in int8 by a one-rank ``write_quantized``)."""
+        whole rows (an LM head that tensor-parallel ranks pad is stored in int8 by a one-rank ``write_quantized``),
+        in a checkpoint whose config.json records its format (else its layers would be read dense, quietly)."""
+        from ..quantized import RECORD, stored_quantization
+
+        if stored_quantization(self.path) is None:
+            raise CheckpointError(f"checkpoint {str(self.path)!r} stores {name} as quantized parts ({name}.data...), "
+                                  f"but config.json records no {RECORD}, as scripts/quantize.py writes it")
         fmt, group, _ = self.stored(name)
         rows, cols = self.shape(f"{name}.data")
         shape = (rows, cols * 2 if fmt == "int4" else cols)

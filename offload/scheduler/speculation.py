@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import switches
 from ..memory.host import to_device
 from ..sampling import GREEDY
 from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance,
@@ -57,6 +58,10 @@ from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, 
 
 
 PROBE_EVERY = 8  # a run of passes that drafted nothing ends with one that drafts a token
+# Drafting ahead's inputs sent to the device before the target's pass is queued (on), or after it (off: as before
+# 2026-12-07, when drafting ahead's chains on SmolLM2 were ready when the verdict was a guessed one 80% of the passes
+# and the passes spent about as long drafting as without them). Read at import.
+SEND_AHEAD_FIRST = switches.choice("OFFLOAD_SEND_AHEAD_FIRST", switches.ON_OFF, True)
 
 
 @dataclass
@@ -103,13 +108,18 @@ class Speculator:
         branched = any(len(tokens) > len(chain) for (tokens, _), chain in zip(trees, proposal.tokens))
         drafted = any(tree[0] for tree in trees)
         if drafted:
-            logits = self.model.verify(new_tokens, cached, width=k * m + 1,
-                                       parents=[tree[1] for tree in trees] if branched else None)
-            # Then, beside the pass, the next pass's drafts for the verdicts the draft guesses. Queued before the
+            # The next pass's drafts for the verdicts the draft guesses: their inputs sent before the pass (after it,
+            # they may wait behind its weights on the host link), the drafting queued beside it. Queued before the
             # pass, the side stream's kernels delayed the pass's own, even with the pass at the highest priority
             # (on an H100, 2026-12-06, SmolLM2 streamed: a verify pass of 6.9 ms against 5.1), and with two slots a
             # layer's late compute holds back the link.
-            self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
+            if SEND_AHEAD_FIRST:
+                self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
+            logits = self.model.verify(new_tokens, cached, width=k * m + 1,
+                                       parents=[tree[1] for tree in trees] if branched else None)
+            if not SEND_AHEAD_FIRST:
+                self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
+            self.draft.draft_ahead()
         else:  # nothing to verify: a decode step, [rows, 1, vocab]
             tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.model.device)
             logits = self.model.decode(tokens, [c if row is not None else None for row, c in zip(rows, cached)])

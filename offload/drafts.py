@@ -24,9 +24,10 @@ of the pass (the row engine's rows; ``None`` for a row not in it):
 
     share, ready = draft.drafting_ahead(rows)       # whether this pass's chains were drafted ahead, how deep
     proposal = draft.propose(rows, budgets, nodes)  # at most budgets[b] deep for row b (a tree: nodes[b] tokens)
-    draft.look_ahead(rows, proposal, deepest)       # the next pass's chains for the verdicts it guesses: inputs sent
     ...                                             # the target's verify pass is queued
-    draft.draft_ahead()                             # meanwhile, those chains
+    draft.look_ahead(rows, proposal, deepest)       # the next pass's chains for the verdicts it guesses: inputs sent
+    draft.draft_ahead()                             # meanwhile, those chains (OFFLOAD_SEND_AHEAD_FIRST=1: the
+                                                    # inputs are sent before the verify pass is queued)
     ...                                             # the target's verdict is read
     draft.update(rows, accepted, paths)             # how many of row b's chain the target took, and where
 """
@@ -281,13 +282,13 @@ class ModelDraft:
                                     chances.tolist())
 
     def look_ahead(self, rows: list, proposal: Proposal, deepest: int = DEFAULT_MAX_DRAFT) -> None:
-        """Before the target's pass over ``proposal`` is queued, the next pass's greedy chains for the verdicts the
+        """For the target's pass over ``proposal``, the next pass's greedy chains for the verdicts the
         draft can guess (``LOOK_AHEAD``), as deep as the target's pass leaves time for (:meth:`_pace_ahead`) and the
         next pass may ask (``deepest`` drafts): for each drafting row, "every draft accepted, then the draft's argmax
         after the last" in the row itself (its chain goes on from its last draft), and each of its likeliest breaks
         (:meth:`_breaks`) in a spare row (the row's context copied there first). Their tokens and positions are sent
-        to the device now, on the side stream (sent after the target's pass is queued, they may wait behind its
-        weights on the host link); :meth:`draft_ahead` queues the chains once the pass is. Only after greedy chains."""
+        to the device now, on the side stream (the speculator calls this before or after queueing the target's pass:
+        ``SEND_AHEAD_FIRST``); :meth:`draft_ahead` queues the chains once the pass is. Only after greedy chains."""
         self.staged_ahead = None
         if not (self.depth and self.spare and LOOK_AHEAD):
             return

@@ -21,9 +21,12 @@ and that each shard holds just what its index places in it.
 A checkpoint that offload quantized and saved (``write_quantized``, ``scripts/quantize.py``)
 holds each linear weight as its parts, ``<name>.data``, ``<name>.scale`` (and
 ``<name>.minimum``), whole (every rank reads its piece), and records the format in
-``config.json`` under ``offload_quantization``; it is read as it is, never requantized. While reading, each tensor is checked for NaN and
-infinity where it lands (after the cast to the model's dtype, which can overflow), so
-the check costs one pass over memory that the copy has just touched.
+``config.json`` under ``offload_quantization``; it is read as it is, never requantized.
+
+While reading, each tensor is checked for NaN and infinity in host memory the read has just
+touched: where it lands, or, on its way to a GPU in its own dtype, in the staging buffer (a
+check on the GPU would wait for the copy); after a cast to the model's dtype (which can
+overflow), where it lands.
 """
 
 from __future__ import annotations

@@ -58,10 +58,12 @@ from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, 
 
 
 PROBE_EVERY = 8  # a run of passes that drafted nothing ends with one that drafts a token
-# Drafting ahead's inputs sent to the device before the target's pass is queued (on), or after it (off: as before
-# 2026-12-07, when drafting ahead's chains on SmolLM2 were ready when the verdict was a guessed one 80% of the passes
-# and the passes spent about as long drafting as without them). Read at import.
-SEND_AHEAD_FIRST = switches.choice("OFFLOAD_SEND_AHEAD_FIRST", switches.ON_OFF, True)
+# Drafting ahead's inputs sent to the device before the target's pass is queued (1), or after it (0, the default).
+# On SmolLM2 on an H100 (2026-12-07, inputs sent after) 80% of the passes found their chains drafted ahead, yet the
+# passes spent about as long drafting as without drafting ahead: a copy from the host queued after the pass may wait
+# behind the pass's weights on the link, and the side stream with it. Sending them first was written after that
+# session's GPU time was spent: off until a GPU has timed it (gpu_session.sh's spec_smollm2_int8_ahead). Read at import.
+SEND_AHEAD_FIRST = switches.choice("OFFLOAD_SEND_AHEAD_FIRST", switches.ON_OFF, False)
 
 
 @dataclass
@@ -108,8 +110,8 @@ class Speculator:
         branched = any(len(tokens) > len(chain) for (tokens, _), chain in zip(trees, proposal.tokens))
         drafted = any(tree[0] for tree in trees)
         if drafted:
-            # The next pass's drafts for the verdicts the draft guesses: their inputs sent before the pass (after it,
-            # they may wait behind its weights on the host link), the drafting queued beside it. Queued before the
+            # The next pass's drafts for the verdicts the draft guesses: their inputs sent (before the pass where
+            # SEND_AHEAD_FIRST), the drafting queued beside the pass. Queued before the
             # pass, the side stream's kernels delayed the pass's own, even with the pass at the highest priority
             # (on an H100, 2026-12-06, SmolLM2 streamed: a verify pass of 6.9 ms against 5.1), and with two slots a
             # layer's late compute holds back the link.

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help="sampling temperature (implies --do-sample)")
     p.add_argument("--top-k", type=int, help="keep the k most likely tokens (implies --do-sample)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (implies --do-sample)")
-    p.add_argument("--seed", type=int, help="sampling seed (default: a fresh one each run)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: a fresh one each run; greedy decoding, without "
+                   "--do-sample or a flag that implies it, has none)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     add_load_flags(p, max_batch_help="KV cache rows (default 1; batch jobs: --batch-size)",
                    max_seq_len_help="KV cache length per row (default: what the prompts need)",

@@ -40,13 +40,16 @@ def main(argv=None) -> int:
                         help="int8: one scale a row; int4: a scale and minimum a group of columns")
     parser.add_argument("--out", required=True, help="directory to write: new or empty (created if missing)")
     parser.add_argument("--group-size", type=int, default=None, help="int4: columns per scale (default 128, or the largest smaller power of two that divides each input dimension)")
-    parser.add_argument("--rounding", default="search", choices=["search", "minmax"],
+    parser.add_argument("--rounding", choices=["search", "minmax"],
                         help="int4: each group's scale and minimum searched (default) or its range")
     parser.add_argument("--dtype", default="bf16", help="of the scales and the unquantized tensors (default bf16)")
     parser.add_argument("--device", default="cpu", help="where tensors are quantized (default cpu; cuda is much faster)")
     parser.add_argument("--shard-size", default="2GiB", help="largest shard file (default 2GiB)")
     try:
         args = parser.parse_args(argv)
+        if args.rounding is not None and args.quantize != "int4":
+            parser.error(f"--rounding is for int4 ({args.quantize} has one scale per output channel)")
+        args.rounding = args.rounding or "search"
         check_request(args.quantize, args.group_size, args.rounding)
         write_quantized(args.model, args.out, args.quantize, args.group_size, args.rounding,
                         parse_dtype(args.dtype), parse_device(args.device), shard_size(args.shard_size))

@@ -672,8 +672,10 @@ def test_the_quantize_script_writes_a_checkpoint_that_streams(tiny, tmp_path, ca
     capsys.readouterr()  # the progress bar
     assert script.main(["--model", str(tmp_path / "nowhere"), "--quantize", "int4", "--out", str(out)]) == 2
     assert script.main(["--model", str(tiny), "--quantize", "int3", "--out", str(out)]) == 2
+    assert script.main(["--model", str(tiny), "--quantize", "int8", "--rounding", "minmax", "--out", str(out)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and all(line.startswith("quantize: error:") for line in errors)
+    assert len(errors) == 3 and all(line.startswith("quantize: error:") for line in errors)
+    assert "--rounding is for int4" in errors[2]
 
 
 def _quantize_script():

@@ -162,12 +162,16 @@
 # twenty-second and twenty-third (2026-12-07): no machine started (each a dozen failed or refused calls).
 # twenty-fourth (2026-12-07, an H100): tests_gguf_moe (five test faults: fixed), tests_spec, tests_whole, tests_reads,
 #   tests_kernels passed; spec_smollm2_int8, spec_smollm2_int8_trees, load13b_ab, load70b measured
-#   (docs/benchmarks.md). Owed now:
-#   1. tests_gguf_moe:200                                      the test fixes (checked on a CPU only)
+#   (docs/benchmarks.md).
+# twenty-fifth (2026-12-07, an H100 for two calls after failed starts): tests_reads, tests_gguf_moe (58% before its
+#   time: no failure), load13b_profile (the loads' order confounds them: bench_load --rounds), spec_smollm2_int8_ahead
+#   (the old order: drafted ahead 80% of the passes, drafting as long). Owed now:
+#   1. spec_smollm2_int8_ahead:200                             drafting ahead's inputs sent first (#22's 4x)
 #   2. int4_405b:500 (an H200)                                 the moonshot (#20)
-#   3. load13b_profile:120                                     why loads read() slower than the map (#20's 0.8)
-#   4. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300  a GGUF load's ratio; mixtures of experts
-#   5. gguf_moe30b (bench_load.py --write gguf now writes qwen3moe files too; it stopped at that check)
+#   3. load13b_ab:220                                          pinned reads against pageable and the map, 3 rounds
+#   4. tests_gguf_moe:200, tests_spec:200 (and with OFFLOAD_SEND_AHEAD_FIRST=1)  the rest of the GGUF tests; drafting
+#                                                              ahead on CUDA
+#   5. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300, gguf_moe30b
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.

@@ -348,5 +348,6 @@ def run_batch(model, records: list[Record], results: ResultFile | None, batch_si
 def _write(results: ResultFile | None, record: Record, tokens: list[int], reason: str, tokenizer) -> None:
     if results is None:
         return
-    text = tokenizer.decode(tokens) if tokenizer is not None else None
+    shown = tokens[:-1] if reason == "eos" else tokens  # the stop token ends the text: the CLI and server show none
+    text = tokenizer.decode(shown) if tokenizer is not None else None
     results.write_record(record.id, len(record.prompt_ids), tokens, reason, text)

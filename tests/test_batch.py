@@ -363,3 +363,23 @@ def test_a_record_whose_token_limit_passes_any_context_is_one_line_through_the_s
     assert "'max_new_tokens' must be at most" in one_line_exit_2(done)
     assert not (tmp_path / "out.jsonl").exists()
 
+
+
+def test_a_records_text_ends_before_its_stop_token():
+    """A record's tokens keep the stop token that ended it; its text does not (as the CLI's and the server's): a
+    tokenizer that does not mark the token special would otherwise write its text."""
+    from offload.batch import Record, _write
+
+    class Words:
+        def decode(self, ids):
+            return " ".join(f"w{i}" for i in ids)
+
+    class Results:
+        def write_record(self, *args):
+            self.args = args
+
+    results, record = Results(), Record("a", [1, 2], 8, 1)
+    _write(results, record, [5, 6, 2], "eos", Words())
+    assert results.args == ("a", 2, [5, 6, 2], "eos", "w5 w6")
+    _write(results, record, [5, 6, 2], "length", Words())
+    assert results.args[-1] == "w5 w6 w2"

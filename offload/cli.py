@@ -26,7 +26,7 @@ from .batch import check_context, choose_batch_size, forecast_job, job_id, promp
 from .chat import stop_token_ids
 from .distributed import TensorParallel, init_tensor_parallel
 from .drafts import draft_kind
-from .errors import InputError, OffloadError, PlanWarning
+from .errors import InputError, OffloadError, PlanError, PlanWarning
 from .inputs import check_token_ids, check_unicode
 from .loading import prepare
 from .memory.budget import GPU_HEADROOM, HOST_HEADROOM_FRACTION, format_size, parse_peer_flag
@@ -158,10 +158,12 @@ def run_main(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int
 
 
 def _reporting_errors(prog: str, body, parser: argparse.ArgumentParser, argv) -> int:
+    args = None  # (the parser's own errors are InputErrors)
     try:
-        return body(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        return body(args)
     except OffloadError as e:
-        return _bad_input(prog, e)
+        return _bad_input(prog, _derived_length(e, args))
     except torch.cuda.OutOfMemoryError as e:
         first = str(e).splitlines()[0] if str(e) else "out of memory"
         print(f"{prog}: error: {first} (lower --gpu-memory, --max-batch or --max-seq-len)", file=sys.stderr)
@@ -180,6 +182,14 @@ def report_bad_input(prog: str, main) -> int:
         return main() or 0
     except OffloadError as e:
         return _bad_input(prog, e)
+
+
+def _derived_length(e: OffloadError, args) -> OffloadError:
+    """A plan that names --max-seq-len where the user gave none says where the KV cache's length came from."""
+    if isinstance(e, PlanError) and "--max-seq-len" in str(e) and getattr(args, "max_seq_len", 0) is None \
+            and getattr(args, "max_new_tokens", None) is not None:
+        return PlanError(f"{e} (not given, --max-seq-len is what the prompts and --max-new-tokens need)")
+    return e
 
 
 def counts(flag: str, text: str, example: str) -> list[int]:

@@ -75,6 +75,8 @@ def test_unknown_architecture(tmp_path, capsys):
     (["--prompt-ids", "1", "--schedule", "fifo"], "--schedule goes with --prompts"),
     (["--prompt-ids", "1", "--rounding", "minmax"], "--rounding minmax is for int4 weights"),
     (["--prompt-ids", "1", "--quantize", "int8", "--rounding", "search"], "--rounding search is for int4 weights"),
+    (["--prompt-ids", "1", "--max-new-tokens", "100000000", "--plan"],  # a KV cache no budget holds
+     "--max-seq-len (not given, --max-seq-len is what the prompts and --max-new-tokens need)"),
 ])
 def test_bad_flags(tiny, capsys, argv, words):
     assert words in one_line_error(capsys, ["--model", str(tiny), *argv])

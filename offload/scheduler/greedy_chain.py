@@ -60,7 +60,7 @@ class GreedyChain:
         """A chain's inputs sent to the device, queued on the current stream: ``tokens`` (a list, or a tensor on the
         device) and ``positions`` as :meth:`run` takes them, for :meth:`run_staged` on the same stream. Apart, so
         that a chain run beside a pass streamed over the host link can send them before the pass's weights: sent
-        after them, they wait behind them on the link."""
+        after them, they may wait behind them on the link."""
         n, device, sink = len(positions), self.model.device, self.model.max_seq_len
         taking = [p for p in positions if p is not None]
         if not taking:

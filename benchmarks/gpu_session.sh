@@ -97,8 +97,8 @@
 #                  host's time in each phase, the kernels, and one prompt's timeline (spec_int8_trace-1.json.gz: does
 #                  the side stream draft beside the target's pass, or after it?)
 #   spec_smollm2_int8_ahead  the int8 copy in chains of 6, 128 tokens a prompt, drafting ahead (OFFLOAD_LOOK_AHEAD=1,
-#                  the default) with its inputs sent before the target's pass (OFFLOAD_SEND_AHEAD_FIRST=1, the default)
-#                  and after it (0), and without drafting ahead: how often the verdict was
+#                  the default) with its inputs sent before the target's pass (OFFLOAD_SEND_AHEAD_FIRST=1) and
+#                  after it (0, the default), and without drafting ahead: how often the verdict was
 #                  guessed, and what a pass spends drafting (#22: its 4x needs drafting hidden behind the pass)
 #   load13b_ab     llama-2-13b saved in int4 (written first), loaded from disk at 4 GiB with read() through pinned
 #                  buffers (the default), staged in pageable memory (before the twenty-fifth session) and copied from

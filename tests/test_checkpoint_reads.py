@@ -2,6 +2,8 @@
 reading gives what cutting the memory-mapped tensor gives (``_cut`` + ``copy_piece``, the path kept for column
 shards)."""
 
+import functools
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -113,3 +115,92 @@ def test_a_nan_read_from_the_file_is_a_checkpoint_error(tmp_path, monkeypatch, d
     with pytest.raises(CheckpointError, match="'matrix' holds NaN or infinite values"):
         source.read(s, "matrix", torch.empty(s.shape, dtype=s.dtype, device=device))
     source.close()
+
+
+class FakeGPUs:
+    """CUDA as the staging buffers see it, on a CPU: a copy queued on a GPU's stream runs only when the host waits for
+    that stream (an event recorded on it, or that GPU synchronized), so a buffer reused or unpinned before its copy
+    has run shows (the copy then reads what came after)."""
+
+    def __init__(self, monkeypatch, current: int = 0):
+        self.current, self.queued, self.unpinned_early = current, {}, 0
+        gpus = self
+
+        class Event:
+            def __init__(self, **kw):
+                self.stream = None
+
+            def record(self, stream=None):
+                self.stream = stream or gpus.stream()
+
+            def synchronize(self):
+                gpus.run(self.stream)
+
+        class Pinned:  # PinnedMemory: closing it synchronizes the current GPU only (``host._unregister``)
+            def __init__(self, nbytes):
+                self.tensor = torch.zeros(nbytes, dtype=torch.uint8)
+
+            def close(self):
+                gpus.run(gpus.stream())
+                gpus.unpinned_early += sum(map(len, gpus.queued.values()))
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "current_stream", self.stream)
+        monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)
+        monkeypatch.setattr(checkpoint, "PinnedMemory", Pinned)
+
+    def stream(self, device=None) -> str:
+        return f"stream of cuda:{self.current if device is None else torch.device(device).index}"
+
+    def run(self, stream: str) -> None:
+        for copy in self.queued.pop(stream, []):
+            copy()
+
+    def on(self, index: int, like: torch.Tensor):
+        """A destination on GPU ``index``: its copies from pinned memory queued on that GPU's current stream."""
+        gpus = self
+
+        class OnGPU:
+            is_cuda, device, data = True, torch.device("cuda", index), torch.zeros_like(like)
+
+            def copy_(self, piece, non_blocking=False):
+                copy = functools.partial(self.data.copy_, piece)
+                if non_blocking:
+                    gpus.queued.setdefault(gpus.stream(self.device), []).append(copy)
+                else:
+                    copy()
+
+        return OnGPU()
+
+
+@pytest.mark.parametrize("gpu", [0, 1])  # the current GPU, or a peer GPU (the plan's peer tier) while 0 is current
+def test_a_staging_buffer_is_reused_and_unpinned_only_once_its_copy_has_run(monkeypatch, gpu):
+    gpus = FakeGPUs(monkeypatch, current=0)
+    monkeypatch.setattr(checkpoint, "STAGING", 64)
+    reads = checkpoint.FileReads()
+    reads.allow_pinned(1 << 20)
+    outs = [gpus.on(gpu, torch.empty(16, dtype=torch.uint8)) for _ in range(5)]
+    for i, out in enumerate(outs):  # as _read_rows sends a tensor's pieces: two buffers in turn
+        piece = reads.staged(16)
+        piece.fill_(i)
+        reads.send(piece, out)
+    assert len(reads.pinned) == 2
+    reads.close()
+    assert gpus.unpinned_early == 0  # no copy read a buffer after it was unpinned
+    for stream in list(gpus.queued):
+        gpus.run(stream)
+    assert [int(out.data[0]) for out in outs] == [0, 1, 2, 3, 4]  # none read a piece that came after its own
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_pieces_sent_to_a_peer_gpu_equal_the_memory_map(source, monkeypatch):
+    """A block of the plan's peer tier is read while the compute GPU is current: its copies run on the peer's stream."""
+    monkeypatch.setattr(checkpoint, "STAGING", 40)  # a row at a time: the two buffers reused many times
+    source._reads.allow_pinned(1 << 30)
+    s = spec("matrix")
+    with torch.cuda.device(0):
+        out = torch.full(s.shape, 7, dtype=s.dtype, device="cuda:1")
+        source.read(s, "matrix", out)
+        source.close()  # the buffers unpinned: every copy has run
+    assert torch.equal(out.cpu(), TENSORS["matrix"])

@@ -415,9 +415,9 @@ class FileReads:
         the other buffer meanwhile), else at once."""
         queued = out.is_cuda and piece.is_pinned()
         out.copy_(piece, non_blocking=queued)
-        if queued:
+        if queued:  # on the stream the copy went to: out's GPU's (a peer GPU's is not the current GPU's)
             self.sent[self.turn] = torch.cuda.Event()
-            self.sent[self.turn].record()
+            self.sent[self.turn].record(torch.cuda.current_stream(out.device))
 
     def allow_pinned(self, nbytes: int) -> None:
         """Host memory the reads may pin, for staging pieces on their way to a GPU (``nbytes`` the budget's room)."""
@@ -434,8 +434,11 @@ class FileReads:
         self.sent = [None] * len(self.buffers)
 
     def close_buffers(self) -> None:
+        for event in self.sent:  # the last copies from the buffers, on any GPU: unpinning waits for the current one's
+            if event is not None:
+                event.synchronize()
         for memory in self.pinned:
-            memory.close()  # (once the GPU has run the copies)
+            memory.close()
         self.pinned, self.buffers, self.sent, self.turn = [], [], [None, None], 0
 
     def close(self) -> None:

@@ -204,3 +204,19 @@ def test_pieces_sent_to_a_peer_gpu_equal_the_memory_map(source, monkeypatch):
         source.read(s, "matrix", out)
         source.close()  # the buffers unpinned: every copy has run
     assert torch.equal(out.cpu(), TENSORS["matrix"])
+
+
+def test_staging_falls_back_to_a_pageable_buffer_where_pinning_is_refused(monkeypatch):
+    """Pinned staging buffers only speed a load up: where the system refuses to pin them, one pageable buffer."""
+    from offload.errors import OffloadError
+
+    def refused(nbytes):
+        raise OffloadError("could not pin")
+
+    monkeypatch.setattr(checkpoint.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(checkpoint, "PinnedMemory", refused)
+    reads = checkpoint.FileReads()
+    reads.allow_pinned(1 << 30)
+    buffer = reads.staged(100)
+    assert buffer.numel() == 100 and not reads.pinned and len(reads.buffers) == 1
+    reads.close()

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OffloadError
 from ..memory.host import PinnedMemory
 from .blocks import TensorSpec
 from .parallel import REPLICATED, Shard
@@ -427,10 +427,11 @@ class FileReads:
         self.close_buffers()
         size = max(nbytes, STAGING)
         if torch.cuda.is_available() and 2 * size <= self.pinned_room:
-            self.pinned = [PinnedMemory(size) for _ in range(2)]
-            self.buffers = [memory.tensor for memory in self.pinned]
-        else:
-            self.buffers = [torch.empty(nbytes, dtype=torch.uint8)]
+            try:
+                self.pinned = [PinnedMemory(size) for _ in range(2)]
+            except OffloadError:  # pinning refused: a speed-up lost, not the load (one pageable buffer)
+                pass
+        self.buffers = [memory.tensor for memory in self.pinned] or [torch.empty(nbytes, dtype=torch.uint8)]
         self.sent = [None] * len(self.buffers)
 
     def close_buffers(self) -> None:

@@ -578,3 +578,25 @@ def test_the_quantize_script_refuses_what_loading_refuses(tiny, tmp_path, capsys
     with pytest.raises(CheckpointError, match=rf"{UP}' has shape \[300, 128\], expected \[352, 128\]"):
         write_quantized(narrow, tmp_path / "q", "int8", progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_a_nan_in_a_weight_read_dense_from_its_parts_is_a_checkpoint_error(tiny, tmp_path):
+    """A saved int8 LM head read dense (as tensor-parallel ranks that pad the vocabulary read it) is checked for NaN as
+    every other tensor is."""
+    from offload.models.blocks import TensorSpec
+    from offload.models.checkpoint import CheckpointSource
+    from offload.models.parallel import REPLICATED
+
+    saved = _saved_int8(tiny, tmp_path)
+
+    def poison(tensors: dict):
+        if "lm_head.weight.scale" in tensors:
+            tensors["lm_head.weight.scale"][3] = float("nan")
+
+    _change_tensors(saved, poison)
+    source = CheckpointSource(saved)
+    rows, cols = source.shape("lm_head.weight.data")
+    spec = TensorSpec("lm_head.weight", (rows, cols), (rows, cols), "lm_head.weight", REPLICATED, torch.float32, 0)
+    with pytest.raises(CheckpointError, match="'lm_head.weight' holds NaN or infinite values"):
+        source.read(spec, "lm_head.weight", torch.empty(rows, cols))
+    source.close()

@@ -289,7 +289,8 @@ class CheckpointSource:
         if spec.part:  # a part of a weight stored quantized (``stores_parts``)
             name, spec = f"{name}.{spec.part}", part_spec(spec)
         elif name not in self._file_of and self.stores_parts(name):
-            return copy_piece(out, self._dense_of_parts(spec, name).to(out.dtype))
+            copy_piece(out, self._dense_of_parts(spec, name).to(out.dtype))
+            return _check_finite(out, self._file_of[f"{name}.scale"], name)  # (a scale's NaN spreads to its row)
         if self._readahead is not None:
             self._readahead.reached(name)
         file = self._file_of[name]

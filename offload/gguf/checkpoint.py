@@ -249,7 +249,8 @@ class GGUFSource:
 
     def read_in_order(self, specs, pinned: int = 0) -> None:
         """The tensors a load will :meth:`read`, in its order: their bytes are read from disk ahead of it (``pinned``,
-        host memory the load may pin, is not used: a file's blocks are copied from its memory map)."""
+        host memory the load may pin, is not used: a piece on its way to a GPU goes through one pageable buffer,
+        ``GGUFCheckpoint._bytes_on``)."""
         stored = {name: self.checkpoint.tensors[name].stored for _, name in specs}
         self._readahead = Readahead({name: (t.file, *t.span) for name, t in stored.items()})
 

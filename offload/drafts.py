@@ -289,7 +289,9 @@ class ModelDraft:
         (:meth:`_breaks`) in a spare row (the row's context copied there first). Their tokens and positions are sent
         to the device now, on the side stream (the speculator calls this before or after queueing the target's pass:
         ``SEND_AHEAD_FIRST``); :meth:`draft_ahead` queues the chains once the pass is. Only after greedy chains."""
-        self.staged_ahead = None
+        # This pass's match of guesses is spent: were it to fail and be tried again with the same rows, their spare
+        # rows would hold this pass's guesses, not the ones that were matched.
+        self.staged_ahead, self.served = None, (None, {})
         if not (self.depth and self.spare and LOOK_AHEAD):
             return
         if self.ahead_steps < 2:  # paused (:meth:`_pace_ahead`)

@@ -289,12 +289,16 @@ def test_with_graphs_a_greedy_chain_is_one_replayed_graph_a_step(structured, str
 
 
 @pytest.mark.usefixtures("drafts_ahead_on_cpu")
-def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structured, structured_draft, monkeypatch):
+@pytest.mark.parametrize("retried", [False, True], ids=["once", "retried"])
+def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structured, structured_draft, monkeypatch,
+                                                                       retried):
     """While the target verifies, a draft with graphs drafts the next pass's chains for the verdicts it guesses
     (every draft accepted and its own argmax next, or one of its ``LOOK_AHEAD`` likeliest breaks, each in a spare row
     of its cache). Where the verdict was guessed the next proposal comes from
     them; either way it is the proposal of a draft that drafts after the verdict: ragged budgets, a row that drafts
-    nothing, guessed and unguessed verdicts, a break past the depths guessed."""
+    nothing, guessed and unguessed verdicts, a break past the depths guessed. And where a pass failed after its
+    chains were drafted ahead (``retried``: each pass's first try is dropped there) and is tried again with the
+    same rows: its spare rows hold the failed pass's guesses now, not the ones its proposal was served from."""
     from conftest import with_graphs
 
     from offload import drafts
@@ -317,15 +321,17 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
     verdicts = [(1, "alt"), (4, "own"), (0, "alt"), (2, 5), (5, "own"), (2, "alt"), (4, "alt"), (3, "own"), (1, 7)]
     budgets = [[4, 2], [4, 0], [5, 5], [5, 5], [5, 3], [6, 6], [6, 6], [3, 3], [4, 4]]
     for (accepted, token), budget in zip(verdicts, budgets):
-        hits = draft.guessed[0]
-        share, ready = draft.drafting_ahead(rows)  # known before the pass's shape is chosen
-        proposal, expected = draft.propose(rows, budget), reference.propose(rows, budget)
-        assert proposal.tokens == expected.tokens and proposal.alternatives == expected.alternatives
-        served = draft.guessed[0] > hits
-        assert (share, ready) == (0.0, 0) or (share == 1.0 and ready >= 1 and served)
-        assert share == 1.0 or not served or min(budget) == 0  # a row that drafts nothing may have no guesses
-        draft.look_ahead(rows, proposal)
-        draft.draft_ahead()
+        expected = reference.propose(rows, budget)
+        for _ in range(2 if retried else 1):  # a retried pass's first try ends after its chains were drafted ahead
+            hits = draft.guessed[0]
+            share, ready = draft.drafting_ahead(rows)  # known before the pass's shape is chosen
+            proposal = draft.propose(rows, budget)
+            assert proposal.tokens == expected.tokens and proposal.alternatives == expected.alternatives
+            served = draft.guessed[0] > hits
+            assert (share, ready) == (0.0, 0) or (share == 1.0 and ready >= 1 and served)
+            assert share == 1.0 or not served or min(budget) == 0  # a row that drafts nothing may have no guesses
+            draft.look_ahead(rows, proposal)
+            draft.draft_ahead()
         for b, r in enumerate(rows):
             chain = proposal.tokens[b]
             n = min(accepted, len(chain))
@@ -340,7 +346,7 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
         draft.update(rows, accepted_each)
         reference.update(rows, accepted_each)
     hits, tries = draft.guessed
-    assert tries == len(verdicts) - 1 and 3 <= hits < tries  # guessed verdicts were served, the others drafted
+    assert tries == (2 if retried else 1) * len(verdicts) - 1 and 3 <= hits < tries  # guessed verdicts were served
     model.close()
     plain.close()
 

@@ -34,8 +34,8 @@ from offload.models.shapes import shape_config  # noqa: E402
 
 from conftest import CHATML, _ARCH, randomize_  # noqa: E402
 
-KEPT = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_K, T.Q6_K]
-QUANTIZABLE = [T.Q4_0, T.Q4_1, T.Q8_0]  # the gguf package quantizes these; K-quants only dequantize
+KEPT = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q3_K, T.Q2_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K]
+QUANTIZABLE = [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q5_1]  # the gguf package quantizes these; K-quants only dequantize
 
 
 def bits(x: np.ndarray) -> np.ndarray:
@@ -52,15 +52,16 @@ def reference(raw: np.ndarray, kind) -> np.ndarray:
 @pytest.mark.parametrize("kind", KEPT, ids=lambda k: k.name)
 def test_parts_dequantize_to_the_gguf_values_bit_for_bit(kind):
     """Random blocks (random bytes, finite scales of either sign): the parts with float32 scales hold exactly
-    the weight the gguf package dequantizes. Q4_0 stores d * (q - 8) as q * d + (-8 d): the same numbers,
-    but where q = 8 and d < 0 gguf gets -0.0 and the parts +0.0, so its zeros are compared as numbers."""
+    the weight the gguf package dequantizes. Q4_0 stores d * (q - 8) as q * d + (-8 d) (Q3_K: d sc (q - 4) as
+    q d sc + (-4 d sc)): the same numbers, but where q = 8 (4) and d < 0 gguf gets -0.0 and the parts +0.0, so
+    their zeros are compared as numbers."""
     rng = np.random.default_rng(int(kind))
     rows, cols = 12, 1024
     raw = random_blocks(kind, rows, cols, rng, scale=0.05, signed=True)
     parts = gguf_tensor_to_parts(raw, kind, (rows, cols), torch.float32)
     ours, ref = dequantize_parts(parts, parts_format(kind)).numpy(), reference(raw, kind)
     assert ours.shape == ref.shape == (rows, cols)
-    if kind == T.Q4_0:
+    if kind in (T.Q4_0, T.Q3_K):
         assert (ours == ref).all()
         nonzero = ref != 0
         np.testing.assert_array_equal(bits(ours[nonzero]), bits(ref[nonzero]))
@@ -95,9 +96,14 @@ def test_parts_layout(kind):
         assert parts["minimum"].shape == (rows, groups)
     data = parts["data"]
     if fmt.format == "int4":
-        assert fmt.group_size == 32 and data.dtype == torch.uint8 and data.shape == (rows, cols // 2)
+        assert fmt.group_size == (16 if kind in (T.Q3_K, T.Q2_K) else 32)
+        assert data.dtype == torch.uint8 and data.shape == (rows, cols // 2)
+        if kind == T.Q2_K:  # two bits a value
+            assert int((data & 0xCC).max()) == 0
+        if kind == T.Q3_K:  # three
+            assert int((data & 0x88).max()) == 0
     else:
-        low, high = {T.Q8_0: (-128, 127), T.Q5_K: (0, 31), T.Q6_K: (-32, 31)}[kind]
+        low, high = {T.Q8_0: (-128, 127), T.Q5_0: (-16, 15), T.Q5_1: (0, 31), T.Q5_K: (0, 31), T.Q6_K: (-32, 31)}[kind]
         assert data.dtype == torch.int8 and data.shape == (rows, cols)
         assert low <= int(data.min()) and int(data.max()) <= high
 
@@ -122,7 +128,7 @@ def test_q4_0_minimum_is_minus_eight_d():
     assert torch.equal(parts["minimum"], -8 * parts["scale"])
 
 
-@pytest.mark.parametrize("kind", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", [T.Q4_K, T.Q3_K, T.Q2_K, T.Q5_K, T.Q6_K], ids=lambda k: k.name)
 def test_k_quant_scales_are_rounded_once_to_the_scale_dtype(kind):
     """d * sc is exact in float32; float16 rounds it once (relative error at most 2^-11), which is
     what the weight's error comes from."""
@@ -179,7 +185,7 @@ def test_dense_reads_of_kept_types_equal_gguf(kind):
     assert (dense_tensor(raw, kind, (4, 256)).numpy() == reference(raw, kind)).all()
 
 
-@pytest.mark.parametrize("kind", [T.Q3_K, T.Q2_K, T.Q5_0], ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", [T.IQ4_NL, T.IQ4_XS, T.TQ1_0], ids=lambda k: k.name)
 def test_other_types_are_dequantized_with_a_warning(kind):
     """A type with no compressed form: dequantized by the gguf package, stored in the model dtype, and a
     one-line warning names the tensor, its type and the precision kept."""
@@ -1272,6 +1278,44 @@ def test_a_q4_k_m_file_loads_kept_compressed_and_streams_bitwise(tmp_path):
         assert torch.equal(streamed.generate(ids, max_new_tokens=6, ignore_eos=True), tokens)
 
 
+def test_a_file_of_two_three_and_five_bit_types_loads_kept_compressed(tmp_path):
+    """Q3_K and Q2_K projections (int4 in groups of 16), Q5_0 and Q5_1 ones (int8 in groups of 32) are kept
+    compressed, not expanded to the model's dtype: their logits are those of the file read dense (in float32 here,
+    whose layers take over three times the bytes), and half the layers streamed give the resident logits bit for
+    bit."""
+    from offload.gguf import write_gguf
+    from offload.gguf.writer import model_metadata
+
+    config = {**shape_config("tiny"), "num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 512}
+    kinds = {"attn_q": T.Q3_K, "attn_output": T.Q3_K, "ffn_up": T.Q2_K, "ffn_gate": T.Q2_K, "attn_k": T.Q5_0,
+             "attn_v": T.Q5_1, "ffn_down": T.Q5_0}
+    tensors = []
+    for t in q4_k_m_like_tensors(config, seed=5):
+        kind = kinds.get(t.name.split(".")[2]) if t.name.startswith("blk.") else None
+        if kind is not None:
+            rows, cols = t.shape
+            t = TensorToWrite(t.name, kind, t.shape, lambda k=kind, r=rows, c=cols, n=t.name: random_blocks(
+                k, r, c, np.random.default_rng(len(n)), scale=2e-3))
+        tensors.append(t)
+    [path] = write_gguf(tmp_path / "q3.gguf", "llama", model_metadata("llama", config, "mix"), tensors)
+    kw = dict(dtype=torch.float32, max_seq_len=64, progress=False)
+    ids = torch.randint(3, config["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OffloadWarning)  # no type is dequantized with a warning
+        kept = offload.load_model(path, quantize="stored", **kw)
+    with kept, offload.load_model(path, **kw) as dense:  # a CPU reads the file dense by default
+        plan = str(kept.plan)
+        assert "int4 in groups of 16" in plan and "int8 in groups of 32" in plan
+        assert sum(kept.plan.needs.blocks) < sum(dense.plan.needs.blocks) / 3
+        logits = kept(ids)
+        torch.testing.assert_close(logits, dense(ids), rtol=2e-3, atol=2e-3)  # K-quant scales rounded to float16
+        needs = kept.plan.needs
+        with offload.load_model(path, quantize="stored", gpu_memory=needs.gpu_budget_streaming(2), cpu_memory="1GiB",
+                                **kw) as streamed:
+            assert streamed.plan.placement.count("host") == 2
+            assert torch.equal(streamed(ids), logits)
+
+
 def test_quantize_does_not_apply_to_a_gguf_file(good_file):
     with pytest.raises(offload.InputError, match="quantized already"):
         offload.plan_model(good_file, quantize="int4")
@@ -1314,7 +1358,7 @@ def test_on_a_cpu_a_gguf_file_is_expanded_once_where_it_fits_in_half_the_budget(
     from offload.models.shapes import shape_config
     from offload.gguf import write_q4_k_m_like
 
-    config = {**shape_config("tiny"), "num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512}
+    config = {**shape_config("tiny"), "num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 512}
     [path] = write_q4_k_m_like(tmp_path / "tiny.gguf", config, seed=4)
     kw = dict(dtype=torch.float32, max_seq_len=64, progress=False)
     ids = torch.randint(3, config["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(1))
@@ -1385,13 +1429,13 @@ def test_the_command_line_shows_a_dequantized_type_in_one_line(tmp_path, capsys)
     """A warning that is not the plan's (here: a tensor type with no compressed form) is printed, as one line."""
     from offload import cli
 
-    path = tmp_path / "q5_0.gguf"
-    write_model_gguf(path, hf_model("llama", seed=3), "llama", kind_of=lambda name: T.Q5_0 if name ==
+    path = tmp_path / "mxfp4.gguf"
+    write_model_gguf(path, hf_model("llama", seed=3), "llama", kind_of=lambda name: T.MXFP4 if name ==
                      "blk.1.ffn_down.weight" else None)
     argv = ["--model", str(path), "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--dtype", "fp32", "--quiet"]
     assert cli.main(argv) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("run_offloaded: warning: model.layers.*.mlp.down_proj.weight: Q5_0")
+    assert len(err) == 1 and err[0].startswith("run_offloaded: warning: model.layers.*.mlp.down_proj.weight: MXFP4")
 
 
 def test_control_tokens_spelled_outside_the_byte_alphabet_are_matched_whole(tmp_path):

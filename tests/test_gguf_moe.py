@@ -398,14 +398,14 @@ def test_experts_kept_apart_in_8_bits_with_and_without_minimums_are_refused(chec
 
 
 def test_a_type_dequantized_warns_once_a_kind_of_tensor(family_file, tmp_path):
-    """Experts in a type offload keeps no compressed form of (Q5_0 here): one warning per projection, not one per
+    """Experts in a type offload keeps no compressed form of (MXFP4 here): one warning per projection, not one per
     expert and layer (a 48-layer file of 128 experts gave 18k lines)."""
     arch, hf, directory, _ = family_file
     if arch != "qwen3moe":
         pytest.skip("one family is enough")
     # (gate and up only: the down projections' 48 columns are no whole blocks of 32)
-    path = write_moe_gguf(tmp_path / "q5.gguf", directory, arch, hf.config,
-                          type_of=lambda name, layer: T.Q5_0 if "_exps." in name and "down" not in name else None)
+    path = write_moe_gguf(tmp_path / "mxfp4.gguf", directory, arch, hf.config,
+                          type_of=lambda name, layer: T.MXFP4 if "_exps." in name and "down" not in name else None)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         offload.load_model(path, quantize="stored", **KW).close()

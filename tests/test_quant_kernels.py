@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (na
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
 slow_on_the_interpreter = pytest.mark.slow if DEVICE == "cpu" else pytest.mark.gpu
-FORMATS = [("int4", 128, False), ("int4", 32, False), ("int4", 64, False), ("int8", None, False),
-           ("int8", 32, False), ("int8", 16, True)]
+FORMATS = [("int4", 128, False), ("int4", 32, False), ("int4", 64, False), ("int4", 16, False), ("int8", None, False),
+           ("int8", 32, False), ("int8", 16, True)]  # int4 in groups of 16: GGUF's Q3_K and Q2_K
 
 
 def packed(fmt, group, rows, cols, dtype, seed, minimum=False, scale_dtype=None):
@@ -71,6 +71,16 @@ def test_the_product_equals_dequantize_then_multiply(dtype, fmt, group, minimum,
 @pytest.mark.parametrize("m, cols", [(1, 256), (4, 256), (5, 256), (1, 3072)])  # 3072 columns: three stretches
 def test_each_format_for_one_row_and_for_several(fmt, group, minimum, m, cols):
     test_the_product_equals_dequantize_then_multiply(DTYPES[0], fmt, group, minimum, 40, cols, m)
+
+
+@pytest.mark.parametrize("m", [1, 40])
+def test_int4_in_groups_of_16_takes_two_groups_a_column_step(m):
+    """A product's 16-bit inputs take at least 16 columns, and half of int4's group of 16 is 8: the tiled
+    product steps through two groups at a time, each byte scaled by its own group's scale and minimum (odd
+    counts of groups too: 17 here, the last step's second group outside the row)."""
+    w = empty_weight("int4", 16, 40, 272)
+    assert quant_kernels.matmul_blocking(w, m)[2] == 32
+    test_the_product_equals_dequantize_then_multiply(DTYPES[0], "int4", 16, False, 40, 272, m)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 256), (3, 2, 256)])

@@ -8,9 +8,17 @@ scales carried over as they are. For a weight of ``R`` output rows and ``C`` inp
     Q4_0    int4     32  uint8 [R, C/2], q in 0..15   d            -8 d         q*scale + minimum
     Q4_1    int4     32                               d            m
     Q4_K    int4     32                               d * sc       -dmin * m    (sc, m: the 6-bit values of
-    Q8_0    int8     32  int8 [R, C], q in -128..127  d            -             each 32-column sub-block)
-    Q5_K    int8     32  int8, q in 0..31             d * sc       -dmin * m    q*scale + minimum
+    Q3_K    int4     16  q in 0..7                    d * sc       -4 d * sc     each sub-block; Q3_K's sc
+    Q2_K    int4     16  q in 0..3                    d * sc       -dmin * m     is signed, Q2_K's 4-bit)
+    Q8_0    int8     32  int8 [R, C], q in -128..127  d            -             q*scale
+    Q5_0    int8     32  int8, q - 16 in -16..15      d            -
+    Q5_1    int8     32  int8, q in 0..31             d            m            q*scale + minimum
+    Q5_K    int8     32  int8, q in 0..31             d * sc       -dmin * m
     Q6_K    int8     16  int8, q - 32 in -32..31      d * sc       -            q*scale
+
+Three-bit and two-bit values take int4's four (Q3_K's q holds its high bit's complement and two low bits: GGUF's
+``q - 4``), five-bit ones int8's eight: more bytes than the file's (Q3_K 6 bits a weight with its float16
+scales and minimums against 3.44, Q2_K 6 against 2.63) but a quarter of bfloat16's, where they were dequantized.
 
 int4 packs, within each group, column j in the low 4 bits of byte j and column j + g/2 in the
 high 4 bits: GGUF's own order for Q4_0 and Q4_1, whose bytes are taken as they are; Q4_K's
@@ -24,8 +32,8 @@ float32, where they are exact (at most 18 significant bits), then rounded once t
 * float32 holds every scale and minimum exactly: dequantizing the parts gives the ``gguf``
   package's ``dequantize`` bit for bit (Q4_0: the same numbers, but its zeros are +0.0 where
   gguf's ``d * (q - 8)`` gives -0.0 for d < 0).
-* float16 (the default) holds Q4_0's, Q4_1's and Q8_0's exactly (``d``, ``m`` and ``-8 d``
-  are float16 values; ``-8 d`` overflows only for ``|d| > 8191``, which is refused), but
+* float16 (the default) holds Q4_0's, Q4_1's, Q5_0's, Q5_1's and Q8_0's exactly (``d``, ``m`` and
+  ``-8 d`` are float16 values; ``-8 d`` overflows only for ``|d| > 8191``, which is refused), but
   not the K-quants' products ``d * sc`` (up to 17-18 significant bits): those are rounded to
   float16's 11, a relative error of at most 2^-11 on a group's scale and minimum.
 * bfloat16 keeps 8 significant bits: even ``d`` is rounded (relative error up to 2^-8).
@@ -34,7 +42,7 @@ float32, where they are exact (at most 18 significant bits), then rounded once t
 minimum that is not finite in ``scale_dtype`` (a corrupt file, or an overflow) raises
 CheckpointError.
 
-Any other type (Q2_K, Q3_K, Q5_0, Q5_1, IQ*, TQ*, MXFP4...) has no compressed form here:
+Any other type (IQ*, TQ*, MXFP4...: codebooks and ternary or floating-point values) has no compressed form here:
 ``dense_tensor`` dequantizes it with the ``gguf`` package and warns (once a kind of tensor and
 type: ``model.layers.*.mlp.experts.*.up_proj.weight``; the weight is then stored in the model
 dtype, at its precision); a type the ``gguf`` package
@@ -73,7 +81,11 @@ def _formats() -> dict[int, PartsFormat]:
         T.Q4_0: PartsFormat(INT4, 32, True, torch.float16),
         T.Q4_1: PartsFormat(INT4, 32, True, torch.float16),
         T.Q4_K: PartsFormat(INT4, 32, True, torch.float32),
+        T.Q3_K: PartsFormat(INT4, 16, True, torch.float32),
+        T.Q2_K: PartsFormat(INT4, 16, True, torch.float32),
         T.Q8_0: PartsFormat(INT8, 32, False, torch.float16),
+        T.Q5_0: PartsFormat(INT8, 32, False, torch.float16),
+        T.Q5_1: PartsFormat(INT8, 32, True, torch.float16),
         T.Q5_K: PartsFormat(INT8, 32, True, torch.float32),
         T.Q6_K: PartsFormat(INT8, 16, False, torch.float32),
     }
@@ -156,6 +168,52 @@ def _q8_0(b):
     return b[:, 2:34].contiguous().view(torch.int8), _half(b, 0), None
 
 
+def _five_bits(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """Q5_0's and Q5_1's 32 values (0..31) as int8: the low 4 bits as Q4_0's nibbles (value j low in byte j, j + 16
+    high), the fifth bit j of the little-endian word ``qh``."""
+    low = torch.cat([qs & 15, qs >> 4], dim=1)
+    high = torch.stack([(qh >> i) & 1 for i in range(8)], dim=2).reshape(-1, 32)
+    return (low | (high << 4)).view(torch.int8)
+
+
+def _q5_0(b):
+    return _five_bits(b[:, 2:6], b[:, 6:22]) - 16, _half(b, 0), None  # w = d * (q - 16)
+
+
+def _q5_1(b):
+    return _five_bits(b[:, 4:8], b[:, 8:24]), _half(b, 0), _half(b, 2)
+
+
+def _two_bits(qs: torch.Tensor) -> torch.Tensor:
+    """Q2_K's and Q3_K's low two bits of 256 values: each 32 bytes hold four runs of 32 values, bits 0-1 first."""
+    return torch.stack([(qs.reshape(-1, 2, 32) >> s) & 3 for s in (0, 2, 4, 6)], dim=2).reshape(-1, QK_K)
+
+
+def _int4_groups_of_16(q: torch.Tensor) -> torch.Tensor:
+    """Values 0..15 ``[blocks, 256]`` packed as int4 in groups of 16: byte j of a group holds its value j low and
+    j + 8 high."""
+    q = q.reshape(-1, QK_K // 16, 2, 8)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, QK_K // 2)
+
+
+def _q2_k(b):
+    """16 sub-blocks of 16 values: a byte each of scale (low 4 bits) and minimum (high 4)."""
+    scales, d, dmin = b[:, :16], _half(b, 80), _half(b, 82)
+    return _int4_groups_of_16(_two_bits(b[:, 16:80])), d * (scales & 15).float(), -(dmin * (scales >> 4).float())
+
+
+def _q3_k(b):
+    """Two low bits as Q2_K's and a third in ``hmask`` (bit i of byte j: value 32 i + j), set where GGUF's value
+    ``q - 4`` is not offset (q = the bits, 0..7); 16 signed 6-bit scales packed in 12 bytes."""
+    hmask, scales, d = b[:, :32], b[:, 96:108], _half(b, 108)
+    high = torch.stack([(hmask >> i) & 1 for i in range(8)], dim=1).reshape(-1, QK_K)
+    q = _two_bits(b[:, 32:96]) | (high << 2)
+    low = torch.stack([scales[:, :8] & 15, scales[:, :8] >> 4], dim=1).reshape(-1, 16)
+    top = torch.stack([(scales[:, 8:12] >> s) & 3 for s in (0, 2, 4, 6)], dim=1).reshape(-1, 16)
+    dl = d * ((low | (top << 4)).view(torch.int8) - 32).float()
+    return _int4_groups_of_16(q), dl, -4 * dl
+
+
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The eight 6-bit scales and minimums of a Q4_K/Q5_K super-block, packed in 12 bytes
     (``gguf.quants.Q4_K.get_scale_min``)."""
@@ -197,7 +255,8 @@ def _q6_k(b):
 
 def _decoders() -> dict:
     T = gguf_package().GGMLQuantizationType
-    return {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k, T.Q8_0: _q8_0, T.Q5_K: _q5_k, T.Q6_K: _q6_k}
+    return {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k, T.Q3_K: _q3_k, T.Q2_K: _q2_k, T.Q8_0: _q8_0, T.Q5_0: _q5_0,
+            T.Q5_1: _q5_1, T.Q5_K: _q5_k, T.Q6_K: _q6_k}
 
 
 # ----------------------------------------------------------------------------- the public conversions
@@ -205,8 +264,8 @@ def _decoders() -> dict:
 
 def gguf_tensor_to_parts(raw, ggml_type, shape: tuple[int, int], scale_dtype: torch.dtype = torch.float16,
                          name: str = "tensor") -> dict[str, torch.Tensor]:
-    """The parts of a ``[rows, cols]`` weight stored in ``ggml_type`` (a Q4_0, Q4_1, Q4_K, Q8_0, Q5_K or
-    Q6_K tensor, or some of its rows: the bytes of whole rows), on the device ``raw`` is on.
+    """The parts of a ``[rows, cols]`` weight stored in ``ggml_type`` (a type of the module's table, or some of
+    its rows: the bytes of whole rows), on the device ``raw`` is on.
 
     Returns ``{"data", "scale"}`` plus ``"minimum"`` where the format has one (see the module's
     table); scales and minimums in ``scale_dtype``, rounded once from their exact float32 values.

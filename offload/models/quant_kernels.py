@@ -184,7 +184,8 @@ def linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
             counters if counters is not None else out, m, n, k, rows.stride(0), w.data.stride(0), w.groups,
             triton.cdiv(k, splits * block_k) * block_k, MAGIC, HAS_BIAS=bias is not None, FINAL=splits == 1,
             LAST=counters is not None, SPLITS=splits, WORDS=words, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
+            BLOCK_K=block_k, GROUP=block_k if w.scheme.group_size is None else group, num_warps=warps,
+            num_stages=stages, **common)
     if splits > 1 and counters is None:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](
             partial, bias if bias is not None else out, residual if residual is not None else out, out, m * n, n,
@@ -380,10 +381,10 @@ def matmul_blocking(w: QuantizedWeight, m: int, words: bool | None = None) -> tu
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, warps, stages, words) for ``m`` rows of ``w``: narrow tiles, and
     stretches of the columns summed afterwards, for a few rows (the weights' bytes bound the time: many programs
     keep many in flight), square tiles for many (the tensor cores bound it). A column step is one group (its
-    scale is one per feature), or 64 columns per channel. With ``words`` (by default ``WORD_GEMV``), up to 16
-    rows of int4 in groups of 128 or 256 are read as words."""
+    scale is one per feature), two of int4's groups of 16, or 64 columns per channel. With ``words`` (by default
+    ``WORD_GEMV``), up to 16 rows of int4 in groups of 128 or 256 are read as words."""
     n, k, group, per_channel = w.rows, w.cols, w.scheme.group_size or w.cols, w.scheme.group_size is None
-    block_k = 64 if per_channel else group
+    block_k = 64 if per_channel else max(group, 32) if w.scheme.format == INT4 else group
     words = ((bool(WORD_GEMV) if words is None else words) and m <= 16 and w.scheme.format == INT4 and group >= 128
              and words_take(w))
     if m <= 16:
@@ -867,12 +868,12 @@ if triton is not None:
                        s_data, GROUPS, SPAN, MAGIC, INT4: tl.constexpr, PER_CHANNEL: tl.constexpr,
                        HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, LAST: tl.constexpr,
                        SPLITS, WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
         """Tile ``[pid0 * BLOCK_M, +BLOCK_M) x [pid1 * BLOCK_N, +BLOCK_N)`` over columns ``[pid2 * SPAN, +SPAN)``:
         the output (FINAL) or this stretch's float32 partial sums ``out[pid2]`` (LAST: and the output ``final``, by
-        the last stretch's program to finish); a column step of ``BLOCK_K``
-        columns is one group (one scale per feature). WORDS (int4 in groups of 128 or 256): the group read as
-        32-bit words, each of its eight nibbles made a float where it lies (as ``_gemv_words_kernel`` does),
+        the last stretch's program to finish); a column step of ``BLOCK_K`` columns is one group (one scale per
+        feature), or two of int4's groups of 16 (``GROUP``: a product's 16-bit inputs take at least 16 columns, a
+        group's half 8). WORDS (int4 in groups of 128 or 256): the group read as 32-bit words, each of its eight nibbles made a float where it lies (as ``_gemv_words_kernel`` does),
         and multiplied in eight products of ``BLOCK_K / 8`` columns."""
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -884,9 +885,11 @@ if triton is not None:
         start = tl.program_id(2) * SPAN
         for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
             if not PER_CHANNEL:
-                at = rows.to(tl.int64) * GROUPS + k0 // BLOCK_K
-                scale = tl.load(scale_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                minimum = tl.load(min_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :] if HAS_MIN else 0.0
+                at = (rows.to(tl.int64) * GROUPS + k0 // GROUP)[None, :]
+                if GROUP < BLOCK_K:  # each byte's group: [BLOCK_K / 2, BLOCK_N]
+                    at += (tl.arange(0, BLOCK_K // 2) // (GROUP // 2))[:, None]
+                scale = tl.load(scale_ptr + at, mask=n_ok[None, :], other=0.0).to(tl.float32)
+                minimum = tl.load(min_ptr + at, mask=n_ok[None, :], other=0.0).to(tl.float32) if HAS_MIN else 0.0
             if WORDS:
                 t = tl.arange(0, BLOCK_K // 8)
                 w = tl.load(data_ptr.to(tl.pointer_type(tl.int32)) + rows[None, :].to(tl.int64) * (s_data // 4)
@@ -905,11 +908,11 @@ if triton is not None:
                                      m_ok)
             elif INT4:
                 j = tl.arange(0, BLOCK_K // 2)
-                inside = (k0 + j) < K
+                low = k0 + j // (GROUP // 2) * GROUP + j % (GROUP // 2)  # byte j's low nibble's column
+                inside = low < K
                 b = tl.load(w_rows + (k0 // 2 + j)[:, None], mask=inside[:, None] & n_ok[None, :], other=0).to(tl.int32)
-                xl = tl.load(x_rows + (k0 + j)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
-                xh = tl.load(x_rows + (k0 + BLOCK_K // 2 + j)[None, :], mask=m_ok[:, None] & inside[None, :],
-                             other=0.0)
+                xl = tl.load(x_rows + low[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
+                xh = tl.load(x_rows + (low + GROUP // 2)[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)
                 lo, hi = _to_float(b & 15), _to_float(b >> 4)  # [BLOCK_K / 2, BLOCK_N]: the group's two halves
                 if not PER_CHANNEL:
                     lo, hi = lo * scale + minimum, hi * scale + minimum

@@ -106,7 +106,7 @@ class LoadOptions:
             routed expert where it lives, HBM or pinned host memory, inside their kernels
             (``offload/models/expert_kernels.py``): the routing never goes to the host, so a step is
             captured as a dense model's, and a streamed expert crosses its link once per pass without a
-            copy. Experts in the model's dtype, int8 or int4 (groups of a power of two from 32), on the
+            copy. Experts in the model's dtype, int8 or int4 (groups of a power of two from 16), on the
             device or the host (not on peers); prefills, and passes of more tokens, still copy. None (the
             default): where every expert stays on one GPU, in CUDA graphs (qwen3-30b-a3b on an H100: 5.9
             against 26.7 ms a step copying); where experts stream, copying measured faster (74.3 against

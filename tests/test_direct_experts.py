@@ -114,7 +114,9 @@ def _reference(x, ids, weights, experts):
     # Q4_K); scales in float16 (a 16-bit model's) or float32, whatever the activations' dtype
     (6, 2, 4, 96, 160, ("int8", 32, False, torch.float16)), (6, 2, 4, 96, 160, ("int8", 16, False, torch.float16)),
     (6, 2, 4, 96, 160, ("int8", 32, True, torch.float16)), (6, 2, 4, 96, 160, ("int4", 32, True, torch.float16)),
-    (6, 2, 4, 96, 160, ("int8", 32, True, torch.float32))])
+    (6, 2, 4, 96, 160, ("int8", 32, True, torch.float32)),
+    # int4 in groups of 16 (Q3_K, Q2_K): two groups a column step, and an odd count of them (80 columns: 5)
+    (6, 2, 4, 96, 160, ("int4", 16, True, torch.float16)), (5, 2, 3, 80, 48, ("int4", 16))])
 def test_the_kernels_equal_a_float64_reference(dtype, tokens, k, n, d, features, fmt):
     """Experts in the model's dtype, int8 and int4, and in a GGUF file's formats; experts chosen by many rows (20
     tokens of 3 experts: up to 20 rows in one tile of 32), a padded row and a padded route (-1), experts in two
@@ -239,7 +241,7 @@ def test_compressed_experts_read_directly(checkpoint_factory, fmt):
         assert torch.equal(streamed.generate(ids[:, :PROMPT], max_new_tokens=NEW, ignore_eos=True), tokens)
 
 
-@pytest.mark.parametrize("kind, groups", [("int4", [(32, True), (128, True), (16, False), (96, False)]),
+@pytest.mark.parametrize("kind, groups", [("int4", [(32, True), (128, True), (16, True), (8, False), (96, False)]),
                                          ("int8", [(16, True), (32, True), (8, False), (48, False)])])
 def test_the_kernels_take_groups_of_powers_of_two(kind, groups):
     block = torch.zeros(64 * 96, dtype=torch.uint8)
@@ -253,8 +255,8 @@ def test_the_kernels_take_groups_of_powers_of_two(kind, groups):
 
 def test_direct_reads_refuse_what_the_kernels_cannot_read(checkpoint_factory):
     _, directory = checkpoint_factory("moe-qwen3_moe", "qwen3_moe", "5.x", seed=5, **_BASE, **MODELS["qwen3_moe"])
-    with pytest.raises(ConfigError, match="int4 groups of 16 columns"):  # its experts' 48 features
-        offload.plan_model(directory, dtype=torch.float32, quantize="int4", direct_experts=True)
+    with pytest.raises(ConfigError, match="int4 groups of 8 columns"):
+        offload.plan_model(directory, dtype=torch.float32, quantize="int4", group_size=8, direct_experts=True)
     with pytest.raises(InputError, match="choose one"):
         offload.load_model(directory, direct_experts=True, prefetch_experts=True)
 
@@ -316,6 +318,7 @@ print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_war
 @pytest.mark.parametrize("rows", [16, 64])
 @pytest.mark.parametrize("fmt, group, scales", [(expert_kernels.DENSE, 1, 0), (expert_kernels.INT8, 1, 0),
                                                 (expert_kernels.INT4, 128, 0), (expert_kernels.INT4, 32, 1),
+                                                (expert_kernels.INT4, 16, 1),
                                                 (expert_kernels.INT8_GROUPS, 32, 1),
                                                 (expert_kernels.INT8_GROUPS, 16, 0)])
 def test_the_kernels_compile_for_hopper_with_pipelined_weight_loads(fmt, group, scales, rows):

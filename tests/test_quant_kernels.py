@@ -650,6 +650,47 @@ def test_which_weights_the_tensor_core_product_takes():
                              blocking=quant_kernels.dot_blocking(w, 16))
 
 
+_COMPILE_MATMUL_FOR_HOPPER = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from offload.models import quant_kernels
+group, block_k = int(sys.argv[1]), int(sys.argv[2])
+constexprs = dict(INT4=True, PER_CHANNEL=False, HAS_MIN=True, HAS_BIAS=False, FINAL=True, LAST=False, WORDS=False,
+                  BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, GROUP=group)
+types = {"x_ptr": "*bf16", "data_ptr": "*u8", "scale_ptr": "*bf16", "min_ptr": "*bf16", "bias_ptr": "*bf16",
+         "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32"}
+fn = quant_kernels._matmul_kernel
+names = list(inspect.signature(fn.fn).parameters)
+signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", [16, 64])
+def test_the_tiled_int4_product_compiles_for_hopper_to_tensor_core_products(group):
+    """Compiled for sm_90 here (no GPU needed): the tiled product of int4 in groups of 64, and of two groups of 16
+    a column step (a group's half, 8 columns, is narrower than a 16-bit product takes), multiply on tensor cores."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    block_k = quant_kernels.matmul_blocking(empty_weight("int4", group, 256, 1024), 256)[2]
+    assert block_k == max(group, 32)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_MATMUL_FOR_HOPPER, str(group), str(block_k)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"(wgmma\.mma_async|mma\.sync)\S*\.bf16\.bf16", proc.stdout)
+
+
 _COMPILE_DOT_FOR_HOPPER = """
 import inspect, sys
 import triton

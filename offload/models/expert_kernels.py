@@ -25,7 +25,7 @@ whose experts serve many rows each, copies them (a tile of all its rows would no
 
 The kernels read experts in the model's dtype, in int8 (one scale per output row, or
 groups of a power of two from 16 columns with a scale each and perhaps a minimum: a GGUF
-file's Q8_0, Q6_K and Q5_K) or in int4 (groups of a power of two from 32 columns),
+file's Q8_0, Q6_K and Q5_K) or in int4 (groups of a power of two from 16 columns),
 making a compressed tile in registers as ``quant_kernels`` does; scales in the model's
 dtype, float16 (a GGUF file's, for a 16-bit model) or float32. The roundings are those
 of the copying way's operations (each product rounded to the model's dtype,
@@ -89,8 +89,8 @@ def projection(weight, block: torch.Tensor, dtype: torch.dtype) -> Projection | 
         return f"scales in {weight.scale.dtype} for {dtype} activations"
     scheme = weight.scheme
     if scheme.format == INT4_FORMAT:
-        if scheme.group_size < 32 or scheme.group_size & (scheme.group_size - 1):
-            return f"int4 groups of {scheme.group_size} columns (the kernels take powers of two from 32)"
+        if scheme.group_size < 16 or scheme.group_size & (scheme.group_size - 1):
+            return f"int4 groups of {scheme.group_size} columns (the kernels take powers of two from 16)"
         return Projection(INT4, at(weight.data), at(weight.scale), at(weight.minimum), scheme.group_size, scales)
     if scheme.group_size is not None:
         if scheme.group_size < 16 or scheme.group_size & (scheme.group_size - 1):
@@ -198,6 +198,15 @@ if triton is not None:
             return _part(block, offset, dtype)
 
     @triton.jit
+    def _two_groups(values, first, groups, n_ok, BLOCK_N: tl.constexpr):
+        """The scales (or minimums) ``values`` (pointers ``[1, BLOCK_N]``) of groups ``first`` and ``first + 1``
+        (of ``groups``) of int4 in groups of 16, one for each of a column step's 16 bytes ``[16, BLOCK_N]``: two
+        loads a row, not sixteen."""
+        g = tl.arange(0, 2)[:, None]
+        two = tl.load(values + first + g, mask=(first + g < groups) & n_ok[None, :], other=0.0).to(tl.float32)
+        return tl.reshape(tl.broadcast_to(tl.reshape(two, [2, 1, BLOCK_N]), [2, 8, BLOCK_N]), [16, BLOCK_N])
+
+    @triton.jit
     def _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, K, FORMAT: tl.constexpr, GROUP: tl.constexpr,
                  SCALES: tl.constexpr, MINIMUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -207,20 +216,28 @@ if triton is not None:
         the activations' dtype (int8's scale per row applies to the sums)."""
         dtype = x_rows.dtype.element_ty
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if FORMAT == 2:  # int4: a column step is one group, its halves in the low and high nibbles
+        if FORMAT == 2:  # int4: a column step is one group (two of 16), its halves in the low and high nibbles
+            STEP: tl.constexpr = GROUP if GROUP >= 32 else 32  # a product's 16-bit inputs take 16 columns at least
             data = _part(block, DATA, tl.uint8)
-            scales = _scales(block, SCALE, dtype, SCALES) + n * (K // GROUP)
-            minimums = _scales(block, MINIMUM, dtype, SCALES) + n * (K // GROUP)
-            j = tl.arange(0, GROUP // 2)
-            for k0 in range(0, K, GROUP):
-                b = tl.load(data + n[None, :] * (K // 2) + (k0 // 2 + j)[:, None], mask=n_ok[None, :], other=0,
+            scales = _scales(block, SCALE, dtype, SCALES) + n[None, :] * (K // GROUP)
+            minimums = _scales(block, MINIMUM, dtype, SCALES) + n[None, :] * (K // GROUP)
+            j = tl.arange(0, STEP // 2)
+            low = j // (GROUP // 2) * GROUP + j % (GROUP // 2)  # each byte's low nibble's column in the step
+            for k0 in range(0, K, STEP):
+                if GROUP >= 32:  # one scale and minimum a row
+                    inside, x_ok = n_ok[None, :], m_ok[:, None]
+                    scale = tl.load(scales + k0 // GROUP, mask=inside, other=0.0).to(tl.float32)
+                    minimum = tl.load(minimums + k0 // GROUP, mask=inside, other=0.0).to(tl.float32)
+                else:  # two a row, each byte given its group's (a last step may hold one group of 16)
+                    inside, x_ok = (k0 + low < K)[:, None] & n_ok[None, :], m_ok[:, None] & (k0 + low < K)[None, :]
+                    scale = _two_groups(scales, k0 // GROUP, K // GROUP, n_ok, BLOCK_N)
+                    minimum = _two_groups(minimums, k0 // GROUP, K // GROUP, n_ok, BLOCK_N)
+                b = tl.load(data + n[None, :] * (K // 2) + (k0 // 2 + j)[:, None], mask=inside, other=0,
                             eviction_policy="evict_first").to(tl.int32)
-                scale = tl.load(scales + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                minimum = tl.load(minimums + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 lo = (_to_float(b & 15) * scale + minimum).to(dtype)
                 hi = (_to_float(b >> 4) * scale + minimum).to(dtype)
-                xl = tl.load(x_rows + (k0 + j)[None, :], mask=m_ok[:, None], other=0.0)
-                xh = tl.load(x_rows + (k0 + GROUP // 2 + j)[None, :], mask=m_ok[:, None], other=0.0)
+                xl = tl.load(x_rows + (k0 + low)[None, :], mask=x_ok, other=0.0)
+                xh = tl.load(x_rows + (k0 + low + GROUP // 2)[None, :], mask=x_ok, other=0.0)
                 acc = tl.dot(xl, lo, acc, input_precision=PRECISION)
                 acc = tl.dot(xh, hi, acc, input_precision=PRECISION)
         elif FORMAT == 3:  # int8 in groups of columns: each weight scaled (and its minimum added), then rounded

@@ -34,7 +34,7 @@ from offload.models.shapes import shape_config  # noqa: E402
 
 from conftest import CHATML, _ARCH, randomize_  # noqa: E402
 
-KEPT = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q3_K, T.Q2_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K]
+KEPT = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q3_K, T.Q2_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS]
 QUANTIZABLE = [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q5_1]  # the gguf package quantizes these; K-quants only dequantize
 
 
@@ -103,7 +103,8 @@ def test_parts_layout(kind):
         if kind == T.Q3_K:  # three
             assert int((data & 0x88).max()) == 0
     else:
-        low, high = {T.Q8_0: (-128, 127), T.Q5_0: (-16, 15), T.Q5_1: (0, 31), T.Q5_K: (0, 31), T.Q6_K: (-32, 31)}[kind]
+        low, high = {T.Q8_0: (-128, 127), T.Q5_0: (-16, 15), T.Q5_1: (0, 31), T.Q5_K: (0, 31), T.Q6_K: (-32, 31),
+                     T.IQ4_NL: (-127, 113), T.IQ4_XS: (-127, 113)}[kind]
         assert data.dtype == torch.int8 and data.shape == (rows, cols)
         assert low <= int(data.min()) and int(data.max()) <= high
 
@@ -128,7 +129,7 @@ def test_q4_0_minimum_is_minus_eight_d():
     assert torch.equal(parts["minimum"], -8 * parts["scale"])
 
 
-@pytest.mark.parametrize("kind", [T.Q4_K, T.Q3_K, T.Q2_K, T.Q5_K, T.Q6_K], ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", [T.Q4_K, T.Q3_K, T.Q2_K, T.Q5_K, T.Q6_K, T.IQ4_XS], ids=lambda k: k.name)
 def test_k_quant_scales_are_rounded_once_to_the_scale_dtype(kind):
     """d * sc is exact in float32; float16 rounds it once (relative error at most 2^-11), which is
     what the weight's error comes from."""
@@ -185,7 +186,7 @@ def test_dense_reads_of_kept_types_equal_gguf(kind):
     assert (dense_tensor(raw, kind, (4, 256)).numpy() == reference(raw, kind)).all()
 
 
-@pytest.mark.parametrize("kind", [T.IQ4_NL, T.IQ4_XS, T.TQ1_0], ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", [T.IQ2_XXS, T.TQ1_0], ids=lambda k: k.name)
 def test_other_types_are_dequantized_with_a_warning(kind):
     """A type with no compressed form: dequantized by the gguf package, stored in the model dtype, and a
     one-line warning names the tensor, its type and the precision kept."""

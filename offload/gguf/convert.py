@@ -15,10 +15,13 @@ scales carried over as they are. For a weight of ``R`` output rows and ``C`` inp
     Q5_1    int8     32  int8, q in 0..31             d            m            q*scale + minimum
     Q5_K    int8     32  int8, q in 0..31             d * sc       -dmin * m
     Q6_K    int8     16  int8, q - 32 in -32..31      d * sc       -            q*scale
+    IQ4_NL  int8     32  int8, table[q]               d            -            (table: 16 values of -127..113,
+    IQ4_XS  int8     32                               d * (sc-32)  -             its 4-bit q their indices)
 
 Three-bit and two-bit values take int4's four (Q3_K's q holds its high bit's complement and two low bits: GGUF's
 ``q - 4``), five-bit ones int8's eight: more bytes than the file's (Q3_K 6 bits a weight with its float16
 scales and minimums against 3.44, Q2_K 6 against 2.63) but a quarter of bfloat16's, where they were dequantized.
+IQ4_NL and IQ4_XS store 4-bit indices into a table of 16 int8 values: the values they index are kept as int8.
 
 int4 packs, within each group, column j in the low 4 bits of byte j and column j + g/2 in the
 high 4 bits: GGUF's own order for Q4_0 and Q4_1, whose bytes are taken as they are; Q4_K's
@@ -42,7 +45,8 @@ float32, where they are exact (at most 18 significant bits), then rounded once t
 minimum that is not finite in ``scale_dtype`` (a corrupt file, or an overflow) raises
 CheckpointError.
 
-Any other type (IQ*, TQ*, MXFP4...: codebooks and ternary or floating-point values) has no compressed form here:
+Any other type (IQ1-IQ3, TQ*, MXFP4...: codebooks of grids, ternary or floating-point values) has no compressed form
+here:
 ``dense_tensor`` dequantizes it with the ``gguf`` package and warns (once a kind of tensor and
 type: ``model.layers.*.mlp.experts.*.up_proj.weight``; the weight is then stored in the model
 dtype, at its precision); a type the ``gguf`` package
@@ -88,6 +92,8 @@ def _formats() -> dict[int, PartsFormat]:
         T.Q5_1: PartsFormat(INT8, 32, True, torch.float16),
         T.Q5_K: PartsFormat(INT8, 32, True, torch.float32),
         T.Q6_K: PartsFormat(INT8, 16, False, torch.float32),
+        T.IQ4_NL: PartsFormat(INT8, 32, False, torch.float16),
+        T.IQ4_XS: PartsFormat(INT8, 32, False, torch.float32),
     }
 
 
@@ -253,10 +259,30 @@ def _q6_k(b):
     return (low | (high << 4)).view(torch.int8) - 32, _half(b, 208) * sc, None
 
 
+def _iq4_values(qs: torch.Tensor) -> torch.Tensor:
+    """IQ4's int8 values of bytes ``[..., 16]`` of 4-bit indices (value j in byte j's low nibble, j + 16 in its
+    high one) into its table: ``[..., 32]``."""
+    table = torch.tensor(gguf_package().quants.IQ4_NL.kvalues, dtype=torch.int8, device=qs.device)
+    return table[torch.cat([qs & 15, qs >> 4], dim=-1).long()]
+
+
+def _iq4_nl(b):
+    return _iq4_values(b[:, 2:18]), _half(b, 0), None
+
+
+def _iq4_xs(b):
+    """Eight sub-blocks of 32: their 6-bit scales in 4 bits (``scales_l``, two a byte) and 2 (``scales_h``, a
+    little-endian word), minus 32."""
+    low = torch.stack([b[:, 4:8] & 15, b[:, 4:8] >> 4], dim=2).reshape(-1, 8)
+    high = torch.stack([(b[:, 2:4] >> s) & 3 for s in (0, 2, 4, 6)], dim=2).reshape(-1, 8)
+    sc = (low | (high << 4)).float() - 32
+    return _iq4_values(b[:, 8:136].reshape(-1, 8, 16)).reshape(-1, QK_K), _half(b, 0) * sc, None
+
+
 def _decoders() -> dict:
     T = gguf_package().GGMLQuantizationType
     return {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k, T.Q3_K: _q3_k, T.Q2_K: _q2_k, T.Q8_0: _q8_0, T.Q5_0: _q5_0,
-            T.Q5_1: _q5_1, T.Q5_K: _q5_k, T.Q6_K: _q6_k}
+            T.Q5_1: _q5_1, T.Q5_K: _q5_k, T.Q6_K: _q6_k, T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs}
 
 
 # ----------------------------------------------------------------------------- the public conversions

@@ -24,7 +24,7 @@ from .reader import gguf_package
 # byte offsets of the float16 d / dmin fields in each block type's block
 _HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
                 "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
-                "TQ1_0": (52,)}
+                "IQ2_XXS": (0,), "TQ1_0": (52,)}
 
 
 @dataclass(frozen=True)

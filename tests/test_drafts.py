@@ -68,7 +68,7 @@ def test_draft_kinds_and_bad_options():
 
 def test_a_cpu_plans_no_spare_rows_for_drafting_ahead(structured, structured_draft):
     """Drafting ahead runs a draft's chains in graphs, which a CPU has not: its rows would be memory for nothing."""
-    with offload.load_model(structured, **KW, draft=str(structured_draft), progress=False) as model:
+    with offload.load_model(structured, **KW, draft=str(structured_draft), device="cpu", progress=False) as model:
         assert model.draft.spare == 0 and model.draft.model.max_batch == KW["max_batch"]
 
 

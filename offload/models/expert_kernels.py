@@ -219,19 +219,22 @@ if triton is not None:
         if FORMAT == 2:  # int4: a column step is one group (two of 16), its halves in the low and high nibbles
             STEP: tl.constexpr = GROUP if GROUP >= 32 else 32  # a product's 16-bit inputs take 16 columns at least
             data = _part(block, DATA, tl.uint8)
-            scales = _scales(block, SCALE, dtype, SCALES) + n[None, :] * (K // GROUP)
-            minimums = _scales(block, MINIMUM, dtype, SCALES) + n[None, :] * (K // GROUP)
+            scales = _scales(block, SCALE, dtype, SCALES) + n * (K // GROUP)
+            minimums = _scales(block, MINIMUM, dtype, SCALES) + n * (K // GROUP)
             j = tl.arange(0, STEP // 2)
-            low = j // (GROUP // 2) * GROUP + j % (GROUP // 2)  # each byte's low nibble's column in the step
+            if GROUP >= 32:  # each byte's low nibble's column in the step (a plain range: x's loads stay wide)
+                low = j
+            else:
+                low = j // (GROUP // 2) * GROUP + j % (GROUP // 2)
             for k0 in range(0, K, STEP):
                 if GROUP >= 32:  # one scale and minimum a row
                     inside, x_ok = n_ok[None, :], m_ok[:, None]
-                    scale = tl.load(scales + k0 // GROUP, mask=inside, other=0.0).to(tl.float32)
-                    minimum = tl.load(minimums + k0 // GROUP, mask=inside, other=0.0).to(tl.float32)
+                    scale = tl.load(scales + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                    minimum = tl.load(minimums + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 else:  # two a row, each byte given its group's (a last step may hold one group of 16)
                     inside, x_ok = (k0 + low < K)[:, None] & n_ok[None, :], m_ok[:, None] & (k0 + low < K)[None, :]
-                    scale = _two_groups(scales, k0 // GROUP, K // GROUP, n_ok, BLOCK_N)
-                    minimum = _two_groups(minimums, k0 // GROUP, K // GROUP, n_ok, BLOCK_N)
+                    scale = _two_groups(scales[None, :], k0 // GROUP, K // GROUP, n_ok, BLOCK_N)
+                    minimum = _two_groups(minimums[None, :], k0 // GROUP, K // GROUP, n_ok, BLOCK_N)
                 b = tl.load(data + n[None, :] * (K // 2) + (k0 // 2 + j)[:, None], mask=inside, other=0,
                             eviction_policy="evict_first").to(tl.int32)
                 lo = (_to_float(b & 15) * scale + minimum).to(dtype)

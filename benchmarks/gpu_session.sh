@@ -97,9 +97,8 @@
 #                  host's time in each phase, the kernels, and one prompt's timeline (spec_int8_trace-1.json.gz: does
 #                  the side stream draft beside the target's pass, or after it?)
 #   spec_smollm2_int8_ahead  the int8 copy in chains of 6, 128 tokens a prompt, drafting ahead (OFFLOAD_LOOK_AHEAD=1,
-#                  the default) with its inputs sent before the target's pass (OFFLOAD_SEND_AHEAD_FIRST=1) and
-#                  after it (0, the default), and without drafting ahead: how often the verdict was
-#                  guessed, and what a pass spends drafting (#22: its 4x needs drafting hidden behind the pass)
+#                  the default) and not (0): how often the verdict was guessed, and what a pass spends drafting
+#                  (#22: its 4x needs drafting hidden behind the pass)
 #   load13b_ab     llama-2-13b saved in int4 (written first), loaded from disk at 4 GiB with read() through pinned
 #                  buffers (the default), staged in pageable memory (before the twenty-fifth session) and copied from
 #                  the memory map (before the twentieth): bench_load.py --against-map, three rounds in turned orders
@@ -108,6 +107,8 @@
 #   tests_reads    checkpoints read with read() (through a reused buffer to the GPU): GGUF bytes on CUDA, the
 #                  tests that load checkpoints onto the GPU (numerics vs transformers, offloaded = resident, budgets)
 #   tests_whole    the GPU tests of whole passes and of drafting ahead
+#   tests_int4_16  int4 in groups of 16 (GGUF's Q3_K, Q2_K): the products, the experts' direct reads, their kernels
+#                  compiled for sm_90 (the weights' and scales' loads), a file of Q3_K/Q2_K/Q5_0/Q5_1 layers
 #   spec_host_whole  SmolLM2-135M's shape streamed (random weights): verify passes of 1 and 4 tokens against the host's
 #                  time queueing them, a graph a layer against a whole pass in one graph (OFFLOAD_WHOLE_PASS=1)
 #   spec_smollm2_whole  spec_host_whole, then the int4 draft's chains against none: a graph a layer
@@ -165,13 +166,15 @@
 #   (docs/benchmarks.md).
 # twenty-fifth (2026-12-07, an H100 for two calls after failed starts): tests_reads, tests_gguf_moe (58% before its
 #   time: no failure), load13b_profile (the loads' order confounds them: bench_load --rounds), spec_smollm2_int8_ahead
-#   (the old order: drafted ahead 80% of the passes, drafting as long). Owed now:
-#   1. spec_smollm2_int8_ahead:200                             drafting ahead's inputs sent first (#22's 4x)
+#   (the old order: drafted ahead 80% of the passes, drafting as long).
+# twenty-sixth (2026-12-07, an H100 for four calls after seven failed starts): the side-stream probe (a small copy
+#   does not wait behind another stream's large ones), tests_reads, int4 in groups of 16 on CUDA,
+#   spec_smollm2_int8_ahead (inputs sent first lost: removed), tests_spec, load13b_ab, spec_smollm2_int8_trace,
+#   tests_gguf_moe (the experts' sm_90 compile tests failed after that session's int4 change: fixed after the
+#   device time was spent, not yet run there). Owed now:
+#   1. tests_int4_16:150                                       the experts' compile tests with the device's Triton
 #   2. int4_405b:500 (an H200)                                 the moonshot (#20)
-#   3. load13b_ab:220                                          pinned reads against pageable and the map, 3 rounds
-#   4. tests_gguf_moe:200, tests_spec:200 (and with OFFLOAD_SEND_AHEAD_FIRST=1)  the rest of the GGUF tests; drafting
-#                                                              ahead on CUDA
-#   5. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300, gguf_moe30b
+#   3. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300, gguf_moe30b
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.
@@ -355,11 +358,10 @@ run_stage() {
     spec_smollm2_int8_ahead) stage spec_smollm2_int8_ahead bash -c 'set -e; smollm2_ready
         [ -d /tmp/smollm2-int8 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int8 \
             --out /tmp/smollm2-int8 --device cuda
-        for run in "1 1" "1 0" "0 1"; do set -- $run
-            echo "OFFLOAD_LOOK_AHEAD=$1 OFFLOAD_SEND_AHEAD_FIRST=$2"
-            OFFLOAD_LOOK_AHEAD=$1 OFFLOAD_SEND_AHEAD_FIRST=$2 python3 benchmarks/bench_speculative.py \
+        for ahead in 1 0; do echo "OFFLOAD_LOOK_AHEAD=$ahead"
+            OFFLOAD_LOOK_AHEAD=$ahead python3 benchmarks/bench_speculative.py \
             --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int8 \
-            --draft-tokens 6 --max-new-tokens 128 --json "$0/spec_int8_ahead$1$2.json"; done' "$OUT" ;;
+            --draft-tokens 6 --max-new-tokens 128 --json "$0/spec_int8_ahead$ahead.json"; done' "$OUT" ;;
     spec_smollm2_int8_trace) stage spec_smollm2_int8_trace bash -c 'set -e; smollm2_ready
         [ -d /tmp/smollm2-int8 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int8 \
             --out /tmp/smollm2-int8 --device cuda
@@ -420,6 +422,9 @@ run_stage() {
       -p no:cacheprovider tests/test_gpu.py -k "verify or speculative or greedy_chain or ahead or whole"' ;;
     tests_experts) stage tests_experts python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \
       -k "experts or probes" ;;
+    tests_int4_16) stage tests_int4_16 python3 -m pytest -q -p no:cacheprovider --slow tests/test_direct_experts.py \
+      tests/test_quant_kernels.py tests/test_gguf.py \
+      -k "hopper or two_groups or tiled_int4 or two_three or int4-16 or reference and int4" ;;
     tests_gguf_moe) stage tests_gguf_moe python3 -m pytest -q -p no:cacheprovider --slow tests/test_gguf_moe.py \
       tests/test_direct_experts.py -k "gguf or reference or hopper or experts" ;;
     tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \

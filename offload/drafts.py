@@ -25,9 +25,7 @@ of the pass (the row engine's rows; ``None`` for a row not in it):
     share, ready = draft.drafting_ahead(rows)       # whether this pass's chains were drafted ahead, how deep
     proposal = draft.propose(rows, budgets, nodes)  # at most budgets[b] deep for row b (a tree: nodes[b] tokens)
     ...                                             # the target's verify pass is queued
-    draft.look_ahead(rows, proposal, deepest)       # the next pass's chains for the verdicts it guesses: inputs sent
-    draft.draft_ahead()                             # meanwhile, those chains (OFFLOAD_SEND_AHEAD_FIRST=1: the
-                                                    # inputs are sent before the verify pass is queued)
+    draft.look_ahead(rows, proposal, deepest)       # meanwhile, the next pass's chains for the verdicts it guesses
     ...                                             # the target's verdict is read
     draft.update(rows, accepted, paths)             # how many of row b's chain the target took, and where
 """
@@ -132,9 +130,6 @@ class NgramDraft:
     def look_ahead(self, rows: list, proposal: Proposal, deepest: int = DEFAULT_MAX_DRAFT) -> None:
         pass  # nothing to draft ahead: a lookup costs nothing
 
-    def draft_ahead(self) -> None:
-        pass
-
     def drafting_ahead(self, rows: list) -> tuple[float, int]:
         return 0.0, 0
 
@@ -201,7 +196,6 @@ class ModelDraft:
         self.ahead_chains = None  # their tokens, likeliest tokens and chances, on the device ([draft rows, steps, ...])
         self.spare_holds: dict = {}  # spare cache row -> (the row, the length of its context copied there)
         self.ahead_done = None  # a CUDA event: the side stream has drafted them
-        self.staged_ahead = None  # what look_ahead sent for draft_ahead: the context copies, the steps, the inputs
         self.verdict = None  # a CUDA event: the host had read the target's pass that they were drafted beside
         self.served = (None, {})  # a pass's rows, and each row's chain drafted ahead whose guess its verdict was
         self.proposed = None  # a CUDA event: the current stream's work for the last proposal is done
@@ -286,12 +280,11 @@ class ModelDraft:
         draft can guess (``LOOK_AHEAD``), as deep as the target's pass leaves time for (:meth:`_pace_ahead`) and the
         next pass may ask (``deepest`` drafts): for each drafting row, "every draft accepted, then the draft's argmax
         after the last" in the row itself (its chain goes on from its last draft), and each of its likeliest breaks
-        (:meth:`_breaks`) in a spare row (the row's context copied there first). Their tokens and positions are sent
-        to the device now, on the side stream (the speculator calls this before or after queueing the target's pass:
-        ``SEND_AHEAD_FIRST``); :meth:`draft_ahead` queues the chains once the pass is. Only after greedy chains."""
+        (:meth:`_breaks`) in a spare row (the row's context copied there first), queued on a side stream once the
+        target's pass is queued. Only after greedy chains."""
         # This pass's match of guesses is spent: were it to fail and be tried again with the same rows, their spare
         # rows would hold this pass's guesses, not the ones that were matched.
-        self.staged_ahead, self.served = None, (None, {})
+        self.served = (None, {})
         if not (self.depth and self.spare and LOOK_AHEAD):
             return
         if self.ahead_steps < 2:  # paused (:meth:`_pace_ahead`)
@@ -315,20 +308,13 @@ class ModelDraft:
             return
         self.ahead_steps = min(self.ahead_steps, deepest + 1)
         steps = min(self.ahead_steps, self.model.max_seq_len - max(p for p in positions if p is not None))
-        with self._side_stream():
-            self.staged_ahead = (copies, steps, self._chain().stage(tokens, positions))
-
-    def draft_ahead(self) -> None:
-        """The chains :meth:`look_ahead` sent the inputs of, queued on the side stream beside the target's pass."""
-        if self.staged_ahead is None:
-            return
-        (copies, steps, staged), self.staged_ahead = self.staged_ahead, None
         device = self.model.device
         with self._side_stream():
             self.ahead_from, self.ahead_taken = _cuda_event(device, timing=True), steps
             for b, row, length, spares, end in copies:
                 self._copy_context(b, row, length, spares, end)
-            self.ahead_chains = self._chain().run_staged(staged, steps, MAX_BRANCHES)
+            self.ahead_chains = self._chain().run(to_device(tokens, torch.long, device), positions, steps,
+                                                  MAX_BRANCHES)
             self.ahead_done = _cuda_event(device, timing=True)
 
     def _copy_context(self, b: int, row, length: int, spares: list[int], end: int) -> None:
@@ -375,8 +361,6 @@ class ModelDraft:
         if self.served[0] == key:
             return True, self.served[1]
         ahead, self.ahead = self.ahead, {}
-        if self.staged_ahead is not None:  # sent, never drafted (the pass between them failed)
-            ahead, self.staged_ahead = {}, None
         verdict, done = self.verdict or _cuda_event(self.model.device, timing=True), self.ahead_done
         self.verdict = None
         self._join_ahead()

@@ -331,7 +331,6 @@ def test_chains_drafted_ahead_are_the_chains_drafted_after_the_verdict(structure
             assert (share, ready) == (0.0, 0) or (share == 1.0 and ready >= 1 and served)
             assert share == 1.0 or not served or min(budget) == 0  # a row that drafts nothing may have no guesses
             draft.look_ahead(rows, proposal)
-            draft.draft_ahead()
         for b, r in enumerate(rows):
             chain = proposal.tokens[b]
             n = min(accepted, len(chain))
@@ -396,38 +395,32 @@ def test_the_breaks_guessed_are_the_likeliest_by_the_drafts_own_probabilities(st
 
 @pytest.mark.usefixtures("drafts_ahead_on_cpu")
 def test_greedy_speculation_drafting_ahead_gives_plain_greedy_tokens(structured, structured_draft, monkeypatch):
-    """Through the row engine, with graphs: drafting ahead (its inputs sent before the verify pass, its chains
-    queued after it; or both after it) gives the tokens plain greedy decoding gives, and the passes of a draft that
-    drafts only after each verdict."""
+    """Through the row engine, with graphs: drafting ahead (its chains queued after the verify pass) gives the
+    tokens plain greedy decoding gives, and the passes of a draft that drafts only after each verdict."""
     from conftest import greedy_through, with_graphs
 
     from offload import drafts
-    from offload.scheduler import speculation
     from offload.scheduler.row_engine import RowEngine
 
     prompts, new = [[3, 17, 40, 2, 9], [8, 8, 1], [5, 6]], 24
     plain = offload.load_model(structured, **KW, progress=False)
     expected = greedy_through(RowEngine(plain), prompts, new)
     passes = {}
-    for ahead, first in ((1, True), (1, False), (0, True)):
+    for ahead in (1, 0):
         monkeypatch.setattr(drafts, "LOOK_AHEAD", ahead)
-        monkeypatch.setattr(speculation, "SEND_AHEAD_FIRST", first)
         model = offload.load_model(structured, **KW, draft=str(structured_draft), draft_tokens=4, draft_branches=1,
                                    progress=False)
         with_graphs(model.draft.model)
-        order = []  # what was queued in each pass: the inputs of drafting ahead, the verify pass, the chains
-        for owner, name in ((model, "verify"), (model.draft, "look_ahead"), (model.draft, "draft_ahead")):
+        order = []  # what was queued in each pass: the verify pass, the chains drafted ahead
+        for owner, name in ((model, "verify"), (model.draft, "look_ahead")):
             monkeypatch.setattr(owner, name, spy(getattr(owner, name), order, name))
         engine = RowEngine(model)
         assert greedy_through(engine, prompts, new) == expected
-        passes[ahead, first] = (engine.speculator.overall.tried, engine.speculator.overall.accepted,
-                                model.draft.guessed)
-        queued = ["look_ahead", "verify"] if first else ["verify", "look_ahead"]
-        assert order and order == [*queued, "draft_ahead"] * (len(order) // 3), order[:6]  # the chains after the pass
+        passes[ahead] = (engine.speculator.overall.tried, engine.speculator.overall.accepted, model.draft.guessed)
+        assert order and order == ["verify", "look_ahead"] * (len(order) // 2), order[:6]  # the chains after the pass
         model.close()
-    assert passes[1, True] == passes[1, False]
-    assert passes[1, True][:2] == passes[0, True][:2]
-    assert passes[1, True][2][0] > 0 and passes[0, True][2] == [0, 0]
+    assert passes[1][:2] == passes[0][:2]
+    assert passes[1][2][0] > 0 and passes[0][2] == [0, 0]
     plain.close()
 
 

@@ -23,7 +23,6 @@ the same tokens. Only where a whole step can be captured (:func:`fits`).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
@@ -54,39 +53,22 @@ class GreedyChain:
         (None: the row takes no part): each step decodes a token into the KV cache and chooses the next, its
         argmax. Returns the chosen tokens ``[rows, steps]``, each step's ``likeliest`` likeliest tokens
         ``[rows, steps, likeliest]`` and their probabilities (float32); nothing waits for the GPU."""
-        return self.run_staged(self.stage(tokens, positions), steps, likeliest)
-
-    def stage(self, tokens, positions: list[int | None]) -> Staged:
-        """A chain's inputs sent to the device, queued on the current stream: ``tokens`` (a list, or a tensor on the
-        device) and ``positions`` as :meth:`run` takes them, for :meth:`run_staged` on the same stream. Apart, so
-        that a chain run beside a pass streamed over the host link can send them before the pass's weights: sent
-        after them, they may wait behind them on the link."""
         n, device, sink = len(positions), self.model.device, self.model.max_seq_len
-        taking = [p for p in positions if p is not None]
-        if not taking:
-            return Staged(n, 0, 0, None, None, None)
-        rows = bucket(n, 1, self.model.max_batch)
-        if not isinstance(tokens, torch.Tensor):
-            tokens = to_device(tokens, torch.long, device)
-        padded = [sink if p is None else p for p in positions] + [sink] * (rows - n)
-        values = to_device(padded + [int(p is not None) for p in positions] + [0] * (rows - n), torch.long, device)
-        return Staged(n, rows, max(taking), tokens, values[:rows], values[rows:])
-
-    def run_staged(self, staged: Staged, steps: int, likeliest: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`run` from inputs :meth:`stage` sent."""
-        n, device, sink = staged.n, self.model.device, self.model.max_seq_len
         chosen = torch.empty(n, steps, dtype=torch.long, device=device)
         top = torch.empty(n, steps, likeliest, dtype=torch.long, device=device)
         chances = torch.empty(n, steps, likeliest, dtype=torch.float32, device=device)
-        if not staged.rows:
+        taking = [p for p in positions if p is not None]
+        if not taking:
             return chosen.zero_(), top.zero_(), chances.zero_()
-        token, position, live, step_top, step_chances = self._buffers(staged.rows, likeliest)
+        rows = bucket(n, 1, self.model.max_batch)
+        token, position, live, step_top, step_chances = self._buffers(rows, likeliest)
         token.zero_()
-        token[:n].copy_(staged.tokens)
-        position.copy_(staged.positions)
-        live.copy_(staged.live)
+        token[:n].copy_(tokens)
+        position.copy_(to_device([sink if p is None else p for p in positions] + [sink] * (rows - n), torch.long,
+                                 device))
+        live.copy_(to_device([int(p is not None) for p in positions] + [0] * (rows - n), torch.long, device))
         for step in range(steps):  # this step's token, at max(positions) + step, reads keys up to it
-            self._step(staged.rows, likeliest, bucket(staged.last + step + 1, KV_BUCKET, sink))
+            self._step(rows, likeliest, bucket(max(taking) + step + 1, KV_BUCKET, sink))
             chosen[:, step].copy_(token[:n])
             top[:, step].copy_(step_top[:n])
             chances[:, step].copy_(step_chances[:n])
@@ -133,19 +115,6 @@ class GreedyChain:
         chances.copy_(found[1])
         token.copy_(logits.argmax(dim=-1))
         position.add_(live)
-
-
-@dataclass
-class Staged:
-    """A chain's inputs on the device (:meth:`GreedyChain.stage`): ``n`` rows in a bucket of ``rows`` (0: none takes
-    part), the last position of those that do, their tokens, the positions and which rows take part."""
-
-    n: int
-    rows: int
-    last: int
-    tokens: torch.Tensor | None
-    positions: torch.Tensor | None
-    live: torch.Tensor | None
 
 
 def likeliest_of(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import switches
 from ..memory.host import to_device
 from ..sampling import GREEDY
 from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, PRIOR_WEIGHT, Acceptance,
@@ -58,12 +57,6 @@ from ..speculative import (ASSUMED_ACCEPTANCE, DEFAULT_MAX_DRAFT, MAX_BRANCHES, 
 
 
 PROBE_EVERY = 8  # a run of passes that drafted nothing ends with one that drafts a token
-# Drafting ahead's inputs sent to the device before the target's pass is queued (1), or after it (0, the default).
-# On SmolLM2 on an H100 (2026-12-07, inputs sent after) 80% of the passes found their chains drafted ahead, yet the
-# passes spent about as long drafting as without drafting ahead: a copy from the host queued after the pass may wait
-# behind the pass's weights on the link, and the side stream with it. Sending them first was written after that
-# session's GPU time was spent: off until a GPU has timed it (gpu_session.sh's spec_smollm2_int8_ahead). Read at import.
-SEND_AHEAD_FIRST = switches.choice("OFFLOAD_SEND_AHEAD_FIRST", switches.ON_OFF, False)
 
 
 @dataclass
@@ -110,18 +103,15 @@ class Speculator:
         branched = any(len(tokens) > len(chain) for (tokens, _), chain in zip(trees, proposal.tokens))
         drafted = any(tree[0] for tree in trees)
         if drafted:
-            # The next pass's drafts for the verdicts the draft guesses: their inputs sent (before the pass where
-            # SEND_AHEAD_FIRST), the drafting queued beside the pass. Queued before the
-            # pass, the side stream's kernels delayed the pass's own, even with the pass at the highest priority
-            # (on an H100, 2026-12-06, SmolLM2 streamed: a verify pass of 6.9 ms against 5.1), and with two slots a
-            # layer's late compute holds back the link.
-            if SEND_AHEAD_FIRST:
-                self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
             logits = self.model.verify(new_tokens, cached, width=k * m + 1,
                                        parents=[tree[1] for tree in trees] if branched else None)
-            if not SEND_AHEAD_FIRST:
-                self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
-            self.draft.draft_ahead()
+            # The next pass's drafts for the verdicts the draft guesses, queued beside the pass. Queued before it,
+            # the side stream's kernels delayed the pass's own, even with the pass at the highest priority (on an
+            # H100, 2026-12-06, SmolLM2 streamed: a verify pass of 6.9 ms against 5.1), and with two slots a layer's
+            # late compute holds back the link; so did its inputs alone, sent before the pass (2026-12-07: 2.26x
+            # plain decoding against 3.00x, the pass 5.53 ms against 4.52), though a small copy from the host on a
+            # side stream does not wait behind a stream's large ones (a probe on that H100).
+            self.draft.look_ahead(rows, proposal, self.fixed or DEFAULT_MAX_DRAFT)
         else:  # nothing to verify: a decode step, [rows, 1, vocab]
             tokens = to_device([t[0] if t else 0 for t in new_tokens], torch.long, self.model.device)
             logits = self.model.decode(tokens, [c if row is not None else None for row, c in zip(rows, cached)])

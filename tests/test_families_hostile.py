@@ -16,6 +16,7 @@ import transformers
 
 import offload
 from offload.errors import OffloadWarning
+from offload.models.config import config_from_dict
 
 from conftest import randomize_
 
@@ -98,3 +99,55 @@ def _assert_same_logits(directory, prompt: int = 20, steps: int = 4):
 def test_rotary_fields_read_as_transformers_reads_them(tmp_path, arch, edits):
     extra = dict(head_dim=16, sliding_window=4, sliding_window_pattern=2) if arch == "gemma3" else {}
     _assert_same_logits(_checkpoint(tmp_path, arch, edits, **extra))
+
+
+# ---------------------------------------------------------------------- sliding windows
+
+
+def test_qwen3_moe_slides_in_every_layer_whatever_its_layer_types(tmp_path):
+    """transformers' Qwen3-MoE has no layer_types: use_sliding_window windows every layer (offload windowed only
+    the layer_types' sliding layers: wrong logits)."""
+    types = ["sliding_attention", "full_attention", "full_attention"]
+    edits = dict(layer_types=types, use_sliding_window=True, sliding_window=4)
+    _assert_same_logits(_checkpoint(tmp_path, "qwen3_moe", edits, head_dim=16, **_EXPERTS))
+
+
+def _configs(model_type: str, architecture: str, **fields):
+    """offload's ModelConfig and transformers' config of the same config.json fields."""
+    raw = dict(architectures=[architecture], model_type=model_type, **{**_BASE, **fields})
+    return config_from_dict(dict(raw)), transformers.AutoConfig.for_model(**raw)
+
+
+def _their_windows(theirs) -> tuple:
+    """Each layer's window in transformers' Qwen2, Qwen3 and Qwen2-MoE: the config's (0: none) in its sliding
+    layers."""
+    window = theirs.sliding_window or None
+    return tuple(window if t == "sliding_attention" else None for t in theirs.layer_types)
+
+
+_QWEN = [("qwen2", "Qwen2ForCausalLM", {}), ("qwen3", "Qwen3ForCausalLM", {}),
+         ("qwen2_moe", "Qwen2MoeForCausalLM", _EXPERTS)]
+
+
+@pytest.mark.parametrize("model_type, architecture, experts", _QWEN, ids=[q[0] for q in _QWEN])
+@pytest.mark.parametrize("fields, windows", [
+    # use_sliding_window without a window: transformers' 4096 (offload's Qwen2 and Qwen3 had none)
+    (dict(use_sliding_window=True, layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
+     (None, 4096, 4096)),
+    # layer_types' sliding layers while use_sliding_window is off: no window (transformers sets none; offload slid)
+    (dict(use_sliding_window=False, sliding_window=4,
+          layer_types=["sliding_attention", "sliding_attention", "full_attention"]), (None, None, None)),
+], ids=["window-left-out", "sliding-layers-switched-off"])
+def test_qwen_windows_as_transformers_reads_them(model_type, architecture, experts, fields, windows):
+    ours, theirs = _configs(model_type, architecture, **experts, **fields)
+    assert ours.sliding_windows == windows
+    if fields["use_sliding_window"]:  # (switched off, transformers' model cannot run: it finds no window)
+        assert ours.sliding_windows == _their_windows(theirs)
+
+
+@pytest.mark.parametrize("model_type, architecture", [("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")])
+def test_qwen_window_layers_left_out_start_at_transformers_28(model_type, architecture):
+    """Without layer_types or max_window_layers, windows begin at layer 28 (offload's began past the last)."""
+    ours, theirs = _configs(model_type, architecture, num_hidden_layers=30, use_sliding_window=True,
+                            sliding_window=4)
+    assert ours.sliding_windows == _their_windows(theirs) == (None,) * 28 + (4, 4)

@@ -41,7 +41,7 @@ from .blocks import EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, Entry, build_
 from .config import ModelConfig, common_fields, is_int
 from .expert_kernels import DIRECT_TOKENS
 from .kernels import Norm
-from .llama import Llama, mlp_entries, sliding_windows
+from .llama import Llama, mlp_entries
 from .parallel import REPLICATED
 from .quant import QuantizedWeight, WeightFormat
 
@@ -121,7 +121,8 @@ class MoEDecoder(Llama):
                  eps: float = 1e-6, expert_width: int | None = None, **fields) -> MoEConfig:
         """The config of an MoE family whose fields are Qwen's (the others pass what differs: ``theta``, ``eps``
         and ``expert_width``, transformers' defaults where the config leaves them out; without an
-        ``expert_width``, a family's experts are ``intermediate_size`` wide)."""
+        ``expert_width``, a family's experts are ``intermediate_size`` wide). Each family passes its layers'
+        ``sliding_windows``: every family reads its own fields for them."""
         if f.text("hidden_act", "silu") != "silu":
             raise ConfigError(f"{f.source}: unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
         common = common_fields(raw, f, architecture, theta=theta, eps=eps)
@@ -139,7 +140,6 @@ class MoEDecoder(Llama):
             expert_intermediate=f.count("moe_intermediate_size", default=expert_width) or common["intermediate_size"],
             norm_topk_prob=f.flag("norm_topk_prob", False),
             sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(n)),
-            sliding_windows=sliding_windows(raw, f, architecture, n),
         )
         return MoEConfig(**common, **{**values, **fields})
 

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 import offload
-from offload.errors import OffloadWarning
+from offload.errors import ConfigError, OffloadWarning
 from offload.models.config import config_from_dict
 
 from conftest import randomize_
@@ -151,3 +151,21 @@ def test_qwen_window_layers_left_out_start_at_transformers_28(model_type, archit
     ours, theirs = _configs(model_type, architecture, num_hidden_layers=30, use_sliding_window=True,
                             sliding_window=4)
     assert ours.sliding_windows == _their_windows(theirs) == (None,) * 28 + (4, 4)
+
+
+# ---------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("architecture, model_type, experts", [
+    ("MixtralForCausalLM", "mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("OlmoeForCausalLM", "olmoe", dict(num_experts=4, num_experts_per_tok=2)),
+    ("Qwen2MoeForCausalLM", "qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, use_sliding_window=True)),
+    ("Qwen3MoeForCausalLM", "qwen3_moe", dict(num_experts=4, num_experts_per_tok=2)),
+])
+def test_a_mixture_of_experts_of_billions_of_layers_is_refused_at_once(architecture, model_type, experts):
+    """A mixture of experts' family built a tuple per layer before the common fields' limit refused the count: a
+    config of 2**31 - 1 layers took 16 GiB (MemoryError, or the machine's memory) instead of a ConfigError."""
+    raw = dict(architectures=[architecture], model_type=model_type, **{**_BASE, "num_hidden_layers": 2**31 - 1},
+               **experts)
+    with pytest.raises(ConfigError, match="num_hidden_layers must be at most 65536"):
+        config_from_dict(raw)

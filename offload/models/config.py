@@ -166,7 +166,7 @@ def common_fields(raw: dict, f: "_Fields", architecture: str, theta: float = 100
     """The :class:`ModelConfig` fields every family reads the same way (``theta``, ``eps``, ``head_dim``, ``tie``:
     the family's defaults, transformers' for a field the config leaves out; ``rope_section``: see ``read_rope``)."""
     hidden, n_heads = f.count("hidden_size"), f.count("num_attention_heads")
-    n_layers = f.count("num_hidden_layers", most=MAX_LAYERS)
+    n_layers = layer_count(f)
     n_kv_heads = f.count("num_key_value_heads", default=n_heads)
     if n_heads % n_kv_heads:
         raise ConfigError(f"{f.source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads "
@@ -188,6 +188,12 @@ def common_fields(raw: dict, f: "_Fields", architecture: str, theta: float = 100
         tie_word_embeddings=f.flag("tie_word_embeddings", tie),
         eos_token_ids=_eos_ids(raw, f),
     )
+
+
+def layer_count(f: "_Fields") -> int:
+    """``num_hidden_layers``, within the runtime's limit: a family that builds something per layer before
+    ``common_fields`` reads them counts them so (a corrupt count would take memory, not be refused)."""
+    return f.count("num_hidden_layers", most=MAX_LAYERS)
 
 
 def _refuse_quantized(raw: dict, source: str) -> None:

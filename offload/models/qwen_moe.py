@@ -11,7 +11,7 @@ route in the layers ``decoder_sparse_step`` picks and ``mlp_only_layers`` leaves
 
 from __future__ import annotations
 
-from .config import ModelConfig
+from .config import ModelConfig, layer_count
 from .llama import qwen_window, qwen_windows
 from .moe import MoEDecoder
 
@@ -20,7 +20,7 @@ class Qwen2Moe(MoEDecoder):
     @classmethod
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
         # transformers 5's Qwen2-MoE: without layer_types, every other layer below max_window_layers slides
-        n = f.count("num_hidden_layers")
+        n = layer_count(f)
         windows = qwen_windows(raw, f, n, lambda i, first: i % 2 == 0 and i < first)
         return cls.read_moe(raw, f, architecture, expert_width=1408, qkv_bias=f.flag("qkv_bias", True),
                             shared_intermediate=f.count("shared_expert_intermediate_size", default=5632),
@@ -35,6 +35,6 @@ class Qwen3Moe(MoEDecoder):
         bias = f.flag("attention_bias", False)
         # transformers 5's Qwen3-MoE windows every layer where use_sliding_window (it reads no layer_types, and
         # max_window_layers, in released configs, is not read)
-        windows = (qwen_window(raw, f),) * f.count("num_hidden_layers")
+        windows = (qwen_window(raw, f),) * layer_count(f)
         return cls.read_moe(raw, f, architecture, expert_width=768, qkv_bias=bias, o_bias=bias,
                             sliding_windows=windows)

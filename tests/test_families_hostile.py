@@ -27,11 +27,13 @@ _EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 _LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, rope_theta=10000.0)
 _CLASSES = {
     "llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+    "qwen2": transformers.Qwen2ForCausalLM,
     "qwen3_moe": transformers.Qwen3MoeForCausalLM, "mixtral": transformers.MixtralForCausalLM,
     "olmoe": transformers.OlmoeForCausalLM, "gemma3": transformers.Gemma3ForCausalLM,
 }
 _CONFIGS = {
-    "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
+    "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+    "qwen3_moe": transformers.Qwen3MoeConfig,
     "mixtral": transformers.MixtralConfig, "olmoe": transformers.OlmoeConfig, "gemma3": transformers.Gemma3TextConfig,
 }
 
@@ -151,6 +153,20 @@ def test_qwen_window_layers_left_out_start_at_transformers_28(model_type, archit
     ours, theirs = _configs(model_type, architecture, num_hidden_layers=30, use_sliding_window=True,
                             sliding_window=4)
     assert ours.sliding_windows == _their_windows(theirs) == (None,) * 28 + (4, 4)
+
+
+# ---------------------------------------------------------------------- fields a family does not have
+
+
+@pytest.mark.parametrize("arch, edits, config", [
+    ("mistral", dict(attention_bias=True, mlp_bias=True), {}),  # Mistral has no biases (attention_bias: refused)
+    ("qwen2", dict(attention_bias=True, mlp_bias=True), {}),  # Qwen2 biases q, k and v always (mlp_bias: refused)
+    # Mixtral's and OLMoE's experts are intermediate_size wide (moe_intermediate_size: refused, the shapes wrong)
+    ("mixtral", dict(moe_intermediate_size=48), dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("olmoe", dict(moe_intermediate_size=48), dict(num_experts=4, num_experts_per_tok=2)),
+], ids=["mistral-biases", "qwen2-biases", "mixtral-moe-width", "olmoe-moe-width"])
+def test_fields_transformers_does_not_read_for_a_family_are_ignored(tmp_path, arch, edits, config):
+    _assert_same_logits(_checkpoint(tmp_path, arch, edits, **config))
 
 
 # ---------------------------------------------------------------------- refusals

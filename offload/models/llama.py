@@ -51,12 +51,13 @@ class Llama(Decoder):
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
         if f.text("hidden_act", "silu") != "silu":
             raise ConfigError(f"{f.source}: unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
-        if f.flag("mlp_bias", False):
+        llama = architecture == "LlamaForCausalLM"  # Mistral's and Qwen2's layers read neither bias field
+        if llama and f.flag("mlp_bias", False):
             raise ConfigError(f"{f.source}: mlp_bias is not supported")
-        qwen2 = architecture == "Qwen2ForCausalLM"
-        attention_bias = f.flag("attention_bias", False)
+        attention_bias = llama and f.flag("attention_bias", False)  # q, k, v and o
+        qkv_bias = architecture == "Qwen2ForCausalLM" or attention_bias  # Qwen2's always
         common = common_fields(raw, f, architecture)
-        return ModelConfig(**common, qkv_bias=qwen2 or attention_bias, o_bias=not qwen2 and attention_bias,
+        return ModelConfig(**common, qkv_bias=qkv_bias, o_bias=attention_bias,
                            sliding_windows=sliding_windows(raw, f, architecture, common["n_layers"]))
 
     @classmethod

@@ -137,7 +137,8 @@ class MoEDecoder(Llama):
             raise f.bad("mlp_only_layers", dense, f"a list of layer indices below {n}")
         values = dict(
             n_experts=experts, top_k=top_k,
-            expert_intermediate=f.count("moe_intermediate_size", default=expert_width) or common["intermediate_size"],
+            expert_intermediate=(f.count("moe_intermediate_size", default=expert_width) if expert_width
+                                 else common["intermediate_size"]),
             norm_topk_prob=f.flag("norm_topk_prob", False),
             sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(n)),
         )

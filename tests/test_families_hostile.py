@@ -185,3 +185,14 @@ def test_a_mixture_of_experts_of_billions_of_layers_is_refused_at_once(architect
                **experts)
     with pytest.raises(ConfigError, match="num_hidden_layers must be at most 65536"):
         config_from_dict(raw)
+
+
+
+def test_an_architecture_that_its_model_type_contradicts_is_refused(tmp_path):
+    """transformers builds the model its model_type names, whatever architectures says; offload built the one
+    architectures names: a Mistral checkpoint labelled LlamaForCausalLM ran without its window (wrong logits)."""
+    directory = _checkpoint(tmp_path, "mistral", dict(architectures=["LlamaForCausalLM"]), sliding_window=4)
+    assert type(_theirs(directory)).__name__ == "MistralForCausalLM"
+    with pytest.raises(ConfigError, match="architectures names 'LlamaForCausalLM' but model_type 'mistral' is "
+                                          "MistralForCausalLM's"):
+        offload.load_model(directory, dtype="float32", max_seq_len=64, progress=False)

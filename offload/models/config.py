@@ -282,12 +282,17 @@ def _architecture(raw: dict, f: _Fields) -> str:
     archs = raw.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise f.bad("architectures", archs, "a list of class names")
-    arch = archs[0] if archs else ARCHITECTURES_BY_MODEL_TYPE.get(f.text("model_type", ""), "")
+    model_type = f.text("model_type", "")
+    arch = archs[0] if archs else ARCHITECTURES_BY_MODEL_TYPE.get(model_type, "")
     if arch not in FAMILIES:
         raise ConfigError(
             f"{f.source}: unsupported architecture {arch or raw.get('model_type') or '(none given)'!r}; "
             f"supported: {', '.join(FAMILIES)}"
         )
+    named = ARCHITECTURES_BY_MODEL_TYPE.get(model_type, arch)
+    if named != arch:  # transformers builds by model_type (vLLM by architectures): either might be meant
+        raise ConfigError(f"{f.source}: architectures names {arch!r} but model_type {model_type!r} is {named}'s; "
+                          "transformers would build the model model_type names: make the two agree")
     return arch
 
 

@@ -196,3 +196,18 @@ def test_an_architecture_that_its_model_type_contradicts_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="architectures names 'LlamaForCausalLM' but model_type 'mistral' is "
                                           "MistralForCausalLM's"):
         offload.load_model(directory, dtype="float32", max_seq_len=64, progress=False)
+
+
+_MOE = [("mixtral", "MixtralForCausalLM"), ("qwen2_moe", "Qwen2MoeForCausalLM"), ("qwen3_moe", "Qwen3MoeForCausalLM"),
+        ("olmoe", "OlmoeForCausalLM")]
+
+
+@pytest.mark.parametrize("model_type, architecture", _MOE, ids=[m[0] for m in _MOE])
+@pytest.mark.parametrize("key", ["num_experts", "num_local_experts", None])
+def test_expert_counts_read_by_the_names_and_defaults_transformers_has(model_type, architecture, key):
+    """A family's transformers config takes the count of experts by the names its attribute_map has (Mixtral's
+    num_experts was refused; Qwen2-MoE has no num_local_experts, offload read it) and, with the experts a token
+    takes, its default where left out (they were refused)."""
+    ours, theirs = _configs(model_type, architecture, **({key: 4, "num_experts_per_tok": 2} if key else {}))
+    experts = getattr(theirs, "num_local_experts" if model_type in ("mixtral", "qwen3_moe") else "num_experts")
+    assert (ours.n_experts, ours.top_k) == (experts, theirs.num_experts_per_tok)

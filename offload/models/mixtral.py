@@ -20,7 +20,7 @@ class Mixtral(MoEDecoder):
     @classmethod
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
         n = layer_count(f)
-        return cls.read_moe(raw, f, architecture, experts_key="num_local_experts", theta=1e6, eps=1e-5,
+        return cls.read_moe(raw, f, architecture, (8, 2), ("num_local_experts", "num_experts"), theta=1e6, eps=1e-5,
                             norm_topk_prob=True,
                             sparse_layers=(True,) * n,
                             sliding_windows=(f.count("sliding_window", default=None),) * n)

@@ -117,18 +117,20 @@ class MoEDecoder(Llama):
     # ------------------------------------------------------------------ checkpoints
 
     @classmethod
-    def read_moe(cls, raw: dict, f, architecture: str, experts_key: str = "num_experts", theta: float = 10000.0,
+    def read_moe(cls, raw: dict, f, architecture: str, counts: tuple[int, int],
+                 experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts"), theta: float = 10000.0,
                  eps: float = 1e-6, expert_width: int | None = None, **fields) -> MoEConfig:
-        """The config of an MoE family whose fields are Qwen's (the others pass what differs: ``theta``, ``eps``
-        and ``expert_width``, transformers' defaults where the config leaves them out; without an
-        ``expert_width``, a family's experts are ``intermediate_size`` wide). Each family passes its layers'
-        ``sliding_windows``: every family reads its own fields for them."""
+        """The config of an MoE family whose fields are Qwen's (the others pass what differs: ``theta``, ``eps``,
+        ``expert_width`` and ``counts``, the experts and the experts a token takes, transformers' defaults where
+        the config leaves them out; without an ``expert_width``, a family's experts are ``intermediate_size``
+        wide; ``experts_keys``, the names its transformers config reads the experts' count by, the one it saves
+        first). Each family passes its layers' ``sliding_windows``: every family reads its own fields for them."""
         if f.text("hidden_act", "silu") != "silu":
             raise ConfigError(f"{f.source}: unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
         common = common_fields(raw, f, architecture, theta=theta, eps=eps)
         n = common["n_layers"]
-        experts = f.count(experts_key) if experts_key in raw else f.count("num_local_experts")
-        top_k = f.count("num_experts_per_tok")
+        key = next((k for k in experts_keys if raw.get(k) is not None), experts_keys[0])
+        experts, top_k = f.count(key, default=counts[0]), f.count("num_experts_per_tok", default=counts[1])
         if top_k > experts:
             raise ConfigError(f"{f.source}: num_experts_per_tok {top_k} exceeds the {experts} experts")
         step = f.count("decoder_sparse_step", default=1)

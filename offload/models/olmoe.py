@@ -25,8 +25,8 @@ class Olmoe(MoEDecoder):
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
         bias = f.flag("attention_bias", False)
         n = layer_count(f)
-        return cls.read_moe(raw, f, architecture, eps=1e-5, qkv_bias=bias, o_bias=bias, sparse_layers=(True,) * n,
-                            clip_qkv=f.number("clip_qkv", None), sliding_windows=(None,) * n)
+        return cls.read_moe(raw, f, architecture, (64, 8), eps=1e-5, qkv_bias=bias, o_bias=bias,
+                            sparse_layers=(True,) * n, clip_qkv=f.number("clip_qkv", None), sliding_windows=(None,) * n)
 
     @classmethod
     def attention_entries(cls, config: ModelConfig, tp: TensorParallel) -> list[Entry]:

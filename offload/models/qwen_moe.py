@@ -22,9 +22,9 @@ class Qwen2Moe(MoEDecoder):
         # transformers 5's Qwen2-MoE: without layer_types, every other layer below max_window_layers slides
         n = layer_count(f)
         windows = qwen_windows(raw, f, n, lambda i, first: i % 2 == 0 and i < first)
-        return cls.read_moe(raw, f, architecture, expert_width=1408, qkv_bias=f.flag("qkv_bias", True),
-                            shared_intermediate=f.count("shared_expert_intermediate_size", default=5632),
-                            sliding_windows=windows)
+        return cls.read_moe(raw, f, architecture, (60, 4), ("num_experts",), expert_width=1408,
+                            qkv_bias=f.flag("qkv_bias", True), sliding_windows=windows,
+                            shared_intermediate=f.count("shared_expert_intermediate_size", default=5632))
 
 
 class Qwen3Moe(MoEDecoder):
@@ -36,5 +36,5 @@ class Qwen3Moe(MoEDecoder):
         # transformers 5's Qwen3-MoE windows every layer where use_sliding_window (it reads no layer_types, and
         # max_window_layers, in released configs, is not read)
         windows = (qwen_window(raw, f),) * layer_count(f)
-        return cls.read_moe(raw, f, architecture, expert_width=768, qkv_bias=bias, o_bias=bias,
-                            sliding_windows=windows)
+        return cls.read_moe(raw, f, architecture, (128, 8), ("num_local_experts", "num_experts"),
+                            expert_width=768, qkv_bias=bias, o_bias=bias, sliding_windows=windows)

@@ -26,15 +26,13 @@ _BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
 _EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 _LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, rope_theta=10000.0)
 _CLASSES = {
-    "llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-    "qwen2": transformers.Qwen2ForCausalLM,
-    "qwen3_moe": transformers.Qwen3MoeForCausalLM, "mixtral": transformers.MixtralForCausalLM,
-    "olmoe": transformers.OlmoeForCausalLM, "gemma3": transformers.Gemma3ForCausalLM,
-}
-_CONFIGS = {
-    "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
-    "qwen3_moe": transformers.Qwen3MoeConfig,
-    "mixtral": transformers.MixtralConfig, "olmoe": transformers.OlmoeConfig, "gemma3": transformers.Gemma3TextConfig,
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
 }
 
 
@@ -42,7 +40,8 @@ def _checkpoint(directory, arch: str, edits: dict, **config):
     """A tiny random ``arch`` checkpoint written by transformers, its config.json then given ``edits`` (None
     deletes a key)."""
     torch.manual_seed(0)
-    model = _CLASSES[arch](_CONFIGS[arch](**{**_BASE, **config})).float()
+    config_class, model_class = _CLASSES[arch]
+    model = model_class(config_class(**{**_BASE, **config})).float()
     randomize_(model, 0)
     model.save_pretrained(directory)
     raw = json.loads((directory / "config.json").read_text())

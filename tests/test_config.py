@@ -73,14 +73,17 @@ CONFIG_CASES = [
     pytest.param({"architectures": "LlamaForCausalLM"}, "architectures must be a list", id="architectures-string"),
     pytest.param({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture", id="architecture-unsupported"),
     pytest.param({"hidden_act": "gelu"}, "unsupported hidden_act", id="activation-unsupported"),
-    pytest.param({"architectures": ["MistralForCausalLM"], "sliding_window": 0},
+    pytest.param({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 0},
                  "sliding_window must be a positive integer, got 0", id="sliding-window-zero"),
-    pytest.param({"architectures": ["MistralForCausalLM"], "sliding_window": "4096"},
+    pytest.param({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": "4096"},
                  "sliding_window must be a positive integer", id="sliding-window-string"),
-    pytest.param({"architectures": ["Qwen2ForCausalLM"], "sliding_window": 64, "layer_types": ["full_attention"]},
-                 "layer_types must be a list of 8", id="layer-types-short"),
-    pytest.param({"architectures": ["Qwen2ForCausalLM"], "sliding_window": 64, "use_sliding_window": True,
-                  "max_window_layers": -1}, "max_window_layers must be an integer >= 0", id="window-layers-negative"),
+    pytest.param({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 64,
+                  "layer_types": ["full_attention"]}, "layer_types must be a list of 8", id="layer-types-short"),
+    pytest.param({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 64,
+                  "use_sliding_window": True, "max_window_layers": -1}, "max_window_layers must be an integer >= 0",
+                 id="window-layers-negative"),
+    pytest.param({"architectures": ["MistralForCausalLM"]}, "architectures names 'MistralForCausalLM' but model_type "
+                 "'llama' is LlamaForCausalLM's", id="architecture-against-model-type"),
 ]
 
 

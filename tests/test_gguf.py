@@ -915,6 +915,15 @@ def test_gemma3_fields_llama_cpp_assumes(tmp_path):
     assert config_from_dict(hf_config(metadata_only_file(tmp_path / "gs.gguf", "gemma3", scaled))).query_pre_attn_scalar == 64
 
 
+
+def test_a_block_count_of_billions_is_refused_before_anything_is_built_per_layer(tmp_path):
+    """Gemma 3's layer_types were built one entry per layer before the count was checked: a corrupt block_count of
+    2**31 - 1 took 16 GiB (a MemoryError after 40 s here) instead of a ConfigError (found by the families'
+    hostile test)."""
+    files = metadata_only_file(tmp_path / "g.gguf", "gemma3", gemma3_meta(2**31 - 1))
+    with pytest.raises(ConfigError, match="gemma3.block_count must be at most 65536, got 2147483647"):
+        hf_config(files)
+
 # ----------------------------------------------------------------------------- the Q4_K_M-like writer
 
 

@@ -38,6 +38,7 @@ import math
 import numpy as np
 
 from ..errors import ConfigError
+from ..models.config import MAX_LAYERS
 from .names import ARCHITECTURES, PERMUTED_ARCHITECTURES
 from .reader import GGUFFiles
 
@@ -66,6 +67,9 @@ def hf_config(files: GGUFFiles) -> dict:
     n_heads = key.count("attention.head_count")
     hidden = key.count("embedding_length")
     n_layers = key.count("block_count")
+    if n_layers > MAX_LAYERS:  # before anything is built per layer (Gemma 3's layer_types)
+        raise ConfigError(f"{files.path.name}: metadata {arch}.block_count must be at most {MAX_LAYERS}, got "
+                          f"{n_layers}")
     config = {
         "architectures": [ARCHITECTURES[arch]],
         "model_type": MODEL_TYPES.get(arch, arch),

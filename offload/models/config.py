@@ -166,7 +166,7 @@ def common_fields(raw: dict, f: "_Fields", architecture: str, theta: float = 100
     """The :class:`ModelConfig` fields every family reads the same way (``theta``, ``eps``, ``head_dim``, ``tie``:
     the family's defaults, transformers' for a field the config leaves out; ``rope_section``: see ``read_rope``)."""
     hidden, n_heads = f.count("hidden_size"), f.count("num_attention_heads")
-    n_layers = f.count("num_hidden_layers", most=MAX_LAYERS)
+    n_layers = layer_count(f)
     n_kv_heads = f.count("num_key_value_heads", default=n_heads)
     if n_heads % n_kv_heads:
         raise ConfigError(f"{f.source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads "
@@ -188,6 +188,12 @@ def common_fields(raw: dict, f: "_Fields", architecture: str, theta: float = 100
         tie_word_embeddings=f.flag("tie_word_embeddings", tie),
         eos_token_ids=_eos_ids(raw, f),
     )
+
+
+def layer_count(f: "_Fields") -> int:
+    """``num_hidden_layers``, within the runtime's limit: a family that builds something per layer before
+    ``common_fields`` reads them counts them so (a corrupt count would take memory, not be refused)."""
+    return f.count("num_hidden_layers", most=MAX_LAYERS)
 
 
 def _refuse_quantized(raw: dict, source: str) -> None:
@@ -276,12 +282,17 @@ def _architecture(raw: dict, f: _Fields) -> str:
     archs = raw.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise f.bad("architectures", archs, "a list of class names")
-    arch = archs[0] if archs else ARCHITECTURES_BY_MODEL_TYPE.get(f.text("model_type", ""), "")
+    model_type = f.text("model_type", "")
+    arch = archs[0] if archs else ARCHITECTURES_BY_MODEL_TYPE.get(model_type, "")
     if arch not in FAMILIES:
         raise ConfigError(
             f"{f.source}: unsupported architecture {arch or raw.get('model_type') or '(none given)'!r}; "
             f"supported: {', '.join(FAMILIES)}"
         )
+    named = ARCHITECTURES_BY_MODEL_TYPE.get(model_type, arch)
+    if named != arch:  # transformers builds by model_type (vLLM by architectures): either might be meant
+        raise ConfigError(f"{f.source}: architectures names {arch!r} but model_type {model_type!r} is {named}'s; "
+                          "transformers would build the model model_type names: make the two agree")
     return arch
 
 
@@ -298,30 +309,46 @@ def _head_dim(hidden: int, n_heads: int, f: _Fields, default: int | None) -> int
 
 def read_rope(raw: dict, f: _Fields, default_theta: float = 10000.0, section: str | None = None,
               inherit_theta: bool = True) -> tuple[float, dict | None]:
-    """(theta, scaling) from either config convention; scaling is None for plain RoPE. ``section`` names the
-    entry of ``rope_parameters`` to read where it holds one per kind of layer (Gemma 3's); a section without
-    its ``rope_theta`` takes the config's own, or with ``inherit_theta=False`` ``default_theta``."""
+    """(theta, scaling) from either config convention, as transformers 5 reads them; scaling is None for plain
+    RoPE. ``section`` names the entry of ``rope_parameters`` to read where it holds one per kind of layer
+    (Gemma 3's); a section without its ``rope_theta`` takes the config's own, or with ``inherit_theta=False``
+    ``default_theta``. A ``rope_scaling`` (4.x) stands in for ``rope_parameters`` (Gemma 3: it goes over the
+    ``full_attention`` section), its own ``rope_theta`` first: transformers 5 reads it so."""
     params = f.nested("rope_parameters")  # transformers 5.x
     if params is not None and section is not None:
-        params = params.nested(section) or _Fields({}, f.source, f"rope_parameters.{section}.")
-    if params is None:  # transformers 4.x: rope_theta beside an optional rope_scaling
-        theta = f.number("rope_theta", default_theta)
-        params = f.nested("rope_scaling") or _Fields({}, f.source, "rope_scaling.")
-    else:
-        theta = params.number("rope_theta", f.number("rope_theta", default_theta) if inherit_theta else default_theta)
+        params = params.nested(section)
+    old = f.nested("rope_scaling")  # transformers 4.x
+    if old is not None and old.raw and section in (None, "full_attention"):
+        params = old if params is None or section is None else _Fields({**params.raw, **old.raw}, f.source,
+                                                                        old.prefix)
+    params = params or _Fields({}, f.source, f"rope_parameters.{section}." if section else "rope_parameters.")
+    theta = params.number("rope_theta", f.number("rope_theta", default_theta) if inherit_theta else default_theta)
     rope_type = params.raw.get("rope_type") or params.raw.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{f.source}: unsupported rope type {rope_type!r}; "
                           f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":
         return theta, None
-    needed = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
-                                               "original_max_position_embeddings"]}[rope_type]
+    needed = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor"]}[rope_type]
     scaling = {"rope_type": rope_type, **{k: params.number(k) for k in needed}}
-    if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        raise ConfigError(f"{f.source}: {params.prefix}high_freq_factor {scaling['high_freq_factor']} must exceed "
-                          f"low_freq_factor {scaling['low_freq_factor']}")
+    if rope_type == "llama3":
+        scaling["original_max_position_embeddings"] = _original_positions(f, params, section)
+        if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            raise ConfigError(f"{f.source}: {params.prefix}high_freq_factor {scaling['high_freq_factor']} must "
+                              f"exceed low_freq_factor {scaling['low_freq_factor']}")
     return theta, scaling
+
+
+def _original_positions(f: _Fields, params: _Fields, section: str | None) -> float:
+    """llama3 scaling's pretraining context as transformers 5 reads it: a top-level
+    ``original_max_position_embeddings`` (where the config has one rope: Phi-3's convention), else the rope's
+    own, else ``max_position_embeddings``."""
+    top = f.number("original_max_position_embeddings", None) if section is None else None
+    value = top or params.number("original_max_position_embeddings", f.number("max_position_embeddings", None))
+    if value is None:
+        raise ConfigError(f"{f.source}: missing field {params.prefix + 'original_max_position_embeddings'!r} "
+                          "(llama3 rope scaling; or max_position_embeddings)")
+    return value
 
 
 def _eos_ids(raw: dict, f: _Fields) -> tuple[int, ...]:

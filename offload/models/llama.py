@@ -51,12 +51,13 @@ class Llama(Decoder):
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
         if f.text("hidden_act", "silu") != "silu":
             raise ConfigError(f"{f.source}: unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
-        if f.flag("mlp_bias", False):
+        llama = architecture == "LlamaForCausalLM"  # Mistral's and Qwen2's layers read neither bias field
+        if llama and f.flag("mlp_bias", False):
             raise ConfigError(f"{f.source}: mlp_bias is not supported")
-        qwen2 = architecture == "Qwen2ForCausalLM"
-        attention_bias = f.flag("attention_bias", False)
+        attention_bias = llama and f.flag("attention_bias", False)  # q, k, v and o
+        qkv_bias = architecture == "Qwen2ForCausalLM" or attention_bias  # Qwen2's always
         common = common_fields(raw, f, architecture)
-        return ModelConfig(**common, qkv_bias=qwen2 or attention_bias, o_bias=not qwen2 and attention_bias,
+        return ModelConfig(**common, qkv_bias=qkv_bias, o_bias=attention_bias,
                            sliding_windows=sliding_windows(raw, f, architecture, common["n_layers"]))
 
     @classmethod
@@ -116,35 +117,58 @@ def mlp_entries(config: ModelConfig, tp: TensorParallel, inter: int, prefix: str
 
 
 MISTRAL_WINDOW = 4096  # transformers' Mistral window where config.json names none (null: no window)
+QWEN_WINDOW = 4096  # transformers' Qwen window where config.json names none (null: no window)
+QWEN_WINDOW_LAYERS = 28  # transformers' Qwen max_window_layers where config.json names none
 
 
 def sliding_windows(raw: dict, f, architecture: str, n_layers: int) -> tuple[int | None, ...]:
-    """Each layer's attention window (None: full attention), from Mistral's or Qwen's fields."""
-    if architecture == "MistralForCausalLM":
-        if "sliding_window" in raw and raw["sliding_window"] is None:  # null: no window (left out: 4096)
-            return (None,) * n_layers
-        if raw.get("layer_types") is not None:  # Ministral's alternating layers (transformers loads it so)
-            return windows_of(raw["layer_types"], f, n_layers, MISTRAL_WINDOW)
-        return (f.count("sliding_window", default=MISTRAL_WINDOW),) * n_layers
-    if raw.get("sliding_window") is None or architecture == "LlamaForCausalLM":
+    """Each layer's attention window (None: full attention), from Mistral's or Qwen2's and Qwen3's fields."""
+    if architecture == "LlamaForCausalLM":
         return (None,) * n_layers
-    types = raw.get("layer_types")
-    if types is None:  # transformers 4.x: sliding only when enabled, from max_window_layers on
-        use = f.flag("use_sliding_window", False)
-        first = n_layers if raw.get("max_window_layers") is None else raw["max_window_layers"]
+    if architecture != "MistralForCausalLM":  # Qwen2, Qwen3: windows from max_window_layers on
+        return qwen_windows(raw, f, n_layers, lambda i, first: i >= first)
+    if "sliding_window" in raw and raw["sliding_window"] is None:  # null: no window (left out: 4096)
+        return (None,) * n_layers
+    if raw.get("layer_types") is not None:  # Ministral's alternating layers (transformers loads it so)
+        return windows_of(raw["layer_types"], f, n_layers, MISTRAL_WINDOW)
+    return (f.count("sliding_window", default=MISTRAL_WINDOW),) * n_layers
+
+
+def qwen_window(raw: dict, f) -> int | None:
+    """The window of a Qwen model's sliding layers as transformers reads it: none unless use_sliding_window
+    (whatever sliding_window and layer_types say), then sliding_window (4096 where left out, none where null)."""
+    if not f.flag("use_sliding_window", False):
+        return None
+    return f.count("sliding_window", default=None) if "sliding_window" in raw else QWEN_WINDOW
+
+
+def qwen_windows(raw: dict, f, n_layers: int, sliding) -> tuple[int | None, ...]:
+    """Each layer's window in Qwen2 and Qwen3 (and Qwen2-MoE): ``qwen_window`` in the sliding layers of
+    layer_types, or where there are none, in the layers ``sliding(i, max_window_layers)`` picks."""
+    window, types = qwen_window(raw, f), raw.get("layer_types")
+    if types is None:
+        first = raw.get("max_window_layers")
+        first = QWEN_WINDOW_LAYERS if first is None else first
         if not is_int(first) or first < 0:
             raise f.bad("max_window_layers", first, "an integer >= 0")
-        types = ["sliding_attention" if use and i >= first else "full_attention" for i in range(n_layers)]
-    return windows_of(types, f, n_layers)
+        types = ["sliding_attention" if sliding(i, first) else "full_attention" for i in range(n_layers)]
+    return tuple(window if t == "sliding_attention" else None for t in layer_types(types, f, n_layers))
+
+
+LAYER_KINDS = ("full_attention", "sliding_attention")
+
+
+def layer_types(types, f, n_layers: int) -> list[str]:
+    """``layer_types``, checked: one of ``LAYER_KINDS`` per layer."""
+    if not isinstance(types, list) or len(types) != n_layers or not all(t in LAYER_KINDS for t in types):
+        raise f.bad("layer_types", types, f"a list of {n_layers} of {', '.join(LAYER_KINDS)}")
+    return types
 
 
 def windows_of(types, f, n_layers: int, default_window: int | None = None) -> tuple[int | None, ...]:
     """The windows of ``layer_types`` (``sliding_attention`` layers take ``sliding_window``, required unless
     the family has a ``default_window``)."""
-    kinds = ("full_attention", "sliding_attention")
-    if not isinstance(types, list) or len(types) != n_layers or not all(t in kinds for t in types):
-        raise f.bad("layer_types", types, f"a list of {n_layers} of {', '.join(kinds)}")
-    if "sliding_attention" not in types:
+    if "sliding_attention" not in layer_types(types, f, n_layers):
         return (None,) * n_layers
     window = f.count("sliding_window") if default_window is None else f.count("sliding_window", default_window)
     return tuple(window if t == "sliding_attention" else None for t in types)

@@ -7,7 +7,7 @@ each expert's; the checkpoint names experts' projections w1 (gate), w3 (up), w2 
 
 from __future__ import annotations
 
-from .config import ModelConfig
+from .config import ModelConfig, layer_count
 from .moe import MoEDecoder
 
 
@@ -19,8 +19,8 @@ class Mixtral(MoEDecoder):
 
     @classmethod
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
-        n = f.count("num_hidden_layers")
-        return cls.read_moe(raw, f, architecture, experts_key="num_local_experts", theta=1e6, eps=1e-5,
+        n = layer_count(f)
+        return cls.read_moe(raw, f, architecture, (8, 2), ("num_local_experts", "num_experts"), theta=1e6, eps=1e-5,
                             norm_topk_prob=True,
                             sparse_layers=(True,) * n,
                             sliding_windows=(f.count("sliding_window", default=None),) * n)

@@ -41,7 +41,7 @@ from .blocks import EVERY_PASS, ON_DEMAND, BlockLayout, BlockSpec, Entry, build_
 from .config import ModelConfig, common_fields, is_int
 from .expert_kernels import DIRECT_TOKENS
 from .kernels import Norm
-from .llama import Llama, mlp_entries, sliding_windows
+from .llama import Llama, mlp_entries
 from .parallel import REPLICATED
 from .quant import QuantizedWeight, WeightFormat
 
@@ -117,17 +117,20 @@ class MoEDecoder(Llama):
     # ------------------------------------------------------------------ checkpoints
 
     @classmethod
-    def read_moe(cls, raw: dict, f, architecture: str, experts_key: str = "num_experts", theta: float = 10000.0,
+    def read_moe(cls, raw: dict, f, architecture: str, counts: tuple[int, int],
+                 experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts"), theta: float = 10000.0,
                  eps: float = 1e-6, expert_width: int | None = None, **fields) -> MoEConfig:
-        """The config of an MoE family whose fields are Qwen's (the others pass what differs: ``theta``, ``eps``
-        and ``expert_width``, transformers' defaults where the config leaves them out; without an
-        ``expert_width``, a family's experts are ``intermediate_size`` wide)."""
+        """The config of an MoE family whose fields are Qwen's (the others pass what differs: ``theta``, ``eps``,
+        ``expert_width`` and ``counts``, the experts and the experts a token takes, transformers' defaults where
+        the config leaves them out; without an ``expert_width``, a family's experts are ``intermediate_size``
+        wide; ``experts_keys``, the names its transformers config reads the experts' count by, the one it saves
+        first). Each family passes its layers' ``sliding_windows``: every family reads its own fields for them."""
         if f.text("hidden_act", "silu") != "silu":
             raise ConfigError(f"{f.source}: unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
         common = common_fields(raw, f, architecture, theta=theta, eps=eps)
         n = common["n_layers"]
-        experts = f.count(experts_key) if experts_key in raw else f.count("num_local_experts")
-        top_k = f.count("num_experts_per_tok")
+        key = next((k for k in experts_keys if raw.get(k) is not None), experts_keys[0])
+        experts, top_k = f.count(key, default=counts[0]), f.count("num_experts_per_tok", default=counts[1])
         if top_k > experts:
             raise ConfigError(f"{f.source}: num_experts_per_tok {top_k} exceeds the {experts} experts")
         step = f.count("decoder_sparse_step", default=1)
@@ -136,10 +139,10 @@ class MoEDecoder(Llama):
             raise f.bad("mlp_only_layers", dense, f"a list of layer indices below {n}")
         values = dict(
             n_experts=experts, top_k=top_k,
-            expert_intermediate=f.count("moe_intermediate_size", default=expert_width) or common["intermediate_size"],
+            expert_intermediate=(f.count("moe_intermediate_size", default=expert_width) if expert_width
+                                 else common["intermediate_size"]),
             norm_topk_prob=f.flag("norm_topk_prob", False),
             sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(n)),
-            sliding_windows=sliding_windows(raw, f, architecture, n),
         )
         return MoEConfig(**common, **{**values, **fields})
 

@@ -14,7 +14,7 @@ import torch
 from ..distributed import TensorParallel
 from ..errors import ConfigError
 from .blocks import Entry
-from .config import ModelConfig
+from .config import ModelConfig, layer_count
 from .kernels import Norm
 from .moe import MoEDecoder
 from .parallel import REPLICATED
@@ -24,9 +24,9 @@ class Olmoe(MoEDecoder):
     @classmethod
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
         bias = f.flag("attention_bias", False)
-        n = f.count("num_hidden_layers")
-        return cls.read_moe(raw, f, architecture, eps=1e-5, qkv_bias=bias, o_bias=bias, sparse_layers=(True,) * n,
-                            clip_qkv=f.number("clip_qkv", None), sliding_windows=(None,) * n)
+        n = layer_count(f)
+        return cls.read_moe(raw, f, architecture, (64, 8), eps=1e-5, qkv_bias=bias, o_bias=bias,
+                            sparse_layers=(True,) * n, clip_qkv=f.number("clip_qkv", None), sliding_windows=(None,) * n)
 
     @classmethod
     def attention_entries(cls, config: ModelConfig, tp: TensorParallel) -> list[Entry]:

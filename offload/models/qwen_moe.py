@@ -11,24 +11,20 @@ route in the layers ``decoder_sparse_step`` picks and ``mlp_only_layers`` leaves
 
 from __future__ import annotations
 
-from .config import ModelConfig, is_int
+from .config import ModelConfig, layer_count
+from .llama import qwen_window, qwen_windows
 from .moe import MoEDecoder
 
 
 class Qwen2Moe(MoEDecoder):
     @classmethod
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
-        fields = {}
-        if raw.get("layer_types") is None and f.flag("use_sliding_window", False):
-            # transformers 5's Qwen2-MoE: every other layer below max_window_layers slides, from the first
-            n = f.count("num_hidden_layers")
-            window = f.count("sliding_window", default=None) if "sliding_window" in raw else 4096  # (null: none)
-            first = raw.get("max_window_layers", 28)
-            if not is_int(first) or first < 0:
-                raise f.bad("max_window_layers", first, "an integer >= 0")
-            fields["sliding_windows"] = tuple(window if i % 2 == 0 and i < first else None for i in range(n))
-        return cls.read_moe(raw, f, architecture, expert_width=1408, qkv_bias=f.flag("qkv_bias", True),
-                            shared_intermediate=f.count("shared_expert_intermediate_size", default=5632), **fields)
+        # transformers 5's Qwen2-MoE: without layer_types, every other layer below max_window_layers slides
+        n = layer_count(f)
+        windows = qwen_windows(raw, f, n, lambda i, first: i % 2 == 0 and i < first)
+        return cls.read_moe(raw, f, architecture, (60, 4), ("num_experts",), expert_width=1408,
+                            qkv_bias=f.flag("qkv_bias", True), sliding_windows=windows,
+                            shared_intermediate=f.count("shared_expert_intermediate_size", default=5632))
 
 
 class Qwen3Moe(MoEDecoder):
@@ -37,12 +33,8 @@ class Qwen3Moe(MoEDecoder):
     @classmethod
     def read_config(cls, raw: dict, f, architecture: str) -> ModelConfig:
         bias = f.flag("attention_bias", False)
-        fields = {}
-        if raw.get("layer_types") is None:
-            # transformers 5's Qwen3-MoE windows every layer where use_sliding_window (max_window_layers, in
-            # released configs, is not read)
-            n = f.count("num_hidden_layers")
-            window = (f.count("sliding_window", default=None) if "sliding_window" in raw else 4096) \
-                if f.flag("use_sliding_window", False) else None
-            fields["sliding_windows"] = (window,) * n
-        return cls.read_moe(raw, f, architecture, expert_width=768, qkv_bias=bias, o_bias=bias, **fields)
+        # transformers 5's Qwen3-MoE windows every layer where use_sliding_window (it reads no layer_types, and
+        # max_window_layers, in released configs, is not read)
+        windows = (qwen_window(raw, f),) * layer_count(f)
+        return cls.read_moe(raw, f, architecture, (128, 8), ("num_local_experts", "num_experts"),
+                            expert_width=768, qkv_bias=bias, o_bias=bias, sliding_windows=windows)

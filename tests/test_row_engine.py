@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import offload
+from offload.batch import forecast_job
 from offload.sampling import GREEDY, Sampling, sample
 from offload.scheduler.row_engine import RowEngine, Request
 
@@ -95,6 +96,22 @@ def test_rows_join_and_leave_a_running_batch(model):
             if row.finish_reason:
                 finished[row.request.key] = row.tokens
     assert [finished[i] for i in range(4)] == reference(model, requests)
+
+
+def test_a_row_that_ends_at_its_token_limit_is_refilled_in_the_very_next_pass(model, monkeypatch):
+    """A row whose last token (by max_new_tokens) is in flight gets no more passes; a waiting request takes its row in
+    the next pass (that token read first), as a batch job's forecast counts, not a pass later (the row idle meanwhile).
+    The requests come longest first, as a batch job takes them."""
+    requests = [Request(tuple(PROMPTS[i]), n, GREEDY, key=i) for i, n in ((2, 2), (0, 9), (1, 3), (3, 5))]
+    want = reference(model, requests)
+    passes = []
+    decode, extend = model.decode, model.extend
+    monkeypatch.setattr(model, "decode", lambda *a: passes.append("decode") or decode(*a))
+    monkeypatch.setattr(model, "extend", lambda *a: passes.append("extend") or extend(*a))
+    engine = RowEngine(model, rows=2)
+    assert [row.tokens for row in engine.run(requests)] == want
+    forecast = forecast_job([(len(r.prompt), r.max_new_tokens) for r in requests], 2, lambda tokens, keys: 1.0)
+    assert len(passes) == engine.stats.steps == forecast.passes == 10
 
 
 def test_a_cancelled_row_gives_no_more_tokens_and_its_row_is_reused(model):

@@ -129,6 +129,41 @@ def test_fifo_and_dynamic_schedules_agree(tiny, tmp_path):
     assert outs["dynamic"] == outs["fifo"]
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_a_job_stopped_by_an_error_after_some_records_goes_on_where_it_stopped(structured, tmp_path, monkeypatch,
+                                                                              one_thread, sampled):
+    """A job that fails after writing some records (a write raising), rerun with another batch size and schedule:
+    every id once, each record as an uninterrupted run wrote it (a sampled record's draws are seeded by its line)."""
+    from offload.structured import corpus_of
+
+    corpus, gen = corpus_of(structured), torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, 16, (12,), generator=gen).tolist()
+    lines = [{"id": i if i % 2 else f"r{i}", "prompt_ids": corpus.sample(1, n, seed=i)[0].tolist(),
+              "max_new_tokens": 1 + i % 7} for i, n in enumerate(lengths)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    args = ["--model", str(structured), "--prompts", str(tmp_path / "in.jsonl"), "--quiet"]
+    args += ["--temperature", "1.5", "--seed", "4"] if sampled else []
+    assert main([*args, "--output", str(tmp_path / "whole.jsonl"), "--batch-size", "3"]) == 0
+    whole = (tmp_path / "whole.jsonl").read_text()
+    write = ResultFile.write_record
+    for stop_after in (0, 1, 7):
+        out, written = tmp_path / f"stopped-{stop_after}.jsonl", []
+
+        def failing(self, *a, **kw):
+            if len(written) == stop_after:
+                raise RuntimeError("the job failed here")
+            written.append(a[0])
+            return write(self, *a, **kw)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(ResultFile, "write_record", failing)
+            with pytest.raises(RuntimeError, match="the job failed here"):
+                main([*args, "--output", str(out), "--batch-size", "2"])
+        assert main([*args, "--output", str(out), "--batch-size", "4", "--schedule", "fifo"]) == 0
+        assert read_output(out) == read_output(tmp_path / "whole.jsonl"), stop_after
+        assert out.read_text().splitlines()[0] == whole.splitlines()[0]  # the same job
+
+
 @pytest.mark.slow
 def test_torn_last_line_is_cut_and_redone(tiny, tmp_path):
     write_prompts(tmp_path / "in.jsonl", 6, seed=2)

@@ -4,10 +4,14 @@ The reference below runs ``model.extend`` one pass at a time and reads every tok
 before building the next pass, as the engine did before passes were pipelined.
 """
 
+import random
+import warnings
+
 import pytest
 import torch
 
 import offload
+from offload.batch import forecast_job
 from offload.sampling import GREEDY, Sampling, sample
 from offload.scheduler.row_engine import RowEngine, Request
 
@@ -97,6 +101,22 @@ def test_rows_join_and_leave_a_running_batch(model):
     assert [finished[i] for i in range(4)] == reference(model, requests)
 
 
+def test_a_row_that_ends_at_its_token_limit_is_refilled_in_the_very_next_pass(model, monkeypatch):
+    """A row whose last token (by max_new_tokens) is in flight gets no more passes; a waiting request takes its row in
+    the next pass (that token read first), as a batch job's forecast counts, not a pass later (the row idle meanwhile).
+    The requests come longest first, as a batch job takes them."""
+    requests = [Request(tuple(PROMPTS[i]), n, GREEDY, key=i) for i, n in ((2, 2), (0, 9), (1, 3), (3, 5))]
+    want = reference(model, requests)
+    passes = []
+    decode, extend = model.decode, model.extend
+    monkeypatch.setattr(model, "decode", lambda *a: passes.append("decode") or decode(*a))
+    monkeypatch.setattr(model, "extend", lambda *a: passes.append("extend") or extend(*a))
+    engine = RowEngine(model, rows=2)
+    assert [row.tokens for row in engine.run(requests)] == want
+    forecast = forecast_job([(len(r.prompt), r.max_new_tokens) for r in requests], 2, lambda tokens, keys: 1.0)
+    assert len(passes) == engine.stats.steps == forecast.passes == 10
+
+
 def test_a_cancelled_row_gives_no_more_tokens_and_its_row_is_reused(model):
     requests = greedy_requests(new=12)
     engine = RowEngine(model, rows=2)
@@ -160,6 +180,50 @@ def test_a_request_the_engine_cannot_run_is_refused_when_submitted(model, reques
     with pytest.raises(offload.InputError, match=words):
         engine.submit(request_)
     assert not engine.busy
+
+
+@pytest.fixture(scope="module")
+def chunked(tiny):
+    """``tiny`` with chunks of at most 3 tokens (a prompt joins in several while other rows decode) and half its
+    layers streamed from the host."""
+    kw = dict(dtype=torch.float32, max_batch=3, max_seq_len=40, max_step_tokens=3)
+    needs = offload.plan_model(tiny, **kw).needs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", offload.OffloadWarning)
+        model = offload.load_model(tiny, **kw, cpu_memory="1GiB", gpu_memory=needs.gpu_budget_streaming(4),
+                                   progress=False)
+    assert model.plan.placement.count("host") == 4
+    yield model
+    model.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_any_schedule_gives_every_request_the_tokens_it_gets_alone(chunked, seed, one_thread):
+    """Random schedules: more requests than rows (a freed row takes the next with its old keys still in the cache),
+    requests submitted while others decode, prompts of one token and of several chunks, limits of one token and of
+    the whole context, stop ids met at once or later, seeded sampling, cancellations. Each request's tokens are those
+    of running it alone (a cancelled one's, up to where it was cancelled)."""
+    rng = random.Random(seed)
+    requests = []
+    for key in range(7):
+        prompt = tuple(rng.randrange(3, 1024) for _ in range(rng.choice([1, 2, rng.randint(3, 30)])))
+        limit = rng.choice([1, 2, rng.randint(1, 40 - len(prompt)), 40 - len(prompt)])
+        sampling = GREEDY if key % 2 else Sampling(do_sample=True, temperature=0.8, top_k=50, seed=key)
+        requests.append(Request(prompt, limit, sampling, tuple(rng.sample(range(1024), rng.choice([0, 50]))), key))
+    want = reference(chunked, requests)
+    engine, waiting, got, cancelled = RowEngine(chunked, rows=rng.randint(1, 3)), list(requests), {}, set()
+    while waiting or engine.busy:
+        while waiting and (not engine.busy or rng.random() < 0.3):
+            engine.submit(waiting.pop(0))
+        for row, token in engine.step():
+            got.setdefault(row.request.key, []).append(token)
+        live = [row.request.key for row in engine.rows if row is not None]
+        if live and rng.random() < 0.02:
+            cancelled.add(key := rng.choice(live))
+            engine.cancel(key)
+    for request, tokens in zip(requests, want):
+        seen = got.get(request.key, [])
+        assert seen == (tokens[: len(seen)] if request.key in cancelled else tokens), request
 
 
 def test_an_engine_of_no_rows_is_refused(model):

@@ -27,9 +27,10 @@ tokens from the previous pass's sampled ids on the device, so it is queued
 before the host has read them, and the host's work for a step (reading tokens,
 stop rules, building the next pass) overlaps the GPU's. A row that stops at an
 eos id has then already been given one more pass, whose token is dropped; a row
-that reaches ``max_new_tokens`` is known in advance and gets none. A pass that
-adds prompt tokens needs every row's last token on the host, so the pass before
-it is read first.
+that reaches ``max_new_tokens`` is known in advance and gets none (where a request
+waits for a row, the pass with that last token is read at once, so the request
+joins the next pass). A pass that adds prompt tokens needs every row's last token
+on the host, so the pass before it is read first.
 
 With a draft (speculative decoding, ``speculation.py``), a pass that adds no prompt
 is a verify pass instead: each row adds its last token and the tokens its draft
@@ -220,7 +221,7 @@ class RowEngine:
         self._admit()
         events = []
         prompt_joins = any(row is not None and row.in_prompt for row in self.rows)
-        if self._in_flight is not None and (prompt_joins or self.speculator is not None):
+        if self._in_flight is not None and (prompt_joins or self.speculator is not None or self._refills_a_row()):
             events += self._read(self._take_in_flight())  # the next pass needs every row's last token on the host
             self._admit()
             prompt_joins = any(row is not None and row.in_prompt for row in self.rows)
@@ -248,6 +249,12 @@ class RowEngine:
             if row is None and self.waiting:
                 request = self.waiting.popleft()
                 self.rows[i] = Row(request, i, request.sampling.generator(self.model.device))
+
+    def _refills_a_row(self) -> bool:
+        """Whether a request waits while a row only waits for its last token (``max_new_tokens``), in flight: read
+        now, that pass frees the row, and the request's prompt joins this step's pass rather than the next (which
+        would otherwise run with the row idle)."""
+        return bool(self.waiting) and any(row is not None and not row.wants_pass for row in self.rows)
 
     def _take_in_flight(self) -> _Pass | None:
         taken, self._in_flight = self._in_flight, None

@@ -3,7 +3,9 @@
 Input lines are ``{"id": ..., "prompt": "text"}`` (needs a tokenizer),
 ``{"id": ..., "prompt_ids": [...]}`` or ``{"id": ..., "messages": [{"role": "user",
 "content": "..."}, ...]}`` (laid out by the model's chat template), with an optional
-``max_new_tokens``; an id is a JSON string or integer. The file is UTF-8 (a leading
+``max_new_tokens``; an id is a JSON string or integer. Other fields ride along unread (a
+record's own metadata), but not the names of settings a record cannot make (``temperature``,
+``max_tokens``...: the job's flags set them for every record), which are refused. The file is UTF-8 (a leading
 byte order mark is allowed) and is split into lines at ``\n`` only, since JSON
 strings may hold U+2028, U+2029 and U+0085 raw. The whole file is checked before
 the model is loaded.
@@ -72,6 +74,7 @@ def read_records(path, tokenizer, default_max_new_tokens: int, vocab_size: int) 
         if rid in seen:
             raise InputError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]})")
         seen[rid] = n
+        _refuse_settings(obj, where)
         records.append(Record(rid, _prompt_ids(obj, where, tokenizer, vocab_size),
                               _max_new(obj, where, default_max_new_tokens), n))
     if not records:
@@ -133,6 +136,20 @@ def _is_unicode(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+# Settings a record might be taken to make, which the whole job's flags make (read as metadata, they would be ignored
+# without a word): named, with the flag, where a record holds one.
+JOB_SETTINGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed",
+                "do_sample": "--do-sample", "max_tokens": None, "max_new_token": None, "max_length": None}
+
+
+def _refuse_settings(obj: dict, where: str) -> None:
+    for key, flag in JOB_SETTINGS.items():
+        if key in obj and flag:
+            raise InputError(f"{where}: a record cannot set {key!r} ({flag} sets it for the job)")
+        if key in obj:
+            raise InputError(f"{where}: {key!r} is not a record field; a record's token limit is 'max_new_tokens'")
 
 
 def _max_new(obj: dict, where: str, default: int) -> int:

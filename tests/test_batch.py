@@ -59,6 +59,8 @@ def read_output(path: Path) -> dict:
     ('{"id": 1, "prompt_ids": []}', "empty"),
     ('{"id": 1, "prompt_ids": [5000]}', "outside the vocabulary"),
     ('{"id": 1, "prompt_ids": [1], "max_new_tokens": 0}', "positive integer"),
+    ('{"id": 1, "prompt_ids": [1], "temperature": 0.7}', "cannot set 'temperature' (--temperature sets it for"),
+    ('{"id": 1, "prompt_ids": [1], "max_new_token": 5}', "'max_new_token' is not a record field"),
     ('{"id": "a", "prompt_ids": [1]}', "duplicate id 'a'"),
     ('{"id": 1, "prompt_ids": ' + json.dumps(list(range(600))) + "}", "exceed the context"),
 ])
@@ -418,3 +420,12 @@ def test_a_records_text_ends_before_its_stop_token():
     assert results.args == ("a", 2, [5, 6, 2], "eos", "w5 w6")
     _write(results, record, [5, 6, 2], "length", Words())
     assert results.args[-1] == "w5 w6 w2"
+
+
+def test_a_records_own_fields_ride_along_unread(tmp_path):
+    """Fields a record keeps for itself (metadata) are not refused; settings the job's flags make are."""
+    from offload.batch import read_records
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt_ids": [1, 2], "source": "docs", "meta": {"k": 2}}])
+    [record] = read_records(path, None, 4, 100)
+    assert (record.id, record.prompt_ids, record.max_new_tokens) == (1, [1, 2], 4)

@@ -357,8 +357,8 @@ class ModelDraft:
         row's whose verdict they guessed (:meth:`_match`, which waits for them); then how deep to draft ahead next
         (:meth:`_pace_ahead`). The draft's streams are joined every pass: where the rows it drafted for have left,
         their cache rows are others' now."""
-        key = [(id(row), len(row.tokens)) if row is not None else None for row in rows]
-        if self.served[0] == key:
+        key = [(row, len(row.tokens)) if row is not None else None for row in rows]
+        if _same_pass(self.served[0], key):
             return True, self.served[1]
         ahead, self.ahead = self.ahead, {}
         verdict, done = self.verdict or _cuda_event(self.model.device, timing=True), self.ahead_done
@@ -576,6 +576,13 @@ class ModelDraft:
             for row in [r for r in table if r not in live]:
                 del table[row]
         self.spare_holds = {spare: held for spare, held in self.spare_holds.items() if held[0] in live}
+
+
+def _same_pass(old: list | None, new: list) -> bool:
+    """Whether two passes' rows and lengths are one pass's: the rows as objects (a finished row's id could be a new
+    row's; its fields a row's that is another request's)."""
+    return old is not None and len(old) == len(new) and all(
+        a is b is None or (a is not None and b is not None and a[0] is b[0] and a[1] == b[1]) for a, b in zip(old, new))
 
 
 def paced_steps(steps: int, ahead_ms: float, pass_ms: float) -> int:

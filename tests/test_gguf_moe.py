@@ -383,6 +383,26 @@ def _retyped(path, out, arch: str, meta: dict, kind_of) -> None:
     write_gguf(out, arch, meta, tensors)
 
 
+@pytest.mark.slow  # a minute on Triton's interpreter
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
+def test_experts_in_three_and_two_bits_are_read_directly_in_int4_groups_of_16(checkpoint_factory, tmp_path):
+    """A Q3_K_M-like file's experts (Q3_K gates and ups, Q2_K downs: int4 in groups of 16) are kept compressed and
+    read directly by the expert kernels, two groups a step, as the layers compute them resident."""
+    config = {**_BASE, **MODELS["qwen3_moe"], "hidden_size": 256, "moe_intermediate_size": 256}  # K-quant blocks
+    hf, directory = checkpoint_factory("gguf-moe-qwen3_moe-256", "qwen3_moe", "5.x", seed=4, **config)
+    plain = write_moe_gguf(tmp_path / "plain.gguf", directory, "qwen3moe", hf.config)
+    kind_of = lambda name: (T.Q2_K if "down" in name else T.Q3_K) if "_exps." in name else None  # noqa: E731
+    _retyped(plain, tmp_path / "q3.gguf", "qwen3moe", moe_metadata("qwen3moe", hf.config), kind_of)
+    with offload.load_model(tmp_path / "q3.gguf", quantize="stored", **KW) as resident:
+        want, needs = resident(_ids()), resident.plan.needs
+    assert "routed experts: as stored: int4 in groups of 16" in needs.weight_format
+    with _streamed(tmp_path / "q3.gguf", needs, resident_experts=2, direct_experts=True, quantize="stored") as direct:
+        table = direct.experts.table
+        assert all(table.projections[i][j].format == INT4 and table.projections[i][j].group == 16
+                   for i in range(hf.config.num_hidden_layers) for j in (0, 1))
+        torch.testing.assert_close(direct(_ids()), want, atol=1e-4, rtol=0)
+
+
 def test_experts_kept_apart_in_8_bits_with_and_without_minimums_are_refused(checkpoint_factory, tmp_path):
     """An early Mixtral file whose layer keeps expert 0's gate in Q8_0 and the others' in Q5_K (int8 in groups of
     32, with minimums): every expert of a layer has expert 0's layout, so the others were read without their

@@ -873,8 +873,9 @@ if triton is not None:
         the output (FINAL) or this stretch's float32 partial sums ``out[pid2]`` (LAST: and the output ``final``, by
         the last stretch's program to finish); a column step of ``BLOCK_K`` columns is one group (one scale per
         feature), or two of int4's groups of 16 (``GROUP``: a product's 16-bit inputs take at least 16 columns, a
-        group's half 8). WORDS (int4 in groups of 128 or 256): the group read as 32-bit words, each of its eight nibbles made a float where it lies (as ``_gemv_words_kernel`` does),
-        and multiplied in eight products of ``BLOCK_K / 8`` columns."""
+        group's half 8). WORDS (int4 in groups of 128 or 256): the group read as 32-bit words, each of its eight
+        nibbles made a float where it lies (as ``_gemv_words_kernel`` does), and multiplied in eight products of
+        ``BLOCK_K / 8`` columns."""
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = m < M, rows < N

@@ -83,6 +83,23 @@ def test_int4_in_groups_of_16_takes_two_groups_a_column_step(m):
     test_the_product_equals_dequantize_then_multiply(DTYPES[0], "int4", 16, False, 40, 272, m)
 
 
+def test_int4_in_groups_of_16_reads_no_scale_past_a_row():
+    """An odd count of groups of 16 (48 columns: 3): the last step's second group lies past each row's scales and
+    minimums; what lies there (the next row's, or past the last row, memory: inf here) must not reach the sums
+    (its weights are masked to 0, but 0 times a scale plus a minimum of inf is NaN)."""
+    w = packed("int4", 16, 24, 48, DTYPES[0], seed=3, minimum=False)
+
+    def before_inf(t):  # t's values, followed in memory by inf
+        buf = torch.full((t.numel() + 64,), float("inf"), dtype=t.dtype, device=t.device)
+        buf[: t.numel()] = t.reshape(-1)
+        return buf[: t.numel()].view(t.shape)
+
+    fenced = QuantizedWeight(w.data, before_inf(w.scale), before_inf(w.minimum), w.scheme)
+    x = torch.randn(40, 48, generator=torch.Generator().manual_seed(0)).to(DTYPES[0]).to(DEVICE)
+    assert quant_kernels.matmul_blocking(fenced, 40)[2] == 32
+    assert_close_to_exact(quant_kernels.linear(x, fenced), x, w, None)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 256), (3, 2, 256)])
 def test_leading_dimensions_and_float16_scales_of_a_bfloat16_model(shape):
     dtype = DTYPES[-1]

@@ -873,8 +873,9 @@ if triton is not None:
         the output (FINAL) or this stretch's float32 partial sums ``out[pid2]`` (LAST: and the output ``final``, by
         the last stretch's program to finish); a column step of ``BLOCK_K`` columns is one group (one scale per
         feature), or two of int4's groups of 16 (``GROUP``: a product's 16-bit inputs take at least 16 columns, a
-        group's half 8). WORDS (int4 in groups of 128 or 256): the group read as 32-bit words, each of its eight nibbles made a float where it lies (as ``_gemv_words_kernel`` does),
-        and multiplied in eight products of ``BLOCK_K / 8`` columns."""
+        group's half 8). WORDS (int4 in groups of 128 or 256): the group read as 32-bit words, each of its eight
+        nibbles made a float where it lies (as ``_gemv_words_kernel`` does), and multiplied in eight products of
+        ``BLOCK_K / 8`` columns."""
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = m < M, rows < N
@@ -886,10 +887,15 @@ if triton is not None:
         for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
             if not PER_CHANNEL:
                 at = (rows.to(tl.int64) * GROUPS + k0 // GROUP)[None, :]
+                kept = n_ok[None, :]
                 if GROUP < BLOCK_K:  # each byte's group: [BLOCK_K / 2, BLOCK_N]
-                    at += (tl.arange(0, BLOCK_K // 2) // (GROUP // 2))[:, None]
-                scale = tl.load(scale_ptr + at, mask=n_ok[None, :], other=0.0).to(tl.float32)
-                minimum = tl.load(min_ptr + at, mask=n_ok[None, :], other=0.0).to(tl.float32) if HAS_MIN else 0.0
+                    group = k0 // GROUP + tl.arange(0, BLOCK_K // 2) // (GROUP // 2)
+                    at += (group - k0 // GROUP)[:, None]
+                    # a last step's second group lies past the row (a masked weight's 0 times its scale, plus its
+                    # minimum, would be the next row's, or past the last row's, memory: NaN or inf there is NaN)
+                    kept = kept & (group < GROUPS)[:, None]
+                scale = tl.load(scale_ptr + at, mask=kept, other=0.0).to(tl.float32)
+                minimum = tl.load(min_ptr + at, mask=kept, other=0.0).to(tl.float32) if HAS_MIN else 0.0
             if WORDS:
                 t = tl.arange(0, BLOCK_K // 8)
                 w = tl.load(data_ptr.to(tl.pointer_type(tl.int32)) + rows[None, :].to(tl.int64) * (s_data // 4)

@@ -525,7 +525,7 @@ if sys.argv[1] == "attention":
 else:
     ptx = compile(quant_kernels._matmul_kernel,
                   dict(INT4=True, PER_CHANNEL=False, HAS_MIN=True, HAS_BIAS=True, FINAL=False, LAST=last, WORDS=False,
-                       BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+                       BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP=128),
                   {"x_ptr": "*bf16", "data_ptr": "*u8", "scale_ptr": "*bf16", "min_ptr": "*bf16", "bias_ptr": "*bf16",
                    "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32"})
 print(ptx.count("atom.global.gpu.acq_rel.add"), ptx.count("ld.global.cg"))

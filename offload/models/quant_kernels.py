@@ -885,15 +885,16 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         start = tl.program_id(2) * SPAN
         for k0 in range(start, tl.minimum(start + SPAN, K), BLOCK_K):
-            if not PER_CHANNEL:
-                at = (rows.to(tl.int64) * GROUPS + k0 // GROUP)[None, :]
-                kept = n_ok[None, :]
-                if GROUP < BLOCK_K:  # each byte's group: [BLOCK_K / 2, BLOCK_N]
-                    group = k0 // GROUP + tl.arange(0, BLOCK_K // 2) // (GROUP // 2)
-                    at += (group - k0 // GROUP)[:, None]
-                    # a last step's second group lies past the row (a masked weight's 0 times its scale, plus its
-                    # minimum, would be the next row's, or past the last row's, memory: NaN or inf there is NaN)
-                    kept = kept & (group < GROUPS)[:, None]
+            if not PER_CHANNEL and GROUP == BLOCK_K:  # a step is a group: a row's scale (and minimum)
+                at = rows.to(tl.int64) * GROUPS + k0 // BLOCK_K
+                scale = tl.load(scale_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                minimum = tl.load(min_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[None, :] if HAS_MIN else 0.0
+            elif not PER_CHANNEL:  # two of int4's groups of 16: each byte's group's, [BLOCK_K / 2, BLOCK_N]
+                group = k0 // GROUP + tl.arange(0, BLOCK_K // 2) // (GROUP // 2)
+                at = rows.to(tl.int64)[None, :] * GROUPS + group[:, None]
+                # a last step's second group lies past the row (a masked weight's 0 times its scale, plus its
+                # minimum, would be the next row's, or past the last row's, memory: NaN or inf there is NaN)
+                kept = n_ok[None, :] & (group < GROUPS)[:, None]
                 scale = tl.load(scale_ptr + at, mask=kept, other=0.0).to(tl.float32)
                 minimum = tl.load(min_ptr + at, mask=kept, other=0.0).to(tl.float32) if HAS_MIN else 0.0
             if WORDS:
@@ -914,7 +915,10 @@ if triton is not None:
                                      m_ok)
             elif INT4:
                 j = tl.arange(0, BLOCK_K // 2)
-                low = k0 + j // (GROUP // 2) * GROUP + j % (GROUP // 2)  # byte j's low nibble's column
+                if GROUP == BLOCK_K:  # byte j's low nibble's column (a plain range: x's loads stay wide)
+                    low = k0 + j
+                else:
+                    low = k0 + j // (GROUP // 2) * GROUP + j % (GROUP // 2)
                 inside = low < K
                 b = tl.load(w_rows + (k0 // 2 + j)[:, None], mask=inside[:, None] & n_ok[None, :], other=0).to(tl.int32)
                 xl = tl.load(x_rows + low[None, :], mask=m_ok[:, None] & inside[None, :], other=0.0)

@@ -423,8 +423,8 @@ run_stage() {
     tests_experts) stage tests_experts python3 -m pytest -m gpu -s -q -p no:cacheprovider tests/test_gpu.py \
       -k "experts or probes" ;;
     tests_int4_16) stage tests_int4_16 python3 -m pytest -q -p no:cacheprovider --slow tests/test_direct_experts.py \
-      tests/test_quant_kernels.py tests/test_gguf.py tests/test_gguf_moe.py \
-      -k "hopper or two_groups or tiled_int4 or two_three or three_and_two or int4-16 or reference and int4" ;;
+      tests/test_quant_kernels.py tests/test_gguf.py tests/test_gguf_moe.py -k "hopper or two_groups or past_a_row \
+      or tiled_int4 or two_three or three_and_two or int4-16 or reference and int4" ;;
     tests_gguf_moe) stage tests_gguf_moe python3 -m pytest -q -p no:cacheprovider --slow tests/test_gguf_moe.py \
       tests/test_direct_experts.py -k "gguf or reference or hopper or experts" ;;
     tests_kernels) stage tests_kernels bash -c 'python3 -m pytest -s -q -p no:cacheprovider \

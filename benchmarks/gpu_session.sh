@@ -172,7 +172,8 @@
 #   spec_smollm2_int8_ahead (inputs sent first lost: removed), tests_spec, load13b_ab, spec_smollm2_int8_trace,
 #   tests_gguf_moe (the experts' sm_90 compile tests failed after that session's int4 change: fixed after the
 #   device time was spent, not yet run there). Owed now:
-#   1. tests_int4_16:150                                       the experts' compile tests with the device's Triton
+#   1. tests_int4_16:150                                       the experts' compile tests with the device's Triton,
+#                                                              the tiled product's scale mask (int4 groups of 16)
 #   2. int4_405b:500 (an H200)                                 the moonshot (#20)
 #   3. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300, gguf_moe30b
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.

@@ -492,3 +492,21 @@ def test_a_streaming_budget_holds_the_expert_cache():
         plan = offload.plan_model(shape, gpu_memory=needs.gpu_budget_streaming(0), **kw)
     assert set(plan.layer_map()) == {"H"} and set(plan.experts.placement) == {"host"}
     assert plan.experts.cache_slots == needs.experts.cache_slots(2)
+
+
+def test_every_layer_stays_where_they_fit_beside_the_expert_cache():
+    """A mixture of experts whose first layer is dense (``mlp_only_layers``, the largest block): a budget that holds
+    every layer and the expert cache, not every expert, keeps every layer resident and streams experts only. The
+    ring's two slots of the largest layer were reserved first: a PlanError, though nothing had to stream."""
+    shape = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 2, "mlp_only_layers": [0],
+                                             "tie_word_embeddings": True}  # no embedding to leave the device
+    kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=2, cpu_memory="64GiB")
+    needs = offload.plan_model(shape, **kw).needs
+    assert sum(needs.blocks) < 2 * needs.largest_block
+    cache = needs.experts.cache_slots(2) * needs.experts.nbytes
+    budget = needs.fixed_bytes + sum(needs.blocks) + needs.embedding_bytes + cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OffloadWarning)
+        plan = offload.plan_model(shape, gpu_memory=budget, **kw)
+    assert set(plan.layer_map()) == {"R"} and plan.slots == {}
+    assert "host" in set(plan.experts.placement) and plan.gpu_bytes <= budget

@@ -333,6 +333,8 @@ def make_plan(
     kept_bytes = list(accumulate(sorted(needs.blocks, reverse=True)))  # the j + 1 largest blocks' bytes
     link_budget = Budget(gpu, host, budget.peer_memory)
     reserved = k * max(sum(1 for c in _capacity(block, link_budget).values() if c), 1)
+    if gpu - needs.fixed_bytes - reserved * block < 0 <= gpu - needs.fixed_bytes - kept_bytes[-1]:
+        reserved = 0  # the ring's slots do not fit, every block does (beside the expert cache): none streams
     for _ in range(4):  # each link's ring needs min(k, its blocks) slots: refine the reservation
         room = gpu - needs.fixed_bytes - reserved * block
         if room < 0:

@@ -18,7 +18,7 @@ scales carried over as they are. For a weight of ``R`` output rows and ``C`` inp
     IQ4_NL  int8     32  int8, table[q]               d            -            (table: 16 values of -127..113,
     IQ4_XS  int8     32                               d * (sc-32)  -             its 4-bit q their indices)
 
-Three-bit and two-bit values take int4's four (Q3_K's q holds its high bit's complement and two low bits: GGUF's
+Three-bit and two-bit values take int4's four (Q3_K's q: its two low bits and its ``hmask`` bit, GGUF's value
 ``q - 4``), five-bit ones int8's eight: more bytes than the file's (Q3_K 6 bits a weight with its float16
 scales and minimums against 3.44, Q2_K 6 against 2.63) but a quarter of bfloat16's, where they were dequantized.
 IQ4_NL and IQ4_XS store 4-bit indices into a table of 16 int8 values: the values they index are kept as int8.
@@ -33,8 +33,8 @@ float32, where they are exact (at most 18 significant bits), then rounded once t
 ``scale_dtype``:
 
 * float32 holds every scale and minimum exactly: dequantizing the parts gives the ``gguf``
-  package's ``dequantize`` bit for bit (Q4_0: the same numbers, but its zeros are +0.0 where
-  gguf's ``d * (q - 8)`` gives -0.0 for d < 0).
+  package's ``dequantize`` bit for bit (Q4_0 and Q3_K: the same numbers, but their zeros are +0.0
+  where gguf's ``d * (q - 8)`` or ``d sc (q - 4)`` gives -0.0 for a negative scale).
 * float16 (the default) holds Q4_0's, Q4_1's, Q5_0's, Q5_1's and Q8_0's exactly (``d``, ``m`` and
   ``-8 d`` are float16 values; ``-8 d`` overflows only for ``|d| > 8191``, which is refused), but
   not the K-quants' products ``d * sc`` (up to 17-18 significant bits): those are rounded to

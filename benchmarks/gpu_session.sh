@@ -167,8 +167,8 @@
 # twenty-fifth (2026-12-07, an H100 for two calls after failed starts): tests_reads, tests_gguf_moe (58% before its
 #   time: no failure), load13b_profile (the loads' order confounds them: bench_load --rounds), spec_smollm2_int8_ahead
 #   (the old order: drafted ahead 80% of the passes, drafting as long).
-# twenty-sixth (2026-12-07, an H100 for four calls after nine calls that started none): the side-stream probe (a small copy
-#   does not wait behind another stream's large ones), tests_reads, int4 in groups of 16 on CUDA,
+# twenty-sixth (2026-12-07, an H100 for four calls after nine calls that started none): the side-stream probe (a
+#   small copy does not wait behind another stream's large ones), tests_reads, int4 in groups of 16 on CUDA,
 #   spec_smollm2_int8_ahead (inputs sent first lost: removed), tests_spec, load13b_ab, spec_smollm2_int8_trace,
 #   tests_gguf_moe (the experts' sm_90 compile tests failed after that session's int4 change: fixed after the
 #   device time was spent, not yet run there). Owed now:

@@ -291,6 +291,17 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 p.normal_(1.0, 0.1)
 
 
+def edit_config(raw: dict, changes: dict, drop=None) -> dict:
+    """``raw`` (a config.json's dict) with ``changes``: a value that is ``drop`` deletes its key."""
+    raw = dict(raw)
+    for key, value in changes.items():
+        if value is drop:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    return raw
+
+
 def rewrite_config(directory: Path, convention: str) -> dict:
     """Rewrite ``config.json`` in the transformers 4.x (``rope_theta`` + ``rope_scaling``) or 5.x
     (``rope_parameters``) convention; returns the written dict. Gemma 3's ``rope_parameters`` hold one entry

@@ -13,16 +13,12 @@ import offload
 from offload.cli import main
 from offload.errors import ConfigError
 
+from conftest import edit_config
 from hostile import DROP, refused
 
 
 def _config_dir(tmp_path: Path, tiny: Path, **changes) -> Path:
-    raw = json.loads((tiny / "config.json").read_text())
-    for key, value in changes.items():
-        if value is DROP:
-            raw.pop(key, None)
-        else:
-            raw[key] = value
+    raw = edit_config(json.loads((tiny / "config.json").read_text()), changes, drop=DROP)
     directory = tmp_path / "model"
     directory.mkdir(exist_ok=True)
     (directory / "config.json").write_text(json.dumps(raw))

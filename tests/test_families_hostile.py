@@ -18,7 +18,7 @@ import offload
 from offload.errors import ConfigError, OffloadWarning
 from offload.models.config import config_from_dict
 
-from conftest import _ARCH, randomize_
+from conftest import _ARCH, edit_config, randomize_
 
 ATOL = 1e-4
 _BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -41,12 +41,7 @@ def _checkpoint(directory, arch: str, edits: dict, **config):
     model = model_class(config_class(**{**_BASE, **config})).float()
     randomize_(model, 0)
     model.save_pretrained(directory)
-    raw = json.loads((directory / "config.json").read_text())
-    for key, value in edits.items():
-        if value is None:
-            raw.pop(key, None)
-        else:
-            raw[key] = value
+    raw = edit_config(json.loads((directory / "config.json").read_text()), edits)
     (directory / "config.json").write_text(json.dumps(raw))
     return directory
 

@@ -18,7 +18,7 @@ import offload
 from offload.errors import OffloadWarning
 from offload.models.config import load_config
 
-from conftest import CONVENTIONS
+from conftest import CONVENTIONS, edit_config
 
 ATOL = 1e-4
 MAX_SEQ = 64
@@ -212,12 +212,7 @@ def test_chunked_prefill_matches_transformers(checkpoint_factory, key):
 def _variant(src, dst, **changes):
     """A copy of checkpoint ``src`` whose config.json has ``changes`` (None deletes a key)."""
     shutil.copytree(src, dst)
-    raw = json.loads((dst / "config.json").read_text())
-    for k, v in changes.items():
-        if v is None:
-            raw.pop(k, None)
-        else:
-            raw[k] = v
+    raw = edit_config(json.loads((dst / "config.json").read_text()), changes)
     (dst / "config.json").write_text(json.dumps(raw))
     return dst
 

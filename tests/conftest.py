@@ -112,6 +112,22 @@ def load_script(path: str):
     return module
 
 
+def compile_for_hopper(script: str, *args) -> str:
+    """What ``script`` prints (a kernel's PTX, or counts from it) when run with ``args`` in a process of its own
+    without Triton's interpreter: Triton's CUDA backend compiles for sm_90 with no GPU. The repository leads the
+    process's path; the rest of ours follows (another Triton may be tried first: ``PYTHONPATH=/other/triton``)."""
+    import subprocess
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent.parent),
+                                                    env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
 def graphs_a_bucket(model) -> int:
     """The graphs a bucket of ``model``'s captures: one a pass where the pass is captured whole
     (``graphs.WHOLE_PASS``), else one a segment."""

@@ -19,7 +19,7 @@ from offload.models import expert_kernels, kernels
 from offload.models.quant import FUSED, QuantizedWeight, QuantScheme, dequantize, quantize
 from offload.models.shapes import shape_config
 
-from conftest import graphs_a_bucket, with_graphs
+from conftest import compile_for_hopper, graphs_a_bucket, with_graphs
 from test_tensor_parallel import assert_tp_equals_one
 from test_moe import ATOL, MODELS, NEW, PROMPT, _BASE, _ids, _steps, _streamed, record_copies
 
@@ -325,20 +325,9 @@ def test_the_kernels_compile_for_hopper_with_pipelined_weight_loads(fmt, group, 
     """Compiled for sm_90 here (Triton's CUDA backend needs no GPU to compile; in a process of its own, without
     the interpreter): the weight tiles are copied 16 bytes at a time, asynchronously, never loaded a byte or two
     at a time (which addresses made from a table allow only where the kernels say they are 16-byte aligned)."""
-    import os
     import re
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    args = [str(a) for a in (fmt, group, rows, scales)]
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, *args], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ptx = proc.stdout
+    ptx = compile_for_hopper(_COMPILE_FOR_HOPPER, fmt, group, rows, scales)
     assert re.search(r"cp\.async\.c[ag]\.shared\.global", ptx)
     assert not re.search(r"ld\.global\S*evict_first\S*\.b(8|16)\b", ptx)  # the weights' loads are evict_first
     assert re.search(r"atom\S*\.add\.u64", ptx)  # the counts

@@ -14,6 +14,8 @@ from offload.errors import OffloadWarning
 from offload.models import kernels, ops
 from offload.models.chunks import DecodeChunk, Rope
 
+from conftest import compile_for_hopper
+
 needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None,
                                   reason="needs a CUDA GPU with Triton")
 
@@ -539,20 +541,10 @@ def test_the_last_programs_sums_compile_for_hopper(kernel):
     """Decode attention and the compressed product of a few rows, compiled for sm_90 here (no GPU needed): with
     ``LAST_SUMS`` one acquire-release atomic a program and the partial results read past the SM's own cache;
     without, neither."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     counts = {}
     for sums in ("last", "kernel"):
-        proc = subprocess.run([sys.executable, "-c", _COMPILE_LAST_SUMS_FOR_HOPPER, kernel, sums], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        counts[sums] = [int(n) for n in proc.stdout.split()]
+        out = compile_for_hopper(_COMPILE_LAST_SUMS_FOR_HOPPER, kernel, sums)
+        counts[sums] = [int(n) for n in out.split()]
     assert counts["last"][0] == 1 and counts["last"][1] > 0 and counts["kernel"] == [0, 0]
 
 

@@ -198,13 +198,15 @@ if triton is not None:
             return _part(block, offset, dtype)
 
     @triton.jit
-    def _two_groups(values, first, groups, n_ok, BLOCK_N: tl.constexpr):
-        """The scales (or minimums) ``values`` (pointers ``[1, BLOCK_N]``) of groups ``first`` and ``first + 1``
-        (of ``groups``) of int4 in groups of 16, one for each of a column step's 16 bytes ``[16, BLOCK_N]``: two
-        loads a row, not sixteen."""
-        g = tl.arange(0, 2)[:, None]
-        two = tl.load(values + first + g, mask=(first + g < groups) & n_ok[None, :], other=0.0).to(tl.float32)
-        return tl.reshape(tl.broadcast_to(tl.reshape(two, [2, 1, BLOCK_N]), [2, 8, BLOCK_N]), [16, BLOCK_N])
+    def _two_groups(values, first, groups, n_ok):
+        """The scales (or minimums) ``values`` (pointers ``[BLOCK_N]``) of groups ``first`` and ``first + 1`` (of
+        ``groups``) of int4 in groups of 16, one for each of a column step's 16 bytes ``[16, BLOCK_N]``: a load a
+        group, as one group's (a load of both as ``[2, BLOCK_N]`` was repeated for each copy of the layout). Where
+        a last step holds one group, the second is the row's last again: its weights and x are masked to 0, and the
+        group after it would be the next row's, or past the last row."""
+        one = tl.load(values + first, mask=n_ok, other=0.0).to(tl.float32)
+        two = tl.load(values + tl.minimum(first + 1, groups - 1), mask=n_ok, other=0.0).to(tl.float32)
+        return tl.where(tl.arange(0, 16)[:, None] < 8, one[None, :], two[None, :])
 
     @triton.jit
     def _product(x_rows, m_ok, block, DATA, SCALE, MINIMUM, n, n_ok, K, FORMAT: tl.constexpr, GROUP: tl.constexpr,
@@ -233,8 +235,8 @@ if triton is not None:
                     minimum = tl.load(minimums + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 else:  # two a row, each byte given its group's (a last step may hold one group of 16)
                     inside, x_ok = (k0 + low < K)[:, None] & n_ok[None, :], m_ok[:, None] & (k0 + low < K)[None, :]
-                    scale = _two_groups(scales[None, :], k0 // GROUP, K // GROUP, n_ok, BLOCK_N)
-                    minimum = _two_groups(minimums[None, :], k0 // GROUP, K // GROUP, n_ok, BLOCK_N)
+                    scale = _two_groups(scales, k0 // GROUP, K // GROUP, n_ok)
+                    minimum = _two_groups(minimums, k0 // GROUP, K // GROUP, n_ok)
                 b = tl.load(data + n[None, :] * (K // 2) + (k0 // 2 + j)[:, None], mask=inside, other=0,
                             eviction_policy="evict_first").to(tl.int32)
                 lo = (_to_float(b & 15) * scale + minimum).to(dtype)

@@ -1281,9 +1281,9 @@ def test_a_q4_k_m_file_loads_kept_compressed_and_streams_bitwise(tmp_path):
         needs = resident.plan.needs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OffloadWarning)
-        streamed = offload.load_model(path, gpu_memory=needs.gpu_budget_streaming(2), cpu_memory="1GiB", **kw)
+        streamed = offload.load_model(path, gpu_memory=needs.gpu_budget_streaming(1), cpu_memory="1GiB", **kw)
     with streamed:
-        assert streamed.plan.placement.count("host") == 2
+        assert streamed.plan.placement.count("host") == 3
         assert torch.equal(streamed(ids), logits)
         assert torch.equal(streamed.generate(ids, max_new_tokens=6, ignore_eos=True), tokens)
 
@@ -1320,9 +1320,9 @@ def test_a_file_of_two_three_and_five_bit_types_loads_kept_compressed(tmp_path):
         logits = kept(ids)  # on the GPU where there is one: its kernels against the CPU's dense products
         torch.testing.assert_close(logits.cpu(), dense(ids), rtol=2e-3, atol=2e-3)  # K-quant scales in float16
         needs = kept.plan.needs
-        with offload.load_model(path, quantize="stored", gpu_memory=needs.gpu_budget_streaming(2), cpu_memory="1GiB",
+        with offload.load_model(path, quantize="stored", gpu_memory=needs.gpu_budget_streaming(1), cpu_memory="1GiB",
                                 **kw) as streamed:
-            assert streamed.plan.placement.count("host") == 2
+            assert streamed.plan.placement.count("host") == 3
             assert torch.equal(streamed(ids), logits)
 
 

@@ -483,8 +483,8 @@ def test_expert_widths_that_tp_cannot_split_are_refused(field):
 
 def test_a_streaming_budget_holds_the_expert_cache():
     """``gpu_budget_streaming(0)`` of a mixture of experts: every layer and every expert streams, through the
-    ring's slots and the expert cache."""
-    shape = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 2}
+    ring's slots and the expert cache (three layers: two would fit where their two slots do)."""
+    shape = shape_config("qwen3-30b-a3b") | {"num_hidden_layers": 3}
     kw = dict(dtype=torch.float32, max_seq_len=64, max_batch=2, cpu_memory="64GiB")
     needs = offload.plan_model(shape, **kw).needs
     with warnings.catch_warnings():

@@ -46,6 +46,17 @@ def test_layers_that_do_not_fit_go_to_the_host_spread_between_resident_ones():
     assert p.predicted_step_seconds == pytest.approx(30 * GB / BW["host"])
 
 
+def test_layers_that_all_fit_without_slots_stay_resident():
+    """A budget of every layer but not the embedding: the embedding goes to the host and no layer streams (38
+    resident and 2 through 2 slots would take the same bytes and copy 2 GB a step); a byte less and 3 stream."""
+    need = needs(embedding_bytes=GB // 2)
+    p = plan(need, gpu=need.fixed_bytes + 40 * GB)
+    assert p.embedding_on_host and p.placement == ["resident"] * 40 and p.slots == {}
+    assert p.predicted_step_seconds < 40 * GB / BW["hbm"] + GB / BW["host"]
+    short = plan(need, gpu=need.fixed_bytes + 40 * GB - 1)
+    assert short.placement.count("host") == 3 and short.slots == {"host": 2}
+
+
 def test_kv_reservation_takes_the_place_of_layers():
     small, large = needs(kv=GB), needs(kv=5 * GB)
     budget = small.fixed_bytes + 20 * GB

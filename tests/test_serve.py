@@ -751,8 +751,8 @@ def test_speculative_decoding_serves_the_same_tokens_and_counts_them(structured)
     bandwidth = {"host": 1e9, "hbm": 1e11, "matmul": 1e15}
     kw = dict(dtype="float32", link_bandwidth=bandwidth)
     needs = offload.plan_model(structured, max_batch=4, max_seq_len=SEQ, draft="ngram", **kw).needs
-    server, s = start_server(structured, 4, 8, draft="ngram", cpu_memory="1GiB",
-                             gpu_memory=needs.gpu_budget_streaming(0), **kw)
+    server, s = start_server(structured, 4, 8, draft="ngram", cpu_memory="1GiB", slots=1,
+                             gpu_memory=needs.gpu_budget_streaming(0, slots=1), **kw)
     reference = load(structured, 4, **kw)
     try:
         assert s.service.loop.model.draft is not None and "host" in s.service.loop.model.plan.placement

@@ -23,9 +23,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def streaming_budget(path, **kw) -> int:
-    """A GPU budget under which the target streams every layer from the host (beside its draft, if any)."""
+    """A GPU budget under which the target streams every layer from the host through one slot (beside its draft, if
+    any): the structured model's two layers would fit where two slots do."""
     kw = {k: v for k, v in {**KW, **kw}.items() if k != "progress"}
-    return offload.plan_model(path, **kw).needs.gpu_budget_streaming(0)
+    return offload.plan_model(path, **kw).needs.gpu_budget_streaming(0, slots=1)
 
 
 def load(path, draft=None, draft_path=None, **kw):
@@ -38,7 +39,7 @@ def load(path, draft=None, draft_path=None, **kw):
     if draft == "model":
         draft = str(draft_path)
     if draft is not None and draft not in ("int4", "int8"):
-        kw.update(cpu_memory="1GiB", gpu_memory=streaming_budget(path, draft=draft, **kw))
+        kw.update(cpu_memory="1GiB", slots=1, gpu_memory=streaming_budget(path, draft=draft, **kw))
     model = offload.load_model(path, draft=draft, **kw)
     assert draft is None or model.draft is not None, model.plan
     return model

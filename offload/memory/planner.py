@@ -11,7 +11,9 @@ a decode step,
 The compute device keeps everything that must live there (non-layer tensors, KV
 cache, activations, and for each streaming link the ring of slots its blocks are
 copied into, each slot as large as the link's largest block) and then as many
-blocks as fit. The rest are spread over the peers and the host so that the links
+blocks as fit; where every block fits without the slots (the embedding moved to
+the host, say), none streams: two blocks through two slots would take the room
+of the two blocks. The rest are spread over the peers and the host so that the links
 finish together, and are interleaved with the resident blocks in pass order, so
 every link keeps copying while resident blocks compute. Blocks may differ in
 size; where they do, the planner counts every block as large as the largest
@@ -333,8 +335,8 @@ def make_plan(
     kept_bytes = list(accumulate(sorted(needs.blocks, reverse=True)))  # the j + 1 largest blocks' bytes
     link_budget = Budget(gpu, host, budget.peer_memory)
     reserved = k * max(sum(1 for c in _capacity(block, link_budget).values() if c), 1)
-    if gpu - needs.fixed_bytes - reserved * block < 0 <= gpu - needs.fixed_bytes - kept_bytes[-1]:
-        reserved = 0  # the ring's slots do not fit, every block does (beside the expert cache): none streams
+    if gpu - needs.fixed_bytes >= kept_bytes[-1]:
+        reserved = 0  # every block fits (beside the embedding's or the expert cache's room): none streams
     for _ in range(4):  # each link's ring needs min(k, its blocks) slots: refine the reservation
         room = gpu - needs.fixed_bytes - reserved * block
         if room < 0:

@@ -16,7 +16,8 @@ load   ``offload.load_model`` under the budget: the plan (links measured beforeh
        every tier allocated (pinned host memory included), each tensor read into its
        place and, where the file's format is not the model's, converted.
 
-With ``--against-map`` the load is timed again the ways loads read before: on a GPU with the pieces
+With ``--against-map`` the load is timed again the ways loads read before: each range read by one
+thread (``checkpoint.READ_THREADS`` 1: the default; OFFLOAD_READ_THREADS=4 times four); on a GPU with the pieces
 on their way to it staged in one pageable buffer, each copy waited for (before 2026-12-07; now two
 pinned buffers in turn where the host budget has room: ``FileReads.allow_pinned`` off), and each
 tensor copied out of the file's memory map (before 2026-12-06: ``CheckpointSource._read_rows`` off).
@@ -55,6 +56,7 @@ import torch  # noqa: E402
 import offload  # noqa: E402
 from offload.cli import Parser, report_bad_input  # noqa: E402
 from offload.gguf.convert import QK_K  # noqa: E402
+from offload.models import checkpoint  # noqa: E402
 from offload.models.checkpoint import CheckpointSource, FileReads  # noqa: E402
 from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 
@@ -201,6 +203,7 @@ def write_gguf_file(out: Path, config: dict) -> Path:
 
 LOADS = {  # the ways a load may read, timed with --against-map: the patches that make each
     "load": (),
+    "one_reader_load": ((checkpoint, "READ_THREADS", 1),),  # one read at a time (the default: OFFLOAD_READ_THREADS)
     "pageable_load": ((FileReads, "allow_pinned", lambda *a: None),),  # one pageable buffer, each copy waited for
     "map_load": ((CheckpointSource, "_read_rows", lambda *a: False),),  # copied from the memory map
 }
@@ -291,7 +294,9 @@ def run(args) -> int:
     rounds = f" (medians of {len(result['rounds'])} rounds)" if len(result["rounds"]) > 1 else ""
     print(f"\n{path}: {result['files']} file(s), {result['bytes'] / 1e9:.2f} GB, read from the {source}{rounds}")
     print(f"  read  {result['read_s']:8.2f} s  {result['read_gb_s']:6.2f} GB/s")
-    for way, label in (("load", "load"), ("pageable_load", "load, staged in pageable memory (as before)"),
+    for way, label in (("load", f"load, {checkpoint.READ_THREADS} reads at a time"),
+                       ("one_reader_load", "load, one read at a time (as before)"),
+                       ("pageable_load", "load, staged in pageable memory (as before)"),
                        ("map_load", "load, copied from the memory map (as before)")):
         if f"{way}_s" in result:
             print(f"  {label}  {result[f'{way}_s']:8.2f} s  {result['bytes'] / result[f'{way}_s'] / 1e9:6.2f} GB/s: "

@@ -100,8 +100,9 @@
 #                  the default) and not (0): how often the verdict was guessed, and what a pass spends drafting
 #                  (#22: its 4x needs drafting hidden behind the pass)
 #   load13b_ab     llama-2-13b saved in int4 (written first), loaded from disk at 4 GiB with read() through pinned
-#                  buffers (the default), staged in pageable memory (before the twenty-fifth session) and copied from
-#                  the memory map (before the twentieth): bench_load.py --against-map, three rounds in turned orders
+#                  buffers four reads at a time (OFFLOAD_READ_THREADS=4), one at a time (the default), staged in
+#                  pageable memory (before the twenty-fifth session) and copied from the memory map (before the
+#                  twentieth): bench_load.py --against-map, three rounds in turned orders
 #   load13b_profile  load13b_ab, then a third load under cProfile: where a load from read() spends what the
 #                  memory map's does not (0.64 against 0.78 of reading on an H100, 2026-12-07)
 #   tests_reads    checkpoints read with read() (through a reused buffer to the GPU): GGUF bytes on CUDA, the
@@ -382,8 +383,8 @@ run_stage() {
         python3 benchmarks/bench_load.py --write int4 --shape llama-2-13b --out /tmp/13b-int4 --gpu-memory 4GiB \
             --cpu-memory 16GiB --against-map --profile 30 --json "$0/load13b_profile.json"' "$OUT" ;;
     load13b_ab) stage load13b_ab bash -c 'set -e; trap "rm -rf /tmp/13b-int4" EXIT
-        python3 benchmarks/bench_load.py --write int4 --shape llama-2-13b --out /tmp/13b-int4 --gpu-memory 4GiB \
-            --cpu-memory 16GiB --against-map --rounds 3 --json "$0/load13b_ab.json"' "$OUT" ;;
+        OFFLOAD_READ_THREADS=4 python3 benchmarks/bench_load.py --write int4 --shape llama-2-13b --out /tmp/13b-int4 \
+            --gpu-memory 4GiB --cpu-memory 16GiB --against-map --rounds 3 --json "$0/load13b_ab.json"' "$OUT" ;;
     tests_reads) stage tests_reads python3 -m pytest -s -q -p no:cacheprovider tests/test_gguf.py tests/test_gpu.py \
       tests/test_checkpoint_reads.py \
       -k "sent_to_a_gpu or transformers or offloaded_equals_resident or stay_in_budget or reading_rows" ;;

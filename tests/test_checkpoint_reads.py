@@ -56,11 +56,17 @@ CASES = [  # name, shard, dtype of the destination, rows of the destination (pad
 ]
 
 
+READS = [(8 << 20, 4), (24, 3), (24, 1)]  # (READ_PIECE, READ_THREADS): 24 bytes, a range in pieces read at once
+
+
 @pytest.mark.parametrize("name, shard, dtype, rows", CASES)
 @pytest.mark.parametrize("staging", [64 << 20, 40])  # 40 bytes: a row or a few at a time
+@pytest.mark.parametrize("piece, threads", READS)
 def test_reading_rows_from_the_file_equals_cutting_the_memory_map(source, monkeypatch, name, shard, dtype, rows,
-                                                                   staging):
+                                                                   staging, piece, threads):
     monkeypatch.setattr(checkpoint, "STAGING", staging)
+    monkeypatch.setattr(checkpoint, "READ_PIECE", piece)
+    monkeypatch.setattr(checkpoint, "READ_THREADS", threads)
     s = spec(name, shard, dtype, rows)
     out = torch.full(s.shape, 7, dtype=s.dtype)  # padding rows must come out zero, not 7
     source.read(s, name, out)
@@ -77,7 +83,10 @@ def test_a_piece_of_columns_is_cut_from_the_memory_map(source):
     assert torch.equal(out, TENSORS["wide"][:, 100:250])
 
 
-def test_a_file_cut_short_is_a_checkpoint_error(source, tmp_path):
+@pytest.mark.parametrize("piece, threads", READS)
+def test_a_file_cut_short_is_a_checkpoint_error(source, tmp_path, monkeypatch, piece, threads):
+    monkeypatch.setattr(checkpoint, "READ_PIECE", piece)
+    monkeypatch.setattr(checkpoint, "READ_THREADS", threads)
     entry = source._entry("wide")
     with open(tmp_path / "model.safetensors", "r+b") as f:  # safe_open checked the size already: cut it after
         f.truncate(entry.start + 100)

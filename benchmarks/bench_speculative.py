@@ -39,6 +39,7 @@ Bad input prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -229,6 +230,7 @@ def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: d
     captured, prices = captures(model), model.speculation_prices
     before = (prices.passes, prices.drafting_seconds, prices.verifying_seconds)
     guessed = list(getattr(model.draft, "guessed", (0, 0)))
+    counted = dataclasses.replace(model.draft.steps) if hasattr(model.draft, "steps") else None
     tokens, seconds, decoded, passes, row_passes, drafted, accepted = [], 0.0, 0, 0, 0, 0, 0
     for prompt in prompts:
         r = model.generate([prompt], max_new_tokens=max_new, ignore_eos=True, return_result=True, **sampling)
@@ -244,6 +246,7 @@ def run_draft(model_path: Path, draft: str, prompts: list[list[int]], options: d
                                      for name in ("verify", "draft_step")},  # measured on a GPU only
                **split_of_a_pass(prices, before),
                drafted_ahead=[a - b for a, b in zip(getattr(model.draft, "guessed", (0, 0)), guessed)],
+               draft_steps_a_pass=steps_a_pass(model.draft.steps, counted, passes) if counted else None,
                draft_step=draft_step_times(model.draft.model, len(prompts[0]), DRAFT_STEPS)
                if hasattr(model.draft, "model") and model.device.type == "cuda" else None)
     if profile and hasattr(model.draft, "model"):
@@ -318,6 +321,13 @@ def profile_passes(model, prompt: list[int], max_new: int, sampling: dict, trace
         out["kernels"] = [dict(name=e.key[:70], count_a_pass=e.count / passes,
                                us_a_pass=e.self_device_time_total / passes) for e in kernels[:25]]
     return out
+
+
+def steps_a_pass(now, before, passes: int) -> dict:
+    """A model draft's chain steps (``drafts.StepCounts``) since ``before``, a pass."""
+    passes = max(passes, 1)
+    return dict(ahead=(now.ahead - before.ahead) / passes, served=(now.served - before.served) / passes,
+                after=(now.after - before.after) / passes, waited_ms=1e3 * (now.waited - before.waited) / passes)
 
 
 def trace_file(trace: str | None, index: int, drafts: int) -> str | None:
@@ -483,6 +493,11 @@ def run(args) -> int:
                 print(f"  a pass of {d['draft']}: {d['ms_drafting']:.2f} ms drafting, {d['ms_verifying']:.2f} ms "
                       "verifying (the host's wall time, mean of the timed passes)"
                       + (f"; drafted ahead for {hits} of {tries} passes (the verdicts guessed)" if tries else ""))
+            if d.get("draft_steps_a_pass"):
+                c = d["draft_steps_a_pass"]
+                print(f"  the draft's chain steps a pass: {c['ahead']:.2f} queued beside the target's pass, "
+                      f"{c['served']:.2f} of them used, {c['after']:.2f} after its verdict; the host waited "
+                      f"{c['waited_ms']:.2f} ms a pass for the side stream's chains")
             if d.get("draft_step"):
                 s = d["draft_step"]
                 print(f"  a step of the draft {d['draft']}: its kernels {s['kernels_ms']:.3f} ms, wall "

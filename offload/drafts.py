@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -202,6 +203,7 @@ class ModelDraft:
         self.ahead_from, self.ahead_taken = None, 0  # when the side stream began (a CUDA event), and its steps
         self.stream = None  # the side stream that drafts ahead (CUDA)
         self.guessed = [0, 0]  # passes whose chains were drafted ahead, of the passes after drafting ahead
+        self.steps = StepCounts()  # where a greedy chain's steps were drafted: beside the pass, or after it
         self.ahead_steps = AHEAD_FIRST  # steps the side stream takes: as many as the target's pass leaves time for
 
     @property
@@ -240,6 +242,7 @@ class ModelDraft:
                                            prompt=any(valid[b] == 0 for b in drafting))
         if tree:
             return self._grow_trees(rows, budgets, nodes, contexts, logits, caught_up)
+        self.steps.after += steps  # (the catch-up drafts the first)
         if chain is not None:  # the first draft from the catch-up's logits, the rest replayed
             first = logits.argmax(dim=-1)
             positions = [len(contexts[b]) if b in contexts else None for b in range(len(rows))]
@@ -270,6 +273,7 @@ class ModelDraft:
         graphs: the first step adds that token to the draft's cache (the catch-up) and drafts the first token."""
         first = to_device([t[0] if t else 0 for t in unseen], torch.long, self.model.device)
         positions = [len(contexts[b]) - 1 if b in contexts else None for b in range(len(rows))]
+        self.steps.after += steps
         drafted, likeliest, chances = chain.run(first, positions, steps, MAX_BRANCHES)
         self.depth = steps
         return self._chain_proposal(rows, budgets, contexts, drafted.tolist(), likeliest.tolist(), None, steps, 1,
@@ -309,6 +313,7 @@ class ModelDraft:
         self.ahead_steps = min(self.ahead_steps, deepest + 1)
         steps = min(self.ahead_steps, self.model.max_seq_len - max(p for p in positions if p is not None))
         device = self.model.device
+        self.steps.ahead += steps
         with self._side_stream():
             self.ahead_from, self.ahead_taken = _cuda_event(device, timing=True), steps
             for b, row, length, spares, end in copies:
@@ -385,7 +390,9 @@ class ModelDraft:
         """For each row whose new tokens start one of its guesses (its accepted drafts, the token guessed after them,
         and as many of the guess's chain as a tree's pass accepted): the drafts that follow in the guess's chain,
         their likeliest tokens and chances, and the span of the guess's spare row to copy into the row (None)."""
+        waiting = time.perf_counter()
         chosen, likeliest, chances = (t.tolist() for t in self.ahead_chains)
+        self.steps.waited += time.perf_counter() - waiting
         served = {}
         for row in rows:
             guesses = ahead.get(row)
@@ -415,7 +422,9 @@ class ModelDraft:
             if move is not None:  # the spare row's steps from the target's token on move into the row
                 self.model.cache.copy_rows(slice(b, b + 1), *move)
         more = max(budgets[b] - len(drafted[b]) for b in drafting)
+        self.steps.served += min(min(len(drafted[b]), budgets[b]) for b in drafting)
         if more > 0:  # deeper than drafted ahead: the chains go on from their last drafts
+            self.steps.after += more
             positions = [len(contexts[b]) + len(drafted[b]) - 1 if b in contexts and len(drafted[b]) < budgets[b]
                          else None for b in range(len(rows))]
             last = to_device([drafted[b][-1] if b in contexts else 0 for b in range(len(rows))], torch.long,
@@ -601,6 +610,19 @@ def _cuda_event(device: torch.device, timing: bool = False):
     event = torch.cuda.Event(enable_timing=timing)
     event.record()
     return event
+
+
+@dataclass
+class StepCounts:
+    """Where a model draft's chains' steps ran (not trees'), summed over passes: greedy chains' queued on the side
+    stream beside the target's pass (``ahead``), of those the ones a pass used (``served``), and steps drafted after
+    the target's verdict (``after``: the host waits for them), with the host's seconds waiting for the side stream's
+    chains (``waited``). Where a pass's drafting goes without a profiler (which slows the host)."""
+
+    ahead: int = 0
+    served: int = 0
+    after: int = 0
+    waited: float = 0.0
 
 
 @dataclass

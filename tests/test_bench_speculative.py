@@ -33,8 +33,11 @@ def test_quick_times_passes_and_runs_every_draft(structured, tmp_path):
     assert len(data["forecast"]) == 10 and all(f["tokens_per_s"] > 0 for f in data["forecast"])
     assert [d["draft"] for d in data["drafts"]] == ["none", "ngram", "int4", "int4@4"]
     assert all(d["identical"] for d in data["drafts"])
-    ngram, tree = data["drafts"][1], data["drafts"][3]
+    ngram, int4, tree = data["drafts"][1:]
     assert ngram["tokens_per_pass"] > 1 and 0 < ngram["acceptance"] <= 1
+    assert ngram["draft_steps_a_pass"] is None  # no model: no steps
+    steps = int4["draft_steps_a_pass"]  # a CPU drafts nothing ahead (no graphs): every step after the verdict
+    assert steps["ahead"] == steps["served"] == 0 and steps["after"] >= 1
     assert tree["used"] and tree["tokens_per_pass"] > 1  # the int4 draft's trees, four tokens a depth
 
 

@@ -167,4 +167,6 @@ def test_a_draft_that_is_its_target_drafting_ahead_guesses_every_verdict(structu
     assert [p + t for p, t in zip(batch, got.tokens)] == plain.generate(batch, max_new_tokens=[30, 21], ignore_eos=True)
     hits, tries = model.draft.guessed
     assert got.accepted_tokens == got.drafted_tokens and hits == tries > 0
+    steps = model.draft.steps  # where the chains' steps ran: each pass but a row's first used steps queued ahead
+    assert 0 < steps.served <= steps.ahead and steps.after > 0 and steps.waited >= 0
     model.close()

@@ -12,6 +12,7 @@ import random
 import re
 import warnings
 from collections import OrderedDict
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ import transformers
 
 import offload
 from offload.errors import OffloadWarning, PlanError
+from offload.memory.budget import Budget
 from offload.memory.experts import RESIDENT, ExpertNeeds, ExpertPlan, place_experts
+from offload.memory.planner import MemoryNeeds, make_plan
 from offload.models.shapes import shape_config
 
 from conftest import _ARCH, with_graphs
@@ -510,3 +513,21 @@ def test_every_layer_stays_where_they_fit_beside_the_expert_cache():
         plan = offload.plan_model(shape, gpu_memory=budget, **kw)
     assert set(plan.layer_map()) == {"R"} and plan.slots == {}
     assert "host" in set(plan.experts.placement) and plan.gpu_bytes <= budget
+
+
+def test_experts_that_do_not_fit_beside_every_layer_take_the_room_a_ring_of_smaller_layers_leaves():
+    """Every layer (a dense 300 B one, five of 100 B) fits beside the expert cache, but the experts, read where
+    they live (host only), do not fit beside them: every layer resident leaves them 320 B of the GPU, and the host
+    takes 50 B of the other 80 B. Three 100 B layers streamed from the peer through two slots of 100 B leave them
+    420 B, every expert resident: the plan streams those layers (within the budget), where it raised a PlanError.
+    With 100 B less neither fits, and the experts' error is the one raised."""
+    experts = ExpertNeeds(nbytes=10, per_layer=(0, 8, 8, 8, 8, 8), top_k=2, direct=True, host_only=True)
+    needs = MemoryNeeds(blocks=(300,) + (100,) * 5, global_bytes=40, kv_bytes=30, activation_bytes=20,
+                        workspace_bytes=10, experts=experts)
+    bandwidth = {"host": 50e9, "hbm": 4000e9, "cuda:1": 400e9}
+    budget = Budget(needs.fixed_bytes + sum(needs.blocks) + 20 + 300, 50, {"cuda:1": 10_000})  # 20: the cache
+    plan = make_plan(needs, budget, bandwidth, "cuda:0")
+    assert plan.placement.count("cuda:1") == 3 and plan.slots == {"cuda:1": 2} and plan.slot_bytes("cuda:1") == 100
+    assert plan.experts.placement.count(RESIDENT) == 40 and plan.gpu_bytes <= budget.gpu_memory
+    with pytest.raises(PlanError, match="routed experts do not fit"):
+        make_plan(needs, replace(budget, gpu_memory=budget.gpu_memory - 100), bandwidth, "cuda:0")

@@ -335,40 +335,55 @@ def make_plan(
     kept_bytes = list(accumulate(sorted(needs.blocks, reverse=True)))  # the j + 1 largest blocks' bytes
     link_budget = Budget(gpu, host, budget.peer_memory)
     reserved = k * max(sum(1 for c in _capacity(block, link_budget).values() if c), 1)
-    if gpu - needs.fixed_bytes >= kept_bytes[-1]:
-        reserved = 0  # every block fits (beside the embedding's or the expert cache's room): none streams
-    for _ in range(4):  # each link's ring needs min(k, its blocks) slots: refine the reservation
-        room = gpu - needs.fixed_bytes - reserved * block
-        if room < 0:
-            cached = f" + the expert cache {format_size(cache)}" if cache else ""
-            raise PlanError(
-                f"the budget of {where} ({format_size(budget.gpu_memory)}) cannot hold "
-                f"{_fixed_parts(needs, on_gpu)}{cached} plus {reserved} slot(s) of {format_size(block)} for "
-                f"streamed blocks (= {format_size(needs.fixed_bytes + on_gpu + cache + reserved * block)}); "
-                "raise --gpu-memory"
-            )
-        resident = bisect_right(kept_bytes, room)  # < n: the model does not fit
-        streamed = _share_links(n - resident, block, link_budget, bandwidth)
-        if sum(streamed.values()) < n - resident:
-            missing = n - resident - sum(streamed.values())
-            held = ", ".join(f"{t} {c}" for t, c in {RESIDENT: resident, **streamed}.items())
-            raise PlanError(
-                f"the model does not fit{title}: {_layers(needs)}; the budgets hold {held} layers, leaving "
-                f"{missing} layer(s) ({format_size(missing * block)}) with nowhere to go; raise --cpu-memory or "
-                "add --peer-memory"
-            )
-        ring_slots = {tier: min(k, count) for tier, count in streamed.items()}
-        if sum(ring_slots.values()) == reserved:
-            break
-        reserved = sum(ring_slots.values())
-    result = plan(_interleave({RESIDENT: resident, **streamed}), ring_slots, on_host)
-    if experts:
-        room = {HOST: host - result.bytes_on(HOST), **{p: b - result.bytes_on(p) for p, b in budget.peer_memory.items()}}
-        placed = place_experts(experts, budget.gpu_memory - result.gpu_bytes, room, bandwidth, needs.max_batch)
-        if isinstance(placed, str):
-            raise PlanError(f"the routed experts do not fit{title}: {placed}; raise --gpu-memory / --cpu-memory or "
-                            "add --peer-memory")
-        result.experts = placed
+
+    def place(reserved: int) -> Plan:
+        """The blocks placed with ``reserved`` slots' room first kept free (refined to what the links' rings
+        need), then the routed experts in the room left."""
+        for _ in range(4):  # each link's ring needs min(k, its blocks) slots: refine the reservation
+            room = gpu - needs.fixed_bytes - reserved * block
+            if room < 0:
+                cached = f" + the expert cache {format_size(cache)}" if cache else ""
+                raise PlanError(
+                    f"the budget of {where} ({format_size(budget.gpu_memory)}) cannot hold "
+                    f"{_fixed_parts(needs, on_gpu)}{cached} plus {reserved} slot(s) of {format_size(block)} for "
+                    f"streamed blocks (= {format_size(needs.fixed_bytes + on_gpu + cache + reserved * block)}); "
+                    "raise --gpu-memory"
+                )
+            resident = bisect_right(kept_bytes, room)  # < n: the model does not fit
+            streamed = _share_links(n - resident, block, link_budget, bandwidth)
+            if sum(streamed.values()) < n - resident:
+                missing = n - resident - sum(streamed.values())
+                held = ", ".join(f"{t} {c}" for t, c in {RESIDENT: resident, **streamed}.items())
+                raise PlanError(
+                    f"the model does not fit{title}: {_layers(needs)}; the budgets hold {held} layers, leaving "
+                    f"{missing} layer(s) ({format_size(missing * block)}) with nowhere to go; raise --cpu-memory or "
+                    "add --peer-memory"
+                )
+            ring_slots = {tier: min(k, count) for tier, count in streamed.items()}
+            if sum(ring_slots.values()) == reserved:
+                break
+            reserved = sum(ring_slots.values())
+        result = plan(_interleave({RESIDENT: resident, **streamed}), ring_slots, on_host)
+        if experts:
+            room = {HOST: host - result.bytes_on(HOST),
+                    **{p: b - result.bytes_on(p) for p, b in budget.peer_memory.items()}}
+            placed = place_experts(experts, budget.gpu_memory - result.gpu_bytes, room, bandwidth, needs.max_batch)
+            if isinstance(placed, str):
+                raise PlanError(f"the routed experts do not fit{title}: {placed}; raise --gpu-memory / --cpu-memory "
+                                "or add --peer-memory")
+            result.experts = placed
+        return result
+
+    all_fit = gpu - needs.fixed_bytes >= kept_bytes[-1]
+    try:  # every block fits (beside the embedding's or the expert cache's room): none streams
+        result = place(0 if all_fit else reserved)
+    except PlanError as error:
+        if not (all_fit and experts):
+            raise
+        try:  # the routed experts do not fit beside every block: blocks streamed through a ring of slots smaller
+            result = place(reserved)  # than them (blocks of different sizes) leave them more of the GPU
+        except PlanError:
+            raise error from None
     for peer in indirect_peers:
         if result.blocks_on(peer):
             result.warnings.append(

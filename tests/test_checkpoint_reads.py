@@ -2,7 +2,10 @@
 reading gives what cutting the memory-mapped tensor gives (``_cut`` + ``copy_piece``, the path kept for column
 shards)."""
 
+import errno
 import functools
+import threading
+import time
 
 import pytest
 import torch
@@ -93,6 +96,30 @@ def test_a_file_cut_short_is_a_checkpoint_error(source, tmp_path, monkeypatch, p
     s = spec("wide")
     with pytest.raises(CheckpointError, match="ends inside tensor 'wide'"):
         source.read(s, "wide", torch.empty(s.shape))
+
+
+def test_a_piece_that_fails_leaves_no_read_running_into_the_destination(source, monkeypatch):
+    """A range read in two pieces by two threads, the first failing (an I/O error) while the second is still being
+    read: the CheckpointError comes once no thread reads into the destination any more (the caller has it back with
+    the error), not while the second piece is still being written into it."""
+    monkeypatch.setattr(checkpoint, "READ_PIECE", 24)
+    monkeypatch.setattr(checkpoint, "READ_THREADS", 2)
+    read, started, finished = checkpoint._read_fully, threading.Barrier(2), []
+
+    def failing_first(fd, buffer, offset):
+        started.wait(timeout=10)  # both pieces under way
+        if offset == entry.start:
+            raise OSError(errno.EIO, "Input/output error")
+        time.sleep(0.3)
+        filled = read(fd, buffer, offset)
+        finished.append(offset)
+        return filled
+
+    monkeypatch.setattr(checkpoint, "_read_fully", failing_first)
+    entry = source._entry("bytes")
+    with pytest.raises(CheckpointError, match="cannot read tensor 'bytes' \\(Input/output error\\)"):
+        source._reads.into(source._file_of["bytes"], entry.start, torch.empty(48, dtype=torch.uint8), "bytes")
+    assert finished == [entry.start + 24]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

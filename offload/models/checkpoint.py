@@ -36,7 +36,7 @@ import math
 import os
 import re
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -406,7 +406,13 @@ class FileReads:
             if len(pieces) > 1 and READ_THREADS > 1 and hasattr(os, "preadv"):
                 if self.pool is None:
                     self.pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="offload-read")
-                filled = list(self.pool.map(lambda piece: _read_fully(fd, *piece), pieces))
+                futures = [self.pool.submit(_read_fully, fd, *piece) for piece in pieces]
+                try:
+                    filled = [future.result() for future in futures]
+                finally:  # after a failure: the pieces not begun are dropped, those begun waited for (none may
+                    for future in futures:  # write into ``out`` once the caller has the error)
+                        future.cancel()
+                    wait(futures)
             else:
                 filled = [_read_fully(fd, *piece) for piece in pieces]
         except OSError as e:

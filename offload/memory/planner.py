@@ -91,7 +91,8 @@ class MemoryNeeds:
     def gpu_budget_streaming(self, resident: int, slots: int = DEFAULT_SLOTS) -> int:
         """The GPU budget under which the plan keeps ``resident`` blocks and streams the others from the host
         through ``slots`` slots (with the embedding, if untied, in host RAM; a mixture of experts' routed experts
-        through the expert cache alone)."""
+        through the expert cache alone). Where ``resident + slots`` blocks would hold every block (of one size),
+        none streams: the plan keeps them all."""
         kept = sum(sorted(self.blocks, reverse=True)[:resident])
         cache = self.experts.cache_slots(self.max_batch) * self.experts.nbytes if self.experts else 0
         return self.fixed_bytes + kept + slots * self.largest_block + cache

@@ -172,11 +172,14 @@
 #   small copy does not wait behind another stream's large ones), tests_reads, int4 in groups of 16 on CUDA,
 #   spec_smollm2_int8_ahead (inputs sent first lost: removed), tests_spec, load13b_ab, spec_smollm2_int8_trace,
 #   tests_gguf_moe (the experts' sm_90 compile tests failed after that session's int4 change: fixed after the
-#   device time was spent, not yet run there). Owed now:
-#   1. tests_int4_16:150                                       the experts' compile tests with the device's Triton,
-#                                                              the tiled product's scale mask (int4 groups of 16)
-#   2. int4_405b:500 (an H200)                                 the moonshot (#20)
-#   3. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300, gguf_moe30b
+#   device time was spent, not yet run there).
+# twenty-seventh (2026-12-07, an H100 for three calls, then eight that started none): tests_int4_16 on Triton 3.6.0
+#   (four faults: fixed, and the compile tests checked against a Triton 3.6.0 wheel on the CPU). Owed now:
+#   1. tests_int4_16:150 tests_reads:150                       the fixes on the GPU; reads with preadv
+#   2. load13b_ab:250                                          four reads at a time against one (#20's 0.8)
+#   3. int4_405b:500 (an H200)                                 the moonshot (#20)
+#   4. spec_smollm2_int8_ahead                                 where drafting goes (the steps' counts, #22)
+#   5. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300, gguf_moe30b
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.

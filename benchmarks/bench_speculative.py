@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 import offload  # noqa: E402
+from offload.memory.planner import DEFAULT_SLOTS  # noqa: E402
 from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 from offload.speculative import expected_tokens  # noqa: E402
 from offload.structured import corpus_of, structured_checkpoint  # noqa: E402
@@ -201,14 +202,16 @@ def tree_of(draft: str) -> tuple[str, int]:
 
 def streaming(source, options: dict) -> dict:
     """``options`` with the least GPU budget under which every layer streams, beside the draft they name (where
-    the plan declines the draft there, the budget without it: the run is plain decoding's, streaming)."""
+    the plan declines the draft there, the budget without it: the run is plain decoding's, streaming); through
+    fewer slots than the layers (a ring as large as the model would hold it: the plan keeps its layers then)."""
     plan = offload.plan_model(source, **dict(options, gpu_memory=None))
+    options = dict(options, slots=max(1, min(options.get("slots") or DEFAULT_SLOTS, len(plan.needs.blocks) - 1)))
     for _ in range(3):  # a GGUF file's layers on a CPU: expanded under a large budget, compressed under a small
-        budget = plan.needs.gpu_budget_streaming(0, **({"slots": options["slots"]} if options.get("slots") else {}))
+        budget = plan.needs.gpu_budget_streaming(0, options["slots"])
         plan = offload.plan_model(source, **dict(options, gpu_memory=budget))
         if options.get("draft") and "declined" in plan.draft:
             alone = streaming(source, dict(options, draft=None, draft_tokens=None, draft_branches=None))
-            return dict(options, gpu_memory=alone["gpu_memory"])
+            return dict(options, gpu_memory=alone["gpu_memory"], slots=alone["slots"])
         if set(plan.layer_map()) == {"H"}:
             break
     return dict(options, gpu_memory=budget)

@@ -173,7 +173,7 @@
 #   spec_smollm2_int8_ahead (inputs sent first lost: removed), tests_spec, load13b_ab, spec_smollm2_int8_trace,
 #   tests_gguf_moe (the experts' sm_90 compile tests failed after that session's int4 change: fixed after the
 #   device time was spent, not yet run there).
-# twenty-seventh (2026-12-07, an H100 for three calls, then eight that started none): tests_int4_16 on Triton 3.6.0
+# twenty-seventh (2026-12-07, an H100 for three calls, then 13 that started none): tests_int4_16 on Triton 3.6.0
 #   (four faults: fixed, and the compile tests checked against a Triton 3.6.0 wheel on the CPU). Owed now:
 #   1. tests_int4_16:150 tests_reads:150                       the fixes on the GPU; reads with preadv
 #   2. load13b_ab:250                                          four reads at a time against one (#20's 0.8)

@@ -16,8 +16,8 @@ load   ``offload.load_model`` under the budget: the plan (links measured beforeh
        every tier allocated (pinned host memory included), each tensor read into its
        place and, where the file's format is not the model's, converted.
 
-With ``--against-map`` the load is timed again the ways loads read before: each range read by one
-thread (``checkpoint.READ_THREADS`` 1: the default; OFFLOAD_READ_THREADS=4 times four); on a GPU with the pieces
+With ``--against-map`` the load is timed again the ways loads read before: where OFFLOAD_READ_THREADS
+has a range read by several threads at once, by one (the default); on a GPU with the pieces
 on their way to it staged in one pageable buffer, each copy waited for (before 2026-12-07; now two
 pinned buffers in turn where the host budget has room: ``FileReads.allow_pinned`` off), and each
 tensor copied out of the file's memory map (before 2026-12-06: ``CheckpointSource._read_rows`` off).
@@ -203,8 +203,9 @@ def write_gguf_file(out: Path, config: dict) -> Path:
 
 LOADS = {  # the ways a load may read, timed with --against-map: the patches that make each
     "load": (),
-    "one_reader_load": ((checkpoint, "READ_THREADS", 1),),  # one read at a time (the default: OFFLOAD_READ_THREADS)
-    "pageable_load": ((FileReads, "allow_pinned", lambda *a: None),),  # one pageable buffer, each copy waited for
+    "one_reader_load": ((checkpoint, "READ_THREADS", 1),),  # one read at a time (where OFFLOAD_READ_THREADS says more)
+    "pageable_load": ((FileReads, "allow_pinned", lambda *a: None),  # one pageable buffer, each copy waited for
+                      (checkpoint, "READ_THREADS", 1)),
     "map_load": ((CheckpointSource, "_read_rows", lambda *a: False),),  # copied from the memory map
 }
 
@@ -223,7 +224,8 @@ def measure(path: Path, options: dict, warm: bool, against_map: bool = False, pr
     cold = not warm and drop_cached(files)
     if not cold:
         read_seconds(files)  # into the page cache
-    ways = [w for w in LOADS if against_map and (w != "pageable_load" or torch.cuda.is_available())] or ["load"]
+    ways = [w for w in LOADS if against_map and (w != "pageable_load" or torch.cuda.is_available())
+            and (w != "one_reader_load" or checkpoint.READ_THREADS > 1)] or ["load"]
     timed, plan = [], ""
     for r in range(rounds):
         times = {"read": read_seconds(files)}
@@ -294,7 +296,8 @@ def run(args) -> int:
     rounds = f" (medians of {len(result['rounds'])} rounds)" if len(result["rounds"]) > 1 else ""
     print(f"\n{path}: {result['files']} file(s), {result['bytes'] / 1e9:.2f} GB, read from the {source}{rounds}")
     print(f"  read  {result['read_s']:8.2f} s  {result['read_gb_s']:6.2f} GB/s")
-    for way, label in (("load", f"load, {checkpoint.READ_THREADS} reads at a time"),
+    for way, label in (("load", "load" if checkpoint.READ_THREADS == 1 else
+                        f"load, {checkpoint.READ_THREADS} reads at a time"),
                        ("one_reader_load", "load, one read at a time (as before)"),
                        ("pageable_load", "load, staged in pageable memory (as before)"),
                        ("map_load", "load, copied from the memory map (as before)")):

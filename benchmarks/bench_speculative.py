@@ -405,13 +405,16 @@ def run(args) -> int:
     dtype = "float32" if quick else args.dtype
     draft_tokens = QUICK_DRAFT_TOKENS if quick and args.draft_tokens is None else args.draft_tokens
     budget = dict(dtype=dtype, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
-                  **({"slots": args.slots} if args.slots else {}))
+                  **({"slots": args.slots} if args.slots else {}), **({"device": "cpu"} if quick else {}))
     # verify passes: the plan reserves batch 8 x the widest pass
     pass_options = dict(max_batch=max(BATCHES), max_seq_len=CONTEXT + max(args.widths) + 1, draft="ngram",
                         draft_tokens=max(max(args.widths) - 1, 1))
-    if quick and args.gpu_memory is None:  # half the layers stream (on a CPU every link is a memcpy)
-        needs = offload.plan_model(source, dtype=dtype, **pass_options).needs
-        budget.update(gpu_memory=needs.gpu_budget_streaming(len(needs.blocks) // 2), cpu_memory="1GiB")
+    if quick and args.gpu_memory is None:  # about half the layers stream (on a CPU every link is a memcpy), through
+        needs = offload.plan_model(source, dtype=dtype, device="cpu", **pass_options).needs  # fewer slots than they
+        n = len(needs.blocks)
+        slots = max(1, min(args.slots or DEFAULT_SLOTS, n - 1))
+        resident = max(0, min(n // 2, n - slots - 1))
+        budget.update(gpu_memory=needs.gpu_budget_streaming(resident, slots), cpu_memory="1GiB", slots=slots)
     if args.gpu_memory == STREAM:
         budget_of_passes = streaming(source, dict(budget, **pass_options))
     else:

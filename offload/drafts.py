@@ -203,7 +203,7 @@ class ModelDraft:
         self.ahead_from, self.ahead_taken = None, 0  # when the side stream began (a CUDA event), and its steps
         self.stream = None  # the side stream that drafts ahead (CUDA)
         self.guessed = [0, 0]  # passes whose chains were drafted ahead, of the passes after drafting ahead
-        self.steps = StepCounts()  # where a greedy chain's steps were drafted: beside the pass, or after it
+        self.steps = StepCounts()  # where a chain's steps were drafted: beside the pass, or after it
         self.ahead_steps = AHEAD_FIRST  # steps the side stream takes: as many as the target's pass leaves time for
 
     @property

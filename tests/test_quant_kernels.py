@@ -449,7 +449,7 @@ def test_the_word_gemv_compiles_for_hopper_to_wide_loads_and_no_conversions(fmt,
 
 
 @pytest.mark.slow
-def test_a_dependent_gemv_reads_nothing_before_it_waits():
+def test_a_dependent_gemv_compiled_for_hopper_reads_nothing_before_it_waits():
     """Launched as a dependent of the kernel before it (``kernels.PDL``), compiled for sm_90 here: the word GEMV
     waits for its inputs (``griddepcontrol.wait``, then lets the next kernel launch) before its first load; at
     level 2 it first asks L2 for its first tile's weights; at level 0 neither."""
@@ -706,7 +706,7 @@ print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_war
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
-def test_the_tensor_core_product_compiles_for_hopper_to_pipelined_loads_and_warpgroup_products(fmt):
+def test_the_tensor_core_product_compiles_for_hopper_to_pipelined_loads_and_tensor_core_products(fmt):
     """Compiled for sm_90 here (no GPU needed), with the fields made by inline PTX: the weights' bytes are copied
     ahead into shared memory (``cp.async``: Triton's pipeline), the products are tensor-core MMAs, and each pair of
     bytes becomes four 16-bit numbers with two ``lop3`` (no conversion instruction)."""

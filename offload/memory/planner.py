@@ -13,7 +13,8 @@ cache, activations, and for each streaming link the ring of slots its blocks are
 copied into, each slot as large as the link's largest block) and then as many
 blocks as fit; where every block fits without the slots (the embedding moved to
 the host, say), none streams: two blocks through two slots would take the room
-of the two blocks. The rest are spread over the peers and the host so that the links
+of the two blocks (unless a mixture of experts' routed experts then do not fit:
+then the plan with the slots). The rest are spread over the peers and the host so that the links
 finish together, and are interleaved with the resident blocks in pass order, so
 every link keeps copying while resident blocks compute. Blocks may differ in
 size; where they do, the planner counts every block as large as the largest
@@ -375,14 +376,14 @@ def make_plan(
             result.experts = placed
         return result
 
-    all_fit = gpu - needs.fixed_bytes >= kept_bytes[-1]
-    try:  # every block fits (beside the embedding's or the expert cache's room): none streams
-        result = place(0 if all_fit else reserved)
+    all_fit = gpu - needs.fixed_bytes >= kept_bytes[-1]  # beside the embedding's or the expert cache's room
+    try:
+        result = place(0 if all_fit else reserved)  # where every block fits, none streams
     except PlanError as error:
         if not (all_fit and experts):
             raise
-        try:  # the routed experts do not fit beside every block: blocks streamed through a ring of slots smaller
-            result = place(reserved)  # than them (blocks of different sizes) leave them more of the GPU
+        try:  # the routed experts do not fit beside every block: the plan with the ring's slots, as before (blocks
+            result = place(reserved)  # of different sizes streamed through smaller slots may leave them more room)
         except PlanError:
             raise error from None
     for peer in indirect_peers:

@@ -202,8 +202,8 @@ if triton is not None:
         """The scales (or minimums) ``values`` (pointers ``[BLOCK_N]``) of groups ``first`` and ``first + 1`` (of
         ``groups``) of int4 in groups of 16, one for each of a column step's 16 bytes ``[16, BLOCK_N]``: a load a
         group, as one group's (a load of both as ``[2, BLOCK_N]`` was repeated for each copy of the layout). Where
-        a last step holds one group, the second is the row's last again: its weights and x are masked to 0, and the
-        group after it would be the next row's, or past the last row."""
+        a last step holds one group, the second is the row's last again (a finite scale: x is masked to 0 there,
+        so its weights add nothing); the group after it would be the next row's, or past the last row."""
         one = tl.load(values + first, mask=n_ok, other=0.0).to(tl.float32)
         two = tl.load(values + tl.minimum(first + 1, groups - 1), mask=n_ok, other=0.0).to(tl.float32)
         return tl.where(tl.arange(0, 16)[:, None] < 8, one[None, :], two[None, :])

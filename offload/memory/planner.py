@@ -14,11 +14,11 @@ copied into, each slot as large as the link's largest block) and then as many
 blocks as fit; where every block fits without the slots (the embedding moved to
 the host, say), none streams: two blocks through two slots would take the room
 of the two blocks (unless a mixture of experts' routed experts then do not fit:
-then the plan with the slots). The rest are spread over the peers and the host so that the links
-finish together, and are interleaved with the resident blocks in pass order, so
-every link keeps copying while resident blocks compute. Blocks may differ in
-size; where they do, the planner counts every block as large as the largest
-(never past a budget, at worst a block short of the best packing).
+then the plan with the slots). The rest are spread over the peers and the host so
+that the links finish together, and are interleaved with the resident blocks in
+pass order, so every link keeps copying while resident blocks compute. Blocks may
+differ in size; where they do, the planner counts every block as large as the
+largest (never past a budget, at worst a block short of the best packing).
 """
 
 from __future__ import annotations

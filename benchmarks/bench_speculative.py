@@ -53,7 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 import offload  # noqa: E402
-from offload.memory.planner import DEFAULT_SLOTS  # noqa: E402
 from offload.models.shapes import SHAPES, shape_config  # noqa: E402
 from offload.speculative import expected_tokens  # noqa: E402
 from offload.structured import corpus_of, structured_checkpoint  # noqa: E402
@@ -205,7 +204,7 @@ def streaming(source, options: dict) -> dict:
     the plan declines the draft there, the budget without it: the run is plain decoding's, streaming); through
     fewer slots than the layers (a ring as large as the model would hold it: the plan keeps its layers then)."""
     plan = offload.plan_model(source, **dict(options, gpu_memory=None))
-    options = dict(options, slots=max(1, min(options.get("slots") or DEFAULT_SLOTS, len(plan.needs.blocks) - 1)))
+    options = dict(options, slots=plan.needs.streaming_slots(options.get("slots")))
     for _ in range(3):  # a GGUF file's layers on a CPU: expanded under a large budget, compressed under a small
         budget = plan.needs.gpu_budget_streaming(0, options["slots"])
         plan = offload.plan_model(source, **dict(options, gpu_memory=budget))
@@ -411,9 +410,7 @@ def run(args) -> int:
                         draft_tokens=max(max(args.widths) - 1, 1))
     if quick and args.gpu_memory is None:  # about half the layers stream (on a CPU every link is a memcpy), through
         needs = offload.plan_model(source, dtype=dtype, device="cpu", **pass_options).needs  # fewer slots than they
-        n = len(needs.blocks)
-        slots = max(1, min(args.slots or DEFAULT_SLOTS, n - 1))
-        resident = max(0, min(n // 2, n - slots - 1))
+        resident, slots = needs.streaming_half(args.slots)
         budget.update(gpu_memory=needs.gpu_budget_streaming(resident, slots), cpu_memory="1GiB", slots=slots)
     if args.gpu_memory == STREAM:
         budget_of_passes = streaming(source, dict(budget, **pass_options))

@@ -494,12 +494,10 @@ def demo_budget(model_path: Path, options: LoadOptions, say) -> LoadOptions:
     """A GPU budget that holds about half the demo's layers, so the rest stream from the host (fewer where the
     ring's slots would take the room of every layer that streams: then nothing would)."""
     needs = prepare(model_path, options).plan.needs
-    n = len(needs.blocks)
-    slots = max(1, min(options.slots or 2, n - 1))  # a ring as large as the model would hold every layer
-    resident = max(0, min(n // 2, n - slots - 1))
+    resident, slots = needs.streaming_half(options.slots)
     gpu = needs.gpu_budget_streaming(resident, slots)
     say(f"demo: the built-in '{DEMO_SHAPE}' model, whose weights are random (its output ids mean nothing; the "
         f"plan and the speed are the point), in a budget of {format_size(gpu)} (--gpu-memory {gpu}) that holds "
-        f"{resident} of its {n} layers: the rest stream from host memory")
+        f"{resident} of its {len(needs.blocks)} layers: the rest stream from host memory")
     return options.replace(gpu_memory=gpu, cpu_memory=options.cpu_memory or needs.weight_bytes + needs.embedding_bytes,
                            slots=slots)

@@ -98,6 +98,17 @@ class MemoryNeeds:
         cache = self.experts.cache_slots(self.max_batch) * self.experts.nbytes if self.experts else 0
         return self.fixed_bytes + kept + slots * self.largest_block + cache
 
+    def streaming_slots(self, slots: int | None = None) -> int:
+        """``slots`` (default ``DEFAULT_SLOTS``), but fewer than the blocks: a ring as large as the model would
+        hold every block, and the plan would keep them all."""
+        return max(1, min(slots or DEFAULT_SLOTS, len(self.blocks) - 1))
+
+    def streaming_half(self, slots: int | None = None) -> tuple[int, int]:
+        """The resident blocks and the slots (:meth:`streaming_slots`) of a budget under which about half the
+        blocks stream: half of them resident, fewer where the slots and they would hold every block."""
+        slots = self.streaming_slots(slots)
+        return max(0, min(len(self.blocks) // 2, len(self.blocks) - slots - 1)), slots
+
 
 @dataclass
 class Plan:

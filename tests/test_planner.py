@@ -280,8 +280,8 @@ def test_the_host_link_probe_pins_no_more_than_the_host_budget(monkeypatch):
     assert len(probes) == 2  # all cached now: nothing measured again
 
 
-@pytest.mark.parametrize("layers, slots, expected", [(8, None, (4, 2)), (8, 4, (3, 4)), (8, 9, (0, 7)), (2, None, (0, 1)),
-                                                     (3, 2, (0, 2))])
+@pytest.mark.parametrize("layers, slots, expected", [(8, None, (4, 2)), (8, 4, (3, 4)), (8, 9, (0, 7)),
+                                                     (2, None, (0, 1)), (3, 2, (0, 2))])
 def test_a_half_streaming_budget_streams_through_fewer_slots_than_layers(layers, slots, expected):
     """``streaming_half``: about half the layers resident, through a ring smaller than the layers it streams; its
     budget's plan streams every layer it does not keep (with as many slots as the budget holds them)."""

@@ -531,3 +531,20 @@ def test_experts_that_do_not_fit_beside_every_layer_take_the_room_a_ring_of_smal
     assert plan.experts.placement.count(RESIDENT) == 40 and plan.gpu_bytes <= budget.gpu_memory
     with pytest.raises(PlanError, match="routed experts do not fit"):
         make_plan(needs, replace(budget, gpu_memory=budget.gpu_memory - 100), bandwidth, "cuda:0")
+
+
+def test_where_experts_fit_either_way_the_faster_plan_is_kept():
+    """Every layer (a dense 300 B one, five of 100 B) resident leaves the experts (read where they live: the GPU
+    or the host) 320 B of the GPU: 30 of 40 resident (six a layer), 10 read from a slow host. Three 100 B layers
+    from a fast peer through two slots leave them 420 B: every expert resident, predicted faster, so kept. With a
+    slow peer, every layer stays resident."""
+    experts = ExpertNeeds(nbytes=10, per_layer=(0, 8, 8, 8, 8, 8), top_k=2, direct=True, host_only=True)
+    needs = MemoryNeeds(blocks=(300,) + (100,) * 5, global_bytes=40, kv_bytes=30, activation_bytes=20,
+                        workspace_bytes=10, experts=experts)
+    budget = Budget(needs.fixed_bytes + sum(needs.blocks) + 20 + 300, 250, {"cuda:1": 10_000})  # 20: the cache
+    fast_peer = make_plan(needs, budget, {"host": 1e6, "hbm": 4000e9, "cuda:1": 400e9}, "cuda:0")
+    assert fast_peer.placement.count("cuda:1") == 3 and fast_peer.experts.placement.count(RESIDENT) == 40
+    assert fast_peer.gpu_bytes <= budget.gpu_memory
+    slow_peer = make_plan(needs, budget, {"host": 1e6, "hbm": 4000e9, "cuda:1": 1e3}, "cuda:0")
+    assert set(slow_peer.layer_map()) == {"R"} and slow_peer.experts.placement.count(RESIDENT) == 30
+    assert fast_peer.predicted_step_seconds < slow_peer.predicted_step_seconds

@@ -13,8 +13,8 @@ cache, activations, and for each streaming link the ring of slots its blocks are
 copied into, each slot as large as the link's largest block) and then as many
 blocks as fit; where every block fits without the slots (the embedding moved to
 the host, say), none streams: two blocks through two slots would take the room
-of the two blocks (unless a mixture of experts' routed experts then do not fit:
-then the plan with the slots). The rest are spread over the peers and the host so
+of the two blocks (a mixture of experts' routed experts may gain more room from
+blocks streamed through smaller slots: there the faster plan of the two). The rest are spread over the peers and the host so
 that the links finish together, and are interleaved with the resident blocks in
 pass order, so every link keeps copying while resident blocks compute. Blocks may
 differ in size; where they do, the planner counts every block as large as the
@@ -388,15 +388,9 @@ def make_plan(
         return result
 
     all_fit = gpu - needs.fixed_bytes >= kept_bytes[-1]  # beside the embedding's or the expert cache's room
-    try:
-        result = place(0 if all_fit else reserved)  # where every block fits, none streams
-    except PlanError as error:
-        if not (all_fit and experts):
-            raise
-        try:  # the routed experts do not fit beside every block: the plan with the ring's slots, as before (blocks
-            result = place(reserved)  # of different sizes streamed through smaller slots may leave them more room)
-        except PlanError:
-            raise error from None
+    # Where every block fits, none streams. With routed experts, the ring's slots may still pay: blocks of different
+    # sizes streamed through smaller slots leave the experts more room; the faster prediction of the two is kept.
+    result = _fastest(place, [0, reserved] if all_fit and experts else [0 if all_fit else reserved])
     for peer in indirect_peers:
         if result.blocks_on(peer):
             result.warnings.append(
@@ -411,6 +405,20 @@ def make_plan(
             "that compute needs; a larger GPU budget or a peer GPU would help"
         )
     return result
+
+
+def _fastest(place, reservations: list[int]) -> Plan:
+    """The plan that ``place`` makes with each of ``reservations`` (the ring's room kept free first) predicted to
+    decode fastest, the first of equals; where none places, the first one's PlanError."""
+    plans, errors = [], []
+    for reserved in reservations:
+        try:
+            plans.append(place(reserved))
+        except PlanError as error:
+            errors.append(error)
+    if not plans:
+        raise errors[0]
+    return min(plans, key=lambda p: p.predicted_step_seconds)
 
 
 def _capacity(block: int, budget: Budget) -> dict[str, int]:

@@ -221,11 +221,20 @@ def _read_json(file: Path) -> dict:
 def _template_files(path: Path) -> dict[str, str]:
     templates = {}
     if (path / TEMPLATE_FILE).is_file():
-        templates["default"] = (path / TEMPLATE_FILE).read_text(encoding="utf-8")
+        templates["default"] = _read_template(path / TEMPLATE_FILE)
     if (path / TEMPLATE_DIR).is_dir():
         for file in sorted((path / TEMPLATE_DIR).glob("*.jinja")):
-            templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
+            if file.is_file():  # a folder or a pipe of that name is no template (a pipe's read would never end)
+                templates[file.name.removesuffix(".jinja")] = _read_template(file)
     return templates
+
+
+def _read_template(file: Path) -> str:
+    """A template file's text; one that is not UTF-8 or cannot be read is the checkpoint's fault, in one line."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not a readable chat template ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _config_templates(config: dict, file: Path) -> dict[str, str]:

@@ -262,6 +262,20 @@ def test_cli_chat_errors(tiny, capsys, argv, words):
     assert err.count("\n") == 1 and words in err
 
 
+def test_a_template_file_that_is_not_text_is_one_line_and_a_folder_of_that_name_no_template(tiny, tmp_path, capsys):
+    """chat_template.jinja in another encoding failed with a traceback; tokenizer_config.json's such bytes were
+    one line already."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    (model / "additional_chat_templates").mkdir()
+    (model / "additional_chat_templates" / "folder.jinja").mkdir()
+    assert ChatTemplate.from_dir(model) is None
+    (model / "chat_template.jinja").write_bytes(b"\xff\xfe{{ messages }}")
+    assert main(["--model", str(model), "--prompt-ids", "1,2", "--max-new-tokens", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chat_template.jinja: not a readable chat template (UnicodeDecodeError" in err
+
+
 def test_batch_records_with_messages(tiny_chat, tmp_path):
     messages = [[{"role": "user", "content": "Hello"}],
                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox?"}]]

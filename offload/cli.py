@@ -216,6 +216,9 @@ def _main(args) -> int:
         raise InputError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     if args.max_new_tokens > MAX_COUNT:
         raise InputError(f"--max-new-tokens must be at most {MAX_COUNT}, got {args.max_new_tokens}")
+    for flag, given in (("--model", args.model), ("--prompts", args.prompts), ("--output", args.output)):
+        if given == "":  # the path "" is the current folder: --prompts "" ran the demo's prompt, --model "" the folder
+            raise InputError(f"{flag} is empty; give a path")
     for flag, given in (("--output", args.output), ("--batch-size", args.batch_size), ("--schedule", args.schedule)):
         if given is not None and not args.prompts:
             raise InputError(f"{flag} goes with --prompts (a batch job)")

@@ -217,6 +217,16 @@ def test_missing_model(tmp_path, capsys):
     assert "does not exist" in refused(capsys, ["--model", str(tmp_path / "nowhere"), "--prompt-ids", "1"])
 
 
+@pytest.mark.parametrize("flag", ["--model", "--prompts", "--output"])
+def test_an_empty_path_is_refused(tmp_path, capsys, monkeypatch, flag):
+    """--prompts "" was taken for no --prompts (the demo ran its own prompt, status 0), --model "" for the current
+    folder."""
+    monkeypatch.chdir(tmp_path)
+    argv = {"--model": ["--model", "", "--prompt-ids", "1"], "--prompts": ["--prompts", ""],
+            "--output": ["--prompts", "in.jsonl", "--output", ""]}[flag]
+    assert f"{flag} is empty; give a path" in refused(capsys, argv)
+
+
 def test_empty_prompt_names_its_flag(tiny, capsys):
     assert "--prompt: the prompt is empty" in refused(capsys, ["--model", str(tiny), "--prompt", ""])
 

@@ -13,6 +13,7 @@ Any bad input prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -170,9 +171,20 @@ def _reporting_errors(prog: str, body, parser: argparse.ArgumentParser, argv) ->
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stdout's reader has gone (| head): end as a program that SIGPIPE ends, no traceback
+        _silence_stdout()
+        return 128 + 13
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: Python's flush of it at exit would otherwise fail again, with a message."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # (a stdout that is no file: nothing to flush)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def report_bad_input(prog: str, main) -> int:

@@ -299,6 +299,16 @@ def test_the_script_refuses_in_one_line_with_status_2(tiny, bare, tmp_path):
     assert (tmp_path / "out.jsonl").read_bytes() == b"not ours"
 
 
+def test_a_reader_of_stdout_that_goes_away_ends_the_run_without_a_traceback(bare, tmp_path):
+    """run_offloaded ... | head: printing the plan into the closed pipe was a BrokenPipeError's traceback."""
+    env = {**os.environ, "OFFLOAD_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, str(SCRIPT), "--model", str(bare), "--max-seq-len", "64", "--plan"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    job.stdout.close()  # before the plan is printed: importing torch takes seconds
+    err = job.stderr.read()
+    assert job.wait(timeout=120) == 128 + signal.SIGPIPE and err == "", err
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_importing_exits_130_without_a_traceback(tiny, tmp_path):
     env = {**os.environ, "OFFLOAD_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

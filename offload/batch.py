@@ -141,7 +141,8 @@ def _is_unicode(text: str) -> bool:
 # Settings a record might be taken to make, which the whole job's flags make (read as metadata, they would be ignored
 # without a word): named, with the flag, where a record holds one.
 JOB_SETTINGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed",
-                "do_sample": "--do-sample", "max_tokens": None, "max_new_token": None, "max_length": None}
+                "do_sample": "--do-sample", "ignore_eos": "--ignore-eos", "max_tokens": None, "max_new_token": None,
+                "max_length": None}
 
 
 def _refuse_settings(obj: dict, where: str) -> None:

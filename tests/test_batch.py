@@ -61,6 +61,7 @@ def read_output(path: Path) -> dict:
     ('{"id": 1, "prompt_ids": [1], "max_new_tokens": 0}', "positive integer"),
     ('{"id": 1, "prompt_ids": [1], "temperature": 0.7}', "cannot set 'temperature' (--temperature sets it for"),
     ('{"id": 1, "prompt_ids": [1], "max_new_token": 5}', "'max_new_token' is not a record field"),
+    ('{"id": 1, "prompt_ids": [1], "ignore_eos": true}', "cannot set 'ignore_eos' (--ignore-eos sets it for"),
     ('{"id": "a", "prompt_ids": [1]}', "duplicate id 'a'"),
     ('{"id": 1, "prompt_ids": ' + json.dumps(list(range(600))) + "}", "exceed the context"),
 ])

@@ -176,8 +176,30 @@ def _check_parent(path: Path) -> None:
             return
 
 
-def _open_locked(path: Path):
+def _open_locked(path: Path, tries: int = 3):
     """The file, open and locked, and whether this opening created it."""
+    for _ in range(tries):
+        file, created = _open_and_lock(path)
+        if _still_at(path, file.fileno()):
+            return file, created
+        # A job that ended before its first record removed the file it had made between our opening and locking
+        # it: records written to that file would reach no path. Open what the path names now.
+        file.close()
+    raise InputError(f"output {str(path)!r} was removed or replaced while this job opened it, {tries} times; "
+                     "is another program writing there?")
+
+
+def _still_at(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the open file ``fd``."""
+    try:
+        named = os.stat(path)
+    except OSError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _open_and_lock(path: Path):
     # O_NONBLOCK: should a pipe appear here after the check, opening it must not wait for a writer.
     flags = os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC
     try:

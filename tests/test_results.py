@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from offload import results
 from offload.cli import main
 from offload.errors import InputError
 from offload.results import ResultFile, finished_ids, job_line, result_line
@@ -315,6 +316,25 @@ def test_a_named_job_writes_its_job_line_first_and_another_job_is_refused(tmp_pa
         finished_ids(path, LENGTHS, OTHER)
     assert path.read_bytes() == written
     assert finished_ids(path, LENGTHS) == {1, "a"}  # a reader that names no job takes any job's
+
+
+def test_a_job_that_removes_its_new_output_while_another_opens_it_leaves_the_other_a_file_at_the_path(
+        tmp_path, monkeypatch):
+    """A job that ends before its first record removes the output it created. Should that happen after a second job
+    opened the file and before it locked it, the second job locked the removed file and wrote every record there."""
+    path = tmp_path / "out.jsonl"
+    first = ResultFile(path, LENGTHS, JOB)  # a new file, no record yet
+    lock = results._lock
+
+    def first_ends_then_lock(fd, where):
+        if not first.file.closed:
+            first.close()  # removes the file and lets its lock go
+        lock(fd, where)
+
+    monkeypatch.setattr(results, "_lock", first_ends_then_lock)
+    with ResultFile(path, LENGTHS, JOB) as second:
+        second.write_record(1, 3, [11, 12], "length", "x\u2028y")
+    assert path.read_bytes() == job_line(JOB) + OURS
 
 
 def test_a_first_write_cut_short_anywhere_is_cut_and_written_again(tmp_path):

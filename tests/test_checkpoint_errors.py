@@ -386,6 +386,30 @@ def test_scales_stored_otherwise_than_the_checkpoint_records_are_refused(tiny, t
     assert "has dtype F32; its format keeps it as bfloat16" in err
 
 
+@pytest.mark.parametrize("fmt, group, record, words", [
+    pytest.param("int4", 32, {"group_size": 64}, "int4 in groups of 32, but config.json records int4 in groups of 64",
+                 id="int4-another-group-size"),
+    pytest.param("int4", 32, {"group_size": "32"}, "records int4 in groups of '32'", id="int4-group-size-not-a-number"),
+    pytest.param("int4", 32, {"format": "int8", "group_size": None}, "is stored int4 in groups of 32, but config.json "
+                 "records int8 per output channel", id="int4-recorded-as-int8"),
+    pytest.param("int8", None, {"format": "int4", "group_size": 32}, "is stored int8 per output channel, but "
+                 "config.json records int4 in groups of 32", id="int8-recorded-as-int4"),
+])
+def test_parts_stored_otherwise_than_the_checkpoint_records_are_refused(tiny, tmp_path, capsys, fmt, group, record,
+                                                                        words):
+    """scripts/quantize.py writes every layer's weights in the format and group size config.json records (the LM
+    head in int8 per channel): a weight stored otherwise was not written with the rest, and was loaded as its shapes
+    said, quietly. (Groups of another size also pack their nibbles otherwise: a scale tensor of another run beside
+    this run's data reads other weights.)"""
+    from offload.quantized import write_quantized
+
+    saved = write_quantized(tiny, tmp_path / "q", fmt, group, "minmax", torch.float32, progress=False)
+    _change_record(saved, lambda raw: {**raw["offload_quantization"], **record})
+    with pytest.raises(CheckpointError, match="records"):
+        _load(saved)
+    assert words in refused(capsys, ["--model", str(saved), "--prompt-ids", "1", "--quiet"])
+
+
 @pytest.mark.parametrize("record", ["int4", [1], {"group_size": 32, "dtype": "float32"}, {"format": "int3"},
                                     {"format": "int8"}])
 def test_a_malformed_record_of_the_saved_format_is_refused(tiny, tmp_path, capsys, record):

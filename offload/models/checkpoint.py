@@ -31,6 +31,7 @@ overflow), where it lands.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -163,7 +164,33 @@ class CheckpointSource:
             return None
         data, scale = (self.shape(f"{name}.{part}") for part in ("data", "scale"))
         fmt = "int4" if self._dtype(f"{name}.data") == "U8" else "int8"
-        return fmt, self._group(name, fmt, data, scale), f"{name}.minimum" in self._file_of and fmt == "int8"
+        group = self._group(name, fmt, data, scale)
+        self._check_record(name, fmt, group)
+        return fmt, group, f"{name}.minimum" in self._file_of and fmt == "int8"
+
+    @functools.cached_property
+    def _record(self) -> dict | None:
+        """The format config.json records (``offload.quantized.stored_quantization``), read once."""
+        from ..quantized import stored_quantization
+
+        return stored_quantization(self.path)
+
+    def _check_record(self, name: str, fmt: str, group: int | None) -> None:
+        """A weight's parts in the format and group size config.json records (``write_quantized`` writes every
+        layer's so, the LM head in int8 per output channel; an int4 group size recorded as null is each weight's
+        default). Parts stored otherwise were not written with the rest: read as their shapes say, they would load
+        quietly, and another run's scales beside this run's data (whose nibbles a group size orders) read other
+        weights."""
+        from ..quantized import RECORD
+
+        record = self._record
+        if record is None:
+            return  # refused where the parts are read (``_check_dense_of_parts``, ``_weight_format``)
+        want = ("int8", None) if name == "lm_head.weight" else (record["format"], record.get("group_size"))
+        if fmt != want[0] or (group != want[1] and not (fmt == "int4" and want[1] is None)):
+            raise CheckpointError(f"{self._file_of[f'{name}.data'].name}: {name} is stored {_grouping(fmt, group)}, "
+                                  f"but config.json records {_grouping(*want)} ({RECORD}): its parts were not "
+                                  "written with the rest of the checkpoint")
 
     def _group(self, name: str, fmt: str, data: tuple[int, ...], scale: tuple[int, ...]) -> int | None:
         """The columns each scale of weight ``name`` covers (None: one a row), from its parts' shapes: a matrix of
@@ -510,6 +537,11 @@ def _header(file: Path) -> dict[str, Entry]:
     return {name: Entry(entry["dtype"], tuple(entry["shape"]), base + entry["data_offsets"][0],
                          base + entry["data_offsets"][1])
             for name, entry in header.items() if name != "__metadata__"}
+
+
+def _grouping(fmt: str, group) -> str:
+    """How a format's scales are laid out, in words: ``int4 in groups of 32``, ``int8 per output channel``."""
+    return f"{fmt} per output channel" if group is None else f"{fmt} in groups of {group!r}"
 
 
 def part_spec(spec: TensorSpec) -> TensorSpec:

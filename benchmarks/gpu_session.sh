@@ -174,12 +174,16 @@
 #   tests_gguf_moe (the experts' sm_90 compile tests failed after that session's int4 change: fixed after the
 #   device time was spent, not yet run there).
 # twenty-seventh (2026-12-07, an H100 for three calls, then 13 that started none): tests_int4_16 on Triton 3.6.0
-#   (four faults: fixed, and the compile tests checked against a Triton 3.6.0 wheel on the CPU). Owed now:
-#   1. tests_int4_16:150 tests_reads:150                       the fixes on the GPU; reads with preadv
-#   2. load13b_ab:250                                          four reads at a time against one (#20's 0.8)
-#   3. int4_405b:500 (an H200)                                 the moonshot (#20)
-#   4. spec_smollm2_int8_ahead                                 where drafting goes (the steps' counts, #22)
-#   5. gguf13b:240, moe235_int4:120 (an H200), moe30b_acc:300, gguf_moe30b
+#   (four faults: fixed, and the compile tests checked against a Triton 3.6.0 wheel on the CPU).
+# twenty-eighth (2026-12-07, an H100 for eight calls after four that started none): the fixes (tests_int4_16 cut at
+#   150 s, the 26 sm_90 compile tests, tests_reads, graph tests), load13b_ab (the map 0.79, read() 0.68, four reads
+#   0.65), gguf13b, moe30b_acc (103.5x accelerate), spec_smollm2_int8_ahead (2.92x; the pace settles in two modes),
+#   OFFLOAD_PDL=2 against 1 for the int8 draft (3 of 4 runs in the fast mode against 2 of 5). Owed now:
+#   1. load13b_profile:300                                     where read() loses to the map on a GPU machine (#20)
+#   2. int4_405b:500 (an H200)                                 the moonshot (#20)
+#   3. spec_smollm2_int8_ahead twice more with OFFLOAD_PDL=2, and the side stream's steps timed alone and beside a
+#      verify pass (why a step beside the pass takes about twice its 0.536 ms; #22)
+#   4. moe235_int4:120 (an H200), gguf_moe30b, mixtral24_acc
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.

@@ -183,7 +183,8 @@ def job_id(records: list[Record], model_path, dtype, quantize: str | None, group
     last change: weights rewritten in place are another model), the dtype and quantization, the sampling and the
     stop ids. A rerun of the same command continues the job's output; a change in any of
     these is another job, whose output file is refused. Batch size and schedule are not in it: a rerun may
-    change them (outputs are the same in float32)."""
+    change them (outputs are the same in float32); nor are a greedy job's seed, temperature and filters, which
+    change nothing it writes (a rerun with or without ``--seed`` continues it)."""
     model_path = Path(model_path)
     config = model_path / "config.json"
     described = {
@@ -192,7 +193,7 @@ def job_id(records: list[Record], model_path, dtype, quantize: str | None, group
         "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
         "weights": _weight_files(model_path),
         "dtype": str(dtype), "quantize": quantize, "group_size": group_size,
-        "sampling": dataclasses.asdict(sampling), "eos_ids": list(eos_ids),
+        "sampling": dataclasses.asdict(GREEDY if sampling.greedy else sampling), "eos_ids": list(eos_ids),
     }
     if quantize == "int4" and rounding != "search":  # only where it changes the weights (and old ids stay)
         described["rounding"] = rounding

@@ -430,3 +430,19 @@ def test_a_records_own_fields_ride_along_unread(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt_ids": [1, 2], "source": "docs", "meta": {"k": 2}}])
     [record] = read_records(path, None, 4, 100)
     assert (record.id, record.prompt_ids, record.max_new_tokens) == (1, [1, 2], 4)
+
+
+def test_a_greedy_jobs_seed_and_filters_do_not_make_it_another_job(tiny, tmp_path, capsys):
+    """A greedy job's seed and temperature 0 (greedy) change nothing it writes: a rerun with them continues its
+    output (it was refused as another job's), where a sampled job's seed still names another job."""
+    write_prompts(tmp_path / "in.jsonl", 3)
+    args = ["--model", str(tiny), "--prompts", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+            "--max-new-tokens", "2", "--quiet"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--seed", "7"]) == 0 and main([*args, "--temperature", "0", "--top-k", "5"]) == 0
+    assert "nothing to do: the 3 record(s) are all in" in capsys.readouterr().out
+    sampled = [*args, "--do-sample", "--temperature", "0.8", "--output", str(tmp_path / "sampled.jsonl")]
+    assert main([*sampled, "--seed", "1"]) == 0
+    assert main([*sampled, "--seed", "2"]) == 2
+    assert "another job" in capsys.readouterr().err

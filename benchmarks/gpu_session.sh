@@ -181,8 +181,8 @@
 #   OFFLOAD_PDL=2 against 1 for the int8 draft (3 of 4 runs in the fast mode against 2 of 5). Owed now:
 #   1. load13b_profile:300                                     where read() loses to the map on a GPU machine (#20)
 #   2. int4_405b:500 (an H200)                                 the moonshot (#20)
-#   3. spec_smollm2_int8_ahead twice more with OFFLOAD_PDL=2, and the side stream's steps timed alone and beside a
-#      verify pass (the pace implies about 1 ms a step beside the pass against 0.536 alone; #22)
+#   3. spec_smollm2_int8_ahead twice more with OFFLOAD_PDL=2 (what makes a run slow: its verify passes and its
+#      drafting both are; #22)
 #   4. moe235_int4:120 (an H200), gguf_moe30b, mixtral24_acc
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls

@@ -182,6 +182,26 @@ def test_stop_strings(served, reference):
     assert metric(served.url, "offload_tokens_per_pass") == 1
 
 
+def test_a_stop_string_in_the_text_held_at_max_tokens_is_a_stop(served, reference):
+    """The last token ends inside a character: its text is held until the answer ends, and a stop string found in it
+    then ends the text there, as one found earlier does: the finish reason is "stop", not "length"."""
+    for prompt in ("memory", "The quick brown fox", "offload runs", "Hello world", "lazy dog"):
+        tokens = reference.generate([served.tokenizer.encode(prompt)], max_new_tokens=40, eos_token_id=[],
+                                    return_result=True).tokens[0]
+        cut = [n for n in range(2, 40) if served.tokenizer.decode(tokens[:n]).count("\ufffd") == 1
+               and served.tokenizer.decode(tokens[:n]).endswith("\ufffd")]
+        if cut:
+            break
+    assert cut, "no greedy answer ends inside a character"
+    full = served.tokenizer.decode(tokens[: cut[0]])
+    for stream in (False, True):
+        answer = served.client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=cut[0], temperature=0,
+                                                  stop=full[-2:], stream=stream, extra_body={"ignore_eos": True})
+        chunks = list(answer) if stream else [answer]
+        assert "".join(c.choices[0].text for c in chunks) == full[:-2]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_seeded_sampling_equals_generate(served, reference):
     ids = served.tokenizer.encode("offload runs")
     text, _, _ = expect(reference, served.tokenizer, (), ids, 12, do_sample=True, temperature=0.9, top_p=0.95,

@@ -223,8 +223,8 @@ class Generation:
                 self.finish_reason = "stop"
             elif reason is not None:
                 self.engine_done = True
-                self.finish_reason = "length" if reason == "length" else "stop"
-                text += self.text.finish()
+                text += self.text.finish()  # the text held back (an unfinished character) may hold a stop string
+                self.finish_reason = "length" if reason == "length" and not self.text.stopped else "stop"
             if text:
                 yield text
 

@@ -450,6 +450,8 @@ def test_a_json_body_of_another_content_type_is_told_which_it_has(served, conten
 @pytest.mark.parametrize("path, body, status, param, words", [
     ("/v1/completions", b"{not json", 400, None, "not valid JSON"),
     ("/v1/completions", [1, 2], 400, None, "JSON object"),
+    ("/v1/completions", b'{"prompt": "caf\xe9"}', 400, None, "not valid JSON (not UTF-8: byte 0xe9 at position 15)"),
+    pytest.param("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None, "nested too deeply", id="nested"),
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt", "'prompt' is required"),
     ("/v1/completions", {"prompt": "a", "n": 2}, 400, "n", "n=2 is not supported"),
     ("/v1/completions", {"prompt": "a", "logprobs": 1}, 400, "logprobs", "not supported"),

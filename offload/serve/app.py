@@ -458,7 +458,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
-        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
+        return JSONResponse(ApiError(e.status_code, _http_error_message(e)).body(), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
@@ -502,6 +502,18 @@ class BodyLimit:
     def _too_large_message(self) -> str:
         return (f"the request body is larger than this server takes ({format_size(self.limit)}; "
                 "serve.py --max-request-bytes)")
+
+
+def _http_error_message(e: HTTPException) -> str:
+    """Starlette's message; for a body that FastAPI could not read as JSON other than by a syntax error (its
+    message says only "There was an error parsing the body"), why."""
+    cause = e.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"the request body is not valid JSON (not UTF-8: byte {cause.object[cause.start]:#04x} at position "
+                f"{cause.start})")
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON (arrays or objects nested too deeply)"
+    return str(e.detail)
 
 
 def _validation_error(errors, content_type: str | None) -> ApiError:

@@ -539,6 +539,8 @@ def _validation_error(errors, content_type: str | None) -> ApiError:
         return ApiError(400, f"Unrecognized request argument supplied: {'.'.join(where)}", param=param)
     if first["type"] == "missing":
         return ApiError(400, f"'{'.'.join(where)}' is required", param=param)
+    if param in protocol.UNION_TYPES and len(where) > 1:  # where[1] names the type that pydantic tried first
+        return ApiError(400, f"{param} must be {protocol.UNION_TYPES[param]}", param=param)
     return ApiError(400, f"{'.'.join(where)}: {first['msg']}", param=param)
 
 

@@ -39,6 +39,11 @@ UNSUPPORTED = {
 }
 
 
+# What a parameter of several types may be: a value of none of them is told this, not pydantic's complaint about the
+# first type alone ("prompt.str: Input should be a valid string" for token ids with a float among them).
+UNION_TYPES = {"prompt": "a string, token ids (a list of integers), or a list of one of them",
+               "stop": "a string or a list of strings"}
+
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings a request may give (OpenAI: four), and their length
 
 

@@ -32,6 +32,7 @@ import openai  # noqa: E402
 
 from offload.serve import EngineLoop, ServerThread, Service, create_app  # noqa: E402
 from offload.serve.cli import main as serve_main  # noqa: E402
+from offload.serve.protocol import event  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 128
@@ -827,3 +828,12 @@ def test_metrics_show_the_expert_hit_rate_of_a_mixture_of_experts_only():
     assert 'offload_expert_lookups_total{result="hit"} 30\n' in text
     assert 'offload_expert_lookups_total{result="miss"} 10\n' in text
     assert "offload_expert_hit_rate 0.75\n" in text
+
+
+def test_a_streamed_event_is_one_line_for_readers_that_split_at_unicode_line_breaks():
+    """U+2028, U+2029 and U+0085 are valid unescaped in JSON, but Python's str.splitlines (and httpx's iter_lines)
+    ends a line at each: a chunk of text holding one arrived as two lines of broken JSON."""
+    text = "a\u2028b\x85c\u2029d \u00e9\u4e2d"
+    lines = event({"text": text}).splitlines()
+    assert lines[1:] == [""] and json.loads(lines[0].removeprefix("data: ")) == {"text": text}
+    assert "\u00e9\u4e2d" in lines[0]  # other characters stay as they are

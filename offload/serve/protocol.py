@@ -184,6 +184,12 @@ def usage_chunk(id: str, model: str, object: str, used: dict) -> dict:
     return {"id": id, "object": object, "created": int(time.time()), "model": model, "choices": [], "usage": used}
 
 
+# Characters that JSON may leave unescaped but that readers splitting text into lines (Python's str.splitlines, and
+# httpx's iter_lines with it) take for line ends: escaped, an event stays one line for them too.
+LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def event(data: dict | str) -> str:
     """One server-sent event."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False).translate(LINE_BREAKS)
+    return f"data: {text}\n\n"

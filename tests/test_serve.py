@@ -837,3 +837,26 @@ def test_a_streamed_event_is_one_line_for_readers_that_split_at_unicode_line_bre
     lines = event({"text": text}).splitlines()
     assert lines[1:] == [""] and json.loads(lines[0].removeprefix("data: ")) == {"text": text}
     assert "\u00e9\u4e2d" in lines[0]  # other characters stay as they are
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the failure, on purpose
+def test_requests_queued_as_the_engine_thread_ends_outside_a_step_are_answered(reference):
+    """An engine loop that fails outside a step (a collective under tensor parallelism, say) answered the requests
+    it had collected; those still in its inbox, and those queued after it ended, waited forever."""
+    from offload.scheduler.row_engine import Request
+
+    loop, answers = EngineLoop(reference, rows=2), []
+    collect = loop._collect
+
+    def failing_collect():
+        inputs = collect()
+        loop.submit(Request((1, 2), 4, key="waiting"), lambda token, reason: answers.append(("waiting", reason)))
+        raise RuntimeError("a collective failed")
+
+    loop._collect = failing_collect
+    loop.submit(Request((1, 2), 4, key="collected"), lambda token, reason: answers.append(("collected", reason)))
+    loop.start()
+    loop.thread.join(timeout=60)
+    assert not loop.alive and loop.ended
+    loop.submit(Request((1, 2), 4, key="late"), lambda token, reason: answers.append(("late", reason)))
+    assert sorted(answers) == [("collected", "error"), ("late", "error"), ("waiting", "error")]

@@ -56,6 +56,7 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.sinks: dict[object, Sink] = {}  # engine thread only
         self.thread: threading.Thread | None = None
+        self.ended = False  # the loop has returned: nothing collects the inbox any more
 
     # ------------------------------------------------------------------ any thread
 
@@ -65,6 +66,8 @@ class EngineLoop:
 
     def submit(self, request: Request, sink: Sink) -> None:
         self.inbox.put(("submit", request, sink))
+        if self.ended:  # since the caller checked: no step will collect it
+            self._refuse_waiting()
 
     def cancel(self, key) -> None:
         """Drop the request named ``key``; its row is free at the next step."""
@@ -101,8 +104,20 @@ class EngineLoop:
                     self._step()
                 self._count_rows()
         finally:  # stopped, or failed outside a step (a collective under TP): nothing more will come
+            self.ended = True  # before the inbox is emptied: a request queued after it is refused by ``submit``
             for key in list(self.sinks):
                 self._drop(key)
+            self._refuse_waiting()
+
+    def _refuse_waiting(self) -> None:
+        """End the requests still in the inbox with an error: no step will collect them."""
+        while True:
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "submit":
+                message[2](None, "error")
 
     def _collect(self) -> StepInputs:
         """What has arrived in the inbox; waits for something while the engine has nothing to do."""

@@ -455,6 +455,8 @@ def test_a_json_body_of_another_content_type_is_told_which_it_has(served, conten
     pytest.param("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None, "nested too deeply", id="nested"),
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt", "'prompt' is required"),
     ("/v1/completions", {"prompt": "a", "n": 2}, 400, "n", "n=2 is not supported"),
+    ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "only allowed with stream: true"),
     ("/v1/completions", {"prompt": "a", "logprobs": 1}, 400, "logprobs", "not supported"),
     ("/v1/completions", {"prompt": "a", "echo": True}, 400, "echo", "not supported"),
     ("/v1/completions", {"prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),

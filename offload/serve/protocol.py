@@ -101,6 +101,8 @@ class GenerationParams(BaseModel):
     logit_bias: Any = None
 
     def refuse_unsupported(self) -> None:
+        if self.stream_options is not None and not self.stream:  # OpenAI's answer too: the options would do nothing
+            raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
         for name in self.model_fields_set & UNSUPPORTED.keys():
             value = getattr(self, name)
             if value is not None and not any(_same(value, ok) for ok in UNSUPPORTED[name]):

@@ -89,7 +89,7 @@ class LoadOptions:
         tp: tensor-parallel ranks; needs one process per rank (``torchrun --nproc-per-node tp``).
         slots: block-sized buffers per streaming link that its layers are copied into (default 2).
         link_bandwidth: bytes/s per link (``{"host": 55e9, "hbm": 4e12, "cuda:1": 390e9}``, and
-            ``"matmul"`` FLOP/s) instead of measuring them.
+            ``"matmul"`` FLOP/s) instead of measuring them; a name that is no link is refused.
         cuda_graphs: capture decode steps in CUDA graphs and replay them (on a GPU; default True). A
             mixture of experts whose experts are copied captures each layer up to its routing as a
             piece, and the host's part runs between the pieces.
@@ -188,6 +188,7 @@ class LoadOptions:
             if not isinstance(self.link_bandwidth, Mapping):
                 raise InputError(f"link_bandwidth must be a dict of bytes/s per link, got {self.link_bandwidth!r}")
             for link, bw in self.link_bandwidth.items():
+                _check_link(link)
                 if not is_real(bw) or bw <= 0:
                     raise InputError(f"link_bandwidth[{link!r}] must be a positive number of bytes/s, got {bw!r}")
 
@@ -227,6 +228,21 @@ def _check_draft(draft, draft_tokens) -> None:
     _count("draft_tokens", draft_tokens)
     if draft_tokens > MAX_DRAFT_TOKENS:
         raise InputError(f"draft_tokens must be at most {MAX_DRAFT_TOKENS}, got {draft_tokens}")
+
+
+def _check_link(link) -> None:
+    """A rate's name: one the planner reads, or a peer's device ("cuda:1"); a misspelt one would be ignored."""
+    from .memory.bandwidth import RATES  # (it imports this module)
+
+    if isinstance(link, str) and link in RATES:
+        return
+    try:
+        if not isinstance(link, str):
+            raise TypeError(link)
+        torch.device(link)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"link_bandwidth names no link {link!r}: give {', '.join(RATES[:3])}, a peer device such as "
+                         f"'cuda:1', or a kernel's rate ({', '.join(RATES[3:])})") from None
 
 
 def _count(name: str, value) -> None:

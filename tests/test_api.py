@@ -108,6 +108,8 @@ LOAD_CASES = [
     pytest.param(dict(peer_memory=[5]), "peer memory", id="peer-memory-list-of-numbers"),
     pytest.param(dict(peer_memory={"meta": "100MiB"}), "meta is not a GPU", id="peer-memory-meta"),
     pytest.param(dict(link_bandwidth={"host": -1}), "link_bandwidth", id="bandwidth-negative"),
+    pytest.param(dict(link_bandwidth={"hots": 1e9}), "link_bandwidth names no link 'hots'", id="bandwidth-misspelt"),
+    pytest.param(dict(link_bandwidth={1: 1e9}), "link_bandwidth names no link 1", id="bandwidth-not-a-name"),
     pytest.param(dict(dtype=torch.int8), "unsupported dtype", id="dtype-integer"),
     pytest.param(dict(tp=2), "torchrun", id="tp-without-torchrun"),
     pytest.param(dict(gpu_memory={-1: "1GiB"}), "unknown device -1", id="budget-device-negative"),

@@ -54,8 +54,7 @@ def cache_keys(gpu: str, device, names: list[str], ranks: int) -> dict[str, str]
     """Each measured rate's key in the cache: the GPU's name, the device, the rate, the ranks and
     ``CACHE_VERSION``; a product's rate also the ``KERNEL_SWITCHES`` set in the environment."""
     switches = "".join(f"/{k}={os.environ[k]}" for k in KERNEL_SWITCHES if k in os.environ)
-    products = (*GEMV_FORMATS, *ROWS16_FORMATS, "kernels", "attention")
-    return {name: f"{gpu}/{device}<-{name}/ranks={ranks}/v{CACHE_VERSION}" + (switches if name in products else "")
+    return {name: f"{gpu}/{device}<-{name}/ranks={ranks}/v{CACHE_VERSION}" + (switches if name in PRODUCTS else "")
             for name in names}
 
 
@@ -66,8 +65,7 @@ def link_bandwidths(compute_device, peers: list[str], tp: TensorParallel, max_pr
     ``max_pinned_bytes`` of pinned host memory (the host budget: under a full probe's, the host link is timed
     from pageable memory, a figure not cached, or an earlier full probe's figure is taken)."""
     device = torch.device(compute_device)
-    names = ["host", "hbm", "matmul", *peers] + ([*GEMV_FORMATS, *ROWS16_FORMATS, "kernels", "attention"]
-                                                  if device.type == "cuda" else [])
+    names = ["host", "hbm", "matmul", *peers] + (list(PRODUCTS) if device.type == "cuda" else [])
     if device.type != "cuda":  # every "link" is a memcpy in RAM: quick to measure, not worth a file
         bandwidth, matmul = _cpu_rates()
         return {**{name: bandwidth for name in names}, "matmul": matmul}
@@ -187,6 +185,8 @@ def _seconds(run) -> float:
 
 GEMV_FORMATS = ("gemv-bf16", "gemv-int8", "gemv-int4")
 ROWS16_FORMATS = ("rows16-bf16", "rows16-int8", "rows16-int4")  # the same products of 16 rows
+PRODUCTS = (*GEMV_FORMATS, *ROWS16_FORMATS, "kernels", "attention")  # rates of offload's kernels on a GPU
+RATES = ("host", "hbm", "matmul", *PRODUCTS)  # every rate by name but the peers' (named by their devices)
 GEMV_SHAPES = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))  # a llama-2-7b layer's four products
 SMALL_KERNELS = 256  # replayed per timing of "kernels"
 

@@ -236,6 +236,8 @@ def _main(args) -> int:
             raise InputError(f"{flag} goes with --prompts (a batch job)")
     if args.batch_size is not None and args.max_batch is not None:
         raise InputError("--batch-size and --max-batch both give a batch job's rows; give one")
+    if args.batch_size not in (None, "auto"):
+        _batch_rows(args.batch_size)  # refused before the prompt file is read and the model planned
     tp = join_ranks(args)  # under torchrun, before anything that ranks must agree on
     say = print if tp.rank == 0 else (lambda *a, **k: None)
     demo = args.model is None
@@ -483,17 +485,22 @@ def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
     return tokenizer.encode(text)
 
 
+def _batch_rows(text: str) -> int:
+    """``--batch-size N``'s N."""
+    try:
+        size = int(text)
+    except ValueError:
+        raise InputError(f"--batch-size expects a number or auto, got {text!r}") from None
+    if size < 1:
+        raise InputError("--batch-size must be >= 1")
+    return size
+
+
 def _batch_size(args, model_path: Path, options: LoadOptions, shapes: list[tuple[int, int]], say) -> int:
     """``--batch-size N``; for ``auto`` the rows (and with them the placement) that make the job's
     tokens soonest by the plans' cost model, tried against every batch size that fits."""
     if args.batch_size not in (None, "auto"):
-        try:
-            size = int(args.batch_size)
-        except ValueError:
-            raise InputError(f"--batch-size expects a number or auto, got {args.batch_size!r}") from None
-        if size < 1:
-            raise InputError("--batch-size must be >= 1")
-        return min(size, len(shapes))  # rows past the records would only hold KV cache
+        return min(_batch_rows(args.batch_size), len(shapes))  # rows past the records would only hold KV cache
     if args.max_batch is not None:
         return options.max_batch
     plans_for = lambda rows: prepare(model_path, options.replace(max_batch=rows)).plans  # noqa: E731

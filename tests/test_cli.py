@@ -187,11 +187,12 @@ def test_bad_flag_is_one_line_before_loading(bare, capsys, argv, words):
     assert words in refused(capsys, ["--model", str(bare), "--prompt-ids", "1,2", *argv])
 
 
-def test_batch_size_zero_is_refused(bare, tmp_path, capsys):
-    prompts = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt_ids": [1, 2]}])
-    err = refused(capsys, ["--model", str(bare), "--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl"),
-                           "--batch-size", "0", "--plan"])
-    assert "--batch-size must be >= 1" in err
+@pytest.mark.parametrize("size, words", [("0", "--batch-size must be >= 1"), ("abc", "expects a number or auto")])
+def test_a_bad_batch_size_is_refused_before_the_prompt_file_is_read(bare, tmp_path, capsys, size, words):
+    """(It was refused after: a missing prompt file was the error given.)"""
+    err = refused(capsys, ["--model", str(bare), "--prompts", str(tmp_path / "none.jsonl"), "--output",
+                           str(tmp_path / "out.jsonl"), "--batch-size", size, "--plan"])
+    assert words in err
 
 
 def test_batch_size_and_max_batch_together_are_refused(bare, tmp_path, capsys):

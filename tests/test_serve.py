@@ -474,7 +474,7 @@ def test_a_json_body_of_another_content_type_is_told_which_it_has(served, conten
     ("/v1/completions", {"prompt": "a", "bogus": 1}, 400, "bogus", "Unrecognized request argument supplied: bogus"),
     ("/v1/completions", {"prompt": LONG, "max_tokens": 1}, 400, "prompt", "context holds 128 tokens"),
     ("/v1/completions", {"prompt": "a", "max_tokens": SEQ}, 400, "prompt", "lower max_tokens"),
-    ("/v1/completions", {"prompt": [5000]}, 400, "prompt", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": [5000]}, 400, "prompt", "prompt: token id 5000 is outside the vocabulary"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", "one prompt per request"),
     ("/v1/completions", {"prompt": [[1, 2.5]]}, 400, "prompt", "prompt must be a string, token ids"),

@@ -183,21 +183,23 @@ class RowEngine:
         self.check(request)
         self.waiting.append(request)
 
-    def check(self, request: Request) -> None:
-        """Raise InputError where ``submit`` would refuse ``request``; reads only the model's limits, so any
-        thread may call it (the HTTP server answers 400 before queuing)."""
-        check_token_ids(request.prompt, self.model.config.vocab_size, f"request {request.key!r}")
+    def check(self, request: Request, where: str | None = None) -> None:
+        """Raise InputError where ``submit`` would refuse ``request`` (``where``: what the messages name, by
+        default the request's key); reads only the model's limits, so any thread may call it (the HTTP server
+        answers 400 before queuing)."""
+        where = where or f"request {request.key!r}"
+        check_token_ids(request.prompt, self.model.config.vocab_size, where)
         limit = request.max_new_tokens
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {limit!r}")
         if not isinstance(request.sampling, Sampling):
-            raise InputError(f"request {request.key!r}: sampling must be a Sampling, got {request.sampling!r}")
+            raise InputError(f"{where}: sampling must be a Sampling, got {request.sampling!r}")
         eos = request.eos_ids
         if not (isinstance(eos, (tuple, list)) and all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
-            raise InputError(f"request {request.key!r}: eos_ids must be a tuple of token ids, got {eos!r}")
+            raise InputError(f"{where}: eos_ids must be a tuple of token ids, got {eos!r}")
         if len(request.prompt) + request.max_new_tokens > self.model.max_seq_len:
             raise InputError(
-                f"request {request.key!r}: {len(request.prompt)} prompt tokens + {request.max_new_tokens} new tokens "
+                f"{where}: {len(request.prompt)} prompt tokens + {request.max_new_tokens} new tokens "
                 f"exceed the context of {self.model.max_seq_len} tokens (max_seq_len)"
             )
 

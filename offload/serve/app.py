@@ -168,7 +168,7 @@ class Service:
                            "temperature")
         request = Request(tuple(prompt), max_tokens or room, sampling, () if params.ignore_eos else self.eos_ids,
                           key=key)
-        _as_400(lambda: self.loop.check(request), prompt_param)
+        _as_400(lambda: self.loop.check(request, prompt_param), prompt_param)  # (the key: none of the client's)
         return request
 
 

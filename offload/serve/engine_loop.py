@@ -60,9 +60,9 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ any thread
 
-    def check(self, request: Request) -> None:
-        """Raise InputError if the engine would refuse ``request``."""
-        self.engine.check(request)
+    def check(self, request: Request, where: str | None = None) -> None:
+        """Raise InputError if the engine would refuse ``request`` (``where``: what the message names)."""
+        self.engine.check(request, where)
 
     def submit(self, request: Request, sink: Sink) -> None:
         self.inbox.put(("submit", request, sink))

@@ -63,7 +63,7 @@ QUICK = dict(shape="tiny", clients=8, max_batch=16, prompt_len="8,32", new_token
              request_timeout=3.0)
 PROMPTS = 16  # distinct prompts the well-behaved clients cycle through
 MB = 2**20
-TTFT_BOUND = 2.0  # hostile p99 TTFT / calm p99 TTFT
+TTFT_BOUND = 2.0  # hostile p99 TTFT / calm p99 TTFT (--ttft-bound)
 ATTACKS = ("slowloris", "big", "chunked", "garbage", "malformed", "limit", "gone", "vanish")
 
 
@@ -98,6 +98,9 @@ def parse_args(argv):
     p.add_argument("--attacks", default=",".join(ATTACKS),
                    help=f"the attacks of the hostile run, comma separated (default all: {','.join(ATTACKS)})")
     p.add_argument("--json", help="write the results here as JSON")
+    p.add_argument("--ttft-bound", type=float, default=TTFT_BOUND,
+                   help=f"the most the hostile run's p99 TTFT may be, over the calm run's (default {TTFT_BOUND:g}; 0: "
+                   "printed, not held: CI's test, whose machine's other work moves a p99 of 15 s runs)")
     p.add_argument("--quick", action="store_true", help="the tiny shape on the CPU, two runs of 15 s (for CI)")
     return p.parse_args(argv)
 
@@ -112,6 +115,8 @@ def settings(args) -> dict:
     args.clients, args.prompt_len, args.new_tokens = clients, pick("prompt_len"), pick("new_tokens")
     args.max_batch = pick("max_batch") or 2 * clients  # room for the slow clients and the attacks that hold a row
     args.sequential = 1
+    if not 0 <= args.ttft_bound < float("inf"):
+        raise bench_serve.UsageError(f"--ttft-bound must be a ratio >= 0 (0: none), got {args.ttft_bound:g}")
     chosen = tuple(a for a in args.attacks.split(",") if a)
     if set(chosen) - set(ATTACKS):
         raise bench_serve.UsageError(f"--attacks: unknown {sorted(set(chosen) - set(ATTACKS))}; choose of {ATTACKS}")
@@ -484,18 +489,21 @@ def print_report(runs: list[dict]) -> None:
             print(f"  {r['name']}: wrong: {line}")
 
 
-def verdict(runs: list[dict], rows_busy: float) -> tuple[bool, str]:
+def verdict(runs: list[dict], rows_busy: float, bound: float = TTFT_BOUND) -> tuple[bool, str]:
+    """Whether every request and attack was answered as it should be and the TTFT ``bound`` held (0: none), and
+    the summary line."""
     calm, hostile = runs
     ratio = hostile["ttft_p99"] / calm["ttft_p99"]
     failures = [f"{r['name']}: {r['wrong_count']} requests not answered correctly" for r in runs if r["wrong_count"]]
     failures += [f"attacks answered otherwise: {hostile['misanswered']}"] if hostile["misanswered"] else []
-    if ratio > TTFT_BOUND:
-        failures.append(f"hostile p99 TTFT is {ratio:.2f}x the calm run's (bound {TTFT_BOUND:g}x)")
+    if bound and ratio > bound:
+        failures.append(f"hostile p99 TTFT is {ratio:.2f}x the calm run's (bound {bound:g}x)")
     failures += [f"{rows_busy:g} rows or requests still busy after the runs"] if rows_busy else []
     missing = {"slow sender", "slow reader", "half-closer"} - set(hostile["slow"])
     failures += [f"slow clients without an answer: {sorted(missing)}"] if missing else []
-    summary = (f"p99 TTFT {calm['ttft_p99']:.3f} s calm, {hostile['ttft_p99']:.3f} s hostile ({ratio:.2f}x, bound "
-               f"{TTFT_BOUND:g}x); {calm['requests']} + {hostile['requests']} well-behaved requests, "
+    held = f"bound {bound:g}x" if bound else "no bound"
+    summary = (f"p99 TTFT {calm['ttft_p99']:.3f} s calm, {hostile['ttft_p99']:.3f} s hostile ({ratio:.2f}x, {held}); "
+               f"{calm['requests']} + {hostile['requests']} well-behaved requests, "
                f"{sum(hostile['slow'].values())} slow, {sum(hostile['attacks'].values())} attacks answered")
     return not failures, summary + ("" if not failures else "; FAILED: " + "; ".join(failures))
 
@@ -542,7 +550,7 @@ def main(argv=None) -> int:
         runs = [summarize(name, tally, others, s["seconds"]) for name, (tally, others) in tallies.items()]
         rows_busy = rows_left_busy(server.url)
     print_report(runs)
-    ok, summary = verdict(runs, rows_busy)
+    ok, summary = verdict(runs, rows_busy, args.ttft_bound)
     summary = f"bench_serve_hostile: {label} on {bench_serve.hardware()}: {summary}"
     if args.json:
         Path(args.json).write_text(json.dumps(dict(date=date, hardware=bench_serve.hardware(),

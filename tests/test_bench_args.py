@@ -37,6 +37,7 @@ from conftest import load_script
     ("bench_offload", ["--quick", "--batch", "1,x"], "--batch expects comma-separated positive integers such as 1,16"),  # here, not in torchrun's workers
     ("moe_host_time", ["--shape", "tiny"], "tiny has no routed experts; give a mixture-of-experts shape: mixtral"),
     ("moe_host_time", ["--steps", "1"], "--steps must be >= 2"),
+    ("bench_serve_hostile", ["--quick", "--ttft-bound", "-1"], "--ttft-bound must be a ratio >= 0"),
     ("bench_offload", ["--shape", "tiny", "--runs", "nosuch"], "--runs: unknown 'nosuch'; choose from resident, host"),
     ("bench_offload", ["--shape", "tiny", "--runs", "host eager"], "--runs: unknown 'host eager'"),
     ("bench_offload", ["--shape", "tiny", "--runs", "host int4"], "--runs: unknown 'host int4'"),  # no --quantize

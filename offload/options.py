@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,18 +232,13 @@ def _check_draft(draft, draft_tokens) -> None:
 
 
 def _check_link(link) -> None:
-    """A rate's name: one the planner reads, or a peer's device ("cuda:1"); a misspelt one would be ignored."""
+    """A rate's name: one the planner reads, or a peer's device as budgets name it ("cuda:1"); a misspelt one (or
+    "cuda", which no peer is named) would be ignored."""
     from .memory.bandwidth import RATES  # (it imports this module)
 
-    if isinstance(link, str) and link in RATES:
-        return
-    try:
-        if not isinstance(link, str):
-            raise TypeError(link)
-        torch.device(link)
-    except (RuntimeError, TypeError, ValueError):
+    if not (isinstance(link, str) and (link in RATES or re.fullmatch(r"(cuda|cpu):\d+", link))):
         raise InputError(f"link_bandwidth names no link {link!r}: give {', '.join(RATES[:3])}, a peer device such as "
-                         f"'cuda:1', or a kernel's rate ({', '.join(RATES[3:])})") from None
+                         f"'cuda:1', or a kernel's rate ({', '.join(RATES[3:])})")
 
 
 def _count(name: str, value) -> None:

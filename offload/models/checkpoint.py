@@ -375,9 +375,9 @@ class CheckpointSource:
         """That weight ``name``, stored as its parts, can be read dense as ``spec`` asks: its shape, and a piece of
         whole rows (an LM head that tensor-parallel ranks pad is stored in int8 by a one-rank ``write_quantized``),
         in a checkpoint whose config.json records its format (else its layers would be read dense, quietly)."""
-        from ..quantized import RECORD, stored_quantization
+        from ..quantized import RECORD
 
-        if stored_quantization(self.path) is None:
+        if self._record is None:
             raise CheckpointError(f"checkpoint {str(self.path)!r} stores {name} as quantized parts ({name}.data...), "
                                   f"but config.json records no {RECORD}, as scripts/quantize.py writes it")
         fmt, group, _ = self.stored(name)

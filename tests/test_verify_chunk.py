@@ -7,6 +7,7 @@ import torch
 import offload
 from offload.models.chunks import Rope
 from offload.models.verify_chunk import VerifyChunk
+from offload.offloaded_model import _tree_layout
 
 T, F = True, False
 
@@ -132,6 +133,16 @@ def test_a_tree_mask_sees_the_cache_and_each_tokens_ancestors():
     cache_k = torch.zeros(1, 1, 10, 2)
     chunk.store(cache_k, cache_k.clone(), k, k)
     assert torch.equal(cache_k[0, 0, 3:7], k[0, :4, 0])  # tokens go to their slots, whatever their depth
+
+
+def test_a_tree_is_laid_out_by_depth_and_ancestors():
+    """``verify``'s layout of a tree row (root, two children of the root, a grandchild under token 1, a pad) and
+    of a padded row: rotary positions by depth, each token seeing its ancestors and itself."""
+    positions, ancestors = _tree_layout([[0, 0, 1], []], [[3, 4, 5, 6, 9], [9] * 5], 9)
+    assert positions.tolist() == [[3, 4, 4, 5, 9], [9] * 5]
+    assert ancestors[0].tolist() == [[T, F, F, F, F], [T, T, F, F, F], [T, F, T, F, F], [T, T, F, T, F],
+                                     [F, F, F, F, T]]
+    assert torch.equal(ancestors[1], torch.eye(5, dtype=torch.bool))
 
 
 def test_every_branch_of_a_tree_gets_the_logits_of_its_own_chain(model):

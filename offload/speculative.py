@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .memory.host import to_device
 from .sampling import Sampling, draw, probabilities
 
 DEFAULT_MAX_DRAFT = 16  # the longest draft an adaptive row is given (verify passes of up to 17 tokens a row)
@@ -236,8 +237,9 @@ def accept(logits: torch.Tensor, proposal: Proposal, samplings: list[Sampling], 
 
 
 def _padded(tokens: list[list[int]], width: int, device) -> torch.Tensor:
-    rows = [t + [-1] * (width - len(t)) for t in tokens]
-    return torch.tensor(rows, dtype=torch.long).to(device)
+    """The drafts on ``device``, queued behind the verify pass (a copy from pageable memory waited for it: the
+    host then queued the verdict's kernels only once the pass was over)."""
+    return to_device([t + [-1] * (width - len(t)) for t in tokens], torch.long, device)
 
 
 def _speculative_sample(logits: torch.Tensor, drafts: torch.Tensor, k: int, q: torch.Tensor | None,

@@ -259,8 +259,8 @@ class Plan:
             link = f"{memory} {gb_s(self.bandwidth['hbm'])}" if tier == RESIDENT else gb_s(self.bandwidth[tier])
             used = {RESIDENT: self.gpu_bytes, HOST: self.host_ram_bytes}.get(tier) or self.bytes_on(tier)
             lines.append(
-                f"  {tier:<10}{len(self.blocks_on(tier)):>7}{format_size(used):>13}"
-                f"{format_size(budgets[tier]):>13}   {link}"
+                f"  {tier:<10}{len(self.blocks_on(tier)):>7}{format_size(used):>13} "
+                f"{format_size(budgets[tier]):>12}   {link}"
             )
         lines.append(
             f"  on {self.compute_device} besides resident layers: non-layer {format_size(n.global_bytes)}"

@@ -43,7 +43,7 @@ from . import switches
 from .memory.host import to_device
 from .sampling import draw, probabilities
 from .scheduler import greedy_chain
-from .scheduler.greedy_chain import GreedyChain, likeliest_of
+from .scheduler.greedy_chain import GreedyChain
 from .speculative import DEFAULT_MAX_DRAFT, MAX_BRANCHES, BestFirstTree, Proposal
 
 NGRAM, INT8, INT4, MODEL = "ngram", "int8", "int4", "model"
@@ -244,10 +244,9 @@ class ModelDraft:
             return self._grow_trees(rows, budgets, nodes, contexts, logits, caught_up)
         self.steps.after += steps  # (the catch-up drafts the first)
         if chain is not None:  # the first draft from the catch-up's logits, the rest replayed
-            first = logits.argmax(dim=-1)
+            first, top, chance = self.model.decoder.ops.likeliest(logits, MAX_BRANCHES)
             positions = [len(contexts[b]) if b in contexts else None for b in range(len(rows))]
             drafted, likeliest, chances = chain.run(first, positions, steps - 1, MAX_BRANCHES)
-            top, chance = likeliest_of(logits, MAX_BRANCHES)
             drafted = torch.cat([first[:, None], drafted], dim=1)
             likeliest, chances = torch.cat([top[:, None], likeliest], dim=1), torch.cat([chance[:, None], chances], 1)
             self.depth = steps

@@ -578,3 +578,58 @@ def test_a_decode_step_through_the_kernels_agrees_with_pytorchs_operations(monke
     torch.testing.assert_close(mine.cache.k.float(), reference.cache.k.float(), atol=1e-2, rtol=1e-2)
     for model in (reference, mine):
         model.close()
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton (natively on a GPU, or its interpreter)")
+@pytest.mark.parametrize("rows, vocab, k, dtype", [(1, 49152, 4, torch.float32), (3, 10000, 4, torch.float16),
+                                                    (2, 4096, 1, torch.float32), (4, 130, 16, torch.float16)])
+def test_the_likeliest_tokens_in_two_kernels(rows, vocab, k, dtype):
+    """``likeliest``: each row's argmax (the first of equal maxima, as torch.argmax), its k likeliest (equal logits
+    lowest index first, as a stable sort orders them) and their softmax probabilities, from rows whose stride is
+    not their length; written into given buffers too."""
+    gen = torch.Generator().manual_seed(rows * vocab + k)
+    logits = (torch.randn(rows, vocab + 5, generator=gen) * 4).to(dtype).to(KERNEL_DEVICE)[:, :vocab]
+    logits[0, 3] = logits[0, vocab - 1] = logits[0, 1000 % vocab] = logits[0].max() + 1  # a tie, in other parts
+    logits[-1, 7] = logits[-1, 9] = logits[-1].max() + 1
+    first, top, chances = kernels.likeliest(logits, k)
+    order = torch.sort(logits.double(), dim=-1, descending=True, stable=True).indices[:, :k]
+    want = (logits.double().gather(1, order) - logits.double().logsumexp(-1, keepdim=True)).exp()
+    assert torch.equal(first, logits.argmax(dim=-1)) and torch.equal(top, order)
+    torch.testing.assert_close(chances, want.float(), rtol=1e-5, atol=1e-7)
+    out = (torch.zeros_like(first), torch.zeros_like(top), torch.zeros_like(chances))
+    assert kernels.likeliest(logits, k, out) is out and torch.equal(out[1], top) and torch.equal(out[2], chances)
+    torch_first, torch_top, torch_chances = ops.likeliest(logits, k)  # PyTorch's: topk orders ties its own way
+    assert torch.equal(torch_first, first) and torch.equal(logits.gather(1, torch_top), logits.gather(1, top))
+    torch.testing.assert_close(torch_chances, chances, rtol=1e-5, atol=1e-7)
+    assert kernels.likeliest_takes(logits, k) and not kernels.likeliest_takes(logits.T, k)
+    assert not kernels.likeliest_takes(logits, vocab + 1) and not kernels.likeliest_takes(logits.double(), k)
+
+
+_COMPILE_LIKELIEST_FOR_HOPPER = """
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from offload.models import kernels
+
+def compile(fn, constexprs, types, warps):
+    names = list(inspect.signature(fn.fn).parameters)
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+
+part = compile(kernels._likeliest_part_kernel, dict(K=4, BLOCK=kernels.LIKELIEST_BLOCK, PDL=1),
+               {"x_ptr": "*bf16", "sums_ptr": "*fp32", "found_ptr": "*i32"}, 8)
+merge = compile(kernels._likeliest_merge_kernel, dict(PARTS=12, PARTS_PAD=16, K=4, PDL=1),
+                {"sums_ptr": "*fp32", "found_ptr": "*i32", "first_ptr": "*i64", "top_ptr": "*i64",
+                 "chances_ptr": "*fp32"}, 1)
+print(part.count("griddepcontrol.wait"), merge.count("griddepcontrol.wait"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
+def test_the_likeliest_kernels_compile_for_hopper():
+    """``likeliest``'s two kernels compiled for sm_90 here (no GPU needed), as a draft's chain launches them: each
+    waits for its inputs under a dependent launch."""
+    assert compile_for_hopper(_COMPILE_LIKELIEST_FOR_HOPPER).split() == ["1", "1"]

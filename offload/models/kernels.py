@@ -292,6 +292,40 @@ def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     return out
 
 
+# ----------------------------------------------------------------------------- the likeliest tokens
+
+LIKELIEST_BLOCK = 4096  # the vocabulary a program of ``likeliest``'s first kernel reads (12 of SmolLM2's 49,152)
+LIKELIEST_MOST = 16  # the most tokens ``likeliest`` names a row
+
+
+def likeliest_takes(logits: torch.Tensor, k: int) -> bool:
+    """Whether ``likeliest`` takes ``logits [rows, vocab]`` (each row contiguous, 16 or 32 bits) and ``k``."""
+    return (logits.dim() == 2 and logits.stride(-1) == 1 and logits.dtype in (*DTYPES, torch.float32)
+            and 1 <= k <= min(LIKELIEST_MOST, logits.shape[-1]) and logits.shape[0] > 0)
+
+
+def likeliest(logits: torch.Tensor, k: int, out: tuple | None = None) -> tuple:
+    """Each row's argmax (the first of equal maxima, as ``torch.argmax``), its ``k`` likeliest tokens (most likely
+    first; equal logits lowest index first) and their probabilities under the row's softmax (float32): what
+    PyTorch's argmax, topk and logsumexp take about forty kernels for, in two. ``out``: three tensors to write
+    (``[rows]`` and ``[rows, k]`` int64, ``[rows, k]`` float32). The first kernel's programs each take
+    ``LIKELIEST_BLOCK`` of a row's logits: their maximum, the sum of their exponentials and their ``k`` likeliest;
+    the second puts each row's together."""
+    rows, vocab = logits.shape
+    parts = triton.cdiv(vocab, LIKELIEST_BLOCK)
+    out = out if out is not None else (logits.new_empty(rows, dtype=torch.long),
+                                       logits.new_empty(rows, k, dtype=torch.long),
+                                       logits.new_empty(rows, k, dtype=torch.float32))
+    sums = logits.new_empty(rows, parts, 2 + k, dtype=torch.float32)  # a part's maximum, its sum, its likeliest
+    found = logits.new_empty(rows, parts, k, dtype=torch.int32)  # and where they are in the row
+    launch = dependent_launch(logits.device)
+    _likeliest_part_kernel[(rows, parts)](logits, sums, found, logits.stride(0), vocab, K=k, BLOCK=LIKELIEST_BLOCK,
+                                          num_warps=8, **launch)
+    _likeliest_merge_kernel[(rows,)](sums, found, *out, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts), K=k,
+                                     num_warps=1, **launch)
+    return out
+
+
 # ----------------------------------------------------------------------------- rotary embedding and cache write
 
 
@@ -606,6 +640,52 @@ if triton is not None:
         gate = tl.load(gate_up_ptr + row * 2 * INTER + cols, mask=inside, other=0.0)
         up = tl.load(gate_up_ptr + row * 2 * INTER + INTER + cols, mask=inside, other=0.0)
         tl.store(out_ptr + row * INTER + cols, gated_value(gate, up, GATE), mask=inside)
+
+    @triton.jit
+    def _likeliest_part_kernel(x_ptr, sums_ptr, found_ptr, stride, V, K: tl.constexpr, BLOCK: tl.constexpr,
+                               PDL: tl.constexpr):
+        """``BLOCK`` logits of a row: their maximum, the sum of their exponentials past it, and their ``K`` largest
+        with where they are (equal ones lowest index first)."""
+        wait_for_inputs(PDL)
+        row, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        cols = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride + part * BLOCK + cols, mask=part * BLOCK + cols < V,
+                    other=float("-inf")).to(tl.float32)
+        top = tl.max(x, axis=0)
+        at = (row * tl.num_programs(1) + part) * (2 + K)
+        tl.store(sums_ptr + at, top)
+        tl.store(sums_ptr + at + 1, tl.sum(tl.exp(x - tl.where(top == float("-inf"), 0.0, top)), axis=0))
+        for j in tl.static_range(K):
+            i = tl.argmax(x, axis=0, tie_break_left=True)
+            tl.store(sums_ptr + at + 2 + j, tl.max(x, axis=0))
+            tl.store(found_ptr + (row * tl.num_programs(1) + part) * K + j, part * BLOCK + i)
+            x = tl.where(cols == i, float("-inf"), x)
+
+    @triton.jit
+    def _likeliest_merge_kernel(sums_ptr, found_ptr, first_ptr, top_ptr, chances_ptr, PARTS: tl.constexpr,
+                                PARTS_PAD: tl.constexpr, K: tl.constexpr, PDL: tl.constexpr):
+        """A row's parts put together: the ``K`` largest of their candidates (equal ones lowest index first), each
+        with its probability, the sum of the parts' exponentials rescaled to the row's maximum."""
+        wait_for_inputs(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        p = tl.arange(0, PARTS_PAD)
+        at = (row * PARTS + p) * (2 + K)
+        part_top = tl.load(sums_ptr + at, mask=p < PARTS, other=float("-inf"))
+        top = tl.max(part_top, axis=0)
+        shift = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.sum(tl.load(sums_ptr + at + 1, mask=p < PARTS, other=0.0) * tl.exp(part_top - shift), axis=0)
+        c = tl.arange(0, PARTS_PAD * K)  # candidate c: part c // K's (c % K)-th largest
+        inside = c // K < PARTS
+        values = tl.load(sums_ptr + (row * PARTS + c // K) * (2 + K) + 2 + c % K, mask=inside, other=float("-inf"))
+        where = tl.load(found_ptr + row * PARTS * K + c, mask=inside, other=2**31 - 1)
+        for j in tl.static_range(K):
+            value = tl.max(values, axis=0)
+            index = tl.min(tl.where(values == value, where, 2**31 - 1), axis=0)
+            if j == 0:
+                tl.store(first_ptr + row, index.to(tl.int64))
+            tl.store(top_ptr + row * K + j, index.to(tl.int64))
+            tl.store(chances_ptr + row * K + j, tl.exp(value - shift) / total)
+            values = tl.where(where == index, float("-inf"), values)
 
     @triton.jit
     def _rope_and_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, qn_ptr, kn_ptr,

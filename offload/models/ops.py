@@ -37,6 +37,7 @@ class Ops:
     cached_attention: Callable  # a decode step's or a verify pass's (qkv [B, W, F], cos, sin, slots, cache_k, cache_v,
     #     length, allowed [B, 1, W, length], heads, scale, q_norm=None, k_norm=None, eps=0, offset=False):
     #     rope_and_store, then attention over the caches' first ``length`` keys -> [B, H, W, hd]
+    likeliest: Callable  # (logits [rows, V], k, out=None) -> each row's argmax, its k likeliest, their probabilities
     kernels: bool  # offload's Triton kernels (True) or PyTorch's operations
 
 
@@ -169,7 +170,25 @@ def decode_attention(q, keys, values, allowed, scale: float) -> torch.Tensor:
     return torch.matmul(probs, values).reshape(b, h, 1, hd)
 
 
-TORCH = Ops(linear, normed_linear, rms_norm, add_rms_norm, gated, gated_linear, cached_attention, kernels=False)
+def likeliest(logits: torch.Tensor, k: int, out: tuple | None = None) -> tuple:
+    """Each row of ``logits [rows, V]``'s argmax, its ``k`` likeliest tokens and their probabilities (float32):
+    a draft's greedy choice and where its chain is likeliest to break (``kernels.likeliest``). ``out``: three
+    tensors to write (``[rows]``, ``[rows, k]``, ``[rows, k]``)."""
+    found = logits.topk(k, dim=-1)
+    chances = (found.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()
+    return _written(out, (logits.argmax(dim=-1), found.indices, chances))
+
+
+def _written(out: tuple | None, values: tuple) -> tuple:
+    if out is None:
+        return values
+    for o, value in zip(out, values):
+        o.copy_(value)
+    return out
+
+
+TORCH = Ops(linear, normed_linear, rms_norm, add_rms_norm, gated, gated_linear, cached_attention, likeliest,
+            kernels=False)
 
 
 # ----------------------------------------------------------------------------- Triton, where the shapes allow
@@ -263,5 +282,11 @@ def _cached_attention(qkv, cos, sin, slots, cache_k, cache_v, length, allowed, h
     return attend_cache(_decode_attention, q, cache_k, cache_v, length, allowed, scale)
 
 
+def _likeliest(logits, k, out=None):
+    if kernels.likeliest_takes(logits, k) and (out is None or all(o.is_contiguous() for o in out)):
+        return kernels.likeliest(logits, k, out)  # two kernels where PyTorch's take about forty
+    return likeliest(logits, k, out)
+
+
 TRITON = Ops(_linear, _normed_linear, _rms_norm, _add_rms_norm, _gated, _gated_linear, _cached_attention,
-             kernels=True)
+             _likeliest, kernels=True)

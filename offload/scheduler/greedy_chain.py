@@ -110,15 +110,7 @@ class GreedyChain:
         decoder = model.decoder
         chunk = DecodeChunk(position, kv_len, decoder.ropes, decoder.windows, tokens=token)
         logits = decoder.forward([chunk], model.weights, model.cache, rows)
-        found = likeliest_of(logits, likeliest)
-        top.copy_(found[0])
-        chances.copy_(found[1])
-        token.copy_(logits.argmax(dim=-1))
+        # the argmax is the next step's token; the likeliest tokens say where the chain's verdicts are likeliest to
+        # break, and how (``drafts.ModelDraft.look_ahead``)
+        decoder.ops.likeliest(logits, likeliest, out=(token, top, chances))
         position.add_(live)
-
-
-def likeliest_of(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` likeliest tokens of each row of ``logits [..., vocab]`` and their probabilities (float32): where a
-    chain's verdicts are likeliest to break, and how (``drafts.ModelDraft.look_ahead``)."""
-    found = logits.topk(k, dim=-1)
-    return found.indices, (found.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()

@@ -98,7 +98,8 @@
 #                  the side stream draft beside the target's pass, or after it?)
 #   spec_smollm2_int8_ahead  the int8 copy in chains of 6, 128 tokens a prompt, drafting ahead (OFFLOAD_LOOK_AHEAD=1,
 #                  the default) and not (0): how often the verdict was guessed, and what a pass spends drafting
-#                  (#22: its 4x needs drafting hidden behind the pass)
+#                  (#22: its 4x needs drafting hidden behind the pass); AHEADS="1 1 0" runs each of its values
+#   tests_likeliest  a draft's likeliest tokens in two kernels (kernels.likeliest) on CUDA, then tests_spec
 #   load13b_ab     llama-2-13b saved in int4 (written first), loaded from disk at 4 GiB with read() through pinned
 #                  buffers four reads at a time (OFFLOAD_READ_THREADS=4), one at a time (the default), staged in
 #                  pageable memory (before the twenty-fifth session) and copied from the memory map (before the
@@ -367,10 +368,10 @@ run_stage() {
     spec_smollm2_int8_ahead) stage spec_smollm2_int8_ahead bash -c 'set -e; smollm2_ready
         [ -d /tmp/smollm2-int8 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int8 \
             --out /tmp/smollm2-int8 --device cuda
-        for ahead in 1 0; do echo "OFFLOAD_LOOK_AHEAD=$ahead"
+        run=0; for ahead in ${AHEADS:-1 0}; do echo "OFFLOAD_LOOK_AHEAD=$ahead"; run=$((run + 1))
             OFFLOAD_LOOK_AHEAD=$ahead python3 benchmarks/bench_speculative.py \
             --model /tmp/smollm2 --gpu-memory stream --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int8 \
-            --draft-tokens 6 --max-new-tokens 128 --json "$0/spec_int8_ahead$ahead.json"; done' "$OUT" ;;
+            --draft-tokens 6 --max-new-tokens 128 --json "$0/spec_int8_ahead$ahead-$run.json"; done' "$OUT" ;;
     spec_smollm2_int8_trace) stage spec_smollm2_int8_trace bash -c 'set -e; smollm2_ready
         [ -d /tmp/smollm2-int8 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int8 \
             --out /tmp/smollm2-int8 --device cuda
@@ -426,6 +427,8 @@ run_stage() {
             --batch 1 --json "$0/gguf_moe30b.json"
         python3 benchmarks/bench_offload.py --model /tmp/30b.gguf --gpu-memory 40GiB --runs resident \
             --skip-accelerate --batch 1,16 --json "$0/gguf_moe30b_resident.json"' "$OUT" ;;
+    tests_likeliest) stage tests_likeliest python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k likeliest
+      run_stage tests_spec ;;
     tests_spec) stage tests_spec bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_speculation.py \
       tests/test_verify_chunk.py tests/test_drafts.py tests/test_graphs.py; python3 -m pytest -m gpu -s -q \
       -p no:cacheprovider tests/test_gpu.py -k "verify or speculative or greedy_chain or ahead or whole"' ;;

@@ -603,6 +603,11 @@ def test_the_likeliest_tokens_in_two_kernels(rows, vocab, k, dtype):
     torch.testing.assert_close(torch_chances, chances, rtol=1e-5, atol=1e-7)
     assert kernels.likeliest_takes(logits, k) and not kernels.likeliest_takes(logits.T, k)
     assert not kernels.likeliest_takes(logits, vocab + 1) and not kernels.likeliest_takes(logits.double(), k)
+    logits[0, 11] = float("nan")  # a broken row still names tokens of the vocabulary: the NaN first, as argmax
+    if rows > 1:
+        logits[-1] = float("-inf")
+    first, top, _ = kernels.likeliest(logits, k)
+    assert first[0] == 11 and bool((top >= 0).all() and (top < vocab).all())
 
 
 _COMPILE_LIKELIEST_FOR_HOPPER = """
@@ -622,7 +627,7 @@ part = compile(kernels._likeliest_part_kernel, dict(K=4, BLOCK=kernels.LIKELIEST
                {"x_ptr": "*bf16", "sums_ptr": "*fp32", "found_ptr": "*i32"}, 8)
 merge = compile(kernels._likeliest_merge_kernel, dict(PARTS=12, PARTS_PAD=16, K=4, PDL=1),
                 {"sums_ptr": "*fp32", "found_ptr": "*i32", "first_ptr": "*i64", "top_ptr": "*i64",
-                 "chances_ptr": "*fp32"}, 1)
+                 "chances_ptr": "*fp32", "V": "i32"}, 1)
 print(part.count("griddepcontrol.wait"), merge.count("griddepcontrol.wait"))
 """
 

@@ -321,8 +321,8 @@ def likeliest(logits: torch.Tensor, k: int, out: tuple | None = None) -> tuple:
     launch = dependent_launch(logits.device)
     _likeliest_part_kernel[(rows, parts)](logits, sums, found, logits.stride(0), vocab, K=k, BLOCK=LIKELIEST_BLOCK,
                                           num_warps=8, **launch)
-    _likeliest_merge_kernel[(rows,)](sums, found, *out, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts), K=k,
-                                     num_warps=1, **launch)
+    _likeliest_merge_kernel[(rows,)](sums, found, *out, vocab, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts),
+                                     K=k, num_warps=1, **launch)
     return out
 
 
@@ -651,6 +651,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride + part * BLOCK + cols, mask=part * BLOCK + cols < V,
                     other=float("-inf")).to(tl.float32)
+        x = tl.where(x != x, float("inf"), x)  # a NaN is the largest, as torch.argmax takes it
         top = tl.max(x, axis=0)
         at = (row * tl.num_programs(1) + part) * (2 + K)
         tl.store(sums_ptr + at, top)
@@ -662,10 +663,12 @@ if triton is not None:
             x = tl.where(cols == i, float("-inf"), x)
 
     @triton.jit
-    def _likeliest_merge_kernel(sums_ptr, found_ptr, first_ptr, top_ptr, chances_ptr, PARTS: tl.constexpr,
+    def _likeliest_merge_kernel(sums_ptr, found_ptr, first_ptr, top_ptr, chances_ptr, V, PARTS: tl.constexpr,
                                 PARTS_PAD: tl.constexpr, K: tl.constexpr, PDL: tl.constexpr):
         """A row's parts put together: the ``K`` largest of their candidates (equal ones lowest index first), each
-        with its probability, the sum of the parts' exponentials rescaled to the row's maximum."""
+        with its probability, the sum of the parts' exponentials rescaled to the row's maximum. A token past the
+        vocabulary (a part's padding, named only where the row has fewer than ``K`` logits above minus infinity)
+        is named as the last."""
         wait_for_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         p = tl.arange(0, PARTS_PAD)
@@ -680,7 +683,7 @@ if triton is not None:
         where = tl.load(found_ptr + row * PARTS * K + c, mask=inside, other=2**31 - 1)
         for j in tl.static_range(K):
             value = tl.max(values, axis=0)
-            index = tl.min(tl.where(values == value, where, 2**31 - 1), axis=0)
+            index = tl.minimum(tl.min(tl.where(values == value, where, 2**31 - 1), axis=0), V - 1)
             if j == 0:
                 tl.store(first_ptr + row, index.to(tl.int64))
             tl.store(top_ptr + row * K + j, index.to(tl.int64))

@@ -5,7 +5,8 @@ Input lines are ``{"id": ..., "prompt": "text"}`` (needs a tokenizer),
 "content": "..."}, ...]}`` (laid out by the model's chat template), with an optional
 ``max_new_tokens``; an id is a JSON string or integer. Other fields ride along unread (a
 record's own metadata), but not the names of settings a record cannot make (``temperature``,
-``max_tokens``...: the job's flags set them for every record), which are refused. The file is UTF-8 (a leading
+``max_tokens``...: the job's flags set them for every record), which are refused, as is a key given twice in
+one object (JSON would keep its last value without a word). The file is UTF-8 (a leading
 byte order mark is allowed) and is split into lines at ``\n`` only, since JSON
 strings may hold U+2028, U+2029 and U+0085 raw. The whole file is checked before
 the model is loaded.
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from .chat import check_roles
 from .errors import ConfigError, InputError, PlanError
-from .inputs import check_token_ids
+from .inputs import check_token_ids, unique_keys
 from .memory.budget import format_seconds
 from .models.checkpoint import is_gguf
 from .options import MAX_COUNT
@@ -85,7 +86,9 @@ def read_records(path, tokenizer, default_max_new_tokens: int, vocab_size: int) 
 def _parse_line(line: str, where: str) -> dict:
     """One input line as a JSON object with a usable id."""
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=unique_keys)
+    except InputError as e:  # a key given twice: which of its values was meant is not ours to guess
+        raise InputError(f"{where}: {e}") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: bad JSON ({e.msg})") from None
     except (ValueError, RecursionError) as e:  # an integer of thousands of digits, nesting without end

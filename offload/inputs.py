@@ -37,6 +37,18 @@ def check_keywords(given, names, what: str, see: str = "") -> None:
         raise InputError(f"unknown {what} {unknown[0]!r}{hint}" + (f"; {see}" if see else ""))
 
 
+def unique_keys(pairs: list) -> dict:
+    """An object for ``json.loads(..., object_pairs_hook=unique_keys)``: a key given twice in one object is refused
+    (an InputError), where ``json`` would keep its last value without a word (``{"prompt": "a", "prompt": "b"}``
+    would be read as the prompt "b")."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise InputError(f"the key {key!r} is given twice in one object")
+        obj[key] = value
+    return obj
+
+
 def check_token_ids(ids, vocab_size: int, where: str) -> list[int]:
     """A prompt: a non-empty list of integer ids that the vocabulary has (returned as plain ints)."""
     if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):

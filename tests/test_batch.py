@@ -274,6 +274,10 @@ PROMPT_FILE_CASES = [
                  id="max-new-tokens-bool"),
     pytest.param(b'{"id": 1, "prompt_ids": [1]}\n{"id": 1, "prompt_ids": [2]}\n', "duplicate id 1",
                  id="duplicate-id"),
+    pytest.param(b'{"id": 1, "prompt": "a", "prompt": "b"}\n', "in.jsonl:1: the key 'prompt' is given twice",
+                 id="duplicate-key"),  # json would read the last value without a word
+    pytest.param(b'{"id": 1, "prompt_ids": [1]}\n{"id": 2, "messages": [{"role": "user", "role": "system", '
+                 b'"content": "x"}]}\n', "in.jsonl:2: the key 'role' is given twice", id="duplicate-key-inside"),
 ]
 
 

@@ -499,6 +499,11 @@ def test_a_json_body_of_another_content_type_is_told_which_it_has(served, conten
      "messages", "messages[0].content is not valid Unicode"),
     ("/v1/completions", b'{"prompt": "hi \\udfff there", "max_tokens": 3}', 400, "prompt", "not valid Unicode"),
     ("/v1/completions", b'{"prompt": "hi", "\\ud800": 1}', 400, None, "not valid Unicode"),
+    # a key given twice: json would read its last value without a word
+    ("/v1/completions", b'{"prompt": "a", "max_tokens": 2, "max_tokens": 90}', 400, None,
+     "the request body: the key 'max_tokens' is given twice in one object"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a", "content": "b"}]}', 400, None,
+     "the key 'content' is given twice"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, path, body, status, param, words):
     if isinstance(body, bytes):

@@ -24,6 +24,7 @@ is refused from its beginning.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -33,11 +34,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from ..errors import ConfigError, InputError
+from ..inputs import unique_keys
 from ..memory.budget import format_size
 from ..sampling import Sampling
 from ..scheduler.row_engine import Request
@@ -299,6 +302,7 @@ def create_app(service: Service, api_docs: bool = False) -> FastAPI:
 
     app = FastAPI(title="offload", lifespan=lifespan, openapi_url="/openapi.json" if api_docs else None,
                   docs_url="/docs" if api_docs else None, redoc_url=None)
+    app.router.route_class = UniqueKeysRoute  # (before any route is made)
     app.add_middleware(BodyLimit, limit=service.max_request_bytes)
     app.state.drain = service.drain  # what offload's Server awaits before uvicorn shuts down
     add_error_handlers(app)
@@ -467,6 +471,30 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(ApiError(500, f"internal error ({type(e).__name__})").body(), status_code=500)
 
 
+class UniqueKeysRequest(HttpRequest):
+    """A request whose JSON body may not give a key twice in one object: ``json`` would keep the last value without
+    a word, so the request would do what its sender may not have meant (and another reader of it, a proxy that
+    keeps the first, would see another request). A prompt file's records are read so too."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), object_pairs_hook=unique_keys)
+        return self._json
+
+
+class UniqueKeysRoute(APIRoute):
+    """A route whose handler reads its body as :class:`UniqueKeysRequest` does (an InputError there is FastAPI's
+    400, worded by :func:`_http_error_message`)."""
+
+    def get_route_handler(self):
+        handle = super().get_route_handler()
+
+        async def handler(request: HttpRequest):
+            return await handle(UniqueKeysRequest(request.scope, request.receive))
+
+        return handler
+
+
 class BodyLimit:
     """ASGI middleware: a request body past ``limit`` bytes is answered 413 without being read, at once when its
     Content-Length says so, else as soon as the bytes received pass the limit (the rest is discarded as it comes).
@@ -511,6 +539,8 @@ def _http_error_message(e: HTTPException) -> str:
     if isinstance(cause, UnicodeDecodeError):
         return (f"the request body is not valid JSON (not UTF-8: byte {cause.object[cause.start]:#04x} at position "
                 f"{cause.start})")
+    if isinstance(cause, InputError):  # a key given twice
+        return f"the request body: {cause}"
     if isinstance(cause, RecursionError):
         return "the request body is not valid JSON (arrays or objects nested too deeply)"
     return str(e.detail)

@@ -28,7 +28,7 @@ from .chat import stop_token_ids
 from .distributed import TensorParallel, init_tensor_parallel
 from .drafts import draft_kind
 from .errors import InputError, OffloadError, PlanError, PlanWarning
-from .inputs import check_token_ids, check_unicode
+from .inputs import ascii_float, ascii_int, check_token_ids, check_unicode
 from .loading import prepare
 from .memory.budget import GPU_HEADROOM, HOST_HEADROOM_FRACTION, format_size, parse_peer_flag
 from .memory.planner import format_plans
@@ -48,7 +48,16 @@ MAX_AUTO_BATCH = 128
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are InputError: one line on stderr and status 2, like any bad input."""
+    """argparse whose errors are InputError: one line on stderr and status 2, like any bad input. Its flags of
+    ``type=int`` and ``type=float`` read ASCII digits alone (``int("４")`` is 4): anything else is "invalid int
+    value", as any other text that is no number."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse converts a flag's text with the function its registry holds for the flag's type (the type itself
+        # where it holds none), and names the type in its message: one place for every number flag.
+        self.register("type", int, ascii_int)
+        self.register("type", float, ascii_float)
 
     def error(self, message):
         raise InputError(message)
@@ -208,7 +217,7 @@ def counts(flag: str, text: str, example: str) -> list[int]:
     """``flag``'s comma-separated positive integers (``example``: such as 1,16), sorted and each once; an
     InputError (one line, status 2) otherwise."""
     try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
+        values = sorted({ascii_int(v) for v in text.split(",") if v.strip()})
     except ValueError:
         values = []
     if not values or values[0] < 1:
@@ -468,7 +477,8 @@ def _sampling(args) -> Sampling:
 def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
     if args.prompt_ids is not None:
         try:
-            return [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids.strip() else []  # (empty: refused)
+            ids = args.prompt_ids.split(",") if args.prompt_ids.strip() else []  # (empty: refused)
+            return [ascii_int(t) for t in ids]
         except ValueError:
             raise InputError(f"--prompt-ids expects comma-separated integers, got {args.prompt_ids!r}") from None
     text = args.prompt if args.prompt is not None else (DEMO_PROMPT if demo else None)
@@ -488,7 +498,7 @@ def _single_prompt(args, tokenizer, demo: bool) -> list[int]:
 def _batch_rows(text: str) -> int:
     """``--batch-size N``'s N."""
     try:
-        size = int(text)
+        size = ascii_int(text)
     except ValueError:
         raise InputError(f"--batch-size expects a number or auto, got {text!r}") from None
     if size < 1:

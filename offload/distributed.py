@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import OffloadError
+from .inputs import ascii_int
 
 
 @dataclass
@@ -104,7 +105,7 @@ def _check_launch_environment(tp: int) -> None:
     for name in ("WORLD_SIZE", "RANK", "MASTER_PORT", "LOCAL_RANK"):
         if name in env:
             try:
-                numbers[name] = int(env[name])
+                numbers[name] = ascii_int(env[name])
             except ValueError:
                 raise OffloadError(f"{name}={env[name]!r} is not an integer; launch with torchrun") from None
     if not 0 <= numbers["RANK"] < numbers["WORLD_SIZE"]:

@@ -37,6 +37,22 @@ def check_keywords(given, names, what: str, see: str = "") -> None:
         raise InputError(f"unknown {what} {unknown[0]!r}{hint}" + (f"; {see}" if see else ""))
 
 
+def ascii_int(text: str) -> int:
+    """``int(text)`` of a number written in ASCII: ``int`` also reads other scripts' digits (``"４"`` is 4, ``"١٢"``
+    is 12), which a flag, a size or a switch refuses as it refuses any other text that is no number. A ValueError
+    otherwise, as ``int``'s, so that each caller words its own message."""
+    if not text.isascii():
+        raise ValueError(f"not a number written in ASCII: {text!r}")
+    return int(text)
+
+
+def ascii_float(text: str) -> float:
+    """``float(text)`` of a number written in ASCII (``float("１.5")`` is 1.5), as :func:`ascii_int`."""
+    if not text.isascii():
+        raise ValueError(f"not a number written in ASCII: {text!r}")
+    return float(text)
+
+
 def unique_keys(pairs: list) -> dict:
     """An object for ``json.loads(..., object_pairs_hook=unique_keys)``: a key given twice in one object is refused
     (an InputError), where ``json`` would keep its last value without a word (``{"prompt": "a", "prompt": "b"}``

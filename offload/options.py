@@ -236,7 +236,7 @@ def _check_link(link) -> None:
     "cuda", which no peer is named) would be ignored."""
     from .memory.bandwidth import RATES  # (it imports this module)
 
-    if not (isinstance(link, str) and (link in RATES or re.fullmatch(r"(cuda|cpu):\d+", link))):
+    if not (isinstance(link, str) and (link in RATES or re.fullmatch(r"(cuda|cpu):\d+", link, re.ASCII))):
         raise InputError(f"link_bandwidth names no link {link!r}: give {', '.join(RATES[:3])}, a peer device such as "
                          f"'cuda:1', or a kernel's rate ({', '.join(RATES[3:])})")
 

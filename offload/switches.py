@@ -11,6 +11,7 @@ import os
 import warnings
 
 from .errors import OffloadWarning
+from .inputs import ascii_int
 
 ON_OFF = {"0": False, "1": True}
 
@@ -21,7 +22,7 @@ def integer(name: str, default: int, least: int = 0) -> int:
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = ascii_int(raw)  # (int() reads "４" too)
     except ValueError:
         value = None
     if value is None or value < least:

@@ -111,6 +111,7 @@ LOAD_CASES = [
     pytest.param(dict(link_bandwidth={"hots": 1e9}), "link_bandwidth names no link 'hots'", id="bandwidth-misspelt"),
     pytest.param(dict(link_bandwidth={1: 1e9}), "link_bandwidth names no link 1", id="bandwidth-not-a-name"),
     pytest.param(dict(link_bandwidth={"cuda": 1e9}), "names no link 'cuda'", id="bandwidth-device-without-index"),
+    pytest.param(dict(link_bandwidth={"cuda:\uff11": 1e9}), "names no link", id="bandwidth-device-full-width"),
     pytest.param(dict(dtype=torch.int8), "unsupported dtype", id="dtype-integer"),
     pytest.param(dict(tp=2), "torchrun", id="tp-without-torchrun"),
     pytest.param(dict(gpu_memory={-1: "1GiB"}), "unknown device -1", id="budget-device-negative"),

@@ -12,7 +12,8 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "abc", "20 GiBs", "-1GiB", "1..5GB", "GiB", "1e9", True, -5])
+@pytest.mark.parametrize("text", ["", "abc", "20 GiBs", "-1GiB", "1..5GB", "GiB", "1e9", True, -5,
+                                  "\uff14GiB", "1.\uff15GiB", "\u0663"])  # other scripts' digits: Decimal reads them
 def test_parse_size_rejects_bad_values(text):
     with pytest.raises(BudgetError):
         parse_size(text, "gpu memory")

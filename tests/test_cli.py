@@ -179,6 +179,16 @@ FLAG_CASES = [
     pytest.param(["--no-such-flag"], "unrecognized arguments", id="flag-unknown"),
     pytest.param(["--prompt-ids", ""], "the prompt is empty", id="prompt-ids-empty"),
     pytest.param(["--prompt-ids", "1,x"], "comma-separated integers", id="prompt-ids-not-integers"),
+    # other scripts' digits, which int() and float() read ("\uff14" is a full-width 4), are no number here
+    pytest.param(["--max-new-tokens", "\uff14"], "--max-new-tokens: invalid int value: '\uff14'",
+                 id="max-new-tokens-full-width"),
+    pytest.param(["--seed", "\u0663"], "--seed: invalid int value", id="seed-arabic-indic"),
+    pytest.param(["--max-seq-len", "1\uff12\uff18"], "--max-seq-len: invalid int value", id="max-seq-len-mixed-digits"),
+    pytest.param(["--temperature", "\uff11.5"], "--temperature: invalid float value", id="temperature-full-width"),
+    pytest.param(["--gpu-memory", "\uff14GiB"], "cannot parse '\uff14GiB'", id="budget-full-width"),
+    pytest.param(["--cpu-memory", "1.\uff15GiB"], "cannot parse", id="budget-full-width-fraction"),
+    pytest.param(["--peer-memory", "cuda:1=\uff14GiB"], "cannot parse", id="peer-budget-full-width"),
+    pytest.param(["--prompt-ids", "1,\uff12"], "comma-separated integers", id="prompt-ids-full-width"),
 ]
 
 
@@ -187,7 +197,18 @@ def test_bad_flag_is_one_line_before_loading(bare, capsys, argv, words):
     assert words in refused(capsys, ["--model", str(bare), "--prompt-ids", "1,2", *argv])
 
 
-@pytest.mark.parametrize("size, words", [("0", "--batch-size must be >= 1"), ("abc", "expects a number or auto")])
+def test_comma_separated_counts_are_written_in_ascii_digits():
+    """(A benchmark's --batch 1,\uff11\uff16, full-width digits that int() reads, ran a batch of 16.)"""
+    from offload.cli import counts
+    from offload.errors import InputError
+
+    assert counts("--batch", "16, 1,", "1,16") == [1, 16]
+    with pytest.raises(InputError, match="--batch expects comma-separated positive integers such as 1,16"):
+        counts("--batch", "1,\uff11\uff16", "1,16")
+
+
+@pytest.mark.parametrize("size, words", [("0", "--batch-size must be >= 1"), ("abc", "expects a number or auto"),
+                                         ("\uff14", "expects a number or auto")])
 def test_a_bad_batch_size_is_refused_before_the_prompt_file_is_read(bare, tmp_path, capsys, size, words):
     """(It was refused after: a missing prompt file was the error given.)"""
     err = refused(capsys, ["--model", str(bare), "--prompts", str(tmp_path / "none.jsonl"), "--output",
@@ -274,6 +295,8 @@ def test_half_set_torchrun_environment(bare, capsys, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29555")
     monkeypatch.setenv("RANK", "x")
     assert "RANK='x' is not an integer" in refused(capsys, base)
+    monkeypatch.setenv("RANK", "\uff12")  # a full-width 2, which int() reads (as 2, refused: no rank waits)
+    assert "RANK='\uff12' is not an integer" in refused(capsys, base)
     monkeypatch.setenv("RANK", "2")
     assert "RANK=2 is outside WORLD_SIZE=2" in refused(capsys, base)
     monkeypatch.setenv("RANK", "0")

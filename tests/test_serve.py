@@ -688,6 +688,10 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("argv, words", [
     (["--port", "70000"], "--port must be in"),
+    # full-width digits, which int() and float() read (values that would be refused if read: no server starts)
+    (["--port", "\uff17\uff10\uff10\uff10\uff10"], "--port: invalid int value"),
+    (["--request-timeout", "\uff10"], "--request-timeout: invalid float value"),
+    (["--max-request-bytes", "\uff18"], "--max-request-bytes: cannot parse"),
     (["--max-queue", "-1"], "--max-queue must be >= 0"),
     (["--request-timeout", "0"], "--request-timeout must be a positive number"),
     (["--request-timeout", "nan"], "--request-timeout must be a positive number"),

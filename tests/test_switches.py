@@ -9,7 +9,7 @@ from offload.errors import OffloadWarning
 
 
 @pytest.mark.parametrize("raw, least, want", [("", 0, 5), ("3", 0, 3), (" 0 ", 0, 0), ("0", 1, None), ("-1", 0, None),
-                                              ("1.5", 0, None), ("abc", 0, None)])
+                                              ("1.5", 0, None), ("abc", 0, None), ("\uff14", 0, None)])
 def test_an_integer_switch(monkeypatch, raw, least, want):
     monkeypatch.setenv("OFFLOAD_TEST_SWITCH", raw)
     if want is not None:

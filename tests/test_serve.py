@@ -850,6 +850,40 @@ def test_a_streamed_event_is_one_line_for_readers_that_split_at_unicode_line_bre
     assert "\u00e9\u4e2d" in lines[0]  # other characters stay as they are
 
 
+@pytest.mark.parametrize("half_close", [True, False], ids=["offload-server", "plain-uvicorn"])
+def test_a_whole_answer_cancelled_while_it_waits_gives_its_row_back(tiny, half_close):
+    """A whole answer's handler cancelled while it waited for a half-close or its text (its server shutting down)
+    skipped closing its generation where a half-close was awaited (under offload's own server, every whole answer):
+    the engine kept its row and the request stayed counted as running."""
+    from offload.serve.app import HALF_CLOSED, whole_answer
+    from offload.serve.protocol import CompletionRequest
+
+    loop, done = EngineLoop(load(tiny, 1), rows=1), threading.Event()
+    loop.thread = threading.Thread(target=done.wait)  # an engine thread that takes no step: the request waits
+    loop.thread.start()
+    service = Service(loop, None, "tiny")
+
+    async def cancelled_while_waiting():
+        extensions = {HALF_CLOSED: asyncio.Event()} if half_close else {}
+        http = SimpleNamespace(scope={"extensions": extensions}, receive=asyncio.Event().wait)  # a client that waits
+        generation = service.start([1, 2, 3], CompletionRequest(prompt=[1, 2, 3]), 4, http, "cmpl", "prompt")
+        handler = asyncio.ensure_future(whole_answer(generation, lambda text: {"text": text}))
+        await asyncio.sleep(0.05)
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        return generation
+
+    try:
+        generation = asyncio.run(cancelled_while_waiting())
+    finally:
+        done.set()
+    assert generation.closed and not service.generations
+    assert service.metrics.running == 0 and service.metrics.finished["cancelled"] == 1
+    messages = [loop.inbox.get_nowait() for _ in range(loop.inbox.qsize())]
+    assert ("cancel", generation.id) in messages  # the engine frees the row at its next step
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the failure, on purpose
 def test_requests_queued_as_the_engine_thread_ends_outside_a_step_are_answered(reference):
     """An engine loop that fails outside a step (a collective under tensor parallelism, say) answered the requests

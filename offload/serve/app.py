@@ -375,16 +375,23 @@ async def whole_answer(generation: Generation, answer: Callable[[str], dict]) ->
     until the text is complete: a client that has gone answers those bytes with a reset, which
     frees its row; one that waits reads its answer (or, should the engine fail meanwhile, OpenAI's
     error body under that 200).
+
+    However the wait ends, the generation is closed (its row freed): by the streamed answer that a half-close
+    starts, when that ends, else here, a handler cancelled while it waits (its server shutting down) included.
     """
     collecting = asyncio.ensure_future(generation.collect())
-    if await _half_closed_first(generation, collecting):
-        return GenerationResponse(_answer_after_whitespace(collecting, answer), generation, "application/json")
+    streamed = False
     try:
+        if await _half_closed_first(generation, collecting):
+            response = GenerationResponse(_answer_after_whitespace(collecting, answer), generation, "application/json")
+            streamed = True  # the response closes the generation when it ends
+            return response
         text = await collecting
     except ClientGone:
         return Response(status_code=499)  # nobody reads it: the client has gone
     finally:
-        generation.close()
+        if not streamed:
+            generation.close()
     return JSONResponse(answer(text))
 
 

@@ -22,6 +22,9 @@ instead (the measurements are in docs/benchmarks.md):
 * **The small work between them**: the rotary embedding of q and k with the cache write
   of k and v (``rope_and_store``: thirteen PyTorch kernels; a verify pass's W tokens a
   row), the gate of a gated MLP (``gated``: SiLU or tanh-approximated GELU, times up).
+* **A draft's likeliest tokens** (``likeliest``): each row's argmax, its few likeliest tokens and
+  their probabilities, in two kernels where PyTorch's argmax, topk and logsumexp take about forty
+  (a greedy chain's step, ``scheduler/greedy_chain.py``).
 
 Every blocking is fixed (no timing: two models, in one process or in two, compute the
 same bits), and ``torch.compile`` sees each kernel as one opaque call.

@@ -20,7 +20,7 @@ from .errors import InputError
 from .inputs import (as_batch, as_sequences, check_flags, check_keywords, check_token_ids, is_list, new_token_limits,
                      prompts_from, step_rows, stop_ids)
 from .loading import Setup, uses_cuda_graphs, verify_width as planned_verify_width
-from .memory.host import to_device
+from .memory.host import on_device, to_device
 from .memory.planner import HOST
 from .memory.pool import WeightPool
 from .models import ops
@@ -306,14 +306,14 @@ class OffloadedModel:
             positions, ancestors = _tree_layout(parents + [[]] * (rows - n), slot_rows, sink)
         if self.graphs is not None:
             try:
-                return self.graphs.verify(host_tokens.to(self.device), host_tokens, positions, slots, ancestors,
-                                          kv_len)[:n, :asked]
+                return self.graphs.verify(on_device(host_tokens, self.device), host_tokens, positions, slots,
+                                          ancestors, kv_len)[:n, :asked]
             except BaseException:
                 self._reset()
                 raise
-        chunk = VerifyChunk(host_tokens.to(self.device), host_tokens, positions.to(self.device), kv_len,
-                            self.decoder.ropes, self.decoder.windows, slots.to(self.device),
-                            None if ancestors is None else ancestors.to(self.device))
+        chunk = VerifyChunk(on_device(host_tokens, self.device), host_tokens, on_device(positions, self.device), kv_len,
+                            self.decoder.ropes, self.decoder.windows, on_device(slots, self.device),
+                            None if ancestors is None else on_device(ancestors, self.device))
         return self._forward([chunk], self.cache, rows, all_logits=True)[:n]
 
     @property

@@ -52,14 +52,25 @@ def _unregister(ptr: int, keep_alive: torch.Tensor) -> None:
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A short list from the host as a tensor on ``device``, without waiting for the GPU.
+    """A short list from the host as a tensor on ``device``, without waiting for the GPU (:func:`on_device`)."""
+    return on_device(torch.tensor(values, dtype=dtype), device)
 
-    A plain ``torch.tensor(values, device=cuda)`` copies from pageable memory and blocks
-    the host until the GPU has finished everything queued before it. Staged in pinned
-    memory the copy is queued like a kernel; PyTorch's pinned allocator keeps the staging
-    block until the copy has run.
+
+def on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``, without waiting for the GPU.
+
+    A plain ``host.to(cuda)`` copies from pageable memory and blocks the host until the GPU
+    has finished everything queued before it. Staged in pinned memory the copy is queued
+    like a kernel; PyTorch's pinned allocator keeps the staging block until the copy has run.
     """
-    host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def queued_copy(out: torch.Tensor, value: torch.Tensor) -> None:
+    """``out.copy_(value)`` without waiting for the GPU: a small host ``value`` staged in pinned memory first, as
+    :func:`on_device` stages it."""
+    if out.is_cuda and value.device.type == "cpu" and not value.is_pinned():
+        value = value.pin_memory()
+    out.copy_(value, non_blocking=out.is_cuda)

@@ -71,6 +71,7 @@ from torch.nn.attention import sdpa_kernel
 
 from .. import switches
 from ..errors import OffloadWarning
+from ..memory.host import queued_copy
 from ..models.chunks import DecodeChunk
 from ..models.decoder import ATTENTION_BACKENDS, Decoder, KVCache
 from ..models.moe import Routed
@@ -197,7 +198,7 @@ class DecodeGraphs:
     def _pass(self, kv_len: int, inputs: tuple, make_chunk, tokens: torch.Tensor, host_tokens=None) -> torch.Tensor:
         bucket = self._bucket(inputs[0].shape, inputs, kv_len)
         for buffer, value in zip(bucket.inputs, inputs):
-            buffer.copy_(value)
+            queued_copy(buffer, value)  # (the host lays out a verify pass's: a copy from pageable memory would wait)
         rows, wide = bucket.h.shape[0], tokens.dim() > 1
         if not bucket.graphs:
             return self._first_pass(bucket, make_chunk, tokens, host_tokens)

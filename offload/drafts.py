@@ -257,7 +257,8 @@ class ModelDraft:
             chosen, q = self._choose(logits, rows, drafting)
             ids.append(chosen)
             qs.append(q)
-            likeliest.append(logits.topk(MAX_BRANCHES, dim=-1).indices)  # a tree's alternatives
+            # a tree's alternatives, as a greedy chain's step names them (equal logits in the same order)
+            likeliest.append(self.model.decoder.ops.likeliest(logits, MAX_BRANCHES)[1])
             if step + 1 == steps:
                 break
             positions = [len(contexts[b]) + step if b in contexts else None for b in range(len(rows))]

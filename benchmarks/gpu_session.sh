@@ -188,6 +188,7 @@
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls
 # started one), make the first call short and whole, and keep the machine warm: the next call within 30 s.
+# CLOCKS=1 samples the GPU's clocks, power and throttling every 250 ms while each stage runs ($OUT/NAME.clocks.csv).
 # Logs and JSON go to $OUT (default ./out). Runs from a checkout: PYTHONPATH is the repository. Wheels in
 # .whl (the serve extra: fastapi, uvicorn, openai, ...) are installed to /tmp/site first when present.
 set -uo pipefail
@@ -214,9 +215,15 @@ export -f smollm2_ready
 stage() {  # stage NAME COMMAND...: run, log to $OUT/NAME.log, keep going on failure
   local name=$1; shift
   echo "=== $name: $*"
-  local start=$SECONDS
+  local start=$SECONDS sampler=
+  if [ -n "${CLOCKS:-}" ] && command -v nvidia-smi > /dev/null; then  # the GPU's clocks and power as it ran
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+      --format=csv -lms 250 > "$OUT/$name.clocks.csv" 2>&1 &
+    sampler=$!
+  fi
   timeout -k 30 "${STAGE_SECONDS:-0}" "$@" > "$OUT/$name.log" 2>&1  # 0: no limit; SIGKILL 30 s after SIGTERM
   local rc=$?
+  [ -n "$sampler" ] && kill "$sampler" 2> /dev/null
   tail -n "${TAIL:-22}" "$OUT/$name.log"
   echo "=== $name: exit $rc after $((SECONDS - start)) s"
 }

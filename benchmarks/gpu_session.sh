@@ -92,7 +92,7 @@
 #   spec_smollm2_int8  the model's int8 copy as the draft beside its int4 copy (groups of 64), greedy, at the depth
 #                  chosen and in chains of 6 (on a CPU, float32, chains of 6: 4.95 tokens a pass against 2.94)
 #   spec_smollm2_int8_trees  the int8 copy (the best chain draft: 2.50x) in chains of 6 and 8 against trees of 2
-#                  tokens a depth, and grown best first (#22's trees)
+#                  tokens a depth, and grown best first (#22's trees); DEPTHS="8 10" for other depths
 #   spec_smollm2_int8_trace  the int8 copy in chains of 6 drafted ahead, 128 tokens a prompt, under the profiler: the
 #                  host's time in each phase, the kernels, and one prompt's timeline (spec_int8_trace-1.json.gz: does
 #                  the side stream draft beside the target's pass, or after it?)
@@ -106,6 +106,9 @@
 #                  twentieth): bench_load.py --against-map, three rounds in turned orders
 #   load13b_profile  load13b_ab, then a third load under cProfile: where a load from read() spends what the
 #                  memory map's does not (0.64 against 0.78 of reading on an H100, 2026-12-07)
+#   load13b_readahead  load13b_ab's loads (one round) with the read-ahead thread (OFFLOAD_READ_AHEAD=1, the default)
+#                  and without (0), twice each: does asking the kernel for the next ranges compete with the loader's
+#                  own reads (its posix_fadvise calls took 0.83 s of a profiled 4.9 s load on an H100, 2026-12-08)?
 #   tests_reads    checkpoints read with read() (through a reused buffer to the GPU): GGUF bytes on CUDA, the
 #                  tests that load checkpoints onto the GPU (numerics vs transformers, offloaded = resident, budgets)
 #   tests_whole    the GPU tests of whole passes and of drafting ahead
@@ -388,7 +391,7 @@ run_stage() {
     spec_smollm2_int8_trees) stage spec_smollm2_int8_trees bash -c 'set -e; smollm2_ready
         [ -d /tmp/smollm2-int8 ] || python3 scripts/quantize.py --model /tmp/smollm2 --quantize int8 \
             --out /tmp/smollm2-int8 --device cuda
-        for depth in 6 8; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
+        for depth in ${DEPTHS:-6 8}; do python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
             --cpu-memory 4GiB --widths 1 --drafts none,/tmp/smollm2-int8,/tmp/smollm2-int8@2 --draft-tokens $depth \
             --json "$0/spec_int8_trees$depth.json"; done
         OFFLOAD_BEST_FIRST_TREES=1 python3 benchmarks/bench_speculative.py --model /tmp/smollm2 --gpu-memory stream \
@@ -400,6 +403,11 @@ run_stage() {
     load13b_ab) stage load13b_ab bash -c 'set -e; trap "rm -rf /tmp/13b-int4" EXIT
         OFFLOAD_READ_THREADS=4 python3 benchmarks/bench_load.py --write int4 --shape llama-2-13b --out /tmp/13b-int4 \
             --gpu-memory 4GiB --cpu-memory 16GiB --against-map --rounds 3 --json "$0/load13b_ab.json"' "$OUT" ;;
+    load13b_readahead) stage load13b_readahead bash -c 'set -e; trap "rm -rf /tmp/13b-int4" EXIT
+        for ahead in 1 0 1 0; do echo "OFFLOAD_READ_AHEAD=$ahead"; OFFLOAD_READ_AHEAD=$ahead python3 \
+            benchmarks/bench_load.py $([ -d /tmp/13b-int4 ] && echo --model || echo --write int4 --shape llama-2-13b \
+            --out) /tmp/13b-int4 --gpu-memory 4GiB --cpu-memory 16GiB --against-map \
+            --json "$0/load13b_readahead$ahead.json"; done' "$OUT" ;;
     tests_reads) stage tests_reads python3 -m pytest -s -q -p no:cacheprovider tests/test_gguf.py tests/test_gpu.py \
       tests/test_checkpoint_reads.py \
       -k "sent_to_a_gpu or transformers or offloaded_equals_resident or stay_in_budget or reading_rows" ;;

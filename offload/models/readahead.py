@@ -25,6 +25,10 @@ from pathlib import Path
 
 import psutil
 
+from .. import switches
+
+# OFFLOAD_READ_AHEAD=0 asks for nothing (read at import): a load then reads as the loader reaches each range.
+ON = switches.choice("OFFLOAD_READ_AHEAD", switches.ON_OFF, True)
 # The most bytes asked for past the loader's place (and at most a quarter of the free memory): the disk reads on
 # while host memory is pinned (the loader's place stays 0 meanwhile: seconds for tens of GB) and while it copies.
 AHEAD = 8 * 2**30
@@ -45,7 +49,7 @@ class Readahead:
         self.stopping = False
         self.changed = threading.Condition()
         self.thread = None
-        if self.ranges and hasattr(os, "posix_fadvise"):
+        if self.ranges and ON and hasattr(os, "posix_fadvise"):
             self.thread = threading.Thread(target=self._run, name="offload-readahead", daemon=True)
             self.thread.start()
 

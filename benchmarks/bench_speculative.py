@@ -328,8 +328,11 @@ def profile_passes(model, prompt: list[int], max_new: int, sampling: dict, trace
 def steps_a_pass(now, before, passes: int) -> dict:
     """A model draft's chain steps (``drafts.StepCounts``) since ``before``, a pass."""
     passes = max(passes, 1)
+    paced = max(now.paced - before.paced, 1)
     return dict(ahead=(now.ahead - before.ahead) / passes, served=(now.served - before.served) / passes,
-                after=(now.after - before.after) / passes, waited_ms=1e3 * (now.waited - before.waited) / passes)
+                after=(now.after - before.after) / passes, waited_ms=1e3 * (now.waited - before.waited) / passes,
+                beside_ms=(now.beside_ms - before.beside_ms) / paced,
+                window_ms=(now.window_ms - before.window_ms) / paced)
 
 
 def trace_file(trace: str | None, index: int, drafts: int) -> str | None:
@@ -501,6 +504,9 @@ def run(args) -> int:
                 print(f"  the draft's chain steps a pass: {c['ahead']:.2f} queued beside the target's pass, "
                       f"{c['served']:.2f} of them used, {c['after']:.2f} after its verdict; the host waited "
                       f"{c['waited_ms']:.2f} ms a pass for the side stream's chains")
+                if c.get("window_ms"):
+                    print(f"  beside a pass the side stream's steps took {c['beside_ms']:.2f} ms of the "
+                          f"{c['window_ms']:.2f} ms from its start to the target's verdict (the GPU's clock)")
             if d.get("draft_step"):
                 s = d["draft_step"]
                 print(f"  a step of the draft {d['draft']}: its kernels {s['kernels_ms']:.3f} ms, wall "

@@ -377,8 +377,10 @@ class ModelDraft:
     def _pace_ahead(self, done, verdict) -> None:
         """Drafting ahead no deeper than the target's pass leaves time for (:func:`paced_steps`), from the GPU's
         times since the side stream began: to its last step (``done``) and to the target's verdict (``verdict``)."""
-        self.ahead_steps = paced_steps(self.ahead_taken, self.ahead_from.elapsed_time(done),
-                                       self.ahead_from.elapsed_time(verdict))
+        beside, window = self.ahead_from.elapsed_time(done), self.ahead_from.elapsed_time(verdict)
+        self.steps.paced, self.steps.beside_ms, self.steps.window_ms = (
+            self.steps.paced + 1, self.steps.beside_ms + beside, self.steps.window_ms + window)
+        self.ahead_steps = paced_steps(self.ahead_taken, beside, window)
 
     def _join_ahead(self) -> None:
         """The draft's cache and graphs' buffers are used after the side stream's work (queued, not waited for)."""
@@ -617,12 +619,17 @@ class StepCounts:
     """Where a model draft's chains' steps ran (not trees'), summed over passes: greedy chains' queued on the side
     stream beside the target's pass (``ahead``), of those the ones a pass used (``served``), and steps drafted after
     the target's verdict (``after``: the host waits for them), with the host's seconds waiting for the side stream's
-    chains (``waited``). Where a pass's drafting goes without a profiler (which slows the host)."""
+    chains (``waited``); and of the passes beside which the side stream drafted (``paced``), the GPU's milliseconds
+    from its start to its last step (``beside_ms``) and to the target's verdict (``window_ms``: how much of the pass
+    the side stream had). Where a pass's drafting goes without a profiler (which slows the host)."""
 
     ahead: int = 0
     served: int = 0
     after: int = 0
     waited: float = 0.0
+    paced: int = 0
+    beside_ms: float = 0.0
+    window_ms: float = 0.0
 
 
 @dataclass

@@ -20,6 +20,7 @@ from .inputs import check_unicode
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for the bytes of a character that is not complete yet
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the first new token (a leading space may depend on them)
+CHAR_TOKENS = 4  # the most tokens one character's bytes span (UTF-8 has at most 4 bytes a character)
 HEAD_CHARS_PER_TOKEN = 16  # a text is counted from its first 16 characters per token of room (English: about 4)
 CUT_TOKENS = 64  # what cutting a text inside a word can add to the tokens of its head, at most
 
@@ -150,9 +151,7 @@ class TextStream:
     def __init__(self, tokenizer, stop: tuple[str, ...] | list[str] = (), prompt: list[int] | tuple = ()):
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
-        self.ids = list(prompt[-CONTEXT_TOKENS:])
-        while self.ids and tokenizer.decode(self.ids).endswith(REPLACEMENT):
-            self.ids.pop()  # a prompt ending inside a character: its rest decodes as decoding the output alone does
+        self.ids = _prompt_context(tokenizer, prompt)
         self.start = 0  # each decode starts here
         self.released = len(self.ids)  # tokens whose text has been released
         self.held = ""  # decoded, but it may begin a stop string
@@ -191,6 +190,24 @@ class TextStream:
         keep = 0 if final else _stop_prefix_length(self.held, self.stop)
         out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         return out
+
+
+def _prompt_context(tokenizer, prompt) -> list[int]:
+    """The end of ``prompt`` that the first new token is decoded after: its last CONTEXT_TOKENS tokens, from the
+    start of a character, less the end of a character the prompt ends inside."""
+    prompt = list(prompt[-(CONTEXT_TOKENS + CHAR_TOKENS - 1):])
+    start = max(0, len(prompt) - CONTEXT_TOKENS)
+    # A SentencePiece byte-fallback decoder shows every byte of a run of byte tokens as U+FFFD when the run starts
+    # inside a character (the last 5 tokens of "...😀😀" begin with the first emoji's last byte): the window
+    # begins at a character.
+    for _ in range(CHAR_TOKENS - 1):
+        if start == 0 or not tokenizer.decode(prompt[start:]).startswith(REPLACEMENT):
+            break
+        start -= 1
+    ids = prompt[start:]
+    while ids and tokenizer.decode(ids).endswith(REPLACEMENT):
+        ids.pop()  # a prompt ending inside a character: its rest decodes as decoding the output alone does
+    return ids
 
 
 def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:

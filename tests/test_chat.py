@@ -180,6 +180,33 @@ def test_streamed_text_equals_decoding_at_once(tiny):
         assert "".join(pieces) == tokenizer.decode(whole[cut:]), cut
 
 
+def byte_fallback_tokenizer() -> Tokenizer:
+    """A Llama 2-style SentencePiece tokenizer: ▁ for spaces, <0xNN> tokens for characters not in its vocabulary
+    (each emoji is four), a decoder that strips the leading space of what it decodes."""
+    from tokenizers import Tokenizer as Inner, decoders, models, normalizers
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    vocab.update({c: len(vocab) + i for i, c in enumerate("▁Helowrd")})
+    inner = Inner(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    inner.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    inner.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       decoders.Strip(content=" ", left=1, right=0)])
+    return Tokenizer(inner)
+
+
+@pytest.mark.parametrize("prompt", ["Hello 😀😀", "Hello 😀", "😀😀", "Hello"])
+def test_a_new_word_after_a_prompt_ending_in_byte_tokens_keeps_its_space(prompt):
+    """The last tokens of "Hello 😀😀" begin inside the first emoji, where a byte-fallback decoder shows the whole
+    run of bytes as U+FFFD: the prompt's context was dropped, and with it the space of the new word " world"."""
+    tokenizer = byte_fallback_tokenizer()
+    ids = tokenizer.encode(prompt)
+    new = tokenizer.encode(" world")[1:]  # ▁world: a new word (the first ▁ is the one the normalizer prepends)
+    stream = TextStream(tokenizer, prompt=ids)
+    text = "".join(stream.add(t) for t in new) + stream.finish()
+    assert tokenizer.decode(ids + new) == prompt + " world"
+    assert text == " world"
+
+
 def test_a_long_run_of_tokens_without_text_is_streamed_in_bounded_decodes(tiny_chat):
     """Special tokens decode to nothing: a run of thousands (a model stuck on one) costs a decode of a few tokens
     each, not of the whole run (quadratic), and the text still equals decoding at once."""

@@ -38,7 +38,12 @@ class Tokenizer:
 
     def __init__(self, inner, chat_template: ChatTemplate | None = None):
         self.inner = inner
-        self.size = inner.get_vocab_size(with_added_tokens=True)
+        # Ids run to the largest the vocabulary has, which may have holes (a GGUF vocabulary that repeats a token
+        # keeps the first id of its text): counting its tokens would take the last ids for unknown ones, and
+        # ``tokenizers`` drops a hole's id from what it decodes without a word.
+        ids = inner.get_vocab(with_added_tokens=True).values()
+        self.size = max(ids, default=-1) + 1
+        self.holes = frozenset(range(self.size)).difference(ids) if len(ids) < self.size else frozenset()
         self.chat_template = chat_template
 
     @classmethod
@@ -97,7 +102,7 @@ class Tokenizer:
         """The text of ``ids``; ``special``: with special tokens such as a chat template's markers."""
         out, run = [], []
         for i in ids:
-            if 0 <= i < self.size:
+            if 0 <= i < self.size and i not in self.holes:
                 run.append(i)
                 continue
             if run:

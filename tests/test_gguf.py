@@ -1142,6 +1142,25 @@ def test_add_bos_follows_the_file(byte_level_files):
     assert with_bos.apply_chat_template(MESSAGES) == with_bos.encode(rendered, special=False)
 
 
+def test_a_vocabulary_that_repeats_a_token_decodes_every_id(byte_level_files, tmp_path):
+    """A repeated token's id is a hole in the tokenizer's vocabulary: tokenizers dropped it from decoded text
+    without a word, and counting the vocabulary took its last id (here </think>) for one it does not know."""
+    files = GGUFFiles(byte_level_files["qwen2"])
+    meta = {k: files.value(k) for k in files.fields if k.startswith("tokenizer.")}
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    meta["tokenizer.ggml.tokens"] = [*tokens[:-5], tokens[300], *tokens[-5:]]  # before the five chat tokens
+    meta["tokenizer.ggml.token_type"] = [*types[:-5], 1, *types[-5:]]
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        meta[key] += 1  # (chat tokens, moved up one)
+    with pytest.warns(OffloadWarning, match="1 tokens repeat an earlier token's text"):
+        tokenizer = _tokenizer_of(write_tokenizer_gguf(tmp_path / "repeats.gguf", "qwen2", meta))
+    repeated, last = len(tokens) - 5, len(tokens)
+    assert tokenizer.size == len(tokens) + 1
+    text = tokenizer.decode([300])
+    assert tokenizer.decode([300, repeated, 300]) == f"{text}<{repeated}>{text}"  # shown as an id, not dropped
+    assert tokenizer.decode([last]) == "</think>"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_sentencepiece_tokenizer_matches_transformers(sentencepiece_files, arch):

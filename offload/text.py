@@ -178,7 +178,8 @@ class TextStream:
         after = self.tokenizer.decode(self.ids[self.start :])
         if not final and after == before:  # no text at all (special tokens skipped): the window moves on, so that
             self.released = len(self.ids)  # a long run of them costs a decode of its last few tokens, not all
-            self.start = max(self.start, self.released - CONTEXT_TOKENS)
+            self.start = _char_start(self.tokenizer, self.ids, max(self.start, self.released - CONTEXT_TOKENS),
+                                     self.start)
             return ""
         if not final and (len(after) <= len(before) or after.endswith(REPLACEMENT)):
             return ""
@@ -201,18 +202,22 @@ def _prompt_context(tokenizer, prompt) -> list[int]:
     """The end of ``prompt`` that the first new token is decoded after: its last CONTEXT_TOKENS tokens, from the
     start of a character, less the end of a character the prompt ends inside."""
     prompt = list(prompt[-(CONTEXT_TOKENS + CHAR_TOKENS - 1):])
-    start = max(0, len(prompt) - CONTEXT_TOKENS)
-    # A SentencePiece byte-fallback decoder shows every byte of a run of byte tokens as U+FFFD when the run starts
-    # inside a character (the last 5 tokens of "...😀😀" begin with the first emoji's last byte): the window
-    # begins at a character.
-    for _ in range(CHAR_TOKENS - 1):
-        if start == 0 or not tokenizer.decode(prompt[start:]).startswith(REPLACEMENT):
-            break
-        start -= 1
-    ids = prompt[start:]
+    ids = prompt[_char_start(tokenizer, prompt, max(0, len(prompt) - CONTEXT_TOKENS)):]
     while ids and tokenizer.decode(ids).endswith(REPLACEMENT):
         ids.pop()  # a prompt ending inside a character: its rest decodes as decoding the output alone does
     return ids
+
+
+def _char_start(tokenizer, ids: list[int], start: int, floor: int = 0) -> int:
+    """``start``, moved back (by at most CHAR_TOKENS - 1 tokens, to ``floor`` at most) to where ``ids`` decode
+    from the start of a character. A SentencePiece byte-fallback decoder shows every byte of a run of byte tokens
+    as U+FFFD when the run starts inside a character: the last 5 tokens of "...😀😀" begin with the first emoji's
+    last byte, and a window that began there would also spoil the bytes of the characters that follow."""
+    for _ in range(CHAR_TOKENS - 1):
+        if start <= floor or not tokenizer.decode(ids[start:]).startswith(REPLACEMENT):
+            break
+        start -= 1
+    return start
 
 
 def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:

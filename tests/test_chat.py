@@ -191,6 +191,7 @@ def byte_fallback_tokenizer() -> Tokenizer:
     inner.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     inner.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                        decoders.Strip(content=" ", left=1, right=0)])
+    inner.add_special_tokens(["<s>"])
     return Tokenizer(inner)
 
 
@@ -205,6 +206,19 @@ def test_a_new_word_after_a_prompt_ending_in_byte_tokens_keeps_its_space(prompt)
     text = "".join(stream.add(t) for t in new) + stream.finish()
     assert tokenizer.decode(ids + new) == prompt + " world"
     assert text == " world"
+
+
+def test_characters_of_byte_tokens_after_special_tokens_stream_whole():
+    """Special tokens (decoded as nothing) move the window of what is decoded on: two after an emoji of four byte
+    tokens moved it inside the emoji, and a byte-fallback decoder then showed the next character's bytes as
+    U+FFFD too ("😀���" where decoding at once gives "😀東")."""
+    tokenizer = byte_fallback_tokenizer()
+    special = tokenizer.inner.token_to_id("<s>")
+    for run in range(1, 8):
+        ids = tokenizer.encode("😀")[1:] + [special] * run + tokenizer.encode("東 Hello")[1:]
+        stream = TextStream(tokenizer)
+        text = "".join(stream.add(t) for t in ids) + stream.finish()
+        assert text == tokenizer.decode(ids) == "😀東 Hello", run
 
 
 def test_a_long_run_of_tokens_without_text_is_streamed_in_bounded_decodes(tiny_chat):

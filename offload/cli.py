@@ -161,6 +161,10 @@ def main(argv=None) -> int:
 def run_main(prog: str, parser: argparse.ArgumentParser, body, argv=None) -> int:
     """``body(parsed args)``, with any bad input printed as one line on stderr and status 2 (never a traceback),
     and a warning as one line (the plan's are printed with the plan)."""
+    # A character stdout's encoding lacks (PYTHONIOENCODING=ascii, a Windows console) is printed as "?": a model's
+    # text or a prompt echoed would otherwise end the run with a traceback.
+    with contextlib.suppress(AttributeError, ValueError):  # (a stdout that is no text file: as it is)
+        sys.stdout.reconfigure(errors="replace")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PlanWarning)
         warnings.showwarning = lambda message, *_: print(f"{prog}: warning: {message}", file=sys.stderr)

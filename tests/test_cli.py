@@ -122,6 +122,19 @@ def test_single_prompt_with_text(tiny, capsys):
     assert "output:" in out and "decode:" in out
 
 
+def test_text_that_stdouts_encoding_lacks_is_printed_as_question_marks(tiny, monkeypatch):
+    """PYTHONIOENCODING=ascii (or a console's code page): the prompt's echo and the model's text had characters
+    stdout cannot encode, and the run ended with a UnicodeEncodeError's traceback."""
+    import io
+
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["--model", str(tiny), "--prompt", "h\u00e9llo \U0001f600", "--max-new-tokens", "2",
+                 "--gpu-memory", "30MiB", "--cpu-memory", "1GiB"]) == 0
+    stdout.flush()
+    assert "prompt: 'h?llo ?'" in stdout.buffer.getvalue().decode("ascii")
+
+
 def test_speculative_decoding_prints_tokens_per_pass_and_the_same_output(structured, capsys):
     argv = ["--model", str(structured), "--prompt-ids", "3,17,40,2,9", "--max-new-tokens", "24", "--quiet",
             "--dtype", "fp32"]

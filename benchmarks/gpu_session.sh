@@ -182,11 +182,14 @@
 # twenty-eighth (2026-12-07, an H100 for eight calls after four that started none): the fixes (tests_int4_16 cut at
 #   150 s, the 26 sm_90 compile tests, tests_reads, graph tests), load13b_ab (the map 0.79, read() 0.68, four reads
 #   0.65), gguf13b, moe30b_acc (103.5x accelerate), spec_smollm2_int8_ahead (2.92x; the pace settles in two modes),
-#   OFFLOAD_PDL=2 against 1 for the int8 draft (3 of 4 runs in the fast mode against 2 of 5). Owed now:
-#   1. load13b_profile:300                                     where read() loses to the map on a GPU machine (#20)
-#   2. int4_405b:500 (an H200)                                 the moonshot (#20)
-#   3. spec_smollm2_int8_ahead twice more with OFFLOAD_PDL=2 (what makes a run slow: its verify passes and its
-#      drafting both are; #22)
+#   OFFLOAD_PDL=2 against 1 for the int8 draft (3 of 4 runs in the fast mode against 2 of 5).
+# twenty-ninth (2026-12-08, an H100 for six calls after a dozen that started none): tests_likeliest (the drafting-
+#   ahead test paused by its pace: fixed, passed), spec_smollm2_int8_ahead with AHEADS="1 1" twice (3.60-3.62x, and
+#   2.81x not ahead; one mode), load13b_profile (read() 0.67, the map 0.78; the loader waits in preadv). Owed now:
+#   1. load13b_readahead:200                                   does the read-ahead thread compete with read()? (#20)
+#   2. CLOCKS=1 AHEADS=1 spec_smollm2_int8_ahead, then DEPTHS="8 10" spec_smollm2_int8_trees (the side stream's
+#      window, printed now; deeper chains and trees with the faster passes: #22's 4x)
+#   3. int4_405b:500 (an H200)                                 the moonshot (#20)
 #   4. moe235_int4:120 (an H200), gguf_moe30b, mixtral24_acc
 # A SmolLM2 stage on a fresh machine: carry part-aa and .whl with a call that does nothing, then part-ab at once.
 # When machines are scarce (each failed start costs 90-180 s of the 30 minutes; the twelfth session's eleven calls

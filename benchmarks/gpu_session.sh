@@ -183,7 +183,7 @@
 #   150 s, the 26 sm_90 compile tests, tests_reads, graph tests), load13b_ab (the map 0.79, read() 0.68, four reads
 #   0.65), gguf13b, moe30b_acc (103.5x accelerate), spec_smollm2_int8_ahead (2.92x; the pace settles in two modes),
 #   OFFLOAD_PDL=2 against 1 for the int8 draft (3 of 4 runs in the fast mode against 2 of 5).
-# twenty-ninth (2026-12-08, an H100 for six calls after a dozen that started none): tests_likeliest (the drafting-
+# twenty-ninth (2026-12-08, an H100 for five calls after a dozen that started none): tests_likeliest (the drafting-
 #   ahead test paused by its pace: fixed, passed), spec_smollm2_int8_ahead with AHEADS="1 1" twice (3.60-3.62x, and
 #   2.81x not ahead; one mode), load13b_profile (read() 0.67, the map 0.78; the loader waits in preadv). Owed now:
 #   1. load13b_readahead:200                                   does the read-ahead thread compete with read()? (#20)

@@ -81,7 +81,7 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
     config = _config(model)
     check_divisible(config, options.tp)
     tp = init_tensor_parallel(options.tp, None if options.device is None else parse_device(options.device))
-    _same_on_every_rank(options, tp)
+    _same_on_every_rank(options, tp, config)
     device = _device(options.device, tp)
     dtype = parse_dtype(options.dtype, device)
     if device.type == "cuda":
@@ -174,12 +174,14 @@ def prepare(model, options: LoadOptions, requantize: bool = False, globals_layou
                  draft, requantize)
 
 
-def _same_on_every_rank(options: LoadOptions, tp: TensorParallel) -> None:
-    """Every rank loads with the same options (torchrun gives each the same flags); one that differs would break
-    the collectives later, with a hang or a crash instead of an error. Each rank's device is its own."""
+def _same_on_every_rank(options: LoadOptions, tp: TensorParallel, config: ModelConfig) -> None:
+    """Every rank loads the same model (its config: another checkpoint, or another model's, on one rank) with the
+    same options (torchrun gives each the same flags); one that differs would break the collectives later, with a
+    hang or a crash instead of an error. Each rank's device is its own."""
     if tp.size == 1:
         return
     mine = {f.name: repr(getattr(options, f.name)) for f in dataclasses.fields(options) if f.name != "device"}
+    mine["the model's config"] = repr(config)
     differ = sorted({name for other in tp.gather_objects(mine) for name in mine if other.get(name) != mine[name]})
     if differ:
         raise ConfigError(f"the ranks were given different options ({', '.join(differ)}); every rank must load the "

@@ -117,6 +117,30 @@ def test_ranks_given_different_options_all_refuse_to_load(tiny):
     assert all("different options (max_seq_len)" in message for message in results), results
 
 
+def _rank_with_its_own_checkpoint(rank, world, port, path, ids, kwargs, out):
+    _join(rank, world, port)
+    try:
+        offload.load_model(kwargs["paths"][rank], tp=world, progress=False, device="cpu", max_seq_len=32,
+                           max_batch=1)
+        out[rank] = "loaded"
+    except offload.OffloadError as e:
+        out[rank] = str(e)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_given_different_checkpoints_all_refuse_to_load(tiny, tmp_path):
+    """A rank that loads another model (here: 2 layers where the others have 8) runs other collectives: the ranks
+    hung in their first pass. Every rank says that the models differ instead."""
+    from offload.models.shapes import shape_config
+    from offload.synthetic import write_checkpoint
+
+    other = write_checkpoint({**shape_config("tiny"), "num_hidden_layers": 2}, tmp_path / "short", torch.float32,
+                             seed=7, device="cpu", progress=False)
+    results = run_tp(2, tiny, None, main=_rank_with_its_own_checkpoint, paths=[str(tiny), str(other)])
+    assert all("different options (the model's config)" in message for message in results), results
+
+
 def _rank_with_its_own_prompts(rank, world, port, path, ids, kwargs, out):
     _join(rank, world, port)
     model = offload.load_model(path, tp=world, progress=False, device="cpu", max_seq_len=32, max_batch=1)

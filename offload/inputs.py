@@ -41,16 +41,18 @@ def ascii_int(text: str) -> int:
     """``int(text)`` of a number written in ASCII: ``int`` also reads other scripts' digits (``"４"`` is 4, ``"١٢"``
     is 12), which a flag, a size or a switch refuses as it refuses any other text that is no number. A ValueError
     otherwise, as ``int``'s, so that each caller words its own message."""
-    if not text.isascii():
-        raise ValueError(f"not a number written in ASCII: {text!r}")
-    return int(text)
+    return int(_ascii(text))
 
 
 def ascii_float(text: str) -> float:
     """``float(text)`` of a number written in ASCII (``float("１.5")`` is 1.5), as :func:`ascii_int`."""
+    return float(_ascii(text))
+
+
+def _ascii(text: str) -> str:
     if not text.isascii():
         raise ValueError(f"not a number written in ASCII: {text!r}")
-    return float(text)
+    return text
 
 
 def unique_keys(pairs: list) -> dict:
